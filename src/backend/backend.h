@@ -1,0 +1,72 @@
+// The Backend interface: every kernel-level op the model needs, forward and backward.
+// One implementation per folder (cpu/, cuda/), chosen at run time by name; a backend that was not
+// built fails loudly (STYLE.md habit 4). Shapes and accumulation rules: op_args.h.
+#pragma once
+#include <memory>
+#include <string_view>
+
+#include "backend/op_args.h"
+#include "core/arena.h"
+
+namespace diffmoe {
+
+// Where an op runs: a stream (cudaStream_t on CUDA; unused on the CPU). Ops are asynchronous with
+// respect to the host on CUDA; synchronize() waits.
+struct Context {
+  void* stream = nullptr;
+};
+
+class Backend {
+ public:
+  virtual ~Backend() = default;
+  virtual std::string_view name() const = 0;
+  virtual Device device() const = 0;
+  virtual Allocator& allocator() = 0;
+
+  // Host <-> backend memory (blocking; not for the hot path).
+  virtual void upload(const Tensor& dst, const void* src) = 0;   // dst.nbytes() bytes
+  virtual void download(void* dst, const Tensor& src) = 0;       // src.nbytes() bytes
+  virtual void synchronize(Context ctx) = 0;
+
+  virtual void fill(Context ctx, const FillArgs& a) = 0;
+  virtual void copy(Context ctx, const CopyArgs& a) = 0;
+  virtual void axpy(Context ctx, const AxpyArgs& a) = 0;
+  virtual void scale(Context ctx, const ScaleArgs& a) = 0;
+  virtual void sum_squares(Context ctx, const SumSquaresArgs& a) = 0;
+
+  virtual void embedding_fwd(Context ctx, const EmbeddingFwdArgs& a) = 0;
+  virtual void embedding_bwd(Context ctx, const EmbeddingBwdArgs& a) = 0;
+  virtual void rmsnorm_fwd(Context ctx, const RmsNormFwdArgs& a) = 0;
+  virtual void rmsnorm_bwd(Context ctx, const RmsNormBwdArgs& a) = 0;
+  virtual void gemm(Context ctx, const GemmArgs& a) = 0;
+  virtual void grouped_gemm(Context ctx, const GroupedGemmArgs& a) = 0;
+  virtual void grouped_gemm_wgrad(Context ctx, const GroupedGemmWgradArgs& a) = 0;
+  virtual void rope(Context ctx, const RopeArgs& a) = 0;
+  virtual void mla_kv_split_fwd(Context ctx, const MlaKvSplitFwdArgs& a) = 0;
+  virtual void mla_kv_split_bwd(Context ctx, const MlaKvSplitBwdArgs& a) = 0;
+  virtual void diff_lambda_fwd(Context ctx, const DiffLambdaFwdArgs& a) = 0;
+  virtual void diff_lambda_bwd(Context ctx, const DiffLambdaBwdArgs& a) = 0;
+  virtual void attention_fwd(Context ctx, const AttentionFwdArgs& a) = 0;
+  virtual void attention_bwd(Context ctx, const AttentionBwdArgs& a) = 0;
+  virtual void swiglu_fwd(Context ctx, const SwigluFwdArgs& a) = 0;
+  virtual void swiglu_bwd(Context ctx, const SwigluBwdArgs& a) = 0;
+  virtual void router_fwd(Context ctx, const RouterFwdArgs& a) = 0;
+  virtual void router_bwd(Context ctx, const RouterBwdArgs& a) = 0;
+  virtual void aux_loss_fwd(Context ctx, const AuxLossFwdArgs& a) = 0;
+  virtual void aux_loss_bwd(Context ctx, const AuxLossBwdArgs& a) = 0;
+  virtual void moe_permute(Context ctx, const MoePermuteArgs& a) = 0;
+  virtual void moe_gather(Context ctx, const MoeGatherArgs& a) = 0;
+  virtual void moe_gather_bwd(Context ctx, const MoeGatherBwdArgs& a) = 0;
+  virtual void moe_combine_fwd(Context ctx, const MoeCombineFwdArgs& a) = 0;
+  virtual void moe_combine_bwd(Context ctx, const MoeCombineBwdArgs& a) = 0;
+  virtual void moe_bias_update(Context ctx, const MoeBiasUpdateArgs& a) = 0;
+  virtual void cross_entropy_fwd(Context ctx, const CrossEntropyFwdArgs& a) = 0;
+  virtual void cross_entropy_bwd(Context ctx, const CrossEntropyBwdArgs& a) = 0;
+  virtual void adamw(Context ctx, const AdamWArgs& a) = 0;
+};
+
+// "cpu" or "cuda". Throws "[backend] 'cuda' was not built into this binary" when absent.
+std::unique_ptr<Backend> make_backend(std::string_view name);
+bool backend_available(std::string_view name);
+
+}  // namespace diffmoe

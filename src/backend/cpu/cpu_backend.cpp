@@ -1,0 +1,25 @@
+#include "backend/cpu/cpu_backend.h"
+
+#include <cstring>
+
+namespace diffmoe {
+
+void check_cpu(const Tensor& t, std::string_view op, std::string_view name) {
+  DIFFMOE_CHECK(t.device == Device::kCPU, "[{}] {} is on {}, the CPU backend needs host memory", op, name,
+                device_name(t.device));
+  DIFFMOE_CHECK(t.data != nullptr || t.numel() == 0, "[{}] {} is an empty view", op, name);
+}
+
+void CpuBackend::upload(const Tensor& dst, const void* src) {
+  check_cpu(dst, "upload", "dst");
+  std::memcpy(dst.data, src, dst.nbytes());
+}
+
+void CpuBackend::download(void* dst, const Tensor& src) {
+  check_cpu(src, "download", "src");
+  std::memcpy(dst, src.data, src.nbytes());
+}
+
+std::unique_ptr<Backend> make_cpu_backend() { return std::make_unique<CpuBackend>(); }
+
+}  // namespace diffmoe

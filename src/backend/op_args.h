@@ -1,0 +1,204 @@
+// Argument structs of every kernel-level op (STYLE.md habit 2 and 6): outputs first, then inputs,
+// then weights, then sizes/options. Use designated initializers at call sites.
+//
+// Rules every backend follows:
+// - Gradients of WEIGHTS accumulate (+=). Gradients of ACTIVATIONS are overwritten, unless the
+//   field is named `*_accumulate` or the struct says so.
+// - Ops never allocate. Scratch memory, where an op needs it, is passed in.
+// - CPU backend: every floating tensor of one op call has the same dtype, f32 or f64 (f64 is for
+//   finite-difference gradient checks). "f32" below means "the op's float type" on the CPU.
+//   Index tensors are i32. The CUDA backend documents its own mixed-precision rules per op.
+// - Scalars that depend on device data (lambda, loss, norms) are tensors, never host values,
+//   so a GPU step needs no host synchronisation.
+// Shapes: N = tokens (B·T rows), D = model dim, V = vocab, E = routed experts, K = experts per token.
+#pragma once
+#include <cstdint>
+
+#include "core/tensor.h"
+
+namespace diffmoe {
+
+// ---------------------------------------------------------------- basic tensor ops
+struct FillArgs { Tensor out; double value = 0.0; };
+struct CopyArgs { Tensor dst; Tensor src; };                    // same numel; converts dtypes
+struct AxpyArgs { Tensor y; Tensor x; double alpha = 1.0; };    // y += alpha * x (same shape)
+struct ScaleArgs { Tensor y; double alpha = 1.0; };             // y *= alpha
+// out[0] += sum(x²) over all elements. out: [1], accumulates so one call per tensor builds a norm.
+struct SumSquaresArgs { Tensor out; Tensor x; };
+
+// ---------------------------------------------------------------- embedding (spec §1)
+// out[n, :] = scale · table[tokens[n], :]            out [N,D], tokens [N] i32, table [V,D]
+struct EmbeddingFwdArgs { Tensor out; Tensor tokens; Tensor table; double scale = 1.0; };
+// dtable[tokens[n], :] += scale · dout[n, :]
+struct EmbeddingBwdArgs { Tensor dtable; Tensor tokens; Tensor dout; double scale = 1.0; };
+
+// ---------------------------------------------------------------- RMSNorm (sources App. A)
+// Rows of width `width` read at x + n·x_stride, written at y + n·y_stride (stride 0 = width), so a
+// norm can run on the first columns of a wider buffer (kv_norm on the latent part of wkv_a's output).
+// y = out_scale · x · r ⊙ w,   r = (mean(x²) + eps)^-1/2 saved in rstd [N].
+struct RmsNormFwdArgs {
+  Tensor y; Tensor rstd; Tensor x; Tensor w;
+  int64_t rows = 0, width = 0, x_stride = 0, y_stride = 0;
+  double eps = 1e-6, out_scale = 1.0;
+};
+// dx = r·(g − x̂·mean(g⊙x̂)), g = out_scale·dy⊙w;  dw += Σ_rows out_scale·dy⊙x̂.
+// dx rows use x_stride; dy rows use y_stride. dx is overwritten unless dx_accumulate.
+struct RmsNormBwdArgs {
+  Tensor dx; Tensor dw; Tensor dy; Tensor x; Tensor w; Tensor rstd;
+  int64_t rows = 0, width = 0, x_stride = 0, y_stride = 0;
+  double out_scale = 1.0;
+  bool dx_accumulate = false;
+};
+
+// ---------------------------------------------------------------- GEMM
+// C = alpha · op(A) · op(B) + beta · C, all 2-D row-major; op(X) = Xᵀ when trans_X.
+// op(A): [m,k], op(B): [k,n], C: [m,n]. A linear layer y = x Wᵀ is {C=y, A=x, B=W, trans_b=true}.
+struct GemmArgs {
+  Tensor c; Tensor a; Tensor b;
+  bool trans_a = false, trans_b = false;
+  double alpha = 1.0, beta = 0.0;
+};
+// Grouped GEMM over experts, groups are contiguous row blocks of A and C given by
+// offsets [G+1] (i32, device-resident; offsets[0] = 0, offsets[G] = rows in use):
+//   C[rows_g] = alpha · A[rows_g] · op(B[g]) + beta · C[rows_g]
+// A: [R, k]; B: [G, n, k] when trans_b (weights stored [out,in]) else [G, k, n]; C: [R, n].
+// Rows at or beyond offsets[G] are left untouched.
+struct GroupedGemmArgs {
+  Tensor c; Tensor a; Tensor b; Tensor offsets;
+  bool trans_b = true;
+  double alpha = 1.0, beta = 0.0;
+};
+// Weight gradient of a grouped GEMM ("k-grouped"): for each group g,
+//   C[g] = alpha · A[rows_g]ᵀ · B[rows_g] + beta · C[g]
+// A: [R, m], B: [R, n], C: [G, m, n]. An empty group leaves beta·C[g].
+struct GroupedGemmWgradArgs {
+  Tensor c; Tensor a; Tensor b; Tensor offsets;
+  double alpha = 1.0, beta = 1.0;
+};
+
+// ---------------------------------------------------------------- RoPE (spec §3, interleaved)
+// In place on x: [N, W]; for each row n and head h < n_heads the pairs at columns
+// h·head_stride + col_offset + 2i, +1 (i < rope_dim/2) are rotated by angle pos·θ'_i, where
+// pos = pos_offset + n % seq_len, cos/sin tables [max_pos, rope_dim/2] (YaRN already folded in).
+// inverse = true rotates by −angle: the backward of RoPE.
+struct RopeArgs {
+  Tensor x; Tensor cos; Tensor sin;
+  int64_t n_heads = 1, head_stride = 0, col_offset = 0, rope_dim = 0, seq_len = 0, pos_offset = 0;
+  bool inverse = false;
+};
+
+// ---------------------------------------------------------------- MLA key/value assembly (spec §2)
+// From the up-projection kv = ĉ W_kvbᵀ: [N, H·(d_nope + d_v)] (per head: k-nope then v) and the
+// shared rope key kr = the last d_rope columns of wkv_a's output ([N, kr_stride], column kr_offset):
+//   k[n, h] = [kv[n, h, :d_nope] ; kr[n]]   k: [N, H, d_nope + d_rope]
+//   v[n, h] = kv[n, h, d_nope:]             v: [N, H, d_v]
+struct MlaKvSplitFwdArgs {
+  Tensor k; Tensor v; Tensor kv; Tensor kr;
+  int64_t n_heads = 0, d_nope = 0, d_rope = 0, d_v = 0, kr_stride = 0, kr_offset = 0;
+};
+// Backward: dkv overwritten from dk, dv; dkr[n] = Σ_h dk[n, h, d_nope:] (sources §2.5), written
+// into kr's columns of its wider buffer (overwritten there; other columns untouched).
+struct MlaKvSplitBwdArgs {
+  Tensor dkv; Tensor dkr; Tensor dk; Tensor dv;
+  int64_t n_heads = 0, d_nope = 0, d_rope = 0, d_v = 0, kr_stride = 0, kr_offset = 0;
+};
+
+// ---------------------------------------------------------------- differential λ (spec §2)
+// lambda[0] = exp(λ_q1·λ_k1) − exp(λ_q2·λ_k2) + lambda_init.  Vectors [d_qk], lambda [1].
+struct DiffLambdaFwdArgs { Tensor lambda; Tensor lq1; Tensor lk1; Tensor lq2; Tensor lk2; double lambda_init = 0.0; };
+// dλ_q1 += dλ·e1·λ_k1, dλ_k1 += dλ·e1·λ_q1, dλ_q2 += −dλ·e2·λ_k2, dλ_k2 += −dλ·e2·λ_q2 (sources §1.4)
+struct DiffLambdaBwdArgs {
+  Tensor dlq1; Tensor dlk1; Tensor dlq2; Tensor dlk2; Tensor dlambda;
+  Tensor lq1; Tensor lk1; Tensor lq2; Tensor lk2;
+};
+
+// ---------------------------------------------------------------- causal attention (spec §2)
+// q, k: [B, T, H, d_qk]; v: [B, T, H, d_v]; H = component heads (even when differential).
+// Plain (differential = false): out[b,t,h] = Σ_s softmax_s(scale·q_h·k_h + mask) v_h   out [B,T,H,d_v]
+// Differential: diff head g pairs components 2g, 2g+1; V_g = [v_2g ; v_2g+1] (2·d_v wide);
+//   O_g = A_{g,0} V_g − λ A_{g,1} V_g,  written as out[b,t,g] [2·d_v] (out is [B,T,H/2,2·d_v], the
+//   same bytes as [B,T,H,d_v]); o2 = A_{g,1} V_g is saved for dλ. lambda: [1].
+// lse [B, H, T]: log-sum-exp of each component's scaled, masked scores (saved for the backward).
+struct AttentionFwdArgs {
+  Tensor out; Tensor o2; Tensor lse;
+  Tensor q; Tensor k; Tensor v; Tensor lambda;
+  double scale = 1.0;
+  bool differential = true;
+};
+// dq, dk, dv overwritten; dlambda[0] overwritten with −Σ⟨dO, O2⟩ (sources §1.4). dout has out's shape.
+// o2 and lambda/dlambda are unused when not differential.
+struct AttentionBwdArgs {
+  Tensor dq; Tensor dk; Tensor dv; Tensor dlambda;
+  Tensor dout; Tensor q; Tensor k; Tensor v; Tensor out; Tensor o2; Tensor lse; Tensor lambda;
+  double scale = 1.0;
+  bool differential = true;
+};
+
+// ---------------------------------------------------------------- SwiGLU (spec §4)
+// h = silu(a) ⊙ b, all [N, I].
+struct SwigluFwdArgs { Tensor h; Tensor a; Tensor b; };
+// da = dh ⊙ b ⊙ silu'(a), db = dh ⊙ silu(a) (overwritten).
+struct SwigluBwdArgs { Tensor da; Tensor db; Tensor dh; Tensor a; Tensor b; };
+
+// ---------------------------------------------------------------- MoE routing (spec §5)
+enum class ScoreFunc : uint8_t { kSigmoid, kSoftmax };
+struct RouterOptions {
+  ScoreFunc score_func = ScoreFunc::kSigmoid;
+  int64_t n_groups = 1, n_limited_groups = 1, top_k = 1;
+  double route_scale = 1.0;
+  bool use_bias = true;  // group score = top-2 sum of s+b when true, max of s when false
+};
+// logits z [N,E] → scores s [N,E]; topk_idx [N,K] i32 (selected with s+b and group limits, ordered
+// by descending selection score, ties to the lower index); topk_w [N,K] = s[idx] (renormalised for
+// sigmoid) · route_scale. counts [E] (i32) += number of tokens routed to each expert.
+struct RouterFwdArgs {
+  Tensor scores; Tensor topk_idx; Tensor topk_w; Tensor counts;
+  Tensor logits; Tensor bias;
+  RouterOptions opt;
+};
+// dlogits [N,E] overwritten from dtopk_w [N,K] (sources §4.4; no gradient through selection).
+struct RouterBwdArgs {
+  Tensor dlogits; Tensor dtopk_w; Tensor scores; Tensor topk_idx; Tensor topk_w;
+  RouterOptions opt;
+};
+// Sequence-wise aux loss (sources §4.6): scores [B·T, E] (unbiased s); loss[0] += alpha · mean over
+// the B sequences of Σ_i f_i P_i. f uses the plain top_k of s (no bias, no groups).
+struct AuxLossFwdArgs { Tensor loss; Tensor scores; int64_t seq_len = 0, top_k = 1; double alpha = 0.0; ScoreFunc score_func = ScoreFunc::kSigmoid; };
+// dlogits [N,E] += dloss · ∂L/∂z, dloss a host scale (the loss is a plain sum into the total).
+struct AuxLossBwdArgs { Tensor dlogits; Tensor scores; int64_t seq_len = 0, top_k = 1; double alpha = 0.0; double dloss = 1.0; ScoreFunc score_func = ScoreFunc::kSigmoid; };
+
+// Routing plan: sorts the N·K (token, slot) assignments by expert, stable in (token, slot) order.
+//   offsets [E+1] i32: rows of expert e are offsets[e] .. offsets[e+1]
+//   src_row [N·K] i32: token of permuted row r;   slot_pos [N, K] i32: permuted row of (n, k)
+struct MoePermuteArgs { Tensor offsets; Tensor src_row; Tensor slot_pos; Tensor topk_idx; int64_t n_experts = 0; };
+// x_perm[r] = x[src_row[r]]   x: [N,D], x_perm: [N·K, D]
+struct MoeGatherArgs { Tensor x_perm; Tensor x; Tensor src_row; };
+// dx[n] += Σ_k dx_perm[slot_pos[n,k]]  (accumulates: dx already holds the shared expert's dx)
+struct MoeGatherBwdArgs { Tensor dx; Tensor dx_perm; Tensor slot_pos; };
+// y[n] += Σ_k topk_w[n,k] · y_perm[slot_pos[n,k]]   (y already holds the shared expert's output)
+struct MoeCombineFwdArgs { Tensor y; Tensor y_perm; Tensor topk_w; Tensor slot_pos; };
+// dy_perm[slot_pos[n,k]] = topk_w[n,k]·dy[n];  dtopk_w[n,k] = ⟨dy[n], y_perm[slot_pos[n,k]]⟩ (overwritten)
+struct MoeCombineBwdArgs { Tensor dy_perm; Tensor dtopk_w; Tensor dy; Tensor y_perm; Tensor topk_w; Tensor slot_pos; };
+// Bias update once per optimizer step (spec §5): b_i += rate · sign(mean(counts) − counts_i).
+struct MoeBiasUpdateArgs { Tensor bias; Tensor counts; double rate = 1e-3; };
+
+// ---------------------------------------------------------------- loss
+// Cross-entropy over the vocabulary: logits [N,V], targets [N] i32 (−1 = ignore).
+// loss_sum[0] += Σ_valid (logsumexp − logit[target]);  valid[0] += number of targets ≠ −1.
+struct CrossEntropyFwdArgs { Tensor loss_sum; Tensor valid; Tensor logits; Tensor targets; };
+// dlogits = grad_scale · (softmax(logits) − onehot(target)) / valid[0]; rows with target −1 get 0.
+struct CrossEntropyBwdArgs { Tensor dlogits; Tensor logits; Tensor targets; Tensor valid; double grad_scale = 1.0; };
+
+// ---------------------------------------------------------------- optimizer
+// AdamW (decoupled weight decay), one tensor. step is 1-based (bias correction).
+// The gradient is first multiplied by clip = min(1, max_norm / (sqrt(grad_sq[0]) + 1e-6)) when
+// max_norm > 0, where grad_sq [1] is the global Σg² (device-resident, no host sync).
+//   m = b1·m + (1−b1)·g;  v = b2·v + (1−b2)·g²
+//   p −= lr · ( m/(1−b1^t) / (sqrt(v/(1−b2^t)) + eps) + weight_decay · p )
+struct AdamWArgs {
+  Tensor param; Tensor m; Tensor v; Tensor grad; Tensor grad_sq;
+  double lr = 1e-3, beta1 = 0.9, beta2 = 0.95, eps = 1e-8, weight_decay = 0.0, max_norm = 0.0;
+  int64_t step = 1;
+};
+
+}  // namespace diffmoe

@@ -1,0 +1,83 @@
+#include "core/arena.h"
+
+#include <cstdlib>
+#include <cstring>
+#include <utility>
+
+namespace diffmoe {
+
+namespace {
+class CpuAllocator final : public Allocator {
+ public:
+  void* allocate(size_t bytes) override {
+    const size_t rounded = (bytes + Arena::kAlign - 1) / Arena::kAlign * Arena::kAlign;
+    void* p = std::aligned_alloc(Arena::kAlign, rounded == 0 ? Arena::kAlign : rounded);
+    DIFFMOE_CHECK(p != nullptr, "[arena] out of host memory allocating {} bytes", bytes);
+    std::memset(p, 0, rounded);
+    return p;
+  }
+  void deallocate(void* p) override { std::free(p); }
+  Device device() const override { return Device::kCPU; }
+};
+}  // namespace
+
+Allocator& cpu_allocator() {
+  static CpuAllocator a;
+  return a;
+}
+
+Arena::~Arena() {
+  if (base_ && alloc_) alloc_->deallocate(base_);
+}
+
+Arena::Arena(Arena&& o) noexcept { *this = std::move(o); }
+
+Arena& Arena::operator=(Arena&& o) noexcept {
+  if (this != &o) {
+    if (base_ && alloc_) alloc_->deallocate(base_);
+    entries_ = std::move(o.entries_);
+    index_ = std::move(o.index_);
+    bytes_ = std::exchange(o.bytes_, 0);
+    base_ = std::exchange(o.base_, nullptr);
+    alloc_ = std::exchange(o.alloc_, nullptr);
+  }
+  return *this;
+}
+
+void Arena::add(std::string name, Shape shape, DType dtype) {
+  DIFFMOE_CHECK(base_ == nullptr, "[arena] add('{}') after allocate()", name);
+  DIFFMOE_CHECK(!index_.contains(name), "[arena] duplicate view '{}'", name);
+  const size_t offset = bytes_;
+  const size_t n = static_cast<size_t>(shape.numel()) * dtype_size(dtype);
+  bytes_ += (n + kAlign - 1) / kAlign * kAlign;
+  index_.emplace(name, entries_.size());
+  entries_.push_back(Entry{std::move(name), shape, dtype, offset});
+}
+
+void Arena::allocate(Allocator& alloc) {
+  DIFFMOE_CHECK(base_ == nullptr, "[arena] allocate() called twice");
+  alloc_ = &alloc;
+  if (bytes_ > 0) base_ = alloc.allocate(bytes_);
+}
+
+bool Arena::has(std::string_view name) const { return index_.contains(std::string(name)); }
+
+Tensor Arena::view(const Entry& e) const {
+  DIFFMOE_CHECK(allocated(), "[arena] view '{}' before allocate()", e.name);
+  Tensor t;
+  t.data = static_cast<char*>(base_) + e.offset;
+  t.dtype = e.dtype;
+  t.device = device();
+  t.shape = e.shape;
+  return t;
+}
+
+Tensor Arena::get(std::string_view name) const {
+  auto it = index_.find(std::string(name));
+  DIFFMOE_CHECK(it != index_.end(), "[arena] no view named '{}'", name);
+  return view(entries_[it->second]);
+}
+
+Device Arena::device() const { return alloc_ ? alloc_->device() : Device::kCPU; }
+
+}  // namespace diffmoe

@@ -1,0 +1,65 @@
+// Flat arenas with named views (STYLE.md habit 3, llm.c ParameterTensors): plan every view first,
+// then make ONE allocation. Parameters, gradients, optimizer state and activations each live in
+// an arena, so the hot path never allocates.
+#pragma once
+#include <memory>
+#include <string>
+#include <string_view>
+#include <unordered_map>
+#include <vector>
+
+#include "core/tensor.h"
+
+namespace diffmoe {
+
+// Where an arena's bytes come from. The CPU allocator is here; the CUDA one lives in backend/cuda.
+class Allocator {
+ public:
+  virtual ~Allocator() = default;
+  virtual void* allocate(size_t bytes) = 0;
+  virtual void deallocate(void* p) = 0;
+  virtual Device device() const = 0;
+};
+
+Allocator& cpu_allocator();  // 256-byte aligned host memory
+
+class Arena {
+ public:
+  struct Entry {
+    std::string name;
+    Shape shape;
+    DType dtype;
+    size_t offset;  // bytes from the arena base, 256-aligned
+  };
+  static constexpr size_t kAlign = 256;
+
+  Arena() = default;
+  ~Arena();
+  Arena(const Arena&) = delete;
+  Arena& operator=(const Arena&) = delete;
+  Arena(Arena&& o) noexcept;
+  Arena& operator=(Arena&& o) noexcept;
+
+  // Plans a view; names must be unique. Only before allocate().
+  void add(std::string name, Shape shape, DType dtype);
+  // One allocation for every planned view; the memory is zero-filled on the CPU.
+  void allocate(Allocator& alloc);
+
+  bool allocated() const { return base_ != nullptr || bytes_ == 0; }
+  bool has(std::string_view name) const;
+  Tensor get(std::string_view name) const;  // throws naming the missing view
+  Tensor view(const Entry& e) const;
+  const std::vector<Entry>& entries() const { return entries_; }
+  size_t bytes() const { return bytes_; }
+  void* base() const { return base_; }
+  Device device() const;
+
+ private:
+  std::vector<Entry> entries_;
+  std::unordered_map<std::string, size_t> index_;
+  size_t bytes_ = 0;
+  void* base_ = nullptr;
+  Allocator* alloc_ = nullptr;
+};
+
+}  // namespace diffmoe

@@ -1,0 +1,27 @@
+// Element types and the scalar conversions every backend shares (spec §7, formats.md §1b).
+#pragma once
+#include <cstddef>
+#include <cstdint>
+#include <string_view>
+
+namespace diffmoe {
+
+enum class DType : uint8_t { kF32, kF64, kBF16, kF8E4M3, kI32, kI64, kU8 };
+
+size_t dtype_size(DType t);
+std::string_view dtype_name(DType t);       // "f32", "f64", "bf16", "f8e4m3", "i32", "i64", "u8"
+bool dtype_is_float(DType t);
+
+// BF16 = the upper 16 bits of an f32, round to nearest even, NaN stays a quiet NaN.
+uint16_t f32_to_bf16(float x);
+float bf16_to_f32(uint16_t b);
+
+// FP8 E4M3 "FN" (OCP): bias 7, no infinities, max finite 448, NaN = S.1111.111.
+// Round to nearest even; values beyond the largest finite magnitude saturate to ±448 when
+// `saturate`, otherwise become NaN (what a plain cast does). NaN in gives NaN out.
+uint8_t f32_to_e4m3(float x, bool saturate = true);
+float e4m3_to_f32(uint8_t b);
+
+constexpr float kE4M3Max = 448.0f;
+
+}  // namespace diffmoe

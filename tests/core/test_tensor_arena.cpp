@@ -1,0 +1,54 @@
+#include <gtest/gtest.h>
+
+#include "core/arena.h"
+
+namespace diffmoe {
+namespace {
+
+TEST(Tensor, ShapeAndViews) {
+  Arena a;
+  a.add("x", Shape{4, 3}, DType::kF32);
+  a.add("y", Shape{5}, DType::kI32);
+  a.allocate(cpu_allocator());
+  Tensor x = a.get("x");
+  EXPECT_EQ(x.numel(), 12);
+  EXPECT_EQ(x.nbytes(), 48u);
+  EXPECT_EQ(x.dim(-1), 3);
+  for (int i = 0; i < 12; ++i) x.ptr<float>()[i] = static_cast<float>(i);
+  Tensor r = x.rows(1, 3);
+  EXPECT_EQ(r.shape, (Shape{2, 3}));
+  EXPECT_EQ(r.ptr<float>()[0], 3.0f);
+  EXPECT_EQ(x[2].ptr<float>()[1], 7.0f);
+  EXPECT_EQ(x.reshape(Shape{2, 6}).dim(1), 6);
+  EXPECT_THROW(x.reshape(Shape{5}), Error);
+  EXPECT_THROW(x.ptr<double>(), Error);
+  EXPECT_THROW(x.rows(2, 5), Error);
+  EXPECT_THROW(check_shape(x, Shape{3, 4}, "op", "x"), Error);
+}
+
+TEST(Arena, OneAllocationAlignedNamedViews) {
+  Arena a;
+  a.add("a", Shape{3}, DType::kF32);
+  a.add("b", Shape{7, 2}, DType::kF64);
+  EXPECT_THROW(a.add("a", Shape{1}, DType::kF32), Error);
+  EXPECT_THROW(a.get("a"), Error);  // before allocate()
+  a.allocate(cpu_allocator());
+  EXPECT_THROW(a.add("c", Shape{1}, DType::kF32), Error);
+  Tensor b = a.get("b");
+  EXPECT_EQ(reinterpret_cast<uintptr_t>(b.data) % Arena::kAlign, 0u);
+  EXPECT_EQ(static_cast<char*>(b.data) - static_cast<char*>(a.base()), 256);
+  EXPECT_EQ(b.ptr<double>()[13], 0.0);  // zero-filled
+  EXPECT_TRUE(a.has("a"));
+  EXPECT_FALSE(a.has("zz"));
+  try {
+    a.get("zz");
+    FAIL();
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("zz"), std::string::npos);
+  }
+  Arena moved = std::move(a);
+  EXPECT_EQ(moved.get("b").data, b.data);
+}
+
+}  // namespace
+}  // namespace diffmoe
