@@ -1,0 +1,2 @@
+// SCAFFOLD: tests are added here.
+#include <gtest/gtest.h>
