@@ -1,6 +1,132 @@
-// SCAFFOLD: replaced by the real implementation.
+// Cross-entropy over the vocabulary of the CPU reference backend.
+//
+// Each row's log-sum-exp is computed stably in double (max subtracted first). The forward sums the
+// per-row losses serially in row order, so the total does not depend on the thread count. Targets
+// are validated serially before any parallel loop (no exception may leave an OpenMP region).
+// `valid` counts targets ≠ −1; it may be the logits' float type or i32.
+#include <algorithm>
+#include <cmath>
+#include <utility>
+#include <vector>
+
 #include "backend/cpu/cpu_backend.h"
+
 namespace diffmoe {
-void CpuBackend::cross_entropy_fwd(Context, const CrossEntropyFwdArgs&) { DIFFMOE_FAIL("[cross_entropy_fwd] not implemented"); }
-void CpuBackend::cross_entropy_bwd(Context, const CrossEntropyBwdArgs&) { DIFFMOE_FAIL("[cross_entropy_bwd] not implemented"); }
+namespace {
+
+// Loops with less work than this run on one thread: starting an OpenMP team costs more.
+constexpr int64_t kParallelMinWork = int64_t{1} << 14;
+// Every target is −1 (ignored) or a vocabulary index; reports the first bad row and its value.
+void check_targets(const Tensor& targets, int64_t vocab, std::string_view op) {
+  const int32_t* tgt = targets.ptr<int32_t>();
+  for (int64_t n = 0; n < targets.numel(); ++n)
+    DIFFMOE_CHECK(tgt[n] == -1 || (tgt[n] >= 0 && tgt[n] < vocab),
+                  "[{}] targets[{}] = {} is neither −1 (ignore) nor in [0, {})", op, n, tgt[n], vocab);
+}
+
+void check_valid(const Tensor& valid, DType float_type, std::string_view op) {
+  check_cpu(valid, op, "valid");
+  check_shape(valid, Shape{1}, op, "valid");
+  DIFFMOE_CHECK(valid.dtype == float_type || valid.dtype == DType::kI32,
+                "[{}] valid: expected dtype {} or i32, got {}", op, dtype_name(float_type), dtype_name(valid.dtype));
+}
+
+double read_valid(const Tensor& valid) {
+  if (valid.dtype == DType::kI32) return valid.ptr<int32_t>()[0];
+  if (valid.dtype == DType::kF64) return valid.ptr<double>()[0];
+  return valid.ptr<float>()[0];
+}
+
+void add_valid(const Tensor& valid, int64_t count) {
+  if (valid.dtype == DType::kI32) valid.ptr<int32_t>()[0] += static_cast<int32_t>(count);
+  else if (valid.dtype == DType::kF64) valid.ptr<double>()[0] += static_cast<double>(count);
+  else valid.ptr<float>()[0] += static_cast<float>(count);
+}
+
+template <class T>
+double logsumexp(const T* row, int64_t vocab) {
+  double mx = row[0];
+  for (int64_t j = 1; j < vocab; ++j) mx = std::max(mx, static_cast<double>(row[j]));
+  double sum = 0.0;
+  for (int64_t j = 0; j < vocab; ++j) sum += std::exp(row[j] - mx);
+  return mx + std::log(sum);
+}
+
+// logits [N, V] with V > 0, targets [N] i32; returns (N, V).
+std::pair<int64_t, int64_t> check_logits(const Tensor& logits, const Tensor& targets, std::string_view op) {
+  check_cpu(logits, op, "logits");
+  check_cpu(targets, op, "targets");
+  DIFFMOE_CHECK(logits.rank() == 2 && logits.dim(1) > 0, "[{}] logits must be [N, V] with V > 0, got {}", op,
+                logits.describe());
+  const int64_t rows = logits.dim(0), vocab = logits.dim(1);
+  check_shape(targets, Shape{rows}, op, "targets");
+  check_dtype(targets, DType::kI32, op, "targets");
+  check_targets(targets, vocab, op);
+  return {rows, vocab};
+}
+
+}  // namespace
+
+// loss_sum[0] += Σ_valid (logsumexp(logits[n]) − logits[n, target[n]]);  valid[0] += #targets ≠ −1
+void CpuBackend::cross_entropy_fwd(Context, const CrossEntropyFwdArgs& a) {
+  constexpr std::string_view kOp = "cross_entropy_fwd";
+  const auto [rows, vocab] = check_logits(a.logits, a.targets, kOp);
+  check_cpu(a.loss_sum, kOp, "loss_sum");
+  check_shape(a.loss_sum, Shape{1}, kOp, "loss_sum");
+  check_dtype(a.loss_sum, a.logits.dtype, kOp, "loss_sum");
+  check_valid(a.valid, a.logits.dtype, kOp);
+  dispatch_float(a.logits.dtype, kOp, [&]<class T>() {
+    const T* logits = a.logits.ptr<T>();
+    const int32_t* tgt = a.targets.ptr<int32_t>();
+    std::vector<double> row_loss(static_cast<size_t>(rows), 0.0);
+#pragma omp parallel for if (rows * vocab >= kParallelMinWork)
+    for (int64_t n = 0; n < rows; ++n) {
+      if (tgt[n] == -1) continue;
+      const T* row = logits + n * vocab;
+      row_loss[static_cast<size_t>(n)] = logsumexp(row, vocab) - row[tgt[n]];
+    }
+    double total = 0.0;
+    int64_t count = 0;
+    for (int64_t n = 0; n < rows; ++n) {
+      total += row_loss[static_cast<size_t>(n)];
+      count += tgt[n] != -1 ? 1 : 0;
+    }
+    T* loss_sum = a.loss_sum.ptr<T>();
+    loss_sum[0] = static_cast<T>(loss_sum[0] + total);
+    add_valid(a.valid, count);
+  });
+}
+
+// dlogits = grad_scale · (softmax(logits) − onehot(target)) / valid[0]; ignored rows get 0.
+void CpuBackend::cross_entropy_bwd(Context, const CrossEntropyBwdArgs& a) {
+  constexpr std::string_view kOp = "cross_entropy_bwd";
+  const auto [rows, vocab] = check_logits(a.logits, a.targets, kOp);
+  check_cpu(a.dlogits, kOp, "dlogits");
+  check_shape(a.dlogits, a.logits.shape, kOp, "dlogits");
+  check_dtype(a.dlogits, a.logits.dtype, kOp, "dlogits");
+  check_valid(a.valid, a.logits.dtype, kOp);
+  // With no valid target every row is ignored and the gradient is 0; never divide by 0.
+  const double valid = read_valid(a.valid);
+  const double coef = valid > 0.0 ? a.grad_scale / valid : 0.0;
+  dispatch_float(a.logits.dtype, kOp, [&]<class T>() {
+    const T* logits = a.logits.ptr<T>();
+    const int32_t* tgt = a.targets.ptr<int32_t>();
+    T* dlogits = a.dlogits.ptr<T>();
+#pragma omp parallel for if (rows * vocab >= kParallelMinWork)
+    for (int64_t n = 0; n < rows; ++n) {
+      const T* row = logits + n * vocab;
+      T* drow = dlogits + n * vocab;
+      if (tgt[n] == -1) {
+        for (int64_t j = 0; j < vocab; ++j) drow[j] = T(0);
+        continue;
+      }
+      const double lse = logsumexp(row, vocab);
+      for (int64_t j = 0; j < vocab; ++j) {
+        const double p = std::exp(row[j] - lse);  // softmax
+        drow[j] = static_cast<T>(coef * (p - (j == tgt[n] ? 1.0 : 0.0)));
+      }
+    }
+  });
+}
+
 }  // namespace diffmoe

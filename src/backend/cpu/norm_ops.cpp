@@ -1,6 +1,135 @@
-// SCAFFOLD: replaced by the real implementation.
+// RMSNorm forward and backward (sources Appendix A) of the CPU reference backend.
+//
+// Rows of `width` values are read at x + n·x_stride and written at y + n·y_stride (stride 0 means
+// width), so a norm can cover the first columns of a wider buffer. All sums are in double; the
+// saved rstd is rounded to the tensor type and the forward uses that rounded value, so forward and
+// backward see the same r. The weight gradient is reduced per column over rows in row order
+// (threads own column blocks), so it does not depend on the thread count.
+#include <algorithm>
+#include <cmath>
+
 #include "backend/cpu/cpu_backend.h"
+
 namespace diffmoe {
-void CpuBackend::rmsnorm_fwd(Context, const RmsNormFwdArgs&) { DIFFMOE_FAIL("[rmsnorm_fwd] not implemented"); }
-void CpuBackend::rmsnorm_bwd(Context, const RmsNormBwdArgs&) { DIFFMOE_FAIL("[rmsnorm_bwd] not implemented"); }
+namespace {
+
+constexpr int64_t kColBlock = 64;  // columns per thread in the dw reduction
+// Loops with less work than this run on one thread: starting an OpenMP team costs more.
+constexpr int64_t kParallelMinWork = int64_t{1} << 14;
+
+int64_t effective_stride(int64_t stride, int64_t width) { return stride == 0 ? width : stride; }
+
+// A strided row buffer must hold `rows` rows of `width` values `stride` apart.
+void check_rows(const Tensor& t, DType dtype, int64_t rows, int64_t width, int64_t stride, std::string_view op,
+                std::string_view name) {
+  check_cpu(t, op, name);
+  check_dtype(t, dtype, op, name);
+  DIFFMOE_CHECK(stride >= width, "[{}] {}: row stride {} is smaller than width {}", op, name, stride, width);
+  const int64_t needed = rows == 0 ? 0 : (rows - 1) * stride + width;
+  DIFFMOE_CHECK(t.numel() >= needed, "[{}] {}: {} rows of width {} at stride {} need {} elements, {} has {}", op,
+                name, rows, width, stride, needed, t.describe(), t.numel());
+}
+
+void check_sizes(int64_t rows, int64_t width, std::string_view op) {
+  DIFFMOE_CHECK(rows >= 0 && width > 0, "[{}] rows = {}, width = {}: need rows >= 0 and width > 0", op, rows, width);
+}
+
+}  // namespace
+
+// r = (mean(x²) + eps)^-1/2,  y = out_scale · x · r ⊙ w   (sources App. A)
+void CpuBackend::rmsnorm_fwd(Context, const RmsNormFwdArgs& a) {
+  constexpr std::string_view kOp = "rmsnorm_fwd";
+  check_sizes(a.rows, a.width, kOp);
+  const int64_t xs = effective_stride(a.x_stride, a.width), ys = effective_stride(a.y_stride, a.width);
+  const DType dt = a.x.dtype;
+  check_rows(a.x, dt, a.rows, a.width, xs, kOp, "x");
+  check_rows(a.y, dt, a.rows, a.width, ys, kOp, "y");
+  check_cpu(a.rstd, kOp, "rstd");
+  check_cpu(a.w, kOp, "w");
+  check_shape(a.rstd, Shape{a.rows}, kOp, "rstd");
+  check_shape(a.w, Shape{a.width}, kOp, "w");
+  check_dtype(a.rstd, dt, kOp, "rstd");
+  check_dtype(a.w, dt, kOp, "w");
+  dispatch_float(dt, kOp, [&]<class T>() {
+    const T* x = a.x.ptr<T>();
+    const T* w = a.w.ptr<T>();
+    T* y = a.y.ptr<T>();
+    T* rstd = a.rstd.ptr<T>();
+    const int64_t width = a.width;
+#pragma omp parallel for if (a.rows * width >= kParallelMinWork)
+    for (int64_t n = 0; n < a.rows; ++n) {
+      const T* xr = x + n * xs;
+      T* yr = y + n * ys;
+      double sum_sq = 0.0;
+      for (int64_t j = 0; j < width; ++j) sum_sq += static_cast<double>(xr[j]) * xr[j];
+      rstd[n] = static_cast<T>(1.0 / std::sqrt(sum_sq / static_cast<double>(width) + a.eps));
+      const double r = rstd[n];
+      for (int64_t j = 0; j < width; ++j) yr[j] = static_cast<T>(a.out_scale * (xr[j] * r) * w[j]);
+    }
+  });
+}
+
+// With x̂ = x·r and g = out_scale·dy ⊙ w   (sources App. A, out_scale folded into g):
+//   dw += Σ_rows out_scale · dy ⊙ x̂
+//   dx  = r · (g − x̂ · mean(g ⊙ x̂))          (overwritten, or added when dx_accumulate)
+void CpuBackend::rmsnorm_bwd(Context, const RmsNormBwdArgs& a) {
+  constexpr std::string_view kOp = "rmsnorm_bwd";
+  check_sizes(a.rows, a.width, kOp);
+  const int64_t xs = effective_stride(a.x_stride, a.width), ys = effective_stride(a.y_stride, a.width);
+  const DType dt = a.x.dtype;
+  check_rows(a.x, dt, a.rows, a.width, xs, kOp, "x");
+  check_rows(a.dx, dt, a.rows, a.width, xs, kOp, "dx");
+  check_rows(a.dy, dt, a.rows, a.width, ys, kOp, "dy");
+  check_cpu(a.dw, kOp, "dw");
+  check_cpu(a.w, kOp, "w");
+  check_cpu(a.rstd, kOp, "rstd");
+  check_shape(a.dw, Shape{a.width}, kOp, "dw");
+  check_shape(a.w, Shape{a.width}, kOp, "w");
+  check_shape(a.rstd, Shape{a.rows}, kOp, "rstd");
+  check_dtype(a.dw, dt, kOp, "dw");
+  check_dtype(a.w, dt, kOp, "w");
+  check_dtype(a.rstd, dt, kOp, "rstd");
+  dispatch_float(dt, kOp, [&]<class T>() {
+    const T* x = a.x.ptr<T>();
+    const T* w = a.w.ptr<T>();
+    const T* dy = a.dy.ptr<T>();
+    const T* rstd = a.rstd.ptr<T>();
+    T* dx = a.dx.ptr<T>();
+    T* dw = a.dw.ptr<T>();
+    const int64_t width = a.width, rows = a.rows;
+    const double s = a.out_scale;
+
+    // dw first: it reads x, which an in-place dx (dx == x) would overwrite below.
+    const int64_t n_blocks = (width + kColBlock - 1) / kColBlock;
+#pragma omp parallel for if (rows * width >= kParallelMinWork)
+    for (int64_t blk = 0; blk < n_blocks; ++blk) {
+      const int64_t j0 = blk * kColBlock, j1 = std::min(width, j0 + kColBlock);
+      double acc[kColBlock] = {};
+      for (int64_t n = 0; n < rows; ++n) {
+        const double r = rstd[n];
+        const T* xr = x + n * xs;
+        const T* dyr = dy + n * ys;
+        for (int64_t j = j0; j < j1; ++j) acc[j - j0] += s * dyr[j] * (xr[j] * r);
+      }
+      for (int64_t j = j0; j < j1; ++j) dw[j] = static_cast<T>(dw[j] + acc[j - j0]);
+    }
+
+#pragma omp parallel for if (rows * width >= kParallelMinWork)
+    for (int64_t n = 0; n < rows; ++n) {
+      const double r = rstd[n];
+      const T* xr = x + n * xs;
+      const T* dyr = dy + n * ys;
+      T* dxr = dx + n * xs;
+      double mean_gx = 0.0;  // mean(g ⊙ x̂)
+      for (int64_t j = 0; j < width; ++j) mean_gx += (s * dyr[j] * w[j]) * (xr[j] * r);
+      mean_gx /= static_cast<double>(width);
+      for (int64_t j = 0; j < width; ++j) {
+        const double g = s * dyr[j] * w[j];
+        const double grad = r * (g - (xr[j] * r) * mean_gx);
+        dxr[j] = static_cast<T>(a.dx_accumulate ? dxr[j] + grad : grad);
+      }
+    }
+  });
+}
+
 }  // namespace diffmoe

@@ -1,5 +1,61 @@
-// SCAFFOLD: replaced by the real implementation.
+// AdamW with decoupled weight decay and global-norm clipping folded in (op_args.h AdamWArgs) for
+// the CPU reference backend. Per element, in double, rounded once to the tensor type on store.
+#include <algorithm>
+#include <cmath>
+#include <utility>
+
 #include "backend/cpu/cpu_backend.h"
+
 namespace diffmoe {
-void CpuBackend::adamw(Context, const AdamWArgs&) { DIFFMOE_FAIL("[adamw] not implemented"); }
+namespace {
+
+// Loops with less work than this run on one thread: starting an OpenMP team costs more.
+constexpr int64_t kParallelMinWork = int64_t{1} << 14;
+
+}  // namespace
+
+void CpuBackend::adamw(Context, const AdamWArgs& args) {
+  constexpr std::string_view kOp = "adamw";
+  const DType dt = args.param.dtype;
+  check_cpu(args.param, kOp, "param");
+  for (const auto& [t, name] : {std::pair{&args.m, "m"}, std::pair{&args.v, "v"}, std::pair{&args.grad, "grad"}}) {
+    check_cpu(*t, kOp, name);
+    check_shape(*t, args.param.shape, kOp, name);
+    check_dtype(*t, dt, kOp, name);
+  }
+  DIFFMOE_CHECK(args.step >= 1, "[adamw] step is 1-based, got {}", args.step);
+  const bool clipping = args.max_norm > 0.0;
+  if (clipping) {  // grad_sq is only read when clipping
+    check_cpu(args.grad_sq, kOp, "grad_sq");
+    check_shape(args.grad_sq, Shape{1}, kOp, "grad_sq");
+    check_dtype(args.grad_sq, dt, kOp, "grad_sq");
+  }
+  dispatch_float(dt, kOp, [&]<class T>() {
+    // clip = min(1, max_norm / (sqrt(Σg²) + 1e-6)) from the device-resident global Σg².
+    const double clip =
+        clipping ? std::min(1.0, args.max_norm / (std::sqrt(static_cast<double>(args.grad_sq.ptr<T>()[0])) + 1e-6))
+                 : 1.0;
+    const double b1 = args.beta1, b2 = args.beta2;
+    const double t = static_cast<double>(args.step);
+    const double bias1 = 1.0 - std::pow(b1, t), bias2 = 1.0 - std::pow(b2, t);
+    T* p = args.param.ptr<T>();
+    T* m = args.m.ptr<T>();
+    T* v = args.v.ptr<T>();
+    const T* grad = args.grad.ptr<T>();
+    const int64_t n = args.param.numel();
+#pragma omp parallel for if (n >= kParallelMinWork)
+    for (int64_t i = 0; i < n; ++i) {
+      const double g = grad[i] * clip;
+      const double mi = b1 * m[i] + (1.0 - b1) * g;  // m = b1·m + (1−b1)·g
+      const double vi = b2 * v[i] + (1.0 - b2) * g * g;  // v = b2·v + (1−b2)·g²
+      m[i] = static_cast<T>(mi);
+      v[i] = static_cast<T>(vi);
+      // p −= lr·( m̂ / (sqrt(v̂) + eps) + wd·p ), decoupled decay on the pre-update p.
+      const double pi = p[i];
+      const double update = (mi / bias1) / (std::sqrt(vi / bias2) + args.eps) + args.weight_decay * pi;
+      p[i] = static_cast<T>(pi - args.lr * update);
+    }
+  });
+}
+
 }  // namespace diffmoe

@@ -1,0 +1,12 @@
+// The diffmoe subcommands. Each registers itself on the CLI11 app and returns the exit code.
+#pragma once
+#include <CLI/CLI.hpp>
+
+#include <functional>
+
+namespace diffmoe::cli {
+
+// Adds the subcommand; `run` is set to the function main() calls when it was chosen.
+void add_params_command(CLI::App& app, std::function<int()>& run);
+
+}  // namespace diffmoe::cli

@@ -1,0 +1,30 @@
+// diffmoe: one binary, one subcommand per job. The only place that exits (STYLE.md habit 7):
+// library errors arrive as diffmoe::Error and become one line on stderr and exit code 1.
+#include <CLI/CLI.hpp>
+#include <fmt/core.h>
+
+#include <functional>
+
+#include "cli/commands.h"
+#include "core/error.h"
+
+int main(int argc, char** argv) {
+  CLI::App app{"diffmoe: train, evaluate and serve Differential-Transformer MoE language models"};
+  app.require_subcommand(1);
+  std::function<int()> run;
+  diffmoe::cli::add_params_command(app, run);
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    return app.exit(e);
+  }
+  try {
+    return run();
+  } catch (const diffmoe::Error& e) {
+    fmt::print(stderr, "error: {}\n", e.what());
+    return 1;
+  } catch (const std::exception& e) {
+    fmt::print(stderr, "error: {}\n", e.what());
+    return 1;
+  }
+}

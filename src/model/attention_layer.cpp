@@ -1,0 +1,182 @@
+#include "model/attention_layer.h"
+
+#include <fmt/format.h>
+
+namespace diffmoe {
+
+std::string AttentionLayer::p(const char* name) const { return fmt::format("layers.{}.attn.{}", l_, name); }
+std::string AttentionLayer::a(const char* name) const { return fmt::format("act.{}.attn.{}", l_, name); }
+
+void AttentionLayer::plan(const LayerContext& lc, Arena& acts) const {
+  const ModelConfig& c = *lc.cfg;
+  const int64_t N = lc.tokens(), D = c.dim, H = c.n_heads, dqk = c.d_qk(), dv = c.v_head_dim;
+  const int64_t rq = c.q_lora_rank, rkv = c.kv_lora_rank, dr = c.qk_rope_head_dim, dn = c.qk_nope_head_dim;
+  const DType t = lc.dtype;
+  acts.add(a("x_norm"), Shape{N, D}, t);          // RMSNorm_attn(x)
+  acts.add(a("rstd_x"), Shape{N}, t);
+  if (rq > 0) {
+    acts.add(a("qa"), Shape{N, rq}, t);           // x_norm W_qaᵀ
+    acts.add(a("rstd_q"), Shape{N}, t);
+    acts.add(a("cq"), Shape{N, rq}, t);           // RMSNorm_q(qa)
+  }
+  acts.add(a("q"), Shape{N, H * dqk}, t);         // per head [nope ; RoPE(rope)]
+  acts.add(a("kva"), Shape{N, rkv + dr}, t);      // [c ; RoPE(k^R)]
+  acts.add(a("rstd_kv"), Shape{N}, t);
+  acts.add(a("ckv"), Shape{N, rkv}, t);           // ĉ = RMSNorm_kv(c)
+  acts.add(a("kv"), Shape{N, H * (dn + dv)}, t);  // ĉ W_kvbᵀ, per head [k^C ; v]
+  acts.add(a("k"), Shape{N, H, dqk}, t);
+  acts.add(a("v"), Shape{N, H, dv}, t);
+  acts.add(a("att"), Shape{N, H * dv}, t);        // attention output O (pre-subln when differential)
+  acts.add(a("lse"), Shape{lc.batch, H, lc.seq}, t);
+  if (c.differential) {
+    acts.add(a("lambda"), Shape{1}, t);
+    acts.add(a("o2"), Shape{N, H * dv}, t);       // A_{h,1} V_h, for dλ
+    acts.add(a("rstd_sub"), Shape{N * H / 2}, t);
+    acts.add(a("att_n"), Shape{N, H * dv}, t);    // (1 − λ_init) · RMSNorm_2dv(O)
+  }
+  // Backward scratch, shared by every attention layer.
+  plan_once(acts, "scratch.attn.dx_norm", Shape{N, D}, t);
+  plan_once(acts, "scratch.attn.dq", Shape{N, H * dqk}, t);
+  if (rq > 0) {
+    plan_once(acts, "scratch.attn.dcq", Shape{N, rq}, t);
+    plan_once(acts, "scratch.attn.dqa", Shape{N, rq}, t);
+  }
+  plan_once(acts, "scratch.attn.dkva", Shape{N, rkv + dr}, t);
+  plan_once(acts, "scratch.attn.dckv", Shape{N, rkv}, t);
+  plan_once(acts, "scratch.attn.dkv", Shape{N, H * (dn + dv)}, t);
+  plan_once(acts, "scratch.attn.dk", Shape{N, H, dqk}, t);
+  plan_once(acts, "scratch.attn.dv", Shape{N, H, dv}, t);
+  plan_once(acts, "scratch.attn.datt", Shape{N, H * dv}, t);
+  plan_once(acts, "scratch.attn.datt_n", Shape{N, H * dv}, t);
+  plan_once(acts, "scratch.attn.dlambda", Shape{1}, t);
+}
+
+void AttentionLayer::forward(const LayerContext& lc, const Tensor& x, const Tensor& out) const {
+  const ModelConfig& c = *lc.cfg;
+  Backend& be = *lc.be;
+  const int64_t N = lc.tokens(), B = lc.batch, T = lc.seq, H = c.n_heads, dqk = c.d_qk(), dv = c.v_head_dim;
+  const int64_t rq = c.q_lora_rank, rkv = c.kv_lora_rank, dr = c.qk_rope_head_dim, dn = c.qk_nope_head_dim;
+  const Tensor x_norm = lc.act(a("x_norm")), q = lc.act(a("q")), kva = lc.act(a("kva")), ckv = lc.act(a("ckv"));
+  const Tensor kv = lc.act(a("kv")), k = lc.act(a("k")), v = lc.act(a("v")), att = lc.act(a("att"));
+  const Tensor cos = lc.act("rope.cos"), sin = lc.act("rope.sin");
+
+  be.rmsnorm_fwd(lc.ctx, {.y = x_norm, .rstd = lc.act(a("rstd_x")), .x = x, .w = lc.param(fmt::format("layers.{}.attn_norm.weight", l_)),
+                          .rows = N, .width = c.dim, .eps = c.norm_eps});
+  // Queries: c_q = RMSNorm_q(x W_qaᵀ), q = c_q W_qbᵀ (or q = x W_qᵀ without compression), RoPE on
+  // the last d_rope columns of every head (spec §2).
+  if (rq > 0) {
+    lc.linear(lc.act(a("qa")), x_norm, lc.param(p("wq_a.weight")));
+    be.rmsnorm_fwd(lc.ctx, {.y = lc.act(a("cq")), .rstd = lc.act(a("rstd_q")), .x = lc.act(a("qa")),
+                            .w = lc.param(p("q_norm.weight")), .rows = N, .width = rq, .eps = c.norm_eps});
+    lc.linear(q, lc.act(a("cq")), lc.param(p("wq_b.weight")));
+  } else {
+    lc.linear(q, x_norm, lc.param(p("wq.weight")));
+  }
+  be.rope(lc.ctx, {.x = q, .cos = cos, .sin = sin, .n_heads = H, .head_stride = dqk, .col_offset = dn, .rope_dim = dr, .seq_len = T});
+  // Keys and values: [c ; k^R] = x W_kvaᵀ, ĉ = RMSNorm_kv(c), RoPE(k^R) shared by all heads,
+  // [k^C_j ; v_j] = ĉ W_kvb,jᵀ, k_j = [k^C_j ; k^R].
+  lc.linear(kva, x_norm, lc.param(p("wkv_a.weight")));
+  be.rmsnorm_fwd(lc.ctx, {.y = ckv, .rstd = lc.act(a("rstd_kv")), .x = kva, .w = lc.param(p("kv_norm.weight")),
+                          .rows = N, .width = rkv, .x_stride = rkv + dr, .y_stride = rkv, .eps = c.norm_eps});
+  be.rope(lc.ctx, {.x = kva, .cos = cos, .sin = sin, .n_heads = 1, .head_stride = rkv + dr, .col_offset = rkv, .rope_dim = dr, .seq_len = T});
+  lc.linear(kv, ckv, lc.param(p("wkv_b.weight")));
+  be.mla_kv_split_fwd(lc.ctx, {.k = k, .v = v, .kv = kv, .kr = kva, .n_heads = H, .d_nope = dn, .d_rope = dr, .d_v = dv,
+                               .kr_stride = rkv + dr, .kr_offset = rkv});
+
+  const Tensor q4 = q.reshape(Shape{B, T, H, dqk}), k4 = k.reshape(Shape{B, T, H, dqk}), v4 = v.reshape(Shape{B, T, H, dv});
+  Tensor o = att;  // what W_o reads
+  if (c.differential) {
+    // λ = exp(λ_q1·λ_k1) − exp(λ_q2·λ_k2) + λ_init;  O_h = A_{h,0}V_h − λ A_{h,1}V_h;
+    // Ō_h = (1 − λ_init) · RMSNorm_{2d_v}(O_h; subln) with eps 1e-5 (spec §2, sources §1.3).
+    const Tensor lambda = lc.act(a("lambda"));
+    be.diff_lambda_fwd(lc.ctx, {.lambda = lambda, .lq1 = lc.param(p("lambda_q1")), .lk1 = lc.param(p("lambda_k1")),
+                                .lq2 = lc.param(p("lambda_q2")), .lk2 = lc.param(p("lambda_k2")), .lambda_init = c.lambda_init(l_)});
+    be.attention_fwd(lc.ctx, {.out = att.reshape(Shape{B, T, H / 2, 2 * dv}), .o2 = lc.act(a("o2")).reshape(Shape{B, T, H / 2, 2 * dv}),
+                              .lse = lc.act(a("lse")), .q = q4, .k = k4, .v = v4, .lambda = lambda,
+                              .scale = c.softmax_scale(), .differential = true});
+    o = lc.act(a("att_n"));
+    be.rmsnorm_fwd(lc.ctx, {.y = o, .rstd = lc.act(a("rstd_sub")), .x = att, .w = lc.param(p("subln.weight")),
+                            .rows = N * H / 2, .width = 2 * dv, .eps = 1e-5, .out_scale = 1.0 - c.lambda_init(l_)});
+  } else {
+    be.attention_fwd(lc.ctx, {.out = att.reshape(Shape{B, T, H, dv}), .o2 = {}, .lse = lc.act(a("lse")), .q = q4, .k = k4, .v = v4,
+                              .lambda = {}, .scale = c.softmax_scale(), .differential = false});
+  }
+  // out = x + concat_h(Ō_h) W_oᵀ
+  be.copy(lc.ctx, {.dst = out, .src = x});
+  lc.linear(out, o, lc.param(p("wo.weight")), /*beta=*/1.0);
+}
+
+void AttentionLayer::backward(const LayerContext& lc, const Tensor& x, const Tensor& d_out) const {
+  const ModelConfig& c = *lc.cfg;
+  Backend& be = *lc.be;
+  const int64_t N = lc.tokens(), B = lc.batch, T = lc.seq, H = c.n_heads, dqk = c.d_qk(), dv = c.v_head_dim;
+  const int64_t rq = c.q_lora_rank, rkv = c.kv_lora_rank, dr = c.qk_rope_head_dim, dn = c.qk_nope_head_dim;
+  const Tensor x_norm = lc.act(a("x_norm")), att = lc.act(a("att"));
+  const Tensor dx_norm = lc.act("scratch.attn.dx_norm"), dq = lc.act("scratch.attn.dq"), dkva = lc.act("scratch.attn.dkva");
+  const Tensor dckv = lc.act("scratch.attn.dckv"), dkv = lc.act("scratch.attn.dkv"), dk = lc.act("scratch.attn.dk");
+  const Tensor dv_t = lc.act("scratch.attn.dv"), datt = lc.act("scratch.attn.datt");
+  const Tensor cos = lc.act("rope.cos"), sin = lc.act("rope.sin");
+
+  // Output projection: dW_o += d_outᵀ Ō, dŌ = d_out W_o.
+  const Tensor o = c.differential ? lc.act(a("att_n")) : att;
+  const Tensor d_o = c.differential ? lc.act("scratch.attn.datt_n") : datt;
+  lc.linear_dw(lc.grad(p("wo.weight")), d_out, o);
+  lc.linear_dx(d_o, d_out, lc.param(p("wo.weight")));
+
+  const Tensor q4 = lc.act(a("q")).reshape(Shape{B, T, H, dqk}), k4 = lc.act(a("k")).reshape(Shape{B, T, H, dqk});
+  const Tensor v4 = lc.act(a("v")).reshape(Shape{B, T, H, dv});
+  const Tensor dq4 = dq.reshape(Shape{B, T, H, dqk}), dk4 = dk.reshape(Shape{B, T, H, dqk}), dv4 = dv_t.reshape(Shape{B, T, H, dv});
+  if (c.differential) {
+    // Through the subln (sources §1.4: dY = (1 − λ_init) dŌ, RMSNorm backward), then attention.
+    be.rmsnorm_bwd(lc.ctx, {.dx = datt, .dw = lc.grad(p("subln.weight")), .dy = d_o, .x = att, .w = lc.param(p("subln.weight")),
+                            .rstd = lc.act(a("rstd_sub")), .rows = N * H / 2, .width = 2 * dv, .out_scale = 1.0 - c.lambda_init(l_)});
+    const Tensor dlambda = lc.act("scratch.attn.dlambda");
+    const Shape pair{B, T, H / 2, 2 * dv};
+    be.attention_bwd(lc.ctx, {.dq = dq4, .dk = dk4, .dv = dv4, .dlambda = dlambda, .dout = datt.reshape(pair), .q = q4, .k = k4, .v = v4,
+                              .out = att.reshape(pair), .o2 = lc.act(a("o2")).reshape(pair), .lse = lc.act(a("lse")),
+                              .lambda = lc.act(a("lambda")), .scale = c.softmax_scale(), .differential = true});
+    be.diff_lambda_bwd(lc.ctx, {.dlq1 = lc.grad(p("lambda_q1")), .dlk1 = lc.grad(p("lambda_k1")), .dlq2 = lc.grad(p("lambda_q2")),
+                                .dlk2 = lc.grad(p("lambda_k2")), .dlambda = dlambda, .lq1 = lc.param(p("lambda_q1")),
+                                .lk1 = lc.param(p("lambda_k1")), .lq2 = lc.param(p("lambda_q2")), .lk2 = lc.param(p("lambda_k2"))});
+  } else {
+    const Shape heads{B, T, H, dv};
+    be.attention_bwd(lc.ctx, {.dq = dq4, .dk = dk4, .dv = dv4, .dlambda = {}, .dout = datt.reshape(heads), .q = q4, .k = k4, .v = v4,
+                              .out = att.reshape(heads), .o2 = {}, .lse = lc.act(a("lse")), .lambda = {},
+                              .scale = c.softmax_scale(), .differential = false});
+  }
+
+  // Keys/values: back through the split (dk^R sums over heads, sources §2.5), W_kvb, RoPE, kv_norm.
+  be.mla_kv_split_bwd(lc.ctx, {.dkv = dkv, .dkr = dkva, .dk = dk, .dv = dv_t, .n_heads = H, .d_nope = dn, .d_rope = dr, .d_v = dv,
+                               .kr_stride = rkv + dr, .kr_offset = rkv});
+  lc.linear_dw(lc.grad(p("wkv_b.weight")), dkv, lc.act(a("ckv")));
+  lc.linear_dx(dckv, dkv, lc.param(p("wkv_b.weight")));
+  be.rope(lc.ctx, {.x = dkva, .cos = cos, .sin = sin, .n_heads = 1, .head_stride = rkv + dr, .col_offset = rkv, .rope_dim = dr,
+                   .seq_len = T, .inverse = true});
+  be.rmsnorm_bwd(lc.ctx, {.dx = dkva, .dw = lc.grad(p("kv_norm.weight")), .dy = dckv, .x = lc.act(a("kva")),
+                          .w = lc.param(p("kv_norm.weight")), .rstd = lc.act(a("rstd_kv")), .rows = N, .width = rkv,
+                          .x_stride = rkv + dr, .y_stride = rkv});
+  lc.linear_dw(lc.grad(p("wkv_a.weight")), dkva, x_norm);
+  lc.linear_dx(dx_norm, dkva, lc.param(p("wkv_a.weight")));
+
+  // Queries: inverse RoPE on dq, then W_qb, q_norm, W_qa (or W_q).
+  be.rope(lc.ctx, {.x = dq, .cos = cos, .sin = sin, .n_heads = H, .head_stride = dqk, .col_offset = dn, .rope_dim = dr, .seq_len = T,
+                   .inverse = true});
+  if (rq > 0) {
+    const Tensor dcq = lc.act("scratch.attn.dcq"), dqa = lc.act("scratch.attn.dqa");
+    lc.linear_dw(lc.grad(p("wq_b.weight")), dq, lc.act(a("cq")));
+    lc.linear_dx(dcq, dq, lc.param(p("wq_b.weight")));
+    be.rmsnorm_bwd(lc.ctx, {.dx = dqa, .dw = lc.grad(p("q_norm.weight")), .dy = dcq, .x = lc.act(a("qa")), .w = lc.param(p("q_norm.weight")),
+                            .rstd = lc.act(a("rstd_q")), .rows = N, .width = rq});
+    lc.linear_dw(lc.grad(p("wq_a.weight")), dqa, x_norm);
+    lc.linear_dx(dx_norm, dqa, lc.param(p("wq_a.weight")), /*beta=*/1.0);
+  } else {
+    lc.linear_dw(lc.grad(p("wq.weight")), dq, x_norm);
+    lc.linear_dx(dx_norm, dq, lc.param(p("wq.weight")), /*beta=*/1.0);
+  }
+  // Pre-norm: the residual stream's gradient gains RMSNorm_attn's backward.
+  const std::string norm = fmt::format("layers.{}.attn_norm.weight", l_);
+  be.rmsnorm_bwd(lc.ctx, {.dx = d_out, .dw = lc.grad(norm), .dy = dx_norm, .x = x, .w = lc.param(norm), .rstd = lc.act(a("rstd_x")),
+                          .rows = N, .width = c.dim, .dx_accumulate = true});
+}
+
+}  // namespace diffmoe

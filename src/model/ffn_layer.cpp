@@ -1,0 +1,160 @@
+#include "model/ffn_layer.h"
+
+#include <fmt/format.h>
+
+namespace diffmoe {
+
+std::string FfnLayer::p(const std::string& name) const { return fmt::format("layers.{}.ffn.{}", l_, name); }
+std::string FfnLayer::a(const std::string& name) const { return fmt::format("act.{}.ffn.{}", l_, name); }
+
+RouterOptions FfnLayer::router_options(const ModelConfig& c) const {
+  return RouterOptions{.score_func = c.score_func, .n_groups = c.n_expert_groups, .n_limited_groups = c.n_limited_groups,
+                       .top_k = c.n_activated_experts, .route_scale = c.route_scale, .use_bias = c.balance_bias};
+}
+
+void FfnLayer::plan(const LayerContext& lc, Arena& acts) const {
+  const ModelConfig& c = *lc.cfg;
+  const int64_t N = lc.tokens(), D = c.dim;
+  const DType t = lc.dtype;
+  acts.add(a("x_norm"), Shape{N, D}, t);
+  acts.add(a("rstd_x"), Shape{N}, t);
+  plan_once(acts, "scratch.ffn.dx_norm", Shape{N, D}, t);
+  auto plan_mlp = [&](const std::string& pre, int64_t rows, int64_t width) {
+    acts.add(a(pre + "a"), Shape{rows, width}, t);   // x W1ᵀ
+    acts.add(a(pre + "b"), Shape{rows, width}, t);   // x W3ᵀ
+    acts.add(a(pre + "h"), Shape{rows, width}, t);   // silu(a) ⊙ b
+    const std::string s = fmt::format("scratch.ffn.{}{}.", pre, width);
+    plan_once(acts, s + "dh", Shape{rows, width}, t);
+    plan_once(acts, s + "da", Shape{rows, width}, t);
+    plan_once(acts, s + "db", Shape{rows, width}, t);
+  };
+  if (!moe(lc)) {
+    plan_mlp("", N, c.inter_dim);
+    return;
+  }
+  const int64_t E = c.n_routed_experts, K = c.n_activated_experts, NK = N * K;
+  if (c.n_shared_experts > 0) plan_mlp("shared.", N, c.n_shared_experts * c.moe_inter_dim);
+  acts.add(a("logits"), Shape{N, E}, t);            // router logits z = u Eᵀ
+  acts.add(a("scores"), Shape{N, E}, t);            // s
+  acts.add(a("topk_idx"), Shape{N, K}, DType::kI32);
+  acts.add(a("topk_w"), Shape{N, K}, t);
+  acts.add(a("offsets"), Shape{E + 1}, DType::kI32);
+  acts.add(a("src_row"), Shape{NK}, DType::kI32);
+  acts.add(a("slot_pos"), Shape{N, K}, DType::kI32);
+  acts.add(a("x_perm"), Shape{NK, D}, t);           // token rows sorted by expert
+  acts.add(a("y_perm"), Shape{NK, D}, t);           // expert outputs, same order
+  acts.add(fmt::format("stats.{}.counts", l_), Shape{E}, DType::kI32);
+  plan_mlp("experts.", NK, c.moe_inter_dim);
+  plan_once(acts, "scratch.moe.dy_perm", Shape{NK, D}, t);
+  plan_once(acts, "scratch.moe.dx_perm", Shape{NK, D}, t);
+  plan_once(acts, "scratch.moe.dtopk_w", Shape{N, K}, t);
+  plan_once(acts, "scratch.moe.dlogits", Shape{N, E}, t);
+}
+
+void FfnLayer::mlp_forward(const LayerContext& lc, const std::string& prefix, const std::string& act_prefix, const Tensor& x,
+                           const Tensor& y, double beta) const {
+  const Tensor ta = lc.act(a(act_prefix + "a")), tb = lc.act(a(act_prefix + "b")), th = lc.act(a(act_prefix + "h"));
+  lc.linear(ta, x, lc.param(p(prefix + "w1.weight")));
+  lc.linear(tb, x, lc.param(p(prefix + "w3.weight")));
+  lc.be->swiglu_fwd(lc.ctx, {.h = th, .a = ta, .b = tb});
+  lc.linear(y, th, lc.param(p(prefix + "w2.weight")), beta);
+}
+
+void FfnLayer::mlp_backward(const LayerContext& lc, const std::string& prefix, const std::string& act_prefix, const Tensor& x,
+                            const Tensor& dy, const Tensor& dx, double beta_dx) const {
+  const Tensor ta = lc.act(a(act_prefix + "a")), tb = lc.act(a(act_prefix + "b")), th = lc.act(a(act_prefix + "h"));
+  const std::string s = fmt::format("scratch.ffn.{}{}.", act_prefix, ta.dim(1));
+  const Tensor dh = lc.act(s + "dh"), da = lc.act(s + "da"), db = lc.act(s + "db");
+  lc.linear_dw(lc.grad(p(prefix + "w2.weight")), dy, th);
+  lc.linear_dx(dh, dy, lc.param(p(prefix + "w2.weight")));
+  lc.be->swiglu_bwd(lc.ctx, {.da = da, .db = db, .dh = dh, .a = ta, .b = tb});
+  lc.linear_dw(lc.grad(p(prefix + "w1.weight")), da, x);
+  lc.linear_dw(lc.grad(p(prefix + "w3.weight")), db, x);
+  lc.linear_dx(dx, da, lc.param(p(prefix + "w1.weight")), beta_dx);
+  lc.linear_dx(dx, db, lc.param(p(prefix + "w3.weight")), 1.0);
+}
+
+void FfnLayer::forward(const LayerContext& lc, const Tensor& x, const Tensor& out) const {
+  const ModelConfig& c = *lc.cfg;
+  Backend& be = *lc.be;
+  const int64_t N = lc.tokens();
+  const Tensor x_norm = lc.act(a("x_norm"));
+  const std::string norm = fmt::format("layers.{}.ffn_norm.weight", l_);
+  be.rmsnorm_fwd(lc.ctx, {.y = x_norm, .rstd = lc.act(a("rstd_x")), .x = x, .w = lc.param(norm), .rows = N, .width = c.dim, .eps = c.norm_eps});
+  be.copy(lc.ctx, {.dst = out, .src = x});  // residual: out = x + FFN(...)
+  if (!moe(lc)) {
+    mlp_forward(lc, "", "", x_norm, out, 1.0);
+    return;
+  }
+  // Shared experts: one SwiGLU of width n_shared·moe_inter_dim (spec §4).
+  if (c.n_shared_experts > 0) mlp_forward(lc, "shared.", "shared.", x_norm, out, 1.0);
+  // Router (spec §5): z = u Eᵀ, scores, group-limited top-k with the balancing bias.
+  const Tensor logits = lc.act(a("logits")), scores = lc.act(a("scores")), idx = lc.act(a("topk_idx")), w = lc.act(a("topk_w"));
+  const Tensor counts = lc.act(fmt::format("stats.{}.counts", l_));
+  lc.linear(logits, x_norm, lc.param(p("gate.weight")));
+  be.router_fwd(lc.ctx, {.scores = scores, .topk_idx = idx, .topk_w = w, .counts = counts, .logits = logits,
+                         .bias = lc.param(p("gate.bias")), .opt = router_options(c)});
+  if (c.aux_loss_alpha > 0)
+    be.aux_loss_fwd(lc.ctx, {.loss = lc.act("loss.aux"), .scores = scores, .seq_len = lc.seq, .top_k = c.n_activated_experts,
+                             .alpha = c.aux_loss_alpha, .score_func = c.score_func});
+  // Dropless dispatch: sort (token, slot) pairs by expert, gather rows, grouped expert GEMMs.
+  const Tensor offsets = lc.act(a("offsets")), src_row = lc.act(a("src_row")), slot_pos = lc.act(a("slot_pos"));
+  const Tensor x_perm = lc.act(a("x_perm")), y_perm = lc.act(a("y_perm"));
+  be.moe_permute(lc.ctx, {.offsets = offsets, .src_row = src_row, .slot_pos = slot_pos, .topk_idx = idx, .n_experts = c.n_routed_experts});
+  be.moe_gather(lc.ctx, {.x_perm = x_perm, .x = x_norm, .src_row = src_row});
+  const Tensor ea = lc.act(a("experts.a")), eb = lc.act(a("experts.b")), eh = lc.act(a("experts.h"));
+  be.grouped_gemm(lc.ctx, {.c = ea, .a = x_perm, .b = lc.param(p("experts.w1")), .offsets = offsets, .trans_b = true});
+  be.grouped_gemm(lc.ctx, {.c = eb, .a = x_perm, .b = lc.param(p("experts.w3")), .offsets = offsets, .trans_b = true});
+  be.swiglu_fwd(lc.ctx, {.h = eh, .a = ea, .b = eb});
+  be.grouped_gemm(lc.ctx, {.c = y_perm, .a = eh, .b = lc.param(p("experts.w2")), .offsets = offsets, .trans_b = true});
+  // y = Σ_k w_k Expert_{idx_k}(u) + Shared(u), added onto the residual already in `out`.
+  be.moe_combine_fwd(lc.ctx, {.y = out, .y_perm = y_perm, .topk_w = w, .slot_pos = slot_pos});
+}
+
+void FfnLayer::backward(const LayerContext& lc, const Tensor& x, const Tensor& d_out, double aux_scale) const {
+  const ModelConfig& c = *lc.cfg;
+  Backend& be = *lc.be;
+  const int64_t N = lc.tokens();
+  const Tensor x_norm = lc.act(a("x_norm")), dx_norm = lc.act("scratch.ffn.dx_norm");
+  if (!moe(lc)) {
+    mlp_backward(lc, "", "", x_norm, d_out, dx_norm, 0.0);
+  } else {
+    double beta = 0.0;  // the first contribution to dx_norm overwrites, the rest accumulate
+    if (c.n_shared_experts > 0) {
+      mlp_backward(lc, "shared.", "shared.", x_norm, d_out, dx_norm, 0.0);
+      beta = 1.0;
+    }
+    const Tensor offsets = lc.act(a("offsets")), slot_pos = lc.act(a("slot_pos")), w = lc.act(a("topk_w"));
+    const Tensor x_perm = lc.act(a("x_perm")), y_perm = lc.act(a("y_perm"));
+    const Tensor dy_perm = lc.act("scratch.moe.dy_perm"), dx_perm = lc.act("scratch.moe.dx_perm");
+    const Tensor dw = lc.act("scratch.moe.dtopk_w"), dlogits = lc.act("scratch.moe.dlogits");
+    const Tensor ea = lc.act(a("experts.a")), eb = lc.act(a("experts.b")), eh = lc.act(a("experts.h"));
+    const std::string s = fmt::format("scratch.ffn.experts.{}.", c.moe_inter_dim);
+    const Tensor dh = lc.act(s + "dh"), da = lc.act(s + "da"), db = lc.act(s + "db");
+    // Combine: expert outputs get w_k·dy, the routing weights get ⟨dy, Expert_k(u)⟩ (sources §4.4).
+    be.moe_combine_bwd(lc.ctx, {.dy_perm = dy_perm, .dtopk_w = dw, .dy = d_out, .y_perm = y_perm, .topk_w = w, .slot_pos = slot_pos});
+    // Experts: y = h W2ᵀ per group, h = silu(a) ⊙ b, a = x W1ᵀ, b = x W3ᵀ.
+    be.grouped_gemm_wgrad(lc.ctx, {.c = lc.grad(p("experts.w2")), .a = dy_perm, .b = eh, .offsets = offsets});
+    be.grouped_gemm(lc.ctx, {.c = dh, .a = dy_perm, .b = lc.param(p("experts.w2")), .offsets = offsets, .trans_b = false});
+    be.swiglu_bwd(lc.ctx, {.da = da, .db = db, .dh = dh, .a = ea, .b = eb});
+    be.grouped_gemm_wgrad(lc.ctx, {.c = lc.grad(p("experts.w1")), .a = da, .b = x_perm, .offsets = offsets});
+    be.grouped_gemm_wgrad(lc.ctx, {.c = lc.grad(p("experts.w3")), .a = db, .b = x_perm, .offsets = offsets});
+    be.grouped_gemm(lc.ctx, {.c = dx_perm, .a = da, .b = lc.param(p("experts.w1")), .offsets = offsets, .trans_b = false});
+    be.grouped_gemm(lc.ctx, {.c = dx_perm, .a = db, .b = lc.param(p("experts.w3")), .offsets = offsets, .trans_b = false, .beta = 1.0});
+    if (beta == 0.0) be.fill(lc.ctx, {.out = dx_norm, .value = 0.0});
+    be.moe_gather_bwd(lc.ctx, {.dx = dx_norm, .dx_perm = dx_perm, .slot_pos = slot_pos});
+    // Router: gradient through the weights only, plus the sequence aux loss (sources §4.4, §4.6).
+    const Tensor scores = lc.act(a("scores")), idx = lc.act(a("topk_idx"));
+    be.router_bwd(lc.ctx, {.dlogits = dlogits, .dtopk_w = dw, .scores = scores, .topk_idx = idx, .topk_w = w, .opt = router_options(c)});
+    if (c.aux_loss_alpha > 0)
+      be.aux_loss_bwd(lc.ctx, {.dlogits = dlogits, .scores = scores, .seq_len = lc.seq, .top_k = c.n_activated_experts,
+                               .alpha = c.aux_loss_alpha, .dloss = aux_scale, .score_func = c.score_func});
+    lc.linear_dw(lc.grad(p("gate.weight")), dlogits, x_norm);
+    lc.linear_dx(dx_norm, dlogits, lc.param(p("gate.weight")), 1.0);
+  }
+  const std::string norm = fmt::format("layers.{}.ffn_norm.weight", l_);
+  be.rmsnorm_bwd(lc.ctx, {.dx = d_out, .dw = lc.grad(norm), .dy = dx_norm, .x = x, .w = lc.param(norm), .rstd = lc.act(a("rstd_x")),
+                          .rows = N, .width = c.dim, .dx_accumulate = true});
+}
+
+}  // namespace diffmoe

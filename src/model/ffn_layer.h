@@ -1,0 +1,34 @@
+// The FFN block of one layer (spec §4, §5): pre-norm, then a dense SwiGLU MLP (layers below
+// n_dense_layers) or the MoE (routed experts through a group-limited top-k router + shared experts),
+// then the residual add.
+#pragma once
+#include "model/layer_context.h"
+
+namespace diffmoe {
+
+class FfnLayer {
+ public:
+  explicit FfnLayer(int64_t layer) : l_(layer) {}
+  void plan(const LayerContext& lc, Arena& acts) const;
+  // out = x + FFN(RMSNorm(x)).  For MoE layers also adds the aux loss into acts "loss.aux" and the
+  // per-expert counts into acts "stats.{l}.counts".
+  void forward(const LayerContext& lc, const Tensor& x, const Tensor& out) const;
+  // d_out (= residual gradient) += ∂L/∂x; weight gradients accumulate. aux_scale multiplies the
+  // aux loss gradient (the same scale as the LM loss's gradient).
+  void backward(const LayerContext& lc, const Tensor& x, const Tensor& d_out, double aux_scale) const;
+
+ private:
+  bool moe(const LayerContext& lc) const { return lc.cfg->is_moe_layer(l_); }
+  std::string p(const std::string& name) const;  // "layers.{l}.ffn.<name>"
+  std::string a(const std::string& name) const;  // "act.{l}.ffn.<name>"
+  RouterOptions router_options(const ModelConfig& c) const;
+  // A SwiGLU MLP on rows x [N, D] with weights prefix (w1, w2, w3 ".weight"), y (+)= result.
+  void mlp_forward(const LayerContext& lc, const std::string& prefix, const std::string& act_prefix, const Tensor& x,
+                   const Tensor& y, double beta) const;
+  // Backward of mlp_forward: dx (+)= (beta_dx), weight grads accumulate.
+  void mlp_backward(const LayerContext& lc, const std::string& prefix, const std::string& act_prefix, const Tensor& x,
+                    const Tensor& dy, const Tensor& dx, double beta_dx) const;
+  int64_t l_;
+};
+
+}  // namespace diffmoe

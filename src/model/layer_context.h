@@ -1,0 +1,47 @@
+// What every layer's forward/backward needs: the backend, the stream, the batch shape, the
+// parameter/gradient/activation arenas, and the three linear-layer GEMMs (y = x Wᵀ and its two
+// backward products) that every layer uses.
+#pragma once
+#include <string>
+
+#include "backend/backend.h"
+#include "model/config.h"
+
+namespace diffmoe {
+
+struct LayerContext {
+  Backend* be = nullptr;
+  Context ctx;
+  const ModelConfig* cfg = nullptr;
+  DType dtype = DType::kF32;  // parameters and activations (CPU: f32, or f64 for gradient checks)
+  int64_t batch = 0, seq = 0;
+  Arena* params = nullptr;    // spec §8 names
+  Arena* grads = nullptr;     // same names, trainable parameters only
+  Arena* acts = nullptr;      // activations saved for the backward, and backward scratch
+
+  int64_t tokens() const { return batch * seq; }
+  Tensor param(const std::string& name) const { return params->get(name); }
+  Tensor grad(const std::string& name) const { return grads->get(name); }
+  Tensor act(const std::string& name) const { return acts->get(name); }
+
+  // y = x Wᵀ (+ beta·y)          x [N,in], W [out,in], y [N,out]
+  void linear(const Tensor& y, const Tensor& x, const Tensor& w, double beta = 0.0) const {
+    be->gemm(ctx, {.c = y, .a = x, .b = w, .trans_a = false, .trans_b = true, .alpha = 1.0, .beta = beta});
+  }
+  // dx = dy W (+ beta·dx)        dy [N,out], W [out,in], dx [N,in]
+  void linear_dx(const Tensor& dx, const Tensor& dy, const Tensor& w, double beta = 0.0) const {
+    be->gemm(ctx, {.c = dx, .a = dy, .b = w, .trans_a = false, .trans_b = false, .alpha = 1.0, .beta = beta});
+  }
+  // dW += dyᵀ x                  weight gradients accumulate (STYLE.md habit 2)
+  void linear_dw(const Tensor& dw, const Tensor& dy, const Tensor& x) const {
+    be->gemm(ctx, {.c = dw, .a = dy, .b = x, .trans_a = true, .trans_b = false, .alpha = 1.0, .beta = 1.0});
+  }
+};
+
+// Plans an activation view unless a layer of the same kind already did (backward scratch is
+// shared by all layers of a kind, so it is planned once with one name).
+inline void plan_once(Arena& a, const std::string& name, Shape s, DType t) {
+  if (!a.has(name)) a.add(name, s, t);
+}
+
+}  // namespace diffmoe

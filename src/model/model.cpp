@@ -1,0 +1,172 @@
+#include "model/model.h"
+
+#include <fmt/format.h>
+
+#include <vector>
+
+#include "model/rope_tables.h"
+
+namespace diffmoe {
+
+Model::Model(const ModelConfig& cfg, Backend& backend, DType dtype) : cfg_(cfg), be_(&backend), dtype_(dtype) {
+  cfg_.validate("model config");
+  specs_ = parameter_specs(cfg_);
+  for (const ParamSpec& p : specs_) {
+    params_.add(p.name, p.shape, dtype_);
+    if (p.trainable()) grads_.add(p.name, p.shape, dtype_);
+  }
+  params_.allocate(be_->allocator());
+  grads_.allocate(be_->allocator());
+  for (int64_t l = 0; l < cfg_.n_layers; ++l) {
+    attn_.emplace_back(l);
+    ffn_.emplace_back(l);
+  }
+}
+
+void Model::init_weights(uint64_t seed) {
+  // Computed on the host in double from the counter-based RNG, converted and uploaded once.
+  for (const ParamSpec& p : specs_) {
+    const Tensor dst = params_.get(p.name);
+    const int64_t n = p.shape.numel();
+    if (dtype_ == DType::kF64) {
+      std::vector<double> v(static_cast<size_t>(n));
+      for (int64_t i = 0; i < n; ++i) v[static_cast<size_t>(i)] = init_value(p, seed, i);
+      be_->upload(dst, v.data());
+    } else {
+      DIFFMOE_CHECK(dtype_ == DType::kF32, "[model] init_weights: unsupported parameter dtype {}", dtype_name(dtype_));
+      std::vector<float> v(static_cast<size_t>(n));
+      for (int64_t i = 0; i < n; ++i) v[static_cast<size_t>(i)] = static_cast<float>(init_value(p, seed, i));
+      be_->upload(dst, v.data());
+    }
+  }
+}
+
+LayerContext Model::layer_context(Context ctx) {
+  return LayerContext{.be = be_, .ctx = ctx, .cfg = &cfg_, .dtype = dtype_, .batch = batch_, .seq = seq_,
+                      .params = &params_, .grads = &grads_, .acts = &acts_};
+}
+
+void Model::set_batch_shape(int64_t batch, int64_t seq) {
+  DIFFMOE_CHECK(batch > 0 && seq > 0 && seq <= cfg_.max_seq_len, "[model] batch shape {}x{}: need batch > 0 and 0 < seq <= max_seq_len = {}",
+                batch, seq, cfg_.max_seq_len);
+  batch_ = batch;
+  seq_ = seq;
+  acts_ = Arena();
+  const int64_t N = batch * seq, D = cfg_.dim;
+  const int64_t half = cfg_.qk_rope_head_dim / 2;
+  acts_.add("rope.cos", Shape{cfg_.max_seq_len, half}, dtype_);
+  acts_.add("rope.sin", Shape{cfg_.max_seq_len, half}, dtype_);
+  for (int64_t i = 0; i <= 2 * cfg_.n_layers; ++i) acts_.add(fmt::format("act.residual.{}", i), Shape{N, D}, dtype_);
+  LayerContext lc = layer_context({});
+  for (int64_t l = 0; l < cfg_.n_layers; ++l) {
+    attn_[static_cast<size_t>(l)].plan(lc, acts_);
+    ffn_[static_cast<size_t>(l)].plan(lc, acts_);
+  }
+  acts_.add("act.final.x_norm", Shape{N, D}, dtype_);
+  acts_.add("act.final.rstd", Shape{N}, dtype_);
+  acts_.add("act.final.logits", Shape{N, cfg_.vocab_size}, dtype_);
+  acts_.add("scratch.dlogits", Shape{N, cfg_.vocab_size}, dtype_);
+  acts_.add("scratch.dx_norm", Shape{N, D}, dtype_);
+  acts_.add("scratch.dresidual", Shape{N, D}, dtype_);
+  acts_.add("loss.sum", Shape{1}, dtype_);
+  acts_.add("loss.valid", Shape{1}, dtype_);
+  acts_.add("loss.aux", Shape{1}, dtype_);
+  acts_.allocate(be_->allocator());
+
+  // RoPE tables with YaRN folded in (spec §3), uploaded once.
+  const RopeParams rp{.rope_dim = cfg_.qk_rope_head_dim, .theta = cfg_.rope_theta, .max_seq_len = cfg_.max_seq_len,
+                      .original_seq_len = cfg_.original_seq_len, .factor = cfg_.rope_factor, .beta_fast = cfg_.beta_fast,
+                      .beta_slow = cfg_.beta_slow, .mscale = cfg_.mscale};
+  std::vector<double> cos, sin;
+  rope_tables(rp, cfg_.max_seq_len, cos, sin);
+  if (dtype_ == DType::kF64) {
+    be_->upload(acts_.get("rope.cos"), cos.data());
+    be_->upload(acts_.get("rope.sin"), sin.data());
+  } else {
+    std::vector<float> c(cos.begin(), cos.end()), s(sin.begin(), sin.end());
+    be_->upload(acts_.get("rope.cos"), c.data());
+    be_->upload(acts_.get("rope.sin"), s.data());
+  }
+}
+
+Tensor Model::residual(int64_t i) const { return acts_.get(fmt::format("act.residual.{}", i)); }
+
+void Model::forward(Context ctx, const Tensor& tokens, const Tensor& targets) {
+  DIFFMOE_CHECK(batch_ > 0, "[model] forward before set_batch_shape()");
+  check_shape(tokens, Shape{batch_, seq_}, "model.forward", "tokens");
+  check_dtype(tokens, DType::kI32, "model.forward", "tokens");
+  const LayerContext lc = layer_context(ctx);
+  const int64_t N = batch_ * seq_;
+  for (const char* name : {"loss.sum", "loss.valid", "loss.aux"}) be_->fill(ctx, {.out = acts_.get(name), .value = 0.0});
+
+  // h_0 = embed_scale · Embed(tokens)
+  const Tensor tok = tokens.reshape(Shape{N});
+  last_tokens_ = tok;
+  last_targets_ = Tensor{};
+  be_->embedding_fwd(ctx, {.out = residual(0), .tokens = tok, .table = params_.get("embed.weight"), .scale = cfg_.embed_scale});
+  for (int64_t l = 0; l < cfg_.n_layers; ++l) {
+    attn_[static_cast<size_t>(l)].forward(lc, residual(2 * l), residual(2 * l + 1));
+    ffn_[static_cast<size_t>(l)].forward(lc, residual(2 * l + 1), residual(2 * l + 2));
+  }
+  // logits = RMSNorm(h) Headᵀ (the head is embed.weight when tied)
+  const Tensor xn = acts_.get("act.final.x_norm"), logits = acts_.get("act.final.logits");
+  be_->rmsnorm_fwd(ctx, {.y = xn, .rstd = acts_.get("act.final.rstd"), .x = residual(2 * cfg_.n_layers), .w = params_.get("norm.weight"),
+                         .rows = N, .width = cfg_.dim, .eps = cfg_.norm_eps});
+  lc.linear(logits, xn, params_.get(cfg_.tie_embeddings ? "embed.weight" : "head.weight"));
+  if (targets.defined() && targets.numel() > 0) {
+    check_shape(targets, Shape{batch_, seq_}, "model.forward", "targets");
+    last_targets_ = targets.reshape(Shape{N});
+    be_->cross_entropy_fwd(ctx, {.loss_sum = acts_.get("loss.sum"), .valid = acts_.get("loss.valid"), .logits = logits,
+                                 .targets = last_targets_});
+  }
+}
+
+void Model::backward(Context ctx, double grad_scale) {
+  const LayerContext lc = layer_context(ctx);
+  const int64_t N = batch_ * seq_;
+  const Tensor xn = acts_.get("act.final.x_norm"), logits = acts_.get("act.final.logits");
+  const Tensor dlogits = acts_.get("scratch.dlogits"), dxn = acts_.get("scratch.dx_norm"), dres = acts_.get("scratch.dresidual");
+  const std::string head = cfg_.tie_embeddings ? "embed.weight" : "head.weight";
+  DIFFMOE_CHECK(last_targets_.data != nullptr, "[model] backward() needs a forward() with targets first");
+  be_->cross_entropy_bwd(ctx, {.dlogits = dlogits, .logits = logits, .targets = last_targets_, .valid = acts_.get("loss.valid"),
+                               .grad_scale = grad_scale});
+  lc.linear_dw(grads_.get(head), dlogits, xn);
+  lc.linear_dx(dxn, dlogits, params_.get(head));
+  be_->rmsnorm_bwd(ctx, {.dx = dres, .dw = grads_.get("norm.weight"), .dy = dxn, .x = residual(2 * cfg_.n_layers),
+                         .w = params_.get("norm.weight"), .rstd = acts_.get("act.final.rstd"), .rows = N, .width = cfg_.dim});
+  for (int64_t l = cfg_.n_layers - 1; l >= 0; --l) {
+    ffn_[static_cast<size_t>(l)].backward(lc, residual(2 * l + 1), dres, grad_scale);
+    attn_[static_cast<size_t>(l)].backward(lc, residual(2 * l), dres);
+  }
+  be_->embedding_bwd(ctx, {.dtable = grads_.get("embed.weight"), .tokens = last_tokens_, .dout = dres, .scale = cfg_.embed_scale});
+}
+
+void Model::zero_grads(Context ctx) {
+  for (const auto& e : grads_.entries()) be_->fill(ctx, {.out = grads_.view(e), .value = 0.0});
+}
+
+void Model::zero_expert_counts(Context ctx) {
+  for (int64_t l = cfg_.n_dense_layers; l < cfg_.n_layers; ++l) be_->fill(ctx, {.out = expert_counts(l), .value = 0.0});
+}
+
+LossValues Model::losses() const {
+  auto read = [&](const char* name) {
+    const Tensor t = acts_.get(name);
+    if (dtype_ == DType::kF64) {
+      double v;
+      be_->download(&v, t);
+      return v;
+    }
+    float v;
+    be_->download(&v, t);
+    return static_cast<double>(v);
+  };
+  const double sum = read("loss.sum"), valid = read("loss.valid");
+  return LossValues{.lm_loss = valid > 0 ? sum / valid : 0.0, .aux_loss = read("loss.aux"), .valid = static_cast<int64_t>(valid)};
+}
+
+Tensor Model::logits() const { return acts_.get("act.final.logits"); }
+Tensor Model::expert_counts(int64_t layer) const { return acts_.get(fmt::format("stats.{}.counts", layer)); }
+Tensor Model::lambda(int64_t layer) const { return acts_.get(fmt::format("act.{}.attn.lambda", layer)); }
+
+}  // namespace diffmoe

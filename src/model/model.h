@@ -1,0 +1,73 @@
+// The whole DiffMLA-MoE model (spec §1): embedding, n_layers × (attention block, FFN block), final
+// norm, head, cross-entropy + MoE balance losses; forward and backward over one micro-batch.
+//
+// Memory: three arenas planned from the config and batch shape, each ONE allocation —
+//   params (spec §8 names; the balancing biases too), grads (same names, trainable only),
+//   acts (activations kept for the backward + backward scratch + losses + routing stats).
+// Nothing allocates after set_batch_shape(); all work goes through the Backend interface.
+#pragma once
+#include <memory>
+#include <vector>
+
+#include "model/attention_layer.h"
+#include "model/ffn_layer.h"
+#include "model/parameters.h"
+
+namespace diffmoe {
+
+struct LossValues {
+  double lm_loss = 0;     // mean cross-entropy over the valid targets
+  double aux_loss = 0;    // sequence aux loss summed over MoE layers (spec §5)
+  int64_t valid = 0;      // number of targets ≠ −1
+};
+
+class Model {
+ public:
+  // dtype: the CPU backend computes in f32, or f64 for gradient checks.
+  Model(const ModelConfig& cfg, Backend& backend, DType dtype);
+
+  const ModelConfig& config() const { return cfg_; }
+  Backend& backend() const { return *be_; }
+  DType dtype() const { return dtype_; }
+  const std::vector<ParamSpec>& specs() const { return specs_; }
+  Arena& params() { return params_; }
+  Arena& grads() { return grads_; }
+  const Arena& acts() const { return acts_; }
+
+  // Spec §6 initialisation from a seed (same values on every backend).
+  void init_weights(uint64_t seed);
+  // Plans and allocates the activation arena for micro-batches of batch × seq tokens.
+  void set_batch_shape(int64_t batch, int64_t seq);
+  int64_t batch() const { return batch_; }
+  int64_t seq() const { return seq_; }
+
+  // tokens, targets: [batch, seq] i32 on the backend's device (targets may be empty: logits only).
+  // Resets the loss accumulators, then adds this micro-batch's losses and expert counts.
+  void forward(Context ctx, const Tensor& tokens, const Tensor& targets);
+  // Backward of (lm_loss + aux_loss)·grad_scale for the last forward (whose tokens and targets
+  // tensors must still hold their data); weight gradients ACCUMULATE into grads().
+  void backward(Context ctx, double grad_scale = 1.0);
+  void zero_grads(Context ctx);
+  void zero_expert_counts(Context ctx);
+
+  LossValues losses() const;             // downloads the loss tensors (a host sync)
+  Tensor logits() const;                 // [batch·seq, vocab] after forward
+  Tensor expert_counts(int64_t layer) const;  // i32 [n_routed_experts], MoE layers only
+  Tensor lambda(int64_t layer) const;         // [1], differential layers only
+
+ private:
+  LayerContext layer_context(Context ctx);
+  Tensor residual(int64_t i) const;  // residual stream before sub-block i (0 = embedding output)
+
+  ModelConfig cfg_;
+  Backend* be_;
+  DType dtype_;
+  std::vector<ParamSpec> specs_;
+  std::vector<AttentionLayer> attn_;
+  std::vector<FfnLayer> ffn_;
+  Arena params_, grads_, acts_;
+  int64_t batch_ = 0, seq_ = 0;
+  Tensor last_tokens_, last_targets_;  // [N] views of the last forward's inputs
+};
+
+}  // namespace diffmoe

