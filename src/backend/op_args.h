@@ -134,6 +134,30 @@ struct AttentionBwdArgs {
   bool differential = true;
 };
 
+// ---------------------------------------------------------------- latent-cache decoding (spec §2)
+// Absorbed ("MQA mode") attention against the compressed cache (sources §2.4, §3.3): B sequences,
+// Tq new query positions each, H component heads, r_kv = latent width, d_rope = rope key width.
+//   out    [B, Tq, H_out, r_kv]   latent outputs; H_out = H/2 when differential, else H (overwritten)
+//   q_lat  [B, Tq, H, r_kv]       q̃_j = q^C_j W^UK_j (the absorbed no-RoPE query)
+//   q_rope [B, Tq, H, W]          q^R_j, already rotated, in columns [q_rope_offset, q_rope_offset +
+//                                 d_rope) of each head's W values (so the rope part of the full query
+//                                 [B, Tq, H, d_qk] can be passed with q_rope_offset = d_nope)
+//   cache  [B, S, r_kv + d_rope]  row s = [ĉ_s ; k^R_s] (post-norm latent, post-RoPE key); only
+//                                 positions s < kv_len are read, S ≥ kv_len is the capacity
+//   lambda [1]                    differential only
+// The queries are the LAST Tq cached positions: query t sits at p_t = kv_len − Tq + t and sees
+// s ≤ p_t (causal). With z_{j,s} = scale · (q̃_j·ĉ_s + q^R_j·k^R_s) and A_j = softmax_s(z_j):
+//   plain:        out[b,t,j] = Σ_s A_{j,s} ĉ_s
+//   differential: out[b,t,h] = Σ_s A_{2h,s} ĉ_s − λ Σ_s A_{2h+1,s} ĉ_s   (subtraction in latent space)
+// The caller up-projects: o_j = out_h W^UVᵀ_j with h = j (plain) or j/2 (differential).
+struct LatentAttentionArgs {
+  Tensor out;
+  Tensor q_lat; Tensor q_rope; Tensor cache; Tensor lambda;
+  int64_t kv_len = 0, q_rope_offset = 0;
+  double scale = 1.0;
+  bool differential = true;
+};
+
 // ---------------------------------------------------------------- SwiGLU (spec §4)
 // h = silu(a) ⊙ b, all [N, I].
 struct SwigluFwdArgs { Tensor h; Tensor a; Tensor b; };

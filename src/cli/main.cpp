@@ -13,6 +13,12 @@ int main(int argc, char** argv) {
   app.require_subcommand(1);
   std::function<int()> run;
   diffmoe::cli::add_params_command(app, run);
+  diffmoe::cli::add_train_command(app, run);
+  diffmoe::cli::add_eval_command(app, run);
+  diffmoe::cli::add_generate_command(app, run);
+  diffmoe::cli::add_tokenizer_command(app, run);
+  diffmoe::cli::add_data_command(app, run);
+  diffmoe::cli::add_init_command(app, run);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {

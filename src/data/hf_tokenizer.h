@@ -1,7 +1,7 @@
 // HuggingFace tokenizer.json, byte-level BPE only (formats.md §1c "HuggingFace tokenizer.json").
 //
 // Supported: model.type "BPE" (vocab + merges as "a b" strings or [a, b] pairs, ignore_merges);
-// pre_tokenizer null-free chains of Sequence / Split(Regex or String; behavior Isolated, or Removed
+// pre_tokenizer chains of Sequence / Split(Regex or String; behavior Isolated, or Removed
 // with invert=true) / ByteLevel(add_prefix_space, use_regex -> the GPT-2 pattern); added_tokens
 // (lstrip/rstrip/single_word honoured; special ones are recognised by encode_with_special only);
 // decoder ByteLevel; post_processor is ignored (ids come back without BOS/EOS templates).

@@ -123,7 +123,7 @@ Json convert_scalar(const YAML::Node& node, std::string_view source) {
   const std::string& tag = node.Tag();
   const std::string& text = node.Scalar();
   const std::string where = location(source, node.Mark());
-  if ( tag == "tag:yaml.org,2002:str") return text;
+  if (tag == "!" || tag == "tag:yaml.org,2002:str") return text;
   if (tag == "?" || tag.empty()) return resolve_plain(text, where);
 
   static const std::map<std::string, PlainKind> kCoreTags = {
@@ -175,11 +175,12 @@ Json convert_node(const YAML::Node& node, std::string_view source) {
 
 // A string may be written plain only if reading it back yields the same string: it must not look
 // like null/bool/number, must not start with an indicator, and must not contain ": " or " #",
-// line breaks or control characters. Everything else is double-quoted.
+// line breaks or control characters. Everything else is double-quoted. (UTF-8 text stays plain.)
 bool can_be_plain(const std::string& s) {
   if (s.empty() || classify_plain(s) != PlainKind::kString) return false;
   if (std::string_view("-?:,[]{}#&*!|>'\"%@` ").find(s.front()) != std::string_view::npos) return false;
   if (s.back() == ' ' || s.back() == ':') return false;
+  if (s.starts_with("...")) return false;  // "..." at the start of a line ends a YAML document
   if (s.find(": ") != std::string::npos || s.find(" #") != std::string::npos) return false;
   for (unsigned char c : s)
     if (c < 0x20 || c == 0x7f) return false;

@@ -269,6 +269,8 @@ SafetensorsFile SafetensorsFile::open(const std::string& path) {
   for (const auto& [key, value] : header.items()) {
     if (key == kMetadataKey) {
       // "__metadata__" is a string->string map; other JSON values are not allowed (formats.md §1b).
+      // null is read as "no metadata", as the reference's Option<HashMap<String, String>> does.
+      if (value.is_null()) continue;
       DIFFMOE_CHECK(value.is_object(), "{}: __metadata__ must be an object of strings, got {}", path,
                     value.type_name());
       for (const auto& [mk, mv] : value.items()) {

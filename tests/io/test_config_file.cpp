@@ -165,7 +165,7 @@ TEST(Yaml, ToYamlRoundTripsTrickyValues) {
   j["strings"] = Json::array({"true", "1.5", "", "a: b", "#x", "null", "~", "0x10", "1e5", ".inf", "-", "- x",
                               " lead", "trail ", "multi\nline", "tab\there", "quote\"s", "back\\slash", "x #y",
                               "key:", "[x]", "{y}", "*ref", "&anchor", "!tag", "%pct", "@at", "`tick", "|", ">",
-                              "'single'", "caf\xC3\xA9", "ctrl\x01", "True", "NULL", "+1", ".5", "plain words"});
+                              "'single'", "...", "... x", "---", "caf\xC3\xA9", "ctrl\x01", "True", "NULL", "+1", ".5", "plain words"});
   j["doubles"] = Json::array({0.1, 1e-30, 3.0, -2.5, 1e300, 123456.789, 5e-324, -0.0, 1e16, 2.0 / 3.0});
   j["ints"] = Json::array({0, -1, 9007199254740993LL, std::numeric_limits<int64_t>::min()});
   j["nested"]["deeper"]["list_of_lists"] = Json::parse("[[1, 2], [], [[3]], {}]");
@@ -194,7 +194,7 @@ TEST(Yaml, ToYamlRoundTripsTrickyValues) {
   EXPECT_TRUE(std::isnan(nf_back[2].get<double>()));
 
   // Top-level scalars and empty containers.
-  for (const Json& v : {Json("true"), Json(1.0), Json(7), Json(nullptr), Json::array(), Json::object()})
+  for (const Json& v : {Json("true"), Json("..."), Json("--- x"), Json(1.0), Json(7), Json(nullptr), Json::array(), Json::object()})
     EXPECT_EQ(parse_yaml(to_yaml(v), "scalar.yaml").dump(), v.dump()) << to_yaml(v);
 }
 

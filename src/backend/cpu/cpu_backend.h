@@ -36,6 +36,7 @@ class CpuBackend final : public Backend {
   void diff_lambda_bwd(Context ctx, const DiffLambdaBwdArgs& a) override;
   void attention_fwd(Context ctx, const AttentionFwdArgs& a) override;
   void attention_bwd(Context ctx, const AttentionBwdArgs& a) override;
+  void latent_attention(Context ctx, const LatentAttentionArgs& a) override;  // latent_attention_ops.cpp
   void swiglu_fwd(Context ctx, const SwigluFwdArgs& a) override;         // swiglu_ops.cpp
   void swiglu_bwd(Context ctx, const SwigluBwdArgs& a) override;
   void router_fwd(Context ctx, const RouterFwdArgs& a) override;         // moe_ops.cpp

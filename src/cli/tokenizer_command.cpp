@@ -1,0 +1,99 @@
+// `diffmoe tokenizer train|encode|decode`: train our byte-level BPE on text files, and encode or
+// decode with any supported tokenizer file (ours, HF tokenizer.json, tiktoken ranks).
+#include <fmt/core.h>
+#include <fmt/ranges.h>
+
+#include <iostream>
+#include <iterator>
+#include <sstream>
+
+#include "cli/commands.h"
+#include "data/bpe_trainer.h"
+#include "data/text_source.h"
+#include "data/tokenizer.h"
+
+namespace diffmoe::cli {
+
+namespace {
+
+std::string read_all_stdin() {
+  std::ostringstream ss;
+  ss << std::cin.rdbuf();
+  return ss.str();
+}
+
+}  // namespace
+
+void add_tokenizer_command(CLI::App& app, std::function<int()>& run) {
+  auto* cmd = app.add_subcommand("tokenizer", "Train, or encode/decode with, a tokenizer");
+  cmd->require_subcommand(1);
+
+  auto* tr = cmd->add_subcommand("train", "Train a byte-level BPE tokenizer (saved as HF-compatible tokenizer.json)");
+  auto inputs = std::make_shared<std::string>();
+  auto out = std::make_shared<std::string>();
+  auto vocab = std::make_shared<int32_t>(4096);
+  auto pattern = std::make_shared<std::string>("gpt2");
+  auto field = std::make_shared<std::string>("text");
+  tr->add_option("--input", *inputs, "files, directories or globs (comma-separated; .txt/.jsonl, .gz/.zst)")->required();
+  tr->add_option("--out", *out, "output tokenizer.json")->required();
+  tr->add_option("--vocab-size", *vocab, "total ids including 256 bytes and <|endoftext|> (default 4096)");
+  tr->add_option("--pattern", *pattern, "pre-tokenizer split pattern: gpt2 or cl100k (default gpt2)");
+  tr->add_option("--text-field", *field, "JSONL text key (default text)");
+  tr->callback([&run, inputs, out, vocab, pattern, field] {
+    run = [=] {
+      data::BpeTrainer trainer(data::BpeTrainerOptions{.vocab_size = *vocab, .pattern = *pattern});
+      size_t bytes = 0, docs = 0;
+      for (const auto& file : data::expand_inputs(*inputs)) {
+        data::DocumentReader reader(file, data::ReaderOptions{.text_field = *field});
+        std::string doc;
+        while (reader.next(doc)) {
+          trainer.add_text(doc);
+          bytes += doc.size();
+          ++docs;
+        }
+      }
+      const data::TrainedBpe bpe = trainer.train();
+      data::save_trained_bpe(bpe, *out);
+      fmt::print("trained {} ids ({} merges) on {} documents, {:.1f} MB -> {}\n", bpe.vocab_size(), bpe.merges.size(), docs, bytes / 1e6,
+                 *out);
+      return 0;
+    };
+  });
+
+  auto* enc = cmd->add_subcommand("encode", "Print the token ids of --text (or standard input)");
+  auto tok = std::make_shared<std::string>();
+  auto text = std::make_shared<std::string>();
+  auto special = std::make_shared<bool>(false);
+  enc->add_option("--tokenizer", *tok, "tokenizer file")->required();
+  enc->add_option("--text", *text, "text to encode (default: read standard input)");
+  enc->add_flag("--special", *special, "recognise special tokens such as <|endoftext|>");
+  enc->callback([&run, tok, text, special, enc] {
+    run = [=] {
+      auto t = data::load_tokenizer(*tok);
+      const std::string s = enc->count("--text") ? *text : read_all_stdin();
+      const auto ids = *special ? t->encode_with_special(s) : t->encode(s);
+      fmt::print("{}\n", fmt::join(ids, " "));
+      return 0;
+    };
+  });
+
+  auto* dec = cmd->add_subcommand("decode", "Print the text of token ids (arguments or standard input)");
+  auto tok2 = std::make_shared<std::string>();
+  auto ids = std::make_shared<std::vector<int32_t>>();
+  dec->add_option("--tokenizer", *tok2, "tokenizer file")->required();
+  dec->add_option("ids", *ids, "token ids (default: read whitespace-separated ids from standard input)");
+  dec->callback([&run, tok2, ids] {
+    run = [=] {
+      auto t = data::load_tokenizer(*tok2);
+      std::vector<int32_t> v = *ids;
+      if (v.empty()) {
+        std::istringstream in(read_all_stdin());
+        for (int64_t x; in >> x;) v.push_back(static_cast<int32_t>(x));
+      }
+      fmt::print("{}", t->decode(v));
+      return 0;
+    };
+  });
+}
+
+}  // namespace diffmoe::cli

@@ -1,0 +1,35 @@
+// `diffmoe train --config X [--set key=value ...] [--resume [latest|DIR]]`
+#include <fmt/core.h>
+
+#include "cli/commands.h"
+#include "train/trainer.h"
+
+namespace diffmoe::cli {
+
+namespace {
+int run_train(const std::string& config, const std::vector<std::string>& sets, const std::string& resume) {
+  const RunConfig rc = load_run_config(config, sets);
+  const TrainResult r = train(rc, TrainOptions{.resume = resume, .config_path = config});
+  fmt::print("done: {} steps, last loss {:.4f}, validation loss {:.4f}, checkpoint {}\n", r.steps, r.last_loss, r.val_loss,
+             r.last_checkpoint);
+  return 0;
+}
+}  // namespace
+
+void add_train_command(CLI::App& app, std::function<int()>& run) {
+  auto* cmd = app.add_subcommand("train", "Train a model from a YAML config (CPU backend)");
+  auto config = std::make_shared<std::string>();
+  auto sets = std::make_shared<std::vector<std::string>>();
+  auto resume = std::make_shared<std::string>();
+  cmd->add_option("--config", *config, "YAML config file")->required();
+  cmd->add_option("--set", *sets, "override a config key, e.g. --set optim.lr=3e-4 (repeatable)");
+  cmd->add_option("--resume", *resume, "resume from 'latest' (the newest valid checkpoint) or a checkpoint directory")
+      ->expected(0, 1)
+      ->default_str("latest");
+  cmd->callback([&run, config, sets, resume, cmd] {
+    std::string r = cmd->count("--resume") > 0 ? (resume->empty() ? "latest" : *resume) : "";
+    run = [=] { return run_train(*config, *sets, r); };
+  });
+}
+
+}  // namespace diffmoe::cli

@@ -1,0 +1,102 @@
+#include "train/optimizer.h"
+
+#include <vector>
+
+#include "io/safetensors.h"
+
+namespace diffmoe {
+
+AdamW::AdamW(Model& model, const OptimConfig& cfg) : model_(&model), cfg_(cfg) {
+  for (const ParamSpec& p : model.specs()) {
+    if (!p.trainable()) continue;
+    state_.add("m." + p.name, p.shape, model.dtype());
+    state_.add("v." + p.name, p.shape, model.dtype());
+  }
+  state_.add("grad_sq", Shape{1}, model.dtype());
+  state_.allocate(model.backend().allocator());
+  Backend& be = model.backend();
+  for (const auto& e : state_.entries()) be.fill({}, {.out = state_.view(e), .value = 0.0});
+}
+
+void AdamW::compute_grad_sq(Context ctx) {
+  Backend& be = model_->backend();
+  const Tensor gsq = grad_sq();
+  be.fill(ctx, {.out = gsq, .value = 0.0});
+  for (const ParamSpec& p : model_->specs())
+    if (p.trainable()) be.sum_squares(ctx, {.out = gsq, .x = model_->grads().get(p.name)});
+}
+
+void AdamW::step(Context ctx, double lr) {
+  compute_grad_sq(ctx);
+  apply(ctx, lr);
+}
+
+void AdamW::apply(Context ctx, double lr) {
+  Backend& be = model_->backend();
+  ++step_;
+  for (const ParamSpec& p : model_->specs()) {
+    if (!p.trainable()) continue;
+    be.adamw(ctx, {.param = model_->params().get(p.name), .m = state_.get("m." + p.name), .v = state_.get("v." + p.name),
+                   .grad = model_->grads().get(p.name), .grad_sq = grad_sq(), .lr = lr, .beta1 = cfg_.beta1, .beta2 = cfg_.beta2,
+                   .eps = cfg_.eps, .weight_decay = p.decayed() ? cfg_.weight_decay : 0.0, .max_norm = cfg_.grad_clip, .step = step_});
+  }
+  // Balancing bias (spec §5): b_i += rate·sign(mean(count) − count_i), on the step's counts.
+  const ModelConfig& c = model_->config();
+  if (c.balance_bias && c.bias_update_rate > 0) {
+    for (int64_t l = c.n_dense_layers; l < c.n_layers; ++l)
+      be.moe_bias_update(ctx, {.bias = model_->params().get(fmt::format("layers.{}.ffn.gate.bias", l)),
+                               .counts = model_->expert_counts(l), .rate = c.bias_update_rate});
+  }
+}
+
+double AdamW::grad_norm() const {
+  const Tensor t = grad_sq();
+  if (t.dtype == DType::kF64) {
+    double v;
+    model_->backend().download(&v, t);
+    return std::sqrt(v);
+  }
+  float v;
+  model_->backend().download(&v, t);
+  return std::sqrt(static_cast<double>(v));
+}
+
+void AdamW::save(const std::string& path) const {
+  SafetensorsWriter w;
+  std::vector<std::vector<char>> hold;
+  hold.reserve(state_.entries().size());
+  for (const auto& e : state_.entries()) {
+    if (e.name == "grad_sq") continue;
+    const Tensor t = state_.view(e);
+    hold.emplace_back(t.nbytes());
+    model_->backend().download(hold.back().data(), t);
+    std::vector<int64_t> shape;
+    for (int i = 0; i < t.rank(); ++i) shape.push_back(t.dim(i));
+    w.add(e.name, t.dtype, shape, hold.back().data());
+  }
+  w.set_metadata("step", std::to_string(step_));
+  w.write(path);
+}
+
+void AdamW::load(const std::string& path) {
+  const SafetensorsFile f = SafetensorsFile::open(path);
+  for (const auto& e : state_.entries()) {
+    if (e.name == "grad_sq") continue;
+    DIFFMOE_CHECK(f.has(e.name), "{}: optimizer state '{}' is missing", path, e.name);
+    const Tensor dst = state_.view(e);
+    if (dst.device == Device::kCPU) {
+      f.read_into(e.name, dst);
+    } else {
+      Arena staging;
+      staging.add("t", dst.shape, dst.dtype);
+      staging.allocate(cpu_allocator());
+      f.read_into(e.name, staging.get("t"));
+      model_->backend().upload(dst, staging.get("t").data);
+    }
+  }
+  auto it = f.metadata().find("step");
+  DIFFMOE_CHECK(it != f.metadata().end(), "{}: metadata has no \"step\"", path);
+  step_ = std::stoll(it->second);
+}
+
+}  // namespace diffmoe

@@ -1,0 +1,60 @@
+#include "train/run_setup.h"
+
+#include <algorithm>
+#include <chrono>
+#include <filesystem>
+
+#include "core/error.h"
+#include "data/bpe_trainer.h"
+#include "data/prepare.h"
+#include "data/text_source.h"
+
+namespace diffmoe {
+
+namespace fs = std::filesystem;
+
+std::unique_ptr<data::Tokenizer> ensure_tokenizer(const RunConfig& rc, const LogLine& log) {
+  const TokenizerConfig& t = rc.tokenizer;
+  DIFFMOE_CHECK(!t.path.empty(), "tokenizer.path: no tokenizer file configured");
+  if (!fs::exists(t.path)) {
+    DIFFMOE_CHECK(!t.train_inputs.empty(), "{}: tokenizer file does not exist and tokenizer.train_inputs is empty (nothing to train it on)",
+                  t.path);
+    const auto t0 = std::chrono::steady_clock::now();
+    data::BpeTrainer trainer(data::BpeTrainerOptions{.vocab_size = static_cast<int32_t>(t.vocab_size)});
+    size_t bytes = 0;
+    for (const fs::path& file : data::expand_inputs(t.train_inputs)) {
+      data::DocumentReader reader(file, data::ReaderOptions{.text_field = rc.data.text_field, .text_doc_bytes = static_cast<size_t>(rc.data.doc_bytes)});
+      std::string doc;
+      while (reader.next(doc)) {
+        trainer.add_text(doc);
+        bytes += doc.size();
+      }
+    }
+    const data::TrainedBpe bpe = trainer.train();
+    if (!fs::path(t.path).parent_path().empty()) fs::create_directories(fs::path(t.path).parent_path());
+    data::save_trained_bpe(bpe, t.path);
+    log(fmt::format("tokenizer: trained byte-level BPE ({} ids) on {:.1f} MB in {:.1f} s -> {}", bpe.vocab_size(), bytes / 1e6,
+                    std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count(), t.path));
+  }
+  auto tok = data::load_tokenizer(t.path);
+  DIFFMOE_CHECK(tok->vocab_size() <= rc.model.vocab_size, "{}: tokenizer has {} ids but model.vocab_size is {}", t.path, tok->vocab_size(),
+                rc.model.vocab_size);
+  DIFFMOE_CHECK(tok->eos_id().has_value(), "{}: tokenizer has no end-of-text token (documents are joined with one)", t.path);
+  return tok;
+}
+
+std::string ensure_shards(const RunConfig& rc, const LogLine& log) {
+  const DataConfig& d = rc.data;
+  DIFFMOE_CHECK(!d.shards.empty(), "data.shards: no shard directory configured");
+  if (fs::exists(fs::path(d.shards) / "meta.json")) return d.shards;
+  DIFFMOE_CHECK(!d.inputs.empty(), "{}: no prepared shards (meta.json) and data.inputs is empty", d.shards);
+  const data::PrepareStats s = data::prepare_shards(data::PrepareOptions{
+      .inputs = d.inputs, .text_field = d.text_field, .tokenizer = rc.tokenizer.path, .out_dir = d.shards,
+      .val_fraction = d.val_fraction, .seed = rc.train.seed,
+      .text_doc_bytes = static_cast<size_t>(d.doc_bytes)});
+  log(fmt::format("data: {} documents, {:.2f} M tokens ({} train / {} val) from {:.1f} MB of text in {:.1f} s -> {}", s.documents,
+                  s.tokens / 1e6, s.train.tokens, s.val.tokens, s.text_bytes / 1e6, s.seconds, d.shards));
+  return d.shards;
+}
+
+}  // namespace diffmoe

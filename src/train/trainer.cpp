@@ -1,0 +1,242 @@
+#include "train/trainer.h"
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <filesystem>
+#include <limits>
+
+#include "backend/backend.h"
+#include "core/error.h"
+#include "data/loader.h"
+#include "io/checkpoint.h"
+#include "io/config_file.h"
+#include "model/model_file.h"
+#include "model/parameters.h"
+#include "train/evaluator.h"
+#include "train/lr_schedule.h"
+#include "train/metrics.h"
+#include "train/optimizer.h"
+#include "train/run_setup.h"
+
+namespace diffmoe {
+
+namespace fs = std::filesystem;
+
+namespace {
+
+// Host staging and device buffers for one micro-batch of token ids.
+struct TokenBuffers {
+  Arena host, dev;
+  TokenBuffers(Backend& be, int64_t B, int64_t T) {
+    for (Arena* a : {&host, &dev}) {
+      a->add("inputs", Shape{B, T}, DType::kI32);
+      a->add("targets", Shape{B, T}, DType::kI32);
+    }
+    host.allocate(cpu_allocator());
+    dev.allocate(be.allocator());
+  }
+  void upload(Backend& be) {
+    be.upload(dev.get("inputs"), host.get("inputs").data);
+    be.upload(dev.get("targets"), host.get("targets").data);
+  }
+};
+
+// Per-layer routing and λ statistics for the log (a host sync: log steps only).
+void routing_stats(const Model& m, std::map<std::string, double>& out) {
+  const ModelConfig& c = m.config();
+  double worst = 0;
+  for (int64_t l = c.n_dense_layers; l < c.n_layers; ++l) {
+    std::vector<int32_t> counts(static_cast<size_t>(c.n_routed_experts));
+    m.backend().download(counts.data(), m.expert_counts(l));
+    double sum = 0, mx = 0;
+    for (int32_t v : counts) {
+      sum += v;
+      mx = std::max(mx, static_cast<double>(v));
+    }
+    const double imbalance = sum > 0 ? mx / (sum / static_cast<double>(counts.size())) : 0.0;  // max / mean (spec §5)
+    out[fmt::format("imbalance_l{}", l)] = imbalance;
+    worst = std::max(worst, imbalance);
+    const Tensor bias = const_cast<Model&>(m).params().get(fmt::format("layers.{}.ffn.gate.bias", l));
+    std::vector<float> b(static_cast<size_t>(bias.numel()));
+    m.backend().download(b.data(), bias);
+    const auto [lo, hi] = std::minmax_element(b.begin(), b.end());
+    out[fmt::format("bias_range_l{}", l)] = static_cast<double>(*hi - *lo);
+  }
+  if (c.n_dense_layers < c.n_layers) {
+    out["imbalance_max"] = worst;
+    out["dropped_tokens"] = 0;  // dropless routing
+  }
+  if (c.differential) {
+    for (int64_t l = 0; l < c.n_layers; ++l) {
+      float lambda;
+      m.backend().download(&lambda, m.lambda(l));
+      out[fmt::format("lambda_l{}", l)] = lambda;
+    }
+  }
+}
+
+std::string copy_tokenizer_into(const std::string& src, const std::string& dst_dir_file) {
+  fs::copy_file(src, dst_dir_file, fs::copy_options::overwrite_existing);
+  return dst_dir_file;
+}
+
+}  // namespace
+
+TrainResult train(const RunConfig& rc, const TrainOptions& opt) {
+  const TrainSettings& ts = rc.train;
+  auto say = [](const std::string& s) { fmt::print("{}\n", s); std::fflush(stdout); };
+  fs::create_directories(ts.out_dir);
+  const std::string config_yaml = to_yaml(rc.resolved);
+  say(fmt::format("diffmoe train: config {} (resolved, with defaults):\n{}", opt.config_path, config_yaml));
+  atomic_write_text(ts.out_dir + "/config.yaml", config_yaml);
+
+  auto tokenizer = ensure_tokenizer(rc, say);
+  const std::string shards = ensure_shards(rc, say);
+
+  auto be = make_backend(ts.device);
+  DIFFMOE_CHECK(be->device() == Device::kCPU, "train.device: only 'cpu' training is implemented so far (got '{}')", ts.device);
+  Model model(rc.model, *be, DType::kF32);
+  const int64_t B = ts.micro_batch, T = ts.seq_len;
+  model.set_batch_shape(B, T);
+  AdamW optim(model, rc.optim);
+  data::TokenLoader loader(data::find_shards(shards, "train"),
+                           data::TokenLoaderOptions{.batch = B, .seq = T, .seed = ts.seed, .shuffle = true});
+  DIFFMOE_CHECK(loader.vocab_size() <= static_cast<uint32_t>(rc.model.vocab_size),
+                "{}: shards were made with a {}-token vocabulary but model.vocab_size is {}", shards, loader.vocab_size(),
+                rc.model.vocab_size);
+  std::unique_ptr<data::TokenLoader> val;
+  try {
+    val = std::make_unique<data::TokenLoader>(data::find_shards(shards, "val"),
+                                              data::TokenLoaderOptions{.batch = B, .seq = T, .seed = ts.seed, .shuffle = false,
+                                                                       .max_batches = rc.eval.batches});
+  } catch (const Error& e) {
+    say(fmt::format("validation: none ({})", e.what()));
+  }
+
+  // Fresh start or exact resume (formats.md §4.6: model, optimizer, trainer and loader state).
+  int64_t step = 0;
+  uint64_t tokens_seen = 0;
+  std::string last_ckpt;
+  if (!opt.resume.empty()) {
+    std::vector<std::string> warnings;
+    const auto info = resolve_resume(opt.resume, rc.checkpoint.dir, &warnings);
+    for (const auto& w : warnings) say("resume: warning: " + w);
+    DIFFMOE_CHECK(info.has_value(), "{}: no valid checkpoint to resume from", rc.checkpoint.dir);
+    load_weights(model, info->dir + "/model.safetensors");
+    optim.load(info->dir + "/optimizer.safetensors");
+    step = info->state.at("step").get<int64_t>();
+    tokens_seen = info->state.at("tokens_seen").get<uint64_t>();
+    loader.restore(data::LoaderState::from_json(info->state.at("loader").get<std::string>()));
+    DIFFMOE_CHECK(info->state.at("world_size").get<int64_t>() == 1, "{}: checkpoint was written by {} ranks, this run has 1", info->dir,
+                  info->state.at("world_size").get<int64_t>());
+    last_ckpt = info->dir;
+    say(fmt::format("resumed from {} at step {} ({} tokens seen)", info->dir, step, tokens_seen));
+  } else {
+    model.init_weights(ts.seed);
+  }
+
+  const int64_t first_step = step;  // train.stop_after counts the steps of this invocation
+  MetricsLogger metrics(rc, step, ts.max_steps);
+  TokenBuffers tb(*be, B, T);
+  const double flops_per_token = count_parameters(rc.model, T).flops_per_token;
+  const int64_t tokens_per_step = B * T * ts.grad_accum;
+  say(fmt::format("training: {} steps of {} tokens ({}x{} x {} micro-batches), {:.2f} MFLOP/token, {} train tokens", ts.max_steps,
+                  tokens_per_step, B, T, ts.grad_accum, flops_per_token / 1e6, loader.n_tokens()));
+
+  auto save = [&](int64_t at_step) {
+    const std::string tok_name = "tokenizer" + fs::path(rc.tokenizer.path).extension().string();
+    nlohmann::ordered_json state = {{"step", at_step},
+                                    {"tokens_seen", tokens_seen},
+                                    {"loader", loader.state().to_json()},
+                                    {"seed", ts.seed},
+                                    {"world_size", 1},
+                                    {"tokenizer", tok_name},
+                                    {"config", rc.resolved}};
+    last_ckpt = save_checkpoint(CheckpointSaveOptions{
+        .root = rc.checkpoint.dir,
+        .step = at_step,
+        .files = {{"model.safetensors", [&](const std::string& p) { save_model(model, p, {{"step", std::to_string(at_step)}}); }},
+                  {"optimizer.safetensors", [&](const std::string& p) { optim.save(p); }},
+                  {tok_name, [&](const std::string& p) { copy_tokenizer_into(rc.tokenizer.path, p); }}},
+        .state = state,
+        .keep_last = static_cast<int>(rc.checkpoint.keep_last),
+        .keep_every = rc.checkpoint.keep_every});
+    metrics.message(fmt::format("checkpoint: {}", last_ckpt));
+  };
+  double val_loss = std::nan("");
+  auto run_eval = [&](int64_t at_step) {
+    if (!val) return;
+    const EvalResult r = evaluate(model, *val, rc.eval.batches);
+    val_loss = r.loss;
+    metrics.log(at_step, "val", {{"val_loss", r.loss}, {"val_ppl", r.perplexity}, {"val_tokens", static_cast<double>(r.tokens)}});
+  };
+
+  double window_loss = 0, window_aux = 0, last_loss = 0;
+  int64_t window_steps = 0;
+  auto window_t0 = std::chrono::steady_clock::now();
+  while (step < ts.max_steps) {
+    const auto t0 = std::chrono::steady_clock::now();
+    model.zero_grads({});
+    model.zero_expert_counts({});
+    double loss = 0, aux = 0;
+    for (int64_t micro = 0; micro < ts.grad_accum; ++micro) {
+      loader.next(tb.host.get("inputs"), tb.host.get("targets"));
+      tb.upload(*be);
+      model.forward({}, tb.dev.get("inputs"), tb.dev.get("targets"));
+      model.backward({}, 1.0 / static_cast<double>(ts.grad_accum));
+      const LossValues l = model.losses();
+      loss += l.lm_loss / static_cast<double>(ts.grad_accum);
+      aux += l.aux_loss / static_cast<double>(ts.grad_accum);
+    }
+    optim.compute_grad_sq({});
+    const double gnorm = optim.grad_norm();
+    // A non-finite loss or gradient stops the run before the update: parameters, optimizer state
+    // and every checkpoint stay as they were.
+    DIFFMOE_CHECK(std::isfinite(loss) && std::isfinite(gnorm),
+                  "step {}: non-finite {} ({}); stopping without applying it. Last good checkpoint: {}", step + 1,
+                  std::isfinite(loss) ? "gradient norm" : "loss", std::isfinite(loss) ? gnorm : loss,
+                  last_ckpt.empty() ? "none written yet" : last_ckpt);
+    const double lr = learning_rate(step, rc.optim.warmup_steps, ts.max_steps, rc.optim.lr, rc.optim.min_lr);
+    optim.apply({}, lr);
+    ++step;
+    tokens_seen += static_cast<uint64_t>(tokens_per_step);
+    last_loss = loss;
+    window_loss += loss;
+    window_aux += aux;
+    ++window_steps;
+    const double step_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    metrics.progress(step, loss, static_cast<double>(tokens_per_step) / step_s);
+
+    if (step % ts.log_every == 0 || step == ts.max_steps) {
+      const double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - window_t0).count();
+      const double tps = static_cast<double>(window_steps * tokens_per_step) / dt;
+      std::map<std::string, double> v = {{"loss", window_loss / static_cast<double>(window_steps)},
+                                         {"aux_loss", window_aux / static_cast<double>(window_steps)},
+                                         {"lr", lr},
+                                         {"grad_norm", gnorm},
+                                         {"tokens_per_s", tps},
+                                         {"step_time_s", dt / static_cast<double>(window_steps)},
+                                         {"mfu_pct", 100.0 * tps * flops_per_token / (ts.peak_tflops * 1e12)},
+                                         {"tokens_seen", static_cast<double>(tokens_seen)}};
+      routing_stats(model, v);
+      metrics.log(step, "train", v);
+      window_loss = window_aux = 0;
+      window_steps = 0;
+      window_t0 = std::chrono::steady_clock::now();
+    }
+    const bool eval_now = (rc.eval.every > 0 && step % rc.eval.every == 0) || step == ts.max_steps;
+    if (eval_now) run_eval(step);
+    if ((rc.checkpoint.every > 0 && step % rc.checkpoint.every == 0) || step == ts.max_steps) save(step);
+    metrics.flush();
+    if (ts.stop_after > 0 && step - first_step >= ts.stop_after && step < ts.max_steps) {
+      // As if interrupted here: no extra checkpoint, nothing else written (train.stop_after).
+      metrics.message(fmt::format("stopping after {} steps of this run (train.stop_after) at step {} of {}", ts.stop_after, step,
+                                  ts.max_steps));
+      break;
+    }
+  }
+  return TrainResult{.steps = step, .last_loss = last_loss, .val_loss = val_loss, .last_checkpoint = last_ckpt};
+}
+
+}  // namespace diffmoe

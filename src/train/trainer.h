@@ -1,0 +1,28 @@
+// The training loop (issue #3): micro-batches from the shard loader, forward/backward with
+// gradient accumulation, AdamW with warmup + cosine LR and global-norm clipping, the MoE bias
+// update once per optimizer step, validation, metrics, atomic checkpoints and exact resume.
+#pragma once
+#include <memory>
+#include <string>
+
+#include "train/train_config.h"
+
+namespace diffmoe {
+
+struct TrainOptions {
+  std::string resume;        // "" = fresh run; "latest" = newest valid checkpoint; or a directory
+  std::string config_path;   // for the log only
+};
+
+struct TrainResult {
+  int64_t steps = 0;         // optimizer steps taken in total (including resumed ones)
+  double last_loss = 0;      // mean LM loss of the last step
+  double val_loss = 0;       // last validation loss (NaN when none)
+  std::string last_checkpoint;
+};
+
+// Runs training to rc.train.max_steps. A non-finite loss or gradient norm throws an Error naming
+// the step; checkpoints already written stay valid.
+TrainResult train(const RunConfig& rc, const TrainOptions& opt);
+
+}  // namespace diffmoe
