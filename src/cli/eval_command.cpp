@@ -7,6 +7,7 @@
 
 #include "backend/backend.h"
 #include "cli/commands.h"
+#include "core/error.h"
 #include "data/loader.h"
 #include "train/checkpoint_reader.h"
 #include "train/evaluator.h"
@@ -32,7 +33,8 @@ int run_eval(const EvalArgs& a) {
   const EvalResult r = evaluate(*ck.model, loader, a.batches);
   fmt::print("model {} (step {})\ndata {} ({} split): {} batches, {} tokens\nloss {:.4f} nats/token   perplexity {:.2f}\n",
              ck.model_path, ck.step, a.data, a.split, r.batches, r.tokens, r.loss, r.perplexity);
-  return std::isfinite(r.loss) ? 0 : 1;
+  DIFFMOE_CHECK(std::isfinite(r.loss), "{}: the validation loss is not finite ({}): the model's weights have diverged", ck.model_path, r.loss);
+  return 0;
 }
 
 }  // namespace

@@ -22,8 +22,10 @@ MetricsLogger::MetricsLogger(const RunConfig& rc, int64_t start_step, int64_t ma
   if (rc.log.tensorboard) {
     tb_ = std::make_unique<EventWriter>(rc.train.out_dir + "/tb");
     // TensorBoard's plugin loader treats the first START of a run as its beginning and purges
-    // orphaned points only on later ones, so every run (fresh or resumed) starts with one.
-    tb_->session_start(start_step);
+    // orphaned points only on later ones, so every run (fresh or resumed) starts with one. A START
+    // at s purges the points with step >= s; a run resumed from the checkpoint of step s logs from
+    // s + 1 on (steps are logged after they are taken), and step s's own points are valid.
+    tb_->session_start(start_step > 0 ? start_step + 1 : 0);
   }
   bar_ = rc.log.progress == "bar" || (rc.log.progress == "auto" && ::isatty(STDERR_FILENO));
 }

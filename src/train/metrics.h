@@ -16,7 +16,8 @@ namespace diffmoe {
 class MetricsLogger {
  public:
   // Opens <out_dir>/metrics.jsonl (append) and a new TensorBoard file in <out_dir>/tb; on resume
-  // `start_step` > 0 writes a SessionLog START so TensorBoard drops the orphaned points.
+  // `start_step` > 0 writes a SessionLog START at start_step + 1 (the first step this run logs) so
+  // TensorBoard drops the orphaned points of the interrupted run.
   MetricsLogger(const RunConfig& rc, int64_t start_step, int64_t max_steps);
   ~MetricsLogger();
 

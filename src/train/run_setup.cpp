@@ -13,6 +13,17 @@ namespace diffmoe {
 
 namespace fs = std::filesystem;
 
+namespace {
+// The files of an input spec; an error (a pattern matching nothing, a missing file) names the key.
+std::vector<fs::path> inputs_of(const std::string& spec, const char* key) {
+  try {
+    return data::expand_inputs(spec);
+  } catch (const Error& e) {
+    throw Error(fmt::format("{}: {}", key, e.what()));  // the message names the pattern already
+  }
+}
+}  // namespace
+
 std::unique_ptr<data::Tokenizer> ensure_tokenizer(const RunConfig& rc, const LogLine& log) {
   const TokenizerConfig& t = rc.tokenizer;
   DIFFMOE_CHECK(!t.path.empty(), "tokenizer.path: no tokenizer file configured");
@@ -22,7 +33,7 @@ std::unique_ptr<data::Tokenizer> ensure_tokenizer(const RunConfig& rc, const Log
     const auto t0 = std::chrono::steady_clock::now();
     data::BpeTrainer trainer(data::BpeTrainerOptions{.vocab_size = static_cast<int32_t>(t.vocab_size)});
     size_t bytes = 0;
-    for (const fs::path& file : data::expand_inputs(t.train_inputs)) {
+    for (const fs::path& file : inputs_of(t.train_inputs, "tokenizer.train_inputs")) {
       data::DocumentReader reader(file, data::ReaderOptions{.text_field = rc.data.text_field, .text_doc_bytes = static_cast<size_t>(rc.data.doc_bytes)});
       std::string doc;
       while (reader.next(doc)) {
@@ -36,7 +47,12 @@ std::unique_ptr<data::Tokenizer> ensure_tokenizer(const RunConfig& rc, const Log
     log(fmt::format("tokenizer: trained byte-level BPE ({} ids) on {:.1f} MB in {:.1f} s -> {}", bpe.vocab_size(), bytes / 1e6,
                     std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count(), t.path));
   }
-  auto tok = data::load_tokenizer(t.path);
+  std::unique_ptr<data::Tokenizer> tok;
+  try {
+    tok = data::load_tokenizer(t.path);
+  } catch (const Error& e) {
+    throw Error(fmt::format("tokenizer.path: {}", e.what()));  // the message names the file already
+  }
   DIFFMOE_CHECK(tok->vocab_size() <= rc.model.vocab_size, "{}: tokenizer has {} ids but model.vocab_size is {}", t.path, tok->vocab_size(),
                 rc.model.vocab_size);
   DIFFMOE_CHECK(tok->eos_id().has_value(), "{}: tokenizer has no end-of-text token (documents are joined with one)", t.path);
@@ -48,6 +64,7 @@ std::string ensure_shards(const RunConfig& rc, const LogLine& log) {
   DIFFMOE_CHECK(!d.shards.empty(), "data.shards: no shard directory configured");
   if (fs::exists(fs::path(d.shards) / "meta.json")) return d.shards;
   DIFFMOE_CHECK(!d.inputs.empty(), "{}: no prepared shards (meta.json) and data.inputs is empty", d.shards);
+  inputs_of(d.inputs, "data.inputs");  // a pattern that matches nothing fails here, naming the key
   const data::PrepareStats s = data::prepare_shards(data::PrepareOptions{
       .inputs = d.inputs, .text_field = d.text_field, .tokenizer = rc.tokenizer.path, .out_dir = d.shards,
       .val_fraction = d.val_fraction, .seed = rc.train.seed,

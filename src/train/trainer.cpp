@@ -173,6 +173,7 @@ TrainResult train(const RunConfig& rc, const TrainOptions& opt) {
   };
 
   double window_loss = 0, window_aux = 0, last_loss = 0;
+  int64_t bad_steps = 0;  // consecutive non-finite steps
   int64_t window_steps = 0;
   auto window_t0 = std::chrono::steady_clock::now();
   while (step < ts.max_steps) {
@@ -193,10 +194,18 @@ TrainResult train(const RunConfig& rc, const TrainOptions& opt) {
     const double gnorm = optim.grad_norm();
     // A non-finite loss or gradient stops the run before the update: parameters, optimizer state
     // and every checkpoint stay as they were.
-    DIFFMOE_CHECK(std::isfinite(loss) && std::isfinite(gnorm),
-                  "step {}: non-finite {} ({}); stopping without applying it. Last good checkpoint: {}", step + 1,
-                  std::isfinite(loss) ? "gradient norm" : "loss", std::isfinite(loss) ? gnorm : loss,
-                  last_ckpt.empty() ? "none written yet" : last_ckpt);
+    if (!std::isfinite(loss) || !std::isfinite(gnorm)) {
+      // A non-finite loss or gradient is never applied: parameters, optimizer state and every
+      // checkpoint stay as they were. train.max_bad_steps consecutive ones stop the run.
+      ++bad_steps;
+      const std::string what = fmt::format("step {}: non-finite {} ({})", step + 1, std::isfinite(loss) ? "gradient norm" : "loss",
+                                           std::isfinite(loss) ? gnorm : loss);
+      DIFFMOE_CHECK(bad_steps < ts.max_bad_steps, "{}; stopping without applying it ({} consecutive non-finite step(s), train.max_bad_steps = {}). "
+                    "Last good checkpoint: {}", what, bad_steps, ts.max_bad_steps, last_ckpt.empty() ? "none written yet" : last_ckpt);
+      metrics.message(fmt::format("warning: {}; update skipped ({} of train.max_bad_steps = {})", what, bad_steps, ts.max_bad_steps));
+      continue;
+    }
+    bad_steps = 0;
     const double lr = learning_rate(step, rc.optim.warmup_steps, ts.max_steps, rc.optim.lr, rc.optim.min_lr);
     optim.apply({}, lr);
     ++step;

@@ -21,8 +21,9 @@ struct TrainResult {
   std::string last_checkpoint;
 };
 
-// Runs training to rc.train.max_steps. A non-finite loss or gradient norm throws an Error naming
-// the step; checkpoints already written stay valid.
+// Runs training to rc.train.max_steps (or for rc.train.stop_after steps of this invocation). A
+// non-finite loss or gradient norm is never applied; train.max_bad_steps consecutive ones throw an
+// Error naming the step. Checkpoints already written stay valid.
 TrainResult train(const RunConfig& rc, const TrainOptions& opt);
 
 }  // namespace diffmoe

@@ -80,6 +80,16 @@ struct RunOptions {
   rlim_t fsize_limit = 0;       // RLIMIT_FSIZE in bytes for the child (0: unchanged); SIGXFSZ ignored
   int timeout_s = 120;
 };
+inline RunOptions with_stdin(std::string text) {
+  RunOptions o;
+  o.stdin_text = std::move(text);
+  return o;
+}
+inline RunOptions with_fsize_limit(rlim_t bytes) {
+  RunOptions o;
+  o.fsize_limit = bytes;
+  return o;
+}
 
 // fork + execv of DIFFMOE_BIN; stdout and stderr go to files (no pipe deadlocks), read back after.
 inline RunResult run_diffmoe(std::vector<std::string> args, const RunOptions& opt = {}) {
@@ -172,6 +182,7 @@ inline std::string expect_clean_error(const RunResult& r, const std::vector<std:
   }
   EXPECT_EQ(errors.size(), 1u) << "expected exactly one 'error: ' line\n" << r.describe();
   if (errors.empty()) return "";
+  if (std::getenv("DIFFMOE_E2E_VERBOSE")) std::fprintf(stderr, "[e2e] %s\n", errors[0].c_str());
   for (const auto& n : needles) EXPECT_NE(errors[0].find(n), std::string::npos) << "the error does not name '" << n << "'\n" << r.describe();
   return errors[0];
 }
@@ -226,7 +237,12 @@ class Yaml {
     if (kv == sec->second.end()) sec->second.emplace_back(key, raw);
     else kv->second = raw;
   }
-  void set_path(const std::string& dotted, const fs::path& p) { set(dotted, "'" + p.string() + "'"); }
+  void set_path(const std::string& dotted, const fs::path& p) {
+    std::string quoted = "'";  // (not "'" + s: GCC 12's -Wrestrict false positive)
+    quoted += p.string();
+    quoted += '\'';
+    set(dotted, quoted);
+  }
   std::string str() const {
     std::string s = "# written by test_e2e\n";
     for (const auto& [section, kvs] : sections_) {

@@ -10,6 +10,7 @@
 // OpenMP runs over (batch, group): a group owns its lse rows, its output columns, its dq rows and
 // the dk/dv slices of its heads, so threads never share an output and results are deterministic.
 #include "backend/cpu/cpu_backend.h"
+#include "backend/op_validation.h"
 
 #include <algorithm>
 #include <array>
@@ -21,39 +22,6 @@ namespace diffmoe {
 namespace {
 
 // ================================================================ MLA key/value split (§2.3, §2.5)
-struct KvSplitDims {
-  int64_t rows = 0, d_qk = 0, kr_stride = 0;
-};
-
-// Checks the layout shared by forward and backward; names[] = the op's fields for k, v, kv, kr.
-KvSplitDims check_kv_split(std::string_view op, const Tensor& k, const Tensor& v, const Tensor& kv, const Tensor& kr,
-                           int64_t n_heads, int64_t d_nope, int64_t d_rope, int64_t d_v, int64_t kr_stride,
-                           int64_t kr_offset, const std::array<std::string_view, 4>& names) {
-  const std::array<Tensor, 4> tensors{k, v, kv, kr};
-  for (size_t i = 0; i < 4; ++i) check_cpu(tensors[i], op, names[i]);
-  DIFFMOE_CHECK(n_heads > 0 && d_nope >= 0 && d_rope >= 0 && d_v > 0,
-                "[{}] bad sizes: n_heads {}, d_nope {}, d_rope {}, d_v {}", op, n_heads, d_nope, d_rope, d_v);
-  KvSplitDims d;
-  d.d_qk = d_nope + d_rope;
-  d.kr_stride = kr_stride == 0 ? d_rope : kr_stride;  // stride 0 = a dense [N, d_rope] buffer
-  DIFFMOE_CHECK(kv.rank() == 2 && kv.dim(1) == n_heads * (d_nope + d_v),
-                "[{}] {} must be [N, n_heads·(d_nope + d_v)] = [N, {}], got {}", op, names[2],
-                n_heads * (d_nope + d_v), kv.describe());
-  d.rows = kv.dim(0);
-  DIFFMOE_CHECK(k.numel() == d.rows * n_heads * d.d_qk && k.rank() >= 1 && k.dim(-1) == d.d_qk,
-                "[{}] {} must be [N, n_heads, d_qk] = [{}, {}, {}], got {}", op, names[0], d.rows, n_heads, d.d_qk,
-                k.describe());
-  DIFFMOE_CHECK(v.numel() == d.rows * n_heads * d_v && v.rank() >= 1 && v.dim(-1) == d_v,
-                "[{}] {} must be [N, n_heads, d_v] = [{}, {}, {}], got {}", op, names[1], d.rows, n_heads, d_v,
-                v.describe());
-  DIFFMOE_CHECK(kr_offset >= 0 && kr_offset + d_rope <= d.kr_stride,
-                "[{}] rope key columns [{}, {}) do not fit kr_stride {}", op, kr_offset, kr_offset + d_rope, d.kr_stride);
-  DIFFMOE_CHECK(kr.numel() == d.rows * d.kr_stride, "[{}] {} must hold N·kr_stride = {}·{} values, got {}", op,
-                names[3], d.rows, d.kr_stride, kr.describe());
-  for (size_t i = 0; i < 4; ++i) check_dtype(tensors[i], kv.dtype, op, names[i]);
-  return d;
-}
-
 // k[n, h] = [kv[n, h, :d_nope] ; kr[n]],  v[n, h] = kv[n, h, d_nope:]
 template <class T>
 void kv_split_fwd_impl(const MlaKvSplitFwdArgs& a, const KvSplitDims& d) {
@@ -100,16 +68,6 @@ void kv_split_bwd_impl(const MlaKvSplitBwdArgs& a, const KvSplitDims& d) {
 }
 
 // ================================================================ differential λ (§1.2, §1.4)
-void check_lambda_vectors(std::string_view op, const std::array<Tensor, 4>& vecs,
-                          const std::array<std::string_view, 4>& names) {
-  for (size_t i = 0; i < 4; ++i) {
-    check_cpu(vecs[i], op, names[i]);
-    DIFFMOE_CHECK(vecs[i].rank() == 1, "[{}] {} must be a vector [d_qk], got {}", op, names[i], vecs[i].describe());
-    check_shape(vecs[i], vecs[0].shape, op, names[i]);
-    check_dtype(vecs[i], vecs[0].dtype, op, names[i]);
-  }
-}
-
 // The two dot products of λ, accumulated in double (short sums; λ is FP32 or better, spec §9).
 template <class T>
 double dot_vec(const Tensor& a, const Tensor& b) {
@@ -119,56 +77,6 @@ double dot_vec(const Tensor& a, const Tensor& b) {
 }
 
 // ================================================================ causal attention (§1.3, §3.2)
-struct AttnDims {
-  int64_t batch = 0, seq = 0, heads = 0, d_qk = 0, d_v = 0;
-  int64_t comps = 1;    // components per value group: 2 when differential, else 1
-  int64_t groups = 0;   // heads / comps
-};
-
-// out-like tensors: [B,T,H,d_v] or [B,T,H/2,2·d_v] (the same bytes), checked by B, T and numel.
-void check_out_like(const Tensor& t, const AttnDims& d, std::string_view op, std::string_view name) {
-  check_cpu(t, op, name);
-  DIFFMOE_CHECK(t.rank() == 4 && t.dim(0) == d.batch && t.dim(1) == d.seq && t.numel() == d.batch * d.seq * d.heads * d.d_v,
-                "[{}] {} must be [B, T, H, d_v] = [{}, {}, {}, {}] (or [B, T, H/2, 2·d_v]), got {}", op, name, d.batch,
-                d.seq, d.heads, d.d_v, t.describe());
-}
-
-AttnDims check_attention(std::string_view op, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out,
-                         const Tensor& o2, const Tensor& lse, const Tensor& lambda, bool differential) {
-  check_cpu(q, op, "q");
-  DIFFMOE_CHECK(q.rank() == 4, "[{}] q must be [B, T, H, d_qk], got {}", op, q.describe());
-  AttnDims d;
-  d.batch = q.dim(0);
-  d.seq = q.dim(1);
-  d.heads = q.dim(2);
-  d.d_qk = q.dim(3);
-  DIFFMOE_CHECK(d.heads > 0 && d.d_qk > 0, "[{}] q has no heads or no head dim: {}", op, q.describe());
-  DIFFMOE_CHECK(!differential || d.heads % 2 == 0,
-                "[{}] differential attention pairs component heads 2g, 2g+1: n_heads must be even, got {}", op,
-                d.heads);
-  d.comps = differential ? 2 : 1;
-  d.groups = d.heads / d.comps;
-  check_cpu(k, op, "k");
-  check_shape(k, q.shape, op, "k");
-  check_cpu(v, op, "v");
-  DIFFMOE_CHECK(v.rank() == 4 && v.dim(0) == d.batch && v.dim(1) == d.seq && v.dim(2) == d.heads && v.dim(3) > 0,
-                "[{}] v must be [B, T, H, d_v] with B, T, H = {}, {}, {}, got {}", op, d.batch, d.seq, d.heads,
-                v.describe());
-  d.d_v = v.dim(3);
-  check_out_like(out, d, op, "out");
-  check_cpu(lse, op, "lse");
-  check_shape(lse, Shape{d.batch, d.heads, d.seq}, op, "lse");
-  for (const auto& [t, name] : {std::pair{k, "k"}, {v, "v"}, {out, "out"}, {lse, "lse"}}) check_dtype(t, q.dtype, op, name);
-  if (differential) {
-    check_out_like(o2, d, op, "o2");
-    check_cpu(lambda, op, "lambda");
-    check_shape(lambda, Shape{1}, op, "lambda");
-    check_dtype(o2, q.dtype, op, "o2");
-    check_dtype(lambda, q.dtype, op, "lambda");
-  }
-  return d;
-}
-
 template <class T>
 T dot(const T* a, const T* b, int64_t n) {
   T s = T(0);
@@ -321,25 +229,20 @@ void attention_bwd_impl(const AttentionBwdArgs& a, const AttnDims& d) {
 
 void CpuBackend::mla_kv_split_fwd(Context, const MlaKvSplitFwdArgs& a) {
   constexpr std::string_view op = "mla_kv_split_fwd";
-  const KvSplitDims d = check_kv_split(op, a.k, a.v, a.kv, a.kr, a.n_heads, a.d_nope, a.d_rope, a.d_v, a.kr_stride,
-                                       a.kr_offset, {"k", "v", "kv", "kr"});
+  const KvSplitDims d = validate_mla_kv_split_fwd(a, Device::kCPU);
   dispatch_float(a.kv.dtype, op, [&]<class T>() { kv_split_fwd_impl<T>(a, d); });
 }
 
 void CpuBackend::mla_kv_split_bwd(Context, const MlaKvSplitBwdArgs& a) {
   constexpr std::string_view op = "mla_kv_split_bwd";
-  const KvSplitDims d = check_kv_split(op, a.dk, a.dv, a.dkv, a.dkr, a.n_heads, a.d_nope, a.d_rope, a.d_v,
-                                       a.kr_stride, a.kr_offset, {"dk", "dv", "dkv", "dkr"});
+  const KvSplitDims d = validate_mla_kv_split_bwd(a, Device::kCPU);
   dispatch_float(a.dkv.dtype, op, [&]<class T>() { kv_split_bwd_impl<T>(a, d); });
 }
 
 // λ = exp(λ_q1·λ_k1) − exp(λ_q2·λ_k2) + λ_init   (spec §2, sources §1.2)
 void CpuBackend::diff_lambda_fwd(Context, const DiffLambdaFwdArgs& a) {
   constexpr std::string_view op = "diff_lambda_fwd";
-  check_lambda_vectors(op, {a.lq1, a.lk1, a.lq2, a.lk2}, {"lq1", "lk1", "lq2", "lk2"});
-  check_cpu(a.lambda, op, "lambda");
-  check_shape(a.lambda, Shape{1}, op, "lambda");
-  check_dtype(a.lambda, a.lq1.dtype, op, "lambda");
+  validate_diff_lambda_fwd(a, Device::kCPU);
   dispatch_float(a.lq1.dtype, op, [&]<class T>() {
     const double lambda = std::exp(dot_vec<T>(a.lq1, a.lk1)) - std::exp(dot_vec<T>(a.lq2, a.lk2)) + a.lambda_init;
     a.lambda.ptr<T>()[0] = static_cast<T>(lambda);
@@ -350,13 +253,7 @@ void CpuBackend::diff_lambda_fwd(Context, const DiffLambdaFwdArgs& a) {
 // dλ_q1 += dλ·e1·λ_k1, dλ_k1 += dλ·e1·λ_q1, dλ_q2 += −dλ·e2·λ_k2, dλ_k2 += −dλ·e2·λ_q2 (sources §1.4)
 void CpuBackend::diff_lambda_bwd(Context, const DiffLambdaBwdArgs& a) {
   constexpr std::string_view op = "diff_lambda_bwd";
-  check_lambda_vectors(op, {a.lq1, a.lk1, a.lq2, a.lk2}, {"lq1", "lk1", "lq2", "lk2"});
-  check_lambda_vectors(op, {a.dlq1, a.dlk1, a.dlq2, a.dlk2}, {"dlq1", "dlk1", "dlq2", "dlk2"});
-  check_shape(a.dlq1, a.lq1.shape, op, "dlq1");
-  check_dtype(a.dlq1, a.lq1.dtype, op, "dlq1");
-  check_cpu(a.dlambda, op, "dlambda");
-  check_shape(a.dlambda, Shape{1}, op, "dlambda");
-  check_dtype(a.dlambda, a.lq1.dtype, op, "dlambda");
+  validate_diff_lambda_bwd(a, Device::kCPU);
   dispatch_float(a.lq1.dtype, op, [&]<class T>() {
     const double dlambda = static_cast<double>(a.dlambda.ptr<T>()[0]);
     const double g1 = dlambda * std::exp(dot_vec<T>(a.lq1, a.lk1));   // dλ·e1
@@ -376,28 +273,13 @@ void CpuBackend::diff_lambda_bwd(Context, const DiffLambdaBwdArgs& a) {
 
 void CpuBackend::attention_fwd(Context, const AttentionFwdArgs& a) {
   constexpr std::string_view op = "attention_fwd";
-  const AttnDims d = check_attention(op, a.q, a.k, a.v, a.out, a.o2, a.lse, a.lambda, a.differential);
+  const AttnDims d = validate_attention_fwd(a, Device::kCPU);
   dispatch_float(a.q.dtype, op, [&]<class T>() { attention_fwd_impl<T>(a, d); });
 }
 
 void CpuBackend::attention_bwd(Context, const AttentionBwdArgs& a) {
   constexpr std::string_view op = "attention_bwd";
-  const AttnDims d = check_attention(op, a.q, a.k, a.v, a.out, a.o2, a.lse, a.lambda, a.differential);
-  for (const auto& [t, name] : {std::pair{a.dq, "dq"}, {a.dk, "dk"}}) {
-    check_cpu(t, op, name);
-    check_shape(t, a.q.shape, op, name);
-    check_dtype(t, a.q.dtype, op, name);
-  }
-  check_cpu(a.dv, op, "dv");
-  check_shape(a.dv, a.v.shape, op, "dv");
-  check_dtype(a.dv, a.q.dtype, op, "dv");
-  check_out_like(a.dout, d, op, "dout");
-  check_dtype(a.dout, a.q.dtype, op, "dout");
-  if (a.differential) {
-    check_cpu(a.dlambda, op, "dlambda");
-    check_shape(a.dlambda, Shape{1}, op, "dlambda");
-    check_dtype(a.dlambda, a.q.dtype, op, "dlambda");
-  }
+  const AttnDims d = validate_attention_bwd(a, Device::kCPU);
   dispatch_float(a.q.dtype, op, [&]<class T>() { attention_bwd_impl<T>(a, d); });
 }
 

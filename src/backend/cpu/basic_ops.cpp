@@ -6,10 +6,10 @@
 // serially before any parallel loop: an exception must never leave an OpenMP region.
 #include <algorithm>
 #include <cstring>
-#include <limits>
 #include <vector>
 
 #include "backend/cpu/cpu_backend.h"
+#include "backend/op_validation.h"
 
 namespace diffmoe {
 namespace {
@@ -71,38 +71,24 @@ void check_tokens(const Tensor& tokens, int64_t vocab, std::string_view op) {
 }  // namespace
 
 void CpuBackend::fill(Context, const FillArgs& a) {
-  check_cpu(a.out, "fill", "out");
+  validate_fill(a, Device::kCPU);
   const int64_t n = a.out.numel();
   switch (a.out.dtype) {
     case DType::kBF16: fill_with<uint16_t>(a.out.data, n, f32_to_bf16(static_cast<float>(a.value))); return;
     case DType::kF8E4M3: fill_with<uint8_t>(a.out.data, n, f32_to_e4m3(static_cast<float>(a.value))); return;
-    case DType::kI32: {
-      // Integer tensors (counters such as the router's counts) take integral values only.
-      const bool in_range = a.value >= std::numeric_limits<int32_t>::min() &&
-                            a.value <= std::numeric_limits<int32_t>::max();
-      DIFFMOE_CHECK(in_range && static_cast<double>(static_cast<int32_t>(a.value)) == a.value,
-                    "[fill] out is i32 but value {} is not an i32", a.value);
-      const auto v = static_cast<int32_t>(a.value);
-      fill_with<int32_t>(a.out.data, n, v);
-      return;
-    }
+    case DType::kI32: fill_with<int32_t>(a.out.data, n, static_cast<int32_t>(a.value)); return;  // integral: validated
     default:
       dispatch_float(a.out.dtype, "fill", [&]<class T>() { fill_with<T>(a.out.data, n, static_cast<T>(a.value)); });
   }
 }
 
 void CpuBackend::copy(Context, const CopyArgs& a) {
-  check_cpu(a.dst, "copy", "dst");
-  check_cpu(a.src, "copy", "src");
-  DIFFMOE_CHECK(a.dst.numel() == a.src.numel(), "[copy] dst {} and src {} differ in element count",
-                a.dst.describe(), a.src.describe());
+  validate_copy(a, Device::kCPU);
   const int64_t n = a.src.numel();
   if (a.dst.dtype == a.src.dtype) {  // any type, i32 included: a byte copy (memmove: may alias)
     if (n > 0 && a.dst.data != a.src.data) std::memmove(a.dst.data, a.src.data, a.src.nbytes());
     return;
   }
-  DIFFMOE_CHECK(a.dst.data != a.src.data, "[copy] converting {} to {} in place is not supported",
-                a.src.describe(), a.dst.describe());
   with_float_io(a.src.dtype, "src", [&](auto src_io) {
     with_float_io(a.dst.dtype, "dst", [&](auto dst_io) {
       using Src = decltype(src_io);
@@ -114,10 +100,7 @@ void CpuBackend::copy(Context, const CopyArgs& a) {
 }
 
 void CpuBackend::axpy(Context, const AxpyArgs& a) {
-  check_cpu(a.y, "axpy", "y");
-  check_cpu(a.x, "axpy", "x");
-  check_shape(a.x, a.y.shape, "axpy", "x");
-  check_dtype(a.x, a.y.dtype, "axpy", "x");
+  validate_axpy(a, Device::kCPU);
   dispatch_float(a.y.dtype, "axpy", [&]<class T>() {
     T* y = a.y.ptr<T>();
     const T* x = a.x.ptr<T>();
@@ -128,7 +111,7 @@ void CpuBackend::axpy(Context, const AxpyArgs& a) {
 }
 
 void CpuBackend::scale(Context, const ScaleArgs& a) {
-  check_cpu(a.y, "scale", "y");
+  validate_scale(a, Device::kCPU);
   dispatch_float(a.y.dtype, "scale", [&]<class T>() {
     T* y = a.y.ptr<T>();
     const int64_t n = a.y.numel();
@@ -138,10 +121,7 @@ void CpuBackend::scale(Context, const ScaleArgs& a) {
 }
 
 void CpuBackend::sum_squares(Context, const SumSquaresArgs& a) {
-  check_cpu(a.out, "sum_squares", "out");
-  check_cpu(a.x, "sum_squares", "x");
-  check_shape(a.out, Shape{1}, "sum_squares", "out");
-  check_dtype(a.x, a.out.dtype, "sum_squares", "x");
+  validate_sum_squares(a, Device::kCPU);
   dispatch_float(a.out.dtype, "sum_squares", [&]<class T>() {
     // Fixed-size chunks summed in double, then the chunk sums added in chunk order: the result
     // does not depend on the thread count (the numerics policy's bitwise resume needs that).
@@ -167,15 +147,8 @@ void CpuBackend::sum_squares(Context, const SumSquaresArgs& a) {
 // out[n, :] = scale · table[tokens[n], :]   (spec §1)
 void CpuBackend::embedding_fwd(Context, const EmbeddingFwdArgs& a) {
   constexpr std::string_view kOp = "embedding_fwd";
-  check_cpu(a.out, kOp, "out");
-  check_cpu(a.tokens, kOp, "tokens");
-  check_cpu(a.table, kOp, "table");
-  DIFFMOE_CHECK(a.table.rank() == 2, "[{}] table must be [V, D], got {}", kOp, a.table.describe());
-  DIFFMOE_CHECK(a.tokens.rank() == 1, "[{}] tokens must be [N], got {}", kOp, a.tokens.describe());
-  const int64_t n_rows = a.tokens.dim(0), vocab = a.table.dim(0), dim = a.table.dim(1);
-  check_dtype(a.tokens, DType::kI32, kOp, "tokens");
-  check_shape(a.out, Shape{n_rows, dim}, kOp, "out");
-  check_dtype(a.out, a.table.dtype, kOp, "out");
+  const EmbeddingDims d = validate_embedding_fwd(a, Device::kCPU);
+  const int64_t n_rows = d.rows, vocab = d.vocab, dim = d.dim;
   check_tokens(a.tokens, vocab, kOp);
   dispatch_float(a.table.dtype, kOp, [&]<class T>() {
     T* out = a.out.ptr<T>();
@@ -193,15 +166,8 @@ void CpuBackend::embedding_fwd(Context, const EmbeddingFwdArgs& a) {
 // dtable[tokens[n], :] += scale · dout[n, :]   (weight gradient: accumulates)
 void CpuBackend::embedding_bwd(Context, const EmbeddingBwdArgs& a) {
   constexpr std::string_view kOp = "embedding_bwd";
-  check_cpu(a.dtable, kOp, "dtable");
-  check_cpu(a.tokens, kOp, "tokens");
-  check_cpu(a.dout, kOp, "dout");
-  DIFFMOE_CHECK(a.dtable.rank() == 2, "[{}] dtable must be [V, D], got {}", kOp, a.dtable.describe());
-  DIFFMOE_CHECK(a.tokens.rank() == 1, "[{}] tokens must be [N], got {}", kOp, a.tokens.describe());
-  const int64_t n_rows = a.tokens.dim(0), vocab = a.dtable.dim(0), dim = a.dtable.dim(1);
-  check_dtype(a.tokens, DType::kI32, kOp, "tokens");
-  check_shape(a.dout, Shape{n_rows, dim}, kOp, "dout");
-  check_dtype(a.dout, a.dtable.dtype, kOp, "dout");
+  const EmbeddingDims d = validate_embedding_bwd(a, Device::kCPU);
+  const int64_t n_rows = d.rows, vocab = d.vocab, dim = d.dim;
   check_tokens(a.tokens, vocab, kOp);
   dispatch_float(a.dtable.dtype, kOp, [&]<class T>() {
     // Repeated token ids add into the same row, so rows cannot be split across threads without a

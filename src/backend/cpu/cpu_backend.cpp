@@ -1,13 +1,12 @@
 #include "backend/cpu/cpu_backend.h"
+#include "backend/op_validation.h"
 
 #include <cstring>
 
 namespace diffmoe {
 
 void check_cpu(const Tensor& t, std::string_view op, std::string_view name) {
-  DIFFMOE_CHECK(t.device == Device::kCPU, "[{}] {} is on {}, the CPU backend needs host memory", op, name,
-                device_name(t.device));
-  DIFFMOE_CHECK(t.data != nullptr || t.numel() == 0, "[{}] {} is an empty view", op, name);
+  check_device(t, Device::kCPU, op, name);
 }
 
 void CpuBackend::upload(const Tensor& dst, const void* src) {

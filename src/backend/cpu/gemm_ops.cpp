@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "backend/cpu/cpu_backend.h"
+#include "backend/op_validation.h"
 
 namespace diffmoe {
 namespace {
@@ -44,49 +45,13 @@ void blas_gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, doub
   }
 }
 
-// Group boundaries offsets [G+1] (i32): offsets[0] = 0, non-decreasing, offsets[G] ≤ rows.
-// Returned as int64 so callers index without further checks.
-std::vector<int64_t> read_offsets(const Tensor& offsets, int64_t groups, int64_t rows, std::string_view op) {
-  check_cpu(offsets, op, "offsets");
-  check_shape(offsets, Shape{groups + 1}, op, "offsets");
-  check_dtype(offsets, DType::kI32, op, "offsets");
-  const int32_t* o = offsets.ptr<int32_t>();
-  std::vector<int64_t> out(static_cast<size_t>(groups + 1));
-  DIFFMOE_CHECK(o[0] == 0, "[{}] offsets[0] = {}, must be 0", op, o[0]);
-  for (int64_t g = 0; g <= groups; ++g) {
-    if (g > 0)
-      DIFFMOE_CHECK(o[g] >= o[g - 1], "[{}] offsets must be non-decreasing: offsets[{}] = {} < offsets[{}] = {}", op,
-                    g, o[g], g - 1, o[g - 1]);
-    out[static_cast<size_t>(g)] = o[g];
-  }
-  DIFFMOE_CHECK(out.back() <= rows, "[{}] offsets[{}] = {} exceeds the {} rows of A", op, groups, out.back(), rows);
-  return out;
-}
-
-void check_matrix(const Tensor& t, DType dtype, int rank, std::string_view op, std::string_view name) {
-  check_cpu(t, op, name);
-  check_dtype(t, dtype, op, name);
-  DIFFMOE_CHECK(t.rank() == rank, "[{}] {} must have rank {}, got {}", op, name, rank, t.describe());
-}
-
 }  // namespace
 
 // C = alpha·op(A)·op(B) + beta·C;  op(A) [m,k], op(B) [k,n], C [m,n].
 void CpuBackend::gemm(Context, const GemmArgs& a) {
   constexpr std::string_view kOp = "gemm";
   const DType dt = a.c.dtype;
-  check_matrix(a.c, dt, 2, kOp, "c");
-  check_matrix(a.a, dt, 2, kOp, "a");
-  check_matrix(a.b, dt, 2, kOp, "b");
-  const int64_t m = a.trans_a ? a.a.dim(1) : a.a.dim(0);
-  const int64_t k = a.trans_a ? a.a.dim(0) : a.a.dim(1);
-  const int64_t kb = a.trans_b ? a.b.dim(1) : a.b.dim(0);
-  const int64_t n = a.trans_b ? a.b.dim(0) : a.b.dim(1);
-  DIFFMOE_CHECK(k == kb && a.c.dim(0) == m && a.c.dim(1) == n,
-                "[gemm] shapes do not match: op(A) is [{}, {}] (A {}{}), op(B) is [{}, {}] (B {}{}), C is {}; "
-                "need op(A) [m, k], op(B) [k, n], C [m, n]",
-                m, k, a.a.shape.str(), a.trans_a ? " transposed" : "", kb, n, a.b.shape.str(),
-                a.trans_b ? " transposed" : "", a.c.shape.str());
+  const auto [m, n, k] = validate_gemm(a, Device::kCPU);
   dispatch_float(dt, kOp, [&]<class T>() {
     blas_gemm<T>(a.trans_a, a.trans_b, m, n, k, a.alpha, a.a.ptr<T>(), a.a.dim(1), a.b.ptr<T>(), a.b.dim(1), a.beta,
                  a.c.ptr<T>(), n, kOp);
@@ -98,18 +63,8 @@ void CpuBackend::gemm(Context, const GemmArgs& a) {
 void CpuBackend::grouped_gemm(Context, const GroupedGemmArgs& a) {
   constexpr std::string_view kOp = "grouped_gemm";
   const DType dt = a.c.dtype;
-  check_matrix(a.c, dt, 2, kOp, "c");
-  check_matrix(a.a, dt, 2, kOp, "a");
-  check_matrix(a.b, dt, 3, kOp, "b");
-  const int64_t rows = a.a.dim(0), k = a.a.dim(1), groups = a.b.dim(0);
-  const int64_t n = a.trans_b ? a.b.dim(1) : a.b.dim(2);
-  const int64_t kb = a.trans_b ? a.b.dim(2) : a.b.dim(1);
-  DIFFMOE_CHECK(kb == k && a.c.dim(0) == rows && a.c.dim(1) == n,
-                "[grouped_gemm] shapes do not match: A {} is [R={}, k={}], B {} ({}) gives k={}, n={}, C is {} "
-                "(need C [R, n])",
-                a.a.shape.str(), rows, k, a.b.shape.str(), a.trans_b ? "[G, n, k]" : "[G, k, n]", kb, n,
-                a.c.shape.str());
-  const std::vector<int64_t> off = read_offsets(a.offsets, groups, rows, kOp);
+  const auto [rows, k, n, groups] = validate_grouped_gemm(a, Device::kCPU);
+  const std::vector<int64_t> off = check_group_offsets(a.offsets.ptr<int32_t>(), groups, rows, kOp);
   dispatch_float(dt, kOp, [&]<class T>() {
     const T* a_ptr = a.a.ptr<T>();
     const T* b_ptr = a.b.ptr<T>();
@@ -128,15 +83,8 @@ void CpuBackend::grouped_gemm(Context, const GroupedGemmArgs& a) {
 void CpuBackend::grouped_gemm_wgrad(Context, const GroupedGemmWgradArgs& a) {
   constexpr std::string_view kOp = "grouped_gemm_wgrad";
   const DType dt = a.c.dtype;
-  check_matrix(a.c, dt, 3, kOp, "c");
-  check_matrix(a.a, dt, 2, kOp, "a");
-  check_matrix(a.b, dt, 2, kOp, "b");
-  const int64_t rows = a.a.dim(0), m = a.a.dim(1), n = a.b.dim(1), groups = a.c.dim(0);
-  DIFFMOE_CHECK(a.b.dim(0) == rows && a.c.dim(1) == m && a.c.dim(2) == n,
-                "[grouped_gemm_wgrad] shapes do not match: A {} is [R, m], B {} is [R, n], C is {} "
-                "(need C [G, {}, {}] and equal R)",
-                a.a.shape.str(), a.b.shape.str(), a.c.shape.str(), m, n);
-  const std::vector<int64_t> off = read_offsets(a.offsets, groups, rows, kOp);
+  const auto [rows, m, n, groups] = validate_grouped_gemm_wgrad(a, Device::kCPU);
+  const std::vector<int64_t> off = check_group_offsets(a.offsets.ptr<int32_t>(), groups, rows, kOp);
   dispatch_float(dt, kOp, [&]<class T>() {
     const T* a_ptr = a.a.ptr<T>();
     const T* b_ptr = a.b.ptr<T>();

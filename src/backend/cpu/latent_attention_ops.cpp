@@ -12,6 +12,7 @@
 // OpenMP runs over (batch, value group); a group (a differential head, or a plain head) owns its
 // output rows, so threads never share an output and results do not depend on the thread count.
 #include "backend/cpu/cpu_backend.h"
+#include "backend/op_validation.h"
 
 #include <algorithm>
 #include <cmath>
@@ -22,60 +23,6 @@ namespace diffmoe {
 namespace {
 
 constexpr std::string_view kOp = "latent_attention";
-
-struct LatentDims {
-  int64_t batch = 0, tq = 0, heads = 0, r_kv = 0, d_rope = 0;
-  int64_t q_rope_width = 0;  // W: values per head in q_rope
-  int64_t capacity = 0;      // S: cache rows per sequence
-  int64_t comps = 1;         // components per value group: 2 when differential, else 1
-  int64_t groups = 0;        // heads / comps = H_out
-  int64_t row() const { return r_kv + d_rope; }  // one cache row [ĉ ; k^R]
-};
-
-LatentDims check_latent(const LatentAttentionArgs& a) {
-  const std::pair<const Tensor&, const char*> fields[] = {
-      {a.out, "out"}, {a.q_lat, "q_lat"}, {a.q_rope, "q_rope"}, {a.cache, "cache"}};
-  for (const auto& [t, name] : fields) check_cpu(t, kOp, name);
-  DIFFMOE_CHECK(a.q_lat.rank() == 4, "[{}] q_lat must be [B, Tq, H, r_kv], got {}", kOp, a.q_lat.describe());
-  LatentDims d;
-  d.batch = a.q_lat.dim(0);
-  d.tq = a.q_lat.dim(1);
-  d.heads = a.q_lat.dim(2);
-  d.r_kv = a.q_lat.dim(3);
-  DIFFMOE_CHECK(d.tq >= 1 && d.heads >= 1 && d.r_kv >= 1, "[{}] q_lat needs Tq, H, r_kv >= 1, got {}", kOp,
-                a.q_lat.describe());
-  DIFFMOE_CHECK(!a.differential || d.heads % 2 == 0,
-                "[{}] differential attention pairs component heads 2h, 2h+1: H must be even, got {}", kOp, d.heads);
-  d.comps = a.differential ? 2 : 1;
-  d.groups = d.heads / d.comps;
-
-  DIFFMOE_CHECK(a.cache.rank() == 3 && a.cache.dim(0) == d.batch && a.cache.dim(2) > d.r_kv,
-                "[{}] cache must be [B = {}, S, r_kv + d_rope] with r_kv = {} and d_rope >= 1, got {}", kOp, d.batch,
-                d.r_kv, a.cache.describe());
-  d.capacity = a.cache.dim(1);
-  d.d_rope = a.cache.dim(2) - d.r_kv;
-  DIFFMOE_CHECK(a.kv_len >= d.tq && a.kv_len <= d.capacity,
-                "[{}] kv_len = {} must cover the Tq = {} new positions and fit the cache capacity S = {}", kOp,
-                a.kv_len, d.tq, d.capacity);
-
-  DIFFMOE_CHECK(a.q_rope.rank() == 4 && a.q_rope.dim(0) == d.batch && a.q_rope.dim(1) == d.tq &&
-                    a.q_rope.dim(2) == d.heads,
-                "[{}] q_rope must be [B, Tq, H, W] = [{}, {}, {}, W], got {}", kOp, d.batch, d.tq, d.heads,
-                a.q_rope.describe());
-  d.q_rope_width = a.q_rope.dim(3);
-  DIFFMOE_CHECK(a.q_rope_offset >= 0 && a.q_rope_offset + d.d_rope <= d.q_rope_width,
-                "[{}] rope query columns [{}, {}) do not fit q_rope's {} values per head", kOp, a.q_rope_offset,
-                a.q_rope_offset + d.d_rope, d.q_rope_width);
-
-  check_shape(a.out, Shape{d.batch, d.tq, d.groups, d.r_kv}, kOp, "out");
-  for (const auto& [t, name] : fields) check_dtype(t, a.q_lat.dtype, kOp, name);
-  if (a.differential) {
-    check_cpu(a.lambda, kOp, "lambda");
-    check_shape(a.lambda, Shape{1}, kOp, "lambda");
-    check_dtype(a.lambda, a.q_lat.dtype, kOp, "lambda");
-  }
-  return d;
-}
 
 template <class T>
 T dot(const T* a, const T* b, int64_t n) {
@@ -143,7 +90,7 @@ void latent_attention_impl(const LatentAttentionArgs& a, const LatentDims& d) {
 }  // namespace
 
 void CpuBackend::latent_attention(Context, const LatentAttentionArgs& a) {
-  const LatentDims d = check_latent(a);
+  const LatentDims d = validate_latent_attention(a, Device::kCPU);
   dispatch_float(a.q_lat.dtype, kOp, [&]<class T>() { latent_attention_impl<T>(a, d); });
 }
 

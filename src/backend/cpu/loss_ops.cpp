@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "backend/cpu/cpu_backend.h"
+#include "backend/op_validation.h"
 
 namespace diffmoe {
 namespace {
@@ -22,13 +23,6 @@ void check_targets(const Tensor& targets, int64_t vocab, std::string_view op) {
   for (int64_t n = 0; n < targets.numel(); ++n)
     DIFFMOE_CHECK(tgt[n] == -1 || (tgt[n] >= 0 && tgt[n] < vocab),
                   "[{}] targets[{}] = {} is neither −1 (ignore) nor in [0, {})", op, n, tgt[n], vocab);
-}
-
-void check_valid(const Tensor& valid, DType float_type, std::string_view op) {
-  check_cpu(valid, op, "valid");
-  check_shape(valid, Shape{1}, op, "valid");
-  DIFFMOE_CHECK(valid.dtype == float_type || valid.dtype == DType::kI32,
-                "[{}] valid: expected dtype {} or i32, got {}", op, dtype_name(float_type), dtype_name(valid.dtype));
 }
 
 double read_valid(const Tensor& valid) {
@@ -52,29 +46,13 @@ double logsumexp(const T* row, int64_t vocab) {
   return mx + std::log(sum);
 }
 
-// logits [N, V] with V > 0, targets [N] i32; returns (N, V).
-std::pair<int64_t, int64_t> check_logits(const Tensor& logits, const Tensor& targets, std::string_view op) {
-  check_cpu(logits, op, "logits");
-  check_cpu(targets, op, "targets");
-  DIFFMOE_CHECK(logits.rank() == 2 && logits.dim(1) > 0, "[{}] logits must be [N, V] with V > 0, got {}", op,
-                logits.describe());
-  const int64_t rows = logits.dim(0), vocab = logits.dim(1);
-  check_shape(targets, Shape{rows}, op, "targets");
-  check_dtype(targets, DType::kI32, op, "targets");
-  check_targets(targets, vocab, op);
-  return {rows, vocab};
-}
-
 }  // namespace
 
 // loss_sum[0] += Σ_valid (logsumexp(logits[n]) − logits[n, target[n]]);  valid[0] += #targets ≠ −1
 void CpuBackend::cross_entropy_fwd(Context, const CrossEntropyFwdArgs& a) {
   constexpr std::string_view kOp = "cross_entropy_fwd";
-  const auto [rows, vocab] = check_logits(a.logits, a.targets, kOp);
-  check_cpu(a.loss_sum, kOp, "loss_sum");
-  check_shape(a.loss_sum, Shape{1}, kOp, "loss_sum");
-  check_dtype(a.loss_sum, a.logits.dtype, kOp, "loss_sum");
-  check_valid(a.valid, a.logits.dtype, kOp);
+  const auto [rows, vocab] = validate_cross_entropy_fwd(a, Device::kCPU);
+  check_targets(a.targets, vocab, kOp);
   dispatch_float(a.logits.dtype, kOp, [&]<class T>() {
     const T* logits = a.logits.ptr<T>();
     const int32_t* tgt = a.targets.ptr<int32_t>();
@@ -100,11 +78,8 @@ void CpuBackend::cross_entropy_fwd(Context, const CrossEntropyFwdArgs& a) {
 // dlogits = grad_scale · (softmax(logits) − onehot(target)) / valid[0]; ignored rows get 0.
 void CpuBackend::cross_entropy_bwd(Context, const CrossEntropyBwdArgs& a) {
   constexpr std::string_view kOp = "cross_entropy_bwd";
-  const auto [rows, vocab] = check_logits(a.logits, a.targets, kOp);
-  check_cpu(a.dlogits, kOp, "dlogits");
-  check_shape(a.dlogits, a.logits.shape, kOp, "dlogits");
-  check_dtype(a.dlogits, a.logits.dtype, kOp, "dlogits");
-  check_valid(a.valid, a.logits.dtype, kOp);
+  const auto [rows, vocab] = validate_cross_entropy_bwd(a, Device::kCPU);
+  check_targets(a.targets, vocab, kOp);
   // With no valid target every row is ignored and the gradient is 0; never divide by 0.
   const double valid = read_valid(a.valid);
   const double coef = valid > 0.0 ? a.grad_scale / valid : 0.0;

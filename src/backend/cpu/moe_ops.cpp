@@ -20,6 +20,7 @@
 #include <vector>
 
 #include "backend/cpu/cpu_backend.h"
+#include "backend/op_validation.h"
 
 namespace diffmoe {
 namespace {
@@ -33,38 +34,11 @@ constexpr int64_t kMinParallelWork = int64_t{1} << 14;
 
 // ------------------------------------------------------------------ validation helpers
 
-void expect_tensor(const Tensor& t, const Shape& shape, DType dtype, std::string_view op, std::string_view name) {
-  check_cpu(t, op, name);
-  check_shape(t, shape, op, name);
-  check_dtype(t, dtype, op, name);
-}
-
-void expect_rank2(const Tensor& t, std::string_view op, std::string_view name) {
-  check_cpu(t, op, name);
-  DIFFMOE_CHECK(t.rank() == 2, "[{}] {} must be 2-D, got {}", op, name, t.describe());
-}
-
 // Every entry of an i32 tensor lies in [0, limit).
 void expect_indices(const Tensor& t, int64_t limit, std::string_view op, std::string_view name) {
   const int32_t* v = t.ptr<int32_t>();
   for (int64_t i = 0; i < t.numel(); ++i)
     DIFFMOE_CHECK(v[i] >= 0 && v[i] < limit, "[{}] {}[{}] = {} is outside [0, {})", op, name, i, v[i], limit);
-}
-
-// The routing contract of spec §9: groups divide the experts, n_limited ≤ n_groups, top_k ≤ the
-// experts in the kept groups; a top-2 group score needs two experts per group.
-void check_router_options(const RouterOptions& o, int64_t n_experts, std::string_view op) {
-  DIFFMOE_CHECK(n_experts >= 1, "[{}] needs at least one expert, got {}", op, n_experts);
-  DIFFMOE_CHECK(o.n_groups >= 1 && n_experts % o.n_groups == 0,
-                "[{}] {} experts cannot be split into n_groups = {} equal groups", op, n_experts, o.n_groups);
-  DIFFMOE_CHECK(o.n_limited_groups >= 1 && o.n_limited_groups <= o.n_groups,
-                "[{}] n_limited_groups = {} must be in [1, n_groups = {}]", op, o.n_limited_groups, o.n_groups);
-  const int64_t kept_experts = o.n_limited_groups * (n_experts / o.n_groups);
-  DIFFMOE_CHECK(o.top_k >= 1 && o.top_k <= kept_experts,
-                "[{}] top_k = {} must be in [1, {}], the experts in the {} kept of {} groups", op, o.top_k,
-                kept_experts, o.n_limited_groups, o.n_groups);
-  DIFFMOE_CHECK(!(o.use_bias && o.n_groups > 1) || n_experts / o.n_groups >= 2,
-                "[{}] the top-2 group score needs at least 2 experts per group, got {}", op, n_experts / o.n_groups);
 }
 
 // ------------------------------------------------------------------ per-token building blocks
@@ -266,15 +240,6 @@ Acc score_normaliser(const T* s, int64_t n_experts, ScoreFunc func) {
   return sum;
 }
 
-void check_aux_args(const Tensor& scores, int64_t seq_len, int64_t top_k, std::string_view op) {
-  expect_rank2(scores, op, "scores");
-  const int64_t n_tokens = scores.dim(0), n_experts = scores.dim(1);
-  DIFFMOE_CHECK(seq_len >= 1 && n_tokens % seq_len == 0, "[{}] {} tokens are not whole sequences of seq_len = {}",
-                op, n_tokens, seq_len);
-  DIFFMOE_CHECK(top_k >= 1 && top_k <= n_experts, "[{}] top_k = {} must be in [1, {} experts]", op, top_k,
-                n_experts);
-}
-
 // loss[0] += (1/B) Σ_b α Σ_i f_i P_i,  P_i = (1/T) Σ_t s'_{i,t}.
 template <class T>
 void aux_loss_fwd_impl(const AuxLossFwdArgs& a) {
@@ -332,14 +297,6 @@ void aux_loss_bwd_impl(const AuxLossBwdArgs& a) {
 }
 
 // ------------------------------------------------------------------ dispatch plan and data movement
-
-void check_plan(const Tensor& slot_pos, int64_t n_tokens, int64_t n_rows, std::string_view op) {
-  check_cpu(slot_pos, op, "slot_pos");
-  check_dtype(slot_pos, DType::kI32, op, "slot_pos");
-  DIFFMOE_CHECK(slot_pos.rank() == 2 && slot_pos.dim(0) == n_tokens,
-                "[{}] slot_pos must be [{}, K], got {}", op, n_tokens, slot_pos.describe());
-  expect_indices(slot_pos, n_rows, op, "slot_pos");
-}
 
 // y[n] += Σ_k w[n,k] · y_perm[slot_pos[n,k]]
 template <class T>
@@ -406,44 +363,26 @@ void bias_update_impl(const MoeBiasUpdateArgs& a) {
 
 void CpuBackend::router_fwd(Context, const RouterFwdArgs& a) {
   constexpr std::string_view op = "router_fwd";
-  expect_rank2(a.logits, op, "logits");
-  const int64_t n_tokens = a.logits.dim(0), n_experts = a.logits.dim(1);
-  check_router_options(a.opt, n_experts, op);
-  const DType ft = a.logits.dtype;
-  expect_tensor(a.scores, {n_tokens, n_experts}, ft, op, "scores");
-  expect_tensor(a.topk_idx, {n_tokens, a.opt.top_k}, DType::kI32, op, "topk_idx");
-  expect_tensor(a.topk_w, {n_tokens, a.opt.top_k}, ft, op, "topk_w");
-  expect_tensor(a.counts, {n_experts}, DType::kI32, op, "counts");
-  if (a.opt.use_bias) expect_tensor(a.bias, {n_experts}, ft, op, "bias");
-  dispatch_float(ft, op, [&]<class T>() { router_fwd_impl<T>(a); });
+  validate_router_fwd(a, Device::kCPU);
+  dispatch_float(a.logits.dtype, op, [&]<class T>() { router_fwd_impl<T>(a); });
 }
 
 void CpuBackend::router_bwd(Context, const RouterBwdArgs& a) {
   constexpr std::string_view op = "router_bwd";
-  expect_rank2(a.scores, op, "scores");
-  const int64_t n_tokens = a.scores.dim(0), n_experts = a.scores.dim(1);
-  check_router_options(a.opt, n_experts, op);
-  const DType ft = a.scores.dtype;
-  expect_tensor(a.dlogits, {n_tokens, n_experts}, ft, op, "dlogits");
-  expect_tensor(a.dtopk_w, {n_tokens, a.opt.top_k}, ft, op, "dtopk_w");
-  expect_tensor(a.topk_idx, {n_tokens, a.opt.top_k}, DType::kI32, op, "topk_idx");
-  // topk_w is not needed (ŵ is recomputed from the scores); checked only when passed.
-  if (a.topk_w.data != nullptr) expect_tensor(a.topk_w, {n_tokens, a.opt.top_k}, ft, op, "topk_w");
-  expect_indices(a.topk_idx, n_experts, op, "topk_idx");
-  dispatch_float(ft, op, [&]<class T>() { router_bwd_impl<T>(a); });
+  validate_router_bwd(a, Device::kCPU);
+  expect_indices(a.topk_idx, a.scores.dim(1), op, "topk_idx");
+  dispatch_float(a.scores.dtype, op, [&]<class T>() { router_bwd_impl<T>(a); });
 }
 
 void CpuBackend::aux_loss_fwd(Context, const AuxLossFwdArgs& a) {
   constexpr std::string_view op = "aux_loss_fwd";
-  check_aux_args(a.scores, a.seq_len, a.top_k, op);
-  expect_tensor(a.loss, {1}, a.scores.dtype, op, "loss");
+  validate_aux_loss_fwd(a, Device::kCPU);
   dispatch_float(a.scores.dtype, op, [&]<class T>() { aux_loss_fwd_impl<T>(a); });
 }
 
 void CpuBackend::aux_loss_bwd(Context, const AuxLossBwdArgs& a) {
   constexpr std::string_view op = "aux_loss_bwd";
-  check_aux_args(a.scores, a.seq_len, a.top_k, op);
-  expect_tensor(a.dlogits, a.scores.shape, a.scores.dtype, op, "dlogits");
+  validate_aux_loss_bwd(a, Device::kCPU);
   dispatch_float(a.scores.dtype, op, [&]<class T>() { aux_loss_bwd_impl<T>(a); });
 }
 
@@ -451,15 +390,9 @@ void CpuBackend::aux_loss_bwd(Context, const AuxLossBwdArgs& a) {
 // topk_idx is the tie order): histogram, exclusive prefix sum, then one ordered scatter.
 void CpuBackend::moe_permute(Context, const MoePermuteArgs& a) {
   constexpr std::string_view op = "moe_permute";
-  expect_rank2(a.topk_idx, op, "topk_idx");
-  check_dtype(a.topk_idx, DType::kI32, op, "topk_idx");
+  validate_moe_permute(a, Device::kCPU);
   const int64_t n_tokens = a.topk_idx.dim(0), top_k = a.topk_idx.dim(1), n_rows = n_tokens * top_k;
   const int64_t n_experts = a.n_experts;
-  DIFFMOE_CHECK(n_experts >= 1, "[{}] n_experts = {} must be positive", op, n_experts);
-  DIFFMOE_CHECK(n_rows <= INT32_MAX, "[{}] {} assignments overflow the i32 row index", op, n_rows);
-  expect_tensor(a.offsets, {n_experts + 1}, DType::kI32, op, "offsets");
-  expect_tensor(a.src_row, {n_rows}, DType::kI32, op, "src_row");
-  expect_tensor(a.slot_pos, {n_tokens, top_k}, DType::kI32, op, "slot_pos");
   expect_indices(a.topk_idx, n_experts, op, "topk_idx");
 
   const int32_t* idx = a.topk_idx.ptr<int32_t>();
@@ -484,13 +417,8 @@ void CpuBackend::moe_permute(Context, const MoePermuteArgs& a) {
 // x_perm[r] = x[src_row[r]]
 void CpuBackend::moe_gather(Context, const MoeGatherArgs& a) {
   constexpr std::string_view op = "moe_gather";
-  expect_rank2(a.x, op, "x");
-  const int64_t n_tokens = a.x.dim(0), dim = a.x.dim(1);
-  check_cpu(a.src_row, op, "src_row");
-  check_dtype(a.src_row, DType::kI32, op, "src_row");
-  DIFFMOE_CHECK(a.src_row.rank() == 1, "[{}] src_row must be 1-D, got {}", op, a.src_row.describe());
-  const int64_t n_rows = a.src_row.numel();
-  expect_tensor(a.x_perm, {n_rows, dim}, a.x.dtype, op, "x_perm");
+  validate_moe_gather(a, Device::kCPU);
+  const int64_t n_tokens = a.x.dim(0), dim = a.x.dim(1), n_rows = a.src_row.numel();
   expect_indices(a.src_row, n_tokens, op, "src_row");
   dispatch_float(a.x.dtype, op, [&]<class T>() {
     const T* x = a.x.ptr<T>();
@@ -505,11 +433,9 @@ void CpuBackend::moe_gather(Context, const MoeGatherArgs& a) {
 // dx[n] += Σ_k dx_perm[slot_pos[n,k]]: a per-token gather in slot order (deterministic, no atomics).
 void CpuBackend::moe_gather_bwd(Context, const MoeGatherBwdArgs& a) {
   constexpr std::string_view op = "moe_gather_bwd";
-  expect_rank2(a.dx, op, "dx");
-  expect_rank2(a.dx_perm, op, "dx_perm");
+  validate_moe_gather_bwd(a, Device::kCPU);
+  expect_indices(a.slot_pos, a.dx_perm.dim(0), op, "slot_pos");
   const int64_t n_tokens = a.dx.dim(0), dim = a.dx.dim(1);
-  expect_tensor(a.dx_perm, {a.dx_perm.dim(0), dim}, a.dx.dtype, op, "dx_perm");
-  check_plan(a.slot_pos, n_tokens, a.dx_perm.dim(0), op);
   const int64_t top_k = a.slot_pos.dim(1);
   dispatch_float(a.dx.dtype, op, [&]<class T>() {
     const T* dx_perm = a.dx_perm.ptr<T>();
@@ -528,40 +454,22 @@ void CpuBackend::moe_gather_bwd(Context, const MoeGatherBwdArgs& a) {
 
 void CpuBackend::moe_combine_fwd(Context, const MoeCombineFwdArgs& a) {
   constexpr std::string_view op = "moe_combine_fwd";
-  expect_rank2(a.y, op, "y");
-  expect_rank2(a.y_perm, op, "y_perm");
-  const int64_t n_tokens = a.y.dim(0), dim = a.y.dim(1);
-  const DType ft = a.y.dtype;
-  expect_tensor(a.y_perm, {a.y_perm.dim(0), dim}, ft, op, "y_perm");
-  check_plan(a.slot_pos, n_tokens, a.y_perm.dim(0), op);
-  expect_tensor(a.topk_w, a.slot_pos.shape, ft, op, "topk_w");
-  dispatch_float(ft, op, [&]<class T>() { combine_fwd_impl<T>(a); });
+  validate_moe_combine_fwd(a, Device::kCPU);
+  expect_indices(a.slot_pos, a.y_perm.dim(0), op, "slot_pos");
+  dispatch_float(a.y.dtype, op, [&]<class T>() { combine_fwd_impl<T>(a); });
 }
 
 void CpuBackend::moe_combine_bwd(Context, const MoeCombineBwdArgs& a) {
   constexpr std::string_view op = "moe_combine_bwd";
-  expect_rank2(a.dy, op, "dy");
-  expect_rank2(a.y_perm, op, "y_perm");
-  const int64_t n_tokens = a.dy.dim(0), dim = a.dy.dim(1), n_rows = a.y_perm.dim(0);
-  const DType ft = a.dy.dtype;
-  expect_tensor(a.y_perm, {n_rows, dim}, ft, op, "y_perm");
-  expect_tensor(a.dy_perm, {n_rows, dim}, ft, op, "dy_perm");
-  check_plan(a.slot_pos, n_tokens, n_rows, op);
-  expect_tensor(a.topk_w, a.slot_pos.shape, ft, op, "topk_w");
-  expect_tensor(a.dtopk_w, a.slot_pos.shape, ft, op, "dtopk_w");
-  dispatch_float(ft, op, [&]<class T>() { combine_bwd_impl<T>(a); });
+  validate_moe_combine_bwd(a, Device::kCPU);
+  expect_indices(a.slot_pos, a.y_perm.dim(0), op, "slot_pos");
+  dispatch_float(a.dy.dtype, op, [&]<class T>() { combine_bwd_impl<T>(a); });
 }
 
 // counts: i32 (the router's) or the bias's float type (e.g. counts already all-reduced as floats).
 void CpuBackend::moe_bias_update(Context, const MoeBiasUpdateArgs& a) {
   constexpr std::string_view op = "moe_bias_update";
-  check_cpu(a.bias, op, "bias");
-  DIFFMOE_CHECK(a.bias.rank() == 1, "[{}] bias must be 1-D [E], got {}", op, a.bias.describe());
-  check_cpu(a.counts, op, "counts");
-  check_shape(a.counts, a.bias.shape, op, "counts");
-  DIFFMOE_CHECK(a.counts.dtype == DType::kI32 || a.counts.dtype == a.bias.dtype,
-                "[{}] counts must be i32 or the bias's {}, got {}", op, dtype_name(a.bias.dtype),
-                dtype_name(a.counts.dtype));
+  validate_moe_bias_update(a, Device::kCPU);
   dispatch_float(a.bias.dtype, op, [&]<class T>() {
     if (a.counts.dtype == DType::kI32) bias_update_impl<T, int32_t>(a);
     else bias_update_impl<T, T>(a);

@@ -9,6 +9,7 @@
 #include <cmath>
 
 #include "backend/cpu/cpu_backend.h"
+#include "backend/op_validation.h"
 
 namespace diffmoe {
 namespace {
@@ -17,39 +18,14 @@ constexpr int64_t kColBlock = 64;  // columns per thread in the dw reduction
 // Loops with less work than this run on one thread: starting an OpenMP team costs more.
 constexpr int64_t kParallelMinWork = int64_t{1} << 14;
 
-int64_t effective_stride(int64_t stride, int64_t width) { return stride == 0 ? width : stride; }
-
-// A strided row buffer must hold `rows` rows of `width` values `stride` apart.
-void check_rows(const Tensor& t, DType dtype, int64_t rows, int64_t width, int64_t stride, std::string_view op,
-                std::string_view name) {
-  check_cpu(t, op, name);
-  check_dtype(t, dtype, op, name);
-  DIFFMOE_CHECK(stride >= width, "[{}] {}: row stride {} is smaller than width {}", op, name, stride, width);
-  const int64_t needed = rows == 0 ? 0 : (rows - 1) * stride + width;
-  DIFFMOE_CHECK(t.numel() >= needed, "[{}] {}: {} rows of width {} at stride {} need {} elements, {} has {}", op,
-                name, rows, width, stride, needed, t.describe(), t.numel());
-}
-
-void check_sizes(int64_t rows, int64_t width, std::string_view op) {
-  DIFFMOE_CHECK(rows >= 0 && width > 0, "[{}] rows = {}, width = {}: need rows >= 0 and width > 0", op, rows, width);
-}
-
 }  // namespace
 
 // r = (mean(x²) + eps)^-1/2,  y = out_scale · x · r ⊙ w   (sources App. A)
 void CpuBackend::rmsnorm_fwd(Context, const RmsNormFwdArgs& a) {
   constexpr std::string_view kOp = "rmsnorm_fwd";
-  check_sizes(a.rows, a.width, kOp);
-  const int64_t xs = effective_stride(a.x_stride, a.width), ys = effective_stride(a.y_stride, a.width);
+  const RmsNormDims dims = validate_rmsnorm_fwd(a, Device::kCPU);
+  const int64_t xs = dims.x_stride, ys = dims.y_stride;
   const DType dt = a.x.dtype;
-  check_rows(a.x, dt, a.rows, a.width, xs, kOp, "x");
-  check_rows(a.y, dt, a.rows, a.width, ys, kOp, "y");
-  check_cpu(a.rstd, kOp, "rstd");
-  check_cpu(a.w, kOp, "w");
-  check_shape(a.rstd, Shape{a.rows}, kOp, "rstd");
-  check_shape(a.w, Shape{a.width}, kOp, "w");
-  check_dtype(a.rstd, dt, kOp, "rstd");
-  check_dtype(a.w, dt, kOp, "w");
   dispatch_float(dt, kOp, [&]<class T>() {
     const T* x = a.x.ptr<T>();
     const T* w = a.w.ptr<T>();
@@ -74,21 +50,9 @@ void CpuBackend::rmsnorm_fwd(Context, const RmsNormFwdArgs& a) {
 //   dx  = r · (g − x̂ · mean(g ⊙ x̂))          (overwritten, or added when dx_accumulate)
 void CpuBackend::rmsnorm_bwd(Context, const RmsNormBwdArgs& a) {
   constexpr std::string_view kOp = "rmsnorm_bwd";
-  check_sizes(a.rows, a.width, kOp);
-  const int64_t xs = effective_stride(a.x_stride, a.width), ys = effective_stride(a.y_stride, a.width);
+  const RmsNormDims dims = validate_rmsnorm_bwd(a, Device::kCPU);
+  const int64_t xs = dims.x_stride, ys = dims.y_stride;
   const DType dt = a.x.dtype;
-  check_rows(a.x, dt, a.rows, a.width, xs, kOp, "x");
-  check_rows(a.dx, dt, a.rows, a.width, xs, kOp, "dx");
-  check_rows(a.dy, dt, a.rows, a.width, ys, kOp, "dy");
-  check_cpu(a.dw, kOp, "dw");
-  check_cpu(a.w, kOp, "w");
-  check_cpu(a.rstd, kOp, "rstd");
-  check_shape(a.dw, Shape{a.width}, kOp, "dw");
-  check_shape(a.w, Shape{a.width}, kOp, "w");
-  check_shape(a.rstd, Shape{a.rows}, kOp, "rstd");
-  check_dtype(a.dw, dt, kOp, "dw");
-  check_dtype(a.w, dt, kOp, "w");
-  check_dtype(a.rstd, dt, kOp, "rstd");
   dispatch_float(dt, kOp, [&]<class T>() {
     const T* x = a.x.ptr<T>();
     const T* w = a.w.ptr<T>();

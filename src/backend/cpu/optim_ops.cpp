@@ -5,6 +5,7 @@
 #include <utility>
 
 #include "backend/cpu/cpu_backend.h"
+#include "backend/op_validation.h"
 
 namespace diffmoe {
 namespace {
@@ -17,19 +18,8 @@ constexpr int64_t kParallelMinWork = int64_t{1} << 14;
 void CpuBackend::adamw(Context, const AdamWArgs& args) {
   constexpr std::string_view kOp = "adamw";
   const DType dt = args.param.dtype;
-  check_cpu(args.param, kOp, "param");
-  for (const auto& [t, name] : {std::pair{&args.m, "m"}, std::pair{&args.v, "v"}, std::pair{&args.grad, "grad"}}) {
-    check_cpu(*t, kOp, name);
-    check_shape(*t, args.param.shape, kOp, name);
-    check_dtype(*t, dt, kOp, name);
-  }
-  DIFFMOE_CHECK(args.step >= 1, "[adamw] step is 1-based, got {}", args.step);
-  const bool clipping = args.max_norm > 0.0;
-  if (clipping) {  // grad_sq is only read when clipping
-    check_cpu(args.grad_sq, kOp, "grad_sq");
-    check_shape(args.grad_sq, Shape{1}, kOp, "grad_sq");
-    check_dtype(args.grad_sq, dt, kOp, "grad_sq");
-  }
+  validate_adamw(args, Device::kCPU);
+  const bool clipping = args.max_norm > 0.0;  // grad_sq is only read when clipping
   dispatch_float(dt, kOp, [&]<class T>() {
     // clip = min(1, max_norm / (sqrt(Σg²) + 1e-6)) from the device-resident global Σg².
     const double clip =

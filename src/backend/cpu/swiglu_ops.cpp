@@ -3,6 +3,7 @@
 #include <cmath>
 
 #include "backend/cpu/cpu_backend.h"
+#include "backend/op_validation.h"
 
 namespace diffmoe {
 namespace {
@@ -12,21 +13,12 @@ constexpr int64_t kParallelMinWork = int64_t{1} << 14;
 // σ(a) = 1 / (1 + e^−a): for very negative a, e^−a overflows to +inf and σ becomes 0, as it should.
 double sigmoid(double x) { return 1.0 / (1.0 + std::exp(-x)); }
 
-// All three tensors share a's shape and dtype.
-void check_like(const Tensor& t, const Tensor& ref, std::string_view op, std::string_view name) {
-  check_cpu(t, op, name);
-  check_shape(t, ref.shape, op, name);
-  check_dtype(t, ref.dtype, op, name);
-}
-
 }  // namespace
 
 // h = silu(a) ⊙ b,  silu(a) = a·σ(a)
 void CpuBackend::swiglu_fwd(Context, const SwigluFwdArgs& args) {
   constexpr std::string_view kOp = "swiglu_fwd";
-  check_cpu(args.a, kOp, "a");
-  check_like(args.b, args.a, kOp, "b");
-  check_like(args.h, args.a, kOp, "h");
+  validate_swiglu_fwd(args, Device::kCPU);
   dispatch_float(args.a.dtype, kOp, [&]<class T>() {
     const T* a = args.a.ptr<T>();
     const T* b = args.b.ptr<T>();
@@ -43,11 +35,7 @@ void CpuBackend::swiglu_fwd(Context, const SwigluFwdArgs& args) {
 // da = dh ⊙ b ⊙ silu'(a),  silu'(a) = σ(a)(1 + a(1 − σ(a)));  db = dh ⊙ silu(a)   (both overwritten)
 void CpuBackend::swiglu_bwd(Context, const SwigluBwdArgs& args) {
   constexpr std::string_view kOp = "swiglu_bwd";
-  check_cpu(args.a, kOp, "a");
-  check_like(args.b, args.a, kOp, "b");
-  check_like(args.dh, args.a, kOp, "dh");
-  check_like(args.da, args.a, kOp, "da");
-  check_like(args.db, args.a, kOp, "db");
+  validate_swiglu_bwd(args, Device::kCPU);
   dispatch_float(args.a.dtype, kOp, [&]<class T>() {
     const T* a = args.a.ptr<T>();
     const T* b = args.b.ptr<T>();

@@ -1,0 +1,363 @@
+// DiffMLA attention core on the GPU (spec §2; sources §1.3-1.4, §2.3-2.5): the MLA key/value split,
+// the differential λ and causal attention, forward and backward.
+//
+// Design (the straightforward version; the fused flash-style kernel is a later milestone):
+// - attention_fwd: one block per (query row t, value group g, batch b). A group is a differential
+//   head (components 2g, 2g+1 sharing V_g = [v_2g ; v_2g+1], 2·d_v wide) or a plain head. For each
+//   component the block runs the CPU's two-pass softmax: one warp per key computes the scaled
+//   scores into shared memory (T floats) and their max, then exp and the sum, then each thread
+//   forms one output column Σ_s p_s V_s[col] (coalesced over columns). lse = m + ln l is saved.
+// - attention_bwd: the same grid; probabilities are recomputed from the saved lse (no scratch).
+//   dq rows have one writer each; dk and dv rows receive a contribution from every later query row,
+//   so they are zeroed and then accumulated with f32 atomicAdd: the sum order varies between runs,
+//   which makes dk/dv reproducible only up to the last bits (documented in cuda_backend.h).
+// - dλ = −Σ⟨dO, O2⟩ is one block's reduction in double, in a fixed order (deterministic).
+// - λ (tiny vectors) is one block in double, like the CPU.
+// Shared memory: O(T) floats per block; rows longer than the device's shared memory are rejected
+// with a message (the flash kernel lifts that limit).
+#include "backend/cuda/cuda_common.cuh"
+#include "backend/op_validation.h"
+
+namespace diffmoe {
+namespace {
+
+using namespace cuda;
+
+constexpr int kAttnThreads = 128;  // 4 warps per (row, group) block
+
+// ================================================================ MLA key/value split
+
+// k[n, h] = [kv[n, h, :d_nope] ; kr[n]],  v[n, h] = kv[n, h, d_nope:]   (one thread per element)
+__global__ void kv_split_fwd_kernel(float* k, float* v, const float* kv, const float* kr, int64_t rows,
+                                    int64_t n_heads, int64_t d_nope, int64_t d_rope, int64_t d_v, int64_t kr_stride,
+                                    int64_t kr_offset) {
+  const int64_t d_qk = d_nope + d_rope, per_head = d_qk + d_v, total = rows * n_heads * per_head;
+  for (int64_t idx = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; idx < total;
+       idx += int64_t{gridDim.x} * blockDim.x) {
+    const int64_t col = idx % per_head, nh = idx / per_head, n = nh / n_heads;
+    const float* src = kv + nh * (d_nope + d_v);
+    if (col < d_nope) k[nh * d_qk + col] = src[col];
+    else if (col < d_qk) k[nh * d_qk + col] = kr[n * kr_stride + kr_offset + (col - d_nope)];
+    else v[nh * d_v + (col - d_qk)] = src[d_nope + (col - d_qk)];
+  }
+}
+
+// dkv[n, h] = [dk[n, h, :d_nope] ; dv[n, h]]
+__global__ void kv_split_bwd_kv_kernel(float* dkv, const float* dk, const float* dv, int64_t rows, int64_t n_heads,
+                                       int64_t d_nope, int64_t d_rope, int64_t d_v) {
+  const int64_t d_qk = d_nope + d_rope, per_head = d_nope + d_v, total = rows * n_heads * per_head;
+  for (int64_t idx = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; idx < total;
+       idx += int64_t{gridDim.x} * blockDim.x) {
+    const int64_t col = idx % per_head, nh = idx / per_head;
+    dkv[idx] = col < d_nope ? dk[nh * d_qk + col] : dv[nh * d_v + (col - d_nope)];
+  }
+}
+
+// dkr[n, i] = Σ_h dk[n, h, d_nope + i], summed over heads in order (sources §2.5)
+__global__ void kv_split_bwd_kr_kernel(float* dkr, const float* dk, int64_t rows, int64_t n_heads, int64_t d_nope,
+                                       int64_t d_rope, int64_t kr_stride, int64_t kr_offset) {
+  const int64_t d_qk = d_nope + d_rope;
+  for (int64_t idx = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; idx < rows * d_rope;
+       idx += int64_t{gridDim.x} * blockDim.x) {
+    const int64_t i = idx % d_rope, n = idx / d_rope;
+    float sum = 0.0f;
+    for (int64_t h = 0; h < n_heads; ++h) sum += dk[(n * n_heads + h) * d_qk + d_nope + i];
+    dkr[n * kr_stride + kr_offset + i] = sum;
+  }
+}
+
+// ================================================================ differential λ
+
+// Both dot products λ_q1·λ_k1 and λ_q2·λ_k2 in double (one block).
+__device__ void lambda_dots(const float* lq1, const float* lk1, const float* lq2, const float* lk2, int64_t n,
+                            double* d1, double* d2) {
+  __shared__ double red[kWarp];
+  double s1 = 0.0, s2 = 0.0;
+  for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
+    s1 += static_cast<double>(lq1[i]) * lk1[i];
+    s2 += static_cast<double>(lq2[i]) * lk2[i];
+  }
+  *d1 = block_sum(s1, red);
+  *d2 = block_sum(s2, red);
+}
+
+__global__ void diff_lambda_fwd_kernel(float* lambda, const float* lq1, const float* lk1, const float* lq2,
+                                       const float* lk2, int64_t n, double lambda_init) {
+  double d1, d2;
+  lambda_dots(lq1, lk1, lq2, lk2, n, &d1, &d2);
+  if (threadIdx.x == 0) lambda[0] = static_cast<float>(exp(d1) - exp(d2) + lambda_init);
+}
+
+// dλ_q1 += dλ·e1·λ_k1, dλ_k1 += dλ·e1·λ_q1, dλ_q2 += −dλ·e2·λ_k2, dλ_k2 += −dλ·e2·λ_q2 (sources §1.4)
+__global__ void diff_lambda_bwd_kernel(float* dlq1, float* dlk1, float* dlq2, float* dlk2, const float* dlambda,
+                                       const float* lq1, const float* lk1, const float* lq2, const float* lk2,
+                                       int64_t n) {
+  double d1, d2;
+  lambda_dots(lq1, lk1, lq2, lk2, n, &d1, &d2);
+  const double dl = dlambda[0];
+  const double g1 = dl * exp(d1), g2 = -dl * exp(d2);
+  for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
+    dlq1[i] += static_cast<float>(g1 * lk1[i]);
+    dlk1[i] += static_cast<float>(g1 * lq1[i]);
+    dlq2[i] += static_cast<float>(g2 * lk2[i]);
+    dlk2[i] += static_cast<float>(g2 * lq2[i]);
+  }
+}
+
+// ================================================================ causal attention
+
+struct AttnShape {
+  int64_t seq, heads, d_qk, d_v, comps;
+  // Element offset of row (b, t, head h) in a [B, T, H, width] tensor.
+  __device__ int64_t at(int64_t b, int64_t t, int64_t h, int64_t width) const { return ((b * seq + t) * heads + h) * width; }
+};
+
+AttnShape shape_of(const AttnDims& d) { return {d.seq, d.heads, d.d_qk, d.d_v, d.comps}; }
+
+// Scores z_s = scale·q·k_s for s ≤ t into z[] (one warp per key); returns the block-wide max.
+__device__ float causal_scores(float* z, const float* q_s, const float* k, int64_t k_stride, int64_t d_qk, int64_t t,
+                               float scale, float* red) {
+  const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp, n_warps = blockDim.x / kWarp;
+  float m = -INFINITY;
+  for (int64_t s = warp; s <= t; s += n_warps) {
+    const float* k_s = k + s * k_stride;
+    float dot = 0.0f;
+    for (int64_t i = lane; i < d_qk; i += kWarp) dot += q_s[i] * k_s[i];
+    const float zs = scale * warp_sum(dot);
+    if (lane == 0) z[s] = zs;
+    m = fmaxf(m, zs);
+  }
+  return block_max(m, red);  // its barriers also publish z[]
+}
+
+// Shared memory: q [d_qk] then p [T].
+__global__ void __launch_bounds__(kAttnThreads) attention_fwd_kernel(float* out, float* o2, float* lse, const float* q,
+                                                                     const float* k, const float* v,
+                                                                     const float* lambda, AttnShape sh, float scale) {
+  extern __shared__ float smem[];
+  __shared__ float red[kWarp];
+  float* q_s = smem;
+  float* p = smem + sh.d_qk;
+  const int64_t t = blockIdx.x, g = blockIdx.y, b = blockIdx.z;
+  const int64_t first = sh.comps * g;  // first component head of the group; also V_g's first v head
+  const int64_t width = sh.comps * sh.d_v;
+  const int64_t k_stride = sh.heads * sh.d_qk, v_stride = sh.heads * sh.d_v;
+  const float lam = sh.comps == 2 ? lambda[0] : 0.0f;
+  const float* v_g = v + sh.at(b, 0, first, sh.d_v);
+  float* out_row = out + sh.at(b, t, first, sh.d_v);
+  for (int64_t c = 0; c < sh.comps; ++c) {
+    const int64_t j = first + c;
+    for (int64_t i = threadIdx.x; i < sh.d_qk; i += blockDim.x) q_s[i] = q[sh.at(b, t, j, sh.d_qk) + i];
+    __syncthreads();
+    const float m = causal_scores(p, q_s, k + sh.at(b, 0, j, sh.d_qk), k_stride, sh.d_qk, t, scale, red);
+    float l = 0.0f;
+    for (int64_t s = threadIdx.x; s <= t; s += blockDim.x) {
+      const float e = expf(p[s] - m);
+      p[s] = e;
+      l += e;
+    }
+    l = block_sum(l, red);  // its barriers also publish p[]
+    const float inv_l = 1.0f / l;
+    for (int64_t i = threadIdx.x; i < width; i += blockDim.x) {
+      float acc = 0.0f;
+      for (int64_t s = 0; s <= t; ++s) acc += p[s] * v_g[s * v_stride + i];
+      const float o = acc * inv_l;
+      if (c == 0) {
+        out_row[i] = o;  // A_{g,0}V_g (the final output when plain)
+      } else {
+        // O_g = A_{g,0}V_g − λ·A_{g,1}V_g; this thread wrote out_row[i] itself for c = 0.
+        o2[sh.at(b, t, first, sh.d_v) + i] = o;
+        out_row[i] -= lam * o;
+      }
+    }
+    if (threadIdx.x == 0) lse[(b * sh.heads + j) * sh.seq + t] = m + logf(l);
+    __syncthreads();  // q_s and p are reused by the next component
+  }
+}
+
+// Backward of one query row t for each component (sources §1.4), with dO_c = coef·dO:
+//   p_s = exp(z_s − lse),  dS_s = p_s·(dO_c·V_s − D_c),  D_c = rowsum(dO_c ⊙ O_c),
+//   dq_t = scale·Σ_s dS_s k_s (written),  dk_s += scale·dS_s q_t,  dV_s += p_s dO_c (atomics).
+// Shared memory: q [d_qk], dout row [width], p [T], dS [T].
+__global__ void __launch_bounds__(kAttnThreads) attention_bwd_kernel(float* dq, float* dk, float* dv,
+                                                                     const float* dout, const float* q, const float* k,
+                                                                     const float* v, const float* out, const float* o2,
+                                                                     const float* lse, const float* lambda,
+                                                                     AttnShape sh, float scale) {
+  extern __shared__ float smem[];
+  __shared__ float red[kWarp];
+  const int64_t width = sh.comps * sh.d_v;
+  float* q_s = smem;
+  float* do_s = q_s + sh.d_qk;
+  float* p = do_s + width;
+  float* ds = p + sh.seq;
+  const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp, n_warps = blockDim.x / kWarp;
+  const int64_t t = blockIdx.x, g = blockIdx.y, b = blockIdx.z;
+  const int64_t first = sh.comps * g;
+  const int64_t k_stride = sh.heads * sh.d_qk, v_stride = sh.heads * sh.d_v;
+  const bool differential = sh.comps == 2;
+  const float lam = differential ? lambda[0] : 0.0f;
+  const int64_t row = sh.at(b, t, first, sh.d_v);  // dout/out/o2 row of the group (width values)
+  const float* v_g = v + sh.at(b, 0, first, sh.d_v);
+  float* dv_g = dv + sh.at(b, 0, first, sh.d_v);
+  for (int64_t i = threadIdx.x; i < width; i += blockDim.x) do_s[i] = dout[row + i];
+  for (int64_t c = 0; c < sh.comps; ++c) {
+    const int64_t j = first + c;
+    // dO_0 = dO, dO_1 = −λ·dO; a plain head is component 0 with O = out.
+    const float coef = c == 0 ? 1.0f : -lam;
+    for (int64_t i = threadIdx.x; i < sh.d_qk; i += blockDim.x) q_s[i] = q[sh.at(b, t, j, sh.d_qk) + i];
+    // D_c = coef·Σ dO ⊙ O_c, with O_0 = out + λ·o2 (differential) or out (plain), O_1 = o2.
+    float d_part = 0.0f;
+    for (int64_t i = threadIdx.x; i < width; i += blockDim.x) {
+      const float o_c = c == 1 ? o2[row + i] : (differential ? out[row + i] + lam * o2[row + i] : out[row + i]);
+      d_part += dout[row + i] * o_c;
+    }
+    const float d_c = coef * block_sum(d_part, red);  // its barriers also publish q_s, do_s
+    const float lse_t = lse[(b * sh.heads + j) * sh.seq + t];
+    const float* k_j = k + sh.at(b, 0, j, sh.d_qk);
+    for (int64_t s = warp; s <= t; s += n_warps) {
+      const float* k_s = k_j + s * k_stride;
+      const float* v_s = v_g + s * v_stride;
+      float qk = 0.0f, dov = 0.0f;
+      for (int64_t i = lane; i < sh.d_qk; i += kWarp) qk += q_s[i] * k_s[i];
+      for (int64_t i = lane; i < width; i += kWarp) dov += do_s[i] * v_s[i];
+      qk = warp_sum(qk);
+      dov = warp_sum(dov);
+      if (lane == 0) {
+        const float ps = expf(scale * qk - lse_t);
+        p[s] = ps;
+        ds[s] = ps * (coef * dov - d_c);
+      }
+    }
+    __syncthreads();
+    float* dq_t = dq + sh.at(b, t, j, sh.d_qk);
+    for (int64_t i = threadIdx.x; i < sh.d_qk; i += blockDim.x) {
+      float acc = 0.0f;
+      for (int64_t s = 0; s <= t; ++s) acc += scale * ds[s] * k_j[s * k_stride + i];
+      dq_t[i] = acc;
+    }
+    float* dk_j = dk + sh.at(b, 0, j, sh.d_qk);
+    for (int64_t idx = threadIdx.x; idx < (t + 1) * sh.d_qk; idx += blockDim.x) {
+      const int64_t s = idx / sh.d_qk, i = idx % sh.d_qk;
+      atomicAdd(dk_j + s * k_stride + i, scale * ds[s] * q_s[i]);
+    }
+    for (int64_t idx = threadIdx.x; idx < (t + 1) * width; idx += blockDim.x) {
+      const int64_t s = idx / width, i = idx % width;
+      atomicAdd(dv_g + s * v_stride + i, p[s] * coef * do_s[i]);
+    }
+    __syncthreads();  // q_s, p, ds are reused by the next component
+  }
+}
+
+// dlambda[0] = −Σ dout ⊙ o2 (overwritten): one block, double, fixed order.
+__global__ void dlambda_kernel(float* dlambda, const float* dout, const float* o2, int64_t n) {
+  __shared__ double red[kWarp];
+  double s = 0.0;
+  for (int64_t i = threadIdx.x; i < n; i += blockDim.x) s += static_cast<double>(dout[i]) * o2[i];
+  s = block_sum(s, red);
+  if (threadIdx.x == 0) dlambda[0] = static_cast<float>(-s);
+}
+
+// Dynamic shared memory for one block, raising the kernel's limit above the 48 KB default when needed.
+template <class Kernel>
+size_t attention_smem(CudaBackend& be, Kernel kernel, size_t floats, std::string_view op, const AttnDims& d) {
+  const size_t bytes = floats * sizeof(float);
+  DIFFMOE_CHECK(bytes <= be.max_shared_bytes(),
+                "[{}] T = {} needs {} bytes of shared memory per block, the device allows {} (the fused attention "
+                "milestone lifts this limit)", op, d.seq, bytes, be.max_shared_bytes());
+  if (bytes > 48 * 1024) CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
+  return bytes;
+}
+
+dim3 attention_grid(const AttnDims& d, std::string_view op) {
+  DIFFMOE_CHECK(d.groups <= 65535 && d.batch <= 65535 && d.seq <= INT32_MAX,
+                "[{}] grid too large: B = {}, groups = {}, T = {}", op, d.batch, d.groups, d.seq);
+  return dim3(static_cast<unsigned>(d.seq), static_cast<unsigned>(d.groups), static_cast<unsigned>(d.batch));
+}
+
+}  // namespace
+
+void CudaBackend::mla_kv_split_fwd(Context ctx, const MlaKvSplitFwdArgs& a) {
+  const KvSplitDims d = validate_mla_kv_split_fwd(a, Device::kCUDA);
+  require_f32(a.kv, "mla_kv_split_fwd");
+  const int64_t total = d.rows * a.n_heads * (d.d_qk + a.d_v);
+  if (total == 0) return;
+  kv_split_fwd_kernel<<<grid_for(total), kThreads, 0, stream(ctx)>>>(f32(a.k), f32(a.v), f32(a.kv), f32(a.kr), d.rows,
+                                                                     a.n_heads, a.d_nope, a.d_rope, a.d_v,
+                                                                     d.kr_stride, a.kr_offset);
+  CUDA_CHECK_LAUNCH("mla_kv_split_fwd");
+}
+
+void CudaBackend::mla_kv_split_bwd(Context ctx, const MlaKvSplitBwdArgs& a) {
+  const KvSplitDims d = validate_mla_kv_split_bwd(a, Device::kCUDA);
+  require_f32(a.dkv, "mla_kv_split_bwd");
+  const cudaStream_t s = stream(ctx);
+  const int64_t total = d.rows * a.n_heads * (a.d_nope + a.d_v);
+  if (total > 0) {
+    kv_split_bwd_kv_kernel<<<grid_for(total), kThreads, 0, s>>>(f32(a.dkv), f32(a.dk), f32(a.dv), d.rows, a.n_heads,
+                                                                a.d_nope, a.d_rope, a.d_v);
+    CUDA_CHECK_LAUNCH("mla_kv_split_bwd");
+  }
+  if (d.rows * a.d_rope > 0) {
+    kv_split_bwd_kr_kernel<<<grid_for(d.rows * a.d_rope), kThreads, 0, s>>>(f32(a.dkr), f32(a.dk), d.rows, a.n_heads,
+                                                                             a.d_nope, a.d_rope, d.kr_stride,
+                                                                             a.kr_offset);
+    CUDA_CHECK_LAUNCH("mla_kv_split_bwd");
+  }
+}
+
+void CudaBackend::diff_lambda_fwd(Context ctx, const DiffLambdaFwdArgs& a) {
+  validate_diff_lambda_fwd(a, Device::kCUDA);
+  require_f32(a.lq1, "diff_lambda_fwd");
+  diff_lambda_fwd_kernel<<<1, kThreads, 0, stream(ctx)>>>(f32(a.lambda), f32(a.lq1), f32(a.lk1), f32(a.lq2),
+                                                          f32(a.lk2), a.lq1.numel(), a.lambda_init);
+  CUDA_CHECK_LAUNCH("diff_lambda_fwd");
+}
+
+void CudaBackend::diff_lambda_bwd(Context ctx, const DiffLambdaBwdArgs& a) {
+  validate_diff_lambda_bwd(a, Device::kCUDA);
+  require_f32(a.lq1, "diff_lambda_bwd");
+  diff_lambda_bwd_kernel<<<1, kThreads, 0, stream(ctx)>>>(f32(a.dlq1), f32(a.dlk1), f32(a.dlq2), f32(a.dlk2),
+                                                          f32(a.dlambda), f32(a.lq1), f32(a.lk1), f32(a.lq2),
+                                                          f32(a.lk2), a.lq1.numel());
+  CUDA_CHECK_LAUNCH("diff_lambda_bwd");
+}
+
+void CudaBackend::attention_fwd(Context ctx, const AttentionFwdArgs& a) {
+  constexpr std::string_view kOp = "attention_fwd";
+  const AttnDims d = validate_attention_fwd(a, Device::kCUDA);
+  require_f32(a.q, kOp);
+  if (d.batch == 0 || d.seq == 0) return;
+  const size_t smem = attention_smem(*this, attention_fwd_kernel, static_cast<size_t>(d.d_qk + d.seq), kOp, d);
+  attention_fwd_kernel<<<attention_grid(d, kOp), kAttnThreads, smem, stream(ctx)>>>(
+      f32(a.out), a.differential ? f32(a.o2) : nullptr, f32(a.lse), f32(a.q), f32(a.k), f32(a.v),
+      a.differential ? f32(a.lambda) : nullptr, shape_of(d), static_cast<float>(a.scale));
+  CUDA_CHECK_LAUNCH(kOp);
+}
+
+void CudaBackend::attention_bwd(Context ctx, const AttentionBwdArgs& a) {
+  constexpr std::string_view kOp = "attention_bwd";
+  const AttnDims d = validate_attention_bwd(a, Device::kCUDA);
+  require_f32(a.q, kOp);
+  const cudaStream_t s = stream(ctx);
+  if (d.batch == 0 || d.seq == 0) {
+    if (a.differential) CUDA_CHECK(cudaMemsetAsync(a.dlambda.data, 0, sizeof(float), s));
+    return;
+  }
+  // dk and dv are overwritten: zero them, then every query row adds its contribution.
+  CUDA_CHECK(cudaMemsetAsync(a.dk.data, 0, a.dk.nbytes(), s));
+  CUDA_CHECK(cudaMemsetAsync(a.dv.data, 0, a.dv.nbytes(), s));
+  const size_t floats = static_cast<size_t>(d.d_qk + d.comps * d.d_v + 2 * d.seq);
+  const size_t smem = attention_smem(*this, attention_bwd_kernel, floats, kOp, d);
+  attention_bwd_kernel<<<attention_grid(d, kOp), kAttnThreads, smem, s>>>(
+      f32(a.dq), f32(a.dk), f32(a.dv), f32(a.dout), f32(a.q), f32(a.k), f32(a.v), f32(a.out),
+      a.differential ? f32(a.o2) : nullptr, f32(a.lse), a.differential ? f32(a.lambda) : nullptr, shape_of(d),
+      static_cast<float>(a.scale));
+  CUDA_CHECK_LAUNCH(kOp);
+  if (a.differential) {
+    dlambda_kernel<<<1, 1024, 0, s>>>(f32(a.dlambda), f32(a.dout), f32(a.o2), a.dout.numel());
+    CUDA_CHECK_LAUNCH(kOp);
+  }
+}
+
+}  // namespace diffmoe

@@ -1,0 +1,114 @@
+// The CUDA backend (issue #4, first milestone): every Backend op in f32 on the GPU, checked
+// against the CPU reference by tests/ops/cuda_vs_cpu.cpp. Kernels are deliberately simple (one
+// thread per element, one warp or block per row); later milestones add bf16, fused attention and
+// a grouped GEMM without host sync. Each op family lives in its own .cu file beside this header.
+//
+// Rules of this backend (beyond op_args.h):
+// - dtype: every float tensor of a call is f32 (CPU: f32 or f64), index tensors are i32; copy and
+//   fill also handle f64, bf16 and f8e4m3 storage as on the CPU.
+// - Streams: ops run on Context::stream (a cudaStream_t; nullptr = the legacy default stream) and
+//   never sync the host, except grouped_gemm and grouped_gemm_wgrad, which read the group offsets
+//   to the host (one small copy + stream sync: documented and temporary, see gemm_ops.cu).
+// - upload/download are blocking: they wait for the whole device first (ops may be on any stream).
+// - Index contents are checked on the device (device_issue.h) and reported by synchronize() and
+//   download().
+// - The backend owns a cuBLAS handle (default math: no TF32, so f32 GEMMs are true f32) with its
+//   own workspace, and one scratch workspace for ops that need temporaries (sorts, per-row
+//   partial sums). The scratch grows on first use and is then reused: steady-state calls do not
+//   allocate. Both are shared by every stream, so one backend drives one stream at a time.
+// - Determinism: everything is bitwise run-to-run reproducible except attention_bwd's dk/dv
+//   (atomicAdd over query rows) and sum_squares (atomicAdd of block sums), both f32 atomics whose
+//   order varies in the last bits.
+//
+// Translation units: the .cu files compile as C++17 (nvcc 13's front end rejects fmt 9's consteval
+// format strings in C++20); host-only files (.cpp) compile as C++20 with the project's warnings.
+#pragma once
+#include <cublas_v2.h>
+#include <cuda_runtime_api.h>
+
+#include <memory>
+#include <vector>
+
+#include "backend/backend.h"
+#include "backend/cuda/cuda_allocator.h"
+#include "backend/cuda/device_issue.h"
+
+namespace diffmoe {
+
+class CudaBackend final : public Backend {
+ public:
+  CudaBackend();  // uses the current CUDA device; throws "[cuda] ..." when there is none
+  ~CudaBackend() override;
+  CudaBackend(const CudaBackend&) = delete;
+  CudaBackend& operator=(const CudaBackend&) = delete;
+
+  std::string_view name() const override { return "cuda"; }
+  Device device() const override { return Device::kCUDA; }
+  Allocator& allocator() override { return cuda_allocator(); }
+  void upload(const Tensor& dst, const void* src) override;
+  void download(void* dst, const Tensor& src) override;
+  void synchronize(Context ctx) override;
+
+  void fill(Context ctx, const FillArgs& a) override;                    // basic_ops.cu
+  void copy(Context ctx, const CopyArgs& a) override;
+  void axpy(Context ctx, const AxpyArgs& a) override;
+  void scale(Context ctx, const ScaleArgs& a) override;
+  void sum_squares(Context ctx, const SumSquaresArgs& a) override;
+  void embedding_fwd(Context ctx, const EmbeddingFwdArgs& a) override;
+  void embedding_bwd(Context ctx, const EmbeddingBwdArgs& a) override;
+  void rmsnorm_fwd(Context ctx, const RmsNormFwdArgs& a) override;      // norm_ops.cu
+  void rmsnorm_bwd(Context ctx, const RmsNormBwdArgs& a) override;
+  void gemm(Context ctx, const GemmArgs& a) override;                    // gemm_ops.cu
+  void grouped_gemm(Context ctx, const GroupedGemmArgs& a) override;
+  void grouped_gemm_wgrad(Context ctx, const GroupedGemmWgradArgs& a) override;
+  void rope(Context ctx, const RopeArgs& a) override;                    // rope_ops.cu
+  void mla_kv_split_fwd(Context ctx, const MlaKvSplitFwdArgs& a) override;  // attention_ops.cu
+  void mla_kv_split_bwd(Context ctx, const MlaKvSplitBwdArgs& a) override;
+  void diff_lambda_fwd(Context ctx, const DiffLambdaFwdArgs& a) override;
+  void diff_lambda_bwd(Context ctx, const DiffLambdaBwdArgs& a) override;
+  void attention_fwd(Context ctx, const AttentionFwdArgs& a) override;
+  void attention_bwd(Context ctx, const AttentionBwdArgs& a) override;
+  void latent_attention(Context ctx, const LatentAttentionArgs& a) override;  // latent_attention_ops.cu
+  void swiglu_fwd(Context ctx, const SwigluFwdArgs& a) override;         // swiglu_ops.cu
+  void swiglu_bwd(Context ctx, const SwigluBwdArgs& a) override;
+  void router_fwd(Context ctx, const RouterFwdArgs& a) override;         // moe_ops.cu
+  void router_bwd(Context ctx, const RouterBwdArgs& a) override;
+  void aux_loss_fwd(Context ctx, const AuxLossFwdArgs& a) override;
+  void aux_loss_bwd(Context ctx, const AuxLossBwdArgs& a) override;
+  void moe_permute(Context ctx, const MoePermuteArgs& a) override;
+  void moe_gather(Context ctx, const MoeGatherArgs& a) override;
+  void moe_gather_bwd(Context ctx, const MoeGatherBwdArgs& a) override;
+  void moe_combine_fwd(Context ctx, const MoeCombineFwdArgs& a) override;
+  void moe_combine_bwd(Context ctx, const MoeCombineBwdArgs& a) override;
+  void moe_bias_update(Context ctx, const MoeBiasUpdateArgs& a) override;
+  void cross_entropy_fwd(Context ctx, const CrossEntropyFwdArgs& a) override;  // loss_ops.cu
+  void cross_entropy_bwd(Context ctx, const CrossEntropyBwdArgs& a) override;
+  void adamw(Context ctx, const AdamWArgs& a) override;                  // optim_ops.cu
+
+  // ---- for the op files
+  static cudaStream_t stream(Context ctx) { return static_cast<cudaStream_t>(ctx.stream); }
+  cublasHandle_t cublas(cudaStream_t s);        // the handle, bound to stream s
+  void* scratch(size_t bytes);                  // the shared scratch workspace, >= bytes
+  DeviceIssue* issue() const { return static_cast<DeviceIssue*>(issue_.get()); }
+  int multiprocessors() const { return sm_count_; }
+  size_t max_shared_bytes() const { return max_smem_optin_; }  // per block, after opt-in
+  // Copies an i32 device tensor to host memory owned by the backend (stream sync): grouped GEMMs.
+  const int32_t* read_to_host(const Tensor& t, cudaStream_t s);
+
+ private:
+  void check_issue();  // throws if a kernel recorded a bad index (after a sync)
+
+  int device_ = 0, sm_count_ = 0;
+  size_t max_smem_optin_ = 0;
+  cublasHandle_t cublas_ = nullptr;
+  cudaStream_t cublas_stream_ = nullptr;  // the stream the handle is bound to
+  bool cublas_stream_set_ = false;
+  DeviceBuffer cublas_workspace_;
+  DeviceBuffer scratch_;
+  DeviceBuffer issue_;
+  std::vector<int32_t> host_staging_;
+};
+
+std::unique_ptr<Backend> make_cuda_backend();
+
+}  // namespace diffmoe

@@ -1,0 +1,92 @@
+// Device helpers shared by the CUDA op files: launch sizes, warp and block reductions (fixed
+// shapes, so results are bitwise reproducible), the device-side index check, and the f32 rule.
+#pragma once
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <string_view>
+
+#include "backend/cuda/cuda_backend.h"
+#include "backend/cuda/cuda_check.h"
+#include "backend/cuda/device_issue.h"
+
+namespace diffmoe::cuda {
+
+constexpr int kWarp = 32;
+constexpr int kThreads = 256;                 // default block for element-wise kernels
+constexpr int kWarpsPerBlock = kThreads / kWarp;
+constexpr int64_t kMaxGrid = int64_t{1} << 20;  // grid-stride loops cover the rest
+constexpr unsigned kFullMask = 0xffffffffu;
+
+// Bytes rounded up to 256, to carve several arrays out of one scratch or shared-memory block.
+__host__ __device__ constexpr size_t align256(size_t bytes) { return (bytes + 255) / 256 * 256; }
+
+// Blocks for n items at `per_block` items per block, capped (kernels loop grid-stride).
+inline unsigned grid_for(int64_t n, int64_t per_block = kThreads) {
+  return static_cast<unsigned>(std::clamp<int64_t>((n + per_block - 1) / per_block, 1, kMaxGrid));
+}
+
+// Every float tensor of a call is f32 in this milestone (CPU: f32 or f64).
+inline void require_f32(const Tensor& t, std::string_view op) {
+  DIFFMOE_CHECK(t.dtype == DType::kF32, "[{}] the CUDA backend computes in f32 (bf16 comes in a later milestone), got {}",
+                op, dtype_name(t.dtype));
+}
+
+inline float* f32(const Tensor& t) { return static_cast<float*>(t.data); }
+inline int32_t* i32(const Tensor& t) { return static_cast<int32_t*>(t.data); }
+
+// ---------------------------------------------------------------- reductions
+
+template <class T>
+__device__ __forceinline__ T warp_sum(T v) {
+#pragma unroll
+  for (int o = kWarp / 2; o > 0; o >>= 1) v += __shfl_xor_sync(kFullMask, v, o);
+  return v;
+}
+
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+  for (int o = kWarp / 2; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(kFullMask, v, o));
+  return v;
+}
+
+// Sum over the block; every thread gets the result. `smem` holds blockDim.x/32 values. The shape
+// of the reduction depends only on blockDim, so the result is reproducible.
+template <class T>
+__device__ T block_sum(T v, T* smem) {
+  const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp, n_warps = blockDim.x / kWarp;
+  v = warp_sum(v);
+  __syncthreads();  // smem may still be read by a previous call
+  if (lane == 0) smem[warp] = v;
+  __syncthreads();
+  T total = lane < n_warps ? smem[lane] : T(0);
+  return warp_sum(total);
+}
+
+__device__ inline float block_max(float v, float* smem) {
+  const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp, n_warps = blockDim.x / kWarp;
+  v = warp_max(v);
+  __syncthreads();
+  if (lane == 0) smem[warp] = v;
+  __syncthreads();
+  const float m = lane < n_warps ? smem[lane] : -INFINITY;
+  return warp_max(m);
+}
+
+// ---------------------------------------------------------------- index checks (device_issue.h)
+
+// True when 0 <= v < limit (or v == −1 where allowed); otherwise records the first bad index.
+__device__ inline bool index_ok(DeviceIssue* issue, IssueSite site, int64_t i, int32_t v, int64_t limit,
+                                bool allow_ignore = false) {
+  if ((v >= 0 && v < limit) || (allow_ignore && v == -1)) return true;
+  if (atomicCAS(&issue->flag, 0, 1) == 0) {
+    issue->site = static_cast<int32_t>(site);
+    issue->index = i;
+    issue->value = v;
+    issue->limit = limit;
+  }
+  return false;
+}
+
+}  // namespace diffmoe::cuda

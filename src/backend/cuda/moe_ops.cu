@@ -1,0 +1,609 @@
+// MoE routing and token dispatch on the GPU (spec §5; sources §4.2 forward, §4.4 backward of the
+// weights, §4.5 bias update, §4.6 aux loss), checked against the CPU reference.
+//
+// Design:
+// - Router forward and backward: one warp per token. Selection is the CPU's rule exactly: k passes
+//   of an arg-max over the candidates, ties to the lower index, so the same scores give the same
+//   experts. A warp keeps its token's scores, selection scores and candidate states in shared
+//   memory (E ≤ kMaxExperts = 256); group scores are computed one group per lane by the CPU's
+//   sequential top-2 scan. Scores are computed with the CPU's arithmetic (sigmoid in f32, softmax
+//   with a double denominator); sums over the K picks run on one lane in k order, like the CPU.
+// - counts: integer atomicAdd (exact; the order does not matter for integers).
+// - Aux loss: one block per sequence. The plain top-K picks are counted with shared-memory integer
+//   atomics (exact), then the per-token sums run one warp per token in double and are combined in
+//   a fixed order; the forward adds the per-sequence values in order on one thread. Deterministic.
+// - Permute: a stable sort of (expert, assignment) pairs (radix_sort.h) gives src_row and slot_pos
+//   directly, stable in (token, slot) order; offsets[e] = the number of assignments to experts < e,
+//   by binary search in the sorted experts. No atomics.
+// - Gather, gather backward, combine and its backward: one thread per (row, column) or one warp per
+//   (token, slot); every sum over the K slots runs in k order per token (deterministic).
+// - Index contents (topk_idx, src_row, slot_pos) are checked where they are used (device_issue.h).
+#include <climits>
+
+#include "backend/cuda/cuda_common.cuh"
+#include "backend/cuda/radix_sort.h"
+#include "backend/op_validation.h"
+
+namespace diffmoe {
+namespace {
+
+using namespace cuda;
+
+constexpr int kMaxExperts = 256;    // router: experts per token held in one warp's shared memory
+constexpr int kRouterWarps = 4;     // tokens per router block
+constexpr int kAuxThreads = 256;    // aux loss: threads per sequence block
+enum : uint8_t { kExcluded = 0, kCandidate = 1, kChosen = 2 };
+
+// Index of the largest score[i] with state[i] == kCandidate, ties to the lower index; −1 if none.
+// Called by a whole warp; every lane gets the answer.
+__device__ int warp_argmax(const float* score, const uint8_t* state, int n) {
+  const int lane = threadIdx.x % kWarp;
+  float best = 0.0f;
+  int best_i = -1;
+  for (int i = lane; i < n; i += kWarp) {  // increasing i: a strict '>' keeps the lower index
+    if (state[i] != kCandidate) continue;
+    if (best_i < 0 || score[i] > best) {
+      best = score[i];
+      best_i = i;
+    }
+  }
+#pragma unroll
+  for (int o = kWarp / 2; o > 0; o >>= 1) {
+    const float other = __shfl_xor_sync(kFullMask, best, o);
+    const int other_i = __shfl_xor_sync(kFullMask, best_i, o);
+    if (other_i >= 0 && (best_i < 0 || other > best || (other == best && other_i < best_i))) {
+      best = other;
+      best_i = other_i;
+    }
+  }
+  return best_i;
+}
+
+// Group score (sources §4.2): the sum of the two largest selection scores of the group when the
+// balancing bias is on, the largest one when it is off. Sequential, exactly the CPU's scan.
+__device__ float group_score(const float* sel, int group_size, bool top2_sum) {
+  int first = 0;
+  for (int j = 1; j < group_size; ++j)
+    if (sel[j] > sel[first]) first = j;
+  if (!top2_sum) return sel[first];
+  int second = -1;
+  for (int j = 0; j < group_size; ++j)
+    if (j != first && (second < 0 || sel[j] > sel[second])) second = j;
+  return sel[first] + sel[second];
+}
+
+struct RouterConsts {
+  int64_t n_tokens;
+  int n_experts, n_groups, n_limited, top_k;
+  bool sigmoid, use_bias;
+  double route_scale;
+};
+
+struct RouterWarpSmem {
+  float s[kMaxExperts];
+  float sel[kMaxExperts];
+  float group_sel[kMaxExperts];
+  uint8_t state[kMaxExperts];
+  uint8_t group_state[kMaxExperts];
+  int idx[kMaxExperts];
+};
+
+// One warp per token: scores, group limit, top-k, weights, counts (spec §5, sources §4.2).
+__global__ void __launch_bounds__(kRouterWarps * kWarp) router_fwd_kernel(float* scores, int32_t* topk_idx,
+                                                                         float* topk_w, int32_t* counts,
+                                                                         const float* logits, const float* bias,
+                                                                         RouterConsts c) {
+  __shared__ RouterWarpSmem smem_all[kRouterWarps];
+  const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
+  RouterWarpSmem& w = smem_all[warp];
+  const int E = c.n_experts;
+  for (int64_t n = blockIdx.x * int64_t{kRouterWarps} + warp; n < c.n_tokens; n += int64_t{gridDim.x} * kRouterWarps) {
+    const float* z = logits + n * E;
+    float* s_out = scores + n * E;
+    // s = sigmoid(z) in f32, or softmax(z) with a double denominator, as the CPU computes them.
+    if (c.sigmoid) {
+      for (int e = lane; e < E; e += kWarp) w.s[e] = 1.0f / (1.0f + expf(-z[e]));
+    } else {
+      float z_max = -INFINITY;
+      for (int e = lane; e < E; e += kWarp) z_max = fmaxf(z_max, z[e]);
+      z_max = warp_max(z_max);
+      double denom = 0.0;
+      for (int e = lane; e < E; e += kWarp) denom += exp(static_cast<double>(z[e] - z_max));
+      denom = warp_sum(denom);
+      for (int e = lane; e < E; e += kWarp) w.s[e] = static_cast<float>(exp(static_cast<double>(z[e] - z_max)) / denom);
+    }
+    // Selection scores s + b: the bias only ever takes part in the selection.
+    for (int e = lane; e < E; e += kWarp) {
+      s_out[e] = w.s[e];
+      w.sel[e] = c.use_bias ? w.s[e] + bias[e] : w.s[e];
+    }
+    __syncwarp();
+    // Group limit: keep the n_limited groups with the largest group score.
+    if (c.n_groups > 1) {
+      const int group_size = E / c.n_groups;
+      for (int g = lane; g < c.n_groups; g += kWarp) {
+        w.group_sel[g] = group_score(w.sel + g * group_size, group_size, c.use_bias);
+        w.group_state[g] = kCandidate;
+      }
+      __syncwarp();
+      for (int j = 0; j < c.n_limited; ++j) {
+        const int best = warp_argmax(w.group_sel, w.group_state, c.n_groups);
+        if (lane == 0 && best >= 0) w.group_state[best] = kChosen;
+        __syncwarp();
+      }
+      for (int e = lane; e < E; e += kWarp) w.state[e] = w.group_state[e / group_size] == kChosen ? kCandidate : kExcluded;
+    } else {
+      for (int e = lane; e < E; e += kWarp) w.state[e] = kCandidate;
+    }
+    __syncwarp();
+    for (int k = 0; k < c.top_k; ++k) {
+      const int best = warp_argmax(w.sel, w.state, E);  // validation guarantees enough candidates
+      if (lane == 0) {
+        w.state[best] = kChosen;
+        w.idx[k] = best;
+        topk_idx[n * c.top_k + k] = best;
+        atomicAdd(counts + best, 1);
+      }
+      __syncwarp();
+    }
+    // w = s[idx] (unbiased); sigmoid: w /= Σw (summed in k order); w *= route_scale.
+    if (lane == 0) {
+      double denom = 1.0;
+      if (c.sigmoid) {
+        denom = 0.0;
+        for (int k = 0; k < c.top_k; ++k) denom += w.s[w.idx[k]];
+      }
+      for (int k = 0; k < c.top_k; ++k)
+        topk_w[n * c.top_k + k] = static_cast<float>(c.route_scale * (w.s[w.idx[k]] / denom));
+    }
+    __syncwarp();  // w.* is reused by the warp's next token
+  }
+}
+
+// Backward of the routing weights only (sources §4.4), one warp per token. The per-token scalars run
+// on lane 0 in k order (K is small), the E-wide row on all lanes.
+__global__ void router_bwd_kernel(float* dlogits, const float* dtopk_w, const float* scores, const int32_t* topk_idx,
+                                  RouterConsts c, DeviceIssue* issue) {
+  const int lane = threadIdx.x % kWarp;
+  const int64_t n_warps = int64_t{gridDim.x} * blockDim.x / kWarp;
+  const int E = c.n_experts, K = c.top_k;
+  const double scale = c.route_scale;
+  for (int64_t n = (blockIdx.x * int64_t{blockDim.x} + threadIdx.x) / kWarp; n < c.n_tokens; n += n_warps) {
+    const float* s = scores + n * E;
+    const float* dw = dtopk_w + n * K;
+    const int32_t* idx = topk_idx + n * K;
+    float* dz = dlogits + n * E;
+    bool ok = true;
+    for (int k = lane; k < K; k += kWarp)
+      ok = index_ok(issue, IssueSite::kRouterBwdTopkIdx, n * K + k, idx[k], E) && ok;
+    if (!__all_sync(kFullMask, ok)) continue;
+    // sigmoid: S = Σ s_k, ŵ_k = s_k/S, ds_k = (route_scale·dw_k − Σ_j ŵ_j route_scale·dw_j)/S on idx,
+    //          dz = ds ⊙ s ⊙ (1 − s);   softmax: dz = p ⊙ (dp − Σ_j p_j dp_j), dp_k = route_scale·dw_k.
+    double sum_s = 0.0, dot = 0.0;
+    if (lane == 0) {
+      if (c.sigmoid) {
+        for (int k = 0; k < K; ++k) sum_s += s[idx[k]];
+        for (int k = 0; k < K; ++k) dot += (s[idx[k]] / sum_s) * (scale * dw[k]);
+      } else {
+        for (int k = 0; k < K; ++k) dot += s[idx[k]] * (scale * dw[k]);
+      }
+    }
+    sum_s = __shfl_sync(kFullMask, sum_s, 0);
+    dot = __shfl_sync(kFullMask, dot, 0);
+    for (int e = lane; e < E; e += kWarp)
+      dz[e] = c.sigmoid ? 0.0f : static_cast<float>(-static_cast<double>(s[e]) * dot);
+    __syncwarp();
+    if (lane == 0) {
+      for (int k = 0; k < K; ++k) {
+        const double s_k = s[idx[k]];
+        dz[idx[k]] = c.sigmoid ? static_cast<float>((scale * dw[k] - dot) / sum_s * s_k * (1 - s_k))
+                               : static_cast<float>(s_k * (scale * dw[k] - dot));
+      }
+    }
+    __syncwarp();
+  }
+}
+
+// ---------------------------------------------------------------- sequence-wise aux loss (§4.6)
+
+struct AuxConsts {
+  int64_t seq_len, n_seqs;
+  int n_experts, top_k;
+  bool sigmoid;
+  double alpha, dloss;
+};
+
+// Shared memory of one sequence block: counts [E] i32, then per-warp candidate states [warps][E].
+// Counts the plain top-K picks (unbiased scores, no groups) of the block's sequence into cnt[].
+__device__ void aux_count_picks(int* cnt, uint8_t* states, const float* s_seq, const AuxConsts& c) {
+  const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp, n_warps = blockDim.x / kWarp;
+  const int E = c.n_experts;
+  for (int i = threadIdx.x; i < E; i += blockDim.x) cnt[i] = 0;
+  __syncthreads();
+  uint8_t* state = states + warp * E;
+  for (int64_t t = warp; t < c.seq_len; t += n_warps) {
+    const float* s_t = s_seq + t * E;
+    for (int i = lane; i < E; i += kWarp) state[i] = kCandidate;
+    __syncwarp();
+    for (int k = 0; k < c.top_k; ++k) {
+      const int best = warp_argmax(s_t, state, E);
+      if (lane == 0) {
+        state[best] = kChosen;
+        atomicAdd(cnt + best, 1);  // integer: exact in any order
+      }
+      __syncwarp();
+    }
+  }
+  __syncthreads();
+}
+
+// Σ_i s_i / norm with norm = Σ_i s_i (sigmoid) or 1 (softmax scores already sum to one).
+__device__ double aux_norm(const float* s_t, const AuxConsts& c) {
+  if (!c.sigmoid) return 1.0;
+  double sum = 0.0;
+  for (int i = threadIdx.x % kWarp; i < c.n_experts; i += kWarp) sum += s_t[i];
+  return warp_sum(sum);
+}
+
+// seq_loss[b] = α/T · Σ_t Σ_i f_i s'_{i,t},  f_i = E/(K·T) · picks_i
+__global__ void __launch_bounds__(kAuxThreads) aux_loss_fwd_kernel(double* seq_loss, const float* scores,
+                                                                   AuxConsts c) {
+  extern __shared__ __align__(16) unsigned char aux_smem[];
+  __shared__ double warp_part[kAuxThreads / kWarp];
+  int* cnt = reinterpret_cast<int*>(aux_smem);
+  uint8_t* states = aux_smem + align256(sizeof(int) * c.n_experts);
+  const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp, n_warps = blockDim.x / kWarp;
+  const int64_t b = blockIdx.x;
+  const int E = c.n_experts;
+  const float* s_seq = scores + b * c.seq_len * E;
+  aux_count_picks(cnt, states, s_seq, c);
+  const double f_scale = static_cast<double>(E) / static_cast<double>(c.top_k * c.seq_len);
+  double acc = 0.0;  // this warp's tokens, in t order
+  for (int64_t t = warp; t < c.seq_len; t += n_warps) {
+    const float* s_t = s_seq + t * E;
+    const double norm = aux_norm(s_t, c);
+    double part = 0.0;
+    for (int i = lane; i < E; i += kWarp) part += (cnt[i] * f_scale) * (s_t[i] / norm);
+    acc += warp_sum(part);
+  }
+  if (lane == 0) warp_part[warp] = acc;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    double l_b = 0.0;
+    for (int w = 0; w < n_warps; ++w) l_b += warp_part[w];
+    seq_loss[b] = c.alpha * l_b / static_cast<double>(c.seq_len);
+  }
+}
+
+// loss[0] += mean_b seq_loss[b] (one thread, in order).
+__global__ void aux_loss_total_kernel(float* loss, const double* seq_loss, int64_t n_seqs) {
+  double total = 0.0;
+  for (int64_t b = 0; b < n_seqs; ++b) total += seq_loss[b];
+  loss[0] = static_cast<float>(loss[0] + total / static_cast<double>(n_seqs));
+}
+
+// dlogits += dloss · ∂(mean_b L_b)/∂z, with g_i = dloss·α·f_i/(T·B) (the same for every t):
+//   sigmoid: dz_k = (g_k − Σ_i s'_i g_i) / Σ_j s_j · s_k (1 − s_k);  softmax: dz_k = s_k (g_k − Σ_i s_i g_i)
+// Shared memory: counts [E] i32, states [warps][E], g [E] double.
+__global__ void __launch_bounds__(kAuxThreads) aux_loss_bwd_kernel(float* dlogits, const float* scores, AuxConsts c) {
+  extern __shared__ __align__(16) unsigned char aux_smem[];
+  const int E = c.n_experts;
+  const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp, n_warps = blockDim.x / kWarp;
+  int* cnt = reinterpret_cast<int*>(aux_smem);
+  uint8_t* states = aux_smem + align256(sizeof(int) * E);
+  double* g = reinterpret_cast<double*>(states + align256(static_cast<size_t>(n_warps) * E));
+  const int64_t b = blockIdx.x;
+  const float* s_seq = scores + b * c.seq_len * E;
+  aux_count_picks(cnt, states, s_seq, c);
+  const double f_scale = static_cast<double>(E) / static_cast<double>(c.top_k * c.seq_len);
+  for (int i = threadIdx.x; i < E; i += blockDim.x)
+    g[i] = c.dloss * c.alpha * (cnt[i] * f_scale) / static_cast<double>(c.seq_len * c.n_seqs);
+  __syncthreads();
+  for (int64_t t = warp; t < c.seq_len; t += n_warps) {
+    const float* s = s_seq + t * E;
+    float* dz = dlogits + (b * c.seq_len + t) * E;
+    const double norm = aux_norm(s, c);
+    double s_dot_g = 0.0;
+    for (int i = lane; i < E; i += kWarp) s_dot_g += (s[i] / norm) * g[i];
+    s_dot_g = warp_sum(s_dot_g);
+    for (int k = lane; k < E; k += kWarp) {
+      const double s_k = s[k];
+      const double dz_k = c.sigmoid ? (g[k] - s_dot_g) / norm * s_k * (1 - s_k) : s_k * (g[k] - s_dot_g);
+      dz[k] = static_cast<float>(dz[k] + dz_k);
+    }
+  }
+}
+
+// ---------------------------------------------------------------- dispatch plan and data movement
+
+// vals[i] = i, and every expert index checked (the sort itself tolerates bad keys).
+__global__ void permute_prepare_kernel(int32_t* vals, const int32_t* topk_idx, int64_t n_rows, int64_t n_experts,
+                                       DeviceIssue* issue) {
+  for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < n_rows; i += int64_t{gridDim.x} * blockDim.x) {
+    vals[i] = static_cast<int32_t>(i);
+    index_ok(issue, IssueSite::kPermuteTopkIdx, i, topk_idx[i], n_experts);
+  }
+}
+
+// Permuted row r holds assignment i = sorted_assign[r] = n·K + k:  src_row[r] = n, slot_pos[i] = r.
+__global__ void permute_scatter_kernel(int32_t* src_row, int32_t* slot_pos, const int32_t* sorted_assign,
+                                       int64_t n_rows, int64_t top_k) {
+  for (int64_t r = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; r < n_rows; r += int64_t{gridDim.x} * blockDim.x) {
+    const int32_t i = sorted_assign[r];
+    src_row[r] = static_cast<int32_t>(i / top_k);
+    slot_pos[i] = static_cast<int32_t>(r);
+  }
+}
+
+// offsets[e] = #{sorted experts < e} for e = 0 … E (binary search).
+__global__ void permute_offsets_kernel(int32_t* offsets, const int32_t* sorted_expert, int64_t n_rows,
+                                       int64_t n_experts) {
+  for (int64_t e = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; e <= n_experts;
+       e += int64_t{gridDim.x} * blockDim.x) {
+    int64_t lo = 0, hi = n_rows;
+    while (lo < hi) {
+      const int64_t mid = (lo + hi) / 2;
+      if (sorted_expert[mid] < e) lo = mid + 1;
+      else hi = mid;
+    }
+    offsets[e] = static_cast<int32_t>(lo);
+  }
+}
+
+// x_perm[r] = x[src_row[r]]
+__global__ void gather_kernel(float* x_perm, const float* x, const int32_t* src_row, int64_t n_rows, int64_t n_tokens,
+                              int64_t dim, DeviceIssue* issue) {
+  for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < n_rows * dim;
+       i += int64_t{gridDim.x} * blockDim.x) {
+    const int64_t r = i / dim, d = i % dim;
+    const int32_t src = src_row[r];
+    if (!index_ok(issue, IssueSite::kGatherSrcRow, r, src, n_tokens)) continue;
+    x_perm[i] = x[src * dim + d];
+  }
+}
+
+// dx[n] += Σ_k dx_perm[slot_pos[n,k]]   (double sum in k order, as on the CPU)
+__global__ void gather_bwd_kernel(float* dx, const float* dx_perm, const int32_t* slot_pos, int64_t n_tokens,
+                                  int64_t top_k, int64_t dim, int64_t n_rows, DeviceIssue* issue) {
+  for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < n_tokens * dim;
+       i += int64_t{gridDim.x} * blockDim.x) {
+    const int64_t n = i / dim, d = i % dim;
+    double acc = 0.0;
+    for (int64_t k = 0; k < top_k; ++k) {
+      const int32_t r = slot_pos[n * top_k + k];
+      if (index_ok(issue, IssueSite::kGatherBwdSlotPos, n * top_k + k, r, n_rows)) acc += dx_perm[r * dim + d];
+    }
+    dx[i] = static_cast<float>(dx[i] + acc);
+  }
+}
+
+// y[n] += Σ_k w[n,k] · y_perm[slot_pos[n,k]]   (double sum in k order, as on the CPU)
+__global__ void combine_fwd_kernel(float* y, const float* y_perm, const float* topk_w, const int32_t* slot_pos,
+                                   int64_t n_tokens, int64_t top_k, int64_t dim, int64_t n_rows, DeviceIssue* issue) {
+  for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < n_tokens * dim;
+       i += int64_t{gridDim.x} * blockDim.x) {
+    const int64_t n = i / dim, d = i % dim;
+    double acc = 0.0;
+    for (int64_t k = 0; k < top_k; ++k) {
+      const int32_t r = slot_pos[n * top_k + k];
+      if (index_ok(issue, IssueSite::kCombineFwdSlotPos, n * top_k + k, r, n_rows))
+        acc += static_cast<double>(topk_w[n * top_k + k]) * y_perm[r * dim + d];
+    }
+    y[i] = static_cast<float>(y[i] + acc);
+  }
+}
+
+// One warp per (n, k): dy_perm[slot_pos[n,k]] = w[n,k]·dy[n];  dtopk_w[n,k] = ⟨dy[n], y_perm[slot_pos[n,k]]⟩
+__global__ void combine_bwd_kernel(float* dy_perm, float* dtopk_w, const float* dy, const float* y_perm,
+                                   const float* topk_w, const int32_t* slot_pos, int64_t n_tokens, int64_t top_k,
+                                   int64_t dim, int64_t n_rows, DeviceIssue* issue) {
+  const int lane = threadIdx.x % kWarp;
+  const int64_t n_warps = int64_t{gridDim.x} * blockDim.x / kWarp;
+  for (int64_t nk = (blockIdx.x * int64_t{blockDim.x} + threadIdx.x) / kWarp; nk < n_tokens * top_k; nk += n_warps) {
+    const int64_t n = nk / top_k;
+    const int32_t r = slot_pos[nk];
+    if (!index_ok(issue, IssueSite::kCombineBwdSlotPos, nk, r, n_rows)) continue;  // uniform over the warp
+    const float w = topk_w[nk];
+    double dot = 0.0;
+    for (int64_t d = lane; d < dim; d += kWarp) {
+      const float g = dy[n * dim + d];
+      dy_perm[r * dim + d] = w * g;
+      dot += static_cast<double>(g) * y_perm[r * dim + d];
+    }
+    dot = warp_sum(dot);
+    if (lane == 0) dtopk_w[nk] = static_cast<float>(dot);
+  }
+}
+
+// b_i += rate · sign(mean(c) − c_i), sign(0) = 0 (sources §4.5). One block; the total is a fixed-
+// order block reduction in double.
+__global__ void bias_update_kernel(float* bias, const void* counts, bool counts_i32, int64_t n_experts, double rate) {
+  __shared__ double red[kWarp];
+  auto count = [&](int64_t i) {
+    return counts_i32 ? static_cast<double>(static_cast<const int32_t*>(counts)[i])
+                      : static_cast<double>(static_cast<const float*>(counts)[i]);
+  };
+  double total = 0.0;
+  for (int64_t i = threadIdx.x; i < n_experts; i += blockDim.x) total += count(i);
+  const double mean = block_sum(total, red) / static_cast<double>(n_experts);
+  for (int64_t i = threadIdx.x; i < n_experts; i += blockDim.x) {
+    const double gap = mean - count(i);
+    const int sign = (gap > 0) - (gap < 0);
+    bias[i] = bias[i] + static_cast<float>(rate) * static_cast<float>(sign);
+  }
+}
+
+RouterConsts router_consts(const RouterOptions& o, int64_t n_tokens, int64_t n_experts) {
+  return RouterConsts{.n_tokens = n_tokens, .n_experts = static_cast<int>(n_experts),
+                      .n_groups = static_cast<int>(o.n_groups), .n_limited = static_cast<int>(o.n_limited_groups),
+                      .top_k = static_cast<int>(o.top_k), .sigmoid = o.score_func == ScoreFunc::kSigmoid,
+                      .use_bias = o.use_bias, .route_scale = o.route_scale};
+}
+
+size_t aux_smem_bytes(int64_t n_experts, bool with_g) {
+  const size_t warps = kAuxThreads / kWarp;
+  size_t bytes = align256(sizeof(int) * n_experts) + align256(warps * n_experts);
+  if (with_g) bytes += sizeof(double) * n_experts;
+  return bytes;
+}
+
+template <class Kernel>
+void set_smem_limit(Kernel kernel, size_t bytes, size_t max_bytes, std::string_view op, int64_t n_experts) {
+  DIFFMOE_CHECK(bytes <= max_bytes, "[{}] {} experts need {} bytes of shared memory per block, the device allows {}", op,
+                n_experts, bytes, max_bytes);
+  if (bytes > 48 * 1024)
+    CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
+}
+
+}  // namespace
+
+void CudaBackend::router_fwd(Context ctx, const RouterFwdArgs& a) {
+  constexpr std::string_view kOp = "router_fwd";
+  validate_router_fwd(a, Device::kCUDA);
+  require_f32(a.logits, kOp);
+  const int64_t n_tokens = a.logits.dim(0), n_experts = a.logits.dim(1);
+  DIFFMOE_CHECK(n_experts <= kMaxExperts, "[{}] the CUDA router handles at most {} experts, got {}", kOp, kMaxExperts,
+                n_experts);
+  if (n_tokens == 0) return;
+  router_fwd_kernel<<<grid_for(n_tokens, kRouterWarps), kRouterWarps * kWarp, 0, stream(ctx)>>>(
+      f32(a.scores), i32(a.topk_idx), f32(a.topk_w), i32(a.counts), f32(a.logits),
+      a.opt.use_bias ? f32(a.bias) : nullptr, router_consts(a.opt, n_tokens, n_experts));
+  CUDA_CHECK_LAUNCH(kOp);
+}
+
+void CudaBackend::router_bwd(Context ctx, const RouterBwdArgs& a) {
+  constexpr std::string_view kOp = "router_bwd";
+  validate_router_bwd(a, Device::kCUDA);
+  require_f32(a.scores, kOp);
+  const int64_t n_tokens = a.scores.dim(0), n_experts = a.scores.dim(1);
+  DIFFMOE_CHECK(n_experts <= INT_MAX, "[{}] {} experts exceed the int range", kOp, n_experts);
+  if (n_tokens == 0) return;
+  router_bwd_kernel<<<grid_for(n_tokens * kWarp), kThreads, 0, stream(ctx)>>>(
+      f32(a.dlogits), f32(a.dtopk_w), f32(a.scores), i32(a.topk_idx), router_consts(a.opt, n_tokens, n_experts),
+      issue());
+  CUDA_CHECK_LAUNCH(kOp);
+}
+
+void CudaBackend::aux_loss_fwd(Context ctx, const AuxLossFwdArgs& a) {
+  constexpr std::string_view kOp = "aux_loss_fwd";
+  validate_aux_loss_fwd(a, Device::kCUDA);
+  require_f32(a.scores, kOp);
+  const int64_t n_tokens = a.scores.dim(0), n_experts = a.scores.dim(1);
+  if (n_tokens == 0) return;  // no sequences: nothing to add (the CPU would add 0/0)
+  const int64_t n_seqs = n_tokens / a.seq_len;
+  DIFFMOE_CHECK(n_seqs <= INT32_MAX && n_experts <= INT32_MAX, "[{}] too many sequences or experts", kOp);
+  const AuxConsts c{.seq_len = a.seq_len, .n_seqs = n_seqs, .n_experts = static_cast<int>(n_experts),
+                    .top_k = static_cast<int>(a.top_k), .sigmoid = a.score_func == ScoreFunc::kSigmoid,
+                    .alpha = a.alpha, .dloss = 1.0};
+  const size_t smem = aux_smem_bytes(n_experts, false);
+  set_smem_limit(aux_loss_fwd_kernel, smem, max_shared_bytes(), kOp, n_experts);
+  const cudaStream_t s = stream(ctx);
+  auto* seq_loss = static_cast<double*>(scratch(static_cast<size_t>(n_seqs) * sizeof(double)));
+  aux_loss_fwd_kernel<<<static_cast<unsigned>(n_seqs), kAuxThreads, smem, s>>>(seq_loss, f32(a.scores), c);
+  CUDA_CHECK_LAUNCH(kOp);
+  aux_loss_total_kernel<<<1, 1, 0, s>>>(f32(a.loss), seq_loss, n_seqs);
+  CUDA_CHECK_LAUNCH(kOp);
+}
+
+void CudaBackend::aux_loss_bwd(Context ctx, const AuxLossBwdArgs& a) {
+  constexpr std::string_view kOp = "aux_loss_bwd";
+  validate_aux_loss_bwd(a, Device::kCUDA);
+  require_f32(a.scores, kOp);
+  const int64_t n_tokens = a.scores.dim(0), n_experts = a.scores.dim(1);
+  if (n_tokens == 0) return;
+  const int64_t n_seqs = n_tokens / a.seq_len;
+  DIFFMOE_CHECK(n_seqs <= INT32_MAX && n_experts <= INT32_MAX, "[{}] too many sequences or experts", kOp);
+  const AuxConsts c{.seq_len = a.seq_len, .n_seqs = n_seqs, .n_experts = static_cast<int>(n_experts),
+                    .top_k = static_cast<int>(a.top_k), .sigmoid = a.score_func == ScoreFunc::kSigmoid,
+                    .alpha = a.alpha, .dloss = a.dloss};
+  const size_t smem = aux_smem_bytes(n_experts, true);
+  set_smem_limit(aux_loss_bwd_kernel, smem, max_shared_bytes(), kOp, n_experts);
+  aux_loss_bwd_kernel<<<static_cast<unsigned>(n_seqs), kAuxThreads, smem, stream(ctx)>>>(f32(a.dlogits), f32(a.scores),
+                                                                                         c);
+  CUDA_CHECK_LAUNCH(kOp);
+}
+
+// Stable sort of the N·K (token, slot) assignments by expert (radix_sort.h).
+void CudaBackend::moe_permute(Context ctx, const MoePermuteArgs& a) {
+  constexpr std::string_view kOp = "moe_permute";
+  validate_moe_permute(a, Device::kCUDA);
+  const int64_t n_tokens = a.topk_idx.dim(0), top_k = a.topk_idx.dim(1), n_rows = n_tokens * top_k;
+  const cudaStream_t s = stream(ctx);
+  if (n_rows == 0) {
+    CUDA_CHECK(cudaMemsetAsync(a.offsets.data, 0, a.offsets.nbytes(), s));
+    return;
+  }
+  // Scratch: assignment ids, sorted experts, sorted assignment ids, CUB's temporaries.
+  const size_t ids_bytes = align256(static_cast<size_t>(n_rows) * sizeof(int32_t));
+  const size_t temp_bytes = sort_pairs_temp_bytes(n_rows);
+  char* base = static_cast<char*>(scratch(3 * ids_bytes + temp_bytes));
+  auto* assign = reinterpret_cast<int32_t*>(base);
+  auto* sorted_expert = reinterpret_cast<int32_t*>(base + ids_bytes);
+  auto* sorted_assign = reinterpret_cast<int32_t*>(base + 2 * ids_bytes);
+  permute_prepare_kernel<<<grid_for(n_rows), kThreads, 0, s>>>(assign, i32(a.topk_idx), n_rows, a.n_experts, issue());
+  CUDA_CHECK_LAUNCH(kOp);
+  sort_pairs(base + 3 * ids_bytes, temp_bytes, i32(a.topk_idx), sorted_expert, assign, sorted_assign, n_rows, s);
+  permute_scatter_kernel<<<grid_for(n_rows), kThreads, 0, s>>>(i32(a.src_row), i32(a.slot_pos), sorted_assign, n_rows,
+                                                              top_k);
+  CUDA_CHECK_LAUNCH(kOp);
+  permute_offsets_kernel<<<grid_for(a.n_experts + 1), kThreads, 0, s>>>(i32(a.offsets), sorted_expert, n_rows,
+                                                                         a.n_experts);
+  CUDA_CHECK_LAUNCH(kOp);
+}
+
+void CudaBackend::moe_gather(Context ctx, const MoeGatherArgs& a) {
+  constexpr std::string_view kOp = "moe_gather";
+  validate_moe_gather(a, Device::kCUDA);
+  require_f32(a.x, kOp);
+  const int64_t n_tokens = a.x.dim(0), dim = a.x.dim(1), n_rows = a.src_row.numel();
+  if (n_rows * dim == 0) return;
+  gather_kernel<<<grid_for(n_rows * dim), kThreads, 0, stream(ctx)>>>(f32(a.x_perm), f32(a.x), i32(a.src_row), n_rows,
+                                                                      n_tokens, dim, issue());
+  CUDA_CHECK_LAUNCH(kOp);
+}
+
+void CudaBackend::moe_gather_bwd(Context ctx, const MoeGatherBwdArgs& a) {
+  constexpr std::string_view kOp = "moe_gather_bwd";
+  validate_moe_gather_bwd(a, Device::kCUDA);
+  require_f32(a.dx, kOp);
+  const int64_t n_tokens = a.dx.dim(0), dim = a.dx.dim(1), top_k = a.slot_pos.dim(1);
+  if (n_tokens * dim == 0) return;
+  gather_bwd_kernel<<<grid_for(n_tokens * dim), kThreads, 0, stream(ctx)>>>(
+      f32(a.dx), f32(a.dx_perm), i32(a.slot_pos), n_tokens, top_k, dim, a.dx_perm.dim(0), issue());
+  CUDA_CHECK_LAUNCH(kOp);
+}
+
+void CudaBackend::moe_combine_fwd(Context ctx, const MoeCombineFwdArgs& a) {
+  constexpr std::string_view kOp = "moe_combine_fwd";
+  validate_moe_combine_fwd(a, Device::kCUDA);
+  require_f32(a.y, kOp);
+  const int64_t n_tokens = a.y.dim(0), dim = a.y.dim(1), top_k = a.slot_pos.dim(1);
+  if (n_tokens * dim == 0) return;
+  combine_fwd_kernel<<<grid_for(n_tokens * dim), kThreads, 0, stream(ctx)>>>(
+      f32(a.y), f32(a.y_perm), f32(a.topk_w), i32(a.slot_pos), n_tokens, top_k, dim, a.y_perm.dim(0), issue());
+  CUDA_CHECK_LAUNCH(kOp);
+}
+
+void CudaBackend::moe_combine_bwd(Context ctx, const MoeCombineBwdArgs& a) {
+  constexpr std::string_view kOp = "moe_combine_bwd";
+  validate_moe_combine_bwd(a, Device::kCUDA);
+  require_f32(a.dy, kOp);
+  const int64_t n_tokens = a.dy.dim(0), dim = a.dy.dim(1), top_k = a.slot_pos.dim(1);
+  if (n_tokens * top_k == 0) return;
+  combine_bwd_kernel<<<grid_for(n_tokens * top_k * kWarp), kThreads, 0, stream(ctx)>>>(
+      f32(a.dy_perm), f32(a.dtopk_w), f32(a.dy), f32(a.y_perm), f32(a.topk_w), i32(a.slot_pos), n_tokens, top_k, dim,
+      a.y_perm.dim(0), issue());
+  CUDA_CHECK_LAUNCH(kOp);
+}
+
+void CudaBackend::moe_bias_update(Context ctx, const MoeBiasUpdateArgs& a) {
+  constexpr std::string_view kOp = "moe_bias_update";
+  validate_moe_bias_update(a, Device::kCUDA);
+  require_f32(a.bias, kOp);
+  if (a.bias.numel() == 0) return;
+  bias_update_kernel<<<1, kThreads, 0, stream(ctx)>>>(f32(a.bias), a.counts.data, a.counts.dtype == DType::kI32,
+                                                      a.bias.numel(), a.rate);
+  CUDA_CHECK_LAUNCH(kOp);
+}
+
+}  // namespace diffmoe

@@ -1,0 +1,694 @@
+// Shared argument validation (op_validation.h). The checks and their messages are those the CPU
+// reference backend always made; they live here so that the CUDA backend rejects exactly the same
+// calls. Order matters only for which message a call with several faults gets: it follows the CPU
+// ops' original order.
+#include "backend/op_validation.h"
+
+#include <algorithm>
+#include <array>
+#include <climits>
+#include <cstdint>
+#include <limits>
+#include <utility>
+
+namespace diffmoe {
+
+namespace {
+
+// ---------------------------------------------------------------- helpers shared by several ops
+
+void expect_tensor(const Tensor& t, const Shape& shape, DType dtype, Device dev, std::string_view op,
+                   std::string_view name) {
+  check_device(t, dev, op, name);
+  check_shape(t, shape, op, name);
+  check_dtype(t, dtype, op, name);
+}
+
+void expect_rank2(const Tensor& t, Device dev, std::string_view op, std::string_view name) {
+  check_device(t, dev, op, name);
+  DIFFMOE_CHECK(t.rank() == 2, "[{}] {} must be 2-D, got {}", op, name, t.describe());
+}
+
+// A strided row buffer must hold `rows` rows of `width` values `stride` apart.
+void check_rows(const Tensor& t, DType dtype, int64_t rows, int64_t width, int64_t stride, Device dev,
+                std::string_view op, std::string_view name) {
+  check_device(t, dev, op, name);
+  check_dtype(t, dtype, op, name);
+  DIFFMOE_CHECK(stride >= width, "[{}] {}: row stride {} is smaller than width {}", op, name, stride, width);
+  const int64_t needed = rows == 0 ? 0 : (rows - 1) * stride + width;
+  DIFFMOE_CHECK(t.numel() >= needed, "[{}] {}: {} rows of width {} at stride {} need {} elements, {} has {}", op,
+                name, rows, width, stride, needed, t.describe(), t.numel());
+}
+
+void check_norm_sizes(int64_t rows, int64_t width, std::string_view op) {
+  DIFFMOE_CHECK(rows >= 0 && width > 0, "[{}] rows = {}, width = {}: need rows >= 0 and width > 0", op, rows, width);
+}
+
+int64_t effective_stride(int64_t stride, int64_t width) { return stride == 0 ? width : stride; }
+
+void check_matrix(const Tensor& t, DType dtype, int rank, Device dev, std::string_view op, std::string_view name) {
+  check_device(t, dev, op, name);
+  check_dtype(t, dtype, op, name);
+  DIFFMOE_CHECK(t.rank() == rank, "[{}] {} must have rank {}, got {}", op, name, rank, t.describe());
+}
+
+bool copy_convertible(DType d) {
+  return d == DType::kF32 || d == DType::kF64 || d == DType::kBF16 || d == DType::kF8E4M3;
+}
+
+// ---------------------------------------------------------------- MLA split and λ
+
+// The layout shared by forward and backward; names[] = the op's fields for k, v, kv, kr.
+KvSplitDims check_kv_split(std::string_view op, const Tensor& k, const Tensor& v, const Tensor& kv, const Tensor& kr,
+                           int64_t n_heads, int64_t d_nope, int64_t d_rope, int64_t d_v, int64_t kr_stride,
+                           int64_t kr_offset, const std::array<std::string_view, 4>& names, Device dev) {
+  const std::array<Tensor, 4> tensors{k, v, kv, kr};
+  for (size_t i = 0; i < 4; ++i) check_device(tensors[i], dev, op, names[i]);
+  DIFFMOE_CHECK(n_heads > 0 && d_nope >= 0 && d_rope >= 0 && d_v > 0,
+                "[{}] bad sizes: n_heads {}, d_nope {}, d_rope {}, d_v {}", op, n_heads, d_nope, d_rope, d_v);
+  KvSplitDims d;
+  d.d_qk = d_nope + d_rope;
+  d.kr_stride = kr_stride == 0 ? d_rope : kr_stride;  // stride 0 = a dense [N, d_rope] buffer
+  DIFFMOE_CHECK(kv.rank() == 2 && kv.dim(1) == n_heads * (d_nope + d_v),
+                "[{}] {} must be [N, n_heads·(d_nope + d_v)] = [N, {}], got {}", op, names[2],
+                n_heads * (d_nope + d_v), kv.describe());
+  d.rows = kv.dim(0);
+  DIFFMOE_CHECK(k.numel() == d.rows * n_heads * d.d_qk && k.rank() >= 1 && k.dim(-1) == d.d_qk,
+                "[{}] {} must be [N, n_heads, d_qk] = [{}, {}, {}], got {}", op, names[0], d.rows, n_heads, d.d_qk,
+                k.describe());
+  DIFFMOE_CHECK(v.numel() == d.rows * n_heads * d_v && v.rank() >= 1 && v.dim(-1) == d_v,
+                "[{}] {} must be [N, n_heads, d_v] = [{}, {}, {}], got {}", op, names[1], d.rows, n_heads, d_v,
+                v.describe());
+  DIFFMOE_CHECK(kr_offset >= 0 && kr_offset + d_rope <= d.kr_stride,
+                "[{}] rope key columns [{}, {}) do not fit kr_stride {}", op, kr_offset, kr_offset + d_rope, d.kr_stride);
+  DIFFMOE_CHECK(kr.numel() == d.rows * d.kr_stride, "[{}] {} must hold N·kr_stride = {}·{} values, got {}", op,
+                names[3], d.rows, d.kr_stride, kr.describe());
+  for (size_t i = 0; i < 4; ++i) check_dtype(tensors[i], kv.dtype, op, names[i]);
+  return d;
+}
+
+void check_lambda_vectors(std::string_view op, const std::array<Tensor, 4>& vecs,
+                          const std::array<std::string_view, 4>& names, Device dev) {
+  for (size_t i = 0; i < 4; ++i) {
+    check_device(vecs[i], dev, op, names[i]);
+    DIFFMOE_CHECK(vecs[i].rank() == 1, "[{}] {} must be a vector [d_qk], got {}", op, names[i], vecs[i].describe());
+    check_shape(vecs[i], vecs[0].shape, op, names[i]);
+    check_dtype(vecs[i], vecs[0].dtype, op, names[i]);
+  }
+}
+
+// ---------------------------------------------------------------- attention
+
+// out-like tensors: [B,T,H,d_v] or [B,T,H/2,2·d_v] (the same bytes), checked by B, T and numel.
+void check_out_like(const Tensor& t, const AttnDims& d, Device dev, std::string_view op, std::string_view name) {
+  check_device(t, dev, op, name);
+  DIFFMOE_CHECK(t.rank() == 4 && t.dim(0) == d.batch && t.dim(1) == d.seq && t.numel() == d.batch * d.seq * d.heads * d.d_v,
+                "[{}] {} must be [B, T, H, d_v] = [{}, {}, {}, {}] (or [B, T, H/2, 2·d_v]), got {}", op, name, d.batch,
+                d.seq, d.heads, d.d_v, t.describe());
+}
+
+AttnDims check_attention(std::string_view op, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out,
+                         const Tensor& o2, const Tensor& lse, const Tensor& lambda, bool differential, Device dev) {
+  check_device(q, dev, op, "q");
+  DIFFMOE_CHECK(q.rank() == 4, "[{}] q must be [B, T, H, d_qk], got {}", op, q.describe());
+  AttnDims d;
+  d.batch = q.dim(0);
+  d.seq = q.dim(1);
+  d.heads = q.dim(2);
+  d.d_qk = q.dim(3);
+  DIFFMOE_CHECK(d.heads > 0 && d.d_qk > 0, "[{}] q has no heads or no head dim: {}", op, q.describe());
+  DIFFMOE_CHECK(!differential || d.heads % 2 == 0,
+                "[{}] differential attention pairs component heads 2g, 2g+1: n_heads must be even, got {}", op,
+                d.heads);
+  d.comps = differential ? 2 : 1;
+  d.groups = d.heads / d.comps;
+  check_device(k, dev, op, "k");
+  check_shape(k, q.shape, op, "k");
+  check_device(v, dev, op, "v");
+  DIFFMOE_CHECK(v.rank() == 4 && v.dim(0) == d.batch && v.dim(1) == d.seq && v.dim(2) == d.heads && v.dim(3) > 0,
+                "[{}] v must be [B, T, H, d_v] with B, T, H = {}, {}, {}, got {}", op, d.batch, d.seq, d.heads,
+                v.describe());
+  d.d_v = v.dim(3);
+  check_out_like(out, d, dev, op, "out");
+  check_device(lse, dev, op, "lse");
+  check_shape(lse, Shape{d.batch, d.heads, d.seq}, op, "lse");
+  for (const auto& [t, name] : {std::pair{k, "k"}, {v, "v"}, {out, "out"}, {lse, "lse"}}) check_dtype(t, q.dtype, op, name);
+  if (differential) {
+    check_out_like(o2, d, dev, op, "o2");
+    check_device(lambda, dev, op, "lambda");
+    check_shape(lambda, Shape{1}, op, "lambda");
+    check_dtype(o2, q.dtype, op, "o2");
+    check_dtype(lambda, q.dtype, op, "lambda");
+  }
+  return d;
+}
+
+// ---------------------------------------------------------------- MoE
+
+// The routing contract of spec §9: groups divide the experts, n_limited ≤ n_groups, top_k ≤ the
+// experts in the kept groups; a top-2 group score needs two experts per group.
+void check_router_options(const RouterOptions& o, int64_t n_experts, std::string_view op) {
+  DIFFMOE_CHECK(n_experts >= 1, "[{}] needs at least one expert, got {}", op, n_experts);
+  DIFFMOE_CHECK(o.n_groups >= 1 && n_experts % o.n_groups == 0,
+                "[{}] {} experts cannot be split into n_groups = {} equal groups", op, n_experts, o.n_groups);
+  DIFFMOE_CHECK(o.n_limited_groups >= 1 && o.n_limited_groups <= o.n_groups,
+                "[{}] n_limited_groups = {} must be in [1, n_groups = {}]", op, o.n_limited_groups, o.n_groups);
+  const int64_t kept_experts = o.n_limited_groups * (n_experts / o.n_groups);
+  DIFFMOE_CHECK(o.top_k >= 1 && o.top_k <= kept_experts,
+                "[{}] top_k = {} must be in [1, {}], the experts in the {} kept of {} groups", op, o.top_k,
+                kept_experts, o.n_limited_groups, o.n_groups);
+  DIFFMOE_CHECK(!(o.use_bias && o.n_groups > 1) || n_experts / o.n_groups >= 2,
+                "[{}] the top-2 group score needs at least 2 experts per group, got {}", op, n_experts / o.n_groups);
+}
+
+void check_aux_args(const Tensor& scores, int64_t seq_len, int64_t top_k, Device dev, std::string_view op) {
+  expect_rank2(scores, dev, op, "scores");
+  const int64_t n_tokens = scores.dim(0), n_experts = scores.dim(1);
+  DIFFMOE_CHECK(seq_len >= 1 && n_tokens % seq_len == 0, "[{}] {} tokens are not whole sequences of seq_len = {}",
+                op, n_tokens, seq_len);
+  DIFFMOE_CHECK(top_k >= 1 && top_k <= n_experts, "[{}] top_k = {} must be in [1, {} experts]", op, top_k,
+                n_experts);
+}
+
+void check_plan(const Tensor& slot_pos, int64_t n_tokens, Device dev, std::string_view op) {
+  check_device(slot_pos, dev, op, "slot_pos");
+  check_dtype(slot_pos, DType::kI32, op, "slot_pos");
+  DIFFMOE_CHECK(slot_pos.rank() == 2 && slot_pos.dim(0) == n_tokens,
+                "[{}] slot_pos must be [{}, K], got {}", op, n_tokens, slot_pos.describe());
+}
+
+// ---------------------------------------------------------------- loss
+
+CrossEntropyDims check_logits(const Tensor& logits, const Tensor& targets, Device dev, std::string_view op) {
+  check_device(logits, dev, op, "logits");
+  check_device(targets, dev, op, "targets");
+  DIFFMOE_CHECK(logits.rank() == 2 && logits.dim(1) > 0, "[{}] logits must be [N, V] with V > 0, got {}", op,
+                logits.describe());
+  const int64_t rows = logits.dim(0), vocab = logits.dim(1);
+  check_shape(targets, Shape{rows}, op, "targets");
+  check_dtype(targets, DType::kI32, op, "targets");
+  return {rows, vocab};
+}
+
+void check_valid(const Tensor& valid, DType float_type, Device dev, std::string_view op) {
+  check_device(valid, dev, op, "valid");
+  check_shape(valid, Shape{1}, op, "valid");
+  DIFFMOE_CHECK(valid.dtype == float_type || valid.dtype == DType::kI32,
+                "[{}] valid: expected dtype {} or i32, got {}", op, dtype_name(float_type), dtype_name(valid.dtype));
+}
+
+}  // namespace
+
+void check_device(const Tensor& t, Device dev, std::string_view op, std::string_view name) {
+  DIFFMOE_CHECK(t.device == dev, "[{}] {} is on {}, the {} backend needs {} memory", op, name, device_name(t.device),
+                device_name(dev), device_name(dev));
+  DIFFMOE_CHECK(t.data != nullptr || t.numel() == 0, "[{}] {} is an empty view", op, name);
+}
+
+// ================================================================ basic ops
+
+void validate_fill(const FillArgs& a, Device dev) {
+  check_device(a.out, dev, "fill", "out");
+  if (a.out.dtype == DType::kI32) {
+    // Integer tensors (counters such as the router's counts) take integral values only.
+    const bool in_range = a.value >= std::numeric_limits<int32_t>::min() && a.value <= std::numeric_limits<int32_t>::max();
+    DIFFMOE_CHECK(in_range && static_cast<double>(static_cast<int32_t>(a.value)) == a.value,
+                  "[fill] out is i32 but value {} is not an i32", a.value);
+  }
+}
+
+void validate_copy(const CopyArgs& a, Device dev) {
+  check_device(a.dst, dev, "copy", "dst");
+  check_device(a.src, dev, "copy", "src");
+  DIFFMOE_CHECK(a.dst.numel() == a.src.numel(), "[copy] dst {} and src {} differ in element count",
+                a.dst.describe(), a.src.describe());
+  if (a.dst.dtype == a.src.dtype) return;  // any type, i32 included: a byte copy
+  DIFFMOE_CHECK(a.dst.data != a.src.data, "[copy] converting {} to {} in place is not supported",
+                a.src.describe(), a.dst.describe());
+  for (const auto& [d, field] : {std::pair{a.src.dtype, "src"}, std::pair{a.dst.dtype, "dst"}})
+    DIFFMOE_CHECK(copy_convertible(d), "[copy] {}: cannot convert dtype {} (f32, f64, bf16, f8e4m3 convert; "
+                  "other types copy only to the same type)", field, dtype_name(d));
+}
+
+void validate_axpy(const AxpyArgs& a, Device dev) {
+  check_device(a.y, dev, "axpy", "y");
+  check_device(a.x, dev, "axpy", "x");
+  check_shape(a.x, a.y.shape, "axpy", "x");
+  check_dtype(a.x, a.y.dtype, "axpy", "x");
+}
+
+void validate_scale(const ScaleArgs& a, Device dev) { check_device(a.y, dev, "scale", "y"); }
+
+void validate_sum_squares(const SumSquaresArgs& a, Device dev) {
+  check_device(a.out, dev, "sum_squares", "out");
+  check_device(a.x, dev, "sum_squares", "x");
+  check_shape(a.out, Shape{1}, "sum_squares", "out");
+  check_dtype(a.x, a.out.dtype, "sum_squares", "x");
+}
+
+EmbeddingDims validate_embedding_fwd(const EmbeddingFwdArgs& a, Device dev) {
+  constexpr std::string_view kOp = "embedding_fwd";
+  check_device(a.out, dev, kOp, "out");
+  check_device(a.tokens, dev, kOp, "tokens");
+  check_device(a.table, dev, kOp, "table");
+  DIFFMOE_CHECK(a.table.rank() == 2, "[{}] table must be [V, D], got {}", kOp, a.table.describe());
+  DIFFMOE_CHECK(a.tokens.rank() == 1, "[{}] tokens must be [N], got {}", kOp, a.tokens.describe());
+  const EmbeddingDims d{.rows = a.tokens.dim(0), .vocab = a.table.dim(0), .dim = a.table.dim(1)};
+  check_dtype(a.tokens, DType::kI32, kOp, "tokens");
+  check_shape(a.out, Shape{d.rows, d.dim}, kOp, "out");
+  check_dtype(a.out, a.table.dtype, kOp, "out");
+  return d;
+}
+
+EmbeddingDims validate_embedding_bwd(const EmbeddingBwdArgs& a, Device dev) {
+  constexpr std::string_view kOp = "embedding_bwd";
+  check_device(a.dtable, dev, kOp, "dtable");
+  check_device(a.tokens, dev, kOp, "tokens");
+  check_device(a.dout, dev, kOp, "dout");
+  DIFFMOE_CHECK(a.dtable.rank() == 2, "[{}] dtable must be [V, D], got {}", kOp, a.dtable.describe());
+  DIFFMOE_CHECK(a.tokens.rank() == 1, "[{}] tokens must be [N], got {}", kOp, a.tokens.describe());
+  const EmbeddingDims d{.rows = a.tokens.dim(0), .vocab = a.dtable.dim(0), .dim = a.dtable.dim(1)};
+  check_dtype(a.tokens, DType::kI32, kOp, "tokens");
+  check_shape(a.dout, Shape{d.rows, d.dim}, kOp, "dout");
+  check_dtype(a.dout, a.dtable.dtype, kOp, "dout");
+  return d;
+}
+
+// ================================================================ RMSNorm
+
+RmsNormDims validate_rmsnorm_fwd(const RmsNormFwdArgs& a, Device dev) {
+  constexpr std::string_view kOp = "rmsnorm_fwd";
+  check_norm_sizes(a.rows, a.width, kOp);
+  const RmsNormDims d{.x_stride = effective_stride(a.x_stride, a.width), .y_stride = effective_stride(a.y_stride, a.width)};
+  const DType dt = a.x.dtype;
+  check_rows(a.x, dt, a.rows, a.width, d.x_stride, dev, kOp, "x");
+  check_rows(a.y, dt, a.rows, a.width, d.y_stride, dev, kOp, "y");
+  check_device(a.rstd, dev, kOp, "rstd");
+  check_device(a.w, dev, kOp, "w");
+  check_shape(a.rstd, Shape{a.rows}, kOp, "rstd");
+  check_shape(a.w, Shape{a.width}, kOp, "w");
+  check_dtype(a.rstd, dt, kOp, "rstd");
+  check_dtype(a.w, dt, kOp, "w");
+  return d;
+}
+
+RmsNormDims validate_rmsnorm_bwd(const RmsNormBwdArgs& a, Device dev) {
+  constexpr std::string_view kOp = "rmsnorm_bwd";
+  check_norm_sizes(a.rows, a.width, kOp);
+  const RmsNormDims d{.x_stride = effective_stride(a.x_stride, a.width), .y_stride = effective_stride(a.y_stride, a.width)};
+  const DType dt = a.x.dtype;
+  check_rows(a.x, dt, a.rows, a.width, d.x_stride, dev, kOp, "x");
+  check_rows(a.dx, dt, a.rows, a.width, d.x_stride, dev, kOp, "dx");
+  check_rows(a.dy, dt, a.rows, a.width, d.y_stride, dev, kOp, "dy");
+  check_device(a.dw, dev, kOp, "dw");
+  check_device(a.w, dev, kOp, "w");
+  check_device(a.rstd, dev, kOp, "rstd");
+  check_shape(a.dw, Shape{a.width}, kOp, "dw");
+  check_shape(a.w, Shape{a.width}, kOp, "w");
+  check_shape(a.rstd, Shape{a.rows}, kOp, "rstd");
+  check_dtype(a.dw, dt, kOp, "dw");
+  check_dtype(a.w, dt, kOp, "w");
+  check_dtype(a.rstd, dt, kOp, "rstd");
+  return d;
+}
+
+// ================================================================ GEMM
+
+GemmDims validate_gemm(const GemmArgs& a, Device dev) {
+  constexpr std::string_view kOp = "gemm";
+  const DType dt = a.c.dtype;
+  check_matrix(a.c, dt, 2, dev, kOp, "c");
+  check_matrix(a.a, dt, 2, dev, kOp, "a");
+  check_matrix(a.b, dt, 2, dev, kOp, "b");
+  GemmDims d;
+  d.m = a.trans_a ? a.a.dim(1) : a.a.dim(0);
+  d.k = a.trans_a ? a.a.dim(0) : a.a.dim(1);
+  const int64_t kb = a.trans_b ? a.b.dim(1) : a.b.dim(0);
+  d.n = a.trans_b ? a.b.dim(0) : a.b.dim(1);
+  DIFFMOE_CHECK(d.k == kb && a.c.dim(0) == d.m && a.c.dim(1) == d.n,
+                "[gemm] shapes do not match: op(A) is [{}, {}] (A {}{}), op(B) is [{}, {}] (B {}{}), C is {}; "
+                "need op(A) [m, k], op(B) [k, n], C [m, n]",
+                d.m, d.k, a.a.shape.str(), a.trans_a ? " transposed" : "", kb, d.n, a.b.shape.str(),
+                a.trans_b ? " transposed" : "", a.c.shape.str());
+  return d;
+}
+
+GroupedGemmDims validate_grouped_gemm(const GroupedGemmArgs& a, Device dev) {
+  constexpr std::string_view kOp = "grouped_gemm";
+  const DType dt = a.c.dtype;
+  check_matrix(a.c, dt, 2, dev, kOp, "c");
+  check_matrix(a.a, dt, 2, dev, kOp, "a");
+  check_matrix(a.b, dt, 3, dev, kOp, "b");
+  GroupedGemmDims d{.rows = a.a.dim(0), .k = a.a.dim(1), .n = a.trans_b ? a.b.dim(1) : a.b.dim(2), .groups = a.b.dim(0)};
+  const int64_t kb = a.trans_b ? a.b.dim(2) : a.b.dim(1);
+  DIFFMOE_CHECK(kb == d.k && a.c.dim(0) == d.rows && a.c.dim(1) == d.n,
+                "[grouped_gemm] shapes do not match: A {} is [R={}, k={}], B {} ({}) gives k={}, n={}, C is {} "
+                "(need C [R, n])",
+                a.a.shape.str(), d.rows, d.k, a.b.shape.str(), a.trans_b ? "[G, n, k]" : "[G, k, n]", kb, d.n,
+                a.c.shape.str());
+  check_device(a.offsets, dev, kOp, "offsets");
+  check_shape(a.offsets, Shape{d.groups + 1}, kOp, "offsets");
+  check_dtype(a.offsets, DType::kI32, kOp, "offsets");
+  return d;
+}
+
+GroupedGemmWgradDims validate_grouped_gemm_wgrad(const GroupedGemmWgradArgs& a, Device dev) {
+  constexpr std::string_view kOp = "grouped_gemm_wgrad";
+  const DType dt = a.c.dtype;
+  check_matrix(a.c, dt, 3, dev, kOp, "c");
+  check_matrix(a.a, dt, 2, dev, kOp, "a");
+  check_matrix(a.b, dt, 2, dev, kOp, "b");
+  const GroupedGemmWgradDims d{.rows = a.a.dim(0), .m = a.a.dim(1), .n = a.b.dim(1), .groups = a.c.dim(0)};
+  DIFFMOE_CHECK(a.b.dim(0) == d.rows && a.c.dim(1) == d.m && a.c.dim(2) == d.n,
+                "[grouped_gemm_wgrad] shapes do not match: A {} is [R, m], B {} is [R, n], C is {} "
+                "(need C [G, {}, {}] and equal R)",
+                a.a.shape.str(), a.b.shape.str(), a.c.shape.str(), d.m, d.n);
+  check_device(a.offsets, dev, kOp, "offsets");
+  check_shape(a.offsets, Shape{d.groups + 1}, kOp, "offsets");
+  check_dtype(a.offsets, DType::kI32, kOp, "offsets");
+  return d;
+}
+
+std::vector<int64_t> check_group_offsets(const int32_t* o, int64_t groups, int64_t rows, std::string_view op) {
+  std::vector<int64_t> out(static_cast<size_t>(groups + 1));
+  DIFFMOE_CHECK(o[0] == 0, "[{}] offsets[0] = {}, must be 0", op, o[0]);
+  for (int64_t g = 0; g <= groups; ++g) {
+    if (g > 0)
+      DIFFMOE_CHECK(o[g] >= o[g - 1], "[{}] offsets must be non-decreasing: offsets[{}] = {} < offsets[{}] = {}", op,
+                    g, o[g], g - 1, o[g - 1]);
+    out[static_cast<size_t>(g)] = o[g];
+  }
+  DIFFMOE_CHECK(out.back() <= rows, "[{}] offsets[{}] = {} exceeds the {} rows of A", op, groups, out.back(), rows);
+  return out;
+}
+
+// ================================================================ RoPE
+
+int64_t validate_rope(const RopeArgs& a, Device dev) {
+  constexpr std::string_view kOp = "rope";
+  check_device(a.x, dev, kOp, "x");
+  check_device(a.cos, dev, kOp, "cos");
+  check_device(a.sin, dev, kOp, "sin");
+  DIFFMOE_CHECK(a.x.rank() == 2, "[rope] x must be [N, W], got {}", a.x.describe());
+  DIFFMOE_CHECK(a.rope_dim > 0 && a.rope_dim % 2 == 0, "[rope] rope_dim must be positive and even, got {}",
+                a.rope_dim);
+  DIFFMOE_CHECK(a.n_heads >= 1, "[rope] n_heads must be >= 1, got {}", a.n_heads);
+  DIFFMOE_CHECK(a.n_heads == 1 || a.head_stride >= a.rope_dim,
+                "[rope] head_stride {} must be >= rope_dim {} when n_heads > 1 (heads would overlap)", a.head_stride,
+                a.rope_dim);
+  DIFFMOE_CHECK(a.col_offset >= 0 && a.head_stride >= 0, "[rope] col_offset {} and head_stride {} must be >= 0",
+                a.col_offset, a.head_stride);
+  const int64_t width = a.x.dim(1);
+  const int64_t last_col = (a.n_heads - 1) * a.head_stride + a.col_offset + a.rope_dim;  // one past the end
+  DIFFMOE_CHECK(last_col <= width, "[rope] heads reach column {} but x has only {} columns ({})", last_col, width,
+                a.x.describe());
+  DIFFMOE_CHECK(a.seq_len > 0, "[rope] seq_len must be > 0, got {}", a.seq_len);
+  DIFFMOE_CHECK(a.pos_offset >= 0, "[rope] pos_offset must be >= 0, got {}", a.pos_offset);
+  DIFFMOE_CHECK(a.cos.rank() == 2 && a.cos.dim(1) == a.rope_dim / 2,
+                "[rope] cos must be [max_pos, rope_dim/2 = {}], got {}", a.rope_dim / 2, a.cos.describe());
+  check_shape(a.sin, a.cos.shape, kOp, "sin");
+  check_dtype(a.cos, a.x.dtype, kOp, "cos");
+  check_dtype(a.sin, a.x.dtype, kOp, "sin");
+  // The largest position used is pos_offset + min(N, seq_len) − 1.
+  const int64_t rows = a.x.dim(0);
+  if (rows > 0) {
+    const int64_t max_used = a.pos_offset + std::min(rows, a.seq_len) - 1;
+    DIFFMOE_CHECK(max_used < a.cos.dim(0),
+                  "[rope] position {} (pos_offset {} + seq_len {}) is beyond the table's max_pos {}", max_used,
+                  a.pos_offset, a.seq_len, a.cos.dim(0));
+  }
+  return width;
+}
+
+// ================================================================ MLA split, λ, attention
+
+KvSplitDims validate_mla_kv_split_fwd(const MlaKvSplitFwdArgs& a, Device dev) {
+  return check_kv_split("mla_kv_split_fwd", a.k, a.v, a.kv, a.kr, a.n_heads, a.d_nope, a.d_rope, a.d_v, a.kr_stride,
+                        a.kr_offset, {"k", "v", "kv", "kr"}, dev);
+}
+
+KvSplitDims validate_mla_kv_split_bwd(const MlaKvSplitBwdArgs& a, Device dev) {
+  return check_kv_split("mla_kv_split_bwd", a.dk, a.dv, a.dkv, a.dkr, a.n_heads, a.d_nope, a.d_rope, a.d_v,
+                        a.kr_stride, a.kr_offset, {"dk", "dv", "dkv", "dkr"}, dev);
+}
+
+void validate_diff_lambda_fwd(const DiffLambdaFwdArgs& a, Device dev) {
+  constexpr std::string_view op = "diff_lambda_fwd";
+  check_lambda_vectors(op, {a.lq1, a.lk1, a.lq2, a.lk2}, {"lq1", "lk1", "lq2", "lk2"}, dev);
+  check_device(a.lambda, dev, op, "lambda");
+  check_shape(a.lambda, Shape{1}, op, "lambda");
+  check_dtype(a.lambda, a.lq1.dtype, op, "lambda");
+}
+
+void validate_diff_lambda_bwd(const DiffLambdaBwdArgs& a, Device dev) {
+  constexpr std::string_view op = "diff_lambda_bwd";
+  check_lambda_vectors(op, {a.lq1, a.lk1, a.lq2, a.lk2}, {"lq1", "lk1", "lq2", "lk2"}, dev);
+  check_lambda_vectors(op, {a.dlq1, a.dlk1, a.dlq2, a.dlk2}, {"dlq1", "dlk1", "dlq2", "dlk2"}, dev);
+  check_shape(a.dlq1, a.lq1.shape, op, "dlq1");
+  check_dtype(a.dlq1, a.lq1.dtype, op, "dlq1");
+  check_device(a.dlambda, dev, op, "dlambda");
+  check_shape(a.dlambda, Shape{1}, op, "dlambda");
+  check_dtype(a.dlambda, a.lq1.dtype, op, "dlambda");
+}
+
+AttnDims validate_attention_fwd(const AttentionFwdArgs& a, Device dev) {
+  return check_attention("attention_fwd", a.q, a.k, a.v, a.out, a.o2, a.lse, a.lambda, a.differential, dev);
+}
+
+AttnDims validate_attention_bwd(const AttentionBwdArgs& a, Device dev) {
+  constexpr std::string_view op = "attention_bwd";
+  const AttnDims d = check_attention(op, a.q, a.k, a.v, a.out, a.o2, a.lse, a.lambda, a.differential, dev);
+  for (const auto& [t, name] : {std::pair{a.dq, "dq"}, {a.dk, "dk"}}) {
+    check_device(t, dev, op, name);
+    check_shape(t, a.q.shape, op, name);
+    check_dtype(t, a.q.dtype, op, name);
+  }
+  check_device(a.dv, dev, op, "dv");
+  check_shape(a.dv, a.v.shape, op, "dv");
+  check_dtype(a.dv, a.q.dtype, op, "dv");
+  check_out_like(a.dout, d, dev, op, "dout");
+  check_dtype(a.dout, a.q.dtype, op, "dout");
+  if (a.differential) {
+    check_device(a.dlambda, dev, op, "dlambda");
+    check_shape(a.dlambda, Shape{1}, op, "dlambda");
+    check_dtype(a.dlambda, a.q.dtype, op, "dlambda");
+  }
+  return d;
+}
+
+LatentDims validate_latent_attention(const LatentAttentionArgs& a, Device dev) {
+  constexpr std::string_view kOp = "latent_attention";
+  const std::pair<const Tensor&, const char*> fields[] = {
+      {a.out, "out"}, {a.q_lat, "q_lat"}, {a.q_rope, "q_rope"}, {a.cache, "cache"}};
+  for (const auto& [t, name] : fields) check_device(t, dev, kOp, name);
+  DIFFMOE_CHECK(a.q_lat.rank() == 4, "[{}] q_lat must be [B, Tq, H, r_kv], got {}", kOp, a.q_lat.describe());
+  LatentDims d;
+  d.batch = a.q_lat.dim(0);
+  d.tq = a.q_lat.dim(1);
+  d.heads = a.q_lat.dim(2);
+  d.r_kv = a.q_lat.dim(3);
+  DIFFMOE_CHECK(d.tq >= 1 && d.heads >= 1 && d.r_kv >= 1, "[{}] q_lat needs Tq, H, r_kv >= 1, got {}", kOp,
+                a.q_lat.describe());
+  DIFFMOE_CHECK(!a.differential || d.heads % 2 == 0,
+                "[{}] differential attention pairs component heads 2h, 2h+1: H must be even, got {}", kOp, d.heads);
+  d.comps = a.differential ? 2 : 1;
+  d.groups = d.heads / d.comps;
+
+  DIFFMOE_CHECK(a.cache.rank() == 3 && a.cache.dim(0) == d.batch && a.cache.dim(2) > d.r_kv,
+                "[{}] cache must be [B = {}, S, r_kv + d_rope] with r_kv = {} and d_rope >= 1, got {}", kOp, d.batch,
+                d.r_kv, a.cache.describe());
+  d.capacity = a.cache.dim(1);
+  d.d_rope = a.cache.dim(2) - d.r_kv;
+  DIFFMOE_CHECK(a.kv_len >= d.tq && a.kv_len <= d.capacity,
+                "[{}] kv_len = {} must cover the Tq = {} new positions and fit the cache capacity S = {}", kOp,
+                a.kv_len, d.tq, d.capacity);
+
+  DIFFMOE_CHECK(a.q_rope.rank() == 4 && a.q_rope.dim(0) == d.batch && a.q_rope.dim(1) == d.tq &&
+                    a.q_rope.dim(2) == d.heads,
+                "[{}] q_rope must be [B, Tq, H, W] = [{}, {}, {}, W], got {}", kOp, d.batch, d.tq, d.heads,
+                a.q_rope.describe());
+  d.q_rope_width = a.q_rope.dim(3);
+  DIFFMOE_CHECK(a.q_rope_offset >= 0 && a.q_rope_offset + d.d_rope <= d.q_rope_width,
+                "[{}] rope query columns [{}, {}) do not fit q_rope's {} values per head", kOp, a.q_rope_offset,
+                a.q_rope_offset + d.d_rope, d.q_rope_width);
+
+  check_shape(a.out, Shape{d.batch, d.tq, d.groups, d.r_kv}, kOp, "out");
+  for (const auto& [t, name] : fields) check_dtype(t, a.q_lat.dtype, kOp, name);
+  if (a.differential) {
+    check_device(a.lambda, dev, kOp, "lambda");
+    check_shape(a.lambda, Shape{1}, kOp, "lambda");
+    check_dtype(a.lambda, a.q_lat.dtype, kOp, "lambda");
+  }
+  return d;
+}
+
+// ================================================================ SwiGLU
+
+namespace {
+// All SwiGLU tensors share a's shape and dtype.
+void check_like(const Tensor& t, const Tensor& ref, Device dev, std::string_view op, std::string_view name) {
+  check_device(t, dev, op, name);
+  check_shape(t, ref.shape, op, name);
+  check_dtype(t, ref.dtype, op, name);
+}
+}  // namespace
+
+void validate_swiglu_fwd(const SwigluFwdArgs& a, Device dev) {
+  constexpr std::string_view kOp = "swiglu_fwd";
+  check_device(a.a, dev, kOp, "a");
+  check_like(a.b, a.a, dev, kOp, "b");
+  check_like(a.h, a.a, dev, kOp, "h");
+}
+
+void validate_swiglu_bwd(const SwigluBwdArgs& a, Device dev) {
+  constexpr std::string_view kOp = "swiglu_bwd";
+  check_device(a.a, dev, kOp, "a");
+  check_like(a.b, a.a, dev, kOp, "b");
+  check_like(a.dh, a.a, dev, kOp, "dh");
+  check_like(a.da, a.a, dev, kOp, "da");
+  check_like(a.db, a.a, dev, kOp, "db");
+}
+
+// ================================================================ MoE
+
+void validate_router_fwd(const RouterFwdArgs& a, Device dev) {
+  constexpr std::string_view op = "router_fwd";
+  expect_rank2(a.logits, dev, op, "logits");
+  const int64_t n_tokens = a.logits.dim(0), n_experts = a.logits.dim(1);
+  check_router_options(a.opt, n_experts, op);
+  const DType ft = a.logits.dtype;
+  expect_tensor(a.scores, {n_tokens, n_experts}, ft, dev, op, "scores");
+  expect_tensor(a.topk_idx, {n_tokens, a.opt.top_k}, DType::kI32, dev, op, "topk_idx");
+  expect_tensor(a.topk_w, {n_tokens, a.opt.top_k}, ft, dev, op, "topk_w");
+  expect_tensor(a.counts, {n_experts}, DType::kI32, dev, op, "counts");
+  if (a.opt.use_bias) expect_tensor(a.bias, {n_experts}, ft, dev, op, "bias");
+}
+
+void validate_router_bwd(const RouterBwdArgs& a, Device dev) {
+  constexpr std::string_view op = "router_bwd";
+  expect_rank2(a.scores, dev, op, "scores");
+  const int64_t n_tokens = a.scores.dim(0), n_experts = a.scores.dim(1);
+  check_router_options(a.opt, n_experts, op);
+  const DType ft = a.scores.dtype;
+  expect_tensor(a.dlogits, {n_tokens, n_experts}, ft, dev, op, "dlogits");
+  expect_tensor(a.dtopk_w, {n_tokens, a.opt.top_k}, ft, dev, op, "dtopk_w");
+  expect_tensor(a.topk_idx, {n_tokens, a.opt.top_k}, DType::kI32, dev, op, "topk_idx");
+  // topk_w is not needed (ŵ is recomputed from the scores); checked only when passed.
+  if (a.topk_w.data != nullptr) expect_tensor(a.topk_w, {n_tokens, a.opt.top_k}, ft, dev, op, "topk_w");
+}
+
+void validate_aux_loss_fwd(const AuxLossFwdArgs& a, Device dev) {
+  constexpr std::string_view op = "aux_loss_fwd";
+  check_aux_args(a.scores, a.seq_len, a.top_k, dev, op);
+  expect_tensor(a.loss, {1}, a.scores.dtype, dev, op, "loss");
+}
+
+void validate_aux_loss_bwd(const AuxLossBwdArgs& a, Device dev) {
+  constexpr std::string_view op = "aux_loss_bwd";
+  check_aux_args(a.scores, a.seq_len, a.top_k, dev, op);
+  expect_tensor(a.dlogits, a.scores.shape, a.scores.dtype, dev, op, "dlogits");
+}
+
+void validate_moe_permute(const MoePermuteArgs& a, Device dev) {
+  constexpr std::string_view op = "moe_permute";
+  expect_rank2(a.topk_idx, dev, op, "topk_idx");
+  check_dtype(a.topk_idx, DType::kI32, op, "topk_idx");
+  const int64_t n_tokens = a.topk_idx.dim(0), top_k = a.topk_idx.dim(1), n_rows = n_tokens * top_k;
+  DIFFMOE_CHECK(a.n_experts >= 1, "[{}] n_experts = {} must be positive", op, a.n_experts);
+  DIFFMOE_CHECK(n_rows <= INT32_MAX, "[{}] {} assignments overflow the i32 row index", op, n_rows);
+  expect_tensor(a.offsets, {a.n_experts + 1}, DType::kI32, dev, op, "offsets");
+  expect_tensor(a.src_row, {n_rows}, DType::kI32, dev, op, "src_row");
+  expect_tensor(a.slot_pos, {n_tokens, top_k}, DType::kI32, dev, op, "slot_pos");
+}
+
+void validate_moe_gather(const MoeGatherArgs& a, Device dev) {
+  constexpr std::string_view op = "moe_gather";
+  expect_rank2(a.x, dev, op, "x");
+  check_device(a.src_row, dev, op, "src_row");
+  check_dtype(a.src_row, DType::kI32, op, "src_row");
+  DIFFMOE_CHECK(a.src_row.rank() == 1, "[{}] src_row must be 1-D, got {}", op, a.src_row.describe());
+  expect_tensor(a.x_perm, {a.src_row.numel(), a.x.dim(1)}, a.x.dtype, dev, op, "x_perm");
+}
+
+void validate_moe_gather_bwd(const MoeGatherBwdArgs& a, Device dev) {
+  constexpr std::string_view op = "moe_gather_bwd";
+  expect_rank2(a.dx, dev, op, "dx");
+  expect_rank2(a.dx_perm, dev, op, "dx_perm");
+  expect_tensor(a.dx_perm, {a.dx_perm.dim(0), a.dx.dim(1)}, a.dx.dtype, dev, op, "dx_perm");
+  check_plan(a.slot_pos, a.dx.dim(0), dev, op);
+}
+
+void validate_moe_combine_fwd(const MoeCombineFwdArgs& a, Device dev) {
+  constexpr std::string_view op = "moe_combine_fwd";
+  expect_rank2(a.y, dev, op, "y");
+  expect_rank2(a.y_perm, dev, op, "y_perm");
+  const DType ft = a.y.dtype;
+  expect_tensor(a.y_perm, {a.y_perm.dim(0), a.y.dim(1)}, ft, dev, op, "y_perm");
+  check_plan(a.slot_pos, a.y.dim(0), dev, op);
+  expect_tensor(a.topk_w, a.slot_pos.shape, ft, dev, op, "topk_w");
+}
+
+void validate_moe_combine_bwd(const MoeCombineBwdArgs& a, Device dev) {
+  constexpr std::string_view op = "moe_combine_bwd";
+  expect_rank2(a.dy, dev, op, "dy");
+  expect_rank2(a.y_perm, dev, op, "y_perm");
+  const int64_t n_tokens = a.dy.dim(0), dim = a.dy.dim(1), n_rows = a.y_perm.dim(0);
+  const DType ft = a.dy.dtype;
+  expect_tensor(a.y_perm, {n_rows, dim}, ft, dev, op, "y_perm");
+  expect_tensor(a.dy_perm, {n_rows, dim}, ft, dev, op, "dy_perm");
+  check_plan(a.slot_pos, n_tokens, dev, op);
+  expect_tensor(a.topk_w, a.slot_pos.shape, ft, dev, op, "topk_w");
+  expect_tensor(a.dtopk_w, a.slot_pos.shape, ft, dev, op, "dtopk_w");
+}
+
+void validate_moe_bias_update(const MoeBiasUpdateArgs& a, Device dev) {
+  constexpr std::string_view op = "moe_bias_update";
+  check_device(a.bias, dev, op, "bias");
+  DIFFMOE_CHECK(a.bias.rank() == 1, "[{}] bias must be 1-D [E], got {}", op, a.bias.describe());
+  check_device(a.counts, dev, op, "counts");
+  check_shape(a.counts, a.bias.shape, op, "counts");
+  DIFFMOE_CHECK(a.counts.dtype == DType::kI32 || a.counts.dtype == a.bias.dtype,
+                "[{}] counts must be i32 or the bias's {}, got {}", op, dtype_name(a.bias.dtype),
+                dtype_name(a.counts.dtype));
+}
+
+// ================================================================ loss and optimizer
+
+CrossEntropyDims validate_cross_entropy_fwd(const CrossEntropyFwdArgs& a, Device dev) {
+  constexpr std::string_view kOp = "cross_entropy_fwd";
+  const CrossEntropyDims d = check_logits(a.logits, a.targets, dev, kOp);
+  check_device(a.loss_sum, dev, kOp, "loss_sum");
+  check_shape(a.loss_sum, Shape{1}, kOp, "loss_sum");
+  check_dtype(a.loss_sum, a.logits.dtype, kOp, "loss_sum");
+  check_valid(a.valid, a.logits.dtype, dev, kOp);
+  return d;
+}
+
+CrossEntropyDims validate_cross_entropy_bwd(const CrossEntropyBwdArgs& a, Device dev) {
+  constexpr std::string_view kOp = "cross_entropy_bwd";
+  const CrossEntropyDims d = check_logits(a.logits, a.targets, dev, kOp);
+  check_device(a.dlogits, dev, kOp, "dlogits");
+  check_shape(a.dlogits, a.logits.shape, kOp, "dlogits");
+  check_dtype(a.dlogits, a.logits.dtype, kOp, "dlogits");
+  check_valid(a.valid, a.logits.dtype, dev, kOp);
+  return d;
+}
+
+void validate_adamw(const AdamWArgs& args, Device dev) {
+  constexpr std::string_view kOp = "adamw";
+  const DType dt = args.param.dtype;
+  check_device(args.param, dev, kOp, "param");
+  for (const auto& [t, name] : {std::pair{&args.m, "m"}, std::pair{&args.v, "v"}, std::pair{&args.grad, "grad"}}) {
+    check_device(*t, dev, kOp, name);
+    check_shape(*t, args.param.shape, kOp, name);
+    check_dtype(*t, dt, kOp, name);
+  }
+  DIFFMOE_CHECK(args.step >= 1, "[adamw] step is 1-based, got {}", args.step);
+  if (args.max_norm > 0.0) {  // grad_sq is only read when clipping
+    check_device(args.grad_sq, dev, kOp, "grad_sq");
+    check_shape(args.grad_sq, Shape{1}, kOp, "grad_sq");
+    check_dtype(args.grad_sq, dt, kOp, "grad_sq");
+  }
+}
+
+}  // namespace diffmoe

@@ -1,0 +1,119 @@
+// Argument validation shared by every backend (STYLE.md habit 7): devices, ranks, shapes, dtypes
+// and options of each op's argument struct (op_args.h), with errors that name the op and the field.
+// Each validate_* checks every tensor is on `dev` and that every float tensor of the call has one
+// dtype (index tensors i32); it returns the sizes the op needs.
+//
+// Not here, because they depend on the backend: which float dtypes it computes in (CPU: f32 or
+// f64, CUDA: f32 in this milestone), and checks of tensor CONTENTS (token ids, expert indices,
+// slot positions, targets in range). The CPU backend reads those on the host; the CUDA backend
+// checks them on the device and reports at the next synchronize(), so no op syncs the host.
+// Group offsets of the grouped GEMMs are read to the host by both, then checked by
+// check_group_offsets below.
+//
+// This header is plain C++17 so that CUDA translation units can include it.
+#pragma once
+#include <cstdint>
+#include <string_view>
+#include <vector>
+
+#include "backend/op_args.h"
+
+namespace diffmoe {
+
+// "[op] name is on cuda, the cpu backend needs cpu memory"; also rejects a null view of non-zero size.
+void check_device(const Tensor& t, Device dev, std::string_view op, std::string_view name);
+
+// ---------------------------------------------------------------- basic ops and the embedding
+void validate_fill(const FillArgs& a, Device dev);  // an i32 out needs an integral value in range
+void validate_copy(const CopyArgs& a, Device dev);  // equal numel; a dtype change converts among
+                                                     // f32, f64, bf16, f8e4m3 and never in place
+void validate_axpy(const AxpyArgs& a, Device dev);
+void validate_scale(const ScaleArgs& a, Device dev);
+void validate_sum_squares(const SumSquaresArgs& a, Device dev);
+
+struct EmbeddingDims {
+  int64_t rows = 0, vocab = 0, dim = 0;
+};
+EmbeddingDims validate_embedding_fwd(const EmbeddingFwdArgs& a, Device dev);
+EmbeddingDims validate_embedding_bwd(const EmbeddingBwdArgs& a, Device dev);
+
+// ---------------------------------------------------------------- RMSNorm
+struct RmsNormDims {
+  int64_t x_stride = 0, y_stride = 0;  // effective strides (0 in the args means width)
+};
+RmsNormDims validate_rmsnorm_fwd(const RmsNormFwdArgs& a, Device dev);
+RmsNormDims validate_rmsnorm_bwd(const RmsNormBwdArgs& a, Device dev);
+
+// ---------------------------------------------------------------- GEMM
+struct GemmDims {
+  int64_t m = 0, n = 0, k = 0;
+};
+GemmDims validate_gemm(const GemmArgs& a, Device dev);
+struct GroupedGemmDims {
+  int64_t rows = 0, k = 0, n = 0, groups = 0;
+};
+GroupedGemmDims validate_grouped_gemm(const GroupedGemmArgs& a, Device dev);  // offsets' shape/dtype too
+struct GroupedGemmWgradDims {
+  int64_t rows = 0, m = 0, n = 0, groups = 0;
+};
+GroupedGemmWgradDims validate_grouped_gemm_wgrad(const GroupedGemmWgradArgs& a, Device dev);
+// The values of offsets [G+1] read to the host: offsets[0] = 0, non-decreasing, offsets[G] ≤ rows.
+// Returned widened to int64 so callers index without further checks.
+std::vector<int64_t> check_group_offsets(const int32_t* offsets, int64_t groups, int64_t rows, std::string_view op);
+
+// ---------------------------------------------------------------- RoPE
+int64_t validate_rope(const RopeArgs& a, Device dev);  // returns the row width W of x [N, W]
+
+// ---------------------------------------------------------------- MLA split, λ, attention
+struct KvSplitDims {
+  int64_t rows = 0, d_qk = 0, kr_stride = 0;  // kr_stride: effective (0 in the args means d_rope)
+};
+KvSplitDims validate_mla_kv_split_fwd(const MlaKvSplitFwdArgs& a, Device dev);
+KvSplitDims validate_mla_kv_split_bwd(const MlaKvSplitBwdArgs& a, Device dev);
+void validate_diff_lambda_fwd(const DiffLambdaFwdArgs& a, Device dev);
+void validate_diff_lambda_bwd(const DiffLambdaBwdArgs& a, Device dev);
+
+struct AttnDims {
+  int64_t batch = 0, seq = 0, heads = 0, d_qk = 0, d_v = 0;
+  int64_t comps = 1;   // components per value group: 2 when differential, else 1
+  int64_t groups = 0;  // heads / comps
+};
+AttnDims validate_attention_fwd(const AttentionFwdArgs& a, Device dev);
+AttnDims validate_attention_bwd(const AttentionBwdArgs& a, Device dev);
+
+struct LatentDims {
+  int64_t batch = 0, tq = 0, heads = 0, r_kv = 0, d_rope = 0;
+  int64_t q_rope_width = 0;  // W: values per head in q_rope
+  int64_t capacity = 0;      // S: cache rows per sequence
+  int64_t comps = 1;         // components per value group: 2 when differential, else 1
+  int64_t groups = 0;        // heads / comps = H_out
+  int64_t row() const { return r_kv + d_rope; }  // one cache row [ĉ ; k^R]
+};
+LatentDims validate_latent_attention(const LatentAttentionArgs& a, Device dev);
+
+// ---------------------------------------------------------------- SwiGLU
+void validate_swiglu_fwd(const SwigluFwdArgs& a, Device dev);
+void validate_swiglu_bwd(const SwigluBwdArgs& a, Device dev);
+
+// ---------------------------------------------------------------- MoE
+// Shapes and router options; the index contents (topk_idx, src_row, slot_pos) are the backend's.
+void validate_router_fwd(const RouterFwdArgs& a, Device dev);
+void validate_router_bwd(const RouterBwdArgs& a, Device dev);
+void validate_aux_loss_fwd(const AuxLossFwdArgs& a, Device dev);
+void validate_aux_loss_bwd(const AuxLossBwdArgs& a, Device dev);
+void validate_moe_permute(const MoePermuteArgs& a, Device dev);
+void validate_moe_gather(const MoeGatherArgs& a, Device dev);
+void validate_moe_gather_bwd(const MoeGatherBwdArgs& a, Device dev);
+void validate_moe_combine_fwd(const MoeCombineFwdArgs& a, Device dev);
+void validate_moe_combine_bwd(const MoeCombineBwdArgs& a, Device dev);
+void validate_moe_bias_update(const MoeBiasUpdateArgs& a, Device dev);
+
+// ---------------------------------------------------------------- loss and optimizer
+struct CrossEntropyDims {
+  int64_t rows = 0, vocab = 0;
+};
+CrossEntropyDims validate_cross_entropy_fwd(const CrossEntropyFwdArgs& a, Device dev);
+CrossEntropyDims validate_cross_entropy_bwd(const CrossEntropyBwdArgs& a, Device dev);
+void validate_adamw(const AdamWArgs& a, Device dev);
+
+}  // namespace diffmoe

@@ -1,0 +1,169 @@
+// The other subcommands on the products of a real run: generate, eval, params, init, tokenizer
+// train/encode/decode, data prepare/inspect, and --help of every subcommand.
+#include <regex>
+
+#include "e2e_util.h"
+
+namespace diffmoe::e2e {
+namespace {
+
+// One short training run shared by the checks below (each TEST_F gets its own directory).
+class Trained : public E2E {
+ protected:
+  void SetUp() override {
+    E2E::SetUp();
+    Yaml y = micro_config(dir_, dir_ / "run");
+    y.set("train.max_steps", "6");
+    y.set("checkpoint.every", "3");
+    y.set("eval.every", "3");
+    config_ = write_config(y);
+    const RunResult r = train(config_);
+    E2E_EXPECT_OK(r);
+    EXPECT_NE(r.out.find("done: 6 steps"), std::string::npos) << r.out;
+    ckpt_root_ = dir_ / "run" / "checkpoints";
+  }
+  fs::path config_, ckpt_root_;
+};
+
+TEST_F(Trained, GeneratePrintsThePromptAndMore) {
+  const std::string prompt = "The captain looked";
+  for (const fs::path& ck : {ckpt_root_, ckpt_root_ / "step_000000006", ckpt_root_ / "step_000000003"}) {
+    SCOPED_TRACE(ck.string());
+    const RunResult r = run_diffmoe({"generate", "--checkpoint", ck.string(), "--prompt", prompt, "--max-new-tokens", "12", "--seed", "7"});
+    E2E_EXPECT_OK(r);
+    ASSERT_EQ(r.out.rfind(prompt, 0), 0u) << r.out;
+    EXPECT_GT(r.out.size(), prompt.size() + 1) << "no text after the prompt: " << r.out;
+    EXPECT_NE(r.err.find("new tokens"), std::string::npos) << r.err;
+  }
+  // Same seed, same text; greedy decoding works too.
+  auto gen = [&](const std::string& seed, const std::string& temp) {
+    return run_diffmoe({"generate", "--checkpoint", ckpt_root_.string(), "--prompt", prompt, "--max-new-tokens", "10", "--seed", seed,
+                        "--temperature", temp});
+  };
+  const RunResult a = gen("3", "0.8"), b = gen("3", "0.8"), g = gen("0", "0");
+  E2E_EXPECT_OK(a);
+  E2E_EXPECT_OK(g);
+  EXPECT_EQ(a.out, b.out);
+  // A bare model file needs --tokenizer; with it, it works.
+  const fs::path model = ckpt_root_ / "step_000000006" / "model.safetensors";
+  expect_clean_error(run_diffmoe({"generate", "--checkpoint", model.string(), "--prompt", "x"}), {model.string(), "--tokenizer"});
+  E2E_EXPECT_OK(run_diffmoe({"generate", "--checkpoint", model.string(), "--tokenizer", (dir_ / "tokenizer.json").string(), "--prompt",
+                             prompt, "--max-new-tokens", "4"}));
+  expect_clean_error(run_diffmoe({"generate", "--checkpoint", (dir_ / "nope").string(), "--prompt", "x"}), {(dir_ / "nope").string()});
+}
+
+TEST_F(Trained, EvalPrintsAFiniteLoss) {
+  const RunResult r = run_diffmoe({"eval", "--checkpoint", ckpt_root_.string(), "--data", (dir_ / "shards").string(), "--batch", "4",
+                                   "--seq", "32", "--batches", "3"});
+  E2E_EXPECT_OK(r);
+  std::smatch m;
+  ASSERT_TRUE(std::regex_search(r.out, m, std::regex("loss ([0-9.]+) nats/token +perplexity ([0-9.]+)"))) << r.out;
+  const double loss = std::stod(m[1].str());
+  EXPECT_TRUE(std::isfinite(loss));
+  EXPECT_GT(loss, 0.5);
+  EXPECT_LT(loss, std::log(300.0) + 1.0) << "worse than uniform over the vocabulary";
+  EXPECT_NE(r.out.find("(step 6)"), std::string::npos) << r.out;
+  E2E_EXPECT_OK(run_diffmoe({"eval", "--checkpoint", (ckpt_root_ / "step_000000003").string(), "--data", (dir_ / "shards").string(),
+                             "--split", "train", "--batch", "2", "--seq", "16", "--batches", "2"}));
+  expect_clean_error(run_diffmoe({"eval", "--checkpoint", ckpt_root_.string(), "--data", (dir_ / "no_shards").string()}),
+                     {(dir_ / "no_shards").string()});
+}
+
+TEST_F(E2E, ParamsAndInit) {
+  const fs::path cfg = write_config(micro_config(dir_, dir_ / "run"));
+  const RunResult r = run_diffmoe({"params", "--config", cfg.string()});
+  E2E_EXPECT_OK(r);
+  EXPECT_NE(r.out.find("total parameters"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("FLOPs per token"), std::string::npos) << r.out;
+  const fs::path out = dir_ / "init.safetensors";
+  E2E_EXPECT_OK(run_diffmoe({"init", "--config", cfg.string(), "--out", out.string(), "--seed", "5"}));
+  EXPECT_EQ(count_non_finite(out), 0);
+  E2E_EXPECT_OK(run_diffmoe({"init", "--config", cfg.string(), "--out", (dir_ / "init2.safetensors").string(), "--seed", "5"}));
+  EXPECT_EQ(read_file(out), read_file(dir_ / "init2.safetensors")) << "init is a pure function of config and seed";
+}
+
+TEST_F(E2E, TokenizerTrainEncodeDecodeRoundTrip) {
+  const fs::path tok = dir_ / "tok.json";
+  const RunResult t = run_diffmoe({"tokenizer", "train", "--input", (dir_ / "corpus.txt").string(), "--out", tok.string(), "--vocab-size", "300"});
+  E2E_EXPECT_OK(t);
+  ASSERT_TRUE(fs::exists(tok));
+  const std::string text = "Mrs. Elizabeth wondered, again: the whale? Ünïcödé & <|endoftext|> 123";
+  const RunResult enc = run_diffmoe({"tokenizer", "encode", "--tokenizer", tok.string(), "--text", text});
+  E2E_EXPECT_OK(enc);
+  std::vector<std::string> ids;
+  std::istringstream in(enc.out);
+  for (std::string id; in >> id;) {
+    ASSERT_TRUE(std::regex_match(id, std::regex("[0-9]+"))) << enc.out;
+    ASSERT_LT(std::stoi(id), 300);
+    ids.push_back(id);
+  }
+  ASSERT_FALSE(ids.empty());
+  EXPECT_LT(ids.size(), text.size()) << "the BPE merged nothing";
+  std::vector<std::string> dec_args = {"tokenizer", "decode", "--tokenizer", tok.string()};
+  dec_args.insert(dec_args.end(), ids.begin(), ids.end());
+  const RunResult dec = run_diffmoe(dec_args);
+  E2E_EXPECT_OK(dec);
+  EXPECT_EQ(dec.out, text);
+  // Standard input both ways.
+  const RunResult enc2 = run_diffmoe({"tokenizer", "encode", "--tokenizer", tok.string()}, with_stdin(text));
+  E2E_EXPECT_OK(enc2);
+  EXPECT_EQ(enc2.out, enc.out);
+  const RunResult dec2 = run_diffmoe({"tokenizer", "decode", "--tokenizer", tok.string()}, with_stdin(enc.out));
+  E2E_EXPECT_OK(dec2);
+  EXPECT_EQ(dec2.out, text);
+  // Special tokens: one id with --special.
+  const RunResult sp = run_diffmoe({"tokenizer", "encode", "--tokenizer", tok.string(), "--special", "--text", "<|endoftext|>"});
+  E2E_EXPECT_OK(sp);
+  EXPECT_TRUE(std::regex_match(sp.out, std::regex("[0-9]+\n"))) << sp.out;
+  expect_clean_error(run_diffmoe({"tokenizer", "decode", "--tokenizer", tok.string(), "299999"}), {"299999"});
+}
+
+TEST_F(E2E, DataPrepareAndInspect) {
+  const fs::path tok = dir_ / "tok.json";
+  E2E_EXPECT_OK(run_diffmoe({"tokenizer", "train", "--input", (dir_ / "corpus.txt").string(), "--out", tok.string(), "--vocab-size", "300"}));
+  const fs::path shards = dir_ / "shards";
+  const RunResult p = run_diffmoe({"data", "prepare", "--input", (dir_ / "corpus.txt").string(), "--tokenizer", tok.string(), "--out",
+                                   shards.string(), "--val-fraction", "0.2", "--shard-tokens", "20000", "--threads", "2", "--seed", "1"});
+  E2E_EXPECT_OK(p);
+  EXPECT_TRUE(fs::exists(shards / "meta.json"));
+  const auto train_shards = list_dir(shards, "train_");
+  EXPECT_GE(train_shards.size(), 2u) << "--shard-tokens 20000 cuts the stream";
+  EXPECT_FALSE(list_dir(shards, "val_").empty());
+  const RunResult i = run_diffmoe({"data", "inspect", shards.string(), "--tokenizer", tok.string(), "--sample", "16"});
+  E2E_EXPECT_OK(i);
+  for (const auto& f : train_shards) EXPECT_NE(i.out.find(f.string()), std::string::npos) << i.out;
+  EXPECT_NE(i.out.find("vocab 300"), std::string::npos) << i.out;
+  EXPECT_NE(i.out.find("sample: "), std::string::npos) << i.out;
+  E2E_EXPECT_OK(run_diffmoe({"data", "inspect", train_shards.front().string()}));
+
+  // A training run on these prepared shards (no data.inputs needed).
+  Yaml y = micro_config(dir_, dir_ / "run");
+  y.set_path("tokenizer.path", tok);
+  y.set("data.inputs", "''");
+  y.set("train.max_steps", "2");
+  E2E_EXPECT_OK(train(write_config(y)));
+  expect_clean_error(run_diffmoe({"data", "inspect", (dir_ / "empty_dir").string()}), {(dir_ / "empty_dir").string()});
+}
+
+TEST(E2EHelp, EverySubcommandHasHelp) {
+  const std::vector<std::vector<std::string>> cmds = {
+      {},         {"params"},   {"train"},         {"eval"},           {"generate"}, {"init"},
+      {"tokenizer"}, {"tokenizer", "train"}, {"tokenizer", "encode"}, {"tokenizer", "decode"},
+      {"data"},   {"data", "prepare"}, {"data", "inspect"}};
+  for (auto args : cmds) {
+    args.push_back("--help");
+    const RunResult r = run_diffmoe(args);
+    E2E_EXPECT_OK(r);
+    EXPECT_NE(r.out.find("Usage"), std::string::npos) << r.describe();
+    EXPECT_NE(r.out.find("--help"), std::string::npos) << r.describe();
+  }
+  // Usage errors: non-zero exit, no crash.
+  for (const std::vector<std::string>& args : std::vector<std::vector<std::string>>{{}, {"frobnicate"}, {"train"}, {"train", "--config"}}) {
+    const RunResult r = run_diffmoe(args);
+    EXPECT_TRUE(r.exited) << r.describe();
+    EXPECT_NE(r.code, 0) << r.describe();
+  }
+}
+
+}  // namespace
+}  // namespace diffmoe::e2e

@@ -1,0 +1,195 @@
+// Harness of the CUDA-vs-CPU op checks (tests/ops/cuda_vs_cpu*.cpp; STYLE.md habit 5, numerics
+// policy): a Dual is one tensor on both backends, the CPU's copy in host memory and the CUDA's in
+// device memory followed by guard bytes. Inputs are filled on the host and uploaded, so both ops
+// see the same values; outputs an op overwrites are poisoned (NaN, or a sentinel integer) on both
+// sides first; then each op runs on its own copy and the results are compared element-wise with a
+// per-op tolerance |cuda − cpu| ≤ atol + rtol·|cpu|, NaN never passing, and the guard bytes after
+// every device tensor are checked untouched.
+#pragma once
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <functional>
+#include <limits>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "backend/backend.h"
+#include "test_util.h"
+
+namespace diffmoe::cudatest {
+
+// The two backends, created once. gpu() throws (naming why) when no CUDA device is usable.
+inline Backend& cpu() {
+  static std::unique_ptr<Backend> be = make_backend("cpu");
+  return *be;
+}
+inline Backend& gpu() {
+  static std::unique_ptr<Backend> be = make_backend("cuda");
+  return *be;
+}
+
+enum class Side { kCpu, kGpu };
+
+class Dual {
+ public:
+  static constexpr int64_t kGuard = 64;         // elements after every device tensor
+  static constexpr uint8_t kGuardByte = 0xA5;   // their bytes
+  static constexpr int32_t kIntPoison = -77777;  // what an overwritten i32 output starts as
+
+  explicit Dual(Shape shape, DType dtype = DType::kF32) : dtype_(dtype) {
+    host_.add("t", shape, dtype);
+    host_.allocate(cpu_allocator());
+    dev_.add("t", Shape{shape.numel() + kGuard}, dtype);
+    dev_.allocate(gpu().allocator());
+    cpu_ = host_.get("t");
+    gpu_ = dev_.get("t");
+    gpu_.shape = shape;
+    std::vector<uint8_t> guard(static_cast<size_t>(kGuard) * dtype_size(dtype), kGuardByte);
+    gpu().upload(guard_view(), guard.data());
+  }
+
+  const Tensor& operator[](Side s) const { return s == Side::kCpu ? cpu_ : gpu_; }
+  const Tensor& host() const { return cpu_; }
+  int64_t numel() const { return cpu_.numel(); }
+
+  // Host values → device (the guard stays).
+  void to_gpu() const { gpu().upload(gpu_, cpu_.data); }
+  // mean + std·N(0,1) keyed by seed on both sides.
+  Dual& normal(uint64_t seed, double std = 1.0, double mean = 0.0) {
+    test::fill_normal(cpu_, seed, std, mean);
+    to_gpu();
+    return *this;
+  }
+  // Uniform integers in [lo, hi) on both sides (i32 tensors).
+  Dual& ints(uint64_t seed, int32_t lo, int32_t hi) {
+    test::fill_int(cpu_, seed, lo, hi);
+    to_gpu();
+    return *this;
+  }
+  Dual& set(const std::vector<double>& v) {
+    EXPECT_EQ(static_cast<int64_t>(v.size()), numel());
+    for (int64_t i = 0; i < numel(); ++i) set_host(i, v[static_cast<size_t>(i)]);
+    to_gpu();
+    return *this;
+  }
+  // What an overwritten output starts as: NaN (floats) or kIntPoison (i32), on both sides.
+  Dual& poison() {
+    for (int64_t i = 0; i < numel(); ++i)
+      set_host(i, dtype_ == DType::kI32 ? static_cast<double>(kIntPoison) : std::numeric_limits<double>::quiet_NaN());
+    to_gpu();
+    return *this;
+  }
+
+  std::vector<double> host_values() const { return values(cpu_.data); }
+  std::vector<double> device_values() const {
+    std::vector<uint8_t> raw(cpu_.nbytes());
+    gpu().download(raw.data(), gpu_);
+    return values(raw.data());
+  }
+  bool guard_intact() const {
+    std::vector<uint8_t> raw(static_cast<size_t>(kGuard) * dtype_size(dtype_));
+    gpu().download(raw.data(), guard_view());
+    for (uint8_t b : raw)
+      if (b != kGuardByte) return false;
+    return true;
+  }
+
+ private:
+  Tensor guard_view() const {
+    Tensor g = dev_.get("t");
+    g.data = static_cast<char*>(g.data) + cpu_.nbytes();
+    g.shape = Shape{kGuard};
+    return g;
+  }
+  void set_host(int64_t i, double v) const {
+    switch (dtype_) {
+      case DType::kF32: cpu_.ptr<float>()[i] = static_cast<float>(v); break;
+      case DType::kF64: cpu_.ptr<double>()[i] = v; break;
+      case DType::kI32: cpu_.ptr<int32_t>()[i] = static_cast<int32_t>(v); break;
+      case DType::kBF16: static_cast<uint16_t*>(cpu_.data)[i] = f32_to_bf16(static_cast<float>(v)); break;
+      case DType::kF8E4M3: static_cast<uint8_t*>(cpu_.data)[i] = f32_to_e4m3(static_cast<float>(v)); break;
+      default: FAIL() << "Dual: unsupported dtype";
+    }
+  }
+  std::vector<double> values(const void* p) const {
+    std::vector<double> v(static_cast<size_t>(numel()));
+    for (int64_t i = 0; i < numel(); ++i) {
+      double x = 0.0;
+      switch (dtype_) {
+        case DType::kF32: x = static_cast<const float*>(p)[i]; break;
+        case DType::kF64: x = static_cast<const double*>(p)[i]; break;
+        case DType::kI32: x = static_cast<const int32_t*>(p)[i]; break;
+        case DType::kBF16: x = bf16_to_f32(static_cast<const uint16_t*>(p)[i]); break;
+        case DType::kF8E4M3: x = e4m3_to_f32(static_cast<const uint8_t*>(p)[i]); break;
+        default: break;
+      }
+      v[static_cast<size_t>(i)] = x;
+    }
+    return v;
+  }
+
+  DType dtype_;
+  Arena host_, dev_;
+  Tensor cpu_, gpu_;
+};
+
+// Runs op(backend, side) on the CPU and on the GPU, then synchronizes the GPU (which also reports
+// the device-side index checks).
+inline void run_both(const std::function<void(Backend&, Side)>& op) {
+  op(cpu(), Side::kCpu);
+  op(gpu(), Side::kGpu);
+  gpu().synchronize({});
+}
+
+// A tolerance and the reason for it (the numerics policy: no tolerance tuned by eye).
+struct Tol {
+  double rtol = 0.0, atol = 0.0;
+  const char* why = "";
+};
+
+// Bitwise-equal values (after conversion to double, so NaN never passes): integer outputs and ops
+// whose GPU arithmetic is the CPU's.
+constexpr Tol kExact{0.0, 0.0, "same arithmetic on both sides"};
+
+// |cuda − cpu| ≤ atol + rtol·|cpu| for every element; prints the worst element for the record.
+inline void expect_close(const Dual& d, const Tol& tol, const std::string& what) {
+  const std::vector<double> got = d.device_values(), want = d.host_values();
+  int64_t bad = 0, worst_i = -1;
+  double worst_excess = -1.0, max_abs = 0.0;
+  for (size_t i = 0; i < got.size(); ++i) {
+    const double a = got[i], b = want[i], diff = std::fabs(a - b);
+    const bool ok = !std::isnan(a) && !std::isnan(b) && diff <= tol.atol + tol.rtol * std::fabs(b);
+    if (!std::isnan(diff)) max_abs = std::max(max_abs, diff);
+    const double excess = std::isnan(diff) ? std::numeric_limits<double>::infinity() : diff - tol.atol - tol.rtol * std::fabs(b);
+    if (!ok) ++bad;
+    if (excess > worst_excess || worst_i < 0) {
+      worst_excess = excess;
+      worst_i = static_cast<int64_t>(i);
+    }
+  }
+  std::printf("[cuda-vs-cpu] %-44s n=%-7zu max|diff| %.3e  (rtol %.0e, atol %.0e: %s)\n", what.c_str(), got.size(),
+              max_abs, tol.rtol, tol.atol, tol.why);
+  if (worst_i >= 0) {
+    EXPECT_EQ(bad, 0) << what << ": " << bad << " of " << got.size() << " elements out of tolerance; worst at "
+                      << worst_i << ": cuda " << got[static_cast<size_t>(worst_i)] << ", cpu "
+                      << want[static_cast<size_t>(worst_i)];
+  }
+  EXPECT_TRUE(d.guard_intact()) << what << ": the guard bytes after the device tensor were overwritten";
+}
+
+// Runs fn and expects a diffmoe::Error whose message contains every part.
+inline void expect_error(const std::function<void()>& fn, std::initializer_list<std::string> parts) {
+  try {
+    fn();
+    ADD_FAILURE() << "no error thrown";
+  } catch (const Error& e) {
+    const std::string msg = e.what();
+    for (const std::string& p : parts) EXPECT_NE(msg.find(p), std::string::npos) << "'" << p << "' not in: " << msg;
+  }
+}
+
+}  // namespace diffmoe::cudatest

@@ -1,0 +1,435 @@
+// CUDA vs CPU, op by op (STYLE.md habit 5): every Backend op runs on both backends from the same
+// random non-zero inputs at odd sizes (not multiples of a warp, a block or a tile), with every
+// launch branch exercised; outputs the op overwrites start poisoned, device outputs are followed by
+// guard bytes, and results are compared with a per-op tolerance whose reason is written next to it
+// (cuda_dual.h). This file: basic ops, embedding, RMSNorm, GEMMs, RoPE, MLA split, λ, attention,
+// latent attention, and main(). cuda_vs_cpu_moe.cpp: SwiGLU, MoE, loss, AdamW, device-side
+// index checks, validation.
+//
+// Needs a GPU: without one the program says why and fails, unless DIFFMOE_ALLOW_NO_GPU=1 (then it
+// exits 0). It is built with CUDA but not registered with ctest (CI machines have no GPU); run it
+// through tools/gpu-check.sh.
+#include <cstdlib>
+
+#include "cuda_dual.h"
+
+namespace diffmoe::cudatest {
+namespace {
+
+// Element-wise ops computed in double and rounded once to f32 on both sides: the same f32 value,
+// up to one last-bit difference where the GPU fuses a multiply-add in double.
+constexpr Tol kRoundOnce{1e-6, 1e-7, "f64 arithmetic rounded once on both sides"};
+
+// ================================================================ basic ops
+
+TEST(CudaBasic, FillEveryDtype) {
+  struct Case {
+    DType dtype;
+    double value;
+  };
+  for (const Case c : {Case{DType::kF32, 0.0}, Case{DType::kF32, -2.25}, Case{DType::kF64, 0.1},
+                       Case{DType::kI32, -3.0}, Case{DType::kBF16, 1.7}, Case{DType::kF8E4M3, 3.3}}) {
+    Dual out(Shape{1001}, c.dtype);
+    out.poison();
+    run_both([&](Backend& be, Side s) { be.fill({}, {.out = out[s], .value = c.value}); });
+    expect_close(out, kExact, "fill " + std::string(dtype_name(c.dtype)));
+  }
+}
+
+TEST(CudaBasic, CopySameTypeAndOverlapping) {
+  Dual src(Shape{777}), dst(Shape{777});
+  src.normal(1);
+  dst.poison();
+  run_both([&](Backend& be, Side s) { be.copy({}, {.dst = dst[s], .src = src[s]}); });
+  expect_close(dst, kExact, "copy f32");
+  Dual isrc(Shape{333}, DType::kI32), idst(Shape{333}, DType::kI32);
+  isrc.ints(2, -1000, 1000);
+  idst.poison();
+  run_both([&](Backend& be, Side s) { be.copy({}, {.dst = idst[s], .src = isrc[s]}); });
+  expect_close(idst, kExact, "copy i32");
+  // Overlapping ranges of one buffer (the CPU memmoves).
+  Dual buf(Shape{2000});
+  buf.normal(3);
+  run_both([&](Backend& be, Side s) { be.copy({}, {.dst = buf[s].rows(0, 1500), .src = buf[s].rows(500, 2000)}); });
+  expect_close(buf, kExact, "copy overlapping");
+}
+
+TEST(CudaBasic, CopyConverts) {
+  // Values around every rounding rule: e4m3 saturation (448, 464, 480, 1000), subnormals and
+  // their halfway points (2^-9 = 0.001953125), ties to even (1.0625), signed zero, plus random ones.
+  std::vector<double> v = {0.0, -0.0, 448.0, 464.0, 480.0, -1000.0, 1e-3, 0.0029296875, 1.0625, -3.1, 1e-30, 65504.0};
+  for (int i = 0; static_cast<int>(v.size()) < 515; ++i) v.push_back(40.0 * normal_at(9, 0x51, static_cast<uint64_t>(i)));
+  const Shape shape{static_cast<int64_t>(v.size())};
+  const std::pair<DType, DType> pairs[] = {
+      {DType::kF32, DType::kBF16}, {DType::kF32, DType::kF8E4M3}, {DType::kF64, DType::kBF16},
+      {DType::kF64, DType::kF8E4M3}, {DType::kBF16, DType::kF32}, {DType::kF8E4M3, DType::kF64},
+      {DType::kF32, DType::kF64}, {DType::kF64, DType::kF32}, {DType::kBF16, DType::kF8E4M3}};
+  for (const auto& [from, to] : pairs) {
+    Dual src(shape, from), dst(shape, to);
+    src.set(v);
+    dst.poison();
+    run_both([&](Backend& be, Side s) { be.copy({}, {.dst = dst[s], .src = src[s]}); });
+    expect_close(dst, kExact, fmt::format("copy {} -> {}", dtype_name(from), dtype_name(to)));
+  }
+}
+
+TEST(CudaBasic, AxpyScale) {
+  Dual y(Shape{1003}), x(Shape{1003});
+  y.normal(4);
+  x.normal(5);
+  run_both([&](Backend& be, Side s) { be.axpy({}, {.y = y[s], .x = x[s], .alpha = -0.37}); });
+  expect_close(y, kRoundOnce, "axpy");
+  run_both([&](Backend& be, Side s) { be.scale({}, {.y = y[s], .alpha = 1.7}); });
+  expect_close(y, kRoundOnce, "scale");
+}
+
+TEST(CudaBasic, SumSquares) {
+  // Per-thread f64 sums, then at most 2·SM block sums added in f32 by atomics (a few f32 roundings
+  // of a positive total): relative 1e-5 with a wide margin. The CPU adds in f64 and rounds once.
+  const Tol tol{1e-5, 0.0, "f32 atomic adds of f64 block sums"};
+  for (int64_t n : {int64_t{7}, int64_t{100003}}) {
+    Dual out(Shape{1}), x(Shape{n});
+    out.set({0.37});
+    x.normal(6 + static_cast<uint64_t>(n));
+    run_both([&](Backend& be, Side s) { be.sum_squares({}, {.out = out[s], .x = x[s]}); });
+    expect_close(out, tol, fmt::format("sum_squares n={}", n));
+  }
+}
+
+TEST(CudaBasic, Embedding) {
+  const int64_t V = 23, N = 301, D = 37;  // N ≫ V: every token id repeats
+  Dual table(Shape{V, D}), tokens(Shape{N}, DType::kI32), out(Shape{N, D});
+  table.normal(7);
+  tokens.ints(8, 0, static_cast<int32_t>(V));
+  out.poison();
+  run_both([&](Backend& be, Side s) { be.embedding_fwd({}, {.out = out[s], .tokens = tokens[s], .table = table[s], .scale = 1.7}); });
+  expect_close(out, kRoundOnce, "embedding_fwd");
+  Dual dtable(Shape{V, D}), dout(Shape{N, D});
+  dtable.normal(9);  // weight gradients accumulate
+  dout.normal(10);
+  run_both([&](Backend& be, Side s) {
+    be.embedding_bwd({}, {.dtable = dtable[s], .tokens = tokens[s], .dout = dout[s], .scale = 0.6});
+  });
+  // The GPU adds each row's tokens in the CPU's order with the CPU's f64-then-round step.
+  expect_close(dtable, kRoundOnce, "embedding_bwd");
+}
+
+// ================================================================ RMSNorm
+
+// f64 sums in a different order (warp tree vs serial), rounded once to f32.
+constexpr Tol kNormTol{1e-6, 1e-7, "f64 row sums in another order, rounded once"};
+
+TEST(CudaNorm, ForwardDenseAndStrided) {
+  struct Case {
+    int64_t rows, width, xs, ys;
+    double out_scale;
+  };
+  for (const Case c : {Case{333, 70, 0, 0, 1.0}, Case{50, 37, 45, 40, 0.8}, Case{0, 5, 0, 0, 1.0}}) {
+    const int64_t xs = c.xs ? c.xs : c.width, ys = c.ys ? c.ys : c.width;
+    Dual x(Shape{std::max<int64_t>(c.rows * xs, 1)}), y(Shape{std::max<int64_t>(c.rows * ys, 1)});
+    Dual rstd(Shape{c.rows}), w(Shape{c.width});
+    x.normal(11, 2.0);
+    w.normal(12, 0.2, 1.0);
+    y.normal(13);  // strided: the gaps between rows must stay as they are
+    if (c.xs == 0) y.poison();
+    rstd.poison();
+    run_both([&](Backend& be, Side s) {
+      be.rmsnorm_fwd({}, {.y = y[s], .rstd = rstd[s], .x = x[s], .w = w[s], .rows = c.rows, .width = c.width,
+                          .x_stride = c.xs, .y_stride = c.ys, .eps = 1e-6, .out_scale = c.out_scale});
+    });
+    if (c.rows > 0) expect_close(y, kNormTol, fmt::format("rmsnorm_fwd y rows={} width={} xs={}", c.rows, c.width, xs));
+    expect_close(rstd, kNormTol, fmt::format("rmsnorm_fwd rstd rows={} width={}", c.rows, c.width));
+  }
+}
+
+TEST(CudaNorm, BackwardAllBranches) {
+  struct Case {
+    int64_t rows, width, xs, ys;
+    bool accumulate, in_place;
+  };
+  // 333 rows: several row chunks in the dw reduction; 37-wide strided rows; dx written over x.
+  for (const Case c : {Case{333, 70, 0, 0, false, false}, Case{333, 70, 0, 0, true, false},
+                       Case{50, 37, 45, 40, false, false}, Case{97, 33, 0, 0, false, true}}) {
+    const int64_t xs = c.xs ? c.xs : c.width, ys = c.ys ? c.ys : c.width;
+    Dual x(Shape{c.rows * xs}), dx(Shape{c.rows * xs}), dy(Shape{c.rows * ys});
+    Dual w(Shape{c.width}), dw(Shape{c.width}), rstd(Shape{c.rows});
+    x.normal(14);
+    dy.normal(15);
+    w.normal(16, 0.2, 1.0);
+    dw.normal(17);  // accumulates
+    rstd.normal(18, 0.1, 1.0);
+    dx.normal(19);
+    if (!c.accumulate && c.xs == 0) dx.poison();
+    const Dual& dx_used = c.in_place ? x : dx;
+    run_both([&](Backend& be, Side s) {
+      be.rmsnorm_bwd({}, {.dx = dx_used[s], .dw = dw[s], .dy = dy[s], .x = x[s], .w = w[s], .rstd = rstd[s],
+                          .rows = c.rows, .width = c.width, .x_stride = c.xs, .y_stride = c.ys, .out_scale = 0.9,
+                          .dx_accumulate = c.accumulate});
+    });
+    const std::string tag = fmt::format("rows={} width={} xs={} acc={} in_place={}", c.rows, c.width, xs, c.accumulate, c.in_place);
+    expect_close(dx_used, kNormTol, "rmsnorm_bwd dx " + tag);
+    expect_close(dw, kNormTol, "rmsnorm_bwd dw " + tag);
+  }
+}
+
+// ================================================================ GEMMs
+
+// f32 dot products of length k in different orders (cuBLAS vs OpenBLAS), inputs N(0,1): the
+// absolute error is a few f32 ulps of Σ|a||b| ≈ k, so atol = 4e-6·k; rtol 1e-5 for the large values.
+Tol gemm_tol(int64_t k) { return Tol{1e-5, 4e-6 * static_cast<double>(std::max<int64_t>(k, 1)), "f32 sums of k products, other order"}; }
+
+TEST(CudaGemm, AllTransposesAndBetas) {
+  const int64_t m = 37, n = 29, k = 53;
+  for (int ta = 0; ta < 2; ++ta) {
+    for (int tb = 0; tb < 2; ++tb) {
+      for (double beta : {0.0, 1.3}) {
+        Dual a(ta ? Shape{k, m} : Shape{m, k}), b(tb ? Shape{n, k} : Shape{k, n}), c(Shape{m, n});
+        a.normal(20);
+        b.normal(21);
+        if (beta == 0.0) c.poison();  // beta = 0 must not read C (NaN stays out)
+        else c.normal(22);
+        run_both([&](Backend& be, Side s) {
+          be.gemm({}, {.c = c[s], .a = a[s], .b = b[s], .trans_a = ta == 1, .trans_b = tb == 1, .alpha = 0.7, .beta = beta});
+        });
+        expect_close(c, gemm_tol(k), fmt::format("gemm ta={} tb={} beta={}", ta, tb, beta));
+      }
+    }
+  }
+  // k = 0: C = beta·C.
+  Dual a0(Shape{m, 0}), b0(Shape{0, n}), c0(Shape{m, n});
+  c0.normal(23);
+  run_both([&](Backend& be, Side s) { be.gemm({}, {.c = c0[s], .a = a0[s], .b = b0[s], .alpha = 1.0, .beta = 0.5}); });
+  expect_close(c0, kRoundOnce, "gemm k=0");
+}
+
+// Offsets with two empty groups; rows ≥ offsets[G] (37 … 40) must stay untouched.
+const std::vector<double> kOffsets = {0, 9, 9, 20, 20, 37};
+
+TEST(CudaGemm, GroupedForward) {
+  const int64_t R = 41, used = 37, G = 5, k = 19, n = 23;
+  for (bool trans_b : {true, false}) {
+    for (double beta : {0.0, 1.0}) {
+      Dual a(Shape{R, k}), b(trans_b ? Shape{G, n, k} : Shape{G, k, n}), c(Shape{R, n}), off(Shape{G + 1}, DType::kI32);
+      a.normal(24);
+      b.normal(25);
+      off.set(kOffsets);
+      std::vector<double> c0(static_cast<size_t>(R * n));
+      for (int64_t i = 0; i < R * n; ++i)  // rows in use: poison when beta = 0; the rest: values to keep
+        c0[static_cast<size_t>(i)] = (beta == 0.0 && i < used * n) ? std::nan("") : normal_at(26, 1, static_cast<uint64_t>(i));
+      c.set(c0);
+      run_both([&](Backend& be, Side s) {
+        be.grouped_gemm({}, {.c = c[s], .a = a[s], .b = b[s], .offsets = off[s], .trans_b = trans_b, .alpha = 0.8, .beta = beta});
+      });
+      expect_close(c, gemm_tol(k), fmt::format("grouped_gemm trans_b={} beta={}", trans_b, beta));
+    }
+  }
+}
+
+TEST(CudaGemm, GroupedWeightGradient) {
+  const int64_t R = 41, G = 5, m = 13, n = 11;
+  for (double beta : {0.0, 1.0}) {
+    Dual a(Shape{R, m}), b(Shape{R, n}), c(Shape{G, m, n}), off(Shape{G + 1}, DType::kI32);
+    a.normal(27);
+    b.normal(28);
+    off.set(kOffsets);
+    if (beta == 0.0) c.poison();  // empty groups become 0
+    else c.normal(29);            // empty groups keep C
+    run_both([&](Backend& be, Side s) {
+      be.grouped_gemm_wgrad({}, {.c = c[s], .a = a[s], .b = b[s], .offsets = off[s], .alpha = 0.5, .beta = beta});
+    });
+    expect_close(c, gemm_tol(17), fmt::format("grouped_gemm_wgrad beta={}", beta));  // largest group: 17 rows
+  }
+}
+
+TEST(CudaGemm, GroupedOffsetsAreChecked) {
+  Dual a(Shape{6, 3}), b(Shape{2, 4, 3}), c(Shape{6, 4}), off(Shape{3}, DType::kI32);
+  a.normal(30);
+  b.normal(31);
+  off.set({0, 4, 2});
+  expect_error([&] { gpu().grouped_gemm({}, {.c = c[Side::kGpu], .a = a[Side::kGpu], .b = b[Side::kGpu], .offsets = off[Side::kGpu]}); },
+               {"[grouped_gemm]", "non-decreasing", "offsets[2] = 2"});
+  off.set({0, 3, 7});
+  expect_error([&] { gpu().grouped_gemm({}, {.c = c[Side::kGpu], .a = a[Side::kGpu], .b = b[Side::kGpu], .offsets = off[Side::kGpu]}); },
+               {"[grouped_gemm]", "offsets[2] = 7", "6 rows"});
+}
+
+// ================================================================ RoPE, MLA split, λ
+
+// f32 rotations with the same formula; the GPU may fuse x0·c − x1·s into one FMA (one rounding
+// fewer): a last-bit difference relative to |x0·c| + |x1·s| ≈ 1.
+constexpr Tol kRopeTol{1e-6, 1e-6, "same f32 formula, FMA contraction"};
+
+TEST(CudaRope, HeadsOffsetsWrapAndInverse) {
+  struct Case {
+    int64_t rows, width, heads, head_stride, col_offset, rope_dim, seq_len, pos_offset;
+  };
+  for (const Case c : {Case{45, 40, 3, 12, 2, 8, 7, 3}, Case{31, 14, 1, 14, 10, 4, 31, 0}}) {
+    for (bool inverse : {false, true}) {
+      Dual x(Shape{c.rows, c.width}), cos(Shape{40, c.rope_dim / 2}), sin(Shape{40, c.rope_dim / 2});
+      x.normal(32);
+      cos.normal(33);
+      sin.normal(34);
+      run_both([&](Backend& be, Side s) {
+        be.rope({}, {.x = x[s], .cos = cos[s], .sin = sin[s], .n_heads = c.heads, .head_stride = c.head_stride,
+                     .col_offset = c.col_offset, .rope_dim = c.rope_dim, .seq_len = c.seq_len,
+                     .pos_offset = c.pos_offset, .inverse = inverse});
+      });
+      expect_close(x, kRopeTol, fmt::format("rope heads={} inverse={}", c.heads, inverse));
+    }
+  }
+}
+
+TEST(CudaAttention, KvSplitForwardBackward) {
+  const int64_t N = 13, H = 3, dn = 4, dr = 2, dv = 5, kr_stride = 9, kr_offset = 6;
+  Dual kv(Shape{N, H * (dn + dv)}), kr(Shape{N, kr_stride}), k(Shape{N, H, dn + dr}), v(Shape{N, H, dv});
+  kv.normal(35);
+  kr.normal(36);
+  k.poison();
+  v.poison();
+  run_both([&](Backend& be, Side s) {
+    be.mla_kv_split_fwd({}, {.k = k[s], .v = v[s], .kv = kv[s], .kr = kr[s], .n_heads = H, .d_nope = dn, .d_rope = dr,
+                             .d_v = dv, .kr_stride = kr_stride, .kr_offset = kr_offset});
+  });
+  expect_close(k, kExact, "mla_kv_split_fwd k");
+  expect_close(v, kExact, "mla_kv_split_fwd v");
+  Dual dk(Shape{N, H, dn + dr}), dvv(Shape{N, H, dv}), dkv(Shape{N, H * (dn + dv)}), dkr(Shape{N, kr_stride});
+  dk.normal(37);
+  dvv.normal(38);
+  dkv.poison();
+  dkr.normal(39);  // columns outside [kr_offset, kr_offset + d_rope) must stay
+  run_both([&](Backend& be, Side s) {
+    be.mla_kv_split_bwd({}, {.dkv = dkv[s], .dkr = dkr[s], .dk = dk[s], .dv = dvv[s], .n_heads = H, .d_nope = dn,
+                             .d_rope = dr, .d_v = dv, .kr_stride = kr_stride, .kr_offset = kr_offset});
+  });
+  expect_close(dkv, kExact, "mla_kv_split_bwd dkv");
+  expect_close(dkr, kExact, "mla_kv_split_bwd dkr (f32 sum over heads in order)");
+}
+
+TEST(CudaAttention, DiffLambda) {
+  const int64_t d = 7;
+  Dual lq1(Shape{d}), lk1(Shape{d}), lq2(Shape{d}), lk2(Shape{d}), lambda(Shape{1});
+  lq1.normal(40, 0.3);
+  lk1.normal(41, 0.3);
+  lq2.normal(42, 0.3);
+  lk2.normal(43, 0.3);
+  lambda.poison();
+  run_both([&](Backend& be, Side s) {
+    be.diff_lambda_fwd({}, {.lambda = lambda[s], .lq1 = lq1[s], .lk1 = lk1[s], .lq2 = lq2[s], .lk2 = lk2[s], .lambda_init = 0.2});
+  });
+  expect_close(lambda, kRoundOnce, "diff_lambda_fwd");
+  Dual dlambda(Shape{1}), g1(Shape{d}), g2(Shape{d}), g3(Shape{d}), g4(Shape{d});
+  dlambda.set({-1.3});
+  for (Dual* g : {&g1, &g2, &g3, &g4}) g->normal(44);  // weight gradients accumulate
+  run_both([&](Backend& be, Side s) {
+    be.diff_lambda_bwd({}, {.dlq1 = g1[s], .dlk1 = g2[s], .dlq2 = g3[s], .dlk2 = g4[s], .dlambda = dlambda[s],
+                            .lq1 = lq1[s], .lk1 = lk1[s], .lq2 = lq2[s], .lk2 = lk2[s]});
+  });
+  for (const Dual* g : {&g1, &g2, &g3, &g4}) expect_close(*g, kRoundOnce, "diff_lambda_bwd");
+}
+
+// ================================================================ attention
+
+// f32 dot products, exp and P·V sums in another order: score errors of a few ulps of |z| are
+// amplified by exp, and the differential output cancels (A0V − λA1V), hence rtol 1e-4 with an
+// absolute floor of 1e-5 for outputs near zero (values are O(1)).
+constexpr Tol kAttnTol{1e-4, 1e-5, "f32 softmax and sums in another order"};
+
+struct AttnCase {
+  int64_t B, T, H, dqk, dv;
+  bool differential;
+};
+
+void check_attention(const AttnCase& c, bool backward) {
+  const int64_t B = c.B, T = c.T, H = c.H;
+  const Shape out_shape = c.differential ? Shape{B, T, H / 2, 2 * c.dv} : Shape{B, T, H, c.dv};
+  Dual q(Shape{B, T, H, c.dqk}), k(Shape{B, T, H, c.dqk}), v(Shape{B, T, H, c.dv});
+  Dual out(out_shape), o2(out_shape), lse(Shape{B, H, T}), lambda(Shape{1});
+  q.normal(50);
+  k.normal(51);
+  v.normal(52);
+  lambda.set({0.35});
+  out.poison();
+  o2.poison();
+  lse.poison();
+  const double scale = 0.4;
+  const std::string tag = fmt::format("B={} T={} H={} diff={}", B, T, H, c.differential);
+  auto fwd_args = [&](Side s) {
+    return AttentionFwdArgs{.out = out[s], .o2 = c.differential ? o2[s] : Tensor{}, .lse = lse[s], .q = q[s], .k = k[s],
+                            .v = v[s], .lambda = c.differential ? lambda[s] : Tensor{}, .scale = scale,
+                            .differential = c.differential};
+  };
+  run_both([&](Backend& be, Side s) { be.attention_fwd({}, fwd_args(s)); });
+  expect_close(out, kAttnTol, "attention_fwd out " + tag);
+  if (c.differential) expect_close(o2, kAttnTol, "attention_fwd o2 " + tag);
+  expect_close(lse, kAttnTol, "attention_fwd lse " + tag);
+  if (!backward) return;
+  // The backward reads the forward's saved tensors: give both sides the CPU's.
+  out.to_gpu();
+  o2.to_gpu();
+  lse.to_gpu();
+  Dual dout(out_shape), dq(Shape{B, T, H, c.dqk}), dk(Shape{B, T, H, c.dqk}), dv(Shape{B, T, H, c.dv}), dlambda(Shape{1});
+  dout.normal(53);
+  dq.poison();
+  dk.poison();
+  dv.poison();
+  dlambda.poison();
+  run_both([&](Backend& be, Side s) {
+    be.attention_bwd({}, {.dq = dq[s], .dk = dk[s], .dv = dv[s], .dlambda = c.differential ? dlambda[s] : Tensor{},
+                          .dout = dout[s], .q = q[s], .k = k[s], .v = v[s], .out = out[s],
+                          .o2 = c.differential ? o2[s] : Tensor{}, .lse = lse[s],
+                          .lambda = c.differential ? lambda[s] : Tensor{}, .scale = scale,
+                          .differential = c.differential});
+  });
+  // dk, dv: also f32 atomics (summation order varies run to run), same tolerance.
+  expect_close(dq, kAttnTol, "attention_bwd dq " + tag);
+  expect_close(dk, kAttnTol, "attention_bwd dk " + tag);
+  expect_close(dv, kAttnTol, "attention_bwd dv " + tag);
+  // dλ: the same f64 reduction of the same inputs on both sides, other order.
+  if (c.differential) expect_close(dlambda, Tol{1e-6, 1e-7, "f64 sum of the same products"}, "attention_bwd dlambda " + tag);
+}
+
+TEST(CudaAttention, DifferentialForwardBackward) { check_attention({2, 37, 4, 7, 5, true}, true); }
+TEST(CudaAttention, PlainForwardBackward) { check_attention({2, 37, 3, 7, 5, false}, true); }
+TEST(CudaAttention, WideHeads) { check_attention({1, 19, 2, 96, 64, true}, true); }
+// T = 12500: the forward's scores exceed the 48 KB default shared memory (the opt-in path).
+TEST(CudaAttention, LongSequenceForward) { check_attention({1, 12500, 1, 4, 3, false}, false); }
+
+TEST(CudaAttention, LatentCache) {
+  const int64_t B = 2, Tq = 3, H = 4, r_kv = 9, d_rope = 4, S = 17, kv_len = 11, W = 7, q_rope_offset = 3;
+  for (bool differential : {true, false}) {
+    const int64_t h_out = differential ? H / 2 : H;
+    Dual out(Shape{B, Tq, h_out, r_kv}), q_lat(Shape{B, Tq, H, r_kv}), q_rope(Shape{B, Tq, H, W});
+    Dual cache(Shape{B, S, r_kv + d_rope}), lambda(Shape{1});
+    q_lat.normal(60, 0.5);
+    q_rope.normal(61, 0.5);
+    cache.normal(62);
+    lambda.set({0.3});
+    out.poison();
+    run_both([&](Backend& be, Side s) {
+      be.latent_attention({}, {.out = out[s], .q_lat = q_lat[s], .q_rope = q_rope[s], .cache = cache[s],
+                               .lambda = differential ? lambda[s] : Tensor{}, .kv_len = kv_len,
+                               .q_rope_offset = q_rope_offset, .scale = 0.3, .differential = differential});
+    });
+    expect_close(out, kAttnTol, fmt::format("latent_attention diff={}", differential));
+  }
+}
+
+}  // namespace
+}  // namespace diffmoe::cudatest
+
+// Without a usable GPU the checks cannot run: say why, and fail unless DIFFMOE_ALLOW_NO_GPU=1.
+int main(int argc, char** argv) {
+  ::testing::InitGoogleTest(&argc, argv);
+  try {
+    diffmoe::cudatest::gpu();
+  } catch (const diffmoe::Error& e) {
+    std::printf("test_cuda_ops: no usable CUDA device: %s\n", e.what());
+    const char* allow = std::getenv("DIFFMOE_ALLOW_NO_GPU");
+    if (allow != nullptr && std::string(allow) == "1") {
+      std::printf("test_cuda_ops: DIFFMOE_ALLOW_NO_GPU=1, nothing checked\n");
+      return 0;
+    }
+    return 1;
+  }
+  return RUN_ALL_TESTS();
+}
