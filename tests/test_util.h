@@ -1,13 +1,20 @@
-// Shared test helpers: owned host tensors, seeded random fills and the finite-difference gradient
-// check every op test uses (STYLE.md habit 5, numerics policy).
+// Shared test helpers: owned host tensors, seeded random fills, the finite-difference gradient
+// check every op test uses (STYLE.md habit 5, numerics policy) and checks of diffmoe::Error messages.
 #pragma once
+#include <gtest/gtest.h>
+
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdio>
 #include <functional>
+#include <initializer_list>
 #include <memory>
+#include <string>
 #include <vector>
 
 #include "core/arena.h"
+#include "core/error.h"
 #include "core/rng.h"
 #include "core/tensor.h"
 
@@ -75,6 +82,11 @@ inline double rel_error(const std::vector<double>& a, const std::vector<double>&
   return std::sqrt(diff) / std::max({std::sqrt(na), std::sqrt(nb), 1e-300});
 }
 
+// dst = src elementwise (a local loop, so tests that use it depend on no op of the backend).
+inline void copy_values(const Tensor& dst, const Tensor& src) {
+  for (int64_t i = 0; i < src.numel(); ++i) set(dst, i, get(src, i));
+}
+
 inline std::vector<double> to_vector(const Tensor& t) {
   std::vector<double> v(static_cast<size_t>(t.numel()));
   for (int64_t i = 0; i < t.numel(); ++i) v[static_cast<size_t>(i)] = get(t, i);
@@ -102,5 +114,41 @@ inline std::vector<double> numerical_grad(const Tensor& x, const std::function<d
 // error O(ε/h) ≈ 1e-10 relative, so 1e-6 leaves four orders of margin while still catching any
 // wrong term (a missing term is O(1) relative).
 constexpr double kGradTol = 1e-6;
+
+// Checks a finite-difference gradient and prints the measured error (for the record); the
+// tolerance is kGradTol.
+inline void expect_grad(const std::string& what, const std::vector<double>& analytic,
+                        const std::vector<double>& numeric) {
+  const double err = rel_error(analytic, numeric);
+  std::printf("[fd] %-28s rel_error = %.3e\n", what.c_str(), err);
+  EXPECT_LE(err, kGradTol) << what;
+}
+
+// Runs fn and expects a diffmoe::Error whose message contains every one of `parts` (usually the
+// op's name first); a single needle is written {"[op] ..."}.
+inline void expect_error(const std::function<void()>& fn, std::initializer_list<std::string> parts) {
+  try {
+    fn();
+  } catch (const Error& e) {
+    const std::string msg = e.what();
+    for (const auto& p : parts) EXPECT_NE(msg.find(p), std::string::npos) << "message: " << msg << "\nmissing: " << p;
+    return;
+  }
+  std::string wanted;
+  for (const auto& p : parts) wanted += " '" + p + "'";
+  ADD_FAILURE() << "expected a diffmoe::Error mentioning" << wanted;
+}
+
+// The message of the diffmoe::Error thrown by `f`, or a failure (and "") if nothing was thrown.
+template <class F>
+std::string error_of(F&& f) {
+  try {
+    f();
+  } catch (const Error& e) {
+    return e.what();
+  }
+  ADD_FAILURE() << "expected diffmoe::Error";
+  return {};
+}
 
 }  // namespace diffmoe::test

@@ -9,12 +9,16 @@
 // nonlinearity matters, and the tiny preset (configs/tiny.yaml) with the spec initialisation.
 // The routing of both runs is compared too: near-tied router scores can pick different experts
 // on the two backends, which would make the expert gradients incomparable; the tool says so.
+// Last, decoding through the latent cache (Generator) is compared: prefill in chunks, then steps.
 //
 // Usage (from the repository root): cuda_model_check [--tiny configs/tiny.yaml] [--tol 1e-4]
 //   [--against cuda]   (--against cpu compares the CPU with itself: a self-test of this tool)
 //   [--verbose]        (one line per gradient; by default failures and each case's worst)
+//   [--time STEPS]     (also the median time of a tiny-preset forward+backward on each backend)
 #include <fmt/format.h>
 
+#include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
@@ -25,6 +29,7 @@
 #include "backend/backend.h"
 #include "core/rng.h"
 #include "model/config.h"
+#include "model/generator.h"
 #include "model/model.h"
 
 namespace diffmoe {
@@ -192,9 +197,51 @@ int check_case(const Case& c, Backend& cpu, Backend& gpu, double tol, bool verbo
       worst_name = e.name;
     }
   }
-  std::printf("  %zu gradients, worst rel err %.3e (%s); %d check%s over %.0e\n", a->grads().entries().size(), worst,
-              worst_name.c_str(), failures, failures == 1 ? "" : "s", tol);
+  std::printf("  %zu gradients, worst rel err %.3e (%s)\n", a->grads().entries().size(), worst, worst_name.c_str());
+
+  // Decoding with the latent cache (Generator, latent_attention): a chunked prefill of 5 positions,
+  // then 2 single steps, on both backends; the logits of each call compared.
+  const GeneratorOptions go{.batch = 2, .max_len = std::min<int64_t>(c.cfg.max_seq_len, 16), .prefill_chunk = 3};
+  Generator gen_a(*a, go), gen_b(*b, go);
+  const int64_t V = c.cfg.vocab_size;
+  std::vector<int32_t> ids(10);
+  for (size_t i = 0; i < ids.size(); ++i) ids[i] = static_cast<int32_t>(uniform_at(kSeed, 3, i) * (V - 1e-9));
+  Tensor logits_a = gen_a.prefill({}, gen_a.upload_tokens(ids, 5));
+  Tensor logits_b = gen_b.prefill({}, gen_b.upload_tokens(ids, 5));
+  double worst_decode = rel_error(download<float>(gpu, logits_b), download<float>(cpu, logits_a));
+  for (int step = 0; step < 2; ++step) {
+    const std::vector<int32_t> next = {ids[static_cast<size_t>(step)], ids[static_cast<size_t>(5 + step)]};
+    logits_a = gen_a.step({}, gen_a.upload_tokens(next, 1));
+    logits_b = gen_b.step({}, gen_b.upload_tokens(next, 1));
+    worst_decode = std::max(worst_decode, rel_error(download<float>(gpu, logits_b), download<float>(cpu, logits_a)));
+  }
+  report("decode logits (prefill 5 in chunks of 3, 2 steps)", worst_decode, 0.0);
+  std::printf("  decode: worst logits rel err %.3e; %d check%s over %.0e\n", worst_decode, failures,
+              failures == 1 ? "" : "s", tol);
   return failures;
+}
+
+// Median wall time of one forward + backward (after one warm-up step), synchronized: a first
+// reference number for the later milestones, not a benchmark.
+double median_step_ms(Backend& be, const Case& c, int steps) {
+  Model m(c.cfg, be, DType::kF32);
+  m.init_weights(1);
+  m.set_batch_shape(c.batch, c.seq);
+  const Inputs in = make_inputs(be, c, 1);
+  const Context ctx{};
+  std::vector<double> ms;
+  for (int i = 0; i <= steps; ++i) {
+    be.synchronize(ctx);
+    const auto t0 = std::chrono::steady_clock::now();
+    m.zero_grads(ctx);
+    m.forward(ctx, in.tokens, in.targets);
+    m.backward(ctx, 1.0);
+    be.synchronize(ctx);
+    const double elapsed = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+    if (i > 0) ms.push_back(elapsed);  // step 0 warms up (module load, cuBLAS heuristics, scratch)
+  }
+  std::sort(ms.begin(), ms.end());
+  return ms[ms.size() / 2];
 }
 
 int main_impl(int argc, char** argv) {
@@ -202,14 +249,16 @@ int main_impl(int argc, char** argv) {
   std::string against = "cuda";
   double tol = 1e-4;
   bool verbose = false;
+  int time_steps = 0;
   for (int i = 1; i < argc; ++i) {
     const std::string arg = argv[i];
     if (arg == "--tiny" && i + 1 < argc) tiny_path = argv[++i];
     else if (arg == "--tol" && i + 1 < argc) tol = std::atof(argv[++i]);
     else if (arg == "--against" && i + 1 < argc) against = argv[++i];
     else if (arg == "--verbose") verbose = true;
+    else if (arg == "--time" && i + 1 < argc) time_steps = std::max(1, std::atoi(argv[++i]));
     else {
-      std::fprintf(stderr, "usage: cuda_model_check [--tiny configs/tiny.yaml] [--tol 1e-4] [--against cuda|cpu] [--verbose]\n");
+      std::fprintf(stderr, "usage: cuda_model_check [--tiny configs/tiny.yaml] [--tol 1e-4] [--against cuda|cpu] [--verbose] [--time STEPS]\n");
       return 2;
     }
   }
@@ -222,6 +271,14 @@ int main_impl(int argc, char** argv) {
   };
   int failures = 0;
   for (const Case& c : cases) failures += check_case(c, *cpu, *gpu, tol, verbose);
+  if (time_steps > 0) {
+    const Case& c = cases.back();
+    const double cpu_ms = median_step_ms(*cpu, c, time_steps), gpu_ms = median_step_ms(*gpu, c, time_steps);
+    const double tokens = static_cast<double>(c.batch * c.seq);
+    std::printf("\ntiming, %s, %lld tokens, median of %d forward+backward steps: cpu %.1f ms (%.0f tokens/s), %s %.1f "
+                "ms (%.0f tokens/s)\n", c.name.c_str(), static_cast<long long>(c.batch * c.seq), time_steps, cpu_ms,
+                1e3 * tokens / cpu_ms, against.c_str(), gpu_ms, 1e3 * tokens / gpu_ms);
+  }
   std::printf("\ncuda_model_check: %s (%d check%s over %.0e)\n", failures == 0 ? "PASS" : "FAIL", failures,
               failures == 1 ? "" : "s", tol);
   return failures == 0 ? 0 : 1;

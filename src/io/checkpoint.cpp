@@ -34,6 +34,7 @@
 #include <utility>
 
 #include "core/error.h"
+#include "io/file_util.h"
 
 namespace diffmoe {
 namespace {
@@ -50,49 +51,20 @@ constexpr size_t kHashHexDigits = 16;          // XXH3-64 as hex
 constexpr size_t kHashChunkBytes = 1 << 20;    // streaming read size for hashing
 constexpr size_t kMaxStepDigits = 18;          // fits int64 without overflow checks
 
-struct FdGuard {
-  int fd = -1;
-  ~FdGuard() {
-    if (fd >= 0) ::close(fd);
-  }
-};
-
 [[noreturn]] void fail_errno(const std::string& path, const char* what, int err) {
   DIFFMOE_FAIL("{}: {} failed ({})", path, what, std::strerror(err));
 }
 
-// Writes all of `n` bytes, retrying short writes and EINTR. Returns false with errno set on error.
-bool write_all(int fd, const void* data, size_t n) {
-  const auto* p = static_cast<const unsigned char*>(data);
-  while (n > 0) {
-    const ssize_t w = ::write(fd, p, n);
-    if (w < 0) {
-      if (errno == EINTR) continue;
-      return false;
-    }
-    p += w;
-    n -= static_cast<size_t>(w);
-  }
-  return true;
+// The contents writer of io::write_file_synced / io::replace_file for a string.
+io::WriteContents text_contents(const std::string& text) {
+  return [&text](int fd) { return io::write_all(fd, text.data(), text.size()); };
 }
 
 // Creates/truncates `path` with `text` and fsyncs it. No rename: used inside the temporary
-// directory (whose rename is the commit) and for atomic_write_text's temporary file.
+// directory, whose rename is the commit.
 void write_file_synced(const std::string& path, const std::string& text) {
-  const int fd = ::open(path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
-  if (fd < 0) fail_errno(path, "create", errno);
-  const char* failed_step = nullptr;
-  int failed_errno = 0;
-  auto note_failure = [&](const char* step) {
-    if (failed_step) return;
-    failed_step = step;
-    failed_errno = errno;
-  };
-  if (!write_all(fd, text.data(), text.size())) note_failure("write");
-  if (!failed_step && ::fsync(fd) != 0) note_failure("fsync");
-  // close() can report a deferred write error (e.g. on NFS), so it counts as a failure too.
-  if (::close(fd) != 0) note_failure("close");
-  if (failed_step) fail_errno(path, failed_step, failed_errno);
+  if (const io::Failure failed = io::write_file_synced(path, text_contents(text)))
+    fail_errno(path, failed.step, failed.err);
 }
 
 std::string read_text(const std::string& path) {
@@ -114,11 +86,6 @@ std::optional<std::string> read_text_if_present(const std::string& path) {
 }
 
 std::string join(const std::string& dir, const std::string& name) { return (fs::path(dir) / name).string(); }
-
-std::string parent_directory(const std::string& path) {
-  const std::string parent = fs::path(path).parent_path().string();
-  return parent.empty() ? "." : parent;
-}
 
 // The last component of a path, ignoring trailing separators ("a/step_1/" -> "step_1").
 fs::path last_component(const std::string& path) {
@@ -194,7 +161,7 @@ void ensure_root(const std::string& root) {
   fs::create_directories(root, ec);
   if (ec) DIFFMOE_FAIL("{}: cannot create checkpoint root ({})", root, ec.message());
   // Make the new root's own directory entry durable too.
-  fsync_path(parent_directory(last_component(fs::absolute(root).string()).string()));
+  fsync_path(io::parent_directory(last_component(fs::absolute(root).string()).string()));
 }
 
 // Leftovers of crashed saves and prunes ("step_*.tmp") and of atomic_write_text ("latest.tmp.*").
@@ -323,29 +290,20 @@ bool exchange(const std::string& from, const std::string& to) {
 // ---------------------------------------------------------------------------------------------
 
 void fsync_path(const std::string& path) {
-  FdGuard fd{::open(path.c_str(), O_RDONLY | O_CLOEXEC)};
-  if (fd.fd < 0) fail_errno(path, "open for fsync", errno);
-  if (::fsync(fd.fd) != 0) fail_errno(path, "fsync", errno);
+  if (const io::Failure failed = io::fsync_path(path)) fail_errno(path, failed.step, failed.err);
 }
 
 void atomic_write_text(const std::string& path, const std::string& text) {
-  const std::string tmp = fmt::format("{}.tmp.{}", path, ::getpid());
-  try {
-    write_file_synced(tmp, text);
-  } catch (const std::exception& e) {
-    ::unlink(tmp.c_str());
-    DIFFMOE_FAIL("{}: not replaced: {}", path, e.what());
-  }
-  if (::rename(tmp.c_str(), path.c_str()) != 0) {
-    const int err = errno;
-    ::unlink(tmp.c_str());
-    DIFFMOE_FAIL("{}: not replaced: rename failed ({})", path, std::strerror(err));
-  }
-  fsync_path(parent_directory(path));
+  const io::Failure failed = io::replace_file(path, text_contents(text));
+  if (failed.step == io::kStepRename)
+    DIFFMOE_FAIL("{}: not replaced: rename failed ({})", path, std::strerror(failed.err));
+  if (failed)
+    DIFFMOE_FAIL("{}: not replaced: {}: {} failed ({})", path, io::temp_path(path), failed.step, std::strerror(failed.err));
+  fsync_path(io::parent_directory(path));
 }
 
 std::string xxh3_file_hex(const std::string& path) {
-  FdGuard fd{::open(path.c_str(), O_RDONLY | O_CLOEXEC)};
+  io::FdGuard fd{::open(path.c_str(), O_RDONLY | O_CLOEXEC)};
   if (fd.fd < 0) fail_errno(path, "open", errno);
   std::unique_ptr<XXH3_state_t, decltype(&XXH3_freeState)> state(XXH3_createState(), &XXH3_freeState);
   DIFFMOE_CHECK(state && XXH3_64bits_reset(state.get()) == XXH_OK, "{}: cannot initialise XXH3", path);

@@ -17,7 +17,6 @@
 #include <fcntl.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
-#include <unistd.h>
 
 #include <algorithm>
 #include <bit>
@@ -29,6 +28,7 @@
 #include <utility>
 
 #include "core/error.h"
+#include "io/file_util.h"
 
 namespace diffmoe {
 
@@ -66,14 +66,6 @@ std::optional<int64_t> checked_numel(const std::vector<int64_t>& shape) {
     if (__builtin_mul_overflow(n, d, &n)) return std::nullopt;
   return n;
 }
-
-// Closes a file descriptor on scope exit (error paths included).
-struct FdGuard {
-  int fd = -1;
-  ~FdGuard() {
-    if (fd >= 0) ::close(fd);
-  }
-};
 
 // A non-negative JSON integer as uint64 (JSON "2.0", "-1" or "x" are rejected by the caller).
 std::optional<uint64_t> as_non_negative_int(const nlohmann::json& v) {
@@ -186,30 +178,6 @@ bool convert_floats(DType src_type, const unsigned char* src, Dst* dst, size_t n
   }
 }
 
-// ---- writer helpers ----
-
-// Writes all of `n` bytes, retrying short writes and EINTR. Returns false with errno set on error.
-bool write_all(int fd, const void* data, size_t n) {
-  const auto* p = static_cast<const unsigned char*>(data);
-  while (n > 0) {
-    const ssize_t w = ::write(fd, p, n);
-    if (w < 0) {
-      if (errno == EINTR) continue;
-      return false;
-    }
-    p += w;
-    n -= static_cast<size_t>(w);
-  }
-  return true;
-}
-
-std::string parent_directory(const std::string& path) {
-  const auto slash = path.find_last_of('/');
-  if (slash == std::string::npos) return ".";
-  if (slash == 0) return "/";
-  return path.substr(0, slash);
-}
-
 }  // namespace
 
 std::string safetensors_dtype_name(DType t) {
@@ -232,7 +200,7 @@ SafetensorsFile SafetensorsFile::open(const std::string& path) {
   SafetensorsFile f;  // owns the mapping from the moment it exists, so every error path unmaps
   f.path_ = path;
 
-  FdGuard fd{::open(path.c_str(), O_RDONLY | O_CLOEXEC)};
+  io::FdGuard fd{::open(path.c_str(), O_RDONLY | O_CLOEXEC)};
   DIFFMOE_CHECK(fd.fd >= 0, "{}: cannot open ({})", path, std::strerror(errno));
   struct stat st {};
   DIFFMOE_CHECK(::fstat(fd.fd, &st) == 0, "{}: cannot stat ({})", path, std::strerror(errno));
@@ -442,38 +410,22 @@ void SafetensorsWriter::write(const std::string& path) const {
   const uint64_t n = text.size();
 
   // Atomic write: temp file in the same directory, fsync, rename, fsync the directory.
-  const std::string tmp = fmt::format("{}.tmp.{}", path, ::getpid());
-  const int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
-  DIFFMOE_CHECK(fd >= 0, "{}: cannot create temporary file '{}' ({})", path, tmp, std::strerror(errno));
-
-  // Remember the first failing step and its errno; later cleanup calls may overwrite errno.
-  const char* failed_step = nullptr;
-  int failed_errno = 0;
-  auto note_failure = [&](const char* step) {
-    if (failed_step) return;
-    failed_step = step;
-    failed_errno = errno;
-  };
-  if (!write_all(fd, &n, sizeof n) || !write_all(fd, text.data(), text.size())) note_failure("write");
-  for (size_t i = 0; !failed_step && i < order.size(); ++i) {
-    const Item* it = order[i];
-    const size_t nbytes = static_cast<size_t>(*checked_numel(it->shape)) * dtype_size(it->dtype);
-    if (!write_all(fd, it->data, nbytes)) note_failure("write");
-  }
-  if (!failed_step && ::fsync(fd) != 0) note_failure("fsync");
-  // close() can report a deferred write error (e.g. on NFS), so it counts as a failure too.
-  if (::close(fd) != 0) note_failure("close");
-  if (!failed_step && ::rename(tmp.c_str(), path.c_str()) != 0) note_failure("rename");
-  if (failed_step) {
-    ::unlink(tmp.c_str());
-    DIFFMOE_FAIL("{}: {} failed ({}); the file was not replaced", path, failed_step, std::strerror(failed_errno));
-  }
+  const io::Failure failed = io::replace_file(path, [&](int fd) {
+    if (!io::write_all(fd, &n, sizeof n) || !io::write_all(fd, text.data(), text.size())) return false;
+    for (const Item* it : order) {
+      const size_t nbytes = static_cast<size_t>(*checked_numel(it->shape)) * dtype_size(it->dtype);
+      if (!io::write_all(fd, it->data, nbytes)) return false;
+    }
+    return true;
+  });
+  DIFFMOE_CHECK(failed.step != io::kStepCreate, "{}: cannot create temporary file '{}' ({})", path,
+                io::temp_path(path), std::strerror(failed.err));
+  DIFFMOE_CHECK(!failed, "{}: {} failed ({}); the file was not replaced", path, failed.step, std::strerror(failed.err));
 
   // Make the rename durable: fsync the directory entry.
-  const std::string dir = parent_directory(path);
-  FdGuard dfd{::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC)};
-  DIFFMOE_CHECK(dfd.fd >= 0 && ::fsync(dfd.fd) == 0, "{}: written, but fsync of directory '{}' failed ({})", path,
-                dir, std::strerror(errno));
+  const io::Failure dir_failed = io::fsync_parent_directory(path);
+  DIFFMOE_CHECK(!dir_failed, "{}: written, but fsync of directory '{}' failed ({})", path,
+                io::parent_directory(path), std::strerror(dir_failed.err));
 }
 
 }  // namespace diffmoe

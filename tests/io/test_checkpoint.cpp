@@ -15,8 +15,6 @@
 #include <csignal>
 #include <cstring>
 #include <filesystem>
-#include <fstream>
-#include <iterator>
 #include <memory>
 #include <regex>
 #include <stdexcept>
@@ -26,23 +24,17 @@
 #include "core/error.h"
 #include "io/checkpoint.h"
 #include "io/safetensors.h"
+#include "io_test_util.h"
+#include "test_util.h"
 
 namespace diffmoe {
 namespace {
 
 namespace fs = std::filesystem;
 using json = nlohmann::ordered_json;
-
-std::string read_text(const std::string& p) {
-  std::ifstream in(p, std::ios::binary);
-  return std::string(std::istreambuf_iterator<char>(in), {});
-}
-
-void write_text(const std::string& p, const std::string& s) {
-  std::ofstream out(p, std::ios::binary | std::ios::trunc);
-  out.write(s.data(), static_cast<std::streamsize>(s.size()));
-  if (!out) throw std::runtime_error("cannot write " + p);
-}
+using test::error_of;
+using test::read_file;
+using test::write_file;
 
 // Non-zero, non-repeating values (STYLE.md: never test on zeros).
 std::vector<float> ramp(size_t n, float scale) {
@@ -62,7 +54,7 @@ CheckpointFile model_file(size_t n, float scale, const std::string& name = "mode
 }
 
 CheckpointFile text_file(const std::string& name, const std::string& content) {
-  return {name, [content](const std::string& path) { write_text(path, content); }};
+  return {name, [content](const std::string& path) { write_file(path, content); }};
 }
 
 json state_for(int64_t step) {
@@ -73,44 +65,28 @@ json state_for(int64_t step) {
               {"lr", 0.00025}};
 }
 
-template <class F>
-std::string error_of(F&& f) {
-  try {
-    f();
-  } catch (const Error& e) {
-    return e.what();
-  }
-  ADD_FAILURE() << "expected diffmoe::Error";
-  return {};
-}
-
 bool contains(const std::string& haystack, const std::string& needle) {
   return haystack.find(needle) != std::string::npos;
 }
 
 class CheckpointTest : public ::testing::Test {
  protected:
-  void SetUp() override {
-    const auto* info = ::testing::UnitTest::GetInstance()->current_test_info();
-    std::string name = fmt::format("diffmoe_ckpt_{}_{}", ::getpid(), info->name());
-    std::replace(name.begin(), name.end(), '/', '_');  // parameterized test names
-    dir_ = fs::temp_directory_path() / name;
-    fs::remove_all(dir_);
-    fs::create_directories(dir_);
-    root_ = (dir_ / "ckpt").string();
-  }
-  void TearDown() override { fs::remove_all(dir_); }
-
   std::string step_dir(int64_t step) const { return fmt::format("{}/step_{:09d}", root_, step); }
-  std::string latest() const { return read_text(root_ + "/latest"); }
+  std::string latest() const { return read_file(root_ + "/latest"); }
 
-  // A checkpoint with a model file and a small text file; keep everything unless told.
-  std::string save(int64_t step, int keep_last = 0, int64_t keep_every = 0) {
+  // Options to save `step` into this test's root with state_for(step); the files are up to the test.
+  CheckpointSaveOptions options_for(int64_t step) const {
     CheckpointSaveOptions opt;
     opt.root = root_;
     opt.step = step;
-    opt.files = {model_file(257, static_cast<float>(step) + 0.5f), text_file("notes.txt", fmt::format("step {}\n", step))};
     opt.state = state_for(step);
+    return opt;
+  }
+
+  // A checkpoint with a model file and a small text file; keep everything unless told.
+  std::string save(int64_t step, int keep_last = 0, int64_t keep_every = 0) {
+    CheckpointSaveOptions opt = options_for(step);
+    opt.files = {model_file(257, static_cast<float>(step) + 0.5f), text_file("notes.txt", fmt::format("step {}\n", step))};
     opt.keep_last = keep_last;
     opt.keep_every = keep_every;
     return save_checkpoint(opt);
@@ -144,8 +120,9 @@ class CheckpointTest : public ::testing::Test {
     EXPECT_TRUE(warnings.empty()) << warnings.front();
   }
 
-  fs::path dir_;
-  std::string root_;
+  test::TempDir tmp_{"ckpt"};  // a fresh directory per test
+  const fs::path dir_ = tmp_.path();
+  std::string root_ = (dir_ / "ckpt").string();
 };
 
 TEST_F(CheckpointTest, SaveOpenRoundTrip) {
@@ -159,14 +136,14 @@ TEST_F(CheckpointTest, SaveOpenRoundTrip) {
   EXPECT_EQ(info.step, 100);
   EXPECT_EQ(info.state, state_for(100));
   EXPECT_EQ(info.state.dump(), state_for(100).dump());  // key order survives too
-  EXPECT_EQ(read_text(dir + "/notes.txt"), "step 100\n");
+  EXPECT_EQ(read_file(dir + "/notes.txt"), "step 100\n");
   const auto model = SafetensorsFile::open(dir + "/model.safetensors");
   std::vector<float> w(257);
   model.read_into("w", Tensor{w.data(), DType::kF32, Device::kCPU, Shape{257}});
   EXPECT_EQ(w, ramp(257, 100.5f));
 
   // The manifest lists every other file with its size and XXH3-64 (formats.md §4.6).
-  const json manifest = json::parse(read_text(dir + "/manifest.json"));
+  const json manifest = json::parse(read_file(dir + "/manifest.json"));
   EXPECT_EQ(manifest["version"], 1);
   EXPECT_EQ(manifest["step"], 100);
   EXPECT_TRUE(std::regex_match(manifest["created"].get<std::string>(),
@@ -191,7 +168,7 @@ TEST_F(CheckpointTest, SaveOpenRoundTrip) {
 
 TEST_F(CheckpointTest, Xxh3FileHexMatchesOneShotHash) {
   const std::string empty = (dir_ / "empty").string();
-  write_text(empty, "");
+  write_file(empty, "");
   EXPECT_EQ(xxh3_file_hex(empty), "2d06800538d394c2");  // XXH3_64bits("", seed 0), the library's test vector
 
   // Larger than the 1 MiB read chunk and not a multiple of it: streaming == one shot.
@@ -202,7 +179,7 @@ TEST_F(CheckpointTest, Xxh3FileHexMatchesOneShotHash) {
     c = static_cast<char>(x);
   }
   const std::string path = (dir_ / "big").string();
-  write_text(path, big);
+  write_file(path, big);
   EXPECT_EQ(xxh3_file_hex(path), fmt::format("{:016x}", static_cast<uint64_t>(XXH3_64bits(big.data(), big.size()))));
   EXPECT_TRUE(contains(error_of([&] { xxh3_file_hex(path + ".nope"); }), path + ".nope"));
 }
@@ -267,14 +244,11 @@ TEST_F(CheckpointTest, ManifestIsWrittenLastInsideTheTemporaryDirectory) {
                             EXPECT_FALSE(fs::exists(tmp + "/trainer_state.json"));
                             EXPECT_FALSE(fs::exists(step_dir(5)));
                             EXPECT_EQ(latest(), "step_000000004\n");
-                            write_text(path, "payload of " + name);
+                            write_file(path, "payload of " + name);
                           }};
   };
-  CheckpointSaveOptions opt;
-  opt.root = root_;
-  opt.step = 5;
+  CheckpointSaveOptions opt = options_for(5);
   opt.files = {inspect("a.bin"), inspect("b.bin"), model_file(100, 5.0f)};
-  opt.state = state_for(5);
   save_checkpoint(opt);
   EXPECT_EQ(calls, 2);
 
@@ -314,7 +288,7 @@ TEST_F(CheckpointTest, ManifestIsWrittenLastInsideTheTemporaryDirectory) {
   }
   std::sort(on_disk.begin(), on_disk.end());
   std::vector<std::string> listed;
-  const json manifest = json::parse(read_text(dir + "/manifest.json"));
+  const json manifest = json::parse(read_file(dir + "/manifest.json"));
   for (const auto& f : manifest["files"]) listed.push_back(f["name"]);
   std::sort(listed.begin(), listed.end());
   EXPECT_EQ(on_disk, listed);
@@ -324,12 +298,9 @@ TEST_F(CheckpointTest, ManifestIsWrittenLastInsideTheTemporaryDirectory) {
 TEST_F(CheckpointTest, ThrowingWriterLeavesPreviousCheckpointAndLatest) {
   save(1);
   const std::string latest_before = latest();
-  CheckpointSaveOptions opt;
-  opt.root = root_;
-  opt.step = 2;
-  opt.state = state_for(2);
+  CheckpointSaveOptions opt = options_for(2);
   opt.files = {model_file(64, 2.0f), {"optimizer.safetensors", [](const std::string& path) {
-                                        write_text(path, "half of the optimizer st");  // then dies midway
+                                        write_file(path, "half of the optimizer st");  // then dies midway
                                         throw std::runtime_error("simulated failure midway");
                                       }}};
   const std::string msg = error_of([&] { save_checkpoint(opt); });
@@ -394,9 +365,9 @@ TEST_P(CheckpointDamageTest, OpenFailsNamingTheFileAndLoadingFallsBack) {
       fs::resize_file(model, fs::file_size(model) - 5);
       break;
     case Damage::kFlipByte: {
-      std::string bytes = read_text(model);
+      std::string bytes = read_file(model);
       bytes[bytes.size() - 3] ^= 0x01;  // a single bit inside the tensor data
-      write_text(model, bytes);
+      write_file(model, bytes);
       break;
     }
     case Damage::kDeleteFile:
@@ -406,9 +377,9 @@ TEST_P(CheckpointDamageTest, OpenFailsNamingTheFileAndLoadingFallsBack) {
       fs::remove(dir + "/manifest.json");
       break;
     case Damage::kFlipStateByte: {
-      std::string bytes = read_text(dir + "/trainer_state.json");
+      std::string bytes = read_file(dir + "/trainer_state.json");
       bytes[bytes.find("4096") + 1] ^= 0x01;  // still valid JSON, different number
-      write_text(dir + "/trainer_state.json", bytes);
+      write_file(dir + "/trainer_state.json", bytes);
       break;
     }
   }
@@ -461,7 +432,7 @@ TEST_F(CheckpointTest, LatestPointerMissingOrBrokenFallsBackToTheNewestValid) {
   ASSERT_EQ(warnings.size(), 1u);
 
   // Pointer naming a directory that does not exist.
-  write_text(root_ + "/latest", "step_000000009\n");
+  write_file(root_ + "/latest", "step_000000009\n");
   warnings.clear();
   found = find_latest_checkpoint(root_, &warnings);
   ASSERT_TRUE(found.has_value());
@@ -470,7 +441,7 @@ TEST_F(CheckpointTest, LatestPointerMissingOrBrokenFallsBackToTheNewestValid) {
   EXPECT_TRUE(contains(warnings[0], "step_000000009")) << warnings[0];
 
   // Pointer holding garbage.
-  write_text(root_ + "/latest", "../../etc\n");
+  write_file(root_ + "/latest", "../../etc\n");
   warnings.clear();
   found = find_latest_checkpoint(root_, &warnings);
   ASSERT_TRUE(found.has_value());
@@ -497,10 +468,10 @@ TEST_F(CheckpointTest, StaleTemporaryDirectoriesAreIgnoredAndCleanedOnTheNextSav
   for (int64_t step : {2, 7}) {
     const std::string tmp = step_dir(step) + ".tmp";
     fs::create_directories(tmp);
-    write_text(tmp + "/model.safetensors", "partial");
-    write_text(tmp + "/manifest.json", R"({"version":1,"step":)" + std::to_string(step) + R"(,"files":[]})");
+    write_file(tmp + "/model.safetensors", "partial");
+    write_file(tmp + "/manifest.json", R"({"version":1,"step":)" + std::to_string(step) + R"(,"files":[]})");
   }
-  write_text(root_ + "/latest.tmp.12345", "step_000000007\n");  // a crashed pointer update
+  write_file(root_ + "/latest.tmp.12345", "step_000000007\n");  // a crashed pointer update
   std::vector<std::string> warnings;
   const auto found = find_latest_checkpoint(root_, &warnings);
   ASSERT_TRUE(found.has_value());
@@ -522,7 +493,7 @@ TEST_F(CheckpointTest, SavingTheSameStepAgainReplacesIt) {
   save_checkpoint(opt);
   const CheckpointInfo info = open_checkpoint(step_dir(5));
   EXPECT_EQ(info.state["version"], "second");
-  EXPECT_EQ(read_text(step_dir(5) + "/notes.txt"), "second version\n");
+  EXPECT_EQ(read_file(step_dir(5) + "/notes.txt"), "second version\n");
   EXPECT_FALSE(fs::exists(step_dir(5) + "/model.safetensors"));  // nothing of the old copy remains
   EXPECT_EQ(entries(), (std::vector<std::string>{"latest", "step_000000005"}));
 }
@@ -545,7 +516,7 @@ TEST_F(CheckpointTest, FailedPointerUpdateUndoesTheRename) {
   opt.step = 2;
   opt.files = {text_file("notes.txt", "replacement\n")};
   EXPECT_TRUE(contains(error_of([&] { save_checkpoint(opt); }), "step 2 not saved"));
-  EXPECT_EQ(read_text(step_dir(2) + "/notes.txt"), "step 2\n");
+  EXPECT_EQ(read_file(step_dir(2) + "/notes.txt"), "step 2\n");
   EXPECT_EQ(open_checkpoint(step_dir(2)).state, state_for(2));
   EXPECT_EQ(step_names(), (std::vector<std::string>{"step_000000001", "step_000000002"}));
   EXPECT_TRUE(fs::is_directory(root_ + "/latest/blocker"));
@@ -566,7 +537,7 @@ TEST_F(CheckpointTest, AtomicWriteTextAndFsyncPath) {
   const std::string p = (dir_ / "pointer").string();
   atomic_write_text(p, "one\n");
   atomic_write_text(p, "two\n");
-  EXPECT_EQ(read_text(p), "two\n");
+  EXPECT_EQ(read_file(p), "two\n");
   // A directory in the way: the rename fails, the error names the path, no temporary remains.
   const std::string blocked = (dir_ / "blocked").string();
   fs::create_directories(blocked + "/inside");
@@ -622,10 +593,7 @@ std::string save_in_child_with_file_size_limit(const CheckpointSaveOptions& opt,
 TEST_F(CheckpointTest, DiskFullViaFileSizeLimitInAWriter) {
   save(1);
   const std::string latest_before = latest();
-  CheckpointSaveOptions opt;
-  opt.root = root_;
-  opt.step = 2;
-  opt.state = state_for(2);
+  CheckpointSaveOptions opt = options_for(2);
   opt.files = {model_file(64 * 1024, 2.0f)};  // 256 KiB of tensor data > the 64 KiB limit
   const std::string msg = save_in_child_with_file_size_limit(opt, 64 * 1024);
   EXPECT_TRUE(contains(msg, step_dir(2) + ".tmp/model.safetensors")) << msg;
@@ -637,10 +605,7 @@ TEST_F(CheckpointTest, DiskFullViaFileSizeLimitInAWriter) {
 TEST_F(CheckpointTest, DiskFullViaFileSizeLimitInTrainerState) {
   save(1);
   const std::string latest_before = latest();
-  CheckpointSaveOptions opt;
-  opt.root = root_;
-  opt.step = 2;
-  opt.state = state_for(2);
+  CheckpointSaveOptions opt = options_for(2);
   opt.state["outlier_window"] = ramp(20000, 1.0f);  // a few hundred KiB of JSON > the limit
   opt.files = {text_file("notes.txt", "small\n")};
   const std::string msg = save_in_child_with_file_size_limit(opt, 64 * 1024);
@@ -663,10 +628,7 @@ TEST_F(CheckpointTest, DiskFullOnATinyTmpfs) {
   root_ = mnt + "/ckpt";
   save(1);
   const std::string latest_before = latest();
-  CheckpointSaveOptions opt;
-  opt.root = root_;
-  opt.step = 2;
-  opt.state = state_for(2);
+  CheckpointSaveOptions opt = options_for(2);
   opt.files = {model_file(256 * 1024, 2.0f)};  // 1 MiB > the 512 KiB file system
   const std::string msg = error_of([&] { save_checkpoint(opt); });
   EXPECT_TRUE(contains(msg, step_dir(2) + ".tmp/model.safetensors")) << msg;

@@ -1,7 +1,6 @@
 // YAML config tests: scalar typing (YAML 1.2 core schema), structure and key order, errors with
 // source:line:column, to_yaml round trips of tricky values, and command-line overrides.
 #include <gtest/gtest.h>
-#include <unistd.h>
 
 #include <cmath>
 #include <filesystem>
@@ -9,22 +8,15 @@
 
 #include "core/error.h"
 #include "io/config_file.h"
+#include "io_test_util.h"
+#include "test_util.h"
 
 namespace diffmoe {
 namespace {
 
 using Json = nlohmann::ordered_json;
 
-template <class F>
-std::string error_of(F&& f) {
-  try {
-    f();
-  } catch (const Error& e) {
-    return e.what();
-  }
-  ADD_FAILURE() << "expected diffmoe::Error";
-  return {};
-}
+using test::error_of;
 
 TEST(Yaml, ScalarTypes) {
   const Json j = parse_yaml(
@@ -129,8 +121,8 @@ TEST(Yaml, IntegerOutOfRangeIsAnError) {
 }
 
 TEST(Yaml, LoadFile) {
-  const auto dir = std::filesystem::temp_directory_path() / fmt::format("diffmoe_yaml_{}", ::getpid());
-  std::filesystem::create_directories(dir);
+  const test::TempDir tmp("yaml");
+  const std::filesystem::path& dir = tmp.path();
   const std::string p = (dir / "c.yaml").string();
   std::ofstream(p) << "model:\n  d_model: 64\n";
   EXPECT_EQ(load_yaml_file(p)["model"]["d_model"], 64);
@@ -143,7 +135,6 @@ TEST(Yaml, LoadFile) {
 
   std::ofstream(p) << "a: 1\na: 2\n";
   EXPECT_EQ(error_of([&] { load_yaml_file(p); }).rfind(p + ":2:1: duplicate key 'a'", 0), 0u);
-  std::filesystem::remove_all(dir);
 }
 
 TEST(Yaml, ToYamlExactOutput) {

@@ -14,33 +14,28 @@
 
 #include "core/error.h"
 #include "io/safetensors.h"
+#include "io_test_util.h"
+#include "test_util.h"
 
 namespace diffmoe {
 namespace {
 
 namespace fs = std::filesystem;
 using Bytes = std::vector<unsigned char>;
+using test::error_of;
 
-// A fresh directory per test, removed afterwards.
 class SafetensorsTest : public ::testing::Test {
  protected:
-  void SetUp() override {
-    const auto* info = ::testing::UnitTest::GetInstance()->current_test_info();
-    dir_ = fs::temp_directory_path() / fmt::format("diffmoe_st_{}_{}", ::getpid(), info->name());
-    fs::remove_all(dir_);
-    fs::create_directories(dir_);
-  }
-  void TearDown() override { fs::remove_all(dir_); }
-  std::string path(const std::string& name) const { return (dir_ / name).string(); }
+  std::string path(const std::string& name) const { return (dir_.path() / name).string(); }
 
   // Any leftover "<name>.tmp.<pid>" file in the test directory.
   bool has_temp_files() const {
-    for (const auto& e : fs::directory_iterator(dir_))
+    for (const auto& e : fs::directory_iterator(dir_.path()))
       if (e.path().filename().string().find(".tmp.") != std::string::npos) return true;
     return false;
   }
 
-  fs::path dir_;
+  test::TempDir dir_{"st"};  // a fresh directory per test
 };
 
 Bytes read_bytes(const std::string& p) {
@@ -67,18 +62,6 @@ Bytes make_file(const std::string& header, const Bytes& data, size_t pad_to = 0,
   b.insert(b.end(), h.begin(), h.end());
   b.insert(b.end(), data.begin(), data.end());
   return b;
-}
-
-// The message of the diffmoe::Error thrown by `f`, or a failure if nothing was thrown.
-template <class F>
-std::string error_of(F&& f) {
-  try {
-    f();
-  } catch (const Error& e) {
-    return e.what();
-  }
-  ADD_FAILURE() << "expected diffmoe::Error";
-  return {};
 }
 
 // ---- golden file (formats.md §1b's interop example) ----

@@ -3,11 +3,8 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
-#include <atomic>
 #include <cstdlib>
 #include <filesystem>
-#include <fstream>
-#include <functional>
 #include <random>
 #include <string>
 #include <vector>
@@ -17,30 +14,16 @@
 #include "core/error.h"
 #include "io/crc32c.h"
 #include "io/tfevents.h"
+#include "io_test_util.h"
+#include "test_util.h"
 
 namespace diffmoe {
 namespace {
 
 namespace fs = std::filesystem;
-
-// A fresh directory per test, removed afterwards.
-class TempDir {
- public:
-  TempDir() {
-    static std::atomic<int> counter{0};
-    path_ = fs::temp_directory_path() / ("diffmoe_tfevents_" + std::to_string(getpid()) + "_" +
-                                         std::to_string(counter++));
-    fs::remove_all(path_);
-  }
-  ~TempDir() {
-    std::error_code ec;
-    fs::remove_all(path_, ec);
-  }
-  const fs::path& path() const { return path_; }
-
- private:
-  fs::path path_;
-};
+using test::expect_error;
+using test::read_file;
+using test::write_file;
 
 std::vector<fs::path> event_files(const fs::path& dir) {
   std::vector<fs::path> out;
@@ -48,28 +31,6 @@ std::vector<fs::path> event_files(const fs::path& dir) {
     if (e.path().filename().string().find("tfevents") != std::string::npos) out.push_back(e.path());
   std::sort(out.begin(), out.end());  // TensorBoard's order (formats.md §1a)
   return out;
-}
-
-std::string read_bytes(const fs::path& p) {
-  std::ifstream in(p, std::ios::binary);
-  return {std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>()};
-}
-
-void write_bytes(const fs::path& p, const std::string& s) {
-  std::ofstream out(p, std::ios::binary | std::ios::trunc);
-  out.write(s.data(), static_cast<std::streamsize>(s.size()));
-}
-
-// Runs `fn`, expects a diffmoe::Error whose message contains every one of `parts`.
-void expect_error_with(const std::function<void()>& fn, const std::vector<std::string>& parts) {
-  try {
-    fn();
-  } catch (const Error& e) {
-    const std::string what = e.what();
-    for (const auto& p : parts) EXPECT_NE(what.find(p), std::string::npos) << "missing '" << p << "' in: " << what;
-    return;
-  }
-  ADD_FAILURE() << "expected diffmoe::Error";
 }
 
 std::vector<DecodedEvent> decode_file(const fs::path& p) {
@@ -145,7 +106,7 @@ TEST(ProtoWire, RoundTripsEveryWireType) {
   // A length that runs past the end is an error, not a silent short read.
   const std::string bad = enc.bytes().substr(0, enc.bytes().size() - 1);
   ProtoDecoder dec2(bad);
-  expect_error_with([&] { while (dec2.next(f)) {} }, {"truncated"});
+  expect_error([&] { while (dec2.next(f)) {} }, {"truncated"});
 }
 
 // ---- Histograms -------------------------------------------------------------------------------
@@ -172,7 +133,7 @@ TEST(Histogram, FromValuesCountsAndEdges) {
 // ---- Writing and reading back -----------------------------------------------------------------
 
 TEST(EventWriter, WritesFileReadBackWithEveryValue) {
-  TempDir dir;
+  test::TempDir dir("tfevents");
   const fs::path run = dir.path() / "run" / "nested";  // created by the writer
   const std::vector<float> weights = {0.5f, -1.5f, 2.0f, 0.25f, 1.0f};
   const std::string markdown = "**step 2** sample:\n\n> It is a truth universally acknowledged";
@@ -188,7 +149,7 @@ TEST(EventWriter, WritesFileReadBackWithEveryValue) {
     w.add_scalar("train/loss", 3, 2.5f);
     w.session_start(4);
     w.close();
-    expect_error_with([&] { w.add_scalar("train/loss", 5, 1.0f); }, {"after close"});
+    expect_error([&] { w.add_scalar("train/loss", 5, 1.0f); }, {"after close"});
   }
   const auto files = event_files(run);
   ASSERT_EQ(files.size(), 1u);
@@ -198,7 +159,7 @@ TEST(EventWriter, WritesFileReadBackWithEveryValue) {
   ASSERT_TRUE(name.starts_with("events.out.tfevents."));
   EXPECT_TRUE(std::all_of(name.begin() + 20, name.begin() + 30, [](char c) { return c >= '0' && c <= '9'; }));
   EXPECT_EQ(name[30], '.');
-  EXPECT_TRUE(name.ends_with("." + std::to_string(getpid()) + ".diffmoe"));
+  EXPECT_TRUE(name.ends_with(fmt::format(".{}.diffmoe", getpid())));
 
   const auto ev = decode_file(files[0]);
   ASSERT_EQ(ev.size(), 8u);
@@ -241,7 +202,7 @@ TEST(EventWriter, WritesFileReadBackWithEveryValue) {
 }
 
 TEST(EventWriter, PrecomputedHistogramIsWrittenAsGiven) {
-  TempDir dir;
+  test::TempDir dir("tfevents");
   HistogramData h;  // e.g. reduced on the GPU (formats.md §1a practical notes)
   h.min = -4;
   h.max = 4;
@@ -257,7 +218,7 @@ TEST(EventWriter, PrecomputedHistogramIsWrittenAsGiven) {
     w.add_histogram("acts/h", 7, h);
     HistogramData bad = h;
     bad.bucket.pop_back();
-    expect_error_with([&] { w.add_histogram("acts/h", 8, bad); }, {"acts/h", "limits"});
+    expect_error([&] { w.add_histogram("acts/h", 8, bad); }, {"acts/h", "limits"});
   }
   const auto ev = decode_file(path);
   ASSERT_EQ(ev.size(), 2u);
@@ -273,7 +234,7 @@ TEST(EventWriter, PrecomputedHistogramIsWrittenAsGiven) {
 }
 
 TEST(EventWriter, FlushMakesRecordsVisibleBeforeClose) {
-  TempDir dir;
+  test::TempDir dir("tfevents");
   EventWriter w(dir.path().string());
   w.add_scalar("a", 0, 1.0f);
   w.flush();
@@ -291,9 +252,9 @@ fs::path write_small_run(const fs::path& dir) {
 }
 
 TEST(EventReader, DetectsACorruptedByte) {
-  TempDir dir;
+  test::TempDir dir("tfevents");
   const fs::path p = write_small_run(dir.path());
-  const std::string good = read_bytes(p);
+  const std::string good = read_file(p);
   const auto records = read_event_records(p.string());
   ASSERT_EQ(records.size(), 5u);
   const size_t rec0 = frame_tfrecord(records[0]).size();  // 12-byte header + data + 4-byte CRC
@@ -302,38 +263,38 @@ TEST(EventReader, DetectsACorruptedByte) {
   // A flipped byte in record 2's payload: its data CRC no longer matches.
   std::string bad = good;
   bad[rec0 + rec1 + 12 + 3] ^= 0x01;
-  write_bytes(p, bad);
-  expect_error_with([&] { read_event_records(p.string()); }, {p.string(), "record 2", "bad data CRC"});
+  write_file(p, bad);
+  expect_error([&] { read_event_records(p.string()); }, {p.string(), "record 2", "bad data CRC"});
 
   // A flipped byte in record 1's length: the length CRC catches it before the length is used.
   bad = good;
   bad[rec0 + 1] ^= 0x40;
-  write_bytes(p, bad);
-  expect_error_with([&] { read_event_records(p.string()); }, {p.string(), "record 1", "bad length CRC"});
+  write_file(p, bad);
+  expect_error([&] { read_event_records(p.string()); }, {p.string(), "record 1", "bad length CRC"});
 
   // A flipped byte in record 3's trailing data CRC.
   bad = good;
   bad[bad.size() - 1] ^= 0x80;
-  write_bytes(p, bad);
-  expect_error_with([&] { read_event_records(p.string()); }, {"record 4", "bad data CRC"});
+  write_file(p, bad);
+  expect_error([&] { read_event_records(p.string()); }, {"record 4", "bad data CRC"});
 }
 
 TEST(EventReader, DetectsATruncatedTail) {
-  TempDir dir;
+  test::TempDir dir("tfevents");
   const fs::path p = write_small_run(dir.path());
-  const std::string good = read_bytes(p);
+  const std::string good = read_file(p);
   ASSERT_EQ(read_event_records(p.string()).size(), 5u);
   for (size_t cut : {1, 4, 5, 20}) {
-    write_bytes(p, good.substr(0, good.size() - cut));
-    expect_error_with([&] { read_event_records(p.string()); }, {p.string(), "record 4", "truncated"});
+    write_file(p, good.substr(0, good.size() - cut));
+    expect_error([&] { read_event_records(p.string()); }, {p.string(), "record 4", "truncated"});
   }
   // A partial header (fewer than 12 bytes of the next record) is truncation too.
-  write_bytes(p, good + std::string(7, '\0'));
-  expect_error_with([&] { read_event_records(p.string()); }, {"record 5", "truncated"});
+  write_file(p, good + std::string(7, '\0'));
+  expect_error([&] { read_event_records(p.string()); }, {"record 5", "truncated"});
 }
 
 TEST(EventWriter, TwoWritersMakeTwoFilesInCreationOrder) {
-  TempDir dir;
+  test::TempDir dir("tfevents");
   std::string first, second;
   {
     EventWriter a(dir.path().string());

@@ -3,43 +3,19 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
-#include <cstdio>
-#include <functional>
 #include <limits>
-#include <string>
 
-#include "backend/cpu/cpu_backend.h"
+#include "ops_test_util.h"
 #include "test_util.h"
 
 namespace diffmoe {
 namespace {
 
+using test::expect_error;
+using test::expect_grad;
 using test::Owned;
 
-// Runs fn and expects a diffmoe::Error whose message contains every one of `parts`.
-void expect_error(const std::function<void()>& fn, std::initializer_list<std::string> parts) {
-  try {
-    fn();
-  } catch (const Error& e) {
-    const std::string msg = e.what();
-    for (const auto& p : parts) EXPECT_NE(msg.find(p), std::string::npos) << "message: " << msg << "\nmissing: " << p;
-    return;
-  }
-  ADD_FAILURE() << "expected a diffmoe::Error";
-}
-
-// Checks a finite-difference gradient and reports the measured error (the tolerance is kGradTol).
-void expect_grad(const char* what, const std::vector<double>& analytic, const std::vector<double>& numeric) {
-  const double err = test::rel_error(analytic, numeric);
-  std::printf("[fd] %-28s rel_error = %.3e\n", what, err);
-  EXPECT_LE(err, test::kGradTol) << what;
-}
-
-class BasicOps : public ::testing::Test {
- protected:
-  CpuBackend be;
-  Context ctx;
-};
+class BasicOps : public test::CpuOpsTest {};
 
 TEST_F(BasicOps, FillEveryDtype) {
   Owned f32({3, 5}, DType::kF32), f64({7}, DType::kF64), bf({13}, DType::kBF16), f8({5}, DType::kF8E4M3),

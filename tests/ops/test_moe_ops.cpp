@@ -11,49 +11,27 @@
 
 #include <algorithm>
 #include <cmath>
-#include <cstdio>
-#include <functional>
 #include <numeric>
 #include <string>
 #include <vector>
 
-#include "backend/cpu/cpu_backend.h"
+#include "ops_test_util.h"
 #include "test_util.h"
 
 namespace diffmoe {
 namespace {
 
+using test::copy_values;
+using test::cpu;
+using test::expect_error;
+using test::expect_grad;
 using test::Owned;
 
-Backend& cpu() {
-  static std::unique_ptr<Backend> backend = make_cpu_backend();
-  return *backend;
-}
 const Context kCtx{};
 
 void set_values(const Tensor& t, const std::vector<double>& v) {
   ASSERT_EQ(static_cast<int64_t>(v.size()), t.numel());
   for (int64_t i = 0; i < t.numel(); ++i) test::set(t, i, v[static_cast<size_t>(i)]);
-}
-
-// dst = src elementwise (a local loop, so these tests depend on no other op family).
-void copy_values(const Tensor& dst, const Tensor& src) {
-  for (int64_t i = 0; i < src.numel(); ++i) test::set(dst, i, test::get(src, i));
-}
-
-void expect_error(const std::function<void()>& f, const std::string& needle) {
-  try {
-    f();
-    ADD_FAILURE() << "no error thrown, expected one containing '" << needle << "'";
-  } catch (const Error& e) {
-    EXPECT_NE(std::string(e.what()).find(needle), std::string::npos) << e.what();
-  }
-}
-
-// Reports a measured finite-difference error next to its check (the report quotes these).
-void report_fd(const std::string& what, double err) {
-  std::printf("[fd] %-44s rel err %.3e\n", what.c_str(), err);
-  EXPECT_LE(err, test::kGradTol) << what;
 }
 
 // All buffers of one router call.
@@ -301,13 +279,13 @@ TEST(RouterFwd, ErrorsNameTheOp) {
                               .route_scale = 1.0, .use_bias = true};
   RouterOptions o = good;
   o.top_k = 7;  // only 2 groups · 3 experts = 6 are kept
-  expect_error([&] { r.forward(o); }, "[router_fwd] top_k = 7");
+  expect_error([&] { r.forward(o); }, {"[router_fwd] top_k = 7"});
   o = good;
   o.n_groups = 5;  // 12 experts do not split into 5 groups
-  expect_error([&] { r.forward(o); }, "[router_fwd]");
+  expect_error([&] { r.forward(o); }, {"[router_fwd]"});
   o = good;
   o.n_limited_groups = 5;
-  expect_error([&] { r.forward(o); }, "[router_fwd] n_limited_groups");
+  expect_error([&] { r.forward(o); }, {"[router_fwd] n_limited_groups"});
   Owned bad_idx({3, 7}, DType::kF32);
   o = good;
   o.top_k = 7;
@@ -315,9 +293,9 @@ TEST(RouterFwd, ErrorsNameTheOp) {
   expect_error([&] {
     cpu().router_fwd(kCtx, {.scores = r.scores, .topk_idx = bad_idx, .topk_w = r.w, .counts = r.counts,
                             .logits = r.logits, .bias = r.bias, .opt = o});
-  }, "[router_fwd] topk_idx");
+  }, {"[router_fwd] topk_idx"});
   o.top_k = 6;  // idx shape [3,7] no longer matches
-  expect_error([&] { r.forward(o); }, "[router_fwd] topk_idx");
+  expect_error([&] { r.forward(o); }, {"[router_fwd] topk_idx"});
 }
 
 // ------------------------------------------------------------------ dispatch plan
@@ -377,7 +355,7 @@ TEST(MoePermute, PlanFromRouterAndFromRandomIndices) {
   Owned bad({N, K}, DType::kI32);
   test::fill_int(bad, 14, 0, E + 1);
   bad.at<int32_t>(4) = static_cast<int32_t>(E);
-  expect_error([&] { p.build(bad, E); }, "[moe_permute] topk_idx");
+  expect_error([&] { p.build(bad, E); }, {"[moe_permute] topk_idx"});
 }
 
 // ------------------------------------------------------------------ gather and combine vs direct loops
@@ -538,7 +516,7 @@ TEST(MoeGatherFd, GatherBwd) {
   const std::vector<double> numerical = test::numerical_grad(x, loss);
   Owned dx({d.N, d.D}, DType::kF64);
   cpu().moe_gather_bwd(kCtx, {.dx = dx, .dx_perm = proj, .slot_pos = d.plan.slot_pos});
-  report_fd("moe_gather_bwd dx", test::rel_error(test::to_vector(dx), numerical));
+  expect_grad("moe_gather_bwd dx", test::to_vector(dx), numerical);
 }
 
 TEST(MoeCombineFd, CombineBwd) {
@@ -555,8 +533,8 @@ TEST(MoeCombineFd, CombineBwd) {
   Owned dy_perm = d.make({d.R, d.D}, 65), dw = d.make({d.N, d.K}, 66);  // garbage: must be overwritten
   cpu().moe_combine_bwd(kCtx, {.dy_perm = dy_perm, .dtopk_w = dw, .dy = proj, .y_perm = y_perm, .topk_w = w,
                                .slot_pos = d.plan.slot_pos});
-  report_fd("moe_combine_bwd dy_perm", test::rel_error(test::to_vector(dy_perm), num_y_perm));
-  report_fd("moe_combine_bwd dtopk_w", test::rel_error(test::to_vector(dw), num_w));
+  expect_grad("moe_combine_bwd dy_perm", test::to_vector(dy_perm), num_y_perm);
+  expect_grad("moe_combine_bwd dtopk_w", test::to_vector(dw), num_w);
 }
 
 // Router buffers in f64 for the gradient checks, with a guard: a perturbation of ±h must never
@@ -596,7 +574,7 @@ void check_router_bwd_fd(const RouteCase& c) {
   cpu().router_bwd(kCtx, {.dlogits = dlogits, .dtopk_w = proj, .scores = f.r.scores, .topk_idx = f.r.idx,
                           .topk_w = f.r.w, .opt = c.opt});
   const std::vector<double> analytic = test::to_vector(dlogits);
-  report_fd(std::string("router_bwd ") + c.name, test::rel_error(analytic, numerical));
+  expect_grad(std::string("router_bwd ") + c.name, analytic, numerical);
   double norm = 0;
   for (double v : analytic) norm += v * v;
   EXPECT_GT(norm, 1e-6) << "trivial gradient";
@@ -647,7 +625,7 @@ TEST(AuxLoss, ValueMatchesMegatronForm) {
   Owned loss({1}, DType::kF64);
   expect_error([&] {
     cpu().aux_loss_fwd(kCtx, {.loss = loss, .scores = r.scores, .seq_len = 5, .top_k = K, .alpha = alpha});
-  }, "[aux_loss_fwd]");
+  }, {"[aux_loss_fwd]"});
 }
 
 TEST(AuxLossFd, AuxLossBwd) {
@@ -681,7 +659,7 @@ TEST(AuxLossFd, AuxLossBwd) {
       added[i] -= before[i];
       want[i] *= dloss;
     }
-    report_fd(name, test::rel_error(added, want));
+    expect_grad(name, added, want);
   }
 }
 
@@ -718,7 +696,7 @@ TEST(MoeComposedFd, RouterThroughCombine) {
                                  .slot_pos = plan.slot_pos});
     cpu().router_bwd(kCtx, {.dlogits = dlogits, .dtopk_w = dw, .scores = f.r.scores, .topk_idx = f.r.idx,
                             .topk_w = f.r.w, .opt = opt});
-    report_fd(name, test::rel_error(test::to_vector(dlogits), numerical));
+    expect_grad(name, test::to_vector(dlogits), numerical);
   }
 }
 
@@ -752,7 +730,7 @@ TEST(MoeBiasUpdate, SignRule) {
   EXPECT_EQ(test::to_vector(bias), balanced);
 
   Owned counts_f32({4}, DType::kF32);
-  expect_error([&] { cpu().moe_bias_update(kCtx, {.bias = bias64, .counts = counts_f32}); }, "[moe_bias_update]");
+  expect_error([&] { cpu().moe_bias_update(kCtx, {.bias = bias64, .counts = counts_f32}); }, {"[moe_bias_update]"});
 }
 
 }  // namespace

@@ -8,34 +8,17 @@
 #include <cstdio>
 #include <string>
 
-#include "backend/cpu/cpu_backend.h"
 #include "model/rope_tables.h"
+#include "ops_test_util.h"
 #include "test_util.h"
 
 namespace diffmoe {
 namespace {
 
+using test::copy_values;
+using test::cpu;
+using test::expect_error;
 using test::Owned;
-
-Backend& cpu() {
-  static std::unique_ptr<Backend> backend = make_cpu_backend();
-  return *backend;
-}
-
-// Runs fn and expects a diffmoe::Error whose message contains `needle` (usually the op's name).
-template <class Fn>
-void expect_error(Fn&& fn, const std::string& needle) {
-  try {
-    fn();
-    ADD_FAILURE() << "expected an error mentioning '" << needle << "'";
-  } catch (const Error& e) {
-    EXPECT_NE(std::string(e.what()).find(needle), std::string::npos) << e.what();
-  }
-}
-
-void copy_values(const Tensor& dst, const Tensor& src) {
-  for (int64_t i = 0; i < src.numel(); ++i) test::set(dst, i, test::get(src, i));
-}
 
 double norm(const std::vector<double>& v) {
   double s = 0.0;
@@ -43,11 +26,9 @@ double norm(const std::vector<double>& v) {
   return std::sqrt(s);
 }
 
-// Prints the measured error (for the record) and checks it; the gradient must not be trivially 0.
-void check_grad(const char* what, const std::vector<double>& analytic, const std::vector<double>& numeric) {
-  const double err = test::rel_error(analytic, numeric);
-  std::printf("[fd] %-28s rel error %.3e\n", what, err);
-  EXPECT_LE(err, test::kGradTol) << what;
+// Checks a finite-difference gradient (test::expect_grad); it must not be trivially 0 either.
+void check_grad(const std::string& what, const std::vector<double>& analytic, const std::vector<double>& numeric) {
+  test::expect_grad(what, analytic, numeric);
   EXPECT_GT(norm(analytic), 1e-3) << what << ": gradient is (nearly) zero, the check would be vacuous";
 }
 
@@ -213,15 +194,15 @@ TEST(Rope, Errors) {
   test::fill_normal(x, 15);
   RopeArgs a = rc.args(x);
   a.pos_offset = 4;  // uses position 8 of an 8-row table
-  expect_error([&] { cpu().rope({}, a); }, "[rope] position 8");
+  expect_error([&] { cpu().rope({}, a); }, {"[rope] position 8"});
   a = rc.args(x);
   a.head_stride = 10;  // the last head would reach column 2·10 + 8 + 4 = 32 > 31
   a.col_offset = 8;
-  expect_error([&] { cpu().rope({}, a); }, "[rope]");
+  expect_error([&] { cpu().rope({}, a); }, {"[rope]"});
   Owned bad_cos({RopeCase::kMaxPos, 3}, DType::kF64);
   a = rc.args(x);
   a.cos = bad_cos;
-  expect_error([&] { cpu().rope({}, a); }, "[rope] cos");
+  expect_error([&] { cpu().rope({}, a); }, {"[rope] cos"});
 }
 
 // ================================================================ MLA key/value split (§2.3, §2.5)
@@ -288,9 +269,9 @@ TEST(MlaKvSplit, BackwardByFiniteDifferences) {
 TEST(MlaKvSplit, Errors) {
   Owned kv({kN, kH * (kNope + kDv) + 1}, DType::kF64), kr({kN, kKrStride}, DType::kF64);
   Owned k({kN, kH, kNope + kRope}, DType::kF64), v({kN, kH, kDv}, DType::kF64);
-  expect_error([&] { cpu().mla_kv_split_fwd({}, split_args(k, v, kv, kr)); }, "[mla_kv_split_fwd] kv");
+  expect_error([&] { cpu().mla_kv_split_fwd({}, split_args(k, v, kv, kr)); }, {"[mla_kv_split_fwd] kv"});
   Owned kv_ok({kN, kH * (kNope + kDv)}, DType::kF64), v_bad({kN, kH, kDv + 1}, DType::kF64);
-  expect_error([&] { cpu().mla_kv_split_fwd({}, split_args(k, v_bad, kv_ok, kr)); }, "[mla_kv_split_fwd] v");
+  expect_error([&] { cpu().mla_kv_split_fwd({}, split_args(k, v_bad, kv_ok, kr)); }, {"[mla_kv_split_fwd] v"});
 }
 
 // ================================================================ differential λ (§1.2, §1.4)
@@ -342,7 +323,7 @@ TEST(DiffLambda, ForwardValueAndBackwardByFiniteDifferences) {
   }
   Owned short_vec({kDqk - 1}, DType::kF64);
   expect_error([&] { cpu().diff_lambda_fwd({}, {.lambda = lambda, .lq1 = lv.q1, .lk1 = short_vec, .lq2 = lv.q2, .lk2 = lv.k2}); },
-               "[diff_lambda_fwd] lk1");
+               {"[diff_lambda_fwd] lk1"});
 }
 
 // ================================================================ causal attention (§1.3-1.4, §3.2)
@@ -547,31 +528,31 @@ TEST(Attention, Errors) {
   // Odd component heads cannot be paired.
   const AttnData odd({.batch = 2, .seq = 5, .heads = 3, .d_qk = kDqk, .d_v = kDv, .differential = true},
                      DType::kF64, 71);
-  expect_error([&] { odd.forward(); }, "[attention_fwd] differential attention pairs");
+  expect_error([&] { odd.forward(); }, {"[attention_fwd] differential attention pairs"});
   expect_error([&] {
     cpu().attention_bwd({}, {.dq = odd.q, .dk = odd.k, .dv = odd.v, .dlambda = odd.lambda, .dout = odd.dout,
                              .q = odd.q, .k = odd.k, .v = odd.v, .out = odd.out, .o2 = odd.o2, .lse = odd.lse,
                              .lambda = odd.lambda, .scale = 0.5, .differential = true});
-  }, "[attention_bwd] differential attention pairs");
+  }, {"[attention_bwd] differential attention pairs"});
 
   const AttnData d(kDiffCase, DType::kF64, 72);
   Owned k_short({2, 4, 4, kDqk}, DType::kF64), lse_bad({2, 5, 4}, DType::kF64), out_bad({2, 5, 4, kDv + 1}, DType::kF64);
   Owned v_f32({2, 5, 4, kDv}, DType::kF32);
   AttentionFwdArgs a = d.fwd_args();
   a.k = k_short;
-  expect_error([&] { cpu().attention_fwd({}, a); }, "[attention_fwd] k");
+  expect_error([&] { cpu().attention_fwd({}, a); }, {"[attention_fwd] k"});
   a = d.fwd_args();
   a.lse = lse_bad;  // [B, T, H] instead of [B, H, T]
-  expect_error([&] { cpu().attention_fwd({}, a); }, "[attention_fwd] lse");
+  expect_error([&] { cpu().attention_fwd({}, a); }, {"[attention_fwd] lse"});
   a = d.fwd_args();
   a.out = out_bad;
-  expect_error([&] { cpu().attention_fwd({}, a); }, "[attention_fwd] out");
+  expect_error([&] { cpu().attention_fwd({}, a); }, {"[attention_fwd] out"});
   a = d.fwd_args();
   a.v = v_f32;
-  expect_error([&] { cpu().attention_fwd({}, a); }, "[attention_fwd] v");
+  expect_error([&] { cpu().attention_fwd({}, a); }, {"[attention_fwd] v"});
   a = d.fwd_args();
   a.lambda = Tensor{};
-  expect_error([&] { cpu().attention_fwd({}, a); }, "[attention_fwd] lambda");
+  expect_error([&] { cpu().attention_fwd({}, a); }, {"[attention_fwd] lambda"});
 }
 
 }  // namespace

@@ -4,40 +4,18 @@
 
 #include <algorithm>
 #include <cmath>
-#include <cstdio>
-#include <functional>
-#include <string>
 
-#include "backend/cpu/cpu_backend.h"
+#include "ops_test_util.h"
 #include "test_util.h"
 
 namespace diffmoe {
 namespace {
 
+using test::expect_error;
+using test::expect_grad;
 using test::Owned;
 
-void expect_error(const std::function<void()>& fn, std::initializer_list<std::string> parts) {
-  try {
-    fn();
-  } catch (const Error& e) {
-    const std::string msg = e.what();
-    for (const auto& p : parts) EXPECT_NE(msg.find(p), std::string::npos) << "message: " << msg << "\nmissing: " << p;
-    return;
-  }
-  ADD_FAILURE() << "expected a diffmoe::Error";
-}
-
-void expect_grad(const char* what, const std::vector<double>& analytic, const std::vector<double>& numeric) {
-  const double err = test::rel_error(analytic, numeric);
-  std::printf("[fd] %-28s rel_error = %.3e\n", what, err);
-  EXPECT_LE(err, test::kGradTol) << what;
-}
-
-class SwigluLossOptim : public ::testing::Test {
- protected:
-  CpuBackend be;
-  Context ctx;
-};
+class SwigluLossOptim : public test::CpuOpsTest {};
 
 // ---------------------------------------------------------------- SwiGLU
 TEST_F(SwigluLossOptim, SwigluForwardF32AgainstFormula) {

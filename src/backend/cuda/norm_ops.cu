@@ -30,15 +30,15 @@ __global__ void rmsnorm_fwd_kernel(float* y, float* rstd, const float* x, const 
   const int lane = threadIdx.x % kWarp;
   for (int64_t row = blockIdx.x * int64_t{kRowsPerWarpBlock} + threadIdx.x / kWarp; row < rows;
        row += int64_t{gridDim.x} * kRowsPerWarpBlock) {
-  const float* xr = x + row * xs;
-  float* yr = y + row * ys;
-  double sum_sq = 0.0;
-  for (int64_t j = lane; j < width; j += kWarp) sum_sq += static_cast<double>(xr[j]) * xr[j];
-  sum_sq = warp_sum(sum_sq);
-  const float r32 = static_cast<float>(1.0 / sqrt(sum_sq / static_cast<double>(width) + eps));
-  if (lane == 0) rstd[row] = r32;
-  const double r = r32;  // the rounded value, as saved (the backward sees the same r)
-  for (int64_t j = lane; j < width; j += kWarp) yr[j] = static_cast<float>(out_scale * (xr[j] * r) * w[j]);
+    const float* xr = x + row * xs;
+    float* yr = y + row * ys;
+    double sum_sq = 0.0;
+    for (int64_t j = lane; j < width; j += kWarp) sum_sq += static_cast<double>(xr[j]) * xr[j];
+    sum_sq = warp_sum(sum_sq);
+    const float r32 = static_cast<float>(1.0 / sqrt(sum_sq / static_cast<double>(width) + eps));
+    if (lane == 0) rstd[row] = r32;
+    const double r = r32;  // the rounded value, as saved (the backward sees the same r)
+    for (int64_t j = lane; j < width; j += kWarp) yr[j] = static_cast<float>(out_scale * (xr[j] * r) * w[j]);
   }
 }
 
@@ -49,19 +49,19 @@ __global__ void rmsnorm_bwd_dx_kernel(float* dx, const float* dy, const float* x
   const int lane = threadIdx.x % kWarp;
   for (int64_t row = blockIdx.x * int64_t{kRowsPerWarpBlock} + threadIdx.x / kWarp; row < rows;
        row += int64_t{gridDim.x} * kRowsPerWarpBlock) {
-  const double r = rstd[row];
-  const float* xr = x + row * xs;
-  const float* dyr = dy + row * ys;
-  float* dxr = dx + row * xs;
-  double mean_gx = 0.0;
-  for (int64_t j = lane; j < width; j += kWarp) mean_gx += (s * dyr[j] * w[j]) * (xr[j] * r);
-  mean_gx = warp_sum(mean_gx) / static_cast<double>(width);
-  // Each lane reads x[j] and dy[j] before it writes dx[j] at the same j: dx may alias x in place.
-  for (int64_t j = lane; j < width; j += kWarp) {
-    const double g = s * dyr[j] * w[j];
-    const double grad = r * (g - (xr[j] * r) * mean_gx);
-    dxr[j] = static_cast<float>(accumulate ? dxr[j] + grad : grad);
-  }
+    const double r = rstd[row];
+    const float* xr = x + row * xs;
+    const float* dyr = dy + row * ys;
+    float* dxr = dx + row * xs;
+    double mean_gx = 0.0;
+    for (int64_t j = lane; j < width; j += kWarp) mean_gx += (s * dyr[j] * w[j]) * (xr[j] * r);
+    mean_gx = warp_sum(mean_gx) / static_cast<double>(width);
+    // Each lane reads x[j] and dy[j] before it writes dx[j] at the same j: dx may alias x in place.
+    for (int64_t j = lane; j < width; j += kWarp) {
+      const double g = s * dyr[j] * w[j];
+      const double grad = r * (g - (xr[j] * r) * mean_gx);
+      dxr[j] = static_cast<float>(accumulate ? dxr[j] + grad : grad);
+    }
   }
 }
 

@@ -1,0 +1,167 @@
+#!/usr/bin/env bash
+# GPU check of the CUDA backend (issue #4). Run on a machine with an NVIDIA GPU, from the repository
+# root. Steps: configure + build (CUDA on, Hopper sm_90a by default) into build-gpu; the CUDA-vs-CPU
+# op checks (test_cuda_ops); the whole-model check (cuda_model_check); compute-sanitizer memcheck on
+# the op checks (the long-sequence case left out) and racecheck on those using shared memory. Every step runs even when an earlier one failed;
+# full logs go to the log folder; a summary table (step, result, seconds) is printed last. Exit
+# status: 0 when every step passed.
+#
+# Usage: tools/gpu-check.sh [--build-dir DIR] [--jobs N] [--arch ARCHS] [--prebuilt DIR]
+#                           [--step-timeout SECONDS] [--log-dir DIR]
+#        tools/gpu-check.sh --make-bundle DIR [--build-dir DIR] [--jobs N] [--arch ARCHS]
+#   --prebuilt DIR     binaries built elsewhere (DIR/test_cuda_ops, DIR/cuda_model_check, shared
+#                      libraries in DIR/lib), used when the build here fails: the lent GPU machines
+#                      have nvcc but not the project's dependencies (libxxhash, yaml-cpp, fmt, ...),
+#                      so configure fails there.
+#   --make-bundle DIR  on a build machine (nvcc and the dependencies, no GPU needed): build the two
+#                      programs and copy them with their non-system shared libraries (not libc,
+#                      libstdc++ or CUDA's) into DIR (~45 MB). Carry DIR to the GPU machine, e.g.
+#                      as an ignored build-* folder, and run: tools/gpu-check.sh --prebuilt DIR
+#   Environment: GPU_CHECK_LOG_DIR (default DIR/gpu-check-logs), GPU_CHECK_SANITIZE_FILTER and
+#   GPU_CHECK_RACE_FILTER (gtest filters of the memcheck and racecheck steps).
+set -u
+cd "$(dirname "$0")/.."
+
+BUILD_DIR=build-gpu
+JOBS="$(nproc)"
+ARCH=90a
+PREBUILT=""
+MAKE_BUNDLE=""
+STEP_TIMEOUT=600
+LOG_DIR="${GPU_CHECK_LOG_DIR:-}"
+SANITIZE_FILTER="${GPU_CHECK_SANITIZE_FILTER:--CudaAttention.LongSequenceForward}"
+# racecheck: the kernels that share data through shared memory (attention, norms, MoE, loss).
+RACE_FILTER="${GPU_CHECK_RACE_FILTER:-CudaAttention.*:CudaNorm.*:CudaMoe.*:CudaLoss.*:-CudaAttention.LongSequenceForward}"
+while [[ $# -gt 0 ]]; do
+  case "$1" in
+    --build-dir) BUILD_DIR="$2"; shift 2 ;;
+    --jobs) JOBS="$2"; shift 2 ;;
+    --arch) ARCH="$2"; shift 2 ;;
+    --prebuilt) PREBUILT="$2"; shift 2 ;;
+    --make-bundle) MAKE_BUNDLE="$2"; shift 2 ;;
+    --step-timeout) STEP_TIMEOUT="$2"; shift 2 ;;
+    --log-dir) LOG_DIR="$2"; shift 2 ;;
+    *) echo "gpu-check: unknown argument $1" >&2; exit 2 ;;
+  esac
+done
+[[ -n "$LOG_DIR" ]] || LOG_DIR="$BUILD_DIR/gpu-check-logs"
+mkdir -p "$LOG_DIR"
+CONFIGURE=(cmake -S . -B "$BUILD_DIR" -G Ninja -DCMAKE_BUILD_TYPE=Release -DDIFFMOE_CUDA=ON
+           -DCMAKE_CUDA_ARCHITECTURES="$ARCH" -DDIFFMOE_TESTS=ON -DDIFFMOE_BENCH=OFF)
+TARGETS=(test_cuda_ops cuda_model_check)
+
+if [[ -n "$MAKE_BUNDLE" ]]; then
+  "${CONFIGURE[@]}" >/dev/null && ninja -C "$BUILD_DIR" -j"$JOBS" "${TARGETS[@]}" || exit 1
+  rm -rf "$MAKE_BUNDLE" && mkdir -p "$MAKE_BUNDLE/lib" || exit 1
+  bins=("$BUILD_DIR/tests/ops/test_cuda_ops" "$BUILD_DIR/tools/cuda_model_check")
+  cp "${bins[@]}" "$MAKE_BUNDLE/" || exit 1
+  for lib in $(ldd "${bins[@]}" | awk '/=> \// {print $3}' | sort -u); do
+    case "$(basename "$lib")" in
+      libc.so*|libm.so*|libstdc++.so*|libgcc_s.so*|ld-linux*|libdl.so*|libpthread.so*|librt.so*) ;;  # the system's
+      libcuda.so*|libcudart.so*|libcublas.so*|libcublasLt.so*) ;;  # the GPU machine's CUDA 13
+      *) cp -L "$lib" "$MAKE_BUNDLE/lib/" || exit 1 ;;
+    esac
+  done
+  echo "gpu-check: bundle in $MAKE_BUNDLE ($(du -sh "$MAKE_BUNDLE" | cut -f1)): $(ls "$MAKE_BUNDLE/lib" | tr '\n' ' ')"
+  echo "gpu-check: on the GPU machine: tools/gpu-check.sh --prebuilt $MAKE_BUNDLE"
+  exit 0
+fi
+
+NAMES=()
+RESULTS=()
+TIMES=()
+
+# step NAME LOGFILE CMD...: runs CMD with a timeout, output to LOGFILE; records the result.
+step() {
+  local name="$1" log="$2"
+  shift 2
+  echo "== $name: $*"
+  local t0=$SECONDS rc
+  timeout --kill-after=10 "$STEP_TIMEOUT" "$@" >"$log" 2>&1
+  rc=$?
+  local result=PASS
+  if [[ $rc == 124 || $rc == 137 ]]; then result="TIMEOUT(${STEP_TIMEOUT}s)"; elif [[ $rc != 0 ]]; then result="FAIL(rc=$rc)"; fi
+  NAMES+=("$name")
+  RESULTS+=("$result")
+  TIMES+=("$((SECONDS - t0))")
+  if [[ $result != PASS ]]; then
+    echo "-- $name: $result; last lines of $log:"
+    tail -n 25 "$log"
+  fi
+  return $rc
+}
+
+skip() {  # skip NAME REASON
+  NAMES+=("$1")
+  RESULTS+=("SKIP ($2)")
+  TIMES+=("0")
+}
+
+echo "== machine"
+if command -v nvidia-smi >/dev/null; then
+  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1 | head -n 4
+else
+  echo "(no nvidia-smi)"
+fi
+command -v nvcc >/dev/null && nvcc --version | tail -n 1
+export PATH="$PATH:/usr/local/cuda/bin"
+
+# ---- build
+BIN_TEST="$BUILD_DIR/tests/ops/test_cuda_ops"
+BIN_MODEL="$BUILD_DIR/tools/cuda_model_check"
+built=0
+if step configure "$LOG_DIR/configure.log" "${CONFIGURE[@]}"; then
+  step build "$LOG_DIR/build.log" ninja -C "$BUILD_DIR" -j"$JOBS" "${TARGETS[@]}" && built=1
+else
+  skip build "configure failed"
+fi
+if [[ $built == 0 && -n "$PREBUILT" ]]; then
+  echo "== using prebuilt binaries from $PREBUILT"
+  BIN_TEST="$PREBUILT/test_cuda_ops"
+  BIN_MODEL="$PREBUILT/cuda_model_check"
+  export LD_LIBRARY_PATH="$PREBUILT/lib:/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}"
+  for i in "${!NAMES[@]}"; do  # a failed build here is expected where the dependencies are missing
+    [[ ${RESULTS[$i]} == PASS ]] || RESULTS[$i]="${RESULTS[$i]}, used prebuilt"
+  done
+  NAMES+=("(binaries)")
+  RESULTS+=("prebuilt: $PREBUILT")
+  TIMES+=("0")
+fi
+
+# ---- checks
+if [[ -x "$BIN_TEST" ]]; then
+  step test_cuda_ops "$LOG_DIR/test_cuda_ops.log" "$BIN_TEST" --gtest_brief=1
+  grep -E "^\[  (PASSED|FAILED) |tests? from .* ran" "$LOG_DIR/test_cuda_ops.log" | tail -n 3
+else
+  skip test_cuda_ops "no binary"
+fi
+if [[ -x "$BIN_MODEL" ]]; then
+  step cuda_model_check "$LOG_DIR/cuda_model_check.log" "$BIN_MODEL"
+  grep -E "^==|worst|cuda_model_check:|FAIL|differ" "$LOG_DIR/cuda_model_check.log" | head -n 40
+else
+  skip cuda_model_check "no binary"
+fi
+SANITIZER="$(command -v compute-sanitizer || true)"
+[[ -n "$SANITIZER" ]] || SANITIZER=/usr/local/cuda/bin/compute-sanitizer
+if [[ -x "$BIN_TEST" && -x "$SANITIZER" ]]; then
+  step memcheck "$LOG_DIR/memcheck.log" "$SANITIZER" --tool memcheck --error-exitcode 3 --print-limit 20 \
+    "$BIN_TEST" --gtest_brief=1 --gtest_filter="$SANITIZE_FILTER"
+  grep -E "ERROR SUMMARY|^\[  (PASSED|FAILED) " "$LOG_DIR/memcheck.log" | tail -n 3
+  step racecheck "$LOG_DIR/racecheck.log" "$SANITIZER" --tool racecheck --error-exitcode 3 --print-limit 20 \
+    "$BIN_TEST" --gtest_brief=1 --gtest_filter="$RACE_FILTER"
+  grep -E "RACECHECK SUMMARY|ERROR SUMMARY|^\[  (PASSED|FAILED) " "$LOG_DIR/racecheck.log" | tail -n 3
+else
+  skip memcheck "no binary or no compute-sanitizer"
+  skip racecheck "no binary or no compute-sanitizer"
+fi
+
+# ---- summary
+status=0
+echo
+echo "gpu-check summary (logs: $LOG_DIR)"
+printf '%-18s %-44s %8s\n' "check" "result" "seconds"
+for i in "${!NAMES[@]}"; do
+  printf '%-18s %-44s %8s\n' "${NAMES[$i]}" "${RESULTS[$i]}" "${TIMES[$i]}"
+  case "${RESULTS[$i]}" in PASS|prebuilt*|*"used prebuilt") ;; *) status=1 ;; esac
+done
+exit $status
