@@ -2,17 +2,17 @@
 # GPU check of the CUDA backend (issue #4). Run on a machine with an NVIDIA GPU, from the repository
 # root. Steps: configure + build (CUDA on, Hopper sm_90a by default) into build-gpu; the CUDA-vs-CPU
 # op checks (test_cuda_ops); the whole-model check (cuda_model_check); compute-sanitizer memcheck on
-# the op checks (the long-sequence case left out) and racecheck on those using shared memory. Every step runs even when an earlier one failed;
-# full logs go to the log folder; a summary table (step, result, seconds) is printed last. Exit
-# status: 0 when every step passed.
+# the op checks (the long-sequence case left out) and racecheck on those using shared memory. Every
+# step runs even when an earlier one failed; full logs go to the log folder; a summary table (step,
+# result, seconds) is printed last. Exit status: 0 when every step passed.
 #
 # Usage: tools/gpu-check.sh [--build-dir DIR] [--jobs N] [--arch ARCHS] [--prebuilt DIR]
 #                           [--step-timeout SECONDS] [--log-dir DIR]
 #        tools/gpu-check.sh --make-bundle DIR [--build-dir DIR] [--jobs N] [--arch ARCHS]
 #   --prebuilt DIR     binaries built elsewhere (DIR/test_cuda_ops, DIR/cuda_model_check, shared
 #                      libraries in DIR/lib), used when the build here fails: the lent GPU machines
-#                      have nvcc but not the project's dependencies (libxxhash, yaml-cpp, fmt, ...),
-#                      so configure fails there.
+#                      have nvcc but not all of the project's dependencies (configure stopped at
+#                      libxxhash there on the first try), and nothing can be installed there.
 #   --make-bundle DIR  on a build machine (nvcc and the dependencies, no GPU needed): build the two
 #                      programs and copy them with their non-system shared libraries (not libc,
 #                      libstdc++ or CUDA's) into DIR (~45 MB). Carry DIR to the GPU machine, e.g.

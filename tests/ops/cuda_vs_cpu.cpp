@@ -394,6 +394,46 @@ TEST(CudaAttention, WideHeads) { check_attention({1, 19, 2, 96, 64, true}, true)
 // T = 12500: the forward's scores exceed the 48 KB default shared memory (the opt-in path).
 TEST(CudaAttention, LongSequenceForward) { check_attention({1, 12500, 1, 4, 3, false}, false); }
 
+// dk and dv are summed with f32 atomics, so two runs on the same inputs may differ in the last bits
+// (cuda_backend.h). Measured and bounded here: within the CPU tolerance of each other.
+TEST(CudaAttention, BackwardRunToRunSpread) {
+  const int64_t B = 2, T = 61, H = 2, dqk = 24, dv = 16;
+  const Shape out_shape{B, T, H / 2, 2 * dv};
+  Dual q(Shape{B, T, H, dqk}), k(Shape{B, T, H, dqk}), v(Shape{B, T, H, dv}), lambda(Shape{1});
+  Dual out(out_shape), o2(out_shape), lse(Shape{B, H, T}), dout(out_shape);
+  Dual dq(Shape{B, T, H, dqk}), dk(Shape{B, T, H, dqk}), dvv(Shape{B, T, H, dv}), dlambda(Shape{1});
+  q.normal(54);
+  k.normal(55);
+  v.normal(56);
+  dout.normal(57);
+  lambda.set({0.2});
+  const Side g = Side::kGpu;
+  gpu().attention_fwd({}, {.out = out[g], .o2 = o2[g], .lse = lse[g], .q = q[g], .k = k[g], .v = v[g], .lambda = lambda[g],
+                           .scale = 0.3});
+  std::vector<double> first_dk, first_dv;
+  for (int run = 0; run < 2; ++run) {
+    gpu().attention_bwd({}, {.dq = dq[g], .dk = dk[g], .dv = dvv[g], .dlambda = dlambda[g], .dout = dout[g], .q = q[g],
+                             .k = k[g], .v = v[g], .out = out[g], .o2 = o2[g], .lse = lse[g], .lambda = lambda[g],
+                             .scale = 0.3});
+    const std::vector<double> dk_now = dk.device_values(), dv_now = dvv.device_values();
+    if (run == 0) {
+      first_dk = dk_now;
+      first_dv = dv_now;
+      continue;
+    }
+    double spread = 0.0;
+    for (size_t i = 0; i < dk_now.size(); ++i) {
+      spread = std::max(spread, std::fabs(dk_now[i] - first_dk[i]));
+      EXPECT_LE(std::fabs(dk_now[i] - first_dk[i]), kAttnTol.atol + kAttnTol.rtol * std::fabs(first_dk[i])) << i;
+    }
+    for (size_t i = 0; i < dv_now.size(); ++i) {
+      spread = std::max(spread, std::fabs(dv_now[i] - first_dv[i]));
+      EXPECT_LE(std::fabs(dv_now[i] - first_dv[i]), kAttnTol.atol + kAttnTol.rtol * std::fabs(first_dv[i])) << i;
+    }
+    std::printf("[cuda-vs-cpu] attention_bwd dk/dv run-to-run max|diff| %.3e (f32 atomics)\n", spread);
+  }
+}
+
 TEST(CudaAttention, LatentCache) {
   const int64_t B = 2, Tq = 3, H = 4, r_kv = 9, d_rope = 4, S = 17, kv_len = 11, W = 7, q_rope_offset = 3;
   for (bool differential : {true, false}) {

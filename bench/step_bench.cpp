@@ -1,0 +1,87 @@
+// Training-step throughput of a preset on a backend: forward + backward (+ AdamW with --optim).
+// Usage: bench_step --config configs/tiny.yaml [--device cpu|cuda] [--batch 16] [--seq 256]
+//                   [--steps 5] [--warmup 1] [--optim]
+// Times whole steps on random tokens with the spec initialisation (the backend is synchronised
+// around each step); prints the median step time, tokens/s, MFU by spec §9 (÷ 989 TFLOP/s) and
+// the bytes of the model's arenas (parameters, gradients, activations; optimizer state with
+// --optim). CPU threads: OMP_NUM_THREADS / OPENBLAS_NUM_THREADS as usual.
+#include <CLI/CLI.hpp>
+#include <fmt/core.h>
+
+#include <algorithm>
+#include <chrono>
+#include <vector>
+
+#include "backend/backend.h"
+#include "core/rng.h"
+#include "model/model.h"
+#include "model/parameters.h"
+#include "train/optimizer.h"
+
+using namespace diffmoe;
+
+int main(int argc, char** argv) {
+  CLI::App app{"training-step benchmark"};
+  std::string config, device = "cpu";
+  bool with_optim = false;
+  int64_t batch = 16, seq = 0;
+  int steps = 5, warmup = 1;
+  app.add_option("--config", config)->required();
+  app.add_option("--batch", batch);
+  app.add_option("--seq", seq, "default: max_seq_len");
+  app.add_option("--steps", steps);
+  app.add_option("--warmup", warmup);
+  app.add_option("--device", device, "cpu or cuda");
+  app.add_flag("--optim", with_optim, "include the AdamW step (global-norm clip, bias update)");
+  CLI11_PARSE(app, argc, argv);
+  try {
+    const ModelConfig cfg = load_model_config(config);
+    if (seq <= 0) seq = cfg.max_seq_len;
+    auto be = make_backend(device);
+    Model m(cfg, *be, DType::kF32);
+    m.init_weights(1234);
+    m.set_batch_shape(batch, seq);
+    std::unique_ptr<AdamW> opt;
+    if (with_optim) opt = std::make_unique<AdamW>(m, OptimConfig{});
+    std::vector<int32_t> host_tok(static_cast<size_t>(batch * seq)), host_tgt(host_tok.size());
+    for (size_t i = 0; i < host_tok.size(); ++i) {
+      host_tok[i] = static_cast<int32_t>(uniform_at(7, 1, i) * static_cast<double>(cfg.vocab_size - 1));
+      host_tgt[i] = static_cast<int32_t>(uniform_at(7, 2, i) * static_cast<double>(cfg.vocab_size - 1));
+    }
+    Arena io;
+    io.add("tokens", Shape{batch, seq}, DType::kI32);
+    io.add("targets", Shape{batch, seq}, DType::kI32);
+    io.allocate(be->allocator());
+    const Tensor tok = io.get("tokens"), tgt = io.get("targets");
+    be->upload(tok, host_tok.data());
+    be->upload(tgt, host_tgt.data());
+    std::vector<double> times;
+    for (int s = 0; s < warmup + steps; ++s) {
+      be->synchronize({});
+      const auto t0 = std::chrono::steady_clock::now();
+      m.zero_grads({});
+      m.zero_expert_counts({});
+      m.forward({}, tok, tgt);
+      m.backward({}, 1.0);
+      if (opt) opt->step({}, 1e-4);
+      be->synchronize({});
+      const double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+      if (s >= warmup) times.push_back(dt);
+    }
+    std::sort(times.begin(), times.end());
+    const double med = times[times.size() / 2];
+    const LossValues l = m.losses();
+    const double tps = static_cast<double>(batch * seq) / med;
+    const double flops = count_parameters(cfg, seq).flops_per_token;
+    const double bytes = static_cast<double>(m.params().bytes() + m.grads().bytes() + m.acts().bytes() + (opt ? opt->state().bytes() : 0));
+    fmt::print("config {}  device {}  batch {}  seq {}  tokens/step {}\n", config, device, batch, seq, batch * seq);
+    fmt::print("{} step: median {:.4f} s (min {:.4f}, max {:.4f}, {} steps)  ->  {:.0f} tokens/s, MFU {:.2f}% ({:.4f} GFLOP/token), "
+               "arenas {:.2f} GiB  (loss {:.4f})\n",
+               opt ? "fwd+bwd+adamw" : "fwd+bwd", med, times.front(), times.back(), times.size(), tps, 100.0 * tps * flops / 989e12,
+               flops / 1e9, bytes / (1024.0 * 1024 * 1024), l.lm_loss);
+    return 0;
+  } catch (const Error& e) {
+    fmt::print(stderr, "error: {}\n", e.what());
+    return 1;
+  }
+}
