@@ -47,13 +47,13 @@ done
 [[ -n "$LOG_DIR" ]] || LOG_DIR="$BUILD_DIR/gpu-check-logs"
 mkdir -p "$LOG_DIR"
 CONFIGURE=(cmake -S . -B "$BUILD_DIR" -G Ninja -DCMAKE_BUILD_TYPE=Release -DDIFFMOE_CUDA=ON
-           -DCMAKE_CUDA_ARCHITECTURES="$ARCH" -DDIFFMOE_TESTS=ON -DDIFFMOE_BENCH=OFF)
-TARGETS=(test_cuda_ops cuda_model_check)
+           -DCMAKE_CUDA_ARCHITECTURES="$ARCH" -DDIFFMOE_TESTS=ON -DDIFFMOE_BENCH=ON)
+TARGETS=(test_cuda_ops cuda_model_check bench_step)
 
 if [[ -n "$MAKE_BUNDLE" ]]; then
   "${CONFIGURE[@]}" >/dev/null && ninja -C "$BUILD_DIR" -j"$JOBS" "${TARGETS[@]}" || exit 1
   rm -rf "$MAKE_BUNDLE" && mkdir -p "$MAKE_BUNDLE/lib" || exit 1
-  bins=("$BUILD_DIR/tests/ops/test_cuda_ops" "$BUILD_DIR/tools/cuda_model_check")
+  bins=("$BUILD_DIR/tests/ops/test_cuda_ops" "$BUILD_DIR/tools/cuda_model_check" "$BUILD_DIR/bench/bench_step")
   cp "${bins[@]}" "$MAKE_BUNDLE/" || exit 1
   for lib in $(ldd "${bins[@]}" | awk '/=> \// {print $3}' | sort -u); do
     case "$(basename "$lib")" in
@@ -109,6 +109,7 @@ export PATH="$PATH:/usr/local/cuda/bin"
 # ---- build
 BIN_TEST="$BUILD_DIR/tests/ops/test_cuda_ops"
 BIN_MODEL="$BUILD_DIR/tools/cuda_model_check"
+BIN_BENCH="$BUILD_DIR/bench/bench_step"
 built=0
 if step configure "$LOG_DIR/configure.log" "${CONFIGURE[@]}"; then
   step build "$LOG_DIR/build.log" ninja -C "$BUILD_DIR" -j"$JOBS" "${TARGETS[@]}" && built=1
@@ -119,6 +120,7 @@ if [[ $built == 0 && -n "$PREBUILT" ]]; then
   echo "== using prebuilt binaries from $PREBUILT"
   BIN_TEST="$PREBUILT/test_cuda_ops"
   BIN_MODEL="$PREBUILT/cuda_model_check"
+  BIN_BENCH="$PREBUILT/bench_step"
   export LD_LIBRARY_PATH="$PREBUILT/lib:/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}"
   for i in "${!NAMES[@]}"; do  # a failed build here is expected where the dependencies are missing
     [[ ${RESULTS[$i]} == PASS ]] || RESULTS[$i]="${RESULTS[$i]}, used prebuilt"
@@ -153,6 +155,31 @@ if [[ -x "$BIN_TEST" && -x "$SANITIZER" ]]; then
 else
   skip memcheck "no binary or no compute-sanitizer"
   skip racecheck "no binary or no compute-sanitizer"
+fi
+
+# ---- benchmark: the bench preset's training step, ours and PyTorch's, same card, same run
+# (bench/README.md; BENCH=0 skips it, BENCH_BATCH sets ours — 8 is the preset's micro-batch).
+if [[ "${BENCH:-1}" == 1 ]]; then
+  if [[ -x "$BIN_BENCH" ]]; then
+    ours_batch="${BENCH_BATCH:-8}"
+    if ! step bench_diffmoe "$LOG_DIR/bench_diffmoe.log" "$BIN_BENCH" --device cuda --config configs/bench.yaml \
+        --batch "$ours_batch" --seq 2048 --steps 3 --warmup 1 --optim; then
+      ours_batch=$((ours_batch / 2))  # f32 activations may not fit: say so and halve
+      step "bench_diffmoe(B=$ours_batch)" "$LOG_DIR/bench_diffmoe_half.log" "$BIN_BENCH" --device cuda --config configs/bench.yaml \
+        --batch "$ours_batch" --seq 2048 --steps 3 --warmup 1 --optim
+      cat "$LOG_DIR/bench_diffmoe_half.log" | tail -n 2
+    fi
+    cat "$LOG_DIR/bench_diffmoe.log" | tail -n 2
+  else
+    skip bench_diffmoe "no binary"
+  fi
+  if python3 -c "import torch" 2>/dev/null; then
+    step bench_torch "$LOG_DIR/bench_torch.log" python3 bench/torch_bench.py --json "$LOG_DIR/torch_bench.json" \
+      --time-budget-s "${TORCH_BUDGET_S:-420}"
+    tail -n 30 "$LOG_DIR/bench_torch.log"
+  else
+    skip bench_torch "no PyTorch"
+  fi
 fi
 
 # ---- summary
