@@ -28,9 +28,12 @@ PACKAGES=(
   libpcre2-dev         # tokenizer pre-tokenization (PCRE2 with UCP)
   libzstd-dev zlib1g-dev  # compressed text data, corpus extraction
   libxxhash-dev        # checkpoint checksums
-  nodejs npm           # test oracles only: OpenAI's tiktoken (WASM) and a HF tokenizer.json
   ca-certificates
 )
+# Node.js + npm run the tokenizer test oracles only (OpenAI's tiktoken as WASM, a HF
+# tokenizer.json). A machine that already has npm (e.g. NodeSource's nodejs, which bundles it
+# and conflicts with Debian's npm package) keeps its own.
+command -v npm >/dev/null 2>&1 || PACKAGES+=(nodejs npm)
 
 if [[ $APT == 1 ]]; then
   SUDO=""
