@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "backend/backend.h"
+#include "backend/cuda/op_profiler.h"
 #include "core/rng.h"
 #include "model/model.h"
 #include "model/parameters.h"
@@ -55,9 +56,13 @@ int main(int argc, char** argv) {
     const Tensor tok = io.get("tokens"), tgt = io.get("targets");
     be->upload(tok, host_tok.data());
     be->upload(tgt, host_tgt.data());
+    // DIFFMOE_CUDA_PROFILE=1 on --device cuda: the per-op table of the timed steps, printed last.
+    auto* profiler = dynamic_cast<OpProfiler*>(be.get());
+    if (profiler != nullptr && !profiler->profiling()) profiler = nullptr;
     std::vector<double> times;
     for (int s = 0; s < warmup + steps; ++s) {
       be->synchronize({});
+      if (profiler != nullptr && s == warmup) profiler->reset_profile();
       const auto t0 = std::chrono::steady_clock::now();
       m.zero_grads({});
       m.zero_expert_counts({});
@@ -79,6 +84,10 @@ int main(int argc, char** argv) {
                "arenas {:.2f} GiB  (loss {:.4f})\n",
                opt ? "fwd+bwd+adamw" : "fwd+bwd", med, times.front(), times.back(), times.size(), tps, 100.0 * tps * flops / 989e12,
                flops / 1e9, bytes / (1024.0 * 1024 * 1024), l.lm_loss);
+    if (profiler != nullptr) {
+      fmt::print("op profile of the {} timed steps (events add a little time to each op):\n", steps);
+      profiler->print_profile();
+    }
     return 0;
   } catch (const Error& e) {
     fmt::print(stderr, "error: {}\n", e.what());

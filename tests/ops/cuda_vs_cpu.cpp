@@ -11,6 +11,7 @@
 // through tools/gpu-check.sh.
 #include <cstdlib>
 
+#include "backend/cuda/cuda_backend.h"
 #include "cuda_dual.h"
 
 namespace diffmoe::cudatest {
@@ -339,7 +340,26 @@ struct AttnCase {
   bool differential;
 };
 
-void check_attention(const AttnCase& c, bool backward) {
+using AttnKernel = CudaBackend::AttentionKernel;
+
+// Selects the GPU's attention kernels for one scope (the flash ones fall back to the simple ones
+// for shapes they do not cover, flash_attention.h), restoring the default after.
+class AttnKernelScope {
+ public:
+  explicit AttnKernelScope(AttnKernel k) : be_(dynamic_cast<CudaBackend&>(gpu())), saved_(be_.attention_kernel()) {
+    be_.set_attention_kernel(k);
+  }
+  ~AttnKernelScope() { be_.set_attention_kernel(saved_); }
+  AttnKernelScope(const AttnKernelScope&) = delete;
+  AttnKernelScope& operator=(const AttnKernelScope&) = delete;
+
+ private:
+  CudaBackend& be_;
+  AttnKernel saved_;
+};
+
+void check_attention(const AttnCase& c, bool backward, AttnKernel kernel = AttnKernel::kFlash) {
+  const AttnKernelScope use(kernel);
   const int64_t B = c.B, T = c.T, H = c.H;
   const Shape out_shape = c.differential ? Shape{B, T, H / 2, 2 * c.dv} : Shape{B, T, H, c.dv};
   Dual q(Shape{B, T, H, c.dqk}), k(Shape{B, T, H, c.dqk}), v(Shape{B, T, H, c.dv});
@@ -352,7 +372,8 @@ void check_attention(const AttnCase& c, bool backward) {
   o2.poison();
   lse.poison();
   const double scale = 0.4;
-  const std::string tag = fmt::format("B={} T={} H={} diff={}", B, T, H, c.differential);
+  const std::string tag = fmt::format("B={} T={} H={} dqk={} dv={} diff={} {}", B, T, H, c.dqk, c.dv, c.differential,
+                                      kernel == AttnKernel::kFlash ? "flash" : "simple");
   auto fwd_args = [&](Side s) {
     return AttentionFwdArgs{.out = out[s], .o2 = c.differential ? o2[s] : Tensor{}, .lse = lse[s], .q = q[s], .k = k[s],
                             .v = v[s], .lambda = c.differential ? lambda[s] : Tensor{}, .scale = scale,
@@ -380,7 +401,7 @@ void check_attention(const AttnCase& c, bool backward) {
                           .lambda = c.differential ? lambda[s] : Tensor{}, .scale = scale,
                           .differential = c.differential});
   });
-  // dk, dv: also f32 atomics (summation order varies run to run), same tolerance.
+  // dk, dv: f32 sums in another order (the simple kernel: atomics), same tolerance.
   expect_close(dq, kAttnTol, "attention_bwd dq " + tag);
   expect_close(dk, kAttnTol, "attention_bwd dk " + tag);
   expect_close(dv, kAttnTol, "attention_bwd dv " + tag);
@@ -391,12 +412,57 @@ void check_attention(const AttnCase& c, bool backward) {
 TEST(CudaAttention, DifferentialForwardBackward) { check_attention({2, 37, 4, 7, 5, true}, true); }
 TEST(CudaAttention, PlainForwardBackward) { check_attention({2, 37, 3, 7, 5, false}, true); }
 TEST(CudaAttention, WideHeads) { check_attention({1, 19, 2, 96, 64, true}, true); }
+TEST(CudaAttention, WideHeadsSimpleKernel) { check_attention({1, 19, 2, 96, 64, true}, true, AttnKernel::kSimple); }
+
+// The flash kernels (flash_attention_ops.cu) at every covered head size of the presets (d_qk 32,
+// 48, 96, 128; d_v 32, 64; plain and differential), with T not a multiple of the 64-row tiles,
+// shorter than one tile, and exactly two tiles; B > 1. The uncovered sizes above fall back.
+TEST(CudaAttention, FlashPresetHeadSizes) {
+  for (const AttnCase& c : {AttnCase{2, 150, 4, 32, 32, true}, AttnCase{2, 150, 2, 32, 32, false},
+                            AttnCase{1, 77, 2, 48, 32, true}, AttnCase{2, 65, 3, 48, 64, false},
+                            AttnCase{2, 130, 4, 96, 64, true}, AttnCase{1, 128, 2, 96, 64, false},
+                            AttnCase{1, 100, 2, 128, 64, true}, AttnCase{2, 33, 2, 128, 32, false},
+                            AttnCase{3, 1, 2, 96, 64, true}, AttnCase{1, 64, 2, 32, 64, false}}) {
+    check_attention(c, true);
+  }
+}
+TEST(CudaAttention, FlashLongerSequence) { check_attention({1, 301, 2, 96, 64, true}, true); }
+TEST(CudaAttention, SimpleKernelPresetHeadSize) { check_attention({2, 130, 2, 96, 64, true}, true, AttnKernel::kSimple); }
+
+// The flash backward has no atomics: two runs on the same inputs agree bitwise.
+TEST(CudaAttention, FlashBackwardDeterministic) {
+  const AttnKernelScope use(AttnKernel::kFlash);
+  const int64_t B = 2, T = 99, H = 4, dqk = 48, dv = 32;
+  const Shape out_shape{B, T, H / 2, 2 * dv};
+  Dual q(Shape{B, T, H, dqk}), k(Shape{B, T, H, dqk}), v(Shape{B, T, H, dv}), lambda(Shape{1});
+  Dual out(out_shape), o2(out_shape), lse(Shape{B, H, T}), dout(out_shape);
+  Dual dq(Shape{B, T, H, dqk}), dk(Shape{B, T, H, dqk}), dvv(Shape{B, T, H, dv}), dlambda(Shape{1});
+  q.normal(70);
+  k.normal(71);
+  v.normal(72);
+  dout.normal(73);
+  lambda.set({0.25});
+  const Side g = Side::kGpu;
+  gpu().attention_fwd({}, {.out = out[g], .o2 = o2[g], .lse = lse[g], .q = q[g], .k = k[g], .v = v[g],
+                           .lambda = lambda[g], .scale = 0.3});
+  std::vector<std::vector<double>> first;
+  for (int run = 0; run < 2; ++run) {
+    gpu().attention_bwd({}, {.dq = dq[g], .dk = dk[g], .dv = dvv[g], .dlambda = dlambda[g], .dout = dout[g], .q = q[g],
+                             .k = k[g], .v = v[g], .out = out[g], .o2 = o2[g], .lse = lse[g], .lambda = lambda[g],
+                             .scale = 0.3});
+    std::vector<std::vector<double>> now{dq.device_values(), dk.device_values(), dvv.device_values(),
+                                         dlambda.device_values()};
+    if (run == 0) first = now;
+    else for (size_t t = 0; t < now.size(); ++t) EXPECT_EQ(now[t], first[t]) << "output " << t;
+  }
+}
 // T = 12500: the forward's scores exceed the 48 KB default shared memory (the opt-in path).
 TEST(CudaAttention, LongSequenceForward) { check_attention({1, 12500, 1, 4, 3, false}, false); }
 
 // dk and dv are summed with f32 atomics, so two runs on the same inputs may differ in the last bits
 // (cuda_backend.h). Measured and bounded here: within the CPU tolerance of each other.
 TEST(CudaAttention, BackwardRunToRunSpread) {
+  const AttnKernelScope use(AttnKernel::kSimple);
   const int64_t B = 2, T = 61, H = 2, dqk = 24, dv = 16;
   const Shape out_shape{B, T, H / 2, 2 * dv};
   Dual q(Shape{B, T, H, dqk}), k(Shape{B, T, H, dqk}), v(Shape{B, T, H, dv}), lambda(Shape{1});

@@ -1,7 +1,9 @@
 // DiffMLA attention core on the GPU (spec §2; sources §1.3-1.4, §2.3-2.5): the MLA key/value split,
 // the differential λ and causal attention, forward and backward.
 //
-// Design (the straightforward version; the fused flash-style kernel is a later milestone):
+// Design (the straightforward version, kept for the shapes the fused flash-style kernels of
+// flash_attention_ops.cu do not cover: d_qk outside {32, 48, 96, 128} or comps·d_v outside
+// {32, 64, 128}, and for CudaBackend::AttentionKernel::kSimple):
 // - attention_fwd: one block per (query row t, value group g, batch b). A group is a differential
 //   head (components 2g, 2g+1 sharing V_g = [v_2g ; v_2g+1], 2·d_v wide) or a plain head. For each
 //   component the block runs the CPU's two-pass softmax: one warp per key computes the scaled
@@ -16,6 +18,7 @@
 // Shared memory: O(T) floats per block; rows longer than the device's shared memory are rejected
 // with a message (the flash kernel lifts that limit).
 #include "backend/cuda/cuda_common.cuh"
+#include "backend/cuda/flash_attention.h"
 #include "backend/op_validation.h"
 
 namespace diffmoe {
@@ -278,6 +281,7 @@ dim3 attention_grid(const AttnDims& d, std::string_view op) {
 }  // namespace
 
 void CudaBackend::mla_kv_split_fwd(Context ctx, const MlaKvSplitFwdArgs& a) {
+  const OpScope profile_scope(*this, stream(ctx), "mla_kv_split_fwd");
   const KvSplitDims d = validate_mla_kv_split_fwd(a, Device::kCUDA);
   require_f32(a.kv, "mla_kv_split_fwd");
   const int64_t total = d.rows * a.n_heads * (d.d_qk + a.d_v);
@@ -289,6 +293,7 @@ void CudaBackend::mla_kv_split_fwd(Context ctx, const MlaKvSplitFwdArgs& a) {
 }
 
 void CudaBackend::mla_kv_split_bwd(Context ctx, const MlaKvSplitBwdArgs& a) {
+  const OpScope profile_scope(*this, stream(ctx), "mla_kv_split_bwd");
   const KvSplitDims d = validate_mla_kv_split_bwd(a, Device::kCUDA);
   require_f32(a.dkv, "mla_kv_split_bwd");
   const cudaStream_t s = stream(ctx);
@@ -307,6 +312,7 @@ void CudaBackend::mla_kv_split_bwd(Context ctx, const MlaKvSplitBwdArgs& a) {
 }
 
 void CudaBackend::diff_lambda_fwd(Context ctx, const DiffLambdaFwdArgs& a) {
+  const OpScope profile_scope(*this, stream(ctx), "diff_lambda_fwd");
   validate_diff_lambda_fwd(a, Device::kCUDA);
   require_f32(a.lq1, "diff_lambda_fwd");
   diff_lambda_fwd_kernel<<<1, kThreads, 0, stream(ctx)>>>(f32(a.lambda), f32(a.lq1), f32(a.lk1), f32(a.lq2),
@@ -315,6 +321,7 @@ void CudaBackend::diff_lambda_fwd(Context ctx, const DiffLambdaFwdArgs& a) {
 }
 
 void CudaBackend::diff_lambda_bwd(Context ctx, const DiffLambdaBwdArgs& a) {
+  const OpScope profile_scope(*this, stream(ctx), "diff_lambda_bwd");
   validate_diff_lambda_bwd(a, Device::kCUDA);
   require_f32(a.lq1, "diff_lambda_bwd");
   diff_lambda_bwd_kernel<<<1, kThreads, 0, stream(ctx)>>>(f32(a.dlq1), f32(a.dlk1), f32(a.dlq2), f32(a.dlk2),
@@ -324,10 +331,15 @@ void CudaBackend::diff_lambda_bwd(Context ctx, const DiffLambdaBwdArgs& a) {
 }
 
 void CudaBackend::attention_fwd(Context ctx, const AttentionFwdArgs& a) {
+  const OpScope profile_scope(*this, stream(ctx), "attention_fwd");
   constexpr std::string_view kOp = "attention_fwd";
   const AttnDims d = validate_attention_fwd(a, Device::kCUDA);
   require_f32(a.q, kOp);
   if (d.batch == 0 || d.seq == 0) return;
+  if (attention_kernel_ == AttentionKernel::kFlash && flash_attention_covers(d)) {
+    flash_attention_fwd(*this, stream(ctx), a, d);
+    return;
+  }
   const size_t smem = attention_smem(*this, attention_fwd_kernel, static_cast<size_t>(d.d_qk + d.seq), kOp, d);
   attention_fwd_kernel<<<attention_grid(d, kOp), kAttnThreads, smem, stream(ctx)>>>(
       f32(a.out), a.differential ? f32(a.o2) : nullptr, f32(a.lse), f32(a.q), f32(a.k), f32(a.v),
@@ -336,12 +348,17 @@ void CudaBackend::attention_fwd(Context ctx, const AttentionFwdArgs& a) {
 }
 
 void CudaBackend::attention_bwd(Context ctx, const AttentionBwdArgs& a) {
+  const OpScope profile_scope(*this, stream(ctx), "attention_bwd");
   constexpr std::string_view kOp = "attention_bwd";
   const AttnDims d = validate_attention_bwd(a, Device::kCUDA);
   require_f32(a.q, kOp);
   const cudaStream_t s = stream(ctx);
   if (d.batch == 0 || d.seq == 0) {
     if (a.differential) CUDA_CHECK(cudaMemsetAsync(a.dlambda.data, 0, sizeof(float), s));
+    return;
+  }
+  if (attention_kernel_ == AttentionKernel::kFlash && flash_attention_covers(d)) {
+    flash_attention_bwd(*this, s, a, d);
     return;
   }
   // dk and dv are overwritten: zero them, then every query row adds its contribution.

@@ -199,6 +199,7 @@ __global__ void embedding_bwd_kernel(float* dtable, const int32_t* sorted_tok, c
 }  // namespace
 
 void CudaBackend::fill(Context ctx, const FillArgs& a) {
+  const OpScope profile_scope(*this, stream(ctx), "fill");
   validate_fill(a, Device::kCUDA);
   const int64_t n = a.out.numel();
   if (n == 0) return;
@@ -228,6 +229,7 @@ void CudaBackend::fill(Context ctx, const FillArgs& a) {
 }
 
 void CudaBackend::copy(Context ctx, const CopyArgs& a) {
+  const OpScope profile_scope(*this, stream(ctx), "copy");
   validate_copy(a, Device::kCUDA);
   const int64_t n = a.src.numel();
   if (n == 0) return;
@@ -252,6 +254,7 @@ void CudaBackend::copy(Context ctx, const CopyArgs& a) {
 }
 
 void CudaBackend::axpy(Context ctx, const AxpyArgs& a) {
+  const OpScope profile_scope(*this, stream(ctx), "axpy");
   validate_axpy(a, Device::kCUDA);
   require_f32(a.y, "axpy");
   const int64_t n = a.y.numel();
@@ -261,6 +264,7 @@ void CudaBackend::axpy(Context ctx, const AxpyArgs& a) {
 }
 
 void CudaBackend::scale(Context ctx, const ScaleArgs& a) {
+  const OpScope profile_scope(*this, stream(ctx), "scale");
   validate_scale(a, Device::kCUDA);
   require_f32(a.y, "scale");
   const int64_t n = a.y.numel();
@@ -270,6 +274,7 @@ void CudaBackend::scale(Context ctx, const ScaleArgs& a) {
 }
 
 void CudaBackend::sum_squares(Context ctx, const SumSquaresArgs& a) {
+  const OpScope profile_scope(*this, stream(ctx), "sum_squares");
   validate_sum_squares(a, Device::kCUDA);
   require_f32(a.out, "sum_squares");
   const int64_t n = a.x.numel();
@@ -281,6 +286,7 @@ void CudaBackend::sum_squares(Context ctx, const SumSquaresArgs& a) {
 }
 
 void CudaBackend::embedding_fwd(Context ctx, const EmbeddingFwdArgs& a) {
+  const OpScope profile_scope(*this, stream(ctx), "embedding_fwd");
   const EmbeddingDims d = validate_embedding_fwd(a, Device::kCUDA);
   require_f32(a.table, "embedding_fwd");
   if (d.rows * d.dim == 0) return;
@@ -290,6 +296,7 @@ void CudaBackend::embedding_fwd(Context ctx, const EmbeddingFwdArgs& a) {
 }
 
 void CudaBackend::embedding_bwd(Context ctx, const EmbeddingBwdArgs& a) {
+  const OpScope profile_scope(*this, stream(ctx), "embedding_bwd");
   const EmbeddingDims d = validate_embedding_bwd(a, Device::kCUDA);
   require_f32(a.dtable, "embedding_bwd");
   if (d.rows == 0 || d.dim == 0) return;

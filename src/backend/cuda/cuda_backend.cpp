@@ -2,7 +2,13 @@
 // device-side index checks' report (device_issue.h). The ops live in the .cu files.
 #include "backend/cuda/cuda_backend.h"
 
+#include <fmt/core.h>
+
+#include <algorithm>
 #include <array>
+#include <cstdlib>
+#include <cstring>
+#include <numeric>
 #include <string_view>
 
 #include "backend/cuda/cuda_check.h"
@@ -58,10 +64,116 @@ CudaBackend::CudaBackend() {
   cublas_workspace_.reserve(kCublasWorkspaceBytes);  // bound with the stream, in cublas()
   issue_.reserve(sizeof(DeviceIssue));
   CUDA_CHECK(cudaMemset(issue_.get(), 0, sizeof(DeviceIssue)));
+  const char* prof = std::getenv("DIFFMOE_CUDA_PROFILE");
+  profiling_ = prof != nullptr && std::strcmp(prof, "1") == 0;
 }
 
 CudaBackend::~CudaBackend() {
+  if (profiling_) {
+    try {
+      if (profile_unprinted_) print_profile();
+    } catch (const Error& e) {
+      fmt::print(stderr, "[cuda] op profile not printed: {}\n", e.what());
+    }
+    for (const PendingOp& p : profile_pending_) {
+      (void)cudaEventDestroy(p.start);
+      (void)cudaEventDestroy(p.stop);
+    }
+    for (cudaEvent_t e : profile_free_events_) (void)cudaEventDestroy(e);
+  }
   if (cublas_ != nullptr) (void)cublasDestroy(cublas_);
+}
+
+// ---------------------------------------------------------------- op profile
+
+namespace {
+// Pending event pairs before the profile waits for them and adds them up: bounds the events alive
+// (a bench step of the bench preset issues a few thousand ops).
+constexpr size_t kProfileMaxPending = 8192;
+}  // namespace
+
+OpScope::OpScope(CudaBackend& be, cudaStream_t s, const char* op) : be_(be.profiling() ? &be : nullptr) {
+  if (be_ != nullptr) be_->profile_begin(s, op);
+}
+
+OpScope::~OpScope() {
+  if (be_ != nullptr) be_->profile_end();
+}
+
+void CudaBackend::profile_begin(cudaStream_t s, const char* op) {
+  if (profile_depth_++ > 0) return;  // nested: the outermost op owns the time
+  auto it = std::find_if(profile_stats_.begin(), profile_stats_.end(),
+                         [&](const ProfileStat& st) { return std::strcmp(st.op, op) == 0; });
+  if (it == profile_stats_.end()) it = profile_stats_.insert(profile_stats_.end(), ProfileStat{.op = op});
+  profile_open_ = static_cast<size_t>(it - profile_stats_.begin());
+  if (profile_free_events_.empty()) {
+    cudaEvent_t e = nullptr;
+    CUDA_CHECK(cudaEventCreate(&e));
+    profile_free_events_.push_back(e);
+  }
+  profile_start_ = profile_free_events_.back();
+  profile_free_events_.pop_back();
+  profile_stream_ = s;
+  CUDA_CHECK(cudaEventRecord(profile_start_, s));
+}
+
+void CudaBackend::profile_end() {
+  if (--profile_depth_ > 0) return;
+  cudaEvent_t stop = nullptr;
+  if (profile_free_events_.empty()) {
+    if (cudaEventCreate(&stop) != cudaSuccess) return;  // a destructor's path: never throws
+  } else {
+    stop = profile_free_events_.back();
+    profile_free_events_.pop_back();
+  }
+  (void)cudaEventRecord(stop, profile_stream_);
+  profile_pending_.push_back({profile_open_, profile_start_, stop});
+  profile_unprinted_ = true;
+  if (profile_pending_.size() >= kProfileMaxPending) {
+    try {
+      profile_flush();
+    } catch (const Error&) {
+      // reported by the op's own checks or the next synchronize
+    }
+  }
+}
+
+void CudaBackend::profile_flush() {
+  for (const PendingOp& p : profile_pending_) {
+    CUDA_CHECK(cudaEventSynchronize(p.stop));
+    float ms = 0.0f;
+    CUDA_CHECK(cudaEventElapsedTime(&ms, p.start, p.stop));
+    profile_stats_[p.stat].calls += 1;
+    profile_stats_[p.stat].ms += ms;
+    profile_free_events_.push_back(p.start);
+    profile_free_events_.push_back(p.stop);
+  }
+  profile_pending_.clear();
+}
+
+void CudaBackend::reset_profile() {
+  if (!profiling_) return;
+  profile_flush();
+  profile_stats_.clear();
+  profile_unprinted_ = false;
+}
+
+void CudaBackend::print_profile() {
+  if (!profiling_) return;
+  profile_flush();
+  profile_unprinted_ = false;
+  std::vector<size_t> order(profile_stats_.size());
+  std::iota(order.begin(), order.end(), size_t{0});
+  std::sort(order.begin(), order.end(), [&](size_t a, size_t b) { return profile_stats_[a].ms > profile_stats_[b].ms; });
+  double total = 0.0;
+  for (const ProfileStat& st : profile_stats_) total += st.ms;
+  fmt::print("[cuda] op profile (device time between events around each op; DIFFMOE_CUDA_PROFILE=1)\n");
+  fmt::print("  {:<24} {:>8} {:>12} {:>7}\n", "op", "calls", "total ms", "%");
+  for (size_t i : order) {
+    const ProfileStat& st = profile_stats_[i];
+    fmt::print("  {:<24} {:>8} {:>12.3f} {:>6.1f}%\n", st.op, st.calls, st.ms, total > 0 ? 100.0 * st.ms / total : 0.0);
+  }
+  fmt::print("  {:<24} {:>8} {:>12.3f} {:>6.1f}%\n", "total", "", total, 100.0);
 }
 
 cublasHandle_t CudaBackend::cublas(cudaStream_t s) {

@@ -32,10 +32,26 @@
 #include "backend/backend.h"
 #include "backend/cuda/cuda_allocator.h"
 #include "backend/cuda/device_issue.h"
+#include "backend/cuda/op_profiler.h"
 
 namespace diffmoe {
 
-class CudaBackend final : public Backend {
+class CudaBackend;
+
+// Times one op when the backend profiles (DIFFMOE_CUDA_PROFILE=1): a pair of cudaEvents on the op's
+// stream around the whole method; nested ops count in the outermost only. Off: one branch.
+class OpScope {
+ public:
+  OpScope(CudaBackend& be, cudaStream_t s, const char* op);
+  ~OpScope();
+  OpScope(const OpScope&) = delete;
+  OpScope& operator=(const OpScope&) = delete;
+
+ private:
+  CudaBackend* be_;  // null when not profiling
+};
+
+class CudaBackend final : public Backend, public OpProfiler {
  public:
   CudaBackend();  // uses the current CUDA device; throws "[cuda] ..." when there is none
   ~CudaBackend() override;
@@ -95,6 +111,19 @@ class CudaBackend final : public Backend {
   // Copies an i32 device tensor to host memory owned by the backend (stream sync): grouped GEMMs.
   const int32_t* read_to_host(const Tensor& t, cudaStream_t s);
 
+  // ---- op profile (op_profiler.h); OpScope records, every op method opens one
+  bool profiling() const override { return profiling_; }
+  void print_profile() override;
+  void reset_profile() override;
+  void profile_begin(cudaStream_t s, const char* op);
+  void profile_end();
+
+  // ---- attention kernel choice (attention_ops.cu): the fused flash-style kernels where they cover
+  // the shape (flash_attention.h), else the simple ones; kSimple forces the simple ones (tests, timing).
+  enum class AttentionKernel { kFlash, kSimple };
+  void set_attention_kernel(AttentionKernel k) { attention_kernel_ = k; }
+  AttentionKernel attention_kernel() const { return attention_kernel_; }
+
  private:
   void check_issue();  // throws if a kernel recorded a bad index (after a sync)
 
@@ -107,6 +136,27 @@ class CudaBackend final : public Backend {
   DeviceBuffer scratch_;
   DeviceBuffer issue_;
   std::vector<int32_t> host_staging_;
+  AttentionKernel attention_kernel_ = AttentionKernel::kFlash;
+
+  struct ProfileStat {
+    const char* op;
+    int64_t calls = 0;
+    double ms = 0.0;
+  };
+  struct PendingOp {
+    size_t stat;  // index into profile_stats_
+    cudaEvent_t start, stop;
+  };
+  void profile_flush();  // waits for the pending events and adds their times to the stats
+  bool profiling_ = false;
+  int profile_depth_ = 0;
+  size_t profile_open_ = 0;            // stat of the op being recorded (outermost)
+  cudaEvent_t profile_start_ = nullptr;
+  cudaStream_t profile_stream_ = nullptr;
+  bool profile_unprinted_ = false;
+  std::vector<ProfileStat> profile_stats_;
+  std::vector<PendingOp> profile_pending_;
+  std::vector<cudaEvent_t> profile_free_events_;
 };
 
 std::unique_ptr<Backend> make_cuda_backend();

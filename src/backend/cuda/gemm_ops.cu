@@ -53,6 +53,7 @@ void sgemm_row_major(CudaBackend& be, cudaStream_t s, bool trans_a, bool trans_b
 
 // C = alpha·op(A)·op(B) + beta·C;  op(A) [m,k], op(B) [k,n], C [m,n].
 void CudaBackend::gemm(Context ctx, const GemmArgs& a) {
+  const OpScope profile_scope(*this, stream(ctx), "gemm");
   const GemmDims d = validate_gemm(a, Device::kCUDA);
   require_f32(a.c, "gemm");
   sgemm_row_major(*this, stream(ctx), a.trans_a, a.trans_b, d.m, d.n, d.k, a.alpha, f32(a.a), a.a.dim(1), f32(a.b),
@@ -61,6 +62,7 @@ void CudaBackend::gemm(Context ctx, const GemmArgs& a) {
 
 // C[rows_g] = alpha · A[rows_g] · op(B[g]) + beta · C[rows_g];  rows ≥ offsets[G] untouched.
 void CudaBackend::grouped_gemm(Context ctx, const GroupedGemmArgs& a) {
+  const OpScope profile_scope(*this, stream(ctx), "grouped_gemm");
   constexpr std::string_view kOp = "grouped_gemm";
   const GroupedGemmDims d = validate_grouped_gemm(a, Device::kCUDA);
   require_f32(a.c, kOp);
@@ -77,6 +79,7 @@ void CudaBackend::grouped_gemm(Context ctx, const GroupedGemmArgs& a) {
 
 // C[g] = alpha · A[rows_g]ᵀ · B[rows_g] + beta · C[g];  A [R,m], B [R,n], C [G,m,n].
 void CudaBackend::grouped_gemm_wgrad(Context ctx, const GroupedGemmWgradArgs& a) {
+  const OpScope profile_scope(*this, stream(ctx), "grouped_gemm_wgrad");
   constexpr std::string_view kOp = "grouped_gemm_wgrad";
   const GroupedGemmWgradDims d = validate_grouped_gemm_wgrad(a, Device::kCUDA);
   require_f32(a.c, kOp);

@@ -87,6 +87,7 @@ __global__ void __launch_bounds__(kLatentThreads) latent_attention_kernel(float*
 }  // namespace
 
 void CudaBackend::latent_attention(Context ctx, const LatentAttentionArgs& a) {
+  const OpScope profile_scope(*this, stream(ctx), "latent_attention");
   constexpr std::string_view kOp = "latent_attention";
   const LatentDims d = validate_latent_attention(a, Device::kCUDA);
   require_f32(a.q_lat, kOp);

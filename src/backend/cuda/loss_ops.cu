@@ -98,6 +98,7 @@ unsigned row_blocks(int64_t rows) { return static_cast<unsigned>(std::min<int64_
 }  // namespace
 
 void CudaBackend::cross_entropy_fwd(Context ctx, const CrossEntropyFwdArgs& a) {
+  const OpScope profile_scope(*this, stream(ctx), "cross_entropy_fwd");
   constexpr std::string_view kOp = "cross_entropy_fwd";
   const CrossEntropyDims d = validate_cross_entropy_fwd(a, Device::kCUDA);
   require_f32(a.logits, kOp);
@@ -113,6 +114,7 @@ void CudaBackend::cross_entropy_fwd(Context ctx, const CrossEntropyFwdArgs& a) {
 }
 
 void CudaBackend::cross_entropy_bwd(Context ctx, const CrossEntropyBwdArgs& a) {
+  const OpScope profile_scope(*this, stream(ctx), "cross_entropy_bwd");
   constexpr std::string_view kOp = "cross_entropy_bwd";
   const CrossEntropyDims d = validate_cross_entropy_bwd(a, Device::kCUDA);
   require_f32(a.logits, kOp);

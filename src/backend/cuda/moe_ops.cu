@@ -458,6 +458,7 @@ void set_smem_limit(Kernel kernel, size_t bytes, size_t max_bytes, std::string_v
 }  // namespace
 
 void CudaBackend::router_fwd(Context ctx, const RouterFwdArgs& a) {
+  const OpScope profile_scope(*this, stream(ctx), "router_fwd");
   constexpr std::string_view kOp = "router_fwd";
   validate_router_fwd(a, Device::kCUDA);
   require_f32(a.logits, kOp);
@@ -472,6 +473,7 @@ void CudaBackend::router_fwd(Context ctx, const RouterFwdArgs& a) {
 }
 
 void CudaBackend::router_bwd(Context ctx, const RouterBwdArgs& a) {
+  const OpScope profile_scope(*this, stream(ctx), "router_bwd");
   constexpr std::string_view kOp = "router_bwd";
   validate_router_bwd(a, Device::kCUDA);
   require_f32(a.scores, kOp);
@@ -485,6 +487,7 @@ void CudaBackend::router_bwd(Context ctx, const RouterBwdArgs& a) {
 }
 
 void CudaBackend::aux_loss_fwd(Context ctx, const AuxLossFwdArgs& a) {
+  const OpScope profile_scope(*this, stream(ctx), "aux_loss_fwd");
   constexpr std::string_view kOp = "aux_loss_fwd";
   validate_aux_loss_fwd(a, Device::kCUDA);
   require_f32(a.scores, kOp);
@@ -506,6 +509,7 @@ void CudaBackend::aux_loss_fwd(Context ctx, const AuxLossFwdArgs& a) {
 }
 
 void CudaBackend::aux_loss_bwd(Context ctx, const AuxLossBwdArgs& a) {
+  const OpScope profile_scope(*this, stream(ctx), "aux_loss_bwd");
   constexpr std::string_view kOp = "aux_loss_bwd";
   validate_aux_loss_bwd(a, Device::kCUDA);
   require_f32(a.scores, kOp);
@@ -525,6 +529,7 @@ void CudaBackend::aux_loss_bwd(Context ctx, const AuxLossBwdArgs& a) {
 
 // Stable sort of the N·K (token, slot) assignments by expert (radix_sort.h).
 void CudaBackend::moe_permute(Context ctx, const MoePermuteArgs& a) {
+  const OpScope profile_scope(*this, stream(ctx), "moe_permute");
   constexpr std::string_view kOp = "moe_permute";
   validate_moe_permute(a, Device::kCUDA);
   const int64_t n_tokens = a.topk_idx.dim(0), top_k = a.topk_idx.dim(1), n_rows = n_tokens * top_k;
@@ -552,6 +557,7 @@ void CudaBackend::moe_permute(Context ctx, const MoePermuteArgs& a) {
 }
 
 void CudaBackend::moe_gather(Context ctx, const MoeGatherArgs& a) {
+  const OpScope profile_scope(*this, stream(ctx), "moe_gather");
   constexpr std::string_view kOp = "moe_gather";
   validate_moe_gather(a, Device::kCUDA);
   require_f32(a.x, kOp);
@@ -563,6 +569,7 @@ void CudaBackend::moe_gather(Context ctx, const MoeGatherArgs& a) {
 }
 
 void CudaBackend::moe_gather_bwd(Context ctx, const MoeGatherBwdArgs& a) {
+  const OpScope profile_scope(*this, stream(ctx), "moe_gather_bwd");
   constexpr std::string_view kOp = "moe_gather_bwd";
   validate_moe_gather_bwd(a, Device::kCUDA);
   require_f32(a.dx, kOp);
@@ -574,6 +581,7 @@ void CudaBackend::moe_gather_bwd(Context ctx, const MoeGatherBwdArgs& a) {
 }
 
 void CudaBackend::moe_combine_fwd(Context ctx, const MoeCombineFwdArgs& a) {
+  const OpScope profile_scope(*this, stream(ctx), "moe_combine_fwd");
   constexpr std::string_view kOp = "moe_combine_fwd";
   validate_moe_combine_fwd(a, Device::kCUDA);
   require_f32(a.y, kOp);
@@ -585,6 +593,7 @@ void CudaBackend::moe_combine_fwd(Context ctx, const MoeCombineFwdArgs& a) {
 }
 
 void CudaBackend::moe_combine_bwd(Context ctx, const MoeCombineBwdArgs& a) {
+  const OpScope profile_scope(*this, stream(ctx), "moe_combine_bwd");
   constexpr std::string_view kOp = "moe_combine_bwd";
   validate_moe_combine_bwd(a, Device::kCUDA);
   require_f32(a.dy, kOp);
@@ -597,6 +606,7 @@ void CudaBackend::moe_combine_bwd(Context ctx, const MoeCombineBwdArgs& a) {
 }
 
 void CudaBackend::moe_bias_update(Context ctx, const MoeBiasUpdateArgs& a) {
+  const OpScope profile_scope(*this, stream(ctx), "moe_bias_update");
   constexpr std::string_view kOp = "moe_bias_update";
   validate_moe_bias_update(a, Device::kCUDA);
   require_f32(a.bias, kOp);

@@ -103,6 +103,7 @@ __global__ void rmsnorm_dw_finish_kernel(float* dw, const double* partial, int64
 }  // namespace
 
 void CudaBackend::rmsnorm_fwd(Context ctx, const RmsNormFwdArgs& a) {
+  const OpScope profile_scope(*this, stream(ctx), "rmsnorm_fwd");
   const RmsNormDims d = validate_rmsnorm_fwd(a, Device::kCUDA);
   require_f32(a.x, "rmsnorm_fwd");
   if (a.rows == 0) return;
@@ -112,6 +113,7 @@ void CudaBackend::rmsnorm_fwd(Context ctx, const RmsNormFwdArgs& a) {
 }
 
 void CudaBackend::rmsnorm_bwd(Context ctx, const RmsNormBwdArgs& a) {
+  const OpScope profile_scope(*this, stream(ctx), "rmsnorm_bwd");
   const RmsNormDims d = validate_rmsnorm_bwd(a, Device::kCUDA);
   require_f32(a.x, "rmsnorm_bwd");
   if (a.rows == 0) return;

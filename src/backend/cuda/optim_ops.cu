@@ -35,6 +35,7 @@ __global__ void adamw_kernel(float* p, float* m, float* v, const float* grad, co
 }  // namespace
 
 void CudaBackend::adamw(Context ctx, const AdamWArgs& a) {
+  const OpScope profile_scope(*this, stream(ctx), "adamw");
   validate_adamw(a, Device::kCUDA);
   require_f32(a.param, "adamw");
   const int64_t n = a.param.numel();

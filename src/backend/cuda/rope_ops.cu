@@ -32,6 +32,7 @@ __global__ void rope_kernel(float* x, const float* cos_tab, const float* sin_tab
 }  // namespace
 
 void CudaBackend::rope(Context ctx, const RopeArgs& a) {
+  const OpScope profile_scope(*this, stream(ctx), "rope");
   const int64_t width = validate_rope(a, Device::kCUDA);
   require_f32(a.x, "rope");
   const int64_t rows = a.x.dim(0), half = a.rope_dim / 2;

@@ -33,6 +33,7 @@ __global__ void swiglu_bwd_kernel(float* da, float* db, const float* dh, const f
 }  // namespace
 
 void CudaBackend::swiglu_fwd(Context ctx, const SwigluFwdArgs& args) {
+  const OpScope profile_scope(*this, stream(ctx), "swiglu_fwd");
   validate_swiglu_fwd(args, Device::kCUDA);
   require_f32(args.a, "swiglu_fwd");
   const int64_t n = args.a.numel();
@@ -42,6 +43,7 @@ void CudaBackend::swiglu_fwd(Context ctx, const SwigluFwdArgs& args) {
 }
 
 void CudaBackend::swiglu_bwd(Context ctx, const SwigluBwdArgs& args) {
+  const OpScope profile_scope(*this, stream(ctx), "swiglu_bwd");
   validate_swiglu_bwd(args, Device::kCUDA);
   require_f32(args.a, "swiglu_bwd");
   const int64_t n = args.a.numel();
