@@ -17,12 +17,12 @@ namespace diffmoe::cli {
 namespace {
 
 struct EvalArgs {
-  std::string checkpoint, data, split = "val";
+  std::string checkpoint, data, split = "val", device = "cpu";
   int64_t batch = 8, seq = 0, batches = 0;
 };
 
 int run_eval(const EvalArgs& a) {
-  auto be = make_backend("cpu");
+  auto be = make_backend(a.device);
   LoadedCheckpoint ck = open_trained_model(a.checkpoint, "", *be, DType::kF32);
   const int64_t seq = a.seq > 0 ? a.seq : ck.model->config().max_seq_len;
   ck.model->set_batch_shape(a.batch, seq);
@@ -48,6 +48,7 @@ void add_eval_command(CLI::App& app, std::function<int()>& run) {
   cmd->add_option("--batch", a->batch, "sequences per batch (default 8)");
   cmd->add_option("--seq", a->seq, "sequence length (default: the model's max_seq_len)");
   cmd->add_option("--batches", a->batches, "batches to evaluate (default: the whole split)");
+  cmd->add_option("--device", a->device, "cpu (default) or cuda");
   cmd->callback([&run, a] { run = [a] { return run_eval(*a); }; });
 }
 

@@ -17,7 +17,7 @@ namespace diffmoe::cli {
 namespace {
 
 struct GenerateArgs {
-  std::string checkpoint, tokenizer, prompt;
+  std::string checkpoint, tokenizer, prompt, device = "cpu";
   int64_t max_new_tokens = 200;
   double temperature = 0.8, top_p = 0.95;
   int64_t top_k = 0;
@@ -40,7 +40,7 @@ size_t complete_utf8_prefix(const std::string& s) {
 }
 
 int run_generate(const GenerateArgs& a) {
-  auto be = make_backend("cpu");
+  auto be = make_backend(a.device);
   LoadedCheckpoint ck = open_trained_model(a.checkpoint, a.tokenizer, *be, DType::kF32);
   DIFFMOE_CHECK(ck.tokenizer != nullptr, "{}: no tokenizer in the checkpoint; pass --tokenizer", a.checkpoint);
   const data::Tokenizer& tok = *ck.tokenizer;
@@ -93,6 +93,7 @@ void add_generate_command(CLI::App& app, std::function<int()>& run) {
   cmd->add_option("--top-k", a->top_k, "keep the k most likely tokens; 0 = all (default)");
   cmd->add_option("--top-p", a->top_p, "nucleus sampling mass (default 0.95)");
   cmd->add_option("--seed", a->seed, "sampling seed (default 0)");
+  cmd->add_option("--device", a->device, "cpu (default) or cuda");
   cmd->callback([&run, a] { run = [a] { return run_generate(*a); }; });
 }
 

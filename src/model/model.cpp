@@ -28,13 +28,16 @@ void Model::init_weights(uint64_t seed) {
   for (const ParamSpec& p : specs_) {
     const Tensor dst = params_.get(p.name);
     const int64_t n = p.shape.numel();
+    // Each value is a pure function of (seed, name, index): filling in parallel changes nothing.
     if (dtype_ == DType::kF64) {
       std::vector<double> v(static_cast<size_t>(n));
+#pragma omp parallel for schedule(static) if (n > 65536)
       for (int64_t i = 0; i < n; ++i) v[static_cast<size_t>(i)] = init_value(p, seed, i);
       be_->upload(dst, v.data());
     } else {
       DIFFMOE_CHECK(dtype_ == DType::kF32, "[model] init_weights: unsupported parameter dtype {}", dtype_name(dtype_));
       std::vector<float> v(static_cast<size_t>(n));
+#pragma omp parallel for schedule(static) if (n > 65536)
       for (int64_t i = 0; i < n; ++i) v[static_cast<size_t>(i)] = static_cast<float>(init_value(p, seed, i));
       be_->upload(dst, v.data());
     }

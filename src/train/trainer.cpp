@@ -95,7 +95,7 @@ TrainResult train(const RunConfig& rc, const TrainOptions& opt) {
   const std::string shards = ensure_shards(rc, say);
 
   auto be = make_backend(ts.device);
-  DIFFMOE_CHECK(be->device() == Device::kCPU, "train.device: only 'cpu' training is implemented so far (got '{}')", ts.device);
+  say(fmt::format("backend: {}", be->name()));
   Model model(rc.model, *be, DType::kF32);
   const int64_t B = ts.micro_batch, T = ts.seq_len;
   model.set_batch_shape(B, T);
