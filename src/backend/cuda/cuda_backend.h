@@ -16,9 +16,13 @@
 //   own workspace, and one scratch workspace for ops that need temporaries (sorts, per-row
 //   partial sums). The scratch grows on first use and is then reused: steady-state calls do not
 //   allocate. Both are shared by every stream, so one backend drives one stream at a time.
-// - Determinism: everything is bitwise run-to-run reproducible except attention_bwd's dk/dv
-//   (atomicAdd over query rows) and sum_squares (atomicAdd of block sums), both f32 atomics whose
-//   order varies in the last bits.
+// - Determinism: everything is bitwise run-to-run reproducible except sum_squares (atomicAdd of
+//   block sums) and, for shapes the flash attention kernels do not cover (flash_attention.h) or
+//   under AttentionKernel::kSimple, attention_bwd's dk/dv (atomicAdd over query rows): f32 atomics
+//   whose order varies in the last bits.
+// - Profiling: DIFFMOE_CUDA_PROFILE=1 (read once, at construction) times every op with a pair of
+//   cudaEvents on its stream (OpScope, opened first thing in each op method) and prints a table
+//   per op at print_profile() or destruction (op_profiler.h); off, each op pays one branch.
 //
 // Translation units: the .cu files compile as C++17 (nvcc 13's front end rejects fmt 9's consteval
 // format strings in C++20); host-only files (.cpp) compile as C++20 with the project's warnings.
