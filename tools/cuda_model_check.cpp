@@ -31,6 +31,7 @@
 #include "model/config.h"
 #include "model/generator.h"
 #include "model/model.h"
+#include "model/model_file.h"
 
 namespace diffmoe {
 namespace {
@@ -66,6 +67,7 @@ struct Case {
   ModelConfig cfg;
   int64_t batch, seq;
   bool randomize;  // O(1) test weights (micro) instead of the spec initialisation (presets)
+  std::string weights = {};  // a trained model .safetensors to load instead (--weights)
 };
 
 // The weights of tests/model/micro_config.h's randomize_for_test(), computed on the host and
@@ -135,6 +137,7 @@ std::unique_ptr<Model> run(Backend& be, const Case& c, uint64_t seed) {
   auto m = std::make_unique<Model>(c.cfg, be, DType::kF32);
   m->init_weights(seed);
   if (c.randomize) randomize(*m, seed);
+  if (!c.weights.empty()) load_weights(*m, c.weights);
   m->set_batch_shape(c.batch, c.seq);
   const Inputs in = make_inputs(be, c, seed);
   const Context ctx{};
@@ -250,6 +253,8 @@ int main_impl(int argc, char** argv) {
   double tol = 1e-4;
   bool verbose = false;
   int time_steps = 0;
+  std::string weights;
+  int64_t tiny_batch = 4, tiny_seq = 128;
   for (int i = 1; i < argc; ++i) {
     const std::string arg = argv[i];
     if (arg == "--tiny" && i + 1 < argc) tiny_path = argv[++i];
@@ -257,8 +262,12 @@ int main_impl(int argc, char** argv) {
     else if (arg == "--against" && i + 1 < argc) against = argv[++i];
     else if (arg == "--verbose") verbose = true;
     else if (arg == "--time" && i + 1 < argc) time_steps = std::max(1, std::atoi(argv[++i]));
+    else if (arg == "--weights" && i + 1 < argc) weights = argv[++i];
+    else if (arg == "--batch" && i + 1 < argc) tiny_batch = std::atoll(argv[++i]);
+    else if (arg == "--seq" && i + 1 < argc) tiny_seq = std::atoll(argv[++i]);
     else {
-      std::fprintf(stderr, "usage: cuda_model_check [--tiny configs/tiny.yaml] [--tol 1e-4] [--against cuda|cpu] [--verbose] [--time STEPS]\n");
+      std::fprintf(stderr, "usage: cuda_model_check [--tiny configs/tiny.yaml] [--tol 1e-4] [--against cuda|cpu] [--verbose] [--time STEPS]\n"
+                           "                        [--weights trained.safetensors --batch B --seq T]  (the preset case)\n");
       return 2;
     }
   }
@@ -267,7 +276,8 @@ int main_impl(int argc, char** argv) {
   const std::vector<Case> cases = {
       {"micro_diff", micro_diff_config(), 3, 8, true},
       {"micro_plain", micro_plain_config(), 2, 7, true},
-      {"tiny (" + tiny_path + ")", load_model_config(tiny_path), 4, 128, false},
+      {"tiny (" + tiny_path + (weights.empty() ? "" : ", weights " + weights) + ")", load_model_config(tiny_path), tiny_batch, tiny_seq,
+       false, weights},
   };
   int failures = 0;
   for (const Case& c : cases) failures += check_case(c, *cpu, *gpu, tol, verbose);

@@ -48,12 +48,13 @@ done
 mkdir -p "$LOG_DIR"
 CONFIGURE=(cmake -S . -B "$BUILD_DIR" -G Ninja -DCMAKE_BUILD_TYPE=Release -DDIFFMOE_CUDA=ON
            -DCMAKE_CUDA_ARCHITECTURES="$ARCH" -DDIFFMOE_TESTS=ON -DDIFFMOE_BENCH=ON)
-TARGETS=(test_cuda_ops cuda_model_check bench_step)
+TARGETS=(test_cuda_ops cuda_model_check bench_step diffmoe)
 
 if [[ -n "$MAKE_BUNDLE" ]]; then
   "${CONFIGURE[@]}" >/dev/null && ninja -C "$BUILD_DIR" -j"$JOBS" "${TARGETS[@]}" || exit 1
   rm -rf "$MAKE_BUNDLE" && mkdir -p "$MAKE_BUNDLE/lib" || exit 1
-  bins=("$BUILD_DIR/tests/ops/test_cuda_ops" "$BUILD_DIR/tools/cuda_model_check" "$BUILD_DIR/bench/bench_step")
+  bins=("$BUILD_DIR/tests/ops/test_cuda_ops" "$BUILD_DIR/tools/cuda_model_check" "$BUILD_DIR/bench/bench_step"
+        "$BUILD_DIR/src/cli/diffmoe")
   cp "${bins[@]}" "$MAKE_BUNDLE/" || exit 1
   for lib in $(ldd "${bins[@]}" | awk '/=> \// {print $3}' | sort -u); do
     case "$(basename "$lib")" in
