@@ -3,7 +3,9 @@
 #include <CLI/CLI.hpp>
 #include <fmt/core.h>
 
+#include <cstdlib>
 #include <functional>
+#include <string>
 
 #include "cli/commands.h"
 #include "core/error.h"
@@ -27,7 +29,12 @@ int main(int argc, char** argv) {
   try {
     return run();
   } catch (const diffmoe::Error& e) {
-    fmt::print(stderr, "error: {}\n", e.what());
+    const char* where = std::getenv("DIFFMOE_ERROR_LOCATION");
+    if (where != nullptr && std::string(where) == "1" && !e.location().empty()) {
+      fmt::print(stderr, "error: {} ({})\n", e.what(), e.location());
+    } else {
+      fmt::print(stderr, "error: {}\n", e.what());
+    }
     return 1;
   } catch (const std::exception& e) {
     fmt::print(stderr, "error: {}\n", e.what());

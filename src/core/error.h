@@ -1,4 +1,7 @@
 // One error policy (STYLE.md habit 7): library code throws diffmoe::Error, only main() exits.
+// An Error's message is for the user (what went wrong, naming the file and field); the C++
+// source location it was raised at is kept apart, for developers (`diffmoe` prints it when the
+// environment has DIFFMOE_ERROR_LOCATION=1).
 #pragma once
 #include <fmt/format.h>
 
@@ -9,11 +12,15 @@ namespace diffmoe {
 
 class Error : public std::runtime_error {
  public:
-  explicit Error(const std::string& what) : std::runtime_error(what) {}
+  explicit Error(const std::string& what, std::string location = {}) : std::runtime_error(what), location_(std::move(location)) {}
+  const std::string& location() const { return location_; }  // "file.cpp:123", or empty
+
+ private:
+  std::string location_;
 };
 
 [[noreturn]] inline void throw_error(const char* file, int line, const std::string& msg) {
-  throw Error(fmt::format("{} ({}:{})", msg, file, line));
+  throw Error(msg, fmt::format("{}:{}", file, line));
 }
 
 }  // namespace diffmoe

@@ -19,7 +19,7 @@ std::vector<fs::path> inputs_of(const std::string& spec, const char* key) {
   try {
     return data::expand_inputs(spec);
   } catch (const Error& e) {
-    throw Error(fmt::format("{}: {}", key, e.what()));  // the message names the pattern already
+    throw Error(fmt::format("{}: {}", key, e.what()), e.location());  // the message names the pattern already
   }
 }
 }  // namespace
@@ -51,7 +51,7 @@ std::unique_ptr<data::Tokenizer> ensure_tokenizer(const RunConfig& rc, const Log
   try {
     tok = data::load_tokenizer(t.path);
   } catch (const Error& e) {
-    throw Error(fmt::format("tokenizer.path: {}", e.what()));  // the message names the file already
+    throw Error(fmt::format("tokenizer.path: {}", e.what()), e.location());  // the message names the file already
   }
   DIFFMOE_CHECK(tok->vocab_size() <= rc.model.vocab_size, "{}: tokenizer has {} ids but model.vocab_size is {}", t.path, tok->vocab_size(),
                 rc.model.vocab_size);
