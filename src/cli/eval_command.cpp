@@ -11,6 +11,7 @@
 #include "data/loader.h"
 #include "train/checkpoint_reader.h"
 #include "train/evaluator.h"
+#include "train/run_setup.h"
 
 namespace diffmoe::cli {
 
@@ -26,6 +27,9 @@ int run_eval(const EvalArgs& a) {
   LoadedCheckpoint ck = open_trained_model(a.checkpoint, "", *be, DType::kF32);
   const int64_t seq = a.seq > 0 ? a.seq : ck.model->config().max_seq_len;
   ck.model->set_batch_shape(a.batch, seq);
+  // Shards tokenized by another tokenizer would give a meaningless loss: refuse them.
+  if (ck.tokenizer && ck.tokenizer->eos_id())
+    check_shards_match_tokenizer(a.data, a.split, ck.tokenizer_path, *ck.tokenizer->eos_id());
   data::TokenLoader loader(data::find_shards(a.data, a.split),
                            data::TokenLoaderOptions{.batch = a.batch, .seq = seq, .shuffle = false, .max_batches = a.batches});
   DIFFMOE_CHECK(loader.vocab_size() <= static_cast<uint32_t>(ck.model->config().vocab_size),

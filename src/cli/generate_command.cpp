@@ -3,7 +3,10 @@
 // printing text as it is produced.
 #include <fmt/core.h>
 
+#include <algorithm>
 #include <chrono>
+#include <limits>
+#include <span>
 #include <vector>
 
 #include "backend/backend.h"
@@ -58,8 +61,15 @@ int run_generate(const GenerateArgs& a) {
   std::fflush(stdout);
   std::vector<int32_t> out;
   std::string printed;
+  std::vector<float> host_logits(static_cast<size_t>(ck.model->config().vocab_size));
+  const int32_t usable = static_cast<int32_t>(std::min<int64_t>(tok.vocab_size(), ck.model->config().vocab_size));
   for (int64_t i = 0; i < budget; ++i) {
-    const int32_t next = sampler.sample_rows(*be, logits, static_cast<uint64_t>(i)).at(0);
+    // Sample among the tokenizer's ids only: the model's vocabulary may be padded past them, and
+    // tiktoken vocabularies have unused ids in between.
+    be->download(host_logits.data(), logits);
+    for (int32_t id = 0; id < usable; ++id)
+      if (!tok.is_token(id)) host_logits[static_cast<size_t>(id)] = -std::numeric_limits<float>::infinity();
+    const int32_t next = sampler.sample(std::span<const float>(host_logits.data(), static_cast<size_t>(usable)), static_cast<uint64_t>(i));
     if (tok.eos_id() && next == *tok.eos_id()) break;
     out.push_back(next);
     const std::string text = tok.decode(out);

@@ -3,11 +3,14 @@
 #include <fmt/core.h>
 #include <fmt/ranges.h>
 
+#include <charconv>
 #include <iostream>
 #include <iterator>
+#include <limits>
 #include <sstream>
 
 #include "cli/commands.h"
+#include "core/error.h"
 #include "data/bpe_trainer.h"
 #include "data/text_source.h"
 #include "data/tokenizer.h"
@@ -20,6 +23,21 @@ std::string read_all_stdin() {
   std::ostringstream ss;
   ss << std::cin.rdbuf();
   return ss.str();
+}
+
+// Every whitespace-separated token of `text` as a token id in [0, 2^31); anything else is an error.
+std::vector<int32_t> parse_ids(const std::string& text) {
+  std::vector<int32_t> ids;
+  std::istringstream in(text);
+  for (std::string token; in >> token;) {
+    int64_t id = -1;
+    const auto [end, ec] = std::from_chars(token.data(), token.data() + token.size(), id);
+    DIFFMOE_CHECK(ec == std::errc() && end == token.data() + token.size() && id >= 0 &&
+                      id <= std::numeric_limits<int32_t>::max(),
+                  "decode: '{}' is not a token id (ids are integers in [0, 2^31))", token);
+    ids.push_back(static_cast<int32_t>(id));
+  }
+  return ids;
 }
 
 }  // namespace
@@ -86,10 +104,7 @@ void add_tokenizer_command(CLI::App& app, std::function<int()>& run) {
     run = [=] {
       auto t = data::load_tokenizer(*tok2);
       std::vector<int32_t> v = *ids;
-      if (v.empty()) {
-        std::istringstream in(read_all_stdin());
-        for (int64_t x; in >> x;) v.push_back(static_cast<int32_t>(x));
-      }
+      if (v.empty()) v = parse_ids(read_all_stdin());
       fmt::print("{}", t->decode(v));
       return 0;
     };

@@ -17,18 +17,22 @@ int run_train(const std::string& config, const std::vector<std::string>& sets, c
 }  // namespace
 
 void add_train_command(CLI::App& app, std::function<int()>& run) {
-  auto* cmd = app.add_subcommand("train", "Train a model from a YAML config (CPU backend)");
+  auto* cmd = app.add_subcommand("train", "Train a model from a YAML config");
   auto config = std::make_shared<std::string>();
   auto sets = std::make_shared<std::vector<std::string>>();
   auto resume = std::make_shared<std::string>();
+  auto device = std::make_shared<std::string>();
   cmd->add_option("--config", *config, "YAML config file")->required();
   cmd->add_option("--set", *sets, "override a config key, e.g. --set optim.lr=3e-4 (repeatable)");
+  cmd->add_option("--device", *device, "cpu or cuda (shorthand for --set train.device=...)");
   cmd->add_option("--resume", *resume, "resume from 'latest' (the newest valid checkpoint) or a checkpoint directory")
       ->expected(0, 1)
       ->default_str("latest");
-  cmd->callback([&run, config, sets, resume, cmd] {
+  cmd->callback([&run, config, sets, resume, device, cmd] {
     std::string r = cmd->count("--resume") > 0 ? (resume->empty() ? "latest" : *resume) : "";
-    run = [=] { return run_train(*config, *sets, r); };
+    std::vector<std::string> overrides = *sets;
+    if (!device->empty()) overrides.push_back("train.device=" + *device);
+    run = [=] { return run_train(*config, overrides, r); };
   });
 }
 

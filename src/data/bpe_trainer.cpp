@@ -1,7 +1,12 @@
 // Byte-level BPE trainer and diffmoe tokenizer.json writer (see bpe_trainer.h).
 #include "data/bpe_trainer.h"
 
+#include <fcntl.h>
+#include <unistd.h>
+
 #include <algorithm>
+#include <cerrno>
+#include <cstring>
 #include <fstream>
 #include <nlohmann/json.hpp>
 #include <queue>
@@ -240,16 +245,41 @@ std::string trained_bpe_to_json(const TrainedBpe& bpe) {
   return j.dump(1) + "\n";
 }
 
+namespace {
+
+// fsync of a file or directory by path (a rename is durable only once its directory is synced).
+void fsync_or_fail(const std::string& path) {
+  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  DIFFMOE_CHECK(fd >= 0, "{}: cannot open for fsync: {}", path, std::strerror(errno));
+  const int rc = ::fsync(fd);
+  const int err = errno;
+  ::close(fd);
+  DIFFMOE_CHECK(rc == 0, "{}: fsync failed: {}", path, std::strerror(err));
+}
+
+}  // namespace
+
 void save_trained_bpe(const TrainedBpe& bpe, const std::filesystem::path& path) {
   const std::string text = trained_bpe_to_json(bpe);
-  const std::filesystem::path tmp = path.string() + ".tmp";
-  {
+  const std::string tmp = path.string() + ".tmp";
+  try {
     std::ofstream f(tmp, std::ios::binary | std::ios::trunc);
-    DIFFMOE_CHECK(f.good(), "[bpe_trainer] cannot write '{}'", tmp.string());
+    DIFFMOE_CHECK(f.is_open(), "{}: cannot create: {}", tmp, std::strerror(errno));
     f.write(text.data(), static_cast<std::streamsize>(text.size()));
-    DIFFMOE_CHECK(f.good(), "[bpe_trainer] write to '{}' failed", tmp.string());
+    f.flush();
+    DIFFMOE_CHECK(f.good(), "{}: write failed: {}", tmp, std::strerror(errno));
+    f.close();
+    DIFFMOE_CHECK(!f.fail(), "{}: close failed: {}", tmp, std::strerror(errno));
+    fsync_or_fail(tmp);
+    std::error_code ec;
+    std::filesystem::rename(tmp, path, ec);  // a reader never sees a half-written file
+    DIFFMOE_CHECK(!ec, "{}: cannot rename {} into place: {}", path.string(), tmp, ec.message());
+  } catch (...) {
+    std::error_code ignored;
+    std::filesystem::remove(tmp, ignored);  // best effort; the first error is the one reported
+    throw;
   }
-  std::filesystem::rename(tmp, path);  // a reader never sees a half-written file
+  fsync_or_fail(path.has_parent_path() ? path.parent_path().string() : ".");
 }
 
 }  // namespace diffmoe::data

@@ -531,7 +531,19 @@ std::optional<CheckpointInfo> resolve_resume(const std::string& arg, const std::
                                              std::vector<std::string>* warnings) {
   if (arg.empty() || arg == kLatestName) return find_latest_checkpoint(root, warnings);
   std::error_code ec;
-  if (fs::is_directory(arg, ec)) return open_checkpoint(arg);
+  if (fs::is_directory(arg, ec)) {
+    // A checkpoint root (as eval and generate accept): no manifest of its own, but step_* or latest.
+    const bool is_root = !fs::exists(join(arg, kManifestName), ec) &&
+                         (!list_step_dirs(arg).empty() || fs::exists(join(arg, kLatestName), ec));
+    if (!is_root) return open_checkpoint(arg);
+    std::vector<std::string> skipped;
+    auto info = find_latest_checkpoint(arg, &skipped);
+    std::string why;
+    for (const auto& s : skipped) why += "; " + s;
+    if (warnings) warnings->insert(warnings->end(), skipped.begin(), skipped.end());
+    DIFFMOE_CHECK(info.has_value(), "[resume] {}: no valid checkpoint under this root{}", arg, why);
+    return info;
+  }
   const std::string under_root = root.empty() ? arg : join(root, arg);
   DIFFMOE_CHECK(fs::is_directory(under_root, ec), "[resume] '{}' is not a checkpoint directory (nor is '{}')", arg,
                 under_root);

@@ -64,8 +64,10 @@ CheckpointInfo open_checkpoint(const std::string& dir);
 std::optional<CheckpointInfo> find_latest_checkpoint(const std::string& root,
                                                      std::vector<std::string>* warnings = nullptr);
 
-// The --resume argument: "" or "latest" -> find_latest_checkpoint(root); otherwise a checkpoint
-// directory (as given, or relative to root), opened with open_checkpoint (throws if it fails).
+// The --resume argument: "" or "latest" -> find_latest_checkpoint(root); a checkpoint root (a
+// directory without manifest.json holding step_* directories or `latest`) -> its latest checkpoint
+// (throws if none verifies); otherwise a checkpoint directory (as given, or relative to root),
+// opened with open_checkpoint (throws if it fails).
 std::optional<CheckpointInfo> resolve_resume(const std::string& arg, const std::string& root,
                                              std::vector<std::string>* warnings = nullptr);
 

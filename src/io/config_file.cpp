@@ -143,14 +143,28 @@ Json convert_scalar(const YAML::Node& node, std::string_view source) {
   return resolve_plain(text, where);
 }
 
-Json convert_node(const YAML::Node& node, std::string_view source) {
+// Bounds on the converted tree. yaml-cpp resolves aliases to shared nodes, so an alias inside its own
+// anchor ("a: &x {b: *x}") is a cycle and fanned-out aliases ("billion laughs") expand
+// exponentially; both stop here instead of overflowing the stack or exhausting memory.
+constexpr int kMaxDepth = 64;
+constexpr int64_t kMaxNodes = 1'000'000;
+
+struct ConvertState {
+  std::string_view source;
+  int64_t nodes = 0;  // converted so far, aliases counted at every use
+};
+
+Json convert_node(const YAML::Node& node, ConvertState& state, int depth) {
+  DIFFMOE_CHECK(depth <= kMaxDepth && ++state.nodes <= kMaxNodes, "{}nesting too deep or a recursive alias",
+                location(state.source, node.Mark()));
+  const std::string_view source = state.source;
   switch (node.Type()) {
     case YAML::NodeType::Undefined:
     case YAML::NodeType::Null: return nullptr;
     case YAML::NodeType::Scalar: return convert_scalar(node, source);
     case YAML::NodeType::Sequence: {
       Json out = Json::array();
-      for (const auto& item : node) out.push_back(convert_node(item, source));
+      for (const auto& item : node) out.push_back(convert_node(item, state, depth + 1));
       return out;
     }
     case YAML::NodeType::Map: {
@@ -163,7 +177,7 @@ Json convert_node(const YAML::Node& node, std::string_view source) {
         const auto [it, inserted] = seen.emplace(name, key.Mark());
         DIFFMOE_CHECK(inserted, "{}duplicate key '{}' (first defined at line {})", location(source, key.Mark()), name,
                       it->second.line + 1);
-        out[name] = convert_node(kv.second, source);
+        out[name] = convert_node(kv.second, state, depth + 1);
       }
       return out;
     }
@@ -282,7 +296,8 @@ nlohmann::ordered_json parse_yaml(std::string_view text, std::string_view source
     DIFFMOE_FAIL("{}{}", location(source, e.mark), e.msg);
   }
   DIFFMOE_CHECK(docs.size() <= 1, "{}: expected one YAML document, found {}", source, docs.size());
-  return docs.empty() ? Json() : convert_node(docs[0], source);
+  ConvertState state{.source = source};
+  return docs.empty() ? Json() : convert_node(docs[0], state, 0);
 }
 
 nlohmann::ordered_json load_yaml_file(const std::string& path) {

@@ -37,7 +37,12 @@ T as(const Json& v, const std::string& where);
 template <>
 int64_t as<int64_t>(const Json& v, const std::string& where) {
   if (v.is_number_integer()) return v.get<int64_t>();
-  if (v.is_number_float() && std::floor(v.get<double>()) == v.get<double>()) return static_cast<int64_t>(v.get<double>());
+  // An integral double outside int64 (1e30, .inf) cannot be cast: that is undefined behaviour.
+  // 2^63 is exact as a double, so [-2^63, 2^63) is exactly the range that converts.
+  constexpr double kTwo63 = 9223372036854775808.0;
+  if (v.is_number_float() && std::floor(v.get<double>()) == v.get<double>() && v.get<double>() >= -kTwo63 &&
+      v.get<double>() < kTwo63)
+    return static_cast<int64_t>(v.get<double>());
   DIFFMOE_FAIL("{}: expected an integer, got {}", where, v.dump());
 }
 template <>
@@ -162,12 +167,22 @@ void ModelConfig::validate(const std::string& source) const {
     const int64_t kept = n_routed_experts / std::max<int64_t>(n_expert_groups, 1) * n_limited_groups;
     fail_if(n_activated_experts <= 0 || n_activated_experts > kept, "n_activated_experts",
             fmt::format("must be in [1, experts in the kept groups = {}], got {}", kept, n_activated_experts));
+    // The routing op scores a group by its top-2 biased experts (op_validation.cpp, spec §9).
+    fail_if(balance_bias && n_expert_groups > 1 && n_routed_experts / n_expert_groups < 2, "n_expert_groups",
+            fmt::format("must leave at least 2 experts per group with balance_bias (the top-2 group score), got {} "
+                        "groups of {}", n_expert_groups, n_routed_experts / n_expert_groups));
   }
   fail_if(max_seq_len < original_seq_len, "max_seq_len",
           fmt::format("must be >= original_seq_len = {}, got {}", original_seq_len, max_seq_len));
   fail_if(yarn() && rope_factor <= 1.0, "rope_factor",
           fmt::format("must be > 1 when max_seq_len > original_seq_len (YaRN on), got {}", rope_factor));
-  fail_if(rope_theta <= 0, "rope_theta", "must be positive");
+  // Mirrors check_params in rope_tables.cpp, which would otherwise fail at the first forward.
+  fail_if(!(rope_theta > 1.0), "rope_theta",
+          fmt::format("must be > 1 (the frequencies theta^(-2i/d) must fall), got {}", rope_theta));
+  fail_if(yarn() && !(beta_fast > 0.0), "beta_fast",
+          fmt::format("must be > 0 when max_seq_len > original_seq_len (YaRN on), got {}", beta_fast));
+  fail_if(yarn() && !(beta_slow > 0.0), "beta_slow",
+          fmt::format("must be > 0 when max_seq_len > original_seq_len (YaRN on), got {}", beta_slow));
   fail_if(route_scale <= 0, "route_scale", "must be positive");
   fail_if(init_std <= 0, "init_std", "must be positive");
   fail_if(embed_init_std <= 0, "embed_init_std", "must be positive");

@@ -30,7 +30,10 @@ LoadedCheckpoint open_trained_model(const std::string& path, const std::string& 
     if (tok.empty() && info->state.contains("tokenizer")) tok = info->dir + "/" + info->state["tokenizer"].get<std::string>();
   }
   out.model = load_model(out.model_path, backend, dtype);
-  if (!tok.empty()) out.tokenizer = data::load_tokenizer(tok);
+  if (!tok.empty()) {
+    out.tokenizer = data::load_tokenizer(tok);
+    out.tokenizer_path = tok;
+  }
   return out;
 }
 

@@ -14,6 +14,7 @@ struct LoadedCheckpoint {
   std::unique_ptr<Model> model;
   std::unique_ptr<data::Tokenizer> tokenizer;  // null when none was found or given
   std::string model_path;
+  std::string tokenizer_path;                  // empty when no tokenizer was found or given
   int64_t step = -1;                           // -1 for a bare model file
 };
 

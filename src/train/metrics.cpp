@@ -5,19 +5,32 @@
 
 #include <cmath>
 #include <filesystem>
+#include <fstream>
+#include <utility>
 #include <nlohmann/json.hpp>
 
 #include "core/error.h"
+#include "io/checkpoint.h"
 
 namespace diffmoe {
 
-MetricsLogger::MetricsLogger(const RunConfig& rc, int64_t start_step, int64_t max_steps)
+MetricsLogger::MetricsLogger(const RunConfig& rc, int64_t start_step, int64_t max_steps, bool resumed)
     : start_step_(start_step), max_steps_(max_steps), t0_(std::chrono::steady_clock::now()) {
   std::filesystem::create_directories(rc.train.out_dir);
   if (rc.log.jsonl) {
-    const std::string path = rc.train.out_dir + "/metrics.jsonl";
-    jsonl_ = std::fopen(path.c_str(), "a");
-    DIFFMOE_CHECK(jsonl_ != nullptr, "{}: cannot open for appending ({})", path, std::strerror(errno));
+    jsonl_path_ = rc.train.out_dir + "/metrics.jsonl";
+    std::string kept;  // on resume: the rows of steps the checkpoint covers
+    if (resumed) {
+      std::ifstream in(jsonl_path_);
+      for (std::string line; std::getline(in, line);) {
+        const auto row = nlohmann::json::parse(line, nullptr, /*allow_exceptions=*/false);
+        if (row.is_object() && row.contains("step") && row["step"].is_number_integer() && row["step"].get<int64_t>() <= start_step)
+          kept += line + "\n";
+      }
+      atomic_write_text(jsonl_path_, kept);
+    }
+    jsonl_ = std::fopen(jsonl_path_.c_str(), resumed ? "a" : "w");
+    DIFFMOE_CHECK(jsonl_ != nullptr, "{}: cannot open for writing ({})", jsonl_path_, std::strerror(errno));
   }
   if (rc.log.tensorboard) {
     tb_ = std::make_unique<EventWriter>(rc.train.out_dir + "/tb");
@@ -31,9 +44,25 @@ MetricsLogger::MetricsLogger(const RunConfig& rc, int64_t start_step, int64_t ma
 }
 
 MetricsLogger::~MetricsLogger() {
+  try {
+    close();
+  } catch (...) {  // already failing (or the caller skipped close()): never throw from here
+  }
+}
+
+void MetricsLogger::close() {
   clear_bar();
-  if (jsonl_) std::fclose(jsonl_);
-  if (tb_) tb_->close();
+  if (jsonl_) {
+    FILE* f = std::exchange(jsonl_, nullptr);
+    const bool ok = std::fflush(f) == 0 && ::fsync(fileno(f)) == 0;
+    const int err = errno;
+    const bool closed = std::fclose(f) == 0;
+    DIFFMOE_CHECK(ok && closed, "{}: write failed ({})", jsonl_path_, std::strerror(ok ? errno : err));
+  }
+  if (tb_) {
+    auto tb = std::move(tb_);
+    tb->close();
+  }
 }
 
 void MetricsLogger::clear_bar() {
@@ -52,7 +81,9 @@ void MetricsLogger::log(int64_t step, const std::string& kind, const std::map<st
     j[k] = std::isfinite(v) ? nlohmann::ordered_json(v) : nlohmann::ordered_json(fmt::format("{}", v));
     if (tb_) tb_->add_scalar(kind + "/" + k, step, static_cast<float>(v));
   }
-  if (jsonl_) std::fprintf(jsonl_, "%s\n", j.dump().c_str());
+  if (jsonl_) {
+    DIFFMOE_CHECK(std::fprintf(jsonl_, "%s\n", j.dump().c_str()) >= 0, "{}: write failed ({})", jsonl_path_, std::strerror(errno));
+  }
   // The terminal gets the headline numbers only; everything is in the files.
   for (const char* k : {"loss", "val_loss", "val_ppl", "lr", "grad_norm", "tokens_per_s", "mfu_pct", "aux_loss"}) {
     auto it = values.find(k);
@@ -87,7 +118,7 @@ void MetricsLogger::message(const std::string& line) {
 }
 
 void MetricsLogger::flush() {
-  if (jsonl_) std::fflush(jsonl_);
+  if (jsonl_) DIFFMOE_CHECK(std::fflush(jsonl_) == 0, "{}: write failed ({})", jsonl_path_, std::strerror(errno));
   if (tb_) tb_->flush();
 }
 

@@ -15,11 +15,13 @@ namespace diffmoe {
 
 class MetricsLogger {
  public:
-  // Opens <out_dir>/metrics.jsonl (append) and a new TensorBoard file in <out_dir>/tb; on resume
-  // `start_step` > 0 writes a SessionLog START at start_step + 1 (the first step this run logs) so
-  // TensorBoard drops the orphaned points of the interrupted run.
-  MetricsLogger(const RunConfig& rc, int64_t start_step, int64_t max_steps);
-  ~MetricsLogger();
+  // Opens <out_dir>/metrics.jsonl — a fresh run starts it empty; a resumed run keeps the rows up to
+  // `start_step` and drops later ones (they belong to the interrupted run) — and a new TensorBoard
+  // file in <out_dir>/tb; on resume `start_step` > 0 writes a SessionLog START at start_step + 1
+  // (the first step this run logs) so TensorBoard drops the orphaned points too.
+  MetricsLogger(const RunConfig& rc, int64_t start_step, int64_t max_steps, bool resumed);
+  ~MetricsLogger();  // never throws: call close() to see write errors
+  void close();      // flushes and closes both files; write errors throw, naming the file
 
   // Logs scalars for `step` (JSONL object {"step":..., "kind":kind, ...}, TensorBoard tags
   // "<kind>/<name>"), and prints them.
@@ -33,6 +35,7 @@ class MetricsLogger {
  private:
   void clear_bar();
   FILE* jsonl_ = nullptr;
+  std::string jsonl_path_;
   std::unique_ptr<EventWriter> tb_;
   bool bar_ = false;
   bool bar_drawn_ = false;

@@ -7,7 +7,9 @@
 #include "core/error.h"
 #include "data/bpe_trainer.h"
 #include "data/prepare.h"
+#include "data/loader.h"
 #include "data/text_source.h"
+#include "data/token_shard.h"
 
 namespace diffmoe {
 
@@ -59,10 +61,25 @@ std::unique_ptr<data::Tokenizer> ensure_tokenizer(const RunConfig& rc, const Log
   return tok;
 }
 
-std::string ensure_shards(const RunConfig& rc, const LogLine& log) {
+void check_shards_match_tokenizer(const std::string& shard_dir, const std::string& split, const std::string& tokenizer_path,
+                                  int32_t eos) {
+  const auto shards = data::find_shards(shard_dir, split);
+  const data::Shard first(shards.front(), data::ShardOpenOptions{.verify_checksum = false});
+  const uint64_t want = data::file_fingerprint(tokenizer_path);
+  const data::ShardHeader& h = first.header();
+  DIFFMOE_CHECK(h.tokenizer_fingerprint == want && h.eos_id == static_cast<uint32_t>(eos),
+                "{}: prepared with a different tokenizer (fingerprint {:016x}, eos {}) than {} (fingerprint {:016x}, eos {}); "
+                "delete the shard directory to prepare it again, or point data.shards elsewhere",
+                shards.front().string(), h.tokenizer_fingerprint, h.eos_id, tokenizer_path, want, eos);
+}
+
+std::string ensure_shards(const RunConfig& rc, const data::Tokenizer& tokenizer, const LogLine& log) {
   const DataConfig& d = rc.data;
   DIFFMOE_CHECK(!d.shards.empty(), "data.shards: no shard directory configured");
-  if (fs::exists(fs::path(d.shards) / "meta.json")) return d.shards;
+  if (fs::exists(fs::path(d.shards) / "meta.json")) {
+    check_shards_match_tokenizer(d.shards, "train", rc.tokenizer.path, *tokenizer.eos_id());
+    return d.shards;
+  }
   DIFFMOE_CHECK(!d.inputs.empty(), "{}: no prepared shards (meta.json) and data.inputs is empty", d.shards);
   inputs_of(d.inputs, "data.inputs");  // a pattern that matches nothing fails here, naming the key
   const data::PrepareStats s = data::prepare_shards(data::PrepareOptions{

@@ -18,6 +18,11 @@ using LogLine = std::function<void(const std::string&)>;
 // model.vocab_size and that it has an end-of-text token.
 std::unique_ptr<data::Tokenizer> ensure_tokenizer(const RunConfig& rc, const LogLine& log);
 // Prepares rc.data.shards from rc.data.inputs with the tokenizer when needed; returns the directory.
-std::string ensure_shards(const RunConfig& rc, const LogLine& log);
+// Shards found on disk must have been made with this tokenizer (same file fingerprint and EOS id).
+std::string ensure_shards(const RunConfig& rc, const data::Tokenizer& tokenizer, const LogLine& log);
+// Throws "<shard>: prepared with a different tokenizer ..." unless the first shard of `split`
+// ("train" or "val") in `shard_dir` records the fingerprint of `tokenizer_path` and the EOS id `eos`.
+void check_shards_match_tokenizer(const std::string& shard_dir, const std::string& split, const std::string& tokenizer_path,
+                                  int32_t eos);
 
 }  // namespace diffmoe

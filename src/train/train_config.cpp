@@ -1,8 +1,11 @@
 #include "train/train_config.h"
 
+#include <cmath>
+#include <limits>
 #include <set>
 
 #include "core/error.h"
+#include "data/bpe_trainer.h"
 #include "io/config_file.h"
 
 namespace diffmoe {
@@ -54,8 +57,12 @@ class SectionReader {
       DIFFMOE_CHECK(v.is_boolean(), "{}: expected true or false, got {}", where(key), v.dump());
       return v.get<bool>();
     } else if constexpr (std::is_integral_v<T>) {
-      DIFFMOE_CHECK(v.is_number_integer() || (v.is_number_float() && v.get<double>() == std::floor(v.get<double>())),
-                    "{}: expected an integer, got {}", where(key), v.dump());
+      // An integral double outside int64 (1e30, .inf) cannot be cast: that is undefined behaviour.
+      // 2^63 is exact as a double, so [-2^63, 2^63) is exactly the range that converts.
+      constexpr double kTwo63 = 9223372036854775808.0;
+      const bool integral_float = v.is_number_float() && v.get<double>() == std::floor(v.get<double>()) &&
+                                  v.get<double>() >= -kTwo63 && v.get<double>() < kTwo63;
+      DIFFMOE_CHECK(v.is_number_integer() || integral_float, "{}: expected an integer, got {}", where(key), v.dump());
       if constexpr (std::is_unsigned_v<T>) DIFFMOE_CHECK(v.get<double>() >= 0, "{}: must be >= 0, got {}", where(key), v.dump());
       return static_cast<T>(v.is_number_integer() ? v.get<int64_t>() : static_cast<int64_t>(v.get<double>()));
     } else if constexpr (std::is_floating_point_v<T>) {
@@ -160,6 +167,7 @@ RunConfig run_config_from_json(Json doc, const std::string& source) {
   check(t.log_every > 0, source, "train.log_every", fmt::format("must be positive, got {}", t.log_every));
   check(t.max_bad_steps > 0, source, "train.max_bad_steps", "must be positive");
   check(t.stop_after >= 0, source, "train.stop_after", fmt::format("must be >= 0 (0 = run to max_steps), got {}", t.stop_after));
+  check(o.lr > 0, source, "optim.lr", fmt::format("must be positive, got {}", o.lr));
   check(o.lr > 0 && o.min_lr >= 0 && o.min_lr <= o.lr, source, "optim.min_lr",
         fmt::format("need 0 <= min_lr <= lr, got min_lr {} and lr {}", o.min_lr, o.lr));
   check(o.warmup_steps >= 0, source, "optim.warmup_steps", "must be >= 0");
@@ -168,11 +176,20 @@ RunConfig run_config_from_json(Json doc, const std::string& source) {
   check(o.eps > 0, source, "optim.eps", "must be positive");
   check(o.weight_decay >= 0, source, "optim.weight_decay", "must be >= 0");
   check(o.grad_clip >= 0, source, "optim.grad_clip", "must be >= 0 (0 disables clipping)");
+  if (!rc.tokenizer.train_inputs.empty()) {  // vocab_size is only used to train the tokenizer
+    const int64_t min_vocab = 256 + static_cast<int64_t>(data::BpeTrainerOptions{}.special_tokens.size());
+    check(rc.tokenizer.vocab_size >= min_vocab, source, "tokenizer.vocab_size",
+          fmt::format("must be at least {} (256 byte tokens + <|endoftext|>), got {}", min_vocab, rc.tokenizer.vocab_size));
+    check(rc.tokenizer.vocab_size <= std::numeric_limits<int32_t>::max(), source, "tokenizer.vocab_size",
+          fmt::format("must be at most {}, got {}", std::numeric_limits<int32_t>::max(), rc.tokenizer.vocab_size));
+  }
   check(rc.data.val_fraction >= 0 && rc.data.val_fraction < 1, source, "data.val_fraction", "must be in [0, 1)");
   check(rc.data.doc_bytes >= 0, source, "data.doc_bytes", "must be >= 0 (0 = one document per file)");
   check(rc.eval.every >= 0 && rc.eval.batches > 0, source, "eval.batches", "must be positive (and eval.every >= 0)");
   check(rc.checkpoint.every >= 0 && rc.checkpoint.keep_last >= 0 && rc.checkpoint.keep_every >= 0, source, "checkpoint",
         "every, keep_last and keep_every must be >= 0");
+  check(rc.checkpoint.keep_last <= std::numeric_limits<int32_t>::max(), source, "checkpoint.keep_last",
+        fmt::format("must be at most {} (0 keeps all), got {}", std::numeric_limits<int32_t>::max(), rc.checkpoint.keep_last));
   check(rc.log.progress == "auto" || rc.log.progress == "bar" || rc.log.progress == "lines", source, "log.progress",
         fmt::format("expected auto, bar or lines, got '{}'", rc.log.progress));
   return rc;

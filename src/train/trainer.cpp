@@ -91,11 +91,11 @@ TrainResult train(const RunConfig& rc, const TrainOptions& opt) {
   say(fmt::format("diffmoe train: config {} (resolved, with defaults):\n{}", opt.config_path, config_yaml));
   atomic_write_text(ts.out_dir + "/config.yaml", config_yaml);
 
-  auto tokenizer = ensure_tokenizer(rc, say);
-  const std::string shards = ensure_shards(rc, say);
-
-  auto be = make_backend(ts.device);
+  auto be = make_backend(ts.device);  // first: a missing backend fails before any data work
   say(fmt::format("backend: {}", be->name()));
+  auto tokenizer = ensure_tokenizer(rc, say);
+  const std::string shards = ensure_shards(rc, *tokenizer, say);
+
   Model model(rc.model, *be, DType::kF32);
   const int64_t B = ts.micro_batch, T = ts.seq_len;
   model.set_batch_shape(B, T);
@@ -125,11 +125,17 @@ TrainResult train(const RunConfig& rc, const TrainOptions& opt) {
     DIFFMOE_CHECK(info.has_value(), "{}: no valid checkpoint to resume from", rc.checkpoint.dir);
     load_weights(model, info->dir + "/model.safetensors");
     optim.load(info->dir + "/optimizer.safetensors");
-    step = info->state.at("step").get<int64_t>();
-    tokens_seen = info->state.at("tokens_seen").get<uint64_t>();
-    loader.restore(data::LoaderState::from_json(info->state.at("loader").get<std::string>()));
-    DIFFMOE_CHECK(info->state.at("world_size").get<int64_t>() == 1, "{}: checkpoint was written by {} ranks, this run has 1", info->dir,
-                  info->state.at("world_size").get<int64_t>());
+    try {
+      step = info->state.at("step").get<int64_t>();
+      tokens_seen = info->state.at("tokens_seen").get<uint64_t>();
+      loader.restore(data::LoaderState::from_json(info->state.at("loader").get<std::string>()));
+      const int64_t world = info->state.at("world_size").get<int64_t>();
+      DIFFMOE_CHECK(world == 1, "world_size: checkpoint was written by {} ranks, this run has 1", world);
+    } catch (const std::exception& e) {
+      DIFFMOE_FAIL("{}/trainer_state.json: {}", info->dir, e.what());
+    }
+    DIFFMOE_CHECK(optim.steps_taken() == step, "{}: optimizer.safetensors is at step {} but trainer_state.json at step {}", info->dir,
+                  optim.steps_taken(), step);
     last_ckpt = info->dir;
     say(fmt::format("resumed from {} at step {} ({} tokens seen)", info->dir, step, tokens_seen));
   } else {
@@ -137,7 +143,7 @@ TrainResult train(const RunConfig& rc, const TrainOptions& opt) {
   }
 
   const int64_t first_step = step;  // train.stop_after counts the steps of this invocation
-  MetricsLogger metrics(rc, step, ts.max_steps);
+  MetricsLogger metrics(rc, step, ts.max_steps, /*resumed=*/!opt.resume.empty());
   TokenBuffers tb(*be, B, T);
   const double flops_per_token = count_parameters(rc.model, T).flops_per_token;
   const int64_t tokens_per_step = B * T * ts.grad_accum;
@@ -245,6 +251,7 @@ TrainResult train(const RunConfig& rc, const TrainOptions& opt) {
       break;
     }
   }
+  metrics.close();  // flush errors surface here, as errors, not in a destructor
   return TrainResult{.steps = step, .last_loss = last_loss, .val_loss = val_loss, .last_checkpoint = last_ckpt};
 }
 

@@ -2,11 +2,13 @@
 // trips, and the saved diffmoe tokenizer.json loading back through load_tokenizer().
 #include <fmt/format.h>
 #include <gtest/gtest.h>
+#include <unistd.h>
 
 #include <fstream>
 #include <nlohmann/json.hpp>
 #include <random>
 
+#include "core/error.h"
 #include "data/bpe_trainer.h"
 #include "data/hf_tokenizer.h"
 #include "data/tokenizer.h"
@@ -139,6 +141,27 @@ TEST(BpeTrainer, RoundTripAndSavedFileLoadsBack) {
   EXPECT_EQ(j["model"]["type"], "BPE");
   EXPECT_EQ(j["model"]["merges"].size(), bpe.merges.size());
   EXPECT_EQ(j["diffmoe"]["format"], "diffmoe-bpe");
+  fs::remove_all(dir);
+}
+
+TEST(BpeTrainer, SaveErrorsNameThePathAndTheReason) {
+  const TrainedBpe bpe = train_on("abab abab abab", {.vocab_size = 260});
+  const fs::path dir = fs::temp_directory_path() / fmt::format("diffmoe_bpe_save_test_{}", ::getpid());
+  fs::remove_all(dir);
+  const fs::path path = dir / "missing" / "tokenizer.json";  // the directory does not exist
+  try {
+    save_trained_bpe(bpe, path);
+    ADD_FAILURE() << "expected an error";
+  } catch (const Error& e) {
+    const std::string msg = e.what();
+    EXPECT_NE(msg.find(path.string()), std::string::npos) << msg;
+    EXPECT_NE(msg.find("No such file or directory"), std::string::npos) << msg;
+  }
+  // Saved for real: only the file itself is left (the temporary was renamed), and it loads.
+  fs::create_directories(dir);
+  save_trained_bpe(bpe, dir / "tokenizer.json");
+  EXPECT_EQ(std::distance(fs::directory_iterator(dir), fs::directory_iterator()), 1);
+  EXPECT_EQ(load_tokenizer(dir / "tokenizer.json")->vocab_size(), bpe.vocab_size());
   fs::remove_all(dir);
 }
 

@@ -171,3 +171,37 @@ TEST_F(E2E, TokenizerFileOfTheWrongKind) {
 
 }  // namespace
 }  // namespace diffmoe::e2e
+
+namespace diffmoe::e2e {
+namespace {
+
+// Cached shards made with another tokenizer are refused, naming both files (found in review:
+// they used to be trained on silently).
+TEST_F(E2E, ShardsOfAnotherTokenizer) {
+  Yaml y = micro_config(dir_, dir_ / "first");
+  y.set("train.max_steps", "1");
+  E2E_EXPECT_OK(train(write_config(y, "first.yaml")));
+  const fs::path shard = dir_ / "shards" / "train_0000.bin";
+  Yaml z = micro_config(dir_, dir_ / "second");
+  z.set("train.max_steps", "1");
+  z.set_path("tokenizer.path", dir_ / "other_tokenizer.json");  // trained anew: another vocabulary
+  z.set("tokenizer.vocab_size", "280");
+  expect_clean_error(train(write_config(z, "second.yaml")), {shard.string(), "different tokenizer", "other_tokenizer.json"});
+  EXPECT_FALSE(fs::exists(dir_ / "second" / "checkpoints"));
+}
+
+// A model vocabulary padded past the tokenizer's: generation samples real tokens only.
+TEST_F(E2E, GenerateWithAPaddedVocabulary) {
+  Yaml y = micro_config(dir_, dir_ / "run");
+  y.set("train.max_steps", "4");
+  y.set("model.vocab_size", "384");
+  E2E_EXPECT_OK(train(write_config(y)));
+  for (const char* seed : {"1", "2", "3"}) {
+    const RunResult g = run_diffmoe({"generate", "--checkpoint", (dir_ / "run" / "checkpoints").string(), "--prompt", "The",
+                                     "--temperature", "1", "--max-new-tokens", "30", "--seed", seed});
+    E2E_EXPECT_OK(g);
+  }
+}
+
+}  // namespace
+}  // namespace diffmoe::e2e

@@ -116,6 +116,14 @@ TEST_F(E2E, TokenizerTrainEncodeDecodeRoundTrip) {
   E2E_EXPECT_OK(sp);
   EXPECT_TRUE(std::regex_match(sp.out, std::regex("[0-9]+\n"))) << sp.out;
   expect_clean_error(run_diffmoe({"tokenizer", "decode", "--tokenizer", tok.string(), "299999"}), {"299999"});
+  // Ids on standard input are read strictly: every token must be an id in [0, 2^31), or the
+  // command fails naming it (not stop early, not truncate 2^32 + 72 to 72).
+  const std::vector<std::string> dec_stdin = {"tokenizer", "decode", "--tokenizer", tok.string()};
+  expect_clean_error(run_diffmoe(dec_stdin, with_stdin("72 abc 101\n")), {"decode: 'abc' is not a token id"});
+  expect_clean_error(run_diffmoe(dec_stdin, with_stdin("72 4294967368\n")), {"decode: '4294967368' is not a token id"});
+  expect_clean_error(run_diffmoe(dec_stdin, with_stdin("72 2147483648")), {"decode: '2147483648' is not a token id"});
+  expect_clean_error(run_diffmoe(dec_stdin, with_stdin("-1 72")), {"decode: '-1' is not a token id"});
+  expect_clean_error(run_diffmoe(dec_stdin, with_stdin("72 1e3")), {"decode: '1e3' is not a token id"});
 }
 
 TEST_F(E2E, DataPrepareAndInspect) {

@@ -533,6 +533,31 @@ TEST_F(CheckpointTest, ResolveResume) {
   EXPECT_FALSE(resolve_resume("latest", (dir_ / "elsewhere").string()).has_value());
 }
 
+// `--resume run/checkpoints`: a root (as eval and generate accept) resumes from its latest.
+TEST_F(CheckpointTest, ResolveResumeAcceptsACheckpointRoot) {
+  save(1);
+  save(2);
+  const std::string configured = (dir_ / "configured").string();  // checkpoint.dir of the run
+  EXPECT_EQ(resolve_resume(root_, configured)->step, 2);
+  // No pointer: the step directories are scanned, and why is passed on.
+  fs::remove(root_ + "/latest");
+  std::vector<std::string> warnings;
+  const auto scanned = resolve_resume(root_, configured, &warnings);
+  ASSERT_TRUE(scanned.has_value());
+  EXPECT_EQ(scanned->step, 2);
+  ASSERT_EQ(warnings.size(), 1u);
+  EXPECT_TRUE(contains(warnings[0], "latest: missing")) << warnings[0];
+  // A root where nothing verifies is an error naming the root and the reasons, not a fresh start.
+  fs::remove(step_dir(1) + "/notes.txt");
+  fs::remove(step_dir(2) + "/notes.txt");
+  const std::string msg = error_of([&] { resolve_resume(root_, configured); });
+  EXPECT_TRUE(contains(msg, root_ + ": no valid checkpoint")) << msg;
+  EXPECT_TRUE(contains(msg, "notes.txt")) << msg;
+  // A directory with neither manifest.json nor step_* is still opened as one checkpoint.
+  fs::create_directories(dir_ / "empty");
+  EXPECT_TRUE(contains(error_of([&] { resolve_resume((dir_ / "empty").string(), configured); }), "manifest.json"));
+}
+
 TEST_F(CheckpointTest, AtomicWriteTextAndFsyncPath) {
   const std::string p = (dir_ / "pointer").string();
   atomic_write_text(p, "one\n");

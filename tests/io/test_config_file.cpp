@@ -120,6 +120,34 @@ TEST(Yaml, IntegerOutOfRangeIsAnError) {
   EXPECT_EQ(msg.rfind("big.yaml:2:4: integer '99999999999999999999' does not fit", 0), 0u) << msg;
 }
 
+// yaml-cpp shares aliased nodes: an alias inside its own anchor is a cycle, fanned-out aliases
+// expand exponentially. Both must fail with a location instead of crashing or eating memory.
+TEST(Yaml, RecursiveAliasOrAliasBombIsAnError) {
+  const std::string cycle = error_of([] { parse_yaml("model: &a\n  x: *a\n", "cycle.yaml"); });
+  EXPECT_EQ(cycle.rfind("cycle.yaml:", 0), 0u) << cycle;
+  EXPECT_NE(cycle.find(": nesting too deep or a recursive alias"), std::string::npos) << cycle;
+
+  // 10^7 leaves from 8 lines (finite, so without the node limit this would succeed slowly).
+  std::string bomb = "l0: &l0 [1, 1, 1, 1, 1, 1, 1, 1, 1, 1]\n";
+  for (int i = 1; i <= 6; ++i) {
+    bomb += fmt::format("l{}: &l{} [", i, i);
+    for (int k = 0; k < 10; ++k) bomb += fmt::format("{}*l{}", k ? ", " : "", i - 1);
+    bomb += "]\n";
+  }
+  const std::string laughs = error_of([&] { parse_yaml(bomb, "laughs.yaml"); });
+  EXPECT_EQ(laughs.rfind("laughs.yaml:", 0), 0u) << laughs;
+  EXPECT_NE(laughs.find(": nesting too deep or a recursive alias"), std::string::npos) << laughs;
+}
+
+TEST(Yaml, NestingDepthLimitIs64) {
+  auto nested = [](int depth) { return "x: " + std::string(depth, '[') + "1" + std::string(depth, ']') + "\n"; };
+  const Json ok = parse_yaml(nested(63), "deep.yaml");  // the mapping is depth 0, the scalar depth 64
+  EXPECT_TRUE(ok["x"].is_array());
+  const std::string msg = error_of([&] { parse_yaml(nested(64), "deep.yaml"); });
+  EXPECT_EQ(msg.rfind("deep.yaml:1:", 0), 0u) << msg;
+  EXPECT_NE(msg.find("nesting too deep or a recursive alias"), std::string::npos) << msg;
+}
+
 TEST(Yaml, LoadFile) {
   const test::TempDir tmp("yaml");
   const std::filesystem::path& dir = tmp.path();

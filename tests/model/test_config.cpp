@@ -1,5 +1,6 @@
 #include <gtest/gtest.h>
 
+#include <cmath>
 #include <filesystem>
 #include <fstream>
 
@@ -81,6 +82,54 @@ TEST(ModelConfig, ErrorsNameTheKeyAndReason) {
   j = minimal();
   j["differential"] = 1;
   EXPECT_NE(error_of(j).find("model.differential: expected true or false"), std::string::npos) << error_of(j);
+}
+
+// What the ops reject at the first forward is rejected here, under the key to change
+// (op_validation.cpp validate routing; rope_tables.cpp check_params).
+TEST(ModelConfig, RejectsWhatTheOpsRejectAtTheFirstForward) {
+  auto j = minimal();
+  j["n_expert_groups"] = 8;  // 8 experts: groups of 1, no top-2 group score
+  j["n_limited_groups"] = 4;
+  EXPECT_NE(error_of(j).find("cfg.yaml: model.n_expert_groups: must leave at least 2 experts per group"), std::string::npos)
+      << error_of(j);
+  j["balance_bias"] = false;  // without the bias a group is scored by its best expert: allowed
+  EXPECT_EQ(error_of(j), "");
+  j = minimal();
+  j["n_expert_groups"] = 4;  // groups of 2 are enough
+  EXPECT_EQ(error_of(j), "");
+
+  for (double theta : {1.0, 0.5, -2.0}) {
+    j = minimal();
+    j["rope_theta"] = theta;
+    EXPECT_NE(error_of(j).find("cfg.yaml: model.rope_theta: must be > 1"), std::string::npos) << error_of(j);
+  }
+
+  j = minimal();
+  j["original_seq_len"] = 32;  // < max_seq_len 64: YaRN on
+  j["rope_factor"] = 2.0;
+  EXPECT_EQ(error_of(j), "");
+  j["beta_fast"] = 0.0;
+  EXPECT_NE(error_of(j).find("cfg.yaml: model.beta_fast: must be > 0"), std::string::npos) << error_of(j);
+  j["beta_fast"] = 32.0;
+  j["beta_slow"] = -1.0;
+  EXPECT_NE(error_of(j).find("cfg.yaml: model.beta_slow: must be > 0"), std::string::npos) << error_of(j);
+  j = minimal();
+  j["beta_slow"] = -1.0;  // YaRN off: the betas are unused, as in rope_tables.cpp
+  EXPECT_EQ(error_of(j), "");
+}
+
+// A float that is integral but outside int64 would be undefined behaviour to cast.
+TEST(ModelConfig, HugeIntegralFloatIsNotAnInteger) {
+  for (double big : {1e30, -1e30, 9223372036854775808.0, HUGE_VAL}) {
+    auto j = minimal();
+    j["dim"] = big;
+    EXPECT_NE(error_of(j).find("cfg.yaml: model.dim: expected an integer, got "), std::string::npos) << error_of(j);
+  }
+  auto j = minimal();
+  j["dim"] = 1e30;
+  EXPECT_NE(error_of(j).find("model.dim: expected an integer, got 1e+30"), std::string::npos) << error_of(j);
+  j["dim"] = 32.0;  // integral and in range: fine
+  EXPECT_EQ(error_of(j), "");
 }
 
 TEST(ModelConfig, YamlFileErrorsNameTheFile) {

@@ -65,6 +65,65 @@ TEST(RunConfig, ErrorsNameFileAndDottedKey) {
   EXPECT_NE(error_of(d).find("model.dimm: unknown key"), std::string::npos) << error_of(d);
 }
 
+// A float that is integral but outside int64 would be undefined behaviour to cast.
+TEST(RunConfig, HugeIntegralFloatIsNotAnInteger) {
+  auto d = doc();
+  d["train"]["max_steps"] = 1e30;
+  EXPECT_NE(error_of(d).find("run.yaml: train.max_steps: expected an integer, got 1e+30"), std::string::npos) << error_of(d);
+  d = doc();
+  d["train"]["seed"] = 1e30;  // unsigned
+  EXPECT_NE(error_of(d).find("run.yaml: train.seed: expected an integer, got 1e+30"), std::string::npos) << error_of(d);
+  d = doc();
+  d["train"]["seed"] = -1e30;
+  EXPECT_NE(error_of(d).find("run.yaml: train.seed: expected an integer, got -1e+30"), std::string::npos) << error_of(d);
+  d = doc();
+  d["train"]["seed"] = -3.0;  // integral and in int64, but negative for an unsigned key
+  EXPECT_NE(error_of(d).find("run.yaml: train.seed: must be >= 0"), std::string::npos) << error_of(d);
+  d = doc();
+  d["checkpoint"]["every"] = -9223372036854775808.0;  // -2^63 is the one in-range edge
+  EXPECT_NE(error_of(d).find("run.yaml: checkpoint: every, keep_last and keep_every must be >= 0"), std::string::npos)
+      << error_of(d);
+  d = doc();
+  d["train"]["max_steps"] = 20.0;  // integral and in range: fine
+  EXPECT_EQ(run_config_from_json(d, "run.yaml").train.max_steps, 20);
+}
+
+TEST(RunConfig, EachRangeErrorNamesItsOwnKey) {
+  auto d = doc();
+  d["optim"]["lr"] = -1;
+  EXPECT_NE(error_of(d).find("run.yaml: optim.lr: must be positive, got -1"), std::string::npos) << error_of(d);
+  d = doc();
+  d["optim"]["lr"] = 0;
+  d["optim"]["min_lr"] = 0;
+  EXPECT_NE(error_of(d).find("run.yaml: optim.lr: must be positive"), std::string::npos) << error_of(d);
+
+  // keep_last becomes an int when saving.
+  d = doc();
+  d["checkpoint"]["keep_last"] = 2147483648LL;
+  EXPECT_NE(error_of(d).find("run.yaml: checkpoint.keep_last: must be at most 2147483647"), std::string::npos)
+      << error_of(d);
+  d["checkpoint"]["keep_last"] = 2147483647LL;
+  EXPECT_EQ(error_of(d), "");
+}
+
+// The BPE trainer needs the 256 byte tokens and <|endoftext|>; say so under the key, with the file.
+TEST(RunConfig, TokenizerVocabSizeToTrainHasAMinimum) {
+  auto d = doc();
+  d["tokenizer"]["train_inputs"] = "corpus.txt";
+  d["tokenizer"]["vocab_size"] = 256;
+  EXPECT_NE(error_of(d).find("run.yaml: tokenizer.vocab_size: must be at least 257 (256 byte tokens + <|endoftext|>), got 256"),
+            std::string::npos)
+      << error_of(d);
+  d.erase("tokenizer");
+  d["tokenizer"]["train_inputs"] = "corpus.txt";  // the default is model.vocab_size = 64
+  EXPECT_NE(error_of(d).find("run.yaml: tokenizer.vocab_size: must be at least 257"), std::string::npos) << error_of(d);
+  d["tokenizer"]["vocab_size"] = 4294967296LL;  // would be truncated to int32 for the trainer
+  EXPECT_NE(error_of(d).find("run.yaml: tokenizer.vocab_size: must be at most 2147483647"), std::string::npos)
+      << error_of(d);
+  d["tokenizer"]["vocab_size"] = 257;
+  EXPECT_EQ(error_of(d), "");
+}
+
 TEST(LrSchedule, WarmupThenCosineToMin) {
   EXPECT_DOUBLE_EQ(learning_rate(0, 10, 100, 1.0, 0.1), 0.1);   // (0+1)/10
   EXPECT_DOUBLE_EQ(learning_rate(9, 10, 100, 1.0, 0.1), 1.0);
