@@ -1,10 +1,12 @@
 // Training-step throughput of a preset on a backend: forward + backward (+ AdamW with --optim).
 // Usage: bench_step --config configs/tiny.yaml [--device cpu|cuda] [--batch 16] [--seq 256]
-//                   [--steps 5] [--warmup 1] [--optim]
+//                   [--steps 5] [--warmup 1] [--optim] [--precision f32|bf16_gemm]
 // Times whole steps on random tokens with the spec initialisation (the backend is synchronised
 // around each step); prints the median step time, tokens/s, MFU by spec §9 (÷ 989 TFLOP/s) and
 // the bytes of the model's arenas (parameters, gradients, activations; optimizer state with
-// --optim). CPU threads: OMP_NUM_THREADS / OPENBLAS_NUM_THREADS as usual.
+// --optim). --precision bf16_gemm (cuda only): the GEMMs take bf16 inputs on tensor cores, f32
+// accumulation, every tensor still f32 (Backend::set_gemm_precision, train.precision).
+// CPU threads: OMP_NUM_THREADS / OPENBLAS_NUM_THREADS as usual.
 #include <CLI/CLI.hpp>
 #include <fmt/core.h>
 
@@ -23,7 +25,7 @@ using namespace diffmoe;
 
 int main(int argc, char** argv) {
   CLI::App app{"training-step benchmark"};
-  std::string config, device = "cpu";
+  std::string config, device = "cpu", precision = "f32";
   bool with_optim = false;
   int64_t batch = 16, seq = 0;
   int steps = 5, warmup = 1;
@@ -34,11 +36,16 @@ int main(int argc, char** argv) {
   app.add_option("--warmup", warmup);
   app.add_option("--device", device, "cpu or cuda");
   app.add_flag("--optim", with_optim, "include the AdamW step (global-norm clip, bias update)");
+  app.add_option("--precision", precision, "f32, or bf16_gemm (cuda: GEMMs with bf16 inputs, f32 accumulation)")
+      ->check(CLI::IsMember({"f32", "bf16_gemm"}));
   CLI11_PARSE(app, argc, argv);
   try {
     const ModelConfig cfg = load_model_config(config);
     if (seq <= 0) seq = cfg.max_seq_len;
     auto be = make_backend(device);
+    DIFFMOE_CHECK(precision == "f32" || be->device() == Device::kCUDA,
+                  "--precision bf16_gemm needs --device cuda (the CPU backend computes in f32)");
+    be->set_gemm_precision(precision == "bf16_gemm" ? GemmPrecision::kBF16 : GemmPrecision::kF32);
     Model m(cfg, *be, DType::kF32);
     m.init_weights(1234);
     m.set_batch_shape(batch, seq);
@@ -79,7 +86,8 @@ int main(int argc, char** argv) {
     const double tps = static_cast<double>(batch * seq) / med;
     const double flops = count_parameters(cfg, seq).flops_per_token;
     const double bytes = static_cast<double>(m.params().bytes() + m.grads().bytes() + m.acts().bytes() + (opt ? opt->state().bytes() : 0));
-    fmt::print("config {}  device {}  batch {}  seq {}  tokens/step {}\n", config, device, batch, seq, batch * seq);
+    fmt::print("config {}  device {}  precision {}  batch {}  seq {}  tokens/step {}\n", config, device, precision, batch, seq,
+               batch * seq);
     fmt::print("{} step: median {:.4f} s (min {:.4f}, max {:.4f}, {} steps)  ->  {:.0f} tokens/s, MFU {:.2f}% ({:.4f} GFLOP/token), "
                "arenas {:.2f} GiB  (loss {:.4f})\n",
                opt ? "fwd+bwd+adamw" : "fwd+bwd", med, times.front(), times.back(), times.size(), tps, 100.0 * tps * flops / 989e12,

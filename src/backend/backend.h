@@ -16,6 +16,11 @@ struct Context {
   void* stream = nullptr;
 };
 
+// How gemm, grouped_gemm and grouped_gemm_wgrad compute; tensors keep their dtype either way.
+// kBF16: A and B are rounded to bf16 (8-bit mantissa) and multiplied on tensor cores with f32
+// accumulation, alpha/beta and C in f32 (spec §7 first step: f32 tensors, bf16 GEMM inputs).
+enum class GemmPrecision { kF32, kBF16 };
+
 class Backend {
  public:
   virtual ~Backend() = default;
@@ -27,6 +32,12 @@ class Backend {
   virtual void upload(const Tensor& dst, const void* src) = 0;   // dst.nbytes() bytes
   virtual void download(void* dst, const Tensor& src) = 0;       // src.nbytes() bytes
   virtual void synchronize(Context ctx) = 0;
+
+  // GEMM arithmetic of this backend (GemmPrecision). The default ignores the request: the CPU
+  // backend always computes in its tensors' dtype (f32 or f64, spec §7); CUDA implements kBF16.
+  // gemm_precision() says what the backend actually uses.
+  virtual void set_gemm_precision(GemmPrecision p) { (void)p; }
+  virtual GemmPrecision gemm_precision() const { return GemmPrecision::kF32; }
 
   virtual void fill(Context ctx, const FillArgs& a) = 0;
   virtual void copy(Context ctx, const CopyArgs& a) = 0;

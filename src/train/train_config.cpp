@@ -125,6 +125,7 @@ RunConfig run_config_from_json(Json doc, const std::string& source) {
   t.peak_tflops = tr.get<double>("peak_tflops", t.peak_tflops);
   t.max_bad_steps = tr.get<int64_t>("max_bad_steps", t.max_bad_steps);
   t.stop_after = tr.get<int64_t>("stop_after", t.stop_after);
+  t.precision = tr.get<std::string>("precision", t.precision);
   rc.resolved["train"] = tr.finish();
 
   SectionReader op(doc, "optim", source);
@@ -167,6 +168,10 @@ RunConfig run_config_from_json(Json doc, const std::string& source) {
   check(t.log_every > 0, source, "train.log_every", fmt::format("must be positive, got {}", t.log_every));
   check(t.max_bad_steps > 0, source, "train.max_bad_steps", "must be positive");
   check(t.stop_after >= 0, source, "train.stop_after", fmt::format("must be >= 0 (0 = run to max_steps), got {}", t.stop_after));
+  check(t.precision == "f32" || t.precision == "bf16_gemm", source, "train.precision",
+        fmt::format("expected f32 or bf16_gemm, got '{}'", t.precision));
+  check(t.precision == "f32" || t.device == "cuda", source, "train.precision",
+        fmt::format("bf16_gemm needs train.device: cuda (the CPU backend computes in f32), got device '{}'", t.device));
   check(o.lr > 0, source, "optim.lr", fmt::format("must be positive, got {}", o.lr));
   check(o.lr > 0 && o.min_lr >= 0 && o.min_lr <= o.lr, source, "optim.min_lr",
         fmt::format("need 0 <= min_lr <= lr, got min_lr {} and lr {}", o.min_lr, o.lr));

@@ -92,6 +92,7 @@ TrainResult train(const RunConfig& rc, const TrainOptions& opt) {
   atomic_write_text(ts.out_dir + "/config.yaml", config_yaml);
 
   auto be = make_backend(ts.device);  // first: a missing backend fails before any data work
+  be->set_gemm_precision(ts.precision == "bf16_gemm" ? GemmPrecision::kBF16 : GemmPrecision::kF32);
   say(fmt::format("backend: {}", be->name()));
   auto tokenizer = ensure_tokenizer(rc, say);
   const std::string shards = ensure_shards(rc, *tokenizer, say);

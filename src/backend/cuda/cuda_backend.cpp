@@ -192,6 +192,11 @@ void* CudaBackend::scratch(size_t bytes) {
   return scratch_.get();
 }
 
+void* CudaBackend::gemm_bf16_scratch(size_t bytes) {
+  gemm_bf16_scratch_.reserve(bytes);
+  return gemm_bf16_scratch_.get();
+}
+
 const int32_t* CudaBackend::read_to_host(const Tensor& t, cudaStream_t s) {
   host_staging_.resize(static_cast<size_t>(t.numel()));
   if (t.numel() == 0) return host_staging_.data();

@@ -16,6 +16,13 @@
 //   own workspace, and one scratch workspace for ops that need temporaries (sorts, per-row
 //   partial sums). The scratch grows on first use and is then reused: steady-state calls do not
 //   allocate. Both are shared by every stream, so one backend drives one stream at a time.
+// - GEMM precision (set_gemm_precision, default kF32): under kBF16 the three GEMM ops round A and B
+//   to bf16 into a backend-owned buffer of their own (gemm_bf16_scratch) and call cublasGemmEx with
+//   bf16 inputs, f32 C and CUBLAS_COMPUTE_32F. That buffer is sized by the largest call seen: it
+//   grows (cudaFree + cudaMalloc, which waits for the device) only when a call needs more than any
+//   before, i.e. during the first training step, then steady-state calls do not allocate. Its peak
+//   is 2 bytes per element of the largest A plus B of one op (for the bench preset the LM head's
+//   weight-gradient operands).
 // - Determinism: everything is bitwise run-to-run reproducible except sum_squares (atomicAdd of
 //   block sums) and, for shapes the flash attention kernels do not cover (flash_attention.h) or
 //   under AttentionKernel::kSimple, attention_bwd's dk/dv (atomicAdd over query rows): f32 atomics
@@ -104,11 +111,15 @@ class CudaBackend final : public Backend, public OpProfiler {
   void cross_entropy_fwd(Context ctx, const CrossEntropyFwdArgs& a) override;  // loss_ops.cu
   void cross_entropy_bwd(Context ctx, const CrossEntropyBwdArgs& a) override;
   void adamw(Context ctx, const AdamWArgs& a) override;                  // optim_ops.cu
+  void set_gemm_precision(GemmPrecision p) override { gemm_precision_ = p; }
+  GemmPrecision gemm_precision() const override { return gemm_precision_; }
 
   // ---- for the op files
   static cudaStream_t stream(Context ctx) { return static_cast<cudaStream_t>(ctx.stream); }
   cublasHandle_t cublas(cudaStream_t s);        // the handle, bound to stream s
   void* scratch(size_t bytes);                  // the shared scratch workspace, >= bytes
+  void* gemm_bf16_scratch(size_t bytes);        // the bf16 GEMM operands' buffer, >= bytes (grows only)
+  size_t gemm_bf16_scratch_bytes() const { return gemm_bf16_scratch_.bytes(); }
   DeviceIssue* issue() const { return static_cast<DeviceIssue*>(issue_.get()); }
   int multiprocessors() const { return sm_count_; }
   size_t max_shared_bytes() const { return max_smem_optin_; }  // per block, after opt-in
@@ -138,6 +149,8 @@ class CudaBackend final : public Backend, public OpProfiler {
   bool cublas_stream_set_ = false;
   DeviceBuffer cublas_workspace_;
   DeviceBuffer scratch_;
+  DeviceBuffer gemm_bf16_scratch_;
+  GemmPrecision gemm_precision_ = GemmPrecision::kF32;
   DeviceBuffer issue_;
   std::vector<int32_t> host_staging_;
   AttentionKernel attention_kernel_ = AttentionKernel::kFlash;

@@ -1,0 +1,209 @@
+// CUDA GEMMs under GemmPrecision::kBF16 (Backend::set_gemm_precision) against the CPU's f32
+// result: gemm (every transpose, alpha, beta = 0 on poisoned C and beta ≠ 0, k = 0), grouped_gemm
+// (both layouts of B, empty groups, no rows in use, rows past offsets[G] untouched) and
+// grouped_gemm_wgrad (empty groups keep beta·C), at odd sizes, so the per-group bf16 operands start
+// at addresses that are not 16-byte aligned; then that switching back to kF32 restores the f32
+// tolerances, and that the CPU backend ignores the setting.
+//
+// Tolerance (STYLE.md numerics policy, BF16): ‖cuda − cpu‖/‖cpu‖ ≤ 1e-2 over the whole output.
+// Why: the bf16 mode rounds A and B to bf16 (8-bit mantissa: relative error ≤ 2^-9 each, about
+// 1.1e-3 rms for uniform rounding) and then multiplies and sums in f32, so each product is off by
+// about 1.6e-3 relative (rms) and a sum of k such products with random signs keeps that relative
+// size: ‖err‖/‖ref‖ ≈ 1.6e-3, well inside 1e-2. It also must be at least 1e-4: f32 GEMMs differ from
+// the CPU by ~1e-7, so a smaller error would mean the bf16 inputs were not used.
+#include <cmath>
+
+#include "backend/cuda/cuda_backend.h"
+#include "cuda_dual.h"
+
+namespace diffmoe::cudatest {
+namespace {
+
+constexpr double kBf16MaxRel = 1e-2;  // the policy bound (see the file comment)
+constexpr double kBf16MinRel = 1e-4;  // below this the GEMM did not round its inputs to bf16
+
+// The f32 tolerance of cuda_vs_cpu.cpp: f32 dot products of length k in different orders.
+Tol f32_gemm_tol(int64_t k) {
+  return Tol{1e-5, 4e-6 * static_cast<double>(std::max<int64_t>(k, 1)), "f32 sums of k products, other order"};
+}
+constexpr Tol kScaleOnly{1e-6, 1e-7, "k = 0: beta·C only, no bf16 rounding"};
+
+// The GPU backend in bf16 GEMM mode for the scope, back to f32 after (also when a check fails).
+class Bf16Mode {
+ public:
+  Bf16Mode() { gpu().set_gemm_precision(GemmPrecision::kBF16); }
+  ~Bf16Mode() { gpu().set_gemm_precision(GemmPrecision::kF32); }
+  Bf16Mode(const Bf16Mode&) = delete;
+  Bf16Mode& operator=(const Bf16Mode&) = delete;
+};
+
+// ‖cuda − cpu‖/‖cpu‖ over elements [0, check_end) in [min_rel, max_rel] (NaN fails); elements from
+// check_end on must be bitwise equal (rows an op must not touch); guard bytes intact.
+void expect_rel(const Dual& d, const std::string& what, int64_t check_end = -1, double max_rel = kBf16MaxRel,
+                double min_rel = kBf16MinRel) {
+  const std::vector<double> got = d.device_values(), want = d.host_values();
+  const size_t end = check_end < 0 ? got.size() : static_cast<size_t>(check_end);
+  double err2 = 0.0, ref2 = 0.0;
+  for (size_t i = 0; i < end; ++i) {
+    err2 += (got[i] - want[i]) * (got[i] - want[i]);
+    ref2 += want[i] * want[i];
+  }
+  const double rel = std::sqrt(err2) / std::sqrt(ref2);
+  std::printf("[cuda-bf16] %-48s n=%-7zu ||diff||/||ref|| %.3e  (bound %.0e; bf16 inputs, f32 accumulation)\n",
+              what.c_str(), end, rel, max_rel);
+  EXPECT_TRUE(std::isfinite(rel) && rel <= max_rel) << what << ": relative error " << rel << " > " << max_rel;
+  EXPECT_GE(rel, min_rel) << what << ": relative error " << rel << " is f32-like: were the inputs rounded to bf16?";
+  int64_t changed = 0;
+  for (size_t i = end; i < got.size(); ++i) changed += (got[i] == want[i]) ? 0 : 1;
+  EXPECT_EQ(changed, 0) << what << ": " << changed << " elements past the rows in use were changed";
+  EXPECT_TRUE(d.guard_intact()) << what << ": the guard bytes after the device tensor were overwritten";
+}
+
+CudaBackend& cuda_backend() { return dynamic_cast<CudaBackend&>(gpu()); }
+
+void run_gemm_case(int64_t m, int64_t n, int64_t k, int ta, int tb, double alpha, double beta, uint64_t seed) {
+  Dual a(ta ? Shape{k, m} : Shape{m, k}), b(tb ? Shape{n, k} : Shape{k, n}), c(Shape{m, n});
+  a.normal(seed);
+  b.normal(seed + 1);
+  if (beta == 0.0) c.poison();  // beta = 0 must not read C (NaN stays out)
+  else c.normal(seed + 2);
+  run_both([&](Backend& be, Side s) {
+    be.gemm({}, {.c = c[s], .a = a[s], .b = b[s], .trans_a = ta == 1, .trans_b = tb == 1, .alpha = alpha, .beta = beta});
+  });
+  expect_rel(c, fmt::format("bf16 gemm {}x{}x{} ta={} tb={} alpha={} beta={}", m, n, k, ta, tb, alpha, beta));
+}
+
+TEST(CudaBf16Gemm, DefaultIsF32AndCpuIgnoresTheSetting) {
+  EXPECT_EQ(gpu().gemm_precision(), GemmPrecision::kF32);
+  cpu().set_gemm_precision(GemmPrecision::kBF16);
+  EXPECT_EQ(cpu().gemm_precision(), GemmPrecision::kF32);  // the CPU computes in its dtype
+  {
+    const Bf16Mode mode;
+    EXPECT_EQ(gpu().gemm_precision(), GemmPrecision::kBF16);
+  }
+  EXPECT_EQ(gpu().gemm_precision(), GemmPrecision::kF32);
+}
+
+TEST(CudaBf16Gemm, AllTransposesAlphaBeta) {
+  const Bf16Mode mode;
+  uint64_t seed = 100;
+  for (int ta = 0; ta < 2; ++ta)
+    for (int tb = 0; tb < 2; ++tb)
+      for (double beta : {0.0, 1.3}) {
+        run_gemm_case(37, 29, 53, ta, tb, 0.7, beta, seed += 3);
+        run_gemm_case(131, 67, 515, ta, tb, -1.9, beta, seed += 3);  // larger: the bf16 buffer grows
+      }
+  // k = 0: C = beta·C, no operand read and nothing rounded.
+  Dual a0(Shape{37, 0}), b0(Shape{0, 29}), c0(Shape{37, 29});
+  c0.normal(23);
+  run_both([&](Backend& be, Side s) { be.gemm({}, {.c = c0[s], .a = a0[s], .b = b0[s], .alpha = 1.0, .beta = 0.5}); });
+  expect_close(c0, kScaleOnly, "bf16 gemm k=0");
+}
+
+TEST(CudaBf16Gemm, BufferSizedByLargestCall) {
+  const Bf16Mode mode;
+  run_gemm_case(257, 129, 301, 0, 1, 1.0, 0.0, 200);
+  const size_t after_large = cuda_backend().gemm_bf16_scratch_bytes();
+  EXPECT_GE(after_large, static_cast<size_t>((257 + 129) * 301) * 2);  // both operands as bf16
+  run_gemm_case(37, 29, 53, 1, 0, 0.7, 1.0, 210);  // smaller: reuses the buffer as it is
+  EXPECT_EQ(cuda_backend().gemm_bf16_scratch_bytes(), after_large);
+}
+
+// Offsets with two empty groups; rows ≥ offsets[G] (37 … 40) must stay untouched.
+const std::vector<double> kOffsets = {0, 9, 9, 20, 20, 37};
+
+TEST(CudaBf16Gemm, GroupedForward) {
+  const Bf16Mode mode;
+  const int64_t R = 41, used = 37, G = 5, k = 19, n = 23;  // odd k: group starts not 16-byte aligned
+  for (bool trans_b : {true, false}) {
+    for (double beta : {0.0, 1.0}) {
+      Dual a(Shape{R, k}), b(trans_b ? Shape{G, n, k} : Shape{G, k, n}), c(Shape{R, n}), off(Shape{G + 1}, DType::kI32);
+      a.normal(30);
+      b.normal(31);
+      off.set(kOffsets);
+      std::vector<double> c0(static_cast<size_t>(R * n));
+      for (int64_t i = 0; i < R * n; ++i)  // rows in use: poison when beta = 0; the rest: values to keep
+        c0[static_cast<size_t>(i)] = (beta == 0.0 && i < used * n) ? std::nan("") : normal_at(32, 1, static_cast<uint64_t>(i));
+      c.set(c0);
+      run_both([&](Backend& be, Side s) {
+        be.grouped_gemm({}, {.c = c[s], .a = a[s], .b = b[s], .offsets = off[s], .trans_b = trans_b, .alpha = 0.8, .beta = beta});
+      });
+      expect_rel(c, fmt::format("bf16 grouped_gemm trans_b={} beta={}", trans_b, beta), used * n);
+    }
+  }
+  // No rows in use (every group empty): nothing converted, C untouched.
+  Dual a(Shape{R, k}), b(Shape{G, n, k}), c(Shape{R, n}), off(Shape{G + 1}, DType::kI32);
+  a.normal(33);
+  b.normal(34);
+  c.normal(35);
+  off.set({0, 0, 0, 0, 0, 0});
+  run_both([&](Backend& be, Side s) {
+    be.grouped_gemm({}, {.c = c[s], .a = a[s], .b = b[s], .offsets = off[s], .trans_b = true, .alpha = 0.8, .beta = 0.0});
+  });
+  expect_close(c, kExact, "bf16 grouped_gemm no rows in use");
+}
+
+TEST(CudaBf16Gemm, GroupedWeightGradient) {
+  const Bf16Mode mode;
+  const int64_t R = 41, G = 5, m = 13, n = 11;
+  for (double beta : {0.0, 1.0}) {
+    Dual a(Shape{R, m}), b(Shape{R, n}), c(Shape{G, m, n}), off(Shape{G + 1}, DType::kI32);
+    a.normal(40);
+    b.normal(41);
+    off.set(kOffsets);
+    if (beta == 0.0) c.poison();  // empty groups become 0
+    else c.normal(42);            // empty groups keep C
+    run_both([&](Backend& be, Side s) {
+      be.grouped_gemm_wgrad({}, {.c = c[s], .a = a[s], .b = b[s], .offsets = off[s], .alpha = 0.5, .beta = beta});
+    });
+    expect_rel(c, fmt::format("bf16 grouped_gemm_wgrad beta={}", beta));
+    // The empty groups (1 and 3) are beta·C only: exact on both sides.
+    const std::vector<double> got = c.device_values(), want = c.host_values();
+    for (int64_t g : {int64_t{1}, int64_t{3}})
+      for (int64_t i = g * m * n; i < (g + 1) * m * n; ++i)
+        ASSERT_EQ(got[static_cast<size_t>(i)], want[static_cast<size_t>(i)]) << "empty group " << g << " element " << i;
+  }
+}
+
+TEST(CudaBf16Gemm, SwitchingBackRestoresF32) {
+  {
+    const Bf16Mode mode;
+    run_gemm_case(37, 29, 53, 0, 1, 0.7, 1.3, 300);
+  }
+  ASSERT_EQ(gpu().gemm_precision(), GemmPrecision::kF32);
+  // The f32 tolerances of cuda_vs_cpu.cpp hold again (they fail by orders of magnitude in bf16).
+  const int64_t m = 37, n = 29, k = 53;
+  for (int ta = 0; ta < 2; ++ta) {
+    for (int tb = 0; tb < 2; ++tb) {
+      Dual a(ta ? Shape{k, m} : Shape{m, k}), b(tb ? Shape{n, k} : Shape{k, n}), c(Shape{m, n});
+      a.normal(310);
+      b.normal(311);
+      c.normal(312);
+      run_both([&](Backend& be, Side s) {
+        be.gemm({}, {.c = c[s], .a = a[s], .b = b[s], .trans_a = ta == 1, .trans_b = tb == 1, .alpha = 0.7, .beta = 1.3});
+      });
+      expect_close(c, f32_gemm_tol(k), fmt::format("f32 again: gemm ta={} tb={}", ta, tb));
+    }
+  }
+  const int64_t R = 41, G = 5, kg = 19, ng = 23;
+  Dual a(Shape{R, kg}), b(Shape{G, ng, kg}), c(Shape{R, ng}), off(Shape{G + 1}, DType::kI32);
+  a.normal(320);
+  b.normal(321);
+  c.normal(322);
+  off.set(kOffsets);
+  run_both([&](Backend& be, Side s) {
+    be.grouped_gemm({}, {.c = c[s], .a = a[s], .b = b[s], .offsets = off[s], .trans_b = true, .alpha = 0.8, .beta = 1.0});
+  });
+  expect_close(c, f32_gemm_tol(kg), "f32 again: grouped_gemm");
+  Dual wa(Shape{R, 13}), wb(Shape{R, 11}), wc(Shape{G, 13, 11});
+  wa.normal(330);
+  wb.normal(331);
+  wc.normal(332);
+  run_both([&](Backend& be, Side s) {
+    be.grouped_gemm_wgrad({}, {.c = wc[s], .a = wa[s], .b = wb[s], .offsets = off[s], .alpha = 0.5, .beta = 1.0});
+  });
+  expect_close(wc, f32_gemm_tol(17), "f32 again: grouped_gemm_wgrad");  // largest group: 17 rows
+}
+
+}  // namespace
+}  // namespace diffmoe::cudatest
