@@ -171,6 +171,9 @@ if [[ "${BENCH:-1}" == 1 ]]; then
       cat "$LOG_DIR/bench_diffmoe_half.log" | tail -n 2
     fi
     cat "$LOG_DIR/bench_diffmoe.log" | tail -n 2
+    step bench_diffmoe_bf16gemm "$LOG_DIR/bench_diffmoe_bf16gemm.log" "$BIN_BENCH" --device cuda --config configs/bench.yaml \
+      --batch "$ours_batch" --seq 2048 --steps 5 --warmup 2 --optim --precision bf16_gemm
+    cat "$LOG_DIR/bench_diffmoe_bf16gemm.log" | tail -n 2
   else
     skip bench_diffmoe "no binary"
   fi
