@@ -282,4 +282,18 @@ void save_trained_bpe(const TrainedBpe& bpe, const std::filesystem::path& path) 
   fsync_or_fail(path.has_parent_path() ? path.parent_path().string() : ".");
 }
 
+CorpusStats add_documents(BpeTrainer& trainer, const std::vector<std::filesystem::path>& files, const ReaderOptions& reader) {
+  CorpusStats stats;
+  std::string doc;
+  for (const auto& file : files) {
+    DocumentReader r(file, reader);
+    while (r.next(doc)) {
+      trainer.add_text(doc);
+      stats.bytes += doc.size();
+      ++stats.documents;
+    }
+  }
+  return stats;
+}
+
 }  // namespace diffmoe::data

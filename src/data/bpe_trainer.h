@@ -26,6 +26,7 @@
 #include <unordered_map>
 #include <vector>
 
+#include "data/text_source.h"
 #include "data/tokenizer.h"
 
 namespace diffmoe::data {
@@ -77,5 +78,13 @@ class BpeTrainer {
 // The HF-compatible tokenizer.json text / file for a trained BPE (see the file comment).
 std::string trained_bpe_to_json(const TrainedBpe& bpe);
 void save_trained_bpe(const TrainedBpe& bpe, const std::filesystem::path& path);
+
+// Feeds every document of `files` (read with `reader`) to `trainer`: what `diffmoe tokenizer
+// train` and a run's first-use tokenizer training both do.
+struct CorpusStats {
+  uint64_t documents = 0;
+  uint64_t bytes = 0;
+};
+CorpusStats add_documents(BpeTrainer& trainer, const std::vector<std::filesystem::path>& files, const ReaderOptions& reader);
 
 }  // namespace diffmoe::data

@@ -40,22 +40,25 @@ void read_weights(Model& m, const SafetensorsFile& f) {
   for (const ParamSpec& p : m.specs()) {
     expected.insert(p.name);
     DIFFMOE_CHECK(f.has(p.name), "{}: tensor '{}' is missing", f.path(), p.name);
-    const Tensor dst = m.params().get(p.name);
-    if (dst.device == Device::kCPU) {
-      f.read_into(p.name, dst);
-    } else {  // stage through the host, then upload
-      Arena staging;
-      staging.add("t", dst.shape, dst.dtype);
-      staging.allocate(cpu_allocator());
-      f.read_into(p.name, staging.get("t"));
-      m.backend().upload(dst, staging.get("t").data);
-    }
+    read_tensor(f, p.name, m.params().get(p.name), m.backend());
   }
   for (const std::string& name : f.names())
     DIFFMOE_CHECK(expected.contains(name), "{}: unexpected tensor '{}' for this config", f.path(), name);
 }
 
 }  // namespace
+
+void read_tensor(const SafetensorsFile& f, const std::string& name, const Tensor& dst, Backend& backend) {
+  if (dst.device == Device::kCPU) {
+    f.read_into(name, dst);
+    return;
+  }
+  Arena staging;
+  staging.add("t", dst.shape, dst.dtype);
+  staging.allocate(cpu_allocator());
+  f.read_into(name, staging.get("t"));
+  backend.upload(dst, staging.get("t").data);
+}
 
 void save_model(const Model& m, const std::string& path, const std::map<std::string, std::string>& extra_metadata) {
   SafetensorsWriter w;

@@ -5,6 +5,7 @@
 #include <memory>
 #include <string>
 
+#include "io/safetensors.h"
 #include "model/model.h"
 
 namespace diffmoe {
@@ -20,5 +21,9 @@ std::unique_ptr<Model> load_model(const std::string& path, Backend& backend, DTy
 
 // Loads the parameters of an existing model from a file whose config must be identical.
 void load_weights(Model& m, const std::string& path);
+
+// Reads tensor `name` of `f` into `dst` on any backend: directly into host memory, or through a
+// host staging buffer and an upload when `dst` lives on a device.
+void read_tensor(const SafetensorsFile& f, const std::string& name, const Tensor& dst, Backend& backend);
 
 }  // namespace diffmoe

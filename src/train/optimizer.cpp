@@ -3,6 +3,7 @@
 #include <vector>
 
 #include "io/safetensors.h"
+#include "model/model_file.h"
 
 namespace diffmoe {
 
@@ -83,16 +84,7 @@ void AdamW::load(const std::string& path) {
   for (const auto& e : state_.entries()) {
     if (e.name == "grad_sq") continue;
     DIFFMOE_CHECK(f.has(e.name), "{}: optimizer state '{}' is missing", path, e.name);
-    const Tensor dst = state_.view(e);
-    if (dst.device == Device::kCPU) {
-      f.read_into(e.name, dst);
-    } else {
-      Arena staging;
-      staging.add("t", dst.shape, dst.dtype);
-      staging.allocate(cpu_allocator());
-      f.read_into(e.name, staging.get("t"));
-      model_->backend().upload(dst, staging.get("t").data);
-    }
+    read_tensor(f, e.name, state_.view(e), model_->backend());
   }
   auto it = f.metadata().find("step");
   DIFFMOE_CHECK(it != f.metadata().end(), "{}: metadata has no \"step\"", path);

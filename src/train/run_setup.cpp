@@ -34,19 +34,13 @@ std::unique_ptr<data::Tokenizer> ensure_tokenizer(const RunConfig& rc, const Log
                   t.path);
     const auto t0 = std::chrono::steady_clock::now();
     data::BpeTrainer trainer(data::BpeTrainerOptions{.vocab_size = static_cast<int32_t>(t.vocab_size)});
-    size_t bytes = 0;
-    for (const fs::path& file : inputs_of(t.train_inputs, "tokenizer.train_inputs")) {
-      data::DocumentReader reader(file, data::ReaderOptions{.text_field = rc.data.text_field, .text_doc_bytes = static_cast<size_t>(rc.data.doc_bytes)});
-      std::string doc;
-      while (reader.next(doc)) {
-        trainer.add_text(doc);
-        bytes += doc.size();
-      }
-    }
+    const data::CorpusStats corpus = data::add_documents(
+        trainer, inputs_of(t.train_inputs, "tokenizer.train_inputs"),
+        data::ReaderOptions{.text_field = rc.data.text_field, .text_doc_bytes = static_cast<size_t>(rc.data.doc_bytes)});
     const data::TrainedBpe bpe = trainer.train();
     if (!fs::path(t.path).parent_path().empty()) fs::create_directories(fs::path(t.path).parent_path());
     data::save_trained_bpe(bpe, t.path);
-    log(fmt::format("tokenizer: trained byte-level BPE ({} ids) on {:.1f} MB in {:.1f} s -> {}", bpe.vocab_size(), bytes / 1e6,
+    log(fmt::format("tokenizer: trained byte-level BPE ({} ids) on {:.1f} MB in {:.1f} s -> {}", bpe.vocab_size(), corpus.bytes / 1e6,
                     std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count(), t.path));
   }
   std::unique_ptr<data::Tokenizer> tok;

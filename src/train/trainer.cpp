@@ -18,29 +18,13 @@
 #include "train/metrics.h"
 #include "train/optimizer.h"
 #include "train/run_setup.h"
+#include "train/token_buffers.h"
 
 namespace diffmoe {
 
 namespace fs = std::filesystem;
 
 namespace {
-
-// Host staging and device buffers for one micro-batch of token ids.
-struct TokenBuffers {
-  Arena host, dev;
-  TokenBuffers(Backend& be, int64_t B, int64_t T) {
-    for (Arena* a : {&host, &dev}) {
-      a->add("inputs", Shape{B, T}, DType::kI32);
-      a->add("targets", Shape{B, T}, DType::kI32);
-    }
-    host.allocate(cpu_allocator());
-    dev.allocate(be.allocator());
-  }
-  void upload(Backend& be) {
-    be.upload(dev.get("inputs"), host.get("inputs").data);
-    be.upload(dev.get("targets"), host.get("targets").data);
-  }
-};
 
 // Per-layer routing and λ statistics for the log (a host sync: log steps only).
 void routing_stats(const Model& m, std::map<std::string, double>& out) {
@@ -189,9 +173,8 @@ TrainResult train(const RunConfig& rc, const TrainOptions& opt) {
     model.zero_expert_counts({});
     double loss = 0, aux = 0;
     for (int64_t micro = 0; micro < ts.grad_accum; ++micro) {
-      loader.next(tb.host.get("inputs"), tb.host.get("targets"));
-      tb.upload(*be);
-      model.forward({}, tb.dev.get("inputs"), tb.dev.get("targets"));
+      tb.next(loader, *be);  // the training loader never ends (it runs across epochs)
+      model.forward({}, tb.inputs(), tb.targets());
       model.backward({}, 1.0 / static_cast<double>(ts.grad_accum));
       const LossValues l = model.losses();
       loss += l.lm_loss / static_cast<double>(ts.grad_accum);

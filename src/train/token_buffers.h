@@ -1,0 +1,31 @@
+// One micro-batch of token ids: host staging (what the loader fills) and backend buffers (what the
+// model reads), [batch, seq] i32 each. Shared by the trainer and the evaluator.
+#pragma once
+#include "backend/backend.h"
+#include "data/loader.h"
+
+namespace diffmoe {
+
+struct TokenBuffers {
+  Arena host, dev;
+
+  TokenBuffers(Backend& be, int64_t batch, int64_t seq) {
+    for (Arena* a : {&host, &dev}) {
+      a->add("inputs", Shape{batch, seq}, DType::kI32);
+      a->add("targets", Shape{batch, seq}, DType::kI32);
+    }
+    host.allocate(cpu_allocator());
+    dev.allocate(be.allocator());
+  }
+  // Fills the host buffers from the loader and uploads them; false at the end of a pass.
+  bool next(data::TokenLoader& loader, Backend& be) {
+    if (!loader.next(host.get("inputs"), host.get("targets"))) return false;
+    be.upload(dev.get("inputs"), host.get("inputs").data);
+    be.upload(dev.get("targets"), host.get("targets").data);
+    return true;
+  }
+  Tensor inputs() const { return dev.get("inputs"); }
+  Tensor targets() const { return dev.get("targets"); }
+};
+
+}  // namespace diffmoe
