@@ -60,11 +60,12 @@ void add_tokenizer_command(CLI::App& app, std::function<int()>& run) {
   tr->callback([&run, inputs, out, vocab, pattern, field] {
     run = [=] {
       data::BpeTrainer trainer(data::BpeTrainerOptions{.vocab_size = *vocab, .pattern = *pattern});
-      const data::CorpusStats corpus = data::add_documents(trainer, data::expand_inputs(*inputs), data::ReaderOptions{.text_field = *field});
+      const data::CorpusStats corpus =
+          data::add_documents(trainer, data::expand_inputs(*inputs), data::ReaderOptions{.text_field = *field});
       const data::TrainedBpe bpe = trainer.train();
       data::save_trained_bpe(bpe, *out);
-      fmt::print("trained {} ids ({} merges) on {} documents, {:.1f} MB -> {}\n", bpe.vocab_size(), bpe.merges.size(), corpus.documents, corpus.bytes / 1e6,
-                 *out);
+      fmt::print("trained {} ids ({} merges) on {} documents, {:.1f} MB -> {}\n", bpe.vocab_size(), bpe.merges.size(),
+                 corpus.documents, corpus.bytes / 1e6, *out);
       return 0;
     };
   });
