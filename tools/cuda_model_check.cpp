@@ -15,6 +15,15 @@
 //   [--against cuda]   (--against cpu compares the CPU with itself: a self-test of this tool)
 //   [--verbose]        (one line per gradient; by default failures and each case's worst)
 //   [--time STEPS]     (also the median time of a tiny-preset forward+backward on each backend)
+//   [--precision bf16_gemm]  (the CUDA side in the bf16 GEMM mode: bf16 weight copies, bf16
+//                      tensor-core GEMMs and attention, f32 router. Limits then: losses and logits
+//                      3e-2; all gradients together ‖cuda − cpu‖/‖cpu‖ ≤ 5e-2; each gradient ≤ --tol,
+//                      default 0.15 (cosine similarity ≥ 0.99); up to 1% of the routing choices may
+//                      differ. Why so loose: each bf16 op is off by ~2e-3 (test_cuda_ops), and a
+//                      gradient is the end of a chain of ~10 such ops per layer, so a few percent
+//                      per tensor is the expected bf16 noise (measured: 3-8% on the micro configs'
+//                      O(1) weights); a wrong index or a missing term gives O(1) errors, and the f32
+//                      run of this tool checks every gradient to 1e-4.)
 #include <fmt/format.h>
 
 #include <algorithm>
@@ -150,7 +159,8 @@ std::unique_ptr<Model> run(Backend& be, const Case& c, uint64_t seed) {
 }
 
 // Returns the number of checks over `tol`.
-int check_case(const Case& c, Backend& cpu, Backend& gpu, double tol, bool verbose) {
+int check_case(const Case& c, Backend& cpu, Backend& gpu, double tol, bool verbose, bool bf16) {
+  const double route_flip_limit = bf16 ? 0.01 : 0.0, value_tol = bf16 ? 3e-2 : tol, global_tol = bf16 ? 5e-2 : tol;
   constexpr uint64_t kSeed = 1234;
   std::printf("\n== %s: batch %lld × seq %lld, vocab %lld, dim %lld, %lld layers%s\n", c.name.c_str(),
               static_cast<long long>(c.batch), static_cast<long long>(c.seq), static_cast<long long>(c.cfg.vocab_size),
@@ -160,19 +170,20 @@ int check_case(const Case& c, Backend& cpu, Backend& gpu, double tol, bool verbo
   const std::unique_ptr<Model> b = run(gpu, c, kSeed);
   int failures = 0;
   std::string worst_name;
-  double worst = -1.0;
+  double worst = -1.0, all_err2 = 0.0, all_ref2 = 0.0;
   // One line per check when verbose, else only failures; the worst gradient is always printed.
-  auto report = [&](const std::string& what, double err, double ref) {
-    const bool bad = !(err <= tol);  // NaN fails
+  auto report = [&](const std::string& what, double err, double ref, double limit) {
+    const bool bad = !(err <= limit);  // NaN fails
     failures += bad ? 1 : 0;
     if (verbose || bad) std::printf("  %-44s %12.5g  rel err %.3e%s\n", what.c_str(), ref, err, bad ? "  <-- FAIL" : "");
   };
   const LossValues la = a->losses(), lb = b->losses();
   std::printf("  loss (cpu / cuda): lm %.9g / %.9g, aux %.9g / %.9g, valid %lld / %lld\n", la.lm_loss, lb.lm_loss,
               la.aux_loss, lb.aux_loss, static_cast<long long>(la.valid), static_cast<long long>(lb.valid));
-  report("lm_loss", std::fabs(lb.lm_loss - la.lm_loss) / std::max(std::fabs(la.lm_loss), 1e-30), la.lm_loss);
+  report("lm_loss", std::fabs(lb.lm_loss - la.lm_loss) / std::max(std::fabs(la.lm_loss), 1e-30), la.lm_loss, value_tol);
   if (c.cfg.aux_loss_alpha > 0 && c.cfg.n_layers > c.cfg.n_dense_layers)
-    report("aux_loss", std::fabs(lb.aux_loss - la.aux_loss) / std::max(std::fabs(la.aux_loss), 1e-30), la.aux_loss);
+    report("aux_loss", std::fabs(lb.aux_loss - la.aux_loss) / std::max(std::fabs(la.aux_loss), 1e-30), la.aux_loss,
+           value_tol);
   failures += la.valid == lb.valid ? 0 : 1;
   // Routing: the same experts for every (token, slot)?
   for (int64_t l = c.cfg.n_dense_layers; l < c.cfg.n_layers; ++l) {
@@ -181,12 +192,14 @@ int check_case(const Case& c, Backend& cpu, Backend& gpu, double tol, bool verbo
     int64_t differ = 0;
     for (size_t i = 0; i < ra.size(); ++i) differ += ra[i] != rb[i] ? 1 : 0;
     if (differ > 0) {
-      std::printf("  layer %lld: %lld of %zu routing choices differ (near-tied router scores): expert gradients "
-                  "are not comparable for this seed\n", static_cast<long long>(l), static_cast<long long>(differ), ra.size());
-      ++failures;
+      const bool over = static_cast<double>(differ) > route_flip_limit * static_cast<double>(ra.size());
+      std::printf("  layer %lld: %lld of %zu routing choices differ (near-tied router scores)%s\n", static_cast<long long>(l),
+                  static_cast<long long>(differ), ra.size(),
+                  over ? ": expert gradients are not comparable for this seed  <-- FAIL" : ", within the limit");
+      failures += over ? 1 : 0;
     }
   }
-  report("logits", rel_error(download<float>(gpu, b->logits()), download<float>(cpu, a->logits())), 0.0);
+  report("logits", rel_error(download<float>(gpu, b->logits()), download<float>(cpu, a->logits())), 0.0, value_tol);
   if (verbose) std::printf("  %-44s %12s  %s\n", "gradient", "‖cpu‖", "‖cuda − cpu‖/‖cpu‖");
   for (const Arena::Entry& e : a->grads().entries()) {
     const std::vector<float> ga = download<float>(cpu, a->grads().view(e));
@@ -194,13 +207,18 @@ int check_case(const Case& c, Backend& cpu, Backend& gpu, double tol, bool verbo
     double norm = 0.0;
     for (float x : ga) norm += static_cast<double>(x) * x;
     const double err = rel_error(gb, ga);
-    report(e.name, err, std::sqrt(norm));
+    report(e.name, err, std::sqrt(norm), tol);
+    all_ref2 += norm;
+    all_err2 += err * err * norm;
     if (!(err <= worst)) {
       worst = err;
       worst_name = e.name;
     }
   }
-  std::printf("  %zu gradients, worst rel err %.3e (%s)\n", a->grads().entries().size(), worst, worst_name.c_str());
+  const double global = std::sqrt(all_err2 / std::max(all_ref2, 1e-300));
+  report("all gradients together", global, std::sqrt(all_ref2), global_tol);
+  std::printf("  %zu gradients, worst rel err %.3e (%s), all together %.3e\n", a->grads().entries().size(), worst,
+              worst_name.c_str(), global);
 
   // Decoding with the latent cache (Generator, latent_attention): a chunked prefill of 5 positions,
   // then 2 single steps, on both backends; the logits of each call compared.
@@ -218,7 +236,7 @@ int check_case(const Case& c, Backend& cpu, Backend& gpu, double tol, bool verbo
     logits_b = gen_b.step({}, gen_b.upload_tokens(next, 1));
     worst_decode = std::max(worst_decode, rel_error(download<float>(gpu, logits_b), download<float>(cpu, logits_a)));
   }
-  report("decode logits (prefill 5 in chunks of 3, 2 steps)", worst_decode, 0.0);
+  report("decode logits (prefill 5 in chunks of 3, 2 steps)", worst_decode, 0.0, value_tol);
   std::printf("  decode: worst logits rel err %.3e; %d check%s over %.0e\n", worst_decode, failures,
               failures == 1 ? "" : "s", tol);
   return failures;
@@ -250,7 +268,8 @@ double median_step_ms(Backend& be, const Case& c, int steps) {
 int main_impl(int argc, char** argv) {
   std::string tiny_path = "configs/tiny.yaml";
   std::string against = "cuda";
-  double tol = 1e-4;
+  double tol = -1.0;  // 1e-4 (f32) or 3e-2 (bf16_gemm) unless given
+  std::string precision = "f32";
   bool verbose = false;
   int time_steps = 0;
   std::string weights;
@@ -260,6 +279,7 @@ int main_impl(int argc, char** argv) {
     if (arg == "--tiny" && i + 1 < argc) tiny_path = argv[++i];
     else if (arg == "--tol" && i + 1 < argc) tol = std::atof(argv[++i]);
     else if (arg == "--against" && i + 1 < argc) against = argv[++i];
+    else if (arg == "--precision" && i + 1 < argc) precision = argv[++i];
     else if (arg == "--verbose") verbose = true;
     else if (arg == "--time" && i + 1 < argc) time_steps = std::max(1, std::atoi(argv[++i]));
     else if (arg == "--weights" && i + 1 < argc) weights = argv[++i];
@@ -267,12 +287,21 @@ int main_impl(int argc, char** argv) {
     else if (arg == "--seq" && i + 1 < argc) tiny_seq = std::atoll(argv[++i]);
     else {
       std::fprintf(stderr, "usage: cuda_model_check [--tiny configs/tiny.yaml] [--tol 1e-4] [--against cuda|cpu] [--verbose] [--time STEPS]\n"
+                           "                        [--precision f32|bf16_gemm]\n"
                            "                        [--weights trained.safetensors --batch B --seq T]  (the preset case)\n");
       return 2;
     }
   }
+  if (precision != "f32" && precision != "bf16_gemm") {
+    std::fprintf(stderr, "cuda_model_check: --precision must be f32 or bf16_gemm, got %s\n", precision.c_str());
+    return 2;
+  }
+  const bool bf16 = precision == "bf16_gemm";
+  if (tol < 0) tol = bf16 ? 0.15 : 1e-4;
   std::unique_ptr<Backend> cpu = make_backend("cpu");
   std::unique_ptr<Backend> gpu = make_backend(against);
+  if (bf16) gpu->set_gemm_precision(GemmPrecision::kBF16);
+  std::printf("cuda_model_check: %s on the %s side, gradient tolerance %.2g\n", precision.c_str(), against.c_str(), tol);
   const std::vector<Case> cases = {
       {"micro_diff", micro_diff_config(), 3, 8, true},
       {"micro_plain", micro_plain_config(), 2, 7, true},
@@ -280,7 +309,7 @@ int main_impl(int argc, char** argv) {
        false, weights},
   };
   int failures = 0;
-  for (const Case& c : cases) failures += check_case(c, *cpu, *gpu, tol, verbose);
+  for (const Case& c : cases) failures += check_case(c, *cpu, *gpu, tol, verbose, bf16);
   if (time_steps > 0) {
     const Case& c = cases.back();
     const double cpu_ms = median_step_ms(*cpu, c, time_steps), gpu_ms = median_step_ms(*gpu, c, time_steps);

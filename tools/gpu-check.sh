@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # GPU check of the CUDA backend (issue #4). Run on a machine with an NVIDIA GPU, from the repository
 # root. Steps: configure + build (CUDA on, Hopper sm_90a by default) into build-gpu; the CUDA-vs-CPU
-# op checks (test_cuda_ops); the whole-model check (cuda_model_check); compute-sanitizer memcheck on
-# the op checks (the long-sequence case left out) and racecheck on those using shared memory. Every
+# op checks (test_cuda_ops); the whole-model check (cuda_model_check, f32 and bf16_gemm); compute-
+# sanitizer memcheck on the op checks (the long-sequence case left out) and on the grouped GEMM's own
+# checks, racecheck on those using shared memory; op benchmarks (attention, grouped GEMM); the
+# training-step benchmark against PyTorch (bench/README.md); a table of the headline numbers. Every
 # step runs even when an earlier one failed; full logs go to the log folder; a summary table (step,
 # result, seconds) is printed last. Exit status: 0 when every step passed.
 #
@@ -48,13 +50,13 @@ done
 mkdir -p "$LOG_DIR"
 CONFIGURE=(cmake -S . -B "$BUILD_DIR" -G Ninja -DCMAKE_BUILD_TYPE=Release -DDIFFMOE_CUDA=ON
            -DCMAKE_CUDA_ARCHITECTURES="$ARCH" -DDIFFMOE_TESTS=ON -DDIFFMOE_BENCH=ON)
-TARGETS=(test_cuda_ops cuda_model_check bench_step diffmoe)
+TARGETS=(test_cuda_ops cuda_model_check bench_step bench_grouped_gemm diffmoe)
 
 if [[ -n "$MAKE_BUNDLE" ]]; then
   "${CONFIGURE[@]}" >/dev/null && ninja -C "$BUILD_DIR" -j"$JOBS" "${TARGETS[@]}" || exit 1
   rm -rf "$MAKE_BUNDLE" && mkdir -p "$MAKE_BUNDLE/lib" || exit 1
   bins=("$BUILD_DIR/tests/ops/test_cuda_ops" "$BUILD_DIR/tools/cuda_model_check" "$BUILD_DIR/bench/bench_step"
-        "$BUILD_DIR/src/cli/diffmoe")
+        "$BUILD_DIR/bench/bench_grouped_gemm" "$BUILD_DIR/src/cli/diffmoe")
   cp "${bins[@]}" "$MAKE_BUNDLE/" || exit 1
   for lib in $(ldd "${bins[@]}" | awk '/=> \// {print $3}' | sort -u); do
     case "$(basename "$lib")" in
@@ -111,6 +113,7 @@ export PATH="$PATH:/usr/local/cuda/bin"
 BIN_TEST="$BUILD_DIR/tests/ops/test_cuda_ops"
 BIN_MODEL="$BUILD_DIR/tools/cuda_model_check"
 BIN_BENCH="$BUILD_DIR/bench/bench_step"
+BIN_GG="$BUILD_DIR/bench/bench_grouped_gemm"
 built=0
 if step configure "$LOG_DIR/configure.log" "${CONFIGURE[@]}"; then
   step build "$LOG_DIR/build.log" ninja -C "$BUILD_DIR" -j"$JOBS" "${TARGETS[@]}" && built=1
@@ -122,6 +125,7 @@ if [[ $built == 0 && -n "$PREBUILT" ]]; then
   BIN_TEST="$PREBUILT/test_cuda_ops"
   BIN_MODEL="$PREBUILT/cuda_model_check"
   BIN_BENCH="$PREBUILT/bench_step"
+  BIN_GG="$PREBUILT/bench_grouped_gemm"
   export LD_LIBRARY_PATH="$PREBUILT/lib:/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}"
   for i in "${!NAMES[@]}"; do  # a failed build here is expected where the dependencies are missing
     [[ ${RESULTS[$i]} == PASS ]] || RESULTS[$i]="${RESULTS[$i]}, used prebuilt"
@@ -141,6 +145,8 @@ fi
 if [[ -x "$BIN_MODEL" ]]; then
   step cuda_model_check "$LOG_DIR/cuda_model_check.log" "$BIN_MODEL"
   grep -E "^==|worst|cuda_model_check:|FAIL|differ" "$LOG_DIR/cuda_model_check.log" | head -n 40
+  step model_check_bf16 "$LOG_DIR/cuda_model_check_bf16.log" "$BIN_MODEL" --precision bf16_gemm
+  grep -E "^==|loss|worst|cuda_model_check:|FAIL|differ" "$LOG_DIR/cuda_model_check_bf16.log" | head -n 40
 else
   skip cuda_model_check "no binary"
 fi
@@ -153,6 +159,11 @@ if [[ -x "$BIN_TEST" && -x "$SANITIZER" ]]; then
   step racecheck "$LOG_DIR/racecheck.log" "$SANITIZER" --tool racecheck --error-exitcode 3 --print-limit 20 \
     "$BIN_TEST" --gtest_brief=1 --gtest_filter="$RACE_FILTER"
   grep -E "RACECHECK SUMMARY|ERROR SUMMARY|^\[  (PASSED|FAILED) " "$LOG_DIR/racecheck.log" | tail -n 3
+  if [[ -x "$BIN_GG" ]]; then  # the grouped GEMM kernels' own small checks (every layout, bad offsets)
+    step memcheck_grouped "$LOG_DIR/memcheck_grouped.log" "$SANITIZER" --tool memcheck --error-exitcode 3 \
+      --print-limit 20 "$BIN_GG" --small
+    grep -E "ERROR SUMMARY" "$LOG_DIR/memcheck_grouped.log" | tail -n 1
+  fi
 else
   skip memcheck "no binary or no compute-sanitizer"
   skip racecheck "no binary or no compute-sanitizer"
@@ -161,6 +172,19 @@ fi
 # ---- benchmark: the bench preset's training step, ours and PyTorch's, same card, same run
 # (bench/README.md; BENCH=0 skips it, BENCH_BATCH sets ours — 8 is the preset's micro-batch).
 if [[ "${BENCH:-1}" == 1 ]]; then
+  # Op benchmarks: the attention kernels at the bench shape (f32 flash and bf16 tensor-core, ms) and
+  # the grouped expert GEMM (TFLOP/s beside cuBLAS); PyTorch's versions come with bench_torch.
+  if [[ -x "$BIN_TEST" ]]; then
+    step attention_timing "$LOG_DIR/attention_timing.log" "$BIN_TEST" --gtest_also_run_disabled_tests \
+      --gtest_filter='CudaAttentionTiming.*'
+    grep -vE "^\[|^$|^Note:" "$LOG_DIR/attention_timing.log" | tail -n 12
+  fi
+  if [[ -x "$BIN_GG" ]]; then
+    step grouped_gemm "$LOG_DIR/grouped_gemm.log" "$BIN_GG"
+    tail -n 12 "$LOG_DIR/grouped_gemm.log"
+  else
+    skip grouped_gemm "no binary"
+  fi
   if [[ -x "$BIN_BENCH" ]]; then
     ours_batch="${BENCH_BATCH:-8}"
     if ! step bench_diffmoe "$LOG_DIR/bench_diffmoe.log" "$BIN_BENCH" --device cuda --config configs/bench.yaml \
@@ -195,4 +219,14 @@ for i in "${!NAMES[@]}"; do
   printf '%-18s %-44s %8s\n' "${NAMES[$i]}" "${RESULTS[$i]}" "${TIMES[$i]}"
   case "${RESULTS[$i]}" in PASS|prebuilt*|*"used prebuilt") ;; *) status=1 ;; esac
 done
+if [[ "${BENCH:-1}" == 1 ]]; then  # the headline numbers, from the logs above
+  echo
+  echo "gpu-check numbers (bench preset, 8 x 2048 tokens, fwd+bwd+AdamW; same card, same run)"
+  ours() { grep -hoE "median [0-9.]+ s|[0-9]+ tokens/s, MFU [0-9.]+%" "$1" 2>/dev/null | tr '\n' ' '; }
+  torch_row() { grep -hE "^\| $1 \|" "$LOG_DIR/bench_torch.log" 2>/dev/null | head -n 1 |
+                awk -F'|' '{gsub(/ /, "", $3); gsub(/ /, "", $4); gsub(/ /, "", $5); print $3 " tokens/s, step " $4 " ms, MFU " $5}'; }
+  printf '%-26s %s\n' "diffmoe f32" "$(ours "$LOG_DIR/bench_diffmoe.log")" \
+    "diffmoe bf16_gemm" "$(ours "$LOG_DIR/bench_diffmoe_bf16gemm.log")" \
+    "PyTorch eager" "$(torch_row eager)" "PyTorch compile" "$(torch_row compile)"
+fi
 exit $status

@@ -53,10 +53,13 @@ struct RmsNormBwdArgs {
 // ---------------------------------------------------------------- GEMM
 // C = alpha · op(A) · op(B) + beta · C, all 2-D row-major; op(X) = Xᵀ when trans_X.
 // op(A): [m,k], op(B): [k,n], C: [m,n]. A linear layer y = x Wᵀ is {C=y, A=x, B=W, trans_b=true}.
+// On CUDA with an f32 C, A and B may also be bf16 tensors (weight copies; GemmPrecision::kBF16
+// only). f32_exact: compute in f32 even in the bf16 GEMM mode (the router's z = u Eᵀ, spec §5).
 struct GemmArgs {
   Tensor c; Tensor a; Tensor b;
   bool trans_a = false, trans_b = false;
   double alpha = 1.0, beta = 0.0;
+  bool f32_exact = false;
 };
 // Grouped GEMM over experts, groups are contiguous row blocks of A and C given by
 // offsets [G+1] (i32, device-resident; offsets[0] = 0, offsets[G] = rows in use):
@@ -195,7 +198,7 @@ struct AuxLossBwdArgs { Tensor dlogits; Tensor scores; int64_t seq_len = 0, top_
 //   offsets [E+1] i32: rows of expert e are offsets[e] .. offsets[e+1]
 //   src_row [N·K] i32: token of permuted row r;   slot_pos [N, K] i32: permuted row of (n, k)
 struct MoePermuteArgs { Tensor offsets; Tensor src_row; Tensor slot_pos; Tensor topk_idx; int64_t n_experts = 0; };
-// x_perm[r] = x[src_row[r]]   x: [N,D], x_perm: [N·K, D]
+// x_perm[r] = x[src_row[r]]   x: [N,D], x_perm: [N·K, D] (CUDA: may be bf16 for an f32 x, rounded)
 struct MoeGatherArgs { Tensor x_perm; Tensor x; Tensor src_row; };
 // dx[n] += Σ_k dx_perm[slot_pos[n,k]]  (accumulates: dx already holds the shared expert's dx)
 struct MoeGatherBwdArgs { Tensor dx; Tensor dx_perm; Tensor slot_pos; };

@@ -52,6 +52,14 @@ void check_matrix(const Tensor& t, DType dtype, int rank, Device dev, std::strin
   DIFFMOE_CHECK(t.rank() == rank, "[{}] {} must have rank {}, got {}", op, name, rank, t.describe());
 }
 
+// A GEMM operand: C's dtype, or on CUDA with an f32 C also bf16 (a bf16 weight copy or activation
+// made once and read by several GEMMs instead of being rounded again by each; spec §7).
+void check_gemm_operand(const Tensor& t, DType c_dtype, int rank, Device dev, std::string_view op,
+                        std::string_view name) {
+  const bool bf16_ok = dev == Device::kCUDA && c_dtype == DType::kF32 && t.dtype == DType::kBF16;
+  check_matrix(t, bf16_ok ? DType::kBF16 : c_dtype, rank, dev, op, name);
+}
+
 bool copy_convertible(DType d) {
   return d == DType::kF32 || d == DType::kF64 || d == DType::kBF16 || d == DType::kF8E4M3;
 }
@@ -318,8 +326,8 @@ GemmDims validate_gemm(const GemmArgs& a, Device dev) {
   constexpr std::string_view kOp = "gemm";
   const DType dt = a.c.dtype;
   check_matrix(a.c, dt, 2, dev, kOp, "c");
-  check_matrix(a.a, dt, 2, dev, kOp, "a");
-  check_matrix(a.b, dt, 2, dev, kOp, "b");
+  check_gemm_operand(a.a, dt, 2, dev, kOp, "a");
+  check_gemm_operand(a.b, dt, 2, dev, kOp, "b");
   GemmDims d;
   d.m = a.trans_a ? a.a.dim(1) : a.a.dim(0);
   d.k = a.trans_a ? a.a.dim(0) : a.a.dim(1);
@@ -337,8 +345,8 @@ GroupedGemmDims validate_grouped_gemm(const GroupedGemmArgs& a, Device dev) {
   constexpr std::string_view kOp = "grouped_gemm";
   const DType dt = a.c.dtype;
   check_matrix(a.c, dt, 2, dev, kOp, "c");
-  check_matrix(a.a, dt, 2, dev, kOp, "a");
-  check_matrix(a.b, dt, 3, dev, kOp, "b");
+  check_gemm_operand(a.a, dt, 2, dev, kOp, "a");
+  check_gemm_operand(a.b, dt, 3, dev, kOp, "b");
   GroupedGemmDims d{.rows = a.a.dim(0), .k = a.a.dim(1), .n = a.trans_b ? a.b.dim(1) : a.b.dim(2), .groups = a.b.dim(0)};
   const int64_t kb = a.trans_b ? a.b.dim(2) : a.b.dim(1);
   DIFFMOE_CHECK(kb == d.k && a.c.dim(0) == d.rows && a.c.dim(1) == d.n,
@@ -356,8 +364,8 @@ GroupedGemmWgradDims validate_grouped_gemm_wgrad(const GroupedGemmWgradArgs& a, 
   constexpr std::string_view kOp = "grouped_gemm_wgrad";
   const DType dt = a.c.dtype;
   check_matrix(a.c, dt, 3, dev, kOp, "c");
-  check_matrix(a.a, dt, 2, dev, kOp, "a");
-  check_matrix(a.b, dt, 2, dev, kOp, "b");
+  check_gemm_operand(a.a, dt, 2, dev, kOp, "a");
+  check_gemm_operand(a.b, dt, 2, dev, kOp, "b");
   const GroupedGemmWgradDims d{.rows = a.a.dim(0), .m = a.a.dim(1), .n = a.b.dim(1), .groups = a.c.dim(0)};
   DIFFMOE_CHECK(a.b.dim(0) == d.rows && a.c.dim(1) == d.m && a.c.dim(2) == d.n,
                 "[grouped_gemm_wgrad] shapes do not match: A {} is [R, m], B {} is [R, n], C is {} "
@@ -607,7 +615,9 @@ void validate_moe_gather(const MoeGatherArgs& a, Device dev) {
   check_device(a.src_row, dev, op, "src_row");
   check_dtype(a.src_row, DType::kI32, op, "src_row");
   DIFFMOE_CHECK(a.src_row.rank() == 1, "[{}] src_row must be 1-D, got {}", op, a.src_row.describe());
-  expect_tensor(a.x_perm, {a.src_row.numel(), a.x.dim(1)}, a.x.dtype, dev, op, "x_perm");
+  // On CUDA an f32 x may be gathered into a bf16 x_perm: the rows only feed bf16 expert GEMMs.
+  const bool bf16_out = dev == Device::kCUDA && a.x.dtype == DType::kF32 && a.x_perm.dtype == DType::kBF16;
+  expect_tensor(a.x_perm, {a.src_row.numel(), a.x.dim(1)}, bf16_out ? DType::kBF16 : a.x.dtype, dev, op, "x_perm");
 }
 
 void validate_moe_gather_bwd(const MoeGatherBwdArgs& a, Device dev) {

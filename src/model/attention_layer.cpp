@@ -65,21 +65,21 @@ void AttentionLayer::forward(const LayerContext& lc, const Tensor& x, const Tens
   // Queries: c_q = RMSNorm_q(x W_qaᵀ), q = c_q W_qbᵀ (or q = x W_qᵀ without compression), RoPE on
   // the last d_rope columns of every head (spec §2).
   if (rq > 0) {
-    lc.linear(lc.act(a("qa")), x_norm, lc.param(p("wq_a.weight")));
+    lc.linear(lc.act(a("qa")), x_norm, lc.weight(p("wq_a.weight")));
     be.rmsnorm_fwd(lc.ctx, {.y = lc.act(a("cq")), .rstd = lc.act(a("rstd_q")), .x = lc.act(a("qa")),
                             .w = lc.param(p("q_norm.weight")), .rows = N, .width = rq, .eps = c.norm_eps});
-    lc.linear(q, lc.act(a("cq")), lc.param(p("wq_b.weight")));
+    lc.linear(q, lc.act(a("cq")), lc.weight(p("wq_b.weight")));
   } else {
-    lc.linear(q, x_norm, lc.param(p("wq.weight")));
+    lc.linear(q, x_norm, lc.weight(p("wq.weight")));
   }
   be.rope(lc.ctx, {.x = q, .cos = cos, .sin = sin, .n_heads = H, .head_stride = dqk, .col_offset = dn, .rope_dim = dr, .seq_len = T});
   // Keys and values: [c ; k^R] = x W_kvaᵀ, ĉ = RMSNorm_kv(c), RoPE(k^R) shared by all heads,
   // [k^C_j ; v_j] = ĉ W_kvb,jᵀ, k_j = [k^C_j ; k^R].
-  lc.linear(kva, x_norm, lc.param(p("wkv_a.weight")));
+  lc.linear(kva, x_norm, lc.weight(p("wkv_a.weight")));
   be.rmsnorm_fwd(lc.ctx, {.y = ckv, .rstd = lc.act(a("rstd_kv")), .x = kva, .w = lc.param(p("kv_norm.weight")),
                           .rows = N, .width = rkv, .x_stride = rkv + dr, .y_stride = rkv, .eps = c.norm_eps});
   be.rope(lc.ctx, {.x = kva, .cos = cos, .sin = sin, .n_heads = 1, .head_stride = rkv + dr, .col_offset = rkv, .rope_dim = dr, .seq_len = T});
-  lc.linear(kv, ckv, lc.param(p("wkv_b.weight")));
+  lc.linear(kv, ckv, lc.weight(p("wkv_b.weight")));
   be.mla_kv_split_fwd(lc.ctx, {.k = k, .v = v, .kv = kv, .kr = kva, .n_heads = H, .d_nope = dn, .d_rope = dr, .d_v = dv,
                                .kr_stride = rkv + dr, .kr_offset = rkv});
 
@@ -103,7 +103,7 @@ void AttentionLayer::forward(const LayerContext& lc, const Tensor& x, const Tens
   }
   // out = x + concat_h(Ō_h) W_oᵀ
   be.copy(lc.ctx, {.dst = out, .src = x});
-  lc.linear(out, o, lc.param(p("wo.weight")), /*beta=*/1.0);
+  lc.linear(out, o, lc.weight(p("wo.weight")), /*beta=*/1.0);
 }
 
 void AttentionLayer::backward(const LayerContext& lc, const Tensor& x, const Tensor& d_out) const {
@@ -121,7 +121,7 @@ void AttentionLayer::backward(const LayerContext& lc, const Tensor& x, const Ten
   const Tensor o = c.differential ? lc.act(a("att_n")) : att;
   const Tensor d_o = c.differential ? lc.act("scratch.attn.datt_n") : datt;
   lc.linear_dw(lc.grad(p("wo.weight")), d_out, o);
-  lc.linear_dx(d_o, d_out, lc.param(p("wo.weight")));
+  lc.linear_dx(d_o, d_out, lc.weight(p("wo.weight")));
 
   const Tensor q4 = lc.act(a("q")).reshape(Shape{B, T, H, dqk}), k4 = lc.act(a("k")).reshape(Shape{B, T, H, dqk});
   const Tensor v4 = lc.act(a("v")).reshape(Shape{B, T, H, dv});
@@ -149,14 +149,14 @@ void AttentionLayer::backward(const LayerContext& lc, const Tensor& x, const Ten
   be.mla_kv_split_bwd(lc.ctx, {.dkv = dkv, .dkr = dkva, .dk = dk, .dv = dv_t, .n_heads = H, .d_nope = dn, .d_rope = dr, .d_v = dv,
                                .kr_stride = rkv + dr, .kr_offset = rkv});
   lc.linear_dw(lc.grad(p("wkv_b.weight")), dkv, lc.act(a("ckv")));
-  lc.linear_dx(dckv, dkv, lc.param(p("wkv_b.weight")));
+  lc.linear_dx(dckv, dkv, lc.weight(p("wkv_b.weight")));
   be.rope(lc.ctx, {.x = dkva, .cos = cos, .sin = sin, .n_heads = 1, .head_stride = rkv + dr, .col_offset = rkv, .rope_dim = dr,
                    .seq_len = T, .inverse = true});
   be.rmsnorm_bwd(lc.ctx, {.dx = dkva, .dw = lc.grad(p("kv_norm.weight")), .dy = dckv, .x = lc.act(a("kva")),
                           .w = lc.param(p("kv_norm.weight")), .rstd = lc.act(a("rstd_kv")), .rows = N, .width = rkv,
                           .x_stride = rkv + dr, .y_stride = rkv});
   lc.linear_dw(lc.grad(p("wkv_a.weight")), dkva, x_norm);
-  lc.linear_dx(dx_norm, dkva, lc.param(p("wkv_a.weight")));
+  lc.linear_dx(dx_norm, dkva, lc.weight(p("wkv_a.weight")));
 
   // Queries: inverse RoPE on dq, then W_qb, q_norm, W_qa (or W_q).
   be.rope(lc.ctx, {.x = dq, .cos = cos, .sin = sin, .n_heads = H, .head_stride = dqk, .col_offset = dn, .rope_dim = dr, .seq_len = T,
@@ -164,14 +164,14 @@ void AttentionLayer::backward(const LayerContext& lc, const Tensor& x, const Ten
   if (rq > 0) {
     const Tensor dcq = lc.act("scratch.attn.dcq"), dqa = lc.act("scratch.attn.dqa");
     lc.linear_dw(lc.grad(p("wq_b.weight")), dq, lc.act(a("cq")));
-    lc.linear_dx(dcq, dq, lc.param(p("wq_b.weight")));
+    lc.linear_dx(dcq, dq, lc.weight(p("wq_b.weight")));
     be.rmsnorm_bwd(lc.ctx, {.dx = dqa, .dw = lc.grad(p("q_norm.weight")), .dy = dcq, .x = lc.act(a("qa")), .w = lc.param(p("q_norm.weight")),
                             .rstd = lc.act(a("rstd_q")), .rows = N, .width = rq});
     lc.linear_dw(lc.grad(p("wq_a.weight")), dqa, x_norm);
-    lc.linear_dx(dx_norm, dqa, lc.param(p("wq_a.weight")), /*beta=*/1.0);
+    lc.linear_dx(dx_norm, dqa, lc.weight(p("wq_a.weight")), /*beta=*/1.0);
   } else {
     lc.linear_dw(lc.grad(p("wq.weight")), dq, x_norm);
-    lc.linear_dx(dx_norm, dq, lc.param(p("wq.weight")), /*beta=*/1.0);
+    lc.linear_dx(dx_norm, dq, lc.weight(p("wq.weight")), /*beta=*/1.0);
   }
   // Pre-norm: the residual stream's gradient gains RMSNorm_attn's backward.
   const std::string norm = fmt::format("layers.{}.attn_norm.weight", l_);

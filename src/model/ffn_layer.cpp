@@ -41,7 +41,8 @@ void FfnLayer::plan(const LayerContext& lc, Arena& acts) const {
   acts.add(a("offsets"), Shape{E + 1}, DType::kI32);
   acts.add(a("src_row"), Shape{NK}, DType::kI32);
   acts.add(a("slot_pos"), Shape{N, K}, DType::kI32);
-  acts.add(a("x_perm"), Shape{NK, D}, t);           // token rows sorted by expert
+  // Token rows sorted by expert; read only by the expert GEMMs, so bf16 in the bf16 GEMM mode.
+  acts.add(a("x_perm"), Shape{NK, D}, lc.bf16_operands ? DType::kBF16 : t);
   acts.add(a("y_perm"), Shape{NK, D}, t);           // expert outputs, same order
   acts.add(fmt::format("stats.{}.counts", l_), Shape{E}, DType::kI32);
   plan_mlp("experts.", NK, c.moe_inter_dim);
@@ -54,10 +55,10 @@ void FfnLayer::plan(const LayerContext& lc, Arena& acts) const {
 void FfnLayer::mlp_forward(const LayerContext& lc, const std::string& prefix, const std::string& act_prefix, const Tensor& x,
                            const Tensor& y, double beta) const {
   const Tensor ta = lc.act(a(act_prefix + "a")), tb = lc.act(a(act_prefix + "b")), th = lc.act(a(act_prefix + "h"));
-  lc.linear(ta, x, lc.param(p(prefix + "w1.weight")));
-  lc.linear(tb, x, lc.param(p(prefix + "w3.weight")));
+  lc.linear(ta, x, lc.weight(p(prefix + "w1.weight")));
+  lc.linear(tb, x, lc.weight(p(prefix + "w3.weight")));
   lc.be->swiglu_fwd(lc.ctx, {.h = th, .a = ta, .b = tb});
-  lc.linear(y, th, lc.param(p(prefix + "w2.weight")), beta);
+  lc.linear(y, th, lc.weight(p(prefix + "w2.weight")), beta);
 }
 
 void FfnLayer::mlp_backward(const LayerContext& lc, const std::string& prefix, const std::string& act_prefix, const Tensor& x,
@@ -66,12 +67,12 @@ void FfnLayer::mlp_backward(const LayerContext& lc, const std::string& prefix, c
   const std::string s = fmt::format("scratch.ffn.{}{}.", act_prefix, ta.dim(1));
   const Tensor dh = lc.act(s + "dh"), da = lc.act(s + "da"), db = lc.act(s + "db");
   lc.linear_dw(lc.grad(p(prefix + "w2.weight")), dy, th);
-  lc.linear_dx(dh, dy, lc.param(p(prefix + "w2.weight")));
+  lc.linear_dx(dh, dy, lc.weight(p(prefix + "w2.weight")));
   lc.be->swiglu_bwd(lc.ctx, {.da = da, .db = db, .dh = dh, .a = ta, .b = tb});
   lc.linear_dw(lc.grad(p(prefix + "w1.weight")), da, x);
   lc.linear_dw(lc.grad(p(prefix + "w3.weight")), db, x);
-  lc.linear_dx(dx, da, lc.param(p(prefix + "w1.weight")), beta_dx);
-  lc.linear_dx(dx, db, lc.param(p(prefix + "w3.weight")), 1.0);
+  lc.linear_dx(dx, da, lc.weight(p(prefix + "w1.weight")), beta_dx);
+  lc.linear_dx(dx, db, lc.weight(p(prefix + "w3.weight")), 1.0);
 }
 
 void FfnLayer::forward(const LayerContext& lc, const Tensor& x, const Tensor& out) const {
@@ -91,7 +92,8 @@ void FfnLayer::forward(const LayerContext& lc, const Tensor& x, const Tensor& ou
   // Router (spec §5): z = u Eᵀ, scores, group-limited top-k with the balancing bias.
   const Tensor logits = lc.act(a("logits")), scores = lc.act(a("scores")), idx = lc.act(a("topk_idx")), w = lc.act(a("topk_w"));
   const Tensor counts = lc.act(fmt::format("stats.{}.counts", l_));
-  lc.linear(logits, x_norm, lc.param(p("gate.weight")));
+  // z = u Eᵀ in f32 also in the bf16 GEMM mode (spec §5): the expert choice depends on it.
+  be.gemm(lc.ctx, {.c = logits, .a = x_norm, .b = lc.param(p("gate.weight")), .trans_b = true, .f32_exact = true});
   be.router_fwd(lc.ctx, {.scores = scores, .topk_idx = idx, .topk_w = w, .counts = counts, .logits = logits,
                          .bias = lc.param(p("gate.bias")), .opt = router_options(c)});
   if (c.aux_loss_alpha > 0)
@@ -103,10 +105,10 @@ void FfnLayer::forward(const LayerContext& lc, const Tensor& x, const Tensor& ou
   be.moe_permute(lc.ctx, {.offsets = offsets, .src_row = src_row, .slot_pos = slot_pos, .topk_idx = idx, .n_experts = c.n_routed_experts});
   be.moe_gather(lc.ctx, {.x_perm = x_perm, .x = x_norm, .src_row = src_row});
   const Tensor ea = lc.act(a("experts.a")), eb = lc.act(a("experts.b")), eh = lc.act(a("experts.h"));
-  be.grouped_gemm(lc.ctx, {.c = ea, .a = x_perm, .b = lc.param(p("experts.w1")), .offsets = offsets, .trans_b = true});
-  be.grouped_gemm(lc.ctx, {.c = eb, .a = x_perm, .b = lc.param(p("experts.w3")), .offsets = offsets, .trans_b = true});
+  be.grouped_gemm(lc.ctx, {.c = ea, .a = x_perm, .b = lc.weight(p("experts.w1")), .offsets = offsets, .trans_b = true});
+  be.grouped_gemm(lc.ctx, {.c = eb, .a = x_perm, .b = lc.weight(p("experts.w3")), .offsets = offsets, .trans_b = true});
   be.swiglu_fwd(lc.ctx, {.h = eh, .a = ea, .b = eb});
-  be.grouped_gemm(lc.ctx, {.c = y_perm, .a = eh, .b = lc.param(p("experts.w2")), .offsets = offsets, .trans_b = true});
+  be.grouped_gemm(lc.ctx, {.c = y_perm, .a = eh, .b = lc.weight(p("experts.w2")), .offsets = offsets, .trans_b = true});
   // y = Σ_k w_k Expert_{idx_k}(u) + Shared(u), added onto the residual already in `out`.
   be.moe_combine_fwd(lc.ctx, {.y = out, .y_perm = y_perm, .topk_w = w, .slot_pos = slot_pos});
 }
@@ -135,12 +137,12 @@ void FfnLayer::backward(const LayerContext& lc, const Tensor& x, const Tensor& d
     be.moe_combine_bwd(lc.ctx, {.dy_perm = dy_perm, .dtopk_w = dw, .dy = d_out, .y_perm = y_perm, .topk_w = w, .slot_pos = slot_pos});
     // Experts: y = h W2ᵀ per group, h = silu(a) ⊙ b, a = x W1ᵀ, b = x W3ᵀ.
     be.grouped_gemm_wgrad(lc.ctx, {.c = lc.grad(p("experts.w2")), .a = dy_perm, .b = eh, .offsets = offsets});
-    be.grouped_gemm(lc.ctx, {.c = dh, .a = dy_perm, .b = lc.param(p("experts.w2")), .offsets = offsets, .trans_b = false});
+    be.grouped_gemm(lc.ctx, {.c = dh, .a = dy_perm, .b = lc.weight(p("experts.w2")), .offsets = offsets, .trans_b = false});
     be.swiglu_bwd(lc.ctx, {.da = da, .db = db, .dh = dh, .a = ea, .b = eb});
     be.grouped_gemm_wgrad(lc.ctx, {.c = lc.grad(p("experts.w1")), .a = da, .b = x_perm, .offsets = offsets});
     be.grouped_gemm_wgrad(lc.ctx, {.c = lc.grad(p("experts.w3")), .a = db, .b = x_perm, .offsets = offsets});
-    be.grouped_gemm(lc.ctx, {.c = dx_perm, .a = da, .b = lc.param(p("experts.w1")), .offsets = offsets, .trans_b = false});
-    be.grouped_gemm(lc.ctx, {.c = dx_perm, .a = db, .b = lc.param(p("experts.w3")), .offsets = offsets, .trans_b = false, .beta = 1.0});
+    be.grouped_gemm(lc.ctx, {.c = dx_perm, .a = da, .b = lc.weight(p("experts.w1")), .offsets = offsets, .trans_b = false});
+    be.grouped_gemm(lc.ctx, {.c = dx_perm, .a = db, .b = lc.weight(p("experts.w3")), .offsets = offsets, .trans_b = false, .beta = 1.0});
     if (beta == 0.0) be.fill(lc.ctx, {.out = dx_norm, .value = 0.0});
     be.moe_gather_bwd(lc.ctx, {.dx = dx_norm, .dx_perm = dx_perm, .slot_pos = slot_pos});
     // Router: gradient through the weights only, plus the sequence aux loss (sources §4.4, §4.6).

@@ -18,11 +18,21 @@ struct LayerContext {
   Arena* params = nullptr;    // spec §8 names
   Arena* grads = nullptr;     // same names, trainable parameters only
   Arena* acts = nullptr;      // activations saved for the backward, and backward scratch
+  // bf16 copies of the GEMM weight matrices (Model: CUDA in the bf16 GEMM mode only), else null.
+  const Arena* weights_bf16 = nullptr;
+  // The bf16 GEMM mode on CUDA: activations read only by GEMMs (the gathered expert rows) are
+  // planned in bf16 (spec §7). Fixed when the activation arena is planned.
+  bool bf16_operands = false;
 
   int64_t tokens() const { return batch * seq; }
   Tensor param(const std::string& name) const { return params->get(name); }
   Tensor grad(const std::string& name) const { return grads->get(name); }
   Tensor act(const std::string& name) const { return acts->get(name); }
+  // A weight matrix as a GEMM operand: its bf16 copy where the model keeps one (spec §7: bf16
+  // weight copies, f32 masters), else the parameter itself. Non-GEMM uses read param().
+  Tensor weight(const std::string& name) const {
+    return weights_bf16 != nullptr && weights_bf16->has(name) ? weights_bf16->get(name) : params->get(name);
+  }
 
   // y = x Wᵀ (+ beta·y)          x [N,in], W [out,in], y [N,out]
   void linear(const Tensor& y, const Tensor& x, const Tensor& w, double beta = 0.0) const {

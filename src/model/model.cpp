@@ -46,7 +46,37 @@ void Model::init_weights(uint64_t seed) {
 
 LayerContext Model::layer_context(Context ctx) {
   return LayerContext{.be = be_, .ctx = ctx, .cfg = &cfg_, .dtype = dtype_, .batch = batch_, .seq = seq_,
-                      .params = &params_, .grads = &grads_, .acts = &acts_};
+                      .params = &params_, .grads = &grads_, .acts = &acts_,
+                      .weights_bf16 = weights_bf16_.allocated() && !weights_bf16_.entries().empty() ? &weights_bf16_
+                                                                                                    : nullptr,
+                      .bf16_operands = bf16_operands_};
+}
+
+// The weights that only GEMMs read as their B operand: every matrix and expert stack, and the head
+// (the embedding table when tied). Not the router gate: z = u Eᵀ stays as the GEMM op computes it.
+static bool is_gemm_weight(const ParamSpec& p, bool tied) {
+  switch (p.kind) {
+    case ParamKind::kMatrix:
+    case ParamKind::kExpert:
+    case ParamKind::kHead:
+      return true;
+    case ParamKind::kEmbedding:
+      return tied;
+    default:
+      return false;
+  }
+}
+
+void Model::refresh_weight_copies(Context ctx) {
+  if (be_->gemm_precision() != GemmPrecision::kBF16 || dtype_ != DType::kF32) return;
+  if (!weights_bf16_.allocated() || weights_bf16_.entries().empty()) {
+    weights_bf16_ = Arena();
+    for (const ParamSpec& p : specs_)
+      if (is_gemm_weight(p, cfg_.tie_embeddings)) weights_bf16_.add(p.name, p.shape, DType::kBF16);
+    weights_bf16_.allocate(be_->allocator());
+  }
+  for (const Arena::Entry& e : weights_bf16_.entries())
+    be_->copy(ctx, {.dst = weights_bf16_.view(e), .src = params_.get(e.name)});  // round to nearest even
 }
 
 void Model::set_batch_shape(int64_t batch, int64_t seq) {
@@ -54,6 +84,7 @@ void Model::set_batch_shape(int64_t batch, int64_t seq) {
                 batch, seq, cfg_.max_seq_len);
   batch_ = batch;
   seq_ = seq;
+  bf16_operands_ = be_->gemm_precision() == GemmPrecision::kBF16 && dtype_ == DType::kF32;
   acts_ = Arena();
   const int64_t N = batch * seq, D = cfg_.dim;
   const int64_t half = cfg_.qk_rope_head_dim / 2;
@@ -98,6 +129,9 @@ void Model::forward(Context ctx, const Tensor& tokens, const Tensor& targets) {
   DIFFMOE_CHECK(batch_ > 0, "[model] forward before set_batch_shape()");
   check_shape(tokens, Shape{batch_, seq_}, "model.forward", "tokens");
   check_dtype(tokens, DType::kI32, "model.forward", "tokens");
+  DIFFMOE_CHECK(bf16_operands_ == (be_->gemm_precision() == GemmPrecision::kBF16 && dtype_ == DType::kF32),
+                "[model] the backend's GEMM precision changed after set_batch_shape(): call set_batch_shape() again");
+  refresh_weight_copies(ctx);  // the optimizer may have changed the masters since the last forward
   const LayerContext lc = layer_context(ctx);
   const int64_t N = batch_ * seq_;
   for (const char* name : {"loss.sum", "loss.valid", "loss.aux"}) be_->fill(ctx, {.out = acts_.get(name), .value = 0.0});
@@ -115,7 +149,7 @@ void Model::forward(Context ctx, const Tensor& tokens, const Tensor& targets) {
   const Tensor xn = acts_.get("act.final.x_norm"), logits = acts_.get("act.final.logits");
   be_->rmsnorm_fwd(ctx, {.y = xn, .rstd = acts_.get("act.final.rstd"), .x = residual(2 * cfg_.n_layers), .w = params_.get("norm.weight"),
                          .rows = N, .width = cfg_.dim, .eps = cfg_.norm_eps});
-  lc.linear(logits, xn, params_.get(cfg_.tie_embeddings ? "embed.weight" : "head.weight"));
+  lc.linear(logits, xn, lc.weight(cfg_.tie_embeddings ? "embed.weight" : "head.weight"));
   if (targets.defined() && targets.numel() > 0) {
     check_shape(targets, Shape{batch_, seq_}, "model.forward", "targets");
     last_targets_ = targets.reshape(Shape{N});
@@ -134,7 +168,7 @@ void Model::backward(Context ctx, double grad_scale) {
   be_->cross_entropy_bwd(ctx, {.dlogits = dlogits, .logits = logits, .targets = last_targets_, .valid = acts_.get("loss.valid"),
                                .grad_scale = grad_scale});
   lc.linear_dw(grads_.get(head), dlogits, xn);
-  lc.linear_dx(dxn, dlogits, params_.get(head));
+  lc.linear_dx(dxn, dlogits, lc.weight(head));
   be_->rmsnorm_bwd(ctx, {.dx = dres, .dw = grads_.get("norm.weight"), .dy = dxn, .x = residual(2 * cfg_.n_layers),
                          .w = params_.get("norm.weight"), .rstd = acts_.get("act.final.rstd"), .rows = N, .width = cfg_.dim});
   for (int64_t l = cfg_.n_layers - 1; l >= 0; --l) {

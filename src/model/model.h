@@ -4,7 +4,10 @@
 // Memory: three arenas planned from the config and batch shape, each ONE allocation —
 //   params (spec §8 names; the balancing biases too), grads (same names, trainable only),
 //   acts (activations kept for the backward + backward scratch + losses + routing stats).
-// Nothing allocates after set_batch_shape(); all work goes through the Backend interface.
+// On a backend in the bf16 GEMM mode (CUDA, spec §7) a fourth arena holds bf16 copies of the GEMM
+// weight matrices, refreshed from the f32 masters at every forward (one rounding per weight per
+// micro-batch instead of one per GEMM that reads it); allocated at the first such forward.
+// Nothing else allocates after set_batch_shape(); all work goes through the Backend interface.
 #pragma once
 #include <memory>
 #include <vector>
@@ -57,6 +60,7 @@ class Model {
 
  private:
   LayerContext layer_context(Context ctx);
+  void refresh_weight_copies(Context ctx);  // weights_bf16_ = bf16(params) where the mode wants it
   Tensor residual(int64_t i) const;  // residual stream before sub-block i (0 = embedding output)
 
   ModelConfig cfg_;
@@ -66,7 +70,9 @@ class Model {
   std::vector<AttentionLayer> attn_;
   std::vector<FfnLayer> ffn_;
   Arena params_, grads_, acts_;
+  Arena weights_bf16_;  // GEMM weight matrices in bf16 (bf16 GEMM mode only; else never allocated)
   int64_t batch_ = 0, seq_ = 0;
+  bool bf16_operands_ = false;  // the backend's bf16 GEMM mode when the activations were planned
   Tensor last_tokens_, last_targets_;  // [N] views of the last forward's inputs
 };
 

@@ -1,8 +1,9 @@
 // Old (simple) vs new (flash) attention kernels on the bench preset's attention shape (B 8, T 2048,
 // 16 component heads = 8 differential heads, d_qk 96, d_v 64, f32): median device time of forward
 // and backward, and the flash results against the simple ones (‖flash − simple‖ / ‖simple‖; both
-// are checked against the CPU at small sizes in cuda_vs_cpu.cpp). Disabled by default (seconds of
-// GPU time); run with
+// are checked against the CPU at small sizes in cuda_vs_cpu.cpp). Then the tensor-core kernels
+// (GemmPrecision::kBF16, tc_attention.cuh; checked against the CPU in cuda_tc_attention.cpp) at the
+// same shape, against the flash results. Disabled by default (seconds of GPU time); run with
 //   test_cuda_ops --gtest_also_run_disabled_tests --gtest_filter='CudaAttentionTiming.*'
 #include <cuda_runtime_api.h>
 #include <fmt/core.h>
@@ -79,8 +80,9 @@ TEST(CudaAttentionTiming, DISABLED_BenchShape) {
     double fwd_ms, bwd_ms;
     std::vector<std::vector<double>> values;  // out, o2, lse, dq, dk, dv, dlambda
   };
-  auto run = [&](AttnKernel kernel, int reps) {
+  auto run = [&](AttnKernel kernel, int reps, GemmPrecision precision = GemmPrecision::kF32) {
     be.set_attention_kernel(kernel);
+    be.set_gemm_precision(precision);
     Result r{};
     r.fwd_ms = median_ms(reps, fwd);
     r.bwd_ms = median_ms(reps, bwd);  // reads this kernel's forward outputs
@@ -90,17 +92,27 @@ TEST(CudaAttentionTiming, DISABLED_BenchShape) {
   };
   const Result simple = run(AttnKernel::kSimple, 3);
   const Result flash = run(AttnKernel::kFlash, 10);
+  const Result tc = run(AttnKernel::kFlash, 10, GemmPrecision::kBF16);
   be.set_attention_kernel(saved);
+  be.set_gemm_precision(GemmPrecision::kF32);
   fmt::print("[attention timing] B {} T {} H {} d_qk {} d_v {} differential, f32 (median ms)\n", B, T, H, dqk, dv);
   fmt::print("  {:<8} {:>10} {:>10}\n", "kernel", "forward", "backward");
   fmt::print("  {:<8} {:>10.3f} {:>10.3f}\n", "simple", simple.fwd_ms, simple.bwd_ms);
   fmt::print("  {:<8} {:>10.3f} {:>10.3f}\n", "flash", flash.fwd_ms, flash.bwd_ms);
+  fmt::print("  {:<8} {:>10.3f} {:>10.3f}   (bf16 tensor cores, incl. the f32->bf16 copies)\n", "tc", tc.fwd_ms,
+             tc.bwd_ms);
   const char* names[] = {"out", "o2", "lse", "dq", "dk", "dv", "dlambda"};
   for (size_t i = 0; i < flash.values.size(); ++i) {
     const double e = rel_err(flash.values[i], simple.values[i]);
     fmt::print("  flash vs simple {:<8} rel. error {:.3e}\n", names[i], e);
     // f32 sums in another order over up to 2048 terms: far under the 1e-4 element budget.
     EXPECT_LT(e, 1e-5) << names[i];
+  }
+  for (size_t i = 0; i + 1 < tc.values.size(); ++i) {  // dλ: a sum of random-sign terms (cuda_tc_attention.cpp)
+    const double e = rel_err(tc.values[i], flash.values[i]);
+    fmt::print("  tc vs flash     {:<8} rel. error {:.3e}\n", names[i], e);
+    // bf16 operands, f32 accumulation: the policy's bf16 bound (cuda_tc_attention.cpp says why).
+    EXPECT_LT(e, 1e-2) << names[i];
   }
 }
 

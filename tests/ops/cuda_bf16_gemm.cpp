@@ -4,6 +4,10 @@
 // grouped_gemm_wgrad (empty groups keep beta·C), at odd sizes, so the per-group bf16 operands start
 // at addresses that are not 16-byte aligned; then that switching back to kF32 restores the f32
 // tolerances, and that the CPU backend ignores the setting.
+// The grouped ops run the device-scheduled tensor-core kernel (grouped_gemm.cuh) in bf16 mode:
+// GroupedKernel* cover its three layouts at sizes that are not tile multiples (k = 40, n = 24;
+// groups longer than one 128-row tile and several k-tiles with a partial last one), empty groups
+// first, in the middle and last, 1-row groups, and bad offsets reported by synchronize().
 //
 // Tolerance (STYLE.md numerics policy, BF16): ‖cuda − cpu‖/‖cpu‖ ≤ 1e-2 over the whole output.
 // Why: the bf16 mode rounds A and B to bf16 (8-bit mantissa: relative error ≤ 2^-9 each, about
@@ -203,6 +207,210 @@ TEST(CudaBf16Gemm, SwitchingBackRestoresF32) {
     be.grouped_gemm_wgrad({}, {.c = wc[s], .a = wa[s], .b = wb[s], .offsets = off[s], .alpha = 0.5, .beta = 1.0});
   });
   expect_close(wc, f32_gemm_tol(17), "f32 again: grouped_gemm_wgrad");  // largest group: 17 rows
+}
+
+// ---------------------------------------------------------------- the device-scheduled kernel
+
+// Empty groups first, in the middle and last, two 1-row groups, groups of 149 and 131 rows (two
+// 128-row m-tiles each), rows 330 … 340 past offsets[G] (must stay untouched).
+const std::vector<double> kKernelOffsets = {0, 0, 1, 150, 150, 169, 300, 300, 301, 330};
+constexpr int64_t kKernelRows = 341, kKernelGroups = 9, kKernelUsed = 330;
+
+TEST(CudaBf16Gemm, GroupedKernelForwardAndDgrad) {
+  const Bf16Mode mode;
+  const int64_t R = kKernelRows, G = kKernelGroups, used = kKernelUsed;
+  uint64_t seed = 500;
+  // (n, k): below one tile and not multiples of it; several n-tiles and k-tiles, the last partial.
+  for (const auto& [n, k] : {std::pair<int64_t, int64_t>{24, 40}, {200, 264}}) {
+    for (bool trans_b : {true, false}) {
+      for (double beta : {0.0, 1.0}) {
+        Dual a(Shape{R, k}), b(trans_b ? Shape{G, n, k} : Shape{G, k, n}), c(Shape{R, n}), off(Shape{G + 1}, DType::kI32);
+        a.normal(seed += 3);
+        b.normal(seed + 1);
+        off.set(kKernelOffsets);
+        std::vector<double> c0(static_cast<size_t>(R * n));
+        for (int64_t i = 0; i < R * n; ++i)  // rows in use: NaN when beta = 0; the tail: values to keep
+          c0[static_cast<size_t>(i)] =
+              (beta == 0.0 && i < used * n) ? std::nan("") : normal_at(seed + 2, 1, static_cast<uint64_t>(i));
+        c.set(c0);
+        run_both([&](Backend& be, Side s) {
+          be.grouped_gemm({}, {.c = c[s], .a = a[s], .b = b[s], .offsets = off[s], .trans_b = trans_b, .alpha = -1.25,
+                               .beta = beta});
+        });
+        expect_rel(c, fmt::format("bf16 grouped kernel n={} k={} trans_b={} beta={}", n, k, trans_b, beta), used * n);
+      }
+    }
+  }
+}
+
+TEST(CudaBf16Gemm, GroupedKernelWeightGradient) {
+  const Bf16Mode mode;
+  const int64_t R = kKernelRows, G = kKernelGroups;
+  uint64_t seed = 600;
+  for (const auto& [m, n] : {std::pair<int64_t, int64_t>{24, 40}, {200, 136}}) {
+    for (double beta : {0.0, 1.0}) {
+      Dual a(Shape{R, m}), b(Shape{R, n}), c(Shape{G, m, n}), off(Shape{G + 1}, DType::kI32);
+      a.normal(seed += 3);
+      b.normal(seed + 1);
+      off.set(kKernelOffsets);
+      if (beta == 0.0) c.poison();
+      else c.normal(seed + 2);
+      run_both([&](Backend& be, Side s) {
+        be.grouped_gemm_wgrad({}, {.c = c[s], .a = a[s], .b = b[s], .offsets = off[s], .alpha = 0.75, .beta = beta});
+      });
+      expect_rel(c, fmt::format("bf16 grouped kernel wgrad m={} n={} beta={}", m, n, beta));
+      const std::vector<double> got = c.device_values(), want = c.host_values();
+      for (int64_t g : {int64_t{0}, int64_t{3}, int64_t{6}})  // the empty groups: beta·C exactly
+        for (int64_t i = g * m * n; i < (g + 1) * m * n; ++i)
+          ASSERT_EQ(got[static_cast<size_t>(i)], want[static_cast<size_t>(i)]) << "empty group " << g << " element " << i;
+    }
+  }
+}
+
+// Bad offsets are checked on the device (no host sync): the op skips the groups they bound and the
+// next synchronize() names the first bad entry; the backend stays usable.
+TEST(CudaBf16Gemm, GroupedKernelBadOffsetsReported) {
+  const Bf16Mode mode;
+  const int64_t R = 64, G = 3, k = 40, n = 24;
+  Dual a(Shape{R, k}), b(Shape{G, n, k}), c(Shape{R, n}), wc(Shape{G, k, n}), off(Shape{G + 1}, DType::kI32);
+  a.normal(700);
+  b.normal(701);
+  struct Case {
+    std::vector<double> offsets;
+    std::string entry;
+  };
+  const std::vector<Case> cases = {{{0, 10, 5, 20}, "offsets[2] = 5"},       // decreasing
+                                   {{0, -3, 5, 20}, "offsets[1] = -3"},      // negative
+                                   {{0, 10, 20, 65}, "offsets[3] = 65"},     // offsets[G] > R
+                                   {{4, 10, 20, 30}, "offsets[0] = 4"}};     // offsets[0] ≠ 0
+  for (const Case& bad : cases) {
+    off.set(bad.offsets);
+    c.normal(702);
+    expect_error([&] {
+      gpu().grouped_gemm({}, {.c = c[Side::kGpu], .a = a[Side::kGpu], .b = b[Side::kGpu], .offsets = off[Side::kGpu],
+                              .trans_b = true});
+      gpu().synchronize({});
+    }, {"[grouped_gemm]", bad.entry, "rows = 64"});
+    expect_error([&] {
+      gpu().grouped_gemm_wgrad({}, {.c = wc[Side::kGpu], .a = a[Side::kGpu], .b = c[Side::kGpu], .offsets = off[Side::kGpu]});
+      gpu().synchronize({});
+    }, {"[grouped_gemm_wgrad]", bad.entry});
+    EXPECT_TRUE(c.guard_intact() && wc.guard_intact()) << bad.entry << ": wrote past the output";
+  }
+  gpu().synchronize({});  // reported once; the backend stays usable
+}
+
+// ---------------------------------------------------------------- bf16 operands (weight copies)
+
+// A Dual's values rounded to bf16 once, as the model's bf16 weight copies are: the GPU side of an
+// op reads this bf16 tensor where the CPU reads the f32 original.
+Dual bf16_copy(const Dual& d, const Shape& shape) {
+  Dual r(shape, DType::kBF16);
+  r.set(d.host_values());
+  return r;
+}
+
+TEST(CudaBf16Gemm, Bf16OperandsAreReadInPlace) {
+  const Bf16Mode mode;
+  const int64_t m = 67, n = 45, k = 83;
+  uint64_t seed = 800;
+  for (int ta = 0; ta < 2; ++ta)
+    for (int tb = 0; tb < 2; ++tb)
+      for (int which = 1; which <= 3; ++which) {  // 1: A bf16, 2: B bf16, 3: both
+        const Shape sa = ta ? Shape{k, m} : Shape{m, k}, sb = tb ? Shape{n, k} : Shape{k, n};
+        Dual a(sa), b(sb), c(Shape{m, n});
+        a.normal(seed += 3);
+        b.normal(seed + 1);
+        c.poison();
+        const Dual a16 = bf16_copy(a, sa), b16 = bf16_copy(b, sb);
+        run_both([&](Backend& be, Side s) {
+          const bool gpu_side = s == Side::kGpu;
+          be.gemm({}, {.c = c[s], .a = gpu_side && (which & 1) ? a16[s] : a[s], .b = gpu_side && (which & 2) ? b16[s] : b[s],
+                       .trans_a = ta == 1, .trans_b = tb == 1, .alpha = 0.9, .beta = 0.0});
+        });
+        expect_rel(c, fmt::format("bf16 operands gemm ta={} tb={} bf16={}", ta, tb, which == 1 ? "A" : which == 2 ? "B" : "A,B"));
+      }
+}
+
+TEST(CudaBf16Gemm, GroupedBf16Operands) {
+  const Bf16Mode mode;
+  const int64_t R = kKernelRows, G = kKernelGroups, used = kKernelUsed;
+  uint64_t seed = 900;
+  // k = 40 / n = 24 (rows a multiple of 8: read in place) and k = 19 / n = 13 (padded copies).
+  for (const auto& [n, k] : {std::pair<int64_t, int64_t>{24, 40}, {13, 19}}) {
+    for (bool trans_b : {true, false}) {
+      const Shape sb = trans_b ? Shape{G, n, k} : Shape{G, k, n};
+      Dual a(Shape{R, k}), b(sb), c(Shape{R, n}), off(Shape{G + 1}, DType::kI32);
+      a.normal(seed += 3);
+      b.normal(seed + 1);
+      off.set(kKernelOffsets);
+      std::vector<double> c0(static_cast<size_t>(R * n));
+      for (int64_t i = 0; i < R * n; ++i)
+        c0[static_cast<size_t>(i)] = i < used * n ? std::nan("") : normal_at(seed + 2, 1, static_cast<uint64_t>(i));
+      c.set(c0);
+      const Dual a16 = bf16_copy(a, Shape{R, k}), b16 = bf16_copy(b, sb);
+      run_both([&](Backend& be, Side s) {
+        const bool g = s == Side::kGpu;
+        be.grouped_gemm({}, {.c = c[s], .a = g ? a16[s] : a[s], .b = g ? b16[s] : b[s], .offsets = off[s],
+                             .trans_b = trans_b, .alpha = 1.5, .beta = 0.0});
+      });
+      expect_rel(c, fmt::format("bf16 operands grouped n={} k={} trans_b={}", n, k, trans_b), used * n);
+    }
+    Dual wa(Shape{R, n}), wb(Shape{R, k}), wc(Shape{G, n, k}), off(Shape{G + 1}, DType::kI32);
+    wa.normal(seed += 3);
+    wb.normal(seed + 1);
+    wc.normal(seed + 2);
+    off.set(kKernelOffsets);
+    const Dual wb16 = bf16_copy(wb, Shape{R, k});
+    run_both([&](Backend& be, Side s) {
+      be.grouped_gemm_wgrad({}, {.c = wc[s], .a = wa[s], .b = s == Side::kGpu ? wb16[s] : wb[s], .offsets = off[s],
+                                 .alpha = 0.5, .beta = 1.0});
+    });
+    expect_rel(wc, fmt::format("bf16 operands grouped wgrad m={} n={}", n, k));
+  }
+}
+
+// The router's logits GEMM asks for f32 in the bf16 mode (spec §5): f32 tolerances, not bf16 ones.
+TEST(CudaBf16Gemm, F32ExactStaysF32) {
+  const Bf16Mode mode;
+  const int64_t m = 67, n = 64, k = 96;
+  Dual a(Shape{m, k}), b(Shape{n, k}), c(Shape{m, n});
+  a.normal(960);
+  b.normal(961);
+  c.poison();
+  run_both([&](Backend& be, Side s) {
+    be.gemm({}, {.c = c[s], .a = a[s], .b = b[s], .trans_b = true, .f32_exact = true});
+  });
+  expect_close(c, f32_gemm_tol(k), "f32_exact gemm in the bf16 mode");
+}
+
+// moe_gather into a bf16 x_perm (the expert GEMMs' rows in the bf16 mode): each row is the source
+// row rounded to bf16, exactly.
+TEST(CudaBf16Gemm, GatherIntoBf16) {
+  const int64_t N = 37, D = 72, rows = 111;
+  Dual x(Shape{N, D}), src(Shape{rows}, DType::kI32), ref(Shape{rows, D}), out(Shape{rows, D}, DType::kBF16);
+  x.normal(970);
+  src.ints(971, 0, static_cast<int32_t>(N));
+  out.poison();
+  cpu().moe_gather({}, {.x_perm = ref[Side::kCpu], .x = x[Side::kCpu], .src_row = src[Side::kCpu]});
+  gpu().moe_gather({}, {.x_perm = out[Side::kGpu], .x = x[Side::kGpu], .src_row = src[Side::kGpu]});
+  gpu().synchronize({});
+  const Dual want = bf16_copy(ref, Shape{rows, D});
+  const std::vector<double> got = out.device_values(), exp = want.host_values();
+  for (size_t i = 0; i < got.size(); ++i) ASSERT_EQ(got[i], exp[i]) << "element " << i;
+  EXPECT_TRUE(out.guard_intact());
+}
+
+TEST(CudaBf16Gemm, Bf16OperandsNeedTheBf16Mode) {
+  Dual a(Shape{8, 16}), b(Shape{4, 16}), c(Shape{8, 4});
+  a.normal(950);
+  const Dual b16 = bf16_copy(b.normal(951), Shape{4, 16});
+  expect_error([&] {
+    gpu().gemm({}, {.c = c[Side::kGpu], .a = a[Side::kGpu], .b = b16[Side::kGpu], .trans_b = true});
+  }, {"[gemm]", "bf16 operands need the bf16 GEMM mode"});
+  expect_error([&] {  // the CPU backend computes in its own dtype only
+    cpu().gemm({}, {.c = c[Side::kCpu], .a = a[Side::kCpu], .b = b16[Side::kCpu], .trans_b = true});
+  }, {"[gemm]", "b"});
 }
 
 }  // namespace

@@ -44,11 +44,12 @@ struct RouterCase {
 };
 
 // Every branch: groups with the top-2 score (bias on) and the max score (bias off), no groups,
-// sigmoid and softmax, E = 8 … 256 (one to eight experts per lane).
+// sigmoid and softmax, E = 8 … 256 (one to eight experts per lane). N = 300 gives the aux loss
+// two sequences of 150 tokens, each spread over three 64-token blocks.
 const RouterCase kRouterCases[] = {
     {203, 64, 6, 8, 3, ScoreFunc::kSigmoid, true, 2.5},  {97, 8, 2, 1, 1, ScoreFunc::kSoftmax, false, 1.0},
     {67, 256, 8, 8, 4, ScoreFunc::kSigmoid, true, 1.5},  {50, 12, 3, 4, 2, ScoreFunc::kSigmoid, false, 1.0},
-    {58, 16, 2, 4, 1, ScoreFunc::kSoftmax, true, 1.0}};
+    {58, 16, 2, 4, 1, ScoreFunc::kSoftmax, true, 1.0},   {300, 32, 4, 4, 2, ScoreFunc::kSigmoid, true, 1.0}};
 
 // Scores: sigmoid in f32 (the GPU's expf vs glibc's differ by up to 2 ulps) or softmax with an f64
 // denominator; the weights divide those scores in f64: relative 1e-6.
@@ -102,7 +103,7 @@ TEST(CudaMoe, RouterBackwardAndAuxLoss) {
     expect_close(dlogits, kRoundOnce, "router_bwd " + c.name());
     // Aux loss over whole sequences (N = B·T); the plain top-K picks come from the same scores.
     int64_t seq = 1;
-    for (int64_t t : {29, 11, 25, 97, 67, 5})
+    for (int64_t t : {29, 11, 25, 97, 67, 5, 150})
       if (c.N % t == 0) seq = std::max(seq, t);
     Dual loss(Shape{1}), daux(Shape{c.N, c.E});
     loss.set({0.25});  // accumulates

@@ -1,6 +1,11 @@
 // DiffMLA attention core on the GPU (spec §2; sources §1.3-1.4, §2.3-2.5): the MLA key/value split,
 // the differential λ and causal attention, forward and backward.
 //
+// Kernel choice (attention_fwd / attention_bwd): under GemmPrecision::kBF16 the tensor-core kernels
+// (tc_attention.h: bf16 operands, f32 accumulation) where they cover the shape; else the f32 flash
+// kernels (flash_attention.h) where they cover it; else the simple ones below. kSimple forces the
+// simple ones in either precision.
+//
 // Design (the straightforward version, kept for the shapes the fused flash-style kernels of
 // flash_attention_ops.cu do not cover: d_qk outside {32, 48, 96, 128} or comps·d_v outside
 // {32, 64, 128}, and for CudaBackend::AttentionKernel::kSimple):
@@ -19,6 +24,7 @@
 // with a message (the flash kernels have no such limit, for the shapes they cover).
 #include "backend/cuda/cuda_common.cuh"
 #include "backend/cuda/flash_attention.h"
+#include "backend/cuda/tc_attention.h"
 #include "backend/op_validation.h"
 
 namespace diffmoe {
@@ -337,6 +343,11 @@ void CudaBackend::attention_fwd(Context ctx, const AttentionFwdArgs& a) {
   const AttnDims d = validate_attention_fwd(a, Device::kCUDA);
   require_f32(a.q, kOp);
   if (d.batch == 0 || d.seq == 0) return;
+  if (attention_kernel_ == AttentionKernel::kFlash && gemm_precision_ == GemmPrecision::kBF16 &&
+      tc_attention_covers(d)) {
+    tc_attention_fwd(*this, stream(ctx), a, d);
+    return;
+  }
   if (attention_kernel_ == AttentionKernel::kFlash && flash_attention_covers(d)) {
     flash_attention_fwd(*this, stream(ctx), a, d);
     return;
@@ -356,6 +367,11 @@ void CudaBackend::attention_bwd(Context ctx, const AttentionBwdArgs& a) {
   const cudaStream_t s = stream(ctx);
   if (d.batch == 0 || d.seq == 0) {
     if (a.differential) CUDA_CHECK(cudaMemsetAsync(a.dlambda.data, 0, sizeof(float), s));
+    return;
+  }
+  if (attention_kernel_ == AttentionKernel::kFlash && gemm_precision_ == GemmPrecision::kBF16 &&
+      tc_attention_covers(d)) {
+    tc_attention_bwd(*this, s, a, d);
     return;
   }
   if (attention_kernel_ == AttentionKernel::kFlash && flash_attention_covers(d)) {

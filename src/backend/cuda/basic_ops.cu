@@ -11,6 +11,7 @@
 //   (radix_sort.h), then one warp per distinct token adds that token's dout rows in token order,
 //   the CPU's order exactly.
 #include <cub/device/device_radix_sort.cuh>
+#include <cuda_bf16.h>
 
 #include <climits>
 #include <cmath>
@@ -37,6 +38,36 @@ void sort_pairs(void* temp, size_t temp_bytes, const int32_t* keys_in, int32_t* 
                 int32_t* vals_out, int64_t n, cudaStream_t s) {
   CUDA_CHECK(cub::DeviceRadixSort::SortPairs(temp, temp_bytes, keys_in, keys_out, vals_in, vals_out,
                                              static_cast<int>(n), 0, 32, s));
+}
+
+// ================================================================ f32 → bf16 (cuda_common.cuh)
+
+// dst[i] = bf16(src[i]) for i < n, round to nearest even. 16-byte loads when src is 16-byte aligned
+// and dst 8-byte aligned.
+__global__ void f32_to_bf16_kernel(__nv_bfloat16* __restrict__ dst, const float* __restrict__ src, int64_t n,
+                                   bool vec4) {
+  const int64_t stride = int64_t{gridDim.x} * blockDim.x;
+  int64_t start = 0;
+  if (vec4) {
+    const int64_t n4 = n / 4;
+    for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < n4; i += stride) {
+      const float4 v = reinterpret_cast<const float4*>(src)[i];
+      __nv_bfloat162 lo = __floats2bfloat162_rn(v.x, v.y), hi = __floats2bfloat162_rn(v.z, v.w);
+      reinterpret_cast<__nv_bfloat162*>(dst)[2 * i] = lo;
+      reinterpret_cast<__nv_bfloat162*>(dst)[2 * i + 1] = hi;
+    }
+    start = n4 * 4;
+  }
+  for (int64_t i = start + blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < n; i += stride)
+    dst[i] = __float2bfloat16_rn(src[i]);
+}
+
+void f32_to_bf16(void* dst, const float* src, int64_t n, cudaStream_t s, std::string_view op) {
+  if (n == 0) return;
+  const bool vec4 = reinterpret_cast<uintptr_t>(src) % 16 == 0 && reinterpret_cast<uintptr_t>(dst) % 8 == 0;
+  f32_to_bf16_kernel<<<grid_for(vec4 ? (n + 3) / 4 : n), kThreads, 0, s>>>(static_cast<__nv_bfloat16*>(dst), src, n,
+                                                                            vec4);
+  CUDA_CHECK_LAUNCH(op);
 }
 
 }  // namespace cuda
@@ -246,6 +277,10 @@ void CudaBackend::copy(Context ctx, const CopyArgs& a) {
       return;
     }
     CUDA_CHECK(cudaMemcpyAsync(a.dst.data, a.src.data, bytes, cudaMemcpyDeviceToDevice, s));
+    return;
+  }
+  if (a.src.dtype == DType::kF32 && a.dst.dtype == DType::kBF16) {  // the hot conversion (bf16 weight copies)
+    f32_to_bf16(a.dst.data, f32(a.src), n, s, "copy");
     return;
   }
   convert_kernel<<<grid_for(n), kThreads, 0, s>>>(a.dst.data, storage_of(a.dst.dtype), a.src.data,

@@ -23,7 +23,8 @@ constexpr size_t kCublasWorkspaceBytes = size_t{32} << 20;
 
 struct SiteText {
   std::string_view op, field;
-  bool allows_ignore;  // −1 is valid (cross-entropy targets)
+  bool allows_ignore;            // −1 is valid (cross-entropy targets)
+  bool group_offsets = false;    // grouped-GEMM offsets: a monotonicity rule, not a range
 };
 
 SiteText site_text(IssueSite s) {
@@ -38,6 +39,8 @@ SiteText site_text(IssueSite s) {
     case IssueSite::kCombineBwdSlotPos: return {"moe_combine_bwd", "slot_pos", false};
     case IssueSite::kCrossEntropyFwdTargets: return {"cross_entropy_fwd", "targets", true};
     case IssueSite::kCrossEntropyBwdTargets: return {"cross_entropy_bwd", "targets", true};
+    case IssueSite::kGroupedGemmOffsets: return {"grouped_gemm", "offsets", false, true};
+    case IssueSite::kGroupedGemmWgradOffsets: return {"grouped_gemm_wgrad", "offsets", false, true};
     case IssueSite::kNone: break;
   }
   return {"cuda", "index", false};
@@ -211,6 +214,11 @@ void CudaBackend::check_issue() {
   if (rec.flag == 0) return;
   CUDA_CHECK(cudaMemset(issue_.get(), 0, sizeof(DeviceIssue)));  // the backend stays usable
   const SiteText t = site_text(static_cast<IssueSite>(rec.site));
+  if (t.group_offsets) {
+    DIFFMOE_FAIL("[{}] {}[{}] = {} breaks 0 = offsets[0] ≤ offsets[1] ≤ … ≤ offsets[G] ≤ rows = {} (checked on the "
+                 "device; the op skipped the groups it bounds, reported at the next synchronize)",
+                 t.op, t.field, rec.index, rec.value, rec.limit);
+  }
   if (t.allows_ignore) {
     DIFFMOE_FAIL("[{}] {}[{}] = {} is neither −1 (ignore) nor in [0, {}) (checked on the device; the op skipped "
                  "it, reported at the next synchronize)", t.op, t.field, rec.index, rec.value, rec.limit);

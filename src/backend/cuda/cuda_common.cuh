@@ -34,6 +34,10 @@ inline void require_f32(const Tensor& t, std::string_view op) {
 }
 
 inline float* f32(const Tensor& t) { return static_cast<float*>(t.data); }
+
+// dst[i] = bf16(src[i]) (round to nearest even) for i < n, on stream s (basic_ops.cu); `op` names
+// the calling op in a launch error.
+void f32_to_bf16(void* dst, const float* src, int64_t n, cudaStream_t s, std::string_view op);
 inline int32_t* i32(const Tensor& t) { return static_cast<int32_t*>(t.data); }
 
 // ---------------------------------------------------------------- reductions

@@ -24,6 +24,8 @@ enum class IssueSite : int32_t {
   kCombineBwdSlotPos,
   kCrossEntropyFwdTargets,
   kCrossEntropyBwdTargets,
+  kGroupedGemmOffsets,       // offsets break 0 = o[0] ≤ o[1] ≤ … ≤ o[G] ≤ rows (limit = rows)
+  kGroupedGemmWgradOffsets,
 };
 
 struct DeviceIssue {

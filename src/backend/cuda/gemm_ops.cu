@@ -13,18 +13,25 @@
 // inner dimension (k = 0, or an empty group of the weight gradient) gives beta·C, done by a small
 // kernel because cuBLAS rejects lda = 0.
 //
-// Grouped GEMMs (temporary, issue #4 milestone 1): the i32 offsets are read to the host with one
-// cudaMemcpyAsync + stream sync, checked like the CPU does, then one SGEMM per non-empty group.
-// That host sync is the one place this backend blocks inside an op; the grouped-GEMM milestone
-// replaces it with a kernel that reads the offsets on the device.
+// Grouped GEMMs. Under kBF16: no host sync. All R rows of A (the rows in use are known only on the
+// device) and all of B are rounded to bf16 into the bf16 buffer with rows padded to a multiple of 8
+// elements, then one launch of a grouped tensor-core kernel (grouped_gemm.cuh) reads the offsets
+// on the device, checks them (a bad one is skipped and reported at synchronize(), device_issue.h)
+// and computes every group: on Hopper the wgmma kernel for grouped_gemm (dgrad's weights copied
+// transposed, so both layouts are its K-major one), else the mma.sync kernel; grouped_gemm_wgrad
+// always on the mma.sync kernel. Under kF32 (the f32 reference mode): the i32 offsets are read to the
+// host with one cudaMemcpyAsync + stream sync, checked like the CPU does, then one SGEMM per
+// non-empty group.
 #include <cuda_bf16.h>
 
 #include <climits>
+#include <cstddef>
 #include <cstdint>
 #include <tuple>
 #include <utility>
 
 #include "backend/cuda/cuda_common.cuh"
+#include "backend/cuda/grouped_gemm.cuh"
 #include "backend/op_validation.h"
 
 namespace diffmoe {
@@ -40,26 +47,6 @@ __global__ void scale_matrix_kernel(float* c, int64_t m, int64_t n, int64_t ldc,
   }
 }
 
-// dst[i] = bf16(src[i]) for i < n, round to nearest even. 16-byte loads when src is 16-byte aligned
-// (dst, carved from the bf16 buffer at 256-byte offsets, always is).
-__global__ void f32_to_bf16_kernel(__nv_bfloat16* __restrict__ dst, const float* __restrict__ src, int64_t n,
-                                   bool vec4) {
-  const int64_t stride = int64_t{gridDim.x} * blockDim.x;
-  int64_t start = 0;
-  if (vec4) {
-    const int64_t n4 = n / 4;
-    for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < n4; i += stride) {
-      const float4 v = reinterpret_cast<const float4*>(src)[i];
-      __nv_bfloat162 lo = __floats2bfloat162_rn(v.x, v.y), hi = __floats2bfloat162_rn(v.z, v.w);
-      reinterpret_cast<__nv_bfloat162*>(dst)[2 * i] = lo;
-      reinterpret_cast<__nv_bfloat162*>(dst)[2 * i + 1] = hi;
-    }
-    start = n4 * 4;
-  }
-  for (int64_t i = start + blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < n; i += stride)
-    dst[i] = __float2bfloat16_rn(src[i]);
-}
-
 // An operand as cuBLAS reads it: f32 (the tensor itself) or bf16 (its converted copy).
 struct Operand {
   const void* p;
@@ -71,22 +58,28 @@ struct Operand {
   }
 };
 
-// The first na elements of a and nb of b as the op's operands: themselves under kF32; under kBF16
-// their bf16 copies in the backend's bf16 buffer (grown to the largest call seen, never shrunk).
-std::pair<Operand, Operand> gemm_operands(CudaBackend& be, cudaStream_t s, const float* a, int64_t na, const float* b,
-                                          int64_t nb, std::string_view op) {
-  if (be.gemm_precision() != GemmPrecision::kBF16) return {Operand{a, false}, Operand{b, false}};
-  const size_t a_bytes = align256(static_cast<size_t>(na) * sizeof(__nv_bfloat16));
-  char* buf = static_cast<char*>(be.gemm_bf16_scratch(a_bytes + static_cast<size_t>(nb) * sizeof(__nv_bfloat16)));
-  auto* a16 = reinterpret_cast<__nv_bfloat16*>(buf);
-  auto* b16 = reinterpret_cast<__nv_bfloat16*>(buf + a_bytes);
-  for (const auto& [dst, src, n] : {std::tuple{a16, a, na}, std::tuple{b16, b, nb}}) {
-    if (n == 0) continue;
-    const bool vec4 = reinterpret_cast<uintptr_t>(src) % 16 == 0;
-    f32_to_bf16_kernel<<<grid_for((n + 3) / 4), kThreads, 0, s>>>(dst, src, n, vec4);
-    CUDA_CHECK_LAUNCH(op);
+// Operands a and b of one GEMM (the first na elements of a and nb of b are read) as cuBLAS reads
+// them. kF32: the f32 tensors themselves. kBF16: a bf16 tensor as it is (a weight copy or an
+// activation rounded once for several GEMMs), an f32 tensor rounded to bf16 into the backend's bf16
+// buffer (grown to the largest call seen, never shrunk). bf16 tensors need kBF16.
+// f32_exact: f32 operands as they are, also under kBF16 (GemmArgs::f32_exact).
+std::pair<Operand, Operand> gemm_operands(CudaBackend& be, cudaStream_t s, const Tensor& a, int64_t na,
+                                          const Tensor& b, int64_t nb, std::string_view op, bool f32_exact = false) {
+  const bool a16_given = a.dtype == DType::kBF16, b16_given = b.dtype == DType::kBF16;
+  if (be.gemm_precision() != GemmPrecision::kBF16 || f32_exact) {
+    DIFFMOE_CHECK(!a16_given && !b16_given, "[{}] bf16 operands need the bf16 GEMM mode (train.precision: bf16_gemm)"
+                  "{}", op, f32_exact ? " and f32_exact = false" : "");
+    return {Operand{a.data, false}, Operand{b.data, false}};
   }
-  return {Operand{a16, true}, Operand{b16, true}};
+  const size_t a_bytes = a16_given ? 0 : align256(static_cast<size_t>(na) * sizeof(__nv_bfloat16));
+  const size_t b_bytes = b16_given ? 0 : static_cast<size_t>(nb) * sizeof(__nv_bfloat16);
+  char* buf = a_bytes + b_bytes == 0 ? nullptr : static_cast<char*>(be.gemm_bf16_scratch(a_bytes + b_bytes));
+  const auto convert = [&](const Tensor& t, int64_t n, char* dst_bytes) -> Operand {
+    if (t.dtype == DType::kBF16) return Operand{t.data, true};
+    f32_to_bf16(dst_bytes, f32(t), n, s, op);
+    return Operand{dst_bytes, true};
+  };
+  return {convert(a, na, buf), convert(b, nb, buf + a_bytes)};
 }
 
 // Row-major C[m,n] = alpha·op(A)·op(B) + beta·C with leading dimensions (elements per stored row);
@@ -115,6 +108,64 @@ void gemm_row_major(CudaBackend& be, cudaStream_t s, bool trans_a, bool trans_b,
                             CUDA_R_16BF, i(lda), &beta32, c, CUDA_R_32F, i(ldc), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
 }
 
+// The kernel records bad offsets in the backend's DeviceIssue through its own mirror of the struct.
+static_assert(sizeof(gg::GroupedGemmIssue) == sizeof(DeviceIssue) &&
+              offsetof(gg::GroupedGemmIssue, flag) == offsetof(DeviceIssue, flag) &&
+              offsetof(gg::GroupedGemmIssue, site) == offsetof(DeviceIssue, site) &&
+              offsetof(gg::GroupedGemmIssue, index) == offsetof(DeviceIssue, index) &&
+              offsetof(gg::GroupedGemmIssue, value) == offsetof(DeviceIssue, value) &&
+              offsetof(gg::GroupedGemmIssue, limit) == offsetof(DeviceIssue, limit),
+              "grouped_gemm.cuh's GroupedGemmIssue must mirror DeviceIssue");
+
+// Room for two bf16 operand copies of a_elems and b_elems elements in the bf16 buffer (B's copy
+// starts 256-byte aligned), for the grouped kernels' padded, possibly transposed copies.
+std::pair<__nv_bfloat16*, __nv_bfloat16*> bf16_scratch_pair(CudaBackend& be, int64_t a_elems, int64_t b_elems) {
+  const size_t a_bytes = align256(static_cast<size_t>(a_elems) * sizeof(__nv_bfloat16));
+  char* buf = static_cast<char*>(be.gemm_bf16_scratch(a_bytes + static_cast<size_t>(b_elems) * sizeof(__nv_bfloat16)));
+  return {reinterpret_cast<__nv_bfloat16*>(buf), reinterpret_cast<__nv_bfloat16*>(buf + a_bytes)};
+}
+
+// Whether the Hopper (wgmma) grouped kernel can run: sm_90a code on a 9.x device. Asked once per
+// process (the backend drives one device).
+bool grouped_wgmma_usable() {
+  static const bool usable = [] {
+    int dev = 0;
+    CUDA_CHECK(cudaGetDevice(&dev));
+    return gg::wgmma_supported(dev);
+  }();
+  return usable;
+}
+
+// A grouped operand [rows, cols] as the kernels read it: bf16 with rows padded to pad8(cols). A
+// bf16 tensor that needs no padding is read in place; anything else is copied into dst (f32 rounded,
+// bf16 copied exactly).
+const gg::bf16* grouped_operand(const Tensor& t, int64_t rows, int64_t cols, gg::bf16* dst, cudaStream_t s) {
+  if (t.dtype == DType::kBF16) {
+    const auto* src = static_cast<const gg::bf16*>(t.data);
+    if (gg::pad8(cols) == cols && reinterpret_cast<uintptr_t>(src) % 16 == 0) return src;
+    CUDA_CHECK(gg::launch_to_bf16_padded(dst, src, rows, cols, s));
+  } else {
+    CUDA_CHECK(gg::launch_to_bf16_padded(dst, f32(t), rows, cols, s));
+  }
+  return dst;
+}
+
+// B [G, k, n] as [G, n, pad8(k)] bf16 (the wgmma kernel's K-major layout for dgrad), into dst.
+const gg::bf16* grouped_operand_transposed(const Tensor& t, int64_t groups, int64_t k, int64_t n, gg::bf16* dst,
+                                           cudaStream_t s) {
+  if (t.dtype == DType::kBF16)
+    CUDA_CHECK(gg::launch_to_bf16_transposed(dst, static_cast<const gg::bf16*>(t.data), groups, k, n, s));
+  else
+    CUDA_CHECK(gg::launch_to_bf16_transposed(dst, f32(t), groups, k, n, s));
+  return dst;
+}
+
+// The grouped kernel's int dimensions.
+int to_int(int64_t v, std::string_view op) {
+  DIFFMOE_CHECK(v <= INT_MAX, "[{}] dimension {} exceeds the grouped kernel's int range", op, v);
+  return static_cast<int>(v);
+}
+
 }  // namespace
 
 // C = alpha·op(A)·op(B) + beta·C;  op(A) [m,k], op(B) [k,n], C [m,n].
@@ -124,8 +175,8 @@ void CudaBackend::gemm(Context ctx, const GemmArgs& a) {
   require_f32(a.c, "gemm");
   const cudaStream_t s = stream(ctx);
   const bool reads = d.m > 0 && d.n > 0 && d.k > 0;  // else C = beta·C (or nothing): no operand read
-  const auto [op_a, op_b] = gemm_operands(*this, s, f32(a.a), reads ? a.a.numel() : 0, f32(a.b),
-                                          reads ? a.b.numel() : 0, "gemm");
+  const auto [op_a, op_b] =
+      gemm_operands(*this, s, a.a, reads ? a.a.numel() : 0, a.b, reads ? a.b.numel() : 0, "gemm", a.f32_exact);
   gemm_row_major(*this, s, a.trans_a, a.trans_b, d.m, d.n, d.k, a.alpha, op_a, a.a.dim(1), op_b, a.b.dim(1), a.beta,
                  f32(a.c), d.n, "gemm");
 }
@@ -137,12 +188,33 @@ void CudaBackend::grouped_gemm(Context ctx, const GroupedGemmArgs& a) {
   const GroupedGemmDims d = validate_grouped_gemm(a, Device::kCUDA);
   require_f32(a.c, kOp);
   const cudaStream_t s = stream(ctx);
+  if (gemm_precision() == GemmPrecision::kBF16) {  // on the device, no sync
+    // The wgmma kernel reads B[g] K-major ([n, k]): dgrad's [k, n] weights are transposed while they
+    // are rounded. The mma.sync kernel reads B as stored.
+    const bool wgmma = grouped_wgmma_usable(), b_nk = a.trans_b || wgmma;
+    const int64_t b_cols = b_nk ? d.k : d.n;
+    const int64_t b_rows = d.groups * (b_nk ? d.n : d.k);
+    const auto [a16, b16] = bf16_scratch_pair(*this, d.rows * gg::pad8(d.k), b_rows * gg::pad8(b_cols));
+    // All R rows of A: the rows in use (offsets[G]) are known only on the device.
+    const gg::bf16* a_op = grouped_operand(a.a, d.rows, d.k, a16, s);
+    const gg::bf16* b_op = a.trans_b || !wgmma ? grouped_operand(a.b, b_rows, b_cols, b16, s)
+                                               : grouped_operand_transposed(a.b, d.groups, d.k, d.n, b16, s);
+    const gg::GroupedGemmParams p{
+        .a = a_op, .b = b_op, .c = f32(a.c), .offsets = i32(a.offsets), .rows = to_int(d.rows, kOp),
+        .groups = to_int(d.groups, kOp), .m = 0, .n = to_int(d.n, kOp), .k = to_int(d.k, kOp),
+        .lda = to_int(gg::pad8(d.k), kOp), .ldb = to_int(gg::pad8(b_cols), kOp), .alpha = static_cast<float>(a.alpha),
+        .beta = static_cast<float>(a.beta), .issue = reinterpret_cast<gg::GroupedGemmIssue*>(issue()),
+        .issue_site = static_cast<int32_t>(IssueSite::kGroupedGemmOffsets)};
+    if (wgmma) CUDA_CHECK(gg::launch_grouped_gemm_wgmma(p, s));
+    else CUDA_CHECK(gg::launch_grouped_gemm(p, a.trans_b ? gg::GroupedLayout::kFwd : gg::GroupedLayout::kDgrad, s));
+    return;
+  }
   const std::vector<int64_t> off = check_group_offsets(read_to_host(a.offsets, s), d.groups, d.rows, kOp);
   const int64_t ldb = a.trans_b ? d.k : d.n;
   // Only the rows in use (< offsets[G]) of A are read.
   const int64_t used = off[static_cast<size_t>(d.groups)];
-  const auto [op_a, op_b] = gemm_operands(*this, s, f32(a.a), used == 0 ? 0 : used * d.k, f32(a.b),
-                                          used == 0 ? 0 : d.groups * d.n * d.k, kOp);
+  const auto [op_a, op_b] =
+      gemm_operands(*this, s, a.a, used == 0 ? 0 : used * d.k, a.b, used == 0 ? 0 : d.groups * d.n * d.k, kOp);
   for (int64_t g = 0; g < d.groups; ++g) {
     const int64_t r0 = off[static_cast<size_t>(g)], r1 = off[static_cast<size_t>(g + 1)];
     if (r1 == r0) continue;  // empty group: its (zero) rows stay as they are
@@ -158,10 +230,25 @@ void CudaBackend::grouped_gemm_wgrad(Context ctx, const GroupedGemmWgradArgs& a)
   const GroupedGemmWgradDims d = validate_grouped_gemm_wgrad(a, Device::kCUDA);
   require_f32(a.c, kOp);
   const cudaStream_t s = stream(ctx);
+  if (gemm_precision() == GemmPrecision::kBF16) {  // on the device, no sync
+    const auto [a16, b16] = bf16_scratch_pair(*this, d.rows * gg::pad8(d.m), d.rows * gg::pad8(d.n));
+    // All R rows (see grouped_gemm).
+    const gg::bf16* a_op = grouped_operand(a.a, d.rows, d.m, a16, s);
+    const gg::bf16* b_op = grouped_operand(a.b, d.rows, d.n, b16, s);
+    const gg::GroupedGemmParams p{
+        .a = a_op, .b = b_op, .c = f32(a.c), .offsets = i32(a.offsets), .rows = to_int(d.rows, kOp),
+        .groups = to_int(d.groups, kOp), .m = to_int(d.m, kOp), .n = to_int(d.n, kOp), .k = 0,
+        .lda = to_int(gg::pad8(d.m), kOp), .ldb = to_int(gg::pad8(d.n), kOp), .alpha = static_cast<float>(a.alpha),
+        .beta = static_cast<float>(a.beta), .issue = reinterpret_cast<gg::GroupedGemmIssue*>(issue()),
+        .issue_site = static_cast<int32_t>(IssueSite::kGroupedGemmWgradOffsets)};
+    DIFFMOE_CHECK(d.groups <= 65535, "[{}] {} groups exceed the kernel's grid.y limit 65535", kOp, d.groups);
+    CUDA_CHECK(gg::launch_grouped_gemm(p, gg::GroupedLayout::kWgrad, s));
+    return;
+  }
   const std::vector<int64_t> off = check_group_offsets(read_to_host(a.offsets, s), d.groups, d.rows, kOp);
   // Only the rows in use (< offsets[G]) of A and B are read.
   const int64_t used = off[static_cast<size_t>(d.groups)];
-  const auto [op_a, op_b] = gemm_operands(*this, s, f32(a.a), used * d.m, f32(a.b), used * d.n, kOp);
+  const auto [op_a, op_b] = gemm_operands(*this, s, a.a, used * d.m, a.b, used * d.n, kOp);
   for (int64_t g = 0; g < d.groups; ++g) {
     const int64_t r0 = off[static_cast<size_t>(g)], r1 = off[static_cast<size_t>(g + 1)];
     // An empty group is a k = 0 product: beta·C[g].

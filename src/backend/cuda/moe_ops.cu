@@ -9,15 +9,18 @@
 //   sequential top-2 scan. Scores are computed with the CPU's arithmetic (sigmoid in f32, softmax
 //   with a double denominator); sums over the K picks run on one lane in k order, like the CPU.
 // - counts: integer atomicAdd (exact; the order does not matter for integers).
-// - Aux loss: one block per sequence. The plain top-K picks are counted with shared-memory integer
-//   atomics (exact), then the per-token sums run one warp per token in double and are combined in
-//   a fixed order; the forward adds the per-sequence values in order on one thread. Deterministic.
+// - Aux loss: a grid of (sequence, chunk of 64 tokens) blocks. The plain top-K picks are counted
+//   with global integer atomics (exact), then the per-token sums run one warp per token in double,
+//   combined per chunk in a fixed order; the forward adds the chunk values in order on one thread.
+//   Deterministic.
 // - Permute: a stable sort of (expert, assignment) pairs (radix_sort.h) gives src_row and slot_pos
 //   directly, stable in (token, slot) order; offsets[e] = the number of assignments to experts < e,
 //   by binary search in the sorted experts. No atomics.
 // - Gather, gather backward, combine and its backward: one thread per (row, column) or one warp per
 //   (token, slot); every sum over the K slots runs in k order per token (deterministic).
 // - Index contents (topk_idx, src_row, slot_pos) are checked where they are used (device_issue.h).
+#include <cuda_bf16.h>
+
 #include <climits>
 
 #include "backend/cuda/cuda_common.cuh"
@@ -213,16 +216,30 @@ struct AuxConsts {
   double alpha, dloss;
 };
 
-// Shared memory of one sequence block: counts [E] i32, then per-warp candidate states [warps][E].
-// Counts the plain top-K picks (unbiased scores, no groups) of the block's sequence into cnt[].
-__device__ void aux_count_picks(int* cnt, uint8_t* states, const float* s_seq, const AuxConsts& c) {
+// The aux loss runs on a grid of (sequence, token chunk) blocks so that a few long sequences still
+// fill the GPU (one block per sequence took 3-4 ms per layer at the bench preset's 8 × 2048).
+// Phase 1 counts each sequence's plain top-K picks (unbiased scores, no groups) with integer
+// atomics into picks [n_seqs, E] (exact in any order); phase 2 reads the counts.
+constexpr int kAuxChunk = 64;  // tokens per block: 8 warps × 8 tokens
+
+// Grid: blockIdx.x = sequence b, blockIdx.y = chunk of kAuxChunk tokens.
+__device__ __forceinline__ int64_t aux_chunk_begin() { return int64_t{blockIdx.y} * kAuxChunk; }
+__device__ __forceinline__ int64_t aux_chunk_end(int64_t seq_len) {
+  const int64_t end = aux_chunk_begin() + kAuxChunk;
+  return end < seq_len ? end : seq_len;
+}
+
+// picks[b, i] += number of tokens of this chunk of sequence b whose plain top-K holds expert i.
+// Shared memory: per-warp candidate states [warps][E].
+__global__ void __launch_bounds__(kAuxThreads) aux_count_kernel(int* picks, const float* scores, AuxConsts c) {
+  extern __shared__ __align__(16) unsigned char aux_smem[];
   const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp, n_warps = blockDim.x / kWarp;
   const int E = c.n_experts;
-  for (int i = threadIdx.x; i < E; i += blockDim.x) cnt[i] = 0;
-  __syncthreads();
-  uint8_t* state = states + warp * E;
-  for (int64_t t = warp; t < c.seq_len; t += n_warps) {
-    const float* s_t = s_seq + t * E;
+  const int64_t b = blockIdx.x, t_end = aux_chunk_end(c.seq_len);
+  uint8_t* state = aux_smem + warp * E;
+  int* cnt = picks + b * E;
+  for (int64_t t = aux_chunk_begin() + warp; t < t_end; t += n_warps) {
+    const float* s_t = scores + (b * c.seq_len + t) * E;
     for (int i = lane; i < E; i += kWarp) state[i] = kCandidate;
     __syncwarp();
     for (int k = 0; k < c.top_k; ++k) {
@@ -234,7 +251,6 @@ __device__ void aux_count_picks(int* cnt, uint8_t* states, const float* s_seq, c
       __syncwarp();
     }
   }
-  __syncthreads();
 }
 
 // Σ_i s_i / norm with norm = Σ_i s_i (sigmoid) or 1 (softmax scores already sum to one).
@@ -245,22 +261,19 @@ __device__ double aux_norm(const float* s_t, const AuxConsts& c) {
   return warp_sum(sum);
 }
 
-// seq_loss[b] = α/T · Σ_t Σ_i f_i s'_{i,t},  f_i = E/(K·T) · picks_i
-__global__ void __launch_bounds__(kAuxThreads) aux_loss_fwd_kernel(double* seq_loss, const float* scores,
-                                                                   AuxConsts c) {
-  extern __shared__ __align__(16) unsigned char aux_smem[];
+// partial[b, chunk] = Σ_{t in chunk} Σ_i f_i s'_{i,t},  f_i = E/(K·T) · picks_i  (fixed order:
+// each warp its tokens in t order, then the warps in order).
+__global__ void __launch_bounds__(kAuxThreads) aux_loss_fwd_kernel(double* partial, const float* scores,
+                                                                   const int* picks, AuxConsts c) {
   __shared__ double warp_part[kAuxThreads / kWarp];
-  int* cnt = reinterpret_cast<int*>(aux_smem);
-  uint8_t* states = aux_smem + align256(sizeof(int) * c.n_experts);
   const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp, n_warps = blockDim.x / kWarp;
-  const int64_t b = blockIdx.x;
   const int E = c.n_experts;
-  const float* s_seq = scores + b * c.seq_len * E;
-  aux_count_picks(cnt, states, s_seq, c);
+  const int64_t b = blockIdx.x, t_end = aux_chunk_end(c.seq_len);
+  const int* cnt = picks + b * E;
   const double f_scale = static_cast<double>(E) / static_cast<double>(c.top_k * c.seq_len);
-  double acc = 0.0;  // this warp's tokens, in t order
-  for (int64_t t = warp; t < c.seq_len; t += n_warps) {
-    const float* s_t = s_seq + t * E;
+  double acc = 0.0;
+  for (int64_t t = aux_chunk_begin() + warp; t < t_end; t += n_warps) {
+    const float* s_t = scores + (b * c.seq_len + t) * E;
     const double norm = aux_norm(s_t, c);
     double part = 0.0;
     for (int i = lane; i < E; i += kWarp) part += (cnt[i] * f_scale) * (s_t[i] / norm);
@@ -269,38 +282,40 @@ __global__ void __launch_bounds__(kAuxThreads) aux_loss_fwd_kernel(double* seq_l
   if (lane == 0) warp_part[warp] = acc;
   __syncthreads();
   if (threadIdx.x == 0) {
-    double l_b = 0.0;
-    for (int w = 0; w < n_warps; ++w) l_b += warp_part[w];
-    seq_loss[b] = c.alpha * l_b / static_cast<double>(c.seq_len);
+    double sum = 0.0;
+    for (int w = 0; w < n_warps; ++w) sum += warp_part[w];
+    partial[b * gridDim.y + blockIdx.y] = sum;
   }
 }
 
-// loss[0] += mean_b seq_loss[b] (one thread, in order).
-__global__ void aux_loss_total_kernel(float* loss, const double* seq_loss, int64_t n_seqs) {
+// loss[0] += mean_b L_b,  L_b = α/T · Σ_chunk partial[b, chunk]  (one thread, in order).
+__global__ void aux_loss_total_kernel(float* loss, const double* partial, int64_t n_chunks, AuxConsts c) {
   double total = 0.0;
-  for (int64_t b = 0; b < n_seqs; ++b) total += seq_loss[b];
-  loss[0] = static_cast<float>(loss[0] + total / static_cast<double>(n_seqs));
+  for (int64_t b = 0; b < c.n_seqs; ++b) {
+    double l_b = 0.0;
+    for (int64_t j = 0; j < n_chunks; ++j) l_b += partial[b * n_chunks + j];
+    total += c.alpha * l_b / static_cast<double>(c.seq_len);
+  }
+  loss[0] = static_cast<float>(loss[0] + total / static_cast<double>(c.n_seqs));
 }
 
 // dlogits += dloss · ∂(mean_b L_b)/∂z, with g_i = dloss·α·f_i/(T·B) (the same for every t):
 //   sigmoid: dz_k = (g_k − Σ_i s'_i g_i) / Σ_j s_j · s_k (1 − s_k);  softmax: dz_k = s_k (g_k − Σ_i s_i g_i)
-// Shared memory: counts [E] i32, states [warps][E], g [E] double.
-__global__ void __launch_bounds__(kAuxThreads) aux_loss_bwd_kernel(float* dlogits, const float* scores, AuxConsts c) {
+// Shared memory: g [E] double.
+__global__ void __launch_bounds__(kAuxThreads) aux_loss_bwd_kernel(float* dlogits, const float* scores,
+                                                                   const int* picks, AuxConsts c) {
   extern __shared__ __align__(16) unsigned char aux_smem[];
   const int E = c.n_experts;
   const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp, n_warps = blockDim.x / kWarp;
-  int* cnt = reinterpret_cast<int*>(aux_smem);
-  uint8_t* states = aux_smem + align256(sizeof(int) * E);
-  double* g = reinterpret_cast<double*>(states + align256(static_cast<size_t>(n_warps) * E));
-  const int64_t b = blockIdx.x;
-  const float* s_seq = scores + b * c.seq_len * E;
-  aux_count_picks(cnt, states, s_seq, c);
+  auto* g = reinterpret_cast<double*>(aux_smem);
+  const int64_t b = blockIdx.x, t_end = aux_chunk_end(c.seq_len);
+  const int* cnt = picks + b * E;
   const double f_scale = static_cast<double>(E) / static_cast<double>(c.top_k * c.seq_len);
   for (int i = threadIdx.x; i < E; i += blockDim.x)
     g[i] = c.dloss * c.alpha * (cnt[i] * f_scale) / static_cast<double>(c.seq_len * c.n_seqs);
   __syncthreads();
-  for (int64_t t = warp; t < c.seq_len; t += n_warps) {
-    const float* s = s_seq + t * E;
+  for (int64_t t = aux_chunk_begin() + warp; t < t_end; t += n_warps) {
+    const float* s = scores + (b * c.seq_len + t) * E;
     float* dz = dlogits + (b * c.seq_len + t) * E;
     const double norm = aux_norm(s, c);
     double s_dot_g = 0.0;
@@ -351,14 +366,19 @@ __global__ void permute_offsets_kernel(int32_t* offsets, const int32_t* sorted_e
 }
 
 // x_perm[r] = x[src_row[r]]
-__global__ void gather_kernel(float* x_perm, const float* x, const int32_t* src_row, int64_t n_rows, int64_t n_tokens,
+__device__ __forceinline__ void store_as(float* p, float v) { *p = v; }
+__device__ __forceinline__ void store_as(__nv_bfloat16* p, float v) { *p = __float2bfloat16_rn(v); }
+
+// Out: float, or bf16 when the rows only feed bf16 expert GEMMs (rounded to nearest even here).
+template <class Out>
+__global__ void gather_kernel(Out* x_perm, const float* x, const int32_t* src_row, int64_t n_rows, int64_t n_tokens,
                               int64_t dim, DeviceIssue* issue) {
   for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < n_rows * dim;
        i += int64_t{gridDim.x} * blockDim.x) {
     const int64_t r = i / dim, d = i % dim;
     const int32_t src = src_row[r];
     if (!index_ok(issue, IssueSite::kGatherSrcRow, r, src, n_tokens)) continue;
-    x_perm[i] = x[src * dim + d];
+    store_as(x_perm + i, x[src * dim + d]);
   }
 }
 
@@ -440,19 +460,51 @@ RouterConsts router_consts(const RouterOptions& o, int64_t n_tokens, int64_t n_e
                       .use_bias = o.use_bias, .route_scale = o.route_scale};
 }
 
-size_t aux_smem_bytes(int64_t n_experts, bool with_g) {
-  const size_t warps = kAuxThreads / kWarp;
-  size_t bytes = align256(sizeof(int) * n_experts) + align256(warps * n_experts);
-  if (with_g) bytes += sizeof(double) * n_experts;
-  return bytes;
-}
+// Dynamic shared memory of the aux-loss kernels: candidate states [warps][E] (counting) or g [E].
+size_t aux_count_smem_bytes(int64_t n_experts) { return (kAuxThreads / kWarp) * static_cast<size_t>(n_experts); }
 
+// Phase 1 of both aux-loss ops: picks [n_seqs, E] i32 (zeroed, then counted) at the start of
+// `scratch`; returns the grid of (chunk, sequence) blocks.
 template <class Kernel>
 void set_smem_limit(Kernel kernel, size_t bytes, size_t max_bytes, std::string_view op, int64_t n_experts) {
   DIFFMOE_CHECK(bytes <= max_bytes, "[{}] {} experts need {} bytes of shared memory per block, the device allows {}", op,
                 n_experts, bytes, max_bytes);
   if (bytes > 48 * 1024)
     CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
+}
+
+// What both aux-loss ops share: the constants, the (sequence, chunk) grid, and phase 1, which
+// zeroes picks [n_seqs, E] (at the start of the backend's scratch, followed by `extra_bytes`) and
+// counts the picks into it.
+struct AuxPlan {
+  AuxConsts c;
+  dim3 grid;
+  int* picks;
+  void* extra;  // extra_bytes of scratch after picks
+};
+
+AuxPlan aux_plan(CudaBackend& be, cudaStream_t s, const Tensor& scores, int64_t seq_len, int64_t top_k, double alpha,
+                 double dloss, ScoreFunc score_func, size_t extra_bytes, std::string_view op) {
+  const int64_t n_tokens = scores.dim(0), n_experts = scores.dim(1), n_seqs = n_tokens / seq_len;
+  const int64_t n_chunks = (seq_len + kAuxChunk - 1) / kAuxChunk;
+  DIFFMOE_CHECK(n_seqs <= INT32_MAX && n_experts <= INT32_MAX && n_chunks <= 65535,
+                "[{}] too many sequences, experts or tokens per sequence ({}, {}, {})", op, n_seqs, n_experts, seq_len);
+  AuxPlan p{.c = AuxConsts{.seq_len = seq_len, .n_seqs = n_seqs, .n_experts = static_cast<int>(n_experts),
+                           .top_k = static_cast<int>(top_k), .sigmoid = score_func == ScoreFunc::kSigmoid,
+                           .alpha = alpha, .dloss = dloss},
+            .grid = dim3(static_cast<unsigned>(n_seqs), static_cast<unsigned>(n_chunks)),
+            .picks = nullptr,
+            .extra = nullptr};
+  const size_t picks_bytes = align256(static_cast<size_t>(n_seqs * n_experts) * sizeof(int));
+  char* base = static_cast<char*>(be.scratch(picks_bytes + extra_bytes));
+  p.picks = reinterpret_cast<int*>(base);
+  p.extra = base + picks_bytes;
+  const size_t smem = aux_count_smem_bytes(n_experts);
+  set_smem_limit(aux_count_kernel, smem, be.max_shared_bytes(), op, n_experts);
+  CUDA_CHECK(cudaMemsetAsync(p.picks, 0, picks_bytes, s));
+  aux_count_kernel<<<p.grid, kAuxThreads, smem, s>>>(p.picks, f32(scores), p.c);
+  CUDA_CHECK_LAUNCH(op);
+  return p;
 }
 
 }  // namespace
@@ -491,20 +543,15 @@ void CudaBackend::aux_loss_fwd(Context ctx, const AuxLossFwdArgs& a) {
   constexpr std::string_view kOp = "aux_loss_fwd";
   validate_aux_loss_fwd(a, Device::kCUDA);
   require_f32(a.scores, kOp);
-  const int64_t n_tokens = a.scores.dim(0), n_experts = a.scores.dim(1);
-  if (n_tokens == 0) return;  // no sequences: nothing to add (the CPU would add 0/0)
-  const int64_t n_seqs = n_tokens / a.seq_len;
-  DIFFMOE_CHECK(n_seqs <= INT32_MAX && n_experts <= INT32_MAX, "[{}] too many sequences or experts", kOp);
-  const AuxConsts c{.seq_len = a.seq_len, .n_seqs = n_seqs, .n_experts = static_cast<int>(n_experts),
-                    .top_k = static_cast<int>(a.top_k), .sigmoid = a.score_func == ScoreFunc::kSigmoid,
-                    .alpha = a.alpha, .dloss = 1.0};
-  const size_t smem = aux_smem_bytes(n_experts, false);
-  set_smem_limit(aux_loss_fwd_kernel, smem, max_shared_bytes(), kOp, n_experts);
+  if (a.scores.dim(0) == 0) return;  // no sequences: nothing to add (the CPU would add 0/0)
   const cudaStream_t s = stream(ctx);
-  auto* seq_loss = static_cast<double*>(scratch(static_cast<size_t>(n_seqs) * sizeof(double)));
-  aux_loss_fwd_kernel<<<static_cast<unsigned>(n_seqs), kAuxThreads, smem, s>>>(seq_loss, f32(a.scores), c);
+  const int64_t n_chunks = (a.seq_len + kAuxChunk - 1) / kAuxChunk, n_seqs = a.scores.dim(0) / a.seq_len;
+  const AuxPlan p = aux_plan(*this, s, a.scores, a.seq_len, a.top_k, a.alpha, 1.0, a.score_func,
+                             static_cast<size_t>(n_seqs * n_chunks) * sizeof(double), kOp);
+  auto* partial = static_cast<double*>(p.extra);
+  aux_loss_fwd_kernel<<<p.grid, kAuxThreads, 0, s>>>(partial, f32(a.scores), p.picks, p.c);
   CUDA_CHECK_LAUNCH(kOp);
-  aux_loss_total_kernel<<<1, 1, 0, s>>>(f32(a.loss), seq_loss, n_seqs);
+  aux_loss_total_kernel<<<1, 1, 0, s>>>(f32(a.loss), partial, n_chunks, p.c);
   CUDA_CHECK_LAUNCH(kOp);
 }
 
@@ -513,17 +560,12 @@ void CudaBackend::aux_loss_bwd(Context ctx, const AuxLossBwdArgs& a) {
   constexpr std::string_view kOp = "aux_loss_bwd";
   validate_aux_loss_bwd(a, Device::kCUDA);
   require_f32(a.scores, kOp);
-  const int64_t n_tokens = a.scores.dim(0), n_experts = a.scores.dim(1);
-  if (n_tokens == 0) return;
-  const int64_t n_seqs = n_tokens / a.seq_len;
-  DIFFMOE_CHECK(n_seqs <= INT32_MAX && n_experts <= INT32_MAX, "[{}] too many sequences or experts", kOp);
-  const AuxConsts c{.seq_len = a.seq_len, .n_seqs = n_seqs, .n_experts = static_cast<int>(n_experts),
-                    .top_k = static_cast<int>(a.top_k), .sigmoid = a.score_func == ScoreFunc::kSigmoid,
-                    .alpha = a.alpha, .dloss = a.dloss};
-  const size_t smem = aux_smem_bytes(n_experts, true);
-  set_smem_limit(aux_loss_bwd_kernel, smem, max_shared_bytes(), kOp, n_experts);
-  aux_loss_bwd_kernel<<<static_cast<unsigned>(n_seqs), kAuxThreads, smem, stream(ctx)>>>(f32(a.dlogits), f32(a.scores),
-                                                                                         c);
+  if (a.scores.dim(0) == 0) return;
+  const cudaStream_t s = stream(ctx);
+  const AuxPlan p = aux_plan(*this, s, a.scores, a.seq_len, a.top_k, a.alpha, a.dloss, a.score_func, 0, kOp);
+  const size_t smem = sizeof(double) * static_cast<size_t>(p.c.n_experts);
+  set_smem_limit(aux_loss_bwd_kernel, smem, max_shared_bytes(), kOp, p.c.n_experts);
+  aux_loss_bwd_kernel<<<p.grid, kAuxThreads, smem, s>>>(f32(a.dlogits), f32(a.scores), p.picks, p.c);
   CUDA_CHECK_LAUNCH(kOp);
 }
 
@@ -563,8 +605,13 @@ void CudaBackend::moe_gather(Context ctx, const MoeGatherArgs& a) {
   require_f32(a.x, kOp);
   const int64_t n_tokens = a.x.dim(0), dim = a.x.dim(1), n_rows = a.src_row.numel();
   if (n_rows * dim == 0) return;
-  gather_kernel<<<grid_for(n_rows * dim), kThreads, 0, stream(ctx)>>>(f32(a.x_perm), f32(a.x), i32(a.src_row), n_rows,
-                                                                      n_tokens, dim, issue());
+  if (a.x_perm.dtype == DType::kBF16)
+    gather_kernel<<<grid_for(n_rows * dim), kThreads, 0, stream(ctx)>>>(static_cast<__nv_bfloat16*>(a.x_perm.data),
+                                                                        f32(a.x), i32(a.src_row), n_rows, n_tokens, dim,
+                                                                        issue());
+  else
+    gather_kernel<<<grid_for(n_rows * dim), kThreads, 0, stream(ctx)>>>(f32(a.x_perm), f32(a.x), i32(a.src_row), n_rows,
+                                                                        n_tokens, dim, issue());
   CUDA_CHECK_LAUNCH(kOp);
 }
 

@@ -1,0 +1,101 @@
+// Host glue of the tensor-core attention (kernels and design: tc_attention.cuh): coverage, the
+// scratch layout, and the launches, each checked. Sequence per call:
+//   forward:  q, k, v → bf16 (scratch) → tca_fwd_kernel
+//   backward: q, k, v → bf16; prep (dout → bf16, D_c, dλ row partials) → dK/dV kernel → dQ kernel
+//             → dλ reduction (differential only)
+// The bf16 copies live in the backend's shared scratch (be.scratch: one stream at a time, grown on
+// the first call, then reused), not in the GEMMs' bf16 buffer.
+#include "backend/cuda/cuda_common.cuh"
+#include "backend/cuda/tc_attention.cuh"
+#include "backend/cuda/tc_attention.h"
+
+namespace diffmoe::cuda {
+namespace {
+
+tca::TcaShape tca_shape(const AttnDims& d, double scale) {
+  return {static_cast<int>(d.batch), static_cast<int>(d.seq),    static_cast<int>(d.heads), static_cast<int>(d.groups),
+          static_cast<int>(d.comps), static_cast<int>(d.d_v), static_cast<float>(scale)};
+}
+
+tca::TcaKernels pick_or_throw(const AttnDims& d, std::string_view op) {
+  tca::TcaKernels k{};
+  DIFFMOE_CHECK(tca::tca_pick(static_cast<int>(d.d_qk), static_cast<int>(d.comps * d.d_v), static_cast<int>(d.comps), &k),
+                "[{}] the tensor-core attention does not cover d_qk = {}, width = {}", op, d.d_qk, d.comps * d.d_v);
+  return k;
+}
+
+// n f32 → bf16 (nearest even); float4 loads where the source allows.
+void to_bf16(tca::bf16* dst, const float* src, int64_t n, cudaStream_t s, std::string_view op) {
+  const bool vec4 = reinterpret_cast<uintptr_t>(src) % 16 == 0 && n % 4 == 0;
+  tca::tca_to_bf16_kernel<<<grid_for(vec4 ? n / 4 : n), kThreads, 0, s>>>(dst, src, n, vec4);
+  CUDA_CHECK_LAUNCH(op);
+}
+
+struct Operands {  // the bf16 copies, and the backward's D and dλ partials, in the scratch
+  tca::bf16 *q, *k, *v, *dout;
+  float* dvec;
+  double* dl_part;
+};
+
+Operands convert_inputs(CudaBackend& be, cudaStream_t s, const AttnDims& d, const tca::TcaShape& sh, const float* q,
+                        const float* k, const float* v, bool backward, std::string_view op) {
+  const tca::TcaScratchLayout l = tca::tca_scratch_layout(sh, static_cast<int>(d.d_qk), backward);
+  char* base = static_cast<char*>(be.scratch(l.bytes));
+  Operands o{reinterpret_cast<tca::bf16*>(base + l.q), reinterpret_cast<tca::bf16*>(base + l.k),
+             reinterpret_cast<tca::bf16*>(base + l.v), nullptr, nullptr, nullptr};
+  if (backward) {
+    o.dout = reinterpret_cast<tca::bf16*>(base + l.dout);
+    o.dvec = reinterpret_cast<float*>(base + l.dvec);
+    o.dl_part = reinterpret_cast<double*>(base + l.dl_part);
+  }
+  const int64_t rows = d.batch * d.seq * d.heads;
+  to_bf16(o.q, q, rows * d.d_qk, s, op);
+  to_bf16(o.k, k, rows * d.d_qk, s, op);
+  to_bf16(o.v, v, rows * d.d_v, s, op);
+  return o;
+}
+
+}  // namespace
+
+bool tc_attention_covers(const AttnDims& d) {
+  tca::TcaKernels k{};
+  return d.seq <= INT32_MAX / 2 && d.heads <= 65535 && d.groups <= 65535 && d.batch <= 65535 &&
+         tca::tca_pick(static_cast<int>(d.d_qk), static_cast<int>(d.comps * d.d_v), static_cast<int>(d.comps), &k);
+}
+
+void tc_attention_fwd(CudaBackend& be, cudaStream_t s, const AttentionFwdArgs& a, const AttnDims& d) {
+  constexpr std::string_view kOp = "attention_fwd";
+  const tca::TcaKernels k = pick_or_throw(d, kOp);
+  const tca::TcaShape sh = tca_shape(d, a.scale);
+  const Operands o = convert_inputs(be, s, d, sh, f32(a.q), f32(a.k), f32(a.v), false, kOp);
+  const tca::TcaFwdArgs args{f32(a.out), a.differential ? f32(a.o2) : nullptr, f32(a.lse), o.q, o.k, o.v,
+                             a.differential ? f32(a.lambda) : nullptr, sh};
+  CUDA_CHECK(k.fwd(args, s));
+  CUDA_CHECK_LAUNCH(kOp);
+}
+
+void tc_attention_bwd(CudaBackend& be, cudaStream_t s, const AttentionBwdArgs& a, const AttnDims& d) {
+  constexpr std::string_view kOp = "attention_bwd";
+  const tca::TcaKernels k = pick_or_throw(d, kOp);
+  const tca::TcaShape sh = tca_shape(d, a.scale);
+  const Operands o = convert_inputs(be, s, d, sh, f32(a.q), f32(a.k), f32(a.v), true, kOp);
+  const float* lambda = a.differential ? f32(a.lambda) : nullptr;
+  constexpr int kPrepThreads = 256, kRowsPerBlock = kPrepThreads / kWarp;  // one warp per output row
+  const dim3 prep_grid(static_cast<unsigned>((d.seq * d.groups + kRowsPerBlock - 1) / kRowsPerBlock),
+                       static_cast<unsigned>(d.batch));
+  tca::tca_bwd_prep_kernel<<<prep_grid, kPrepThreads, 0, s>>>(o.dout, o.dvec, o.dl_part, f32(a.dout), f32(a.out),
+                                                             a.differential ? f32(a.o2) : nullptr, lambda, sh,
+                                                             static_cast<int>(d.comps * d.d_v));
+  CUDA_CHECK_LAUNCH(kOp);
+  const tca::TcaBwdArgs args{f32(a.dq), f32(a.dk), f32(a.dv), o.q, o.k, o.v, o.dout, f32(a.lse), o.dvec, lambda, sh};
+  CUDA_CHECK(k.dkv(args, s));
+  CUDA_CHECK_LAUNCH(kOp);
+  CUDA_CHECK(k.dq(args, s));
+  CUDA_CHECK_LAUNCH(kOp);
+  if (a.differential) {
+    tca::tca_dlambda_kernel<<<1, tca::kDlambdaThreads, 0, s>>>(f32(a.dlambda), o.dl_part, d.batch * d.seq * d.groups);
+    CUDA_CHECK_LAUNCH(kOp);
+  }
+}
+
+}  // namespace diffmoe::cuda

@@ -1,0 +1,184 @@
+// The tensor-core attention (tc_attention.cuh, used under GemmPrecision::kBF16) against the CPU's f32
+// attention: forward (out, o2, lse) and backward (dq, dk, dv, dλ), differential and plain, at every
+// covered d_qk ∈ {32, 48, 64, 96, 128} and value-group width ∈ {32, 64, 128}, with T = 1, T shorter
+// than a tile, exactly one tile, odd T over several 64-row tiles, B > 1; outputs poisoned (NaN)
+// first, guard bytes checked; and the backward bitwise reproducible.
+//
+// Tolerance (STYLE.md numerics policy, BF16): ‖cuda − cpu‖/‖cpu‖ ≤ 1e-2 per output. Why: q, k, v
+// and dout are rounded to bf16 (≤ 2^-9 relative each) and P, dS are rounded to bf16 before their
+// products, all sums in f32; each product is then off by ~1.6e-3 relative (rms) and sums of random
+// signs keep that relative size (measured ~3e-3 for out, ~4e-3 for dq/dk, ~3e-3 for dv; lse ~2e-4).
+// out must also be off by ≥ 1e-4: the f32 flash kernels match the CPU to ~1e-6, so a smaller error
+// means the bf16 kernels did not run. Two outputs need another denominator, written where used:
+// dλ (a sum of random-sign terms) and dq, dk at T = 1 (exactly zero).
+#include <fmt/core.h>
+
+#include <cmath>
+
+#include "backend/cuda/cuda_backend.h"
+#include "cuda_dual.h"
+
+namespace diffmoe::cudatest {
+namespace {
+
+constexpr double kMaxRel = 1e-2;  // the policy bound (see the file comment)
+constexpr double kMinRel = 1e-4;  // out: below this the bf16 kernels did not run
+
+// The GPU backend in bf16 mode for the scope, back to f32 after (also when a check fails).
+class Bf16Mode {
+ public:
+  Bf16Mode() { gpu().set_gemm_precision(GemmPrecision::kBF16); }
+  ~Bf16Mode() { gpu().set_gemm_precision(GemmPrecision::kF32); }
+  Bf16Mode(const Bf16Mode&) = delete;
+  Bf16Mode& operator=(const Bf16Mode&) = delete;
+};
+
+// ‖cuda − cpu‖ / max(‖cpu‖, floor) ≤ kMaxRel (NaN fails), guard bytes intact; returns the error.
+double expect_rel(const Dual& d, const std::string& what, double floor = 0.0, double min_rel = 0.0) {
+  const std::vector<double> got = d.device_values(), want = d.host_values();
+  double err2 = 0.0, ref2 = 0.0;
+  for (size_t i = 0; i < got.size(); ++i) {
+    err2 += (got[i] - want[i]) * (got[i] - want[i]);
+    ref2 += want[i] * want[i];
+  }
+  const double rel = std::sqrt(err2) / std::max(std::sqrt(ref2), floor);
+  std::printf("[cuda-tc-attn] %-52s n=%-7zu rel. error %.3e  (bound %.0e)\n", what.c_str(), got.size(), rel, kMaxRel);
+  EXPECT_TRUE(std::isfinite(rel) && rel <= kMaxRel) << what << ": relative error " << rel << " > " << kMaxRel;
+  EXPECT_GE(rel, min_rel) << what << ": relative error " << rel << " is f32-like: did the bf16 kernels run?";
+  EXPECT_TRUE(d.guard_intact()) << what << ": the guard bytes after the device tensor were overwritten";
+  return rel;
+}
+
+struct TcCase {
+  int64_t B, T, H, dqk, dv;
+  bool differential;
+};
+
+void check_tc_attention(const TcCase& c) {
+  const Bf16Mode mode;
+  const int64_t B = c.B, T = c.T, H = c.H, C = c.differential ? 2 : 1, G = H / C, W = C * c.dv;
+  const Shape out_shape{B, T, G, W};
+  Dual q(Shape{B, T, H, c.dqk}), k(Shape{B, T, H, c.dqk}), v(Shape{B, T, H, c.dv});
+  Dual out(out_shape), o2(out_shape), lse(Shape{B, H, T}), lambda(Shape{1});
+  q.normal(90);
+  k.normal(91);
+  v.normal(92);
+  lambda.set({0.35});
+  out.poison();
+  o2.poison();
+  lse.poison();
+  const double scale = 1.0 / std::sqrt(static_cast<double>(c.dqk));
+  const std::string tag = fmt::format("B={} T={} H={} dqk={} W={} {}", B, T, H, c.dqk, W, c.differential ? "diff" : "plain");
+  run_both([&](Backend& be, Side s) {
+    be.attention_fwd({}, {.out = out[s], .o2 = c.differential ? o2[s] : Tensor{}, .lse = lse[s], .q = q[s], .k = k[s],
+                          .v = v[s], .lambda = c.differential ? lambda[s] : Tensor{}, .scale = scale,
+                          .differential = c.differential});
+  });
+  expect_rel(out, "fwd out " + tag, 0.0, kMinRel);
+  if (c.differential) expect_rel(o2, "fwd o2 " + tag);
+  expect_rel(lse, "fwd lse " + tag);
+
+  // The backward reads the forward's saved tensors: give both sides the CPU's.
+  out.to_gpu();
+  o2.to_gpu();
+  lse.to_gpu();
+  Dual dout(out_shape), dq(Shape{B, T, H, c.dqk}), dk(Shape{B, T, H, c.dqk}), dv(Shape{B, T, H, c.dv}), dlambda(Shape{1});
+  dout.normal(93);
+  dq.poison();
+  dk.poison();
+  dv.poison();
+  dlambda.poison();
+  run_both([&](Backend& be, Side s) {
+    be.attention_bwd({}, {.dq = dq[s], .dk = dk[s], .dv = dv[s], .dlambda = c.differential ? dlambda[s] : Tensor{},
+                          .dout = dout[s], .q = q[s], .k = k[s], .v = v[s], .out = out[s],
+                          .o2 = c.differential ? o2[s] : Tensor{}, .lse = lse[s],
+                          .lambda = c.differential ? lambda[s] : Tensor{}, .scale = scale,
+                          .differential = c.differential});
+  });
+  // At T = 1 each query sees one key: P = 1 and dS = P·(dP − D) = 0 exactly, so dq = dk = 0 and
+  // ‖cpu‖ is no scale. The GPU's dP (bf16 operands) and D (f32) then differ by bf16 rounding; the
+  // error is taken relative to the terms that cancel, ‖scale·(|dP| + |D|)·|k|‖ (|q| for dk), with
+  // |dP| = |D| = |coef·dout·V|: ≤ 1e-2 of them.
+  double dq_floor = 0.0, dk_floor = 0.0;
+  if (T == 1) {
+    const float* vh = v.host().ptr<float>();
+    const float* dh = dout.host().ptr<float>();
+    const float* qh = q.host().ptr<float>();
+    const float* kh = k.host().ptr<float>();
+    const double lam = c.differential ? 0.35 : 0.0;
+    double sq = 0.0, sk = 0.0;
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t h = 0; h < H; ++h) {
+        const int64_t g = h / C;
+        double dp = 0.0;
+        for (int64_t i = 0; i < W; ++i) dp += static_cast<double>(dh[(b * G + g) * W + i]) * vh[(b * H + C * g) * c.dv + i];
+        const double m = scale * 2.0 * std::fabs(h % C == 0 ? dp : -lam * dp);
+        for (int64_t i = 0; i < c.dqk; ++i) {
+          sq += m * m * kh[(b * H + h) * c.dqk + i] * kh[(b * H + h) * c.dqk + i];
+          sk += m * m * qh[(b * H + h) * c.dqk + i] * qh[(b * H + h) * c.dqk + i];
+        }
+      }
+    dq_floor = std::sqrt(sq);
+    dk_floor = std::sqrt(sk);
+  }
+  expect_rel(dq, "bwd dq " + tag, dq_floor);
+  expect_rel(dk, "bwd dk " + tag, dk_floor);
+  expect_rel(dv, "bwd dv " + tag);
+  if (c.differential) {
+    // dλ = −Σ dout ⊙ o2 over B·T·W random-sign terms: the sum itself can be arbitrarily small, so
+    // its error is relative to Σ|dout ⊙ o2| (the sum's condition); o2 is the CPU's on both sides,
+    // so this is dout ⊙ o2 in f32 vs f64 order, far below the bound.
+    const std::vector<double> dh = dout.host_values(), o2h = o2.host_values();
+    double abs_sum = 0.0;
+    for (size_t i = 0; i < dh.size(); ++i) abs_sum += std::fabs(dh[i] * o2h[i]);
+    const double got = dlambda.device_values()[0], want = dlambda.host_values()[0];
+    const double rel = std::fabs(got - want) / abs_sum;
+    std::printf("[cuda-tc-attn] %-52s |diff|/sum|terms| %.3e\n", ("bwd dlambda " + tag).c_str(), rel);
+    EXPECT_TRUE(std::isfinite(rel) && rel <= kMaxRel) << "dlambda " << tag << ": " << got << " vs " << want;
+  }
+}
+
+// Every covered head size, T = 131 (odd: two full 64-row tiles and a partial one), B = 2.
+TEST(CudaTcAttention, EveryCoveredHeadSize) {
+  for (bool diff : {true, false})
+    for (int64_t dqk : {32, 48, 64, 96, 128})
+      for (int64_t w : {32, 64, 128}) check_tc_attention({2, 131, 4, dqk, diff ? w / 2 : w, diff});
+}
+
+// The bench preset's head shape (d_qk 96, d_v 64) at T = 1, shorter than a tile, one tile, and odd
+// T over several tiles; B = 3.
+TEST(CudaTcAttention, SequenceLengths) {
+  for (bool diff : {true, false})
+    for (int64_t T : {1, 17, 64, 200}) check_tc_attention({3, T, 4, 96, 64, diff});
+}
+
+// No atomics: two backward runs on the same inputs agree bitwise.
+TEST(CudaTcAttention, BackwardDeterministic) {
+  const Bf16Mode mode;
+  const int64_t B = 2, T = 99, H = 4, dqk = 96, dv = 64;
+  const Shape out_shape{B, T, H / 2, 2 * dv};
+  Dual q(Shape{B, T, H, dqk}), k(Shape{B, T, H, dqk}), v(Shape{B, T, H, dv}), lambda(Shape{1});
+  Dual out(out_shape), o2(out_shape), lse(Shape{B, H, T}), dout(out_shape);
+  Dual dq(Shape{B, T, H, dqk}), dk(Shape{B, T, H, dqk}), dvv(Shape{B, T, H, dv}), dlambda(Shape{1});
+  q.normal(94);
+  k.normal(95);
+  v.normal(96);
+  dout.normal(97);
+  lambda.set({0.25});
+  const Side g = Side::kGpu;
+  gpu().attention_fwd({}, {.out = out[g], .o2 = o2[g], .lse = lse[g], .q = q[g], .k = k[g], .v = v[g],
+                           .lambda = lambda[g], .scale = 0.1});
+  std::vector<std::vector<double>> first;
+  for (int run = 0; run < 2; ++run) {
+    gpu().attention_bwd({}, {.dq = dq[g], .dk = dk[g], .dv = dvv[g], .dlambda = dlambda[g], .dout = dout[g], .q = q[g],
+                             .k = k[g], .v = v[g], .out = out[g], .o2 = o2[g], .lse = lse[g], .lambda = lambda[g],
+                             .scale = 0.1});
+    std::vector<std::vector<double>> now{dq.device_values(), dk.device_values(), dvv.device_values(),
+                                         dlambda.device_values()};
+    if (run == 0) first = now;
+    else for (size_t t = 0; t < now.size(); ++t) EXPECT_EQ(now[t], first[t]) << "output " << t;
+  }
+}
+
+}  // namespace
+}  // namespace diffmoe::cudatest

@@ -1,0 +1,524 @@
+// Standalone check and timing of src/backend/cuda/grouped_gemm.cuh (no project dependencies, so it
+// builds on the lent GPU machines):
+//   nvcc -O3 -std=c++17 -arch=sm_90a -lineinfo -o /tmp/gg tools/kernel-dev/grouped_gemm_check.cu -lcublas
+//   /tmp/gg           small checks vs a CPU reference, bench-shape checks vs cuBLAS, timings, table
+//   /tmp/gg --small   small checks only (for compute-sanitizer)
+// Small checks: every layout at odd sizes (k = 40, n = 24, and sizes spanning several tiles), uneven
+// groups with empty and 1-row groups, offsets[G] < R (tail rows compared bitwise), alpha ≠ 1,
+// beta = 0 on NaN-poisoned C and beta = 1, the f32 → bf16 padded copy bitwise, bad offsets recorded.
+// The same small checks run the wgmma kernel (fwd; dgrad through the transposed bf16 copy of B,
+// also checked bitwise). Bench shapes: every kernel and tile configuration is compared with the
+// cuBLAS per-group loop (NaN-poisoned outputs), then timed.
+// Reference: double sums of the bf16-rounded inputs; the kernel sums in f32, so ‖err‖/‖ref‖ ~1e-7
+// (bound 1e-5: f32 sums of up to 1,000 products, far below the 1e-3 of one bf16 rounding).
+#include <cublas_v2.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "../../src/backend/cuda/grouped_gemm.cuh"
+
+using namespace diffmoe::cuda::gg;
+
+#define CK(call)                                                                                          \
+  do {                                                                                                    \
+    cudaError_t e_ = (call);                                                                              \
+    if (e_ != cudaSuccess) {                                                                              \
+      std::fprintf(stderr, "CUDA error %s at %s:%d: %s\n", cudaGetErrorString(e_), __FILE__, __LINE__, #call); \
+      std::exit(1);                                                                                       \
+    }                                                                                                     \
+  } while (0)
+#define CKB(call)                                                                            \
+  do {                                                                                       \
+    cublasStatus_t s_ = (call);                                                              \
+    if (s_ != CUBLAS_STATUS_SUCCESS) {                                                       \
+      std::fprintf(stderr, "cuBLAS error %d at %s:%d: %s\n", (int)s_, __FILE__, __LINE__, #call); \
+      std::exit(1);                                                                          \
+    }                                                                                        \
+  } while (0)
+
+static int g_failures = 0;
+static void expect(bool ok, const std::string& what) {
+  if (!ok) {
+    ++g_failures;
+    std::printf("FAIL: %s\n", what.c_str());
+  }
+}
+
+// ---------------------------------------------------------------- host helpers
+
+struct Rng {
+  uint64_t s;
+  explicit Rng(uint64_t seed) : s(seed * 0x9E3779B97F4A7C15ull + 1) {}
+  uint64_t next() {
+    s ^= s << 13, s ^= s >> 7, s ^= s << 17;
+    return s;
+  }
+  double uniform() { return (next() >> 11) * (1.0 / 9007199254740992.0); }
+  double normal() { return std::sqrt(-2.0 * std::log(uniform() + 1e-300)) * std::cos(6.283185307179586 * uniform()); }
+};
+
+static float bf16_round(float x) { return __bfloat162float(__float2bfloat16_rn(x)); }
+
+template <class T>
+struct Dev {
+  T* p = nullptr;
+  size_t n = 0;
+  explicit Dev(size_t count) : n(count) { CK(cudaMalloc(&p, std::max<size_t>(count, 1) * sizeof(T))); }
+  ~Dev() { cudaFree(p); }
+  Dev(const Dev&) = delete;
+  void upload(const std::vector<T>& v) { CK(cudaMemcpy(p, v.data(), v.size() * sizeof(T), cudaMemcpyHostToDevice)); }
+  std::vector<T> download() const {
+    std::vector<T> v(n);
+    CK(cudaMemcpy(v.data(), p, n * sizeof(T), cudaMemcpyDeviceToHost));
+    return v;
+  }
+};
+
+static const char* layout_name(GroupedLayout l) {
+  return l == GroupedLayout::kFwd ? "fwd" : l == GroupedLayout::kDgrad ? "dgrad" : "wgrad";
+}
+
+// ---------------------------------------------------------------- small checks vs the CPU
+
+struct SmallResult {
+  double rel = 0, max_abs = 0;
+};
+static double g_max_rel[5] = {0, 0, 0, 0, 0};  // mma.sync fwd, dgrad, wgrad; wgmma fwd, dgrad
+
+// Converts f32 [rows, cols] on the device to the padded bf16 copy and checks it bitwise.
+static void to_bf16_checked(Dev<bf16>& dst, const std::vector<float>& src, int64_t rows, int64_t cols) {
+  Dev<float> d(src.size());
+  d.upload(src);
+  CK(launch_to_bf16_padded(dst.p, d.p, rows, cols, nullptr));
+  CK(cudaDeviceSynchronize());
+  const std::vector<bf16> got = dst.download();
+  const int64_t ld = pad8(cols);
+  int64_t bad = 0;
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = 0; c < ld; ++c) {
+      const float want = c < cols ? bf16_round(src[r * cols + c]) : 0.0f;
+      const float g = __bfloat162float(got[r * ld + c]);
+      if (std::memcmp(&want, &g, 4) != 0) ++bad;
+    }
+  expect(bad == 0, "f32 -> bf16 padded copy: " + std::to_string(bad) + " elements differ");
+}
+
+// src [G, k, n] f32 → dst [G, n, pad8(k)] bf16 on the device (the wgmma dgrad's B), checked bitwise.
+static void to_bf16_transposed_checked(Dev<bf16>& dst, const std::vector<float>& src, int64_t G, int64_t k, int64_t n) {
+  Dev<float> d(src.size());
+  d.upload(src);
+  CK(launch_to_bf16_transposed(dst.p, d.p, G, k, n, nullptr));
+  CK(cudaDeviceSynchronize());
+  const std::vector<bf16> got = dst.download();
+  const int64_t ld = pad8(k);
+  int64_t bad = 0;
+  for (int64_t g = 0; g < G; ++g)
+    for (int64_t j = 0; j < n; ++j)
+      for (int64_t q = 0; q < ld; ++q) {
+        const float want = q < k ? bf16_round(src[(g * k + q) * n + j]) : 0.0f;
+        const float v = __bfloat162float(got[(g * n + j) * ld + q]);
+        if (std::memcmp(&want, &v, 4) != 0) ++bad;
+      }
+  expect(bad == 0, "f32 -> bf16 transposed copy: " + std::to_string(bad) + " elements differ");
+}
+
+// One small grouped GEMM of layout L on random inputs vs a double reference.
+// wgmma: fwd on the wgmma kernel; dgrad on it too, through the transposed bf16 copy of B.
+static SmallResult run_small(GroupedLayout L, int R, const std::vector<int>& off, int m, int n, int k, float alpha,
+                             float beta, uint64_t seed, bool wgmma = false) {
+  const int G = static_cast<int>(off.size()) - 1;
+  const bool wgrad = L == GroupedLayout::kWgrad;
+  // Logical shapes: fwd/dgrad A [R,k]; fwd B [G,n,k], dgrad B [G,k,n]; wgrad A [R,m], B [R,n].
+  const int64_t a_cols = wgrad ? m : k, b_rows = wgrad ? R : int64_t{G} * (L == GroupedLayout::kFwd ? n : k);
+  const int64_t b_cols = wgrad ? n : (L == GroupedLayout::kFwd ? k : n);
+  const int64_t c_elems = wgrad ? int64_t{G} * m * n : int64_t{R} * n;
+  Rng rng(seed);
+  std::vector<float> a(R * a_cols), b(b_rows * b_cols), c0(c_elems);
+  for (auto& x : a) x = static_cast<float>(rng.normal());
+  for (auto& x : b) x = static_cast<float>(rng.normal());
+  const int used = off[G];
+  for (int64_t i = 0; i < c_elems; ++i) {
+    const bool in_use = wgrad || i < int64_t{used} * n;
+    c0[i] = (beta == 0.0f && in_use) ? NAN : static_cast<float>(rng.normal());
+  }
+  const bool transposed_b = wgmma && L == GroupedLayout::kDgrad;  // B[g] [k][n] copied as [n][pad8(k)]
+  Dev<bf16> da(R * pad8(a_cols)), db(transposed_b ? int64_t{G} * n * pad8(k) : b_rows * pad8(b_cols));
+  to_bf16_checked(da, a, R, a_cols);
+  if (transposed_b) to_bf16_transposed_checked(db, b, G, k, n);
+  else to_bf16_checked(db, b, b_rows, b_cols);
+  Dev<float> dc(c_elems);
+  dc.upload(c0);
+  Dev<int32_t> doff(off.size());
+  doff.upload(std::vector<int32_t>(off.begin(), off.end()));
+  Dev<GroupedGemmIssue> issue(1);
+  CK(cudaMemset(issue.p, 0, sizeof(GroupedGemmIssue)));
+  GroupedGemmParams p{.a = da.p, .b = db.p, .c = dc.p, .offsets = doff.p, .rows = R, .groups = G, .m = m, .n = n,
+                      .k = k, .lda = static_cast<int>(pad8(a_cols)), .ldb = static_cast<int>(pad8(b_cols)),
+                      .alpha = alpha, .beta = beta, .issue = issue.p, .issue_site = 7};
+  if (transposed_b) p.ldb = static_cast<int>(pad8(k));
+  if (wgmma) CK(launch_grouped_gemm_wgmma(p, nullptr));
+  else CK(launch_grouped_gemm(p, L, nullptr));
+  CK(cudaDeviceSynchronize());
+  const std::vector<float> c = dc.download();
+  expect(issue.download()[0].flag == 0, "good offsets recorded an issue");
+
+  std::vector<double> ref(c_elems);
+  for (int64_t i = 0; i < c_elems; ++i) ref[i] = c0[i];
+  for (auto& x : a) x = bf16_round(x);
+  for (auto& x : b) x = bf16_round(x);
+  for (int g = 0; g < G; ++g) {
+    if (!wgrad) {
+      for (int r = off[g]; r < off[g + 1]; ++r)
+        for (int j = 0; j < n; ++j) {
+          double s = 0;
+          for (int q = 0; q < k; ++q) {
+            const double bv = L == GroupedLayout::kFwd ? b[(int64_t{g} * n + j) * k + q] : b[(int64_t{g} * k + q) * n + j];
+            s += double(a[int64_t{r} * k + q]) * bv;
+          }
+          const double old = beta == 0.0f ? 0.0 : double(beta) * c0[int64_t{r} * n + j];
+          ref[int64_t{r} * n + j] = double(alpha) * s + old;
+        }
+    } else {
+      for (int i = 0; i < m; ++i)
+        for (int j = 0; j < n; ++j) {
+          double s = 0;
+          for (int r = off[g]; r < off[g + 1]; ++r) s += double(a[int64_t{r} * m + i]) * b[int64_t{r} * n + j];
+          const int64_t e = (int64_t{g} * m + i) * n + j;
+          ref[e] = double(alpha) * s + (beta == 0.0f ? 0.0 : double(beta) * c0[e]);
+        }
+    }
+  }
+  const int64_t checked = wgrad ? c_elems : int64_t{used} * n;
+  double err2 = 0, ref2 = 0, max_abs = 0;
+  int64_t nonfinite = 0, tail_changed = 0;
+  for (int64_t i = 0; i < checked; ++i) {
+    if (!std::isfinite(c[i])) ++nonfinite;
+    const double d = c[i] - ref[i];
+    err2 += d * d, ref2 += ref[i] * ref[i], max_abs = std::max(max_abs, std::fabs(d));
+  }
+  for (int64_t i = checked; i < c_elems; ++i) tail_changed += std::memcmp(&c[i], &c0[i], 4) != 0;
+  SmallResult res{std::sqrt(err2 / std::max(ref2, 1e-300)), max_abs};
+  char what[200];
+  std::snprintf(what, sizeof what, "%s%s R=%d G=%d m=%d n=%d k=%d alpha=%g beta=%g", wgmma ? "wgmma " : "",
+                layout_name(L), R, G, m, n, k, alpha, beta);
+  std::printf("  small %-48s rel %.2e  max|diff| %.2e\n", what, res.rel, res.max_abs);
+  expect(nonfinite == 0, std::string(what) + ": non-finite outputs");
+  expect(tail_changed == 0, std::string(what) + ": rows past offsets[G] changed");
+  expect(res.rel < 1e-5, std::string(what) + ": relative error too large");
+  // Empty groups of the weight gradient: exactly beta·C (alpha·0 + C for beta 1, 0 for beta 0).
+  if (wgrad)
+    for (int g = 0; g < G; ++g)
+      if (off[g] == off[g + 1])
+        for (int64_t e = int64_t{g} * m * n; e < int64_t{g + 1} * m * n; ++e)
+          if (c[e] != static_cast<float>(ref[e])) {
+            expect(false, std::string(what) + ": empty group not beta*C");
+            break;
+          }
+  const int li = wgmma ? 3 + static_cast<int>(L) : static_cast<int>(L);
+  g_max_rel[li] = std::max(g_max_rel[li], res.rel);
+  return res;
+}
+
+// Bad offsets: the first bad index is recorded and the kernel finishes without a fault.
+static void run_bad_offsets(GroupedLayout L, const std::vector<int>& off, int want_index, int want_value,
+                            bool wgmma = false) {
+  const int R = 64, G = static_cast<int>(off.size()) - 1, m = 24, n = 24, k = 40;
+  const bool wgrad = L == GroupedLayout::kWgrad;
+  Dev<bf16> da(int64_t{R} * 64), db(int64_t{G} * 64 * 64);
+  CK(cudaMemset(da.p, 0, da.n * sizeof(bf16)));
+  CK(cudaMemset(db.p, 0, db.n * sizeof(bf16)));
+  Dev<float> dc(wgrad ? int64_t{G} * m * n : int64_t{R} * n);
+  CK(cudaMemset(dc.p, 0, dc.n * sizeof(float)));
+  Dev<int32_t> doff(off.size());
+  doff.upload(std::vector<int32_t>(off.begin(), off.end()));
+  Dev<GroupedGemmIssue> issue(1);
+  CK(cudaMemset(issue.p, 0, sizeof(GroupedGemmIssue)));
+  GroupedGemmParams p{.a = da.p, .b = db.p, .c = dc.p, .offsets = doff.p, .rows = R, .groups = G, .m = m, .n = n,
+                      .k = k, .lda = static_cast<int>(pad8(wgrad ? m : k)), .ldb = static_cast<int>(pad8(wgrad ? n : k)),
+                      .alpha = 1.0f, .beta = 0.0f, .issue = issue.p, .issue_site = 9};
+  if (wgmma) CK(launch_grouped_gemm_wgmma(p, nullptr));
+  else CK(launch_grouped_gemm(p, L, nullptr));
+  CK(cudaDeviceSynchronize());
+  const GroupedGemmIssue rec = issue.download()[0];
+  std::printf("  bad offsets %-5s -> flag %d site %d index %lld value %lld limit %lld\n", layout_name(L), rec.flag,
+              rec.site, (long long)rec.index, (long long)rec.value, (long long)rec.limit);
+  expect(rec.flag == 1 && rec.site == 9 && rec.index == want_index && rec.value == want_value,
+         std::string("bad offsets not recorded as expected (") + layout_name(L) + ")");
+}
+
+static void small_checks() {
+  std::printf("small checks vs CPU (double) reference\n");
+  // Uneven: empty groups (first, middle, last), a 1-row group, groups over one m-tile, tail rows.
+  const std::vector<int> off = {0, 0, 1, 150, 150, 169, 300, 300, 301, 330};  // R = 341: 11 tail rows
+  const int R = 341;
+  uint64_t seed = 1;
+  for (GroupedLayout L : {GroupedLayout::kFwd, GroupedLayout::kDgrad})
+    for (float beta : {0.0f, 1.0f}) {
+      run_small(L, R, off, 0, 24, 40, 0.75f, beta, ++seed);
+      run_small(L, R, off, 0, 200, 264, -1.25f, beta, ++seed);  // 2 n-tiles, 9 k-tiles (partial last)
+      run_small(L, R, off, 0, 23, 19, 0.5f, beta, ++seed);      // odd n (scalar stores), odd k (padding)
+    }
+  for (float beta : {0.0f, 1.0f}) {
+    run_small(GroupedLayout::kWgrad, R, off, 24, 40, 0, 0.75f, beta, ++seed);
+    run_small(GroupedLayout::kWgrad, R, off, 200, 136, 0, -1.25f, beta, ++seed);
+    run_small(GroupedLayout::kWgrad, R, off, 13, 11, 0, 0.5f, beta, ++seed);
+  }
+  run_small(GroupedLayout::kFwd, R, {0, 0, 0, 0}, 0, 24, 40, 1.0f, 1.0f, ++seed);  // no rows in use
+  for (GroupedLayout L : {GroupedLayout::kFwd, GroupedLayout::kDgrad})
+    for (float beta : {0.0f, 1.0f}) {
+      run_small(L, R, off, 0, 24, 40, 0.75f, beta, ++seed, true);
+      run_small(L, R, off, 0, 200, 264, -1.25f, beta, ++seed, true);
+      run_small(L, R, off, 0, 23, 19, 0.5f, beta, ++seed, true);
+      run_small(L, R, off, 0, 136, 1000, 1.0f, beta, ++seed, true);  // 16 k-tiles: the ring wraps
+    }
+  run_small(GroupedLayout::kFwd, R, {0, 0, 0, 0}, 0, 24, 40, 1.0f, 1.0f, ++seed, true);
+  std::printf("bad offsets (recorded, skipped)\n");
+  for (GroupedLayout L : {GroupedLayout::kFwd, GroupedLayout::kDgrad, GroupedLayout::kWgrad}) {
+    run_bad_offsets(L, {0, 10, 5, 20}, 2, 5);       // decreasing
+    run_bad_offsets(L, {0, -3, 5, 20}, 1, -3);      // negative
+    run_bad_offsets(L, {0, 10, 20, 1000}, 3, 1000);  // offsets[G] > R
+    run_bad_offsets(L, {4, 10, 20, 30}, 0, 4);       // offsets[0] != 0
+  }
+  run_bad_offsets(GroupedLayout::kFwd, {0, 10, 5, 20}, 2, 5, true);
+  run_bad_offsets(GroupedLayout::kFwd, {0, 10, 20, 1000}, 3, 1000, true);
+}
+
+// ---------------------------------------------------------------- bench shapes vs cuBLAS
+
+__global__ void fill_bf16_kernel(bf16* p, int64_t n, uint64_t seed) {
+  for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < n; i += int64_t{gridDim.x} * blockDim.x) {
+    uint64_t x = (i + 1) * 0x9E3779B97F4A7C15ull ^ seed;
+    x ^= x >> 31, x *= 0xBF58476D1CE4E5B9ull, x ^= x >> 29;
+    p[i] = __float2bfloat16_rn(static_cast<float>((x >> 40) * (1.0 / 16777216.0)) * 2.0f - 1.0f);
+  }
+}
+__global__ void diff_norm_kernel(const float* got, const float* want, int64_t n, double* out) {
+  double e = 0, r = 0;
+  for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < n; i += int64_t{gridDim.x} * blockDim.x) {
+    const double d = double(got[i]) - want[i];
+    e += std::isfinite(got[i]) ? d * d : 1e300;
+    r += double(want[i]) * want[i];
+  }
+  atomicAdd(out, e);
+  atomicAdd(out + 1, r);
+}
+
+struct BenchCall {
+  const char* name;
+  GroupedLayout layout;
+  int m, n, k;  // fwd/dgrad: n, k; wgrad: m, n
+};
+
+struct Row {
+  std::string name;
+  double ours[4], loop, dense, rel;
+  double wg[2] = {0, 0}, wg_rel = -1;  // wgmma kernel (fwd layout; dgrad through its transposed B)
+};
+
+template <class F>
+static double median_ms(F&& f, int reps) {
+  cudaEvent_t e0, e1;
+  CK(cudaEventCreate(&e0));
+  CK(cudaEventCreate(&e1));
+  for (int i = 0; i < 2; ++i) f();
+  std::vector<float> t;
+  for (int i = 0; i < reps; ++i) {
+    CK(cudaEventRecord(e0));
+    f();
+    CK(cudaEventRecord(e1));
+    CK(cudaEventSynchronize(e1));
+    float ms;
+    CK(cudaEventElapsedTime(&ms, e0, e1));
+    t.push_back(ms);
+  }
+  CK(cudaEventDestroy(e0));
+  CK(cudaEventDestroy(e1));
+  std::sort(t.begin(), t.end());
+  return t[t.size() / 2];
+}
+
+using AltTiles1 = TileConfig<128, 128, 64, 3, 2, 2, 2>;  // 4 warps of 64×64: half the ldmatrix bytes per MMA
+using AltTiles2 = TileConfig<128, 256, 64, 3, 2, 4, 1>;  // 8 warps of 64×64, one CTA per SM
+using AltTiles3 = TileConfig<128, 128, 32, 4, 2, 4, 2>;  // version 1's default
+using Wgmma3x2 = WgmmaTiles<3, 2>;  // 3 stages, 2 CTAs per SM
+using Wgmma4x1 = WgmmaTiles<4, 1>;  // 4 stages, 1 CTA per SM
+constexpr const char* kCfgNames[4] = {"128x128x64 s3 8w", "128x128x64 s3 4w", "128x256x64 s3 8w", "128x128x32 s4 8w"};
+
+static void bench() {
+  const int R = 65536, G = 64, D = 1536, I = 512;
+  // ~Balanced routing: sizes 1024·(1 ± 25%), summing to R.
+  Rng rng(42);
+  std::vector<double> w(G);
+  double ws = 0;
+  for (auto& x : w) ws += (x = 0.75 + 0.5 * rng.uniform());
+  std::vector<int> off(G + 1, 0);
+  for (int g = 0; g < G; ++g) off[g + 1] = g + 1 == G ? R : off[g] + static_cast<int>(R * w[g] / ws);
+  int mn = R, mx = 0;
+  for (int g = 0; g < G; ++g) mn = std::min(mn, off[g + 1] - off[g]), mx = std::max(mx, off[g + 1] - off[g]);
+  std::printf("\nbench shapes: R=%d G=%d rows per group %d..%d\n", R, G, mn, mx);
+
+  Dev<bf16> x(int64_t{R} * D), h(int64_t{R} * D), wts(int64_t{G} * D * I);
+  Dev<float> c(int64_t{R} * D), cref(int64_t{R} * D);
+  Dev<int32_t> doff(G + 1);
+  doff.upload(std::vector<int32_t>(off.begin(), off.end()));
+  Dev<double> norms(2);
+  fill_bf16_kernel<<<4096, 256>>>(x.p, x.n, 1);
+  fill_bf16_kernel<<<4096, 256>>>(h.p, h.n, 2);
+  fill_bf16_kernel<<<4096, 256>>>(wts.p, wts.n, 3);
+  CK(cudaGetLastError());
+  Dev<GroupedGemmIssue> issue(1);
+  CK(cudaMemset(issue.p, 0, sizeof(GroupedGemmIssue)));
+  cublasHandle_t hb;
+  CKB(cublasCreate(&hb));
+
+  // f32 → bf16 copy of A [R, 1536]: what the backend adds before each call.
+  {
+    Dev<float> af(int64_t{R} * D);
+    CK(cudaMemset(af.p, 0, af.n * sizeof(float)));
+    const double ms = median_ms([&] { CK(launch_to_bf16_padded(x.p, af.p, R, D, nullptr)); }, 10);
+    std::printf("f32->bf16 copy of [%d, %d]: %.3f ms, %.0f GB/s\n", R, D, ms, R * double(D) * 6 / ms / 1e6);
+    fill_bf16_kernel<<<4096, 256>>>(x.p, x.n, 1);
+    CK(cudaGetLastError());
+    // The dgrad weights' transposed copy [64, 1536, 512] f32 -> [64, 512, 1536] bf16 (wgmma dgrad).
+    Dev<bf16> wt(int64_t{G} * D * I);
+    const double ms_t = median_ms([&] { CK(launch_to_bf16_transposed(wt.p, af.p, G, D, I, nullptr)); }, 10);
+    const double ms_p = median_ms([&] { CK(launch_to_bf16_padded(wt.p, af.p, int64_t{G} * D, I, nullptr)); }, 10);
+    std::printf("f32->bf16 copy of W [%d, %d, %d]: transposed %.3f ms, plain %.3f ms\n", G, D, I, ms_t, ms_p);
+  }
+
+  const BenchCall calls[] = {
+      {"fwd  x*W1^T  [R,1536]->[R,512]", GroupedLayout::kFwd, 0, I, D},
+      {"fwd  h*W2^T  [R,512]->[R,1536]", GroupedLayout::kFwd, 0, D, I},
+      {"dgrad dy*W2  [R,1536]->[R,512]", GroupedLayout::kDgrad, 0, I, D},
+      {"dgrad da*W1  [R,512]->[R,1536]", GroupedLayout::kDgrad, 0, D, I},
+      {"wgrad dyT*h  -> [G,1536,512]", GroupedLayout::kWgrad, D, I, 0},
+      {"wgrad daT*x  -> [G,512,1536]", GroupedLayout::kWgrad, I, D, 0},
+  };
+  std::vector<Row> rows;
+  const float one = 1.0f, zero = 0.0f;
+  for (const BenchCall& bc : calls) {
+    const bool wg = bc.layout == GroupedLayout::kWgrad;
+    // Operands: A = x (wide, 1536 columns) or h (512 columns) as the call needs; B = weights or h/x.
+    const int a_cols = wg ? bc.m : bc.k, b_cols = wg ? bc.n : (bc.layout == GroupedLayout::kFwd ? bc.k : bc.n);
+    const bf16* a = a_cols == D ? x.p : h.p;
+    const bf16* b = wg ? (b_cols == D ? x.p : h.p) : wts.p;
+    GroupedGemmParams p{.a = a, .b = b, .c = c.p, .offsets = doff.p, .rows = R, .groups = G, .m = bc.m, .n = bc.n,
+                        .k = bc.k, .lda = a_cols, .ldb = b_cols, .alpha = 1.0f, .beta = 0.0f, .issue = issue.p,
+                        .issue_site = 1};
+    const int64_t c_elems = wg ? int64_t{G} * bc.m * bc.n : int64_t{R} * bc.n;
+    const double flops = wg ? 2.0 * R * bc.m * bc.n : 2.0 * R * bc.n * bc.k;
+    // cuBLAS, one call per group (row-major C = A·op(B) as column-major Cᵀ = op(B)ᵀ·Aᵀ).
+    const auto cublas_loop = [&](float* out) {
+      for (int g = 0; g < G; ++g) {
+        const int r0 = off[g], r = off[g + 1] - off[g];
+        if (r == 0) continue;
+        if (bc.layout == GroupedLayout::kFwd)
+          CKB(cublasGemmEx(hb, CUBLAS_OP_T, CUBLAS_OP_N, bc.n, r, bc.k, &one, b + int64_t{g} * bc.n * bc.k, CUDA_R_16BF,
+                           bc.k, a + int64_t{r0} * bc.k, CUDA_R_16BF, bc.k, &zero, out + int64_t{r0} * bc.n, CUDA_R_32F,
+                           bc.n, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+        else if (bc.layout == GroupedLayout::kDgrad)
+          CKB(cublasGemmEx(hb, CUBLAS_OP_N, CUBLAS_OP_N, bc.n, r, bc.k, &one, b + int64_t{g} * bc.k * bc.n, CUDA_R_16BF,
+                           bc.n, a + int64_t{r0} * bc.k, CUDA_R_16BF, bc.k, &zero, out + int64_t{r0} * bc.n, CUDA_R_32F,
+                           bc.n, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+        else
+          CKB(cublasGemmEx(hb, CUBLAS_OP_N, CUBLAS_OP_T, bc.n, bc.m, r, &one, b + int64_t{r0} * bc.n, CUDA_R_16BF, bc.n,
+                           a + int64_t{r0} * bc.m, CUDA_R_16BF, bc.m, &zero, out + int64_t{g} * bc.m * bc.n, CUDA_R_32F,
+                           bc.n, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+      }
+    };
+    // One dense GEMM of the same FLOPs (the ceiling): M = R (fwd/dgrad) or K = R (wgrad).
+    const auto dense = [&] {
+      if (bc.layout == GroupedLayout::kFwd)
+        CKB(cublasGemmEx(hb, CUBLAS_OP_T, CUBLAS_OP_N, bc.n, R, bc.k, &one, b, CUDA_R_16BF, bc.k, a, CUDA_R_16BF, bc.k,
+                         &zero, cref.p, CUDA_R_32F, bc.n, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+      else if (bc.layout == GroupedLayout::kDgrad)
+        CKB(cublasGemmEx(hb, CUBLAS_OP_N, CUBLAS_OP_N, bc.n, R, bc.k, &one, b, CUDA_R_16BF, bc.n, a, CUDA_R_16BF, bc.k,
+                         &zero, cref.p, CUDA_R_32F, bc.n, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+      else
+        CKB(cublasGemmEx(hb, CUBLAS_OP_N, CUBLAS_OP_T, bc.n, bc.m, R, &one, b, CUDA_R_16BF, bc.n, a, CUDA_R_16BF, bc.m,
+                         &zero, cref.p, CUDA_R_32F, bc.n, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+    };
+    // Correctness vs the cuBLAS loop (both f32 sums of the same bf16 products).
+    CK(cudaMemset(c.p, 0xFF, c_elems * sizeof(float)));  // NaN poison: every element must be written
+    CK(launch_grouped_gemm(p, bc.layout, nullptr));
+    cublas_loop(cref.p);
+    CK(cudaMemset(norms.p, 0, 2 * sizeof(double)));
+    diff_norm_kernel<<<1024, 256>>>(c.p, cref.p, c_elems, norms.p);
+    CK(cudaGetLastError());
+    const std::vector<double> nr = norms.download();
+    Row row{bc.name, {0, 0, 0, 0}, 0, 0, std::sqrt(nr[0] / nr[1])};
+    expect(row.rel < 1e-5, std::string(bc.name) + ": differs from cuBLAS");
+    const auto tflops = [&](double ms) { return flops / ms / 1e9; };
+    row.ours[0] = tflops(median_ms([&] { CK(launch_grouped_gemm<DefaultTiles>(p, bc.layout, nullptr)); }, 20));
+    row.ours[1] = tflops(median_ms([&] { CK(launch_grouped_gemm<AltTiles1>(p, bc.layout, nullptr)); }, 20));
+    row.ours[2] = tflops(median_ms([&] { CK(launch_grouped_gemm<AltTiles2>(p, bc.layout, nullptr)); }, 20));
+    row.ours[3] = tflops(median_ms([&] { CK(launch_grouped_gemm<AltTiles3>(p, bc.layout, nullptr)); }, 20));
+    // The alternatives must compute the same values (same k order within an MMA chain per tile).
+    GroupedGemmParams q = p;
+    q.c = cref.p;
+    for (int v = 1; v <= 3; ++v) {
+      CK(cudaMemset(cref.p, 0xFF, c_elems * sizeof(float)));
+      if (v == 1) CK(launch_grouped_gemm<AltTiles1>(q, bc.layout, nullptr));
+      if (v == 2) CK(launch_grouped_gemm<AltTiles2>(q, bc.layout, nullptr));
+      if (v == 3) CK(launch_grouped_gemm<AltTiles3>(q, bc.layout, nullptr));
+      CK(cudaMemset(norms.p, 0, 2 * sizeof(double)));
+      diff_norm_kernel<<<1024, 256>>>(cref.p, c.p, c_elems, norms.p);
+      CK(cudaGetLastError());
+      const std::vector<double> nv = norms.download();
+      expect(std::sqrt(nv[0] / nv[1]) < 1e-5, std::string(bc.name) + ": tile config " + kCfgNames[v] + " differs");
+    }
+    if (bc.layout != GroupedLayout::kWgrad) {
+      GroupedGemmParams w = p;
+      w.c = cref.p;
+      w.ldb = bc.k;  // dgrad: the weights buffer read as the transposed copy [G, n, k]
+      for (int v = 0; v < 2 && bc.layout == GroupedLayout::kFwd; ++v) {  // same function as c (mma.sync)
+        CK(cudaMemset(cref.p, 0xFF, c_elems * sizeof(float)));
+        if (v == 0) CK(launch_grouped_gemm_wgmma<Wgmma3x2>(w, nullptr));
+        else CK(launch_grouped_gemm_wgmma<Wgmma4x1>(w, nullptr));
+        CK(cudaMemset(norms.p, 0, 2 * sizeof(double)));
+        diff_norm_kernel<<<1024, 256>>>(cref.p, c.p, c_elems, norms.p);
+        CK(cudaGetLastError());
+        const std::vector<double> nw = norms.download();
+        row.wg_rel = std::max(row.wg_rel, std::sqrt(nw[0] / nw[1]));
+        expect(std::sqrt(nw[0] / nw[1]) < 1e-5, std::string(bc.name) + ": wgmma differs (config " + std::to_string(v) + ")");
+      }
+      row.wg[0] = tflops(median_ms([&] { CK(launch_grouped_gemm_wgmma<Wgmma3x2>(w, nullptr)); }, 20));
+      row.wg[1] = tflops(median_ms([&] { CK(launch_grouped_gemm_wgmma<Wgmma4x1>(w, nullptr)); }, 20));
+    }
+    row.loop = tflops(median_ms([&] { cublas_loop(cref.p); }, 10));
+    row.dense = tflops(median_ms(dense, 10));
+    rows.push_back(row);
+    std::printf("  %-32s rel %.2e  ours %.0f/%.0f/%.0f/%.0f  wgmma %.0f/%.0f (rel %.1e)  loop %.0f  dense %.0f\n",
+                row.name.c_str(), row.rel, row.ours[0], row.ours[1], row.ours[2], row.ours[3], row.wg[0], row.wg[1],
+                row.wg_rel, row.loop, row.dense);
+  }
+  expect(issue.download()[0].flag == 0, "bench offsets recorded an issue");
+  CKB(cublasDestroy(hb));
+
+  std::printf("\nTFLOP/s (median of 20; cuBLAS: 10); mma.sync tile configs, then wgmma 128x128x64 (stages x CTAs/SM)\n"
+              "| call | rel vs cuBLAS | %s | %s | %s | %s | wgmma 3x2 | wgmma 4x1 | cuBLAS loop | dense cuBLAS |\n",
+              kCfgNames[0], kCfgNames[1], kCfgNames[2], kCfgNames[3]);
+  std::printf("|---|---|---|---|---|---|---|---|---|---|\n");
+  for (const Row& r : rows)
+    std::printf("| %s | %.1e | %.0f | %.0f | %.0f | %.0f | %.0f | %.0f | %.0f | %.0f |\n", r.name.c_str(), r.rel,
+                r.ours[0], r.ours[1], r.ours[2], r.ours[3], r.wg[0], r.wg[1], r.loop, r.dense);
+}
+
+int main(int argc, char** argv) {
+  const bool small_only = argc > 1 && std::strcmp(argv[1], "--small") == 0;
+  cudaDeviceProp prop;
+  CK(cudaGetDeviceProperties(&prop, 0));
+  std::printf("device: %s, %d SMs\n", prop.name, prop.multiProcessorCount);
+  small_checks();
+  if (!small_only) bench();
+  std::printf("\nmax relative error of the small checks: mma.sync fwd %.2e  dgrad %.2e  wgrad %.2e; wgmma fwd %.2e  dgrad %.2e\n",
+              g_max_rel[0], g_max_rel[1], g_max_rel[2], g_max_rel[3], g_max_rel[4]);
+  std::printf("%s (%d failures)\n", g_failures == 0 ? "ALL CHECKS PASSED" : "CHECKS FAILED", g_failures);
+  return g_failures == 0 ? 0 : 1;
+}
