@@ -310,6 +310,24 @@ int main_impl(int argc, char** argv) {
   };
   int failures = 0;
   for (const Case& c : cases) failures += check_case(c, *cpu, *gpu, tol, verbose, bf16);
+  if (bf16) {
+    // The same model back in the f32 mode: set_batch_shape() re-plans the activations and drops the
+    // bf16 weight copies, and the next forward matches the CPU to f32 accuracy again.
+    const Case& c = cases.front();
+    constexpr uint64_t kSeed = 1234;
+    const std::unique_ptr<Model> ref = run(*cpu, c, kSeed), m = run(*gpu, c, kSeed);  // m: bf16 mode
+    gpu->set_gemm_precision(GemmPrecision::kF32);
+    m->set_batch_shape(c.batch, c.seq);
+    const Inputs in = make_inputs(*gpu, c, kSeed);
+    m->forward({}, in.tokens, in.targets);
+    gpu->synchronize({});
+    const double want = ref->losses().lm_loss, got = m->losses().lm_loss;
+    const double err = std::fabs(got - want) / std::fabs(want);
+    const bool bad = !(err <= 1e-5);
+    std::printf("\n== %s back in f32 after a bf16 step: lm loss %.9g vs cpu %.9g, rel err %.3e%s\n", c.name.c_str(), got,
+                want, err, bad ? "  <-- FAIL" : "");
+    failures += bad ? 1 : 0;
+  }
   if (time_steps > 0) {
     const Case& c = cases.back();
     const double cpu_ms = median_step_ms(*cpu, c, time_steps), gpu_ms = median_step_ms(*gpu, c, time_steps);

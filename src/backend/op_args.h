@@ -163,6 +163,7 @@ struct LatentAttentionArgs {
 
 // ---------------------------------------------------------------- SwiGLU (spec §4)
 // h = silu(a) ⊙ b, all [N, I].
+// CUDA with f32 a, b: h, and in the backward da and db, may be bf16 (rounded; they feed bf16 GEMMs).
 struct SwigluFwdArgs { Tensor h; Tensor a; Tensor b; };
 // da = dh ⊙ b ⊙ silu'(a), db = dh ⊙ silu(a) (overwritten).
 struct SwigluBwdArgs { Tensor da; Tensor db; Tensor dh; Tensor a; Tensor b; };
@@ -205,6 +206,7 @@ struct MoeGatherBwdArgs { Tensor dx; Tensor dx_perm; Tensor slot_pos; };
 // y[n] += Σ_k topk_w[n,k] · y_perm[slot_pos[n,k]]   (y already holds the shared expert's output)
 struct MoeCombineFwdArgs { Tensor y; Tensor y_perm; Tensor topk_w; Tensor slot_pos; };
 // dy_perm[slot_pos[n,k]] = topk_w[n,k]·dy[n];  dtopk_w[n,k] = ⟨dy[n], y_perm[slot_pos[n,k]]⟩ (overwritten)
+// (CUDA: dy_perm may be bf16 for f32 dy; it feeds only the bf16 expert GEMMs)
 struct MoeCombineBwdArgs { Tensor dy_perm; Tensor dtopk_w; Tensor dy; Tensor y_perm; Tensor topk_w; Tensor slot_pos; };
 // Bias update once per optimizer step (spec §5): b_i += rate · sign(mean(counts) − counts_i).
 struct MoeBiasUpdateArgs { Tensor bias; Tensor counts; double rate = 1e-3; };
@@ -214,6 +216,7 @@ struct MoeBiasUpdateArgs { Tensor bias; Tensor counts; double rate = 1e-3; };
 // loss_sum[0] += Σ_valid (logsumexp − logit[target]);  valid[0] += number of targets ≠ −1.
 struct CrossEntropyFwdArgs { Tensor loss_sum; Tensor valid; Tensor logits; Tensor targets; };
 // dlogits = grad_scale · (softmax(logits) − onehot(target)) / valid[0]; rows with target −1 get 0.
+// (CUDA: dlogits may be bf16 for f32 logits; it feeds only the head's GEMMs)
 struct CrossEntropyBwdArgs { Tensor dlogits; Tensor logits; Tensor targets; Tensor valid; double grad_scale = 1.0; };
 
 // ---------------------------------------------------------------- optimizer

@@ -60,6 +60,12 @@ void check_gemm_operand(const Tensor& t, DType c_dtype, int rank, Device dev, st
   check_matrix(t, bf16_ok ? DType::kBF16 : c_dtype, rank, dev, op, name);
 }
 
+// The dtype an op's output must have when its float inputs have dtype `in`: `in`, or on CUDA with
+// f32 inputs also bf16 for an output read only by bf16 GEMMs (the op rounds it; spec §7).
+DType output_dtype(const Tensor& out, DType in, Device dev) {
+  return dev == Device::kCUDA && in == DType::kF32 && out.dtype == DType::kBF16 ? DType::kBF16 : in;
+}
+
 bool copy_convertible(DType d) {
   return d == DType::kF32 || d == DType::kF64 || d == DType::kBF16 || d == DType::kF8E4M3;
 }
@@ -545,7 +551,9 @@ void validate_swiglu_fwd(const SwigluFwdArgs& a, Device dev) {
   constexpr std::string_view kOp = "swiglu_fwd";
   check_device(a.a, dev, kOp, "a");
   check_like(a.b, a.a, dev, kOp, "b");
-  check_like(a.h, a.a, dev, kOp, "h");
+  check_device(a.h, dev, kOp, "h");
+  check_shape(a.h, a.a.shape, kOp, "h");
+  check_dtype(a.h, output_dtype(a.h, a.a.dtype, dev), kOp, "h");
 }
 
 void validate_swiglu_bwd(const SwigluBwdArgs& a, Device dev) {
@@ -553,8 +561,13 @@ void validate_swiglu_bwd(const SwigluBwdArgs& a, Device dev) {
   check_device(a.a, dev, kOp, "a");
   check_like(a.b, a.a, dev, kOp, "b");
   check_like(a.dh, a.a, dev, kOp, "dh");
-  check_like(a.da, a.a, dev, kOp, "da");
-  check_like(a.db, a.a, dev, kOp, "db");
+  for (const auto& [t, name] : {std::pair{&a.da, "da"}, {&a.db, "db"}}) {
+    check_device(*t, dev, kOp, name);
+    check_shape(*t, a.a.shape, kOp, name);
+    check_dtype(*t, output_dtype(*t, a.a.dtype, dev), kOp, name);
+  }
+  DIFFMOE_CHECK(a.da.dtype == a.db.dtype, "[{}] da and db must have one dtype, got {} and {}", kOp,
+                dtype_name(a.da.dtype), dtype_name(a.db.dtype));
 }
 
 // ================================================================ MoE
@@ -615,9 +628,7 @@ void validate_moe_gather(const MoeGatherArgs& a, Device dev) {
   check_device(a.src_row, dev, op, "src_row");
   check_dtype(a.src_row, DType::kI32, op, "src_row");
   DIFFMOE_CHECK(a.src_row.rank() == 1, "[{}] src_row must be 1-D, got {}", op, a.src_row.describe());
-  // On CUDA an f32 x may be gathered into a bf16 x_perm: the rows only feed bf16 expert GEMMs.
-  const bool bf16_out = dev == Device::kCUDA && a.x.dtype == DType::kF32 && a.x_perm.dtype == DType::kBF16;
-  expect_tensor(a.x_perm, {a.src_row.numel(), a.x.dim(1)}, bf16_out ? DType::kBF16 : a.x.dtype, dev, op, "x_perm");
+  expect_tensor(a.x_perm, {a.src_row.numel(), a.x.dim(1)}, output_dtype(a.x_perm, a.x.dtype, dev), dev, op, "x_perm");
 }
 
 void validate_moe_gather_bwd(const MoeGatherBwdArgs& a, Device dev) {
@@ -645,7 +656,7 @@ void validate_moe_combine_bwd(const MoeCombineBwdArgs& a, Device dev) {
   const int64_t n_tokens = a.dy.dim(0), dim = a.dy.dim(1), n_rows = a.y_perm.dim(0);
   const DType ft = a.dy.dtype;
   expect_tensor(a.y_perm, {n_rows, dim}, ft, dev, op, "y_perm");
-  expect_tensor(a.dy_perm, {n_rows, dim}, ft, dev, op, "dy_perm");
+  expect_tensor(a.dy_perm, {n_rows, dim}, output_dtype(a.dy_perm, ft, dev), dev, op, "dy_perm");
   check_plan(a.slot_pos, n_tokens, dev, op);
   expect_tensor(a.topk_w, a.slot_pos.shape, ft, dev, op, "topk_w");
   expect_tensor(a.dtopk_w, a.slot_pos.shape, ft, dev, op, "dtopk_w");
@@ -679,7 +690,7 @@ CrossEntropyDims validate_cross_entropy_bwd(const CrossEntropyBwdArgs& a, Device
   const CrossEntropyDims d = check_logits(a.logits, a.targets, dev, kOp);
   check_device(a.dlogits, dev, kOp, "dlogits");
   check_shape(a.dlogits, a.logits.shape, kOp, "dlogits");
-  check_dtype(a.dlogits, a.logits.dtype, kOp, "dlogits");
+  check_dtype(a.dlogits, output_dtype(a.dlogits, a.logits.dtype, dev), kOp, "dlogits");
   check_valid(a.valid, a.logits.dtype, dev, kOp);
   return d;
 }

@@ -19,14 +19,17 @@ void FfnLayer::plan(const LayerContext& lc, Arena& acts) const {
   acts.add(a("x_norm"), Shape{N, D}, t);
   acts.add(a("rstd_x"), Shape{N}, t);
   plan_once(acts, "scratch.ffn.dx_norm", Shape{N, D}, t);
+  // Tensors that only GEMMs read (h, da, db, x_perm, dy_perm) are bf16 in the bf16 GEMM mode: the
+  // op that writes them rounds once, instead of each GEMM rounding its operand again.
+  const DType gemm_only = lc.bf16_operands ? DType::kBF16 : t;
   auto plan_mlp = [&](const std::string& pre, int64_t rows, int64_t width) {
     acts.add(a(pre + "a"), Shape{rows, width}, t);   // x W1ᵀ
     acts.add(a(pre + "b"), Shape{rows, width}, t);   // x W3ᵀ
-    acts.add(a(pre + "h"), Shape{rows, width}, t);   // silu(a) ⊙ b
+    acts.add(a(pre + "h"), Shape{rows, width}, gemm_only);  // silu(a) ⊙ b
     const std::string s = fmt::format("scratch.ffn.{}{}.", pre, width);
     plan_once(acts, s + "dh", Shape{rows, width}, t);
-    plan_once(acts, s + "da", Shape{rows, width}, t);
-    plan_once(acts, s + "db", Shape{rows, width}, t);
+    plan_once(acts, s + "da", Shape{rows, width}, gemm_only);
+    plan_once(acts, s + "db", Shape{rows, width}, gemm_only);
   };
   if (!moe(lc)) {
     plan_mlp("", N, c.inter_dim);
@@ -41,12 +44,11 @@ void FfnLayer::plan(const LayerContext& lc, Arena& acts) const {
   acts.add(a("offsets"), Shape{E + 1}, DType::kI32);
   acts.add(a("src_row"), Shape{NK}, DType::kI32);
   acts.add(a("slot_pos"), Shape{N, K}, DType::kI32);
-  // Token rows sorted by expert; read only by the expert GEMMs, so bf16 in the bf16 GEMM mode.
-  acts.add(a("x_perm"), Shape{NK, D}, lc.bf16_operands ? DType::kBF16 : t);
+  acts.add(a("x_perm"), Shape{NK, D}, gemm_only);  // token rows sorted by expert
   acts.add(a("y_perm"), Shape{NK, D}, t);           // expert outputs, same order
   acts.add(fmt::format("stats.{}.counts", l_), Shape{E}, DType::kI32);
   plan_mlp("experts.", NK, c.moe_inter_dim);
-  plan_once(acts, "scratch.moe.dy_perm", Shape{NK, D}, t);
+  plan_once(acts, "scratch.moe.dy_perm", Shape{NK, D}, gemm_only);
   plan_once(acts, "scratch.moe.dx_perm", Shape{NK, D}, t);
   plan_once(acts, "scratch.moe.dtopk_w", Shape{N, K}, t);
   plan_once(acts, "scratch.moe.dlogits", Shape{N, E}, t);

@@ -267,7 +267,8 @@ void Generator::ffn(Context ctx, int64_t l, int64_t rows) {
   const int64_t E = c.n_routed_experts, K = c.n_activated_experts, I = c.moe_inter_dim;
   const Tensor logits = scratch("router.logits", Shape{N, E}), scores = scratch("router.scores", Shape{N, E});
   const Tensor idx = scratch("router.topk_idx", Shape{N, K}), w = scratch("router.topk_w", Shape{N, K});
-  linear(ctx, logits, x_norm, param(ffn_param(l, "gate.weight")));
+  // z = u Eᵀ in f32 in every GEMM mode, as in training (spec §5).
+  be_.gemm(ctx, {.c = logits, .a = x_norm, .b = param(ffn_param(l, "gate.weight")), .trans_b = true, .f32_exact = true});
   be_.router_fwd(ctx, {.scores = scores, .topk_idx = idx, .topk_w = w, .counts = arena_.get("router.counts"), .logits = logits,
                        .bias = param(ffn_param(l, "gate.bias")), .opt = router_options(c)});
   const Tensor offsets = arena_.get("moe.offsets"), src_row = scratch("moe.src_row", Shape{N * K});

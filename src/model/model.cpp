@@ -47,8 +47,7 @@ void Model::init_weights(uint64_t seed) {
 LayerContext Model::layer_context(Context ctx) {
   return LayerContext{.be = be_, .ctx = ctx, .cfg = &cfg_, .dtype = dtype_, .batch = batch_, .seq = seq_,
                       .params = &params_, .grads = &grads_, .acts = &acts_,
-                      .weights_bf16 = weights_bf16_.allocated() && !weights_bf16_.entries().empty() ? &weights_bf16_
-                                                                                                    : nullptr,
+                      .weights_bf16 = bf16_operands_ && !weights_bf16_.entries().empty() ? &weights_bf16_ : nullptr,
                       .bf16_operands = bf16_operands_};
 }
 
@@ -85,6 +84,7 @@ void Model::set_batch_shape(int64_t batch, int64_t seq) {
   batch_ = batch;
   seq_ = seq;
   bf16_operands_ = be_->gemm_precision() == GemmPrecision::kBF16 && dtype_ == DType::kF32;
+  if (!bf16_operands_) weights_bf16_ = Arena();  // no bf16 copies outside the bf16 GEMM mode
   acts_ = Arena();
   const int64_t N = batch * seq, D = cfg_.dim;
   const int64_t half = cfg_.qk_rope_head_dim / 2;
@@ -99,7 +99,8 @@ void Model::set_batch_shape(int64_t batch, int64_t seq) {
   acts_.add("act.final.x_norm", Shape{N, D}, dtype_);
   acts_.add("act.final.rstd", Shape{N}, dtype_);
   acts_.add("act.final.logits", Shape{N, cfg_.vocab_size}, dtype_);
-  acts_.add("scratch.dlogits", Shape{N, cfg_.vocab_size}, dtype_);
+  // Read only by the head's two GEMMs: bf16 in the bf16 GEMM mode (the CE backward rounds it).
+  acts_.add("scratch.dlogits", Shape{N, cfg_.vocab_size}, bf16_operands_ ? DType::kBF16 : dtype_);
   acts_.add("scratch.dx_norm", Shape{N, D}, dtype_);
   acts_.add("scratch.dresidual", Shape{N, D}, dtype_);
   acts_.add("loss.sum", Shape{1}, dtype_);
@@ -129,8 +130,7 @@ void Model::forward(Context ctx, const Tensor& tokens, const Tensor& targets) {
   DIFFMOE_CHECK(batch_ > 0, "[model] forward before set_batch_shape()");
   check_shape(tokens, Shape{batch_, seq_}, "model.forward", "tokens");
   check_dtype(tokens, DType::kI32, "model.forward", "tokens");
-  DIFFMOE_CHECK(bf16_operands_ == (be_->gemm_precision() == GemmPrecision::kBF16 && dtype_ == DType::kF32),
-                "[model] the backend's GEMM precision changed after set_batch_shape(): call set_batch_shape() again");
+  check_precision_unchanged("forward");
   refresh_weight_copies(ctx);  // the optimizer may have changed the masters since the last forward
   const LayerContext lc = layer_context(ctx);
   const int64_t N = batch_ * seq_;
@@ -158,7 +158,15 @@ void Model::forward(Context ctx, const Tensor& tokens, const Tensor& targets) {
   }
 }
 
+// The activations (and which of them are bf16) were planned for one GEMM precision.
+void Model::check_precision_unchanged(const char* where) const {
+  DIFFMOE_CHECK(bf16_operands_ == (be_->gemm_precision() == GemmPrecision::kBF16 && dtype_ == DType::kF32),
+                "[model] {}: the backend's GEMM precision changed after set_batch_shape(): call set_batch_shape() again",
+                where);
+}
+
 void Model::backward(Context ctx, double grad_scale) {
+  check_precision_unchanged("backward");
   const LayerContext lc = layer_context(ctx);
   const int64_t N = batch_ * seq_;
   const Tensor xn = acts_.get("act.final.x_norm"), logits = acts_.get("act.final.logits");

@@ -61,6 +61,7 @@ class Model {
  private:
   LayerContext layer_context(Context ctx);
   void refresh_weight_copies(Context ctx);  // weights_bf16_ = bf16(params) where the mode wants it
+  void check_precision_unchanged(const char* where) const;
   Tensor residual(int64_t i) const;  // residual stream before sub-block i (0 = embedding output)
 
   ModelConfig cfg_;

@@ -401,6 +401,73 @@ TEST(CudaBf16Gemm, GatherIntoBf16) {
   EXPECT_TRUE(out.guard_intact());
 }
 
+// Element-wise outputs that only GEMMs read (swiglu's h, da, db; moe_combine_bwd's dy_perm) may be
+// bf16: the CPU's f32 result rounded to bf16, to within one bf16 step (the CUDA f32 value before
+// the rounding can differ from the CPU's in the last f32 bit, which can move a tie).
+void expect_bf16_of(const Dual& got16, const Dual& ref32, const std::string& what) {
+  const std::vector<double> got = got16.device_values(), ref = ref32.host_values();
+  ASSERT_EQ(got.size(), ref.size());
+  int64_t bad = 0;
+  for (size_t i = 0; i < got.size(); ++i) {
+    const double want = bf16_to_f32(f32_to_bf16(static_cast<float>(ref[i])));
+    if (!(std::fabs(got[i] - want) <= std::ldexp(std::fabs(want), -8) + 1e-30)) ++bad;
+  }
+  EXPECT_EQ(bad, 0) << what << ": " << bad << " of " << got.size() << " elements are not the f32 result in bf16";
+  EXPECT_TRUE(got16.guard_intact()) << what;
+}
+
+TEST(CudaBf16Gemm, Bf16OutputsOfElementwiseOps) {
+  const int64_t rows = 53, width = 40;
+  Dual a(Shape{rows, width}), b(Shape{rows, width}), dh(Shape{rows, width});
+  a.normal(980, 2.0);
+  b.normal(981);
+  dh.normal(982);
+  Dual h(Shape{rows, width}), da(Shape{rows, width}), db(Shape{rows, width});
+  Dual h16(Shape{rows, width}, DType::kBF16), da16(Shape{rows, width}, DType::kBF16), db16(Shape{rows, width}, DType::kBF16);
+  for (Dual* d : {&h16, &da16, &db16}) d->poison();
+  cpu().swiglu_fwd({}, {.h = h[Side::kCpu], .a = a[Side::kCpu], .b = b[Side::kCpu]});
+  cpu().swiglu_bwd({}, {.da = da[Side::kCpu], .db = db[Side::kCpu], .dh = dh[Side::kCpu], .a = a[Side::kCpu], .b = b[Side::kCpu]});
+  gpu().swiglu_fwd({}, {.h = h16[Side::kGpu], .a = a[Side::kGpu], .b = b[Side::kGpu]});
+  gpu().swiglu_bwd({}, {.da = da16[Side::kGpu], .db = db16[Side::kGpu], .dh = dh[Side::kGpu], .a = a[Side::kGpu], .b = b[Side::kGpu]});
+  gpu().synchronize({});
+  expect_bf16_of(h16, h, "swiglu_fwd h in bf16");
+  expect_bf16_of(da16, da, "swiglu_bwd da in bf16");
+  expect_bf16_of(db16, db, "swiglu_bwd db in bf16");
+
+  // moe_combine_bwd with a plan of K = 2 slots per token in token order (slot_pos[n,k] = 2n + k).
+  const int64_t N = 29, K = 2, D = 24;
+  Dual dy(Shape{N, D}), y_perm(Shape{N * K, D}), w(Shape{N, K}), slot(Shape{N, K}, DType::kI32);
+  Dual dy_perm(Shape{N * K, D}), dy_perm16(Shape{N * K, D}, DType::kBF16), dtw(Shape{N, K});
+  dy.normal(983);
+  y_perm.normal(984);
+  w.normal(985);
+  std::vector<double> sp(static_cast<size_t>(N * K));
+  for (size_t i = 0; i < sp.size(); ++i) sp[i] = static_cast<double>(i);
+  slot.set(sp);
+  dy_perm16.poison();
+  cpu().moe_combine_bwd({}, {.dy_perm = dy_perm[Side::kCpu], .dtopk_w = dtw[Side::kCpu], .dy = dy[Side::kCpu],
+                             .y_perm = y_perm[Side::kCpu], .topk_w = w[Side::kCpu], .slot_pos = slot[Side::kCpu]});
+  gpu().moe_combine_bwd({}, {.dy_perm = dy_perm16[Side::kGpu], .dtopk_w = dtw[Side::kGpu], .dy = dy[Side::kGpu],
+                             .y_perm = y_perm[Side::kGpu], .topk_w = w[Side::kGpu], .slot_pos = slot[Side::kGpu]});
+  gpu().synchronize({});
+  expect_bf16_of(dy_perm16, dy_perm, "moe_combine_bwd dy_perm in bf16");
+  expect_close(dtw, Tol{1e-6, 1e-7, "f64 dot rounded once on both sides"}, "moe_combine_bwd dtopk_w beside a bf16 dy_perm");
+
+  // cross_entropy_bwd into a bf16 dlogits, one ignored target (its row: zeros).
+  const int64_t R = 7, V = 300;
+  Dual logits(Shape{R, V}), targets(Shape{R}, DType::kI32), valid(Shape{1}), dl(Shape{R, V}), dl16(Shape{R, V}, DType::kBF16);
+  logits.normal(986, 3.0);
+  targets.set({5, 299, -1, 0, 17, 150, 42});
+  valid.set({6});
+  dl16.poison();
+  cpu().cross_entropy_bwd({}, {.dlogits = dl[Side::kCpu], .logits = logits[Side::kCpu], .targets = targets[Side::kCpu],
+                               .valid = valid[Side::kCpu], .grad_scale = 0.75});
+  gpu().cross_entropy_bwd({}, {.dlogits = dl16[Side::kGpu], .logits = logits[Side::kGpu], .targets = targets[Side::kGpu],
+                               .valid = valid[Side::kGpu], .grad_scale = 0.75});
+  gpu().synchronize({});
+  expect_bf16_of(dl16, dl, "cross_entropy_bwd dlogits in bf16");
+}
+
 TEST(CudaBf16Gemm, Bf16OperandsNeedTheBf16Mode) {
   Dual a(Shape{8, 16}), b(Shape{4, 16}), c(Shape{8, 4});
   a.normal(950);

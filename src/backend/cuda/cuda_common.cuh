@@ -1,6 +1,7 @@
 // Device helpers shared by the CUDA op files: launch sizes, warp and block reductions (fixed
 // shapes, so results are bitwise reproducible), the device-side index check, and the f32 rule.
 #pragma once
+#include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -39,6 +40,11 @@ inline float* f32(const Tensor& t) { return static_cast<float*>(t.data); }
 // the calling op in a launch error.
 void f32_to_bf16(void* dst, const float* src, int64_t n, cudaStream_t s, std::string_view op);
 inline int32_t* i32(const Tensor& t) { return static_cast<int32_t*>(t.data); }
+
+// Stores v as an f32 or, for outputs that only bf16 GEMMs read (the bf16 GEMM mode plans those in
+// bf16), rounded to bf16 through f32 as the CPU narrows.
+__device__ __forceinline__ void store_as(float* p, double v) { *p = static_cast<float>(v); }
+__device__ __forceinline__ void store_as(__nv_bfloat16* p, double v) { *p = __float2bfloat16_rn(static_cast<float>(v)); }
 
 // ---------------------------------------------------------------- reductions
 

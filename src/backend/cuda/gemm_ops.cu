@@ -160,6 +160,10 @@ const gg::bf16* grouped_operand_transposed(const Tensor& t, int64_t groups, int6
   return dst;
 }
 
+// Whether the device-scheduled grouped kernels fit this device's shared memory per block (else the
+// grouped ops take the per-group cuBLAS path, with its host read of the offsets).
+bool grouped_kernels_fit(const CudaBackend& be) { return be.max_shared_bytes() >= gg::grouped_gemm_max_smem_bytes(); }
+
 // The grouped kernel's int dimensions.
 int to_int(int64_t v, std::string_view op) {
   DIFFMOE_CHECK(v <= INT_MAX, "[{}] dimension {} exceeds the grouped kernel's int range", op, v);
@@ -188,7 +192,7 @@ void CudaBackend::grouped_gemm(Context ctx, const GroupedGemmArgs& a) {
   const GroupedGemmDims d = validate_grouped_gemm(a, Device::kCUDA);
   require_f32(a.c, kOp);
   const cudaStream_t s = stream(ctx);
-  if (gemm_precision() == GemmPrecision::kBF16) {  // on the device, no sync
+  if (gemm_precision() == GemmPrecision::kBF16 && grouped_kernels_fit(*this)) {  // on the device, no sync
     // The wgmma kernel reads B[g] K-major ([n, k]): dgrad's [k, n] weights are transposed while they
     // are rounded. The mma.sync kernel reads B as stored.
     const bool wgmma = grouped_wgmma_usable(), b_nk = a.trans_b || wgmma;
@@ -230,7 +234,7 @@ void CudaBackend::grouped_gemm_wgrad(Context ctx, const GroupedGemmWgradArgs& a)
   const GroupedGemmWgradDims d = validate_grouped_gemm_wgrad(a, Device::kCUDA);
   require_f32(a.c, kOp);
   const cudaStream_t s = stream(ctx);
-  if (gemm_precision() == GemmPrecision::kBF16) {  // on the device, no sync
+  if (gemm_precision() == GemmPrecision::kBF16 && grouped_kernels_fit(*this)) {  // on the device, no sync
     const auto [a16, b16] = bf16_scratch_pair(*this, d.rows * gg::pad8(d.m), d.rows * gg::pad8(d.n));
     // All R rows (see grouped_gemm).
     const gg::bf16* a_op = grouped_operand(a.a, d.rows, d.m, a16, s);

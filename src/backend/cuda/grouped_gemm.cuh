@@ -360,7 +360,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks) grouped_gemm_k
   cp_async_wait<0>();
 
   // ---- epilogue: C = alpha·acc + beta·C; accumulator e of an MMA is (row g + 8·(e/2), col 2t + e%2)
-  const bool vec2 = (p.n % 2) == 0;
+  const bool vec2 = (p.n % 2) == 0 && reinterpret_cast<uintptr_t>(p.c) % 8 == 0;  // float2 rows
   const int ldc = p.n;
 #pragma unroll
   for (int i = 0; i < Cfg::kMFrags; ++i) {
@@ -547,7 +547,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks) grouped_gemm_w
 
   // Epilogue: accumulator 4j + e of warp w in the warpgroup is (row 16w + lane/4 + 8·(e/2),
   // col 8j + 2·(lane%4) + e%2) of the warpgroup's m64×n128 block.
-  const bool vec2 = (p.n % 2) == 0;
+  const bool vec2 = (p.n % 2) == 0 && reinterpret_cast<uintptr_t>(p.c) % 8 == 0;  // float2 rows
 #pragma unroll
   for (int half = 0; half < 2; ++half) {
     const int row = m0 + wg * 64 + (warp % 4) * 16 + lane / 4 + half * 8;
@@ -706,14 +706,38 @@ cudaError_t launch_grouped_gemm_wgmma(const GroupedGemmParams& p, cudaStream_t s
   return cudaGetLastError();
 }
 
-// Whether the wgmma kernel can run here: a compute capability 9.x device and machine code for 9.x
-// (the project builds sm_90a, CMakeLists.txt; a plain sm_90 build would reach the kernel's trap).
+// Writes 1 when the code that runs was compiled with the sm_90a features (wgmma), else 0.
+__global__ void sm90a_probe_kernel(int* out) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  *out = 1;
+#else
+  *out = 0;
+#endif
+}
+
+// Whether the wgmma kernel can run here: a compute capability 9.x device whose loaded code has the
+// sm_90a features. A plain sm_90 build (or PTX JIT-compiled without them) would reach the kernel's
+// trap, so a one-thread probe asks the code itself (one blocking launch; callers cache the answer).
 inline bool wgmma_supported(int device) {
   int major = 0;
   if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess || major != 9) return false;
-  cudaFuncAttributes attr{};
-  if (cudaFuncGetAttributes(&attr, grouped_gemm_wgmma_kernel<DefaultWgmmaTiles>) != cudaSuccess) return false;
-  return attr.binaryVersion == 90;
+  int* d_flag = nullptr;
+  int flag = 0;
+  if (cudaMalloc(&d_flag, sizeof(int)) != cudaSuccess) return false;
+  sm90a_probe_kernel<<<1, 1>>>(d_flag);
+  const bool ran = cudaGetLastError() == cudaSuccess &&
+                   cudaMemcpy(&flag, d_flag, sizeof(int), cudaMemcpyDeviceToHost) == cudaSuccess;
+  const bool freed = cudaFree(d_flag) == cudaSuccess;
+  return ran && freed && flag == 1;
+}
+
+// Dynamic shared memory of the mma.sync kernel's largest layout: the grouped ops fall back to
+// cuBLAS per group where a device allows less per block (e.g. sm_86/sm_89, 99 KB).
+template <class Cfg = DefaultTiles>
+constexpr size_t grouped_gemm_max_smem_bytes() {
+  const size_t f = LayoutTiles<Cfg, GroupedLayout::kFwd>::kSmemBytes, d = LayoutTiles<Cfg, GroupedLayout::kDgrad>::kSmemBytes,
+               w = LayoutTiles<Cfg, GroupedLayout::kWgrad>::kSmemBytes;
+  return f > d ? (f > w ? f : w) : (d > w ? d : w);
 }
 
 }  // namespace diffmoe::cuda::gg

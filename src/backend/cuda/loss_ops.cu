@@ -66,7 +66,9 @@ __global__ void cross_entropy_total_kernel(float* loss_sum, void* valid, bool va
 
 // dlogits = grad_scale · (softmax − onehot(target)) / valid[0]; ignored rows (and all rows when
 // valid[0] = 0) get 0.
-__global__ void __launch_bounds__(kRowThreads) cross_entropy_bwd_kernel(float* dlogits, const float* logits,
+// Out: float, or bf16 in the bf16 GEMM mode (dlogits only feeds the head's two GEMMs).
+template <class Out>
+__global__ void __launch_bounds__(kRowThreads) cross_entropy_bwd_kernel(Out* dlogits, const float* logits,
                                                                         const int32_t* targets, const void* valid,
                                                                         bool valid_is_i32, double grad_scale,
                                                                         int64_t rows, int64_t vocab,
@@ -79,16 +81,16 @@ __global__ void __launch_bounds__(kRowThreads) cross_entropy_bwd_kernel(float* d
   for (int64_t n = blockIdx.x; n < rows; n += gridDim.x) {
     const int32_t tgt = targets[n];
     const bool use = index_ok(issue, IssueSite::kCrossEntropyBwdTargets, n, tgt, vocab, true) && tgt != -1;
-    float* drow = dlogits + n * vocab;
+    Out* drow = dlogits + n * vocab;
     if (!use) {
-      for (int64_t j = threadIdx.x; j < vocab; j += blockDim.x) drow[j] = 0.0f;
+      for (int64_t j = threadIdx.x; j < vocab; j += blockDim.x) store_as(drow + j, 0.0);
       continue;
     }
     const float* row = logits + n * vocab;
     const double lse = row_logsumexp(row, vocab, red_f, red_d);
     for (int64_t j = threadIdx.x; j < vocab; j += blockDim.x) {
       const double p = expf(static_cast<float>(row[j] - lse));  // softmax
-      drow[j] = static_cast<float>(coef * (p - (j == tgt ? 1.0 : 0.0)));
+      store_as(drow + j, coef * (p - (j == tgt ? 1.0 : 0.0)));
     }
   }
 }
@@ -119,9 +121,13 @@ void CudaBackend::cross_entropy_bwd(Context ctx, const CrossEntropyBwdArgs& a) {
   const CrossEntropyDims d = validate_cross_entropy_bwd(a, Device::kCUDA);
   require_f32(a.logits, kOp);
   if (d.rows == 0) return;
-  cross_entropy_bwd_kernel<<<row_blocks(d.rows), kRowThreads, 0, stream(ctx)>>>(
-      f32(a.dlogits), f32(a.logits), i32(a.targets), a.valid.data, a.valid.dtype == DType::kI32, a.grad_scale, d.rows,
-      d.vocab, issue());
+  const auto launch = [&](auto* dlogits) {
+    cross_entropy_bwd_kernel<<<row_blocks(d.rows), kRowThreads, 0, stream(ctx)>>>(
+        dlogits, f32(a.logits), i32(a.targets), a.valid.data, a.valid.dtype == DType::kI32, a.grad_scale, d.rows,
+        d.vocab, issue());
+  };
+  if (a.dlogits.dtype == DType::kBF16) launch(static_cast<__nv_bfloat16*>(a.dlogits.data));
+  else launch(f32(a.dlogits));
   CUDA_CHECK_LAUNCH(kOp);
 }
 

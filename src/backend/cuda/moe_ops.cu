@@ -366,9 +366,6 @@ __global__ void permute_offsets_kernel(int32_t* offsets, const int32_t* sorted_e
 }
 
 // x_perm[r] = x[src_row[r]]
-__device__ __forceinline__ void store_as(float* p, float v) { *p = v; }
-__device__ __forceinline__ void store_as(__nv_bfloat16* p, float v) { *p = __float2bfloat16_rn(v); }
-
 // Out: float, or bf16 when the rows only feed bf16 expert GEMMs (rounded to nearest even here).
 template <class Out>
 __global__ void gather_kernel(Out* x_perm, const float* x, const int32_t* src_row, int64_t n_rows, int64_t n_tokens,
@@ -414,7 +411,8 @@ __global__ void combine_fwd_kernel(float* y, const float* y_perm, const float* t
 }
 
 // One warp per (n, k): dy_perm[slot_pos[n,k]] = w[n,k]·dy[n];  dtopk_w[n,k] = ⟨dy[n], y_perm[slot_pos[n,k]]⟩
-__global__ void combine_bwd_kernel(float* dy_perm, float* dtopk_w, const float* dy, const float* y_perm,
+template <class Out>  // float, or bf16 in the bf16 GEMM mode (dy_perm only feeds the expert GEMMs)
+__global__ void combine_bwd_kernel(Out* dy_perm, float* dtopk_w, const float* dy, const float* y_perm,
                                    const float* topk_w, const int32_t* slot_pos, int64_t n_tokens, int64_t top_k,
                                    int64_t dim, int64_t n_rows, DeviceIssue* issue) {
   const int lane = threadIdx.x % kWarp;
@@ -427,7 +425,7 @@ __global__ void combine_bwd_kernel(float* dy_perm, float* dtopk_w, const float* 
     double dot = 0.0;
     for (int64_t d = lane; d < dim; d += kWarp) {
       const float g = dy[n * dim + d];
-      dy_perm[r * dim + d] = w * g;
+      store_as(dy_perm + r * dim + d, w * g);
       dot += static_cast<double>(g) * y_perm[r * dim + d];
     }
     dot = warp_sum(dot);
@@ -646,9 +644,15 @@ void CudaBackend::moe_combine_bwd(Context ctx, const MoeCombineBwdArgs& a) {
   require_f32(a.dy, kOp);
   const int64_t n_tokens = a.dy.dim(0), dim = a.dy.dim(1), top_k = a.slot_pos.dim(1);
   if (n_tokens * top_k == 0) return;
-  combine_bwd_kernel<<<grid_for(n_tokens * top_k * kWarp), kThreads, 0, stream(ctx)>>>(
-      f32(a.dy_perm), f32(a.dtopk_w), f32(a.dy), f32(a.y_perm), f32(a.topk_w), i32(a.slot_pos), n_tokens, top_k, dim,
-      a.y_perm.dim(0), issue());
+  const unsigned grid = grid_for(n_tokens * top_k * kWarp);
+  if (a.dy_perm.dtype == DType::kBF16)
+    combine_bwd_kernel<<<grid, kThreads, 0, stream(ctx)>>>(static_cast<__nv_bfloat16*>(a.dy_perm.data), f32(a.dtopk_w),
+                                                           f32(a.dy), f32(a.y_perm), f32(a.topk_w), i32(a.slot_pos),
+                                                           n_tokens, top_k, dim, a.y_perm.dim(0), issue());
+  else
+    combine_bwd_kernel<<<grid, kThreads, 0, stream(ctx)>>>(f32(a.dy_perm), f32(a.dtopk_w), f32(a.dy), f32(a.y_perm),
+                                                           f32(a.topk_w), i32(a.slot_pos), n_tokens, top_k, dim,
+                                                           a.y_perm.dim(0), issue());
   CUDA_CHECK_LAUNCH(kOp);
 }
 

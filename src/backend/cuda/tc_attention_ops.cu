@@ -24,13 +24,6 @@ tca::TcaKernels pick_or_throw(const AttnDims& d, std::string_view op) {
   return k;
 }
 
-// n f32 → bf16 (nearest even); float4 loads where the source allows.
-void to_bf16(tca::bf16* dst, const float* src, int64_t n, cudaStream_t s, std::string_view op) {
-  const bool vec4 = reinterpret_cast<uintptr_t>(src) % 16 == 0 && n % 4 == 0;
-  tca::tca_to_bf16_kernel<<<grid_for(vec4 ? n / 4 : n), kThreads, 0, s>>>(dst, src, n, vec4);
-  CUDA_CHECK_LAUNCH(op);
-}
-
 struct Operands {  // the bf16 copies, and the backward's D and dλ partials, in the scratch
   tca::bf16 *q, *k, *v, *dout;
   float* dvec;
@@ -49,17 +42,30 @@ Operands convert_inputs(CudaBackend& be, cudaStream_t s, const AttnDims& d, cons
     o.dl_part = reinterpret_cast<double*>(base + l.dl_part);
   }
   const int64_t rows = d.batch * d.seq * d.heads;
-  to_bf16(o.q, q, rows * d.d_qk, s, op);
-  to_bf16(o.k, k, rows * d.d_qk, s, op);
-  to_bf16(o.v, v, rows * d.d_v, s, op);
+  f32_to_bf16(o.q, q, rows * d.d_qk, s, op);  // nearest even (cuda_common.cuh)
+  f32_to_bf16(o.k, k, rows * d.d_qk, s, op);
+  f32_to_bf16(o.v, v, rows * d.d_v, s, op);
   return o;
+}
+
+// The kernels' tiles are sized for Hopper's 227 KB of shared memory per block (the backward at d_qk
+// 128 needs 173 KB): other devices (A100 164 KB, sm_86/89 99 KB) keep the f32 flash kernels.
+bool tc_attention_device_ok() {
+  static const bool ok = [] {
+    int dev = 0, major = 0;
+    CUDA_CHECK(cudaGetDevice(&dev));
+    CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev));
+    return major == 9;
+  }();
+  return ok;
 }
 
 }  // namespace
 
 bool tc_attention_covers(const AttnDims& d) {
   tca::TcaKernels k{};
-  return d.seq <= INT32_MAX / 2 && d.heads <= 65535 && d.groups <= 65535 && d.batch <= 65535 &&
+  return tc_attention_device_ok() && d.seq <= INT32_MAX / 2 && d.heads <= 65535 && d.groups <= 65535 &&
+         d.batch <= 65535 &&
          tca::tca_pick(static_cast<int>(d.d_qk), static_cast<int>(d.comps * d.d_v), static_cast<int>(d.comps), &k);
 }
 
