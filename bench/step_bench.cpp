@@ -4,8 +4,9 @@
 // Times whole steps on random tokens with the spec initialisation (the backend is synchronised
 // around each step); prints the median step time, tokens/s, MFU by spec §9 (÷ 989 TFLOP/s) and
 // the bytes of the model's arenas (parameters, gradients, activations; optimizer state with
-// --optim). --precision bf16_gemm (cuda only): the GEMMs take bf16 inputs on tensor cores, f32
-// accumulation, every tensor still f32 (Backend::set_gemm_precision, train.precision).
+// --optim). --precision bf16_gemm (cuda only): the bf16 mode of docs/architecture.md (bf16 weight
+// copies, bf16 tensor-core GEMMs and attention, f32 masters; Backend::set_gemm_precision,
+// train.precision).
 // CPU threads: OMP_NUM_THREADS / OPENBLAS_NUM_THREADS as usual.
 #include <CLI/CLI.hpp>
 #include <fmt/core.h>

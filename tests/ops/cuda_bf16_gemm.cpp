@@ -32,15 +32,6 @@ Tol f32_gemm_tol(int64_t k) {
 }
 constexpr Tol kScaleOnly{1e-6, 1e-7, "k = 0: beta·C only, no bf16 rounding"};
 
-// The GPU backend in bf16 GEMM mode for the scope, back to f32 after (also when a check fails).
-class Bf16Mode {
- public:
-  Bf16Mode() { gpu().set_gemm_precision(GemmPrecision::kBF16); }
-  ~Bf16Mode() { gpu().set_gemm_precision(GemmPrecision::kF32); }
-  Bf16Mode(const Bf16Mode&) = delete;
-  Bf16Mode& operator=(const Bf16Mode&) = delete;
-};
-
 // ‖cuda − cpu‖/‖cpu‖ over elements [0, check_end) in [min_rel, max_rel] (NaN fails); elements from
 // check_end on must be bitwise equal (rows an op must not touch); guard bytes intact.
 void expect_rel(const Dual& d, const std::string& what, int64_t check_end = -1, double max_rel = kBf16MaxRel,

@@ -34,6 +34,15 @@ inline Backend& gpu() {
 
 enum class Side { kCpu, kGpu };
 
+// The GPU backend in the bf16 GEMM mode for the scope, back to f32 after (also when a check fails).
+class Bf16Mode {
+ public:
+  Bf16Mode() { gpu().set_gemm_precision(GemmPrecision::kBF16); }
+  ~Bf16Mode() { gpu().set_gemm_precision(GemmPrecision::kF32); }
+  Bf16Mode(const Bf16Mode&) = delete;
+  Bf16Mode& operator=(const Bf16Mode&) = delete;
+};
+
 class Dual {
  public:
   static constexpr int64_t kGuard = 64;         // elements after every device tensor

@@ -24,15 +24,6 @@ namespace {
 constexpr double kMaxRel = 1e-2;  // the policy bound (see the file comment)
 constexpr double kMinRel = 1e-4;  // out: below this the bf16 kernels did not run
 
-// The GPU backend in bf16 mode for the scope, back to f32 after (also when a check fails).
-class Bf16Mode {
- public:
-  Bf16Mode() { gpu().set_gemm_precision(GemmPrecision::kBF16); }
-  ~Bf16Mode() { gpu().set_gemm_precision(GemmPrecision::kF32); }
-  Bf16Mode(const Bf16Mode&) = delete;
-  Bf16Mode& operator=(const Bf16Mode&) = delete;
-};
-
 // ‖cuda − cpu‖ / max(‖cpu‖, floor) ≤ kMaxRel (NaN fails), guard bytes intact; returns the error.
 double expect_rel(const Dual& d, const std::string& what, double floor = 0.0, double min_rel = 0.0) {
   const std::vector<double> got = d.device_values(), want = d.host_values();

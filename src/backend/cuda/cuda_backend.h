@@ -16,9 +16,11 @@
 //   own workspace, and one scratch workspace for ops that need temporaries (sorts, per-row
 //   partial sums). The scratch grows on first use and is then reused: steady-state calls do not
 //   allocate. Both are shared by every stream, so one backend drives one stream at a time.
-// - GEMM precision (set_gemm_precision, default kF32): under kBF16 the three GEMM ops round A and B
-//   to bf16 into a backend-owned buffer of their own (gemm_bf16_scratch) and call cublasGemmEx with
-//   bf16 inputs, f32 C and CUBLAS_COMPUTE_32F. That buffer is sized by the largest call seen: it
+// - GEMM precision (set_gemm_precision, default kF32): under kBF16 the GEMM ops read bf16 operand
+//   tensors as they are and round f32 ones to bf16 into a backend-owned buffer of their own
+//   (gemm_bf16_scratch); gemm calls cublasGemmEx with bf16 inputs, f32 C and CUBLAS_COMPUTE_32F,
+//   the grouped ops run the device-scheduled kernels of grouped_gemm.cuh, and attention the
+//   tensor-core kernels of tc_attention.cuh. That buffer is sized by the largest call seen: it
 //   grows (cudaFree + cudaMalloc, which waits for the device) only when a call needs more than any
 //   before, i.e. during the first training step, then steady-state calls do not allocate. Its peak
 //   is 2 bytes per element of the largest A plus B of one op (for the bench preset the LM head's
