@@ -3,10 +3,10 @@
 //                   [--steps 5] [--warmup 1] [--optim] [--precision f32|bf16_gemm]
 // Times whole steps on random tokens with the spec initialisation (the backend is synchronised
 // around each step); prints the median step time, tokens/s, MFU by spec §9 (÷ 989 TFLOP/s) and
-// the bytes of the model's arenas (parameters, gradients, activations; optimizer state with
-// --optim). --precision bf16_gemm (cuda only): the bf16 mode of docs/architecture.md (bf16 weight
-// copies, bf16 tensor-core GEMMs and attention, f32 masters; Backend::set_gemm_precision,
-// train.precision).
+// the bytes of the model's arenas (parameters, gradients, activations, the bf16 weight copies;
+// optimizer state with --optim; the backend's scratch buffers are not counted).
+// --precision bf16_gemm (cuda only): the bf16 mode of docs/architecture.md (bf16 weight copies,
+// bf16 tensor-core GEMMs and attention, f32 masters; Backend::set_gemm_precision, train.precision).
 // CPU threads: OMP_NUM_THREADS / OPENBLAS_NUM_THREADS as usual.
 #include <CLI/CLI.hpp>
 #include <fmt/core.h>
@@ -86,13 +86,16 @@ int main(int argc, char** argv) {
     const LossValues l = m.losses();
     const double tps = static_cast<double>(batch * seq) / med;
     const double flops = count_parameters(cfg, seq).flops_per_token;
-    const double bytes = static_cast<double>(m.params().bytes() + m.grads().bytes() + m.acts().bytes() + (opt ? opt->state().bytes() : 0));
+    const double copies = static_cast<double>(m.weight_copies().bytes());
+    const double bytes = static_cast<double>(m.params().bytes() + m.grads().bytes() + m.acts().bytes() +
+                                             (opt ? opt->state().bytes() : 0)) + copies;
+    constexpr double kGiB = 1024.0 * 1024 * 1024;
     fmt::print("config {}  device {}  precision {}  batch {}  seq {}  tokens/step {}\n", config, device, precision, batch, seq,
                batch * seq);
     fmt::print("{} step: median {:.4f} s (min {:.4f}, max {:.4f}, {} steps)  ->  {:.0f} tokens/s, MFU {:.2f}% ({:.4f} GFLOP/token), "
-               "arenas {:.2f} GiB  (loss {:.4f})\n",
+               "arenas {:.2f} GiB (bf16 weight copies {:.2f} GiB of it; backend scratch not counted)  (loss {:.4f})\n",
                opt ? "fwd+bwd+adamw" : "fwd+bwd", med, times.front(), times.back(), times.size(), tps, 100.0 * tps * flops / 989e12,
-               flops / 1e9, bytes / (1024.0 * 1024 * 1024), l.lm_loss);
+               flops / 1e9, bytes / kGiB, copies / kGiB, l.lm_loss);
     if (profiler != nullptr) {
       fmt::print("op profile of the {} timed steps (events add a little time to each op):\n", steps);
       profiler->print_profile();

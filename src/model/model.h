@@ -36,6 +36,7 @@ class Model {
   Arena& params() { return params_; }
   Arena& grads() { return grads_; }
   const Arena& acts() const { return acts_; }
+  const Arena& weight_copies() const { return weights_bf16_; }  // bf16 GEMM mode only, else empty
 
   // Spec §6 initialisation from a seed (same values on every backend).
   void init_weights(uint64_t seed);
