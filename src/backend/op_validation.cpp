@@ -52,18 +52,24 @@ void check_matrix(const Tensor& t, DType dtype, int rank, Device dev, std::strin
   DIFFMOE_CHECK(t.rank() == rank, "[{}] {} must have rank {}, got {}", op, name, rank, t.describe());
 }
 
-// A GEMM operand: C's dtype, or on CUDA with an f32 C also bf16 (a bf16 weight copy or activation
-// made once and read by several GEMMs instead of being rounded again by each; spec §7).
-void check_gemm_operand(const Tensor& t, DType c_dtype, int rank, Device dev, std::string_view op,
-                        std::string_view name) {
-  const bool bf16_ok = dev == Device::kCUDA && c_dtype == DType::kF32 && t.dtype == DType::kBF16;
-  check_matrix(t, bf16_ok ? DType::kBF16 : c_dtype, rank, dev, op, name);
+// The dtype tensor t must have where the op's floats are `in`: `in`, or on CUDA with f32 also bf16
+// for the bf16 GEMM mode's tensors (spec §7): GEMM operands (weight copies, activations rounded
+// once for several GEMMs) and outputs that only bf16 GEMMs read (the op rounds them).
+DType output_dtype(const Tensor& t, DType in, Device dev) {
+  return dev == Device::kCUDA && in == DType::kF32 && t.dtype == DType::kBF16 ? DType::kBF16 : in;
 }
 
-// The dtype an op's output must have when its float inputs have dtype `in`: `in`, or on CUDA with
-// f32 inputs also bf16 for an output read only by bf16 GEMMs (the op rounds it; spec §7).
-DType output_dtype(const Tensor& out, DType in, Device dev) {
-  return dev == Device::kCUDA && in == DType::kF32 && out.dtype == DType::kBF16 ? DType::kBF16 : in;
+// A GEMM operand: C's dtype, or bf16 where output_dtype allows it.
+void check_gemm_operand(const Tensor& t, DType c_dtype, int rank, Device dev, std::string_view op,
+                        std::string_view name) {
+  check_matrix(t, output_dtype(t, c_dtype, dev), rank, dev, op, name);
+}
+
+// Like check_like, for an output the bf16 GEMM mode may plan in bf16 (output_dtype).
+void check_like_output(const Tensor& t, const Tensor& ref, Device dev, std::string_view op, std::string_view name) {
+  check_device(t, dev, op, name);
+  check_shape(t, ref.shape, op, name);
+  check_dtype(t, output_dtype(t, ref.dtype, dev), op, name);
 }
 
 bool copy_convertible(DType d) {
@@ -551,9 +557,7 @@ void validate_swiglu_fwd(const SwigluFwdArgs& a, Device dev) {
   constexpr std::string_view kOp = "swiglu_fwd";
   check_device(a.a, dev, kOp, "a");
   check_like(a.b, a.a, dev, kOp, "b");
-  check_device(a.h, dev, kOp, "h");
-  check_shape(a.h, a.a.shape, kOp, "h");
-  check_dtype(a.h, output_dtype(a.h, a.a.dtype, dev), kOp, "h");
+  check_like_output(a.h, a.a, dev, kOp, "h");
 }
 
 void validate_swiglu_bwd(const SwigluBwdArgs& a, Device dev) {
@@ -561,11 +565,8 @@ void validate_swiglu_bwd(const SwigluBwdArgs& a, Device dev) {
   check_device(a.a, dev, kOp, "a");
   check_like(a.b, a.a, dev, kOp, "b");
   check_like(a.dh, a.a, dev, kOp, "dh");
-  for (const auto& [t, name] : {std::pair{&a.da, "da"}, {&a.db, "db"}}) {
-    check_device(*t, dev, kOp, name);
-    check_shape(*t, a.a.shape, kOp, name);
-    check_dtype(*t, output_dtype(*t, a.a.dtype, dev), kOp, name);
-  }
+  check_like_output(a.da, a.a, dev, kOp, "da");
+  check_like_output(a.db, a.a, dev, kOp, "db");
   DIFFMOE_CHECK(a.da.dtype == a.db.dtype, "[{}] da and db must have one dtype, got {} and {}", kOp,
                 dtype_name(a.da.dtype), dtype_name(a.db.dtype));
 }
