@@ -36,6 +36,7 @@ struct EmbeddingBwdArgs { Tensor dtable; Tensor tokens; Tensor dout; double scal
 // Rows of width `width` read at x + n·x_stride, written at y + n·y_stride (stride 0 = width), so a
 // norm can run on the first columns of a wider buffer (kv_norm on the latent part of wkv_a's output).
 // y = out_scale · x · r ⊙ w,   r = (mean(x²) + eps)^-1/2 saved in rstd [N].
+// (CUDA: y may be bf16 for an f32 x, rounded, where only bf16 GEMMs read it)
 struct RmsNormFwdArgs {
   Tensor y; Tensor rstd; Tensor x; Tensor w;
   int64_t rows = 0, width = 0, x_stride = 0, y_stride = 0;

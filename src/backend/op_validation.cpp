@@ -296,7 +296,7 @@ RmsNormDims validate_rmsnorm_fwd(const RmsNormFwdArgs& a, Device dev) {
   const RmsNormDims d{.x_stride = effective_stride(a.x_stride, a.width), .y_stride = effective_stride(a.y_stride, a.width)};
   const DType dt = a.x.dtype;
   check_rows(a.x, dt, a.rows, a.width, d.x_stride, dev, kOp, "x");
-  check_rows(a.y, dt, a.rows, a.width, d.y_stride, dev, kOp, "y");
+  check_rows(a.y, output_dtype(a.y, dt, dev), a.rows, a.width, d.y_stride, dev, kOp, "y");
   check_device(a.rstd, dev, kOp, "rstd");
   check_device(a.w, dev, kOp, "w");
   check_shape(a.rstd, Shape{a.rows}, kOp, "rstd");

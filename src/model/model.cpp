@@ -96,7 +96,7 @@ void Model::set_batch_shape(int64_t batch, int64_t seq) {
     attn_[static_cast<size_t>(l)].plan(lc, acts_);
     ffn_[static_cast<size_t>(l)].plan(lc, acts_);
   }
-  acts_.add("act.final.x_norm", Shape{N, D}, dtype_);
+  acts_.add("act.final.x_norm", Shape{N, D}, bf16_operands_ ? DType::kBF16 : dtype_);  // read by the head's GEMMs only
   acts_.add("act.final.rstd", Shape{N}, dtype_);
   acts_.add("act.final.logits", Shape{N, cfg_.vocab_size}, dtype_);
   // Read only by the head's two GEMMs: bf16 in the bf16 GEMM mode (the CE backward rounds it).
