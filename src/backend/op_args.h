@@ -226,10 +226,13 @@ struct CrossEntropyBwdArgs { Tensor dlogits; Tensor logits; Tensor targets; Tens
 // max_norm > 0, where grad_sq [1] is the global Σg² (device-resident, no host sync).
 //   m = b1·m + (1−b1)·g;  v = b2·v + (1−b2)·g²
 //   p −= lr · ( m/(1−b1^t) / (sqrt(v/(1−b2^t)) + eps) + weight_decay · p )
+// param_bf16 (optional, param's shape, bf16): also receives bf16(updated param), rounded to nearest
+// even: the bf16 GEMM mode's weight copy, written in the same pass instead of a refresh later.
 struct AdamWArgs {
   Tensor param; Tensor m; Tensor v; Tensor grad; Tensor grad_sq;
   double lr = 1e-3, beta1 = 0.9, beta2 = 0.95, eps = 1e-8, weight_decay = 0.0, max_norm = 0.0;
   int64_t step = 1;
+  Tensor param_bf16 = {};
 };
 
 }  // namespace diffmoe

@@ -704,6 +704,11 @@ void validate_adamw(const AdamWArgs& args, Device dev) {
     check_shape(*t, args.param.shape, kOp, name);
     check_dtype(*t, dt, kOp, name);
   }
+  if (args.param_bf16.defined()) {
+    check_device(args.param_bf16, dev, kOp, "param_bf16");
+    check_shape(args.param_bf16, args.param.shape, kOp, "param_bf16");
+    check_dtype(args.param_bf16, DType::kBF16, kOp, "param_bf16");
+  }
   DIFFMOE_CHECK(args.step >= 1, "[adamw] step is 1-based, got {}", args.step);
   if (args.max_norm > 0.0) {  // grad_sq is only read when clipping
     check_device(args.grad_sq, dev, kOp, "grad_sq");

@@ -131,7 +131,10 @@ void Model::forward(Context ctx, const Tensor& tokens, const Tensor& targets) {
   check_shape(tokens, Shape{batch_, seq_}, "model.forward", "tokens");
   check_dtype(tokens, DType::kI32, "model.forward", "tokens");
   check_precision_unchanged("forward");
-  refresh_weight_copies(ctx);  // the optimizer may have changed the masters since the last forward
+  // The masters may have changed since the last forward: refresh the bf16 copies, unless the
+  // optimizer wrote them together with the masters just now.
+  if (!copies_fresh_) refresh_weight_copies(ctx);
+  copies_fresh_ = false;
   const LayerContext lc = layer_context(ctx);
   const int64_t N = batch_ * seq_;
   for (const char* name : {"loss.sum", "loss.valid", "loss.aux"}) be_->fill(ctx, {.out = acts_.get(name), .value = 0.0});
