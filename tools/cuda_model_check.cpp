@@ -41,6 +41,7 @@
 #include "model/generator.h"
 #include "model/model.h"
 #include "model/model_file.h"
+#include "train/optimizer.h"
 
 namespace diffmoe {
 namespace {
@@ -242,6 +243,29 @@ int check_case(const Case& c, Backend& cpu, Backend& gpu, double tol, bool verbo
   return failures;
 }
 
+// The lm loss before each of `steps` AdamW steps on one batch and after the last (lr 1e-2, the
+// default clip): steps + 1 values. In the bf16 GEMM mode the optimizer writes the bf16 weight copies
+// together with the masters, and the next forward must see the updated weights.
+std::vector<double> training_losses(Backend& be, const Case& c, uint64_t seed, int steps) {
+  Model m(c.cfg, be, DType::kF32);
+  m.init_weights(seed);
+  if (c.randomize) randomize(m, seed);
+  m.set_batch_shape(c.batch, c.seq);
+  const Inputs in = make_inputs(be, c, seed);
+  AdamW opt(m, OptimConfig{});
+  std::vector<double> losses;
+  for (int s = 0; s <= steps; ++s) {
+    m.zero_grads({});
+    m.zero_expert_counts({});
+    m.forward({}, in.tokens, in.targets);
+    losses.push_back(m.losses().lm_loss);
+    if (s == steps) break;
+    m.backward({}, 1.0);
+    opt.step({}, 1e-2);
+  }
+  return losses;
+}
+
 // Median wall time of one forward + backward (after one warm-up step), synchronized: a first
 // reference number for the later milestones, not a benchmark.
 double median_step_ms(Backend& be, const Case& c, int steps) {
@@ -327,6 +351,17 @@ int main_impl(int argc, char** argv) {
     std::printf("\n== %s back in f32 after a bf16 step: lm loss %.9g vs cpu %.9g, rel err %.3e%s\n", c.name.c_str(), got,
                 want, err, bad ? "  <-- FAIL" : "");
     failures += bad ? 1 : 0;
+    // Three AdamW steps on one batch, CPU f32 against the bf16 mode: the GPU's loss after them must
+    // follow the CPU's descent to within a tenth of it (stale bf16 weight copies would leave the
+    // GPU's loss where it started).
+    gpu->set_gemm_precision(GemmPrecision::kBF16);
+    const std::vector<double> lc = training_losses(*cpu, c, kSeed, 3), lg = training_losses(*gpu, c, kSeed, 3);
+    const double descent = lc.front() - lc.back(), off = std::fabs(lg.back() - lc.back());
+    const bool steps_bad = !(descent > 1e-3 * std::fabs(lc.front()) && off <= 0.1 * descent);
+    std::printf("== %s, 3 AdamW steps: lm loss cpu %.6f -> %.6f, bf16 mode %.6f -> %.6f (off by %.2e, %.0f%% of the "
+                "descent)%s\n", c.name.c_str(), lc.front(), lc.back(), lg.front(), lg.back(), off,
+                100.0 * off / std::max(descent, 1e-30), steps_bad ? "  <-- FAIL" : "");
+    failures += steps_bad ? 1 : 0;
   }
   if (time_steps > 0) {
     const Case& c = cases.back();

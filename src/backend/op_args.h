@@ -36,6 +36,7 @@ struct EmbeddingBwdArgs { Tensor dtable; Tensor tokens; Tensor dout; double scal
 // Rows of width `width` read at x + n·x_stride, written at y + n·y_stride (stride 0 = width), so a
 // norm can run on the first columns of a wider buffer (kv_norm on the latent part of wkv_a's output).
 // y = out_scale · x · r ⊙ w,   r = (mean(x²) + eps)^-1/2 saved in rstd [N].
+// (CUDA: y may be bf16 for an f32 x, rounded, where only bf16 GEMMs read it)
 struct RmsNormFwdArgs {
   Tensor y; Tensor rstd; Tensor x; Tensor w;
   int64_t rows = 0, width = 0, x_stride = 0, y_stride = 0;
@@ -225,10 +226,13 @@ struct CrossEntropyBwdArgs { Tensor dlogits; Tensor logits; Tensor targets; Tens
 // max_norm > 0, where grad_sq [1] is the global Σg² (device-resident, no host sync).
 //   m = b1·m + (1−b1)·g;  v = b2·v + (1−b2)·g²
 //   p −= lr · ( m/(1−b1^t) / (sqrt(v/(1−b2^t)) + eps) + weight_decay · p )
+// param_bf16 (optional, param's shape, bf16): also receives bf16(updated param), rounded to nearest
+// even: the bf16 GEMM mode's weight copy, written in the same pass instead of a refresh later.
 struct AdamWArgs {
   Tensor param; Tensor m; Tensor v; Tensor grad; Tensor grad_sq;
   double lr = 1e-3, beta1 = 0.9, beta2 = 0.95, eps = 1e-8, weight_decay = 0.0, max_norm = 0.0;
   int64_t step = 1;
+  Tensor param_bf16 = {};
 };
 
 }  // namespace diffmoe

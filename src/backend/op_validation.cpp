@@ -302,7 +302,7 @@ RmsNormDims validate_rmsnorm_fwd(const RmsNormFwdArgs& a, Device dev) {
   const RmsNormDims d{.x_stride = effective_stride(a.x_stride, a.width), .y_stride = effective_stride(a.y_stride, a.width)};
   const DType dt = a.x.dtype;
   check_rows(a.x, dt, a.rows, a.width, d.x_stride, dev, kOp, "x");
-  check_rows(a.y, dt, a.rows, a.width, d.y_stride, dev, kOp, "y");
+  check_rows(a.y, output_dtype(a.y, dt, dev), a.rows, a.width, d.y_stride, dev, kOp, "y");
   check_device(a.rstd, dev, kOp, "rstd");
   check_device(a.w, dev, kOp, "w");
   check_shape(a.rstd, Shape{a.rows}, kOp, "rstd");
@@ -704,6 +704,11 @@ void validate_adamw(const AdamWArgs& args, Device dev) {
     check_device(*t, dev, kOp, name);
     check_shape(*t, args.param.shape, kOp, name);
     check_dtype(*t, dt, kOp, name);
+  }
+  if (args.param_bf16.defined()) {
+    check_device(args.param_bf16, dev, kOp, "param_bf16");
+    check_shape(args.param_bf16, args.param.shape, kOp, "param_bf16");
+    check_dtype(args.param_bf16, DType::kBF16, kOp, "param_bf16");
   }
   DIFFMOE_CHECK(args.step >= 1, "[adamw] step is 1-based, got {}", args.step);
   if (args.max_norm > 0.0) {  // grad_sq is only read when clipping

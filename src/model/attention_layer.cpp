@@ -12,17 +12,19 @@ void AttentionLayer::plan(const LayerContext& lc, Arena& acts) const {
   const int64_t N = lc.tokens(), D = c.dim, H = c.n_heads, dqk = c.d_qk(), dv = c.v_head_dim;
   const int64_t rq = c.q_lora_rank, rkv = c.kv_lora_rank, dr = c.qk_rope_head_dim, dn = c.qk_nope_head_dim;
   const DType t = lc.dtype;
-  acts.add(a("x_norm"), Shape{N, D}, t);          // RMSNorm_attn(x)
+  // What only GEMMs read (x_norm, c_q, ĉ, Ō) is bf16 in the bf16 GEMM mode: the norm rounds it once.
+  const DType gemm_only = lc.bf16_operands ? DType::kBF16 : t;
+  acts.add(a("x_norm"), Shape{N, D}, gemm_only);  // RMSNorm_attn(x)
   acts.add(a("rstd_x"), Shape{N}, t);
   if (rq > 0) {
     acts.add(a("qa"), Shape{N, rq}, t);           // x_norm W_qaᵀ
     acts.add(a("rstd_q"), Shape{N}, t);
-    acts.add(a("cq"), Shape{N, rq}, t);           // RMSNorm_q(qa)
+    acts.add(a("cq"), Shape{N, rq}, gemm_only);   // RMSNorm_q(qa)
   }
   acts.add(a("q"), Shape{N, H * dqk}, t);         // per head [nope ; RoPE(rope)]
   acts.add(a("kva"), Shape{N, rkv + dr}, t);      // [c ; RoPE(k^R)]
   acts.add(a("rstd_kv"), Shape{N}, t);
-  acts.add(a("ckv"), Shape{N, rkv}, t);           // ĉ = RMSNorm_kv(c)
+  acts.add(a("ckv"), Shape{N, rkv}, gemm_only);   // ĉ = RMSNorm_kv(c)
   acts.add(a("kv"), Shape{N, H * (dn + dv)}, t);  // ĉ W_kvbᵀ, per head [k^C ; v]
   acts.add(a("k"), Shape{N, H, dqk}, t);
   acts.add(a("v"), Shape{N, H, dv}, t);
@@ -32,7 +34,7 @@ void AttentionLayer::plan(const LayerContext& lc, Arena& acts) const {
     acts.add(a("lambda"), Shape{1}, t);
     acts.add(a("o2"), Shape{N, H * dv}, t);       // A_{h,1} V_h, for dλ
     acts.add(a("rstd_sub"), Shape{N * H / 2}, t);
-    acts.add(a("att_n"), Shape{N, H * dv}, t);    // (1 − λ_init) · RMSNorm_2dv(O)
+    acts.add(a("att_n"), Shape{N, H * dv}, gemm_only);  // (1 − λ_init) · RMSNorm_2dv(O)
   }
   // Backward scratch, shared by every attention layer.
   plan_once(acts, "scratch.attn.dx_norm", Shape{N, D}, t);

@@ -96,7 +96,7 @@ void Model::set_batch_shape(int64_t batch, int64_t seq) {
     attn_[static_cast<size_t>(l)].plan(lc, acts_);
     ffn_[static_cast<size_t>(l)].plan(lc, acts_);
   }
-  acts_.add("act.final.x_norm", Shape{N, D}, dtype_);
+  acts_.add("act.final.x_norm", Shape{N, D}, bf16_operands_ ? DType::kBF16 : dtype_);  // read by the head's GEMMs only
   acts_.add("act.final.rstd", Shape{N}, dtype_);
   acts_.add("act.final.logits", Shape{N, cfg_.vocab_size}, dtype_);
   // Read only by the head's two GEMMs: bf16 in the bf16 GEMM mode (the CE backward rounds it).
@@ -131,7 +131,10 @@ void Model::forward(Context ctx, const Tensor& tokens, const Tensor& targets) {
   check_shape(tokens, Shape{batch_, seq_}, "model.forward", "tokens");
   check_dtype(tokens, DType::kI32, "model.forward", "tokens");
   check_precision_unchanged("forward");
-  refresh_weight_copies(ctx);  // the optimizer may have changed the masters since the last forward
+  // The masters may have changed since the last forward: refresh the bf16 copies, unless the
+  // optimizer wrote them together with the masters just now.
+  if (!copies_fresh_) refresh_weight_copies(ctx);
+  copies_fresh_ = false;
   const LayerContext lc = layer_context(ctx);
   const int64_t N = batch_ * seq_;
   for (const char* name : {"loss.sum", "loss.valid", "loss.aux"}) be_->fill(ctx, {.out = acts_.get(name), .value = 0.0});

@@ -37,6 +37,10 @@ class Model {
   Arena& grads() { return grads_; }
   const Arena& acts() const { return acts_; }
   const Arena& weight_copies() const { return weights_bf16_; }  // bf16 GEMM mode only, else empty
+  // Says that every weight copy now equals bf16(its master): the optimizer wrote both in one pass,
+  // so the next forward skips its refresh. Only the next one: it clears the mark, and every later
+  // forward refreshes again. Nothing may write the masters between this call and that forward.
+  void weight_copies_written() { copies_fresh_ = !weights_bf16_.entries().empty(); }
 
   // Spec §6 initialisation from a seed (same values on every backend).
   void init_weights(uint64_t seed);
@@ -75,6 +79,7 @@ class Model {
   Arena weights_bf16_;  // GEMM weight matrices in bf16 (bf16 GEMM mode only; else never allocated)
   int64_t batch_ = 0, seq_ = 0;
   bool bf16_operands_ = false;  // the backend's bf16 GEMM mode when the activations were planned
+  bool copies_fresh_ = false;   // weight_copies_written() since the last forward
   Tensor last_tokens_, last_targets_;  // [N] views of the last forward's inputs
 };
 

@@ -35,12 +35,18 @@ void AdamW::step(Context ctx, double lr) {
 void AdamW::apply(Context ctx, double lr) {
   Backend& be = model_->backend();
   ++step_;
+  // In the bf16 GEMM mode the update also writes the model's bf16 weight copies, so the next forward
+  // need not refresh them (Model::weight_copies_written).
+  const Arena& copies = model_->weight_copies();
   for (const ParamSpec& p : model_->specs()) {
     if (!p.trainable()) continue;
     be.adamw(ctx, {.param = model_->params().get(p.name), .m = state_.get("m." + p.name), .v = state_.get("v." + p.name),
-                   .grad = model_->grads().get(p.name), .grad_sq = grad_sq(), .lr = lr, .beta1 = cfg_.beta1, .beta2 = cfg_.beta2,
-                   .eps = cfg_.eps, .weight_decay = p.decayed() ? cfg_.weight_decay : 0.0, .max_norm = cfg_.grad_clip, .step = step_});
+                   .grad = model_->grads().get(p.name), .grad_sq = grad_sq(), .lr = lr, .beta1 = cfg_.beta1,
+                   .beta2 = cfg_.beta2, .eps = cfg_.eps, .weight_decay = p.decayed() ? cfg_.weight_decay : 0.0,
+                   .max_norm = cfg_.grad_clip, .step = step_,
+                   .param_bf16 = copies.has(p.name) ? copies.get(p.name) : Tensor{}});
   }
+  model_->weight_copies_written();
   // Balancing bias (spec §5): b_i += rate·sign(mean(count) − count_i), on the step's counts.
   const ModelConfig& c = model_->config();
   if (c.balance_bias && c.bias_update_rate > 0) {

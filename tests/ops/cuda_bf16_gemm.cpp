@@ -444,6 +444,22 @@ TEST(CudaBf16Gemm, Bf16OutputsOfElementwiseOps) {
   expect_bf16_of(dy_perm16, dy_perm, "moe_combine_bwd dy_perm in bf16");
   expect_close(dtw, Tol{1e-6, 1e-7, "f64 dot rounded once on both sides"}, "moe_combine_bwd dtopk_w beside a bf16 dy_perm");
 
+  // rmsnorm_fwd into a bf16 y: plain, and on the first 40 of 56 columns of a wider x with out_scale.
+  for (const auto& [xs, scale] : {std::pair<int64_t, double>{40, 1.0}, {56, 0.35}}) {
+    const int64_t nrows = 31, nwidth = 40;
+    Dual x(Shape{nrows, xs}), wn(Shape{nwidth}), y(Shape{nrows, nwidth}), rstd(Shape{nrows}), rstd_g(Shape{nrows});
+    Dual y16(Shape{nrows, nwidth}, DType::kBF16);
+    x.normal(990, 1.7);
+    wn.normal(991, 0.5, 1.0);
+    y16.poison();
+    cpu().rmsnorm_fwd({}, {.y = y[Side::kCpu], .rstd = rstd[Side::kCpu], .x = x[Side::kCpu], .w = wn[Side::kCpu], .rows = nrows,
+                           .width = nwidth, .x_stride = xs, .eps = 1e-6, .out_scale = scale});
+    gpu().rmsnorm_fwd({}, {.y = y16[Side::kGpu], .rstd = rstd_g[Side::kGpu], .x = x[Side::kGpu], .w = wn[Side::kGpu],
+                           .rows = nrows, .width = nwidth, .x_stride = xs, .eps = 1e-6, .out_scale = scale});
+    gpu().synchronize({});
+    expect_bf16_of(y16, y, fmt::format("rmsnorm_fwd y in bf16, x_stride {}", xs));
+  }
+
   // cross_entropy_bwd into a bf16 dlogits, one ignored target (its row: zeros).
   const int64_t R = 7, V = 300;
   Dual logits(Shape{R, V}), targets(Shape{R}, DType::kI32), valid(Shape{1}), dl(Shape{R, V}), dl16(Shape{R, V}, DType::kBF16);

@@ -257,13 +257,20 @@ TEST(CudaOptim, AdamW) {
     v.set(vv);
     g.normal(113);
     gsq.set({7.3});  // clip = 1 / (√7.3 + 1e-6) < 1
+    Dual copy(shape, DType::kBF16);  // the bf16 weight copy written in the same pass
+    copy.poison();
     run_both([&](Backend& be, Side s) {
       be.adamw({}, {.param = p[s], .m = m[s], .v = v[s], .grad = g[s], .grad_sq = max_norm > 0 ? gsq[s] : Tensor{},
                     .lr = 1e-2, .beta1 = 0.9, .beta2 = 0.95, .eps = 1e-8, .weight_decay = 0.1, .max_norm = max_norm,
-                    .step = 3});
+                    .step = 3, .param_bf16 = copy[s]});
     });
     for (const auto& [d, name] : {std::pair{&p, "param"}, {&m, "m"}, {&v, "v"}})
       expect_close(*d, kRoundOnce, fmt::format("adamw {} max_norm={}", name, max_norm));
+    // The copy is bf16 of the GPU's own updated param, exactly (float4 body and scalar tail).
+    const std::vector<double> got = copy.device_values(), param = p.device_values();
+    for (size_t i = 0; i < got.size(); ++i)
+      ASSERT_EQ(got[i], bf16_to_f32(f32_to_bf16(static_cast<float>(param[i])))) << "adamw bf16 copy element " << i;
+    EXPECT_TRUE(copy.guard_intact()) << "adamw bf16 copy";
   }
 }
 

@@ -207,12 +207,38 @@ TEST_F(SwigluLossOptim, AdamWClipFactorExact) {
   for (int64_t i = 0; i < 13; ++i) EXPECT_EQ(m.at<double>(i), g.at<double>(i) * clip) << i;
 }
 
+// The optional bf16 copy (the bf16 GEMM mode's weight copy) is bf16 of the stored updated param,
+// exactly, in f32 and f64; the param itself is unchanged by asking for it.
+TEST_F(SwigluLossOptim, AdamWWritesTheBf16Copy) {
+  for (DType dt : {DType::kF32, DType::kF64}) {
+    Owned p({7, 9}, dt), p2({7, 9}, dt), m({7, 9}, dt), m2({7, 9}, dt), v({7, 9}, dt), v2({7, 9}, dt), g({7, 9}, dt);
+    Owned gsq({1}, dt), copy({7, 9}, DType::kBF16);
+    for (Owned* t : {&p, &p2}) test::fill_normal(*t, 801);
+    test::fill_normal(g, 802);
+    be.sum_squares(ctx, {.out = gsq, .x = g});
+    be.adamw(ctx, {.param = p, .m = m, .v = v, .grad = g, .grad_sq = gsq, .lr = 0.05, .max_norm = 1.0, .step = 1,
+                   .param_bf16 = copy});
+    be.adamw(ctx, {.param = p2, .m = m2, .v = v2, .grad = g, .grad_sq = gsq, .lr = 0.05, .max_norm = 1.0, .step = 1});
+    const std::vector<double> got = test::to_vector(p), plain = test::to_vector(p2);
+    for (size_t i = 0; i < got.size(); ++i) {
+      ASSERT_EQ(got[i], plain[i]) << dtype_name(dt) << " element " << i;
+      const uint16_t want = f32_to_bf16(static_cast<float>(got[i]));
+      ASSERT_EQ(static_cast<const uint16_t*>(copy.t().data)[i], want) << dtype_name(dt) << " element " << i;
+    }
+  }
+}
+
 TEST_F(SwigluLossOptim, AdamWErrors) {
   Owned p({3, 5}, DType::kF32), m({5, 3}, DType::kF32), v({3, 5}, DType::kF32), g({3, 5}, DType::kF32),
       gsq({1}, DType::kF32);
   expect_error([&] { be.adamw(ctx, {.param = p, .m = m, .v = v, .grad = g, .grad_sq = gsq}); }, {"[adamw]", "m"});
   expect_error([&] { be.adamw(ctx, {.param = p, .m = v, .v = v, .grad = g, .grad_sq = gsq, .step = 0}); },
                {"[adamw]", "step"});
+  Owned copy32({3, 5}, DType::kF32), copy_shape({5, 3}, DType::kBF16);
+  expect_error([&] { be.adamw(ctx, {.param = p, .m = v, .v = v, .grad = g, .grad_sq = gsq, .param_bf16 = copy32}); },
+               {"[adamw]", "param_bf16"});
+  expect_error([&] { be.adamw(ctx, {.param = p, .m = v, .v = v, .grad = g, .grad_sq = gsq, .param_bf16 = copy_shape}); },
+               {"[adamw]", "param_bf16"});
 }
 
 }  // namespace

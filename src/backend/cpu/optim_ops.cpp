@@ -32,6 +32,7 @@ void CpuBackend::adamw(Context, const AdamWArgs& args) {
     T* m = args.m.ptr<T>();
     T* v = args.v.ptr<T>();
     const T* grad = args.grad.ptr<T>();
+    auto* p16 = static_cast<uint16_t*>(args.param_bf16.data);  // null when no bf16 copy is asked for
     const int64_t n = args.param.numel();
 #pragma omp parallel for if (n >= kParallelMinWork)
     for (int64_t i = 0; i < n; ++i) {
@@ -44,6 +45,7 @@ void CpuBackend::adamw(Context, const AdamWArgs& args) {
       const double pi = p[i];
       const double update = (mi / bias1) / (std::sqrt(vi / bias2) + args.eps) + args.weight_decay * pi;
       p[i] = static_cast<T>(pi - args.lr * update);
+      if (p16 != nullptr) p16[i] = f32_to_bf16(static_cast<float>(p[i]));  // through the stored value
     }
   });
 }

@@ -25,20 +25,22 @@ static_assert(kThreads % kColTile == 0, "dw blocks are kColTile columns × kRowL
 // device. Each chunk has at least 64 rows, so a block does useful work.
 int64_t dw_chunks(int64_t rows) { return std::clamp<int64_t>((rows + 63) / 64, 1, kMaxRowChunks); }
 
-__global__ void rmsnorm_fwd_kernel(float* y, float* rstd, const float* x, const float* w, int64_t rows, int64_t width,
+// Out: float, or bf16 in the bf16 GEMM mode where only GEMMs read y (rounded through f32).
+template <class Out>
+__global__ void rmsnorm_fwd_kernel(Out* y, float* rstd, const float* x, const float* w, int64_t rows, int64_t width,
                                    int64_t xs, int64_t ys, double eps, double out_scale) {
   const int lane = threadIdx.x % kWarp;
   for (int64_t row = blockIdx.x * int64_t{kRowsPerWarpBlock} + threadIdx.x / kWarp; row < rows;
        row += int64_t{gridDim.x} * kRowsPerWarpBlock) {
     const float* xr = x + row * xs;
-    float* yr = y + row * ys;
+    Out* yr = y + row * ys;
     double sum_sq = 0.0;
     for (int64_t j = lane; j < width; j += kWarp) sum_sq += static_cast<double>(xr[j]) * xr[j];
     sum_sq = warp_sum(sum_sq);
     const float r32 = static_cast<float>(1.0 / sqrt(sum_sq / static_cast<double>(width) + eps));
     if (lane == 0) rstd[row] = r32;
     const double r = r32;  // the rounded value, as saved (the backward sees the same r)
-    for (int64_t j = lane; j < width; j += kWarp) yr[j] = static_cast<float>(out_scale * (xr[j] * r) * w[j]);
+    for (int64_t j = lane; j < width; j += kWarp) store_as(yr + j, out_scale * (xr[j] * r) * w[j]);
   }
 }
 
@@ -107,8 +109,12 @@ void CudaBackend::rmsnorm_fwd(Context ctx, const RmsNormFwdArgs& a) {
   const RmsNormDims d = validate_rmsnorm_fwd(a, Device::kCUDA);
   require_f32(a.x, "rmsnorm_fwd");
   if (a.rows == 0) return;
-  rmsnorm_fwd_kernel<<<grid_for(a.rows, kRowsPerWarpBlock), kThreads, 0, stream(ctx)>>>(
-      f32(a.y), f32(a.rstd), f32(a.x), f32(a.w), a.rows, a.width, d.x_stride, d.y_stride, a.eps, a.out_scale);
+  const auto launch = [&](auto* y) {
+    rmsnorm_fwd_kernel<<<grid_for(a.rows, kRowsPerWarpBlock), kThreads, 0, stream(ctx)>>>(
+        y, f32(a.rstd), f32(a.x), f32(a.w), a.rows, a.width, d.x_stride, d.y_stride, a.eps, a.out_scale);
+  };
+  if (a.y.dtype == DType::kBF16) launch(static_cast<__nv_bfloat16*>(a.y.data));
+  else launch(f32(a.y));
   CUDA_CHECK_LAUNCH("rmsnorm_fwd");
 }
 

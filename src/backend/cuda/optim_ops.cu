@@ -30,11 +30,12 @@ __device__ __forceinline__ void adamw_element(float& p, float& m, float& v, floa
   p = static_cast<float>(pi - c.lr * update);
 }
 
-// vec4: all four arrays are 16-byte aligned, so the first n/4·4 elements move as float4 (the op is
-// memory-bound: 16 bytes read and 12 written per element); the tail, or everything otherwise, by
-// scalars. The arithmetic per element is the same either way.
+// vec4: all four arrays are 16-byte aligned (and p16, when given, 8-byte aligned), so the first
+// n/4·4 elements move as float4 (the op is memory-bound: 16 bytes read and 12 written per element,
+// 2 more with the bf16 copy); the tail, or everything otherwise, by scalars. The arithmetic per
+// element is the same either way. p16: the bf16 weight copy (AdamWArgs::param_bf16), or null.
 __global__ void adamw_kernel(float* p, float* m, float* v, const float* grad, const float* grad_sq, AdamWConsts c,
-                             int64_t n, bool vec4) {
+                             int64_t n, bool vec4, __nv_bfloat16* p16) {
   // clip = min(1, max_norm / (sqrt(Σg²) + 1e-6)) when clipping
   const double clip = c.max_norm > 0.0 ? fmin(1.0, c.max_norm / (sqrt(static_cast<double>(grad_sq[0])) + 1e-6)) : 1.0;
   const int64_t stride = int64_t{gridDim.x} * blockDim.x;
@@ -51,11 +52,17 @@ __global__ void adamw_kernel(float* p, float* m, float* v, const float* grad, co
       reinterpret_cast<float4*>(p)[i] = pi;
       reinterpret_cast<float4*>(m)[i] = mi;
       reinterpret_cast<float4*>(v)[i] = vi;
+      if (p16 != nullptr) {
+        reinterpret_cast<__nv_bfloat162*>(p16)[2 * i] = __floats2bfloat162_rn(pi.x, pi.y);
+        reinterpret_cast<__nv_bfloat162*>(p16)[2 * i + 1] = __floats2bfloat162_rn(pi.z, pi.w);
+      }
     }
     start = n / 4 * 4;
   }
-  for (int64_t i = start + blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < n; i += stride)
+  for (int64_t i = start + blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < n; i += stride) {
     adamw_element(p[i], m[i], v[i], grad[i], clip, c);
+    if (p16 != nullptr) p16[i] = __float2bfloat16_rn(p[i]);
+  }
 }
 
 }  // namespace
@@ -70,9 +77,11 @@ void CudaBackend::adamw(Context ctx, const AdamWArgs& a) {
   const AdamWConsts c{a.lr, a.beta1, a.beta2, a.eps, a.weight_decay, a.max_norm, 1.0 - std::pow(a.beta1, t),
                       1.0 - std::pow(a.beta2, t)};
   const auto aligned = [](const Tensor& t) { return reinterpret_cast<uintptr_t>(t.data) % 16 == 0; };
-  const bool vec4 = aligned(a.param) && aligned(a.m) && aligned(a.v) && aligned(a.grad);
+  auto* p16 = static_cast<__nv_bfloat16*>(a.param_bf16.data);  // null when no bf16 copy is asked for
+  const bool vec4 = aligned(a.param) && aligned(a.m) && aligned(a.v) && aligned(a.grad) &&
+                    reinterpret_cast<uintptr_t>(p16) % 8 == 0;
   adamw_kernel<<<grid_for(vec4 ? (n + 3) / 4 : n), kThreads, 0, stream(ctx)>>>(
-      f32(a.param), f32(a.m), f32(a.v), f32(a.grad), a.max_norm > 0.0 ? f32(a.grad_sq) : nullptr, c, n, vec4);
+      f32(a.param), f32(a.m), f32(a.v), f32(a.grad), a.max_norm > 0.0 ? f32(a.grad_sq) : nullptr, c, n, vec4, p16);
   CUDA_CHECK_LAUNCH("adamw");
 }
 
