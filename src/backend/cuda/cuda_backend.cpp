@@ -68,7 +68,8 @@ CudaBackend::CudaBackend() {
   issue_.reserve(sizeof(DeviceIssue));
   CUDA_CHECK(cudaMemset(issue_.get(), 0, sizeof(DeviceIssue)));
   const char* prof = std::getenv("DIFFMOE_CUDA_PROFILE");
-  profiling_ = prof != nullptr && std::strcmp(prof, "1") == 0;
+  profiling_ = prof != nullptr && (std::strcmp(prof, "1") == 0 || std::strcmp(prof, "2") == 0);
+  profile_details_ = prof != nullptr && std::strcmp(prof, "2") == 0;
 }
 
 CudaBackend::~CudaBackend() {
@@ -103,10 +104,62 @@ OpScope::~OpScope() {
   if (be_ != nullptr) be_->profile_end();
 }
 
+DetailScope::DetailScope(CudaBackend& be, cudaStream_t s, const std::string& name)
+    : be_(be.profiling_details() ? &be : nullptr) {
+  if (be_ == nullptr) return;
+  stat_ = be_->profile_detail_stat(name);
+  start_ = be_->profile_event();
+  stream_ = s;
+  CUDA_CHECK(cudaEventRecord(start_, s));
+}
+
+DetailScope::~DetailScope() {
+  if (be_ == nullptr) return;
+  cudaEvent_t stop = nullptr;
+  try {
+    stop = be_->profile_event();
+  } catch (const Error&) {
+    return;  // a destructor's path: never throws
+  }
+  (void)cudaEventRecord(stop, stream_);
+  be_->profile_push(stat_, start_, stop);
+}
+
+size_t CudaBackend::profile_detail_stat(const std::string& name) {
+  for (size_t i = 0; i < profile_stats_.size(); ++i)
+    if (profile_stats_[i].detail && name == profile_stats_[i].op) return i;
+  profile_detail_names_.push_back(name);
+  profile_stats_.push_back(ProfileStat{.op = profile_detail_names_.back().c_str(), .detail = true});
+  return profile_stats_.size() - 1;
+}
+
+cudaEvent_t CudaBackend::profile_event() {
+  if (profile_free_events_.empty()) {
+    cudaEvent_t e = nullptr;
+    CUDA_CHECK(cudaEventCreate(&e));
+    return e;
+  }
+  cudaEvent_t e = profile_free_events_.back();
+  profile_free_events_.pop_back();
+  return e;
+}
+
+void CudaBackend::profile_push(size_t stat, cudaEvent_t start, cudaEvent_t stop) {
+  profile_pending_.push_back({stat, start, stop});
+  profile_unprinted_ = true;
+  if (profile_pending_.size() >= kProfileMaxPending) {
+    try {
+      profile_flush();
+    } catch (const Error&) {
+      // reported by the op's own checks or the next synchronize
+    }
+  }
+}
+
 void CudaBackend::profile_begin(cudaStream_t s, const char* op) {
   if (profile_depth_++ > 0) return;  // nested: the outermost op owns the time
   auto it = std::find_if(profile_stats_.begin(), profile_stats_.end(),
-                         [&](const ProfileStat& st) { return std::strcmp(st.op, op) == 0; });
+                         [&](const ProfileStat& st) { return !st.detail && std::strcmp(st.op, op) == 0; });
   if (it == profile_stats_.end()) it = profile_stats_.insert(profile_stats_.end(), ProfileStat{.op = op});
   profile_open_ = static_cast<size_t>(it - profile_stats_.begin());
   if (profile_free_events_.empty()) {
@@ -130,15 +183,7 @@ void CudaBackend::profile_end() {
     profile_free_events_.pop_back();
   }
   (void)cudaEventRecord(stop, profile_stream_);
-  profile_pending_.push_back({profile_open_, profile_start_, stop});
-  profile_unprinted_ = true;
-  if (profile_pending_.size() >= kProfileMaxPending) {
-    try {
-      profile_flush();
-    } catch (const Error&) {
-      // reported by the op's own checks or the next synchronize
-    }
-  }
+  profile_push(profile_open_, profile_start_, stop);
 }
 
 void CudaBackend::profile_flush() {
@@ -169,12 +214,14 @@ void CudaBackend::print_profile() {
   std::iota(order.begin(), order.end(), size_t{0});
   std::sort(order.begin(), order.end(), [&](size_t a, size_t b) { return profile_stats_[a].ms > profile_stats_[b].ms; });
   double total = 0.0;
-  for (const ProfileStat& st : profile_stats_) total += st.ms;
-  fmt::print("[cuda] op profile (device time between events around each op; DIFFMOE_CUDA_PROFILE=1)\n");
+  for (const ProfileStat& st : profile_stats_) total += st.detail ? 0.0 : st.ms;
+  fmt::print("[cuda] op profile (device time between events around each op; DIFFMOE_CUDA_PROFILE=1, =2 adds the\n"
+             "       \"· \" rows: parts of ops, already in their op's row and not in the total)\n");
   fmt::print("  {:<24} {:>8} {:>12} {:>7}\n", "op", "calls", "total ms", "%");
   for (size_t i : order) {
     const ProfileStat& st = profile_stats_[i];
-    fmt::print("  {:<24} {:>8} {:>12.3f} {:>6.1f}%\n", st.op, st.calls, st.ms, total > 0 ? 100.0 * st.ms / total : 0.0);
+    fmt::print("  {:<24} {:>8} {:>12.3f} {:>6.1f}%\n", st.detail ? fmt::format("· {}", st.op) : std::string(st.op), st.calls,
+               st.ms, total > 0 ? 100.0 * st.ms / total : 0.0);
   }
   fmt::print("  {:<24} {:>8} {:>12.3f} {:>6.1f}%\n", "total", "", total, 100.0);
 }

@@ -39,7 +39,9 @@
 #include <cublas_v2.h>
 #include <cuda_runtime_api.h>
 
+#include <deque>
 #include <memory>
+#include <string>
 #include <vector>
 
 #include "backend/backend.h"
@@ -62,6 +64,22 @@ class OpScope {
 
  private:
   CudaBackend* be_;  // null when not profiling
+};
+
+// Times a part of an op (a kernel, an operand copy) under DIFFMOE_CUDA_PROFILE=2, as its own row
+// "· name" of the profile (not added to the total: the op's row has its time too). Off: one branch.
+class DetailScope {
+ public:
+  DetailScope(CudaBackend& be, cudaStream_t s, const std::string& name);
+  ~DetailScope();
+  DetailScope(const DetailScope&) = delete;
+  DetailScope& operator=(const DetailScope&) = delete;
+
+ private:
+  CudaBackend* be_;  // null when not profiling details
+  size_t stat_ = 0;
+  cudaEvent_t start_ = nullptr;
+  cudaStream_t stream_ = nullptr;
 };
 
 class CudaBackend final : public Backend, public OpProfiler {
@@ -134,6 +152,10 @@ class CudaBackend final : public Backend, public OpProfiler {
   void reset_profile() override;
   void profile_begin(cudaStream_t s, const char* op);
   void profile_end();
+  bool profiling_details() const { return profile_details_; }  // DIFFMOE_CUDA_PROFILE=2
+  size_t profile_detail_stat(const std::string& name);         // the row of a DetailScope
+  cudaEvent_t profile_event();                                  // a free event (or a new one)
+  void profile_push(size_t stat, cudaEvent_t start, cudaEvent_t stop);
 
   // ---- attention kernel choice (attention_ops.cu): the fused flash-style kernels where they cover
   // the shape (flash_attention.h), else the simple ones; kSimple forces the simple ones (tests, timing).
@@ -158,7 +180,8 @@ class CudaBackend final : public Backend, public OpProfiler {
   AttentionKernel attention_kernel_ = AttentionKernel::kFlash;
 
   struct ProfileStat {
-    const char* op;
+    const char* op;       // an op's name, or a DetailScope's (in profile_detail_names_)
+    bool detail = false;  // a DetailScope row: not part of the total
     int64_t calls = 0;
     double ms = 0.0;
   };
@@ -167,7 +190,8 @@ class CudaBackend final : public Backend, public OpProfiler {
     cudaEvent_t start, stop;
   };
   void profile_flush();  // waits for the pending events and adds their times to the stats
-  bool profiling_ = false;
+  bool profiling_ = false, profile_details_ = false;
+  std::deque<std::string> profile_detail_names_;  // stable storage for the detail rows' names
   int profile_depth_ = 0;
   size_t profile_open_ = 0;            // stat of the op being recorded (outermost)
   cudaEvent_t profile_start_ = nullptr;

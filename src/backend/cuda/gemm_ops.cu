@@ -14,15 +14,16 @@
 // kernel because cuBLAS rejects lda = 0.
 //
 // Grouped GEMMs. Under kBF16: no host sync. All R rows of A (the rows in use are known only on the
-// device) and all of B are rounded to bf16 into the bf16 buffer with rows padded to a multiple of 8
-// elements, then one launch of a grouped tensor-core kernel (grouped_gemm.cuh) reads the offsets
-// on the device, checks them (a bad one is skipped and reported at synchronize(), device_issue.h)
-// and computes every group: on Hopper the wgmma kernel for grouped_gemm (dgrad's weights copied
-// transposed, so both layouts are its K-major one), else the mma.sync kernel; grouped_gemm_wgrad
-// always on the mma.sync kernel. Under kF32 (the f32 reference mode): the i32 offsets are read to the
+// device) and all of B are used as bf16 with rows padded to a multiple of 8 elements (bf16 tensors
+// that need no padding in place, others rounded into the bf16 buffer), then one launch of a grouped
+// tensor-core kernel reads the offsets on the device, checks them (a bad one is skipped and
+// reported at synchronize(), device_issue.h) and computes every group: on Hopper (sm_90a code) the
+// TMA + wgmma kernel (grouped_gemm_tma.cuh) in every layout, else the mma.sync kernel
+// (grouped_gemm.cuh). Under kF32 (the f32 reference mode): the i32 offsets are read to the
 // host with one cudaMemcpyAsync + stream sync, checked like the CPU does, then one SGEMM per
 // non-empty group.
 #include <cuda_bf16.h>
+#include <fmt/format.h>
 
 #include <climits>
 #include <cstddef>
@@ -31,7 +32,7 @@
 #include <utility>
 
 #include "backend/cuda/cuda_common.cuh"
-#include "backend/cuda/grouped_gemm.cuh"
+#include "backend/cuda/grouped_gemm_tma.cuh"
 #include "backend/op_validation.h"
 
 namespace diffmoe {
@@ -76,6 +77,7 @@ std::pair<Operand, Operand> gemm_operands(CudaBackend& be, cudaStream_t s, const
   char* buf = a_bytes + b_bytes == 0 ? nullptr : static_cast<char*>(be.gemm_bf16_scratch(a_bytes + b_bytes));
   const auto convert = [&](const Tensor& t, int64_t n, char* dst_bytes) -> Operand {
     if (t.dtype == DType::kBF16) return Operand{t.data, true};
+    const DetailScope detail(be, s, fmt::format("{} f32->bf16 operand", op));
     f32_to_bf16(dst_bytes, f32(t), n, s, op);
     return Operand{dst_bytes, true};
   };
@@ -125,9 +127,9 @@ std::pair<__nv_bfloat16*, __nv_bfloat16*> bf16_scratch_pair(CudaBackend& be, int
   return {reinterpret_cast<__nv_bfloat16*>(buf), reinterpret_cast<__nv_bfloat16*>(buf + a_bytes)};
 }
 
-// Whether the Hopper (wgmma) grouped kernel can run: sm_90a code on a 9.x device. Asked once per
-// process (the backend drives one device).
-bool grouped_wgmma_usable() {
+// Whether the Hopper grouped kernel (TMA + wgmma) can run: sm_90a code on a 9.x device. Asked once
+// per process (the backend drives one device).
+bool grouped_hopper_usable() {
   static const bool usable = [] {
     int dev = 0;
     CUDA_CHECK(cudaGetDevice(&dev));
@@ -139,25 +141,43 @@ bool grouped_wgmma_usable() {
 // A grouped operand [rows, cols] as the kernels read it: bf16 with rows padded to pad8(cols). A
 // bf16 tensor that needs no padding is read in place; anything else is copied into dst (f32 rounded,
 // bf16 copied exactly).
-const gg::bf16* grouped_operand(const Tensor& t, int64_t rows, int64_t cols, gg::bf16* dst, cudaStream_t s) {
+const gg::bf16* grouped_operand(CudaBackend& be, const Tensor& t, int64_t rows, int64_t cols, gg::bf16* dst,
+                                cudaStream_t s) {
   if (t.dtype == DType::kBF16) {
     const auto* src = static_cast<const gg::bf16*>(t.data);
     if (gg::pad8(cols) == cols && reinterpret_cast<uintptr_t>(src) % 16 == 0) return src;
+    const DetailScope detail(be, s, "grouped operand bf16 padded copy");
     CUDA_CHECK(gg::launch_to_bf16_padded(dst, src, rows, cols, s));
   } else {
+    const DetailScope detail(be, s, "grouped operand f32->bf16");
     CUDA_CHECK(gg::launch_to_bf16_padded(dst, f32(t), rows, cols, s));
   }
   return dst;
 }
 
-// B [G, k, n] as [G, n, pad8(k)] bf16 (the wgmma kernel's K-major layout for dgrad), into dst.
-const gg::bf16* grouped_operand_transposed(const Tensor& t, int64_t groups, int64_t k, int64_t n, gg::bf16* dst,
-                                           cudaStream_t s) {
-  if (t.dtype == DType::kBF16)
-    CUDA_CHECK(gg::launch_to_bf16_transposed(dst, static_cast<const gg::bf16*>(t.data), groups, k, n, s));
-  else
-    CUDA_CHECK(gg::launch_to_bf16_transposed(dst, f32(t), groups, k, n, s));
-  return dst;
+// One grouped kernel launch: the Hopper kernel where it runs and takes the params, else mma.sync.
+// Under DIFFMOE_CUDA_PROFILE the first launch of each layout says which kernel runs, and why.
+void launch_grouped(CudaBackend& be, const gg::GroupedGemmParams& p, gg::GroupedLayout layout, cudaStream_t s) {
+  const bool verbose = be.profiling();
+  const char* why_not = grouped_hopper_usable() ? gg::grouped_gemm_tma_unusable(p, layout) : "no sm_90a code on this device";
+  static bool said[3] = {false, false, false};
+  bool& once = said[static_cast<int>(layout)];
+  if (verbose && !once) {
+    static const char* const kNames[3] = {"fwd", "dgrad", "wgrad"};
+    fmt::print(stderr, "[cuda] grouped GEMM {}: {}{}\n", kNames[static_cast<int>(layout)],
+               why_not == nullptr ? "TMA + wgmma kernel" : "mma.sync kernel: ", why_not == nullptr ? "" : why_not);
+    once = true;
+  }
+  const DetailScope detail(be, s, fmt::format("grouped kernel {} m{} n{} k{} beta{}", static_cast<int>(layout), p.m, p.n,
+                                             p.k, p.beta));
+  if (why_not == nullptr) {
+    switch (layout) {
+      case gg::GroupedLayout::kFwd: CUDA_CHECK(gg::launch_grouped_gemm_tma<gg::GroupedLayout::kFwd>(p, s)); return;
+      case gg::GroupedLayout::kDgrad: CUDA_CHECK(gg::launch_grouped_gemm_tma<gg::GroupedLayout::kDgrad>(p, s)); return;
+      case gg::GroupedLayout::kWgrad: CUDA_CHECK(gg::launch_grouped_gemm_tma<gg::GroupedLayout::kWgrad>(p, s)); return;
+    }
+  }
+  CUDA_CHECK(gg::launch_grouped_gemm(p, layout, s));
 }
 
 // Whether the device-scheduled grouped kernels fit this device's shared memory per block (else the
@@ -181,6 +201,8 @@ void CudaBackend::gemm(Context ctx, const GemmArgs& a) {
   const bool reads = d.m > 0 && d.n > 0 && d.k > 0;  // else C = beta·C (or nothing): no operand read
   const auto [op_a, op_b] =
       gemm_operands(*this, s, a.a, reads ? a.a.numel() : 0, a.b, reads ? a.b.numel() : 0, "gemm", a.f32_exact);
+  const DetailScope detail(*this, s, fmt::format("gemm {}x{}x{} {}{} beta{}", d.m, d.n, d.k, a.trans_a ? "T" : "N",
+                                                a.trans_b ? "T" : "N", a.beta));
   gemm_row_major(*this, s, a.trans_a, a.trans_b, d.m, d.n, d.k, a.alpha, op_a, a.a.dim(1), op_b, a.b.dim(1), a.beta,
                  f32(a.c), d.n, "gemm");
 }
@@ -193,24 +215,18 @@ void CudaBackend::grouped_gemm(Context ctx, const GroupedGemmArgs& a) {
   require_f32(a.c, kOp);
   const cudaStream_t s = stream(ctx);
   if (gemm_precision() == GemmPrecision::kBF16 && grouped_kernels_fit(*this)) {  // on the device, no sync
-    // The wgmma kernel reads B[g] K-major ([n, k]): dgrad's [k, n] weights are transposed while they
-    // are rounded. The mma.sync kernel reads B as stored.
-    const bool wgmma = grouped_wgmma_usable(), b_nk = a.trans_b || wgmma;
-    const int64_t b_cols = b_nk ? d.k : d.n;
-    const int64_t b_rows = d.groups * (b_nk ? d.n : d.k);
+    // B as stored: [G, n, k] (trans_b, fwd) or [G, k, n] (dgrad).
+    const int64_t b_cols = a.trans_b ? d.k : d.n, b_rows = d.groups * (a.trans_b ? d.n : d.k);
     const auto [a16, b16] = bf16_scratch_pair(*this, d.rows * gg::pad8(d.k), b_rows * gg::pad8(b_cols));
     // All R rows of A: the rows in use (offsets[G]) are known only on the device.
-    const gg::bf16* a_op = grouped_operand(a.a, d.rows, d.k, a16, s);
-    const gg::bf16* b_op = a.trans_b || !wgmma ? grouped_operand(a.b, b_rows, b_cols, b16, s)
-                                               : grouped_operand_transposed(a.b, d.groups, d.k, d.n, b16, s);
     const gg::GroupedGemmParams p{
-        .a = a_op, .b = b_op, .c = f32(a.c), .offsets = i32(a.offsets), .rows = to_int(d.rows, kOp),
-        .groups = to_int(d.groups, kOp), .m = 0, .n = to_int(d.n, kOp), .k = to_int(d.k, kOp),
-        .lda = to_int(gg::pad8(d.k), kOp), .ldb = to_int(gg::pad8(b_cols), kOp), .alpha = static_cast<float>(a.alpha),
-        .beta = static_cast<float>(a.beta), .issue = reinterpret_cast<gg::GroupedGemmIssue*>(issue()),
+        .a = grouped_operand(*this, a.a, d.rows, d.k, a16, s), .b = grouped_operand(*this, a.b, b_rows, b_cols, b16, s),
+        .c = f32(a.c), .offsets = i32(a.offsets), .rows = to_int(d.rows, kOp), .groups = to_int(d.groups, kOp), .m = 0,
+        .n = to_int(d.n, kOp), .k = to_int(d.k, kOp), .lda = to_int(gg::pad8(d.k), kOp),
+        .ldb = to_int(gg::pad8(b_cols), kOp), .alpha = static_cast<float>(a.alpha), .beta = static_cast<float>(a.beta),
+        .issue = reinterpret_cast<gg::GroupedGemmIssue*>(issue()),
         .issue_site = static_cast<int32_t>(IssueSite::kGroupedGemmOffsets)};
-    if (wgmma) CUDA_CHECK(gg::launch_grouped_gemm_wgmma(p, s));
-    else CUDA_CHECK(gg::launch_grouped_gemm(p, a.trans_b ? gg::GroupedLayout::kFwd : gg::GroupedLayout::kDgrad, s));
+    launch_grouped(*this, p, a.trans_b ? gg::GroupedLayout::kFwd : gg::GroupedLayout::kDgrad, s);
     return;
   }
   const std::vector<int64_t> off = check_group_offsets(read_to_host(a.offsets, s), d.groups, d.rows, kOp);
@@ -237,8 +253,8 @@ void CudaBackend::grouped_gemm_wgrad(Context ctx, const GroupedGemmWgradArgs& a)
   if (gemm_precision() == GemmPrecision::kBF16 && grouped_kernels_fit(*this)) {  // on the device, no sync
     const auto [a16, b16] = bf16_scratch_pair(*this, d.rows * gg::pad8(d.m), d.rows * gg::pad8(d.n));
     // All R rows (see grouped_gemm).
-    const gg::bf16* a_op = grouped_operand(a.a, d.rows, d.m, a16, s);
-    const gg::bf16* b_op = grouped_operand(a.b, d.rows, d.n, b16, s);
+    const gg::bf16* a_op = grouped_operand(*this, a.a, d.rows, d.m, a16, s);
+    const gg::bf16* b_op = grouped_operand(*this, a.b, d.rows, d.n, b16, s);
     const gg::GroupedGemmParams p{
         .a = a_op, .b = b_op, .c = f32(a.c), .offsets = i32(a.offsets), .rows = to_int(d.rows, kOp),
         .groups = to_int(d.groups, kOp), .m = to_int(d.m, kOp), .n = to_int(d.n, kOp), .k = 0,
@@ -246,7 +262,7 @@ void CudaBackend::grouped_gemm_wgrad(Context ctx, const GroupedGemmWgradArgs& a)
         .beta = static_cast<float>(a.beta), .issue = reinterpret_cast<gg::GroupedGemmIssue*>(issue()),
         .issue_site = static_cast<int32_t>(IssueSite::kGroupedGemmWgradOffsets)};
     DIFFMOE_CHECK(d.groups <= 65535, "[{}] {} groups exceed the kernel's grid.y limit 65535", kOp, d.groups);
-    CUDA_CHECK(gg::launch_grouped_gemm(p, gg::GroupedLayout::kWgrad, s));
+    launch_grouped(*this, p, gg::GroupedLayout::kWgrad, s);
     return;
   }
   const std::vector<int64_t> off = check_group_offsets(read_to_host(a.offsets, s), d.groups, d.rows, kOp);

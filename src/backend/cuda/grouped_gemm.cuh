@@ -1,9 +1,9 @@
 // Grouped GEMM for the MoE experts on bf16 tensor cores, scheduled on the device: the group
 // offsets [G+1] are read by the kernel, never by the host, so the op needs no stream sync.
-// Two kernels: grouped_gemm_kernel (mma.sync, every layout, any sm_80+ GPU) and, for the fwd layout
-// on Hopper, grouped_gemm_wgmma_kernel (wgmma, section "Hopper path" below). H100 at the bench
-// shapes (R = 65,536, G = 64, tools/kernel-dev/NOTES-grouped-gemm.md): wgmma fwd 423 TFLOP/s at
-// k = 1536 and 328 at k = 512; mma.sync 220-280 in every layout; dense cuBLAS 430-710.
+// This file: the mma.sync kernel (every layout, any sm_80+ GPU; 230-290 TFLOP/s at the bench shapes
+// R = 65,536, G = 64) and what the Hopper kernel (grouped_gemm_tma.cuh: TMA + wgmma, 410-540) shares
+// with it: the params, the offsets checks and the bf16 operand copies. tools/kernel-dev/
+// NOTES-grouped-gemm.md has the versions and measurements.
 //
 // Three layouts, one kernel template (C is f32 row-major, A and B bf16 row-major, f32 accumulate):
 //   kFwd   C[rows_g]  = alpha·A[rows_g]·B[g]ᵀ + beta·C[rows_g]   A [R,k], B [G,n,k]  (trans_b)
@@ -395,192 +395,6 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks) grouped_gemm_k
   }
 }
 
-// ---------------------------------------------------------------- Hopper path: wgmma (sm_90a)
-//
-// The fwd layout (A [rows][k], B[g] [n][k]: both K-major) on warpgroup MMAs, which read both
-// operands straight from shared memory (no ldmatrix through registers, the mma.sync path's limit):
-// - CTA tile 128×128×64, two warpgroups, each one m64n128 accumulator (64 f32 per thread) over
-//   4 wgmma.m64n128k16 per k-tile; 256 threads.
-// - Shared tiles in the 128-byte swizzle layout wgmma reads: each 64-element (128-byte) row of a
-//   tile is 8 chunks of 16 bytes, chunk c of row r stored at chunk c ^ (r % 8); 8 rows form a
-//   1024-byte atom (tiles 1024-byte aligned). Descriptor: start >> 4, LBO unused (1), SBO = 1024 B
-//   between 8-row atoms, layout 1 = 128B swizzle; the k16 steps advance the start by 32 bytes.
-// - Copies by cp.async into a kStages ring as in the mma.sync kernel; before the barrier each
-//   thread fences its copies into the async proxy (fence.proxy.async) so wgmma sees them. Each
-//   k-tile's wgmmas are committed and waited for before the stage is refilled.
-// - Same device-side scheduling, offsets checks, predication and epilogue as the mma.sync kernel.
-// dgrad uses it too: the backend's bf16 copy of B[g] [k][n] is written transposed ([n][k]).
-
-template <int kStages_, int kMinBlocks_>
-struct WgmmaTiles {
-  static constexpr int kBM = 128, kBN = 128, kBK = 64, kStages = kStages_, kMinBlocks = kMinBlocks_;
-  static constexpr int kWarpGroups = kBM / 64, kThreads = 128 * kWarpGroups;
-  static constexpr int kRowBytes = kBK * 2;  // one 128-byte swizzle row
-  static constexpr int kABytes = kBM * kRowBytes, kBBytes = kBN * kRowBytes, kStageBytes = kABytes + kBBytes;
-  static constexpr size_t kSmemBytes = size_t{kStageBytes} * kStages + 1024;  // + 1024-byte alignment slack
-  static_assert(kRowBytes == 128 && kBN == 128, "the swizzle and the m64n128k16 wrapper below");
-};
-// 97 KB smem, two CTAs per SM: on H100 23-28% faster than 4 stages with one CTA per SM (129 KB),
-// the second CTA's copies and epilogue filling the gaps of the first's wait after each k-tile.
-using DefaultWgmmaTiles = WgmmaTiles<3, 2>;
-
-__device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
-__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
-__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
-__device__ __forceinline__ void wgmma_wait_all() { asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory"); }
-// Pins the accumulators in place around the asynchronous MMAs: the compiler may not read, move or
-// reuse them between issue and wait (each gets a volatile, ordered "definition" here).
-__device__ __forceinline__ void fence_operands(float (&d)[64]) {
-#pragma unroll
-  for (int i = 0; i < 64; ++i) asm volatile("" : "+f"(d[i])::"memory");
-}
-
-// Descriptor of a K-major tile in the 128-byte swizzle layout starting at shared address `addr`.
-__device__ __forceinline__ uint64_t sw128_desc(uint32_t addr) {
-  uint64_t d = (addr & 0x3FFFFu) >> 4;  // start address, bits 0-13
-  d |= uint64_t{1} << 16;               // leading byte offset: unused for swizzled K-major
-  d |= uint64_t{1024 >> 4} << 32;       // stride byte offset: 8 rows × 128 B
-  d |= uint64_t{1} << 62;               // layout: 128-byte swizzle
-  return d;
-}
-
-// d[64] += A·B for one m64n128k16 step; A and B K-major in 128B-swizzled smem, given by descriptors.
-__device__ __forceinline__ void wgmma_m64n128k16(float (&d)[64], uint64_t desc_a, uint64_t desc_b) {
-  asm volatile(
-      "{\n"
-      ".reg .pred p;\n"
-      "setp.ne.b32 p, %66, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 "
-      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
-      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
-      "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
-      "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, "
-      "%64, %65, p, 1, 1, 0, 0;\n"
-      "}\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
-        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
-        "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
-        "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
-        "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
-        "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
-        "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
-        "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
-      : "l"(desc_a), "l"(desc_b), "r"(1));
-}
-
-// One stage of a K-major operand (kRows rows × 64 k) into the swizzled tile at shared address
-// `tile`; rows ≥ row_end and chunks at col ≥ col_end become zeros.
-template <int kRows, int kThreads>
-__device__ __forceinline__ void load_tile_sw128(uint32_t tile, const bf16* src, int64_t ld, int row0, int col0,
-                                                int row_end, int col_end, int tid) {
-  static_assert((kRows * 8) % kThreads == 0, "every thread copies the same number of chunks");
-#pragma unroll
-  for (int i = 0; i < kRows * 8 / kThreads; ++i) {
-    const int idx = tid + i * kThreads;
-    const int r = idx / 8, c = idx % 8;
-    const int gr = row0 + r, gc = col0 + c * 8;
-    const bool pred = gr < row_end && gc < col_end;
-    const bf16* g = pred ? src + static_cast<int64_t>(gr) * ld + gc : src;
-    cp_async_16(tile + r * 128 + ((c ^ (r % 8)) << 4), g, pred);
-  }
-}
-
-template <class Cfg>
-__global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks) grouped_gemm_wgmma_kernel(const GroupedGemmParams p) {
-#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  constexpr int kBM = Cfg::kBM, kBN = Cfg::kBN, kBK = Cfg::kBK, kStages = Cfg::kStages;
-  extern __shared__ __align__(128) unsigned char smem_raw[];  // aligned to 1024 below
-  __shared__ int s_tile[3];
-  const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
-  const int n_tiles = (p.n + kBN - 1) / kBN;
-
-  if (blockIdx.x == 0 && tid == 0) report_bad_offsets(p);
-  const int slot = static_cast<int>(blockIdx.x) / n_tiles;
-  const int n0 = static_cast<int>(blockIdx.x) % n_tiles * kBN;
-  if (warp == 0) find_m_tile<kBM>(p, slot, s_tile, lane);
-  __syncthreads();
-  const int g = s_tile[0];
-  if (g < 0) return;
-  const int lo = s_tile[1], m0 = s_tile[2] * kBM, m_end = __ldg(p.offsets + g + 1) - lo;
-  const bf16* a_src = p.a + static_cast<int64_t>(lo) * p.lda;
-  const bf16* b_src = p.b + static_cast<int64_t>(g) * p.n * p.ldb;
-  float* c_dst = p.c + static_cast<int64_t>(lo) * p.n;
-
-  const uint32_t raw = smem_addr(smem_raw);
-  const uint32_t smem = (raw + 1023u) & ~1023u;  // swizzle atoms are 1024-byte aligned
-  const auto stage_a = [&](int s) { return smem + s * Cfg::kStageBytes; };
-  const auto stage_b = [&](int s) { return smem + s * Cfg::kStageBytes + Cfg::kABytes; };
-  const auto load_stage = [&](int s, int kt) {
-    load_tile_sw128<kBM, Cfg::kThreads>(stage_a(s), a_src, p.lda, m0, kt * kBK, m_end, p.lda, tid);
-    load_tile_sw128<kBN, Cfg::kThreads>(stage_b(s), b_src, p.ldb, n0, kt * kBK, p.n, p.ldb, tid);
-  };
-
-  const int wg = tid / 128;  // this warpgroup's m64 half of the tile
-  float acc[64];
-#pragma unroll
-  for (int e = 0; e < 64; ++e) acc[e] = 0.0f;
-
-  const int k_tiles = (p.k + kBK - 1) / kBK;
-#pragma unroll
-  for (int s = 0; s < kStages - 1; ++s) {
-    if (s < k_tiles) load_stage(s, s);
-    cp_async_commit();
-  }
-  for (int kt = 0; kt < k_tiles; ++kt) {
-    cp_async_wait<kStages - 2>();
-    fence_proxy_async();  // this thread's cp.async writes → visible to wgmma (async proxy)
-    __syncthreads();      // all threads' copies landed; stage (kt−1) % kStages is no longer read
-    const int pf = kt + kStages - 1;
-    if (pf < k_tiles) load_stage(pf % kStages, pf);
-    cp_async_commit();
-
-    const uint32_t a_tile = stage_a(kt % kStages) + wg * 64 * 128, b_tile = stage_b(kt % kStages);
-    fence_operands(acc);
-    wgmma_fence();
-#pragma unroll
-    for (int kk = 0; kk < kBK / 16; ++kk) wgmma_m64n128k16(acc, sw128_desc(a_tile + kk * 32), sw128_desc(b_tile + kk * 32));
-    wgmma_commit();
-    wgmma_wait_all();
-    fence_operands(acc);
-  }
-  cp_async_wait<0>();
-
-  // Epilogue: accumulator 4j + e of warp w in the warpgroup is (row 16w + lane/4 + 8·(e/2),
-  // col 8j + 2·(lane%4) + e%2) of the warpgroup's m64×n128 block.
-  const bool vec2 = (p.n % 2) == 0 && reinterpret_cast<uintptr_t>(p.c) % 8 == 0;  // float2 rows
-#pragma unroll
-  for (int half = 0; half < 2; ++half) {
-    const int row = m0 + wg * 64 + (warp % 4) * 16 + lane / 4 + half * 8;
-    if (row >= m_end) continue;
-    float* crow = c_dst + static_cast<int64_t>(row) * p.n;
-#pragma unroll
-    for (int j = 0; j < kBN / 8; ++j) {
-      const int col = n0 + j * 8 + (lane % 4) * 2;
-      if (col >= p.n) continue;
-      float v0 = p.alpha * acc[j * 4 + half * 2], v1 = p.alpha * acc[j * 4 + half * 2 + 1];
-      if (vec2) {
-        float2* c2 = reinterpret_cast<float2*>(crow + col);
-        if (p.beta != 0.0f) {
-          const float2 old = *c2;
-          v0 += p.beta * old.x;
-          v1 += p.beta * old.y;
-        }
-        *c2 = make_float2(v0, v1);
-      } else {
-        if (p.beta != 0.0f) v0 += p.beta * crow[col];
-        crow[col] = v0;
-        if (col + 1 < p.n) {
-          if (p.beta != 0.0f) v1 += p.beta * crow[col + 1];
-          crow[col + 1] = v1;
-        }
-      }
-    }
-  }
-#else
-  __trap();  // built without sm_90a features: the host only launches this after wgmma_supported()
-#endif
-}
-
 // ---------------------------------------------------------------- f32 (or bf16) → bf16 operand copies
 // Sources are f32 tensors, or bf16 ones (weight copies, activations already rounded) that need
 // padding or a transpose: those are copied exactly (rounding a bf16 value to bf16 is the identity).
@@ -625,37 +439,6 @@ inline cudaError_t launch_to_bf16_padded(bf16* dst, const Src* src, int64_t rows
   return cudaGetLastError();
 }
 
-// dst [G, n, ld] (ld = pad8(k)) = bf16_rn(src [G, k, n]) transposed per group, zeros in columns
-// k … ld−1: the dgrad weights as the fwd (K-major) layout. 32×32 tiles through shared memory.
-template <class Src>
-__global__ void to_bf16_transposed_kernel(bf16* __restrict__ dst, const Src* __restrict__ src, int64_t k, int64_t n,
-                                          int64_t ld) {
-  __shared__ float t[32][33];  // +1: column reads without bank conflicts
-  const int64_t g = blockIdx.z, n0 = int64_t{blockIdx.x} * 32, k0 = int64_t{blockIdx.y} * 32;
-  const Src* s = src + g * k * n;
-  bf16* d = dst + g * n * ld;
-  for (int i = threadIdx.y; i < 32; i += blockDim.y) {
-    const int64_t kk = k0 + i, nn = n0 + threadIdx.x;
-    t[i][threadIdx.x] = (kk < k && nn < n) ? as_float(s[kk * n + nn]) : 0.0f;
-  }
-  __syncthreads();
-  for (int i = threadIdx.y; i < 32; i += blockDim.y) {
-    const int64_t nn = n0 + i, kk = k0 + threadIdx.x;
-    if (nn < n && kk < ld) d[nn * ld + kk] = __float2bfloat16_rn(t[threadIdx.x][i]);
-  }
-}
-
-template <class Src>
-inline cudaError_t launch_to_bf16_transposed(bf16* dst, const Src* src, int64_t groups, int64_t k, int64_t n,
-                                            cudaStream_t stream) {
-  if (groups == 0 || n == 0 || k == 0) return cudaSuccess;
-  if (groups > 65535) return cudaErrorInvalidValue;
-  const dim3 grid(static_cast<unsigned>((n + 31) / 32), static_cast<unsigned>((pad8(k) + 31) / 32),
-                  static_cast<unsigned>(groups));
-  to_bf16_transposed_kernel<Src><<<grid, dim3(32, 8), 0, stream>>>(dst, src, k, n, pad8(k));
-  return cudaGetLastError();
-}
-
 // ---------------------------------------------------------------- launch
 
 // Runs one grouped GEMM of layout L on the stream. Requires lda, ldb multiples of 8 and 16-byte
@@ -689,46 +472,6 @@ cudaError_t launch_grouped_gemm(const GroupedGemmParams& p, GroupedLayout layout
     }
   }
   return cudaErrorInvalidValue;
-}
-
-// The fwd layout on wgmma (A [R, lda], B [G, n, ldb], both K-major). Call only when
-// wgmma_supported(): the kernel exists only in sm_90a code.
-template <class Cfg = DefaultWgmmaTiles>
-cudaError_t launch_grouped_gemm_wgmma(const GroupedGemmParams& p, cudaStream_t stream) {
-  if (p.groups <= 0 || p.n <= 0) return cudaSuccess;
-  const int n_tiles = (p.n + Cfg::kBN - 1) / Cfg::kBN;
-  const int64_t m_slots = (int64_t{p.rows} + Cfg::kBM - 1) / Cfg::kBM + p.groups;
-  const auto kernel = grouped_gemm_wgmma_kernel<Cfg>;
-  cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                       static_cast<int>(Cfg::kSmemBytes));
-  if (e != cudaSuccess) return e;
-  kernel<<<static_cast<unsigned>(m_slots * n_tiles), Cfg::kThreads, Cfg::kSmemBytes, stream>>>(p);
-  return cudaGetLastError();
-}
-
-// Writes 1 when the code that runs was compiled with the sm_90a features (wgmma), else 0.
-__global__ void sm90a_probe_kernel(int* out) {
-#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  *out = 1;
-#else
-  *out = 0;
-#endif
-}
-
-// Whether the wgmma kernel can run here: a compute capability 9.x device whose loaded code has the
-// sm_90a features. A plain sm_90 build (or PTX JIT-compiled without them) would reach the kernel's
-// trap, so a one-thread probe asks the code itself (one blocking launch; callers cache the answer).
-inline bool wgmma_supported(int device) {
-  int major = 0;
-  if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess || major != 9) return false;
-  int* d_flag = nullptr;
-  int flag = 0;
-  if (cudaMalloc(&d_flag, sizeof(int)) != cudaSuccess) return false;
-  sm90a_probe_kernel<<<1, 1>>>(d_flag);
-  const bool ran = cudaGetLastError() == cudaSuccess &&
-                   cudaMemcpy(&flag, d_flag, sizeof(int), cudaMemcpyDeviceToHost) == cudaSuccess;
-  const bool freed = cudaFree(d_flag) == cudaSuccess;
-  return ran && freed && flag == 1;
 }
 
 // Dynamic shared memory of the mma.sync kernel's largest layout: the grouped ops fall back to

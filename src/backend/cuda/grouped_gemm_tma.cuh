@@ -1,0 +1,518 @@
+// Grouped GEMM for the MoE experts on Hopper (sm_90a): TMA loads, a producer warp and two consumer
+// warpgroups on wgmma, persistent CTAs. The same three layouts as grouped_gemm.cuh (whose params,
+// offsets checks and bf16 operand copies it reuses), all on warpgroup MMAs:
+//   kFwd   C[rows_g] = alpha·A[rows_g]·B[g]ᵀ + beta·C   A [R,k] K-major, B [G,n,k] K-major
+//   kDgrad C[rows_g] = alpha·A[rows_g]·B[g]  + beta·C   A [R,k] K-major, B [G,k,n] MN-major
+//   kWgrad C[g]      = alpha·A[rows_g]ᵀ·B[rows_g] + beta·C[g]
+//                      A [R,m] MN-major (the reduction runs over rows), B [R,n] MN-major
+// wgmma reads MN-major bf16 tiles as they are stored ("transposed" operands), so neither dgrad's
+// weights nor wgrad's activations need a transposed copy (the earlier wgmma kernel copied dgrad's
+// weights transposed for every call; wgrad ran on mma.sync).
+//
+// Design (one CTA per SM, 384 threads of ≤ 168 registers, ~194 KB of shared memory):
+// - CTA tile 128×256×64. Warpgroup 0 is the producer: one thread issues the TMA copies of each
+//   k-tile into a 4-stage ring (A 16 KB + B 32 KB per stage). Warpgroups 1 and 2 each own one
+//   m64 half of the tile: an m64n256 f32 accumulator (128 registers per thread), 4 wgmma.m64n256k16
+//   per k-tile, keeping one k-tile of MMAs in flight (wait_group 1) before releasing its stage.
+// - Stages hand over through mbarriers: full[s] (the producer's expect_tx, completed by the TMA
+//   bytes) and empty[s] (one arrival per consumer warp once its MMAs on s are done).
+// - Shared tiles use TMA's 128-byte swizzle, the layout wgmma reads: a K-major box is rows of 64
+//   k (128 B); an MN-major box is 64 k-rows of 64 m or n. Descriptors: K-major SBO = 1024 B (8-row
+//   atoms), k16 step +32 B; MN-major LBO = 8192 B (next 64-wide box), SBO = 1024 B (next 8 k-rows),
+//   k16 step +2048 B (16 k-rows).
+// - Boundaries by TMA: reads outside a tensor map's dims come back as zeros. A's map is 2-D over
+//   all R rows, so an m-tile's rows past its group's end belong to the next group: their products
+//   land in C rows the epilogue does not write. B's maps are 3-D (…, G) in fwd/dgrad, so a group's
+//   n and k tails are zeros. wgrad reduces over rows: in a group's last k-tile the consumers zero
+//   the rows past the group's end in their A box before the MMAs (so the next group's rows add 0).
+// - Scheduling on the device, no host sync: each CTA builds the exclusive prefix of the groups'
+//   m-tile counts in shared memory (bad groups have none) and walks tiles t = blockIdx.x,
+//   + gridDim.x, …; t → (m-tile slot, n-tile) with n fastest (CTAs sharing an A tile run
+//   together), the slot's group by binary search. wgrad: t → (group, m-tile, n-tile).
+// - Epilogue straight from the accumulators (alpha·acc + beta·C, float2 stores), while the
+//   producer already loads the next tile's first stages.
+// Includes only CUDA headers: tools/kernel-dev/grouped_gemm_tma_check.cu compiles it standalone.
+#pragma once
+#include <cuda.h>  // CUtensorMap (types only: the encoder is fetched through the runtime)
+#include <cudaTypedefs.h>
+
+#include "grouped_gemm.cuh"
+
+namespace diffmoe::cuda::gg {
+
+template <GroupedLayout L>
+struct TmaGemmTiles {
+  static constexpr int kBM = 128, kBN = 256, kBK = 64, kStages = 4;
+  static constexpr int kConsumers = 2, kThreads = 128 * (kConsumers + 1);
+  static constexpr bool kAMNMajor = L == GroupedLayout::kWgrad;  // A's m contiguous (wgrad)
+  static constexpr bool kBMNMajor = L != GroupedLayout::kFwd;    // B's n contiguous (dgrad, wgrad)
+  static constexpr int kBox = 64;                                // 64 elements = one 128-byte swizzle row
+  static constexpr int kBoxBytes = kBox * kBox * 2;              // one 64×64 MN-major box (8 KB)
+  static constexpr int kABytes = kBM * kBK * 2, kBBytes = kBN * kBK * 2, kStageBytes = kABytes + kBBytes;
+  static constexpr int kHalfBytes = 64 * kBK * 2;  // a consumer's m64 part of the A stage (either major)
+  static constexpr int kStepA = kAMNMajor ? 16 * 128 : 32, kStepB = kBMNMajor ? 16 * 128 : 32;  // per k16
+  static constexpr size_t kTileSmemBytes = size_t{kStageBytes} * kStages + 1024;  // + 1024-byte alignment slack
+  static_assert(kBK == kBox && kBM == 64 * kConsumers && kBN % kBox == 0, "the swizzle rows and boxes above");
+  static_assert(kHalfBytes == kBoxBytes, "a consumer's A half is one MN-major box or 64 K-major rows");
+};
+
+// The groups this kernel schedules: its prefix of m-tile counts [G+1] shares the dynamic smem.
+constexpr int kTmaMaxGroups = 4096;
+
+// ---------------------------------------------------------------- PTX wrappers (sm_90a)
+
+__device__ __forceinline__ void mbar_init(uint32_t bar, uint32_t count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
+}
+// The barrier inits → visible to the async proxy (TMA's complete_tx) and the other threads.
+__device__ __forceinline__ void mbar_init_fence() {
+  asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+}
+__device__ __forceinline__ void mbar_arrive_expect_tx(uint32_t bar, uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void mbar_arrive(uint32_t bar) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
+}
+// Waits until the barrier's phase with this parity has completed.
+__device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
+  uint32_t done = 0;
+  do {
+    asm volatile(
+        "{\n"
+        ".reg .pred p;\n"
+        "mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
+        "selp.u32 %0, 1, 0, p;\n"
+        "}\n"
+        : "=r"(done)
+        : "r"(bar), "r"(parity)
+        : "memory");
+  } while (done == 0);
+}
+__device__ __forceinline__ void tma_load_2d(uint32_t dst, const CUtensorMap* map, uint32_t bar, int c0, int c1) {
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];\n" ::"r"(dst),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(bar)
+      : "memory");
+}
+__device__ __forceinline__ void tma_load_3d(uint32_t dst, const CUtensorMap* map, uint32_t bar, int c0, int c1, int c2) {
+  asm volatile(
+      "cp.async.bulk.tensor.3d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, %4}], [%5];\n" ::"r"(
+          dst),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(c2), "r"(bar)
+      : "memory");
+}
+__device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
+__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
+template <int kPending>
+__device__ __forceinline__ void wgmma_wait() {
+  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(kPending) : "memory");
+}
+// A barrier of one consumer warpgroup (ids 1, 2; 0 is __syncthreads).
+__device__ __forceinline__ void warpgroup_bar(int id) { asm volatile("bar.sync %0, 128;\n" ::"r"(id) : "memory"); }
+// Pins the accumulators in place around the asynchronous MMAs: the compiler may not read, move or
+// reuse them between issue and wait (each gets a volatile, ordered "definition" here).
+__device__ __forceinline__ void fence_operands(float (&d)[128]) {
+#pragma unroll
+  for (int i = 0; i < 128; ++i) asm volatile("" : "+f"(d[i])::"memory");
+}
+
+// Descriptor of a K-major tile in the 128-byte swizzle layout starting at shared address `addr`:
+// rows of 64 k (128 B), chunk c of row r stored at chunk c ^ (r % 8), 8-row atoms of 1024 B.
+__device__ __forceinline__ uint64_t sw128_desc(uint32_t addr) {
+  uint64_t d = (addr & 0x3FFFFu) >> 4;  // start address, bits 0-13
+  d |= uint64_t{1} << 16;               // leading byte offset: unused for swizzled K-major
+  d |= uint64_t{1024 >> 4} << 32;       // stride byte offset: 8 rows × 128 B
+  d |= uint64_t{1} << 62;               // layout: 128-byte swizzle
+  return d;
+}
+
+// Descriptor of an MN-major tile in the 128-byte swizzle layout: 64-element boxes of kBox k-rows,
+// LBO = the next box along m/n, SBO = the next 8 k-rows.
+__device__ __forceinline__ uint64_t sw128_mn_desc(uint32_t addr, uint32_t box_bytes) {
+  uint64_t d = (addr & 0x3FFFFu) >> 4;
+  d |= uint64_t{(box_bytes >> 4) & 0x3FFFu} << 16;
+  d |= uint64_t{1024 >> 4} << 32;
+  d |= uint64_t{1} << 62;
+  return d;
+}
+
+// d[128] += A·B for one m64n256k16 step (bf16 in, f32 accumulate). A and B in 128B-swizzled smem
+// given by descriptors; kTransA / kTransB: 0 = K-major, 1 = MN-major (the "transposed" operand).
+template <int kTransA, int kTransB>
+__device__ __forceinline__ void wgmma_m64n256k16(float (&d)[128], uint64_t desc_a, uint64_t desc_b) {
+  asm volatile(
+      "{\n"
+      ".reg .pred p;\n"
+      "setp.ne.b32 p, %132, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n256k16.f32.bf16.bf16 "
+      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
+      "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
+      "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, "
+      "%64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, "
+      "%80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, "
+      "%96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, "
+      "%112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127}, "
+      "%128, %129, p, 1, 1, %130, %131;\n"
+      "}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+        "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+        "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
+        "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
+        "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
+        "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
+        "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]),
+        "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71]),
+        "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]), "+f"(d[78]), "+f"(d[79]),
+        "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87]),
+        "+f"(d[88]), "+f"(d[89]), "+f"(d[90]), "+f"(d[91]), "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95]),
+        "+f"(d[96]), "+f"(d[97]), "+f"(d[98]), "+f"(d[99]), "+f"(d[100]), "+f"(d[101]), "+f"(d[102]), "+f"(d[103]),
+        "+f"(d[104]), "+f"(d[105]), "+f"(d[106]), "+f"(d[107]), "+f"(d[108]), "+f"(d[109]), "+f"(d[110]), "+f"(d[111]),
+        "+f"(d[112]), "+f"(d[113]), "+f"(d[114]), "+f"(d[115]), "+f"(d[116]), "+f"(d[117]), "+f"(d[118]), "+f"(d[119]),
+        "+f"(d[120]), "+f"(d[121]), "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), "+f"(d[126]), "+f"(d[127])
+      : "l"(desc_a), "l"(desc_b), "n"(kTransA), "n"(kTransB), "r"(1));
+}
+
+// ---------------------------------------------------------------- tiles
+
+// One output tile and where its operands start. fwd/dgrad: rows [a_row, a_row + m_valid) of C and
+// A (global rows), columns [n0, n0 + kBN); wgrad: C[g] rows [m0, m0 + m_valid) (m), columns n0….
+struct TmaTile {
+  int g = 0, a_row = 0, m0 = 0, m_valid = 0, n0 = 0;
+  int k_row0 = 0, k_rows = 0;  // wgrad: the group's rows (the reduction)
+  int k_tiles = 0;
+  bool skip = false;           // wgrad: a group with bad bounds (reported, its C[g] untouched)
+};
+
+// Tile number t, or false past the last one. s_prefix [G+1]: m-tiles before each group (fwd/dgrad).
+template <GroupedLayout L>
+__device__ __forceinline__ bool tma_tile_at(const GroupedGemmParams& p, const int* s_prefix, int t, TmaTile& ti) {
+  using Cfg = TmaGemmTiles<L>;
+  const int n_tiles = (p.n + Cfg::kBN - 1) / Cfg::kBN;
+  if constexpr (L == GroupedLayout::kWgrad) {
+    const int m_tiles = (p.m + Cfg::kBM - 1) / Cfg::kBM, per_group = m_tiles * n_tiles;
+    if (t >= p.groups * per_group) return false;
+    ti.g = t / per_group;
+    const int r = t % per_group;
+    ti.m0 = r / n_tiles * Cfg::kBM;
+    ti.n0 = r % n_tiles * Cfg::kBN;
+    ti.m_valid = min(Cfg::kBM, p.m - ti.m0);
+    int lo;
+    const int rows = group_rows(p, ti.g, &lo);
+    ti.skip = rows < 0;
+    ti.k_row0 = lo;
+    ti.k_rows = rows < 0 ? 0 : rows;
+    ti.k_tiles = (ti.k_rows + Cfg::kBK - 1) / Cfg::kBK;
+    return true;
+  } else {
+    const int slot = t / n_tiles;
+    if (slot >= s_prefix[p.groups]) return false;
+    int lo_g = 0, hi_g = p.groups;  // the last g with s_prefix[g] ≤ slot (then slot < s_prefix[g+1])
+    while (hi_g - lo_g > 1) {
+      const int mid = (lo_g + hi_g) / 2;
+      if (s_prefix[mid] <= slot) lo_g = mid;
+      else hi_g = mid;
+    }
+    ti.g = lo_g;
+    const int lo = __ldg(p.offsets + lo_g), rows = __ldg(p.offsets + lo_g + 1) - lo;
+    const int mt = slot - s_prefix[lo_g];
+    ti.a_row = lo + mt * Cfg::kBM;
+    ti.m_valid = min(Cfg::kBM, rows - mt * Cfg::kBM);
+    ti.n0 = t % n_tiles * Cfg::kBN;
+    ti.k_tiles = (p.k + Cfg::kBK - 1) / Cfg::kBK;
+    return true;
+  }
+}
+
+// One warp: s_prefix[g] = Σ_{g' < g} ceil(rows_g' / kBM) over groups with good bounds.
+template <int kBM>
+__device__ inline void build_m_tile_prefix(const GroupedGemmParams& p, int* s_prefix, int lane) {
+  int base = 0;
+  if (lane == 0) s_prefix[0] = 0;
+  for (int g0 = 0; g0 < p.groups; g0 += 32) {
+    const int g = g0 + lane;
+    int lo = 0, rows = -1;
+    if (g < p.groups) rows = group_rows(p, g, &lo);
+    const int tiles = rows > 0 ? (rows + kBM - 1) / kBM : 0;
+    int incl = tiles;
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+      const int v = __shfl_up_sync(0xffffffffu, incl, o);
+      if (lane >= o) incl += v;
+    }
+    if (g < p.groups) s_prefix[g + 1] = base + incl;
+    base += __shfl_sync(0xffffffffu, incl, 31);
+  }
+}
+
+// ---------------------------------------------------------------- the kernel
+
+template <GroupedLayout L>
+__global__ void __launch_bounds__(TmaGemmTiles<L>::kThreads, 1)
+    grouped_gemm_tma_kernel(const __grid_constant__ CUtensorMap map_a, const __grid_constant__ CUtensorMap map_b,
+                            const GroupedGemmParams p) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  using Cfg = TmaGemmTiles<L>;
+  constexpr int kStages = Cfg::kStages, kBK = Cfg::kBK, kBN = Cfg::kBN;
+  extern __shared__ __align__(128) unsigned char tma_smem_raw[];  // aligned to 1024 below
+  __shared__ __align__(8) uint64_t full_bar[kStages], empty_bar[kStages];
+  const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32, wg = tid / 128;
+
+  const uint32_t raw = smem_addr(tma_smem_raw);
+  const uint32_t tiles = (raw + 1023u) & ~1023u;  // swizzle atoms are 1024-byte aligned
+  int* s_prefix = reinterpret_cast<int*>(tma_smem_raw + (tiles - raw) + size_t{Cfg::kStageBytes} * kStages);
+  const auto stage_a = [&](int s) { return tiles + s * Cfg::kStageBytes; };
+  const auto stage_b = [&](int s) { return tiles + s * Cfg::kStageBytes + Cfg::kABytes; };
+  const auto full = [&](int s) { return smem_addr(&full_bar[s]); };
+  const auto empty = [&](int s) { return smem_addr(&empty_bar[s]); };
+
+  if (tid == 0) {
+    for (int s = 0; s < kStages; ++s) {
+      mbar_init(full(s), 1);                       // the producer's arrive (+ the TMA bytes)
+      mbar_init(empty(s), Cfg::kConsumers * 4);    // one arrival per consumer warp
+    }
+    mbar_init_fence();
+  }
+  if (blockIdx.x == 0 && tid == 0) report_bad_offsets(p);
+  if (L != GroupedLayout::kWgrad && warp == 0) build_m_tile_prefix<Cfg::kBM>(p, s_prefix, lane);
+  __syncthreads();
+
+  if (wg == 0) {
+    // ---- producer: one thread issues every TMA copy
+    if (warp != 0 || lane != 0) return;
+    int it = 0;  // k-tiles issued so far, over all of this CTA's tiles: stage it % kStages
+    TmaTile ti;
+    for (int t = blockIdx.x; tma_tile_at<L>(p, s_prefix, t, ti); t += gridDim.x) {
+      for (int kt = 0; kt < ti.k_tiles; ++kt, ++it) {
+        const int s = it % kStages;
+        mbar_wait(empty(s), ((it / kStages) & 1) ^ 1);  // a fresh barrier passes parity 1 at once
+        mbar_arrive_expect_tx(full(s), Cfg::kStageBytes);  // out-of-bounds zeros count too
+        const int k0 = kt * kBK;
+        if constexpr (L == GroupedLayout::kWgrad) {
+          for (int h = 0; h < Cfg::kConsumers; ++h)
+            tma_load_2d(stage_a(s) + h * Cfg::kBoxBytes, &map_a, full(s), ti.m0 + h * Cfg::kBox, ti.k_row0 + k0);
+          for (int j = 0; j < kBN / Cfg::kBox; ++j)
+            tma_load_2d(stage_b(s) + j * Cfg::kBoxBytes, &map_b, full(s), ti.n0 + j * Cfg::kBox, ti.k_row0 + k0);
+        } else {
+          tma_load_2d(stage_a(s), &map_a, full(s), k0, ti.a_row);
+          if constexpr (L == GroupedLayout::kFwd) {
+            tma_load_3d(stage_b(s), &map_b, full(s), k0, ti.n0, ti.g);
+          } else {
+            for (int j = 0; j < kBN / Cfg::kBox; ++j)
+              tma_load_3d(stage_b(s) + j * Cfg::kBoxBytes, &map_b, full(s), ti.n0 + j * Cfg::kBox, k0, ti.g);
+          }
+        }
+      }
+    }
+    return;
+  }
+
+  // ---- consumers: warpgroup cw computes rows [64·cw, 64·cw + 64) of each tile
+  const int cw = wg - 1, wtid = tid % 128;
+  const auto desc_a = [&](uint32_t addr) {
+    return Cfg::kAMNMajor ? sw128_mn_desc(addr, Cfg::kBoxBytes) : sw128_desc(addr);
+  };
+  const auto desc_b = [&](uint32_t addr) {
+    return Cfg::kBMNMajor ? sw128_mn_desc(addr, Cfg::kBoxBytes) : sw128_desc(addr);
+  };
+  const bool vec2 = (p.n % 2) == 0 && reinterpret_cast<uintptr_t>(p.c) % 8 == 0;  // float2 rows
+  float acc[128];
+  int it = 0;
+  TmaTile ti;
+  for (int t = blockIdx.x; tma_tile_at<L>(p, s_prefix, t, ti); t += gridDim.x) {
+#pragma unroll
+    for (int e = 0; e < 128; ++e) acc[e] = 0.0f;
+    for (int kt = 0; kt < ti.k_tiles; ++kt, ++it) {
+      const int s = it % kStages;
+      mbar_wait(full(s), (it / kStages) & 1);
+      const uint32_t a_tile = stage_a(s) + cw * Cfg::kHalfBytes, b_tile = stage_b(s);
+      if constexpr (L == GroupedLayout::kWgrad) {
+        // The group's last k-tile: rows past its end (the next group's) → zeros in this A box.
+        const int valid = ti.k_rows - kt * kBK;
+        if (valid < kBK) {
+          for (int i = wtid; i < (kBK - valid) * 8; i += 128) {
+            const uint32_t addr = a_tile + (valid + i / 8) * 128 + (i % 8) * 16;
+            asm volatile("st.shared.v4.u32 [%0], {%1, %1, %1, %1};\n" ::"r"(addr), "r"(0) : "memory");
+          }
+          fence_proxy_async();  // generic-proxy stores → visible to wgmma
+          warpgroup_bar(1 + cw);
+        }
+      }
+      fence_operands(acc);
+      wgmma_fence();
+#pragma unroll
+      for (int kk = 0; kk < kBK / 16; ++kk)
+        wgmma_m64n256k16<Cfg::kAMNMajor, Cfg::kBMNMajor>(acc, desc_a(a_tile + kk * Cfg::kStepA),
+                                                         desc_b(b_tile + kk * Cfg::kStepB));
+      wgmma_commit();
+      wgmma_wait<1>();  // the previous k-tile's MMAs are done: release its stage
+      fence_operands(acc);
+      if (kt > 0 && lane == 0) mbar_arrive(empty((it - 1) % kStages));
+    }
+    wgmma_wait<0>();
+    fence_operands(acc);
+    if (ti.k_tiles > 0 && lane == 0) mbar_arrive(empty((it - 1) % kStages));
+    if (ti.skip) continue;
+
+    // Epilogue: accumulator 4j + e of warp w in the warpgroup is (row 16w + lane/4 + 8·(e/2),
+    // col 8j + 2·(lane%4) + e%2) of the warpgroup's m64×n256 block.
+    float* c_tile = L == GroupedLayout::kWgrad
+                        ? p.c + (static_cast<int64_t>(ti.g) * p.m + ti.m0) * p.n
+                        : p.c + static_cast<int64_t>(ti.a_row) * p.n;
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const int row = cw * 64 + (warp % 4) * 16 + lane / 4 + half * 8;
+      if (row >= ti.m_valid) continue;
+      float* crow = c_tile + static_cast<int64_t>(row) * p.n;
+#pragma unroll
+      for (int j = 0; j < kBN / 8; ++j) {
+        const int col = ti.n0 + j * 8 + (lane % 4) * 2;
+        if (col >= p.n) continue;
+        float v0 = p.alpha * acc[j * 4 + half * 2], v1 = p.alpha * acc[j * 4 + half * 2 + 1];
+        if (vec2) {
+          float2* c2 = reinterpret_cast<float2*>(crow + col);
+          if (p.beta != 0.0f) {
+            const float2 old = *c2;
+            v0 += p.beta * old.x;
+            v1 += p.beta * old.y;
+          }
+          *c2 = make_float2(v0, v1);
+        } else {
+          if (p.beta != 0.0f) v0 += p.beta * crow[col];
+          crow[col] = v0;
+          if (col + 1 < p.n) {
+            if (p.beta != 0.0f) v1 += p.beta * crow[col + 1];
+            crow[col + 1] = v1;
+          }
+        }
+      }
+    }
+  }
+#else
+  __trap();  // built without sm_90a features: the host launches this only after wgmma_supported()
+#endif
+}
+
+// ---------------------------------------------------------------- launch
+
+// Writes 1 when the code that runs was compiled with the sm_90a features (wgmma), else 0.
+__global__ void sm90a_probe_kernel(int* out) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  *out = 1;
+#else
+  *out = 0;
+#endif
+}
+
+// Whether the Hopper kernel can run here: a compute capability 9.x device whose loaded code has the
+// sm_90a features. A plain sm_90 build (or PTX JIT-compiled without them) would reach the kernel's
+// trap, so a one-thread probe asks the code itself (one blocking launch; callers cache the answer).
+inline bool wgmma_supported(int device) {
+  int major = 0;
+  if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess || major != 9) return false;
+  int* d_flag = nullptr;
+  int flag = 0;
+  if (cudaMalloc(&d_flag, sizeof(int)) != cudaSuccess) return false;
+  sm90a_probe_kernel<<<1, 1>>>(d_flag);
+  const bool ran = cudaGetLastError() == cudaSuccess &&
+                   cudaMemcpy(&flag, d_flag, sizeof(int), cudaMemcpyDeviceToHost) == cudaSuccess;
+  const bool freed = cudaFree(d_flag) == cudaSuccess;
+  return ran && freed && flag == 1;
+}
+
+// cuTensorMapEncodeTiled from the driver, through the runtime (no link against libcuda); null when
+// the driver has none.
+inline PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
+  static const PFN_cuTensorMapEncodeTiled_v12000 fn = [] {
+    void* f = nullptr;
+    cudaDriverEntryPointQueryResult q{};
+    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &f, 12000, cudaEnableDefault, &q) != cudaSuccess ||
+        q != cudaDriverEntryPointSuccess)
+      return static_cast<PFN_cuTensorMapEncodeTiled_v12000>(nullptr);
+    return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(f);
+  }();
+  return fn;
+}
+
+// A bf16 tensor map with the 128-byte swizzle; dims innermost first, strides in bytes (rank − 1).
+inline bool encode_bf16_map(CUtensorMap* map, const bf16* base, int rank, const cuuint64_t* dims,
+                            const cuuint64_t* strides, const cuuint32_t* box) {
+  const PFN_cuTensorMapEncodeTiled_v12000 encode = tensor_map_encoder();
+  if (encode == nullptr) return false;
+  const cuuint32_t elem_strides[3] = {1, 1, 1};
+  return encode(map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, static_cast<cuuint32_t>(rank), const_cast<bf16*>(base), dims,
+                strides, box, elem_strides, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+                CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
+}
+
+// Why the TMA kernel does not take these params, or null when it does: operands 16-byte aligned
+// with lda, ldb multiples of 8 (the padded bf16 copies), non-empty dims, at most kTmaMaxGroups
+// groups, a tensor-map encoder in the driver. (wgmma_supported() is the caller's other condition:
+// ask it once per device.)
+inline const char* grouped_gemm_tma_unusable(const GroupedGemmParams& p, GroupedLayout layout) {
+  if (p.rows <= 0 || p.groups <= 0 || p.n <= 0 || (layout == GroupedLayout::kWgrad ? p.m <= 0 : p.k <= 0))
+    return "an empty dimension";
+  if (p.groups > kTmaMaxGroups) return "more groups than kTmaMaxGroups";
+  if (p.lda % 8 != 0 || p.ldb % 8 != 0 || reinterpret_cast<uintptr_t>(p.a) % 16 != 0 ||
+      reinterpret_cast<uintptr_t>(p.b) % 16 != 0)
+    return "operands not 16-byte aligned";
+  if (tensor_map_encoder() == nullptr) return "no cuTensorMapEncodeTiled in the driver";
+  return nullptr;
+}
+inline bool grouped_gemm_tma_usable(const GroupedGemmParams& p, GroupedLayout layout) {
+  return grouped_gemm_tma_unusable(p, layout) == nullptr;
+}
+
+// Runs one grouped GEMM of layout L on the TMA kernel. Call only when wgmma_supported() and
+// grouped_gemm_tma_usable(p, L).
+template <GroupedLayout L>
+cudaError_t launch_grouped_gemm_tma(const GroupedGemmParams& p, cudaStream_t stream) {
+  using Cfg = TmaGemmTiles<L>;
+  const cuuint64_t R = static_cast<cuuint64_t>(p.rows), G = static_cast<cuuint64_t>(p.groups);
+  const cuuint64_t lda_b = static_cast<cuuint64_t>(p.lda) * 2, ldb_b = static_cast<cuuint64_t>(p.ldb) * 2;
+  const cuuint32_t box = Cfg::kBox;
+  CUtensorMap map_a{}, map_b{};
+  bool ok = false;
+  if constexpr (L == GroupedLayout::kWgrad) {
+    const cuuint64_t da[2] = {static_cast<cuuint64_t>(p.m), R}, db[2] = {static_cast<cuuint64_t>(p.n), R};
+    const cuuint32_t bx[2] = {box, box};
+    ok = encode_bf16_map(&map_a, p.a, 2, da, &lda_b, bx) && encode_bf16_map(&map_b, p.b, 2, db, &ldb_b, bx);
+  } else {
+    const cuuint64_t k = static_cast<cuuint64_t>(p.k), n = static_cast<cuuint64_t>(p.n);
+    const cuuint64_t da[2] = {k, R};
+    const cuuint32_t ba[2] = {box, static_cast<cuuint32_t>(Cfg::kBM)};
+    ok = encode_bf16_map(&map_a, p.a, 2, da, &lda_b, ba);
+    if constexpr (L == GroupedLayout::kFwd) {  // B [G][n][k]
+      const cuuint64_t db[3] = {k, n, G}, sb[2] = {ldb_b, ldb_b * n};
+      const cuuint32_t bb[3] = {box, static_cast<cuuint32_t>(Cfg::kBN), 1};
+      ok = ok && encode_bf16_map(&map_b, p.b, 3, db, sb, bb);
+    } else {  // B [G][k][n]
+      const cuuint64_t db[3] = {n, k, G}, sb[2] = {ldb_b, ldb_b * k};
+      const cuuint32_t bb[3] = {box, box, 1};
+      ok = ok && encode_bf16_map(&map_b, p.b, 3, db, sb, bb);
+    }
+  }
+  if (!ok) return cudaErrorInvalidValue;
+
+  int device = 0, sms = 0;
+  cudaError_t e = cudaGetDevice(&device);
+  if (e == cudaSuccess) e = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+  if (e != cudaSuccess) return e;
+  const int n_tiles = (p.n + Cfg::kBN - 1) / Cfg::kBN;
+  const int64_t tiles_max = L == GroupedLayout::kWgrad
+                                ? int64_t{p.groups} * ((p.m + Cfg::kBM - 1) / Cfg::kBM) * n_tiles
+                                : ((int64_t{p.rows} + Cfg::kBM - 1) / Cfg::kBM + p.groups) * n_tiles;
+  const unsigned grid = static_cast<unsigned>(tiles_max < sms ? tiles_max : sms);
+  const size_t smem = Cfg::kTileSmemBytes + sizeof(int) * (static_cast<size_t>(p.groups) + 1);
+  const auto kernel = grouped_gemm_tma_kernel<L>;
+  e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+  if (e != cudaSuccess) return e;
+  kernel<<<grid, Cfg::kThreads, smem, stream>>>(map_a, map_b, p);
+  return cudaGetLastError();
+}
+
+}  // namespace diffmoe::cuda::gg
