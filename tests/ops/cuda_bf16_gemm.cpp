@@ -482,19 +482,22 @@ TEST(CudaBf16Gemm, Bf16OutputsOfElementwiseOps) {
     expect_bf16_of(y16, y, fmt::format("rmsnorm_fwd y in bf16, x_stride {}", xs));
   }
 
-  // cross_entropy_bwd into a bf16 dlogits, one ignored target (its row: zeros).
-  const int64_t R = 7, V = 300;
-  Dual logits(Shape{R, V}), targets(Shape{R}, DType::kI32), valid(Shape{1}), dl(Shape{R, V}), dl16(Shape{R, V}, DType::kBF16);
-  logits.normal(986, 3.0);
-  targets.set({5, 299, -1, 0, 17, 150, 42});
-  valid.set({6});
-  dl16.poison();
-  cpu().cross_entropy_bwd({}, {.dlogits = dl[Side::kCpu], .logits = logits[Side::kCpu], .targets = targets[Side::kCpu],
-                               .valid = valid[Side::kCpu], .grad_scale = 0.75});
-  gpu().cross_entropy_bwd({}, {.dlogits = dl16[Side::kGpu], .logits = logits[Side::kGpu], .targets = targets[Side::kGpu],
-                               .valid = valid[Side::kGpu], .grad_scale = 0.75});
-  gpu().synchronize({});
-  expect_bf16_of(dl16, dl, "cross_entropy_bwd dlogits in bf16");
+  // cross_entropy_bwd into a bf16 dlogits, one ignored target (its row: zeros); V = 300: float4
+  // pieces (8-byte bf16 stores), V = 301: element-wise stores.
+  for (const int64_t V : {int64_t{300}, int64_t{301}}) {
+    const int64_t R = 7;
+    Dual logits(Shape{R, V}), targets(Shape{R}, DType::kI32), valid(Shape{1}), dl(Shape{R, V}), dl16(Shape{R, V}, DType::kBF16);
+    logits.normal(986, 3.0);
+    targets.set({5, 299, -1, 0, 17, 150, 42});
+    valid.set({6});
+    dl16.poison();
+    cpu().cross_entropy_bwd({}, {.dlogits = dl[Side::kCpu], .logits = logits[Side::kCpu], .targets = targets[Side::kCpu],
+                                 .valid = valid[Side::kCpu], .grad_scale = 0.75});
+    gpu().cross_entropy_bwd({}, {.dlogits = dl16[Side::kGpu], .logits = logits[Side::kGpu], .targets = targets[Side::kGpu],
+                                 .valid = valid[Side::kGpu], .grad_scale = 0.75});
+    gpu().synchronize({});
+    expect_bf16_of(dl16, dl, fmt::format("cross_entropy_bwd dlogits in bf16, V = {}", V));
+  }
 }
 
 TEST(CudaBf16Gemm, Bf16OperandsNeedTheBf16Mode) {
