@@ -88,7 +88,7 @@ __device__ inline float block_max(float v, float* smem) {
 
 // Records a bad index unless one was recorded before (the first one wins). Kept out of line: the
 // callers' hot loops only carry the comparison (an inlined atomic path cost registers and spills).
-__device__ __noinline__ void report_bad_index(DeviceIssue* issue, IssueSite site, int64_t i, int32_t v, int64_t limit) {
+__device__ __noinline__ inline void report_bad_index(DeviceIssue* issue, IssueSite site, int64_t i, int32_t v, int64_t limit) {
   if (atomicCAS(&issue->flag, 0, 1) == 0) {
     issue->site = static_cast<int32_t>(site);
     issue->index = i;
