@@ -448,7 +448,7 @@ __device__ __forceinline__ void add_weighted_slots(float* __restrict__ y, const 
         }
 #pragma unroll
         for (int j = 0; j < kSlotGroup; ++j) {
-          const float* src = rows + r[j] * dim + c;
+          const float* src = rows + (r[j] >= 0 ? r[j] : 0) * dim + c;  // read only for a valid slot
           if constexpr (kVec4) {
             const float4 x = r[j] >= 0 ? load4(src) : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
 #pragma unroll
@@ -480,8 +480,8 @@ __global__ void __launch_bounds__(kThreads) gather_bwd_kernel(float* __restrict_
                                                               const int32_t* __restrict__ slot_pos, int64_t n_tokens,
                                                               int64_t top_k, int64_t dim, int64_t n_rows,
                                                               DeviceIssue* issue) {
-  add_weighted_slots<kVec4, false>(dx, dx_perm, nullptr, slot_pos, n_tokens, top_k, dim, n_rows, IssueSite::kGatherBwdSlotPos,
-                            issue);
+  add_weighted_slots<kVec4, false>(dx, dx_perm, nullptr, slot_pos, n_tokens, top_k, dim, n_rows,
+                                   IssueSite::kGatherBwdSlotPos, issue);
 }
 
 // y[n] += Σ_k w[n,k] · y_perm[slot_pos[n,k]]   (double sum in k order, as on the CPU)
@@ -491,8 +491,8 @@ __global__ void __launch_bounds__(kThreads) combine_fwd_kernel(float* __restrict
                                                                const int32_t* __restrict__ slot_pos, int64_t n_tokens,
                                                                int64_t top_k, int64_t dim, int64_t n_rows,
                                                                DeviceIssue* issue) {
-  add_weighted_slots<kVec4, true>(y, y_perm, topk_w, slot_pos, n_tokens, top_k, dim, n_rows, IssueSite::kCombineFwdSlotPos,
-                            issue);
+  add_weighted_slots<kVec4, true>(y, y_perm, topk_w, slot_pos, n_tokens, top_k, dim, n_rows,
+                                  IssueSite::kCombineFwdSlotPos, issue);
 }
 
 // One warp per (n, k): dy_perm[slot_pos[n,k]] = w[n,k]·dy[n] (one f32 product, as on the CPU);
