@@ -5,10 +5,11 @@
 // memory instructions and index operations per byte. One thread per element with a 64-bit
 // `i / width, i % width` spends ~100 instructions per 4 bytes moved; a float4 load or store moves
 // 16 bytes in one instruction (a bf16 output: four values, 8 bytes).
-// - A kernel takes its vector path only where the host checked (vec4_ok) that every vector starts
-//   on its own alignment: row widths and column offsets multiples of kVec, base pointers aligned.
-//   Everything else takes a scalar path with the same arithmetic, so results do not depend on the
-//   path (tests run both: odd widths and unaligned views).
+// - A kernel takes its vector path only where the host checked (vec_sizes, vec_aligned) that every
+//   vector starts on its own alignment: row widths and column offsets multiples of kVec, base
+//   pointers aligned. Everything else takes a scalar path with the same formulas (double sums may
+//   run in another order), so the path does not change results beyond the last bit of a double
+//   (tests run both: odd widths and unaligned views).
 // - bf16 stores round each f32 value to nearest even (__float2bfloat16_rn), the same rounding as
 //   store_as (cuda_common.cuh).
 #pragma once
