@@ -483,8 +483,9 @@ TEST(CudaBf16Gemm, Bf16OutputsOfElementwiseOps) {
   }
 
   // cross_entropy_bwd into a bf16 dlogits, one ignored target (its row: zeros); V = 300: float4
-  // pieces (8-byte bf16 stores), V = 301: element-wise stores.
-  for (const int64_t V : {int64_t{300}, int64_t{301}}) {
+  // pieces (8-byte bf16 stores), V = 301: element-wise stores, V = 60000: the row streamed from
+  // global memory (over the shared memory of a block).
+  for (const int64_t V : {int64_t{300}, int64_t{301}, int64_t{60000}}) {
     const int64_t R = 7;
     Dual logits(Shape{R, V}), targets(Shape{R}, DType::kI32), valid(Shape{1}), dl(Shape{R, V}), dl16(Shape{R, V}, DType::kBF16);
     logits.normal(986, 3.0);
