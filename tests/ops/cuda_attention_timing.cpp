@@ -14,34 +14,12 @@
 #include "backend/cuda/cuda_backend.h"
 #include "backend/cuda/cuda_check.h"
 #include "cuda_dual.h"
+#include "cuda_timing.h"
 
 namespace diffmoe::cudatest {
 namespace {
 
 using AttnKernel = CudaBackend::AttentionKernel;
-
-// Median milliseconds of `reps` runs of fn after one warm-up, timed with events on the default stream.
-template <class Fn>
-double median_ms(int reps, Fn&& fn) {
-  cudaEvent_t start = nullptr, stop = nullptr;
-  CUDA_CHECK(cudaEventCreate(&start));
-  CUDA_CHECK(cudaEventCreate(&stop));
-  fn();
-  std::vector<double> ms;
-  for (int r = 0; r < reps; ++r) {
-    CUDA_CHECK(cudaEventRecord(start, nullptr));
-    fn();
-    CUDA_CHECK(cudaEventRecord(stop, nullptr));
-    CUDA_CHECK(cudaEventSynchronize(stop));
-    float t = 0.0f;
-    CUDA_CHECK(cudaEventElapsedTime(&t, start, stop));
-    ms.push_back(t);
-  }
-  CUDA_CHECK(cudaEventDestroy(start));
-  CUDA_CHECK(cudaEventDestroy(stop));
-  std::sort(ms.begin(), ms.end());
-  return ms[ms.size() / 2];
-}
 
 double rel_err(const std::vector<double>& a, const std::vector<double>& b) {
   double num = 0.0, den = 0.0;

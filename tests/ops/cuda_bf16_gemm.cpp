@@ -376,20 +376,22 @@ TEST(CudaBf16Gemm, F32ExactStaysF32) {
 }
 
 // moe_gather into a bf16 x_perm (the expert GEMMs' rows in the bf16 mode): each row is the source
-// row rounded to bf16, exactly.
+// row rounded to bf16, exactly. D = 72: float4 pieces (8-byte bf16 stores); D = 37: the scalar path.
 TEST(CudaBf16Gemm, GatherIntoBf16) {
-  const int64_t N = 37, D = 72, rows = 111;
-  Dual x(Shape{N, D}), src(Shape{rows}, DType::kI32), ref(Shape{rows, D}), out(Shape{rows, D}, DType::kBF16);
-  x.normal(970);
-  src.ints(971, 0, static_cast<int32_t>(N));
-  out.poison();
-  cpu().moe_gather({}, {.x_perm = ref[Side::kCpu], .x = x[Side::kCpu], .src_row = src[Side::kCpu]});
-  gpu().moe_gather({}, {.x_perm = out[Side::kGpu], .x = x[Side::kGpu], .src_row = src[Side::kGpu]});
-  gpu().synchronize({});
-  const Dual want = bf16_copy(ref, Shape{rows, D});
-  const std::vector<double> got = out.device_values(), exp = want.host_values();
-  for (size_t i = 0; i < got.size(); ++i) ASSERT_EQ(got[i], exp[i]) << "element " << i;
-  EXPECT_TRUE(out.guard_intact());
+  for (const int64_t D : {int64_t{72}, int64_t{37}}) {
+    const int64_t N = 37, rows = 111;
+    Dual x(Shape{N, D}), src(Shape{rows}, DType::kI32), ref(Shape{rows, D}), out(Shape{rows, D}, DType::kBF16);
+    x.normal(970);
+    src.ints(971, 0, static_cast<int32_t>(N));
+    out.poison();
+    cpu().moe_gather({}, {.x_perm = ref[Side::kCpu], .x = x[Side::kCpu], .src_row = src[Side::kCpu]});
+    gpu().moe_gather({}, {.x_perm = out[Side::kGpu], .x = x[Side::kGpu], .src_row = src[Side::kGpu]});
+    gpu().synchronize({});
+    const Dual want = bf16_copy(ref, Shape{rows, D});
+    const std::vector<double> got = out.device_values(), exp = want.host_values();
+    for (size_t i = 0; i < got.size(); ++i) ASSERT_EQ(got[i], exp[i]) << "D = " << D << ", element " << i;
+    EXPECT_TRUE(out.guard_intact());
+  }
 }
 
 // Element-wise outputs that only GEMMs read (swiglu's h, da, db; moe_combine_bwd's dy_perm) may be
@@ -408,41 +410,61 @@ void expect_bf16_of(const Dual& got16, const Dual& ref32, const std::string& wha
 }
 
 TEST(CudaBf16Gemm, Bf16OutputsOfElementwiseOps) {
-  const int64_t rows = 53, width = 40;
-  Dual a(Shape{rows, width}), b(Shape{rows, width}), dh(Shape{rows, width});
-  a.normal(980, 2.0);
-  b.normal(981);
-  dh.normal(982);
-  Dual h(Shape{rows, width}), da(Shape{rows, width}), db(Shape{rows, width});
-  Dual h16(Shape{rows, width}, DType::kBF16), da16(Shape{rows, width}, DType::kBF16), db16(Shape{rows, width}, DType::kBF16);
-  for (Dual* d : {&h16, &da16, &db16}) d->poison();
-  cpu().swiglu_fwd({}, {.h = h[Side::kCpu], .a = a[Side::kCpu], .b = b[Side::kCpu]});
-  cpu().swiglu_bwd({}, {.da = da[Side::kCpu], .db = db[Side::kCpu], .dh = dh[Side::kCpu], .a = a[Side::kCpu], .b = b[Side::kCpu]});
-  gpu().swiglu_fwd({}, {.h = h16[Side::kGpu], .a = a[Side::kGpu], .b = b[Side::kGpu]});
-  gpu().swiglu_bwd({}, {.da = da16[Side::kGpu], .db = db16[Side::kGpu], .dh = dh[Side::kGpu], .a = a[Side::kGpu], .b = b[Side::kGpu]});
-  gpu().synchronize({});
-  expect_bf16_of(h16, h, "swiglu_fwd h in bf16");
-  expect_bf16_of(da16, da, "swiglu_bwd da in bf16");
-  expect_bf16_of(db16, db, "swiglu_bwd db in bf16");
+  // SwiGLU: width 40, float4 pieces; width 41, float4 pieces and a scalar tail; width 40 with inputs
+  // one element past an aligned start, the scalar path. The bf16 kernels compute in f32 and take
+  // the double formula for a < −80 and near the zero of silu'(a): a holds such values.
+  struct SwigluCase {
+    int64_t width, offset;
+  };
+  for (const SwigluCase sc : {SwigluCase{40, 0}, SwigluCase{41, 0}, SwigluCase{40, 1}}) {
+    const int64_t rows = 53, width = sc.width, n = rows * width;
+    const Shape shape{rows, width};
+    Dual a(Shape{n + 1}), b(Shape{n + 1}), dh(Shape{n + 1});
+    a.normal(980, 2.0);
+    const float special[] = {-85.0f, -100.0f, -1.27846f, -1.2785f, -1.275f, 120.0f, -88.9f, -81.0f};
+    for (size_t i = 0; i < std::size(special); ++i) a.host().ptr<float>()[i * 5 + 1] = special[i];
+    a.to_gpu();
+    b.normal(981);
+    dh.normal(982);
+    const auto in = [&](const Dual& d, Side s) { return offset_view(d, s, shape, sc.offset); };
+    Dual h(shape), da(shape), db(shape);
+    Dual h16(shape, DType::kBF16), da16(shape, DType::kBF16), db16(shape, DType::kBF16);
+    for (Dual* d : {&h16, &da16, &db16}) d->poison();
+    cpu().swiglu_fwd({}, {.h = h[Side::kCpu], .a = in(a, Side::kCpu), .b = in(b, Side::kCpu)});
+    cpu().swiglu_bwd({}, {.da = da[Side::kCpu], .db = db[Side::kCpu], .dh = in(dh, Side::kCpu), .a = in(a, Side::kCpu),
+                          .b = in(b, Side::kCpu)});
+    gpu().swiglu_fwd({}, {.h = h16[Side::kGpu], .a = in(a, Side::kGpu), .b = in(b, Side::kGpu)});
+    gpu().swiglu_bwd({}, {.da = da16[Side::kGpu], .db = db16[Side::kGpu], .dh = in(dh, Side::kGpu),
+                          .a = in(a, Side::kGpu), .b = in(b, Side::kGpu)});
+    gpu().synchronize({});
+    const std::string what = fmt::format("width {}, input offset {}", width, sc.offset);
+    expect_bf16_of(h16, h, "swiglu_fwd h in bf16, " + what);
+    expect_bf16_of(da16, da, "swiglu_bwd da in bf16, " + what);
+    expect_bf16_of(db16, db, "swiglu_bwd db in bf16, " + what);
+  }
 
-  // moe_combine_bwd with a plan of K = 2 slots per token in token order (slot_pos[n,k] = 2n + k).
-  const int64_t N = 29, K = 2, D = 24;
-  Dual dy(Shape{N, D}), y_perm(Shape{N * K, D}), w(Shape{N, K}), slot(Shape{N, K}, DType::kI32);
-  Dual dy_perm(Shape{N * K, D}), dy_perm16(Shape{N * K, D}, DType::kBF16), dtw(Shape{N, K});
-  dy.normal(983);
-  y_perm.normal(984);
-  w.normal(985);
-  std::vector<double> sp(static_cast<size_t>(N * K));
-  for (size_t i = 0; i < sp.size(); ++i) sp[i] = static_cast<double>(i);
-  slot.set(sp);
-  dy_perm16.poison();
-  cpu().moe_combine_bwd({}, {.dy_perm = dy_perm[Side::kCpu], .dtopk_w = dtw[Side::kCpu], .dy = dy[Side::kCpu],
-                             .y_perm = y_perm[Side::kCpu], .topk_w = w[Side::kCpu], .slot_pos = slot[Side::kCpu]});
-  gpu().moe_combine_bwd({}, {.dy_perm = dy_perm16[Side::kGpu], .dtopk_w = dtw[Side::kGpu], .dy = dy[Side::kGpu],
-                             .y_perm = y_perm[Side::kGpu], .topk_w = w[Side::kGpu], .slot_pos = slot[Side::kGpu]});
-  gpu().synchronize({});
-  expect_bf16_of(dy_perm16, dy_perm, "moe_combine_bwd dy_perm in bf16");
-  expect_close(dtw, Tol{1e-6, 1e-7, "f64 dot rounded once on both sides"}, "moe_combine_bwd dtopk_w beside a bf16 dy_perm");
+  // moe_combine_bwd with a plan of K = 2 slots per token in token order (slot_pos[n,k] = 2n + k);
+  // D = 24: float4 pieces (8-byte bf16 stores), D = 23: the scalar path.
+  for (const int64_t D : {int64_t{24}, int64_t{23}}) {
+    const int64_t N = 29, K = 2;
+    Dual dy(Shape{N, D}), y_perm(Shape{N * K, D}), w(Shape{N, K}), slot(Shape{N, K}, DType::kI32);
+    Dual dy_perm(Shape{N * K, D}), dy_perm16(Shape{N * K, D}, DType::kBF16), dtw(Shape{N, K});
+    dy.normal(983);
+    y_perm.normal(984);
+    w.normal(985);
+    std::vector<double> sp(static_cast<size_t>(N * K));
+    for (size_t i = 0; i < sp.size(); ++i) sp[i] = static_cast<double>(i);
+    slot.set(sp);
+    dy_perm16.poison();
+    cpu().moe_combine_bwd({}, {.dy_perm = dy_perm[Side::kCpu], .dtopk_w = dtw[Side::kCpu], .dy = dy[Side::kCpu],
+                               .y_perm = y_perm[Side::kCpu], .topk_w = w[Side::kCpu], .slot_pos = slot[Side::kCpu]});
+    gpu().moe_combine_bwd({}, {.dy_perm = dy_perm16[Side::kGpu], .dtopk_w = dtw[Side::kGpu], .dy = dy[Side::kGpu],
+                               .y_perm = y_perm[Side::kGpu], .topk_w = w[Side::kGpu], .slot_pos = slot[Side::kGpu]});
+    gpu().synchronize({});
+    expect_bf16_of(dy_perm16, dy_perm, fmt::format("moe_combine_bwd dy_perm in bf16, D = {}", D));
+    expect_close(dtw, Tol{1e-6, 1e-7, "f64 dot rounded once on both sides"},
+                 fmt::format("moe_combine_bwd dtopk_w beside a bf16 dy_perm, D = {}", D));
+  }
 
   // rmsnorm_fwd into a bf16 y: plain, and on the first 40 of 56 columns of a wider x with out_scale.
   for (const auto& [xs, scale] : {std::pair<int64_t, double>{40, 1.0}, {56, 0.35}}) {
@@ -460,19 +482,23 @@ TEST(CudaBf16Gemm, Bf16OutputsOfElementwiseOps) {
     expect_bf16_of(y16, y, fmt::format("rmsnorm_fwd y in bf16, x_stride {}", xs));
   }
 
-  // cross_entropy_bwd into a bf16 dlogits, one ignored target (its row: zeros).
-  const int64_t R = 7, V = 300;
-  Dual logits(Shape{R, V}), targets(Shape{R}, DType::kI32), valid(Shape{1}), dl(Shape{R, V}), dl16(Shape{R, V}, DType::kBF16);
-  logits.normal(986, 3.0);
-  targets.set({5, 299, -1, 0, 17, 150, 42});
-  valid.set({6});
-  dl16.poison();
-  cpu().cross_entropy_bwd({}, {.dlogits = dl[Side::kCpu], .logits = logits[Side::kCpu], .targets = targets[Side::kCpu],
-                               .valid = valid[Side::kCpu], .grad_scale = 0.75});
-  gpu().cross_entropy_bwd({}, {.dlogits = dl16[Side::kGpu], .logits = logits[Side::kGpu], .targets = targets[Side::kGpu],
-                               .valid = valid[Side::kGpu], .grad_scale = 0.75});
-  gpu().synchronize({});
-  expect_bf16_of(dl16, dl, "cross_entropy_bwd dlogits in bf16");
+  // cross_entropy_bwd into a bf16 dlogits, one ignored target (its row: zeros); V = 300: float4
+  // pieces (8-byte bf16 stores), V = 301: element-wise stores, V = 60000: the row streamed from
+  // global memory (over the shared memory of a block).
+  for (const int64_t V : {int64_t{300}, int64_t{301}, int64_t{60000}}) {
+    const int64_t R = 7;
+    Dual logits(Shape{R, V}), targets(Shape{R}, DType::kI32), valid(Shape{1}), dl(Shape{R, V}), dl16(Shape{R, V}, DType::kBF16);
+    logits.normal(986, 3.0);
+    targets.set({5, 299, -1, 0, 17, 150, 42});
+    valid.set({6});
+    dl16.poison();
+    cpu().cross_entropy_bwd({}, {.dlogits = dl[Side::kCpu], .logits = logits[Side::kCpu], .targets = targets[Side::kCpu],
+                                 .valid = valid[Side::kCpu], .grad_scale = 0.75});
+    gpu().cross_entropy_bwd({}, {.dlogits = dl16[Side::kGpu], .logits = logits[Side::kGpu], .targets = targets[Side::kGpu],
+                                 .valid = valid[Side::kGpu], .grad_scale = 0.75});
+    gpu().synchronize({});
+    expect_bf16_of(dl16, dl, fmt::format("cross_entropy_bwd dlogits in bf16, V = {}", V));
+  }
 }
 
 TEST(CudaBf16Gemm, Bf16OperandsNeedTheBf16Mode) {

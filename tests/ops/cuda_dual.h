@@ -146,6 +146,17 @@ class Dual {
   Tensor cpu_, gpu_;
 };
 
+// The view of d's side s that starts `offset` elements in, with `shape` (d holds at least
+// offset + shape.numel() elements): an unaligned tensor for the kernels' scalar paths (a kernel that
+// takes 16-byte accesses checks alignment and falls back). The elements before it stay as filled.
+inline Tensor offset_view(const Dual& d, Side s, const Shape& shape, int64_t offset) {
+  Tensor t = d[s];
+  EXPECT_LE(offset + shape.numel(), d.numel());
+  t.data = static_cast<char*>(t.data) + offset * static_cast<int64_t>(dtype_size(t.dtype));
+  t.shape = shape;
+  return t;
+}
+
 // Runs op(backend, side) on the CPU and on the GPU, then synchronizes the GPU (which also reports
 // the device-side index checks).
 inline void run_both(const std::function<void(Backend&, Side)>& op) {

@@ -264,7 +264,10 @@ TEST(CudaRope, HeadsOffsetsWrapAndInverse) {
   struct Case {
     int64_t rows, width, heads, head_stride, col_offset, rope_dim, seq_len, pos_offset;
   };
-  for (const Case c : {Case{45, 40, 3, 12, 2, 8, 7, 3}, Case{31, 14, 1, 14, 10, 4, 31, 0}}) {
+  // The first two: one pair per thread (column offset 2, width 14); the last two: two pairs per
+  // thread (float4 of x; several heads, and one head with an odd head_stride, unused there).
+  for (const Case c : {Case{45, 40, 3, 12, 2, 8, 7, 3}, Case{31, 14, 1, 14, 10, 4, 31, 0}, Case{45, 48, 3, 16, 4, 8, 7, 3},
+                       Case{31, 36, 1, 3, 32, 4, 31, 0}}) {
     for (bool inverse : {false, true}) {
       Dual x(Shape{c.rows, c.width}), cos(Shape{40, c.rope_dim / 2}), sin(Shape{40, c.rope_dim / 2});
       x.normal(32);
@@ -280,30 +283,38 @@ TEST(CudaRope, HeadsOffsetsWrapAndInverse) {
   }
 }
 
+// Sizes not multiples of 4: the element-wise path; multiples of 4 (as the presets' 64/32/64 with
+// kr in columns [256, 288) of 288): float4 pieces, more than one row per block.
 TEST(CudaAttention, KvSplitForwardBackward) {
-  const int64_t N = 13, H = 3, dn = 4, dr = 2, dv = 5, kr_stride = 9, kr_offset = 6;
-  Dual kv(Shape{N, H * (dn + dv)}), kr(Shape{N, kr_stride}), k(Shape{N, H, dn + dr}), v(Shape{N, H, dv});
-  kv.normal(35);
-  kr.normal(36);
-  k.poison();
-  v.poison();
-  run_both([&](Backend& be, Side s) {
-    be.mla_kv_split_fwd({}, {.k = k[s], .v = v[s], .kv = kv[s], .kr = kr[s], .n_heads = H, .d_nope = dn, .d_rope = dr,
-                             .d_v = dv, .kr_stride = kr_stride, .kr_offset = kr_offset});
-  });
-  expect_close(k, kExact, "mla_kv_split_fwd k");
-  expect_close(v, kExact, "mla_kv_split_fwd v");
-  Dual dk(Shape{N, H, dn + dr}), dvv(Shape{N, H, dv}), dkv(Shape{N, H * (dn + dv)}), dkr(Shape{N, kr_stride});
-  dk.normal(37);
-  dvv.normal(38);
-  dkv.poison();
-  dkr.normal(39);  // columns outside [kr_offset, kr_offset + d_rope) must stay
-  run_both([&](Backend& be, Side s) {
-    be.mla_kv_split_bwd({}, {.dkv = dkv[s], .dkr = dkr[s], .dk = dk[s], .dv = dvv[s], .n_heads = H, .d_nope = dn,
-                             .d_rope = dr, .d_v = dv, .kr_stride = kr_stride, .kr_offset = kr_offset});
-  });
-  expect_close(dkv, kExact, "mla_kv_split_bwd dkv");
-  expect_close(dkr, kExact, "mla_kv_split_bwd dkr (f32 sum over heads in order)");
+  struct Case {
+    int64_t N, H, dn, dr, dv, kr_stride, kr_offset;
+  };
+  for (const Case c : {Case{13, 3, 4, 2, 5, 9, 6}, Case{37, 3, 8, 4, 12, 20, 16}}) {
+    const int64_t N = c.N, H = c.H, dn = c.dn, dr = c.dr, dv = c.dv, kr_stride = c.kr_stride, kr_offset = c.kr_offset;
+    const std::string what = fmt::format("H={} dn={} dr={} dv={}", H, dn, dr, dv);
+    Dual kv(Shape{N, H * (dn + dv)}), kr(Shape{N, kr_stride}), k(Shape{N, H, dn + dr}), v(Shape{N, H, dv});
+    kv.normal(35);
+    kr.normal(36);
+    k.poison();
+    v.poison();
+    run_both([&](Backend& be, Side s) {
+      be.mla_kv_split_fwd({}, {.k = k[s], .v = v[s], .kv = kv[s], .kr = kr[s], .n_heads = H, .d_nope = dn, .d_rope = dr,
+                               .d_v = dv, .kr_stride = kr_stride, .kr_offset = kr_offset});
+    });
+    expect_close(k, kExact, "mla_kv_split_fwd k " + what);
+    expect_close(v, kExact, "mla_kv_split_fwd v " + what);
+    Dual dk(Shape{N, H, dn + dr}), dvv(Shape{N, H, dv}), dkv(Shape{N, H * (dn + dv)}), dkr(Shape{N, kr_stride});
+    dk.normal(37);
+    dvv.normal(38);
+    dkv.poison();
+    dkr.normal(39);  // columns outside [kr_offset, kr_offset + d_rope) must stay
+    run_both([&](Backend& be, Side s) {
+      be.mla_kv_split_bwd({}, {.dkv = dkv[s], .dkr = dkr[s], .dk = dk[s], .dv = dvv[s], .n_heads = H, .d_nope = dn,
+                               .d_rope = dr, .d_v = dv, .kr_stride = kr_stride, .kr_offset = kr_offset});
+    });
+    expect_close(dkv, kExact, "mla_kv_split_bwd dkv " + what);
+    expect_close(dkr, kExact, "mla_kv_split_bwd dkr (f32 sum over heads in order) " + what);
+  }
 }
 
 TEST(CudaAttention, DiffLambda) {

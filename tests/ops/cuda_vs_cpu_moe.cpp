@@ -10,20 +10,41 @@ constexpr Tol kRoundOnce{1e-6, 1e-7, "f64 arithmetic rounded once on both sides"
 
 // ================================================================ SwiGLU
 
+// The extremes of a: e^−a beyond the f32 range (a < −88.7), the zero of silu'(a) near −1.27846
+// (cancellation in 1 + a(1 − σ)), and a large positive a (σ = 1).
+void set_swiglu_extremes(Dual& a) {
+  float* h = a.host().ptr<float>();
+  const float special[] = {-85.0f, -100.0f, -1.27846f, -1.2785f, -1.275f, 120.0f, -88.9f};
+  for (size_t i = 0; i < std::size(special); ++i) h[i * 7] = special[i];
+  a.to_gpu();
+}
+
+// offset 0: float4 pieces and a scalar tail (57·37 = 2109 elements); offset 1: unaligned views, the
+// scalar path.
 TEST(CudaSwiglu, ForwardBackward) {
   const Shape shape{57, 37};
-  Dual a(shape), b(shape), h(shape), dh(shape), da(shape), db(shape);
-  a.normal(70, 4.0);  // includes large negative a, where σ(a) underflows
-  b.normal(71);
-  dh.normal(72);
-  h.poison();
-  da.poison();
-  db.poison();
-  run_both([&](Backend& be, Side s) { be.swiglu_fwd({}, {.h = h[s], .a = a[s], .b = b[s]}); });
-  expect_close(h, kRoundOnce, "swiglu_fwd");
-  run_both([&](Backend& be, Side s) { be.swiglu_bwd({}, {.da = da[s], .db = db[s], .dh = dh[s], .a = a[s], .b = b[s]}); });
-  expect_close(da, kRoundOnce, "swiglu_bwd da");
-  expect_close(db, kRoundOnce, "swiglu_bwd db");
+  const int64_t n = shape.numel();
+  for (const int64_t offset : {int64_t{0}, int64_t{1}}) {
+    const Shape flat{n + 1};
+    Dual a(flat), b(flat), h(flat), dh(flat), da(flat), db(flat);
+    a.normal(70, 4.0);  // includes large negative a, where σ(a) underflows
+    set_swiglu_extremes(a);
+    b.normal(71);
+    dh.normal(72);
+    for (Dual* d : {&h, &da, &db}) {  // overwritten outputs; the element outside the view stays as set
+      d->poison();
+      d->host().ptr<float>()[offset == 0 ? n : 0] = 0.5f;
+      d->to_gpu();
+    }
+    const auto v = [&](const Dual& d, Side s) { return offset_view(d, s, shape, offset); };
+    run_both([&](Backend& be, Side s) { be.swiglu_fwd({}, {.h = v(h, s), .a = v(a, s), .b = v(b, s)}); });
+    expect_close(h, kRoundOnce, fmt::format("swiglu_fwd offset {}", offset));
+    run_both([&](Backend& be, Side s) {
+      be.swiglu_bwd({}, {.da = v(da, s), .db = v(db, s), .dh = v(dh, s), .a = v(a, s), .b = v(b, s)});
+    });
+    expect_close(da, kRoundOnce, fmt::format("swiglu_bwd da offset {}", offset));
+    expect_close(db, kRoundOnce, fmt::format("swiglu_bwd db offset {}", offset));
+  }
 }
 
 // ================================================================ router and aux loss
@@ -146,7 +167,7 @@ TEST(CudaMoe, PermuteStableWithEmptyExperts) {
 
 TEST(CudaMoe, PermuteGatherCombine) {
   const RouterCase& c = kRouterCases[0];
-  const int64_t N = c.N, K = c.K, E = c.E, D = 37, NK = N * K;
+  const int64_t N = c.N, K = c.K, E = c.E, NK = N * K;
   Routed r(c);
   cpu().router_fwd({}, r.args(c, Side::kCpu));
   r.idx.to_gpu();
@@ -158,36 +179,97 @@ TEST(CudaMoe, PermuteGatherCombine) {
   expect_close(p.src_row, kExact, "moe_permute src_row");
   expect_close(p.slot_pos, kExact, "moe_permute slot_pos");
 
-  Dual x(Shape{N, D}), x_perm(Shape{NK, D});
-  x.normal(91);
-  x_perm.poison();
-  run_both([&](Backend& be, Side s) { be.moe_gather({}, {.x_perm = x_perm[s], .x = x[s], .src_row = p.src_row[s]}); });
-  expect_close(x_perm, kExact, "moe_gather");
+  // D = 37: the scalar paths; D = 1028: float4 pieces, more than one pass of a warp's lanes and a
+  // partial last pass. K = 6: one full group of four slots and a partial one (combine/gather_bwd).
+  for (const int64_t D : {int64_t{37}, int64_t{1028}}) {
+    Dual x(Shape{N, D}), x_perm(Shape{NK, D});
+    x.normal(91);
+    x_perm.poison();
+    run_both([&](Backend& be, Side s) { be.moe_gather({}, {.x_perm = x_perm[s], .x = x[s], .src_row = p.src_row[s]}); });
+    expect_close(x_perm, kExact, fmt::format("moe_gather D={}", D));
 
-  Dual dx(Shape{N, D}), dx_perm(Shape{NK, D});
-  dx.normal(92);  // accumulates (holds the shared expert's dx)
-  dx_perm.normal(93);
-  run_both([&](Backend& be, Side s) { be.moe_gather_bwd({}, {.dx = dx[s], .dx_perm = dx_perm[s], .slot_pos = p.slot_pos[s]}); });
-  expect_close(dx, kRoundOnce, "moe_gather_bwd (f64 sum over k in order)");
+    Dual dx(Shape{N, D}), dx_perm(Shape{NK, D});
+    dx.normal(92);  // accumulates (holds the shared expert's dx)
+    dx_perm.normal(93);
+    run_both([&](Backend& be, Side s) { be.moe_gather_bwd({}, {.dx = dx[s], .dx_perm = dx_perm[s], .slot_pos = p.slot_pos[s]}); });
+    expect_close(dx, kRoundOnce, fmt::format("moe_gather_bwd D={} (f64 sum over k in order)", D));
 
-  Dual y(Shape{N, D}), y_perm(Shape{NK, D});
-  y.normal(94);  // accumulates
-  y_perm.normal(95);
+    Dual y(Shape{N, D}), y_perm(Shape{NK, D});
+    y.normal(94);  // accumulates
+    y_perm.normal(95);
+    run_both([&](Backend& be, Side s) {
+      be.moe_combine_fwd({}, {.y = y[s], .y_perm = y_perm[s], .topk_w = r.w[s], .slot_pos = p.slot_pos[s]});
+    });
+    expect_close(y, kRoundOnce, fmt::format("moe_combine_fwd D={} (f64 sum over k in order)", D));
+
+    Dual dy(Shape{N, D}), dy_perm(Shape{NK, D}), dtopk_w(Shape{N, K});
+    dy.normal(96);
+    dy_perm.poison();
+    dtopk_w.poison();
+    run_both([&](Backend& be, Side s) {
+      be.moe_combine_bwd({}, {.dy_perm = dy_perm[s], .dtopk_w = dtopk_w[s], .dy = dy[s], .y_perm = y_perm[s],
+                              .topk_w = r.w[s], .slot_pos = p.slot_pos[s]});
+    });
+    expect_close(dy_perm, kExact, fmt::format("moe_combine_bwd D={} dy_perm (one f32 product)", D));
+    expect_close(dtopk_w, kRoundOnce, fmt::format("moe_combine_bwd D={} dtopk_w (f64 dot, other order)", D));
+  }
+}
+
+// The data movement ops on views one element past an aligned start (D = 64 would take float4
+// pieces if aligned): the scalar paths with sizes that are multiples of 4. A plan with K = 3 slots
+// per token in token order: slot_pos[n, k] = n·K + k, src_row[r] = r / K.
+TEST(CudaMoe, GatherCombineUnalignedViews) {
+  const int64_t N = 45, K = 3, D = 64, NK = N * K;
+  std::vector<double> src(static_cast<size_t>(NK)), slot(static_cast<size_t>(NK));
+  for (int64_t i = 0; i < NK; ++i) {
+    src[static_cast<size_t>(i)] = static_cast<double>(i / K);
+    slot[static_cast<size_t>(i)] = static_cast<double>(i);
+  }
+  Dual src_row(Shape{NK}, DType::kI32), slot_pos(Shape{N, K}, DType::kI32), w(Shape{N, K});
+  src_row.set(src);
+  slot_pos.set(slot);
+  w.normal(140);
+  const Shape tok{N, D}, perm{NK, D};
+  // Overwritten outputs: poisoned, except the element before the view (never written).
+  const auto poison_view = [](Dual& d) {
+    d.poison();
+    d.host().ptr<float>()[0] = 0.5f;
+    d.to_gpu();
+  };
+  Dual x(Shape{N * D + 1}), x_perm(Shape{NK * D + 1});
+  x.normal(141);
+  poison_view(x_perm);
   run_both([&](Backend& be, Side s) {
-    be.moe_combine_fwd({}, {.y = y[s], .y_perm = y_perm[s], .topk_w = r.w[s], .slot_pos = p.slot_pos[s]});
+    be.moe_gather({}, {.x_perm = offset_view(x_perm, s, perm, 1), .x = offset_view(x, s, tok, 1), .src_row = src_row[s]});
   });
-  expect_close(y, kRoundOnce, "moe_combine_fwd (f64 sum over k in order)");
-
-  Dual dy(Shape{N, D}), dy_perm(Shape{NK, D}), dtopk_w(Shape{N, K});
-  dy.normal(96);
-  dy_perm.poison();
+  expect_close(x_perm, kExact, "moe_gather unaligned");
+  Dual dx(Shape{N * D + 1}), dx_perm(Shape{NK * D + 1});
+  dx.normal(142);
+  dx_perm.normal(143);
+  run_both([&](Backend& be, Side s) {
+    be.moe_gather_bwd({}, {.dx = offset_view(dx, s, tok, 1), .dx_perm = offset_view(dx_perm, s, perm, 1),
+                           .slot_pos = slot_pos[s]});
+  });
+  expect_close(dx, kRoundOnce, "moe_gather_bwd unaligned");
+  Dual y(Shape{N * D + 1}), y_perm(Shape{NK * D + 1});
+  y.normal(144);
+  y_perm.normal(145);
+  run_both([&](Backend& be, Side s) {
+    be.moe_combine_fwd({}, {.y = offset_view(y, s, tok, 1), .y_perm = offset_view(y_perm, s, perm, 1), .topk_w = w[s],
+                            .slot_pos = slot_pos[s]});
+  });
+  expect_close(y, kRoundOnce, "moe_combine_fwd unaligned");
+  Dual dy(Shape{N * D + 1}), dy_perm(Shape{NK * D + 1}), dtopk_w(Shape{N, K});
+  dy.normal(146);
+  poison_view(dy_perm);
   dtopk_w.poison();
   run_both([&](Backend& be, Side s) {
-    be.moe_combine_bwd({}, {.dy_perm = dy_perm[s], .dtopk_w = dtopk_w[s], .dy = dy[s], .y_perm = y_perm[s],
-                            .topk_w = r.w[s], .slot_pos = p.slot_pos[s]});
+    be.moe_combine_bwd({}, {.dy_perm = offset_view(dy_perm, s, perm, 1), .dtopk_w = dtopk_w[s],
+                            .dy = offset_view(dy, s, tok, 1), .y_perm = offset_view(y_perm, s, perm, 1), .topk_w = w[s],
+                            .slot_pos = slot_pos[s]});
   });
-  expect_close(dy_perm, kExact, "moe_combine_bwd dy_perm (one f32 product)");
-  expect_close(dtopk_w, kRoundOnce, "moe_combine_bwd dtopk_w (f64 dot, other order)");
+  expect_close(dy_perm, kExact, "moe_combine_bwd unaligned dy_perm");
+  expect_close(dtopk_w, kRoundOnce, "moe_combine_bwd unaligned dtopk_w");
 }
 
 TEST(CudaMoe, BiasUpdate) {
@@ -204,33 +286,43 @@ TEST(CudaMoe, BiasUpdate) {
 
 // ================================================================ cross-entropy
 
-// The GPU takes exp in f32 (the CPU in f64), sums in f64: per-row lse and each probability differ
-// by ~1e-6 relative (f32 rounding of z − lse, |z − lse| ≲ 20); the absolute floor 1e-8 is 1e-6 of
-// grad_scale/valid, for p − 1 near 0.
+// The GPU takes exp in f32 (the CPU in f64) and sums groups of four f32 terms in f32, the groups in
+// f64 (≤ 3·2^-24 relative): per-row lse and each probability differ by ~1e-6 relative (f32 rounding
+// of z − lse, |z − lse| ≲ 20; the output's f32 products add ~1e-7); the absolute floor 1e-8 is 1e-6
+// of grad_scale/valid, for p − 1 near 0.
 constexpr Tol kCeTol{1e-5, 1e-8, "f32 exp vs f64 exp, f64 sums"};
 
+// Every path: the row cached in shared memory (N = 57 rows; V = 1001: element-wise copies and
+// stores, V = 1000: float4 pieces) and streamed from global memory (V = 60000 and 60001 need
+// 240 KB, over the 227 KB of shared memory per block of an H100 or H200; N = 3 rows).
 TEST(CudaLoss, CrossEntropy) {
-  const int64_t N = 57, V = 1001;
-  for (DType valid_type : {DType::kF32, DType::kI32}) {
-    Dual logits(Shape{N, V}), targets(Shape{N}, DType::kI32), loss(Shape{1}), valid(Shape{1}, valid_type);
-    logits.normal(100, 3.0);
-    std::vector<double> t(static_cast<size_t>(N));
-    for (int64_t n = 0; n < N; ++n) t[static_cast<size_t>(n)] = n % 5 == 3 ? -1 : (n * 389) % V;  // some ignored
-    targets.set(t);
-    loss.set({1.5});  // accumulates
-    valid.set({3});   // accumulates
-    run_both([&](Backend& be, Side s) {
-      be.cross_entropy_fwd({}, {.loss_sum = loss[s], .valid = valid[s], .logits = logits[s], .targets = targets[s]});
-    });
-    expect_close(loss, kCeTol, fmt::format("cross_entropy_fwd loss_sum (valid {})", dtype_name(valid_type)));
-    expect_close(valid, kExact, "cross_entropy_fwd valid");
-    Dual dlogits(Shape{N, V});
-    dlogits.poison();
-    run_both([&](Backend& be, Side s) {
-      be.cross_entropy_bwd({}, {.dlogits = dlogits[s], .logits = logits[s], .targets = targets[s], .valid = valid[s],
-                                .grad_scale = 0.7});
-    });
-    expect_close(dlogits, kCeTol, fmt::format("cross_entropy_bwd (valid {})", dtype_name(valid_type)));
+  struct Case {
+    int64_t N, V;
+  };
+  for (const Case c : {Case{57, 1001}, Case{57, 1000}, Case{3, 60000}, Case{3, 60001}}) {
+    const int64_t N = c.N, V = c.V;
+    for (DType valid_type : {DType::kF32, DType::kI32}) {
+      Dual logits(Shape{N, V}), targets(Shape{N}, DType::kI32), loss(Shape{1}), valid(Shape{1}, valid_type);
+      logits.normal(100, 3.0);
+      std::vector<double> t(static_cast<size_t>(N));
+      for (int64_t n = 0; n < N; ++n) t[static_cast<size_t>(n)] = n % 5 == 3 || n == 1 ? -1 : (n * 389) % V;  // some ignored
+      targets.set(t);
+      loss.set({1.5});  // accumulates
+      valid.set({3});   // accumulates
+      run_both([&](Backend& be, Side s) {
+        be.cross_entropy_fwd({}, {.loss_sum = loss[s], .valid = valid[s], .logits = logits[s], .targets = targets[s]});
+      });
+      const std::string what = fmt::format("N={} V={} valid {}", N, V, dtype_name(valid_type));
+      expect_close(loss, kCeTol, "cross_entropy_fwd loss_sum " + what);
+      expect_close(valid, kExact, "cross_entropy_fwd valid " + what);
+      Dual dlogits(Shape{N, V});
+      dlogits.poison();
+      run_both([&](Backend& be, Side s) {
+        be.cross_entropy_bwd({}, {.dlogits = dlogits[s], .logits = logits[s], .targets = targets[s], .valid = valid[s],
+                                  .grad_scale = 0.7});
+      });
+      expect_close(dlogits, kCeTol, "cross_entropy_bwd " + what);
+    }
   }
   // No valid target at all: the gradient is 0 everywhere (never a division by 0).
   Dual logits(Shape{4, 33}), targets(Shape{4}, DType::kI32), valid(Shape{1}), dlogits(Shape{4, 33});

@@ -23,6 +23,7 @@
 // Shared memory: O(T) floats per block; rows longer than the device's shared memory are rejected
 // with a message (the flash kernels have no such limit, for the shapes they cover).
 #include "backend/cuda/cuda_common.cuh"
+#include "backend/cuda/elementwise.cuh"
 #include "backend/cuda/flash_attention.h"
 #include "backend/cuda/tc_attention.h"
 #include "backend/op_validation.h"
@@ -36,43 +37,85 @@ constexpr int kAttnThreads = 128;  // 4 warps per (row, group) block
 
 // ================================================================ MLA key/value split
 
-// k[n, h] = [kv[n, h, :d_nope] ; kr[n]],  v[n, h] = kv[n, h, d_nope:]   (one thread per element)
-__global__ void kv_split_fwd_kernel(float* k, float* v, const float* kv, const float* kr, int64_t rows,
-                                    int64_t n_heads, int64_t d_nope, int64_t d_rope, int64_t d_v, int64_t kr_stride,
-                                    int64_t kr_offset) {
-  const int64_t d_qk = d_nope + d_rope, per_head = d_qk + d_v, total = rows * n_heads * per_head;
-  for (int64_t idx = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; idx < total;
-       idx += int64_t{gridDim.x} * blockDim.x) {
-    const int64_t col = idx % per_head, nh = idx / per_head, n = nh / n_heads;
-    const float* src = kv + nh * (d_nope + d_v);
-    if (col < d_nope) k[nh * d_qk + col] = src[col];
-    else if (col < d_qk) k[nh * d_qk + col] = kr[n * kr_stride + kr_offset + (col - d_nope)];
-    else v[nh * d_v + (col - d_qk)] = src[d_nope + (col - d_qk)];
-  }
+// The split is pure data movement: one thread per item of a token row (elementwise.cuh: 32-bit item
+// numbers, no 64-bit division per element); an item is a float4 piece when every width, stride and
+// offset is a multiple of 4 and the tensors are aligned (kVec4), else one value. With widths that
+// are multiples of 4 a piece never straddles the k-nope / rope-key / value boundaries.
+struct KvSplitShape {
+  int32_t n_heads, d_nope, d_rope, d_v;
+  int64_t kr_stride, kr_offset;
+};
+
+// k[n, h] = [kv[n, h, :d_nope] ; kr[n]],  v[n, h] = kv[n, h, d_nope:]
+// Items of token n: (head h, column c of [k ; v]) in pieces of kStep columns.
+template <bool kVec4>
+__global__ void __launch_bounds__(kThreads) kv_split_fwd_kernel(float* __restrict__ k, float* __restrict__ v,
+                                                                 const float* __restrict__ kv,
+                                                                 const float* __restrict__ kr, RowItems ri,
+                                                                 KvSplitShape sh) {
+  constexpr int kStep = kVec4 ? kVec : 1;
+  const int32_t d_qk = sh.d_nope + sh.d_rope, per_head = (d_qk + sh.d_v) / kStep;
+  for_each_row_item(ri, [&](int64_t n, int32_t item) {
+    const int32_t h = item / per_head, c = (item - h * per_head) * kStep;
+    const int64_t nh = n * sh.n_heads + h;
+    const float* src;
+    float* dst;
+    if (c < sh.d_nope) {
+      src = kv + nh * (sh.d_nope + sh.d_v) + c;
+      dst = k + nh * d_qk + c;
+    } else if (c < d_qk) {
+      src = kr + n * sh.kr_stride + sh.kr_offset + (c - sh.d_nope);
+      dst = k + nh * d_qk + c;
+    } else {
+      src = kv + nh * (sh.d_nope + sh.d_v) + sh.d_nope + (c - d_qk);
+      dst = v + nh * sh.d_v + (c - d_qk);
+    }
+    if constexpr (kVec4) store4(dst, load4(src));
+    else *dst = *src;
+  });
 }
 
-// dkv[n, h] = [dk[n, h, :d_nope] ; dv[n, h]]
-__global__ void kv_split_bwd_kv_kernel(float* dkv, const float* dk, const float* dv, int64_t rows, int64_t n_heads,
-                                       int64_t d_nope, int64_t d_rope, int64_t d_v) {
-  const int64_t d_qk = d_nope + d_rope, per_head = d_nope + d_v, total = rows * n_heads * per_head;
-  for (int64_t idx = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; idx < total;
-       idx += int64_t{gridDim.x} * blockDim.x) {
-    const int64_t col = idx % per_head, nh = idx / per_head;
-    dkv[idx] = col < d_nope ? dk[nh * d_qk + col] : dv[nh * d_v + (col - d_nope)];
-  }
+// dkv[n, h] = [dk[n, h, :d_nope] ; dv[n, h]]; items of token n: (head h, column c of dkv's head).
+template <bool kVec4>
+__global__ void __launch_bounds__(kThreads) kv_split_bwd_kv_kernel(float* __restrict__ dkv, const float* __restrict__ dk,
+                                                                   const float* __restrict__ dv, RowItems ri,
+                                                                   KvSplitShape sh) {
+  constexpr int kStep = kVec4 ? kVec : 1;
+  const int32_t d_qk = sh.d_nope + sh.d_rope, per_head = (sh.d_nope + sh.d_v) / kStep;
+  for_each_row_item(ri, [&](int64_t n, int32_t item) {
+    const int32_t h = item / per_head, c = (item - h * per_head) * kStep;
+    const int64_t nh = n * sh.n_heads + h;
+    const float* src = c < sh.d_nope ? dk + nh * d_qk + c : dv + nh * sh.d_v + (c - sh.d_nope);
+    float* dst = dkv + nh * (sh.d_nope + sh.d_v) + c;
+    if constexpr (kVec4) store4(dst, load4(src));
+    else *dst = *src;
+  });
 }
 
-// dkr[n, i] = Σ_h dk[n, h, d_nope + i], summed over heads in order (sources §2.5)
-__global__ void kv_split_bwd_kr_kernel(float* dkr, const float* dk, int64_t rows, int64_t n_heads, int64_t d_nope,
-                                       int64_t d_rope, int64_t kr_stride, int64_t kr_offset) {
-  const int64_t d_qk = d_nope + d_rope;
-  for (int64_t idx = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; idx < rows * d_rope;
-       idx += int64_t{gridDim.x} * blockDim.x) {
-    const int64_t i = idx % d_rope, n = idx / d_rope;
-    float sum = 0.0f;
-    for (int64_t h = 0; h < n_heads; ++h) sum += dk[(n * n_heads + h) * d_qk + d_nope + i];
-    dkr[n * kr_stride + kr_offset + i] = sum;
-  }
+// dkr[n, i] = Σ_h dk[n, h, d_nope + i], summed over heads in order in f32 (sources §2.5, the CPU's
+// order); items of token n: pieces of the d_rope columns.
+template <bool kVec4>
+__global__ void __launch_bounds__(kThreads) kv_split_bwd_kr_kernel(float* __restrict__ dkr, const float* __restrict__ dk,
+                                                                   RowItems ri, KvSplitShape sh) {
+  constexpr int kStep = kVec4 ? kVec : 1;
+  const int32_t d_qk = sh.d_nope + sh.d_rope;
+  for_each_row_item(ri, [&](int64_t n, int32_t item) {
+    const int32_t i = item * kStep;
+    const float* src = dk + n * sh.n_heads * d_qk + sh.d_nope + i;
+    float* dst = dkr + n * sh.kr_stride + sh.kr_offset + i;
+    if constexpr (kVec4) {
+      float4 sum = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+      for (int32_t h = 0; h < sh.n_heads; ++h) {
+        const float4 g = load4(src + int64_t{h} * d_qk);
+        sum = make_float4(sum.x + g.x, sum.y + g.y, sum.z + g.z, sum.w + g.w);
+      }
+      store4(dst, sum);
+    } else {
+      float sum = 0.0f;
+      for (int32_t h = 0; h < sh.n_heads; ++h) sum += src[int64_t{h} * d_qk];
+      *dst = sum;
+    }
+  });
 }
 
 // ================================================================ differential λ
@@ -285,36 +328,67 @@ dim3 attention_grid(const AttnDims& d, std::string_view op) {
   return dim3(static_cast<unsigned>(d.seq), static_cast<unsigned>(d.groups), static_cast<unsigned>(d.batch));
 }
 
+// The split's sizes as the kernels take them, and whether they allow float4 pieces.
+KvSplitShape kv_split_shape(int64_t n_heads, int64_t d_nope, int64_t d_rope, int64_t d_v, int64_t kr_stride,
+                            int64_t kr_offset, std::string_view op) {
+  DIFFMOE_CHECK(n_heads <= INT32_MAX / 4 && d_nope + d_rope + d_v <= INT32_MAX / 4,
+                "[{}] {} heads of {} + {} + {} columns exceed the kernels' 32-bit item numbers", op, n_heads, d_nope,
+                d_rope, d_v);
+  return KvSplitShape{.n_heads = static_cast<int32_t>(n_heads), .d_nope = static_cast<int32_t>(d_nope),
+                      .d_rope = static_cast<int32_t>(d_rope), .d_v = static_cast<int32_t>(d_v),
+                      .kr_stride = kr_stride, .kr_offset = kr_offset};
+}
+bool kv_split_vec4(const KvSplitShape& sh, std::initializer_list<const float*> ptrs) {
+  if (!vec_sizes({sh.d_nope, sh.d_rope, sh.d_v, sh.kr_stride, sh.kr_offset})) return false;
+  for (const float* p : ptrs)
+    if (!vec_aligned(p)) return false;
+  return true;
+}
+
 }  // namespace
 
 void CudaBackend::mla_kv_split_fwd(Context ctx, const MlaKvSplitFwdArgs& a) {
   const OpScope profile_scope(*this, stream(ctx), "mla_kv_split_fwd");
+  constexpr std::string_view kOp = "mla_kv_split_fwd";
   const KvSplitDims d = validate_mla_kv_split_fwd(a, Device::kCUDA);
-  require_f32(a.kv, "mla_kv_split_fwd");
-  const int64_t total = d.rows * a.n_heads * (d.d_qk + a.d_v);
-  if (total == 0) return;
-  kv_split_fwd_kernel<<<grid_for(total), kThreads, 0, stream(ctx)>>>(f32(a.k), f32(a.v), f32(a.kv), f32(a.kr), d.rows,
-                                                                     a.n_heads, a.d_nope, a.d_rope, a.d_v,
-                                                                     d.kr_stride, a.kr_offset);
-  CUDA_CHECK_LAUNCH("mla_kv_split_fwd");
+  require_f32(a.kv, kOp);
+  if (d.rows * a.n_heads * (d.d_qk + a.d_v) == 0) return;
+  const KvSplitShape sh = kv_split_shape(a.n_heads, a.d_nope, a.d_rope, a.d_v, d.kr_stride, a.kr_offset, kOp);
+  const bool vec4 = kv_split_vec4(sh, {f32(a.k), f32(a.v), f32(a.kv), f32(a.kr)});
+  const int64_t step = vec4 ? kVec : 1;
+  const RowItems ri = row_items(d.rows, a.n_heads * (d.d_qk + a.d_v) / step, kOp);
+  if (vec4)
+    kv_split_fwd_kernel<true><<<row_items_grid(ri), kThreads, 0, stream(ctx)>>>(f32(a.k), f32(a.v), f32(a.kv),
+                                                                                f32(a.kr), ri, sh);
+  else
+    kv_split_fwd_kernel<false><<<row_items_grid(ri), kThreads, 0, stream(ctx)>>>(f32(a.k), f32(a.v), f32(a.kv),
+                                                                                 f32(a.kr), ri, sh);
+  CUDA_CHECK_LAUNCH(kOp);
 }
 
 void CudaBackend::mla_kv_split_bwd(Context ctx, const MlaKvSplitBwdArgs& a) {
   const OpScope profile_scope(*this, stream(ctx), "mla_kv_split_bwd");
+  constexpr std::string_view kOp = "mla_kv_split_bwd";
   const KvSplitDims d = validate_mla_kv_split_bwd(a, Device::kCUDA);
-  require_f32(a.dkv, "mla_kv_split_bwd");
+  require_f32(a.dkv, kOp);
   const cudaStream_t s = stream(ctx);
-  const int64_t total = d.rows * a.n_heads * (a.d_nope + a.d_v);
-  if (total > 0) {
-    kv_split_bwd_kv_kernel<<<grid_for(total), kThreads, 0, s>>>(f32(a.dkv), f32(a.dk), f32(a.dv), d.rows, a.n_heads,
-                                                                a.d_nope, a.d_rope, a.d_v);
-    CUDA_CHECK_LAUNCH("mla_kv_split_bwd");
+  if (d.rows == 0) return;
+  const KvSplitShape sh = kv_split_shape(a.n_heads, a.d_nope, a.d_rope, a.d_v, d.kr_stride, a.kr_offset, kOp);
+  const bool vec4 = kv_split_vec4(sh, {f32(a.dkv), f32(a.dkr), f32(a.dk), f32(a.dv)});
+  const int64_t step = vec4 ? kVec : 1;
+  if (a.n_heads * (a.d_nope + a.d_v) > 0) {
+    const RowItems ri = row_items(d.rows, a.n_heads * (a.d_nope + a.d_v) / step, kOp);
+    if (vec4)
+      kv_split_bwd_kv_kernel<true><<<row_items_grid(ri), kThreads, 0, s>>>(f32(a.dkv), f32(a.dk), f32(a.dv), ri, sh);
+    else
+      kv_split_bwd_kv_kernel<false><<<row_items_grid(ri), kThreads, 0, s>>>(f32(a.dkv), f32(a.dk), f32(a.dv), ri, sh);
+    CUDA_CHECK_LAUNCH(kOp);
   }
-  if (d.rows * a.d_rope > 0) {
-    kv_split_bwd_kr_kernel<<<grid_for(d.rows * a.d_rope), kThreads, 0, s>>>(f32(a.dkr), f32(a.dk), d.rows, a.n_heads,
-                                                                             a.d_nope, a.d_rope, d.kr_stride,
-                                                                             a.kr_offset);
-    CUDA_CHECK_LAUNCH("mla_kv_split_bwd");
+  if (a.d_rope > 0) {
+    const RowItems ri = row_items(d.rows, a.d_rope / step, kOp);
+    if (vec4) kv_split_bwd_kr_kernel<true><<<row_items_grid(ri), kThreads, 0, s>>>(f32(a.dkr), f32(a.dk), ri, sh);
+    else kv_split_bwd_kr_kernel<false><<<row_items_grid(ri), kThreads, 0, s>>>(f32(a.dkr), f32(a.dk), ri, sh);
+    CUDA_CHECK_LAUNCH(kOp);
   }
 }
 

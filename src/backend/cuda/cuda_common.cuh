@@ -86,16 +86,22 @@ __device__ inline float block_max(float v, float* smem) {
 
 // ---------------------------------------------------------------- index checks (device_issue.h)
 
-// True when 0 <= v < limit (or v == −1 where allowed); otherwise records the first bad index.
-__device__ inline bool index_ok(DeviceIssue* issue, IssueSite site, int64_t i, int32_t v, int64_t limit,
-                                bool allow_ignore = false) {
-  if ((v >= 0 && v < limit) || (allow_ignore && v == -1)) return true;
+// Records a bad index unless one was recorded before (the first one wins). Kept out of line: the
+// callers' hot loops only carry the comparison (an inlined atomic path cost registers and spills).
+__device__ __noinline__ inline void report_bad_index(DeviceIssue* issue, IssueSite site, int64_t i, int32_t v, int64_t limit) {
   if (atomicCAS(&issue->flag, 0, 1) == 0) {
     issue->site = static_cast<int32_t>(site);
     issue->index = i;
     issue->value = v;
     issue->limit = limit;
   }
+}
+
+// True when 0 <= v < limit (or v == −1 where allowed); otherwise records the first bad index.
+__device__ __forceinline__ bool index_ok(DeviceIssue* issue, IssueSite site, int64_t i, int32_t v, int64_t limit,
+                                         bool allow_ignore = false) {
+  if ((v >= 0 && v < limit) || (allow_ignore && v == -1)) return true;
+  report_bad_index(issue, site, i, v, limit);
   return false;
 }
 

@@ -16,14 +16,18 @@
 // - Permute: a stable sort of (expert, assignment) pairs (radix_sort.h) gives src_row and slot_pos
 //   directly, stable in (token, slot) order; offsets[e] = the number of assignments to experts < e,
 //   by binary search in the sorted experts. No atomics.
-// - Gather, gather backward, combine and its backward: one thread per (row, column) or one warp per
-//   (token, slot); every sum over the K slots runs in k order per token (deterministic).
+// - Gather, gather backward, combine and its backward: one warp per permuted row, per token or per
+//   (token, slot), lanes over columns in float4 pieces where sizes and alignment allow
+//   (elementwise.cuh); every sum over the K slots runs in k order per token in double
+//   (deterministic, and the CPU's value rounded once).
 // - Index contents (topk_idx, src_row, slot_pos) are checked where they are used (device_issue.h).
 #include <cuda_bf16.h>
 
 #include <climits>
+#include <type_traits>
 
 #include "backend/cuda/cuda_common.cuh"
+#include "backend/cuda/elementwise.cuh"
 #include "backend/cuda/radix_sort.h"
 #include "backend/op_validation.h"
 
@@ -365,68 +369,179 @@ __global__ void permute_offsets_kernel(int32_t* offsets, const int32_t* sorted_e
   }
 }
 
+// The four data-movement kernels run one warp per row (a permuted row, or a token with its K slots),
+// lanes over columns: the row's index is read and checked once, not once per element, and the
+// column loop has no division. Vec4 = columns in float4 pieces (dim % 4 == 0 and every tensor's
+// rows aligned, elementwise.cuh), kUnroll pieces in flight per lane; otherwise one column per lane
+// access. Sums over the K slots run in k order in double, as on the CPU: a product or sum of two
+// floats is exact in double, so each output is the CPU's value rounded once, bitwise, on either path.
+constexpr int kUnroll = 4;        // float4 pieces per lane in flight (gather)
+constexpr int kUnrollReduce = 2;  // the same for combine_bwd (two rows read per piece)
+
+__device__ __forceinline__ int64_t warp_index() { return (blockIdx.x * int64_t{blockDim.x} + threadIdx.x) / kWarp; }
+__device__ __forceinline__ int64_t warp_count() { return int64_t{gridDim.x} * blockDim.x / kWarp; }
+
 // x_perm[r] = x[src_row[r]]
 // Out: float, or bf16 when the rows only feed bf16 expert GEMMs (rounded to nearest even here).
-template <class Out>
-__global__ void gather_kernel(Out* x_perm, const float* x, const int32_t* src_row, int64_t n_rows, int64_t n_tokens,
-                              int64_t dim, DeviceIssue* issue) {
-  for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < n_rows * dim;
-       i += int64_t{gridDim.x} * blockDim.x) {
-    const int64_t r = i / dim, d = i % dim;
+template <class Out, bool kVec4>
+__global__ void __launch_bounds__(kThreads) gather_kernel(Out* __restrict__ x_perm, const float* __restrict__ x,
+                                                          const int32_t* __restrict__ src_row, int64_t n_rows,
+                                                          int64_t n_tokens, int64_t dim, DeviceIssue* issue) {
+  const int lane = threadIdx.x % kWarp;
+  for (int64_t r = warp_index(); r < n_rows; r += warp_count()) {
     const int32_t src = src_row[r];
-    if (!index_ok(issue, IssueSite::kGatherSrcRow, r, src, n_tokens)) continue;
-    store_as(x_perm + i, x[src * dim + d]);
+    if (!index_ok(issue, IssueSite::kGatherSrcRow, r, src, n_tokens)) continue;  // uniform over the warp
+    const float* in = x + src * dim;
+    Out* out = x_perm + r * dim;
+    if constexpr (kVec4) {
+      for (int64_t c0 = lane * kVec; c0 < dim; c0 += kWarp * kVec * kUnroll) {
+        float4 v[kUnroll];  // all loads first: kUnroll requests in flight per lane
+#pragma unroll
+        for (int u = 0; u < kUnroll; ++u) {
+          const int64_t c = c0 + u * kWarp * kVec;
+          if (c < dim) v[u] = load4(in + c);
+        }
+#pragma unroll
+        for (int u = 0; u < kUnroll; ++u) {
+          const int64_t c = c0 + u * kWarp * kVec;
+          if (c < dim) store4(out + c, v[u]);
+        }
+      }
+    } else {
+      for (int64_t c = lane; c < dim; c += kWarp) store1(out + c, in[c]);
+    }
+  }
+}
+
+// y[n] += Σ_k w_k · rows[slot_pos[n,k]] (k order, double): the body of gather_bwd (kWeighted =
+// false: every w_k = 1) and of combine_fwd, one warp per token. The token's slot positions are
+// checked once (lanes over k); a bad one is reported and then skipped. Slots go in groups of
+// kSlotGroup: their positions and weights (one cached word for the whole warp, re-read per column
+// piece), then all their rows' loads, then the sums in k order, so a group's loads are in flight
+// together. A skipped slot adds +0.0, which leaves the sum unchanged (it is never −0.0).
+constexpr int kSlotGroup = 4;
+
+template <bool kVec4, bool kWeighted>
+__device__ __forceinline__ void add_weighted_slots(float* __restrict__ y, const float* __restrict__ rows,
+                                                   const float* __restrict__ topk_w,
+                                                   const int32_t* __restrict__ slot_pos, int64_t n_tokens,
+                                                   int64_t top_k, int64_t dim, int64_t n_rows, IssueSite site,
+                                                   DeviceIssue* issue) {
+  constexpr int kStep = kVec4 ? kVec : 1;  // columns per lane access
+  const int lane = threadIdx.x % kWarp;
+  for (int64_t n = warp_index(); n < n_tokens; n += warp_count()) {
+    const int32_t* slots = slot_pos + n * top_k;
+    const float* w = topk_w + n * top_k;  // read only when kWeighted
+    for (int64_t k = lane; k < top_k; k += kWarp) index_ok(issue, site, n * top_k + k, slots[k], n_rows);
+    float* y_n = y + n * dim;
+    for (int64_t c = lane * kStep; c < dim; c += kWarp * kStep) {
+      double acc[kStep] = {};
+      for (int64_t k0 = 0; k0 < top_k; k0 += kSlotGroup) {
+        int64_t r[kSlotGroup];
+        double w_k[kSlotGroup];
+        float v[kSlotGroup][kStep];
+#pragma unroll
+        for (int j = 0; j < kSlotGroup; ++j) {
+          const int32_t rj = k0 + j < top_k ? slots[k0 + j] : -1;
+          r[j] = rj >= 0 && rj < n_rows ? rj : -1;
+          w_k[j] = kWeighted && r[j] >= 0 ? static_cast<double>(w[k0 + j]) : 1.0;
+        }
+#pragma unroll
+        for (int j = 0; j < kSlotGroup; ++j) {
+          const float* src = rows + (r[j] >= 0 ? r[j] : 0) * dim + c;  // read only for a valid slot
+          if constexpr (kVec4) {
+            const float4 x = r[j] >= 0 ? load4(src) : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+#pragma unroll
+            for (int i = 0; i < kVec; ++i) v[j][i] = at(x, i);
+          } else {
+            v[j][0] = r[j] >= 0 ? src[0] : 0.0f;
+          }
+        }
+#pragma unroll
+        for (int j = 0; j < kSlotGroup; ++j)
+#pragma unroll
+          for (int i = 0; i < kStep; ++i) acc[i] += w_k[j] * v[j][i];
+      }
+      if constexpr (kVec4) {
+        float4 out = load4(y_n + c);
+#pragma unroll
+        for (int i = 0; i < kVec; ++i) at(out, i) = static_cast<float>(at(out, i) + acc[i]);
+        store4(y_n + c, out);
+      } else {
+        y_n[c] = static_cast<float>(y_n[c] + acc[0]);
+      }
+    }
   }
 }
 
 // dx[n] += Σ_k dx_perm[slot_pos[n,k]]   (double sum in k order, as on the CPU)
-__global__ void gather_bwd_kernel(float* dx, const float* dx_perm, const int32_t* slot_pos, int64_t n_tokens,
-                                  int64_t top_k, int64_t dim, int64_t n_rows, DeviceIssue* issue) {
-  for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < n_tokens * dim;
-       i += int64_t{gridDim.x} * blockDim.x) {
-    const int64_t n = i / dim, d = i % dim;
-    double acc = 0.0;
-    for (int64_t k = 0; k < top_k; ++k) {
-      const int32_t r = slot_pos[n * top_k + k];
-      if (index_ok(issue, IssueSite::kGatherBwdSlotPos, n * top_k + k, r, n_rows)) acc += dx_perm[r * dim + d];
-    }
-    dx[i] = static_cast<float>(dx[i] + acc);
-  }
+template <bool kVec4>
+__global__ void __launch_bounds__(kThreads) gather_bwd_kernel(float* __restrict__ dx, const float* __restrict__ dx_perm,
+                                                              const int32_t* __restrict__ slot_pos, int64_t n_tokens,
+                                                              int64_t top_k, int64_t dim, int64_t n_rows,
+                                                              DeviceIssue* issue) {
+  add_weighted_slots<kVec4, false>(dx, dx_perm, nullptr, slot_pos, n_tokens, top_k, dim, n_rows,
+                                   IssueSite::kGatherBwdSlotPos, issue);
 }
 
 // y[n] += Σ_k w[n,k] · y_perm[slot_pos[n,k]]   (double sum in k order, as on the CPU)
-__global__ void combine_fwd_kernel(float* y, const float* y_perm, const float* topk_w, const int32_t* slot_pos,
-                                   int64_t n_tokens, int64_t top_k, int64_t dim, int64_t n_rows, DeviceIssue* issue) {
-  for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < n_tokens * dim;
-       i += int64_t{gridDim.x} * blockDim.x) {
-    const int64_t n = i / dim, d = i % dim;
-    double acc = 0.0;
-    for (int64_t k = 0; k < top_k; ++k) {
-      const int32_t r = slot_pos[n * top_k + k];
-      if (index_ok(issue, IssueSite::kCombineFwdSlotPos, n * top_k + k, r, n_rows))
-        acc += static_cast<double>(topk_w[n * top_k + k]) * y_perm[r * dim + d];
-    }
-    y[i] = static_cast<float>(y[i] + acc);
-  }
+template <bool kVec4>
+__global__ void __launch_bounds__(kThreads) combine_fwd_kernel(float* __restrict__ y, const float* __restrict__ y_perm,
+                                                               const float* __restrict__ topk_w,
+                                                               const int32_t* __restrict__ slot_pos, int64_t n_tokens,
+                                                               int64_t top_k, int64_t dim, int64_t n_rows,
+                                                               DeviceIssue* issue) {
+  add_weighted_slots<kVec4, true>(y, y_perm, topk_w, slot_pos, n_tokens, top_k, dim, n_rows,
+                                  IssueSite::kCombineFwdSlotPos, issue);
 }
 
-// One warp per (n, k): dy_perm[slot_pos[n,k]] = w[n,k]·dy[n];  dtopk_w[n,k] = ⟨dy[n], y_perm[slot_pos[n,k]]⟩
-template <class Out>  // float, or bf16 in the bf16 GEMM mode (dy_perm only feeds the expert GEMMs)
-__global__ void combine_bwd_kernel(Out* dy_perm, float* dtopk_w, const float* dy, const float* y_perm,
-                                   const float* topk_w, const int32_t* slot_pos, int64_t n_tokens, int64_t top_k,
-                                   int64_t dim, int64_t n_rows, DeviceIssue* issue) {
+// One warp per (n, k): dy_perm[slot_pos[n,k]] = w[n,k]·dy[n] (one f32 product, as on the CPU);
+// dtopk_w[n,k] = ⟨dy[n], y_perm[slot_pos[n,k]]⟩ (double; lane partial sums, then the warp's tree).
+// The K warps of a token read the same dy row: from the cache after the first.
+template <class Out, bool kVec4>  // Out: float, or bf16 in the bf16 GEMM mode (dy_perm only feeds the expert GEMMs)
+__global__ void __launch_bounds__(kThreads) combine_bwd_kernel(Out* __restrict__ dy_perm, float* __restrict__ dtopk_w,
+                                                               const float* __restrict__ dy,
+                                                               const float* __restrict__ y_perm,
+                                                               const float* __restrict__ topk_w,
+                                                               const int32_t* __restrict__ slot_pos, int64_t n_tokens,
+                                                               int64_t top_k, int64_t dim, int64_t n_rows,
+                                                               DeviceIssue* issue) {
   const int lane = threadIdx.x % kWarp;
-  const int64_t n_warps = int64_t{gridDim.x} * blockDim.x / kWarp;
-  for (int64_t nk = (blockIdx.x * int64_t{blockDim.x} + threadIdx.x) / kWarp; nk < n_tokens * top_k; nk += n_warps) {
+  for (int64_t nk = warp_index(); nk < n_tokens * top_k; nk += warp_count()) {
     const int64_t n = nk / top_k;
     const int32_t r = slot_pos[nk];
     if (!index_ok(issue, IssueSite::kCombineBwdSlotPos, nk, r, n_rows)) continue;  // uniform over the warp
     const float w = topk_w[nk];
+    const float* g_row = dy + n * dim;
+    const float* y_row = y_perm + r * dim;
+    Out* out = dy_perm + r * dim;
     double dot = 0.0;
-    for (int64_t d = lane; d < dim; d += kWarp) {
-      const float g = dy[n * dim + d];
-      store_as(dy_perm + r * dim + d, w * g);
-      dot += static_cast<double>(g) * y_perm[r * dim + d];
+    if constexpr (kVec4) {
+      for (int64_t c0 = lane * kVec; c0 < dim; c0 += kWarp * kVec * kUnrollReduce) {
+        float4 g[kUnrollReduce], yv[kUnrollReduce];
+#pragma unroll
+        for (int u = 0; u < kUnrollReduce; ++u) {
+          const int64_t c = c0 + u * kWarp * kVec;
+          if (c < dim) {
+            g[u] = load4(g_row + c);
+            yv[u] = load4(y_row + c);
+          }
+        }
+#pragma unroll
+        for (int u = 0; u < kUnrollReduce; ++u) {
+          const int64_t c = c0 + u * kWarp * kVec;
+          if (c >= dim) continue;
+          store4(out + c, make_float4(w * g[u].x, w * g[u].y, w * g[u].z, w * g[u].w));
+#pragma unroll
+          for (int i = 0; i < kVec; ++i) dot += static_cast<double>(at(g[u], i)) * at(yv[u], i);
+        }
+      }
+    } else {
+      for (int64_t c = lane; c < dim; c += kWarp) {
+        const float g = g_row[c];
+        store1(out + c, w * g);
+        dot += static_cast<double>(g) * y_row[c];
+      }
     }
     dot = warp_sum(dot);
     if (lane == 0) dtopk_w[nk] = static_cast<float>(dot);
@@ -603,14 +718,19 @@ void CudaBackend::moe_gather(Context ctx, const MoeGatherArgs& a) {
   require_f32(a.x, kOp);
   const int64_t n_tokens = a.x.dim(0), dim = a.x.dim(1), n_rows = a.src_row.numel();
   if (n_rows * dim == 0) return;
-  if (a.x_perm.dtype == DType::kBF16)
-    gather_kernel<<<grid_for(n_rows * dim), kThreads, 0, stream(ctx)>>>(static_cast<__nv_bfloat16*>(a.x_perm.data),
-                                                                        f32(a.x), i32(a.src_row), n_rows, n_tokens, dim,
-                                                                        issue());
-  else
-    gather_kernel<<<grid_for(n_rows * dim), kThreads, 0, stream(ctx)>>>(f32(a.x_perm), f32(a.x), i32(a.src_row), n_rows,
-                                                                        n_tokens, dim, issue());
-  CUDA_CHECK_LAUNCH(kOp);
+  const auto launch = [&](auto* x_perm) {
+    using Out = std::remove_pointer_t<decltype(x_perm)>;
+    const unsigned grid = grid_for(n_rows * kWarp);
+    if (vec_sizes({dim}) && vec_aligned(x_perm) && vec_aligned(f32(a.x)))
+      gather_kernel<Out, true><<<grid, kThreads, 0, stream(ctx)>>>(x_perm, f32(a.x), i32(a.src_row), n_rows, n_tokens,
+                                                                   dim, issue());
+    else
+      gather_kernel<Out, false><<<grid, kThreads, 0, stream(ctx)>>>(x_perm, f32(a.x), i32(a.src_row), n_rows, n_tokens,
+                                                                    dim, issue());
+    CUDA_CHECK_LAUNCH(kOp);
+  };
+  if (a.x_perm.dtype == DType::kBF16) launch(static_cast<__nv_bfloat16*>(a.x_perm.data));
+  else launch(f32(a.x_perm));
 }
 
 void CudaBackend::moe_gather_bwd(Context ctx, const MoeGatherBwdArgs& a) {
@@ -620,8 +740,13 @@ void CudaBackend::moe_gather_bwd(Context ctx, const MoeGatherBwdArgs& a) {
   require_f32(a.dx, kOp);
   const int64_t n_tokens = a.dx.dim(0), dim = a.dx.dim(1), top_k = a.slot_pos.dim(1);
   if (n_tokens * dim == 0) return;
-  gather_bwd_kernel<<<grid_for(n_tokens * dim), kThreads, 0, stream(ctx)>>>(
-      f32(a.dx), f32(a.dx_perm), i32(a.slot_pos), n_tokens, top_k, dim, a.dx_perm.dim(0), issue());
+  const unsigned grid = grid_for(n_tokens * kWarp);
+  if (vec_sizes({dim}) && vec_aligned(f32(a.dx)) && vec_aligned(f32(a.dx_perm)))
+    gather_bwd_kernel<true><<<grid, kThreads, 0, stream(ctx)>>>(f32(a.dx), f32(a.dx_perm), i32(a.slot_pos), n_tokens,
+                                                                top_k, dim, a.dx_perm.dim(0), issue());
+  else
+    gather_bwd_kernel<false><<<grid, kThreads, 0, stream(ctx)>>>(f32(a.dx), f32(a.dx_perm), i32(a.slot_pos), n_tokens,
+                                                                 top_k, dim, a.dx_perm.dim(0), issue());
   CUDA_CHECK_LAUNCH(kOp);
 }
 
@@ -632,8 +757,15 @@ void CudaBackend::moe_combine_fwd(Context ctx, const MoeCombineFwdArgs& a) {
   require_f32(a.y, kOp);
   const int64_t n_tokens = a.y.dim(0), dim = a.y.dim(1), top_k = a.slot_pos.dim(1);
   if (n_tokens * dim == 0) return;
-  combine_fwd_kernel<<<grid_for(n_tokens * dim), kThreads, 0, stream(ctx)>>>(
-      f32(a.y), f32(a.y_perm), f32(a.topk_w), i32(a.slot_pos), n_tokens, top_k, dim, a.y_perm.dim(0), issue());
+  const unsigned grid = grid_for(n_tokens * kWarp);
+  if (vec_sizes({dim}) && vec_aligned(f32(a.y)) && vec_aligned(f32(a.y_perm)))
+    combine_fwd_kernel<true><<<grid, kThreads, 0, stream(ctx)>>>(f32(a.y), f32(a.y_perm), f32(a.topk_w),
+                                                                 i32(a.slot_pos), n_tokens, top_k, dim,
+                                                                 a.y_perm.dim(0), issue());
+  else
+    combine_fwd_kernel<false><<<grid, kThreads, 0, stream(ctx)>>>(f32(a.y), f32(a.y_perm), f32(a.topk_w),
+                                                                  i32(a.slot_pos), n_tokens, top_k, dim,
+                                                                  a.y_perm.dim(0), issue());
   CUDA_CHECK_LAUNCH(kOp);
 }
 
@@ -644,16 +776,21 @@ void CudaBackend::moe_combine_bwd(Context ctx, const MoeCombineBwdArgs& a) {
   require_f32(a.dy, kOp);
   const int64_t n_tokens = a.dy.dim(0), dim = a.dy.dim(1), top_k = a.slot_pos.dim(1);
   if (n_tokens * top_k == 0) return;
-  const unsigned grid = grid_for(n_tokens * top_k * kWarp);
-  if (a.dy_perm.dtype == DType::kBF16)
-    combine_bwd_kernel<<<grid, kThreads, 0, stream(ctx)>>>(static_cast<__nv_bfloat16*>(a.dy_perm.data), f32(a.dtopk_w),
-                                                           f32(a.dy), f32(a.y_perm), f32(a.topk_w), i32(a.slot_pos),
-                                                           n_tokens, top_k, dim, a.y_perm.dim(0), issue());
-  else
-    combine_bwd_kernel<<<grid, kThreads, 0, stream(ctx)>>>(f32(a.dy_perm), f32(a.dtopk_w), f32(a.dy), f32(a.y_perm),
-                                                           f32(a.topk_w), i32(a.slot_pos), n_tokens, top_k, dim,
-                                                           a.y_perm.dim(0), issue());
-  CUDA_CHECK_LAUNCH(kOp);
+  const auto launch = [&](auto* dy_perm) {
+    using Out = std::remove_pointer_t<decltype(dy_perm)>;
+    const unsigned grid = grid_for(n_tokens * top_k * kWarp);
+    if (vec_sizes({dim}) && vec_aligned(dy_perm) && vec_aligned(f32(a.dy)) && vec_aligned(f32(a.y_perm)))
+      combine_bwd_kernel<Out, true><<<grid, kThreads, 0, stream(ctx)>>>(dy_perm, f32(a.dtopk_w), f32(a.dy),
+                                                                        f32(a.y_perm), f32(a.topk_w), i32(a.slot_pos),
+                                                                        n_tokens, top_k, dim, a.y_perm.dim(0), issue());
+    else
+      combine_bwd_kernel<Out, false><<<grid, kThreads, 0, stream(ctx)>>>(dy_perm, f32(a.dtopk_w), f32(a.dy),
+                                                                         f32(a.y_perm), f32(a.topk_w), i32(a.slot_pos),
+                                                                         n_tokens, top_k, dim, a.y_perm.dim(0), issue());
+    CUDA_CHECK_LAUNCH(kOp);
+  };
+  if (a.dy_perm.dtype == DType::kBF16) launch(static_cast<__nv_bfloat16*>(a.dy_perm.data));
+  else launch(f32(a.dy_perm));
 }
 
 void CudaBackend::moe_bias_update(Context ctx, const MoeBiasUpdateArgs& a) {

@@ -1,9 +1,12 @@
 // RoPE on the GPU (spec §3): interleaved pairs (x[2i], x[2i+1]) of each addressed head rotated in
 // place by pos·θ'_i from the cos/sin tables (YaRN folded in); inverse = true rotates by −angle
-// (RoPE's backward). One thread per (row, head, pair); the pair's two values are read before they
-// are written, and no two threads share a pair, so in place is safe. f32 arithmetic, as the CPU's
-// f32 path does it (the GPU may fuse the multiply-adds: last-bit differences).
+// (RoPE's backward). One thread per item of a row (elementwise.cuh: 32-bit item numbers, no 64-bit
+// division per element): an item is two pairs (one float4, cos/sin as float2) when the row width,
+// head stride, column offset and rope_dim/2 allow aligned pieces, else one pair. Each value is read
+// before it is written, and no two threads share a pair, so in place is safe. f32 arithmetic, as
+// the CPU's f32 path does it (the GPU may fuse the multiply-adds: last-bit differences).
 #include "backend/cuda/cuda_common.cuh"
+#include "backend/cuda/elementwise.cuh"
 #include "backend/op_validation.h"
 
 namespace diffmoe {
@@ -11,22 +14,43 @@ namespace {
 
 using namespace cuda;
 
-__global__ void rope_kernel(float* x, const float* cos_tab, const float* sin_tab, int64_t rows, int64_t width,
-                            int64_t n_heads, int64_t head_stride, int64_t col_offset, int64_t half, int64_t seq_len,
-                            int64_t pos_offset, float sign) {
-  const int64_t total = rows * n_heads * half;
-  for (int64_t idx = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; idx < total;
-       idx += int64_t{gridDim.x} * blockDim.x) {
-    const int64_t i = idx % half, h = (idx / half) % n_heads, n = idx / (half * n_heads);
-    const int64_t pos = pos_offset + n % seq_len;
-    const float c = cos_tab[pos * half + i];
-    const float s = sign * sin_tab[pos * half + i];
-    float* pair = x + n * width + h * head_stride + col_offset + 2 * i;
-    const float x0 = pair[0], x1 = pair[1];
-    // (x0 + i·x1)·e^{±i·angle}:  x0' = x0·c ∓ x1·s,  x1' = ±x0·s + x1·c
-    pair[0] = x0 * c - x1 * s;
-    pair[1] = x0 * s + x1 * c;
-  }
+struct RopeShape {
+  int64_t width, head_stride, col_offset, half, seq_len, pos_offset;
+  int32_t items_per_head;  // pairs per head / pairs per item
+  float sign;              // +1 forward, −1 inverse
+};
+
+// (x0 + i·x1)·e^{±i·angle}:  x0' = x0·c ∓ x1·s,  x1' = ±x0·s + x1·c   (s already carries the sign)
+__device__ __forceinline__ void rotate(float& x0, float& x1, float c, float s) {
+  const float r0 = x0 * c - x1 * s, r1 = x0 * s + x1 * c;
+  x0 = r0;
+  x1 = r1;
+}
+
+template <bool kTwoPairs>
+__global__ void __launch_bounds__(kThreads) rope_kernel(float* x, const float* cos_tab, const float* sin_tab,
+                                                        RowItems ri, RopeShape sh) {
+  constexpr int kPairs = kTwoPairs ? 2 : 1;  // pairs per item
+  for_each_row_item(ri, [&](int64_t n, int32_t item) {
+    const int32_t h = item / sh.items_per_head;
+    const int64_t i = int64_t{item - h * sh.items_per_head} * kPairs;  // first pair of the item
+    const int64_t pos = sh.pos_offset + mod_nonneg(n, sh.seq_len);
+    const float* c = cos_tab + pos * sh.half + i;
+    const float* s = sin_tab + pos * sh.half + i;
+    float* pair = x + n * sh.width + h * sh.head_stride + sh.col_offset + 2 * i;
+    if constexpr (kTwoPairs) {
+      float4 v = load4(pair);
+      const float2 cv = *reinterpret_cast<const float2*>(c), sv = *reinterpret_cast<const float2*>(s);
+      rotate(v.x, v.y, cv.x, sh.sign * sv.x);
+      rotate(v.z, v.w, cv.y, sh.sign * sv.y);
+      store4(pair, v);
+    } else {
+      float x0 = pair[0], x1 = pair[1];
+      rotate(x0, x1, c[0], sh.sign * s[0]);
+      pair[0] = x0;
+      pair[1] = x1;
+    }
+  });
 }
 
 }  // namespace
@@ -37,9 +61,21 @@ void CudaBackend::rope(Context ctx, const RopeArgs& a) {
   require_f32(a.x, "rope");
   const int64_t rows = a.x.dim(0), half = a.rope_dim / 2;
   if (rows == 0) return;
-  rope_kernel<<<grid_for(rows * a.n_heads * half), kThreads, 0, stream(ctx)>>>(
-      f32(a.x), f32(a.cos), f32(a.sin), rows, width, a.n_heads, a.head_stride, a.col_offset, half, a.seq_len,
-      a.pos_offset, a.inverse ? -1.0f : 1.0f);
+  // Two pairs per item: float4 rows of x (every pair group starts on 16 bytes) and float2 table rows.
+  const int64_t head_stride = a.n_heads > 1 ? a.head_stride : 0;  // unused with one head
+  const bool two_pairs = half % 2 == 0 && vec_sizes({width, head_stride, a.col_offset}) && vec_aligned(f32(a.x)) &&
+                         reinterpret_cast<uintptr_t>(a.cos.data) % 8 == 0 &&
+                         reinterpret_cast<uintptr_t>(a.sin.data) % 8 == 0;
+  const int64_t items_per_head = two_pairs ? half / 2 : half;
+  DIFFMOE_CHECK(items_per_head <= INT32_MAX, "[rope] rope_dim {} is too large", a.rope_dim);
+  const RowItems ri = row_items(rows, a.n_heads * items_per_head, "rope");
+  const RopeShape sh{.width = width, .head_stride = a.head_stride, .col_offset = a.col_offset, .half = half,
+                     .seq_len = a.seq_len, .pos_offset = a.pos_offset,
+                     .items_per_head = static_cast<int32_t>(items_per_head), .sign = a.inverse ? -1.0f : 1.0f};
+  if (two_pairs)
+    rope_kernel<true><<<row_items_grid(ri), kThreads, 0, stream(ctx)>>>(f32(a.x), f32(a.cos), f32(a.sin), ri, sh);
+  else
+    rope_kernel<false><<<row_items_grid(ri), kThreads, 0, stream(ctx)>>>(f32(a.x), f32(a.cos), f32(a.sin), ri, sh);
   CUDA_CHECK_LAUNCH("rope");
 }
 
