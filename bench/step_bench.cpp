@@ -67,7 +67,7 @@ int main(int argc, char** argv) {
     // DIFFMOE_CUDA_PROFILE=1 on --device cuda: the per-op table of the timed steps, printed last.
     auto* profiler = dynamic_cast<OpProfiler*>(be.get());
     if (profiler != nullptr && !profiler->profiling()) profiler = nullptr;
-    std::vector<double> times;
+    std::vector<double> times, enqueue;  // enqueue: host time until the step's last op was issued
     for (int s = 0; s < warmup + steps; ++s) {
       be->synchronize({});
       if (profiler != nullptr && s == warmup) profiler->reset_profile();
@@ -77,11 +77,13 @@ int main(int argc, char** argv) {
       m.forward({}, tok, tgt);
       m.backward({}, 1.0);
       if (opt) opt->step({}, 1e-4);
+      const double de = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
       be->synchronize({});
       const double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-      if (s >= warmup) times.push_back(dt);
+      if (s >= warmup) times.push_back(dt), enqueue.push_back(de);
     }
     std::sort(times.begin(), times.end());
+    std::sort(enqueue.begin(), enqueue.end());
     const double med = times[times.size() / 2];
     const LossValues l = m.losses();
     const double tps = static_cast<double>(batch * seq) / med;
@@ -96,6 +98,8 @@ int main(int argc, char** argv) {
                "arenas {:.2f} GiB (bf16 weight copies {:.2f} GiB of it; backend scratch not counted)  (loss {:.4f})\n",
                opt ? "fwd+bwd+adamw" : "fwd+bwd", med, times.front(), times.back(), times.size(), tps, 100.0 * tps * flops / 989e12,
                flops / 1e9, bytes / kGiB, copies / kGiB, l.lm_loss);
+    // Near the step time: the host (op validation, launches) bounds the step, not the device.
+    fmt::print("host enqueue time: median {:.4f} s of the step's {:.4f} s\n", enqueue[enqueue.size() / 2], med);
     if (profiler != nullptr) {
       fmt::print("op profile of the {} timed steps (events add a little time to each op):\n", steps);
       profiler->print_profile();
