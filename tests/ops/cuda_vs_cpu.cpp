@@ -85,15 +85,26 @@ TEST(CudaBasic, AxpyScale) {
 }
 
 TEST(CudaBasic, SumSquares) {
-  // Per-thread f64 sums, then at most 2·SM block sums added in f32 by atomics (a few f32 roundings
-  // of a positive total): relative 1e-5 with a wide margin. The CPU adds in f64 and rounds once.
-  const Tol tol{1e-5, 0.0, "f32 atomic adds of f64 block sums"};
-  for (int64_t n : {int64_t{7}, int64_t{100003}}) {
-    Dual out(Shape{1}), x(Shape{n});
+  // f64 sums in another order (block partials, then a fixed tree), added to out[0] and rounded
+  // once to f32 as the CPU does: the same f32 up to a last-bit tie.
+  const Tol tol{1e-6, 0.0, "f64 sums in another order, rounded once"};
+  // 7: one float4 and a scalar tail; 100003: 25 blocks, tail; 5000003: 1024 blocks, each thread
+  // several rounds of the unrolled float4 loop; unaligned: the scalar path.
+  struct Case {
+    int64_t n;
+    bool shift;
+  };
+  for (const Case c : {Case{7, false}, Case{100003, false}, Case{5000003, false}, Case{100003, true}}) {
+    Dual out(Shape{1}), x(Shape{c.n + (c.shift ? 1 : 0)});
     out.set({0.37});
-    x.normal(6 + static_cast<uint64_t>(n));
-    run_both([&](Backend& be, Side s) { be.sum_squares({}, {.out = out[s], .x = x[s]}); });
-    expect_close(out, tol, fmt::format("sum_squares n={}", n));
+    x.normal(6 + static_cast<uint64_t>(c.n));
+    run_both([&](Backend& be, Side s) { be.sum_squares({}, {.out = out[s], .x = c.shift ? x[s].rows(1, c.n + 1) : x[s]}); });
+    expect_close(out, tol, fmt::format("sum_squares n={}{}", c.n, c.shift ? " unaligned" : ""));
+    // No atomics: a second call gives the same bits.
+    const std::vector<double> first = out.device_values();
+    out.set({0.37});
+    gpu().sum_squares({}, {.out = out[Side::kGpu], .x = c.shift ? x[Side::kGpu].rows(1, c.n + 1) : x[Side::kGpu]});
+    EXPECT_EQ(out.device_values(), first) << "sum_squares differs between two runs, n=" << c.n;
   }
 }
 
