@@ -381,8 +381,9 @@ void CudaBackend::rmsnorm_fwd(Context ctx, const RmsNormFwdArgs& a) {
       const unsigned blocks = std::min<unsigned>(grid_for(a.rows, kTeams),
                                                  static_cast<unsigned>(multiprocessors() * (4 * 2048 / kBlock)));
       const auto launch = [&](auto* y) {
-        rmsnorm_fwd_vec_kernel<kTeam, kVec><<<blocks, kBlock, 0, s>>>(y, f32(a.rstd), f32(a.x), f32(a.w), a.rows, static_cast<int>(a.width),
-                                                                     d.x_stride, d.y_stride, a.eps, a.out_scale);
+        rmsnorm_fwd_vec_kernel<kTeam, kVec><<<blocks, kBlock, 0, s>>>(
+            y, f32(a.rstd), f32(a.x), f32(a.w), a.rows, static_cast<int>(a.width), d.x_stride, d.y_stride, a.eps,
+            a.out_scale);
       };
       if (bf16) launch(static_cast<__nv_bfloat16*>(a.y.data));
       else launch(f32(a.y));
@@ -415,8 +416,8 @@ void CudaBackend::rmsnorm_bwd(Context ctx, const RmsNormBwdArgs& a) {
     with_tiling(tiling, [&](auto team, auto vec_packs) {
       constexpr int kTeam = decltype(team)::value, kVec = decltype(vec_packs)::value;
       rmsnorm_bwd_vec_kernel<kTeam, kVec><<<static_cast<unsigned>(chunks), block_threads(kTeam), 0, s>>>(
-          f32(a.dx), partial, f32(a.dy), f32(a.x), f32(a.w), f32(a.rstd), a.rows, static_cast<int>(a.width), d.x_stride, d.y_stride,
-          static_cast<float>(a.out_scale), rows_per_chunk, a.dx_accumulate);
+          f32(a.dx), partial, f32(a.dy), f32(a.x), f32(a.w), f32(a.rstd), a.rows, static_cast<int>(a.width),
+          d.x_stride, d.y_stride, static_cast<float>(a.out_scale), rows_per_chunk, a.dx_accumulate);
     });
     CUDA_CHECK_LAUNCH("rmsnorm_bwd");
     launch_dw_finish(f32(a.dw), partial, a.width, chunks, s);
