@@ -72,6 +72,21 @@ Tensor Arena::view(const Entry& e) const {
   return t;
 }
 
+Tensor Arena::flat() const {
+  DIFFMOE_CHECK(allocated(), "[arena] flat() before allocate()");
+  DIFFMOE_CHECK(!entries_.empty(), "[arena] flat() of an arena without views");
+  const DType dtype = entries_.front().dtype;
+  for (const Entry& e : entries_)
+    DIFFMOE_CHECK(e.dtype == dtype, "[arena] flat(): view '{}' is {}, '{}' is {}", e.name, dtype_name(e.dtype),
+                  entries_.front().name, dtype_name(dtype));
+  Tensor t;
+  t.data = base_;
+  t.dtype = dtype;
+  t.device = device();
+  t.shape = Shape{static_cast<int64_t>(bytes_ / dtype_size(dtype))};  // bytes_: a multiple of kAlign
+  return t;
+}
+
 Tensor Arena::get(std::string_view name) const {
   auto it = index_.find(std::string(name));
   DIFFMOE_CHECK(it != index_.end(), "[arena] no view named '{}'", name);

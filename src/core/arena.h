@@ -49,6 +49,10 @@ class Arena {
   bool has(std::string_view name) const;
   Tensor get(std::string_view name) const;  // throws naming the missing view
   Tensor view(const Entry& e) const;
+  // One 1-D view over the whole allocation, padding included, in the entries' common dtype (throws
+  // if they differ): an op over every view at once (zeroing the gradients, their global norm) in
+  // one launch. The padding between views is zero-filled at allocate() and no view writes it.
+  Tensor flat() const;
   const std::vector<Entry>& entries() const { return entries_; }
   size_t bytes() const { return bytes_; }
   void* base() const { return base_; }

@@ -189,9 +189,8 @@ void Model::backward(Context ctx, double grad_scale) {
   be_->embedding_bwd(ctx, {.dtable = grads_.get("embed.weight"), .tokens = last_tokens_, .dout = dres, .scale = cfg_.embed_scale});
 }
 
-void Model::zero_grads(Context ctx) {
-  for (const auto& e : grads_.entries()) be_->fill(ctx, {.out = grads_.view(e), .value = 0.0});
-}
+// One fill over the whole gradient arena (its padding too) instead of one per tensor.
+void Model::zero_grads(Context ctx) { be_->fill(ctx, {.out = grads_.flat(), .value = 0.0}); }
 
 void Model::zero_expert_counts(Context ctx) {
   for (int64_t l = cfg_.n_dense_layers; l < cfg_.n_layers; ++l) be_->fill(ctx, {.out = expert_counts(l), .value = 0.0});

@@ -48,6 +48,23 @@ TEST(Arena, OneAllocationAlignedNamedViews) {
   }
   Arena moved = std::move(a);
   EXPECT_EQ(moved.get("b").data, b.data);
+  EXPECT_THROW(moved.flat(), Error);  // f32 and f64 views
+}
+
+TEST(Arena, FlatViewCoversEveryViewAndThePadding) {
+  Arena a;
+  a.add("a", Shape{3}, DType::kF32);
+  a.add("b", Shape{100}, DType::kF32);
+  EXPECT_THROW(a.flat(), Error);  // before allocate()
+  a.allocate(cpu_allocator());
+  const Tensor f = a.flat();
+  EXPECT_EQ(f.data, a.base());
+  EXPECT_EQ(f.dtype, DType::kF32);
+  EXPECT_EQ(f.rank(), 1);
+  EXPECT_EQ(f.numel(), 64 + 128);  // "a": 12 bytes padded to 256; "b": 400 bytes padded to 512
+  a.get("b").ptr<float>()[0] = 2.5f;
+  EXPECT_EQ(f.ptr<float>()[64], 2.5f);  // the same memory
+  EXPECT_EQ(f.ptr<float>()[3], 0.0f);   // padding: zero-filled
 }
 
 }  // namespace

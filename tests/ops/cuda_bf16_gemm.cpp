@@ -466,20 +466,26 @@ TEST(CudaBf16Gemm, Bf16OutputsOfElementwiseOps) {
                  fmt::format("moe_combine_bwd dtopk_w beside a bf16 dy_perm, D = {}", D));
   }
 
-  // rmsnorm_fwd into a bf16 y: plain, and on the first 40 of 56 columns of a wider x with out_scale.
-  for (const auto& [xs, scale] : {std::pair<int64_t, double>{40, 1.0}, {56, 0.35}}) {
-    const int64_t nrows = 31, nwidth = 40;
-    Dual x(Shape{nrows, xs}), wn(Shape{nwidth}), y(Shape{nrows, nwidth}), rstd(Shape{nrows}), rstd_g(Shape{nrows});
-    Dual y16(Shape{nrows, nwidth}, DType::kBF16);
+  // rmsnorm_fwd into a bf16 y, on each path of norm_ops.cu: vector with a warp per row (plain, and
+  // on the first 40 of 56 columns of a wider x with out_scale), general (x_stride 41), vector with
+  // a block per row (768: q_norm's c_q, 1536: the attention x_norm).
+  struct NormCase {
+    int64_t rows, width, xs;
+    double scale;
+  };
+  for (const NormCase c : {NormCase{31, 40, 40, 1.0}, NormCase{31, 40, 56, 0.35}, NormCase{31, 40, 41, 1.0},
+                           NormCase{13, 768, 768, 1.0}, NormCase{9, 1536, 1536, 0.8}}) {
+    Dual x(Shape{c.rows, c.xs}), wn(Shape{c.width}), y(Shape{c.rows, c.width}), rstd(Shape{c.rows}), rstd_g(Shape{c.rows});
+    Dual y16(Shape{c.rows, c.width}, DType::kBF16);
     x.normal(990, 1.7);
     wn.normal(991, 0.5, 1.0);
     y16.poison();
-    cpu().rmsnorm_fwd({}, {.y = y[Side::kCpu], .rstd = rstd[Side::kCpu], .x = x[Side::kCpu], .w = wn[Side::kCpu], .rows = nrows,
-                           .width = nwidth, .x_stride = xs, .eps = 1e-6, .out_scale = scale});
+    cpu().rmsnorm_fwd({}, {.y = y[Side::kCpu], .rstd = rstd[Side::kCpu], .x = x[Side::kCpu], .w = wn[Side::kCpu], .rows = c.rows,
+                           .width = c.width, .x_stride = c.xs, .eps = 1e-6, .out_scale = c.scale});
     gpu().rmsnorm_fwd({}, {.y = y16[Side::kGpu], .rstd = rstd_g[Side::kGpu], .x = x[Side::kGpu], .w = wn[Side::kGpu],
-                           .rows = nrows, .width = nwidth, .x_stride = xs, .eps = 1e-6, .out_scale = scale});
+                           .rows = c.rows, .width = c.width, .x_stride = c.xs, .eps = 1e-6, .out_scale = c.scale});
     gpu().synchronize({});
-    expect_bf16_of(y16, y, fmt::format("rmsnorm_fwd y in bf16, x_stride {}", xs));
+    expect_bf16_of(y16, y, fmt::format("rmsnorm_fwd y in bf16, width {}, x_stride {}", c.width, c.xs));
   }
 
   // cross_entropy_bwd into a bf16 dlogits, one ignored target (its row: zeros); V = 300: float4

@@ -423,24 +423,35 @@ TEST(CudaChecks, DeterministicOpsAreBitwiseReproducible) {
   Dual tokens(Shape{N}, DType::kI32), dout(Shape{N, D}), dtable(Shape{V, D});
   tokens.ints(130, 0, static_cast<int32_t>(V));
   dout.normal(131);
-  Dual x(Shape{N, D}), dy(Shape{N, D}), w(Shape{D}), rstd(Shape{N}), dx(Shape{N, D}), dw(Shape{D});
-  x.normal(132);
-  dy.normal(133);
-  w.normal(134);
-  rstd.normal(135, 0.1, 1.0);
-  std::vector<double> first_table, first_dw;
+  std::vector<double> first_table;
   for (int run = 0; run < 2; ++run) {
     dtable.set(std::vector<double>(static_cast<size_t>(V * D), 0.5));
-    dw.set(std::vector<double>(static_cast<size_t>(D), 0.25));
     gpu().embedding_bwd({}, {.dtable = dtable[Side::kGpu], .tokens = tokens[Side::kGpu], .dout = dout[Side::kGpu]});
-    gpu().rmsnorm_bwd({}, {.dx = dx[Side::kGpu], .dw = dw[Side::kGpu], .dy = dy[Side::kGpu], .x = x[Side::kGpu],
-                           .w = w[Side::kGpu], .rstd = rstd[Side::kGpu], .rows = N, .width = D});
-    if (run == 0) {
-      first_table = dtable.device_values();
-      first_dw = dw.device_values();
-    } else {
-      EXPECT_EQ(dtable.device_values(), first_table) << "embedding_bwd differs between two runs";
-      EXPECT_EQ(dw.device_values(), first_dw) << "rmsnorm_bwd dw differs between two runs";
+    if (run == 0) first_table = dtable.device_values();
+    else EXPECT_EQ(dtable.device_values(), first_table) << "embedding_bwd differs between two runs";
+  }
+  // rmsnorm_bwd's dw on both paths of norm_ops.cu: general (width 70), vector with a warp per row
+  // (72) and with a block per row (772); 1100 rows make 35 row chunks on the vector path.
+  for (const int64_t width : {int64_t{70}, int64_t{72}, int64_t{772}}) {
+    const int64_t rows = width == 70 ? N : 1100;
+    Dual x(Shape{rows, width}), dy(Shape{rows, width}), w(Shape{width}), rstd(Shape{rows}), dx(Shape{rows, width});
+    Dual dw(Shape{width});
+    x.normal(132);
+    dy.normal(133);
+    w.normal(134);
+    rstd.normal(135, 0.1, 1.0);
+    std::vector<double> first_dw, first_dx;
+    for (int run = 0; run < 2; ++run) {
+      dw.set(std::vector<double>(static_cast<size_t>(width), 0.25));
+      gpu().rmsnorm_bwd({}, {.dx = dx[Side::kGpu], .dw = dw[Side::kGpu], .dy = dy[Side::kGpu], .x = x[Side::kGpu],
+                             .w = w[Side::kGpu], .rstd = rstd[Side::kGpu], .rows = rows, .width = width});
+      if (run == 0) {
+        first_dw = dw.device_values();
+        first_dx = dx.device_values();
+      } else {
+        EXPECT_EQ(dw.device_values(), first_dw) << "rmsnorm_bwd dw differs between two runs, width " << width;
+        EXPECT_EQ(dx.device_values(), first_dx) << "rmsnorm_bwd dx differs between two runs, width " << width;
+      }
     }
   }
 }

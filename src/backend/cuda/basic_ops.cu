@@ -5,8 +5,9 @@
 // which makes most results identical to the CPU's to the last bit.
 // - copy converts between f32, f64, bf16 and f8e4m3 storage with the CPU's rounding rules
 //   (core/dtype.cpp: bf16 round-to-nearest-even, e4m3 saturating RNE), re-implemented per element.
-// - sum_squares: per-thread double sums, a block reduction, then one f32 atomicAdd per block into
-//   out[0]. The order of those adds varies, so the last bits are not reproducible run to run.
+// - sum_squares: per-thread f64 sums (16-byte loads, four in flight per thread), a block sum into
+//   one f64 partial per block, then one warp adds the partials in a fixed order into out[0]. The
+//   grid is a function of n alone and there are no atomics: bitwise reproducible.
 // - embedding_bwd is deterministic without atomics: the token ids are stably sorted
 //   (radix_sort.h), then one warp per distinct token adds that token's dout rows in token order,
 //   the CPU's order exactly.
@@ -176,13 +177,55 @@ __global__ void scale_kernel(float* y, double alpha, int64_t n) {
     y[i] = static_cast<float>(alpha * static_cast<double>(y[i]));
 }
 
-__global__ void sum_squares_kernel(float* out, const float* x, int64_t n) {
+constexpr int kSumSqUnroll = 4;              // float4 loads in flight per thread
+constexpr int64_t kSumSqMaxBlocks = 1024;    // partials per call: a full H100 wave of 256-thread blocks
+
+// Blocks for n elements: about one float4 per unrolled load per thread, capped; a function of n
+// only, so the order of the sums (and the result) does not depend on the device.
+int64_t sum_squares_blocks(int64_t n) {
+  return std::clamp<int64_t>((n + kThreads * 4 * kSumSqUnroll - 1) / (kThreads * 4 * kSumSqUnroll), 1, kSumSqMaxBlocks);
+}
+
+// partial[b] = Σ x² over block b's elements (grid-stride), in f64. vec4: x is 16-byte aligned and
+// the first n/4·4 elements move as float4, kSumSqUnroll loads issued before they are added.
+__global__ void sum_squares_partial_kernel(double* partial, const float* x, int64_t n, bool vec4) {
   __shared__ double smem[kWarp];
+  const int64_t stride = int64_t{gridDim.x} * blockDim.x;
+  int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x;
   double s = 0.0;
-  for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < n; i += int64_t{gridDim.x} * blockDim.x)
-    s += static_cast<double>(x[i]) * static_cast<double>(x[i]);
+  int64_t start = 0;
+  if (vec4) {
+    const auto* x4 = reinterpret_cast<const float4*>(x);
+    const int64_t n4 = n / 4;
+    for (; i + (kSumSqUnroll - 1) * stride < n4; i += kSumSqUnroll * stride) {
+      float4 v[kSumSqUnroll];
+#pragma unroll
+      for (int u = 0; u < kSumSqUnroll; ++u) v[u] = x4[i + u * stride];
+#pragma unroll
+      for (int u = 0; u < kSumSqUnroll; ++u) {
+        const double a = v[u].x, b = v[u].y, c = v[u].z, d = v[u].w;
+        s += a * a + b * b + c * c + d * d;
+      }
+    }
+    for (; i < n4; i += stride) {
+      const float4 v = x4[i];
+      const double a = v.x, b = v.y, c = v.z, d = v.w;
+      s += a * a + b * b + c * c + d * d;
+    }
+    start = n4 * 4;
+    i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x;
+  }
+  for (i += start; i < n; i += stride) s += static_cast<double>(x[i]) * static_cast<double>(x[i]);
   s = block_sum(s, smem);
-  if (threadIdx.x == 0) atomicAdd(out, static_cast<float>(s));
+  if (threadIdx.x == 0) partial[blockIdx.x] = s;
+}
+
+// out[0] += Σ_b partial[b]: lane l adds partials l, l + 32, … in order, then a fixed warp tree.
+__global__ void sum_squares_finish_kernel(float* out, const double* partial, int64_t blocks) {
+  double s = 0.0;
+  for (int64_t b = threadIdx.x; b < blocks; b += kWarp) s += partial[b];
+  s = warp_sum(s);
+  if (threadIdx.x == 0) out[0] = static_cast<float>(static_cast<double>(out[0]) + s);
 }
 
 // ================================================================ embedding
@@ -314,9 +357,13 @@ void CudaBackend::sum_squares(Context ctx, const SumSquaresArgs& a) {
   require_f32(a.out, "sum_squares");
   const int64_t n = a.x.numel();
   if (n == 0) return;
-  // Two blocks per multiprocessor fill the GPU; fewer blocks also mean fewer f32 roundings in out[0].
-  const unsigned blocks = std::min<unsigned>(grid_for(n), static_cast<unsigned>(2 * multiprocessors()));
-  sum_squares_kernel<<<blocks, kThreads, 0, stream(ctx)>>>(f32(a.out), f32(a.x), n);
+  const int64_t blocks = sum_squares_blocks(n);
+  auto* partial = static_cast<double*>(scratch(static_cast<size_t>(blocks) * sizeof(double)));
+  const bool vec4 = reinterpret_cast<uintptr_t>(a.x.data) % 16 == 0;
+  const cudaStream_t s = stream(ctx);
+  sum_squares_partial_kernel<<<static_cast<unsigned>(blocks), kThreads, 0, s>>>(partial, f32(a.x), n, vec4);
+  CUDA_CHECK_LAUNCH("sum_squares");
+  sum_squares_finish_kernel<<<1, kWarp, 0, s>>>(f32(a.out), partial, blocks);
   CUDA_CHECK_LAUNCH("sum_squares");
 }
 

@@ -25,10 +25,10 @@
 //   before, i.e. during the first training step, then steady-state calls do not allocate. Its peak
 //   is 2 bytes per element of the largest A plus B of one op (for the bench preset the LM head's
 //   weight-gradient operands).
-// - Determinism: everything is bitwise run-to-run reproducible except sum_squares (atomicAdd of
-//   block sums) and, for shapes the flash attention kernels do not cover (flash_attention.h) or
-//   under AttentionKernel::kSimple, attention_bwd's dk/dv (atomicAdd over query rows): f32 atomics
-//   whose order varies in the last bits.
+// - Determinism: everything is bitwise run-to-run reproducible except, for shapes the flash
+//   attention kernels do not cover (flash_attention.h) or under AttentionKernel::kSimple,
+//   attention_bwd's dk/dv (atomicAdd over query rows): f32 atomics whose order varies in the last
+//   bits.
 // - Profiling: DIFFMOE_CUDA_PROFILE=1 (read once, at construction) times every op with a pair of
 //   cudaEvents on its stream (OpScope, opened first thing in each op method) and prints a table
 //   per op at print_profile() or destruction (op_profiler.h); off, each op pays one branch.
