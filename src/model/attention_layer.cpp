@@ -122,8 +122,7 @@ void AttentionLayer::backward(const LayerContext& lc, const Tensor& x, const Ten
   // Output projection: dW_o += d_outᵀ Ō, dŌ = d_out W_o.
   const Tensor o = c.differential ? lc.act(a("att_n")) : att;
   const Tensor d_o = c.differential ? lc.act("scratch.attn.datt_n") : datt;
-  lc.linear_dw(lc.grad(p("wo.weight")), d_out, o);
-  lc.linear_dx(d_o, d_out, lc.weight(p("wo.weight")));
+  lc.linear_backward(lc.grad(p("wo.weight")), d_o, d_out, o, lc.weight(p("wo.weight")));
 
   const Tensor q4 = lc.act(a("q")).reshape(Shape{B, T, H, dqk}), k4 = lc.act(a("k")).reshape(Shape{B, T, H, dqk});
   const Tensor v4 = lc.act(a("v")).reshape(Shape{B, T, H, dv});
@@ -150,30 +149,25 @@ void AttentionLayer::backward(const LayerContext& lc, const Tensor& x, const Ten
   // Keys/values: back through the split (dk^R sums over heads, sources §2.5), W_kvb, RoPE, kv_norm.
   be.mla_kv_split_bwd(lc.ctx, {.dkv = dkv, .dkr = dkva, .dk = dk, .dv = dv_t, .n_heads = H, .d_nope = dn, .d_rope = dr, .d_v = dv,
                                .kr_stride = rkv + dr, .kr_offset = rkv});
-  lc.linear_dw(lc.grad(p("wkv_b.weight")), dkv, lc.act(a("ckv")));
-  lc.linear_dx(dckv, dkv, lc.weight(p("wkv_b.weight")));
+  lc.linear_backward(lc.grad(p("wkv_b.weight")), dckv, dkv, lc.act(a("ckv")), lc.weight(p("wkv_b.weight")));
   be.rope(lc.ctx, {.x = dkva, .cos = cos, .sin = sin, .n_heads = 1, .head_stride = rkv + dr, .col_offset = rkv, .rope_dim = dr,
                    .seq_len = T, .inverse = true});
   be.rmsnorm_bwd(lc.ctx, {.dx = dkva, .dw = lc.grad(p("kv_norm.weight")), .dy = dckv, .x = lc.act(a("kva")),
                           .w = lc.param(p("kv_norm.weight")), .rstd = lc.act(a("rstd_kv")), .rows = N, .width = rkv,
                           .x_stride = rkv + dr, .y_stride = rkv});
-  lc.linear_dw(lc.grad(p("wkv_a.weight")), dkva, x_norm);
-  lc.linear_dx(dx_norm, dkva, lc.weight(p("wkv_a.weight")));
+  lc.linear_backward(lc.grad(p("wkv_a.weight")), dx_norm, dkva, x_norm, lc.weight(p("wkv_a.weight")));
 
   // Queries: inverse RoPE on dq, then W_qb, q_norm, W_qa (or W_q).
   be.rope(lc.ctx, {.x = dq, .cos = cos, .sin = sin, .n_heads = H, .head_stride = dqk, .col_offset = dn, .rope_dim = dr, .seq_len = T,
                    .inverse = true});
   if (rq > 0) {
     const Tensor dcq = lc.act("scratch.attn.dcq"), dqa = lc.act("scratch.attn.dqa");
-    lc.linear_dw(lc.grad(p("wq_b.weight")), dq, lc.act(a("cq")));
-    lc.linear_dx(dcq, dq, lc.weight(p("wq_b.weight")));
+    lc.linear_backward(lc.grad(p("wq_b.weight")), dcq, dq, lc.act(a("cq")), lc.weight(p("wq_b.weight")));
     be.rmsnorm_bwd(lc.ctx, {.dx = dqa, .dw = lc.grad(p("q_norm.weight")), .dy = dcq, .x = lc.act(a("qa")), .w = lc.param(p("q_norm.weight")),
                             .rstd = lc.act(a("rstd_q")), .rows = N, .width = rq});
-    lc.linear_dw(lc.grad(p("wq_a.weight")), dqa, x_norm);
-    lc.linear_dx(dx_norm, dqa, lc.weight(p("wq_a.weight")), /*beta=*/1.0);
+    lc.linear_backward(lc.grad(p("wq_a.weight")), dx_norm, dqa, x_norm, lc.weight(p("wq_a.weight")), /*beta_dx=*/1.0);
   } else {
-    lc.linear_dw(lc.grad(p("wq.weight")), dq, x_norm);
-    lc.linear_dx(dx_norm, dq, lc.weight(p("wq.weight")), /*beta=*/1.0);
+    lc.linear_backward(lc.grad(p("wq.weight")), dx_norm, dq, x_norm, lc.weight(p("wq.weight")), /*beta_dx=*/1.0);
   }
   // Pre-norm: the residual stream's gradient gains RMSNorm_attn's backward.
   const std::string norm = fmt::format("layers.{}.attn_norm.weight", l_);

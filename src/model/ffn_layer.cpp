@@ -18,6 +18,9 @@ void FfnLayer::plan(const LayerContext& lc, Arena& acts) const {
   const DType t = lc.dtype;
   acts.add(a("x_norm"), Shape{N, D}, t);
   acts.add(a("rstd_x"), Shape{N}, t);
+  // The bf16 GEMM mode: x_norm rounded once for the GEMMs that read it (the experts' w1/w3 and
+  // their weight gradients); the router and the gather read the f32 x_norm.
+  if (lc.bf16_operands) acts.add(a("x_norm16"), Shape{N, D}, DType::kBF16);
   plan_once(acts, "scratch.ffn.dx_norm", Shape{N, D}, t);
   // Tensors that only GEMMs read (h, da, db, x_perm, dy_perm) are bf16 in the bf16 GEMM mode: the
   // op that writes them rounds once, instead of each GEMM rounding its operand again.
@@ -54,6 +57,11 @@ void FfnLayer::plan(const LayerContext& lc, Arena& acts) const {
   plan_once(acts, "scratch.moe.dlogits", Shape{N, E}, t);
 }
 
+// What the GEMMs read of x_norm: its bf16 copy in the bf16 GEMM mode, else x_norm itself.
+Tensor FfnLayer::gemm_input(const LayerContext& lc) const {
+  return lc.act(a(lc.bf16_operands ? "x_norm16" : "x_norm"));
+}
+
 void FfnLayer::mlp_forward(const LayerContext& lc, const std::string& prefix, const std::string& act_prefix, const Tensor& x,
                            const Tensor& y, double beta) const {
   const Tensor ta = lc.act(a(act_prefix + "a")), tb = lc.act(a(act_prefix + "b")), th = lc.act(a(act_prefix + "h"));
@@ -68,8 +76,7 @@ void FfnLayer::mlp_backward(const LayerContext& lc, const std::string& prefix, c
   const Tensor ta = lc.act(a(act_prefix + "a")), tb = lc.act(a(act_prefix + "b")), th = lc.act(a(act_prefix + "h"));
   const std::string s = fmt::format("scratch.ffn.{}{}.", act_prefix, ta.dim(1));
   const Tensor dh = lc.act(s + "dh"), da = lc.act(s + "da"), db = lc.act(s + "db");
-  lc.linear_dw(lc.grad(p(prefix + "w2.weight")), dy, th);
-  lc.linear_dx(dh, dy, lc.weight(p(prefix + "w2.weight")));
+  lc.linear_backward(lc.grad(p(prefix + "w2.weight")), dh, dy, th, lc.weight(p(prefix + "w2.weight")));
   lc.be->swiglu_bwd(lc.ctx, {.da = da, .db = db, .dh = dh, .a = ta, .b = tb});
   lc.linear_dw(lc.grad(p(prefix + "w1.weight")), da, x);
   lc.linear_dw(lc.grad(p(prefix + "w3.weight")), db, x);
@@ -84,13 +91,15 @@ void FfnLayer::forward(const LayerContext& lc, const Tensor& x, const Tensor& ou
   const Tensor x_norm = lc.act(a("x_norm"));
   const std::string norm = fmt::format("layers.{}.ffn_norm.weight", l_);
   be.rmsnorm_fwd(lc.ctx, {.y = x_norm, .rstd = lc.act(a("rstd_x")), .x = x, .w = lc.param(norm), .rows = N, .width = c.dim, .eps = c.norm_eps});
+  const Tensor xg = gemm_input(lc);
+  if (lc.bf16_operands) be.copy(lc.ctx, {.dst = xg, .src = x_norm});
   be.copy(lc.ctx, {.dst = out, .src = x});  // residual: out = x + FFN(...)
   if (!moe(lc)) {
-    mlp_forward(lc, "", "", x_norm, out, 1.0);
+    mlp_forward(lc, "", "", xg, out, 1.0);
     return;
   }
   // Shared experts: one SwiGLU of width n_shared·moe_inter_dim (spec §4).
-  if (c.n_shared_experts > 0) mlp_forward(lc, "shared.", "shared.", x_norm, out, 1.0);
+  if (c.n_shared_experts > 0) mlp_forward(lc, "shared.", "shared.", xg, out, 1.0);
   // Router (spec §5): z = u Eᵀ, scores, group-limited top-k with the balancing bias.
   const Tensor logits = lc.act(a("logits")), scores = lc.act(a("scores")), idx = lc.act(a("topk_idx")), w = lc.act(a("topk_w"));
   const Tensor counts = lc.act(fmt::format("stats.{}.counts", l_));
@@ -119,13 +128,13 @@ void FfnLayer::backward(const LayerContext& lc, const Tensor& x, const Tensor& d
   const ModelConfig& c = *lc.cfg;
   Backend& be = *lc.be;
   const int64_t N = lc.tokens();
-  const Tensor x_norm = lc.act(a("x_norm")), dx_norm = lc.act("scratch.ffn.dx_norm");
+  const Tensor xg = gemm_input(lc), dx_norm = lc.act("scratch.ffn.dx_norm");
   if (!moe(lc)) {
-    mlp_backward(lc, "", "", x_norm, d_out, dx_norm, 0.0);
+    mlp_backward(lc, "", "", xg, d_out, dx_norm, 0.0);
   } else {
     double beta = 0.0;  // the first contribution to dx_norm overwrites, the rest accumulate
     if (c.n_shared_experts > 0) {
-      mlp_backward(lc, "shared.", "shared.", x_norm, d_out, dx_norm, 0.0);
+      mlp_backward(lc, "shared.", "shared.", xg, d_out, dx_norm, 0.0);
       beta = 1.0;
     }
     const Tensor offsets = lc.act(a("offsets")), slot_pos = lc.act(a("slot_pos")), w = lc.act(a("topk_w"));
@@ -153,8 +162,7 @@ void FfnLayer::backward(const LayerContext& lc, const Tensor& x, const Tensor& d
     if (c.aux_loss_alpha > 0)
       be.aux_loss_bwd(lc.ctx, {.dlogits = dlogits, .scores = scores, .seq_len = lc.seq, .top_k = c.n_activated_experts,
                                .alpha = c.aux_loss_alpha, .dloss = aux_scale, .score_func = c.score_func});
-    lc.linear_dw(lc.grad(p("gate.weight")), dlogits, x_norm);
-    lc.linear_dx(dx_norm, dlogits, lc.param(p("gate.weight")), 1.0);
+    lc.linear_backward(lc.grad(p("gate.weight")), dx_norm, dlogits, xg, lc.param(p("gate.weight")), 1.0);
   }
   const std::string norm = fmt::format("layers.{}.ffn_norm.weight", l_);
   be.rmsnorm_bwd(lc.ctx, {.dx = d_out, .dw = lc.grad(norm), .dy = dx_norm, .x = x, .w = lc.param(norm), .rstd = lc.act(a("rstd_x")),

@@ -22,6 +22,7 @@ class FfnLayer {
   std::string p(const std::string& name) const;  // "layers.{l}.ffn.<name>"
   std::string a(const std::string& name) const;  // "act.{l}.ffn.<name>"
   RouterOptions router_options(const ModelConfig& c) const;
+  Tensor gemm_input(const LayerContext& lc) const;  // x_norm as the GEMMs read it (x_norm16 in bf16 mode)
   // A SwiGLU MLP on rows x [N, D] with weights prefix (w1, w2, w3 ".weight"), y (+)= result.
   void mlp_forward(const LayerContext& lc, const std::string& prefix, const std::string& act_prefix, const Tensor& x,
                    const Tensor& y, double beta) const;

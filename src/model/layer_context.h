@@ -46,6 +46,25 @@ struct LayerContext {
   void linear_dw(const Tensor& dw, const Tensor& dy, const Tensor& x) const {
     be->gemm(ctx, {.c = dw, .a = dy, .b = x, .trans_a = true, .trans_b = false, .alpha = 1.0, .beta = 1.0});
   }
+  // Both backward products of y = x Wᵀ: dW += dyᵀ x, dx = dy W (+ beta_dx·dx). In the bf16 GEMM
+  // mode an f32 dy is rounded to bf16 once for the two GEMMs (each GEMM would round it again).
+  void linear_backward(const Tensor& dw, const Tensor& dx, const Tensor& dy, const Tensor& x, const Tensor& w,
+                       double beta_dx = 0.0) const {
+    const Tensor op = gemm_operand(dy);
+    linear_dw(dw, op, x);
+    linear_dx(dx, op, w, beta_dx);
+  }
+  // t as a GEMM operand read more than once: in the bf16 GEMM mode an f32 t rounded to bf16 into
+  // the shared scratch "scratch.gemm_operand" (valid until the next call), else t itself.
+  Tensor gemm_operand(const Tensor& t) const {
+    if (!bf16_operands || t.dtype != DType::kF32) return t;
+    Tensor op = acts->get("scratch.gemm_operand");
+    DIFFMOE_CHECK(t.numel() <= op.numel(), "[model] a GEMM operand of {} values exceeds scratch.gemm_operand ({})",
+                  t.numel(), op.numel());
+    op.shape = t.shape;
+    be->copy(ctx, {.dst = op, .src = t});
+    return op;
+  }
 };
 
 // Plans an activation view unless a layer of the same kind already did (backward scratch is

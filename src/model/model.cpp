@@ -1,5 +1,7 @@
 #include "model/model.h"
 
+#include <algorithm>
+
 #include <fmt/format.h>
 
 #include <vector>
@@ -102,6 +104,12 @@ void Model::set_batch_shape(int64_t batch, int64_t seq) {
   // Read only by the head's two GEMMs: bf16 in the bf16 GEMM mode (the CE backward rounds it).
   acts_.add("scratch.dlogits", Shape{N, cfg_.vocab_size}, bf16_operands_ ? DType::kBF16 : dtype_);
   acts_.add("scratch.dx_norm", Shape{N, D}, dtype_);
+  if (bf16_operands_) {  // LayerContext::gemm_operand: the widest f32 dy that two backward GEMMs read
+    const ModelConfig& c = cfg_;
+    const int64_t widths[] = {D, c.n_heads * (c.qk_nope_head_dim + c.v_head_dim), c.n_heads * c.d_qk(), c.q_lora_rank,
+                              c.kv_lora_rank + c.qk_rope_head_dim, c.n_routed_experts};
+    acts_.add("scratch.gemm_operand", Shape{N * *std::max_element(std::begin(widths), std::end(widths))}, DType::kBF16);
+  }
   acts_.add("scratch.dresidual", Shape{N, D}, dtype_);
   acts_.add("loss.sum", Shape{1}, dtype_);
   acts_.add("loss.valid", Shape{1}, dtype_);

@@ -403,7 +403,9 @@ void expect_bf16_of(const Dual& got16, const Dual& ref32, const std::string& wha
   int64_t bad = 0;
   for (size_t i = 0; i < got.size(); ++i) {
     const double want = bf16_to_f32(f32_to_bf16(static_cast<float>(ref[i])));
-    if (!(std::fabs(got[i] - want) <= std::ldexp(std::fabs(want), -8) + 1e-30)) ++bad;
+    // One bf16 step at want: 2^(e − 7) for |want| in [2^e, 2^(e+1)) (8 significant bits).
+    const double step = want == 0.0 ? 1e-30 : std::ldexp(1.0, std::ilogb(want) - 7);
+    if (!(std::fabs(got[i] - want) <= step)) ++bad;
   }
   EXPECT_EQ(bad, 0) << what << ": " << bad << " of " << got.size() << " elements are not the f32 result in bf16";
   EXPECT_TRUE(got16.guard_intact()) << what;

@@ -332,6 +332,7 @@ struct Row {
   std::string name;
   double rel = 0;                    // mma.sync vs the cuBLAS loop
   double ours = 0, tma = 0;  // TFLOP/s: mma.sync, TMA kernel
+  double ours_acc = 0, tma_acc = 0;  // the same with beta = 1 (C read and accumulated)
   double tma_rel = -1;       // vs mma.sync
   double loop = 0, dense = 0;
 };
@@ -477,20 +478,27 @@ static void bench() {
       row.tma_rel = check_vs_c("tma", [&] { launch(Kernel::kTma, q, bc.layout); });
       row.tma = tflops(median_ms([&] { launch(Kernel::kTma, q, bc.layout); }, 20));
     }
+    {  // beta = 1, as the model's gradient accumulation (c and cref hold finite values by now)
+      GroupedGemmParams acc = p;
+      acc.beta = 1.0f;
+      row.ours_acc = tflops(median_ms([&] { CK(launch_grouped_gemm(acc, bc.layout, nullptr)); }, 20));
+      if (g_tma) row.tma_acc = tflops(median_ms([&] { launch(Kernel::kTma, acc, bc.layout); }, 20));
+    }
     row.loop = tflops(median_ms([&] { cublas_loop(cref.p); }, 10));
     row.dense = tflops(median_ms(dense, 10));
     rows.push_back(row);
-    std::printf("  %-32s rel %.2e  mma.sync %.0f  tma %.0f (rel %.1e)  loop %.0f  dense %.0f\n", row.name.c_str(),
-                row.rel, row.ours, row.tma, row.tma_rel, row.loop, row.dense);
+    std::printf("  %-32s rel %.2e  mma.sync %.0f (beta 1: %.0f)  tma %.0f (beta 1: %.0f, rel %.1e)  loop %.0f  dense %.0f\n",
+                row.name.c_str(), row.rel, row.ours, row.ours_acc, row.tma, row.tma_acc, row.tma_rel, row.loop, row.dense);
   }
   expect(issue.download()[0].flag == 0, "bench offsets recorded an issue");
   CKB(cublasDestroy(hb));
 
   std::printf("\nTFLOP/s (median of 20; cuBLAS: 10)\n"
-              "| call | rel vs cuBLAS | mma.sync 128x128x64 | TMA wgmma 128x256x64 | cuBLAS loop | dense cuBLAS |\n"
-              "|---|---|---|---|---|---|\n");
+              "| call | rel vs cuBLAS | mma.sync 128x128x64 | TMA wgmma 128x256x64 | mma.sync, beta 1 | TMA, beta 1 | cuBLAS loop | dense cuBLAS |\n"
+              "|---|---|---|---|---|---|---|---|\n");
   for (const Row& r : rows)
-    std::printf("| %s | %.1e | %.0f | %.0f | %.0f | %.0f |\n", r.name.c_str(), r.rel, r.ours, r.tma, r.loop, r.dense);
+    std::printf("| %s | %.1e | %.0f | %.0f | %.0f | %.0f | %.0f | %.0f |\n", r.name.c_str(), r.rel, r.ours, r.tma, r.ours_acc,
+                r.tma_acc, r.loop, r.dense);
 }
 
 int main(int argc, char** argv) {

@@ -359,38 +359,50 @@ __global__ void __launch_bounds__(TmaGemmTiles<L>::kThreads, 1)
     if (ti.skip) continue;
 
     // Epilogue: accumulator 4j + e of warp w in the warpgroup is (row 16w + lane/4 + 8·(e/2),
-    // col 8j + 2·(lane%4) + e%2) of the warpgroup's m64×n256 block.
+    // col 8j + 2·(lane%4) + e%2) of the warpgroup's m64×n256 block. With beta ≠ 0 every old C value
+    // of the thread is loaded first, then all stores follow: a load after each store would wait for
+    // DRAM once per value (the compiler cannot reorder a load past a store that may alias it), which
+    // made beta = 1 calls (wgrad's accumulation, dgrad's second term) 2-4× slower.
     float* c_tile = L == GroupedLayout::kWgrad
                         ? p.c + (static_cast<int64_t>(ti.g) * p.m + ti.m0) * p.n
                         : p.c + static_cast<int64_t>(ti.a_row) * p.n;
+    const int row0 = cw * 64 + (warp % 4) * 16 + lane / 4;
+    const auto in_tile = [&](int half, int j) {
+      return row0 + half * 8 < ti.m_valid && ti.n0 + j * 8 + (lane % 4) * 2 < p.n;
+    };
+    const auto at = [&](int half, int j) {
+      return c_tile + static_cast<int64_t>(row0 + half * 8) * p.n + ti.n0 + j * 8 + (lane % 4) * 2;
+    };
 #pragma unroll
-    for (int half = 0; half < 2; ++half) {
-      const int row = cw * 64 + (warp % 4) * 16 + lane / 4 + half * 8;
-      if (row >= ti.m_valid) continue;
-      float* crow = c_tile + static_cast<int64_t>(row) * p.n;
+    for (int e = 0; e < 128; ++e) acc[e] *= p.alpha;
+    if (p.beta != 0.0f) {
+#pragma unroll
+      for (int half = 0; half < 2; ++half)
+#pragma unroll
+        for (int j = 0; j < kBN / 8; ++j) {
+          if (!in_tile(half, j)) continue;
+          const float* c = at(half, j);
+          float2 old;
+          if (vec2) old = *reinterpret_cast<const float2*>(c);
+          else old = make_float2(c[0], ti.n0 + j * 8 + (lane % 4) * 2 + 1 < p.n ? c[1] : 0.0f);
+          acc[j * 4 + half * 2] += p.beta * old.x;
+          acc[j * 4 + half * 2 + 1] += p.beta * old.y;
+        }
+    }
+#pragma unroll
+    for (int half = 0; half < 2; ++half)
 #pragma unroll
       for (int j = 0; j < kBN / 8; ++j) {
-        const int col = ti.n0 + j * 8 + (lane % 4) * 2;
-        if (col >= p.n) continue;
-        float v0 = p.alpha * acc[j * 4 + half * 2], v1 = p.alpha * acc[j * 4 + half * 2 + 1];
+        if (!in_tile(half, j)) continue;
+        float* c = at(half, j);
+        const float v0 = acc[j * 4 + half * 2], v1 = acc[j * 4 + half * 2 + 1];
         if (vec2) {
-          float2* c2 = reinterpret_cast<float2*>(crow + col);
-          if (p.beta != 0.0f) {
-            const float2 old = *c2;
-            v0 += p.beta * old.x;
-            v1 += p.beta * old.y;
-          }
-          *c2 = make_float2(v0, v1);
+          *reinterpret_cast<float2*>(c) = make_float2(v0, v1);
         } else {
-          if (p.beta != 0.0f) v0 += p.beta * crow[col];
-          crow[col] = v0;
-          if (col + 1 < p.n) {
-            if (p.beta != 0.0f) v1 += p.beta * crow[col + 1];
-            crow[col + 1] = v1;
-          }
+          c[0] = v0;
+          if (ti.n0 + j * 8 + (lane % 4) * 2 + 1 < p.n) c[1] = v1;
         }
       }
-    }
   }
 #else
   __trap();  // built without sm_90a features: the host launches this only after wgmma_supported()
