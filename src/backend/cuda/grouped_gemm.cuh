@@ -177,30 +177,41 @@ __device__ inline void report_bad_offsets(const GroupedGemmParams& p) {
   }
 }
 
+// One warp over groups g0 … g0+31 (lane = g − g0): *tiles = the lane's group's m-tile count
+// (ceil(rows_g / kBM); 0 for a bad or missing group), *lo = its first row; returns the inclusive
+// prefix of the counts over the 32 lanes (by shuffles).
+template <int kBM>
+__device__ __forceinline__ int m_tiles_inclusive(const GroupedGemmParams& p, int g0, int lane, int* tiles, int* lo) {
+  const int g = g0 + lane;
+  int rows = -1;
+  *lo = 0;
+  if (g < p.groups) rows = group_rows(p, g, lo);
+  *tiles = rows > 0 ? (rows + kBM - 1) / kBM : 0;
+  int incl = *tiles;
+#pragma unroll
+  for (int o = 1; o < 32; o <<= 1) {
+    const int v = __shfl_up_sync(0xffffffffu, incl, o);
+    if (lane >= o) incl += v;
+  }
+  return incl;
+}
+
 // One warp: the group and m-tile of m-tile number `slot` over all groups (each group has
 // ceil(rows_g / kBM) of them; bad groups none): s_tile = {group or −1, first row of the group,
-// m-tile within the group}. An exclusive prefix over the groups, 32 per step, by shuffles.
+// m-tile within the group}. An exclusive prefix over the groups, 32 per step.
 template <int kBM>
 __device__ inline void find_m_tile(const GroupedGemmParams& p, int slot, int* s_tile, int lane) {
   if (lane == 0) s_tile[0] = -1;
   __syncwarp();
   int base = 0;
   for (int g0 = 0; g0 < p.groups; g0 += 32) {
-    const int g = g0 + lane;
-    int lo = 0, rows = -1;
-    if (g < p.groups) rows = group_rows(p, g, &lo);
-    const int tiles = rows > 0 ? (rows + kBM - 1) / kBM : 0;
-    int incl = tiles;
-#pragma unroll
-    for (int o = 1; o < 32; o <<= 1) {
-      const int v = __shfl_up_sync(0xffffffffu, incl, o);
-      if (lane >= o) incl += v;
-    }
+    int tiles, lo;
+    const int incl = m_tiles_inclusive<kBM>(p, g0, lane, &tiles, &lo);
     const int excl = incl - tiles;
     const bool mine = slot >= base + excl && slot < base + incl;
     if (__ballot_sync(0xffffffffu, mine) != 0) {  // warp-uniform
       if (mine) {
-        s_tile[0] = g;
+        s_tile[0] = g0 + lane;
         s_tile[1] = lo;
         s_tile[2] = slot - base - excl;
       }

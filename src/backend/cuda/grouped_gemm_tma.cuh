@@ -234,17 +234,9 @@ __device__ inline void build_m_tile_prefix(const GroupedGemmParams& p, int* s_pr
   int base = 0;
   if (lane == 0) s_prefix[0] = 0;
   for (int g0 = 0; g0 < p.groups; g0 += 32) {
-    const int g = g0 + lane;
-    int lo = 0, rows = -1;
-    if (g < p.groups) rows = group_rows(p, g, &lo);
-    const int tiles = rows > 0 ? (rows + kBM - 1) / kBM : 0;
-    int incl = tiles;
-#pragma unroll
-    for (int o = 1; o < 32; o <<= 1) {
-      const int v = __shfl_up_sync(0xffffffffu, incl, o);
-      if (lane >= o) incl += v;
-    }
-    if (g < p.groups) s_prefix[g + 1] = base + incl;
+    int tiles, lo;
+    const int incl = m_tiles_inclusive<kBM>(p, g0, lane, &tiles, &lo);
+    if (g0 + lane < p.groups) s_prefix[g0 + lane + 1] = base + incl;
     base += __shfl_sync(0xffffffffu, incl, 31);
   }
 }
