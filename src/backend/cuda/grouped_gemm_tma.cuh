@@ -316,18 +316,6 @@ __global__ void __launch_bounds__(TmaGemmTiles<L>::kThreads, 1)
   int it = 0;
   TmaTile ti;
   for (int t = blockIdx.x; tma_tile_at<L>(p, s_prefix, t, ti); t += gridDim.x) {
-    float* c_tile = L == GroupedLayout::kWgrad
-                        ? p.c + (static_cast<int64_t>(ti.g) * p.m + ti.m0) * p.n
-                        : p.c + static_cast<int64_t>(ti.a_row) * p.n;
-    if (p.beta != 0.0f && !ti.skip) {
-      // The epilogue reads this tile's C: ask for it in L2 now, so those loads hit L2 after the
-      // MMAs instead of waiting for DRAM (this warpgroup's 64 rows, 128-byte lines of 32 floats).
-      for (int i = wtid; i < 64 * (kBN / 32); i += 128) {
-        const int row = cw * 64 + i / (kBN / 32), col = ti.n0 + i % (kBN / 32) * 32;
-        if (row < ti.m_valid && col < p.n)
-          asm volatile("prefetch.global.L2 [%0];\n" ::"l"(c_tile + static_cast<int64_t>(row) * p.n + col));
-      }
-    }
 #pragma unroll
     for (int e = 0; e < 128; ++e) acc[e] = 0.0f;
     for (int kt = 0; kt < ti.k_tiles; ++kt, ++it) {
@@ -366,8 +354,10 @@ __global__ void __launch_bounds__(TmaGemmTiles<L>::kThreads, 1)
     // col 8j + 2·(lane%4) + e%2) of the warpgroup's m64×n256 block. With beta ≠ 0 every old C value
     // of the thread is loaded first, then all stores follow: a load after each store would wait for
     // DRAM once per value (the compiler cannot reorder a load past a store that may alias it), which
-    // made beta = 1 calls (wgrad's accumulation, dgrad's second term) 2-4× slower; the loads
-    // find C in L2 (prefetched at the tile's start).
+    // made beta = 1 calls (wgrad's accumulation, dgrad's second term) 2-4× slower.
+    float* c_tile = L == GroupedLayout::kWgrad
+                        ? p.c + (static_cast<int64_t>(ti.g) * p.m + ti.m0) * p.n
+                        : p.c + static_cast<int64_t>(ti.a_row) * p.n;
     const int row0 = cw * 64 + (warp % 4) * 16 + lane / 4;
     const auto in_tile = [&](int half, int j) {
       return row0 + half * 8 < ti.m_valid && ti.n0 + j * 8 + (lane % 4) * 2 < p.n;
