@@ -23,6 +23,10 @@ struct LayerContext {
   // The bf16 GEMM mode on CUDA: activations read only by GEMMs (the gathered expert rows) are
   // planned in bf16 (spec §7). Fixed when the activation arena is planned.
   bool bf16_operands = false;
+  // beta of the GEMMs that write weight gradients: 1 (accumulate, STYLE.md habit 2), or 0 in the
+  // first backward after Model::zero_grads, where the gradients are zero and += is =: the GEMM then
+  // does not read them (each GEMM weight gets exactly one GEMM gradient per backward).
+  double dw_beta = 1.0;
 
   int64_t tokens() const { return batch * seq; }
   Tensor param(const std::string& name) const { return params->get(name); }
@@ -42,9 +46,9 @@ struct LayerContext {
   void linear_dx(const Tensor& dx, const Tensor& dy, const Tensor& w, double beta = 0.0) const {
     be->gemm(ctx, {.c = dx, .a = dy, .b = w, .trans_a = false, .trans_b = false, .alpha = 1.0, .beta = beta});
   }
-  // dW += dyᵀ x                  weight gradients accumulate (STYLE.md habit 2)
+  // dW += dyᵀ x                  weight gradients accumulate (STYLE.md habit 2; dw_beta above)
   void linear_dw(const Tensor& dw, const Tensor& dy, const Tensor& x) const {
-    be->gemm(ctx, {.c = dw, .a = dy, .b = x, .trans_a = true, .trans_b = false, .alpha = 1.0, .beta = 1.0});
+    be->gemm(ctx, {.c = dw, .a = dy, .b = x, .trans_a = true, .trans_b = false, .alpha = 1.0, .beta = dw_beta});
   }
   // Both backward products of y = x Wᵀ: dW += dyᵀ x, dx = dy W (+ beta_dx·dx). In the bf16 GEMM
   // mode an f32 dy is rounded to bf16 once for the two GEMMs (each GEMM would round it again).

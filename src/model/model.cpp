@@ -178,7 +178,11 @@ void Model::check_precision_unchanged(const char* where) const {
 
 void Model::backward(Context ctx, double grad_scale) {
   check_precision_unchanged("backward");
-  const LayerContext lc = layer_context(ctx);
+  LayerContext lc = layer_context(ctx);
+  // The first backward after zero_grads writes the GEMM weight gradients instead of adding to
+  // zeros (LayerContext::dw_beta); every later one (gradient accumulation) adds.
+  lc.dw_beta = grads_zero_ ? 0.0 : 1.0;
+  grads_zero_ = false;
   const int64_t N = batch_ * seq_;
   const Tensor xn = acts_.get("act.final.x_norm"), logits = acts_.get("act.final.logits");
   const Tensor dlogits = acts_.get("scratch.dlogits"), dxn = acts_.get("scratch.dx_norm"), dres = acts_.get("scratch.dresidual");
@@ -198,7 +202,10 @@ void Model::backward(Context ctx, double grad_scale) {
 }
 
 // One fill over the whole gradient arena (its padding too) instead of one per tensor.
-void Model::zero_grads(Context ctx) { be_->fill(ctx, {.out = grads_.flat(), .value = 0.0}); }
+void Model::zero_grads(Context ctx) {
+  be_->fill(ctx, {.out = grads_.flat(), .value = 0.0});
+  grads_zero_ = true;
+}
 
 void Model::zero_expert_counts(Context ctx) {
   for (int64_t l = cfg_.n_dense_layers; l < cfg_.n_layers; ++l) be_->fill(ctx, {.out = expert_counts(l), .value = 0.0});

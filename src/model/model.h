@@ -80,6 +80,7 @@ class Model {
   int64_t batch_ = 0, seq_ = 0;
   bool bf16_operands_ = false;  // the backend's bf16 GEMM mode when the activations were planned
   bool copies_fresh_ = false;   // weight_copies_written() since the last forward
+  bool grads_zero_ = false;     // zero_grads() since the last backward (LayerContext::dw_beta)
   Tensor last_tokens_, last_targets_;  // [N] views of the last forward's inputs
 };
 

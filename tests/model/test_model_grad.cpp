@@ -3,7 +3,9 @@
 // routers with and without groups and bias, shared experts on/off, tied and untied embeddings.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
+#include <vector>
 
 #include "backend/cpu/cpu_backend.h"
 #include "micro_config.h"
@@ -88,6 +90,57 @@ TEST(ModelGrad, DifferentialWithoutYarnOrGroupsUntied) {
   j["balance_bias"] = false;
   j["q_lora_rank"] = 0;
   check_model_gradients(ModelConfig::from_json(j, "variant"), 37);
+}
+
+// All gradients as one vector, in the specs' order.
+std::vector<double> all_grads(Model& m) {
+  std::vector<double> v;
+  for (const ParamSpec& p : m.specs()) {
+    if (!p.trainable()) continue;
+    const Tensor g = m.grads().get(p.name);
+    for (int64_t i = 0; i < g.numel(); ++i) v.push_back(test::get(g, i));
+  }
+  return v;
+}
+
+// The first backward after zero_grads overwrites the GEMM weight gradients (LayerContext::dw_beta
+// = 0) instead of adding to zeros; later backwards add. Checked for both micro configs (untied and
+// tied embeddings, where the head's GEMM and the embedding's scatter share one gradient):
+// garbage in the gradients is gone after zero_grads; two backwards give twice one backward; without
+// zero_grads a backward adds to what is there.
+TEST(Model, FirstBackwardAfterZeroGradsOverwritesLaterOnesAdd) {
+  for (const ModelConfig& cfg : {test::micro_diff_config(), test::micro_plain_config()}) {
+    SCOPED_TRACE(cfg.tie_embeddings ? "micro_plain (tied)" : "micro_diff (untied)");
+    CpuBackend be;
+    Model m(cfg, be, DType::kF64);
+    m.set_batch_shape(2, 5);
+    test::randomize_for_test(m, 3);
+    const Batch b = make_batch(cfg, 2, 5, 77);
+    const auto fill_grads = [&](double v) {
+      for (const ParamSpec& p : m.specs())
+        if (p.trainable()) be.fill({}, {.out = m.grads().get(p.name), .value = v});
+    };
+    fill_grads(123.0);
+    m.zero_grads({});
+    total_loss(m, b);
+    m.backward({}, 1.0);
+    const std::vector<double> once = all_grads(m);
+    total_loss(m, b);
+    m.backward({}, 1.0);
+    const std::vector<double> twice = all_grads(m);
+    fill_grads(0.5);  // no zero_grads: the next backward adds onto 0.5
+    total_loss(m, b);
+    m.backward({}, 1.0);
+    const std::vector<double> onto = all_grads(m);
+    ASSERT_EQ(once.size(), twice.size());
+    double max_abs = 0.0;
+    for (size_t i = 0; i < once.size(); ++i) {
+      max_abs = std::max(max_abs, std::fabs(once[i]));
+      EXPECT_NEAR(twice[i], 2.0 * once[i], 1e-12 * (1.0 + std::fabs(once[i]))) << "element " << i;
+      EXPECT_NEAR(onto[i], 0.5 + once[i], 1e-12 * (1.0 + std::fabs(once[i]))) << "element " << i;
+    }
+    EXPECT_GT(max_abs, 1e-3);  // the gradients are not all zero
+  }
 }
 
 TEST(Model, F32MatchesF64AndIsDeterministic) {
