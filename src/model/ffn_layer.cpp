@@ -18,8 +18,9 @@ void FfnLayer::plan(const LayerContext& lc, Arena& acts) const {
   const DType t = lc.dtype;
   acts.add(a("x_norm"), Shape{N, D}, t);
   acts.add(a("rstd_x"), Shape{N}, t);
-  // The bf16 GEMM mode: x_norm rounded once for the GEMMs that read it (the experts' w1/w3 and
-  // their weight gradients); the router and the gather read the f32 x_norm.
+  // The bf16 GEMM mode: x_norm rounded once for the GEMMs that read it (w1/w3 of the dense FFN or
+  // the shared experts, their weight gradients, the router's weight gradient); the router's
+  // forward GEMM (f32_exact) and the gather read the f32 x_norm.
   if (lc.bf16_operands) acts.add(a("x_norm16"), Shape{N, D}, DType::kBF16);
   plan_once(acts, "scratch.ffn.dx_norm", Shape{N, D}, t);
   // Tensors that only GEMMs read (h, da, db, x_perm, dy_perm) are bf16 in the bf16 GEMM mode: the
