@@ -104,9 +104,8 @@ OpScope::~OpScope() {
   if (be_ != nullptr) be_->profile_end();
 }
 
-DetailScope::DetailScope(CudaBackend& be, cudaStream_t s, const std::string& name)
-    : be_(be.profiling_details() ? &be : nullptr) {
-  if (be_ == nullptr) return;
+void DetailScope::begin(CudaBackend& be, cudaStream_t s, const std::string& name) {
+  be_ = &be;
   stat_ = be_->profile_detail_stat(name);
   start_ = be_->profile_event();
   stream_ = s;

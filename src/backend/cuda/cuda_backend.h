@@ -70,13 +70,17 @@ class OpScope {
 // "· name" of the profile (not added to the total: the op's row has its time too). Off: one branch.
 class DetailScope {
  public:
-  DetailScope(CudaBackend& be, cudaStream_t s, const std::string& name);
+  // name(): the row's name, a callable so that it is built only when details are profiled (a
+  // std::string per GEMM call would be host work on every step otherwise).
+  template <class Name>
+  DetailScope(CudaBackend& be, cudaStream_t s, Name&& name);
   ~DetailScope();
   DetailScope(const DetailScope&) = delete;
   DetailScope& operator=(const DetailScope&) = delete;
 
  private:
-  CudaBackend* be_;  // null when not profiling details
+  void begin(CudaBackend& be, cudaStream_t s, const std::string& name);
+  CudaBackend* be_ = nullptr;  // null when not profiling details
   size_t stat_ = 0;
   cudaEvent_t start_ = nullptr;
   cudaStream_t stream_ = nullptr;
@@ -201,6 +205,11 @@ class CudaBackend final : public Backend, public OpProfiler {
   std::vector<PendingOp> profile_pending_;
   std::vector<cudaEvent_t> profile_free_events_;
 };
+
+template <class Name>
+DetailScope::DetailScope(CudaBackend& be, cudaStream_t s, Name&& name) {
+  if (be.profiling_details()) begin(be, s, std::string(name()));
+}
 
 std::unique_ptr<Backend> make_cuda_backend();
 

@@ -77,7 +77,7 @@ std::pair<Operand, Operand> gemm_operands(CudaBackend& be, cudaStream_t s, const
   char* buf = a_bytes + b_bytes == 0 ? nullptr : static_cast<char*>(be.gemm_bf16_scratch(a_bytes + b_bytes));
   const auto convert = [&](const Tensor& t, int64_t n, char* dst_bytes) -> Operand {
     if (t.dtype == DType::kBF16) return Operand{t.data, true};
-    const DetailScope detail(be, s, fmt::format("{} f32->bf16 operand", op));
+    const DetailScope detail(be, s, [&] { return fmt::format("{} f32->bf16 operand", op); });
     f32_to_bf16(dst_bytes, f32(t), n, s, op);
     return Operand{dst_bytes, true};
   };
@@ -146,10 +146,10 @@ const gg::bf16* grouped_operand(CudaBackend& be, const Tensor& t, int64_t rows, 
   if (t.dtype == DType::kBF16) {
     const auto* src = static_cast<const gg::bf16*>(t.data);
     if (gg::pad8(cols) == cols && reinterpret_cast<uintptr_t>(src) % 16 == 0) return src;
-    const DetailScope detail(be, s, "grouped operand bf16 padded copy");
+    const DetailScope detail(be, s, [] { return "grouped operand bf16 padded copy"; });
     CUDA_CHECK(gg::launch_to_bf16_padded(dst, src, rows, cols, s));
   } else {
-    const DetailScope detail(be, s, "grouped operand f32->bf16");
+    const DetailScope detail(be, s, [] { return "grouped operand f32->bf16"; });
     CUDA_CHECK(gg::launch_to_bf16_padded(dst, f32(t), rows, cols, s));
   }
   return dst;
@@ -168,8 +168,9 @@ void launch_grouped(CudaBackend& be, const gg::GroupedGemmParams& p, gg::Grouped
                why_not == nullptr ? "TMA + wgmma kernel" : "mma.sync kernel: ", why_not == nullptr ? "" : why_not);
     once = true;
   }
-  const DetailScope detail(be, s, fmt::format("grouped kernel {} m{} n{} k{} beta{}", static_cast<int>(layout), p.m, p.n,
-                                             p.k, p.beta));
+  const DetailScope detail(be, s, [&] {
+    return fmt::format("grouped kernel {} m{} n{} k{} beta{}", static_cast<int>(layout), p.m, p.n, p.k, p.beta);
+  });
   if (why_not == nullptr) {
     switch (layout) {
       case gg::GroupedLayout::kFwd: CUDA_CHECK(gg::launch_grouped_gemm_tma<gg::GroupedLayout::kFwd>(p, s)); return;
@@ -201,8 +202,9 @@ void CudaBackend::gemm(Context ctx, const GemmArgs& a) {
   const bool reads = d.m > 0 && d.n > 0 && d.k > 0;  // else C = beta·C (or nothing): no operand read
   const auto [op_a, op_b] =
       gemm_operands(*this, s, a.a, reads ? a.a.numel() : 0, a.b, reads ? a.b.numel() : 0, "gemm", a.f32_exact);
-  const DetailScope detail(*this, s, fmt::format("gemm {}x{}x{} {}{} beta{}", d.m, d.n, d.k, a.trans_a ? "T" : "N",
-                                                a.trans_b ? "T" : "N", a.beta));
+  const DetailScope detail(*this, s, [&] {
+    return fmt::format("gemm {}x{}x{} {}{} beta{}", d.m, d.n, d.k, a.trans_a ? "T" : "N", a.trans_b ? "T" : "N", a.beta);
+  });
   gemm_row_major(*this, s, a.trans_a, a.trans_b, d.m, d.n, d.k, a.alpha, op_a, a.a.dim(1), op_b, a.b.dim(1), a.beta,
                  f32(a.c), d.n, "gemm");
 }
