@@ -64,13 +64,18 @@ struct GemmArgs {
 };
 // Grouped GEMM over experts, groups are contiguous row blocks of A and C given by
 // offsets [G+1] (i32, device-resident; offsets[0] = 0, offsets[G] = rows in use):
-//   C[rows_g] = alpha · A[rows_g] · op(B[g]) + beta · C[rows_g]
+//   C[rows_g] = alpha · (A[rows_g] · op(B[g]) + A2[rows_g] · op(B2[g])) + beta · C[rows_g]
 // A: [R, k]; B: [G, n, k] when trans_b (weights stored [out,in]) else [G, k, n]; C: [R, n].
-// Rows at or beyond offsets[G] are left untouched.
+// The second term (a2, b2) is optional: both empty (default) = none. It has the same layout rules
+// as (a, b) with its own inner size k2 (may differ from k): A2 [R, k2], B2 [G, n, k2] when trans_b
+// else [G, k2, n]. It equals a one-term call followed by a second one with beta = 1, but the GPU
+// kernel sums both products in one accumulator (K = k + k2) and writes C once: the MoE backward's
+// dx_perm = da·W1 + db·W3. Rows at or beyond offsets[G] are left untouched.
 struct GroupedGemmArgs {
   Tensor c; Tensor a; Tensor b; Tensor offsets;
   bool trans_b = true;
   double alpha = 1.0, beta = 0.0;
+  Tensor a2 = {}; Tensor b2 = {};
 };
 // Weight gradient of a grouped GEMM ("k-grouped"): for each group g,
 //   C[g] = alpha · A[rows_g]ᵀ · B[rows_g] + beta · C[g]

@@ -369,6 +369,21 @@ GroupedGemmDims validate_grouped_gemm(const GroupedGemmArgs& a, Device dev) {
   check_device(a.offsets, dev, kOp, "offsets");
   check_shape(a.offsets, Shape{d.groups + 1}, kOp, "offsets");
   check_dtype(a.offsets, DType::kI32, kOp, "offsets");
+  // The optional second term: A2 [R, k2], B2 [G, n, k2] (trans_b) or [G, k2, n], as A and B.
+  d.two_terms = a.a2.defined() || a.b2.defined();
+  if (!d.two_terms) return d;
+  DIFFMOE_CHECK(a.a2.defined() && a.b2.defined(),
+                "[grouped_gemm] the second term needs both a2 and b2: a2 is {}, b2 is {}",
+                a.a2.defined() ? a.a2.describe() : "not given", a.b2.defined() ? a.b2.describe() : "not given");
+  check_gemm_operand(a.a2, dt, 2, dev, kOp, "a2");
+  check_gemm_operand(a.b2, dt, 3, dev, kOp, "b2");
+  d.k2 = a.a2.dim(1);
+  DIFFMOE_CHECK(a.a2.dim(0) == d.rows, "[grouped_gemm] shapes do not match: a2 {} must have A's R = {} rows",
+                a.a2.shape.str(), d.rows);
+  const Shape want_b2 = a.trans_b ? Shape{d.groups, d.n, d.k2} : Shape{d.groups, d.k2, d.n};
+  DIFFMOE_CHECK(a.b2.shape == want_b2,
+                "[grouped_gemm] shapes do not match: b2 {} must be {} = {} (G and n as B, k2 as a2 {})",
+                a.b2.shape.str(), want_b2.str(), a.trans_b ? "[G, n, k2]" : "[G, k2, n]", a.a2.shape.str());
   return d;
 }
 

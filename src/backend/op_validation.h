@@ -51,8 +51,11 @@ struct GemmDims {
 GemmDims validate_gemm(const GemmArgs& a, Device dev);
 struct GroupedGemmDims {
   int64_t rows = 0, k = 0, n = 0, groups = 0;
+  int64_t k2 = 0;       // the second term's inner size (0 without one)
+  bool two_terms = false;
 };
-GroupedGemmDims validate_grouped_gemm(const GroupedGemmArgs& a, Device dev);  // offsets' shape/dtype too
+// Offsets' shape/dtype too, and the optional second term (a2 and b2 both given or both empty).
+GroupedGemmDims validate_grouped_gemm(const GroupedGemmArgs& a, Device dev);
 struct GroupedGemmWgradDims {
   int64_t rows = 0, m = 0, n = 0, groups = 0;
 };

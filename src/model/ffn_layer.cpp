@@ -153,8 +153,9 @@ void FfnLayer::backward(const LayerContext& lc, const Tensor& x, const Tensor& d
     be.swiglu_bwd(lc.ctx, {.da = da, .db = db, .dh = dh, .a = ea, .b = eb});
     be.grouped_gemm_wgrad(lc.ctx, {.c = lc.grad(p("experts.w1")), .a = da, .b = x_perm, .offsets = offsets, .beta = lc.dw_beta});
     be.grouped_gemm_wgrad(lc.ctx, {.c = lc.grad(p("experts.w3")), .a = db, .b = x_perm, .offsets = offsets, .beta = lc.dw_beta});
-    be.grouped_gemm(lc.ctx, {.c = dx_perm, .a = da, .b = lc.weight(p("experts.w1")), .offsets = offsets, .trans_b = false});
-    be.grouped_gemm(lc.ctx, {.c = dx_perm, .a = db, .b = lc.weight(p("experts.w3")), .offsets = offsets, .trans_b = false, .beta = 1.0});
+    // dx_perm = da·W1 + db·W3 per group, one two-term call (the GPU sums both in one accumulator).
+    be.grouped_gemm(lc.ctx, {.c = dx_perm, .a = da, .b = lc.weight(p("experts.w1")), .offsets = offsets, .trans_b = false,
+                             .a2 = db, .b2 = lc.weight(p("experts.w3"))});
     if (beta == 0.0) be.fill(lc.ctx, {.out = dx_norm, .value = 0.0});
     be.moe_gather_bwd(lc.ctx, {.dx = dx_norm, .dx_perm = dx_perm, .slot_pos = slot_pos});
     // Router: gradient through the weights only, plus the sequence aux loss (sources §4.4, §4.6).

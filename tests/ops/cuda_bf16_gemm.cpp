@@ -8,6 +8,9 @@
 // GroupedKernel* cover its three layouts at sizes that are not tile multiples (k = 40, n = 24;
 // groups longer than one 128-row tile and several k-tiles with a partial last one), empty groups
 // first, in the middle and last, 1-row groups, and bad offsets reported by synchronize().
+// GroupedTwoTerms: grouped_gemm with a second term (a2, b2; C = alpha·(A·op(B) + A2·op(B2)) + beta·C,
+// the MoE dx_perm = da·W1 + db·W3) against the CPU's two passes, in both precisions: the TMA kernel
+// sums both terms in one launch, the mma.sync kernel and the per-group f32 path run two passes.
 //
 // Tolerance (STYLE.md numerics policy, BF16): ‖cuda − cpu‖/‖cpu‖ ≤ 1e-2 over the whole output.
 // Why: the bf16 mode rounds A and B to bf16 (8-bit mantissa: relative error ≤ 2^-9 each, about
@@ -16,6 +19,7 @@
 // size: ‖err‖/‖ref‖ ≈ 1.6e-3, well inside 1e-2. It also must be at least 1e-4: f32 GEMMs differ from
 // the CPU by ~1e-7, so a smaller error would mean the bf16 inputs were not used.
 #include <cmath>
+#include <tuple>
 
 #include "backend/cuda/cuda_backend.h"
 #include "cuda_dual.h"
@@ -359,6 +363,80 @@ TEST(CudaBf16Gemm, GroupedBf16Operands) {
     });
     expect_rel(wc, fmt::format("bf16 operands grouped wgrad m={} n={}", n, k));
   }
+}
+
+// One two-term grouped GEMM case on both backends: A [R,k], A2 [R,k2], B/B2 by trans_b; the rows in
+// use of C NaN-poisoned when beta = 0, rows ≥ offsets[G] kept (compared bitwise by expect_rel).
+// bf16_mask (GPU side, bf16 mode only): bit 0 A, 1 B, 2 A2, 3 B2 passed as bf16 copies.
+struct TwoTermCase {
+  int64_t n, k, k2;
+  bool trans_b;
+  double beta;
+  int bf16_mask = 0;
+};
+Dual run_two_terms(const TwoTermCase& tc, const std::vector<double>& offsets, int64_t R, uint64_t seed) {
+  const int64_t G = static_cast<int64_t>(offsets.size()) - 1, used = static_cast<int64_t>(offsets.back());
+  const auto b_shape = [&](int64_t k) { return tc.trans_b ? Shape{G, tc.n, k} : Shape{G, k, tc.n}; };
+  Dual a(Shape{R, tc.k}), b(b_shape(tc.k)), a2(Shape{R, tc.k2}), b2(b_shape(tc.k2)), c(Shape{R, tc.n});
+  Dual off(Shape{G + 1}, DType::kI32);
+  a.normal(seed);
+  b.normal(seed + 1);
+  a2.normal(seed + 2);
+  b2.normal(seed + 3);
+  off.set(offsets);
+  std::vector<double> c0(static_cast<size_t>(R * tc.n));
+  for (int64_t i = 0; i < R * tc.n; ++i)
+    c0[static_cast<size_t>(i)] =
+        (tc.beta == 0.0 && i < used * tc.n) ? std::nan("") : normal_at(seed + 4, 1, static_cast<uint64_t>(i));
+  c.set(c0);
+  const Dual a16 = bf16_copy(a, Shape{R, tc.k}), b16 = bf16_copy(b, b_shape(tc.k));
+  const Dual a2_16 = bf16_copy(a2, Shape{R, tc.k2}), b2_16 = bf16_copy(b2, b_shape(tc.k2));
+  run_both([&](Backend& be, Side s) {
+    const auto pick = [&](const Dual& f32, const Dual& b16_copy, int bit) {
+      return s == Side::kGpu && (tc.bf16_mask & bit) != 0 ? b16_copy[s] : f32[s];
+    };
+    be.grouped_gemm({}, {.c = c[s], .a = pick(a, a16, 1), .b = pick(b, b16, 2), .offsets = off[s], .trans_b = tc.trans_b,
+                         .alpha = -1.25, .beta = tc.beta, .a2 = pick(a2, a2_16, 4), .b2 = pick(b2, b2_16, 8)});
+  });
+  return c;
+}
+
+TEST(CudaBf16Gemm, GroupedTwoTerms) {
+  uint64_t seed = 1000;
+  {
+    const Bf16Mode mode;
+    for (bool trans_b : {true, false})
+      for (double beta : {0.0, 1.0})
+        // k2 ≠ k: odd k2 (padded copy), several n-tiles and k-tiles with partial last ones in both
+        // terms, odd n and k < k2, whole k-tiles (the second term starts on a fresh ring stage).
+        for (const auto& [n, k, k2] : {std::tuple<int64_t, int64_t, int64_t>{24, 40, 19}, {200, 264, 72}, {13, 19, 40},
+                                       {24, 64, 128}}) {
+          const TwoTermCase tc{.n = n, .k = k, .k2 = k2, .trans_b = trans_b, .beta = beta};
+          const Dual c = run_two_terms(tc, kKernelOffsets, kKernelRows, seed += 5);
+          expect_rel(c, fmt::format("bf16 two-term grouped n={} k={}+{} trans_b={} beta={}", n, k, k2, trans_b, beta),
+                     kKernelUsed * n);
+        }
+    // bf16 operands: read in place (rows a multiple of 8) or copied (padded), mixed with f32 ones, so
+    // the bf16 buffer holds 0 … 4 copies at their offsets.
+    for (bool trans_b : {true, false})
+      for (const auto& [n, k, k2] : {std::tuple<int64_t, int64_t, int64_t>{24, 40, 64}, {13, 19, 21}})
+        for (int mask : {0b0101, 0b1010, 0b1111}) {
+          const TwoTermCase tc{.n = n, .k = k, .k2 = k2, .trans_b = trans_b, .beta = 1.0, .bf16_mask = mask};
+          const Dual c = run_two_terms(tc, kKernelOffsets, kKernelRows, seed += 5);
+          expect_rel(c, fmt::format("bf16 two-term operands n={} k={}+{} trans_b={} bf16 mask={}", n, k, k2, trans_b, mask),
+                     kKernelUsed * n);
+        }
+    // No rows in use: C untouched.
+    const TwoTermCase none{.n = 24, .k = 40, .k2 = 19, .trans_b = false, .beta = 1.0};
+    expect_close(run_two_terms(none, {0, 0, 0, 0, 0, 0}, 41, seed += 5), kExact, "bf16 two-term grouped no rows in use");
+  }
+  // f32 (per-group SGEMMs, two passes on both sides): f32 sums of k + k2 products.
+  for (bool trans_b : {true, false})
+    for (double beta : {0.0, 1.0}) {
+      const TwoTermCase tc{.n = 23, .k = 19, .k2 = 7, .trans_b = trans_b, .beta = beta};
+      const Dual c = run_two_terms(tc, kOffsets, 41, seed += 5);
+      expect_close(c, f32_gemm_tol(tc.k + tc.k2), fmt::format("f32 two-term grouped trans_b={} beta={}", trans_b, beta));
+    }
 }
 
 // The router's logits GEMM asks for f32 in the bf16 mode (spec §5): f32 tolerances, not bf16 ones.

@@ -255,6 +255,88 @@ TEST_F(NormGemm, GroupedGemmAgainstPerGroupLoops) {
   }
 }
 
+// The two-term grouped GEMM C = alpha·(A·op(B) + A2·op(B2)) + beta·C against the two one-term calls
+// it replaces (beta, then 1) and against a per-group double loop. Bitwise equal to the two calls:
+// the CPU twin is defined as them (the GPU fuses them, cuda_bf16_gemm.cpp checks it against this).
+// k2 ≠ k, the empty group 1, rows 12, 13 past offsets[G] untouched; beta = 0 on NaN-poisoned C.
+TEST_F(NormGemm, GroupedGemmTwoTermsEqualsTwoCalls) {
+  constexpr int64_t k = 5, k2 = 3, n = 7;
+  constexpr double kAlpha = 0.9;
+  const Owned offsets = make_offsets({kOffsets[0], kOffsets[1], kOffsets[2], kOffsets[3], kOffsets[4]});
+  for (DType dt : {DType::kF32, DType::kF64}) {
+    const double tol = dt == DType::kF32 ? 1e-5 : 1e-13;  // vs the double loop: f32 sums of 8 products
+    for (bool tb : {false, true})
+      for (double beta : {0.0, 0.4}) {
+        const std::string what = fmt::format("{} trans_b={} beta={}", dtype_name(dt), tb, beta);
+        Owned a({kGRows, k}, dt), b(tb ? Shape{kGroups, n, k} : Shape{kGroups, k, n}, dt);
+        Owned a2({kGRows, k2}, dt), b2(tb ? Shape{kGroups, n, k2} : Shape{kGroups, k2, n}, dt);
+        Owned c({kGRows, n}, dt), c_two_calls({kGRows, n}, dt);
+        test::fill_normal(a, 321);
+        test::fill_normal(b, 322);
+        test::fill_normal(a2, 323);
+        test::fill_normal(b2, 324);
+        test::fill_normal(c, 325);
+        if (beta == 0.0)  // beta = 0 must not read the rows in use
+          for (int64_t i = 0; i < kOffsets[kGroups] * n; ++i) test::set(c, i, std::nan(""));
+        test::copy_values(c_two_calls, c);
+        const std::vector<double> c0 = test::to_vector(c);
+        be.grouped_gemm(ctx, {.c = c, .a = a, .b = b, .offsets = offsets, .trans_b = tb, .alpha = kAlpha, .beta = beta,
+                              .a2 = a2, .b2 = b2});
+        be.grouped_gemm(ctx, {.c = c_two_calls, .a = a, .b = b, .offsets = offsets, .trans_b = tb, .alpha = kAlpha,
+                              .beta = beta});
+        be.grouped_gemm(ctx, {.c = c_two_calls, .a = a2, .b = b2, .offsets = offsets, .trans_b = tb, .alpha = kAlpha,
+                              .beta = 1.0});
+        const std::vector<double> got = test::to_vector(c), two = test::to_vector(c_two_calls);
+        for (size_t i = 0; i < got.size(); ++i) ASSERT_EQ(got[i], two[i]) << what << ", element " << i;
+        std::vector<double> want = c0;
+        for (int64_t g = 0; g < kGroups; ++g)
+          for (int64_t r = kOffsets[g]; r < kOffsets[g + 1]; ++r)
+            for (int64_t j = 0; j < n; ++j) {
+              double s = 0.0;
+              for (int64_t p = 0; p < k; ++p)
+                s += test::get(a, r * k + p) * test::get(b, tb ? (g * n + j) * k + p : (g * k + p) * n + j);
+              for (int64_t p = 0; p < k2; ++p)
+                s += test::get(a2, r * k2 + p) * test::get(b2, tb ? (g * n + j) * k2 + p : (g * k2 + p) * n + j);
+              const auto idx = static_cast<size_t>(r * n + j);
+              want[idx] = kAlpha * s + (beta == 0.0 ? 0.0 : beta * c0[idx]);
+            }
+        const auto used = static_cast<size_t>(kOffsets[kGroups] * n);
+        EXPECT_LE(test::rel_error(std::vector<double>(got.begin(), got.begin() + used),
+                                  std::vector<double>(want.begin(), want.begin() + used)), tol) << what;
+        for (size_t i = used; i < got.size(); ++i)  // rows beyond offsets[G]: bitwise untouched
+          EXPECT_EQ(got[i], c0[i]) << what << ", tail element " << i;
+      }
+  }
+}
+
+TEST_F(NormGemm, GroupedGemmTwoTermsShapeErrors) {
+  const DType dt = DType::kF64;
+  Owned a({6, 3}, dt), b({2, 3, 5}, dt), c({6, 5}, dt);  // dgrad layout: B [G, k, n]
+  Owned a2({6, 4}, dt), b2({2, 4, 5}, dt);
+  const Owned off = make_offsets({0, 3, 6});
+  const auto run = [&](const Tensor& x2, const Tensor& w2) {
+    be.grouped_gemm(ctx, {.c = c, .a = a, .b = b, .offsets = off, .trans_b = false, .a2 = x2, .b2 = w2});
+  };
+  run(a2, b2);  // the good call
+  expect_error([&] { run(a2, Tensor{}); }, {"[grouped_gemm]", "both a2 and b2", "b2 is not given"});
+  expect_error([&] { run(Tensor{}, b2); }, {"[grouped_gemm]", "both a2 and b2", "a2 is not given"});
+  Owned a2_rows({5, 4}, dt), a2_f32({6, 4}, DType::kF32), a2_rank3({1, 6, 4}, dt);
+  expect_error([&] { run(a2_rows, b2); }, {"[grouped_gemm]", "a2 [5, 4]", "R = 6"});
+  expect_error([&] { run(a2_f32, b2); }, {"[grouped_gemm]", "a2", "dtype"});
+  expect_error([&] { run(a2_rank3, b2); }, {"[grouped_gemm]", "a2", "rank 2"});
+  Owned b2_k({2, 3, 5}, dt), b2_n({2, 4, 6}, dt), b2_g({3, 4, 5}, dt), b2_rank2({4, 5}, dt), b2_fwd({2, 5, 4}, dt);
+  expect_error([&] { run(a2, b2_k); }, {"[grouped_gemm]", "b2 [2, 3, 5]", "must be [2, 4, 5]", "[G, k2, n]"});
+  expect_error([&] { run(a2, b2_n); }, {"[grouped_gemm]", "b2 [2, 4, 6]", "must be [2, 4, 5]"});
+  expect_error([&] { run(a2, b2_g); }, {"[grouped_gemm]", "b2 [3, 4, 5]", "must be [2, 4, 5]"});
+  expect_error([&] { run(a2, b2_rank2); }, {"[grouped_gemm]", "b2", "rank 3"});
+  expect_error([&] { run(a2, b2_fwd); }, {"[grouped_gemm]", "b2 [2, 5, 4]", "must be [2, 4, 5]"});
+  // fwd layout (trans_b): B2 [G, n, k2].
+  Owned bf({2, 5, 3}, dt);
+  expect_error([&] {
+    be.grouped_gemm(ctx, {.c = c, .a = a, .b = bf, .offsets = off, .trans_b = true, .a2 = a2, .b2 = b2});
+  }, {"[grouped_gemm]", "b2 [2, 4, 5]", "must be [2, 5, 4]", "[G, n, k2]"});
+}
+
 TEST_F(NormGemm, GroupedGemmWgradAgainstPerGroupLoops) {
   constexpr int64_t m = 5, n = 7;
   constexpr double kAlpha = 1.1, kBeta = 0.6;

@@ -8,8 +8,11 @@
 // groups with empty and 1-row groups, offsets[G] < R (tail rows compared bitwise), alpha ≠ 1,
 // beta = 0 on NaN-poisoned C and beta = 1, the f32 → bf16 padded copy bitwise, bad offsets recorded.
 // The TMA kernel runs the same small checks plus tiles that wrap its 4-stage ring, several tiles
-// per CTA and groups spanning many wgrad k-tiles. Bench shapes: both kernels are compared with the
-// cuBLAS per-group loop (NaN-poisoned outputs), then timed.
+// per CTA and groups spanning many wgrad k-tiles. Two-term calls (fwd/dgrad, C = alpha·(A·op(B) +
+// A2·op(B2)) + beta·C) on both kernels (mma.sync: two launches; TMA: one, both terms' k-tiles in one
+// ring), k2 ≠ k, odd sizes, partial last k-tiles of either term, empty groups, beta 0 and 1.
+// Bench shapes: both kernels are compared with the cuBLAS per-group loop (NaN-poisoned outputs),
+// then timed; then the MoE dgrad dx_perm = da·W1 + db·W3 as two launches and as one two-term launch.
 // Reference: double sums of the bf16-rounded inputs; the kernel sums in f32, so ‖err‖/‖ref‖ ~1e-7
 // (bound 1e-5: f32 sums of up to 1,000 products, far below the 1e-3 of one bf16 rounding).
 #include <cublas_v2.h>
@@ -130,9 +133,10 @@ static void launch(Kernel kern, const GroupedGemmParams& p, GroupedLayout L) {
   }
 }
 
-// One small grouped GEMM of layout L on random inputs vs a double reference.
+// One small grouped GEMM of layout L on random inputs vs a double reference; k2 > 0 (fwd/dgrad):
+// with a second term A2 [R,k2], B2 [G,n,k2] (fwd) or [G,k2,n] (dgrad).
 static SmallResult run_small(GroupedLayout L, int R, const std::vector<int>& off, int m, int n, int k, float alpha,
-                             float beta, uint64_t seed, Kernel kern = Kernel::kMma) {
+                             float beta, uint64_t seed, Kernel kern = Kernel::kMma, int k2 = 0) {
   const int G = static_cast<int>(off.size()) - 1;
   const bool wgrad = L == GroupedLayout::kWgrad;
   // Logical shapes: fwd/dgrad A [R,k]; fwd B [G,n,k], dgrad B [G,k,n]; wgrad A [R,m], B [R,n].
@@ -143,6 +147,12 @@ static SmallResult run_small(GroupedLayout L, int R, const std::vector<int>& off
   std::vector<float> a(R * a_cols), b(b_rows * b_cols), c0(c_elems);
   for (auto& x : a) x = static_cast<float>(rng.normal());
   for (auto& x : b) x = static_cast<float>(rng.normal());
+  // The second term, laid out as the first with k2 (empty without one).
+  const bool fwd = L == GroupedLayout::kFwd;
+  const int64_t b2_rows = k2 == 0 ? 0 : int64_t{G} * (fwd ? n : k2), b2_cols = fwd ? k2 : n;
+  std::vector<float> a2(int64_t{R} * k2), b2(b2_rows * b2_cols);
+  for (auto& x : a2) x = static_cast<float>(rng.normal());
+  for (auto& x : b2) x = static_cast<float>(rng.normal());
   const int used = off[G];
   for (int64_t i = 0; i < c_elems; ++i) {
     const bool in_use = wgrad || i < int64_t{used} * n;
@@ -151,6 +161,11 @@ static SmallResult run_small(GroupedLayout L, int R, const std::vector<int>& off
   Dev<bf16> da(R * pad8(a_cols)), db(b_rows * pad8(b_cols));
   to_bf16_checked(da, a, R, a_cols);
   to_bf16_checked(db, b, b_rows, b_cols);
+  Dev<bf16> da2(int64_t{R} * pad8(k2)), db2(b2_rows * pad8(b2_cols));
+  if (k2 > 0) {
+    to_bf16_checked(da2, a2, R, k2);
+    to_bf16_checked(db2, b2, b2_rows, b2_cols);
+  }
   Dev<float> dc(c_elems);
   dc.upload(c0);
   Dev<int32_t> doff(off.size());
@@ -160,6 +175,10 @@ static SmallResult run_small(GroupedLayout L, int R, const std::vector<int>& off
   GroupedGemmParams p{.a = da.p, .b = db.p, .c = dc.p, .offsets = doff.p, .rows = R, .groups = G, .m = m, .n = n,
                       .k = k, .lda = static_cast<int>(pad8(a_cols)), .ldb = static_cast<int>(pad8(b_cols)),
                       .alpha = alpha, .beta = beta, .issue = issue.p, .issue_site = 7};
+  if (k2 > 0) {
+    p.a2 = da2.p, p.b2 = db2.p, p.k2 = k2;
+    p.lda2 = static_cast<int>(pad8(k2)), p.ldb2 = static_cast<int>(pad8(b2_cols));
+  }
   launch(kern, p, L);
   CK(cudaDeviceSynchronize());
   const std::vector<float> c = dc.download();
@@ -167,16 +186,20 @@ static SmallResult run_small(GroupedLayout L, int R, const std::vector<int>& off
 
   std::vector<double> ref(c_elems);
   for (int64_t i = 0; i < c_elems; ++i) ref[i] = c0[i];
-  for (auto& x : a) x = bf16_round(x);
-  for (auto& x : b) x = bf16_round(x);
+  for (auto* v : {&a, &b, &a2, &b2})
+    for (auto& x : *v) x = bf16_round(x);
   for (int g = 0; g < G; ++g) {
     if (!wgrad) {
       for (int r = off[g]; r < off[g + 1]; ++r)
         for (int j = 0; j < n; ++j) {
           double s = 0;
           for (int q = 0; q < k; ++q) {
-            const double bv = L == GroupedLayout::kFwd ? b[(int64_t{g} * n + j) * k + q] : b[(int64_t{g} * k + q) * n + j];
+            const double bv = fwd ? b[(int64_t{g} * n + j) * k + q] : b[(int64_t{g} * k + q) * n + j];
             s += double(a[int64_t{r} * k + q]) * bv;
+          }
+          for (int q = 0; q < k2; ++q) {
+            const double bv = fwd ? b2[(int64_t{g} * n + j) * k2 + q] : b2[(int64_t{g} * k2 + q) * n + j];
+            s += double(a2[int64_t{r} * k2 + q]) * bv;
           }
           const double old = beta == 0.0f ? 0.0 : double(beta) * c0[int64_t{r} * n + j];
           ref[int64_t{r} * n + j] = double(alpha) * s + old;
@@ -202,8 +225,8 @@ static SmallResult run_small(GroupedLayout L, int R, const std::vector<int>& off
   for (int64_t i = checked; i < c_elems; ++i) tail_changed += std::memcmp(&c[i], &c0[i], 4) != 0;
   SmallResult res{std::sqrt(err2 / std::max(ref2, 1e-300)), max_abs};
   char what[200];
-  std::snprintf(what, sizeof what, "%s%s R=%d G=%d m=%d n=%d k=%d alpha=%g beta=%g", kernel_name(kern),
-                layout_name(L), R, G, m, n, k, alpha, beta);
+  std::snprintf(what, sizeof what, "%s%s R=%d G=%d m=%d n=%d k=%d%s alpha=%g beta=%g", kernel_name(kern),
+                layout_name(L), R, G, m, n, k, k2 > 0 ? ("+" + std::to_string(k2)).c_str() : "", alpha, beta);
   std::printf("  small %-48s rel %.2e  max|diff| %.2e\n", what, res.rel, res.max_abs);
   expect(nonfinite == 0, std::string(what) + ": non-finite outputs");
   expect(tail_changed == 0, std::string(what) + ": rows past offsets[G] changed");
@@ -287,6 +310,25 @@ static void small_checks() {
     for (GroupedLayout L : {GroupedLayout::kFwd, GroupedLayout::kDgrad, GroupedLayout::kWgrad})
       run_small(L, 2040, big, 72, 264, 96, 1.0f, 0.0f, ++seed, Kernel::kTma);
     run_small(GroupedLayout::kFwd, R, {0, 0, 0, 0}, 0, 24, 40, 1.0f, 1.0f, ++seed, Kernel::kTma);
+  }
+  std::printf("two terms: C = alpha*(A*op(B) + A2*op(B2)) + beta*C (mma.sync: two launches; tma: one)\n");
+  for (Kernel kern : {Kernel::kMma, Kernel::kTma}) {
+    if (kern == Kernel::kTma && !g_tma) continue;
+    for (GroupedLayout L : {GroupedLayout::kFwd, GroupedLayout::kDgrad})
+      for (float beta : {0.0f, 1.0f}) {
+        // (n, k, k2): odd k2 (padded copy), partial last k-tiles of both terms over 2 n-tiles,
+        // odd n with k < k2, whole k-tiles (the second term starts on a fresh stage), and a long
+        // k-loop whose terms straddle the 4-stage ring's wrap (16 + 3 k-tiles).
+        run_small(L, R, off, 0, 24, 40, 0.75f, beta, ++seed, kern, 19);
+        run_small(L, R, off, 0, 200, 264, -1.25f, beta, ++seed, kern, 72);
+        run_small(L, R, off, 0, 23, 19, 0.5f, beta, ++seed, kern, 40);
+        run_small(L, R, off, 0, 24, 64, 1.0f, beta, ++seed, kern, 128);
+        run_small(L, R, off, 0, 300, 1000, 1.0f, beta, ++seed, kern, 136);
+      }
+    const std::vector<int> big = {0, 700, 700, 1333, 2001};  // several m-tiles per group, empty group
+    for (GroupedLayout L : {GroupedLayout::kFwd, GroupedLayout::kDgrad})
+      run_small(L, 2040, big, 0, 264, 96, 1.0f, 1.0f, ++seed, kern, 512);
+    run_small(GroupedLayout::kDgrad, R, {0, 0, 0, 0}, 0, 24, 40, 1.0f, 1.0f, ++seed, kern, 24);  // no rows in use
   }
   std::printf("bad offsets (recorded, skipped)\n");
   for (GroupedLayout L : {GroupedLayout::kFwd, GroupedLayout::kDgrad, GroupedLayout::kWgrad}) {
@@ -490,6 +532,69 @@ static void bench() {
     std::printf("  %-32s rel %.2e  mma.sync %.0f (beta 1: %.0f)  tma %.0f (beta 1: %.0f, rel %.1e)  loop %.0f  dense %.0f\n",
                 row.name.c_str(), row.rel, row.ours, row.ours_acc, row.tma, row.tma_acc, row.tma_rel, row.loop, row.dense);
   }
+
+  // The MoE backward's dx_perm = da·W1 + db·W3 (dgrad, [R,512]·[G,512,1536] twice into [R,1536]):
+  // two launches (the model before: beta 0, then beta 1 re-reading C) vs one two-term launch.
+  // da = h, db = x (their first R·512 elements read as [R,512]), W1 = wts, W3 = a second weight set.
+  struct TwoTermRow {
+    const char* name;
+    double tma_ms = 0, mma_ms = 0, rel = -1;
+  };
+  std::vector<TwoTermRow> two_rows;
+  {
+    Dev<bf16> w3(int64_t{G} * I * D);
+    fill_bf16_kernel<<<4096, 256>>>(w3.p, w3.n, 4);
+    CK(cudaGetLastError());
+    const GroupedGemmParams first{.a = h.p, .b = wts.p, .c = c.p, .offsets = doff.p, .rows = R, .groups = G, .m = 0,
+                                  .n = D, .k = I, .lda = I, .ldb = D, .alpha = 1.0f, .beta = 0.0f, .issue = issue.p,
+                                  .issue_site = 1};
+    GroupedGemmParams second = first, fused = first;
+    second.a = x.p, second.b = w3.p, second.beta = 1.0f;
+    fused.a2 = x.p, fused.b2 = w3.p, fused.k2 = I, fused.lda2 = I, fused.ldb2 = D;
+    const double flops = 2.0 * R * D * (2.0 * I);
+    const int64_t c_elems = int64_t{R} * D;
+    const Kernel fast = g_tma ? Kernel::kTma : Kernel::kMma;
+    const auto two_launches = [&](Kernel kern, float* out) {
+      GroupedGemmParams p1 = first, p2 = second;
+      p1.c = p2.c = out;
+      launch(kern, p1, GroupedLayout::kDgrad);
+      launch(kern, p2, GroupedLayout::kDgrad);
+    };
+    const auto one_launch = [&](Kernel kern, float* out) {
+      GroupedGemmParams p = fused;
+      p.c = out;
+      launch(kern, p, GroupedLayout::kDgrad);  // mma.sync: two launches inside launch_grouped_gemm
+    };
+    // Correctness: the one-launch result vs the two-launch one (NaN-poisoned, f32 sums in another
+    // order: ~1e-7).
+    const auto rel_of = [&](auto&& run_into_cref) {
+      CK(cudaMemset(c.p, 0xFF, c_elems * sizeof(float)));
+      CK(cudaMemset(cref.p, 0xFF, c_elems * sizeof(float)));
+      two_launches(fast, c.p);
+      run_into_cref();
+      CK(cudaMemset(norms.p, 0, 2 * sizeof(double)));
+      diff_norm_kernel<<<1024, 256>>>(cref.p, c.p, c_elems, norms.p);
+      CK(cudaGetLastError());
+      const std::vector<double> nv = norms.download();
+      return std::sqrt(nv[0] / nv[1]);
+    };
+    TwoTermRow two{.name = "dgrad da*W1 + db*W3 (two launches)"}, one{.name = "dgrad da*W1 + db*W3 (one launch)"};
+    one.rel = rel_of([&] { one_launch(fast, cref.p); });
+    expect(one.rel < 1e-5, "two-term dgrad: one launch differs from two launches");
+    two.rel = rel_of([&] { two_launches(Kernel::kMma, cref.p); });
+    expect(two.rel < 1e-5, "two-term dgrad: mma.sync differs from the TMA kernel");
+    if (g_tma) {
+      two.tma_ms = median_ms([&] { two_launches(Kernel::kTma, c.p); }, 20);
+      one.tma_ms = median_ms([&] { one_launch(Kernel::kTma, c.p); }, 20);
+    }
+    two.mma_ms = median_ms([&] { two_launches(Kernel::kMma, c.p); }, 20);
+    one.mma_ms = median_ms([&] { one_launch(Kernel::kMma, c.p); }, 20);
+    for (TwoTermRow* r : {&two, &one}) {
+      std::printf("  %-40s tma %.3f ms (%.0f TFLOP/s)  mma.sync %.3f ms (%.0f TFLOP/s)  rel %.1e\n", r->name, r->tma_ms,
+                  r->tma_ms > 0 ? flops / r->tma_ms / 1e9 : 0.0, r->mma_ms, flops / r->mma_ms / 1e9, r->rel);
+      two_rows.push_back(*r);
+    }
+  }
   expect(issue.download()[0].flag == 0, "bench offsets recorded an issue");
   CKB(cublasDestroy(hb));
 
@@ -499,6 +604,14 @@ static void bench() {
   for (const Row& r : rows)
     std::printf("| %s | %.1e | %.0f | %.0f | %.0f | %.0f | %.0f | %.0f |\n", r.name.c_str(), r.rel, r.ours, r.tma, r.ours_acc,
                 r.tma_acc, r.loop, r.dense);
+  std::printf("\nMoE dgrad dx_perm = da*W1 + db*W3, R=%d, [R,%d]*[G,%d,%d] twice (median of 20; mma.sync runs "
+              "two launches either way)\n"
+              "| call | TMA ms | TMA TFLOP/s | mma.sync ms | rel (vs TMA, two launches) |\n|---|---|---|---|---|\n",
+              R, I, I, D);
+  const double two_flops = 2.0 * R * D * (2.0 * I);
+  for (const TwoTermRow& r : two_rows)
+    std::printf("| %s | %.3f | %.0f | %.3f | %.1e |\n", r.name, r.tma_ms, r.tma_ms > 0 ? two_flops / r.tma_ms / 1e9 : 0.0,
+                r.mma_ms, r.rel);
 }
 
 int main(int argc, char** argv) {

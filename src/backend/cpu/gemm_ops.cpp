@@ -58,24 +58,32 @@ void CpuBackend::gemm(Context, const GemmArgs& a) {
   });
 }
 
-// C[rows_g] = alpha · A[rows_g] · op(B[g]) + beta · C[rows_g];  rows ≥ offsets[G] untouched.
-// A [R,k]; B [G,n,k] when trans_b else [G,k,n]; C [R,n].
+// C[rows_g] = alpha · (A[rows_g] · op(B[g]) + A2[rows_g] · op(B2[g])) + beta · C[rows_g];
+// rows ≥ offsets[G] untouched. A [R,k]; B [G,n,k] when trans_b else [G,k,n]; C [R,n]; the optional
+// second term A2 [R,k2], B2 likewise with k2. The second product is added by a second BLAS call
+// with beta = 1: exactly the two one-term calls (beta, then 1) that the GPU fuses into one.
 void CpuBackend::grouped_gemm(Context, const GroupedGemmArgs& a) {
   constexpr std::string_view kOp = "grouped_gemm";
   const DType dt = a.c.dtype;
-  const auto [rows, k, n, groups] = validate_grouped_gemm(a, Device::kCPU);
-  const std::vector<int64_t> off = check_group_offsets(a.offsets.ptr<int32_t>(), groups, rows, kOp);
+  const GroupedGemmDims d = validate_grouped_gemm(a, Device::kCPU);
+  const std::vector<int64_t> off = check_group_offsets(a.offsets.ptr<int32_t>(), d.groups, d.rows, kOp);
   dispatch_float(dt, kOp, [&]<class T>() {
-    const T* a_ptr = a.a.ptr<T>();
-    const T* b_ptr = a.b.ptr<T>();
     T* c_ptr = a.c.ptr<T>();
-    const int64_t ldb = a.trans_b ? k : n;
-    for (int64_t g = 0; g < groups; ++g) {
-      const int64_t r0 = off[static_cast<size_t>(g)], r1 = off[static_cast<size_t>(g + 1)];
-      if (r1 == r0) continue;  // empty group: its (zero) rows stay as they are
-      blas_gemm<T>(false, a.trans_b, r1 - r0, n, k, a.alpha, a_ptr + r0 * k, k, b_ptr + g * n * k, ldb, a.beta,
-                   c_ptr + r0 * n, n, kOp);
-    }
+    const int64_t n = d.n;
+    // One term: C[rows_g] = alpha · A[rows_g] · op(B[g]) + beta · C[rows_g], A [R,k].
+    const auto term = [&](const Tensor& ta, const Tensor& tb, int64_t k, double beta) {
+      const T* a_ptr = ta.ptr<T>();
+      const T* b_ptr = tb.ptr<T>();
+      const int64_t ldb = a.trans_b ? k : n;
+      for (int64_t g = 0; g < d.groups; ++g) {
+        const int64_t r0 = off[static_cast<size_t>(g)], r1 = off[static_cast<size_t>(g + 1)];
+        if (r1 == r0) continue;  // empty group: its (zero) rows stay as they are
+        blas_gemm<T>(false, a.trans_b, r1 - r0, n, k, a.alpha, a_ptr + r0 * k, k, b_ptr + g * n * k, ldb, beta,
+                     c_ptr + r0 * n, n, kOp);
+      }
+    };
+    term(a.a, a.b, d.k, a.beta);
+    if (d.two_terms) term(a.a2, a.b2, d.k2, 1.0);
   });
 }
 

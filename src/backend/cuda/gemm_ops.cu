@@ -22,9 +22,13 @@
 // (grouped_gemm.cuh). Under kF32 (the f32 reference mode): the i32 offsets are read to the
 // host with one cudaMemcpyAsync + stream sync, checked like the CPU does, then one SGEMM per
 // non-empty group.
+// Two-term grouped GEMMs (GroupedGemmArgs::a2, b2: C = alpha·(A·op(B) + A2·op(B2)) + beta·C): the
+// TMA kernel runs both products' k-tiles into one accumulator and writes C once; the mma.sync kernel
+// and the per-group path run the second term as a second pass with beta = 1 (correctness only).
 #include <cuda_bf16.h>
 #include <fmt/format.h>
 
+#include <array>
 #include <climits>
 #include <cstddef>
 #include <cstdint>
@@ -119,12 +123,21 @@ static_assert(sizeof(gg::GroupedGemmIssue) == sizeof(DeviceIssue) &&
               offsetof(gg::GroupedGemmIssue, limit) == offsetof(DeviceIssue, limit),
               "grouped_gemm.cuh's GroupedGemmIssue must mirror DeviceIssue");
 
-// Room for two bf16 operand copies of a_elems and b_elems elements in the bf16 buffer (B's copy
-// starts 256-byte aligned), for the grouped kernels' padded, possibly transposed copies.
-std::pair<__nv_bfloat16*, __nv_bfloat16*> bf16_scratch_pair(CudaBackend& be, int64_t a_elems, int64_t b_elems) {
-  const size_t a_bytes = align256(static_cast<size_t>(a_elems) * sizeof(__nv_bfloat16));
-  char* buf = static_cast<char*>(be.gemm_bf16_scratch(a_bytes + static_cast<size_t>(b_elems) * sizeof(__nv_bfloat16)));
-  return {reinterpret_cast<__nv_bfloat16*>(buf), reinterpret_cast<__nv_bfloat16*>(buf + a_bytes)};
+// Room in the bf16 buffer for the grouped kernels' operand copies (padded, possibly f32-rounded) of
+// elems[i] elements each; 0 where an operand is read in place (grouped_in_place). Each copy starts
+// 256-byte aligned. Up to four: A, B and a second term's A2, B2.
+template <size_t N>
+std::array<gg::bf16*, N> bf16_scratch_parts(CudaBackend& be, const std::array<int64_t, N>& elems) {
+  std::array<size_t, N> start{};
+  size_t total = 0;
+  for (size_t i = 0; i < N; ++i) {
+    start[i] = total;
+    total += align256(static_cast<size_t>(elems[i]) * sizeof(gg::bf16));
+  }
+  char* buf = total == 0 ? nullptr : static_cast<char*>(be.gemm_bf16_scratch(total));
+  std::array<gg::bf16*, N> parts{};
+  for (size_t i = 0; i < N; ++i) parts[i] = elems[i] == 0 ? nullptr : reinterpret_cast<gg::bf16*>(buf + start[i]);
+  return parts;
 }
 
 // Whether the Hopper grouped kernel (TMA + wgmma) can run: sm_90a code on a 9.x device. Asked once
@@ -138,16 +151,26 @@ bool grouped_hopper_usable() {
   return usable;
 }
 
+// Whether a grouped operand [rows, cols] is read in place: a bf16 tensor whose rows need no padding
+// (cols a multiple of 8) and that starts 16-byte aligned (TMA and cp.async read 16-byte chunks).
+bool grouped_in_place(const Tensor& t, int64_t cols) {
+  return t.dtype == DType::kBF16 && gg::pad8(cols) == cols && reinterpret_cast<uintptr_t>(t.data) % 16 == 0;
+}
+
+// The bf16 copy's elements a grouped operand [rows, cols] needs: 0 when read in place.
+int64_t grouped_copy_elems(const Tensor& t, int64_t rows, int64_t cols) {
+  return grouped_in_place(t, cols) ? 0 : rows * gg::pad8(cols);
+}
+
 // A grouped operand [rows, cols] as the kernels read it: bf16 with rows padded to pad8(cols). A
 // bf16 tensor that needs no padding is read in place; anything else is copied into dst (f32 rounded,
-// bf16 copied exactly).
+// bf16 copied exactly; dst holds grouped_copy_elems).
 const gg::bf16* grouped_operand(CudaBackend& be, const Tensor& t, int64_t rows, int64_t cols, gg::bf16* dst,
                                 cudaStream_t s) {
+  if (grouped_in_place(t, cols)) return static_cast<const gg::bf16*>(t.data);
   if (t.dtype == DType::kBF16) {
-    const auto* src = static_cast<const gg::bf16*>(t.data);
-    if (gg::pad8(cols) == cols && reinterpret_cast<uintptr_t>(src) % 16 == 0) return src;
     const DetailScope detail(be, s, [] { return "grouped operand bf16 padded copy"; });
-    CUDA_CHECK(gg::launch_to_bf16_padded(dst, src, rows, cols, s));
+    CUDA_CHECK(gg::launch_to_bf16_padded(dst, static_cast<const gg::bf16*>(t.data), rows, cols, s));
   } else {
     const DetailScope detail(be, s, [] { return "grouped operand f32->bf16"; });
     CUDA_CHECK(gg::launch_to_bf16_padded(dst, f32(t), rows, cols, s));
@@ -169,7 +192,8 @@ void launch_grouped(CudaBackend& be, const gg::GroupedGemmParams& p, gg::Grouped
     once = true;
   }
   const DetailScope detail(be, s, [&] {
-    return fmt::format("grouped kernel {} m{} n{} k{} beta{}", static_cast<int>(layout), p.m, p.n, p.k, p.beta);
+    return fmt::format("grouped kernel {} m{} n{} k{}{} beta{}", static_cast<int>(layout), p.m, p.n, p.k,
+                       p.k2 > 0 ? fmt::format("+{}", p.k2) : "", p.beta);
   });
   if (why_not == nullptr) {
     switch (layout) {
@@ -209,40 +233,60 @@ void CudaBackend::gemm(Context ctx, const GemmArgs& a) {
                  f32(a.c), d.n, "gemm");
 }
 
-// C[rows_g] = alpha · A[rows_g] · op(B[g]) + beta · C[rows_g];  rows ≥ offsets[G] untouched.
+// C[rows_g] = alpha · (A[rows_g] · op(B[g]) + A2[rows_g] · op(B2[g])) + beta · C[rows_g] (the
+// second term optional);  rows ≥ offsets[G] untouched.
 void CudaBackend::grouped_gemm(Context ctx, const GroupedGemmArgs& a) {
   const OpScope profile_scope(*this, stream(ctx), "grouped_gemm");
   constexpr std::string_view kOp = "grouped_gemm";
   const GroupedGemmDims d = validate_grouped_gemm(a, Device::kCUDA);
   require_f32(a.c, kOp);
   const cudaStream_t s = stream(ctx);
+  // B (and B2) as stored: [G, n, k] (trans_b, fwd) or [G, k, n] (dgrad).
+  const auto b_cols = [&](int64_t k) { return a.trans_b ? k : d.n; };
+  const auto b_rows = [&](int64_t k) { return d.groups * (a.trans_b ? d.n : k); };
   if (gemm_precision() == GemmPrecision::kBF16 && grouped_kernels_fit(*this)) {  // on the device, no sync
-    // B as stored: [G, n, k] (trans_b, fwd) or [G, k, n] (dgrad).
-    const int64_t b_cols = a.trans_b ? d.k : d.n, b_rows = d.groups * (a.trans_b ? d.n : d.k);
-    const auto [a16, b16] = bf16_scratch_pair(*this, d.rows * gg::pad8(d.k), b_rows * gg::pad8(b_cols));
-    // All R rows of A: the rows in use (offsets[G]) are known only on the device.
-    const gg::GroupedGemmParams p{
-        .a = grouped_operand(*this, a.a, d.rows, d.k, a16, s), .b = grouped_operand(*this, a.b, b_rows, b_cols, b16, s),
-        .c = f32(a.c), .offsets = i32(a.offsets), .rows = to_int(d.rows, kOp), .groups = to_int(d.groups, kOp), .m = 0,
-        .n = to_int(d.n, kOp), .k = to_int(d.k, kOp), .lda = to_int(gg::pad8(d.k), kOp),
-        .ldb = to_int(gg::pad8(b_cols), kOp), .alpha = static_cast<float>(a.alpha), .beta = static_cast<float>(a.beta),
+    // All R rows of A (and A2): the rows in use (offsets[G]) are known only on the device.
+    const std::array<int64_t, 4> copy_elems = {
+        grouped_copy_elems(a.a, d.rows, d.k), grouped_copy_elems(a.b, b_rows(d.k), b_cols(d.k)),
+        d.two_terms ? grouped_copy_elems(a.a2, d.rows, d.k2) : 0,
+        d.two_terms ? grouped_copy_elems(a.b2, b_rows(d.k2), b_cols(d.k2)) : 0};
+    const auto [a16, b16, a2_16, b2_16] = bf16_scratch_parts(*this, copy_elems);
+    gg::GroupedGemmParams p{
+        .a = grouped_operand(*this, a.a, d.rows, d.k, a16, s),
+        .b = grouped_operand(*this, a.b, b_rows(d.k), b_cols(d.k), b16, s), .c = f32(a.c), .offsets = i32(a.offsets),
+        .rows = to_int(d.rows, kOp), .groups = to_int(d.groups, kOp), .m = 0, .n = to_int(d.n, kOp),
+        .k = to_int(d.k, kOp), .lda = to_int(gg::pad8(d.k), kOp), .ldb = to_int(gg::pad8(b_cols(d.k)), kOp),
+        .alpha = static_cast<float>(a.alpha), .beta = static_cast<float>(a.beta),
         .issue = reinterpret_cast<gg::GroupedGemmIssue*>(issue()),
         .issue_site = static_cast<int32_t>(IssueSite::kGroupedGemmOffsets)};
+    if (d.two_terms && d.k2 > 0) {  // k2 = 0 adds nothing
+      p.a2 = grouped_operand(*this, a.a2, d.rows, d.k2, a2_16, s);
+      p.b2 = grouped_operand(*this, a.b2, b_rows(d.k2), b_cols(d.k2), b2_16, s);
+      p.k2 = to_int(d.k2, kOp);
+      p.lda2 = to_int(gg::pad8(d.k2), kOp);
+      p.ldb2 = to_int(gg::pad8(b_cols(d.k2)), kOp);
+    }
     launch_grouped(*this, p, a.trans_b ? gg::GroupedLayout::kFwd : gg::GroupedLayout::kDgrad, s);
     return;
   }
   const std::vector<int64_t> off = check_group_offsets(read_to_host(a.offsets, s), d.groups, d.rows, kOp);
-  const int64_t ldb = a.trans_b ? d.k : d.n;
   // Only the rows in use (< offsets[G]) of A are read.
   const int64_t used = off[static_cast<size_t>(d.groups)];
-  const auto [op_a, op_b] =
-      gemm_operands(*this, s, a.a, used == 0 ? 0 : used * d.k, a.b, used == 0 ? 0 : d.groups * d.n * d.k, kOp);
-  for (int64_t g = 0; g < d.groups; ++g) {
-    const int64_t r0 = off[static_cast<size_t>(g)], r1 = off[static_cast<size_t>(g + 1)];
-    if (r1 == r0) continue;  // empty group: its (zero) rows stay as they are
-    gemm_row_major(*this, s, false, a.trans_b, r1 - r0, d.n, d.k, a.alpha, op_a.at(r0 * d.k), d.k,
-                   op_b.at(g * d.n * d.k), ldb, a.beta, f32(a.c) + r0 * d.n, d.n, kOp);
-  }
+  // One term, one SGEMM (or GemmEx) per non-empty group: C[rows_g] = alpha·A[rows_g]·op(B[g]) + beta·C.
+  // A second term is a second pass with beta = 1 (its operands converted after the first pass's
+  // GEMMs on the same stream, so the shared bf16 buffer is free again).
+  const auto per_group = [&](const Tensor& ta, const Tensor& tb, int64_t k, double beta) {
+    const auto [op_a, op_b] =
+        gemm_operands(*this, s, ta, used == 0 ? 0 : used * k, tb, used == 0 ? 0 : d.groups * d.n * k, kOp);
+    for (int64_t g = 0; g < d.groups; ++g) {
+      const int64_t r0 = off[static_cast<size_t>(g)], r1 = off[static_cast<size_t>(g + 1)];
+      if (r1 == r0) continue;  // empty group: its (zero) rows stay as they are
+      gemm_row_major(*this, s, false, a.trans_b, r1 - r0, d.n, k, a.alpha, op_a.at(r0 * k), k, op_b.at(g * d.n * k),
+                     b_cols(k), beta, f32(a.c) + r0 * d.n, d.n, kOp);
+    }
+  };
+  per_group(a.a, a.b, d.k, a.beta);
+  if (d.two_terms) per_group(a.a2, a.b2, d.k2, 1.0);
 }
 
 // C[g] = alpha · A[rows_g]ᵀ · B[rows_g] + beta · C[g];  A [R,m], B [R,n], C [G,m,n].
@@ -253,7 +297,8 @@ void CudaBackend::grouped_gemm_wgrad(Context ctx, const GroupedGemmWgradArgs& a)
   require_f32(a.c, kOp);
   const cudaStream_t s = stream(ctx);
   if (gemm_precision() == GemmPrecision::kBF16 && grouped_kernels_fit(*this)) {  // on the device, no sync
-    const auto [a16, b16] = bf16_scratch_pair(*this, d.rows * gg::pad8(d.m), d.rows * gg::pad8(d.n));
+    const auto [a16, b16] = bf16_scratch_parts<2>(
+        *this, {grouped_copy_elems(a.a, d.rows, d.m), grouped_copy_elems(a.b, d.rows, d.n)});
     // All R rows (see grouped_gemm).
     const gg::bf16* a_op = grouped_operand(*this, a.a, d.rows, d.m, a16, s);
     const gg::bf16* b_op = grouped_operand(*this, a.b, d.rows, d.n, b16, s);

@@ -9,6 +9,8 @@
 //   kFwd   C[rows_g]  = alpha·A[rows_g]·B[g]ᵀ + beta·C[rows_g]   A [R,k], B [G,n,k]  (trans_b)
 //   kDgrad C[rows_g]  = alpha·A[rows_g]·B[g]  + beta·C[rows_g]   A [R,k], B [G,k,n]
 //   kWgrad C[g]       = alpha·A[rows_g]ᵀ·B[rows_g] + beta·C[g]   A [R,m], B [R,n], C [G,m,n]
+// fwd/dgrad take an optional second term, C = alpha·(A·op(B) + A2·op(B2)) + beta·C (params a2, b2,
+// k2): launch_grouped_gemm runs it as a second launch with beta = 1; the TMA kernel fuses it.
 // Operands are bf16 copies whose rows are padded to a multiple of 8 elements with zeros (the
 // f32 → bf16 conversion below writes them that way), so every 16-byte chunk a CTA copies is either
 // wholly inside a padded row or wholly outside the tile: loads predicate per chunk, never per element.
@@ -64,6 +66,11 @@ struct GroupedGemmParams {
   float alpha = 1.0f, beta = 0.0f;
   GroupedGemmIssue* issue = nullptr;  // may be null (then bad offsets are only skipped)
   int32_t issue_site = 0;
+  // An optional second term, fwd/dgrad only: C = alpha·(A·op(B) + A2·op(B2)) + beta·C with A2
+  // [R, lda2], B2 [G, n, ldb2] (fwd) or [G, k2, ldb2] (dgrad), the same padding rules. k2 = 0: none.
+  const bf16* a2 = nullptr;
+  const bf16* b2 = nullptr;
+  int k2 = 0, lda2 = 0, ldb2 = 0;
 };
 
 // Rows rounded up to the padded leading dimension of a bf16 operand copy.
@@ -453,9 +460,22 @@ inline cudaError_t launch_to_bf16_padded(bf16* dst, const Src* src, int64_t rows
 // ---------------------------------------------------------------- launch
 
 // Runs one grouped GEMM of layout L on the stream. Requires lda, ldb multiples of 8 and 16-byte
-// aligned a, b (bf16 copies made by launch_to_bf16_padded); c 8-byte aligned.
+// aligned a, b (bf16 copies made by launch_to_bf16_padded); c 8-byte aligned. A second term (k2 > 0,
+// fwd/dgrad) runs as a second launch that adds alpha·A2·op(B2) with beta = 1: this kernel is the
+// fallback, kept simple (the TMA kernel sums both terms in one accumulator).
 template <class Cfg = DefaultTiles>
 cudaError_t launch_grouped_gemm(const GroupedGemmParams& p, GroupedLayout layout, cudaStream_t stream) {
+  if (p.k2 != 0) {
+    if (layout == GroupedLayout::kWgrad || p.k2 < 0) return cudaErrorInvalidValue;
+    GroupedGemmParams first = p, second = p;
+    first.a2 = first.b2 = nullptr;
+    first.k2 = first.lda2 = first.ldb2 = 0;
+    second.a = p.a2, second.b = p.b2, second.k = p.k2, second.lda = p.lda2, second.ldb = p.ldb2, second.beta = 1.0f;
+    second.a2 = second.b2 = nullptr;
+    second.k2 = second.lda2 = second.ldb2 = 0;
+    const cudaError_t e = launch_grouped_gemm<Cfg>(first, layout, stream);
+    return e != cudaSuccess ? e : launch_grouped_gemm<Cfg>(second, layout, stream);
+  }
   if (p.groups <= 0 || p.n <= 0 || (layout == GroupedLayout::kWgrad && p.m <= 0)) return cudaSuccess;
   const int n_tiles = (p.n + Cfg::kBN - 1) / Cfg::kBN;
   const auto launch = [&](auto kernel, size_t smem, dim3 grid) {

@@ -31,6 +31,13 @@
 //   together), the slot's group by binary search. wgrad: t → (group, m-tile, n-tile).
 // - Epilogue straight from the accumulators (alpha·acc + beta·C, float2 stores), while the
 //   producer already loads the next tile's first stages.
+// - Two terms (fwd/dgrad, params k2 > 0): C = alpha·(A·op(B) + A2·op(B2)) + beta·C. A2 and B2 get
+//   their own tensor maps (map_a2, map_b2, inner size k2); the producer issues a tile's k-tiles
+//   0 … kt1−1 from (A, B) and then kt1 … kt1+kt2−1 from (A2, B2) into the same ring (kt1 =
+//   ceil(k/kBK), kt2 = ceil(k2/kBK); each term's partial last k-tile is zero-filled by its own
+//   maps), and the consumers just see kt1 + kt2 k-tiles. One launch writes C once, where two
+//   launches (the second with beta = 1) re-read C: the MoE backward's dx_perm = da·W1 + db·W3.
+//   k2 = 0: the maps are never read and the kernel does what it did with one term.
 // Includes only CUDA headers: tools/kernel-dev/grouped_gemm_tma_check.cu compiles it standalone.
 #pragma once
 #include <cuda.h>  // CUtensorMap (types only: the encoder is fetched through the runtime)
@@ -184,12 +191,13 @@ __device__ __forceinline__ void wgmma_m64n256k16(float (&d)[128], uint64_t desc_
 struct TmaTile {
   int g = 0, a_row = 0, m0 = 0, m_valid = 0, n0 = 0;
   int k_row0 = 0, k_rows = 0;  // wgrad: the group's rows (the reduction)
-  int k_tiles = 0;
+  int k_tiles = 0;             // fwd/dgrad: both terms' (kt1 + kt2)
   bool skip = false;           // wgrad: a group with bad bounds (reported, its C[g] untouched)
 };
 
 // Tile number t, or false past the last one. s_prefix [G+1]: m-tiles before each group (fwd/dgrad).
-template <GroupedLayout L>
+// kTwoTerms: the tile's k-loop also runs the second term's k-tiles.
+template <GroupedLayout L, bool kTwoTerms>
 __device__ __forceinline__ bool tma_tile_at(const GroupedGemmParams& p, const int* s_prefix, int t, TmaTile& ti) {
   using Cfg = TmaGemmTiles<L>;
   const int n_tiles = (p.n + Cfg::kBN - 1) / Cfg::kBN;
@@ -223,7 +231,7 @@ __device__ __forceinline__ bool tma_tile_at(const GroupedGemmParams& p, const in
     ti.a_row = lo + mt * Cfg::kBM;
     ti.m_valid = min(Cfg::kBM, rows - mt * Cfg::kBM);
     ti.n0 = t % n_tiles * Cfg::kBN;
-    ti.k_tiles = (p.k + Cfg::kBK - 1) / Cfg::kBK;
+    ti.k_tiles = (p.k + Cfg::kBK - 1) / Cfg::kBK + (kTwoTerms ? (p.k2 + Cfg::kBK - 1) / Cfg::kBK : 0);
     return true;
   }
 }
@@ -243,12 +251,17 @@ __device__ inline void build_m_tile_prefix(const GroupedGemmParams& p, int* s_pr
 
 // ---------------------------------------------------------------- the kernel
 
-template <GroupedLayout L>
+// kTwoTerms (fwd/dgrad, launched when k2 > 0): the second term's k-tiles follow the first's. The
+// one-term instantiation compiles to what it was before the second term existed (168 registers,
+// the same few spilled bytes), so the common call pays nothing for it.
+template <GroupedLayout L, bool kTwoTerms>
 __global__ void __launch_bounds__(TmaGemmTiles<L>::kThreads, 1)
     grouped_gemm_tma_kernel(const __grid_constant__ CUtensorMap map_a, const __grid_constant__ CUtensorMap map_b,
+                            const __grid_constant__ CUtensorMap map_a2, const __grid_constant__ CUtensorMap map_b2,
                             const GroupedGemmParams p) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using Cfg = TmaGemmTiles<L>;
+  static_assert(!kTwoTerms || L != GroupedLayout::kWgrad, "a second term only in fwd/dgrad");
   constexpr int kStages = Cfg::kStages, kBK = Cfg::kBK, kBN = Cfg::kBN;
   extern __shared__ __align__(128) unsigned char tma_smem_raw[];  // aligned to 1024 below
   __shared__ __align__(8) uint64_t full_bar[kStages], empty_bar[kStages];
@@ -277,25 +290,31 @@ __global__ void __launch_bounds__(TmaGemmTiles<L>::kThreads, 1)
     // ---- producer: one thread issues every TMA copy
     if (warp != 0 || lane != 0) return;
     int it = 0;  // k-tiles issued so far, over all of this CTA's tiles: stage it % kStages
+    const int kt1 = (p.k + kBK - 1) / kBK;  // fwd/dgrad: k-tiles of the first term, then the second's
     TmaTile ti;
-    for (int t = blockIdx.x; tma_tile_at<L>(p, s_prefix, t, ti); t += gridDim.x) {
+    for (int t = blockIdx.x; tma_tile_at<L, kTwoTerms>(p, s_prefix, t, ti); t += gridDim.x) {
       for (int kt = 0; kt < ti.k_tiles; ++kt, ++it) {
         const int s = it % kStages;
         mbar_wait(empty(s), ((it / kStages) & 1) ^ 1);  // a fresh barrier passes parity 1 at once
         mbar_arrive_expect_tx(full(s), Cfg::kStageBytes);  // out-of-bounds zeros count too
-        const int k0 = kt * kBK;
         if constexpr (L == GroupedLayout::kWgrad) {
+          const int k0 = kt * kBK;
           for (int h = 0; h < Cfg::kConsumers; ++h)
             tma_load_2d(stage_a(s) + h * Cfg::kBoxBytes, &map_a, full(s), ti.m0 + h * Cfg::kBox, ti.k_row0 + k0);
           for (int j = 0; j < kBN / Cfg::kBox; ++j)
             tma_load_2d(stage_b(s) + j * Cfg::kBoxBytes, &map_b, full(s), ti.n0 + j * Cfg::kBox, ti.k_row0 + k0);
         } else {
-          tma_load_2d(stage_a(s), &map_a, full(s), k0, ti.a_row);
+          // k-tile kt of the first term (A, B), or kt − kt1 of the second (A2, B2).
+          const bool second = kTwoTerms && kt >= kt1;
+          const CUtensorMap* ma = second ? &map_a2 : &map_a;
+          const CUtensorMap* mb = second ? &map_b2 : &map_b;
+          const int k0 = (second ? kt - kt1 : kt) * kBK;
+          tma_load_2d(stage_a(s), ma, full(s), k0, ti.a_row);
           if constexpr (L == GroupedLayout::kFwd) {
-            tma_load_3d(stage_b(s), &map_b, full(s), k0, ti.n0, ti.g);
+            tma_load_3d(stage_b(s), mb, full(s), k0, ti.n0, ti.g);
           } else {
             for (int j = 0; j < kBN / Cfg::kBox; ++j)
-              tma_load_3d(stage_b(s) + j * Cfg::kBoxBytes, &map_b, full(s), ti.n0 + j * Cfg::kBox, k0, ti.g);
+              tma_load_3d(stage_b(s) + j * Cfg::kBoxBytes, mb, full(s), ti.n0 + j * Cfg::kBox, k0, ti.g);
           }
         }
       }
@@ -315,7 +334,7 @@ __global__ void __launch_bounds__(TmaGemmTiles<L>::kThreads, 1)
   float acc[128];
   int it = 0;
   TmaTile ti;
-  for (int t = blockIdx.x; tma_tile_at<L>(p, s_prefix, t, ti); t += gridDim.x) {
+  for (int t = blockIdx.x; tma_tile_at<L, kTwoTerms>(p, s_prefix, t, ti); t += gridDim.x) {
 #pragma unroll
     for (int e = 0; e < 128; ++e) acc[e] = 0.0f;
     for (int kt = 0; kt < ti.k_tiles; ++kt, ++it) {
@@ -455,8 +474,8 @@ inline bool encode_bf16_map(CUtensorMap* map, const bf16* base, int rank, const 
 
 // Why the TMA kernel does not take these params, or null when it does: operands 16-byte aligned
 // with lda, ldb multiples of 8 (the padded bf16 copies), non-empty dims, at most kTmaMaxGroups
-// groups, a tensor-map encoder in the driver. (wgmma_supported() is the caller's other condition:
-// ask it once per device.)
+// groups, a tensor-map encoder in the driver; a second term only in fwd/dgrad, with the same
+// alignment. (wgmma_supported() is the caller's other condition: ask it once per device.)
 inline const char* grouped_gemm_tma_unusable(const GroupedGemmParams& p, GroupedLayout layout) {
   if (p.rows <= 0 || p.groups <= 0 || p.n <= 0 || (layout == GroupedLayout::kWgrad ? p.m <= 0 : p.k <= 0))
     return "an empty dimension";
@@ -464,6 +483,10 @@ inline const char* grouped_gemm_tma_unusable(const GroupedGemmParams& p, Grouped
   if (p.lda % 8 != 0 || p.ldb % 8 != 0 || reinterpret_cast<uintptr_t>(p.a) % 16 != 0 ||
       reinterpret_cast<uintptr_t>(p.b) % 16 != 0)
     return "operands not 16-byte aligned";
+  if (p.k2 < 0 || (p.k2 > 0 && layout == GroupedLayout::kWgrad)) return "a second term outside fwd/dgrad";
+  if (p.k2 > 0 && (p.a2 == nullptr || p.b2 == nullptr || p.lda2 % 8 != 0 || p.ldb2 % 8 != 0 ||
+                   reinterpret_cast<uintptr_t>(p.a2) % 16 != 0 || reinterpret_cast<uintptr_t>(p.b2) % 16 != 0))
+    return "second-term operands missing or not 16-byte aligned";
   if (tensor_map_encoder() == nullptr) return "no cuTensorMapEncodeTiled in the driver";
   return nullptr;
 }
@@ -477,28 +500,36 @@ template <GroupedLayout L>
 cudaError_t launch_grouped_gemm_tma(const GroupedGemmParams& p, cudaStream_t stream) {
   using Cfg = TmaGemmTiles<L>;
   const cuuint64_t R = static_cast<cuuint64_t>(p.rows), G = static_cast<cuuint64_t>(p.groups);
-  const cuuint64_t lda_b = static_cast<cuuint64_t>(p.lda) * 2, ldb_b = static_cast<cuuint64_t>(p.ldb) * 2;
   const cuuint32_t box = Cfg::kBox;
-  CUtensorMap map_a{}, map_b{};
+  CUtensorMap map_a{}, map_b{}, map_a2{}, map_b2{};  // map_a2, map_b2 stay unread without a second term
   bool ok = false;
   if constexpr (L == GroupedLayout::kWgrad) {
+    const cuuint64_t lda_b = static_cast<cuuint64_t>(p.lda) * 2, ldb_b = static_cast<cuuint64_t>(p.ldb) * 2;
     const cuuint64_t da[2] = {static_cast<cuuint64_t>(p.m), R}, db[2] = {static_cast<cuuint64_t>(p.n), R};
     const cuuint32_t bx[2] = {box, box};
     ok = encode_bf16_map(&map_a, p.a, 2, da, &lda_b, bx) && encode_bf16_map(&map_b, p.b, 2, db, &ldb_b, bx);
   } else {
-    const cuuint64_t k = static_cast<cuuint64_t>(p.k), n = static_cast<cuuint64_t>(p.n);
-    const cuuint64_t da[2] = {k, R};
-    const cuuint32_t ba[2] = {box, static_cast<cuuint32_t>(Cfg::kBM)};
-    ok = encode_bf16_map(&map_a, p.a, 2, da, &lda_b, ba);
-    if constexpr (L == GroupedLayout::kFwd) {  // B [G][n][k]
-      const cuuint64_t db[3] = {k, n, G}, sb[2] = {ldb_b, ldb_b * n};
-      const cuuint32_t bb[3] = {box, static_cast<cuuint32_t>(Cfg::kBN), 1};
-      ok = ok && encode_bf16_map(&map_b, p.b, 3, db, sb, bb);
-    } else {  // B [G][k][n]
-      const cuuint64_t db[3] = {n, k, G}, sb[2] = {ldb_b, ldb_b * k};
-      const cuuint32_t bb[3] = {box, box, 1};
-      ok = ok && encode_bf16_map(&map_b, p.b, 3, db, sb, bb);
-    }
+    // One term's maps: A [R, k] (row stride lda) in boxes of kBM rows × 64 k; B [G][n][k] (fwd) in
+    // boxes of kBN n × 64 k, or [G][k][n] (dgrad) in 64 × 64 boxes; k-tails read as zeros.
+    const auto encode_term = [&](CUtensorMap* ma, CUtensorMap* mb, const bf16* a, int lda, const bf16* b, int ldb,
+                                 int k_int) {
+      const cuuint64_t k = static_cast<cuuint64_t>(k_int), n = static_cast<cuuint64_t>(p.n);
+      const cuuint64_t lda_b = static_cast<cuuint64_t>(lda) * 2, ldb_b = static_cast<cuuint64_t>(ldb) * 2;
+      const cuuint64_t da[2] = {k, R};
+      const cuuint32_t ba[2] = {box, static_cast<cuuint32_t>(Cfg::kBM)};
+      if (!encode_bf16_map(ma, a, 2, da, &lda_b, ba)) return false;
+      if constexpr (L == GroupedLayout::kFwd) {  // B [G][n][k]
+        const cuuint64_t db[3] = {k, n, G}, sb[2] = {ldb_b, ldb_b * n};
+        const cuuint32_t bb[3] = {box, static_cast<cuuint32_t>(Cfg::kBN), 1};
+        return encode_bf16_map(mb, b, 3, db, sb, bb);
+      } else {  // B [G][k][n]
+        const cuuint64_t db[3] = {n, k, G}, sb[2] = {ldb_b, ldb_b * k};
+        const cuuint32_t bb[3] = {box, box, 1};
+        return encode_bf16_map(mb, b, 3, db, sb, bb);
+      }
+    };
+    ok = encode_term(&map_a, &map_b, p.a, p.lda, p.b, p.ldb, p.k) &&
+         (p.k2 == 0 || encode_term(&map_a2, &map_b2, p.a2, p.lda2, p.b2, p.ldb2, p.k2));
   }
   if (!ok) return cudaErrorInvalidValue;
 
@@ -512,10 +543,12 @@ cudaError_t launch_grouped_gemm_tma(const GroupedGemmParams& p, cudaStream_t str
                                 : ((int64_t{p.rows} + Cfg::kBM - 1) / Cfg::kBM + p.groups) * n_tiles;
   const unsigned grid = static_cast<unsigned>(tiles_max < sms ? tiles_max : sms);
   const size_t smem = Cfg::kTileSmemBytes + sizeof(int) * (static_cast<size_t>(p.groups) + 1);
-  const auto kernel = grouped_gemm_tma_kernel<L>;
+  // wgrad never has a second term (grouped_gemm_tma_unusable): its one instantiation either way.
+  const auto kernel =
+      p.k2 > 0 ? grouped_gemm_tma_kernel<L, L != GroupedLayout::kWgrad> : grouped_gemm_tma_kernel<L, false>;
   e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
   if (e != cudaSuccess) return e;
-  kernel<<<grid, Cfg::kThreads, smem, stream>>>(map_a, map_b, p);
+  kernel<<<grid, Cfg::kThreads, smem, stream>>>(map_a, map_b, map_a2, map_b2, p);
   return cudaGetLastError();
 }
 
