@@ -38,6 +38,14 @@ class Backend {
   // gemm_precision() says what the backend actually uses.
   virtual void set_gemm_precision(GemmPrecision p) { (void)p; }
   virtual GemmPrecision gemm_precision() const { return GemmPrecision::kF32; }
+  // Whether attention_fwd / attention_bwd of this shape take bf16 q, k, v (AttentionFwdArgs) with
+  // the current settings: the CUDA backend in the bf16 GEMM mode where its tensor-core kernels cover
+  // the shape and the device; never the CPU. The model plans its saved q, k, v in bf16 where this
+  // holds (and f32 elsewhere, e.g. head sizes only the f32 kernels cover).
+  virtual bool attention_takes_bf16(const AttentionShape& s) const {
+    (void)s;
+    return false;
+  }
 
   virtual void fill(Context ctx, const FillArgs& a) = 0;
   virtual void copy(Context ctx, const CopyArgs& a) = 0;

@@ -101,6 +101,8 @@ struct RopeArgs {
 // shared rope key kr = the last d_rope columns of wkv_a's output ([N, kr_stride], column kr_offset):
 //   k[n, h] = [kv[n, h, :d_nope] ; kr[n]]   k: [N, H, d_nope + d_rope]
 //   v[n, h] = kv[n, h, d_nope:]             v: [N, H, d_v]
+// (CUDA: k and v may be bf16, both or neither, rounded from the f32 values: the bf16 GEMM mode's
+// attention operands, AttentionFwdArgs)
 struct MlaKvSplitFwdArgs {
   Tensor k; Tensor v; Tensor kv; Tensor kr;
   int64_t n_heads = 0, d_nope = 0, d_rope = 0, d_v = 0, kr_stride = 0, kr_offset = 0;
@@ -128,6 +130,11 @@ struct DiffLambdaBwdArgs {
 //   O_g = A_{g,0} V_g − λ A_{g,1} V_g,  written as out[b,t,g] [2·d_v] (out is [B,T,H/2,2·d_v], the
 //   same bytes as [B,T,H,d_v]); o2 = A_{g,1} V_g is saved for dλ. lambda: [1].
 // lse [B, H, T]: log-sum-exp of each component's scaled, masked scores (saved for the backward).
+// The op's float type is out's. CUDA in the bf16 GEMM mode: q, k, v may be bf16 (all three or
+// none; the model saves them so, Backend::attention_takes_bf16), read in place by the tensor-core
+// kernels, which round f32 ones to the same bf16 values first; outputs stay f32. Where those
+// kernels do not run (another GEMM precision, AttentionKernel::kSimple, a shape or device they do
+// not cover) bf16 q, k, v are an error: the f32 kernels read f32 only.
 struct AttentionFwdArgs {
   Tensor out; Tensor o2; Tensor lse;
   Tensor q; Tensor k; Tensor v; Tensor lambda;
@@ -135,11 +142,18 @@ struct AttentionFwdArgs {
   bool differential = true;
 };
 // dq, dk, dv overwritten; dlambda[0] overwritten with −Σ⟨dO, O2⟩ (sources §1.4). dout has out's shape.
-// o2 and lambda/dlambda are unused when not differential.
+// o2 and lambda/dlambda are unused when not differential. q, k, v: as in AttentionFwdArgs (bf16 on
+// CUDA in the bf16 GEMM mode); dq, dk, dv, dout and the rest have out's float type.
 struct AttentionBwdArgs {
   Tensor dq; Tensor dk; Tensor dv; Tensor dlambda;
   Tensor dout; Tensor q; Tensor k; Tensor v; Tensor out; Tensor o2; Tensor lse; Tensor lambda;
   double scale = 1.0;
+  bool differential = true;
+};
+// The sizes of one attention call without its tensors (Backend::attention_takes_bf16, asked when
+// the model plans its activations): q [batch, seq, heads, d_qk], v [batch, seq, heads, d_v].
+struct AttentionShape {
+  int64_t batch = 0, seq = 0, heads = 0, d_qk = 0, d_v = 0;
   bool differential = true;
 };
 

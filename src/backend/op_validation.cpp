@@ -53,10 +53,12 @@ void check_matrix(const Tensor& t, DType dtype, int rank, Device dev, std::strin
 }
 
 // The dtype tensor t must have where the op's floats are `in`: `in`, or on CUDA with f32 also bf16
-// for the bf16 GEMM mode's tensors (spec §7): GEMM operands (weight copies, activations rounded
-// once for several GEMMs) and outputs that only bf16 GEMMs read (the op rounds them).
+// (bf16_allowed) for the bf16 GEMM mode's tensors (spec §7): GEMM operands (weight copies,
+// activations rounded once for several GEMMs), outputs that only bf16 GEMMs read (the op rounds
+// them) and the attention's q, k, v (read by the tensor-core attention).
+bool bf16_allowed(DType in, Device dev) { return dev == Device::kCUDA && in == DType::kF32; }
 DType output_dtype(const Tensor& t, DType in, Device dev) {
-  return dev == Device::kCUDA && in == DType::kF32 && t.dtype == DType::kBF16 ? DType::kBF16 : in;
+  return bf16_allowed(in, dev) && t.dtype == DType::kBF16 ? DType::kBF16 : in;
 }
 
 // A GEMM operand: C's dtype, or bf16 where output_dtype allows it.
@@ -79,9 +81,10 @@ bool copy_convertible(DType d) {
 // ---------------------------------------------------------------- MLA split and λ
 
 // The layout shared by forward and backward; names[] = the op's fields for k, v, kv, kr.
+// bf16_kv: k and v (the forward's outputs) may be bf16 where output_dtype allows it, both or neither.
 KvSplitDims check_kv_split(std::string_view op, const Tensor& k, const Tensor& v, const Tensor& kv, const Tensor& kr,
                            int64_t n_heads, int64_t d_nope, int64_t d_rope, int64_t d_v, int64_t kr_stride,
-                           int64_t kr_offset, const std::array<std::string_view, 4>& names, Device dev) {
+                           int64_t kr_offset, const std::array<std::string_view, 4>& names, Device dev, bool bf16_kv) {
   const std::array<Tensor, 4> tensors{k, v, kv, kr};
   for (size_t i = 0; i < 4; ++i) check_device(tensors[i], dev, op, names[i]);
   DIFFMOE_CHECK(n_heads > 0 && d_nope >= 0 && d_rope >= 0 && d_v > 0,
@@ -103,7 +106,10 @@ KvSplitDims check_kv_split(std::string_view op, const Tensor& k, const Tensor& v
                 "[{}] rope key columns [{}, {}) do not fit kr_stride {}", op, kr_offset, kr_offset + d_rope, d.kr_stride);
   DIFFMOE_CHECK(kr.numel() == d.rows * d.kr_stride, "[{}] {} must hold N·kr_stride = {}·{} values, got {}", op,
                 names[3], d.rows, d.kr_stride, kr.describe());
-  for (size_t i = 0; i < 4; ++i) check_dtype(tensors[i], kv.dtype, op, names[i]);
+  for (size_t i = 0; i < 4; ++i)
+    check_dtype(tensors[i], bf16_kv && i < 2 ? output_dtype(tensors[i], kv.dtype, dev) : kv.dtype, op, names[i]);
+  DIFFMOE_CHECK(k.dtype == v.dtype, "[{}] {} and {} must have one dtype, got {} and {}", op, names[0], names[1],
+                dtype_name(k.dtype), dtype_name(v.dtype));
   return d;
 }
 
@@ -125,6 +131,20 @@ void check_out_like(const Tensor& t, const AttnDims& d, Device dev, std::string_
   DIFFMOE_CHECK(t.rank() == 4 && t.dim(0) == d.batch && t.dim(1) == d.seq && t.numel() == d.batch * d.seq * d.heads * d.d_v,
                 "[{}] {} must be [B, T, H, d_v] = [{}, {}, {}, {}] (or [B, T, H/2, 2·d_v]), got {}", op, name, d.batch,
                 d.seq, d.heads, d.d_v, t.describe());
+}
+
+// q, k, v share one dtype: the op's float type ft (out's), or bf16 where output_dtype allows it (the
+// CUDA backend with f32 outputs: the bf16 GEMM mode's saved activations, AttentionFwdArgs).
+void check_qkv_dtypes(std::string_view op, const Tensor& q, const Tensor& k, const Tensor& v, DType ft, Device dev) {
+  for (const auto& [t, name] : {std::pair{q, "q"}, {k, "k"}, {v, "v"}})
+    DIFFMOE_CHECK(t.dtype != DType::kBF16 || bf16_allowed(ft, dev),
+                  "[{}] {} is bf16: bf16 q, k, v are read only by the CUDA backend in the bf16 GEMM mode, with f32 "
+                  "outputs; here the {} backend with {} outputs",
+                  op, name, device_name(dev), dtype_name(ft));
+  check_dtype(q, output_dtype(q, ft, dev), op, "q");
+  for (const auto& [t, name] : {std::pair{k, "k"}, {v, "v"}})
+    DIFFMOE_CHECK(t.dtype == q.dtype, "[{}] {}: q, k, v must have one dtype, got q {} and {} {}", op, name,
+                  dtype_name(q.dtype), name, dtype_name(t.dtype));
 }
 
 AttnDims check_attention(std::string_view op, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out,
@@ -152,13 +172,15 @@ AttnDims check_attention(std::string_view op, const Tensor& q, const Tensor& k, 
   check_out_like(out, d, dev, op, "out");
   check_device(lse, dev, op, "lse");
   check_shape(lse, Shape{d.batch, d.heads, d.seq}, op, "lse");
-  for (const auto& [t, name] : {std::pair{k, "k"}, {v, "v"}, {out, "out"}, {lse, "lse"}}) check_dtype(t, q.dtype, op, name);
+  const DType ft = out.dtype;  // the op's float type
+  check_qkv_dtypes(op, q, k, v, ft, dev);
+  check_dtype(lse, ft, op, "lse");
   if (differential) {
     check_out_like(o2, d, dev, op, "o2");
     check_device(lambda, dev, op, "lambda");
     check_shape(lambda, Shape{1}, op, "lambda");
-    check_dtype(o2, q.dtype, op, "o2");
-    check_dtype(lambda, q.dtype, op, "lambda");
+    check_dtype(o2, ft, op, "o2");
+    check_dtype(lambda, ft, op, "lambda");
   }
   return d;
 }
@@ -459,12 +481,12 @@ int64_t validate_rope(const RopeArgs& a, Device dev) {
 
 KvSplitDims validate_mla_kv_split_fwd(const MlaKvSplitFwdArgs& a, Device dev) {
   return check_kv_split("mla_kv_split_fwd", a.k, a.v, a.kv, a.kr, a.n_heads, a.d_nope, a.d_rope, a.d_v, a.kr_stride,
-                        a.kr_offset, {"k", "v", "kv", "kr"}, dev);
+                        a.kr_offset, {"k", "v", "kv", "kr"}, dev, /*bf16_kv=*/true);
 }
 
 KvSplitDims validate_mla_kv_split_bwd(const MlaKvSplitBwdArgs& a, Device dev) {
   return check_kv_split("mla_kv_split_bwd", a.dk, a.dv, a.dkv, a.dkr, a.n_heads, a.d_nope, a.d_rope, a.d_v,
-                        a.kr_stride, a.kr_offset, {"dk", "dv", "dkv", "dkr"}, dev);
+                        a.kr_stride, a.kr_offset, {"dk", "dv", "dkv", "dkr"}, dev, /*bf16_kv=*/false);
 }
 
 void validate_diff_lambda_fwd(const DiffLambdaFwdArgs& a, Device dev) {
@@ -493,20 +515,21 @@ AttnDims validate_attention_fwd(const AttentionFwdArgs& a, Device dev) {
 AttnDims validate_attention_bwd(const AttentionBwdArgs& a, Device dev) {
   constexpr std::string_view op = "attention_bwd";
   const AttnDims d = check_attention(op, a.q, a.k, a.v, a.out, a.o2, a.lse, a.lambda, a.differential, dev);
+  const DType ft = a.out.dtype;  // gradients have the op's float type, also for bf16 q, k, v
   for (const auto& [t, name] : {std::pair{a.dq, "dq"}, {a.dk, "dk"}}) {
     check_device(t, dev, op, name);
     check_shape(t, a.q.shape, op, name);
-    check_dtype(t, a.q.dtype, op, name);
+    check_dtype(t, ft, op, name);
   }
   check_device(a.dv, dev, op, "dv");
   check_shape(a.dv, a.v.shape, op, "dv");
-  check_dtype(a.dv, a.q.dtype, op, "dv");
+  check_dtype(a.dv, ft, op, "dv");
   check_out_like(a.dout, d, dev, op, "dout");
-  check_dtype(a.dout, a.q.dtype, op, "dout");
+  check_dtype(a.dout, ft, op, "dout");
   if (a.differential) {
     check_device(a.dlambda, dev, op, "dlambda");
     check_shape(a.dlambda, Shape{1}, op, "dlambda");
-    check_dtype(a.dlambda, a.q.dtype, op, "dlambda");
+    check_dtype(a.dlambda, ft, op, "dlambda");
   }
   return d;
 }

@@ -7,6 +7,12 @@ namespace diffmoe {
 std::string AttentionLayer::p(const char* name) const { return fmt::format("layers.{}.attn.{}", l_, name); }
 std::string AttentionLayer::a(const char* name) const { return fmt::format("act.{}.attn.{}", l_, name); }
 
+bool AttentionLayer::bf16_qkv(const LayerContext& lc) const {
+  const ModelConfig& c = *lc.cfg;
+  return lc.bf16_operands && lc.be->attention_takes_bf16({.batch = lc.batch, .seq = lc.seq, .heads = c.n_heads, .d_qk = c.d_qk(),
+                                                          .d_v = c.v_head_dim, .differential = c.differential});
+}
+
 void AttentionLayer::plan(const LayerContext& lc, Arena& acts) const {
   const ModelConfig& c = *lc.cfg;
   const int64_t N = lc.tokens(), D = c.dim, H = c.n_heads, dqk = c.d_qk(), dv = c.v_head_dim;
@@ -14,6 +20,11 @@ void AttentionLayer::plan(const LayerContext& lc, Arena& acts) const {
   const DType t = lc.dtype;
   // What only GEMMs read (x_norm, c_q, ĉ, Ō) is bf16 in the bf16 GEMM mode: the norm rounds it once.
   const DType gemm_only = lc.bf16_operands ? DType::kBF16 : t;
+  // What only the attention reads (q, k, v) is bf16 where the backend's attention takes bf16 (the
+  // tensor-core kernels, which would round them anyway): the split rounds k, v once; q is formed in
+  // f32 in a shared scratch (GEMM, RoPE), then rounded once by a copy. Half the bytes saved, and no
+  // rounding inside attention_fwd and attention_bwd.
+  const DType qkv = bf16_qkv(lc) ? DType::kBF16 : t;
   acts.add(a("x_norm"), Shape{N, D}, gemm_only);  // RMSNorm_attn(x)
   acts.add(a("rstd_x"), Shape{N}, t);
   if (rq > 0) {
@@ -21,13 +32,13 @@ void AttentionLayer::plan(const LayerContext& lc, Arena& acts) const {
     acts.add(a("rstd_q"), Shape{N}, t);
     acts.add(a("cq"), Shape{N, rq}, gemm_only);   // RMSNorm_q(qa)
   }
-  acts.add(a("q"), Shape{N, H * dqk}, t);         // per head [nope ; RoPE(rope)]
+  acts.add(a("q"), Shape{N, H * dqk}, qkv);       // per head [nope ; RoPE(rope)]
   acts.add(a("kva"), Shape{N, rkv + dr}, t);      // [c ; RoPE(k^R)]
   acts.add(a("rstd_kv"), Shape{N}, t);
   acts.add(a("ckv"), Shape{N, rkv}, gemm_only);   // ĉ = RMSNorm_kv(c)
   acts.add(a("kv"), Shape{N, H * (dn + dv)}, t);  // ĉ W_kvbᵀ, per head [k^C ; v]
-  acts.add(a("k"), Shape{N, H, dqk}, t);
-  acts.add(a("v"), Shape{N, H, dv}, t);
+  acts.add(a("k"), Shape{N, H, dqk}, qkv);
+  acts.add(a("v"), Shape{N, H, dv}, qkv);
   acts.add(a("att"), Shape{N, H * dv}, t);        // attention output O (pre-subln when differential)
   acts.add(a("lse"), Shape{lc.batch, H, lc.seq}, t);
   if (c.differential) {
@@ -36,6 +47,8 @@ void AttentionLayer::plan(const LayerContext& lc, Arena& acts) const {
     acts.add(a("rstd_sub"), Shape{N * H / 2}, t);
     acts.add(a("att_n"), Shape{N, H * dv}, gemm_only);  // (1 − λ_init) · RMSNorm_2dv(O)
   }
+  // Forward scratch for a bf16 q: the f32 x W_qᵀ with RoPE applied, before the rounding copy.
+  if (qkv == DType::kBF16) plan_once(acts, "scratch.attn.q32", Shape{N, H * dqk}, t);
   // Backward scratch, shared by every attention layer.
   plan_once(acts, "scratch.attn.dx_norm", Shape{N, D}, t);
   plan_once(acts, "scratch.attn.dq", Shape{N, H * dqk}, t);
@@ -61,6 +74,8 @@ void AttentionLayer::forward(const LayerContext& lc, const Tensor& x, const Tens
   const Tensor x_norm = lc.act(a("x_norm")), q = lc.act(a("q")), kva = lc.act(a("kva")), ckv = lc.act(a("ckv"));
   const Tensor kv = lc.act(a("kv")), k = lc.act(a("k")), v = lc.act(a("v")), att = lc.act(a("att"));
   const Tensor cos = lc.act("rope.cos"), sin = lc.act("rope.sin");
+  // Where the query GEMM and RoPE write: q itself, or the f32 scratch when q is saved in bf16.
+  const Tensor q32 = q.dtype == DType::kBF16 ? lc.act("scratch.attn.q32") : q;
 
   be.rmsnorm_fwd(lc.ctx, {.y = x_norm, .rstd = lc.act(a("rstd_x")), .x = x, .w = lc.param(fmt::format("layers.{}.attn_norm.weight", l_)),
                           .rows = N, .width = c.dim, .eps = c.norm_eps});
@@ -70,11 +85,12 @@ void AttentionLayer::forward(const LayerContext& lc, const Tensor& x, const Tens
     lc.linear(lc.act(a("qa")), x_norm, lc.weight(p("wq_a.weight")));
     be.rmsnorm_fwd(lc.ctx, {.y = lc.act(a("cq")), .rstd = lc.act(a("rstd_q")), .x = lc.act(a("qa")),
                             .w = lc.param(p("q_norm.weight")), .rows = N, .width = rq, .eps = c.norm_eps});
-    lc.linear(q, lc.act(a("cq")), lc.weight(p("wq_b.weight")));
+    lc.linear(q32, lc.act(a("cq")), lc.weight(p("wq_b.weight")));
   } else {
-    lc.linear(q, x_norm, lc.weight(p("wq.weight")));
+    lc.linear(q32, x_norm, lc.weight(p("wq.weight")));
   }
-  be.rope(lc.ctx, {.x = q, .cos = cos, .sin = sin, .n_heads = H, .head_stride = dqk, .col_offset = dn, .rope_dim = dr, .seq_len = T});
+  be.rope(lc.ctx, {.x = q32, .cos = cos, .sin = sin, .n_heads = H, .head_stride = dqk, .col_offset = dn, .rope_dim = dr, .seq_len = T});
+  if (q32.data != q.data) be.copy(lc.ctx, {.dst = q, .src = q32});  // rounds to bf16 (nearest even), once
   // Keys and values: [c ; k^R] = x W_kvaᵀ, ĉ = RMSNorm_kv(c), RoPE(k^R) shared by all heads,
   // [k^C_j ; v_j] = ĉ W_kvb,jᵀ, k_j = [k^C_j ; k^R].
   lc.linear(kva, x_norm, lc.weight(p("wkv_a.weight")));
@@ -82,6 +98,7 @@ void AttentionLayer::forward(const LayerContext& lc, const Tensor& x, const Tens
                           .rows = N, .width = rkv, .x_stride = rkv + dr, .y_stride = rkv, .eps = c.norm_eps});
   be.rope(lc.ctx, {.x = kva, .cos = cos, .sin = sin, .n_heads = 1, .head_stride = rkv + dr, .col_offset = rkv, .rope_dim = dr, .seq_len = T});
   lc.linear(kv, ckv, lc.weight(p("wkv_b.weight")));
+  // k, v in their planned dtype: bf16 ones are rounded by the split.
   be.mla_kv_split_fwd(lc.ctx, {.k = k, .v = v, .kv = kv, .kr = kva, .n_heads = H, .d_nope = dn, .d_rope = dr, .d_v = dv,
                                .kr_stride = rkv + dr, .kr_offset = rkv});
 

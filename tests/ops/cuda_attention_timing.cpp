@@ -3,7 +3,9 @@
 // and backward, and the flash results against the simple ones (‖flash − simple‖ / ‖simple‖; both
 // are checked against the CPU at small sizes in cuda_vs_cpu.cpp). Then the tensor-core kernels
 // (GemmPrecision::kBF16, tc_attention.cuh; checked against the CPU in cuda_tc_attention.cpp) at the
-// same shape, against the flash results. Disabled by default (seconds of GPU time); run with
+// same shape, against the flash results: once with f32 q, k, v (the op rounds them to bf16 first,
+// 3 conversions per call) and once with bf16 q, k, v (as the model saves them in the bf16 mode:
+// no conversions; bitwise the same results). Disabled by default (seconds of GPU time); run with
 //   test_cuda_ops --gtest_also_run_disabled_tests --gtest_filter='CudaAttentionTiming.*'
 #include <cuda_runtime_api.h>
 #include <fmt/core.h>
@@ -43,24 +45,28 @@ TEST(CudaAttentionTiming, DISABLED_BenchShape) {
   v.normal(82);
   dout.normal(83);
   lambda.set({0.3});
+  const Dual q16 = bf16_copy(q, q.host().shape), k16 = bf16_copy(k, k.host().shape), v16 = bf16_copy(v, v.host().shape);
   const double scale = 1.0 / std::sqrt(static_cast<double>(dqk));
   const Side g = Side::kGpu;
+  bool bf16_inputs = false;  // which q, k, v the calls read
+  auto qkv = [&](const Dual& d32, const Dual& d16) { return bf16_inputs ? d16[g] : d32[g]; };
   auto fwd = [&] {
-    gpu().attention_fwd({}, {.out = out[g], .o2 = o2[g], .lse = lse[g], .q = q[g], .k = k[g], .v = v[g],
-                             .lambda = lambda[g], .scale = scale});
+    gpu().attention_fwd({}, {.out = out[g], .o2 = o2[g], .lse = lse[g], .q = qkv(q, q16), .k = qkv(k, k16),
+                             .v = qkv(v, v16), .lambda = lambda[g], .scale = scale});
   };
   auto bwd = [&] {
-    gpu().attention_bwd({}, {.dq = dq[g], .dk = dk[g], .dv = dvv[g], .dlambda = dlambda[g], .dout = dout[g], .q = q[g],
-                             .k = k[g], .v = v[g], .out = out[g], .o2 = o2[g], .lse = lse[g], .lambda = lambda[g],
-                             .scale = scale});
+    gpu().attention_bwd({}, {.dq = dq[g], .dk = dk[g], .dv = dvv[g], .dlambda = dlambda[g], .dout = dout[g],
+                             .q = qkv(q, q16), .k = qkv(k, k16), .v = qkv(v, v16), .out = out[g], .o2 = o2[g],
+                             .lse = lse[g], .lambda = lambda[g], .scale = scale});
   };
   struct Result {
     double fwd_ms, bwd_ms;
     std::vector<std::vector<double>> values;  // out, o2, lse, dq, dk, dv, dlambda
   };
-  auto run = [&](AttnKernel kernel, int reps, GemmPrecision precision = GemmPrecision::kF32) {
+  auto run = [&](AttnKernel kernel, int reps, GemmPrecision precision = GemmPrecision::kF32, bool bf16_qkv = false) {
     be.set_attention_kernel(kernel);
     be.set_gemm_precision(precision);
+    bf16_inputs = bf16_qkv;
     Result r{};
     r.fwd_ms = median_ms(reps, fwd);
     r.bwd_ms = median_ms(reps, bwd);  // reads this kernel's forward outputs
@@ -71,14 +77,9 @@ TEST(CudaAttentionTiming, DISABLED_BenchShape) {
   const Result simple = run(AttnKernel::kSimple, 3);
   const Result flash = run(AttnKernel::kFlash, 10);
   const Result tc = run(AttnKernel::kFlash, 10, GemmPrecision::kBF16);
+  const Result tc16 = run(AttnKernel::kFlash, 10, GemmPrecision::kBF16, true);
   be.set_attention_kernel(saved);
   be.set_gemm_precision(GemmPrecision::kF32);
-  fmt::print("[attention timing] B {} T {} H {} d_qk {} d_v {} differential, f32 (median ms)\n", B, T, H, dqk, dv);
-  fmt::print("  {:<8} {:>10} {:>10}\n", "kernel", "forward", "backward");
-  fmt::print("  {:<8} {:>10.3f} {:>10.3f}\n", "simple", simple.fwd_ms, simple.bwd_ms);
-  fmt::print("  {:<8} {:>10.3f} {:>10.3f}\n", "flash", flash.fwd_ms, flash.bwd_ms);
-  fmt::print("  {:<8} {:>10.3f} {:>10.3f}   (bf16 tensor cores, incl. the f32->bf16 copies)\n", "tc", tc.fwd_ms,
-             tc.bwd_ms);
   const char* names[] = {"out", "o2", "lse", "dq", "dk", "dv", "dlambda"};
   for (size_t i = 0; i < flash.values.size(); ++i) {
     const double e = rel_err(flash.values[i], simple.values[i]);
@@ -92,6 +93,18 @@ TEST(CudaAttentionTiming, DISABLED_BenchShape) {
     // bf16 operands, f32 accumulation: the policy's bf16 bound (cuda_tc_attention.cpp says why).
     EXPECT_LT(e, 1e-2) << names[i];
   }
+  for (size_t i = 0; i < tc.values.size(); ++i)  // the kernels saw the same bf16 operands
+    EXPECT_TRUE(tc16.values[i] == tc.values[i]) << "tc, bf16 q/k/v vs tc: " << names[i] << " is not bitwise the same";
+  // The table last: tools/gpu-check.sh shows the log's last lines.
+  fmt::print("[attention timing] B {} T {} H {} d_qk {} d_v {} differential (median ms)\n", B, T, H, dqk, dv);
+  fmt::print("  {:<16} {:>10} {:>10} {:>10}\n", "kernel", "forward", "backward", "sum");
+  const auto row = [](const char* name, const Result& r, const char* note) {
+    fmt::print("  {:<16} {:>10.3f} {:>10.3f} {:>10.3f}{}\n", name, r.fwd_ms, r.bwd_ms, r.fwd_ms + r.bwd_ms, note);
+  };
+  row("simple", simple, "");
+  row("flash", flash, "");
+  row("tc", tc, "   (bf16 tensor cores, f32 q/k/v: incl. the f32->bf16 copies)");
+  row("tc, bf16 q/k/v", tc16, "   (q, k, v bf16 as the model saves them: no copies)");
 }
 
 }  // namespace

@@ -297,13 +297,6 @@ TEST(CudaBf16Gemm, GroupedKernelBadOffsetsReported) {
 
 // ---------------------------------------------------------------- bf16 operands (weight copies)
 
-// A Dual's values rounded to bf16 once, as the model's bf16 weight copies are: the GPU side of an
-// op reads this bf16 tensor where the CPU reads the f32 original.
-Dual bf16_copy(const Dual& d, const Shape& shape) {
-  Dual r(shape, DType::kBF16);
-  r.set(d.host_values());
-  return r;
-}
 
 TEST(CudaBf16Gemm, Bf16OperandsAreReadInPlace) {
   const Bf16Mode mode;
@@ -469,6 +462,42 @@ TEST(CudaBf16Gemm, GatherIntoBf16) {
     const std::vector<double> got = out.device_values(), exp = want.host_values();
     for (size_t i = 0; i < got.size(); ++i) ASSERT_EQ(got[i], exp[i]) << "D = " << D << ", element " << i;
     EXPECT_TRUE(out.guard_intact());
+  }
+}
+
+// mla_kv_split_fwd into bf16 k, v (the tensor-core attention's operands in the bf16 mode): each value
+// is the CPU's f32 result rounded to bf16, exactly (the split only moves values). The cases of
+// cuda_vs_cpu.cpp: widths not multiples of 4 (the scalar path) and the presets' multiples of 4 (four
+// values per 8-byte bf16 store); then k, v views 2 bytes off an 8-byte boundary (the scalar path).
+TEST(CudaBf16Gemm, KvSplitIntoBf16) {
+  struct Case {
+    int64_t N, H, dn, dr, dv, kr_stride, kr_offset, out_offset;
+  };
+  for (const Case c : {Case{13, 3, 4, 2, 5, 9, 6, 0}, Case{37, 3, 8, 4, 12, 20, 16, 0}, Case{37, 3, 8, 4, 12, 20, 16, 1}}) {
+    const int64_t N = c.N, H = c.H, dqk = c.dn + c.dr;
+    const Shape k_shape{N, H, dqk}, v_shape{N, H, c.dv};
+    Dual kv(Shape{N, H * (c.dn + c.dv)}), kr(Shape{N, c.kr_stride}), k(k_shape), v(v_shape);
+    Dual k16(Shape{N * H * dqk + c.out_offset}, DType::kBF16), v16(Shape{N * H * c.dv + c.out_offset}, DType::kBF16);
+    kv.normal(975);
+    kr.normal(976);
+    k16.poison();
+    v16.poison();
+    const auto split = [&](Backend& be, Side s, const Tensor& kt, const Tensor& vt) {
+      be.mla_kv_split_fwd({}, {.k = kt, .v = vt, .kv = kv[s], .kr = kr[s], .n_heads = H, .d_nope = c.dn, .d_rope = c.dr,
+                               .d_v = c.dv, .kr_stride = c.kr_stride, .kr_offset = c.kr_offset});
+    };
+    split(cpu(), Side::kCpu, k[Side::kCpu], v[Side::kCpu]);
+    split(gpu(), Side::kGpu, offset_view(k16, Side::kGpu, k_shape, c.out_offset),
+          offset_view(v16, Side::kGpu, v_shape, c.out_offset));
+    gpu().synchronize({});
+    const std::string what = fmt::format("mla_kv_split_fwd into bf16, dn={} dr={} dv={} offset {}", c.dn, c.dr, c.dv, c.out_offset);
+    for (const auto& [got16, ref, shape] : {std::tuple{&k16, &k, k_shape}, std::tuple{&v16, &v, v_shape}}) {
+      const Dual want = bf16_copy(*ref, shape);
+      const std::vector<double> got = got16->device_values(), exp = want.host_values();
+      for (size_t i = 0; i < exp.size(); ++i)
+        ASSERT_EQ(got[i + static_cast<size_t>(c.out_offset)], exp[i]) << what << ", element " << i;
+      EXPECT_TRUE(got16->guard_intact()) << what;
+    }
   }
 }
 

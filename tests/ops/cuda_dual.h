@@ -157,6 +157,19 @@ inline Tensor offset_view(const Dual& d, Side s, const Shape& shape, int64_t off
   return t;
 }
 
+// d's values rounded to bf16 once (nearest even, on the host: the device's rounding), as the bf16
+// GEMM mode's weight copies and saved activations are: the GPU side of an op reads this bf16 tensor
+// where the CPU reads the f32 original. With offset > 0 the values start `offset` elements in (after
+// zeros; read them through offset_view), so a view can start off a 16-byte boundary.
+inline Dual bf16_copy(const Dual& d, const Shape& shape, int64_t offset = 0) {
+  Dual r(offset == 0 ? shape : Shape{offset + shape.numel()}, DType::kBF16);
+  std::vector<double> v(static_cast<size_t>(offset), 0.0);
+  const std::vector<double> values = d.host_values();
+  v.insert(v.end(), values.begin(), values.end());
+  r.set(v);
+  return r;
+}
+
 // Runs op(backend, side) on the CPU and on the GPU, then synchronizes the GPU (which also reports
 // the device-side index checks).
 inline void run_both(const std::function<void(Backend&, Side)>& op) {

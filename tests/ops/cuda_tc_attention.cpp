@@ -2,7 +2,9 @@
 // attention: forward (out, o2, lse) and backward (dq, dk, dv, dλ), differential and plain, at every
 // covered d_qk ∈ {32, 48, 64, 96, 128} and value-group width ∈ {32, 64, 128}, with T = 1, T shorter
 // than a tile, exactly one tile, odd T over several 64-row tiles, B > 1; outputs poisoned (NaN)
-// first, guard bytes checked; and the backward bitwise reproducible.
+// first, guard bytes checked; and the backward bitwise reproducible. Then bf16 q, k, v (the bf16
+// mode's saved activations): bitwise the results of the f32 tensors they were rounded from, and
+// refused, saying why, where the tensor-core kernels do not run.
 //
 // Tolerance (STYLE.md numerics policy, BF16): ‖cuda − cpu‖/‖cpu‖ ≤ 1e-2 per output. Why: q, k, v
 // and dout are rounded to bf16 (≤ 2^-9 relative each) and P, dS are rounded to bf16 before their
@@ -169,6 +171,143 @@ TEST(CudaTcAttention, BackwardDeterministic) {
     if (run == 0) first = now;
     else for (size_t t = 0; t < now.size(); ++t) EXPECT_EQ(now[t], first[t]) << "output " << t;
   }
+}
+
+// ---------------------------------------------------------------- bf16 q, k, v
+
+// got and want agree bitwise (as doubles: NaN never passes), guard bytes intact.
+void expect_same(const Dual& got, const Dual& want, const std::string& what) {
+  const std::vector<double> g = got.device_values(), w = want.device_values();
+  ASSERT_EQ(g.size(), w.size());
+  int64_t bad = 0;
+  for (size_t i = 0; i < g.size(); ++i) bad += g[i] == w[i] ? 0 : 1;
+  std::printf("[cuda-tc-attn] %-52s n=%-7zu %lld elements differ\n", what.c_str(), g.size(), static_cast<long long>(bad));
+  EXPECT_EQ(bad, 0) << what << ": bf16 q, k, v must give bitwise the results of the f32 ones";
+  EXPECT_TRUE(got.guard_intact()) << what;
+}
+
+// bf16 q, k, v hold the values the op rounds f32 q, k, v to (nearest even, the host's rounding is
+// the device's), so the kernels see the same operands: every output bitwise equal. offset 0: read
+// in place; offset 1: views 2 bytes off a 16-byte boundary, copied into the scratch as they are.
+void check_bf16_inputs(const TcCase& c, int64_t offset) {
+  const Bf16Mode mode;
+  const int64_t B = c.B, T = c.T, H = c.H, C = c.differential ? 2 : 1, W = C * c.dv;
+  const Shape qk_shape{B, T, H, c.dqk}, v_shape{B, T, H, c.dv}, out_shape{B, T, H / C, W};
+  Dual q(qk_shape), k(qk_shape), v(v_shape), lambda(Shape{1}), dout(out_shape);
+  q.normal(110);
+  k.normal(111);
+  v.normal(112);
+  dout.normal(113);
+  lambda.set({0.3});
+  const Dual q16 = bf16_copy(q, qk_shape, offset), k16 = bf16_copy(k, qk_shape, offset), v16 = bf16_copy(v, v_shape, offset);
+  const Side g = Side::kGpu;
+  const Tensor q16v = offset_view(q16, g, qk_shape, offset), k16v = offset_view(k16, g, qk_shape, offset);
+  const Tensor v16v = offset_view(v16, g, v_shape, offset);
+  const std::string tag = fmt::format("B={} T={} H={} dqk={} W={} {} offset {}", B, T, H, c.dqk, W,
+                                      c.differential ? "diff" : "plain", offset);
+  struct Outputs {
+    Dual out, o2, lse, dq, dk, dv, dlambda;
+  };
+  const auto run = [&](const Tensor& qt, const Tensor& kt, const Tensor& vt, Outputs& o) {
+    for (Dual* d : {&o.out, &o.o2, &o.lse, &o.dq, &o.dk, &o.dv, &o.dlambda}) d->poison();
+    const Tensor o2 = c.differential ? o.o2[g] : Tensor{}, lam = c.differential ? lambda[g] : Tensor{};
+    gpu().attention_fwd({}, {.out = o.out[g], .o2 = o2, .lse = o.lse[g], .q = qt, .k = kt, .v = vt, .lambda = lam,
+                             .scale = 0.1, .differential = c.differential});
+    gpu().attention_bwd({}, {.dq = o.dq[g], .dk = o.dk[g], .dv = o.dv[g], .dlambda = c.differential ? o.dlambda[g] : Tensor{},
+                             .dout = dout[g], .q = qt, .k = kt, .v = vt, .out = o.out[g], .o2 = o2, .lse = o.lse[g],
+                             .lambda = lam, .scale = 0.1, .differential = c.differential});
+    gpu().synchronize({});
+  };
+  const auto outputs = [&] {
+    return Outputs{Dual(out_shape), Dual(out_shape), Dual(Shape{B, H, T}), Dual(qk_shape), Dual(qk_shape), Dual(v_shape),
+                   Dual(Shape{1})};
+  };
+  Outputs f32_in = outputs(), bf16_in = outputs();
+  run(q[g], k[g], v[g], f32_in);
+  run(q16v, k16v, v16v, bf16_in);
+  const std::pair<const Dual Outputs::*, const char*> fields[] = {
+      {&Outputs::out, "out"}, {&Outputs::o2, "o2"}, {&Outputs::lse, "lse"}, {&Outputs::dq, "dq"},
+      {&Outputs::dk, "dk"},   {&Outputs::dv, "dv"}, {&Outputs::dlambda, "dlambda"}};
+  for (const auto& [field, name] : fields) {
+    if (!c.differential && (std::string(name) == "o2" || std::string(name) == "dlambda")) continue;  // unused when plain
+    expect_same(bf16_in.*field, f32_in.*field, fmt::format("bf16 q,k,v {} {}", name, tag));
+  }
+  // The inputs are read, never written.
+  EXPECT_TRUE(q16.device_values() == q16.host_values()) << tag << ": q was written";
+  EXPECT_TRUE(k16.device_values() == k16.host_values()) << tag << ": k was written";
+  EXPECT_TRUE(v16.device_values() == v16.host_values()) << tag << ": v was written";
+}
+
+// The bench head shape (d_qk 96, d_v 64) and the smallest covered one, differential and plain, T odd
+// over several tiles; and one unaligned case.
+TEST(CudaTcAttention, Bf16InputsMatchRoundedF32) {
+  for (bool diff : {true, false}) {
+    check_bf16_inputs({2, 131, 4, 96, 64, diff}, 0);
+    check_bf16_inputs({3, 17, 4, 32, diff ? 16 : 32, diff}, 0);
+  }
+  check_bf16_inputs({2, 131, 4, 96, 64, true}, 1);
+}
+
+// What the model asks before planning bf16 q, k, v: yes in the bf16 mode for covered shapes (this
+// file runs on Hopper), no in the f32 mode, for uncovered shapes, under kSimple, and on the CPU.
+TEST(CudaTcAttention, AttentionTakesBf16) {
+  auto& be = dynamic_cast<CudaBackend&>(gpu());
+  const AttentionShape bench{.batch = 8, .seq = 2048, .heads = 16, .d_qk = 96, .d_v = 64, .differential = true};
+  const AttentionShape odd{.batch = 2, .seq = 37, .heads = 4, .d_qk = 7, .d_v = 5, .differential = true};
+  EXPECT_FALSE(be.attention_takes_bf16(bench)) << "f32 mode";
+  {
+    const Bf16Mode mode;
+    EXPECT_TRUE(be.attention_takes_bf16(bench));
+    EXPECT_TRUE(be.attention_takes_bf16({.batch = 1, .seq = 5, .heads = 3, .d_qk = 64, .d_v = 64, .differential = false}));
+    EXPECT_FALSE(be.attention_takes_bf16(odd));
+    EXPECT_FALSE(be.attention_takes_bf16({.batch = 1, .seq = 5, .heads = 3, .d_qk = 96, .d_v = 64, .differential = true}))
+        << "odd heads cannot pair";
+    be.set_attention_kernel(CudaBackend::AttentionKernel::kSimple);
+    EXPECT_FALSE(be.attention_takes_bf16(bench)) << "kSimple";
+    be.set_attention_kernel(CudaBackend::AttentionKernel::kFlash);
+  }
+  cpu().set_gemm_precision(GemmPrecision::kBF16);
+  EXPECT_FALSE(cpu().attention_takes_bf16(bench)) << "the CPU backend";
+  cpu().set_gemm_precision(GemmPrecision::kF32);
+}
+
+// bf16 q, k, v where the tensor-core kernels would not run: refused with the reason (the f32 flash
+// and simple kernels read f32 only), forward and backward; outputs untouched.
+TEST(CudaTcAttention, Bf16InputsRefusedWhereNotCovered) {
+  auto& be = dynamic_cast<CudaBackend&>(gpu());
+  const auto check = [&](const TcCase& c, std::initializer_list<std::string> parts) {
+    const int64_t C = c.differential ? 2 : 1;
+    const Shape qk_shape{c.B, c.T, c.H, c.dqk}, v_shape{c.B, c.T, c.H, c.dv}, out_shape{c.B, c.T, c.H / C, C * c.dv};
+    Dual q(qk_shape), k(qk_shape), v(v_shape), lambda(Shape{1}), out(out_shape), o2(out_shape), lse(Shape{c.B, c.H, c.T});
+    Dual dout(out_shape), dq(qk_shape), dk(qk_shape), dv(v_shape), dlambda(Shape{1});
+    for (Dual* d : {&q, &k, &v, &dout}) d->normal(120);
+    lambda.set({0.3});
+    out.poison();
+    const Dual q16 = bf16_copy(q, qk_shape), k16 = bf16_copy(k, qk_shape), v16 = bf16_copy(v, v_shape);
+    const Side g = Side::kGpu;
+    expect_error([&] {
+      gpu().attention_fwd({}, {.out = out[g], .o2 = o2[g], .lse = lse[g], .q = q16[g], .k = k16[g], .v = v16[g],
+                               .lambda = lambda[g], .scale = 0.1});
+    }, parts);
+    std::vector<std::string> bwd_parts(parts);
+    bwd_parts[0] = "[attention_bwd]";
+    expect_error([&] {
+      gpu().attention_bwd({}, {.dq = dq[g], .dk = dk[g], .dv = dv[g], .dlambda = dlambda[g], .dout = dout[g], .q = q16[g],
+                               .k = k16[g], .v = v16[g], .out = out[g], .o2 = o2[g], .lse = lse[g], .lambda = lambda[g],
+                               .scale = 0.1});
+    }, {bwd_parts[0], bwd_parts[1], bwd_parts.back()});
+    gpu().synchronize({});
+    for (double x : out.device_values()) ASSERT_TRUE(std::isnan(x)) << "a refused call wrote its output";
+  };
+  // The f32 GEMM mode: no tensor-core attention at all.
+  check({2, 37, 4, 96, 64, true}, {"[attention_fwd]", "bf16 q, k, v need the bf16 GEMM mode", "train.precision"});
+  const Bf16Mode mode;
+  // d_qk 7, d_v 5: only the f32 simple kernels cover it.
+  check({2, 37, 4, 7, 5, true}, {"[attention_fwd]", "bf16 q, k, v are read only by the tensor-core attention",
+                                 "not d_qk = 7 and comps·d_v = 10"});
+  be.set_attention_kernel(CudaBackend::AttentionKernel::kSimple);
+  check({2, 37, 4, 96, 64, true}, {"[attention_fwd]", "AttentionKernel::kSimple reads f32 q, k, v only", "kSimple"});
+  be.set_attention_kernel(CudaBackend::AttentionKernel::kFlash);
 }
 
 }  // namespace

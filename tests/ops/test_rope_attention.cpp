@@ -8,6 +8,7 @@
 #include <cstdio>
 #include <string>
 
+#include "backend/op_validation.h"
 #include "model/rope_tables.h"
 #include "ops_test_util.h"
 #include "test_util.h"
@@ -19,6 +20,13 @@ using test::copy_values;
 using test::cpu;
 using test::expect_error;
 using test::Owned;
+
+// t labelled as a CUDA tensor, for the shared validation (op_validation.h), which reads no data:
+// the CUDA backend's dtype rules (bf16 tensors of the bf16 GEMM mode) checked without a GPU.
+Tensor as_cuda(Tensor t) {
+  t.device = Device::kCUDA;
+  return t;
+}
 
 double norm(const std::vector<double>& v) {
   double s = 0.0;
@@ -272,6 +280,23 @@ TEST(MlaKvSplit, Errors) {
   expect_error([&] { cpu().mla_kv_split_fwd({}, split_args(k, v, kv, kr)); }, {"[mla_kv_split_fwd] kv"});
   Owned kv_ok({kN, kH * (kNope + kDv)}, DType::kF64), v_bad({kN, kH, kDv + 1}, DType::kF64);
   expect_error([&] { cpu().mla_kv_split_fwd({}, split_args(k, v_bad, kv_ok, kr)); }, {"[mla_kv_split_fwd] v"});
+}
+
+// bf16 k, v (the CUDA bf16 GEMM mode's attention operands, op_args.h): rejected by the CPU backend,
+// accepted for CUDA with an f32 kv, both or neither; the backward's gradients stay f32.
+TEST(MlaKvSplit, Bf16OutputsOnlyOnCuda) {
+  Owned kv({kN, kH * (kNope + kDv)}, DType::kF32), kr({kN, kKrStride}, DType::kF32);
+  Owned k16({kN, kH, kNope + kRope}, DType::kBF16), v16({kN, kH, kDv}, DType::kBF16), v32({kN, kH, kDv}, DType::kF32);
+  expect_error([&] { cpu().mla_kv_split_fwd({}, split_args(k16, v16, kv, kr)); },
+               {"[mla_kv_split_fwd] k", "expected dtype f32, got bf16"});
+  EXPECT_NO_THROW(validate_mla_kv_split_fwd(split_args(as_cuda(k16), as_cuda(v16), as_cuda(kv), as_cuda(kr)), Device::kCUDA));
+  expect_error([&] { validate_mla_kv_split_fwd(split_args(as_cuda(k16), as_cuda(v32), as_cuda(kv), as_cuda(kr)), Device::kCUDA); },
+               {"[mla_kv_split_fwd] k and v must have one dtype, got bf16 and f32"});
+  expect_error([&] {
+    validate_mla_kv_split_bwd({.dkv = as_cuda(kv), .dkr = as_cuda(kr), .dk = as_cuda(k16), .dv = as_cuda(v16), .n_heads = kH,
+                               .d_nope = kNope, .d_rope = kRope, .d_v = kDv, .kr_stride = kKrStride, .kr_offset = kKrOffset},
+                              Device::kCUDA);
+  }, {"[mla_kv_split_bwd] dk", "expected dtype f32, got bf16"});
 }
 
 // ================================================================ differential λ (§1.2, §1.4)
@@ -553,6 +578,48 @@ TEST(Attention, Errors) {
   a = d.fwd_args();
   a.lambda = Tensor{};
   expect_error([&] { cpu().attention_fwd({}, a); }, {"[attention_fwd] lambda"});
+}
+
+// bf16 q, k, v (the CUDA bf16 GEMM mode's saved activations, op_args.h): the CPU backend refuses
+// them naming the field; the shared validation accepts all three bf16 for CUDA with f32 outputs
+// (gradients f32), and refuses q, k, v of mixed dtypes naming the odd one.
+TEST(Attention, Bf16InputsOnlyOnCuda) {
+  const AttnData d(kDiffCase, DType::kF32, 73);
+  const Shape qs = d.q.t().shape, vs = d.v.t().shape;
+  Owned q16(qs, DType::kBF16), k16(qs, DType::kBF16), v16(vs, DType::kBF16);
+  Owned dq(qs, DType::kF32), dk(qs, DType::kF32), dv(vs, DType::kF32), dlambda({1}, DType::kF32);
+  AttentionFwdArgs a = d.fwd_args();
+  a.q = q16;
+  a.k = k16;
+  a.v = v16;
+  expect_error([&] { cpu().attention_fwd({}, a); }, {"[attention_fwd] q is bf16", "cpu backend with f32 outputs"});
+  a = d.fwd_args();
+  a.v = v16;
+  expect_error([&] { cpu().attention_fwd({}, a); }, {"[attention_fwd] v is bf16"});
+  const AttentionBwdArgs b{.dq = dq, .dk = dk, .dv = dv, .dlambda = dlambda, .dout = d.dout, .q = q16, .k = k16, .v = v16,
+                           .out = d.out, .o2 = d.o2, .lse = d.lse, .lambda = d.lambda, .scale = 0.5};
+  expect_error([&] { cpu().attention_bwd({}, b); }, {"[attention_bwd] q is bf16"});
+
+  AttentionFwdArgs g{.out = as_cuda(d.out), .o2 = as_cuda(d.o2), .lse = as_cuda(d.lse), .q = as_cuda(q16), .k = as_cuda(k16),
+                     .v = as_cuda(v16), .lambda = as_cuda(d.lambda), .scale = 0.5};
+  EXPECT_NO_THROW(validate_attention_fwd(g, Device::kCUDA));
+  g.k = as_cuda(d.k);
+  expect_error([&] { validate_attention_fwd(g, Device::kCUDA); },
+               {"[attention_fwd] k: q, k, v must have one dtype, got q bf16 and k f32"});
+  g.k = as_cuda(k16);
+  g.v = as_cuda(d.v);
+  expect_error([&] { validate_attention_fwd(g, Device::kCUDA); },
+               {"[attention_fwd] v: q, k, v must have one dtype, got q bf16 and v f32"});
+  g.q = as_cuda(d.q);
+  expect_error([&] { validate_attention_fwd(g, Device::kCUDA); },
+               {"[attention_fwd] k: q, k, v must have one dtype, got q f32 and k bf16"});
+
+  AttentionBwdArgs gb{.dq = as_cuda(dq), .dk = as_cuda(dk), .dv = as_cuda(dv), .dlambda = as_cuda(dlambda),
+                      .dout = as_cuda(d.dout), .q = as_cuda(q16), .k = as_cuda(k16), .v = as_cuda(v16), .out = as_cuda(d.out),
+                      .o2 = as_cuda(d.o2), .lse = as_cuda(d.lse), .lambda = as_cuda(d.lambda), .scale = 0.5};
+  EXPECT_NO_THROW(validate_attention_bwd(gb, Device::kCUDA));
+  gb.dq = as_cuda(q16);  // gradients keep the outputs' f32
+  expect_error([&] { validate_attention_bwd(gb, Device::kCUDA); }, {"[attention_bwd] dq", "expected dtype f32, got bf16"});
 }
 
 }  // namespace

@@ -4,7 +4,9 @@
 // Kernel choice (attention_fwd / attention_bwd): under GemmPrecision::kBF16 the tensor-core kernels
 // (tc_attention.h: bf16 operands, f32 accumulation) where they cover the shape; else the f32 flash
 // kernels (flash_attention.h) where they cover it; else the simple ones below. kSimple forces the
-// simple ones in either precision.
+// simple ones in either precision. bf16 q, k, v (op_args.h) have only the tensor-core kernels as a
+// reader: a call with bf16 q, k, v that they would not run is refused, saying why
+// (attention_takes_bf16 tells the model beforehand).
 //
 // Design (the straightforward version, kept for the shapes the fused flash-style kernels of
 // flash_attention_ops.cu do not cover: d_qk outside {32, 48, 96, 128} or comps·d_v outside
@@ -22,6 +24,8 @@
 // - λ (tiny vectors) is one block in double, like the CPU.
 // Shared memory: O(T) floats per block; rows longer than the device's shared memory are rejected
 // with a message (the flash kernels have no such limit, for the shapes they cover).
+#include <type_traits>
+
 #include "backend/cuda/cuda_common.cuh"
 #include "backend/cuda/elementwise.cuh"
 #include "backend/cuda/flash_attention.h"
@@ -40,16 +44,18 @@ constexpr int kAttnThreads = 128;  // 4 warps per (row, group) block
 // The split is pure data movement: one thread per item of a token row (elementwise.cuh: 32-bit item
 // numbers, no 64-bit division per element); an item is a float4 piece when every width, stride and
 // offset is a multiple of 4 and the tensors are aligned (kVec4), else one value. With widths that
-// are multiples of 4 a piece never straddles the k-nope / rope-key / value boundaries.
+// are multiples of 4 a piece never straddles the k-nope / rope-key / value boundaries. The forward
+// may write bf16 k, v (the bf16 GEMM mode): each value rounded to nearest even on the store.
 struct KvSplitShape {
   int32_t n_heads, d_nope, d_rope, d_v;
   int64_t kr_stride, kr_offset;
 };
 
 // k[n, h] = [kv[n, h, :d_nope] ; kr[n]],  v[n, h] = kv[n, h, d_nope:]
-// Items of token n: (head h, column c of [k ; v]) in pieces of kStep columns.
-template <bool kVec4>
-__global__ void __launch_bounds__(kThreads) kv_split_fwd_kernel(float* __restrict__ k, float* __restrict__ v,
+// Items of token n: (head h, column c of [k ; v]) in pieces of kStep columns. Out = float, or bf16
+// in the bf16 GEMM mode (each f32 value rounded once, the attention's operands: op_args.h).
+template <class Out, bool kVec4>
+__global__ void __launch_bounds__(kThreads) kv_split_fwd_kernel(Out* __restrict__ k, Out* __restrict__ v,
                                                                  const float* __restrict__ kv,
                                                                  const float* __restrict__ kr, RowItems ri,
                                                                  KvSplitShape sh) {
@@ -59,7 +65,7 @@ __global__ void __launch_bounds__(kThreads) kv_split_fwd_kernel(float* __restric
     const int32_t h = item / per_head, c = (item - h * per_head) * kStep;
     const int64_t nh = n * sh.n_heads + h;
     const float* src;
-    float* dst;
+    Out* dst;
     if (c < sh.d_nope) {
       src = kv + nh * (sh.d_nope + sh.d_v) + c;
       dst = k + nh * d_qk + c;
@@ -71,7 +77,7 @@ __global__ void __launch_bounds__(kThreads) kv_split_fwd_kernel(float* __restric
       dst = v + nh * sh.d_v + (c - d_qk);
     }
     if constexpr (kVec4) store4(dst, load4(src));
-    else *dst = *src;
+    else store1(dst, *src);
   });
 }
 
@@ -328,6 +334,26 @@ dim3 attention_grid(const AttnDims& d, std::string_view op) {
   return dim3(static_cast<unsigned>(d.seq), static_cast<unsigned>(d.groups), static_cast<unsigned>(d.batch));
 }
 
+// Whether the tensor-core kernels run this call: the bf16 GEMM mode, the flash kernel choice, a shape
+// and device they cover.
+bool tc_selected(const CudaBackend& be, const AttnDims& d) {
+  return be.gemm_precision() == GemmPrecision::kBF16 && be.attention_kernel() == CudaBackend::AttentionKernel::kFlash &&
+         tc_attention_covers(d);
+}
+
+// tc_selected, after refusing bf16 q, k, v where it is false: the other kernels read f32 only.
+bool use_tc_attention(const CudaBackend& be, const AttnDims& d, DType qkv, std::string_view op) {
+  const bool tc = tc_selected(be, d);
+  if (tc || qkv != DType::kBF16) return tc;
+  DIFFMOE_CHECK(be.gemm_precision() == GemmPrecision::kBF16,
+                "[{}] bf16 q, k, v need the bf16 GEMM mode (train.precision: bf16_gemm): only the tensor-core "
+                "attention reads them", op);
+  DIFFMOE_CHECK(be.attention_kernel() == CudaBackend::AttentionKernel::kFlash,
+                "[{}] bf16 q, k, v: AttentionKernel::kSimple reads f32 q, k, v only", op);
+  DIFFMOE_FAIL("[{}] bf16 q, k, v are read only by the tensor-core attention, which does not cover this call: {}; "
+               "pass f32 q, k, v for the f32 kernels", op, tc_attention_gap(d));
+}
+
 // The split's sizes as the kernels take them, and whether they allow float4 pieces.
 KvSplitShape kv_split_shape(int64_t n_heads, int64_t d_nope, int64_t d_rope, int64_t d_v, int64_t kr_stride,
                             int64_t kr_offset, std::string_view op) {
@@ -354,16 +380,19 @@ void CudaBackend::mla_kv_split_fwd(Context ctx, const MlaKvSplitFwdArgs& a) {
   require_f32(a.kv, kOp);
   if (d.rows * a.n_heads * (d.d_qk + a.d_v) == 0) return;
   const KvSplitShape sh = kv_split_shape(a.n_heads, a.d_nope, a.d_rope, a.d_v, d.kr_stride, a.kr_offset, kOp);
-  const bool vec4 = kv_split_vec4(sh, {f32(a.k), f32(a.v), f32(a.kv), f32(a.kr)});
-  const int64_t step = vec4 ? kVec : 1;
-  const RowItems ri = row_items(d.rows, a.n_heads * (d.d_qk + a.d_v) / step, kOp);
-  if (vec4)
-    kv_split_fwd_kernel<true><<<row_items_grid(ri), kThreads, 0, stream(ctx)>>>(f32(a.k), f32(a.v), f32(a.kv),
-                                                                                f32(a.kr), ri, sh);
-  else
-    kv_split_fwd_kernel<false><<<row_items_grid(ri), kThreads, 0, stream(ctx)>>>(f32(a.k), f32(a.v), f32(a.kv),
-                                                                                 f32(a.kr), ri, sh);
-  CUDA_CHECK_LAUNCH(kOp);
+  const auto launch = [&](auto* k, auto* v) {
+    using Out = std::remove_pointer_t<decltype(k)>;
+    const bool vec4 = kv_split_vec4(sh, {f32(a.kv), f32(a.kr)}) && vec_aligned(k) && vec_aligned(v);
+    const int64_t step = vec4 ? kVec : 1;
+    const RowItems ri = row_items(d.rows, a.n_heads * (d.d_qk + a.d_v) / step, kOp);
+    if (vec4)
+      kv_split_fwd_kernel<Out, true><<<row_items_grid(ri), kThreads, 0, stream(ctx)>>>(k, v, f32(a.kv), f32(a.kr), ri, sh);
+    else
+      kv_split_fwd_kernel<Out, false><<<row_items_grid(ri), kThreads, 0, stream(ctx)>>>(k, v, f32(a.kv), f32(a.kr), ri, sh);
+    CUDA_CHECK_LAUNCH(kOp);
+  };
+  if (a.k.dtype == DType::kBF16) launch(static_cast<__nv_bfloat16*>(a.k.data), static_cast<__nv_bfloat16*>(a.v.data));
+  else launch(f32(a.k), f32(a.v));
 }
 
 void CudaBackend::mla_kv_split_bwd(Context ctx, const MlaKvSplitBwdArgs& a) {
@@ -411,14 +440,22 @@ void CudaBackend::diff_lambda_bwd(Context ctx, const DiffLambdaBwdArgs& a) {
   CUDA_CHECK_LAUNCH("diff_lambda_bwd");
 }
 
+bool CudaBackend::attention_takes_bf16(const AttentionShape& s) const {
+  const int64_t comps = s.differential ? 2 : 1;
+  if (s.heads <= 0 || s.heads % comps != 0 || s.d_qk <= 0 || s.d_v <= 0) return false;  // attention_fwd would refuse it
+  const AttnDims d{.batch = s.batch, .seq = s.seq, .heads = s.heads, .d_qk = s.d_qk, .d_v = s.d_v, .comps = comps,
+                   .groups = s.heads / comps};
+  return tc_selected(*this, d);
+}
+
 void CudaBackend::attention_fwd(Context ctx, const AttentionFwdArgs& a) {
   const OpScope profile_scope(*this, stream(ctx), "attention_fwd");
   constexpr std::string_view kOp = "attention_fwd";
   const AttnDims d = validate_attention_fwd(a, Device::kCUDA);
-  require_f32(a.q, kOp);
+  require_f32(a.out, kOp);
+  const bool tc = use_tc_attention(*this, d, a.q.dtype, kOp);
   if (d.batch == 0 || d.seq == 0) return;
-  if (attention_kernel_ == AttentionKernel::kFlash && gemm_precision_ == GemmPrecision::kBF16 &&
-      tc_attention_covers(d)) {
+  if (tc) {
     tc_attention_fwd(*this, stream(ctx), a, d);
     return;
   }
@@ -437,14 +474,14 @@ void CudaBackend::attention_bwd(Context ctx, const AttentionBwdArgs& a) {
   const OpScope profile_scope(*this, stream(ctx), "attention_bwd");
   constexpr std::string_view kOp = "attention_bwd";
   const AttnDims d = validate_attention_bwd(a, Device::kCUDA);
-  require_f32(a.q, kOp);
+  require_f32(a.out, kOp);
+  const bool tc = use_tc_attention(*this, d, a.q.dtype, kOp);
   const cudaStream_t s = stream(ctx);
   if (d.batch == 0 || d.seq == 0) {
     if (a.differential) CUDA_CHECK(cudaMemsetAsync(a.dlambda.data, 0, sizeof(float), s));
     return;
   }
-  if (attention_kernel_ == AttentionKernel::kFlash && gemm_precision_ == GemmPrecision::kBF16 &&
-      tc_attention_covers(d)) {
+  if (tc) {
     tc_attention_bwd(*this, s, a, d);
     return;
   }

@@ -20,7 +20,8 @@
 //   tensors as they are and round f32 ones to bf16 into a backend-owned buffer of their own
 //   (gemm_bf16_scratch); gemm calls cublasGemmEx with bf16 inputs, f32 C and CUBLAS_COMPUTE_32F,
 //   the grouped ops run the device-scheduled kernels of grouped_gemm.cuh, and attention the
-//   tensor-core kernels of tc_attention.cuh. That buffer is sized by the largest call seen: it
+//   tensor-core kernels of tc_attention.cuh (which also read bf16 q, k, v in place where they cover
+//   the shape: attention_takes_bf16). That buffer is sized by the largest call seen: it
 //   grows (cudaFree + cudaMalloc, which waits for the device) only when a call needs more than any
 //   before, i.e. during the first training step, then steady-state calls do not allocate. Its peak
 //   is 2 bytes per element of the largest A plus B of one op (for the bench preset the LM head's
@@ -137,6 +138,7 @@ class CudaBackend final : public Backend, public OpProfiler {
   void adamw(Context ctx, const AdamWArgs& a) override;                  // optim_ops.cu
   void set_gemm_precision(GemmPrecision p) override { gemm_precision_ = p; }
   GemmPrecision gemm_precision() const override { return gemm_precision_; }
+  bool attention_takes_bf16(const AttentionShape& s) const override;  // attention_ops.cu
 
   // ---- for the op files
   static cudaStream_t stream(Context ctx) { return static_cast<cudaStream_t>(ctx.stream); }

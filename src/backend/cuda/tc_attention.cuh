@@ -5,9 +5,11 @@
 // tools/kernel-dev/tc_attention_check.cu can include it too.
 //
 // Numerics: Q, K, V and dout are rounded to bf16 (round-to-nearest-even, tca_to_bf16_kernel and
-// tca_bwd_prep_kernel) into scratch, then staged into shared memory with cp.async; P and dS are
-// rounded to bf16 as the A operand of their products; scores, softmax statistics (m, l, lse), D
-// and every accumulator stay f32. exp is exp2 of log2-scaled scores (z·log2 e).
+// tca_bwd_prep_kernel) into scratch, unless Q, K, V come as bf16 already (the bf16 GEMM mode's
+// saved activations: read in place, 16-byte aligned), then staged into shared memory with
+// cp.async; P and dS are rounded to bf16 as the A operand of their products; scores, softmax
+// statistics (m, l, lse), D and every accumulator stay f32. exp is exp2 of log2-scaled scores
+// (z·log2 e).
 //
 // Design (FA2-style, one layout for every kernel: a warp owns 16 rows, the mma's M)
 // - A value group is a differential head (components 2g, 2g+1 sharing V_g = [v_2g ; v_2g+1], W =
@@ -78,7 +80,7 @@ struct TcaShape {
 
 struct TcaFwdArgs {
   float* out; float* o2; float* lse;              // o2 only when differential
-  const bf16* q; const bf16* k; const bf16* v;    // bf16 copies of q, k, v
+  const bf16* q; const bf16* k; const bf16* v;    // bf16 q, k, v (copies, or the caller's)
   const float* lambda;                            // [1], differential only
   TcaShape sh;
 };
@@ -811,20 +813,23 @@ inline bool tca_pick(int d_qk, int width, int comps, TcaKernels* k) {
   return false;
 }
 
-// Scratch carved by the caller: bf16 copies of q, k, v (and dout), D [B,H,T] f32, dλ partials
-// [B·T·G] f64, each 256-byte aligned.
+// Scratch carved by the caller: bf16 copies of q, k, v (unless qkv_copies is false: the caller's
+// q, k, v are bf16 already and read in place; then q = k = v = 0 and no bytes), dout, D [B,H,T]
+// f32, dλ partials [B·T·G] f64, each 256-byte aligned.
 struct TcaScratchLayout {
   size_t q, k, v, dout, dvec, dl_part, bytes;
 };
-inline TcaScratchLayout tca_scratch_layout(const TcaShape& sh, int d_qk, bool backward) {
+inline TcaScratchLayout tca_scratch_layout(const TcaShape& sh, int d_qk, bool backward, bool qkv_copies = true) {
   const auto up = [](size_t x) { return (x + 255) / 256 * 256; };
   const size_t rows = static_cast<size_t>(sh.batch) * sh.seq * sh.heads;
   const size_t grows = static_cast<size_t>(sh.batch) * sh.seq * sh.groups;
   TcaScratchLayout l{};
-  l.q = 0;
-  l.k = l.q + up(rows * d_qk * sizeof(bf16));
-  l.v = l.k + up(rows * d_qk * sizeof(bf16));
-  l.bytes = l.v + up(rows * sh.d_v * sizeof(bf16));
+  if (qkv_copies) {
+    l.q = 0;
+    l.k = l.q + up(rows * d_qk * sizeof(bf16));
+    l.v = l.k + up(rows * d_qk * sizeof(bf16));
+    l.bytes = l.v + up(rows * sh.d_v * sizeof(bf16));
+  }
   if (backward) {
     l.dout = l.bytes;
     l.dvec = l.dout + up(rows * sh.d_v * sizeof(bf16));

@@ -4,6 +4,8 @@
 #pragma once
 #include <cuda_runtime_api.h>
 
+#include <string>
+
 #include "backend/op_args.h"
 #include "backend/op_validation.h"
 
@@ -14,11 +16,15 @@ namespace cuda {
 // Covered: d_qk ∈ {32, 48, 64, 96, 128} and value-group width comps·d_v ∈ {32, 64, 128}, plain or
 // differential, any B and T (T need not be a multiple of the 64-row tiles).
 bool tc_attention_covers(const AttnDims& d);
+// Why tc_attention_covers(d) is false, for error messages; "" when it is true.
+std::string tc_attention_gap(const AttnDims& d);
 
 // Same contract as Backend::attention_fwd / attention_bwd (op_args.h), with q, k, v and dout rounded
 // to bf16 (nearest even) as tensor-core operands and P, dS rounded to bf16 for their products;
-// softmax statistics, D, dλ and every accumulation in f32 (dλ's sum in f64), outputs f32.
-// Deterministic (no atomics). Scratch: the backend's shared workspace (bf16 copies of the inputs).
+// softmax statistics, D, dλ and every accumulation in f32 (dλ's sum in f64), outputs f32. q, k, v
+// may be bf16 already: read in place, so a bf16 tensor gives bitwise the results of the f32 tensor
+// it was rounded from. Deterministic (no atomics). Scratch: the backend's shared workspace (bf16
+// copies of f32 inputs, dout, D and the dλ partials).
 void tc_attention_fwd(CudaBackend& be, cudaStream_t s, const AttentionFwdArgs& a, const AttnDims& d);
 void tc_attention_bwd(CudaBackend& be, cudaStream_t s, const AttentionBwdArgs& a, const AttnDims& d);
 

@@ -3,8 +3,17 @@
 //   forward:  q, k, v → bf16 (scratch) → tca_fwd_kernel
 //   backward: q, k, v → bf16; prep (dout → bf16, D_c, dλ row partials) → dK/dV kernel → dQ kernel
 //             → dλ reduction (differential only)
+// q, k, v → bf16 is skipped where they are bf16 already (the bf16 GEMM mode's saved activations,
+// AttentionFwdArgs): the kernels read them in place, which saves 3 conversions (~0.13 ms at the
+// bench shape) per call. A bf16 tensor not 16-byte aligned (cp.async reads 16-byte chunks; an
+// offset view, never an arena's) is copied as it is into the scratch instead.
 // The bf16 copies live in the backend's shared scratch (be.scratch: one stream at a time, grown on
 // the first call, then reused), not in the GEMMs' bf16 buffer.
+#include <fmt/format.h>
+
+#include <cstdint>
+#include <string>
+
 #include "backend/cuda/cuda_common.cuh"
 #include "backend/cuda/tc_attention.cuh"
 #include "backend/cuda/tc_attention.h"
@@ -24,27 +33,47 @@ tca::TcaKernels pick_or_throw(const AttnDims& d, std::string_view op) {
   return k;
 }
 
-struct Operands {  // the bf16 copies, and the backward's D and dλ partials, in the scratch
-  tca::bf16 *q, *k, *v, *dout;
+struct Operands {  // bf16 q, k, v (the caller's or copies in the scratch), the backward's dout, D, dλ partials
+  const tca::bf16 *q, *k, *v;
+  tca::bf16* dout;
   float* dvec;
   double* dl_part;
 };
 
-Operands convert_inputs(CudaBackend& be, cudaStream_t s, const AttnDims& d, const tca::TcaShape& sh, const float* q,
-                        const float* k, const float* v, bool backward, std::string_view op) {
-  const tca::TcaScratchLayout l = tca::tca_scratch_layout(sh, static_cast<int>(d.d_qk), backward);
-  char* base = static_cast<char*>(be.scratch(l.bytes));
-  Operands o{reinterpret_cast<tca::bf16*>(base + l.q), reinterpret_cast<tca::bf16*>(base + l.k),
-             reinterpret_cast<tca::bf16*>(base + l.v), nullptr, nullptr, nullptr};
+// A bf16 tensor the kernels can read in place: cp.async takes 16-byte chunks, and every row offset
+// is a multiple of 16 bytes (d_qk and the value-group widths are multiples of 8 values).
+bool bf16_in_place(const Tensor& t) {
+  return t.dtype == DType::kBF16 && reinterpret_cast<uintptr_t>(t.data) % 16 == 0;
+}
+
+// bf16 q, k, v for the kernels: in place where all three can be (bf16_in_place), else all three
+// into the scratch, f32 ones rounded to nearest even (cuda_common.cuh), bf16 ones copied as they are.
+Operands stage_inputs(CudaBackend& be, cudaStream_t s, const AttnDims& d, const tca::TcaShape& sh, const Tensor& q,
+                      const Tensor& k, const Tensor& v, bool backward, std::string_view op) {
+  const bool in_place = bf16_in_place(q) && bf16_in_place(k) && bf16_in_place(v);
+  const tca::TcaScratchLayout l = tca::tca_scratch_layout(sh, static_cast<int>(d.d_qk), backward, !in_place);
+  char* base = l.bytes == 0 ? nullptr : static_cast<char*>(be.scratch(l.bytes));
+  Operands o{nullptr, nullptr, nullptr, nullptr, nullptr, nullptr};
   if (backward) {
     o.dout = reinterpret_cast<tca::bf16*>(base + l.dout);
     o.dvec = reinterpret_cast<float*>(base + l.dvec);
     o.dl_part = reinterpret_cast<double*>(base + l.dl_part);
   }
-  const int64_t rows = d.batch * d.seq * d.heads;
-  f32_to_bf16(o.q, q, rows * d.d_qk, s, op);  // nearest even (cuda_common.cuh)
-  f32_to_bf16(o.k, k, rows * d.d_qk, s, op);
-  f32_to_bf16(o.v, v, rows * d.d_v, s, op);
+  if (in_place) {
+    o.q = static_cast<const tca::bf16*>(q.data);
+    o.k = static_cast<const tca::bf16*>(k.data);
+    o.v = static_cast<const tca::bf16*>(v.data);
+    return o;
+  }
+  const auto stage = [&](const Tensor& t, size_t offset) {
+    void* dst = base + offset;
+    if (t.dtype == DType::kBF16) CUDA_CHECK(cudaMemcpyAsync(dst, t.data, t.nbytes(), cudaMemcpyDeviceToDevice, s));
+    else f32_to_bf16(dst, f32(t), t.numel(), s, op);
+    return static_cast<const tca::bf16*>(dst);
+  };
+  o.q = stage(q, l.q);
+  o.k = stage(k, l.k);
+  o.v = stage(v, l.v);
   return o;
 }
 
@@ -69,11 +98,21 @@ bool tc_attention_covers(const AttnDims& d) {
          tca::tca_pick(static_cast<int>(d.d_qk), static_cast<int>(d.comps * d.d_v), static_cast<int>(d.comps), &k);
 }
 
+std::string tc_attention_gap(const AttnDims& d) {
+  if (tc_attention_covers(d)) return "";
+  if (!tc_attention_device_ok()) return "it runs on Hopper GPUs (compute capability 9.x) only";
+  tca::TcaKernels k{};
+  if (!tca::tca_pick(static_cast<int>(d.d_qk), static_cast<int>(d.comps * d.d_v), static_cast<int>(d.comps), &k))
+    return fmt::format("it covers d_qk in {{32, 48, 64, 96, 128}} and comps·d_v in {{32, 64, 128}}, not d_qk = {} "
+                       "and comps·d_v = {}", d.d_qk, d.comps * d.d_v);
+  return fmt::format("B = {}, T = {}, H = {} exceed its grid (B, H ≤ 65535, T ≤ 2^30)", d.batch, d.seq, d.heads);
+}
+
 void tc_attention_fwd(CudaBackend& be, cudaStream_t s, const AttentionFwdArgs& a, const AttnDims& d) {
   constexpr std::string_view kOp = "attention_fwd";
   const tca::TcaKernels k = pick_or_throw(d, kOp);
   const tca::TcaShape sh = tca_shape(d, a.scale);
-  const Operands o = convert_inputs(be, s, d, sh, f32(a.q), f32(a.k), f32(a.v), false, kOp);
+  const Operands o = stage_inputs(be, s, d, sh, a.q, a.k, a.v, false, kOp);
   const tca::TcaFwdArgs args{f32(a.out), a.differential ? f32(a.o2) : nullptr, f32(a.lse), o.q, o.k, o.v,
                              a.differential ? f32(a.lambda) : nullptr, sh};
   CUDA_CHECK(k.fwd(args, s));
@@ -84,7 +123,7 @@ void tc_attention_bwd(CudaBackend& be, cudaStream_t s, const AttentionBwdArgs& a
   constexpr std::string_view kOp = "attention_bwd";
   const tca::TcaKernels k = pick_or_throw(d, kOp);
   const tca::TcaShape sh = tca_shape(d, a.scale);
-  const Operands o = convert_inputs(be, s, d, sh, f32(a.q), f32(a.k), f32(a.v), true, kOp);
+  const Operands o = stage_inputs(be, s, d, sh, a.q, a.k, a.v, true, kOp);
   const float* lambda = a.differential ? f32(a.lambda) : nullptr;
   constexpr int kPrepThreads = 256, kRowsPerBlock = kPrepThreads / kWarp;  // one warp per output row
   const dim3 prep_grid(static_cast<unsigned>((d.seq * d.groups + kRowsPerBlock - 1) / kRowsPerBlock),
