@@ -71,6 +71,8 @@ struct GemmArgs {
 // else [G, k2, n]. It equals a one-term call followed by a second one with beta = 1, but the GPU
 // kernel sums both products in one accumulator (K = k + k2) and writes C once: the MoE backward's
 // dx_perm = da·W1 + db·W3. Rows at or beyond offsets[G] are left untouched.
+// C is the op's float type, or on CUDA in the bf16 GEMM mode bf16 with beta = 0: the product is
+// rounded once to bf16 (spec §7; the expert activations that only element-wise ops read).
 struct GroupedGemmArgs {
   Tensor c; Tensor a; Tensor b; Tensor offsets;
   bool trans_b = true;

@@ -61,6 +61,16 @@ DType output_dtype(const Tensor& t, DType in, Device dev) {
   return bf16_allowed(in, dev) && t.dtype == DType::kBF16 ? DType::kBF16 : in;
 }
 
+// An input that the bf16 GEMM mode may hold in bf16 (a GEMM wrote it rounded once for the
+// element-wise op that reads it, spec §7): read by the CUDA backend only.
+void check_bf16_input(const Tensor& t, Device dev, std::string_view op, std::string_view name) {
+  DIFFMOE_CHECK(t.dtype != DType::kBF16 || dev == Device::kCUDA,
+                "[{}] {} is bf16: bf16 inputs are read only by the CUDA backend in the bf16 GEMM mode (spec §7); "
+                "the CPU backend computes in f32 or f64", op, name);
+}
+// The op's float type read off an input that may be bf16 (check_bf16_input): f32 for bf16.
+DType float_type_of(const Tensor& t) { return t.dtype == DType::kBF16 ? DType::kF32 : t.dtype; }
+
 // A GEMM operand: C's dtype, or bf16 where output_dtype allows it.
 void check_gemm_operand(const Tensor& t, DType c_dtype, int rank, Device dev, std::string_view op,
                         std::string_view name) {
@@ -377,8 +387,17 @@ GemmDims validate_gemm(const GemmArgs& a, Device dev) {
 
 GroupedGemmDims validate_grouped_gemm(const GroupedGemmArgs& a, Device dev) {
   constexpr std::string_view kOp = "grouped_gemm";
-  const DType dt = a.c.dtype;
-  check_matrix(a.c, dt, 2, dev, kOp, "c");
+  // C: the op's float type, or on CUDA bf16 with beta = 0 (the bf16 GEMM mode's expert activations
+  // that only element-wise ops read, spec §7); the operands are then checked against f32.
+  if (a.c.dtype == DType::kBF16) {
+    DIFFMOE_CHECK(dev == Device::kCUDA,
+                  "[grouped_gemm] c is bf16: a bf16 output is written only by the CUDA backend in the bf16 GEMM "
+                  "mode; the CPU backend computes in f32 or f64");
+    DIFFMOE_CHECK(a.beta == 0.0, "[grouped_gemm] c is bf16 and beta = {}: a bf16 output takes beta = 0 (it is not "
+                  "accumulated into)", a.beta);
+  }
+  const DType dt = float_type_of(a.c);
+  check_matrix(a.c, output_dtype(a.c, dt, dev), 2, dev, kOp, "c");
   check_gemm_operand(a.a, dt, 2, dev, kOp, "a");
   check_gemm_operand(a.b, dt, 3, dev, kOp, "b");
   GroupedGemmDims d{.rows = a.a.dim(0), .k = a.a.dim(1), .n = a.trans_b ? a.b.dim(1) : a.b.dim(2), .groups = a.b.dim(0)};
@@ -591,9 +610,12 @@ void check_like(const Tensor& t, const Tensor& ref, Device dev, std::string_view
 }
 }  // namespace
 
+// a, b (and dh) share one dtype: the op's float type, or on CUDA bf16 (the expert GEMMs' outputs in
+// the bf16 GEMM mode), which makes the outputs bf16 too.
 void validate_swiglu_fwd(const SwigluFwdArgs& a, Device dev) {
   constexpr std::string_view kOp = "swiglu_fwd";
   check_device(a.a, dev, kOp, "a");
+  check_bf16_input(a.a, dev, kOp, "a");
   check_like(a.b, a.a, dev, kOp, "b");
   check_like_output(a.h, a.a, dev, kOp, "h");
 }
@@ -601,6 +623,7 @@ void validate_swiglu_fwd(const SwigluFwdArgs& a, Device dev) {
 void validate_swiglu_bwd(const SwigluBwdArgs& a, Device dev) {
   constexpr std::string_view kOp = "swiglu_bwd";
   check_device(a.a, dev, kOp, "a");
+  check_bf16_input(a.a, dev, kOp, "a");
   check_like(a.b, a.a, dev, kOp, "b");
   check_like(a.dh, a.a, dev, kOp, "dh");
   check_like_output(a.da, a.a, dev, kOp, "da");
@@ -664,17 +687,20 @@ void validate_moe_permute(const MoePermuteArgs& a, Device dev) {
 void validate_moe_gather(const MoeGatherArgs& a, Device dev) {
   constexpr std::string_view op = "moe_gather";
   expect_rank2(a.x, dev, op, "x");
+  check_bf16_input(a.x, dev, op, "x");  // the FFN's bf16 x_norm copy in the bf16 GEMM mode
   check_device(a.src_row, dev, op, "src_row");
   check_dtype(a.src_row, DType::kI32, op, "src_row");
   DIFFMOE_CHECK(a.src_row.rank() == 1, "[{}] src_row must be 1-D, got {}", op, a.src_row.describe());
-  expect_tensor(a.x_perm, {a.src_row.numel(), a.x.dim(1)}, output_dtype(a.x_perm, a.x.dtype, dev), dev, op, "x_perm");
+  expect_tensor(a.x_perm, {a.src_row.numel(), a.x.dim(1)}, output_dtype(a.x_perm, float_type_of(a.x), dev), dev, op,
+                "x_perm");
 }
 
 void validate_moe_gather_bwd(const MoeGatherBwdArgs& a, Device dev) {
   constexpr std::string_view op = "moe_gather_bwd";
   expect_rank2(a.dx, dev, op, "dx");
   expect_rank2(a.dx_perm, dev, op, "dx_perm");
-  expect_tensor(a.dx_perm, {a.dx_perm.dim(0), a.dx.dim(1)}, a.dx.dtype, dev, op, "dx_perm");
+  check_bf16_input(a.dx_perm, dev, op, "dx_perm");  // the expert dgrad GEMM's output in the bf16 GEMM mode
+  expect_tensor(a.dx_perm, {a.dx_perm.dim(0), a.dx.dim(1)}, output_dtype(a.dx_perm, a.dx.dtype, dev), dev, op, "dx_perm");
   check_plan(a.slot_pos, a.dx.dim(0), dev, op);
 }
 
@@ -683,7 +709,8 @@ void validate_moe_combine_fwd(const MoeCombineFwdArgs& a, Device dev) {
   expect_rank2(a.y, dev, op, "y");
   expect_rank2(a.y_perm, dev, op, "y_perm");
   const DType ft = a.y.dtype;
-  expect_tensor(a.y_perm, {a.y_perm.dim(0), a.y.dim(1)}, ft, dev, op, "y_perm");
+  check_bf16_input(a.y_perm, dev, op, "y_perm");  // the expert GEMMs' output in the bf16 GEMM mode
+  expect_tensor(a.y_perm, {a.y_perm.dim(0), a.y.dim(1)}, output_dtype(a.y_perm, ft, dev), dev, op, "y_perm");
   check_plan(a.slot_pos, a.y.dim(0), dev, op);
   expect_tensor(a.topk_w, a.slot_pos.shape, ft, dev, op, "topk_w");
 }
@@ -694,7 +721,8 @@ void validate_moe_combine_bwd(const MoeCombineBwdArgs& a, Device dev) {
   expect_rank2(a.y_perm, dev, op, "y_perm");
   const int64_t n_tokens = a.dy.dim(0), dim = a.dy.dim(1), n_rows = a.y_perm.dim(0);
   const DType ft = a.dy.dtype;
-  expect_tensor(a.y_perm, {n_rows, dim}, ft, dev, op, "y_perm");
+  check_bf16_input(a.y_perm, dev, op, "y_perm");
+  expect_tensor(a.y_perm, {n_rows, dim}, output_dtype(a.y_perm, ft, dev), dev, op, "y_perm");
   expect_tensor(a.dy_perm, {n_rows, dim}, output_dtype(a.dy_perm, ft, dev), dev, op, "dy_perm");
   check_plan(a.slot_pos, n_tokens, dev, op);
   expect_tensor(a.topk_w, a.slot_pos.shape, ft, dev, op, "topk_w");

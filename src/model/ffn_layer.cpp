@@ -19,28 +19,34 @@ void FfnLayer::plan(const LayerContext& lc, Arena& acts) const {
   acts.add(a("x_norm"), Shape{N, D}, t);
   acts.add(a("rstd_x"), Shape{N}, t);
   // The bf16 GEMM mode: x_norm rounded once for the GEMMs that read it (w1/w3 of the dense FFN or
-  // the shared experts, their weight gradients, the router's weight gradient); the router's
-  // forward GEMM (f32_exact) and the gather read the f32 x_norm.
+  // the shared experts, their weight gradients, the router's weight gradient) and for the gather
+  // into the bf16 x_perm (the same rounded values, half the bytes read); the router's forward GEMM
+  // (f32_exact) reads the f32 x_norm.
   if (lc.bf16_operands) acts.add(a("x_norm16"), Shape{N, D}, DType::kBF16);
   plan_once(acts, "scratch.ffn.dx_norm", Shape{N, D}, t);
   // Tensors that only GEMMs read (h, da, db, x_perm, dy_perm) are bf16 in the bf16 GEMM mode: the
   // op that writes them rounds once, instead of each GEMM rounding its operand again.
   const DType gemm_only = lc.bf16_operands ? DType::kBF16 : t;
-  auto plan_mlp = [&](const std::string& pre, int64_t rows, int64_t width) {
-    acts.add(a(pre + "a"), Shape{rows, width}, t);   // x W1ᵀ
-    acts.add(a(pre + "b"), Shape{rows, width}, t);   // x W3ᵀ
+  // Tensors that grouped expert GEMMs write and only element-wise ops read (a, b, dh, y_perm,
+  // dx_perm) are bf16 in the bf16 GEMM mode too: the GEMM's epilogue rounds once (as autocast's
+  // bf16 matmul outputs), halving the bytes the SwiGLU, combine and gather kernels move.
+  const DType expert_out = lc.bf16_operands ? DType::kBF16 : t;
+  // gemm_out: the dtype of a, b and dh (the MLP's GEMM outputs that SwiGLU reads).
+  auto plan_mlp = [&](const std::string& pre, int64_t rows, int64_t width, DType gemm_out) {
+    acts.add(a(pre + "a"), Shape{rows, width}, gemm_out);   // x W1ᵀ
+    acts.add(a(pre + "b"), Shape{rows, width}, gemm_out);   // x W3ᵀ
     acts.add(a(pre + "h"), Shape{rows, width}, gemm_only);  // silu(a) ⊙ b
     const std::string s = fmt::format("scratch.ffn.{}{}.", pre, width);
-    plan_once(acts, s + "dh", Shape{rows, width}, t);
+    plan_once(acts, s + "dh", Shape{rows, width}, gemm_out);
     plan_once(acts, s + "da", Shape{rows, width}, gemm_only);
     plan_once(acts, s + "db", Shape{rows, width}, gemm_only);
   };
   if (!moe(lc)) {
-    plan_mlp("", N, c.inter_dim);
+    plan_mlp("", N, c.inter_dim, t);
     return;
   }
   const int64_t E = c.n_routed_experts, K = c.n_activated_experts, NK = N * K;
-  if (c.n_shared_experts > 0) plan_mlp("shared.", N, c.n_shared_experts * c.moe_inter_dim);
+  if (c.n_shared_experts > 0) plan_mlp("shared.", N, c.n_shared_experts * c.moe_inter_dim, t);
   acts.add(a("logits"), Shape{N, E}, t);            // router logits z = u Eᵀ
   acts.add(a("scores"), Shape{N, E}, t);            // s
   acts.add(a("topk_idx"), Shape{N, K}, DType::kI32);
@@ -49,11 +55,11 @@ void FfnLayer::plan(const LayerContext& lc, Arena& acts) const {
   acts.add(a("src_row"), Shape{NK}, DType::kI32);
   acts.add(a("slot_pos"), Shape{N, K}, DType::kI32);
   acts.add(a("x_perm"), Shape{NK, D}, gemm_only);  // token rows sorted by expert
-  acts.add(a("y_perm"), Shape{NK, D}, t);           // expert outputs, same order
+  acts.add(a("y_perm"), Shape{NK, D}, expert_out);  // expert outputs, same order
   acts.add(fmt::format("stats.{}.counts", l_), Shape{E}, DType::kI32);
-  plan_mlp("experts.", NK, c.moe_inter_dim);
+  plan_mlp("experts.", NK, c.moe_inter_dim, expert_out);
   plan_once(acts, "scratch.moe.dy_perm", Shape{NK, D}, gemm_only);
-  plan_once(acts, "scratch.moe.dx_perm", Shape{NK, D}, t);
+  plan_once(acts, "scratch.moe.dx_perm", Shape{NK, D}, expert_out);
   plan_once(acts, "scratch.moe.dtopk_w", Shape{N, K}, t);
   plan_once(acts, "scratch.moe.dlogits", Shape{N, E}, t);
 }
@@ -115,7 +121,7 @@ void FfnLayer::forward(const LayerContext& lc, const Tensor& x, const Tensor& ou
   const Tensor offsets = lc.act(a("offsets")), src_row = lc.act(a("src_row")), slot_pos = lc.act(a("slot_pos"));
   const Tensor x_perm = lc.act(a("x_perm")), y_perm = lc.act(a("y_perm"));
   be.moe_permute(lc.ctx, {.offsets = offsets, .src_row = src_row, .slot_pos = slot_pos, .topk_idx = idx, .n_experts = c.n_routed_experts});
-  be.moe_gather(lc.ctx, {.x_perm = x_perm, .x = x_norm, .src_row = src_row});
+  be.moe_gather(lc.ctx, {.x_perm = x_perm, .x = xg, .src_row = src_row});  // bf16 mode: the rounded copy, fewer bytes
   const Tensor ea = lc.act(a("experts.a")), eb = lc.act(a("experts.b")), eh = lc.act(a("experts.h"));
   be.grouped_gemm(lc.ctx, {.c = ea, .a = x_perm, .b = lc.weight(p("experts.w1")), .offsets = offsets, .trans_b = true});
   be.grouped_gemm(lc.ctx, {.c = eb, .a = x_perm, .b = lc.weight(p("experts.w3")), .offsets = offsets, .trans_b = true});

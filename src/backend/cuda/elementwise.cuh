@@ -11,7 +11,9 @@
 //   run in another order), so the path does not change results beyond the last bit of a double
 //   (tests run both: odd widths and unaligned views).
 // - bf16 stores round each f32 value to nearest even (__float2bfloat16_rn), the same rounding as
-//   store_as (cuda_common.cuh).
+//   store_as (cuda_common.cuh); bf16 loads widen to f32 exactly (load4, load1), so a kernel
+//   templated on its input type computes the same formulas on bf16 inputs (the bf16 GEMM mode's
+//   activations that a GEMM wrote in bf16: spec §7).
 #pragma once
 #include <cuda_bf16.h>
 
@@ -43,6 +45,18 @@ inline bool vec_sizes(std::initializer_list<int64_t> sizes) {
 // ---------------------------------------------------------------- device access
 
 __device__ __forceinline__ float4 load4(const float* p) { return *reinterpret_cast<const float4*>(p); }
+// Four bf16 values, 8 bytes, in one load, widened to f32 (exact).
+__device__ __forceinline__ float4 load4(const __nv_bfloat16* p) {
+  const uint2 bits = *reinterpret_cast<const uint2*>(p);
+  __nv_bfloat162 lo, hi;
+  memcpy(&lo, &bits.x, sizeof lo);
+  memcpy(&hi, &bits.y, sizeof hi);
+  const float2 l = __bfloat1622float2(lo), h = __bfloat1622float2(hi);
+  return make_float4(l.x, l.y, h.x, h.y);
+}
+// Scalar load as f32: as it is, or a bf16 value widened (exact).
+__device__ __forceinline__ float load1(const float* p) { return *p; }
+__device__ __forceinline__ float load1(const __nv_bfloat16* p) { return __bfloat162float(*p); }
 
 // Two f32 values rounded to bf16 and packed (the lower address in the low half).
 __device__ __forceinline__ uint32_t bf16x2_bits(float lo, float hi) {

@@ -25,6 +25,9 @@
 // Two-term grouped GEMMs (GroupedGemmArgs::a2, b2: C = alpha·(A·op(B) + A2·op(B2)) + beta·C): the
 // TMA kernel runs both products' k-tiles into one accumulator and writes C once; the mma.sync kernel
 // and the per-group path run the second term as a second pass with beta = 1 (correctness only).
+// bf16 C (grouped_gemm, the bf16 GEMM mode, beta = 0): the expert activations that only element-wise
+// ops read (a, b, y_perm, dh, dx_perm; spec §7) are written rounded once by the kernels' epilogue,
+// halving their bytes; the fallbacks' second pass re-reads the rounded first term.
 #include <cuda_bf16.h>
 #include <fmt/format.h>
 
@@ -112,6 +115,30 @@ void gemm_row_major(CudaBackend& be, cudaStream_t s, bool trans_a, bool trans_b,
   }
   CUBLAS_CHECK(cublasGemmEx(be.cublas(s), op_b, op_a, i(n), i(m), i(k), &alpha32, b.p, CUDA_R_16BF, i(ldb), a.p,
                             CUDA_R_16BF, i(lda), &beta32, c, CUDA_R_32F, i(ldc), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+}
+
+// gemm_row_major into a bf16 C [m, n] (row stride ldc): bf16 A and B, f32 products and sums, C read
+// (beta ≠ 0) and written in bf16. The grouped ops' per-group path for a bf16 output (GroupedGemmArgs:
+// the bf16 GEMM mode's expert activations) where the device-scheduled kernels do not fit.
+void gemm_row_major_bf16_c(CudaBackend& be, cudaStream_t s, bool trans_b, int64_t m, int64_t n, int64_t k, double alpha,
+                           Operand a, int64_t lda, Operand b, int64_t ldb, double beta, __nv_bfloat16* c, int64_t ldc,
+                           std::string_view op) {
+  if (m == 0 || n == 0) return;
+  DIFFMOE_CHECK(a.bf16 && b.bf16, "[{}] a bf16 output needs bf16 operands (the bf16 GEMM mode)", op);
+  if (k == 0) {  // an empty sum: C = beta·C; beta is 0 or 1 here (grouped_gemm's bf16 rule, two-term pass)
+    DIFFMOE_CHECK(beta == 0.0 || beta == 1.0, "[{}] k = 0 into a bf16 C takes beta 0 or 1, got {}", op, beta);
+    if (beta == 0.0)
+      CUDA_CHECK(cudaMemset2DAsync(c, static_cast<size_t>(ldc) * sizeof(__nv_bfloat16), 0,
+                                   static_cast<size_t>(n) * sizeof(__nv_bfloat16), static_cast<size_t>(m), s));
+    return;
+  }
+  for (int64_t v : {m, n, k, lda, ldb, ldc})
+    DIFFMOE_CHECK(v <= INT_MAX, "[{}] dimension {} exceeds cuBLAS's int range", op, v);
+  const float alpha32 = static_cast<float>(alpha), beta32 = static_cast<float>(beta);
+  const auto i = [](int64_t v) { return static_cast<int>(v); };
+  CUBLAS_CHECK(cublasGemmEx(be.cublas(s), trans_b ? CUBLAS_OP_T : CUBLAS_OP_N, CUBLAS_OP_N, i(n), i(m), i(k), &alpha32,
+                            b.p, CUDA_R_16BF, i(ldb), a.p, CUDA_R_16BF, i(lda), &beta32, c, CUDA_R_16BF, i(ldc),
+                            CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
 }
 
 // The kernel records bad offsets in the backend's DeviceIssue through its own mirror of the struct.
@@ -239,7 +266,13 @@ void CudaBackend::grouped_gemm(Context ctx, const GroupedGemmArgs& a) {
   const OpScope profile_scope(*this, stream(ctx), "grouped_gemm");
   constexpr std::string_view kOp = "grouped_gemm";
   const GroupedGemmDims d = validate_grouped_gemm(a, Device::kCUDA);
-  require_f32(a.c, kOp);
+  // C: f32, or bf16 in the bf16 GEMM mode (beta = 0, validate_grouped_gemm).
+  const bool c_bf16 = a.c.dtype == DType::kBF16;
+  if (!c_bf16) require_f32(a.c, kOp);
+  DIFFMOE_CHECK(!c_bf16 || gemm_precision() == GemmPrecision::kBF16,
+                "[{}] a bf16 c needs the bf16 GEMM mode (train.precision: bf16_gemm)", kOp);
+  float* const c32 = c_bf16 ? nullptr : f32(a.c);
+  __nv_bfloat16* const c16 = c_bf16 ? static_cast<__nv_bfloat16*>(a.c.data) : nullptr;
   const cudaStream_t s = stream(ctx);
   // B (and B2) as stored: [G, n, k] (trans_b, fwd) or [G, k, n] (dgrad).
   const auto b_cols = [&](int64_t k) { return a.trans_b ? k : d.n; };
@@ -253,12 +286,12 @@ void CudaBackend::grouped_gemm(Context ctx, const GroupedGemmArgs& a) {
     const auto [a16, b16, a2_16, b2_16] = bf16_scratch_parts(*this, copy_elems);
     gg::GroupedGemmParams p{
         .a = grouped_operand(*this, a.a, d.rows, d.k, a16, s),
-        .b = grouped_operand(*this, a.b, b_rows(d.k), b_cols(d.k), b16, s), .c = f32(a.c), .offsets = i32(a.offsets),
+        .b = grouped_operand(*this, a.b, b_rows(d.k), b_cols(d.k), b16, s), .c = c32, .offsets = i32(a.offsets),
         .rows = to_int(d.rows, kOp), .groups = to_int(d.groups, kOp), .m = 0, .n = to_int(d.n, kOp),
         .k = to_int(d.k, kOp), .lda = to_int(gg::pad8(d.k), kOp), .ldb = to_int(gg::pad8(b_cols(d.k)), kOp),
         .alpha = static_cast<float>(a.alpha), .beta = static_cast<float>(a.beta),
         .issue = reinterpret_cast<gg::GroupedGemmIssue*>(issue()),
-        .issue_site = static_cast<int32_t>(IssueSite::kGroupedGemmOffsets)};
+        .issue_site = static_cast<int32_t>(IssueSite::kGroupedGemmOffsets), .c16 = c16};
     if (d.two_terms && d.k2 > 0) {  // k2 = 0 adds nothing
       p.a2 = grouped_operand(*this, a.a2, d.rows, d.k2, a2_16, s);
       p.b2 = grouped_operand(*this, a.b2, b_rows(d.k2), b_cols(d.k2), b2_16, s);
@@ -281,8 +314,12 @@ void CudaBackend::grouped_gemm(Context ctx, const GroupedGemmArgs& a) {
     for (int64_t g = 0; g < d.groups; ++g) {
       const int64_t r0 = off[static_cast<size_t>(g)], r1 = off[static_cast<size_t>(g + 1)];
       if (r1 == r0) continue;  // empty group: its (zero) rows stay as they are
-      gemm_row_major(*this, s, false, a.trans_b, r1 - r0, d.n, k, a.alpha, op_a.at(r0 * k), k, op_b.at(g * d.n * k),
-                     b_cols(k), beta, f32(a.c) + r0 * d.n, d.n, kOp);
+      if (c_bf16)
+        gemm_row_major_bf16_c(*this, s, a.trans_b, r1 - r0, d.n, k, a.alpha, op_a.at(r0 * k), k, op_b.at(g * d.n * k),
+                              b_cols(k), beta, c16 + r0 * d.n, d.n, kOp);
+      else
+        gemm_row_major(*this, s, false, a.trans_b, r1 - r0, d.n, k, a.alpha, op_a.at(r0 * k), k, op_b.at(g * d.n * k),
+                       b_cols(k), beta, c32 + r0 * d.n, d.n, kOp);
     }
   };
   per_group(a.a, a.b, d.k, a.beta);

@@ -71,6 +71,10 @@ struct GroupedGemmParams {
   const bf16* a2 = nullptr;
   const bf16* b2 = nullptr;
   int k2 = 0, lda2 = 0, ldb2 = 0;
+  // An optional bf16 output, fwd/dgrad with beta = 0 only: when set, C = alpha·(…) is written here
+  // ([R, n], each value rounded to nearest even, pairs in 4-byte stores where n is even) and c is
+  // not used. The bf16 GEMM mode's expert activations that only element-wise ops read (spec §7).
+  bf16* c16 = nullptr;
 };
 
 // Rows rounded up to the padded leading dimension of a bf16 operand copy.
@@ -290,7 +294,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks) grouped_gemm_k
   // ---- which tile: (m0, n0) within the group's output, the group's operands
   int m0, n0, m_end, k_len;
   const bf16 *a_src, *b_src;
-  float* c_dst;
+  int64_t c_off;  // the tile's group's first element in C (or in c16)
   if constexpr (L == GroupedLayout::kWgrad) {
     if (blockIdx.x == 0 && blockIdx.y == 0 && tid == 0) report_bad_offsets(p);
     const int g = blockIdx.y;
@@ -303,7 +307,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks) grouped_gemm_k
     k_len = rows;  // may be 0: C[g] = beta·C[g]
     a_src = p.a + static_cast<int64_t>(lo) * p.lda;
     b_src = p.b + static_cast<int64_t>(lo) * p.ldb;
-    c_dst = p.c + static_cast<int64_t>(g) * p.m * p.n;
+    c_off = static_cast<int64_t>(g) * p.m * p.n;
   } else {
     if (blockIdx.x == 0 && tid == 0) report_bad_offsets(p);
     const int slot = static_cast<int>(blockIdx.x) / n_tiles;  // the m-tile over all groups
@@ -318,7 +322,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks) grouped_gemm_k
     k_len = p.k;
     a_src = p.a + static_cast<int64_t>(lo) * p.lda;
     b_src = p.b + static_cast<int64_t>(g) * (L == GroupedLayout::kFwd ? p.n : p.k) * p.ldb;
-    c_dst = p.c + static_cast<int64_t>(lo) * p.n;
+    c_off = static_cast<int64_t>(lo) * p.n;
   }
 
   // ---- the k-loop over a kStages-deep cp.async ring
@@ -378,8 +382,39 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks) grouped_gemm_k
   cp_async_wait<0>();
 
   // ---- epilogue: C = alpha·acc + beta·C; accumulator e of an MMA is (row g + 8·(e/2), col 2t + e%2)
-  const bool vec2 = (p.n % 2) == 0 && reinterpret_cast<uintptr_t>(p.c) % 8 == 0;  // float2 rows
   const int ldc = p.n;
+  if (p.c16 != nullptr) {  // bf16 output: pairs as bf16x2. beta ≠ 0 only from launch_grouped_gemm's
+    bf16* c16_dst = p.c16 + c_off;  // second pass of a two-term call (then C is rounded twice)
+    const bool pair16 = (p.n % 2) == 0 && reinterpret_cast<uintptr_t>(p.c16) % 4 == 0;
+#pragma unroll
+    for (int i = 0; i < Cfg::kMFrags; ++i)
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        const int row = m0 + warp_m0 + i * 16 + lane / 4 + half * 8;
+        if (row >= m_end) continue;
+        bf16* crow = c16_dst + static_cast<int64_t>(row) * ldc;
+#pragma unroll
+        for (int j = 0; j < Cfg::kNFrags; ++j) {
+          const int col = n0 + warp_n0 + j * 8 + (lane % 4) * 2;
+          if (col >= p.n) continue;
+          float v0 = p.alpha * acc[i][j][half * 2], v1 = p.alpha * acc[i][j][half * 2 + 1];
+          const bool has1 = col + 1 < p.n;
+          if (p.beta != 0.0f) {
+            v0 += p.beta * __bfloat162float(crow[col]);
+            if (has1) v1 += p.beta * __bfloat162float(crow[col + 1]);
+          }
+          if (pair16) {
+            *reinterpret_cast<__nv_bfloat162*>(crow + col) = __floats2bfloat162_rn(v0, v1);
+          } else {
+            crow[col] = __float2bfloat16_rn(v0);
+            if (has1) crow[col + 1] = __float2bfloat16_rn(v1);
+          }
+        }
+      }
+    return;
+  }
+  const bool vec2 = (p.n % 2) == 0 && reinterpret_cast<uintptr_t>(p.c) % 8 == 0;  // float2 rows
+  float* c_dst = p.c + c_off;
 #pragma unroll
   for (int i = 0; i < Cfg::kMFrags; ++i) {
 #pragma unroll
@@ -462,7 +497,8 @@ inline cudaError_t launch_to_bf16_padded(bf16* dst, const Src* src, int64_t rows
 // Runs one grouped GEMM of layout L on the stream. Requires lda, ldb multiples of 8 and 16-byte
 // aligned a, b (bf16 copies made by launch_to_bf16_padded); c 8-byte aligned. A second term (k2 > 0,
 // fwd/dgrad) runs as a second launch that adds alpha·A2·op(B2) with beta = 1: this kernel is the
-// fallback, kept simple (the TMA kernel sums both terms in one accumulator).
+// fallback, kept simple (the TMA kernel sums both terms in one accumulator); with a bf16 output
+// (c16) the first term is then rounded to bf16 before the second is added. c16 excludes wgrad.
 template <class Cfg = DefaultTiles>
 cudaError_t launch_grouped_gemm(const GroupedGemmParams& p, GroupedLayout layout, cudaStream_t stream) {
   if (p.k2 != 0) {
@@ -476,6 +512,7 @@ cudaError_t launch_grouped_gemm(const GroupedGemmParams& p, GroupedLayout layout
     const cudaError_t e = launch_grouped_gemm<Cfg>(first, layout, stream);
     return e != cudaSuccess ? e : launch_grouped_gemm<Cfg>(second, layout, stream);
   }
+  if (p.c16 != nullptr && layout == GroupedLayout::kWgrad) return cudaErrorInvalidValue;
   if (p.groups <= 0 || p.n <= 0 || (layout == GroupedLayout::kWgrad && p.m <= 0)) return cudaSuccess;
   const int n_tiles = (p.n + Cfg::kBN - 1) / Cfg::kBN;
   const auto launch = [&](auto kernel, size_t smem, dim3 grid) {

@@ -30,7 +30,8 @@
 //   + gridDim.x, …; t → (m-tile slot, n-tile) with n fastest (CTAs sharing an A tile run
 //   together), the slot's group by binary search. wgrad: t → (group, m-tile, n-tile).
 // - Epilogue straight from the accumulators (alpha·acc + beta·C, float2 stores), while the
-//   producer already loads the next tile's first stages.
+//   producer already loads the next tile's first stages. fwd/dgrad may write a bf16 C instead
+//   (params c16, beta = 0: the bf16 GEMM mode's expert activations, bf16x2 stores).
 // - Two terms (fwd/dgrad, params k2 > 0): C = alpha·(A·op(B) + A2·op(B2)) + beta·C. A2 and B2 get
 //   their own tensor maps (map_a2, map_b2, inner size k2); the producer issues a tile's k-tiles
 //   0 … kt1−1 from (A, B) and then kt1 … kt1+kt2−1 from (A2, B2) into the same ring (kt1 =
@@ -330,7 +331,8 @@ __global__ void __launch_bounds__(TmaGemmTiles<L>::kThreads, 1)
   const auto desc_b = [&](uint32_t addr) {
     return Cfg::kBMNMajor ? sw128_mn_desc(addr, Cfg::kBoxBytes) : sw128_desc(addr);
   };
-  const bool vec2 = (p.n % 2) == 0 && reinterpret_cast<uintptr_t>(p.c) % 8 == 0;  // float2 rows
+  const bool vec2 = (p.n % 2) == 0 && reinterpret_cast<uintptr_t>(p.c) % 8 == 0;     // float2 rows
+  const bool pair16 = (p.n % 2) == 0 && reinterpret_cast<uintptr_t>(p.c16) % 4 == 0;  // bf16x2 rows (c16)
   float acc[128];
   int it = 0;
   TmaTile ti;
@@ -374,18 +376,36 @@ __global__ void __launch_bounds__(TmaGemmTiles<L>::kThreads, 1)
     // of the thread is loaded first, then all stores follow: a load after each store would wait for
     // DRAM once per value (the compiler cannot reorder a load past a store that may alias it), which
     // made beta = 1 calls (wgrad's accumulation, dgrad's second term) 2-4× slower.
-    float* c_tile = L == GroupedLayout::kWgrad
-                        ? p.c + (static_cast<int64_t>(ti.g) * p.m + ti.m0) * p.n
-                        : p.c + static_cast<int64_t>(ti.a_row) * p.n;
+    const int64_t tile_off = L == GroupedLayout::kWgrad ? (static_cast<int64_t>(ti.g) * p.m + ti.m0) * p.n
+                                                        : static_cast<int64_t>(ti.a_row) * p.n;
     const int row0 = cw * 64 + (warp % 4) * 16 + lane / 4;
     const auto in_tile = [&](int half, int j) {
       return row0 + half * 8 < ti.m_valid && ti.n0 + j * 8 + (lane % 4) * 2 < p.n;
     };
-    const auto at = [&](int half, int j) {
-      return c_tile + static_cast<int64_t>(row0 + half * 8) * p.n + ti.n0 + j * 8 + (lane % 4) * 2;
+    const auto has_second = [&](int j) { return ti.n0 + j * 8 + (lane % 4) * 2 + 1 < p.n; };
+    const auto off = [&](int half, int j) {
+      return tile_off + static_cast<int64_t>(row0 + half * 8) * p.n + ti.n0 + j * 8 + (lane % 4) * 2;
     };
 #pragma unroll
     for (int e = 0; e < 128; ++e) acc[e] *= p.alpha;
+    if (p.c16 != nullptr) {  // bf16 output (beta = 0, grouped_gemm_tma_unusable): pairs as bf16x2
+#pragma unroll
+      for (int half = 0; half < 2; ++half)
+#pragma unroll
+        for (int j = 0; j < kBN / 8; ++j) {
+          if (!in_tile(half, j)) continue;
+          bf16* c = p.c16 + off(half, j);
+          const float v0 = acc[j * 4 + half * 2], v1 = acc[j * 4 + half * 2 + 1];
+          if (pair16) {
+            *reinterpret_cast<__nv_bfloat162*>(c) = __floats2bfloat162_rn(v0, v1);
+          } else {
+            c[0] = __float2bfloat16_rn(v0);
+            if (has_second(j)) c[1] = __float2bfloat16_rn(v1);
+          }
+        }
+      continue;
+    }
+    const auto at = [&](int half, int j) { return p.c + off(half, j); };
     if (p.beta != 0.0f) {
 #pragma unroll
       for (int half = 0; half < 2; ++half)
@@ -395,7 +415,7 @@ __global__ void __launch_bounds__(TmaGemmTiles<L>::kThreads, 1)
           const float* c = at(half, j);
           float2 old;
           if (vec2) old = *reinterpret_cast<const float2*>(c);
-          else old = make_float2(c[0], ti.n0 + j * 8 + (lane % 4) * 2 + 1 < p.n ? c[1] : 0.0f);
+          else old = make_float2(c[0], has_second(j) ? c[1] : 0.0f);
           acc[j * 4 + half * 2] += p.beta * old.x;
           acc[j * 4 + half * 2 + 1] += p.beta * old.y;
         }
@@ -411,7 +431,7 @@ __global__ void __launch_bounds__(TmaGemmTiles<L>::kThreads, 1)
           *reinterpret_cast<float2*>(c) = make_float2(v0, v1);
         } else {
           c[0] = v0;
-          if (ti.n0 + j * 8 + (lane % 4) * 2 + 1 < p.n) c[1] = v1;
+          if (has_second(j)) c[1] = v1;
         }
       }
   }
@@ -487,6 +507,8 @@ inline const char* grouped_gemm_tma_unusable(const GroupedGemmParams& p, Grouped
   if (p.k2 > 0 && (p.a2 == nullptr || p.b2 == nullptr || p.lda2 % 8 != 0 || p.ldb2 % 8 != 0 ||
                    reinterpret_cast<uintptr_t>(p.a2) % 16 != 0 || reinterpret_cast<uintptr_t>(p.b2) % 16 != 0))
     return "second-term operands missing or not 16-byte aligned";
+  if (p.c16 != nullptr && (p.beta != 0.0f || layout == GroupedLayout::kWgrad))
+    return "a bf16 output with beta != 0 or in wgrad";
   if (tensor_map_encoder() == nullptr) return "no cuTensorMapEncodeTiled in the driver";
   return nullptr;
 }

@@ -19,7 +19,8 @@
 // - Gather, gather backward, combine and its backward: one warp per permuted row, per token or per
 //   (token, slot), lanes over columns in float4 pieces where sizes and alignment allow
 //   (elementwise.cuh); every sum over the K slots runs in k order per token in double
-//   (deterministic, and the CPU's value rounded once).
+//   (deterministic, and the CPU's value rounded once). In the bf16 GEMM mode the rows they read
+//   (x_norm's copy, y_perm, dx_perm) may be bf16, widened exactly (spec §7).
 // - Index contents (topk_idx, src_row, slot_pos) are checked where they are used (device_issue.h).
 #include <cuda_bf16.h>
 
@@ -383,15 +384,16 @@ __device__ __forceinline__ int64_t warp_count() { return int64_t{gridDim.x} * bl
 
 // x_perm[r] = x[src_row[r]]
 // Out: float, or bf16 when the rows only feed bf16 expert GEMMs (rounded to nearest even here).
-template <class Out, bool kVec4>
-__global__ void __launch_bounds__(kThreads) gather_kernel(Out* __restrict__ x_perm, const float* __restrict__ x,
+// In: float, or bf16 (the FFN's bf16 x_norm copy: then the rows are copied exactly).
+template <class Out, class In, bool kVec4>
+__global__ void __launch_bounds__(kThreads) gather_kernel(Out* __restrict__ x_perm, const In* __restrict__ x,
                                                           const int32_t* __restrict__ src_row, int64_t n_rows,
                                                           int64_t n_tokens, int64_t dim, DeviceIssue* issue) {
   const int lane = threadIdx.x % kWarp;
   for (int64_t r = warp_index(); r < n_rows; r += warp_count()) {
     const int32_t src = src_row[r];
     if (!index_ok(issue, IssueSite::kGatherSrcRow, r, src, n_tokens)) continue;  // uniform over the warp
-    const float* in = x + src * dim;
+    const In* in = x + src * dim;
     Out* out = x_perm + r * dim;
     if constexpr (kVec4) {
       for (int64_t c0 = lane * kVec; c0 < dim; c0 += kWarp * kVec * kUnroll) {
@@ -408,7 +410,7 @@ __global__ void __launch_bounds__(kThreads) gather_kernel(Out* __restrict__ x_pe
         }
       }
     } else {
-      for (int64_t c = lane; c < dim; c += kWarp) store1(out + c, in[c]);
+      for (int64_t c = lane; c < dim; c += kWarp) store1(out + c, load1(in + c));
     }
   }
 }
@@ -421,8 +423,8 @@ __global__ void __launch_bounds__(kThreads) gather_kernel(Out* __restrict__ x_pe
 // together. A skipped slot adds +0.0, which leaves the sum unchanged (it is never −0.0).
 constexpr int kSlotGroup = 4;
 
-template <bool kVec4, bool kWeighted>
-__device__ __forceinline__ void add_weighted_slots(float* __restrict__ y, const float* __restrict__ rows,
+template <bool kVec4, bool kWeighted, class In>  // In: the rows' type, float or bf16 (widened exactly)
+__device__ __forceinline__ void add_weighted_slots(float* __restrict__ y, const In* __restrict__ rows,
                                                    const float* __restrict__ topk_w,
                                                    const int32_t* __restrict__ slot_pos, int64_t n_tokens,
                                                    int64_t top_k, int64_t dim, int64_t n_rows, IssueSite site,
@@ -448,13 +450,13 @@ __device__ __forceinline__ void add_weighted_slots(float* __restrict__ y, const 
         }
 #pragma unroll
         for (int j = 0; j < kSlotGroup; ++j) {
-          const float* src = rows + (r[j] >= 0 ? r[j] : 0) * dim + c;  // read only for a valid slot
+          const In* src = rows + (r[j] >= 0 ? r[j] : 0) * dim + c;  // read only for a valid slot
           if constexpr (kVec4) {
             const float4 x = r[j] >= 0 ? load4(src) : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
 #pragma unroll
             for (int i = 0; i < kVec; ++i) v[j][i] = at(x, i);
           } else {
-            v[j][0] = r[j] >= 0 ? src[0] : 0.0f;
+            v[j][0] = r[j] >= 0 ? load1(src) : 0.0f;
           }
         }
 #pragma unroll
@@ -474,9 +476,9 @@ __device__ __forceinline__ void add_weighted_slots(float* __restrict__ y, const 
   }
 }
 
-// dx[n] += Σ_k dx_perm[slot_pos[n,k]]   (double sum in k order, as on the CPU)
-template <bool kVec4>
-__global__ void __launch_bounds__(kThreads) gather_bwd_kernel(float* __restrict__ dx, const float* __restrict__ dx_perm,
+// dx[n] += Σ_k dx_perm[slot_pos[n,k]]   (double sum in k order, as on the CPU); dx_perm f32 or bf16
+template <class In, bool kVec4>
+__global__ void __launch_bounds__(kThreads) gather_bwd_kernel(float* __restrict__ dx, const In* __restrict__ dx_perm,
                                                               const int32_t* __restrict__ slot_pos, int64_t n_tokens,
                                                               int64_t top_k, int64_t dim, int64_t n_rows,
                                                               DeviceIssue* issue) {
@@ -484,9 +486,9 @@ __global__ void __launch_bounds__(kThreads) gather_bwd_kernel(float* __restrict_
                                    IssueSite::kGatherBwdSlotPos, issue);
 }
 
-// y[n] += Σ_k w[n,k] · y_perm[slot_pos[n,k]]   (double sum in k order, as on the CPU)
-template <bool kVec4>
-__global__ void __launch_bounds__(kThreads) combine_fwd_kernel(float* __restrict__ y, const float* __restrict__ y_perm,
+// y[n] += Σ_k w[n,k] · y_perm[slot_pos[n,k]]   (double sum in k order, as on the CPU); y_perm f32 or bf16
+template <class In, bool kVec4>
+__global__ void __launch_bounds__(kThreads) combine_fwd_kernel(float* __restrict__ y, const In* __restrict__ y_perm,
                                                                const float* __restrict__ topk_w,
                                                                const int32_t* __restrict__ slot_pos, int64_t n_tokens,
                                                                int64_t top_k, int64_t dim, int64_t n_rows,
@@ -498,10 +500,12 @@ __global__ void __launch_bounds__(kThreads) combine_fwd_kernel(float* __restrict
 // One warp per (n, k): dy_perm[slot_pos[n,k]] = w[n,k]·dy[n] (one f32 product, as on the CPU);
 // dtopk_w[n,k] = ⟨dy[n], y_perm[slot_pos[n,k]]⟩ (double; lane partial sums, then the warp's tree).
 // The K warps of a token read the same dy row: from the cache after the first.
-template <class Out, bool kVec4>  // Out: float, or bf16 in the bf16 GEMM mode (dy_perm only feeds the expert GEMMs)
+// Out: float, or bf16 in the bf16 GEMM mode (dy_perm only feeds the expert GEMMs); In: y_perm's
+// type, float or bf16 (the expert GEMMs' output in the bf16 GEMM mode).
+template <class Out, class In, bool kVec4>
 __global__ void __launch_bounds__(kThreads) combine_bwd_kernel(Out* __restrict__ dy_perm, float* __restrict__ dtopk_w,
                                                                const float* __restrict__ dy,
-                                                               const float* __restrict__ y_perm,
+                                                               const In* __restrict__ y_perm,
                                                                const float* __restrict__ topk_w,
                                                                const int32_t* __restrict__ slot_pos, int64_t n_tokens,
                                                                int64_t top_k, int64_t dim, int64_t n_rows,
@@ -513,7 +517,7 @@ __global__ void __launch_bounds__(kThreads) combine_bwd_kernel(Out* __restrict__
     if (!index_ok(issue, IssueSite::kCombineBwdSlotPos, nk, r, n_rows)) continue;  // uniform over the warp
     const float w = topk_w[nk];
     const float* g_row = dy + n * dim;
-    const float* y_row = y_perm + r * dim;
+    const In* y_row = y_perm + r * dim;
     Out* out = dy_perm + r * dim;
     double dot = 0.0;
     if constexpr (kVec4) {
@@ -540,7 +544,7 @@ __global__ void __launch_bounds__(kThreads) combine_bwd_kernel(Out* __restrict__
       for (int64_t c = lane; c < dim; c += kWarp) {
         const float g = g_row[c];
         store1(out + c, w * g);
-        dot += static_cast<double>(g) * y_row[c];
+        dot += static_cast<double>(g) * load1(y_row + c);
       }
     }
     dot = warp_sum(dot);
@@ -618,6 +622,14 @@ AuxPlan aux_plan(CudaBackend& be, cudaStream_t s, const Tensor& scores, int64_t 
   aux_count_kernel<<<p.grid, kAuxThreads, smem, s>>>(p.picks, f32(scores), p.c);
   CUDA_CHECK_LAUNCH(op);
   return p;
+}
+
+// Calls f(p) with t's data as `const float*` or `const __nv_bfloat16*` (an input the bf16 GEMM mode
+// may hold in bf16; validation allows only these two).
+template <class F>
+void with_input(const Tensor& t, F&& f) {
+  if (t.dtype == DType::kBF16) f(static_cast<const __nv_bfloat16*>(t.data));
+  else f(static_cast<const float*>(t.data));
 }
 
 }  // namespace
@@ -715,22 +727,25 @@ void CudaBackend::moe_gather(Context ctx, const MoeGatherArgs& a) {
   const OpScope profile_scope(*this, stream(ctx), "moe_gather");
   constexpr std::string_view kOp = "moe_gather";
   validate_moe_gather(a, Device::kCUDA);
-  require_f32(a.x, kOp);
+  require_f32_or_bf16(a.x, kOp, "x");
   const int64_t n_tokens = a.x.dim(0), dim = a.x.dim(1), n_rows = a.src_row.numel();
   if (n_rows * dim == 0) return;
-  const auto launch = [&](auto* x_perm) {
+  const auto launch = [&](auto* x_perm, const auto* x) {
     using Out = std::remove_pointer_t<decltype(x_perm)>;
+    using In = std::remove_const_t<std::remove_pointer_t<decltype(x)>>;
     const unsigned grid = grid_for(n_rows * kWarp);
-    if (vec_sizes({dim}) && vec_aligned(x_perm) && vec_aligned(f32(a.x)))
-      gather_kernel<Out, true><<<grid, kThreads, 0, stream(ctx)>>>(x_perm, f32(a.x), i32(a.src_row), n_rows, n_tokens,
-                                                                   dim, issue());
+    if (vec_sizes({dim}) && vec_aligned(x_perm) && vec_aligned(x))
+      gather_kernel<Out, In, true><<<grid, kThreads, 0, stream(ctx)>>>(x_perm, x, i32(a.src_row), n_rows, n_tokens, dim,
+                                                                       issue());
     else
-      gather_kernel<Out, false><<<grid, kThreads, 0, stream(ctx)>>>(x_perm, f32(a.x), i32(a.src_row), n_rows, n_tokens,
-                                                                    dim, issue());
+      gather_kernel<Out, In, false><<<grid, kThreads, 0, stream(ctx)>>>(x_perm, x, i32(a.src_row), n_rows, n_tokens, dim,
+                                                                        issue());
     CUDA_CHECK_LAUNCH(kOp);
   };
-  if (a.x_perm.dtype == DType::kBF16) launch(static_cast<__nv_bfloat16*>(a.x_perm.data));
-  else launch(f32(a.x_perm));
+  with_input(a.x, [&](const auto* x) {
+    if (a.x_perm.dtype == DType::kBF16) launch(static_cast<__nv_bfloat16*>(a.x_perm.data), x);
+    else launch(f32(a.x_perm), x);
+  });
 }
 
 void CudaBackend::moe_gather_bwd(Context ctx, const MoeGatherBwdArgs& a) {
@@ -741,13 +756,16 @@ void CudaBackend::moe_gather_bwd(Context ctx, const MoeGatherBwdArgs& a) {
   const int64_t n_tokens = a.dx.dim(0), dim = a.dx.dim(1), top_k = a.slot_pos.dim(1);
   if (n_tokens * dim == 0) return;
   const unsigned grid = grid_for(n_tokens * kWarp);
-  if (vec_sizes({dim}) && vec_aligned(f32(a.dx)) && vec_aligned(f32(a.dx_perm)))
-    gather_bwd_kernel<true><<<grid, kThreads, 0, stream(ctx)>>>(f32(a.dx), f32(a.dx_perm), i32(a.slot_pos), n_tokens,
-                                                                top_k, dim, a.dx_perm.dim(0), issue());
-  else
-    gather_bwd_kernel<false><<<grid, kThreads, 0, stream(ctx)>>>(f32(a.dx), f32(a.dx_perm), i32(a.slot_pos), n_tokens,
-                                                                 top_k, dim, a.dx_perm.dim(0), issue());
-  CUDA_CHECK_LAUNCH(kOp);
+  with_input(a.dx_perm, [&](const auto* dx_perm) {
+    using In = std::remove_const_t<std::remove_pointer_t<decltype(dx_perm)>>;
+    if (vec_sizes({dim}) && vec_aligned(f32(a.dx)) && vec_aligned(dx_perm))
+      gather_bwd_kernel<In, true><<<grid, kThreads, 0, stream(ctx)>>>(f32(a.dx), dx_perm, i32(a.slot_pos), n_tokens,
+                                                                      top_k, dim, a.dx_perm.dim(0), issue());
+    else
+      gather_bwd_kernel<In, false><<<grid, kThreads, 0, stream(ctx)>>>(f32(a.dx), dx_perm, i32(a.slot_pos), n_tokens,
+                                                                       top_k, dim, a.dx_perm.dim(0), issue());
+    CUDA_CHECK_LAUNCH(kOp);
+  });
 }
 
 void CudaBackend::moe_combine_fwd(Context ctx, const MoeCombineFwdArgs& a) {
@@ -758,15 +776,17 @@ void CudaBackend::moe_combine_fwd(Context ctx, const MoeCombineFwdArgs& a) {
   const int64_t n_tokens = a.y.dim(0), dim = a.y.dim(1), top_k = a.slot_pos.dim(1);
   if (n_tokens * dim == 0) return;
   const unsigned grid = grid_for(n_tokens * kWarp);
-  if (vec_sizes({dim}) && vec_aligned(f32(a.y)) && vec_aligned(f32(a.y_perm)))
-    combine_fwd_kernel<true><<<grid, kThreads, 0, stream(ctx)>>>(f32(a.y), f32(a.y_perm), f32(a.topk_w),
-                                                                 i32(a.slot_pos), n_tokens, top_k, dim,
-                                                                 a.y_perm.dim(0), issue());
-  else
-    combine_fwd_kernel<false><<<grid, kThreads, 0, stream(ctx)>>>(f32(a.y), f32(a.y_perm), f32(a.topk_w),
-                                                                  i32(a.slot_pos), n_tokens, top_k, dim,
-                                                                  a.y_perm.dim(0), issue());
-  CUDA_CHECK_LAUNCH(kOp);
+  with_input(a.y_perm, [&](const auto* y_perm) {
+    using In = std::remove_const_t<std::remove_pointer_t<decltype(y_perm)>>;
+    if (vec_sizes({dim}) && vec_aligned(f32(a.y)) && vec_aligned(y_perm))
+      combine_fwd_kernel<In, true><<<grid, kThreads, 0, stream(ctx)>>>(f32(a.y), y_perm, f32(a.topk_w), i32(a.slot_pos),
+                                                                       n_tokens, top_k, dim, a.y_perm.dim(0), issue());
+    else
+      combine_fwd_kernel<In, false><<<grid, kThreads, 0, stream(ctx)>>>(f32(a.y), y_perm, f32(a.topk_w),
+                                                                        i32(a.slot_pos), n_tokens, top_k, dim,
+                                                                        a.y_perm.dim(0), issue());
+    CUDA_CHECK_LAUNCH(kOp);
+  });
 }
 
 void CudaBackend::moe_combine_bwd(Context ctx, const MoeCombineBwdArgs& a) {
@@ -776,21 +796,24 @@ void CudaBackend::moe_combine_bwd(Context ctx, const MoeCombineBwdArgs& a) {
   require_f32(a.dy, kOp);
   const int64_t n_tokens = a.dy.dim(0), dim = a.dy.dim(1), top_k = a.slot_pos.dim(1);
   if (n_tokens * top_k == 0) return;
-  const auto launch = [&](auto* dy_perm) {
+  const auto launch = [&](auto* dy_perm, const auto* y_perm) {
     using Out = std::remove_pointer_t<decltype(dy_perm)>;
+    using In = std::remove_const_t<std::remove_pointer_t<decltype(y_perm)>>;
     const unsigned grid = grid_for(n_tokens * top_k * kWarp);
-    if (vec_sizes({dim}) && vec_aligned(dy_perm) && vec_aligned(f32(a.dy)) && vec_aligned(f32(a.y_perm)))
-      combine_bwd_kernel<Out, true><<<grid, kThreads, 0, stream(ctx)>>>(dy_perm, f32(a.dtopk_w), f32(a.dy),
-                                                                        f32(a.y_perm), f32(a.topk_w), i32(a.slot_pos),
-                                                                        n_tokens, top_k, dim, a.y_perm.dim(0), issue());
+    if (vec_sizes({dim}) && vec_aligned(dy_perm) && vec_aligned(f32(a.dy)) && vec_aligned(y_perm))
+      combine_bwd_kernel<Out, In, true><<<grid, kThreads, 0, stream(ctx)>>>(dy_perm, f32(a.dtopk_w), f32(a.dy), y_perm,
+                                                                            f32(a.topk_w), i32(a.slot_pos), n_tokens,
+                                                                            top_k, dim, a.y_perm.dim(0), issue());
     else
-      combine_bwd_kernel<Out, false><<<grid, kThreads, 0, stream(ctx)>>>(dy_perm, f32(a.dtopk_w), f32(a.dy),
-                                                                         f32(a.y_perm), f32(a.topk_w), i32(a.slot_pos),
-                                                                         n_tokens, top_k, dim, a.y_perm.dim(0), issue());
+      combine_bwd_kernel<Out, In, false><<<grid, kThreads, 0, stream(ctx)>>>(dy_perm, f32(a.dtopk_w), f32(a.dy), y_perm,
+                                                                             f32(a.topk_w), i32(a.slot_pos), n_tokens,
+                                                                             top_k, dim, a.y_perm.dim(0), issue());
     CUDA_CHECK_LAUNCH(kOp);
   };
-  if (a.dy_perm.dtype == DType::kBF16) launch(static_cast<__nv_bfloat16*>(a.dy_perm.data));
-  else launch(f32(a.dy_perm));
+  with_input(a.y_perm, [&](const auto* y_perm) {
+    if (a.dy_perm.dtype == DType::kBF16) launch(static_cast<__nv_bfloat16*>(a.dy_perm.data), y_perm);
+    else launch(f32(a.dy_perm), y_perm);
+  });
 }
 
 void CudaBackend::moe_bias_update(Context ctx, const MoeBiasUpdateArgs& a) {

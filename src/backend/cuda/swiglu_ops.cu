@@ -13,6 +13,8 @@
 //   NaN while the double σ is still > 0), and 1 + a(1 − σ) within 2^-8 of 0 (silu'(a) crosses 0 near
 //   a = −1.28, where the f32 sum loses digits: its error of a few 2^-24 grows, relative to a result
 //   below 2^-8, toward a bf16 step; above 2^-8 it stays under ~2^-14). About 0.1% of elements.
+// Inputs a, b (and dh) are f32, or bf16 where the bf16 GEMM mode's expert GEMMs wrote them in bf16
+// (spec §7); bf16 inputs are widened exactly and take the same formulas.
 // Why not double everywhere: the double exp and division per element made the forward
 // compute-bound on the H100's f64 units (measured 1.7 of ~3 TB/s).
 #include <cuda_bf16.h>
@@ -81,9 +83,10 @@ __device__ __forceinline__ void swiglu_grad(float a, float b, float dh, float& d
 // ---------------------------------------------------------------- kernels
 
 // h = silu(a) ⊙ b over n elements; kVec4: the first n/4·4 as float4 pieces, then a scalar tail.
-template <class Out, bool kVec4>
-__global__ void __launch_bounds__(kThreads) swiglu_fwd_kernel(Out* __restrict__ h, const float* __restrict__ a,
-                                                              const float* __restrict__ b, int64_t n) {
+// In: f32, or bf16 (a and b written in bf16 by the expert GEMMs in the bf16 GEMM mode), widened.
+template <class Out, class In, bool kVec4>
+__global__ void __launch_bounds__(kThreads) swiglu_fwd_kernel(Out* __restrict__ h, const In* __restrict__ a,
+                                                              const In* __restrict__ b, int64_t n) {
   const int64_t stride = int64_t{gridDim.x} * blockDim.x, first = blockIdx.x * int64_t{blockDim.x} + threadIdx.x;
   int64_t tail = 0;
   if constexpr (kVec4) {
@@ -97,14 +100,15 @@ __global__ void __launch_bounds__(kThreads) swiglu_fwd_kernel(Out* __restrict__ 
     }
     tail = n4 * kVec;
   }
-  for (int64_t i = tail + first; i < n; i += stride) store1(h + i, swiglu_value<Out>(a[i], b[i]));
+  for (int64_t i = tail + first; i < n; i += stride) store1(h + i, swiglu_value<Out>(load1(a + i), load1(b + i)));
 }
 
 // da = dh ⊙ b ⊙ silu'(a), db = dh ⊙ silu(a). A thread reads its inputs before it writes its outputs:
-// da or db may alias an input (f32 outputs), so no __restrict__ here.
-template <class Out, bool kVec4>
-__global__ void __launch_bounds__(kThreads) swiglu_bwd_kernel(Out* da, Out* db, const float* dh, const float* a,
-                                                              const float* b, int64_t n) {
+// da or db may alias an input (f32 outputs), so no __restrict__ here. In: as swiglu_fwd_kernel's,
+// for dh, a and b.
+template <class Out, class In, bool kVec4>
+__global__ void __launch_bounds__(kThreads) swiglu_bwd_kernel(Out* da, Out* db, const In* dh, const In* a, const In* b,
+                                                              int64_t n) {
   const int64_t stride = int64_t{gridDim.x} * blockDim.x, first = blockIdx.x * int64_t{blockDim.x} + threadIdx.x;
   int64_t tail = 0;
   if constexpr (kVec4) {
@@ -121,7 +125,7 @@ __global__ void __launch_bounds__(kThreads) swiglu_bwd_kernel(Out* da, Out* db, 
   }
   for (int64_t i = tail + first; i < n; i += stride) {
     float dai, dbi;
-    swiglu_grad<Out>(a[i], b[i], dh[i], dai, dbi);
+    swiglu_grad<Out>(load1(a + i), load1(b + i), load1(dh + i), dai, dbi);
     store1(da + i, dai);
     store1(db + i, dbi);
   }
@@ -130,49 +134,63 @@ __global__ void __launch_bounds__(kThreads) swiglu_bwd_kernel(Out* da, Out* db, 
 // Threads for n elements: one per float4 piece on the vector path.
 unsigned swiglu_grid(int64_t n, bool vec4) { return grid_for(vec4 ? (n + kVec - 1) / kVec : n); }
 
+// The element type of a swiglu input: f32, or bf16 (the bf16 GEMM mode, validate_swiglu_*).
+template <class In>
+const In* in_ptr(const Tensor& t) {
+  return static_cast<const In*>(t.data);
+}
+
 }  // namespace
 
 void CudaBackend::swiglu_fwd(Context ctx, const SwigluFwdArgs& args) {
   const OpScope profile_scope(*this, stream(ctx), "swiglu_fwd");
   validate_swiglu_fwd(args, Device::kCUDA);
-  require_f32(args.a, "swiglu_fwd");
+  require_f32_or_bf16(args.a, "swiglu_fwd", "a");
   const int64_t n = args.a.numel();
   if (n == 0) return;
-  const auto launch = [&](auto* h) {
+  const auto launch = [&](auto* h, auto in_tag) {
     using Out = std::remove_pointer_t<decltype(h)>;
-    const bool vec4 = vec_aligned(h) && vec_aligned(f32(args.a)) && vec_aligned(f32(args.b));
-    if (vec4)
-      swiglu_fwd_kernel<Out, true><<<swiglu_grid(n, true), kThreads, 0, stream(ctx)>>>(h, f32(args.a), f32(args.b), n);
+    using In = decltype(in_tag);
+    const In *a = in_ptr<In>(args.a), *b = in_ptr<In>(args.b);
+    if (vec_aligned(h) && vec_aligned(a) && vec_aligned(b))
+      swiglu_fwd_kernel<Out, In, true><<<swiglu_grid(n, true), kThreads, 0, stream(ctx)>>>(h, a, b, n);
     else
-      swiglu_fwd_kernel<Out, false><<<swiglu_grid(n, false), kThreads, 0, stream(ctx)>>>(h, f32(args.a), f32(args.b), n);
+      swiglu_fwd_kernel<Out, In, false><<<swiglu_grid(n, false), kThreads, 0, stream(ctx)>>>(h, a, b, n);
     CUDA_CHECK_LAUNCH("swiglu_fwd");
   };
-  if (args.h.dtype == DType::kBF16) launch(static_cast<__nv_bfloat16*>(args.h.data));
-  else launch(f32(args.h));
+  const auto with_in = [&](auto* h) {
+    if (args.a.dtype == DType::kBF16) launch(h, __nv_bfloat16{});
+    else launch(h, float{});
+  };
+  if (args.h.dtype == DType::kBF16) with_in(static_cast<__nv_bfloat16*>(args.h.data));
+  else with_in(f32(args.h));
 }
 
 void CudaBackend::swiglu_bwd(Context ctx, const SwigluBwdArgs& args) {
   const OpScope profile_scope(*this, stream(ctx), "swiglu_bwd");
   validate_swiglu_bwd(args, Device::kCUDA);
-  require_f32(args.a, "swiglu_bwd");
+  require_f32_or_bf16(args.a, "swiglu_bwd", "a");
   const int64_t n = args.a.numel();
   if (n == 0) return;
-  const auto launch = [&](auto* da, auto* db) {
+  const auto launch = [&](auto* da, auto* db, auto in_tag) {
     using Out = std::remove_pointer_t<decltype(da)>;
-    const bool vec4 = vec_aligned(da) && vec_aligned(db) && vec_aligned(f32(args.dh)) && vec_aligned(f32(args.a)) &&
-                      vec_aligned(f32(args.b));
+    using In = decltype(in_tag);
+    const In *dh = in_ptr<In>(args.dh), *a = in_ptr<In>(args.a), *b = in_ptr<In>(args.b);
+    const bool vec4 = vec_aligned(da) && vec_aligned(db) && vec_aligned(dh) && vec_aligned(a) && vec_aligned(b);
     if (vec4)
-      swiglu_bwd_kernel<Out, true><<<swiglu_grid(n, true), kThreads, 0, stream(ctx)>>>(da, db, f32(args.dh), f32(args.a),
-                                                                                        f32(args.b), n);
+      swiglu_bwd_kernel<Out, In, true><<<swiglu_grid(n, true), kThreads, 0, stream(ctx)>>>(da, db, dh, a, b, n);
     else
-      swiglu_bwd_kernel<Out, false><<<swiglu_grid(n, false), kThreads, 0, stream(ctx)>>>(da, db, f32(args.dh),
-                                                                                          f32(args.a), f32(args.b), n);
+      swiglu_bwd_kernel<Out, In, false><<<swiglu_grid(n, false), kThreads, 0, stream(ctx)>>>(da, db, dh, a, b, n);
     CUDA_CHECK_LAUNCH("swiglu_bwd");
   };
+  const auto with_in = [&](auto* da, auto* db) {
+    if (args.a.dtype == DType::kBF16) launch(da, db, __nv_bfloat16{});
+    else launch(da, db, float{});
+  };
   if (args.da.dtype == DType::kBF16)
-    launch(static_cast<__nv_bfloat16*>(args.da.data), static_cast<__nv_bfloat16*>(args.db.data));
+    with_in(static_cast<__nv_bfloat16*>(args.da.data), static_cast<__nv_bfloat16*>(args.db.data));
   else
-    launch(f32(args.da), f32(args.db));
+    with_in(f32(args.da), f32(args.db));
 }
 
 }  // namespace diffmoe

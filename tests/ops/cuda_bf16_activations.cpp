@@ -1,0 +1,251 @@
+// The bf16 GEMM mode's expert activations (spec §7): tensors that the grouped expert GEMMs write and
+// only element-wise ops read (a, b, dh, y_perm, dx_perm) are bf16, and the FFN's bf16 x_norm copy
+// feeds the gather.
+// - grouped_gemm into a bf16 C (fwd and dgrad layouts, one and two terms): the value is the same
+//   call's f32 C rounded to bf16 (same kernel, same bf16 inputs, same f32 accumulation; one bf16
+//   step allowed for a different summation order in a fallback path), and within the bf16 GEMM
+//   tolerance of the CPU; rows past offsets[G] untouched; beta ≠ 0, the f32 mode and the CPU refuse.
+// - swiglu_fwd/bwd on bf16 a, b, dh: the CPU's result on the same (rounded) values, in bf16, to
+//   within one bf16 step (the kernels compute in f32: cuda_bf16_gemm.cpp, expect_bf16_of).
+// - moe_gather from a bf16 x, moe_gather_bwd from a bf16 dx_perm, moe_combine_fwd/bwd from a bf16
+//   y_perm: bitwise the CPU's result on the same values (the kernels widen bf16 exactly and sum in
+//   double like the CPU); vector (D = 24) and scalar (D = 23) paths.
+#include <cmath>
+#include <tuple>
+
+#include "cuda_dual.h"
+
+namespace diffmoe::cudatest {
+namespace {
+
+// An f32 Dual holding d's values (a bf16 Dual widened exactly): what the CPU reads where the GPU
+// reads the bf16 tensor.
+Dual widened(const Dual& d, const Shape& shape) {
+  Dual r(shape);
+  r.set(d.host_values());
+  return r;
+}
+
+// |got − round_bf16(want)| ≤ one bf16 step for every element (NaN fails).
+int64_t count_off_bf16(const std::vector<double>& got, const std::vector<double>& want, size_t n) {
+  int64_t bad = 0;
+  for (size_t i = 0; i < n; ++i) {
+    const double w = bf16_to_f32(f32_to_bf16(static_cast<float>(want[i])));
+    const double step = w == 0.0 ? 1e-30 : std::ldexp(1.0, std::ilogb(w) - 7);
+    if (!(std::fabs(got[i] - w) <= step)) ++bad;
+  }
+  return bad;
+}
+
+// ---------------------------------------------------------------- grouped GEMM into bf16
+
+// Empty groups first, in the middle and last, 1-row groups, groups over one 128-row m-tile, rows
+// 330 … 340 past offsets[G].
+const std::vector<double> kOffsets = {0, 0, 1, 150, 150, 169, 300, 300, 301, 330};
+constexpr int64_t kRows = 341, kUsed = 330;
+
+struct Bf16OutCase {
+  int64_t n, k, k2;  // k2 = 0: one term
+  bool trans_b;
+};
+
+void run_bf16_out_case(const Bf16OutCase& tc, uint64_t seed) {
+  const Bf16Mode mode;
+  const int64_t G = static_cast<int64_t>(kOffsets.size()) - 1, R = kRows;
+  const auto b_shape = [&](int64_t k) { return tc.trans_b ? Shape{G, tc.n, k} : Shape{G, k, tc.n}; };
+  const bool two = tc.k2 > 0;
+  Dual a(Shape{R, tc.k}), b(b_shape(tc.k)), a2(Shape{R, two ? tc.k2 : 1}), b2(b_shape(two ? tc.k2 : 1));
+  Dual off(Shape{G + 1}, DType::kI32), c32(Shape{R, tc.n}), c16(Shape{R, tc.n}, DType::kBF16), ref(Shape{R, tc.n});
+  a.normal(seed);
+  b.normal(seed + 1);
+  a2.normal(seed + 2);
+  b2.normal(seed + 3);
+  off.set(kOffsets);
+  // Rows in use: NaN (beta = 0 must not read them); rows past offsets[G]: values that must stay.
+  std::vector<double> c0(static_cast<size_t>(R * tc.n));
+  for (int64_t i = 0; i < R * tc.n; ++i)
+    c0[static_cast<size_t>(i)] = i < kUsed * tc.n ? std::nan("") : 0.25 * static_cast<double>(i % 7 + 1);
+  c32.set(c0);
+  c16.set(c0);
+  ref.set(c0);
+  const auto args = [&](const Tensor& c, Side s) {
+    GroupedGemmArgs g{.c = c, .a = a[s], .b = b[s], .offsets = off[s], .trans_b = tc.trans_b, .alpha = -0.75};
+    if (two) {
+      g.a2 = a2[s];
+      g.b2 = b2[s];
+    }
+    return g;
+  };
+  cpu().grouped_gemm({}, args(ref[Side::kCpu], Side::kCpu));
+  gpu().grouped_gemm({}, args(c32[Side::kGpu], Side::kGpu));
+  gpu().grouped_gemm({}, args(c16[Side::kGpu], Side::kGpu));
+  gpu().synchronize({});
+  const std::string what = fmt::format("grouped_gemm into bf16, n={} k={}{} trans_b={}", tc.n, tc.k,
+                                       two ? fmt::format("+{}", tc.k2) : "", tc.trans_b);
+  const std::vector<double> got = c16.device_values(), same_call = c32.device_values(), cpu_ref = ref.host_values();
+  const size_t used = static_cast<size_t>(kUsed * tc.n);
+  EXPECT_EQ(count_off_bf16(got, same_call, used), 0) << what << ": not the f32 C of the same call in bf16";
+  double err2 = 0.0, ref2 = 0.0;
+  for (size_t i = 0; i < used; ++i) {
+    err2 += (got[i] - cpu_ref[i]) * (got[i] - cpu_ref[i]);
+    ref2 += cpu_ref[i] * cpu_ref[i];
+  }
+  // bf16 inputs (≈1.6e-3 rms relative, cuda_bf16_gemm.cpp) plus one output rounding (≤ 2^-9).
+  const double rel = std::sqrt(err2 / ref2);
+  std::printf("[cuda-bf16] %-56s ||diff||/||cpu|| %.3e (bound 1e-2)\n", what.c_str(), rel);
+  EXPECT_TRUE(rel <= 1e-2) << what << ": relative error " << rel << " against the CPU";
+  int64_t changed = 0;
+  for (size_t i = used; i < got.size(); ++i) changed += got[i] == c0[i] ? 0 : 1;
+  EXPECT_EQ(changed, 0) << what << ": rows past offsets[G] were written";
+  EXPECT_TRUE(c16.guard_intact()) << what;
+}
+
+TEST(CudaBf16Activations, GroupedGemmIntoBf16) {
+  uint64_t seed = 2000;
+  // n = 24, 200: bf16x2 stores, one and several n-tiles with a partial last one; n = 13: odd, so
+  // element stores; k = 40 (one partial k-tile), 264 (several); two terms with k2 ≠ k.
+  for (bool trans_b : {true, false})
+    for (const auto& [n, k, k2] : {std::tuple<int64_t, int64_t, int64_t>{24, 40, 0}, {200, 264, 0}, {13, 19, 0},
+                                   {24, 40, 19}, {200, 264, 72}, {13, 19, 40}})
+      run_bf16_out_case({.n = n, .k = k, .k2 = k2, .trans_b = trans_b}, seed += 10);
+}
+
+TEST(CudaBf16Activations, Bf16OutputRules) {
+  const int64_t R = 9, G = 2, k = 8, n = 8;
+  Dual a(Shape{R, k}), b(Shape{G, n, k}), c16(Shape{R, n}, DType::kBF16), off(Shape{G + 1}, DType::kI32);
+  a.normal(2100);
+  b.normal(2101);
+  off.set({0, 4, 9});
+  const auto call = [&](Backend& be, Side s, double beta) {
+    be.grouped_gemm({}, {.c = c16[s], .a = a[s], .b = b[s], .offsets = off[s], .trans_b = true, .beta = beta});
+  };
+  {
+    const Bf16Mode mode;
+    expect_error([&] { call(gpu(), Side::kGpu, 1.0); }, {"[grouped_gemm]", "c is bf16", "beta"});
+  }
+  expect_error([&] { call(gpu(), Side::kGpu, 0.0); }, {"[grouped_gemm]", "bf16 GEMM mode"});
+  expect_error([&] { call(cpu(), Side::kCpu, 0.0); }, {"[grouped_gemm]", "c is bf16", "CPU"});
+}
+
+// ---------------------------------------------------------------- element-wise ops on bf16 inputs
+
+TEST(CudaBf16Activations, SwigluOnBf16Inputs) {
+  // width 40: 8-byte bf16 loads and stores; 41: and a scalar tail; 40 one element in: scalar path.
+  // a holds the kernels' special cases (a < −80, the zero of silu'(a) near −1.278) after rounding.
+  struct Case {
+    int64_t width, offset;
+  };
+  for (const Case tc : {Case{40, 0}, Case{41, 0}, Case{40, 1}}) {
+    const int64_t rows = 53, n = rows * tc.width;
+    const Shape shape{rows, tc.width};
+    Dual a(Shape{n}), b(Shape{n}), dh(Shape{n});
+    a.normal(2200, 2.0);
+    const float special[] = {-85.0f, -100.0f, -1.27846f, -1.2785f, -1.275f, 120.0f, -88.9f, -81.0f};
+    for (size_t i = 0; i < std::size(special); ++i) a.host().ptr<float>()[i * 5 + 1] = special[i];
+    a.to_gpu();
+    b.normal(2201);
+    dh.normal(2202);
+    const Dual a16 = bf16_copy(a, Shape{n}, tc.offset), b16 = bf16_copy(b, Shape{n}, tc.offset),
+               dh16 = bf16_copy(dh, Shape{n}, tc.offset);
+    // The CPU reads the rounded values in f32.
+    const Dual ar = widened(bf16_copy(a, Shape{n}), shape), br = widened(bf16_copy(b, Shape{n}), shape),
+               dhr = widened(bf16_copy(dh, Shape{n}), shape);
+    Dual h(shape), da(shape), db(shape);
+    Dual h16(shape, DType::kBF16), da16(shape, DType::kBF16), db16(shape, DType::kBF16);
+    for (Dual* d : {&h16, &da16, &db16}) d->poison();
+    cpu().swiglu_fwd({}, {.h = h[Side::kCpu], .a = ar[Side::kCpu], .b = br[Side::kCpu]});
+    cpu().swiglu_bwd({}, {.da = da[Side::kCpu], .db = db[Side::kCpu], .dh = dhr[Side::kCpu], .a = ar[Side::kCpu],
+                          .b = br[Side::kCpu]});
+    const auto in = [&](const Dual& d) { return offset_view(d, Side::kGpu, shape, tc.offset); };
+    gpu().swiglu_fwd({}, {.h = h16[Side::kGpu], .a = in(a16), .b = in(b16)});
+    gpu().swiglu_bwd({}, {.da = da16[Side::kGpu], .db = db16[Side::kGpu], .dh = in(dh16), .a = in(a16), .b = in(b16)});
+    gpu().synchronize({});
+    const std::string what = fmt::format("width {}, offset {}", tc.width, tc.offset);
+    for (const auto& [got, want, name] : {std::tuple{&h16, &h, "swiglu_fwd h"}, std::tuple{&da16, &da, "swiglu_bwd da"},
+                                          std::tuple{&db16, &db, "swiglu_bwd db"}}) {
+      const std::vector<double> g = got->device_values(), w = want->host_values();
+      EXPECT_EQ(count_off_bf16(g, w, g.size()), 0) << name << " on bf16 inputs, " << what;
+      EXPECT_TRUE(got->guard_intact()) << name << ", " << what;
+    }
+  }
+}
+
+// A plan of K = 3 slots per token, rows scattered: slot_pos[n,k] = (7·(3n + k)) mod (3N) (a
+// permutation because 7 and 3N are coprime for N = 29).
+std::vector<double> scattered_slots(int64_t N, int64_t K) {
+  std::vector<double> sp(static_cast<size_t>(N * K));
+  for (int64_t i = 0; i < N * K; ++i) sp[static_cast<size_t>(i)] = static_cast<double>((7 * i) % (N * K));
+  return sp;
+}
+
+TEST(CudaBf16Activations, MoeRowsInBf16) {
+  const Tol kDot{1e-6, 1e-7, "f64 dot rounded once on both sides"};
+  for (const int64_t D : {int64_t{24}, int64_t{23}}) {
+    const int64_t N = 29, K = 3, NK = N * K;
+    const std::string what = fmt::format("D = {}", D);
+    Dual slot(Shape{N, K}, DType::kI32), src(Shape{NK}, DType::kI32), w(Shape{N, K});
+    slot.set(scattered_slots(N, K));
+    src.ints(2300, 0, static_cast<int32_t>(N));
+    w.normal(2301);
+
+    // Gather from a bf16 x into a bf16 x_perm: the rows copied exactly.
+    Dual x(Shape{N, D});
+    x.normal(2302);
+    const Dual x16 = bf16_copy(x, Shape{N, D}), xr = widened(x16, Shape{N, D});
+    Dual xp(Shape{NK, D}), xp16(Shape{NK, D}, DType::kBF16);
+    xp16.poison();
+    cpu().moe_gather({}, {.x_perm = xp[Side::kCpu], .x = xr[Side::kCpu], .src_row = src[Side::kCpu]});
+    gpu().moe_gather({}, {.x_perm = xp16[Side::kGpu], .x = x16[Side::kGpu], .src_row = src[Side::kGpu]});
+    gpu().synchronize({});
+    EXPECT_EQ(xp16.device_values(), xp.host_values()) << "moe_gather from a bf16 x, " << what;
+    EXPECT_TRUE(xp16.guard_intact());
+
+    // gather_bwd from a bf16 dx_perm; combine_fwd from a bf16 y_perm: dx, y accumulate (start non-zero).
+    Dual rows(Shape{NK, D});
+    rows.normal(2303);
+    const Dual rows16 = bf16_copy(rows, Shape{NK, D}), rowsr = widened(rows16, Shape{NK, D});
+    Dual dx(Shape{N, D}), y(Shape{N, D});
+    dx.normal(2304);
+    y.normal(2305);
+    cpu().moe_gather_bwd({}, {.dx = dx[Side::kCpu], .dx_perm = rowsr[Side::kCpu], .slot_pos = slot[Side::kCpu]});
+    gpu().moe_gather_bwd({}, {.dx = dx[Side::kGpu], .dx_perm = rows16[Side::kGpu], .slot_pos = slot[Side::kGpu]});
+    cpu().moe_combine_fwd({}, {.y = y[Side::kCpu], .y_perm = rowsr[Side::kCpu], .topk_w = w[Side::kCpu],
+                               .slot_pos = slot[Side::kCpu]});
+    gpu().moe_combine_fwd({}, {.y = y[Side::kGpu], .y_perm = rows16[Side::kGpu], .topk_w = w[Side::kGpu],
+                               .slot_pos = slot[Side::kGpu]});
+    gpu().synchronize({});
+    expect_close(dx, kExact, "moe_gather_bwd from a bf16 dx_perm, " + what);
+    expect_close(y, kExact, "moe_combine_fwd from a bf16 y_perm, " + what);
+
+    // combine_bwd reading a bf16 y_perm: dy_perm = w·dy (no y_perm), dtopk_w = ⟨dy, y_perm⟩.
+    Dual dy(Shape{N, D}), dyp(Shape{NK, D}), dtw(Shape{N, K});
+    dy.normal(2306);
+    dyp.poison();
+    dtw.poison();
+    run_both([&](Backend& be, Side s) {
+      be.moe_combine_bwd({}, {.dy_perm = dyp[s], .dtopk_w = dtw[s], .dy = dy[s],
+                              .y_perm = s == Side::kGpu ? rows16[s] : rowsr[s], .topk_w = w[s], .slot_pos = slot[s]});
+    });
+    expect_close(dyp, kExact, "moe_combine_bwd dy_perm beside a bf16 y_perm, " + what);
+    expect_close(dtw, kDot, "moe_combine_bwd dtopk_w from a bf16 y_perm, " + what);
+  }
+}
+
+TEST(CudaBf16Activations, CpuRefusesBf16Inputs) {
+  const Shape shape{4, 8};
+  Dual a(shape), h(shape);
+  a.normal(2400);
+  const Dual a16 = bf16_copy(a, shape);
+  expect_error([&] { cpu().swiglu_fwd({}, {.h = h[Side::kCpu], .a = a16[Side::kCpu], .b = a16[Side::kCpu]}); },
+               {"[swiglu_fwd]", "a is bf16", "CUDA backend"});
+  Dual y(Shape{2, 8}), w(Shape{2, 2}), slot(Shape{2, 2}, DType::kI32);
+  w.normal(2401);
+  slot.set({0, 1, 2, 3});
+  expect_error([&] {
+    cpu().moe_combine_fwd({}, {.y = y[Side::kCpu], .y_perm = a16[Side::kCpu], .topk_w = w[Side::kCpu],
+                               .slot_pos = slot[Side::kCpu]});
+  }, {"[moe_combine_fwd]", "y_perm is bf16"});
+}
+
+}  // namespace
+}  // namespace diffmoe::cudatest
