@@ -49,6 +49,10 @@ struct RmsNormBwdArgs {
   int64_t rows = 0, width = 0, x_stride = 0, y_stride = 0;
   double out_scale = 1.0;
   bool dx_accumulate = false;
+  // Optional, CUDA in the bf16 GEMM mode: [rows, width] bf16 (contiguous) receives the final dx
+  // (after accumulation) rounded once: the residual gradient as the next backward GEMMs read it,
+  // without a separate rounding pass (spec §7).
+  Tensor dx16 = {};
 };
 
 // ---------------------------------------------------------------- GEMM

@@ -91,10 +91,14 @@ bool copy_convertible(DType d) {
 // ---------------------------------------------------------------- MLA split and λ
 
 // The layout shared by forward and backward; names[] = the op's fields for k, v, kv, kr.
-// bf16_kv: k and v (the forward's outputs) may be bf16 where output_dtype allows it, both or neither.
+// bf16_out: the op's outputs may be bf16 where output_dtype allows it: k and v, both or neither
+// (forward: the attention's operands), or kv (backward: dkv, read only by W_kvb's backward GEMMs).
+// The op's float type is kr's (never bf16).
+enum class KvSplitBf16 { kNone, kKV, kLatent };
 KvSplitDims check_kv_split(std::string_view op, const Tensor& k, const Tensor& v, const Tensor& kv, const Tensor& kr,
                            int64_t n_heads, int64_t d_nope, int64_t d_rope, int64_t d_v, int64_t kr_stride,
-                           int64_t kr_offset, const std::array<std::string_view, 4>& names, Device dev, bool bf16_kv) {
+                           int64_t kr_offset, const std::array<std::string_view, 4>& names, Device dev,
+                           KvSplitBf16 bf16_out) {
   const std::array<Tensor, 4> tensors{k, v, kv, kr};
   for (size_t i = 0; i < 4; ++i) check_device(tensors[i], dev, op, names[i]);
   DIFFMOE_CHECK(n_heads > 0 && d_nope >= 0 && d_rope >= 0 && d_v > 0,
@@ -116,8 +120,11 @@ KvSplitDims check_kv_split(std::string_view op, const Tensor& k, const Tensor& v
                 "[{}] rope key columns [{}, {}) do not fit kr_stride {}", op, kr_offset, kr_offset + d_rope, d.kr_stride);
   DIFFMOE_CHECK(kr.numel() == d.rows * d.kr_stride, "[{}] {} must hold N·kr_stride = {}·{} values, got {}", op,
                 names[3], d.rows, d.kr_stride, kr.describe());
-  for (size_t i = 0; i < 4; ++i)
-    check_dtype(tensors[i], bf16_kv && i < 2 ? output_dtype(tensors[i], kv.dtype, dev) : kv.dtype, op, names[i]);
+  const DType ft = kr.dtype;
+  for (size_t i = 0; i < 4; ++i) {
+    const bool may_be_bf16 = (bf16_out == KvSplitBf16::kKV && i < 2) || (bf16_out == KvSplitBf16::kLatent && i == 2);
+    check_dtype(tensors[i], may_be_bf16 ? output_dtype(tensors[i], ft, dev) : ft, op, names[i]);
+  }
   DIFFMOE_CHECK(k.dtype == v.dtype, "[{}] {} and {} must have one dtype, got {} and {}", op, names[0], names[1],
                 dtype_name(k.dtype), dtype_name(v.dtype));
   return d;
@@ -361,6 +368,11 @@ RmsNormDims validate_rmsnorm_bwd(const RmsNormBwdArgs& a, Device dev) {
   check_dtype(a.dw, dt, kOp, "dw");
   check_dtype(a.w, dt, kOp, "w");
   check_dtype(a.rstd, dt, kOp, "rstd");
+  if (a.dx16.defined()) {  // the bf16 copy of dx: CUDA, f32 dx (the bf16 GEMM mode)
+    DIFFMOE_CHECK(bf16_allowed(dt, dev), "[{}] dx16 (a bf16 copy of dx) is written only by the CUDA backend with an f32 "
+                  "dx (the bf16 GEMM mode), here {} on the {}", kOp, dtype_name(dt), dev == Device::kCUDA ? "GPU" : "CPU");
+    check_rows(a.dx16, DType::kBF16, a.rows, a.width, a.width, dev, kOp, "dx16");
+  }
   return d;
 }
 
@@ -500,12 +512,12 @@ int64_t validate_rope(const RopeArgs& a, Device dev) {
 
 KvSplitDims validate_mla_kv_split_fwd(const MlaKvSplitFwdArgs& a, Device dev) {
   return check_kv_split("mla_kv_split_fwd", a.k, a.v, a.kv, a.kr, a.n_heads, a.d_nope, a.d_rope, a.d_v, a.kr_stride,
-                        a.kr_offset, {"k", "v", "kv", "kr"}, dev, /*bf16_kv=*/true);
+                        a.kr_offset, {"k", "v", "kv", "kr"}, dev, KvSplitBf16::kKV);
 }
 
 KvSplitDims validate_mla_kv_split_bwd(const MlaKvSplitBwdArgs& a, Device dev) {
   return check_kv_split("mla_kv_split_bwd", a.dk, a.dv, a.dkv, a.dkr, a.n_heads, a.d_nope, a.d_rope, a.d_v,
-                        a.kr_stride, a.kr_offset, {"dk", "dv", "dkv", "dkr"}, dev, /*bf16_kv=*/false);
+                        a.kr_stride, a.kr_offset, {"dk", "dv", "dkv", "dkr"}, dev, KvSplitBf16::kLatent);
 }
 
 void validate_diff_lambda_fwd(const DiffLambdaFwdArgs& a, Device dev) {

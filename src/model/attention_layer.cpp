@@ -58,7 +58,7 @@ void AttentionLayer::plan(const LayerContext& lc, Arena& acts) const {
   }
   plan_once(acts, "scratch.attn.dkva", Shape{N, rkv + dr}, t);
   plan_once(acts, "scratch.attn.dckv", Shape{N, rkv}, t);
-  plan_once(acts, "scratch.attn.dkv", Shape{N, H * (dn + dv)}, t);
+  plan_once(acts, "scratch.attn.dkv", Shape{N, H * (dn + dv)}, gemm_only);  // read by W_kvb's backward GEMMs only
   plan_once(acts, "scratch.attn.dk", Shape{N, H, dqk}, t);
   plan_once(acts, "scratch.attn.dv", Shape{N, H, dv}, t);
   plan_once(acts, "scratch.attn.datt", Shape{N, H * dv}, t);
@@ -125,7 +125,7 @@ void AttentionLayer::forward(const LayerContext& lc, const Tensor& x, const Tens
   lc.linear(out, o, lc.weight(p("wo.weight")), /*beta=*/1.0);
 }
 
-void AttentionLayer::backward(const LayerContext& lc, const Tensor& x, const Tensor& d_out) const {
+void AttentionLayer::backward(const LayerContext& lc, const Tensor& x, const Tensor& d_out, const Tensor& d_out16) const {
   const ModelConfig& c = *lc.cfg;
   Backend& be = *lc.be;
   const int64_t N = lc.tokens(), B = lc.batch, T = lc.seq, H = c.n_heads, dqk = c.d_qk(), dv = c.v_head_dim;
@@ -139,7 +139,7 @@ void AttentionLayer::backward(const LayerContext& lc, const Tensor& x, const Ten
   // Output projection: dW_o += d_outᵀ Ō, dŌ = d_out W_o.
   const Tensor o = c.differential ? lc.act(a("att_n")) : att;
   const Tensor d_o = c.differential ? lc.act("scratch.attn.datt_n") : datt;
-  lc.linear_backward(lc.grad(p("wo.weight")), d_o, d_out, o, lc.weight(p("wo.weight")));
+  lc.linear_backward(lc.grad(p("wo.weight")), d_o, d_out16.defined() ? d_out16 : d_out, o, lc.weight(p("wo.weight")));
 
   const Tensor q4 = lc.act(a("q")).reshape(Shape{B, T, H, dqk}), k4 = lc.act(a("k")).reshape(Shape{B, T, H, dqk});
   const Tensor v4 = lc.act(a("v")).reshape(Shape{B, T, H, dv});
@@ -189,7 +189,7 @@ void AttentionLayer::backward(const LayerContext& lc, const Tensor& x, const Ten
   // Pre-norm: the residual stream's gradient gains RMSNorm_attn's backward.
   const std::string norm = fmt::format("layers.{}.attn_norm.weight", l_);
   be.rmsnorm_bwd(lc.ctx, {.dx = d_out, .dw = lc.grad(norm), .dy = dx_norm, .x = x, .w = lc.param(norm), .rstd = lc.act(a("rstd_x")),
-                          .rows = N, .width = c.dim, .dx_accumulate = true});
+                          .rows = N, .width = c.dim, .dx_accumulate = true, .dx16 = d_out16});
 }
 
 }  // namespace diffmoe

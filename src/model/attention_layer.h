@@ -12,9 +12,10 @@ class AttentionLayer {
   void plan(const LayerContext& lc, Arena& acts) const;
   // out = x + Attn(RMSNorm(x)).  x, out [N, D] (distinct buffers; x is kept for the backward).
   void forward(const LayerContext& lc, const Tensor& x, const Tensor& out) const;
-  // dx += ∂L/∂x given d_out (= the residual stream's gradient, [N, D]); dx may alias d_out.
-  // Weight gradients accumulate into lc.grads.
-  void backward(const LayerContext& lc, const Tensor& x, const Tensor& d_out) const;
+  // d_out (= the residual stream's gradient, [N, D]) += ∂L/∂x. Weight gradients accumulate into
+  // lc.grads. d_out16: as in FfnLayer::backward (bf16 GEMM mode: read by W_o's backward GEMMs,
+  // rewritten from the updated d_out), else empty.
+  void backward(const LayerContext& lc, const Tensor& x, const Tensor& d_out, const Tensor& d_out16) const;
 
  private:
   std::string p(const char* name) const;  // "layers.{l}.attn.<name>" / activations "act.{l}.attn.<name>"

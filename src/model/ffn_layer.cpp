@@ -131,17 +131,19 @@ void FfnLayer::forward(const LayerContext& lc, const Tensor& x, const Tensor& ou
   be.moe_combine_fwd(lc.ctx, {.y = out, .y_perm = y_perm, .topk_w = w, .slot_pos = slot_pos});
 }
 
-void FfnLayer::backward(const LayerContext& lc, const Tensor& x, const Tensor& d_out, double aux_scale) const {
+void FfnLayer::backward(const LayerContext& lc, const Tensor& x, const Tensor& d_out, const Tensor& d_out16,
+                        double aux_scale) const {
   const ModelConfig& c = *lc.cfg;
   Backend& be = *lc.be;
   const int64_t N = lc.tokens();
   const Tensor xg = gemm_input(lc), dx_norm = lc.act("scratch.ffn.dx_norm");
+  const Tensor d_out_gemm = d_out16.defined() ? d_out16 : d_out;  // what the w2 backward GEMMs read
   if (!moe(lc)) {
-    mlp_backward(lc, "", "", xg, d_out, dx_norm, 0.0);
+    mlp_backward(lc, "", "", xg, d_out_gemm, dx_norm, 0.0);
   } else {
     double beta = 0.0;  // the first contribution to dx_norm overwrites, the rest accumulate
     if (c.n_shared_experts > 0) {
-      mlp_backward(lc, "shared.", "shared.", xg, d_out, dx_norm, 0.0);
+      mlp_backward(lc, "shared.", "shared.", xg, d_out_gemm, dx_norm, 0.0);
       beta = 1.0;
     }
     const Tensor offsets = lc.act(a("offsets")), slot_pos = lc.act(a("slot_pos")), w = lc.act(a("topk_w"));
@@ -174,7 +176,7 @@ void FfnLayer::backward(const LayerContext& lc, const Tensor& x, const Tensor& d
   }
   const std::string norm = fmt::format("layers.{}.ffn_norm.weight", l_);
   be.rmsnorm_bwd(lc.ctx, {.dx = d_out, .dw = lc.grad(norm), .dy = dx_norm, .x = x, .w = lc.param(norm), .rstd = lc.act(a("rstd_x")),
-                          .rows = N, .width = c.dim, .dx_accumulate = true});
+                          .rows = N, .width = c.dim, .dx_accumulate = true, .dx16 = d_out16});
 }
 
 }  // namespace diffmoe

@@ -14,8 +14,10 @@ class FfnLayer {
   // per-expert counts into acts "stats.{l}.counts".
   void forward(const LayerContext& lc, const Tensor& x, const Tensor& out) const;
   // d_out (= residual gradient) += ∂L/∂x; weight gradients accumulate. aux_scale multiplies the
-  // aux loss gradient (the same scale as the LM loss's gradient).
-  void backward(const LayerContext& lc, const Tensor& x, const Tensor& d_out, double aux_scale) const;
+  // aux loss gradient (the same scale as the LM loss's gradient). d_out16: in the bf16 GEMM mode
+  // d_out rounded to bf16 (the GEMMs read it), rewritten here from the updated d_out; else empty.
+  void backward(const LayerContext& lc, const Tensor& x, const Tensor& d_out, const Tensor& d_out16,
+                double aux_scale) const;
 
  private:
   bool moe(const LayerContext& lc) const { return lc.cfg->is_moe_layer(l_); }

@@ -111,6 +111,9 @@ void Model::set_batch_shape(int64_t batch, int64_t seq) {
     acts_.add("scratch.gemm_operand", Shape{N * *std::max_element(std::begin(widths), std::end(widths))}, DType::kBF16);
   }
   acts_.add("scratch.dresidual", Shape{N, D}, dtype_);
+  // The bf16 GEMM mode: the residual gradient rounded once by each RMSNorm backward that updates
+  // it, for the next layer's first backward GEMMs (W2 of the FFN, W_o), instead of a rounding copy.
+  if (bf16_operands_) acts_.add("scratch.dresidual16", Shape{N, D}, DType::kBF16);
   acts_.add("loss.sum", Shape{1}, dtype_);
   acts_.add("loss.valid", Shape{1}, dtype_);
   acts_.add("loss.aux", Shape{1}, dtype_);
@@ -186,6 +189,7 @@ void Model::backward(Context ctx, double grad_scale) {
   const int64_t N = batch_ * seq_;
   const Tensor xn = acts_.get("act.final.x_norm"), logits = acts_.get("act.final.logits");
   const Tensor dlogits = acts_.get("scratch.dlogits"), dxn = acts_.get("scratch.dx_norm"), dres = acts_.get("scratch.dresidual");
+  const Tensor dres16 = bf16_operands_ ? acts_.get("scratch.dresidual16") : Tensor{};
   const std::string head = cfg_.tie_embeddings ? "embed.weight" : "head.weight";
   DIFFMOE_CHECK(last_targets_.data != nullptr, "[model] backward() needs a forward() with targets first");
   be_->cross_entropy_bwd(ctx, {.dlogits = dlogits, .logits = logits, .targets = last_targets_, .valid = acts_.get("loss.valid"),
@@ -193,10 +197,11 @@ void Model::backward(Context ctx, double grad_scale) {
   lc.linear_dw(grads_.get(head), dlogits, xn);
   lc.linear_dx(dxn, dlogits, lc.weight(head));
   be_->rmsnorm_bwd(ctx, {.dx = dres, .dw = grads_.get("norm.weight"), .dy = dxn, .x = residual(2 * cfg_.n_layers),
-                         .w = params_.get("norm.weight"), .rstd = acts_.get("act.final.rstd"), .rows = N, .width = cfg_.dim});
+                         .w = params_.get("norm.weight"), .rstd = acts_.get("act.final.rstd"), .rows = N, .width = cfg_.dim,
+                         .dx16 = dres16});
   for (int64_t l = cfg_.n_layers - 1; l >= 0; --l) {
-    ffn_[static_cast<size_t>(l)].backward(lc, residual(2 * l + 1), dres, grad_scale);
-    attn_[static_cast<size_t>(l)].backward(lc, residual(2 * l), dres);
+    ffn_[static_cast<size_t>(l)].backward(lc, residual(2 * l + 1), dres, dres16, grad_scale);
+    attn_[static_cast<size_t>(l)].backward(lc, residual(2 * l), dres, dres16);
   }
   be_->embedding_bwd(ctx, {.dtable = grads_.get("embed.weight"), .tokens = last_tokens_, .dout = dres, .scale = cfg_.embed_scale});
 }

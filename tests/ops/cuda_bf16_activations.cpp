@@ -10,6 +10,8 @@
 // - moe_gather from a bf16 x, moe_gather_bwd from a bf16 dx_perm, moe_combine_fwd/bwd from a bf16
 //   y_perm: bitwise the CPU's result on the same values (the kernels widen bf16 exactly and sum in
 //   double like the CPU); vector (D = 24) and scalar (D = 23) paths.
+// - rmsnorm_bwd's bf16 copy of dx (dx16: the residual gradient for the next backward GEMMs) and
+//   mla_kv_split_bwd into a bf16 dkv: bitwise the f32 result rounded once.
 #include <cmath>
 #include <tuple>
 
@@ -245,6 +247,82 @@ TEST(CudaBf16Activations, CpuRefusesBf16Inputs) {
     cpu().moe_combine_fwd({}, {.y = y[Side::kCpu], .y_perm = a16[Side::kCpu], .topk_w = w[Side::kCpu],
                                .slot_pos = slot[Side::kCpu]});
   }, {"[moe_combine_fwd]", "y_perm is bf16"});
+}
+
+// rmsnorm_bwd's dx16: the final dx (after accumulation) rounded to bf16, bitwise; dx itself is what the
+// same call without dx16 writes. The vector path (widths 40 with a warp per row, 1536 with a block),
+// and the general path (x_stride 41); overwrite and accumulate.
+TEST(CudaBf16Activations, RmsNormBackwardWritesBf16Copy) {
+  struct Case {
+    int64_t rows, width, xs;
+  };
+  for (const Case c : {Case{31, 40, 40}, Case{9, 1536, 1536}, Case{31, 40, 41}})
+    for (const bool accumulate : {false, true}) {
+      Dual x(Shape{c.rows, c.xs}), dy(Shape{c.rows, c.xs}), w(Shape{c.width}), rstd(Shape{c.rows}), y(Shape{c.rows, c.width});
+      Dual dx_plain(Shape{c.rows, c.xs}), dx(Shape{c.rows, c.xs}), dw(Shape{c.width}), dx16(Shape{c.rows, c.width}, DType::kBF16);
+      x.normal(2500, 1.3);
+      dy.normal(2501);
+      w.normal(2502, 0.5, 1.0);
+      dx_plain.normal(2503);  // the accumulate case adds onto these
+      dx.normal(2503);
+      dx16.poison();
+      gpu().rmsnorm_fwd({}, {.y = y[Side::kGpu], .rstd = rstd[Side::kGpu], .x = x[Side::kGpu], .w = w[Side::kGpu],
+                             .rows = c.rows, .width = c.width, .x_stride = c.xs, .eps = 1e-6});
+      const auto bwd = [&](const Dual& out, const Tensor& out16) {
+        gpu().rmsnorm_bwd({}, {.dx = out[Side::kGpu], .dw = dw[Side::kGpu], .dy = dy[Side::kGpu], .x = x[Side::kGpu],
+                               .w = w[Side::kGpu], .rstd = rstd[Side::kGpu], .rows = c.rows, .width = c.width,
+                               .x_stride = c.xs, .y_stride = c.xs, .dx_accumulate = accumulate, .dx16 = out16});
+      };
+      bwd(dx_plain, Tensor{});
+      bwd(dx, dx16[Side::kGpu]);
+      gpu().synchronize({});
+      const std::string what = fmt::format("rmsnorm_bwd dx16, width {}, x_stride {}, accumulate {}", c.width, c.xs, accumulate);
+      const std::vector<double> got = dx.device_values(), plain = dx_plain.device_values(), got16 = dx16.device_values();
+      EXPECT_EQ(got, plain) << what << ": dx changed by writing dx16";
+      int64_t bad = 0;
+      for (int64_t r = 0; r < c.rows; ++r)
+        for (int64_t j = 0; j < c.width; ++j) {
+          const double want = bf16_to_f32(f32_to_bf16(static_cast<float>(got[static_cast<size_t>(r * c.xs + j)])));
+          bad += got16[static_cast<size_t>(r * c.width + j)] == want ? 0 : 1;
+        }
+      EXPECT_EQ(bad, 0) << what << ": dx16 is not dx rounded to bf16";
+      EXPECT_TRUE(dx16.guard_intact()) << what;
+    }
+  // The CPU does not write bf16 copies.
+  Dual x(Shape{4, 8}), d(Shape{4, 8}), w(Shape{8}), r(Shape{4}), d16(Shape{4, 8}, DType::kBF16);
+  expect_error([&] {
+    cpu().rmsnorm_bwd({}, {.dx = d[Side::kCpu], .dw = w[Side::kCpu], .dy = d[Side::kCpu], .x = x[Side::kCpu], .w = w[Side::kCpu],
+                           .rstd = r[Side::kCpu], .rows = 4, .width = 8, .dx16 = d16[Side::kCpu]});
+  }, {"[rmsnorm_bwd]", "dx16", "CUDA backend"});
+}
+
+// mla_kv_split_bwd into a bf16 dkv (W_kvb's backward GEMM operand in the bf16 mode): the CPU's dkv
+// rounded to bf16, exactly (the split only moves values); dkr stays f32 and equal to the CPU's sums.
+TEST(CudaBf16Activations, KvSplitBackwardIntoBf16) {
+  struct Case {
+    int64_t N, H, dn, dr, dv, kr_stride, kr_offset;
+  };
+  for (const Case c : {Case{13, 3, 4, 2, 5, 9, 6}, Case{37, 3, 8, 4, 12, 20, 16}}) {
+    const int64_t N = c.N, H = c.H, dqk = c.dn + c.dr;
+    Dual dk(Shape{N, H, dqk}), dv(Shape{N, H, c.dv}), dkv(Shape{N, H * (c.dn + c.dv)}), dkr(Shape{N, c.kr_stride});
+    Dual dkv16(Shape{N, H * (c.dn + c.dv)}, DType::kBF16), dkr_g(Shape{N, c.kr_stride});
+    dk.normal(2600);
+    dv.normal(2601);
+    dkr.normal(2602);
+    dkr_g.normal(2602);
+    dkv16.poison();
+    const auto split = [&](Backend& be, Side s, const Tensor& out_kv, const Tensor& out_kr) {
+      be.mla_kv_split_bwd({}, {.dkv = out_kv, .dkr = out_kr, .dk = dk[s], .dv = dv[s], .n_heads = H, .d_nope = c.dn,
+                               .d_rope = c.dr, .d_v = c.dv, .kr_stride = c.kr_stride, .kr_offset = c.kr_offset});
+    };
+    split(cpu(), Side::kCpu, dkv[Side::kCpu], dkr[Side::kCpu]);
+    split(gpu(), Side::kGpu, dkv16[Side::kGpu], dkr_g[Side::kGpu]);
+    gpu().synchronize({});
+    const std::string what = fmt::format("mla_kv_split_bwd into a bf16 dkv, dn={} dr={} dv={}", c.dn, c.dr, c.dv);
+    EXPECT_EQ(dkv16.device_values(), bf16_copy(dkv, dkv.host().shape).host_values()) << what;
+    EXPECT_TRUE(dkv16.guard_intact()) << what;
+    EXPECT_EQ(dkr_g.device_values(), dkr.host_values()) << what << ": dkr";
+  }
 }
 
 }  // namespace

@@ -82,8 +82,9 @@ __global__ void __launch_bounds__(kThreads) kv_split_fwd_kernel(Out* __restrict_
 }
 
 // dkv[n, h] = [dk[n, h, :d_nope] ; dv[n, h]]; items of token n: (head h, column c of dkv's head).
-template <bool kVec4>
-__global__ void __launch_bounds__(kThreads) kv_split_bwd_kv_kernel(float* __restrict__ dkv, const float* __restrict__ dk,
+// Out: float, or bf16 in the bf16 GEMM mode (dkv only feeds W_kvb's backward GEMMs; rounded here).
+template <class Out, bool kVec4>
+__global__ void __launch_bounds__(kThreads) kv_split_bwd_kv_kernel(Out* __restrict__ dkv, const float* __restrict__ dk,
                                                                    const float* __restrict__ dv, RowItems ri,
                                                                    KvSplitShape sh) {
   constexpr int kStep = kVec4 ? kVec : 1;
@@ -92,9 +93,9 @@ __global__ void __launch_bounds__(kThreads) kv_split_bwd_kv_kernel(float* __rest
     const int32_t h = item / per_head, c = (item - h * per_head) * kStep;
     const int64_t nh = n * sh.n_heads + h;
     const float* src = c < sh.d_nope ? dk + nh * d_qk + c : dv + nh * sh.d_v + (c - sh.d_nope);
-    float* dst = dkv + nh * (sh.d_nope + sh.d_v) + c;
+    Out* dst = dkv + nh * (sh.d_nope + sh.d_v) + c;
     if constexpr (kVec4) store4(dst, load4(src));
-    else *dst = *src;
+    else store1(dst, *src);
   });
 }
 
@@ -399,19 +400,26 @@ void CudaBackend::mla_kv_split_bwd(Context ctx, const MlaKvSplitBwdArgs& a) {
   const OpScope profile_scope(*this, stream(ctx), "mla_kv_split_bwd");
   constexpr std::string_view kOp = "mla_kv_split_bwd";
   const KvSplitDims d = validate_mla_kv_split_bwd(a, Device::kCUDA);
-  require_f32(a.dkv, kOp);
+  require_f32(a.dkr, kOp);
   const cudaStream_t s = stream(ctx);
   if (d.rows == 0) return;
   const KvSplitShape sh = kv_split_shape(a.n_heads, a.d_nope, a.d_rope, a.d_v, d.kr_stride, a.kr_offset, kOp);
-  const bool vec4 = kv_split_vec4(sh, {f32(a.dkv), f32(a.dkr), f32(a.dk), f32(a.dv)});
+  const bool dkv16 = a.dkv.dtype == DType::kBF16;  // the bf16 GEMM mode (validate_mla_kv_split_bwd)
+  const bool vec4 = kv_split_vec4(sh, {f32(a.dkr), f32(a.dk), f32(a.dv)}) &&
+                    (dkv16 ? vec_aligned(static_cast<const __nv_bfloat16*>(a.dkv.data)) : vec_aligned(f32(a.dkv)));
   const int64_t step = vec4 ? kVec : 1;
   if (a.n_heads * (a.d_nope + a.d_v) > 0) {
     const RowItems ri = row_items(d.rows, a.n_heads * (a.d_nope + a.d_v) / step, kOp);
-    if (vec4)
-      kv_split_bwd_kv_kernel<true><<<row_items_grid(ri), kThreads, 0, s>>>(f32(a.dkv), f32(a.dk), f32(a.dv), ri, sh);
-    else
-      kv_split_bwd_kv_kernel<false><<<row_items_grid(ri), kThreads, 0, s>>>(f32(a.dkv), f32(a.dk), f32(a.dv), ri, sh);
-    CUDA_CHECK_LAUNCH(kOp);
+    const auto launch = [&](auto* dkv) {
+      using Out = std::remove_pointer_t<decltype(dkv)>;
+      if (vec4)
+        kv_split_bwd_kv_kernel<Out, true><<<row_items_grid(ri), kThreads, 0, s>>>(dkv, f32(a.dk), f32(a.dv), ri, sh);
+      else
+        kv_split_bwd_kv_kernel<Out, false><<<row_items_grid(ri), kThreads, 0, s>>>(dkv, f32(a.dk), f32(a.dv), ri, sh);
+      CUDA_CHECK_LAUNCH(kOp);
+    };
+    if (dkv16) launch(static_cast<__nv_bfloat16*>(a.dkv.data));
+    else launch(f32(a.dkv));
   }
   if (a.d_rope > 0) {
     const RowItems ri = row_items(d.rows, a.d_rope / step, kOp);

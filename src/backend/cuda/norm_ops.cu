@@ -166,12 +166,13 @@ int64_t chunk_rows(int64_t rows) { return std::max(kMinChunkRows, (rows + kMaxCh
 // With x̂ = x·r, g = out_scale·dy ⊙ w, m = mean(g ⊙ x̂):
 //   dx = r·(g − x̂·m)   (overwritten, or added when accumulate; dx may be x: each thread reads its
 //                       columns of a row, all of them, before it writes them)
+//   dx16 = bf16(dx)     (when dx16 is not null: rows of `width`, the final dx rounded once)
 //   partial[b][j] = out_scale · Σ_{rows n of chunk b} dy[n,j]·x̂[n,j]
 template <int kTeam, int kVec>
 __global__ void __launch_bounds__(block_threads(kTeam))
-    rmsnorm_bwd_vec_kernel(float* dx, float* partial, const float* dy, const float* x, const float* w,
-                           const float* rstd, int64_t rows, int width, int64_t xs, int64_t ys, float out_scale,
-                           int64_t rows_per_chunk, bool accumulate) {
+    rmsnorm_bwd_vec_kernel(float* dx, __nv_bfloat16* dx16, float* partial, const float* dy, const float* x,
+                           const float* w, const float* rstd, int64_t rows, int width, int64_t xs, int64_t ys,
+                           float out_scale, int64_t rows_per_chunk, bool accumulate) {
   constexpr int kBlock = block_threads(kTeam), kTeams = kBlock / kTeam;
   constexpr int kStride = kTeam * kPack;            // columns between a thread's packs
   constexpr int kTeamCols = kStride * kVec;         // the columns one team covers
@@ -214,8 +215,10 @@ __global__ void __launch_bounds__(block_threads(kTeam))
     for (int k = 0; k < kVec; ++k) {
       if (c0 + k * kStride < width) {
         const float4 a = xh[k], b = g[k], o = old[k];
-        store4(dxr + k * kStride, make_float4(o.x + r * fmaf(-a.x, m, b.x), o.y + r * fmaf(-a.y, m, b.y),
-                                              o.z + r * fmaf(-a.z, m, b.z), o.w + r * fmaf(-a.w, m, b.w)));
+        const float4 v = make_float4(o.x + r * fmaf(-a.x, m, b.x), o.y + r * fmaf(-a.y, m, b.y),
+                                     o.z + r * fmaf(-a.z, m, b.z), o.w + r * fmaf(-a.w, m, b.w));
+        store4(dxr + k * kStride, v);
+        if (dx16 != nullptr) store4(dx16 + row * width + c0 + k * kStride, v);
       }
     }
   }
@@ -280,8 +283,8 @@ __global__ void rmsnorm_fwd_kernel(Out* y, float* rstd, const float* x, const fl
 }
 
 // dx = r·(g − x̂·mean(g ⊙ x̂)),  g = out_scale·dy ⊙ w,  x̂ = x·r   (overwritten or accumulated)
-__global__ void rmsnorm_bwd_dx_kernel(float* dx, const float* dy, const float* x, const float* w, const float* rstd,
-                                      int64_t rows, int64_t width, int64_t xs, int64_t ys, double s,
+__global__ void rmsnorm_bwd_dx_kernel(float* dx, __nv_bfloat16* dx16, const float* dy, const float* x, const float* w,
+                                      const float* rstd, int64_t rows, int64_t width, int64_t xs, int64_t ys, double s,
                                       bool accumulate) {
   const int lane = threadIdx.x % kWarp;
   for (int64_t row = blockIdx.x * int64_t{kRowsPerWarpBlock} + threadIdx.x / kWarp; row < rows;
@@ -297,7 +300,9 @@ __global__ void rmsnorm_bwd_dx_kernel(float* dx, const float* dy, const float* x
     for (int64_t j = lane; j < width; j += kWarp) {
       const double g = s * dyr[j] * w[j];
       const double grad = r * (g - (xr[j] * r) * mean_gx);
-      dxr[j] = static_cast<float>(accumulate ? dxr[j] + grad : grad);
+      const float v = static_cast<float>(accumulate ? dxr[j] + grad : grad);
+      dxr[j] = v;
+      if (dx16 != nullptr) dx16[row * width + j] = __float2bfloat16_rn(v);
     }
   }
 }
@@ -407,8 +412,12 @@ void CudaBackend::rmsnorm_bwd(Context ctx, const RmsNormBwdArgs& a) {
   if (a.rows == 0) return;
   const cudaStream_t s = stream(ctx);
   const VecTiling tiling = vec_tiling(a.width);
+  // dx16: the final dx rounded to bf16 (the bf16 GEMM mode's copy of the residual gradient for the
+  // next backward GEMMs), else null.
+  auto* dx16 = a.dx16.defined() ? static_cast<__nv_bfloat16*>(a.dx16.data) : nullptr;
   const bool vec = tiling.team != 0 && a.width % kPack == 0 && d.x_stride % kPack == 0 && d.y_stride % kPack == 0 &&
-                   aligned(a.x.data, 16) && aligned(a.dx.data, 16) && aligned(a.dy.data, 16) && aligned(a.w.data, 16);
+                   aligned(a.x.data, 16) && aligned(a.dx.data, 16) && aligned(a.dy.data, 16) && aligned(a.w.data, 16) &&
+                   (dx16 == nullptr || aligned(dx16, 8));
   if (vec) {
     const int64_t rows_per_chunk = chunk_rows(a.rows);
     const int64_t chunks = (a.rows + rows_per_chunk - 1) / rows_per_chunk;
@@ -416,7 +425,7 @@ void CudaBackend::rmsnorm_bwd(Context ctx, const RmsNormBwdArgs& a) {
     with_tiling(tiling, [&](auto team, auto vec_packs) {
       constexpr int kTeam = decltype(team)::value, kVec = decltype(vec_packs)::value;
       rmsnorm_bwd_vec_kernel<kTeam, kVec><<<static_cast<unsigned>(chunks), block_threads(kTeam), 0, s>>>(
-          f32(a.dx), partial, f32(a.dy), f32(a.x), f32(a.w), f32(a.rstd), a.rows, static_cast<int>(a.width),
+          f32(a.dx), dx16, partial, f32(a.dy), f32(a.x), f32(a.w), f32(a.rstd), a.rows, static_cast<int>(a.width),
           d.x_stride, d.y_stride, static_cast<float>(a.out_scale), rows_per_chunk, a.dx_accumulate);
     });
     CUDA_CHECK_LAUNCH("rmsnorm_bwd");
@@ -433,8 +442,8 @@ void CudaBackend::rmsnorm_bwd(Context ctx, const RmsNormBwdArgs& a) {
   CUDA_CHECK_LAUNCH("rmsnorm_bwd");
   launch_dw_finish(f32(a.dw), partial, a.width, chunks, s);
   rmsnorm_bwd_dx_kernel<<<grid_for(a.rows, kRowsPerWarpBlock), kThreads, 0, s>>>(
-      f32(a.dx), f32(a.dy), f32(a.x), f32(a.w), f32(a.rstd), a.rows, a.width, d.x_stride, d.y_stride, a.out_scale,
-      a.dx_accumulate);
+      f32(a.dx), dx16, f32(a.dy), f32(a.x), f32(a.w), f32(a.rstd), a.rows, a.width, d.x_stride, d.y_stride,
+      a.out_scale, a.dx_accumulate);
   CUDA_CHECK_LAUNCH("rmsnorm_bwd");
 }
 
