@@ -72,18 +72,21 @@ Tensor Arena::view(const Entry& e) const {
   return t;
 }
 
-Tensor Arena::flat() const {
+Tensor Arena::flat(size_t first, size_t end) const {
   DIFFMOE_CHECK(allocated(), "[arena] flat() before allocate()");
-  DIFFMOE_CHECK(!entries_.empty(), "[arena] flat() of an arena without views");
-  const DType dtype = entries_.front().dtype;
-  for (const Entry& e : entries_)
-    DIFFMOE_CHECK(e.dtype == dtype, "[arena] flat(): view '{}' is {}, '{}' is {}", e.name, dtype_name(e.dtype),
-                  entries_.front().name, dtype_name(dtype));
+  DIFFMOE_CHECK(first < end && end <= entries_.size(), "[arena] flat({}, {}) of an arena with {} views", first, end,
+                entries_.size());
+  const DType dtype = entries_[first].dtype;
+  for (size_t i = first; i < end; ++i)
+    DIFFMOE_CHECK(entries_[i].dtype == dtype, "[arena] flat(): view '{}' is {}, '{}' is {}", entries_[i].name,
+                  dtype_name(entries_[i].dtype), entries_[first].name, dtype_name(dtype));
+  // Offsets and sizes are multiples of kAlign: the range ends where the next view starts.
+  const size_t begin = entries_[first].offset, stop = end == entries_.size() ? bytes_ : entries_[end].offset;
   Tensor t;
-  t.data = base_;
+  t.data = static_cast<char*>(base_) + begin;
   t.dtype = dtype;
   t.device = device();
-  t.shape = Shape{static_cast<int64_t>(bytes_ / dtype_size(dtype))};  // bytes_: a multiple of kAlign
+  t.shape = Shape{static_cast<int64_t>((stop - begin) / dtype_size(dtype))};
   return t;
 }
 

@@ -52,7 +52,9 @@ class Arena {
   // One 1-D view over the whole allocation, padding included, in the entries' common dtype (throws
   // if they differ): an op over every view at once (zeroing the gradients, their global norm) in
   // one launch. The padding between views is zero-filled at allocate() and no view writes it.
-  Tensor flat() const;
+  Tensor flat() const { return flat(0, entries_.size()); }
+  // The same over the entries [first, end) in planning order, their padding included (first < end).
+  Tensor flat(size_t first, size_t end) const;
   const std::vector<Entry>& entries() const { return entries_; }
   size_t bytes() const { return bytes_; }
   void* base() const { return base_; }

@@ -25,8 +25,9 @@ struct LayerContext {
   // (spec §7). Fixed when the activation arena is planned.
   bool bf16_operands = false;
   // beta of the GEMMs that write weight gradients: 1 (accumulate, STYLE.md habit 2), or 0 in the
-  // first backward after Model::zero_grads, where the gradients are zero and += is =: the GEMM then
-  // does not read them (each GEMM weight gets exactly one GEMM gradient per backward).
+  // first backward after Model::zero_grads, where the gradients read as zero and += is =: the GEMM
+  // then does not read them, and zero_grads does not fill them either (Model::grads_). So each GEMM
+  // weight must get exactly one GEMM gradient per backward, before anything else adds to it.
   double dw_beta = 1.0;
 
   int64_t tokens() const { return batch * seq; }

@@ -10,12 +10,37 @@
 
 namespace diffmoe {
 
+// Whether the first backward after zero_grads writes p's gradient with a GEMM at beta = 0
+// (LayerContext::dw_beta) before anything adds to it, so that zero_grads need not zero it. Every
+// matrix (linear_dw / linear_backward), expert stack (grouped_gemm_wgrad, which writes an expert
+// that no token chose as zeros), router gate (its linear_backward) and the head get exactly one such
+// GEMM per backward; so does a tied embedding table, whose head dW GEMM runs first in backward() and
+// its embedding scatter-add last. Norm weights (rmsnorm_bwd), λ vectors (diff_lambda_bwd) and an
+// untied embedding table (embedding_bwd) are only added into: they need zeros.
+static bool grad_written_by_gemm(const ParamSpec& p, bool tied) {
+  switch (p.kind) {
+    case ParamKind::kMatrix:
+    case ParamKind::kExpert:
+    case ParamKind::kGate:
+    case ParamKind::kHead:
+      return true;
+    case ParamKind::kEmbedding:
+      return tied;
+    default:
+      return false;
+  }
+}
+
 Model::Model(const ModelConfig& cfg, Backend& backend, DType dtype) : cfg_(cfg), be_(&backend), dtype_(dtype) {
   cfg_.validate("model config");
   specs_ = parameter_specs(cfg_);
-  for (const ParamSpec& p : specs_) {
-    params_.add(p.name, p.shape, dtype_);
-    if (p.trainable()) grads_.add(p.name, p.shape, dtype_);
+  for (const ParamSpec& p : specs_) params_.add(p.name, p.shape, dtype_);
+  // The gradients that the backward adds into first, so that zero_grads is one fill over a prefix;
+  // then the GEMM-written ones. Both in spec order.
+  for (const bool gemm_written : {false, true}) {
+    for (const ParamSpec& p : specs_)
+      if (p.trainable() && grad_written_by_gemm(p, cfg_.tie_embeddings) == gemm_written) grads_.add(p.name, p.shape, dtype_);
+    if (!gemm_written) n_added_grads_ = grads_.entries().size();
   }
   params_.allocate(be_->allocator());
   grads_.allocate(be_->allocator());
@@ -182,10 +207,9 @@ void Model::check_precision_unchanged(const char* where) const {
 void Model::backward(Context ctx, double grad_scale) {
   check_precision_unchanged("backward");
   LayerContext lc = layer_context(ctx);
-  // The first backward after zero_grads writes the GEMM weight gradients instead of adding to
-  // zeros (LayerContext::dw_beta); every later one (gradient accumulation) adds.
-  lc.dw_beta = grads_zero_ ? 0.0 : 1.0;
-  grads_zero_ = false;
+  // The first backward after zero_grads writes the GEMM weight gradients, which zero_grads left
+  // stale (LayerContext::dw_beta); every later one (gradient accumulation) adds.
+  lc.dw_beta = gemm_grads_stale_ ? 0.0 : 1.0;
   const int64_t N = batch_ * seq_;
   const Tensor xn = acts_.get("act.final.x_norm"), logits = acts_.get("act.final.logits");
   const Tensor dlogits = acts_.get("scratch.dlogits"), dxn = acts_.get("scratch.dx_norm"), dres = acts_.get("scratch.dresidual");
@@ -194,6 +218,7 @@ void Model::backward(Context ctx, double grad_scale) {
   DIFFMOE_CHECK(last_targets_.data != nullptr, "[model] backward() needs a forward() with targets first");
   be_->cross_entropy_bwd(ctx, {.dlogits = dlogits, .logits = logits, .targets = last_targets_, .valid = acts_.get("loss.valid"),
                                .grad_scale = grad_scale});
+  // First in the backward: a tied table's dW GEMM must overwrite before embedding_bwd adds (below).
   lc.linear_dw(grads_.get(head), dlogits, xn);
   lc.linear_dx(dxn, dlogits, lc.weight(head));
   be_->rmsnorm_bwd(ctx, {.dx = dres, .dw = grads_.get("norm.weight"), .dy = dxn, .x = residual(2 * cfg_.n_layers),
@@ -204,12 +229,27 @@ void Model::backward(Context ctx, double grad_scale) {
     attn_[static_cast<size_t>(l)].backward(lc, residual(2 * l), dres, dres16);
   }
   be_->embedding_bwd(ctx, {.dtable = grads_.get("embed.weight"), .tokens = last_tokens_, .dout = dres, .scale = cfg_.embed_scale});
+  // Every GEMM weight's gradient is written now. A backward that throws before here leaves the
+  // mark, so the next one overwrites them all again.
+  gemm_grads_stale_ = false;
 }
 
-// One fill over the whole gradient arena (its padding too) instead of one per tensor.
+// One fill over the added-into gradients (a prefix of the arena, padding included). The GEMM
+// weights' gradients (most of the bytes) are written by the next backward, or zeroed by grads().
+// The padding after them is zero from allocate() and nothing writes it (Arena::flat).
 void Model::zero_grads(Context ctx) {
-  be_->fill(ctx, {.out = grads_.flat(), .value = 0.0});
-  grads_zero_ = true;
+  if (n_added_grads_ > 0) be_->fill(ctx, {.out = grads_.flat(0, n_added_grads_), .value = 0.0});
+  gemm_grads_stale_ = n_added_grads_ < grads_.entries().size();
+}
+
+size_t Model::zero_grads_bytes() const { return n_added_grads_ == 0 ? 0 : grads_.flat(0, n_added_grads_).nbytes(); }
+
+Arena& Model::grads(Context ctx) {
+  if (gemm_grads_stale_) {  // zero_grads() left them for a backward: zero them now, then backwards add
+    be_->fill(ctx, {.out = grads_.flat(n_added_grads_, grads_.entries().size()), .value = 0.0});
+    gemm_grads_stale_ = false;
+  }
+  return grads_;
 }
 
 void Model::zero_expert_counts(Context ctx) {

@@ -4,6 +4,10 @@
 // Memory: three arenas planned from the config and batch shape, each ONE allocation —
 //   params (spec §8 names; the balancing biases too), grads (same names, trainable only),
 //   acts (activations kept for the backward + backward scratch + losses + routing stats).
+// The grads arena is planned in two parts: first the gradients that the backward only adds into
+// (norms, λ vectors, an untied embedding table), which zero_grads() fills, then those that the
+// first backward after zero_grads() overwrites with a GEMM at beta = 0 (LayerContext::dw_beta),
+// which it skips. Gradients are looked up by name: nothing relies on their order matching params.
 // On a backend in the bf16 GEMM mode (CUDA, spec §7) a fourth arena holds bf16 copies of the GEMM
 // weight matrices, refreshed from the f32 masters at every forward (one rounding per weight per
 // micro-batch instead of one per GEMM that reads it); allocated at the first such forward.
@@ -34,7 +38,11 @@ class Model {
   DType dtype() const { return dtype_; }
   const std::vector<ParamSpec>& specs() const { return specs_; }
   Arena& params() { return params_; }
-  Arena& grads() { return grads_; }
+  // The gradients. Between zero_grads() and the next backward() the GEMM weights' gradients still
+  // hold their old values in memory (that backward overwrites them): a call in that window first
+  // zeroes them on ctx's stream, and the next backward then adds to whatever is written through
+  // the returned arena. After a backward, or before any zero_grads(), it only returns the arena.
+  Arena& grads(Context ctx = {});
   const Arena& acts() const { return acts_; }
   const Arena& weight_copies() const { return weights_bf16_; }  // bf16 GEMM mode only, else empty
   // Says that every weight copy now equals bf16(its master): the optimizer wrote both in one pass,
@@ -55,7 +63,11 @@ class Model {
   // Backward of (lm_loss + aux_loss)·grad_scale for the last forward (whose tokens and targets
   // tensors must still hold their data); weight gradients ACCUMULATE into grads().
   void backward(Context ctx, double grad_scale = 1.0);
+  // Every gradient reads as zero afterwards (to the next backward and to grads()), in one fill:
+  // only the gradients that the backward adds into are written here (Model::grads_).
   void zero_grads(Context ctx);
+  // Bytes that zero_grads() fills: the added-into gradients and their padding (bench, tests).
+  size_t zero_grads_bytes() const;
   void zero_expert_counts(Context ctx);
 
   LossValues losses() const;             // downloads the loss tensors (a host sync)
@@ -80,7 +92,12 @@ class Model {
   int64_t batch_ = 0, seq_ = 0;
   bool bf16_operands_ = false;  // the backend's bf16 GEMM mode when the activations were planned
   bool copies_fresh_ = false;   // weight_copies_written() since the last forward
-  bool grads_zero_ = false;     // zero_grads() since the last backward (LayerContext::dw_beta)
+  // grads_ entries [0, n_added_grads_) are the gradients the backward adds into (zero_grads fills
+  // them); the rest are overwritten by the first backward after zero_grads.
+  size_t n_added_grads_ = 0;
+  // zero_grads() since the last backward and grads(): the GEMM weights' gradients hold stale
+  // values, which the next backward overwrites (LayerContext::dw_beta = 0).
+  bool gemm_grads_stale_ = false;
   Tensor last_tokens_, last_targets_;  // [N] views of the last forward's inputs
 };
 

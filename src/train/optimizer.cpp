@@ -25,7 +25,7 @@ void AdamW::compute_grad_sq(Context ctx) {
   be.fill(ctx, {.out = gsq, .value = 0.0});
   // The gradient arena holds exactly the trainable parameters' gradients, and its padding stays
   // zero (Arena::flat): one sum over it is the global Σg², in one call instead of one per tensor.
-  be.sum_squares(ctx, {.out = gsq, .x = model_->grads().flat()});
+  be.sum_squares(ctx, {.out = gsq, .x = model_->grads(ctx).flat()});
 }
 
 void AdamW::step(Context ctx, double lr) {
@@ -39,10 +39,11 @@ void AdamW::apply(Context ctx, double lr) {
   // In the bf16 GEMM mode the update also writes the model's bf16 weight copies, so the next forward
   // need not refresh them (Model::weight_copies_written).
   const Arena& copies = model_->weight_copies();
+  const Arena& grads = model_->grads(ctx);
   for (const ParamSpec& p : model_->specs()) {
     if (!p.trainable()) continue;
     be.adamw(ctx, {.param = model_->params().get(p.name), .m = state_.get("m." + p.name), .v = state_.get("v." + p.name),
-                   .grad = model_->grads().get(p.name), .grad_sq = grad_sq(), .lr = lr, .beta1 = cfg_.beta1,
+                   .grad = grads.get(p.name), .grad_sq = grad_sq(), .lr = lr, .beta1 = cfg_.beta1,
                    .beta2 = cfg_.beta2, .eps = cfg_.eps, .weight_decay = p.decayed() ? cfg_.weight_decay : 0.0,
                    .max_norm = cfg_.grad_clip, .step = step_,
                    .param_bf16 = copies.has(p.name) ? copies.get(p.name) : Tensor{}});

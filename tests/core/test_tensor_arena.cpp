@@ -67,5 +67,25 @@ TEST(Arena, FlatViewCoversEveryViewAndThePadding) {
   EXPECT_EQ(f.ptr<float>()[3], 0.0f);   // padding: zero-filled
 }
 
+TEST(Arena, FlatRangeCoversItsViewsAndTheirPadding) {
+  Arena a;
+  a.add("a", Shape{3}, DType::kF64);
+  a.add("b", Shape{100}, DType::kF32);
+  a.add("c", Shape{70}, DType::kF32);
+  a.add("d", Shape{5}, DType::kF32);
+  a.allocate(cpu_allocator());
+  const Tensor bc = a.flat(1, 3);  // "b": 400 bytes padded to 512; "c": 280 bytes padded to 512
+  EXPECT_EQ(bc.data, a.get("b").data);
+  EXPECT_EQ(bc.dtype, DType::kF32);
+  EXPECT_EQ(bc.numel(), 128 + 128);
+  EXPECT_EQ(static_cast<char*>(bc.data) + bc.nbytes(), a.get("d").data);  // ends where "d" starts
+  const Tensor d = a.flat(3, 4);  // the last view: up to the end of the allocation
+  EXPECT_EQ(d.data, a.get("d").data);
+  EXPECT_EQ(d.numel(), 64);
+  EXPECT_THROW(a.flat(0, 2), Error);  // f64 and f32 views
+  EXPECT_THROW(a.flat(2, 2), Error);  // empty range
+  EXPECT_THROW(a.flat(3, 5), Error);  // past the last view
+}
+
 }  // namespace
 }  // namespace diffmoe
