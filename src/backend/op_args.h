@@ -56,15 +56,22 @@ struct RmsNormBwdArgs {
 };
 
 // ---------------------------------------------------------------- GEMM
-// C = alpha · op(A) · op(B) + beta · C, all 2-D row-major; op(X) = Xᵀ when trans_X.
+// C = alpha · op(A) · op(B) + beta · addend, all 2-D row-major; op(X) = Xᵀ when trans_X.
 // op(A): [m,k], op(B): [k,n], C: [m,n]. A linear layer y = x Wᵀ is {C=y, A=x, B=W, trans_b=true}.
+// addend: empty (default) = C itself (C = alpha·op(A)·op(B) + beta·C); else a tensor of C's shape
+// and dtype that is only read (it may be C itself, but must not partly overlap it): a residual
+// r + x Wᵀ is {C=out, A=x, B=W, trans_b=true, beta=1, addend=r}, without a copy of r into out.
+// BLAS rule: with beta = 0 neither C nor the addend is read (stale NaNs do not propagate).
 // On CUDA with an f32 C, A and B may also be bf16 tensors (weight copies; GemmPrecision::kBF16
 // only). f32_exact: compute in f32 even in the bf16 GEMM mode (the router's z = u Eᵀ, spec §5).
+// On CUDA in the bf16 GEMM mode, C may be bf16 (beta = 0 only, not with f32_exact): the f32 result
+// rounded once to nearest even, for activations that only element-wise ops read.
 struct GemmArgs {
   Tensor c; Tensor a; Tensor b;
   bool trans_a = false, trans_b = false;
   double alpha = 1.0, beta = 0.0;
   bool f32_exact = false;
+  Tensor addend = {};
 };
 // Grouped GEMM over experts, groups are contiguous row blocks of A and C given by
 // offsets [G+1] (i32, device-resident; offsets[0] = 0, offsets[G] = rows in use):

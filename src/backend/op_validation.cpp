@@ -380,8 +380,16 @@ RmsNormDims validate_rmsnorm_bwd(const RmsNormBwdArgs& a, Device dev) {
 
 GemmDims validate_gemm(const GemmArgs& a, Device dev) {
   constexpr std::string_view kOp = "gemm";
-  const DType dt = a.c.dtype;
-  check_matrix(a.c, dt, 2, dev, kOp, "c");
+  // The call's float type: C's, but a bf16 C is an f32 result rounded once (output_dtype), so its
+  // operands follow the f32 rules.
+  const bool c16 = a.c.dtype == DType::kBF16;
+  const DType dt = c16 ? DType::kF32 : a.c.dtype;
+  check_device(a.c, dev, kOp, "c");
+  DIFFMOE_CHECK(!c16 || bf16_allowed(dt, dev),
+                "[gemm] c is bf16: only the CUDA backend's bf16 GEMM mode writes a bf16 GEMM output; the {} backend "
+                "writes c in its compute dtype (f32 or f64)",
+                device_name(dev));
+  check_matrix(a.c, output_dtype(a.c, dt, dev), 2, dev, kOp, "c");
   check_gemm_operand(a.a, dt, 2, dev, kOp, "a");
   check_gemm_operand(a.b, dt, 2, dev, kOp, "b");
   GemmDims d;
@@ -394,6 +402,23 @@ GemmDims validate_gemm(const GemmArgs& a, Device dev) {
                 "need op(A) [m, k], op(B) [k, n], C [m, n]",
                 d.m, d.k, a.a.shape.str(), a.trans_a ? " transposed" : "", kb, d.n, a.b.shape.str(),
                 a.trans_b ? " transposed" : "", a.c.shape.str());
+  // A bf16 C is written once and never read: no beta·C term (it would be read in bf16), no f32_exact.
+  DIFFMOE_CHECK(!c16 || a.beta == 0.0,
+                "[gemm] c is bf16: needs beta = 0, got beta = {} (a bf16 output is only written: a GEMM that adds to "
+                "its output, or to an addend, writes f32)",
+                a.beta);
+  DIFFMOE_CHECK(!c16 || !a.f32_exact, "[gemm] c is bf16 but f32_exact asks for an f32 result: pass an f32 c");
+  // The addend (optional): C's shape and dtype; C itself, or memory apart from C (read while C is written).
+  if (a.addend.defined()) {
+    check_device(a.addend, dev, kOp, "addend");
+    check_shape(a.addend, a.c.shape, kOp, "addend");
+    check_dtype(a.addend, a.c.dtype, kOp, "addend");
+    const auto c0 = reinterpret_cast<uintptr_t>(a.c.data), r0 = reinterpret_cast<uintptr_t>(a.addend.data);
+    const uintptr_t bytes = a.c.nbytes();
+    DIFFMOE_CHECK(r0 == c0 || r0 + bytes <= c0 || c0 + bytes <= r0,
+                  "[gemm] addend {} partly overlaps c {}: pass c itself or a separate tensor", a.addend.describe(),
+                  a.c.describe());
+  }
   return d;
 }
 

@@ -48,6 +48,8 @@ RmsNormDims validate_rmsnorm_bwd(const RmsNormBwdArgs& a, Device dev);
 struct GemmDims {
   int64_t m = 0, n = 0, k = 0;
 };
+// Also the addend (C's shape and dtype, C itself or apart from it) and a bf16 C (CUDA only, beta = 0,
+// not f32_exact; whether the bf16 GEMM mode is on is the CUDA backend's check).
 GemmDims validate_gemm(const GemmArgs& a, Device dev);
 struct GroupedGemmDims {
   int64_t rows = 0, k = 0, n = 0, groups = 0;

@@ -120,9 +120,8 @@ void AttentionLayer::forward(const LayerContext& lc, const Tensor& x, const Tens
     be.attention_fwd(lc.ctx, {.out = att.reshape(Shape{B, T, H, dv}), .o2 = {}, .lse = lc.act(a("lse")), .q = q4, .k = k4, .v = v4,
                               .lambda = {}, .scale = c.softmax_scale(), .differential = false});
   }
-  // out = x + concat_h(Ō_h) W_oᵀ
-  be.copy(lc.ctx, {.dst = out, .src = x});
-  lc.linear(out, o, lc.weight(p("wo.weight")), /*beta=*/1.0);
+  // out = x + concat_h(Ō_h) W_oᵀ: the GEMM reads the residual x as its addend (no copy into out).
+  lc.linear(out, o, lc.weight(p("wo.weight")), /*beta=*/1.0, /*addend=*/x);
 }
 
 void AttentionLayer::backward(const LayerContext& lc, const Tensor& x, const Tensor& d_out, const Tensor& d_out16) const {

@@ -70,12 +70,12 @@ Tensor FfnLayer::gemm_input(const LayerContext& lc) const {
 }
 
 void FfnLayer::mlp_forward(const LayerContext& lc, const std::string& prefix, const std::string& act_prefix, const Tensor& x,
-                           const Tensor& y, double beta) const {
+                           const Tensor& y, const Tensor& residual) const {
   const Tensor ta = lc.act(a(act_prefix + "a")), tb = lc.act(a(act_prefix + "b")), th = lc.act(a(act_prefix + "h"));
   lc.linear(ta, x, lc.weight(p(prefix + "w1.weight")));
   lc.linear(tb, x, lc.weight(p(prefix + "w3.weight")));
   lc.be->swiglu_fwd(lc.ctx, {.h = th, .a = ta, .b = tb});
-  lc.linear(y, th, lc.weight(p(prefix + "w2.weight")), beta);
+  lc.linear(y, th, lc.weight(p(prefix + "w2.weight")), /*beta=*/1.0, /*addend=*/residual);
 }
 
 void FfnLayer::mlp_backward(const LayerContext& lc, const std::string& prefix, const std::string& act_prefix, const Tensor& x,
@@ -100,13 +100,15 @@ void FfnLayer::forward(const LayerContext& lc, const Tensor& x, const Tensor& ou
   be.rmsnorm_fwd(lc.ctx, {.y = x_norm, .rstd = lc.act(a("rstd_x")), .x = x, .w = lc.param(norm), .rows = N, .width = c.dim, .eps = c.norm_eps});
   const Tensor xg = gemm_input(lc);
   if (lc.bf16_operands) be.copy(lc.ctx, {.dst = xg, .src = x_norm});
-  be.copy(lc.ctx, {.dst = out, .src = x});  // residual: out = x + FFN(...)
+  // Residual: out = x + FFN(...). The first GEMM that writes out (the dense FFN's or the shared
+  // experts' w2) reads x as its addend; without shared experts the combine adds onto a copy of x.
   if (!moe(lc)) {
-    mlp_forward(lc, "", "", xg, out, 1.0);
+    mlp_forward(lc, "", "", xg, out, x);
     return;
   }
   // Shared experts: one SwiGLU of width n_shared·moe_inter_dim (spec §4).
-  if (c.n_shared_experts > 0) mlp_forward(lc, "shared.", "shared.", xg, out, 1.0);
+  if (c.n_shared_experts > 0) mlp_forward(lc, "shared.", "shared.", xg, out, x);
+  else be.copy(lc.ctx, {.dst = out, .src = x});
   // Router (spec §5): z = u Eᵀ, scores, group-limited top-k with the balancing bias.
   const Tensor logits = lc.act(a("logits")), scores = lc.act(a("scores")), idx = lc.act(a("topk_idx")), w = lc.act(a("topk_w"));
   const Tensor counts = lc.act(fmt::format("stats.{}.counts", l_));

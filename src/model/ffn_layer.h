@@ -25,9 +25,10 @@ class FfnLayer {
   std::string a(const std::string& name) const;  // "act.{l}.ffn.<name>"
   RouterOptions router_options(const ModelConfig& c) const;
   Tensor gemm_input(const LayerContext& lc) const;  // x_norm as the GEMMs read it (x_norm16 in bf16 mode)
-  // A SwiGLU MLP on rows x [N, D] with weights prefix (w1, w2, w3 ".weight"), y (+)= result.
+  // A SwiGLU MLP on rows x [N, D] with weights prefix (w1, w2, w3 ".weight"): y = residual + result
+  // (the w2 GEMM adds the residual [N, D] as its addend; residual may be y itself).
   void mlp_forward(const LayerContext& lc, const std::string& prefix, const std::string& act_prefix, const Tensor& x,
-                   const Tensor& y, double beta) const;
+                   const Tensor& y, const Tensor& residual) const;
   // Backward of mlp_forward: dx (+)= (beta_dx), weight grads accumulate.
   void mlp_backward(const LayerContext& lc, const std::string& prefix, const std::string& act_prefix, const Tensor& x,
                     const Tensor& dy, const Tensor& dx, double beta_dx) const;

@@ -41,8 +41,10 @@ struct LayerContext {
   }
 
   // y = x Wᵀ (+ beta·y)          x [N,in], W [out,in], y [N,out]
-  void linear(const Tensor& y, const Tensor& x, const Tensor& w, double beta = 0.0) const {
-    be->gemm(ctx, {.c = y, .a = x, .b = w, .trans_a = false, .trans_b = true, .alpha = 1.0, .beta = beta});
+  // With an addend r [N,out]: y = x Wᵀ + beta·r, r only read (a residual added by the GEMM itself,
+  // GemmArgs::addend, instead of a copy of r into y first).
+  void linear(const Tensor& y, const Tensor& x, const Tensor& w, double beta = 0.0, const Tensor& addend = {}) const {
+    be->gemm(ctx, {.c = y, .a = x, .b = w, .trans_a = false, .trans_b = true, .alpha = 1.0, .beta = beta, .addend = addend});
   }
   // dx = dy W (+ beta·dx)        dy [N,out], W [out,in], dx [N,in]
   void linear_dx(const Tensor& dx, const Tensor& dy, const Tensor& w, double beta = 0.0) const {

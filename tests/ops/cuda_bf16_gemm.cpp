@@ -502,22 +502,7 @@ TEST(CudaBf16Gemm, KvSplitIntoBf16) {
 }
 
 // Element-wise outputs that only GEMMs read (swiglu's h, da, db; moe_combine_bwd's dy_perm) may be
-// bf16: the CPU's f32 result rounded to bf16, to within one bf16 step (the CUDA f32 value before
-// the rounding can differ from the CPU's in the last f32 bit, which can move a tie).
-void expect_bf16_of(const Dual& got16, const Dual& ref32, const std::string& what) {
-  const std::vector<double> got = got16.device_values(), ref = ref32.host_values();
-  ASSERT_EQ(got.size(), ref.size());
-  int64_t bad = 0;
-  for (size_t i = 0; i < got.size(); ++i) {
-    const double want = bf16_to_f32(f32_to_bf16(static_cast<float>(ref[i])));
-    // One bf16 step at want: 2^(e − 7) for |want| in [2^e, 2^(e+1)) (8 significant bits).
-    const double step = want == 0.0 ? 1e-30 : std::ldexp(1.0, std::ilogb(want) - 7);
-    if (!(std::fabs(got[i] - want) <= step)) ++bad;
-  }
-  EXPECT_EQ(bad, 0) << what << ": " << bad << " of " << got.size() << " elements are not the f32 result in bf16";
-  EXPECT_TRUE(got16.guard_intact()) << what;
-}
-
+// bf16: the CPU's f32 result rounded to bf16, to within one bf16 step (expect_bf16_of, cuda_dual.h).
 TEST(CudaBf16Gemm, Bf16OutputsOfElementwiseOps) {
   // SwiGLU: width 40, float4 pieces; width 41, float4 pieces and a scalar tail; width 40 with inputs
   // one element past an aligned start, the scalar path. The bf16 kernels compute in f32 and take

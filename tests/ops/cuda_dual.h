@@ -214,6 +214,24 @@ inline void expect_close(const Dual& d, const Tol& tol, const std::string& what)
   EXPECT_TRUE(d.guard_intact()) << what << ": the guard bytes after the device tensor were overwritten";
 }
 
+// A bf16 output against the CPU's f32 result: each device value is the CPU value rounded to bf16, to
+// within one bf16 step (the CUDA f32 value before the rounding can differ from the CPU's in the last
+// f32 bits, which can move a tie); guard bytes intact. Outputs the bf16 GEMM mode plans in bf16
+// (element-wise ops' outputs that only GEMMs read, a GEMM's bf16 output).
+inline void expect_bf16_of(const Dual& got16, const Dual& ref32, const std::string& what) {
+  const std::vector<double> got = got16.device_values(), ref = ref32.host_values();
+  ASSERT_EQ(got.size(), ref.size());
+  int64_t bad = 0;
+  for (size_t i = 0; i < got.size(); ++i) {
+    const double want = bf16_to_f32(f32_to_bf16(static_cast<float>(ref[i])));
+    // One bf16 step at want: 2^(e − 7) for |want| in [2^e, 2^(e+1)) (8 significant bits).
+    const double step = want == 0.0 ? 1e-30 : std::ldexp(1.0, std::ilogb(want) - 7);
+    if (!(std::fabs(got[i] - want) <= step)) ++bad;
+  }
+  EXPECT_EQ(bad, 0) << what << ": " << bad << " of " << got.size() << " elements are not the f32 result in bf16";
+  EXPECT_TRUE(got16.guard_intact()) << what;
+}
+
 // Runs fn and expects a diffmoe::Error whose message contains every part.
 inline void expect_error(const std::function<void()>& fn, std::initializer_list<std::string> parts) {
   try {

@@ -214,6 +214,83 @@ TEST_F(NormGemm, GemmShapeErrors) {
   expect_error([&] { be.gemm(ctx, {.c = d, .a = a, .b = b}); }, {"[gemm]", "dtype"});
 }
 
+// ---------------------------------------------------------------- GEMM with a separate addend
+// C = alpha·op(A)·op(B) + beta·addend is defined as a copy of the addend into C, then the GEMM with
+// beta: bitwise what the model did before the addend existed (a copy op, then a beta GEMM).
+TEST_F(NormGemm, GemmAddendEqualsCopyThenBeta) {
+  constexpr int64_t m = 5, n = 7, k = 13;
+  for (DType dt : {DType::kF32, DType::kF64})
+    for (bool ta : {false, true})
+      for (bool tb : {false, true})
+        for (double beta : {1.0, -0.6}) {
+          Owned a(ta ? Shape{k, m} : Shape{m, k}, dt), b(tb ? Shape{n, k} : Shape{k, n}, dt);
+          Owned r({m, n}, dt), want({m, n}, dt), got({m, n}, dt);
+          test::fill_normal(a, 231);
+          test::fill_normal(b, 232);
+          test::fill_normal(r, 233);
+          const std::vector<double> r0 = test::to_vector(r);
+          be.copy(ctx, {.dst = want, .src = r});
+          be.gemm(ctx, {.c = want, .a = a, .b = b, .trans_a = ta, .trans_b = tb, .alpha = 0.7, .beta = beta});
+          be.fill(ctx, {.out = got, .value = std::nan("")});  // C is only written
+          be.gemm(ctx, {.c = got, .a = a, .b = b, .trans_a = ta, .trans_b = tb, .alpha = 0.7, .beta = beta, .addend = r});
+          EXPECT_EQ(test::to_vector(got), test::to_vector(want))
+              << dtype_name(dt) << " trans_a=" << ta << " trans_b=" << tb << " beta=" << beta;
+          EXPECT_EQ(test::to_vector(r), r0) << "the addend is only read";
+        }
+}
+
+// addend = C is the in-place GEMM: bitwise the call without an addend.
+TEST_F(NormGemm, GemmAddendMayBeC) {
+  Owned a({5, 13}, DType::kF32), b({7, 13}, DType::kF32), c1({5, 7}, DType::kF32), c2({5, 7}, DType::kF32);
+  test::fill_normal(a, 241);
+  test::fill_normal(b, 242);
+  test::fill_normal(c1, 243);
+  test::copy_values(c2, c1);
+  be.gemm(ctx, {.c = c1, .a = a, .b = b, .trans_b = true, .beta = 1.5});
+  be.gemm(ctx, {.c = c2, .a = a, .b = b, .trans_b = true, .beta = 1.5, .addend = c2});
+  EXPECT_EQ(test::to_vector(c2), test::to_vector(c1));
+}
+
+// beta = 0 reads neither C nor the addend (BLAS rule), also for k = 0; k = 0 with beta ≠ 0 is
+// beta·addend.
+TEST_F(NormGemm, GemmBetaZeroDoesNotReadTheAddend) {
+  Owned a({5, 13}, DType::kF32), b({13, 7}, DType::kF32), c({5, 7}, DType::kF32), r({5, 7}, DType::kF32);
+  Owned ref({5, 7}, DType::kF32);
+  test::fill_normal(a, 251);
+  test::fill_normal(b, 252);
+  be.fill(ctx, {.out = r, .value = std::nan("")});
+  be.fill(ctx, {.out = c, .value = std::nan("")});
+  be.gemm(ctx, {.c = c, .a = a, .b = b, .beta = 0.0, .addend = r});
+  be.gemm(ctx, {.c = ref, .a = a, .b = b, .beta = 0.0});
+  EXPECT_EQ(test::to_vector(c), test::to_vector(ref));
+  Owned a0({5, 0}, DType::kF32), b0({0, 7}, DType::kF32);
+  be.gemm(ctx, {.c = c, .a = a0, .b = b0, .beta = 0.0, .addend = r});
+  for (int64_t i = 0; i < c.numel(); ++i) EXPECT_EQ(c.at<float>(i), 0.0f) << "k = 0, beta = 0: element " << i;
+  test::fill_normal(r, 253);
+  be.gemm(ctx, {.c = c, .a = a0, .b = b0, .beta = -2.0, .addend = r});
+  for (int64_t i = 0; i < c.numel(); ++i) EXPECT_EQ(c.at<float>(i), -2.0f * r.at<float>(i)) << "k = 0: element " << i;
+}
+
+TEST_F(NormGemm, GemmAddendAndBf16OutputErrors) {
+  Owned a({3, 5}, DType::kF32), b({5, 7}, DType::kF32), c({3, 7}, DType::kF32);
+  Owned wide({3, 8}, DType::kF32), r64({3, 7}, DType::kF64), big({8, 7}, DType::kF32), c16({3, 7}, DType::kBF16);
+  expect_error([&] { be.gemm(ctx, {.c = c, .a = a, .b = b, .beta = 1.0, .addend = wide}); },
+               {"[gemm]", "addend", "expected shape [3, 7]", "[3, 8]"});
+  expect_error([&] { be.gemm(ctx, {.c = c, .a = a, .b = b, .beta = 1.0, .addend = r64}); },
+               {"[gemm]", "addend", "dtype"});
+  Tensor on_gpu = wide.t().rows(0, 3);
+  on_gpu.shape = Shape{3, 7};
+  on_gpu.device = Device::kCUDA;
+  expect_error([&] { be.gemm(ctx, {.c = c, .a = a, .b = b, .beta = 1.0, .addend = on_gpu}); },
+               {"[gemm]", "addend", "is on cuda"});
+  // C = rows 0..2 of big, the addend rows 1..3: partly the same memory.
+  Tensor c_view = big.t().rows(0, 3), r_view = big.t().rows(1, 4);
+  expect_error([&] { be.gemm(ctx, {.c = c_view, .a = a, .b = b, .beta = 1.0, .addend = r_view}); },
+               {"[gemm]", "addend", "partly overlaps c"});
+  // A bf16 output is the CUDA bf16 GEMM mode's only.
+  expect_error([&] { be.gemm(ctx, {.c = c16, .a = a, .b = b}); }, {"[gemm]", "c is bf16", "cpu backend"});
+}
+
 // ---------------------------------------------------------------- grouped GEMMs
 // 4 groups over 14 rows: group 1 is empty, rows 12 and 13 are beyond offsets[G].
 constexpr int64_t kGroups = 4, kGRows = 14;

@@ -3,10 +3,12 @@
 // and make one BLAS call per non-empty group; OpenBLAS threads each call itself.
 //
 // BLAS semantics are kept throughout: with beta = 0 the output is not read (so stale NaNs in C do
-// not propagate), and an empty inner dimension (k = 0) or an empty group gives beta·C.
+// not propagate), and an empty inner dimension (k = 0) or an empty group gives beta·C. gemm's
+// separate addend (GemmArgs::addend) is copied into C first, then added in place like C.
 #include <cblas.h>
 
 #include <climits>
+#include <cstring>
 #include <type_traits>
 #include <vector>
 
@@ -47,11 +49,15 @@ void blas_gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, doub
 
 }  // namespace
 
-// C = alpha·op(A)·op(B) + beta·C;  op(A) [m,k], op(B) [k,n], C [m,n].
+// C = alpha·op(A)·op(B) + beta·addend (addend = C when not given);  op(A) [m,k], op(B) [k,n], C [m,n].
 void CpuBackend::gemm(Context, const GemmArgs& a) {
   constexpr std::string_view kOp = "gemm";
   const DType dt = a.c.dtype;
   const auto [m, n, k] = validate_gemm(a, Device::kCPU);
+  // A separate addend is copied into C, then BLAS adds the product in place with beta: the same
+  // arithmetic as a copy op followed by a beta GEMM. With beta = 0 the addend is not read (BLAS rule).
+  if (a.addend.defined() && a.addend.data != a.c.data && a.beta != 0.0 && a.c.numel() > 0)
+    std::memcpy(a.c.data, a.addend.data, a.c.nbytes());
   dispatch_float(dt, kOp, [&]<class T>() {
     blas_gemm<T>(a.trans_a, a.trans_b, m, n, k, a.alpha, a.a.ptr<T>(), a.a.dim(1), a.b.ptr<T>(), a.b.dim(1), a.beta,
                  a.c.ptr<T>(), n, kOp);

@@ -1,5 +1,6 @@
-// CudaBackend glue: device selection, cuBLAS handle and workspaces, host transfers, and the
-// device-side index checks' report (device_issue.h). The ops live in the .cu files.
+// CudaBackend glue: device selection, the cuBLAS and cuBLASLt (lt_gemm.h) handles and workspaces,
+// host transfers, and the device-side index checks' report (device_issue.h). The ops live in the
+// .cu files.
 #include "backend/cuda/cuda_backend.h"
 
 #include <fmt/core.h>
@@ -65,6 +66,7 @@ CudaBackend::CudaBackend() {
   // meaningful. The bf16 milestone chooses its own compute types per call.
   CUBLAS_CHECK(cublasSetMathMode(cublas_, CUBLAS_DEFAULT_MATH));
   cublas_workspace_.reserve(kCublasWorkspaceBytes);  // bound with the stream, in cublas()
+  lt_gemm_ = std::make_unique<LtGemm>();
   issue_.reserve(sizeof(DeviceIssue));
   CUDA_CHECK(cudaMemset(issue_.get(), 0, sizeof(DeviceIssue)));
   const char* prof = std::getenv("DIFFMOE_CUDA_PROFILE");

@@ -18,8 +18,9 @@
 //   allocate. Both are shared by every stream, so one backend drives one stream at a time.
 // - GEMM precision (set_gemm_precision, default kF32): under kBF16 the GEMM ops read bf16 operand
 //   tensors as they are and round f32 ones to bf16 into a backend-owned buffer of their own
-//   (gemm_bf16_scratch); gemm calls cublasGemmEx with bf16 inputs, f32 C and CUBLAS_COMPUTE_32F,
-//   the grouped ops run the device-scheduled kernels of grouped_gemm.cuh, and attention the
+//   (gemm_bf16_scratch); gemm runs on cuBLASLt (lt_gemm.h: its own handle, a 32 MiB workspace and
+//   a cache of plans by call shape) with bf16 inputs, f32 accumulation, an f32 or bf16 output and
+//   an optional separate addend, the grouped ops run the device-scheduled kernels of grouped_gemm.cuh, and attention the
 //   tensor-core kernels of tc_attention.cuh (which also read bf16 q, k, v in place where they cover
 //   the shape: attention_takes_bf16). That buffer is sized by the largest call seen: it
 //   grows (cudaFree + cudaMalloc, which waits for the device) only when a call needs more than any
@@ -48,6 +49,7 @@
 #include "backend/backend.h"
 #include "backend/cuda/cuda_allocator.h"
 #include "backend/cuda/device_issue.h"
+#include "backend/cuda/lt_gemm.h"
 #include "backend/cuda/op_profiler.h"
 
 namespace diffmoe {
@@ -143,6 +145,8 @@ class CudaBackend final : public Backend, public OpProfiler {
   // ---- for the op files
   static cudaStream_t stream(Context ctx) { return static_cast<cudaStream_t>(ctx.stream); }
   cublasHandle_t cublas(cudaStream_t s);        // the handle, bound to stream s
+  LtGemm& lt_gemm() { return *lt_gemm_; }       // the bf16 mode's dense GEMMs (cuBLASLt)
+  const LtGemm& lt_gemm() const { return *lt_gemm_; }
   void* scratch(size_t bytes);                  // the shared scratch workspace, >= bytes
   void* gemm_bf16_scratch(size_t bytes);        // the bf16 GEMM operands' buffer, >= bytes (grows only)
   size_t gemm_bf16_scratch_bytes() const { return gemm_bf16_scratch_.bytes(); }
@@ -178,6 +182,7 @@ class CudaBackend final : public Backend, public OpProfiler {
   cudaStream_t cublas_stream_ = nullptr;  // the stream the handle is bound to
   bool cublas_stream_set_ = false;
   DeviceBuffer cublas_workspace_;
+  std::unique_ptr<LtGemm> lt_gemm_;  // made in the constructor, once a device is known to exist
   DeviceBuffer scratch_;
   DeviceBuffer gemm_bf16_scratch_;
   GemmPrecision gemm_precision_ = GemmPrecision::kF32;

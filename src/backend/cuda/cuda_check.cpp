@@ -34,4 +34,9 @@ void cublas_fail(const char* call, const char* file, int line, cublasStatus_t st
   throw_error(file, line, fmt::format("[cublas] {} failed: {} ({})", call, cublas_status_name(status), static_cast<int>(status)));
 }
 
+void cublaslt_fail(const char* call, const char* file, int line, cublasStatus_t status, const std::string& what) {
+  throw_error(file, line, fmt::format("[cublasLt] {} failed: {} ({}) in {}", call, cublas_status_name(status),
+                                      static_cast<int>(status), what));
+}
+
 }  // namespace diffmoe

@@ -1,17 +1,26 @@
 // GEMM, grouped GEMM and the grouped weight-gradient GEMM on the GPU, through cuBLAS SGEMM in plain
 // f32 (the backend's handle uses CUBLAS_DEFAULT_MATH: no TF32), or, under GemmPrecision::kBF16,
 // with bf16 inputs on tensor cores: each op first rounds (to nearest even) the part of A and of B
-// it reads to bf16 in the backend's bf16 buffer, keeping their layout and leading dimensions, then
-// calls cublasGemmEx(bf16 A, bf16 B, f32 C, CUBLAS_COMPUTE_32F): products and sums in f32, alpha,
-// beta and C in f32, so only the inputs lose precision (8-bit mantissa: relative 2^-9 each). One
+// it reads to bf16 in the backend's bf16 buffer, keeping their layout and leading dimensions (bf16
+// operand tensors are read as they are), then multiplies with f32 products and sums, alpha and
+// beta in f32, so only the inputs lose precision (8-bit mantissa: relative 2^-9 each). One
 // conversion per op and operand, also for the grouped ops, whose per-group calls index into it.
+//
+// Dense gemm under kBF16: cuBLASLt (lt_gemm.h; bf16 A and B, CUBLAS_COMPUTE_32F), with its C
+// descriptor on the addend (GemmArgs::addend, or C itself) and its D descriptor on the output, so
+// a residual is added by the GEMM instead of a copy into the output first; the output may be bf16
+// (beta = 0), rounded once to nearest even when cuBLASLt stores D. Under kF32, or with f32_exact,
+// SGEMM, which adds in place: a separate addend is first copied into C (the CPU backend's order).
+// The grouped ops' per-group fallback (below) keeps cublasGemmEx (bf16 A and B, f32 C): its group
+// sizes change every step, which cuBLASLt's plans, cached by shape, would not serve.
 //
 // Row-major C = op(A)·op(B) is column-major Cᵀ = op(B)ᵀ·op(A)ᵀ, and a row-major matrix read as
 // column-major is its transpose, so one cuBLAS call with the operands swapped computes it, with no
-// copies: cublasSgemm(op_b, op_a, n, m, k, B, ldb, A, lda, C, ldc).
-// BLAS semantics as on the CPU: beta = 0 does not read C (stale NaNs do not propagate), and an empty
-// inner dimension (k = 0, or an empty group of the weight gradient) gives beta·C, done by a small
-// kernel because cuBLAS rejects lda = 0.
+// copies: cublasSgemm(op_b, op_a, n, m, k, B, ldb, A, lda, C, ldc), and the same swap for
+// cuBLASLt (its A is our B, its B our A, its D[n, m] column-major is our C[m, n] row-major).
+// BLAS semantics as on the CPU: beta = 0 reads neither C nor the addend (stale NaNs do not
+// propagate), and an empty inner dimension (k = 0, or an empty group of the weight gradient) gives
+// beta·C (beta·addend), done by a small kernel because cuBLAS rejects lda = 0.
 //
 // Grouped GEMMs. Under kBF16: no host sync. All R rows of A (the rows in use are known only on the
 // device) and all of B are used as bf16 with rows padded to a multiple of 8 elements (bf16 tensors
@@ -47,11 +56,13 @@ namespace {
 
 using namespace cuda;
 
-// C[m, n] (row stride ldc) = beta·C, without reading C when beta = 0.
-__global__ void scale_matrix_kernel(float* c, int64_t m, int64_t n, int64_t ldc, double beta) {
+// D[m, n] = beta·C (both with row stride ld; C may be D), without reading C when beta = 0: a GEMM
+// with k = 0. D is f32, or bf16 (then beta = 0: zeros).
+template <class T>
+__global__ void scale_matrix_kernel(T* d, const float* c, int64_t m, int64_t n, int64_t ld, double beta) {
   for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < m * n; i += int64_t{gridDim.x} * blockDim.x) {
-    float* p = c + (i / n) * ldc + i % n;
-    *p = beta == 0.0 ? 0.0f : static_cast<float>(beta * static_cast<double>(*p));
+    const int64_t at = (i / n) * ld + i % n;
+    store_as(d + at, beta == 0.0 ? 0.0 : beta * static_cast<double>(c[at]));
   }
 }
 
@@ -99,7 +110,7 @@ void gemm_row_major(CudaBackend& be, cudaStream_t s, bool trans_a, bool trans_b,
   if (m == 0 || n == 0) return;
   if (k == 0) {  // an empty sum: C = beta·C
     if (beta == 1.0) return;
-    scale_matrix_kernel<<<grid_for(m * n), kThreads, 0, s>>>(c, m, n, ldc, beta);
+    scale_matrix_kernel<<<grid_for(m * n), kThreads, 0, s>>>(c, c, m, n, ldc, beta);
     CUDA_CHECK_LAUNCH(op);
     return;
   }
@@ -244,20 +255,48 @@ int to_int(int64_t v, std::string_view op) {
 
 }  // namespace
 
-// C = alpha·op(A)·op(B) + beta·C;  op(A) [m,k], op(B) [k,n], C [m,n].
+// C = alpha·op(A)·op(B) + beta·addend (addend = C when not given);  op(A) [m,k], op(B) [k,n], C [m,n].
 void CudaBackend::gemm(Context ctx, const GemmArgs& a) {
   const OpScope profile_scope(*this, stream(ctx), "gemm");
+  constexpr std::string_view kOp = "gemm";
   const GemmDims d = validate_gemm(a, Device::kCUDA);
-  require_f32(a.c, "gemm");
+  const bool c16 = a.c.dtype == DType::kBF16;  // validated: beta = 0, not f32_exact
+  DIFFMOE_CHECK(!c16 || gemm_precision() == GemmPrecision::kBF16,
+                "[gemm] c is bf16: a bf16 output needs the bf16 GEMM mode (train.precision: bf16_gemm)");
+  if (!c16) require_f32(a.c, kOp);
   const cudaStream_t s = stream(ctx);
-  const bool reads = d.m > 0 && d.n > 0 && d.k > 0;  // else C = beta·C (or nothing): no operand read
-  const auto [op_a, op_b] =
-      gemm_operands(*this, s, a.a, reads ? a.a.numel() : 0, a.b, reads ? a.b.numel() : 0, "gemm", a.f32_exact);
+  const Tensor& addend = a.addend.defined() ? a.addend : a.c;
+  const bool separate = addend.data != a.c.data;  // an addend apart from C
+  if (d.m == 0 || d.n == 0) return;
+  if (d.k == 0) {  // an empty sum: C = beta·addend, no operand read
+    if (a.beta == 1.0 && !separate) return;
+    const float* from = a.beta == 0.0 ? nullptr : f32(addend);  // not read when beta = 0 (bf16 C: always)
+    if (c16) scale_matrix_kernel<<<grid_for(d.m * d.n), kThreads, 0, s>>>(static_cast<__nv_bfloat16*>(a.c.data), from,
+                                                                          d.m, d.n, d.n, a.beta);
+    else scale_matrix_kernel<<<grid_for(d.m * d.n), kThreads, 0, s>>>(f32(a.c), from, d.m, d.n, d.n, a.beta);
+    CUDA_CHECK_LAUNCH(kOp);
+    return;
+  }
+  const auto [op_a, op_b] = gemm_operands(*this, s, a.a, a.a.numel(), a.b, a.b.numel(), kOp, a.f32_exact);
   const DetailScope detail(*this, s, [&] {
-    return fmt::format("gemm {}x{}x{} {}{} beta{}", d.m, d.n, d.k, a.trans_a ? "T" : "N", a.trans_b ? "T" : "N", a.beta);
+    return fmt::format("gemm {}x{}x{} {}{} beta{}{}{}", d.m, d.n, d.k, a.trans_a ? "T" : "N", a.trans_b ? "T" : "N",
+                       a.beta, separate && a.beta != 0.0 ? " +addend" : "", c16 ? " ->bf16" : "");
   });
-  gemm_row_major(*this, s, a.trans_a, a.trans_b, d.m, d.n, d.k, a.alpha, op_a, a.a.dim(1), op_b, a.b.dim(1), a.beta,
-                 f32(a.c), d.n, "gemm");
+  if (!op_a.bf16) {  // kF32 or f32_exact: SGEMM adds in place, so a separate addend goes into C first
+    if (separate && a.beta != 0.0)
+      CUDA_CHECK(cudaMemcpyAsync(a.c.data, addend.data, a.c.nbytes(), cudaMemcpyDeviceToDevice, s));
+    gemm_row_major(*this, s, a.trans_a, a.trans_b, d.m, d.n, d.k, a.alpha, op_a, a.a.dim(1), op_b, a.b.dim(1), a.beta,
+                   f32(a.c), d.n, kOp);
+    return;
+  }
+  // cuBLASLt with the operands swapped (file comment): its A is our B, its B our A, its D [n, m]
+  // column-major our C [m, n]. Its C is the addend; with beta = 0 it is not read and D stands in.
+  lt_gemm().run(LtGemmCall{.trans_a = a.trans_b, .trans_b = a.trans_a, .m = d.n, .n = d.m, .k = d.k,
+                           .lda = a.b.dim(1), .ldb = a.a.dim(1), .ldc = d.n, .a = op_b.p, .b = op_a.p,
+                           .c = a.beta == 0.0 ? a.c.data : addend.data, .d = a.c.data, .ab_type = CUDA_R_16BF,
+                           .cd_type = c16 ? CUDA_R_16BF : CUDA_R_32F, .alpha = static_cast<float>(a.alpha),
+                           .beta = static_cast<float>(a.beta), .op = kOp},
+                s);
 }
 
 // C[rows_g] = alpha · (A[rows_g] · op(B[g]) + A2[rows_g] · op(B2[g])) + beta · C[rows_g] (the

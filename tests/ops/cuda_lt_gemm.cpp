@@ -1,0 +1,272 @@
+// The dense CUDA gemm on cuBLASLt (the bf16 GEMM mode; src/backend/cuda/lt_gemm.h) against the CPU:
+// a separate addend (GemmArgs::addend: C = alpha·op(A)·op(B) + beta·addend) in all four transpose
+// combinations at odd sizes, the addend being C itself, beta = 0 not reading a NaN addend, k = 0,
+// views off cuBLASLt's default 256-byte alignment, a bf16 output (every transpose, bf16 operands
+// read in place), the refusals of a bf16 output, and the plan cache (a repeated call shape makes no
+// heuristic query). Also the addend in the f32 mode and under f32_exact (SGEMM after a copy).
+//
+// Tolerance. The CPU side reads A and B rounded to bf16 on the host (nearest even, as the device
+// rounds) and widened back to f32, while the GPU side reads the f32 originals and rounds them
+// itself. A product of two bf16 values is exact in f32 (8 + 8 significant bits ≤ 24), so both
+// sides sum the same exact products in f32, in other orders: the f32 GEMM tolerance of
+// cuda_vs_cpu.cpp, |Δ| ≤ 1e-5·|ref| + 4e-6·k. Had the GPU not rounded its inputs, the error would be
+// ~1.6e-3 relative (cuda_bf16_gemm.cpp), 100× that bound at these sizes. A bf16 output: the CPU's f32
+// result from the same bf16 inputs rounded to bf16, within one bf16 step (expect_bf16_of).
+#include <cmath>
+#include <tuple>
+
+#include "backend/cuda/cuda_backend.h"
+#include "cuda_dual.h"
+
+namespace diffmoe::cudatest {
+namespace {
+
+// f32 sums of k exact products in other orders (the file comment; cuda_vs_cpu.cpp's gemm_tol).
+Tol exact_products_tol(int64_t k) {
+  return Tol{1e-5, 4e-6 * static_cast<double>(std::max<int64_t>(k, 1)), "f32 sums of k exact bf16 products, other order"};
+}
+
+CudaBackend& cuda_backend() { return dynamic_cast<CudaBackend&>(gpu()); }
+
+// d's values rounded to bf16 and widened back, as an f32 tensor: what the bf16 mode multiplies.
+Dual rounded(const Dual& d, const Shape& shape) {
+  Dual r(shape);
+  r.set(bf16_copy(d, shape).host_values());
+  return r;
+}
+
+// The (m, n, k) of the cases: odd and not tile multiples; the second spans several k-tiles.
+const std::vector<std::tuple<int64_t, int64_t, int64_t>> kSizes = {{37, 29, 19}, {131, 67, 515}};
+
+// One addend case: C poisoned (it is only written), the addend normal; the CPU reads the rounded A, B.
+void run_addend_case(int64_t m, int64_t n, int64_t k, bool ta, bool tb, double alpha, double beta, uint64_t seed) {
+  const Shape sa = ta ? Shape{k, m} : Shape{m, k}, sb = tb ? Shape{n, k} : Shape{k, n};
+  Dual a(sa), b(sb), c(Shape{m, n}), r(Shape{m, n});
+  a.normal(seed);
+  b.normal(seed + 1);
+  r.normal(seed + 2);
+  c.poison();
+  const Dual a_r = rounded(a, sa), b_r = rounded(b, sb);
+  run_both([&](Backend& be, Side s) {
+    const bool g = s == Side::kGpu;
+    be.gemm({}, {.c = c[s], .a = g ? a[s] : a_r[s], .b = g ? b[s] : b_r[s], .trans_a = ta, .trans_b = tb,
+                 .alpha = alpha, .beta = beta, .addend = r[s]});
+  });
+  const std::string what = fmt::format("lt gemm + addend {}x{}x{} ta={} tb={} beta={}", m, n, k, ta, tb, beta);
+  expect_close(c, exact_products_tol(k), what);
+  expect_close(r, kExact, what + ": the addend is only read");
+}
+
+TEST(CudaLtGemm, AddendAllTransposes) {
+  const Bf16Mode mode;
+  uint64_t seed = 1100;
+  for (const auto& [m, n, k] : kSizes)
+    for (bool ta : {false, true})
+      for (bool tb : {false, true})
+        for (double beta : {1.0, -0.6}) run_addend_case(m, n, k, ta, tb, 0.7, beta, seed += 3);
+}
+
+// addend = C: the in-place GEMM (cuBLASLt's C = D), the same as no addend.
+TEST(CudaLtGemm, AddendIsC) {
+  const Bf16Mode mode;
+  const int64_t m = 37, n = 29, k = 19;
+  for (bool given : {true, false}) {
+    Dual a(Shape{m, k}), b(Shape{n, k}), c(Shape{m, n});
+    a.normal(1200);
+    b.normal(1201);
+    c.normal(1202);
+    const Dual a_r = rounded(a, Shape{m, k}), b_r = rounded(b, Shape{n, k});
+    run_both([&](Backend& be, Side s) {
+      const bool g = s == Side::kGpu;
+      be.gemm({}, {.c = c[s], .a = g ? a[s] : a_r[s], .b = g ? b[s] : b_r[s], .trans_b = true, .alpha = -1.3,
+                   .beta = 1.3, .addend = given ? c[s] : Tensor{}});
+    });
+    expect_close(c, exact_products_tol(k), fmt::format("lt gemm in place, addend {}", given ? "= c" : "not given"));
+  }
+}
+
+// beta = 0 reads neither C nor the addend (both NaN-poisoned); k = 0 is beta·addend (exact: one f64
+// product rounded once on both sides), or zeros when beta = 0 (the NaN addend not read).
+TEST(CudaLtGemm, BetaZeroDoesNotReadTheAddend) {
+  const Bf16Mode mode;
+  const int64_t m = 37, n = 29, k = 19;
+  Dual a(Shape{k, m}), b(Shape{k, n}), c(Shape{m, n}), r(Shape{m, n});
+  a.normal(1300);
+  b.normal(1301);
+  c.poison();
+  r.poison();
+  const Dual a_r = rounded(a, Shape{k, m}), b_r = rounded(b, Shape{k, n});
+  run_both([&](Backend& be, Side s) {
+    const bool g = s == Side::kGpu;
+    be.gemm({}, {.c = c[s], .a = g ? a[s] : a_r[s], .b = g ? b[s] : b_r[s], .trans_a = true, .alpha = 0.9,
+                 .beta = 0.0, .addend = r[s]});
+  });
+  expect_close(c, exact_products_tol(k), "lt gemm beta=0, NaN addend");
+
+  Dual a0(Shape{m, 0}), b0(Shape{0, n}), c0(Shape{m, n}), r0(Shape{m, n});
+  for (double beta : {0.5, 0.0}) {
+    c0.poison();
+    if (beta == 0.0) r0.poison();
+    else r0.normal(1302);
+    run_both([&](Backend& be, Side s) {
+      be.gemm({}, {.c = c0[s], .a = a0[s], .b = b0[s], .alpha = 1.0, .beta = beta, .addend = r0[s]});
+    });
+    expect_close(c0, kExact, fmt::format("lt gemm k=0 beta={}: beta·addend", beta));
+  }
+}
+
+// Views that start 2 or 4 bytes past a 256-byte boundary: the plans are made for the pointers'
+// real alignments (cuBLASLt's heuristic assumes 256 bytes unless told).
+TEST(CudaLtGemm, UnalignedViews) {
+  const Bf16Mode mode;
+  const int64_t m = 37, n = 29, k = 19, off = 1;
+  const Shape sa{m, k}, sb{n, k}, sc{m, n};
+  Dual a(Shape{m * k + off}), b(Shape{n * k + off}), c(Shape{m * n + off}), r(Shape{m * n + off});
+  a.normal(1400);
+  b.normal(1401);
+  r.normal(1402);
+  c.poison();
+  const Dual a16 = bf16_copy(a, Shape{m * k + off});  // bf16 A read in place from 2 bytes in
+  Dual a_r(sa), b_r(sb), c_cpu(sc), r_cpu(sc);
+  const std::vector<double> av = a16.host_values(), bv = rounded(b, Shape{n * k + off}).host_values();
+  a_r.set(std::vector<double>(av.begin() + off, av.end()));
+  b_r.set(std::vector<double>(bv.begin() + off, bv.end()));
+  const std::vector<double> rv = r.host_values();
+  r_cpu.set(std::vector<double>(rv.begin() + off, rv.end()));
+  c_cpu.poison();
+  cpu().gemm({}, {.c = c_cpu[Side::kCpu], .a = a_r[Side::kCpu], .b = b_r[Side::kCpu], .trans_b = true, .alpha = 0.8,
+                  .beta = 1.0, .addend = r_cpu[Side::kCpu]});
+  gpu().gemm({}, {.c = offset_view(c, Side::kGpu, sc, off), .a = offset_view(a16, Side::kGpu, sa, off),
+                  .b = offset_view(b, Side::kGpu, sb, off), .trans_b = true, .alpha = 0.8, .beta = 1.0,
+                  .addend = offset_view(r, Side::kGpu, sc, off)});
+  gpu().synchronize({});
+  const std::vector<double> got = c.device_values(), want = c_cpu.host_values();
+  const Tol tol = exact_products_tol(k);
+  int64_t bad = 0;
+  for (size_t i = 0; i < want.size(); ++i) {
+    const double g = got[i + static_cast<size_t>(off)], w = want[i];
+    if (!(std::fabs(g - w) <= tol.atol + tol.rtol * std::fabs(w))) ++bad;
+  }
+  EXPECT_EQ(bad, 0) << "lt gemm on views 2 (bf16) / 4 (f32) bytes off alignment: " << bad << " elements out of tolerance";
+  EXPECT_TRUE(std::isnan(got[0])) << "the element before the output view was written";
+  EXPECT_TRUE(c.guard_intact());
+}
+
+// A bf16 C: the f32 result rounded once, in every transpose combination; f32 or bf16 operands.
+TEST(CudaLtGemm, Bf16OutputAllTransposes) {
+  const Bf16Mode mode;
+  uint64_t seed = 1500;
+  for (const auto& [m, n, k] : kSizes)
+    for (bool ta : {false, true})
+      for (bool tb : {false, true})
+        for (bool bf16_operands : {false, true}) {
+          const Shape sa = ta ? Shape{k, m} : Shape{m, k}, sb = tb ? Shape{n, k} : Shape{k, n};
+          Dual a(sa), b(sb), ref(Shape{m, n}), c16(Shape{m, n}, DType::kBF16);
+          a.normal(seed += 3);
+          b.normal(seed + 1);
+          c16.poison();
+          const Dual a16 = bf16_copy(a, sa), b16 = bf16_copy(b, sb), a_r = rounded(a, sa), b_r = rounded(b, sb);
+          cpu().gemm({}, {.c = ref[Side::kCpu], .a = a_r[Side::kCpu], .b = b_r[Side::kCpu], .trans_a = ta, .trans_b = tb,
+                          .alpha = -1.9, .beta = 0.0});
+          gpu().gemm({}, {.c = c16[Side::kGpu], .a = bf16_operands ? a16[Side::kGpu] : a[Side::kGpu],
+                          .b = bf16_operands ? b16[Side::kGpu] : b[Side::kGpu], .trans_a = ta, .trans_b = tb,
+                          .alpha = -1.9, .beta = 0.0});
+          gpu().synchronize({});
+          expect_bf16_of(c16, ref, fmt::format("lt gemm -> bf16 {}x{}x{} ta={} tb={} {} operands", m, n, k, ta, tb,
+                                               bf16_operands ? "bf16" : "f32"));
+        }
+  // k = 0: zeros, nothing read.
+  Dual a0(Shape{5, 0}), b0(Shape{0, 7}), z(Shape{5, 7}), z16(Shape{5, 7}, DType::kBF16);
+  z.set(std::vector<double>(35, 0.0));
+  z16.poison();
+  gpu().gemm({}, {.c = z16[Side::kGpu], .a = a0[Side::kGpu], .b = b0[Side::kGpu]});
+  gpu().synchronize({});
+  expect_bf16_of(z16, z, "lt gemm -> bf16, k = 0: zeros");
+}
+
+TEST(CudaLtGemm, Bf16OutputRefusals) {
+  Dual a(Shape{8, 16}), b(Shape{4, 16}), c(Shape{8, 4}), c16(Shape{8, 4}, DType::kBF16), r16(Shape{8, 4}, DType::kBF16);
+  a.normal(1600);
+  b.normal(1601);
+  const auto gemm16 = [&](double beta, bool f32_exact, const Tensor& addend) {
+    gpu().gemm({}, {.c = c16[Side::kGpu], .a = a[Side::kGpu], .b = b[Side::kGpu], .trans_b = true, .beta = beta,
+                    .f32_exact = f32_exact, .addend = addend});
+  };
+  {
+    const Bf16Mode mode;
+    expect_error([&] { gemm16(1.0, false, {}); }, {"[gemm]", "c is bf16", "beta = 0", "beta = 1"});
+    expect_error([&] { gemm16(0.5, false, r16[Side::kGpu]); }, {"[gemm]", "c is bf16", "beta = 0"});
+    expect_error([&] { gemm16(0.0, true, {}); }, {"[gemm]", "c is bf16", "f32_exact"});
+    // The addend has C's dtype: an f32 addend for an f32 C, not bf16.
+    expect_error([&] {
+      gpu().gemm({}, {.c = c[Side::kGpu], .a = a[Side::kGpu], .b = b[Side::kGpu], .trans_b = true, .beta = 1.0,
+                      .addend = r16[Side::kGpu]});
+    }, {"[gemm]", "addend", "dtype"});
+  }
+  expect_error([&] { gemm16(0.0, false, {}); }, {"[gemm]", "c is bf16", "bf16 GEMM mode"});  // kF32
+  expect_error([&] {
+    cpu().gemm({}, {.c = c16[Side::kCpu], .a = a[Side::kCpu], .b = b[Side::kCpu], .trans_b = true});
+  }, {"[gemm]", "c is bf16", "cpu backend"});
+  gpu().synchronize({});  // nothing was enqueued; the backend stays usable
+}
+
+// The plan of a call shape is made once (one heuristic query); later calls of that shape, with
+// other data at equally aligned addresses, reuse it. Another shape, beta = 0 and a separate addend
+// each make a plan of their own.
+TEST(CudaLtGemm, PlansAreCachedByShape) {
+  const Bf16Mode mode;
+  const LtGemm& lt = cuda_backend().lt_gemm();
+  const auto call = [&](int64_t m, double beta, bool addend, uint64_t seed) {
+    Dual a(Shape{m, 24}), b(Shape{40, 24}), c(Shape{m, 40}), r(Shape{m, 40});
+    a.normal(seed);
+    b.normal(seed + 1);
+    c.normal(seed + 2);
+    r.normal(seed + 3);
+    gpu().gemm({}, {.c = c[Side::kGpu], .a = a[Side::kGpu], .b = b[Side::kGpu], .trans_b = true, .beta = beta,
+                    .addend = addend ? r[Side::kGpu] : Tensor{}});
+    gpu().synchronize({});
+  };
+  call(48, 1.0, true, 1700);  // may have been planned by an earlier test: the baseline follows it
+  const int64_t q0 = lt.heuristic_queries();
+  const size_t plans0 = lt.plans();
+  for (uint64_t i = 0; i < 3; ++i) call(48, 1.0, true, 1710 + 4 * i);
+  EXPECT_EQ(lt.heuristic_queries(), q0) << "a repeated call shape queried the heuristic again";
+  EXPECT_EQ(lt.plans(), plans0);
+  call(1234, 1.0, true, 1730);  // a new m
+  EXPECT_EQ(lt.heuristic_queries(), q0 + 1);
+  call(1234, 1.0, true, 1740);
+  call(1234, 0.0, true, 1750);  // beta = 0: C is D, not read
+  call(1234, 1.0, false, 1760); // in place
+  EXPECT_EQ(lt.heuristic_queries(), q0 + 3);
+  EXPECT_LE(lt.plans(), LtGemm::kMaxPlans);
+}
+
+// Outside cuBLASLt: the f32 mode and f32_exact run SGEMM, which adds in place: the addend is copied
+// into C first (the CPU's order), so the f32 tolerance of cuda_vs_cpu.cpp holds (f32 products,
+// each rounded once, summed in other orders: the same bound as exact_products_tol).
+void run_f32_addend_cases(bool f32_exact) {
+  const int64_t m = 37, n = 29, k = 19;
+  for (bool ta : {false, true}) {
+    Dual a(ta ? Shape{k, m} : Shape{m, k}), b(Shape{k, n}), c(Shape{m, n}), r(Shape{m, n});
+    a.normal(1800);
+    b.normal(1801);
+    r.normal(1802);
+    c.poison();
+    run_both([&](Backend& be, Side s) {
+      be.gemm({}, {.c = c[s], .a = a[s], .b = b[s], .trans_a = ta, .alpha = 0.7, .beta = -1.1, .f32_exact = f32_exact,
+                   .addend = r[s]});
+    });
+    const std::string what = fmt::format("{} gemm + addend ta={}", f32_exact ? "f32_exact" : "f32", ta);
+    expect_close(c, Tol{1e-5, 4e-6 * k, "f32 sums of k products, other order"}, what);
+    expect_close(r, kExact, what + ": the addend is only read");
+  }
+}
+
+TEST(CudaLtGemm, AddendInTheF32Paths) {
+  run_f32_addend_cases(false);  // GemmPrecision::kF32
+  const Bf16Mode mode;
+  run_f32_addend_cases(true);
+}
+
+}  // namespace
+}  // namespace diffmoe::cudatest
