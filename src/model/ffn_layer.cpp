@@ -27,12 +27,11 @@ void FfnLayer::plan(const LayerContext& lc, Arena& acts) const {
   // Tensors that only GEMMs read (h, da, db, x_perm, dy_perm) are bf16 in the bf16 GEMM mode: the
   // op that writes them rounds once, instead of each GEMM rounding its operand again.
   const DType gemm_only = lc.bf16_operands ? DType::kBF16 : t;
-  // Tensors that grouped expert GEMMs write and only element-wise ops read (a, b, dh, y_perm,
-  // dx_perm) are bf16 in the bf16 GEMM mode too: the GEMM's epilogue rounds once (as autocast's
-  // bf16 matmul outputs), halving the bytes the SwiGLU, combine and gather kernels move.
-  const DType expert_out = lc.bf16_operands ? DType::kBF16 : t;
-  // gemm_out: the dtype of a, b and dh (the MLP's GEMM outputs that SwiGLU reads).
-  auto plan_mlp = [&](const std::string& pre, int64_t rows, int64_t width, DType gemm_out) {
+  // Tensors that GEMMs write and only element-wise ops read (a, b, dh of every SwiGLU MLP, the
+  // experts' y_perm and dx_perm) are bf16 in the bf16 GEMM mode too: the GEMM's epilogue rounds once
+  // (as autocast's bf16 matmul outputs), halving the bytes the SwiGLU, combine and gather kernels move.
+  const DType gemm_out = lc.bf16_operands ? DType::kBF16 : t;
+  auto plan_mlp = [&](const std::string& pre, int64_t rows, int64_t width) {
     acts.add(a(pre + "a"), Shape{rows, width}, gemm_out);   // x W1ᵀ
     acts.add(a(pre + "b"), Shape{rows, width}, gemm_out);   // x W3ᵀ
     acts.add(a(pre + "h"), Shape{rows, width}, gemm_only);  // silu(a) ⊙ b
@@ -42,11 +41,11 @@ void FfnLayer::plan(const LayerContext& lc, Arena& acts) const {
     plan_once(acts, s + "db", Shape{rows, width}, gemm_only);
   };
   if (!moe(lc)) {
-    plan_mlp("", N, c.inter_dim, t);
+    plan_mlp("", N, c.inter_dim);
     return;
   }
   const int64_t E = c.n_routed_experts, K = c.n_activated_experts, NK = N * K;
-  if (c.n_shared_experts > 0) plan_mlp("shared.", N, c.n_shared_experts * c.moe_inter_dim, t);
+  if (c.n_shared_experts > 0) plan_mlp("shared.", N, c.n_shared_experts * c.moe_inter_dim);
   acts.add(a("logits"), Shape{N, E}, t);            // router logits z = u Eᵀ
   acts.add(a("scores"), Shape{N, E}, t);            // s
   acts.add(a("topk_idx"), Shape{N, K}, DType::kI32);
@@ -55,11 +54,11 @@ void FfnLayer::plan(const LayerContext& lc, Arena& acts) const {
   acts.add(a("src_row"), Shape{NK}, DType::kI32);
   acts.add(a("slot_pos"), Shape{N, K}, DType::kI32);
   acts.add(a("x_perm"), Shape{NK, D}, gemm_only);  // token rows sorted by expert
-  acts.add(a("y_perm"), Shape{NK, D}, expert_out);  // expert outputs, same order
+  acts.add(a("y_perm"), Shape{NK, D}, gemm_out);    // expert outputs, same order
   acts.add(fmt::format("stats.{}.counts", l_), Shape{E}, DType::kI32);
-  plan_mlp("experts.", NK, c.moe_inter_dim, expert_out);
+  plan_mlp("experts.", NK, c.moe_inter_dim);
   plan_once(acts, "scratch.moe.dy_perm", Shape{NK, D}, gemm_only);
-  plan_once(acts, "scratch.moe.dx_perm", Shape{NK, D}, expert_out);
+  plan_once(acts, "scratch.moe.dx_perm", Shape{NK, D}, gemm_out);
   plan_once(acts, "scratch.moe.dtopk_w", Shape{N, K}, t);
   plan_once(acts, "scratch.moe.dlogits", Shape{N, E}, t);
 }

@@ -6,7 +6,7 @@
 //   step allowed for a different summation order in a fallback path), and within the bf16 GEMM
 //   tolerance of the CPU; rows past offsets[G] untouched; beta ≠ 0, the f32 mode and the CPU refuse.
 // - swiglu_fwd/bwd on bf16 a, b, dh: the CPU's result on the same (rounded) values, in bf16, to
-//   within one bf16 step (the kernels compute in f32: cuda_bf16_gemm.cpp, expect_bf16_of).
+//   within one bf16 step (the kernels compute in f32: expect_bf16_of, cuda_dual.h).
 // - moe_gather from a bf16 x, moe_gather_bwd from a bf16 dx_perm, moe_combine_fwd/bwd from a bf16
 //   y_perm: bitwise the CPU's result on the same values (the kernels widen bf16 exactly and sum in
 //   double like the CPU); vector (D = 24) and scalar (D = 23) paths.
@@ -165,9 +165,7 @@ TEST(CudaBf16Activations, SwigluOnBf16Inputs) {
     const std::string what = fmt::format("width {}, offset {}", tc.width, tc.offset);
     for (const auto& [got, want, name] : {std::tuple{&h16, &h, "swiglu_fwd h"}, std::tuple{&da16, &da, "swiglu_bwd da"},
                                           std::tuple{&db16, &db, "swiglu_bwd db"}}) {
-      const std::vector<double> g = got->device_values(), w = want->host_values();
-      EXPECT_EQ(count_off_bf16(g, w, g.size()), 0) << name << " on bf16 inputs, " << what;
-      EXPECT_TRUE(got->guard_intact()) << name << ", " << what;
+      expect_bf16_of(*got, *want, fmt::format("{} on bf16 inputs, {}", name, what));
     }
   }
 }
