@@ -91,9 +91,10 @@ bool copy_convertible(DType d) {
 // ---------------------------------------------------------------- MLA split and λ
 
 // The layout shared by forward and backward; names[] = the op's fields for k, v, kv, kr.
-// bf16_out: the op's outputs may be bf16 where output_dtype allows it: k and v, both or neither
-// (forward: the attention's operands), or kv (backward: dkv, read only by W_kvb's backward GEMMs).
-// The op's float type is kr's (never bf16).
+// bf16_out: which tensors may be bf16 where output_dtype allows it: kKV, the forward's k and v (both
+// or neither: the attention's operands) and its input kv (W_kvb's output in the bf16 GEMM mode);
+// kLatent, the backward's dkv (read only by W_kvb's backward GEMMs). The op's float type is kr's
+// (never bf16).
 enum class KvSplitBf16 { kNone, kKV, kLatent };
 KvSplitDims check_kv_split(std::string_view op, const Tensor& k, const Tensor& v, const Tensor& kv, const Tensor& kr,
                            int64_t n_heads, int64_t d_nope, int64_t d_rope, int64_t d_v, int64_t kr_stride,
@@ -122,7 +123,7 @@ KvSplitDims check_kv_split(std::string_view op, const Tensor& k, const Tensor& v
                 names[3], d.rows, d.kr_stride, kr.describe());
   const DType ft = kr.dtype;
   for (size_t i = 0; i < 4; ++i) {
-    const bool may_be_bf16 = (bf16_out == KvSplitBf16::kKV && i < 2) || (bf16_out == KvSplitBf16::kLatent && i == 2);
+    const bool may_be_bf16 = (bf16_out == KvSplitBf16::kKV && i < 3) || (bf16_out == KvSplitBf16::kLatent && i == 2);
     check_dtype(tensors[i], may_be_bf16 ? output_dtype(tensors[i], ft, dev) : ft, op, names[i]);
   }
   DIFFMOE_CHECK(k.dtype == v.dtype, "[{}] {} and {} must have one dtype, got {} and {}", op, names[0], names[1],
@@ -520,8 +521,10 @@ int64_t validate_rope(const RopeArgs& a, Device dev) {
   DIFFMOE_CHECK(a.cos.rank() == 2 && a.cos.dim(1) == a.rope_dim / 2,
                 "[rope] cos must be [max_pos, rope_dim/2 = {}], got {}", a.rope_dim / 2, a.cos.describe());
   check_shape(a.sin, a.cos.shape, kOp, "sin");
-  check_dtype(a.cos, a.x.dtype, kOp, "cos");
-  check_dtype(a.sin, a.x.dtype, kOp, "sin");
+  // x may be bf16 on CUDA (the bf16 GEMM mode's q, written in bf16 by its GEMM): f32 tables.
+  check_bf16_input(a.x, dev, kOp, "x");
+  check_dtype(a.cos, float_type_of(a.x), kOp, "cos");
+  check_dtype(a.sin, float_type_of(a.x), kOp, "sin");
   // The largest position used is pos_offset + min(N, seq_len) − 1.
   const int64_t rows = a.x.dim(0);
   if (rows > 0) {

@@ -21,9 +21,9 @@ void AttentionLayer::plan(const LayerContext& lc, Arena& acts) const {
   // What only GEMMs read (x_norm, c_q, ĉ, Ō) is bf16 in the bf16 GEMM mode: the norm rounds it once.
   const DType gemm_only = lc.bf16_operands ? DType::kBF16 : t;
   // What only the attention reads (q, k, v) is bf16 where the backend's attention takes bf16 (the
-  // tensor-core kernels, which would round them anyway): the split rounds k, v once; q is formed in
-  // f32 in a shared scratch (GEMM, RoPE), then rounded once by a copy. Half the bytes saved, and no
-  // rounding inside attention_fwd and attention_bwd.
+  // tensor-core kernels, which would round them anyway): q's GEMM writes it in bf16 and RoPE rotates
+  // it in place (its rope columns are rounded twice, as under autocast); W_kvb's GEMM writes kv in
+  // bf16 and the split moves it into k, v. Half the bytes, and no rounding inside the attention.
   const DType qkv = bf16_qkv(lc) ? DType::kBF16 : t;
   acts.add(a("x_norm"), Shape{N, D}, gemm_only);  // RMSNorm_attn(x)
   acts.add(a("rstd_x"), Shape{N}, t);
@@ -36,7 +36,7 @@ void AttentionLayer::plan(const LayerContext& lc, Arena& acts) const {
   acts.add(a("kva"), Shape{N, rkv + dr}, t);      // [c ; RoPE(k^R)]
   acts.add(a("rstd_kv"), Shape{N}, t);
   acts.add(a("ckv"), Shape{N, rkv}, gemm_only);   // ĉ = RMSNorm_kv(c)
-  acts.add(a("kv"), Shape{N, H * (dn + dv)}, t);  // ĉ W_kvbᵀ, per head [k^C ; v]
+  plan_once(acts, "scratch.attn.kv", Shape{N, H * (dn + dv)}, qkv);  // ĉ W_kvbᵀ, per head [k^C ; v]: split at once
   acts.add(a("k"), Shape{N, H, dqk}, qkv);
   acts.add(a("v"), Shape{N, H, dv}, qkv);
   acts.add(a("att"), Shape{N, H * dv}, t);        // attention output O (pre-subln when differential)
@@ -47,8 +47,6 @@ void AttentionLayer::plan(const LayerContext& lc, Arena& acts) const {
     acts.add(a("rstd_sub"), Shape{N * H / 2}, t);
     acts.add(a("att_n"), Shape{N, H * dv}, gemm_only);  // (1 − λ_init) · RMSNorm_2dv(O)
   }
-  // Forward scratch for a bf16 q: the f32 x W_qᵀ with RoPE applied, before the rounding copy.
-  if (qkv == DType::kBF16) plan_once(acts, "scratch.attn.q32", Shape{N, H * dqk}, t);
   // Backward scratch, shared by every attention layer.
   plan_once(acts, "scratch.attn.dx_norm", Shape{N, D}, t);
   plan_once(acts, "scratch.attn.dq", Shape{N, H * dqk}, t);
@@ -72,10 +70,8 @@ void AttentionLayer::forward(const LayerContext& lc, const Tensor& x, const Tens
   const int64_t N = lc.tokens(), B = lc.batch, T = lc.seq, H = c.n_heads, dqk = c.d_qk(), dv = c.v_head_dim;
   const int64_t rq = c.q_lora_rank, rkv = c.kv_lora_rank, dr = c.qk_rope_head_dim, dn = c.qk_nope_head_dim;
   const Tensor x_norm = lc.act(a("x_norm")), q = lc.act(a("q")), kva = lc.act(a("kva")), ckv = lc.act(a("ckv"));
-  const Tensor kv = lc.act(a("kv")), k = lc.act(a("k")), v = lc.act(a("v")), att = lc.act(a("att"));
+  const Tensor kv = lc.act("scratch.attn.kv"), k = lc.act(a("k")), v = lc.act(a("v")), att = lc.act(a("att"));
   const Tensor cos = lc.act("rope.cos"), sin = lc.act("rope.sin");
-  // Where the query GEMM and RoPE write: q itself, or the f32 scratch when q is saved in bf16.
-  const Tensor q32 = q.dtype == DType::kBF16 ? lc.act("scratch.attn.q32") : q;
 
   be.rmsnorm_fwd(lc.ctx, {.y = x_norm, .rstd = lc.act(a("rstd_x")), .x = x, .w = lc.param(fmt::format("layers.{}.attn_norm.weight", l_)),
                           .rows = N, .width = c.dim, .eps = c.norm_eps});
@@ -85,12 +81,11 @@ void AttentionLayer::forward(const LayerContext& lc, const Tensor& x, const Tens
     lc.linear(lc.act(a("qa")), x_norm, lc.weight(p("wq_a.weight")));
     be.rmsnorm_fwd(lc.ctx, {.y = lc.act(a("cq")), .rstd = lc.act(a("rstd_q")), .x = lc.act(a("qa")),
                             .w = lc.param(p("q_norm.weight")), .rows = N, .width = rq, .eps = c.norm_eps});
-    lc.linear(q32, lc.act(a("cq")), lc.weight(p("wq_b.weight")));
+    lc.linear(q, lc.act(a("cq")), lc.weight(p("wq_b.weight")));
   } else {
-    lc.linear(q32, x_norm, lc.weight(p("wq.weight")));
+    lc.linear(q, x_norm, lc.weight(p("wq.weight")));
   }
-  be.rope(lc.ctx, {.x = q32, .cos = cos, .sin = sin, .n_heads = H, .head_stride = dqk, .col_offset = dn, .rope_dim = dr, .seq_len = T});
-  if (q32.data != q.data) be.copy(lc.ctx, {.dst = q, .src = q32});  // rounds to bf16 (nearest even), once
+  be.rope(lc.ctx, {.x = q, .cos = cos, .sin = sin, .n_heads = H, .head_stride = dqk, .col_offset = dn, .rope_dim = dr, .seq_len = T});
   // Keys and values: [c ; k^R] = x W_kvaᵀ, ĉ = RMSNorm_kv(c), RoPE(k^R) shared by all heads,
   // [k^C_j ; v_j] = ĉ W_kvb,jᵀ, k_j = [k^C_j ; k^R].
   lc.linear(kva, x_norm, lc.weight(p("wkv_a.weight")));
@@ -98,7 +93,7 @@ void AttentionLayer::forward(const LayerContext& lc, const Tensor& x, const Tens
                           .rows = N, .width = rkv, .x_stride = rkv + dr, .y_stride = rkv, .eps = c.norm_eps});
   be.rope(lc.ctx, {.x = kva, .cos = cos, .sin = sin, .n_heads = 1, .head_stride = rkv + dr, .col_offset = rkv, .rope_dim = dr, .seq_len = T});
   lc.linear(kv, ckv, lc.weight(p("wkv_b.weight")));
-  // k, v in their planned dtype: bf16 ones are rounded by the split.
+  // k, v in their planned dtype (bf16: from a bf16 kv, moved exactly).
   be.mla_kv_split_fwd(lc.ctx, {.k = k, .v = v, .kv = kv, .kr = kva, .n_heads = H, .d_nope = dn, .d_rope = dr, .d_v = dv,
                                .kr_stride = rkv + dr, .kr_offset = rkv});
 

@@ -12,6 +12,8 @@
 //   double like the CPU); vector (D = 24) and scalar (D = 23) paths.
 // - rmsnorm_bwd's bf16 copy of dx (dx16: the residual gradient for the next backward GEMMs) and
 //   mla_kv_split_bwd into a bf16 dkv: bitwise the f32 result rounded once.
+// - RoPE on a bf16 q in place, and mla_kv_split_fwd from a bf16 kv (both written in bf16 by their
+//   GEMMs): the CPU's result on the widened values, rounded (RoPE: within one bf16 step).
 #include <cmath>
 #include <tuple>
 
@@ -320,6 +322,65 @@ TEST(CudaBf16Activations, KvSplitBackwardIntoBf16) {
     EXPECT_EQ(dkv16.device_values(), bf16_copy(dkv, dkv.host().shape).host_values()) << what;
     EXPECT_TRUE(dkv16.guard_intact()) << what;
     EXPECT_EQ(dkr_g.device_values(), dkr.host_values()) << what << ": dkr";
+  }
+}
+
+// RoPE in place on a bf16 x (the bf16 GEMM mode's q, written in bf16 by its GEMM): the CPU's f32
+// rotation of the same (widened) values, rounded to bf16, to within one bf16 step (the GPU may fuse
+// a multiply-add: cuda_vs_cpu.cpp's kRopeTol); columns outside the rope range are untouched. The
+// cases of cuda_vs_cpu.cpp: one pair per thread, and two pairs per thread (8-byte bf16 pieces).
+TEST(CudaBf16Activations, RopeOnBf16) {
+  struct Case {
+    int64_t rows, width, heads, head_stride, col_offset, rope_dim, seq_len, pos_offset;
+  };
+  for (const Case c : {Case{45, 40, 3, 12, 2, 8, 7, 3}, Case{31, 14, 1, 14, 10, 4, 31, 0}, Case{45, 48, 3, 16, 4, 8, 7, 3},
+                       Case{31, 36, 1, 3, 32, 4, 31, 0}})
+    for (bool inverse : {false, true}) {
+      const Shape shape{c.rows, c.width};
+      Dual x(shape), cos(Shape{40, c.rope_dim / 2}), sin(Shape{40, c.rope_dim / 2});
+      x.normal(2700);
+      cos.normal(2701);
+      sin.normal(2702);
+      const Dual x16 = bf16_copy(x, shape), xr = widened(x16, shape);
+      const auto rope = [&](Backend& be, const Tensor& t, Side s) {
+        be.rope({}, {.x = t, .cos = cos[s], .sin = sin[s], .n_heads = c.heads, .head_stride = c.head_stride,
+                     .col_offset = c.col_offset, .rope_dim = c.rope_dim, .seq_len = c.seq_len, .pos_offset = c.pos_offset,
+                     .inverse = inverse});
+      };
+      rope(cpu(), xr[Side::kCpu], Side::kCpu);
+      rope(gpu(), x16[Side::kGpu], Side::kGpu);
+      gpu().synchronize({});
+      expect_bf16_of(x16, xr, fmt::format("rope on bf16, heads={} width={} inverse={}", c.heads, c.width, inverse));
+    }
+}
+
+// mla_kv_split_fwd from a bf16 kv (W_kvb's output in the bf16 mode) into bf16 k, v: kv's values moved
+// exactly and kr's (f32) rounded once: bitwise the CPU's split of the widened kv, rounded.
+TEST(CudaBf16Activations, KvSplitFromBf16Kv) {
+  struct Case {
+    int64_t N, H, dn, dr, dv, kr_stride, kr_offset;
+  };
+  for (const Case c : {Case{13, 3, 4, 2, 5, 9, 6}, Case{37, 3, 8, 4, 12, 20, 16}}) {
+    const int64_t N = c.N, H = c.H, dqk = c.dn + c.dr;
+    const Shape kv_shape{N, H * (c.dn + c.dv)}, k_shape{N, H, dqk}, v_shape{N, H, c.dv};
+    Dual kv(kv_shape), kr(Shape{N, c.kr_stride}), k(k_shape), v(v_shape);
+    Dual k16(k_shape, DType::kBF16), v16(v_shape, DType::kBF16);
+    kv.normal(2800);
+    kr.normal(2801);
+    k16.poison();
+    v16.poison();
+    const Dual kv16 = bf16_copy(kv, kv_shape), kvr = widened(kv16, kv_shape);
+    const auto split = [&](Backend& be, Side s, const Tensor& kt, const Tensor& vt, const Tensor& kvt) {
+      be.mla_kv_split_fwd({}, {.k = kt, .v = vt, .kv = kvt, .kr = kr[s], .n_heads = H, .d_nope = c.dn, .d_rope = c.dr,
+                               .d_v = c.dv, .kr_stride = c.kr_stride, .kr_offset = c.kr_offset});
+    };
+    split(cpu(), Side::kCpu, k[Side::kCpu], v[Side::kCpu], kvr[Side::kCpu]);
+    split(gpu(), Side::kGpu, k16[Side::kGpu], v16[Side::kGpu], kv16[Side::kGpu]);
+    gpu().synchronize({});
+    const std::string what = fmt::format("mla_kv_split_fwd from a bf16 kv, dn={} dr={} dv={}", c.dn, c.dr, c.dv);
+    EXPECT_EQ(k16.device_values(), bf16_copy(k, k_shape).host_values()) << what << ": k";
+    EXPECT_EQ(v16.device_values(), bf16_copy(v, v_shape).host_values()) << what << ": v";
+    EXPECT_TRUE(k16.guard_intact() && v16.guard_intact()) << what;
   }
 }
 

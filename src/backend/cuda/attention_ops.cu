@@ -53,10 +53,11 @@ struct KvSplitShape {
 
 // k[n, h] = [kv[n, h, :d_nope] ; kr[n]],  v[n, h] = kv[n, h, d_nope:]
 // Items of token n: (head h, column c of [k ; v]) in pieces of kStep columns. Out = float, or bf16
-// in the bf16 GEMM mode (each f32 value rounded once, the attention's operands: op_args.h).
-template <class Out, bool kVec4>
+// in the bf16 GEMM mode (each f32 value rounded once, the attention's operands: op_args.h). In = kv's
+// type: float, or bf16 where W_kvb's GEMM wrote kv in bf16 (then its values move exactly).
+template <class Out, class In, bool kVec4>
 __global__ void __launch_bounds__(kThreads) kv_split_fwd_kernel(Out* __restrict__ k, Out* __restrict__ v,
-                                                                 const float* __restrict__ kv,
+                                                                 const In* __restrict__ kv,
                                                                  const float* __restrict__ kr, RowItems ri,
                                                                  KvSplitShape sh) {
   constexpr int kStep = kVec4 ? kVec : 1;
@@ -64,20 +65,18 @@ __global__ void __launch_bounds__(kThreads) kv_split_fwd_kernel(Out* __restrict_
   for_each_row_item(ri, [&](int64_t n, int32_t item) {
     const int32_t h = item / per_head, c = (item - h * per_head) * kStep;
     const int64_t nh = n * sh.n_heads + h;
-    const float* src;
-    Out* dst;
-    if (c < sh.d_nope) {
-      src = kv + nh * (sh.d_nope + sh.d_v) + c;
-      dst = k + nh * d_qk + c;
-    } else if (c < d_qk) {
-      src = kr + n * sh.kr_stride + sh.kr_offset + (c - sh.d_nope);
-      dst = k + nh * d_qk + c;
-    } else {
-      src = kv + nh * (sh.d_nope + sh.d_v) + sh.d_nope + (c - d_qk);
-      dst = v + nh * sh.d_v + (c - d_qk);
+    // The rope key columns come from kr (f32), the rest from kv (In).
+    if (c >= sh.d_nope && c < d_qk) {
+      const float* src = kr + n * sh.kr_stride + sh.kr_offset + (c - sh.d_nope);
+      Out* dst = k + nh * d_qk + c;
+      if constexpr (kVec4) store4(dst, load4(src));
+      else store1(dst, *src);
+      return;
     }
+    const In* src = kv + nh * (sh.d_nope + sh.d_v) + (c < sh.d_nope ? c : sh.d_nope + (c - d_qk));
+    Out* dst = c < sh.d_nope ? k + nh * d_qk + c : v + nh * sh.d_v + (c - d_qk);
     if constexpr (kVec4) store4(dst, load4(src));
-    else store1(dst, *src);
+    else store1(dst, load1(src));
   });
 }
 
@@ -378,22 +377,27 @@ void CudaBackend::mla_kv_split_fwd(Context ctx, const MlaKvSplitFwdArgs& a) {
   const OpScope profile_scope(*this, stream(ctx), "mla_kv_split_fwd");
   constexpr std::string_view kOp = "mla_kv_split_fwd";
   const KvSplitDims d = validate_mla_kv_split_fwd(a, Device::kCUDA);
-  require_f32(a.kv, kOp);
+  require_f32(a.kr, kOp);
   if (d.rows * a.n_heads * (d.d_qk + a.d_v) == 0) return;
   const KvSplitShape sh = kv_split_shape(a.n_heads, a.d_nope, a.d_rope, a.d_v, d.kr_stride, a.kr_offset, kOp);
-  const auto launch = [&](auto* k, auto* v) {
+  const auto launch = [&](auto* k, auto* v, const auto* kv) {
     using Out = std::remove_pointer_t<decltype(k)>;
-    const bool vec4 = kv_split_vec4(sh, {f32(a.kv), f32(a.kr)}) && vec_aligned(k) && vec_aligned(v);
+    using In = std::remove_const_t<std::remove_pointer_t<decltype(kv)>>;
+    const bool vec4 = kv_split_vec4(sh, {f32(a.kr)}) && vec_aligned(kv) && vec_aligned(k) && vec_aligned(v);
     const int64_t step = vec4 ? kVec : 1;
     const RowItems ri = row_items(d.rows, a.n_heads * (d.d_qk + a.d_v) / step, kOp);
     if (vec4)
-      kv_split_fwd_kernel<Out, true><<<row_items_grid(ri), kThreads, 0, stream(ctx)>>>(k, v, f32(a.kv), f32(a.kr), ri, sh);
+      kv_split_fwd_kernel<Out, In, true><<<row_items_grid(ri), kThreads, 0, stream(ctx)>>>(k, v, kv, f32(a.kr), ri, sh);
     else
-      kv_split_fwd_kernel<Out, false><<<row_items_grid(ri), kThreads, 0, stream(ctx)>>>(k, v, f32(a.kv), f32(a.kr), ri, sh);
+      kv_split_fwd_kernel<Out, In, false><<<row_items_grid(ri), kThreads, 0, stream(ctx)>>>(k, v, kv, f32(a.kr), ri, sh);
     CUDA_CHECK_LAUNCH(kOp);
   };
-  if (a.k.dtype == DType::kBF16) launch(static_cast<__nv_bfloat16*>(a.k.data), static_cast<__nv_bfloat16*>(a.v.data));
-  else launch(f32(a.k), f32(a.v));
+  const auto with_kv = [&](auto* k, auto* v) {
+    if (a.kv.dtype == DType::kBF16) launch(k, v, static_cast<const __nv_bfloat16*>(a.kv.data));
+    else launch(k, v, static_cast<const float*>(a.kv.data));
+  };
+  if (a.k.dtype == DType::kBF16) with_kv(static_cast<__nv_bfloat16*>(a.k.data), static_cast<__nv_bfloat16*>(a.v.data));
+  else with_kv(f32(a.k), f32(a.v));
 }
 
 void CudaBackend::mla_kv_split_bwd(Context ctx, const MlaKvSplitBwdArgs& a) {

@@ -4,7 +4,10 @@
 // division per element): an item is two pairs (one float4, cos/sin as float2) when the row width,
 // head stride, column offset and rope_dim/2 allow aligned pieces, else one pair. Each value is read
 // before it is written, and no two threads share a pair, so in place is safe. f32 arithmetic, as
-// the CPU's f32 path does it (the GPU may fuse the multiply-adds: last-bit differences).
+// the CPU's f32 path does it (the GPU may fuse the multiply-adds: last-bit differences). x may be
+// bf16 (the bf16 GEMM mode's q, which its GEMM wrote in bf16): widened, rotated in f32, rounded once.
+#include <type_traits>
+
 #include "backend/cuda/cuda_common.cuh"
 #include "backend/cuda/elementwise.cuh"
 #include "backend/op_validation.h"
@@ -27,8 +30,8 @@ __device__ __forceinline__ void rotate(float& x0, float& x1, float c, float s) {
   x1 = r1;
 }
 
-template <bool kTwoPairs>
-__global__ void __launch_bounds__(kThreads) rope_kernel(float* x, const float* cos_tab, const float* sin_tab,
+template <class T, bool kTwoPairs>  // T: float, or bf16
+__global__ void __launch_bounds__(kThreads) rope_kernel(T* x, const float* cos_tab, const float* sin_tab,
                                                         RowItems ri, RopeShape sh) {
   constexpr int kPairs = kTwoPairs ? 2 : 1;  // pairs per item
   for_each_row_item(ri, [&](int64_t n, int32_t item) {
@@ -37,7 +40,7 @@ __global__ void __launch_bounds__(kThreads) rope_kernel(float* x, const float* c
     const int64_t pos = sh.pos_offset + mod_nonneg(n, sh.seq_len);
     const float* c = cos_tab + pos * sh.half + i;
     const float* s = sin_tab + pos * sh.half + i;
-    float* pair = x + n * sh.width + h * sh.head_stride + sh.col_offset + 2 * i;
+    T* pair = x + n * sh.width + h * sh.head_stride + sh.col_offset + 2 * i;
     if constexpr (kTwoPairs) {
       float4 v = load4(pair);
       const float2 cv = *reinterpret_cast<const float2*>(c), sv = *reinterpret_cast<const float2*>(s);
@@ -45,10 +48,10 @@ __global__ void __launch_bounds__(kThreads) rope_kernel(float* x, const float* c
       rotate(v.z, v.w, cv.y, sh.sign * sv.y);
       store4(pair, v);
     } else {
-      float x0 = pair[0], x1 = pair[1];
+      float x0 = load1(pair), x1 = load1(pair + 1);
       rotate(x0, x1, c[0], sh.sign * s[0]);
-      pair[0] = x0;
-      pair[1] = x1;
+      store1(pair, x0);
+      store1(pair + 1, x1);
     }
   });
 }
@@ -58,12 +61,14 @@ __global__ void __launch_bounds__(kThreads) rope_kernel(float* x, const float* c
 void CudaBackend::rope(Context ctx, const RopeArgs& a) {
   const OpScope profile_scope(*this, stream(ctx), "rope");
   const int64_t width = validate_rope(a, Device::kCUDA);
-  require_f32(a.x, "rope");
+  require_f32_or_bf16(a.x, "rope", "x");
+  const bool bf16 = a.x.dtype == DType::kBF16;
   const int64_t rows = a.x.dim(0), half = a.rope_dim / 2;
   if (rows == 0) return;
   // Two pairs per item: float4 rows of x (every pair group starts on 16 bytes) and float2 table rows.
   const int64_t head_stride = a.n_heads > 1 ? a.head_stride : 0;  // unused with one head
-  const bool two_pairs = half % 2 == 0 && vec_sizes({width, head_stride, a.col_offset}) && vec_aligned(f32(a.x)) &&
+  const bool x_aligned = bf16 ? vec_aligned(static_cast<const __nv_bfloat16*>(a.x.data)) : vec_aligned(f32(a.x));
+  const bool two_pairs = half % 2 == 0 && vec_sizes({width, head_stride, a.col_offset}) && x_aligned &&
                          reinterpret_cast<uintptr_t>(a.cos.data) % 8 == 0 &&
                          reinterpret_cast<uintptr_t>(a.sin.data) % 8 == 0;
   const int64_t items_per_head = two_pairs ? half / 2 : half;
@@ -72,11 +77,16 @@ void CudaBackend::rope(Context ctx, const RopeArgs& a) {
   const RopeShape sh{.width = width, .head_stride = a.head_stride, .col_offset = a.col_offset, .half = half,
                      .seq_len = a.seq_len, .pos_offset = a.pos_offset,
                      .items_per_head = static_cast<int32_t>(items_per_head), .sign = a.inverse ? -1.0f : 1.0f};
-  if (two_pairs)
-    rope_kernel<true><<<row_items_grid(ri), kThreads, 0, stream(ctx)>>>(f32(a.x), f32(a.cos), f32(a.sin), ri, sh);
-  else
-    rope_kernel<false><<<row_items_grid(ri), kThreads, 0, stream(ctx)>>>(f32(a.x), f32(a.cos), f32(a.sin), ri, sh);
-  CUDA_CHECK_LAUNCH("rope");
+  const auto launch = [&](auto* x) {
+    using T = std::remove_pointer_t<decltype(x)>;
+    if (two_pairs)
+      rope_kernel<T, true><<<row_items_grid(ri), kThreads, 0, stream(ctx)>>>(x, f32(a.cos), f32(a.sin), ri, sh);
+    else
+      rope_kernel<T, false><<<row_items_grid(ri), kThreads, 0, stream(ctx)>>>(x, f32(a.cos), f32(a.sin), ri, sh);
+    CUDA_CHECK_LAUNCH("rope");
+  };
+  if (bf16) launch(static_cast<__nv_bfloat16*>(a.x.data));
+  else launch(f32(a.x));
 }
 
 }  // namespace diffmoe
