@@ -241,6 +241,7 @@ void check_plan(const Tensor& slot_pos, int64_t n_tokens, Device dev, std::strin
 
 CrossEntropyDims check_logits(const Tensor& logits, const Tensor& targets, Device dev, std::string_view op) {
   check_device(logits, dev, op, "logits");
+  check_bf16_input(logits, dev, op, "logits");
   check_device(targets, dev, op, "targets");
   DIFFMOE_CHECK(logits.rank() == 2 && logits.dim(1) > 0, "[{}] logits must be [N, V] with V > 0, got {}", op,
                 logits.describe());
@@ -785,20 +786,22 @@ void validate_moe_bias_update(const MoeBiasUpdateArgs& a, Device dev) {
 CrossEntropyDims validate_cross_entropy_fwd(const CrossEntropyFwdArgs& a, Device dev) {
   constexpr std::string_view kOp = "cross_entropy_fwd";
   const CrossEntropyDims d = check_logits(a.logits, a.targets, dev, kOp);
+  const DType ft = float_type_of(a.logits);  // logits may be bf16 on CUDA (the bf16 GEMM mode)
   check_device(a.loss_sum, dev, kOp, "loss_sum");
   check_shape(a.loss_sum, Shape{1}, kOp, "loss_sum");
-  check_dtype(a.loss_sum, a.logits.dtype, kOp, "loss_sum");
-  check_valid(a.valid, a.logits.dtype, dev, kOp);
+  check_dtype(a.loss_sum, ft, kOp, "loss_sum");
+  check_valid(a.valid, ft, dev, kOp);
   return d;
 }
 
 CrossEntropyDims validate_cross_entropy_bwd(const CrossEntropyBwdArgs& a, Device dev) {
   constexpr std::string_view kOp = "cross_entropy_bwd";
   const CrossEntropyDims d = check_logits(a.logits, a.targets, dev, kOp);
+  const DType ft = float_type_of(a.logits);
   check_device(a.dlogits, dev, kOp, "dlogits");
   check_shape(a.dlogits, a.logits.shape, kOp, "dlogits");
-  check_dtype(a.dlogits, output_dtype(a.dlogits, a.logits.dtype, dev), kOp, "dlogits");
-  check_valid(a.valid, a.logits.dtype, dev, kOp);
+  check_dtype(a.dlogits, output_dtype(a.dlogits, ft, dev), kOp, "dlogits");
+  check_valid(a.valid, ft, dev, kOp);
   return d;
 }
 

@@ -125,7 +125,9 @@ void Model::set_batch_shape(int64_t batch, int64_t seq) {
   }
   acts_.add("act.final.x_norm", Shape{N, D}, bf16_operands_ ? DType::kBF16 : dtype_);  // read by the head's GEMMs only
   acts_.add("act.final.rstd", Shape{N}, dtype_);
-  acts_.add("act.final.logits", Shape{N, cfg_.vocab_size}, dtype_);
+  // The head's GEMM output, read by the cross-entropy only: bf16 in the bf16 GEMM mode (rounded once
+  // by the GEMM, as under autocast; the loss widens it and computes in f32/f64).
+  acts_.add("act.final.logits", Shape{N, cfg_.vocab_size}, bf16_operands_ ? DType::kBF16 : dtype_);
   // Read only by the head's two GEMMs: bf16 in the bf16 GEMM mode (the CE backward rounds it).
   acts_.add("scratch.dlogits", Shape{N, cfg_.vocab_size}, bf16_operands_ ? DType::kBF16 : dtype_);
   acts_.add("scratch.dx_norm", Shape{N, D}, dtype_);

@@ -14,6 +14,7 @@
 //   mla_kv_split_bwd into a bf16 dkv: bitwise the f32 result rounded once.
 // - RoPE on a bf16 q in place, and mla_kv_split_fwd from a bf16 kv (both written in bf16 by their
 //   GEMMs): the CPU's result on the widened values, rounded (RoPE: within one bf16 step).
+// - cross_entropy_fwd/bwd on bf16 logits (the head's output): the CPU's on the widened values.
 #include <cmath>
 #include <tuple>
 
@@ -381,6 +382,50 @@ TEST(CudaBf16Activations, KvSplitFromBf16Kv) {
     EXPECT_EQ(k16.device_values(), bf16_copy(k, k_shape).host_values()) << what << ": k";
     EXPECT_EQ(v16.device_values(), bf16_copy(v, v_shape).host_values()) << what << ": v";
     EXPECT_TRUE(k16.guard_intact() && v16.guard_intact()) << what;
+  }
+}
+
+// Cross-entropy on bf16 logits (the head's GEMM output in the bf16 mode): the CPU's loss and gradient
+// on the widened values, with cuda_vs_cpu_moe.cpp's tolerance (f32 exp against f64; the widening is
+// exact), dlogits in f32 and in bf16 (within one bf16 step). Paths: the row cached in shared memory
+// as bf16 (V = 1000: 8-byte pieces by cp.async; V = 1001: element copies and −inf padding) and
+// streamed from global memory (V = 120000 needs 240 KB of bf16, over an H100's 227 KB per block).
+TEST(CudaBf16Activations, CrossEntropyOnBf16Logits) {
+  const Tol kCeTol{1e-5, 1e-8, "f32 exp vs f64 exp, f64 sums (cuda_vs_cpu_moe.cpp)"};
+  struct Case {
+    int64_t N, V;
+  };
+  for (const Case c : {Case{57, 1001}, Case{57, 1000}, Case{3, 120000}}) {
+    const int64_t N = c.N, V = c.V;
+    const Shape shape{N, V};
+    Dual logits(shape), targets(Shape{N}, DType::kI32), loss(Shape{1}), valid(Shape{1});
+    logits.normal(2900, 3.0);
+    const Dual l16 = bf16_copy(logits, shape), lr = widened(l16, shape);
+    std::vector<double> t(static_cast<size_t>(N));
+    for (int64_t n = 0; n < N; ++n) t[static_cast<size_t>(n)] = n % 5 == 3 || n == 1 ? -1 : (n * 389) % V;
+    targets.set(t);
+    loss.set({1.5});
+    valid.set({3});
+    run_both([&](Backend& be, Side s) {
+      be.cross_entropy_fwd({}, {.loss_sum = loss[s], .valid = valid[s], .logits = s == Side::kGpu ? l16[s] : lr[s],
+                                .targets = targets[s]});
+    });
+    const std::string what = fmt::format("on bf16 logits, N={} V={}", N, V);
+    expect_close(loss, kCeTol, "cross_entropy_fwd loss_sum " + what);
+    expect_close(valid, kExact, "cross_entropy_fwd valid " + what);
+    Dual dl(shape), dl16(shape, DType::kBF16), dl_ref(shape);
+    dl.poison();
+    dl16.poison();
+    const auto bwd = [&](Backend& be, Side s, const Tensor& out) {
+      be.cross_entropy_bwd({}, {.dlogits = out, .logits = s == Side::kGpu ? l16[s] : lr[s], .targets = targets[s],
+                                .valid = valid[s], .grad_scale = 0.7});
+    };
+    run_both([&](Backend& be, Side s) { bwd(be, s, dl[s]); });
+    expect_close(dl, kCeTol, "cross_entropy_bwd f32 dlogits " + what);
+    bwd(cpu(), Side::kCpu, dl_ref[Side::kCpu]);
+    bwd(gpu(), Side::kGpu, dl16[Side::kGpu]);
+    gpu().synchronize({});
+    expect_bf16_of(dl16, dl_ref, "cross_entropy_bwd bf16 dlogits " + what);
   }
 }
 

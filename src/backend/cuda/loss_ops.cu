@@ -11,6 +11,9 @@
 // - Streaming path (larger vocabularies): the same passes over the row in global memory.
 // - Both read the row as float4 pieces where V % 4 == 0 and the rows are aligned (elementwise.cuh),
 //   else element by element (the cache is padded with −inf to whole pieces).
+// - Logits are f32, or bf16 in the bf16 GEMM mode (the head's GEMM writes them rounded once, as
+//   under autocast): the row moves (and is cached) in bf16, half the bytes, and every value is
+//   widened exactly to f32 before the same arithmetic.
 // Arithmetic: exp in f32 (V exps per row; f64 would make this op compute-bound). Σ exp: each float4
 // piece's four terms in f32, the pieces in double (relative error ≤ 3·2^-24 per piece, below the
 // f32 exp's own); probabilities p = exp(z − lse) with z − lse in f32 from lse split into two floats
@@ -40,11 +43,12 @@ constexpr size_t kStaticSmemBytes = kWarp * (sizeof(float) + sizeof(double));  /
 // Pieces of four values in a row of V: the last one padded (with −inf) when V % 4 ≠ 0.
 __host__ __device__ constexpr int64_t pieces_of(int64_t vocab) { return (vocab + kVec - 1) / kVec; }
 
-// The row's source: its copy in shared memory (kCached; always whole float4 pieces) or the row in
-// global memory, as float4 pieces (kVec4) or element by element (−inf past the end).
-template <bool kCached, bool kVec4>
+// The row's source: its copy in shared memory (kCached; always whole pieces of four) or the row in
+// global memory, as pieces of four (kVec4) or element by element (−inf past the end). T: float or
+// bf16 (widened exactly).
+template <class T, bool kCached, bool kVec4>
 struct RowSource {
-  const float* p;
+  const T* p;
   int64_t vocab;
   __device__ __forceinline__ float4 piece(int64_t i) const {
     if constexpr (kCached || kVec4) {
@@ -52,24 +56,31 @@ struct RowSource {
     } else {
       float4 v;
 #pragma unroll
-      for (int j = 0; j < kVec; ++j) at(v, j) = i * kVec + j < vocab ? p[i * kVec + j] : -INFINITY;
+      for (int j = 0; j < kVec; ++j) at(v, j) = i * kVec + j < vocab ? load1(p + i * kVec + j) : -INFINITY;
       return v;
     }
   }
-  __device__ __forceinline__ float value(int64_t j) const { return p[j]; }
+  __device__ __forceinline__ float value(int64_t j) const { return load1(p + j); }
 };
 
-// Copies row[0, V) into cache by cp.async (16-byte pieces when kVec4, else 4-byte values) and pads
-// it with −inf to whole pieces; returns after a barrier, so the block sees the whole row.
-template <bool kVec4>
-__device__ void cache_row(float* cache, const float* row, int64_t vocab) {
+__device__ __forceinline__ void set_neg_inf(float* p) { *p = -INFINITY; }
+__device__ __forceinline__ void set_neg_inf(__nv_bfloat16* p) { *p = __float2bfloat16_rn(-INFINITY); }
+
+// Copies row[0, V) into cache by cp.async (pieces of four values, 16 or 8 bytes, when kVec4; else
+// f32 values by cp.async and bf16 ones, 2 bytes, by plain loads and stores) and pads it with −inf to
+// whole pieces; returns after a barrier, so the block sees the whole row.
+template <class T, bool kVec4>
+__device__ void cache_row(T* cache, const T* row, int64_t vocab) {
   if constexpr (kVec4) {
     for (int64_t i = threadIdx.x; i < vocab / kVec; i += blockDim.x)
-      __pipeline_memcpy_async(cache + i * kVec, row + i * kVec, sizeof(float4));
+      __pipeline_memcpy_async(cache + i * kVec, row + i * kVec, kVec * sizeof(T));
+  } else if constexpr (sizeof(T) == 4) {
+    for (int64_t j = threadIdx.x; j < vocab; j += blockDim.x) __pipeline_memcpy_async(cache + j, row + j, sizeof(T));
   } else {
-    for (int64_t j = threadIdx.x; j < vocab; j += blockDim.x) __pipeline_memcpy_async(cache + j, row + j, sizeof(float));
-    for (int64_t j = vocab + threadIdx.x; j < pieces_of(vocab) * kVec; j += blockDim.x) cache[j] = -INFINITY;
+    for (int64_t j = threadIdx.x; j < vocab; j += blockDim.x) cache[j] = row[j];
   }
+  if constexpr (!kVec4)
+    for (int64_t j = vocab + threadIdx.x; j < pieces_of(vocab) * kVec; j += blockDim.x) set_neg_inf(cache + j);
   __pipeline_commit();
   __pipeline_wait_prior(0);
   __syncthreads();
@@ -95,11 +106,12 @@ __device__ double row_logsumexp(const Source& src, float* red_f, double* red_d) 
 }
 
 // row_loss[n] = logsumexp(logits[n]) − logits[n, target[n]], 0 for ignored rows.
-template <bool kCached, bool kVec4, int kBlock>
-__global__ void __launch_bounds__(kBlock) cross_entropy_rows_kernel(double* row_loss, const float* logits,
+template <class T, bool kCached, bool kVec4, int kBlock>
+__global__ void __launch_bounds__(kBlock) cross_entropy_rows_kernel(double* row_loss, const T* logits,
                                                                     const int32_t* targets, int64_t rows, int64_t vocab,
                                                                     DeviceIssue* issue) {
-  extern __shared__ __align__(16) float ce_cache[];  // kCached: [pieces_of(vocab) · 4]
+  extern __shared__ __align__(16) unsigned char ce_smem[];  // kCached: T [pieces_of(vocab) · 4]
+  T* ce_cache = reinterpret_cast<T*>(ce_smem);
   __shared__ float red_f[kWarp];
   __shared__ double red_d[kWarp];
   for (int64_t n = blockIdx.x; n < rows; n += gridDim.x) {
@@ -109,9 +121,9 @@ __global__ void __launch_bounds__(kBlock) cross_entropy_rows_kernel(double* row_
       if (threadIdx.x == 0) row_loss[n] = 0.0;
       continue;
     }
-    const float* row = logits + n * vocab;
-    if constexpr (kCached) cache_row<kVec4>(ce_cache, row, vocab);
-    const RowSource<kCached, kVec4> src{kCached ? ce_cache : row, vocab};
+    const T* row = logits + n * vocab;
+    if constexpr (kCached) cache_row<T, kVec4>(ce_cache, row, vocab);
+    const RowSource<T, kCached, kVec4> src{kCached ? ce_cache : row, vocab};
     const double lse = row_logsumexp(src, red_f, red_d);
     if (threadIdx.x == 0) row_loss[n] = lse - src.value(tgt);
     if constexpr (kCached) __syncthreads();  // the cache is refilled for the next row
@@ -139,12 +151,13 @@ __global__ void cross_entropy_total_kernel(float* loss_sum, void* valid, bool va
 // dlogits = grad_scale · (softmax − onehot(target)) / valid[0]; ignored rows (and all rows when
 // valid[0] = 0) get 0.
 // Out: float, or bf16 in the bf16 GEMM mode (dlogits only feeds the head's two GEMMs).
-template <class Out, bool kCached, bool kVec4, int kBlock>
-__global__ void __launch_bounds__(kBlock) cross_entropy_bwd_kernel(Out* dlogits, const float* logits,
+template <class Out, class T, bool kCached, bool kVec4, int kBlock>
+__global__ void __launch_bounds__(kBlock) cross_entropy_bwd_kernel(Out* dlogits, const T* logits,
                                                                    const int32_t* targets, const void* valid,
                                                                    bool valid_is_i32, double grad_scale, int64_t rows,
                                                                    int64_t vocab, DeviceIssue* issue) {
-  extern __shared__ __align__(16) float ce_cache[];  // kCached: [pieces_of(vocab) · 4]
+  extern __shared__ __align__(16) unsigned char ce_smem[];  // kCached: T [pieces_of(vocab) · 4]
+  T* ce_cache = reinterpret_cast<T*>(ce_smem);
   __shared__ float red_f[kWarp];
   __shared__ double red_d[kWarp];
   const double n_valid = valid_is_i32 ? static_cast<double>(static_cast<const int32_t*>(valid)[0])
@@ -163,9 +176,9 @@ __global__ void __launch_bounds__(kBlock) cross_entropy_bwd_kernel(Out* dlogits,
       }
       continue;
     }
-    const float* row = logits + n * vocab;
-    if constexpr (kCached) cache_row<kVec4>(ce_cache, row, vocab);
-    const RowSource<kCached, kVec4> src{kCached ? ce_cache : row, vocab};
+    const T* row = logits + n * vocab;
+    if constexpr (kCached) cache_row<T, kVec4>(ce_cache, row, vocab);
+    const RowSource<T, kCached, kVec4> src{kCached ? ce_cache : row, vocab};
     const double lse = row_logsumexp(src, red_f, red_d);
     // z − lse = (z − hi) − lo with lse = hi + lo (two floats): f32 arithmetic, ≤ 1 ulp of the result.
     const float lse_hi = static_cast<float>(lse), lse_lo = static_cast<float>(lse - lse_hi);
@@ -192,9 +205,10 @@ __global__ void __launch_bounds__(kBlock) cross_entropy_bwd_kernel(Out* dlogits,
 
 unsigned row_blocks(int64_t rows) { return static_cast<unsigned>(std::min<int64_t>(rows, kMaxGrid)); }
 
-// The cached path's dynamic shared memory, or 0 when the row does not fit (streaming path).
-size_t cached_row_bytes(const CudaBackend& be, int64_t vocab) {
-  const size_t bytes = static_cast<size_t>(pieces_of(vocab)) * sizeof(float4);
+// The cached path's dynamic shared memory for rows of elem_bytes values, or 0 when the row does not
+// fit (streaming path).
+size_t cached_row_bytes(const CudaBackend& be, int64_t vocab, size_t elem_bytes) {
+  const size_t bytes = static_cast<size_t>(pieces_of(vocab)) * kVec * elem_bytes;
   return bytes + kStaticSmemBytes <= be.max_shared_bytes() ? bytes : 0;
 }
 
@@ -210,21 +224,26 @@ void CudaBackend::cross_entropy_fwd(Context ctx, const CrossEntropyFwdArgs& a) {
   const OpScope profile_scope(*this, stream(ctx), "cross_entropy_fwd");
   constexpr std::string_view kOp = "cross_entropy_fwd";
   const CrossEntropyDims d = validate_cross_entropy_fwd(a, Device::kCUDA);
-  require_f32(a.logits, kOp);
+  require_f32_or_bf16(a.logits, kOp, "logits");
   if (d.rows == 0) return;
   const cudaStream_t s = stream(ctx);
   auto* row_loss = static_cast<double*>(scratch(static_cast<size_t>(d.rows) * sizeof(double)));
-  const size_t cache = cached_row_bytes(*this, d.vocab);
-  const bool vec4 = vec_sizes({d.vocab}) && vec_aligned(f32(a.logits));
-  const auto launch = [&](auto kernel, int threads, size_t smem) {
-    allow_smem(kernel, smem);
-    kernel<<<row_blocks(d.rows), threads, smem, s>>>(row_loss, f32(a.logits), i32(a.targets), d.rows, d.vocab, issue());
-    CUDA_CHECK_LAUNCH(kOp);
+  const auto run = [&](const auto* logits) {
+    using T = std::remove_const_t<std::remove_pointer_t<decltype(logits)>>;
+    const size_t cache = cached_row_bytes(*this, d.vocab, sizeof(T));
+    const bool vec4 = vec_sizes({d.vocab}) && vec_aligned(logits);
+    const auto launch = [&](auto kernel, int threads, size_t smem) {
+      allow_smem(kernel, smem);
+      kernel<<<row_blocks(d.rows), threads, smem, s>>>(row_loss, logits, i32(a.targets), d.rows, d.vocab, issue());
+      CUDA_CHECK_LAUNCH(kOp);
+    };
+    if (cache > 0 && vec4) launch(cross_entropy_rows_kernel<T, true, true, kCachedThreads>, kCachedThreads, cache);
+    else if (cache > 0) launch(cross_entropy_rows_kernel<T, true, false, kCachedThreads>, kCachedThreads, cache);
+    else if (vec4) launch(cross_entropy_rows_kernel<T, false, true, kRowThreads>, kRowThreads, 0);
+    else launch(cross_entropy_rows_kernel<T, false, false, kRowThreads>, kRowThreads, 0);
   };
-  if (cache > 0 && vec4) launch(cross_entropy_rows_kernel<true, true, kCachedThreads>, kCachedThreads, cache);
-  else if (cache > 0) launch(cross_entropy_rows_kernel<true, false, kCachedThreads>, kCachedThreads, cache);
-  else if (vec4) launch(cross_entropy_rows_kernel<false, true, kRowThreads>, kRowThreads, 0);
-  else launch(cross_entropy_rows_kernel<false, false, kRowThreads>, kRowThreads, 0);
+  if (a.logits.dtype == DType::kBF16) run(static_cast<const __nv_bfloat16*>(a.logits.data));
+  else run(static_cast<const float*>(a.logits.data));
   cross_entropy_total_kernel<<<1, 1024, 0, s>>>(f32(a.loss_sum), a.valid.data, a.valid.dtype == DType::kI32, row_loss,
                                                 i32(a.targets), d.rows, d.vocab);
   CUDA_CHECK_LAUNCH(kOp);
@@ -234,26 +253,31 @@ void CudaBackend::cross_entropy_bwd(Context ctx, const CrossEntropyBwdArgs& a) {
   const OpScope profile_scope(*this, stream(ctx), "cross_entropy_bwd");
   constexpr std::string_view kOp = "cross_entropy_bwd";
   const CrossEntropyDims d = validate_cross_entropy_bwd(a, Device::kCUDA);
-  require_f32(a.logits, kOp);
+  require_f32_or_bf16(a.logits, kOp, "logits");
   if (d.rows == 0) return;
-  const size_t cache = cached_row_bytes(*this, d.vocab);
-  const auto run = [&](auto* dlogits) {
+  const auto run = [&](auto* dlogits, const auto* logits) {
     using Out = std::remove_pointer_t<decltype(dlogits)>;
-    const bool vec4 = vec_sizes({d.vocab}) && vec_aligned(f32(a.logits)) && vec_aligned(dlogits);
+    using T = std::remove_const_t<std::remove_pointer_t<decltype(logits)>>;
+    const size_t cache = cached_row_bytes(*this, d.vocab, sizeof(T));
+    const bool vec4 = vec_sizes({d.vocab}) && vec_aligned(logits) && vec_aligned(dlogits);
     const auto launch = [&](auto kernel, int threads, size_t smem) {
       allow_smem(kernel, smem);
-      kernel<<<row_blocks(d.rows), threads, smem, stream(ctx)>>>(dlogits, f32(a.logits), i32(a.targets), a.valid.data,
+      kernel<<<row_blocks(d.rows), threads, smem, stream(ctx)>>>(dlogits, logits, i32(a.targets), a.valid.data,
                                                                  a.valid.dtype == DType::kI32, a.grad_scale, d.rows,
                                                                  d.vocab, issue());
       CUDA_CHECK_LAUNCH(kOp);
     };
-    if (cache > 0 && vec4) launch(cross_entropy_bwd_kernel<Out, true, true, kCachedThreads>, kCachedThreads, cache);
-    else if (cache > 0) launch(cross_entropy_bwd_kernel<Out, true, false, kCachedThreads>, kCachedThreads, cache);
-    else if (vec4) launch(cross_entropy_bwd_kernel<Out, false, true, kRowThreads>, kRowThreads, 0);
-    else launch(cross_entropy_bwd_kernel<Out, false, false, kRowThreads>, kRowThreads, 0);
+    if (cache > 0 && vec4) launch(cross_entropy_bwd_kernel<Out, T, true, true, kCachedThreads>, kCachedThreads, cache);
+    else if (cache > 0) launch(cross_entropy_bwd_kernel<Out, T, true, false, kCachedThreads>, kCachedThreads, cache);
+    else if (vec4) launch(cross_entropy_bwd_kernel<Out, T, false, true, kRowThreads>, kRowThreads, 0);
+    else launch(cross_entropy_bwd_kernel<Out, T, false, false, kRowThreads>, kRowThreads, 0);
   };
-  if (a.dlogits.dtype == DType::kBF16) run(static_cast<__nv_bfloat16*>(a.dlogits.data));
-  else run(f32(a.dlogits));
+  const auto with_logits = [&](auto* dlogits) {
+    if (a.logits.dtype == DType::kBF16) run(dlogits, static_cast<const __nv_bfloat16*>(a.logits.data));
+    else run(dlogits, static_cast<const float*>(a.logits.data));
+  };
+  if (a.dlogits.dtype == DType::kBF16) with_logits(static_cast<__nv_bfloat16*>(a.dlogits.data));
+  else with_logits(f32(a.dlogits));
 }
 
 }  // namespace diffmoe
