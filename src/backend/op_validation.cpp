@@ -579,8 +579,10 @@ AttnDims validate_attention_bwd(const AttentionBwdArgs& a, Device dev) {
   for (const auto& [t, name] : {std::pair{a.dq, "dq"}, {a.dk, "dk"}}) {
     check_device(t, dev, op, name);
     check_shape(t, a.q.shape, op, name);
-    check_dtype(t, ft, op, name);
   }
+  // dq may be bf16 where q is (the bf16 GEMM mode: dq only feeds W_q's backward GEMMs, after RoPE).
+  check_dtype(a.dq, a.q.dtype == DType::kBF16 ? output_dtype(a.dq, ft, dev) : ft, op, "dq");
+  check_dtype(a.dk, ft, op, "dk");
   check_device(a.dv, dev, op, "dv");
   check_shape(a.dv, a.v.shape, op, "dv");
   check_dtype(a.dv, ft, op, "dv");

@@ -49,7 +49,9 @@ void AttentionLayer::plan(const LayerContext& lc, Arena& acts) const {
   }
   // Backward scratch, shared by every attention layer.
   plan_once(acts, "scratch.attn.dx_norm", Shape{N, D}, t);
-  plan_once(acts, "scratch.attn.dq", Shape{N, H * dqk}, t);
+  // dq in the dtype of q: bf16 where the tensor-core attention writes it for W_q's GEMMs (RoPE's
+  // inverse rotates it in place in bf16 first), no f32 dq and no rounding copy.
+  plan_once(acts, "scratch.attn.dq", Shape{N, H * dqk}, qkv);
   if (rq > 0) {
     plan_once(acts, "scratch.attn.dcq", Shape{N, rq}, t);
     plan_once(acts, "scratch.attn.dqa", Shape{N, rq}, t);

@@ -248,6 +248,48 @@ TEST(CudaTcAttention, Bf16InputsMatchRoundedF32) {
   check_bf16_inputs({2, 131, 4, 96, 64, true}, 1);
 }
 
+// dq into bf16 (the bf16 GEMM mode with bf16 q: dq only feeds W_q's backward GEMMs): each value is
+// the f32 dq of the same call rounded once, bitwise; dk, dv unchanged. A bf16 dq with f32 q is refused.
+TEST(CudaTcAttention, Bf16DqIsTheF32DqRounded) {
+  const Bf16Mode mode;
+  for (const bool diff : {true, false}) {
+    const TcCase c{2, 131, 4, 96, 64, diff};
+    const int64_t C = diff ? 2 : 1;
+    const Shape qk_shape{c.B, c.T, c.H, c.dqk}, v_shape{c.B, c.T, c.H, c.dv}, out_shape{c.B, c.T, c.H / C, C * c.dv};
+    Dual q(qk_shape), k(qk_shape), v(v_shape), lambda(Shape{1}), dout(out_shape), out(out_shape), o2(out_shape);
+    Dual lse(Shape{c.B, c.H, c.T}), dq(qk_shape), dk(qk_shape), dv(v_shape), dlambda(Shape{1});
+    Dual dq16(qk_shape, DType::kBF16), dk2(qk_shape), dv2(v_shape), dlambda2(Shape{1});
+    q.normal(130);
+    k.normal(131);
+    v.normal(132);
+    dout.normal(133);
+    lambda.set({0.3});
+    const Dual q16 = bf16_copy(q, qk_shape), k16 = bf16_copy(k, qk_shape), v16 = bf16_copy(v, v_shape);
+    const Side g = Side::kGpu;
+    const Tensor o2t = diff ? o2[g] : Tensor{}, lam = diff ? lambda[g] : Tensor{};
+    gpu().attention_fwd({}, {.out = out[g], .o2 = o2t, .lse = lse[g], .q = q16[g], .k = k16[g], .v = v16[g], .lambda = lam,
+                             .scale = 0.1, .differential = diff});
+    const auto bwd = [&](const Tensor& dq_t, const Dual& dk_t, const Dual& dv_t, const Dual& dl_t, const Tensor& q_t) {
+      gpu().attention_bwd({}, {.dq = dq_t, .dk = dk_t[g], .dv = dv_t[g], .dlambda = diff ? dl_t[g] : Tensor{},
+                               .dout = dout[g], .q = q_t, .k = k16[g], .v = v16[g], .out = out[g], .o2 = o2t, .lse = lse[g],
+                               .lambda = lam, .scale = 0.1, .differential = diff});
+    };
+    dq16.poison();
+    bwd(dq[g], dk, dv, dlambda, q16[g]);
+    bwd(dq16[g], dk2, dv2, dlambda2, q16[g]);
+    gpu().synchronize({});
+    const std::string tag = diff ? "differential" : "plain";
+    const std::vector<double> f = dq.device_values(), h = dq16.device_values();
+    int64_t bad = 0;
+    for (size_t i = 0; i < f.size(); ++i) bad += h[i] == bf16_to_f32(f32_to_bf16(static_cast<float>(f[i]))) ? 0 : 1;
+    EXPECT_EQ(bad, 0) << tag << ": the bf16 dq is not the f32 dq rounded";
+    EXPECT_EQ(dk2.device_values(), dk.device_values()) << tag;
+    EXPECT_EQ(dv2.device_values(), dv.device_values()) << tag;
+    EXPECT_TRUE(dq16.guard_intact()) << tag;
+    expect_error([&] { bwd(dq16[g], dk2, dv2, dlambda2, q[g]); }, {"[attention_bwd]", "dq"});
+  }
+}
+
 // What the model asks before planning bf16 q, k, v: yes in the bf16 mode for covered shapes (this
 // file runs on Hopper), no in the f32 mode, for uncovered shapes, under kSimple, and on the CPU.
 TEST(CudaTcAttention, AttentionTakesBf16) {

@@ -90,6 +90,7 @@ struct TcaBwdArgs {
   const float* lse; const float* dvec;            // lse and D_c, both [B,H,T]
   const float* lambda;
   TcaShape sh;
+  bf16* dq16 = nullptr;  // when set, dq is written here in bf16 instead (the bf16 GEMM mode: W_q's GEMM operand)
 };
 
 // ================================================================ PTX wrappers
@@ -743,7 +744,10 @@ __global__ void __launch_bounds__(kCompThreads* COMPS) tca_bwd_dq_kernel(const T
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
       const int row = row0 + 8 * (e >> 1), col = n * 8 + 2 * (lane % 4) + (e & 1);
-      if (row < sh.seq) a.dq[sh.row(b, row, first + c) * DQK + col] = sh.scale * dq[n][e];
+      if (row >= sh.seq) continue;
+      const int64_t at = sh.row(b, row, first + c) * DQK + col;
+      if (a.dq16 != nullptr) a.dq16[at] = __float2bfloat16_rn(sh.scale * dq[n][e]);
+      else a.dq[at] = sh.scale * dq[n][e];
     }
 }
 

@@ -132,7 +132,10 @@ void tc_attention_bwd(CudaBackend& be, cudaStream_t s, const AttentionBwdArgs& a
                                                              a.differential ? f32(a.o2) : nullptr, lambda, sh,
                                                              static_cast<int>(d.comps * d.d_v));
   CUDA_CHECK_LAUNCH(kOp);
-  const tca::TcaBwdArgs args{f32(a.dq), f32(a.dk), f32(a.dv), o.q, o.k, o.v, o.dout, f32(a.lse), o.dvec, lambda, sh};
+  // dq: f32, or bf16 where the model reads it only through a GEMM (validate_attention_bwd).
+  const bool dq16 = a.dq.dtype == DType::kBF16;
+  const tca::TcaBwdArgs args{dq16 ? nullptr : f32(a.dq), f32(a.dk), f32(a.dv), o.q, o.k, o.v, o.dout, f32(a.lse),
+                             o.dvec, lambda, sh, dq16 ? static_cast<__nv_bfloat16*>(a.dq.data) : nullptr};
   CUDA_CHECK(k.dkv(args, s));
   CUDA_CHECK_LAUNCH(kOp);
   CUDA_CHECK(k.dq(args, s));
