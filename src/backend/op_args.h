@@ -41,6 +41,9 @@ struct RmsNormFwdArgs {
   Tensor y; Tensor rstd; Tensor x; Tensor w;
   int64_t rows = 0, width = 0, x_stride = 0, y_stride = 0;
   double eps = 1e-6, out_scale = 1.0;
+  // Optional, CUDA in the bf16 GEMM mode with an f32 y: [rows, width] bf16 (contiguous) receives y
+  // rounded once as well: the FFN's x_norm for its GEMMs beside the f32 one the router reads.
+  Tensor y16 = {};
 };
 // dx = r·(g − x̂·mean(g⊙x̂)), g = out_scale·dy⊙w;  dw += Σ_rows out_scale·dy⊙x̂.
 // dx rows use x_stride; dy rows use y_stride. dx is overwritten unless dx_accumulate.

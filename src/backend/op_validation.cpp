@@ -350,6 +350,12 @@ RmsNormDims validate_rmsnorm_fwd(const RmsNormFwdArgs& a, Device dev) {
   check_shape(a.w, Shape{a.width}, kOp, "w");
   check_dtype(a.rstd, dt, kOp, "rstd");
   check_dtype(a.w, dt, kOp, "w");
+  if (a.y16.defined()) {  // the bf16 copy of y: CUDA, f32 y (the bf16 GEMM mode)
+    DIFFMOE_CHECK(bf16_allowed(dt, dev) && a.y.dtype == DType::kF32,
+                  "[{}] y16 (a bf16 copy of y) is written only by the CUDA backend with an f32 y (the bf16 GEMM mode), "
+                  "here y is {} on the {}", kOp, dtype_name(a.y.dtype), dev == Device::kCUDA ? "GPU" : "CPU");
+    check_rows(a.y16, DType::kBF16, a.rows, a.width, a.width, dev, kOp, "y16");
+  }
   return d;
 }
 

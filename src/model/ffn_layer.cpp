@@ -96,9 +96,10 @@ void FfnLayer::forward(const LayerContext& lc, const Tensor& x, const Tensor& ou
   const int64_t N = lc.tokens();
   const Tensor x_norm = lc.act(a("x_norm"));
   const std::string norm = fmt::format("layers.{}.ffn_norm.weight", l_);
-  be.rmsnorm_fwd(lc.ctx, {.y = x_norm, .rstd = lc.act(a("rstd_x")), .x = x, .w = lc.param(norm), .rows = N, .width = c.dim, .eps = c.norm_eps});
+  // The bf16 GEMM mode: the norm also writes x_norm rounded once for the GEMMs (x_norm16).
   const Tensor xg = gemm_input(lc);
-  if (lc.bf16_operands) be.copy(lc.ctx, {.dst = xg, .src = x_norm});
+  be.rmsnorm_fwd(lc.ctx, {.y = x_norm, .rstd = lc.act(a("rstd_x")), .x = x, .w = lc.param(norm), .rows = N, .width = c.dim,
+                          .eps = c.norm_eps, .y16 = lc.bf16_operands ? xg : Tensor{}});
   // Residual: out = x + FFN(...). The first GEMM that writes out (the dense FFN's or the shared
   // experts' w2) reads x as its addend; without shared experts the combine adds onto a copy of x.
   if (!moe(lc)) {

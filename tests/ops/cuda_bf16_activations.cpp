@@ -10,7 +10,7 @@
 // - moe_gather from a bf16 x, moe_gather_bwd from a bf16 dx_perm, moe_combine_fwd/bwd from a bf16
 //   y_perm: bitwise the CPU's result on the same values (the kernels widen bf16 exactly and sum in
 //   double like the CPU); vector (D = 24) and scalar (D = 23) paths.
-// - rmsnorm_bwd's bf16 copy of dx (dx16: the residual gradient for the next backward GEMMs) and
+// - rmsnorm_fwd's bf16 copy of y (the FFN's x_norm16) and rmsnorm_bwd's bf16 copy of dx (dx16: the residual gradient for the next backward GEMMs) and
 //   mla_kv_split_bwd into a bf16 dkv: bitwise the f32 result rounded once.
 // - RoPE on a bf16 q in place, and mla_kv_split_fwd from a bf16 kv (both written in bf16 by their
 //   GEMMs): the CPU's result on the widened values, rounded (RoPE: within one bf16 step).
@@ -427,6 +427,40 @@ TEST(CudaBf16Activations, CrossEntropyOnBf16Logits) {
     gpu().synchronize({});
     expect_bf16_of(dl16, dl_ref, "cross_entropy_bwd bf16 dlogits " + what);
   }
+}
+
+// rmsnorm_fwd's y16: y rounded to bf16 (what a copy of y into bf16 gives), bitwise, with y itself as
+// without it; the vector path (width 40, 1536) and the general one (x_stride 41); refused on the CPU.
+TEST(CudaBf16Activations, RmsNormForwardWritesBf16Copy) {
+  struct Case {
+    int64_t rows, width, xs;
+  };
+  for (const Case c : {Case{31, 40, 40}, Case{9, 1536, 1536}, Case{31, 40, 41}}) {
+    Dual x(Shape{c.rows, c.xs}), w(Shape{c.width}), y(Shape{c.rows, c.width}), y_plain(Shape{c.rows, c.width});
+    Dual rstd(Shape{c.rows}), y16(Shape{c.rows, c.width}, DType::kBF16);
+    x.normal(3000, 1.3);
+    w.normal(3001, 0.5, 1.0);
+    y16.poison();
+    const auto fwd = [&](const Dual& out, const Tensor& out16) {
+      gpu().rmsnorm_fwd({}, {.y = out[Side::kGpu], .rstd = rstd[Side::kGpu], .x = x[Side::kGpu], .w = w[Side::kGpu],
+                             .rows = c.rows, .width = c.width, .x_stride = c.xs, .eps = 1e-6, .y16 = out16});
+    };
+    fwd(y_plain, Tensor{});
+    fwd(y, y16[Side::kGpu]);
+    gpu().synchronize({});
+    const std::string what = fmt::format("rmsnorm_fwd y16, width {}, x_stride {}", c.width, c.xs);
+    const std::vector<double> got = y.device_values(), got16 = y16.device_values();
+    EXPECT_EQ(got, y_plain.device_values()) << what << ": y changed by writing y16";
+    int64_t bad = 0;
+    for (size_t i = 0; i < got.size(); ++i) bad += got16[i] == bf16_to_f32(f32_to_bf16(static_cast<float>(got[i]))) ? 0 : 1;
+    EXPECT_EQ(bad, 0) << what << ": y16 is not y rounded to bf16";
+    EXPECT_TRUE(y16.guard_intact()) << what;
+  }
+  Dual x(Shape{4, 8}), w(Shape{8}), y(Shape{4, 8}), r(Shape{4}), y16(Shape{4, 8}, DType::kBF16);
+  expect_error([&] {
+    cpu().rmsnorm_fwd({}, {.y = y[Side::kCpu], .rstd = r[Side::kCpu], .x = x[Side::kCpu], .w = w[Side::kCpu], .rows = 4,
+                           .width = 8, .y16 = y16[Side::kCpu]});
+  }, {"[rmsnorm_fwd]", "y16", "CUDA backend"});
 }
 
 }  // namespace

@@ -114,10 +114,11 @@ __device__ __forceinline__ double sum_sq(float4 v) {
 // y = out_scale · x·r ⊙ w,  r = (Σx²/width + eps)^-1/2 (f64, rounded to f32 and saved in rstd).
 // y is computed in f64 and rounded once, like the CPU: given the same r, the same f32 (and so the
 // same bf16). Out: float, or bf16 in the bf16 GEMM mode where only GEMMs read y.
+// y16 (not null): y rounded to bf16 as well, rows of `width`.
 template <int kTeam, int kVec, class Out>
 __global__ void __launch_bounds__(block_threads(kTeam))
-    rmsnorm_fwd_vec_kernel(Out* y, float* rstd, const float* x, const float* w, int64_t rows, int width, int64_t xs,
-                           int64_t ys, double eps, double out_scale) {
+    rmsnorm_fwd_vec_kernel(Out* y, __nv_bfloat16* y16, float* rstd, const float* x, const float* w, int64_t rows,
+                           int width, int64_t xs, int64_t ys, double eps, double out_scale) {
   constexpr int kTeams = block_threads(kTeam) / kTeam;
   constexpr int kStride = kTeam * kPack;  // columns between a thread's packs
   __shared__ double smem[kWarp];
@@ -153,7 +154,9 @@ __global__ void __launch_bounds__(block_threads(kTeam))
         const auto out = [&](float xj, int e) {
           return static_cast<float>(out_scale * (static_cast<double>(xj) * r) * wd[k][e]);
         };
-        store4(yr + k * kStride, make_float4(out(v.x, 0), out(v.y, 1), out(v.z, 2), out(v.w, 3)));
+        const float4 yv = make_float4(out(v.x, 0), out(v.y, 1), out(v.z, 2), out(v.w, 3));
+        store4(yr + k * kStride, yv);
+        if (y16 != nullptr) store4(y16 + row * width + c0 + k * kStride, yv);
       }
     }
   }
@@ -265,8 +268,8 @@ static_assert(kThreads % kColTile == 0, "dw blocks are kColTile columns × kRowL
 int64_t dw_chunks(int64_t rows) { return std::clamp<int64_t>((rows + 63) / 64, 1, kMaxRowChunks); }
 
 template <class Out>
-__global__ void rmsnorm_fwd_kernel(Out* y, float* rstd, const float* x, const float* w, int64_t rows, int64_t width,
-                                   int64_t xs, int64_t ys, double eps, double out_scale) {
+__global__ void rmsnorm_fwd_kernel(Out* y, __nv_bfloat16* y16, float* rstd, const float* x, const float* w, int64_t rows,
+                                   int64_t width, int64_t xs, int64_t ys, double eps, double out_scale) {
   const int lane = threadIdx.x % kWarp;
   for (int64_t row = blockIdx.x * int64_t{kRowsPerWarpBlock} + threadIdx.x / kWarp; row < rows;
        row += int64_t{gridDim.x} * kRowsPerWarpBlock) {
@@ -278,7 +281,11 @@ __global__ void rmsnorm_fwd_kernel(Out* y, float* rstd, const float* x, const fl
     const float r32 = static_cast<float>(1.0 / sqrt(sum_sq / static_cast<double>(width) + eps));
     if (lane == 0) rstd[row] = r32;
     const double r = r32;  // the rounded value, as saved (the backward sees the same r)
-    for (int64_t j = lane; j < width; j += kWarp) store_as(yr + j, out_scale * (xr[j] * r) * w[j]);
+    for (int64_t j = lane; j < width; j += kWarp) {
+      const double v = out_scale * (xr[j] * r) * w[j];
+      store_as(yr + j, v);
+      if (y16 != nullptr) y16[row * width + j] = __float2bfloat16_rn(static_cast<float>(v));  // via f32: y's value
+    }
   }
 }
 
@@ -375,8 +382,10 @@ void CudaBackend::rmsnorm_fwd(Context ctx, const RmsNormFwdArgs& a) {
   const cudaStream_t s = stream(ctx);
   const bool bf16 = a.y.dtype == DType::kBF16;
   const VecTiling tiling = vec_tiling(a.width);
+  auto* y16 = a.y16.defined() ? static_cast<__nv_bfloat16*>(a.y16.data) : nullptr;  // f32 y's bf16 copy
   const bool vec = tiling.team != 0 && a.width % kPack == 0 && d.x_stride % kPack == 0 && d.y_stride % kPack == 0 &&
-                   aligned(a.x.data, 16) && aligned(a.w.data, 16) && aligned(a.y.data, bf16 ? 8 : 16);
+                   aligned(a.x.data, 16) && aligned(a.w.data, 16) && aligned(a.y.data, bf16 ? 8 : 16) &&
+                   (y16 == nullptr || aligned(y16, 8));
   if (vec) {
     with_tiling(tiling, [&](auto team, auto vec_packs) {
       constexpr int kTeam = decltype(team)::value, kVec = decltype(vec_packs)::value;
@@ -387,7 +396,7 @@ void CudaBackend::rmsnorm_fwd(Context ctx, const RmsNormFwdArgs& a) {
                                                  static_cast<unsigned>(multiprocessors() * (4 * 2048 / kBlock)));
       const auto launch = [&](auto* y) {
         rmsnorm_fwd_vec_kernel<kTeam, kVec><<<blocks, kBlock, 0, s>>>(
-            y, f32(a.rstd), f32(a.x), f32(a.w), a.rows, static_cast<int>(a.width), d.x_stride, d.y_stride, a.eps,
+            y, y16, f32(a.rstd), f32(a.x), f32(a.w), a.rows, static_cast<int>(a.width), d.x_stride, d.y_stride, a.eps,
             a.out_scale);
       };
       if (bf16) launch(static_cast<__nv_bfloat16*>(a.y.data));
@@ -398,7 +407,7 @@ void CudaBackend::rmsnorm_fwd(Context ctx, const RmsNormFwdArgs& a) {
   }
   const auto launch = [&](auto* y) {
     rmsnorm_fwd_kernel<<<grid_for(a.rows, kRowsPerWarpBlock), kThreads, 0, s>>>(
-        y, f32(a.rstd), f32(a.x), f32(a.w), a.rows, a.width, d.x_stride, d.y_stride, a.eps, a.out_scale);
+        y, y16, f32(a.rstd), f32(a.x), f32(a.w), a.rows, a.width, d.x_stride, d.y_stride, a.eps, a.out_scale);
   };
   if (bf16) launch(static_cast<__nv_bfloat16*>(a.y.data));
   else launch(f32(a.y));
