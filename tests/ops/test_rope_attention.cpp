@@ -582,7 +582,8 @@ TEST(Attention, Errors) {
 
 // bf16 q, k, v (the CUDA bf16 GEMM mode's saved activations, op_args.h): the CPU backend refuses
 // them naming the field; the shared validation accepts all three bf16 for CUDA with f32 outputs
-// (gradients f32), and refuses q, k, v of mixed dtypes naming the odd one.
+// (gradients f32, except dq, which may be bf16 where q is), and refuses q, k, v of mixed dtypes
+// naming the odd one.
 TEST(Attention, Bf16InputsOnlyOnCuda) {
   const AttnData d(kDiffCase, DType::kF32, 73);
   const Shape qs = d.q.t().shape, vs = d.v.t().shape;
@@ -618,7 +619,12 @@ TEST(Attention, Bf16InputsOnlyOnCuda) {
                       .dout = as_cuda(d.dout), .q = as_cuda(q16), .k = as_cuda(k16), .v = as_cuda(v16), .out = as_cuda(d.out),
                       .o2 = as_cuda(d.o2), .lse = as_cuda(d.lse), .lambda = as_cuda(d.lambda), .scale = 0.5};
   EXPECT_NO_THROW(validate_attention_bwd(gb, Device::kCUDA));
-  gb.dq = as_cuda(q16);  // gradients keep the outputs' f32
+  gb.dq = as_cuda(q16);  // with bf16 q, dq may be bf16 too (W_q's GEMM operand in the bf16 GEMM mode)
+  EXPECT_NO_THROW(validate_attention_bwd(gb, Device::kCUDA));
+  gb.dk = as_cuda(k16);  // the other gradients keep the outputs' f32
+  expect_error([&] { validate_attention_bwd(gb, Device::kCUDA); }, {"[attention_bwd] dk", "expected dtype f32, got bf16"});
+  gb.dk = as_cuda(dk);
+  gb.q = as_cuda(d.q), gb.k = as_cuda(d.k), gb.v = as_cuda(d.v);  // f32 q: a bf16 dq is refused
   expect_error([&] { validate_attention_bwd(gb, Device::kCUDA); }, {"[attention_bwd] dq", "expected dtype f32, got bf16"});
 }
 
