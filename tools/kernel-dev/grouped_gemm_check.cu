@@ -11,8 +11,16 @@
 // per CTA and groups spanning many wgrad k-tiles. Two-term calls (fwd/dgrad, C = alpha·(A·op(B) +
 // A2·op(B2)) + beta·C) on both kernels (mma.sync: two launches; TMA: one, both terms' k-tiles in one
 // ring), k2 ≠ k, odd sizes, partial last k-tiles of either term, empty groups, beta 0 and 1.
+// bf16 output (params c16, fwd/dgrad, beta 0) on both kernels: n where the TMA kernel's staged
+// epilogue stores 16-byte vectors (n % 8 = 0, full and partial n-tiles) and where it falls back to
+// pairs or scalars (n % 8 ≠ 0, odd n, C not 16-byte aligned), each value within one bf16 ulp of the
+// double reference, rows past offsets[G] bitwise unchanged. f32 C not 16-byte aligned or n % 4 ≠ 0
+// (the fallback's float2 and scalar stores).
 // Bench shapes: both kernels are compared with the cuBLAS per-group loop (NaN-poisoned outputs),
-// then timed; then the MoE dgrad dx_perm = da·W1 + db·W3 as two launches and as one two-term launch.
+// then timed, the TMA kernel also with its direct (fallback) epilogue forced, for an A/B of the
+// staged one; fwd/dgrad also with bf16 output (bitwise = the TMA f32 result rounded, within one
+// bf16 ulp of the mma.sync f32 result); then the MoE dgrad dx_perm = da·W1 + db·W3 as two launches
+// and as one two-term launch.
 // Reference: double sums of the bf16-rounded inputs; the kernel sums in f32, so ‖err‖/‖ref‖ ~1e-7
 // (bound 1e-5: f32 sums of up to 1,000 products, far below the 1e-3 of one bf16 rounding).
 #include <cublas_v2.h>
@@ -119,10 +127,18 @@ static void to_bf16_checked(Dev<bf16>& dst, const std::vector<float>& src, int64
 
 static bool g_tma = false;  // the TMA kernel can run here (sm_90a code on a 9.x device, a tensor-map encoder)
 
-static void launch(Kernel kern, const GroupedGemmParams& p, GroupedLayout L) {
+// direct_epilogue: the TMA kernel stores C straight from its accumulators (its fallback path,
+// forced) instead of through shared memory: the A/B timing of the staged epilogue.
+static void launch(Kernel kern, const GroupedGemmParams& p, GroupedLayout L, bool direct_epilogue = false) {
   if (kern == Kernel::kTma) {
     if (!grouped_gemm_tma_usable(p, L)) {
       expect(false, std::string("TMA kernel not usable for ") + layout_name(L));
+      return;
+    }
+    if (direct_epilogue) {
+      if (L == GroupedLayout::kFwd) CK((launch_grouped_gemm_tma<GroupedLayout::kFwd, true>(p, nullptr)));
+      if (L == GroupedLayout::kDgrad) CK((launch_grouped_gemm_tma<GroupedLayout::kDgrad, true>(p, nullptr)));
+      if (L == GroupedLayout::kWgrad) CK((launch_grouped_gemm_tma<GroupedLayout::kWgrad, true>(p, nullptr)));
       return;
     }
     if (L == GroupedLayout::kFwd) CK(launch_grouped_gemm_tma<GroupedLayout::kFwd>(p, nullptr));
@@ -133,12 +149,34 @@ static void launch(Kernel kern, const GroupedGemmParams& p, GroupedLayout L) {
   }
 }
 
+// Where a small check's kernel writes C: bf16 (params c16; fwd/dgrad, beta 0) instead of f32, and
+// `shift` elements past a 256-byte aligned allocation (1: 4-byte (f32) or 2-byte (bf16) aligned,
+// 2: 8 or 4 bytes, …), to reach the epilogue's fallbacks for C not 16-byte aligned.
+struct SmallOut {
+  bool bf16 = false;
+  int shift = 0;
+};
+
+// One bf16 ulp at |x|: 2^(e − 8) for |x| = f·2^e, f in [0.5, 1) (8 significant bits); the smallest
+// subnormal step at 0.
+static double bf16_ulp(double x) {
+  if (x == 0.0) return std::ldexp(1.0, -133);
+  int e;
+  std::frexp(std::fabs(x), &e);
+  return std::ldexp(1.0, std::max(e - 8, -133));
+}
+
 // One small grouped GEMM of layout L on random inputs vs a double reference; k2 > 0 (fwd/dgrad):
-// with a second term A2 [R,k2], B2 [G,n,k2] (fwd) or [G,k2,n] (dgrad).
+// with a second term A2 [R,k2], B2 [G,n,k2] (fwd) or [G,k2,n] (dgrad). out: see SmallOut; a bf16
+// C must be within one bf16 ulp of the reference (f32 C: ‖err‖/‖ref‖ < 1e-5).
 static SmallResult run_small(GroupedLayout L, int R, const std::vector<int>& off, int m, int n, int k, float alpha,
-                             float beta, uint64_t seed, Kernel kern = Kernel::kMma, int k2 = 0) {
+                             float beta, uint64_t seed, Kernel kern = Kernel::kMma, int k2 = 0, SmallOut out = {}) {
   const int G = static_cast<int>(off.size()) - 1;
   const bool wgrad = L == GroupedLayout::kWgrad;
+  if (out.bf16 && (wgrad || beta != 0.0f)) {
+    expect(false, "run_small: bf16 C only in fwd/dgrad with beta 0");
+    return {};
+  }
   // Logical shapes: fwd/dgrad A [R,k]; fwd B [G,n,k], dgrad B [G,k,n]; wgrad A [R,m], B [R,n].
   const int64_t a_cols = wgrad ? m : k, b_rows = wgrad ? R : int64_t{G} * (L == GroupedLayout::kFwd ? n : k);
   const int64_t b_cols = wgrad ? n : (L == GroupedLayout::kFwd ? k : n);
@@ -157,6 +195,7 @@ static SmallResult run_small(GroupedLayout L, int R, const std::vector<int>& off
   for (int64_t i = 0; i < c_elems; ++i) {
     const bool in_use = wgrad || i < int64_t{used} * n;
     c0[i] = (beta == 0.0f && in_use) ? NAN : static_cast<float>(rng.normal());
+    if (out.bf16) c0[i] = bf16_round(c0[i]);  // the tail as stored: compared bitwise below
   }
   Dev<bf16> da(R * pad8(a_cols)), db(b_rows * pad8(b_cols));
   to_bf16_checked(da, a, R, a_cols);
@@ -166,22 +205,39 @@ static SmallResult run_small(GroupedLayout L, int R, const std::vector<int>& off
     to_bf16_checked(da2, a2, R, k2);
     to_bf16_checked(db2, b2, b2_rows, b2_cols);
   }
-  Dev<float> dc(c_elems);
-  dc.upload(c0);
+  // C (f32 or bf16) at element `shift` of its allocation; the other kind stays null.
+  Dev<float> dc(out.bf16 ? 0 : c_elems + out.shift);
+  Dev<bf16> dc16(out.bf16 ? c_elems + out.shift : 0);
+  std::vector<bf16> c0_16(out.bf16 ? c_elems : 0);
+  if (out.bf16) {
+    for (int64_t i = 0; i < c_elems; ++i) c0_16[i] = __float2bfloat16_rn(c0[i]);
+    CK(cudaMemcpy(dc16.p + out.shift, c0_16.data(), c_elems * sizeof(bf16), cudaMemcpyHostToDevice));
+  } else {
+    CK(cudaMemcpy(dc.p + out.shift, c0.data(), c_elems * sizeof(float), cudaMemcpyHostToDevice));
+  }
   Dev<int32_t> doff(off.size());
   doff.upload(std::vector<int32_t>(off.begin(), off.end()));
   Dev<GroupedGemmIssue> issue(1);
   CK(cudaMemset(issue.p, 0, sizeof(GroupedGemmIssue)));
-  GroupedGemmParams p{.a = da.p, .b = db.p, .c = dc.p, .offsets = doff.p, .rows = R, .groups = G, .m = m, .n = n,
-                      .k = k, .lda = static_cast<int>(pad8(a_cols)), .ldb = static_cast<int>(pad8(b_cols)),
-                      .alpha = alpha, .beta = beta, .issue = issue.p, .issue_site = 7};
+  GroupedGemmParams p{.a = da.p, .b = db.p, .c = out.bf16 ? nullptr : dc.p + out.shift, .offsets = doff.p, .rows = R,
+                      .groups = G, .m = m, .n = n, .k = k, .lda = static_cast<int>(pad8(a_cols)),
+                      .ldb = static_cast<int>(pad8(b_cols)), .alpha = alpha, .beta = beta, .issue = issue.p,
+                      .issue_site = 7};
+  if (out.bf16) p.c16 = dc16.p + out.shift;
   if (k2 > 0) {
     p.a2 = da2.p, p.b2 = db2.p, p.k2 = k2;
     p.lda2 = static_cast<int>(pad8(k2)), p.ldb2 = static_cast<int>(pad8(b2_cols));
   }
   launch(kern, p, L);
   CK(cudaDeviceSynchronize());
-  const std::vector<float> c = dc.download();
+  std::vector<float> c(c_elems);
+  std::vector<bf16> c16(out.bf16 ? c_elems : 0);
+  if (out.bf16) {
+    CK(cudaMemcpy(c16.data(), dc16.p + out.shift, c_elems * sizeof(bf16), cudaMemcpyDeviceToHost));
+    for (int64_t i = 0; i < c_elems; ++i) c[i] = __bfloat162float(c16[i]);
+  } else {
+    CK(cudaMemcpy(c.data(), dc.p + out.shift, c_elems * sizeof(float), cudaMemcpyDeviceToHost));
+  }
   expect(issue.download()[0].flag == 0, "good offsets recorded an issue");
 
   std::vector<double> ref(c_elems);
@@ -215,21 +271,31 @@ static SmallResult run_small(GroupedLayout L, int R, const std::vector<int>& off
     }
   }
   const int64_t checked = wgrad ? c_elems : int64_t{used} * n;
-  double err2 = 0, ref2 = 0, max_abs = 0;
+  double err2 = 0, ref2 = 0, max_abs = 0, max_ulps = 0;
   int64_t nonfinite = 0, tail_changed = 0;
   for (int64_t i = 0; i < checked; ++i) {
     if (!std::isfinite(c[i])) ++nonfinite;
     const double d = c[i] - ref[i];
     err2 += d * d, ref2 += ref[i] * ref[i], max_abs = std::max(max_abs, std::fabs(d));
+    if (out.bf16) max_ulps = std::max(max_ulps, std::fabs(d) / bf16_ulp(ref[i]));
   }
-  for (int64_t i = checked; i < c_elems; ++i) tail_changed += std::memcmp(&c[i], &c0[i], 4) != 0;
+  for (int64_t i = checked; i < c_elems; ++i)
+    tail_changed += out.bf16 ? std::memcmp(&c16[i], &c0_16[i], sizeof(bf16)) != 0 : std::memcmp(&c[i], &c0[i], 4) != 0;
   SmallResult res{std::sqrt(err2 / std::max(ref2, 1e-300)), max_abs};
   char what[200];
-  std::snprintf(what, sizeof what, "%s%s R=%d G=%d m=%d n=%d k=%d%s alpha=%g beta=%g", kernel_name(kern),
-                layout_name(L), R, G, m, n, k, k2 > 0 ? ("+" + std::to_string(k2)).c_str() : "", alpha, beta);
-  std::printf("  small %-48s rel %.2e  max|diff| %.2e\n", what, res.rel, res.max_abs);
+  std::snprintf(what, sizeof what, "%s%s R=%d G=%d m=%d n=%d k=%d%s alpha=%g beta=%g%s%s", kernel_name(kern),
+                layout_name(L), R, G, m, n, k, k2 > 0 ? ("+" + std::to_string(k2)).c_str() : "", alpha, beta,
+                out.bf16 ? " ->bf16" : "", out.shift != 0 ? (" C+" + std::to_string(out.shift)).c_str() : "");
+  if (out.bf16)
+    std::printf("  small %-48s rel %.2e  max|diff| %.2e = %.2f bf16 ulp\n", what, res.rel, res.max_abs, max_ulps);
+  else
+    std::printf("  small %-48s rel %.2e  max|diff| %.2e\n", what, res.rel, res.max_abs);
   expect(nonfinite == 0, std::string(what) + ": non-finite outputs");
   expect(tail_changed == 0, std::string(what) + ": rows past offsets[G] changed");
+  if (out.bf16) {
+    expect(max_ulps <= 1.0, std::string(what) + ": a bf16 value more than one ulp from the reference");
+    return res;  // (the f32 worst-case table below keeps f32 results only)
+  }
   expect(res.rel < 1e-5, std::string(what) + ": relative error too large");
   // Empty groups of the weight gradient: exactly beta·C (alpha·0 + C for beta 1, 0 for beta 0).
   if (wgrad)
@@ -311,6 +377,44 @@ static void small_checks() {
       run_small(L, 2040, big, 72, 264, 96, 1.0f, 0.0f, ++seed, Kernel::kTma);
     run_small(GroupedLayout::kFwd, R, {0, 0, 0, 0}, 0, 24, 40, 1.0f, 1.0f, ++seed, Kernel::kTma);
   }
+  // bf16 output, and C that the TMA kernel's staged epilogue (16-byte vectors through shared memory)
+  // leaves to its fallback: rows not whole 16-byte vectors (f32 n % 4 ≠ 0, bf16 n % 8 ≠ 0) or C not
+  // 16-byte aligned. (The checks above already take the staged path wherever n % 4 = 0: partial
+  // m-tiles, n-tiles of 24, 200 and 300 − 256 columns, beta 1, wgrad.)
+  std::printf("bf16 output (c16) and the epilogue's fallbacks (C+s: C starts s elements past 16-byte alignment)\n");
+  for (Kernel kern : {Kernel::kMma, Kernel::kTma}) {
+    if (kern == Kernel::kTma && !g_tma) continue;
+    const SmallOut to16{.bf16 = true};
+    const std::vector<int> big = {0, 700, 700, 1333, 2001};  // several m-tiles per group, empty group
+    for (GroupedLayout L : {GroupedLayout::kFwd, GroupedLayout::kDgrad}) {
+      // bf16, n % 8 = 0 (staged): one n-tile of 24; 200 = 3 chunks of 64 columns + 8; 296 = a full
+      // n-tile + 40 columns; 264 over several m-tiles per group; two terms.
+      run_small(L, R, off, 0, 24, 40, 0.75f, 0.0f, ++seed, kern, 0, to16);
+      run_small(L, R, off, 0, 200, 264, -1.25f, 0.0f, ++seed, kern, 0, to16);
+      run_small(L, R, off, 0, 296, 72, 1.0f, 0.0f, ++seed, kern, 0, to16);
+      run_small(L, 2040, big, 0, 264, 96, 1.0f, 0.0f, ++seed, kern, 0, to16);
+      if (kern == Kernel::kTma)  // (mma.sync runs two passes: the first term rounded to bf16 in between)
+        run_small(L, R, off, 0, 200, 264, -1.25f, 0.0f, ++seed, kern, 72, to16);
+      // bf16 fallbacks: n % 8 = 4 with a 1000-long k-loop (bf16x2 pairs), odd n (scalars), C 8 bytes
+      // past alignment (pairs), C 2 bytes past (scalars).
+      run_small(L, R, off, 0, 300, 1000, 1.0f, 0.0f, ++seed, kern, 0, to16);
+      run_small(L, R, off, 0, 23, 19, 0.5f, 0.0f, ++seed, kern, 0, to16);
+      run_small(L, R, off, 0, 24, 40, 1.0f, 0.0f, ++seed, kern, 0, {.bf16 = true, .shift = 4});
+      run_small(L, R, off, 0, 24, 40, 1.0f, 0.0f, ++seed, kern, 0, {.bf16 = true, .shift = 1});
+      // f32 fallbacks: n % 4 = 2 (float2 pairs), C 8 bytes past alignment (float2), C 4 bytes past
+      // (scalars); beta 0 and 1.
+      for (float beta : {0.0f, 1.0f}) {
+        run_small(L, R, off, 0, 266, 40, 0.75f, beta, ++seed, kern);
+        run_small(L, R, off, 0, 24, 40, 0.75f, beta, ++seed, kern, 0, {.shift = 2});
+        run_small(L, R, off, 0, 24, 40, 0.75f, beta, ++seed, kern, 0, {.shift = 1});
+      }
+    }
+    for (float beta : {0.0f, 1.0f}) {  // wgrad's f32 fallbacks
+      run_small(GroupedLayout::kWgrad, R, off, 200, 266, 0, 0.75f, beta, ++seed, kern);
+      run_small(GroupedLayout::kWgrad, R, off, 136, 40, 0, 0.75f, beta, ++seed, kern, 0, {.shift = 2});
+      run_small(GroupedLayout::kWgrad, R, off, 24, 40, 0, 0.75f, beta, ++seed, kern, 0, {.shift = 1});
+    }
+  }
   std::printf("two terms: C = alpha*(A*op(B) + A2*op(B2)) + beta*C (mma.sync: two launches; tma: one)\n");
   for (Kernel kern : {Kernel::kMma, Kernel::kTma}) {
     if (kern == Kernel::kTma && !g_tma) continue;
@@ -353,6 +457,26 @@ __global__ void fill_bf16_kernel(bf16* p, int64_t n, uint64_t seed) {
     p[i] = __float2bfloat16_rn(static_cast<float>((x >> 40) * (1.0 / 16777216.0)) * 2.0f - 1.0f);
   }
 }
+// bf16 output checks: *mismatch += got ≠ bf16_rn(same) bitwise (same: the same kernel's f32 C, so
+// the same accumulators), *max_ulps = max |got − ref| in bf16 ulps of ref (ref: another f32 result)
+// as float bits (non-negative floats order as their bits); non-finite got counts as a mismatch and
+// as 1e30 ulps.
+__global__ void bf16_check_kernel(const bf16* got, const float* same, const float* ref, int64_t n,
+                                  unsigned long long* mismatch, unsigned* max_ulps) {
+  unsigned long long bad = 0;
+  float worst = 0.0f;
+  for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < n; i += int64_t{gridDim.x} * blockDim.x) {
+    const float g = __bfloat162float(got[i]), r = ref[i];
+    const bf16 want = __float2bfloat16_rn(same[i]);
+    bad += !isfinite(g) || __bfloat16_as_ushort(got[i]) != __bfloat16_as_ushort(want);
+    int e;
+    frexpf(fabsf(r), &e);
+    const float ulp = r == 0.0f ? ldexpf(1.0f, -133) : ldexpf(1.0f, max(e - 8, -133));
+    worst = fmaxf(worst, isfinite(g) ? fabsf(g - r) / ulp : 1e30f);
+  }
+  atomicAdd(mismatch, bad);
+  atomicMax(max_ulps, __float_as_uint(worst));
+}
 __global__ void diff_norm_kernel(const float* got, const float* want, int64_t n, double* out) {
   double e = 0, r = 0;
   for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < n; i += int64_t{gridDim.x} * blockDim.x) {
@@ -375,8 +499,18 @@ struct Row {
   double rel = 0;                    // mma.sync vs the cuBLAS loop
   double ours = 0, tma = 0;  // TFLOP/s: mma.sync, TMA kernel
   double ours_acc = 0, tma_acc = 0;  // the same with beta = 1 (C read and accumulated)
+  double tma_direct = 0, tma_direct_acc = 0;  // TMA with the direct epilogue forced (A/B), beta 0 / 1
   double tma_rel = -1;       // vs mma.sync
   double loop = 0, dense = 0;
+};
+
+// fwd/dgrad with bf16 output (c16) on the TMA kernel.
+struct Bf16Row {
+  std::string name;
+  unsigned long long mismatch = 0;  // elements ≠ the TMA f32 result rounded (bitwise)
+  double max_ulps = 0;              // max |diff| vs the mma.sync f32 result, in bf16 ulps
+  double tma = 0, tma_direct = 0;   // TFLOP/s: bf16 out staged / direct epilogue
+  double tma_f32 = 0, tma_f32_direct = 0;  // the same call with f32 out (from Row)
 };
 
 template <class F>
@@ -416,6 +550,9 @@ static void bench() {
 
   Dev<bf16> x(int64_t{R} * D), h(int64_t{R} * D), wts(int64_t{G} * D * I);
   Dev<float> c(int64_t{R} * D), cref(int64_t{R} * D);
+  Dev<bf16> c16(int64_t{R} * D);
+  Dev<unsigned long long> mismatch(1);
+  Dev<unsigned> max_ulps(1);
   Dev<int32_t> doff(G + 1);
   doff.upload(std::vector<int32_t>(off.begin(), off.end()));
   Dev<double> norms(2);
@@ -447,6 +584,7 @@ static void bench() {
       {"wgrad daT*x  -> [G,512,1536]", GroupedLayout::kWgrad, I, D, 0},
   };
   std::vector<Row> rows;
+  std::vector<Bf16Row> bf16_rows;
   const float one = 1.0f, zero = 0.0f;
   for (const BenchCall& bc : calls) {
     const bool wg = bc.layout == GroupedLayout::kWgrad;
@@ -517,20 +655,53 @@ static void bench() {
     GroupedGemmParams q = p;
     q.c = cref.p;
     if (g_tma) {
+      check_vs_c("tma direct epilogue", [&] { launch(Kernel::kTma, q, bc.layout, true); });
+      row.tma_direct = tflops(median_ms([&] { launch(Kernel::kTma, q, bc.layout, true); }, 20));
       row.tma_rel = check_vs_c("tma", [&] { launch(Kernel::kTma, q, bc.layout); });
       row.tma = tflops(median_ms([&] { launch(Kernel::kTma, q, bc.layout); }, 20));
+    }
+    if (g_tma && !wg) {  // bf16 output; cref holds the TMA kernel's f32 C, c the mma.sync one
+      Bf16Row br{.name = std::string(bc.name) + " bf16 out", .tma_f32 = row.tma, .tma_f32_direct = row.tma_direct};
+      GroupedGemmParams o16 = p;
+      o16.c = nullptr, o16.c16 = c16.p;
+      for (const bool direct : {true, false}) {  // the staged epilogue's result last (reported)
+        CK(cudaMemset(c16.p, 0xFF, c_elems * sizeof(bf16)));  // NaN poison
+        launch(Kernel::kTma, o16, bc.layout, direct);
+        CK(cudaMemset(mismatch.p, 0, sizeof(unsigned long long)));
+        CK(cudaMemset(max_ulps.p, 0, sizeof(unsigned)));
+        bf16_check_kernel<<<1024, 256>>>(c16.p, cref.p, c.p, c_elems, mismatch.p, max_ulps.p);
+        CK(cudaGetLastError());
+        br.mismatch = mismatch.download()[0];
+        const unsigned ub = max_ulps.download()[0];
+        float uf;
+        std::memcpy(&uf, &ub, 4);
+        br.max_ulps = uf;
+        const std::string what = br.name + (direct ? " (direct epilogue)" : "");
+        expect(br.mismatch == 0, what + ": " + std::to_string(br.mismatch) + " values differ from the f32 C rounded");
+        expect(br.max_ulps <= 1.0, what + ": more than one bf16 ulp from the mma.sync f32 C");
+      }
+      br.tma_direct = tflops(median_ms([&] { launch(Kernel::kTma, o16, bc.layout, true); }, 20));
+      br.tma = tflops(median_ms([&] { launch(Kernel::kTma, o16, bc.layout); }, 20));
+      std::printf("  %-41s mismatches vs f32 rounded %llu  max %.2f ulp vs mma.sync  tma %.0f (direct epilogue %.0f)\n",
+                  br.name.c_str(), br.mismatch, br.max_ulps, br.tma, br.tma_direct);
+      bf16_rows.push_back(br);
     }
     {  // beta = 1, as the model's gradient accumulation (c and cref hold finite values by now)
       GroupedGemmParams acc = p;
       acc.beta = 1.0f;
       row.ours_acc = tflops(median_ms([&] { CK(launch_grouped_gemm(acc, bc.layout, nullptr)); }, 20));
-      if (g_tma) row.tma_acc = tflops(median_ms([&] { launch(Kernel::kTma, acc, bc.layout); }, 20));
+      if (g_tma) {
+        row.tma_acc = tflops(median_ms([&] { launch(Kernel::kTma, acc, bc.layout); }, 20));
+        row.tma_direct_acc = tflops(median_ms([&] { launch(Kernel::kTma, acc, bc.layout, true); }, 20));
+      }
     }
     row.loop = tflops(median_ms([&] { cublas_loop(cref.p); }, 10));
     row.dense = tflops(median_ms(dense, 10));
     rows.push_back(row);
-    std::printf("  %-32s rel %.2e  mma.sync %.0f (beta 1: %.0f)  tma %.0f (beta 1: %.0f, rel %.1e)  loop %.0f  dense %.0f\n",
-                row.name.c_str(), row.rel, row.ours, row.ours_acc, row.tma, row.tma_acc, row.tma_rel, row.loop, row.dense);
+    std::printf("  %-32s rel %.2e  mma.sync %.0f (beta 1: %.0f)  tma %.0f (beta 1: %.0f, rel %.1e; direct epilogue "
+                "%.0f, beta 1: %.0f)  loop %.0f  dense %.0f\n",
+                row.name.c_str(), row.rel, row.ours, row.ours_acc, row.tma, row.tma_acc, row.tma_rel, row.tma_direct,
+                row.tma_direct_acc, row.loop, row.dense);
   }
 
   // The MoE backward's dx_perm = da·W1 + db·W3 (dgrad, [R,512]·[G,512,1536] twice into [R,1536]):
@@ -598,12 +769,23 @@ static void bench() {
   expect(issue.download()[0].flag == 0, "bench offsets recorded an issue");
   CKB(cublasDestroy(hb));
 
-  std::printf("\nTFLOP/s (median of 20; cuBLAS: 10)\n"
-              "| call | rel vs cuBLAS | mma.sync 128x128x64 | TMA wgmma 128x256x64 | mma.sync, beta 1 | TMA, beta 1 | cuBLAS loop | dense cuBLAS |\n"
-              "|---|---|---|---|---|---|---|---|\n");
+  std::printf("\nTFLOP/s (median of 20; cuBLAS: 10). TMA: staged epilogue (shipped); TMA direct: its fallback "
+              "(stores from the accumulators) forced, the A/B\n"
+              "| call | rel vs cuBLAS | mma.sync 128x128x64 | TMA wgmma 128x256x64 | TMA direct | mma.sync, beta 1 | "
+              "TMA, beta 1 | TMA direct, beta 1 | cuBLAS loop | dense cuBLAS |\n"
+              "|---|---|---|---|---|---|---|---|---|---|\n");
   for (const Row& r : rows)
-    std::printf("| %s | %.1e | %.0f | %.0f | %.0f | %.0f | %.0f | %.0f |\n", r.name.c_str(), r.rel, r.ours, r.tma, r.ours_acc,
-                r.tma_acc, r.loop, r.dense);
+    std::printf("| %s | %.1e | %.0f | %.0f | %.0f | %.0f | %.0f | %.0f | %.0f | %.0f |\n", r.name.c_str(), r.rel, r.ours,
+                r.tma, r.tma_direct, r.ours_acc, r.tma_acc, r.tma_direct_acc, r.loop, r.dense);
+  if (!bf16_rows.empty()) {
+    std::printf("\nbf16 output (c16, beta 0), TMA kernel, TFLOP/s (median of 20); mismatches: values != the TMA "
+                "f32 C rounded to bf16 (bitwise); ulp: max |diff| vs the mma.sync f32 C in bf16 ulps (<= 1)\n"
+                "| call | mismatches | max ulp | TMA bf16 out | TMA direct, bf16 out | TMA f32 out | TMA direct, f32 out |\n"
+                "|---|---|---|---|---|---|---|\n");
+    for (const Bf16Row& r : bf16_rows)
+      std::printf("| %s | %llu | %.2f | %.0f | %.0f | %.0f | %.0f |\n", r.name.c_str(), r.mismatch, r.max_ulps, r.tma,
+                  r.tma_direct, r.tma_f32, r.tma_f32_direct);
+  }
   std::printf("\nMoE dgrad dx_perm = da*W1 + db*W3, R=%d, [R,%d]*[G,%d,%d] twice (median of 20; mma.sync runs "
               "two launches either way)\n"
               "| call | TMA ms | TMA TFLOP/s | mma.sync ms | rel (vs TMA, two launches) |\n|---|---|---|---|---|\n",

@@ -9,7 +9,8 @@
 // weights nor wgrad's activations need a transposed copy (the earlier wgmma kernel copied dgrad's
 // weights transposed for every call; wgrad ran on mma.sync).
 //
-// Design (one CTA per SM, 384 threads of ≤ 168 registers, ~194 KB of shared memory):
+// Design (one CTA per SM, 384 threads of ≤ 168 registers, ≤ 226 KB of shared memory: the ring,
+// the epilogue's staging buffers and the groups' prefix, see TmaGemmTiles):
 // - CTA tile 128×256×64. Warpgroup 0 is the producer: one thread issues the TMA copies of each
 //   k-tile into a 4-stage ring (A 16 KB + B 32 KB per stage). Warpgroups 1 and 2 each own one
 //   m64 half of the tile: an m64n256 f32 accumulator (128 registers per thread), 4 wgmma.m64n256k16
@@ -29,9 +30,16 @@
 //   m-tile counts in shared memory (bad groups have none) and walks tiles t = blockIdx.x,
 //   + gridDim.x, …; t → (m-tile slot, n-tile) with n fastest (CTAs sharing an A tile run
 //   together), the slot's group by binary search. wgrad: t → (group, m-tile, n-tile).
-// - Epilogue straight from the accumulators (alpha·acc + beta·C, float2 stores), while the
-//   producer already loads the next tile's first stages. fwd/dgrad may write a bf16 C instead
-//   (params c16, beta = 0: the bf16 GEMM mode's expert activations, bf16x2 stores).
+// - Epilogue through shared memory, while the producer already loads the next tile's first
+//   stages: each consumer warpgroup writes its m64×n256 block (alpha·acc + beta·C, old C loaded in
+//   the accumulator layout before any store) in chunks of 64 rows × 128 bytes (32 f32 or 64 bf16
+//   columns) into its own 8 KB staging buffer, then stores each chunk's rows with coalesced 16-byte
+//   stores (4 full 128-byte row segments per warp instruction) where the group's rows and n end.
+//   Written straight from the accumulators, a warp store touched 8 rows × 32 bytes (f32) or × 16
+//   bytes (bf16): bf16 output was slower than f32. fwd/dgrad may write a bf16 C instead (params
+//   c16, beta = 0: the bf16 GEMM mode's expert activations). Where a row is not a whole number of
+//   16-byte vectors (n % 4 ≠ 0 for f32, n % 8 ≠ 0 for bf16) or C is not 16-byte aligned, the
+//   epilogue stores straight from the accumulators instead (float2 / bf16x2 pairs, or scalars).
 // - Two terms (fwd/dgrad, params k2 > 0): C = alpha·(A·op(B) + A2·op(B2)) + beta·C. A2 and B2 get
 //   their own tensor maps (map_a2, map_b2, inner size k2); the producer issues a tile's k-tiles
 //   0 … kt1−1 from (A, B) and then kt1 … kt1+kt2−1 from (A2, B2) into the same ring (kt1 =
@@ -39,7 +47,7 @@
 //   maps), and the consumers just see kt1 + kt2 k-tiles. One launch writes C once, where two
 //   launches (the second with beta = 1) re-read C: the MoE backward's dx_perm = da·W1 + db·W3.
 //   k2 = 0: the maps are never read and the kernel does what it did with one term.
-// Includes only CUDA headers: tools/kernel-dev/grouped_gemm_tma_check.cu compiles it standalone.
+// Includes only CUDA headers: tools/kernel-dev/grouped_gemm_check.cu compiles it standalone.
 #pragma once
 #include <cuda.h>  // CUtensorMap (types only: the encoder is fetched through the runtime)
 #include <cudaTypedefs.h>
@@ -59,13 +67,41 @@ struct TmaGemmTiles {
   static constexpr int kABytes = kBM * kBK * 2, kBBytes = kBN * kBK * 2, kStageBytes = kABytes + kBBytes;
   static constexpr int kHalfBytes = 64 * kBK * 2;  // a consumer's m64 part of the A stage (either major)
   static constexpr int kStepA = kAMNMajor ? 16 * 128 : 32, kStepB = kBMNMajor ? 16 * 128 : 32;  // per k16
-  static constexpr size_t kTileSmemBytes = size_t{kStageBytes} * kStages + 1024;  // + 1024-byte alignment slack
+  // Epilogue staging (one buffer per consumer warpgroup, never touched by TMA): chunks of 64 rows ×
+  // 128 bytes, i.e. 32 f32 or 64 bf16 columns of the warpgroup's m64×n256 block. A buffer holds one
+  // chunk (two barriers per chunk); double buffering or a whole 128×256 f32 tile (128 KB) does not
+  // fit next to the 4-stage ring (budget below).
+  static constexpr int kEpiRows = 64;                             // a warpgroup's rows
+  static constexpr int kEpiRowBytes = 128;                        // one chunk row: 8 16-byte vectors
+  static constexpr int kEpiBufBytes = kEpiRows * kEpiRowBytes;    // 8 KB per warpgroup
+  static constexpr int kEpiBytes = kEpiBufBytes * kConsumers;     // 16 KB
+  static constexpr int kRingBytes = kStageBytes * kStages;        // 192 KB
+  // Dynamic smem before the groups' prefix: the ring (1024-byte aligned), the staging buffers,
+  // and 1024 bytes of slack to align the ring.
+  static constexpr size_t kTileSmemBytes = size_t{kRingBytes} + kEpiBytes + 1024;
   static_assert(kBK == kBox && kBM == 64 * kConsumers && kBN % kBox == 0, "the swizzle rows and boxes above");
   static_assert(kHalfBytes == kBoxBytes, "a consumer's A half is one MN-major box or 64 K-major rows");
+  static_assert(kEpiRows * kConsumers == kBM && kBN * 4 % kEpiRowBytes == 0 && kBN * 2 % kEpiRowBytes == 0,
+                "whole chunks of f32 and bf16 columns per warpgroup block");
 };
 
 // The groups this kernel schedules: its prefix of m-tile counts [G+1] shares the dynamic smem.
 constexpr int kTmaMaxGroups = 4096;
+
+// Shared memory budget, per CTA (one per SM): dynamic = kTileSmemBytes + the prefix, static = the
+// ring's mbarriers (ptxas reports 128 bytes; kTmaStaticSmemBytes leaves room), within the 227 KB
+// an sm_90 block may opt in to: 192 KB ring + 16 KB staging + 1 KB slack + 16 KB prefix + 1 KB
+// static = 226 KB.
+constexpr size_t kTmaSmemOptin = 227 * 1024;  // cudaDevAttrMaxSharedMemoryPerBlockOptin on H100/H200
+constexpr size_t kTmaStaticSmemBytes = 1024;
+template <GroupedLayout L>
+constexpr size_t tma_dynamic_smem_bytes(int groups) {
+  return TmaGemmTiles<L>::kTileSmemBytes + sizeof(int) * (static_cast<size_t>(groups) + 1);
+}
+static_assert(tma_dynamic_smem_bytes<GroupedLayout::kFwd>(kTmaMaxGroups) + kTmaStaticSmemBytes <= kTmaSmemOptin &&
+                  tma_dynamic_smem_bytes<GroupedLayout::kDgrad>(kTmaMaxGroups) + kTmaStaticSmemBytes <= kTmaSmemOptin &&
+                  tma_dynamic_smem_bytes<GroupedLayout::kWgrad>(kTmaMaxGroups) + kTmaStaticSmemBytes <= kTmaSmemOptin,
+              "ring + epilogue staging + prefix exceed an sm_90 block's shared memory");
 
 // ---------------------------------------------------------------- PTX wrappers (sm_90a)
 
@@ -185,6 +221,98 @@ __device__ __forceinline__ void wgmma_m64n256k16(float (&d)[128], uint64_t desc_
       : "l"(desc_a), "l"(desc_b), "n"(kTransA), "n"(kTransB), "r"(1));
 }
 
+// ---------------------------------------------------------------- epilogue through shared memory
+
+__device__ __forceinline__ void st_shared_v2_f32(uint32_t addr, float x, float y) {
+  asm volatile("st.shared.v2.f32 [%0], {%1, %2};\n" ::"r"(addr), "f"(x), "f"(y) : "memory");
+}
+__device__ __forceinline__ void st_shared_b32(uint32_t addr, uint32_t x) {
+  asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(addr), "r"(x) : "memory");
+}
+__device__ __forceinline__ uint4 ld_shared_v4(uint32_t addr) {
+  uint4 v;
+  asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "r"(addr)
+               : "memory");
+  return v;
+}
+
+// The staging buffer's swizzle: 16-byte vector v of chunk row r sits in slot v ^ epi_swizzle(r % 8).
+// One warp store of the accumulators covers rows g = lane/4 (8 rows, the same r % 8 for both
+// halves) × column pairs 2·(lane%4) of one 8-column block; this permutation makes both kinds free of
+// bank conflicts:
+//   bf16x2 (4 B): vector jj of 8 rows → 8 different slots, 4 lanes in each: 32 banks, 1 wavefront.
+//   float2 (8 B): vector 2·jj + (lane%4)/2; per half-warp (g = 0…3 or 4…7) g%4 moves bits 1-2 and
+//   g/4 bit 0 → 8 different slots, 2 lanes each in different 8-byte halves: 2 wavefronts per
+//   warp store of 256 bytes (the minimum).
+// The reads are row-wise (8 lanes × 16 bytes = one 128-byte row, any slot order): 1 wavefront per
+// 8 lanes. (Plain slot v ^ (r % 8) would leave the float2 stores 2-way conflicted.)
+__device__ __forceinline__ uint32_t epi_swizzle(int r8) { return ((r8 & 3) << 1) | ((r8 >> 2) & 1); }
+
+// Stores one consumer warpgroup's final values — acc, its m64×n256 block in the wgmma accumulator
+// layout (value 4j + e of warp w: row 16w + lane/4 + 8·(e/2), column 8j + 2·(lane%4) + e%2) — as T
+// (float or bf16) to c_blk (the block's first element in C, rows ldc elements apart), through the
+// warpgroup's staging buffer buf (kEpiBufBytes at a 1024-byte aligned shared address). Only rows <
+// rows_valid and columns < cols_valid are written; cols_valid must be a multiple of 16 / sizeof(T)
+// and c_blk, ldc give 16-byte aligned rows (the caller's check), so a vector is in or out whole.
+// Per chunk of kChunkCols columns: barrier (every thread has read the previous chunk), each thread
+// writes its values of the chunk, barrier, each thread copies 4 rows' 16-byte vectors to C.
+// bar_id: the warpgroup's named barrier (128 threads); the caller's branch is warpgroup-uniform.
+template <class T>
+__device__ __forceinline__ void epilogue_staged(const float (&acc)[128], uint32_t buf, T* c_blk, int64_t ldc,
+                                                int rows_valid, int cols_valid, int bar_id) {
+  constexpr int kRows = 64, kRowBytes = 128;        // TmaGemmTiles::kEpiRows, kEpiRowBytes
+  constexpr int kChunkCols = kRowBytes / sizeof(T);  // 32 f32 or 64 bf16 columns per chunk
+  constexpr int kChunks = 256 / kChunkCols;          // 8 or 4 chunks per n256 block
+  constexpr int kBlocksPerChunk = kChunkCols / 8;    // the accumulators' 8-column blocks j per chunk
+  constexpr int kVec = 16 / sizeof(T);               // elements per 16-byte vector
+  constexpr int kVecsPerRow = kRowBytes / 16;        // 8 lanes per row on the read side
+  constexpr int kRowsPerPass = 128 / kVecsPerRow;    // the warpgroup copies 16 rows per pass
+  static_assert(sizeof(T) == 4 || sizeof(T) == 2, "f32 or bf16 output");
+  if (rows_valid <= 0) return;  // (uniform) the tile's rows end in the other warpgroup's half
+  // The thread index is read here, not passed in: values derived from it would otherwise be
+  // computed once before the tile loop and occupy registers through the k-loop (spills there).
+  uint32_t wtid;
+  asm volatile("mov.u32 %0, %%tid.x;\n" : "=r"(wtid));
+  wtid %= 128;
+  const uint32_t lane = wtid % 32, warp = wtid / 32, g = lane / 4, q = lane % 4, swz = epi_swizzle(g);
+  // Write side: the thread's rows 16·warp + g (+ 8 for e/2 = 1) share r % 8 = g. Vector slot
+  // (2·jj + q/2) ^ swz (f32) or jj ^ swz (bf16) = w_base ^ (jj's bits): the XOR touches only slot
+  // bits, above the thread's byte offset within the vector and below the row.
+  const uint32_t w_row = buf + (warp * 16 + g) * kRowBytes;
+  const uint32_t w_base = sizeof(T) == 4 ? w_row + ((q / 2) ^ swz) * 16 + (q % 2) * 8 : w_row + swz * 16 + q * 4;
+  // Read side: 8 lanes per 128-byte row, rows wtid/8 + 16·i (the same r % 8 for every i).
+  const uint32_t r_row = wtid / kVecsPerRow, r_vec = wtid % kVecsPerRow;
+  const uint32_t r_addr = buf + r_row * kRowBytes + (r_vec ^ epi_swizzle(r_row % 8)) * 16;
+  T* const dst = c_blk + r_row * ldc + r_vec * kVec;
+  const int rows_left = rows_valid - static_cast<int>(r_row), cols_left = cols_valid - static_cast<int>(r_vec * kVec);
+#pragma unroll
+  for (int ch = 0; ch < kChunks; ++ch) {
+    if (ch * kChunkCols >= cols_valid) break;  // past n (uniform): nothing left to store
+    warpgroup_bar(bar_id);                     // WAR: every thread has read the previous chunk
+#pragma unroll
+    for (int half = 0; half < 2; ++half)
+#pragma unroll
+      for (int jj = 0; jj < kBlocksPerChunk; ++jj) {
+        const int e = (ch * kBlocksPerChunk + jj) * 4 + half * 2;
+        const uint32_t row_off = half * 8 * kRowBytes;
+        if constexpr (sizeof(T) == 4) {
+          st_shared_v2_f32((w_base ^ (2 * jj * 16)) + row_off, acc[e], acc[e + 1]);
+        } else {
+          const __nv_bfloat162 v = __floats2bfloat162_rn(acc[e], acc[e + 1]);  // as the direct path rounds
+          st_shared_b32((w_base ^ (jj * 16)) + row_off, *reinterpret_cast<const uint32_t*>(&v));
+        }
+      }
+    warpgroup_bar(bar_id);  // RAW: the chunk is in buf
+#pragma unroll
+    for (int i = 0; i < kRows / kRowsPerPass; ++i)
+      if (i * kRowsPerPass < rows_left && ch * kChunkCols < cols_left)
+        *reinterpret_cast<uint4*>(dst + i * kRowsPerPass * ldc + ch * kChunkCols) =
+            ld_shared_v4(r_addr + i * kRowsPerPass * kRowBytes);
+  }
+}
+
 // ---------------------------------------------------------------- tiles
 
 // One output tile and where its operands start. fwd/dgrad: rows [a_row, a_row + m_valid) of C and
@@ -255,7 +383,9 @@ __device__ inline void build_m_tile_prefix(const GroupedGemmParams& p, int* s_pr
 // kTwoTerms (fwd/dgrad, launched when k2 > 0): the second term's k-tiles follow the first's. The
 // one-term instantiation compiles to what it was before the second term existed (168 registers,
 // the same few spilled bytes), so the common call pays nothing for it.
-template <GroupedLayout L, bool kTwoTerms>
+// kDirectEpilogue: always store straight from the accumulators (the fallback path); only the
+// harness launches it, for an A/B row against the staged epilogue.
+template <GroupedLayout L, bool kTwoTerms, bool kDirectEpilogue = false>
 __global__ void __launch_bounds__(TmaGemmTiles<L>::kThreads, 1)
     grouped_gemm_tma_kernel(const __grid_constant__ CUtensorMap map_a, const __grid_constant__ CUtensorMap map_b,
                             const __grid_constant__ CUtensorMap map_a2, const __grid_constant__ CUtensorMap map_b2,
@@ -270,7 +400,8 @@ __global__ void __launch_bounds__(TmaGemmTiles<L>::kThreads, 1)
 
   const uint32_t raw = smem_addr(tma_smem_raw);
   const uint32_t tiles = (raw + 1023u) & ~1023u;  // swizzle atoms are 1024-byte aligned
-  int* s_prefix = reinterpret_cast<int*>(tma_smem_raw + (tiles - raw) + size_t{Cfg::kStageBytes} * kStages);
+  const uint32_t epi_bufs = tiles + Cfg::kRingBytes;  // kConsumers staging buffers of kEpiBufBytes
+  int* s_prefix = reinterpret_cast<int*>(tma_smem_raw + (tiles - raw) + Cfg::kRingBytes + Cfg::kEpiBytes);
   const auto stage_a = [&](int s) { return tiles + s * Cfg::kStageBytes; };
   const auto stage_b = [&](int s) { return tiles + s * Cfg::kStageBytes + Cfg::kABytes; };
   const auto full = [&](int s) { return smem_addr(&full_bar[s]); };
@@ -333,6 +464,10 @@ __global__ void __launch_bounds__(TmaGemmTiles<L>::kThreads, 1)
   };
   const bool vec2 = (p.n % 2) == 0 && reinterpret_cast<uintptr_t>(p.c) % 8 == 0;     // float2 rows
   const bool pair16 = (p.n % 2) == 0 && reinterpret_cast<uintptr_t>(p.c16) % 4 == 0;  // bf16x2 rows (c16)
+  // The staged epilogue's condition (uniform): rows of whole 16-byte vectors, C 16-byte aligned.
+  const bool c16_out = p.c16 != nullptr;
+  const bool stage_c16 = !kDirectEpilogue && c16_out && p.n % 8 == 0 && reinterpret_cast<uintptr_t>(p.c16) % 16 == 0;
+  const bool stage_c = !kDirectEpilogue && !c16_out && p.n % 4 == 0 && reinterpret_cast<uintptr_t>(p.c) % 16 == 0;
   float acc[128];
   int it = 0;
   TmaTile ti;
@@ -372,10 +507,9 @@ __global__ void __launch_bounds__(TmaGemmTiles<L>::kThreads, 1)
     if (ti.skip) continue;
 
     // Epilogue: accumulator 4j + e of warp w in the warpgroup is (row 16w + lane/4 + 8·(e/2),
-    // col 8j + 2·(lane%4) + e%2) of the warpgroup's m64×n256 block. With beta ≠ 0 every old C value
-    // of the thread is loaded first, then all stores follow: a load after each store would wait for
-    // DRAM once per value (the compiler cannot reorder a load past a store that may alias it), which
-    // made beta = 1 calls (wgrad's accumulation, dgrad's second term) 2-4× slower.
+    // col 8j + 2·(lane%4) + e%2) of the warpgroup's m64×n256 block. Stored through the warpgroup's
+    // staging buffer (epilogue_staged) where C's rows are whole 16-byte vectors, else straight from
+    // the accumulators (the fallback: pairs where n is even, else scalars).
     const int64_t tile_off = L == GroupedLayout::kWgrad ? (static_cast<int64_t>(ti.g) * p.m + ti.m0) * p.n
                                                         : static_cast<int64_t>(ti.a_row) * p.n;
     const int row0 = cw * 64 + (warp % 4) * 16 + lane / 4;
@@ -386,9 +520,18 @@ __global__ void __launch_bounds__(TmaGemmTiles<L>::kThreads, 1)
     const auto off = [&](int half, int j) {
       return tile_off + static_cast<int64_t>(row0 + half * 8) * p.n + ti.n0 + j * 8 + (lane % 4) * 2;
     };
+    const auto staged = [&](auto* c) {
+      const int64_t blk_off = tile_off + static_cast<int64_t>(cw * Cfg::kEpiRows) * p.n + ti.n0;
+      epilogue_staged(acc, epi_bufs + cw * Cfg::kEpiBufBytes, c + blk_off, p.n, ti.m_valid - cw * Cfg::kEpiRows,
+                      p.n - ti.n0, 1 + cw);
+    };
 #pragma unroll
     for (int e = 0; e < 128; ++e) acc[e] *= p.alpha;
-    if (p.c16 != nullptr) {  // bf16 output (beta = 0, grouped_gemm_tma_unusable): pairs as bf16x2
+    if (p.c16 != nullptr) {  // bf16 output (beta = 0, grouped_gemm_tma_unusable)
+      if (stage_c16) {
+        staged(p.c16);
+        continue;
+      }
 #pragma unroll
       for (int half = 0; half < 2; ++half)
 #pragma unroll
@@ -405,6 +548,11 @@ __global__ void __launch_bounds__(TmaGemmTiles<L>::kThreads, 1)
         }
       continue;
     }
+    // With beta ≠ 0 every old C value of the thread is loaded first (in the accumulator layout:
+    // whole 32-byte sectors), then all stores follow, staged or not: a load after each store would
+    // wait for DRAM once per value (the compiler cannot reorder a load past a store that may alias
+    // it), which made beta = 1 calls (wgrad's accumulation) 2-4× slower. The staged stores by the
+    // other threads of the warpgroup follow this thread's loads through its barriers.
     const auto at = [&](int half, int j) { return p.c + off(half, j); };
     if (p.beta != 0.0f) {
 #pragma unroll
@@ -419,6 +567,10 @@ __global__ void __launch_bounds__(TmaGemmTiles<L>::kThreads, 1)
           acc[j * 4 + half * 2] += p.beta * old.x;
           acc[j * 4 + half * 2 + 1] += p.beta * old.y;
         }
+    }
+    if (stage_c) {
+      staged(p.c);
+      continue;
     }
 #pragma unroll
     for (int half = 0; half < 2; ++half)
@@ -517,8 +669,9 @@ inline bool grouped_gemm_tma_usable(const GroupedGemmParams& p, GroupedLayout la
 }
 
 // Runs one grouped GEMM of layout L on the TMA kernel. Call only when wgmma_supported() and
-// grouped_gemm_tma_usable(p, L).
-template <GroupedLayout L>
+// grouped_gemm_tma_usable(p, L). kDirectEpilogue: the harness's A/B timing of the fallback
+// epilogue (stores straight from the accumulators); callers leave it false.
+template <GroupedLayout L, bool kDirectEpilogue = false>
 cudaError_t launch_grouped_gemm_tma(const GroupedGemmParams& p, cudaStream_t stream) {
   using Cfg = TmaGemmTiles<L>;
   const cuuint64_t R = static_cast<cuuint64_t>(p.rows), G = static_cast<cuuint64_t>(p.groups);
@@ -564,10 +717,11 @@ cudaError_t launch_grouped_gemm_tma(const GroupedGemmParams& p, cudaStream_t str
                                 ? int64_t{p.groups} * ((p.m + Cfg::kBM - 1) / Cfg::kBM) * n_tiles
                                 : ((int64_t{p.rows} + Cfg::kBM - 1) / Cfg::kBM + p.groups) * n_tiles;
   const unsigned grid = static_cast<unsigned>(tiles_max < sms ? tiles_max : sms);
-  const size_t smem = Cfg::kTileSmemBytes + sizeof(int) * (static_cast<size_t>(p.groups) + 1);
+  const size_t smem = tma_dynamic_smem_bytes<L>(p.groups);
   // wgrad never has a second term (grouped_gemm_tma_unusable): its one instantiation either way.
   const auto kernel =
-      p.k2 > 0 ? grouped_gemm_tma_kernel<L, L != GroupedLayout::kWgrad> : grouped_gemm_tma_kernel<L, false>;
+      p.k2 > 0 ? grouped_gemm_tma_kernel<L, L != GroupedLayout::kWgrad, kDirectEpilogue>
+               : grouped_gemm_tma_kernel<L, false, kDirectEpilogue>;
   e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
   if (e != cudaSuccess) return e;
   kernel<<<grid, Cfg::kThreads, smem, stream>>>(map_a, map_b, map_a2, map_b2, p);
