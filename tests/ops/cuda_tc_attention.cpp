@@ -269,14 +269,16 @@ TEST(CudaTcAttention, Bf16DqIsTheF32DqRounded) {
     const Tensor o2t = diff ? o2[g] : Tensor{}, lam = diff ? lambda[g] : Tensor{};
     gpu().attention_fwd({}, {.out = out[g], .o2 = o2t, .lse = lse[g], .q = q16[g], .k = k16[g], .v = v16[g], .lambda = lam,
                              .scale = 0.1, .differential = diff});
-    const auto bwd = [&](const Tensor& dq_t, const Dual& dk_t, const Dual& dv_t, const Dual& dl_t, const Tensor& q_t) {
+    // qkv16: the bf16 q, k, v (else the f32 ones, which the kernels round themselves).
+    const auto bwd = [&](const Tensor& dq_t, const Dual& dk_t, const Dual& dv_t, const Dual& dl_t, bool qkv16) {
       gpu().attention_bwd({}, {.dq = dq_t, .dk = dk_t[g], .dv = dv_t[g], .dlambda = diff ? dl_t[g] : Tensor{},
-                               .dout = dout[g], .q = q_t, .k = k16[g], .v = v16[g], .out = out[g], .o2 = o2t, .lse = lse[g],
-                               .lambda = lam, .scale = 0.1, .differential = diff});
+                               .dout = dout[g], .q = qkv16 ? q16[g] : q[g], .k = qkv16 ? k16[g] : k[g],
+                               .v = qkv16 ? v16[g] : v[g], .out = out[g], .o2 = o2t, .lse = lse[g], .lambda = lam,
+                               .scale = 0.1, .differential = diff});
     };
     dq16.poison();
-    bwd(dq[g], dk, dv, dlambda, q16[g]);
-    bwd(dq16[g], dk2, dv2, dlambda2, q16[g]);
+    bwd(dq[g], dk, dv, dlambda, true);
+    bwd(dq16[g], dk2, dv2, dlambda2, true);
     gpu().synchronize({});
     const std::string tag = diff ? "differential" : "plain";
     const std::vector<double> f = dq.device_values(), h = dq16.device_values();
@@ -286,7 +288,7 @@ TEST(CudaTcAttention, Bf16DqIsTheF32DqRounded) {
     EXPECT_EQ(dk2.device_values(), dk.device_values()) << tag;
     EXPECT_EQ(dv2.device_values(), dv.device_values()) << tag;
     EXPECT_TRUE(dq16.guard_intact()) << tag;
-    expect_error([&] { bwd(dq16[g], dk2, dv2, dlambda2, q[g]); }, {"[attention_bwd]", "dq"});
+    expect_error([&] { bwd(dq16[g], dk2, dv2, dlambda2, false); }, {"[attention_bwd] dq", "expected dtype f32, got bf16"});
   }
 }
 
