@@ -83,6 +83,7 @@ class Backend {
   virtual void cross_entropy_fwd(Context ctx, const CrossEntropyFwdArgs& a) = 0;
   virtual void cross_entropy_bwd(Context ctx, const CrossEntropyBwdArgs& a) = 0;
   virtual void adamw(Context ctx, const AdamWArgs& a) = 0;
+  virtual void adamw_multi(Context ctx, const AdamWMultiArgs& a) = 0;
 };
 
 // "cpu" or "cuda". Throws "[backend] 'cuda' was not built into this binary" when absent.

@@ -13,6 +13,7 @@
 // Shapes: N = tokens (B·T rows), D = model dim, V = vocab, E = routed experts, K = experts per token.
 #pragma once
 #include <cstdint>
+#include <vector>
 
 #include "core/tensor.h"
 
@@ -268,6 +269,24 @@ struct AdamWArgs {
   double lr = 1e-3, beta1 = 0.9, beta2 = 0.95, eps = 1e-8, weight_decay = 0.0, max_norm = 0.0;
   int64_t step = 1;
   Tensor param_bf16 = {};
+};
+
+// AdamW over many tensors in one call: for every entry exactly the per-tensor AdamWArgs update
+// (bitwise the same results), with the entry's own weight_decay and the shared hyper-parameters
+// and grad_sq below. Every entry is checked like AdamWArgs before any is updated; all float tensors
+// of the call have one dtype; empty tensors are allowed and skipped. Entries must not overlap.
+// (CUDA: one launch for all entries; the backend caches the list's device table and uploads it again
+// only when the list changes — keep one AdamWMultiArgs and refresh it, as AdamW (train) does.)
+struct AdamWEntry {
+  Tensor param; Tensor m; Tensor v; Tensor grad;
+  Tensor param_bf16 = {};  // optional bf16 copy of the updated param (AdamWArgs::param_bf16)
+  double weight_decay = 0.0;
+};
+struct AdamWMultiArgs {
+  std::vector<AdamWEntry> entries = {};
+  Tensor grad_sq = {};  // read only when max_norm > 0
+  double lr = 1e-3, beta1 = 0.9, beta2 = 0.95, eps = 1e-8, max_norm = 0.0;
+  int64_t step = 1;
 };
 
 }  // namespace diffmoe

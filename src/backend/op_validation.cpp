@@ -9,6 +9,7 @@
 #include <climits>
 #include <cstdint>
 #include <limits>
+#include <string>
 #include <utility>
 
 namespace diffmoe {
@@ -813,26 +814,62 @@ CrossEntropyDims validate_cross_entropy_bwd(const CrossEntropyBwdArgs& a, Device
   return d;
 }
 
+namespace {
+
+// The name of an AdamW tensor in messages: "m" (adamw) or "entries[3].m" (adamw_multi), formatted
+// only when a check fails: adamw_multi validates every parameter of the model at every step.
+struct AdamWName {
+  int64_t entry = -1;  // −1: adamw
+  std::string operator()(std::string_view field) const {
+    return entry < 0 ? std::string(field) : fmt::format("entries[{}].{}", entry, field);
+  }
+};
+
+// check_device, check_shape and check_dtype, each called (to throw its message) only where its
+// condition fails.
+void check_adamw_tensor(const Tensor& t, const Shape& shape, DType dt, Device dev, std::string_view op,
+                        const AdamWName& name, std::string_view field) {
+  if (t.device != dev || (t.data == nullptr && t.numel() != 0)) check_device(t, dev, op, name(field));
+  if (!(t.shape == shape)) check_shape(t, shape, op, name(field));
+  if (t.dtype != dt) check_dtype(t, dt, op, name(field));
+}
+
+// One update's tensors (AdamWArgs, AdamWEntry): m, v, grad like param (shape, dtype dt), the
+// optional bf16 copy param's shape in bf16.
+void check_adamw_tensors(const Tensor& param, const Tensor& m, const Tensor& v, const Tensor& grad,
+                         const Tensor& param_bf16, DType dt, Device dev, std::string_view op, const AdamWName& name) {
+  check_adamw_tensor(param, param.shape, dt, dev, op, name, "param");
+  for (const auto& [t, field] : {std::pair{&m, "m"}, std::pair{&v, "v"}, std::pair{&grad, "grad"}})
+    check_adamw_tensor(*t, param.shape, dt, dev, op, name, field);
+  if (param_bf16.defined()) check_adamw_tensor(param_bf16, param.shape, DType::kBF16, dev, op, name, "param_bf16");
+}
+
+void check_adamw_step(int64_t step, double max_norm, const Tensor& grad_sq, DType dt, Device dev, std::string_view op) {
+  DIFFMOE_CHECK(step >= 1, "[{}] step is 1-based, got {}", op, step);
+  if (max_norm > 0.0) {  // grad_sq is only read when clipping
+    check_device(grad_sq, dev, op, "grad_sq");
+    check_shape(grad_sq, Shape{1}, op, "grad_sq");
+    check_dtype(grad_sq, dt, op, "grad_sq");
+  }
+}
+
+}  // namespace
+
 void validate_adamw(const AdamWArgs& args, Device dev) {
   constexpr std::string_view kOp = "adamw";
   const DType dt = args.param.dtype;
-  check_device(args.param, dev, kOp, "param");
-  for (const auto& [t, name] : {std::pair{&args.m, "m"}, std::pair{&args.v, "v"}, std::pair{&args.grad, "grad"}}) {
-    check_device(*t, dev, kOp, name);
-    check_shape(*t, args.param.shape, kOp, name);
-    check_dtype(*t, dt, kOp, name);
+  check_adamw_tensors(args.param, args.m, args.v, args.grad, args.param_bf16, dt, dev, kOp, AdamWName{});
+  check_adamw_step(args.step, args.max_norm, args.grad_sq, dt, dev, kOp);
+}
+
+void validate_adamw_multi(const AdamWMultiArgs& args, Device dev) {
+  constexpr std::string_view kOp = "adamw_multi";
+  const DType dt = args.entries.empty() ? args.grad_sq.dtype : args.entries.front().param.dtype;
+  for (size_t i = 0; i < args.entries.size(); ++i) {
+    const AdamWEntry& e = args.entries[i];
+    check_adamw_tensors(e.param, e.m, e.v, e.grad, e.param_bf16, dt, dev, kOp, AdamWName{static_cast<int64_t>(i)});
   }
-  if (args.param_bf16.defined()) {
-    check_device(args.param_bf16, dev, kOp, "param_bf16");
-    check_shape(args.param_bf16, args.param.shape, kOp, "param_bf16");
-    check_dtype(args.param_bf16, DType::kBF16, kOp, "param_bf16");
-  }
-  DIFFMOE_CHECK(args.step >= 1, "[adamw] step is 1-based, got {}", args.step);
-  if (args.max_norm > 0.0) {  // grad_sq is only read when clipping
-    check_device(args.grad_sq, dev, kOp, "grad_sq");
-    check_shape(args.grad_sq, Shape{1}, kOp, "grad_sq");
-    check_dtype(args.grad_sq, dt, kOp, "grad_sq");
-  }
+  check_adamw_step(args.step, args.max_norm, args.grad_sq, dt, dev, kOp);
 }
 
 }  // namespace diffmoe

@@ -120,5 +120,8 @@ struct CrossEntropyDims {
 CrossEntropyDims validate_cross_entropy_fwd(const CrossEntropyFwdArgs& a, Device dev);
 CrossEntropyDims validate_cross_entropy_bwd(const CrossEntropyBwdArgs& a, Device dev);
 void validate_adamw(const AdamWArgs& a, Device dev);
+// Every entry as validate_adamw, naming it ("[adamw_multi] entries[3].m ..."); one float dtype for
+// all entries and grad_sq (entries[0].param's).
+void validate_adamw_multi(const AdamWMultiArgs& a, Device dev);
 
 }  // namespace diffmoe

@@ -38,16 +38,27 @@ void AdamW::apply(Context ctx, double lr) {
   ++step_;
   // In the bf16 GEMM mode the update also writes the model's bf16 weight copies, so the next forward
   // need not refresh them (Model::weight_copies_written).
+  // One adamw_multi call for every trainable parameter (one launch on CUDA). The entry list is
+  // rebuilt into the same vector each step; its views are the arenas' and stay the same, so the
+  // CUDA backend finds its cached device table unchanged.
   const Arena& copies = model_->weight_copies();
   const Arena& grads = model_->grads(ctx);
+  multi_.entries.clear();
   for (const ParamSpec& p : model_->specs()) {
     if (!p.trainable()) continue;
-    be.adamw(ctx, {.param = model_->params().get(p.name), .m = state_.get("m." + p.name), .v = state_.get("v." + p.name),
-                   .grad = grads.get(p.name), .grad_sq = grad_sq(), .lr = lr, .beta1 = cfg_.beta1,
-                   .beta2 = cfg_.beta2, .eps = cfg_.eps, .weight_decay = p.decayed() ? cfg_.weight_decay : 0.0,
-                   .max_norm = cfg_.grad_clip, .step = step_,
-                   .param_bf16 = copies.has(p.name) ? copies.get(p.name) : Tensor{}});
+    multi_.entries.push_back({.param = model_->params().get(p.name), .m = state_.get("m." + p.name),
+                              .v = state_.get("v." + p.name), .grad = grads.get(p.name),
+                              .param_bf16 = copies.has(p.name) ? copies.get(p.name) : Tensor{},
+                              .weight_decay = p.decayed() ? cfg_.weight_decay : 0.0});
   }
+  multi_.grad_sq = grad_sq();
+  multi_.lr = lr;
+  multi_.beta1 = cfg_.beta1;
+  multi_.beta2 = cfg_.beta2;
+  multi_.eps = cfg_.eps;
+  multi_.max_norm = cfg_.grad_clip;
+  multi_.step = step_;
+  be.adamw_multi(ctx, multi_);
   model_->weight_copies_written();
   // Balancing bias (spec §5): b_i += rate·sign(mean(count) − count_i), on the step's counts.
   const ModelConfig& c = model_->config();

@@ -2,7 +2,8 @@
 // vectors, biases or embeddings: ParamSpec::decayed), global-norm gradient clipping, and the
 // once-per-step MoE balancing-bias update (spec §5). State: first and second moments in one arena
 // with the parameters' names, plus the step count. No host synchronisation: the global norm stays
-// on the device and the AdamW op reads it.
+// on the device and the AdamW op reads it. All parameters are updated by one adamw_multi call (one
+// launch on CUDA).
 #pragma once
 #include <string>
 
@@ -38,6 +39,7 @@ class AdamW {
   OptimConfig cfg_;
   Arena state_;
   int64_t step_ = 0;
+  AdamWMultiArgs multi_;  // apply()'s call, kept so that its entry list is not reallocated per step
 };
 
 }  // namespace diffmoe

@@ -52,6 +52,7 @@ class CpuBackend final : public Backend {
   void cross_entropy_fwd(Context ctx, const CrossEntropyFwdArgs& a) override;  // loss_ops.cpp
   void cross_entropy_bwd(Context ctx, const CrossEntropyBwdArgs& a) override;
   void adamw(Context ctx, const AdamWArgs& a) override;                  // optim_ops.cpp
+  void adamw_multi(Context ctx, const AdamWMultiArgs& a) override;
 };
 
 std::unique_ptr<Backend> make_cpu_backend();

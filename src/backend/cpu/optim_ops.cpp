@@ -1,5 +1,6 @@
 // AdamW with decoupled weight decay and global-norm clipping folded in (op_args.h AdamWArgs) for
 // the CPU reference backend. Per element, in double, rounded once to the tensor type on store.
+// adamw_multi is the per-tensor op over its entries, in order (the spec of the CUDA one-launch form).
 #include <algorithm>
 #include <cmath>
 #include <utility>
@@ -48,6 +49,15 @@ void CpuBackend::adamw(Context, const AdamWArgs& args) {
       if (p16 != nullptr) p16[i] = f32_to_bf16(static_cast<float>(p[i]));  // through the stored value
     }
   });
+}
+
+void CpuBackend::adamw_multi(Context ctx, const AdamWMultiArgs& args) {
+  validate_adamw_multi(args, Device::kCPU);  // every entry before any is updated
+  for (const AdamWEntry& e : args.entries) {
+    adamw(ctx, {.param = e.param, .m = e.m, .v = e.v, .grad = e.grad, .grad_sq = args.grad_sq, .lr = args.lr,
+                .beta1 = args.beta1, .beta2 = args.beta2, .eps = args.eps, .weight_decay = e.weight_decay,
+                .max_norm = args.max_norm, .step = args.step, .param_bf16 = e.param_bf16});
+  }
 }
 
 }  // namespace diffmoe

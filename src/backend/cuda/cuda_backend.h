@@ -8,7 +8,9 @@
 //   fill also handle f64, bf16 and f8e4m3 storage as on the CPU.
 // - Streams: ops run on Context::stream (a cudaStream_t; nullptr = the legacy default stream) and
 //   never sync the host, except grouped_gemm and grouped_gemm_wgrad, which read the group offsets
-//   to the host (one small copy + stream sync: documented and temporary, see gemm_ops.cu).
+//   to the host (one small copy + stream sync: documented and temporary, see gemm_ops.cu), and
+//   adamw_multi when its list changes (the first step: a pageable upload of its table, which the
+//   driver may stage after waiting for the stream; adamw_multi_table.h).
 // - upload/download are blocking: they wait for the whole device first (ops may be on any stream).
 // - Index contents are checked on the device (device_issue.h) and reported by synchronize() and
 //   download().
@@ -47,6 +49,7 @@
 #include <vector>
 
 #include "backend/backend.h"
+#include "backend/cuda/adamw_multi_table.h"
 #include "backend/cuda/cuda_allocator.h"
 #include "backend/cuda/device_issue.h"
 #include "backend/cuda/lt_gemm.h"
@@ -138,6 +141,7 @@ class CudaBackend final : public Backend, public OpProfiler {
   void cross_entropy_fwd(Context ctx, const CrossEntropyFwdArgs& a) override;  // loss_ops.cu
   void cross_entropy_bwd(Context ctx, const CrossEntropyBwdArgs& a) override;
   void adamw(Context ctx, const AdamWArgs& a) override;                  // optim_ops.cu
+  void adamw_multi(Context ctx, const AdamWMultiArgs& a) override;
   void set_gemm_precision(GemmPrecision p) override { gemm_precision_ = p; }
   GemmPrecision gemm_precision() const override { return gemm_precision_; }
   bool attention_takes_bf16(const AttentionShape& s) const override;  // attention_ops.cu
@@ -152,6 +156,7 @@ class CudaBackend final : public Backend, public OpProfiler {
   size_t gemm_bf16_scratch_bytes() const { return gemm_bf16_scratch_.bytes(); }
   DeviceIssue* issue() const { return static_cast<DeviceIssue*>(issue_.get()); }
   int multiprocessors() const { return sm_count_; }
+  int64_t adamw_table_uploads() const { return adamw_table_.uploads(); }  // adamw_multi's (tests)
   size_t max_shared_bytes() const { return max_smem_optin_; }  // per block, after opt-in
   // Copies an i32 device tensor to host memory owned by the backend (stream sync): grouped GEMMs.
   const int32_t* read_to_host(const Tensor& t, cudaStream_t s);
@@ -188,6 +193,7 @@ class CudaBackend final : public Backend, public OpProfiler {
   GemmPrecision gemm_precision_ = GemmPrecision::kF32;
   DeviceBuffer issue_;
   std::vector<int32_t> host_staging_;
+  AdamWMultiTable adamw_table_;  // adamw_multi's entry table, uploaded when the list changes
   AttentionKernel attention_kernel_ = AttentionKernel::kFlash;
 
   struct ProfileStat {

@@ -1,8 +1,17 @@
 // AdamW with decoupled weight decay and global-norm clipping folded in (op_args.h AdamWArgs) on the
 // GPU. One thread per element, in double like the CPU reference (memory-bound). The clip factor is
 // computed by every thread from the device-resident grad_sq[0]: no host sync.
+//
+// adamw_multi (AdamWMultiArgs): every tensor of the list in one launch. Its blocks walk a flat list
+// of work items (tensor, chunk of kAdamWChunk elements) from a device table that is uploaded only
+// when the list changes (adamw_multi_table.h); each block updates its chunk with the same range
+// function as the per-tensor kernel, so every element is bitwise the per-tensor op's. The per-tensor
+// op launches once per tensor, and most of a model's tensors are tiny (norms, λ vectors) whose
+// launch and tail cost more than their bytes; one launch removes that.
 #include <cmath>
 #include <cstdint>
+#include <cstring>
+#include <limits>
 
 #include "backend/cuda/cuda_common.cuh"
 #include "backend/op_validation.h"
@@ -30,18 +39,18 @@ __device__ __forceinline__ void adamw_element(float& p, float& m, float& v, floa
   p = static_cast<float>(pi - c.lr * update);
 }
 
-// vec4: all four arrays are 16-byte aligned (and p16, when given, 8-byte aligned), so the first
-// n/4·4 elements move as float4 (the op is memory-bound: 16 bytes read and 12 written per element,
-// 2 more with the bf16 copy); the tail, or everything otherwise, by scalars. The arithmetic per
-// element is the same either way. p16: the bf16 weight copy (AdamWArgs::param_bf16), or null.
-__global__ void adamw_kernel(float* p, float* m, float* v, const float* grad, const float* grad_sq, AdamWConsts c,
-                             int64_t n, bool vec4, __nv_bfloat16* p16) {
-  // clip = min(1, max_norm / (sqrt(Σg²) + 1e-6)) when clipping
-  const double clip = c.max_norm > 0.0 ? fmin(1.0, c.max_norm / (sqrt(static_cast<double>(grad_sq[0])) + 1e-6)) : 1.0;
-  const int64_t stride = int64_t{gridDim.x} * blockDim.x;
+// Elements [first, n) of one tensor, stepping by `stride`: the per-tensor kernel's grid-stride loop
+// and one adamw_multi chunk's block-stride loop. vec4: all four arrays are 16-byte aligned (and
+// p16, when given, 8-byte aligned), so the first n/4·4 elements move as float4 (the op is
+// memory-bound: 16 bytes read and 12 written per element, 2 more with the bf16 copy); the tail, or
+// everything otherwise, by scalars. The arithmetic per element is the same either way. p16: the
+// bf16 weight copy (AdamWArgs::param_bf16), or null.
+__device__ __forceinline__ void adamw_range(float* p, float* m, float* v, const float* grad, __nv_bfloat16* p16,
+                                            int64_t n, bool vec4, double clip, const AdamWConsts& c, int64_t first,
+                                            int64_t stride) {
   int64_t start = 0;
   if (vec4) {
-    for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < n / 4; i += stride) {
+    for (int64_t i = first; i < n / 4; i += stride) {
       float4 pi = reinterpret_cast<float4*>(p)[i], mi = reinterpret_cast<float4*>(m)[i],
              vi = reinterpret_cast<float4*>(v)[i];
       const float4 gi = reinterpret_cast<const float4*>(grad)[i];
@@ -59,11 +68,51 @@ __global__ void adamw_kernel(float* p, float* m, float* v, const float* grad, co
     }
     start = n / 4 * 4;
   }
-  for (int64_t i = start + blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < n; i += stride) {
+  for (int64_t i = start + first; i < n; i += stride) {
     adamw_element(p[i], m[i], v[i], grad[i], clip, c);
     if (p16 != nullptr) p16[i] = __float2bfloat16_rn(p[i]);
   }
 }
+
+// clip = min(1, max_norm / (sqrt(Σg²) + 1e-6)) when clipping, else 1.
+__device__ __forceinline__ double clip_factor(const float* grad_sq, const AdamWConsts& c) {
+  return c.max_norm > 0.0 ? fmin(1.0, c.max_norm / (sqrt(static_cast<double>(grad_sq[0])) + 1e-6)) : 1.0;
+}
+
+__global__ void adamw_kernel(float* p, float* m, float* v, const float* grad, const float* grad_sq, AdamWConsts c,
+                             int64_t n, bool vec4, __nv_bfloat16* p16) {
+  const double clip = clip_factor(grad_sq, c);
+  adamw_range(p, m, v, grad, p16, n, vec4, clip, c, blockIdx.x * int64_t{blockDim.x} + threadIdx.x,
+              int64_t{gridDim.x} * blockDim.x);
+}
+
+// One block per work item (grid-stride over the items when there are more than the grid): the
+// item's chunk of its tensor, with the tensor's weight decay; c.weight_decay is unused.
+using Row = AdamWMultiTable::Row;
+using Item = AdamWMultiTable::Item;
+__global__ void adamw_multi_kernel(const Row* rows, const Item* items, int64_t n_items, const float* grad_sq,
+                                   AdamWConsts c) {
+  const double clip = clip_factor(grad_sq, c);
+  for (int64_t it = blockIdx.x; it < n_items; it += gridDim.x) {
+    const Item item = items[it];
+    const Row r = rows[item.row];  // a copy in registers: the stores below need not reload it
+    AdamWConsts ce = c;
+    ce.weight_decay = r.weight_decay;
+    const int64_t begin = int64_t{item.chunk} * kAdamWChunk;
+    const int64_t len = r.n - begin < kAdamWChunk ? r.n - begin : kAdamWChunk;
+    auto* p16 = static_cast<__nv_bfloat16*>(r.p16);
+    adamw_range(r.p + begin, r.m + begin, r.v + begin, r.grad + begin, p16 == nullptr ? nullptr : p16 + begin, len,
+                r.vec4 != 0, clip, ce, threadIdx.x, blockDim.x);
+  }
+}
+
+AdamWConsts adamw_consts(double lr, double beta1, double beta2, double eps, double weight_decay, double max_norm,
+                         int64_t step) {
+  const double t = static_cast<double>(step);
+  return {lr, beta1, beta2, eps, weight_decay, max_norm, 1.0 - std::pow(beta1, t), 1.0 - std::pow(beta2, t)};
+}
+
+bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
 }  // namespace
 
@@ -73,16 +122,89 @@ void CudaBackend::adamw(Context ctx, const AdamWArgs& a) {
   require_f32(a.param, "adamw");
   const int64_t n = a.param.numel();
   if (n == 0) return;
-  const double t = static_cast<double>(a.step);
-  const AdamWConsts c{a.lr, a.beta1, a.beta2, a.eps, a.weight_decay, a.max_norm, 1.0 - std::pow(a.beta1, t),
-                      1.0 - std::pow(a.beta2, t)};
-  const auto aligned = [](const Tensor& t) { return reinterpret_cast<uintptr_t>(t.data) % 16 == 0; };
+  const AdamWConsts c = adamw_consts(a.lr, a.beta1, a.beta2, a.eps, a.weight_decay, a.max_norm, a.step);
   auto* p16 = static_cast<__nv_bfloat16*>(a.param_bf16.data);  // null when no bf16 copy is asked for
-  const bool vec4 = aligned(a.param) && aligned(a.m) && aligned(a.v) && aligned(a.grad) &&
+  const bool vec4 = aligned16(a.param.data) && aligned16(a.m.data) && aligned16(a.v.data) && aligned16(a.grad.data) &&
                     reinterpret_cast<uintptr_t>(p16) % 8 == 0;
   adamw_kernel<<<grid_for(vec4 ? (n + 3) / 4 : n), kThreads, 0, stream(ctx)>>>(
       f32(a.param), f32(a.m), f32(a.v), f32(a.grad), a.max_norm > 0.0 ? f32(a.grad_sq) : nullptr, c, n, vec4, p16);
   CUDA_CHECK_LAUNCH("adamw");
+}
+
+void CudaBackend::adamw_multi(Context ctx, const AdamWMultiArgs& a) {
+  const OpScope profile_scope(*this, stream(ctx), "adamw_multi");
+  validate_adamw_multi(a, Device::kCUDA);  // one dtype for all entries: checking the first checks all
+  if (a.entries.empty()) return;
+  require_f32(a.entries.front().param, "adamw_multi");
+  const AdamWMultiTable::View table = adamw_table_.prepare(a.entries, stream(ctx));
+  if (table.n_items == 0) return;
+  const AdamWConsts c = adamw_consts(a.lr, a.beta1, a.beta2, a.eps, 0.0, a.max_norm, a.step);
+  adamw_multi_kernel<<<grid_for(table.n_items, 1), kThreads, 0, stream(ctx)>>>(
+      table.rows, table.items, table.n_items, a.max_norm > 0.0 ? f32(a.grad_sq) : nullptr, c);
+  CUDA_CHECK_LAUNCH("adamw_multi");
+  adamw_table_.mark_read(stream(ctx));
+}
+
+// ---------------------------------------------------------------- AdamWMultiTable
+
+AdamWMultiTable::~AdamWMultiTable() {
+  if (read_done_ != nullptr) (void)cudaEventDestroy(read_done_);  // never throws: a destructor
+}
+
+AdamWMultiTable::View AdamWMultiTable::prepare(const std::vector<AdamWEntry>& entries, cudaStream_t s) {
+  candidate_.clear();  // keeps its capacity: no allocation once the list has been seen
+  for (const AdamWEntry& e : entries) {
+    const int64_t n = e.param.numel();
+    if (n == 0) continue;
+    DIFFMOE_CHECK((n - 1) / kAdamWChunk < std::numeric_limits<int32_t>::max(),
+                  "[adamw_multi] a tensor of {} elements has more chunks than an i32 counts", n);
+    Row r{};  // value-initialised: pad is 0, rows compare bytewise
+    r.p = f32(e.param);
+    r.m = f32(e.m);
+    r.v = f32(e.v);
+    r.grad = f32(e.grad);
+    r.p16 = e.param_bf16.data;  // null when no bf16 copy is asked for
+    r.n = n;
+    r.weight_decay = e.weight_decay;
+    r.vec4 = aligned16(r.p) && aligned16(r.m) && aligned16(r.v) && aligned16(r.grad) &&
+             reinterpret_cast<uintptr_t>(r.p16) % 8 == 0;
+    candidate_.push_back(r);
+  }
+  DIFFMOE_CHECK(candidate_.size() < static_cast<size_t>(std::numeric_limits<int32_t>::max()),
+                "[adamw_multi] {} non-empty entries are more than an i32 counts", candidate_.size());
+  if (candidate_.empty()) return {};
+  const bool same = current_ && candidate_.size() == rows_.size() &&
+                    std::memcmp(candidate_.data(), rows_.data(), rows_.size() * sizeof(Row)) == 0;
+  if (!same) {
+    current_ = false;  // until both copies are issued (a failed one leaves the device table stale)
+    rows_.swap(candidate_);
+    items_.clear();
+    for (size_t r = 0; r < rows_.size(); ++r) {
+      const int64_t chunks = (rows_[r].n + kAdamWChunk - 1) / kAdamWChunk;
+      for (int64_t k = 0; k < chunks; ++k) items_.push_back({static_cast<int32_t>(r), static_cast<int32_t>(k)});
+    }
+    const size_t row_bytes = rows_.size() * sizeof(Row), item_bytes = items_.size() * sizeof(Item);
+    items_offset_ = cuda::align256(row_bytes);
+    device_.reserve(items_offset_ + item_bytes);  // grows only (cudaFree waits for the device)
+    // The previous table may still be read by the last launch, possibly on another stream.
+    if (read_recorded_) CUDA_CHECK(cudaStreamWaitEvent(s, read_done_, 0));
+    // From pageable host memory: the call returns once the source is staged, and rows_ / items_
+    // stay unchanged until the next change anyway.
+    auto* base = static_cast<char*>(device_.get());
+    CUDA_CHECK(cudaMemcpyAsync(base, rows_.data(), row_bytes, cudaMemcpyHostToDevice, s));
+    CUDA_CHECK(cudaMemcpyAsync(base + items_offset_, items_.data(), item_bytes, cudaMemcpyHostToDevice, s));
+    current_ = true;
+    ++uploads_;
+  }
+  const auto* base = static_cast<const char*>(device_.get());
+  return {reinterpret_cast<const Row*>(base), reinterpret_cast<const Item*>(base + items_offset_),
+          static_cast<int64_t>(items_.size())};
+}
+
+void AdamWMultiTable::mark_read(cudaStream_t s) {
+  if (read_done_ == nullptr) CUDA_CHECK(cudaEventCreateWithFlags(&read_done_, cudaEventDisableTiming));
+  CUDA_CHECK(cudaEventRecord(read_done_, s));
+  read_recorded_ = true;
 }
 
 }  // namespace diffmoe
