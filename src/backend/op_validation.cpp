@@ -94,8 +94,8 @@ bool copy_convertible(DType d) {
 // The layout shared by forward and backward; names[] = the op's fields for k, v, kv, kr.
 // bf16_out: which tensors may be bf16 where output_dtype allows it: kKV, the forward's k and v (both
 // or neither: the attention's operands) and its input kv (W_kvb's output in the bf16 GEMM mode);
-// kLatent, the backward's dkv (read only by W_kvb's backward GEMMs). The op's float type is kr's
-// (never bf16).
+// kLatent, the backward's dkv (read only by W_kvb's backward GEMMs) and its inputs dk, dv (the
+// tensor-core attention's bf16 gradients). The op's float type is kr's (never bf16).
 enum class KvSplitBf16 { kNone, kKV, kLatent };
 KvSplitDims check_kv_split(std::string_view op, const Tensor& k, const Tensor& v, const Tensor& kv, const Tensor& kr,
                            int64_t n_heads, int64_t d_nope, int64_t d_rope, int64_t d_v, int64_t kr_stride,
@@ -123,8 +123,10 @@ KvSplitDims check_kv_split(std::string_view op, const Tensor& k, const Tensor& v
   DIFFMOE_CHECK(kr.numel() == d.rows * d.kr_stride, "[{}] {} must hold N·kr_stride = {}·{} values, got {}", op,
                 names[3], d.rows, d.kr_stride, kr.describe());
   const DType ft = kr.dtype;
+  DIFFMOE_CHECK(ft != DType::kBF16, "[{}] {} is bf16: the rope key columns (and their gradient) stay in the op's float "
+                "type, f32 or f64", op, names[3]);
   for (size_t i = 0; i < 4; ++i) {
-    const bool may_be_bf16 = (bf16_out == KvSplitBf16::kKV && i < 3) || (bf16_out == KvSplitBf16::kLatent && i == 2);
+    const bool may_be_bf16 = (bf16_out == KvSplitBf16::kKV && i < 3) || (bf16_out == KvSplitBf16::kLatent && i < 3);
     check_dtype(tensors[i], may_be_bf16 ? output_dtype(tensors[i], ft, dev) : ft, op, names[i]);
   }
   DIFFMOE_CHECK(k.dtype == v.dtype, "[{}] {} and {} must have one dtype, got {} and {}", op, names[0], names[1],
@@ -587,12 +589,14 @@ AttnDims validate_attention_bwd(const AttentionBwdArgs& a, Device dev) {
     check_device(t, dev, op, name);
     check_shape(t, a.q.shape, op, name);
   }
-  // dq may be bf16 where q is (the bf16 GEMM mode: dq only feeds W_q's backward GEMMs, after RoPE).
-  check_dtype(a.dq, a.q.dtype == DType::kBF16 ? output_dtype(a.dq, ft, dev) : ft, op, "dq");
-  check_dtype(a.dk, ft, op, "dk");
+  // dq, dk, dv may be bf16 where q, k, v are (the bf16 GEMM mode: dq only feeds W_q's backward GEMMs
+  // after RoPE, dk and dv the MLA split's backward).
+  const bool bf16_grads = a.q.dtype == DType::kBF16;
+  check_dtype(a.dq, bf16_grads ? output_dtype(a.dq, ft, dev) : ft, op, "dq");
+  check_dtype(a.dk, bf16_grads ? output_dtype(a.dk, ft, dev) : ft, op, "dk");
   check_device(a.dv, dev, op, "dv");
   check_shape(a.dv, a.v.shape, op, "dv");
-  check_dtype(a.dv, ft, op, "dv");
+  check_dtype(a.dv, bf16_grads ? output_dtype(a.dv, ft, dev) : ft, op, "dv");
   check_out_like(a.dout, d, dev, op, "dout");
   check_dtype(a.dout, ft, op, "dout");
   if (a.differential) {

@@ -59,8 +59,8 @@ void AttentionLayer::plan(const LayerContext& lc, Arena& acts) const {
   plan_once(acts, "scratch.attn.dkva", Shape{N, rkv + dr}, t);
   plan_once(acts, "scratch.attn.dckv", Shape{N, rkv}, t);
   plan_once(acts, "scratch.attn.dkv", Shape{N, H * (dn + dv)}, gemm_only);  // read by W_kvb's backward GEMMs only
-  plan_once(acts, "scratch.attn.dk", Shape{N, H, dqk}, t);
-  plan_once(acts, "scratch.attn.dv", Shape{N, H, dv}, t);
+  plan_once(acts, "scratch.attn.dk", Shape{N, H, dqk}, qkv);  // bf16 with bf16 q, k, v: read by the split only
+  plan_once(acts, "scratch.attn.dv", Shape{N, H, dv}, qkv);
   plan_once(acts, "scratch.attn.datt", Shape{N, H * dv}, t);
   plan_once(acts, "scratch.attn.datt_n", Shape{N, H * dv}, t);
   plan_once(acts, "scratch.attn.dlambda", Shape{1}, t);

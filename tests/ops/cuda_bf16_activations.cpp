@@ -463,5 +463,38 @@ TEST(CudaBf16Activations, RmsNormForwardWritesBf16Copy) {
   }, {"[rmsnorm_fwd]", "y16", "CUDA backend"});
 }
 
+// mla_kv_split_bwd from bf16 dk, dv (the tensor-core attention's gradients in the bf16 mode) into a
+// bf16 dkv: the CPU's split of the widened values, rounded: dkv bitwise (values move), dkr the
+// same f32 sums over heads in order (bitwise).
+TEST(CudaBf16Activations, KvSplitBackwardFromBf16) {
+  struct Case {
+    int64_t N, H, dn, dr, dv, kr_stride, kr_offset;
+  };
+  for (const Case c : {Case{13, 3, 4, 2, 5, 9, 6}, Case{37, 3, 8, 4, 12, 20, 16}}) {
+    const int64_t N = c.N, H = c.H, dqk = c.dn + c.dr;
+    const Shape k_shape{N, H, dqk}, v_shape{N, H, c.dv}, kv_shape{N, H * (c.dn + c.dv)};
+    Dual dk(k_shape), dv(v_shape), dkv(kv_shape), dkr(Shape{N, c.kr_stride}), dkr_g(Shape{N, c.kr_stride});
+    Dual dkv16(kv_shape, DType::kBF16);
+    dk.normal(3100);
+    dv.normal(3101);
+    dkr.normal(3102);
+    dkr_g.normal(3102);
+    dkv16.poison();
+    const Dual dk16 = bf16_copy(dk, k_shape), dv16 = bf16_copy(dv, v_shape);
+    const Dual dkr32 = widened(dk16, k_shape), dvr32 = widened(dv16, v_shape);
+    const auto split = [&](Backend& be, Side s, const Tensor& kt, const Tensor& vt, const Tensor& out_kv, const Tensor& out_kr) {
+      be.mla_kv_split_bwd({}, {.dkv = out_kv, .dkr = out_kr, .dk = kt, .dv = vt, .n_heads = H, .d_nope = c.dn,
+                               .d_rope = c.dr, .d_v = c.dv, .kr_stride = c.kr_stride, .kr_offset = c.kr_offset});
+    };
+    split(cpu(), Side::kCpu, dkr32[Side::kCpu], dvr32[Side::kCpu], dkv[Side::kCpu], dkr[Side::kCpu]);
+    split(gpu(), Side::kGpu, dk16[Side::kGpu], dv16[Side::kGpu], dkv16[Side::kGpu], dkr_g[Side::kGpu]);
+    gpu().synchronize({});
+    const std::string what = fmt::format("mla_kv_split_bwd from bf16 dk, dv, dn={} dr={} dv={}", c.dn, c.dr, c.dv);
+    EXPECT_EQ(dkv16.device_values(), bf16_copy(dkv, kv_shape).host_values()) << what << ": dkv";
+    EXPECT_EQ(dkr_g.device_values(), dkr.host_values()) << what << ": dkr";
+    EXPECT_TRUE(dkv16.guard_intact()) << what;
+  }
+}
+
 }  // namespace
 }  // namespace diffmoe::cudatest

@@ -248,9 +248,10 @@ TEST(CudaTcAttention, Bf16InputsMatchRoundedF32) {
   check_bf16_inputs({2, 131, 4, 96, 64, true}, 1);
 }
 
-// dq into bf16 (the bf16 GEMM mode with bf16 q: dq only feeds W_q's backward GEMMs): each value is
-// the f32 dq of the same call rounded once, bitwise; dk, dv unchanged. A bf16 dq with f32 q is refused.
-TEST(CudaTcAttention, Bf16DqIsTheF32DqRounded) {
+// dq, dk, dv into bf16 (the bf16 GEMM mode with bf16 q, k, v: dq only feeds W_q's backward GEMMs,
+// dk and dv the MLA split): each value is the f32 gradient of the same call rounded once, bitwise.
+// A bf16 dq with f32 q, k, v is refused.
+TEST(CudaTcAttention, Bf16GradientsAreTheF32Rounded) {
   const Bf16Mode mode;
   for (const bool diff : {true, false}) {
     const TcCase c{2, 131, 4, 96, 64, diff};
@@ -258,7 +259,7 @@ TEST(CudaTcAttention, Bf16DqIsTheF32DqRounded) {
     const Shape qk_shape{c.B, c.T, c.H, c.dqk}, v_shape{c.B, c.T, c.H, c.dv}, out_shape{c.B, c.T, c.H / C, C * c.dv};
     Dual q(qk_shape), k(qk_shape), v(v_shape), lambda(Shape{1}), dout(out_shape), out(out_shape), o2(out_shape);
     Dual lse(Shape{c.B, c.H, c.T}), dq(qk_shape), dk(qk_shape), dv(v_shape), dlambda(Shape{1});
-    Dual dq16(qk_shape, DType::kBF16), dk2(qk_shape), dv2(v_shape), dlambda2(Shape{1});
+    Dual dq16(qk_shape, DType::kBF16), dk16(qk_shape, DType::kBF16), dv16(v_shape, DType::kBF16), dlambda2(Shape{1});
     q.normal(130);
     k.normal(131);
     v.normal(132);
@@ -270,25 +271,29 @@ TEST(CudaTcAttention, Bf16DqIsTheF32DqRounded) {
     gpu().attention_fwd({}, {.out = out[g], .o2 = o2t, .lse = lse[g], .q = q16[g], .k = k16[g], .v = v16[g], .lambda = lam,
                              .scale = 0.1, .differential = diff});
     // qkv16: the bf16 q, k, v (else the f32 ones, which the kernels round themselves).
-    const auto bwd = [&](const Tensor& dq_t, const Dual& dk_t, const Dual& dv_t, const Dual& dl_t, bool qkv16) {
-      gpu().attention_bwd({}, {.dq = dq_t, .dk = dk_t[g], .dv = dv_t[g], .dlambda = diff ? dl_t[g] : Tensor{},
+    const auto bwd = [&](const Dual& dq_t, const Dual& dk_t, const Dual& dv_t, const Dual& dl_t, bool qkv16) {
+      gpu().attention_bwd({}, {.dq = dq_t[g], .dk = dk_t[g], .dv = dv_t[g], .dlambda = diff ? dl_t[g] : Tensor{},
                                .dout = dout[g], .q = qkv16 ? q16[g] : q[g], .k = qkv16 ? k16[g] : k[g],
                                .v = qkv16 ? v16[g] : v[g], .out = out[g], .o2 = o2t, .lse = lse[g], .lambda = lam,
                                .scale = 0.1, .differential = diff});
     };
-    dq16.poison();
-    bwd(dq[g], dk, dv, dlambda, true);
-    bwd(dq16[g], dk2, dv2, dlambda2, true);
+    for (Dual* d16 : {&dq16, &dk16, &dv16}) d16->poison();
+    bwd(dq, dk, dv, dlambda, true);
+    bwd(dq16, dk16, dv16, dlambda2, true);
     gpu().synchronize({});
     const std::string tag = diff ? "differential" : "plain";
-    const std::vector<double> f = dq.device_values(), h = dq16.device_values();
-    int64_t bad = 0;
-    for (size_t i = 0; i < f.size(); ++i) bad += h[i] == bf16_to_f32(f32_to_bf16(static_cast<float>(f[i]))) ? 0 : 1;
-    EXPECT_EQ(bad, 0) << tag << ": the bf16 dq is not the f32 dq rounded";
-    EXPECT_EQ(dk2.device_values(), dk.device_values()) << tag;
-    EXPECT_EQ(dv2.device_values(), dv.device_values()) << tag;
-    EXPECT_TRUE(dq16.guard_intact()) << tag;
-    expect_error([&] { bwd(dq16[g], dk2, dv2, dlambda2, false); }, {"[attention_bwd] dq", "expected dtype f32, got bf16"});
+    for (const auto& [f32_grad, bf16_grad, name] : {std::tuple{&dq, &dq16, "dq"}, std::tuple{&dk, &dk16, "dk"},
+                                                     std::tuple{&dv, &dv16, "dv"}}) {
+      const std::vector<double> f = f32_grad->device_values(), h = bf16_grad->device_values();
+      int64_t bad = 0;
+      for (size_t i = 0; i < f.size(); ++i) bad += h[i] == bf16_to_f32(f32_to_bf16(static_cast<float>(f[i]))) ? 0 : 1;
+      EXPECT_EQ(bad, 0) << tag << ": the bf16 " << name << " is not the f32 one rounded";
+      EXPECT_TRUE(bf16_grad->guard_intact()) << tag << " " << name;
+    }
+    if (diff) {
+      EXPECT_EQ(dlambda2.device_values(), dlambda.device_values()) << tag << ": dlambda";
+    }
+    expect_error([&] { bwd(dq16, dk, dv, dlambda2, false); }, {"[attention_bwd] dq", "expected dtype f32, got bf16"});
   }
 }
 

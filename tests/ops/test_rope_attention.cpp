@@ -292,11 +292,19 @@ TEST(MlaKvSplit, Bf16OutputsOnlyOnCuda) {
   EXPECT_NO_THROW(validate_mla_kv_split_fwd(split_args(as_cuda(k16), as_cuda(v16), as_cuda(kv), as_cuda(kr)), Device::kCUDA));
   expect_error([&] { validate_mla_kv_split_fwd(split_args(as_cuda(k16), as_cuda(v32), as_cuda(kv), as_cuda(kr)), Device::kCUDA); },
                {"[mla_kv_split_fwd] k and v must have one dtype, got bf16 and f32"});
-  expect_error([&] {
-    validate_mla_kv_split_bwd({.dkv = as_cuda(kv), .dkr = as_cuda(kr), .dk = as_cuda(k16), .dv = as_cuda(v16), .n_heads = kH,
-                               .d_nope = kNope, .d_rope = kRope, .d_v = kDv, .kr_stride = kKrStride, .kr_offset = kKrOffset},
-                              Device::kCUDA);
-  }, {"[mla_kv_split_bwd] dk", "expected dtype f32, got bf16"});
+  // The backward on CUDA: bf16 dk, dv (the tensor-core attention's gradients) and a bf16 dkv are
+  // accepted; dkr stays f32; the CPU refuses bf16.
+  const auto bwd = [&](const Tensor& dkv, const Tensor& dkr, const Tensor& dk, const Tensor& dv) {
+    return MlaKvSplitBwdArgs{.dkv = dkv, .dkr = dkr, .dk = dk, .dv = dv, .n_heads = kH, .d_nope = kNope, .d_rope = kRope,
+                             .d_v = kDv, .kr_stride = kKrStride, .kr_offset = kKrOffset};
+  };
+  Owned kv16({kN, kH * (kNope + kDv)}, DType::kBF16), kr16({kN, kKrStride}, DType::kBF16);
+  EXPECT_NO_THROW(validate_mla_kv_split_bwd(bwd(as_cuda(kv16), as_cuda(kr), as_cuda(k16), as_cuda(v16)), Device::kCUDA));
+  expect_error([&] { validate_mla_kv_split_bwd(bwd(as_cuda(kv), as_cuda(kr16), as_cuda(k16), as_cuda(v16)), Device::kCUDA); },
+               {"[mla_kv_split_bwd] dkr is bf16"});
+  expect_error([&] { validate_mla_kv_split_bwd(bwd(as_cuda(kv), as_cuda(kr), as_cuda(k16), as_cuda(v32)), Device::kCUDA); },
+               {"[mla_kv_split_bwd] dk and dv must have one dtype, got bf16 and f32"});
+  expect_error([&] { cpu().mla_kv_split_bwd({}, bwd(kv, kr, k16, v16)); }, {"[mla_kv_split_bwd] dk", "expected dtype f32, got bf16"});
 }
 
 // ================================================================ differential λ (§1.2, §1.4)
@@ -582,7 +590,7 @@ TEST(Attention, Errors) {
 
 // bf16 q, k, v (the CUDA bf16 GEMM mode's saved activations, op_args.h): the CPU backend refuses
 // them naming the field; the shared validation accepts all three bf16 for CUDA with f32 outputs
-// (gradients f32, except dq, which may be bf16 where q is), and refuses q, k, v of mixed dtypes
+// (gradients f32, except dq, dk, dv, which may be bf16 where q, k, v are), and refuses q, k, v of mixed dtypes
 // naming the odd one.
 TEST(Attention, Bf16InputsOnlyOnCuda) {
   const AttnData d(kDiffCase, DType::kF32, 73);
@@ -621,11 +629,15 @@ TEST(Attention, Bf16InputsOnlyOnCuda) {
   EXPECT_NO_THROW(validate_attention_bwd(gb, Device::kCUDA));
   gb.dq = as_cuda(q16);  // with bf16 q, dq may be bf16 too (W_q's GEMM operand in the bf16 GEMM mode)
   EXPECT_NO_THROW(validate_attention_bwd(gb, Device::kCUDA));
-  gb.dk = as_cuda(k16);  // the other gradients keep the outputs' f32
-  expect_error([&] { validate_attention_bwd(gb, Device::kCUDA); }, {"[attention_bwd] dk", "expected dtype f32, got bf16"});
-  gb.dk = as_cuda(dk);
-  gb.q = as_cuda(d.q), gb.k = as_cuda(d.k), gb.v = as_cuda(d.v);  // f32 q: a bf16 dq is refused
+  gb.dk = as_cuda(k16), gb.dv = as_cuda(v16);  // and dk, dv (read by the MLA split's backward)
+  EXPECT_NO_THROW(validate_attention_bwd(gb, Device::kCUDA));
+  gb.dlambda = as_cuda(Owned({1}, DType::kBF16));  // dλ keeps the outputs' f32
+  expect_error([&] { validate_attention_bwd(gb, Device::kCUDA); }, {"[attention_bwd] dlambda", "expected dtype f32, got bf16"});
+  gb.dlambda = as_cuda(dlambda);
+  gb.q = as_cuda(d.q), gb.k = as_cuda(d.k), gb.v = as_cuda(d.v);  // f32 q: bf16 gradients are refused
   expect_error([&] { validate_attention_bwd(gb, Device::kCUDA); }, {"[attention_bwd] dq", "expected dtype f32, got bf16"});
+  gb.dq = as_cuda(dq);
+  expect_error([&] { validate_attention_bwd(gb, Device::kCUDA); }, {"[attention_bwd] dk", "expected dtype f32, got bf16"});
 }
 
 }  // namespace

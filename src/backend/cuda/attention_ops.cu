@@ -82,32 +82,33 @@ __global__ void __launch_bounds__(kThreads) kv_split_fwd_kernel(Out* __restrict_
 
 // dkv[n, h] = [dk[n, h, :d_nope] ; dv[n, h]]; items of token n: (head h, column c of dkv's head).
 // Out: float, or bf16 in the bf16 GEMM mode (dkv only feeds W_kvb's backward GEMMs; rounded here).
-template <class Out, bool kVec4>
-__global__ void __launch_bounds__(kThreads) kv_split_bwd_kv_kernel(Out* __restrict__ dkv, const float* __restrict__ dk,
-                                                                   const float* __restrict__ dv, RowItems ri,
+// In: dk's and dv's type, float or bf16 (the tensor-core attention's gradients in the bf16 mode).
+template <class Out, class In, bool kVec4>
+__global__ void __launch_bounds__(kThreads) kv_split_bwd_kv_kernel(Out* __restrict__ dkv, const In* __restrict__ dk,
+                                                                   const In* __restrict__ dv, RowItems ri,
                                                                    KvSplitShape sh) {
   constexpr int kStep = kVec4 ? kVec : 1;
   const int32_t d_qk = sh.d_nope + sh.d_rope, per_head = (sh.d_nope + sh.d_v) / kStep;
   for_each_row_item(ri, [&](int64_t n, int32_t item) {
     const int32_t h = item / per_head, c = (item - h * per_head) * kStep;
     const int64_t nh = n * sh.n_heads + h;
-    const float* src = c < sh.d_nope ? dk + nh * d_qk + c : dv + nh * sh.d_v + (c - sh.d_nope);
+    const In* src = c < sh.d_nope ? dk + nh * d_qk + c : dv + nh * sh.d_v + (c - sh.d_nope);
     Out* dst = dkv + nh * (sh.d_nope + sh.d_v) + c;
     if constexpr (kVec4) store4(dst, load4(src));
-    else store1(dst, *src);
+    else store1(dst, load1(src));
   });
 }
 
 // dkr[n, i] = Σ_h dk[n, h, d_nope + i], summed over heads in order in f32 (sources §2.5, the CPU's
 // order); items of token n: pieces of the d_rope columns.
-template <bool kVec4>
-__global__ void __launch_bounds__(kThreads) kv_split_bwd_kr_kernel(float* __restrict__ dkr, const float* __restrict__ dk,
+template <class In, bool kVec4>
+__global__ void __launch_bounds__(kThreads) kv_split_bwd_kr_kernel(float* __restrict__ dkr, const In* __restrict__ dk,
                                                                    RowItems ri, KvSplitShape sh) {
   constexpr int kStep = kVec4 ? kVec : 1;
   const int32_t d_qk = sh.d_nope + sh.d_rope;
   for_each_row_item(ri, [&](int64_t n, int32_t item) {
     const int32_t i = item * kStep;
-    const float* src = dk + n * sh.n_heads * d_qk + sh.d_nope + i;
+    const In* src = dk + n * sh.n_heads * d_qk + sh.d_nope + i;
     float* dst = dkr + n * sh.kr_stride + sh.kr_offset + i;
     if constexpr (kVec4) {
       float4 sum = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
@@ -118,7 +119,7 @@ __global__ void __launch_bounds__(kThreads) kv_split_bwd_kr_kernel(float* __rest
       store4(dst, sum);
     } else {
       float sum = 0.0f;
-      for (int32_t h = 0; h < sh.n_heads; ++h) sum += src[int64_t{h} * d_qk];
+      for (int32_t h = 0; h < sh.n_heads; ++h) sum += load1(src + int64_t{h} * d_qk);
       *dst = sum;
     }
   });
@@ -408,29 +409,33 @@ void CudaBackend::mla_kv_split_bwd(Context ctx, const MlaKvSplitBwdArgs& a) {
   const cudaStream_t s = stream(ctx);
   if (d.rows == 0) return;
   const KvSplitShape sh = kv_split_shape(a.n_heads, a.d_nope, a.d_rope, a.d_v, d.kr_stride, a.kr_offset, kOp);
-  const bool dkv16 = a.dkv.dtype == DType::kBF16;  // the bf16 GEMM mode (validate_mla_kv_split_bwd)
-  const bool vec4 = kv_split_vec4(sh, {f32(a.dkr), f32(a.dk), f32(a.dv)}) &&
-                    (dkv16 ? vec_aligned(static_cast<const __nv_bfloat16*>(a.dkv.data)) : vec_aligned(f32(a.dkv)));
-  const int64_t step = vec4 ? kVec : 1;
-  if (a.n_heads * (a.d_nope + a.d_v) > 0) {
-    const RowItems ri = row_items(d.rows, a.n_heads * (a.d_nope + a.d_v) / step, kOp);
-    const auto launch = [&](auto* dkv) {
-      using Out = std::remove_pointer_t<decltype(dkv)>;
-      if (vec4)
-        kv_split_bwd_kv_kernel<Out, true><<<row_items_grid(ri), kThreads, 0, s>>>(dkv, f32(a.dk), f32(a.dv), ri, sh);
-      else
-        kv_split_bwd_kv_kernel<Out, false><<<row_items_grid(ri), kThreads, 0, s>>>(dkv, f32(a.dk), f32(a.dv), ri, sh);
+  // dk, dv: f32 or bf16 (one dtype, validate_mla_kv_split_bwd); dkv: f32 or bf16 (the bf16 GEMM mode).
+  const auto run = [&](const auto* dk, const auto* dv, auto* dkv) {
+    using In = std::remove_const_t<std::remove_pointer_t<decltype(dk)>>;
+    using Out = std::remove_pointer_t<decltype(dkv)>;
+    const bool vec4 = kv_split_vec4(sh, {f32(a.dkr)}) && vec_aligned(dk) && vec_aligned(dv) && vec_aligned(dkv);
+    const int64_t step = vec4 ? kVec : 1;
+    if (a.n_heads * (a.d_nope + a.d_v) > 0) {
+      const RowItems ri = row_items(d.rows, a.n_heads * (a.d_nope + a.d_v) / step, kOp);
+      if (vec4) kv_split_bwd_kv_kernel<Out, In, true><<<row_items_grid(ri), kThreads, 0, s>>>(dkv, dk, dv, ri, sh);
+      else kv_split_bwd_kv_kernel<Out, In, false><<<row_items_grid(ri), kThreads, 0, s>>>(dkv, dk, dv, ri, sh);
       CUDA_CHECK_LAUNCH(kOp);
-    };
-    if (dkv16) launch(static_cast<__nv_bfloat16*>(a.dkv.data));
-    else launch(f32(a.dkv));
-  }
-  if (a.d_rope > 0) {
-    const RowItems ri = row_items(d.rows, a.d_rope / step, kOp);
-    if (vec4) kv_split_bwd_kr_kernel<true><<<row_items_grid(ri), kThreads, 0, s>>>(f32(a.dkr), f32(a.dk), ri, sh);
-    else kv_split_bwd_kr_kernel<false><<<row_items_grid(ri), kThreads, 0, s>>>(f32(a.dkr), f32(a.dk), ri, sh);
-    CUDA_CHECK_LAUNCH(kOp);
-  }
+    }
+    if (a.d_rope > 0) {
+      const RowItems ri = row_items(d.rows, a.d_rope / step, kOp);
+      if (vec4) kv_split_bwd_kr_kernel<In, true><<<row_items_grid(ri), kThreads, 0, s>>>(f32(a.dkr), dk, ri, sh);
+      else kv_split_bwd_kr_kernel<In, false><<<row_items_grid(ri), kThreads, 0, s>>>(f32(a.dkr), dk, ri, sh);
+      CUDA_CHECK_LAUNCH(kOp);
+    }
+  };
+  const auto with_out = [&](const auto* dk, const auto* dv) {
+    if (a.dkv.dtype == DType::kBF16) run(dk, dv, static_cast<__nv_bfloat16*>(a.dkv.data));
+    else run(dk, dv, f32(a.dkv));
+  };
+  if (a.dk.dtype == DType::kBF16)
+    with_out(static_cast<const __nv_bfloat16*>(a.dk.data), static_cast<const __nv_bfloat16*>(a.dv.data));
+  else
+    with_out(static_cast<const float*>(a.dk.data), static_cast<const float*>(a.dv.data));
 }
 
 void CudaBackend::diff_lambda_fwd(Context ctx, const DiffLambdaFwdArgs& a) {

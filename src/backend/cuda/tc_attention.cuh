@@ -90,7 +90,11 @@ struct TcaBwdArgs {
   const float* lse; const float* dvec;            // lse and D_c, both [B,H,T]
   const float* lambda;
   TcaShape sh;
-  bf16* dq16 = nullptr;  // when set, dq is written here in bf16 instead (the bf16 GEMM mode: W_q's GEMM operand)
+  // When set, the gradient is written here in bf16 instead of f32 (the bf16 GEMM mode: dq feeds W_q's
+  // GEMMs, dk and dv the MLA split's backward, which rounds dkv for W_kvb's GEMMs anyway).
+  bf16* dq16 = nullptr;
+  bf16* dk16 = nullptr;
+  bf16* dv16 = nullptr;
 };
 
 // ================================================================ PTX wrappers
@@ -605,7 +609,10 @@ __global__ void __launch_bounds__(kCompThreads* COMPS) tca_bwd_dkv_kernel(const 
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
       const int key = key0 + 8 * (e >> 1), col = n * 8 + 2 * (lane % 4) + (e & 1);
-      if (key < sh.seq) a.dk[sh.row(b, key, first + c) * DQK + col] = sh.scale * dk[n][e];
+      if (key >= sh.seq) continue;
+      const int64_t at = sh.row(b, key, first + c) * DQK + col;
+      if (a.dk16 != nullptr) a.dk16[at] = __float2bfloat16_rn(sh.scale * dk[n][e]);
+      else a.dk[at] = sh.scale * dk[n][e];
     }
   __syncthreads();  // every warp is done with the Q/dO stages (no copies are in flight)
   float* xv = reinterpret_cast<float*>(smem + L::kQ);  // component 1's dV_g partial [64][kLdx]
@@ -625,7 +632,10 @@ __global__ void __launch_bounds__(kCompThreads* COMPS) tca_bwd_dkv_kernel(const 
         const int r = wr * kWarpRows + lane / 4 + 8 * (e >> 1), col = n * 8 + 2 * (lane % 4) + (e & 1);
         float y = dv[n][e];
         if (COMPS == 2) y += xv[r * L::kLdx + col];
-        if (k0 + r < sh.seq) a.dv[sh.row(b, k0 + r, first) * sh.d_v + col] = y;
+        if (k0 + r >= sh.seq) continue;
+        const int64_t at = sh.row(b, k0 + r, first) * sh.d_v + col;
+        if (a.dv16 != nullptr) a.dv16[at] = __float2bfloat16_rn(y);
+        else a.dv[at] = y;
       }
   }
 }

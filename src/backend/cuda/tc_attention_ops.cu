@@ -132,10 +132,13 @@ void tc_attention_bwd(CudaBackend& be, cudaStream_t s, const AttentionBwdArgs& a
                                                              a.differential ? f32(a.o2) : nullptr, lambda, sh,
                                                              static_cast<int>(d.comps * d.d_v));
   CUDA_CHECK_LAUNCH(kOp);
-  // dq: f32, or bf16 where the model reads it only through a GEMM (validate_attention_bwd).
-  const bool dq16 = a.dq.dtype == DType::kBF16;
-  const tca::TcaBwdArgs args{dq16 ? nullptr : f32(a.dq), f32(a.dk), f32(a.dv), o.q, o.k, o.v, o.dout, f32(a.lse),
-                             o.dvec, lambda, sh, dq16 ? static_cast<__nv_bfloat16*>(a.dq.data) : nullptr};
+  // dq, dk, dv: f32, or bf16 with bf16 q, k, v (validate_attention_bwd): exactly one pointer each.
+  const auto f32_or_null = [](const Tensor& t) { return t.dtype == DType::kBF16 ? nullptr : f32(t); };
+  const auto bf16_or_null = [](const Tensor& t) {
+    return t.dtype == DType::kBF16 ? static_cast<__nv_bfloat16*>(t.data) : nullptr;
+  };
+  const tca::TcaBwdArgs args{f32_or_null(a.dq), f32_or_null(a.dk), f32_or_null(a.dv), o.q, o.k, o.v, o.dout, f32(a.lse),
+                             o.dvec, lambda, sh, bf16_or_null(a.dq), bf16_or_null(a.dk), bf16_or_null(a.dv)};
   CUDA_CHECK(k.dkv(args, s));
   CUDA_CHECK_LAUNCH(kOp);
   CUDA_CHECK(k.dq(args, s));
