@@ -95,7 +95,28 @@ struct TcaBwdArgs {
   bf16* dq16 = nullptr;
   bf16* dk16 = nullptr;
   bf16* dv16 = nullptr;
+  // Every gradient pointer is 8-byte (f32) or 4-byte (bf16) aligned: the two adjacent columns of an
+  // accumulator pair go out in one float2 / bf16x2 store (the host checks; else one value a store).
+  bool pair_stores = false;
 };
+
+// Stores the gradient values v0, v1 of columns at, at + 1 (at even): into g16 in bf16 when it is
+// set, else into g in f32; as one 8- or 4-byte store when `pair` (aligned), else two.
+__device__ __forceinline__ void store_grad_pair(float* g, bf16* g16, int64_t at, float v0, float v1, bool pair) {
+  if (g16 != nullptr) {
+    if (pair) {
+      *reinterpret_cast<__nv_bfloat162*>(g16 + at) = __floats2bfloat162_rn(v0, v1);
+    } else {
+      g16[at] = __float2bfloat16_rn(v0);
+      g16[at + 1] = __float2bfloat16_rn(v1);
+    }
+  } else if (pair) {
+    *reinterpret_cast<float2*>(g + at) = make_float2(v0, v1);
+  } else {
+    g[at] = v0;
+    g[at + 1] = v1;
+  }
+}
 
 // ================================================================ PTX wrappers
 
@@ -604,15 +625,15 @@ __global__ void __launch_bounds__(kCompThreads* COMPS) tca_bwd_dkv_kernel(const 
         [&](int kk, int n2, uint32_t(&f)[4]) { ldsm_b_kn(f, qs + kk * 16 * L::kLdq + n2 * 16, L::kLdq); });
   }
 
+  // Accumulator pair (2h, 2h + 1) of n8 tile n: key key0 + 8h, columns col, col + 1.
 #pragma unroll
   for (int n = 0; n < NK; ++n)
 #pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      const int key = key0 + 8 * (e >> 1), col = n * 8 + 2 * (lane % 4) + (e & 1);
+    for (int h = 0; h < 2; ++h) {
+      const int key = key0 + 8 * h, col = n * 8 + 2 * (lane % 4);
       if (key >= sh.seq) continue;
-      const int64_t at = sh.row(b, key, first + c) * DQK + col;
-      if (a.dk16 != nullptr) a.dk16[at] = __float2bfloat16_rn(sh.scale * dk[n][e]);
-      else a.dk[at] = sh.scale * dk[n][e];
+      store_grad_pair(a.dk, a.dk16, sh.row(b, key, first + c) * DQK + col, sh.scale * dk[n][2 * h],
+                      sh.scale * dk[n][2 * h + 1], a.pair_stores);
     }
   __syncthreads();  // every warp is done with the Q/dO stages (no copies are in flight)
   float* xv = reinterpret_cast<float*>(smem + L::kQ);  // component 1's dV_g partial [64][kLdx]
@@ -628,14 +649,15 @@ __global__ void __launch_bounds__(kCompThreads* COMPS) tca_bwd_dkv_kernel(const 
 #pragma unroll
     for (int n = 0; n < NV; ++n)
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int r = wr * kWarpRows + lane / 4 + 8 * (e >> 1), col = n * 8 + 2 * (lane % 4) + (e & 1);
-        float y = dv[n][e];
-        if (COMPS == 2) y += xv[r * L::kLdx + col];
+      for (int h = 0; h < 2; ++h) {
+        const int r = wr * kWarpRows + lane / 4 + 8 * h, col = n * 8 + 2 * (lane % 4);
+        float y0 = dv[n][2 * h], y1 = dv[n][2 * h + 1];
+        if (COMPS == 2) {
+          y0 += xv[r * L::kLdx + col];
+          y1 += xv[r * L::kLdx + col + 1];
+        }
         if (k0 + r >= sh.seq) continue;
-        const int64_t at = sh.row(b, k0 + r, first) * sh.d_v + col;
-        if (a.dv16 != nullptr) a.dv16[at] = __float2bfloat16_rn(y);
-        else a.dv[at] = y;
+        store_grad_pair(a.dv, a.dv16, sh.row(b, k0 + r, first) * sh.d_v + col, y0, y1, a.pair_stores);
       }
   }
 }
@@ -752,12 +774,11 @@ __global__ void __launch_bounds__(kCompThreads* COMPS) tca_bwd_dq_kernel(const T
 #pragma unroll
   for (int n = 0; n < NK; ++n)
 #pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      const int row = row0 + 8 * (e >> 1), col = n * 8 + 2 * (lane % 4) + (e & 1);
+    for (int h = 0; h < 2; ++h) {
+      const int row = row0 + 8 * h, col = n * 8 + 2 * (lane % 4);
       if (row >= sh.seq) continue;
-      const int64_t at = sh.row(b, row, first + c) * DQK + col;
-      if (a.dq16 != nullptr) a.dq16[at] = __float2bfloat16_rn(sh.scale * dq[n][e]);
-      else a.dq[at] = sh.scale * dq[n][e];
+      store_grad_pair(a.dq, a.dq16, sh.row(b, row, first + c) * DQK + col, sh.scale * dq[n][2 * h],
+                      sh.scale * dq[n][2 * h + 1], a.pair_stores);
     }
 }
 

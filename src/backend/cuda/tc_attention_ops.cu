@@ -11,7 +11,9 @@
 // the first call, then reused), not in the GEMMs' bf16 buffer.
 #include <fmt/format.h>
 
+#include <algorithm>
 #include <cstdint>
+#include <iterator>
 #include <string>
 
 #include "backend/cuda/cuda_common.cuh"
@@ -134,11 +136,17 @@ void tc_attention_bwd(CudaBackend& be, cudaStream_t s, const AttentionBwdArgs& a
   CUDA_CHECK_LAUNCH(kOp);
   // dq, dk, dv: f32, or bf16 with bf16 q, k, v (validate_attention_bwd): exactly one pointer each.
   const auto f32_or_null = [](const Tensor& t) { return t.dtype == DType::kBF16 ? nullptr : f32(t); };
+  // Two adjacent values per store need the pair's alignment (columns start even: d_qk, d_v are even).
+  const auto pair_aligned = [](const Tensor* t) {
+    return reinterpret_cast<uintptr_t>(t->data) % (t->dtype == DType::kBF16 ? 4 : 8) == 0;
+  };
+  const Tensor* grads[] = {&a.dq, &a.dk, &a.dv};
   const auto bf16_or_null = [](const Tensor& t) {
     return t.dtype == DType::kBF16 ? static_cast<__nv_bfloat16*>(t.data) : nullptr;
   };
   const tca::TcaBwdArgs args{f32_or_null(a.dq), f32_or_null(a.dk), f32_or_null(a.dv), o.q, o.k, o.v, o.dout, f32(a.lse),
-                             o.dvec, lambda, sh, bf16_or_null(a.dq), bf16_or_null(a.dk), bf16_or_null(a.dv)};
+                             o.dvec, lambda, sh, bf16_or_null(a.dq), bf16_or_null(a.dk), bf16_or_null(a.dv),
+                             /*pair_stores=*/std::all_of(std::begin(grads), std::end(grads), pair_aligned)};
   CUDA_CHECK(k.dkv(args, s));
   CUDA_CHECK_LAUNCH(kOp);
   CUDA_CHECK(k.dq(args, s));
