@@ -774,7 +774,9 @@ void validate_moe_combine_bwd(const MoeCombineBwdArgs& a, Device dev) {
   expect_rank2(a.dy, dev, op, "dy");
   expect_rank2(a.y_perm, dev, op, "y_perm");
   const int64_t n_tokens = a.dy.dim(0), dim = a.dy.dim(1), n_rows = a.y_perm.dim(0);
-  const DType ft = a.dy.dtype;
+  // dy may be bf16 on CUDA (the bf16 GEMM mode's rounded copy of the residual gradient).
+  check_bf16_input(a.dy, dev, op, "dy");
+  const DType ft = float_type_of(a.dy);
   check_bf16_input(a.y_perm, dev, op, "y_perm");
   expect_tensor(a.y_perm, {n_rows, dim}, output_dtype(a.y_perm, ft, dev), dev, op, "y_perm");
   expect_tensor(a.dy_perm, {n_rows, dim}, output_dtype(a.dy_perm, ft, dev), dev, op, "dy_perm");

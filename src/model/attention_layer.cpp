@@ -176,9 +176,12 @@ void AttentionLayer::backward(const LayerContext& lc, const Tensor& x, const Ten
   if (rq > 0) {
     const Tensor dcq = lc.act("scratch.attn.dcq"), dqa = lc.act("scratch.attn.dqa");
     lc.linear_backward(lc.grad(p("wq_b.weight")), dcq, dq, lc.act(a("cq")), lc.weight(p("wq_b.weight")));
+    // The bf16 GEMM mode: the norm also writes dqa rounded once for W_qa's two GEMMs (no copy).
+    const Tensor dqa16 = lc.bf16_operands ? lc.operand_scratch(dqa.shape) : Tensor{};
     be.rmsnorm_bwd(lc.ctx, {.dx = dqa, .dw = lc.grad(p("q_norm.weight")), .dy = dcq, .x = lc.act(a("qa")), .w = lc.param(p("q_norm.weight")),
-                            .rstd = lc.act(a("rstd_q")), .rows = N, .width = rq});
-    lc.linear_backward(lc.grad(p("wq_a.weight")), dx_norm, dqa, x_norm, lc.weight(p("wq_a.weight")), /*beta_dx=*/1.0);
+                            .rstd = lc.act(a("rstd_q")), .rows = N, .width = rq, .dx16 = dqa16});
+    lc.linear_backward(lc.grad(p("wq_a.weight")), dx_norm, dqa16.defined() ? dqa16 : dqa, x_norm, lc.weight(p("wq_a.weight")),
+                       /*beta_dx=*/1.0);
   } else {
     lc.linear_backward(lc.grad(p("wq.weight")), dx_norm, dq, x_norm, lc.weight(p("wq.weight")), /*beta_dx=*/1.0);
   }

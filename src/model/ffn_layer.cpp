@@ -156,7 +156,10 @@ void FfnLayer::backward(const LayerContext& lc, const Tensor& x, const Tensor& d
     const std::string s = fmt::format("scratch.ffn.experts.{}.", c.moe_inter_dim);
     const Tensor dh = lc.act(s + "dh"), da = lc.act(s + "da"), db = lc.act(s + "db");
     // Combine: expert outputs get w_k·dy, the routing weights get ⟨dy, Expert_k(u)⟩ (sources §4.4).
-    be.moe_combine_bwd(lc.ctx, {.dy_perm = dy_perm, .dtopk_w = dw, .dy = d_out, .y_perm = y_perm, .topk_w = w, .slot_pos = slot_pos});
+    // dy: the residual gradient's bf16 copy in the bf16 GEMM mode (dy_perm = w·dy is rounded to bf16
+    // anyway; ⟨dy, y_perm⟩ reads half the bytes, both factors then bf16 values summed in f64).
+    be.moe_combine_bwd(lc.ctx, {.dy_perm = dy_perm, .dtopk_w = dw, .dy = d_out_gemm, .y_perm = y_perm, .topk_w = w,
+                                .slot_pos = slot_pos});
     // Experts: y = h W2ᵀ per group, h = silu(a) ⊙ b, a = x W1ᵀ, b = x W3ᵀ.
     be.grouped_gemm_wgrad(lc.ctx, {.c = lc.grad(p("experts.w2")), .a = dy_perm, .b = eh, .offsets = offsets, .beta = lc.dw_beta});
     be.grouped_gemm(lc.ctx, {.c = dh, .a = dy_perm, .b = lc.weight(p("experts.w2")), .offsets = offsets, .trans_b = false});

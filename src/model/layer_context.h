@@ -66,11 +66,18 @@ struct LayerContext {
   // the shared scratch "scratch.gemm_operand" (valid until the next call), else t itself.
   Tensor gemm_operand(const Tensor& t) const {
     if (!bf16_operands || t.dtype != DType::kF32) return t;
-    Tensor op = acts->get("scratch.gemm_operand");
-    DIFFMOE_CHECK(t.numel() <= op.numel(), "[model] a GEMM operand of {} values exceeds scratch.gemm_operand ({})",
-                  t.numel(), op.numel());
-    op.shape = t.shape;
+    const Tensor op = operand_scratch(t.shape);
     be->copy(ctx, {.dst = op, .src = t});
+    return op;
+  }
+  // The shared bf16 scratch "scratch.gemm_operand" viewed as `shape` (bf16 GEMM mode only): for an
+  // op that writes a GEMM operand's bf16 copy itself (e.g. RmsNormBwdArgs::dx16). Valid until the
+  // next gemm_operand or operand_scratch call.
+  Tensor operand_scratch(const Shape& shape) const {
+    Tensor op = acts->get("scratch.gemm_operand");
+    DIFFMOE_CHECK(shape.numel() <= op.numel(), "[model] a GEMM operand of {} values exceeds scratch.gemm_operand ({})",
+                  shape.numel(), op.numel());
+    op.shape = shape;
     return op;
   }
 };

@@ -231,6 +231,17 @@ TEST(CudaBf16Activations, MoeRowsInBf16) {
     });
     expect_close(dyp, kExact, "moe_combine_bwd dy_perm beside a bf16 y_perm, " + what);
     expect_close(dtw, kDot, "moe_combine_bwd dtopk_w from a bf16 y_perm, " + what);
+
+    // ... and a bf16 dy too (the residual gradient's bf16 copy): the CPU on the widened dy.
+    const Dual dy16 = bf16_copy(dy, Shape{N, D}), dyr = widened(dy16, Shape{N, D});
+    dyp.poison();
+    dtw.poison();
+    run_both([&](Backend& be, Side s) {
+      be.moe_combine_bwd({}, {.dy_perm = dyp[s], .dtopk_w = dtw[s], .dy = s == Side::kGpu ? dy16[s] : dyr[s],
+                              .y_perm = s == Side::kGpu ? rows16[s] : rowsr[s], .topk_w = w[s], .slot_pos = slot[s]});
+    });
+    expect_close(dyp, kExact, "moe_combine_bwd dy_perm from a bf16 dy, " + what);
+    expect_close(dtw, kDot, "moe_combine_bwd dtopk_w from a bf16 dy, " + what);
   }
 }
 

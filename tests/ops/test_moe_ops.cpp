@@ -756,6 +756,9 @@ TEST(MoeDataMovement, Bf16RowsAreCudaOnly) {
     cpu().moe_combine_bwd(kCtx, {.dy_perm = rows, .dtopk_w = dtw, .dy = x, .y_perm = rows16, .topk_w = w, .slot_pos = slot});
   }, {"[moe_combine_bwd]", "y_perm is bf16", cuda_only});
   expect_error([&] {
+    cpu().moe_combine_bwd(kCtx, {.dy_perm = rows, .dtopk_w = dtw, .dy = x16, .y_perm = rows, .topk_w = w, .slot_pos = slot});
+  }, {"[moe_combine_bwd]", "dy is bf16", cuda_only});
+  expect_error([&] {
     cpu().swiglu_fwd(kCtx, {.h = rows16, .a = rows16, .b = rows16});
   }, {"[swiglu_fwd]", "a is bf16", cuda_only});
   expect_error([&] {

@@ -501,10 +501,11 @@ __global__ void __launch_bounds__(kThreads) combine_fwd_kernel(float* __restrict
 // dtopk_w[n,k] = ⟨dy[n], y_perm[slot_pos[n,k]]⟩ (double; lane partial sums, then the warp's tree).
 // The K warps of a token read the same dy row: from the cache after the first.
 // Out: float, or bf16 in the bf16 GEMM mode (dy_perm only feeds the expert GEMMs); In: y_perm's
-// type, float or bf16 (the expert GEMMs' output in the bf16 GEMM mode).
-template <class Out, class In, bool kVec4>
+// type, float or bf16 (the expert GEMMs' output in the bf16 GEMM mode); G: dy's, float or bf16 (the
+// residual gradient's bf16 copy in that mode: half the bytes of the row every slot reads).
+template <class Out, class In, class G, bool kVec4>
 __global__ void __launch_bounds__(kThreads) combine_bwd_kernel(Out* __restrict__ dy_perm, float* __restrict__ dtopk_w,
-                                                               const float* __restrict__ dy,
+                                                               const G* __restrict__ dy,
                                                                const In* __restrict__ y_perm,
                                                                const float* __restrict__ topk_w,
                                                                const int32_t* __restrict__ slot_pos, int64_t n_tokens,
@@ -516,7 +517,7 @@ __global__ void __launch_bounds__(kThreads) combine_bwd_kernel(Out* __restrict__
     const int32_t r = slot_pos[nk];
     if (!index_ok(issue, IssueSite::kCombineBwdSlotPos, nk, r, n_rows)) continue;  // uniform over the warp
     const float w = topk_w[nk];
-    const float* g_row = dy + n * dim;
+    const G* g_row = dy + n * dim;
     const In* y_row = y_perm + r * dim;
     Out* out = dy_perm + r * dim;
     double dot = 0.0;
@@ -542,7 +543,7 @@ __global__ void __launch_bounds__(kThreads) combine_bwd_kernel(Out* __restrict__
       }
     } else {
       for (int64_t c = lane; c < dim; c += kWarp) {
-        const float g = g_row[c];
+        const float g = load1(g_row + c);
         store1(out + c, w * g);
         dot += static_cast<double>(g) * load1(y_row + c);
       }
@@ -793,26 +794,29 @@ void CudaBackend::moe_combine_bwd(Context ctx, const MoeCombineBwdArgs& a) {
   const OpScope profile_scope(*this, stream(ctx), "moe_combine_bwd");
   constexpr std::string_view kOp = "moe_combine_bwd";
   validate_moe_combine_bwd(a, Device::kCUDA);
-  require_f32(a.dy, kOp);
+  require_f32_or_bf16(a.dy, kOp, "dy");
   const int64_t n_tokens = a.dy.dim(0), dim = a.dy.dim(1), top_k = a.slot_pos.dim(1);
   if (n_tokens * top_k == 0) return;
-  const auto launch = [&](auto* dy_perm, const auto* y_perm) {
+  const auto launch = [&](auto* dy_perm, const auto* y_perm, const auto* dy) {
     using Out = std::remove_pointer_t<decltype(dy_perm)>;
     using In = std::remove_const_t<std::remove_pointer_t<decltype(y_perm)>>;
+    using G = std::remove_const_t<std::remove_pointer_t<decltype(dy)>>;
     const unsigned grid = grid_for(n_tokens * top_k * kWarp);
-    if (vec_sizes({dim}) && vec_aligned(dy_perm) && vec_aligned(f32(a.dy)) && vec_aligned(y_perm))
-      combine_bwd_kernel<Out, In, true><<<grid, kThreads, 0, stream(ctx)>>>(dy_perm, f32(a.dtopk_w), f32(a.dy), y_perm,
-                                                                            f32(a.topk_w), i32(a.slot_pos), n_tokens,
-                                                                            top_k, dim, a.y_perm.dim(0), issue());
+    if (vec_sizes({dim}) && vec_aligned(dy_perm) && vec_aligned(dy) && vec_aligned(y_perm))
+      combine_bwd_kernel<Out, In, G, true><<<grid, kThreads, 0, stream(ctx)>>>(dy_perm, f32(a.dtopk_w), dy, y_perm,
+                                                                               f32(a.topk_w), i32(a.slot_pos), n_tokens,
+                                                                               top_k, dim, a.y_perm.dim(0), issue());
     else
-      combine_bwd_kernel<Out, In, false><<<grid, kThreads, 0, stream(ctx)>>>(dy_perm, f32(a.dtopk_w), f32(a.dy), y_perm,
-                                                                             f32(a.topk_w), i32(a.slot_pos), n_tokens,
-                                                                             top_k, dim, a.y_perm.dim(0), issue());
+      combine_bwd_kernel<Out, In, G, false><<<grid, kThreads, 0, stream(ctx)>>>(dy_perm, f32(a.dtopk_w), dy, y_perm,
+                                                                                f32(a.topk_w), i32(a.slot_pos), n_tokens,
+                                                                                top_k, dim, a.y_perm.dim(0), issue());
     CUDA_CHECK_LAUNCH(kOp);
   };
-  with_input(a.y_perm, [&](const auto* y_perm) {
-    if (a.dy_perm.dtype == DType::kBF16) launch(static_cast<__nv_bfloat16*>(a.dy_perm.data), y_perm);
-    else launch(f32(a.dy_perm), y_perm);
+  with_input(a.dy, [&](const auto* dy) {
+    with_input(a.y_perm, [&](const auto* y_perm) {
+      if (a.dy_perm.dtype == DType::kBF16) launch(static_cast<__nv_bfloat16*>(a.dy_perm.data), y_perm, dy);
+      else launch(f32(a.dy_perm), y_perm, dy);
+    });
   });
 }
 
