@@ -17,18 +17,11 @@ namespace diffmoe {
 // GEMM per backward; so does a tied embedding table, whose head dW GEMM runs first in backward() and
 // its embedding scatter-add last. Norm weights (rmsnorm_bwd), λ vectors (diff_lambda_bwd) and an
 // untied embedding table (embedding_bwd) are only added into: they need zeros.
+static bool is_gemm_weight(const ParamSpec& p, bool tied);
+// The GEMM weights, and the router gate: its weight gradient comes from a GEMM too (the gate's
+// forward stays f32 and has no bf16 copy, so it is not a GEMM weight in is_gemm_weight's sense).
 static bool grad_written_by_gemm(const ParamSpec& p, bool tied) {
-  switch (p.kind) {
-    case ParamKind::kMatrix:
-    case ParamKind::kExpert:
-    case ParamKind::kGate:
-    case ParamKind::kHead:
-      return true;
-    case ParamKind::kEmbedding:
-      return tied;
-    default:
-      return false;
-  }
+  return is_gemm_weight(p, tied) || p.kind == ParamKind::kGate;
 }
 
 Model::Model(const ModelConfig& cfg, Backend& backend, DType dtype) : cfg_(cfg), be_(&backend), dtype_(dtype) {
