@@ -7,6 +7,8 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
+#include <cstdlib>
+#include <filesystem>
 #include <functional>
 #include <initializer_list>
 #include <memory>
@@ -19,6 +21,14 @@
 #include "core/tensor.h"
 
 namespace diffmoe::test {
+
+// A path in the repository, from the fixtures folder the tests are given (DIFFMOE_FIXTURES, set by
+// tests/CMakeLists.txt to <repo>/tests/fixtures; else relative to the repository root).
+inline std::string repo_path(const std::string& rel) {
+  const char* f = std::getenv("DIFFMOE_FIXTURES");
+  const std::filesystem::path fixtures = f ? f : "tests/fixtures";
+  return (fixtures.parent_path().parent_path() / rel).string();
+}
 
 // A host tensor that owns its (zeroed, 256-aligned) memory.
 class Owned {

@@ -9,6 +9,19 @@
 
 namespace diffmoe::test {
 
+// A batch of random token ids and targets for a whole-model test, with the targets at the `ignored`
+// positions (flat indices into [B, T]) set to −1, which must not contribute.
+struct Batch {
+  Owned tokens, targets;
+};
+inline Batch make_batch(const ModelConfig& c, int64_t B, int64_t T, uint64_t seed, std::initializer_list<int64_t> ignored) {
+  Batch b{Owned(Shape{B, T}, DType::kI32), Owned(Shape{B, T}, DType::kI32)};
+  fill_int(b.tokens, seed, 0, static_cast<int32_t>(c.vocab_size));
+  fill_int(b.targets, seed + 1, 0, static_cast<int32_t>(c.vocab_size));
+  for (const int64_t i : ignored) b.targets.at<int32_t>(i) = -1;
+  return b;
+}
+
 // Differential attention, q compression, YaRN on, sigmoid router with groups and bias, aux loss.
 inline ModelConfig micro_diff_config() {
   nlohmann::ordered_json j = {

@@ -6,15 +6,10 @@
 
 #include "model/config.h"
 #include "model/parameters.h"
+#include "test_util.h"
 
 namespace diffmoe {
 namespace {
-
-std::string repo_path(const std::string& rel) {
-  const char* f = std::getenv("DIFFMOE_FIXTURES");
-  const std::filesystem::path fixtures = f ? f : "tests/fixtures";
-  return (fixtures.parent_path().parent_path() / rel).string();
-}
 
 nlohmann::ordered_json minimal() {
   return {{"vocab_size", 100}, {"dim", 32}, {"n_layers", 2}, {"n_dense_layers", 1}, {"n_heads", 4},
@@ -152,7 +147,7 @@ TEST(ModelConfig, PresetsMatchTheSpecCounts) {
   struct Want { const char* file; double total_m, active_m, gflops; };
   for (const Want& w : {Want{"configs/tiny.yaml", 2.71, 1.82, -1}, Want{"configs/bench.yaml", 1892.31, 335.18, 1.973},
                         Want{"configs/seed-20b.yaml", 20841.17, 6685.40, 67.9}}) {
-    const ModelConfig c = load_model_config(repo_path(w.file));
+    const ModelConfig c = load_model_config(test::repo_path(w.file));
     const ParamCounts n = count_parameters(c, c.max_seq_len);
     EXPECT_NEAR(static_cast<double>(n.total) / 1e6, w.total_m, 0.006) << w.file;
     EXPECT_NEAR(static_cast<double>(n.active) / 1e6, w.active_m, 0.006) << w.file;

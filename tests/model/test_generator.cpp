@@ -8,7 +8,6 @@
 
 #include <cmath>
 #include <cstdio>
-#include <filesystem>
 #include <limits>
 #include <string>
 #include <vector>
@@ -359,19 +358,13 @@ TEST(Sampler, RejectsBadOptionsAndLogits) {
 }
 
 // ================================================================ cache size of the presets
-std::string repo_path(const std::string& rel) {
-  const char* f = std::getenv("DIFFMOE_FIXTURES");
-  const std::filesystem::path fixtures = f ? f : "tests/fixtures";
-  return (fixtures.parent_path().parent_path() / rel).string();
-}
-
 // n_layers · (kv_lora_rank + qk_rope_head_dim) values per token (spec §2, §10); the naive cache of
 // up-projected keys and values would hold n_layers · n_heads · (d_qk + d_v).
 TEST(Generator, CacheValuesPerTokenOfThePresets) {
   struct Want { const char* file; int64_t values; };
   for (const Want& w : {Want{"configs/tiny.yaml", 4 * (32 + 16)}, Want{"configs/bench.yaml", 12 * (256 + 32)},
                         Want{"configs/seed-20b.yaml", 48 * (512 + 64)}}) {
-    const ModelConfig c = load_model_config(repo_path(w.file));
+    const ModelConfig c = load_model_config(test::repo_path(w.file));
     const int64_t v = Generator::cache_values_per_token(c);
     const int64_t naive = c.n_layers * c.n_heads * (c.d_qk() + c.v_head_dim);
     std::printf("[cache] %-22s %6lld values/token = %7lld B f32, %7lld B bf16 (naive K/V cache: %lld values, %.1fx)\n", w.file,

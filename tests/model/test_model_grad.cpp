@@ -13,17 +13,10 @@
 namespace diffmoe {
 namespace {
 
-struct Batch {
-  test::Owned tokens, targets;
-};
+using test::Batch;
 
 Batch make_batch(const ModelConfig& c, int64_t B, int64_t T, uint64_t seed) {
-  Batch b{test::Owned(Shape{B, T}, DType::kI32), test::Owned(Shape{B, T}, DType::kI32)};
-  test::fill_int(b.tokens, seed, 0, static_cast<int32_t>(c.vocab_size));
-  test::fill_int(b.targets, seed + 1, 0, static_cast<int32_t>(c.vocab_size));
-  b.targets.at<int32_t>(3) = -1;  // ignored targets must not contribute
-  b.targets.at<int32_t>(B * T - 1) = -1;
-  return b;
+  return test::make_batch(c, B, T, seed, {3, B * T - 1});  // ignored targets must not contribute
 }
 
 double total_loss(Model& m, const Batch& b) {

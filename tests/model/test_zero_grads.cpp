@@ -8,8 +8,6 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
-#include <cstdlib>
-#include <filesystem>
 #include <limits>
 #include <string>
 #include <vector>
@@ -22,28 +20,16 @@ namespace {
 
 constexpr double kNaN = std::numeric_limits<double>::quiet_NaN();
 
-std::string repo_path(const std::string& rel) {
-  const char* f = std::getenv("DIFFMOE_FIXTURES");
-  const std::filesystem::path fixtures = f ? f : "tests/fixtures";
-  return (fixtures.parent_path().parent_path() / rel).string();
-}
-
 // Whether the backward only adds into p's gradient (so zero_grads must zero it): the rule the model
 // implements (Model::grads_), stated independently here.
 bool added_into(const ParamSpec& p, bool tied) {
   return p.kind == ParamKind::kNorm || p.kind == ParamKind::kLambda || (p.kind == ParamKind::kEmbedding && !tied);
 }
 
-struct Batch {
-  test::Owned tokens, targets;
-};
+using test::Batch;
 
 Batch make_batch(const ModelConfig& c, int64_t B, int64_t T, uint64_t seed) {
-  Batch b{test::Owned(Shape{B, T}, DType::kI32), test::Owned(Shape{B, T}, DType::kI32)};
-  test::fill_int(b.tokens, seed, 0, static_cast<int32_t>(c.vocab_size));
-  test::fill_int(b.targets, seed + 1, 0, static_cast<int32_t>(c.vocab_size));
-  b.targets.at<int32_t>(1) = -1;  // an ignored target
-  return b;
+  return test::make_batch(c, B, T, seed, {1});  // an ignored target
 }
 
 struct Case {
@@ -184,7 +170,7 @@ TEST(ZeroGrads, ExpertsNoTokenPicksGetZeroGradients) {
 }
 
 TEST(ZeroGrads, TinyPreset) {
-  check_case({.name = "tiny", .cfg = load_model_config(repo_path("configs/tiny.yaml")), .batch = 2, .seq = 16,
+  check_case({.name = "tiny", .cfg = load_model_config(test::repo_path("configs/tiny.yaml")), .batch = 2, .seq = 16,
               .spec_init = true});
 }
 
