@@ -97,9 +97,14 @@ struct GroupedGemmArgs {
 // Weight gradient of a grouped GEMM ("k-grouped"): for each group g,
 //   C[g] = alpha · A[rows_g]ᵀ · B[rows_g] + beta · C[g]
 // A: [R, m], B: [R, n], C: [G, m, n]. An empty group leaves beta·C[g].
+// sum_sq (optional, [1], C's dtype): sum_sq[0] += Σ over all of C of the new C², as sum_squares
+// would add it after the call. The optimizer's global gradient norm (spec §7) takes the expert
+// stacks' share from here: the GPU kernel squares the values it is about to store, so the norm no
+// longer reads the expert gradients (most of the model's bytes) a second time.
 struct GroupedGemmWgradArgs {
   Tensor c; Tensor a; Tensor b; Tensor offsets;
   double alpha = 1.0, beta = 1.0;
+  Tensor sum_sq = {};
 };
 
 // ---------------------------------------------------------------- RoPE (spec §3, interleaved)

@@ -490,6 +490,11 @@ GroupedGemmWgradDims validate_grouped_gemm_wgrad(const GroupedGemmWgradArgs& a, 
   check_device(a.offsets, dev, kOp, "offsets");
   check_shape(a.offsets, Shape{d.groups + 1}, kOp, "offsets");
   check_dtype(a.offsets, DType::kI32, kOp, "offsets");
+  if (a.sum_sq.defined()) {
+    check_device(a.sum_sq, dev, kOp, "sum_sq");
+    check_shape(a.sum_sq, Shape{1}, kOp, "sum_sq");
+    check_dtype(a.sum_sq, dt, kOp, "sum_sq");
+  }
   return d;
 }
 

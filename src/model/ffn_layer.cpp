@@ -161,11 +161,14 @@ void FfnLayer::backward(const LayerContext& lc, const Tensor& x, const Tensor& d
     be.moe_combine_bwd(lc.ctx, {.dy_perm = dy_perm, .dtopk_w = dw, .dy = d_out_gemm, .y_perm = y_perm, .topk_w = w,
                                 .slot_pos = slot_pos});
     // Experts: y = h W2ᵀ per group, h = silu(a) ⊙ b, a = x W1ᵀ, b = x W3ᵀ.
-    be.grouped_gemm_wgrad(lc.ctx, {.c = lc.grad(p("experts.w2")), .a = dy_perm, .b = eh, .offsets = offsets, .beta = lc.dw_beta});
+    be.grouped_gemm_wgrad(lc.ctx, {.c = lc.grad(p("experts.w2")), .a = dy_perm, .b = eh, .offsets = offsets, .beta = lc.dw_beta,
+                                  .sum_sq = lc.expert_grad_sq});
     be.grouped_gemm(lc.ctx, {.c = dh, .a = dy_perm, .b = lc.weight(p("experts.w2")), .offsets = offsets, .trans_b = false});
     be.swiglu_bwd(lc.ctx, {.da = da, .db = db, .dh = dh, .a = ea, .b = eb});
-    be.grouped_gemm_wgrad(lc.ctx, {.c = lc.grad(p("experts.w1")), .a = da, .b = x_perm, .offsets = offsets, .beta = lc.dw_beta});
-    be.grouped_gemm_wgrad(lc.ctx, {.c = lc.grad(p("experts.w3")), .a = db, .b = x_perm, .offsets = offsets, .beta = lc.dw_beta});
+    be.grouped_gemm_wgrad(lc.ctx, {.c = lc.grad(p("experts.w1")), .a = da, .b = x_perm, .offsets = offsets, .beta = lc.dw_beta,
+                                  .sum_sq = lc.expert_grad_sq});
+    be.grouped_gemm_wgrad(lc.ctx, {.c = lc.grad(p("experts.w3")), .a = db, .b = x_perm, .offsets = offsets, .beta = lc.dw_beta,
+                                  .sum_sq = lc.expert_grad_sq});
     // dx_perm = da·W1 + db·W3 per group, one two-term call (the GPU sums both in one accumulator).
     be.grouped_gemm(lc.ctx, {.c = dx_perm, .a = da, .b = lc.weight(p("experts.w1")), .offsets = offsets, .trans_b = false,
                              .a2 = db, .b2 = lc.weight(p("experts.w3"))});

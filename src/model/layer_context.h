@@ -29,6 +29,9 @@ struct LayerContext {
   // then does not read them, and zero_grads does not fill them either (Model::grads_). So each GEMM
   // weight must get exactly one GEMM gradient per backward, before anything else adds to it.
   double dw_beta = 1.0;
+  // [1]: the expert stacks' weight-gradient GEMMs add the Σg² of what they store here
+  // (GroupedGemmWgradArgs::sum_sq; Model::grad_sq_parts). Undefined: not wanted.
+  Tensor expert_grad_sq = {};
 
   int64_t tokens() const { return batch * seq; }
   Tensor param(const std::string& name) const { return params->get(name); }

@@ -29,11 +29,18 @@ Model::Model(const ModelConfig& cfg, Backend& backend, DType dtype) : cfg_(cfg),
   specs_ = parameter_specs(cfg_);
   for (const ParamSpec& p : specs_) params_.add(p.name, p.shape, dtype_);
   // The gradients that the backward adds into first, so that zero_grads is one fill over a prefix;
-  // then the GEMM-written ones. Both in spec order.
-  for (const bool gemm_written : {false, true}) {
+  // then the GEMM-written ones, the expert stacks last, so that grad_sq_parts' "rest" is one prefix
+  // too. Each part in spec order.
+  enum class GradPart { kAdded, kGemm, kExpert };
+  const auto part_of = [&](const ParamSpec& p) {
+    if (!grad_written_by_gemm(p, cfg_.tie_embeddings)) return GradPart::kAdded;
+    return p.kind == ParamKind::kExpert ? GradPart::kExpert : GradPart::kGemm;
+  };
+  for (const GradPart part : {GradPart::kAdded, GradPart::kGemm, GradPart::kExpert}) {
     for (const ParamSpec& p : specs_)
-      if (p.trainable() && grad_written_by_gemm(p, cfg_.tie_embeddings) == gemm_written) grads_.add(p.name, p.shape, dtype_);
-    if (!gemm_written) n_added_grads_ = grads_.entries().size();
+      if (p.trainable() && part_of(p) == part) grads_.add(p.name, p.shape, dtype_);
+    if (part == GradPart::kAdded) n_added_grads_ = grads_.entries().size();
+    if (part == GradPart::kGemm) first_expert_grad_ = grads_.entries().size();
   }
   params_.allocate(be_->allocator());
   grads_.allocate(be_->allocator());
@@ -118,6 +125,7 @@ void Model::set_batch_shape(int64_t batch, int64_t seq) {
   }
   acts_.add("act.final.x_norm", Shape{N, D}, bf16_operands_ ? DType::kBF16 : dtype_);  // read by the head's GEMMs only
   acts_.add("act.final.rstd", Shape{N}, dtype_);
+  acts_.add("grad_sq.experts", Shape{1}, dtype_);  // backward(): Σg² of the expert stacks' gradients
   // The head's GEMM output, read by the cross-entropy only: bf16 in the bf16 GEMM mode (rounded once
   // by the GEMM, as under autocast; the loss widens it and computes in f32/f64).
   acts_.add("act.final.logits", Shape{N, cfg_.vocab_size}, bf16_operands_ ? DType::kBF16 : dtype_);
@@ -211,6 +219,11 @@ void Model::backward(Context ctx, double grad_scale) {
   const Tensor dres16 = bf16_operands_ ? acts_.get("scratch.dresidual16") : Tensor{};
   const std::string head = cfg_.tie_embeddings ? "embed.weight" : "head.weight";
   DIFFMOE_CHECK(last_targets_.data != nullptr, "[model] backward() needs a forward() with targets first");
+  // The expert stacks' Σg², from their weight-gradient GEMMs: over the values this backward leaves
+  // (with accumulation, the last backward's sum covers the accumulated gradients).
+  expert_sq_valid_ = false;
+  lc.expert_grad_sq = acts_.get("grad_sq.experts");
+  be_->fill(ctx, {.out = lc.expert_grad_sq, .value = 0.0});
   be_->cross_entropy_bwd(ctx, {.dlogits = dlogits, .logits = logits, .targets = last_targets_, .valid = acts_.get("loss.valid"),
                                .grad_scale = grad_scale});
   // First in the backward: a tied table's dW GEMM must overwrite before embedding_bwd adds (below).
@@ -225,8 +238,9 @@ void Model::backward(Context ctx, double grad_scale) {
   }
   be_->embedding_bwd(ctx, {.dtable = grads_.get("embed.weight"), .tokens = last_tokens_, .dout = dres, .scale = cfg_.embed_scale});
   // Every GEMM weight's gradient is written now. A backward that throws before here leaves the
-  // mark, so the next one overwrites them all again.
+  // mark, so the next one overwrites them all again (and no expert Σg²).
   gemm_grads_stale_ = false;
+  expert_sq_valid_ = true;
 }
 
 // One fill over the added-into gradients (a prefix of the arena, padding included). The GEMM
@@ -235,16 +249,29 @@ void Model::backward(Context ctx, double grad_scale) {
 void Model::zero_grads(Context ctx) {
   if (n_added_grads_ > 0) be_->fill(ctx, {.out = grads_.flat(0, n_added_grads_), .value = 0.0});
   gemm_grads_stale_ = n_added_grads_ < grads_.entries().size();
+  expert_sq_valid_ = false;
 }
 
 size_t Model::zero_grads_bytes() const { return n_added_grads_ == 0 ? 0 : grads_.flat(0, n_added_grads_).nbytes(); }
 
-Arena& Model::grads(Context ctx) {
+void Model::zero_stale_gemm_grads(Context ctx) {
   if (gemm_grads_stale_) {  // zero_grads() left them for a backward: zero them now, then backwards add
     be_->fill(ctx, {.out = grads_.flat(n_added_grads_, grads_.entries().size()), .value = 0.0});
     gemm_grads_stale_ = false;
   }
+}
+
+Arena& Model::grads(Context ctx) {
+  zero_stale_gemm_grads(ctx);
+  expert_sq_valid_ = false;  // the caller may write through the arena
   return grads_;
+}
+
+Model::GradSqParts Model::grad_sq_parts(Context ctx) {
+  zero_stale_gemm_grads(ctx);
+  if (!expert_sq_valid_ || first_expert_grad_ == 0 || first_expert_grad_ == grads_.entries().size())
+    return {.rest = grads_.flat(), .experts_sq = {}};
+  return {.rest = grads_.flat(0, first_expert_grad_), .experts_sq = acts_.get("grad_sq.experts")};
 }
 
 void Model::zero_expert_counts(Context ctx) {

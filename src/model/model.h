@@ -7,7 +7,8 @@
 // The grads arena is planned in two parts: first the gradients that the backward only adds into
 // (norms, λ vectors, an untied embedding table), which zero_grads() fills, then those that the
 // first backward after zero_grads() overwrites with a GEMM at beta = 0 (LayerContext::dw_beta),
-// which it skips. Gradients are looked up by name: nothing relies on their order matching params.
+// which it skips, the expert stacks last of them (Model::grad_sq_parts). Gradients are looked up
+// by name: nothing relies on their order matching params.
 // On a backend in the bf16 GEMM mode (CUDA, spec §7) a fourth arena holds bf16 copies of the GEMM
 // weight matrices, refreshed from the f32 masters at every forward (one rounding per weight per
 // micro-batch instead of one per GEMM that reads it); allocated at the first such forward.
@@ -42,7 +43,18 @@ class Model {
   // hold their old values in memory (that backward overwrites them): a call in that window first
   // zeroes them on ctx's stream, and the next backward then adds to whatever is written through
   // the returned arena. After a backward, or before any zero_grads(), it only returns the arena.
+  // Anything may be written through it: the expert Σg² of grad_sq_parts is dropped.
   Arena& grads(Context ctx = {});
+  // The global Σg² in two parts (spec §7's clipping norm): Σ rest² plus, where defined, experts_sq
+  // [1] = the expert stacks' Σg² that the last backward's grouped weight-gradient GEMMs added up
+  // while storing them (GroupedGemmWgradArgs::sum_sq), so that the expert gradients (most of the
+  // bytes) are not read again. experts_sq is defined only while the gradients are the last
+  // backward's: no zero_grads() and no grads() since. Else rest is the whole arena.
+  struct GradSqParts {
+    Tensor rest;
+    Tensor experts_sq;
+  };
+  GradSqParts grad_sq_parts(Context ctx = {});
   const Arena& acts() const { return acts_; }
   const Arena& weight_copies() const { return weights_bf16_; }  // bf16 GEMM mode only, else empty
   // Says that every weight copy now equals bf16(its master): the optimizer wrote both in one pass,
@@ -79,6 +91,7 @@ class Model {
   LayerContext layer_context(Context ctx);
   void refresh_weight_copies(Context ctx);  // weights_bf16_ = bf16(params) where the mode wants it
   void check_precision_unchanged(const char* where) const;
+  void zero_stale_gemm_grads(Context ctx);  // the fill grads() promises after zero_grads()
   Tensor residual(int64_t i) const;  // residual stream before sub-block i (0 = embedding output)
 
   ModelConfig cfg_;
@@ -98,6 +111,10 @@ class Model {
   // zero_grads() since the last backward and grads(): the GEMM weights' gradients hold stale
   // values, which the next backward overwrites (LayerContext::dw_beta = 0).
   bool gemm_grads_stale_ = false;
+  // grads_ entries [first_expert_grad_, end) are the expert stacks' (grad_sq_parts).
+  size_t first_expert_grad_ = 0;
+  // acts "grad_sq.experts" holds the Σg² of the expert gradients as they are now (grad_sq_parts).
+  bool expert_sq_valid_ = false;
   Tensor last_tokens_, last_targets_;  // [N] views of the last forward's inputs
 };
 

@@ -22,10 +22,14 @@ AdamW::AdamW(Model& model, const OptimConfig& cfg) : model_(&model), cfg_(cfg) {
 void AdamW::compute_grad_sq(Context ctx) {
   Backend& be = model_->backend();
   const Tensor gsq = grad_sq();
-  be.fill(ctx, {.out = gsq, .value = 0.0});
   // The gradient arena holds exactly the trainable parameters' gradients, and its padding stays
   // zero (Arena::flat): one sum over it is the global Σg², in one call instead of one per tensor.
-  be.sum_squares(ctx, {.out = gsq, .x = model_->grads(ctx).flat()});
+  // After a backward the expert stacks' share is already summed (Model::grad_sq_parts): start
+  // from it and add the rest of the arena.
+  const Model::GradSqParts parts = model_->grad_sq_parts(ctx);
+  if (parts.experts_sq.defined()) be.copy(ctx, {.dst = gsq, .src = parts.experts_sq});
+  else be.fill(ctx, {.out = gsq, .value = 0.0});
+  be.sum_squares(ctx, {.out = gsq, .x = parts.rest});
 }
 
 void AdamW::step(Context ctx, double lr) {

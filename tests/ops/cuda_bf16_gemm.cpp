@@ -19,6 +19,7 @@
 // size: ‖err‖/‖ref‖ ≈ 1.6e-3, well inside 1e-2. It also must be at least 1e-4: f32 GEMMs differ from
 // the CPU by ~1e-7, so a smaller error would mean the bf16 inputs were not used.
 #include <cmath>
+#include <optional>
 #include <tuple>
 
 #include "backend/cuda/cuda_backend.h"
@@ -258,6 +259,41 @@ TEST(CudaBf16Gemm, GroupedKernelWeightGradient) {
       for (int64_t g : {int64_t{0}, int64_t{3}, int64_t{6}})  // the empty groups: beta·C exactly
         for (int64_t i = g * m * n; i < (g + 1) * m * n; ++i)
           ASSERT_EQ(got[static_cast<size_t>(i)], want[static_cast<size_t>(i)]) << "empty group " << g << " element " << i;
+    }
+  }
+}
+
+// sum_sq (GroupedGemmWgradArgs): the TMA kernel squares the values it stores (bf16 mode, per-warp
+// slots added in a fixed order), the per-group f32 path reads C back. Either way sum_sq[0] gains
+// Σ C² of the device's own C to f32 rounding (1e-6), and the CPU's within twice the bf16 bound.
+TEST(CudaBf16Gemm, GroupedWeightGradientSumOfSquares) {
+  for (const bool bf16 : {true, false}) {
+    std::optional<Bf16Mode> mode;
+    if (bf16) mode.emplace();
+    const int64_t R = kKernelRows, G = kKernelGroups;
+    uint64_t seed = 650;
+    for (const auto& [m, n] : {std::pair<int64_t, int64_t>{24, 40}, {200, 136}, {128, 256}}) {
+      for (double beta : {0.0, 1.0}) {
+        Dual a(Shape{R, m}), b(Shape{R, n}), c(Shape{G, m, n}), off(Shape{G + 1}, DType::kI32), sq(Shape{1});
+        a.normal(seed += 4);
+        b.normal(seed + 1);
+        off.set(kKernelOffsets);
+        if (beta == 0.0) c.poison();
+        else c.normal(seed + 2);
+        sq.set({2.5});  // it adds
+        run_both([&](Backend& be, Side s) {
+          be.grouped_gemm_wgrad({}, {.c = c[s], .a = a[s], .b = b[s], .offsets = off[s], .alpha = 0.75, .beta = beta,
+                                     .sum_sq = sq[s]});
+        });
+        const std::string what = fmt::format("{} wgrad sum_sq m={} n={} beta={}", bf16 ? "bf16" : "f32", m, n, beta);
+        double own = 2.5;
+        for (double v : c.device_values()) own += v * v;
+        const double got = sq.device_values()[0], cpu = sq.host_values()[0];
+        std::printf("[cuda-bf16] %-48s sum_sq %.9g, Σ of its C² %.9g, CPU %.9g\n", what.c_str(), got, own, cpu);
+        EXPECT_NEAR(got, own, 1e-6 * own) << what;
+        EXPECT_NEAR(got, cpu, (bf16 ? 2 * kBf16MaxRel : 1e-5) * cpu) << what;
+        EXPECT_TRUE(sq.guard_intact()) << what;
+      }
     }
   }
 }

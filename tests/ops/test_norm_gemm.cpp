@@ -444,6 +444,30 @@ TEST_F(NormGemm, GroupedGemmWgradAgainstPerGroupLoops) {
   }
 }
 
+// sum_sq adds Σ C² of the values the call leaves (the expert part of the gradient norm), and is
+// checked like every other argument.
+TEST_F(NormGemm, GroupedGemmWgradAddsSumOfSquares) {
+  constexpr int64_t m = 5, n = 7;
+  const Owned offsets = make_offsets({kOffsets[0], kOffsets[1], kOffsets[2], kOffsets[3], kOffsets[4]});
+  for (DType dt : {DType::kF32, DType::kF64}) {
+    Owned a({kGRows, m}, dt), b({kGRows, n}, dt), c({kGroups, m, n}, dt), sq({1}, dt);
+    test::fill_normal(a, 321);
+    test::fill_normal(b, 322);
+    test::fill_normal(c, 323);
+    test::set(sq, 0, 1.25);
+    be.grouped_gemm_wgrad(ctx, {.c = c, .a = a, .b = b, .offsets = offsets, .alpha = 0.5, .beta = 0.75, .sum_sq = sq});
+    double want = 1.25;
+    for (double v : test::to_vector(c)) want += v * v;
+    EXPECT_NEAR(test::get(sq, 0), want, (dt == DType::kF32 ? 1e-6 : 1e-14) * want) << dtype_name(dt);
+  }
+  Owned a({kGRows, m}, DType::kF64), b({kGRows, n}, DType::kF64), c({kGroups, m, n}, DType::kF64);
+  Owned sq2({2}, DType::kF64), sq32({1}, DType::kF32);
+  expect_error([&] { be.grouped_gemm_wgrad(ctx, {.c = c, .a = a, .b = b, .offsets = offsets, .sum_sq = sq2}); },
+               {"[grouped_gemm_wgrad]", "sum_sq"});
+  expect_error([&] { be.grouped_gemm_wgrad(ctx, {.c = c, .a = a, .b = b, .offsets = offsets, .sum_sq = sq32}); },
+               {"[grouped_gemm_wgrad]", "sum_sq"});
+}
+
 TEST_F(NormGemm, GroupedGemmRejectsBadOffsets) {
   Owned a({6, 3}, DType::kF64), b({2, 5, 3}, DType::kF64), c({6, 5}, DType::kF64), wa({6, 3}, DType::kF64),
       wb({6, 5}, DType::kF64), wc({2, 3, 5}, DType::kF64);

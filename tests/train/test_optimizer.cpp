@@ -68,6 +68,44 @@ TEST(AdamW, ClipUsesTheGlobalNormAcrossAllTensors) {
   EXPECT_NEAR(mom / ((1 - oc.beta1) * g), 0.25 / (std::sqrt(total) + 1e-6), 1e-12);
 }
 
+// After a backward the optimizer takes the expert stacks' Σg² from their weight-gradient GEMMs
+// (Model::grad_sq_parts) and sums only the rest: the norm must still cover every gradient, with
+// gradient accumulation too, and a gradient changed through grads() afterwards must count.
+TEST(AdamW, NormAfterBackwardCoversEveryGradient) {
+  CpuBackend be;
+  Model m(test::micro_diff_config(), be, DType::kF64);
+  m.set_batch_shape(2, 4);
+  test::randomize_for_test(m, 7);
+  const auto host_norm = [&] {  // grads() drops the fused part; call it after the optimizer's norm
+    double s = 0.0;
+    for (const ParamSpec& p : m.specs())
+      if (p.trainable())
+        for (double v : test::to_vector(m.grads().get(p.name))) s += v * v;
+    return std::sqrt(s);
+  };
+  AdamW opt(m, OptimConfig{});
+  m.zero_grads({});
+  EXPECT_FALSE(m.grad_sq_parts().experts_sq.defined());
+  for (uint64_t micro = 0; micro < 2; ++micro) {
+    const test::Batch b = test::make_batch(m.config(), 2, 4, 40 + 2 * micro, {3});
+    m.forward({}, b.tokens, b.targets);
+    m.backward({}, 0.5);
+    ASSERT_TRUE(m.grad_sq_parts().experts_sq.defined()) << "micro-batch " << micro;
+    opt.compute_grad_sq({});
+    const double fused = opt.grad_norm(), want = host_norm();
+    EXPECT_GT(want, 0.0);
+    EXPECT_NEAR(fused, want, 1e-12 * want) << "micro-batch " << micro;
+  }
+  const Tensor e = m.grads().get(fmt::format("layers.{}.ffn.experts.w1", m.config().n_dense_layers));
+  test::set(e, 0, test::get(e, 0) + 3.0);
+  EXPECT_FALSE(m.grad_sq_parts().experts_sq.defined());
+  opt.compute_grad_sq({});
+  const double after = opt.grad_norm(), want = host_norm();
+  EXPECT_NEAR(after, want, 1e-12 * want);
+  m.zero_grads({});
+  EXPECT_FALSE(m.grad_sq_parts().experts_sq.defined());
+}
+
 TEST(AdamW, BiasUpdateFollowsTheCountsAndStateRoundTrips) {
   CpuBackend be;
   Model m(test::micro_diff_config(), be, DType::kF32);

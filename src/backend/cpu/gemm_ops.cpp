@@ -94,7 +94,7 @@ void CpuBackend::grouped_gemm(Context, const GroupedGemmArgs& a) {
 }
 
 // C[g] = alpha · A[rows_g]ᵀ · B[rows_g] + beta · C[g];  A [R,m], B [R,n], C [G,m,n].
-void CpuBackend::grouped_gemm_wgrad(Context, const GroupedGemmWgradArgs& a) {
+void CpuBackend::grouped_gemm_wgrad(Context ctx, const GroupedGemmWgradArgs& a) {
   constexpr std::string_view kOp = "grouped_gemm_wgrad";
   const DType dt = a.c.dtype;
   const auto [rows, m, n, groups] = validate_grouped_gemm_wgrad(a, Device::kCPU);
@@ -110,6 +110,7 @@ void CpuBackend::grouped_gemm_wgrad(Context, const GroupedGemmWgradArgs& a) {
                    c_ptr + g * m * n, n, kOp);
     }
   });
+  if (a.sum_sq.defined()) sum_squares(ctx, {.out = a.sum_sq, .x = a.c});  // Σ C² of the values just written
 }
 
 }  // namespace diffmoe

@@ -20,6 +20,7 @@
 
 #include "backend/cuda/cuda_common.cuh"
 #include "backend/cuda/radix_sort.h"
+#include "backend/cuda/sum_squares.h"
 #include "backend/op_validation.h"
 
 namespace diffmoe {
@@ -351,20 +352,34 @@ void CudaBackend::scale(Context ctx, const ScaleArgs& a) {
   CUDA_CHECK_LAUNCH("scale");
 }
 
+namespace cuda {  // sum_squares.h
+
+int64_t sum_squares_partials(int64_t n) { return sum_squares_blocks(n); }
+
+void launch_sum_squares(float* out, const float* x, int64_t n, double* partial, cudaStream_t s) {
+  if (n == 0) return;
+  const int64_t blocks = sum_squares_blocks(n);
+  const bool vec4 = reinterpret_cast<uintptr_t>(x) % 16 == 0;
+  sum_squares_partial_kernel<<<static_cast<unsigned>(blocks), kThreads, 0, s>>>(partial, x, n, vec4);
+  CUDA_CHECK_LAUNCH("sum_squares");
+  launch_add_partial_sums(out, partial, blocks, s);
+}
+
+void launch_add_partial_sums(float* out, const double* partial, int64_t n, cudaStream_t s) {
+  sum_squares_finish_kernel<<<1, kWarp, 0, s>>>(out, partial, n);
+  CUDA_CHECK_LAUNCH("sum_squares finish");
+}
+
+}  // namespace cuda
+
 void CudaBackend::sum_squares(Context ctx, const SumSquaresArgs& a) {
   const OpScope profile_scope(*this, stream(ctx), "sum_squares");
   validate_sum_squares(a, Device::kCUDA);
   require_f32(a.out, "sum_squares");
   const int64_t n = a.x.numel();
   if (n == 0) return;
-  const int64_t blocks = sum_squares_blocks(n);
-  auto* partial = static_cast<double*>(scratch(static_cast<size_t>(blocks) * sizeof(double)));
-  const bool vec4 = reinterpret_cast<uintptr_t>(a.x.data) % 16 == 0;
-  const cudaStream_t s = stream(ctx);
-  sum_squares_partial_kernel<<<static_cast<unsigned>(blocks), kThreads, 0, s>>>(partial, f32(a.x), n, vec4);
-  CUDA_CHECK_LAUNCH("sum_squares");
-  sum_squares_finish_kernel<<<1, kWarp, 0, s>>>(f32(a.out), partial, blocks);
-  CUDA_CHECK_LAUNCH("sum_squares");
+  auto* partial = static_cast<double*>(scratch(static_cast<size_t>(cuda::sum_squares_partials(n)) * sizeof(double)));
+  cuda::launch_sum_squares(f32(a.out), f32(a.x), n, partial, stream(ctx));
 }
 
 void CudaBackend::embedding_fwd(Context ctx, const EmbeddingFwdArgs& a) {

@@ -49,6 +49,7 @@
 
 #include "backend/cuda/cuda_common.cuh"
 #include "backend/cuda/grouped_gemm_tma.cuh"
+#include "backend/cuda/sum_squares.h"
 #include "backend/op_validation.h"
 
 namespace diffmoe {
@@ -218,7 +219,10 @@ const gg::bf16* grouped_operand(CudaBackend& be, const Tensor& t, int64_t rows, 
 
 // One grouped kernel launch: the Hopper kernel where it runs and takes the params, else mma.sync.
 // Under DIFFMOE_CUDA_PROFILE the first launch of each layout says which kernel runs, and why.
-void launch_grouped(CudaBackend& be, const gg::GroupedGemmParams& p, gg::GroupedLayout layout, cudaStream_t s) {
+// sq_partial (wgrad only): the TMA kernel's per-warp Σ C² slots (gg::wgrad_sq_slots); the caller
+// asks only where that kernel runs.
+void launch_grouped(CudaBackend& be, const gg::GroupedGemmParams& p, gg::GroupedLayout layout, cudaStream_t s,
+                    double* sq_partial = nullptr) {
   const bool verbose = be.profiling();
   const char* why_not = grouped_hopper_usable() ? gg::grouped_gemm_tma_unusable(p, layout) : "no sm_90a code on this device";
   static bool said[3] = {false, false, false};
@@ -237,9 +241,12 @@ void launch_grouped(CudaBackend& be, const gg::GroupedGemmParams& p, gg::Grouped
     switch (layout) {
       case gg::GroupedLayout::kFwd: CUDA_CHECK(gg::launch_grouped_gemm_tma<gg::GroupedLayout::kFwd>(p, s)); return;
       case gg::GroupedLayout::kDgrad: CUDA_CHECK(gg::launch_grouped_gemm_tma<gg::GroupedLayout::kDgrad>(p, s)); return;
-      case gg::GroupedLayout::kWgrad: CUDA_CHECK(gg::launch_grouped_gemm_tma<gg::GroupedLayout::kWgrad>(p, s)); return;
+      case gg::GroupedLayout::kWgrad:
+        CUDA_CHECK(gg::launch_grouped_gemm_tma<gg::GroupedLayout::kWgrad>(p, s, sq_partial));
+        return;
     }
   }
+  DIFFMOE_CHECK(sq_partial == nullptr, "[grouped_gemm_wgrad] Σ C² slots asked of the mma.sync kernel");
   CUDA_CHECK(gg::launch_grouped_gemm(p, layout, s));
 }
 
@@ -372,6 +379,12 @@ void CudaBackend::grouped_gemm_wgrad(Context ctx, const GroupedGemmWgradArgs& a)
   const GroupedGemmWgradDims d = validate_grouped_gemm_wgrad(a, Device::kCUDA);
   require_f32(a.c, kOp);
   const cudaStream_t s = stream(ctx);
+  // sum_sq[0] += Σ C², read back from C after the GEMM (where the kernel does not square its stores).
+  const auto sum_sq_from_c = [&] {
+    const int64_t n = a.c.numel();
+    auto* partial = static_cast<double*>(scratch(static_cast<size_t>(cuda::sum_squares_partials(n)) * sizeof(double)));
+    cuda::launch_sum_squares(f32(a.sum_sq), f32(a.c), n, partial, s);
+  };
   if (gemm_precision() == GemmPrecision::kBF16 && grouped_kernels_fit(*this)) {  // on the device, no sync
     const auto [a16, b16] = bf16_scratch_parts<2>(
         *this, {grouped_copy_elems(a.a, d.rows, d.m), grouped_copy_elems(a.b, d.rows, d.n)});
@@ -385,7 +398,18 @@ void CudaBackend::grouped_gemm_wgrad(Context ctx, const GroupedGemmWgradArgs& a)
         .beta = static_cast<float>(a.beta), .issue = reinterpret_cast<gg::GroupedGemmIssue*>(issue()),
         .issue_site = static_cast<int32_t>(IssueSite::kGroupedGemmWgradOffsets)};
     DIFFMOE_CHECK(d.groups <= 65535, "[{}] {} groups exceed the kernel's grid.y limit 65535", kOp, d.groups);
-    launch_grouped(*this, p, gg::GroupedLayout::kWgrad, s);
+    // Σ C² (sum_sq) from the TMA kernel's epilogue where it runs: per-warp slots in the scratch,
+    // added in a fixed order after the launch. Elsewhere C is read again below.
+    const bool fused_sq = a.sum_sq.defined() && grouped_hopper_usable() &&
+                          gg::grouped_gemm_tma_unusable(p, gg::GroupedLayout::kWgrad) == nullptr;
+    double* sq_partial =
+        fused_sq ? static_cast<double*>(scratch(static_cast<size_t>(gg::wgrad_sq_slots(p)) * sizeof(double))) : nullptr;
+    launch_grouped(*this, p, gg::GroupedLayout::kWgrad, s, sq_partial);
+    if (fused_sq) {
+      cuda::launch_add_partial_sums(f32(a.sum_sq), sq_partial, gg::wgrad_sq_slots(p), s);
+    } else if (a.sum_sq.defined()) {
+      sum_sq_from_c();
+    }
     return;
   }
   const std::vector<int64_t> off = check_group_offsets(read_to_host(a.offsets, s), d.groups, d.rows, kOp);
@@ -398,6 +422,7 @@ void CudaBackend::grouped_gemm_wgrad(Context ctx, const GroupedGemmWgradArgs& a)
     gemm_row_major(*this, s, true, false, d.m, d.n, r1 - r0, a.alpha, op_a.at(r0 * d.m), d.m, op_b.at(r0 * d.n), d.n,
                    a.beta, f32(a.c) + g * d.m * d.n, d.n, kOp);
   }
+  if (a.sum_sq.defined()) sum_sq_from_c();
 }
 
 }  // namespace diffmoe

@@ -47,6 +47,11 @@
 //   maps), and the consumers just see kt1 + kt2 k-tiles. One launch writes C once, where two
 //   launches (the second with beta = 1) re-read C: the MoE backward's dx_perm = da·W1 + db·W3.
 //   k2 = 0: the maps are never read and the kernel does what it did with one term.
+// - Σ C² (wgrad, the launcher's sq_partial): each consumer warp squares the values it is about to
+//   store and writes their f64 sum into its own slot of the tile (wgrad_sq_slots); the caller adds
+//   the slots in a fixed order (no atomics: the same bits every run). The global gradient norm then
+//   need not read the expert gradients again. A kernel argument of its own, not a params field:
+//   one more field in GroupedGemmParams alone made ptxas spill 3-4× more bytes in every layout.
 // Includes only CUDA headers: tools/kernel-dev/grouped_gemm_check.cu compiles it standalone.
 #pragma once
 #include <cuda.h>  // CUtensorMap (types only: the encoder is fetched through the runtime)
@@ -389,7 +394,7 @@ template <GroupedLayout L, bool kTwoTerms, bool kDirectEpilogue = false>
 __global__ void __launch_bounds__(TmaGemmTiles<L>::kThreads, 1)
     grouped_gemm_tma_kernel(const __grid_constant__ CUtensorMap map_a, const __grid_constant__ CUtensorMap map_b,
                             const __grid_constant__ CUtensorMap map_a2, const __grid_constant__ CUtensorMap map_b2,
-                            const GroupedGemmParams p) {
+                            const GroupedGemmParams p, double* const sq_partial) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using Cfg = TmaGemmTiles<L>;
   static_assert(!kTwoTerms || L != GroupedLayout::kWgrad, "a second term only in fwd/dgrad");
@@ -504,7 +509,12 @@ __global__ void __launch_bounds__(TmaGemmTiles<L>::kThreads, 1)
     wgmma_wait<0>();
     fence_operands(acc);
     if (ti.k_tiles > 0 && lane == 0) mbar_arrive(empty((it - 1) % kStages));
-    if (ti.skip) continue;
+    // This consumer warp's Σ C² slot in tile t (wgrad with sq_partial): a skipped tile adds 0.
+    const auto sq_slot = [&] { return sq_partial + (int64_t{t} * Cfg::kConsumers + cw) * 4 + warp % 4; };
+    if (ti.skip) {
+      if (L == GroupedLayout::kWgrad && sq_partial != nullptr && lane == 0) *sq_slot() = 0.0;
+      continue;
+    }
 
     // Epilogue: accumulator 4j + e of warp w in the warpgroup is (row 16w + lane/4 + 8·(e/2),
     // col 8j + 2·(lane%4) + e%2) of the warpgroup's m64×n256 block. Stored through the warpgroup's
@@ -567,6 +577,20 @@ __global__ void __launch_bounds__(TmaGemmTiles<L>::kThreads, 1)
           acc[j * 4 + half * 2] += p.beta * old.x;
           acc[j * 4 + half * 2 + 1] += p.beta * old.y;
         }
+    }
+    if constexpr (L == GroupedLayout::kWgrad) {
+      if (sq_partial != nullptr) {
+        // The squares of the values stored below, in f64. Every accumulator outside C's bounds is
+        // exactly 0 (TMA reads zeros past m and n, the k-tail rows are zeroed, old C is loaded only
+        // inside), so all 128 are summed without bounds checks: per-element predicates here
+        // cost enough registers to spill in the k-loop.
+        double sq = 0.0;
+#pragma unroll
+        for (int e = 0; e < 128; ++e) sq = fma(static_cast<double>(acc[e]), static_cast<double>(acc[e]), sq);
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) sq += __shfl_xor_sync(0xffffffffu, sq, o);
+        if (lane == 0) *sq_slot() = sq;
+      }
     }
     if (stage_c) {
       staged(p.c);
@@ -664,15 +688,24 @@ inline const char* grouped_gemm_tma_unusable(const GroupedGemmParams& p, Grouped
   if (tensor_map_encoder() == nullptr) return "no cuTensorMapEncodeTiled in the driver";
   return nullptr;
 }
+// The f64 slots a wgrad launch with sq_partial writes: one per consumer warp (4 per warpgroup) of each
+// output tile, tile t's at [t·kConsumers·4, (t + 1)·kConsumers·4).
+inline int64_t wgrad_sq_slots(const GroupedGemmParams& p) {
+  using Cfg = TmaGemmTiles<GroupedLayout::kWgrad>;
+  const int64_t tiles = int64_t{p.groups} * ((p.m + Cfg::kBM - 1) / Cfg::kBM) * ((p.n + Cfg::kBN - 1) / Cfg::kBN);
+  return tiles * Cfg::kConsumers * 4;
+}
 inline bool grouped_gemm_tma_usable(const GroupedGemmParams& p, GroupedLayout layout) {
   return grouped_gemm_tma_unusable(p, layout) == nullptr;
 }
 
 // Runs one grouped GEMM of layout L on the TMA kernel. Call only when wgmma_supported() and
 // grouped_gemm_tma_usable(p, L). kDirectEpilogue: the harness's A/B timing of the fallback
-// epilogue (stores straight from the accumulators); callers leave it false.
+// epilogue (stores straight from the accumulators); callers leave it false. sq_partial (wgrad
+// only; wgrad_sq_slots doubles): each tile's per-warp Σ C² of what it stores.
 template <GroupedLayout L, bool kDirectEpilogue = false>
-cudaError_t launch_grouped_gemm_tma(const GroupedGemmParams& p, cudaStream_t stream) {
+cudaError_t launch_grouped_gemm_tma(const GroupedGemmParams& p, cudaStream_t stream, double* sq_partial = nullptr) {
+  if (sq_partial != nullptr && L != GroupedLayout::kWgrad) return cudaErrorInvalidValue;
   using Cfg = TmaGemmTiles<L>;
   const cuuint64_t R = static_cast<cuuint64_t>(p.rows), G = static_cast<cuuint64_t>(p.groups);
   const cuuint32_t box = Cfg::kBox;
@@ -724,7 +757,7 @@ cudaError_t launch_grouped_gemm_tma(const GroupedGemmParams& p, cudaStream_t str
                : grouped_gemm_tma_kernel<L, false, kDirectEpilogue>;
   e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
   if (e != cudaSuccess) return e;
-  kernel<<<grid, Cfg::kThreads, smem, stream>>>(map_a, map_b, map_a2, map_b2, p);
+  kernel<<<grid, Cfg::kThreads, smem, stream>>>(map_a, map_b, map_a2, map_b2, p, sq_partial);
   return cudaGetLastError();
 }
 
