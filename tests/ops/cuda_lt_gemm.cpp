@@ -3,7 +3,9 @@
 // combinations at odd sizes, the addend being C itself, beta = 0 not reading a NaN addend, k = 0,
 // views off cuBLASLt's default 256-byte alignment, a bf16 output (every transpose, bf16 operands
 // read in place), the refusals of a bf16 output, and the plan cache (a repeated call shape makes no
-// heuristic query). Also the addend in the f32 mode and under f32_exact (SGEMM after a copy).
+// heuristic query), and the algorithm choice by timing (autotune: every trial call's result right,
+// a choice made without a host sync; off: one algorithm, the same bits every call). Also the
+// addend in the f32 mode and under f32_exact (SGEMM after a copy).
 //
 // Tolerance. The CPU side reads A and B rounded to bf16 on the host (nearest even, as the device
 // rounds) and widened back to f32, while the GPU side reads the f32 originals and rounds them
@@ -13,6 +15,7 @@
 // ~1.6e-3 relative (cuda_bf16_gemm.cpp), 100× that bound at these sizes. A bf16 output: the CPU's f32
 // result from the same bf16 inputs rounded to bf16, within one bf16 step (expect_bf16_of).
 #include <cmath>
+#include <string>
 #include <tuple>
 
 #include "backend/cuda/cuda_backend.h"
@@ -239,6 +242,121 @@ TEST(CudaLtGemm, PlansAreCachedByShape) {
   call(1234, 1.0, false, 1760); // in place
   EXPECT_EQ(lt.heuristic_queries(), q0 + 3);
   EXPECT_LE(lt.plans(), LtGemm::kMaxPlans);
+}
+
+// ---------------------------------------------------------------- autotune (lt_gemm.h)
+
+// One GEMM shape run many times on an LtGemm of the test's own (the backend's may have tuned the
+// shape already): row-major C[m, n] = 0.7·A[m, k]·B[k, n] (+ R), as gemm_ops.cu hands it to
+// cuBLASLt (its A is our B, its B our A, its D [n, m] column-major our C). Two outputs: f32 with a
+// separate addend R, beta = 1 (C ≠ D: the case whose heuristic choice was slow), and bf16 with
+// beta = 0 (every candidate must still round the f32 result once).
+class AutotuneCase {
+ public:
+  static constexpr int64_t kM = 256, kN = 384, kK = 512;
+
+  explicit AutotuneCase(bool bf16_out)
+      : bf16_out_(bf16_out),
+        a_(normal_dual(Shape{kM, kK}, 1900)),
+        b_(normal_dual(Shape{kK, kN}, 1901)),
+        r_(normal_dual(Shape{kM, kN}, 1902)),
+        ref_(Shape{kM, kN}),
+        out_(Shape{kM, kN}, bf16_out ? DType::kBF16 : DType::kF32),
+        a16_(bf16_copy(a_, Shape{kM, kK})),
+        b16_(bf16_copy(b_, Shape{kK, kN})) {
+    // The CPU result from the rounded operands (the file comment's tolerance), on ref_'s host side.
+    const Dual a_r = rounded(a_, Shape{kM, kK}), b_r = rounded(b_, Shape{kK, kN});
+    cpu().gemm({}, {.c = ref_[Side::kCpu], .a = a_r[Side::kCpu], .b = b_r[Side::kCpu], .alpha = 0.7,
+                    .beta = bf16_out ? 0.0 : 1.0, .addend = bf16_out ? Tensor{} : r_[Side::kCpu]});
+  }
+
+  LtGemmCall call() const {
+    void* d = out_[Side::kGpu].data;
+    return LtGemmCall{.m = kN, .n = kM, .k = kK, .lda = kN, .ldb = kK, .ldc = kN, .a = b16_[Side::kGpu].data,
+                      .b = a16_[Side::kGpu].data, .c = bf16_out_ ? d : r_[Side::kGpu].data, .d = d,
+                      .cd_type = bf16_out_ ? CUDA_R_16BF : CUDA_R_32F, .alpha = 0.7f, .beta = bf16_out_ ? 0.0f : 1.0f,
+                      .op = "autotune test"};
+  }
+
+  // Runs the call once into a NaN-filled output (an algorithm that skipped an element would show)
+  // and returns the device result; the download waits for it, so a trial is measured by the next call.
+  std::vector<double> run(LtGemm& lt) {
+    out_.poison();
+    lt.run(call(), nullptr);
+    return out_.device_values();
+  }
+
+  // got (run's result) against the CPU: the file comment's f32 tolerance, or the f32 result in bf16.
+  void expect_right(const std::vector<double>& got, const std::string& what) const {
+    if (bf16_out_) {
+      expect_bf16_of(out_, ref_, what);  // reads the output again, and its guard
+      return;
+    }
+    const std::vector<double> want = ref_.host_values();
+    const Tol tol = exact_products_tol(kK);
+    int64_t bad = 0;
+    for (size_t i = 0; i < want.size(); ++i)
+      if (!(std::fabs(got[i] - want[i]) <= tol.atol + tol.rtol * std::fabs(want[i]))) ++bad;  // NaN fails
+    EXPECT_EQ(bad, 0) << what << ": " << bad << " elements out of tolerance";
+    EXPECT_TRUE(out_.guard_intact()) << what;
+  }
+
+ private:
+  static Dual normal_dual(const Shape& shape, uint64_t seed) {
+    Dual d(shape);
+    d.normal(seed);
+    return d;
+  }
+
+  bool bf16_out_;
+  Dual a_, b_, r_;
+  Dual ref_;         // host side: the CPU result
+  Dual out_;         // device side: cuBLASLt's D
+  Dual a16_, b16_;   // a_, b_ rounded to bf16: what cuBLASLt reads
+};
+
+// More calls than trials (kCandidates·kTrials), so a later call measures the last trials and chooses.
+constexpr int kAutotuneCalls = 40;
+static_assert(kAutotuneCalls > LtGemm::kCandidates * LtGemm::kTrials);
+
+// Every call is right, the trial calls of every candidate included, and tuning ends with a choice
+// among the candidates, made from event times the library polls without a host sync of its own
+// (the test's downloads sync, so each trial has finished by the next call).
+TEST(CudaLtGemm, AutotuneTriesTheCandidatesOnRealCalls) {
+  for (bool bf16_out : {false, true}) {
+    AutotuneCase tc(bf16_out);
+    const std::string what = fmt::format("autotune {}", bf16_out ? "bf16 out, beta = 0" : "f32 out + addend, beta = 1");
+    LtGemm lt(/*autotune=*/true);
+    for (int i = 0; i < kAutotuneCalls; ++i) tc.expect_right(tc.run(lt), fmt::format("{}, call {}", what, i));
+    gpu().synchronize({});
+    for (int i = 0; i < 3; ++i) tc.run(lt);
+    EXPECT_EQ(lt.heuristic_queries(), 1) << what;
+    EXPECT_EQ(lt.plans(), size_t{1}) << what;
+    const std::vector<LtGemmTuneReport> reports = lt.tune_reports();
+    ASSERT_EQ(reports.size(), size_t{1}) << what << ": not tuned after " << kAutotuneCalls + 3 << " calls";
+    const LtGemmTuneReport& r = reports[0];
+    std::printf("[cuda-lt] %s: %s, candidate %d of %d, %.4f ms (heuristic's first) -> %.4f ms\n", what.c_str(),
+                r.shape.c_str(), r.chosen, r.candidates, static_cast<double>(r.heuristic_ms),
+                static_cast<double>(r.chosen_ms));
+    EXPECT_GE(r.candidates, 1) << what;
+    EXPECT_LE(r.candidates, LtGemm::kCandidates) << what;
+    EXPECT_GE(r.chosen, 0) << what;
+    EXPECT_LT(r.chosen, r.candidates) << what;
+    EXPECT_GT(r.heuristic_ms, 0.0f) << what;
+    EXPECT_LE(r.chosen_ms, r.heuristic_ms) << what << ": the chosen candidate is the fastest, candidate 0 included";
+  }
+}
+
+// autotune off: the heuristic's first choice on every call, so every call gives the same bits, and
+// nothing is reported.
+TEST(CudaLtGemm, AutotuneOffKeepsOneAlgorithm) {
+  AutotuneCase tc(/*bf16_out=*/false);
+  LtGemm lt(/*autotune=*/false);
+  const std::vector<double> first = tc.run(lt);
+  tc.expect_right(first, "autotune off");
+  for (int i = 1; i < kAutotuneCalls; ++i) EXPECT_TRUE(tc.run(lt) == first) << "autotune off: call " << i << " differs";
+  EXPECT_TRUE(lt.tune_reports().empty());
+  EXPECT_EQ(lt.heuristic_queries(), 1);
 }
 
 // Outside cuBLASLt: the f32 mode and f32_exact run SGEMM, which adds in place: the addend is copied

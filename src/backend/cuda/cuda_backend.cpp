@@ -225,6 +225,19 @@ void CudaBackend::print_profile() {
                st.ms, total > 0 ? 100.0 * st.ms / total : 0.0);
   }
   fmt::print("  {:<24} {:>8} {:>12.3f} {:>6.1f}%\n", "total", "", total, 100.0);
+  print_gemm_choices();
+}
+
+void CudaBackend::print_gemm_choices() const {
+  const std::vector<LtGemmTuneReport> reports = lt_gemm_->tune_reports();
+  if (reports.empty()) return;  // no bf16-mode dense GEMM tuned yet, or DIFFMOE_GEMM_AUTOTUNE=0
+  fmt::print("[cuda] cuBLASLt algorithms chosen by timing (lt_gemm.h; DIFFMOE_GEMM_AUTOTUNE=0 keeps the heuristic's\n"
+             "       first). Shapes as cuBLASLt sees them: a row-major gemm m×n×k is n×m×k, transposes swapped;\n"
+             "       times: the fastest of the timed calls, heuristic's first choice → chosen\n");
+  for (const LtGemmTuneReport& r : reports) {
+    fmt::print("  {:<36} candidate {} of {}  {:>9.4f} ms → {:.4f} ms\n", r.shape, r.chosen, r.candidates,
+               r.heuristic_ms, r.chosen_ms);
+  }
 }
 
 cublasHandle_t CudaBackend::cublas(cudaStream_t s) {

@@ -32,10 +32,12 @@
 // - Determinism: everything is bitwise run-to-run reproducible except, for shapes the flash
 //   attention kernels do not cover (flash_attention.h) or under AttentionKernel::kSimple,
 //   attention_bwd's dk/dv (atomicAdd over query rows): f32 atomics whose order varies in the last
-//   bits.
+//   bits; and the bf16 mode's dense gemm, whose cuBLASLt algorithm is chosen by timing (lt_gemm.h):
+//   DIFFMOE_GEMM_AUTOTUNE=0 fixes it.
 // - Profiling: DIFFMOE_CUDA_PROFILE=1 (read once, at construction) times every op with a pair of
 //   cudaEvents on its stream (OpScope, opened first thing in each op method) and prints a table
-//   per op at print_profile() or destruction (op_profiler.h); off, each op pays one branch.
+//   per op at print_profile() or destruction (op_profiler.h), then the cuBLASLt algorithms chosen
+//   by timing (lt_gemm.h); off, each op pays one branch.
 //
 // Translation units: the .cu files compile as C++17 (nvcc 13's front end rejects fmt 9's consteval
 // format strings in C++20); host-only files (.cpp) compile as C++20 with the project's warnings.
@@ -207,6 +209,7 @@ class CudaBackend final : public Backend, public OpProfiler {
     cudaEvent_t start, stop;
   };
   void profile_flush();  // waits for the pending events and adds their times to the stats
+  void print_gemm_choices() const;  // print_profile's lines on the cuBLASLt algorithms chosen by timing
   bool profiling_ = false, profile_details_ = false;
   std::deque<std::string> profile_detail_names_;  // stable storage for the detail rows' names
   int profile_depth_ = 0;

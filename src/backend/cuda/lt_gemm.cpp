@@ -3,6 +3,12 @@
 
 #include <fmt/core.h>
 
+#include <algorithm>
+#include <cstddef>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+#include <span>
 #include <string>
 #include <utility>
 
@@ -39,6 +45,20 @@ std::string describe(const LtGemmCall& c) {
       alignment_of(c.b), alignment_of(c.c), alignment_of(c.d));
 }
 
+// The shape as one short line, for the tuning reports: "m×n×k", op(A) and op(B), whether beta is 0,
+// whether C is D, D's type (what the plan key separates, less leading dimensions and alignments).
+std::string shape_text(const LtGemmCall& c) {
+  return fmt::format("{}×{}×{} {}{} beta{} {} {} out", c.m, c.n, c.k, c.trans_a ? "T" : "N", c.trans_b ? "T" : "N",
+                     c.beta == 0.0f ? "=0" : "≠0", c.c == c.d ? "C=D" : "C≠D", type_name(c.cd_type));
+}
+
+// Whether work enqueued on s now would be captured into a CUDA graph rather than run.
+bool capturing(cudaStream_t s) {
+  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+  CUDA_CHECK(cudaStreamIsCapturing(s, &status));
+  return status != cudaStreamCaptureStatusNone;
+}
+
 // A heuristic preference, destroyed with the scope (only plan creation uses one).
 struct Preference {
   cublasLtMatmulPreference_t p = nullptr;
@@ -49,9 +69,17 @@ struct Preference {
 
 }  // namespace
 
-LtGemm::LtGemm() {
+LtGemm::LtGemm(bool autotune) : autotune_(autotune) {
   CUBLAS_CHECK(cublasLtCreate(&handle_));
   workspace_.reserve(kWorkspaceBytes);
+}
+
+bool LtGemm::autotune_from_env() {
+  const char* v = std::getenv("DIFFMOE_GEMM_AUTOTUNE");
+  if (v == nullptr || std::strcmp(v, "1") == 0) return true;
+  DIFFMOE_CHECK(std::strcmp(v, "0") == 0, "[cuda] DIFFMOE_GEMM_AUTOTUNE is '{}': 1 (or unset) times the cuBLASLt "
+                "candidates, 0 keeps the heuristic's first choice", v);
+  return false;
 }
 
 LtGemm::~LtGemm() {
@@ -72,7 +100,7 @@ LtGemm::Key LtGemm::key_of(const LtGemmCall& c) {
 }
 
 void LtGemm::make_plan(Plan& p, const LtGemmCall& c) {
-  // Every failure here leaves p's descriptors to ~Plan (run() erases the half-made plan).
+  // Every failure here leaves p's descriptors to ~Plan (plan_for erases the half-made plan).
   CUBLASLT_CHECK(cublasLtMatmulDescCreate(&p.desc, CUBLAS_COMPUTE_32F, CUDA_R_32F), describe(c));
   const cublasOperation_t op_a = c.trans_a ? CUBLAS_OP_T : CUBLAS_OP_N, op_b = c.trans_b ? CUBLAS_OP_T : CUBLAS_OP_N;
   CUBLASLT_CHECK(cublasLtMatmulDescSetAttribute(p.desc, CUBLASLT_MATMUL_DESC_TRANSA, &op_a, sizeof(op_a)), describe(c));
@@ -104,37 +132,119 @@ void LtGemm::make_plan(Plan& p, const LtGemmCall& c) {
     const auto align = static_cast<uint32_t>(alignment_of(ptr));
     CUBLASLT_CHECK(cublasLtMatmulPreferenceSetAttribute(pref.p, attr, &align, sizeof(align)), describe(c));
   }
-  cublasLtMatmulHeuristicResult_t result{};
+  // With autotune off only the first result is used: ask for one, the query made before autotune.
+  const int wanted = autotune_ ? kCandidates : 1;
+  std::array<cublasLtMatmulHeuristicResult_t, kCandidates> results{};
   int found = 0;
   ++heuristic_queries_;
-  CUBLASLT_CHECK(cublasLtMatmulAlgoGetHeuristic(handle_, p.desc, p.a, p.b, p.c, p.d, pref.p, 1, &result, &found),
+  CUBLASLT_CHECK(cublasLtMatmulAlgoGetHeuristic(handle_, p.desc, p.a, p.b, p.c, p.d, pref.p, wanted, results.data(),
+                                                &found),
                  describe(c));
-  DIFFMOE_CHECK(found > 0 && result.state == CUBLAS_STATUS_SUCCESS,
-                "{}: the cuBLASLt heuristic offers no algorithm (returned {}, state {})", describe(c), found,
-                cublas_status_name(result.state));
-  DIFFMOE_CHECK(result.workspaceSize <= workspace_.bytes(), "{}: the chosen algorithm wants {} workspace bytes, {} given",
-                describe(c), result.workspaceSize, workspace_.bytes());
-  p.algo = result.algo;
+  // Usable: runnable here (state) within our workspace (the preference bounds it; checked anyway, as
+  // a call with a too-small workspace fails). Heuristic order kept: candidate 0 is its first choice.
+  for (const cublasLtMatmulHeuristicResult_t& r : std::span(results).first(static_cast<size_t>(found)))
+    if (r.state == CUBLAS_STATUS_SUCCESS && r.workspaceSize <= workspace_.bytes()) p.candidates.push_back(r.algo);
+  DIFFMOE_CHECK(found > 0, "{}: the cuBLASLt heuristic offers no algorithm", describe(c));
+  DIFFMOE_CHECK(!p.candidates.empty(),
+                "{}: none of the {} algorithms the cuBLASLt heuristic offers is usable (the first: state {}, {} "
+                "workspace bytes, {} given)",
+                describe(c), found, cublas_status_name(results[0].state), results[0].workspaceSize, workspace_.bytes());
+  if (autotune_) {
+    p.tuning = Tuning::kTrying;
+    p.shape = shape_text(c);
+    p.best_ms.assign(p.candidates.size(), std::numeric_limits<float>::infinity());
+  }
+}
+
+LtGemm::Plan& LtGemm::plan_for(const LtGemmCall& c) {
+  const Key key = key_of(c);
+  auto it = plans_.find(key);
+  if (it != plans_.end()) return it->second;
+  if (plans_.size() >= kMaxPlans) plans_.clear();  // bounded (lt_gemm.h): refilled by the shapes in use
+  it = plans_.try_emplace(key).first;
+  try {
+    make_plan(it->second, c);
+  } catch (...) {
+    plans_.erase(it);  // never keep a half-made plan
+    throw;
+  }
+  return it->second;
 }
 
 void LtGemm::run(const LtGemmCall& c, cudaStream_t s) {
   DIFFMOE_CHECK(c.m > 0 && c.n > 0 && c.k > 0, "{}: cuBLASLt needs m, n, k > 0", describe(c));
-  const Key key = key_of(c);
-  auto it = plans_.find(key);
-  if (it == plans_.end()) {
-    if (plans_.size() >= kMaxPlans) plans_.clear();  // bounded (lt_gemm.h): refilled by the shapes in use
-    it = plans_.try_emplace(key).first;
-    try {
-      make_plan(it->second, c);
-    } catch (...) {
-      plans_.erase(it);  // never keep a half-made plan
-      throw;
+  Plan& p = plan_for(c);
+  // Tuned or fixed plans pay one branch. An untuned one first takes in the trials that have
+  // finished (which may end tuning), then times this call with the next candidate while any is
+  // left to try; captured calls do neither (lt_gemm.h).
+  if (p.tuning == Tuning::kTrying && !capturing(s)) {
+    collect_trials(p);
+    if (p.tuning == Tuning::kTrying && p.issued < p.trials()) {
+      run_trial(p, c, s);
+      return;
     }
   }
-  const Plan& p = it->second;
-  CUBLASLT_CHECK(cublasLtMatmul(handle_, p.desc, &c.alpha, c.a, p.a, c.b, p.b, &c.beta, c.c, p.c, c.d, p.d, &p.algo,
-                                workspace_.get(), workspace_.bytes(), s),
-                 describe(c));
+  matmul(p, p.chosen, c, s);
+}
+
+void LtGemm::collect_trials(Plan& p) {
+  for (size_t i = 0; i < p.pending.size();) {
+    Trial& t = p.pending[i];
+    const cudaError_t status = cudaEventQuery(t.stop.get());
+    if (status == cudaErrorNotReady) {
+      // Not an error, but the runtime may keep it as the last error, which the next launch check
+      // (cudaGetLastError) would report: clear it. Every other call is checked where it is made,
+      // so nothing else is lost here.
+      (void)cudaGetLastError();
+      ++i;
+      continue;
+    }
+    if (status != cudaSuccess) cuda_fail("cudaEventQuery(trial.stop)", __FILE__, __LINE__, status);
+    float ms = 0.0f;
+    CUDA_CHECK(cudaEventElapsedTime(&ms, t.start.get(), t.stop.get()));
+    p.best_ms[t.candidate] = std::min(p.best_ms[t.candidate], ms);  // the min: one-time costs and noise only add
+    p.pending.erase(p.pending.begin() + static_cast<std::ptrdiff_t>(i));  // destroys its events
+  }
+  if (p.issued < p.trials() || !p.pending.empty()) return;
+  // Every trial measured: the fastest; a tie keeps the heuristic's preference (the lower index).
+  size_t best = 0;
+  for (size_t i = 1; i < p.best_ms.size(); ++i)
+    if (p.best_ms[i] < p.best_ms[best]) best = i;
+  p.chosen = best;
+  p.tuning = Tuning::kDone;
+  std::vector<Trial>().swap(p.pending);  // its capacity too: nothing more is timed
+}
+
+void LtGemm::run_trial(Plan& p, const LtGemmCall& c, cudaStream_t s) {
+  const auto new_event = [] {
+    cudaEvent_t e = nullptr;
+    CUDA_CHECK(cudaEventCreate(&e));  // default flags: timing on
+    return Event(e);
+  };
+  Trial t{.candidate = p.issued % p.candidates.size(), .start = new_event(), .stop = new_event()};
+  // A failure below destroys t's events with it, and the trial is enqueued again by a later call.
+  CUDA_CHECK(cudaEventRecord(t.start.get(), s));
+  matmul(p, t.candidate, c, s);
+  CUDA_CHECK(cudaEventRecord(t.stop.get(), s));
+  p.pending.push_back(std::move(t));
+  ++p.issued;
+}
+
+void LtGemm::matmul(const Plan& p, size_t candidate, const LtGemmCall& c, cudaStream_t s) {
+  CUBLASLT_CHECK(cublasLtMatmul(handle_, p.desc, &c.alpha, c.a, p.a, c.b, p.b, &c.beta, c.c, p.c, c.d, p.d,
+                                &p.candidates[candidate], workspace_.get(), workspace_.bytes(), s),
+                 fmt::format("{}; algorithm: the heuristic's candidate {} of {}", describe(c), candidate,
+                             p.candidates.size()));
+}
+
+std::vector<LtGemmTuneReport> LtGemm::tune_reports() const {
+  std::vector<LtGemmTuneReport> reports;
+  for (const auto& [key, p] : plans_) {
+    if (p.tuning != Tuning::kDone) continue;
+    reports.push_back(LtGemmTuneReport{p.shape, static_cast<int>(p.candidates.size()), static_cast<int>(p.chosen),
+                                       p.best_ms[0], p.best_ms[p.chosen]});
+  }
+  return reports;
 }
 
 }  // namespace diffmoe
