@@ -68,9 +68,12 @@ int main(int argc, char** argv) {
     auto* profiler = dynamic_cast<OpProfiler*>(be.get());
     if (profiler != nullptr && !profiler->profiling()) profiler = nullptr;
     std::vector<double> times, enqueue;  // enqueue: host time until the step's last op was issued
-    for (int s = 0; s < warmup + steps; ++s) {
-      be->synchronize({});
-      if (profiler != nullptr && s == warmup) profiler->reset_profile();
+    // Warm-up: --warmup steps, then more while the backend still times its GEMM algorithms
+    // (Backend::tuning: a shape run once per step needs as many steps as it has trials), at most
+    // kMaxTuningSteps more: the timed steps measure the settled choice.
+    constexpr int kMaxTuningSteps = 40;
+    int warm = 0;
+    const auto run_step = [&] {
       const auto t0 = std::chrono::steady_clock::now();
       m.zero_grads({});
       m.zero_expert_counts({});
@@ -80,7 +83,16 @@ int main(int argc, char** argv) {
       const double de = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
       be->synchronize({});
       const double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-      if (s >= warmup) times.push_back(dt), enqueue.push_back(de);
+      return std::pair{dt, de};
+    };
+    be->synchronize({});
+    for (; warm < warmup || (be->tuning() && warm < warmup + kMaxTuningSteps); ++warm) run_step();
+    if (warm > warmup) fmt::print("warm-up: {} steps ({} more while the GEMM algorithms were timed{})\n", warm,
+                                  warm - warmup, be->tuning() ? "; still not settled" : "");
+    if (profiler != nullptr) profiler->reset_profile();
+    for (int s = 0; s < steps; ++s) {
+      const auto [dt, de] = run_step();
+      times.push_back(dt), enqueue.push_back(de);
     }
     std::sort(times.begin(), times.end());
     std::sort(enqueue.begin(), enqueue.end());

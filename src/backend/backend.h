@@ -38,6 +38,9 @@ class Backend {
   // gemm_precision() says what the backend actually uses.
   virtual void set_gemm_precision(GemmPrecision p) { (void)p; }
   virtual GemmPrecision gemm_precision() const { return GemmPrecision::kF32; }
+  // Whether the backend is still choosing algorithms by timing real calls (CUDA: the first calls of
+  // each cuBLASLt GEMM shape, lt_gemm.h). A benchmark warms up until this is false.
+  virtual bool tuning() const { return false; }
   // Whether attention_fwd / attention_bwd of this shape take bf16 q, k, v (AttentionFwdArgs) with
   // the current settings: the CUDA backend in the bf16 GEMM mode where its tensor-core kernels cover
   // the shape and the device; never the CPU. The model plans its saved q, k, v in bf16 where this

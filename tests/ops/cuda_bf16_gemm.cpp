@@ -265,7 +265,8 @@ TEST(CudaBf16Gemm, GroupedKernelWeightGradient) {
 
 // sum_sq (GroupedGemmWgradArgs): the TMA kernel squares the values it stores (bf16 mode, per-warp
 // slots added in a fixed order), the per-group f32 path reads C back. Either way sum_sq[0] gains
-// Σ C² of the device's own C to f32 rounding (1e-6), and the CPU's within twice the bf16 bound.
+// Σ C² of the device's own C to f32 rounding (4e-6: the kernel adds 32 squares per f32 partial,
+// ≤ 31·2^-24 relative), and the CPU's within twice the bf16 bound.
 TEST(CudaBf16Gemm, GroupedWeightGradientSumOfSquares) {
   for (const bool bf16 : {true, false}) {
     std::optional<Bf16Mode> mode;
@@ -290,7 +291,7 @@ TEST(CudaBf16Gemm, GroupedWeightGradientSumOfSquares) {
         for (double v : c.device_values()) own += v * v;
         const double got = sq.device_values()[0], cpu = sq.host_values()[0];
         std::printf("[cuda-bf16] %-48s sum_sq %.9g, Σ of its C² %.9g, CPU %.9g\n", what.c_str(), got, own, cpu);
-        EXPECT_NEAR(got, own, 1e-6 * own) << what;
+        EXPECT_NEAR(got, own, 4e-6 * own) << what;
         EXPECT_NEAR(got, cpu, (bf16 ? 2 * kBf16MaxRel : 1e-5) * cpu) << what;
         EXPECT_TRUE(sq.guard_intact()) << what;
       }

@@ -286,14 +286,14 @@ class AutotuneCase {
     return out_.device_values();
   }
 
-  // got (run's result) against the CPU: the file comment's f32 tolerance, or the f32 result in bf16.
+  // got (run's result) against the CPU: the file comment's f32 tolerance; for the bf16 output, that
+  // plus one bf16 step (2^-8 relative: the f32 result rounded once). expect_bf16_of's one step
+  // alone is too tight at k = 512: where the sum nearly cancels, the two sides' f32 sums already
+  // differ by more than a bf16 step of the small result (seen on an H100, heuristic's choice too).
   void expect_right(const std::vector<double>& got, const std::string& what) const {
-    if (bf16_out_) {
-      expect_bf16_of(out_, ref_, what);  // reads the output again, and its guard
-      return;
-    }
     const std::vector<double> want = ref_.host_values();
-    const Tol tol = exact_products_tol(kK);
+    Tol tol = exact_products_tol(kK);
+    if (bf16_out_) tol.rtol += 1.0 / 256;
     int64_t bad = 0;
     for (size_t i = 0; i < want.size(); ++i)
       if (!(std::fabs(got[i] - want[i]) <= tol.atol + tol.rtol * std::fabs(want[i]))) ++bad;  // NaN fails

@@ -308,6 +308,8 @@ void CudaBackend::synchronize(Context ctx) {
   check_issue();
 }
 
+bool CudaBackend::tuning() const { return lt_gemm_ != nullptr && lt_gemm_->tuning(); }
+
 std::unique_ptr<Backend> make_cuda_backend() { return std::make_unique<CudaBackend>(); }
 
 }  // namespace diffmoe

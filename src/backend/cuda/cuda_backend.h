@@ -107,6 +107,7 @@ class CudaBackend final : public Backend, public OpProfiler {
   void upload(const Tensor& dst, const void* src) override;
   void download(void* dst, const Tensor& src) override;
   void synchronize(Context ctx) override;
+  bool tuning() const override;
 
   void fill(Context ctx, const FillArgs& a) override;                    // basic_ops.cu
   void copy(Context ctx, const CopyArgs& a) override;

@@ -48,7 +48,7 @@
 //   launches (the second with beta = 1) re-read C: the MoE backward's dx_perm = da·W1 + db·W3.
 //   k2 = 0: the maps are never read and the kernel does what it did with one term.
 // - Σ C² (wgrad, the launcher's sq_partial): each consumer warp squares the values it is about to
-//   store and writes their f64 sum into its own slot of the tile (wgrad_sq_slots); the caller adds
+//   store (f32 partials) and writes their f64 sum into its own slot of the tile (wgrad_sq_slots); the caller adds
 //   the slots in a fixed order (no atomics: the same bits every run). The global gradient norm then
 //   need not read the expert gradients again. A kernel argument of its own, not a params field:
 //   one more field in GroupedGemmParams alone made ptxas spill 3-4× more bytes in every layout.
@@ -580,13 +580,16 @@ __global__ void __launch_bounds__(TmaGemmTiles<L>::kThreads, 1)
     }
     if constexpr (L == GroupedLayout::kWgrad) {
       if (sq_partial != nullptr) {
-        // The squares of the values stored below, in f64. Every accumulator outside C's bounds is
-        // exactly 0 (TMA reads zeros past m and n, the k-tail rows are zeroed, old C is loaded only
-        // inside), so all 128 are summed without bounds checks: per-element predicates here
-        // cost enough registers to spill in the k-loop.
-        double sq = 0.0;
+        // The squares of the values stored below. Every accumulator outside C's bounds is exactly 0
+        // (TMA reads zeros past m and n, the k-tail rows are zeroed, old C is loaded only inside),
+        // so all 128 are summed without bounds checks: per-element predicates here cost enough
+        // registers to spill in the k-loop. Four f32 partials of 32 squares each (relative error
+        // ≤ 32·2^-24 ≈ 2e-6), widened to f64 once. Summed in f64 (a conversion per square: their
+        // throughput is a sixteenth of FMA's) the wgrad kernel measured 8 % slower on an H100.
+        float part[4] = {0.0f, 0.0f, 0.0f, 0.0f};
 #pragma unroll
-        for (int e = 0; e < 128; ++e) sq = fma(static_cast<double>(acc[e]), static_cast<double>(acc[e]), sq);
+        for (int e = 0; e < 128; ++e) part[e % 4] = fmaf(acc[e], acc[e], part[e % 4]);
+        double sq = (static_cast<double>(part[0]) + part[1]) + (static_cast<double>(part[2]) + part[3]);
 #pragma unroll
         for (int o = 16; o > 0; o >>= 1) sq += __shfl_xor_sync(0xffffffffu, sq, o);
         if (lane == 0) *sq_slot() = sq;

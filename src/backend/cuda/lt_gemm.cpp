@@ -237,6 +237,10 @@ void LtGemm::matmul(const Plan& p, size_t candidate, const LtGemmCall& c, cudaSt
                              p.candidates.size()));
 }
 
+bool LtGemm::tuning() const {
+  return std::any_of(plans_.begin(), plans_.end(), [](const auto& kv) { return kv.second.tuning == Tuning::kTrying; });
+}
+
 std::vector<LtGemmTuneReport> LtGemm::tune_reports() const {
   std::vector<LtGemmTuneReport> reports;
   for (const auto& [key, p] : plans_) {

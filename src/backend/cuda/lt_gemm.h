@@ -106,6 +106,7 @@ class LtGemm {
   bool autotune() const { return autotune_; }
   // The cached plans whose choice timing has made, in cache order (empty with autotune off).
   std::vector<LtGemmTuneReport> tune_reports() const;
+  bool tuning() const;  // a cached plan still times its candidates
 
  private:
   // What a plan's choice depends on (the file comment), as one comparable key.
