@@ -6,7 +6,7 @@
 // - copy converts between f32, f64, bf16 and f8e4m3 storage with the CPU's rounding rules
 //   (core/dtype.cpp: bf16 round-to-nearest-even, e4m3 saturating RNE), re-implemented per element.
 // - sum_squares: per-thread f64 sums (16-byte loads, four in flight per thread), a block sum into
-//   one f64 partial per block, then one warp adds the partials in a fixed order into out[0]. The
+//   one f64 partial per block, then one block adds the partials in a fixed order into out[0]. The
 //   grid is a function of n alone and there are no atomics: bitwise reproducible.
 // - embedding_bwd is deterministic without atomics: the token ids are stably sorted
 //   (radix_sort.h), then one warp per distinct token adds that token's dout rows in token order,
@@ -221,11 +221,16 @@ __global__ void sum_squares_partial_kernel(double* partial, const float* x, int6
   if (threadIdx.x == 0) partial[blockIdx.x] = s;
 }
 
-// out[0] += Σ_b partial[b]: lane l adds partials l, l + 32, … in order, then a fixed warp tree.
-__global__ void sum_squares_finish_kernel(float* out, const double* partial, int64_t blocks) {
+// out[0] += Σ_b partial[b]: thread t adds partials t, t + kFinishThreads, … in order, then a fixed
+// block tree. A whole block, not one warp: the grouped wgrad's Σ C² has ~12K partials, whose
+// serial loads took one warp ~30 µs a call.
+constexpr int kFinishThreads = 1024;
+__global__ void __launch_bounds__(kFinishThreads) sum_squares_finish_kernel(float* out, const double* partial,
+                                                                           int64_t blocks) {
+  __shared__ double smem[kFinishThreads / kWarp];
   double s = 0.0;
-  for (int64_t b = threadIdx.x; b < blocks; b += kWarp) s += partial[b];
-  s = warp_sum(s);
+  for (int64_t b = threadIdx.x; b < blocks; b += kFinishThreads) s += partial[b];
+  s = block_sum(s, smem);
   if (threadIdx.x == 0) out[0] = static_cast<float>(static_cast<double>(out[0]) + s);
 }
 
@@ -366,7 +371,7 @@ void launch_sum_squares(float* out, const float* x, int64_t n, double* partial, 
 }
 
 void launch_add_partial_sums(float* out, const double* partial, int64_t n, cudaStream_t s) {
-  sum_squares_finish_kernel<<<1, kWarp, 0, s>>>(out, partial, n);
+  sum_squares_finish_kernel<<<1, kFinishThreads, 0, s>>>(out, partial, n);
   CUDA_CHECK_LAUNCH("sum_squares finish");
 }
 

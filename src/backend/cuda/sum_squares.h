@@ -14,7 +14,7 @@ int64_t sum_squares_partials(int64_t n);
 // out[0] += Σ x[i]² (i < n): one f64 partial per block into `partial` (sum_squares_partials(n)
 // doubles), then launch_add_partial_sums.
 void launch_sum_squares(float* out, const float* x, int64_t n, double* partial, cudaStream_t s);
-// out[0] += Σ partial[i] (i < n), added in a fixed order by one warp, rounded once to f32.
+// out[0] += Σ partial[i] (i < n), added in a fixed order by one block, rounded once to f32.
 void launch_add_partial_sums(float* out, const double* partial, int64_t n, cudaStream_t s);
 
 }  // namespace diffmoe::cuda
