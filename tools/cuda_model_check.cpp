@@ -226,6 +226,14 @@ int check_case(const Case& c, Backend& cpu, Backend& gpu, double tol, bool verbo
            value_tol);
   failures += la.valid == lb.valid ? 0 : 1;
   report("logits", rel_error(download_f32(gpu, b->logits()), download_f32(cpu, a->logits())), 0.0, value_tol);
+  // The clipping norm as AdamW computes it after a backward: the expert stacks' Σg² as their
+  // grouped wgrad added it up (Model::grad_sq_parts; on the GPU the kernel's epilogue), plus the
+  // rest. Taken before the gradients are read below: grads() drops the expert part.
+  const bool fused_a = a->grad_sq_parts().experts_sq.defined(), fused_b = b->grad_sq_parts().experts_sq.defined();
+  AdamW opt_a(*a, OptimConfig{}), opt_b(*b, OptimConfig{});
+  opt_a.compute_grad_sq({});
+  opt_b.compute_grad_sq({});
+  const double norm_a = opt_a.grad_norm(), norm_b = opt_b.grad_norm();
   if (verbose) std::printf("  %-44s %12s  %s\n", "gradient", "‖cpu‖", "‖cuda − cpu‖/‖cpu‖");
   for (const Arena::Entry& e : a->grads().entries()) {
     const std::vector<float> ga = download<float>(cpu, a->grads().view(e));
@@ -243,6 +251,15 @@ int check_case(const Case& c, Backend& cpu, Backend& gpu, double tol, bool verbo
   }
   const double global = std::sqrt(all_err2 / std::max(all_ref2, 1e-300));
   report("all gradients together", global, std::sqrt(all_ref2), global_tol);
+  // The CPU optimizer's norm is the norm of the CPU gradients (f64 sums in other orders, stored in
+  // f32 after each wgrad call and at the end: ~1e-6 relative at most); the
+  // GPU's is within the gradients' global tolerance of it.
+  const double cpu_norm = std::sqrt(all_ref2);
+  report("grad norm, CPU optimizer vs its gradients", std::fabs(norm_a - cpu_norm) / cpu_norm, cpu_norm, 1e-5);
+  report("grad norm, CUDA optimizer vs CPU optimizer", std::fabs(norm_b - norm_a) / norm_a, norm_a, global_tol);
+  std::printf("  grad norm (optimizer; expert part from the wgrad GEMMs: cpu %s, cuda %s): cpu %.9g, cuda %.9g\n",
+              fused_a ? "yes" : "no", fused_b ? "yes" : "no", norm_a, norm_b);
+  failures += fused_a == fused_b ? 0 : 1;
   std::printf("  %zu gradients, worst rel err %.3e (%s), all together %.3e\n", a->grads().entries().size(), worst,
               worst_name.c_str(), global);
 

@@ -144,9 +144,9 @@ else
 fi
 if [[ -x "$BIN_MODEL" ]]; then
   step cuda_model_check "$LOG_DIR/cuda_model_check.log" "$BIN_MODEL"
-  grep -E "^==|worst|cuda_model_check:|FAIL|differ" "$LOG_DIR/cuda_model_check.log" | head -n 40
+  grep -E "^==|worst|grad norm|cuda_model_check:|FAIL|differ" "$LOG_DIR/cuda_model_check.log" | head -n 40
   step model_check_bf16 "$LOG_DIR/cuda_model_check_bf16.log" "$BIN_MODEL" --precision bf16_gemm
-  grep -E "^==|loss|worst|cuda_model_check:|FAIL|differ" "$LOG_DIR/cuda_model_check_bf16.log" | head -n 40
+  grep -E "^==|loss|worst|grad norm|cuda_model_check:|FAIL|differ" "$LOG_DIR/cuda_model_check_bf16.log" | head -n 40
 else
   skip cuda_model_check "no binary"
 fi

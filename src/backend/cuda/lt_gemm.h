@@ -25,7 +25,9 @@
 // every candidate computes the same GEMM, so the trial calls' outputs are the real outputs.
 // - A shape's first call runs candidate 0, the heuristic's choice, so a shape that never repeats
 //   runs as before (plus two events); its first kCandidates·kTrials calls try the others, some of
-//   them slower: a training step's shapes repeat, so this costs part of the first step or two.
+//   them slower. A training step's shapes repeat: a shape called once a step (the head's GEMMs)
+//   settles within ~16 steps, one called per layer within two (bench_step warms up until
+//   Backend::tuning() is false).
 // - A call enqueued while its stream is being captured (CUDA graphs) runs the current choice
 //   (candidate 0 while untuned) untimed: events in a graph would time its replays, not this call.
 // - The plan cache bound still holds: tuning state lives in the plans (at most kCandidates·kTrials
