@@ -113,6 +113,7 @@ void Model::set_batch_shape(int64_t batch, int64_t seq) {
   bf16_operands_ = be_->gemm_precision() == GemmPrecision::kBF16 && dtype_ == DType::kF32;
   if (!bf16_operands_) weights_bf16_ = Arena();  // no bf16 copies outside the bf16 GEMM mode
   acts_ = Arena();
+  expert_sq_valid_ = false;  // "grad_sq.experts" is planned anew below
   const int64_t N = batch * seq, D = cfg_.dim;
   const int64_t half = cfg_.qk_rope_head_dim / 2;
   acts_.add("rope.cos", Shape{cfg_.max_seq_len, half}, dtype_);

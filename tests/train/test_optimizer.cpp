@@ -104,6 +104,13 @@ TEST(AdamW, NormAfterBackwardCoversEveryGradient) {
   EXPECT_NEAR(after, want, 1e-12 * want);
   m.zero_grads({});
   EXPECT_FALSE(m.grad_sq_parts().experts_sq.defined());
+  // A new batch shape plans the activations (and the expert Σg² with them) anew.
+  const test::Batch b = test::make_batch(m.config(), 2, 4, 50, {3});
+  m.forward({}, b.tokens, b.targets);
+  m.backward({}, 1.0);
+  ASSERT_TRUE(m.grad_sq_parts().experts_sq.defined());
+  m.set_batch_shape(1, 4);
+  EXPECT_FALSE(m.grad_sq_parts().experts_sq.defined());
 }
 
 TEST(AdamW, BiasUpdateFollowsTheCountsAndStateRoundTrips) {
