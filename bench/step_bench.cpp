@@ -38,7 +38,7 @@ int main(int argc, char** argv) {
   app.add_option("--device", device, "cpu or cuda");
   app.add_flag("--optim", with_optim, "include the AdamW step (global-norm clip, bias update)");
   app.add_option("--precision", precision, "f32, or bf16_gemm (cuda: GEMMs with bf16 inputs, f32 accumulation)")
-      ->check(CLI::IsMember({"f32", "bf16_gemm"}));
+      ->check(CLI::IsMember({"f32", "bf16", "bf16_gemm"}));
   CLI11_PARSE(app, argc, argv);
   try {
     const ModelConfig cfg = load_model_config(config);
@@ -46,12 +46,14 @@ int main(int argc, char** argv) {
     auto be = make_backend(device);
     DIFFMOE_CHECK(precision == "f32" || be->device() == Device::kCUDA,
                   "--precision bf16_gemm needs --device cuda (the CPU backend computes in f32)");
-    be->set_gemm_precision(precision == "bf16_gemm" ? GemmPrecision::kBF16 : GemmPrecision::kF32);
-    Model m(cfg, *be, DType::kF32);
+    Model m(cfg, *be, DType::kF32, ModelOptions{.precision = parse_precision(precision, "--precision")});
     m.init_weights(1234);
     m.set_batch_shape(batch, seq);
     std::unique_ptr<AdamW> opt;
-    if (with_optim) opt = std::make_unique<AdamW>(m, OptimConfig{});
+    if (with_optim) {
+      opt = std::make_unique<AdamW>(m, OptimConfig{});
+      opt->init_masters(1234);
+    }
     std::vector<int32_t> host_tok(static_cast<size_t>(batch * seq)), host_tgt(host_tok.size());
     for (size_t i = 0; i < host_tok.size(); ++i) {
       host_tok[i] = static_cast<int32_t>(uniform_at(7, 1, i) * static_cast<double>(cfg.vocab_size - 1));
@@ -100,9 +102,13 @@ int main(int argc, char** argv) {
     const LossValues l = m.losses();
     const double tps = static_cast<double>(batch * seq) / med;
     const double flops = count_parameters(cfg, seq).flops_per_token;
-    const double copies = static_cast<double>(m.weight_copies().bytes());
-    const double bytes = static_cast<double>(m.params().bytes() + m.grads().bytes() + m.acts().bytes() +
-                                             (opt ? opt->state().bytes() : 0)) + copies;
+    size_t copies_b = 0;  // the bf16 compute weights (the bf16 mode's weight copies)
+    for (size_t g = 0; g < m.layout().groups().size(); ++g)
+      if (m.layout().groups()[g].compute == DType::kBF16) copies_b += m.params().group_arena(g).bytes();
+    const double copies = static_cast<double>(copies_b);
+    size_t grad_b = 0;
+    for (size_t g = 0; g < m.layout().groups().size(); ++g) grad_b += m.grads().buffers().group_arena(g).bytes();
+    const double bytes = static_cast<double>(m.params().bytes() + grad_b + m.acts().bytes() + (opt ? opt->state_bytes() : 0));
     constexpr double kGiB = 1024.0 * 1024 * 1024;
     fmt::print("config {}  device {}  precision {}  batch {}  seq {}  tokens/step {}\n", config, device, precision, batch, seq,
                batch * seq);

@@ -21,6 +21,7 @@ int main(int argc, char** argv) {
   diffmoe::cli::add_tokenizer_command(app, run);
   diffmoe::cli::add_data_command(app, run);
   diffmoe::cli::add_init_command(app, run);
+  diffmoe::cli::add_checkpoint_command(app, run);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {

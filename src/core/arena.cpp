@@ -54,6 +54,13 @@ void Arena::add(std::string name, Shape shape, DType dtype) {
   entries_.push_back(Entry{std::move(name), shape, dtype, offset});
 }
 
+void Arena::pad_to(size_t offset) {
+  DIFFMOE_CHECK(base_ == nullptr, "[arena] pad_to() after allocate()");
+  DIFFMOE_CHECK(offset >= bytes_ && offset % kAlign == 0, "[arena] pad_to({}): below the planned {} bytes or not {}-aligned", offset,
+                bytes_, kAlign);
+  bytes_ = offset;
+}
+
 void Arena::allocate(Allocator& alloc) {
   DIFFMOE_CHECK(base_ == nullptr, "[arena] allocate() called twice");
   alloc_ = &alloc;

@@ -42,6 +42,9 @@ class Arena {
 
   // Plans a view; names must be unique. Only before allocate().
   void add(std::string name, Shape shape, DType dtype);
+  // Leaves the bytes up to `offset` (a multiple of kAlign, not below bytes()) unused, so the next view
+  // starts there: views at offsets computed elsewhere (ParamLayout), padding zero-filled as always.
+  void pad_to(size_t offset);
   // One allocation for every planned view; the memory is zero-filled on the CPU.
   void allocate(Allocator& alloc);
 

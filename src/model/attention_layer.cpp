@@ -7,63 +7,55 @@ namespace diffmoe {
 std::string AttentionLayer::p(const char* name) const { return fmt::format("layers.{}.attn.{}", l_, name); }
 std::string AttentionLayer::a(const char* name) const { return fmt::format("act.{}.attn.{}", l_, name); }
 
-bool AttentionLayer::bf16_qkv(const LayerContext& lc) const {
-  const ModelConfig& c = *lc.cfg;
-  return lc.bf16_operands && lc.be->attention_takes_bf16({.batch = lc.batch, .seq = lc.seq, .heads = c.n_heads, .d_qk = c.d_qk(),
-                                                          .d_v = c.v_head_dim, .differential = c.differential});
-}
-
-void AttentionLayer::plan(const LayerContext& lc, Arena& acts) const {
+void AttentionLayer::plan(const LayerContext& lc, PrecisionPlan& pl, Arena& acts) const {
   const ModelConfig& c = *lc.cfg;
   const int64_t N = lc.tokens(), D = c.dim, H = c.n_heads, dqk = c.d_qk(), dv = c.v_head_dim;
   const int64_t rq = c.q_lora_rank, rkv = c.kv_lora_rank, dr = c.qk_rope_head_dim, dn = c.qk_nope_head_dim;
-  const DType t = lc.dtype;
-  // What only GEMMs read (x_norm, c_q, ĉ, Ō) is bf16 in the bf16 GEMM mode: the norm rounds it once.
-  const DType gemm_only = lc.bf16_operands ? DType::kBF16 : t;
-  // What only the attention reads (q, k, v) is bf16 where the backend's attention takes bf16 (the
-  // tensor-core kernels, which would round them anyway): q's GEMM writes it in bf16 and RoPE rotates
-  // it in place (its rope columns are rounded twice, as under autocast); W_kvb's GEMM writes kv in
-  // bf16 and the split moves it into k, v. Half the bytes, and no rounding inside the attention.
-  const DType qkv = bf16_qkv(lc) ? DType::kBF16 : t;
-  acts.add(a("x_norm"), Shape{N, D}, gemm_only);  // RMSNorm_attn(x)
-  acts.add(a("rstd_x"), Shape{N}, t);
+  using R = ActRole;
+  // What only GEMMs read (x_norm, c_q, ĉ, Ō): kGemmOperand, rounded once by the norm that writes it.
+  // What only the attention core, RoPE and the MLA split touch (q, k, v and their gradients):
+  // kAttention. In the bf16 mode q's GEMM writes bf16 and RoPE rotates it in place (its rope
+  // columns are rounded twice, as under autocast); W_kvb's GEMM writes kv in bf16 and the split
+  // moves it into k, v. Half the bytes, and no rounding inside the attention.
+  pl.add(acts, a("x_norm"), Shape{N, D}, R::kGemmOperand);  // RMSNorm_attn(x)
+  pl.add(acts, a("rstd_x"), Shape{N}, R::kFloat);
   if (rq > 0) {
-    acts.add(a("qa"), Shape{N, rq}, t);           // x_norm W_qaᵀ
-    acts.add(a("rstd_q"), Shape{N}, t);
-    acts.add(a("cq"), Shape{N, rq}, gemm_only);   // RMSNorm_q(qa)
+    pl.add(acts, a("qa"), Shape{N, rq}, R::kFloat);          // x_norm W_qaᵀ
+    pl.add(acts, a("rstd_q"), Shape{N}, R::kFloat);
+    pl.add(acts, a("cq"), Shape{N, rq}, R::kGemmOperand);    // RMSNorm_q(qa)
   }
-  acts.add(a("q"), Shape{N, H * dqk}, qkv);       // per head [nope ; RoPE(rope)]
-  acts.add(a("kva"), Shape{N, rkv + dr}, t);      // [c ; RoPE(k^R)]
-  acts.add(a("rstd_kv"), Shape{N}, t);
-  acts.add(a("ckv"), Shape{N, rkv}, gemm_only);   // ĉ = RMSNorm_kv(c)
-  plan_once(acts, "scratch.attn.kv", Shape{N, H * (dn + dv)}, qkv);  // ĉ W_kvbᵀ, per head [k^C ; v]: split at once
-  acts.add(a("k"), Shape{N, H, dqk}, qkv);
-  acts.add(a("v"), Shape{N, H, dv}, qkv);
-  acts.add(a("att"), Shape{N, H * dv}, t);        // attention output O (pre-subln when differential)
-  acts.add(a("lse"), Shape{lc.batch, H, lc.seq}, t);
+  pl.add(acts, a("q"), Shape{N, H * dqk}, R::kAttention);    // per head [nope ; RoPE(rope)]
+  pl.add(acts, a("kva"), Shape{N, rkv + dr}, R::kFloat);     // [c ; RoPE(k^R)]
+  pl.add(acts, a("rstd_kv"), Shape{N}, R::kFloat);
+  pl.add(acts, a("ckv"), Shape{N, rkv}, R::kGemmOperand);    // ĉ = RMSNorm_kv(c)
+  pl.add_once(acts, "scratch.attn.kv", Shape{N, H * (dn + dv)}, R::kAttention);  // ĉ W_kvbᵀ, per head [k^C ; v]: split at once
+  pl.add(acts, a("k"), Shape{N, H, dqk}, R::kAttention);
+  pl.add(acts, a("v"), Shape{N, H, dv}, R::kAttention);
+  pl.add(acts, a("att"), Shape{N, H * dv}, R::kFloat);       // attention output O (pre-subln when differential)
+  pl.add(acts, a("lse"), Shape{lc.batch, H, lc.seq}, R::kFloat);
   if (c.differential) {
-    acts.add(a("lambda"), Shape{1}, t);
-    acts.add(a("o2"), Shape{N, H * dv}, t);       // A_{h,1} V_h, for dλ
-    acts.add(a("rstd_sub"), Shape{N * H / 2}, t);
-    acts.add(a("att_n"), Shape{N, H * dv}, gemm_only);  // (1 − λ_init) · RMSNorm_2dv(O)
+    pl.add(acts, a("lambda"), Shape{1}, R::kFloat);
+    pl.add(acts, a("o2"), Shape{N, H * dv}, R::kFloat);      // A_{h,1} V_h, for dλ
+    pl.add(acts, a("rstd_sub"), Shape{N * H / 2}, R::kFloat);
+    pl.add(acts, a("att_n"), Shape{N, H * dv}, R::kGemmOperand);  // (1 − λ_init) · RMSNorm_2dv(O)
   }
   // Backward scratch, shared by every attention layer.
-  plan_once(acts, "scratch.attn.dx_norm", Shape{N, D}, t);
-  // dq in the dtype of q: bf16 where the tensor-core attention writes it for W_q's GEMMs (RoPE's
-  // inverse rotates it in place in bf16 first), no f32 dq and no rounding copy.
-  plan_once(acts, "scratch.attn.dq", Shape{N, H * dqk}, qkv);
+  pl.add_once(acts, "scratch.attn.dx_norm", Shape{N, D}, R::kFloat);
+  // dq in the dtype of q: written by the attention backward for W_q's GEMMs (RoPE's inverse rotates
+  // it in place first), no rounding copy.
+  pl.add_once(acts, "scratch.attn.dq", Shape{N, H * dqk}, R::kAttention);
   if (rq > 0) {
-    plan_once(acts, "scratch.attn.dcq", Shape{N, rq}, t);
-    plan_once(acts, "scratch.attn.dqa", Shape{N, rq}, t);
+    pl.add_once(acts, "scratch.attn.dcq", Shape{N, rq}, R::kFloat);
+    pl.add_once(acts, "scratch.attn.dqa", Shape{N, rq}, R::kFloat);
   }
-  plan_once(acts, "scratch.attn.dkva", Shape{N, rkv + dr}, t);
-  plan_once(acts, "scratch.attn.dckv", Shape{N, rkv}, t);
-  plan_once(acts, "scratch.attn.dkv", Shape{N, H * (dn + dv)}, gemm_only);  // read by W_kvb's backward GEMMs only
-  plan_once(acts, "scratch.attn.dk", Shape{N, H, dqk}, qkv);  // bf16 with bf16 q, k, v: read by the split only
-  plan_once(acts, "scratch.attn.dv", Shape{N, H, dv}, qkv);
-  plan_once(acts, "scratch.attn.datt", Shape{N, H * dv}, t);
-  plan_once(acts, "scratch.attn.datt_n", Shape{N, H * dv}, t);
-  plan_once(acts, "scratch.attn.dlambda", Shape{1}, t);
+  pl.add_once(acts, "scratch.attn.dkva", Shape{N, rkv + dr}, R::kFloat);
+  pl.add_once(acts, "scratch.attn.dckv", Shape{N, rkv}, R::kFloat);
+  pl.add_once(acts, "scratch.attn.dkv", Shape{N, H * (dn + dv)}, R::kGemmOperand);  // read by W_kvb's backward GEMMs only
+  pl.add_once(acts, "scratch.attn.dk", Shape{N, H, dqk}, R::kAttention);  // read by the split only
+  pl.add_once(acts, "scratch.attn.dv", Shape{N, H, dv}, R::kAttention);
+  pl.add_once(acts, "scratch.attn.datt", Shape{N, H * dv}, R::kFloat);
+  pl.add_once(acts, "scratch.attn.datt_n", Shape{N, H * dv}, R::kFloat);
+  pl.add_once(acts, "scratch.attn.dlambda", Shape{1}, R::kFloat);
 }
 
 void AttentionLayer::forward(const LayerContext& lc, const Tensor& x, const Tensor& out) const {

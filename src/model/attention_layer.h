@@ -8,8 +8,9 @@ namespace diffmoe {
 class AttentionLayer {
  public:
   AttentionLayer(int64_t layer) : l_(layer) {}
-  // Adds this layer's activation views (and the shared backward scratch) to the arena plan.
-  void plan(const LayerContext& lc, Arena& acts) const;
+  // Adds this layer's activation views (and the shared backward scratch) to the arena, with the
+  // dtypes of the precision plan.
+  void plan(const LayerContext& lc, PrecisionPlan& plan, Arena& acts) const;
   // out = x + Attn(RMSNorm(x)).  x, out [N, D] (distinct buffers; x is kept for the backward).
   void forward(const LayerContext& lc, const Tensor& x, const Tensor& out) const;
   // d_out (= the residual stream's gradient, [N, D]) += ∂L/∂x. Weight gradients accumulate into
@@ -20,9 +21,6 @@ class AttentionLayer {
  private:
   std::string p(const char* name) const;  // "layers.{l}.attn.<name>" / activations "act.{l}.attn.<name>"
   std::string a(const char* name) const;
-  // Whether q, k, v are planned in bf16: the bf16 GEMM mode, and the backend's attention takes bf16
-  // q, k, v for this shape (Backend::attention_takes_bf16). forward/backward read the planned dtype.
-  bool bf16_qkv(const LayerContext& lc) const;
   int64_t l_;
 };
 

@@ -12,33 +12,29 @@ RouterOptions FfnLayer::router_options(const ModelConfig& c) const {
                        .top_k = c.n_activated_experts, .route_scale = c.route_scale, .use_bias = c.balance_bias};
 }
 
-void FfnLayer::plan(const LayerContext& lc, Arena& acts) const {
+void FfnLayer::plan(const LayerContext& lc, PrecisionPlan& pl, Arena& acts) const {
   const ModelConfig& c = *lc.cfg;
   const int64_t N = lc.tokens(), D = c.dim;
-  const DType t = lc.dtype;
-  acts.add(a("x_norm"), Shape{N, D}, t);
-  acts.add(a("rstd_x"), Shape{N}, t);
-  // The bf16 GEMM mode: x_norm rounded once for the GEMMs that read it (w1/w3 of the dense FFN or
-  // the shared experts, their weight gradients, the router's weight gradient) and for the gather
-  // into the bf16 x_perm (the same rounded values, half the bytes read); the router's forward GEMM
-  // (f32_exact) reads the f32 x_norm.
-  if (lc.bf16_operands) acts.add(a("x_norm16"), Shape{N, D}, DType::kBF16);
-  plan_once(acts, "scratch.ffn.dx_norm", Shape{N, D}, t);
-  // Tensors that only GEMMs read (h, da, db, x_perm, dy_perm) are bf16 in the bf16 GEMM mode: the
-  // op that writes them rounds once, instead of each GEMM rounding its operand again.
-  const DType gemm_only = lc.bf16_operands ? DType::kBF16 : t;
-  // Tensors that GEMMs write and only element-wise ops read (a, b, dh of every SwiGLU MLP, the
-  // experts' y_perm and dx_perm) are bf16 in the bf16 GEMM mode too: the GEMM's epilogue rounds once
-  // (as autocast's bf16 matmul outputs), halving the bytes the SwiGLU, combine and gather kernels move.
-  const DType gemm_out = lc.bf16_operands ? DType::kBF16 : t;
+  using R = ActRole;
+  pl.add(acts, a("x_norm"), Shape{N, D}, R::kFloat);  // the router's input: z = u Eᵀ stays f32 (spec §5)
+  pl.add(acts, a("rstd_x"), Shape{N}, R::kFloat);
+  // The bf16 mode: x_norm rounded once (by the norm, in the same pass) for the GEMMs that read it
+  // (w1/w3 of the dense FFN or the shared experts, their weight gradients, the router's weight
+  // gradient) and for the gather into x_perm (the same rounded values, half the bytes read).
+  if (pl.bf16_gemm()) pl.add(acts, a("x_norm16"), Shape{N, D}, R::kGemmOperand);
+  pl.add_once(acts, "scratch.ffn.dx_norm", Shape{N, D}, R::kFloat);
+  // h, da, db, x_perm, dy_perm are only read by GEMMs (kGemmOperand): the op that writes them rounds
+  // once. a, b, dh of every SwiGLU MLP and the experts' y_perm, dx_perm are written by GEMMs and read
+  // by element-wise ops only (kGemmOutput): the GEMM's epilogue rounds once, as autocast's bf16 matmul
+  // outputs, halving the bytes the SwiGLU, combine and gather kernels move.
   auto plan_mlp = [&](const std::string& pre, int64_t rows, int64_t width) {
-    acts.add(a(pre + "a"), Shape{rows, width}, gemm_out);   // x W1ᵀ
-    acts.add(a(pre + "b"), Shape{rows, width}, gemm_out);   // x W3ᵀ
-    acts.add(a(pre + "h"), Shape{rows, width}, gemm_only);  // silu(a) ⊙ b
+    pl.add(acts, a(pre + "a"), Shape{rows, width}, R::kGemmOutput);   // x W1ᵀ
+    pl.add(acts, a(pre + "b"), Shape{rows, width}, R::kGemmOutput);   // x W3ᵀ
+    pl.add(acts, a(pre + "h"), Shape{rows, width}, R::kGemmOperand);  // silu(a) ⊙ b
     const std::string s = fmt::format("scratch.ffn.{}{}.", pre, width);
-    plan_once(acts, s + "dh", Shape{rows, width}, gemm_out);
-    plan_once(acts, s + "da", Shape{rows, width}, gemm_only);
-    plan_once(acts, s + "db", Shape{rows, width}, gemm_only);
+    pl.add_once(acts, s + "dh", Shape{rows, width}, R::kGemmOutput);
+    pl.add_once(acts, s + "da", Shape{rows, width}, R::kGemmOperand);
+    pl.add_once(acts, s + "db", Shape{rows, width}, R::kGemmOperand);
   };
   if (!moe(lc)) {
     plan_mlp("", N, c.inter_dim);
@@ -46,21 +42,21 @@ void FfnLayer::plan(const LayerContext& lc, Arena& acts) const {
   }
   const int64_t E = c.n_routed_experts, K = c.n_activated_experts, NK = N * K;
   if (c.n_shared_experts > 0) plan_mlp("shared.", N, c.n_shared_experts * c.moe_inter_dim);
-  acts.add(a("logits"), Shape{N, E}, t);            // router logits z = u Eᵀ
-  acts.add(a("scores"), Shape{N, E}, t);            // s
-  acts.add(a("topk_idx"), Shape{N, K}, DType::kI32);
-  acts.add(a("topk_w"), Shape{N, K}, t);
-  acts.add(a("offsets"), Shape{E + 1}, DType::kI32);
-  acts.add(a("src_row"), Shape{NK}, DType::kI32);
-  acts.add(a("slot_pos"), Shape{N, K}, DType::kI32);
-  acts.add(a("x_perm"), Shape{NK, D}, gemm_only);  // token rows sorted by expert
-  acts.add(a("y_perm"), Shape{NK, D}, gemm_out);    // expert outputs, same order
-  acts.add(fmt::format("stats.{}.counts", l_), Shape{E}, DType::kI32);
+  pl.add(acts, a("logits"), Shape{N, E}, R::kFloat);  // router logits z = u Eᵀ
+  pl.add(acts, a("scores"), Shape{N, E}, R::kFloat);  // s
+  pl.add(acts, a("topk_idx"), Shape{N, K}, R::kIndex);
+  pl.add(acts, a("topk_w"), Shape{N, K}, R::kFloat);
+  pl.add(acts, a("offsets"), Shape{E + 1}, R::kIndex);
+  pl.add(acts, a("src_row"), Shape{NK}, R::kIndex);
+  pl.add(acts, a("slot_pos"), Shape{N, K}, R::kIndex);
+  pl.add(acts, a("x_perm"), Shape{NK, D}, R::kGemmOperand);  // token rows sorted by expert
+  pl.add(acts, a("y_perm"), Shape{NK, D}, R::kGemmOutput);   // expert outputs, same order
+  pl.add(acts, fmt::format("stats.{}.counts", l_), Shape{E}, R::kIndex);
   plan_mlp("experts.", NK, c.moe_inter_dim);
-  plan_once(acts, "scratch.moe.dy_perm", Shape{NK, D}, gemm_only);
-  plan_once(acts, "scratch.moe.dx_perm", Shape{NK, D}, gemm_out);
-  plan_once(acts, "scratch.moe.dtopk_w", Shape{N, K}, t);
-  plan_once(acts, "scratch.moe.dlogits", Shape{N, E}, t);
+  pl.add_once(acts, "scratch.moe.dy_perm", Shape{NK, D}, R::kGemmOperand);
+  pl.add_once(acts, "scratch.moe.dx_perm", Shape{NK, D}, R::kGemmOutput);
+  pl.add_once(acts, "scratch.moe.dtopk_w", Shape{N, K}, R::kFloat);
+  pl.add_once(acts, "scratch.moe.dlogits", Shape{N, E}, R::kFloat);
 }
 
 // What the GEMMs read of x_norm: its bf16 copy in the bf16 GEMM mode, else x_norm itself.

@@ -9,7 +9,8 @@ namespace diffmoe {
 class FfnLayer {
  public:
   explicit FfnLayer(int64_t layer) : l_(layer) {}
-  void plan(const LayerContext& lc, Arena& acts) const;
+  // Adds this layer's activation views (and the shared backward scratch) with the plan's dtypes.
+  void plan(const LayerContext& lc, PrecisionPlan& plan, Arena& acts) const;
   // out = x + FFN(RMSNorm(x)).  For MoE layers also adds the aux loss into acts "loss.aux" and the
   // per-expert counts into acts "stats.{l}.counts".
   void forward(const LayerContext& lc, const Tensor& x, const Tensor& out) const;

@@ -6,6 +6,9 @@
 
 #include "backend/backend.h"
 #include "model/config.h"
+#include "model/grad_buffer.h"
+#include "model/layout_buffers.h"
+#include "model/precision_plan.h"
 
 namespace diffmoe {
 
@@ -13,21 +16,18 @@ struct LayerContext {
   Backend* be = nullptr;
   Context ctx;
   const ModelConfig* cfg = nullptr;
-  DType dtype = DType::kF32;  // parameters and activations (CPU: f32, or f64 for gradient checks)
+  DType dtype = DType::kF32;  // the float type: masters, gradients, full-precision activations
   int64_t batch = 0, seq = 0;
-  Arena* params = nullptr;    // spec §8 names
-  Arena* grads = nullptr;     // same names, trainable parameters only
-  Arena* acts = nullptr;      // activations saved for the backward, and backward scratch
-  // bf16 copies of the GEMM weight matrices (Model: CUDA in the bf16 GEMM mode only), else null.
-  const Arena* weights_bf16 = nullptr;
-  // The bf16 GEMM mode on CUDA: activations read only by GEMMs (the gathered expert rows), or only
-  // by an attention that takes bf16 (q, k, v: Backend::attention_takes_bf16), are planned in bf16
-  // (spec §7). Fixed when the activation arena is planned.
+  const LayoutBuffers* params = nullptr;  // compute weights by spec §8 name (+ the balancing biases)
+  const GradBuffer* grads = nullptr;      // same names, trainable parameters only
+  Arena* acts = nullptr;                  // activations saved for the backward, and backward scratch
+  const PrecisionPlan* plan = nullptr;    // every tensor's dtype (spec §7)
+  // The plan's bf16 mode: GEMMs read bf16 operands (plan->bf16_gemm()).
   bool bf16_operands = false;
   // beta of the GEMMs that write weight gradients: 1 (accumulate, STYLE.md habit 2), or 0 in the
-  // first backward after Model::zero_grads, where the gradients read as zero and += is =: the GEMM
-  // then does not read them, and zero_grads does not fill them either (Model::grads_). So each GEMM
-  // weight must get exactly one GEMM gradient per backward, before anything else adds to it.
+  // first backward after GradBuffer::zero, where the gradients read as zero and += is =: the GEMM
+  // then does not read them, and zero does not fill them either. So each GEMM weight must get
+  // exactly one GEMM gradient per backward, before anything else adds to it.
   double dw_beta = 1.0;
   // [1]: the expert stacks' weight-gradient GEMMs add the Σg² of what they store here
   // (GroupedGemmWgradArgs::sum_sq; Model::grad_sq_parts). Undefined: not wanted.
@@ -37,11 +37,8 @@ struct LayerContext {
   Tensor param(const std::string& name) const { return params->get(name); }
   Tensor grad(const std::string& name) const { return grads->get(name); }
   Tensor act(const std::string& name) const { return acts->get(name); }
-  // A weight matrix as a GEMM operand: its bf16 copy where the model keeps one (spec §7: bf16
-  // weight copies, f32 masters), else the parameter itself. Non-GEMM uses read param().
-  Tensor weight(const std::string& name) const {
-    return weights_bf16 != nullptr && weights_bf16->has(name) ? weights_bf16->get(name) : params->get(name);
-  }
+  // A weight as a GEMM operand: its compute copy (bf16 for GEMM weights in the bf16 mode, spec §7).
+  Tensor weight(const std::string& name) const { return params->get(name); }
 
   // y = x Wᵀ (+ beta·y)          x [N,in], W [out,in], y [N,out]
   // With an addend r [N,out]: y = x Wᵀ + beta·r, r only read (a residual added by the GEMM itself,
@@ -85,10 +82,5 @@ struct LayerContext {
   }
 };
 
-// Plans an activation view unless a layer of the same kind already did (backward scratch is
-// shared by all layers of a kind, so it is planned once with one name).
-inline void plan_once(Arena& a, const std::string& name, Shape s, DType t) {
-  if (!a.has(name)) a.add(name, s, t);
-}
 
 }  // namespace diffmoe

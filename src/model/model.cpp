@@ -10,99 +10,80 @@
 
 namespace diffmoe {
 
-// Whether the first backward after zero_grads writes p's gradient with a GEMM at beta = 0
-// (LayerContext::dw_beta) before anything adds to it, so that zero_grads need not zero it. Every
-// matrix (linear_dw / linear_backward), expert stack (grouped_gemm_wgrad, which writes an expert
-// that no token chose as zeros), router gate (its linear_backward) and the head get exactly one such
-// GEMM per backward; so does a tied embedding table, whose head dW GEMM runs first in backward() and
-// its embedding scatter-add last. Norm weights (rmsnorm_bwd), λ vectors (diff_lambda_bwd) and an
-// untied embedding table (embedding_bwd) are only added into: they need zeros.
-static bool is_gemm_weight(const ParamSpec& p, bool tied);
-// The GEMM weights, and the router gate: its weight gradient comes from a GEMM too (the gate's
-// forward stays f32 and has no bf16 copy, so it is not a GEMM weight in is_gemm_weight's sense).
-static bool grad_written_by_gemm(const ParamSpec& p, bool tied) {
-  return is_gemm_weight(p, tied) || p.kind == ParamKind::kGate;
+namespace {
+
+std::vector<DType> compute_dtypes(const ParamLayout& layout) {
+  std::vector<DType> d;
+  for (const ParamLayout::Group& g : layout.groups()) d.push_back(g.compute);
+  return d;
 }
 
-Model::Model(const ModelConfig& cfg, Backend& backend, DType dtype) : cfg_(cfg), be_(&backend), dtype_(dtype) {
-  cfg_.validate("model config");
-  specs_ = parameter_specs(cfg_);
-  for (const ParamSpec& p : specs_) params_.add(p.name, p.shape, dtype_);
-  // The gradients that the backward adds into first, so that zero_grads is one fill over a prefix;
-  // then the GEMM-written ones, the expert stacks last, so that grad_sq_parts' "rest" is one prefix
-  // too. Each part in spec order.
-  enum class GradPart { kAdded, kGemm, kExpert };
-  const auto part_of = [&](const ParamSpec& p) {
-    if (!grad_written_by_gemm(p, cfg_.tie_embeddings)) return GradPart::kAdded;
-    return p.kind == ParamKind::kExpert ? GradPart::kExpert : GradPart::kGemm;
-  };
-  for (const GradPart part : {GradPart::kAdded, GradPart::kGemm, GradPart::kExpert}) {
-    for (const ParamSpec& p : specs_)
-      if (p.trainable() && part_of(p) == part) grads_.add(p.name, p.shape, dtype_);
-    if (part == GradPart::kAdded) n_added_grads_ = grads_.entries().size();
-    if (part == GradPart::kGemm) first_expert_grad_ = grads_.entries().size();
-  }
-  params_.allocate(be_->allocator());
-  grads_.allocate(be_->allocator());
+}  // namespace
+
+Model::Model(const ModelConfig& cfg, Backend& backend, DType dtype, const ModelOptions& opt)
+    : cfg_(cfg),
+      be_(&backend),
+      dtype_(dtype),
+      plan_(opt.precision, dtype),
+      specs_((cfg_.validate("model config"), parameter_specs(cfg_))),
+      layout_(std::make_unique<ParamLayout>(cfg_, plan_, opt.parallel)),
+      params_(*layout_, compute_dtypes(*layout_), dtype, be_->allocator()),
+      grads_(*layout_, plan_.master_dtype(), be_->allocator()) {
   for (int64_t l = 0; l < cfg_.n_layers; ++l) {
     attn_.emplace_back(l);
     ffn_.emplace_back(l);
   }
 }
 
-void Model::init_weights(uint64_t seed) {
-  // Computed on the host in double from the counter-based RNG, converted and uploaded once.
-  for (const ParamSpec& p : specs_) {
-    const Tensor dst = params_.get(p.name);
-    const int64_t n = p.shape.numel();
-    // Each value is a pure function of (seed, name, index): filling in parallel changes nothing.
-    if (dtype_ == DType::kF64) {
-      std::vector<double> v(static_cast<size_t>(n));
-#pragma omp parallel for schedule(static) if (n > 65536)
-      for (int64_t i = 0; i < n; ++i) v[static_cast<size_t>(i)] = init_value(p, seed, i);
+void Model::set_param(const std::string& name, const std::vector<double>& v) {
+  const Tensor dst = params_.get(name);
+  DIFFMOE_CHECK(static_cast<int64_t>(v.size()) == dst.numel(), "[model] set_param('{}'): {} values for {} elements", name, v.size(),
+                dst.numel());
+  const size_t n = v.size();
+  switch (dst.dtype) {
+    case DType::kF64:
       be_->upload(dst, v.data());
-    } else {
-      DIFFMOE_CHECK(dtype_ == DType::kF32, "[model] init_weights: unsupported parameter dtype {}", dtype_name(dtype_));
-      std::vector<float> v(static_cast<size_t>(n));
-#pragma omp parallel for schedule(static) if (n > 65536)
-      for (int64_t i = 0; i < n; ++i) v[static_cast<size_t>(i)] = static_cast<float>(init_value(p, seed, i));
-      be_->upload(dst, v.data());
+      return;
+    case DType::kF32: {
+      std::vector<float> f(n);
+      for (size_t i = 0; i < n; ++i) f[i] = static_cast<float>(v[i]);
+      be_->upload(dst, f.data());
+      return;
     }
+    case DType::kBF16: {  // the f32 master's value rounded once more (spec §7: bf16 copies of f32 masters)
+      std::vector<uint16_t> h(n);
+      for (size_t i = 0; i < n; ++i) h[i] = f32_to_bf16(static_cast<float>(v[i]));
+      be_->upload(dst, h.data());
+      return;
+    }
+    default:
+      DIFFMOE_FAIL("[model] set_param('{}'): unsupported compute dtype {}", name, dtype_name(dst.dtype));
   }
+}
+
+void Model::init_weights(uint64_t seed) {
+  // Computed on the host in double from the counter-based RNG (each value a pure function of
+  // (seed, name, global index), so filling in parallel and splitting experts over ranks change
+  // nothing), then converted and uploaded once.
+  auto init = [&](const ParamLayout::Entry& e) {
+    const int64_t n = e.shape.numel();
+    std::vector<double> v(static_cast<size_t>(n));
+#pragma omp parallel for schedule(static) if (n > 65536)
+    for (int64_t i = 0; i < n; ++i) v[static_cast<size_t>(i)] = init_value(e.spec, seed, e.global_offset + i);
+    set_param(e.spec.name, v);
+  };
+  for (const ParamLayout::Entry& e : layout_->entries()) init(e);
+  for (const ParamLayout::Entry& e : layout_->buffers()) init(e);
 }
 
 LayerContext Model::layer_context(Context ctx) {
   return LayerContext{.be = be_, .ctx = ctx, .cfg = &cfg_, .dtype = dtype_, .batch = batch_, .seq = seq_,
-                      .params = &params_, .grads = &grads_, .acts = &acts_,
-                      .weights_bf16 = bf16_operands_ && !weights_bf16_.entries().empty() ? &weights_bf16_ : nullptr,
-                      .bf16_operands = bf16_operands_};
+                      .params = &params_, .grads = &grads_, .acts = &acts_, .plan = &plan_,
+                      .bf16_operands = plan_.bf16_gemm()};
 }
 
-// The weights that only GEMMs read as their B operand: every matrix and expert stack, and the head
-// (the embedding table when tied). Not the router gate: z = u Eᵀ stays as the GEMM op computes it.
-static bool is_gemm_weight(const ParamSpec& p, bool tied) {
-  switch (p.kind) {
-    case ParamKind::kMatrix:
-    case ParamKind::kExpert:
-    case ParamKind::kHead:
-      return true;
-    case ParamKind::kEmbedding:
-      return tied;
-    default:
-      return false;
-  }
-}
-
-void Model::refresh_weight_copies(Context ctx) {
-  if (be_->gemm_precision() != GemmPrecision::kBF16 || dtype_ != DType::kF32) return;
-  if (!weights_bf16_.allocated() || weights_bf16_.entries().empty()) {
-    weights_bf16_ = Arena();
-    for (const ParamSpec& p : specs_)
-      if (is_gemm_weight(p, cfg_.tie_embeddings)) weights_bf16_.add(p.name, p.shape, DType::kBF16);
-    weights_bf16_.allocate(be_->allocator());
-  }
-  for (const Arena::Entry& e : weights_bf16_.entries())
-    be_->copy(ctx, {.dst = weights_bf16_.view(e), .src = params_.get(e.name)});  // round to nearest even
+void Model::use_gemm_precision() const {
+  be_->set_gemm_precision(plan_.bf16_gemm() ? GemmPrecision::kBF16 : GemmPrecision::kF32);
 }
 
 void Model::set_batch_shape(int64_t batch, int64_t seq) {
@@ -110,42 +91,42 @@ void Model::set_batch_shape(int64_t batch, int64_t seq) {
                 batch, seq, cfg_.max_seq_len);
   batch_ = batch;
   seq_ = seq;
-  bf16_operands_ = be_->gemm_precision() == GemmPrecision::kBF16 && dtype_ == DType::kF32;
-  if (!bf16_operands_) weights_bf16_ = Arena();  // no bf16 copies outside the bf16 GEMM mode
   acts_ = Arena();
+  plan_.clear_entries();
   expert_sq_valid_ = false;  // "grad_sq.experts" is planned anew below
   const int64_t N = batch * seq, D = cfg_.dim;
   const int64_t half = cfg_.qk_rope_head_dim / 2;
-  acts_.add("rope.cos", Shape{cfg_.max_seq_len, half}, dtype_);
-  acts_.add("rope.sin", Shape{cfg_.max_seq_len, half}, dtype_);
-  for (int64_t i = 0; i <= 2 * cfg_.n_layers; ++i) acts_.add(fmt::format("act.residual.{}", i), Shape{N, D}, dtype_);
+  using R = ActRole;
+  PrecisionPlan& pl = plan_;
+  pl.add(acts_, "rope.cos", Shape{cfg_.max_seq_len, half}, R::kFloat);
+  pl.add(acts_, "rope.sin", Shape{cfg_.max_seq_len, half}, R::kFloat);
+  for (int64_t i = 0; i <= 2 * cfg_.n_layers; ++i) pl.add(acts_, fmt::format("act.residual.{}", i), Shape{N, D}, R::kFloat);
   LayerContext lc = layer_context({});
   for (int64_t l = 0; l < cfg_.n_layers; ++l) {
-    attn_[static_cast<size_t>(l)].plan(lc, acts_);
-    ffn_[static_cast<size_t>(l)].plan(lc, acts_);
+    attn_[static_cast<size_t>(l)].plan(lc, pl, acts_);
+    ffn_[static_cast<size_t>(l)].plan(lc, pl, acts_);
   }
-  acts_.add("act.final.x_norm", Shape{N, D}, bf16_operands_ ? DType::kBF16 : dtype_);  // read by the head's GEMMs only
-  acts_.add("act.final.rstd", Shape{N}, dtype_);
-  acts_.add("grad_sq.experts", Shape{1}, dtype_);  // backward(): Σg² of the expert stacks' gradients
-  // The head's GEMM output, read by the cross-entropy only: bf16 in the bf16 GEMM mode (rounded once
-  // by the GEMM, as under autocast; the loss widens it and computes in f32/f64).
-  acts_.add("act.final.logits", Shape{N, cfg_.vocab_size}, bf16_operands_ ? DType::kBF16 : dtype_);
-  // Read only by the head's two GEMMs: bf16 in the bf16 GEMM mode (the CE backward rounds it).
-  acts_.add("scratch.dlogits", Shape{N, cfg_.vocab_size}, bf16_operands_ ? DType::kBF16 : dtype_);
-  acts_.add("scratch.dx_norm", Shape{N, D}, dtype_);
-  if (bf16_operands_) {  // LayerContext::gemm_operand: the widest f32 dy that two backward GEMMs read
+  pl.add(acts_, "act.final.x_norm", Shape{N, D}, R::kGemmOperand);  // read by the head's GEMMs only
+  pl.add(acts_, "act.final.rstd", Shape{N}, R::kFloat);
+  pl.add(acts_, "grad_sq.experts", Shape{1}, R::kFloat);  // backward(): Σg² of the expert stacks' gradients
+  // The head's GEMM output, read by the cross-entropy only (rounded once by the GEMM, as under
+  // autocast; the loss widens it and computes in f32/f64), and its gradient, read by the head's GEMMs.
+  pl.add(acts_, "act.final.logits", Shape{N, cfg_.vocab_size}, R::kGemmOutput);
+  pl.add(acts_, "scratch.dlogits", Shape{N, cfg_.vocab_size}, R::kGemmOperand);
+  pl.add(acts_, "scratch.dx_norm", Shape{N, D}, R::kFloat);
+  if (pl.bf16_gemm()) {  // LayerContext::gemm_operand: the widest f32 dy that two backward GEMMs read
     const ModelConfig& c = cfg_;
     const int64_t widths[] = {D, c.n_heads * (c.qk_nope_head_dim + c.v_head_dim), c.n_heads * c.d_qk(), c.q_lora_rank,
                               c.kv_lora_rank + c.qk_rope_head_dim, c.n_routed_experts};
-    acts_.add("scratch.gemm_operand", Shape{N * *std::max_element(std::begin(widths), std::end(widths))}, DType::kBF16);
+    pl.add(acts_, "scratch.gemm_operand", Shape{N * *std::max_element(std::begin(widths), std::end(widths))}, R::kGemmOperand);
   }
-  acts_.add("scratch.dresidual", Shape{N, D}, dtype_);
-  // The bf16 GEMM mode: the residual gradient rounded once by each RMSNorm backward that updates
-  // it, for the next layer's first backward GEMMs (W2 of the FFN, W_o), instead of a rounding copy.
-  if (bf16_operands_) acts_.add("scratch.dresidual16", Shape{N, D}, DType::kBF16);
-  acts_.add("loss.sum", Shape{1}, dtype_);
-  acts_.add("loss.valid", Shape{1}, dtype_);
-  acts_.add("loss.aux", Shape{1}, dtype_);
+  pl.add(acts_, "scratch.dresidual", Shape{N, D}, R::kFloat);
+  // The bf16 mode: the residual gradient rounded once by each RMSNorm backward that updates it, for
+  // the next layer's first backward GEMMs (W2 of the FFN, W_o), instead of a rounding copy.
+  if (pl.bf16_gemm()) pl.add(acts_, "scratch.dresidual16", Shape{N, D}, R::kGemmOperand);
+  pl.add(acts_, "loss.sum", Shape{1}, R::kFloat);
+  pl.add(acts_, "loss.valid", Shape{1}, R::kFloat);
+  pl.add(acts_, "loss.aux", Shape{1}, R::kFloat);
   acts_.allocate(be_->allocator());
 
   // RoPE tables with YaRN folded in (spec §3), uploaded once.
@@ -170,11 +151,7 @@ void Model::forward(Context ctx, const Tensor& tokens, const Tensor& targets) {
   DIFFMOE_CHECK(batch_ > 0, "[model] forward before set_batch_shape()");
   check_shape(tokens, Shape{batch_, seq_}, "model.forward", "tokens");
   check_dtype(tokens, DType::kI32, "model.forward", "tokens");
-  check_precision_unchanged("forward");
-  // The masters may have changed since the last forward: refresh the bf16 copies, unless the
-  // optimizer wrote them together with the masters just now.
-  if (!copies_fresh_) refresh_weight_copies(ctx);
-  copies_fresh_ = false;
+  use_gemm_precision();
   const LayerContext lc = layer_context(ctx);
   const int64_t N = batch_ * seq_;
   for (const char* name : {"loss.sum", "loss.valid", "loss.aux"}) be_->fill(ctx, {.out = acts_.get(name), .value = 0.0});
@@ -201,23 +178,16 @@ void Model::forward(Context ctx, const Tensor& tokens, const Tensor& targets) {
   }
 }
 
-// The activations (and which of them are bf16) were planned for one GEMM precision.
-void Model::check_precision_unchanged(const char* where) const {
-  DIFFMOE_CHECK(bf16_operands_ == (be_->gemm_precision() == GemmPrecision::kBF16 && dtype_ == DType::kF32),
-                "[model] {}: the backend's GEMM precision changed after set_batch_shape(): call set_batch_shape() again",
-                where);
-}
-
 void Model::backward(Context ctx, double grad_scale) {
-  check_precision_unchanged("backward");
+  use_gemm_precision();
   LayerContext lc = layer_context(ctx);
   // The first backward after zero_grads writes the GEMM weight gradients, which zero_grads left
   // stale (LayerContext::dw_beta); every later one (gradient accumulation) adds.
-  lc.dw_beta = gemm_grads_stale_ ? 0.0 : 1.0;
+  lc.dw_beta = grads_.stale() ? 0.0 : 1.0;
   const int64_t N = batch_ * seq_;
   const Tensor xn = acts_.get("act.final.x_norm"), logits = acts_.get("act.final.logits");
   const Tensor dlogits = acts_.get("scratch.dlogits"), dxn = acts_.get("scratch.dx_norm"), dres = acts_.get("scratch.dresidual");
-  const Tensor dres16 = bf16_operands_ ? acts_.get("scratch.dresidual16") : Tensor{};
+  const Tensor dres16 = plan_.bf16_gemm() ? acts_.get("scratch.dresidual16") : Tensor{};
   const std::string head = cfg_.tie_embeddings ? "embed.weight" : "head.weight";
   DIFFMOE_CHECK(last_targets_.data != nullptr, "[model] backward() needs a forward() with targets first");
   // The expert stacks' Σg², from their weight-gradient GEMMs: over the values this backward leaves
@@ -233,46 +203,46 @@ void Model::backward(Context ctx, double grad_scale) {
   be_->rmsnorm_bwd(ctx, {.dx = dres, .dw = grads_.get("norm.weight"), .dy = dxn, .x = residual(2 * cfg_.n_layers),
                          .w = params_.get("norm.weight"), .rstd = acts_.get("act.final.rstd"), .rows = N, .width = cfg_.dim,
                          .dx16 = dres16});
+  // A tied embedding's gradient is not final until the embedding backward (its stage is the last).
+  grads_.stage_done(0, ctx);
   for (int64_t l = cfg_.n_layers - 1; l >= 0; --l) {
     ffn_[static_cast<size_t>(l)].backward(lc, residual(2 * l + 1), dres, dres16, grad_scale);
     attn_[static_cast<size_t>(l)].backward(lc, residual(2 * l), dres, dres16);
+    grads_.stage_done(layout_->stage_of_layer(l), ctx);
   }
   be_->embedding_bwd(ctx, {.dtable = grads_.get("embed.weight"), .tokens = last_tokens_, .dout = dres, .scale = cfg_.embed_scale});
   // Every GEMM weight's gradient is written now. A backward that throws before here leaves the
-  // mark, so the next one overwrites them all again (and no expert Σg²).
-  gemm_grads_stale_ = false;
+  // stale mark, so the next one overwrites them all again (and no expert Σg²).
+  grads_.backward_written();
   expert_sq_valid_ = true;
+  grads_.stage_done(layout_->n_stages() - 1, ctx);
 }
 
-// One fill over the added-into gradients (a prefix of the arena, padding included). The GEMM
-// weights' gradients (most of the bytes) are written by the next backward, or zeroed by grads().
-// The padding after them is zero from allocate() and nothing writes it (Arena::flat).
 void Model::zero_grads(Context ctx) {
-  if (n_added_grads_ > 0) be_->fill(ctx, {.out = grads_.flat(0, n_added_grads_), .value = 0.0});
-  gemm_grads_stale_ = n_added_grads_ < grads_.entries().size();
+  grads_.zero(*be_, ctx);
   expert_sq_valid_ = false;
 }
 
-size_t Model::zero_grads_bytes() const { return n_added_grads_ == 0 ? 0 : grads_.flat(0, n_added_grads_).nbytes(); }
-
-void Model::zero_stale_gemm_grads(Context ctx) {
-  if (gemm_grads_stale_) {  // zero_grads() left them for a backward: zero them now, then backwards add
-    be_->fill(ctx, {.out = grads_.flat(n_added_grads_, grads_.entries().size()), .value = 0.0});
-    gemm_grads_stale_ = false;
-  }
-}
-
-Arena& Model::grads(Context ctx) {
-  zero_stale_gemm_grads(ctx);
-  expert_sq_valid_ = false;  // the caller may write through the arena
+GradBuffer& Model::grads(Context ctx) {
+  grads_.materialize(*be_, ctx);
+  expert_sq_valid_ = false;  // the caller may write through the buffer
   return grads_;
 }
 
 Model::GradSqParts Model::grad_sq_parts(Context ctx) {
-  zero_stale_gemm_grads(ctx);
-  if (!expert_sq_valid_ || first_expert_grad_ == 0 || first_expert_grad_ == grads_.entries().size())
-    return {.rest = grads_.flat(), .experts_sq = {}};
-  return {.rest = grads_.flat(0, first_expert_grad_), .experts_sq = acts_.get("grad_sq.experts")};
+  grads_.materialize(*be_, ctx);
+  GradSqParts parts;
+  bool fused = expert_sq_valid_;
+  for (const ParamLayout::Group& g : layout_->groups())
+    if (g.domain == ParamDomain::kExpert && g.dp != 1) fused = false;  // the epilogue's sum is of the local, unreduced values
+  bool any_expert = false;
+  for (size_t g = 0; g < layout_->groups().size(); ++g) {
+    const bool expert = layout_->groups()[g].domain == ParamDomain::kExpert;
+    any_expert = any_expert || expert;
+    if (!expert || !fused) parts.rest.push_back(grads_.buffers().group(g));
+  }
+  if (fused && any_expert) parts.experts_sq = acts_.get("grad_sq.experts");
+  return parts;
 }
 
 void Model::zero_expert_counts(Context ctx) {

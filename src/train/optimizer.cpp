@@ -1,35 +1,121 @@
 #include "train/optimizer.h"
 
+#include <algorithm>
+#include <cmath>
 #include <vector>
-
-#include "io/safetensors.h"
-#include "model/model_file.h"
 
 namespace diffmoe {
 
-AdamW::AdamW(Model& model, const OptimConfig& cfg) : model_(&model), cfg_(cfg) {
-  for (const ParamSpec& p : model.specs()) {
-    if (!p.trainable()) continue;
-    state_.add("m." + p.name, p.shape, model.dtype());
-    state_.add("v." + p.name, p.shape, model.dtype());
+AdamW::AdamW(Model& model, const OptimConfig& cfg, const OptimShard& shard) : model_(&model), cfg_(cfg), shard_(shard) {
+  const ParamLayout& layout = model.layout();
+  const auto& groups = layout.groups();
+  shard_len_.assign(groups.size(), 0);
+  // Pieces: each bucket's owned chunk cut at its entries' boundaries (padding belongs to no piece).
+  for (size_t g = 0; g < groups.size(); ++g) {
+    const ParamLayout::Group& grp = groups[g];
+    const int64_t r = rank_in(g);
+    DIFFMOE_CHECK(r >= 0 && r < grp.dp, "[optimizer] rank {} in a data-parallel group of {}", r, grp.dp);
+    for (const ParamLayout::Bucket& b : grp.buckets) {
+      const int64_t c = b.chunk(grp.dp), c0 = b.offset + r * c, c1 = c0 + c;
+      for (size_t k = b.first; k < b.end; ++k) {
+        const size_t i = grp.entries[k];
+        const ParamLayout::Entry& e = layout.entries()[i];
+        const int64_t lo = std::max(c0, e.offset), hi = std::min(c1, e.offset + e.shape.numel());
+        if (lo >= hi) continue;
+        pieces_.push_back(Piece{.entry = i, .group = g, .group_offset = lo, .local_begin = lo - e.offset, .count = hi - lo,
+                                .state_offset = shard_len_[g] + (lo - c0)});
+      }
+      shard_len_[g] += c;
+    }
   }
-  state_.add("grad_sq", Shape{1}, model.dtype());
+  const DType mt = model.plan().master_dtype();
+  for (size_t g = 0; g < groups.size(); ++g) {
+    state_.add(fmt::format("m.g{}", g), Shape{shard_len_[g]}, mt);
+    state_.add(fmt::format("v.g{}", g), Shape{shard_len_[g]}, mt);
+    if (separate_masters(g)) state_.add(fmt::format("master.g{}", g), Shape{shard_len_[g]}, mt);
+  }
+  state_.add("grad_sq", Shape{1}, mt);
   state_.allocate(model.backend().allocator());
   Backend& be = model.backend();
   for (const auto& e : state_.entries()) be.fill({}, {.out = state_.view(e), .value = 0.0});
 }
 
+int64_t AdamW::rank_in(size_t group) const {
+  return model_->layout().groups()[group].domain == ParamDomain::kExpert ? shard_.expert_rank : shard_.dense_rank;
+}
+
+bool AdamW::separate_masters(size_t group) const {
+  return model_->layout().groups()[group].compute != model_->plan().master_dtype();
+}
+
+namespace {
+Tensor slice1d(const Tensor& t, int64_t offset, int64_t count) {
+  Tensor s = t;
+  s.data = static_cast<char*>(t.data) + static_cast<size_t>(offset) * dtype_size(t.dtype);
+  s.shape = Shape{count};
+  return s;
+}
+}  // namespace
+
+Tensor AdamW::master(const Piece& p) const {
+  if (!separate_masters(p.group)) return compute(p);
+  return slice1d(state_.get(fmt::format("master.g{}", p.group)), p.state_offset, p.count);
+}
+Tensor AdamW::moment1(const Piece& p) const { return slice1d(state_.get(fmt::format("m.g{}", p.group)), p.state_offset, p.count); }
+Tensor AdamW::moment2(const Piece& p) const { return slice1d(state_.get(fmt::format("v.g{}", p.group)), p.state_offset, p.count); }
+Tensor AdamW::grad(const Piece& p) const { return model_->grads().buffers().range(p.group, p.group_offset, p.count); }
+Tensor AdamW::compute(const Piece& p) const { return model_->params().range(p.group, p.group_offset, p.count); }
+
+void AdamW::init_masters(uint64_t seed) {
+  const ParamLayout& layout = model_->layout();
+  for (const Piece& p : pieces_) {
+    if (!separate_masters(p.group)) continue;
+    const ParamLayout::Entry& e = layout.entries()[p.entry];
+    const int64_t g0 = p.global_begin(layout);
+    const Tensor dst = master(p);
+    if (dst.dtype == DType::kF64) {
+      std::vector<double> v(static_cast<size_t>(p.count));
+      for (int64_t i = 0; i < p.count; ++i) v[static_cast<size_t>(i)] = init_value(e.spec, seed, g0 + i);
+      model_->backend().upload(dst, v.data());
+    } else {
+      std::vector<float> v(static_cast<size_t>(p.count));
+#pragma omp parallel for schedule(static) if (p.count > 65536)
+      for (int64_t i = 0; i < p.count; ++i) v[static_cast<size_t>(i)] = static_cast<float>(init_value(e.spec, seed, g0 + i));
+      model_->backend().upload(dst, v.data());
+    }
+  }
+}
+
+void AdamW::write_compute_weights(Context ctx) {
+  for (const Piece& p : pieces_)
+    if (separate_masters(p.group)) model_->backend().copy(ctx, {.dst = compute(p), .src = master(p)});  // round to nearest even
+}
+
 void AdamW::compute_grad_sq(Context ctx) {
   Backend& be = model_->backend();
   const Tensor gsq = grad_sq();
-  // The gradient arena holds exactly the trainable parameters' gradients, and its padding stays
-  // zero (Arena::flat): one sum over it is the global Σg², in one call instead of one per tensor.
-  // After a backward the expert stacks' share is already summed (Model::grad_sq_parts): start
-  // from it and add the rest of the arena.
-  const Model::GradSqParts parts = model_->grad_sq_parts(ctx);
-  if (parts.experts_sq.defined()) be.copy(ctx, {.dst = gsq, .src = parts.experts_sq});
-  else be.fill(ctx, {.out = gsq, .value = 0.0});
-  be.sum_squares(ctx, {.out = gsq, .x = parts.rest});
+  const ParamLayout& layout = model_->layout();
+  bool sharded = false;
+  for (const ParamLayout::Group& g : layout.groups()) sharded = sharded || g.dp > 1;
+  if (!sharded) {
+    // One rank: the gradient buffers hold exactly the trainable parameters' gradients and zero
+    // padding, so one sum per group is the global Σg², plus the expert stacks' share that the
+    // backward already summed where the model has it (Model::grad_sq_parts).
+    const Model::GradSqParts parts = model_->grad_sq_parts(ctx);
+    if (parts.experts_sq.defined()) be.copy(ctx, {.dst = gsq, .src = parts.experts_sq});
+    else be.fill(ctx, {.out = gsq, .value = 0.0});
+    for (const Tensor& t : parts.rest) be.sum_squares(ctx, {.out = gsq, .x = t});
+    return;
+  }
+  // Sharded: this rank's chunks, each element of the global gradient in exactly one rank's chunk
+  // (dense chunks partition the world's copy, expert chunks the expert-DP group's, and the EP ranks
+  // hold different experts), so the sum over all ranks of these partial sums is the global Σg².
+  be.fill(ctx, {.out = gsq, .value = 0.0});
+  const LayoutBuffers& grads = model_->grads(ctx).buffers();
+  for (size_t g = 0; g < layout.groups().size(); ++g) {
+    const ParamLayout::Group& grp = layout.groups()[g];
+    for (size_t b = 0; b < grp.buckets.size(); ++b) be.sum_squares(ctx, {.out = gsq, .x = grads.chunk(g, b, rank_in(g), grp.dp)});
+  }
 }
 
 void AdamW::step(Context ctx, double lr) {
@@ -40,20 +126,18 @@ void AdamW::step(Context ctx, double lr) {
 void AdamW::apply(Context ctx, double lr) {
   Backend& be = model_->backend();
   ++step_;
-  // In the bf16 GEMM mode the update also writes the model's bf16 weight copies, so the next forward
-  // need not refresh them (Model::weight_copies_written).
-  // One adamw_multi call for every trainable parameter (one launch on CUDA). The entry list is
-  // rebuilt into the same vector each step; its views are the arenas' and stay the same, so the
-  // CUDA backend finds its cached device table unchanged.
-  const Arena& copies = model_->weight_copies();
-  const Arena& grads = model_->grads(ctx);
+  const ParamLayout& layout = model_->layout();
+  model_->grads(ctx);  // stale gradients read as zero from here on
+  // One adamw_multi call for every owned piece (one launch on CUDA). The entry list is rebuilt into
+  // the same vector each step; its views are the same, so the CUDA backend finds its cached device
+  // table unchanged. Pieces of bf16 groups update the f32 master and write the bf16 compute copy in
+  // the same pass.
   multi_.entries.clear();
-  for (const ParamSpec& p : model_->specs()) {
-    if (!p.trainable()) continue;
-    multi_.entries.push_back({.param = model_->params().get(p.name), .m = state_.get("m." + p.name),
-                              .v = state_.get("v." + p.name), .grad = grads.get(p.name),
-                              .param_bf16 = copies.has(p.name) ? copies.get(p.name) : Tensor{},
-                              .weight_decay = p.decayed() ? cfg_.weight_decay : 0.0});
+  for (const Piece& p : pieces_) {
+    const bool sep = separate_masters(p.group);
+    multi_.entries.push_back({.param = master(p), .m = moment1(p), .v = moment2(p), .grad = grad(p),
+                              .param_bf16 = sep ? compute(p) : Tensor{},
+                              .weight_decay = layout.entries()[p.entry].spec.decayed() ? cfg_.weight_decay : 0.0});
   }
   multi_.grad_sq = grad_sq();
   multi_.lr = lr;
@@ -63,7 +147,6 @@ void AdamW::apply(Context ctx, double lr) {
   multi_.max_norm = cfg_.grad_clip;
   multi_.step = step_;
   be.adamw_multi(ctx, multi_);
-  model_->weight_copies_written();
   // Balancing bias (spec §5): b_i += rate·sign(mean(count) − count_i), on the step's counts.
   const ModelConfig& c = model_->config();
   if (c.balance_bias && c.bias_update_rate > 0) {
@@ -83,35 +166,6 @@ double AdamW::grad_norm() const {
   float v;
   model_->backend().download(&v, t);
   return std::sqrt(static_cast<double>(v));
-}
-
-void AdamW::save(const std::string& path) const {
-  SafetensorsWriter w;
-  std::vector<std::vector<char>> hold;
-  hold.reserve(state_.entries().size());
-  for (const auto& e : state_.entries()) {
-    if (e.name == "grad_sq") continue;
-    const Tensor t = state_.view(e);
-    hold.emplace_back(t.nbytes());
-    model_->backend().download(hold.back().data(), t);
-    std::vector<int64_t> shape;
-    for (int i = 0; i < t.rank(); ++i) shape.push_back(t.dim(i));
-    w.add(e.name, t.dtype, shape, hold.back().data());
-  }
-  w.set_metadata("step", std::to_string(step_));
-  w.write(path);
-}
-
-void AdamW::load(const std::string& path) {
-  const SafetensorsFile f = SafetensorsFile::open(path);
-  for (const auto& e : state_.entries()) {
-    if (e.name == "grad_sq") continue;
-    DIFFMOE_CHECK(f.has(e.name), "{}: optimizer state '{}' is missing", path, e.name);
-    read_tensor(f, e.name, state_.view(e), model_->backend());
-  }
-  auto it = f.metadata().find("step");
-  DIFFMOE_CHECK(it != f.metadata().end(), "{}: metadata has no \"step\"", path);
-  step_ = std::stoll(it->second);
 }
 
 }  // namespace diffmoe

@@ -1,43 +1,89 @@
-// AdamW over a Model's parameters (decoupled weight decay on matrices only — never on norms, λ
-// vectors, biases or embeddings: ParamSpec::decayed), global-norm gradient clipping, and the
-// once-per-step MoE balancing-bias update (spec §5). State: first and second moments in one arena
-// with the parameters' names, plus the step count. No host synchronisation: the global norm stays
-// on the device and the AdamW op reads it. All parameters are updated by one adamw_multi call (one
-// launch on CUDA).
+// AdamW over a Model's parameters, sharded ZeRO-1 style over each parameter group's data-parallel
+// ranks (docs/parallelism.md): this rank keeps the f32 masters (for bf16 compute weights) and the
+// Adam moments of the elements it owns — one equal chunk of every gradient bucket
+// (ParamLayout::Bucket::chunk) — updates them, and writes the new compute weights of that chunk;
+// the data-parallel layer all-gathers the chunks. With one rank it owns everything.
+//
+// Decoupled weight decay on matrices only — never on norms, λ vectors, biases or embeddings
+// (ParamSpec::decayed); global-norm gradient clipping; the once-per-step MoE balancing-bias update
+// (spec §5). No host synchronisation: the global norm stays on the device and the AdamW op reads it.
+// All owned pieces are updated by one adamw_multi call (one launch on CUDA).
 #pragma once
 #include <string>
+#include <vector>
 
 #include "model/model.h"
 #include "train/train_config.h"
 
 namespace diffmoe {
 
+// This rank's index in each domain's data-parallel group (spec §12): the dense parameters are
+// sharded over every rank, the expert stacks over the ranks that hold the same experts.
+struct OptimShard {
+  int64_t dense_rank = 0;
+  int64_t expert_rank = 0;
+};
+
 class AdamW {
  public:
-  AdamW(Model& model, const OptimConfig& cfg);
+  // The part of one parameter this rank owns: elements [local_begin, local_begin + count) of its
+  // local tensor, at group_offset in the group's buffers and state_offset in this rank's state.
+  struct Piece {
+    size_t entry = 0;          // ParamLayout::entries() index
+    size_t group = 0;
+    int64_t group_offset = 0;
+    int64_t local_begin = 0;
+    int64_t count = 0;
+    int64_t state_offset = 0;
+    int64_t global_begin(const ParamLayout& l) const { return l.entries()[entry].global_offset + local_begin; }
+  };
 
-  // One optimizer step at learning rate `lr`: compute_grad_sq() then apply().
-  void step(Context ctx, double lr);
-  // Σ g² over all gradients into grad_sq() — the global norm for clipping and logging.
+  AdamW(Model& model, const OptimConfig& cfg, const OptimShard& shard = {});
+
+  const std::vector<Piece>& pieces() const { return pieces_; }
+  // This rank's index among group g's data-parallel ranks: it owns chunk rank_in(g) of each bucket.
+  int64_t rank_in(size_t group) const;
+  // Views of a piece's state: the f32 master (for a group whose compute weights are the masters
+  // themselves, the compute weights), the moments, the gradient, and the compute weights.
+  Tensor master(const Piece& p) const;
+  Tensor moment1(const Piece& p) const;
+  Tensor moment2(const Piece& p) const;
+  Tensor grad(const Piece& p) const;
+  Tensor compute(const Piece& p) const;
+  // Whether group g keeps separate f32 masters (its compute weights are bf16).
+  bool separate_masters(size_t group) const;
+
+  // The masters of the groups that keep separate ones, from the spec §6 initialisation (the
+  // compute weights come from Model::init_weights; both round the same values).
+  void init_masters(uint64_t seed);
+  // Writes the compute weights of the owned chunks from the masters (after loading masters).
+  void write_compute_weights(Context ctx);
+
+  // Σ g² into grad_sq(): over the whole gradients with one rank (the expert share from the
+  // backward's epilogue where the model has it), else over this rank's owned chunks only — the
+  // caller then sums it over the ranks for the global norm.
   void compute_grad_sq(Context ctx);
-  // With grad_sq() computed: clip by the global norm, update every trainable parameter, then the
-  // balancing biases from this step's expert counts. Increments steps_taken().
-  void apply(Context ctx, double lr);
   Tensor grad_sq() const { return state_.get("grad_sq"); }
   double grad_norm() const;  // downloads grad_sq (a host sync: logging only)
+  // With grad_sq() global: clip by the global norm, update every owned piece (masters, moments,
+  // compute weights), then the balancing biases from the expert counts (which must be the global
+  // batch's). Increments steps_taken().
+  void apply(Context ctx, double lr);
+  // compute_grad_sq() then apply(): one rank only.
+  void step(Context ctx, double lr);
 
+  size_t state_bytes() const { return state_.bytes(); }  // masters (where separate), moments, grad_sq
   int64_t steps_taken() const { return step_; }
   void set_steps_taken(int64_t s) { step_ = s; }
-  Arena& state() { return state_; }  // "m.<name>", "v.<name>", "grad_sq"
-
-  // The optimizer state as safetensors ("m.<name>", "v.<name>") and back (exact, f32/f64 as stored).
-  void save(const std::string& path) const;
-  void load(const std::string& path);
+  Model& model() const { return *model_; }
 
  private:
   Model* model_;
   OptimConfig cfg_;
-  Arena state_;
+  OptimShard shard_;
+  std::vector<Piece> pieces_;
+  std::vector<int64_t> shard_len_;  // per group: elements this rank owns
+  Arena state_;                     // per group "m.g<g>", "v.g<g>", "master.g<g>" (when separate); "grad_sq"
   int64_t step_ = 0;
   AdamWMultiArgs multi_;  // apply()'s call, kept so that its entry list is not reallocated per step
 };

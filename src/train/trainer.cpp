@@ -18,6 +18,7 @@
 #include "train/metrics.h"
 #include "train/optimizer.h"
 #include "train/run_setup.h"
+#include "train/sharded_state.h"
 #include "train/token_buffers.h"
 
 namespace diffmoe {
@@ -41,7 +42,7 @@ void routing_stats(const Model& m, std::map<std::string, double>& out) {
     const double imbalance = sum > 0 ? mx / (sum / static_cast<double>(counts.size())) : 0.0;  // max / mean (spec §5)
     out[fmt::format("imbalance_l{}", l)] = imbalance;
     worst = std::max(worst, imbalance);
-    const Tensor bias = const_cast<Model&>(m).params().get(fmt::format("layers.{}.ffn.gate.bias", l));
+    const Tensor bias = m.params().get(fmt::format("layers.{}.ffn.gate.bias", l));
     std::vector<float> b(static_cast<size_t>(bias.numel()));
     m.backend().download(b.data(), bias);
     const auto [lo, hi] = std::minmax_element(b.begin(), b.end());
@@ -65,178 +66,229 @@ std::string copy_tokenizer_into(const std::string& src, const std::string& dst_d
   return dst_dir_file;
 }
 
-}  // namespace
+// One training run (train() below): setup() builds everything a step needs, start() initialises or
+// resumes the state, step() runs one optimizer step, save() writes a checkpoint, run() loops.
+class TrainRun {
+ public:
+  TrainRun(const RunConfig& rc, const TrainOptions& opt) : rc_(rc), ts_(rc.train), opt_(opt) {}
 
-TrainResult train(const RunConfig& rc, const TrainOptions& opt) {
-  const TrainSettings& ts = rc.train;
-  auto say = [](const std::string& s) { fmt::print("{}\n", s); std::fflush(stdout); };
-  fs::create_directories(ts.out_dir);
-  const std::string config_yaml = to_yaml(rc.resolved);
-  say(fmt::format("diffmoe train: config {} (resolved, with defaults):\n{}", opt.config_path, config_yaml));
-  atomic_write_text(ts.out_dir + "/config.yaml", config_yaml);
-
-  auto be = make_backend(ts.device);  // first: a missing backend fails before any data work
-  be->set_gemm_precision(ts.precision == "bf16_gemm" ? GemmPrecision::kBF16 : GemmPrecision::kF32);
-  say(fmt::format("backend: {}", be->name()));
-  auto tokenizer = ensure_tokenizer(rc, say);
-  const std::string shards = ensure_shards(rc, *tokenizer, say);
-
-  Model model(rc.model, *be, DType::kF32);
-  const int64_t B = ts.micro_batch, T = ts.seq_len;
-  model.set_batch_shape(B, T);
-  AdamW optim(model, rc.optim);
-  data::TokenLoader loader(data::find_shards(shards, "train"),
-                           data::TokenLoaderOptions{.batch = B, .seq = T, .seed = ts.seed, .shuffle = true});
-  DIFFMOE_CHECK(loader.vocab_size() <= static_cast<uint32_t>(rc.model.vocab_size),
-                "{}: shards were made with a {}-token vocabulary but model.vocab_size is {}", shards, loader.vocab_size(),
-                rc.model.vocab_size);
-  std::unique_ptr<data::TokenLoader> val;
-  try {
-    val = std::make_unique<data::TokenLoader>(data::find_shards(shards, "val"),
-                                              data::TokenLoaderOptions{.batch = B, .seq = T, .seed = ts.seed, .shuffle = false,
-                                                                       .max_batches = rc.eval.batches});
-  } catch (const Error& e) {
-    say(fmt::format("validation: none ({})", e.what()));
+  TrainResult run() {
+    setup();
+    start();
+    loop();
+    metrics_->close();  // flush errors surface here, as errors, not in a destructor
+    return TrainResult{.steps = step_, .last_loss = last_loss_, .val_loss = val_loss_, .last_checkpoint = last_ckpt_};
   }
 
-  // Fresh start or exact resume (formats.md §4.6: model, optimizer, trainer and loader state).
-  int64_t step = 0;
-  uint64_t tokens_seen = 0;
-  std::string last_ckpt;
-  if (!opt.resume.empty()) {
-    std::vector<std::string> warnings;
-    const auto info = resolve_resume(opt.resume, rc.checkpoint.dir, &warnings);
-    for (const auto& w : warnings) say("resume: warning: " + w);
-    DIFFMOE_CHECK(info.has_value(), "{}: no valid checkpoint to resume from", rc.checkpoint.dir);
-    load_weights(model, info->dir + "/model.safetensors");
-    optim.load(info->dir + "/optimizer.safetensors");
+ private:
+  void say(const std::string& s) const {
+    fmt::print("{}\n", s);
+    std::fflush(stdout);
+  }
+
+  // The backend, the tokenizer and shards (made when missing), the model, the optimizer and the loaders.
+  void setup() {
+    fs::create_directories(ts_.out_dir);
+    const std::string config_yaml = to_yaml(rc_.resolved);
+    say(fmt::format("diffmoe train: config {} (resolved, with defaults):\n{}", opt_.config_path, config_yaml));
+    atomic_write_text(ts_.out_dir + "/config.yaml", config_yaml);
+
+    be_ = make_backend(ts_.device);  // first: a missing backend fails before any data work
+    say(fmt::format("backend: {}", be_->name()));
+    tokenizer_ = ensure_tokenizer(rc_, [this](const std::string& s) { say(s); });
+    shards_ = ensure_shards(rc_, *tokenizer_, [this](const std::string& s) { say(s); });
+
+    const int64_t B = ts_.micro_batch, T = ts_.seq_len;
+    model_ = std::make_unique<Model>(rc_.model, *be_, DType::kF32,
+                                     ModelOptions{.precision = parse_precision(ts_.precision, "train.precision")});
+    model_->set_batch_shape(B, T);
+    optim_ = std::make_unique<AdamW>(*model_, rc_.optim);
+    loader_ = std::make_unique<data::TokenLoader>(data::find_shards(shards_, "train"),
+                                                  data::TokenLoaderOptions{.batch = B, .seq = T, .seed = ts_.seed, .shuffle = true});
+    DIFFMOE_CHECK(loader_->vocab_size() <= static_cast<uint32_t>(rc_.model.vocab_size),
+                  "{}: shards were made with a {}-token vocabulary but model.vocab_size is {}", shards_, loader_->vocab_size(),
+                  rc_.model.vocab_size);
     try {
-      step = info->state.at("step").get<int64_t>();
-      tokens_seen = info->state.at("tokens_seen").get<uint64_t>();
-      loader.restore(data::LoaderState::from_json(info->state.at("loader").get<std::string>()));
-      const int64_t world = info->state.at("world_size").get<int64_t>();
-      DIFFMOE_CHECK(world == 1, "world_size: checkpoint was written by {} ranks, this run has 1", world);
+      val_ = std::make_unique<data::TokenLoader>(data::find_shards(shards_, "val"),
+                                                 data::TokenLoaderOptions{.batch = B, .seq = T, .seed = ts_.seed, .shuffle = false,
+                                                                          .max_batches = rc_.eval.batches});
+    } catch (const Error& e) {
+      say(fmt::format("validation: none ({})", e.what()));
+    }
+    tb_ = std::make_unique<TokenBuffers>(*be_, B, T);
+    flops_per_token_ = count_parameters(rc_.model, T).flops_per_token;
+    tokens_per_step_ = B * T * ts_.grad_accum;
+  }
+
+  // A fresh start from the seed, or an exact resume (formats.md §4.6: model, optimizer, trainer and
+  // loader state).
+  void start() {
+    if (!opt_.resume.empty()) {
+      resume();
+    } else {
+      model_->init_weights(ts_.seed);
+      optim_->init_masters(ts_.seed);
+    }
+    first_step_ = step_;
+    metrics_ = std::make_unique<MetricsLogger>(rc_, step_, ts_.max_steps, /*resumed=*/!opt_.resume.empty());
+    say(fmt::format("training: {} steps of {} tokens ({}x{} x {} micro-batches), {:.2f} MFLOP/token, {} train tokens", ts_.max_steps,
+                    tokens_per_step_, ts_.micro_batch, ts_.seq_len, ts_.grad_accum, flops_per_token_ / 1e6, loader_->n_tokens()));
+  }
+
+  void resume() {
+    std::vector<std::string> warnings;
+    const auto info = resolve_resume(opt_.resume, rc_.checkpoint.dir, &warnings);
+    for (const auto& w : warnings) say("resume: warning: " + w);
+    DIFFMOE_CHECK(info.has_value(), "{}: no valid checkpoint to resume from", rc_.checkpoint.dir);
+    const StateReader reader(info->dir);
+    DIFFMOE_CHECK(reader.has_moments(), "{}: holds model weights but no optimizer state: cannot resume training from it", info->dir);
+    load_state(*optim_, reader, {});
+    try {
+      step_ = info->state.at("step").get<int64_t>();
+      tokens_seen_ = info->state.at("tokens_seen").get<uint64_t>();
+      loader_->restore(data::LoaderState::from_json(info->state.at("loader").get<std::string>()));
     } catch (const std::exception& e) {
       DIFFMOE_FAIL("{}/trainer_state.json: {}", info->dir, e.what());
     }
-    DIFFMOE_CHECK(optim.steps_taken() == step, "{}: optimizer.safetensors is at step {} but trainer_state.json at step {}", info->dir,
-                  optim.steps_taken(), step);
-    last_ckpt = info->dir;
-    say(fmt::format("resumed from {} at step {} ({} tokens seen)", info->dir, step, tokens_seen));
-  } else {
-    model.init_weights(ts.seed);
+    optim_->set_steps_taken(step_);
+    last_ckpt_ = info->dir;
+    say(fmt::format("resumed from {} at step {} ({} tokens seen)", info->dir, step_, tokens_seen_));
   }
 
-  const int64_t first_step = step;  // train.stop_after counts the steps of this invocation
-  MetricsLogger metrics(rc, step, ts.max_steps, /*resumed=*/!opt.resume.empty());
-  TokenBuffers tb(*be, B, T);
-  const double flops_per_token = count_parameters(rc.model, T).flops_per_token;
-  const int64_t tokens_per_step = B * T * ts.grad_accum;
-  say(fmt::format("training: {} steps of {} tokens ({}x{} x {} micro-batches), {:.2f} MFLOP/token, {} train tokens", ts.max_steps,
-                  tokens_per_step, B, T, ts.grad_accum, flops_per_token / 1e6, loader.n_tokens()));
-
-  auto save = [&](int64_t at_step) {
-    const std::string tok_name = "tokenizer" + fs::path(rc.tokenizer.path).extension().string();
+  void save(int64_t at_step) {
+    const std::string tok_name = "tokenizer" + fs::path(rc_.tokenizer.path).extension().string();
     nlohmann::ordered_json state = {{"step", at_step},
-                                    {"tokens_seen", tokens_seen},
-                                    {"loader", loader.state().to_json()},
-                                    {"seed", ts.seed},
+                                    {"tokens_seen", tokens_seen_},
+                                    {"loader", loader_->state().to_json()},
+                                    {"seed", ts_.seed},
                                     {"world_size", 1},
+                                    {"expert_parallel", 1},
                                     {"tokenizer", tok_name},
-                                    {"config", rc.resolved}};
-    last_ckpt = save_checkpoint(CheckpointSaveOptions{
-        .root = rc.checkpoint.dir,
+                                    {"config", rc_.resolved}};
+    last_ckpt_ = save_checkpoint(CheckpointSaveOptions{
+        .root = rc_.checkpoint.dir,
         .step = at_step,
-        .files = {{"model.safetensors", [&](const std::string& p) { save_model(model, p, {{"step", std::to_string(at_step)}}); }},
-                  {"optimizer.safetensors", [&](const std::string& p) { optim.save(p); }},
-                  {tok_name, [&](const std::string& p) { copy_tokenizer_into(rc.tokenizer.path, p); }}},
+        .files = {{shard_file_name(0, 1), [&](const std::string& p) { write_state_shard(*optim_, p, 0, 1, /*with_buffers=*/true); }},
+                  {tok_name, [&](const std::string& p) { copy_tokenizer_into(rc_.tokenizer.path, p); }}},
         .state = state,
-        .keep_last = static_cast<int>(rc.checkpoint.keep_last),
-        .keep_every = rc.checkpoint.keep_every});
-    metrics.message(fmt::format("checkpoint: {}", last_ckpt));
-  };
-  double val_loss = std::nan("");
-  auto run_eval = [&](int64_t at_step) {
-    if (!val) return;
-    const EvalResult r = evaluate(model, *val, rc.eval.batches);
-    val_loss = r.loss;
-    metrics.log(at_step, "val", {{"val_loss", r.loss}, {"val_ppl", r.perplexity}, {"val_tokens", static_cast<double>(r.tokens)}});
-  };
+        .keep_last = static_cast<int>(rc_.checkpoint.keep_last),
+        .keep_every = rc_.checkpoint.keep_every});
+    metrics_->message(fmt::format("checkpoint: {}", last_ckpt_));
+  }
 
-  double window_loss = 0, window_aux = 0, last_loss = 0;
-  int64_t bad_steps = 0;  // consecutive non-finite steps
-  int64_t window_steps = 0;
-  auto window_t0 = std::chrono::steady_clock::now();
-  while (step < ts.max_steps) {
-    const auto t0 = std::chrono::steady_clock::now();
-    model.zero_grads({});
-    model.zero_expert_counts({});
+  void run_eval(int64_t at_step) {
+    if (!val_) return;
+    const EvalResult r = evaluate(*model_, *val_, rc_.eval.batches);
+    val_loss_ = r.loss;
+    metrics_->log(at_step, "val", {{"val_loss", r.loss}, {"val_ppl", r.perplexity}, {"val_tokens", static_cast<double>(r.tokens)}});
+  }
+
+  // Forward and backward over grad_accum micro-batches, then the update. Returns false when the step
+  // was not applied (a non-finite loss or gradient norm).
+  bool step(double* loss_out, double* aux_out, double* gnorm_out) {
+    model_->zero_grads({});
+    model_->zero_expert_counts({});
     double loss = 0, aux = 0;
-    for (int64_t micro = 0; micro < ts.grad_accum; ++micro) {
-      tb.next(loader, *be);  // the training loader never ends (it runs across epochs)
-      model.forward({}, tb.inputs(), tb.targets());
-      model.backward({}, 1.0 / static_cast<double>(ts.grad_accum));
-      const LossValues l = model.losses();
-      loss += l.lm_loss / static_cast<double>(ts.grad_accum);
-      aux += l.aux_loss / static_cast<double>(ts.grad_accum);
+    for (int64_t micro = 0; micro < ts_.grad_accum; ++micro) {
+      tb_->next(*loader_, *be_);  // the training loader never ends (it runs across epochs)
+      model_->forward({}, tb_->inputs(), tb_->targets());
+      model_->backward({}, 1.0 / static_cast<double>(ts_.grad_accum));
+      const LossValues l = model_->losses();
+      loss += l.lm_loss / static_cast<double>(ts_.grad_accum);
+      aux += l.aux_loss / static_cast<double>(ts_.grad_accum);
     }
-    optim.compute_grad_sq({});
-    const double gnorm = optim.grad_norm();
-    // A non-finite loss or gradient stops the run before the update: parameters, optimizer state
-    // and every checkpoint stay as they were.
+    optim_->compute_grad_sq({});
+    const double gnorm = optim_->grad_norm();
+    *loss_out = loss;
+    *aux_out = aux;
+    *gnorm_out = gnorm;
+    // A non-finite loss or gradient is never applied: parameters, optimizer state and every
+    // checkpoint stay as they were. train.max_bad_steps consecutive ones stop the run.
     if (!std::isfinite(loss) || !std::isfinite(gnorm)) {
-      // A non-finite loss or gradient is never applied: parameters, optimizer state and every
-      // checkpoint stay as they were. train.max_bad_steps consecutive ones stop the run.
-      ++bad_steps;
-      const std::string what = fmt::format("step {}: non-finite {} ({})", step + 1, std::isfinite(loss) ? "gradient norm" : "loss",
+      ++bad_steps_;
+      const std::string what = fmt::format("step {}: non-finite {} ({})", step_ + 1, std::isfinite(loss) ? "gradient norm" : "loss",
                                            std::isfinite(loss) ? gnorm : loss);
-      DIFFMOE_CHECK(bad_steps < ts.max_bad_steps, "{}; stopping without applying it ({} consecutive non-finite step(s), train.max_bad_steps = {}). "
-                    "Last good checkpoint: {}", what, bad_steps, ts.max_bad_steps, last_ckpt.empty() ? "none written yet" : last_ckpt);
-      metrics.message(fmt::format("warning: {}; update skipped ({} of train.max_bad_steps = {})", what, bad_steps, ts.max_bad_steps));
-      continue;
+      DIFFMOE_CHECK(bad_steps_ < ts_.max_bad_steps,
+                    "{}; stopping without applying it ({} consecutive non-finite step(s), train.max_bad_steps = {}). "
+                    "Last good checkpoint: {}",
+                    what, bad_steps_, ts_.max_bad_steps, last_ckpt_.empty() ? "none written yet" : last_ckpt_);
+      metrics_->message(fmt::format("warning: {}; update skipped ({} of train.max_bad_steps = {})", what, bad_steps_, ts_.max_bad_steps));
+      return false;
     }
-    bad_steps = 0;
-    const double lr = learning_rate(step, rc.optim.warmup_steps, ts.max_steps, rc.optim.lr, rc.optim.min_lr);
-    optim.apply({}, lr);
-    ++step;
-    tokens_seen += static_cast<uint64_t>(tokens_per_step);
-    last_loss = loss;
-    window_loss += loss;
-    window_aux += aux;
-    ++window_steps;
-    const double step_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-    metrics.progress(step, loss, static_cast<double>(tokens_per_step) / step_s);
+    bad_steps_ = 0;
+    lr_ = learning_rate(step_, rc_.optim.warmup_steps, ts_.max_steps, rc_.optim.lr, rc_.optim.min_lr);
+    optim_->apply({}, lr_);
+    return true;
+  }
 
-    if (step % ts.log_every == 0 || step == ts.max_steps) {
-      const double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - window_t0).count();
-      const double tps = static_cast<double>(window_steps * tokens_per_step) / dt;
-      std::map<std::string, double> v = {{"loss", window_loss / static_cast<double>(window_steps)},
-                                         {"aux_loss", window_aux / static_cast<double>(window_steps)},
-                                         {"lr", lr},
-                                         {"grad_norm", gnorm},
-                                         {"tokens_per_s", tps},
-                                         {"step_time_s", dt / static_cast<double>(window_steps)},
-                                         {"mfu_pct", 100.0 * tps * flops_per_token / (ts.peak_tflops * 1e12)},
-                                         {"tokens_seen", static_cast<double>(tokens_seen)}};
-      routing_stats(model, v);
-      metrics.log(step, "train", v);
-      window_loss = window_aux = 0;
-      window_steps = 0;
-      window_t0 = std::chrono::steady_clock::now();
-    }
-    const bool eval_now = (rc.eval.every > 0 && step % rc.eval.every == 0) || step == ts.max_steps;
-    if (eval_now) run_eval(step);
-    if ((rc.checkpoint.every > 0 && step % rc.checkpoint.every == 0) || step == ts.max_steps) save(step);
-    metrics.flush();
-    if (ts.stop_after > 0 && step - first_step >= ts.stop_after && step < ts.max_steps) {
-      // As if interrupted here: no extra checkpoint, nothing else written (train.stop_after).
-      metrics.message(fmt::format("stopping after {} steps of this run (train.stop_after) at step {} of {}", ts.stop_after, step,
-                                  ts.max_steps));
-      break;
+  void loop() {
+    double window_loss = 0, window_aux = 0;
+    int64_t window_steps = 0;
+    auto window_t0 = std::chrono::steady_clock::now();
+    while (step_ < ts_.max_steps) {
+      const auto t0 = std::chrono::steady_clock::now();
+      double loss = 0, aux = 0, gnorm = 0;
+      if (!step(&loss, &aux, &gnorm)) continue;
+      ++step_;
+      tokens_seen_ += static_cast<uint64_t>(tokens_per_step_);
+      last_loss_ = loss;
+      window_loss += loss;
+      window_aux += aux;
+      ++window_steps;
+      const double step_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+      metrics_->progress(step_, loss, static_cast<double>(tokens_per_step_) / step_s);
+
+      if (step_ % ts_.log_every == 0 || step_ == ts_.max_steps) {
+        const double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - window_t0).count();
+        const double tps = static_cast<double>(window_steps * tokens_per_step_) / dt;
+        std::map<std::string, double> v = {{"loss", window_loss / static_cast<double>(window_steps)},
+                                           {"aux_loss", window_aux / static_cast<double>(window_steps)},
+                                           {"lr", lr_},
+                                           {"grad_norm", gnorm},
+                                           {"tokens_per_s", tps},
+                                           {"step_time_s", dt / static_cast<double>(window_steps)},
+                                           {"mfu_pct", 100.0 * tps * flops_per_token_ / (ts_.peak_tflops * 1e12)},
+                                           {"tokens_seen", static_cast<double>(tokens_seen_)}};
+        routing_stats(*model_, v);
+        metrics_->log(step_, "train", v);
+        window_loss = window_aux = 0;
+        window_steps = 0;
+        window_t0 = std::chrono::steady_clock::now();
+      }
+      const bool eval_now = (rc_.eval.every > 0 && step_ % rc_.eval.every == 0) || step_ == ts_.max_steps;
+      if (eval_now) run_eval(step_);
+      if ((rc_.checkpoint.every > 0 && step_ % rc_.checkpoint.every == 0) || step_ == ts_.max_steps) save(step_);
+      metrics_->flush();
+      if (ts_.stop_after > 0 && step_ - first_step_ >= ts_.stop_after && step_ < ts_.max_steps) {
+        // As if interrupted here: no extra checkpoint, nothing else written (train.stop_after).
+        metrics_->message(fmt::format("stopping after {} steps of this run (train.stop_after) at step {} of {}", ts_.stop_after,
+                                      step_, ts_.max_steps));
+        break;
+      }
     }
   }
-  metrics.close();  // flush errors surface here, as errors, not in a destructor
-  return TrainResult{.steps = step, .last_loss = last_loss, .val_loss = val_loss, .last_checkpoint = last_ckpt};
-}
+
+  const RunConfig& rc_;
+  const TrainSettings& ts_;
+  const TrainOptions& opt_;
+  std::unique_ptr<Backend> be_;
+  std::unique_ptr<data::Tokenizer> tokenizer_;
+  std::string shards_;
+  std::unique_ptr<Model> model_;
+  std::unique_ptr<AdamW> optim_;
+  std::unique_ptr<data::TokenLoader> loader_, val_;
+  std::unique_ptr<TokenBuffers> tb_;
+  std::unique_ptr<MetricsLogger> metrics_;
+  double flops_per_token_ = 0;
+  int64_t tokens_per_step_ = 0;
+  int64_t step_ = 0, first_step_ = 0, bad_steps_ = 0;
+  uint64_t tokens_seen_ = 0;
+  double lr_ = 0, last_loss_ = 0, val_loss_ = std::nan("");
+  std::string last_ckpt_;
+};
+
+}  // namespace
+
+TrainResult train(const RunConfig& rc, const TrainOptions& opt) { return TrainRun(rc, opt).run(); }
 
 }  // namespace diffmoe

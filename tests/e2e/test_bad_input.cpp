@@ -117,7 +117,7 @@ TEST_F(E2E, TruncatedCheckpoint) {
   y.set("eval.every", "0");
   const fs::path cfg = write_config(y);
   E2E_EXPECT_OK(train(cfg));
-  const fs::path ck = dir_ / "run" / "checkpoints", newest = ck / "step_000000004", model = newest / "model.safetensors";
+  const fs::path ck = dir_ / "run" / "checkpoints", newest = ck / "step_000000004", model = newest / kShard0;
   ASSERT_EQ(read_file(ck / "latest"), "step_000000004\n");
   fs::resize_file(model, fs::file_size(model) / 2);
 

@@ -43,8 +43,7 @@ TEST_F(E2E, NonFiniteLossStopsAndKeepsTheLastGoodCheckpoint) {
   EXPECT_EQ(dirs.back(), ck / last) << "nothing newer than the last good step";
   for (const auto& d : dirs) EXPECT_EQ(d.extension(), "") << "a temporary directory was left: " << d;
   EXPECT_NO_THROW(open_checkpoint((ck / last).string()));
-  EXPECT_EQ(count_non_finite(ck / last / "model.safetensors"), 0);
-  EXPECT_EQ(count_non_finite(ck / last / "optimizer.safetensors"), 0);
+  EXPECT_EQ(count_non_finite(ck / last / kShard0), 0);
   // The logs are complete up to the last good step.
   const auto rows = read_jsonl(dir_ / "run" / "metrics.jsonl");
   ASSERT_FALSE(rows.empty());
@@ -62,7 +61,7 @@ void expect_second_checkpoint_fails(const RunResult& r, const fs::path& root, co
   EXPECT_EQ(read_file(root / "latest"), "step_000000001\n");
   EXPECT_EQ(list_dir(root, "step_"), std::vector<fs::path>{root / "step_000000001"}) << "no step_2 or *.tmp directory may remain";
   EXPECT_NO_THROW(open_checkpoint((root / "step_000000001").string()));
-  EXPECT_EQ(count_non_finite(root / "step_000000001" / "model.safetensors"), 0);
+  EXPECT_EQ(count_non_finite(root / "step_000000001" / kShard0), 0);
 }
 
 // Bytes a file takes on tmpfs (whole pages).
@@ -109,7 +108,7 @@ TEST_F(E2E, FullDiskDuringCheckpointKeepsThePreviousOne) {
   EXPECT_NE(again.out.find("resumed from " + (root / "step_000000001").string()), std::string::npos) << again.out;
 }
 
-// The same error path without privileges: RLIMIT_FSIZE below the size of model.safetensors makes
+// The same error path without privileges: RLIMIT_FSIZE below the size of the state shard makes
 // the very first checkpoint fail with EFBIG ("File too large"). The tokenizer and shards are made
 // beforehand; the rest the run writes (config, logs, trainer state) is far below the limit.
 TEST_F(E2E, FileSizeLimitDuringCheckpointFailsCleanly) {
@@ -117,7 +116,7 @@ TEST_F(E2E, FileSizeLimitDuringCheckpointFailsCleanly) {
   probe.set("train.max_steps", "1");
   probe.set("eval.every", "0");
   E2E_EXPECT_OK(train(write_config(probe, "probe.yaml")));
-  const uintmax_t model_bytes = fs::file_size(dir_ / "probe" / "checkpoints" / "step_000000001" / "model.safetensors");
+  const uintmax_t model_bytes = fs::file_size(dir_ / "probe" / "checkpoints" / "step_000000001" / kShard0);
   ASSERT_GT(model_bytes, 64u * 1024) << "the limit must stay above the run's other files";
 
   Yaml y = micro_config(dir_, dir_ / "run");
@@ -126,13 +125,13 @@ TEST_F(E2E, FileSizeLimitDuringCheckpointFailsCleanly) {
   y.set("eval.every", "0");
   const fs::path root = dir_ / "run" / "checkpoints";
   const RunResult r = train(write_config(y), {}, with_fsize_limit(model_bytes / 2));
-  const std::string err = expect_clean_error(r, {root.string(), "model.safetensors", "File too large", "step 1 not saved"});
+  const std::string err = expect_clean_error(r, {root.string(), kShard0, "File too large", "step 1 not saved"});
   EXPECT_FALSE(fs::exists(root / "latest"));
   EXPECT_TRUE(list_dir(root, "step_").empty()) << "no step_1 or step_1.tmp may remain";
   for (const auto& f : list_dir(root)) ADD_FAILURE() << "left behind: " << f;
 
   // With a checkpoint already there, a later failing save keeps it (limit between the sizes of
-  // trainer_state.json and model.safetensors, applied to a resumed run).
+  // trainer_state.json and the state shard, applied to a resumed run).
   Yaml ok = y;
   ok.set("train.max_steps", "1");
   E2E_EXPECT_OK(train(write_config(ok, "ok.yaml")));

@@ -105,7 +105,7 @@ void check_case(const Case& c) {
   const Batch b1 = make_batch(c.cfg, c.batch, c.seq, 101), b2 = make_batch(c.cfg, c.batch, c.seq, 202);
 
   const auto ref = make_model(be, c);  // never zero_grads: every backward adds onto a zeroed arena
-  be.fill({}, {.out = ref->grads().flat(), .value = 0.0});
+  for (size_t g = 0; g < ref->layout().groups().size(); ++g) be.fill({}, {.out = ref->grads().buffers().group(g), .value = 0.0});
   forward_backward(*ref, b1);
   const auto want_once = grads_of(*ref);
   forward_backward(*ref, b2);
@@ -184,33 +184,40 @@ TEST(ZeroGrads, FillsOnlyTheAddedIntoGradientsAndGradsZeroesTheRest) {
     const Case c{.name = "", .cfg = cfg, .dtype = DType::kF64};
     const auto m = make_model(be, c);
     fill_every_gradient(*m, kNaN);
-    const Arena& arena = m->grads();  // taken before zero_grads, like the views below: reading them
-    std::vector<Tensor> views;        // later does not go through grads()
-    size_t added_bytes = 0;
+    const GradBuffer& arena = m->grads();  // taken before zero_grads, like the views below: reading
+    std::vector<Tensor> views;             // them later does not go through grads()
+    size_t added_bytes = 0, total_bytes = 0;
     for (const ParamSpec& p : m->specs()) {
       if (!p.trainable()) continue;
       views.push_back(arena.get(p.name));
-      const size_t padded = (views.back().nbytes() + Arena::kAlign - 1) / Arena::kAlign * Arena::kAlign;
-      if (added_into(p, cfg.tie_embeddings)) added_bytes += padded;
+      if (added_into(p, cfg.tie_embeddings)) added_bytes += views.back().nbytes();
     }
+    for (size_t g = 0; g < m->layout().groups().size(); ++g) total_bytes += arena.buffers().group(g).nbytes();
     m->zero_grads({});
     size_t i = 0;
     for (const ParamSpec& p : m->specs()) {
       if (!p.trainable()) continue;
       const std::vector<double> v = test::to_vector(views[i++]);
+      // A small GEMM-written gradient between added-into ones (in these micro models every matrix)
+      // may be zeroed in the same fill (GradBuffer): allowed, the backward overwrites it. The expert
+      // stacks live in a group of their own with nothing added into: never filled.
+      const bool big_gemm = p.kind == ParamKind::kExpert;
       for (double x : v) {
-        if (added_into(p, cfg.tie_embeddings)) ASSERT_EQ(x, 0.0) << p.name;
-        else ASSERT_TRUE(std::isnan(x)) << p.name << " was written by zero_grads";
+        if (added_into(p, cfg.tie_embeddings)) {
+          ASSERT_EQ(x, 0.0) << p.name;
+        } else if (big_gemm) {
+          ASSERT_TRUE(std::isnan(x)) << p.name << " was written by zero_grads";
+        }
       }
     }
-    EXPECT_EQ(m->zero_grads_bytes(), added_bytes);
-    EXPECT_LT(m->zero_grads_bytes(), arena.bytes());
+    EXPECT_GE(m->zero_grads_bytes(), added_bytes);
+    EXPECT_LT(m->zero_grads_bytes(), total_bytes);
 
     // grads() now zeroes the GEMM weights' gradients; writes through it are then added onto.
-    Arena& g = m->grads();
+    (void)m->grads();
     for (const Tensor& t : views)
       for (double x : test::to_vector(t)) ASSERT_EQ(x, 0.0);
-    for (const Arena::Entry& e : g.entries()) be.fill({}, {.out = g.view(e), .value = 0.25});
+    for (const Tensor& t : views) be.fill({}, {.out = t, .value = 0.25});
     const Batch b = make_batch(cfg, c.batch, c.seq, 303);
     forward_backward(*m, b);
     const auto ref = make_model(be, c);
