@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU check of the CUDA backend (issue #4). Run on a machine with an NVIDIA GPU, from the repository
+# GPU check of the CUDA backend. Run on a machine with an NVIDIA GPU, from the repository
 # root. Steps: configure + build (CUDA on, Hopper sm_90a by default) into build-gpu; the CUDA-vs-CPU
 # op checks (test_cuda_ops); the whole-model check (cuda_model_check, f32 and bf16_gemm); compute-
 # sanitizer memcheck on the op checks (the long-sequence case left out) and on the grouped GEMM's own

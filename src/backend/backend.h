@@ -17,8 +17,9 @@ struct Context {
 };
 
 // How gemm, grouped_gemm and grouped_gemm_wgrad compute; tensors keep their dtype either way.
-// kBF16: A and B are rounded to bf16 (8-bit mantissa) and multiplied on tensor cores with f32
-// accumulation, alpha/beta and C in f32 (spec §7 first step: f32 tensors, bf16 GEMM inputs).
+// kBF16: A and B are rounded to bf16 (8-bit mantissa; bf16 operands are read as they are) and
+// multiplied on tensor cores with f32 accumulation and alpha/beta in f32; C is f32, or bf16 where
+// op_args.h allows it (spec §7, train.precision bf16_gemm).
 enum class GemmPrecision { kF32, kBF16 };
 
 class Backend {

@@ -4,11 +4,12 @@
 // dtype (index tensors i32); it returns the sizes the op needs.
 //
 // Not here, because they depend on the backend: which float dtypes it computes in (CPU: f32 or
-// f64, CUDA: f32 in this milestone), and checks of tensor CONTENTS (token ids, expert indices,
+// f64; CUDA: f32, and bf16 where op_args.h allows it in the bf16 GEMM mode), and checks of tensor CONTENTS (token ids, expert indices,
 // slot positions, targets in range). The CPU backend reads those on the host; the CUDA backend
 // checks them on the device and reports at the next synchronize(), so no op syncs the host.
-// Group offsets of the grouped GEMMs are read to the host by both, then checked by
-// check_group_offsets below.
+// Group offsets of the grouped GEMMs are read on the host by the CPU backend and by the CUDA
+// backend's f32 path, then checked by check_group_offsets below (the CUDA bf16 kernels check them
+// on the device).
 //
 // This header is plain C++17 so that CUDA translation units can include it.
 #pragma once
