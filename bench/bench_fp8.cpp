@@ -12,12 +12,12 @@
 // in one pass: what the recipe's backward needs). Warm-up runs until cuBLASLt's algorithm timing has
 // settled (Backend::tuning); times are host wall-clock around `iters` calls between two
 // synchronisations. Needs a 9.x device for fp8_gemm (cuBLASLt's block-scaled FP8 modes).
-#include <CLI/CLI.hpp>
 #include <fmt/core.h>
 
+#include <CLI/CLI.hpp>
 #include <chrono>
-#include <tuple>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "backend/backend.h"
@@ -92,24 +92,32 @@ void bench_act_quant(Backend& be, int64_t tokens, const std::vector<int64_t>& wi
   fmt::print("{:>7} {:>6} {:>5} {:>22} {:>10} {:>9}\n", "T", "K", "x", "copies", "us", "GB/s");
   for (int64_t k : widths) {
     const int64_t m = tokens;
-    Buffers b(be, {{"x", Shape{m, k}, DType::kF32}, {"x16", Shape{m, k}, DType::kBF16},
-                   {"q", Shape{m, k}, DType::kF8E4M3}, {"s", Shape{fp8_tiles(k), m}, DType::kF32},
-                   {"q_t", Shape{k, m}, DType::kF8E4M3}, {"s_t", Shape{fp8_tiles(m), k}, DType::kF32}});
+    Buffers b(be, {{"x", Shape{m, k}, DType::kF32},
+                   {"x16", Shape{m, k}, DType::kBF16},
+                   {"q", Shape{m, k}, DType::kF8E4M3},
+                   {"s", Shape{fp8_tiles(k), m}, DType::kF32},
+                   {"q_t", Shape{k, m}, DType::kF8E4M3},
+                   {"s_t", Shape{fp8_tiles(m), k}, DType::kF32}});
     b.fill_normal(b["x"], 1, 1.0);
     be.copy({}, {.dst = b["x16"], .src = b["x"]});
     for (DType dt : {DType::kF32, DType::kBF16})
       for (int mode = 0; mode < 3; ++mode) {
         const bool rows = mode != 1, cols = mode != 0;
         const Tensor x = dt == DType::kF32 ? b["x"] : b["x16"];
-        const ActQuantArgs args{.q = rows ? b["q"] : Tensor{}, .scale = rows ? b["s"] : Tensor{},
-                                .q_t = cols ? b["q_t"] : Tensor{}, .scale_t = cols ? b["s_t"] : Tensor{}, .x = x};
+        const ActQuantArgs args{.q = rows ? b["q"] : Tensor{},
+                                .scale = rows ? b["s"] : Tensor{},
+                                .q_t = cols ? b["q_t"] : Tensor{},
+                                .scale_t = cols ? b["s_t"] : Tensor{},
+                                .x = x};
         const double ms = time_ms(be, iters, [&] { be.act_quant({}, args); });
         const double bytes = static_cast<double>(x.nbytes()) +
                              (rows ? static_cast<double>(m * k + 4 * fp8_tiles(k) * m) : 0.0) +
                              (cols ? static_cast<double>(m * k + 4 * fp8_tiles(m) * k) : 0.0);
         fmt::print("{:>7} {:>6} {:>5} {:>22} {:>10.1f} {:>9.0f}\n", m, k, dtype_name(dt),
-                   mode == 0 ? "row-wise (1x128)" : mode == 1 ? "transposed (128x1)" : "both, one pass", ms * 1e3,
-                   bytes / (ms * 1e-3) / 1e9);
+                   mode == 0   ? "row-wise (1x128)"
+                   : mode == 1 ? "transposed (128x1)"
+                               : "both, one pass",
+                   ms * 1e3, bytes / (ms * 1e-3) / 1e9);
       }
   }
 }
@@ -120,16 +128,27 @@ void bench_gemms(Backend& be, int64_t tokens, const std::vector<Linear>& linears
              "bf16 TFLOP/s", "fp8/bf16");
   for (const Linear& l : linears) {
     const int64_t t = tokens, in = l.in, out = l.out;
-    Buffers b(be, {{"x", Shape{t, in}, DType::kF32}, {"dy", Shape{t, out}, DType::kF32}, {"w", Shape{out, in}, DType::kF32},
-                   {"x16", Shape{t, in}, DType::kBF16}, {"dy16", Shape{t, out}, DType::kBF16},
-                   {"w16", Shape{out, in}, DType::kBF16}, {"y16", Shape{t, out}, DType::kBF16},
-                   {"dx16", Shape{t, in}, DType::kBF16}, {"dw", Shape{out, in}, DType::kF32},
-                   {"xq", Shape{t, in}, DType::kF8E4M3}, {"xs", Shape{fp8_tiles(in), t}, DType::kF32},
-                   {"xq_t", Shape{in, t}, DType::kF8E4M3}, {"xs_t", Shape{fp8_tiles(t), in}, DType::kF32},
-                   {"dyq", Shape{t, out}, DType::kF8E4M3}, {"dys", Shape{fp8_tiles(out), t}, DType::kF32},
-                   {"dyq_t", Shape{out, t}, DType::kF8E4M3}, {"dys_t", Shape{fp8_tiles(t), out}, DType::kF32},
-                   {"wq", Shape{out, in}, DType::kF8E4M3}, {"ws", Shape{fp8_tiles(out), fp8_block_scale_cols(in)}, DType::kF32},
-                   {"wq_t", Shape{in, out}, DType::kF8E4M3}, {"ws_t", Shape{fp8_tiles(in), fp8_block_scale_cols(out)}, DType::kF32}});
+    Buffers b(be, {{"x", Shape{t, in}, DType::kF32},
+                   {"dy", Shape{t, out}, DType::kF32},
+                   {"w", Shape{out, in}, DType::kF32},
+                   {"x16", Shape{t, in}, DType::kBF16},
+                   {"dy16", Shape{t, out}, DType::kBF16},
+                   {"w16", Shape{out, in}, DType::kBF16},
+                   {"y16", Shape{t, out}, DType::kBF16},
+                   {"dx16", Shape{t, in}, DType::kBF16},
+                   {"dw", Shape{out, in}, DType::kF32},
+                   {"xq", Shape{t, in}, DType::kF8E4M3},
+                   {"xs", Shape{fp8_tiles(in), t}, DType::kF32},
+                   {"xq_t", Shape{in, t}, DType::kF8E4M3},
+                   {"xs_t", Shape{fp8_tiles(t), in}, DType::kF32},
+                   {"dyq", Shape{t, out}, DType::kF8E4M3},
+                   {"dys", Shape{fp8_tiles(out), t}, DType::kF32},
+                   {"dyq_t", Shape{out, t}, DType::kF8E4M3},
+                   {"dys_t", Shape{fp8_tiles(t), out}, DType::kF32},
+                   {"wq", Shape{out, in}, DType::kF8E4M3},
+                   {"ws", Shape{fp8_tiles(out), fp8_block_scale_cols(in)}, DType::kF32},
+                   {"wq_t", Shape{in, out}, DType::kF8E4M3},
+                   {"ws_t", Shape{fp8_tiles(in), fp8_block_scale_cols(out)}, DType::kF32}});
     b.fill_normal(b["x"], 11, 1.0);
     b.fill_normal(b["dy"], 12, 1e-3);
     b.fill_normal(b["w"], 13, 0.02);
@@ -145,13 +164,29 @@ void bench_gemms(Backend& be, int64_t tokens, const std::vector<Linear>& linears
       GemmArgs bf16;
     };
     const std::vector<Form> forms = {
-        {"Fprop", t, out, in, {.c = b["y16"], .a = b["xq"], .a_scale = b["xs"], .b = b["wq"], .b_scale = b["ws"]},
+        {"Fprop",
+         t,
+         out,
+         in,
+         {.c = b["y16"], .a = b["xq"], .a_scale = b["xs"], .b = b["wq"], .b_scale = b["ws"]},
          {.c = b["y16"], .a = b["x16"], .b = b["w16"], .trans_b = true}},
-        {"Dgrad", t, in, out, {.c = b["dx16"], .a = b["dyq"], .a_scale = b["dys"], .b = b["wq_t"], .b_scale = b["ws_t"]},
+        {"Dgrad",
+         t,
+         in,
+         out,
+         {.c = b["dx16"], .a = b["dyq"], .a_scale = b["dys"], .b = b["wq_t"], .b_scale = b["ws_t"]},
          {.c = b["dx16"], .a = b["dy16"], .b = b["w16"]}},
-        {"Wgrad", out, in, t,
-         {.c = b["dw"], .a = b["dyq_t"], .a_scale = b["dys_t"], .b = b["xq_t"], .b_scale = b["xs_t"],
-          .b_scaling = Fp8Scaling::kTile1x128, .beta = 1.0},
+        {"Wgrad",
+         out,
+         in,
+         t,
+         {.c = b["dw"],
+          .a = b["dyq_t"],
+          .a_scale = b["dys_t"],
+          .b = b["xq_t"],
+          .b_scale = b["xs_t"],
+          .b_scaling = Fp8Scaling::kTile1x128,
+          .beta = 1.0},
          {.c = b["dw"], .a = b["dy16"], .b = b["x16"], .trans_a = true, .beta = 1.0}},
     };
     for (const Form& f : forms) {

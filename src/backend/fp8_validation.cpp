@@ -28,8 +28,8 @@ void check_source(const Tensor& t, Device dev, std::string_view op, std::string_
 // A float output the backend writes: f32 or bf16, and on the CPU also f64.
 void check_float_output(const Tensor& t, Device dev, std::string_view op, std::string_view name) {
   const bool ok = t.dtype == DType::kF32 || t.dtype == DType::kBF16 || (dev == Device::kCPU && t.dtype == DType::kF64);
-  DIFFMOE_CHECK(ok, "[{}] {} must be f32 or bf16{}, got {}", op, name, dev == Device::kCPU ? " (or f64 on the cpu)" : "",
-                dtype_name(t.dtype));
+  DIFFMOE_CHECK(ok, "[{}] {} must be f32 or bf16{}, got {}", op, name,
+                dev == Device::kCPU ? " (or f64 on the cpu)" : "", dtype_name(t.dtype));
 }
 
 // Which of an op's two (data, scale) output pairs are given; a pair is both or neither.
@@ -115,7 +115,8 @@ GemmDims validate_fp8_gemm(const Fp8GemmArgs& a, Device dev) {
          a.b_scaling == Fp8Scaling::kBlock128x128 ? "b_scale (128×128 blocks)" : "b_scale (1×128 tiles)");
   // A bf16 C is only written: no beta·C term, which would read it in bf16 (GemmArgs' rule).
   DIFFMOE_CHECK(a.c.dtype != DType::kBF16 || a.beta == 0.0,
-                "[{}] c is bf16: needs beta = 0, got beta = {} (a GEMM that adds to its output writes f32)", kOp, a.beta);
+                "[{}] c is bf16: needs beta = 0, got beta = {} (a GEMM that adds to its output writes f32)", kOp,
+                a.beta);
   if (a.addend.defined()) {
     check_device(a.addend, dev, kOp, "addend");
     check_shape(a.addend, a.c.shape, kOp, "addend");

@@ -35,11 +35,11 @@ bool hopper() {
   if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess) return false;
   return major == 9;
 }
-#define SKIP_UNLESS_HOPPER()                                                                   \
-  do {                                                                                         \
-    if (!hopper()) {                                                                           \
+#define SKIP_UNLESS_HOPPER()                                                                  \
+  do {                                                                                        \
+    if (!hopper()) {                                                                          \
       GTEST_SKIP() << "cuBLASLt's block-scaled FP8 GEMM runs on compute capability 9.x only"; \
-    }                                                                                          \
+    }                                                                                         \
   } while (0)
 
 // Random finite codes, three in four positive (so sums do not cancel), and positive scales spread
@@ -77,7 +77,8 @@ std::vector<double> abs_products(const Dual& a, const Dual& sa, const Dual& b, c
   std::vector<double> ah(av.size()), bh(bv.size()), out(static_cast<size_t>(c.m * c.n));
   for (int64_t i = 0; i < c.m; ++i)
     for (int64_t kk = 0; kk < c.k; ++kk)
-      ah[static_cast<size_t>(i * c.k + kk)] = std::fabs(av[static_cast<size_t>(i * c.k + kk)] * sav[static_cast<size_t>((kk / 128) * c.m + i)]);
+      ah[static_cast<size_t>(i * c.k + kk)] =
+          std::fabs(av[static_cast<size_t>(i * c.k + kk)] * sav[static_cast<size_t>((kk / 128) * c.m + i)]);
   for (int64_t j = 0; j < c.n; ++j)
     for (int64_t kk = 0; kk < c.k; ++kk) {
       const double s = c.b_scaling == Fp8Scaling::kBlock128x128 ? sbv[static_cast<size_t>((j / 128) * ld + kk / 128)]
@@ -87,14 +88,16 @@ std::vector<double> abs_products(const Dual& a, const Dual& sa, const Dual& b, c
   for (int64_t i = 0; i < c.m; ++i)
     for (int64_t j = 0; j < c.n; ++j) {
       double s = 0.0;
-      for (int64_t kk = 0; kk < c.k; ++kk) s += ah[static_cast<size_t>(i * c.k + kk)] * bh[static_cast<size_t>(j * c.k + kk)];
+      for (int64_t kk = 0; kk < c.k; ++kk)
+        s += ah[static_cast<size_t>(i * c.k + kk)] * bh[static_cast<size_t>(j * c.k + kk)];
       out[static_cast<size_t>(i * c.n + j)] = s;
     }
   return out;
 }
 
 // The per-element bound and the Frobenius bound of the file comment.
-void expect_fp8_close(const Dual& c, const std::vector<double>& mag, double alpha, DType c_dtype, const std::string& what) {
+void expect_fp8_close(const Dual& c, const std::vector<double>& mag, double alpha, DType c_dtype,
+                      const std::string& what) {
   const std::vector<double> got = c.device_values(), want = c.host_values();
   const double out_round = c_dtype == DType::kBF16 ? std::ldexp(1.0, -7) : std::ldexp(1.0, -23);
   int64_t bad = 0;
@@ -107,9 +110,10 @@ void expect_fp8_close(const Dual& c, const std::vector<double>& mag, double alph
     diff2 += d * d;
     ref2 += want[i] * want[i];
   }
-  const double rel = std::sqrt(diff2 / ref2), rel_bound = c_dtype == DType::kBF16 ? std::ldexp(1.0, -7) : std::ldexp(1.0, -9);
-  std::printf("[cuda-vs-cpu] %-52s n=%-7zu ‖Δ‖/‖C‖ %.2e (≤ %.1e), worst |Δ|/bound %.3f\n", what.c_str(), got.size(), rel,
-              rel_bound, worst);
+  const double rel = std::sqrt(diff2 / ref2),
+               rel_bound = c_dtype == DType::kBF16 ? std::ldexp(1.0, -7) : std::ldexp(1.0, -9);
+  std::printf("[cuda-vs-cpu] %-52s n=%-7zu ‖Δ‖/‖C‖ %.2e (≤ %.1e), worst |Δ|/bound %.3f\n", what.c_str(), got.size(),
+              rel, rel_bound, worst);
   EXPECT_EQ(bad, 0) << what << ": elements beyond 2^-6·Σ|â·b̂|";
   EXPECT_LE(rel, rel_bound) << what;
   EXPECT_TRUE(c.guard_intact()) << what;
@@ -118,16 +122,26 @@ void expect_fp8_close(const Dual& c, const std::vector<double>& mag, double alph
 void run_case(const Case& c, uint64_t seed) {
   const Dual a = random_codes(Shape{c.m, c.k}, seed), b = random_codes(Shape{c.n, c.k}, seed + 1);
   const Dual sa = random_scales(Shape{fp8_tiles(c.k), c.m}, seed + 2);
-  const Dual sb = random_scales(c.b_scaling == Fp8Scaling::kBlock128x128 ? Shape{fp8_tiles(c.n), fp8_block_scale_cols(c.k)}
-                                                                         : Shape{fp8_tiles(c.k), c.n},
-                                seed + 3);
+  const Dual sb =
+      random_scales(c.b_scaling == Fp8Scaling::kBlock128x128 ? Shape{fp8_tiles(c.n), fp8_block_scale_cols(c.k)}
+                                                             : Shape{fp8_tiles(c.k), c.n},
+                    seed + 3);
   Dual out(Shape{c.m, c.n}, c.c_dtype), addend(Shape{c.m, c.n}, c.c_dtype);
   addend.normal(seed + 4, 50.0);
-  if (c.separate_addend || c.beta == 0.0) out.poison();  // only written
-  else out.normal(seed + 4, 50.0);                          // read in place
+  if (c.separate_addend || c.beta == 0.0)
+    out.poison();  // only written
+  else
+    out.normal(seed + 4, 50.0);  // read in place
   run_both([&](Backend& be, Side s) {
-    be.fp8_gemm({}, {.c = out[s], .a = a[s], .a_scale = sa[s], .b = b[s], .b_scale = sb[s], .b_scaling = c.b_scaling,
-                     .alpha = c.alpha, .beta = c.beta, .addend = c.separate_addend ? addend[s] : Tensor{}});
+    be.fp8_gemm({}, {.c = out[s],
+                     .a = a[s],
+                     .a_scale = sa[s],
+                     .b = b[s],
+                     .b_scale = sb[s],
+                     .b_scaling = c.b_scaling,
+                     .alpha = c.alpha,
+                     .beta = c.beta,
+                     .addend = c.separate_addend ? addend[s] : Tensor{}});
   });
   expect_fp8_close(out, abs_products(a, sa, b, sb, c), c.alpha, c.c_dtype,
                    fmt::format("fp8_gemm {}x{}x{} {} {} a={} b={}{}", c.m, c.n, c.k,
@@ -141,12 +155,12 @@ TEST(CudaFp8Gemm, AgainstCpu) {
   uint64_t seed = 3000;
   for (Fp8Scaling bs : {Fp8Scaling::kBlock128x128, Fp8Scaling::kTile1x128}) {
     run_case({256, 512, 1024, bs, DType::kF32, 1.0, 0.0, false}, seed += 10);
-    run_case({264, 200, 320, bs, DType::kF32, 1.0, 0.0, false}, seed += 10);   // edge tiles, half a K block
+    run_case({264, 200, 320, bs, DType::kF32, 1.0, 0.0, false}, seed += 10);  // edge tiles, half a K block
     run_case({128, 1536, 768, bs, DType::kBF16, 1.0, 0.0, false}, seed += 10);
-    run_case({200, 96, 384, bs, DType::kF32, 0.5, 1.0, false}, seed += 10);    // Wgrad's accumulation, in place
-    run_case({136, 264, 512, bs, DType::kF32, 1.0, 1.0, true}, seed += 10);    // a residual addend
+    run_case({200, 96, 384, bs, DType::kF32, 0.5, 1.0, false}, seed += 10);  // Wgrad's accumulation, in place
+    run_case({136, 264, 512, bs, DType::kF32, 1.0, 1.0, true}, seed += 10);  // a residual addend
     run_case({64, 72, 256, bs, DType::kF32, -1.5, -0.5, true}, seed += 10);
-    run_case({64, 72, 256, bs, DType::kF32, 1.0, 0.0, true}, seed += 10);      // NaN C and addend unread
+    run_case({64, 72, 256, bs, DType::kF32, 1.0, 0.0, true}, seed += 10);  // NaN C and addend unread
     run_case({64, 72, 256, bs, DType::kBF16, 2.0, 0.0, true}, seed += 10);
   }
 }
@@ -164,8 +178,8 @@ TEST(CudaFp8Gemm, RecipeEndToEnd) {
       xs_t(Shape{fp8_tiles(t), d});
   Dual dyq(Shape{t, o}, DType::kF8E4M3), dys(Shape{fp8_tiles(o), t}), dyq_t(Shape{o, t}, DType::kF8E4M3),
       dys_t(Shape{fp8_tiles(t), o});
-  Dual wq(Shape{o, d}, DType::kF8E4M3), ws(Shape{fp8_tiles(o), fp8_block_scale_cols(d)}), wq_t(Shape{d, o}, DType::kF8E4M3),
-      ws_t(Shape{fp8_tiles(d), fp8_block_scale_cols(o)});
+  Dual wq(Shape{o, d}, DType::kF8E4M3), ws(Shape{fp8_tiles(o), fp8_block_scale_cols(d)}),
+      wq_t(Shape{d, o}, DType::kF8E4M3), ws_t(Shape{fp8_tiles(d), fp8_block_scale_cols(o)});
   Dual y(Shape{t, o}), dx(Shape{t, d}, DType::kBF16), dw(Shape{o, d});
   y.poison();
   dx.poison();
@@ -176,15 +190,22 @@ TEST(CudaFp8Gemm, RecipeEndToEnd) {
     be.weight_quant({}, {.q = wq[s], .scale = ws[s], .q_t = wq_t[s], .scale_t = ws_t[s], .w = w[s]});
     be.fp8_gemm({}, {.c = y[s], .a = xq[s], .a_scale = xs[s], .b = wq[s], .b_scale = ws[s]});
     be.fp8_gemm({}, {.c = dx[s], .a = dyq[s], .a_scale = dys[s], .b = wq_t[s], .b_scale = ws_t[s]});
-    be.fp8_gemm({}, {.c = dw[s], .a = dyq_t[s], .a_scale = dys_t[s], .b = xq_t[s], .b_scale = xs_t[s],
-                     .b_scaling = Fp8Scaling::kTile1x128, .beta = 1.0});
+    be.fp8_gemm({}, {.c = dw[s],
+                     .a = dyq_t[s],
+                     .a_scale = dys_t[s],
+                     .b = xq_t[s],
+                     .b_scale = xs_t[s],
+                     .b_scaling = Fp8Scaling::kTile1x128,
+                     .beta = 1.0});
   });
   for (const Dual* q : {&xq, &xq_t, &dyq, &dyq_t, &wq, &wq_t}) expect_close(*q, kExact, "recipe: quantised operand");
   expect_fp8_close(y, abs_products(xq, xs, wq, ws, {t, o, d, Fp8Scaling::kBlock128x128, DType::kF32, 1, 0, false}), 1.0,
                    DType::kF32, "recipe Fprop y = x Wᵀ");
-  expect_fp8_close(dx, abs_products(dyq, dys, wq_t, ws_t, {t, d, o, Fp8Scaling::kBlock128x128, DType::kBF16, 1, 0, false}),
+  expect_fp8_close(dx,
+                   abs_products(dyq, dys, wq_t, ws_t, {t, d, o, Fp8Scaling::kBlock128x128, DType::kBF16, 1, 0, false}),
                    1.0, DType::kBF16, "recipe Dgrad dx = dy W (bf16)");
-  expect_fp8_close(dw, abs_products(dyq_t, dys_t, xq_t, xs_t, {o, d, t, Fp8Scaling::kTile1x128, DType::kF32, 1, 1, false}),
+  expect_fp8_close(dw,
+                   abs_products(dyq_t, dys_t, xq_t, xs_t, {o, d, t, Fp8Scaling::kTile1x128, DType::kF32, 1, 1, false}),
                    1.0, DType::kF32, "recipe Wgrad dW += dyᵀ x");
 }
 
@@ -202,7 +223,8 @@ TEST(CudaFp8Gemm, PlanCacheTakesEachCallsScales) {
     run_both([&](Backend& bk, Side s) {
       bk.fp8_gemm({}, {.c = out[s], .a = a[s], .a_scale = sa[s], .b = b[s], .b_scale = sb[s]});
     });
-    expect_fp8_close(out, abs_products(a, sa, b, sb, c), 1.0, DType::kF32, fmt::format("fp8_gemm plan reuse {}", round));
+    expect_fp8_close(out, abs_products(a, sa, b, sb, c), 1.0, DType::kF32,
+                     fmt::format("fp8_gemm plan reuse {}", round));
     if (round > 0) {
       EXPECT_EQ(be.lt_gemm().heuristic_queries(), queries) << "a repeated shape queried the heuristic";
     }
@@ -216,20 +238,38 @@ TEST(CudaFp8Gemm, Refusals) {
   const Dual a = random_codes(Shape{16, 40}, 1), b = random_codes(Shape{24, 40}, 2);
   const Dual sa = random_scales(Shape{1, 16}, 3), sb = random_scales(Shape{1, 4}, 4);
   Dual c(Shape{16, 24});
-  expect_error([&] { gpu().fp8_gemm({}, {.c = c[Side::kGpu], .a = a[Side::kGpu], .a_scale = sa[Side::kGpu],
-                                         .b = b[Side::kGpu], .b_scale = sb[Side::kGpu]}); },
-               {"[fp8_gemm]", "K = 40", "multiple of 16"});
+  expect_error(
+      [&] {
+        gpu().fp8_gemm({}, {.c = c[Side::kGpu],
+                            .a = a[Side::kGpu],
+                            .a_scale = sa[Side::kGpu],
+                            .b = b[Side::kGpu],
+                            .b_scale = sb[Side::kGpu]});
+      },
+      {"[fp8_gemm]", "K = 40", "multiple of 16"});
   const Dual a2 = random_codes(Shape{12, 33}, 5), b2 = random_codes(Shape{24, 32}, 6);
   const Dual sa2 = random_scales(Shape{1, 12}, 7);
   Dual c2(Shape{12, 24});
-  expect_error([&] { gpu().fp8_gemm({}, {.c = c2[Side::kGpu], .a = offset_view(a2, Side::kGpu, Shape{12, 32}, 1),
-                                         .a_scale = sa2[Side::kGpu], .b = b2[Side::kGpu], .b_scale = sb[Side::kGpu]}); },
-               {"[fp8_gemm]", "M = 12", "multiples of 8"});
+  expect_error(
+      [&] {
+        gpu().fp8_gemm({}, {.c = c2[Side::kGpu],
+                            .a = offset_view(a2, Side::kGpu, Shape{12, 32}, 1),
+                            .a_scale = sa2[Side::kGpu],
+                            .b = b2[Side::kGpu],
+                            .b_scale = sb[Side::kGpu]});
+      },
+      {"[fp8_gemm]", "M = 12", "multiples of 8"});
   const Dual a3 = random_codes(Shape{16 * 32 + 1}, 8);
   Dual c3(Shape{16, 24});
-  expect_error([&] { gpu().fp8_gemm({}, {.c = c3[Side::kGpu], .a = offset_view(a3, Side::kGpu, Shape{16, 32}, 1),
-                                         .a_scale = sa[Side::kGpu], .b = b2[Side::kGpu], .b_scale = sb[Side::kGpu]}); },
-               {"[fp8_gemm]", "a ", "16-byte"});
+  expect_error(
+      [&] {
+        gpu().fp8_gemm({}, {.c = c3[Side::kGpu],
+                            .a = offset_view(a3, Side::kGpu, Shape{16, 32}, 1),
+                            .a_scale = sa[Side::kGpu],
+                            .b = b2[Side::kGpu],
+                            .b_scale = sb[Side::kGpu]});
+      },
+      {"[fp8_gemm]", "a ", "16-byte"});
 }
 
 }  // namespace

@@ -54,8 +54,12 @@ void check_act_quant(const std::vector<float>& v, int64_t m, int64_t k, DType dt
   for (Dual* d : {&q, &scale, &q_t, &scale_t}) d->poison();
   const bool rows = copies != Copies::kCols, cols = copies != Copies::kRows;
   run_both([&](Backend& be, Side s) {
-    be.act_quant({}, {.q = rows ? q[s] : Tensor{}, .scale = rows ? scale[s] : Tensor{}, .q_t = cols ? q_t[s] : Tensor{},
-                      .scale_t = cols ? scale_t[s] : Tensor{}, .x = x[s], .ue8m0 = ue8m0});
+    be.act_quant({}, {.q = rows ? q[s] : Tensor{},
+                      .scale = rows ? scale[s] : Tensor{},
+                      .q_t = cols ? q_t[s] : Tensor{},
+                      .scale_t = cols ? scale_t[s] : Tensor{},
+                      .x = x[s],
+                      .ue8m0 = ue8m0});
   });
   if (rows) {
     expect_same_bytes(q, what + ": q");
@@ -107,7 +111,8 @@ TEST(CudaFp8Quant, EveryCodeAndSpecialValues) {
       Dual q(Shape{1, k}, DType::kF8E4M3), scale(Shape{6, 1});
       q.poison();
       scale.poison();
-      run_both([&](Backend& be, Side s) { be.act_quant({}, {.q = q[s], .scale = scale[s], .x = x[s], .ue8m0 = ue8m0}); });
+      run_both(
+          [&](Backend& be, Side s) { be.act_quant({}, {.q = q[s], .scale = scale[s], .x = x[s], .ue8m0 = ue8m0}); });
       expect_same_bytes(q, fmt::format("every code, e = {}", e));
       expect_same_bytes(scale, fmt::format("every code's scales, e = {}", e));
       std::vector<uint8_t> got(static_cast<size_t>(k));
@@ -133,8 +138,10 @@ TEST(CudaFp8Quant, UnalignedViews) {
   q_t_buf.poison();
   Dual scale(Shape{2, m}), scale_t(Shape{2, k});
   run_both([&](Backend& be, Side s) {
-    be.act_quant({}, {.q = offset_view(q_buf, s, Shape{m, k}, 1), .scale = scale[s],
-                      .q_t = offset_view(q_t_buf, s, Shape{k, m}, 4), .scale_t = scale_t[s],
+    be.act_quant({}, {.q = offset_view(q_buf, s, Shape{m, k}, 1),
+                      .scale = scale[s],
+                      .q_t = offset_view(q_t_buf, s, Shape{k, m}, 4),
+                      .scale_t = scale_t[s],
                       .x = offset_view(x_buf, s, Shape{m, k}, 1)});
   });
   expect_same_bytes(q_buf, "unaligned q");
@@ -144,8 +151,8 @@ TEST(CudaFp8Quant, UnalignedViews) {
 }
 
 TEST(CudaFp8Quant, WeightQuantBitwise) {
-  const std::vector<std::pair<int64_t, int64_t>> shapes = {{300, 200}, {128, 128}, {1536, 768}, {200, 1000}, {40, 24},
-                                                           {576, 1536}, {37, 19}};
+  const std::vector<std::pair<int64_t, int64_t>> shapes = {{300, 200}, {128, 128},  {1536, 768}, {200, 1000},
+                                                           {40, 24},   {576, 1536}, {37, 19}};
   uint64_t seed = 1900;
   for (const auto& [n, k] : shapes)
     for (DType dt : {DType::kF32, DType::kBF16})
@@ -158,12 +165,15 @@ TEST(CudaFp8Quant, WeightQuantBitwise) {
           for (Dual* d : {&q, &scale, &q_t, &scale_t}) d->poison();
           const bool rows = c != Copies::kCols, cols = c != Copies::kRows;
           run_both([&](Backend& be, Side s) {
-            be.weight_quant({}, {.q = rows ? q[s] : Tensor{}, .scale = rows ? scale[s] : Tensor{},
-                                 .q_t = cols ? q_t[s] : Tensor{}, .scale_t = cols ? scale_t[s] : Tensor{}, .w = w[s],
+            be.weight_quant({}, {.q = rows ? q[s] : Tensor{},
+                                 .scale = rows ? scale[s] : Tensor{},
+                                 .q_t = cols ? q_t[s] : Tensor{},
+                                 .scale_t = cols ? scale_t[s] : Tensor{},
+                                 .w = w[s],
                                  .ue8m0 = ue8m0});
           });
-          const std::string what = fmt::format("weight_quant {}x{} {} ue8m0={} copies={}", n, k, dtype_name(dt), ue8m0,
-                                               static_cast<int>(c));
+          const std::string what =
+              fmt::format("weight_quant {}x{} {} ue8m0={} copies={}", n, k, dtype_name(dt), ue8m0, static_cast<int>(c));
           if (rows) {
             expect_same_bytes(q, what + ": q");
             expect_same_bytes(scale, what + ": scale");

@@ -62,17 +62,20 @@ std::vector<T> transposed(const std::vector<T>& v, int64_t rows, int64_t cols) {
 // (padding 0).
 inline RefQuant ref_quant_blocks(const std::vector<float>& w, int64_t n, int64_t k, bool ue8m0) {
   const int64_t ld = fp8_block_scale_cols(k);
-  RefQuant r{std::vector<uint8_t>(static_cast<size_t>(n * k)), std::vector<float>(static_cast<size_t>(fp8_tiles(n) * ld), 0.0f)};
+  RefQuant r{std::vector<uint8_t>(static_cast<size_t>(n * k)),
+             std::vector<float>(static_cast<size_t>(fp8_tiles(n) * ld), 0.0f)};
   for (int64_t nb = 0; nb < fp8_tiles(n); ++nb)
     for (int64_t kb = 0; kb < fp8_tiles(k); ++kb) {
-      const int64_t n0 = nb * kFp8Tile, n1 = std::min(n, n0 + kFp8Tile), k0 = kb * kFp8Tile, k1 = std::min(k, k0 + kFp8Tile);
+      const int64_t n0 = nb * kFp8Tile, n1 = std::min(n, n0 + kFp8Tile), k0 = kb * kFp8Tile,
+                    k1 = std::min(k, k0 + kFp8Tile);
       float amax = 0.0f;
       for (int64_t i = n0; i < n1; ++i)
         for (int64_t j = k0; j < k1; ++j) amax = std::max(amax, std::fabs(w[static_cast<size_t>(i * k + j)]));
       const float s = ref_scale(amax, ue8m0);
       r.scale[static_cast<size_t>(nb * ld + kb)] = s;
       for (int64_t i = n0; i < n1; ++i)
-        for (int64_t j = k0; j < k1; ++j) r.q[static_cast<size_t>(i * k + j)] = f32_to_e4m3(w[static_cast<size_t>(i * k + j)] / s);
+        for (int64_t j = k0; j < k1; ++j)
+          r.q[static_cast<size_t>(i * k + j)] = f32_to_e4m3(w[static_cast<size_t>(i * k + j)] / s);
     }
   return r;
 }
@@ -118,7 +121,8 @@ inline std::vector<float> fp8_test_values(int64_t rows, int64_t cols, uint64_t s
         }
         x = std::ldexp(x, e);
       } else if (kind < 11) {
-        x = static_cast<float>(static_cast<double>((h >> 12) % 1000001) / 1e6 * std::pow(10.0, static_cast<double>(kind - 9)));
+        x = static_cast<float>(static_cast<double>((h >> 12) % 1000001) / 1e6 *
+                               std::pow(10.0, static_cast<double>(kind - 9)));
       } else if (kind == 11) {
         x = static_cast<float>(static_cast<double>((h >> 12) % 1000001) * 1e-11);
       } else {

@@ -33,7 +33,8 @@ Owned random_codes(Shape shape, uint64_t seed) {
   Owned q(shape, DType::kF8E4M3);
   const std::vector<uint8_t> codes = test::finite_e4m3_codes();
   for (int64_t i = 0; i < q.numel(); ++i)
-    static_cast<uint8_t*>(q.t().data)[i] = codes[static_cast<size_t>(uniform_at(seed, 1, static_cast<uint64_t>(i)) * 254) % 254];
+    static_cast<uint8_t*>(q.t().data)[i] =
+        codes[static_cast<size_t>(uniform_at(seed, 1, static_cast<uint64_t>(i)) * 254) % 254];
   return q;
 }
 Owned random_scales(Shape shape, uint64_t seed) {
@@ -46,12 +47,17 @@ Owned random_scales(Shape shape, uint64_t seed) {
 double code_value(const Owned& q, int64_t i) { return e4m3_to_f32(static_cast<const uint8_t*>(q.t().data)[i]); }
 double value(const Tensor& t, int64_t i) {
   switch (t.dtype) {
-    case DType::kF64: return t.ptr<double>()[i];
-    case DType::kBF16: return bf16_to_f32(static_cast<const uint16_t*>(t.data)[i]);
-    default: return t.ptr<float>()[i];
+    case DType::kF64:
+      return t.ptr<double>()[i];
+    case DType::kBF16:
+      return bf16_to_f32(static_cast<const uint16_t*>(t.data)[i]);
+    default:
+      return t.ptr<float>()[i];
   }
 }
-double rounding_of(DType d) { return d == DType::kF64 ? 0.0 : d == DType::kF32 ? std::ldexp(1.0, -24) : std::ldexp(1.0, -8); }
+double rounding_of(DType d) {
+  return d == DType::kF64 ? 0.0 : d == DType::kF32 ? std::ldexp(1.0, -24) : std::ldexp(1.0, -8);
+}
 
 struct GemmCase {
   int64_t m, n, k;
@@ -66,9 +72,9 @@ void check_against_naive(Backend& be, const GemmCase& g, uint64_t seed) {
   const auto [m, n, k, b_scaling, c_dtype, alpha, beta, separate_addend] = g;
   const Owned a = random_codes({m, k}, seed), b = random_codes({n, k}, seed + 1);
   const Owned sa = random_scales({fp8_tiles(k), m}, seed + 2);
-  const Owned sb = random_scales(b_scaling == Fp8Scaling::kBlock128x128 ? Shape{fp8_tiles(n), fp8_block_scale_cols(k)}
-                                                                         : Shape{fp8_tiles(k), n},
-                                 seed + 3);
+  const Owned sb = random_scales(
+      b_scaling == Fp8Scaling::kBlock128x128 ? Shape{fp8_tiles(n), fp8_block_scale_cols(k)} : Shape{fp8_tiles(k), n},
+      seed + 3);
   Owned c({m, n}, c_dtype), addend({m, n}, c_dtype);
   Owned init({m, n}, DType::kF64);
   test::fill_normal(init, seed + 4, 3.0);
@@ -77,27 +83,44 @@ void check_against_naive(Backend& be, const GemmCase& g, uint64_t seed) {
     for (const Owned* t : {&c, &addend}) {
       const bool unread = t == &c && separate_addend;
       const double x = unread ? std::numeric_limits<double>::quiet_NaN() : v;
-      if (c_dtype == DType::kF64) t->at<double>(i) = x;
-      else if (c_dtype == DType::kF32) t->at<float>(i) = static_cast<float>(x);
-      else static_cast<uint16_t*>(t->t().data)[i] = f32_to_bf16(static_cast<float>(x));
+      if (c_dtype == DType::kF64)
+        t->at<double>(i) = x;
+      else if (c_dtype == DType::kF32)
+        t->at<float>(i) = static_cast<float>(x);
+      else
+        static_cast<uint16_t*>(t->t().data)[i] = f32_to_bf16(static_cast<float>(x));
     }
   }
   std::vector<double> add(static_cast<size_t>(m * n));
   for (int64_t i = 0; i < m * n; ++i) add[static_cast<size_t>(i)] = value(addend, i);  // as stored
-  be.fp8_gemm({}, {.c = c, .a = a, .a_scale = sa, .b = b, .b_scale = sb, .b_scaling = b_scaling, .alpha = alpha,
-                   .beta = beta, .addend = separate_addend ? addend.t() : Tensor{}});
+  be.fp8_gemm({}, {.c = c,
+                   .a = a,
+                   .a_scale = sa,
+                   .b = b,
+                   .b_scale = sb,
+                   .b_scaling = b_scaling,
+                   .alpha = alpha,
+                   .beta = beta,
+                   .addend = separate_addend ? addend.t() : Tensor{}});
+  // The dequantised operands, written out from the layouts of op_args.h.
   const int64_t ld = fp8_block_scale_cols(k);
+  std::vector<double> ah(static_cast<size_t>(m * k)), bh(static_cast<size_t>(n * k));
+  for (int64_t i = 0; i < m; ++i)
+    for (int64_t kk = 0; kk < k; ++kk)
+      ah[static_cast<size_t>(i * k + kk)] = code_value(a, i * k + kk) * sa.at<float>((kk / 128) * m + i);
+  for (int64_t j = 0; j < n; ++j)
+    for (int64_t kk = 0; kk < k; ++kk)
+      bh[static_cast<size_t>(j * k + kk)] =
+          code_value(b, j * k + kk) * (b_scaling == Fp8Scaling::kBlock128x128 ? sb.at<float>((j / 128) * ld + kk / 128)
+                                                                              : sb.at<float>((kk / 128) * n + j));
   int64_t bad = 0;
   for (int64_t i = 0; i < m; ++i)
     for (int64_t j = 0; j < n; ++j) {
       double sum = 0.0, mag = 0.0;
       for (int64_t kk = 0; kk < k; ++kk) {
-        const double ah = code_value(a, i * k + kk) * sa.at<float>((kk / 128) * m + i);
-        const double s = b_scaling == Fp8Scaling::kBlock128x128 ? sb.at<float>((j / 128) * ld + kk / 128)
-                                                                : sb.at<float>((kk / 128) * n + j);
-        const double bh = code_value(b, j * k + kk) * s;
-        sum += ah * bh;
-        mag += std::fabs(ah * bh);
+        const double p = ah[static_cast<size_t>(i * k + kk)] * bh[static_cast<size_t>(j * k + kk)];
+        sum += p;
+        mag += std::fabs(p);
       }
       const double extra = beta == 0.0 ? 0.0 : beta * add[static_cast<size_t>(i * n + j)];
       const double ref = alpha * sum + extra;
@@ -209,28 +232,38 @@ TEST_F(Fp8Recipe, FpropDgradWgrad) {
   const auto xt_eps = [&](int64_t t, int64_t d) { return eps(xq.s_t.at<float>((t / 128) * kD + d)); };
   const auto dy_eps = [&](int64_t t, int64_t o) { return eps(dyq.s.at<float>((o / 128) * kT + t)); };
   const auto dyt_eps = [&](int64_t t, int64_t o) { return eps(dyq.s_t.at<float>((t / 128) * kO + o)); };
-  const auto w_eps = [&](int64_t o, int64_t d) { return eps(ws.at<float>((o / 128) * fp8_block_scale_cols(kD) + d / 128)); };
+  const auto w_eps = [&](int64_t o, int64_t d) {
+    return eps(ws.at<float>((o / 128) * fp8_block_scale_cols(kD) + d / 128));
+  };
 
   Owned y({kT, kO}, DType::kF32), dx({kT, kD}, DType::kF32), dw({kO, kD}, DType::kF32);
   be.fp8_gemm(ctx, {.c = y, .a = xq.q, .a_scale = xq.s, .b = wq, .b_scale = ws});  // Fprop
   expect_near_exact(y, kT, kO, kD, X, W, x_eps, w_eps, "Fprop y = x Wᵀ");
   be.fp8_gemm(ctx, {.c = dx, .a = dyq.q, .a_scale = dyq.s, .b = wq_t, .b_scale = ws_t});  // Dgrad
-  expect_near_exact(dx, kT, kD, kO, DY, [&](int64_t d, int64_t o) { return W(o, d); }, dy_eps,
-                    [&](int64_t d, int64_t o) { return w_eps(o, d); }, "Dgrad dx = dy W");
+  expect_near_exact(
+      dx, kT, kD, kO, DY, [&](int64_t d, int64_t o) { return W(o, d); }, dy_eps,
+      [&](int64_t d, int64_t o) { return w_eps(o, d); }, "Dgrad dx = dy W");
   // Wgrad accumulates: dW = 1·dW + dyᵀx from a known start.
   for (int64_t i = 0; i < kO * kD; ++i) dw.at<float>(i) = 0.25f;
-  be.fp8_gemm(ctx, {.c = dw, .a = dyq.q_t, .a_scale = dyq.s_t, .b = xq.q_t, .b_scale = xq.s_t,
-                    .b_scaling = Fp8Scaling::kTile1x128, .beta = 1.0});
-  expect_near_exact(dw, kO, kD, kT, [&](int64_t o, int64_t t) { return DY(t, o); },
-                    [&](int64_t d, int64_t t) { return X(t, d); }, [&](int64_t o, int64_t t) { return dyt_eps(t, o); },
-                    [&](int64_t d, int64_t t) { return xt_eps(t, d); }, "Wgrad dW += dyᵀ x", 0.25);
+  be.fp8_gemm(ctx, {.c = dw,
+                    .a = dyq.q_t,
+                    .a_scale = dyq.s_t,
+                    .b = xq.q_t,
+                    .b_scale = xq.s_t,
+                    .b_scaling = Fp8Scaling::kTile1x128,
+                    .beta = 1.0});
+  expect_near_exact(
+      dw, kO, kD, kT, [&](int64_t o, int64_t t) { return DY(t, o); }, [&](int64_t d, int64_t t) { return X(t, d); },
+      [&](int64_t o, int64_t t) { return dyt_eps(t, o); }, [&](int64_t d, int64_t t) { return xt_eps(t, d); },
+      "Wgrad dW += dyᵀ x", 0.25);
 }
 
 TEST_F(Fp8Gemm, ErrorsNameTheField) {
   const int64_t m = 16, n = 24, k = 32;
   const Owned a = random_codes({m, k}, 1), b = random_codes({n, k}, 2), a32({m, k}, DType::kF32);
   const Owned sa = random_scales({1, m}, 3), sb_block = random_scales({1, 4}, 4), sb_tile = random_scales({1, n}, 5);
-  const Owned c({m, n}, DType::kF32), c16({m, n}, DType::kBF16), ci({m, n}, DType::kI32), bad_b({n, k + 1}, DType::kF8E4M3);
+  const Owned c({m, n}, DType::kF32), c16({m, n}, DType::kBF16), ci({m, n}, DType::kI32),
+      bad_b({n, k + 1}, DType::kF8E4M3);
   expect_error([&] { be.fp8_gemm(ctx, {.c = c, .a = a32, .a_scale = sa, .b = b, .b_scale = sb_block}); },
                {"[fp8_gemm]", "a: expected dtype f8e4m3"});
   expect_error([&] { be.fp8_gemm(ctx, {.c = c, .a = a, .a_scale = sa, .b = bad_b, .b_scale = sb_block}); },
@@ -239,16 +272,21 @@ TEST_F(Fp8Gemm, ErrorsNameTheField) {
                {"[fp8_gemm]", "a_scale: expected shape [1, 16], got [1, 24]"});
   expect_error([&] { be.fp8_gemm(ctx, {.c = c, .a = a, .a_scale = sa, .b = b, .b_scale = sb_tile}); },
                {"[fp8_gemm]", "b_scale (128×128 blocks): expected shape [1, 4]"});
-  expect_error([&] {
-    be.fp8_gemm(ctx, {.c = c, .a = a, .a_scale = sa, .b = b, .b_scale = sb_block, .b_scaling = Fp8Scaling::kTile1x128});
-  }, {"[fp8_gemm]", "b_scale (1×128 tiles): expected shape [1, 24]"});
+  expect_error(
+      [&] {
+        be.fp8_gemm(ctx,
+                    {.c = c, .a = a, .a_scale = sa, .b = b, .b_scale = sb_block, .b_scaling = Fp8Scaling::kTile1x128});
+      },
+      {"[fp8_gemm]", "b_scale (1×128 tiles): expected shape [1, 24]"});
   expect_error([&] { be.fp8_gemm(ctx, {.c = c16, .a = a, .a_scale = sa, .b = b, .b_scale = sb_block, .beta = 1.0}); },
                {"[fp8_gemm]", "c is bf16: needs beta = 0"});
   expect_error([&] { be.fp8_gemm(ctx, {.c = ci, .a = a, .a_scale = sa, .b = b, .b_scale = sb_block}); },
                {"[fp8_gemm]", "c must be f32 or bf16"});
-  expect_error([&] {
-    be.fp8_gemm(ctx, {.c = c, .a = a, .a_scale = sa, .b = b, .b_scale = sb_block, .beta = 1.0, .addend = c16});
-  }, {"[fp8_gemm]", "addend: expected dtype f32"});
+  expect_error(
+      [&] {
+        be.fp8_gemm(ctx, {.c = c, .a = a, .a_scale = sa, .b = b, .b_scale = sb_block, .beta = 1.0, .addend = c16});
+      },
+      {"[fp8_gemm]", "addend: expected dtype f32"});
 }
 
 }  // namespace

@@ -26,8 +26,10 @@ class Fp8Quant : public test::CpuOpsTest {};
 Owned make_source(const std::vector<float>& v, int64_t rows, int64_t cols, DType dtype) {
   Owned t({rows, cols}, dtype);
   for (size_t i = 0; i < v.size(); ++i) {
-    if (dtype == DType::kBF16) static_cast<uint16_t*>(t.t().data)[i] = f32_to_bf16(v[i]);
-    else t.ptr<float>()[i] = v[i];
+    if (dtype == DType::kBF16)
+      static_cast<uint16_t*>(t.t().data)[i] = f32_to_bf16(v[i]);
+    else
+      t.ptr<float>()[i] = v[i];
   }
   return t;
 }
@@ -42,7 +44,9 @@ std::vector<float> floats_of(const Owned& t) { return {t.ptr<float>(), t.ptr<flo
 struct ActOut {
   Owned q, scale, q_t, scale_t;
   ActOut(int64_t m, int64_t k)
-      : q({m, k}, DType::kF8E4M3), scale({fp8_tiles(k), m}, DType::kF32), q_t({k, m}, DType::kF8E4M3),
+      : q({m, k}, DType::kF8E4M3),
+        scale({fp8_tiles(k), m}, DType::kF32),
+        q_t({k, m}, DType::kF8E4M3),
         scale_t({fp8_tiles(m), k}, DType::kF32) {
     std::memset(q.t().data, 0x7f, q.t().nbytes());  // NaN codes
     std::memset(q_t.t().data, 0x7f, q_t.t().nbytes());
@@ -145,8 +149,8 @@ TEST_F(Fp8Quant, ActQuantMatchesTheRule) {
 }
 
 // Every value comes back within half a step of its code: |q·s − x| ≤ 2^-4·|x| (normal e4m3 range,
-// 3-bit mantissa) + 2^-10·s (half the subnormal step 2^-9·s), + 2^-20·|x| for the f32 quotient. An independent check of the scale's
-// direction: a scale applied the wrong way round would miss by orders of magnitude.
+// 3-bit mantissa) + 2^-10·s (half the subnormal step 2^-9·s), + 2^-20·|x| for the f32 quotient. An independent check of
+// the scale's direction: a scale applied the wrong way round would miss by orders of magnitude.
 TEST_F(Fp8Quant, DequantisedValuesAreNearTheSource) {
   const int64_t m = 140, k = 260;
   const std::vector<float> v = test::fp8_test_values(m, k, 29);
@@ -159,7 +163,8 @@ TEST_F(Fp8Quant, DequantisedValuesAreNearTheSource) {
       const double xv = v[static_cast<size_t>(i * k + j)];
       const double back = e4m3_to_f32(codes_of(out.q)[static_cast<size_t>(i * k + j)]) * s;
       // (+2^-20·|x|: the f32 quotient x/s is itself rounded before the e4m3 rounding)
-      ASSERT_LE(std::fabs(back - xv), (0.0625 + std::ldexp(1.0, -20)) * std::fabs(xv) + std::ldexp(s, -10)) << i << "," << j;
+      ASSERT_LE(std::fabs(back - xv), (0.0625 + std::ldexp(1.0, -20)) * std::fabs(xv) + std::ldexp(s, -10))
+          << i << "," << j;
     }
 }
 
@@ -173,8 +178,8 @@ TEST_F(Fp8Quant, AmaxFloor) {
     const int64_t tile = j / kFp8Tile;
     v[static_cast<size_t>(j)] = tile == 0 ? 5e-5f * u : tile == 1 ? 0.0f : tile == 2 ? 1e-4f * u : 3e-4f * u;
   }
-  v[2 * kFp8Tile + 7] = 1e-4f;   // tile 2: amax exactly the floor
-  v[3 * kFp8Tile + 9] = 2e-4f;   // tile 3: amax above it
+  v[2 * kFp8Tile + 7] = 1e-4f;  // tile 2: amax exactly the floor
+  v[3 * kFp8Tile + 9] = 2e-4f;  // tile 3: amax above it
   const Owned x = make_source(v, 1, k, DType::kF32);
   ActOut out(1, k);
   be.act_quant(ctx, {.q = out.q, .scale = out.scale, .x = x});
@@ -199,7 +204,8 @@ TEST_F(Fp8Quant, Ue8m0ScalesArePowersOfTwo) {
   const Owned x = make_source(v, m, k, DType::kF32);
   ActOut plain(m, k), pow2(m, k);
   be.act_quant(ctx, {.q = plain.q, .scale = plain.scale, .q_t = plain.q_t, .scale_t = plain.scale_t, .x = x});
-  be.act_quant(ctx, {.q = pow2.q, .scale = pow2.scale, .q_t = pow2.q_t, .scale_t = pow2.scale_t, .x = x, .ue8m0 = true});
+  be.act_quant(ctx,
+               {.q = pow2.q, .scale = pow2.scale, .q_t = pow2.q_t, .scale_t = pow2.scale_t, .x = x, .ue8m0 = true});
   for (const auto& [p, s2] : {std::pair{&plain.scale, &pow2.scale}, std::pair{&plain.scale_t, &pow2.scale_t}})
     for (int64_t i = 0; i < p->numel(); ++i) {
       const float s = p->at<float>(i), t = s2->at<float>(i);
@@ -252,7 +258,8 @@ TEST_F(Fp8Quant, WeightQuantBlocks) {
     for (bool ue8m0 : {false, true}) {
       const std::vector<float> v = test::fp8_test_values(n, k, 61, dt == DType::kBF16);
       const Owned w = make_source(v, n, k, dt);
-      Owned q({n, k}, DType::kF8E4M3), q_t({k, n}, DType::kF8E4M3), scale({3, 4}, DType::kF32), scale_t({2, 4}, DType::kF32);
+      Owned q({n, k}, DType::kF8E4M3), q_t({k, n}, DType::kF8E4M3), scale({3, 4}, DType::kF32),
+          scale_t({2, 4}, DType::kF32);
       for (int64_t i = 0; i < 12; ++i) scale.at<float>(i) = -1.0f;
       for (int64_t i = 0; i < 8; ++i) scale_t.at<float>(i) = -1.0f;
       be.weight_quant(ctx, {.q = q, .scale = scale, .q_t = q_t, .scale_t = scale_t, .w = w, .ue8m0 = ue8m0});
@@ -270,7 +277,8 @@ TEST_F(Fp8Quant, WeightQuantBlocks) {
       for (int64_t i = 0; i < n; ++i)
         for (int64_t j = 0; j < k; ++j) {
           const int64_t at = i * k + j;
-          const float c = e4m3_to_f32(codes_of(q)[static_cast<size_t>(at)]), s = scale.at<float>((i / 128) * 4 + j / 128);
+          const float c = e4m3_to_f32(codes_of(q)[static_cast<size_t>(at)]),
+                      s = scale.at<float>((i / 128) * 4 + j / 128);
           ASSERT_EQ(w32.at<float>(at), c * s);
           ASSERT_EQ(static_cast<uint16_t*>(w16.t().data)[at], f32_to_bf16(c * s));
           ASSERT_EQ(w64.at<double>(at), static_cast<double>(c) * static_cast<double>(s));
@@ -285,8 +293,10 @@ TEST_F(Fp8Quant, ErrorsNameTheField) {
       scale({3, m}, DType::kF32), scale_swapped({m, 3}, DType::kF32), q_t({k, m}, DType::kF8E4M3),
       scale_t({2, k}, DType::kF32);
   test::fill_normal(x, 7);
-  expect_error([&] { be.act_quant(ctx, {.q = q, .scale = scale, .x = x64}); }, {"[act_quant]", "x must be f32 or bf16"});
-  expect_error([&] { be.act_quant(ctx, {.q = q32, .scale = scale, .x = x}); }, {"[act_quant]", "q: expected dtype f8e4m3"});
+  expect_error([&] { be.act_quant(ctx, {.q = q, .scale = scale, .x = x64}); },
+               {"[act_quant]", "x must be f32 or bf16"});
+  expect_error([&] { be.act_quant(ctx, {.q = q32, .scale = scale, .x = x}); },
+               {"[act_quant]", "q: expected dtype f8e4m3"});
   expect_error([&] { be.act_quant(ctx, {.q = q, .scale = scale_swapped, .x = x}); },
                {"[act_quant]", "scale: expected shape [3, 200], got [200, 3]"});
   expect_error([&] { be.act_quant(ctx, {.q = q, .x = x}); }, {"[act_quant]", "q and scale come together"});

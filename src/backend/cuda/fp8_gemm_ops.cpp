@@ -70,16 +70,29 @@ void CudaBackend::fp8_gemm(Context ctx, const Fp8GemmArgs& a) {
   check_aligned16(a.c, "c");
   if (a.beta != 0.0) check_aligned16(addend, "addend");
   const bool blocks = a.b_scaling == Fp8Scaling::kBlock128x128;
-  lt_gemm().run(LtGemmCall{.trans_a = true, .trans_b = false, .m = n, .n = m, .k = k, .lda = k, .ldb = k, .ldc = n,
-                           .a = a.b.data, .b = a.a.data, .c = addend.data, .d = a.c.data,
+  lt_gemm().run(LtGemmCall{.trans_a = true,
+                           .trans_b = false,
+                           .m = n,
+                           .n = m,
+                           .k = k,
+                           .lda = k,
+                           .ldb = k,
+                           .ldc = n,
+                           .a = a.b.data,
+                           .b = a.a.data,
+                           .c = addend.data,
+                           .d = a.c.data,
                            .ab_type = CUDA_R_8F_E4M3,
                            .cd_type = a.c.dtype == DType::kBF16 ? CUDA_R_16BF : CUDA_R_32F,
-                           .alpha = static_cast<float>(a.alpha), .beta = static_cast<float>(a.beta), .op = "fp8_gemm",
+                           .alpha = static_cast<float>(a.alpha),
+                           .beta = static_cast<float>(a.beta),
+                           .op = "fp8_gemm",
                            .block_scaled = true,
                            .a_scale_mode = blocks ? CUBLASLT_MATMUL_MATRIX_SCALE_BLK128x128_32F
                                                   : CUBLASLT_MATMUL_MATRIX_SCALE_VEC128_32F,
                            .b_scale_mode = CUBLASLT_MATMUL_MATRIX_SCALE_VEC128_32F,
-                           .a_scale = a.b_scale.data, .b_scale = a.a_scale.data},
+                           .a_scale = a.b_scale.data,
+                           .b_scale = a.a_scale.data},
                 stream(ctx));
 }
 

@@ -16,9 +16,9 @@
 
 namespace diffmoe::fp8 {
 
-constexpr int kTile = 128;                // values per quantisation tile (op_args.h kFp8Tile)
-constexpr float kE4M3MaxValue = 448.0f;   // the largest e4m3 value (core/dtype.h kE4M3Max)
-constexpr float kAmaxFloor = 1e-4f;       // core/dtype.h kE4M3AmaxFloor
+constexpr int kTile = 128;               // values per quantisation tile (op_args.h kFp8Tile)
+constexpr float kE4M3MaxValue = 448.0f;  // the largest e4m3 value (core/dtype.h kE4M3Max)
+constexpr float kAmaxFloor = 1e-4f;      // core/dtype.h kE4M3AmaxFloor
 constexpr uint32_t kE4M3NaN = 0x7f;
 
 // s = max(amax, 1e-4) / 448; with ue8m0, 2^ceil(log2 s) from the bits (s is a normal f32: the
@@ -45,7 +45,8 @@ __device__ __forceinline__ uint32_t e4m3x4(float4 v, float s) {
 }
 __device__ __forceinline__ uint8_t e4m3x1(float a, float s) {
   const float q = __fdiv_rn(a, s);
-  return isnan(q) ? static_cast<uint8_t>(kE4M3NaN) : static_cast<uint8_t>(__nv_cvt_float_to_fp8(q, __NV_SATFINITE, __NV_E4M3));
+  return isnan(q) ? static_cast<uint8_t>(kE4M3NaN)
+                  : static_cast<uint8_t>(__nv_cvt_float_to_fp8(q, __NV_SATFINITE, __NV_E4M3));
 }
 
 __device__ __forceinline__ float abs_max4(float4 v) {

@@ -37,12 +37,12 @@ namespace {
 using namespace cuda;
 
 constexpr int kQuantThreads = 256;
-constexpr int kQuantWarps = kQuantThreads / kWarp;          // 8
-constexpr int kRowsPerWarp = fp8::kTile / kQuantWarps;      // 16 rows of a tile per warp
-constexpr int kValsPerLane = fp8::kTile / kWarp;            // 4 values of a row per lane
-constexpr int kColHalves = kQuantThreads / fp8::kTile;      // 2 threads per column in step 2
-constexpr int kRowsPerHalf = fp8::kTile / kColHalves;       // 64 rows each
-constexpr int kCodesPerStore = 16;                          // one uint4 of codes
+constexpr int kQuantWarps = kQuantThreads / kWarp;                          // 8
+constexpr int kRowsPerWarp = fp8::kTile / kQuantWarps;                      // 16 rows of a tile per warp
+constexpr int kValsPerLane = fp8::kTile / kWarp;                            // 4 values of a row per lane
+constexpr int kColHalves = kQuantThreads / fp8::kTile;                      // 2 threads per column in step 2
+constexpr int kRowsPerHalf = fp8::kTile / kColHalves;                       // 64 rows each
+constexpr int kCodesPerStore = 16;                                          // one uint4 of codes
 constexpr size_t kTileSmemBytes = sizeof(float) * fp8::kTile * fp8::kTile;  // act_quant's f32 tile
 static_assert(kValsPerLane == kVec, "a lane's part of a row tile is one 4-value vector access (elementwise.cuh)");
 static_assert(kRowsPerWarp * kQuantWarps == fp8::kTile, "the warps cover the tile's rows");
@@ -50,9 +50,9 @@ static_assert(kColHalves == 2 && kColHalves * fp8::kTile == kQuantThreads, "two 
 static_assert(kRowsPerHalf % kCodesPerStore == 0, "a half column is whole 16-code stores");
 
 struct QuantOutputs {
-  uint8_t* q = nullptr;        // row-wise copy (act) / q (weights), or null
+  uint8_t* q = nullptr;  // row-wise copy (act) / q (weights), or null
   float* scale = nullptr;
-  uint8_t* q_t = nullptr;      // transposed copy, or null
+  uint8_t* q_t = nullptr;  // transposed copy, or null
   float* scale_t = nullptr;
 };
 
@@ -254,12 +254,17 @@ void launch_act_quant(const ActQuantParams<In>& p, cudaStream_t s) {
 template <class In>
 void act_quant_as(const ActQuantArgs& a, const Fp8QuantDims& d, cudaStream_t s) {
   const In* x = static_cast<const In*>(a.x.data);
-  ActQuantParams<In> p{.x = x,
-                       .out = {.q = static_cast<uint8_t*>(a.q.data), .scale = static_cast<float*>(a.scale.data),
-                               .q_t = static_cast<uint8_t*>(a.q_t.data), .scale_t = static_cast<float*>(a.scale_t.data)},
-                       .m = d.rows, .k = d.cols, .ue8m0 = a.ue8m0,
-                       .vec_rows = d.cols % kVec == 0 && vec_aligned(x) && (!d.row_wise || aligned(a.q.data, kVec)),
-                       .vec_cols = d.rows % kCodesPerStore == 0 && (!d.col_wise || aligned(a.q_t.data, kCodesPerStore))};
+  ActQuantParams<In> p{
+      .x = x,
+      .out = {.q = static_cast<uint8_t*>(a.q.data),
+              .scale = static_cast<float*>(a.scale.data),
+              .q_t = static_cast<uint8_t*>(a.q_t.data),
+              .scale_t = static_cast<float*>(a.scale_t.data)},
+      .m = d.rows,
+      .k = d.cols,
+      .ue8m0 = a.ue8m0,
+      .vec_rows = d.cols % kVec == 0 && vec_aligned(x) && (!d.row_wise || aligned(a.q.data, kVec)),
+      .vec_cols = d.rows % kCodesPerStore == 0 && (!d.col_wise || aligned(a.q_t.data, kCodesPerStore))};
   if (d.row_wise && d.col_wise) return launch_act_quant<In, true, true>(p, s);
   if (d.row_wise) return launch_act_quant<In, true, false>(p, s);
   launch_act_quant<In, false, true>(p, s);
@@ -270,9 +275,14 @@ void weight_quant_as(const WeightQuantArgs& a, const Fp8QuantDims& d, cudaStream
   const In* w = static_cast<const In*>(a.w.data);
   WeightQuantParams<In> p{
       .w = w,
-      .out = {.q = static_cast<uint8_t*>(a.q.data), .scale = static_cast<float*>(a.scale.data),
-              .q_t = static_cast<uint8_t*>(a.q_t.data), .scale_t = static_cast<float*>(a.scale_t.data)},
-      .n = d.rows, .k = d.cols, .scale_ld = fp8_block_scale_cols(d.cols), .scale_t_ld = fp8_block_scale_cols(d.rows),
+      .out = {.q = static_cast<uint8_t*>(a.q.data),
+              .scale = static_cast<float*>(a.scale.data),
+              .q_t = static_cast<uint8_t*>(a.q_t.data),
+              .scale_t = static_cast<float*>(a.scale_t.data)},
+      .n = d.rows,
+      .k = d.cols,
+      .scale_ld = fp8_block_scale_cols(d.cols),
+      .scale_t_ld = fp8_block_scale_cols(d.rows),
       .ue8m0 = a.ue8m0,
       .vec_rows = d.cols % kVec == 0 && vec_aligned(w) && (!d.row_wise || aligned(a.q.data, kVec)),
       .vec_cols = d.rows % kCodesPerStore == 0 && (!d.col_wise || aligned(a.q_t.data, kCodesPerStore))};
