@@ -67,6 +67,19 @@ GroupedGemmWgradDims validate_grouped_gemm_wgrad(const GroupedGemmWgradArgs& a, 
 // Returned widened to int64 so callers index without further checks.
 std::vector<int64_t> check_group_offsets(const int32_t* offsets, int64_t groups, int64_t rows, std::string_view op);
 
+// ---------------------------------------------------------------- FP8 (fp8_validation.cpp)
+// Shapes, dtypes and the scale layouts of op_args.h's FP8 section, naming the field. The float
+// outputs a backend writes: f32 or bf16, and on the CPU also f64. The CUDA-only rules of fp8_gemm
+// (cuBLASLt's sizes and alignments) are the CUDA backend's.
+struct Fp8QuantDims {
+  int64_t rows = 0, cols = 0;          // the source's [M, K] (act_quant) or [N, K] (weights)
+  bool row_wise = false, col_wise = false;  // which copies are written: (q, scale), (q_t, scale_t)
+};
+Fp8QuantDims validate_act_quant(const ActQuantArgs& a, Device dev);
+Fp8QuantDims validate_weight_quant(const WeightQuantArgs& a, Device dev);
+Fp8QuantDims validate_weight_dequant(const WeightDequantArgs& a, Device dev);
+GemmDims validate_fp8_gemm(const Fp8GemmArgs& a, Device dev);
+
 // ---------------------------------------------------------------- RoPE
 int64_t validate_rope(const RopeArgs& a, Device dev);  // returns the row width W of x [N, W]
 
