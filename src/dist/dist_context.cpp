@@ -31,8 +31,11 @@ std::unique_ptr<DistContext> DistContext::init(const Launch& launch, std::chrono
       break;
     case Transport::kStore: {
       std::signal(SIGPIPE, SIG_IGN);
-      dc->store_ = std::make_shared<TcpStore>(TcpStoreOptions{
-          .host = launch.master_addr, .port = launch.master_port, .serve = launch.rank == 0, .timeout = timeout, .rank = launch.rank});
+      dc->store_ = std::make_shared<TcpStore>(TcpStoreOptions{.host = launch.master_addr,
+                                                              .port = launch.master_port,
+                                                              .serve = launch.rank == 0,
+                                                              .timeout = timeout,
+                                                              .rank = launch.rank});
       dc->gloo_ = make_gloo_runtime(launch, dc->store_, timeout);
       dc->world_ = make_gloo_world(dc->gloo_);
       break;

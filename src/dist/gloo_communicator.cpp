@@ -93,16 +93,14 @@ class TaskWork final : public Work {
 
 bool contains(const std::string& s, std::string_view what) { return s.find(what) != std::string::npos; }
 
-bool is_loopback(const std::string& host) {
-  return host.rfind("127.", 0) == 0 || host == "localhost" || host == "::1";
-}
+bool is_loopback(const std::string& host) { return host.rfind("127.", 0) == 0 || host == "localhost" || host == "::1"; }
 
 }  // namespace
 
 class GlooCommunicator final : public Communicator {
  public:
-  GlooCommunicator(std::shared_ptr<GlooRuntime> rt, std::shared_ptr<gloo::Context> ctx, std::string name, std::string path,
-                   std::vector<int> world_ranks)
+  GlooCommunicator(std::shared_ptr<GlooRuntime> rt, std::shared_ptr<gloo::Context> ctx, std::string name,
+                   std::string path, std::vector<int> world_ranks)
       : Communicator(ctx->rank, ctx->size, std::move(name)),
         rt_(std::move(rt)),
         ctx_(std::move(ctx)),
@@ -216,7 +214,8 @@ class GlooCommunicator final : public Communicator {
     return submit("all_to_all_v", [this, in = a.in, out = a.out, b = std::move(b)](Exchange& ex) {
       const size_t es = dtype_size(in.dtype);
       const auto me = static_cast<size_t>(rank());
-      if (b.sc[me] > 0) std::memcpy(byte_ptr(out, b.ro[me]), byte_ptr(in, b.so[me]), static_cast<size_t>(b.sc[me]) * es);
+      if (b.sc[me] > 0)
+        std::memcpy(byte_ptr(out, b.ro[me]), byte_ptr(in, b.so[me]), static_cast<size_t>(b.sc[me]) * es);
       for (int p = 0; p < size(); ++p) {
         if (p == rank()) continue;
         const auto q = static_cast<size_t>(p);
@@ -289,8 +288,8 @@ class GlooCommunicator final : public Communicator {
       }
       if (!failed.empty()) {
         task.state->finish(std::make_exception_ptr(
-            Error(fmt::format("rank {}: {} on {}: not run: this communicator failed earlier ({})", rt_->world_rank, task.op, name(),
-                              failed))));
+            Error(fmt::format("rank {}: {} on {}: not run: this communicator failed earlier ({})", rt_->world_rank,
+                              task.op, name(), failed))));
         continue;
       }
       try {
@@ -331,12 +330,14 @@ class GlooCommunicator final : public Communicator {
   template <class Transfers>
   void untrack(const Transfers& ts) {
     std::lock_guard<std::mutex> lock(mu_);
-    for (const auto& t : ts) inflight_.erase(std::remove(inflight_.begin(), inflight_.end(), t.buf.get()), inflight_.end());
+    for (const auto& t : ts)
+      inflight_.erase(std::remove(inflight_.begin(), inflight_.end(), t.buf.get()), inflight_.end());
   }
 
   std::string describe_peer(int peer) const {
     const int w = world_ranks_[static_cast<size_t>(peer)];
-    return w == peer && name() == "world" ? fmt::format("peer rank {}", w) : fmt::format("peer rank {} (rank {} of {})", w, peer, name());
+    return w == peer && name() == "world" ? fmt::format("peer rank {}", w)
+                                          : fmt::format("peer rank {} (rank {} of {})", w, peer, name());
   }
 
   std::string peer_failure(std::string_view op, int peer, const std::string& what) const {
@@ -345,7 +346,8 @@ class GlooCommunicator final : public Communicator {
       cause = fmt::format("timed out after {} waiting for {}", seconds_text(rt_->timeout), describe_peer(peer));
     } else if (contains(what, "Application timeout")) {
       cause = fmt::format("gave up on {}: another wait of this rank timed out", describe_peer(peer));
-    } else if (contains(what, "closed") || contains(what, "reset") || contains(what, "Broken pipe") || contains(what, "EOF")) {
+    } else if (contains(what, "closed") || contains(what, "reset") || contains(what, "Broken pipe") ||
+               contains(what, "EOF")) {
       cause = fmt::format("{} closed the connection", describe_peer(peer));
     } else {
       cause = fmt::format("the connection to {} failed", describe_peer(peer));
@@ -435,9 +437,9 @@ class GlooCommunicator final : public Communicator {
 
   std::shared_ptr<GlooRuntime> rt_;
   std::shared_ptr<gloo::Context> ctx_;
-  std::string path_;               // unique store prefix of this communicator
-  std::vector<int> world_ranks_;   // world rank of each rank here
-  int splits_ = 0;                 // splits made from this communicator (main thread)
+  std::string path_;              // unique store prefix of this communicator
+  std::vector<int> world_ranks_;  // world rank of each rank here
+  int splits_ = 0;                // splits made from this communicator (main thread)
 
   mutable std::mutex mu_;
   std::condition_variable cv_;
@@ -470,8 +472,9 @@ std::unique_ptr<Communicator> GlooCommunicator::do_split(int color, int key, con
   std::vector<int> members;
   for (int r = 0; r < w; ++r)
     if (all[static_cast<size_t>(2 * r)] == color) members.push_back(r);
-  std::stable_sort(members.begin(), members.end(),
-                   [&](int a, int b) { return all[static_cast<size_t>(2 * a + 1)] < all[static_cast<size_t>(2 * b + 1)]; });
+  std::stable_sort(members.begin(), members.end(), [&](int a, int b) {
+    return all[static_cast<size_t>(2 * a + 1)] < all[static_cast<size_t>(2 * b + 1)];
+  });
   const int new_rank = static_cast<int>(std::find(members.begin(), members.end(), rank()) - members.begin());
   std::vector<int> new_world;
   for (int m : members) new_world.push_back(world_ranks_[static_cast<size_t>(m)]);
@@ -482,7 +485,8 @@ std::unique_ptr<Communicator> GlooCommunicator::do_split(int color, int key, con
   } catch (const Error&) {
     throw;
   } catch (const std::exception& e) {
-    DIFFMOE_FAIL("rank {}: split of {} into '{}': connecting the group failed: {}", rt_->world_rank, this->name(), name, e.what());
+    DIFFMOE_FAIL("rank {}: split of {} into '{}': connecting the group failed: {}", rt_->world_rank, this->name(), name,
+                 e.what());
   }
 }
 
@@ -505,8 +509,8 @@ std::shared_ptr<GlooRuntime> make_gloo_runtime(const Launch& launch, std::shared
   try {
     rt->device = gloo::transport::tcp::CreateDevice(attr);
   } catch (const std::exception& e) {
-    DIFFMOE_FAIL("rank {}: cannot create Gloo's TCP device (set GLOO_SOCKET_IFNAME or DIFFMOE_GLOO_HOSTNAME): {}", launch.rank,
-                 e.what());
+    DIFFMOE_FAIL("rank {}: cannot create Gloo's TCP device (set GLOO_SOCKET_IFNAME or DIFFMOE_GLOO_HOSTNAME): {}",
+                 launch.rank, e.what());
   }
   return rt;
 }

@@ -54,38 +54,44 @@ constexpr int kMaxRanks = 1 << 24;
 void check_ranks(const Launch& l, std::string_view rank_var, std::string_view world_var, std::string_view local_var,
                  std::string_view local_world_var) {
   DIFFMOE_CHECK(l.rank < l.world, "[launch] {}={} must be less than {}={}", rank_var, l.rank, world_var, l.world);
-  DIFFMOE_CHECK(l.local_world <= l.world, "[launch] {}={} exceeds {}={}", local_world_var, l.local_world, world_var, l.world);
-  DIFFMOE_CHECK(l.local_rank < l.local_world, "[launch] {}={} must be less than {}={}", local_var, l.local_rank, local_world_var,
-                l.local_world);
-  DIFFMOE_CHECK(l.local_rank <= l.rank, "[launch] {}={} exceeds {}={} (a node's ranks are a subset of the world's)", local_var,
-                l.local_rank, rank_var, l.rank);
+  DIFFMOE_CHECK(l.local_world <= l.world, "[launch] {}={} exceeds {}={}", local_world_var, l.local_world, world_var,
+                l.world);
+  DIFFMOE_CHECK(l.local_rank < l.local_world, "[launch] {}={} must be less than {}={}", local_var, l.local_rank,
+                local_world_var, l.local_world);
+  DIFFMOE_CHECK(l.local_rank <= l.rank, "[launch] {}={} exceeds {}={} (a node's ranks are a subset of the world's)",
+                local_var, l.local_rank, rank_var, l.rank);
 }
 
 // When another launcher's rank variable is set too, it must agree (e.g. RANK exported by hand into
 // an mpirun job would otherwise give two processes the same rank).
-void check_agrees(const EnvReader& env, const std::string& var, int value, std::string_view ours, std::string_view launcher) {
+void check_agrees(const EnvReader& env, const std::string& var, int value, std::string_view ours,
+                  std::string_view launcher) {
   const auto v = env(var);
   if (!v) return;
   const int other = parse_int(var, *v, 0, kMaxRanks);
-  DIFFMOE_CHECK(other == value, "[launch] {}={} disagrees with {}={} (set by {}): unset the stale one", ours, value, var, other,
-                launcher);
+  DIFFMOE_CHECK(other == value, "[launch] {}={} disagrees with {}={} (set by {}): unset the stale one", ours, value,
+                var, other, launcher);
 }
 
-void read_master(const Vars& vars, Launch& l, const std::optional<std::string>& default_addr, std::optional<int> default_port) {
+void read_master(const Vars& vars, Launch& l, const std::optional<std::string>& default_addr,
+                 std::optional<int> default_port) {
   const auto addr = vars.get("MASTER_ADDR");
   if (addr) {
     DIFFMOE_CHECK(!addr->empty(), "[launch] MASTER_ADDR is empty");
     l.master_addr = *addr;
   } else {
-    DIFFMOE_CHECK(default_addr.has_value(), "[launch] {} launch: MASTER_ADDR is not set (the host of rank 0, which serves the "
-                  "rendezvous store)", launch_kind_name(l.kind));
+    DIFFMOE_CHECK(default_addr.has_value(),
+                  "[launch] {} launch: MASTER_ADDR is not set (the host of rank 0, which serves the "
+                  "rendezvous store)",
+                  launch_kind_name(l.kind));
     l.master_addr = *default_addr;
   }
   const auto port = vars.optional_int("MASTER_PORT", 1, 65535);
   if (port) {
     l.master_port = *port;
   } else {
-    DIFFMOE_CHECK(default_port.has_value(), "[launch] {} launch: MASTER_PORT is not set (the port of the rendezvous store)",
+    DIFFMOE_CHECK(default_port.has_value(),
+                  "[launch] {} launch: MASTER_PORT is not set (the port of the rendezvous store)",
                   launch_kind_name(l.kind));
     l.master_port = *default_port;
   }
@@ -118,7 +124,8 @@ Launch detect_openmpi(const EnvReader& env) {
   l.world = v.required_int("OMPI_COMM_WORLD_SIZE", "set by Open MPI's mpirun", 1, kMaxRanks);
   l.local_rank = v.required_int("OMPI_COMM_WORLD_LOCAL_RANK", "set by Open MPI's mpirun", 0, kMaxRanks);
   l.local_world = v.optional_int("OMPI_COMM_WORLD_LOCAL_SIZE", 1, kMaxRanks).value_or(l.world);
-  check_ranks(l, "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK", "OMPI_COMM_WORLD_LOCAL_SIZE");
+  check_ranks(l, "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK",
+              "OMPI_COMM_WORLD_LOCAL_SIZE");
   l.transport = Transport::kMpi;
   return l;
 }
@@ -133,8 +140,8 @@ Launch detect_slurm(const EnvReader& env) {
   const int node = v.required_int("SLURM_NODEID", "the task's node within the job", 0, kMaxRanks);
   const std::vector<int> per_node =
       expand_slurm_tasks_per_node(v.required("SLURM_TASKS_PER_NODE", "how many tasks run on each node"));
-  DIFFMOE_CHECK(node < static_cast<int>(per_node.size()), "[launch] SLURM_NODEID={} but SLURM_TASKS_PER_NODE lists {} nodes",
-                node, per_node.size());
+  DIFFMOE_CHECK(node < static_cast<int>(per_node.size()),
+                "[launch] SLURM_NODEID={} but SLURM_TASKS_PER_NODE lists {} nodes", node, per_node.size());
   l.local_world = per_node[static_cast<size_t>(node)];
   check_ranks(l, "SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID", "SLURM_TASKS_PER_NODE");
   // PMIx/PMI from srun: MPI can initialise; their ranks must be Slurm's.
@@ -172,7 +179,8 @@ Launch detect_pmi(const EnvReader& env) {
 
 // One numeric range bound inside brackets: digits only (zero padding is significant).
 int64_t parse_bound(std::string_view digits, std::string_view list, std::string_view variable) {
-  DIFFMOE_CHECK(!digits.empty() && digits.size() <= 18, "[launch] {}='{}': bad range bound '{}'", variable, list, digits);
+  DIFFMOE_CHECK(!digits.empty() && digits.size() <= 18, "[launch] {}='{}': bad range bound '{}'", variable, list,
+                digits);
   int64_t v = 0;
   for (char c : digits) {
     DIFFMOE_CHECK(c >= '0' && c <= '9', "[launch] {}='{}': bad range bound '{}'", variable, list, digits);
@@ -241,7 +249,8 @@ std::string_view transport_name(Transport t) {
 }
 
 std::string Launch::describe() const {
-  std::string s = fmt::format("{}: rank {} of {} (local {} of {})", launch_kind_name(kind), rank, world, local_rank, local_world);
+  std::string s =
+      fmt::format("{}: rank {} of {} (local {} of {})", launch_kind_name(kind), rank, world, local_rank, local_world);
   if (transport == Transport::kStore) s += fmt::format(", store {}:{}", master_addr, master_port);
   if (transport == Transport::kMpi) s += ", MPI";
   return s;
@@ -319,11 +328,12 @@ std::vector<int> expand_slurm_tasks_per_node(std::string_view spec, std::string_
     int repeat = 1;
     if (paren != std::string_view::npos) {
       const std::string_view rep = item.substr(paren);
-      DIFFMOE_CHECK(rep.size() > 3 && rep.substr(0, 2) == "(x" && rep.back() == ')', "[launch] {}='{}': bad repeat '{}'",
-                    variable, spec, rep);
+      DIFFMOE_CHECK(rep.size() > 3 && rep.substr(0, 2) == "(x" && rep.back() == ')',
+                    "[launch] {}='{}': bad repeat '{}'", variable, spec, rep);
       repeat = parse_int(std::string(variable), std::string(rep.substr(2, rep.size() - 3)), 1, kMaxRanks);
     }
-    DIFFMOE_CHECK(out.size() + static_cast<size_t>(repeat) <= kMaxHosts, "[launch] {}: more than {} nodes", variable, kMaxHosts);
+    DIFFMOE_CHECK(out.size() + static_cast<size_t>(repeat) <= kMaxHosts, "[launch] {}: more than {} nodes", variable,
+                  kMaxHosts);
     out.insert(out.end(), static_cast<size_t>(repeat), count);
     pos = comma + 1;
   }

@@ -37,8 +37,8 @@ std::string_view transport_name(Transport t);  // "none", "mpi", "store"
 struct Launch {
   int rank = 0;
   int world = 1;
-  int local_rank = 0;   // rank on this node: picks the GPU
-  int local_world = 1;  // ranks on this node
+  int local_rank = 0;       // rank on this node: picks the GPU
+  int local_world = 1;      // ranks on this node
   std::string master_addr;  // Transport::kStore only: the host serving the TCP store (rank 0's)
   int master_port = 0;
   LaunchKind kind = LaunchKind::kSingle;

@@ -15,7 +15,8 @@ namespace diffmoe::dist {
 
 class MpiRuntime {
  public:
-  MpiRuntime(int world_rank, std::chrono::milliseconds timeout, bool owns) : world_rank_(world_rank), timeout_(timeout), owns_(owns) {}
+  MpiRuntime(int world_rank, std::chrono::milliseconds timeout, bool owns)
+      : world_rank_(world_rank), timeout_(timeout), owns_(owns) {}
   ~MpiRuntime();
   int world_rank() const { return world_rank_; }
   std::chrono::milliseconds timeout() const { return timeout_; }
@@ -44,17 +45,21 @@ std::string mpi_error_text(int code) {
 }  // namespace
 
 // Every MPI call is checked; the error names the call and this rank.
-#define MPI_CHECK(rank, what, call)                                                                                    \
-  do {                                                                                                                 \
-    const int diffmoe_mpi_rc_ = (call);                                                                                \
-    if (diffmoe_mpi_rc_ != MPI_SUCCESS)                                                                                \
-      DIFFMOE_FAIL("rank {}: {}: {} failed: {}", (rank), (what), #call, mpi_error_text(diffmoe_mpi_rc_));              \
+#define MPI_CHECK(rank, what, call)                                                                       \
+  do {                                                                                                    \
+    const int diffmoe_mpi_rc_ = (call);                                                                   \
+    if (diffmoe_mpi_rc_ != MPI_SUCCESS)                                                                   \
+      DIFFMOE_FAIL("rank {}: {}: {} failed: {}", (rank), (what), #call, mpi_error_text(diffmoe_mpi_rc_)); \
   } while (0)
 
 namespace {
 
-void bf16_sum_fn(void* in, void* inout, int* len, MPI_Datatype*) { host_reduce(inout, in, *len, DType::kBF16, ReduceOp::kSum); }
-void bf16_max_fn(void* in, void* inout, int* len, MPI_Datatype*) { host_reduce(inout, in, *len, DType::kBF16, ReduceOp::kMax); }
+void bf16_sum_fn(void* in, void* inout, int* len, MPI_Datatype*) {
+  host_reduce(inout, in, *len, DType::kBF16, ReduceOp::kSum);
+}
+void bf16_max_fn(void* in, void* inout, int* len, MPI_Datatype*) {
+  host_reduce(inout, in, *len, DType::kBF16, ReduceOp::kMax);
+}
 
 MPI_Datatype mpi_type(DType t) {
   switch (t) {
@@ -142,15 +147,16 @@ class MpiCommunicator final : public Communicator {
     const MPI_Op mop = out.dtype == DType::kBF16 ? rt_->bf16_op(op) : (op == ReduceOp::kSum ? MPI_SUM : MPI_MAX);
     const void* src = in.data == out.data ? MPI_IN_PLACE : in.data;
     MPI_CHECK(rt_->world_rank(), what("all_reduce"),
-              MPI_Iallreduce(src, out.data, mpi_count(out.numel(), what("all_reduce")), mpi_type(out.dtype), mop, comm_, w->request()));
+              MPI_Iallreduce(src, out.data, mpi_count(out.numel(), what("all_reduce")), mpi_type(out.dtype), mop, comm_,
+                             w->request()));
     return w;
   }
   WorkPtr do_reduce_scatter(Context, const Tensor& in, const Tensor& out) override {
     auto w = make_work("reduce_scatter");
     const MPI_Op mop = out.dtype == DType::kBF16 ? rt_->bf16_op(ReduceOp::kSum) : MPI_SUM;
     MPI_CHECK(rt_->world_rank(), what("reduce_scatter"),
-              MPI_Ireduce_scatter_block(in.data, out.data, mpi_count(out.numel(), what("reduce_scatter")), mpi_type(out.dtype), mop,
-                                        comm_, w->request()));
+              MPI_Ireduce_scatter_block(in.data, out.data, mpi_count(out.numel(), what("reduce_scatter")),
+                                        mpi_type(out.dtype), mop, comm_, w->request()));
     return w;
   }
   WorkPtr do_all_gather(Context, const Tensor& in, const Tensor& out) override {
@@ -159,8 +165,8 @@ class MpiCommunicator final : public Communicator {
     mpi_count(out.numel(), what("all_gather"));
     const bool in_place = in.data == byte_ptr(out, static_cast<int64_t>(rank()) * in.numel());
     MPI_CHECK(rt_->world_rank(), what("all_gather"),
-              MPI_Iallgather(in_place ? MPI_IN_PLACE : in.data, n, mpi_type(in.dtype), out.data, n, mpi_type(out.dtype), comm_,
-                             w->request()));
+              MPI_Iallgather(in_place ? MPI_IN_PLACE : in.data, n, mpi_type(in.dtype), out.data, n, mpi_type(out.dtype),
+                             comm_, w->request()));
     return w;
   }
   WorkPtr do_all_to_all_v(Context, const AllToAllVArgs& a) override {
@@ -176,14 +182,15 @@ class MpiCommunicator final : public Communicator {
       v[3 * n + p] = mpi_count(a.recv_offsets[p], wh);
     }
     MPI_CHECK(rt_->world_rank(), wh,
-              MPI_Ialltoallv(a.in.data, v.data(), v.data() + n, mpi_type(a.in.dtype), a.out.data, v.data() + 2 * n, v.data() + 3 * n,
-                             mpi_type(a.out.dtype), comm_, w->request()));
+              MPI_Ialltoallv(a.in.data, v.data(), v.data() + n, mpi_type(a.in.dtype), a.out.data, v.data() + 2 * n,
+                             v.data() + 3 * n, mpi_type(a.out.dtype), comm_, w->request()));
     return w;
   }
   WorkPtr do_broadcast(Context, const Tensor& t, int root) override {
     auto w = make_work("broadcast");
-    MPI_CHECK(rt_->world_rank(), what("broadcast"),
-              MPI_Ibcast(t.data, mpi_count(t.numel(), what("broadcast")), mpi_type(t.dtype), root, comm_, w->request()));
+    MPI_CHECK(
+        rt_->world_rank(), what("broadcast"),
+        MPI_Ibcast(t.data, mpi_count(t.numel(), what("broadcast")), mpi_type(t.dtype), root, comm_, w->request()));
     return w;
   }
   WorkPtr do_barrier(Context) override {
@@ -231,18 +238,19 @@ std::shared_ptr<MpiRuntime> mpi_init(const Launch& launch, std::chrono::millisec
   if (!initialized) {
     int provided = 0;
     MPI_CHECK(launch.rank, "MPI setup", MPI_Init_thread(nullptr, nullptr, MPI_THREAD_SERIALIZED, &provided));
-    DIFFMOE_CHECK(provided >= MPI_THREAD_SERIALIZED, "rank {}: MPI provides thread level {} but MPI_THREAD_SERIALIZED is needed",
-                  launch.rank, provided);
+    DIFFMOE_CHECK(provided >= MPI_THREAD_SERIALIZED,
+                  "rank {}: MPI provides thread level {} but MPI_THREAD_SERIALIZED is needed", launch.rank, provided);
   }
   auto rt = std::make_shared<MpiRuntime>(launch.rank, timeout, !initialized);
   MPI_CHECK(launch.rank, "MPI setup", MPI_Comm_set_errhandler(MPI_COMM_WORLD, MPI_ERRORS_RETURN));
   int rank = 0, size = 0;
   MPI_CHECK(launch.rank, "MPI setup", MPI_Comm_rank(MPI_COMM_WORLD, &rank));
   MPI_CHECK(launch.rank, "MPI setup", MPI_Comm_size(MPI_COMM_WORLD, &size));
-  DIFFMOE_CHECK(rank == launch.rank && size == launch.world,
-                "rank {}: MPI says rank {} of {}, but the launcher's variables say rank {} of {} ({}): the MPI library this "
-                "program uses is not the launcher's",
-                launch.rank, rank, size, launch.rank, launch.world, launch.describe());
+  DIFFMOE_CHECK(
+      rank == launch.rank && size == launch.world,
+      "rank {}: MPI says rank {} of {}, but the launcher's variables say rank {} of {} ({}): the MPI library this "
+      "program uses is not the launcher's",
+      launch.rank, rank, size, launch.rank, launch.world, launch.describe());
   rt->create_ops();
   return rt;
 }

@@ -20,11 +20,11 @@ namespace diffmoe::dist {
 namespace {
 
 // Every CUDA and NCCL call is checked; errors name the call, the rank and what it was for.
-#define DIST_CUDA_CHECK(rank, what, call)                                                                          \
-  do {                                                                                                             \
-    const cudaError_t diffmoe_cuda_err_ = (call);                                                                  \
-    if (diffmoe_cuda_err_ != cudaSuccess)                                                                          \
-      DIFFMOE_FAIL("rank {}: {}: {} failed: {}", (rank), (what), #call, cudaGetErrorString(diffmoe_cuda_err_));     \
+#define DIST_CUDA_CHECK(rank, what, call)                                                                       \
+  do {                                                                                                          \
+    const cudaError_t diffmoe_cuda_err_ = (call);                                                               \
+    if (diffmoe_cuda_err_ != cudaSuccess)                                                                       \
+      DIFFMOE_FAIL("rank {}: {}: {} failed: {}", (rank), (what), #call, cudaGetErrorString(diffmoe_cuda_err_)); \
   } while (0)
 
 std::string nccl_error_text(ncclResult_t r, ncclComm_t comm) {
@@ -66,7 +66,8 @@ void wait_ready(ncclComm_t comm, int rank, const std::string& what, std::chrono:
     }
     if (Clock::now() > deadline) {
       ncclCommAbort(comm);
-      DIFFMOE_FAIL("rank {}: {} (nccl): not done after {} (a peer rank did not join, or died)", rank, what, seconds_text(timeout));
+      DIFFMOE_FAIL("rank {}: {} (nccl): not done after {} (a peer rank did not join, or died)", rank, what,
+                   seconds_text(timeout));
     }
     if (pause.count() > 0) std::this_thread::sleep_for(pause);
     pause = std::min(pause + std::chrono::microseconds(10), std::chrono::microseconds(1000));
@@ -134,7 +135,8 @@ struct NcclState {
       fail(fmt::format("rank {}: watchdog of {} (nccl): cannot select CUDA device {}", world_rank, name, device));
       return;
     }
-    const auto poll = std::min<std::chrono::milliseconds>(std::chrono::milliseconds(100), std::max(timeout / 10, std::chrono::milliseconds(1)));
+    const auto poll = std::min<std::chrono::milliseconds>(std::chrono::milliseconds(100),
+                                                          std::max(timeout / 10, std::chrono::milliseconds(1)));
     std::unique_lock<std::mutex> lock(mu);
     while (!stop) {
       cv.wait_for(lock, poll);
@@ -145,7 +147,8 @@ struct NcclState {
       if (st != ncclSuccess && st != ncclInProgress) {
         const std::string what = pending.empty() ? "a collective" : pending.front().what;
         lock.unlock();
-        fail(fmt::format("rank {}: {} (nccl): NCCL reported an error: {}", world_rank, what, nccl_error_text(st, comm)));
+        fail(
+            fmt::format("rank {}: {} (nccl): NCCL reported an error: {}", world_rank, what, nccl_error_text(st, comm)));
         return;
       }
       while (!pending.empty()) {
@@ -163,9 +166,10 @@ struct NcclState {
         if (Clock::now() > pending.front().deadline) {
           const std::string what = pending.front().what;
           lock.unlock();
-          fail(fmt::format("rank {}: {} (nccl): not complete {} after it was issued (a peer rank died, hangs, or issued "
-                           "other collectives)",
-                           world_rank, what, seconds_text(timeout)));
+          fail(
+              fmt::format("rank {}: {} (nccl): not complete {} after it was issued (a peer rank died, hangs, or issued "
+                          "other collectives)",
+                          world_rank, what, seconds_text(timeout)));
           return;
         }
         break;  // later ones were issued later: their deadlines are later
@@ -181,7 +185,8 @@ class NcclWork final : public Work {
   void wait(Context ctx) override {
     const std::string failure = st_->failure_text();
     if (!failure.empty()) DIFFMOE_FAIL("{}", failure);
-    DIST_CUDA_CHECK(st_->world_rank, what_, cudaStreamWaitEvent(static_cast<cudaStream_t>(ctx.stream), done_->get(), 0));
+    DIST_CUDA_CHECK(st_->world_rank, what_,
+                    cudaStreamWaitEvent(static_cast<cudaStream_t>(ctx.stream), done_->get(), 0));
   }
 
  private:
@@ -259,12 +264,14 @@ class NcclCommunicator final : public Communicator {
  protected:
   WorkPtr do_all_reduce(Context ctx, const Tensor& in, const Tensor& out, ReduceOp op) override {
     return run(ctx, "all_reduce", [&] {
-      return ncclAllReduce(in.data, out.data, static_cast<size_t>(out.numel()), nccl_type(out.dtype), nccl_op(op), st_->comm, stream_);
+      return ncclAllReduce(in.data, out.data, static_cast<size_t>(out.numel()), nccl_type(out.dtype), nccl_op(op),
+                           st_->comm, stream_);
     });
   }
   WorkPtr do_reduce_scatter(Context ctx, const Tensor& in, const Tensor& out) override {
     return run(ctx, "reduce_scatter", [&] {
-      return ncclReduceScatter(in.data, out.data, static_cast<size_t>(out.numel()), nccl_type(out.dtype), ncclSum, st_->comm, stream_);
+      return ncclReduceScatter(in.data, out.data, static_cast<size_t>(out.numel()), nccl_type(out.dtype), ncclSum,
+                               st_->comm, stream_);
     });
   }
   WorkPtr do_all_gather(Context ctx, const Tensor& in, const Tensor& out) override {
@@ -280,9 +287,11 @@ class NcclCommunicator final : public Communicator {
       for (int p = 0; p < size() && (r == ncclSuccess || r == ncclInProgress); ++p) {
         const auto q = static_cast<size_t>(p);
         if (a.send_counts[q] > 0)
-          r = ncclSend(byte_ptr(a.in, a.send_offsets[q]), static_cast<size_t>(a.send_counts[q]), t, p, st_->comm, stream_);
+          r = ncclSend(byte_ptr(a.in, a.send_offsets[q]), static_cast<size_t>(a.send_counts[q]), t, p, st_->comm,
+                       stream_);
         if ((r == ncclSuccess || r == ncclInProgress) && a.recv_counts[q] > 0)
-          r = ncclRecv(byte_ptr(a.out, a.recv_offsets[q]), static_cast<size_t>(a.recv_counts[q]), t, p, st_->comm, stream_);
+          r = ncclRecv(byte_ptr(a.out, a.recv_offsets[q]), static_cast<size_t>(a.recv_counts[q]), t, p, st_->comm,
+                       stream_);
       }
       const ncclResult_t end = ncclGroupEnd();
       return r == ncclSuccess || r == ncclInProgress ? end : r;
@@ -290,11 +299,13 @@ class NcclCommunicator final : public Communicator {
   }
   WorkPtr do_broadcast(Context ctx, const Tensor& t, int root) override {
     return run(ctx, "broadcast", [&] {
-      return ncclBroadcast(t.data, t.data, static_cast<size_t>(t.numel()), nccl_type(t.dtype), root, st_->comm, stream_);
+      return ncclBroadcast(t.data, t.data, static_cast<size_t>(t.numel()), nccl_type(t.dtype), root, st_->comm,
+                           stream_);
     });
   }
   WorkPtr do_barrier(Context ctx) override {
-    return run(ctx, "barrier", [&] { return ncclAllReduce(scratch_, scratch_, 1, ncclFloat32, ncclSum, st_->comm, stream_); });
+    return run(ctx, "barrier",
+               [&] { return ncclAllReduce(scratch_, scratch_, 1, ncclFloat32, ncclSum, st_->comm, stream_); });
   }
   std::unique_ptr<Communicator> do_split(int color, int key, const std::string& name) override {
     const std::string what = fmt::format("split of {} into '{}'", this->name(), name);
@@ -303,7 +314,8 @@ class NcclCommunicator final : public Communicator {
     ncclComm_t sub = nullptr;
     const ncclResult_t r = ncclCommSplit(st_->comm, color, key, &sub, &config);
     if (r != ncclSuccess && r != ncclInProgress)
-      DIFFMOE_FAIL("rank {}: {} (nccl): ncclCommSplit failed: {}", st_->world_rank, what, nccl_error_text(r, st_->comm));
+      DIFFMOE_FAIL("rank {}: {} (nccl): ncclCommSplit failed: {}", st_->world_rank, what,
+                   nccl_error_text(r, st_->comm));
     wait_ready(st_->comm, st_->world_rank, what, opt_.timeout);
     DIFFMOE_CHECK(sub != nullptr, "rank {}: {} (nccl): no communicator was made", st_->world_rank, what);
     wait_ready(sub, st_->world_rank, what, opt_.timeout);
@@ -314,19 +326,22 @@ class NcclCommunicator final : public Communicator {
   static int comm_rank(ncclComm_t c, int world_rank, const std::string& name) {
     int r = 0;
     const ncclResult_t res = ncclCommUserRank(c, &r);
-    DIFFMOE_CHECK(res == ncclSuccess, "rank {}: NCCL communicator {}: ncclCommUserRank: {}", world_rank, name, nccl_error_text(res, c));
+    DIFFMOE_CHECK(res == ncclSuccess, "rank {}: NCCL communicator {}: ncclCommUserRank: {}", world_rank, name,
+                  nccl_error_text(res, c));
     return r;
   }
   static int comm_size(ncclComm_t c, int world_rank, const std::string& name) {
     int n = 0;
     const ncclResult_t res = ncclCommCount(c, &n);
-    DIFFMOE_CHECK(res == ncclSuccess, "rank {}: NCCL communicator {}: ncclCommCount: {}", world_rank, name, nccl_error_text(res, c));
+    DIFFMOE_CHECK(res == ncclSuccess, "rank {}: NCCL communicator {}: ncclCommCount: {}", world_rank, name,
+                  nccl_error_text(res, c));
     return n;
   }
 
   void check_usable(const std::string& what) {
     const std::string failure = st_->failure_text();
-    if (!failure.empty()) DIFFMOE_FAIL("rank {}: {}: not run: the NCCL communicator failed earlier ({})", st_->world_rank, what, failure);
+    if (!failure.empty())
+      DIFFMOE_FAIL("rank {}: {}: not run: the NCCL communicator failed earlier ({})", st_->world_rank, what, failure);
     int current = -1;
     DIST_CUDA_CHECK(st_->world_rank, what, cudaGetDevice(&current));
     DIFFMOE_CHECK(current == st_->device, "rank {}: {} (nccl): the current CUDA device is {}, the communicator's is {}",
@@ -381,11 +396,12 @@ std::unique_ptr<Communicator> make_nccl_world(DistContext& dist, int device, con
     if (TcpStore* store = dist.store()) {
       const std::string key = fmt::format("diffmoe/nccl/world{}/unique_id", seq);
       if (rank == 0) {
-        store->set(key, std::vector<char>(reinterpret_cast<const char*>(&id), reinterpret_cast<const char*>(&id) + sizeof(id)));
+        store->set(key, std::vector<char>(reinterpret_cast<const char*>(&id),
+                                          reinterpret_cast<const char*>(&id) + sizeof(id)));
       } else {
         const std::vector<char> v = store->get(key);
-        DIFFMOE_CHECK(v.size() == sizeof(id), "rank {}: {}: the unique id in the store has {} bytes, not {}", rank, what, v.size(),
-                      sizeof(id));
+        DIFFMOE_CHECK(v.size() == sizeof(id), "rank {}: {}: the unique id in the store has {} bytes, not {}", rank,
+                      what, v.size(), sizeof(id));
         std::memcpy(&id, v.data(), sizeof(id));
       }
     } else {
@@ -397,7 +413,8 @@ std::unique_ptr<Communicator> make_nccl_world(DistContext& dist, int device, con
   ncclConfig_t config = make_config(name);
   ncclComm_t comm = nullptr;
   const ncclResult_t r = ncclCommInitRankConfig(&comm, world, id, rank, &config);
-  if (r != ncclSuccess && r != ncclInProgress) DIFFMOE_FAIL("rank {}: {}: ncclCommInitRankConfig: {}", rank, what, nccl_error_text(r, comm));
+  if (r != ncclSuccess && r != ncclInProgress)
+    DIFFMOE_FAIL("rank {}: {}: ncclCommInitRankConfig: {}", rank, what, nccl_error_text(r, comm));
   wait_ready(comm, rank, what, options.timeout);
   return std::make_unique<NcclCommunicator>(comm, device, rank, name, options);
 }

@@ -36,7 +36,7 @@ namespace diffmoe::dist {
 
 struct NcclOptions {
   std::chrono::milliseconds timeout = dist_timeout();  // DIFFMOE_DIST_TIMEOUT_S, default 300 s
-  bool exit_on_failure = true;                          // the watchdog ends the process on a failure
+  bool exit_on_failure = true;                         // the watchdog ends the process on a failure
 };
 
 // The world communicator ("world") on CUDA `device`. Collective over dist.cpu_world().

@@ -36,7 +36,8 @@ WorkPtr SingleRankCommunicator::do_all_gather(Context ctx, const Tensor& in, con
 }
 
 WorkPtr SingleRankCommunicator::do_all_to_all_v(Context ctx, const AllToAllVArgs& a) {
-  copy(ctx, flat_view(a.out, a.recv_offsets[0], a.recv_counts[0]), flat_view(a.in, a.send_offsets[0], a.send_counts[0]));
+  copy(ctx, flat_view(a.out, a.recv_offsets[0], a.recv_counts[0]),
+       flat_view(a.in, a.send_offsets[0], a.send_counts[0]));
   return std::make_unique<DoneWork>();
 }
 

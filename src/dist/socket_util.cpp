@@ -81,8 +81,9 @@ Socket connect_tcp(const std::string& host, int port, Clock::time_point deadline
     std::this_thread::sleep_for(pause);
     pause = std::min(pause * 2, std::chrono::milliseconds(500));
   }
-  DIFFMOE_FAIL("{}: could not connect before the timeout ({}); is rank 0 running, and are MASTER_ADDR/MASTER_PORT right?",
-               what, last_error);
+  DIFFMOE_FAIL(
+      "{}: could not connect before the timeout ({}); is rank 0 running, and are MASTER_ADDR/MASTER_PORT right?", what,
+      last_error);
 }
 
 Socket listen_tcp(int port, int* bound_port, const std::string& what) {
@@ -94,8 +95,8 @@ Socket listen_tcp(int port, int* bound_port, const std::string& what) {
   addr.sin_family = AF_INET;
   addr.sin_addr.s_addr = htonl(INADDR_ANY);
   addr.sin_port = htons(static_cast<uint16_t>(port));
-  DIFFMOE_CHECK(::bind(s.fd(), reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) == 0, "{}: cannot listen on port {}: {}", what,
-                port, std::strerror(errno));
+  DIFFMOE_CHECK(::bind(s.fd(), reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) == 0,
+                "{}: cannot listen on port {}: {}", what, port, std::strerror(errno));
   DIFFMOE_CHECK(::listen(s.fd(), 1024) == 0, "{}: listen on port {}: {}", what, port, std::strerror(errno));
   socklen_t len = sizeof(addr);
   DIFFMOE_CHECK(::getsockname(s.fd(), reinterpret_cast<sockaddr*>(&addr), &len) == 0, "{}: getsockname: {}", what,

@@ -7,7 +7,9 @@
 namespace diffmoe::dist {
 namespace {
 
-std::string seconds(std::chrono::milliseconds t) { return fmt::format("{:g} s", static_cast<double>(t.count()) / 1000.0); }
+std::string seconds(std::chrono::milliseconds t) {
+  return fmt::format("{:g} s", static_cast<double>(t.count()) / 1000.0);
+}
 
 std::string join_keys(const std::vector<std::string>& keys) {
   std::string s;
@@ -18,7 +20,8 @@ std::string join_keys(const std::vector<std::string>& keys) {
 
 }  // namespace
 
-TcpStore::TcpStore(const TcpStoreOptions& opt) : host_(opt.host), port_(opt.port), timeout_(opt.timeout), rank_(opt.rank) {
+TcpStore::TcpStore(const TcpStoreOptions& opt)
+    : host_(opt.host), port_(opt.port), timeout_(opt.timeout), rank_(opt.rank) {
   DIFFMOE_CHECK(opt.timeout.count() > 0, "[store] the timeout must be positive");
   if (opt.serve) {
     server_ = std::make_unique<StoreServer>(opt.port, fmt::format("rank {}: {} (MASTER_PORT)", rank_, describe()));
@@ -35,7 +38,8 @@ TcpStore::~TcpStore() {
 
 std::string TcpStore::describe() const { return fmt::format("rendezvous store {}:{}", host_, port_); }
 
-std::vector<char> TcpStore::request(const std::vector<char>& payload, std::chrono::milliseconds timeout, const std::string& what) {
+std::vector<char> TcpStore::request(const std::vector<char>& payload, std::chrono::milliseconds timeout,
+                                    const std::string& what) {
   std::lock_guard<std::mutex> lock(mu_);
   const std::string where = fmt::format("rank {}: {}: {}", rank_, describe(), what);
   DIFFMOE_CHECK(!broken_, "{}: the connection failed earlier", where);
@@ -52,7 +56,8 @@ std::vector<char> TcpStore::request(const std::vector<char>& payload, std::chron
   const Clock::time_point deadline = Clock::now() + timeout;
   auto fail = [&](RecvResult r) {
     broken_ = true;
-    if (r == RecvResult::kTimeout) DIFFMOE_FAIL("{}: timed out after {} (a rank did not reach the rendezvous)", where, seconds(timeout));
+    if (r == RecvResult::kTimeout)
+      DIFFMOE_FAIL("{}: timed out after {} (a rank did not reach the rendezvous)", where, seconds(timeout));
     DIFFMOE_FAIL("{}: the server closed the connection (rank 0, which serves the store, exited?)", where);
   };
   char head[4];
@@ -71,7 +76,8 @@ std::vector<char> TcpStore::request(const std::vector<char>& payload, std::chron
 
 void TcpStore::set(const std::string& key, const std::vector<char>& value) {
   DIFFMOE_CHECK(key.size() <= kMaxKey, "[store] key of {} bytes exceeds {}", key.size(), kMaxKey);
-  DIFFMOE_CHECK(value.size() <= kMaxValue, "[store] value of '{}' has {} bytes, more than {}", key, value.size(), kMaxValue);
+  DIFFMOE_CHECK(value.size() <= kMaxValue, "[store] value of '{}' has {} bytes, more than {}", key, value.size(),
+                kMaxValue);
   request(wire::Writer(wire::kSet).bytes(key).bytes(std::string_view(value.data(), value.size())).payload(), timeout_,
           fmt::format("set '{}'", key));
 }
@@ -86,7 +92,8 @@ std::vector<char> TcpStore::get(const std::string& key, std::chrono::millisecond
 void TcpStore::wait(const std::vector<std::string>& keys) { wait(keys, timeout_); }
 
 void TcpStore::wait(const std::vector<std::string>& keys, std::chrono::milliseconds timeout) {
-  for (const auto& k : keys) DIFFMOE_CHECK(k.size() <= kMaxKey, "[store] key of {} bytes exceeds {}", k.size(), kMaxKey);
+  for (const auto& k : keys)
+    DIFFMOE_CHECK(k.size() <= kMaxKey, "[store] key of {} bytes exceeds {}", k.size(), kMaxKey);
   request(wire::Writer(wire::kWait).keys(keys).payload(), timeout, fmt::format("waiting for {}", join_keys(keys)));
 }
 

@@ -31,11 +31,11 @@ namespace diffmoe::dist {
 class StoreServer;
 
 struct TcpStoreOptions {
-  std::string host;  // where the server is (clients connect there)
-  int port = 0;      // its port; with serve, 0 picks a free one (port() tells which)
-  bool serve = false;  // this process serves the store (rank 0)
+  std::string host;                            // where the server is (clients connect there)
+  int port = 0;                                // its port; with serve, 0 picks a free one (port() tells which)
+  bool serve = false;                          // this process serves the store (rank 0)
   std::chrono::milliseconds timeout{300'000};  // connecting, get and wait
-  int rank = 0;  // for messages
+  int rank = 0;                                // for messages
 };
 
 class TcpStore {
@@ -62,14 +62,15 @@ class TcpStore {
   std::string describe() const;  // "rendezvous store 127.0.0.1:29500"
 
  private:
-  std::vector<char> request(const std::vector<char>& payload, std::chrono::milliseconds timeout, const std::string& what);
+  std::vector<char> request(const std::vector<char>& payload, std::chrono::milliseconds timeout,
+                            const std::string& what);
 
   std::string host_;
   int port_ = 0;
   std::chrono::milliseconds timeout_;
   int rank_ = 0;
   std::unique_ptr<StoreServer> server_;  // rank 0 only; started before the client connects
-  std::mutex mu_;  // one request at a time on the connection
+  std::mutex mu_;                        // one request at a time on the connection
   Socket conn_;
   bool broken_ = false;  // a timed-out reply may still arrive: the connection is not reused
 };

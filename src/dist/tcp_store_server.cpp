@@ -187,13 +187,13 @@ bool StoreServer::handle(int fd, const char* payload, size_t n) {
       wake_waiters();
       return true;
     }
-    default:
-      return false;
+    default: return false;
   }
 }
 
 void StoreServer::drop(int fd) {
-  waiters_.erase(std::remove_if(waiters_.begin(), waiters_.end(), [&](const Waiter& w) { return w.fd == fd; }), waiters_.end());
+  waiters_.erase(std::remove_if(waiters_.begin(), waiters_.end(), [&](const Waiter& w) { return w.fd == fd; }),
+                 waiters_.end());
   clients_.erase(fd);
 }
 

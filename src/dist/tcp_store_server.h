@@ -36,7 +36,7 @@ class StoreServer {
 
   void run();
   void accept_client();
-  bool read_client(Client& c);          // false: drop the client
+  bool read_client(Client& c);                         // false: drop the client
   bool handle(int fd, const char* payload, size_t n);  // false: malformed
   bool has_all(const std::vector<std::string>& keys) const;
   void reply(int fd, const std::vector<char>& payload);

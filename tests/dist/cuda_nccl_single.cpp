@@ -92,7 +92,8 @@ class NcclWorld1 : public ::testing::Test {
     const std::vector<uint8_t> got = out.download();
     ASSERT_GE(got.size(), want.size());
     EXPECT_EQ(0, std::memcmp(got.data(), want.data(), want.size())) << what;
-    for (size_t i = want.size(); i < got.size(); ++i) ASSERT_EQ(got[i], kPoison) << what << ": byte " << i << " past the output was written";
+    for (size_t i = want.size(); i < got.size(); ++i)
+      ASSERT_EQ(got[i], kPoison) << what << ": byte " << i << " past the output was written";
   }
 
   std::unique_ptr<DistContext> dist_;
@@ -156,8 +157,13 @@ TEST_F(NcclWorld1, EveryCollectiveIsExactForEveryDtype) {
         const int64_t k = n >= 5 ? n - 4 : 0;
         DevBuf out(t, n);
         const std::vector<int64_t> cnt{k}, so{k > 0 ? 2 : 0}, ro{k > 0 ? 3 : 0};
-        comm_->all_to_all_v(ctx, {.in = in.tensor(), .out = out.tensor(), .send_counts = cnt, .send_offsets = so, .recv_counts = cnt,
-                                  .recv_offsets = ro})
+        comm_
+            ->all_to_all_v(ctx, {.in = in.tensor(),
+                                 .out = out.tensor(),
+                                 .send_counts = cnt,
+                                 .send_offsets = so,
+                                 .recv_counts = cnt,
+                                 .recv_offsets = ro})
             ->wait(ctx);
         CHECK_CUDA(cudaStreamSynchronize(s1_));
         const auto es = static_cast<int64_t>(dtype_size(t));
@@ -197,8 +203,9 @@ TEST_F(NcclWorld1, StreamOrdering) {
   CHECK_CUDA(cudaStreamSynchronize(s2_));
   const double done_ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
   EXPECT_GE(done_ms, 290.0) << "stream 2 did not wait for the collective, which did not wait for stream 1";
-  EXPECT_EQ(0, std::memcmp(pinned_out, vals.data(), vals.size())) << "the collective read its input before stream 1 wrote it, "
-                                                                      "or stream 2 read the output before the collective wrote it";
+  EXPECT_EQ(0, std::memcmp(pinned_out, vals.data(), vals.size()))
+      << "the collective read its input before stream 1 wrote it, "
+         "or stream 2 read the output before the collective wrote it";
   cudaFreeHost(pinned);
   cudaFreeHost(pinned_out);
 }
@@ -222,7 +229,8 @@ TEST_F(NcclWorld1, ArgumentErrors) {
     comm_->all_reduce(Context{s1_}, h, h);
     ADD_FAILURE() << "no error for host tensors";
   } catch (const Error& e) {
-    EXPECT_NE(std::string(e.what()).find("all_reduce on world: in is f32[4]@cpu, but this nccl communicator takes cuda tensors"),
+    EXPECT_NE(std::string(e.what()).find(
+                  "all_reduce on world: in is f32[4]@cpu, but this nccl communicator takes cuda tensors"),
               std::string::npos)
         << e.what();
   }
@@ -254,12 +262,14 @@ TEST_F(NcclWorld1, ArgumentErrors) {
   try {
     w->wait(Context{s});
   } catch (const Error& e) {
-    const bool named = std::string(e.what()).find("rank 0: all_reduce on world (nccl): not complete 0.5 s") != std::string::npos;
+    const bool named =
+        std::string(e.what()).find("rank 0: all_reduce on world (nccl): not complete 0.5 s") != std::string::npos;
     code = 4;
     try {
       comm->barrier(Context{s});
     } catch (const Error& e2) {
-      if (named && std::string(e2.what()).find("not run: the NCCL communicator failed earlier") != std::string::npos) code = 0;
+      if (named && std::string(e2.what()).find("not run: the NCCL communicator failed earlier") != std::string::npos)
+        code = 0;
     }
   }
   std::_Exit(code);  // skip destructors: the aborted communicator's kernels may still be queued

@@ -49,7 +49,8 @@ uint64_t mix(uint64_t x) {
 // gives the same bits): u8 in [1, 60]; bf16 and integers ±[1, 20] (bf16: ±[1, 15], 8 significant
 // bits hold sums up to 255); f32/f64 ±[1, 20] plus a multiple of 1/4.
 double value(DType t, uint64_t salt, int rank, int64_t i) {
-  const uint64_t h = mix(salt * 1000003ull + static_cast<uint64_t>(rank) * 7919ull + static_cast<uint64_t>(i) * 104729ull);
+  const uint64_t h =
+      mix(salt * 1000003ull + static_cast<uint64_t>(rank) * 7919ull + static_cast<uint64_t>(i) * 104729ull);
   const double sign = (h >> 40) & 1 ? -1.0 : 1.0;
   switch (t) {
     case DType::kU8: return 1.0 + static_cast<double>(h % 60);
@@ -97,7 +98,9 @@ class Buf {
   }
   void* data() { return bytes_.data() + kGuard * es_; }
   Tensor tensor() { return Tensor{data(), t_, Device::kCPU, Shape{n_}}; }
-  Tensor view(int64_t offset, int64_t count) { return Tensor{static_cast<char*>(data()) + offset * es_, t_, Device::kCPU, Shape{count}}; }
+  Tensor view(int64_t offset, int64_t count) {
+    return Tensor{static_cast<char*>(data()) + offset * es_, t_, Device::kCPU, Shape{count}};
+  }
   double at(int64_t i) const { return get(t_, bytes_.data() + kGuard * es_, i); }
   void set(int64_t i, double v) { put(t_, data(), i, v); }
   bool guards_intact() const {
@@ -142,8 +145,8 @@ class Checker {
 const Context kCtx{};
 
 void check_all_reduce(Communicator& c, Checker& ck, DType t, int64_t n, ReduceOp op, bool in_place, uint64_t salt) {
-  const std::string what = fmt::format("all_reduce {} {} n={}{} on {}", reduce_op_name(op), dtype_name(t), n, in_place ? " in place" : "",
-                                       c.name());
+  const std::string what = fmt::format("all_reduce {} {} n={}{} on {}", reduce_op_name(op), dtype_name(t), n,
+                                       in_place ? " in place" : "", c.name());
   Buf in(t, n), out(t, n);
   for (int64_t i = 0; i < n; ++i) in.set(i, value(t, salt, c.rank(), i));
   if (in_place) {
@@ -151,11 +154,15 @@ void check_all_reduce(Communicator& c, Checker& ck, DType t, int64_t n, ReduceOp
   } else {
     c.all_reduce(kCtx, in.tensor(), out.tensor(), op)->wait(kCtx);
   }
-  ck.values(in_place ? in : out, [&](int64_t i) {
-    double acc = value(t, salt, 0, i);
-    for (int r = 1; r < c.size(); ++r) acc = op == ReduceOp::kSum ? acc + value(t, salt, r, i) : std::max(acc, value(t, salt, r, i));
-    return acc;
-  }, what);
+  ck.values(
+      in_place ? in : out,
+      [&](int64_t i) {
+        double acc = value(t, salt, 0, i);
+        for (int r = 1; r < c.size(); ++r)
+          acc = op == ReduceOp::kSum ? acc + value(t, salt, r, i) : std::max(acc, value(t, salt, r, i));
+        return acc;
+      },
+      what);
 }
 
 void check_reduce_scatter(Communicator& c, Checker& ck, DType t, int64_t chunk, uint64_t salt) {
@@ -163,12 +170,16 @@ void check_reduce_scatter(Communicator& c, Checker& ck, DType t, int64_t chunk, 
   Buf in(t, n), out(t, chunk);
   for (int64_t i = 0; i < n; ++i) in.set(i, value(t, salt, c.rank(), i));
   c.reduce_scatter(kCtx, in.tensor(), out.tensor())->wait(kCtx);
-  ck.values(out, [&](int64_t i) {
-    double acc = 0;
-    for (int r = 0; r < c.size(); ++r) acc += value(t, salt, r, c.rank() * chunk + i);
-    return acc;
-  }, fmt::format("reduce_scatter {} chunk={} on {}", dtype_name(t), chunk, c.name()));
-  for (int64_t i = 0; i < n; ++i) ck.expect(in.at(i) == value(t, salt, c.rank(), i), "reduce_scatter changed its input at {}", i);
+  ck.values(
+      out,
+      [&](int64_t i) {
+        double acc = 0;
+        for (int r = 0; r < c.size(); ++r) acc += value(t, salt, r, c.rank() * chunk + i);
+        return acc;
+      },
+      fmt::format("reduce_scatter {} chunk={} on {}", dtype_name(t), chunk, c.name()));
+  for (int64_t i = 0; i < n; ++i)
+    ck.expect(in.at(i) == value(t, salt, c.rank(), i), "reduce_scatter changed its input at {}", i);
 }
 
 void check_all_gather(Communicator& c, Checker& ck, DType t, int64_t chunk, bool in_place, uint64_t salt) {
@@ -181,18 +192,21 @@ void check_all_gather(Communicator& c, Checker& ck, DType t, int64_t chunk, bool
   } else {
     c.all_gather(kCtx, in.tensor(), out.tensor())->wait(kCtx);
   }
-  ck.values(out, [&](int64_t i) { return value(t, salt, static_cast<int>(i / chunk), i % chunk); },
-            fmt::format("all_gather {} chunk={}{} on {}", dtype_name(t), chunk, in_place ? " in place" : "", c.name()));
+  ck.values(
+      out, [&](int64_t i) { return value(t, salt, static_cast<int>(i / chunk), i % chunk); },
+      fmt::format("all_gather {} chunk={}{} on {}", dtype_name(t), chunk, in_place ? " in place" : "", c.name()));
 }
 
 // Rank `from` sends count(from, to) elements to rank `to`: zeros included, uneven.
 int64_t a2a_count(int from, int to, int64_t scale, uint64_t salt) {
-  return static_cast<int64_t>((mix(salt + static_cast<uint64_t>(from * 31 + to * 7)) % 4)) * scale + (from == to ? 1 : 0) * (scale % 2);
+  return static_cast<int64_t>((mix(salt + static_cast<uint64_t>(from * 31 + to * 7)) % 4)) * scale +
+         (from == to ? 1 : 0) * (scale % 2);
 }
 
 void check_all_to_all_v(Communicator& c, Checker& ck, DType t, int64_t scale, uint64_t salt) {
   const int w = c.size(), me = c.rank();
-  std::vector<int64_t> sc(static_cast<size_t>(w)), so(static_cast<size_t>(w)), rc(static_cast<size_t>(w)), ro(static_cast<size_t>(w));
+  std::vector<int64_t> sc(static_cast<size_t>(w)), so(static_cast<size_t>(w)), rc(static_cast<size_t>(w)),
+      ro(static_cast<size_t>(w));
   // Send blocks in reverse peer order with one spare element between them; receive blocks in peer
   // order with two spare elements between them (the spares must stay untouched).
   int64_t pos = 0;
@@ -212,18 +226,25 @@ void check_all_to_all_v(Communicator& c, Checker& ck, DType t, int64_t scale, ui
   auto sent = [&](int from, int to, int64_t j) { return value(t, salt, from * 64 + to, j); };
   for (int p = 0; p < w; ++p)
     for (int64_t j = 0; j < sc[static_cast<size_t>(p)]; ++j) in.set(so[static_cast<size_t>(p)] + j, sent(me, p, j));
-  c.all_to_all_v(kCtx, AllToAllVArgs{.in = in.tensor(), .out = out.tensor(), .send_counts = sc, .send_offsets = so, .recv_counts = rc,
+  c.all_to_all_v(kCtx, AllToAllVArgs{.in = in.tensor(),
+                                     .out = out.tensor(),
+                                     .send_counts = sc,
+                                     .send_offsets = so,
+                                     .recv_counts = rc,
                                      .recv_offsets = ro})
       ->wait(kCtx);
   std::vector<uint8_t> poison(8, kPoisonByte);
   const double poison_value = get(t, poison.data(), 0);
-  ck.values(out, [&](int64_t i) {
-    for (int p = 0; p < w; ++p) {
-      const int64_t j = i - ro[static_cast<size_t>(p)];
-      if (j >= 0 && j < rc[static_cast<size_t>(p)]) return sent(p, me, j);
-    }
-    return poison_value;  // a spare element
-  }, fmt::format("all_to_all_v {} scale={} on {}", dtype_name(t), scale, c.name()));
+  ck.values(
+      out,
+      [&](int64_t i) {
+        for (int p = 0; p < w; ++p) {
+          const int64_t j = i - ro[static_cast<size_t>(p)];
+          if (j >= 0 && j < rc[static_cast<size_t>(p)]) return sent(p, me, j);
+        }
+        return poison_value;  // a spare element
+      },
+      fmt::format("all_to_all_v {} scale={} on {}", dtype_name(t), scale, c.name()));
 }
 
 void check_broadcast(Communicator& c, Checker& ck, DType t, int64_t n, uint64_t salt) {
@@ -231,13 +252,15 @@ void check_broadcast(Communicator& c, Checker& ck, DType t, int64_t n, uint64_t 
     Buf b(t, n);
     for (int64_t i = 0; i < n; ++i) b.set(i, value(t, salt, c.rank(), i));
     c.broadcast(kCtx, b.tensor(), root)->wait(kCtx);
-    ck.values(b, [&](int64_t i) { return value(t, salt, root, i); },
-              fmt::format("broadcast {} n={} root={} on {}", dtype_name(t), n, root, c.name()));
+    ck.values(
+        b, [&](int64_t i) { return value(t, salt, root, i); },
+        fmt::format("broadcast {} n={} root={} on {}", dtype_name(t), n, root, c.name()));
   }
 }
 
 int64_t now_us() {
-  return std::chrono::duration_cast<std::chrono::microseconds>(std::chrono::steady_clock::now().time_since_epoch()).count();
+  return std::chrono::duration_cast<std::chrono::microseconds>(std::chrono::steady_clock::now().time_since_epoch())
+      .count();
 }
 
 // Rank r arrives r·30 ms late; nobody may leave the barrier before the last one arrived. The
@@ -248,11 +271,13 @@ void check_barrier(Communicator& c, Checker& ck) {
   c.barrier(kCtx)->wait(kCtx);
   times[1] = now_us();
   std::vector<int64_t> all(static_cast<size_t>(2 * c.size()));
-  c.all_gather(kCtx, Tensor{times, DType::kI64, Device::kCPU, Shape{2}}, Tensor{all.data(), DType::kI64, Device::kCPU, Shape{2 * c.size()}})
+  c.all_gather(kCtx, Tensor{times, DType::kI64, Device::kCPU, Shape{2}},
+               Tensor{all.data(), DType::kI64, Device::kCPU, Shape{2 * c.size()}})
       ->wait(kCtx);
   int64_t last_arrival = 0;
   for (int r = 0; r < c.size(); ++r) last_arrival = std::max(last_arrival, all[static_cast<size_t>(2 * r)]);
-  ck.expect(times[1] >= last_arrival, "barrier on {}: left at {} us before the last rank arrived at {} us", c.name(), times[1], last_arrival);
+  ck.expect(times[1] >= last_arrival, "barrier on {}: left at {} us before the last rank arrived at {} us", c.name(),
+            times[1], last_arrival);
 }
 
 // Random f32 (not exactly summable): every rank gets the same bits, close to the f64 sum.
@@ -263,9 +288,12 @@ void check_all_reduce_bitwise(Communicator& c, Checker& ck, int64_t n) {
     return static_cast<float>(static_cast<double>(h >> 11) / 9007199254740992.0 * 2.0 - 1.0) * 3.7f;
   };
   for (int64_t i = 0; i < n; ++i) x[static_cast<size_t>(i)] = gen(c.rank(), i);
-  c.all_reduce(kCtx, Tensor{x.data(), DType::kF32, Device::kCPU, Shape{n}}, Tensor{y.data(), DType::kF32, Device::kCPU, Shape{n}})->wait(kCtx);
+  c.all_reduce(kCtx, Tensor{x.data(), DType::kF32, Device::kCPU, Shape{n}},
+               Tensor{y.data(), DType::kF32, Device::kCPU, Shape{n}})
+      ->wait(kCtx);
   std::vector<float> all(static_cast<size_t>(n * c.size()));
-  c.all_gather(kCtx, Tensor{y.data(), DType::kF32, Device::kCPU, Shape{n}}, Tensor{all.data(), DType::kF32, Device::kCPU, Shape{n * c.size()}})
+  c.all_gather(kCtx, Tensor{y.data(), DType::kF32, Device::kCPU, Shape{n}},
+               Tensor{all.data(), DType::kF32, Device::kCPU, Shape{n * c.size()}})
       ->wait(kCtx);
   for (int r = 0; r < c.size(); ++r)
     ck.expect(std::memcmp(all.data() + r * n, y.data(), static_cast<size_t>(n) * 4) == 0,
@@ -279,7 +307,9 @@ void check_all_reduce_bitwise(Communicator& c, Checker& ck, int64_t n) {
       mag += std::fabs(gen(r, i));
     }
     const double err = std::fabs(y[static_cast<size_t>(i)] - exact);
-    if (err > c.size() * std::ldexp(mag, -24)) ck.expect(false, "all_reduce f32 on {}: element {} is {}, exact {}", c.name(), i, y[static_cast<size_t>(i)], exact);
+    if (err > c.size() * std::ldexp(mag, -24))
+      ck.expect(false, "all_reduce f32 on {}: element {} is {}, exact {}", c.name(), i, y[static_cast<size_t>(i)],
+                exact);
   }
 }
 
@@ -299,7 +329,8 @@ void check_communicator(Communicator& c, Checker& ck, uint64_t salt) {
     for (int64_t scale : {1, 3, 50}) check_all_to_all_v(c, ck, t, scale, salt + 6);
     check_broadcast(c, ck, t, 9, salt + 7);
   }
-  check_all_reduce(c, ck, DType::kF32, 300007, ReduceOp::kSum, false, salt + 8);  // larger than Gloo's and MPI's segments
+  check_all_reduce(c, ck, DType::kF32, 300007, ReduceOp::kSum, false,
+                   salt + 8);  // larger than Gloo's and MPI's segments
   check_all_reduce_bitwise(c, ck, 4099);
   check_barrier(c, ck);
 }
@@ -308,7 +339,9 @@ void check_communicator(Communicator& c, Checker& ck, uint64_t salt) {
 std::vector<int64_t> members(Communicator& c, int world_rank) {
   int64_t me = world_rank;
   std::vector<int64_t> all(static_cast<size_t>(c.size()));
-  c.all_gather(kCtx, Tensor{&me, DType::kI64, Device::kCPU, Shape{1}}, Tensor{all.data(), DType::kI64, Device::kCPU, Shape{c.size()}})->wait(kCtx);
+  c.all_gather(kCtx, Tensor{&me, DType::kI64, Device::kCPU, Shape{1}},
+               Tensor{all.data(), DType::kI64, Device::kCPU, Shape{c.size()}})
+      ->wait(kCtx);
   return all;
 }
 
@@ -335,7 +368,8 @@ void check_splits(Communicator& world, Checker& ck) {
     const std::vector<int> ep_group = grid.ep_group(), dp_group = grid.dp_group();
     ck.expect(std::vector<int64_t>(ep_group.begin(), ep_group.end()) == ep_want, "grid ep={}: ep_group()", ep);
     ck.expect(std::vector<int64_t>(dp_group.begin(), dp_group.end()) == dp_want, "grid ep={}: dp_group()", ep);
-    ck.expect(grid.ep_rank() == world.rank() % ep && grid.dp_rank() == world.rank() / ep, "grid ep={}: coordinates", ep);
+    ck.expect(grid.ep_rank() == world.rank() % ep && grid.dp_rank() == world.rank() / ep, "grid ep={}: coordinates",
+              ep);
     ck.expect(ProcessGrid::rank_of(grid.dp_rank(), grid.ep_rank(), ep) == world.rank(), "grid ep={}: rank_of", ep);
     check_all_reduce(grid.dp(), ck, DType::kBF16, 5, ReduceOp::kSum, false, 90 + static_cast<uint64_t>(ep));
     check_all_reduce(grid.ep(), ck, DType::kF32, 5, ReduceOp::kMax, false, 91 + static_cast<uint64_t>(ep));
@@ -353,23 +387,38 @@ void check_splits(Communicator& world, Checker& ck) {
     Buf w_in(DType::kI32, 3), w_out(DType::kI32, 3);
     for (int i = 0; i < 3; ++i) w_in.set(i, world.rank() + i + 1);
     WorkPtr w1 = grid.dp().reduce_scatter(kCtx, rs_in.tensor(), rs_out.tensor());
-    WorkPtr w2 = grid.ep().all_to_all_v(kCtx, AllToAllVArgs{.in = a_in.tensor(), .out = a_out.tensor(), .send_counts = cnt,
-                                                             .send_offsets = off, .recv_counts = cnt, .recv_offsets = off});
+    WorkPtr w2 = grid.ep().all_to_all_v(kCtx, AllToAllVArgs{.in = a_in.tensor(),
+                                                            .out = a_out.tensor(),
+                                                            .send_counts = cnt,
+                                                            .send_offsets = off,
+                                                            .recv_counts = cnt,
+                                                            .recv_offsets = off});
     WorkPtr w3 = world.all_reduce(kCtx, w_in.tensor(), w_out.tensor());
     w3->wait(kCtx);
     w2->wait(kCtx);
     w1->wait(kCtx);
-    ck.values(rs_out, [&](int64_t i) {
-      double acc = 0;
-      for (int d = 0; d < grid.dp().size(); ++d) acc += value(DType::kF32, 5, d, grid.dp().rank() * chunk + i);
-      return acc;
-    }, "concurrent reduce_scatter on dp");
-    ck.values(a_out, [&](int64_t i) {
-      const int e = static_cast<int>(i / 2);
-      return 1000.0 * static_cast<double>(ep_want[static_cast<size_t>(e)]) + 10 * grid.ep_rank() + static_cast<double>(i % 2) + 1;
-    }, "concurrent all_to_all_v on ep");
-    ck.values(w_out, [&](int64_t i) { return world.size() * (world.size() - 1) / 2.0 + world.size() * (static_cast<double>(i) + 1); },
-              "concurrent all_reduce on world");
+    ck.values(
+        rs_out,
+        [&](int64_t i) {
+          double acc = 0;
+          for (int d = 0; d < grid.dp().size(); ++d) acc += value(DType::kF32, 5, d, grid.dp().rank() * chunk + i);
+          return acc;
+        },
+        "concurrent reduce_scatter on dp");
+    ck.values(
+        a_out,
+        [&](int64_t i) {
+          const int e = static_cast<int>(i / 2);
+          return 1000.0 * static_cast<double>(ep_want[static_cast<size_t>(e)]) + 10 * grid.ep_rank() +
+                 static_cast<double>(i % 2) + 1;
+        },
+        "concurrent all_to_all_v on ep");
+    ck.values(
+        w_out,
+        [&](int64_t i) {
+          return world.size() * (world.size() - 1) / 2.0 + world.size() * (static_cast<double>(i) + 1);
+        },
+        "concurrent all_reduce on world");
   }
 }
 
@@ -385,14 +434,22 @@ void check_argument_errors(Communicator& c, Checker& ck) {
     }
     ck.expect(false, "no error; expected one with '{}'", needle);
   };
-  expect_error([&] { c.all_reduce(kCtx, a.tensor(), b.tensor()); }, "all_reduce on world: in f32[4]@cpu and out f32[5]@cpu");
+  expect_error([&] { c.all_reduce(kCtx, a.tensor(), b.tensor()); },
+               "all_reduce on world: in f32[4]@cpu and out f32[5]@cpu");
   expect_error([&] { c.all_reduce(kCtx, e.tensor(), e.tensor()); }, "has dtype f8e4m3");
   expect_error([&] { c.broadcast(kCtx, a.tensor(), c.size()); }, "broadcast on world: root");
   expect_error([&] { c.reduce_scatter(kCtx, a.tensor(), a.tensor()); }, "reduce_scatter on world");
   std::vector<int64_t> z(static_cast<size_t>(c.size()), 0), big(static_cast<size_t>(c.size()), 9);
-  expect_error([&] { c.all_to_all_v(kCtx, {.in = a.tensor(), .out = b.tensor(), .send_counts = big, .send_offsets = z, .recv_counts = z,
-                                           .recv_offsets = z}); },
-               "is outside in");
+  expect_error(
+      [&] {
+        c.all_to_all_v(kCtx, {.in = a.tensor(),
+                              .out = b.tensor(),
+                              .send_counts = big,
+                              .send_offsets = z,
+                              .recv_counts = z,
+                              .recv_offsets = z});
+      },
+      "is outside in");
   expect_error([&] { c.split(-1, 0, "x"); }, "color -1");
 }
 
@@ -403,13 +460,15 @@ int run_collectives(DistContext& dist) {
   check_communicator(world, ck, 100);
   check_splits(world, ck);
   world.barrier(kCtx)->wait(kCtx);
-  fmt::print("dist_check: rank {} of {} ({}): {} checks passed\n", dist.rank(), dist.world_size(), world.kind(), ck.count());
+  fmt::print("dist_check: rank {} of {} ({}): {} checks passed\n", dist.rank(), dist.world_size(), world.kind(),
+             ck.count());
   return 0;
 }
 
 int run_failure(DistContext& dist, const std::string& scenario, int victim) {
   Communicator& world = dist.cpu_world();
-  DIFFMOE_CHECK(victim >= 0 && victim < world.size(), "dist_check: victim rank {} is not in the world of {}", victim, world.size());
+  DIFFMOE_CHECK(victim >= 0 && victim < world.size(), "dist_check: victim rank {} is not in the world of {}", victim,
+                world.size());
   const int64_t n = scenario == "kill" ? (1 << 20) : 16;
   std::vector<float> x(static_cast<size_t>(n), 1.0f);
   const Tensor t{x.data(), DType::kF32, Device::kCPU, Shape{n}};
@@ -421,7 +480,8 @@ int run_failure(DistContext& dist, const std::string& scenario, int victim) {
   }
   if (scenario == "hang" && dist.rank() == victim) std::this_thread::sleep_for(3 * dist.timeout());
   for (int i = 0; i < 2000; ++i) {
-    if (scenario == "throw" && dist.rank() == victim && i == 3) DIFFMOE_FAIL("injected failure on rank {} before all_reduce {}", victim, i);
+    if (scenario == "throw" && dist.rank() == victim && i == 3)
+      DIFFMOE_FAIL("injected failure on rank {} before all_reduce {}", victim, i);
     world.all_reduce(kCtx, t, t)->wait(kCtx);
   }
   fmt::print("dist_check: rank {}: the failure scenario '{}' did not fail\n", dist.rank(), scenario);
@@ -443,7 +503,8 @@ int main(int argc, char** argv) {
   }
   try {
     if (scenario == "collectives") return run_collectives(*dist);
-    if ((scenario == "throw" || scenario == "kill" || scenario == "hang") && argc > 2) return run_failure(*dist, scenario, std::atoi(argv[2]));
+    if ((scenario == "throw" || scenario == "kill" || scenario == "hang") && argc > 2)
+      return run_failure(*dist, scenario, std::atoi(argv[2]));
     DIFFMOE_FAIL("usage: dist_check collectives | throw R | kill R | hang R");
   } catch (const std::exception& e) {
     dist->fail(e.what());

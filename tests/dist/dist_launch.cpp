@@ -48,8 +48,10 @@ struct Options {
 };
 
 [[noreturn]] void usage(const std::string& why) {
-  std::fprintf(stderr, "dist_launch: %s\nusage: dist_launch (--nproc N | --raw) [--expect ok|fail] [--output R=REGEX]... "
-                       "[--timeout S] [--env NAME=VALUE]... -- COMMAND ARGS...\n", why.c_str());
+  std::fprintf(stderr,
+               "dist_launch: %s\nusage: dist_launch (--nproc N | --raw) [--expect ok|fail] [--output R=REGEX]... "
+               "[--timeout S] [--env NAME=VALUE]... -- COMMAND ARGS...\n",
+               why.c_str());
   std::exit(2);
 }
 
@@ -123,7 +125,9 @@ std::string read_file(const std::string& path) {
 
 std::string describe_status(int status) {
   if (WIFEXITED(status)) return "exit " + std::to_string(WEXITSTATUS(status));
-  if (WIFSIGNALED(status)) return std::string("killed by signal ") + std::to_string(WTERMSIG(status)) + " (" + strsignal(WTERMSIG(status)) + ")";
+  if (WIFSIGNALED(status))
+    return std::string("killed by signal ") + std::to_string(WTERMSIG(status)) + " (" + strsignal(WTERMSIG(status)) +
+           ")";
   return "status " + std::to_string(status);
 }
 
@@ -209,7 +213,8 @@ int main(int argc, char** argv) {
   }
 
   std::vector<std::string> failures;
-  if (hung) failures.push_back("not every process exited within " + std::to_string(o.timeout_s) + " s (a hang): killed");
+  if (hung)
+    failures.push_back("not every process exited within " + std::to_string(o.timeout_s) + " s (a hang): killed");
   for (int r = 0; r < o.nproc; ++r) {
     const auto i = static_cast<size_t>(r);
     const std::string out = read_file(logs[i]);

@@ -29,12 +29,17 @@ void expect_error(const Env& env, const std::string& needle) {
     const Launch l = detect(env);
     ADD_FAILURE() << "no error for " << needle << "; got " << l.describe();
   } catch (const Error& e) {
-    EXPECT_NE(std::string(e.what()).find(needle), std::string::npos) << "error: " << e.what() << "\nexpected to contain: " << needle;
+    EXPECT_NE(std::string(e.what()).find(needle), std::string::npos)
+        << "error: " << e.what() << "\nexpected to contain: " << needle;
   }
 }
 
-const Env kTorchrun = {{"RANK", "3"},         {"WORLD_SIZE", "8"},          {"LOCAL_RANK", "1"},
-                       {"LOCAL_WORLD_SIZE", "2"}, {"MASTER_ADDR", "node7"}, {"MASTER_PORT", "29411"}};
+const Env kTorchrun = {{"RANK", "3"},
+                       {"WORLD_SIZE", "8"},
+                       {"LOCAL_RANK", "1"},
+                       {"LOCAL_WORLD_SIZE", "2"},
+                       {"MASTER_ADDR", "node7"},
+                       {"MASTER_PORT", "29411"}};
 
 Env with(Env e, const std::string& k, const std::string& v) {
   e[k] = v;
@@ -117,14 +122,18 @@ TEST(Launch, OpenMpi) {
   EXPECT_EQ(l.describe(), "mpirun: rank 2 of 4 (local 0 of 2), MPI");
   expect_error(without(kOmpi, "OMPI_COMM_WORLD_LOCAL_RANK"), "OMPI_COMM_WORLD_LOCAL_RANK is not set");
   expect_error(without(kOmpi, "OMPI_COMM_WORLD_SIZE"), "OMPI_COMM_WORLD_SIZE is not set");
-  expect_error(with(kOmpi, "OMPI_COMM_WORLD_RANK", "4"), "OMPI_COMM_WORLD_RANK=4 must be less than OMPI_COMM_WORLD_SIZE=4");
+  expect_error(with(kOmpi, "OMPI_COMM_WORLD_RANK", "4"),
+               "OMPI_COMM_WORLD_RANK=4 must be less than OMPI_COMM_WORLD_SIZE=4");
   // Slurm variables around an mpirun (mpirun inside an allocation) do not change the launcher.
   EXPECT_EQ(detect(with(with(kOmpi, "SLURM_PROCID", "0"), "SLURM_NTASKS", "1")).kind, LaunchKind::kOpenMpi);
 }
 
-const Env kSlurm = {{"SLURM_PROCID", "5"},          {"SLURM_NTASKS", "6"},
-                    {"SLURM_LOCALID", "1"},         {"SLURM_NODEID", "2"},
-                    {"SLURM_TASKS_PER_NODE", "2(x3)"}, {"SLURM_JOB_NODELIST", "gpu[003-010,015],cpu1"}};
+const Env kSlurm = {{"SLURM_PROCID", "5"},
+                    {"SLURM_NTASKS", "6"},
+                    {"SLURM_LOCALID", "1"},
+                    {"SLURM_NODEID", "2"},
+                    {"SLURM_TASKS_PER_NODE", "2(x3)"},
+                    {"SLURM_JOB_NODELIST", "gpu[003-010,015],cpu1"}};
 
 TEST(Launch, SlurmWithoutMpiUsesTheStoreOnTheFirstNode) {
   const Launch l = detect(kSlurm);
@@ -173,22 +182,27 @@ TEST(Launch, Pmi) {
 }
 
 TEST(Launch, SlurmHostlistExpansion) {
-  EXPECT_EQ(expand_slurm_hostlist("gpu[003-005,015],cpu1"), (std::vector<std::string>{"gpu003", "gpu004", "gpu005", "gpu015", "cpu1"}));
+  EXPECT_EQ(expand_slurm_hostlist("gpu[003-005,015],cpu1"),
+            (std::vector<std::string>{"gpu003", "gpu004", "gpu005", "gpu015", "cpu1"}));
   EXPECT_EQ(slurm_first_host("gpu[003-010,015],cpu1"), "gpu003");
   EXPECT_EQ(slurm_first_host("node1"), "node1");
   EXPECT_EQ(slurm_first_host("a-b.c,d"), "a-b.c");
   EXPECT_EQ(expand_slurm_hostlist("n[8-11]"), (std::vector<std::string>{"n8", "n9", "n10", "n11"}));
   EXPECT_EQ(expand_slurm_hostlist("n[098-101]"), (std::vector<std::string>{"n098", "n099", "n100", "n101"}));
-  EXPECT_EQ(expand_slurm_hostlist("rack[1-2]-n[01-02]"), (std::vector<std::string>{"rack1-n01", "rack1-n02", "rack2-n01", "rack2-n02"}));
+  EXPECT_EQ(expand_slurm_hostlist("rack[1-2]-n[01-02]"),
+            (std::vector<std::string>{"rack1-n01", "rack1-n02", "rack2-n01", "rack2-n02"}));
   EXPECT_EQ(expand_slurm_hostlist("x[7]y,z[1,3]"), (std::vector<std::string>{"x7y", "z1", "z3"}));
-  for (const char* bad : {"", "gpu[", "gpu]", "gpu[]", "gpu[a-b]", "gpu[5-3]", "gpu[1-2", "a,,b", "[1-2]", "gp u1", "g[1[2]]", "a,"}) {
+  for (const char* bad :
+       {"", "gpu[", "gpu]", "gpu[]", "gpu[a-b]", "gpu[5-3]", "gpu[1-2", "a,,b", "[1-2]", "gp u1", "g[1[2]]", "a,"}) {
     EXPECT_THROW(expand_slurm_hostlist(bad), Error) << "'" << bad << "'";
   }
   try {
     expand_slurm_hostlist("gpu[5-3]", "SLURM_STEP_NODELIST");
     ADD_FAILURE() << "no error";
   } catch (const Error& e) {
-    EXPECT_NE(std::string(e.what()).find("SLURM_STEP_NODELIST='gpu[5-3]': range '5-3' runs backwards"), std::string::npos) << e.what();
+    EXPECT_NE(std::string(e.what()).find("SLURM_STEP_NODELIST='gpu[5-3]': range '5-3' runs backwards"),
+              std::string::npos)
+        << e.what();
   }
 }
 
@@ -196,7 +210,8 @@ TEST(Launch, SlurmTasksPerNode) {
   EXPECT_EQ(expand_slurm_tasks_per_node("2(x3),1"), (std::vector<int>{2, 2, 2, 1}));
   EXPECT_EQ(expand_slurm_tasks_per_node("4"), (std::vector<int>{4}));
   EXPECT_EQ(expand_slurm_tasks_per_node("1,3(x2)"), (std::vector<int>{1, 3, 3}));
-  for (const char* bad : {"", "x", "2(x0)", "2(3)", "2(x3", "0", ","}) EXPECT_THROW(expand_slurm_tasks_per_node(bad), Error) << bad;
+  for (const char* bad : {"", "x", "2(x0)", "2(3)", "2(x3", "0", ","})
+    EXPECT_THROW(expand_slurm_tasks_per_node(bad), Error) << bad;
 }
 
 TEST(Launch, Timeout) {

@@ -24,10 +24,12 @@ std::vector<char> bytes(const std::string& s) { return std::vector<char>(s.begin
 std::string str(const std::vector<char>& v) { return std::string(v.begin(), v.end()); }
 
 std::unique_ptr<TcpStore> server(milliseconds timeout = milliseconds(5000)) {
-  return std::make_unique<TcpStore>(TcpStoreOptions{.host = "127.0.0.1", .port = 0, .serve = true, .timeout = timeout, .rank = 0});
+  return std::make_unique<TcpStore>(
+      TcpStoreOptions{.host = "127.0.0.1", .port = 0, .serve = true, .timeout = timeout, .rank = 0});
 }
 std::unique_ptr<TcpStore> client(const TcpStore& s, int rank, milliseconds timeout = milliseconds(5000)) {
-  return std::make_unique<TcpStore>(TcpStoreOptions{.host = "127.0.0.1", .port = s.port(), .serve = false, .timeout = timeout, .rank = rank});
+  return std::make_unique<TcpStore>(
+      TcpStoreOptions{.host = "127.0.0.1", .port = s.port(), .serve = false, .timeout = timeout, .rank = rank});
 }
 
 std::string error_of(const std::function<void()>& f) {
@@ -122,17 +124,20 @@ TEST(TcpStore, ServerGoneIsAClearError) {
   });
   const std::string e = error_of([&] { c->get("never"); });
   t.join();
-  EXPECT_NE(e.find("the server closed the connection (rank 0, which serves the store, exited?)"), std::string::npos) << e;
+  EXPECT_NE(e.find("the server closed the connection (rank 0, which serves the store, exited?)"), std::string::npos)
+      << e;
 }
 
 TEST(TcpStore, NoServerIsAClearErrorAfterTheTimeout) {
   int port = 0;
   { Socket probe = listen_tcp(0, &port, "probe"); }  // a port nobody listens on any more
   const std::string e = error_of([&] {
-    TcpStore c(TcpStoreOptions{.host = "127.0.0.1", .port = port, .serve = false, .timeout = milliseconds(300), .rank = 2});
+    TcpStore c(
+        TcpStoreOptions{.host = "127.0.0.1", .port = port, .serve = false, .timeout = milliseconds(300), .rank = 2});
   });
-  EXPECT_NE(e.find("rank 2: rendezvous store 127.0.0.1:" + std::to_string(port) + ": could not connect before the timeout"),
-            std::string::npos)
+  EXPECT_NE(
+      e.find("rank 2: rendezvous store 127.0.0.1:" + std::to_string(port) + ": could not connect before the timeout"),
+      std::string::npos)
       << e;
   EXPECT_NE(e.find("MASTER_ADDR/MASTER_PORT"), std::string::npos) << e;
 }
@@ -140,7 +145,8 @@ TEST(TcpStore, NoServerIsAClearErrorAfterTheTimeout) {
 TEST(TcpStore, PortInUseNamesMasterPort) {
   auto s = server();
   const std::string e = error_of([&] {
-    TcpStore again(TcpStoreOptions{.host = "127.0.0.1", .port = s->port(), .serve = true, .timeout = milliseconds(300), .rank = 0});
+    TcpStore again(TcpStoreOptions{
+        .host = "127.0.0.1", .port = s->port(), .serve = true, .timeout = milliseconds(300), .rank = 0});
   });
   EXPECT_NE(e.find("cannot listen on port " + std::to_string(s->port())), std::string::npos) << e;
   EXPECT_NE(e.find("MASTER_PORT"), std::string::npos) << e;
@@ -152,7 +158,8 @@ TEST(TcpStore, MalformedRequestDropsOnlyThatClient) {
   const char junk[] = {3, 0, 0, 0, 99, 1, 2};  // a frame of 3 bytes with an unknown command
   send_all(raw.fd(), junk, sizeof(junk), "raw");
   char b = 0;
-  EXPECT_EQ(recv_all(raw.fd(), &b, 1, std::chrono::steady_clock::now() + milliseconds(2000), "raw"), RecvResult::kClosed);
+  EXPECT_EQ(recv_all(raw.fd(), &b, 1, std::chrono::steady_clock::now() + milliseconds(2000), "raw"),
+            RecvResult::kClosed);
   auto c = client(*s, 1);
   c->set("still", bytes("up"));
   EXPECT_EQ(str(s->get("still")), "up");
