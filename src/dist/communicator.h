@@ -7,6 +7,8 @@
 // operations use numel() elements from data). dtypes f32, f64, bf16, i32, i64, u8; both tensors of
 // an op have the same dtype and the communicator's device(). Counts and offsets are in elements.
 //
+// Threads: call a communicator from one thread at a time (MPI is initialised SERIALIZED; NCCL
+// communicators are not thread-safe); Work::wait may be called from any thread.
 // Order: every rank of the group issues the same collectives in the same order (as with MPI and
 // NCCL); collectives on different communicators are independent of each other on the CPU (each has
 // its own connections and worker), but on NCCL every rank must issue them in the same order too.
