@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""The diffmoe model (shared/spec/model.md) as a fast, fair PyTorch training model.
+"""The diffmoe model (docs/model.md) as a fast, fair PyTorch training model.
 
 This is the PyTorch side of the training benchmark (bench/torch_bench.py): the strongest plain
 PyTorch version of exactly the spec's model, so the C++/CUDA trainer can be compared with it on the

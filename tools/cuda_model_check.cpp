@@ -308,8 +308,8 @@ std::vector<double> training_losses(Backend& be, const Case& c, uint64_t seed, i
   return losses;
 }
 
-// Median wall time of one forward + backward (after one warm-up step), synchronized: a first
-// reference number for the later milestones, not a benchmark.
+// Median wall time of one forward + backward (after one warm-up step), synchronized: a rough
+// number for the micro configs, not a benchmark (bench/step_bench.cpp is).
 double median_step_ms(Backend& be, const Case& c, int steps) {
   Model m(c.cfg, be, DType::kF32);
   m.init_weights(1);

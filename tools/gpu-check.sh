@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# GPU check of the CUDA backend (issue #4). Run on a machine with an NVIDIA GPU, from the repository
+# GPU check of the CUDA backend. Run on a machine with an NVIDIA GPU, from the repository
 # root. Steps: configure + build (CUDA on, Hopper sm_90a by default) into build-gpu; the CUDA-vs-CPU
-# op checks (test_cuda_ops); the whole-model check (cuda_model_check, f32 and bf16_gemm); compute-
-# sanitizer memcheck on the op checks (the long-sequence case left out) and on the grouped GEMM's own
-# checks, racecheck on those using shared memory; op benchmarks (attention, grouped GEMM); the
+# op checks (test_cuda_ops); the NCCL communicator with one GPU (test_cuda_dist); the whole-model
+# check (cuda_model_check, f32 and bf16_gemm); compute-sanitizer memcheck on the op checks (the
+# long-sequence case left out) and on the grouped GEMM's own checks, racecheck on those using shared
+# memory; op benchmarks (attention, grouped GEMM, FP8); the
 # training-step benchmark against PyTorch (bench/README.md); a table of the headline numbers. Every
 # step runs even when an earlier one failed; full logs go to the log folder; a summary table (step,
 # result, seconds) is printed last. Exit status: 0 when every step passed.
@@ -32,8 +33,8 @@ MAKE_BUNDLE=""
 STEP_TIMEOUT=600
 LOG_DIR="${GPU_CHECK_LOG_DIR:-}"
 SANITIZE_FILTER="${GPU_CHECK_SANITIZE_FILTER:--CudaAttention.LongSequenceForward}"
-# racecheck: the kernels that share data through shared memory (attention, norms, MoE, loss).
-RACE_FILTER="${GPU_CHECK_RACE_FILTER:-CudaAttention.*:CudaNorm.*:CudaMoe.*:CudaLoss.*:-CudaAttention.LongSequenceForward}"
+# racecheck: the kernels that share data through shared memory (attention, norms, MoE, loss, FP8 quantisers).
+RACE_FILTER="${GPU_CHECK_RACE_FILTER:-CudaAttention.*:CudaNorm.*:CudaMoe.*:CudaLoss.*:CudaFp8Quant.*:-CudaAttention.LongSequenceForward}"
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --build-dir) BUILD_DIR="$2"; shift 2 ;;
@@ -50,18 +51,18 @@ done
 mkdir -p "$LOG_DIR"
 CONFIGURE=(cmake -S . -B "$BUILD_DIR" -G Ninja -DCMAKE_BUILD_TYPE=Release -DDIFFMOE_CUDA=ON
            -DCMAKE_CUDA_ARCHITECTURES="$ARCH" -DDIFFMOE_TESTS=ON -DDIFFMOE_BENCH=ON)
-TARGETS=(test_cuda_ops cuda_model_check bench_step bench_grouped_gemm diffmoe)
+TARGETS=(test_cuda_ops test_cuda_dist cuda_model_check bench_step bench_grouped_gemm bench_fp8 diffmoe)
 
 if [[ -n "$MAKE_BUNDLE" ]]; then
   "${CONFIGURE[@]}" >/dev/null && ninja -C "$BUILD_DIR" -j"$JOBS" "${TARGETS[@]}" || exit 1
   rm -rf "$MAKE_BUNDLE" && mkdir -p "$MAKE_BUNDLE/lib" || exit 1
-  bins=("$BUILD_DIR/tests/ops/test_cuda_ops" "$BUILD_DIR/tools/cuda_model_check" "$BUILD_DIR/bench/bench_step"
-        "$BUILD_DIR/bench/bench_grouped_gemm" "$BUILD_DIR/src/cli/diffmoe")
+  bins=("$BUILD_DIR/tests/ops/test_cuda_ops" "$BUILD_DIR/tests/dist/test_cuda_dist" "$BUILD_DIR/tools/cuda_model_check"
+        "$BUILD_DIR/bench/bench_step" "$BUILD_DIR/bench/bench_grouped_gemm" "$BUILD_DIR/bench/bench_fp8" "$BUILD_DIR/src/cli/diffmoe")
   cp "${bins[@]}" "$MAKE_BUNDLE/" || exit 1
   for lib in $(ldd "${bins[@]}" | awk '/=> \// {print $3}' | sort -u); do
     case "$(basename "$lib")" in
       libc.so*|libm.so*|libstdc++.so*|libgcc_s.so*|ld-linux*|libdl.so*|libpthread.so*|librt.so*) ;;  # the system's
-      libcuda.so*|libcudart.so*|libcublas.so*|libcublasLt.so*) ;;  # the GPU machine's CUDA 13
+      libcuda.so*|libcudart.so*|libcublas.so*|libcublasLt.so*|libnccl.so*) ;;  # the GPU machine's CUDA 13 (NCCL: 200 MB)
       *) cp -L "$lib" "$MAKE_BUNDLE/lib/" || exit 1 ;;
     esac
   done
@@ -111,9 +112,11 @@ export PATH="$PATH:/usr/local/cuda/bin"
 
 # ---- build
 BIN_TEST="$BUILD_DIR/tests/ops/test_cuda_ops"
+BIN_DIST="$BUILD_DIR/tests/dist/test_cuda_dist"
 BIN_MODEL="$BUILD_DIR/tools/cuda_model_check"
 BIN_BENCH="$BUILD_DIR/bench/bench_step"
 BIN_GG="$BUILD_DIR/bench/bench_grouped_gemm"
+BIN_FP8="$BUILD_DIR/bench/bench_fp8"
 built=0
 if step configure "$LOG_DIR/configure.log" "${CONFIGURE[@]}"; then
   step build "$LOG_DIR/build.log" ninja -C "$BUILD_DIR" -j"$JOBS" "${TARGETS[@]}" && built=1
@@ -123,9 +126,11 @@ fi
 if [[ $built == 0 && -n "$PREBUILT" ]]; then
   echo "== using prebuilt binaries from $PREBUILT"
   BIN_TEST="$PREBUILT/test_cuda_ops"
+  BIN_DIST="$PREBUILT/test_cuda_dist"
   BIN_MODEL="$PREBUILT/cuda_model_check"
   BIN_BENCH="$PREBUILT/bench_step"
   BIN_GG="$PREBUILT/bench_grouped_gemm"
+  BIN_FP8="$PREBUILT/bench_fp8"
   export LD_LIBRARY_PATH="$PREBUILT/lib:/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}"
   for i in "${!NAMES[@]}"; do  # a failed build here is expected where the dependencies are missing
     [[ ${RESULTS[$i]} == PASS ]] || RESULTS[$i]="${RESULTS[$i]}, used prebuilt"
@@ -141,6 +146,12 @@ if [[ -x "$BIN_TEST" ]]; then
   grep -E "^\[  (PASSED|FAILED) |tests? from .* ran" "$LOG_DIR/test_cuda_ops.log" | tail -n 3
 else
   skip test_cuda_ops "no binary"
+fi
+if [[ -x "$BIN_DIST" ]]; then  # the NCCL communicator with one GPU (src/dist/nccl_communicator.h)
+  step test_cuda_dist "$LOG_DIR/test_cuda_dist.log" "$BIN_DIST" --gtest_brief=1
+  grep -E "^\[  (PASSED|FAILED) |tests? from .* ran" "$LOG_DIR/test_cuda_dist.log" | tail -n 3
+else
+  skip test_cuda_dist "no binary"
 fi
 if [[ -x "$BIN_MODEL" ]]; then
   step cuda_model_check "$LOG_DIR/cuda_model_check.log" "$BIN_MODEL"
@@ -184,6 +195,12 @@ if [[ "${BENCH:-1}" == 1 ]]; then
     tail -n 12 "$LOG_DIR/grouped_gemm.log"
   else
     skip grouped_gemm "no binary"
+  fi
+  if [[ -x "$BIN_FP8" ]]; then  # act_quant GB/s, fp8_gemm beside the bf16 GEMM at the bench preset's shapes
+    step bench_fp8 "$LOG_DIR/bench_fp8.log" "$BIN_FP8" --config configs/bench.yaml --tokens 16384
+    tail -n 36 "$LOG_DIR/bench_fp8.log"
+  else
+    skip bench_fp8 "no binary"
   fi
   if [[ -x "$BIN_BENCH" ]]; then
     ours_batch="${BENCH_BATCH:-8}"

@@ -28,6 +28,8 @@ PACKAGES=(
   libpcre2-dev         # tokenizer pre-tokenization (PCRE2 with UCP)
   libzstd-dev zlib1g-dev  # compressed text data, corpus extraction
   libxxhash-dev        # checkpoint checksums
+  libopenmpi-dev openmpi-bin  # distributed CPU collectives under mpirun/srun (src/dist)
+  libgloo-dev          # distributed CPU collectives under torchrun-style launches (src/dist)
   ca-certificates
 )
 # Node.js + npm run the tokenizer test oracles only (OpenAI's tiktoken as WASM, a HF

@@ -17,8 +17,9 @@ struct Context {
 };
 
 // How gemm, grouped_gemm and grouped_gemm_wgrad compute; tensors keep their dtype either way.
-// kBF16: A and B are rounded to bf16 (8-bit mantissa) and multiplied on tensor cores with f32
-// accumulation, alpha/beta and C in f32 (spec §7 first step: f32 tensors, bf16 GEMM inputs).
+// kBF16: A and B are rounded to bf16 (8-bit mantissa; bf16 operands are read as they are) and
+// multiplied on tensor cores with f32 accumulation and alpha/beta in f32; C is f32, or bf16 where
+// op_args.h allows it (spec §7, train.precision bf16_gemm).
 enum class GemmPrecision { kF32, kBF16 };
 
 class Backend {
@@ -63,6 +64,10 @@ class Backend {
   virtual void gemm(Context ctx, const GemmArgs& a) = 0;
   virtual void grouped_gemm(Context ctx, const GroupedGemmArgs& a) = 0;
   virtual void grouped_gemm_wgrad(Context ctx, const GroupedGemmWgradArgs& a) = 0;
+  virtual void act_quant(Context ctx, const ActQuantArgs& a) = 0;
+  virtual void weight_quant(Context ctx, const WeightQuantArgs& a) = 0;
+  virtual void weight_dequant(Context ctx, const WeightDequantArgs& a) = 0;
+  virtual void fp8_gemm(Context ctx, const Fp8GemmArgs& a) = 0;
   virtual void rope(Context ctx, const RopeArgs& a) = 0;
   virtual void mla_kv_split_fwd(Context ctx, const MlaKvSplitFwdArgs& a) = 0;
   virtual void mla_kv_split_bwd(Context ctx, const MlaKvSplitBwdArgs& a) = 0;

@@ -107,6 +107,78 @@ struct GroupedGemmWgradArgs {
   Tensor sum_sq = {};
 };
 
+// ---------------------------------------------------------------- FP8 (spec §7, sources §6)
+// The DeepSeek-V3 recipe's e4m3 tensors, each with f32 scales for tiles of 128 along a GEMM's
+// reduction dimension. Quantisation is exact and gives the same bits on every backend: per tile,
+// amax = max|x| (f32), s = e4m3_scale(amax, ue8m0) (core/dtype.h: max(amax, 1e-4) / 448, with ue8m0
+// rounded up to a power of two), q = e4m3(x / s): the f32 quotient rounded to nearest even and
+// saturated to ±448. q stands for q·s. Tiles at the edges (a size not a multiple of 128) take the max
+// over the values present, as if zero-padded.
+//
+// Scale layouts are the ones cuBLASLt's block-scaled FP8 GEMM reads on Hopper, so the GEMM takes the
+// quantisers' outputs as they are:
+// - 1×128 tiles (activations, activation gradients; CUBLASLT_MATMUL_MATRIX_SCALE_VEC128_32F) of
+//   X [R, K], each row cut into tiles of 128 along K: scale [ceil(K/128), R] f32, scale[kb, r] for
+//   X[r, 128·kb ...]. Rows are the contiguous index ("outer-dimension major"), not K-blocks.
+// - 128×128 blocks (weights; CUBLASLT_MATMUL_MATRIX_SCALE_BLK128x128_32F) of W [N, K]:
+//   scale [ceil(N/128), fp8_block_scale_cols(K)] f32, scale[nb, kb] for W[128·nb ..., 128·kb ...];
+//   each row padded to a multiple of 4 floats (cuBLASLt wants 16-byte scale strides). The padding is
+//   written 0 and never read.
+constexpr int64_t kFp8Tile = 128;
+constexpr int64_t fp8_tiles(int64_t n) { return (n + kFp8Tile - 1) / kFp8Tile; }
+constexpr int64_t fp8_block_scale_cols(int64_t k) { return (fp8_tiles(k) + 3) / 4 * 4; }
+
+// act_quant: x [M, K] (f32 or bf16) into one or both copies
+//   q   [M, K] e4m3, scale   [ceil(K/128), M]: 1×128 tiles along K (row-wise: Fprop's and Dgrad's A)
+//   q_t [K, M] e4m3, scale_t [ceil(M/128), K]: 128×1 tiles along M, stored transposed, i.e. xᵀ
+//       quantised row-wise (K-major, as the Wgrad GEMM reads it: its reduction dimension is M)
+// Either pair may be empty (not both); given both, one pass over x writes both, and each is quantised
+// from x itself, never from the other copy (spec §7).
+struct ActQuantArgs {
+  Tensor q = {}; Tensor scale = {};
+  Tensor q_t = {}; Tensor scale_t = {};
+  Tensor x;
+  bool ue8m0 = false;
+};
+// weight_quant: W [N, K] (f32 or bf16) in 128×128 blocks into one or both copies
+//   q   [N, K] e4m3, scale   [ceil(N/128), fp8_block_scale_cols(K)]   (Fprop's B)
+//   q_t [K, N] e4m3, scale_t [ceil(K/128), fp8_block_scale_cols(N)]   (Wᵀ: Dgrad's B)
+// A block's amax does not depend on its orientation, so q_t = qᵀ and scale_t = scaleᵀ bit for bit.
+struct WeightQuantArgs {
+  Tensor q = {}; Tensor scale = {};
+  Tensor q_t = {}; Tensor scale_t = {};
+  Tensor w;
+  bool ue8m0 = false;
+};
+// weight_dequant: w [N, K] = q[n, k] · scale[n/128, k/128], one f32 product per element, rounded to
+// w's dtype (f32 or bf16; the CPU also f64, where the product is exact). q, scale as weight_quant's.
+struct WeightDequantArgs { Tensor w; Tensor q; Tensor scale; };
+
+// fp8_gemm: C = alpha · Â·B̂ᵀ + beta · addend, Â and B̂ the dequantised values (q·s) of
+//   A [M, K] e4m3, 1×128 tiles along K:  a_scale [ceil(K/128), M]
+//   B [N, K] e4m3, b_scaling kBlock128x128: b_scale [ceil(N/128), fp8_block_scale_cols(K)]
+//                  b_scaling kTile1x128:    b_scale [ceil(K/128), N]
+//   C [M, N] f32, or bf16 with beta = 0 (the product rounded once); the CPU also writes f64
+// Both operands K-major: the "TN" layout that Hopper's FP8 tensor cores need. The three GEMMs of a
+// Linear Y = X Wᵀ (sources §6.1):
+//   Fprop  Y   = X Wᵀ:  A = act_quant(X).q,    B = weight_quant(W).q,   kBlock128x128
+//   Dgrad  dX  = dY W:  A = act_quant(dY).q,   B = weight_quant(W).q_t, kBlock128x128
+//   Wgrad  dW += dYᵀX:  A = act_quant(dY).q_t, B = act_quant(X).q_t,    kTile1x128, beta = 1
+// addend as GemmArgs::addend (empty = C; BLAS rule: beta = 0 reads neither). Arithmetic: the CPU
+// dequantises exactly into f64, multiplies with f64 sums and rounds once into C; CUDA runs cuBLASLt's
+// block-scaled FP8 GEMM (Hopper): exact products, f32 accumulation promoted out of the tensor cores
+// (fast accumulation off, sources §6.3). CUDA also needs K % 16 == 0, M % 8 == 0, N % 8 == 0 and
+// 16-byte aligned tensors (cuBLASLt's FP8 rules).
+enum class Fp8Scaling : uint8_t { kTile1x128, kBlock128x128 };
+struct Fp8GemmArgs {
+  Tensor c;
+  Tensor a; Tensor a_scale;
+  Tensor b; Tensor b_scale;
+  Fp8Scaling b_scaling = Fp8Scaling::kBlock128x128;
+  double alpha = 1.0, beta = 0.0;
+  Tensor addend = {};
+};
+
 // ---------------------------------------------------------------- RoPE (spec §3, interleaved)
 // In place on x: [N, W]; for each row n and head h < n_heads the pairs at columns
 // h·head_stride + col_offset + 2i, +1 (i < rope_dim/2) are rotated by angle pos·θ'_i, where

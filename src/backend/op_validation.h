@@ -4,11 +4,12 @@
 // dtype (index tensors i32); it returns the sizes the op needs.
 //
 // Not here, because they depend on the backend: which float dtypes it computes in (CPU: f32 or
-// f64, CUDA: f32 in this milestone), and checks of tensor CONTENTS (token ids, expert indices,
+// f64; CUDA: f32, and bf16 where op_args.h allows it in the bf16 GEMM mode), and checks of tensor CONTENTS (token ids, expert indices,
 // slot positions, targets in range). The CPU backend reads those on the host; the CUDA backend
 // checks them on the device and reports at the next synchronize(), so no op syncs the host.
-// Group offsets of the grouped GEMMs are read to the host by both, then checked by
-// check_group_offsets below.
+// Group offsets of the grouped GEMMs are read on the host by the CPU backend and by the CUDA
+// backend's f32 path, then checked by check_group_offsets below (the CUDA bf16 kernels check them
+// on the device).
 //
 // This header is plain C++17 so that CUDA translation units can include it.
 #pragma once
@@ -65,6 +66,19 @@ GroupedGemmWgradDims validate_grouped_gemm_wgrad(const GroupedGemmWgradArgs& a, 
 // The values of offsets [G+1] read to the host: offsets[0] = 0, non-decreasing, offsets[G] ≤ rows.
 // Returned widened to int64 so callers index without further checks.
 std::vector<int64_t> check_group_offsets(const int32_t* offsets, int64_t groups, int64_t rows, std::string_view op);
+
+// ---------------------------------------------------------------- FP8 (fp8_validation.cpp)
+// Shapes, dtypes and the scale layouts of op_args.h's FP8 section, naming the field. The float
+// outputs a backend writes: f32 or bf16, and on the CPU also f64. The CUDA-only rules of fp8_gemm
+// (cuBLASLt's sizes and alignments) are the CUDA backend's.
+struct Fp8QuantDims {
+  int64_t rows = 0, cols = 0;          // the source's [M, K] (act_quant) or [N, K] (weights)
+  bool row_wise = false, col_wise = false;  // which copies are written: (q, scale), (q_t, scale_t)
+};
+Fp8QuantDims validate_act_quant(const ActQuantArgs& a, Device dev);
+Fp8QuantDims validate_weight_quant(const WeightQuantArgs& a, Device dev);
+Fp8QuantDims validate_weight_dequant(const WeightDequantArgs& a, Device dev);
+GemmDims validate_fp8_gemm(const Fp8GemmArgs& a, Device dev);
 
 // ---------------------------------------------------------------- RoPE
 int64_t validate_rope(const RopeArgs& a, Device dev);  // returns the row width W of x [N, W]

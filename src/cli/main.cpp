@@ -11,7 +11,7 @@
 #include "core/error.h"
 
 int main(int argc, char** argv) {
-  CLI::App app{"diffmoe: train, evaluate and serve Differential-Transformer MoE language models"};
+  CLI::App app{"diffmoe: train, evaluate and generate with Differential-Transformer MoE language models"};
   app.require_subcommand(1);
   std::function<int()> run;
   diffmoe::cli::add_params_command(app, run);

@@ -15,13 +15,12 @@ struct Precision {
   const char* layout;
 };
 
-// Training state per parameter (spec §7): FP32 master weights, FP32 gradients and two FP32 Adam
-// moments everywhere; bf16 adds a bf16 weight copy for the GEMMs, fp8 an e4m3 copy (its 128×128
-// block scales add 4 B per 16K weights, negligible).
+// Training state per parameter (spec §7), one row per train.precision: FP32 master weights, FP32
+// gradients and two FP32 Adam moments in both; bf16_gemm adds a bf16 copy of the GEMM weights
+// (counted here for every parameter: an upper bound, the norms and λ vectors have none).
 constexpr Precision kPrecisions[] = {
-    {"fp32", 4 + 4 + 8, "fp32 weights 4 + fp32 grads 4 + Adam m,v 8"},
-    {"bf16", 2 + 4 + 4 + 8, "bf16 copy 2 + fp32 master 4 + fp32 grads 4 + Adam m,v 8"},
-    {"fp8", 1 + 4 + 4 + 8, "fp8 copy 1 + fp32 master 4 + fp32 grads 4 + Adam m,v 8"},
+    {"f32", 4 + 4 + 8, "fp32 weights 4 + fp32 grads 4 + Adam m,v 8"},
+    {"bf16_gemm", 2 + 4 + 4 + 8, "bf16 copy 2 + fp32 master 4 + fp32 grads 4 + Adam m,v 8"},
 };
 
 int run_params(const std::string& path, int64_t seq) {
@@ -43,7 +42,7 @@ int run_params(const std::string& path, int64_t seq) {
                  static_cast<double>(c.d_qk() + (c.differential ? 2 : 1) * c.v_head_dim) / 1e9);
   fmt::print("training memory (weights + gradients + optimizer state, activations not included):\n");
   for (const Precision& p : kPrecisions)
-    fmt::print("  {:<5} {:>9.2f} GiB   ({} B/param: {})\n", p.name,
+    fmt::print("  {:<9} {:>9.2f} GiB   ({} B/param: {})\n", p.name,
                static_cast<double>(n.total) * p.bytes_per_param / (1024.0 * 1024 * 1024), p.bytes_per_param, p.layout);
   return 0;
 }

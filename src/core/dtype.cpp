@@ -87,4 +87,15 @@ uint8_t f32_to_e4m3(float x, bool saturate) {
   return static_cast<uint8_t>(sign | ((rexp + 7) << 3) | man);
 }
 
+float e4m3_scale(float amax, bool ue8m0) {
+  const float s = std::fmax(amax, kE4M3AmaxFloor) / kE4M3Max;
+  if (!ue8m0) return s;
+  // s ≥ 1e-4/448 is a normal f32, so 2^ceil(log2 s) is its exponent field, plus one unless the
+  // mantissa is zero (already a power of two). +inf (exponent field 255) stays +inf.
+  const uint32_t u = std::bit_cast<uint32_t>(s);
+  const uint32_t exp = u >> 23, man = u & 0x7fffffu;
+  if (exp == 0xffu) return s;
+  return std::bit_cast<float>((exp + (man != 0 ? 1u : 0u)) << 23);
+}
+
 }  // namespace diffmoe

@@ -24,4 +24,12 @@ float e4m3_to_f32(uint8_t b);
 
 constexpr float kE4M3Max = 448.0f;
 
+// The FP8 tile scale of spec §7 ("Exact quantisation"; sources §6.5): s = max(amax, 1e-4) / 448,
+// one f32 division, so a tile whose largest magnitude is amax is quantised as e4m3(x / s) with
+// |x / s| ≤ 448. With `ue8m0`, s is then rounded UP to a power of two, 2^ceil(log2 s), exactly (an
+// exponent-only scale: no extra rounding in x / s). amax is the f32 max of |x| over the tile; a NaN
+// amax counts as the floor (fmax semantics: tiles skip NaNs when taking the max); +inf gives +inf.
+constexpr float kE4M3AmaxFloor = 1e-4f;
+float e4m3_scale(float amax, bool ue8m0);
+
 }  // namespace diffmoe

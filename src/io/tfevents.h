@@ -3,8 +3,8 @@
 // reader and decoder, enough for tests and tools to check what we wrote.
 //
 // Threading: an EventWriter is used from one thread. Writes go to an in-memory buffer and reach
-// the file when it grows past kWriteThresholdBytes or on flush(); formats.md §1a suggests a
-// background thread with a queue — that can be added behind this same interface later.
+// the file when it grows past kWriteThresholdBytes or on flush() (the trainer flushes after every
+// step), so between flushes an add_* call costs a memory copy.
 #pragma once
 #include <cstdint>
 #include <optional>

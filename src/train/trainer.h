@@ -1,4 +1,4 @@
-// The training loop (issue #3): micro-batches from the shard loader, forward/backward with
+// The training loop: micro-batches from the shard loader, forward/backward with
 // gradient accumulation, AdamW with warmup + cosine LR and global-norm clipping, the MoE bias
 // update once per optimizer step, validation, metrics, atomic checkpoints and exact resume.
 #pragma once

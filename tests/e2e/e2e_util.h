@@ -164,7 +164,7 @@ inline RunResult run_diffmoe(std::vector<std::string> args, const RunOptions& op
     ASSERT_EQ(r_.code, 0) << r_.describe();                              \
   } while (0)
 
-// The failure contract of issue #3: a normal exit (never a signal) with a non-zero status, and on
+// The failure contract of the binary: a normal exit (never a signal) with a non-zero status, and on
 // stderr exactly one line starting with "error: " that contains every needle; any other stderr
 // line must be a "warning: " line (so a multi-line error or a stack dump fails the test).
 // Returns the error line.

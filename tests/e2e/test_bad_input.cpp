@@ -1,6 +1,6 @@
-// Issue #3: "Bad input: an unknown or wrong-typed config key, a missing file, a truncated shard or
-// checkpoint, a tokenizer file of the wrong kind ... each gets a one-line error naming the file and
-// field and a non-zero exit, never a crash. A test for each."
+// Bad input: an unknown or wrong-typed config key, a missing file, a truncated shard or checkpoint,
+// a tokenizer file of the wrong kind ... each gets a one-line error naming the file and field and a
+// non-zero exit, never a crash. A test for each.
 // (NaN/inf losses and a full disk are in test_failures.cpp.)
 #include "e2e_util.h"
 #include "io/checkpoint.h"
@@ -175,8 +175,8 @@ TEST_F(E2E, TokenizerFileOfTheWrongKind) {
 namespace diffmoe::e2e {
 namespace {
 
-// Cached shards made with another tokenizer are refused, naming both files (found in review:
-// they used to be trained on silently).
+// Cached shards made with another tokenizer are refused, naming both files (training on them would
+// silently mix two vocabularies).
 TEST_F(E2E, ShardsOfAnotherTokenizer) {
   Yaml y = micro_config(dir_, dir_ / "first");
   y.set("train.max_steps", "1");

@@ -1,6 +1,6 @@
-// Issue #3, failures during a run: "a NaN/inf loss (stop, name the step, keep the last good
-// checkpoint), a full disk during a checkpoint (the previous one survives): each gets a one-line
-// error naming the file and field and a non-zero exit, never a crash."
+// Failures during a run: a NaN/inf loss (stop, name the step, keep the last good checkpoint) and a
+// full disk during a checkpoint (the previous one survives) each end the run with a one-line error
+// naming the file and field and a non-zero exit, never a crash.
 #include <sys/mount.h>
 
 #include <regex>

@@ -1,6 +1,5 @@
-// Issue #3: "Logs: TensorBoard event files (a CI test reads them back and checks every CRC) and
-// JSONL metrics." An interrupted and resumed run, so there are two event files and a step that was
-// logged twice.
+// Logs: TensorBoard event files (read back here, every CRC checked) and JSONL metrics. An
+// interrupted and resumed run, so there are two event files and a step that was logged twice.
 #include <map>
 #include <set>
 

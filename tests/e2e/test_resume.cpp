@@ -1,5 +1,5 @@
-// Issue #3: "Continuing from a checkpoint is bitwise identical to never stopping, on the CPU:
-// 2N straight steps vs N, resume, N: identical losses and weights."
+// Continuing from a checkpoint is bitwise identical to never stopping, on the CPU: 2N straight
+// steps vs N, resume, N give identical losses and weights.
 #include <map>
 
 #include "e2e_util.h"

@@ -42,7 +42,7 @@ TEST(AdamW, DecayOnlyOnMatricesAndGlobalClip) {
     const double factor = p.decayed() ? 1.0 - 0.1 * 0.5 : 1.0;
     for (size_t i = 0; i < after.size(); ++i) ASSERT_NEAR(after[i], before[p.name][i] * factor, 1e-15) << p.name;
   }
-  // Decay classes of spec/issue #3: never norms, λ vectors, biases or embeddings.
+  // Decay classes (docs/training.md): never norms, λ vectors, biases or embeddings.
   for (const ParamSpec& p : m.specs()) {
     if (p.kind == ParamKind::kNorm || p.kind == ParamKind::kLambda || p.kind == ParamKind::kBias || p.kind == ParamKind::kEmbedding) {
       EXPECT_FALSE(p.decayed()) << p.name;

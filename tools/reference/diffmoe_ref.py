@@ -1,4 +1,4 @@
-"""Independent PyTorch reference of the diffmoe model (shared/spec/model.md).
+"""Independent PyTorch reference of the diffmoe model (docs/model.md).
 
 Plain PyTorch, float64, naive attention, autograd for gradients. Written from the spec texts
 (model.md §1-§9, sources.md §1.3, §2.3, §3.2, §3.3, §4.2, §4.6, §5.1, Appendix A); it shares no

@@ -29,6 +29,10 @@ class CpuBackend final : public Backend {
   void gemm(Context ctx, const GemmArgs& a) override;                    // gemm_ops.cpp
   void grouped_gemm(Context ctx, const GroupedGemmArgs& a) override;
   void grouped_gemm_wgrad(Context ctx, const GroupedGemmWgradArgs& a) override;
+  void act_quant(Context ctx, const ActQuantArgs& a) override;          // fp8_ops.cpp
+  void weight_quant(Context ctx, const WeightQuantArgs& a) override;
+  void weight_dequant(Context ctx, const WeightDequantArgs& a) override;
+  void fp8_gemm(Context ctx, const Fp8GemmArgs& a) override;
   void rope(Context ctx, const RopeArgs& a) override;                    // rope_ops.cpp
   void mla_kv_split_fwd(Context ctx, const MlaKvSplitFwdArgs& a) override;  // attention_ops.cpp
   void mla_kv_split_bwd(Context ctx, const MlaKvSplitBwdArgs& a) override;

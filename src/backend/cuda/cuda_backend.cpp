@@ -63,7 +63,7 @@ CudaBackend::CudaBackend() {
   CUBLAS_CHECK(cublasCreate(&cublas_));
   // Plain f32 arithmetic: CUBLAS_DEFAULT_MATH never uses TF32 for SGEMM (only
   // CUBLAS_TF32_TENSOR_OP_MATH or NVIDIA_TF32_OVERRIDE would), so the f32 check against the CPU is
-  // meaningful. The bf16 milestone chooses its own compute types per call.
+  // meaningful. The bf16 GEMM mode chooses its compute types per call (gemm_ops.cu, lt_gemm.h).
   CUBLAS_CHECK(cublasSetMathMode(cublas_, CUBLAS_DEFAULT_MATH));
   cublas_workspace_.reserve(kCublasWorkspaceBytes);  // bound with the stream, in cublas()
   lt_gemm_ = std::make_unique<LtGemm>();

@@ -1,14 +1,16 @@
-// The CUDA backend (issue #4, first milestone): every Backend op in f32 on the GPU, checked
-// against the CPU reference by tests/ops/cuda_vs_cpu.cpp. Kernels are deliberately simple (one
-// thread per element, one warp or block per row); later milestones add bf16, fused attention and
-// a grouped GEMM without host sync. Each op family lives in its own .cu file beside this header.
+// The CUDA backend: every Backend op on the GPU, in f32 (the reference mode) or in the bf16 GEMM
+// mode (GemmPrecision::kBF16: bf16 tensor-core GEMMs and attention, docs/model.md §7), checked
+// against the CPU reference by tests/ops/cuda_*.cpp and tools/cuda_model_check. Each op family
+// lives in its own .cu file beside this header; the hot kernels (tc_attention.cuh,
+// grouped_gemm_tma.cuh) in their own headers. docs/ops.md lists every op's files.
 //
 // Rules of this backend (beyond op_args.h):
-// - dtype: every float tensor of a call is f32 (CPU: f32 or f64), index tensors are i32; copy and
-//   fill also handle f64, bf16 and f8e4m3 storage as on the CPU.
+// - dtype: float tensors are f32, or bf16 where op_args.h allows it in the bf16 GEMM mode (CPU:
+//   f32 or f64); index tensors are i32; copy and fill also handle f64, bf16 and f8e4m3 storage as
+//   on the CPU.
 // - Streams: ops run on Context::stream (a cudaStream_t; nullptr = the legacy default stream) and
-//   never sync the host, except grouped_gemm and grouped_gemm_wgrad, which read the group offsets
-//   to the host (one small copy + stream sync: documented and temporary, see gemm_ops.cu), and
+//   never sync the host, except grouped_gemm and grouped_gemm_wgrad in the f32 mode, which read the
+//   group offsets to the host (one small copy + stream sync, gemm_ops.cu), and
 //   adamw_multi when its list changes (the first step: a pageable upload of its table, which the
 //   driver may stage after waiting for the stream; adamw_multi_table.h).
 // - upload/download are blocking: they wait for the whole device first (ops may be on any stream).
@@ -121,6 +123,10 @@ class CudaBackend final : public Backend, public OpProfiler {
   void gemm(Context ctx, const GemmArgs& a) override;                    // gemm_ops.cu
   void grouped_gemm(Context ctx, const GroupedGemmArgs& a) override;
   void grouped_gemm_wgrad(Context ctx, const GroupedGemmWgradArgs& a) override;
+  void act_quant(Context ctx, const ActQuantArgs& a) override;          // fp8_quant_ops.cu
+  void weight_quant(Context ctx, const WeightQuantArgs& a) override;
+  void weight_dequant(Context ctx, const WeightDequantArgs& a) override;
+  void fp8_gemm(Context ctx, const Fp8GemmArgs& a) override;            // fp8_gemm_ops.cpp
   void rope(Context ctx, const RopeArgs& a) override;                    // rope_ops.cu
   void mla_kv_split_fwd(Context ctx, const MlaKvSplitFwdArgs& a) override;  // attention_ops.cu
   void mla_kv_split_bwd(Context ctx, const MlaKvSplitBwdArgs& a) override;

@@ -31,25 +31,41 @@ std::string_view type_name(cudaDataType_t t) {
   switch (t) {
     case CUDA_R_32F: return "f32";
     case CUDA_R_16BF: return "bf16";
+    case CUDA_R_8F_E4M3: return "e4m3";
     default: return "other";
   }
 }
 
 // The op and the call's shapes, for error messages (built only when one is thrown).
+std::string_view scale_mode_name(cublasLtMatmulMatrixScale_t m) {
+  switch (m) {
+    case CUBLASLT_MATMUL_MATRIX_SCALE_VEC128_32F: return "1x128 (VEC128_32F)";
+    case CUBLASLT_MATMUL_MATRIX_SCALE_BLK128x128_32F: return "128x128 (BLK128x128_32F)";
+    default: return "other";
+  }
+}
+
 std::string describe(const LtGemmCall& c) {
-  return fmt::format(
+  std::string text = fmt::format(
       "[{}] cuBLASLt column-major D[{}, {}] = {}·op(A)·op(B) + {}·C, k = {}, op(A) {}, op(B) {}, lda {}, ldb {}, "
       "ldc {}, A/B {}, C/D {}{}; alignments A {}, B {}, C {}, D {} bytes",
       c.op, c.m, c.n, c.alpha, c.beta, c.k, c.trans_a ? "T" : "N", c.trans_b ? "T" : "N", c.lda, c.ldb, c.ldc,
       type_name(c.ab_type), type_name(c.cd_type), c.c == c.d ? " (in place)" : "", alignment_of(c.a),
       alignment_of(c.b), alignment_of(c.c), alignment_of(c.d));
+  if (c.block_scaled)
+    text += fmt::format("; block-scaled FP8: A scales {}, B scales {} (alignments {}, {} bytes; cuBLASLt runs these on "
+                        "compute capability 9.0 with CUDA >= 12.9)",
+                        scale_mode_name(c.a_scale_mode), scale_mode_name(c.b_scale_mode), alignment_of(c.a_scale),
+                        alignment_of(c.b_scale));
+  return text;
 }
 
 // The shape as one short line, for the tuning reports: "m×n×k", op(A) and op(B), whether beta is 0,
 // whether C is D, D's type (what the plan key separates, less leading dimensions and alignments).
 std::string shape_text(const LtGemmCall& c) {
-  return fmt::format("{}×{}×{} {}{} beta{} {} {} out", c.m, c.n, c.k, c.trans_a ? "T" : "N", c.trans_b ? "T" : "N",
-                     c.beta == 0.0f ? "=0" : "≠0", c.c == c.d ? "C=D" : "C≠D", type_name(c.cd_type));
+  return fmt::format("{}×{}×{} {}{} beta{} {} {} out{}", c.m, c.n, c.k, c.trans_a ? "T" : "N", c.trans_b ? "T" : "N",
+                     c.beta == 0.0f ? "=0" : "≠0", c.c == c.d ? "C=D" : "C≠D", type_name(c.cd_type),
+                     c.block_scaled ? " fp8 block-scaled" : "");
 }
 
 // Whether work enqueued on s now would be captured into a CUDA graph rather than run.
@@ -96,7 +112,8 @@ LtGemm::Plan::~Plan() {
 LtGemm::Key LtGemm::key_of(const LtGemmCall& c) {
   return Key{c.m, c.n, c.k, c.trans_a, c.trans_b, c.lda, c.ldb, c.ldc, static_cast<int64_t>(c.ab_type),
              static_cast<int64_t>(c.cd_type), c.beta == 0.0f, c.c == c.d, alignment_of(c.a), alignment_of(c.b),
-             alignment_of(c.c), alignment_of(c.d)};
+             alignment_of(c.c), alignment_of(c.d), c.block_scaled ? static_cast<int64_t>(c.a_scale_mode) : -1,
+             c.block_scaled ? static_cast<int64_t>(c.b_scale_mode) : -1};
 }
 
 void LtGemm::make_plan(Plan& p, const LtGemmCall& c) {
@@ -105,6 +122,22 @@ void LtGemm::make_plan(Plan& p, const LtGemmCall& c) {
   const cublasOperation_t op_a = c.trans_a ? CUBLAS_OP_T : CUBLAS_OP_N, op_b = c.trans_b ? CUBLAS_OP_T : CUBLAS_OP_N;
   CUBLASLT_CHECK(cublasLtMatmulDescSetAttribute(p.desc, CUBLASLT_MATMUL_DESC_TRANSA, &op_a, sizeof(op_a)), describe(c));
   CUBLASLT_CHECK(cublasLtMatmulDescSetAttribute(p.desc, CUBLASLT_MATMUL_DESC_TRANSB, &op_b, sizeof(op_b)), describe(c));
+  if (c.block_scaled) {
+    // The scale modes (part of the key) and the first call's scale tensors (the heuristic sees a complete
+    // descriptor; every call sets its own pointers again). Fast accumulation stays off: the tensor cores'
+    // partial sums are promoted to f32 (sources §6.3), the only mode cuBLASLt offers with these scales.
+    const int8_t fast_accum = 0;
+    CUBLASLT_CHECK(cublasLtMatmulDescSetAttribute(p.desc, CUBLASLT_MATMUL_DESC_FAST_ACCUM, &fast_accum,
+                                                  sizeof(fast_accum)),
+                   describe(c));
+    CUBLASLT_CHECK(cublasLtMatmulDescSetAttribute(p.desc, CUBLASLT_MATMUL_DESC_A_SCALE_MODE, &c.a_scale_mode,
+                                                  sizeof(c.a_scale_mode)),
+                   describe(c));
+    CUBLASLT_CHECK(cublasLtMatmulDescSetAttribute(p.desc, CUBLASLT_MATMUL_DESC_B_SCALE_MODE, &c.b_scale_mode,
+                                                  sizeof(c.b_scale_mode)),
+                   describe(c));
+    set_scale_pointers(p, c);
+  }
   // Stored (column-major) shapes: op(A) [m, k] is A [m, k], or A [k, m] when transposed; likewise B.
   const auto stored = [](bool trans, int64_t rows, int64_t cols) {
     return trans ? std::pair{cols, rows} : std::pair{rows, cols};
@@ -230,7 +263,17 @@ void LtGemm::run_trial(Plan& p, const LtGemmCall& c, cudaStream_t s) {
   ++p.issued;
 }
 
+void LtGemm::set_scale_pointers(const Plan& p, const LtGemmCall& c) {
+  CUBLASLT_CHECK(cublasLtMatmulDescSetAttribute(p.desc, CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, &c.a_scale,
+                                                sizeof(c.a_scale)),
+                 describe(c));
+  CUBLASLT_CHECK(cublasLtMatmulDescSetAttribute(p.desc, CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, &c.b_scale,
+                                                sizeof(c.b_scale)),
+                 describe(c));
+}
+
 void LtGemm::matmul(const Plan& p, size_t candidate, const LtGemmCall& c, cudaStream_t s) {
+  if (c.block_scaled) set_scale_pointers(p, c);
   CUBLASLT_CHECK(cublasLtMatmul(handle_, p.desc, &c.alpha, c.a, p.a, c.b, p.b, &c.beta, c.c, p.c, c.d, p.d,
                                 &p.candidates[candidate], workspace_.get(), workspace_.bytes(), s),
                  fmt::format("{}; algorithm: the heuristic's candidate {} of {}", describe(c), candidate,

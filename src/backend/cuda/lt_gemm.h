@@ -59,6 +59,11 @@ namespace diffmoe {
 
 // One column-major GEMM for LtGemm::run (see the file comment). C may equal D (in place); with
 // beta = 0 C is not read.
+// Block-scaled FP8 (fp8_gemm, op_args.h): A and B CUDA_R_8F_E4M3 with a_scale_mode / b_scale_mode
+// CUBLASLT_MATMUL_MATRIX_SCALE_VEC128_32F or _BLK128x128_32F and their f32 scale tensors; cuBLASLt
+// multiplies each 128-long slice of the K sum by its scales and accumulates in f32 (fast
+// accumulation off). Hopper takes only op(A) = Aᵀ, op(B) = B ("TN"). The scale pointers are set on
+// the cached descriptor at every call, so calls of one shape may pass different scale tensors.
 struct LtGemmCall {
   bool trans_a = false, trans_b = false;
   int64_t m = 0, n = 0, k = 0;
@@ -71,6 +76,11 @@ struct LtGemmCall {
   cudaDataType_t cd_type = CUDA_R_32F;   // C and D: CUDA_R_32F, or CUDA_R_16BF with beta = 0
   float alpha = 1.0f, beta = 0.0f;
   std::string_view op = "gemm";  // names the calling op in errors
+  bool block_scaled = false;     // FP8 with the scale modes and tensors below
+  cublasLtMatmulMatrixScale_t a_scale_mode = CUBLASLT_MATMUL_MATRIX_SCALE_SCALAR_32F;
+  cublasLtMatmulMatrixScale_t b_scale_mode = CUBLASLT_MATMUL_MATRIX_SCALE_SCALAR_32F;
+  const void* a_scale = nullptr;
+  const void* b_scale = nullptr;
 };
 
 // What timing chose for one call shape (LtGemm::tune_reports; the CUDA op profile prints them).
@@ -112,7 +122,7 @@ class LtGemm {
 
  private:
   // What a plan's choice depends on (the file comment), as one comparable key.
-  using Key = std::array<int64_t, 16>;
+  using Key = std::array<int64_t, 18>;
 
   // An owned cudaEvent_t. Destroying one still pending on the GPU is valid (CUDA releases its
   // resources once it completes), so a trial's events may die with their plan at any time.
@@ -157,6 +167,7 @@ class LtGemm {
   static void collect_trials(Plan& p);              // measures finished trials; chooses once all are in
   void run_trial(Plan& p, const LtGemmCall& call, cudaStream_t s);  // the next candidate, timed
   void matmul(const Plan& p, size_t candidate, const LtGemmCall& call, cudaStream_t s);
+  static void set_scale_pointers(const Plan& p, const LtGemmCall& call);  // block-scaled calls only
 
   cublasLtHandle_t handle_ = nullptr;
   DeviceBuffer workspace_;

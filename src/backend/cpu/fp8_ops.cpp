@@ -1,0 +1,193 @@
+// The FP8 ops of the CPU reference backend (op_args.h's FP8 section; spec §7, sources §6): the
+// quantisers written as the rule reads, one tile at a time with core/dtype.h's scalar conversions
+// (which the CUDA kernels match bit for bit), and fp8_gemm as the exact dequantised product.
+//
+// fp8_gemm's arithmetic: every q·s is exact in f64 (a 4-bit e4m3 significand times a 24-bit f32 one),
+// the dequantised operands are multiplied by OpenBLAS's dgemm (f64 products and sums), alpha and
+// beta·addend are applied in f64, and the result is rounded once into C (through f32 for bf16, as
+// every narrowing of this backend does). Its error against the exact product is at most
+// K·2^-53·Σ_k|a_k·b_k| before that final rounding.
+#include <cblas.h>
+
+#include <algorithm>
+#include <climits>
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+#include "backend/cpu/cpu_backend.h"
+#include "backend/op_validation.h"
+
+namespace diffmoe {
+namespace {
+
+// A value of an f32 or bf16 source, as f32 (bf16 widens exactly).
+float source_value(const Tensor& t, int64_t i) {
+  return t.dtype == DType::kBF16 ? bf16_to_f32(static_cast<const uint16_t*>(t.data)[i])
+                                 : static_cast<const float*>(t.data)[i];
+}
+
+// One tile of `count` values get(i): amax = max|x| (fmax: NaNs are skipped, as the GPU's fmaxf
+// does), s = e4m3_scale(amax), put(i, e4m3(x_i / s)) with the f32 quotient. Returns s.
+template <class Get, class Put>
+float quantise_tile(int64_t count, bool ue8m0, Get&& get, Put&& put) {
+  float amax = 0.0f;
+  for (int64_t i = 0; i < count; ++i) amax = std::fmax(amax, std::fabs(get(i)));
+  const float s = e4m3_scale(amax, ue8m0);
+  for (int64_t i = 0; i < count; ++i) put(i, f32_to_e4m3(get(i) / s));
+  return s;
+}
+
+uint8_t* codes(const Tensor& t) { return static_cast<uint8_t*>(t.data); }
+const uint8_t* codes_of(const Tensor& t) { return static_cast<const uint8_t*>(t.data); }
+
+// Stores a value computed in f64 into a float output (f32, f64, or bf16 through f32).
+void store_float(const Tensor& t, int64_t i, double v) {
+  switch (t.dtype) {
+    case DType::kF64:
+      static_cast<double*>(t.data)[i] = v;
+      break;
+    case DType::kBF16:
+      static_cast<uint16_t*>(t.data)[i] = f32_to_bf16(static_cast<float>(v));
+      break;
+    default:
+      static_cast<float*>(t.data)[i] = static_cast<float>(v);
+      break;
+  }
+}
+double load_float(const Tensor& t, int64_t i) {
+  switch (t.dtype) {
+    case DType::kF64:
+      return static_cast<const double*>(t.data)[i];
+    case DType::kBF16:
+      return bf16_to_f32(static_cast<const uint16_t*>(t.data)[i]);
+    default:
+      return static_cast<const float*>(t.data)[i];
+  }
+}
+
+}  // namespace
+
+// Row-wise copy: the tiles x[m, 128·kb ...] → q[m, ...], scale[kb, m]. Transposed copy: the tiles
+// x[128·mb ..., k] → q_t[k, 128·mb ...], scale_t[mb, k]. Both from x.
+void CpuBackend::act_quant(Context, const ActQuantArgs& a) {
+  const Fp8QuantDims d = validate_act_quant(a, Device::kCPU);
+  const int64_t m_rows = d.rows, k_cols = d.cols;
+  const Tensor& x = a.x;
+  if (d.row_wise) {
+    float* scale = a.scale.ptr<float>();
+    uint8_t* q = codes(a.q);
+#pragma omp parallel for schedule(static)
+    for (int64_t m = 0; m < m_rows; ++m)
+      for (int64_t kb = 0; kb < fp8_tiles(k_cols); ++kb) {
+        const int64_t k0 = kb * kFp8Tile, count = std::min(kFp8Tile, k_cols - k0);
+        scale[kb * m_rows + m] = quantise_tile(
+            count, a.ue8m0, [&](int64_t i) { return source_value(x, m * k_cols + k0 + i); },
+            [&](int64_t i, uint8_t c) { q[m * k_cols + k0 + i] = c; });
+      }
+  }
+  if (d.col_wise) {
+    float* scale_t = a.scale_t.ptr<float>();
+    uint8_t* q_t = codes(a.q_t);
+#pragma omp parallel for schedule(static)
+    for (int64_t k = 0; k < k_cols; ++k)
+      for (int64_t mb = 0; mb < fp8_tiles(m_rows); ++mb) {
+        const int64_t m0 = mb * kFp8Tile, count = std::min(kFp8Tile, m_rows - m0);
+        scale_t[mb * k_cols + k] = quantise_tile(
+            count, a.ue8m0, [&](int64_t i) { return source_value(x, (m0 + i) * k_cols + k); },
+            [&](int64_t i, uint8_t c) { q_t[k * m_rows + m0 + i] = c; });
+      }
+  }
+}
+
+// One scale per 128×128 block of w [N, K]; q and q_t hold the same codes, scale and scale_t the
+// same scales transposed; the scale rows' padding (op_args.h) is written 0.
+void CpuBackend::weight_quant(Context, const WeightQuantArgs& a) {
+  const Fp8QuantDims d = validate_weight_quant(a, Device::kCPU);
+  const int64_t n_rows = d.rows, k_cols = d.cols;
+  const int64_t n_blocks = fp8_tiles(n_rows), k_blocks = fp8_tiles(k_cols);
+  const int64_t scale_ld = fp8_block_scale_cols(k_cols), scale_t_ld = fp8_block_scale_cols(n_rows);
+  if (d.row_wise) std::memset(a.scale.data, 0, a.scale.nbytes());
+  if (d.col_wise) std::memset(a.scale_t.data, 0, a.scale_t.nbytes());
+  float* scale = d.row_wise ? a.scale.ptr<float>() : nullptr;
+  float* scale_t = d.col_wise ? a.scale_t.ptr<float>() : nullptr;
+  uint8_t* q = codes(a.q);
+  uint8_t* q_t = codes(a.q_t);
+#pragma omp parallel for schedule(static)
+  for (int64_t nb = 0; nb < n_blocks; ++nb)
+    for (int64_t kb = 0; kb < k_blocks; ++kb) {
+      const int64_t n0 = nb * kFp8Tile, k0 = kb * kFp8Tile;
+      const int64_t rows = std::min(kFp8Tile, n_rows - n0), cols = std::min(kFp8Tile, k_cols - k0);
+      // The block read row by row as one tile of rows·cols values: i → (n0 + i / cols, k0 + i % cols).
+      const float s = quantise_tile(
+          rows * cols, a.ue8m0, [&](int64_t i) { return source_value(a.w, (n0 + i / cols) * k_cols + k0 + i % cols); },
+          [&](int64_t i, uint8_t c) {
+            const int64_t n = n0 + i / cols, k = k0 + i % cols;
+            if (q != nullptr) q[n * k_cols + k] = c;
+            if (q_t != nullptr) q_t[k * n_rows + n] = c;
+          });
+      if (scale != nullptr) scale[nb * scale_ld + kb] = s;
+      if (scale_t != nullptr) scale_t[kb * scale_t_ld + nb] = s;
+    }
+}
+
+// w = q · scale: one f32 product per element (exact in f64 for an f64 w).
+void CpuBackend::weight_dequant(Context, const WeightDequantArgs& a) {
+  const Fp8QuantDims d = validate_weight_dequant(a, Device::kCPU);
+  const int64_t scale_ld = fp8_block_scale_cols(d.cols);
+  const float* scale = a.scale.ptr<float>();
+  const uint8_t* q = codes_of(a.q);
+#pragma omp parallel for schedule(static)
+  for (int64_t n = 0; n < d.rows; ++n)
+    for (int64_t k = 0; k < d.cols; ++k) {
+      const int64_t i = n * d.cols + k;
+      const float s = scale[(n / kFp8Tile) * scale_ld + k / kFp8Tile];
+      const float v = e4m3_to_f32(q[i]);
+      if (a.w.dtype == DType::kF64) {
+        static_cast<double*>(a.w.data)[i] = static_cast<double>(v) * static_cast<double>(s);
+      } else {
+        store_float(a.w, i, v * s);  // the f32 product, then (bf16) rounded once more
+      }
+    }
+}
+
+// C = alpha·Â·B̂ᵀ + beta·addend in f64 (the file comment), Â, B̂ dequantised exactly.
+void CpuBackend::fp8_gemm(Context, const Fp8GemmArgs& a) {
+  constexpr std::string_view kOp = "fp8_gemm";
+  const auto [m, n, k] = validate_fp8_gemm(a, Device::kCPU);
+  if (m == 0 || n == 0) return;
+  for (int64_t v : {m, n, k}) DIFFMOE_CHECK(v <= INT_MAX, "[{}] dimension {} exceeds the BLAS integer range", kOp, v);
+  // Â[i, kk] = A[i, kk] · a_scale[kk/128, i]; B̂[j, kk] = B[j, kk] · (its block's or tile's scale).
+  std::vector<double> a_hat(static_cast<size_t>(m * k)), b_hat(static_cast<size_t>(n * k));
+  const float* sa = a.a_scale.ptr<float>();
+  const float* sb = a.b_scale.ptr<float>();
+  const uint8_t* qa = codes_of(a.a);
+  const uint8_t* qb = codes_of(a.b);
+  const bool b_blocks = a.b_scaling == Fp8Scaling::kBlock128x128;
+  const int64_t b_block_ld = fp8_block_scale_cols(k);
+#pragma omp parallel for schedule(static)
+  for (int64_t i = 0; i < m; ++i)
+    for (int64_t kk = 0; kk < k; ++kk)
+      a_hat[static_cast<size_t>(i * k + kk)] =
+          static_cast<double>(e4m3_to_f32(qa[i * k + kk])) * sa[(kk / kFp8Tile) * m + i];
+#pragma omp parallel for schedule(static)
+  for (int64_t j = 0; j < n; ++j)
+    for (int64_t kk = 0; kk < k; ++kk) {
+      const float s = b_blocks ? sb[(j / kFp8Tile) * b_block_ld + kk / kFp8Tile] : sb[(kk / kFp8Tile) * n + j];
+      b_hat[static_cast<size_t>(j * k + kk)] = static_cast<double>(e4m3_to_f32(qb[j * k + kk])) * s;
+    }
+  std::vector<double> prod(static_cast<size_t>(m * n), 0.0);
+  if (k > 0) {
+    const auto i = [](int64_t v) { return static_cast<blasint>(v); };
+    cblas_dgemm(CblasRowMajor, CblasNoTrans, CblasTrans, i(m), i(n), i(k), a.alpha, a_hat.data(), i(k), b_hat.data(),
+                i(k), 0.0, prod.data(), i(n));
+  }
+  // beta·addend (C itself when no addend is given), not read when beta = 0 (BLAS rule).
+  const Tensor& addend = a.addend.defined() ? a.addend : a.c;
+  for (int64_t idx = 0; idx < m * n; ++idx) {
+    const double add = a.beta == 0.0 ? 0.0 : a.beta * load_float(addend, idx);
+    store_float(a.c, idx, prod[static_cast<size_t>(idx)] + add);
+  }
+}
+
+}  // namespace diffmoe

@@ -1,0 +1,333 @@
+// act_quant, weight_quant and weight_dequant on the GPU (op_args.h's FP8 section, spec §7), bit for
+// bit the CPU's (cpu/fp8_ops.cpp; the shared arithmetic is fp8_quant.cuh). Memory-bound: each reads
+// its source once and writes each copy once, with 16-byte loads and 4- or 16-byte stores.
+//
+// act_quant: one block of kQuantThreads per 128×128 tile of x [M, K] (grid: K-tiles × M-tiles):
+//   1. rows: warp w takes rows w, w + 8, ... (kRowsPerWarp of them); lane l holds the row's columns
+//      4l .. 4l + 3 (one 16-byte f32 or 8-byte bf16 load), the row tile's amax is a warp max, and the
+//      lane stores its four codes at once (the warp writes the row's 128 codes contiguously), lane 0
+//      the scale. For the transposed copy the lane also puts its four values in shared memory: the
+//      tile in f32, 64 KiB.
+//   2. columns (transposed copy only): thread t takes column t % 128 and half t / 128 of the tile's
+//      rows; it reads its column from shared memory (a warp reads 32 consecutive floats of a row: no
+//      bank conflicts), the column's amax is the max over both halves, and it writes its half of
+//      q_t's row segment as 16-byte stores of 16 codes.
+// weight_quant: one block per 128×128 block of w [N, K]: the block's values stay in registers, the
+// amax is a block max, the codes go to q as in step 1 and, for the transposed copy, through shared
+// memory (the codes, 16 KiB) to q_t as in step 2. Blocks on the last column of scale tiles write the
+// scale rows' padding (0).
+// weight_dequant: one thread per element, w = e4m3(q)·s as one f32 product.
+//
+// Tiles at the edges, and tensors whose sizes or addresses rule out the vector accesses (row lengths
+// not multiples of 4 or 16, unaligned views), take the same steps with scalar loads and byte stores;
+// absent values count as 0 in a max (as if zero-padded, which changes no max of |x|) and are never
+// written. The path taken does not change a bit of the result.
+#include <cuda_bf16.h>
+
+#include <cstdint>
+
+#include "backend/cuda/cuda_common.cuh"
+#include "backend/cuda/elementwise.cuh"
+#include "backend/cuda/fp8_quant.cuh"
+#include "backend/op_validation.h"
+
+namespace diffmoe {
+namespace {
+
+using namespace cuda;
+
+constexpr int kQuantThreads = 256;
+constexpr int kQuantWarps = kQuantThreads / kWarp;                          // 8
+constexpr int kRowsPerWarp = fp8::kTile / kQuantWarps;                      // 16 rows of a tile per warp
+constexpr int kValsPerLane = fp8::kTile / kWarp;                            // 4 values of a row per lane
+constexpr int kColHalves = kQuantThreads / fp8::kTile;                      // 2 threads per column in step 2
+constexpr int kRowsPerHalf = fp8::kTile / kColHalves;                       // 64 rows each
+constexpr int kCodesPerStore = 16;                                          // one uint4 of codes
+constexpr size_t kTileSmemBytes = sizeof(float) * fp8::kTile * fp8::kTile;  // act_quant's f32 tile
+static_assert(kValsPerLane == kVec, "a lane's part of a row tile is one 4-value vector access (elementwise.cuh)");
+static_assert(kRowsPerWarp * kQuantWarps == fp8::kTile, "the warps cover the tile's rows");
+static_assert(kColHalves == 2 && kColHalves * fp8::kTile == kQuantThreads, "two threads per column in step 2");
+static_assert(kRowsPerHalf % kCodesPerStore == 0, "a half column is whole 16-code stores");
+
+struct QuantOutputs {
+  uint8_t* q = nullptr;  // row-wise copy (act) / q (weights), or null
+  float* scale = nullptr;
+  uint8_t* q_t = nullptr;  // transposed copy, or null
+  float* scale_t = nullptr;
+};
+
+template <class In>
+struct ActQuantParams {
+  const In* x;
+  QuantOutputs out;
+  int64_t m, k;
+  bool ue8m0;
+  bool vec_rows;  // 4-value loads of x and 4-code stores into q: K % 4 == 0 and aligned pointers
+  bool vec_cols;  // 16-code stores into q_t: M % 16 == 0 and q_t 16-byte aligned
+};
+
+// The lane's four values of row `row` (columns col .. col + 3) of a [rows, cols] source: one vector
+// load where `vec`, else scalar loads with absent values 0.
+template <class In>
+__device__ __forceinline__ float4 load_row_part(const In* src, int64_t row, int64_t col, int64_t rows, int64_t cols,
+                                                bool vec) {
+  if (vec) return load4(src + row * cols + col);
+  float e[kVec] = {0.0f, 0.0f, 0.0f, 0.0f};
+  if (row < rows) {
+#pragma unroll
+    for (int j = 0; j < kVec; ++j)
+      if (col + j < cols) e[j] = load1(src + row * cols + col + j);
+  }
+  return make_float4(e[0], e[1], e[2], e[3]);
+}
+
+// Stores the codes of v / s at dst[0..3] (those of columns < cols - col): one 32-bit store where `vec`.
+__device__ __forceinline__ void store_codes4(uint8_t* dst, float4 v, float s, int64_t present, bool vec) {
+  if (vec) {
+    *reinterpret_cast<uint32_t*>(dst) = fp8::e4m3x4(v, s);
+    return;
+  }
+  const float e[kVec] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+  for (int j = 0; j < kVec; ++j)
+    if (j < present) dst[j] = fp8::e4m3x1(e[j], s);
+}
+
+template <class In, bool kRowWise, bool kColWise>
+__global__ void __launch_bounds__(kQuantThreads) act_quant_kernel(ActQuantParams<In> p) {
+  extern __shared__ float4 tile4[];  // [kTile][kTile] f32 (kColWise only)
+  __shared__ float col_amax[kColHalves][fp8::kTile];
+  float* tile = reinterpret_cast<float*>(tile4);
+  const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
+  const int64_t m0 = int64_t{blockIdx.y} * fp8::kTile, k0 = int64_t{blockIdx.x} * fp8::kTile;
+  const bool full = m0 + fp8::kTile <= p.m && k0 + fp8::kTile <= p.k;
+  const int c0 = lane * kValsPerLane;  // the lane's first column in the tile
+  const bool vec = full && p.vec_rows;
+
+  // 1. rows
+#pragma unroll 4
+  for (int i = 0; i < kRowsPerWarp; ++i) {
+    const int r = warp + i * kQuantWarps;
+    const int64_t m = m0 + r;
+    const float4 v = load_row_part(p.x, m, k0 + c0, p.m, p.k, vec);
+    if (kRowWise && m < p.m) {  // warp-uniform: every lane takes part in the warp max
+      const float s = fp8::tile_scale(warp_max(fp8::abs_max4(v)), p.ue8m0);
+      store_codes4(p.out.q + m * p.k + k0 + c0, v, s, p.k - (k0 + c0), vec);
+      if (lane == 0) p.out.scale[int64_t{blockIdx.x} * p.m + m] = s;
+    }
+    if (kColWise) tile4[(r * fp8::kTile + c0) / kVec] = v;
+  }
+  if (!kColWise) return;
+  __syncthreads();
+
+  // 2. columns: q_t[k, m0 + r0 ...] from the tile's column c
+  const int c = threadIdx.x % fp8::kTile, half = threadIdx.x / fp8::kTile, r0 = half * kRowsPerHalf;
+  float amax = 0.0f;
+  for (int r = r0; r < r0 + kRowsPerHalf; ++r) amax = fmaxf(amax, fabsf(tile[r * fp8::kTile + c]));
+  col_amax[half][c] = amax;
+  __syncthreads();
+  const int64_t k = k0 + c;
+  if (k >= p.k) return;
+  const float s = fp8::tile_scale(fmaxf(col_amax[0][c], col_amax[1][c]), p.ue8m0);
+  if (half == 0) p.out.scale_t[int64_t{blockIdx.y} * p.k + k] = s;
+  uint8_t* dst = p.out.q_t + k * p.m + m0 + r0;
+  const float* col = tile + r0 * fp8::kTile + c;  // col[r · kTile] = x[m0 + r0 + r, k]
+  if (full && p.vec_cols) {
+#pragma unroll
+    for (int r = 0; r < kRowsPerHalf; r += kCodesPerStore) {
+      uint32_t w[kCodesPerStore / 4];
+#pragma unroll
+      for (int j = 0; j < kCodesPerStore / 4; ++j) {
+        const float* e = col + (r + 4 * j) * fp8::kTile;
+        w[j] = fp8::e4m3x4(make_float4(e[0], e[fp8::kTile], e[2 * fp8::kTile], e[3 * fp8::kTile]), s);
+      }
+      *reinterpret_cast<uint4*>(dst + r) = make_uint4(w[0], w[1], w[2], w[3]);
+    }
+  } else {
+    for (int r = 0; r < kRowsPerHalf && m0 + r0 + r < p.m; ++r) dst[r] = fp8::e4m3x1(col[r * fp8::kTile], s);
+  }
+}
+
+template <class In>
+struct WeightQuantParams {
+  const In* w;
+  QuantOutputs out;
+  int64_t n, k;
+  int64_t scale_ld, scale_t_ld;  // the scale rows' padded lengths (op_args.h fp8_block_scale_cols)
+  bool ue8m0, vec_rows, vec_cols;
+};
+
+template <class In>
+__global__ void __launch_bounds__(kQuantThreads) weight_quant_kernel(WeightQuantParams<In> p) {
+  __shared__ __align__(16) uint8_t codes[fp8::kTile][fp8::kTile];  // the block's codes, for q_t
+  __shared__ float reduce[kQuantWarps];
+  const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
+  const int64_t n0 = int64_t{blockIdx.y} * fp8::kTile, k0 = int64_t{blockIdx.x} * fp8::kTile;
+  const bool full = n0 + fp8::kTile <= p.n && k0 + fp8::kTile <= p.k;
+  const int c0 = lane * kValsPerLane;
+  const bool vec = full && p.vec_rows;
+
+  float4 v[kRowsPerWarp];
+  float amax = 0.0f;
+#pragma unroll
+  for (int i = 0; i < kRowsPerWarp; ++i) {
+    v[i] = load_row_part(p.w, n0 + warp + i * kQuantWarps, k0 + c0, p.n, p.k, vec);
+    amax = fmaxf(amax, fp8::abs_max4(v[i]));
+  }
+  const float s = fp8::tile_scale(block_max(amax, reduce), p.ue8m0);
+  const int64_t nb = blockIdx.y, kb = blockIdx.x;
+  if (threadIdx.x == 0) {
+    if (p.out.q != nullptr) p.out.scale[nb * p.scale_ld + kb] = s;
+    if (p.out.q_t != nullptr) p.out.scale_t[kb * p.scale_t_ld + nb] = s;
+  }
+  // Padding of the scale rows (0): by the blocks of the last tile column (scale) or row (scale_t).
+  if (p.out.q != nullptr && kb == gridDim.x - 1 && kb + 1 + threadIdx.x < p.scale_ld)
+    p.out.scale[nb * p.scale_ld + kb + 1 + threadIdx.x] = 0.0f;
+  if (p.out.q_t != nullptr && nb == gridDim.y - 1 && nb + 1 + threadIdx.x < p.scale_t_ld)
+    p.out.scale_t[kb * p.scale_t_ld + nb + 1 + threadIdx.x] = 0.0f;
+
+#pragma unroll
+  for (int i = 0; i < kRowsPerWarp; ++i) {
+    const int r = warp + i * kQuantWarps;
+    const int64_t n = n0 + r;
+    if (p.out.q != nullptr && n < p.n) store_codes4(p.out.q + n * p.k + k0 + c0, v[i], s, p.k - (k0 + c0), vec);
+    if (p.out.q_t != nullptr) *reinterpret_cast<uint32_t*>(&codes[r][c0]) = fp8::e4m3x4(v[i], s);
+  }
+  if (p.out.q_t == nullptr) return;
+  __syncthreads();
+  const int c = threadIdx.x % fp8::kTile, half = threadIdx.x / fp8::kTile, r0 = half * kRowsPerHalf;
+  const int64_t k = k0 + c;
+  if (k >= p.k) return;
+  uint8_t* dst = p.out.q_t + k * p.n + n0 + r0;  // q_t[k, n0 + r0 ...] = codes[r0 ...][c]
+  if (full && p.vec_cols) {
+#pragma unroll
+    for (int r = 0; r < kRowsPerHalf; r += kCodesPerStore) {
+      uint32_t w[kCodesPerStore / 4];
+#pragma unroll
+      for (int j = 0; j < kCodesPerStore / 4; ++j) {
+        const int rr = r0 + r + 4 * j;
+        w[j] = uint32_t{codes[rr][c]} | uint32_t{codes[rr + 1][c]} << 8 | uint32_t{codes[rr + 2][c]} << 16 |
+               uint32_t{codes[rr + 3][c]} << 24;
+      }
+      *reinterpret_cast<uint4*>(dst + r) = make_uint4(w[0], w[1], w[2], w[3]);
+    }
+  } else {
+    for (int r = 0; r < kRowsPerHalf && n0 + r0 + r < p.n; ++r) dst[r] = codes[r0 + r][c];
+  }
+}
+
+template <class Out>
+__global__ void weight_dequant_kernel(Out* w, const uint8_t* q, const float* scale, int64_t n, int64_t k,
+                                      int64_t scale_ld) {
+  for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < n * k; i += int64_t{gridDim.x} * blockDim.x) {
+    const int64_t row = i / k, col = i % k;
+    const float s = scale[(row / fp8::kTile) * scale_ld + col / fp8::kTile];
+    store_as(w + i, __fmul_rn(fp8::e4m3_value(q[i]), s));
+  }
+}
+
+bool aligned(const void* p, size_t bytes) { return reinterpret_cast<uintptr_t>(p) % bytes == 0; }
+
+// The grid of 128×128 tiles of a [rows, cols] source: x = column tiles, y = row tiles.
+dim3 tile_grid(int64_t rows, int64_t cols, std::string_view op) {
+  DIFFMOE_CHECK(fp8_tiles(rows) <= 65535 && fp8_tiles(cols) <= INT32_MAX,
+                "[{}] {} × {} has more 128-row tiles than one launch covers (65535)", op, rows, cols);
+  return dim3(static_cast<unsigned>(fp8_tiles(cols)), static_cast<unsigned>(fp8_tiles(rows)));
+}
+
+template <class In, bool kRowWise, bool kColWise>
+void launch_act_quant(const ActQuantParams<In>& p, cudaStream_t s) {
+  const auto kernel = act_quant_kernel<In, kRowWise, kColWise>;
+  const size_t smem = kColWise ? kTileSmemBytes : 0;
+  if (kColWise) {
+    // Above the default 48 KiB: opt in once per kernel (the device allows it: checked by the caller).
+    static const bool opted_in = [&] {
+      CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+      return true;
+    }();
+    (void)opted_in;
+  }
+  kernel<<<tile_grid(p.m, p.k, "act_quant"), kQuantThreads, smem, s>>>(p);
+  CUDA_CHECK_LAUNCH("act_quant");
+}
+
+template <class In>
+void act_quant_as(const ActQuantArgs& a, const Fp8QuantDims& d, cudaStream_t s) {
+  const In* x = static_cast<const In*>(a.x.data);
+  ActQuantParams<In> p{
+      .x = x,
+      .out = {.q = static_cast<uint8_t*>(a.q.data),
+              .scale = static_cast<float*>(a.scale.data),
+              .q_t = static_cast<uint8_t*>(a.q_t.data),
+              .scale_t = static_cast<float*>(a.scale_t.data)},
+      .m = d.rows,
+      .k = d.cols,
+      .ue8m0 = a.ue8m0,
+      .vec_rows = d.cols % kVec == 0 && vec_aligned(x) && (!d.row_wise || aligned(a.q.data, kVec)),
+      .vec_cols = d.rows % kCodesPerStore == 0 && (!d.col_wise || aligned(a.q_t.data, kCodesPerStore))};
+  if (d.row_wise && d.col_wise) return launch_act_quant<In, true, true>(p, s);
+  if (d.row_wise) return launch_act_quant<In, true, false>(p, s);
+  launch_act_quant<In, false, true>(p, s);
+}
+
+template <class In>
+void weight_quant_as(const WeightQuantArgs& a, const Fp8QuantDims& d, cudaStream_t s) {
+  const In* w = static_cast<const In*>(a.w.data);
+  WeightQuantParams<In> p{
+      .w = w,
+      .out = {.q = static_cast<uint8_t*>(a.q.data),
+              .scale = static_cast<float*>(a.scale.data),
+              .q_t = static_cast<uint8_t*>(a.q_t.data),
+              .scale_t = static_cast<float*>(a.scale_t.data)},
+      .n = d.rows,
+      .k = d.cols,
+      .scale_ld = fp8_block_scale_cols(d.cols),
+      .scale_t_ld = fp8_block_scale_cols(d.rows),
+      .ue8m0 = a.ue8m0,
+      .vec_rows = d.cols % kVec == 0 && vec_aligned(w) && (!d.row_wise || aligned(a.q.data, kVec)),
+      .vec_cols = d.rows % kCodesPerStore == 0 && (!d.col_wise || aligned(a.q_t.data, kCodesPerStore))};
+  weight_quant_kernel<In><<<tile_grid(d.rows, d.cols, "weight_quant"), kQuantThreads, 0, s>>>(p);
+  CUDA_CHECK_LAUNCH("weight_quant");
+}
+
+}  // namespace
+
+void CudaBackend::act_quant(Context ctx, const ActQuantArgs& a) {
+  const OpScope profile_scope(*this, stream(ctx), "act_quant");
+  const Fp8QuantDims d = validate_act_quant(a, Device::kCUDA);
+  if (d.rows == 0 || d.cols == 0) return;
+  DIFFMOE_CHECK(!d.col_wise || max_shared_bytes() >= kTileSmemBytes + sizeof(float) * kColHalves * fp8::kTile,
+                "[act_quant] the transposed copy stages a 128×128 f32 tile in {} bytes of shared memory; this device "
+                "allows {} per block",
+                kTileSmemBytes, max_shared_bytes());
+  if (a.x.dtype == DType::kBF16) return act_quant_as<__nv_bfloat16>(a, d, stream(ctx));
+  act_quant_as<float>(a, d, stream(ctx));
+}
+
+void CudaBackend::weight_quant(Context ctx, const WeightQuantArgs& a) {
+  const OpScope profile_scope(*this, stream(ctx), "weight_quant");
+  const Fp8QuantDims d = validate_weight_quant(a, Device::kCUDA);
+  if (d.rows == 0 || d.cols == 0) return;
+  if (a.w.dtype == DType::kBF16) return weight_quant_as<__nv_bfloat16>(a, d, stream(ctx));
+  weight_quant_as<float>(a, d, stream(ctx));
+}
+
+void CudaBackend::weight_dequant(Context ctx, const WeightDequantArgs& a) {
+  const OpScope profile_scope(*this, stream(ctx), "weight_dequant");
+  const Fp8QuantDims d = validate_weight_dequant(a, Device::kCUDA);
+  const int64_t total = d.rows * d.cols;
+  if (total == 0) return;
+  const auto* q = static_cast<const uint8_t*>(a.q.data);
+  const auto* scale = static_cast<const float*>(a.scale.data);
+  const int64_t ld = fp8_block_scale_cols(d.cols);
+  const cudaStream_t s = stream(ctx);
+  if (a.w.dtype == DType::kBF16) {
+    weight_dequant_kernel<<<grid_for(total), kThreads, 0, s>>>(static_cast<__nv_bfloat16*>(a.w.data), q, scale, d.rows,
+                                                               d.cols, ld);
+  } else {
+    weight_dequant_kernel<<<grid_for(total), kThreads, 0, s>>>(f32(a.w), q, scale, d.rows, d.cols, ld);
+  }
+  CUDA_CHECK_LAUNCH("weight_dequant");
+}
+
+}  // namespace diffmoe

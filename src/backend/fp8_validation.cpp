@@ -1,0 +1,133 @@
+// Argument checks of the FP8 ops (op_args.h's FP8 section; op_validation.h), shared by both
+// backends: every tensor on the backend's device, e4m3 data and f32 scales in the layouts cuBLASLt
+// reads, and errors that name the op and the field.
+#include <cstdint>
+#include <string_view>
+
+#include "backend/op_validation.h"
+
+namespace diffmoe {
+namespace {
+
+// A 2-D tensor of `dtype` on dev with exactly `shape` (the field's name in every message).
+void expect(const Tensor& t, const Shape& shape, DType dtype, Device dev, std::string_view op, std::string_view name) {
+  check_device(t, dev, op, name);
+  check_shape(t, shape, op, name);
+  check_dtype(t, dtype, op, name);
+}
+
+// The source of a quantisation: a 2-D f32 or bf16 tensor.
+void check_source(const Tensor& t, Device dev, std::string_view op, std::string_view name) {
+  check_device(t, dev, op, name);
+  DIFFMOE_CHECK(t.rank() == 2, "[{}] {} must be 2-D, got {}", op, name, t.describe());
+  DIFFMOE_CHECK(t.dtype == DType::kF32 || t.dtype == DType::kBF16,
+                "[{}] {} must be f32 or bf16 (the values FP8 copies are made from, spec §7), got {}", op, name,
+                dtype_name(t.dtype));
+}
+
+// A float output the backend writes: f32 or bf16, and on the CPU also f64.
+void check_float_output(const Tensor& t, Device dev, std::string_view op, std::string_view name) {
+  const bool ok = t.dtype == DType::kF32 || t.dtype == DType::kBF16 || (dev == Device::kCPU && t.dtype == DType::kF64);
+  DIFFMOE_CHECK(ok, "[{}] {} must be f32 or bf16{}, got {}", op, name,
+                dev == Device::kCPU ? " (or f64 on the cpu)" : "", dtype_name(t.dtype));
+}
+
+// Which of an op's two (data, scale) output pairs are given; a pair is both or neither.
+bool pair_given(const Tensor& q, const Tensor& s, std::string_view op, std::string_view q_name,
+                std::string_view s_name) {
+  DIFFMOE_CHECK(q.defined() == s.defined(), "[{}] {} and {} come together: {} is given, {} is not", op, q_name, s_name,
+                q.defined() ? q_name : s_name, q.defined() ? s_name : q_name);
+  return q.defined();
+}
+
+// The outputs of a quantiser of a source [rows, cols]: which pairs are given (at least one) and the
+// shapes of each, given the scale shapes of the row-wise and the transposed copy.
+Fp8QuantDims check_quant_outputs(std::string_view op, const Tensor& src, const Tensor& q, const Tensor& scale,
+                                 const Tensor& q_t, const Tensor& scale_t, const Shape& scale_shape,
+                                 const Shape& scale_t_shape, Device dev) {
+  Fp8QuantDims d{.rows = src.dim(0), .cols = src.dim(1)};
+  d.row_wise = pair_given(q, scale, op, "q", "scale");
+  d.col_wise = pair_given(q_t, scale_t, op, "q_t", "scale_t");
+  DIFFMOE_CHECK(d.row_wise || d.col_wise,
+                "[{}] no output: give q and scale (the row-wise copy), q_t and scale_t (the transposed copy), or both",
+                op);
+  if (d.row_wise) {
+    expect(q, Shape{d.rows, d.cols}, DType::kF8E4M3, dev, op, "q");
+    expect(scale, scale_shape, DType::kF32, dev, op, "scale");
+  }
+  if (d.col_wise) {
+    expect(q_t, Shape{d.cols, d.rows}, DType::kF8E4M3, dev, op, "q_t");
+    expect(scale_t, scale_t_shape, DType::kF32, dev, op, "scale_t");
+  }
+  return d;
+}
+
+}  // namespace
+
+Fp8QuantDims validate_act_quant(const ActQuantArgs& a, Device dev) {
+  constexpr std::string_view kOp = "act_quant";
+  check_source(a.x, dev, kOp, "x");
+  const int64_t m = a.x.dim(0), k = a.x.dim(1);
+  // 1×128 tiles along each copy's rows: scale [ceil(K/128), M], scale_t [ceil(M/128), K] (op_args.h).
+  return check_quant_outputs(kOp, a.x, a.q, a.scale, a.q_t, a.scale_t, Shape{fp8_tiles(k), m}, Shape{fp8_tiles(m), k},
+                             dev);
+}
+
+Fp8QuantDims validate_weight_quant(const WeightQuantArgs& a, Device dev) {
+  constexpr std::string_view kOp = "weight_quant";
+  check_source(a.w, dev, kOp, "w");
+  const int64_t n = a.w.dim(0), k = a.w.dim(1);
+  return check_quant_outputs(kOp, a.w, a.q, a.scale, a.q_t, a.scale_t, Shape{fp8_tiles(n), fp8_block_scale_cols(k)},
+                             Shape{fp8_tiles(k), fp8_block_scale_cols(n)}, dev);
+}
+
+Fp8QuantDims validate_weight_dequant(const WeightDequantArgs& a, Device dev) {
+  constexpr std::string_view kOp = "weight_dequant";
+  check_device(a.w, dev, kOp, "w");
+  DIFFMOE_CHECK(a.w.rank() == 2, "[{}] w must be 2-D [N, K], got {}", kOp, a.w.describe());
+  check_float_output(a.w, dev, kOp, "w");
+  const int64_t n = a.w.dim(0), k = a.w.dim(1);
+  expect(a.q, Shape{n, k}, DType::kF8E4M3, dev, kOp, "q");
+  expect(a.scale, Shape{fp8_tiles(n), fp8_block_scale_cols(k)}, DType::kF32, dev, kOp, "scale");
+  return Fp8QuantDims{.rows = n, .cols = k, .row_wise = true};
+}
+
+GemmDims validate_fp8_gemm(const Fp8GemmArgs& a, Device dev) {
+  constexpr std::string_view kOp = "fp8_gemm";
+  check_device(a.c, dev, kOp, "c");
+  DIFFMOE_CHECK(a.c.rank() == 2, "[{}] c must be 2-D [M, N], got {}", kOp, a.c.describe());
+  check_float_output(a.c, dev, kOp, "c");
+  for (const auto& [t, name] : {std::pair{&a.a, "a"}, std::pair{&a.b, "b"}}) {
+    check_device(*t, dev, kOp, name);
+    DIFFMOE_CHECK(t->rank() == 2, "[{}] {} must be 2-D (K-major: [M, K] for a, [N, K] for b), got {}", kOp, name,
+                  t->describe());
+    check_dtype(*t, DType::kF8E4M3, kOp, name);
+  }
+  GemmDims d{.m = a.a.dim(0), .n = a.b.dim(0), .k = a.a.dim(1)};
+  DIFFMOE_CHECK(a.b.dim(1) == d.k && a.c.dim(0) == d.m && a.c.dim(1) == d.n,
+                "[{}] shapes do not match: a is {}, b is {}, c is {}; need a [M, K], b [N, K] (both K-major), c [M, N]",
+                kOp, a.a.shape.str(), a.b.shape.str(), a.c.shape.str());
+  expect(a.a_scale, Shape{fp8_tiles(d.k), d.m}, DType::kF32, dev, kOp, "a_scale");
+  const Shape b_scale_shape = a.b_scaling == Fp8Scaling::kBlock128x128
+                                  ? Shape{fp8_tiles(d.n), fp8_block_scale_cols(d.k)}
+                                  : Shape{fp8_tiles(d.k), d.n};
+  expect(a.b_scale, b_scale_shape, DType::kF32, dev, kOp,
+         a.b_scaling == Fp8Scaling::kBlock128x128 ? "b_scale (128×128 blocks)" : "b_scale (1×128 tiles)");
+  // A bf16 C is only written: no beta·C term, which would read it in bf16 (GemmArgs' rule).
+  DIFFMOE_CHECK(a.c.dtype != DType::kBF16 || a.beta == 0.0,
+                "[{}] c is bf16: needs beta = 0, got beta = {} (a GEMM that adds to its output writes f32)", kOp,
+                a.beta);
+  if (a.addend.defined()) {
+    check_device(a.addend, dev, kOp, "addend");
+    check_shape(a.addend, a.c.shape, kOp, "addend");
+    check_dtype(a.addend, a.c.dtype, kOp, "addend");
+    const auto c0 = reinterpret_cast<uintptr_t>(a.c.data), r0 = reinterpret_cast<uintptr_t>(a.addend.data);
+    const uintptr_t bytes = a.c.nbytes();
+    DIFFMOE_CHECK(r0 == c0 || r0 + bytes <= c0 || c0 + bytes <= r0,
+                  "[{}] addend {} partly overlaps c {}: pass c itself or a separate tensor", kOp, a.addend.describe(),
+                  a.c.describe());
+  }
+  return d;
+}
+
+}  // namespace diffmoe
