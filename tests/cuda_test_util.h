@@ -31,6 +31,6 @@ inline bool gpu_required() {
     const std::string& diffmoe_unusable = ::diffmoe::test::cuda_unusable_reason();                      \
     if (!diffmoe_unusable.empty()) {                                                                    \
       if (::diffmoe::test::gpu_required()) FAIL() << "DIFFMOE_REQUIRE_GPU=1, but " << diffmoe_unusable; \
-      GTEST_SKIP() << "needs a CUDA device: " << diffmoe_unusable;                                      \
+      GTEST_SKIP() << "CUDA test skipped: " << diffmoe_unusable;                                        \
     }                                                                                                   \
   } while (0)

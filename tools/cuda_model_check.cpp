@@ -372,8 +372,7 @@ int main_impl(int argc, char** argv) {
   if (const std::string unusable = backend_unusable_reason(against); !unusable.empty()) {
     const char* required = std::getenv("DIFFMOE_REQUIRE_GPU");
     if (required != nullptr && std::string(required) == "1") DIFFMOE_FAIL("DIFFMOE_REQUIRE_GPU=1, but {}", unusable);
-    std::printf("cuda_model_check: skipped, %s
-", unusable.c_str());
+    std::printf("cuda_model_check: skipped, %s\n", unusable.c_str());
     return kSkipExitCode;
   }
   std::unique_ptr<Backend> cpu = make_backend("cpu");
