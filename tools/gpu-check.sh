@@ -20,7 +20,7 @@
 #                      nothing can be installed there.
 #   --make-bundle DIR  on a build machine (nvcc and the dependencies, no GPU needed): build the
 #                      programs and copy them with their non-system shared libraries (not libc,
-#                      libstdc++ or CUDA's) into DIR (~45 MB). Carry DIR to the GPU machine, e.g.
+#                      libstdc++ or CUDA's) into DIR (~100 MB). Carry DIR to the GPU machine, e.g.
 #                      as an ignored build-* folder, and run: tools/gpu-check.sh --prebuilt DIR
 #   Environment: GPU_CHECK_LOG_DIR (default DIR/gpu-check-logs), GPU_CHECK_SANITIZE_FILTER and
 #   GPU_CHECK_RACE_FILTER (gtest filters of the memcheck and racecheck steps).
