@@ -1,7 +1,9 @@
 // cuda_model_check: the whole model on the CPU and on the CUDA backend, same seed, same batch, one
 // forward + backward each, in f32 on both. Prints the loss differences and, per parameter, the
 // gradient relative error ‖cuda − cpu‖ / ‖cpu‖; exits 1 if any exceeds --tol (default 1e-4: f32
-// against f32, where kernels differ only in summation order), 2 on an error (e.g. no GPU).
+// against f32, where kernels differ only in summation order), 2 on an error, and 77 (ctest's
+// SKIP_RETURN_CODE for this tool's tests in tests/model) when no CUDA device is usable here, unless
+// DIFFMOE_REQUIRE_GPU=1 makes that an error.
 //
 // Configs: the two micro configs of tests/model/micro_config.h (every branch of the model: the
 // differential and plain attention, q compression on/off, YaRN, sigmoid router with groups and
@@ -35,8 +37,9 @@
 #include <string>
 #include <vector>
 
-#include "backend/backend.h"
+#include "backend/backend_registry.h"
 #include "core/dtype.h"
+#include "core/error.h"
 #include "core/rng.h"
 #include "model/config.h"
 #include "model/generator.h"
@@ -331,6 +334,8 @@ double median_step_ms(Backend& be, const Case& c, int steps) {
   return ms[ms.size() / 2];
 }
 
+constexpr int kSkipExitCode = 77;  // nothing checked: no usable device
+
 int main_impl(int argc, char** argv) {
   std::string tiny_path = "configs/tiny.yaml";
   std::string against = "cuda";
@@ -364,6 +369,12 @@ int main_impl(int argc, char** argv) {
   }
   const bool bf16 = precision == "bf16_gemm";
   if (tol < 0) tol = bf16 ? 0.15 : 1e-4;
+  if (const std::string unusable = backend_unusable_reason(against); !unusable.empty()) {
+    const char* required = std::getenv("DIFFMOE_REQUIRE_GPU");
+    if (required != nullptr && std::string(required) == "1") DIFFMOE_FAIL("DIFFMOE_REQUIRE_GPU=1, but {}", unusable);
+    std::printf("cuda_model_check: skipped, %s\n", unusable.c_str());
+    return kSkipExitCode;
+  }
   std::unique_ptr<Backend> cpu = make_backend("cpu");
   std::unique_ptr<Backend> gpu = make_backend(against);
   if (bf16) gpu->set_gemm_precision(GemmPrecision::kBF16);

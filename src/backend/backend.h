@@ -94,8 +94,7 @@ class Backend {
   virtual void adamw_multi(Context ctx, const AdamWMultiArgs& a) = 0;
 };
 
-// "cpu" or "cuda". Throws "[backend] 'cuda' was not built into this binary" when absent.
-std::unique_ptr<Backend> make_backend(std::string_view name);
-bool backend_available(std::string_view name);
+// Backends are created by make_backend (backend/backend_registry.h, library diffmoe_backends): this
+// interface knows no concrete backend.
 
 }  // namespace diffmoe

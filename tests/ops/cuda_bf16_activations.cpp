@@ -106,6 +106,7 @@ void run_bf16_out_case(const Bf16OutCase& tc, uint64_t seed) {
 }
 
 TEST(CudaBf16Activations, GroupedGemmIntoBf16) {
+  DIFFMOE_REQUIRE_CUDA();
   uint64_t seed = 2000;
   // n = 24, 200: bf16x2 stores, one and several n-tiles with a partial last one; n = 13: odd, so
   // element stores; k = 40 (one partial k-tile), 264 (several); two terms with k2 ≠ k.
@@ -116,6 +117,7 @@ TEST(CudaBf16Activations, GroupedGemmIntoBf16) {
 }
 
 TEST(CudaBf16Activations, Bf16OutputRules) {
+  DIFFMOE_REQUIRE_CUDA();
   const int64_t R = 9, G = 2, k = 8, n = 8;
   Dual a(Shape{R, k}), b(Shape{G, n, k}), c16(Shape{R, n}, DType::kBF16), off(Shape{G + 1}, DType::kI32);
   a.normal(2100);
@@ -135,6 +137,7 @@ TEST(CudaBf16Activations, Bf16OutputRules) {
 // ---------------------------------------------------------------- element-wise ops on bf16 inputs
 
 TEST(CudaBf16Activations, SwigluOnBf16Inputs) {
+  DIFFMOE_REQUIRE_CUDA();
   // width 40: 8-byte bf16 loads and stores; 41: and a scalar tail; 40 one element in: scalar path.
   // a holds the kernels' special cases (a < −80, the zero of silu'(a) near −1.278) after rounding.
   struct Case {
@@ -182,6 +185,7 @@ std::vector<double> scattered_slots(int64_t N, int64_t K) {
 }
 
 TEST(CudaBf16Activations, MoeRowsInBf16) {
+  DIFFMOE_REQUIRE_CUDA();
   const Tol kDot{1e-6, 1e-7, "f64 dot rounded once on both sides"};
   for (const int64_t D : {int64_t{24}, int64_t{23}}) {
     const int64_t N = 29, K = 3, NK = N * K;
@@ -246,6 +250,7 @@ TEST(CudaBf16Activations, MoeRowsInBf16) {
 }
 
 TEST(CudaBf16Activations, CpuRefusesBf16Inputs) {
+  DIFFMOE_REQUIRE_CUDA();
   const Shape shape{4, 8};
   Dual a(shape), h(shape);
   a.normal(2400);
@@ -265,6 +270,7 @@ TEST(CudaBf16Activations, CpuRefusesBf16Inputs) {
 // same call without dx16 writes. The vector path (widths 40 with a warp per row, 1536 with a block),
 // and the general path (x_stride 41); overwrite and accumulate.
 TEST(CudaBf16Activations, RmsNormBackwardWritesBf16Copy) {
+  DIFFMOE_REQUIRE_CUDA();
   struct Case {
     int64_t rows, width, xs;
   };
@@ -311,6 +317,7 @@ TEST(CudaBf16Activations, RmsNormBackwardWritesBf16Copy) {
 // mla_kv_split_bwd into a bf16 dkv (W_kvb's backward GEMM operand in the bf16 mode): the CPU's dkv
 // rounded to bf16, exactly (the split only moves values); dkr stays f32 and equal to the CPU's sums.
 TEST(CudaBf16Activations, KvSplitBackwardIntoBf16) {
+  DIFFMOE_REQUIRE_CUDA();
   struct Case {
     int64_t N, H, dn, dr, dv, kr_stride, kr_offset;
   };
@@ -342,6 +349,7 @@ TEST(CudaBf16Activations, KvSplitBackwardIntoBf16) {
 // a multiply-add: cuda_vs_cpu.cpp's kRopeTol); columns outside the rope range are untouched. The
 // cases of cuda_vs_cpu.cpp: one pair per thread, and two pairs per thread (8-byte bf16 pieces).
 TEST(CudaBf16Activations, RopeOnBf16) {
+  DIFFMOE_REQUIRE_CUDA();
   struct Case {
     int64_t rows, width, heads, head_stride, col_offset, rope_dim, seq_len, pos_offset;
   };
@@ -369,6 +377,7 @@ TEST(CudaBf16Activations, RopeOnBf16) {
 // mla_kv_split_fwd from a bf16 kv (W_kvb's output in the bf16 mode) into bf16 k, v: kv's values moved
 // exactly and kr's (f32) rounded once: bitwise the CPU's split of the widened kv, rounded.
 TEST(CudaBf16Activations, KvSplitFromBf16Kv) {
+  DIFFMOE_REQUIRE_CUDA();
   struct Case {
     int64_t N, H, dn, dr, dv, kr_stride, kr_offset;
   };
@@ -402,6 +411,7 @@ TEST(CudaBf16Activations, KvSplitFromBf16Kv) {
 // as bf16 (V = 1000: 8-byte pieces by cp.async; V = 1001: element copies and −inf padding) and
 // streamed from global memory (V = 120000 needs 240 KB of bf16, over an H100's 227 KB per block).
 TEST(CudaBf16Activations, CrossEntropyOnBf16Logits) {
+  DIFFMOE_REQUIRE_CUDA();
   const Tol kCeTol{1e-5, 1e-8, "f32 exp vs f64 exp, f64 sums (cuda_vs_cpu_moe.cpp)"};
   struct Case {
     int64_t N, V;
@@ -443,6 +453,7 @@ TEST(CudaBf16Activations, CrossEntropyOnBf16Logits) {
 // rmsnorm_fwd's y16: y rounded to bf16 (what a copy of y into bf16 gives), bitwise, with y itself as
 // without it; the vector path (width 40, 1536) and the general one (x_stride 41); refused on the CPU.
 TEST(CudaBf16Activations, RmsNormForwardWritesBf16Copy) {
+  DIFFMOE_REQUIRE_CUDA();
   struct Case {
     int64_t rows, width, xs;
   };
@@ -478,6 +489,7 @@ TEST(CudaBf16Activations, RmsNormForwardWritesBf16Copy) {
 // bf16 dkv: the CPU's split of the widened values, rounded: dkv bitwise (values move), dkr the
 // same f32 sums over heads in order (bitwise).
 TEST(CudaBf16Activations, KvSplitBackwardFromBf16) {
+  DIFFMOE_REQUIRE_CUDA();
   struct Case {
     int64_t N, H, dn, dr, dv, kr_stride, kr_offset;
   };

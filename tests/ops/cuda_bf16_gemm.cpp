@@ -74,6 +74,7 @@ void run_gemm_case(int64_t m, int64_t n, int64_t k, int ta, int tb, double alpha
 }
 
 TEST(CudaBf16Gemm, DefaultIsF32AndCpuIgnoresTheSetting) {
+  DIFFMOE_REQUIRE_CUDA();
   EXPECT_EQ(gpu().gemm_precision(), GemmPrecision::kF32);
   cpu().set_gemm_precision(GemmPrecision::kBF16);
   EXPECT_EQ(cpu().gemm_precision(), GemmPrecision::kF32);  // the CPU computes in its dtype
@@ -85,6 +86,7 @@ TEST(CudaBf16Gemm, DefaultIsF32AndCpuIgnoresTheSetting) {
 }
 
 TEST(CudaBf16Gemm, AllTransposesAlphaBeta) {
+  DIFFMOE_REQUIRE_CUDA();
   const Bf16Mode mode;
   uint64_t seed = 100;
   for (int ta = 0; ta < 2; ++ta)
@@ -101,6 +103,7 @@ TEST(CudaBf16Gemm, AllTransposesAlphaBeta) {
 }
 
 TEST(CudaBf16Gemm, BufferSizedByLargestCall) {
+  DIFFMOE_REQUIRE_CUDA();
   const Bf16Mode mode;
   run_gemm_case(257, 129, 301, 0, 1, 1.0, 0.0, 200);
   const size_t after_large = cuda_backend().gemm_bf16_scratch_bytes();
@@ -113,6 +116,7 @@ TEST(CudaBf16Gemm, BufferSizedByLargestCall) {
 const std::vector<double> kOffsets = {0, 9, 9, 20, 20, 37};
 
 TEST(CudaBf16Gemm, GroupedForward) {
+  DIFFMOE_REQUIRE_CUDA();
   const Bf16Mode mode;
   const int64_t R = 41, used = 37, G = 5, k = 19, n = 23;  // odd k: group starts not 16-byte aligned
   for (bool trans_b : {true, false}) {
@@ -144,6 +148,7 @@ TEST(CudaBf16Gemm, GroupedForward) {
 }
 
 TEST(CudaBf16Gemm, GroupedWeightGradient) {
+  DIFFMOE_REQUIRE_CUDA();
   const Bf16Mode mode;
   const int64_t R = 41, G = 5, m = 13, n = 11;
   for (double beta : {0.0, 1.0}) {
@@ -166,6 +171,7 @@ TEST(CudaBf16Gemm, GroupedWeightGradient) {
 }
 
 TEST(CudaBf16Gemm, SwitchingBackRestoresF32) {
+  DIFFMOE_REQUIRE_CUDA();
   {
     const Bf16Mode mode;
     run_gemm_case(37, 29, 53, 0, 1, 0.7, 1.3, 300);
@@ -213,6 +219,7 @@ const std::vector<double> kKernelOffsets = {0, 0, 1, 150, 150, 169, 300, 300, 30
 constexpr int64_t kKernelRows = 341, kKernelGroups = 9, kKernelUsed = 330;
 
 TEST(CudaBf16Gemm, GroupedKernelForwardAndDgrad) {
+  DIFFMOE_REQUIRE_CUDA();
   const Bf16Mode mode;
   const int64_t R = kKernelRows, G = kKernelGroups, used = kKernelUsed;
   uint64_t seed = 500;
@@ -240,6 +247,7 @@ TEST(CudaBf16Gemm, GroupedKernelForwardAndDgrad) {
 }
 
 TEST(CudaBf16Gemm, GroupedKernelWeightGradient) {
+  DIFFMOE_REQUIRE_CUDA();
   const Bf16Mode mode;
   const int64_t R = kKernelRows, G = kKernelGroups;
   uint64_t seed = 600;
@@ -268,6 +276,7 @@ TEST(CudaBf16Gemm, GroupedKernelWeightGradient) {
 // Σ C² of the device's own C to f32 rounding (4e-6: the kernel adds 32 squares per f32 partial,
 // ≤ 31·2^-24 relative), and the CPU's within twice the bf16 bound.
 TEST(CudaBf16Gemm, GroupedWeightGradientSumOfSquares) {
+  DIFFMOE_REQUIRE_CUDA();
   for (const bool bf16 : {true, false}) {
     std::optional<Bf16Mode> mode;
     if (bf16) mode.emplace();
@@ -302,6 +311,7 @@ TEST(CudaBf16Gemm, GroupedWeightGradientSumOfSquares) {
 // Bad offsets are checked on the device (no host sync): the op skips the groups they bound and the
 // next synchronize() names the first bad entry; the backend stays usable.
 TEST(CudaBf16Gemm, GroupedKernelBadOffsetsReported) {
+  DIFFMOE_REQUIRE_CUDA();
   const Bf16Mode mode;
   const int64_t R = 64, G = 3, k = 40, n = 24;
   Dual a(Shape{R, k}), b(Shape{G, n, k}), c(Shape{R, n}), wc(Shape{G, k, n}), off(Shape{G + 1}, DType::kI32);
@@ -336,6 +346,7 @@ TEST(CudaBf16Gemm, GroupedKernelBadOffsetsReported) {
 
 
 TEST(CudaBf16Gemm, Bf16OperandsAreReadInPlace) {
+  DIFFMOE_REQUIRE_CUDA();
   const Bf16Mode mode;
   const int64_t m = 67, n = 45, k = 83;
   uint64_t seed = 800;
@@ -358,6 +369,7 @@ TEST(CudaBf16Gemm, Bf16OperandsAreReadInPlace) {
 }
 
 TEST(CudaBf16Gemm, GroupedBf16Operands) {
+  DIFFMOE_REQUIRE_CUDA();
   const Bf16Mode mode;
   const int64_t R = kKernelRows, G = kKernelGroups, used = kKernelUsed;
   uint64_t seed = 900;
@@ -432,6 +444,7 @@ Dual run_two_terms(const TwoTermCase& tc, const std::vector<double>& offsets, in
 }
 
 TEST(CudaBf16Gemm, GroupedTwoTerms) {
+  DIFFMOE_REQUIRE_CUDA();
   uint64_t seed = 1000;
   {
     const Bf16Mode mode;
@@ -471,6 +484,7 @@ TEST(CudaBf16Gemm, GroupedTwoTerms) {
 
 // The router's logits GEMM asks for f32 in the bf16 mode (spec §5): f32 tolerances, not bf16 ones.
 TEST(CudaBf16Gemm, F32ExactStaysF32) {
+  DIFFMOE_REQUIRE_CUDA();
   const Bf16Mode mode;
   const int64_t m = 67, n = 64, k = 96;
   Dual a(Shape{m, k}), b(Shape{n, k}), c(Shape{m, n});
@@ -486,6 +500,7 @@ TEST(CudaBf16Gemm, F32ExactStaysF32) {
 // moe_gather into a bf16 x_perm (the expert GEMMs' rows in the bf16 mode): each row is the source
 // row rounded to bf16, exactly. D = 72: float4 pieces (8-byte bf16 stores); D = 37: the scalar path.
 TEST(CudaBf16Gemm, GatherIntoBf16) {
+  DIFFMOE_REQUIRE_CUDA();
   for (const int64_t D : {int64_t{72}, int64_t{37}}) {
     const int64_t N = 37, rows = 111;
     Dual x(Shape{N, D}), src(Shape{rows}, DType::kI32), ref(Shape{rows, D}), out(Shape{rows, D}, DType::kBF16);
@@ -507,6 +522,7 @@ TEST(CudaBf16Gemm, GatherIntoBf16) {
 // cuda_vs_cpu.cpp: widths not multiples of 4 (the scalar path) and the presets' multiples of 4 (four
 // values per 8-byte bf16 store); then k, v views 2 bytes off an 8-byte boundary (the scalar path).
 TEST(CudaBf16Gemm, KvSplitIntoBf16) {
+  DIFFMOE_REQUIRE_CUDA();
   struct Case {
     int64_t N, H, dn, dr, dv, kr_stride, kr_offset, out_offset;
   };
@@ -541,6 +557,7 @@ TEST(CudaBf16Gemm, KvSplitIntoBf16) {
 // Element-wise outputs that only GEMMs read (swiglu's h, da, db; moe_combine_bwd's dy_perm) may be
 // bf16: the CPU's f32 result rounded to bf16, to within one bf16 step (expect_bf16_of, cuda_dual.h).
 TEST(CudaBf16Gemm, Bf16OutputsOfElementwiseOps) {
+  DIFFMOE_REQUIRE_CUDA();
   // SwiGLU: width 40, float4 pieces; width 41, float4 pieces and a scalar tail; width 40 with inputs
   // one element past an aligned start, the scalar path. The bf16 kernels compute in f32 and take
   // the double formula for a < −80 and near the zero of silu'(a): a holds such values.
@@ -639,6 +656,7 @@ TEST(CudaBf16Gemm, Bf16OutputsOfElementwiseOps) {
 }
 
 TEST(CudaBf16Gemm, Bf16OperandsNeedTheBf16Mode) {
+  DIFFMOE_REQUIRE_CUDA();
   Dual a(Shape{8, 16}), b(Shape{4, 16}), c(Shape{8, 4});
   a.normal(950);
   const Dual b16 = bf16_copy(b.normal(951), Shape{4, 16});

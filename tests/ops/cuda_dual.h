@@ -17,12 +17,14 @@
 #include <string>
 #include <vector>
 
-#include "backend/backend.h"
+#include "backend/backend_registry.h"
+#include "cuda_test_util.h"
 #include "test_util.h"
 
 namespace diffmoe::cudatest {
 
-// The two backends, created once. gpu() throws (naming why) when no CUDA device is usable.
+// The two backends, created once. gpu() throws (naming why) when no CUDA device is usable: tests
+// call DIFFMOE_REQUIRE_CUDA() before anything reaches it.
 inline Backend& cpu() {
   static std::unique_ptr<Backend> be = make_backend("cpu");
   return *be;

@@ -61,6 +61,7 @@ void run_addend_case(int64_t m, int64_t n, int64_t k, bool ta, bool tb, double a
 }
 
 TEST(CudaLtGemm, AddendAllTransposes) {
+  DIFFMOE_REQUIRE_CUDA();
   const Bf16Mode mode;
   uint64_t seed = 1100;
   for (const auto& [m, n, k] : kSizes)
@@ -71,6 +72,7 @@ TEST(CudaLtGemm, AddendAllTransposes) {
 
 // addend = C: the in-place GEMM (cuBLASLt's C = D), the same as no addend.
 TEST(CudaLtGemm, AddendIsC) {
+  DIFFMOE_REQUIRE_CUDA();
   const Bf16Mode mode;
   const int64_t m = 37, n = 29, k = 19;
   for (bool given : {true, false}) {
@@ -91,6 +93,7 @@ TEST(CudaLtGemm, AddendIsC) {
 // beta = 0 reads neither C nor the addend (both NaN-poisoned); k = 0 is beta·addend (exact: one f64
 // product rounded once on both sides), or zeros when beta = 0 (the NaN addend not read).
 TEST(CudaLtGemm, BetaZeroDoesNotReadTheAddend) {
+  DIFFMOE_REQUIRE_CUDA();
   const Bf16Mode mode;
   const int64_t m = 37, n = 29, k = 19;
   Dual a(Shape{k, m}), b(Shape{k, n}), c(Shape{m, n}), r(Shape{m, n});
@@ -121,6 +124,7 @@ TEST(CudaLtGemm, BetaZeroDoesNotReadTheAddend) {
 // Views that start 2 or 4 bytes past a 256-byte boundary: the plans are made for the pointers'
 // real alignments (cuBLASLt's heuristic assumes 256 bytes unless told).
 TEST(CudaLtGemm, UnalignedViews) {
+  DIFFMOE_REQUIRE_CUDA();
   const Bf16Mode mode;
   const int64_t m = 37, n = 29, k = 19, off = 1;
   const Shape sa{m, k}, sb{n, k}, sc{m, n};
@@ -157,6 +161,7 @@ TEST(CudaLtGemm, UnalignedViews) {
 
 // A bf16 C: the f32 result rounded once, in every transpose combination; f32 or bf16 operands.
 TEST(CudaLtGemm, Bf16OutputAllTransposes) {
+  DIFFMOE_REQUIRE_CUDA();
   const Bf16Mode mode;
   uint64_t seed = 1500;
   for (const auto& [m, n, k] : kSizes)
@@ -188,6 +193,7 @@ TEST(CudaLtGemm, Bf16OutputAllTransposes) {
 }
 
 TEST(CudaLtGemm, Bf16OutputRefusals) {
+  DIFFMOE_REQUIRE_CUDA();
   Dual a(Shape{8, 16}), b(Shape{4, 16}), c(Shape{8, 4}), c16(Shape{8, 4}, DType::kBF16), r16(Shape{8, 4}, DType::kBF16);
   a.normal(1600);
   b.normal(1601);
@@ -217,6 +223,7 @@ TEST(CudaLtGemm, Bf16OutputRefusals) {
 // other data at equally aligned addresses, reuse it. Another shape, beta = 0 and a separate addend
 // each make a plan of their own.
 TEST(CudaLtGemm, PlansAreCachedByShape) {
+  DIFFMOE_REQUIRE_CUDA();
   const Bf16Mode mode;
   const LtGemm& lt = cuda_backend().lt_gemm();
   const auto call = [&](int64_t m, double beta, bool addend, uint64_t seed) {
@@ -323,6 +330,7 @@ static_assert(kAutotuneCalls > LtGemm::kCandidates * LtGemm::kTrials);
 // among the candidates, made from event times the library polls without a host sync of its own
 // (the test's downloads sync, so each trial has finished by the next call).
 TEST(CudaLtGemm, AutotuneTriesTheCandidatesOnRealCalls) {
+  DIFFMOE_REQUIRE_CUDA();
   for (bool bf16_out : {false, true}) {
     AutotuneCase tc(bf16_out);
     const std::string what = fmt::format("autotune {}", bf16_out ? "bf16 out, beta = 0" : "f32 out + addend, beta = 1");
@@ -350,6 +358,7 @@ TEST(CudaLtGemm, AutotuneTriesTheCandidatesOnRealCalls) {
 // autotune off: the heuristic's first choice on every call, so every call gives the same bits, and
 // nothing is reported.
 TEST(CudaLtGemm, AutotuneOffKeepsOneAlgorithm) {
+  DIFFMOE_REQUIRE_CUDA();
   AutotuneCase tc(/*bf16_out=*/false);
   LtGemm lt(/*autotune=*/false);
   const std::vector<double> first = tc.run(lt);
@@ -381,6 +390,7 @@ void run_f32_addend_cases(bool f32_exact) {
 }
 
 TEST(CudaLtGemm, AddendInTheF32Paths) {
+  DIFFMOE_REQUIRE_CUDA();
   run_f32_addend_cases(false);  // GemmPrecision::kF32
   const Bf16Mode mode;
   run_f32_addend_cases(true);

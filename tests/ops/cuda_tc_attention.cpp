@@ -133,6 +133,7 @@ void check_tc_attention(const TcCase& c) {
 
 // Every covered head size, T = 131 (odd: two full 64-row tiles and a partial one), B = 2.
 TEST(CudaTcAttention, EveryCoveredHeadSize) {
+  DIFFMOE_REQUIRE_CUDA();
   for (bool diff : {true, false})
     for (int64_t dqk : {32, 48, 64, 96, 128})
       for (int64_t w : {32, 64, 128}) check_tc_attention({2, 131, 4, dqk, diff ? w / 2 : w, diff});
@@ -141,12 +142,14 @@ TEST(CudaTcAttention, EveryCoveredHeadSize) {
 // The bench preset's head shape (d_qk 96, d_v 64) at T = 1, shorter than a tile, one tile, and odd
 // T over several tiles; B = 3.
 TEST(CudaTcAttention, SequenceLengths) {
+  DIFFMOE_REQUIRE_CUDA();
   for (bool diff : {true, false})
     for (int64_t T : {1, 17, 64, 200}) check_tc_attention({3, T, 4, 96, 64, diff});
 }
 
 // No atomics: two backward runs on the same inputs agree bitwise.
 TEST(CudaTcAttention, BackwardDeterministic) {
+  DIFFMOE_REQUIRE_CUDA();
   const Bf16Mode mode;
   const int64_t B = 2, T = 99, H = 4, dqk = 96, dv = 64;
   const Shape out_shape{B, T, H / 2, 2 * dv};
@@ -241,6 +244,7 @@ void check_bf16_inputs(const TcCase& c, int64_t offset) {
 // The bench head shape (d_qk 96, d_v 64) and the smallest covered one, differential and plain, T odd
 // over several tiles; and one unaligned case.
 TEST(CudaTcAttention, Bf16InputsMatchRoundedF32) {
+  DIFFMOE_REQUIRE_CUDA();
   for (bool diff : {true, false}) {
     check_bf16_inputs({2, 131, 4, 96, 64, diff}, 0);
     check_bf16_inputs({3, 17, 4, 32, diff ? 16 : 32, diff}, 0);
@@ -252,6 +256,7 @@ TEST(CudaTcAttention, Bf16InputsMatchRoundedF32) {
 // dk and dv the MLA split): each value is the f32 gradient of the same call rounded once, bitwise.
 // A bf16 dq with f32 q, k, v is refused.
 TEST(CudaTcAttention, Bf16GradientsAreTheF32Rounded) {
+  DIFFMOE_REQUIRE_CUDA();
   const Bf16Mode mode;
   for (const bool diff : {true, false}) {
     const TcCase c{2, 131, 4, 96, 64, diff};
@@ -300,6 +305,7 @@ TEST(CudaTcAttention, Bf16GradientsAreTheF32Rounded) {
 // What the model asks before planning bf16 q, k, v: yes in the bf16 mode for covered shapes (this
 // file runs on Hopper), no in the f32 mode, for uncovered shapes, under kSimple, and on the CPU.
 TEST(CudaTcAttention, AttentionTakesBf16) {
+  DIFFMOE_REQUIRE_CUDA();
   auto& be = dynamic_cast<CudaBackend&>(gpu());
   const AttentionShape bench{.batch = 8, .seq = 2048, .heads = 16, .d_qk = 96, .d_v = 64, .differential = true};
   const AttentionShape odd{.batch = 2, .seq = 37, .heads = 4, .d_qk = 7, .d_v = 5, .differential = true};
@@ -323,6 +329,7 @@ TEST(CudaTcAttention, AttentionTakesBf16) {
 // bf16 q, k, v where the tensor-core kernels would not run: refused with the reason (the f32 flash
 // and simple kernels read f32 only), forward and backward; outputs untouched.
 TEST(CudaTcAttention, Bf16InputsRefusedWhereNotCovered) {
+  DIFFMOE_REQUIRE_CUDA();
   auto& be = dynamic_cast<CudaBackend&>(gpu());
   const auto check = [&](const TcCase& c, std::initializer_list<std::string> parts) {
     const int64_t C = c.differential ? 2 : 1;

@@ -55,6 +55,7 @@
 #include "backend/backend.h"
 #include "backend/cuda/adamw_multi_table.h"
 #include "backend/cuda/cuda_allocator.h"
+#include "backend/cuda/cuda_factory.h"
 #include "backend/cuda/device_issue.h"
 #include "backend/cuda/lt_gemm.h"
 #include "backend/cuda/op_profiler.h"
@@ -233,7 +234,5 @@ template <class Name>
 DetailScope::DetailScope(CudaBackend& be, cudaStream_t s, Name&& name) {
   if (be.profiling_details()) begin(be, s, std::string(name()));
 }
-
-std::unique_ptr<Backend> make_cuda_backend();
 
 }  // namespace diffmoe
