@@ -46,6 +46,8 @@ inline float* f32(const Tensor& t) { return static_cast<float*>(t.data); }
 // dst[i] = bf16(src[i]) (round to nearest even) for i < n, on stream s (basic_ops.cu); `op` names
 // the calling op in a launch error.
 void f32_to_bf16(void* dst, const float* src, int64_t n, cudaStream_t s, std::string_view op);
+// dst[i] = src[i] widened exactly to f32 for i < n, on stream s (basic_ops.cu).
+void bf16_to_f32(float* dst, const void* src, int64_t n, cudaStream_t s, std::string_view op);
 inline int32_t* i32(const Tensor& t) { return static_cast<int32_t*>(t.data); }
 
 // Stores v as an f32 or, for outputs that only bf16 GEMMs read (the bf16 GEMM mode plans those in
