@@ -34,7 +34,7 @@ inline void require_f32(const Tensor& t, std::string_view op) {
                 op, dtype_name(t.dtype));
 }
 
-// An input the bf16 GEMM mode may hold in bf16 (op_validation's check_bf16_input): f32 or bf16.
+// An input the bf16 GEMM mode may hold in bf16 (op_validation's output_dtype, op_args.h): f32 or bf16.
 inline void require_f32_or_bf16(const Tensor& t, std::string_view op, std::string_view name) {
   DIFFMOE_CHECK(t.dtype == DType::kF32 || t.dtype == DType::kBF16,
                 "[{}] {}: the CUDA backend reads f32 or (in the bf16 GEMM mode) bf16, got {}", op, name,
