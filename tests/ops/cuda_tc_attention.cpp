@@ -449,7 +449,8 @@ TEST(CudaTcAttention, Bf16InputsOnEveryOtherPath) {
       {{2, 37, 4, 96, 64, true}, false, AttnKernel::kFlash, true, "f32 mode, flash kernels"},
       {{2, 37, 3, 96, 64, false}, false, AttnKernel::kFlash, true, "f32 mode, flash kernels"},
       {{2, 37, 4, 7, 5, true}, false, AttnKernel::kFlash, false, "f32 mode, an uncovered shape: simple kernels"},
-      {{2, 37, 4, 96, 64, true}, true, AttnKernel::kSimple, false, "bf16 mode, kSimple"},
+      // T = 19 as cuda_vs_cpu.cpp's WideHeadsSimpleKernel (where kAttnTol was measured for these heads).
+      {{1, 19, 2, 96, 64, true}, true, AttnKernel::kSimple, false, "bf16 mode, kSimple"},
       {{2, 37, 4, 7, 5, true}, true, AttnKernel::kFlash, false, "bf16 mode, uncovered by the tensor cores: simple"},
       {{2, 37, 3, 7, 5, false}, true, AttnKernel::kFlash, false, "bf16 mode, uncovered by the tensor cores: simple"},
   };
