@@ -7,12 +7,6 @@ namespace diffmoe {
 std::string AttentionLayer::p(const char* name) const { return fmt::format("layers.{}.attn.{}", l_, name); }
 std::string AttentionLayer::a(const char* name) const { return fmt::format("act.{}.attn.{}", l_, name); }
 
-bool AttentionLayer::bf16_qkv(const LayerContext& lc) const {
-  const ModelConfig& c = *lc.cfg;
-  return lc.bf16_operands && lc.be->attention_takes_bf16({.batch = lc.batch, .seq = lc.seq, .heads = c.n_heads, .d_qk = c.d_qk(),
-                                                          .d_v = c.v_head_dim, .differential = c.differential});
-}
-
 void AttentionLayer::plan(const LayerContext& lc, Arena& acts) const {
   const ModelConfig& c = *lc.cfg;
   const int64_t N = lc.tokens(), D = c.dim, H = c.n_heads, dqk = c.d_qk(), dv = c.v_head_dim;
@@ -20,11 +14,11 @@ void AttentionLayer::plan(const LayerContext& lc, Arena& acts) const {
   const DType t = lc.dtype;
   // What only GEMMs read (x_norm, c_q, ĉ, Ō) is bf16 in the bf16 GEMM mode: the norm rounds it once.
   const DType gemm_only = lc.bf16_operands ? DType::kBF16 : t;
-  // What only the attention reads (q, k, v) is bf16 where the backend's attention takes bf16 (the
-  // tensor-core kernels, which would round them anyway): q's GEMM writes it in bf16 and RoPE rotates
-  // it in place (its rope columns are rounded twice, as under autocast); W_kvb's GEMM writes kv in
-  // bf16 and the split moves it into k, v. Half the bytes, and no rounding inside the attention.
-  const DType qkv = bf16_qkv(lc) ? DType::kBF16 : t;
+  // What only the attention reads (q, k, v) is bf16 in the bf16 GEMM mode, for every shape (every
+  // backend's attention takes bf16 q, k, v, AttentionFwdArgs): q's GEMM writes it in bf16 and RoPE
+  // rotates it in place (its rope columns are rounded twice, as under autocast); W_kvb's GEMM writes
+  // kv in bf16 and the split moves it into k, v. Half the bytes, and no rounding inside the attention.
+  const DType qkv = gemm_only;
   acts.add(a("x_norm"), Shape{N, D}, gemm_only);  // RMSNorm_attn(x)
   acts.add(a("rstd_x"), Shape{N}, t);
   if (rq > 0) {
@@ -49,7 +43,7 @@ void AttentionLayer::plan(const LayerContext& lc, Arena& acts) const {
   }
   // Backward scratch, shared by every attention layer.
   plan_once(acts, "scratch.attn.dx_norm", Shape{N, D}, t);
-  // dq in the dtype of q: bf16 where the tensor-core attention writes it for W_q's GEMMs (RoPE's
+  // dq in the dtype of q: bf16 in the bf16 mode, written so by the attention for W_q's GEMMs (RoPE's
   // inverse rotates it in place in bf16 first), no f32 dq and no rounding copy.
   plan_once(acts, "scratch.attn.dq", Shape{N, H * dqk}, qkv);
   if (rq > 0) {

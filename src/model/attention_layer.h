@@ -20,9 +20,6 @@ class AttentionLayer {
  private:
   std::string p(const char* name) const;  // "layers.{l}.attn.<name>" / activations "act.{l}.attn.<name>"
   std::string a(const char* name) const;
-  // Whether q, k, v are planned in bf16: the bf16 GEMM mode, and the backend's attention takes bf16
-  // q, k, v for this shape (Backend::attention_takes_bf16). forward/backward read the planned dtype.
-  bool bf16_qkv(const LayerContext& lc) const;
   int64_t l_;
 };
 

@@ -18,11 +18,11 @@ struct LayerContext {
   Arena* params = nullptr;    // spec §8 names
   Arena* grads = nullptr;     // same names, trainable parameters only
   Arena* acts = nullptr;      // activations saved for the backward, and backward scratch
-  // bf16 copies of the GEMM weight matrices (Model: CUDA in the bf16 GEMM mode only), else null.
+  // bf16 copies of the GEMM weight matrices (Model: the bf16 GEMM mode only), else null.
   const Arena* weights_bf16 = nullptr;
-  // The bf16 GEMM mode on CUDA: activations read only by GEMMs (the gathered expert rows), or only
-  // by an attention that takes bf16 (q, k, v: Backend::attention_takes_bf16), are planned in bf16
-  // (spec §7). Fixed when the activation arena is planned.
+  // The bf16 GEMM mode (any backend, f32 model): activations read only by GEMMs (the gathered expert
+  // rows), or only by the attention (q, k, v), are planned in bf16 (spec §7). Fixed when the
+  // activation arena is planned.
   bool bf16_operands = false;
   // beta of the GEMMs that write weight gradients: 1 (accumulate, STYLE.md habit 2), or 0 in the
   // first backward after Model::zero_grads, where the gradients read as zero and += is =: the GEMM

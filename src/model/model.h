@@ -9,7 +9,7 @@
 // first backward after zero_grads() overwrites with a GEMM at beta = 0 (LayerContext::dw_beta),
 // which it skips, the expert stacks last of them (Model::grad_sq_parts). Gradients are looked up
 // by name: nothing relies on their order matching params.
-// On a backend in the bf16 GEMM mode (CUDA, spec §7) a fourth arena holds bf16 copies of the GEMM
+// On a backend in the bf16 GEMM mode (any backend, f32 model; spec §7) a fourth arena holds bf16 copies of the GEMM
 // weight matrices, refreshed from the f32 masters at every forward (one rounding per weight per
 // micro-batch instead of one per GEMM that reads it); allocated at the first such forward.
 // Nothing else allocates after set_batch_shape(); all work goes through the Backend interface.
