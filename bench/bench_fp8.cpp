@@ -21,6 +21,7 @@
 #include <vector>
 
 #include "backend/backend.h"
+#include "backend/backend_registry.h"
 #include "core/arena.h"
 #include "core/rng.h"
 #include "model/config.h"

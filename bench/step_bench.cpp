@@ -15,7 +15,7 @@
 #include <chrono>
 #include <vector>
 
-#include "backend/backend.h"
+#include "backend/backend_registry.h"
 #include "backend/cuda/op_profiler.h"
 #include "core/rng.h"
 #include "model/model.h"

@@ -4,21 +4,24 @@
 # op checks (test_cuda_ops); the NCCL communicator with one GPU (test_cuda_dist); the whole-model
 # check (cuda_model_check, f32 and bf16_gemm); compute-sanitizer memcheck on the op checks (the
 # long-sequence case left out) and on the grouped GEMM's own checks, racecheck on those using shared
-# memory; op benchmarks (attention, grouped GEMM, FP8); the
-# training-step benchmark against PyTorch (bench/README.md); a table of the headline numbers. Every
+# memory; op benchmarks (bench_ops: attention and the element-wise ops; grouped GEMM; FP8); the
+# training-step benchmark against PyTorch (bench/README.md); a table of the headline numbers. The
+# CUDA tests skip where no device is usable (CI); here DIFFMOE_REQUIRE_GPU=1 makes a missing device
+# a failure instead. Every
 # step runs even when an earlier one failed; full logs go to the log folder; a summary table (step,
 # result, seconds) is printed last. Exit status: 0 when every step passed.
 #
 # Usage: tools/gpu-check.sh [--build-dir DIR] [--jobs N] [--arch ARCHS] [--prebuilt DIR]
 #                           [--step-timeout SECONDS] [--log-dir DIR]
 #        tools/gpu-check.sh --make-bundle DIR [--build-dir DIR] [--jobs N] [--arch ARCHS]
-#   --prebuilt DIR     binaries built elsewhere (DIR/test_cuda_ops, DIR/cuda_model_check, shared
-#                      libraries in DIR/lib), used when the build here fails: the lent GPU machines
-#                      have nvcc but not all of the project's dependencies (configure stopped at
-#                      libxxhash there on the first try), and nothing can be installed there.
-#   --make-bundle DIR  on a build machine (nvcc and the dependencies, no GPU needed): build the two
+#   --prebuilt DIR     binaries built elsewhere (DIR/test_cuda_ops, DIR/cuda_model_check,
+#                      DIR/bench_ops, ...; shared libraries in DIR/lib), used when the build here
+#                      fails: the lent GPU machines have nvcc but not all of the project's
+#                      dependencies (configure stopped at libxxhash there on the first try), and
+#                      nothing can be installed there.
+#   --make-bundle DIR  on a build machine (nvcc and the dependencies, no GPU needed): build the
 #                      programs and copy them with their non-system shared libraries (not libc,
-#                      libstdc++ or CUDA's) into DIR (~45 MB). Carry DIR to the GPU machine, e.g.
+#                      libstdc++ or CUDA's) into DIR (~100 MB). Carry DIR to the GPU machine, e.g.
 #                      as an ignored build-* folder, and run: tools/gpu-check.sh --prebuilt DIR
 #   Environment: GPU_CHECK_LOG_DIR (default DIR/gpu-check-logs), GPU_CHECK_SANITIZE_FILTER and
 #   GPU_CHECK_RACE_FILTER (gtest filters of the memcheck and racecheck steps).
@@ -51,13 +54,14 @@ done
 mkdir -p "$LOG_DIR"
 CONFIGURE=(cmake -S . -B "$BUILD_DIR" -G Ninja -DCMAKE_BUILD_TYPE=Release -DDIFFMOE_CUDA=ON
            -DCMAKE_CUDA_ARCHITECTURES="$ARCH" -DDIFFMOE_TESTS=ON -DDIFFMOE_BENCH=ON)
-TARGETS=(test_cuda_ops test_cuda_dist cuda_model_check bench_step bench_grouped_gemm bench_fp8 diffmoe)
+TARGETS=(test_cuda_ops test_cuda_dist cuda_model_check bench_ops bench_step bench_grouped_gemm bench_fp8 diffmoe)
 
 if [[ -n "$MAKE_BUNDLE" ]]; then
   "${CONFIGURE[@]}" >/dev/null && ninja -C "$BUILD_DIR" -j"$JOBS" "${TARGETS[@]}" || exit 1
   rm -rf "$MAKE_BUNDLE" && mkdir -p "$MAKE_BUNDLE/lib" || exit 1
   bins=("$BUILD_DIR/tests/ops/test_cuda_ops" "$BUILD_DIR/tests/dist/test_cuda_dist" "$BUILD_DIR/tools/cuda_model_check"
-        "$BUILD_DIR/bench/bench_step" "$BUILD_DIR/bench/bench_grouped_gemm" "$BUILD_DIR/bench/bench_fp8" "$BUILD_DIR/src/cli/diffmoe")
+        "$BUILD_DIR/bench/bench_ops" "$BUILD_DIR/bench/bench_step" "$BUILD_DIR/bench/bench_grouped_gemm"
+        "$BUILD_DIR/bench/bench_fp8" "$BUILD_DIR/src/cli/diffmoe")
   cp "${bins[@]}" "$MAKE_BUNDLE/" || exit 1
   for lib in $(ldd "${bins[@]}" | awk '/=> \// {print $3}' | sort -u); do
     case "$(basename "$lib")" in
@@ -109,11 +113,13 @@ else
 fi
 command -v nvcc >/dev/null && nvcc --version | tail -n 1
 export PATH="$PATH:/usr/local/cuda/bin"
+export DIFFMOE_REQUIRE_GPU=1  # the CUDA tests and cuda_model_check fail, not skip, without a device
 
 # ---- build
 BIN_TEST="$BUILD_DIR/tests/ops/test_cuda_ops"
 BIN_DIST="$BUILD_DIR/tests/dist/test_cuda_dist"
 BIN_MODEL="$BUILD_DIR/tools/cuda_model_check"
+BIN_OPS="$BUILD_DIR/bench/bench_ops"
 BIN_BENCH="$BUILD_DIR/bench/bench_step"
 BIN_GG="$BUILD_DIR/bench/bench_grouped_gemm"
 BIN_FP8="$BUILD_DIR/bench/bench_fp8"
@@ -128,6 +134,7 @@ if [[ $built == 0 && -n "$PREBUILT" ]]; then
   BIN_TEST="$PREBUILT/test_cuda_ops"
   BIN_DIST="$PREBUILT/test_cuda_dist"
   BIN_MODEL="$PREBUILT/cuda_model_check"
+  BIN_OPS="$PREBUILT/bench_ops"
   BIN_BENCH="$PREBUILT/bench_step"
   BIN_GG="$PREBUILT/bench_grouped_gemm"
   BIN_FP8="$PREBUILT/bench_fp8"
@@ -183,12 +190,17 @@ fi
 # ---- benchmark: the bench preset's training step, ours and PyTorch's, same card, same run
 # (bench/README.md; BENCH=0 skips it, BENCH_BATCH sets ours — 8 is the preset's micro-batch).
 if [[ "${BENCH:-1}" == 1 ]]; then
-  # Op benchmarks: the attention kernels at the bench shape (f32 flash and bf16 tensor-core, ms) and
-  # the grouped expert GEMM (TFLOP/s beside cuBLAS); PyTorch's versions come with bench_torch.
-  if [[ -x "$BIN_TEST" ]]; then
-    step attention_timing "$LOG_DIR/attention_timing.log" "$BIN_TEST" --gtest_also_run_disabled_tests \
-      --gtest_filter='CudaAttentionTiming.*'
-    grep -vE "^\[|^$|^Note:" "$LOG_DIR/attention_timing.log" | tail -n 12
+  # Op benchmarks: the attention kernels at the bench shape (f32 flash and bf16 tensor-core, ms), the
+  # memory-bound element-wise ops (ms, GB/s) and the grouped expert GEMM (TFLOP/s beside cuBLAS);
+  # PyTorch's versions come with bench_torch.
+  if [[ -x "$BIN_OPS" ]]; then
+    step attention_timing "$LOG_DIR/attention_timing.log" "$BIN_OPS" --case attention
+    tail -n 12 "$LOG_DIR/attention_timing.log"
+    step elementwise_timing "$LOG_DIR/elementwise_timing.log" "$BIN_OPS" --case elementwise
+    tail -n 16 "$LOG_DIR/elementwise_timing.log"
+  else
+    skip attention_timing "no binary"
+    skip elementwise_timing "no binary"
   fi
   if [[ -x "$BIN_GG" ]]; then
     step grouped_gemm "$LOG_DIR/grouped_gemm.log" "$BIN_GG"

@@ -17,9 +17,11 @@ struct Context {
 };
 
 // How gemm, grouped_gemm and grouped_gemm_wgrad compute; tensors keep their dtype either way.
-// kBF16: A and B are rounded to bf16 (8-bit mantissa; bf16 operands are read as they are) and
-// multiplied on tensor cores with f32 accumulation and alpha/beta in f32; C is f32, or bf16 where
-// op_args.h allows it (spec §7, train.precision bf16_gemm).
+// kBF16: A and B are rounded to bf16 (8-bit mantissa, nearest even) and multiplied with f32
+// accumulation, alpha/beta in f32 (spec §7); the GEMMs
+// then also take bf16 operands and write a bf16 C (op_args.h GemmArgs). Every backend implements
+// both: the CUDA one on tensor cores, the CPU one with cblas_sgemm on bf16-rounded copies. It
+// applies to f32 calls; f64 calls (finite-difference checks) compute in f64.
 enum class GemmPrecision { kF32, kBF16 };
 
 class Backend {
@@ -34,22 +36,13 @@ class Backend {
   virtual void download(void* dst, const Tensor& src) = 0;       // src.nbytes() bytes
   virtual void synchronize(Context ctx) = 0;
 
-  // GEMM arithmetic of this backend (GemmPrecision). The default ignores the request: the CPU
-  // backend always computes in its tensors' dtype (f32 or f64, spec §7); CUDA implements kBF16.
-  // gemm_precision() says what the backend actually uses.
-  virtual void set_gemm_precision(GemmPrecision p) { (void)p; }
-  virtual GemmPrecision gemm_precision() const { return GemmPrecision::kF32; }
+  // GEMM arithmetic of this backend (GemmPrecision, default kF32). The model plans its bf16
+  // activations from it (spec §7).
+  virtual void set_gemm_precision(GemmPrecision p) = 0;
+  virtual GemmPrecision gemm_precision() const = 0;
   // Whether the backend is still choosing algorithms by timing real calls (CUDA: the first calls of
   // each cuBLASLt GEMM shape, lt_gemm.h). A benchmark warms up until this is false.
   virtual bool tuning() const { return false; }
-  // Whether attention_fwd / attention_bwd of this shape take bf16 q, k, v (AttentionFwdArgs) with
-  // the current settings: the CUDA backend in the bf16 GEMM mode where its tensor-core kernels cover
-  // the shape and the device; never the CPU. The model plans its saved q, k, v in bf16 where this
-  // holds (and f32 elsewhere, e.g. head sizes only the f32 kernels cover).
-  virtual bool attention_takes_bf16(const AttentionShape& s) const {
-    (void)s;
-    return false;
-  }
 
   virtual void fill(Context ctx, const FillArgs& a) = 0;
   virtual void copy(Context ctx, const CopyArgs& a) = 0;
@@ -94,8 +87,7 @@ class Backend {
   virtual void adamw_multi(Context ctx, const AdamWMultiArgs& a) = 0;
 };
 
-// "cpu" or "cuda". Throws "[backend] 'cuda' was not built into this binary" when absent.
-std::unique_ptr<Backend> make_backend(std::string_view name);
-bool backend_available(std::string_view name);
+// Backends are created by make_backend (backend/backend_registry.h, library diffmoe_backends): this
+// interface knows no concrete backend.
 
 }  // namespace diffmoe

@@ -5,9 +5,14 @@
 // - Gradients of WEIGHTS accumulate (+=). Gradients of ACTIVATIONS are overwritten, unless the
 //   field is named `*_accumulate` or the struct says so.
 // - Ops never allocate. Scratch memory, where an op needs it, is passed in.
-// - CPU backend: every floating tensor of one op call has the same dtype, f32 or f64 (f64 is for
-//   finite-difference gradient checks). "f32" below means "the op's float type" on the CPU.
-//   Index tensors are i32. The CUDA backend documents its own mixed-precision rules per op.
+// - Every floating tensor of one op call has the op's float type, f32 or f64 (f64 is for
+//   finite-difference gradient checks on the CPU; the CUDA backend computes in f32), except the
+//   fields marked "bf16" below. Index tensors are i32.
+// - bf16 (the bf16 GEMM mode's storage, spec §7; f32 calls only, every backend): a field marked
+//   "may be bf16" holds bf16 values. A bf16 input is widened exactly to f32; a bf16 output is the
+//   op's f32 result rounded once to nearest even (core/dtype.h), so it equals bf16(the f32 result
+//   the op computes from the same, widened, inputs); the arithmetic in between is the f32 op's.
+//   GEMM operands and outputs in bf16 also need GemmPrecision::kBF16 (backend.h).
 // - Scalars that depend on device data (lambda, loss, norms) are tensors, never host values,
 //   so a GPU step needs no host synchronisation.
 // Shapes: N = tokens (B·T rows), D = model dim, V = vocab, E = routed experts, K = experts per token.
@@ -37,13 +42,13 @@ struct EmbeddingBwdArgs { Tensor dtable; Tensor tokens; Tensor dout; double scal
 // Rows of width `width` read at x + n·x_stride, written at y + n·y_stride (stride 0 = width), so a
 // norm can run on the first columns of a wider buffer (kv_norm on the latent part of wkv_a's output).
 // y = out_scale · x · r ⊙ w,   r = (mean(x²) + eps)^-1/2 saved in rstd [N].
-// (CUDA: y may be bf16 for an f32 x, rounded, where only bf16 GEMMs read it)
+// y may be bf16 (rounded once: an activation only GEMMs read).
 struct RmsNormFwdArgs {
   Tensor y; Tensor rstd; Tensor x; Tensor w;
   int64_t rows = 0, width = 0, x_stride = 0, y_stride = 0;
   double eps = 1e-6, out_scale = 1.0;
-  // Optional, CUDA in the bf16 GEMM mode with an f32 y: [rows, width] bf16 (contiguous) receives y
-  // rounded once as well: the FFN's x_norm for its GEMMs beside the f32 one the router reads.
+  // Optional, with an f32 y: [rows, width] bf16 (contiguous) receives y rounded once as well: the
+  // FFN's x_norm for its GEMMs beside the f32 one the router reads (the bf16 GEMM mode).
   Tensor y16 = {};
 };
 // dx = r·(g − x̂·mean(g⊙x̂)), g = out_scale·dy⊙w;  dw += Σ_rows out_scale·dy⊙x̂.
@@ -53,9 +58,9 @@ struct RmsNormBwdArgs {
   int64_t rows = 0, width = 0, x_stride = 0, y_stride = 0;
   double out_scale = 1.0;
   bool dx_accumulate = false;
-  // Optional, CUDA in the bf16 GEMM mode: [rows, width] bf16 (contiguous) receives the final dx
-  // (after accumulation) rounded once: the residual gradient as the next backward GEMMs read it,
-  // without a separate rounding pass (spec §7).
+  // Optional, with an f32 dx: [rows, width] bf16 (contiguous) receives the final dx (after
+  // accumulation) rounded once: the residual gradient as the next backward GEMMs read it, without a
+  // separate rounding pass (the bf16 GEMM mode, spec §7).
   Tensor dx16 = {};
 };
 
@@ -66,10 +71,11 @@ struct RmsNormBwdArgs {
 // and dtype that is only read (it may be C itself, but must not partly overlap it): a residual
 // r + x Wᵀ is {C=out, A=x, B=W, trans_b=true, beta=1, addend=r}, without a copy of r into out.
 // BLAS rule: with beta = 0 neither C nor the addend is read (stale NaNs do not propagate).
-// On CUDA with an f32 C, A and B may also be bf16 tensors (weight copies; GemmPrecision::kBF16
-// only). f32_exact: compute in f32 even in the bf16 GEMM mode (the router's z = u Eᵀ, spec §5).
-// On CUDA in the bf16 GEMM mode, C may be bf16 (beta = 0 only, not with f32_exact): the f32 result
-// rounded once to nearest even, for activations that only element-wise ops read.
+// Precision (backend.h GemmPrecision): kF32 multiplies the tensors' values; kBF16 rounds A and B to
+// bf16 first and sums the products in f32. In the bf16 mode A and B may be bf16 (weight copies,
+// activations rounded once for several GEMMs; read as they are) and C may be bf16 (beta = 0 only,
+// not with f32_exact): the f32 result rounded once, for activations only element-wise ops read.
+// f32_exact: f32 arithmetic on f32 operands even in the bf16 mode (the router's z = u Eᵀ, spec §5).
 struct GemmArgs {
   Tensor c; Tensor a; Tensor b;
   bool trans_a = false, trans_b = false;
@@ -86,8 +92,9 @@ struct GemmArgs {
 // else [G, k2, n]. It equals a one-term call followed by a second one with beta = 1, but the GPU
 // kernel sums both products in one accumulator (K = k + k2) and writes C once: the MoE backward's
 // dx_perm = da·W1 + db·W3. Rows at or beyond offsets[G] are left untouched.
-// C is the op's float type, or on CUDA in the bf16 GEMM mode bf16 with beta = 0: the product is
-// rounded once to bf16 (spec §7; the expert activations that only element-wise ops read).
+// Precision as GemmArgs: in the bf16 mode A, B, A2, B2 may be bf16, and C may be bf16 with beta = 0:
+// both terms summed in f32, then rounded once (spec §7; the expert activations that only
+// element-wise ops read).
 struct GroupedGemmArgs {
   Tensor c; Tensor a; Tensor b; Tensor offsets;
   bool trans_b = true;
@@ -96,7 +103,8 @@ struct GroupedGemmArgs {
 };
 // Weight gradient of a grouped GEMM ("k-grouped"): for each group g,
 //   C[g] = alpha · A[rows_g]ᵀ · B[rows_g] + beta · C[g]
-// A: [R, m], B: [R, n], C: [G, m, n]. An empty group leaves beta·C[g].
+// A: [R, m], B: [R, n], C: [G, m, n]. An empty group leaves beta·C[g]. Precision as GemmArgs: in
+// the bf16 mode A and B may be bf16; C (a weight gradient, accumulated) is never bf16.
 // sum_sq (optional, [1], C's dtype): sum_sq[0] += Σ over all of C of the new C², as sum_squares
 // would add it after the call. The optimizer's global gradient norm (spec §7) takes the expert
 // stacks' share from here: the GPU kernel squares the values it is about to store, so the norm no
@@ -183,7 +191,8 @@ struct Fp8GemmArgs {
 // In place on x: [N, W]; for each row n and head h < n_heads the pairs at columns
 // h·head_stride + col_offset + 2i, +1 (i < rope_dim/2) are rotated by angle pos·θ'_i, where
 // pos = pos_offset + n % seq_len, cos/sin tables [max_pos, rope_dim/2] (YaRN already folded in).
-// inverse = true rotates by −angle: the backward of RoPE.
+// inverse = true rotates by −angle: the backward of RoPE. x may be bf16 (q as its GEMM writes it in
+// the bf16 mode; cos, sin f32): widened, rotated in f32, rounded once; other columns keep their bits.
 struct RopeArgs {
   Tensor x; Tensor cos; Tensor sin;
   int64_t n_heads = 1, head_stride = 0, col_offset = 0, rope_dim = 0, seq_len = 0, pos_offset = 0;
@@ -195,14 +204,17 @@ struct RopeArgs {
 // shared rope key kr = the last d_rope columns of wkv_a's output ([N, kr_stride], column kr_offset):
 //   k[n, h] = [kv[n, h, :d_nope] ; kr[n]]   k: [N, H, d_nope + d_rope]
 //   v[n, h] = kv[n, h, d_nope:]             v: [N, H, d_v]
-// (CUDA: k and v may be bf16, both or neither, rounded from the f32 values: the bf16 GEMM mode's
-// attention operands, AttentionFwdArgs)
+// kv may be bf16 (W_kvb's output in the bf16 mode); k and v may be bf16, both or neither (the
+// attention's operands, AttentionFwdArgs): each value moved, or rounded once from f32. kr is the
+// op's float type.
 struct MlaKvSplitFwdArgs {
   Tensor k; Tensor v; Tensor kv; Tensor kr;
   int64_t n_heads = 0, d_nope = 0, d_rope = 0, d_v = 0, kr_stride = 0, kr_offset = 0;
 };
-// Backward: dkv overwritten from dk, dv; dkr[n] = Σ_h dk[n, h, d_nope:] (sources §2.5), written
-// into kr's columns of its wider buffer (overwritten there; other columns untouched).
+// Backward: dkv overwritten from dk, dv; dkr[n] = Σ_h dk[n, h, d_nope:] (sources §2.5, summed over
+// heads in order in the op's float type), written into kr's columns of its wider buffer
+// (overwritten there; other columns untouched). dk and dv may be bf16, both or neither (the
+// attention's bf16 gradients), and dkv too (read only by W_kvb's backward GEMMs); dkr is never bf16.
 struct MlaKvSplitBwdArgs {
   Tensor dkv; Tensor dkr; Tensor dk; Tensor dv;
   int64_t n_heads = 0, d_nope = 0, d_rope = 0, d_v = 0, kr_stride = 0, kr_offset = 0;
@@ -224,11 +236,10 @@ struct DiffLambdaBwdArgs {
 //   O_g = A_{g,0} V_g − λ A_{g,1} V_g,  written as out[b,t,g] [2·d_v] (out is [B,T,H/2,2·d_v], the
 //   same bytes as [B,T,H,d_v]); o2 = A_{g,1} V_g is saved for dλ. lambda: [1].
 // lse [B, H, T]: log-sum-exp of each component's scaled, masked scores (saved for the backward).
-// The op's float type is out's. CUDA in the bf16 GEMM mode: q, k, v may be bf16 (all three or
-// none; the model saves them so, Backend::attention_takes_bf16), read in place by the tensor-core
-// kernels, which round f32 ones to the same bf16 values first; outputs stay f32. Where those
-// kernels do not run (another GEMM precision, AttentionKernel::kSimple, a shape or device they do
-// not cover) bf16 q, k, v are an error: the f32 kernels read f32 only.
+// The op's float type is out's. q, k, v may be bf16, all three or none (the bf16 GEMM mode saves
+// them so for every shape), with f32 outputs. The CPU and the CUDA f32 kernels widen them exactly;
+// the CUDA tensor-core kernels (bf16 mode, shapes they cover) read them in place and round f32 q, k,
+// v (and P, dS, dout) to bf16 themselves, so their results are the f32 op's within the bf16 bound.
 struct AttentionFwdArgs {
   Tensor out; Tensor o2; Tensor lse;
   Tensor q; Tensor k; Tensor v; Tensor lambda;
@@ -236,18 +247,13 @@ struct AttentionFwdArgs {
   bool differential = true;
 };
 // dq, dk, dv overwritten; dlambda[0] overwritten with −Σ⟨dO, O2⟩ (sources §1.4). dout has out's shape.
-// o2 and lambda/dlambda are unused when not differential. q, k, v: as in AttentionFwdArgs (bf16 on
-// CUDA in the bf16 GEMM mode); dq, dk, dv, dout and the rest have out's float type.
+// o2 and lambda/dlambda are unused when not differential. q, k, v: as in AttentionFwdArgs; dq, dk, dv
+// may be bf16 where q, k, v are (each rounded once: dq feeds W_q's GEMMs after RoPE, dk and dv the
+// split's backward); dout and the rest have out's float type.
 struct AttentionBwdArgs {
   Tensor dq; Tensor dk; Tensor dv; Tensor dlambda;
   Tensor dout; Tensor q; Tensor k; Tensor v; Tensor out; Tensor o2; Tensor lse; Tensor lambda;
   double scale = 1.0;
-  bool differential = true;
-};
-// The sizes of one attention call without its tensors (Backend::attention_takes_bf16, asked when
-// the model plans its activations): q [batch, seq, heads, d_qk], v [batch, seq, heads, d_v].
-struct AttentionShape {
-  int64_t batch = 0, seq = 0, heads = 0, d_qk = 0, d_v = 0;
   bool differential = true;
 };
 
@@ -276,8 +282,9 @@ struct LatentAttentionArgs {
 };
 
 // ---------------------------------------------------------------- SwiGLU (spec §4)
-// h = silu(a) ⊙ b, all [N, I].
-// CUDA with f32 a, b: h, and in the backward da and db, may be bf16 (rounded; they feed bf16 GEMMs).
+// h = silu(a) ⊙ b, all [N, I]. a and b (and dh) share one dtype: f32, or bf16 (the expert GEMMs'
+// outputs in the bf16 mode), which makes the outputs bf16 too; with f32 inputs h, and in the
+// backward da and db (one dtype), may be bf16 (rounded once; they feed the expert GEMMs).
 struct SwigluFwdArgs { Tensor h; Tensor a; Tensor b; };
 // da = dh ⊙ b ⊙ silu'(a), db = dh ⊙ silu(a) (overwritten).
 struct SwigluBwdArgs { Tensor da; Tensor db; Tensor dh; Tensor a; Tensor b; };
@@ -313,24 +320,29 @@ struct AuxLossBwdArgs { Tensor dlogits; Tensor scores; int64_t seq_len = 0, top_
 //   offsets [E+1] i32: rows of expert e are offsets[e] .. offsets[e+1]
 //   src_row [N·K] i32: token of permuted row r;   slot_pos [N, K] i32: permuted row of (n, k)
 struct MoePermuteArgs { Tensor offsets; Tensor src_row; Tensor slot_pos; Tensor topk_idx; int64_t n_experts = 0; };
-// x_perm[r] = x[src_row[r]]   x: [N,D], x_perm: [N·K, D] (CUDA: may be bf16 for an f32 x, rounded)
+// x_perm[r] = x[src_row[r]]   x: [N,D], x_perm: [N·K, D]. x may be bf16 (the FFN's x_norm copy) and
+// x_perm may be bf16 (rounded once from f32 x; moved from bf16 x).
 struct MoeGatherArgs { Tensor x_perm; Tensor x; Tensor src_row; };
-// dx[n] += Σ_k dx_perm[slot_pos[n,k]]  (accumulates: dx already holds the shared expert's dx)
+// dx[n] += Σ_k dx_perm[slot_pos[n,k]]  (accumulates: dx already holds the shared expert's dx).
+// dx_perm may be bf16 (the expert dgrad GEMM's output in the bf16 mode).
 struct MoeGatherBwdArgs { Tensor dx; Tensor dx_perm; Tensor slot_pos; };
-// y[n] += Σ_k topk_w[n,k] · y_perm[slot_pos[n,k]]   (y already holds the shared expert's output)
+// y[n] += Σ_k topk_w[n,k] · y_perm[slot_pos[n,k]]   (y already holds the shared expert's output).
+// y_perm may be bf16 (the expert GEMMs' output in the bf16 mode).
 struct MoeCombineFwdArgs { Tensor y; Tensor y_perm; Tensor topk_w; Tensor slot_pos; };
 // dy_perm[slot_pos[n,k]] = topk_w[n,k]·dy[n];  dtopk_w[n,k] = ⟨dy[n], y_perm[slot_pos[n,k]]⟩ (overwritten)
-// (CUDA: dy_perm may be bf16 for f32 dy; it feeds only the bf16 expert GEMMs)
+// dy may be bf16 (the residual gradient's bf16 copy), y_perm too (as in the forward), and dy_perm
+// (rounded once; it feeds only the expert GEMMs). topk_w, dtopk_w: the op's float type.
 struct MoeCombineBwdArgs { Tensor dy_perm; Tensor dtopk_w; Tensor dy; Tensor y_perm; Tensor topk_w; Tensor slot_pos; };
 // Bias update once per optimizer step (spec §5): b_i += rate · sign(mean(counts) − counts_i).
 struct MoeBiasUpdateArgs { Tensor bias; Tensor counts; double rate = 1e-3; };
 
 // ---------------------------------------------------------------- loss
-// Cross-entropy over the vocabulary: logits [N,V], targets [N] i32 (−1 = ignore).
+// Cross-entropy over the vocabulary: logits [N,V], targets [N] i32 (−1 = ignore). logits may be bf16
+// (the head's GEMM output in the bf16 mode; then loss_sum and valid are f32).
 // loss_sum[0] += Σ_valid (logsumexp − logit[target]);  valid[0] += number of targets ≠ −1.
 struct CrossEntropyFwdArgs { Tensor loss_sum; Tensor valid; Tensor logits; Tensor targets; };
 // dlogits = grad_scale · (softmax(logits) − onehot(target)) / valid[0]; rows with target −1 get 0.
-// (CUDA: dlogits may be bf16 for f32 logits; it feeds only the head's GEMMs)
+// dlogits may be bf16 (rounded once; it feeds only the head's GEMMs).
 struct CrossEntropyBwdArgs { Tensor dlogits; Tensor logits; Tensor targets; Tensor valid; double grad_scale = 1.0; };
 
 // ---------------------------------------------------------------- optimizer

@@ -53,36 +53,28 @@ void check_matrix(const Tensor& t, DType dtype, int rank, Device dev, std::strin
   DIFFMOE_CHECK(t.rank() == rank, "[{}] {} must have rank {}, got {}", op, name, rank, t.describe());
 }
 
-// The dtype tensor t must have where the op's floats are `in`: `in`, or on CUDA with f32 also bf16
+// The dtype tensor t must have where the op's floats are `in`: `in`, or also bf16 where `in` is f32
 // (bf16_allowed) for the bf16 GEMM mode's tensors (spec §7): GEMM operands (weight copies,
-// activations rounded once for several GEMMs), outputs that only bf16 GEMMs read (the op rounds
-// them) and the attention's q, k, v (read by the tensor-core attention).
-bool bf16_allowed(DType in, Device dev) { return dev == Device::kCUDA && in == DType::kF32; }
-DType output_dtype(const Tensor& t, DType in, Device dev) {
-  return bf16_allowed(in, dev) && t.dtype == DType::kBF16 ? DType::kBF16 : in;
-}
-
-// An input that the bf16 GEMM mode may hold in bf16 (a GEMM wrote it rounded once for the
-// element-wise op that reads it, spec §7): read by the CUDA backend only.
-void check_bf16_input(const Tensor& t, Device dev, std::string_view op, std::string_view name) {
-  DIFFMOE_CHECK(t.dtype != DType::kBF16 || dev == Device::kCUDA,
-                "[{}] {} is bf16: bf16 inputs are read only by the CUDA backend in the bf16 GEMM mode (spec §7); "
-                "the CPU backend computes in f32 or f64", op, name);
-}
-// The op's float type read off an input that may be bf16 (check_bf16_input): f32 for bf16.
+// activations rounded once for several GEMMs), outputs that only GEMMs or one element-wise op read
+// (the op rounds them once) and inputs written so (widened exactly by the op). Every backend reads
+// and writes them (the CPU through f32 buffers, cpu/bf16_staging.h); f64 calls (finite-difference
+// checks) take no bf16 tensors: bf16 stands in for f32 storage only.
+bool bf16_allowed(DType in) { return in == DType::kF32; }
+DType output_dtype(const Tensor& t, DType in) { return bf16_allowed(in) && t.dtype == DType::kBF16 ? DType::kBF16 : in; }
+// The op's float type read off an input that may be bf16: f32 for bf16.
 DType float_type_of(const Tensor& t) { return t.dtype == DType::kBF16 ? DType::kF32 : t.dtype; }
 
 // A GEMM operand: C's dtype, or bf16 where output_dtype allows it.
 void check_gemm_operand(const Tensor& t, DType c_dtype, int rank, Device dev, std::string_view op,
                         std::string_view name) {
-  check_matrix(t, output_dtype(t, c_dtype, dev), rank, dev, op, name);
+  check_matrix(t, output_dtype(t, c_dtype), rank, dev, op, name);
 }
 
 // Like check_like, for an output the bf16 GEMM mode may plan in bf16 (output_dtype).
 void check_like_output(const Tensor& t, const Tensor& ref, Device dev, std::string_view op, std::string_view name) {
   check_device(t, dev, op, name);
   check_shape(t, ref.shape, op, name);
-  check_dtype(t, output_dtype(t, ref.dtype, dev), op, name);
+  check_dtype(t, output_dtype(t, ref.dtype), op, name);
 }
 
 bool copy_convertible(DType d) {
@@ -95,7 +87,7 @@ bool copy_convertible(DType d) {
 // bf16_out: which tensors may be bf16 where output_dtype allows it: kKV, the forward's k and v (both
 // or neither: the attention's operands) and its input kv (W_kvb's output in the bf16 GEMM mode);
 // kLatent, the backward's dkv (read only by W_kvb's backward GEMMs) and its inputs dk, dv (the
-// tensor-core attention's bf16 gradients). The op's float type is kr's (never bf16).
+// attention's bf16 gradients). The op's float type is kr's (never bf16).
 enum class KvSplitBf16 { kNone, kKV, kLatent };
 KvSplitDims check_kv_split(std::string_view op, const Tensor& k, const Tensor& v, const Tensor& kv, const Tensor& kr,
                            int64_t n_heads, int64_t d_nope, int64_t d_rope, int64_t d_v, int64_t kr_stride,
@@ -127,7 +119,7 @@ KvSplitDims check_kv_split(std::string_view op, const Tensor& k, const Tensor& v
                 "type, f32 or f64", op, names[3]);
   for (size_t i = 0; i < 4; ++i) {
     const bool may_be_bf16 = (bf16_out == KvSplitBf16::kKV && i < 3) || (bf16_out == KvSplitBf16::kLatent && i < 3);
-    check_dtype(tensors[i], may_be_bf16 ? output_dtype(tensors[i], ft, dev) : ft, op, names[i]);
+    check_dtype(tensors[i], may_be_bf16 ? output_dtype(tensors[i], ft) : ft, op, names[i]);
   }
   DIFFMOE_CHECK(k.dtype == v.dtype, "[{}] {} and {} must have one dtype, got {} and {}", op, names[0], names[1],
                 dtype_name(k.dtype), dtype_name(v.dtype));
@@ -154,15 +146,14 @@ void check_out_like(const Tensor& t, const AttnDims& d, Device dev, std::string_
                 d.seq, d.heads, d.d_v, t.describe());
 }
 
-// q, k, v share one dtype: the op's float type ft (out's), or bf16 where output_dtype allows it (the
-// CUDA backend with f32 outputs: the bf16 GEMM mode's saved activations, AttentionFwdArgs).
-void check_qkv_dtypes(std::string_view op, const Tensor& q, const Tensor& k, const Tensor& v, DType ft, Device dev) {
+// q, k, v share one dtype: the op's float type ft (out's), or bf16 where ft is f32 (the bf16 GEMM
+// mode's saved activations, AttentionFwdArgs).
+void check_qkv_dtypes(std::string_view op, const Tensor& q, const Tensor& k, const Tensor& v, DType ft) {
   for (const auto& [t, name] : {std::pair{q, "q"}, {k, "k"}, {v, "v"}})
-    DIFFMOE_CHECK(t.dtype != DType::kBF16 || bf16_allowed(ft, dev),
-                  "[{}] {} is bf16: bf16 q, k, v are read only by the CUDA backend in the bf16 GEMM mode, with f32 "
-                  "outputs; here the {} backend with {} outputs",
-                  op, name, device_name(dev), dtype_name(ft));
-  check_dtype(q, output_dtype(q, ft, dev), op, "q");
+    DIFFMOE_CHECK(t.dtype != DType::kBF16 || bf16_allowed(ft),
+                  "[{}] {} is bf16: bf16 q, k, v go with f32 outputs (bf16 stands in for f32 storage), here {}", op,
+                  name, dtype_name(ft));
+  check_dtype(q, output_dtype(q, ft), op, "q");
   for (const auto& [t, name] : {std::pair{k, "k"}, {v, "v"}})
     DIFFMOE_CHECK(t.dtype == q.dtype, "[{}] {}: q, k, v must have one dtype, got q {} and {} {}", op, name,
                   dtype_name(q.dtype), name, dtype_name(t.dtype));
@@ -194,7 +185,7 @@ AttnDims check_attention(std::string_view op, const Tensor& q, const Tensor& k, 
   check_device(lse, dev, op, "lse");
   check_shape(lse, Shape{d.batch, d.heads, d.seq}, op, "lse");
   const DType ft = out.dtype;  // the op's float type
-  check_qkv_dtypes(op, q, k, v, ft, dev);
+  check_qkv_dtypes(op, q, k, v, ft);
   check_dtype(lse, ft, op, "lse");
   if (differential) {
     check_out_like(o2, d, dev, op, "o2");
@@ -244,7 +235,6 @@ void check_plan(const Tensor& slot_pos, int64_t n_tokens, Device dev, std::strin
 
 CrossEntropyDims check_logits(const Tensor& logits, const Tensor& targets, Device dev, std::string_view op) {
   check_device(logits, dev, op, "logits");
-  check_bf16_input(logits, dev, op, "logits");
   check_device(targets, dev, op, "targets");
   DIFFMOE_CHECK(logits.rank() == 2 && logits.dim(1) > 0, "[{}] logits must be [N, V] with V > 0, got {}", op,
                 logits.describe());
@@ -346,17 +336,17 @@ RmsNormDims validate_rmsnorm_fwd(const RmsNormFwdArgs& a, Device dev) {
   const RmsNormDims d{.x_stride = effective_stride(a.x_stride, a.width), .y_stride = effective_stride(a.y_stride, a.width)};
   const DType dt = a.x.dtype;
   check_rows(a.x, dt, a.rows, a.width, d.x_stride, dev, kOp, "x");
-  check_rows(a.y, output_dtype(a.y, dt, dev), a.rows, a.width, d.y_stride, dev, kOp, "y");
+  check_rows(a.y, output_dtype(a.y, dt), a.rows, a.width, d.y_stride, dev, kOp, "y");
   check_device(a.rstd, dev, kOp, "rstd");
   check_device(a.w, dev, kOp, "w");
   check_shape(a.rstd, Shape{a.rows}, kOp, "rstd");
   check_shape(a.w, Shape{a.width}, kOp, "w");
   check_dtype(a.rstd, dt, kOp, "rstd");
   check_dtype(a.w, dt, kOp, "w");
-  if (a.y16.defined()) {  // the bf16 copy of y: CUDA, f32 y (the bf16 GEMM mode)
-    DIFFMOE_CHECK(bf16_allowed(dt, dev) && a.y.dtype == DType::kF32,
-                  "[{}] y16 (a bf16 copy of y) is written only by the CUDA backend with an f32 y (the bf16 GEMM mode), "
-                  "here y is {} on the {}", kOp, dtype_name(a.y.dtype), dev == Device::kCUDA ? "GPU" : "CPU");
+  if (a.y16.defined()) {  // the bf16 copy of an f32 y (the bf16 GEMM mode)
+    DIFFMOE_CHECK(a.y.dtype == DType::kF32,
+                  "[{}] y16 (a bf16 copy of y) needs an f32 y (a bf16 y is the rounded value itself), here y is {}",
+                  kOp, dtype_name(a.y.dtype));
     check_rows(a.y16, DType::kBF16, a.rows, a.width, a.width, dev, kOp, "y16");
   }
   return d;
@@ -379,9 +369,9 @@ RmsNormDims validate_rmsnorm_bwd(const RmsNormBwdArgs& a, Device dev) {
   check_dtype(a.dw, dt, kOp, "dw");
   check_dtype(a.w, dt, kOp, "w");
   check_dtype(a.rstd, dt, kOp, "rstd");
-  if (a.dx16.defined()) {  // the bf16 copy of dx: CUDA, f32 dx (the bf16 GEMM mode)
-    DIFFMOE_CHECK(bf16_allowed(dt, dev), "[{}] dx16 (a bf16 copy of dx) is written only by the CUDA backend with an f32 "
-                  "dx (the bf16 GEMM mode), here {} on the {}", kOp, dtype_name(dt), dev == Device::kCUDA ? "GPU" : "CPU");
+  if (a.dx16.defined()) {  // the bf16 copy of an f32 dx (the bf16 GEMM mode)
+    DIFFMOE_CHECK(bf16_allowed(dt), "[{}] dx16 (a bf16 copy of dx) needs an f32 dx (bf16 stands in for f32 storage), "
+                  "here dx is {}", kOp, dtype_name(dt));
     check_rows(a.dx16, DType::kBF16, a.rows, a.width, a.width, dev, kOp, "dx16");
   }
   return d;
@@ -396,11 +386,7 @@ GemmDims validate_gemm(const GemmArgs& a, Device dev) {
   const bool c16 = a.c.dtype == DType::kBF16;
   const DType dt = c16 ? DType::kF32 : a.c.dtype;
   check_device(a.c, dev, kOp, "c");
-  DIFFMOE_CHECK(!c16 || bf16_allowed(dt, dev),
-                "[gemm] c is bf16: only the CUDA backend's bf16 GEMM mode writes a bf16 GEMM output; the {} backend "
-                "writes c in its compute dtype (f32 or f64)",
-                device_name(dev));
-  check_matrix(a.c, output_dtype(a.c, dt, dev), 2, dev, kOp, "c");
+  check_matrix(a.c, output_dtype(a.c, dt), 2, dev, kOp, "c");
   check_gemm_operand(a.a, dt, 2, dev, kOp, "a");
   check_gemm_operand(a.b, dt, 2, dev, kOp, "b");
   GemmDims d;
@@ -435,17 +421,13 @@ GemmDims validate_gemm(const GemmArgs& a, Device dev) {
 
 GroupedGemmDims validate_grouped_gemm(const GroupedGemmArgs& a, Device dev) {
   constexpr std::string_view kOp = "grouped_gemm";
-  // C: the op's float type, or on CUDA bf16 with beta = 0 (the bf16 GEMM mode's expert activations
-  // that only element-wise ops read, spec §7); the operands are then checked against f32.
-  if (a.c.dtype == DType::kBF16) {
-    DIFFMOE_CHECK(dev == Device::kCUDA,
-                  "[grouped_gemm] c is bf16: a bf16 output is written only by the CUDA backend in the bf16 GEMM "
-                  "mode; the CPU backend computes in f32 or f64");
-    DIFFMOE_CHECK(a.beta == 0.0, "[grouped_gemm] c is bf16 and beta = {}: a bf16 output takes beta = 0 (it is not "
-                  "accumulated into)", a.beta);
-  }
+  // C: the op's float type, or bf16 with beta = 0 (the bf16 GEMM mode's expert activations that only
+  // element-wise ops read, spec §7); the operands are then checked against f32.
+  DIFFMOE_CHECK(a.c.dtype != DType::kBF16 || a.beta == 0.0,
+                "[grouped_gemm] c is bf16 and beta = {}: a bf16 output takes beta = 0 (it is not accumulated into)",
+                a.beta);
   const DType dt = float_type_of(a.c);
-  check_matrix(a.c, output_dtype(a.c, dt, dev), 2, dev, kOp, "c");
+  check_matrix(a.c, output_dtype(a.c, dt), 2, dev, kOp, "c");
   check_gemm_operand(a.a, dt, 2, dev, kOp, "a");
   check_gemm_operand(a.b, dt, 3, dev, kOp, "b");
   GroupedGemmDims d{.rows = a.a.dim(0), .k = a.a.dim(1), .n = a.trans_b ? a.b.dim(1) : a.b.dim(2), .groups = a.b.dim(0)};
@@ -478,6 +460,8 @@ GroupedGemmDims validate_grouped_gemm(const GroupedGemmArgs& a, Device dev) {
 
 GroupedGemmWgradDims validate_grouped_gemm_wgrad(const GroupedGemmWgradArgs& a, Device dev) {
   constexpr std::string_view kOp = "grouped_gemm_wgrad";
+  DIFFMOE_CHECK(a.c.dtype != DType::kBF16,
+                "[grouped_gemm_wgrad] c is bf16: weight gradients accumulate (beta·C) and stay in the op's float type");
   const DType dt = a.c.dtype;
   check_matrix(a.c, dt, 3, dev, kOp, "c");
   check_gemm_operand(a.a, dt, 2, dev, kOp, "a");
@@ -496,6 +480,17 @@ GroupedGemmWgradDims validate_grouped_gemm_wgrad(const GroupedGemmWgradArgs& a, 
     check_dtype(a.sum_sq, dt, kOp, "sum_sq");
   }
   return d;
+}
+
+void check_gemm_bf16_mode(std::string_view op, bool bf16_mode, bool f32_exact,
+                          std::initializer_list<std::pair<const Tensor*, std::string_view>> tensors) {
+  for (const auto& [t, name] : tensors) {
+    if (t->dtype != DType::kBF16) continue;
+    DIFFMOE_CHECK(bf16_mode && !f32_exact,
+                  "[{}] {} is bf16: bf16 GEMM operands and outputs need the bf16 GEMM mode (train.precision: "
+                  "bf16_gemm){}",
+                  op, name, f32_exact ? " and f32_exact = false" : "");
+  }
 }
 
 std::vector<int64_t> check_group_offsets(const int32_t* o, int64_t groups, int64_t rows, std::string_view op) {
@@ -536,8 +531,7 @@ int64_t validate_rope(const RopeArgs& a, Device dev) {
   DIFFMOE_CHECK(a.cos.rank() == 2 && a.cos.dim(1) == a.rope_dim / 2,
                 "[rope] cos must be [max_pos, rope_dim/2 = {}], got {}", a.rope_dim / 2, a.cos.describe());
   check_shape(a.sin, a.cos.shape, kOp, "sin");
-  // x may be bf16 on CUDA (the bf16 GEMM mode's q, written in bf16 by its GEMM): f32 tables.
-  check_bf16_input(a.x, dev, kOp, "x");
+  // x may be bf16 (the bf16 GEMM mode's q, written in bf16 by its GEMM): f32 tables.
   check_dtype(a.cos, float_type_of(a.x), kOp, "cos");
   check_dtype(a.sin, float_type_of(a.x), kOp, "sin");
   // The largest position used is pos_offset + min(N, seq_len) − 1.
@@ -597,11 +591,11 @@ AttnDims validate_attention_bwd(const AttentionBwdArgs& a, Device dev) {
   // dq, dk, dv may be bf16 where q, k, v are (the bf16 GEMM mode: dq only feeds W_q's backward GEMMs
   // after RoPE, dk and dv the MLA split's backward).
   const bool bf16_grads = a.q.dtype == DType::kBF16;
-  check_dtype(a.dq, bf16_grads ? output_dtype(a.dq, ft, dev) : ft, op, "dq");
-  check_dtype(a.dk, bf16_grads ? output_dtype(a.dk, ft, dev) : ft, op, "dk");
+  check_dtype(a.dq, bf16_grads ? output_dtype(a.dq, ft) : ft, op, "dq");
+  check_dtype(a.dk, bf16_grads ? output_dtype(a.dk, ft) : ft, op, "dk");
   check_device(a.dv, dev, op, "dv");
   check_shape(a.dv, a.v.shape, op, "dv");
-  check_dtype(a.dv, bf16_grads ? output_dtype(a.dv, ft, dev) : ft, op, "dv");
+  check_dtype(a.dv, bf16_grads ? output_dtype(a.dv, ft) : ft, op, "dv");
   check_out_like(a.dout, d, dev, op, "dout");
   check_dtype(a.dout, ft, op, "dout");
   if (a.differential) {
@@ -669,12 +663,11 @@ void check_like(const Tensor& t, const Tensor& ref, Device dev, std::string_view
 }
 }  // namespace
 
-// a, b (and dh) share one dtype: the op's float type, or on CUDA bf16 (the expert GEMMs' outputs in
-// the bf16 GEMM mode), which makes the outputs bf16 too.
+// a, b (and dh) share one dtype: the op's float type, or bf16 (the expert GEMMs' outputs in the bf16
+// GEMM mode), which makes the outputs bf16 too; with f32 inputs the outputs may be bf16.
 void validate_swiglu_fwd(const SwigluFwdArgs& a, Device dev) {
   constexpr std::string_view kOp = "swiglu_fwd";
   check_device(a.a, dev, kOp, "a");
-  check_bf16_input(a.a, dev, kOp, "a");
   check_like(a.b, a.a, dev, kOp, "b");
   check_like_output(a.h, a.a, dev, kOp, "h");
 }
@@ -682,7 +675,6 @@ void validate_swiglu_fwd(const SwigluFwdArgs& a, Device dev) {
 void validate_swiglu_bwd(const SwigluBwdArgs& a, Device dev) {
   constexpr std::string_view kOp = "swiglu_bwd";
   check_device(a.a, dev, kOp, "a");
-  check_bf16_input(a.a, dev, kOp, "a");
   check_like(a.b, a.a, dev, kOp, "b");
   check_like(a.dh, a.a, dev, kOp, "dh");
   check_like_output(a.da, a.a, dev, kOp, "da");
@@ -745,12 +737,11 @@ void validate_moe_permute(const MoePermuteArgs& a, Device dev) {
 
 void validate_moe_gather(const MoeGatherArgs& a, Device dev) {
   constexpr std::string_view op = "moe_gather";
-  expect_rank2(a.x, dev, op, "x");
-  check_bf16_input(a.x, dev, op, "x");  // the FFN's bf16 x_norm copy in the bf16 GEMM mode
+  expect_rank2(a.x, dev, op, "x");  // x may be bf16: the FFN's bf16 x_norm copy in the bf16 GEMM mode
   check_device(a.src_row, dev, op, "src_row");
   check_dtype(a.src_row, DType::kI32, op, "src_row");
   DIFFMOE_CHECK(a.src_row.rank() == 1, "[{}] src_row must be 1-D, got {}", op, a.src_row.describe());
-  expect_tensor(a.x_perm, {a.src_row.numel(), a.x.dim(1)}, output_dtype(a.x_perm, float_type_of(a.x), dev), dev, op,
+  expect_tensor(a.x_perm, {a.src_row.numel(), a.x.dim(1)}, output_dtype(a.x_perm, float_type_of(a.x)), dev, op,
                 "x_perm");
 }
 
@@ -758,8 +749,8 @@ void validate_moe_gather_bwd(const MoeGatherBwdArgs& a, Device dev) {
   constexpr std::string_view op = "moe_gather_bwd";
   expect_rank2(a.dx, dev, op, "dx");
   expect_rank2(a.dx_perm, dev, op, "dx_perm");
-  check_bf16_input(a.dx_perm, dev, op, "dx_perm");  // the expert dgrad GEMM's output in the bf16 GEMM mode
-  expect_tensor(a.dx_perm, {a.dx_perm.dim(0), a.dx.dim(1)}, output_dtype(a.dx_perm, a.dx.dtype, dev), dev, op, "dx_perm");
+  // dx_perm may be bf16: the expert dgrad GEMM's output in the bf16 GEMM mode.
+  expect_tensor(a.dx_perm, {a.dx_perm.dim(0), a.dx.dim(1)}, output_dtype(a.dx_perm, a.dx.dtype), dev, op, "dx_perm");
   check_plan(a.slot_pos, a.dx.dim(0), dev, op);
 }
 
@@ -768,8 +759,8 @@ void validate_moe_combine_fwd(const MoeCombineFwdArgs& a, Device dev) {
   expect_rank2(a.y, dev, op, "y");
   expect_rank2(a.y_perm, dev, op, "y_perm");
   const DType ft = a.y.dtype;
-  check_bf16_input(a.y_perm, dev, op, "y_perm");  // the expert GEMMs' output in the bf16 GEMM mode
-  expect_tensor(a.y_perm, {a.y_perm.dim(0), a.y.dim(1)}, output_dtype(a.y_perm, ft, dev), dev, op, "y_perm");
+  // y_perm may be bf16: the expert GEMMs' output in the bf16 GEMM mode.
+  expect_tensor(a.y_perm, {a.y_perm.dim(0), a.y.dim(1)}, output_dtype(a.y_perm, ft), dev, op, "y_perm");
   check_plan(a.slot_pos, a.y.dim(0), dev, op);
   expect_tensor(a.topk_w, a.slot_pos.shape, ft, dev, op, "topk_w");
 }
@@ -779,12 +770,11 @@ void validate_moe_combine_bwd(const MoeCombineBwdArgs& a, Device dev) {
   expect_rank2(a.dy, dev, op, "dy");
   expect_rank2(a.y_perm, dev, op, "y_perm");
   const int64_t n_tokens = a.dy.dim(0), dim = a.dy.dim(1), n_rows = a.y_perm.dim(0);
-  // dy may be bf16 on CUDA (the bf16 GEMM mode's rounded copy of the residual gradient).
-  check_bf16_input(a.dy, dev, op, "dy");
+  // dy may be bf16 (the bf16 GEMM mode's rounded copy of the residual gradient), y_perm too (the
+  // expert GEMMs' output), and dy_perm (read only by the expert GEMMs).
   const DType ft = float_type_of(a.dy);
-  check_bf16_input(a.y_perm, dev, op, "y_perm");
-  expect_tensor(a.y_perm, {n_rows, dim}, output_dtype(a.y_perm, ft, dev), dev, op, "y_perm");
-  expect_tensor(a.dy_perm, {n_rows, dim}, output_dtype(a.dy_perm, ft, dev), dev, op, "dy_perm");
+  expect_tensor(a.y_perm, {n_rows, dim}, output_dtype(a.y_perm, ft), dev, op, "y_perm");
+  expect_tensor(a.dy_perm, {n_rows, dim}, output_dtype(a.dy_perm, ft), dev, op, "dy_perm");
   check_plan(a.slot_pos, n_tokens, dev, op);
   expect_tensor(a.topk_w, a.slot_pos.shape, ft, dev, op, "topk_w");
   expect_tensor(a.dtopk_w, a.slot_pos.shape, ft, dev, op, "dtopk_w");
@@ -806,7 +796,7 @@ void validate_moe_bias_update(const MoeBiasUpdateArgs& a, Device dev) {
 CrossEntropyDims validate_cross_entropy_fwd(const CrossEntropyFwdArgs& a, Device dev) {
   constexpr std::string_view kOp = "cross_entropy_fwd";
   const CrossEntropyDims d = check_logits(a.logits, a.targets, dev, kOp);
-  const DType ft = float_type_of(a.logits);  // logits may be bf16 on CUDA (the bf16 GEMM mode)
+  const DType ft = float_type_of(a.logits);  // logits may be bf16 (the head's output in the bf16 GEMM mode)
   check_device(a.loss_sum, dev, kOp, "loss_sum");
   check_shape(a.loss_sum, Shape{1}, kOp, "loss_sum");
   check_dtype(a.loss_sum, ft, kOp, "loss_sum");
@@ -820,7 +810,7 @@ CrossEntropyDims validate_cross_entropy_bwd(const CrossEntropyBwdArgs& a, Device
   const DType ft = float_type_of(a.logits);
   check_device(a.dlogits, dev, kOp, "dlogits");
   check_shape(a.dlogits, a.logits.shape, kOp, "dlogits");
-  check_dtype(a.dlogits, output_dtype(a.dlogits, ft, dev), kOp, "dlogits");
+  check_dtype(a.dlogits, output_dtype(a.dlogits, ft), kOp, "dlogits");
   check_valid(a.valid, ft, dev, kOp);
   return d;
 }

@@ -14,7 +14,9 @@
 // This header is plain C++17 so that CUDA translation units can include it.
 #pragma once
 #include <cstdint>
+#include <initializer_list>
 #include <string_view>
+#include <utility>
 #include <vector>
 
 #include "backend/op_args.h"
@@ -49,8 +51,8 @@ RmsNormDims validate_rmsnorm_bwd(const RmsNormBwdArgs& a, Device dev);
 struct GemmDims {
   int64_t m = 0, n = 0, k = 0;
 };
-// Also the addend (C's shape and dtype, C itself or apart from it) and a bf16 C (CUDA only, beta = 0,
-// not f32_exact; whether the bf16 GEMM mode is on is the CUDA backend's check).
+// Also the addend (C's shape and dtype, C itself or apart from it) and a bf16 C (beta = 0, not
+// f32_exact; whether the bf16 GEMM mode is on: check_gemm_bf16_mode).
 GemmDims validate_gemm(const GemmArgs& a, Device dev);
 struct GroupedGemmDims {
   int64_t rows = 0, k = 0, n = 0, groups = 0;
@@ -63,6 +65,12 @@ struct GroupedGemmWgradDims {
   int64_t rows = 0, m = 0, n = 0, groups = 0;
 };
 GroupedGemmWgradDims validate_grouped_gemm_wgrad(const GroupedGemmWgradArgs& a, Device dev);
+// The GEMM ops' bf16 tensors (operands, a bf16 C; `tensors` names them) need the bf16 GEMM mode
+// (bf16_mode: GemmPrecision::kBF16) and, for gemm, f32_exact = false. Both backends ask it: the f32
+// mode multiplies its f32 tensors as they are, and the model plans bf16 GEMM tensors only in the
+// bf16 mode, so a bf16 tensor in an f32-mode GEMM is a planning error on every backend.
+void check_gemm_bf16_mode(std::string_view op, bool bf16_mode, bool f32_exact,
+                          std::initializer_list<std::pair<const Tensor*, std::string_view>> tensors);
 // The values of offsets [G+1] read to the host: offsets[0] = 0, non-decreasing, offsets[G] ≤ rows.
 // Returned widened to int64 so callers index without further checks.
 std::vector<int64_t> check_group_offsets(const int32_t* offsets, int64_t groups, int64_t rows, std::string_view op);

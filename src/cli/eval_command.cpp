@@ -5,7 +5,7 @@
 
 #include <cmath>
 
-#include "backend/backend.h"
+#include "backend/backend_registry.h"
 #include "cli/commands.h"
 #include "core/error.h"
 #include "data/loader.h"

@@ -9,7 +9,7 @@
 #include <span>
 #include <vector>
 
-#include "backend/backend.h"
+#include "backend/backend_registry.h"
 #include "cli/commands.h"
 #include "model/generator.h"
 #include "model/sampler.h"

@@ -3,7 +3,7 @@
 // `diffmoe` itself (a checkpoint alone rebuilds the model).
 #include <fmt/core.h>
 
-#include "backend/backend.h"
+#include "backend/backend_registry.h"
 #include "cli/commands.h"
 #include "model/model_file.h"
 

@@ -67,6 +67,10 @@ Tensor AdamW::grad(const Piece& p) const { return model_->grads().buffers().rang
 Tensor AdamW::compute(const Piece& p) const { return model_->params().range(p.group, p.group_offset, p.count); }
 
 void AdamW::init_masters(uint64_t seed) {
+  set_masters([seed](const ParamLayout::Entry& e, int64_t i) { return init_value(e.spec, seed, i); });
+}
+
+void AdamW::set_masters(const std::function<double(const ParamLayout::Entry&, int64_t)>& value) {
   const ParamLayout& layout = model_->layout();
   for (const Piece& p : pieces_) {
     if (!separate_masters(p.group)) continue;
@@ -75,12 +79,12 @@ void AdamW::init_masters(uint64_t seed) {
     const Tensor dst = master(p);
     if (dst.dtype == DType::kF64) {
       std::vector<double> v(static_cast<size_t>(p.count));
-      for (int64_t i = 0; i < p.count; ++i) v[static_cast<size_t>(i)] = init_value(e.spec, seed, g0 + i);
+      for (int64_t i = 0; i < p.count; ++i) v[static_cast<size_t>(i)] = value(e, g0 + i);
       model_->backend().upload(dst, v.data());
     } else {
       std::vector<float> v(static_cast<size_t>(p.count));
 #pragma omp parallel for schedule(static) if (p.count > 65536)
-      for (int64_t i = 0; i < p.count; ++i) v[static_cast<size_t>(i)] = static_cast<float>(init_value(e.spec, seed, g0 + i));
+      for (int64_t i = 0; i < p.count; ++i) v[static_cast<size_t>(i)] = static_cast<float>(value(e, g0 + i));
       model_->backend().upload(dst, v.data());
     }
   }

@@ -9,6 +9,7 @@
 // (spec §5). No host synchronisation: the global norm stays on the device and the AdamW op reads it.
 // All owned pieces are updated by one adamw_multi call (one launch on CUDA).
 #pragma once
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -56,6 +57,8 @@ class AdamW {
   // The masters of the groups that keep separate ones, from the spec §6 initialisation (the
   // compute weights come from Model::init_weights; both round the same values).
   void init_masters(uint64_t seed);
+  // The same from any values: value(entry, i) is element i of the entry's global tensor (row-major).
+  void set_masters(const std::function<double(const ParamLayout::Entry&, int64_t)>& value);
   // Writes the compute weights of the owned chunks from the masters (after loading masters).
   void write_compute_weights(Context ctx);
 

@@ -170,8 +170,6 @@ RunConfig run_config_from_json(Json doc, const std::string& source) {
   check(t.stop_after >= 0, source, "train.stop_after", fmt::format("must be >= 0 (0 = run to max_steps), got {}", t.stop_after));
   check(t.precision == "f32" || t.precision == "bf16_gemm", source, "train.precision",
         fmt::format("expected f32 or bf16_gemm, got '{}'", t.precision));
-  check(t.precision == "f32" || t.device == "cuda", source, "train.precision",
-        fmt::format("bf16_gemm needs train.device: cuda (the CPU backend computes in f32), got device '{}'", t.device));
   check(o.lr > 0, source, "optim.lr", fmt::format("must be positive, got {}", o.lr));
   check(o.lr > 0 && o.min_lr >= 0 && o.min_lr <= o.lr, source, "optim.min_lr",
         fmt::format("need 0 <= min_lr <= lr, got min_lr {} and lr {}", o.min_lr, o.lr));

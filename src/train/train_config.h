@@ -42,10 +42,10 @@ struct TrainSettings {
   int64_t stop_after = 0;        // stop after this many steps of this invocation, as if interrupted
                                  // (no extra checkpoint; the LR schedule still spans max_steps);
                                  // 0 = run to max_steps
-  std::string precision = "f32"; // "f32": every op in f32; "bf16_gemm" (device cuda only): bf16
-                                 // weight copies and GEMM operands, tensor-core GEMMs and attention
-                                 // with f32 accumulation; masters, gradients, moments, norms,
-                                 // softmax, router and loss in f32 (Backend::set_gemm_precision; spec §7)
+  std::string precision = "f32"; // "f32": every op in f32; "bf16_gemm" (any device; the CPU is the
+                                 // reference): the GEMMs round their inputs to bf16 and accumulate in
+                                 // f32, GEMM-only activations are bf16 (Backend::set_gemm_precision;
+                                 // spec §7)
 };
 
 struct OptimConfig {

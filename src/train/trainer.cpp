@@ -6,7 +6,7 @@
 #include <filesystem>
 #include <limits>
 
-#include "backend/backend.h"
+#include "backend/backend_registry.h"
 #include "core/error.h"
 #include "data/loader.h"
 #include "io/checkpoint.h"

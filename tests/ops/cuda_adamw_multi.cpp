@@ -157,6 +157,7 @@ void compare_with_cpu(const Params& multi, const std::string& what) {
 }
 
 TEST(CudaOptim, AdamWMultiEqualsPerTensor) {
+  DIFFMOE_REQUIRE_CUDA();
   CudaBackend& be = cuda_backend();
   std::vector<size_t> all(kSpecs.size());
   std::vector<double> wd(kSpecs.size());
@@ -191,6 +192,7 @@ TEST(CudaOptim, AdamWMultiEqualsPerTensor) {
 }
 
 TEST(CudaOptim, AdamWMultiErrorsNameTheEntry) {
+  DIFFMOE_REQUIRE_CUDA();
   Dual p(Shape{3, 5}), m(Shape{3, 5}), v(Shape{3, 5}), g(Shape{3, 5}), wrong(Shape{5, 3}), gsq(Shape{1});
   const AdamWEntry ok{.param = p[Side::kGpu], .m = m[Side::kGpu], .v = v[Side::kGpu], .grad = g[Side::kGpu]};
   AdamWEntry bad = ok;

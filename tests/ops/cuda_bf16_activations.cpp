@@ -1,35 +1,33 @@
-// The bf16 GEMM mode's expert activations (spec §7): tensors that the grouped expert GEMMs write and
-// only element-wise ops read (a, b, dh, y_perm, dx_perm) are bf16, and the FFN's bf16 x_norm copy
-// feeds the gather.
-// - grouped_gemm into a bf16 C (fwd and dgrad layouts, one and two terms): the value is the same
-//   call's f32 C rounded to bf16 (same kernel, same bf16 inputs, same f32 accumulation; one bf16
-//   step allowed for a different summation order in a fallback path), and within the bf16 GEMM
-//   tolerance of the CPU; rows past offsets[G] untouched; beta ≠ 0, the f32 mode and the CPU refuse.
-// - swiglu_fwd/bwd on bf16 a, b, dh: the CPU's result on the same (rounded) values, in bf16, to
-//   within one bf16 step (the kernels compute in f32: expect_bf16_of, cuda_dual.h).
+// The bf16 GEMM mode's activations (spec §7) against the CPU backend's bf16 fields: both sides run
+// the same call on the same bf16 tensors (the CPU widens bf16 inputs exactly and rounds bf16 outputs
+// once from its f32 result, cpu/bf16_staging.h). bf16 outputs: the op's f32 tolerance plus one bf16
+// step (expect_bf16_close, cuda_dual.h: two f32 results within the tolerance may round to
+// neighbouring bf16 values); kExact where the arithmetic is the same.
+// - grouped_gemm into a bf16 C (fwd and dgrad layouts, one and two terms): the same call's f32 C
+//   rounded to bf16 (same kernel, same bf16 inputs, same f32 accumulation; one bf16 step allowed
+//   for a different summation order in a fallback path), and the CPU's bf16 C within the f32 GEMM
+//   tolerance plus a step; rows past offsets[G] untouched; beta ≠ 0 and the f32 mode refused by
+//   both backends.
+// - swiglu_fwd/bwd on bf16 a, b, dh into bf16 outputs.
 // - moe_gather from a bf16 x, moe_gather_bwd from a bf16 dx_perm, moe_combine_fwd/bwd from a bf16
-//   y_perm: bitwise the CPU's result on the same values (the kernels widen bf16 exactly and sum in
-//   double like the CPU); vector (D = 24) and scalar (D = 23) paths.
-// - rmsnorm_fwd's bf16 copy of y (the FFN's x_norm16) and rmsnorm_bwd's bf16 copy of dx (dx16: the residual gradient for the next backward GEMMs) and
-//   mla_kv_split_bwd into a bf16 dkv: bitwise the f32 result rounded once.
+//   y_perm and dy: bitwise the CPU's result (the kernels widen bf16 exactly and sum in double like
+//   the CPU); vector (D = 24) and scalar (D = 23) paths.
+// - rmsnorm_fwd's bf16 copy of y (the FFN's x_norm16) and rmsnorm_bwd's bf16 copy of dx (dx16: the
+//   residual gradient for the next backward GEMMs): the f32 result of the same call rounded once,
+//   bitwise, and the CPU's copy; mla_kv_split_bwd into a bf16 dkv: the CPU's, bitwise.
 // - RoPE on a bf16 q in place, and mla_kv_split_fwd from a bf16 kv (both written in bf16 by their
-//   GEMMs): the CPU's result on the widened values, rounded (RoPE: within one bf16 step).
-// - cross_entropy_fwd/bwd on bf16 logits (the head's output): the CPU's on the widened values.
+//   GEMMs).
+// - cross_entropy_fwd/bwd on bf16 logits (the head's output).
 #include <cmath>
+#include <string>
 #include <tuple>
+#include <utility>
+#include <vector>
 
 #include "cuda_dual.h"
 
 namespace diffmoe::cudatest {
 namespace {
-
-// An f32 Dual holding d's values (a bf16 Dual widened exactly): what the CPU reads where the GPU
-// reads the bf16 tensor.
-Dual widened(const Dual& d, const Shape& shape) {
-  Dual r(shape);
-  r.set(d.host_values());
-  return r;
-}
 
 // |got − round_bf16(want)| ≤ one bf16 step for every element (NaN fails).
 int64_t count_off_bf16(const std::vector<double>& got, const std::vector<double>& want, size_t n) {
@@ -60,7 +58,7 @@ void run_bf16_out_case(const Bf16OutCase& tc, uint64_t seed) {
   const auto b_shape = [&](int64_t k) { return tc.trans_b ? Shape{G, tc.n, k} : Shape{G, k, tc.n}; };
   const bool two = tc.k2 > 0;
   Dual a(Shape{R, tc.k}), b(b_shape(tc.k)), a2(Shape{R, two ? tc.k2 : 1}), b2(b_shape(two ? tc.k2 : 1));
-  Dual off(Shape{G + 1}, DType::kI32), c32(Shape{R, tc.n}), c16(Shape{R, tc.n}, DType::kBF16), ref(Shape{R, tc.n});
+  Dual off(Shape{G + 1}, DType::kI32), c32(Shape{R, tc.n}), c16(Shape{R, tc.n}, DType::kBF16);
   a.normal(seed);
   b.normal(seed + 1);
   a2.normal(seed + 2);
@@ -72,7 +70,6 @@ void run_bf16_out_case(const Bf16OutCase& tc, uint64_t seed) {
     c0[static_cast<size_t>(i)] = i < kUsed * tc.n ? std::nan("") : 0.25 * static_cast<double>(i % 7 + 1);
   c32.set(c0);
   c16.set(c0);
-  ref.set(c0);
   const auto args = [&](const Tensor& c, Side s) {
     GroupedGemmArgs g{.c = c, .a = a[s], .b = b[s], .offsets = off[s], .trans_b = tc.trans_b, .alpha = -0.75};
     if (two) {
@@ -81,31 +78,25 @@ void run_bf16_out_case(const Bf16OutCase& tc, uint64_t seed) {
     }
     return g;
   };
-  cpu().grouped_gemm({}, args(ref[Side::kCpu], Side::kCpu));
   gpu().grouped_gemm({}, args(c32[Side::kGpu], Side::kGpu));
-  gpu().grouped_gemm({}, args(c16[Side::kGpu], Side::kGpu));
-  gpu().synchronize({});
+  run_both([&](Backend& be, Side s) { be.grouped_gemm({}, args(c16[s], s)); });
   const std::string what = fmt::format("grouped_gemm into bf16, n={} k={}{} trans_b={}", tc.n, tc.k,
                                        two ? fmt::format("+{}", tc.k2) : "", tc.trans_b);
-  const std::vector<double> got = c16.device_values(), same_call = c32.device_values(), cpu_ref = ref.host_values();
+  const std::vector<double> got = c16.device_values(), same_call = c32.device_values();
   const size_t used = static_cast<size_t>(kUsed * tc.n);
   EXPECT_EQ(count_off_bf16(got, same_call, used), 0) << what << ": not the f32 C of the same call in bf16";
-  double err2 = 0.0, ref2 = 0.0;
-  for (size_t i = 0; i < used; ++i) {
-    err2 += (got[i] - cpu_ref[i]) * (got[i] - cpu_ref[i]);
-    ref2 += cpu_ref[i] * cpu_ref[i];
-  }
-  // bf16 inputs (≈1.6e-3 rms relative, cuda_bf16_gemm.cpp) plus one output rounding (≤ 2^-9).
-  const double rel = std::sqrt(err2 / ref2);
-  std::printf("[cuda-bf16] %-56s ||diff||/||cpu|| %.3e (bound 1e-2)\n", what.c_str(), rel);
-  EXPECT_TRUE(rel <= 1e-2) << what << ": relative error " << rel << " against the CPU";
+  // The CPU's bf16 C: exact bf16 products summed in f32 in another order (cuda_bf16_gemm.cpp), k + k2
+  // terms, then one rounding on each side.
+  const int64_t terms = tc.k + (two ? tc.k2 : 0);
+  expect_bf16_close(c16, Tol{1e-5, 4e-6 * static_cast<double>(terms), "f32 sums of exact bf16 products, other order"},
+                    what);
   int64_t changed = 0;
   for (size_t i = used; i < got.size(); ++i) changed += got[i] == c0[i] ? 0 : 1;
   EXPECT_EQ(changed, 0) << what << ": rows past offsets[G] were written";
-  EXPECT_TRUE(c16.guard_intact()) << what;
 }
 
 TEST(CudaBf16Activations, GroupedGemmIntoBf16) {
+  DIFFMOE_REQUIRE_CUDA();
   uint64_t seed = 2000;
   // n = 24, 200: bf16x2 stores, one and several n-tiles with a partial last one; n = 13: odd, so
   // element stores; k = 40 (one partial k-tile), 264 (several); two terms with k2 ≠ k.
@@ -116,6 +107,7 @@ TEST(CudaBf16Activations, GroupedGemmIntoBf16) {
 }
 
 TEST(CudaBf16Activations, Bf16OutputRules) {
+  DIFFMOE_REQUIRE_CUDA();
   const int64_t R = 9, G = 2, k = 8, n = 8;
   Dual a(Shape{R, k}), b(Shape{G, n, k}), c16(Shape{R, n}, DType::kBF16), off(Shape{G + 1}, DType::kI32);
   a.normal(2100);
@@ -124,17 +116,21 @@ TEST(CudaBf16Activations, Bf16OutputRules) {
   const auto call = [&](Backend& be, Side s, double beta) {
     be.grouped_gemm({}, {.c = c16[s], .a = a[s], .b = b[s], .offsets = off[s], .trans_b = true, .beta = beta});
   };
-  {
-    const Bf16Mode mode;
-    expect_error([&] { call(gpu(), Side::kGpu, 1.0); }, {"[grouped_gemm]", "c is bf16", "beta"});
+  for (const Side s : {Side::kCpu, Side::kGpu}) {  // the same refusals on both backends
+    Backend& be = s == Side::kCpu ? cpu() : gpu();
+    {
+      const Bf16Mode mode;
+      expect_error([&] { call(be, s, 1.0); }, {"[grouped_gemm]", "c is bf16", "beta"});
+    }
+    expect_error([&] { call(be, s, 0.0); }, {"[grouped_gemm] c is bf16", "bf16 GEMM mode"});
   }
-  expect_error([&] { call(gpu(), Side::kGpu, 0.0); }, {"[grouped_gemm]", "bf16 GEMM mode"});
-  expect_error([&] { call(cpu(), Side::kCpu, 0.0); }, {"[grouped_gemm]", "c is bf16", "CPU"});
+  gpu().synchronize({});
 }
 
 // ---------------------------------------------------------------- element-wise ops on bf16 inputs
 
 TEST(CudaBf16Activations, SwigluOnBf16Inputs) {
+  DIFFMOE_REQUIRE_CUDA();
   // width 40: 8-byte bf16 loads and stores; 41: and a scalar tail; 40 one element in: scalar path.
   // a holds the kernels' special cases (a < −80, the zero of silu'(a) near −1.278) after rounding.
   struct Case {
@@ -152,23 +148,20 @@ TEST(CudaBf16Activations, SwigluOnBf16Inputs) {
     dh.normal(2202);
     const Dual a16 = bf16_copy(a, Shape{n}, tc.offset), b16 = bf16_copy(b, Shape{n}, tc.offset),
                dh16 = bf16_copy(dh, Shape{n}, tc.offset);
-    // The CPU reads the rounded values in f32.
-    const Dual ar = widened(bf16_copy(a, Shape{n}), shape), br = widened(bf16_copy(b, Shape{n}), shape),
-               dhr = widened(bf16_copy(dh, Shape{n}), shape);
-    Dual h(shape), da(shape), db(shape);
     Dual h16(shape, DType::kBF16), da16(shape, DType::kBF16), db16(shape, DType::kBF16);
     for (Dual* d : {&h16, &da16, &db16}) d->poison();
-    cpu().swiglu_fwd({}, {.h = h[Side::kCpu], .a = ar[Side::kCpu], .b = br[Side::kCpu]});
-    cpu().swiglu_bwd({}, {.da = da[Side::kCpu], .db = db[Side::kCpu], .dh = dhr[Side::kCpu], .a = ar[Side::kCpu],
-                          .b = br[Side::kCpu]});
-    const auto in = [&](const Dual& d) { return offset_view(d, Side::kGpu, shape, tc.offset); };
-    gpu().swiglu_fwd({}, {.h = h16[Side::kGpu], .a = in(a16), .b = in(b16)});
-    gpu().swiglu_bwd({}, {.da = da16[Side::kGpu], .db = db16[Side::kGpu], .dh = in(dh16), .a = in(a16), .b = in(b16)});
-    gpu().synchronize({});
+    run_both([&](Backend& be, Side s) {  // the same bf16 views on both sides
+      const auto in = [&](const Dual& d) { return offset_view(d, s, shape, tc.offset); };
+      be.swiglu_fwd({}, {.h = h16[s], .a = in(a16), .b = in(b16)});
+      be.swiglu_bwd({}, {.da = da16[s], .db = db16[s], .dh = in(dh16), .a = in(a16), .b = in(b16)});
+    });
     const std::string what = fmt::format("width {}, offset {}", tc.width, tc.offset);
-    for (const auto& [got, want, name] : {std::tuple{&h16, &h, "swiglu_fwd h"}, std::tuple{&da16, &da, "swiglu_bwd da"},
-                                          std::tuple{&db16, &db, "swiglu_bwd db"}}) {
-      expect_bf16_of(*got, *want, fmt::format("{} on bf16 inputs, {}", name, what));
+    // The kernels' f32 formulas against the CPU's double ones rounded to f32: a few f32 ulps
+    // (swiglu_ops.cu), inside the bf16 step.
+    const Tol tol{0.0, 0.0, "f32 vs double formula: a few f32 ulps, inside the bf16 step"};
+    for (const auto& [got, name] : {std::pair{&h16, "swiglu_fwd h"}, std::pair{&da16, "swiglu_bwd da"},
+                                    std::pair{&db16, "swiglu_bwd db"}}) {
+      expect_bf16_close(*got, tol, fmt::format("{} on bf16 inputs, {}", name, what));
     }
   }
 }
@@ -182,6 +175,7 @@ std::vector<double> scattered_slots(int64_t N, int64_t K) {
 }
 
 TEST(CudaBf16Activations, MoeRowsInBf16) {
+  DIFFMOE_REQUIRE_CUDA();
   const Tol kDot{1e-6, 1e-7, "f64 dot rounded once on both sides"};
   for (const int64_t D : {int64_t{24}, int64_t{23}}) {
     const int64_t N = 29, K = 3, NK = N * K;
@@ -191,80 +185,66 @@ TEST(CudaBf16Activations, MoeRowsInBf16) {
     src.ints(2300, 0, static_cast<int32_t>(N));
     w.normal(2301);
 
-    // Gather from a bf16 x into a bf16 x_perm: the rows copied exactly.
+    // Gather from a bf16 x into bf16 and f32 rows: the rows moved exactly on both sides.
     Dual x(Shape{N, D});
     x.normal(2302);
-    const Dual x16 = bf16_copy(x, Shape{N, D}), xr = widened(x16, Shape{N, D});
+    const Dual x16 = bf16_copy(x, Shape{N, D});
     Dual xp(Shape{NK, D}), xp16(Shape{NK, D}, DType::kBF16);
+    xp.poison();
     xp16.poison();
-    cpu().moe_gather({}, {.x_perm = xp[Side::kCpu], .x = xr[Side::kCpu], .src_row = src[Side::kCpu]});
-    gpu().moe_gather({}, {.x_perm = xp16[Side::kGpu], .x = x16[Side::kGpu], .src_row = src[Side::kGpu]});
-    gpu().synchronize({});
-    EXPECT_EQ(xp16.device_values(), xp.host_values()) << "moe_gather from a bf16 x, " << what;
-    EXPECT_TRUE(xp16.guard_intact());
+    run_both([&](Backend& be, Side s) {
+      be.moe_gather({}, {.x_perm = xp16[s], .x = x16[s], .src_row = src[s]});
+      be.moe_gather({}, {.x_perm = xp[s], .x = x16[s], .src_row = src[s]});
+    });
+    expect_close(xp16, kExact, "moe_gather from a bf16 x into bf16 rows, " + what);
+    expect_close(xp, kExact, "moe_gather from a bf16 x into f32 rows, " + what);
 
     // gather_bwd from a bf16 dx_perm; combine_fwd from a bf16 y_perm: dx, y accumulate (start non-zero).
     Dual rows(Shape{NK, D});
     rows.normal(2303);
-    const Dual rows16 = bf16_copy(rows, Shape{NK, D}), rowsr = widened(rows16, Shape{NK, D});
+    const Dual rows16 = bf16_copy(rows, Shape{NK, D});
     Dual dx(Shape{N, D}), y(Shape{N, D});
     dx.normal(2304);
     y.normal(2305);
-    cpu().moe_gather_bwd({}, {.dx = dx[Side::kCpu], .dx_perm = rowsr[Side::kCpu], .slot_pos = slot[Side::kCpu]});
-    gpu().moe_gather_bwd({}, {.dx = dx[Side::kGpu], .dx_perm = rows16[Side::kGpu], .slot_pos = slot[Side::kGpu]});
-    cpu().moe_combine_fwd({}, {.y = y[Side::kCpu], .y_perm = rowsr[Side::kCpu], .topk_w = w[Side::kCpu],
-                               .slot_pos = slot[Side::kCpu]});
-    gpu().moe_combine_fwd({}, {.y = y[Side::kGpu], .y_perm = rows16[Side::kGpu], .topk_w = w[Side::kGpu],
-                               .slot_pos = slot[Side::kGpu]});
-    gpu().synchronize({});
+    run_both([&](Backend& be, Side s) {
+      be.moe_gather_bwd({}, {.dx = dx[s], .dx_perm = rows16[s], .slot_pos = slot[s]});
+      be.moe_combine_fwd({}, {.y = y[s], .y_perm = rows16[s], .topk_w = w[s], .slot_pos = slot[s]});
+    });
     expect_close(dx, kExact, "moe_gather_bwd from a bf16 dx_perm, " + what);
     expect_close(y, kExact, "moe_combine_fwd from a bf16 y_perm, " + what);
 
     // combine_bwd reading a bf16 y_perm: dy_perm = w·dy (no y_perm), dtopk_w = ⟨dy, y_perm⟩.
-    Dual dy(Shape{N, D}), dyp(Shape{NK, D}), dtw(Shape{N, K});
+    Dual dy(Shape{N, D}), dyp(Shape{NK, D}), dtw(Shape{N, K}), dyp16(Shape{NK, D}, DType::kBF16);
     dy.normal(2306);
     dyp.poison();
     dtw.poison();
     run_both([&](Backend& be, Side s) {
-      be.moe_combine_bwd({}, {.dy_perm = dyp[s], .dtopk_w = dtw[s], .dy = dy[s],
-                              .y_perm = s == Side::kGpu ? rows16[s] : rowsr[s], .topk_w = w[s], .slot_pos = slot[s]});
+      be.moe_combine_bwd({}, {.dy_perm = dyp[s], .dtopk_w = dtw[s], .dy = dy[s], .y_perm = rows16[s], .topk_w = w[s],
+                              .slot_pos = slot[s]});
     });
     expect_close(dyp, kExact, "moe_combine_bwd dy_perm beside a bf16 y_perm, " + what);
     expect_close(dtw, kDot, "moe_combine_bwd dtopk_w from a bf16 y_perm, " + what);
 
-    // ... and a bf16 dy too (the residual gradient's bf16 copy): the CPU on the widened dy.
-    const Dual dy16 = bf16_copy(dy, Shape{N, D}), dyr = widened(dy16, Shape{N, D});
-    dyp.poison();
+    // ... and a bf16 dy too (the residual gradient's bf16 copy), into a bf16 dy_perm.
+    const Dual dy16 = bf16_copy(dy, Shape{N, D});
+    dyp16.poison();
     dtw.poison();
     run_both([&](Backend& be, Side s) {
-      be.moe_combine_bwd({}, {.dy_perm = dyp[s], .dtopk_w = dtw[s], .dy = s == Side::kGpu ? dy16[s] : dyr[s],
-                              .y_perm = s == Side::kGpu ? rows16[s] : rowsr[s], .topk_w = w[s], .slot_pos = slot[s]});
+      be.moe_combine_bwd({}, {.dy_perm = dyp16[s], .dtopk_w = dtw[s], .dy = dy16[s], .y_perm = rows16[s],
+                              .topk_w = w[s], .slot_pos = slot[s]});
     });
-    expect_close(dyp, kExact, "moe_combine_bwd dy_perm from a bf16 dy, " + what);
+    expect_bf16_close(dyp16, kExact, "moe_combine_bwd bf16 dy_perm from a bf16 dy, " + what);
     expect_close(dtw, kDot, "moe_combine_bwd dtopk_w from a bf16 dy, " + what);
   }
 }
 
-TEST(CudaBf16Activations, CpuRefusesBf16Inputs) {
-  const Shape shape{4, 8};
-  Dual a(shape), h(shape);
-  a.normal(2400);
-  const Dual a16 = bf16_copy(a, shape);
-  expect_error([&] { cpu().swiglu_fwd({}, {.h = h[Side::kCpu], .a = a16[Side::kCpu], .b = a16[Side::kCpu]}); },
-               {"[swiglu_fwd]", "a is bf16", "CUDA backend"});
-  Dual y(Shape{2, 8}), w(Shape{2, 2}), slot(Shape{2, 2}, DType::kI32);
-  w.normal(2401);
-  slot.set({0, 1, 2, 3});
-  expect_error([&] {
-    cpu().moe_combine_fwd({}, {.y = y[Side::kCpu], .y_perm = a16[Side::kCpu], .topk_w = w[Side::kCpu],
-                               .slot_pos = slot[Side::kCpu]});
-  }, {"[moe_combine_fwd]", "y_perm is bf16"});
-}
-
 // rmsnorm_bwd's dx16: the final dx (after accumulation) rounded to bf16, bitwise; dx itself is what the
-// same call without dx16 writes. The vector path (widths 40 with a warp per row, 1536 with a block),
-// and the general path (x_stride 41); overwrite and accumulate.
+// same call without dx16 writes; and the CPU's dx16 from the same call within cuda_vs_cpu.cpp's
+// kNormBwdTol plus one bf16 step. The vector path (widths 40 with a warp per row, 1536 with a
+// block), and the general path (x_stride 41); overwrite and accumulate.
 TEST(CudaBf16Activations, RmsNormBackwardWritesBf16Copy) {
+  DIFFMOE_REQUIRE_CUDA();
+  const Tol kNormBwdTol{1e-5, 1e-6, "f32 arithmetic on terms of size <= 10, a few roundings"};
   struct Case {
     int64_t rows, width, xs;
   };
@@ -278,16 +258,18 @@ TEST(CudaBf16Activations, RmsNormBackwardWritesBf16Copy) {
       dx_plain.normal(2503);  // the accumulate case adds onto these
       dx.normal(2503);
       dx16.poison();
-      gpu().rmsnorm_fwd({}, {.y = y[Side::kGpu], .rstd = rstd[Side::kGpu], .x = x[Side::kGpu], .w = w[Side::kGpu],
-                             .rows = c.rows, .width = c.width, .x_stride = c.xs, .eps = 1e-6});
-      const auto bwd = [&](const Dual& out, const Tensor& out16) {
-        gpu().rmsnorm_bwd({}, {.dx = out[Side::kGpu], .dw = dw[Side::kGpu], .dy = dy[Side::kGpu], .x = x[Side::kGpu],
-                               .w = w[Side::kGpu], .rstd = rstd[Side::kGpu], .rows = c.rows, .width = c.width,
-                               .x_stride = c.xs, .y_stride = c.xs, .dx_accumulate = accumulate, .dx16 = out16});
+      run_both([&](Backend& be, Side s) {
+        be.rmsnorm_fwd({}, {.y = y[s], .rstd = rstd[s], .x = x[s], .w = w[s], .rows = c.rows, .width = c.width,
+                            .x_stride = c.xs, .eps = 1e-6});
+      });
+      rstd.to_gpu();  // both backwards read the CPU's rstd
+      const auto bwd = [&](Backend& be, Side s, const Dual& out, const Tensor& out16) {
+        be.rmsnorm_bwd({}, {.dx = out[s], .dw = dw[s], .dy = dy[s], .x = x[s], .w = w[s], .rstd = rstd[s], .rows = c.rows,
+                            .width = c.width, .x_stride = c.xs, .y_stride = c.xs, .dx_accumulate = accumulate,
+                            .dx16 = out16});
       };
-      bwd(dx_plain, Tensor{});
-      bwd(dx, dx16[Side::kGpu]);
-      gpu().synchronize({});
+      bwd(gpu(), Side::kGpu, dx_plain, Tensor{});
+      run_both([&](Backend& be, Side s) { bwd(be, s, dx, dx16[s]); });
       const std::string what = fmt::format("rmsnorm_bwd dx16, width {}, x_stride {}, accumulate {}", c.width, c.xs, accumulate);
       const std::vector<double> got = dx.device_values(), plain = dx_plain.device_values(), got16 = dx16.device_values();
       EXPECT_EQ(got, plain) << what << ": dx changed by writing dx16";
@@ -298,50 +280,43 @@ TEST(CudaBf16Activations, RmsNormBackwardWritesBf16Copy) {
           bad += got16[static_cast<size_t>(r * c.width + j)] == want ? 0 : 1;
         }
       EXPECT_EQ(bad, 0) << what << ": dx16 is not dx rounded to bf16";
-      EXPECT_TRUE(dx16.guard_intact()) << what;
+      expect_bf16_close(dx16, kNormBwdTol, what + " against the CPU's");
     }
-  // The CPU does not write bf16 copies.
-  Dual x(Shape{4, 8}), d(Shape{4, 8}), w(Shape{8}), r(Shape{4}), d16(Shape{4, 8}, DType::kBF16);
-  expect_error([&] {
-    cpu().rmsnorm_bwd({}, {.dx = d[Side::kCpu], .dw = w[Side::kCpu], .dy = d[Side::kCpu], .x = x[Side::kCpu], .w = w[Side::kCpu],
-                           .rstd = r[Side::kCpu], .rows = 4, .width = 8, .dx16 = d16[Side::kCpu]});
-  }, {"[rmsnorm_bwd]", "dx16", "CUDA backend"});
 }
 
-// mla_kv_split_bwd into a bf16 dkv (W_kvb's backward GEMM operand in the bf16 mode): the CPU's dkv
-// rounded to bf16, exactly (the split only moves values); dkr stays f32 and equal to the CPU's sums.
+// mla_kv_split_bwd into a bf16 dkv (W_kvb's backward GEMM operand in the bf16 mode): the CPU's bf16
+// dkv exactly (the split only moves values, each rounded once from the same f32); dkr stays f32 and
+// equal to the CPU's sums.
 TEST(CudaBf16Activations, KvSplitBackwardIntoBf16) {
+  DIFFMOE_REQUIRE_CUDA();
   struct Case {
     int64_t N, H, dn, dr, dv, kr_stride, kr_offset;
   };
   for (const Case c : {Case{13, 3, 4, 2, 5, 9, 6}, Case{37, 3, 8, 4, 12, 20, 16}}) {
     const int64_t N = c.N, H = c.H, dqk = c.dn + c.dr;
-    Dual dk(Shape{N, H, dqk}), dv(Shape{N, H, c.dv}), dkv(Shape{N, H * (c.dn + c.dv)}), dkr(Shape{N, c.kr_stride});
-    Dual dkv16(Shape{N, H * (c.dn + c.dv)}, DType::kBF16), dkr_g(Shape{N, c.kr_stride});
+    Dual dk(Shape{N, H, dqk}), dv(Shape{N, H, c.dv}), dkr(Shape{N, c.kr_stride});
+    Dual dkv16(Shape{N, H * (c.dn + c.dv)}, DType::kBF16);
     dk.normal(2600);
     dv.normal(2601);
     dkr.normal(2602);
-    dkr_g.normal(2602);
     dkv16.poison();
-    const auto split = [&](Backend& be, Side s, const Tensor& out_kv, const Tensor& out_kr) {
-      be.mla_kv_split_bwd({}, {.dkv = out_kv, .dkr = out_kr, .dk = dk[s], .dv = dv[s], .n_heads = H, .d_nope = c.dn,
+    run_both([&](Backend& be, Side s) {
+      be.mla_kv_split_bwd({}, {.dkv = dkv16[s], .dkr = dkr[s], .dk = dk[s], .dv = dv[s], .n_heads = H, .d_nope = c.dn,
                                .d_rope = c.dr, .d_v = c.dv, .kr_stride = c.kr_stride, .kr_offset = c.kr_offset});
-    };
-    split(cpu(), Side::kCpu, dkv[Side::kCpu], dkr[Side::kCpu]);
-    split(gpu(), Side::kGpu, dkv16[Side::kGpu], dkr_g[Side::kGpu]);
-    gpu().synchronize({});
+    });
     const std::string what = fmt::format("mla_kv_split_bwd into a bf16 dkv, dn={} dr={} dv={}", c.dn, c.dr, c.dv);
-    EXPECT_EQ(dkv16.device_values(), bf16_copy(dkv, dkv.host().shape).host_values()) << what;
-    EXPECT_TRUE(dkv16.guard_intact()) << what;
-    EXPECT_EQ(dkr_g.device_values(), dkr.host_values()) << what << ": dkr";
+    expect_close(dkv16, kExact, what);
+    expect_close(dkr, kExact, what + ": dkr");
   }
 }
 
-// RoPE in place on a bf16 x (the bf16 GEMM mode's q, written in bf16 by its GEMM): the CPU's f32
-// rotation of the same (widened) values, rounded to bf16, to within one bf16 step (the GPU may fuse
-// a multiply-add: cuda_vs_cpu.cpp's kRopeTol); columns outside the rope range are untouched. The
-// cases of cuda_vs_cpu.cpp: one pair per thread, and two pairs per thread (8-byte bf16 pieces).
+// RoPE in place on a bf16 x (the bf16 GEMM mode's q, written in bf16 by its GEMM): the CPU's rotation
+// of the same bf16 x, within cuda_vs_cpu.cpp's kRopeTol (the GPU may fuse a multiply-add) plus one
+// bf16 step; columns outside the rope range are untouched on both sides. The cases of
+// cuda_vs_cpu.cpp: one pair per thread, and two pairs per thread (8-byte bf16 pieces).
 TEST(CudaBf16Activations, RopeOnBf16) {
+  DIFFMOE_REQUIRE_CUDA();
+  const Tol kRopeTol{1e-6, 1e-6, "same f32 formula, FMA contraction"};
   struct Case {
     int64_t rows, width, heads, head_stride, col_offset, rope_dim, seq_len, pos_offset;
   };
@@ -353,55 +328,55 @@ TEST(CudaBf16Activations, RopeOnBf16) {
       x.normal(2700);
       cos.normal(2701);
       sin.normal(2702);
-      const Dual x16 = bf16_copy(x, shape), xr = widened(x16, shape);
-      const auto rope = [&](Backend& be, const Tensor& t, Side s) {
-        be.rope({}, {.x = t, .cos = cos[s], .sin = sin[s], .n_heads = c.heads, .head_stride = c.head_stride,
+      const Dual x16 = bf16_copy(x, shape);
+      run_both([&](Backend& be, Side s) {
+        be.rope({}, {.x = x16[s], .cos = cos[s], .sin = sin[s], .n_heads = c.heads, .head_stride = c.head_stride,
                      .col_offset = c.col_offset, .rope_dim = c.rope_dim, .seq_len = c.seq_len, .pos_offset = c.pos_offset,
                      .inverse = inverse});
-      };
-      rope(cpu(), xr[Side::kCpu], Side::kCpu);
-      rope(gpu(), x16[Side::kGpu], Side::kGpu);
-      gpu().synchronize({});
-      expect_bf16_of(x16, xr, fmt::format("rope on bf16, heads={} width={} inverse={}", c.heads, c.width, inverse));
+      });
+      expect_bf16_close(x16, kRopeTol, fmt::format("rope on bf16, heads={} width={} inverse={}", c.heads, c.width, inverse));
     }
 }
 
 // mla_kv_split_fwd from a bf16 kv (W_kvb's output in the bf16 mode) into bf16 k, v: kv's values moved
-// exactly and kr's (f32) rounded once: bitwise the CPU's split of the widened kv, rounded.
+// exactly and kr's (f32) rounded once: bitwise the CPU's split of the same tensors.
 TEST(CudaBf16Activations, KvSplitFromBf16Kv) {
+  DIFFMOE_REQUIRE_CUDA();
   struct Case {
     int64_t N, H, dn, dr, dv, kr_stride, kr_offset;
   };
   for (const Case c : {Case{13, 3, 4, 2, 5, 9, 6}, Case{37, 3, 8, 4, 12, 20, 16}}) {
     const int64_t N = c.N, H = c.H, dqk = c.dn + c.dr;
     const Shape kv_shape{N, H * (c.dn + c.dv)}, k_shape{N, H, dqk}, v_shape{N, H, c.dv};
-    Dual kv(kv_shape), kr(Shape{N, c.kr_stride}), k(k_shape), v(v_shape);
-    Dual k16(k_shape, DType::kBF16), v16(v_shape, DType::kBF16);
+    Dual kv(kv_shape), kr(Shape{N, c.kr_stride}), k16(k_shape, DType::kBF16), v16(v_shape, DType::kBF16);
+    Dual k(k_shape), v(v_shape);
     kv.normal(2800);
     kr.normal(2801);
-    k16.poison();
-    v16.poison();
-    const Dual kv16 = bf16_copy(kv, kv_shape), kvr = widened(kv16, kv_shape);
-    const auto split = [&](Backend& be, Side s, const Tensor& kt, const Tensor& vt, const Tensor& kvt) {
-      be.mla_kv_split_fwd({}, {.k = kt, .v = vt, .kv = kvt, .kr = kr[s], .n_heads = H, .d_nope = c.dn, .d_rope = c.dr,
-                               .d_v = c.dv, .kr_stride = c.kr_stride, .kr_offset = c.kr_offset});
-    };
-    split(cpu(), Side::kCpu, k[Side::kCpu], v[Side::kCpu], kvr[Side::kCpu]);
-    split(gpu(), Side::kGpu, k16[Side::kGpu], v16[Side::kGpu], kv16[Side::kGpu]);
-    gpu().synchronize({});
+    for (Dual* d : {&k16, &v16, &k, &v}) d->poison();
+    const Dual kv16 = bf16_copy(kv, kv_shape);
+    run_both([&](Backend& be, Side s) {
+      const auto split = [&](const Tensor& kt, const Tensor& vt) {
+        be.mla_kv_split_fwd({}, {.k = kt, .v = vt, .kv = kv16[s], .kr = kr[s], .n_heads = H, .d_nope = c.dn,
+                                 .d_rope = c.dr, .d_v = c.dv, .kr_stride = c.kr_stride, .kr_offset = c.kr_offset});
+      };
+      split(k16[s], v16[s]);
+      split(k[s], v[s]);
+    });
     const std::string what = fmt::format("mla_kv_split_fwd from a bf16 kv, dn={} dr={} dv={}", c.dn, c.dr, c.dv);
-    EXPECT_EQ(k16.device_values(), bf16_copy(k, k_shape).host_values()) << what << ": k";
-    EXPECT_EQ(v16.device_values(), bf16_copy(v, v_shape).host_values()) << what << ": v";
-    EXPECT_TRUE(k16.guard_intact() && v16.guard_intact()) << what;
+    expect_close(k16, kExact, what + ": bf16 k");
+    expect_close(v16, kExact, what + ": bf16 v");
+    expect_close(k, kExact, what + ": f32 k");
+    expect_close(v, kExact, what + ": f32 v");
   }
 }
 
 // Cross-entropy on bf16 logits (the head's GEMM output in the bf16 mode): the CPU's loss and gradient
-// on the widened values, with cuda_vs_cpu_moe.cpp's tolerance (f32 exp against f64; the widening is
-// exact), dlogits in f32 and in bf16 (within one bf16 step). Paths: the row cached in shared memory
+// on the same bf16 logits, with cuda_vs_cpu_moe.cpp's tolerance (f32 exp against f64; both widen
+// exactly), dlogits in f32 and in bf16 (plus one bf16 step). Paths: the row cached in shared memory
 // as bf16 (V = 1000: 8-byte pieces by cp.async; V = 1001: element copies and −inf padding) and
 // streamed from global memory (V = 120000 needs 240 KB of bf16, over an H100's 227 KB per block).
 TEST(CudaBf16Activations, CrossEntropyOnBf16Logits) {
+  DIFFMOE_REQUIRE_CUDA();
   const Tol kCeTol{1e-5, 1e-8, "f32 exp vs f64 exp, f64 sums (cuda_vs_cpu_moe.cpp)"};
   struct Case {
     int64_t N, V;
@@ -411,38 +386,37 @@ TEST(CudaBf16Activations, CrossEntropyOnBf16Logits) {
     const Shape shape{N, V};
     Dual logits(shape), targets(Shape{N}, DType::kI32), loss(Shape{1}), valid(Shape{1});
     logits.normal(2900, 3.0);
-    const Dual l16 = bf16_copy(logits, shape), lr = widened(l16, shape);
+    const Dual l16 = bf16_copy(logits, shape);
     std::vector<double> t(static_cast<size_t>(N));
     for (int64_t n = 0; n < N; ++n) t[static_cast<size_t>(n)] = n % 5 == 3 || n == 1 ? -1 : (n * 389) % V;
     targets.set(t);
     loss.set({1.5});
     valid.set({3});
     run_both([&](Backend& be, Side s) {
-      be.cross_entropy_fwd({}, {.loss_sum = loss[s], .valid = valid[s], .logits = s == Side::kGpu ? l16[s] : lr[s],
-                                .targets = targets[s]});
+      be.cross_entropy_fwd({}, {.loss_sum = loss[s], .valid = valid[s], .logits = l16[s], .targets = targets[s]});
     });
     const std::string what = fmt::format("on bf16 logits, N={} V={}", N, V);
     expect_close(loss, kCeTol, "cross_entropy_fwd loss_sum " + what);
     expect_close(valid, kExact, "cross_entropy_fwd valid " + what);
-    Dual dl(shape), dl16(shape, DType::kBF16), dl_ref(shape);
+    Dual dl(shape), dl16(shape, DType::kBF16);
     dl.poison();
     dl16.poison();
-    const auto bwd = [&](Backend& be, Side s, const Tensor& out) {
-      be.cross_entropy_bwd({}, {.dlogits = out, .logits = s == Side::kGpu ? l16[s] : lr[s], .targets = targets[s],
-                                .valid = valid[s], .grad_scale = 0.7});
-    };
-    run_both([&](Backend& be, Side s) { bwd(be, s, dl[s]); });
+    run_both([&](Backend& be, Side s) {
+      for (const Dual* out : {&dl, &dl16})
+        be.cross_entropy_bwd({}, {.dlogits = (*out)[s], .logits = l16[s], .targets = targets[s], .valid = valid[s],
+                                  .grad_scale = 0.7});
+    });
     expect_close(dl, kCeTol, "cross_entropy_bwd f32 dlogits " + what);
-    bwd(cpu(), Side::kCpu, dl_ref[Side::kCpu]);
-    bwd(gpu(), Side::kGpu, dl16[Side::kGpu]);
-    gpu().synchronize({});
-    expect_bf16_of(dl16, dl_ref, "cross_entropy_bwd bf16 dlogits " + what);
+    expect_bf16_close(dl16, kCeTol, "cross_entropy_bwd bf16 dlogits " + what);
   }
 }
 
 // rmsnorm_fwd's y16: y rounded to bf16 (what a copy of y into bf16 gives), bitwise, with y itself as
-// without it; the vector path (width 40, 1536) and the general one (x_stride 41); refused on the CPU.
+// without it; and the CPU's y16 of the same call within kNormTol plus one bf16 step; the vector path
+// (width 40, 1536) and the general one (x_stride 41).
 TEST(CudaBf16Activations, RmsNormForwardWritesBf16Copy) {
+  DIFFMOE_REQUIRE_CUDA();
+  const Tol kNormTol{1e-6, 1e-7, "f64 arithmetic rounded once; r within an f32 ulp"};
   struct Case {
     int64_t rows, width, xs;
   };
@@ -452,58 +426,47 @@ TEST(CudaBf16Activations, RmsNormForwardWritesBf16Copy) {
     x.normal(3000, 1.3);
     w.normal(3001, 0.5, 1.0);
     y16.poison();
-    const auto fwd = [&](const Dual& out, const Tensor& out16) {
-      gpu().rmsnorm_fwd({}, {.y = out[Side::kGpu], .rstd = rstd[Side::kGpu], .x = x[Side::kGpu], .w = w[Side::kGpu],
-                             .rows = c.rows, .width = c.width, .x_stride = c.xs, .eps = 1e-6, .y16 = out16});
+    const auto fwd = [&](Backend& be, Side s, const Dual& out, const Tensor& out16) {
+      be.rmsnorm_fwd({}, {.y = out[s], .rstd = rstd[s], .x = x[s], .w = w[s], .rows = c.rows, .width = c.width,
+                          .x_stride = c.xs, .eps = 1e-6, .y16 = out16});
     };
-    fwd(y_plain, Tensor{});
-    fwd(y, y16[Side::kGpu]);
-    gpu().synchronize({});
+    fwd(gpu(), Side::kGpu, y_plain, Tensor{});
+    run_both([&](Backend& be, Side s) { fwd(be, s, y, y16[s]); });
     const std::string what = fmt::format("rmsnorm_fwd y16, width {}, x_stride {}", c.width, c.xs);
     const std::vector<double> got = y.device_values(), got16 = y16.device_values();
     EXPECT_EQ(got, y_plain.device_values()) << what << ": y changed by writing y16";
     int64_t bad = 0;
     for (size_t i = 0; i < got.size(); ++i) bad += got16[i] == bf16_to_f32(f32_to_bf16(static_cast<float>(got[i]))) ? 0 : 1;
     EXPECT_EQ(bad, 0) << what << ": y16 is not y rounded to bf16";
-    EXPECT_TRUE(y16.guard_intact()) << what;
+    expect_bf16_close(y16, kNormTol, what + " against the CPU's");
   }
-  Dual x(Shape{4, 8}), w(Shape{8}), y(Shape{4, 8}), r(Shape{4}), y16(Shape{4, 8}, DType::kBF16);
-  expect_error([&] {
-    cpu().rmsnorm_fwd({}, {.y = y[Side::kCpu], .rstd = r[Side::kCpu], .x = x[Side::kCpu], .w = w[Side::kCpu], .rows = 4,
-                           .width = 8, .y16 = y16[Side::kCpu]});
-  }, {"[rmsnorm_fwd]", "y16", "CUDA backend"});
 }
 
-// mla_kv_split_bwd from bf16 dk, dv (the tensor-core attention's gradients in the bf16 mode) into a
-// bf16 dkv: the CPU's split of the widened values, rounded: dkv bitwise (values move), dkr the
-// same f32 sums over heads in order (bitwise).
+// mla_kv_split_bwd from bf16 dk, dv (the attention's gradients in the bf16 mode) into a bf16 dkv: the
+// CPU's split of the same tensors: dkv bitwise (values move), dkr the same f32 sums over heads in
+// order (bitwise).
 TEST(CudaBf16Activations, KvSplitBackwardFromBf16) {
+  DIFFMOE_REQUIRE_CUDA();
   struct Case {
     int64_t N, H, dn, dr, dv, kr_stride, kr_offset;
   };
   for (const Case c : {Case{13, 3, 4, 2, 5, 9, 6}, Case{37, 3, 8, 4, 12, 20, 16}}) {
     const int64_t N = c.N, H = c.H, dqk = c.dn + c.dr;
     const Shape k_shape{N, H, dqk}, v_shape{N, H, c.dv}, kv_shape{N, H * (c.dn + c.dv)};
-    Dual dk(k_shape), dv(v_shape), dkv(kv_shape), dkr(Shape{N, c.kr_stride}), dkr_g(Shape{N, c.kr_stride});
-    Dual dkv16(kv_shape, DType::kBF16);
+    Dual dk(k_shape), dv(v_shape), dkr(Shape{N, c.kr_stride}), dkv16(kv_shape, DType::kBF16);
     dk.normal(3100);
     dv.normal(3101);
     dkr.normal(3102);
-    dkr_g.normal(3102);
     dkv16.poison();
     const Dual dk16 = bf16_copy(dk, k_shape), dv16 = bf16_copy(dv, v_shape);
-    const Dual dkr32 = widened(dk16, k_shape), dvr32 = widened(dv16, v_shape);
-    const auto split = [&](Backend& be, Side s, const Tensor& kt, const Tensor& vt, const Tensor& out_kv, const Tensor& out_kr) {
-      be.mla_kv_split_bwd({}, {.dkv = out_kv, .dkr = out_kr, .dk = kt, .dv = vt, .n_heads = H, .d_nope = c.dn,
-                               .d_rope = c.dr, .d_v = c.dv, .kr_stride = c.kr_stride, .kr_offset = c.kr_offset});
-    };
-    split(cpu(), Side::kCpu, dkr32[Side::kCpu], dvr32[Side::kCpu], dkv[Side::kCpu], dkr[Side::kCpu]);
-    split(gpu(), Side::kGpu, dk16[Side::kGpu], dv16[Side::kGpu], dkv16[Side::kGpu], dkr_g[Side::kGpu]);
-    gpu().synchronize({});
+    run_both([&](Backend& be, Side s) {
+      be.mla_kv_split_bwd({}, {.dkv = dkv16[s], .dkr = dkr[s], .dk = dk16[s], .dv = dv16[s], .n_heads = H,
+                               .d_nope = c.dn, .d_rope = c.dr, .d_v = c.dv, .kr_stride = c.kr_stride,
+                               .kr_offset = c.kr_offset});
+    });
     const std::string what = fmt::format("mla_kv_split_bwd from bf16 dk, dv, dn={} dr={} dv={}", c.dn, c.dr, c.dv);
-    EXPECT_EQ(dkv16.device_values(), bf16_copy(dkv, kv_shape).host_values()) << what << ": dkv";
-    EXPECT_EQ(dkr_g.device_values(), dkr.host_values()) << what << ": dkr";
-    EXPECT_TRUE(dkv16.guard_intact()) << what;
+    expect_close(dkv16, kExact, what + ": dkv");
+    expect_close(dkr, kExact, what + ": dkr");
   }
 }
 

@@ -8,6 +8,7 @@
 #pragma once
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <cstring>
@@ -17,12 +18,14 @@
 #include <string>
 #include <vector>
 
-#include "backend/backend.h"
+#include "backend/backend_registry.h"
+#include "cuda_test_util.h"
 #include "test_util.h"
 
 namespace diffmoe::cudatest {
 
-// The two backends, created once. gpu() throws (naming why) when no CUDA device is usable.
+// The two backends, created once. gpu() throws (naming why) when no CUDA device is usable: tests
+// call DIFFMOE_REQUIRE_CUDA() before anything reaches it.
 inline Backend& cpu() {
   static std::unique_ptr<Backend> be = make_backend("cpu");
   return *be;
@@ -34,11 +37,19 @@ inline Backend& gpu() {
 
 enum class Side { kCpu, kGpu };
 
-// The GPU backend in the bf16 GEMM mode for the scope, back to f32 after (also when a check fails).
+// Both backends in the bf16 GEMM mode for the scope, back to f32 after (also when a check fails):
+// the CPU implements the mode (cpu/bf16_staging.h), so a bf16-mode op runs the same call on both
+// sides and the CUDA result is compared with the CPU's bf16 result.
 class Bf16Mode {
  public:
-  Bf16Mode() { gpu().set_gemm_precision(GemmPrecision::kBF16); }
-  ~Bf16Mode() { gpu().set_gemm_precision(GemmPrecision::kF32); }
+  Bf16Mode() {
+    cpu().set_gemm_precision(GemmPrecision::kBF16);
+    gpu().set_gemm_precision(GemmPrecision::kBF16);
+  }
+  ~Bf16Mode() {
+    cpu().set_gemm_precision(GemmPrecision::kF32);
+    gpu().set_gemm_precision(GemmPrecision::kF32);
+  }
   Bf16Mode(const Bf16Mode&) = delete;
   Bf16Mode& operator=(const Bf16Mode&) = delete;
 };
@@ -230,6 +241,39 @@ inline void expect_bf16_of(const Dual& got16, const Dual& ref32, const std::stri
   }
   EXPECT_EQ(bad, 0) << what << ": " << bad << " of " << got.size() << " elements are not the f32 result in bf16";
   EXPECT_TRUE(got16.guard_intact()) << what;
+}
+
+// One bf16 step (unit in the last place) at |v|: 2^(e − 7) for |v| in [2^e, 2^(e+1)).
+inline double bf16_step(double v) { return v == 0.0 ? 0.0 : std::ldexp(1.0, std::ilogb(v) - 7); }
+
+// A bf16 output against the CPU's bf16 output of the same call: the two f32 results before the
+// rounding agree within `tol` (the op's f32 tolerance, its reason in tol.why; kExact where the
+// arithmetic is the same), and each side rounds once to nearest, so the bf16 values may differ by
+// that plus one bf16 step (two results on either side of a rounding boundary). NaN never passes;
+// guard bytes intact.
+inline void expect_bf16_close(const Dual& d16, const Tol& tol, const std::string& what) {
+  const std::vector<double> got = d16.device_values(), want = d16.host_values();
+  int64_t bad = 0, worst_i = -1, differ = 0;
+  double worst_excess = -std::numeric_limits<double>::infinity();
+  for (size_t i = 0; i < got.size(); ++i) {
+    const double a = got[i], b = want[i], diff = std::fabs(a - b);
+    const double allowed = tol.atol + tol.rtol * std::fabs(b) + bf16_step(std::max(std::fabs(a), std::fabs(b)));
+    differ += diff != 0.0 ? 1 : 0;
+    const double excess = std::isnan(diff) ? std::numeric_limits<double>::infinity() : diff - allowed;
+    if (!(diff <= allowed)) ++bad;
+    if (excess > worst_excess) {
+      worst_excess = excess;
+      worst_i = static_cast<int64_t>(i);
+    }
+  }
+  std::printf("[cuda-vs-cpu] %-44s n=%-7zu bf16: %lld differ (allowed: one bf16 step + rtol %.0e, atol %.0e: %s)\n",
+              what.c_str(), got.size(), static_cast<long long>(differ), tol.rtol, tol.atol, tol.why);
+  if (worst_i >= 0) {
+    EXPECT_EQ(bad, 0) << what << ": " << bad << " of " << got.size() << " bf16 elements out of tolerance; worst at "
+                      << worst_i << ": cuda " << got[static_cast<size_t>(worst_i)] << ", cpu "
+                      << want[static_cast<size_t>(worst_i)];
+  }
+  EXPECT_TRUE(d16.guard_intact()) << what << ": the guard bytes after the device tensor were overwritten";
 }
 
 // Runs fn and expects a diffmoe::Error whose message contains every part.

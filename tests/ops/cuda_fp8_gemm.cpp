@@ -25,6 +25,7 @@
 #include "backend/cuda/cuda_backend.h"
 #include "cuda_dual.h"
 #include "fp8_test_util.h"
+#include "cuda_test_util.h"
 
 namespace diffmoe::cudatest {
 namespace {
@@ -151,6 +152,7 @@ void run_case(const Case& c, uint64_t seed) {
 }
 
 TEST(CudaFp8Gemm, AgainstCpu) {
+  DIFFMOE_REQUIRE_CUDA();
   SKIP_UNLESS_HOPPER();
   uint64_t seed = 3000;
   for (Fp8Scaling bs : {Fp8Scaling::kBlock128x128, Fp8Scaling::kTile1x128}) {
@@ -168,6 +170,7 @@ TEST(CudaFp8Gemm, AgainstCpu) {
 // The recipe's three GEMMs of a Linear y = x Wᵀ end to end on each backend: act_quant / weight_quant
 // (bitwise equal, cuda_fp8_quant.cpp) and fp8_gemm, within the GEMM tolerance.
 TEST(CudaFp8Gemm, RecipeEndToEnd) {
+  DIFFMOE_REQUIRE_CUDA();
   SKIP_UNLESS_HOPPER();
   const int64_t t = 512, d = 384, o = 256;  // tokens, in, out
   Dual x(Shape{t, d}), w(Shape{o, d}), dy(Shape{t, o});
@@ -211,6 +214,7 @@ TEST(CudaFp8Gemm, RecipeEndToEnd) {
 
 // A repeated shape reuses its plan (no heuristic query) and reads the scale tensors of its own call.
 TEST(CudaFp8Gemm, PlanCacheTakesEachCallsScales) {
+  DIFFMOE_REQUIRE_CUDA();
   SKIP_UNLESS_HOPPER();
   const Case c{128, 256, 512, Fp8Scaling::kBlock128x128, DType::kF32, 1.0, 0.0, false};
   const Dual a = random_codes(Shape{c.m, c.k}, 51), b = random_codes(Shape{c.n, c.k}, 52);
@@ -234,6 +238,7 @@ TEST(CudaFp8Gemm, PlanCacheTakesEachCallsScales) {
 
 // Shapes and views cuBLASLt's FP8 GEMM cannot take are refused with the rule's name.
 TEST(CudaFp8Gemm, Refusals) {
+  DIFFMOE_REQUIRE_CUDA();
   SKIP_UNLESS_HOPPER();
   const Dual a = random_codes(Shape{16, 40}, 1), b = random_codes(Shape{24, 40}, 2);
   const Dual sa = random_scales(Shape{1, 16}, 3), sb = random_scales(Shape{1, 4}, 4);

@@ -19,6 +19,7 @@
 
 #include "cuda_dual.h"
 #include "fp8_test_util.h"
+#include "cuda_test_util.h"
 
 namespace diffmoe::cudatest {
 namespace {
@@ -72,6 +73,7 @@ void check_act_quant(const std::vector<float>& v, int64_t m, int64_t k, DType dt
 }
 
 TEST(CudaFp8Quant, ActQuantBitwise) {
+  DIFFMOE_REQUIRE_CUDA();
   // (m, k): full tiles (vector paths); edges; K % 4 != 0; M % 16 != 0; one row; one column.
   const std::vector<std::pair<int64_t, int64_t>> shapes = {{256, 256}, {200, 300}, {128, 1536}, {130, 132},
                                                            {37, 19},   {1, 4096},  {4096, 1},   {264, 520}};
@@ -94,6 +96,7 @@ TEST(CudaFp8Quant, ActQuantBitwise) {
 // Every finite code at s = 2^e (the tile's amax 448·2^e), read back on the GPU; NaN, −NaN, +inf and
 // −inf in tiles of their own (inf: s = inf, finite values → ±0, inf / inf → NaN → 0x7f).
 TEST(CudaFp8Quant, EveryCodeAndSpecialValues) {
+  DIFFMOE_REQUIRE_CUDA();
   const std::vector<uint8_t> codes = test::finite_e4m3_codes();
   const int64_t k = 6 * kFp8Tile;
   for (int e : {-18, 0, 9}) {
@@ -128,6 +131,7 @@ TEST(CudaFp8Quant, EveryCodeAndSpecialValues) {
 
 // Views that start one element (x, q) or 4 bytes (q_t) past an alignment boundary: the scalar paths.
 TEST(CudaFp8Quant, UnalignedViews) {
+  DIFFMOE_REQUIRE_CUDA();
   const int64_t m = 256, k = 256;
   const std::vector<float> v = test::fp8_test_values(m, k, 77);
   Dual x_buf(Shape{m * k + 1}), q_buf(Shape{m * k + 1}, DType::kF8E4M3), q_t_buf(Shape{m * k + 4}, DType::kF8E4M3);
@@ -151,6 +155,7 @@ TEST(CudaFp8Quant, UnalignedViews) {
 }
 
 TEST(CudaFp8Quant, WeightQuantBitwise) {
+  DIFFMOE_REQUIRE_CUDA();
   const std::vector<std::pair<int64_t, int64_t>> shapes = {{300, 200}, {128, 128},  {1536, 768}, {200, 1000},
                                                            {40, 24},   {576, 1536}, {37, 19}};
   uint64_t seed = 1900;

@@ -7,13 +7,13 @@
 // a choice made without a host sync; off: one algorithm, the same bits every call). Also the
 // addend in the f32 mode and under f32_exact (SGEMM after a copy).
 //
-// Tolerance. The CPU side reads A and B rounded to bf16 on the host (nearest even, as the device
-// rounds) and widened back to f32, while the GPU side reads the f32 originals and rounds them
-// itself. A product of two bf16 values is exact in f32 (8 + 8 significant bits ≤ 24), so both
-// sides sum the same exact products in f32, in other orders: the f32 GEMM tolerance of
-// cuda_vs_cpu.cpp, |Δ| ≤ 1e-5·|ref| + 4e-6·k. Had the GPU not rounded its inputs, the error would be
-// ~1.6e-3 relative (cuda_bf16_gemm.cpp), 100× that bound at these sizes. A bf16 output: the CPU's f32
-// result from the same bf16 inputs rounded to bf16, within one bf16 step (expect_bf16_of).
+// Tolerance. Both backends run in the bf16 GEMM mode (Bf16Mode) on the same tensors: each rounds
+// f32 operands to bf16 itself (nearest even) and reads bf16 ones as they are. A product of two bf16
+// values is exact in f32 (8 + 8 significant bits ≤ 24), so both sides sum the same exact products
+// in f32, in other orders: the f32 GEMM tolerance of cuda_vs_cpu.cpp, |Δ| ≤ 1e-5·|ref| + 4e-6·k.
+// Had the GPU not rounded its inputs, the error would be ~1.6e-3 relative (cuda_bf16_gemm.cpp),
+// 100× that bound at these sizes. A bf16 output: the CPU's bf16 output of the same call, within
+// that tolerance plus one bf16 step (expect_bf16_close: each side rounds its f32 result once).
 #include <cmath>
 #include <string>
 #include <tuple>
@@ -31,17 +31,10 @@ Tol exact_products_tol(int64_t k) {
 
 CudaBackend& cuda_backend() { return dynamic_cast<CudaBackend&>(gpu()); }
 
-// d's values rounded to bf16 and widened back, as an f32 tensor: what the bf16 mode multiplies.
-Dual rounded(const Dual& d, const Shape& shape) {
-  Dual r(shape);
-  r.set(bf16_copy(d, shape).host_values());
-  return r;
-}
-
 // The (m, n, k) of the cases: odd and not tile multiples; the second spans several k-tiles.
 const std::vector<std::tuple<int64_t, int64_t, int64_t>> kSizes = {{37, 29, 19}, {131, 67, 515}};
 
-// One addend case: C poisoned (it is only written), the addend normal; the CPU reads the rounded A, B.
+// One addend case: C poisoned (it is only written), the addend normal.
 void run_addend_case(int64_t m, int64_t n, int64_t k, bool ta, bool tb, double alpha, double beta, uint64_t seed) {
   const Shape sa = ta ? Shape{k, m} : Shape{m, k}, sb = tb ? Shape{n, k} : Shape{k, n};
   Dual a(sa), b(sb), c(Shape{m, n}), r(Shape{m, n});
@@ -49,11 +42,9 @@ void run_addend_case(int64_t m, int64_t n, int64_t k, bool ta, bool tb, double a
   b.normal(seed + 1);
   r.normal(seed + 2);
   c.poison();
-  const Dual a_r = rounded(a, sa), b_r = rounded(b, sb);
   run_both([&](Backend& be, Side s) {
-    const bool g = s == Side::kGpu;
-    be.gemm({}, {.c = c[s], .a = g ? a[s] : a_r[s], .b = g ? b[s] : b_r[s], .trans_a = ta, .trans_b = tb,
-                 .alpha = alpha, .beta = beta, .addend = r[s]});
+    be.gemm({}, {.c = c[s], .a = a[s], .b = b[s], .trans_a = ta, .trans_b = tb, .alpha = alpha, .beta = beta,
+                 .addend = r[s]});
   });
   const std::string what = fmt::format("lt gemm + addend {}x{}x{} ta={} tb={} beta={}", m, n, k, ta, tb, beta);
   expect_close(c, exact_products_tol(k), what);
@@ -61,6 +52,7 @@ void run_addend_case(int64_t m, int64_t n, int64_t k, bool ta, bool tb, double a
 }
 
 TEST(CudaLtGemm, AddendAllTransposes) {
+  DIFFMOE_REQUIRE_CUDA();
   const Bf16Mode mode;
   uint64_t seed = 1100;
   for (const auto& [m, n, k] : kSizes)
@@ -71,6 +63,7 @@ TEST(CudaLtGemm, AddendAllTransposes) {
 
 // addend = C: the in-place GEMM (cuBLASLt's C = D), the same as no addend.
 TEST(CudaLtGemm, AddendIsC) {
+  DIFFMOE_REQUIRE_CUDA();
   const Bf16Mode mode;
   const int64_t m = 37, n = 29, k = 19;
   for (bool given : {true, false}) {
@@ -78,11 +71,9 @@ TEST(CudaLtGemm, AddendIsC) {
     a.normal(1200);
     b.normal(1201);
     c.normal(1202);
-    const Dual a_r = rounded(a, Shape{m, k}), b_r = rounded(b, Shape{n, k});
     run_both([&](Backend& be, Side s) {
-      const bool g = s == Side::kGpu;
-      be.gemm({}, {.c = c[s], .a = g ? a[s] : a_r[s], .b = g ? b[s] : b_r[s], .trans_b = true, .alpha = -1.3,
-                   .beta = 1.3, .addend = given ? c[s] : Tensor{}});
+      be.gemm({}, {.c = c[s], .a = a[s], .b = b[s], .trans_b = true, .alpha = -1.3, .beta = 1.3,
+                   .addend = given ? c[s] : Tensor{}});
     });
     expect_close(c, exact_products_tol(k), fmt::format("lt gemm in place, addend {}", given ? "= c" : "not given"));
   }
@@ -91,6 +82,7 @@ TEST(CudaLtGemm, AddendIsC) {
 // beta = 0 reads neither C nor the addend (both NaN-poisoned); k = 0 is beta·addend (exact: one f64
 // product rounded once on both sides), or zeros when beta = 0 (the NaN addend not read).
 TEST(CudaLtGemm, BetaZeroDoesNotReadTheAddend) {
+  DIFFMOE_REQUIRE_CUDA();
   const Bf16Mode mode;
   const int64_t m = 37, n = 29, k = 19;
   Dual a(Shape{k, m}), b(Shape{k, n}), c(Shape{m, n}), r(Shape{m, n});
@@ -98,11 +90,8 @@ TEST(CudaLtGemm, BetaZeroDoesNotReadTheAddend) {
   b.normal(1301);
   c.poison();
   r.poison();
-  const Dual a_r = rounded(a, Shape{k, m}), b_r = rounded(b, Shape{k, n});
   run_both([&](Backend& be, Side s) {
-    const bool g = s == Side::kGpu;
-    be.gemm({}, {.c = c[s], .a = g ? a[s] : a_r[s], .b = g ? b[s] : b_r[s], .trans_a = true, .alpha = 0.9,
-                 .beta = 0.0, .addend = r[s]});
+    be.gemm({}, {.c = c[s], .a = a[s], .b = b[s], .trans_a = true, .alpha = 0.9, .beta = 0.0, .addend = r[s]});
   });
   expect_close(c, exact_products_tol(k), "lt gemm beta=0, NaN addend");
 
@@ -121,6 +110,7 @@ TEST(CudaLtGemm, BetaZeroDoesNotReadTheAddend) {
 // Views that start 2 or 4 bytes past a 256-byte boundary: the plans are made for the pointers'
 // real alignments (cuBLASLt's heuristic assumes 256 bytes unless told).
 TEST(CudaLtGemm, UnalignedViews) {
+  DIFFMOE_REQUIRE_CUDA();
   const Bf16Mode mode;
   const int64_t m = 37, n = 29, k = 19, off = 1;
   const Shape sa{m, k}, sb{n, k}, sc{m, n};
@@ -130,33 +120,24 @@ TEST(CudaLtGemm, UnalignedViews) {
   r.normal(1402);
   c.poison();
   const Dual a16 = bf16_copy(a, Shape{m * k + off});  // bf16 A read in place from 2 bytes in
-  Dual a_r(sa), b_r(sb), c_cpu(sc), r_cpu(sc);
-  const std::vector<double> av = a16.host_values(), bv = rounded(b, Shape{n * k + off}).host_values();
-  a_r.set(std::vector<double>(av.begin() + off, av.end()));
-  b_r.set(std::vector<double>(bv.begin() + off, bv.end()));
-  const std::vector<double> rv = r.host_values();
-  r_cpu.set(std::vector<double>(rv.begin() + off, rv.end()));
-  c_cpu.poison();
-  cpu().gemm({}, {.c = c_cpu[Side::kCpu], .a = a_r[Side::kCpu], .b = b_r[Side::kCpu], .trans_b = true, .alpha = 0.8,
-                  .beta = 1.0, .addend = r_cpu[Side::kCpu]});
-  gpu().gemm({}, {.c = offset_view(c, Side::kGpu, sc, off), .a = offset_view(a16, Side::kGpu, sa, off),
-                  .b = offset_view(b, Side::kGpu, sb, off), .trans_b = true, .alpha = 0.8, .beta = 1.0,
-                  .addend = offset_view(r, Side::kGpu, sc, off)});
-  gpu().synchronize({});
-  const std::vector<double> got = c.device_values(), want = c_cpu.host_values();
+  run_both([&](Backend& be, Side s) {  // the same views on both sides
+    be.gemm({}, {.c = offset_view(c, s, sc, off), .a = offset_view(a16, s, sa, off), .b = offset_view(b, s, sb, off),
+                 .trans_b = true, .alpha = 0.8, .beta = 1.0, .addend = offset_view(r, s, sc, off)});
+  });
+  const std::vector<double> got = c.device_values(), want = c.host_values();
   const Tol tol = exact_products_tol(k);
   int64_t bad = 0;
-  for (size_t i = 0; i < want.size(); ++i) {
-    const double g = got[i + static_cast<size_t>(off)], w = want[i];
-    if (!(std::fabs(g - w) <= tol.atol + tol.rtol * std::fabs(w))) ++bad;
-  }
+  for (size_t i = static_cast<size_t>(off); i < want.size(); ++i)
+    if (!(std::fabs(got[i] - want[i]) <= tol.atol + tol.rtol * std::fabs(want[i]))) ++bad;
   EXPECT_EQ(bad, 0) << "lt gemm on views 2 (bf16) / 4 (f32) bytes off alignment: " << bad << " elements out of tolerance";
   EXPECT_TRUE(std::isnan(got[0])) << "the element before the output view was written";
   EXPECT_TRUE(c.guard_intact());
 }
 
-// A bf16 C: the f32 result rounded once, in every transpose combination; f32 or bf16 operands.
+// A bf16 C: the CPU's bf16 C of the same call (expect_bf16_close), in every transpose combination;
+// f32 or bf16 operands.
 TEST(CudaLtGemm, Bf16OutputAllTransposes) {
+  DIFFMOE_REQUIRE_CUDA();
   const Bf16Mode mode;
   uint64_t seed = 1500;
   for (const auto& [m, n, k] : kSizes)
@@ -164,30 +145,27 @@ TEST(CudaLtGemm, Bf16OutputAllTransposes) {
       for (bool tb : {false, true})
         for (bool bf16_operands : {false, true}) {
           const Shape sa = ta ? Shape{k, m} : Shape{m, k}, sb = tb ? Shape{n, k} : Shape{k, n};
-          Dual a(sa), b(sb), ref(Shape{m, n}), c16(Shape{m, n}, DType::kBF16);
+          Dual a(sa), b(sb), c16(Shape{m, n}, DType::kBF16);
           a.normal(seed += 3);
           b.normal(seed + 1);
           c16.poison();
-          const Dual a16 = bf16_copy(a, sa), b16 = bf16_copy(b, sb), a_r = rounded(a, sa), b_r = rounded(b, sb);
-          cpu().gemm({}, {.c = ref[Side::kCpu], .a = a_r[Side::kCpu], .b = b_r[Side::kCpu], .trans_a = ta, .trans_b = tb,
-                          .alpha = -1.9, .beta = 0.0});
-          gpu().gemm({}, {.c = c16[Side::kGpu], .a = bf16_operands ? a16[Side::kGpu] : a[Side::kGpu],
-                          .b = bf16_operands ? b16[Side::kGpu] : b[Side::kGpu], .trans_a = ta, .trans_b = tb,
-                          .alpha = -1.9, .beta = 0.0});
-          gpu().synchronize({});
-          expect_bf16_of(c16, ref, fmt::format("lt gemm -> bf16 {}x{}x{} ta={} tb={} {} operands", m, n, k, ta, tb,
-                                               bf16_operands ? "bf16" : "f32"));
+          const Dual a16 = bf16_copy(a, sa), b16 = bf16_copy(b, sb);
+          run_both([&](Backend& be, Side s) {
+            be.gemm({}, {.c = c16[s], .a = bf16_operands ? a16[s] : a[s], .b = bf16_operands ? b16[s] : b[s],
+                         .trans_a = ta, .trans_b = tb, .alpha = -1.9, .beta = 0.0});
+          });
+          expect_bf16_close(c16, exact_products_tol(k), fmt::format("lt gemm -> bf16 {}x{}x{} ta={} tb={} {} operands",
+                                                                    m, n, k, ta, tb, bf16_operands ? "bf16" : "f32"));
         }
   // k = 0: zeros, nothing read.
-  Dual a0(Shape{5, 0}), b0(Shape{0, 7}), z(Shape{5, 7}), z16(Shape{5, 7}, DType::kBF16);
-  z.set(std::vector<double>(35, 0.0));
+  Dual a0(Shape{5, 0}), b0(Shape{0, 7}), z16(Shape{5, 7}, DType::kBF16);
   z16.poison();
-  gpu().gemm({}, {.c = z16[Side::kGpu], .a = a0[Side::kGpu], .b = b0[Side::kGpu]});
-  gpu().synchronize({});
-  expect_bf16_of(z16, z, "lt gemm -> bf16, k = 0: zeros");
+  run_both([&](Backend& be, Side s) { be.gemm({}, {.c = z16[s], .a = a0[s], .b = b0[s]}); });
+  expect_close(z16, kExact, "lt gemm -> bf16, k = 0: zeros");
 }
 
 TEST(CudaLtGemm, Bf16OutputRefusals) {
+  DIFFMOE_REQUIRE_CUDA();
   Dual a(Shape{8, 16}), b(Shape{4, 16}), c(Shape{8, 4}), c16(Shape{8, 4}, DType::kBF16), r16(Shape{8, 4}, DType::kBF16);
   a.normal(1600);
   b.normal(1601);
@@ -207,9 +185,9 @@ TEST(CudaLtGemm, Bf16OutputRefusals) {
     }, {"[gemm]", "addend", "dtype"});
   }
   expect_error([&] { gemm16(0.0, false, {}); }, {"[gemm]", "c is bf16", "bf16 GEMM mode"});  // kF32
-  expect_error([&] {
+  expect_error([&] {  // the CPU's f32 mode refuses it alike (the shared check_gemm_bf16_mode)
     cpu().gemm({}, {.c = c16[Side::kCpu], .a = a[Side::kCpu], .b = b[Side::kCpu], .trans_b = true});
-  }, {"[gemm]", "c is bf16", "cpu backend"});
+  }, {"[gemm]", "c is bf16", "bf16 GEMM mode"});
   gpu().synchronize({});  // nothing was enqueued; the backend stays usable
 }
 
@@ -217,6 +195,7 @@ TEST(CudaLtGemm, Bf16OutputRefusals) {
 // other data at equally aligned addresses, reuse it. Another shape, beta = 0 and a separate addend
 // each make a plan of their own.
 TEST(CudaLtGemm, PlansAreCachedByShape) {
+  DIFFMOE_REQUIRE_CUDA();
   const Bf16Mode mode;
   const LtGemm& lt = cuda_backend().lt_gemm();
   const auto call = [&](int64_t m, double beta, bool addend, uint64_t seed) {
@@ -264,9 +243,10 @@ class AutotuneCase {
         out_(Shape{kM, kN}, bf16_out ? DType::kBF16 : DType::kF32),
         a16_(bf16_copy(a_, Shape{kM, kK})),
         b16_(bf16_copy(b_, Shape{kK, kN})) {
-    // The CPU result from the rounded operands (the file comment's tolerance), on ref_'s host side.
-    const Dual a_r = rounded(a_, Shape{kM, kK}), b_r = rounded(b_, Shape{kK, kN});
-    cpu().gemm({}, {.c = ref_[Side::kCpu], .a = a_r[Side::kCpu], .b = b_r[Side::kCpu], .alpha = 0.7,
+    // The CPU's bf16-mode result from the same bf16 operands (the file comment's tolerance), in f32
+    // on ref_'s host side.
+    const Bf16Mode mode;
+    cpu().gemm({}, {.c = ref_[Side::kCpu], .a = a16_[Side::kCpu], .b = b16_[Side::kCpu], .alpha = 0.7,
                     .beta = bf16_out ? 0.0 : 1.0, .addend = bf16_out ? Tensor{} : r_[Side::kCpu]});
   }
 
@@ -287,7 +267,7 @@ class AutotuneCase {
   }
 
   // got (run's result) against the CPU: the file comment's f32 tolerance; for the bf16 output, that
-  // plus one bf16 step (2^-8 relative: the f32 result rounded once). expect_bf16_of's one step
+  // plus one bf16 step (2^-8 relative: the f32 result rounded once). One step alone
   // alone is too tight at k = 512: where the sum nearly cancels, the two sides' f32 sums already
   // differ by more than a bf16 step of the small result (seen on an H100, heuristic's choice too).
   void expect_right(const std::vector<double>& got, const std::string& what) const {
@@ -323,6 +303,7 @@ static_assert(kAutotuneCalls > LtGemm::kCandidates * LtGemm::kTrials);
 // among the candidates, made from event times the library polls without a host sync of its own
 // (the test's downloads sync, so each trial has finished by the next call).
 TEST(CudaLtGemm, AutotuneTriesTheCandidatesOnRealCalls) {
+  DIFFMOE_REQUIRE_CUDA();
   for (bool bf16_out : {false, true}) {
     AutotuneCase tc(bf16_out);
     const std::string what = fmt::format("autotune {}", bf16_out ? "bf16 out, beta = 0" : "f32 out + addend, beta = 1");
@@ -350,6 +331,7 @@ TEST(CudaLtGemm, AutotuneTriesTheCandidatesOnRealCalls) {
 // autotune off: the heuristic's first choice on every call, so every call gives the same bits, and
 // nothing is reported.
 TEST(CudaLtGemm, AutotuneOffKeepsOneAlgorithm) {
+  DIFFMOE_REQUIRE_CUDA();
   AutotuneCase tc(/*bf16_out=*/false);
   LtGemm lt(/*autotune=*/false);
   const std::vector<double> first = tc.run(lt);
@@ -381,6 +363,7 @@ void run_f32_addend_cases(bool f32_exact) {
 }
 
 TEST(CudaLtGemm, AddendInTheF32Paths) {
+  DIFFMOE_REQUIRE_CUDA();
   run_f32_addend_cases(false);  // GemmPrecision::kF32
   const Bf16Mode mode;
   run_f32_addend_cases(true);

@@ -22,6 +22,7 @@ void set_swiglu_extremes(Dual& a) {
 // offset 0: float4 pieces and a scalar tail (57·37 = 2109 elements); offset 1: unaligned views, the
 // scalar path.
 TEST(CudaSwiglu, ForwardBackward) {
+  DIFFMOE_REQUIRE_CUDA();
   const Shape shape{57, 37};
   const int64_t n = shape.numel();
   for (const int64_t offset : {int64_t{0}, int64_t{1}}) {
@@ -96,6 +97,7 @@ struct Routed {
 };
 
 TEST(CudaMoe, RouterForward) {
+  DIFFMOE_REQUIRE_CUDA();
   for (const RouterCase& c : kRouterCases) {
     Routed r(c);
     run_both([&](Backend& be, Side s) { be.router_fwd({}, r.args(c, s)); });
@@ -107,6 +109,7 @@ TEST(CudaMoe, RouterForward) {
 }
 
 TEST(CudaMoe, RouterBackwardAndAuxLoss) {
+  DIFFMOE_REQUIRE_CUDA();
   for (const RouterCase& c : kRouterCases) {
     Routed r(c);
     cpu().router_fwd({}, r.args(c, Side::kCpu));
@@ -153,6 +156,7 @@ struct Plan {
 };
 
 TEST(CudaMoe, PermuteStableWithEmptyExperts) {
+  DIFFMOE_REQUIRE_CUDA();
   // Random experts in [0, 6) of 16: experts 6 … 15 are empty; repeats within a token allowed.
   const int64_t N = 50, K = 3, E = 16;
   Dual idx(Shape{N, K}, DType::kI32);
@@ -166,6 +170,7 @@ TEST(CudaMoe, PermuteStableWithEmptyExperts) {
 }
 
 TEST(CudaMoe, PermuteGatherCombine) {
+  DIFFMOE_REQUIRE_CUDA();
   const RouterCase& c = kRouterCases[0];
   const int64_t N = c.N, K = c.K, E = c.E, NK = N * K;
   Routed r(c);
@@ -219,6 +224,7 @@ TEST(CudaMoe, PermuteGatherCombine) {
 // pieces if aligned): the scalar paths with sizes that are multiples of 4. A plan with K = 3 slots
 // per token in token order: slot_pos[n, k] = n·K + k, src_row[r] = r / K.
 TEST(CudaMoe, GatherCombineUnalignedViews) {
+  DIFFMOE_REQUIRE_CUDA();
   const int64_t N = 45, K = 3, D = 64, NK = N * K;
   std::vector<double> src(static_cast<size_t>(NK)), slot(static_cast<size_t>(NK));
   for (int64_t i = 0; i < NK; ++i) {
@@ -273,6 +279,7 @@ TEST(CudaMoe, GatherCombineUnalignedViews) {
 }
 
 TEST(CudaMoe, BiasUpdate) {
+  DIFFMOE_REQUIRE_CUDA();
   // Mean 3: experts at the mean keep their bias (sign 0).
   const std::vector<double> counts = {3, 0, 6, 3, 1, 5, 2, 4, 3, 3, 7, -1};
   for (DType ct : {DType::kI32, DType::kF32}) {
@@ -296,6 +303,7 @@ constexpr Tol kCeTol{1e-5, 1e-8, "f32 exp vs f64 exp, f64 sums"};
 // stores, V = 1000: float4 pieces) and streamed from global memory (V = 60000 and 60001 need
 // 240 KB, over the 227 KB of shared memory per block of an H100 or H200; N = 3 rows).
 TEST(CudaLoss, CrossEntropy) {
+  DIFFMOE_REQUIRE_CUDA();
   struct Case {
     int64_t N, V;
   };
@@ -339,6 +347,7 @@ TEST(CudaLoss, CrossEntropy) {
 // ================================================================ AdamW
 
 TEST(CudaOptim, AdamW) {
+  DIFFMOE_REQUIRE_CUDA();
   for (double max_norm : {0.0, 1.0}) {
     const Shape shape{1003};
     Dual p(shape), m(shape), v(shape), g(shape), gsq(Shape{1});
@@ -369,6 +378,7 @@ TEST(CudaOptim, AdamW) {
 // ================================================================ device-side index checks
 
 TEST(CudaChecks, BadIndicesAreReportedAtSynchronize) {
+  DIFFMOE_REQUIRE_CUDA();
   Dual table(Shape{5, 3}), tokens(Shape{4}, DType::kI32), out(Shape{4, 3});
   table.normal(120);
   tokens.set({0, 4, 99, 1});
@@ -400,6 +410,7 @@ TEST(CudaChecks, BadIndicesAreReportedAtSynchronize) {
 // ================================================================ validation (shared with the CPU)
 
 TEST(CudaChecks, ValidationNamesOpAndField) {
+  DIFFMOE_REQUIRE_CUDA();
   Dual y64(Shape{4}, DType::kF64), x64(Shape{4}, DType::kF64);
   expect_error([&] { gpu().axpy({}, {.y = y64[Side::kGpu], .x = x64[Side::kGpu]}); }, {"[axpy]", "f32", "f64"});
   Dual a(Shape{3, 5}), b(Shape{4, 7}), c(Shape{3, 7});
@@ -419,6 +430,7 @@ TEST(CudaChecks, ValidationNamesOpAndField) {
 // ================================================================ determinism
 
 TEST(CudaChecks, DeterministicOpsAreBitwiseReproducible) {
+  DIFFMOE_REQUIRE_CUDA();
   const int64_t V = 17, N = 513, D = 70;
   Dual tokens(Shape{N}, DType::kI32), dout(Shape{N, D}), dtable(Shape{V, D});
   tokens.ints(130, 0, static_cast<int32_t>(V));

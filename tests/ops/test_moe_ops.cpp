@@ -733,37 +733,33 @@ TEST(MoeBiasUpdate, SignRule) {
   expect_error([&] { cpu().moe_bias_update(kCtx, {.bias = bias64, .counts = counts_f32}); }, {"[moe_bias_update]"});
 }
 
-// bf16 rows (the bf16 GEMM mode's expert activations, spec §7) are read only by the CUDA backend: the
-// CPU refuses them with the op and the field named, for every op that takes them on CUDA.
-TEST(MoeDataMovement, Bf16RowsAreCudaOnly) {
+// The dtype rules of bf16 rows (the bf16 GEMM mode's expert activations, spec §7), shared by every
+// backend: they pair with f32 (an f64 call refuses them, naming the op and the field), and a bf16
+// grouped GEMM output needs the bf16 GEMM mode. (The values: test_bf16_fields.cpp.)
+TEST(MoeDataMovement, Bf16RowsPairWithF32) {
   const int64_t N = 2, K = 2, D = 8;
-  Owned x({N, D}, DType::kF32), rows16({N * K, D}, DType::kBF16), x16({N, D}, DType::kBF16);
-  Owned rows({N * K, D}, DType::kF32), w({N, K}, DType::kF32), slot({N, K}, DType::kI32), src({N * K}, DType::kI32);
-  Owned dtw({N, K}, DType::kF32), grouped16({N * K, D}, DType::kBF16), weights({2, D, D}, DType::kF32);
-  Owned offsets({3}, DType::kI32);
+  Owned x({N, D}, DType::kF64), rows16({N * K, D}, DType::kBF16);
+  Owned rows({N * K, D}, DType::kF64), w({N, K}, DType::kF64), slot({N, K}, DType::kI32), src({N * K}, DType::kI32);
+  Owned dtw({N, K}, DType::kF64), grouped16({N * K, D}, DType::kBF16), rows32({N * K, D}, DType::kF32);
+  Owned weights({2, D, D}, DType::kF32), offsets({3}, DType::kI32);
   for (int64_t i = 0; i < N * K; ++i) {
     slot.at<int32_t>(i) = static_cast<int32_t>(i);
     src.at<int32_t>(i) = static_cast<int32_t>(i % N);
   }
-  const std::string cuda_only = "read only by the CUDA backend";
-  expect_error([&] { cpu().moe_gather(kCtx, {.x_perm = rows, .x = x16, .src_row = src}); },
-               {"[moe_gather]", "x is bf16", cuda_only});
+  offsets.at<int32_t>(1) = 2;
+  offsets.at<int32_t>(2) = 4;
+  const std::string f64 = "expected dtype f64, got bf16";
   expect_error([&] { cpu().moe_gather_bwd(kCtx, {.dx = x, .dx_perm = rows16, .slot_pos = slot}); },
-               {"[moe_gather_bwd]", "dx_perm is bf16", cuda_only});
+               {"[moe_gather_bwd]", "dx_perm", f64});
   expect_error([&] { cpu().moe_combine_fwd(kCtx, {.y = x, .y_perm = rows16, .topk_w = w, .slot_pos = slot}); },
-               {"[moe_combine_fwd]", "y_perm is bf16", cuda_only});
+               {"[moe_combine_fwd]", "y_perm", f64});
   expect_error([&] {
     cpu().moe_combine_bwd(kCtx, {.dy_perm = rows, .dtopk_w = dtw, .dy = x, .y_perm = rows16, .topk_w = w, .slot_pos = slot});
-  }, {"[moe_combine_bwd]", "y_perm is bf16", cuda_only});
+  }, {"[moe_combine_bwd]", "y_perm", f64});
+  expect_error([&] { cpu().swiglu_fwd(kCtx, {.h = rows16, .a = rows, .b = rows}); }, {"[swiglu_fwd]", "h", f64});
   expect_error([&] {
-    cpu().moe_combine_bwd(kCtx, {.dy_perm = rows, .dtopk_w = dtw, .dy = x16, .y_perm = rows, .topk_w = w, .slot_pos = slot});
-  }, {"[moe_combine_bwd]", "dy is bf16", cuda_only});
-  expect_error([&] {
-    cpu().swiglu_fwd(kCtx, {.h = rows16, .a = rows16, .b = rows16});
-  }, {"[swiglu_fwd]", "a is bf16", cuda_only});
-  expect_error([&] {
-    cpu().grouped_gemm(kCtx, {.c = grouped16, .a = rows, .b = weights, .offsets = offsets, .trans_b = true});
-  }, {"[grouped_gemm]", "c is bf16", "CUDA backend"});
+    cpu().grouped_gemm(kCtx, {.c = grouped16, .a = rows32, .b = weights, .offsets = offsets, .trans_b = true});
+  }, {"[grouped_gemm]", "c is bf16", "bf16 GEMM mode"});
 }
 
 }  // namespace

@@ -287,8 +287,12 @@ TEST_F(NormGemm, GemmAddendAndBf16OutputErrors) {
   Tensor c_view = big.t().rows(0, 3), r_view = big.t().rows(1, 4);
   expect_error([&] { be.gemm(ctx, {.c = c_view, .a = a, .b = b, .beta = 1.0, .addend = r_view}); },
                {"[gemm]", "addend", "partly overlaps c"});
-  // A bf16 output is the CUDA bf16 GEMM mode's only.
-  expect_error([&] { be.gemm(ctx, {.c = c16, .a = a, .b = b}); }, {"[gemm]", "c is bf16", "cpu backend"});
+  // A bf16 output needs the bf16 GEMM mode, beta = 0 and no f32_exact.
+  expect_error([&] { be.gemm(ctx, {.c = c16, .a = a, .b = b}); }, {"[gemm]", "c is bf16", "bf16 GEMM mode"});
+  be.set_gemm_precision(GemmPrecision::kBF16);
+  expect_error([&] { be.gemm(ctx, {.c = c16, .a = a, .b = b, .beta = 1.0}); }, {"[gemm]", "c is bf16", "beta = 0"});
+  expect_error([&] { be.gemm(ctx, {.c = c16, .a = a, .b = b, .f32_exact = true}); }, {"[gemm]", "f32_exact"});
+  be.set_gemm_precision(GemmPrecision::kF32);
 }
 
 // ---------------------------------------------------------------- grouped GEMMs

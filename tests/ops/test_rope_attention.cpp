@@ -282,29 +282,32 @@ TEST(MlaKvSplit, Errors) {
   expect_error([&] { cpu().mla_kv_split_fwd({}, split_args(k, v_bad, kv_ok, kr)); }, {"[mla_kv_split_fwd] v"});
 }
 
-// bf16 k, v (the CUDA bf16 GEMM mode's attention operands, op_args.h): rejected by the CPU backend,
-// accepted for CUDA with an f32 kv, both or neither; the backward's gradients stay f32.
-TEST(MlaKvSplit, Bf16OutputsOnlyOnCuda) {
-  Owned kv({kN, kH * (kNope + kDv)}, DType::kF32), kr({kN, kKrStride}, DType::kF32);
+// The dtype rules of bf16 k, v (the bf16 GEMM mode's attention operands, op_args.h), shared by every
+// backend: with an f32 kr, k and v may be bf16 (both or neither) and kv too; the backward takes bf16
+// dk, dv (both or neither) and a bf16 dkv, never a bf16 dkr; f64 calls take no bf16.
+// (The values: test_bf16_fields.cpp.)
+TEST(MlaKvSplit, Bf16DtypeRules) {
+  Owned kv({kN, kH * (kNope + kDv)}, DType::kF32), kr({kN, kKrStride}, DType::kF32), kr64({kN, kKrStride}, DType::kF64);
   Owned k16({kN, kH, kNope + kRope}, DType::kBF16), v16({kN, kH, kDv}, DType::kBF16), v32({kN, kH, kDv}, DType::kF32);
-  expect_error([&] { cpu().mla_kv_split_fwd({}, split_args(k16, v16, kv, kr)); },
-               {"[mla_kv_split_fwd] k", "expected dtype f32, got bf16"});
-  EXPECT_NO_THROW(validate_mla_kv_split_fwd(split_args(as_cuda(k16), as_cuda(v16), as_cuda(kv), as_cuda(kr)), Device::kCUDA));
-  expect_error([&] { validate_mla_kv_split_fwd(split_args(as_cuda(k16), as_cuda(v32), as_cuda(kv), as_cuda(kr)), Device::kCUDA); },
-               {"[mla_kv_split_fwd] k and v must have one dtype, got bf16 and f32"});
-  // The backward on CUDA: bf16 dk, dv (the tensor-core attention's gradients) and a bf16 dkv are
-  // accepted; dkr stays f32; the CPU refuses bf16.
-  const auto bwd = [&](const Tensor& dkv, const Tensor& dkr, const Tensor& dk, const Tensor& dv) {
-    return MlaKvSplitBwdArgs{.dkv = dkv, .dkr = dkr, .dk = dk, .dv = dv, .n_heads = kH, .d_nope = kNope, .d_rope = kRope,
-                             .d_v = kDv, .kr_stride = kKrStride, .kr_offset = kKrOffset};
-  };
   Owned kv16({kN, kH * (kNope + kDv)}, DType::kBF16), kr16({kN, kKrStride}, DType::kBF16);
-  EXPECT_NO_THROW(validate_mla_kv_split_bwd(bwd(as_cuda(kv16), as_cuda(kr), as_cuda(k16), as_cuda(v16)), Device::kCUDA));
-  expect_error([&] { validate_mla_kv_split_bwd(bwd(as_cuda(kv), as_cuda(kr16), as_cuda(k16), as_cuda(v16)), Device::kCUDA); },
-               {"[mla_kv_split_bwd] dkr is bf16"});
-  expect_error([&] { validate_mla_kv_split_bwd(bwd(as_cuda(kv), as_cuda(kr), as_cuda(k16), as_cuda(v32)), Device::kCUDA); },
-               {"[mla_kv_split_bwd] dk and dv must have one dtype, got bf16 and f32"});
-  expect_error([&] { cpu().mla_kv_split_bwd({}, bwd(kv, kr, k16, v16)); }, {"[mla_kv_split_bwd] dk", "expected dtype f32, got bf16"});
+  for (const Device dev : {Device::kCPU, Device::kCUDA}) {
+    const auto on = [&](const Tensor& t) { return dev == Device::kCPU ? t : as_cuda(t); };
+    EXPECT_NO_THROW(validate_mla_kv_split_fwd(split_args(on(k16), on(v16), on(kv), on(kr)), dev));
+    EXPECT_NO_THROW(validate_mla_kv_split_fwd(split_args(on(k16), on(v16), on(kv16), on(kr)), dev));
+    expect_error([&] { validate_mla_kv_split_fwd(split_args(on(k16), on(v32), on(kv), on(kr)), dev); },
+                 {"[mla_kv_split_fwd] k and v must have one dtype, got bf16 and f32"});
+    expect_error([&] { validate_mla_kv_split_fwd(split_args(on(k16), on(v16), on(kv), on(kr64)), dev); },
+                 {"[mla_kv_split_fwd] k", "expected dtype f64, got bf16"});
+    const auto bwd = [&](const Tensor& dkv, const Tensor& dkr, const Tensor& dk, const Tensor& dv) {
+      return MlaKvSplitBwdArgs{.dkv = on(dkv), .dkr = on(dkr), .dk = on(dk), .dv = on(dv), .n_heads = kH,
+                               .d_nope = kNope, .d_rope = kRope, .d_v = kDv, .kr_stride = kKrStride,
+                               .kr_offset = kKrOffset};
+    };
+    EXPECT_NO_THROW(validate_mla_kv_split_bwd(bwd(kv16, kr, k16, v16), dev));
+    expect_error([&] { validate_mla_kv_split_bwd(bwd(kv, kr16, k16, v16), dev); }, {"[mla_kv_split_bwd] dkr is bf16"});
+    expect_error([&] { validate_mla_kv_split_bwd(bwd(kv, kr, k16, v32), dev); },
+                 {"[mla_kv_split_bwd] dk and dv must have one dtype, got bf16 and f32"});
+  }
 }
 
 // ================================================================ differential λ (§1.2, §1.4)
@@ -588,56 +591,52 @@ TEST(Attention, Errors) {
   expect_error([&] { cpu().attention_fwd({}, a); }, {"[attention_fwd] lambda"});
 }
 
-// bf16 q, k, v (the CUDA bf16 GEMM mode's saved activations, op_args.h): the CPU backend refuses
-// them naming the field; the shared validation accepts all three bf16 for CUDA with f32 outputs
-// (gradients f32, except dq, dk, dv, which may be bf16 where q, k, v are), and refuses q, k, v of mixed dtypes
-// naming the odd one.
-TEST(Attention, Bf16InputsOnlyOnCuda) {
+// The dtype rules of bf16 q, k, v (the bf16 GEMM mode's saved activations, op_args.h), shared by
+// every backend: all three bf16 with f32 outputs (gradients f32, except dq, dk, dv, which may be bf16
+// where q, k, v are); q, k, v of mixed dtypes refused naming the odd one; no bf16 with f64 outputs.
+// (The values: test_bf16_fields.cpp.)
+TEST(Attention, Bf16DtypeRules) {
   const AttnData d(kDiffCase, DType::kF32, 73);
+  const AttnData d64(kDiffCase, DType::kF64, 74);
   const Shape qs = d.q.t().shape, vs = d.v.t().shape;
   Owned q16(qs, DType::kBF16), k16(qs, DType::kBF16), v16(vs, DType::kBF16);
   Owned dq(qs, DType::kF32), dk(qs, DType::kF32), dv(vs, DType::kF32), dlambda({1}, DType::kF32);
-  AttentionFwdArgs a = d.fwd_args();
-  a.q = q16;
-  a.k = k16;
-  a.v = v16;
-  expect_error([&] { cpu().attention_fwd({}, a); }, {"[attention_fwd] q is bf16", "cpu backend with f32 outputs"});
-  a = d.fwd_args();
-  a.v = v16;
-  expect_error([&] { cpu().attention_fwd({}, a); }, {"[attention_fwd] v is bf16"});
-  const AttentionBwdArgs b{.dq = dq, .dk = dk, .dv = dv, .dlambda = dlambda, .dout = d.dout, .q = q16, .k = k16, .v = v16,
-                           .out = d.out, .o2 = d.o2, .lse = d.lse, .lambda = d.lambda, .scale = 0.5};
-  expect_error([&] { cpu().attention_bwd({}, b); }, {"[attention_bwd] q is bf16"});
+  for (const Device dev : {Device::kCPU, Device::kCUDA}) {
+    const auto on = [&](const Tensor& t) { return dev == Device::kCPU ? t : as_cuda(t); };
+    AttentionFwdArgs g{.out = on(d.out), .o2 = on(d.o2), .lse = on(d.lse), .q = on(q16), .k = on(k16), .v = on(v16),
+                       .lambda = on(d.lambda), .scale = 0.5};
+    EXPECT_NO_THROW(validate_attention_fwd(g, dev));
+    g.k = on(d.k);
+    expect_error([&] { validate_attention_fwd(g, dev); },
+                 {"[attention_fwd] k: q, k, v must have one dtype, got q bf16 and k f32"});
+    g.k = on(k16);
+    g.v = on(d.v);
+    expect_error([&] { validate_attention_fwd(g, dev); },
+                 {"[attention_fwd] v: q, k, v must have one dtype, got q bf16 and v f32"});
+    g.q = on(d.q);
+    expect_error([&] { validate_attention_fwd(g, dev); },
+                 {"[attention_fwd] k: q, k, v must have one dtype, got q f32 and k bf16"});
+    const AttentionFwdArgs g64{.out = on(d64.out), .o2 = on(d64.o2), .lse = on(d64.lse), .q = on(q16), .k = on(k16),
+                               .v = on(v16), .lambda = on(d64.lambda), .scale = 0.5};
+    expect_error([&] { validate_attention_fwd(g64, dev); }, {"[attention_fwd] q is bf16", "with f32 outputs", "f64"});
 
-  AttentionFwdArgs g{.out = as_cuda(d.out), .o2 = as_cuda(d.o2), .lse = as_cuda(d.lse), .q = as_cuda(q16), .k = as_cuda(k16),
-                     .v = as_cuda(v16), .lambda = as_cuda(d.lambda), .scale = 0.5};
-  EXPECT_NO_THROW(validate_attention_fwd(g, Device::kCUDA));
-  g.k = as_cuda(d.k);
-  expect_error([&] { validate_attention_fwd(g, Device::kCUDA); },
-               {"[attention_fwd] k: q, k, v must have one dtype, got q bf16 and k f32"});
-  g.k = as_cuda(k16);
-  g.v = as_cuda(d.v);
-  expect_error([&] { validate_attention_fwd(g, Device::kCUDA); },
-               {"[attention_fwd] v: q, k, v must have one dtype, got q bf16 and v f32"});
-  g.q = as_cuda(d.q);
-  expect_error([&] { validate_attention_fwd(g, Device::kCUDA); },
-               {"[attention_fwd] k: q, k, v must have one dtype, got q f32 and k bf16"});
-
-  AttentionBwdArgs gb{.dq = as_cuda(dq), .dk = as_cuda(dk), .dv = as_cuda(dv), .dlambda = as_cuda(dlambda),
-                      .dout = as_cuda(d.dout), .q = as_cuda(q16), .k = as_cuda(k16), .v = as_cuda(v16), .out = as_cuda(d.out),
-                      .o2 = as_cuda(d.o2), .lse = as_cuda(d.lse), .lambda = as_cuda(d.lambda), .scale = 0.5};
-  EXPECT_NO_THROW(validate_attention_bwd(gb, Device::kCUDA));
-  gb.dq = as_cuda(q16);  // with bf16 q, dq may be bf16 too (W_q's GEMM operand in the bf16 GEMM mode)
-  EXPECT_NO_THROW(validate_attention_bwd(gb, Device::kCUDA));
-  gb.dk = as_cuda(k16), gb.dv = as_cuda(v16);  // and dk, dv (read by the MLA split's backward)
-  EXPECT_NO_THROW(validate_attention_bwd(gb, Device::kCUDA));
-  gb.dlambda = as_cuda(Owned({1}, DType::kBF16));  // dλ keeps the outputs' f32
-  expect_error([&] { validate_attention_bwd(gb, Device::kCUDA); }, {"[attention_bwd] dlambda", "expected dtype f32, got bf16"});
-  gb.dlambda = as_cuda(dlambda);
-  gb.q = as_cuda(d.q), gb.k = as_cuda(d.k), gb.v = as_cuda(d.v);  // f32 q: bf16 gradients are refused
-  expect_error([&] { validate_attention_bwd(gb, Device::kCUDA); }, {"[attention_bwd] dq", "expected dtype f32, got bf16"});
-  gb.dq = as_cuda(dq);
-  expect_error([&] { validate_attention_bwd(gb, Device::kCUDA); }, {"[attention_bwd] dk", "expected dtype f32, got bf16"});
+    AttentionBwdArgs gb{.dq = on(dq), .dk = on(dk), .dv = on(dv), .dlambda = on(dlambda), .dout = on(d.dout),
+                        .q = on(q16), .k = on(k16), .v = on(v16), .out = on(d.out), .o2 = on(d.o2), .lse = on(d.lse),
+                        .lambda = on(d.lambda), .scale = 0.5};
+    EXPECT_NO_THROW(validate_attention_bwd(gb, dev));
+    gb.dq = on(q16);  // with bf16 q, dq may be bf16 too (W_q's GEMM operand in the bf16 GEMM mode)
+    EXPECT_NO_THROW(validate_attention_bwd(gb, dev));
+    gb.dk = on(k16), gb.dv = on(v16);  // and dk, dv (read by the MLA split's backward)
+    EXPECT_NO_THROW(validate_attention_bwd(gb, dev));
+    const Owned dl16({1}, DType::kBF16);
+    gb.dlambda = on(dl16);  // dλ keeps the outputs' f32
+    expect_error([&] { validate_attention_bwd(gb, dev); }, {"[attention_bwd] dlambda", "expected dtype f32, got bf16"});
+    gb.dlambda = on(dlambda);
+    gb.q = on(d.q), gb.k = on(d.k), gb.v = on(d.v);  // f32 q: bf16 gradients are refused
+    expect_error([&] { validate_attention_bwd(gb, dev); }, {"[attention_bwd] dq", "expected dtype f32, got bf16"});
+    gb.dq = on(dq);
+    expect_error([&] { validate_attention_bwd(gb, dev); }, {"[attention_bwd] dk", "expected dtype f32, got bf16"});
+  }
 }
 
 }  // namespace

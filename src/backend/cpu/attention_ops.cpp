@@ -9,6 +9,11 @@
 // heads 2g and 2g+1 of v side by side in memory), or a plain head h (one component, value v_h).
 // OpenMP runs over (batch, group): a group owns its lse rows, its output columns, its dq rows and
 // the dk/dv slices of its heads, so threads never share an output and results are deterministic.
+//
+// bf16 tensors (f32 calls, the bf16 GEMM mode's attention operands: op_args.h): the split's bf16 kv,
+// k, v and dk, dv, dkv, and the attention's q, k, v and dq, dk, dv pass through f32 buffers
+// (bf16_staging.h): inputs widened exactly, outputs the f32 result rounded once.
+#include "backend/cpu/bf16_staging.h"
 #include "backend/cpu/cpu_backend.h"
 #include "backend/op_validation.h"
 
@@ -24,7 +29,7 @@ namespace {
 // ================================================================ MLA key/value split (§2.3, §2.5)
 // k[n, h] = [kv[n, h, :d_nope] ; kr[n]],  v[n, h] = kv[n, h, d_nope:]
 template <class T>
-void kv_split_fwd_impl(const MlaKvSplitFwdArgs& a, const KvSplitDims& d) {
+void kv_split_fwd_impl(const MlaKvSplitFwdArgs& a, const KvSplitDims& d) {  // a: f32 or f64 tensors only
   T* k = a.k.ptr<T>();
   T* v = a.v.ptr<T>();
   const T* kv = a.kv.ptr<T>();
@@ -46,7 +51,7 @@ void kv_split_fwd_impl(const MlaKvSplitFwdArgs& a, const KvSplitDims& d) {
 
 // dkv[n, h] = [dk[n, h, :d_nope] ; dv[n, h]];  dkr[n] = Σ_h dk[n, h, d_nope:] (sources §2.5)
 template <class T>
-void kv_split_bwd_impl(const MlaKvSplitBwdArgs& a, const KvSplitDims& d) {
+void kv_split_bwd_impl(const MlaKvSplitBwdArgs& a, const KvSplitDims& d) {  // a: f32 or f64 tensors only
   T* dkv = a.dkv.ptr<T>();
   T* dkr = a.dkr.ptr<T>();
   const T* dk = a.dk.ptr<T>();
@@ -230,13 +235,25 @@ void attention_bwd_impl(const AttentionBwdArgs& a, const AttnDims& d) {
 void CpuBackend::mla_kv_split_fwd(Context, const MlaKvSplitFwdArgs& a) {
   constexpr std::string_view op = "mla_kv_split_fwd";
   const KvSplitDims d = validate_mla_kv_split_fwd(a, Device::kCPU);
-  dispatch_float(a.kv.dtype, op, [&]<class T>() { kv_split_fwd_impl<T>(a, d); });
+  Bf16Staging staged(scratch_);
+  MlaKvSplitFwdArgs f = a;
+  f.kv = staged.input(a.kv);
+  f.k = staged.output(a.k);
+  f.v = staged.output(a.v);
+  dispatch_float(a.kr.dtype, op, [&]<class T>() { kv_split_fwd_impl<T>(f, d); });
+  staged.finish();
 }
 
 void CpuBackend::mla_kv_split_bwd(Context, const MlaKvSplitBwdArgs& a) {
   constexpr std::string_view op = "mla_kv_split_bwd";
   const KvSplitDims d = validate_mla_kv_split_bwd(a, Device::kCPU);
-  dispatch_float(a.dkv.dtype, op, [&]<class T>() { kv_split_bwd_impl<T>(a, d); });
+  Bf16Staging staged(scratch_);
+  MlaKvSplitBwdArgs f = a;
+  f.dk = staged.input(a.dk);
+  f.dv = staged.input(a.dv);
+  f.dkv = staged.output(a.dkv);
+  dispatch_float(a.dkr.dtype, op, [&]<class T>() { kv_split_bwd_impl<T>(f, d); });
+  staged.finish();
 }
 
 // λ = exp(λ_q1·λ_k1) − exp(λ_q2·λ_k2) + λ_init   (spec §2, sources §1.2)
@@ -274,13 +291,27 @@ void CpuBackend::diff_lambda_bwd(Context, const DiffLambdaBwdArgs& a) {
 void CpuBackend::attention_fwd(Context, const AttentionFwdArgs& a) {
   constexpr std::string_view op = "attention_fwd";
   const AttnDims d = validate_attention_fwd(a, Device::kCPU);
-  dispatch_float(a.q.dtype, op, [&]<class T>() { attention_fwd_impl<T>(a, d); });
+  Bf16Staging staged(scratch_);
+  AttentionFwdArgs f = a;
+  f.q = staged.input(a.q);
+  f.k = staged.input(a.k);
+  f.v = staged.input(a.v);
+  dispatch_float(a.out.dtype, op, [&]<class T>() { attention_fwd_impl<T>(f, d); });
 }
 
 void CpuBackend::attention_bwd(Context, const AttentionBwdArgs& a) {
   constexpr std::string_view op = "attention_bwd";
   const AttnDims d = validate_attention_bwd(a, Device::kCPU);
-  dispatch_float(a.q.dtype, op, [&]<class T>() { attention_bwd_impl<T>(a, d); });
+  Bf16Staging staged(scratch_);
+  AttentionBwdArgs f = a;
+  f.q = staged.input(a.q);
+  f.k = staged.input(a.k);
+  f.v = staged.input(a.v);
+  f.dq = staged.output(a.dq);
+  f.dk = staged.output(a.dk);
+  f.dv = staged.output(a.dv);
+  dispatch_float(a.out.dtype, op, [&]<class T>() { attention_bwd_impl<T>(f, d); });
+  staged.finish();
 }
 
 }  // namespace diffmoe

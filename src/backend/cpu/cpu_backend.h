@@ -1,10 +1,14 @@
 // The CPU reference backend (STYLE.md habit 1): plain readable loops, f32 or f64 (chosen by the
 // tensors' dtype, f64 for finite-difference checks), OpenMP over rows, OpenBLAS for GEMMs.
 // Each op family lives in its own .cpp file beside this header.
+// It implements every field of op_args.h: bf16 tensors (f32 calls only) are widened exactly into
+// f32 buffers and bf16 outputs rounded once from the f32 result (bf16_staging.h), and
+// GemmPrecision::kBF16 rounds the GEMM operands to bf16 and multiplies them in f32 (gemm_ops.cpp).
 #pragma once
 #include <memory>
 
 #include "backend/backend.h"
+#include "backend/cpu/bf16_staging.h"
 
 namespace diffmoe {
 
@@ -16,6 +20,8 @@ class CpuBackend final : public Backend {
   void upload(const Tensor& dst, const void* src) override;
   void download(void* dst, const Tensor& src) override;
   void synchronize(Context) override {}
+  void set_gemm_precision(GemmPrecision p) override { gemm_precision_ = p; }
+  GemmPrecision gemm_precision() const override { return gemm_precision_; }
 
   void fill(Context ctx, const FillArgs& a) override;                    // basic_ops.cpp
   void copy(Context ctx, const CopyArgs& a) override;
@@ -57,6 +63,10 @@ class CpuBackend final : public Backend {
   void cross_entropy_bwd(Context ctx, const CrossEntropyBwdArgs& a) override;
   void adamw(Context ctx, const AdamWArgs& a) override;                  // optim_ops.cpp
   void adamw_multi(Context ctx, const AdamWMultiArgs& a) override;
+
+ private:
+  GemmPrecision gemm_precision_ = GemmPrecision::kF32;
+  CpuScratch scratch_;  // the f32 stand-ins of bf16 tensors and rounded GEMM operands (bf16_staging.h)
 };
 
 std::unique_ptr<Backend> make_cpu_backend();

@@ -5,6 +5,14 @@
 // BLAS semantics are kept throughout: with beta = 0 the output is not read (so stale NaNs in C do
 // not propagate), and an empty inner dimension (k = 0) or an empty group gives beta·C. gemm's
 // separate addend (GemmArgs::addend) is copied into C first, then added in place like C.
+//
+// GemmPrecision::kBF16 (f32 calls; f64 calls, the finite-difference checks, stay f64): A and B are
+// copied with every value rounded to bf16 (bf16 operands widened, exactly) into the backend's
+// buffers (bf16_staging.h), then cblas_sgemm multiplies the copies: a product of two bf16 values is
+// exact in f32 (8 + 8 significant bits), and the sums, alpha and beta are f32, as on tensor cores
+// with f32 accumulation. f32_exact keeps f32 operands as they are (the router's logits, spec §5).
+// A bf16 C (beta = 0) is the f32 result rounded once: a grouped GEMM's two terms are both summed
+// into the f32 buffer first, then rounded.
 #include <cblas.h>
 
 #include <climits>
@@ -12,6 +20,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "backend/cpu/bf16_staging.h"
 #include "backend/cpu/cpu_backend.h"
 #include "backend/op_validation.h"
 
@@ -52,16 +61,23 @@ void blas_gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, doub
 // C = alpha·op(A)·op(B) + beta·addend (addend = C when not given);  op(A) [m,k], op(B) [k,n], C [m,n].
 void CpuBackend::gemm(Context, const GemmArgs& a) {
   constexpr std::string_view kOp = "gemm";
-  const DType dt = a.c.dtype;
   const auto [m, n, k] = validate_gemm(a, Device::kCPU);
+  const bool bf16_mode = gemm_precision_ == GemmPrecision::kBF16;
+  check_gemm_bf16_mode(kOp, bf16_mode, a.f32_exact, {{&a.c, "c"}, {&a.a, "a"}, {&a.b, "b"}});
+  Bf16Staging staged(scratch_);
+  const bool round_operands = bf16_mode && !a.f32_exact;
+  const Tensor op_a = round_operands ? staged.rounded(a.a) : a.a;
+  const Tensor op_b = round_operands ? staged.rounded(a.b) : a.b;
+  const Tensor c = staged.output(a.c);  // a bf16 C: beta = 0, so the addend is not read
   // A separate addend is copied into C, then BLAS adds the product in place with beta: the same
   // arithmetic as a copy op followed by a beta GEMM. With beta = 0 the addend is not read (BLAS rule).
-  if (a.addend.defined() && a.addend.data != a.c.data && a.beta != 0.0 && a.c.numel() > 0)
-    std::memcpy(a.c.data, a.addend.data, a.c.nbytes());
-  dispatch_float(dt, kOp, [&]<class T>() {
-    blas_gemm<T>(a.trans_a, a.trans_b, m, n, k, a.alpha, a.a.ptr<T>(), a.a.dim(1), a.b.ptr<T>(), a.b.dim(1), a.beta,
-                 a.c.ptr<T>(), n, kOp);
+  if (a.addend.defined() && a.addend.data != a.c.data && a.beta != 0.0 && c.numel() > 0)
+    std::memcpy(c.data, a.addend.data, c.nbytes());
+  dispatch_float(c.dtype, kOp, [&]<class T>() {
+    blas_gemm<T>(a.trans_a, a.trans_b, m, n, k, a.alpha, op_a.ptr<T>(), op_a.dim(1), op_b.ptr<T>(), op_b.dim(1), a.beta,
+                 c.ptr<T>(), n, kOp);
   });
+  staged.finish();
 }
 
 // C[rows_g] = alpha · (A[rows_g] · op(B[g]) + A2[rows_g] · op(B2[g])) + beta · C[rows_g];
@@ -70,11 +86,16 @@ void CpuBackend::gemm(Context, const GemmArgs& a) {
 // with beta = 1: exactly the two one-term calls (beta, then 1) that the GPU fuses into one.
 void CpuBackend::grouped_gemm(Context, const GroupedGemmArgs& a) {
   constexpr std::string_view kOp = "grouped_gemm";
-  const DType dt = a.c.dtype;
   const GroupedGemmDims d = validate_grouped_gemm(a, Device::kCPU);
+  const bool bf16_mode = gemm_precision_ == GemmPrecision::kBF16;
+  check_gemm_bf16_mode(kOp, bf16_mode, false,
+                       {{&a.c, "c"}, {&a.a, "a"}, {&a.b, "b"}, {&a.a2, "a2"}, {&a.b2, "b2"}});
   const std::vector<int64_t> off = check_group_offsets(a.offsets.ptr<int32_t>(), d.groups, d.rows, kOp);
-  dispatch_float(dt, kOp, [&]<class T>() {
-    T* c_ptr = a.c.ptr<T>();
+  Bf16Staging staged(scratch_);
+  const auto operand = [&](const Tensor& t) { return bf16_mode ? staged.rounded(t) : t; };
+  const Tensor c = staged.output(a.c);  // a bf16 C: both terms summed in f32, then rounded once
+  dispatch_float(c.dtype, kOp, [&]<class T>() {
+    T* c_ptr = c.ptr<T>();
     const int64_t n = d.n;
     // One term: C[rows_g] = alpha · A[rows_g] · op(B[g]) + beta · C[rows_g], A [R,k].
     const auto term = [&](const Tensor& ta, const Tensor& tb, int64_t k, double beta) {
@@ -88,9 +109,10 @@ void CpuBackend::grouped_gemm(Context, const GroupedGemmArgs& a) {
                      c_ptr + r0 * n, n, kOp);
       }
     };
-    term(a.a, a.b, d.k, a.beta);
-    if (d.two_terms) term(a.a2, a.b2, d.k2, 1.0);
+    term(operand(a.a), operand(a.b), d.k, a.beta);
+    if (d.two_terms) term(operand(a.a2), operand(a.b2), d.k2, 1.0);
   });
+  staged.finish();
 }
 
 // C[g] = alpha · A[rows_g]ᵀ · B[rows_g] + beta · C[g];  A [R,m], B [R,n], C [G,m,n].
@@ -98,18 +120,24 @@ void CpuBackend::grouped_gemm_wgrad(Context ctx, const GroupedGemmWgradArgs& a) 
   constexpr std::string_view kOp = "grouped_gemm_wgrad";
   const DType dt = a.c.dtype;
   const auto [rows, m, n, groups] = validate_grouped_gemm_wgrad(a, Device::kCPU);
+  const bool bf16_mode = gemm_precision_ == GemmPrecision::kBF16;
+  check_gemm_bf16_mode(kOp, bf16_mode, false, {{&a.a, "a"}, {&a.b, "b"}});
   const std::vector<int64_t> off = check_group_offsets(a.offsets.ptr<int32_t>(), groups, rows, kOp);
-  dispatch_float(dt, kOp, [&]<class T>() {
-    const T* a_ptr = a.a.ptr<T>();
-    const T* b_ptr = a.b.ptr<T>();
-    T* c_ptr = a.c.ptr<T>();
-    for (int64_t g = 0; g < groups; ++g) {
-      const int64_t r0 = off[static_cast<size_t>(g)], r1 = off[static_cast<size_t>(g + 1)];
-      // An empty group is a k = 0 product: blas_gemm leaves beta·C[g].
-      blas_gemm<T>(true, false, m, n, r1 - r0, a.alpha, a_ptr + r0 * m, m, b_ptr + r0 * n, n, a.beta,
-                   c_ptr + g * m * n, n, kOp);
-    }
-  });
+  {
+    Bf16Staging staged(scratch_);
+    const Tensor op_a = bf16_mode ? staged.rounded(a.a) : a.a, op_b = bf16_mode ? staged.rounded(a.b) : a.b;
+    dispatch_float(dt, kOp, [&]<class T>() {
+      const T* a_ptr = op_a.ptr<T>();
+      const T* b_ptr = op_b.ptr<T>();
+      T* c_ptr = a.c.ptr<T>();
+      for (int64_t g = 0; g < groups; ++g) {
+        const int64_t r0 = off[static_cast<size_t>(g)], r1 = off[static_cast<size_t>(g + 1)];
+        // An empty group is a k = 0 product: blas_gemm leaves beta·C[g].
+        blas_gemm<T>(true, false, m, n, r1 - r0, a.alpha, a_ptr + r0 * m, m, b_ptr + r0 * n, n, a.beta,
+                     c_ptr + g * m * n, n, kOp);
+      }
+    });
+  }
   if (a.sum_sq.defined()) sum_squares(ctx, {.out = a.sum_sq, .x = a.c});  // Σ C² of the values just written
 }
 

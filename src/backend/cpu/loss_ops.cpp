@@ -3,12 +3,15 @@
 // Each row's log-sum-exp is computed stably in double (max subtracted first). The forward sums the
 // per-row losses serially in row order, so the total does not depend on the thread count. Targets
 // are validated serially before any parallel loop (no exception may leave an OpenMP region).
-// `valid` counts targets ≠ −1; it may be the logits' float type or i32.
+// `valid` counts targets ≠ −1; it may be the logits' float type or i32. bf16 logits (f32 calls, the
+// head's output in the bf16 GEMM mode) are widened exactly, a bf16 dlogits is the f32 gradient
+// rounded once (bf16_staging.h).
 #include <algorithm>
 #include <cmath>
 #include <utility>
 #include <vector>
 
+#include "backend/cpu/bf16_staging.h"
 #include "backend/cpu/cpu_backend.h"
 #include "backend/op_validation.h"
 
@@ -53,8 +56,10 @@ void CpuBackend::cross_entropy_fwd(Context, const CrossEntropyFwdArgs& a) {
   constexpr std::string_view kOp = "cross_entropy_fwd";
   const auto [rows, vocab] = validate_cross_entropy_fwd(a, Device::kCPU);
   check_targets(a.targets, vocab, kOp);
-  dispatch_float(a.logits.dtype, kOp, [&]<class T>() {
-    const T* logits = a.logits.ptr<T>();
+  Bf16Staging staged(scratch_);
+  const Tensor tl = staged.input(a.logits);
+  dispatch_float(tl.dtype, kOp, [&]<class T>() {
+    const T* logits = tl.ptr<T>();
     const int32_t* tgt = a.targets.ptr<int32_t>();
     std::vector<double> row_loss(static_cast<size_t>(rows), 0.0);
 #pragma omp parallel for if (rows * vocab >= kParallelMinWork)
@@ -83,10 +88,12 @@ void CpuBackend::cross_entropy_bwd(Context, const CrossEntropyBwdArgs& a) {
   // With no valid target every row is ignored and the gradient is 0; never divide by 0.
   const double valid = read_valid(a.valid);
   const double coef = valid > 0.0 ? a.grad_scale / valid : 0.0;
-  dispatch_float(a.logits.dtype, kOp, [&]<class T>() {
-    const T* logits = a.logits.ptr<T>();
+  Bf16Staging staged(scratch_);
+  const Tensor tl = staged.input(a.logits), tdl = staged.output(a.dlogits);
+  dispatch_float(tl.dtype, kOp, [&]<class T>() {
+    const T* logits = tl.ptr<T>();
     const int32_t* tgt = a.targets.ptr<int32_t>();
-    T* dlogits = a.dlogits.ptr<T>();
+    T* dlogits = tdl.ptr<T>();
 #pragma omp parallel for if (rows * vocab >= kParallelMinWork)
     for (int64_t n = 0; n < rows; ++n) {
       const T* row = logits + n * vocab;
@@ -102,6 +109,7 @@ void CpuBackend::cross_entropy_bwd(Context, const CrossEntropyBwdArgs& a) {
       }
     }
   });
+  staged.finish();
 }
 
 }  // namespace diffmoe

@@ -13,12 +13,16 @@
 // - Index tensors are validated before any parallel region (an exception must not leave one).
 // - The only allocations are small host scratch vectors (one set per thread per call); the CPU
 //   reference has no device arena to take them from.
+// - bf16 rows (f32 calls, the bf16 GEMM mode's expert activations: x, x_perm, dx_perm, y_perm, dy,
+//   dy_perm) pass through the backend's f32 buffers (bf16_staging.h): inputs widened exactly,
+//   outputs the f32 result rounded once.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <string_view>
 #include <vector>
 
+#include "backend/cpu/bf16_staging.h"
 #include "backend/cpu/cpu_backend.h"
 #include "backend/op_validation.h"
 
@@ -420,14 +424,17 @@ void CpuBackend::moe_gather(Context, const MoeGatherArgs& a) {
   validate_moe_gather(a, Device::kCPU);
   const int64_t n_tokens = a.x.dim(0), dim = a.x.dim(1), n_rows = a.src_row.numel();
   expect_indices(a.src_row, n_tokens, op, "src_row");
-  dispatch_float(a.x.dtype, op, [&]<class T>() {
-    const T* x = a.x.ptr<T>();
+  Bf16Staging staged(scratch_);
+  const Tensor tx = staged.input(a.x), tx_perm = staged.output(a.x_perm);
+  dispatch_float(tx.dtype, op, [&]<class T>() {
+    const T* x = tx.ptr<T>();
     const int32_t* src = a.src_row.ptr<int32_t>();
-    T* x_perm = a.x_perm.ptr<T>();
+    T* x_perm = tx_perm.ptr<T>();
 #pragma omp parallel for schedule(static) if (n_rows * dim >= kMinParallelWork)
     for (int64_t r = 0; r < n_rows; ++r)
       for (int64_t d = 0; d < dim; ++d) x_perm[r * dim + d] = x[src[r] * dim + d];
   });
+  staged.finish();
 }
 
 // dx[n] += Σ_k dx_perm[slot_pos[n,k]]: a per-token gather in slot order (deterministic, no atomics).
@@ -437,8 +444,10 @@ void CpuBackend::moe_gather_bwd(Context, const MoeGatherBwdArgs& a) {
   expect_indices(a.slot_pos, a.dx_perm.dim(0), op, "slot_pos");
   const int64_t n_tokens = a.dx.dim(0), dim = a.dx.dim(1);
   const int64_t top_k = a.slot_pos.dim(1);
+  Bf16Staging staged(scratch_);
+  const Tensor tdx_perm = staged.input(a.dx_perm);
   dispatch_float(a.dx.dtype, op, [&]<class T>() {
-    const T* dx_perm = a.dx_perm.ptr<T>();
+    const T* dx_perm = tdx_perm.ptr<T>();
     const int32_t* slot = a.slot_pos.ptr<int32_t>();
     T* dx = a.dx.ptr<T>();
 #pragma omp parallel for schedule(static) if (n_tokens * top_k * dim >= kMinParallelWork)
@@ -456,14 +465,23 @@ void CpuBackend::moe_combine_fwd(Context, const MoeCombineFwdArgs& a) {
   constexpr std::string_view op = "moe_combine_fwd";
   validate_moe_combine_fwd(a, Device::kCPU);
   expect_indices(a.slot_pos, a.y_perm.dim(0), op, "slot_pos");
-  dispatch_float(a.y.dtype, op, [&]<class T>() { combine_fwd_impl<T>(a); });
+  Bf16Staging staged(scratch_);
+  MoeCombineFwdArgs f = a;
+  f.y_perm = staged.input(a.y_perm);
+  dispatch_float(a.y.dtype, op, [&]<class T>() { combine_fwd_impl<T>(f); });
 }
 
 void CpuBackend::moe_combine_bwd(Context, const MoeCombineBwdArgs& a) {
   constexpr std::string_view op = "moe_combine_bwd";
   validate_moe_combine_bwd(a, Device::kCPU);
   expect_indices(a.slot_pos, a.y_perm.dim(0), op, "slot_pos");
-  dispatch_float(a.dy.dtype, op, [&]<class T>() { combine_bwd_impl<T>(a); });
+  Bf16Staging staged(scratch_);
+  MoeCombineBwdArgs f = a;
+  f.dy = staged.input(a.dy);
+  f.y_perm = staged.input(a.y_perm);
+  f.dy_perm = staged.output(a.dy_perm);
+  dispatch_float(a.topk_w.dtype, op, [&]<class T>() { combine_bwd_impl<T>(f); });
+  staged.finish();
 }
 
 // counts: i32 (the router's) or the bias's float type (e.g. counts already all-reduced as floats).

@@ -5,9 +5,12 @@
 // saved rstd is rounded to the tensor type and the forward uses that rounded value, so forward and
 // backward see the same r. The weight gradient is reduced per column over rows in row order
 // (threads own column blocks), so it does not depend on the thread count.
+// bf16 (f32 calls, the bf16 GEMM mode): a bf16 y is the f32 y rounded once (bf16_staging.h); y16 and
+// dx16 receive the f32 y (the final dx, after accumulation) rounded once, row by row.
 #include <algorithm>
 #include <cmath>
 
+#include "backend/cpu/bf16_staging.h"
 #include "backend/cpu/cpu_backend.h"
 #include "backend/op_validation.h"
 
@@ -18,6 +21,12 @@ constexpr int64_t kColBlock = 64;  // columns per thread in the dw reduction
 // Loops with less work than this run on one thread: starting an OpenMP team costs more.
 constexpr int64_t kParallelMinWork = int64_t{1} << 14;
 
+// Rows of `width` values `stride` apart, rounded into a dense bf16 copy [rows, width].
+void round_rows(const Tensor& dst16, const float* src, int64_t rows, int64_t width, int64_t stride) {
+  auto* dst = static_cast<uint16_t*>(dst16.data);
+  for (int64_t n = 0; n < rows; ++n) round_to_bf16(dst + n * width, src + n * stride, width);
+}
+
 }  // namespace
 
 // r = (mean(x²) + eps)^-1/2,  y = out_scale · x · r ⊙ w   (sources App. A)
@@ -26,10 +35,12 @@ void CpuBackend::rmsnorm_fwd(Context, const RmsNormFwdArgs& a) {
   const RmsNormDims dims = validate_rmsnorm_fwd(a, Device::kCPU);
   const int64_t xs = dims.x_stride, ys = dims.y_stride;
   const DType dt = a.x.dtype;
+  Bf16Staging staged(scratch_);
+  const Tensor y_out = staged.output(a.y);
   dispatch_float(dt, kOp, [&]<class T>() {
     const T* x = a.x.ptr<T>();
     const T* w = a.w.ptr<T>();
-    T* y = a.y.ptr<T>();
+    T* y = y_out.ptr<T>();
     T* rstd = a.rstd.ptr<T>();
     const int64_t width = a.width;
 #pragma omp parallel for if (a.rows * width >= kParallelMinWork)
@@ -43,6 +54,8 @@ void CpuBackend::rmsnorm_fwd(Context, const RmsNormFwdArgs& a) {
       for (int64_t j = 0; j < width; ++j) yr[j] = static_cast<T>(a.out_scale * (xr[j] * r) * w[j]);
     }
   });
+  staged.finish();
+  if (a.y16.defined()) round_rows(a.y16, a.y.ptr<float>(), a.rows, a.width, ys);  // validated: f32 y
 }
 
 // With x̂ = x·r and g = out_scale·dy ⊙ w   (sources App. A, out_scale folded into g):
@@ -94,6 +107,7 @@ void CpuBackend::rmsnorm_bwd(Context, const RmsNormBwdArgs& a) {
       }
     }
   });
+  if (a.dx16.defined()) round_rows(a.dx16, a.dx.ptr<float>(), a.rows, a.width, xs);  // validated: f32 dx
 }
 
 }  // namespace diffmoe

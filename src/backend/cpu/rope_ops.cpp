@@ -2,6 +2,9 @@
 // addressed head are rotated in place by the angle pos·θ'_i, read from cos/sin tables that already
 // hold YaRN (model/rope_tables.h). The backward of a rotation is the rotation by −angle, so the
 // same op with inverse = true is RoPE's backward. Rows are independent: OpenMP over rows.
+// A bf16 x (the bf16 GEMM mode's q, written in bf16 by its GEMM) is widened, rotated in f32 and
+// rounded once (bf16_staging.h); the columns outside the rope range keep their bits.
+#include "backend/cpu/bf16_staging.h"
 #include "backend/cpu/cpu_backend.h"
 #include "backend/op_validation.h"
 
@@ -14,11 +17,11 @@ namespace {
 constexpr std::string_view kOp = "rope";
 
 template <class T>
-void rope_impl(const RopeArgs& a, int64_t width) {
-  T* x = a.x.ptr<T>();
+void rope_impl(const RopeArgs& a, const Tensor& xt, int64_t width) {
+  T* x = xt.ptr<T>();
   const T* cos_tab = a.cos.ptr<T>();
   const T* sin_tab = a.sin.ptr<T>();
-  const int64_t rows = a.x.dim(0);
+  const int64_t rows = xt.dim(0);
   const int64_t half = a.rope_dim / 2;
   // Rotation by −angle: sin changes sign, cos does not.
   const T sign = a.inverse ? T(-1) : T(1);
@@ -47,7 +50,10 @@ void rope_impl(const RopeArgs& a, int64_t width) {
 
 void CpuBackend::rope(Context, const RopeArgs& a) {
   const int64_t width = validate_rope(a, Device::kCPU);
-  dispatch_float(a.x.dtype, kOp, [&]<class T>() { rope_impl<T>(a, width); });
+  Bf16Staging staged(scratch_);
+  const Tensor x = staged.output(a.x);  // in place: the buffer starts as x's widened values
+  dispatch_float(a.cos.dtype, kOp, [&]<class T>() { rope_impl<T>(a, x, width); });
+  staged.finish();
 }
 
 }  // namespace diffmoe

@@ -4,9 +4,11 @@
 // Kernel choice (attention_fwd / attention_bwd): under GemmPrecision::kBF16 the tensor-core kernels
 // (tc_attention.h: bf16 operands, f32 accumulation) where they cover the shape; else the f32 flash
 // kernels (flash_attention.h) where they cover it; else the simple ones below. kSimple forces the
-// simple ones in either precision. bf16 q, k, v (op_args.h) have only the tensor-core kernels as a
-// reader: a call with bf16 q, k, v that they would not run is refused, saying why
-// (attention_takes_bf16 tells the model beforehand).
+// simple ones in either precision. bf16 q, k, v (op_args.h: the bf16 mode saves them so for every
+// shape) are read in place by the tensor-core kernels; for the f32 kernels they are widened exactly
+// into the backend's operand buffer (gemm_bf16_scratch, grown to the largest call, then reused),
+// and bf16 dq, dk, dv are computed there in f32 and rounded once (stage_f32 below): the f32 op on
+// the widened values, as on the CPU.
 //
 // Design (the straightforward version, kept for the shapes the fused flash-style kernels of
 // flash_attention_ops.cu do not cover: d_qk outside {32, 48, 96, 128} or comps·d_v outside
@@ -24,7 +26,9 @@
 // - λ (tiny vectors) is one block in double, like the CPU.
 // Shared memory: O(T) floats per block; rows longer than the device's shared memory are rejected
 // with a message (the flash kernels have no such limit, for the shapes they cover).
+#include <array>
 #include <type_traits>
+#include <utility>
 
 #include "backend/cuda/cuda_common.cuh"
 #include "backend/cuda/elementwise.cuh"
@@ -342,18 +346,50 @@ bool tc_selected(const CudaBackend& be, const AttnDims& d) {
          tc_attention_covers(d);
 }
 
-// tc_selected, after refusing bf16 q, k, v where it is false: the other kernels read f32 only.
-bool use_tc_attention(const CudaBackend& be, const AttnDims& d, DType qkv, std::string_view op) {
-  const bool tc = tc_selected(be, d);
-  if (tc || qkv != DType::kBF16) return tc;
-  DIFFMOE_CHECK(be.gemm_precision() == GemmPrecision::kBF16,
-                "[{}] bf16 q, k, v need the bf16 GEMM mode (train.precision: bf16_gemm): only the tensor-core "
-                "attention reads them", op);
-  DIFFMOE_CHECK(be.attention_kernel() == CudaBackend::AttentionKernel::kFlash,
-                "[{}] bf16 q, k, v: AttentionKernel::kSimple reads f32 q, k, v only", op);
-  DIFFMOE_FAIL("[{}] bf16 q, k, v are read only by the tensor-core attention, which does not cover this call: {}; "
-               "pass f32 q, k, v for the f32 kernels", op, tc_attention_gap(d));
-}
+// The f32 kernels' stand-ins for a call's bf16 tensors: f32 buffers carved out of the backend's
+// operand buffer, one per bf16 tensor of `tensors` (others, and undefined ones, as they are);
+// inputs[i] says whether tensor i is read (widened into its buffer) or only written (finish()
+// rounds its buffer into it once). Ops on one stream run in order, so the buffer is free again
+// for the next op once this call's kernels are queued.
+template <size_t N>
+class F32Stand {
+ public:
+  F32Stand(CudaBackend& be, cudaStream_t s, const std::array<const Tensor*, N>& tensors,
+           const std::array<bool, N>& inputs, std::string_view op)
+      : s_(s), op_(op) {
+    size_t bytes = 0;
+    std::array<size_t, N> at{};
+    for (size_t i = 0; i < N; ++i) {
+      at[i] = bytes;
+      if (is_bf16(*tensors[i])) bytes += align256(static_cast<size_t>(tensors[i]->numel()) * sizeof(float));
+    }
+    char* base = bytes == 0 ? nullptr : static_cast<char*>(be.gemm_bf16_scratch(bytes));
+    for (size_t i = 0; i < N; ++i) {
+      const Tensor& t = *tensors[i];
+      views_[i] = t;
+      if (!is_bf16(t)) continue;
+      views_[i].dtype = DType::kF32;
+      views_[i].data = base + at[i];
+      if (inputs[i]) bf16_to_f32(f32(views_[i]), t.data, t.numel(), s, op);
+      else outputs_[n_outputs_++] = {&t, i};
+    }
+  }
+  const Tensor& operator[](size_t i) const { return views_[i]; }
+  void finish() const {
+    for (size_t j = 0; j < n_outputs_; ++j) {
+      const auto [t, i] = outputs_[j];
+      f32_to_bf16(t->data, f32(views_[i]), t->numel(), s_, op_);
+    }
+  }
+
+ private:
+  static bool is_bf16(const Tensor& t) { return t.dtype == DType::kBF16 && t.numel() > 0; }
+  cudaStream_t s_;
+  std::string_view op_;
+  std::array<Tensor, N> views_{};
+  std::array<std::pair<const Tensor*, size_t>, N> outputs_{};
+  size_t n_outputs_ = 0;
+};
 
 // The split's sizes as the kernels take them, and whether they allow float4 pieces.
 KvSplitShape kv_split_shape(int64_t n_heads, int64_t d_nope, int64_t d_rope, int64_t d_v, int64_t kr_stride,
@@ -371,6 +407,26 @@ bool kv_split_vec4(const KvSplitShape& sh, std::initializer_list<const float*> p
     if (!vec_aligned(p)) return false;
   return true;
 }
+
+// The simple backward kernels (f32 tensors only).
+void simple_attention_bwd(CudaBackend& be, cudaStream_t s, const AttentionBwdArgs& a, const AttnDims& d) {
+  constexpr std::string_view kOp = "attention_bwd";
+  // dk and dv are overwritten: zero them, then every query row adds its contribution.
+  CUDA_CHECK(cudaMemsetAsync(a.dk.data, 0, a.dk.nbytes(), s));
+  CUDA_CHECK(cudaMemsetAsync(a.dv.data, 0, a.dv.nbytes(), s));
+  const size_t floats = static_cast<size_t>(d.d_qk + d.comps * d.d_v + 2 * d.seq);
+  const size_t smem = attention_smem(be, attention_bwd_kernel, floats, kOp, d);
+  attention_bwd_kernel<<<attention_grid(d, kOp), kAttnThreads, smem, s>>>(
+      f32(a.dq), f32(a.dk), f32(a.dv), f32(a.dout), f32(a.q), f32(a.k), f32(a.v), f32(a.out),
+      a.differential ? f32(a.o2) : nullptr, f32(a.lse), a.differential ? f32(a.lambda) : nullptr, shape_of(d),
+      static_cast<float>(a.scale));
+  CUDA_CHECK_LAUNCH(kOp);
+  if (a.differential) {
+    dlambda_kernel<<<1, 1024, 0, s>>>(f32(a.dlambda), f32(a.dout), f32(a.o2), a.dout.numel());
+    CUDA_CHECK_LAUNCH(kOp);
+  }
+}
+
 
 }  // namespace
 
@@ -457,33 +513,30 @@ void CudaBackend::diff_lambda_bwd(Context ctx, const DiffLambdaBwdArgs& a) {
   CUDA_CHECK_LAUNCH("diff_lambda_bwd");
 }
 
-bool CudaBackend::attention_takes_bf16(const AttentionShape& s) const {
-  const int64_t comps = s.differential ? 2 : 1;
-  if (s.heads <= 0 || s.heads % comps != 0 || s.d_qk <= 0 || s.d_v <= 0) return false;  // attention_fwd would refuse it
-  const AttnDims d{.batch = s.batch, .seq = s.seq, .heads = s.heads, .d_qk = s.d_qk, .d_v = s.d_v, .comps = comps,
-                   .groups = s.heads / comps};
-  return tc_selected(*this, d);
-}
-
 void CudaBackend::attention_fwd(Context ctx, const AttentionFwdArgs& a) {
   const OpScope profile_scope(*this, stream(ctx), "attention_fwd");
   constexpr std::string_view kOp = "attention_fwd";
   const AttnDims d = validate_attention_fwd(a, Device::kCUDA);
   require_f32(a.out, kOp);
-  const bool tc = use_tc_attention(*this, d, a.q.dtype, kOp);
   if (d.batch == 0 || d.seq == 0) return;
-  if (tc) {
+  if (tc_selected(*this, d)) {
     tc_attention_fwd(*this, stream(ctx), a, d);
     return;
   }
+  // The f32 kernels: bf16 q, k, v widened (F32Stand).
+  const F32Stand<3> in(*this, stream(ctx), {&a.q, &a.k, &a.v}, {true, true, true}, kOp);
+  AttentionFwdArgs f = a;
+  f.q = in[0];
+  f.k = in[1];
+  f.v = in[2];
   if (attention_kernel_ == AttentionKernel::kFlash && flash_attention_covers(d)) {
-    flash_attention_fwd(*this, stream(ctx), a, d);
+    flash_attention_fwd(*this, stream(ctx), f, d);
     return;
   }
   const size_t smem = attention_smem(*this, attention_fwd_kernel, static_cast<size_t>(d.d_qk + d.seq), kOp, d);
   attention_fwd_kernel<<<attention_grid(d, kOp), kAttnThreads, smem, stream(ctx)>>>(
-      f32(a.out), a.differential ? f32(a.o2) : nullptr, f32(a.lse), f32(a.q), f32(a.k), f32(a.v),
-      a.differential ? f32(a.lambda) : nullptr, shape_of(d), static_cast<float>(a.scale));
+      f32(f.out), f.differential ? f32(f.o2) : nullptr, f32(f.lse), f32(f.q), f32(f.k), f32(f.v),
+      f.differential ? f32(f.lambda) : nullptr, shape_of(d), static_cast<float>(f.scale));
   CUDA_CHECK_LAUNCH(kOp);
 }
 
@@ -492,34 +545,31 @@ void CudaBackend::attention_bwd(Context ctx, const AttentionBwdArgs& a) {
   constexpr std::string_view kOp = "attention_bwd";
   const AttnDims d = validate_attention_bwd(a, Device::kCUDA);
   require_f32(a.out, kOp);
-  const bool tc = use_tc_attention(*this, d, a.q.dtype, kOp);
   const cudaStream_t s = stream(ctx);
   if (d.batch == 0 || d.seq == 0) {
     if (a.differential) CUDA_CHECK(cudaMemsetAsync(a.dlambda.data, 0, sizeof(float), s));
     return;
   }
-  if (tc) {
+  if (tc_selected(*this, d)) {
     tc_attention_bwd(*this, s, a, d);
     return;
   }
+  // The f32 kernels: bf16 q, k, v widened, bf16 dq, dk, dv computed in f32 and rounded once (F32Stand).
+  const F32Stand<6> st(*this, s, {&a.q, &a.k, &a.v, &a.dq, &a.dk, &a.dv}, {true, true, true, false, false, false}, kOp);
+  AttentionBwdArgs f = a;
+  f.q = st[0];
+  f.k = st[1];
+  f.v = st[2];
+  f.dq = st[3];
+  f.dk = st[4];
+  f.dv = st[5];
   if (attention_kernel_ == AttentionKernel::kFlash && flash_attention_covers(d)) {
-    flash_attention_bwd(*this, s, a, d);
+    flash_attention_bwd(*this, s, f, d);
+    st.finish();
     return;
   }
-  // dk and dv are overwritten: zero them, then every query row adds its contribution.
-  CUDA_CHECK(cudaMemsetAsync(a.dk.data, 0, a.dk.nbytes(), s));
-  CUDA_CHECK(cudaMemsetAsync(a.dv.data, 0, a.dv.nbytes(), s));
-  const size_t floats = static_cast<size_t>(d.d_qk + d.comps * d.d_v + 2 * d.seq);
-  const size_t smem = attention_smem(*this, attention_bwd_kernel, floats, kOp, d);
-  attention_bwd_kernel<<<attention_grid(d, kOp), kAttnThreads, smem, s>>>(
-      f32(a.dq), f32(a.dk), f32(a.dv), f32(a.dout), f32(a.q), f32(a.k), f32(a.v), f32(a.out),
-      a.differential ? f32(a.o2) : nullptr, f32(a.lse), a.differential ? f32(a.lambda) : nullptr, shape_of(d),
-      static_cast<float>(a.scale));
-  CUDA_CHECK_LAUNCH(kOp);
-  if (a.differential) {
-    dlambda_kernel<<<1, 1024, 0, s>>>(f32(a.dlambda), f32(a.dout), f32(a.o2), a.dout.numel());
-    CUDA_CHECK_LAUNCH(kOp);
-  }
+  simple_attention_bwd(*this, s, f, d);
+  st.finish();
 }
 
 }  // namespace diffmoe

@@ -72,6 +72,18 @@ void f32_to_bf16(void* dst, const float* src, int64_t n, cudaStream_t s, std::st
   CUDA_CHECK_LAUNCH(op);
 }
 
+// dst[i] = f32(src[i]) for i < n: the bf16 bits in the upper half of an f32 (exact).
+__global__ void bf16_to_f32_kernel(float* __restrict__ dst, const uint16_t* __restrict__ src, int64_t n) {
+  for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < n; i += int64_t{gridDim.x} * blockDim.x)
+    dst[i] = __uint_as_float(static_cast<uint32_t>(src[i]) << 16);
+}
+
+void bf16_to_f32(float* dst, const void* src, int64_t n, cudaStream_t s, std::string_view op) {
+  if (n == 0) return;
+  bf16_to_f32_kernel<<<grid_for(n), kThreads, 0, s>>>(dst, static_cast<const uint16_t*>(src), n);
+  CUDA_CHECK_LAUNCH(op);
+}
+
 }  // namespace cuda
 
 namespace {

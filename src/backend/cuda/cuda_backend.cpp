@@ -49,12 +49,19 @@ SiteText site_text(IssueSite s) {
 
 }  // namespace
 
-CudaBackend::CudaBackend() {
+std::string cuda_unusable_reason() {
   int count = 0;
   const cudaError_t err = cudaGetDeviceCount(&count);
-  DIFFMOE_CHECK(err == cudaSuccess && count > 0, "[cuda] no usable CUDA device: {} ({})",
-                err == cudaSuccess ? "the driver reports 0 devices" : cudaGetErrorString(err),
-                err == cudaSuccess ? "cudaSuccess" : cudaGetErrorName(err));
+  if (err == cudaSuccess && count > 0) return {};
+  if (err != cudaSuccess) (void)cudaGetLastError();  // not sticky: clear it, a later call must not see it
+  return fmt::format("no usable CUDA device: {} ({})",
+                     err == cudaSuccess ? "the driver reports 0 devices" : cudaGetErrorString(err),
+                     err == cudaSuccess ? "cudaSuccess" : cudaGetErrorName(err));
+}
+
+CudaBackend::CudaBackend() {
+  const std::string unusable = cuda_unusable_reason();
+  DIFFMOE_CHECK(unusable.empty(), "[cuda] {}", unusable);
   CUDA_CHECK(cudaGetDevice(&device_));
   CUDA_CHECK(cudaDeviceGetAttribute(&sm_count_, cudaDevAttrMultiProcessorCount, device_));
   int smem = 0;

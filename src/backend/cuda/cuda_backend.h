@@ -25,8 +25,9 @@
 //   (gemm_bf16_scratch); gemm runs on cuBLASLt (lt_gemm.h: its own handle, a 32 MiB workspace and
 //   a cache of plans by call shape) with bf16 inputs, f32 accumulation, an f32 or bf16 output and
 //   an optional separate addend, the grouped ops run the device-scheduled kernels of grouped_gemm.cuh, and attention the
-//   tensor-core kernels of tc_attention.cuh (which also read bf16 q, k, v in place where they cover
-//   the shape: attention_takes_bf16). That buffer is sized by the largest call seen: it
+//   tensor-core kernels of tc_attention.cuh where they cover the shape (they also read bf16 q, k, v
+//   in place). The attention's f32 kernels take bf16 q, k, v (any precision) widened into the same
+//   buffer, and compute bf16 dq, dk, dv there in f32 (attention_ops.cu). That buffer is sized by the largest call seen: it
 //   grows (cudaFree + cudaMalloc, which waits for the device) only when a call needs more than any
 //   before, i.e. during the first training step, then steady-state calls do not allocate. Its peak
 //   is 2 bytes per element of the largest A plus B of one op (for the bench preset the LM head's
@@ -55,6 +56,7 @@
 #include "backend/backend.h"
 #include "backend/cuda/adamw_multi_table.h"
 #include "backend/cuda/cuda_allocator.h"
+#include "backend/cuda/cuda_factory.h"
 #include "backend/cuda/device_issue.h"
 #include "backend/cuda/lt_gemm.h"
 #include "backend/cuda/op_profiler.h"
@@ -153,7 +155,6 @@ class CudaBackend final : public Backend, public OpProfiler {
   void adamw_multi(Context ctx, const AdamWMultiArgs& a) override;
   void set_gemm_precision(GemmPrecision p) override { gemm_precision_ = p; }
   GemmPrecision gemm_precision() const override { return gemm_precision_; }
-  bool attention_takes_bf16(const AttentionShape& s) const override;  // attention_ops.cu
 
   // ---- for the op files
   static cudaStream_t stream(Context ctx) { return static_cast<cudaStream_t>(ctx.stream); }
@@ -161,7 +162,7 @@ class CudaBackend final : public Backend, public OpProfiler {
   LtGemm& lt_gemm() { return *lt_gemm_; }       // the bf16 mode's dense GEMMs (cuBLASLt)
   const LtGemm& lt_gemm() const { return *lt_gemm_; }
   void* scratch(size_t bytes);                  // the shared scratch workspace, >= bytes
-  void* gemm_bf16_scratch(size_t bytes);        // the bf16 GEMM operands' buffer, >= bytes (grows only)
+  void* gemm_bf16_scratch(size_t bytes);        // the operand conversions' buffer, >= bytes (grows only)
   size_t gemm_bf16_scratch_bytes() const { return gemm_bf16_scratch_.bytes(); }
   DeviceIssue* issue() const { return static_cast<DeviceIssue*>(issue_.get()); }
   int multiprocessors() const { return sm_count_; }
@@ -233,7 +234,5 @@ template <class Name>
 DetailScope::DetailScope(CudaBackend& be, cudaStream_t s, Name&& name) {
   if (be.profiling_details()) begin(be, s, std::string(name()));
 }
-
-std::unique_ptr<Backend> make_cuda_backend();
 
 }  // namespace diffmoe

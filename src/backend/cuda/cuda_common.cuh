@@ -35,7 +35,7 @@ inline void require_f32(const Tensor& t, std::string_view op) {
                 op, dtype_name(t.dtype));
 }
 
-// An input the bf16 GEMM mode may hold in bf16 (op_validation's check_bf16_input): f32 or bf16.
+// An input the bf16 GEMM mode may hold in bf16 (op_validation's output_dtype, op_args.h): f32 or bf16.
 inline void require_f32_or_bf16(const Tensor& t, std::string_view op, std::string_view name) {
   DIFFMOE_CHECK(t.dtype == DType::kF32 || t.dtype == DType::kBF16,
                 "[{}] {}: the CUDA backend reads f32 or (in the bf16 GEMM mode) bf16, got {}", op, name,
@@ -47,6 +47,8 @@ inline float* f32(const Tensor& t) { return static_cast<float*>(t.data); }
 // dst[i] = bf16(src[i]) (round to nearest even) for i < n, on stream s (basic_ops.cu); `op` names
 // the calling op in a launch error.
 void f32_to_bf16(void* dst, const float* src, int64_t n, cudaStream_t s, std::string_view op);
+// dst[i] = src[i] widened exactly to f32 for i < n, on stream s (basic_ops.cu).
+void bf16_to_f32(float* dst, const void* src, int64_t n, cudaStream_t s, std::string_view op);
 inline int32_t* i32(const Tensor& t) { return static_cast<int32_t*>(t.data); }
 
 // Stores v as an f32 or, for outputs that only bf16 GEMMs read (the bf16 GEMM mode plans those in

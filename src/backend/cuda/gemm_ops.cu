@@ -267,9 +267,8 @@ void CudaBackend::gemm(Context ctx, const GemmArgs& a) {
   const OpScope profile_scope(*this, stream(ctx), "gemm");
   constexpr std::string_view kOp = "gemm";
   const GemmDims d = validate_gemm(a, Device::kCUDA);
-  const bool c16 = a.c.dtype == DType::kBF16;  // validated: beta = 0, not f32_exact
-  DIFFMOE_CHECK(!c16 || gemm_precision() == GemmPrecision::kBF16,
-                "[gemm] c is bf16: a bf16 output needs the bf16 GEMM mode (train.precision: bf16_gemm)");
+  check_gemm_bf16_mode(kOp, gemm_precision() == GemmPrecision::kBF16, a.f32_exact, {{&a.c, "c"}, {&a.a, "a"}, {&a.b, "b"}});
+  const bool c16 = a.c.dtype == DType::kBF16;  // validated: beta = 0, not f32_exact, the bf16 mode
   if (!c16) require_f32(a.c, kOp);
   const cudaStream_t s = stream(ctx);
   const Tensor& addend = a.addend.defined() ? a.addend : a.c;
@@ -312,11 +311,11 @@ void CudaBackend::grouped_gemm(Context ctx, const GroupedGemmArgs& a) {
   const OpScope profile_scope(*this, stream(ctx), "grouped_gemm");
   constexpr std::string_view kOp = "grouped_gemm";
   const GroupedGemmDims d = validate_grouped_gemm(a, Device::kCUDA);
+  check_gemm_bf16_mode(kOp, gemm_precision() == GemmPrecision::kBF16, false,
+                       {{&a.c, "c"}, {&a.a, "a"}, {&a.b, "b"}, {&a.a2, "a2"}, {&a.b2, "b2"}});
   // C: f32, or bf16 in the bf16 GEMM mode (beta = 0, validate_grouped_gemm).
   const bool c_bf16 = a.c.dtype == DType::kBF16;
   if (!c_bf16) require_f32(a.c, kOp);
-  DIFFMOE_CHECK(!c_bf16 || gemm_precision() == GemmPrecision::kBF16,
-                "[{}] a bf16 c needs the bf16 GEMM mode (train.precision: bf16_gemm)", kOp);
   float* const c32 = c_bf16 ? nullptr : f32(a.c);
   __nv_bfloat16* const c16 = c_bf16 ? static_cast<__nv_bfloat16*>(a.c.data) : nullptr;
   const cudaStream_t s = stream(ctx);
@@ -377,6 +376,7 @@ void CudaBackend::grouped_gemm_wgrad(Context ctx, const GroupedGemmWgradArgs& a)
   const OpScope profile_scope(*this, stream(ctx), "grouped_gemm_wgrad");
   constexpr std::string_view kOp = "grouped_gemm_wgrad";
   const GroupedGemmWgradDims d = validate_grouped_gemm_wgrad(a, Device::kCUDA);
+  check_gemm_bf16_mode(kOp, gemm_precision() == GemmPrecision::kBF16, false, {{&a.a, "a"}, {&a.b, "b"}});
   require_f32(a.c, kOp);
   const cudaStream_t s = stream(ctx);
   // sum_sq[0] += Σ C², read back from C after the GEMM (where the kernel does not square its stores).

@@ -16,8 +16,6 @@ namespace cuda {
 // Covered: d_qk ∈ {32, 48, 64, 96, 128} and value-group width comps·d_v ∈ {32, 64, 128}, plain or
 // differential, any B and T (T need not be a multiple of the 64-row tiles).
 bool tc_attention_covers(const AttnDims& d);
-// Why tc_attention_covers(d) is false, for error messages; "" when it is true.
-std::string tc_attention_gap(const AttnDims& d);
 
 // Same contract as Backend::attention_fwd / attention_bwd (op_args.h), with q, k, v and dout rounded
 // to bf16 (nearest even) as tensor-core operands and P, dS rounded to bf16 for their products;

@@ -100,16 +100,6 @@ bool tc_attention_covers(const AttnDims& d) {
          tca::tca_pick(static_cast<int>(d.d_qk), static_cast<int>(d.comps * d.d_v), static_cast<int>(d.comps), &k);
 }
 
-std::string tc_attention_gap(const AttnDims& d) {
-  if (tc_attention_covers(d)) return "";
-  if (!tc_attention_device_ok()) return "it runs on Hopper GPUs (compute capability 9.x) only";
-  tca::TcaKernels k{};
-  if (!tca::tca_pick(static_cast<int>(d.d_qk), static_cast<int>(d.comps * d.d_v), static_cast<int>(d.comps), &k))
-    return fmt::format("it covers d_qk in {{32, 48, 64, 96, 128}} and comps·d_v in {{32, 64, 128}}, not d_qk = {} "
-                       "and comps·d_v = {}", d.d_qk, d.comps * d.d_v);
-  return fmt::format("B = {}, T = {}, H = {} exceed its grid (B, H ≤ 65535, T ≤ 2^30)", d.batch, d.seq, d.heads);
-}
-
 void tc_attention_fwd(CudaBackend& be, cudaStream_t s, const AttentionFwdArgs& a, const AttnDims& d) {
   constexpr std::string_view kOp = "attention_fwd";
   const tca::TcaKernels k = pick_or_throw(d, kOp);

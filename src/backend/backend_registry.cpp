@@ -1,12 +1,12 @@
-#include "backend/backend.h"
+#include "backend/backend_registry.h"
 
 #include "backend/cpu/cpu_backend.h"
+#include "core/error.h"
+#ifdef DIFFMOE_HAVE_CUDA
+#include "backend/cuda/cuda_factory.h"
+#endif
 
 namespace diffmoe {
-
-#ifdef DIFFMOE_HAVE_CUDA
-std::unique_ptr<Backend> make_cuda_backend();  // backend/cuda/cuda_backend.cu
-#endif
 
 bool backend_available(std::string_view name) {
   if (name == "cpu") return true;
@@ -14,6 +14,18 @@ bool backend_available(std::string_view name) {
   if (name == "cuda") return true;
 #endif
   return false;
+}
+
+std::string backend_unusable_reason(std::string_view name) {
+  if (name == "cpu") return {};
+  if (name == "cuda") {
+#ifdef DIFFMOE_HAVE_CUDA
+    return cuda_unusable_reason();
+#else
+    return "'cuda' was not built into this binary";
+#endif
+  }
+  return fmt::format("unknown backend '{}'", name);
 }
 
 std::unique_ptr<Backend> make_backend(std::string_view name) {

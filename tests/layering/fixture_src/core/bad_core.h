@@ -1,0 +1,3 @@
+// planted: core includes the model
+#pragma once
+#include "model/model.h"

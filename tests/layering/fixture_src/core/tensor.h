@@ -1,0 +1,3 @@
+// fixture: a core header (std only)
+#pragma once
+#include <vector>

@@ -1,0 +1,3 @@
+#pragma once
+#include "backend/backend.h"
+#include "core/tensor.h"

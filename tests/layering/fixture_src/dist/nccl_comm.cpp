@@ -1,0 +1,3 @@
+#include <nccl.h>
+
+#include "dist/comm.h"

@@ -1,0 +1,3 @@
+// planted: serve includes dist
+#include "dist/comm.h"
+#include "serve/engine.h"

@@ -1,0 +1,3 @@
+#pragma once
+#include "model/model.h"
+#include "train/trainer.h"

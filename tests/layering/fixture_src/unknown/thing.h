@@ -1,0 +1,2 @@
+// planted: a folder that is in no layer
+#pragma once
