@@ -1,5 +1,5 @@
 // The training state of a checkpoint as shards that do not depend on how it was split
-// (formats.md §4.7): every rank writes one safetensors file with the 1-D slices it owns,
+// (formats.md §4.2): every rank writes one safetensors file with the 1-D slices it owns,
 //   "master/<param>/<first>"  f32 masters (the parameters), elements [first, first + n) of the
 //   "m/<param>/<first>"       global tensor in row-major order, and the Adam moments of the same
 //   "v/<param>/<first>"       elements;
