@@ -1,5 +1,7 @@
 #include "backend/backend_registry.h"
 
+#include <charconv>
+
 #include "backend/cpu/cpu_backend.h"
 #include "core/error.h"
 #ifdef DIFFMOE_HAVE_CUDA
@@ -30,6 +32,17 @@ std::string backend_unusable_reason(std::string_view name) {
 
 std::unique_ptr<Backend> make_backend(std::string_view name) {
   if (name == "cpu") return make_cpu_backend();
+  if (name.rfind("cuda:", 0) == 0) {  // "cuda:N": device N (one process per GPU, LOCAL_RANK)
+    int device = -1;
+    const auto [ptr, ec] = std::from_chars(name.data() + 5, name.data() + name.size(), device);
+    DIFFMOE_CHECK(ec == std::errc() && ptr == name.data() + name.size() && device >= 0, "[backend] '{}': expected cuda:<device index>",
+                  name);
+#ifdef DIFFMOE_HAVE_CUDA
+    return make_cuda_backend(device);
+#else
+    DIFFMOE_FAIL("[backend] 'cuda' was not built into this binary (configure with -DDIFFMOE_CUDA=ON where nvcc exists)");
+#endif
+  }
   if (name == "cuda") {
 #ifdef DIFFMOE_HAVE_CUDA
     return make_cuda_backend();

@@ -9,7 +9,7 @@
 
 namespace diffmoe {
 
-// "cpu" or "cuda". Throws "[backend] 'cuda' was not built into this binary" when absent, and the
+// "cpu", "cuda" (the current device) or "cuda:N" (device N, made current). Throws "[backend] 'cuda' was not built into this binary" when absent, and the
 // backend's own error when it cannot start (e.g. "[cuda] no usable CUDA device: ...").
 std::unique_ptr<Backend> make_backend(std::string_view name);
 

@@ -1,18 +1,39 @@
-// `diffmoe train --config X [--set key=value ...] [--resume [latest|DIR]]`
+// `diffmoe train --config X [--set key=value ...] [--resume [latest|DIR]]`, one process per GPU (or
+// CPU rank): started alone, or by mpirun, srun or torchrun (dist/launch.h reads their variables).
 #include <fmt/core.h>
 
 #include "cli/commands.h"
+#include "dist/dist_context.h"
+#include "dist/launch.h"
 #include "train/trainer.h"
 
 namespace diffmoe::cli {
 
 namespace {
 int run_train(const std::string& config, const std::vector<std::string>& sets, const std::string& resume) {
-  const RunConfig rc = load_run_config(config, sets);
-  const TrainResult r = train(rc, TrainOptions{.resume = resume, .config_path = config});
-  fmt::print("done: {} steps, last loss {:.4f}, validation loss {:.4f}, checkpoint {}\n", r.steps, r.last_loss, r.val_loss,
-             r.last_checkpoint);
-  return 0;
+  const dist::Launch launch = dist::detect_launch();
+  if (launch.world == 1) {
+    const RunConfig rc = load_run_config(config, sets);
+    const TrainResult r = train(rc, TrainOptions{.resume = resume, .config_path = config});
+    fmt::print("done: {} steps, last loss {:.4f}, validation loss {:.4f}, checkpoint {}\n", r.steps, r.last_loss, r.val_loss,
+               r.last_checkpoint);
+    return 0;
+  }
+  // Several ranks: an error on one rank stops every rank (dist_context.h); this rank prints its
+  // own error once, through fail().
+  auto dist = dist::DistContext::init(launch);
+  try {
+    const RunConfig rc = load_run_config(config, sets);
+    const TrainResult r = train(rc, TrainOptions{.resume = resume, .config_path = config, .dist = dist.get()});
+    if (dist->rank() == 0)
+      fmt::print("done: {} steps, last loss {:.4f}, validation loss {:.4f}, checkpoint {}\n", r.steps, r.last_loss, r.val_loss,
+                 r.last_checkpoint);
+    dist->cpu_world().barrier({})->wait({});
+    return 0;
+  } catch (const std::exception& e) {
+    dist->fail(e.what());
+    return 1;
+  }
 }
 }  // namespace
 

@@ -188,7 +188,6 @@ void validate_options(const CheckpointSaveOptions& opt) {
     DIFFMOE_CHECK(f.name != kManifestName && f.name != kStateName,
                   "[checkpoint] file name '{}' is reserved for the checkpoint itself", f.name);
     DIFFMOE_CHECK(names.insert(f.name).second, "[checkpoint] file name '{}' appears twice", f.name);
-    DIFFMOE_CHECK(static_cast<bool>(f.write), "[checkpoint] file '{}' has no writer", f.name);
   }
 }
 
@@ -205,6 +204,7 @@ nlohmann::ordered_json describe_file(const std::string& dir, const std::string& 
 void write_temporary_dir(const CheckpointSaveOptions& opt, const std::string& tmp_dir) {
   if (::mkdir(tmp_dir.c_str(), 0755) != 0) fail_errno(tmp_dir, "mkdir", errno);
   for (const auto& f : opt.files) {
+    if (!f.write) continue;  // written by another process during an earlier writer (checked below)
     const std::string path = join(tmp_dir, f.name);
     try {
       f.write(path);
@@ -217,6 +217,12 @@ void write_temporary_dir(const CheckpointSaveOptions& opt, const std::string& tm
     struct stat st {};
     if (::lstat(path.c_str(), &st) != 0 || !S_ISREG(st.st_mode))
       DIFFMOE_FAIL("{}: the writer returned without creating this file", path);
+  }
+  for (const auto& f : opt.files) {
+    struct stat st {};
+    const std::string path = join(tmp_dir, f.name);
+    if (!f.write && (::lstat(path.c_str(), &st) != 0 || !S_ISREG(st.st_mode)))
+      DIFFMOE_FAIL("{}: not written (another rank's file)", path);
   }
   write_file_synced(join(tmp_dir, kStateName), opt.state.dump(2) + "\n");
 

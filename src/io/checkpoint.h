@@ -21,7 +21,9 @@
 namespace diffmoe {
 
 // One file of a checkpoint: `write` must create exactly the file at `path` (inside the temporary
-// directory) and throw on failure, e.g. SafetensorsWriter::write. `name` is a plain file name.
+// directory) and throw on failure, e.g. SafetensorsWriter::write. `name` is a plain file name. A
+// null `write`: another process writes the file into the temporary directory while an earlier
+// writer runs (a multi-rank checkpoint); it must exist once every writer has returned.
 struct CheckpointFile {
   std::string name;
   std::function<void(const std::string& path)> write;

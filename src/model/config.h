@@ -66,6 +66,7 @@ struct ModelConfig {
 // sections other than those the project knows (kConfigSections) are errors too.
 ModelConfig load_model_config(const std::string& path);
 // The top-level sections a config file may have.
-inline constexpr const char* kConfigSections[] = {"model", "train", "data", "optim", "checkpoint", "log", "eval", "tokenizer"};
+inline constexpr const char* kConfigSections[] = {"model",      "train", "data", "optim",    "checkpoint",
+                                                   "log",        "eval",  "tokenizer", "parallel"};
 
 }  // namespace diffmoe

@@ -10,6 +10,7 @@ AdamW::AdamW(Model& model, const OptimConfig& cfg, const OptimShard& shard) : mo
   const ParamLayout& layout = model.layout();
   const auto& groups = layout.groups();
   shard_len_.assign(groups.size(), 0);
+  chunk_base_.assign(groups.size(), {});
   // Pieces: each bucket's owned chunk cut at its entries' boundaries (padding belongs to no piece).
   for (size_t g = 0; g < groups.size(); ++g) {
     const ParamLayout::Group& grp = groups[g];
@@ -25,6 +26,7 @@ AdamW::AdamW(Model& model, const OptimConfig& cfg, const OptimShard& shard) : mo
         pieces_.push_back(Piece{.entry = i, .group = g, .group_offset = lo, .local_begin = lo - e.offset, .count = hi - lo,
                                 .state_offset = shard_len_[g] + (lo - c0)});
       }
+      chunk_base_[g].push_back(shard_len_[g]);
       shard_len_[g] += c;
     }
   }
@@ -33,6 +35,7 @@ AdamW::AdamW(Model& model, const OptimConfig& cfg, const OptimShard& shard) : mo
     state_.add(fmt::format("m.g{}", g), Shape{shard_len_[g]}, mt);
     state_.add(fmt::format("v.g{}", g), Shape{shard_len_[g]}, mt);
     if (separate_masters(g)) state_.add(fmt::format("master.g{}", g), Shape{shard_len_[g]}, mt);
+    if (groups[g].dp > 1) state_.add(fmt::format("grad.g{}", g), Shape{shard_len_[g]}, mt);
   }
   state_.add("grad_sq", Shape{1}, mt);
   state_.allocate(model.backend().allocator());
@@ -63,7 +66,16 @@ Tensor AdamW::master(const Piece& p) const {
 }
 Tensor AdamW::moment1(const Piece& p) const { return slice1d(state_.get(fmt::format("m.g{}", p.group)), p.state_offset, p.count); }
 Tensor AdamW::moment2(const Piece& p) const { return slice1d(state_.get(fmt::format("v.g{}", p.group)), p.state_offset, p.count); }
-Tensor AdamW::grad(const Piece& p) const { return model_->grads().buffers().range(p.group, p.group_offset, p.count); }
+Tensor AdamW::grad(const Piece& p) const {
+  if (model_->layout().groups()[p.group].dp == 1) return model_->grads().buffers().range(p.group, p.group_offset, p.count);
+  return slice1d(state_.get(fmt::format("grad.g{}", p.group)), p.state_offset, p.count);
+}
+
+Tensor AdamW::reduced_chunk(size_t group, size_t bucket) const {
+  const ParamLayout::Group& grp = model_->layout().groups()[group];
+  if (grp.dp == 1) return model_->grads().buffers().bucket(group, bucket);
+  return slice1d(state_.get(fmt::format("grad.g{}", group)), chunk_base_[group][bucket], grp.buckets[bucket].chunk(grp.dp));
+}
 Tensor AdamW::compute(const Piece& p) const { return model_->params().range(p.group, p.group_offset, p.count); }
 
 void AdamW::init_masters(uint64_t seed) {
@@ -111,14 +123,18 @@ void AdamW::compute_grad_sq(Context ctx) {
     for (const Tensor& t : parts.rest) be.sum_squares(ctx, {.out = gsq, .x = t});
     return;
   }
-  // Sharded: this rank's chunks, each element of the global gradient in exactly one rank's chunk
-  // (dense chunks partition the world's copy, expert chunks the expert-DP group's, and the EP ranks
-  // hold different experts), so the sum over all ranks of these partial sums is the global Σg².
+  // Sharded: this rank's reduced chunks, each element of the global gradient in exactly one rank's
+  // chunk (dense chunks partition the world's copy, expert chunks the expert-DP group's, and the EP
+  // ranks hold different experts), so the sum over all ranks of these partial sums is the global Σg².
   be.fill(ctx, {.out = gsq, .value = 0.0});
-  const LayoutBuffers& grads = model_->grads(ctx).buffers();
+  model_->grads(ctx);  // stale gradients read as zero (a group with dp = 1 is summed in place)
   for (size_t g = 0; g < layout.groups().size(); ++g) {
     const ParamLayout::Group& grp = layout.groups()[g];
-    for (size_t b = 0; b < grp.buckets.size(); ++b) be.sum_squares(ctx, {.out = gsq, .x = grads.chunk(g, b, rank_in(g), grp.dp)});
+    if (grp.dp > 1) {
+      be.sum_squares(ctx, {.out = gsq, .x = state_.get(fmt::format("grad.g{}", g))});
+    } else {
+      be.sum_squares(ctx, {.out = gsq, .x = model_->grads().buffers().group(g)});
+    }
   }
 }
 

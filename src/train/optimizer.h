@@ -50,6 +50,10 @@ class AdamW {
   Tensor moment1(const Piece& p) const;
   Tensor moment2(const Piece& p) const;
   Tensor grad(const Piece& p) const;
+  // Where the data-parallel layer reduce-scatters bucket b of group g: this rank's chunk of the
+  // gradients summed over the group's ranks (a buffer of the optimizer's for a group with dp > 1; the
+  // model's gradient chunk itself for dp = 1). grad(p) reads from here.
+  Tensor reduced_chunk(size_t group, size_t bucket) const;
   Tensor compute(const Piece& p) const;
   // Whether group g keeps separate f32 masters (its compute weights are bf16).
   bool separate_masters(size_t group) const;
@@ -86,7 +90,10 @@ class AdamW {
   OptimShard shard_;
   std::vector<Piece> pieces_;
   std::vector<int64_t> shard_len_;  // per group: elements this rank owns
-  Arena state_;                     // per group "m.g<g>", "v.g<g>", "master.g<g>" (when separate); "grad_sq"
+  std::vector<std::vector<int64_t>> chunk_base_;  // per group and bucket: its chunk's offset in the state
+  // Per group "m.g<g>", "v.g<g>", "master.g<g>" (separate masters only), "grad.g<g>" (dp > 1 only:
+  // the reduced gradient chunks); "grad_sq".
+  Arena state_;
   int64_t step_ = 0;
   AdamWMultiArgs multi_;  // apply()'s call, kept so that its entry list is not reallocated per step
 };

@@ -24,6 +24,9 @@ struct TokenBuffers {
     be.upload(dev.get("targets"), host.get("targets").data);
     return true;
   }
+  // Reads the loader's next batch into the host buffers only (another rank's micro-batch): the
+  // loader moves on exactly as next() would. False at the end of a pass.
+  bool skip(data::TokenLoader& loader) { return loader.next(host.get("inputs"), host.get("targets")); }
   Tensor inputs() const { return dev.get("inputs"); }
   Tensor targets() const { return dev.get("targets"); }
 };

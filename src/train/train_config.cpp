@@ -152,6 +152,11 @@ RunConfig run_config_from_json(Json doc, const std::string& source) {
   rc.checkpoint.dir = ck.get<std::string>("dir", t.out_dir + "/checkpoints");
   rc.resolved["checkpoint"] = ck.finish();
 
+  SectionReader pa(doc, "parallel", source);
+  rc.parallel.expert = pa.get<int64_t>("expert", rc.parallel.expert);
+  rc.parallel.bucket_size = pa.get<int64_t>("bucket_size", rc.parallel.bucket_size);
+  rc.resolved["parallel"] = pa.finish();
+
   SectionReader lg(doc, "log", source);
   rc.log.tensorboard = lg.get<bool>("tensorboard", rc.log.tensorboard);
   rc.log.jsonl = lg.get<bool>("jsonl", rc.log.jsonl);
@@ -193,6 +198,11 @@ RunConfig run_config_from_json(Json doc, const std::string& source) {
         "every, keep_last and keep_every must be >= 0");
   check(rc.checkpoint.keep_last <= std::numeric_limits<int32_t>::max(), source, "checkpoint.keep_last",
         fmt::format("must be at most {} (0 keeps all), got {}", std::numeric_limits<int32_t>::max(), rc.checkpoint.keep_last));
+  check(rc.parallel.expert >= 1, source, "parallel.expert", fmt::format("must be >= 1, got {}", rc.parallel.expert));
+  check(rc.parallel.expert == 1 || rc.model.n_dense_layers == rc.model.n_layers || rc.model.n_routed_experts % rc.parallel.expert == 0,
+        source, "parallel.expert",
+        fmt::format("{} expert-parallel ranks must divide model.n_routed_experts = {}", rc.parallel.expert, rc.model.n_routed_experts));
+  check(rc.parallel.bucket_size > 0, source, "parallel.bucket_size", fmt::format("must be positive, got {}", rc.parallel.bucket_size));
   check(rc.log.progress == "auto" || rc.log.progress == "bar" || rc.log.progress == "lines", source, "log.progress",
         fmt::format("expected auto, bar or lines, got '{}'", rc.log.progress));
   return rc;

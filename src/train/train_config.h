@@ -75,6 +75,13 @@ struct LogConfig {
   std::string progress = "auto"; // "auto" (bar on a terminal), "bar", "lines"
 };
 
+// How the ranks of a run split the work (spec §12, docs/parallelism.md). The data-parallel degree is
+// what remains: world size / expert.
+struct ParallelConfig {
+  int64_t expert = 1;                 // expert-parallel ranks: the routed experts are split over them
+  int64_t bucket_size = 40'000'000;   // gradient bucket size in elements (reduce-scatter granularity)
+};
+
 struct RunConfig {
   ModelConfig model;
   TokenizerConfig tokenizer;
@@ -84,6 +91,7 @@ struct RunConfig {
   EvalConfig eval;
   CheckpointConfig checkpoint;
   LogConfig log;
+  ParallelConfig parallel;
   nlohmann::ordered_json resolved;  // every section with defaults filled in
 };
 

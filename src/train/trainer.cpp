@@ -13,6 +13,9 @@
 #include "io/config_file.h"
 #include "model/model_file.h"
 #include "model/parameters.h"
+#include "dist/device_world.h"
+#include "dist/process_grid.h"
+#include "train/data_parallel.h"
 #include "train/evaluator.h"
 #include "train/lr_schedule.h"
 #include "train/metrics.h"
@@ -66,8 +69,10 @@ std::string copy_tokenizer_into(const std::string& src, const std::string& dst_d
   return dst_dir_file;
 }
 
-// One training run (train() below): setup() builds everything a step needs, start() initialises or
-// resumes the state, step() runs one optimizer step, save() writes a checkpoint, run() loops.
+// One training run (train() below) on one rank of `world` (docs/parallelism.md): setup() builds
+// everything a step needs, start() initialises or resumes the state, step() runs one optimizer step
+// over the rank's micro-batches of the global batch, save() writes this rank's part of a checkpoint
+// (rank 0 commits it), loop() runs to the end. Rank 0 alone prints, logs and writes run files.
 class TrainRun {
  public:
   TrainRun(const RunConfig& rc, const TrainOptions& opt) : rc_(rc), ts_(rc.train), opt_(opt) {}
@@ -76,33 +81,69 @@ class TrainRun {
     setup();
     start();
     loop();
-    metrics_->close();  // flush errors surface here, as errors, not in a destructor
+    if (metrics_) metrics_->close();  // flush errors surface here, as errors, not in a destructor
     return TrainResult{.steps = step_, .last_loss = last_loss_, .val_loss = val_loss_, .last_checkpoint = last_ckpt_};
   }
 
  private:
+  bool lead() const { return rank_ == 0; }
   void say(const std::string& s) const {
+    if (!lead()) return;
     fmt::print("{}\n", s);
     std::fflush(stdout);
   }
+  void message(const std::string& s) const {
+    if (metrics_) metrics_->message(s);
+  }
 
-  // The backend, the tokenizer and shards (made when missing), the model, the optimizer and the loaders.
+  // The process grid, the backend, the tokenizer and shards (made by rank 0 when missing), the
+  // model, the optimizer, data parallelism and the loaders.
   void setup() {
-    fs::create_directories(ts_.out_dir);
-    const std::string config_yaml = to_yaml(rc_.resolved);
-    say(fmt::format("diffmoe train: config {} (resolved, with defaults):\n{}", opt_.config_path, config_yaml));
-    atomic_write_text(ts_.out_dir + "/config.yaml", config_yaml);
+    if (opt_.dist == nullptr) {
+      own_dist_ = dist::DistContext::init(dist::Launch{});
+      dist_ = own_dist_.get();
+    } else {
+      dist_ = opt_.dist;
+    }
+    rank_ = dist_->rank();
+    world_ = dist_->world_size();
+    const int64_t ep = rc_.parallel.expert;
+    DIFFMOE_CHECK(world_ % ep == 0, "parallel.expert: {} expert-parallel ranks do not divide the {} ranks of this run", ep, world_);
 
-    be_ = make_backend(ts_.device);  // first: a missing backend fails before any data work
-    say(fmt::format("backend: {}", be_->name()));
-    tokenizer_ = ensure_tokenizer(rc_, [this](const std::string& s) { say(s); });
-    shards_ = ensure_shards(rc_, *tokenizer_, [this](const std::string& s) { say(s); });
+    if (lead()) {
+      fs::create_directories(ts_.out_dir);
+      const std::string config_yaml = to_yaml(rc_.resolved);
+      say(fmt::format("diffmoe train: config {} (resolved, with defaults):\n{}", opt_.config_path, config_yaml));
+      atomic_write_text(ts_.out_dir + "/config.yaml", config_yaml);
+    }
+    // One process per GPU: rank r on the node uses device LOCAL_RANK.
+    const std::string device = ts_.device == "cuda" && dist_->launch().local_world > 1
+                                   ? fmt::format("cuda:{}", dist_->launch().local_rank)
+                                   : ts_.device;
+    be_ = make_backend(device);  // first: a missing backend fails before any data work
+    world_comm_ = std::make_unique<dist::DeviceWorld>(*dist_, *be_, dist_->launch().local_rank);
+    grid_ = std::make_unique<dist::ProcessGrid>(world_comm_->comm(), static_cast<int>(ep));
+    say(fmt::format("backend: {}; {} rank(s) ({}), data parallel {} x expert parallel {}", be_->name(), world_,
+                    dist_->launch().describe(), grid_->dp_size(), grid_->ep_size()));
+    // Rank 0 makes the tokenizer and the shards when missing; the others wait, then read them.
+    if (lead()) {
+      tokenizer_ = ensure_tokenizer(rc_, [this](const std::string& s) { say(s); });
+      shards_ = ensure_shards(rc_, *tokenizer_, [this](const std::string& s) { say(s); });
+    }
+    dist_->cpu_world().barrier({})->wait({});
+    if (!lead()) {
+      tokenizer_ = ensure_tokenizer(rc_, [](const std::string&) {});
+      shards_ = ensure_shards(rc_, *tokenizer_, [](const std::string&) {});
+    }
 
     const int64_t B = ts_.micro_batch, T = ts_.seq_len;
+    const ParallelLayoutOptions layout{.ep_size = ep, .ep_rank = grid_->ep_rank(), .dense_dp = world_,
+                                       .expert_dp = grid_->dp_size(), .bucket_elems = rc_.parallel.bucket_size};
     model_ = std::make_unique<Model>(rc_.model, *be_, DType::kF32,
-                                     ModelOptions{.precision = parse_precision(ts_.precision, "train.precision")});
+                                     ModelOptions{.precision = parse_precision(ts_.precision, "train.precision"), .parallel = layout});
     model_->set_batch_shape(B, T);
-    optim_ = std::make_unique<AdamW>(*model_, rc_.optim);
+    optim_ = std::make_unique<AdamW>(*model_, rc_.optim, OptimShard{.dense_rank = rank_, .expert_rank = grid_->dp_rank()});
+    dp_ = std::make_unique<DataParallel>(*model_, *optim_, grid_->world(), grid_->dp());
     loader_ = std::make_unique<data::TokenLoader>(data::find_shards(shards_, "train"),
                                                   data::TokenLoaderOptions{.batch = B, .seq = T, .seed = ts_.seed, .shuffle = true});
     DIFFMOE_CHECK(loader_->vocab_size() <= static_cast<uint32_t>(rc_.model.vocab_size),
@@ -117,7 +158,7 @@ class TrainRun {
     }
     tb_ = std::make_unique<TokenBuffers>(*be_, B, T);
     flops_per_token_ = count_parameters(rc_.model, T).flops_per_token;
-    tokens_per_step_ = B * T * ts_.grad_accum;
+    tokens_per_step_ = B * T * ts_.grad_accum * world_;
   }
 
   // A fresh start from the seed, or an exact resume (formats.md §4.6: model, optimizer, trainer and
@@ -130,11 +171,14 @@ class TrainRun {
       optim_->init_masters(ts_.seed);
     }
     first_step_ = step_;
-    metrics_ = std::make_unique<MetricsLogger>(rc_, step_, ts_.max_steps, /*resumed=*/!opt_.resume.empty());
-    say(fmt::format("training: {} steps of {} tokens ({}x{} x {} micro-batches), {:.2f} MFLOP/token, {} train tokens", ts_.max_steps,
-                    tokens_per_step_, ts_.micro_batch, ts_.seq_len, ts_.grad_accum, flops_per_token_ / 1e6, loader_->n_tokens()));
+    if (lead()) metrics_ = std::make_unique<MetricsLogger>(rc_, step_, ts_.max_steps, /*resumed=*/!opt_.resume.empty());
+    say(fmt::format("training: {} steps of {} tokens ({}x{} x {} micro-batches x {} ranks), {:.2f} MFLOP/token, {} train tokens",
+                    ts_.max_steps, tokens_per_step_, ts_.micro_batch, ts_.seq_len, ts_.grad_accum, world_, flops_per_token_ / 1e6,
+                    loader_->n_tokens()));
   }
 
+  // Every rank reads the checkpoint's state shards (whatever layout wrote them) for its own pieces;
+  // the all-gather then completes every rank's compute weights.
   void resume() {
     std::vector<std::string> warnings;
     const auto info = resolve_resume(opt_.resume, rc_.checkpoint.dir, &warnings);
@@ -143,6 +187,7 @@ class TrainRun {
     const StateReader reader(info->dir);
     DIFFMOE_CHECK(reader.has_moments(), "{}: holds model weights but no optimizer state: cannot resume training from it", info->dir);
     load_state(*optim_, reader, {});
+    dp_->gather_weights({});
     try {
       step_ = info->state.at("step").get<int64_t>();
       tokens_seen_ = info->state.at("tokens_seen").get<uint64_t>();
@@ -155,55 +200,119 @@ class TrainRun {
     say(fmt::format("resumed from {} at step {} ({} tokens seen)", info->dir, step_, tokens_seen_));
   }
 
+  // Whether every rank passes ok (a collective: every rank must call it at the same point).
+  bool all_ok(bool ok) { return dp_->sum({}, {ok ? 1.0 : 0.0})[0] == static_cast<double>(world_); }
+
+  // A checkpoint of every rank's state shard (formats.md §4.2, §4.6). Rank 0 runs the atomic save
+  // (temporary directory, manifest last, rename, `latest`); the others write their shard into its
+  // temporary directory between two agreements, so a failure anywhere leaves no checkpoint and is
+  // reported on every rank:
+  //   A: rank 0's temporary directory exists;  B: every shard is written;  C: rank 0 committed.
   void save(int64_t at_step) {
     const std::string tok_name = "tokenizer" + fs::path(rc_.tokenizer.path).extension().string();
+    const std::string my_shard = shard_file_name(rank_, world_);
+    const std::string tmp_dir = fmt::format("{}/step_{:09d}.tmp", rc_.checkpoint.dir, at_step);
+    if (!lead()) {
+      DIFFMOE_CHECK(all_ok(true), "[checkpoint] step {} not saved: rank 0 could not start it (its error says why)", at_step);
+      bool ok = true;
+      std::string err;
+      try {
+        write_state_shard(*optim_, tmp_dir + "/" + my_shard, rank_, world_, /*with_buffers=*/false);
+        fsync_path(tmp_dir + "/" + my_shard);
+      } catch (const std::exception& e) {
+        ok = false;
+        err = e.what();
+      }
+      DIFFMOE_CHECK(all_ok(ok), "[checkpoint] step {} not saved: {}", at_step, ok ? "another rank's shard failed" : err);
+      DIFFMOE_CHECK(all_ok(true), "[checkpoint] step {} not saved: rank 0 could not commit it (its error says why)", at_step);
+      last_ckpt_ = fmt::format("{}/step_{:09d}", rc_.checkpoint.dir, at_step);
+      return;
+    }
     nlohmann::ordered_json state = {{"step", at_step},
                                     {"tokens_seen", tokens_seen_},
                                     {"loader", loader_->state().to_json()},
                                     {"seed", ts_.seed},
-                                    {"world_size", 1},
-                                    {"expert_parallel", 1},
+                                    {"world_size", world_},
+                                    {"expert_parallel", rc_.parallel.expert},
                                     {"tokenizer", tok_name},
                                     {"config", rc_.resolved}};
-    last_ckpt_ = save_checkpoint(CheckpointSaveOptions{
-        .root = rc_.checkpoint.dir,
-        .step = at_step,
-        .files = {{shard_file_name(0, 1), [&](const std::string& p) { write_state_shard(*optim_, p, 0, 1, /*with_buffers=*/true); }},
-                  {tok_name, [&](const std::string& p) { copy_tokenizer_into(rc_.tokenizer.path, p); }}},
-        .state = state,
-        .keep_last = static_cast<int>(rc_.checkpoint.keep_last),
-        .keep_every = rc_.checkpoint.keep_every});
-    metrics_->message(fmt::format("checkpoint: {}", last_ckpt_));
+    int agreed = 0;  // agreements A, B this rank has taken part in
+    std::vector<CheckpointFile> files;
+    files.push_back({my_shard, [&](const std::string& p) {
+                       agreed = 1;
+                       DIFFMOE_CHECK(all_ok(true), "[checkpoint] rank 0 could not start the checkpoint");
+                       bool ok = true;
+                       std::string err;
+                       try {
+                         write_state_shard(*optim_, p, rank_, world_, /*with_buffers=*/true);
+                       } catch (const std::exception& e) {
+                         ok = false;
+                         err = e.what();
+                       }
+                       agreed = 2;
+                       DIFFMOE_CHECK(all_ok(ok), "{}", ok ? "another rank's shard failed (its error says why)" : err);
+                     }});
+    for (int r = 1; r < world_; ++r) files.push_back({shard_file_name(r, world_), nullptr});  // written by rank r
+    files.push_back({tok_name, [&](const std::string& p) { copy_tokenizer_into(rc_.tokenizer.path, p); }});
+    try {
+      last_ckpt_ = save_checkpoint(CheckpointSaveOptions{.root = rc_.checkpoint.dir,
+                                                         .step = at_step,
+                                                         .files = std::move(files),
+                                                         .state = state,
+                                                         .keep_last = static_cast<int>(rc_.checkpoint.keep_last),
+                                                         .keep_every = rc_.checkpoint.keep_every});
+    } catch (...) {
+      // Take the agreements not yet taken as failed, so that the other ranks stop too.
+      for (int k = agreed; k < 3; ++k) all_ok(false);
+      throw;
+    }
+    all_ok(true);  // C
+    message(fmt::format("checkpoint: {}", last_ckpt_));
   }
 
   void run_eval(int64_t at_step) {
     if (!val_) return;
-    const EvalResult r = evaluate(*model_, *val_, rc_.eval.batches);
-    val_loss_ = r.loss;
-    metrics_->log(at_step, "val", {{"val_loss", r.loss}, {"val_ppl", r.perplexity}, {"val_tokens", static_cast<double>(r.tokens)}});
+    const EvalResult r = evaluate(*model_, *val_, rc_.eval.batches, rank_, world_);
+    const std::vector<double> sums = dp_->sum({}, {r.loss_sum, static_cast<double>(r.tokens)});
+    const double loss = sums[1] > 0 ? sums[0] / sums[1] : std::nan("");
+    val_loss_ = loss;
+    if (metrics_)
+      metrics_->log(at_step, "val", {{"val_loss", loss}, {"val_ppl", std::exp(loss)}, {"val_tokens", sums[1]}});
   }
 
-  // Forward and backward over grad_accum micro-batches, then the update. Returns false when the step
-  // was not applied (a non-finite loss or gradient norm).
+  // Forward and backward over this rank's grad_accum micro-batches of the global batch (micro-batch
+  // a·world + rank of the loader's stream, so the global batch is the same for any world size), the
+  // gradient reduction, then the update. Returns false when the step was not applied (a non-finite
+  // loss or gradient norm).
   bool step(double* loss_out, double* aux_out, double* gnorm_out) {
     model_->zero_grads({});
     model_->zero_expert_counts({});
+    const double scale = 1.0 / static_cast<double>(ts_.grad_accum * world_);
     double loss = 0, aux = 0;
     for (int64_t micro = 0; micro < ts_.grad_accum; ++micro) {
-      tb_->next(*loader_, *be_);  // the training loader never ends (it runs across epochs)
+      for (int r = 0; r < world_; ++r) {  // the training loader never ends (it runs across epochs)
+        if (r == rank_) tb_->next(*loader_, *be_);
+        else tb_->skip(*loader_);
+      }
       model_->forward({}, tb_->inputs(), tb_->targets());
-      model_->backward({}, 1.0 / static_cast<double>(ts_.grad_accum));
+      dp_->set_last_micro_batch(micro + 1 == ts_.grad_accum);
+      model_->backward({}, scale);
       const LossValues l = model_->losses();
-      loss += l.lm_loss / static_cast<double>(ts_.grad_accum);
-      aux += l.aux_loss / static_cast<double>(ts_.grad_accum);
+      loss += l.lm_loss * scale;
+      aux += l.aux_loss * scale;
     }
-    optim_->compute_grad_sq({});
+    dp_->finish_gradients({});
+    dp_->global_grad_sq({});
     const double gnorm = optim_->grad_norm();
+    const std::vector<double> global = dp_->sum({}, {loss, aux});
+    loss = global[0];
+    aux = global[1];
     *loss_out = loss;
     *aux_out = aux;
     *gnorm_out = gnorm;
     // A non-finite loss or gradient is never applied: parameters, optimizer state and every
-    // checkpoint stay as they were. train.max_bad_steps consecutive ones stop the run.
+    // checkpoint stay as they were. train.max_bad_steps consecutive ones stop the run. Every rank
+    // sees the same global values, so every rank decides the same.
     if (!std::isfinite(loss) || !std::isfinite(gnorm)) {
       ++bad_steps_;
       const std::string what = fmt::format("step {}: non-finite {} ({})", step_ + 1, std::isfinite(loss) ? "gradient norm" : "loss",
@@ -212,12 +321,14 @@ class TrainRun {
                     "{}; stopping without applying it ({} consecutive non-finite step(s), train.max_bad_steps = {}). "
                     "Last good checkpoint: {}",
                     what, bad_steps_, ts_.max_bad_steps, last_ckpt_.empty() ? "none written yet" : last_ckpt_);
-      metrics_->message(fmt::format("warning: {}; update skipped ({} of train.max_bad_steps = {})", what, bad_steps_, ts_.max_bad_steps));
+      message(fmt::format("warning: {}; update skipped ({} of train.max_bad_steps = {})", what, bad_steps_, ts_.max_bad_steps));
       return false;
     }
     bad_steps_ = 0;
     lr_ = learning_rate(step_, rc_.optim.warmup_steps, ts_.max_steps, rc_.optim.lr, rc_.optim.min_lr);
+    dp_->reduce_expert_counts({});
     optim_->apply({}, lr_);
+    dp_->gather_weights({});
     return true;
   }
 
@@ -236,7 +347,7 @@ class TrainRun {
       window_aux += aux;
       ++window_steps;
       const double step_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-      metrics_->progress(step_, loss, static_cast<double>(tokens_per_step_) / step_s);
+      if (metrics_) metrics_->progress(step_, loss, static_cast<double>(tokens_per_step_) / step_s);
 
       if (step_ % ts_.log_every == 0 || step_ == ts_.max_steps) {
         const double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - window_t0).count();
@@ -247,10 +358,13 @@ class TrainRun {
                                            {"grad_norm", gnorm},
                                            {"tokens_per_s", tps},
                                            {"step_time_s", dt / static_cast<double>(window_steps)},
-                                           {"mfu_pct", 100.0 * tps * flops_per_token_ / (ts_.peak_tflops * 1e12)},
+                                           // per GPU: tokens/s of the world over world GPUs' peak
+                                           {"mfu_pct", 100.0 * tps * flops_per_token_ / (ts_.peak_tflops * 1e12 * world_)},
                                            {"tokens_seen", static_cast<double>(tokens_seen_)}};
-        routing_stats(*model_, v);
-        metrics_->log(step_, "train", v);
+        if (lead()) {
+          routing_stats(*model_, v);
+          metrics_->log(step_, "train", v);
+        }
         window_loss = window_aux = 0;
         window_steps = 0;
         window_t0 = std::chrono::steady_clock::now();
@@ -258,11 +372,11 @@ class TrainRun {
       const bool eval_now = (rc_.eval.every > 0 && step_ % rc_.eval.every == 0) || step_ == ts_.max_steps;
       if (eval_now) run_eval(step_);
       if ((rc_.checkpoint.every > 0 && step_ % rc_.checkpoint.every == 0) || step_ == ts_.max_steps) save(step_);
-      metrics_->flush();
+      if (metrics_) metrics_->flush();
       if (ts_.stop_after > 0 && step_ - first_step_ >= ts_.stop_after && step_ < ts_.max_steps) {
         // As if interrupted here: no extra checkpoint, nothing else written (train.stop_after).
-        metrics_->message(fmt::format("stopping after {} steps of this run (train.stop_after) at step {} of {}", ts_.stop_after,
-                                      step_, ts_.max_steps));
+        message(fmt::format("stopping after {} steps of this run (train.stop_after) at step {} of {}", ts_.stop_after, step_,
+                            ts_.max_steps));
         break;
       }
     }
@@ -271,11 +385,17 @@ class TrainRun {
   const RunConfig& rc_;
   const TrainSettings& ts_;
   const TrainOptions& opt_;
+  std::unique_ptr<dist::DistContext> own_dist_;
+  dist::DistContext* dist_ = nullptr;
+  int rank_ = 0, world_ = 1;
   std::unique_ptr<Backend> be_;
+  std::unique_ptr<dist::DeviceWorld> world_comm_;
+  std::unique_ptr<dist::ProcessGrid> grid_;
   std::unique_ptr<data::Tokenizer> tokenizer_;
   std::string shards_;
   std::unique_ptr<Model> model_;
   std::unique_ptr<AdamW> optim_;
+  std::unique_ptr<DataParallel> dp_;
   std::unique_ptr<data::TokenLoader> loader_, val_;
   std::unique_ptr<TokenBuffers> tb_;
   std::unique_ptr<MetricsLogger> metrics_;

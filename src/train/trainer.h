@@ -5,6 +5,7 @@
 #include <memory>
 #include <string>
 
+#include "dist/dist_context.h"
 #include "train/train_config.h"
 
 namespace diffmoe {
@@ -12,6 +13,9 @@ namespace diffmoe {
 struct TrainOptions {
   std::string resume;        // "" = fresh run; "latest" = newest valid checkpoint; or a directory
   std::string config_path;   // for the log only
+  // The process's distributed context (the launch and the CPU world; dist/dist_context.h); null =
+  // one process.
+  dist::DistContext* dist = nullptr;
 };
 
 struct TrainResult {

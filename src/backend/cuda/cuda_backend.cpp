@@ -317,6 +317,15 @@ void CudaBackend::synchronize(Context ctx) {
 
 bool CudaBackend::tuning() const { return lt_gemm_ != nullptr && lt_gemm_->tuning(); }
 
-std::unique_ptr<Backend> make_cuda_backend() { return std::make_unique<CudaBackend>(); }
+std::unique_ptr<Backend> make_cuda_backend(int device) {
+  if (device >= 0) {
+    int count = 0;
+    CUDA_CHECK(cudaGetDeviceCount(&count));
+    DIFFMOE_CHECK(device < count, "[cuda] device {} requested (LOCAL_RANK or cuda:N), but this machine has {} CUDA device(s)", device,
+                  count);
+    CUDA_CHECK(cudaSetDevice(device));  // the backend, its streams and its memory live on the current device
+  }
+  return std::make_unique<CudaBackend>();
+}
 
 }  // namespace diffmoe
