@@ -81,6 +81,7 @@ class Backend {
   virtual void moe_combine_fwd(Context ctx, const MoeCombineFwdArgs& a) = 0;
   virtual void moe_combine_bwd(Context ctx, const MoeCombineBwdArgs& a) = 0;
   virtual void moe_bias_update(Context ctx, const MoeBiasUpdateArgs& a) = 0;
+  virtual void ep_dispatch_plan(Context ctx, const EpDispatchPlanArgs& a) = 0;
   virtual void cross_entropy_fwd(Context ctx, const CrossEntropyFwdArgs& a) = 0;
   virtual void cross_entropy_bwd(Context ctx, const CrossEntropyBwdArgs& a) = 0;
   virtual void adamw(Context ctx, const AdamWArgs& a) = 0;

@@ -318,21 +318,41 @@ struct AuxLossBwdArgs { Tensor dlogits; Tensor scores; int64_t seq_len = 0, top_
 
 // Routing plan: sorts the N·K (token, slot) assignments by expert, stable in (token, slot) order.
 //   offsets [E+1] i32: rows of expert e are offsets[e] .. offsets[e+1]
-//   src_row [N·K] i32: token of permuted row r;   slot_pos [N, K] i32: permuted row of (n, k)
+//   src_row [≤ N·K] i32: token of permuted row r;   slot_pos [N, K] i32: permuted row of (n, k)
+// A slot whose topk_idx is -1 is unused (expert parallelism: the token's rows that another rank
+// computes, EpDispatchPlanArgs): it gets no row and slot_pos -1; offsets[E] counts the used slots, and
+// src_row needs room for them only (rows past them are left untouched).
 struct MoePermuteArgs { Tensor offsets; Tensor src_row; Tensor slot_pos; Tensor topk_idx; int64_t n_experts = 0; };
-// x_perm[r] = x[src_row[r]]   x: [N,D], x_perm: [N·K, D]. x may be bf16 (the FFN's x_norm copy) and
-// x_perm may be bf16 (rounded once from f32 x; moved from bf16 x).
+// x_perm[r] = x[src_row[r]]   x: [N,D], x_perm: [R, D] with R = src_row's length (typically N·K)
 struct MoeGatherArgs { Tensor x_perm; Tensor x; Tensor src_row; };
-// dx[n] += Σ_k dx_perm[slot_pos[n,k]]  (accumulates: dx already holds the shared expert's dx).
-// dx_perm may be bf16 (the expert dgrad GEMM's output in the bf16 mode).
+// dx[n] += Σ_k dx_perm[slot_pos[n,k]] over the slots with slot_pos >= 0 (accumulates: dx already
+// holds the shared expert's dx). slot_pos [N, S] for any S (expert parallelism also gathers rows per
+// (token, rank) pair with it).
 struct MoeGatherBwdArgs { Tensor dx; Tensor dx_perm; Tensor slot_pos; };
-// y[n] += Σ_k topk_w[n,k] · y_perm[slot_pos[n,k]]   (y already holds the shared expert's output).
-// y_perm may be bf16 (the expert GEMMs' output in the bf16 mode).
+// y[n] += Σ_k topk_w[n,k] · y_perm[slot_pos[n,k]] over the slots with slot_pos >= 0
+// (y already holds the shared expert's output)
 struct MoeCombineFwdArgs { Tensor y; Tensor y_perm; Tensor topk_w; Tensor slot_pos; };
-// dy_perm[slot_pos[n,k]] = topk_w[n,k]·dy[n];  dtopk_w[n,k] = ⟨dy[n], y_perm[slot_pos[n,k]]⟩ (overwritten)
-// dy may be bf16 (the residual gradient's bf16 copy), y_perm too (as in the forward), and dy_perm
-// (rounded once; it feeds only the expert GEMMs). topk_w, dtopk_w: the op's float type.
+// dy_perm[slot_pos[n,k]] = topk_w[n,k]·dy[n];  dtopk_w[n,k] = ⟨dy[n], y_perm[slot_pos[n,k]]⟩ (overwritten),
+// and dtopk_w[n,k] = 0 for an unused slot (slot_pos -1).
+// (dy_perm may be bf16 for f32 dy; it feeds only the bf16 expert GEMMs)
 struct MoeCombineBwdArgs { Tensor dy_perm; Tensor dtopk_w; Tensor dy; Tensor y_perm; Tensor topk_w; Tensor slot_pos; };
+// Expert-parallel dispatch plan (spec §12): ranks P, each holding E_l = E/P consecutive experts
+// (rank r: [r·E_l, (r+1)·E_l)). A token is sent once to every rank holding one of its experts: the
+// pairs (n, r) with some slot k whose expert topk_idx[n,k] is on r, numbered in (r, n) order.
+//   counts     [P·(1+E_l)] i32: counts[r·(1+E_l)] = pairs to rank r; counts[r·(1+E_l) + 1 + e] =
+//              slots routed to r's local expert e (overwritten)
+//   pair_token [M] i32: the token of pair i (M >= the number of pairs, N·min(K, P) always suffices;
+//              entries past the pairs are left untouched)
+//   pair_of    [N, P] i32: the pair of (n, r), or -1 when n has no expert on r
+//   pair_idx   [M, K] i32: for pair i = (n, r), slot k: topk_idx[n,k] − r·E_l when on r, else -1
+//   pair_w     [M, K] (topk_w's dtype): topk_w[n,k] when on r, else 0
+// topk_idx [N, K], topk_w [N, K]. The rank receiving pair i runs its experts on it with
+// (pair_idx, pair_w) as the token's routing (moe_permute's unused slots), and returns one row per pair.
+struct EpDispatchPlanArgs {
+  Tensor counts; Tensor pair_token; Tensor pair_of; Tensor pair_idx; Tensor pair_w;
+  Tensor topk_idx; Tensor topk_w;
+  int64_t ranks = 1, local_experts = 1;
+};
 // Bias update once per optimizer step (spec §5): b_i += rate · sign(mean(counts) − counts_i).
 struct MoeBiasUpdateArgs { Tensor bias; Tensor counts; double rate = 1e-3; };
 

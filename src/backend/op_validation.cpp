@@ -731,7 +731,10 @@ void validate_moe_permute(const MoePermuteArgs& a, Device dev) {
   DIFFMOE_CHECK(a.n_experts >= 1, "[{}] n_experts = {} must be positive", op, a.n_experts);
   DIFFMOE_CHECK(n_rows <= INT32_MAX, "[{}] {} assignments overflow the i32 row index", op, n_rows);
   expect_tensor(a.offsets, {a.n_experts + 1}, DType::kI32, dev, op, "offsets");
-  expect_tensor(a.src_row, {n_rows}, DType::kI32, dev, op, "src_row");
+  check_device(a.src_row, dev, op, "src_row");
+  check_dtype(a.src_row, DType::kI32, op, "src_row");
+  DIFFMOE_CHECK(a.src_row.rank() == 1 && a.src_row.numel() <= n_rows, "[{}] src_row must be 1-D with at most N·K = {} rows, got {}", op,
+                n_rows, a.src_row.describe());
   expect_tensor(a.slot_pos, {n_tokens, top_k}, DType::kI32, dev, op, "slot_pos");
 }
 
@@ -778,6 +781,27 @@ void validate_moe_combine_bwd(const MoeCombineBwdArgs& a, Device dev) {
   check_plan(a.slot_pos, n_tokens, dev, op);
   expect_tensor(a.topk_w, a.slot_pos.shape, ft, dev, op, "topk_w");
   expect_tensor(a.dtopk_w, a.slot_pos.shape, ft, dev, op, "dtopk_w");
+}
+
+EpPlanDims validate_ep_dispatch_plan(const EpDispatchPlanArgs& a, Device dev) {
+  constexpr std::string_view op = "ep_dispatch_plan";
+  expect_rank2(a.topk_idx, dev, op, "topk_idx");
+  check_dtype(a.topk_idx, DType::kI32, op, "topk_idx");
+  const int64_t N = a.topk_idx.dim(0), K = a.topk_idx.dim(1), P = a.ranks, El = a.local_experts;
+  DIFFMOE_CHECK(P >= 1 && El >= 1, "[{}] ranks = {} and local_experts = {} must be positive", op, P, El);
+  DIFFMOE_CHECK(a.topk_w.defined() && dtype_is_float(a.topk_w.dtype), "[{}] topk_w must be a float tensor, got {}", op,
+                a.topk_w.describe());
+  expect_tensor(a.topk_w, {N, K}, a.topk_w.dtype, dev, op, "topk_w");
+  expect_tensor(a.counts, {P * (1 + El)}, DType::kI32, dev, op, "counts");
+  expect_rank2(a.pair_idx, dev, op, "pair_idx");
+  const int64_t M = a.pair_idx.dim(0);
+  DIFFMOE_CHECK(M >= N * std::min(K, P), "[{}] pair_idx has {} rows; N·min(K, P) = {} pairs may be needed", op, M, N * std::min(K, P));
+  DIFFMOE_CHECK(M <= INT32_MAX, "[{}] {} pairs overflow the i32 pair index", op, M);
+  expect_tensor(a.pair_token, {M}, DType::kI32, dev, op, "pair_token");
+  expect_tensor(a.pair_of, {N, P}, DType::kI32, dev, op, "pair_of");
+  expect_tensor(a.pair_idx, {M, K}, DType::kI32, dev, op, "pair_idx");
+  expect_tensor(a.pair_w, {M, K}, a.topk_w.dtype, dev, op, "pair_w");
+  return EpPlanDims{.tokens = N, .top_k = K, .ranks = P, .local_experts = El, .max_pairs = M};
 }
 
 void validate_moe_bias_update(const MoeBiasUpdateArgs& a, Device dev) {

@@ -134,6 +134,10 @@ void validate_moe_gather_bwd(const MoeGatherBwdArgs& a, Device dev);
 void validate_moe_combine_fwd(const MoeCombineFwdArgs& a, Device dev);
 void validate_moe_combine_bwd(const MoeCombineBwdArgs& a, Device dev);
 void validate_moe_bias_update(const MoeBiasUpdateArgs& a, Device dev);
+struct EpPlanDims {
+  int64_t tokens, top_k, ranks, local_experts, max_pairs;
+};
+EpPlanDims validate_ep_dispatch_plan(const EpDispatchPlanArgs& a, Device dev);
 
 // ---------------------------------------------------------------- loss and optimizer
 struct CrossEntropyDims {

@@ -46,17 +46,21 @@ void FfnLayer::plan(const LayerContext& lc, PrecisionPlan& pl, Arena& acts) cons
   pl.add(acts, a("scores"), Shape{N, E}, R::kFloat);  // s
   pl.add(acts, a("topk_idx"), Shape{N, K}, R::kIndex);
   pl.add(acts, a("topk_w"), Shape{N, K}, R::kFloat);
+  pl.add(acts, fmt::format("stats.{}.counts", l_), Shape{E}, R::kIndex);
+  pl.add_once(acts, "scratch.moe.dtopk_w", Shape{N, K}, R::kFloat);
+  pl.add_once(acts, "scratch.moe.dlogits", Shape{N, E}, R::kFloat);
+  if (expert_parallel(lc)) {  // the expert rows live in ExpertBuffers, sized by the routing
+    plan_ep(lc, pl, acts);
+    return;
+  }
   pl.add(acts, a("offsets"), Shape{E + 1}, R::kIndex);
   pl.add(acts, a("src_row"), Shape{NK}, R::kIndex);
   pl.add(acts, a("slot_pos"), Shape{N, K}, R::kIndex);
   pl.add(acts, a("x_perm"), Shape{NK, D}, R::kGemmOperand);  // token rows sorted by expert
   pl.add(acts, a("y_perm"), Shape{NK, D}, R::kGemmOutput);   // expert outputs, same order
-  pl.add(acts, fmt::format("stats.{}.counts", l_), Shape{E}, R::kIndex);
   plan_mlp("experts.", NK, c.moe_inter_dim);
   pl.add_once(acts, "scratch.moe.dy_perm", Shape{NK, D}, R::kGemmOperand);
   pl.add_once(acts, "scratch.moe.dx_perm", Shape{NK, D}, R::kGemmOutput);
-  pl.add_once(acts, "scratch.moe.dtopk_w", Shape{N, K}, R::kFloat);
-  pl.add_once(acts, "scratch.moe.dlogits", Shape{N, E}, R::kFloat);
 }
 
 // What the GEMMs read of x_norm: its bf16 copy in the bf16 GEMM mode, else x_norm itself.
@@ -102,6 +106,10 @@ void FfnLayer::forward(const LayerContext& lc, const Tensor& x, const Tensor& ou
     mlp_forward(lc, "", "", xg, out, x);
     return;
   }
+  if (expert_parallel(lc)) {
+    forward_ep(lc, x, out);
+    return;
+  }
   // Shared experts: one SwiGLU of width n_shared·moe_inter_dim (spec §4).
   if (c.n_shared_experts > 0) mlp_forward(lc, "shared.", "shared.", xg, out, x);
   else be.copy(lc.ctx, {.dst = out, .src = x});
@@ -138,6 +146,8 @@ void FfnLayer::backward(const LayerContext& lc, const Tensor& x, const Tensor& d
   const Tensor d_out_gemm = d_out16.defined() ? d_out16 : d_out;  // what the w2 backward GEMMs read
   if (!moe(lc)) {
     mlp_backward(lc, "", "", xg, d_out_gemm, dx_norm, 0.0);
+  } else if (expert_parallel(lc)) {
+    backward_ep(lc, d_out_gemm, dx_norm, aux_scale);
   } else {
     double beta = 0.0;  // the first contribution to dx_norm overwrites, the rest accumulate
     if (c.n_shared_experts > 0) {

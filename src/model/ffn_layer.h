@@ -33,6 +33,12 @@ class FfnLayer {
   // Backward of mlp_forward: dx (+)= (beta_dx), weight grads accumulate.
   void mlp_backward(const LayerContext& lc, const std::string& prefix, const std::string& act_prefix, const Tensor& x,
                     const Tensor& dy, const Tensor& dx, double beta_dx) const;
+  // The MoE block with the experts split over an EP group (ffn_layer_ep.cpp, spec §12): out already
+  // holds x + Shared(u) on return from the shared part; xg is the GEMMs' x_norm.
+  bool expert_parallel(const LayerContext& lc) const { return lc.ep != nullptr && lc.ep->size() > 1; }
+  void plan_ep(const LayerContext& lc, PrecisionPlan& plan, Arena& acts) const;
+  void forward_ep(const LayerContext& lc, const Tensor& x, const Tensor& out) const;
+  void backward_ep(const LayerContext& lc, const Tensor& d_out_gemm, const Tensor& dx_norm, double aux_scale) const;
   int64_t l_;
 };
 

@@ -6,6 +6,8 @@
 
 #include "backend/backend.h"
 #include "model/config.h"
+#include "model/expert_buffers.h"
+#include "model/expert_exchange.h"
 #include "model/grad_buffer.h"
 #include "model/layout_buffers.h"
 #include "model/precision_plan.h"
@@ -29,6 +31,10 @@ struct LayerContext {
   // then does not read them, and zero does not fill them either. So each GEMM weight must get
   // exactly one GEMM gradient per backward, before anything else adds to it.
   double dw_beta = 1.0;
+  // Expert parallelism (spec §12): the EP group's exchange and the routing-sized buffers; null when
+  // the experts are not split (one rank holds them all).
+  ExpertExchange* ep = nullptr;
+  ExpertBuffers* ep_buffers = nullptr;
   // [1]: the expert stacks' weight-gradient GEMMs add the Σg² of what they store here
   // (GroupedGemmWgradArgs::sum_sq; Model::grad_sq_parts). Undefined: not wanted.
   Tensor expert_grad_sq = {};

@@ -28,7 +28,15 @@ Model::Model(const ModelConfig& cfg, Backend& backend, DType dtype, const ModelO
       specs_((cfg_.validate("model config"), parameter_specs(cfg_))),
       layout_(std::make_unique<ParamLayout>(cfg_, plan_, opt.parallel)),
       params_(*layout_, compute_dtypes(*layout_), dtype, be_->allocator()),
-      grads_(*layout_, plan_.master_dtype(), be_->allocator()) {
+      grads_(*layout_, plan_.master_dtype(), be_->allocator()),
+      ep_(opt.expert_exchange) {
+  if (opt.parallel.ep_size > 1) {
+    DIFFMOE_CHECK(ep_ != nullptr && ep_->size() == opt.parallel.ep_size && ep_->rank() == opt.parallel.ep_rank,
+                  "[model] expert parallelism over {} ranks needs an expert exchange of that group (ModelOptions::expert_exchange)",
+                  opt.parallel.ep_size);
+  } else {
+    ep_ = nullptr;
+  }
   for (int64_t l = 0; l < cfg_.n_layers; ++l) {
     attn_.emplace_back(l);
     ffn_.emplace_back(l);
@@ -79,7 +87,7 @@ void Model::init_weights(uint64_t seed) {
 LayerContext Model::layer_context(Context ctx) {
   return LayerContext{.be = be_, .ctx = ctx, .cfg = &cfg_, .dtype = dtype_, .batch = batch_, .seq = seq_,
                       .params = &params_, .grads = &grads_, .acts = &acts_, .plan = &plan_,
-                      .bf16_operands = plan_.bf16_gemm()};
+                      .bf16_operands = plan_.bf16_gemm(), .ep = ep_, .ep_buffers = ep_buffers_.get()};
 }
 
 void Model::use_gemm_precision() const {
@@ -93,6 +101,9 @@ void Model::set_batch_shape(int64_t batch, int64_t seq) {
   seq_ = seq;
   acts_ = Arena();
   plan_.clear_entries();
+  ep_buffers_.reset();
+  if (ep_ != nullptr && cfg_.n_dense_layers < cfg_.n_layers)
+    ep_buffers_ = std::make_unique<ExpertBuffers>(cfg_, plan_, ep_->size(), batch * seq, *be_);
   expert_sq_valid_ = false;  // "grad_sq.experts" is planned anew below
   const int64_t N = batch * seq, D = cfg_.dim;
   const int64_t half = cfg_.qk_rope_head_dim / 2;

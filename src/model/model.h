@@ -15,6 +15,8 @@
 #include <vector>
 
 #include "model/attention_layer.h"
+#include "model/expert_buffers.h"
+#include "model/expert_exchange.h"
 #include "model/ffn_layer.h"
 #include "model/grad_buffer.h"
 #include "model/layout_buffers.h"
@@ -33,6 +35,8 @@ struct LossValues {
 struct ModelOptions {
   Precision precision = Precision::kF32;  // spec §7; the backend's GEMM precision follows it
   ParallelLayoutOptions parallel = {};    // expert split and data-parallel degrees (spec §12)
+  // The EP group's exchange (required when parallel.ep_size > 1; it must outlive the model).
+  ExpertExchange* expert_exchange = nullptr;
 };
 
 class Model {
@@ -66,6 +70,8 @@ class Model {
   };
   GradSqParts grad_sq_parts(Context ctx = {});
   const Arena& acts() const { return acts_; }
+  // Bytes of the expert-parallel buffers sized by the routing (0 without expert parallelism).
+  size_t expert_buffer_bytes() const { return ep_buffers_ ? ep_buffers_->bytes() : 0; }
 
   // Spec §6 initialisation from a seed (same values on every backend), into the compute weights.
   void init_weights(uint64_t seed);
@@ -111,6 +117,8 @@ class Model {
   LayoutBuffers params_;
   GradBuffer grads_;
   Arena acts_;
+  ExpertExchange* ep_ = nullptr;
+  std::unique_ptr<ExpertBuffers> ep_buffers_;  // expert parallelism: the routing-sized buffers
   int64_t batch_ = 0, seq_ = 0;
   // acts "grad_sq.experts" holds the Σg² of the expert gradients as they are now (grad_sq_parts).
   bool expert_sq_valid_ = false;

@@ -17,6 +17,7 @@
 #include "dist/process_grid.h"
 #include "train/data_parallel.h"
 #include "train/evaluator.h"
+#include "train/expert_exchange_comm.h"
 #include "train/lr_schedule.h"
 #include "train/metrics.h"
 #include "train/optimizer.h"
@@ -139,8 +140,11 @@ class TrainRun {
     const int64_t B = ts_.micro_batch, T = ts_.seq_len;
     const ParallelLayoutOptions layout{.ep_size = ep, .ep_rank = grid_->ep_rank(), .dense_dp = world_,
                                        .expert_dp = grid_->dp_size(), .bucket_elems = rc_.parallel.bucket_size};
+    exchange_ = std::make_unique<CommExpertExchange>(grid_->ep());
     model_ = std::make_unique<Model>(rc_.model, *be_, DType::kF32,
-                                     ModelOptions{.precision = parse_precision(ts_.precision, "train.precision"), .parallel = layout});
+                                     ModelOptions{.precision = parse_precision(ts_.precision, "train.precision"),
+                                                  .parallel = layout,
+                                                  .expert_exchange = exchange_.get()});
     model_->set_batch_shape(B, T);
     optim_ = std::make_unique<AdamW>(*model_, rc_.optim, OptimShard{.dense_rank = rank_, .expert_rank = grid_->dp_rank()});
     dp_ = std::make_unique<DataParallel>(*model_, *optim_, grid_->world(), grid_->dp());
@@ -391,6 +395,7 @@ class TrainRun {
   std::unique_ptr<Backend> be_;
   std::unique_ptr<dist::DeviceWorld> world_comm_;
   std::unique_ptr<dist::ProcessGrid> grid_;
+  std::unique_ptr<CommExpertExchange> exchange_;
   std::unique_ptr<data::Tokenizer> tokenizer_;
   std::string shards_;
   std::unique_ptr<Model> model_;

@@ -39,10 +39,12 @@ constexpr int64_t kMinParallelWork = int64_t{1} << 14;
 // ------------------------------------------------------------------ validation helpers
 
 // Every entry of an i32 tensor lies in [0, limit).
-void expect_indices(const Tensor& t, int64_t limit, std::string_view op, std::string_view name) {
+// Every index in [0, limit), or -1 (an unused slot) where `unused_ok`.
+void expect_indices(const Tensor& t, int64_t limit, std::string_view op, std::string_view name, bool unused_ok = false) {
   const int32_t* v = t.ptr<int32_t>();
   for (int64_t i = 0; i < t.numel(); ++i)
-    DIFFMOE_CHECK(v[i] >= 0 && v[i] < limit, "[{}] {}[{}] = {} is outside [0, {})", op, name, i, v[i], limit);
+    DIFFMOE_CHECK((v[i] >= 0 && v[i] < limit) || (unused_ok && v[i] == -1), "[{}] {}[{}] = {} is outside [0, {}){}", op, name, i, v[i],
+                  limit, unused_ok ? " and not -1" : "");
 }
 
 // ------------------------------------------------------------------ per-token building blocks
@@ -314,7 +316,8 @@ void combine_fwd_impl(const MoeCombineFwdArgs& a) {
   for (int64_t n = 0; n < n_tokens; ++n) {
     for (int64_t d = 0; d < dim; ++d) {
       Acc acc = 0;
-      for (int64_t k = 0; k < top_k; ++k) acc += static_cast<Acc>(w[n * top_k + k]) * y_perm[slot[n * top_k + k] * dim + d];
+      for (int64_t k = 0; k < top_k; ++k)
+        if (slot[n * top_k + k] >= 0) acc += static_cast<Acc>(w[n * top_k + k]) * y_perm[slot[n * top_k + k] * dim + d];
       y[n * dim + d] = static_cast<T>(y[n * dim + d] + acc);
     }
   }
@@ -334,6 +337,10 @@ void combine_bwd_impl(const MoeCombineBwdArgs& a) {
   for (int64_t n = 0; n < n_tokens; ++n) {
     for (int64_t k = 0; k < top_k; ++k) {
       const int64_t r = slot[n * top_k + k];
+      if (r < 0) {  // an unused slot: no row, no weight gradient
+        dw[n * top_k + k] = 0;
+        continue;
+      }
       const T w_nk = w[n * top_k + k];
       Acc dot = 0;
       for (int64_t d = 0; d < dim; ++d) {
@@ -397,7 +404,7 @@ void CpuBackend::moe_permute(Context, const MoePermuteArgs& a) {
   validate_moe_permute(a, Device::kCPU);
   const int64_t n_tokens = a.topk_idx.dim(0), top_k = a.topk_idx.dim(1), n_rows = n_tokens * top_k;
   const int64_t n_experts = a.n_experts;
-  expect_indices(a.topk_idx, n_experts, op, "topk_idx");
+  expect_indices(a.topk_idx, n_experts, op, "topk_idx", /*unused_ok=*/true);
 
   const int32_t* idx = a.topk_idx.ptr<int32_t>();
   int32_t* offsets = a.offsets.ptr<int32_t>();
@@ -405,13 +412,21 @@ void CpuBackend::moe_permute(Context, const MoePermuteArgs& a) {
   int32_t* slot_pos = a.slot_pos.ptr<int32_t>();
   // offsets[e + 1] = number of assignments to e, then the prefix sum: offsets[e] = first row of e.
   for (int64_t e = 0; e <= n_experts; ++e) offsets[e] = 0;
-  for (int64_t i = 0; i < n_rows; ++i) ++offsets[idx[i] + 1];
+  for (int64_t i = 0; i < n_rows; ++i)
+    if (idx[i] >= 0) ++offsets[idx[i] + 1];
   for (int64_t e = 0; e < n_experts; ++e) offsets[e + 1] += offsets[e];
+  DIFFMOE_CHECK(offsets[n_experts] <= a.src_row.numel(), "[{}] {} assignments but src_row has room for {}", op, offsets[n_experts],
+                a.src_row.numel());
   // Scatter in (token, slot) order; `cursor` is the next free row of each expert.
   std::vector<int32_t> cursor(offsets, offsets + n_experts);
   for (int64_t n = 0; n < n_tokens; ++n) {
     for (int64_t k = 0; k < top_k; ++k) {
-      const int32_t r = cursor[idx[n * top_k + k]]++;
+      const int32_t e = idx[n * top_k + k];
+      if (e < 0) {  // an unused slot (expert parallelism: its expert is on another rank)
+        slot_pos[n * top_k + k] = -1;
+        continue;
+      }
+      const int32_t r = cursor[e]++;
       src_row[r] = static_cast<int32_t>(n);
       slot_pos[n * top_k + k] = r;
     }
@@ -441,7 +456,7 @@ void CpuBackend::moe_gather(Context, const MoeGatherArgs& a) {
 void CpuBackend::moe_gather_bwd(Context, const MoeGatherBwdArgs& a) {
   constexpr std::string_view op = "moe_gather_bwd";
   validate_moe_gather_bwd(a, Device::kCPU);
-  expect_indices(a.slot_pos, a.dx_perm.dim(0), op, "slot_pos");
+  expect_indices(a.slot_pos, a.dx_perm.dim(0), op, "slot_pos", /*unused_ok=*/true);
   const int64_t n_tokens = a.dx.dim(0), dim = a.dx.dim(1);
   const int64_t top_k = a.slot_pos.dim(1);
   Bf16Staging staged(scratch_);
@@ -454,7 +469,8 @@ void CpuBackend::moe_gather_bwd(Context, const MoeGatherBwdArgs& a) {
     for (int64_t n = 0; n < n_tokens; ++n) {
       for (int64_t d = 0; d < dim; ++d) {
         Acc acc = 0;
-        for (int64_t k = 0; k < top_k; ++k) acc += dx_perm[slot[n * top_k + k] * dim + d];
+        for (int64_t k = 0; k < top_k; ++k)
+          if (slot[n * top_k + k] >= 0) acc += dx_perm[slot[n * top_k + k] * dim + d];
         dx[n * dim + d] = static_cast<T>(dx[n * dim + d] + acc);
       }
     }
@@ -464,7 +480,7 @@ void CpuBackend::moe_gather_bwd(Context, const MoeGatherBwdArgs& a) {
 void CpuBackend::moe_combine_fwd(Context, const MoeCombineFwdArgs& a) {
   constexpr std::string_view op = "moe_combine_fwd";
   validate_moe_combine_fwd(a, Device::kCPU);
-  expect_indices(a.slot_pos, a.y_perm.dim(0), op, "slot_pos");
+  expect_indices(a.slot_pos, a.y_perm.dim(0), op, "slot_pos", /*unused_ok=*/true);
   Bf16Staging staged(scratch_);
   MoeCombineFwdArgs f = a;
   f.y_perm = staged.input(a.y_perm);
@@ -474,7 +490,7 @@ void CpuBackend::moe_combine_fwd(Context, const MoeCombineFwdArgs& a) {
 void CpuBackend::moe_combine_bwd(Context, const MoeCombineBwdArgs& a) {
   constexpr std::string_view op = "moe_combine_bwd";
   validate_moe_combine_bwd(a, Device::kCPU);
-  expect_indices(a.slot_pos, a.y_perm.dim(0), op, "slot_pos");
+  expect_indices(a.slot_pos, a.y_perm.dim(0), op, "slot_pos", /*unused_ok=*/true);
   Bf16Staging staged(scratch_);
   MoeCombineBwdArgs f = a;
   f.dy = staged.input(a.dy);
@@ -485,6 +501,46 @@ void CpuBackend::moe_combine_bwd(Context, const MoeCombineBwdArgs& a) {
 }
 
 // counts: i32 (the router's) or the bias's float type (e.g. counts already all-reduced as floats).
+// Pairs (token, destination rank) in (rank, token) order (op_args.h EpDispatchPlanArgs).
+void CpuBackend::ep_dispatch_plan(Context, const EpDispatchPlanArgs& a) {
+  constexpr std::string_view op = "ep_dispatch_plan";
+  const EpPlanDims d = validate_ep_dispatch_plan(a, Device::kCPU);
+  expect_indices(a.topk_idx, d.ranks * d.local_experts, op, "topk_idx");
+  const int32_t* idx = a.topk_idx.ptr<int32_t>();
+  int32_t* counts = a.counts.ptr<int32_t>();
+  int32_t* pair_token = a.pair_token.ptr<int32_t>();
+  int32_t* pair_of = a.pair_of.ptr<int32_t>();
+  int32_t* pair_idx = a.pair_idx.ptr<int32_t>();
+  const int64_t N = d.tokens, K = d.top_k, P = d.ranks, El = d.local_experts, stride = 1 + El;
+  for (int64_t i = 0; i < P * stride; ++i) counts[i] = 0;
+  int64_t next = 0;
+  dispatch_float(a.topk_w.dtype, op, [&]<class T>() {
+    const T* w = a.topk_w.ptr<T>();
+    T* pair_w = a.pair_w.ptr<T>();
+    for (int64_t r = 0; r < P; ++r) {
+      for (int64_t n = 0; n < N; ++n) {
+        bool any = false;
+        for (int64_t k = 0; k < K; ++k) any = any || idx[n * K + k] / El == r;
+        if (!any) {
+          pair_of[n * P + r] = -1;
+          continue;
+        }
+        const int64_t i = next++;
+        pair_token[i] = static_cast<int32_t>(n);
+        pair_of[n * P + r] = static_cast<int32_t>(i);
+        ++counts[r * stride];
+        for (int64_t k = 0; k < K; ++k) {
+          const int32_t e = idx[n * K + k];
+          const bool here = e / El == r;
+          pair_idx[i * K + k] = here ? static_cast<int32_t>(e - r * El) : -1;
+          pair_w[i * K + k] = here ? w[n * K + k] : T(0);
+          if (here) ++counts[r * stride + 1 + (e - r * El)];
+        }
+      }
+    }
+  });
+}
+
 void CpuBackend::moe_bias_update(Context, const MoeBiasUpdateArgs& a) {
   constexpr std::string_view op = "moe_bias_update";
   validate_moe_bias_update(a, Device::kCPU);

@@ -24,7 +24,7 @@ constexpr size_t kCublasWorkspaceBytes = size_t{32} << 20;
 
 struct SiteText {
   std::string_view op, field;
-  bool allows_ignore;            // −1 is valid (cross-entropy targets)
+  bool allows_ignore;            // −1 is valid (cross-entropy targets, unused MoE slots)
   bool group_offsets = false;    // grouped-GEMM offsets: a monotonicity rule, not a range
 };
 
@@ -33,11 +33,12 @@ SiteText site_text(IssueSite s) {
     case IssueSite::kEmbeddingFwdTokens: return {"embedding_fwd", "tokens", false};
     case IssueSite::kEmbeddingBwdTokens: return {"embedding_bwd", "tokens", false};
     case IssueSite::kRouterBwdTopkIdx: return {"router_bwd", "topk_idx", false};
-    case IssueSite::kPermuteTopkIdx: return {"moe_permute", "topk_idx", false};
+    case IssueSite::kPermuteTopkIdx: return {"moe_permute", "topk_idx", true};
     case IssueSite::kGatherSrcRow: return {"moe_gather", "src_row", false};
-    case IssueSite::kGatherBwdSlotPos: return {"moe_gather_bwd", "slot_pos", false};
-    case IssueSite::kCombineFwdSlotPos: return {"moe_combine_fwd", "slot_pos", false};
-    case IssueSite::kCombineBwdSlotPos: return {"moe_combine_bwd", "slot_pos", false};
+    case IssueSite::kGatherBwdSlotPos: return {"moe_gather_bwd", "slot_pos", true};
+    case IssueSite::kCombineFwdSlotPos: return {"moe_combine_fwd", "slot_pos", true};
+    case IssueSite::kCombineBwdSlotPos: return {"moe_combine_bwd", "slot_pos", true};
+    case IssueSite::kEpPlanTopkIdx: return {"ep_dispatch_plan", "topk_idx", false};
     case IssueSite::kCrossEntropyFwdTargets: return {"cross_entropy_fwd", "targets", true};
     case IssueSite::kCrossEntropyBwdTargets: return {"cross_entropy_bwd", "targets", true};
     case IssueSite::kGroupedGemmOffsets: return {"grouped_gemm", "offsets", false, true};

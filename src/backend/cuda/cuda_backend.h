@@ -149,6 +149,7 @@ class CudaBackend final : public Backend, public OpProfiler {
   void moe_combine_fwd(Context ctx, const MoeCombineFwdArgs& a) override;
   void moe_combine_bwd(Context ctx, const MoeCombineBwdArgs& a) override;
   void moe_bias_update(Context ctx, const MoeBiasUpdateArgs& a) override;
+  void ep_dispatch_plan(Context ctx, const EpDispatchPlanArgs& a) override;
   void cross_entropy_fwd(Context ctx, const CrossEntropyFwdArgs& a) override;  // loss_ops.cu
   void cross_entropy_bwd(Context ctx, const CrossEntropyBwdArgs& a) override;
   void adamw(Context ctx, const AdamWArgs& a) override;                  // optim_ops.cu

@@ -26,6 +26,7 @@ enum class IssueSite : int32_t {
   kCrossEntropyBwdTargets,
   kGroupedGemmOffsets,       // offsets break 0 = o[0] ≤ o[1] ≤ … ≤ o[G] ≤ rows (limit = rows)
   kGroupedGemmWgradOffsets,
+  kEpPlanTopkIdx,
 };
 
 struct DeviceIssue {

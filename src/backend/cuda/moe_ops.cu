@@ -336,20 +336,28 @@ __global__ void __launch_bounds__(kAuxThreads) aux_loss_bwd_kernel(float* dlogit
 
 // ---------------------------------------------------------------- dispatch plan and data movement
 
-// vals[i] = i, and every expert index checked (the sort itself tolerates bad keys).
-__global__ void permute_prepare_kernel(int32_t* vals, const int32_t* topk_idx, int64_t n_rows, int64_t n_experts,
-                                       DeviceIssue* issue) {
+// vals[i] = i; keys[i] = the expert, or n_experts for an unused slot (-1), so that unused slots sort
+// after every expert's rows; every expert index checked (the sort itself tolerates bad keys).
+__global__ void permute_prepare_kernel(int32_t* vals, int32_t* keys, const int32_t* topk_idx, int64_t n_rows,
+                                       int64_t n_experts, DeviceIssue* issue) {
   for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < n_rows; i += int64_t{gridDim.x} * blockDim.x) {
     vals[i] = static_cast<int32_t>(i);
-    index_ok(issue, IssueSite::kPermuteTopkIdx, i, topk_idx[i], n_experts);
+    const int32_t e = topk_idx[i];
+    keys[i] = e == -1 ? static_cast<int32_t>(n_experts) : e;
+    index_ok(issue, IssueSite::kPermuteTopkIdx, i, e, n_experts, /*allow_ignore=*/true);
   }
 }
 
-// Permuted row r holds assignment i = sorted_assign[r] = n·K + k:  src_row[r] = n, slot_pos[i] = r.
+// Permuted row r holds assignment i = sorted_assign[r] = n·K + k:  src_row[r] = n, slot_pos[i] = r;
+// the unused slots (sorted last, key n_experts) get slot_pos -1 and no row.
 __global__ void permute_scatter_kernel(int32_t* src_row, int32_t* slot_pos, const int32_t* sorted_assign,
-                                       int64_t n_rows, int64_t top_k) {
+                                       const int32_t* sorted_key, int64_t n_rows, int64_t top_k, int64_t n_experts) {
   for (int64_t r = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; r < n_rows; r += int64_t{gridDim.x} * blockDim.x) {
     const int32_t i = sorted_assign[r];
+    if (sorted_key[r] >= n_experts) {
+      slot_pos[i] = -1;
+      continue;
+    }
     src_row[r] = static_cast<int32_t>(i / top_k);
     slot_pos[i] = static_cast<int32_t>(r);
   }
@@ -434,7 +442,7 @@ __device__ __forceinline__ void add_weighted_slots(float* __restrict__ y, const 
   for (int64_t n = warp_index(); n < n_tokens; n += warp_count()) {
     const int32_t* slots = slot_pos + n * top_k;
     const float* w = topk_w + n * top_k;  // read only when kWeighted
-    for (int64_t k = lane; k < top_k; k += kWarp) index_ok(issue, site, n * top_k + k, slots[k], n_rows);
+    for (int64_t k = lane; k < top_k; k += kWarp) index_ok(issue, site, n * top_k + k, slots[k], n_rows, /*allow_ignore=*/true);
     float* y_n = y + n * dim;
     for (int64_t c = lane * kStep; c < dim; c += kWarp * kStep) {
       double acc[kStep] = {};
@@ -515,7 +523,11 @@ __global__ void __launch_bounds__(kThreads) combine_bwd_kernel(Out* __restrict__
   for (int64_t nk = warp_index(); nk < n_tokens * top_k; nk += warp_count()) {
     const int64_t n = nk / top_k;
     const int32_t r = slot_pos[nk];
-    if (!index_ok(issue, IssueSite::kCombineBwdSlotPos, nk, r, n_rows)) continue;  // uniform over the warp
+    if (!index_ok(issue, IssueSite::kCombineBwdSlotPos, nk, r, n_rows, /*allow_ignore=*/true)) continue;  // uniform over the warp
+    if (r == -1) {  // an unused slot: no row, no weight gradient
+      if (lane == 0) dtopk_w[nk] = 0.0f;
+      continue;
+    }
     const float w = topk_w[nk];
     const G* g_row = dy + n * dim;
     const In* y_row = y_perm + r * dim;
@@ -706,18 +718,20 @@ void CudaBackend::moe_permute(Context ctx, const MoePermuteArgs& a) {
     CUDA_CHECK(cudaMemsetAsync(a.offsets.data, 0, a.offsets.nbytes(), s));
     return;
   }
-  // Scratch: assignment ids, sorted experts, sorted assignment ids, CUB's temporaries.
+  // Scratch: assignment ids, keys, sorted keys, sorted assignment ids, CUB's temporaries. src_row may
+  // be shorter than N·K when slots are unused (-1): those sort last and get no row.
   const size_t ids_bytes = align256(static_cast<size_t>(n_rows) * sizeof(int32_t));
   const size_t temp_bytes = sort_pairs_temp_bytes(n_rows);
-  char* base = static_cast<char*>(scratch(3 * ids_bytes + temp_bytes));
+  char* base = static_cast<char*>(scratch(4 * ids_bytes + temp_bytes));
   auto* assign = reinterpret_cast<int32_t*>(base);
-  auto* sorted_expert = reinterpret_cast<int32_t*>(base + ids_bytes);
-  auto* sorted_assign = reinterpret_cast<int32_t*>(base + 2 * ids_bytes);
-  permute_prepare_kernel<<<grid_for(n_rows), kThreads, 0, s>>>(assign, i32(a.topk_idx), n_rows, a.n_experts, issue());
+  auto* keys = reinterpret_cast<int32_t*>(base + ids_bytes);
+  auto* sorted_expert = reinterpret_cast<int32_t*>(base + 2 * ids_bytes);
+  auto* sorted_assign = reinterpret_cast<int32_t*>(base + 3 * ids_bytes);
+  permute_prepare_kernel<<<grid_for(n_rows), kThreads, 0, s>>>(assign, keys, i32(a.topk_idx), n_rows, a.n_experts, issue());
   CUDA_CHECK_LAUNCH(kOp);
-  sort_pairs(base + 3 * ids_bytes, temp_bytes, i32(a.topk_idx), sorted_expert, assign, sorted_assign, n_rows, s);
-  permute_scatter_kernel<<<grid_for(n_rows), kThreads, 0, s>>>(i32(a.src_row), i32(a.slot_pos), sorted_assign, n_rows,
-                                                              top_k);
+  sort_pairs(base + 4 * ids_bytes, temp_bytes, keys, sorted_expert, assign, sorted_assign, n_rows, s);
+  permute_scatter_kernel<<<grid_for(n_rows), kThreads, 0, s>>>(i32(a.src_row), i32(a.slot_pos), sorted_assign,
+                                                              sorted_expert, n_rows, top_k, a.n_experts);
   CUDA_CHECK_LAUNCH(kOp);
   permute_offsets_kernel<<<grid_for(a.n_experts + 1), kThreads, 0, s>>>(i32(a.offsets), sorted_expert, n_rows,
                                                                          a.n_experts);

@@ -1,0 +1,104 @@
+#include "model/expert_buffers.h"
+
+#include <algorithm>
+#include <cmath>
+
+namespace diffmoe {
+
+namespace {
+// Growth beyond what a micro-batch needs, so that routing drifting upwards does not reallocate at
+// every step.
+constexpr double kGrowth = 1.25;
+int64_t grown(int64_t need, int64_t cap) {
+  return need <= cap ? cap : std::max(need, static_cast<int64_t>(std::ceil(kGrowth * static_cast<double>(cap))));
+}
+}  // namespace
+
+ExpertBuffers::ExpertBuffers(const ModelConfig& cfg, const PrecisionPlan& plan, int64_t ep_size, int64_t tokens, Backend& be)
+    : cfg_(&cfg), plan_(&plan), be_(&be) {
+  layers_.resize(static_cast<size_t>(cfg.n_layers - cfg.n_dense_layers));
+  // Start at the average: a rank receives as many pairs as it sends, N·min(K, EP) at most, and its
+  // experts compute N·K rows on average.
+  const int64_t K = cfg.n_activated_experts;
+  const int64_t pairs = tokens * std::min(K, ep_size), rows = tokens * K;
+  for (Layer& l : layers_) {
+    l.cap_pairs = pairs;
+    l.cap_rows = rows;
+    plan_saved(l);
+  }
+  scratch_pairs_ = pairs;
+  scratch_rows_ = rows;
+  plan_scratch();
+}
+
+size_t ExpertBuffers::index(int64_t layer) const {
+  const int64_t i = layer - cfg_->n_dense_layers;
+  DIFFMOE_CHECK(i >= 0 && i < static_cast<int64_t>(layers_.size()), "[model] layer {} is not a MoE layer", layer);
+  return static_cast<size_t>(i);
+}
+
+void ExpertBuffers::plan_saved(Layer& l) {
+  const ModelConfig& c = *cfg_;
+  const int64_t K = c.n_activated_experts, D = c.dim, I = c.moe_inter_dim, P = l.cap_pairs, R = l.cap_rows;
+  l.saved = Arena();
+  using A = ActRole;
+  const auto add = [&](const char* name, Shape s, ActRole role) { l.saved.add(name, s, plan_->dtype(role)); };
+  add("recv_idx", Shape{P, K}, A::kIndex);
+  add("recv_w", Shape{P, K}, A::kFloat);
+  add("slot_pos", Shape{P, K}, A::kIndex);
+  add("offsets", Shape{c.n_routed_experts + 1}, A::kIndex);  // the local experts' E_l + 1 in front
+  add("src_row", Shape{R}, A::kIndex);
+  add("x_perm", Shape{R, D}, A::kGemmOperand);
+  add("y_perm", Shape{R, D}, A::kGemmOutput);
+  add("a", Shape{R, I}, A::kGemmOutput);
+  add("b", Shape{R, I}, A::kGemmOutput);
+  add("h", Shape{R, I}, A::kGemmOperand);
+  l.saved.allocate(be_->allocator());
+}
+
+void ExpertBuffers::plan_scratch() {
+  const ModelConfig& c = *cfg_;
+  const int64_t K = c.n_activated_experts, D = c.dim, I = c.moe_inter_dim, P = scratch_pairs_, R = scratch_rows_;
+  scratch_ = Arena();
+  using A = ActRole;
+  const auto add = [&](const char* name, Shape s, ActRole role) { scratch_.add(name, s, plan_->dtype(role)); };
+  add("x_recv", Shape{P, D}, A::kGemmOperand);
+  add("dy_recv", Shape{P, D}, A::kGemmOperand);
+  add("y_recv", Shape{P, D}, A::kFloat);
+  add("dx_recv", Shape{P, D}, A::kFloat);
+  add("dtw", Shape{P, K}, A::kFloat);
+  add("dy_perm", Shape{R, D}, A::kGemmOperand);
+  add("dx_perm", Shape{R, D}, A::kGemmOutput);
+  add("dh", Shape{R, I}, A::kGemmOutput);
+  add("da", Shape{R, I}, A::kGemmOperand);
+  add("db", Shape{R, I}, A::kGemmOperand);
+  scratch_.allocate(be_->allocator());
+}
+
+void ExpertBuffers::ensure(int64_t layer, int64_t pairs, int64_t rows) {
+  Layer& l = layers_[index(layer)];
+  if (pairs > l.cap_pairs || rows > l.cap_rows) {
+    l.cap_pairs = grown(pairs, l.cap_pairs);
+    l.cap_rows = grown(rows, l.cap_rows);
+    be_->synchronize({});  // the old buffers may still be read by queued work of an earlier step
+    plan_saved(l);
+  }
+  if (pairs > scratch_pairs_ || rows > scratch_rows_) {
+    scratch_pairs_ = grown(pairs, scratch_pairs_);
+    scratch_rows_ = grown(rows, scratch_rows_);
+    be_->synchronize({});
+    plan_scratch();
+  }
+}
+
+Tensor ExpertBuffers::saved(int64_t layer, const std::string& name) const { return layers_[index(layer)].saved.get(name); }
+
+Tensor ExpertBuffers::scratch(const std::string& name) const { return scratch_.get(name); }
+
+size_t ExpertBuffers::bytes() const {
+  size_t n = scratch_.bytes();
+  for (const Layer& l : layers_) n += l.saved.bytes();
+  return n;
+}
+
+}  // namespace diffmoe

@@ -1,0 +1,60 @@
+// The buffers of expert-parallel MoE layers whose sizes depend on the routing (spec §12,
+// docs/parallelism.md): the (token, rank) pairs this rank receives and the expert rows they expand
+// to. Dropless routing bounds them only by EP·N·K, so instead of planning for the worst case they
+// are sized to what the run has needed so far and grown when a micro-batch needs more — before the
+// layer writes anything into them, so nothing saved is lost (a CUDA allocation then waits for the
+// device once). Each MoE layer keeps its own saved buffers (the backward reads them); the backward
+// scratch is shared by all layers.
+#pragma once
+#include <string>
+#include <vector>
+
+#include "backend/backend.h"
+#include "model/config.h"
+#include "model/expert_exchange.h"
+#include "model/precision_plan.h"
+
+namespace diffmoe {
+
+// One MoE layer's last forward: the pairs sent to and received from each peer, and the expert rows
+// they expanded to here (host values: the backward runs the same exchanges in reverse).
+struct EpTraffic {
+  RowBlocks send, recv;
+  int64_t rows = 0;
+};
+
+class ExpertBuffers {
+ public:
+  // tokens: N of a micro-batch on this rank; ep_size: ranks of the EP group.
+  ExpertBuffers(const ModelConfig& cfg, const PrecisionPlan& plan, int64_t ep_size, int64_t tokens, Backend& be);
+
+  EpTraffic& traffic(int64_t layer) { return layers_[index(layer)].traffic; }
+  // Room for `pairs` received pairs and `rows` expert rows in the layer's buffers and the scratch.
+  void ensure(int64_t layer, int64_t pairs, int64_t rows);
+  // The layer's saved buffers ("recv_idx", "recv_w", "slot_pos" [pairs, K]; "offsets" [E_l + 1];
+  // "src_row" [rows]; "x_perm", "y_perm" [rows, D]; "a", "b", "h" [rows, I]) and the shared scratch
+  // ("x_recv", "dy_recv", "y_recv", "dx_recv" [pairs, D]; "dtw" [pairs, K]; "dy_perm", "dx_perm"
+  // [rows, D]; "dh", "da", "db" [rows, I]), as full-capacity views: take .rows(0, n) of them.
+  Tensor saved(int64_t layer, const std::string& name) const;
+  Tensor scratch(const std::string& name) const;
+  size_t bytes() const;  // all of it, now
+
+ private:
+  struct Layer {
+    EpTraffic traffic;
+    Arena saved;
+    int64_t cap_pairs = 0, cap_rows = 0;
+  };
+  size_t index(int64_t layer) const;
+  void plan_saved(Layer& l);
+  void plan_scratch();
+
+  const ModelConfig* cfg_;
+  const PrecisionPlan* plan_;
+  Backend* be_;
+  std::vector<Layer> layers_;
+  Arena scratch_;
+  int64_t scratch_pairs_ = 0, scratch_rows_ = 0;
+};
+
+}  // namespace diffmoe
