@@ -1,15 +1,19 @@
-// `diffmoe train --config X [--set key=value ...] [--resume [latest|DIR]]`
+// `diffmoe train --config X [--set key=value ...] [--resume [latest|DIR] | --overwrite]`
+// Exit status: 0 done (or train.stop_after reached), 1 an error, kExitStopped (75) stopped by
+// SIGINT/SIGTERM/SIGUSR1 after writing a checkpoint (stop_signal.h).
 #include <fmt/core.h>
 
 #include "cli/commands.h"
+#include "train/stop_signal.h"
 #include "train/trainer.h"
 
 namespace diffmoe::cli {
 
 namespace {
-int run_train(const std::string& config, const std::vector<std::string>& sets, const std::string& resume) {
+int run_train(const std::string& config, const std::vector<std::string>& sets, const std::string& resume, bool overwrite) {
   const RunConfig rc = load_run_config(config, sets);
-  const TrainResult r = train(rc, TrainOptions{.resume = resume, .config_path = config});
+  const TrainResult r = train(rc, TrainOptions{.resume = resume, .config_path = config, .overwrite = overwrite});
+  if (r.stop_signal != 0) return kExitStopped;  // the trainer said where it stopped and what it saved
   fmt::print("done: {} steps, last loss {:.4f}, validation loss {:.4f}, checkpoint {}\n", r.steps, r.last_loss, r.val_loss,
              r.last_checkpoint);
   return 0;
@@ -28,11 +32,15 @@ void add_train_command(CLI::App& app, std::function<int()>& run) {
   cmd->add_option("--resume", *resume, "resume from 'latest' (the newest valid checkpoint) or a checkpoint directory")
       ->expected(0, 1)
       ->default_str("latest");
-  cmd->callback([&run, config, sets, resume, device, cmd] {
+  auto overwrite = std::make_shared<bool>(false);
+  cmd->add_flag("--overwrite", *overwrite,
+                "start afresh over an earlier run in train.out_dir: delete its checkpoints and logs first")
+      ->excludes("--resume");
+  cmd->callback([&run, config, sets, resume, device, overwrite, cmd] {
     std::string r = cmd->count("--resume") > 0 ? (resume->empty() ? "latest" : *resume) : "";
     std::vector<std::string> overrides = *sets;
     if (!device->empty()) overrides.push_back("train.device=" + *device);
-    run = [=] { return run_train(*config, overrides, r); };
+    run = [=] { return run_train(*config, overrides, r, *overwrite); };
   });
 }
 

@@ -330,6 +330,9 @@ void apply_override(nlohmann::ordered_json& config, std::string_view assignment,
   const size_t eq = assignment.find('=');
   DIFFMOE_CHECK(eq != std::string_view::npos, "override '{}' must look like key.path=value", assignment);
   const std::string key(assignment.substr(0, eq));
+  const std::string_view raw = assignment.substr(eq + 1);
+  DIFFMOE_CHECK(raw.find_first_not_of(" \t") != std::string_view::npos,
+                "override '{}': no value after '=' (to use the default, leave the key out)", assignment);
 
   std::vector<std::string> parts;
   for (size_t start = 0;;) {

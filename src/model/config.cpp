@@ -48,6 +48,8 @@ int64_t as<int64_t>(const Json& v, const std::string& where) {
 template <>
 double as<double>(const Json& v, const std::string& where) {
   DIFFMOE_CHECK(v.is_number(), "{}: expected a number, got {}", where, v.dump());
+  // NaN and ±inf pass the range checks of validate() ("x <= 0" is false for NaN): no key takes them.
+  DIFFMOE_CHECK(std::isfinite(v.get<double>()), "{}: must be a finite number, got {}", where, v.get<double>());
   return v.get<double>();
 }
 template <>
@@ -143,6 +145,11 @@ void ModelConfig::validate(const std::string& source) const {
   auto fail_if = [&](bool bad, const char* key, const std::string& why) {
     DIFFMOE_CHECK(!bad, "{}: model.{}: {}", source, key, why);
   };
+  for (const Field& f : fields()) {  // also for a config built in code, not read by from_json
+    const Json v = f.write(*this);
+    fail_if(v.is_number_float() && !std::isfinite(v.get<double>()), f.key,
+            fmt::format("must be a finite number, got {}", v.is_number_float() ? v.get<double>() : 0.0));
+  }
   for (auto [key, v] : {std::pair{"vocab_size", vocab_size}, {"dim", dim}, {"n_layers", n_layers}, {"n_heads", n_heads},
                         {"kv_lora_rank", kv_lora_rank}, {"qk_nope_head_dim", qk_nope_head_dim},
                         {"v_head_dim", v_head_dim}, {"max_seq_len", max_seq_len}, {"original_seq_len", original_seq_len}})

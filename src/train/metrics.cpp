@@ -29,7 +29,7 @@ MetricsLogger::MetricsLogger(const RunConfig& rc, int64_t start_step, int64_t ma
       }
       atomic_write_text(jsonl_path_, kept);
     }
-    jsonl_ = std::fopen(jsonl_path_.c_str(), resumed ? "a" : "w");
+    jsonl_ = std::fopen(jsonl_path_.c_str(), "a");  // O_APPEND: every row lands at the end, never over another
     DIFFMOE_CHECK(jsonl_ != nullptr, "{}: cannot open for writing ({})", jsonl_path_, std::strerror(errno));
   }
   if (rc.log.tensorboard) {

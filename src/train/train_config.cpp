@@ -33,7 +33,10 @@ class SectionReader {
   T get(const char* key, T fallback) {
     used_.insert(key);
     T value = fallback;
-    if (node_.contains(key) && !node_[key].is_null()) value = convert<T>(node_[key], key);
+    // An empty value ("lr:" in a file, --set optim.lr=) is a mistake, not a request for the default.
+    DIFFMOE_CHECK(!node_.contains(key) || !node_[key].is_null(), "{}: has no value (leave the key out to use the default, {})",
+                  where(key), Json(fallback).dump());
+    if (node_.contains(key)) value = convert<T>(node_[key], key);
     resolved_[key] = value;
     return value;
   }
@@ -67,6 +70,8 @@ class SectionReader {
       return static_cast<T>(v.is_number_integer() ? v.get<int64_t>() : static_cast<int64_t>(v.get<double>()));
     } else if constexpr (std::is_floating_point_v<T>) {
       DIFFMOE_CHECK(v.is_number(), "{}: expected a number, got {}", where(key), v.dump());
+      // NaN and ±inf pass every "x <= 0" check below and then poison the run: no key takes them.
+      DIFFMOE_CHECK(std::isfinite(v.get<double>()), "{}: must be a finite number, got {}", where(key), v.get<double>());
       return v.get<T>();
     } else {
       DIFFMOE_CHECK(v.is_string(), "{}: expected a string, got {}", where(key), v.dump());
@@ -167,6 +172,7 @@ RunConfig run_config_from_json(Json doc, const std::string& source) {
   check(t.max_steps > 0, source, "train.max_steps", fmt::format("must be positive, got {}", t.max_steps));
   check(t.log_every > 0, source, "train.log_every", fmt::format("must be positive, got {}", t.log_every));
   check(t.max_bad_steps > 0, source, "train.max_bad_steps", "must be positive");
+  check(t.peak_tflops > 0, source, "train.peak_tflops", fmt::format("must be positive (the MFU denominator), got {}", t.peak_tflops));
   check(t.stop_after >= 0, source, "train.stop_after", fmt::format("must be >= 0 (0 = run to max_steps), got {}", t.stop_after));
   check(t.precision == "f32" || t.precision == "bf16_gemm", source, "train.precision",
         fmt::format("expected f32 or bf16_gemm, got '{}'", t.precision));

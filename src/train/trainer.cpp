@@ -14,10 +14,13 @@
 #include "model/model_file.h"
 #include "model/parameters.h"
 #include "train/evaluator.h"
+#include "train/finite_check.h"
 #include "train/lr_schedule.h"
 #include "train/metrics.h"
 #include "train/optimizer.h"
+#include "train/run_dir.h"
 #include "train/run_setup.h"
+#include "train/stop_signal.h"
 #include "train/token_buffers.h"
 
 namespace diffmoe {
@@ -70,6 +73,8 @@ std::string copy_tokenizer_into(const std::string& src, const std::string& dst_d
 TrainResult train(const RunConfig& rc, const TrainOptions& opt) {
   const TrainSettings& ts = rc.train;
   auto say = [](const std::string& s) { fmt::print("{}\n", s); std::fflush(stdout); };
+  // First: one trainer per directory, and a fresh run never silently replaces an earlier one.
+  const RunDirectories run_dirs(rc, !opt.resume.empty(), opt.overwrite, say);
   fs::create_directories(ts.out_dir);
   const std::string config_yaml = to_yaml(rc.resolved);
   say(fmt::format("diffmoe train: config {} (resolved, with defaults):\n{}", opt.config_path, config_yaml));
@@ -121,6 +126,8 @@ TrainResult train(const RunConfig& rc, const TrainOptions& opt) {
     }
     DIFFMOE_CHECK(optim.steps_taken() == step, "{}: optimizer.safetensors is at step {} but trainer_state.json at step {}", info->dir,
                   optim.steps_taken(), step);
+    if (const auto bad = FiniteCheck(model, optim).find({}))
+      DIFFMOE_FAIL("{}: holds non-finite values: {}; resume from an earlier checkpoint (--resume <dir>)", info->dir, bad->describe());
     last_ckpt = info->dir;
     say(fmt::format("resumed from {} at step {} ({} tokens seen)", info->dir, step, tokens_seen));
   } else {
@@ -135,7 +142,13 @@ TrainResult train(const RunConfig& rc, const TrainOptions& opt) {
   say(fmt::format("training: {} steps of {} tokens ({}x{} x {} micro-batches), {:.2f} MFLOP/token, {} train tokens", ts.max_steps,
                   tokens_per_step, B, T, ts.grad_accum, flops_per_token / 1e6, loader.n_tokens()));
 
+  FiniteCheck finite(model, optim);
+  int64_t saved_step = last_ckpt.empty() ? -1 : step;  // the step of the newest checkpoint of this run's state
   auto save = [&](int64_t at_step) {
+    // Never a checkpoint of non-finite state: `latest` stays on the last good one.
+    if (const auto bad = finite.find({}))
+      DIFFMOE_FAIL("step {}: {}; no checkpoint written, '{}/latest' not moved. Last good checkpoint: {}", at_step, bad->describe(),
+                   rc.checkpoint.dir, last_ckpt.empty() ? "none written yet" : last_ckpt);
     const std::string tok_name = "tokenizer" + fs::path(rc.tokenizer.path).extension().string();
     nlohmann::ordered_json state = {{"step", at_step},
                                     {"tokens_seen", tokens_seen},
@@ -153,21 +166,33 @@ TrainResult train(const RunConfig& rc, const TrainOptions& opt) {
         .state = state,
         .keep_last = static_cast<int>(rc.checkpoint.keep_last),
         .keep_every = rc.checkpoint.keep_every});
+    saved_step = at_step;
     metrics.message(fmt::format("checkpoint: {}", last_ckpt));
   };
   double val_loss = std::nan("");
-  auto run_eval = [&](int64_t at_step) {
-    if (!val) return;
+  auto run_eval = [&](int64_t at_step) {  // false: the validation loss is not finite
+    if (!val) return true;
     const EvalResult r = evaluate(model, *val, rc.eval.batches);
     val_loss = r.loss;
     metrics.log(at_step, "val", {{"val_loss", r.loss}, {"val_ppl", r.perplexity}, {"val_tokens", static_cast<double>(r.tokens)}});
+    return std::isfinite(r.loss);
   };
 
   double window_loss = 0, window_aux = 0, last_loss = 0;
   int64_t bad_steps = 0;  // consecutive non-finite steps
   int64_t window_steps = 0;
   auto window_t0 = std::chrono::steady_clock::now();
+  const StopSignalHandlers stop_handlers;  // from here on a signal stops the run with a checkpoint
+  int stopped_by = 0;
   while (step < ts.max_steps) {
+    if (stop_requested()) {  // between steps: the last one is complete
+      stopped_by = stop_signal();
+      if (saved_step != step && step > 0 && bad_steps == 0) save(step);  // after a bad step: the last good checkpoint stays
+      metrics.message(fmt::format("stopped by {} at step {} of {}; checkpoint: {}; continue with --resume (exit code {})",
+                                  stop_signal_name(stopped_by), step, ts.max_steps, last_ckpt.empty() ? "none" : last_ckpt,
+                                  kExitStopped));
+      break;
+    }
     const auto t0 = std::chrono::steady_clock::now();
     model.zero_grads({});
     model.zero_expert_counts({});
@@ -225,7 +250,19 @@ TrainResult train(const RunConfig& rc, const TrainOptions& opt) {
       window_t0 = std::chrono::steady_clock::now();
     }
     const bool eval_now = (rc.eval.every > 0 && step % rc.eval.every == 0) || step == ts.max_steps;
-    if (eval_now) run_eval(step);
+    if (eval_now && !run_eval(step)) {
+      // A non-finite validation loss is a bad step too: these weights are not checkpointed, and the
+      // last step of the run cannot end on them.
+      ++bad_steps;
+      const std::string what = fmt::format("step {}: non-finite validation loss ({})", step, val_loss);
+      DIFFMOE_CHECK(bad_steps < ts.max_bad_steps && step < ts.max_steps,
+                    "{}; stopping ({} consecutive bad step(s), train.max_bad_steps = {}). Last good checkpoint: {}", what, bad_steps,
+                    ts.max_bad_steps, last_ckpt.empty() ? "none written yet" : last_ckpt);
+      metrics.message(fmt::format("warning: {}; no checkpoint of this step ({} of train.max_bad_steps = {})", what, bad_steps,
+                                  ts.max_bad_steps));
+      metrics.flush();
+      continue;
+    }
     if ((rc.checkpoint.every > 0 && step % rc.checkpoint.every == 0) || step == ts.max_steps) save(step);
     metrics.flush();
     if (ts.stop_after > 0 && step - first_step >= ts.stop_after && step < ts.max_steps) {
@@ -236,7 +273,8 @@ TrainResult train(const RunConfig& rc, const TrainOptions& opt) {
     }
   }
   metrics.close();  // flush errors surface here, as errors, not in a destructor
-  return TrainResult{.steps = step, .last_loss = last_loss, .val_loss = val_loss, .last_checkpoint = last_ckpt};
+  return TrainResult{.steps = step, .last_loss = last_loss, .val_loss = val_loss, .last_checkpoint = last_ckpt,
+                     .stop_signal = stopped_by};
 }
 
 }  // namespace diffmoe
