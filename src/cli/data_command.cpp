@@ -3,6 +3,7 @@
 #include <fmt/core.h>
 
 #include <algorithm>
+#include <cmath>
 #include <filesystem>
 
 #include "cli/commands.h"
@@ -33,6 +34,9 @@ void add_data_command(CLI::App& app, std::function<int()>& run) {
   prep->callback([&run, o, tok, out] {
     run = [=] {
       data::PrepareOptions opt = *o;
+      DIFFMOE_CHECK(std::isfinite(opt.val_fraction) && opt.val_fraction >= 0 && opt.val_fraction < 1,
+                    "--val-fraction: must be in [0, 1), got {}", opt.val_fraction);
+      DIFFMOE_CHECK(opt.threads >= 0, "--threads: must be >= 0 (0 = all cores), got {}", opt.threads);
       opt.tokenizer = *tok;
       opt.out_dir = *out;
       const data::PrepareStats s = data::prepare_shards(opt);
@@ -62,6 +66,7 @@ void add_data_command(CLI::App& app, std::function<int()>& run) {
         files.push_back(*path);
       }
       DIFFMOE_CHECK(!files.empty(), "{}: no .bin shards here", *path);
+      DIFFMOE_CHECK(*sample >= 0, "--sample: must be >= 0, got {}", *sample);
       std::unique_ptr<data::Tokenizer> t = tok2->empty() ? nullptr : data::load_tokenizer(*tok2);
       for (const auto& f : files) {
         const data::Shard s(f);

@@ -3,7 +3,12 @@
 // SIGINT/SIGTERM/SIGUSR1 after writing a checkpoint (stop_signal.h).
 #include <fmt/core.h>
 
+#include <new>
+#include <optional>
+
 #include "cli/commands.h"
+#include "core/error.h"
+#include "train/memory_report.h"
 #include "train/stop_signal.h"
 #include "train/trainer.h"
 
@@ -12,7 +17,14 @@ namespace diffmoe::cli {
 namespace {
 int run_train(const std::string& config, const std::vector<std::string>& sets, const std::string& resume, bool overwrite) {
   const RunConfig rc = load_run_config(config, sets);
-  const TrainResult r = train(rc, TrainOptions{.resume = resume, .config_path = config, .overwrite = overwrite});
+  TrainResult r;
+  try {
+    r = train(rc, TrainOptions{.resume = resume, .config_path = config, .overwrite = overwrite});
+  } catch (const OutOfMemory& e) {  // an arena: say what the run's memory is made of
+    throw Error(out_of_memory_message(rc, config, e.bytes()), e.location());
+  } catch (const std::bad_alloc&) {
+    throw Error(out_of_memory_message(rc, config, std::nullopt));
+  }
   if (r.stop_signal != 0) return kExitStopped;  // the trainer said where it stopped and what it saved
   fmt::print("done: {} steps, last loss {:.4f}, validation loss {:.4f}, checkpoint {}\n", r.steps, r.last_loss, r.val_loss,
              r.last_checkpoint);

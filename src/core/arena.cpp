@@ -12,7 +12,9 @@ class CpuAllocator final : public Allocator {
   void* allocate(size_t bytes) override {
     const size_t rounded = (bytes + Arena::kAlign - 1) / Arena::kAlign * Arena::kAlign;
     void* p = std::aligned_alloc(Arena::kAlign, rounded == 0 ? Arena::kAlign : rounded);
-    DIFFMOE_CHECK(p != nullptr, "[arena] out of host memory allocating {} bytes", bytes);
+    if (p == nullptr)
+      throw OutOfMemory(fmt::format("[arena] out of host memory allocating {} bytes", bytes), bytes,
+                        fmt::format("{}:{}", __FILE__, __LINE__));
     std::memset(p, 0, rounded);
     return p;
   }

@@ -10,18 +10,15 @@
 // else) and over how doubles are printed (shortest round-trip form, always with '.' or exponent).
 #include "io/config_file.h"
 
-#include <fcntl.h>
-#include <unistd.h>
 #include <yaml-cpp/yaml.h>
 
-#include <cerrno>
 #include <charconv>
 #include <cmath>
-#include <cstring>
 #include <limits>
 #include <map>
 
 #include "core/error.h"
+#include "io/file_util.h"
 
 namespace diffmoe {
 
@@ -301,22 +298,7 @@ nlohmann::ordered_json parse_yaml(std::string_view text, std::string_view source
 }
 
 nlohmann::ordered_json load_yaml_file(const std::string& path) {
-  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
-  DIFFMOE_CHECK(fd >= 0, "{}: cannot read ({})", path, std::strerror(errno));
-  std::string text;
-  char buf[1 << 16];
-  for (;;) {
-    const ssize_t r = ::read(fd, buf, sizeof buf);
-    if (r < 0 && errno == EINTR) continue;
-    if (r <= 0) {
-      const int err = errno;
-      ::close(fd);
-      DIFFMOE_CHECK(r == 0, "{}: cannot read ({})", path, std::strerror(err));  // e.g. EISDIR
-      break;
-    }
-    text.append(buf, static_cast<size_t>(r));
-  }
-  return parse_yaml(text, path);
+  return parse_yaml(io::read_small_file(path, io::kMaxConfigBytes, "config file"), path);
 }
 
 std::string to_yaml(const nlohmann::ordered_json& value) {

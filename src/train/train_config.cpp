@@ -6,6 +6,7 @@
 
 #include "core/error.h"
 #include "data/bpe_trainer.h"
+#include "data/tokenizer.h"
 #include "io/config_file.h"
 
 namespace diffmoe {
@@ -191,8 +192,8 @@ RunConfig run_config_from_json(Json doc, const std::string& source) {
     const int64_t min_vocab = 256 + static_cast<int64_t>(data::BpeTrainerOptions{}.special_tokens.size());
     check(rc.tokenizer.vocab_size >= min_vocab, source, "tokenizer.vocab_size",
           fmt::format("must be at least {} (256 byte tokens + <|endoftext|>), got {}", min_vocab, rc.tokenizer.vocab_size));
-    check(rc.tokenizer.vocab_size <= std::numeric_limits<int32_t>::max(), source, "tokenizer.vocab_size",
-          fmt::format("must be at most {}, got {}", std::numeric_limits<int32_t>::max(), rc.tokenizer.vocab_size));
+    check(rc.tokenizer.vocab_size <= data::kMaxTokenizerVocab, source, "tokenizer.vocab_size",
+          fmt::format("must be at most {}, got {}", data::kMaxTokenizerVocab, rc.tokenizer.vocab_size));
   }
   check(rc.data.val_fraction >= 0 && rc.data.val_fraction < 1, source, "data.val_fraction", "must be in [0, 1)");
   check(rc.data.doc_bytes >= 0, source, "data.doc_bytes", "must be >= 0 (0 = one document per file)");

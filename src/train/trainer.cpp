@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cmath>
+#include <cstring>
 #include <filesystem>
 #include <limits>
 
@@ -11,6 +12,7 @@
 #include "data/loader.h"
 #include "io/checkpoint.h"
 #include "io/config_file.h"
+#include "io/file_util.h"
 #include "model/model_file.h"
 #include "model/parameters.h"
 #include "train/evaluator.h"
@@ -64,7 +66,10 @@ void routing_stats(const Model& m, std::map<std::string, double>& out) {
 }
 
 std::string copy_tokenizer_into(const std::string& src, const std::string& dst_dir_file) {
-  fs::copy_file(src, dst_dir_file, fs::copy_options::overwrite_existing);
+  // Only the regular file that was loaded (a bounded read), never whatever the path names now.
+  const std::string text = io::read_small_file(src, io::kMaxTokenizerBytes, "tokenizer file");
+  if (const io::Failure failed = io::write_file_synced(dst_dir_file, [&](int fd) { return io::write_all(fd, text.data(), text.size()); }))
+    DIFFMOE_FAIL("{}: {} failed ({})", dst_dir_file, failed.step, std::strerror(failed.err));
   return dst_dir_file;
 }
 
@@ -113,8 +118,8 @@ TrainResult train(const RunConfig& rc, const TrainOptions& opt) {
     const auto info = resolve_resume(opt.resume, rc.checkpoint.dir, &warnings);
     for (const auto& w : warnings) say("resume: warning: " + w);
     DIFFMOE_CHECK(info.has_value(), "{}: no valid checkpoint to resume from", rc.checkpoint.dir);
-    load_weights(model, info->dir + "/model.safetensors");
-    optim.load(info->dir + "/optimizer.safetensors");
+    load_weights(model, info->path_of("model.safetensors"));  // only files the manifest lists and verified
+    optim.load(info->path_of("optimizer.safetensors"));
     try {
       step = info->state.at("step").get<int64_t>();
       tokens_seen = info->state.at("tokens_seen").get<uint64_t>();

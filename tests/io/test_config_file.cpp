@@ -156,10 +156,13 @@ TEST(Yaml, LoadFile) {
   EXPECT_EQ(load_yaml_file(p)["model"]["d_model"], 64);
 
   const std::string missing = (dir / "missing.yaml").string();
-  EXPECT_EQ(error_of([&] { load_yaml_file(missing); }).rfind(missing + ": cannot read (No such file or directory)", 0),
+  EXPECT_EQ(error_of([&] { load_yaml_file(missing); }).rfind(missing + ": cannot open the config file (No such file or directory)", 0),
             0u);
   const std::string is_dir = error_of([&] { load_yaml_file(dir.string()); });
-  EXPECT_EQ(is_dir.rfind(dir.string() + ": cannot read (Is a directory)", 0), 0u) << is_dir;
+  EXPECT_EQ(is_dir.rfind(dir.string() + ": the config file is a directory, not a regular file", 0), 0u) << is_dir;
+  // Endless files are refused before any byte is read (io::read_small_file).
+  const std::string zero = error_of([&] { load_yaml_file("/dev/zero"); });
+  EXPECT_EQ(zero.rfind("/dev/zero: the config file is a character device, not a regular file", 0), 0u) << zero;
 
   std::ofstream(p) << "a: 1\na: 2\n";
   EXPECT_EQ(error_of([&] { load_yaml_file(p); }).rfind(p + ":2:1: duplicate key 'a'", 0), 0u);
