@@ -117,6 +117,19 @@ TEST_F(E2E, ConfigPathsNamingEndlessFilesFailFast) {
     expect_clean_error(run_diffmoe({"tokenizer", "encode", "--tokenizer", path, "--text", "hi"}, quick(kFourGiB)),
                        {path, "not a regular file"});
   }
+  // Text found by fuzzing: a leading ',' (yaml-cpp's LoadAll looped forever, eating memory) and a
+  // value that is not UTF-8 (the error message itself used to throw, naming nothing).
+  write_file(dir_ / "comma.yaml", ",\nmodel: {}\n");
+  std::string bad = micro_config(dir_, dir_ / "run").str();
+  bad.replace(bad.find("dim: 32"), 7, "dim: \"\xc8\x01\"");
+  write_file(dir_ / "not_utf8.yaml", bad);
+  for (const auto& [name, needle] : std::vector<std::pair<std::string, std::string>>{{"comma.yaml", "one YAML document"},
+                                                                                   {"not_utf8.yaml", "not valid UTF-8"}}) {
+    SCOPED_TRACE(name);
+    const std::string path = (dir_ / name).string();
+    expect_clean_error(run_diffmoe({"train", "--config", path}, quick(kFourGiB)), {path, needle});
+    expect_clean_error(run_diffmoe({"params", "--config", path}, quick(kFourGiB)), {path, needle});
+  }
 }
 
 // A trained tokenizer.json, edited by `edit`, written to <dir>/<name>.
