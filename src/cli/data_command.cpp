@@ -76,7 +76,13 @@ void add_data_command(CLI::App& app, std::function<int()>& run) {
         if (t) {
           std::vector<int32_t> ids(static_cast<size_t>(std::min<uint64_t>(h.n_tokens, static_cast<uint64_t>(*sample))));
           s.read(0, ids.size(), ids.data());
-          fmt::print("  sample: {:?}\n", t->decode(ids));
+          std::string sample;
+          try {
+            sample = t->decode(ids);
+          } catch (const Error& e) {  // an id the tokenizer does not have: name both files
+            throw Error(fmt::format("{}: {}: {}", f.string(), *tok2, e.what()), e.location());
+          }
+          fmt::print("  sample: {:?}\n", sample);
         }
       }
       return 0;

@@ -99,7 +99,13 @@ void add_tokenizer_command(CLI::App& app, std::function<int()>& run) {
       auto t = data::load_tokenizer(*tok2);
       std::vector<int32_t> v = *ids;
       if (v.empty()) v = parse_ids(read_all_stdin());
-      fmt::print("{}", t->decode(v));
+      std::string text;
+      try {
+        text = t->decode(v);
+      } catch (const Error& e) {  // "id N is not a token": say which tokenizer file
+        throw Error(fmt::format("{}: {}", *tok2, e.what()), e.location());
+      }
+      fmt::print("{}", text);
       return 0;
     };
   });

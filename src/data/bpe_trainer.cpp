@@ -266,7 +266,8 @@ void save_trained_bpe(const TrainedBpe& bpe, const std::filesystem::path& path) 
   // The rename below replaces whatever is at `path`: a device node or a FIFO there is refused.
   io::check_output_path(path.string(), "tokenizer file");
   const std::string text = trained_bpe_to_json(bpe);
-  const std::string tmp = path.string() + ".tmp";
+  // Unique per process: two trainings of one path (two runs of one config) never share a file.
+  const std::string tmp = io::temp_path(path.string());
   io::check_output_path(tmp, "temporary tokenizer file");
   try {
     std::ofstream f(tmp, std::ios::binary | std::ios::trunc);

@@ -25,6 +25,7 @@
 #include "data/token_shard.h"
 #include "data/tokenizer.h"
 #include "io/file_util.h"
+#include "io/run_lock.h"
 
 namespace diffmoe::data {
 
@@ -162,6 +163,9 @@ PrepareStats prepare_shards(const PrepareOptions& options) {
                                          .eos_id = static_cast<uint32_t>(*eos),
                                          .tokenizer_fingerprint = file_fingerprint(options.tokenizer)};
   fs::create_directories(options.out_dir);
+  // One writer: two prepares into one directory would write the same temporary shard files.
+  const RunLock lock(sibling_lock_path(options.out_dir.string()), options.out_dir.string(),
+                     "wait for that preparation to finish, or prepare into another directory");
   fs::remove(options.out_dir / "meta.json");  // no stale description while shards are rewritten
 
   const int threads = options.threads > 0 ? options.threads : static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));

@@ -41,7 +41,8 @@ struct CheckpointSaveOptions {
 // fsync'ed, trainer_state.json, manifest.json last, fsync of the directory, rename to <root>/step_N/
 // (replacing an existing directory of the same step), fsync of <root>, then <root>/latest replaced
 // atomically; finally older checkpoints beyond keep_last (except keep_every multiples) are removed.
-// Stale "step_*.tmp" directories of crashed saves are removed first (one saver per root).
+// Stale "step_*.tmp" directories of crashed saves are removed first: one saver per root, which the
+// trainer ensures by holding the root's lock (io/run_lock.h) for the whole run.
 // On any failure (a writer throws, ENOSPC, EIO, ...) the temporary directory is removed, earlier
 // checkpoints and `latest` are untouched, and diffmoe::Error names the path and the errno text.
 // Returns the final directory "<root>/step_N".

@@ -40,16 +40,16 @@ std::string read_holder(int fd) {
 
 std::string run_dir_lock_path(const std::string& dir) { return (std::filesystem::path(dir) / kRunLockName).string(); }
 
-std::string checkpoint_root_lock_path(const std::string& root) {
-  std::filesystem::path p = std::filesystem::path(root).lexically_normal();
+std::string sibling_lock_path(const std::string& dir) {
+  std::filesystem::path p = std::filesystem::path(dir).lexically_normal();
   if (!p.has_filename()) p = p.parent_path();  // "a/b/" -> "a/b"
   const std::string name = p.filename().string();
-  if (name.empty() || name == "." || name == "..") return (std::filesystem::path(root) / "checkpoint.lock").string();
+  if (name.empty() || name == "." || name == "..") return (std::filesystem::path(dir) / "dir.lock").string();
   p += ".lock";
   return p.string();
 }
 
-RunLock::RunLock(const std::string& lock_path, const std::string& guarded) : path_(lock_path) {
+RunLock::RunLock(const std::string& lock_path, const std::string& guarded, const std::string& hint) : path_(lock_path) {
   const std::string dir = io::parent_directory(lock_path);
   std::error_code ec;
   std::filesystem::create_directories(dir, ec);
@@ -68,8 +68,7 @@ RunLock::RunLock(const std::string& lock_path, const std::string& guarded) : pat
     const std::string holder = err == EWOULDBLOCK ? read_holder(fd_) : std::string();
     ::close(fd_);
     if (err == EWOULDBLOCK)
-      DIFFMOE_FAIL("{}: in use by another trainer ({}; lock {}); wait for it to finish or stop it, or use another "
-                   "train.out_dir / checkpoint.dir", guarded, holder, path_);
+      DIFFMOE_FAIL("{}: in use by another diffmoe process ({}; lock {}); {}", guarded, holder, path_, hint);
     DIFFMOE_FAIL("{}: cannot lock ({})", path_, std::strerror(err));
   }
   const std::time_t now = std::time(nullptr);

@@ -4,6 +4,7 @@
 #include <filesystem>
 
 #include "core/error.h"
+#include "io/file_util.h"
 
 namespace diffmoe {
 
@@ -59,8 +60,12 @@ std::vector<std::string> earlier_run_products(const RunConfig& rc) {
 
 RunDirectories::RunDirectories(const RunConfig& rc, bool resume, bool overwrite, const LogLine& log) {
   DIFFMOE_CHECK(!(resume && overwrite), "--resume and --overwrite exclude each other (continue the earlier run, or replace it)");
+  // What the run writes must be what it seems: directories, regular files, or nothing yet.
+  io::check_output_path(rc.train.out_dir, "train.out_dir", io::OutputKind::kDirectory);
+  io::check_output_path(rc.checkpoint.dir, "checkpoint.dir", io::OutputKind::kDirectory);
+  if (!rc.data.shards.empty()) io::check_output_path(rc.data.shards, "data.shards", io::OutputKind::kDirectory);
   out_lock_ = std::make_unique<RunLock>(run_dir_lock_path(rc.train.out_dir), rc.train.out_dir);
-  checkpoint_lock_ = std::make_unique<RunLock>(checkpoint_root_lock_path(rc.checkpoint.dir), rc.checkpoint.dir);
+  checkpoint_lock_ = std::make_unique<RunLock>(sibling_lock_path(rc.checkpoint.dir), rc.checkpoint.dir);
   if (resume) return;
   const std::vector<std::string> found = earlier_run_products(rc);
   if (found.empty()) return;

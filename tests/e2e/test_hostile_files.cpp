@@ -226,6 +226,13 @@ TEST_F(E2E, OutputsThatAreNotRegularFilesAreRefused) {
   expect_clean_error(run_diffmoe({"data", "prepare", "--input", (dir_ / "corpus.txt").string(), "--tokenizer",
                                   (dir_ / "tokenizer.json").string(), "--out", file.string()}, quick()),
                      {file.string(), "a regular file", "expected a directory"});
+  // The run's own directories: a file or a FIFO where a directory belongs.
+  for (const char* key : {"train.out_dir", "checkpoint.dir", "data.shards"}) {
+    SCOPED_TRACE(key);
+    Yaml y = micro_config(dir_, dir_ / "run");
+    y.set_path(key, std::string(key) == "data.shards" ? file : fifo);
+    expect_clean_error(train(write_config(y, "dirs.yaml"), {}, quick()), {key, std::string(key) == "data.shards" ? file.string() : fifo.string()});
+  }
   EXPECT_EQ(read_file(file), "not a directory\n");
 }
 
@@ -245,6 +252,10 @@ TEST_F(E2E, CommandLineValuesAreChecked) {
   expect_clean_error(run_diffmoe({"data", "prepare", "--input", (dir_ / "corpus.txt").string(), "--tokenizer", "x", "--out",
                                   (dir_ / "s").string(), "--val-fraction", "nan"}, quick()),
                      {"--val-fraction"});
+  // An id the tokenizer lacks: the error names the tokenizer file.
+  const fs::path tok = dir_ / "tok.json";
+  E2E_EXPECT_OK(run_diffmoe({"tokenizer", "train", "--input", (dir_ / "corpus.txt").string(), "--out", tok.string(), "--vocab-size", "300"}));
+  expect_clean_error(run_diffmoe({"tokenizer", "decode", "--tokenizer", tok.string(), "72", "4000"}, quick()), {tok.string(), "4000"});
 }
 
 // More memory than the process may have (RLIMIT_AS): the error names the sizes, the keys that set

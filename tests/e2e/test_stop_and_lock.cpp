@@ -105,13 +105,13 @@ TEST_F(E2E, ASecondTrainerOnTheSameDirectoriesIsRefused) {
   wait_for_step(a, out / "metrics.jsonl", 1);
   const std::string holder = fmt::format("pid {}", a.pid);
   // Same out_dir, fresh or resumed.
-  expect_clean_error(train(cfg), {out.string(), "in use by another trainer", holder, "train.lock"});
-  expect_clean_error(train(cfg, {"--resume"}), {out.string(), "in use by another trainer", holder});
+  expect_clean_error(train(cfg), {out.string(), "in use by another diffmoe process", holder, "train.lock"});
+  expect_clean_error(train(cfg, {"--resume"}), {out.string(), "in use by another diffmoe process", holder});
   // Another out_dir, but the same checkpoint directory.
   Yaml other = long_run(dir_, dir_ / "other");
   other.set_path("checkpoint.dir", out / "checkpoints");
   expect_clean_error(train(write_config(other, "other.yaml")),
-                     {(out / "checkpoints").string(), "in use by another trainer", holder});
+                     {(out / "checkpoints").string(), "in use by another diffmoe process", holder});
   ::kill(a.pid, SIGTERM);
   const RunResult r = wait_diffmoe(a);
   EXPECT_TRUE(r.exited && r.code == kExitStopped) << r.describe();
