@@ -269,11 +269,20 @@ TEST_F(E2E, OutOfHostMemoryNamesTheSizesAndKeys) {
   wide.set("model.inter_dim", "65536");  // the dense layer alone: 3·4096·65536 f32 = 3 GiB, twice with gradients
   Yaml tall = micro_config(dir_, dir_ / "tall");
   tall.set("train.micro_batch", "200000");  // 6.4 M tokens of activations
-  for (const auto& [name, y] : std::vector<std::pair<std::string, Yaml>>{{"wide", wide}, {"tall", tall}}) {
+  Yaml longer = micro_config(dir_, dir_ / "longer");
+  longer.set("model.max_seq_len", "2147483647");  // RoPE tables for 2^31 positions
+  for (const auto& [name, y] : std::vector<std::pair<std::string, Yaml>>{{"wide", wide}, {"tall", tall}, {"longer", longer}}) {
     SCOPED_TRACE(name);
     const fs::path cfg = write_config(y, name + ".yaml");
     expect_clean_error(train(cfg, {}, quick(rlim_t{3} << 30)),
                        {"out of host memory", "GiB", "model.dim", "train.micro_batch", "train.seq_len", "diffmoe plan", cfg.string()});
+  }
+  // Dimensions past 2^31 - 1 would overflow sizes (to a small allocation, then memory corruption).
+  const fs::path cfg = write_config(micro_config(dir_, dir_ / "huge"), "huge.yaml");
+  for (const char* set : {"model.dim=4294967296", "model.vocab_size=3000000000", "model.n_routed_experts=2147483648"}) {
+    SCOPED_TRACE(set);
+    const std::string key = std::string(set).substr(0, std::string(set).find('='));
+    expect_clean_error(train(cfg, {"--set", set}, quick(rlim_t{3} << 30)), {cfg.string(), key, "at most 2147483647"});
   }
 }
 
