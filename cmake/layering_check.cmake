@@ -24,7 +24,7 @@ set(allow_backend_cpu backend core)
 set(allow_backend_cuda backend core)
 set(allow_backend_registry backend backend_cpu backend_cuda core)
 set(allow_model backend io core)     # never a concrete backend nor the registry: it is handed a Backend&
-set(allow_data core)
+set(allow_data io core)               # io: bounded reads of small files, run locks (file_util, run_lock)
 set(allow_io core)
 set(allow_dist backend core)         # communicators, sharding: tensors and the backend interface
 set(allow_train backend backend_registry model data io dist core)

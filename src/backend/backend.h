@@ -49,6 +49,7 @@ class Backend {
   virtual void axpy(Context ctx, const AxpyArgs& a) = 0;
   virtual void scale(Context ctx, const ScaleArgs& a) = 0;
   virtual void sum_squares(Context ctx, const SumSquaresArgs& a) = 0;
+  virtual void count_nonfinite(Context ctx, const CountNonfiniteArgs& a) = 0;
 
   virtual void embedding_fwd(Context ctx, const EmbeddingFwdArgs& a) = 0;
   virtual void embedding_bwd(Context ctx, const EmbeddingBwdArgs& a) = 0;

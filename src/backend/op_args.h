@@ -31,6 +31,11 @@ struct AxpyArgs { Tensor y; Tensor x; double alpha = 1.0; };    // y += alpha * 
 struct ScaleArgs { Tensor y; double alpha = 1.0; };             // y *= alpha
 // out[0] += sum(x²) over all elements. out: [1], accumulates so one call per tensor builds a norm.
 struct SumSquaresArgs { Tensor out; Tensor x; };
+// count[0] = the number of NaN and ±inf elements of x (overwritten): the finite check of weights
+// and optimizer state before a checkpoint is written (one call over an arena's flat view).
+// count: [1] i64, device-resident so that enqueueing it needs no host sync; x: a float tensor
+// (CPU: f32, f64 or bf16; CUDA: f32 or bf16).
+struct CountNonfiniteArgs { Tensor count; Tensor x; };
 
 // ---------------------------------------------------------------- embedding (spec §1)
 // out[n, :] = scale · table[tokens[n], :]            out [N,D], tokens [N] i32, table [V,D]

@@ -300,6 +300,14 @@ void validate_sum_squares(const SumSquaresArgs& a, Device dev) {
   check_dtype(a.x, a.out.dtype, "sum_squares", "x");
 }
 
+void validate_count_nonfinite(const CountNonfiniteArgs& a, Device dev) {
+  check_device(a.count, dev, "count_nonfinite", "count");
+  check_device(a.x, dev, "count_nonfinite", "x");
+  check_shape(a.count, Shape{1}, "count_nonfinite", "count");
+  check_dtype(a.count, DType::kI64, "count_nonfinite", "count");
+  DIFFMOE_CHECK(dtype_is_float(a.x.dtype), "[count_nonfinite] x must be a float tensor, got {}", a.x.describe());
+}
+
 EmbeddingDims validate_embedding_fwd(const EmbeddingFwdArgs& a, Device dev) {
   constexpr std::string_view kOp = "embedding_fwd";
   check_device(a.out, dev, kOp, "out");

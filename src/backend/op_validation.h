@@ -33,6 +33,7 @@ void validate_copy(const CopyArgs& a, Device dev);  // equal numel; a dtype chan
 void validate_axpy(const AxpyArgs& a, Device dev);
 void validate_scale(const ScaleArgs& a, Device dev);
 void validate_sum_squares(const SumSquaresArgs& a, Device dev);
+void validate_count_nonfinite(const CountNonfiniteArgs& a, Device dev);  // count [1] i64; x any float dtype
 
 struct EmbeddingDims {
   int64_t rows = 0, vocab = 0, dim = 0;

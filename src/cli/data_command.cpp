@@ -3,6 +3,7 @@
 #include <fmt/core.h>
 
 #include <algorithm>
+#include <cmath>
 #include <filesystem>
 
 #include "cli/commands.h"
@@ -33,6 +34,9 @@ void add_data_command(CLI::App& app, std::function<int()>& run) {
   prep->callback([&run, o, tok, out] {
     run = [=] {
       data::PrepareOptions opt = *o;
+      DIFFMOE_CHECK(std::isfinite(opt.val_fraction) && opt.val_fraction >= 0 && opt.val_fraction < 1,
+                    "--val-fraction: must be in [0, 1), got {}", opt.val_fraction);
+      DIFFMOE_CHECK(opt.threads >= 0, "--threads: must be >= 0 (0 = all cores), got {}", opt.threads);
       opt.tokenizer = *tok;
       opt.out_dir = *out;
       const data::PrepareStats s = data::prepare_shards(opt);
@@ -62,6 +66,7 @@ void add_data_command(CLI::App& app, std::function<int()>& run) {
         files.push_back(*path);
       }
       DIFFMOE_CHECK(!files.empty(), "{}: no .bin shards here", *path);
+      DIFFMOE_CHECK(*sample >= 0, "--sample: must be >= 0, got {}", *sample);
       std::unique_ptr<data::Tokenizer> t = tok2->empty() ? nullptr : data::load_tokenizer(*tok2);
       for (const auto& f : files) {
         const data::Shard s(f);
@@ -71,7 +76,13 @@ void add_data_command(CLI::App& app, std::function<int()>& run) {
         if (t) {
           std::vector<int32_t> ids(static_cast<size_t>(std::min<uint64_t>(h.n_tokens, static_cast<uint64_t>(*sample))));
           s.read(0, ids.size(), ids.data());
-          fmt::print("  sample: {:?}\n", t->decode(ids));
+          std::string sample;
+          try {
+            sample = t->decode(ids);
+          } catch (const Error& e) {  // an id the tokenizer does not have: name both files
+            throw Error(fmt::format("{}: {}: {}", f.string(), *tok2, e.what()), e.location());
+          }
+          fmt::print("  sample: {:?}\n", sample);
         }
       }
       return 0;

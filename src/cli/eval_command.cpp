@@ -20,12 +20,19 @@ namespace {
 struct EvalArgs {
   std::string checkpoint, data, split = "val", device = "cpu";
   int64_t batch = 8, seq = 0, batches = 0;
+  bool no_verify = false;
 };
 
 int run_eval(const EvalArgs& a) {
+  DIFFMOE_CHECK(a.batch > 0, "--batch: must be positive, got {}", a.batch);
+  DIFFMOE_CHECK(a.seq >= 0, "--seq: must be >= 0 (0 = the model's max_seq_len), got {}", a.seq);
+  DIFFMOE_CHECK(a.batches >= 0, "--batches: must be >= 0 (0 = the whole split), got {}", a.batches);
+  DIFFMOE_CHECK(a.split == "val" || a.split == "train", "--split: expected val or train, got '{}'", a.split);
   auto be = make_backend(a.device);
-  LoadedCheckpoint ck = open_trained_model(a.checkpoint, "", *be, DType::kF32);
+  LoadedCheckpoint ck = open_trained_model(a.checkpoint, *be, DType::kF32, OpenModelOptions{.tokenizer_path = "", .verify = !a.no_verify});
   const int64_t seq = a.seq > 0 ? a.seq : ck.model->config().max_seq_len;
+  DIFFMOE_CHECK(seq <= ck.model->config().max_seq_len, "--seq: {} is over the model's max_seq_len = {}", seq,
+                ck.model->config().max_seq_len);
   ck.model->set_batch_shape(a.batch, seq);
   // Shards tokenized by another tokenizer would give a meaningless loss: refuse them.
   if (ck.tokenizer && ck.tokenizer->eos_id())
@@ -53,6 +60,7 @@ void add_eval_command(CLI::App& app, std::function<int()>& run) {
   cmd->add_option("--seq", a->seq, "sequence length (default: the model's max_seq_len)");
   cmd->add_option("--batches", a->batches, "batches to evaluate (default: the whole split)");
   cmd->add_option("--device", a->device, "cpu (default) or cuda");
+  cmd->add_flag("--no-verify", a->no_verify, "read the checkpoint without checking it against its manifest");
   cmd->callback([&run, a] { run = [a] { return run_eval(*a); }; });
 }
 

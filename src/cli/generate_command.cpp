@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cmath>
 #include <limits>
 #include <span>
 #include <vector>
@@ -25,6 +26,7 @@ struct GenerateArgs {
   double temperature = 0.8, top_p = 0.95;
   int64_t top_k = 0;
   uint64_t seed = 0;
+  bool no_verify = false;
 };
 
 // Length of the longest prefix of `s` that does not end inside a UTF-8 sequence, so streaming
@@ -43,8 +45,13 @@ size_t complete_utf8_prefix(const std::string& s) {
 }
 
 int run_generate(const GenerateArgs& a) {
+  DIFFMOE_CHECK(a.max_new_tokens >= 0, "--max-new-tokens: must be >= 0, got {}", a.max_new_tokens);
+  DIFFMOE_CHECK(std::isfinite(a.temperature) && a.temperature >= 0, "--temperature: must be a finite number >= 0 (0 = greedy), got {}",
+                a.temperature);
+  DIFFMOE_CHECK(a.top_p > 0 && a.top_p <= 1, "--top-p: must be in (0, 1], got {}", a.top_p);
+  DIFFMOE_CHECK(a.top_k >= 0, "--top-k: must be >= 0 (0 = all), got {}", a.top_k);
   auto be = make_backend(a.device);
-  LoadedCheckpoint ck = open_trained_model(a.checkpoint, a.tokenizer, *be, DType::kF32);
+  LoadedCheckpoint ck = open_trained_model(a.checkpoint, *be, DType::kF32, OpenModelOptions{.tokenizer_path = a.tokenizer, .verify = !a.no_verify});
   DIFFMOE_CHECK(ck.tokenizer != nullptr, "{}: no tokenizer in the checkpoint; pass --tokenizer", a.checkpoint);
   const data::Tokenizer& tok = *ck.tokenizer;
   std::vector<int32_t> ids = tok.encode(a.prompt);
@@ -104,6 +111,7 @@ void add_generate_command(CLI::App& app, std::function<int()>& run) {
   cmd->add_option("--top-p", a->top_p, "nucleus sampling mass (default 0.95)");
   cmd->add_option("--seed", a->seed, "sampling seed (default 0)");
   cmd->add_option("--device", a->device, "cpu (default) or cuda");
+  cmd->add_flag("--no-verify", a->no_verify, "read the checkpoint without checking it against its manifest");
   cmd->callback([&run, a] { run = [a] { return run_generate(*a); }; });
 }
 

@@ -5,6 +5,7 @@
 
 #include "backend/backend_registry.h"
 #include "cli/commands.h"
+#include "io/file_util.h"
 #include "model/model_file.h"
 
 namespace diffmoe::cli {
@@ -12,6 +13,7 @@ namespace diffmoe::cli {
 namespace {
 int run_init(const std::string& config, const std::string& out, uint64_t seed) {
   const ModelConfig c = load_model_config(config);
+  io::check_output_path(out, "model file");
   auto be = make_backend("cpu");
   Model m(c, *be, DType::kF32);
   m.init_weights(seed);

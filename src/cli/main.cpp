@@ -24,8 +24,14 @@ int main(int argc, char** argv) {
   diffmoe::cli::add_checkpoint_command(app, run);
   try {
     app.parse(argc, argv);
-  } catch (const CLI::ParseError& e) {
+  } catch (const CLI::CallForHelp& e) {
     return app.exit(e);
+  } catch (const CLI::CallForAllHelp& e) {
+    return app.exit(e);
+  } catch (const CLI::ParseError& e) {
+    // A bad command line is an error like any other: one line, naming the option.
+    fmt::print(stderr, "error: {} (see --help)\n", e.what());
+    return e.get_exit_code();
   }
   try {
     return run();

@@ -14,6 +14,7 @@
 #include "data/bpe_trainer.h"
 #include "data/text_source.h"
 #include "data/tokenizer.h"
+#include "io/file_util.h"
 
 namespace diffmoe::cli {
 
@@ -59,6 +60,7 @@ void add_tokenizer_command(CLI::App& app, std::function<int()>& run) {
   tr->add_option("--text-field", *field, "JSONL text key (default text)");
   tr->callback([&run, inputs, out, vocab, pattern, field] {
     run = [=] {
+      io::check_output_path(*out, "tokenizer file");  // before hours of training, not after
       data::BpeTrainer trainer(data::BpeTrainerOptions{.vocab_size = *vocab, .pattern = *pattern});
       const data::CorpusStats corpus =
           data::add_documents(trainer, data::expand_inputs(*inputs), data::ReaderOptions{.text_field = *field});
@@ -97,7 +99,13 @@ void add_tokenizer_command(CLI::App& app, std::function<int()>& run) {
       auto t = data::load_tokenizer(*tok2);
       std::vector<int32_t> v = *ids;
       if (v.empty()) v = parse_ids(read_all_stdin());
-      fmt::print("{}", t->decode(v));
+      std::string text;
+      try {
+        text = t->decode(v);
+      } catch (const Error& e) {  // "id N is not a token": say which tokenizer file
+        throw Error(fmt::format("{}: {}", *tok2, e.what()), e.location());
+      }
+      fmt::print("{}", text);
       return 0;
     };
   });

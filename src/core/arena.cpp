@@ -1,5 +1,6 @@
 #include "core/arena.h"
 
+#include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <utility>
@@ -12,7 +13,9 @@ class CpuAllocator final : public Allocator {
   void* allocate(size_t bytes) override {
     const size_t rounded = (bytes + Arena::kAlign - 1) / Arena::kAlign * Arena::kAlign;
     void* p = std::aligned_alloc(Arena::kAlign, rounded == 0 ? Arena::kAlign : rounded);
-    DIFFMOE_CHECK(p != nullptr, "[arena] out of host memory allocating {} bytes", bytes);
+    if (p == nullptr)
+      throw OutOfMemory(fmt::format("[arena] out of host memory allocating {} bytes", bytes), bytes,
+                        fmt::format("{}:{}", __FILE__, __LINE__));
     std::memset(p, 0, rounded);
     return p;
   }
@@ -48,8 +51,12 @@ void Arena::add(std::string name, Shape shape, DType dtype) {
   DIFFMOE_CHECK(base_ == nullptr, "[arena] add('{}') after allocate()", name);
   DIFFMOE_CHECK(!index_.contains(name), "[arena] duplicate view '{}'", name);
   const size_t offset = bytes_;
-  const size_t n = static_cast<size_t>(shape.numel()) * dtype_size(dtype);
-  bytes_ += (n + kAlign - 1) / kAlign * kAlign;
+  size_t n = 0, total = 0;
+  // Sizes past the address space are out of memory, however they were asked for.
+  if (__builtin_mul_overflow(static_cast<size_t>(shape.numel()), dtype_size(dtype), &n) || n > SIZE_MAX - kAlign ||
+      __builtin_add_overflow(bytes_, (n + kAlign - 1) / kAlign * kAlign, &total))
+    throw OutOfMemory(fmt::format("[arena] view '{}' of shape {} does not fit in the address space", name, shape.str()), SIZE_MAX);
+  bytes_ = total;
   index_.emplace(name, entries_.size());
   entries_.push_back(Entry{std::move(name), shape, dtype, offset});
 }

@@ -19,6 +19,17 @@ class Error : public std::runtime_error {
   std::string location_;
 };
 
+// Thrown by an allocator whose memory ran out (the CPU arena allocator): callers that know what
+// the memory was for (the trainer: which config keys set the sizes) catch it and say so.
+class OutOfMemory : public Error {
+ public:
+  OutOfMemory(const std::string& what, size_t bytes, std::string location = {}) : Error(what, std::move(location)), bytes_(bytes) {}
+  size_t bytes() const { return bytes_; }  // the allocation that failed
+
+ private:
+  size_t bytes_;
+};
+
 [[noreturn]] inline void throw_error(const char* file, int line, const std::string& msg) {
   throw Error(msg, fmt::format("{}:{}", file, line));
 }

@@ -22,7 +22,9 @@ int64_t Shape::operator[](int i) const {
 
 int64_t Shape::numel() const {
   int64_t n = 1;
-  for (int i = 0; i < rank_; ++i) n *= dims_[i];
+  // Checked: a shape from a hostile config (dims of 2^32) must fail, not wrap to a small size.
+  for (int i = 0; i < rank_; ++i)
+    if (__builtin_mul_overflow(n, dims_[i], &n)) DIFFMOE_FAIL("[tensor] shape {} has more elements than int64 holds", str());
   return n;
 }
 

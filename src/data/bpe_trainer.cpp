@@ -13,6 +13,7 @@
 #include <unordered_set>
 
 #include "core/error.h"
+#include "io/file_util.h"
 #include "data/bpe.h"
 #include "data/pretokenizer.h"
 #include "data/tokenizer_base.h"
@@ -50,6 +51,8 @@ BpeTrainer::BpeTrainer(BpeTrainerOptions options) : options_(std::move(options))
   DIFFMOE_CHECK(options_.vocab_size >= 256 + static_cast<int32_t>(options_.special_tokens.size()),
                 "[bpe_trainer] vocab_size {} < 256 bytes + {} special tokens", options_.vocab_size,
                 options_.special_tokens.size());
+  DIFFMOE_CHECK(options_.vocab_size <= kMaxTokenizerVocab, "[bpe_trainer] vocab_size {} is over the largest supported {}",
+                options_.vocab_size, kMaxTokenizerVocab);
   impl_ = std::make_unique<Impl>(options_);
 }
 
@@ -260,8 +263,12 @@ void fsync_or_fail(const std::string& path) {
 }  // namespace
 
 void save_trained_bpe(const TrainedBpe& bpe, const std::filesystem::path& path) {
+  // The rename below replaces whatever is at `path`: a device node or a FIFO there is refused.
+  io::check_output_path(path.string(), "tokenizer file");
   const std::string text = trained_bpe_to_json(bpe);
-  const std::string tmp = path.string() + ".tmp";
+  // Unique per process: two trainings of one path (two runs of one config) never share a file.
+  const std::string tmp = io::temp_path(path.string());
+  io::check_output_path(tmp, "temporary tokenizer file");
   try {
     std::ofstream f(tmp, std::ios::binary | std::ios::trunc);
     DIFFMOE_CHECK(f.is_open(), "{}: cannot create: {}", tmp, std::strerror(errno));

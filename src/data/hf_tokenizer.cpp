@@ -1,15 +1,14 @@
 // HF byte-level BPE tokenizer.json loader and encoder (see hf_tokenizer.h, formats.md §1c).
 #include "data/hf_tokenizer.h"
 
-#include <fstream>
 #include <nlohmann/json.hpp>
-#include <sstream>
 #include <unordered_set>
 
 #include "core/error.h"
 #include "data/bpe.h"
 #include "data/pretokenizer.h"
 #include "data/tokenizer_base.h"
+#include "io/file_util.h"
 
 namespace diffmoe::data {
 namespace {
@@ -138,6 +137,8 @@ class HfTokenizer final : public TokenizerBase {
       if (!a.is_object() || !a.contains("id") || !a["id"].is_number_integer() || !a.contains("content") ||
           !a["content"].is_string())
         fail(fmt::format("added_tokens[{}]", i), "needs integer \"id\" and string \"content\"");
+      if (a["id"].get<int64_t>() < 0 || a["id"].get<int64_t>() >= kMaxTokenizerVocab)
+        fail(fmt::format("added_tokens[{}].id", i), fmt::format("{} is outside [0, {})", a["id"].dump(), kMaxTokenizerVocab));
       atomic.push_back({a["content"].get<std::string>(), a["id"].get<int32_t>(), flag(a, "special", false),
                         flag(a, "lstrip", false), flag(a, "rstrip", false), flag(a, "single_word", false)});
       added_ids.insert(atomic.back().id);
@@ -146,6 +147,8 @@ class HfTokenizer final : public TokenizerBase {
     const json& vocab = m["vocab"];
     for (auto it = vocab.begin(); it != vocab.end(); ++it) {
       if (!it.value().is_number_integer()) fail("model.vocab", fmt::format("id of '{}' is not an integer", it.key()));
+      if (it.value().get<int64_t>() < 0 || it.value().get<int64_t>() >= kMaxTokenizerVocab)
+        fail("model.vocab", fmt::format("id {} of '{}' is outside [0, {})", it.value().dump(), it.key(), kMaxTokenizerVocab));
       const int32_t id = it.value().get<int32_t>();
       if (added_ids.count(id)) continue;  // its bytes are the added token's content
       const auto bytes = byte_level_decode(it.key());
@@ -239,9 +242,10 @@ class HfTokenizer final : public TokenizerBase {
 };
 
 std::optional<std::string> read_eos_hint(const std::filesystem::path& config) {
-  std::ifstream in(config, std::ios::binary);
-  if (!in.good()) return std::nullopt;
-  const json c = json::parse(in, nullptr, /*allow_exceptions=*/false);
+  std::error_code ec;
+  if (!std::filesystem::exists(config, ec)) return std::nullopt;
+  const json c = json::parse(io::read_small_file(config.string(), io::kMaxConfigBytes, "tokenizer config"), nullptr,
+                             /*allow_exceptions=*/false);
   if (!c.is_object() || !c.contains("eos_token")) return std::nullopt;
   const json& e = c["eos_token"];
   if (e.is_string()) return e.get<std::string>();
@@ -256,21 +260,28 @@ std::unique_ptr<Tokenizer> load_from_json(std::string_view text, std::string_vie
   DIFFMOE_CHECK(j.is_object() && j.contains("model") && j["model"].is_object(),
                 "[hf_tokenizer] '{}' is JSON but not a tokenizer (no \"model\" object; expected an HF "
                 "tokenizer.json or a diffmoe tokenizer)", origin);
-  return std::make_unique<HfTokenizer>(j, origin, std::move(eos_hint));
+  try {
+    return std::make_unique<HfTokenizer>(j, origin, std::move(eos_hint));
+  } catch (const Error& e) {  // the shared vocabulary checks name the tokenizer, not the file
+    if (std::string_view(e.what()).find(origin) != std::string_view::npos) throw;
+    throw Error(fmt::format("[hf_tokenizer] '{}': {}", origin, e.what()), e.location());
+  }
 }
 
 }  // namespace
 
 std::unique_ptr<Tokenizer> load_hf_tokenizer(const std::filesystem::path& path) {
-  std::ifstream in(path, std::ios::binary);
-  DIFFMOE_CHECK(in.good(), "[hf_tokenizer] cannot open '{}'", path.string());
-  std::stringstream ss;
-  ss << in.rdbuf();
-  return load_from_json(ss.str(), path.string(), read_eos_hint(path.parent_path() / "tokenizer_config.json"));
+  return load_from_json(io::read_small_file(path.string(), io::kMaxTokenizerBytes, "tokenizer file"), path.string(),
+                        read_hf_eos_hint(path));
 }
 
-std::unique_ptr<Tokenizer> load_hf_tokenizer_from_string(std::string_view json_text, std::string_view origin) {
-  return load_from_json(json_text, origin, std::nullopt);
+std::unique_ptr<Tokenizer> load_hf_tokenizer_from_string(std::string_view json_text, std::string_view origin,
+                                                         std::optional<std::string> eos_hint) {
+  return load_from_json(json_text, origin, std::move(eos_hint));
+}
+
+std::optional<std::string> read_hf_eos_hint(const std::filesystem::path& tokenizer_path) {
+  return read_eos_hint(tokenizer_path.parent_path() / "tokenizer_config.json");
 }
 
 }  // namespace diffmoe::data

@@ -14,6 +14,8 @@
 #pragma once
 #include <filesystem>
 #include <memory>
+#include <optional>
+#include <string>
 #include <string_view>
 
 #include "data/tokenizer.h"
@@ -25,6 +27,10 @@ namespace diffmoe::data {
 std::unique_ptr<Tokenizer> load_hf_tokenizer(const std::filesystem::path& path);
 
 // Same from JSON text; `origin` names the source in error messages and is the default name().
-std::unique_ptr<Tokenizer> load_hf_tokenizer_from_string(std::string_view json_text, std::string_view origin);
+// `eos_hint`: the end-of-text token's text when known (tokenizer_config.json's eos_token).
+std::unique_ptr<Tokenizer> load_hf_tokenizer_from_string(std::string_view json_text, std::string_view origin,
+                                                         std::optional<std::string> eos_hint = std::nullopt);
+// eos_token of the tokenizer_config.json beside an HF tokenizer.json, if there is one that says.
+std::optional<std::string> read_hf_eos_hint(const std::filesystem::path& tokenizer_path);
 
 }  // namespace diffmoe::data

@@ -8,13 +8,13 @@
 #include <condition_variable>
 #include <deque>
 #include <exception>
-#include <fstream>
 #include <mutex>
 #include <nlohmann/json.hpp>
 #include <thread>
 
 #include "core/error.h"
 #include "core/rng.h"
+#include "io/file_util.h"
 
 namespace diffmoe::data {
 
@@ -31,8 +31,8 @@ std::vector<fs::path> find_shards(const fs::path& dir, std::string_view split) {
   std::vector<fs::path> out;
   const fs::path meta_path = dir / "meta.json";
   if (fs::exists(meta_path)) {
-    std::ifstream in(meta_path);
-    const nlohmann::json meta = nlohmann::json::parse(in, nullptr, /*allow_exceptions=*/false);
+    const nlohmann::json meta = nlohmann::json::parse(io::read_small_file(meta_path.string(), io::kMaxManifestBytes, "shard index"),
+                                                      nullptr, /*allow_exceptions=*/false);
     DIFFMOE_CHECK(meta.is_object() && meta.contains(split) && meta[std::string(split)].contains("shards"),
                   "{}: {}.shards: missing (not a `diffmoe data prepare` meta.json?)", meta_path.string(), split);
     for (const auto& name : meta[std::string(split)]["shards"]) {

@@ -24,6 +24,8 @@
 #include "data/text_source.h"
 #include "data/token_shard.h"
 #include "data/tokenizer.h"
+#include "io/file_util.h"
+#include "io/run_lock.h"
 
 namespace diffmoe::data {
 
@@ -115,6 +117,8 @@ struct Pipeline {
 void write_file_atomic(const fs::path& path, const std::string& text) {
   fs::path tmp = path;
   tmp += ".tmp";
+  io::check_output_path(path.string(), "shard index");  // the rename would replace a device node or FIFO
+  io::check_output_path(tmp.string(), "temporary shard index");
   const int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
   DIFFMOE_CHECK(fd >= 0, "{}: cannot create: {}", tmp.string(), std::strerror(errno));
   const bool ok = ::write(fd, text.data(), text.size()) == static_cast<ssize_t>(text.size()) && ::fsync(fd) == 0;
@@ -149,6 +153,7 @@ PrepareStats prepare_shards(const PrepareOptions& options) {
   DIFFMOE_CHECK(options.shard_tokens > 0, "[prepare] shard_tokens must be positive");
   DIFFMOE_CHECK(options.batch_bytes > 0, "[prepare] batch_bytes must be positive");
   DIFFMOE_CHECK(!options.out_dir.empty(), "[prepare] no output directory given");
+  io::check_output_path(options.out_dir.string(), "shard directory", io::OutputKind::kDirectory);  // before any work
   const std::vector<fs::path> files = expand_inputs(options.inputs);
   const std::unique_ptr<Tokenizer> tokenizer = load_tokenizer(options.tokenizer);
   const std::optional<int32_t> eos = tokenizer->eos_id();
@@ -158,6 +163,9 @@ PrepareStats prepare_shards(const PrepareOptions& options) {
                                          .eos_id = static_cast<uint32_t>(*eos),
                                          .tokenizer_fingerprint = file_fingerprint(options.tokenizer)};
   fs::create_directories(options.out_dir);
+  // One writer: two prepares into one directory would write the same temporary shard files.
+  const RunLock lock(sibling_lock_path(options.out_dir.string()), options.out_dir.string(),
+                     "wait for that preparation to finish, or prepare into another directory");
   fs::remove(options.out_dir / "meta.json");  // no stale description while shards are rewritten
 
   const int threads = options.threads > 0 ? options.threads : static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));

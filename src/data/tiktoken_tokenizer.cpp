@@ -2,13 +2,12 @@
 #include "data/tiktoken_tokenizer.h"
 
 #include <charconv>
-#include <fstream>
-#include <sstream>
 
 #include "core/error.h"
 #include "data/bpe.h"
 #include "data/pretokenizer.h"
 #include "data/tokenizer_base.h"
+#include "io/file_util.h"
 
 namespace diffmoe::data {
 
@@ -116,12 +115,13 @@ class TiktokenTokenizer final : public TokenizerBase {
 }  // namespace
 
 std::unique_ptr<Tokenizer> load_tiktoken(const std::filesystem::path& path, const TiktokenOptions& options) {
+  return load_tiktoken_from_string(io::read_small_file(path.string(), io::kMaxTokenizerBytes, "tiktoken rank file"), path,
+                                   options);
+}
+
+std::unique_ptr<Tokenizer> load_tiktoken_from_string(std::string_view content, const std::filesystem::path& path,
+                                                     const TiktokenOptions& options) {
   const std::string file = path.string();
-  std::ifstream in(path, std::ios::binary);
-  DIFFMOE_CHECK(in.good(), "[tiktoken] cannot open rank file '{}'", file);
-  std::stringstream ss;
-  ss << in.rdbuf();
-  const std::string content = ss.str();
 
   BytesMap ranks;
   std::vector<std::pair<int32_t, std::string>> tokens;
@@ -143,6 +143,8 @@ std::unique_ptr<Tokenizer> load_tiktoken(const std::filesystem::path& path, cons
                       rank >= 0 && base64_decode(line.substr(0, sp), bytes),
                   "[tiktoken] '{}' line {}: expected \"<base64 token> <rank>\", got '{}'", file, line_no,
                   line.substr(0, 80));
+    DIFFMOE_CHECK(rank < kMaxTokenizerVocab, "[tiktoken] '{}' line {}: rank {} is over the largest supported id {}", file,
+                  line_no, rank, kMaxTokenizerVocab - 1);
     DIFFMOE_CHECK(ranks.insert(bytes, rank), "[tiktoken] '{}' line {}: duplicate token", file, line_no);
     tokens.emplace_back(rank, bytes);
   }

@@ -34,5 +34,8 @@ struct TiktokenOptions {
 // Loads and validates a rank file. Throws diffmoe::Error naming the file (and line) on malformed
 // input, duplicate ranks or tokens, or when neither a preset nor an explicit pattern is available.
 std::unique_ptr<Tokenizer> load_tiktoken(const std::filesystem::path& path, const TiktokenOptions& options = {});
+// Same from the file's contents; `origin` names it in errors, and its stem picks the preset.
+std::unique_ptr<Tokenizer> load_tiktoken_from_string(std::string_view content, const std::filesystem::path& origin,
+                                                     const TiktokenOptions& options = {});
 
 }  // namespace diffmoe::data

@@ -8,12 +8,15 @@
 #include <unistd.h>
 #include <xxhash.h>
 
+#include <algorithm>
 #include <bit>
 #include <cerrno>
 #include <cstring>
 #include <fstream>
 
 #include "core/error.h"
+#include "data/tokenizer.h"
+#include "io/file_util.h"
 
 namespace diffmoe::data {
 
@@ -90,6 +93,9 @@ ShardWriter::ShardWriter(fs::path path, ShardWriterOptions options) : path_(std:
   header_.tokenizer_fingerprint = options.tokenizer_fingerprint;
   tmp_path_ = path_;
   tmp_path_ += ".tmp";
+  // finish() renames over `path`: a device node or FIFO there (or at the temporary) is refused.
+  io::check_output_path(path_.string(), "token shard");
+  io::check_output_path(tmp_path_.string(), "temporary token shard");
   fd_ = ::open(tmp_path_.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
   DIFFMOE_CHECK(fd_ >= 0, "{}: cannot create: {}", tmp_path_.string(), std::strerror(errno));
   const unsigned char placeholder[kShardHeaderBytes] = {};  // rewritten by finish()
@@ -202,6 +208,8 @@ Shard::Shard(fs::path path, ShardOpenOptions options) : path_(std::move(path)) {
     DIFFMOE_CHECK(header_.dtype == 2 || header_.dtype == 4,
                   "{}: dtype: {} is not a token size (expected 2 for u16 or 4 for u32)", name, header_.dtype);
     DIFFMOE_CHECK(header_.vocab_size > 0, "{}: vocab_size: 0", name);
+    DIFFMOE_CHECK(header_.vocab_size <= static_cast<uint32_t>(kMaxTokenizerVocab),
+                  "{}: vocab_size: {} is over the largest supported vocabulary ({} ids)", name, header_.vocab_size, kMaxTokenizerVocab);
     DIFFMOE_CHECK(header_.dtype == 4 || header_.vocab_size <= 65536u,
                   "{}: vocab_size: {} does not fit dtype 2 (u16 ids stop at 65535)", name, header_.vocab_size);
     DIFFMOE_CHECK(header_.eos_id < header_.vocab_size, "{}: eos_id: {} is not below vocab_size {}", name,
@@ -262,17 +270,29 @@ void Shard::read(uint64_t begin, uint64_t count, int32_t* out) const {
   DIFFMOE_CHECK(begin <= header_.n_tokens && count <= header_.n_tokens - begin,
                 "{}: read of tokens [{}, {}) past n_tokens {}", path_.string(), begin, begin + count, header_.n_tokens);
   const unsigned char* p = map_ + kShardHeaderBytes + begin * header_.dtype;
+  // Every id must be below the shard's vocab_size (which open() bounds): a corrupt id would
+  // otherwise index past the embedding table, far from here. One compare per token.
+  uint32_t worst = 0;
   if (header_.dtype == 2) {
     for (uint64_t i = 0; i < count; ++i) {
       uint16_t v;
       std::memcpy(&v, p + 2 * i, 2);
       out[i] = v;
+      worst = std::max<uint32_t>(worst, v);
     }
   } else {
     for (uint64_t i = 0; i < count; ++i) {
       uint32_t v;
       std::memcpy(&v, p + 4 * i, 4);
       out[i] = static_cast<int32_t>(v);
+      worst = std::max(worst, v);
+    }
+  }
+  if (worst >= header_.vocab_size) {
+    for (uint64_t i = 0; i < count; ++i) {
+      const uint32_t v = static_cast<uint32_t>(out[i]);
+      DIFFMOE_CHECK(v < header_.vocab_size, "{}: token {} (byte offset {}) is id {}, outside the shard's vocabulary [0, {}) (corrupted?)",
+                    path_.string(), begin + i, kShardHeaderBytes + (begin + i) * header_.dtype, v, header_.vocab_size);
     }
   }
 }

@@ -3,12 +3,12 @@
 
 #include <algorithm>
 #include <cctype>
-#include <fstream>
 
 #include "core/error.h"
 #include "data/hf_tokenizer.h"
 #include "data/tiktoken_tokenizer.h"
 #include "data/tokenizer_base.h"
+#include "io/file_util.h"
 
 namespace diffmoe::data {
 
@@ -77,6 +77,8 @@ std::optional<AtomicMatcher::Hit> AtomicMatcher::find(std::string_view text, siz
 // ---- TokenizerBase ----
 void TokenizerBase::set_token(int32_t id, std::string_view bytes) {
   DIFFMOE_CHECK(id >= 0, "[tokenizer] {}: negative token id {}", name_, id);
+  DIFFMOE_CHECK(id < kMaxTokenizerVocab, "[tokenizer] {}: token id {} is over the largest supported id {}", name_, id,
+                kMaxTokenizerVocab - 1);
   if (static_cast<size_t>(id) >= spans_.size()) spans_.resize(static_cast<size_t>(id) + 1);
   DIFFMOE_CHECK(spans_[id].length < 0, "[tokenizer] {}: id {} assigned twice", name_, id);
   spans_[id] = {static_cast<uint32_t>(arena_.size()), static_cast<int32_t>(bytes.size())};
@@ -98,6 +100,11 @@ void TokenizerBase::set_atomic_tokens(std::vector<AtomicToken> tokens) {
   }
   all_atomic_ = AtomicMatcher(std::move(tokens));
   ordinary_atomic_ = AtomicMatcher(std::move(ordinary));
+  // The vocabulary is complete: its ids must be dense (tokenizer.h).
+  int64_t unused = 0;
+  for (const Span& sp : spans_) unused += sp.length < 0 ? 1 : 0;
+  DIFFMOE_CHECK(unused <= kMaxUnusedTokenIds, "[tokenizer] {}: ids are not dense: {} of the ids below the largest ({}) are unused "
+                "(at most {} may be)", name_, unused, spans_.size() - 1, kMaxUnusedTokenIds);
 }
 
 bool TokenizerBase::is_token(int32_t id) const {
@@ -152,15 +159,13 @@ bool looks_like_tiktoken_line(std::string_view line) {
 }  // namespace
 
 std::unique_ptr<Tokenizer> load_tokenizer(const std::filesystem::path& path) {
-  std::ifstream in(path, std::ios::binary);
-  DIFFMOE_CHECK(in.good(), "[tokenizer] cannot open tokenizer file '{}'", path.string());
-  std::string head(4096, '\0');
-  in.read(head.data(), static_cast<std::streamsize>(head.size()));
-  head.resize(static_cast<size_t>(in.gcount()));
+  const std::string text = io::read_small_file(path.string(), io::kMaxTokenizerBytes, "tokenizer file");
+  const std::string_view head = std::string_view(text).substr(0, 4096);
   const size_t first = head.find_first_not_of(" \t\r\n");
-  if (first != std::string::npos && head[first] == '{') return load_hf_tokenizer(path);  // validates "model"
-  const std::string_view first_line = std::string_view(head).substr(0, head.find('\n'));
-  if (looks_like_tiktoken_line(first_line)) return load_tiktoken(path);
+  if (first != std::string::npos && head[first] == '{')  // validates "model"
+    return load_hf_tokenizer_from_string(text, path.string(), read_hf_eos_hint(path));
+  const std::string_view first_line = head.substr(0, head.find('\n'));
+  if (looks_like_tiktoken_line(first_line)) return load_tiktoken_from_string(text, path);
   DIFFMOE_FAIL("[tokenizer] '{}' is not a tokenizer: expected a .tiktoken rank file (\"base64 rank\" lines), an HF "
                "tokenizer.json or a diffmoe tokenizer.json", path.string());
 }

@@ -29,6 +29,13 @@
 namespace diffmoe::data {
 
 enum class TokenizerKind { kTiktoken, kHuggingFace, kDiffmoe };
+
+// Bounds on a tokenizer's ids, checked when a file is loaded (one id of 10^9 would otherwise
+// allocate gigabytes): every id is below kMaxTokenizerVocab (4,194,304: 16x the largest public
+// vocabularies), and the ids are dense, [0, vocab_size) with at most kMaxUnusedTokenIds unused
+// (cl100k_base leaves 16 between its ranks and its special tokens, o200k_base 18).
+inline constexpr int32_t kMaxTokenizerVocab = int32_t{1} << 22;
+inline constexpr int32_t kMaxUnusedTokenIds = 1024;
 std::string_view tokenizer_kind_name(TokenizerKind kind);  // "tiktoken", "huggingface", "diffmoe"
 
 struct SpecialToken {

@@ -59,7 +59,8 @@ class TokenizerBase : public Tokenizer {
 
   // Setup, called by subclass constructors only.
   void set_token(int32_t id, std::string_view bytes);  // throws on a negative or duplicate id
-  // Registers the atomic tokens (also set_token()s them) and builds both matchers.
+  // Registers the atomic tokens (also set_token()s them) and builds both matchers. The last setup
+  // step: the ids are then checked dense (kMaxUnusedTokenIds).
   void set_atomic_tokens(std::vector<AtomicToken> tokens);
   void set_eos(std::optional<int32_t> id) { eos_ = id; }
 

@@ -27,10 +27,8 @@
 #include <cstring>
 #include <ctime>
 #include <filesystem>
-#include <fstream>
 #include <memory>
 #include <set>
-#include <sstream>
 #include <utility>
 
 #include "core/error.h"
@@ -67,19 +65,15 @@ void write_file_synced(const std::string& path, const std::string& text) {
     fail_errno(path, failed.step, failed.err);
 }
 
-std::string read_text(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in) fail_errno(path, "open", errno);
-  std::ostringstream ss;
-  ss << in.rdbuf();
-  if (in.bad()) DIFFMOE_FAIL("{}: read failed", path);
-  return ss.str();
+// The `latest` pointer: a regular file of at most kMaxPointerFileBytes (io::read_small_file).
+std::string read_pointer(const std::string& path) {
+  return io::read_small_file(path, io::kMaxPointerFileBytes, "checkpoint pointer");
 }
 
-std::optional<std::string> read_text_if_present(const std::string& path) {
+std::optional<std::string> read_pointer_if_present(const std::string& path) {
   if (::access(path.c_str(), F_OK) != 0) return std::nullopt;
   try {
-    return read_text(path);
+    return read_pointer(path);
   } catch (const std::exception&) {
     return std::nullopt;
   }
@@ -300,6 +294,7 @@ void fsync_path(const std::string& path) {
 }
 
 void atomic_write_text(const std::string& path, const std::string& text) {
+  io::check_output_path(path, "file");  // the rename would replace a device node or FIFO
   const io::Failure failed = io::replace_file(path, text_contents(text));
   if (failed.step == io::kStepRename)
     DIFFMOE_FAIL("{}: not replaced: rename failed ({})", path, std::strerror(failed.err));
@@ -370,13 +365,13 @@ std::string save_checkpoint(const CheckpointSaveOptions& opt) {
   // Make the rename durable, then point `latest` at it. If either fails, undo the rename so that a
   // failed save never leaves a new checkpoint behind.
   const std::string latest_path = join(opt.root, kLatestName);
-  const std::optional<std::string> latest_before = read_text_if_present(latest_path);
+  const std::optional<std::string> latest_before = read_pointer_if_present(latest_path);
   try {
     fsync_path(opt.root);
     atomic_write_text(latest_path, name + "\n");
   } catch (const std::exception& e) {
     // atomic_write_text can fail after its rename (in the directory fsync): put the pointer back.
-    if (read_text_if_present(latest_path) != latest_before) {
+    if (read_pointer_if_present(latest_path) != latest_before) {
       try {
         if (latest_before) {
           atomic_write_text(latest_path, *latest_before);
@@ -416,7 +411,7 @@ CheckpointInfo open_checkpoint(const std::string& dir) {
   }
   nlohmann::ordered_json manifest;
   try {
-    manifest = nlohmann::ordered_json::parse(read_text(manifest_path));
+    manifest = nlohmann::ordered_json::parse(io::read_small_file(manifest_path, io::kMaxManifestBytes, "checkpoint manifest"));
   } catch (const nlohmann::json::exception& e) {
     DIFFMOE_FAIL("{}: invalid JSON: {}", manifest_path, e.what());
   }
@@ -465,6 +460,17 @@ CheckpointInfo open_checkpoint(const std::string& dir) {
     listed.push_back({path, entry["xxh3_64"].get<std::string>()});
   }
   DIFFMOE_CHECK(names.contains(kStateName), "{}: does not list {}", manifest_path, kStateName);
+  // Everything in the directory is listed: a file slipped in beside a verified checkpoint (another
+  // tokenizer, a swapped model) would otherwise be read on the manifest's word.
+  {
+    std::error_code ec;
+    for (fs::directory_iterator it(dir, ec), end; !ec && it != end; it.increment(ec)) {
+      const std::string name = it->path().filename().string();
+      DIFFMOE_CHECK(name == kManifestName || names.contains(name), "{}: not listed in {} (a checkpoint holds only what its manifest lists)",
+                    it->path().string(), manifest_path);
+    }
+    DIFFMOE_CHECK(!ec, "{}: cannot list the directory ({})", dir, ec.message());
+  }
 
   // Pass 2 (reads everything): contents match the hashes.
   for (const auto& f : listed) {
@@ -472,14 +478,20 @@ CheckpointInfo open_checkpoint(const std::string& dir) {
     DIFFMOE_CHECK(hash == f.hash, "{}: xxh3 {} != manifest {} (corrupted)", f.path, hash, f.hash);
   }
 
-  CheckpointInfo info{dir, step, nlohmann::ordered_json::object()};
+  CheckpointInfo info{dir, step, nlohmann::ordered_json::object(), std::vector<std::string>(names.begin(), names.end())};
   const std::string state_path = join(dir, kStateName);
   try {
-    info.state = nlohmann::ordered_json::parse(read_text(state_path));
+    info.state = nlohmann::ordered_json::parse(io::read_small_file(state_path, io::kMaxTrainerStateBytes, "trainer state"));
   } catch (const nlohmann::json::exception& e) {
     DIFFMOE_FAIL("{}: invalid JSON: {}", state_path, e.what());
   }
   return info;
+}
+
+std::string CheckpointInfo::path_of(const std::string& name) const {
+  DIFFMOE_CHECK(std::find(files.begin(), files.end(), name) != files.end(), "{}: not listed in {}", join(dir, name),
+                join(dir, kManifestName));
+  return join(dir, name);
 }
 
 std::optional<CheckpointInfo> find_latest_checkpoint(const std::string& root, std::vector<std::string>* warnings) {
@@ -496,7 +508,7 @@ std::optional<CheckpointInfo> find_latest_checkpoint(const std::string& root, st
   if (::access(latest_path.c_str(), F_OK) == 0) {
     std::string name;
     try {
-      name = read_text(latest_path);
+      name = read_pointer(latest_path);
     } catch (const std::exception& e) {
       warn(fmt::format("{}: unreadable, scanning step directories: {}", latest_path, e.what()));
     }

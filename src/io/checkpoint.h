@@ -8,7 +8,7 @@
 //   <root>/latest               text file holding the newest directory's name, replaced atomically
 //
 // A checkpoint counts only if its manifest verifies (every listed file present, with the listed size
-// and XXH3-64 hash); a crash or a full disk at any point leaves either the previous state or a
+// and XXH3-64 hash, and no file that it does not list); a crash or a full disk at any point leaves either the previous state or a
 // complete new checkpoint, never a half-written one that a resume would pick up.
 #pragma once
 #include <cstdint>
@@ -43,21 +43,26 @@ struct CheckpointSaveOptions {
 // fsync'ed, trainer_state.json, manifest.json last, fsync of the directory, rename to <root>/step_N/
 // (replacing an existing directory of the same step), fsync of <root>, then <root>/latest replaced
 // atomically; finally older checkpoints beyond keep_last (except keep_every multiples) are removed.
-// Stale "step_*.tmp" directories of crashed saves are removed first (one saver per root).
+// Stale "step_*.tmp" directories of crashed saves are removed first: one saver per root, which the
+// trainer ensures by holding the root's lock (io/run_lock.h) for the whole run.
 // On any failure (a writer throws, ENOSPC, EIO, ...) the temporary directory is removed, earlier
 // checkpoints and `latest` are untouched, and diffmoe::Error names the path and the errno text.
 // Returns the final directory "<root>/step_N".
 std::string save_checkpoint(const CheckpointSaveOptions& opt);
 
 struct CheckpointInfo {
-  std::string dir;               // the checkpoint directory
-  int64_t step = 0;              // from the manifest
-  nlohmann::ordered_json state;  // trainer_state.json
+  std::string dir;                 // the checkpoint directory
+  int64_t step = 0;                // from the manifest
+  nlohmann::ordered_json state;    // trainer_state.json
+  std::vector<std::string> files;  // the names the manifest lists (each verified), trainer_state.json included
+  // <dir>/<name> when the manifest lists `name`; otherwise throws "<dir>/<name>: not listed in
+  // <dir>/manifest.json": a reader opens only files the manifest vouches for.
+  std::string path_of(const std::string& name) const;
 };
 
-// Verifies <dir>/manifest.json against the files (presence, size, XXH3-64) and parses
-// trainer_state.json. Errors name the file and the fault, e.g.
-// "<dir>/model.safetensors: size 1234 != manifest 5678 (truncated?)".
+// Verifies <dir>/manifest.json against the files (presence, size, XXH3-64), checks that the
+// directory holds no file the manifest does not list, and parses trainer_state.json. Errors name
+// the file and the fault, e.g. "<dir>/model.safetensors: size 1234 != manifest 5678 (truncated?)".
 CheckpointInfo open_checkpoint(const std::string& dir);
 
 // The checkpoint to resume from: the directory named by <root>/latest if it verifies, otherwise the

@@ -10,18 +10,17 @@
 // else) and over how doubles are printed (shortest round-trip form, always with '.' or exponent).
 #include "io/config_file.h"
 
-#include <fcntl.h>
-#include <unistd.h>
+#include <yaml-cpp/eventhandler.h>
 #include <yaml-cpp/yaml.h>
 
-#include <cerrno>
 #include <charconv>
 #include <cmath>
-#include <cstring>
 #include <limits>
 #include <map>
+#include <sstream>
 
 #include "core/error.h"
+#include "io/file_util.h"
 
 namespace diffmoe {
 
@@ -71,6 +70,43 @@ PlainKind classify_plain(std::string_view s) {
   if (s.starts_with("0o") && all_of_digits(s.substr(2), is_oct)) return PlainKind::kOctalInt;
   if (is_inf_text(strip_sign(s)) || is_nan_text(s) || is_float_text(s)) return PlainKind::kFloat;
   return PlainKind::kString;
+}
+
+// Whether `s` is well-formed UTF-8 (no overlong forms, surrogates or code points past U+10FFFF).
+// YAML text is Unicode; yaml-cpp passes other bytes through, and nlohmann's dump() (every error
+// message that quotes a value) throws on them, so they stop at the parser.
+bool valid_utf8(std::string_view s) {
+  for (size_t i = 0; i < s.size();) {
+    const auto c = static_cast<unsigned char>(s[i]);
+    size_t n = 0;
+    uint32_t cp = 0;
+    if (c < 0x80) {
+      ++i;
+      continue;
+    }
+    if ((c & 0xE0) == 0xC0) {
+      n = 1;
+      cp = c & 0x1F;
+    } else if ((c & 0xF0) == 0xE0) {
+      n = 2;
+      cp = c & 0x0F;
+    } else if ((c & 0xF8) == 0xF0) {
+      n = 3;
+      cp = c & 0x07;
+    } else {
+      return false;
+    }
+    for (size_t k = 1; k <= n; ++k) {
+      if (i + k >= s.size()) return false;
+      const auto d = static_cast<unsigned char>(s[i + k]);
+      if ((d & 0xC0) != 0x80) return false;
+      cp = (cp << 6) | (d & 0x3F);
+    }
+    static constexpr uint32_t kMin[4] = {0, 0x80, 0x800, 0x10000};
+    if (cp < kMin[n] || cp > 0x10FFFF || (cp >= 0xD800 && cp <= 0xDFFF)) return false;
+    i += n + 1;
+  }
+  return true;
 }
 
 // "source:line:col: " for a yaml-cpp mark (0-based, or -1 when unknown).
@@ -123,6 +159,7 @@ Json convert_scalar(const YAML::Node& node, std::string_view source) {
   const std::string& tag = node.Tag();
   const std::string& text = node.Scalar();
   const std::string where = location(source, node.Mark());
+  DIFFMOE_CHECK(valid_utf8(text), "{}a scalar is not valid UTF-8", where);
   if (tag == "!" || tag == "tag:yaml.org,2002:str") return text;
   if (tag == "?" || tag.empty()) return resolve_plain(text, where);
 
@@ -174,6 +211,7 @@ Json convert_node(const YAML::Node& node, ConvertState& state, int depth) {
         const YAML::Node& key = kv.first;
         DIFFMOE_CHECK(key.IsScalar() || key.IsNull(), "{}mapping keys must be scalars", location(source, key.Mark()));
         const std::string name = key.IsScalar() ? key.Scalar() : std::string();
+        DIFFMOE_CHECK(valid_utf8(name), "{}a mapping key is not valid UTF-8", location(source, key.Mark()));
         const auto [it, inserted] = seen.emplace(name, key.Mark());
         DIFFMOE_CHECK(inserted, "{}duplicate key '{}' (first defined at line {})", location(source, key.Mark()), name,
                       it->second.line + 1);
@@ -184,6 +222,20 @@ Json convert_node(const YAML::Node& node, ConvertState& state, int depth) {
   }
   return nullptr;
 }
+
+// The events of a parse, dropped: for counting documents (parse_yaml).
+class IgnoreEvents final : public YAML::EventHandler {
+ public:
+  void OnDocumentStart(const YAML::Mark&) override {}
+  void OnDocumentEnd() override {}
+  void OnNull(const YAML::Mark&, YAML::anchor_t) override {}
+  void OnAlias(const YAML::Mark&, YAML::anchor_t) override {}
+  void OnScalar(const YAML::Mark&, const std::string&, YAML::anchor_t, const std::string&) override {}
+  void OnSequenceStart(const YAML::Mark&, const std::string&, YAML::anchor_t, YAML::EmitterStyle::value) override {}
+  void OnSequenceEnd() override {}
+  void OnMapStart(const YAML::Mark&, const std::string&, YAML::anchor_t, YAML::EmitterStyle::value) override {}
+  void OnMapEnd() override {}
+};
 
 // ---- emitter ----
 
@@ -291,6 +343,14 @@ void emit_block(std::string& out, const Json& v, int indent, bool first_line_ind
 nlohmann::ordered_json parse_yaml(std::string_view text, std::string_view source) {
   std::vector<YAML::Node> docs;
   try {
+    // yaml-cpp 0.7's LoadAll never returns on a document that starts with ',': the parser reports
+    // an empty document without consuming the token, again and again, and the list grows until
+    // memory runs out. So the documents are counted first, by a loop that stops at the second.
+    std::istringstream in{std::string(text)};
+    YAML::Parser parser(in);
+    IgnoreEvents ignore;
+    for (int n = 0; parser.HandleNextDocument(ignore);)
+      DIFFMOE_CHECK(++n <= 1, "{}: expected one YAML document, found more (or a document starting with ',')", source);
     docs = YAML::LoadAll(std::string(text));
   } catch (const YAML::Exception& e) {
     DIFFMOE_FAIL("{}{}", location(source, e.mark), e.msg);
@@ -301,22 +361,7 @@ nlohmann::ordered_json parse_yaml(std::string_view text, std::string_view source
 }
 
 nlohmann::ordered_json load_yaml_file(const std::string& path) {
-  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
-  DIFFMOE_CHECK(fd >= 0, "{}: cannot read ({})", path, std::strerror(errno));
-  std::string text;
-  char buf[1 << 16];
-  for (;;) {
-    const ssize_t r = ::read(fd, buf, sizeof buf);
-    if (r < 0 && errno == EINTR) continue;
-    if (r <= 0) {
-      const int err = errno;
-      ::close(fd);
-      DIFFMOE_CHECK(r == 0, "{}: cannot read ({})", path, std::strerror(err));  // e.g. EISDIR
-      break;
-    }
-    text.append(buf, static_cast<size_t>(r));
-  }
-  return parse_yaml(text, path);
+  return parse_yaml(io::read_small_file(path, io::kMaxConfigBytes, "config file"), path);
 }
 
 std::string to_yaml(const nlohmann::ordered_json& value) {
@@ -330,6 +375,9 @@ void apply_override(nlohmann::ordered_json& config, std::string_view assignment,
   const size_t eq = assignment.find('=');
   DIFFMOE_CHECK(eq != std::string_view::npos, "override '{}' must look like key.path=value", assignment);
   const std::string key(assignment.substr(0, eq));
+  const std::string_view raw = assignment.substr(eq + 1);
+  DIFFMOE_CHECK(raw.find_first_not_of(" \t") != std::string_view::npos,
+                "override '{}': no value after '=' (to use the default, leave the key out)", assignment);
 
   std::vector<std::string> parts;
   for (size_t start = 0;;) {

@@ -2,10 +2,13 @@
 // survive short writes and EINTR, fsync of files and directories, and the atomic replacement of a
 // file (temporary file in the same directory, fsync, rename). They report the failing step and its
 // errno instead of throwing, so that every caller keeps its own error messages.
+// Also the one bounded reader of small files (read_small_file) and the check of output paths,
+// which throw diffmoe::Error naming the path.
 #pragma once
 #include <cstddef>
 #include <functional>
 #include <string>
+#include <string_view>
 
 namespace diffmoe::io {
 
@@ -60,5 +63,33 @@ std::string parent_directory(const std::string& path);
 
 // fsync of parent_directory(path): makes a create or rename of `path` durable.
 Failure fsync_parent_directory(const std::string& path);
+
+// ---- bounded reads of small files ----
+
+// Size caps of the small files diffmoe reads whole. A file over its cap is refused (an error naming
+// it), not read: a pointer or manifest that names /dev/zero, or a config path that is a FIFO, must
+// fail at once instead of hanging or filling memory.
+inline constexpr size_t kMaxPointerFileBytes = 4096;             // checkpoint `latest`
+inline constexpr size_t kMaxManifestBytes = size_t{16} << 20;     // checkpoint manifest.json, shard meta.json
+inline constexpr size_t kMaxTrainerStateBytes = size_t{64} << 20; // trainer_state.json (config + loader state)
+inline constexpr size_t kMaxConfigBytes = size_t{16} << 20;       // YAML configs, tokenizer_config.json
+inline constexpr size_t kMaxTokenizerBytes = size_t{512} << 20;   // tokenizer.json, .tiktoken rank files
+
+// Reads the whole of `path` when it is a regular file of at most `max_bytes` bytes. Anything else
+// throws diffmoe::Error naming the path and `what` it was to be (e.g. "checkpoint manifest"):
+// "<path>: checkpoint manifest is a FIFO, not a regular file" or "<path>: checkpoint manifest is
+// 2000000 bytes, over the 1048576-byte limit". Never blocks on a FIFO (opened non-blocking) and
+// never reads more than max_bytes + 1 bytes (a file that grows while read is refused too).
+std::string read_small_file(const std::string& path, size_t max_bytes, std::string_view what);
+
+// What an output path must be when something is there already.
+enum class OutputKind { kFile, kDirectory };
+// Throws "<path>: the <what> exists and is a FIFO; expected a regular file (or nothing there yet)"
+// unless `path` is missing or of `kind`: the check of paths diffmoe is about to write, so that an
+// output named /dev/null or a FIFO is refused instead of replaced or blocked on.
+void check_output_path(const std::string& path, std::string_view what, OutputKind kind = OutputKind::kFile);
+
+// The kind of a file type for messages: "a FIFO", "a character device", "a directory", ...
+std::string_view file_type_name(unsigned mode);
 
 }  // namespace diffmoe::io

@@ -409,7 +409,9 @@ void SafetensorsWriter::write(const std::string& path) const {
   text.append((kHeaderAlignment - (kSizeFieldBytes + text.size()) % kHeaderAlignment) % kHeaderAlignment, ' ');
   const uint64_t n = text.size();
 
-  // Atomic write: temp file in the same directory, fsync, rename, fsync the directory.
+  // Atomic write: temp file in the same directory, fsync, rename, fsync the directory. The rename
+  // would replace whatever `path` is, so a device node or FIFO there is refused first.
+  io::check_output_path(path, "safetensors file");
   const io::Failure failed = io::replace_file(path, [&](int fd) {
     if (!io::write_all(fd, &n, sizeof n) || !io::write_all(fd, text.data(), text.size())) return false;
     for (const Item* it : order) {

@@ -48,6 +48,8 @@ int64_t as<int64_t>(const Json& v, const std::string& where) {
 template <>
 double as<double>(const Json& v, const std::string& where) {
   DIFFMOE_CHECK(v.is_number(), "{}: expected a number, got {}", where, v.dump());
+  // NaN and ±inf pass the range checks of validate() ("x <= 0" is false for NaN): no key takes them.
+  DIFFMOE_CHECK(std::isfinite(v.get<double>()), "{}: must be a finite number, got {}", where, v.get<double>());
   return v.get<double>();
 }
 template <>
@@ -139,10 +141,22 @@ Json ModelConfig::to_json() const {
   return j;
 }
 
+namespace {
+constexpr int64_t kMaxDimension = (int64_t{1} << 31) - 1;
+}  // namespace
+
 void ModelConfig::validate(const std::string& source) const {
   auto fail_if = [&](bool bad, const char* key, const std::string& why) {
     DIFFMOE_CHECK(!bad, "{}: model.{}: {}", source, key, why);
   };
+  for (const Field& f : fields()) {  // also for a config built in code, not read by from_json
+    const Json v = f.write(*this);
+    fail_if(v.is_number_float() && !std::isfinite(v.get<double>()), f.key,
+            fmt::format("must be a finite number, got {}", v.is_number_float() ? v.get<double>() : 0.0));
+    // No dimension of a real model comes near 2^31; beyond it sizes and positions overflow.
+    fail_if(v.is_number_integer() && v.get<int64_t>() > kMaxDimension, f.key,
+            fmt::format("must be at most {}, got {}", kMaxDimension, v.is_number_integer() ? v.get<int64_t>() : 0));
+  }
   for (auto [key, v] : {std::pair{"vocab_size", vocab_size}, {"dim", dim}, {"n_layers", n_layers}, {"n_heads", n_heads},
                         {"kv_lora_rank", kv_lora_rank}, {"qk_nope_head_dim", qk_nope_head_dim},
                         {"v_head_dim", v_head_dim}, {"max_seq_len", max_seq_len}, {"original_seq_len", original_seq_len}})

@@ -1,6 +1,7 @@
 // Opening a trained model for `diffmoe eval` / `diffmoe generate`: PATH may be a checkpoint root
 // (the newest valid checkpoint is used), one checkpoint directory (verified against its manifest),
-// or a bare model .safetensors file (then the tokenizer must be given separately).
+// or a model .safetensors file (inside a checkpoint, a manifest.json beside it, the whole checkpoint
+// is verified first and must list the file); for a model file the tokenizer is given separately.
 #pragma once
 #include <memory>
 #include <string>
@@ -23,9 +24,17 @@ struct LoadedCheckpoint {
 // checkpoint root (its newest valid checkpoint; skipped ones are printed as warnings).
 CheckpointInfo resolve_checkpoint_dir(const std::string& path);
 
-// `tokenizer_path` overrides the checkpoint's own tokenizer copy when non-empty. The model is built
-// with `opt` (precision) and holds the checkpoint's f32 masters, rounded to its compute dtypes.
-LoadedCheckpoint open_trained_model(const std::string& path, const std::string& tokenizer_path, Backend& backend, DType dtype,
-                                    const ModelOptions& opt = {});
+struct OpenModelOptions {
+  std::string tokenizer_path;  // overrides the checkpoint's own tokenizer copy when non-empty
+  // Check every file against the checkpoint's manifest (sizes and XXH3-64), also for a model file
+  // named directly when a manifest.json is beside it. Off (--no-verify): a checkpoint directory or
+  // model file is read as it is (a checkpoint root still picks its newest checkpoint that verifies).
+  bool verify = true;
+  ModelOptions model = {};  // the model's precision (its f32 masters are rounded to its compute dtypes)
+};
+
+// A checkpoint's model (its state shards, formats.md §4.2, or a model.safetensors) for evaluation
+// and generation.
+LoadedCheckpoint open_trained_model(const std::string& path, Backend& backend, DType dtype, const OpenModelOptions& options = {});
 
 }  // namespace diffmoe

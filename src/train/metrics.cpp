@@ -11,6 +11,7 @@
 
 #include "core/error.h"
 #include "io/checkpoint.h"
+#include "io/file_util.h"
 
 namespace diffmoe {
 
@@ -19,6 +20,7 @@ MetricsLogger::MetricsLogger(const RunConfig& rc, int64_t start_step, int64_t ma
   std::filesystem::create_directories(rc.train.out_dir);
   if (rc.log.jsonl) {
     jsonl_path_ = rc.train.out_dir + "/metrics.jsonl";
+    io::check_output_path(jsonl_path_, "metrics log");  // appending to a FIFO would block
     std::string kept;  // on resume: the rows of steps the checkpoint covers
     if (resumed) {
       std::ifstream in(jsonl_path_);
@@ -29,7 +31,7 @@ MetricsLogger::MetricsLogger(const RunConfig& rc, int64_t start_step, int64_t ma
       }
       atomic_write_text(jsonl_path_, kept);
     }
-    jsonl_ = std::fopen(jsonl_path_.c_str(), resumed ? "a" : "w");
+    jsonl_ = std::fopen(jsonl_path_.c_str(), "a");  // O_APPEND: every row lands at the end, never over another
     DIFFMOE_CHECK(jsonl_ != nullptr, "{}: cannot open for writing ({})", jsonl_path_, std::strerror(errno));
   }
   if (rc.log.tensorboard) {

@@ -15,8 +15,8 @@ namespace diffmoe {
 
 class MetricsLogger {
  public:
-  // Opens <out_dir>/metrics.jsonl — a fresh run starts it empty; a resumed run keeps the rows up to
-  // `start_step` and drops later ones (they belong to the interrupted run) — and a new TensorBoard
+  // Opens <out_dir>/metrics.jsonl for appending — a fresh run finds none (run_dir.h); a resumed run
+  // keeps the rows up to `start_step` and drops later ones (they belong to the interrupted run) — and a new TensorBoard
   // file in <out_dir>/tb; on resume `start_step` > 0 writes a SessionLog START at start_step + 1
   // (the first step this run logs) so TensorBoard drops the orphaned points too.
   MetricsLogger(const RunConfig& rc, int64_t start_step, int64_t max_steps, bool resumed);

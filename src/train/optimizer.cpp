@@ -176,6 +176,13 @@ void AdamW::apply(Context ctx, double lr) {
   }
 }
 
+std::vector<std::pair<std::string, Tensor>> AdamW::state_tensors() const {
+  std::vector<std::pair<std::string, Tensor>> out;
+  for (const auto& e : state_.entries())
+    if (e.name.rfind("m.", 0) == 0 || e.name.rfind("v.", 0) == 0 || e.name.rfind("master.", 0) == 0) out.emplace_back(e.name, state_.view(e));
+  return out;
+}
+
 double AdamW::grad_norm() const {
   const Tensor t = grad_sq();
   if (t.dtype == DType::kF64) {

@@ -79,7 +79,10 @@ class AdamW {
   // compute_grad_sq() then apply(): one rank only.
   void step(Context ctx, double lr);
 
-  size_t state_bytes() const { return state_.bytes(); }  // masters (where separate), moments, grad_sq
+  size_t state_bytes() const { return state_.bytes(); }
+  // This rank's state as whole buffers: "master.g<g>" (separate masters only), "m.g<g>", "v.g<g>"
+  // (not the gradient scratch).
+  std::vector<std::pair<std::string, Tensor>> state_tensors() const;  // masters (where separate), moments, grad_sq
   int64_t steps_taken() const { return step_; }
   void set_steps_taken(int64_t s) { step_ = s; }
   Model& model() const { return *model_; }

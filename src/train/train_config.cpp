@@ -6,6 +6,7 @@
 
 #include "core/error.h"
 #include "data/bpe_trainer.h"
+#include "data/tokenizer.h"
 #include "io/config_file.h"
 
 namespace diffmoe {
@@ -33,7 +34,10 @@ class SectionReader {
   T get(const char* key, T fallback) {
     used_.insert(key);
     T value = fallback;
-    if (node_.contains(key) && !node_[key].is_null()) value = convert<T>(node_[key], key);
+    // An empty value ("lr:" in a file, --set optim.lr=) is a mistake, not a request for the default.
+    DIFFMOE_CHECK(!node_.contains(key) || !node_[key].is_null(), "{}: has no value (leave the key out to use the default, {})",
+                  where(key), Json(fallback).dump());
+    if (node_.contains(key)) value = convert<T>(node_[key], key);
     resolved_[key] = value;
     return value;
   }
@@ -67,6 +71,8 @@ class SectionReader {
       return static_cast<T>(v.is_number_integer() ? v.get<int64_t>() : static_cast<int64_t>(v.get<double>()));
     } else if constexpr (std::is_floating_point_v<T>) {
       DIFFMOE_CHECK(v.is_number(), "{}: expected a number, got {}", where(key), v.dump());
+      // NaN and ±inf pass every "x <= 0" check below and then poison the run: no key takes them.
+      DIFFMOE_CHECK(std::isfinite(v.get<double>()), "{}: must be a finite number, got {}", where(key), v.get<double>());
       return v.get<T>();
     } else {
       DIFFMOE_CHECK(v.is_string(), "{}: expected a string, got {}", where(key), v.dump());
@@ -172,6 +178,7 @@ RunConfig run_config_from_json(Json doc, const std::string& source) {
   check(t.max_steps > 0, source, "train.max_steps", fmt::format("must be positive, got {}", t.max_steps));
   check(t.log_every > 0, source, "train.log_every", fmt::format("must be positive, got {}", t.log_every));
   check(t.max_bad_steps > 0, source, "train.max_bad_steps", "must be positive");
+  check(t.peak_tflops > 0, source, "train.peak_tflops", fmt::format("must be positive (the MFU denominator), got {}", t.peak_tflops));
   check(t.stop_after >= 0, source, "train.stop_after", fmt::format("must be >= 0 (0 = run to max_steps), got {}", t.stop_after));
   check(t.precision == "f32" || t.precision == "bf16_gemm", source, "train.precision",
         fmt::format("expected f32 or bf16_gemm, got '{}'", t.precision));
@@ -188,8 +195,8 @@ RunConfig run_config_from_json(Json doc, const std::string& source) {
     const int64_t min_vocab = 256 + static_cast<int64_t>(data::BpeTrainerOptions{}.special_tokens.size());
     check(rc.tokenizer.vocab_size >= min_vocab, source, "tokenizer.vocab_size",
           fmt::format("must be at least {} (256 byte tokens + <|endoftext|>), got {}", min_vocab, rc.tokenizer.vocab_size));
-    check(rc.tokenizer.vocab_size <= std::numeric_limits<int32_t>::max(), source, "tokenizer.vocab_size",
-          fmt::format("must be at most {}, got {}", std::numeric_limits<int32_t>::max(), rc.tokenizer.vocab_size));
+    check(rc.tokenizer.vocab_size <= data::kMaxTokenizerVocab, source, "tokenizer.vocab_size",
+          fmt::format("must be at most {}, got {}", data::kMaxTokenizerVocab, rc.tokenizer.vocab_size));
   }
   check(rc.data.val_fraction >= 0 && rc.data.val_fraction < 1, source, "data.val_fraction", "must be in [0, 1)");
   check(rc.data.doc_bytes >= 0, source, "data.doc_bytes", "must be >= 0 (0 = one document per file)");

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cmath>
+#include <cstring>
 #include <filesystem>
 #include <limits>
 
@@ -11,18 +12,22 @@
 #include "data/loader.h"
 #include "io/checkpoint.h"
 #include "io/config_file.h"
+#include "io/file_util.h"
 #include "model/model_file.h"
 #include "model/parameters.h"
 #include "dist/device_world.h"
 #include "dist/process_grid.h"
 #include "train/data_parallel.h"
 #include "train/evaluator.h"
+#include "train/finite_check.h"
 #include "train/expert_exchange_comm.h"
 #include "train/lr_schedule.h"
 #include "train/metrics.h"
 #include "train/optimizer.h"
+#include "train/run_dir.h"
 #include "train/run_setup.h"
 #include "train/sharded_state.h"
+#include "train/stop_signal.h"
 #include "train/token_buffers.h"
 
 namespace diffmoe {
@@ -66,7 +71,10 @@ void routing_stats(const Model& m, std::map<std::string, double>& out) {
 }
 
 std::string copy_tokenizer_into(const std::string& src, const std::string& dst_dir_file) {
-  fs::copy_file(src, dst_dir_file, fs::copy_options::overwrite_existing);
+  // Only the regular file that was loaded (a bounded read), never whatever the path names now.
+  const std::string text = io::read_small_file(src, io::kMaxTokenizerBytes, "tokenizer file");
+  if (const io::Failure failed = io::write_file_synced(dst_dir_file, [&](int fd) { return io::write_all(fd, text.data(), text.size()); }))
+    DIFFMOE_FAIL("{}: {} failed ({})", dst_dir_file, failed.step, std::strerror(failed.err));
   return dst_dir_file;
 }
 
@@ -83,7 +91,8 @@ class TrainRun {
     start();
     loop();
     if (metrics_) metrics_->close();  // flush errors surface here, as errors, not in a destructor
-    return TrainResult{.steps = step_, .last_loss = last_loss_, .val_loss = val_loss_, .last_checkpoint = last_ckpt_};
+    return TrainResult{.steps = step_, .last_loss = last_loss_, .val_loss = val_loss_, .last_checkpoint = last_ckpt_,
+                       .stop_signal = stopped_by_};
   }
 
  private:
@@ -112,6 +121,8 @@ class TrainRun {
     DIFFMOE_CHECK(world_ % ep == 0, "parallel.expert: {} expert-parallel ranks do not divide the {} ranks of this run", ep, world_);
 
     if (lead()) {
+      // First: one trainer per directory, and a fresh run never silently replaces an earlier one.
+      run_dirs_ = std::make_unique<RunDirectories>(rc_, !opt_.resume.empty(), opt_.overwrite, [this](const std::string& s) { say(s); });
       fs::create_directories(ts_.out_dir);
       const std::string config_yaml = to_yaml(rc_.resolved);
       say(fmt::format("diffmoe train: config {} (resolved, with defaults):\n{}", opt_.config_path, config_yaml));
@@ -200,7 +211,11 @@ class TrainRun {
       DIFFMOE_FAIL("{}/trainer_state.json: {}", info->dir, e.what());
     }
     optim_->set_steps_taken(step_);
+    const auto bad = FiniteCheck(*model_, *optim_).find({});
+    DIFFMOE_CHECK(all_ok(!bad.has_value()), "{}: holds non-finite values: {}; resume from an earlier checkpoint (--resume <dir>)", info->dir,
+                  bad ? bad->describe() : "on another rank (its error says where)");
     last_ckpt_ = info->dir;
+    saved_step_ = step_;
     say(fmt::format("resumed from {} at step {} ({} tokens seen)", info->dir, step_, tokens_seen_));
   }
 
@@ -213,6 +228,12 @@ class TrainRun {
   // reported on every rank:
   //   A: rank 0's temporary directory exists;  B: every shard is written;  C: rank 0 committed.
   void save(int64_t at_step) {
+    // Never a checkpoint of non-finite state: `latest` stays on the last good one (every rank checks
+    // its own part; all must pass).
+    const auto bad = finite_->find({});
+    DIFFMOE_CHECK(all_ok(!bad.has_value()), "step {}: {}; no checkpoint written, '{}/latest' not moved. Last good checkpoint: {}", at_step,
+                  bad ? bad->describe() : "non-finite state on another rank (its error says where)", rc_.checkpoint.dir,
+                  last_ckpt_.empty() ? "none written yet" : last_ckpt_);
     const std::string tok_name = "tokenizer" + fs::path(rc_.tokenizer.path).extension().string();
     const std::string my_shard = shard_file_name(rank_, world_);
     const std::string tmp_dir = fmt::format("{}/step_{:09d}.tmp", rc_.checkpoint.dir, at_step);
@@ -230,6 +251,7 @@ class TrainRun {
       DIFFMOE_CHECK(all_ok(ok), "[checkpoint] step {} not saved: {}", at_step, ok ? "another rank's shard failed" : err);
       DIFFMOE_CHECK(all_ok(true), "[checkpoint] step {} not saved: rank 0 could not commit it (its error says why)", at_step);
       last_ckpt_ = fmt::format("{}/step_{:09d}", rc_.checkpoint.dir, at_step);
+      saved_step_ = at_step;
       return;
     }
     nlohmann::ordered_json state = {{"step", at_step},
@@ -271,17 +293,27 @@ class TrainRun {
       throw;
     }
     all_ok(true);  // C
+    saved_step_ = at_step;
     message(fmt::format("checkpoint: {}", last_ckpt_));
   }
 
-  void run_eval(int64_t at_step) {
-    if (!val_) return;
+  // False: the validation loss is not finite.
+  bool run_eval(int64_t at_step) {
+    if (!val_) return true;
     const EvalResult r = evaluate(*model_, *val_, rc_.eval.batches, rank_, world_);
     const std::vector<double> sums = dp_->sum({}, {r.loss_sum, static_cast<double>(r.tokens)});
     const double loss = sums[1] > 0 ? sums[0] / sums[1] : std::nan("");
     val_loss_ = loss;
     if (metrics_)
       metrics_->log(at_step, "val", {{"val_loss", loss}, {"val_ppl", std::exp(loss)}, {"val_tokens", sums[1]}});
+    return std::isfinite(loss);
+  }
+
+  // Whether a stop signal reached any rank: every rank stops after the same step.
+  bool stop_agreed() {
+    const bool mine = stop_requested();
+    if (world_ == 1) return mine;
+    return dp_->sum({}, {mine ? 1.0 : 0.0})[0] > 0;
   }
 
   // Forward and backward over this rank's grad_accum micro-batches of the global batch (micro-batch
@@ -340,7 +372,16 @@ class TrainRun {
     double window_loss = 0, window_aux = 0;
     int64_t window_steps = 0;
     auto window_t0 = std::chrono::steady_clock::now();
+    finite_ = std::make_unique<FiniteCheck>(*model_, *optim_);
+    const StopSignalHandlers stop_handlers;  // from here on a signal stops the run with a checkpoint
     while (step_ < ts_.max_steps) {
+      if (stop_agreed()) {  // between steps: the last one is complete
+        stopped_by_ = stop_signal() != 0 ? stop_signal() : SIGTERM;  // a rank without the signal stops with the others
+        if (saved_step_ != step_ && step_ > 0 && bad_steps_ == 0) save(step_);  // after a bad step: the last good checkpoint stays
+        message(fmt::format("stopped by {} at step {} of {}; checkpoint: {}; continue with --resume (exit code {})",
+                            stop_signal_name(stopped_by_), step_, ts_.max_steps, last_ckpt_.empty() ? "none" : last_ckpt_, kExitStopped));
+        break;
+      }
       const auto t0 = std::chrono::steady_clock::now();
       double loss = 0, aux = 0, gnorm = 0;
       if (!step(&loss, &aux, &gnorm)) continue;
@@ -374,7 +415,19 @@ class TrainRun {
         window_t0 = std::chrono::steady_clock::now();
       }
       const bool eval_now = (rc_.eval.every > 0 && step_ % rc_.eval.every == 0) || step_ == ts_.max_steps;
-      if (eval_now) run_eval(step_);
+      if (eval_now && !run_eval(step_)) {
+        // A non-finite validation loss is a bad step too: these weights are not checkpointed, and the
+        // last step of the run cannot end on them. Every rank has the same (global) loss.
+        ++bad_steps_;
+        const std::string what = fmt::format("step {}: non-finite validation loss ({})", step_, val_loss_);
+        DIFFMOE_CHECK(bad_steps_ < ts_.max_bad_steps && step_ < ts_.max_steps,
+                      "{}; stopping ({} consecutive bad step(s), train.max_bad_steps = {}). Last good checkpoint: {}", what, bad_steps_,
+                      ts_.max_bad_steps, last_ckpt_.empty() ? "none written yet" : last_ckpt_);
+        message(fmt::format("warning: {}; no checkpoint of this step ({} of train.max_bad_steps = {})", what, bad_steps_,
+                            ts_.max_bad_steps));
+        if (metrics_) metrics_->flush();
+        continue;
+      }
       if ((rc_.checkpoint.every > 0 && step_ % rc_.checkpoint.every == 0) || step_ == ts_.max_steps) save(step_);
       if (metrics_) metrics_->flush();
       if (ts_.stop_after > 0 && step_ - first_step_ >= ts_.stop_after && step_ < ts_.max_steps) {
@@ -410,6 +463,10 @@ class TrainRun {
   uint64_t tokens_seen_ = 0;
   double lr_ = 0, last_loss_ = 0, val_loss_ = std::nan("");
   std::string last_ckpt_;
+  int64_t saved_step_ = -1;  // the step of the newest checkpoint of this run's state
+  int stopped_by_ = 0;       // the signal that stopped the run, 0 when none did
+  std::unique_ptr<RunDirectories> run_dirs_;
+  std::unique_ptr<FiniteCheck> finite_;
 };
 
 }  // namespace

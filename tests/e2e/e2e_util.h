@@ -78,11 +78,17 @@ struct RunOptions {
   fs::path cwd;                 // working directory of the child (default: the test's)
   std::string stdin_text;       // fed on standard input (otherwise /dev/null)
   rlim_t fsize_limit = 0;       // RLIMIT_FSIZE in bytes for the child (0: unchanged); SIGXFSZ ignored
+  rlim_t address_space_limit = 0;  // RLIMIT_AS in bytes for the child (0: unchanged): host allocations fail
   int timeout_s = 120;
 };
 inline RunOptions with_stdin(std::string text) {
   RunOptions o;
   o.stdin_text = std::move(text);
+  return o;
+}
+inline RunOptions in_dir(const fs::path& cwd) {
+  RunOptions o;
+  o.cwd = cwd;
   return o;
 }
 inline RunOptions with_fsize_limit(rlim_t bytes) {
@@ -91,21 +97,34 @@ inline RunOptions with_fsize_limit(rlim_t bytes) {
   return o;
 }
 
-// fork + execv of DIFFMOE_BIN; stdout and stderr go to files (no pipe deadlocks), read back after.
-inline RunResult run_diffmoe(std::vector<std::string> args, const RunOptions& opt = {}) {
-  RunResult r;
-  r.args = args;
+// A running `diffmoe` (spawn_diffmoe): its pid, and the files its stdout and stderr go to.
+struct Child {
+  pid_t pid = -1;
+  std::vector<std::string> args;
+  std::string out_path, err_path, in_path;
+  int timeout_s = 120;
+  std::chrono::steady_clock::time_point started;
+  std::string out() const { return read_file(out_path); }  // what it printed so far
+  std::string err() const { return read_file(err_path); }
+};
+
+// fork + execv of DIFFMOE_BIN, not waited for; stdout and stderr go to files (no pipe deadlocks).
+inline Child spawn_diffmoe(std::vector<std::string> args, const RunOptions& opt = {}) {
+  Child c;
+  c.args = args;
+  c.timeout_s = opt.timeout_s;
   char out_tpl[] = "/tmp/diffmoe-e2e-out-XXXXXX", err_tpl[] = "/tmp/diffmoe-e2e-err-XXXXXX", in_tpl[] = "/tmp/diffmoe-e2e-in-XXXXXX";
   const int out_fd = ::mkstemp(out_tpl), err_fd = ::mkstemp(err_tpl), in_fd = ::mkstemp(in_tpl);
+  c.out_path = out_tpl;
+  c.err_path = err_tpl;
+  c.in_path = in_tpl;
   if (out_fd < 0 || err_fd < 0 || in_fd < 0) {
-    r.err = std::string("test harness: mkstemp failed: ") + std::strerror(errno);
-    return r;
+    ADD_FAILURE() << "test harness: mkstemp failed: " << std::strerror(errno);
+    return c;
   }
   if (!opt.stdin_text.empty() && ::write(in_fd, opt.stdin_text.data(), opt.stdin_text.size()) !=
-                                     static_cast<ssize_t>(opt.stdin_text.size())) {
-    r.err = "test harness: cannot write stdin file";
-    return r;
-  }
+                                     static_cast<ssize_t>(opt.stdin_text.size()))
+    ADD_FAILURE() << "test harness: cannot write stdin file";
   ::lseek(in_fd, 0, SEEK_SET);
 
   std::vector<std::string> argv_store = {DIFFMOE_BIN};
@@ -114,6 +133,7 @@ inline RunResult run_diffmoe(std::vector<std::string> args, const RunOptions& op
   for (auto& a : argv_store) argv.push_back(a.data());
   argv.push_back(nullptr);
 
+  c.started = std::chrono::steady_clock::now();
   const pid_t pid = ::fork();
   if (pid == 0) {  // child: only async-signal-safe calls until exec
     if (!opt.cwd.empty() && ::chdir(opt.cwd.c_str()) != 0) ::_exit(126);
@@ -125,35 +145,65 @@ inline RunResult run_diffmoe(std::vector<std::string> args, const RunOptions& op
       const struct rlimit lim = {opt.fsize_limit, opt.fsize_limit};
       if (::setrlimit(RLIMIT_FSIZE, &lim) != 0) ::_exit(126);
     }
+    if (opt.address_space_limit > 0) {
+      const struct rlimit lim = {opt.address_space_limit, opt.address_space_limit};
+      if (::setrlimit(RLIMIT_AS, &lim) != 0) ::_exit(126);
+    }
     ::execv(argv[0], argv.data());
     ::_exit(127);
   }
+  ::close(out_fd);
+  ::close(err_fd);
+  ::close(in_fd);
+  c.pid = pid;
+  return c;
+}
+
+// Waits for `c` (killing it with SIGKILL past its timeout) and collects what it printed.
+inline RunResult wait_diffmoe(Child& c) {
+  RunResult r;
+  r.args = c.args;
   int status = 0;
-  if (pid > 0) {
-    const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(opt.timeout_s);
+  if (c.pid > 0) {
+    const auto deadline = c.started + std::chrono::seconds(c.timeout_s);
     for (;;) {
-      const pid_t w = ::waitpid(pid, &status, WNOHANG);
-      if (w == pid) break;
+      const pid_t w = ::waitpid(c.pid, &status, WNOHANG);
+      if (w == c.pid) break;
       if (w < 0 && errno != EINTR) break;
       if (std::chrono::steady_clock::now() > deadline && !r.timed_out) {
         r.timed_out = true;
-        ::kill(pid, SIGKILL);
+        ::kill(c.pid, SIGKILL);
       }
       std::this_thread::sleep_for(std::chrono::milliseconds(5));
     }
     r.exited = WIFEXITED(status);
     r.code = r.exited ? WEXITSTATUS(status) : -1;
     r.signal = WIFSIGNALED(status) ? WTERMSIG(status) : 0;
+    c.pid = -1;
   }
-  ::close(out_fd);
-  ::close(err_fd);
-  ::close(in_fd);
-  r.out = read_file(out_tpl);
-  r.err = read_file(err_tpl);
-  ::unlink(out_tpl);
-  ::unlink(err_tpl);
-  ::unlink(in_tpl);
+  r.out = read_file(c.out_path);
+  r.err = read_file(c.err_path);
+  ::unlink(c.out_path.c_str());
+  ::unlink(c.err_path.c_str());
+  ::unlink(c.in_path.c_str());
   return r;
+}
+
+// Runs `diffmoe args...` to completion.
+inline RunResult run_diffmoe(std::vector<std::string> args, const RunOptions& opt = {}) {
+  Child c = spawn_diffmoe(std::move(args), opt);
+  return wait_diffmoe(c);
+}
+
+// Polls `ready` every 10 ms until it holds (true) or `timeout_s` passes (false).
+template <class Pred>
+bool wait_until(Pred ready, double timeout_s = 60) {
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::duration<double>(timeout_s);
+  while (!ready()) {
+    if (std::chrono::steady_clock::now() > deadline) return false;
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  return true;
 }
 
 // Exit 0, no signal.

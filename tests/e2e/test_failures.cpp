@@ -134,7 +134,7 @@ TEST_F(E2E, FileSizeLimitDuringCheckpointFailsCleanly) {
   // trainer_state.json and the state shard, applied to a resumed run).
   Yaml ok = y;
   ok.set("train.max_steps", "1");
-  E2E_EXPECT_OK(train(write_config(ok, "ok.yaml")));
+  E2E_EXPECT_OK(train(write_config(ok, "ok.yaml"), {"--overwrite"}));  // over the failed run's logs
   const RunResult r2 = train(write_config(y), {"--resume"}, with_fsize_limit(model_bytes / 2));
   expect_second_checkpoint_fails(r2, root, "File too large");
 }

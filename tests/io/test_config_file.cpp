@@ -148,6 +148,23 @@ TEST(Yaml, NestingDepthLimitIs64) {
   EXPECT_NE(msg.find("nesting too deep or a recursive alias"), std::string::npos) << msg;
 }
 
+// Found by fuzzing (tests/fuzz/corpus/yaml_config/regression-*): yaml-cpp's LoadAll never returned
+// on a document starting with ',' (memory grew without bound), and bytes that are not UTF-8 made
+// every later error message throw from nlohmann's dump() instead of naming the key.
+TEST(Yaml, HostileTextFailsFastWithALocation) {
+  for (const char* text : {",", ",a: 1\n", "# comment\n,\n", "---\n,\n", "a: 1\n---\nb: 2\n"}) {
+    SCOPED_TRACE(text);
+    const std::string err = error_of([&] { parse_yaml(text, "c.yaml"); });
+    EXPECT_EQ(err.rfind("c.yaml: expected one YAML document", 0), 0u) << err;
+  }
+  const std::string bad_value = error_of([&] { parse_yaml("model:\n  dim: \"\xc8\x01\"\n", "c.yaml"); });
+  EXPECT_EQ(bad_value.rfind("c.yaml:2:8: a scalar is not valid UTF-8", 0), 0u) << bad_value;
+  const std::string bad_key = error_of([&] { parse_yaml("a: 1\n\xc8\x01: 1\n", "c.yaml"); });
+  EXPECT_NE(bad_key.find("not valid UTF-8"), std::string::npos) << bad_key;
+  // Valid multi-byte text (2, 3 and 4 bytes) stays as it is.
+  EXPECT_EQ(parse_yaml("a: \"caf\xc3\xa9 \xe2\x80\x94 \xf0\x9f\x99\x82\"\n", "c.yaml")["a"], "caf\xc3\xa9 \xe2\x80\x94 \xf0\x9f\x99\x82");
+}
+
 TEST(Yaml, LoadFile) {
   const test::TempDir tmp("yaml");
   const std::filesystem::path& dir = tmp.path();
@@ -156,10 +173,13 @@ TEST(Yaml, LoadFile) {
   EXPECT_EQ(load_yaml_file(p)["model"]["d_model"], 64);
 
   const std::string missing = (dir / "missing.yaml").string();
-  EXPECT_EQ(error_of([&] { load_yaml_file(missing); }).rfind(missing + ": cannot read (No such file or directory)", 0),
+  EXPECT_EQ(error_of([&] { load_yaml_file(missing); }).rfind(missing + ": cannot open the config file (No such file or directory)", 0),
             0u);
   const std::string is_dir = error_of([&] { load_yaml_file(dir.string()); });
-  EXPECT_EQ(is_dir.rfind(dir.string() + ": cannot read (Is a directory)", 0), 0u) << is_dir;
+  EXPECT_EQ(is_dir.rfind(dir.string() + ": the config file is a directory, not a regular file", 0), 0u) << is_dir;
+  // Endless files are refused before any byte is read (io::read_small_file).
+  const std::string zero = error_of([&] { load_yaml_file("/dev/zero"); });
+  EXPECT_EQ(zero.rfind("/dev/zero: the config file is a character device, not a regular file", 0), 0u) << zero;
 
   std::ofstream(p) << "a: 1\na: 2\n";
   EXPECT_EQ(error_of([&] { load_yaml_file(p); }).rfind(p + ":2:1: duplicate key 'a'", 0), 0u);

@@ -130,6 +130,7 @@ class Dual {
       case DType::kF32: cpu_.ptr<float>()[i] = static_cast<float>(v); break;
       case DType::kF64: cpu_.ptr<double>()[i] = v; break;
       case DType::kI32: cpu_.ptr<int32_t>()[i] = static_cast<int32_t>(v); break;
+      case DType::kI64: cpu_.ptr<int64_t>()[i] = static_cast<int64_t>(v); break;
       case DType::kBF16: static_cast<uint16_t*>(cpu_.data)[i] = f32_to_bf16(static_cast<float>(v)); break;
       case DType::kF8E4M3: static_cast<uint8_t*>(cpu_.data)[i] = f32_to_e4m3(static_cast<float>(v)); break;
       default: FAIL() << "Dual: unsupported dtype";
@@ -143,6 +144,7 @@ class Dual {
         case DType::kF32: x = static_cast<const float*>(p)[i]; break;
         case DType::kF64: x = static_cast<const double*>(p)[i]; break;
         case DType::kI32: x = static_cast<const int32_t*>(p)[i]; break;
+        case DType::kI64: x = static_cast<double>(static_cast<const int64_t*>(p)[i]); break;
         case DType::kBF16: x = bf16_to_f32(static_cast<const uint16_t*>(p)[i]); break;
         case DType::kF8E4M3: x = e4m3_to_f32(static_cast<const uint8_t*>(p)[i]); break;
         default: break;

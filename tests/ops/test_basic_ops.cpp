@@ -115,6 +115,32 @@ TEST_F(BasicOps, SumSquaresAccumulatesOverChunks) {
   expect_error([&] { be.sum_squares(ctx, {.out = out2, .x = x}); }, {"[sum_squares]", "out"});
 }
 
+TEST_F(BasicOps, CountNonfiniteCountsNanAndInfinities) {
+  // 40 013 elements (the parallel path) with NaN, +inf, -inf planted, and the largest finite values
+  // and denormals beside them (which are finite and must not count); the count is overwritten.
+  for (DType dt : {DType::kF32, DType::kF64}) {
+    SCOPED_TRACE(dtype_name(dt));
+    Owned x({40013}, dt), count({1}, DType::kI64);
+    test::fill_normal(x, 33);
+    const double nan = std::numeric_limits<double>::quiet_NaN(), inf = std::numeric_limits<double>::infinity();
+    int64_t planted = 0;
+    for (int64_t i = 0; i < x.numel(); i += 997, ++planted) test::set(x, i, i % 3 == 0 ? nan : i % 3 == 1 ? inf : -inf);
+    test::set(x, 1, dt == DType::kF32 ? std::numeric_limits<float>::max() : std::numeric_limits<double>::max());
+    test::set(x, 2, dt == DType::kF32 ? std::numeric_limits<float>::denorm_min() : std::numeric_limits<double>::denorm_min());
+    count.at<int64_t>(0) = 11;
+    be.count_nonfinite(ctx, {.count = count, .x = x});
+    EXPECT_EQ(count.at<int64_t>(0), planted);
+  }
+  Owned bf({9}, DType::kBF16), count({1}, DType::kI64);
+  for (int64_t i = 0; i < bf.numel(); ++i) static_cast<uint16_t*>(bf.t().data)[i] = f32_to_bf16(0.5f * static_cast<float>(i + 1));
+  static_cast<uint16_t*>(bf.t().data)[4] = f32_to_bf16(std::numeric_limits<float>::infinity());
+  be.count_nonfinite(ctx, {.count = count, .x = bf});
+  EXPECT_EQ(count.at<int64_t>(0), 1);
+  Owned wrong({1}, DType::kI32), x({3}, DType::kF32), ints({3}, DType::kI32);
+  expect_error([&] { be.count_nonfinite(ctx, {.count = wrong, .x = x}); }, {"[count_nonfinite]", "count"});
+  expect_error([&] { be.count_nonfinite(ctx, {.count = count, .x = ints}); }, {"[count_nonfinite]", "x"});
+}
+
 TEST_F(BasicOps, EmbeddingForwardF32) {
   constexpr int64_t kVocab = 7, kDim = 5, kRows = 13;
   Owned table({kVocab, kDim}, DType::kF32), tokens({kRows}, DType::kI32), out({kRows, kDim}, DType::kF32);

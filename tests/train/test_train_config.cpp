@@ -118,7 +118,7 @@ TEST(RunConfig, TokenizerVocabSizeToTrainHasAMinimum) {
   d["tokenizer"]["train_inputs"] = "corpus.txt";  // the default is model.vocab_size = 64
   EXPECT_NE(error_of(d).find("run.yaml: tokenizer.vocab_size: must be at least 257"), std::string::npos) << error_of(d);
   d["tokenizer"]["vocab_size"] = 4294967296LL;  // would be truncated to int32 for the trainer
-  EXPECT_NE(error_of(d).find("run.yaml: tokenizer.vocab_size: must be at most 2147483647"), std::string::npos)
+  EXPECT_NE(error_of(d).find("run.yaml: tokenizer.vocab_size: must be at most 4194304"), std::string::npos)
       << error_of(d);
   d["tokenizer"]["vocab_size"] = 257;
   EXPECT_EQ(error_of(d), "");

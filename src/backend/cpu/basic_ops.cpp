@@ -5,6 +5,7 @@
 // on the number of OpenMP threads, so results are bitwise reproducible. Index tensors are checked
 // serially before any parallel loop: an exception must never leave an OpenMP region.
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <vector>
 
@@ -142,6 +143,19 @@ void CpuBackend::sum_squares(Context, const SumSquaresArgs& a) {
     T* out = a.out.ptr<T>();
     out[0] = static_cast<T>(out[0] + total);
   });
+}
+
+void CpuBackend::count_nonfinite(Context, const CountNonfiniteArgs& a) {
+  validate_count_nonfinite(a, Device::kCPU);
+  const int64_t n = a.x.numel();
+  int64_t bad = 0;
+  // Integer counts: the sum does not depend on the order, so the threads may share it freely.
+  with_float_io(a.x.dtype, "x", [&](auto io) {
+    using Io = decltype(io);
+#pragma omp parallel for reduction(+ : bad) if (n >= kParallelMinWork)
+    for (int64_t i = 0; i < n; ++i) bad += std::isfinite(Io::load(a.x.data, i)) ? 0 : 1;
+  });
+  a.count.ptr<int64_t>()[0] = bad;
 }
 
 // out[n, :] = scale · table[tokens[n], :]   (spec §1)

@@ -8,14 +8,19 @@
 // - sum_squares: per-thread f64 sums (16-byte loads, four in flight per thread), a block sum into
 //   one f64 partial per block, then one block adds the partials in a fixed order into out[0]. The
 //   grid is a function of n alone and there are no atomics: bitwise reproducible.
+// - count_nonfinite: one fused pass, the exponent bits tested per element (all ones = NaN or
+//   ±inf), 16-byte loads, an integer block sum and one 64-bit atomicAdd per block: integer
+//   addition is associative, so the count is exact and the same on every run.
 // - embedding_bwd is deterministic without atomics: the token ids are stably sorted
 //   (radix_sort.h), then one warp per distinct token adds that token's dout rows in token order,
 //   the CPU's order exactly.
 #include <cub/device/device_radix_sort.cuh>
 #include <cuda_bf16.h>
 
+#include <algorithm>
 #include <climits>
 #include <cmath>
+#include <cstdint>
 #include <cstring>
 
 #include "backend/cuda/cuda_common.cuh"
@@ -288,6 +293,49 @@ __global__ void embedding_bwd_kernel(float* dtable, const int32_t* sorted_tok, c
   }
 }
 
+// ================================================================ count_nonfinite
+
+constexpr int64_t kCountMaxBlocks = 1024;  // atomics per call: one per block, a full H100 wave at most
+
+// An f32 / bf16 is NaN or ±inf exactly when its exponent bits are all ones.
+__device__ __forceinline__ unsigned long long nonfinite_f32(uint32_t bits) { return (bits & 0x7f800000u) == 0x7f800000u; }
+__device__ __forceinline__ unsigned long long nonfinite_bf16(uint16_t bits) { return (bits & 0x7f80u) == 0x7f80u; }
+
+// count[0] += non-finite elements of x[0, n) (the op zeroes count first). x is read as 32-bit words (f32) or 16-bit words
+// (bf16); vec4: 16-byte aligned, the first n/4·4 f32 (or n/8·8 bf16) move as uint4.
+template <bool kBf16>
+__global__ void count_nonfinite_kernel(unsigned long long* count, const void* x, int64_t n, bool vec4) {
+  __shared__ unsigned long long smem[kWarp];
+  constexpr int64_t kPerVec = kBf16 ? 8 : 4;  // elements per 16-byte load
+  const int64_t stride = int64_t{gridDim.x} * blockDim.x;
+  const int64_t first = blockIdx.x * int64_t{blockDim.x} + threadIdx.x;
+  unsigned long long c = 0;
+  int64_t start = 0;
+  if (vec4) {
+    const auto* x4 = static_cast<const uint4*>(x);
+    const int64_t nv = n / kPerVec;
+    for (int64_t i = first; i < nv; i += stride) {
+      const uint4 v = x4[i];
+      const uint32_t w[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+      for (int k = 0; k < 4; ++k) {
+        if constexpr (kBf16) {
+          c += nonfinite_bf16(static_cast<uint16_t>(w[k] & 0xffffu)) + nonfinite_bf16(static_cast<uint16_t>(w[k] >> 16));
+        } else {
+          c += nonfinite_f32(w[k]);
+        }
+      }
+    }
+    start = nv * kPerVec;
+  }
+  for (int64_t i = start + first; i < n; i += stride) {
+    if constexpr (kBf16) c += nonfinite_bf16(static_cast<const uint16_t*>(x)[i]);
+    else c += nonfinite_f32(static_cast<const uint32_t*>(x)[i]);
+  }
+  c = block_sum(c, smem);
+  if (threadIdx.x == 0 && c != 0) atomicAdd(count, c);
+}
+
 }  // namespace
 
 void CudaBackend::fill(Context ctx, const FillArgs& a) {
@@ -397,6 +445,23 @@ void CudaBackend::sum_squares(Context ctx, const SumSquaresArgs& a) {
   if (n == 0) return;
   auto* partial = static_cast<double*>(scratch(static_cast<size_t>(cuda::sum_squares_partials(n)) * sizeof(double)));
   cuda::launch_sum_squares(f32(a.out), f32(a.x), n, partial, stream(ctx));
+}
+
+void CudaBackend::count_nonfinite(Context ctx, const CountNonfiniteArgs& a) {
+  const OpScope profile_scope(*this, stream(ctx), "count_nonfinite");
+  validate_count_nonfinite(a, Device::kCUDA);
+  require_f32_or_bf16(a.x, "count_nonfinite", "x");
+  const int64_t n = a.x.numel();
+  auto* count = static_cast<unsigned long long*>(a.count.data);  // i64 storage; counts never exceed 2^63
+  CUDA_CHECK(cudaMemsetAsync(count, 0, sizeof(unsigned long long), stream(ctx)));
+  if (n == 0) return;
+  const bool bf16 = a.x.dtype == DType::kBF16;
+  const bool vec4 = reinterpret_cast<uintptr_t>(a.x.data) % 16 == 0;
+  const int64_t per_block = int64_t{kThreads} * (bf16 ? 8 : 4);
+  const auto blocks = static_cast<unsigned>(std::clamp<int64_t>((n + per_block - 1) / per_block, 1, kCountMaxBlocks));
+  if (bf16) count_nonfinite_kernel<true><<<blocks, kThreads, 0, stream(ctx)>>>(count, a.x.data, n, vec4);
+  else count_nonfinite_kernel<false><<<blocks, kThreads, 0, stream(ctx)>>>(count, a.x.data, n, vec4);
+  CUDA_CHECK_LAUNCH("count_nonfinite");
 }
 
 void CudaBackend::embedding_fwd(Context ctx, const EmbeddingFwdArgs& a) {

@@ -118,6 +118,7 @@ class CudaBackend final : public Backend, public OpProfiler {
   void axpy(Context ctx, const AxpyArgs& a) override;
   void scale(Context ctx, const ScaleArgs& a) override;
   void sum_squares(Context ctx, const SumSquaresArgs& a) override;
+  void count_nonfinite(Context ctx, const CountNonfiniteArgs& a) override;
   void embedding_fwd(Context ctx, const EmbeddingFwdArgs& a) override;
   void embedding_bwd(Context ctx, const EmbeddingBwdArgs& a) override;
   void rmsnorm_fwd(Context ctx, const RmsNormFwdArgs& a) override;      // norm_ops.cu

@@ -1,2 +1,2 @@
-// planted: data includes io (both sit beside each other on core)
-#include "io/config.h"
+// planted: data includes the model (above it)
+#include "model/model.h"
