@@ -126,6 +126,7 @@ RunConfig run_config_from_json(Json doc, const std::string& source) {
   t.max_bad_steps = tr.get<int64_t>("max_bad_steps", t.max_bad_steps);
   t.stop_after = tr.get<int64_t>("stop_after", t.stop_after);
   t.precision = tr.get<std::string>("precision", t.precision);
+  t.recompute = tr.get<std::string>("recompute", t.recompute);
   rc.resolved["train"] = tr.finish();
 
   SectionReader op(doc, "optim", source);
@@ -170,6 +171,8 @@ RunConfig run_config_from_json(Json doc, const std::string& source) {
   check(t.stop_after >= 0, source, "train.stop_after", fmt::format("must be >= 0 (0 = run to max_steps), got {}", t.stop_after));
   check(t.precision == "f32" || t.precision == "bf16_gemm", source, "train.precision",
         fmt::format("expected f32 or bf16_gemm, got '{}'", t.precision));
+  check(t.recompute == "none" || t.recompute == "attention" || t.recompute == "moe" || t.recompute == "full", source,
+        "train.recompute", fmt::format("expected none, attention, moe or full, got '{}'", t.recompute));
   check(o.lr > 0, source, "optim.lr", fmt::format("must be positive, got {}", o.lr));
   check(o.lr > 0 && o.min_lr >= 0 && o.min_lr <= o.lr, source, "optim.min_lr",
         fmt::format("need 0 <= min_lr <= lr, got min_lr {} and lr {}", o.min_lr, o.lr));

@@ -100,8 +100,11 @@ class TrainRun {
 
     const int64_t B = ts_.micro_batch, T = ts_.seq_len;
     model_ = std::make_unique<Model>(rc_.model, *be_, DType::kF32,
-                                     ModelOptions{.precision = parse_precision(ts_.precision, "train.precision")});
+                                     ModelOptions{.precision = parse_precision(ts_.precision, "train.precision"),
+                                                  .recompute = parse_recompute(ts_.recompute, "train.recompute")});
     model_->set_batch_shape(B, T);
+    say(fmt::format("activation arena: {:.1f} MiB (train.recompute: {}, micro-batch {} x {})",
+                    static_cast<double>(model_->acts().bytes()) / (1024.0 * 1024.0), ts_.recompute, B, T));
     optim_ = std::make_unique<AdamW>(*model_, rc_.optim);
     loader_ = std::make_unique<data::TokenLoader>(data::find_shards(shards_, "train"),
                                                   data::TokenLoaderOptions{.batch = B, .seq = T, .seed = ts_.seed, .shuffle = true});
