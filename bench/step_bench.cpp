@@ -52,7 +52,8 @@ int main(int argc, char** argv) {
     DIFFMOE_CHECK(precision == "f32" || be->device() == Device::kCUDA,
                   "--precision bf16_gemm needs --device cuda (the CPU backend computes in f32)");
     Model m(cfg, *be, DType::kF32,
-            ModelOptions{.precision = parse_precision(precision, "--precision"), .recompute = parse_recompute(recompute, "--recompute")});
+            ModelOptions{.precision = parse_precision(precision, "--precision"),
+                         .recompute = parse_recompute(recompute, "--recompute")});
     m.init_weights(1234);
     m.set_batch_shape(batch, seq);
     std::unique_ptr<AdamW> opt;
@@ -116,13 +117,14 @@ int main(int argc, char** argv) {
     for (size_t g = 0; g < m.layout().groups().size(); ++g) grad_b += m.grads().buffers().group_arena(g).bytes();
     const double bytes = static_cast<double>(m.params().bytes() + grad_b + m.acts().bytes() + (opt ? opt->state_bytes() : 0));
     constexpr double kGiB = 1024.0 * 1024 * 1024;
-    fmt::print("config {}  device {}  precision {}  recompute {}  batch {}  seq {}  tokens/step {}\n", config, device, precision,
-               recompute, batch, seq, batch * seq);
+    fmt::print("config {}  device {}  precision {}  recompute {}  batch {}  seq {}  tokens/step {}\n", config, device,
+               precision, recompute, batch, seq, batch * seq);
     fmt::print("{} step: median {:.4f} s (min {:.4f}, max {:.4f}, {} steps)  ->  {:.0f} tokens/s, MFU {:.2f}% ({:.4f} GFLOP/token), "
                "arenas {:.2f} GiB (bf16 weight copies {:.2f} GiB of it; backend scratch not counted)  (loss {:.4f})\n",
                opt ? "fwd+bwd+adamw" : "fwd+bwd", med, times.front(), times.back(), times.size(), tps, 100.0 * tps * flops / 989e12,
                flops / 1e9, bytes / kGiB, copies / kGiB, l.lm_loss);
-    fmt::print("activation arena (recompute {}): {:.2f} GiB of the arenas\n", recompute, static_cast<double>(m.acts().bytes()) / kGiB);
+    fmt::print("activation arena (recompute {}): {:.2f} GiB of the arenas\n", recompute,
+               static_cast<double>(m.acts().bytes()) / kGiB);
     // Near the step time: the host (op validation, launches) bounds the step, not the device.
     fmt::print("host enqueue time: median {:.4f} s of the step's {:.4f} s\n", enqueue[enqueue.size() / 2], med);
     if (profiler != nullptr) {

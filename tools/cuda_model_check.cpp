@@ -183,7 +183,8 @@ Inputs make_inputs(Backend& be, const Case& c, uint64_t seed) {
 // One forward + backward on `be`; the model stays for the comparison.
 std::unique_ptr<Model> run(Backend& be, const Case& c, uint64_t seed, Precision precision = Precision::kF32,
                            Recompute recompute = Recompute::kNone) {
-  auto m = std::make_unique<Model>(c.cfg, be, DType::kF32, ModelOptions{.precision = precision, .recompute = recompute});
+  auto m =
+      std::make_unique<Model>(c.cfg, be, DType::kF32, ModelOptions{.precision = precision, .recompute = recompute});
   m->init_weights(seed);
   if (c.randomize) randomize(*m, seed);
   if (!c.weights.empty()) load_weights(*m, c.weights);
@@ -332,7 +333,8 @@ std::vector<std::pair<std::string, std::vector<uint8_t>>> forward_outputs(Model&
   out.emplace_back("logits", raw_bytes(m.backend(), m.logits()));
   for (int64_t l = m.config().n_dense_layers; l < m.config().n_layers; ++l) {
     out.emplace_back(fmt::format("layer {} expert counts", l), raw_bytes(m.backend(), m.expert_counts(l)));
-    out.emplace_back(fmt::format("layer {} top-k", l), raw_bytes(m.backend(), m.acts().get(fmt::format("act.{}.ffn.topk_idx", l))));
+    const Tensor topk = m.acts().get(fmt::format("act.{}.ffn.topk_idx", l));
+    out.emplace_back(fmt::format("layer {} top-k", l), raw_bytes(m.backend(), topk));
   }
   return out;
 }
@@ -368,7 +370,8 @@ int check_recompute(const Case& c, Backend& be, bool bf16, bool verbose) {
     double worst = 0.0;
     std::string worst_name = "-";
     for (const ParamLayout::Entry& e : ref->layout().entries()) {
-      const Tensor ga = ref->grads().get(e.spec.name), gn = again->grads().get(e.spec.name), gm = m->grads().get(e.spec.name);
+      const std::string& g = e.spec.name;
+      const Tensor ga = ref->grads().get(g), gn = again->grads().get(g), gm = m->grads().get(g);
       const std::vector<uint8_t> ba = raw_bytes(be, ga), bn = raw_bytes(be, gn), bm = raw_bytes(be, gm);
       ++total;
       if (bm == ba) {
@@ -388,8 +391,8 @@ int check_recompute(const Case& c, Backend& be, bool bf16, bool verbose) {
         std::printf("  recompute %-9s %-44s rel err %.3e (none vs none: %s)%s\n", name.c_str(), e.spec.name.c_str(), err,
                     bn == ba ? "bitwise" : fmt::format("{:.3e}", noise).c_str(), fail ? "  <-- FAIL" : "");
     }
-    std::printf("  recompute %-9s forward %s; %d of %d gradients bitwise those of none, worst rel err %.3e (%s)%s\n", name.c_str(),
-                fwd_differ == 0 ? "bitwise" : "DIFFERS", bitwise, total, worst, worst_name.c_str(),
+    std::printf("  recompute %-9s forward %s; %d of %d gradients bitwise those of none, worst rel err %.3e (%s)%s\n",
+                name.c_str(), fwd_differ == 0 ? "bitwise" : "DIFFERS", bitwise, total, worst, worst_name.c_str(),
                 fwd_differ + bad == 0 ? "" : "  <-- FAIL");
     failures += fwd_differ + bad;
   }

@@ -10,7 +10,9 @@ class AttentionLayer {
  public:
   // recompute: attention or full re-run the forward in the backward (model/recompute.h).
   AttentionLayer(int64_t layer, Recompute recompute)
-      : l_(layer), recompute_(recompute == Recompute::kAttention || recompute == Recompute::kFull), names_(layer, "attn") {}
+      : l_(layer),
+        recompute_(recompute == Recompute::kAttention || recompute == Recompute::kFull),
+        names_(layer, "attn") {}
   // Adds this layer's activation views (and the shared backward scratch) to the arena, with the
   // dtypes of the precision plan.
   void plan(const LayerContext& lc, PrecisionPlan& plan, Arena& acts) const;

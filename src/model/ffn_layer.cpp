@@ -83,11 +83,13 @@ Tensor FfnLayer::gemm_input(const LayerContext& lc) const {
 void FfnLayer::norm_forward(const LayerContext& lc, const Tensor& x) const {
   const std::string norm = fmt::format("layers.{}.ffn_norm.weight", l_);
   // The bf16 GEMM mode: the norm also writes x_norm rounded once for the GEMMs (x_norm16).
-  lc.be->rmsnorm_fwd(lc.ctx, {.y = lc.act(a("x_norm")), .rstd = lc.act(a("rstd_x")), .x = x, .w = lc.param(norm), .rows = lc.tokens(),
-                              .width = lc.cfg->dim, .eps = lc.cfg->norm_eps, .y16 = lc.bf16_operands ? gemm_input(lc) : Tensor{}});
+  lc.be->rmsnorm_fwd(lc.ctx, {.y = lc.act(a("x_norm")), .rstd = lc.act(a("rstd_x")), .x = x, .w = lc.param(norm),
+                              .rows = lc.tokens(), .width = lc.cfg->dim, .eps = lc.cfg->norm_eps,
+                              .y16 = lc.bf16_operands ? gemm_input(lc) : Tensor{}});
 }
 
-void FfnLayer::mlp_hidden(const LayerContext& lc, const std::string& prefix, const std::string& act_prefix, const Tensor& x) const {
+void FfnLayer::mlp_hidden(const LayerContext& lc, const std::string& prefix, const std::string& act_prefix,
+                          const Tensor& x) const {
   const Tensor ta = lc.act(a(act_prefix + "a")), tb = lc.act(a(act_prefix + "b")), th = lc.act(a(act_prefix + "h"));
   lc.linear(ta, x, lc.weight(p(prefix + "w1.weight")));
   lc.linear(tb, x, lc.weight(p(prefix + "w3.weight")));
@@ -106,11 +108,12 @@ void FfnLayer::dispatch(const LayerContext& lc, const Tensor& xg, const Tensor& 
 }
 
 void FfnLayer::expert_hidden(const LayerContext& lc, const Tensor& x_perm) const {
+  Backend& be = *lc.be;
   const Tensor offsets = lc.act(a("offsets"));
   const Tensor ea = lc.act(a("experts.a")), eb = lc.act(a("experts.b")), eh = lc.act(a("experts.h"));
-  lc.be->grouped_gemm(lc.ctx, {.c = ea, .a = x_perm, .b = lc.weight(p("experts.w1")), .offsets = offsets, .trans_b = true});
-  lc.be->grouped_gemm(lc.ctx, {.c = eb, .a = x_perm, .b = lc.weight(p("experts.w3")), .offsets = offsets, .trans_b = true});
-  lc.be->swiglu_fwd(lc.ctx, {.h = eh, .a = ea, .b = eb});
+  be.grouped_gemm(lc.ctx, {.c = ea, .a = x_perm, .b = lc.weight(p("experts.w1")), .offsets = offsets, .trans_b = true});
+  be.grouped_gemm(lc.ctx, {.c = eb, .a = x_perm, .b = lc.weight(p("experts.w3")), .offsets = offsets, .trans_b = true});
+  be.swiglu_fwd(lc.ctx, {.h = eh, .a = ea, .b = eb});
 }
 
 void FfnLayer::expert_output(const LayerContext& lc, const Tensor& y_perm) const {

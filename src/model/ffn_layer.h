@@ -42,7 +42,8 @@ class FfnLayer {
   void mlp_forward(const LayerContext& lc, const std::string& prefix, const std::string& act_prefix, const Tensor& x,
                    const Tensor& y, const Tensor& residual) const;
   // Its hidden part: a = x W1ᵀ, b = x W3ᵀ, h = silu(a) ⊙ b.
-  void mlp_hidden(const LayerContext& lc, const std::string& prefix, const std::string& act_prefix, const Tensor& x) const;
+  void mlp_hidden(const LayerContext& lc, const std::string& prefix, const std::string& act_prefix,
+                  const Tensor& x) const;
   // x_perm = the rows of xg sorted by expert, by the routing plan (src_row) of the forward.
   void dispatch(const LayerContext& lc, const Tensor& xg, const Tensor& x_perm) const;
   // The routed experts on the dispatched rows x_perm [NK, D] (grouped by the routing plan's

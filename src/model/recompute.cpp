@@ -16,14 +16,10 @@ Recompute parse_recompute(std::string_view s, std::string_view key) {
 
 std::string_view recompute_name(Recompute r) {
   switch (r) {
-    case Recompute::kNone:
-      return "none";
-    case Recompute::kAttention:
-      return "attention";
-    case Recompute::kMoe:
-      return "moe";
-    case Recompute::kFull:
-      return "full";
+    case Recompute::kNone: return "none";
+    case Recompute::kAttention: return "attention";
+    case Recompute::kMoe: return "moe";
+    case Recompute::kFull: return "full";
   }
   return "?";
 }
@@ -32,7 +28,8 @@ std::string ActNames::name(std::string_view n, bool recomputed) const {
   return recomputed ? fmt::format("act.recomputed.{}.{}", block_, n) : fmt::format("act.{}.{}.{}", layer_, block_, n);
 }
 
-void ActNames::plan(PrecisionPlan& pl, Arena& acts, std::string_view n, const Shape& shape, ActRole role, bool recomputed) const {
+void ActNames::plan(PrecisionPlan& pl, Arena& acts, std::string_view n, const Shape& shape, ActRole role,
+                    bool recomputed) const {
   const std::string full = name(n, recomputed);
   if (!recomputed || !acts.has(full)) {
     pl.add(acts, full, shape, role);
@@ -40,8 +37,9 @@ void ActNames::plan(PrecisionPlan& pl, Arena& acts, std::string_view n, const Sh
   }
   for (const Arena::Entry& e : acts.entries()) {
     if (e.name != full) continue;
-    DIFFMOE_CHECK(e.shape == shape && e.dtype == pl.dtype(role), "[model] layer {}: the shared view {} is {} {}, this layer needs {} {}",
-                  layer_, full, e.shape.str(), dtype_name(e.dtype), shape.str(), dtype_name(pl.dtype(role)));
+    DIFFMOE_CHECK(e.shape == shape && e.dtype == pl.dtype(role),
+                  "[model] layer {}: the shared view {} is {} {}, this layer needs {} {}", layer_, full, e.shape.str(),
+                  dtype_name(e.dtype), shape.str(), dtype_name(pl.dtype(role)));
   }
 }
 

@@ -47,7 +47,8 @@ class ActNames {
   std::string name(std::string_view n, bool recomputed) const;
   // Plans the view `name(n, recomputed)` with the plan's dtype for `role`. A shared view is planned
   // once; every later layer must ask for the same shape and role (throws otherwise).
-  void plan(PrecisionPlan& pl, Arena& acts, std::string_view n, const Shape& shape, ActRole role, bool recomputed) const;
+  void plan(PrecisionPlan& pl, Arena& acts, std::string_view n, const Shape& shape, ActRole role,
+            bool recomputed) const;
 
  private:
   int64_t layer_;

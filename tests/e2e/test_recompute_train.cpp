@@ -55,7 +55,8 @@ TEST_F(E2E, EveryRecomputeModeTrainsExactlyAsNone) {
       for (const auto& [key, value] : want[i].items()) {
         if (key == "tokens_per_s" || key == "step_time_s" || key == "mfu_pct") continue;  // timings
         ASSERT_TRUE(got[i].contains(key)) << key;
-        EXPECT_EQ(got[i].at(key), value) << key << " of row " << i << ": " << got[i].dump() << " vs none " << want[i].dump();
+        EXPECT_EQ(got[i].at(key), value) << key << " of row " << i << ": " << got[i].dump() << " vs none "
+                                         << want[i].dump();
       }
     }
     // The final weights and optimizer state, byte for byte.

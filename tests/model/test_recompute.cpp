@@ -53,8 +53,10 @@ void collect(Model& m, const std::string& when, Outputs& out) {
   out[when + "valid"] = std::to_string(l.valid);
   out[when + "logits"] = bytes_of(m.logits());
   const ModelConfig& c = m.config();
-  for (int64_t l = c.n_dense_layers; l < c.n_layers; ++l) out[when + fmt::format("counts.{}", l)] = bytes_of(m.expert_counts(l));
-  for (int64_t l = 0; l < c.n_layers && c.differential; ++l) out[when + fmt::format("lambda.{}", l)] = bytes_of(m.lambda(l));
+  for (int64_t l = c.n_dense_layers; l < c.n_layers; ++l)
+    out[when + fmt::format("counts.{}", l)] = bytes_of(m.expert_counts(l));
+  for (int64_t l = 0; l < c.n_layers && c.differential; ++l)
+    out[when + fmt::format("lambda.{}", l)] = bytes_of(m.lambda(l));
   for (const ParamSpec& p : m.specs())
     if (p.trainable()) out[when + "grad " + p.name] = bytes_of(m.grads().get(p.name));
 }
@@ -63,7 +65,8 @@ void collect(Model& m, const std::string& when, Outputs& out) {
 Outputs run(const Case& c, Recompute r) {
   CpuBackend be;
   const auto m = make_model(be, c, r);
-  const test::Batch b1 = test::make_batch(c.cfg, c.batch, c.seq, 101, {1}), b2 = test::make_batch(c.cfg, c.batch, c.seq, 202, {});
+  const test::Batch b1 = test::make_batch(c.cfg, c.batch, c.seq, 101, {1}),
+                    b2 = test::make_batch(c.cfg, c.batch, c.seq, 202, {});
   Outputs out;
   m->zero_grads({});
   m->zero_expert_counts({});
@@ -119,12 +122,19 @@ TEST(Recompute, CornerCasesAreBitwiseNone) {
 }
 
 TEST(Recompute, Bf16GemmModeIsBitwiseNone) {
-  check_exact({.name = "micro_diff bf16", .cfg = test::micro_diff_config(), .precision = Precision::kBF16, .spec_init = true});
-  check_exact({.name = "micro_plain bf16", .cfg = test::micro_plain_config(), .precision = Precision::kBF16, .spec_init = true});
+  check_exact(
+      {.name = "micro_diff bf16", .cfg = test::micro_diff_config(), .precision = Precision::kBF16, .spec_init = true});
+  check_exact({.name = "micro_plain bf16",
+               .cfg = test::micro_plain_config(),
+               .precision = Precision::kBF16,
+               .spec_init = true});
 }
 
 TEST(Recompute, TinyPresetIsBitwiseNone) {
-  check_exact({.name = "tiny", .cfg = load_model_config(test::repo_path("configs/tiny.yaml")), .batch = 2, .seq = 16,
+  check_exact({.name = "tiny",
+               .cfg = load_model_config(test::repo_path("configs/tiny.yaml")),
+               .batch = 2,
+               .seq = 16,
                .spec_init = true});
 }
 
@@ -189,9 +199,12 @@ std::vector<size_t> check_arena(const Case& c) {
     }
   }
   const size_t n = sizes[0], attn = sizes[1], moe = sizes[2], full = sizes[3];
-  std::printf("[recompute] %-28s activation arena bytes: none %zu, attention %zu (%.0f%%), moe %zu (%.0f%%), full %zu (%.0f%%)\n",
-              c.name.c_str(), n, attn, 100.0 * static_cast<double>(attn) / static_cast<double>(n), moe,
-              100.0 * static_cast<double>(moe) / static_cast<double>(n), full, 100.0 * static_cast<double>(full) / static_cast<double>(n));
+  std::printf(
+      "[recompute] %-28s activation arena bytes: none %zu, attention %zu (%.0f%%), moe %zu (%.0f%%), full %zu "
+      "(%.0f%%)\n",
+      c.name.c_str(), n, attn, 100.0 * static_cast<double>(attn) / static_cast<double>(n), moe,
+      100.0 * static_cast<double>(moe) / static_cast<double>(n), full,
+      100.0 * static_cast<double>(full) / static_cast<double>(n));
   const int64_t moe_layers = c.cfg.n_layers - c.cfg.n_dense_layers;
   EXPECT_GT(n, attn);
   EXPECT_GT(attn, full);
@@ -205,7 +218,8 @@ std::vector<size_t> check_arena(const Case& c) {
 
 TEST(Recompute, ArenaShrinksByTheSharedViews) {
   check_arena({.name = "micro_diff", .cfg = test::micro_diff_config()});
-  check_arena({.name = "micro_diff bf16", .cfg = test::micro_diff_config(), .precision = Precision::kBF16, .spec_init = true});
+  check_arena(
+      {.name = "micro_diff bf16", .cfg = test::micro_diff_config(), .precision = Precision::kBF16, .spec_init = true});
   const ModelConfig d = test::micro_diff_config();
   check_arena({.name = "MoE only, no q compression", .cfg = variant(d, {{"n_dense_layers", 0}, {"q_lora_rank", 0}})});
   // One MoE layer: `moe` shares nothing (its one layer's copy is the shared view).
@@ -217,9 +231,13 @@ TEST(Recompute, ArenaShrinksByTheSharedViews) {
   // adds with `none` (measured 1/12: tiny's small vocabulary and four layers leave most of the
   // arena to the logits and the backward scratch, which no mode changes).
   const ModelConfig tiny = load_model_config(test::repo_path("configs/tiny.yaml"));
-  const std::vector<size_t> base = check_arena({.name = "tiny 4x256", .cfg = tiny, .batch = 4, .seq = 256, .spec_init = true});
-  const std::vector<size_t> more = check_arena({.name = "tiny 4x256, one more layer", .cfg = variant(tiny, {{"n_layers", tiny.n_layers + 1}}),
-                                                .batch = 4, .seq = 256, .spec_init = true});
+  const std::vector<size_t> base =
+      check_arena({.name = "tiny 4x256", .cfg = tiny, .batch = 4, .seq = 256, .spec_init = true});
+  const std::vector<size_t> more = check_arena({.name = "tiny 4x256, one more layer",
+                                                .cfg = variant(tiny, {{"n_layers", tiny.n_layers + 1}}),
+                                                .batch = 4,
+                                                .seq = 256,
+                                                .spec_init = true});
   std::vector<size_t> per_layer;
   for (size_t i = 0; i < base.size(); ++i) per_layer.push_back(more[i] - base[i]);
   std::printf("[recompute] tiny 4x256: bytes per MoE layer: none %zu, attention %zu, moe %zu, full %zu\n", per_layer[0],
@@ -235,7 +253,8 @@ TEST(Recompute, ModeNamesParse) {
     parse_recompute("some", "train.recompute");
     FAIL() << "no error";
   } catch (const Error& e) {
-    EXPECT_NE(std::string(e.what()).find("train.recompute: expected none, attention, moe or full, got 'some'"), std::string::npos)
+    EXPECT_NE(std::string(e.what()).find("train.recompute: expected none, attention, moe or full, got 'some'"),
+              std::string::npos)
         << e.what();
   }
 }
