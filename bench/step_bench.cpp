@@ -1,12 +1,15 @@
 // Training-step throughput of a preset on a backend: forward + backward (+ AdamW with --optim).
 // Usage: bench_step --config configs/tiny.yaml [--device cpu|cuda] [--batch 16] [--seq 256]
 //                   [--steps 5] [--warmup 1] [--optim] [--precision f32|bf16_gemm]
+//                   [--recompute none|attention|moe|full]
 // Times whole steps on random tokens with the spec initialisation (the backend is synchronised
 // around each step); prints the median step time, tokens/s, MFU by spec §9 (÷ 989 TFLOP/s) and
 // the bytes of the model's arenas (parameters, gradients, activations, the bf16 weight copies;
 // optimizer state with --optim; the backend's scratch buffers are not counted).
 // --precision bf16_gemm (cuda only): the bf16 mode of docs/architecture.md (bf16 weight copies,
 // bf16 tensor-core GEMMs and attention, f32 masters; Backend::set_gemm_precision, train.precision).
+// --recompute: activation recompute (train.recompute, model/recompute.h): the activation arena it
+// plans is printed on its own line, to set against the step time of --recompute none.
 // CPU threads: OMP_NUM_THREADS / OPENBLAS_NUM_THREADS as usual.
 #include <CLI/CLI.hpp>
 #include <fmt/core.h>
@@ -26,7 +29,7 @@ using namespace diffmoe;
 
 int main(int argc, char** argv) {
   CLI::App app{"training-step benchmark"};
-  std::string config, device = "cpu", precision = "f32";
+  std::string config, device = "cpu", precision = "f32", recompute = "none";
   bool with_optim = false;
   int64_t batch = 16, seq = 0;
   int steps = 5, warmup = 1;
@@ -39,6 +42,8 @@ int main(int argc, char** argv) {
   app.add_flag("--optim", with_optim, "include the AdamW step (global-norm clip, bias update)");
   app.add_option("--precision", precision, "f32, or bf16_gemm (cuda: GEMMs with bf16 inputs, f32 accumulation)")
       ->check(CLI::IsMember({"f32", "bf16", "bf16_gemm"}));
+  app.add_option("--recompute", recompute, "activation recompute: none, attention, moe or full (train.recompute)")
+      ->check(CLI::IsMember({"none", "attention", "moe", "full"}));
   CLI11_PARSE(app, argc, argv);
   try {
     const ModelConfig cfg = load_model_config(config);
@@ -46,7 +51,9 @@ int main(int argc, char** argv) {
     auto be = make_backend(device);
     DIFFMOE_CHECK(precision == "f32" || be->device() == Device::kCUDA,
                   "--precision bf16_gemm needs --device cuda (the CPU backend computes in f32)");
-    Model m(cfg, *be, DType::kF32, ModelOptions{.precision = parse_precision(precision, "--precision")});
+    Model m(cfg, *be, DType::kF32,
+            ModelOptions{.precision = parse_precision(precision, "--precision"),
+                         .recompute = parse_recompute(recompute, "--recompute")});
     m.init_weights(1234);
     m.set_batch_shape(batch, seq);
     std::unique_ptr<AdamW> opt;
@@ -110,12 +117,14 @@ int main(int argc, char** argv) {
     for (size_t g = 0; g < m.layout().groups().size(); ++g) grad_b += m.grads().buffers().group_arena(g).bytes();
     const double bytes = static_cast<double>(m.params().bytes() + grad_b + m.acts().bytes() + (opt ? opt->state_bytes() : 0));
     constexpr double kGiB = 1024.0 * 1024 * 1024;
-    fmt::print("config {}  device {}  precision {}  batch {}  seq {}  tokens/step {}\n", config, device, precision, batch, seq,
-               batch * seq);
+    fmt::print("config {}  device {}  precision {}  recompute {}  batch {}  seq {}  tokens/step {}\n", config, device,
+               precision, recompute, batch, seq, batch * seq);
     fmt::print("{} step: median {:.4f} s (min {:.4f}, max {:.4f}, {} steps)  ->  {:.0f} tokens/s, MFU {:.2f}% ({:.4f} GFLOP/token), "
                "arenas {:.2f} GiB (bf16 weight copies {:.2f} GiB of it; backend scratch not counted)  (loss {:.4f})\n",
                opt ? "fwd+bwd+adamw" : "fwd+bwd", med, times.front(), times.back(), times.size(), tps, 100.0 * tps * flops / 989e12,
                flops / 1e9, bytes / kGiB, copies / kGiB, l.lm_loss);
+    fmt::print("activation arena (recompute {}): {:.2f} GiB of the arenas\n", recompute,
+               static_cast<double>(m.acts().bytes()) / kGiB);
     // Near the step time: the host (op validation, launches) bounds the step, not the device.
     fmt::print("host enqueue time: median {:.4f} s of the step's {:.4f} s\n", enqueue[enqueue.size() / 2], med);
     if (profiler != nullptr) {

@@ -13,10 +13,23 @@
 // on the two backends, which would make the expert gradients incomparable; the tool says so.
 // Last, decoding through the latent cache (Generator) is compared: prefill in chunks, then steps.
 //
+// Activation recompute (train.recompute, model/recompute.h): per case, the device side alone runs
+// the step with `none` twice and with each mode (attention, moe, full) once, in the run's
+// precision, after warming the GEMM autotune up (Backend::tuning: an untuned shape runs a different
+// algorithm on each call, so the forward and the backward's recompute of one GEMM could differ in
+// their last bits). Losses, logits, expert counts and routing come from the forward, which no mode
+// changes: they must be bitwise those of `none`. A gradient must be bitwise `none`'s wherever the
+// two `none` runs agree bitwise (the recompute re-runs the same kernels on the same inputs, so only
+// a kernel that is not deterministic, e.g. one adding with atomics, can make it differ); where they
+// do not, within 4× their own difference (relative L2), or 1e-6 (f32) / 1e-3 (bf16_gemm: a
+// last-bit change before a bf16 rounding moves that value by 2^-8), whichever is larger.
+// --no-recompute skips this part.
+//
 // Usage (from the repository root): cuda_model_check [--tiny configs/tiny.yaml] [--tol 1e-4]
 //   [--against cuda]   (--against cpu compares the CPU with itself: a self-test of this tool)
 //   [--verbose]        (one line per gradient; by default failures and each case's worst)
 //   [--time STEPS]     (also the median time of a tiny-preset forward+backward on each backend)
+//   [--no-recompute]   (skip the recompute modes' comparison against `none`)
 //   [--precision bf16_gemm]  (the CUDA side in the bf16 GEMM mode: bf16 weight copies, bf16
 //                      tensor-core GEMMs and attention, f32 router. Limits then: losses and logits
 //                      3e-2; all gradients together ‖cuda − cpu‖/‖cpu‖ ≤ 5e-2; each gradient ≤ --tol,
@@ -168,8 +181,10 @@ Inputs make_inputs(Backend& be, const Case& c, uint64_t seed) {
 }
 
 // One forward + backward on `be`; the model stays for the comparison.
-std::unique_ptr<Model> run(Backend& be, const Case& c, uint64_t seed, Precision precision = Precision::kF32) {
-  auto m = std::make_unique<Model>(c.cfg, be, DType::kF32, ModelOptions{.precision = precision});
+std::unique_ptr<Model> run(Backend& be, const Case& c, uint64_t seed, Precision precision = Precision::kF32,
+                           Recompute recompute = Recompute::kNone) {
+  auto m =
+      std::make_unique<Model>(c.cfg, be, DType::kF32, ModelOptions{.precision = precision, .recompute = recompute});
   m->init_weights(seed);
   if (c.randomize) randomize(*m, seed);
   if (!c.weights.empty()) load_weights(*m, c.weights);
@@ -300,6 +315,90 @@ int check_case(const Case& c, Backend& cpu, Backend& gpu, double tol, bool verbo
   return failures;
 }
 
+// A tensor's bytes as stored.
+std::vector<uint8_t> raw_bytes(Backend& be, const Tensor& t) {
+  std::vector<uint8_t> v(t.nbytes());
+  be.download(v.data(), t);
+  return v;
+}
+
+// What the forward leaves, as bytes by name: losses, logits, per MoE layer the routing and counts.
+std::vector<std::pair<std::string, std::vector<uint8_t>>> forward_outputs(Model& m) {
+  std::vector<std::pair<std::string, std::vector<uint8_t>>> out;
+  const LossValues l = m.losses();
+  for (const auto& [name, v] : {std::pair{"lm_loss", l.lm_loss}, std::pair{"aux_loss", l.aux_loss}}) {
+    const auto* p = reinterpret_cast<const uint8_t*>(&v);
+    out.emplace_back(name, std::vector<uint8_t>(p, p + sizeof v));
+  }
+  out.emplace_back("logits", raw_bytes(m.backend(), m.logits()));
+  for (int64_t l = m.config().n_dense_layers; l < m.config().n_layers; ++l) {
+    out.emplace_back(fmt::format("layer {} expert counts", l), raw_bytes(m.backend(), m.expert_counts(l)));
+    const Tensor topk = m.acts().get(fmt::format("act.{}.ffn.topk_idx", l));
+    out.emplace_back(fmt::format("layer {} top-k", l), raw_bytes(m.backend(), topk));
+  }
+  return out;
+}
+
+// Activation recompute on `be` alone, each mode against `none` (the file comment states the
+// limits). Returns the number of failures.
+int check_recompute(const Case& c, Backend& be, bool bf16, bool verbose) {
+  constexpr uint64_t kSeed = 1234;
+  constexpr int kMaxWarmup = 60;  // a shape called once a step settles within ~16 steps (lt_gemm.h)
+  const Precision precision = bf16 ? Precision::kBF16 : Precision::kF32;
+  const double floor = bf16 ? 1e-3 : 1e-6;
+  int warm = 0;
+  do {
+    run(be, c, kSeed, precision);
+    ++warm;
+  } while (be.tuning() && warm < kMaxWarmup);
+  std::printf("  recompute, %s side: %d warm-up step%s%s\n", std::string(be.name()).c_str(), warm, warm == 1 ? "" : "s",
+              be.tuning() ? " (the GEMM autotune has still not settled: its trials can differ in the last bits)" : "");
+  const std::unique_ptr<Model> ref = run(be, c, kSeed, precision), again = run(be, c, kSeed, precision);
+  const auto ref_fwd = forward_outputs(*ref);
+  int failures = 0;
+  for (const Recompute mode : {Recompute::kAttention, Recompute::kMoe, Recompute::kFull}) {
+    const std::unique_ptr<Model> m = run(be, c, kSeed, precision, mode);
+    const std::string name(recompute_name(mode));
+    const auto fwd = forward_outputs(*m);
+    int fwd_differ = 0;
+    for (size_t i = 0; i < fwd.size(); ++i) {
+      if (fwd[i].second == ref_fwd[i].second) continue;
+      ++fwd_differ;
+      std::printf("  recompute %-9s %s is not bitwise that of none  <-- FAIL\n", name.c_str(), fwd[i].first.c_str());
+    }
+    int bitwise = 0, total = 0, bad = 0;
+    double worst = 0.0;
+    std::string worst_name = "-";
+    for (const ParamLayout::Entry& e : ref->layout().entries()) {
+      const std::string& g = e.spec.name;
+      const Tensor ga = ref->grads().get(g), gn = again->grads().get(g), gm = m->grads().get(g);
+      const std::vector<uint8_t> ba = raw_bytes(be, ga), bn = raw_bytes(be, gn), bm = raw_bytes(be, gm);
+      ++total;
+      if (bm == ba) {
+        ++bitwise;
+        if (verbose) std::printf("  recompute %-9s %-44s bitwise\n", name.c_str(), e.spec.name.c_str());
+        continue;
+      }
+      const std::vector<float> fa = download<float>(be, ga), fn = download<float>(be, gn), fm = download<float>(be, gm);
+      const double err = rel_error(fm, fa), noise = bn == ba ? 0.0 : rel_error(fn, fa);
+      const bool fail = bn == ba || !(err <= std::max(4.0 * noise, floor));  // deterministic here: must be bitwise
+      bad += fail ? 1 : 0;
+      if (!(err <= worst)) {
+        worst = err;
+        worst_name = e.spec.name;
+      }
+      if (verbose || fail)
+        std::printf("  recompute %-9s %-44s rel err %.3e (none vs none: %s)%s\n", name.c_str(), e.spec.name.c_str(), err,
+                    bn == ba ? "bitwise" : fmt::format("{:.3e}", noise).c_str(), fail ? "  <-- FAIL" : "");
+    }
+    std::printf("  recompute %-9s forward %s; %d of %d gradients bitwise those of none, worst rel err %.3e (%s)%s\n",
+                name.c_str(), fwd_differ == 0 ? "bitwise" : "DIFFERS", bitwise, total, worst, worst_name.c_str(),
+                fwd_differ + bad == 0 ? "" : "  <-- FAIL");
+    failures += fwd_differ + bad;
+  }
+  return failures;
+}
+
 // The lm loss before each of `steps` AdamW steps on one batch and after the last (lr 1e-2, the
 // default clip): steps + 1 values. In the bf16 GEMM mode the optimizer writes the bf16 weight copies
 // together with the masters, and the next forward must see the updated weights.
@@ -356,6 +455,7 @@ int main_impl(int argc, char** argv) {
   std::string precision = "f32";
   bool verbose = false;
   int time_steps = 0;
+  bool recompute = true;
   std::string weights;
   int64_t tiny_batch = 4, tiny_seq = 128;
   for (int i = 1; i < argc; ++i) {
@@ -365,12 +465,14 @@ int main_impl(int argc, char** argv) {
     else if (arg == "--against" && i + 1 < argc) against = argv[++i];
     else if (arg == "--precision" && i + 1 < argc) precision = argv[++i];
     else if (arg == "--verbose") verbose = true;
+    else if (arg == "--no-recompute") recompute = false;
     else if (arg == "--time" && i + 1 < argc) time_steps = std::max(1, std::atoi(argv[++i]));
     else if (arg == "--weights" && i + 1 < argc) weights = argv[++i];
     else if (arg == "--batch" && i + 1 < argc) tiny_batch = std::atoll(argv[++i]);
     else if (arg == "--seq" && i + 1 < argc) tiny_seq = std::atoll(argv[++i]);
     else {
       std::fprintf(stderr, "usage: cuda_model_check [--tiny configs/tiny.yaml] [--tol 1e-4] [--against cuda|cpu] [--verbose] [--time STEPS]\n"
+                           "                        [--no-recompute]\n"
                            "                        [--precision f32|bf16_gemm]\n"
                            "                        [--weights trained.safetensors --batch B --seq T]  (the preset case)\n");
       return 2;
@@ -398,7 +500,10 @@ int main_impl(int argc, char** argv) {
        false, weights},
   };
   int failures = 0;
-  for (const Case& c : cases) failures += check_case(c, *cpu, *gpu, tol, verbose, bf16);
+  for (const Case& c : cases) {
+    failures += check_case(c, *cpu, *gpu, tol, verbose, bf16);
+    if (recompute) failures += check_recompute(c, *gpu, bf16, verbose);
+  }
   if (bf16) {
     const Case& c = cases.front();
     constexpr uint64_t kSeed = 1234;

@@ -5,7 +5,7 @@
 namespace diffmoe {
 
 std::string AttentionLayer::p(const char* name) const { return fmt::format("layers.{}.attn.{}", l_, name); }
-std::string AttentionLayer::a(const char* name) const { return fmt::format("act.{}.attn.{}", l_, name); }
+std::string AttentionLayer::a(const char* name) const { return names_.name(name, recomputed(name)); }
 
 void AttentionLayer::plan(const LayerContext& lc, PrecisionPlan& pl, Arena& acts) const {
   const ModelConfig& c = *lc.cfg;
@@ -17,27 +17,27 @@ void AttentionLayer::plan(const LayerContext& lc, PrecisionPlan& pl, Arena& acts
   // kAttention. In the bf16 mode q's GEMM writes bf16 and RoPE rotates it in place (its rope
   // columns are rounded twice, as under autocast); W_kvb's GEMM writes kv in bf16 and the split
   // moves it into k, v. Half the bytes, and no rounding inside the attention.
-  pl.add(acts, a("x_norm"), Shape{N, D}, R::kGemmOperand);  // RMSNorm_attn(x)
-  pl.add(acts, a("rstd_x"), Shape{N}, R::kFloat);
+  plan_act(pl, acts, "x_norm", Shape{N, D}, R::kGemmOperand);  // RMSNorm_attn(x)
+  plan_act(pl, acts, "rstd_x", Shape{N}, R::kFloat);
   if (rq > 0) {
-    pl.add(acts, a("qa"), Shape{N, rq}, R::kFloat);          // x_norm W_qaᵀ
-    pl.add(acts, a("rstd_q"), Shape{N}, R::kFloat);
-    pl.add(acts, a("cq"), Shape{N, rq}, R::kGemmOperand);    // RMSNorm_q(qa)
+    plan_act(pl, acts, "qa", Shape{N, rq}, R::kFloat);          // x_norm W_qaᵀ
+    plan_act(pl, acts, "rstd_q", Shape{N}, R::kFloat);
+    plan_act(pl, acts, "cq", Shape{N, rq}, R::kGemmOperand);    // RMSNorm_q(qa)
   }
-  pl.add(acts, a("q"), Shape{N, H * dqk}, R::kAttention);    // per head [nope ; RoPE(rope)]
-  pl.add(acts, a("kva"), Shape{N, rkv + dr}, R::kFloat);     // [c ; RoPE(k^R)]
-  pl.add(acts, a("rstd_kv"), Shape{N}, R::kFloat);
-  pl.add(acts, a("ckv"), Shape{N, rkv}, R::kGemmOperand);    // ĉ = RMSNorm_kv(c)
+  plan_act(pl, acts, "q", Shape{N, H * dqk}, R::kAttention);    // per head [nope ; RoPE(rope)]
+  plan_act(pl, acts, "kva", Shape{N, rkv + dr}, R::kFloat);     // [c ; RoPE(k^R)]
+  plan_act(pl, acts, "rstd_kv", Shape{N}, R::kFloat);
+  plan_act(pl, acts, "ckv", Shape{N, rkv}, R::kGemmOperand);    // ĉ = RMSNorm_kv(c)
   pl.add_once(acts, "scratch.attn.kv", Shape{N, H * (dn + dv)}, R::kAttention);  // ĉ W_kvbᵀ, per head [k^C ; v]: split at once
-  pl.add(acts, a("k"), Shape{N, H, dqk}, R::kAttention);
-  pl.add(acts, a("v"), Shape{N, H, dv}, R::kAttention);
-  pl.add(acts, a("att"), Shape{N, H * dv}, R::kFloat);       // attention output O (pre-subln when differential)
-  pl.add(acts, a("lse"), Shape{lc.batch, H, lc.seq}, R::kFloat);
+  plan_act(pl, acts, "k", Shape{N, H, dqk}, R::kAttention);
+  plan_act(pl, acts, "v", Shape{N, H, dv}, R::kAttention);
+  plan_act(pl, acts, "att", Shape{N, H * dv}, R::kFloat);       // attention output O (pre-subln when differential)
+  plan_act(pl, acts, "lse", Shape{lc.batch, H, lc.seq}, R::kFloat);
   if (c.differential) {
-    pl.add(acts, a("lambda"), Shape{1}, R::kFloat);
-    pl.add(acts, a("o2"), Shape{N, H * dv}, R::kFloat);      // A_{h,1} V_h, for dλ
-    pl.add(acts, a("rstd_sub"), Shape{N * H / 2}, R::kFloat);
-    pl.add(acts, a("att_n"), Shape{N, H * dv}, R::kGemmOperand);  // (1 − λ_init) · RMSNorm_2dv(O)
+    plan_act(pl, acts, "lambda", Shape{1}, R::kFloat);
+    plan_act(pl, acts, "o2", Shape{N, H * dv}, R::kFloat);      // A_{h,1} V_h, for dλ
+    plan_act(pl, acts, "rstd_sub", Shape{N * H / 2}, R::kFloat);
+    plan_act(pl, acts, "att_n", Shape{N, H * dv}, R::kGemmOperand);  // (1 − λ_init) · RMSNorm_2dv(O)
   }
   // Backward scratch, shared by every attention layer.
   pl.add_once(acts, "scratch.attn.dx_norm", Shape{N, D}, R::kFloat);
@@ -59,6 +59,11 @@ void AttentionLayer::plan(const LayerContext& lc, PrecisionPlan& pl, Arena& acts
 }
 
 void AttentionLayer::forward(const LayerContext& lc, const Tensor& x, const Tensor& out) const {
+  // out = x + concat_h(Ō_h) W_oᵀ: the GEMM reads the residual x as its addend (no copy into out).
+  lc.linear(out, forward_core(lc, x), lc.weight(p("wo.weight")), /*beta=*/1.0, /*addend=*/x);
+}
+
+Tensor AttentionLayer::forward_core(const LayerContext& lc, const Tensor& x) const {
   const ModelConfig& c = *lc.cfg;
   Backend& be = *lc.be;
   const int64_t N = lc.tokens(), B = lc.batch, T = lc.seq, H = c.n_heads, dqk = c.d_qk(), dv = c.v_head_dim;
@@ -109,8 +114,7 @@ void AttentionLayer::forward(const LayerContext& lc, const Tensor& x, const Tens
     be.attention_fwd(lc.ctx, {.out = att.reshape(Shape{B, T, H, dv}), .o2 = {}, .lse = lc.act(a("lse")), .q = q4, .k = k4, .v = v4,
                               .lambda = {}, .scale = c.softmax_scale(), .differential = false});
   }
-  // out = x + concat_h(Ō_h) W_oᵀ: the GEMM reads the residual x as its addend (no copy into out).
-  lc.linear(out, o, lc.weight(p("wo.weight")), /*beta=*/1.0, /*addend=*/x);
+  return o;
 }
 
 void AttentionLayer::backward(const LayerContext& lc, const Tensor& x, const Tensor& d_out, const Tensor& d_out16) const {
@@ -123,6 +127,8 @@ void AttentionLayer::backward(const LayerContext& lc, const Tensor& x, const Ten
   const Tensor dckv = lc.act("scratch.attn.dckv"), dkv = lc.act("scratch.attn.dkv"), dk = lc.act("scratch.attn.dk");
   const Tensor dv_t = lc.act("scratch.attn.dv"), datt = lc.act("scratch.attn.datt");
   const Tensor cos = lc.act("rope.cos"), sin = lc.act("rope.sin");
+  // Recompute: this layer's activations into the shared views, bitwise as the forward wrote them.
+  if (recompute_) forward_core(lc, x);
 
   // Output projection: dW_o += d_outᵀ Ō, dŌ = d_out W_o.
   const Tensor o = c.differential ? lc.act(a("att_n")) : att;

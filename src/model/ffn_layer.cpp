@@ -5,7 +5,23 @@
 namespace diffmoe {
 
 std::string FfnLayer::p(const std::string& name) const { return fmt::format("layers.{}.ffn.{}", l_, name); }
-std::string FfnLayer::a(const std::string& name) const { return fmt::format("act.{}.ffn.{}", l_, name); }
+std::string FfnLayer::a(const std::string& name) const { return names_.name(name, recomputed(name)); }
+
+// moe: the experts' SwiGLU intermediates. full: everything but the routing (model/recompute.h).
+bool FfnLayer::recomputed(std::string_view name) const {
+  switch (recompute_) {
+    case Recompute::kMoe:
+      return name == "experts.a" || name == "experts.b" || name == "experts.h";
+    case Recompute::kFull:
+      for (const char* kept : {"scores", "topk_idx", "topk_w", "offsets", "src_row", "slot_pos"})
+        if (name == kept) return false;
+      return true;
+    case Recompute::kNone:
+    case Recompute::kAttention:
+      return false;
+  }
+  return false;
+}
 
 RouterOptions FfnLayer::router_options(const ModelConfig& c) const {
   return RouterOptions{.score_func = c.score_func, .n_groups = c.n_expert_groups, .n_limited_groups = c.n_limited_groups,
@@ -16,21 +32,21 @@ void FfnLayer::plan(const LayerContext& lc, PrecisionPlan& pl, Arena& acts) cons
   const ModelConfig& c = *lc.cfg;
   const int64_t N = lc.tokens(), D = c.dim;
   using R = ActRole;
-  pl.add(acts, a("x_norm"), Shape{N, D}, R::kFloat);  // the router's input: z = u Eᵀ stays f32 (spec §5)
-  pl.add(acts, a("rstd_x"), Shape{N}, R::kFloat);
+  plan_act(pl, acts, "x_norm", Shape{N, D}, R::kFloat);  // the router's input: z = u Eᵀ stays f32 (spec §5)
+  plan_act(pl, acts, "rstd_x", Shape{N}, R::kFloat);
   // The bf16 mode: x_norm rounded once (by the norm, in the same pass) for the GEMMs that read it
   // (w1/w3 of the dense FFN or the shared experts, their weight gradients, the router's weight
   // gradient) and for the gather into x_perm (the same rounded values, half the bytes read).
-  if (pl.bf16_gemm()) pl.add(acts, a("x_norm16"), Shape{N, D}, R::kGemmOperand);
+  if (pl.bf16_gemm()) plan_act(pl, acts, "x_norm16", Shape{N, D}, R::kGemmOperand);
   pl.add_once(acts, "scratch.ffn.dx_norm", Shape{N, D}, R::kFloat);
   // h, da, db, x_perm, dy_perm are only read by GEMMs (kGemmOperand): the op that writes them rounds
   // once. a, b, dh of every SwiGLU MLP and the experts' y_perm, dx_perm are written by GEMMs and read
   // by element-wise ops only (kGemmOutput): the GEMM's epilogue rounds once, as autocast's bf16 matmul
   // outputs, halving the bytes the SwiGLU, combine and gather kernels move.
   auto plan_mlp = [&](const std::string& pre, int64_t rows, int64_t width) {
-    pl.add(acts, a(pre + "a"), Shape{rows, width}, R::kGemmOutput);   // x W1ᵀ
-    pl.add(acts, a(pre + "b"), Shape{rows, width}, R::kGemmOutput);   // x W3ᵀ
-    pl.add(acts, a(pre + "h"), Shape{rows, width}, R::kGemmOperand);  // silu(a) ⊙ b
+    plan_act(pl, acts, pre + "a", Shape{rows, width}, R::kGemmOutput);   // x W1ᵀ
+    plan_act(pl, acts, pre + "b", Shape{rows, width}, R::kGemmOutput);   // x W3ᵀ
+    plan_act(pl, acts, pre + "h", Shape{rows, width}, R::kGemmOperand);  // silu(a) ⊙ b
     const std::string s = fmt::format("scratch.ffn.{}{}.", pre, width);
     pl.add_once(acts, s + "dh", Shape{rows, width}, R::kGemmOutput);
     pl.add_once(acts, s + "da", Shape{rows, width}, R::kGemmOperand);
@@ -42,10 +58,10 @@ void FfnLayer::plan(const LayerContext& lc, PrecisionPlan& pl, Arena& acts) cons
   }
   const int64_t E = c.n_routed_experts, K = c.n_activated_experts, NK = N * K;
   if (c.n_shared_experts > 0) plan_mlp("shared.", N, c.n_shared_experts * c.moe_inter_dim);
-  pl.add(acts, a("logits"), Shape{N, E}, R::kFloat);  // router logits z = u Eᵀ
-  pl.add(acts, a("scores"), Shape{N, E}, R::kFloat);  // s
-  pl.add(acts, a("topk_idx"), Shape{N, K}, R::kIndex);
-  pl.add(acts, a("topk_w"), Shape{N, K}, R::kFloat);
+  plan_act(pl, acts, "logits", Shape{N, E}, R::kFloat);  // router logits z = u Eᵀ
+  plan_act(pl, acts, "scores", Shape{N, E}, R::kFloat);  // s
+  plan_act(pl, acts, "topk_idx", Shape{N, K}, R::kIndex);
+  plan_act(pl, acts, "topk_w", Shape{N, K}, R::kFloat);
   pl.add(acts, fmt::format("stats.{}.counts", l_), Shape{E}, R::kIndex);
   pl.add_once(acts, "scratch.moe.dtopk_w", Shape{N, K}, R::kFloat);
   pl.add_once(acts, "scratch.moe.dlogits", Shape{N, E}, R::kFloat);
@@ -53,11 +69,11 @@ void FfnLayer::plan(const LayerContext& lc, PrecisionPlan& pl, Arena& acts) cons
     plan_ep(lc, pl, acts);
     return;
   }
-  pl.add(acts, a("offsets"), Shape{E + 1}, R::kIndex);
-  pl.add(acts, a("src_row"), Shape{NK}, R::kIndex);
-  pl.add(acts, a("slot_pos"), Shape{N, K}, R::kIndex);
-  pl.add(acts, a("x_perm"), Shape{NK, D}, R::kGemmOperand);  // token rows sorted by expert
-  pl.add(acts, a("y_perm"), Shape{NK, D}, R::kGemmOutput);   // expert outputs, same order
+  plan_act(pl, acts, "offsets", Shape{E + 1}, R::kIndex);
+  plan_act(pl, acts, "src_row", Shape{NK}, R::kIndex);
+  plan_act(pl, acts, "slot_pos", Shape{N, K}, R::kIndex);
+  plan_act(pl, acts, "x_perm", Shape{NK, D}, R::kGemmOperand);  // token rows sorted by expert
+  plan_act(pl, acts, "y_perm", Shape{NK, D}, R::kGemmOutput);   // expert outputs, same order
   plan_mlp("experts.", NK, c.moe_inter_dim);
   pl.add_once(acts, "scratch.moe.dy_perm", Shape{NK, D}, R::kGemmOperand);
   pl.add_once(acts, "scratch.moe.dx_perm", Shape{NK, D}, R::kGemmOutput);
@@ -68,13 +84,69 @@ Tensor FfnLayer::gemm_input(const LayerContext& lc) const {
   return lc.act(a(lc.bf16_operands ? "x_norm16" : "x_norm"));
 }
 
-void FfnLayer::mlp_forward(const LayerContext& lc, const std::string& prefix, const std::string& act_prefix, const Tensor& x,
-                           const Tensor& y, const Tensor& residual) const {
+void FfnLayer::norm_forward(const LayerContext& lc, const Tensor& x) const {
+  const std::string norm = fmt::format("layers.{}.ffn_norm.weight", l_);
+  // The bf16 GEMM mode: the norm also writes x_norm rounded once for the GEMMs (x_norm16).
+  lc.be->rmsnorm_fwd(lc.ctx, {.y = lc.act(a("x_norm")), .rstd = lc.act(a("rstd_x")), .x = x, .w = lc.param(norm),
+                              .rows = lc.tokens(), .width = lc.cfg->dim, .eps = lc.cfg->norm_eps,
+                              .y16 = lc.bf16_operands ? gemm_input(lc) : Tensor{}});
+}
+
+void FfnLayer::mlp_hidden(const LayerContext& lc, const std::string& prefix, const std::string& act_prefix,
+                          const Tensor& x) const {
   const Tensor ta = lc.act(a(act_prefix + "a")), tb = lc.act(a(act_prefix + "b")), th = lc.act(a(act_prefix + "h"));
   lc.linear(ta, x, lc.weight(p(prefix + "w1.weight")));
   lc.linear(tb, x, lc.weight(p(prefix + "w3.weight")));
   lc.be->swiglu_fwd(lc.ctx, {.h = th, .a = ta, .b = tb});
-  lc.linear(y, th, lc.weight(p(prefix + "w2.weight")), /*beta=*/1.0, /*addend=*/residual);
+}
+
+void FfnLayer::mlp_forward(const LayerContext& lc, const std::string& prefix, const std::string& act_prefix, const Tensor& x,
+                           const Tensor& y, const Tensor& residual) const {
+  mlp_hidden(lc, prefix, act_prefix, x);
+  lc.linear(y, lc.act(a(act_prefix + "h")), lc.weight(p(prefix + "w2.weight")), /*beta=*/1.0, /*addend=*/residual);
+}
+
+void FfnLayer::dispatch(const LayerContext& lc, const Tensor& xg, const Tensor& x_perm) const {
+  // xg: in the bf16 mode the rounded copy (fewer bytes read).
+  lc.be->moe_gather(lc.ctx, {.x_perm = x_perm, .x = xg, .src_row = lc.act(a("src_row"))});
+}
+
+void FfnLayer::expert_hidden(const LayerContext& lc, const Tensor& x_perm) const {
+  Backend& be = *lc.be;
+  const Tensor offsets = lc.act(a("offsets"));
+  const Tensor ea = lc.act(a("experts.a")), eb = lc.act(a("experts.b")), eh = lc.act(a("experts.h"));
+  be.grouped_gemm(lc.ctx, {.c = ea, .a = x_perm, .b = lc.weight(p("experts.w1")), .offsets = offsets, .trans_b = true});
+  be.grouped_gemm(lc.ctx, {.c = eb, .a = x_perm, .b = lc.weight(p("experts.w3")), .offsets = offsets, .trans_b = true});
+  be.swiglu_fwd(lc.ctx, {.h = eh, .a = ea, .b = eb});
+}
+
+void FfnLayer::expert_output(const LayerContext& lc, const Tensor& y_perm) const {
+  lc.be->grouped_gemm(lc.ctx, {.c = y_perm, .a = lc.act(a("experts.h")), .b = lc.weight(p("experts.w2")),
+                               .offsets = lc.act(a("offsets")), .trans_b = true});
+}
+
+void FfnLayer::recompute(const LayerContext& lc, const Tensor& x) const {
+  // Expert parallelism keeps its expert rows in ExpertBuffers; the run config allows it with the
+  // recompute modes `none` and `attention` only (train_config.cpp).
+  DIFFMOE_CHECK(!(moe(lc) && expert_parallel(lc) && (recompute_ == Recompute::kMoe || recompute_ == Recompute::kFull)),
+                "[model] recompute {} with expert parallelism", recompute_name(recompute_));
+  if (recompute_ == Recompute::kMoe && moe(lc)) {
+    expert_hidden(lc, lc.act(a("x_perm")));  // from the kept rows; y_perm is kept too
+    return;
+  }
+  if (recompute_ != Recompute::kFull) return;
+  norm_forward(lc, x);
+  const Tensor xg = gemm_input(lc);
+  if (!moe(lc)) {
+    mlp_hidden(lc, "", "", xg);  // W2's output went into the residual stream: not needed
+    return;
+  }
+  if (lc.cfg->n_shared_experts > 0) mlp_hidden(lc, "shared.", "shared.", xg);
+  // The routing is kept (model/recompute.h): the rows are gathered by the forward's plan.
+  const Tensor x_perm = lc.act(a("x_perm"));
+  dispatch(lc, xg, x_perm);
+  expert_hidden(lc, x_perm);
+  expert_output(lc, lc.act(a("y_perm")));  // ⟨dy, y_perm⟩ gives the routing weights' gradient
 }
 
 void FfnLayer::mlp_backward(const LayerContext& lc, const std::string& prefix, const std::string& act_prefix, const Tensor& x,
@@ -93,13 +165,9 @@ void FfnLayer::mlp_backward(const LayerContext& lc, const std::string& prefix, c
 void FfnLayer::forward(const LayerContext& lc, const Tensor& x, const Tensor& out) const {
   const ModelConfig& c = *lc.cfg;
   Backend& be = *lc.be;
-  const int64_t N = lc.tokens();
   const Tensor x_norm = lc.act(a("x_norm"));
-  const std::string norm = fmt::format("layers.{}.ffn_norm.weight", l_);
-  // The bf16 GEMM mode: the norm also writes x_norm rounded once for the GEMMs (x_norm16).
+  norm_forward(lc, x);
   const Tensor xg = gemm_input(lc);
-  be.rmsnorm_fwd(lc.ctx, {.y = x_norm, .rstd = lc.act(a("rstd_x")), .x = x, .w = lc.param(norm), .rows = N, .width = c.dim,
-                          .eps = c.norm_eps, .y16 = lc.bf16_operands ? xg : Tensor{}});
   // Residual: out = x + FFN(...). The first GEMM that writes out (the dense FFN's or the shared
   // experts' w2) reads x as its addend; without shared experts the combine adds onto a copy of x.
   if (!moe(lc)) {
@@ -127,12 +195,9 @@ void FfnLayer::forward(const LayerContext& lc, const Tensor& x, const Tensor& ou
   const Tensor offsets = lc.act(a("offsets")), src_row = lc.act(a("src_row")), slot_pos = lc.act(a("slot_pos"));
   const Tensor x_perm = lc.act(a("x_perm")), y_perm = lc.act(a("y_perm"));
   be.moe_permute(lc.ctx, {.offsets = offsets, .src_row = src_row, .slot_pos = slot_pos, .topk_idx = idx, .n_experts = c.n_routed_experts});
-  be.moe_gather(lc.ctx, {.x_perm = x_perm, .x = xg, .src_row = src_row});  // bf16 mode: the rounded copy, fewer bytes
-  const Tensor ea = lc.act(a("experts.a")), eb = lc.act(a("experts.b")), eh = lc.act(a("experts.h"));
-  be.grouped_gemm(lc.ctx, {.c = ea, .a = x_perm, .b = lc.weight(p("experts.w1")), .offsets = offsets, .trans_b = true});
-  be.grouped_gemm(lc.ctx, {.c = eb, .a = x_perm, .b = lc.weight(p("experts.w3")), .offsets = offsets, .trans_b = true});
-  be.swiglu_fwd(lc.ctx, {.h = eh, .a = ea, .b = eb});
-  be.grouped_gemm(lc.ctx, {.c = y_perm, .a = eh, .b = lc.weight(p("experts.w2")), .offsets = offsets, .trans_b = true});
+  dispatch(lc, xg, x_perm);
+  expert_hidden(lc, x_perm);
+  expert_output(lc, y_perm);
   // y = Σ_k w_k Expert_{idx_k}(u) + Shared(u), added onto the residual already in `out`.
   be.moe_combine_fwd(lc.ctx, {.y = out, .y_perm = y_perm, .topk_w = w, .slot_pos = slot_pos});
 }
@@ -142,6 +207,7 @@ void FfnLayer::backward(const LayerContext& lc, const Tensor& x, const Tensor& d
   const ModelConfig& c = *lc.cfg;
   Backend& be = *lc.be;
   const int64_t N = lc.tokens();
+  recompute(lc, x);
   const Tensor xg = gemm_input(lc), dx_norm = lc.act("scratch.ffn.dx_norm");
   const Tensor d_out_gemm = d_out16.defined() ? d_out16 : d_out;  // what the w2 backward GEMMs read
   if (!moe(lc)) {

@@ -25,6 +25,7 @@ Model::Model(const ModelConfig& cfg, Backend& backend, DType dtype, const ModelO
       be_(&backend),
       dtype_(dtype),
       plan_(opt.precision, dtype),
+      recompute_(opt.recompute),
       specs_((cfg_.validate("model config"), parameter_specs(cfg_))),
       layout_(std::make_unique<ParamLayout>(cfg_, plan_, opt.parallel)),
       params_(*layout_, compute_dtypes(*layout_), dtype, be_->allocator()),
@@ -38,8 +39,8 @@ Model::Model(const ModelConfig& cfg, Backend& backend, DType dtype, const ModelO
     ep_ = nullptr;
   }
   for (int64_t l = 0; l < cfg_.n_layers; ++l) {
-    attn_.emplace_back(l);
-    ffn_.emplace_back(l);
+    attn_.emplace_back(l, recompute_);
+    ffn_.emplace_back(l, recompute_);
   }
 }
 

@@ -6,7 +6,9 @@
 //           float type) and the balancing biases, one buffer per ParamLayout group;
 //   grads   a GradBuffer (same layout, master dtype);
 //   acts    one arena of activations kept for the backward, backward scratch, losses and routing
-//           stats (set_batch_shape).
+//           stats (set_batch_shape); with recompute (ModelOptions::recompute) the recomputed
+//           activations of every layer share one set of views, and the backward of each layer
+//           first recomputes them.
 // The f32 masters of bf16 compute weights and the Adam moments belong to the optimizer (which, with
 // data parallelism, holds only its shard of them). Nothing allocates after set_batch_shape(); all
 // work goes through the Backend interface.
@@ -23,6 +25,7 @@
 #include "model/param_layout.h"
 #include "model/parameters.h"
 #include "model/precision_plan.h"
+#include "model/recompute.h"
 
 namespace diffmoe {
 
@@ -37,6 +40,9 @@ struct ModelOptions {
   ParallelLayoutOptions parallel = {};    // expert split and data-parallel degrees (spec §12)
   // The EP group's exchange (required when parallel.ep_size > 1; it must outlive the model).
   ExpertExchange* expert_exchange = nullptr;
+  // Which activations the backward recomputes instead of the forward keeping them (train.recompute,
+  // model/recompute.h): less activation memory for more backward work; the same gradients.
+  Recompute recompute = Recompute::kNone;
 };
 
 class Model {
@@ -48,6 +54,7 @@ class Model {
   Backend& backend() const { return *be_; }
   DType dtype() const { return dtype_; }
   const PrecisionPlan& plan() const { return plan_; }
+  Recompute recompute() const { return recompute_; }
   const ParamLayout& layout() const { return *layout_; }
   const std::vector<ParamSpec>& specs() const { return specs_; }
   // Compute weights by name (expert stacks: this rank's experts) and the balancing biases.
@@ -110,6 +117,7 @@ class Model {
   Backend* be_;
   DType dtype_;
   PrecisionPlan plan_;
+  Recompute recompute_;
   std::vector<ParamSpec> specs_;
   std::unique_ptr<ParamLayout> layout_;  // params_ and grads_ point into it
   std::vector<AttentionLayer> attn_;

@@ -132,6 +132,7 @@ RunConfig run_config_from_json(Json doc, const std::string& source) {
   t.max_bad_steps = tr.get<int64_t>("max_bad_steps", t.max_bad_steps);
   t.stop_after = tr.get<int64_t>("stop_after", t.stop_after);
   t.precision = tr.get<std::string>("precision", t.precision);
+  t.recompute = tr.get<std::string>("recompute", t.recompute);
   rc.resolved["train"] = tr.finish();
 
   SectionReader op(doc, "optim", source);
@@ -182,6 +183,8 @@ RunConfig run_config_from_json(Json doc, const std::string& source) {
   check(t.stop_after >= 0, source, "train.stop_after", fmt::format("must be >= 0 (0 = run to max_steps), got {}", t.stop_after));
   check(t.precision == "f32" || t.precision == "bf16_gemm", source, "train.precision",
         fmt::format("expected f32 or bf16_gemm, got '{}'", t.precision));
+  check(t.recompute == "none" || t.recompute == "attention" || t.recompute == "moe" || t.recompute == "full", source,
+        "train.recompute", fmt::format("expected none, attention, moe or full, got '{}'", t.recompute));
   check(o.lr > 0, source, "optim.lr", fmt::format("must be positive, got {}", o.lr));
   check(o.lr > 0 && o.min_lr >= 0 && o.min_lr <= o.lr, source, "optim.min_lr",
         fmt::format("need 0 <= min_lr <= lr, got min_lr {} and lr {}", o.min_lr, o.lr));
@@ -209,6 +212,9 @@ RunConfig run_config_from_json(Json doc, const std::string& source) {
   check(rc.parallel.expert == 1 || rc.model.n_dense_layers == rc.model.n_layers || rc.model.n_routed_experts % rc.parallel.expert == 0,
         source, "parallel.expert",
         fmt::format("{} expert-parallel ranks must divide model.n_routed_experts = {}", rc.parallel.expert, rc.model.n_routed_experts));
+  check(rc.parallel.expert == 1 || rc.train.recompute == "none" || rc.train.recompute == "attention", source, "train.recompute",
+        fmt::format("'{}' is not available with expert parallelism (parallel.expert = {}): use none or attention", rc.train.recompute,
+                    rc.parallel.expert));
   check(rc.parallel.bucket_size > 0, source, "parallel.bucket_size", fmt::format("must be positive, got {}", rc.parallel.bucket_size));
   check(rc.log.progress == "auto" || rc.log.progress == "bar" || rc.log.progress == "lines", source, "log.progress",
         fmt::format("expected auto, bar or lines, got '{}'", rc.log.progress));

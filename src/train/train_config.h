@@ -46,6 +46,10 @@ struct TrainSettings {
                                  // reference): the GEMMs round their inputs to bf16 and accumulate in
                                  // f32, GEMM-only activations are bf16 (Backend::set_gemm_precision;
                                  // spec §7)
+  std::string recompute = "none";  // activation recompute (model/recompute.h): "none" keeps every
+                                   // activation; "attention", "moe" or "full" recompute those parts
+                                   // in the backward (less memory, more backward work, the same
+                                   // gradients)
 };
 
 struct OptimConfig {

@@ -155,8 +155,11 @@ class TrainRun {
     model_ = std::make_unique<Model>(rc_.model, *be_, DType::kF32,
                                      ModelOptions{.precision = parse_precision(ts_.precision, "train.precision"),
                                                   .parallel = layout,
-                                                  .expert_exchange = exchange_.get()});
+                                                  .expert_exchange = exchange_.get(),
+                                                  .recompute = parse_recompute(ts_.recompute, "train.recompute")});
     model_->set_batch_shape(B, T);
+    say(fmt::format("activation arena: {:.1f} MiB (train.recompute: {}, micro-batch {} x {})",
+                    static_cast<double>(model_->acts().bytes()) / (1024.0 * 1024.0), ts_.recompute, B, T));
     optim_ = std::make_unique<AdamW>(*model_, rc_.optim, OptimShard{.dense_rank = rank_, .expert_rank = grid_->dp_rank()});
     dp_ = std::make_unique<DataParallel>(*model_, *optim_, grid_->world(), grid_->dp());
     loader_ = std::make_unique<data::TokenLoader>(data::find_shards(shards_, "train"),

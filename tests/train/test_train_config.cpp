@@ -36,6 +36,7 @@ TEST(RunConfig, DefaultsAreResolvedAndRecorded) {
   EXPECT_EQ(rc.resolved["optim"]["beta2"], 0.95);
   EXPECT_EQ(rc.resolved["train"]["grad_accum"], 1);
   EXPECT_EQ(rc.resolved["model"]["embed_scale"], 4.0);  // √dim
+  EXPECT_EQ(rc.resolved["train"]["recompute"], "none");
 }
 
 TEST(RunConfig, ErrorsNameFileAndDottedKey) {
@@ -60,6 +61,13 @@ TEST(RunConfig, ErrorsNameFileAndDottedKey) {
   d = doc();
   d["extras"] = nlohmann::ordered_json::object();
   EXPECT_NE(error_of(d).find("run.yaml: extras: unknown top-level section"), std::string::npos) << error_of(d);
+  d = doc();
+  d["train"]["recompute"] = "experts";
+  EXPECT_NE(error_of(d).find("run.yaml: train.recompute: expected none, attention, moe or full, got 'experts'"), std::string::npos)
+      << error_of(d);
+  d = doc();
+  d["train"]["recompute"] = "full";
+  EXPECT_EQ(run_config_from_json(d, "run.yaml").train.recompute, "full");
   d = doc();
   d["model"]["dimm"] = 3;
   EXPECT_NE(error_of(d).find("model.dimm: unknown key"), std::string::npos) << error_of(d);
