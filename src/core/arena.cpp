@@ -44,12 +44,16 @@ Arena& Arena::operator=(Arena&& o) noexcept {
   return *this;
 }
 
+size_t Arena::view_bytes(const Shape& shape, DType dtype) {
+  const size_t n = static_cast<size_t>(shape.numel()) * dtype_size(dtype);
+  return (n + kAlign - 1) / kAlign * kAlign;
+}
+
 void Arena::add(std::string name, Shape shape, DType dtype) {
   DIFFMOE_CHECK(base_ == nullptr, "[arena] add('{}') after allocate()", name);
   DIFFMOE_CHECK(!index_.contains(name), "[arena] duplicate view '{}'", name);
   const size_t offset = bytes_;
-  const size_t n = static_cast<size_t>(shape.numel()) * dtype_size(dtype);
-  bytes_ += (n + kAlign - 1) / kAlign * kAlign;
+  bytes_ += view_bytes(shape, dtype);
   index_.emplace(name, entries_.size());
   entries_.push_back(Entry{std::move(name), shape, dtype, offset});
 }
