@@ -146,7 +146,9 @@ uint64_t backend_bytes(const ModelConfig& c, Precision p, int64_t tokens, std::s
   const uint64_t dv = static_cast<uint64_t>(c.v_head_dim), G = c.differential ? H / 2 : H;
   const bool bf16 = p == Precision::kBF16;
   // Attention backward: the D vector [N·H] f32 and the dλ row partials [N·G] f64; the tensor-core
-  // kernels (bf16 mode) also stage dO in bf16 [N, H·dv] (q, k, v read in place).
+  // kernels (bf16 mode) also stage dO in bf16 [N, H·dv] (q, k, v read in place). Assumed: the
+  // tensor-core kernels cover the shape (where they do not, the f32 kernels widen q, k, v and
+  // their gradients into the operand buffer, 4 bytes per element, which this does not count).
   const uint64_t attn = N * H * 4 + N * G * 8 + (bf16 ? N * H * dv * 2 : 0);
   // Expert sort: 3 i32 arrays of N·K and CUB's radix-sort temporaries (assumed 2 × N·K × 8 bytes).
   const uint64_t nk = c.n_dense_layers == c.n_layers ? 0 : N * static_cast<uint64_t>(c.n_activated_experts);
@@ -162,7 +164,7 @@ uint64_t backend_bytes(const ModelConfig& c, Precision p, int64_t tokens, std::s
       "cuBLAS {} MiB + cuBLASLt {} MiB workspaces; scratch {:.3f} GiB (largest of attention backward "
       "{:.3f}, expert sort {:.3f}){}",
       A::kCublasWorkspaceBytes >> 20, A::kCublasLtWorkspaceBytes >> 20, gib(scratch), gib(attn), gib(sort),
-      bf16 ? fmt::format("; bf16 operand buffer {:.3f} GiB", gib(operand)) : "");
+      bf16 ? fmt::format("; bf16 operand buffer {:.3f} GiB (tensor-core attention assumed)", gib(operand)) : "");
   return A::kCublasWorkspaceBytes + A::kCublasLtWorkspaceBytes + scratch + operand;
 }
 
