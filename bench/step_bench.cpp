@@ -23,6 +23,7 @@
 #include "core/rng.h"
 #include "model/model.h"
 #include "model/parameters.h"
+#include "train/memory_plan.h"
 #include "train/optimizer.h"
 
 using namespace diffmoe;
@@ -125,6 +126,15 @@ int main(int argc, char** argv) {
                flops / 1e9, bytes / kGiB, copies / kGiB, l.lm_loss);
     fmt::print("activation arena (recompute {}): {:.2f} GiB of the arenas\n", recompute,
                static_cast<double>(m.acts().bytes()) / kGiB);
+    // The same arenas as `diffmoe plan` plans them (train/memory_plan.h), without allocating.
+    const RankMemory planned = plan_rank(
+        cfg, RunShape{.precision = parse_precision(precision, "--precision"), .micro_batch = batch, .seq = seq, .recompute = recompute}, 0);
+    uint64_t planned_b = 0;
+    for (const MemoryItem& it : planned.items)
+      if (!it.estimate && it.key != "token_buffers" && (opt || (it.key != "optimizer_masters" && it.key != "optimizer_moments")))
+        planned_b += it.bytes;
+    fmt::print("arenas: measured {} bytes, planned by diffmoe plan {} bytes ({:.2f} GiB)\n",
+               static_cast<uint64_t>(bytes), planned_b, static_cast<double>(planned_b) / kGiB);
     // Near the step time: the host (op validation, launches) bounds the step, not the device.
     fmt::print("host enqueue time: median {:.4f} s of the step's {:.4f} s\n", enqueue[enqueue.size() / 2], med);
     if (profiler != nullptr) {

@@ -8,6 +8,7 @@ namespace diffmoe::cli {
 
 // Adds the subcommand; `run` is set to the function main() calls when it was chosen.
 void add_params_command(CLI::App& app, std::function<int()>& run);
+void add_plan_command(CLI::App& app, std::function<int()>& run);
 void add_init_command(CLI::App& app, std::function<int()>& run);
 void add_train_command(CLI::App& app, std::function<int()>& run);
 void add_eval_command(CLI::App& app, std::function<int()>& run);

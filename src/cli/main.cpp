@@ -15,6 +15,7 @@ int main(int argc, char** argv) {
   app.require_subcommand(1);
   std::function<int()> run;
   diffmoe::cli::add_params_command(app, run);
+  diffmoe::cli::add_plan_command(app, run);
   diffmoe::cli::add_train_command(app, run);
   diffmoe::cli::add_eval_command(app, run);
   diffmoe::cli::add_generate_command(app, run);

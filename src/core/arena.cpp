@@ -47,6 +47,11 @@ Arena& Arena::operator=(Arena&& o) noexcept {
   return *this;
 }
 
+size_t Arena::view_bytes(const Shape& shape, DType dtype) {
+  const size_t n = static_cast<size_t>(shape.numel()) * dtype_size(dtype);
+  return (n + kAlign - 1) / kAlign * kAlign;
+}
+
 void Arena::add(std::string name, Shape shape, DType dtype) {
   DIFFMOE_CHECK(base_ == nullptr, "[arena] add('{}') after allocate()", name);
   DIFFMOE_CHECK(!index_.contains(name), "[arena] duplicate view '{}'", name);

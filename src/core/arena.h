@@ -32,6 +32,8 @@ class Arena {
     size_t offset;  // bytes from the arena base, 256-aligned
   };
   static constexpr size_t kAlign = 256;
+  // Bytes a view of `shape` and `dtype` takes in an arena: its data rounded up to kAlign.
+  static size_t view_bytes(const Shape& shape, DType dtype);
 
   Arena() = default;
   ~Arena();
@@ -59,6 +61,8 @@ class Arena {
   // The same over the entries [first, end) in planning order, their padding included (first < end).
   Tensor flat(size_t first, size_t end) const;
   const std::vector<Entry>& entries() const { return entries_; }
+  // The bytes the plan takes (padding included), allocated or not: planning without allocating
+  // (add() and pad_to() only) gives the exact size of the allocation.
   size_t bytes() const { return bytes_; }
   void* base() const { return base_; }
   Device device() const;

@@ -14,21 +14,34 @@ int64_t grown(int64_t need, int64_t cap) {
 }
 }  // namespace
 
+int64_t ExpertBuffers::initial_pairs(const ModelConfig& cfg, int64_t ep_size, int64_t tokens) {
+  // A rank receives as many pairs as it sends on average, N·min(K, EP) at most.
+  return tokens * std::min(cfg.n_activated_experts, ep_size);
+}
+
+int64_t ExpertBuffers::initial_rows(const ModelConfig& cfg, int64_t tokens) {
+  return tokens * cfg.n_activated_experts;  // its experts compute N·K rows on average
+}
+
+size_t ExpertBuffers::bytes_for(const ModelConfig& cfg, const PrecisionPlan& plan, int64_t pairs, int64_t rows) {
+  const size_t moe_layers = static_cast<size_t>(cfg.n_layers - cfg.n_dense_layers);
+  return moe_layers * plan_saved(cfg, plan, pairs, rows).bytes() + plan_scratch(cfg, plan, pairs, rows).bytes();
+}
+
 ExpertBuffers::ExpertBuffers(const ModelConfig& cfg, const PrecisionPlan& plan, int64_t ep_size, int64_t tokens, Backend& be)
     : cfg_(&cfg), plan_(&plan), be_(&be) {
   layers_.resize(static_cast<size_t>(cfg.n_layers - cfg.n_dense_layers));
-  // Start at the average: a rank receives as many pairs as it sends, N·min(K, EP) at most, and its
-  // experts compute N·K rows on average.
-  const int64_t K = cfg.n_activated_experts;
-  const int64_t pairs = tokens * std::min(K, ep_size), rows = tokens * K;
+  const int64_t pairs = initial_pairs(cfg, ep_size, tokens), rows = initial_rows(cfg, tokens);
   for (Layer& l : layers_) {
     l.cap_pairs = pairs;
     l.cap_rows = rows;
-    plan_saved(l);
+    l.saved = plan_saved(cfg, plan, pairs, rows);
+    l.saved.allocate(be.allocator());
   }
   scratch_pairs_ = pairs;
   scratch_rows_ = rows;
-  plan_scratch();
+  scratch_ = plan_scratch(cfg, plan, pairs, rows);
+  scratch_.allocate(be.allocator());
 }
 
 size_t ExpertBuffers::index(int64_t layer) const {
@@ -37,12 +50,11 @@ size_t ExpertBuffers::index(int64_t layer) const {
   return static_cast<size_t>(i);
 }
 
-void ExpertBuffers::plan_saved(Layer& l) {
-  const ModelConfig& c = *cfg_;
-  const int64_t K = c.n_activated_experts, D = c.dim, I = c.moe_inter_dim, P = l.cap_pairs, R = l.cap_rows;
-  l.saved = Arena();
+Arena ExpertBuffers::plan_saved(const ModelConfig& c, const PrecisionPlan& plan, int64_t P, int64_t R) {
+  const int64_t K = c.n_activated_experts, D = c.dim, I = c.moe_inter_dim;
+  Arena a;
   using A = ActRole;
-  const auto add = [&](const char* name, Shape s, ActRole role) { l.saved.add(name, s, plan_->dtype(role)); };
+  const auto add = [&](const char* name, Shape s, ActRole role) { a.add(name, s, plan.dtype(role)); };
   add("recv_idx", Shape{P, K}, A::kIndex);
   add("recv_w", Shape{P, K}, A::kFloat);
   add("slot_pos", Shape{P, K}, A::kIndex);
@@ -53,15 +65,14 @@ void ExpertBuffers::plan_saved(Layer& l) {
   add("a", Shape{R, I}, A::kGemmOutput);
   add("b", Shape{R, I}, A::kGemmOutput);
   add("h", Shape{R, I}, A::kGemmOperand);
-  l.saved.allocate(be_->allocator());
+  return a;
 }
 
-void ExpertBuffers::plan_scratch() {
-  const ModelConfig& c = *cfg_;
-  const int64_t K = c.n_activated_experts, D = c.dim, I = c.moe_inter_dim, P = scratch_pairs_, R = scratch_rows_;
-  scratch_ = Arena();
+Arena ExpertBuffers::plan_scratch(const ModelConfig& c, const PrecisionPlan& plan, int64_t P, int64_t R) {
+  const int64_t K = c.n_activated_experts, D = c.dim, I = c.moe_inter_dim;
+  Arena a;
   using A = ActRole;
-  const auto add = [&](const char* name, Shape s, ActRole role) { scratch_.add(name, s, plan_->dtype(role)); };
+  const auto add = [&](const char* name, Shape s, ActRole role) { a.add(name, s, plan.dtype(role)); };
   add("x_recv", Shape{P, D}, A::kGemmOperand);
   add("dy_recv", Shape{P, D}, A::kGemmOperand);
   add("y_recv", Shape{P, D}, A::kFloat);
@@ -72,7 +83,7 @@ void ExpertBuffers::plan_scratch() {
   add("dh", Shape{R, I}, A::kGemmOutput);
   add("da", Shape{R, I}, A::kGemmOperand);
   add("db", Shape{R, I}, A::kGemmOperand);
-  scratch_.allocate(be_->allocator());
+  return a;
 }
 
 void ExpertBuffers::ensure(int64_t layer, int64_t pairs, int64_t rows) {
@@ -81,13 +92,15 @@ void ExpertBuffers::ensure(int64_t layer, int64_t pairs, int64_t rows) {
     l.cap_pairs = grown(pairs, l.cap_pairs);
     l.cap_rows = grown(rows, l.cap_rows);
     be_->synchronize({});  // the old buffers may still be read by queued work of an earlier step
-    plan_saved(l);
+    l.saved = plan_saved(*cfg_, *plan_, l.cap_pairs, l.cap_rows);
+    l.saved.allocate(be_->allocator());
   }
   if (pairs > scratch_pairs_ || rows > scratch_rows_) {
     scratch_pairs_ = grown(pairs, scratch_pairs_);
     scratch_rows_ = grown(rows, scratch_rows_);
     be_->synchronize({});
-    plan_scratch();
+    scratch_ = plan_scratch(*cfg_, *plan_, scratch_pairs_, scratch_rows_);
+    scratch_.allocate(be_->allocator());
   }
 }
 

@@ -28,6 +28,13 @@ class ExpertBuffers {
   // tokens: N of a micro-batch on this rank; ep_size: ranks of the EP group.
   ExpertBuffers(const ModelConfig& cfg, const PrecisionPlan& plan, int64_t ep_size, int64_t tokens, Backend& be);
 
+  // Bytes the buffers take for `pairs` received pairs and `rows` expert rows per layer (every MoE
+  // layer's saved buffers and the shared scratch), without allocating: `diffmoe plan`. The
+  // constructor starts at the balanced routing's sizes, initial_pairs() and initial_rows().
+  static size_t bytes_for(const ModelConfig& cfg, const PrecisionPlan& plan, int64_t pairs, int64_t rows);
+  static int64_t initial_pairs(const ModelConfig& cfg, int64_t ep_size, int64_t tokens);
+  static int64_t initial_rows(const ModelConfig& cfg, int64_t tokens);
+
   EpTraffic& traffic(int64_t layer) { return layers_[index(layer)].traffic; }
   // Room for `pairs` received pairs and `rows` expert rows in the layer's buffers and the scratch.
   void ensure(int64_t layer, int64_t pairs, int64_t rows);
@@ -46,8 +53,8 @@ class ExpertBuffers {
     int64_t cap_pairs = 0, cap_rows = 0;
   };
   size_t index(int64_t layer) const;
-  void plan_saved(Layer& l);
-  void plan_scratch();
+  static Arena plan_saved(const ModelConfig& c, const PrecisionPlan& plan, int64_t pairs, int64_t rows);
+  static Arena plan_scratch(const ModelConfig& c, const PrecisionPlan& plan, int64_t pairs, int64_t rows);
 
   const ModelConfig* cfg_;
   const PrecisionPlan* plan_;

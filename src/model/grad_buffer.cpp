@@ -8,12 +8,15 @@ namespace {
 // GEMM overwrites it anyway): one fill instead of two (the router gate between the norms).
 constexpr int64_t kMergeGapElems = int64_t{1} << 18;
 
-std::vector<DType> same_dtype(const ParamLayout& layout, DType dt) { return std::vector<DType>(layout.groups().size(), dt); }
-
 }  // namespace
 
-GradBuffer::GradBuffer(const ParamLayout& layout, DType dtype, Allocator& alloc)
-    : buf_(layout, same_dtype(layout, dtype), DType::kU8, alloc) {
+LayoutBuffers GradBuffer::plan(const ParamLayout& layout, DType dtype) {
+  // One dtype for every group, no buffers (the balancing biases have no gradient).
+  return LayoutBuffers(layout, std::vector<DType>(layout.groups().size(), dtype), DType::kU8);
+}
+
+GradBuffer::GradBuffer(const ParamLayout& layout, DType dtype, Allocator& alloc) : buf_(plan(layout, dtype)) {
+  buf_.allocate(alloc);
   for (size_t g = 0; g < layout.groups().size(); ++g) {
     const ParamLayout::Group& grp = layout.groups()[g];
     // Each added-into entry covers [offset, next entry's offset): its padding is zero anyway.

@@ -22,6 +22,9 @@ namespace diffmoe {
 class GradBuffer {
  public:
   GradBuffer(const ParamLayout& layout, DType dtype, Allocator& alloc);
+  // The gradient buffers of `layout` in `dtype`, planned and not allocated (memory planning): the
+  // constructor allocates exactly these.
+  static LayoutBuffers plan(const ParamLayout& layout, DType dtype);
 
   bool has(std::string_view name) const { return buf_.has(name); }
   Tensor get(std::string_view name) const { return buf_.get(name); }

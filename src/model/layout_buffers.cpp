@@ -2,8 +2,7 @@
 
 namespace diffmoe {
 
-LayoutBuffers::LayoutBuffers(const ParamLayout& layout, const std::vector<DType>& group_dtype, DType buffer_dtype,
-                             Allocator& alloc)
+LayoutBuffers::LayoutBuffers(const ParamLayout& layout, const std::vector<DType>& group_dtype, DType buffer_dtype)
     : layout_(&layout) {
   const auto& groups = layout.groups();
   DIFFMOE_CHECK(group_dtype.size() == groups.size(), "[layout] {} dtypes for {} groups", group_dtype.size(), groups.size());
@@ -18,15 +17,24 @@ LayoutBuffers::LayoutBuffers(const ParamLayout& layout, const std::vector<DType>
       where_.emplace(e.spec.name, g);
     }
     a.pad_to(static_cast<size_t>(groups[g].length) * es);
-    a.allocate(alloc);
   }
   if (buffer_dtype != DType::kU8) {
     for (const ParamLayout::Entry& e : layout.buffers()) {
       buffers_.add(e.spec.name, e.shape, buffer_dtype);
       where_.emplace(e.spec.name, groups_.size());
     }
-    buffers_.allocate(alloc);
   }
+}
+
+void LayoutBuffers::allocate(Allocator& alloc) {
+  for (Arena& a : groups_) a.allocate(alloc);
+  buffers_.allocate(alloc);
+}
+
+bool LayoutBuffers::allocated() const {
+  for (const Arena& a : groups_)
+    if (!a.allocated()) return false;
+  return buffers_.allocated();
 }
 
 Tensor LayoutBuffers::get(std::string_view name) const {
@@ -50,6 +58,7 @@ Tensor LayoutBuffers::chunk(size_t g, size_t b, int64_t r, int64_t dp) const {
 
 Tensor LayoutBuffers::range(size_t g, int64_t offset, int64_t count) const {
   const Arena& a = groups_[g];
+  DIFFMOE_CHECK(a.allocated(), "[layout] range of group {} before allocate()", g);
   DIFFMOE_CHECK(offset >= 0 && count >= 0 && offset + count <= layout_->groups()[g].length,
                 "[layout] range [{}, {}) of group {} ({} elements)", offset, offset + count, g, layout_->groups()[g].length);
   const DType dt = a.entries().front().dtype;

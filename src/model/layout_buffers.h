@@ -16,10 +16,21 @@ namespace diffmoe {
 class LayoutBuffers {
  public:
   // Group g's views get dtype group_dtype[g] (one per group). buffer_dtype: the dtype of the
-  // non-trainable buffers' views, or kU8 (no buffers).
-  LayoutBuffers(const ParamLayout& layout, const std::vector<DType>& group_dtype, DType buffer_dtype, Allocator& alloc);
+  // non-trainable buffers' views, or kU8 (no buffers). Plans every view without allocating:
+  // bytes(), group_arena() and buffer_arena() give the exact sizes (memory planning), views need
+  // allocate() first.
+  LayoutBuffers(const ParamLayout& layout, const std::vector<DType>& group_dtype, DType buffer_dtype);
+  // The same, allocated.
+  LayoutBuffers(const ParamLayout& layout, const std::vector<DType>& group_dtype, DType buffer_dtype, Allocator& alloc)
+      : LayoutBuffers(layout, group_dtype, buffer_dtype) {
+    allocate(alloc);
+  }
   LayoutBuffers(LayoutBuffers&&) noexcept = default;
   LayoutBuffers& operator=(LayoutBuffers&&) noexcept = default;
+
+  // One allocation per group (and one for the buffers), zero-filled on the CPU. Once only.
+  void allocate(Allocator& alloc);
+  bool allocated() const;
 
   bool has(std::string_view name) const { return where_.contains(std::string(name)); }
   Tensor get(std::string_view name) const;  // throws naming the missing tensor
@@ -33,7 +44,7 @@ class LayoutBuffers {
   Tensor range(size_t g, int64_t offset, int64_t count) const;
   const Arena& group_arena(size_t g) const { return groups_[g]; }
   const Arena& buffer_arena() const { return buffers_; }
-  size_t bytes() const;
+  size_t bytes() const;  // every group and the buffers, padding included; allocated or only planned
   const ParamLayout& layout() const { return *layout_; }
 
  private:

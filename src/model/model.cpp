@@ -10,15 +10,11 @@
 
 namespace diffmoe {
 
-namespace {
-
-std::vector<DType> compute_dtypes(const ParamLayout& layout) {
+LayoutBuffers Model::plan_params(const ParamLayout& layout, DType dtype) {
   std::vector<DType> d;
   for (const ParamLayout::Group& g : layout.groups()) d.push_back(g.compute);
-  return d;
+  return LayoutBuffers(layout, d, dtype);
 }
-
-}  // namespace
 
 Model::Model(const ModelConfig& cfg, Backend& backend, DType dtype, const ModelOptions& opt)
     : cfg_(cfg),
@@ -28,9 +24,10 @@ Model::Model(const ModelConfig& cfg, Backend& backend, DType dtype, const ModelO
       recompute_(opt.recompute),
       specs_((cfg_.validate("model config"), parameter_specs(cfg_))),
       layout_(std::make_unique<ParamLayout>(cfg_, plan_, opt.parallel)),
-      params_(*layout_, compute_dtypes(*layout_), dtype, be_->allocator()),
+      params_(plan_params(*layout_, dtype)),
       grads_(*layout_, plan_.master_dtype(), be_->allocator()),
       ep_(opt.expert_exchange) {
+  params_.allocate(be_->allocator());
   if (opt.parallel.ep_size > 1) {
     DIFFMOE_CHECK(ep_ != nullptr && ep_->size() == opt.parallel.ep_size && ep_->rank() == opt.parallel.ep_rank,
                   "[model] expert parallelism over {} ranks needs an expert exchange of that group (ModelOptions::expert_exchange)",
@@ -95,50 +92,87 @@ void Model::use_gemm_precision() const {
   be_->set_gemm_precision(plan_.bf16_gemm() ? GemmPrecision::kBF16 : GemmPrecision::kF32);
 }
 
+namespace {
+// The EP group's size without a group: what planning needs of an exchange (Model::memory_plan).
+class PlannedExchange final : public ExpertExchange {
+ public:
+  explicit PlannedExchange(int size) : size_(size) {}
+  int size() const override { return size_; }
+  int rank() const override { return 0; }
+  std::unique_ptr<Pending> all_to_all(Context, const Tensor&, const Tensor&, const RowBlocks&, const RowBlocks&) override {
+    DIFFMOE_FAIL("[model] a planned expert exchange does not communicate");
+  }
+
+ private:
+  int size_;
+};
+}  // namespace
+
+void Model::plan_activations(const ModelConfig& cfg, PrecisionPlan& pl, int64_t batch, int64_t seq, Arena& acts, Recompute recompute,
+                             ExpertExchange* ep) {
+  DIFFMOE_CHECK(batch > 0 && seq > 0 && seq <= cfg.max_seq_len, "[model] batch shape {}x{}: need batch > 0 and 0 < seq <= max_seq_len = {}",
+                batch, seq, cfg.max_seq_len);
+  const int64_t N = batch * seq, D = cfg.dim;
+  const int64_t half = cfg.qk_rope_head_dim / 2;
+  using R = ActRole;
+  pl.add(acts, "rope.cos", Shape{cfg.max_seq_len, half}, R::kFloat);
+  pl.add(acts, "rope.sin", Shape{cfg.max_seq_len, half}, R::kFloat);
+  for (int64_t i = 0; i <= 2 * cfg.n_layers; ++i) pl.add(acts, fmt::format("act.residual.{}", i), Shape{N, D}, R::kFloat);
+  // What the layers' plan() read: the config, the batch shape and the precision plan.
+  const LayerContext lc{.be = nullptr, .ctx = {}, .cfg = &cfg, .dtype = pl.float_type(), .batch = batch, .seq = seq,
+                        .params = nullptr, .grads = nullptr, .acts = &acts, .plan = &pl, .bf16_operands = pl.bf16_gemm(),
+                        .ep = ep};
+  for (int64_t l = 0; l < cfg.n_layers; ++l) {
+    AttentionLayer(l, recompute).plan(lc, pl, acts);
+    FfnLayer(l, recompute).plan(lc, pl, acts);
+  }
+  pl.add(acts, "act.final.x_norm", Shape{N, D}, R::kGemmOperand);  // read by the head's GEMMs only
+  pl.add(acts, "act.final.rstd", Shape{N}, R::kFloat);
+  pl.add(acts, "grad_sq.experts", Shape{1}, R::kFloat);  // backward(): Σg² of the expert stacks' gradients
+  // The head's GEMM output, read by the cross-entropy only (rounded once by the GEMM, as under
+  // autocast; the loss widens it and computes in f32/f64), and its gradient, read by the head's GEMMs.
+  pl.add(acts, "act.final.logits", Shape{N, cfg.vocab_size}, R::kGemmOutput);
+  pl.add(acts, "scratch.dlogits", Shape{N, cfg.vocab_size}, R::kGemmOperand);
+  pl.add(acts, "scratch.dx_norm", Shape{N, D}, R::kFloat);
+  if (pl.bf16_gemm()) {  // LayerContext::gemm_operand: the widest f32 dy that two backward GEMMs read
+    const ModelConfig& c = cfg;
+    const int64_t widths[] = {D, c.n_heads * (c.qk_nope_head_dim + c.v_head_dim), c.n_heads * c.d_qk(), c.q_lora_rank,
+                              c.kv_lora_rank + c.qk_rope_head_dim, c.n_routed_experts};
+    pl.add(acts, "scratch.gemm_operand", Shape{N * *std::max_element(std::begin(widths), std::end(widths))}, R::kGemmOperand);
+  }
+  pl.add(acts, "scratch.dresidual", Shape{N, D}, R::kFloat);
+  // The bf16 mode: the residual gradient rounded once by each RMSNorm backward that updates it, for
+  // the next layer's first backward GEMMs (W2 of the FFN, W_o), instead of a rounding copy.
+  if (pl.bf16_gemm()) pl.add(acts, "scratch.dresidual16", Shape{N, D}, R::kGemmOperand);
+  pl.add(acts, "loss.sum", Shape{1}, R::kFloat);
+  pl.add(acts, "loss.valid", Shape{1}, R::kFloat);
+  pl.add(acts, "loss.aux", Shape{1}, R::kFloat);
+}
+
+ModelMemoryPlan Model::memory_plan(const ModelConfig& cfg, DType dtype, const ModelOptions& opt, int64_t batch,
+                                   int64_t seq) {
+  cfg.validate("model config");
+  PrecisionPlan plan(opt.precision, dtype);
+  auto layout = std::make_unique<ParamLayout>(cfg, plan, opt.parallel);
+  LayoutBuffers params = plan_params(*layout, dtype);
+  LayoutBuffers grads = GradBuffer::plan(*layout, plan.master_dtype());
+  Arena acts;
+  PlannedExchange ep(static_cast<int>(opt.parallel.ep_size));
+  plan_activations(cfg, plan, batch, seq, acts, opt.recompute, opt.parallel.ep_size > 1 ? &ep : nullptr);
+  return ModelMemoryPlan{.layout = std::move(layout), .plan = std::move(plan), .params = std::move(params),
+                         .grads = std::move(grads), .acts = std::move(acts)};
+}
+
 void Model::set_batch_shape(int64_t batch, int64_t seq) {
-  DIFFMOE_CHECK(batch > 0 && seq > 0 && seq <= cfg_.max_seq_len, "[model] batch shape {}x{}: need batch > 0 and 0 < seq <= max_seq_len = {}",
-                batch, seq, cfg_.max_seq_len);
-  batch_ = batch;
-  seq_ = seq;
   acts_ = Arena();
   plan_.clear_entries();
   ep_buffers_.reset();
   if (ep_ != nullptr && cfg_.n_dense_layers < cfg_.n_layers)
     ep_buffers_ = std::make_unique<ExpertBuffers>(cfg_, plan_, ep_->size(), batch * seq, *be_);
   expert_sq_valid_ = false;  // "grad_sq.experts" is planned anew below
-  const int64_t N = batch * seq, D = cfg_.dim;
-  const int64_t half = cfg_.qk_rope_head_dim / 2;
-  using R = ActRole;
-  PrecisionPlan& pl = plan_;
-  pl.add(acts_, "rope.cos", Shape{cfg_.max_seq_len, half}, R::kFloat);
-  pl.add(acts_, "rope.sin", Shape{cfg_.max_seq_len, half}, R::kFloat);
-  for (int64_t i = 0; i <= 2 * cfg_.n_layers; ++i) pl.add(acts_, fmt::format("act.residual.{}", i), Shape{N, D}, R::kFloat);
-  LayerContext lc = layer_context({});
-  for (int64_t l = 0; l < cfg_.n_layers; ++l) {
-    attn_[static_cast<size_t>(l)].plan(lc, pl, acts_);
-    ffn_[static_cast<size_t>(l)].plan(lc, pl, acts_);
-  }
-  pl.add(acts_, "act.final.x_norm", Shape{N, D}, R::kGemmOperand);  // read by the head's GEMMs only
-  pl.add(acts_, "act.final.rstd", Shape{N}, R::kFloat);
-  pl.add(acts_, "grad_sq.experts", Shape{1}, R::kFloat);  // backward(): Σg² of the expert stacks' gradients
-  // The head's GEMM output, read by the cross-entropy only (rounded once by the GEMM, as under
-  // autocast; the loss widens it and computes in f32/f64), and its gradient, read by the head's GEMMs.
-  pl.add(acts_, "act.final.logits", Shape{N, cfg_.vocab_size}, R::kGemmOutput);
-  pl.add(acts_, "scratch.dlogits", Shape{N, cfg_.vocab_size}, R::kGemmOperand);
-  pl.add(acts_, "scratch.dx_norm", Shape{N, D}, R::kFloat);
-  if (pl.bf16_gemm()) {  // LayerContext::gemm_operand: the widest f32 dy that two backward GEMMs read
-    const ModelConfig& c = cfg_;
-    const int64_t widths[] = {D, c.n_heads * (c.qk_nope_head_dim + c.v_head_dim), c.n_heads * c.d_qk(), c.q_lora_rank,
-                              c.kv_lora_rank + c.qk_rope_head_dim, c.n_routed_experts};
-    pl.add(acts_, "scratch.gemm_operand", Shape{N * *std::max_element(std::begin(widths), std::end(widths))}, R::kGemmOperand);
-  }
-  pl.add(acts_, "scratch.dresidual", Shape{N, D}, R::kFloat);
-  // The bf16 mode: the residual gradient rounded once by each RMSNorm backward that updates it, for
-  // the next layer's first backward GEMMs (W2 of the FFN, W_o), instead of a rounding copy.
-  if (pl.bf16_gemm()) pl.add(acts_, "scratch.dresidual16", Shape{N, D}, R::kGemmOperand);
-  pl.add(acts_, "loss.sum", Shape{1}, R::kFloat);
-  pl.add(acts_, "loss.valid", Shape{1}, R::kFloat);
-  pl.add(acts_, "loss.aux", Shape{1}, R::kFloat);
+  plan_activations(cfg_, plan_, batch, seq, acts_, recompute_, ep_);
+  batch_ = batch;
+  seq_ = seq;
   acts_.allocate(be_->allocator());
 
   // RoPE tables with YaRN folded in (spec §3), uploaded once.

@@ -45,6 +45,17 @@ struct ModelOptions {
   Recompute recompute = Recompute::kNone;
 };
 
+// What a Model and its activations for one batch shape take, planned without allocating anything
+// (Model::memory_plan; `diffmoe plan`): the same layout, views and activation plan that the
+// constructor and set_batch_shape() allocate, so bytes() here equal the allocated bytes.
+struct ModelMemoryPlan {
+  std::unique_ptr<ParamLayout> layout;  // params and grads point into it
+  PrecisionPlan plan;                   // with the table of every planned activation (entries())
+  LayoutBuffers params;                 // compute weights and balancing biases (Model::params)
+  LayoutBuffers grads;                  // Model::grads
+  Arena acts;                           // Model::acts
+};
+
 class Model {
  public:
   // dtype: the float type (the CPU backend computes in f32, or f64 for gradient checks).
@@ -87,6 +98,10 @@ class Model {
   void set_param(const std::string& name, const std::vector<double>& values);
   // Plans and allocates the activation arena for micro-batches of batch × seq tokens.
   void set_batch_shape(int64_t batch, int64_t seq);
+  // The memory of Model(cfg, ·, dtype, opt) after set_batch_shape(batch, seq), planned by the same
+  // code without allocating (no backend needed).
+  static ModelMemoryPlan memory_plan(const ModelConfig& cfg, DType dtype, const ModelOptions& opt, int64_t batch,
+                                     int64_t seq);
   int64_t batch() const { return batch_; }
   int64_t seq() const { return seq_; }
 
@@ -109,6 +124,14 @@ class Model {
   Tensor lambda(int64_t layer) const;         // [1], differential layers only
 
  private:
+  // The compute-weight buffers of a layout (planned): GEMM weights in their group's compute dtype,
+  // the balancing biases in the float type.
+  static LayoutBuffers plan_params(const ParamLayout& layout, DType dtype);
+  // Plans every activation of a batch × seq micro-batch into `acts` through the layers' plan()
+  // (and records them in `plan`'s table), with the layers' recompute mode and, with expert
+  // parallelism, the EP group (only its size is used).
+  static void plan_activations(const ModelConfig& cfg, PrecisionPlan& plan, int64_t batch, int64_t seq, Arena& acts,
+                               Recompute recompute, ExpertExchange* ep);
   LayerContext layer_context(Context ctx);
   void use_gemm_precision() const;  // the backend's GEMM precision for this model's plan
   Tensor residual(int64_t i) const;  // residual stream before sub-block i (0 = embedding output)

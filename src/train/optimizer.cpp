@@ -6,15 +6,20 @@
 
 namespace diffmoe {
 
-AdamW::AdamW(Model& model, const OptimConfig& cfg, const OptimShard& shard) : model_(&model), cfg_(cfg), shard_(shard) {
-  const ParamLayout& layout = model.layout();
+namespace {
+// A group keeps f32 masters of its own when its compute weights are not in the master dtype.
+bool keeps_masters(const ParamLayout::Group& g, DType master_dtype) { return g.compute != master_dtype; }
+}  // namespace
+
+AdamW::StatePlan AdamW::plan_state(const ParamLayout& layout, DType master_dtype, const OptimShard& shard) {
+  StatePlan sp;
   const auto& groups = layout.groups();
-  shard_len_.assign(groups.size(), 0);
-  chunk_base_.assign(groups.size(), {});
+  sp.shard_len.assign(groups.size(), 0);
+  sp.chunk_base.assign(groups.size(), {});
   // Pieces: each bucket's owned chunk cut at its entries' boundaries (padding belongs to no piece).
   for (size_t g = 0; g < groups.size(); ++g) {
     const ParamLayout::Group& grp = groups[g];
-    const int64_t r = rank_in(g);
+    const int64_t r = rank_in(grp, shard);
     DIFFMOE_CHECK(r >= 0 && r < grp.dp, "[optimizer] rank {} in a data-parallel group of {}", r, grp.dp);
     for (const ParamLayout::Bucket& b : grp.buckets) {
       const int64_t c = b.chunk(grp.dp), c0 = b.offset + r * c, c1 = c0 + c;
@@ -23,32 +28,43 @@ AdamW::AdamW(Model& model, const OptimConfig& cfg, const OptimShard& shard) : mo
         const ParamLayout::Entry& e = layout.entries()[i];
         const int64_t lo = std::max(c0, e.offset), hi = std::min(c1, e.offset + e.shape.numel());
         if (lo >= hi) continue;
-        pieces_.push_back(Piece{.entry = i, .group = g, .group_offset = lo, .local_begin = lo - e.offset, .count = hi - lo,
-                                .state_offset = shard_len_[g] + (lo - c0)});
+        sp.pieces.push_back(Piece{.entry = i, .group = g, .group_offset = lo, .local_begin = lo - e.offset, .count = hi - lo,
+                                  .state_offset = sp.shard_len[g] + (lo - c0)});
       }
-      chunk_base_[g].push_back(shard_len_[g]);
-      shard_len_[g] += c;
+      sp.chunk_base[g].push_back(sp.shard_len[g]);
+      sp.shard_len[g] += c;
     }
   }
-  const DType mt = model.plan().master_dtype();
   for (size_t g = 0; g < groups.size(); ++g) {
-    state_.add(fmt::format("m.g{}", g), Shape{shard_len_[g]}, mt);
-    state_.add(fmt::format("v.g{}", g), Shape{shard_len_[g]}, mt);
-    if (separate_masters(g)) state_.add(fmt::format("master.g{}", g), Shape{shard_len_[g]}, mt);
-    if (groups[g].dp > 1) state_.add(fmt::format("grad.g{}", g), Shape{shard_len_[g]}, mt);
+    sp.state.add(fmt::format("m.g{}", g), Shape{sp.shard_len[g]}, master_dtype);
+    sp.state.add(fmt::format("v.g{}", g), Shape{sp.shard_len[g]}, master_dtype);
+    if (keeps_masters(groups[g], master_dtype)) sp.state.add(fmt::format("master.g{}", g), Shape{sp.shard_len[g]}, master_dtype);
+    // The reduced gradient chunks (AdamW::reduced_chunk) where the group is data parallel.
+    if (groups[g].dp > 1) sp.state.add(fmt::format("grad.g{}", g), Shape{sp.shard_len[g]}, master_dtype);
   }
-  state_.add("grad_sq", Shape{1}, mt);
+  sp.state.add("grad_sq", Shape{1}, master_dtype);
+  return sp;
+}
+
+int64_t AdamW::rank_in(const ParamLayout::Group& group, const OptimShard& shard) {
+  return group.domain == ParamDomain::kExpert ? shard.expert_rank : shard.dense_rank;
+}
+
+AdamW::AdamW(Model& model, const OptimConfig& cfg, const OptimShard& shard) : model_(&model), cfg_(cfg), shard_(shard) {
+  StatePlan sp = plan_state(model.layout(), model.plan().master_dtype(), shard);
+  pieces_ = std::move(sp.pieces);
+  shard_len_ = std::move(sp.shard_len);
+  chunk_base_ = std::move(sp.chunk_base);
+  state_ = std::move(sp.state);
   state_.allocate(model.backend().allocator());
   Backend& be = model.backend();
   for (const auto& e : state_.entries()) be.fill({}, {.out = state_.view(e), .value = 0.0});
 }
 
-int64_t AdamW::rank_in(size_t group) const {
-  return model_->layout().groups()[group].domain == ParamDomain::kExpert ? shard_.expert_rank : shard_.dense_rank;
-}
+int64_t AdamW::rank_in(size_t group) const { return rank_in(model_->layout().groups()[group], shard_); }
 
 bool AdamW::separate_masters(size_t group) const {
-  return model_->layout().groups()[group].compute != model_->plan().master_dtype();
+  return keeps_masters(model_->layout().groups()[group], model_->plan().master_dtype());
 }
 
 namespace {

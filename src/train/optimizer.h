@@ -41,6 +41,20 @@ class AdamW {
 
   AdamW(Model& model, const OptimConfig& cfg, const OptimShard& shard = {});
 
+  // This rank's pieces and optimizer state for a layout, planned without allocating (memory
+  // planning): the constructor allocates exactly `state`. Its views: per group g "m.g<g>" and
+  // "v.g<g>" (the Adam moments of the owned chunks), "master.g<g>" where the group's compute dtype
+  // is not master_dtype (the f32 masters of bf16 compute weights), and "grad_sq".
+  struct StatePlan {
+    std::vector<Piece> pieces;
+    std::vector<int64_t> shard_len;  // per group: elements this rank owns
+    std::vector<std::vector<int64_t>> chunk_base;  // per group and bucket: its chunk's offset in the state
+    Arena state;
+  };
+  static StatePlan plan_state(const ParamLayout& layout, DType master_dtype, const OptimShard& shard);
+  // This rank's index among a group's data-parallel ranks (spec §12).
+  static int64_t rank_in(const ParamLayout::Group& group, const OptimShard& shard);
+
   const std::vector<Piece>& pieces() const { return pieces_; }
   // This rank's index among group g's data-parallel ranks: it owns chunk rank_in(g) of each bucket.
   int64_t rank_in(size_t group) const;

@@ -9,13 +9,16 @@ namespace diffmoe {
 struct TokenBuffers {
   Arena host, dev;
 
-  TokenBuffers(Backend& be, int64_t batch, int64_t seq) {
-    for (Arena* a : {&host, &dev}) {
-      a->add("inputs", Shape{batch, seq}, DType::kI32);
-      a->add("targets", Shape{batch, seq}, DType::kI32);
-    }
+  TokenBuffers(Backend& be, int64_t batch, int64_t seq) : host(plan(batch, seq)), dev(plan(batch, seq)) {
     host.allocate(cpu_allocator());
     dev.allocate(be.allocator());
+  }
+  // The views of either buffer, planned and not allocated (memory planning).
+  static Arena plan(int64_t batch, int64_t seq) {
+    Arena a;
+    a.add("inputs", Shape{batch, seq}, DType::kI32);
+    a.add("targets", Shape{batch, seq}, DType::kI32);
+    return a;
   }
   // Fills the host buffers from the loader and uploads them; false at the end of a pass.
   bool next(data::TokenLoader& loader, Backend& be) {

@@ -1,6 +1,7 @@
 // The other subcommands on the products of a real run: generate, eval, params, init, tokenizer
 // train/encode/decode, data prepare/inspect, and --help of every subcommand.
 #include <regex>
+#include <set>
 
 #include "e2e_util.h"
 
@@ -86,6 +87,69 @@ TEST_F(E2E, ParamsAndInit) {
   EXPECT_EQ(read_file(out), read_file(dir_ / "init2.safetensors")) << "init is a pure function of config and seed";
 }
 
+// `diffmoe plan`: the verdict follows the GPU size, the JSON's totals are the sums of its items, the
+// layout and recompute fields say what was planned, and bad options fail naming the option.
+TEST_F(E2E, PlanFitsOrNotAndJson) {
+  const fs::path cfg = write_config(micro_config(dir_, dir_ / "run"));
+  const std::vector<std::string> base = {"plan", "--config", cfg.string(), "--micro-batch", "4", "--seq", "32"};
+  auto with = [&](std::vector<std::string> extra) {
+    std::vector<std::string> args = base;
+    args.insert(args.end(), extra.begin(), extra.end());
+    return run_diffmoe(args);
+  };
+  // The micro model needs well under 1 GB (the assumed CUDA context, 0.5 GiB, is most of it).
+  const RunResult fits = with({"--gpu-memory", "1GB"});
+  E2E_EXPECT_OK(fits);
+  EXPECT_NE(fits.out.find("\nFITS: rank 0"), std::string::npos) << fits.out;
+  EXPECT_NE(fits.out.find("exact subtotal"), std::string::npos) << fits.out;
+  EXPECT_NE(fits.out.find("FLOPs/token"), std::string::npos) << fits.out;
+  const RunResult tight = with({"--gpu-memory", "100MB", "--recompute", "full"});
+  E2E_EXPECT_OK(tight);
+  EXPECT_NE(tight.out.find("\nDOES NOT FIT: rank 0"), std::string::npos) << tight.out;
+  EXPECT_NE(tight.out.find("not in the code today"), std::string::npos) << tight.out;
+  EXPECT_NE(tight.out.find("recompute    full"), std::string::npos) << tight.out;
+  // With expert parallelism only none and attention exist: other modes are refused by name.
+  expect_clean_error(with({"--world", "4", "--ep", "2", "--recompute", "moe"}), {"--recompute", "moe", "expert parallelism"});
+
+  const RunResult js =
+      with({"--world", "4", "--ep", "2", "--precision", "bf16", "--recompute", "attention", "--gpu-memory", "2GiB", "--json"});
+  E2E_EXPECT_OK(js);
+  const nlohmann::json j = nlohmann::json::parse(js.out);
+  EXPECT_EQ(j["world"], 4);
+  EXPECT_EQ(j["ep"], 2);
+  EXPECT_EQ(j["expert_dp"], 2);
+  EXPECT_EQ(j["precision"], "bf16");
+  EXPECT_EQ(j["tokens_per_rank"], 128);
+  EXPECT_EQ(j["recompute_requested"], "attention");
+  EXPECT_EQ(j["recompute_planned"], "attention");
+  EXPECT_EQ(j["gpu_memory_bytes"], uint64_t{2} << 30);
+  ASSERT_GE(j["ranks"].size(), 1u);
+  for (const auto& rank : j["ranks"]) {
+    uint64_t exact = 0, total = 0;
+    std::set<std::string> keys;
+    for (const auto& it : rank["items"]) {
+      keys.insert(it["key"].get<std::string>());
+      total += it["bytes"].get<uint64_t>();
+      if (!it["estimate"].get<bool>()) exact += it["bytes"].get<uint64_t>();
+    }
+    EXPECT_EQ(keys, (std::set<std::string>{"compute_weights", "gradients", "optimizer_masters", "optimizer_moments", "reduced_gradients", "activations",
+                                           "ep_buffers", "token_buffers", "nccl_buffers", "backend_scratch", "cuda_context"}));
+    EXPECT_EQ(rank["exact_bytes"].get<uint64_t>(), exact);
+    EXPECT_EQ(rank["total_bytes"].get<uint64_t>(), total);
+    EXPECT_EQ(rank["fits"].get<bool>(), total <= (uint64_t{2} << 30));
+    EXPECT_GT(exact, 0u);
+  }
+  EXPECT_TRUE(j["fits"].get<bool>());
+  EXPECT_EQ(j["ep_dispatch"]["rows_per_layer_balanced"], 128 * 2);  // N·K
+  EXPECT_EQ(j["ep_dispatch"]["rows_per_layer_worst"], 2 * 128 * 2);  // EP·N·min(K, E/EP)
+  EXPECT_GT(j["parameters"]["total"].get<int64_t>(), j["parameters"]["active"].get<int64_t>());
+
+  expect_clean_error(with({"--world", "4", "--ep", "3"}), {"--ep"});
+  expect_clean_error(with({"--gpu-memory", "80"}), {"--gpu-memory", "unit"});
+  expect_clean_error(with({"--gpu-memory", "lots"}), {"--gpu-memory"});
+  expect_clean_error(run_diffmoe({"plan", "--config", cfg.string(), "--seq", "33"}), {"--seq", "max_seq_len"});
+}
+
 TEST_F(E2E, TokenizerTrainEncodeDecodeRoundTrip) {
   const fs::path tok = dir_ / "tok.json";
   const RunResult t = run_diffmoe({"tokenizer", "train", "--input", (dir_ / "corpus.txt").string(), "--out", tok.string(), "--vocab-size", "300"});
@@ -159,7 +223,7 @@ TEST_F(E2E, DataPrepareAndInspect) {
 
 TEST(E2EHelp, EverySubcommandHasHelp) {
   const std::vector<std::vector<std::string>> cmds = {
-      {},         {"params"},   {"train"},         {"eval"},           {"generate"}, {"init"},
+      {},         {"params"},   {"plan"},   {"train"},         {"eval"},           {"generate"}, {"init"},
       {"tokenizer"}, {"tokenizer", "train"}, {"tokenizer", "encode"}, {"tokenizer", "decode"},
       {"data"},   {"data", "prepare"}, {"data", "inspect"}};
   for (auto args : cmds) {

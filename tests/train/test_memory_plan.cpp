@@ -1,0 +1,182 @@
+// The memory plan (train/memory_plan.h) against what a real Model, AdamW and TokenBuffers allocate
+// on the CPU backend, byte for byte, for the micro configs and the tiny preset, both precision
+// modes, and several (world, EP, bucket) layouts at several ranks; the counts it reports against
+// the parameter list; the expert-parallel estimate's formula.
+#include <gtest/gtest.h>
+
+#include "backend/cpu/cpu_backend.h"
+#include "model/micro_config.h"
+#include "train/memory_plan.h"
+#include "train/optimizer.h"
+#include "train/token_buffers.h"
+
+namespace diffmoe {
+namespace {
+
+uint64_t item(const RankMemory& m, const std::string& key) {
+  for (const MemoryItem& i : m.items)
+    if (i.key == key) return i.bytes;
+  ADD_FAILURE() << "no item " << key;
+  return 0;
+}
+
+struct Layout {
+  int64_t world, ep, bucket_elems;
+};
+
+// An EP group's size and this rank's place in it, without communication: enough to build the model.
+class LocalExchange final : public ExpertExchange {
+ public:
+  LocalExchange(int size, int rank) : size_(size), rank_(rank) {}
+  int size() const override { return size_; }
+  int rank() const override { return rank_; }
+  std::unique_ptr<Pending> all_to_all(Context, const Tensor&, const Tensor&, const RowBlocks&, const RowBlocks&) override {
+    throw std::logic_error("not used");
+  }
+
+ private:
+  int size_, rank_;
+};
+
+// Builds the real objects of `rank` and compares every exact line item with the allocation.
+void check_rank(const ModelConfig& cfg, Precision prec, const Layout& lay, int64_t rank, int64_t batch, int64_t seq) {
+  SCOPED_TRACE(fmt::format("precision {} world {} ep {} bucket {} rank {}", precision_name(prec), lay.world, lay.ep,
+                           lay.bucket_elems, rank));
+  CpuBackend be;
+  LocalExchange ex(static_cast<int>(lay.ep), static_cast<int>(rank % lay.ep));
+  const ModelOptions mo{.precision = prec,
+                        .parallel = {.ep_size = lay.ep,
+                                     .ep_rank = rank % lay.ep,
+                                     .dense_dp = lay.world,
+                                     .expert_dp = lay.world / lay.ep,
+                                     .bucket_elems = lay.bucket_elems},
+                        .expert_exchange = &ex};
+  Model m(cfg, be, DType::kF32, mo);
+  m.set_batch_shape(batch, seq);
+  AdamW opt(m, OptimConfig{}, OptimShard{.dense_rank = rank, .expert_rank = rank / lay.ep});
+  TokenBuffers tb(be, batch, seq);
+  ASSERT_TRUE(m.params().allocated());
+  size_t grads = 0;
+  for (size_t g = 0; g < m.layout().groups().size(); ++g) grads += m.grads().buffers().group_arena(g).bytes();
+
+  const RunShape run{.world = lay.world,
+                     .ep = lay.ep,
+                     .precision = prec,
+                     .micro_batch = batch,
+                     .seq = seq,
+                     .bucket_elems = lay.bucket_elems};
+  const RankMemory p = plan_rank(cfg, run, rank);
+  EXPECT_EQ(item(p, "compute_weights"), m.params().bytes());
+  EXPECT_EQ(item(p, "gradients"), grads);
+  EXPECT_EQ(item(p, "optimizer_masters") + item(p, "optimizer_moments") + item(p, "reduced_gradients"), opt.state_bytes());
+  EXPECT_EQ(item(p, "activations"), m.acts().bytes());
+  EXPECT_EQ(item(p, "ep_buffers"), m.expert_buffer_bytes());
+  EXPECT_EQ(item(p, "token_buffers"), tb.dev.bytes());
+  EXPECT_EQ(p.exact_bytes(),
+            m.params().bytes() + grads + opt.state_bytes() + m.acts().bytes() + m.expert_buffer_bytes() + tb.dev.bytes());
+  // Masters exist exactly for the groups whose compute weights are bf16.
+  bool any_masters = false;
+  for (size_t g = 0; g < m.layout().groups().size(); ++g) any_masters = any_masters || opt.separate_masters(g);
+  EXPECT_EQ(item(p, "optimizer_masters") > 0, any_masters);
+  EXPECT_EQ(any_masters, prec == Precision::kBF16);
+}
+
+TEST(MemoryPlan, EqualsTheAllocatedArenasMicroConfigs) {
+  // micro_diff: 8 routed experts; micro_plain: 6 (EP 3 and 6 too), tied embeddings, no shared experts.
+  const std::vector<Layout> diff_layouts = {{1, 1, 0}, {4, 1, 0}, {4, 2, 0}, {8, 4, 512}, {8, 8, 0}, {2, 2, 200}};
+  const std::vector<Layout> plain_layouts = {{1, 1, 0}, {6, 3, 0}, {6, 6, 0}, {4, 2, 300}};
+  for (const Precision prec : {Precision::kF32, Precision::kBF16}) {
+    for (const Layout& lay : diff_layouts)
+      for (const int64_t r : {int64_t{0}, lay.world / 2, lay.world - 1})
+        check_rank(test::micro_diff_config(), prec, lay, r, 2, 8);
+    for (const Layout& lay : plain_layouts)
+      for (const int64_t r : {int64_t{0}, lay.world - 1}) check_rank(test::micro_plain_config(), prec, lay, r, 3, 5);
+  }
+}
+
+TEST(MemoryPlan, EqualsTheAllocatedArenasTinyPreset) {
+  const ModelConfig cfg = load_model_config(test::repo_path("configs/tiny.yaml"));
+  for (const Precision prec : {Precision::kF32, Precision::kBF16})
+    for (const Layout& lay : std::vector<Layout>{{1, 1, 0}, {8, 4, 1 << 16}})
+      check_rank(cfg, prec, lay, lay.world - 1, 2, 32);
+}
+
+// Independent of the planning code: the bytes follow from the parameter counts, up to the
+// layout's padding (each tensor starts at a multiple of 128 elements, each bucket is padded to dp
+// chunks of 128-element multiples, each arena view to 256 bytes).
+TEST(MemoryPlan, CountsAgreeWithTheParameterList) {
+  const ModelConfig cfg = load_model_config(test::repo_path("configs/tiny.yaml"));
+  const ParamCounts n = count_parameters(cfg, cfg.max_seq_len);
+  int64_t experts = 0;
+  for (const ParamSpec& p : parameter_specs(cfg))
+    if (p.kind == ParamKind::kExpert) experts += p.shape.numel();
+  const int64_t n_tensors = static_cast<int64_t>(parameter_specs(cfg).size());
+  for (const int64_t ep : {1, 2, 4}) {
+    const RunShape run{.world = 8, .ep = ep, .precision = Precision::kF32, .micro_batch = 1, .seq = 64};
+    const MemoryPlan p = plan_memory(cfg, run);
+    EXPECT_EQ(p.expert_params_per_rank, experts / ep);
+    EXPECT_EQ(p.dense_params, n.total - experts);
+    const RankMemory& r = p.ranks.front();
+    const int64_t held = p.dense_params + p.expert_params_per_rank;
+    const uint64_t slack = static_cast<uint64_t>(n_tensors * 128 * 4 + 4 * 8 * 128 * 4 + 4 * 256);
+    EXPECT_GE(item(r, "gradients"), static_cast<uint64_t>(4 * held));
+    EXPECT_LE(item(r, "gradients"), static_cast<uint64_t>(4 * held) + slack);
+    // f32: no masters; moments 2 × 4 bytes of this rank's share (dense 1/8, experts 1/(8/ep)).
+    EXPECT_EQ(item(r, "optimizer_masters"), 0u);
+    const double share =
+        static_cast<double>(p.dense_params) / 8 + static_cast<double>(p.expert_params_per_rank) / (8.0 / ep);
+    EXPECT_GE(static_cast<double>(item(r, "optimizer_moments")), 8 * share);
+    EXPECT_LE(static_cast<double>(item(r, "optimizer_moments")), 8 * share + static_cast<double>(slack));
+    EXPECT_TRUE(p.all_ranks_equal);
+  }
+  // bf16: the GEMM weights' compute copies take 2 bytes, and their f32 masters appear.
+  const RankMemory f = plan_rank(cfg, RunShape{.precision = Precision::kF32, .seq = 64}, 0);
+  const RankMemory b = plan_rank(cfg, RunShape{.precision = Precision::kBF16, .seq = 64}, 0);
+  EXPECT_LT(item(b, "compute_weights"), item(f, "compute_weights"));
+  EXPECT_GT(item(b, "compute_weights"), item(f, "compute_weights") / 2);
+  EXPECT_EQ(item(b, "gradients"), item(f, "gradients"));
+  EXPECT_EQ(item(b, "optimizer_moments"), item(f, "optimizer_moments"));
+  EXPECT_GT(item(b, "optimizer_masters"), 0u);
+  EXPECT_LT(item(b, "activations"), item(f, "activations"));
+}
+
+TEST(MemoryPlan, ExpertParallelDispatchEstimate) {
+  const ModelConfig cfg = test::micro_diff_config();  // E = 8, K = 2
+  const RunShape one{.world = 4, .ep = 1, .micro_batch = 2, .seq = 8};
+  EXPECT_EQ(item(plan_rank(cfg, one, 0), "ep_buffers"), 0u);
+  for (const int64_t ep : {2, 4}) {
+    const MemoryPlan p = plan_memory(cfg, RunShape{.world = 4, .ep = ep, .micro_batch = 2, .seq = 8});
+    const int64_t N = 16, K = 2;
+    EXPECT_EQ(p.ep_rows_avg, static_cast<uint64_t>(N * K));
+    EXPECT_EQ(p.ep_rows_worst, static_cast<uint64_t>(ep * N * std::min<int64_t>(K, 8 / ep)));
+    const uint64_t avg = item(p.ranks.front(), "ep_buffers");
+    EXPECT_GT(avg, 0u);
+    EXPECT_GT(p.ep_worst_bytes, avg);
+    const MemoryItem* it = nullptr;
+    for (const MemoryItem& i : p.ranks.front().items)
+      if (i.key == "ep_buffers") it = &i;
+    ASSERT_NE(it, nullptr);
+    EXPECT_FALSE(it->estimate);  // the buffers as allocated at the start (check_rank compares them)
+  }
+}
+
+TEST(MemoryPlan, BadLayoutsNameTheOption) {
+  const ModelConfig cfg = test::micro_diff_config();
+  auto message = [&](const RunShape& r) {
+    try {
+      plan_memory(cfg, r);
+    } catch (const Error& e) {
+      return std::string(e.what());
+    }
+    return std::string("no error");
+  };
+  EXPECT_NE(message({.world = 4, .ep = 3}).find("--ep"), std::string::npos);
+  EXPECT_NE(message({.world = 0}).find("--world"), std::string::npos);
+  EXPECT_NE(message({.world = 1, .seq = 9}).find("--seq"), std::string::npos);
+  EXPECT_NE(message({.world = 1, .micro_batch = 0}).find("--micro-batch"), std::string::npos);
+  // EP 3 divides the world 6 but not the 8 routed experts: the layout names parallel.expert.
+  EXPECT_NE(message({.world = 6, .ep = 3}).find("n_routed_experts"), std::string::npos);
+}
+
+}  // namespace
+}  // namespace diffmoe
