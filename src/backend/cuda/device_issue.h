@@ -26,6 +26,11 @@ enum class IssueSite : int32_t {
   kCrossEntropyBwdTargets,
   kGroupedGemmOffsets,       // offsets break 0 = o[0] ≤ o[1] ≤ … ≤ o[G] ≤ rows (limit = rows)
   kGroupedGemmWgradOffsets,
+  kRopePositions,
+  kPagedCacheWriteSlots,
+  kPagedAttentionBlockTable,
+  kPagedAttentionKvLens,     // kv_lens[b] must cover the sequence's query rows and fit its block table (limit = capacity + 1)
+  kPagedAttentionQOffsets,   // 0 = q_offsets[0] ≤ … ≤ q_offsets[B] = rows (limit = rows)
 };
 
 struct DeviceIssue {
