@@ -31,7 +31,7 @@ struct ServerOptions {
   std::string host = "127.0.0.1";
   int port = 8000;                     // 0: any free port (bind() returns it)
   std::string model_name = "diffmoe";  // the id /v1/models lists; requests naming another model get 404
-  ApiLimits limits;
+  ApiLimits limits = {};
   size_t max_request_bytes = size_t{1} << 20;
   int64_t max_concurrency = 64;        // generation requests in flight (streaming or not)
   int heartbeat_ms = 1000;             // an SSE comment after this long without an event

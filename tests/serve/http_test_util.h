@@ -64,6 +64,7 @@ inline Proc run_process(const std::vector<std::string>& argv, const fs::path& di
   return p;
 }
 
+#ifdef DIFFMOE_BIN
 // The server process: `diffmoe serve ... --port 0 --port-file`, waiting until it listens.
 class ServerProcess {
  public:
@@ -127,6 +128,7 @@ class ServerProcess {
   pid_t pid_ = -1;
   int port_ = -1;
 };
+#endif  // DIFFMOE_BIN
 
 struct HttpResult {
   int status = 0;  // HTTP status (0: no response)
@@ -141,9 +143,11 @@ inline HttpResult curl(const fs::path& dir, const std::string& method, const std
   std::vector<std::string> argv = {"curl", "-s", "-S", "-N", "-X", method, "-o", body_file.string(), "-w", "%{http_code}",
                                    "-H", "Content-Type: application/json", "--max-time", "60"};
   if (!body.empty()) {
-    std::ofstream(body_file.string() + ".in", std::ios::binary) << body;
+    std::string in = body_file.string();  // (not "@" + s: GCC 12's -Wrestrict false positive)
+    in += ".in";
+    std::ofstream(in, std::ios::binary) << body;
     argv.push_back("--data-binary");
-    argv.push_back("@" + body_file.string() + ".in");
+    argv.push_back('@' + in);
   }
   argv.insert(argv.end(), extra.begin(), extra.end());
   argv.push_back(url);
@@ -184,33 +188,51 @@ inline SseBody parse_sse(const std::string& body) {
   return s;
 }
 
-// A raw HTTP/1.1 POST over a socket that reads until `until` appears in the response, then hangs up
-// (a client that goes away mid-stream). Returns what it read.
+// A raw HTTP/1.1 POST over a socket, kept open until close(): a client that can stay connected
+// without reading, or hang up mid-stream.
+class RawStream {
+ public:
+  RawStream(int port, const std::string& path, const std::string& body) {
+    fd_ = ::socket(AF_INET, SOCK_STREAM, 0);
+    sockaddr_in addr{};
+    addr.sin_family = AF_INET;
+    addr.sin_port = htons(static_cast<uint16_t>(port));
+    addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    if (::connect(fd_, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) != 0) {
+      close();
+      return;
+    }
+    const std::string req = "POST " + path + " HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: " +
+                            std::to_string(body.size()) + "\r\n\r\n" + body;
+    if (::send(fd_, req.data(), req.size(), MSG_NOSIGNAL) != static_cast<ssize_t>(req.size())) close();
+  }
+  ~RawStream() { close(); }
+  RawStream(const RawStream&) = delete;
+  RawStream& operator=(const RawStream&) = delete;
+  // Reads until `until` appears (or the connection ends); returns everything read so far.
+  const std::string& read_until(const std::string& until) {
+    char buf[4096];
+    while (fd_ >= 0 && got_.find(until) == std::string::npos) {
+      const ssize_t n = ::recv(fd_, buf, sizeof(buf), 0);
+      if (n <= 0) break;
+      got_.append(buf, static_cast<size_t>(n));
+    }
+    return got_;
+  }
+  void close() {
+    if (fd_ >= 0) ::close(fd_);
+    fd_ = -1;
+  }
+
+ private:
+  int fd_ = -1;
+  std::string got_;
+};
+
+// Reads until `until` appears in the response, then hangs up (a client that goes away mid-stream).
 inline std::string post_and_hang_up(int port, const std::string& path, const std::string& body, const std::string& until) {
-  const int fd = ::socket(AF_INET, SOCK_STREAM, 0);
-  sockaddr_in addr{};
-  addr.sin_family = AF_INET;
-  addr.sin_port = htons(static_cast<uint16_t>(port));
-  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  if (::connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) != 0) {
-    ::close(fd);
-    return "";
-  }
-  const std::string req = "POST " + path + " HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: " +
-                          std::to_string(body.size()) + "\r\n\r\n" + body;
-  if (::send(fd, req.data(), req.size(), MSG_NOSIGNAL) != static_cast<ssize_t>(req.size())) {
-    ::close(fd);
-    return "";
-  }
-  std::string got;
-  char buf[4096];
-  while (got.find(until) == std::string::npos) {
-    const ssize_t n = ::recv(fd, buf, sizeof(buf), 0);
-    if (n <= 0) break;
-    got.append(buf, static_cast<size_t>(n));
-  }
-  ::close(fd);
-  return got;
+  RawStream s(port, path, body);
+  return s.read_until(until);
 }
 
 }  // namespace diffmoe::serve::test
