@@ -115,6 +115,9 @@ void HttpServer::routes() {
   svr_->Get(R"(/v1/models/(.+))", [this](const httplib::Request& req, httplib::Response& res) { models(req, res); });
   svr_->Post("/v1/completions", [this](const httplib::Request& req, httplib::Response& res) { generate(req, res, false); });
   svr_->Post("/v1/chat/completions", [this](const httplib::Request& req, httplib::Response& res) { generate(req, res, true); });
+  svr_->Post("/tokenize", [this](const httplib::Request& req, httplib::Response& res) { tokenize(req, res, true); });
+  svr_->Post("/detokenize", [this](const httplib::Request& req, httplib::Response& res) { tokenize(req, res, false); });
+  svr_->Get("/tokenizer_info", [this](const httplib::Request&, httplib::Response& res) { tokenizer_info(res); });
   // Responses that left the handlers without a body (no route, 413 from the body limit, a request
   // the HTTP parser rejected) get one in OpenAI's error shape.
   svr_->set_error_handler(httplib::Server::HandlerWithResponse([this](const httplib::Request& req, httplib::Response& res) {
@@ -203,6 +206,48 @@ void HttpServer::models(const httplib::Request& req, httplib::Response& res) con
     return;
   }
   send_json(res, 200, json{{"object", "list"}, {"data", json::array({model})}});
+}
+
+// vLLM's tokenizer endpoints, which lm-evaluation-harness's `tokenizer_backend=remote` reads:
+//   POST /tokenize {"prompt": str} -> {"tokens": [...], "count": n, "max_model_len": ctx}
+//   POST /detokenize {"tokens": [...]} -> {"prompt": str}
+// Text is encoded as /v1/completions encodes a prompt string (special tokens are matched).
+void HttpServer::tokenize(const httplib::Request& req, httplib::Response& res, bool encode) const {
+  try {
+    json body;
+    try {
+      body = json::parse(req.body);
+    } catch (const json::parse_error& e) {
+      throw ApiError(400, "invalid_request_error", fmt::format("We could not parse the JSON body of your request: {}", e.what()));
+    }
+    if (!body.is_object()) throw invalid("", "the request body must be a JSON object");
+    const data::Tokenizer& tok = sched_.tokenizer();
+    if (encode) {
+      if (!body.contains("prompt") || !body["prompt"].is_string()) throw invalid("prompt", "'prompt' must be a string");
+      const std::vector<int32_t> ids = tok.encode_with_special(body["prompt"].get<std::string>());
+      send_json(res, 200, json{{"tokens", ids}, {"count", ids.size()}, {"max_model_len", sched_.max_context()}});
+      return;
+    }
+    if (!body.contains("tokens") || !body["tokens"].is_array()) throw invalid("tokens", "'tokens' must be an array of token ids");
+    std::vector<int32_t> ids;
+    for (const json& t : body["tokens"]) {
+      if (!t.is_number_integer() || t.get<int64_t>() < 0 || t.get<int64_t>() >= tok.vocab_size() ||
+          !tok.is_token(static_cast<int32_t>(t.get<int64_t>())))
+        throw invalid("tokens", fmt::format("{} is not a token id of this model's tokenizer", t.dump()));
+      ids.push_back(static_cast<int32_t>(t.get<int64_t>()));
+    }
+    send_json(res, 200, json{{"prompt", tok.decode(ids)}});
+  } catch (const ApiError& e) {
+    send_error(res, e);
+  }
+}
+
+void HttpServer::tokenizer_info(httplib::Response& res) const {
+  const data::Tokenizer& tok = sched_.tokenizer();
+  const std::optional<int32_t> eos = tok.eos_id();
+  send_json(res, 200, json{{"eos_token", eos ? json(std::string(tok.token_bytes(*eos))) : json(nullptr)}, {"bos_token", nullptr},
+                           {"pad_token", nullptr}, {"tokenizer_class", std::string(data::tokenizer_kind_name(tok.kind()))},
+                           {"name", tok.name()}, {"vocab_size", tok.vocab_size()}, {"model_max_length", sched_.max_context()}});
 }
 
 void HttpServer::generate(const httplib::Request& req, httplib::Response& res, bool chat) {

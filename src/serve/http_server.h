@@ -2,6 +2,8 @@
 //   GET  /health               liveness and the scheduler's counters (503 while shutting down)
 //   GET  /v1/models, /v1/models/{id}
 //   POST /v1/completions, /v1/chat/completions    JSON or SSE streaming (stream: true)
+//   POST /tokenize, /detokenize; GET /tokenizer_info   vLLM's tokenizer endpoints (lm-evaluation-
+//                              harness's tokenizer_backend=remote)
 // Handler threads (a pool of max_concurrency + a few) only parse, enqueue into the scheduler and
 // stream its events back; the scheduler's one engine thread does all model work. Limits: request
 // body bytes (413), generation requests in flight (429), the scheduler's context and token limits
@@ -64,6 +66,8 @@ class HttpServer {
   void routes();
   void generate(const httplib::Request& req, httplib::Response& res, bool chat);
   void health(httplib::Response& res) const;
+  void tokenize(const httplib::Request& req, httplib::Response& res, bool encode) const;
+  void tokenizer_info(httplib::Response& res) const;
   void models(const httplib::Request& req, httplib::Response& res) const;
   void stream_response(httplib::Response& res, std::shared_ptr<Stream> st);
 

@@ -139,9 +139,10 @@ void parse_max_tokens(const json& body, const ApiLimits& limits, ParsedRequest& 
   r.max_tokens_given = true;
 }
 
-// A text prompt's tokens; an empty text starts a new document (the end-of-text token).
+// A text prompt's tokens, special tokens matched (as OpenAI's completions API reads
+// "<|endoftext|>" in a prompt); an empty text starts a new document (the end-of-text token).
 std::vector<int32_t> encode_prompt(const std::string& text, const data::Tokenizer& tok) {
-  std::vector<int32_t> ids = tok.encode(text);
+  std::vector<int32_t> ids = tok.encode_with_special(text);
   if (ids.empty()) {
     if (!tok.eos_id()) throw invalid("prompt", "the prompt is empty and the tokenizer has no end-of-text token to start from");
     ids.push_back(*tok.eos_id());

@@ -326,11 +326,10 @@ void Scheduler::add_token(Active& a, int32_t id, std::span<const float> z, doubl
   const SamplingParams& p = a.params();
   ++generated_;
   a.generated.push_back(id);
-  if (tok_.eos_id() && id == *tok_.eos_id() && !p.ignore_eos) {
-    finish(a, "stop");
-    return;
-  }
-  TokenLogprob t{.id = id, .text = std::string(tok_.token_bytes(id)),
+  const bool eos = tok_.eos_id() && id == *tok_.eos_id() && !p.ignore_eos;
+  // The end-of-text token adds no text but is reported with its logprob (zero-width, at the end):
+  // a scorer that reads one token past the prompt (lm-evaluation-harness) must find it.
+  TokenLogprob t{.id = id, .text = eos ? std::string() : std::string(tok_.token_bytes(id)),
                  .text_offset = a.text_base + static_cast<int64_t>(a.text.size())};
   if (p.logprobs >= 0) {
     t.logprob = z[static_cast<size_t>(id)] - lse;
@@ -338,6 +337,10 @@ void Scheduler::add_token(Active& a, int32_t id, std::span<const float> z, doubl
   }
   a.text += t.text;
   a.tokens.push_back(std::move(t));
+  if (eos) {
+    finish(a, "stop");
+    return;
+  }
   if (!a.stop.empty()) {
     const std::optional<size_t> at = a.stop.find(a.text, a.searched);
     a.searched = a.text.size();
@@ -366,8 +369,13 @@ void Scheduler::send_ready(Active& a, bool final) {
   }
   RequestEvent e;
   if (limit > a.sent_bytes) e.text = a.text.substr(a.sent_bytes, limit - a.sent_bytes);
-  while (a.sent_tokens < a.tokens.size() && a.tokens[a.sent_tokens].text_offset - a.text_base < static_cast<int64_t>(limit))
+  // At the end also the zero-width end-of-text token; a token past a stop string's cut is dropped.
+  while (a.sent_tokens < a.tokens.size()) {
+    const TokenLogprob& t = a.tokens[a.sent_tokens];
+    const int64_t at = t.text_offset - a.text_base;
+    if (!(at < static_cast<int64_t>(limit) || (final && t.text.empty() && at == static_cast<int64_t>(limit)))) break;
     e.tokens.push_back(a.tokens[a.sent_tokens++]);
+  }
   if (e.text.empty() && e.tokens.empty()) return;
   a.sent_bytes = std::max(a.sent_bytes, limit);
   a.req->push(std::move(e));

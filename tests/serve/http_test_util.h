@@ -229,6 +229,27 @@ class RawStream {
   std::string got_;
 };
 
+// The body of a raw HTTP/1.1 response (status line and headers dropped), de-chunked when the
+// response uses chunked transfer encoding.
+inline std::string http_body(const std::string& response) {
+  const size_t head_end = response.find("\r\n\r\n");
+  if (head_end == std::string::npos) return "";
+  const std::string head = response.substr(0, head_end);
+  std::string rest = response.substr(head_end + 4);
+  if (head.find("Transfer-Encoding: chunked") == std::string::npos) return rest;
+  std::string body;
+  size_t at = 0;
+  while (at < rest.size()) {
+    const size_t eol = rest.find("\r\n", at);
+    if (eol == std::string::npos) break;
+    const size_t n = std::stoul(rest.substr(at, eol - at), nullptr, 16);
+    if (n == 0) break;
+    body += rest.substr(eol + 2, n);
+    at = eol + 2 + n + 2;
+  }
+  return body;
+}
+
 // Reads until `until` appears in the response, then hangs up (a client that goes away mid-stream).
 inline std::string post_and_hang_up(int port, const std::string& path, const std::string& body, const std::string& until) {
   RawStream s(port, path, body);

@@ -186,6 +186,38 @@ TEST_F(HttpTest, EchoLogprobsForLmEval) {
   }
 }
 
+// vLLM's tokenizer endpoints as lm-evaluation-harness's tokenizer_backend=remote uses them: the
+// end-of-text id from /tokenizer_info's eos_token through /tokenize, context and continuation
+// tokenized separately and sent as one token-id prompt, and the continuation's logprobs taken as
+// token_logprobs[ctxlen:-1] (the last entry is the generated token).
+TEST_F(HttpTest, TokenizerEndpointsForLmEvalRemoteTokenizer) {
+  const json info = json::parse(get("/tokenizer_info").body);
+  ASSERT_EQ(info["eos_token"], "<|endoftext|>");
+  EXPECT_EQ(info["model_max_length"], 512);
+  const json eos = json::parse(post("/tokenize", R"({"prompt": "<|endoftext|>", "add_special_tokens": false})").body);
+  ASSERT_EQ(eos["tokens"].size(), 1u);
+  EXPECT_EQ(eos["tokens"][0], *tok_->eos_id());
+  const json ctx = json::parse(post("/tokenize", R"({"prompt": "the captain looked at"})").body);
+  const json cont = json::parse(post("/tokenize", R"({"prompt": " the whale"})").body);
+  EXPECT_EQ(ctx["tokens"].get<std::vector<int32_t>>(), tok_->encode("the captain looked at"));
+  EXPECT_EQ(ctx["count"], ctx["tokens"].size());
+  EXPECT_EQ(json::parse(post("/detokenize", json{{"tokens", ctx["tokens"]}}.dump()).body)["prompt"], "the captain looked at");
+  EXPECT_EQ(post("/detokenize", R"({"tokens": [1, 300]})").status, 400);
+  EXPECT_EQ(post("/tokenize", R"({"text": "x"})").status, 400);
+
+  std::vector<int32_t> ids = ctx["tokens"].get<std::vector<int32_t>>();
+  const size_t ctxlen = ids.size();
+  for (const json& t : cont["tokens"]) ids.push_back(t.get<int32_t>());
+  const json scored = json::parse(post("/v1/completions", json{{"model", kModel}, {"prompt", {ids}}, {"temperature", 0}, {"max_tokens", 1},
+                                                                  {"logprobs", 1}, {"seed", 1234}, {"echo", true}}.dump()).body);
+  const json& lp = scored["choices"][0]["logprobs"];
+  ASSERT_EQ(lp["token_logprobs"].size(), ids.size() + 1) << "the generated token is listed, also when it is the end-of-text token";
+  double sum = 0.0;
+  for (size_t i = ctxlen; i + 1 < lp["token_logprobs"].size(); ++i) sum += lp["token_logprobs"][i].get<double>();
+  EXPECT_LT(sum, 0.0);
+  EXPECT_EQ(lp["tokens"].size(), ids.size() + 1);
+}
+
 TEST_F(HttpTest, PromptForms) {
   const test::HttpResult two = post("/v1/completions", R"({"prompt": ["the sea", "a whale"], "max_tokens": 5, "temperature": 0, "ignore_eos": true})");
   ASSERT_EQ(two.status, 200) << two.body;
@@ -293,7 +325,7 @@ TEST_F(HttpTest, ManySimultaneousStreamingClients) {
     want[p] = json::parse(post("/v1/completions", json{{"prompt", p}, {"max_tokens", 24}, {"temperature", 0}, {"ignore_eos", true}}.dump())
                               .body)["choices"][0]["text"];
   constexpr int kClients = 16;
-  std::vector<std::string> got(kClients);
+  std::vector<std::string> got(kClients), bodies(kClients);
   std::vector<int> status(kClients);
   std::vector<std::thread> threads;
   for (int i = 0; i < kClients; ++i) {
@@ -303,12 +335,14 @@ TEST_F(HttpTest, ManySimultaneousStreamingClients) {
           post("/v1/completions", json{{"prompt", p}, {"max_tokens", 24}, {"temperature", 0}, {"ignore_eos", true}, {"stream", true}}.dump());
       status[static_cast<size_t>(i)] = r.status;
       got[static_cast<size_t>(i)] = streamed(r.body, false).text;
+      bodies[static_cast<size_t>(i)] = r.body;
     });
   }
   for (auto& t : threads) t.join();
   for (int i = 0; i < kClients; ++i) {
     EXPECT_EQ(status[static_cast<size_t>(i)], 200);
-    EXPECT_EQ(got[static_cast<size_t>(i)], want[prompts[static_cast<size_t>(i) % prompts.size()]]) << "client " << i;
+    EXPECT_EQ(got[static_cast<size_t>(i)], want[prompts[static_cast<size_t>(i) % prompts.size()]])
+        << "client " << i << ": " << bodies[static_cast<size_t>(i)];
   }
   const json h = wait_idle([&] { return health(); });
   EXPECT_EQ(h["free_blocks"], h["total_blocks"]);
@@ -324,40 +358,45 @@ TEST_F(HttpTest, OpenAiNpmClient) {
   EXPECT_NE(p.out.find("\"ok\":true"), std::string::npos) << p.out;
 }
 
-// SIGTERM with streams in flight: with --max-batch 1, four long streams run one after another; the
-// signal comes while the first runs. All four finish (drain), then the process exits 0. With a short
-// --shutdown-timeout the unfinished ones end as "cancelled" instead, and the process still exits 0.
+// SIGTERM with streams in flight: with --max-batch 1, four long streams (raw sockets, all sent at
+// once) run one after another, so at the signal at least the queued ones are still in flight. All
+// four finish (drain), then the process exits 0. With a short --shutdown-timeout the unfinished
+// ones end as "cancelled" instead, every stream still ends with [DONE], and the process exits 0.
 void check_sigterm(const std::vector<std::string>& args, const fs::path& dir, bool drained) {
   fs::create_directories(dir);
   test::ServerProcess srv(args, dir);
   ASSERT_GT(srv.port(), 0) << srv.log();
-  std::vector<test::HttpResult> results(4);
-  std::vector<std::thread> threads;
-  for (size_t i = 0; i < results.size(); ++i)
-    threads.emplace_back([&, i] {
-      results[i] = curl(dir, "POST", srv.url() + "/v1/completions",
-                        R"({"prompt": "the sea", "max_tokens": 480, "stream": true, "ignore_eos": true})");
-    });
-  for (int i = 0; i < 200; ++i) {  // until all four are in flight
+  std::vector<std::unique_ptr<test::RawStream>> streams;
+  for (int i = 0; i < 4; ++i)
+    streams.push_back(std::make_unique<test::RawStream>(
+        srv.port(), "/v1/completions", R"({"prompt": "the sea", "max_tokens": 480, "stream": true, "ignore_eos": true})"));
+  for (int i = 0; i < 500; ++i) {  // until all four reached the server
     const test::HttpResult h = curl(dir, "GET", srv.url() + "/health");
-    if (h.status == 200 && json::parse(h.body)["in_flight"] == 4) break;
-    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    if (h.status == 200) {
+      const json j = json::parse(h.body);
+      if (j["in_flight"].get<int64_t>() + j["finished"].get<int64_t>() == 4) break;
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));
   }
-  EXPECT_EQ(srv.stop(SIGTERM), 0) << srv.log();
-  for (auto& t : threads) t.join();
+  std::thread stopper([&] { EXPECT_EQ(srv.stop(SIGTERM), 0) << srv.log(); });
   int cancelled = 0;
-  for (const test::HttpResult& r : results) {
-    ASSERT_EQ(r.status, 200) << r.body;
-    const test::SseBody s = parse_sse(r.body);
-    EXPECT_TRUE(s.done && s.clean) << "each stream ends with [DONE]";
-    const std::string finish = s.events.back()["choices"][0]["finish_reason"];
+  for (auto& s : streams) {
+    const std::string response = s->read_until("data: [DONE]");
+    s->close();  // an idle keep-alive connection would hold a server thread for its 5 s timeout
+    ASSERT_NE(response.find("200 OK"), std::string::npos) << response;
+    const test::SseBody sse = parse_sse(test::http_body(response));
+    EXPECT_TRUE(sse.done && sse.clean) << "each stream ends with [DONE]: " << response;
+    ASSERT_FALSE(sse.events.empty());
+    const std::string finish = sse.events.back()["choices"][0]["finish_reason"];
     if (finish == "cancelled") ++cancelled;
     else EXPECT_EQ(finish, "length");
   }
+  stopper.join();
   if (drained) {
     EXPECT_EQ(cancelled, 0);
+    EXPECT_EQ(srv.log().find("finishing 0 requests"), std::string::npos) << "the signal came while requests ran: " << srv.log();
   } else {
-    EXPECT_GE(cancelled, 1);
+    EXPECT_GE(cancelled, 1) << srv.log();
   }
   EXPECT_NE(srv.log().find("SIGTERM: finishing"), std::string::npos) << srv.log();
   EXPECT_NE(srv.log().find("[serve] stopped"), std::string::npos) << srv.log();
