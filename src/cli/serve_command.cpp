@@ -23,7 +23,7 @@ namespace diffmoe::cli {
 namespace {
 
 struct ServeArgs {
-  std::string checkpoint, tokenizer, device = "cpu", precision = "f32", host = "127.0.0.1", model_name = "diffmoe";
+  std::string checkpoint, tokenizer, device = "cpu", precision = "f32", weights = "model", host = "127.0.0.1", model_name = "diffmoe";
   std::string port_file;
   int port = 8000;
   int64_t max_batch = 16, max_context = 0, max_tokens = 4096, max_concurrency = 64, max_step_tokens = 0;
@@ -45,11 +45,13 @@ int run_serve(const ServeArgs& a) {
 
   auto be = make_backend(a.device);
   const ModelOptions mo{.precision = parse_precision(a.precision, "--precision")};
+  DIFFMOE_CHECK(a.weights == "model" || a.weights == "fp8", "--weights: '{}' is not one of model, fp8", a.weights);
   LoadedCheckpoint ck = open_trained_model(a.checkpoint, a.tokenizer, *be, DType::kF32, mo);
   DIFFMOE_CHECK(ck.tokenizer != nullptr, "{}: no tokenizer in the checkpoint; pass --tokenizer", a.checkpoint);
   const ModelConfig& c = ck.model->config();
   serve::SchedulerOptions so{.engine = {.max_batch = a.max_batch, .max_step_tokens = a.max_step_tokens,
-                                        .max_context = a.max_context, .block_size = a.block_size, .n_blocks = a.cache_blocks},
+                                        .max_context = a.max_context, .block_size = a.block_size, .n_blocks = a.cache_blocks,
+                                        .fp8_weights = a.weights == "fp8"},
                              .prefill_chunk = a.prefill_chunk, .max_waiting = a.max_waiting};
   if (so.engine.max_step_tokens == 0) so.engine.max_step_tokens = a.max_batch + a.prefill_chunk;
   serve::Scheduler scheduler(*ck.model, *ck.tokenizer, so);
@@ -67,8 +69,8 @@ int run_serve(const ServeArgs& a) {
   const serve::SchedulerStats st = scheduler.stats();
   const double cache_mib = static_cast<double>(st.total_blocks * st.block_size * c.n_layers * (c.kv_lora_rank + c.qk_rope_head_dim)) *
                            static_cast<double>(dtype_size(ck.model->dtype())) / (1 << 20);
-  fmt::print(stderr, "[serve] {}: {} layers, vocab {}, {} on {}, checkpoint step {}; cache {} blocks of {} tokens ({:.1f} MiB); "
-             "listening on http://{}:{}\n", a.model_name, c.n_layers, c.vocab_size, a.precision, be->name(), ck.step,
+  fmt::print(stderr, "[serve] {}: {} layers, vocab {}, {}{} on {}, checkpoint step {}; cache {} blocks of {} tokens ({:.1f} MiB); "
+             "listening on http://{}:{}\n", a.model_name, c.n_layers, c.vocab_size, a.precision, a.weights == "fp8" ? " with fp8 weights" : "", be->name(), ck.step,
              st.total_blocks, st.block_size, cache_mib, a.host, port);
 
   std::thread watcher([&] {
@@ -98,6 +100,7 @@ void add_serve_command(CLI::App& app, std::function<int()>& run) {
   cmd->add_option("--tokenizer", a->tokenizer, "tokenizer file (default: the checkpoint's copy)");
   cmd->add_option("--device", a->device, "cpu (default) or cuda");
   cmd->add_option("--precision", a->precision, "f32 (default) or bf16 (bf16 GEMM weights)");
+  cmd->add_option("--weights", a->weights, "model (default: the precision's weights) or fp8 (e4m3 dense Linear weights)");
   cmd->add_option("--host", a->host, "address to listen on (default 127.0.0.1)");
   cmd->add_option("--port", a->port, "port (default 8000; 0 = any free port, see --port-file)");
   cmd->add_option("--port-file", a->port_file, "write the port listened on to this file");

@@ -42,7 +42,12 @@ Engine::Engine(Model& model, EngineOptions opt)
   const ModelConfig& c = cfg_;
   const DType t = model.dtype();
   DIFFMOE_CHECK(t == DType::kF32 || t == DType::kF64, "[engine] unsupported float type {}", dtype_name(t));
-  const int64_t R = opt_.max_step_tokens, M = opt_.max_logit_rows, B = opt_.max_batch;
+  DIFFMOE_CHECK(!opt_.fp8_weights || t == DType::kF32, "[engine] FP8 weights need an f32 model, this one is {}",
+                dtype_name(t));
+  // cuBLASLt's FP8 GEMM takes M in multiples of 8: FP8 GEMMs on CUDA run on rows padded up to that
+  // (their padding rows are scratch that nothing reads), so the scratch is planned for it.
+  if (opt_.fp8_weights && be_.device() == Device::kCUDA) row_pad_ = 8;
+  const int64_t R = (opt_.max_step_tokens + row_pad_ - 1) / row_pad_ * row_pad_, M = opt_.max_logit_rows, B = opt_.max_batch;
   const int64_t D = c.dim, H = c.n_heads, dqk = c.d_qk(), dv = c.v_head_dim;
   const int64_t rkv = c.kv_lora_rank, dr = c.qk_rope_head_dim, rq = c.q_lora_rank;
   const int64_t comps = c.differential ? 2 : 1, h_out = H / comps;
@@ -55,6 +60,17 @@ Engine::Engine(Model& model, EngineOptions opt)
   for (int64_t l = 0; l < c.n_layers; ++l) {
     arena_.add(fmt::format("w_uk.{}", l), Shape{H, dqk, rkv}, wt);          // [W^UK_j ; 0]
     arena_.add(fmt::format("w_uv.{}", l), Shape{h_out, comps * dv, rkv}, wt);  // [W^UV_2h ; W^UV_2h+1]
+  }
+  if (opt_.fp8_weights) {  // FP8 copies of the dense Linear weights, and their inputs' quantised rows
+    int64_t k_max = 0;
+    for (const std::string& name : fp8_weight_names(c)) {
+      const Tensor w = param(name);
+      arena_.add("fp8." + name + ".q", w.shape, DType::kF8E4M3);
+      arena_.add("fp8." + name + ".s", Shape{fp8_tiles(w.dim(0)), fp8_block_scale_cols(w.dim(1))}, DType::kF32);
+      k_max = std::max(k_max, w.dim(1));
+    }
+    arena_.add("fp8.xq", Shape{R * k_max}, DType::kF8E4M3);
+    arena_.add("fp8.xs", Shape{fp8_tiles(k_max) * R}, DType::kF32);
   }
   arena_.add("rope.cos", Shape{opt_.max_context, dr / 2}, t);
   arena_.add("rope.sin", Shape{opt_.max_context, dr / 2}, t);
@@ -124,7 +140,45 @@ Tensor Engine::scratch(const char* name, Shape shape) const {
 }
 
 void Engine::linear(Context ctx, const Tensor& y, const Tensor& x, const Tensor& w, double beta) const {
-  be_.gemm(ctx, {.c = y, .a = x, .b = w, .trans_a = false, .trans_b = true, .alpha = 1.0, .beta = beta});
+  const auto it = fp8_.find(w.data);
+  if (it == fp8_.end()) {
+    be_.gemm(ctx, {.c = y, .a = x, .b = w, .trans_a = false, .trans_b = true, .alpha = 1.0, .beta = beta});
+    return;
+  }
+  // FP8 (sources §6.1 Fprop): Y = X Wᵀ with X in 1×128 tiles, W in 128×128 blocks.
+  const int64_t rows = (x.dim(0) + row_pad_ - 1) / row_pad_ * row_pad_, K = x.dim(1);
+  const Tensor xp{.data = x.data, .dtype = x.dtype, .device = x.device, .shape = Shape{rows, K}};
+  const Tensor yp{.data = y.data, .dtype = y.dtype, .device = y.device, .shape = Shape{rows, y.dim(1)}};
+  const Tensor xq = scratch("fp8.xq", Shape{rows, K}), xs = scratch("fp8.xs", Shape{fp8_tiles(K), rows});
+  be_.act_quant(ctx, {.q = xq, .scale = xs, .x = xp});
+  be_.fp8_gemm(ctx, {.c = yp, .a = xq, .a_scale = xs, .b = it->second.q, .b_scale = it->second.scale,
+                     .b_scaling = Fp8Scaling::kBlock128x128, .beta = beta});
+}
+
+// The weights fp8_weights quantises: every dense Linear of the attention and the FFN (spec §7).
+std::vector<std::string> fp8_weight_names(const ModelConfig& c) {
+  std::vector<std::string> names;
+  for (int64_t l = 0; l < c.n_layers; ++l) {
+    const std::vector<std::string> attn = c.q_lora_rank > 0 ? std::vector<std::string>{"wq_a", "wq_b", "wkv_a", "wo"}
+                                                            : std::vector<std::string>{"wq", "wkv_a", "wo"};
+    for (const std::string& w : attn) names.push_back(fmt::format("layers.{}.attn.{}.weight", l, w));
+    const std::string ffn = !c.is_moe_layer(l) ? fmt::format("layers.{}.ffn.", l)
+                            : c.n_shared_experts > 0 ? fmt::format("layers.{}.ffn.shared.", l) : std::string();
+    if (!ffn.empty())
+      for (const char* w : {"w1", "w2", "w3"}) names.push_back(ffn + w + ".weight");
+  }
+  return names;
+}
+
+void Engine::quantize_weights() {
+  fp8_.clear();
+  if (!opt_.fp8_weights) return;
+  for (const std::string& name : fp8_weight_names(cfg_)) {
+    const Tensor w = param(name);
+    const Fp8Weight f{.q = arena_.get("fp8." + name + ".q"), .scale = arena_.get("fp8." + name + ".s")};
+    be_.weight_quant({}, {.q = f.q, .scale = f.scale, .w = w});
+    fp8_.emplace(w.data, f);
+  }
 }
 
 Tensor Engine::expert_counts(int64_t layer) const {

@@ -25,6 +25,7 @@
 #include <cstdint>
 #include <span>
 #include <string>
+#include <unordered_map>
 #include <vector>
 
 #include "model/model.h"
@@ -41,6 +42,13 @@ struct EngineOptions {
   int64_t block_size = 16;       // cache rows per block
   int64_t n_blocks = 0;          // cache blocks; 0 = enough for max_batch sequences of max_context
   int64_t max_logit_rows = 0;    // logit rows one step may return; 0 = max_step_tokens
+  // FP8 inference (spec §7's recipe for the forward, sources §6): the dense Linear weights (the
+  // attention projections wq_a, wq_b or wq, wkv_a, wo; the dense and shared-expert w1, w2, w3) are
+  // quantised to e4m3 in 128×128 blocks at construction (weight_quant); each of their GEMMs
+  // quantises its input in 1×128 tiles (act_quant) and runs fp8_gemm. The routed experts (grouped
+  // GEMMs; no FP8 grouped op exists), the absorbed W^UK / W^UV, the router and the head keep the
+  // compute dtype. f32 models only.
+  bool fp8_weights = false;
 };
 
 // Which of a sequence's new positions get logits.
@@ -56,6 +64,9 @@ struct StepOutput {
   Tensor logits;                  // [M, V] on the backend's device, valid until the next step
   std::vector<int64_t> first_row; // per StepSequence: its first logit row, or −1 (kNone)
 };
+
+// The weights EngineOptions::fp8_weights quantises, by checkpoint name (docs/model.md §8).
+std::vector<std::string> fp8_weight_names(const ModelConfig& c);
 
 class Engine {
  public:
@@ -89,7 +100,9 @@ class Engine {
   void attention(Context ctx, int64_t l, const StepPlan& p);
   void ffn(Context ctx, int64_t l, const StepPlan& p);
   void head(Context ctx, const StepPlan& p);
+  // y = x Wᵀ (+ beta·y); through the FP8 copy of w when there is one.
   void linear(Context ctx, const Tensor& y, const Tensor& x, const Tensor& w, double beta = 0.0) const;
+  void quantize_weights();  // the FP8 copies (fp8_weights)
   Tensor scratch(const char* name, Shape shape) const;
   Tensor param(const std::string& name) const { return model_.params().get(name); }
 
@@ -100,6 +113,11 @@ class Engine {
   PagedCache cache_;
   Arena arena_;
   std::vector<int32_t> host_index_;  // the step's index buffer as built on the host
+  struct Fp8Weight {
+    Tensor q, scale;  // e4m3 [N, K], f32 [ceil(N/128), fp8_block_scale_cols(K)]
+  };
+  std::unordered_map<const void*, Fp8Weight> fp8_;  // by the compute weight's address
+  int64_t row_pad_ = 1;  // FP8 GEMMs on CUDA take M in multiples of 8: rows are padded up to this
 };
 
 }  // namespace diffmoe::serve

@@ -52,6 +52,7 @@ void Engine::refresh_weights() {
     be_.upload(w_uk, uk.data());
     be_.upload(w_uv, uv.data());
   }
+  quantize_weights();
 }
 
 void Engine::attention(Context ctx, int64_t l, const StepPlan& p) {
