@@ -75,8 +75,9 @@ PagedLatentDims validate_paged_latent_attention(const PagedLatentAttentionArgs& 
   expect_pool(a.cache, dev, kOp);
   d.n_blocks = a.cache.dim(0);
   d.block_size = a.cache.dim(1);
-  DIFFMOE_CHECK(a.cache.dim(2) > d.r_kv, "[{}] cache rows must be r_kv + d_rope wide with r_kv = {} and d_rope >= 1, got {}",
-                kOp, d.r_kv, a.cache.describe());
+  DIFFMOE_CHECK(a.cache.dim(2) > d.r_kv,
+                "[{}] cache rows must be r_kv + d_rope wide with r_kv = {} and d_rope >= 1, got {}", kOp, d.r_kv,
+                a.cache.describe());
   d.d_rope = a.cache.dim(2) - d.r_kv;
 
   check_device(a.q_rope, dev, kOp, "q_rope");

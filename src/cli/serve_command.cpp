@@ -23,7 +23,8 @@ namespace diffmoe::cli {
 namespace {
 
 struct ServeArgs {
-  std::string checkpoint, tokenizer, device = "cpu", precision = "f32", weights = "model", host = "127.0.0.1", model_name = "diffmoe";
+  std::string checkpoint, tokenizer, device = "cpu", precision = "f32", weights = "model", host = "127.0.0.1",
+                                     model_name = "diffmoe";
   std::string port_file;
   int port = 8000;
   int64_t max_batch = 16, max_context = 0, max_tokens = 4096, max_concurrency = 64, max_step_tokens = 0;
@@ -49,14 +50,21 @@ int run_serve(const ServeArgs& a) {
   LoadedCheckpoint ck = open_trained_model(a.checkpoint, a.tokenizer, *be, DType::kF32, mo);
   DIFFMOE_CHECK(ck.tokenizer != nullptr, "{}: no tokenizer in the checkpoint; pass --tokenizer", a.checkpoint);
   const ModelConfig& c = ck.model->config();
-  serve::SchedulerOptions so{.engine = {.max_batch = a.max_batch, .max_step_tokens = a.max_step_tokens,
-                                        .max_context = a.max_context, .block_size = a.block_size, .n_blocks = a.cache_blocks,
+  serve::SchedulerOptions so{.engine = {.max_batch = a.max_batch,
+                                        .max_step_tokens = a.max_step_tokens,
+                                        .max_context = a.max_context,
+                                        .block_size = a.block_size,
+                                        .n_blocks = a.cache_blocks,
                                         .fp8_weights = a.weights == "fp8"},
-                             .prefill_chunk = a.prefill_chunk, .max_waiting = a.max_waiting};
+                             .prefill_chunk = a.prefill_chunk,
+                             .max_waiting = a.max_waiting};
   if (so.engine.max_step_tokens == 0) so.engine.max_step_tokens = a.max_batch + a.prefill_chunk;
   serve::Scheduler scheduler(*ck.model, *ck.tokenizer, so);
-  serve::ServerOptions ho{.host = a.host, .port = a.port, .model_name = a.model_name,
-                          .limits = {.max_tokens = a.max_tokens}, .max_request_bytes = a.max_request_bytes,
+  serve::ServerOptions ho{.host = a.host,
+                          .port = a.port,
+                          .model_name = a.model_name,
+                          .limits = {.max_tokens = a.max_tokens},
+                          .max_request_bytes = a.max_request_bytes,
                           .max_concurrency = a.max_concurrency};
   serve::HttpServer server(scheduler, ho);
   const int port = server.bind();
@@ -67,11 +75,15 @@ int run_serve(const ServeArgs& a) {
     std::filesystem::rename(tmp, a.port_file);
   }
   const serve::SchedulerStats st = scheduler.stats();
-  const double cache_mib = static_cast<double>(st.total_blocks * st.block_size * c.n_layers * (c.kv_lora_rank + c.qk_rope_head_dim)) *
-                           static_cast<double>(dtype_size(ck.model->dtype())) / (1 << 20);
-  fmt::print(stderr, "[serve] {}: {} layers, vocab {}, {}{} on {}, checkpoint step {}; cache {} blocks of {} tokens ({:.1f} MiB); "
-             "listening on http://{}:{}\n", a.model_name, c.n_layers, c.vocab_size, a.precision, a.weights == "fp8" ? " with fp8 weights" : "", be->name(), ck.step,
-             st.total_blocks, st.block_size, cache_mib, a.host, port);
+  const double cache_mib =
+      static_cast<double>(st.total_blocks * st.block_size * c.n_layers * (c.kv_lora_rank + c.qk_rope_head_dim)) *
+      static_cast<double>(dtype_size(ck.model->dtype())) / (1 << 20);
+  fmt::print(
+      stderr,
+      "[serve] {}: {} layers, vocab {}, {}{} on {}, checkpoint step {}; cache {} blocks of {} tokens ({:.1f} MiB); "
+      "listening on http://{}:{}\n",
+      a.model_name, c.n_layers, c.vocab_size, a.precision, a.weights == "fp8" ? " with fp8 weights" : "", be->name(),
+      ck.step, st.total_blocks, st.block_size, cache_mib, a.host, port);
 
   std::thread watcher([&] {
     int sig = 0;
@@ -81,13 +93,13 @@ int run_serve(const ServeArgs& a) {
                sig == SIGINT ? "SIGINT" : "SIGTERM", server.in_flight(), a.shutdown_timeout);
     server.shutdown(std::chrono::milliseconds(static_cast<int64_t>(a.shutdown_timeout * 1000)));
   });
-  server.serve();  // returns once the server stopped and its handlers returned
+  server.serve();                                  // returns once the server stopped and its handlers returned
   pthread_kill(watcher.native_handle(), SIGUSR1);  // a no-op wake when the watcher already returned
   watcher.join();
   scheduler.stop(/*drain=*/false);
   const serve::SchedulerStats end = scheduler.stats();
-  fmt::print(stderr, "[serve] stopped: {} requests finished, {} cancelled, {} tokens generated in {} steps\n", end.finished,
-             end.cancelled, end.generated_tokens, end.steps);
+  fmt::print(stderr, "[serve] stopped: {} requests finished, {} cancelled, {} tokens generated in {} steps\n",
+             end.finished, end.cancelled, end.generated_tokens, end.steps);
   return 0;
 }
 
@@ -100,7 +112,8 @@ void add_serve_command(CLI::App& app, std::function<int()>& run) {
   cmd->add_option("--tokenizer", a->tokenizer, "tokenizer file (default: the checkpoint's copy)");
   cmd->add_option("--device", a->device, "cpu (default) or cuda");
   cmd->add_option("--precision", a->precision, "f32 (default) or bf16 (bf16 GEMM weights)");
-  cmd->add_option("--weights", a->weights, "model (default: the precision's weights) or fp8 (e4m3 dense Linear weights)");
+  cmd->add_option("--weights", a->weights,
+                  "model (default: the precision's weights) or fp8 (e4m3 dense Linear weights)");
   cmd->add_option("--host", a->host, "address to listen on (default 127.0.0.1)");
   cmd->add_option("--port", a->port, "port (default 8000; 0 = any free port, see --port-file)");
   cmd->add_option("--port-file", a->port_file, "write the port listened on to this file");
@@ -111,11 +124,13 @@ void add_serve_command(CLI::App& app, std::function<int()>& run) {
   cmd->add_option("--max-request-bytes", a->max_request_bytes, "largest request body (default 1 MiB)");
   cmd->add_option("--max-concurrency", a->max_concurrency, "generation requests in flight; more get 429 (default 64)");
   cmd->add_option("--max-waiting", a->max_waiting, "requests queued for the batch; more get 429 (default 1024)");
-  cmd->add_option("--max-step-tokens", a->max_step_tokens, "new positions per engine step (default max-batch + prefill-chunk)");
+  cmd->add_option("--max-step-tokens", a->max_step_tokens,
+                  "new positions per engine step (default max-batch + prefill-chunk)");
   cmd->add_option("--prefill-chunk", a->prefill_chunk, "prompt positions of one request per step (default 256)");
   cmd->add_option("--block-size", a->block_size, "cache positions per block (default 16)");
   cmd->add_option("--cache-blocks", a->cache_blocks, "cache blocks (default: max-batch full contexts)");
-  cmd->add_option("--shutdown-timeout", a->shutdown_timeout, "seconds to finish requests on SIGINT/SIGTERM (default 30)");
+  cmd->add_option("--shutdown-timeout", a->shutdown_timeout,
+                  "seconds to finish requests on SIGINT/SIGTERM (default 30)");
   cmd->callback([&run, a] { run = [a] { return run_serve(*a); }; });
 }
 

@@ -18,9 +18,10 @@ EngineOptions resolve(EngineOptions o, const ModelConfig& c) {
   if (o.max_context == 0) o.max_context = c.max_seq_len;
   if (o.max_step_tokens == 0) o.max_step_tokens = o.max_batch + 256;
   if (o.max_logit_rows == 0) o.max_logit_rows = o.max_step_tokens;
-  DIFFMOE_CHECK(o.max_batch >= 1 && o.max_step_tokens >= o.max_batch,
-                "[engine] max_batch {} must be >= 1 and max_step_tokens {} >= max_batch (one row per decoding sequence)",
-                o.max_batch, o.max_step_tokens);
+  DIFFMOE_CHECK(
+      o.max_batch >= 1 && o.max_step_tokens >= o.max_batch,
+      "[engine] max_batch {} must be >= 1 and max_step_tokens {} >= max_batch (one row per decoding sequence)",
+      o.max_batch, o.max_step_tokens);
   DIFFMOE_CHECK(o.max_context >= 1 && o.max_context <= c.max_seq_len,
                 "[engine] max_context {} must be in [1, max_seq_len = {}] (the RoPE table's end)", o.max_context,
                 c.max_seq_len);
@@ -47,7 +48,8 @@ Engine::Engine(Model& model, EngineOptions opt)
   // cuBLASLt's FP8 GEMM takes M in multiples of 8: FP8 GEMMs on CUDA run on rows padded up to that
   // (their padding rows are scratch that nothing reads), so the scratch is planned for it.
   if (opt_.fp8_weights && be_.device() == Device::kCUDA) row_pad_ = 8;
-  const int64_t R = (opt_.max_step_tokens + row_pad_ - 1) / row_pad_ * row_pad_, M = opt_.max_logit_rows, B = opt_.max_batch;
+  const int64_t R = (opt_.max_step_tokens + row_pad_ - 1) / row_pad_ * row_pad_, M = opt_.max_logit_rows,
+                B = opt_.max_batch;
   const int64_t D = c.dim, H = c.n_heads, dqk = c.d_qk(), dv = c.v_head_dim;
   const int64_t rkv = c.kv_lora_rank, dr = c.qk_rope_head_dim, rq = c.q_lora_rank;
   const int64_t comps = c.differential ? 2 : 1, h_out = H / comps;
@@ -58,7 +60,7 @@ Engine::Engine(Model& model, EngineOptions opt)
   // Weights re-laid-out per head (engine_layers.cpp), in wkv_b's compute dtype.
   const DType wt = param("layers.0.attn.wkv_b.weight").dtype;
   for (int64_t l = 0; l < c.n_layers; ++l) {
-    arena_.add(fmt::format("w_uk.{}", l), Shape{H, dqk, rkv}, wt);          // [W^UK_j ; 0]
+    arena_.add(fmt::format("w_uk.{}", l), Shape{H, dqk, rkv}, wt);             // [W^UK_j ; 0]
     arena_.add(fmt::format("w_uv.{}", l), Shape{h_out, comps * dv, rkv}, wt);  // [W^UV_2h ; W^UV_2h+1]
   }
   if (opt_.fp8_weights) {  // FP8 copies of the dense Linear weights, and their inputs' quantised rows
@@ -83,14 +85,14 @@ Engine::Engine(Model& model, EngineOptions opt)
     arena_.add("qa", Shape{R * rq}, t);
     arena_.add("cq", Shape{R * rq}, t);
   }
-  arena_.add("q", Shape{R * H * dqk}, t);         // [N, H, d_qk] token-major, RoPE applied
-  arena_.add("q_hm", Shape{H * R * dqk}, t);      // [H, N, d_qk] head-major
-  arena_.add("q_lat", Shape{H * R * rkv}, t);     // q̃ [H, N, r_kv]
-  arena_.add("kva", Shape{R * (rkv + dr)}, t);    // x̄ W_kvaᵀ with RoPE on k^R
+  arena_.add("q", Shape{R * H * dqk}, t);           // [N, H, d_qk] token-major, RoPE applied
+  arena_.add("q_hm", Shape{H * R * dqk}, t);        // [H, N, d_qk] head-major
+  arena_.add("q_lat", Shape{H * R * rkv}, t);       // q̃ [H, N, r_kv]
+  arena_.add("kva", Shape{R * (rkv + dr)}, t);      // x̄ W_kvaᵀ with RoPE on k^R
   arena_.add("kv_rows", Shape{R * (rkv + dr)}, t);  // [ĉ ; k^R] for the pool
-  arena_.add("lat", Shape{h_out * R * rkv}, t);   // L [H_out, N, r_kv]
-  arena_.add("att_hm", Shape{R * H * dv}, t);     // [H_out, N, comps·d_v]
-  arena_.add("att", Shape{R * H * dv}, t);        // [N, H_out, comps·d_v] token-major
+  arena_.add("lat", Shape{h_out * R * rkv}, t);     // L [H_out, N, r_kv]
+  arena_.add("att_hm", Shape{R * H * dv}, t);       // [H_out, N, comps·d_v]
+  arena_.add("att", Shape{R * H * dv}, t);          // [N, H_out, comps·d_v] token-major
   if (c.differential) {
     arena_.add("att_n_hm", Shape{R * H * dv}, t);
     arena_.add("rstd_sub", Shape{R * h_out}, t);
@@ -104,7 +106,8 @@ Engine::Engine(Model& model, EngineOptions opt)
     arena_.add("router.scores", Shape{R * E}, t);
     arena_.add("router.topk_idx", Shape{R * K}, DType::kI32);
     arena_.add("router.topk_w", Shape{R * K}, t);
-    for (int64_t l = c.n_dense_layers; l < c.n_layers; ++l) arena_.add(fmt::format("router.counts.{}", l), Shape{E}, DType::kI32);
+    for (int64_t l = c.n_dense_layers; l < c.n_layers; ++l)
+      arena_.add(fmt::format("router.counts.{}", l), Shape{E}, DType::kI32);
     arena_.add("moe.offsets", Shape{E + 1}, DType::kI32);
     arena_.add("moe.src_row", Shape{R * K}, DType::kI32);
     arena_.add("moe.slot_pos", Shape{R * K}, DType::kI32);
@@ -117,9 +120,14 @@ Engine::Engine(Model& model, EngineOptions opt)
   arena_.add("logits", Shape{M * c.vocab_size}, t);
   arena_.allocate(be_.allocator());
 
-  const RopeParams rp{.rope_dim = dr, .theta = c.rope_theta, .max_seq_len = c.max_seq_len,
-                      .original_seq_len = c.original_seq_len, .factor = c.rope_factor, .beta_fast = c.beta_fast,
-                      .beta_slow = c.beta_slow, .mscale = c.mscale};
+  const RopeParams rp{.rope_dim = dr,
+                      .theta = c.rope_theta,
+                      .max_seq_len = c.max_seq_len,
+                      .original_seq_len = c.original_seq_len,
+                      .factor = c.rope_factor,
+                      .beta_fast = c.beta_fast,
+                      .beta_slow = c.beta_slow,
+                      .mscale = c.mscale};
   std::vector<double> cos, sin;
   rope_tables(rp, opt_.max_context, cos, sin);
   if (t == DType::kF64) {
@@ -135,7 +143,8 @@ Engine::Engine(Model& model, EngineOptions opt)
 
 Tensor Engine::scratch(const char* name, Shape shape) const {
   const Tensor t = arena_.get(name);
-  DIFFMOE_CHECK(shape.numel() <= t.numel(), "[engine] {} values of scratch {} exceed its {}", shape.numel(), name, t.numel());
+  DIFFMOE_CHECK(shape.numel() <= t.numel(), "[engine] {} values of scratch {} exceed its {}", shape.numel(), name,
+                t.numel());
   return Tensor{.data = t.data, .dtype = t.dtype, .device = t.device, .shape = shape};
 }
 
@@ -151,8 +160,13 @@ void Engine::linear(Context ctx, const Tensor& y, const Tensor& x, const Tensor&
   const Tensor yp{.data = y.data, .dtype = y.dtype, .device = y.device, .shape = Shape{rows, y.dim(1)}};
   const Tensor xq = scratch("fp8.xq", Shape{rows, K}), xs = scratch("fp8.xs", Shape{fp8_tiles(K), rows});
   be_.act_quant(ctx, {.q = xq, .scale = xs, .x = xp});
-  be_.fp8_gemm(ctx, {.c = yp, .a = xq, .a_scale = xs, .b = it->second.q, .b_scale = it->second.scale,
-                     .b_scaling = Fp8Scaling::kBlock128x128, .beta = beta});
+  be_.fp8_gemm(ctx, {.c = yp,
+                     .a = xq,
+                     .a_scale = xs,
+                     .b = it->second.q,
+                     .b_scale = it->second.scale,
+                     .b_scaling = Fp8Scaling::kBlock128x128,
+                     .beta = beta});
 }
 
 // The weights fp8_weights quantises: every dense Linear of the attention and the FFN (spec §7).
@@ -162,8 +176,9 @@ std::vector<std::string> fp8_weight_names(const ModelConfig& c) {
     const std::vector<std::string> attn = c.q_lora_rank > 0 ? std::vector<std::string>{"wq_a", "wq_b", "wkv_a", "wo"}
                                                             : std::vector<std::string>{"wq", "wkv_a", "wo"};
     for (const std::string& w : attn) names.push_back(fmt::format("layers.{}.attn.{}.weight", l, w));
-    const std::string ffn = !c.is_moe_layer(l) ? fmt::format("layers.{}.ffn.", l)
-                            : c.n_shared_experts > 0 ? fmt::format("layers.{}.ffn.shared.", l) : std::string();
+    const std::string ffn = !c.is_moe_layer(l)       ? fmt::format("layers.{}.ffn.", l)
+                            : c.n_shared_experts > 0 ? fmt::format("layers.{}.ffn.shared.", l)
+                                                     : std::string();
     if (!ffn.empty())
       for (const char* w : {"w1", "w2", "w3"}) names.push_back(ffn + w + ".weight");
   }
@@ -189,7 +204,8 @@ Tensor Engine::expert_counts(int64_t layer) const {
 StepOutput Engine::step(Context ctx, std::span<const StepSequence> batch) {
   const ModelConfig& c = cfg_;
   const int64_t B = static_cast<int64_t>(batch.size());
-  DIFFMOE_CHECK(B >= 1 && B <= opt_.max_batch, "[engine] a step takes 1 to max_batch = {} sequences, got {}", opt_.max_batch, B);
+  DIFFMOE_CHECK(B >= 1 && B <= opt_.max_batch, "[engine] a step takes 1 to max_batch = {} sequences, got {}",
+                opt_.max_batch, B);
   // Limits first, so that a refused step changes nothing.
   int64_t N = 0, M = 0, blocks = 0;
   std::unordered_set<int64_t> seen;
@@ -197,8 +213,9 @@ StepOutput Engine::step(Context ctx, std::span<const StepSequence> batch) {
     DIFFMOE_CHECK(seen.insert(s.seq).second, "[engine] sequence {} appears twice in one step", s.seq);
     DIFFMOE_CHECK(!s.tokens.empty(), "[engine] sequence {}: a step appends at least one token", s.seq);
     const int64_t n = static_cast<int64_t>(s.tokens.size()), len = cache_.length(s.seq);
-    DIFFMOE_CHECK(len + n <= opt_.max_context, "[engine] sequence {}: {} cached + {} new positions exceed max_context = {}",
-                  s.seq, len, n, opt_.max_context);
+    DIFFMOE_CHECK(len + n <= opt_.max_context,
+                  "[engine] sequence {}: {} cached + {} new positions exceed max_context = {}", s.seq, len, n,
+                  opt_.max_context);
     for (const int32_t id : s.tokens)
       DIFFMOE_CHECK(id >= 0 && id < c.vocab_size, "[engine] sequence {}: token id {} is outside the vocabulary [0, {})",
                     s.seq, id, c.vocab_size);
@@ -206,7 +223,8 @@ StepOutput Engine::step(Context ctx, std::span<const StepSequence> batch) {
     M += s.logits == LogitRows::kAll ? n : s.logits == LogitRows::kLast ? 1 : 0;
     blocks += cache_.blocks_needed(s.seq, len + n);
   }
-  DIFFMOE_CHECK(N <= opt_.max_step_tokens, "[engine] {} new positions exceed max_step_tokens = {}", N, opt_.max_step_tokens);
+  DIFFMOE_CHECK(N <= opt_.max_step_tokens, "[engine] {} new positions exceed max_step_tokens = {}", N,
+                opt_.max_step_tokens);
   DIFFMOE_CHECK(M <= opt_.max_logit_rows, "[engine] {} logit rows exceed max_logit_rows = {}", M, opt_.max_logit_rows);
   DIFFMOE_CHECK(blocks <= cache_.free_blocks(), "[engine] the step needs {} cache blocks, {} are free", blocks,
                 cache_.free_blocks());
@@ -246,7 +264,9 @@ StepOutput Engine::step(Context ctx, std::span<const StepSequence> batch) {
   be_.set_gemm_precision(model_.plan().bf16_gemm() ? GemmPrecision::kBF16 : GemmPrecision::kF32);
   if (c.n_layers > c.n_dense_layers)
     for (int64_t l = c.n_dense_layers; l < c.n_layers; ++l) be_.fill(ctx, {.out = expert_counts(l), .value = 0.0});
-  be_.embedding_fwd(ctx, {.out = scratch("h", Shape{N, c.dim}), .tokens = p.tokens, .table = param("embed.weight"),
+  be_.embedding_fwd(ctx, {.out = scratch("h", Shape{N, c.dim}),
+                          .tokens = p.tokens,
+                          .table = param("embed.weight"),
                           .scale = c.embed_scale});
   for (int64_t l = 0; l < c.n_layers; ++l) {
     attention(ctx, l, p);
@@ -261,10 +281,17 @@ void Engine::head(Context ctx, const StepPlan& p) {
   if (p.M == 0) return;
   const int64_t D = cfg_.dim;
   const Tensor sel = scratch("final.h", Shape{p.M, D}), xn = scratch("final.x_norm", Shape{p.M, D});
-  be_.moe_gather(ctx, {.x_perm = sel, .x = scratch("h", Shape{p.N, D}), .src_row = p.logit_rows});  // the rows asked for
-  be_.rmsnorm_fwd(ctx, {.y = xn, .rstd = scratch("final.rstd", Shape{p.M}), .x = sel, .w = param("norm.weight"), .rows = p.M,
-                        .width = D, .eps = cfg_.norm_eps});
-  linear(ctx, scratch("logits", Shape{p.M, cfg_.vocab_size}), xn, param(cfg_.tie_embeddings ? "embed.weight" : "head.weight"));
+  be_.moe_gather(ctx,
+                 {.x_perm = sel, .x = scratch("h", Shape{p.N, D}), .src_row = p.logit_rows});  // the rows asked for
+  be_.rmsnorm_fwd(ctx, {.y = xn,
+                        .rstd = scratch("final.rstd", Shape{p.M}),
+                        .x = sel,
+                        .w = param("norm.weight"),
+                        .rows = p.M,
+                        .width = D,
+                        .eps = cfg_.norm_eps});
+  linear(ctx, scratch("logits", Shape{p.M, cfg_.vocab_size}), xn,
+         param(cfg_.tie_embeddings ? "embed.weight" : "head.weight"));
 }
 
 }  // namespace diffmoe::serve

@@ -36,12 +36,12 @@ namespace diffmoe::serve {
 struct StepPlan;  // engine_plan.h
 
 struct EngineOptions {
-  int64_t max_batch = 16;        // sequences in one step
-  int64_t max_step_tokens = 0;   // new positions over all sequences of one step; 0 = max_batch + 256
-  int64_t max_context = 0;       // positions per sequence (prompt + generated); 0 = max_seq_len
-  int64_t block_size = 16;       // cache rows per block
-  int64_t n_blocks = 0;          // cache blocks; 0 = enough for max_batch sequences of max_context
-  int64_t max_logit_rows = 0;    // logit rows one step may return; 0 = max_step_tokens
+  int64_t max_batch = 16;       // sequences in one step
+  int64_t max_step_tokens = 0;  // new positions over all sequences of one step; 0 = max_batch + 256
+  int64_t max_context = 0;      // positions per sequence (prompt + generated); 0 = max_seq_len
+  int64_t block_size = 16;      // cache rows per block
+  int64_t n_blocks = 0;         // cache blocks; 0 = enough for max_batch sequences of max_context
+  int64_t max_logit_rows = 0;   // logit rows one step may return; 0 = max_step_tokens
   // FP8 inference (spec §7's recipe for the forward, sources §6): the dense Linear weights (the
   // attention projections wq_a, wq_b or wq, wkv_a, wo; the dense and shared-expert w1, w2, w3) are
   // quantised to e4m3 in 128×128 blocks at construction (weight_quant); each of their GEMMs
@@ -55,14 +55,14 @@ struct EngineOptions {
 enum class LogitRows : uint8_t { kNone, kLast, kAll };
 
 struct StepSequence {
-  int64_t seq = -1;                   // a PagedCache sequence id (Engine::add_sequence)
-  std::span<const int32_t> tokens;    // appended at positions length … length + n − 1 (n >= 1)
+  int64_t seq = -1;                 // a PagedCache sequence id (Engine::add_sequence)
+  std::span<const int32_t> tokens;  // appended at positions length … length + n − 1 (n >= 1)
   LogitRows logits = LogitRows::kLast;
 };
 
 struct StepOutput {
-  Tensor logits;                  // [M, V] on the backend's device, valid until the next step
-  std::vector<int64_t> first_row; // per StepSequence: its first logit row, or −1 (kNone)
+  Tensor logits;                   // [M, V] on the backend's device, valid until the next step
+  std::vector<int64_t> first_row;  // per StepSequence: its first logit row, or −1 (kNone)
 };
 
 // The weights EngineOptions::fp8_weights quantises, by checkpoint name (docs/model.md §8).

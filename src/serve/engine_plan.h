@@ -19,7 +19,7 @@ namespace diffmoe::serve {
 
 struct StepPlan {
   int64_t N = 0, B = 0, M = 0, max_blocks = 0, H = 0, h_out = 0;
-  int64_t used = 0;  // i32 values of the buffer this step uses (from its start)
+  int64_t used = 0;               // i32 values of the buffer this step uses (from its start)
   const int32_t* base = nullptr;  // the buffer's device address (offsets of the views below)
   Tensor tokens = {}, positions = {}, slots = {}, q_offsets = {}, kv_lens = {}, block_table = {};
   Tensor perm_q = {}, offsets_h = {}, offsets_o = {}, perm_o = {}, logit_rows = {};
@@ -36,7 +36,8 @@ inline StepPlan make_plan(const Tensor& index, int64_t N, int64_t B, int64_t max
   p.base = static_cast<const int32_t*>(index.data);
   const auto take = [&](Shape s) {
     DIFFMOE_CHECK(p.used + s.numel() <= index.numel(), "[engine] the step's index buffer is too small");
-    Tensor t{.data = static_cast<int32_t*>(index.data) + p.used, .dtype = DType::kI32, .device = index.device, .shape = s};
+    Tensor t{
+        .data = static_cast<int32_t*>(index.data) + p.used, .dtype = DType::kI32, .device = index.device, .shape = s};
     p.used += s.numel();
     return t;
   };

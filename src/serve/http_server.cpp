@@ -58,7 +58,8 @@ struct HttpServer::Stream {
         if (auto e = reqs[i]->next_event(0ms)) return std::make_pair(i, std::move(*e));
       }
       if (first == reqs.size()) return std::nullopt;
-      const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - std::chrono::steady_clock::now());
+      const auto left =
+          std::chrono::duration_cast<std::chrono::milliseconds>(deadline - std::chrono::steady_clock::now());
       if (left <= 0ms) return std::nullopt;
       // One choice: wait on it; several: poll them in short slices.
       if (auto e = reqs[first]->next_event(reqs.size() == 1 ? left : std::min(left, std::chrono::milliseconds(10))))
@@ -113,28 +114,33 @@ void HttpServer::routes() {
   svr_->Get("/health", [this](const httplib::Request&, httplib::Response& res) { health(res); });
   svr_->Get("/v1/models", [this](const httplib::Request& req, httplib::Response& res) { models(req, res); });
   svr_->Get(R"(/v1/models/(.+))", [this](const httplib::Request& req, httplib::Response& res) { models(req, res); });
-  svr_->Post("/v1/completions", [this](const httplib::Request& req, httplib::Response& res) { generate(req, res, false); });
-  svr_->Post("/v1/chat/completions", [this](const httplib::Request& req, httplib::Response& res) { generate(req, res, true); });
+  svr_->Post("/v1/completions",
+             [this](const httplib::Request& req, httplib::Response& res) { generate(req, res, false); });
+  svr_->Post("/v1/chat/completions",
+             [this](const httplib::Request& req, httplib::Response& res) { generate(req, res, true); });
   svr_->Post("/tokenize", [this](const httplib::Request& req, httplib::Response& res) { tokenize(req, res, true); });
   svr_->Post("/detokenize", [this](const httplib::Request& req, httplib::Response& res) { tokenize(req, res, false); });
   svr_->Get("/tokenizer_info", [this](const httplib::Request&, httplib::Response& res) { tokenizer_info(res); });
   // Responses that left the handlers without a body (no route, 413 from the body limit, a request
   // the HTTP parser rejected) get one in OpenAI's error shape.
-  svr_->set_error_handler(httplib::Server::HandlerWithResponse([this](const httplib::Request& req, httplib::Response& res) {
-    if (!res.body.empty()) return httplib::Server::HandlerResponse::Unhandled;
-    ApiError e(res.status, "invalid_request_error", fmt::format("HTTP {}", res.status));
-    if (res.status == 404) {
-      e = ApiError(404, "invalid_request_error", fmt::format("Unknown request URL: {} {}.", req.method, req.path), "", "unknown_url");
-    } else if (res.status == 413) {
-      e = ApiError(413, "invalid_request_error",
-                   fmt::format("The request body is larger than this server's limit of {} bytes.", opt_.max_request_bytes), "",
-                   "request_too_large");
-    } else if (res.status >= 500) {
-      e = ApiError(res.status, "server_error", fmt::format("HTTP {}", res.status));
-    }
-    res.set_content(dump(error_body(e)), "application/json");
-    return httplib::Server::HandlerResponse::Handled;
-  }));
+  svr_->set_error_handler(
+      httplib::Server::HandlerWithResponse([this](const httplib::Request& req, httplib::Response& res) {
+        if (!res.body.empty()) return httplib::Server::HandlerResponse::Unhandled;
+        ApiError e(res.status, "invalid_request_error", fmt::format("HTTP {}", res.status));
+        if (res.status == 404) {
+          e = ApiError(404, "invalid_request_error", fmt::format("Unknown request URL: {} {}.", req.method, req.path),
+                       "", "unknown_url");
+        } else if (res.status == 413) {
+          e = ApiError(
+              413, "invalid_request_error",
+              fmt::format("The request body is larger than this server's limit of {} bytes.", opt_.max_request_bytes),
+              "", "request_too_large");
+        } else if (res.status >= 500) {
+          e = ApiError(res.status, "server_error", fmt::format("HTTP {}", res.status));
+        }
+        res.set_content(dump(error_body(e)), "application/json");
+        return httplib::Server::HandlerResponse::Handled;
+      }));
   svr_->set_exception_handler([](const httplib::Request&, httplib::Response& res, std::exception_ptr ep) {
     std::string what = "unknown error";
     try {
@@ -152,8 +158,10 @@ int HttpServer::bind() {
     port_ = svr_->bind_to_any_port(opt_.host);
     DIFFMOE_CHECK(port_ > 0, "[serve] cannot listen on {} (any port)", opt_.host);
   } else {
-    DIFFMOE_CHECK(svr_->bind_to_port(opt_.host, opt_.port), "[serve] cannot listen on {}:{} (in use, or not an address of this "
-                  "machine)", opt_.host, opt_.port);
+    DIFFMOE_CHECK(svr_->bind_to_port(opt_.host, opt_.port),
+                  "[serve] cannot listen on {}:{} (in use, or not an address of this "
+                  "machine)",
+                  opt_.host, opt_.port);
     port_ = opt_.port;
   }
   return port_;
@@ -186,20 +194,32 @@ void HttpServer::shutdown(std::chrono::milliseconds drain_timeout) {
 void HttpServer::health(httplib::Response& res) const {
   const SchedulerStats s = sched_.stats();
   send_json(res, stopping_ ? 503 : 200,
-            json{{"status", stopping_ ? "shutting down" : "ok"}, {"model", opt_.model_name}, {"running", s.running},
-                 {"waiting", s.waiting}, {"in_flight", in_flight_.load()}, {"free_blocks", s.free_blocks},
-                 {"total_blocks", s.total_blocks}, {"block_size", s.block_size}, {"steps", s.steps},
-                 {"prompt_tokens", s.prompt_tokens}, {"generated_tokens", s.generated_tokens}, {"finished", s.finished},
+            json{{"status", stopping_ ? "shutting down" : "ok"},
+                 {"model", opt_.model_name},
+                 {"running", s.running},
+                 {"waiting", s.waiting},
+                 {"in_flight", in_flight_.load()},
+                 {"free_blocks", s.free_blocks},
+                 {"total_blocks", s.total_blocks},
+                 {"block_size", s.block_size},
+                 {"steps", s.steps},
+                 {"prompt_tokens", s.prompt_tokens},
+                 {"generated_tokens", s.generated_tokens},
+                 {"finished", s.finished},
                  {"cancelled", s.cancelled}});
 }
 
 void HttpServer::models(const httplib::Request& req, httplib::Response& res) const {
-  const json model = {{"id", opt_.model_name}, {"object", "model"}, {"created", 0}, {"owned_by", "diffmoe"},
+  const json model = {{"id", opt_.model_name},
+                      {"object", "model"},
+                      {"created", 0},
+                      {"owned_by", "diffmoe"},
                       {"max_model_len", sched_.max_context()}};
   if (req.matches.size() > 1) {
     if (req.matches[1] != opt_.model_name) {
-      send_error(res, ApiError(404, "invalid_request_error", fmt::format("The model `{}` does not exist.", req.matches[1].str()),
-                               "model", "model_not_found"));
+      send_error(res, ApiError(404, "invalid_request_error",
+                               fmt::format("The model `{}` does not exist.", req.matches[1].str()), "model",
+                               "model_not_found"));
       return;
     }
     send_json(res, 200, model);
@@ -218,7 +238,8 @@ void HttpServer::tokenize(const httplib::Request& req, httplib::Response& res, b
     try {
       body = json::parse(req.body);
     } catch (const json::parse_error& e) {
-      throw ApiError(400, "invalid_request_error", fmt::format("We could not parse the JSON body of your request: {}", e.what()));
+      throw ApiError(400, "invalid_request_error",
+                     fmt::format("We could not parse the JSON body of your request: {}", e.what()));
     }
     if (!body.is_object()) throw invalid("", "the request body must be a JSON object");
     const data::Tokenizer& tok = sched_.tokenizer();
@@ -228,7 +249,8 @@ void HttpServer::tokenize(const httplib::Request& req, httplib::Response& res, b
       send_json(res, 200, json{{"tokens", ids}, {"count", ids.size()}, {"max_model_len", sched_.max_context()}});
       return;
     }
-    if (!body.contains("tokens") || !body["tokens"].is_array()) throw invalid("tokens", "'tokens' must be an array of token ids");
+    if (!body.contains("tokens") || !body["tokens"].is_array())
+      throw invalid("tokens", "'tokens' must be an array of token ids");
     std::vector<int32_t> ids;
     for (const json& t : body["tokens"]) {
       if (!t.is_number_integer() || t.get<int64_t>() < 0 || t.get<int64_t>() >= tok.vocab_size() ||
@@ -245,9 +267,14 @@ void HttpServer::tokenize(const httplib::Request& req, httplib::Response& res, b
 void HttpServer::tokenizer_info(httplib::Response& res) const {
   const data::Tokenizer& tok = sched_.tokenizer();
   const std::optional<int32_t> eos = tok.eos_id();
-  send_json(res, 200, json{{"eos_token", eos ? json(std::string(tok.token_bytes(*eos))) : json(nullptr)}, {"bos_token", nullptr},
-                           {"pad_token", nullptr}, {"tokenizer_class", std::string(data::tokenizer_kind_name(tok.kind()))},
-                           {"name", tok.name()}, {"vocab_size", tok.vocab_size()}, {"model_max_length", sched_.max_context()}});
+  send_json(res, 200,
+            json{{"eos_token", eos ? json(std::string(tok.token_bytes(*eos))) : json(nullptr)},
+                 {"bos_token", nullptr},
+                 {"pad_token", nullptr},
+                 {"tokenizer_class", std::string(data::tokenizer_kind_name(tok.kind()))},
+                 {"name", tok.name()},
+                 {"vocab_size", tok.vocab_size()},
+                 {"model_max_length", sched_.max_context()}});
 }
 
 void HttpServer::generate(const httplib::Request& req, httplib::Response& res, bool chat) {
@@ -258,7 +285,8 @@ void HttpServer::generate(const httplib::Request& req, httplib::Response& res, b
   if (++in_flight_ > opt_.max_concurrency) {
     --in_flight_;
     send_error(res, ApiError(429, "rate_limit_error",
-                             fmt::format("{} requests are in flight, this server's limit; retry later", opt_.max_concurrency)));
+                             fmt::format("{} requests are in flight, this server's limit; retry later",
+                                         opt_.max_concurrency)));
     return;
   }
   auto slot = std::make_shared<Slot>(in_flight_);
@@ -280,7 +308,8 @@ void HttpServer::generate(const httplib::Request& req, httplib::Response& res, b
     for (std::vector<int32_t>& prompt : pr.prompts) {
       SamplingParams p = pr.params;
       if (!pr.max_tokens_given && chat)  // what the context leaves, within the limit
-        p.max_tokens = std::clamp<int64_t>(sched_.max_context() - static_cast<int64_t>(prompt.size()), 1, opt_.limits.max_tokens);
+        p.max_tokens =
+            std::clamp<int64_t>(sched_.max_context() - static_cast<int64_t>(prompt.size()), 1, opt_.limits.max_tokens);
       reqs.push_back(sched_.submit(std::move(prompt), std::move(p)));
     }
   } catch (const ApiError& e) {
@@ -296,7 +325,8 @@ void HttpServer::generate(const httplib::Request& req, httplib::Response& res, b
     send_error(res, ApiError(stopping_ ? 503 : 429, stopping_ ? "server_error" : "rate_limit_error", e.what()));
     return;
   }
-  const ResponseIds ids{.id = fmt::format("{}-{}", chat ? "chatcmpl" : "cmpl", next_id_++), .model = opt_.model_name,
+  const ResponseIds ids{.id = fmt::format("{}-{}", chat ? "chatcmpl" : "cmpl", next_id_++),
+                        .model = opt_.model_name,
                         .created = static_cast<int64_t>(std::time(nullptr))};
   if (pr.stream) {
     auto st = std::make_shared<Stream>();

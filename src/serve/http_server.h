@@ -35,9 +35,9 @@ struct ServerOptions {
   std::string model_name = "diffmoe";  // the id /v1/models lists; requests naming another model get 404
   ApiLimits limits = {};
   size_t max_request_bytes = size_t{1} << 20;
-  int64_t max_concurrency = 64;        // generation requests in flight (streaming or not)
-  int heartbeat_ms = 1000;             // an SSE comment after this long without an event
-  int read_timeout_s = 30;             // reading a request (slow clients)
+  int64_t max_concurrency = 64;  // generation requests in flight (streaming or not)
+  int heartbeat_ms = 1000;       // an SSE comment after this long without an event
+  int read_timeout_s = 30;       // reading a request (slow clients)
 };
 
 class HttpServer {

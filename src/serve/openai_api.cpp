@@ -9,9 +9,11 @@
 namespace diffmoe::serve {
 
 json error_body(const ApiError& e) {
-  return json{{"error", {{"message", e.what()}, {"type", e.type},
-                         {"param", e.param.empty() ? json(nullptr) : json(e.param)},
-                         {"code", e.code.empty() ? json(nullptr) : json(e.code)}}}};
+  return json{{"error",
+               {{"message", e.what()},
+                {"type", e.type},
+                {"param", e.param.empty() ? json(nullptr) : json(e.param)},
+                {"code", e.code.empty() ? json(nullptr) : json(e.code)}}}};
 }
 
 ApiError invalid(const std::string& param, const std::string& message) {
@@ -35,7 +37,8 @@ const char* type_name(const json& v) {
 }
 
 ApiError wrong_type(const std::string& name, const char* want, const json& got) {
-  return invalid(name, fmt::format("Invalid type for '{}': expected {}, but got {} instead.", name, want, type_name(got)));
+  return invalid(name,
+                 fmt::format("Invalid type for '{}': expected {}, but got {} instead.", name, want, type_name(got)));
 }
 
 // The field's value, or none when absent or null.
@@ -79,19 +82,23 @@ std::optional<bool> get_bool(const json& body, const char* name) {
 // Options the server does not implement: accepted only at their neutral values.
 void reject_unsupported(const json& body) {
   if (const auto n = get_int(body, "n", 1, 128); n && *n != 1) throw invalid("n", "only n = 1 is supported");
-  if (const auto b = get_int(body, "best_of", 1, 128); b && *b != 1) throw invalid("best_of", "only best_of = 1 is supported");
+  if (const auto b = get_int(body, "best_of", 1, 128); b && *b != 1)
+    throw invalid("best_of", "only best_of = 1 is supported");
   for (const char* p : {"presence_penalty", "frequency_penalty"})
-    if (const auto v = get_number(body, p, -2.0, 2.0); v && *v != 0.0) throw invalid(p, fmt::format("{} is not supported (only 0)", p));
+    if (const auto v = get_number(body, p, -2.0, 2.0); v && *v != 0.0)
+      throw invalid(p, fmt::format("{} is not supported (only 0)", p));
   if (const json* v = field(body, "logit_bias"); v && !(v->is_object() && v->empty()))
     throw invalid("logit_bias", "logit_bias is not supported");
   if (const json* v = field(body, "suffix"); v && !(v->is_string() && v->get<std::string>().empty()))
     throw invalid("suffix", "suffix is not supported");
-  if (const json* v = field(body, "tools"); v && !(v->is_array() && v->empty())) throw invalid("tools", "tools are not supported");
+  if (const json* v = field(body, "tools"); v && !(v->is_array() && v->empty()))
+    throw invalid("tools", "tools are not supported");
 }
 
 // The options both endpoints share: sampling, stop, stream, seed, model.
 void parse_common(const json& body, const ApiLimits& limits, ParsedRequest& r) {
-  if (!body.is_object()) throw invalid("", fmt::format("the request body must be a JSON object, got {}", type_name(body)));
+  if (!body.is_object())
+    throw invalid("", fmt::format("the request body must be a JSON object, got {}", type_name(body)));
   reject_unsupported(body);
   if (const json* m = field(body, "model")) {
     if (!m->is_string()) throw wrong_type("model", "a string", *m);
@@ -103,7 +110,8 @@ void parse_common(const json& body, const ApiLimits& limits, ParsedRequest& r) {
   if (const auto k = get_int(body, "top_k", -1, int64_t{1} << 31)) p.top_k = *k < 0 ? 0 : *k;  // -1: off (vLLM's)
   if (const json* s = field(body, "seed")) {
     if (!is_integer(*s)) throw wrong_type("seed", "an integer", *s);
-    p.seed = static_cast<uint64_t>(s->is_number_unsigned() ? s->get<uint64_t>() : static_cast<uint64_t>(s->get<int64_t>()));
+    p.seed =
+        static_cast<uint64_t>(s->is_number_unsigned() ? s->get<uint64_t>() : static_cast<uint64_t>(s->get<int64_t>()));
   }
   if (const json* s = field(body, "stop")) {
     if (s->is_string()) {
@@ -134,7 +142,8 @@ void parse_max_tokens(const json& body, const ApiLimits& limits, ParsedRequest& 
   const int64_t x = v->is_number_float() ? static_cast<int64_t>(v->get<double>()) : v->get<int64_t>();
   if (x < 0) throw invalid(name, fmt::format("'{}' must be >= 0, got {}", name, x));
   if (x > limits.max_tokens)
-    throw invalid(name, fmt::format("'{}' is {}, more than this server's limit of {} tokens per request", name, x, limits.max_tokens));
+    throw invalid(name, fmt::format("'{}' is {}, more than this server's limit of {} tokens per request", name, x,
+                                    limits.max_tokens));
   r.params.max_tokens = x;
   r.max_tokens_given = true;
 }
@@ -144,7 +153,8 @@ void parse_max_tokens(const json& body, const ApiLimits& limits, ParsedRequest& 
 std::vector<int32_t> encode_prompt(const std::string& text, const data::Tokenizer& tok) {
   std::vector<int32_t> ids = tok.encode_with_special(text);
   if (ids.empty()) {
-    if (!tok.eos_id()) throw invalid("prompt", "the prompt is empty and the tokenizer has no end-of-text token to start from");
+    if (!tok.eos_id())
+      throw invalid("prompt", "the prompt is empty and the tokenizer has no end-of-text token to start from");
     ids.push_back(*tok.eos_id());
   }
   return ids;
@@ -190,7 +200,8 @@ json token_logprobs_chat(const std::vector<TokenLogprob>& toks) {
   for (const TokenLogprob& t : toks) {
     json top = json::array();
     for (const auto& [text, lp] : t.top) top.push_back({{"token", text}, {"logprob", lp}, {"bytes", bytes_of(text)}});
-    content.push_back({{"token", t.text}, {"logprob", t.logprob.value_or(0.0)}, {"bytes", bytes_of(t.text)}, {"top_logprobs", top}});
+    content.push_back(
+        {{"token", t.text}, {"logprob", t.logprob.value_or(0.0)}, {"bytes", bytes_of(t.text)}, {"top_logprobs", top}});
   }
   return json{{"content", content}};
 }
@@ -228,7 +239,8 @@ ParsedRequest parse_completion_request(const json& body, const data::Tokenizer& 
                         : wrong_type("prompt", "a string, an array of strings or an array of token ids", *p);
   }
   if (static_cast<int64_t>(r.prompts.size()) > limits.max_prompts)
-    throw invalid("prompt", fmt::format("at most {} prompts per request, got {}", limits.max_prompts, r.prompts.size()));
+    throw invalid("prompt",
+                  fmt::format("at most {} prompts per request, got {}", limits.max_prompts, r.prompts.size()));
   return r;
 }
 
@@ -238,7 +250,8 @@ ParsedRequest parse_chat_request(const json& body, const data::Tokenizer& tok, c
   parse_common(body, limits, r);
   parse_max_tokens(body, limits, r, "max_tokens");
   parse_max_tokens(body, limits, r, "max_completion_tokens");
-  if (get_bool(body, "logprobs").value_or(false)) r.params.logprobs = get_int(body, "top_logprobs", 0, limits.max_logprobs).value_or(0);
+  if (get_bool(body, "logprobs").value_or(false))
+    r.params.logprobs = get_int(body, "top_logprobs", 0, limits.max_logprobs).value_or(0);
   const json* m = field(body, "messages");
   if (!m) throw invalid("messages", "'messages' is required");
   if (!m->is_array() || m->empty()) throw invalid("messages", "'messages' must be a non-empty array of messages");
@@ -258,8 +271,10 @@ ParsedRequest parse_chat_request(const json& body, const data::Tokenizer& tok, c
         cm.content = c->get<std::string>();
       } else if (c->is_array()) {  // content parts: text only
         for (const json& part : *c) {
-          if (!part.is_object() || part.value("type", "") != "text" || !part.contains("text") || !part["text"].is_string())
-            throw invalid(where + ".content", "only text content parts ({\"type\": \"text\", \"text\": ...}) are supported");
+          if (!part.is_object() || part.value("type", "") != "text" || !part.contains("text") ||
+              !part["text"].is_string())
+            throw invalid(where + ".content",
+                          "only text content parts ({\"type\": \"text\", \"text\": ...}) are supported");
           cm.content += part["text"].get<std::string>();
         }
       } else {
@@ -290,7 +305,8 @@ void ChoiceResult::add(const RequestEvent& e) {
 }
 
 json usage_json(int64_t prompt_tokens, int64_t completion_tokens) {
-  return json{{"prompt_tokens", prompt_tokens}, {"completion_tokens", completion_tokens},
+  return json{{"prompt_tokens", prompt_tokens},
+              {"completion_tokens", completion_tokens},
               {"total_tokens", prompt_tokens + completion_tokens}};
 }
 
@@ -305,12 +321,14 @@ json completion_response(const ResponseIds& ids, const std::vector<ChoiceResult>
       all.insert(all.end(), c.tokens.begin(), c.tokens.end());
       logprobs = token_logprobs_completion(all);
     }
-    cs.push_back({{"index", i}, {"text", (req.params.echo ? c.prompt_text : "") + c.text}, {"logprobs", logprobs},
+    cs.push_back({{"index", i},
+                  {"text", (req.params.echo ? c.prompt_text : "") + c.text},
+                  {"logprobs", logprobs},
                   {"finish_reason", c.finish_reason}});
     pt += c.prompt_tokens_n;
     ct += c.completion_tokens_n;
   }
-  return json{{"id", ids.id}, {"object", "text_completion"}, {"created", ids.created}, {"model", ids.model},
+  return json{{"id", ids.id},  {"object", "text_completion"}, {"created", ids.created}, {"model", ids.model},
               {"choices", cs}, {"usage", usage_json(pt, ct)}};
 }
 
@@ -319,22 +337,29 @@ json chat_response(const ResponseIds& ids, const std::vector<ChoiceResult>& choi
   int64_t pt = 0, ct = 0;
   for (size_t i = 0; i < choices.size(); ++i) {
     const ChoiceResult& c = choices[i];
-    cs.push_back({{"index", i}, {"message", {{"role", "assistant"}, {"content", c.text}}},
+    cs.push_back({{"index", i},
+                  {"message", {{"role", "assistant"}, {"content", c.text}}},
                   {"logprobs", req.params.logprobs >= 0 ? token_logprobs_chat(c.tokens) : json(nullptr)},
                   {"finish_reason", c.finish_reason}});
     pt += c.prompt_tokens_n;
     ct += c.completion_tokens_n;
   }
-  return json{{"id", ids.id}, {"object", "chat.completion"}, {"created", ids.created}, {"model", ids.model},
+  return json{{"id", ids.id},  {"object", "chat.completion"}, {"created", ids.created}, {"model", ids.model},
               {"choices", cs}, {"usage", usage_json(pt, ct)}};
 }
 
-json completion_chunk(const ResponseIds& ids, int64_t index, const std::string& text, const std::vector<TokenLogprob>& tokens,
-                      const ParsedRequest& req, const std::string& finish_reason) {
-  json choice = {{"index", index}, {"text", text},
-                 {"logprobs", req.params.logprobs >= 0 && !tokens.empty() ? token_logprobs_completion(tokens) : json(nullptr)},
-                 {"finish_reason", finish_reason.empty() ? json(nullptr) : json(finish_reason)}};
-  return json{{"id", ids.id}, {"object", "text_completion"}, {"created", ids.created}, {"model", ids.model},
+json completion_chunk(const ResponseIds& ids, int64_t index, const std::string& text,
+                      const std::vector<TokenLogprob>& tokens, const ParsedRequest& req,
+                      const std::string& finish_reason) {
+  json choice = {
+      {"index", index},
+      {"text", text},
+      {"logprobs", req.params.logprobs >= 0 && !tokens.empty() ? token_logprobs_completion(tokens) : json(nullptr)},
+      {"finish_reason", finish_reason.empty() ? json(nullptr) : json(finish_reason)}};
+  return json{{"id", ids.id},
+              {"object", "text_completion"},
+              {"created", ids.created},
+              {"model", ids.model},
               {"choices", json::array({choice})}};
 }
 
@@ -343,16 +368,25 @@ json chat_chunk(const ResponseIds& ids, int64_t index, const std::string& text, 
   json delta = json::object();
   if (first) delta["role"] = "assistant";
   if (!text.empty() || (first && finish_reason.empty())) delta["content"] = text;
-  json choice = {{"index", index}, {"delta", delta},
-                 {"logprobs", req.params.logprobs >= 0 && !tokens.empty() ? token_logprobs_chat(tokens) : json(nullptr)},
-                 {"finish_reason", finish_reason.empty() ? json(nullptr) : json(finish_reason)}};
-  return json{{"id", ids.id}, {"object", "chat.completion.chunk"}, {"created", ids.created}, {"model", ids.model},
+  json choice = {
+      {"index", index},
+      {"delta", delta},
+      {"logprobs", req.params.logprobs >= 0 && !tokens.empty() ? token_logprobs_chat(tokens) : json(nullptr)},
+      {"finish_reason", finish_reason.empty() ? json(nullptr) : json(finish_reason)}};
+  return json{{"id", ids.id},
+              {"object", "chat.completion.chunk"},
+              {"created", ids.created},
+              {"model", ids.model},
               {"choices", json::array({choice})}};
 }
 
 json usage_chunk(const ResponseIds& ids, bool chat, int64_t prompt_tokens, int64_t completion_tokens) {
-  return json{{"id", ids.id}, {"object", chat ? "chat.completion.chunk" : "text_completion"}, {"created", ids.created},
-              {"model", ids.model}, {"choices", json::array()}, {"usage", usage_json(prompt_tokens, completion_tokens)}};
+  return json{{"id", ids.id},
+              {"object", chat ? "chat.completion.chunk" : "text_completion"},
+              {"created", ids.created},
+              {"model", ids.model},
+              {"choices", json::array()},
+              {"usage", usage_json(prompt_tokens, completion_tokens)}};
 }
 
 }  // namespace diffmoe::serve

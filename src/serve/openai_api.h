@@ -19,7 +19,11 @@ using json = nlohmann::json;
 // An error answered in OpenAI's shape: {"error": {"message", "type", "param", "code"}}.
 struct ApiError : std::runtime_error {
   ApiError(int status, std::string type, const std::string& message, std::string param = "", std::string code = "")
-      : std::runtime_error(message), status(status), type(std::move(type)), param(std::move(param)), code(std::move(code)) {}
+      : std::runtime_error(message),
+        status(status),
+        type(std::move(type)),
+        param(std::move(param)),
+        code(std::move(code)) {}
   int status;
   std::string type, param, code;
 };
@@ -52,7 +56,7 @@ ParsedRequest parse_chat_request(const json& body, const data::Tokenizer& tok, c
 
 // One choice's result, accumulated from its request's events.
 struct ChoiceResult {
-  std::string prompt_text, text;                   // echo: prompt_text comes first
+  std::string prompt_text, text;  // echo: prompt_text comes first
   std::vector<TokenLogprob> prompt_tokens, tokens;
   std::string finish_reason, error;
   int64_t prompt_tokens_n = 0, completion_tokens_n = 0;
@@ -69,8 +73,9 @@ json completion_response(const ResponseIds& ids, const std::vector<ChoiceResult>
 json chat_response(const ResponseIds& ids, const std::vector<ChoiceResult>& choices, const ParsedRequest& req);
 // One streaming chunk for choice `index`: `text` with its tokens' logprobs (when asked), or the
 // last chunk of the choice (finish_reason set). A chat choice's first chunk carries the role.
-json completion_chunk(const ResponseIds& ids, int64_t index, const std::string& text, const std::vector<TokenLogprob>& tokens,
-                      const ParsedRequest& req, const std::string& finish_reason);
+json completion_chunk(const ResponseIds& ids, int64_t index, const std::string& text,
+                      const std::vector<TokenLogprob>& tokens, const ParsedRequest& req,
+                      const std::string& finish_reason);
 json chat_chunk(const ResponseIds& ids, int64_t index, const std::string& text, const std::vector<TokenLogprob>& tokens,
                 const ParsedRequest& req, const std::string& finish_reason, bool first);
 // The usage chunk of a stream (stream_options.include_usage): no choices.

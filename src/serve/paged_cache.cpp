@@ -6,11 +6,12 @@ namespace diffmoe::serve {
 
 PagedCache::PagedCache(const ModelConfig& cfg, DType dtype, int64_t block_size, int64_t n_blocks, Allocator& alloc)
     : block_size_(block_size), n_blocks_(n_blocks), row_width_(cfg.kv_lora_rank + cfg.qk_rope_head_dim) {
-  DIFFMOE_CHECK(block_size >= 1 && n_blocks >= 1, "[paged_cache] block_size {} and n_blocks {} must be >= 1", block_size,
-                n_blocks);
-  DIFFMOE_CHECK(n_blocks <= INT32_MAX / block_size, "[paged_cache] {} blocks of {} rows: slots must fit in i32", n_blocks,
-                block_size);
-  for (int64_t l = 0; l < cfg.n_layers; ++l) arena_.add(fmt::format("pool.{}", l), Shape{n_blocks, block_size, row_width_}, dtype);
+  DIFFMOE_CHECK(block_size >= 1 && n_blocks >= 1, "[paged_cache] block_size {} and n_blocks {} must be >= 1",
+                block_size, n_blocks);
+  DIFFMOE_CHECK(n_blocks <= INT32_MAX / block_size, "[paged_cache] {} blocks of {} rows: slots must fit in i32",
+                n_blocks, block_size);
+  for (int64_t l = 0; l < cfg.n_layers; ++l)
+    arena_.add(fmt::format("pool.{}", l), Shape{n_blocks, block_size, row_width_}, dtype);
   arena_.allocate(alloc);
   for (int64_t l = 0; l < cfg.n_layers; ++l) layers_.push_back(arena_.get(fmt::format("pool.{}", l)));
   free_.reserve(static_cast<size_t>(n_blocks));
@@ -37,9 +38,11 @@ int64_t PagedCache::blocks_needed(int64_t seq, int64_t length) const {
 void PagedCache::extend(int64_t seq, int64_t length) {
   const int64_t need = blocks_needed(seq, length);
   Sequence& s = seqs_.at(seq);
-  DIFFMOE_CHECK(length >= s.length, "[paged_cache] sequence {} cannot shrink from {} to {} positions", seq, s.length, length);
-  DIFFMOE_CHECK(need <= free_blocks(), "[paged_cache] sequence {} needs {} more blocks for {} positions, {} of {} are free",
-                seq, need, length, free_blocks(), n_blocks_);
+  DIFFMOE_CHECK(length >= s.length, "[paged_cache] sequence {} cannot shrink from {} to {} positions", seq, s.length,
+                length);
+  DIFFMOE_CHECK(need <= free_blocks(),
+                "[paged_cache] sequence {} needs {} more blocks for {} positions, {} of {} are free", seq, need, length,
+                free_blocks(), n_blocks_);
   for (int64_t i = 0; i < need; ++i) {
     s.blocks.push_back(free_.back());
     free_.pop_back();

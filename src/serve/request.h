@@ -18,34 +18,34 @@
 namespace diffmoe::serve {
 
 struct SamplingParams {
-  double temperature = 1.0;       // 0 = greedy
-  int64_t top_k = 0;              // 0 = all
+  double temperature = 1.0;  // 0 = greedy
+  int64_t top_k = 0;         // 0 = all
   double top_p = 1.0;
-  std::optional<uint64_t> seed = {};  // none: a fresh random seed per request
-  int64_t max_tokens = 16;        // tokens to generate at most (0: only the prompt's logprobs)
+  std::optional<uint64_t> seed = {};   // none: a fresh random seed per request
+  int64_t max_tokens = 16;             // tokens to generate at most (0: only the prompt's logprobs)
   std::vector<std::string> stop = {};  // generation ends before the first occurrence of any (not part of the text)
-  int64_t logprobs = -1;          // -1: none; k >= 0: each token's logprob and the k most likely alternatives
-  bool echo = false;              // the prompt's tokens (and, with logprobs, their logprobs) come first
-  bool ignore_eos = false;        // keep generating after the end-of-text token
+  int64_t logprobs = -1;               // -1: none; k >= 0: each token's logprob and the k most likely alternatives
+  bool echo = false;                   // the prompt's tokens (and, with logprobs, their logprobs) come first
+  bool ignore_eos = false;             // keep generating after the end-of-text token
 };
 
 // One token of a result, with its logprob under the model (log-softmax of the raw logits, whatever
 // the sampling temperature) when logprobs were asked for.
 struct TokenLogprob {
   int32_t id = -1;
-  std::string text = {};                             // the token's bytes (may be part of a character)
-  std::optional<double> logprob = {};                // none for the first prompt token (nothing predicts it)
+  std::string text = {};                                 // the token's bytes (may be part of a character)
+  std::optional<double> logprob = {};                    // none for the first prompt token (nothing predicts it)
   std::vector<std::pair<std::string, double>> top = {};  // the k most likely tokens at this position
-  int64_t text_offset = 0;                           // bytes of text before this token (prompt + completion)
+  int64_t text_offset = 0;                               // bytes of text before this token (prompt + completion)
 };
 
 struct RequestEvent {
-  std::string text = {};            // new completion text (the prompt's when prompt = true)
+  std::string text = {};                  // new completion text (the prompt's when prompt = true)
   std::vector<TokenLogprob> tokens = {};  // the tokens behind `text`, when logprobs or echo were asked for
-  bool prompt = false;              // the echoed prompt (first event, echo only)
-  bool done = false;                // the last event: finish_reason and the counts are set
-  std::string finish_reason = {};   // "stop" | "length" | "cancelled" | "error"
-  std::string error = {};           // the engine's error message (finish_reason "error")
+  bool prompt = false;                    // the echoed prompt (first event, echo only)
+  bool done = false;                      // the last event: finish_reason and the counts are set
+  std::string finish_reason = {};         // "stop" | "length" | "cancelled" | "error"
+  std::string error = {};                 // the engine's error message (finish_reason "error")
   int64_t prompt_tokens = 0, completion_tokens = 0;
 };
 

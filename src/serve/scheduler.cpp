@@ -16,17 +16,17 @@ namespace diffmoe::serve {
 // A request the engine thread runs.
 struct Scheduler::Active {
   std::shared_ptr<Request> req;
-  int64_t seq = -1;           // the engine's sequence (-1: none taken)
-  int64_t prefilled = 0;      // prompt positions in the cache
-  int64_t budget_blocks = 0;  // blocks for prompt + max_tokens, reserved at admission
+  int64_t seq = -1;                         // the engine's sequence (-1: none taken)
+  int64_t prefilled = 0;                    // prompt positions in the cache
+  int64_t budget_blocks = 0;                // blocks for prompt + max_tokens, reserved at admission
   std::vector<TokenLogprob> prompt_tokens;  // echo: the prompt's tokens (logprobs filled as chunks run)
   std::string prompt_text;
-  std::vector<int32_t> generated;           // sampled tokens (the end-of-text token too)
-  int32_t next = -1;                        // the last sampled token: fed at the next step
-  std::string text;                         // completion bytes so far
-  std::vector<TokenLogprob> tokens;         // the completion's tokens
+  std::vector<int32_t> generated;    // sampled tokens (the end-of-text token too)
+  int32_t next = -1;                 // the last sampled token: fed at the next step
+  std::string text;                  // completion bytes so far
+  std::vector<TokenLogprob> tokens;  // the completion's tokens
   size_t sent_bytes = 0, sent_tokens = 0, searched = 0;
-  int64_t text_base = 0;                    // bytes before the completion in the reported text (echo)
+  int64_t text_base = 0;  // bytes before the completion in the reported text (echo)
   Sampler sampler;
   StopMatcher stop;
   bool done = false;
@@ -46,7 +46,8 @@ Scheduler::Scheduler(Model& model, const data::Tokenizer& tokenizer, SchedulerOp
   for (int64_t id = 0; id < std::min<int64_t>(V, tokenizer.vocab_size()); ++id)
     valid_id_[static_cast<size_t>(id)] = tokenizer.is_token(static_cast<int32_t>(id)) ? 1 : 0;
   DIFFMOE_CHECK(std::any_of(valid_id_.begin(), valid_id_.end(), [](char c) { return c != 0; }),
-                "[scheduler] the tokenizer ({} ids) has no id in the model's vocabulary of {}", tokenizer.vocab_size(), V);
+                "[scheduler] the tokenizer ({} ids) has no id in the model's vocabulary of {}", tokenizer.vocab_size(),
+                V);
   free_blocks_ = engine_.cache().free_blocks();
 }
 
@@ -93,8 +94,10 @@ std::shared_ptr<Request> Scheduler::submit(std::vector<int32_t> prompt, Sampling
   if (p.max_tokens < 0) throw InvalidRequest("max_tokens", fmt::format("max_tokens {} must be >= 0", p.max_tokens));
   const int64_t ctx = max_context();
   if (P >= ctx + (p.max_tokens == 0 ? 1 : 0))
-    throw InvalidRequest("prompt", fmt::format("This model's maximum context length is {} tokens. However, your prompt has "
-                                               "{} tokens.", ctx, P));
+    throw InvalidRequest("prompt",
+                         fmt::format("This model's maximum context length is {} tokens. However, your prompt has "
+                                     "{} tokens.",
+                                     ctx, P));
   if (P + p.max_tokens > ctx)
     throw InvalidRequest("max_tokens", fmt::format("This model's maximum context length is {} tokens. However, you "
                                                    "requested {} tokens ({} in the prompt, {} for the completion).",
@@ -105,7 +108,8 @@ std::shared_ptr<Request> Scheduler::submit(std::vector<int32_t> prompt, Sampling
                                                    P + p.max_tokens, blocks, engine_.cache().total_blocks()));
   if (!(p.temperature >= 0.0) || !std::isfinite(p.temperature))
     throw InvalidRequest("temperature", fmt::format("temperature {} must be >= 0", p.temperature));
-  if (!(p.top_p > 0.0 && p.top_p <= 1.0)) throw InvalidRequest("top_p", fmt::format("top_p {} must be in (0, 1]", p.top_p));
+  if (!(p.top_p > 0.0 && p.top_p <= 1.0))
+    throw InvalidRequest("top_p", fmt::format("top_p {} must be in (0, 1]", p.top_p));
   if (p.top_k < 0) throw InvalidRequest("top_k", fmt::format("top_k {} must be >= 0 (0 = off)", p.top_k));
   if (p.logprobs > max_logprobs())
     throw InvalidRequest("logprobs", fmt::format("logprobs {} exceeds the limit of {}", p.logprobs, max_logprobs()));
@@ -134,10 +138,16 @@ std::shared_ptr<Request> Scheduler::submit(std::vector<int32_t> prompt, Sampling
 }
 
 SchedulerStats Scheduler::stats() const {
-  return SchedulerStats{.running = n_running_.load(), .waiting = n_waiting_.load(), .free_blocks = free_blocks_.load(),
-                        .total_blocks = engine_.cache().total_blocks(), .block_size = engine_.cache().block_size(),
-                        .steps = steps_.load(), .prompt_tokens = prompt_tokens_.load(), .generated_tokens = generated_.load(),
-                        .finished = finished_.load(), .cancelled = cancelled_.load()};
+  return SchedulerStats{.running = n_running_.load(),
+                        .waiting = n_waiting_.load(),
+                        .free_blocks = free_blocks_.load(),
+                        .total_blocks = engine_.cache().total_blocks(),
+                        .block_size = engine_.cache().block_size(),
+                        .steps = steps_.load(),
+                        .prompt_tokens = prompt_tokens_.load(),
+                        .generated_tokens = generated_.load(),
+                        .finished = finished_.load(),
+                        .cancelled = cancelled_.load()};
 }
 
 void Scheduler::thread_main() {
@@ -166,8 +176,8 @@ void Scheduler::admit() {
   std::lock_guard lock(mu_);
   for (auto it = waiting_.begin(); it != waiting_.end();) {
     if ((*it)->cancelled()) {
-      (*it)->push(RequestEvent{.done = true, .finish_reason = "cancelled",
-                               .prompt_tokens = static_cast<int64_t>((*it)->prompt().size())});
+      (*it)->push(RequestEvent{
+          .done = true, .finish_reason = "cancelled", .prompt_tokens = static_cast<int64_t>((*it)->prompt().size())});
       ++cancelled_;
       it = waiting_.erase(it);
     } else {
@@ -182,8 +192,8 @@ void Scheduler::admit() {
     int64_t outstanding = 0;  // blocks the running requests may still take
     for (const auto& a : running_) outstanding += a->budget_blocks - static_cast<int64_t>(cache.blocks(a->seq).size());
     if (cache.free_blocks() - outstanding < need) break;  // arrival order: nothing overtakes the head
-    auto a = std::make_unique<Active>(r, SamplerOptions{.temperature = p.temperature, .top_k = p.top_k, .top_p = p.top_p,
-                                                        .seed = *p.seed});
+    auto a = std::make_unique<Active>(
+        r, SamplerOptions{.temperature = p.temperature, .top_k = p.top_k, .top_p = p.top_p, .seed = *p.seed});
     waiting_.pop_front();
     prompt_tokens_ += P;
     if (p.echo) {
@@ -249,8 +259,9 @@ bool Scheduler::iteration() {
       if (lr == LogitRows::kNone) n = left - 1;  // the last prompt position waits for a logit row
     }
     if (n <= 0) continue;
-    batch.push_back({.seq = a->seq, .tokens = std::span<const int32_t>(a->req->prompt()).subspan(static_cast<size_t>(a->prefilled),
-                                                                                                 static_cast<size_t>(n)),
+    batch.push_back({.seq = a->seq,
+                     .tokens = std::span<const int32_t>(a->req->prompt())
+                                   .subspan(static_cast<size_t>(a->prefilled), static_cast<size_t>(n)),
                      .logits = lr});
     who.push_back(a.get());
     rows -= n;
@@ -294,7 +305,8 @@ bool Scheduler::iteration() {
         const double lse = log_sum_exp(z);
         TokenLogprob& tok = a.prompt_tokens[static_cast<size_t>(p)];
         tok.logprob = z[static_cast<size_t>(tok.id)] - lse;
-        for (const auto& [id, lp] : top_logprobs(z, a.params().logprobs, lse)) tok.top.emplace_back(std::string(tok_.token_bytes(id)), lp);
+        for (const auto& [id, lp] : top_logprobs(z, a.params().logprobs, lse))
+          tok.top.emplace_back(std::string(tok_.token_bytes(id)), lp);
       }
     }
     a.prefilled += n;
@@ -329,11 +341,13 @@ void Scheduler::add_token(Active& a, int32_t id, std::span<const float> z, doubl
   const bool eos = tok_.eos_id() && id == *tok_.eos_id() && !p.ignore_eos;
   // The end-of-text token adds no text but is reported with its logprob (zero-width, at the end):
   // a scorer that reads one token past the prompt (lm-evaluation-harness) must find it.
-  TokenLogprob t{.id = id, .text = eos ? std::string() : std::string(tok_.token_bytes(id)),
+  TokenLogprob t{.id = id,
+                 .text = eos ? std::string() : std::string(tok_.token_bytes(id)),
                  .text_offset = a.text_base + static_cast<int64_t>(a.text.size())};
   if (p.logprobs >= 0) {
     t.logprob = z[static_cast<size_t>(id)] - lse;
-    for (const auto& [alt, lp] : top_logprobs(z, p.logprobs, lse)) t.top.emplace_back(std::string(tok_.token_bytes(alt)), lp);
+    for (const auto& [alt, lp] : top_logprobs(z, p.logprobs, lse))
+      t.top.emplace_back(std::string(tok_.token_bytes(alt)), lp);
   }
   a.text += t.text;
   a.tokens.push_back(std::move(t));
@@ -384,7 +398,9 @@ void Scheduler::send_ready(Active& a, bool final) {
 void Scheduler::finish(Active& a, const std::string& reason) {
   if (a.done) return;
   if (reason != "cancelled") send_ready(a, true);
-  a.req->push(RequestEvent{.done = true, .finish_reason = reason, .prompt_tokens = a.prompt_len(),
+  a.req->push(RequestEvent{.done = true,
+                           .finish_reason = reason,
+                           .prompt_tokens = a.prompt_len(),
                            .completion_tokens = static_cast<int64_t>(a.generated.size())});
   if (a.seq >= 0) engine_.release(a.seq);  // the blocks are free for the next step
   a.seq = -1;
@@ -396,7 +412,10 @@ void Scheduler::finish(Active& a, const std::string& reason) {
 void Scheduler::fail_all(const std::string& message) {
   for (auto& a : running_) {
     if (a->done) continue;
-    a->req->push(RequestEvent{.done = true, .finish_reason = "error", .error = message, .prompt_tokens = a->prompt_len(),
+    a->req->push(RequestEvent{.done = true,
+                              .finish_reason = "error",
+                              .error = message,
+                              .prompt_tokens = a->prompt_len(),
                               .completion_tokens = static_cast<int64_t>(a->generated.size())});
     if (a->seq >= 0 && engine_.cache().contains(a->seq)) engine_.release(a->seq);
     a->seq = -1;

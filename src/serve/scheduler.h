@@ -38,7 +38,8 @@ struct SchedulerOptions {
 
 // A request that can never run as given (the HTTP layer answers 400 naming `param`).
 struct InvalidRequest : std::runtime_error {
-  InvalidRequest(std::string param, const std::string& message) : std::runtime_error(message), param(std::move(param)) {}
+  InvalidRequest(std::string param, const std::string& message)
+      : std::runtime_error(message), param(std::move(param)) {}
   std::string param;
 };
 // The waiting queue is full or the scheduler is stopping (the HTTP layer answers 429 / 503).

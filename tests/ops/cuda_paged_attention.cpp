@@ -40,8 +40,10 @@ void check_paged(bool differential, int64_t H, int64_t r_kv, int64_t d_rope, int
       table[static_cast<size_t>(b * max_blocks + i)] = order[next++];
     offsets[static_cast<size_t>(b + 1)] = offsets[static_cast<size_t>(b)] + batch.n_q[static_cast<size_t>(b)];
   }
-  Dual out(Shape{h_out, N, r_kv}), q_lat(Shape{H, N, r_kv}), q_rope(Shape{N, H, W}), pool(Shape{n_blocks, bs, r_kv + d_rope});
-  Dual lambda(Shape{1}), tab(Shape{B, max_blocks}, DType::kI32), lens(Shape{B}, DType::kI32), q_off(Shape{B + 1}, DType::kI32);
+  Dual out(Shape{h_out, N, r_kv}), q_lat(Shape{H, N, r_kv}), q_rope(Shape{N, H, W}),
+      pool(Shape{n_blocks, bs, r_kv + d_rope});
+  Dual lambda(Shape{1}), tab(Shape{B, max_blocks}, DType::kI32), lens(Shape{B}, DType::kI32),
+      q_off(Shape{B + 1}, DType::kI32);
   q_lat.normal(70, 0.5);
   q_rope.normal(71, 0.5);
   pool.normal(72);
@@ -51,13 +53,21 @@ void check_paged(bool differential, int64_t H, int64_t r_kv, int64_t d_rope, int
   q_off.set(offsets);
   out.poison();
   run_both([&](Backend& be, Side s) {
-    be.paged_latent_attention({}, {.out = out[s], .q_lat = q_lat[s], .q_rope = q_rope[s], .cache = pool[s],
-                                   .lambda = differential ? lambda[s] : Tensor{}, .block_table = tab[s],
-                                   .kv_lens = lens[s], .q_offsets = q_off[s], .q_rope_offset = off, .scale = 0.21,
+    be.paged_latent_attention({}, {.out = out[s],
+                                   .q_lat = q_lat[s],
+                                   .q_rope = q_rope[s],
+                                   .cache = pool[s],
+                                   .lambda = differential ? lambda[s] : Tensor{},
+                                   .block_table = tab[s],
+                                   .kv_lens = lens[s],
+                                   .q_offsets = q_off[s],
+                                   .q_rope_offset = off,
+                                   .scale = 0.21,
                                    .differential = differential});
   });
-  expect_close(out, kPagedTol,
-               fmt::format("paged_latent_attention diff={} H={} r_kv={} d_rope={} bs={}", differential, H, r_kv, d_rope, bs));
+  expect_close(
+      out, kPagedTol,
+      fmt::format("paged_latent_attention diff={} H={} r_kv={} d_rope={} bs={}", differential, H, r_kv, d_rope, bs));
 }
 
 TEST(CudaPaged, LatentAttentionMatchesCpu) {
@@ -65,9 +75,9 @@ TEST(CudaPaged, LatentAttentionMatchesCpu) {
   // Lengths around the 16-key tile (1, 15, 16, 17, 40), query rows of decode (1) and prefill (up to
   // the whole sequence), a sequence without query rows.
   const Batch mixed{{1, 17, 40, 16, 9, 15}, {1, 1, 7, 16, 0, 3}};
-  check_paged(true, 4, 9, 4, 5, mixed);     // one head chunk
-  check_paged(false, 3, 9, 4, 4, mixed);    // plain, odd head count
-  check_paged(true, 20, 33, 6, 3, mixed);   // 3 head chunks (8 + 8 + 4), r_kv not a multiple of a warp
+  check_paged(true, 4, 9, 4, 5, mixed);                    // one head chunk
+  check_paged(false, 3, 9, 4, 4, mixed);                   // plain, odd head count
+  check_paged(true, 20, 33, 6, 3, mixed);                  // 3 head chunks (8 + 8 + 4), r_kv not a multiple of a warp
   check_paged(true, 16, 512, 64, 16, {{70, 33}, {2, 1}});  // seed-20b's row width (72 KiB of shared memory)
 }
 
@@ -78,7 +88,8 @@ TEST(CudaPaged, CacheWriteMatchesCpu) {
   pool.normal(80);
   rows.normal(81);
   slots.set({34, 0, 5, 6, 12, 33, 20, 1, 19});
-  run_both([&](Backend& be, Side s) { be.paged_cache_write({}, {.cache = pool[s], .rows = rows[s], .slots = slots[s]}); });
+  run_both(
+      [&](Backend& be, Side s) { be.paged_cache_write({}, {.cache = pool[s], .rows = rows[s], .slots = slots[s]}); });
   expect_close(pool, kExact, "paged_cache_write");
 }
 
@@ -92,8 +103,14 @@ TEST(CudaPaged, RopePositionsMatchCpu) {
     sin.normal(92);
     pos.set({49, 0, 3, 3, 17, 8, 1, 40, 2, 2, 30, 12, 6});
     run_both([&](Backend& be, Side s) {
-      be.rope({}, {.x = x[s], .cos = cos[s], .sin = sin[s], .n_heads = H, .head_stride = stride,
-                   .col_offset = stride == dqk ? dn : 3, .rope_dim = dr, .positions = pos[s]});
+      be.rope({}, {.x = x[s],
+                   .cos = cos[s],
+                   .sin = sin[s],
+                   .n_heads = H,
+                   .head_stride = stride,
+                   .col_offset = stride == dqk ? dn : 3,
+                   .rope_dim = dr,
+                   .positions = pos[s]});
     });
     expect_close(x, kExact, fmt::format("rope positions stride {}", stride));
   }
@@ -105,10 +122,12 @@ TEST(CudaPaged, BadIndicesAreReportedAtSynchronize) {
   pool.normal(1);
   rows.normal(2);
   slots.set({1, 6});
-  expect_error([&] {
-    gpu().paged_cache_write({}, {.cache = pool[Side::kGpu], .rows = rows[Side::kGpu], .slots = slots[Side::kGpu]});
-    gpu().synchronize({});
-  }, {"[paged_cache_write]", "slots[1] = 6", "[0, 6)"});
+  expect_error(
+      [&] {
+        gpu().paged_cache_write({}, {.cache = pool[Side::kGpu], .rows = rows[Side::kGpu], .slots = slots[Side::kGpu]});
+        gpu().synchronize({});
+      },
+      {"[paged_cache_write]", "slots[1] = 6", "[0, 6)"});
 
   Dual out(Shape{2, 2, 6}), q_lat(Shape{4, 2, 6}), q_rope(Shape{2, 4, 4}), lambda(Shape{1});
   Dual tab(Shape{1, 2}, DType::kI32), lens(Shape{1}, DType::kI32), q_off(Shape{2}, DType::kI32);
@@ -119,9 +138,13 @@ TEST(CudaPaged, BadIndicesAreReportedAtSynchronize) {
   lens.set({3});
   q_off.set({0, 2});
   const auto call = [&] {
-    gpu().paged_latent_attention({}, {.out = out[Side::kGpu], .q_lat = q_lat[Side::kGpu], .q_rope = q_rope[Side::kGpu],
-                                      .cache = pool[Side::kGpu], .lambda = lambda[Side::kGpu],
-                                      .block_table = tab[Side::kGpu], .kv_lens = lens[Side::kGpu],
+    gpu().paged_latent_attention({}, {.out = out[Side::kGpu],
+                                      .q_lat = q_lat[Side::kGpu],
+                                      .q_rope = q_rope[Side::kGpu],
+                                      .cache = pool[Side::kGpu],
+                                      .lambda = lambda[Side::kGpu],
+                                      .block_table = tab[Side::kGpu],
+                                      .kv_lens = lens[Side::kGpu],
                                       .q_offsets = q_off[Side::kGpu]});
     gpu().synchronize({});
   };

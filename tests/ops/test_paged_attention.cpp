@@ -76,9 +76,17 @@ void check_paged_vs_contiguous(bool differential, int64_t H, uint64_t seed) {
   test::fill_normal(q_lat, seed + 10);
   test::fill_normal(q_rope, seed + 11);
   for (int64_t i = 0; i < out.numel(); ++i) out.at<double>(i) = std::numeric_limits<double>::quiet_NaN();
-  be.paged_latent_attention({}, {.out = out, .q_lat = q_lat, .q_rope = q_rope, .cache = pool, .lambda = lambda,
-                                 .block_table = table, .kv_lens = kv_lens, .q_offsets = q_off, .q_rope_offset = dn,
-                                 .scale = 0.37, .differential = differential});
+  be.paged_latent_attention({}, {.out = out,
+                                 .q_lat = q_lat,
+                                 .q_rope = q_rope,
+                                 .cache = pool,
+                                 .lambda = lambda,
+                                 .block_table = table,
+                                 .kv_lens = kv_lens,
+                                 .q_offsets = q_off,
+                                 .q_rope_offset = dn,
+                                 .scale = 0.37,
+                                 .differential = differential});
 
   double worst = 0.0;
   for (int64_t b = 0; b < B; ++b) {
@@ -89,17 +97,27 @@ void check_paged_vs_contiguous(bool differential, int64_t H, uint64_t seed) {
     Owned ql(Shape{1, s.n_q, H, rkv}, f64), qr(Shape{1, s.n_q, H, W}, f64), ref(Shape{1, s.n_q, h_out, rkv}, f64);
     for (int64_t t = 0; t < s.n_q; ++t)
       for (int64_t j = 0; j < H; ++j) {
-        for (int64_t i = 0; i < rkv; ++i) ql.at<double>((t * H + j) * rkv + i) = q_lat.at<double>((j * N + r0 + t) * rkv + i);
-        for (int64_t i = 0; i < W; ++i) qr.at<double>((t * H + j) * W + i) = q_rope.at<double>(((r0 + t) * H + j) * W + i);
+        for (int64_t i = 0; i < rkv; ++i)
+          ql.at<double>((t * H + j) * rkv + i) = q_lat.at<double>((j * N + r0 + t) * rkv + i);
+        for (int64_t i = 0; i < W; ++i)
+          qr.at<double>((t * H + j) * W + i) = q_rope.at<double>(((r0 + t) * H + j) * W + i);
       }
-    be.latent_attention({}, {.out = ref, .q_lat = ql, .q_rope = qr, .cache = contiguous[static_cast<size_t>(b)],
-                             .lambda = lambda, .kv_len = s.kv_len, .q_rope_offset = dn, .scale = 0.37,
+    be.latent_attention({}, {.out = ref,
+                             .q_lat = ql,
+                             .q_rope = qr,
+                             .cache = contiguous[static_cast<size_t>(b)],
+                             .lambda = lambda,
+                             .kv_len = s.kv_len,
+                             .q_rope_offset = dn,
+                             .scale = 0.37,
                              .differential = differential});
     for (int64_t t = 0; t < s.n_q; ++t)
       for (int64_t g = 0; g < h_out; ++g)
         for (int64_t i = 0; i < rkv; ++i) {
-          const double got = out.at<double>((g * N + r0 + t) * rkv + i), want = ref.at<double>((t * h_out + g) * rkv + i);
-          ASSERT_TRUE(std::isfinite(got)) << "a NaN pool row (owned by no sequence) was read, or the row was not written";
+          const double got = out.at<double>((g * N + r0 + t) * rkv + i),
+                       want = ref.at<double>((t * h_out + g) * rkv + i);
+          ASSERT_TRUE(std::isfinite(got))
+              << "a NaN pool row (owned by no sequence) was read, or the row was not written";
           worst = std::max(worst, std::abs(got - want));
         }
   }
@@ -126,8 +144,14 @@ struct SmallCall {
     q_off.at<int32_t>(1) = 2;
   }
   PagedLatentAttentionArgs args() const {
-    return {.out = out, .q_lat = q_lat, .q_rope = q_rope, .cache = pool, .lambda = lambda, .block_table = table,
-            .kv_lens = kv_lens, .q_offsets = q_off};
+    return {.out = out,
+            .q_lat = q_lat,
+            .q_rope = q_rope,
+            .cache = pool,
+            .lambda = lambda,
+            .block_table = table,
+            .kv_lens = kv_lens,
+            .q_offsets = q_off};
   }
 };
 
@@ -200,11 +224,24 @@ TEST(RopePositions, EqualPerRowOffsets) {
     }
   const int32_t positions[N] = {8, 0, 3, 3, 6};
   for (int64_t n = 0; n < N; ++n) pos.at<int32_t>(n) = positions[n];
-  be.rope({}, {.x = x, .cos = cos, .sin = sin, .n_heads = heads, .head_stride = stride, .col_offset = off, .rope_dim = dr,
+  be.rope({}, {.x = x,
+               .cos = cos,
+               .sin = sin,
+               .n_heads = heads,
+               .head_stride = stride,
+               .col_offset = off,
+               .rope_dim = dr,
                .positions = pos});
   for (int64_t n = 0; n < N; ++n)
-    be.rope({}, {.x = y.t().rows(n, n + 1), .cos = cos, .sin = sin, .n_heads = heads, .head_stride = stride,
-                 .col_offset = off, .rope_dim = dr, .seq_len = 1, .pos_offset = positions[n]});
+    be.rope({}, {.x = y.t().rows(n, n + 1),
+                 .cos = cos,
+                 .sin = sin,
+                 .n_heads = heads,
+                 .head_stride = stride,
+                 .col_offset = off,
+                 .rope_dim = dr,
+                 .seq_len = 1,
+                 .pos_offset = positions[n]});
   for (int64_t i = 0; i < x.numel(); ++i) EXPECT_EQ(x.at<double>(i), y.at<double>(i)) << "element " << i;
   pos.at<int32_t>(4) = 9;  // the table has positions 0 … 8
   test::expect_error([&] { be.rope({}, {.x = x, .cos = cos, .sin = sin, .rope_dim = dr, .positions = pos}); },

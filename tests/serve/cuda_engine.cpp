@@ -42,7 +42,8 @@ void check_cuda_engine(const Case& c) {
   std::vector<std::vector<int32_t>> prompts;
   for (uint64_t i = 0; i < 3; ++i) {
     std::vector<int32_t> t(static_cast<size_t>(9 + 5 * i));
-    for (size_t j = 0; j < t.size(); ++j) t[j] = static_cast<int32_t>((j * 37 + i * 101 + 7) % static_cast<size_t>(cfg.vocab_size));
+    for (size_t j = 0; j < t.size(); ++j)
+      t[j] = static_cast<int32_t>((j * 37 + i * 101 + 7) % static_cast<size_t>(cfg.vocab_size));
     prompts.push_back(t);
   }
   const int64_t V = cfg.vocab_size;
@@ -78,7 +79,8 @@ void check_cuda_engine(const Case& c) {
     size_t k = 0;
     for (size_t i = 0; i < 3; ++i) {
       if (static_cast<int>(i) > step || sa[i] == -2) continue;
-      const int64_t row = oa.first_row[k] + (ba[k].logits == LogitRows::kAll ? static_cast<int64_t>(ba[k].tokens.size()) - 1 : 0);
+      const int64_t row =
+          oa.first_row[k] + (ba[k].logits == LogitRows::kAll ? static_cast<int64_t>(ba[k].tokens.size()) - 1 : 0);
       const auto z = la.begin() + row * V;
       next[i] = static_cast<int32_t>(std::max_element(z, z + V) - z);
       ++k;
@@ -89,7 +91,8 @@ void check_cuda_engine(const Case& c) {
       sa[0] = sb[0] = -2;
     }
   }
-  std::printf("[cuda-engine] %s: max rel error of a logit row, CUDA vs CPU %.3e (tolerance %.0e: %s)\n", c.name, worst, c.tol, c.why);
+  std::printf("[cuda-engine] %s: max rel error of a logit row, CUDA vs CPU %.3e (tolerance %.0e: %s)\n", c.name, worst,
+              c.tol, c.why);
   EXPECT_LE(worst, c.tol) << c.name;
   EXPECT_EQ(b.cache().free_blocks(), a.cache().free_blocks());
 }
@@ -110,7 +113,8 @@ TEST(CudaEngine, Fp8WeightsMatchCpuEngine) {
   // sums exact products in f32 on the GPU and in f64 on the CPU, but an activation tile that
   // differs in one f32 ulp upstream can round to another e4m3 code: 1e-2 per row.
   try {
-    check_cuda_engine({"fp8 weights", Precision::kF32, true, 1e-2, "e4m3 codes of activations one f32 ulp apart may differ"});
+    check_cuda_engine(
+        {"fp8 weights", Precision::kF32, true, 1e-2, "e4m3 codes of activations one f32 ulp apart may differ"});
   } catch (const Error& e) {
     if (std::string(e.what()).find("runs on compute capability 9.x") == std::string::npos) throw;
     GTEST_SKIP() << e.what();

@@ -46,7 +46,8 @@ inline Proc run_process(const std::vector<std::string>& argv, const fs::path& di
   const pid_t pid = ::fork();
   if (pid == 0) {
     const int out = ::open(out_file.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
-    const int err = err_file.empty() ? ::open("/dev/null", O_WRONLY) : ::open(err_file.c_str(), O_WRONLY | O_CREAT | O_APPEND, 0644);
+    const int err = err_file.empty() ? ::open("/dev/null", O_WRONLY)
+                                     : ::open(err_file.c_str(), O_WRONLY | O_CREAT | O_APPEND, 0644);
     ::dup2(out, STDOUT_FILENO);
     ::dup2(err, STDERR_FILENO);
     for (const std::string& e : env) ::putenv(const_cast<char*>(e.c_str()));
@@ -136,12 +137,17 @@ struct HttpResult {
 };
 
 // curl METHOD url [body]: the status and body. `extra` adds curl options.
-inline HttpResult curl(const fs::path& dir, const std::string& method, const std::string& url, const std::string& body = "",
-                       std::vector<std::string> extra = {}) {
+inline HttpResult curl(const fs::path& dir, const std::string& method, const std::string& url,
+                       const std::string& body = "", std::vector<std::string> extra = {}) {
   static int counter = 0;
   const fs::path body_file = dir / ("curl-body-" + std::to_string(::getpid()) + "-" + std::to_string(counter++));
-  std::vector<std::string> argv = {"curl", "-s", "-S", "-N", "-X", method, "-o", body_file.string(), "-w", "%{http_code}",
-                                   "-H", "Content-Type: application/json", "--max-time", "60"};
+  std::vector<std::string> argv = {"curl",       "-s",
+                                   "-S",         "-N",
+                                   "-X",         method,
+                                   "-o",         body_file.string(),
+                                   "-w",         "%{http_code}",
+                                   "-H",         "Content-Type: application/json",
+                                   "--max-time", "60"};
   if (!body.empty()) {
     std::string in = body_file.string();  // (not "@" + s: GCC 12's -Wrestrict false positive)
     in += ".in";
@@ -202,7 +208,8 @@ class RawStream {
       close();
       return;
     }
-    const std::string req = "POST " + path + " HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: " +
+    const std::string req = "POST " + path +
+                            " HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: " +
                             std::to_string(body.size()) + "\r\n\r\n" + body;
     if (::send(fd_, req.data(), req.size(), MSG_NOSIGNAL) != static_cast<ssize_t>(req.size())) close();
   }
@@ -251,7 +258,8 @@ inline std::string http_body(const std::string& response) {
 }
 
 // Reads until `until` appears in the response, then hangs up (a client that goes away mid-stream).
-inline std::string post_and_hang_up(int port, const std::string& path, const std::string& body, const std::string& until) {
+inline std::string post_and_hang_up(int port, const std::string& path, const std::string& body,
+                                    const std::string& until) {
   RawStream s(port, path, body);
   return s.read_until(until);
 }

@@ -36,7 +36,8 @@ std::vector<double> forward_logits(Model& m, const std::vector<int32_t>& tokens)
 std::vector<int32_t> random_tokens(int64_t n, int64_t vocab, uint64_t seed) {
   std::vector<int32_t> t(static_cast<size_t>(n));
   for (int64_t i = 0; i < n; ++i)
-    t[static_cast<size_t>(i)] = static_cast<int32_t>(uniform_at(seed, 0x5e, static_cast<uint64_t>(i)) * (static_cast<double>(vocab) - 1e-9));
+    t[static_cast<size_t>(i)] =
+        static_cast<int32_t>(uniform_at(seed, 0x5e, static_cast<uint64_t>(i)) * (static_cast<double>(vocab) - 1e-9));
   return t;
 }
 
@@ -44,8 +45,8 @@ std::vector<int32_t> random_tokens(int64_t n, int64_t vocab, uint64_t seed) {
 struct Client {
   std::vector<int32_t> tokens;
   std::vector<double> reference = {};  // [T, V]
-  int64_t start_step = 0;         // the step it joins at
-  int64_t chunk = 1;              // positions per step while prefilling (its first `prompt` tokens)
+  int64_t start_step = 0;              // the step it joins at
+  int64_t chunk = 1;                   // positions per step while prefilling (its first `prompt` tokens)
   int64_t prompt = 1;
   int64_t id = -1, done = 0;
 };
@@ -66,12 +67,16 @@ double run_mixed_batch(Model& m, const EngineOptions& opt, std::vector<Client>& 
       if (c.id < 0) c.id = engine.add_sequence();
       const int64_t n = c.done < c.prompt ? std::min(c.chunk, c.prompt - c.done) : 1;
       // Prompt chunks ask for every row's logits (prompt logprobs), decode steps for the last one.
-      batch.push_back({.seq = c.id, .tokens = std::span<const int32_t>(c.tokens).subspan(static_cast<size_t>(c.done), static_cast<size_t>(n)),
-                       .logits = c.done < c.prompt ? LogitRows::kAll : LogitRows::kLast});
+      batch.push_back(
+          {.seq = c.id,
+           .tokens = std::span<const int32_t>(c.tokens).subspan(static_cast<size_t>(c.done), static_cast<size_t>(n)),
+           .logits = c.done < c.prompt ? LogitRows::kAll : LogitRows::kLast});
       in_batch.push_back(&c);
     }
     if (batch.empty()) {
-      if (std::all_of(clients.begin(), clients.end(), [](const Client& c) { return c.done == static_cast<int64_t>(c.tokens.size()); })) break;
+      if (std::all_of(clients.begin(), clients.end(),
+                      [](const Client& c) { return c.done == static_cast<int64_t>(c.tokens.size()); }))
+        break;
       continue;
     }
     const StepOutput out = engine.step({}, batch);
@@ -126,8 +131,8 @@ void check_engine(const ModelConfig& cfg, uint64_t seed) {
   // sequences of which at most 4 run at once.
   const EngineOptions opt{.max_batch = 4, .max_step_tokens = 14, .block_size = 3, .n_blocks = 12};
   const double worst = run_mixed_batch(m, opt, clients);
-  std::printf("[engine] %s f64: max rel error of a logit row vs the full forward %.3e\n", cfg.differential ? "micro_diff" : "micro_plain",
-              worst);
+  std::printf("[engine] %s f64: max rel error of a logit row vs the full forward %.3e\n",
+              cfg.differential ? "micro_diff" : "micro_plain", worst);
   EXPECT_LE(worst, kF64Tol);
 }
 
@@ -141,7 +146,8 @@ TEST(Engine, MixedBatchMatchesFullForwardF32) {
   Model m(dt::micro_diff_config(), be, DType::kF32);
   dt::randomize_for_test(m, 17);
   std::vector<Client> clients = make_clients(m, 400);
-  const double worst = run_mixed_batch(m, {.max_batch = 4, .max_step_tokens = 12, .block_size = 2, .n_blocks = 17}, clients);
+  const double worst =
+      run_mixed_batch(m, {.max_batch = 4, .max_step_tokens = 12, .block_size = 2, .n_blocks = 17}, clients);
   std::printf("[engine] micro_diff f32: max rel error %.3e\n", worst);
   EXPECT_LE(worst, 1e-4);
 }
@@ -204,11 +210,14 @@ TEST(Engine, RefusedStepsChangeNothing) {
   expect_refused({{.seq = s, .tokens = one}, {.seq = s, .tokens = one}}, "twice");
   engine.step({}, std::vector<StepSequence>{{.seq = s, .tokens = five}});  // 3 blocks
   EXPECT_EQ(engine.cache().free_blocks(), 1);
-  dt::expect_error([&] { engine.step({}, std::vector<StepSequence>{{.seq = s, .tokens = std::vector<int32_t>{1, 2}}}); },
-                     {"[engine]", "max_context = 6"});
+  dt::expect_error(
+      [&] {
+        engine.step({}, std::vector<StepSequence>{{.seq = s, .tokens = std::vector<int32_t>{1, 2}}});
+      },
+      {"[engine]", "max_context = 6"});
   const std::vector<int32_t> three = {1, 2, 3};
   dt::expect_error([&] { engine.step({}, std::vector<StepSequence>{{.seq = t, .tokens = three}}); },
-                     {"[engine]", "cache blocks"});
+                   {"[engine]", "cache blocks"});
   EXPECT_EQ(engine.cache().length(t), 0);
   engine.release(s);
   EXPECT_EQ(engine.cache().free_blocks(), 4);
@@ -265,8 +274,9 @@ TEST(Engine, Fp8WeightsAgreeWithF32Greedy) {
   double agree_fp8 = 0, err_fp8 = 0, agree_bf16 = 0, err_bf16 = 0;
   compare(fp8, agree_fp8, err_fp8);
   compare(bf16, agree_bf16, err_bf16);
-  std::printf("[engine] fp8 weights: greedy agreement with f32 %.1f%%, logits rel error %.3e; bf16 weights: %.1f%%, %.3e\n",
-              100 * agree_fp8, err_fp8, 100 * agree_bf16, err_bf16);
+  std::printf(
+      "[engine] fp8 weights: greedy agreement with f32 %.1f%%, logits rel error %.3e; bf16 weights: %.1f%%, %.3e\n",
+      100 * agree_fp8, err_fp8, 100 * agree_bf16, err_bf16);
   // e4m3 keeps 3 mantissa bits (relative rounding up to 2^-4 per value, per-block or per-tile
   // scaled; weights and activations both quantised) against bf16's 8: a few percent per GEMM,
   // compounding over two layers of O(1) random weights. Measured on this model: FP8 92% greedy

@@ -58,9 +58,15 @@ class HttpTest : public ::testing::Test {
     fs::remove_all(dir_, ec);
   }
   static std::vector<std::string> server_args(const std::string& max_batch = "8", std::vector<std::string> extra = {}) {
-    std::vector<std::string> a = {"--checkpoint", (dir_ / "model.safetensors").string(), "--tokenizer", (dir_ / "tokenizer.json").string(),
-                                  "--model-name", kModel, "--max-batch", max_batch, "--max-tokens", "500", "--max-request-bytes", "65536",
-                                  "--max-concurrency", "32", "--prefill-chunk", "16", "--block-size", "8"};
+    std::vector<std::string> a = {"--checkpoint",        (dir_ / "model.safetensors").string(),
+                                  "--tokenizer",         (dir_ / "tokenizer.json").string(),
+                                  "--model-name",        kModel,
+                                  "--max-batch",         max_batch,
+                                  "--max-tokens",        "500",
+                                  "--max-request-bytes", "65536",
+                                  "--max-concurrency",   "32",
+                                  "--prefill-chunk",     "16",
+                                  "--block-size",        "8"};
     a.insert(a.end(), extra.begin(), extra.end());
     return a;
   }
@@ -117,7 +123,8 @@ TEST_F(HttpTest, HealthAndModels) {
 
 TEST_F(HttpTest, StreamedCompletionEqualsPlain) {
   for (const std::string sampling : {R"("temperature": 0)", R"("temperature": 0.9, "top_p": 0.9, "seed": 11)"}) {
-    const std::string req = R"({"model": "micro", "prompt": "the captain walked", "max_tokens": 24, "ignore_eos": true, )" + sampling;
+    const std::string req =
+        R"({"model": "micro", "prompt": "the captain walked", "max_tokens": 24, "ignore_eos": true, )" + sampling;
     const test::HttpResult plain = post("/v1/completions", req + "}");
     ASSERT_EQ(plain.status, 200) << plain.body;
     const json p = json::parse(plain.body);
@@ -125,7 +132,8 @@ TEST_F(HttpTest, StreamedCompletionEqualsPlain) {
     EXPECT_EQ(p["choices"][0]["finish_reason"], "length");
     EXPECT_EQ(p["usage"]["completion_tokens"], 24);
     EXPECT_EQ(p["usage"]["prompt_tokens"], static_cast<int64_t>(tok_->encode("the captain walked").size()));
-    const test::HttpResult sse = post("/v1/completions", req + R"(, "stream": true, "stream_options": {"include_usage": true}})");
+    const test::HttpResult sse =
+        post("/v1/completions", req + R"(, "stream": true, "stream_options": {"include_usage": true}})");
     ASSERT_EQ(sse.status, 200) << sse.body;
     const Streamed s = streamed(sse.body, false);
     EXPECT_TRUE(s.done && s.clean) << sse.body;
@@ -136,7 +144,8 @@ TEST_F(HttpTest, StreamedCompletionEqualsPlain) {
 }
 
 TEST_F(HttpTest, StreamedChatEqualsPlain) {
-  const std::string req = R"({"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "The sea?"},
+  const std::string req =
+      R"({"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "The sea?"},
                                            {"role": "assistant", "content": "Deep."}, {"role": "user", "content": [{"type": "text", "text": "And?"}]}],
                               "max_tokens": 16, "temperature": 0)";
   const test::HttpResult plain = post("/v1/chat/completions", req + "}");
@@ -152,8 +161,10 @@ TEST_F(HttpTest, StreamedChatEqualsPlain) {
   EXPECT_EQ(s.finish_reason, p["choices"][0]["finish_reason"]);
   // The prompt is the documented template (docs/serving.md).
   EXPECT_EQ(p["usage"]["prompt_tokens"].get<int64_t>(),
-            static_cast<int64_t>(apply_chat_template({{"system", "Be brief."}, {"user", "The sea?"}, {"assistant", "Deep."}, {"user", "And?"}},
-                                                     *tok_).size()));
+            static_cast<int64_t>(
+                apply_chat_template(
+                    {{"system", "Be brief."}, {"user", "The sea?"}, {"assistant", "Deep."}, {"user", "And?"}}, *tok_)
+                    .size()));
 }
 
 // lm-evaluation-harness's local-completions loglikelihood request: echo, max_tokens 0 (older) or 1,
@@ -162,8 +173,10 @@ TEST_F(HttpTest, EchoLogprobsForLmEval) {
   const std::string prompt = "the whale and the ship";
   const int64_t n = static_cast<int64_t>(tok_->encode(prompt).size());
   for (const int max_tokens : {0, 1}) {
-    const test::HttpResult r = post("/v1/completions", fmt::format(R"({{"prompt": "{}", "max_tokens": {}, "echo": true, "logprobs": 1,
-                                                                      "temperature": 0, "ignore_eos": true}})", prompt, max_tokens));
+    const test::HttpResult r =
+        post("/v1/completions", fmt::format(R"({{"prompt": "{}", "max_tokens": {}, "echo": true, "logprobs": 1,
+                                                                      "temperature": 0, "ignore_eos": true}})",
+                                            prompt, max_tokens));
     ASSERT_EQ(r.status, 200) << r.body;
     const json c = json::parse(r.body)["choices"][0];
     EXPECT_TRUE(c["text"].get<std::string>().starts_with(prompt));
@@ -201,17 +214,26 @@ TEST_F(HttpTest, TokenizerEndpointsForLmEvalRemoteTokenizer) {
   const json cont = json::parse(post("/tokenize", R"({"prompt": " the whale"})").body);
   EXPECT_EQ(ctx["tokens"].get<std::vector<int32_t>>(), tok_->encode("the captain looked at"));
   EXPECT_EQ(ctx["count"], ctx["tokens"].size());
-  EXPECT_EQ(json::parse(post("/detokenize", json{{"tokens", ctx["tokens"]}}.dump()).body)["prompt"], "the captain looked at");
+  EXPECT_EQ(json::parse(post("/detokenize", json{{"tokens", ctx["tokens"]}}.dump()).body)["prompt"],
+            "the captain looked at");
   EXPECT_EQ(post("/detokenize", R"({"tokens": [1, 300]})").status, 400);
   EXPECT_EQ(post("/tokenize", R"({"text": "x"})").status, 400);
 
   std::vector<int32_t> ids = ctx["tokens"].get<std::vector<int32_t>>();
   const size_t ctxlen = ids.size();
   for (const json& t : cont["tokens"]) ids.push_back(t.get<int32_t>());
-  const json scored = json::parse(post("/v1/completions", json{{"model", kModel}, {"prompt", {ids}}, {"temperature", 0}, {"max_tokens", 1},
-                                                                  {"logprobs", 1}, {"seed", 1234}, {"echo", true}}.dump()).body);
+  const json scored = json::parse(post("/v1/completions", json{{"model", kModel},
+                                                               {"prompt", {ids}},
+                                                               {"temperature", 0},
+                                                               {"max_tokens", 1},
+                                                               {"logprobs", 1},
+                                                               {"seed", 1234},
+                                                               {"echo", true}}
+                                                              .dump())
+                                      .body);
   const json& lp = scored["choices"][0]["logprobs"];
-  ASSERT_EQ(lp["token_logprobs"].size(), ids.size() + 1) << "the generated token is listed, also when it is the end-of-text token";
+  ASSERT_EQ(lp["token_logprobs"].size(), ids.size() + 1)
+      << "the generated token is listed, also when it is the end-of-text token";
   double sum = 0.0;
   for (size_t i = ctxlen; i + 1 < lp["token_logprobs"].size(); ++i) sum += lp["token_logprobs"][i].get<double>();
   EXPECT_LT(sum, 0.0);
@@ -219,23 +241,31 @@ TEST_F(HttpTest, TokenizerEndpointsForLmEvalRemoteTokenizer) {
 }
 
 TEST_F(HttpTest, PromptForms) {
-  const test::HttpResult two = post("/v1/completions", R"({"prompt": ["the sea", "a whale"], "max_tokens": 5, "temperature": 0, "ignore_eos": true})");
+  const test::HttpResult two =
+      post("/v1/completions",
+           R"({"prompt": ["the sea", "a whale"], "max_tokens": 5, "temperature": 0, "ignore_eos": true})");
   ASSERT_EQ(two.status, 200) << two.body;
   const json t = json::parse(two.body);
   ASSERT_EQ(t["choices"].size(), 2u);
   for (int i = 0; i < 2; ++i) {
     EXPECT_EQ(t["choices"][i]["index"], i);
-    const json one = json::parse(post("/v1/completions", fmt::format(R"({{"prompt": "{}", "max_tokens": 5, "temperature": 0, "ignore_eos": true}})",
-                                                                      i == 0 ? "the sea" : "a whale")).body);
+    const json one =
+        json::parse(post("/v1/completions",
+                         fmt::format(R"({{"prompt": "{}", "max_tokens": 5, "temperature": 0, "ignore_eos": true}})",
+                                     i == 0 ? "the sea" : "a whale"))
+                        .body);
     EXPECT_EQ(t["choices"][i]["text"], one["choices"][0]["text"]);
   }
   EXPECT_EQ(t["usage"]["completion_tokens"], 10);
   const std::vector<int32_t> ids = tok_->encode("the sea");
-  const json by_ids = json::parse(post("/v1/completions", json{{"prompt", ids}, {"max_tokens", 5}, {"temperature", 0}, {"ignore_eos", true}}.dump()).body);
+  const json by_ids = json::parse(
+      post("/v1/completions", json{{"prompt", ids}, {"max_tokens", 5}, {"temperature", 0}, {"ignore_eos", true}}.dump())
+          .body);
   EXPECT_EQ(by_ids["choices"][0]["text"], t["choices"][0]["text"]);
   const json nested = json::parse(post("/v1/completions", json{{"prompt", {ids, ids}}, {"max_tokens", 2}}.dump()).body);
   EXPECT_EQ(nested["choices"].size(), 2u);
-  EXPECT_EQ(post("/v1/completions", R"({"prompt": "", "max_tokens": 2})").status, 200) << "an empty prompt starts a document";
+  EXPECT_EQ(post("/v1/completions", R"({"prompt": "", "max_tokens": 2})").status, 200)
+      << "an empty prompt starts a document";
 }
 
 TEST_F(HttpTest, ErrorsAreOpenAiShapedAndTheServerKeepsServing) {
@@ -256,13 +286,15 @@ TEST_F(HttpTest, ErrorsAreOpenAiShapedAndTheServerKeepsServing) {
       {"no prompt", "POST", "/v1/completions", R"({"max_tokens": 3})", 400, "prompt"},
       {"prompt of a wrong type", "POST", "/v1/completions", R"({"prompt": 3.5})", 400, "prompt"},
       {"prompt of mixed types", "POST", "/v1/completions", R"({"prompt": ["a", 3]})", 400, "prompt"},
-      {"temperature as a string", "POST", "/v1/completions", R"({"prompt": "x", "temperature": "hot"})", 400, "temperature"},
+      {"temperature as a string", "POST", "/v1/completions", R"({"prompt": "x", "temperature": "hot"})", 400,
+       "temperature"},
       {"max_tokens as a float", "POST", "/v1/completions", R"({"prompt": "x", "max_tokens": 2.5})", 400, "max_tokens"},
       {"stop as a number", "POST", "/v1/completions", R"({"prompt": "x", "stop": 7})", 400, "stop"},
       {"stream as a string", "POST", "/v1/completions", R"({"prompt": "x", "stream": "yes"})", 400, "stream"},
       {"top_p out of range", "POST", "/v1/completions", R"({"prompt": "x", "top_p": 1.5})", 400, "top_p"},
       {"logprobs over the limit", "POST", "/v1/completions", R"({"prompt": "x", "logprobs": 21})", 400, "logprobs"},
-      {"max_tokens over the limit", "POST", "/v1/completions", R"({"prompt": "x", "max_tokens": 501})", 400, "max_tokens"},
+      {"max_tokens over the limit", "POST", "/v1/completions", R"({"prompt": "x", "max_tokens": 501})", 400,
+       "max_tokens"},
       {"too-long prompt", "POST", "/v1/completions", R"({"prompt": )" + long_prompt + "}", 400, "prompt"},
       {"prompt + max_tokens over the context", "POST", "/v1/completions",
        R"({"prompt": )" + prompt_100 + R"(, "max_tokens": 450})", 400, "max_tokens"},
@@ -270,10 +302,12 @@ TEST_F(HttpTest, ErrorsAreOpenAiShapedAndTheServerKeepsServing) {
       {"n = 2", "POST", "/v1/completions", R"({"prompt": "x", "n": 2})", 400, "n"},
       {"another model", "POST", "/v1/completions", R"({"prompt": "x", "model": "gpt-4"})", 404, "model"},
       {"messages as a string", "POST", "/v1/chat/completions", R"({"messages": "hi"})", 400, "messages"},
-      {"a message without a role", "POST", "/v1/chat/completions", R"({"messages": [{"content": "hi"}]})", 400, "messages[0].role"},
-      {"an unknown role", "POST", "/v1/chat/completions", R"({"messages": [{"role": "robot", "content": "hi"}]})", 400, "messages[0].role"},
-      {"an image part", "POST", "/v1/chat/completions", R"({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]})", 400,
-       "messages[0].content"},
+      {"a message without a role", "POST", "/v1/chat/completions", R"({"messages": [{"content": "hi"}]})", 400,
+       "messages[0].role"},
+      {"an unknown role", "POST", "/v1/chat/completions", R"({"messages": [{"role": "robot", "content": "hi"}]})", 400,
+       "messages[0].role"},
+      {"an image part", "POST", "/v1/chat/completions",
+       R"({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]})", 400, "messages[0].content"},
       {"oversize body", "POST", "/v1/completions", R"({"prompt": ")" + std::string(70000, 'a') + R"("})", 413, ""},
       {"unknown route", "GET", "/v1/nothing", "", 404, ""},
       {"unsupported endpoint", "POST", "/v1/embeddings", R"({"input": "x"})", 404, ""},
@@ -284,7 +318,8 @@ TEST_F(HttpTest, ErrorsAreOpenAiShapedAndTheServerKeepsServing) {
     EXPECT_EQ(r.status, c.status) << c.name << ": " << r.body;
     json e;
     ASSERT_NO_THROW(e = json::parse(r.body)) << c.name << ": not JSON: " << r.body;
-    ASSERT_TRUE(e.contains("error") && e["error"]["message"].is_string() && e["error"]["type"].is_string()) << c.name << ": " << r.body;
+    ASSERT_TRUE(e.contains("error") && e["error"]["message"].is_string() && e["error"]["type"].is_string())
+        << c.name << ": " << r.body;
     if (!c.param.empty()) {
       EXPECT_EQ(e["error"]["param"], c.param) << c.name << ": " << r.body;
     }
@@ -309,9 +344,9 @@ json wait_idle(const std::function<json()>& health) {
 
 TEST_F(HttpTest, ClientThatHangsUpFreesItsBlocks) {
   const int64_t cancelled = health()["cancelled"];
-  const std::string got = test::post_and_hang_up(server_->port(), "/v1/completions",
-                                                 R"({"prompt": "the sea", "max_tokens": 480, "stream": true, "ignore_eos": true})",
-                                                 "\"text\"");
+  const std::string got = test::post_and_hang_up(
+      server_->port(), "/v1/completions",
+      R"({"prompt": "the sea", "max_tokens": 480, "stream": true, "ignore_eos": true})", "\"text\"");
   ASSERT_NE(got.find("200 OK"), std::string::npos) << got;
   const json h = wait_idle([&] { return health(); });
   EXPECT_EQ(h["cancelled"].get<int64_t>(), cancelled + 1) << "the request was cancelled, not run to its end";
@@ -322,7 +357,8 @@ TEST_F(HttpTest, ManySimultaneousStreamingClients) {
   const std::vector<std::string> prompts = {"the sea", "a whale", "Zürich café", "she walked to the garden"};
   std::map<std::string, std::string> want;
   for (const std::string& p : prompts)
-    want[p] = json::parse(post("/v1/completions", json{{"prompt", p}, {"max_tokens", 24}, {"temperature", 0}, {"ignore_eos", true}}.dump())
+    want[p] = json::parse(post("/v1/completions",
+                               json{{"prompt", p}, {"max_tokens", 24}, {"temperature", 0}, {"ignore_eos", true}}.dump())
                               .body)["choices"][0]["text"];
   constexpr int kClients = 16;
   std::vector<std::string> got(kClients), bodies(kClients);
@@ -331,8 +367,9 @@ TEST_F(HttpTest, ManySimultaneousStreamingClients) {
   for (int i = 0; i < kClients; ++i) {
     threads.emplace_back([&, i] {
       const std::string p = prompts[static_cast<size_t>(i) % prompts.size()];
-      const test::HttpResult r =
-          post("/v1/completions", json{{"prompt", p}, {"max_tokens", 24}, {"temperature", 0}, {"ignore_eos", true}, {"stream", true}}.dump());
+      const test::HttpResult r = post(
+          "/v1/completions",
+          json{{"prompt", p}, {"max_tokens", 24}, {"temperature", 0}, {"ignore_eos", true}, {"stream", true}}.dump());
       status[static_cast<size_t>(i)] = r.status;
       got[static_cast<size_t>(i)] = streamed(r.body, false).text;
       bodies[static_cast<size_t>(i)] = r.body;
@@ -352,8 +389,10 @@ TEST_F(HttpTest, OpenAiNpmClient) {
   const fs::path client_dir = fs::absolute(diffmoe::test::repo_path("tools/openai-client"));
   ASSERT_TRUE(fs::exists(client_dir / "node_modules" / "openai"))
       << "the openai npm client is not installed: run tools/openai-client/setup.sh (tools/setup.sh runs it)";
-  const test::Proc p = test::run_process({"node", fs::absolute(diffmoe::test::repo_path("tests/serve/openai_client.mjs")).string(), server_->url() + "/v1", kModel}, dir_,
-                                         dir_ / "node.err", {"DIFFMOE_OPENAI_CLIENT_DIR=" + client_dir.string()});
+  const test::Proc p =
+      test::run_process({"node", fs::absolute(diffmoe::test::repo_path("tests/serve/openai_client.mjs")).string(),
+                         server_->url() + "/v1", kModel},
+                        dir_, dir_ / "node.err", {"DIFFMOE_OPENAI_CLIENT_DIR=" + client_dir.string()});
   EXPECT_EQ(p.exit_code, 0) << p.out << "\n" << test::read_text(dir_ / "node.err");
   EXPECT_NE(p.out.find("\"ok\":true"), std::string::npos) << p.out;
 }
@@ -369,7 +408,8 @@ void check_sigterm(const std::vector<std::string>& args, const fs::path& dir, bo
   std::vector<std::unique_ptr<test::RawStream>> streams;
   for (int i = 0; i < 4; ++i)
     streams.push_back(std::make_unique<test::RawStream>(
-        srv.port(), "/v1/completions", R"({"prompt": "the sea", "max_tokens": 480, "stream": true, "ignore_eos": true})"));
+        srv.port(), "/v1/completions",
+        R"({"prompt": "the sea", "max_tokens": 480, "stream": true, "ignore_eos": true})"));
   for (int i = 0; i < 500; ++i) {  // until all four reached the server
     const test::HttpResult h = curl(dir, "GET", srv.url() + "/health");
     if (h.status == 200) {
@@ -394,7 +434,8 @@ void check_sigterm(const std::vector<std::string>& args, const fs::path& dir, bo
   stopper.join();
   if (drained) {
     EXPECT_EQ(cancelled, 0);
-    EXPECT_EQ(srv.log().find("finishing 0 requests"), std::string::npos) << "the signal came while requests ran: " << srv.log();
+    EXPECT_EQ(srv.log().find("finishing 0 requests"), std::string::npos)
+        << "the signal came while requests ran: " << srv.log();
   } else {
     EXPECT_GE(cancelled, 1) << srv.log();
   }
@@ -402,9 +443,7 @@ void check_sigterm(const std::vector<std::string>& args, const fs::path& dir, bo
   EXPECT_NE(srv.log().find("[serve] stopped"), std::string::npos) << srv.log();
 }
 
-TEST_F(HttpTest, SigtermFinishesStreamsInFlightThenExits) {
-  check_sigterm(server_args("1"), dir_ / "sigterm", true);
-}
+TEST_F(HttpTest, SigtermFinishesStreamsInFlightThenExits) { check_sigterm(server_args("1"), dir_ / "sigterm", true); }
 TEST_F(HttpTest, SigtermCancelsStreamsAfterTheShutdownTimeout) {
   check_sigterm(server_args("1", {"--shutdown-timeout", "0.05"}), dir_ / "sigterm-timeout", false);
 }

@@ -70,9 +70,9 @@ class SchedulerTest : public ::testing::Test {
     diffmoe::test::randomize_for_test(*model_, 77);
   }
   std::unique_ptr<Scheduler> make(int64_t max_batch = 4, int64_t prefill_chunk = 5, int64_t block_size = 4) {
-    SchedulerOptions o{.engine = {.max_batch = max_batch, .max_step_tokens = max_batch + prefill_chunk,
-                                  .block_size = block_size},
-                       .prefill_chunk = prefill_chunk};
+    SchedulerOptions o{
+        .engine = {.max_batch = max_batch, .max_step_tokens = max_batch + prefill_chunk, .block_size = block_size},
+        .prefill_chunk = prefill_chunk};
     return std::make_unique<Scheduler>(*model_, *tok_, o);
   }
   // Greedy tokens of `prompt` alone through the (one-batch) Generator.
@@ -100,8 +100,8 @@ class SchedulerTest : public ::testing::Test {
 
 TEST_F(SchedulerTest, BatchedGreedyEqualsEachPromptAlone) {
   auto s = make();
-  const std::vector<std::string> prompts = {"the captain walked to the sea", "café", "and she thought of the little garden with",
-                                            "Zürich", "a whale"};
+  const std::vector<std::string> prompts = {"the captain walked to the sea", "café",
+                                            "and she thought of the little garden with", "Zürich", "a whale"};
   std::vector<std::shared_ptr<Request>> reqs;
   // Two join at once, the others a few steps later (the batch is running), one waits for a slot.
   for (size_t i = 0; i < prompts.size(); ++i) {
@@ -124,7 +124,8 @@ TEST_F(SchedulerTest, BatchedGreedyEqualsEachPromptAlone) {
 }
 
 TEST_F(SchedulerTest, SeedGivesTheSameTokensWhateverSharesTheBatch) {
-  const SamplingParams p{.temperature = 1.0, .top_k = 50, .top_p = 0.95, .seed = 1234, .max_tokens = 20, .ignore_eos = true};
+  const SamplingParams p{
+      .temperature = 1.0, .top_k = 50, .top_p = 0.95, .seed = 1234, .max_tokens = 20, .ignore_eos = true};
   const std::vector<int32_t> prompt = tok_->encode("the house and the garden");
   auto alone = make();
   auto r1 = alone->submit(prompt, p);
@@ -156,7 +157,8 @@ TEST_F(SchedulerTest, StopStringsEndTheTextBeforeTheirFirstOccurrence) {
   // text at its FIRST occurrence.
   const std::string stop = full.text.substr(8, 3);
   const size_t first = full.text.find(stop);
-  auto stopped = s->submit(prompt, {.temperature = 0.0, .max_tokens = 30, .stop = {"never appears", stop}, .ignore_eos = true});
+  auto stopped =
+      s->submit(prompt, {.temperature = 0.0, .max_tokens = 30, .stop = {"never appears", stop}, .ignore_eos = true});
   drain(*s);
   const Result r = collect(*stopped);
   EXPECT_EQ(r.finish_reason, "stop");
@@ -170,7 +172,8 @@ TEST_F(SchedulerTest, StopStringsEndTheTextBeforeTheirFirstOccurrence) {
 TEST_F(SchedulerTest, CancelFreesBlocksAtOnce) {
   auto s = make(2, 4, 2);
   const int64_t total = s->stats().total_blocks;
-  auto r = s->submit(tok_->encode("the morning letter was"), {.temperature = 0.0, .max_tokens = 40, .ignore_eos = true});
+  auto r =
+      s->submit(tok_->encode("the morning letter was"), {.temperature = 0.0, .max_tokens = 40, .ignore_eos = true});
   auto waiting = s->submit(tok_->encode("a"), {.max_tokens = 40});
   auto blocked = s->submit(tok_->encode("in the garden"), {.temperature = 0.0, .max_tokens = 40, .ignore_eos = true});
   for (int i = 0; i < 6; ++i) s->run_once();
@@ -250,7 +253,8 @@ TEST_F(SchedulerTest, ThreadServesConcurrentSubmittersAndDrains) {
   std::vector<Result> results(6);
   for (int i = 0; i < 6; ++i) {
     clients.emplace_back([&, i] {
-      auto r = s->submit(tok_->encode(i % 2 ? "the sea" : "déjà vu"), {.temperature = 0.0, .max_tokens = 8, .ignore_eos = true});
+      auto r = s->submit(tok_->encode(i % 2 ? "the sea" : "déjà vu"),
+                         {.temperature = 0.0, .max_tokens = 8, .ignore_eos = true});
       Result& out = results[static_cast<size_t>(i)];
       while (auto e = r->next_event(std::chrono::seconds(30))) {
         out.text += e->text;

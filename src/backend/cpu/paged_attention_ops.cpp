@@ -49,7 +49,9 @@ void paged_attention_impl(const PagedLatentAttentionArgs& a, const PagedLatentDi
     const int64_t n_b = q_off[b + 1] - q_off[b];
     const int64_t last = kv_lens[b] - n_b + (n - q_off[b]);  // absolute position p: keys s = 0 … p
     const int32_t* blocks = table + b * d.max_blocks;
-    const auto key_row = [&](int64_t s) { return cache + (blocks[s / d.block_size] * d.block_size + s % d.block_size) * d.row(); };
+    const auto key_row = [&](int64_t s) {
+      return cache + (blocks[s / d.block_size] * d.block_size + s % d.block_size) * d.row();
+    };
     const T* ql[kMaxComps] = {};
     const T* qr[kMaxComps] = {};
     for (int64_t c = 0; c < d.comps; ++c) {

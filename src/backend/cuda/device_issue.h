@@ -29,7 +29,7 @@ enum class IssueSite : int32_t {
   kRopePositions,
   kPagedCacheWriteSlots,
   kPagedAttentionBlockTable,
-  kPagedAttentionKvLens,     // kv_lens[b] must cover the sequence's query rows and fit its block table (limit = capacity + 1)
+  kPagedAttentionKvLens,     // kv_lens[b] must cover the query rows and fit the block table (limit = capacity + 1)
   kPagedAttentionQOffsets,   // 0 = q_offsets[0] ≤ … ≤ q_offsets[B] = rows (limit = rows)
 };
 

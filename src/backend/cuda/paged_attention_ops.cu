@@ -26,8 +26,8 @@ using namespace cuda;
 
 constexpr int kPagedThreads = 128;
 constexpr int kPagedWarps = kPagedThreads / kWarp;
-constexpr int kTile = 16;           // key rows per tile
-constexpr int kHeadsPerBlock = 8;   // component heads per block (at most)
+constexpr int kTile = 16;          // key rows per tile
+constexpr int kHeadsPerBlock = 8;  // component heads per block (at most)
 static_assert(kHeadsPerBlock % 2 == 0, "a differential pair of components must stay in one block");
 static_assert(kHeadsPerBlock <= kPagedThreads, "one thread per head runs the online-softmax update");
 
@@ -52,10 +52,10 @@ __device__ int64_t find_sequence(const int32_t* q_offsets, int64_t batch, int64_
   return lo;
 }
 
-__global__ void __launch_bounds__(kPagedThreads) paged_attention_kernel(
-    float* out, const float* q_lat, const float* q_rope, const float* cache, const float* lambda,
-    const int32_t* block_table, const int32_t* kv_lens, const int32_t* q_offsets, PagedShape sh, float scale,
-    DeviceIssue* issue) {
+__global__ void __launch_bounds__(kPagedThreads)
+    paged_attention_kernel(float* out, const float* q_lat, const float* q_rope, const float* cache, const float* lambda,
+                           const int32_t* block_table, const int32_t* kv_lens, const int32_t* q_offsets, PagedShape sh,
+                           float scale, DeviceIssue* issue) {
   extern __shared__ float smem[];
   __shared__ int64_t row_base[kTile];  // pool offset (in floats) of each key row of the tile
   const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
@@ -63,18 +63,19 @@ __global__ void __launch_bounds__(kPagedThreads) paged_attention_kernel(
   const int64_t h0 = int64_t{blockIdx.y} * kHeadsPerBlock;
   const int64_t hb = min(int64_t{kHeadsPerBlock}, sh.heads - h0);
   const int64_t row_w = sh.row_w, r_kv = sh.r_kv;
-  float* q_s = smem;                   // [hb][row_w]: [q̃_j ; q^R_j]
-  float* k_s = q_s + hb * row_w;       // [kTile][row_w]
-  float* p_s = k_s + kTile * row_w;    // [hb][kTile]: scores, then probabilities
-  float* acc = p_s + hb * kTile;       // [hb][r_kv]
-  float* m_s = acc + hb * r_kv;        // [hb] running max
-  float* l_s = m_s + hb;               // [hb] running normaliser
-  float* corr_s = l_s + hb;            // [hb] rescale of this tile
+  float* q_s = smem;                 // [hb][row_w]: [q̃_j ; q^R_j]
+  float* k_s = q_s + hb * row_w;     // [kTile][row_w]
+  float* p_s = k_s + kTile * row_w;  // [hb][kTile]: scores, then probabilities
+  float* acc = p_s + hb * kTile;     // [hb][r_kv]
+  float* m_s = acc + hb * r_kv;      // [hb] running max
+  float* l_s = m_s + hb;             // [hb] running normaliser
+  float* corr_s = l_s + hb;          // [hb] rescale of this tile
 
   // The sequence of row n and its checks (every thread reads the same values: uniform branches).
   if (q_offsets[0] != 0 || q_offsets[sh.batch] != sh.rows) {
-    if (threadIdx.x == 0) report_bad_index(issue, IssueSite::kPagedAttentionQOffsets, q_offsets[0] != 0 ? 0 : sh.batch,
-                                           q_offsets[0] != 0 ? q_offsets[0] : q_offsets[sh.batch], sh.rows);
+    if (threadIdx.x == 0)
+      report_bad_index(issue, IssueSite::kPagedAttentionQOffsets, q_offsets[0] != 0 ? 0 : sh.batch,
+                       q_offsets[0] != 0 ? q_offsets[0] : q_offsets[sh.batch], sh.rows);
     return;
   }
   const int64_t b = find_sequence(q_offsets, sh.batch, n);
@@ -195,17 +196,27 @@ void CudaBackend::paged_latent_attention(Context ctx, const PagedLatentAttention
   DIFFMOE_CHECK(d.batch >= 1, "[{}] {} query rows but no sequence (block_table has 0 rows)", kOp, d.rows);
   const int64_t hb = std::min<int64_t>(kHeadsPerBlock, d.heads);
   const size_t bytes = paged_smem_floats(hb, d.row(), d.r_kv) * sizeof(float);
-  DIFFMOE_CHECK(bytes <= max_shared_bytes(), "[{}] r_kv = {}, d_rope = {} need {} bytes of shared memory per block, the "
-                "device allows {}", kOp, d.r_kv, d.d_rope, bytes, max_shared_bytes());
+  DIFFMOE_CHECK(bytes <= max_shared_bytes(),
+                "[{}] r_kv = {}, d_rope = {} need {} bytes of shared memory per block, the "
+                "device allows {}",
+                kOp, d.r_kv, d.d_rope, bytes, max_shared_bytes());
   if (bytes > 48 * 1024)
     CUDA_CHECK(cudaFuncSetAttribute(paged_attention_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                     static_cast<int>(bytes)));
   const int64_t chunks = (d.heads + kHeadsPerBlock - 1) / kHeadsPerBlock;
   DIFFMOE_CHECK(d.rows <= INT32_MAX && chunks <= 65535, "[{}] grid too large: N = {}, head chunks = {}", kOp, d.rows,
                 chunks);
-  const PagedShape sh{.rows = d.rows, .batch = d.batch, .heads = d.heads, .r_kv = d.r_kv, .row_w = d.row(),
-                      .q_rope_width = d.q_rope_width, .q_rope_offset = a.q_rope_offset, .n_blocks = d.n_blocks,
-                      .block_size = d.block_size, .max_blocks = d.max_blocks, .comps = static_cast<int>(d.comps)};
+  const PagedShape sh{.rows = d.rows,
+                      .batch = d.batch,
+                      .heads = d.heads,
+                      .r_kv = d.r_kv,
+                      .row_w = d.row(),
+                      .q_rope_width = d.q_rope_width,
+                      .q_rope_offset = a.q_rope_offset,
+                      .n_blocks = d.n_blocks,
+                      .block_size = d.block_size,
+                      .max_blocks = d.max_blocks,
+                      .comps = static_cast<int>(d.comps)};
   const dim3 grid(static_cast<unsigned>(d.rows), static_cast<unsigned>(chunks));
   paged_attention_kernel<<<grid, kPagedThreads, bytes, stream(ctx)>>>(
       f32(a.out), f32(a.q_lat), f32(a.q_rope), f32(a.cache), a.differential ? f32(a.lambda) : nullptr,
