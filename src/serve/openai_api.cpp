@@ -172,14 +172,44 @@ std::vector<int32_t> token_list(const json& a, const char* name) {
   return ids;
 }
 
+// Whether s is valid UTF-8 (no overlong forms, surrogates or code points past U+10FFFF).
+bool valid_utf8(const std::string& s) {
+  size_t i = 0;
+  while (i < s.size()) {
+    const auto c = static_cast<unsigned char>(s[i]);
+    const size_t n = c < 0x80 ? 1 : (c >> 5) == 0x6 ? 2 : (c >> 4) == 0xE ? 3 : (c >> 3) == 0x1E ? 4 : 0;
+    if (n == 0 || i + n > s.size()) return false;
+    uint32_t cp = n == 1 ? c : c & (0x7F >> n);
+    for (size_t k = 1; k < n; ++k) {
+      const auto cc = static_cast<unsigned char>(s[i + k]);
+      if ((cc & 0xC0) != 0x80) return false;
+      cp = (cp << 6) | (cc & 0x3F);
+    }
+    const uint32_t min_cp[] = {0, 0, 0x80, 0x800, 0x10000};
+    if (cp < min_cp[n] || cp > 0x10FFFF || (cp >= 0xD800 && cp <= 0xDFFF)) return false;
+    i += n;
+  }
+  return true;
+}
+
+// A token as logprobs show it: its text, or "bytes:\xNN..." when its bytes are not valid UTF-8
+// on their own (part of a character), as OpenAI's API writes such tokens: two byte tokens never
+// collapse into the same "\uFFFD" key of a top_logprobs object.
+std::string token_text(const std::string& bytes) {
+  if (valid_utf8(bytes)) return bytes;
+  std::string out = "bytes:";
+  for (const char c : bytes) out += fmt::format("\\x{:02x}", static_cast<unsigned char>(c));
+  return out;
+}
+
 json token_logprobs_completion(const std::vector<TokenLogprob>& toks) {
   json tokens = json::array(), lps = json::array(), tops = json::array(), offsets = json::array();
   for (const TokenLogprob& t : toks) {
-    tokens.push_back(t.text);
+    tokens.push_back(token_text(t.text));
     lps.push_back(t.logprob ? json(*t.logprob) : json(nullptr));
     if (t.logprob) {
       json top = json::object();
-      for (const auto& [text, lp] : t.top) top[text] = lp;
+      for (const auto& [text, lp] : t.top) top[token_text(text)] = lp;
       tops.push_back(top);
     } else {
       tops.push_back(nullptr);
@@ -199,9 +229,12 @@ json token_logprobs_chat(const std::vector<TokenLogprob>& toks) {
   json content = json::array();
   for (const TokenLogprob& t : toks) {
     json top = json::array();
-    for (const auto& [text, lp] : t.top) top.push_back({{"token", text}, {"logprob", lp}, {"bytes", bytes_of(text)}});
-    content.push_back(
-        {{"token", t.text}, {"logprob", t.logprob.value_or(0.0)}, {"bytes", bytes_of(t.text)}, {"top_logprobs", top}});
+    for (const auto& [text, lp] : t.top)
+      top.push_back({{"token", token_text(text)}, {"logprob", lp}, {"bytes", bytes_of(text)}});
+    content.push_back({{"token", token_text(t.text)},
+                       {"logprob", t.logprob.value_or(0.0)},
+                       {"bytes", bytes_of(t.text)},
+                       {"top_logprobs", top}});
   }
   return json{{"content", content}};
 }
