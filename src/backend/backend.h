@@ -70,6 +70,8 @@ class Backend {
   virtual void attention_fwd(Context ctx, const AttentionFwdArgs& a) = 0;
   virtual void attention_bwd(Context ctx, const AttentionBwdArgs& a) = 0;
   virtual void latent_attention(Context ctx, const LatentAttentionArgs& a) = 0;
+  virtual void paged_cache_write(Context ctx, const PagedCacheWriteArgs& a) = 0;
+  virtual void paged_latent_attention(Context ctx, const PagedLatentAttentionArgs& a) = 0;
   virtual void swiglu_fwd(Context ctx, const SwigluFwdArgs& a) = 0;
   virtual void swiglu_bwd(Context ctx, const SwigluBwdArgs& a) = 0;
   virtual void router_fwd(Context ctx, const RouterFwdArgs& a) = 0;

@@ -198,10 +198,14 @@ struct Fp8GemmArgs {
 // pos = pos_offset + n % seq_len, cos/sin tables [max_pos, rope_dim/2] (YaRN already folded in).
 // inverse = true rotates by −angle: the backward of RoPE. x may be bf16 (q as its GEMM writes it in
 // the bf16 mode; cos, sin f32): widened, rotated in f32, rounded once; other columns keep their bits.
+// positions (optional, [N] i32): row n sits at position positions[n] instead (seq_len and pos_offset
+// are then unused): the packed rows of a serving step, each sequence at its own position. Each
+// position must be in [0, max_pos).
 struct RopeArgs {
   Tensor x; Tensor cos; Tensor sin;
   int64_t n_heads = 1, head_stride = 0, col_offset = 0, rope_dim = 0, seq_len = 0, pos_offset = 0;
   bool inverse = false;
+  Tensor positions = {};
 };
 
 // ---------------------------------------------------------------- MLA key/value assembly (spec §2)
@@ -282,6 +286,45 @@ struct LatentAttentionArgs {
   Tensor out;
   Tensor q_lat; Tensor q_rope; Tensor cache; Tensor lambda;
   int64_t kv_len = 0, q_rope_offset = 0;
+  double scale = 1.0;
+  bool differential = true;
+};
+
+// ---------------------------------------------------------------- paged latent cache (spec §2)
+// The serving engine's cache: one pool per layer of n_blocks blocks of block_size rows, row
+// [ĉ_s ; k^R_s] (W = r_kv + d_rope values, as LatentAttentionArgs::cache). A sequence's positions
+// live in the blocks its block table lists: position s of sequence b is row s % block_size of block
+// block_table[b, s / block_size]. Slots name one row of the pool: slot = block · block_size + row.
+//
+// paged_cache_write: cache[slots[n] / block_size, slots[n] % block_size, :] = rows[n, :]
+//   cache [n_blocks, block_size, W], rows [N, W], slots [N] i32 (distinct, in [0, n_blocks·block_size))
+struct PagedCacheWriteArgs { Tensor cache; Tensor rows; Tensor slots; };
+
+// paged_latent_attention: LatentAttentionArgs over a paged cache and a packed batch of B sequences
+// with different lengths and different numbers of new query rows (decode steps beside prefill chunks).
+//   out         [H_out, N, r_kv]  latent outputs, head-major (the up-projection's grouped GEMM reads
+//                                 head h's N rows contiguously); H_out = H/2 differential, else H
+//   q_lat       [H, N, r_kv]      q̃_j = q^C_j W^UK_j, head-major (the absorption's grouped GEMM output)
+//   q_rope      [N, H, W]         q^R_j, rotated, in columns [q_rope_offset, q_rope_offset + d_rope) of
+//                                 each head's W values (the full query [N, H, d_qk], offset d_nope)
+//   cache       [n_blocks, block_size, r_kv + d_rope]   one layer's pool
+//   block_table [B, max_blocks] i32   blocks of sequence b in position order (entries past its length unused)
+//   kv_lens     [B] i32               cached positions of sequence b, the new ones included
+//   q_offsets   [B + 1] i32           query rows of sequence b: q_offsets[b] … q_offsets[b+1] − 1
+//                                     (0 = q_offsets[0] ≤ … ≤ q_offsets[B] = N); they are its LAST
+//                                     positions: row q_offsets[b] + t sits at p = kv_lens[b] − n_b + t,
+//                                     n_b = q_offsets[b+1] − q_offsets[b] ≤ kv_lens[b]
+//   lambda      [1]                   differential only
+// Row n of sequence b at position p attends to s ≤ p of sequence b, with z_{j,s} = scale·(q̃_j·ĉ_s +
+// q^R_j·k^R_s), A_j = softmax_s(z_j):
+//   plain: out[j, n] = Σ_s A_{j,s} ĉ_s;   differential: out[h, n] = Σ_s A_{2h,s} ĉ_s − λ Σ_s A_{2h+1,s} ĉ_s
+// Index contents (block ids in [0, n_blocks), kv_lens ≤ max_blocks·block_size, the offsets) are the
+// backend's checks (op_validation.h). A sequence with n_b = 0 is skipped.
+struct PagedLatentAttentionArgs {
+  Tensor out;
+  Tensor q_lat; Tensor q_rope; Tensor cache; Tensor lambda;
+  Tensor block_table; Tensor kv_lens; Tensor q_offsets;
+  int64_t q_rope_offset = 0;
   double scale = 1.0;
   bool differential = true;
 };

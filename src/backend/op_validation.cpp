@@ -534,14 +534,20 @@ int64_t validate_rope(const RopeArgs& a, Device dev) {
   const int64_t last_col = (a.n_heads - 1) * a.head_stride + a.col_offset + a.rope_dim;  // one past the end
   DIFFMOE_CHECK(last_col <= width, "[rope] heads reach column {} but x has only {} columns ({})", last_col, width,
                 a.x.describe());
-  DIFFMOE_CHECK(a.seq_len > 0, "[rope] seq_len must be > 0, got {}", a.seq_len);
-  DIFFMOE_CHECK(a.pos_offset >= 0, "[rope] pos_offset must be >= 0, got {}", a.pos_offset);
   DIFFMOE_CHECK(a.cos.rank() == 2 && a.cos.dim(1) == a.rope_dim / 2,
                 "[rope] cos must be [max_pos, rope_dim/2 = {}], got {}", a.rope_dim / 2, a.cos.describe());
   check_shape(a.sin, a.cos.shape, kOp, "sin");
   // x may be bf16 (the bf16 GEMM mode's q, written in bf16 by its GEMM): f32 tables.
   check_dtype(a.cos, float_type_of(a.x), kOp, "cos");
   check_dtype(a.sin, float_type_of(a.x), kOp, "sin");
+  if (a.positions.defined()) {  // per-row positions: their values are the backend's check
+    check_device(a.positions, dev, kOp, "positions");
+    check_shape(a.positions, Shape{a.x.dim(0)}, kOp, "positions");
+    check_dtype(a.positions, DType::kI32, kOp, "positions");
+    return width;
+  }
+  DIFFMOE_CHECK(a.seq_len > 0, "[rope] seq_len must be > 0, got {}", a.seq_len);
+  DIFFMOE_CHECK(a.pos_offset >= 0, "[rope] pos_offset must be >= 0, got {}", a.pos_offset);
   // The largest position used is pos_offset + min(N, seq_len) − 1.
   const int64_t rows = a.x.dim(0);
   if (rows > 0) {

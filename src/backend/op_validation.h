@@ -119,6 +119,27 @@ struct LatentDims {
 };
 LatentDims validate_latent_attention(const LatentAttentionArgs& a, Device dev);
 
+// ---------------------------------------------------------------- paged latent cache (paged_validation.cpp)
+struct PagedCacheWriteDims {
+  int64_t rows = 0, width = 0, n_blocks = 0, block_size = 0;
+};
+PagedCacheWriteDims validate_paged_cache_write(const PagedCacheWriteArgs& a, Device dev);
+// slots [rows] read to the host: each in [0, n_blocks·block_size) and no two equal.
+void check_paged_slots(const int32_t* slots, const PagedCacheWriteDims& d, std::string_view op);
+
+struct PagedLatentDims {
+  int64_t rows = 0, batch = 0, heads = 0, r_kv = 0, d_rope = 0;
+  int64_t q_rope_width = 0;             // W: values per head in q_rope
+  int64_t n_blocks = 0, block_size = 0, max_blocks = 0;
+  int64_t comps = 1, groups = 0;        // as LatentDims
+  int64_t row() const { return r_kv + d_rope; }
+};
+PagedLatentDims validate_paged_latent_attention(const PagedLatentAttentionArgs& a, Device dev);
+// The index contents read to the host (the CPU backend): 0 = q_offsets[0] ≤ … ≤ q_offsets[B] = rows,
+// n_b ≤ kv_lens[b] ≤ max_blocks·block_size, and the block ids that cover kv_lens[b] in [0, n_blocks).
+void check_paged_indices(const int32_t* block_table, const int32_t* kv_lens, const int32_t* q_offsets,
+                         const PagedLatentDims& d, std::string_view op);
+
 // ---------------------------------------------------------------- SwiGLU
 void validate_swiglu_fwd(const SwigluFwdArgs& a, Device dev);
 void validate_swiglu_bwd(const SwigluBwdArgs& a, Device dev);

@@ -43,6 +43,11 @@ SiteText site_text(IssueSite s) {
     case IssueSite::kCrossEntropyBwdTargets: return {"cross_entropy_bwd", "targets", true};
     case IssueSite::kGroupedGemmOffsets: return {"grouped_gemm", "offsets", false, true};
     case IssueSite::kGroupedGemmWgradOffsets: return {"grouped_gemm_wgrad", "offsets", false, true};
+    case IssueSite::kRopePositions: return {"rope", "positions", false};
+    case IssueSite::kPagedCacheWriteSlots: return {"paged_cache_write", "slots", false};
+    case IssueSite::kPagedAttentionBlockTable: return {"paged_latent_attention", "block_table", false};
+    case IssueSite::kPagedAttentionKvLens: return {"paged_latent_attention", "kv_lens", false};
+    case IssueSite::kPagedAttentionQOffsets: return {"paged_latent_attention", "q_offsets", false, true};
     case IssueSite::kNone: break;
   }
   return {"cuda", "index", false};

@@ -138,6 +138,8 @@ class CudaBackend final : public Backend, public OpProfiler {
   void attention_fwd(Context ctx, const AttentionFwdArgs& a) override;
   void attention_bwd(Context ctx, const AttentionBwdArgs& a) override;
   void latent_attention(Context ctx, const LatentAttentionArgs& a) override;  // latent_attention_ops.cu
+  void paged_cache_write(Context ctx, const PagedCacheWriteArgs& a) override;  // paged_attention_ops.cu
+  void paged_latent_attention(Context ctx, const PagedLatentAttentionArgs& a) override;
   void swiglu_fwd(Context ctx, const SwigluFwdArgs& a) override;         // swiglu_ops.cu
   void swiglu_bwd(Context ctx, const SwigluBwdArgs& a) override;
   void router_fwd(Context ctx, const RouterFwdArgs& a) override;         // moe_ops.cu

@@ -6,6 +6,8 @@
 // before it is written, and no two threads share a pair, so in place is safe. f32 arithmetic, as
 // the CPU's f32 path does it (the GPU may fuse the multiply-adds: last-bit differences). x may be
 // bf16 (the bf16 GEMM mode's q, which its GEMM wrote in bf16): widened, rotated in f32, rounded once.
+// Per-row positions (RopeArgs::positions) are checked on the device: a row with a position outside
+// the table is skipped and reported at the next synchronize (device_issue.h).
 #include <type_traits>
 
 #include "backend/cuda/cuda_common.cuh"
@@ -18,7 +20,7 @@ namespace {
 using namespace cuda;
 
 struct RopeShape {
-  int64_t width, head_stride, col_offset, half, seq_len, pos_offset;
+  int64_t width, head_stride, col_offset, half, seq_len, pos_offset, max_pos;
   int32_t items_per_head;  // pairs per head / pairs per item
   float sign;              // +1 forward, −1 inverse
 };
@@ -32,12 +34,19 @@ __device__ __forceinline__ void rotate(float& x0, float& x1, float c, float s) {
 
 template <class T, bool kTwoPairs>  // T: float, or bf16
 __global__ void __launch_bounds__(kThreads) rope_kernel(T* x, const float* cos_tab, const float* sin_tab,
-                                                        RowItems ri, RopeShape sh) {
+                                                        const int32_t* positions, RowItems ri, RopeShape sh,
+                                                        DeviceIssue* issue) {
   constexpr int kPairs = kTwoPairs ? 2 : 1;  // pairs per item
   for_each_row_item(ri, [&](int64_t n, int32_t item) {
     const int32_t h = item / sh.items_per_head;
     const int64_t i = int64_t{item - h * sh.items_per_head} * kPairs;  // first pair of the item
-    const int64_t pos = sh.pos_offset + mod_nonneg(n, sh.seq_len);
+    int64_t pos = 0;
+    if (positions != nullptr) {  // per-row positions (a serving step): a bad one is skipped and reported
+      pos = positions[n];
+      if (!index_ok(issue, IssueSite::kRopePositions, n, positions[n], sh.max_pos)) return;
+    } else {
+      pos = sh.pos_offset + mod_nonneg(n, sh.seq_len);
+    }
     const float* c = cos_tab + pos * sh.half + i;
     const float* s = sin_tab + pos * sh.half + i;
     T* pair = x + n * sh.width + h * sh.head_stride + sh.col_offset + 2 * i;
@@ -75,14 +84,17 @@ void CudaBackend::rope(Context ctx, const RopeArgs& a) {
   DIFFMOE_CHECK(items_per_head <= INT32_MAX, "[rope] rope_dim {} is too large", a.rope_dim);
   const RowItems ri = row_items(rows, a.n_heads * items_per_head, "rope");
   const RopeShape sh{.width = width, .head_stride = a.head_stride, .col_offset = a.col_offset, .half = half,
-                     .seq_len = a.seq_len, .pos_offset = a.pos_offset,
+                     .seq_len = a.seq_len, .pos_offset = a.pos_offset, .max_pos = a.cos.dim(0),
                      .items_per_head = static_cast<int32_t>(items_per_head), .sign = a.inverse ? -1.0f : 1.0f};
+  const int32_t* positions = a.positions.defined() ? i32(a.positions) : nullptr;
   const auto launch = [&](auto* x) {
     using T = std::remove_pointer_t<decltype(x)>;
     if (two_pairs)
-      rope_kernel<T, true><<<row_items_grid(ri), kThreads, 0, stream(ctx)>>>(x, f32(a.cos), f32(a.sin), ri, sh);
+      rope_kernel<T, true><<<row_items_grid(ri), kThreads, 0, stream(ctx)>>>(x, f32(a.cos), f32(a.sin), positions, ri,
+                                                                              sh, issue());
     else
-      rope_kernel<T, false><<<row_items_grid(ri), kThreads, 0, stream(ctx)>>>(x, f32(a.cos), f32(a.sin), ri, sh);
+      rope_kernel<T, false><<<row_items_grid(ri), kThreads, 0, stream(ctx)>>>(x, f32(a.cos), f32(a.sin), positions,
+                                                                               ri, sh, issue());
     CUDA_CHECK_LAUNCH("rope");
   };
   if (bf16) launch(static_cast<__nv_bfloat16*>(a.x.data));

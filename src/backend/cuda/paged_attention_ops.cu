@@ -1,0 +1,227 @@
+// The paged latent cache on the GPU (op_args.h's paged section; spec §2, sources §2.4, §3.3).
+//
+// paged_cache_write: one block per row (grid-stride), threads over its W values; a slot outside the
+// pool is skipped and reported (device_issue.h). Slots are assumed distinct (the engine hands out
+// each row once; the CPU checks it).
+//
+// paged_latent_attention: absorbed MQA over one shared key/value head (key [ĉ_s ; k^R_s], value ĉ_s)
+// in the flash-decoding style. One block per (query row n, chunk of up to kHeadsPerBlock component
+// heads; differential pairs never split, kHeadsPerBlock is even). The block finds its sequence by a
+// binary search over q_offsets, keeps its heads' queries in shared memory and walks the sequence's
+// keys s ≤ p in tiles of kTile rows gathered through the block table: every key row is read once per
+// block for all its heads (MLA's point: the heads share the key). Per tile: warps score (head, key)
+// pairs, one thread per head updates the running max m_h and normaliser l_h (online softmax) and
+// rescales, then every thread adds Σ_s p_{h,s} ĉ_s to its accumulator columns (in shared memory).
+// At the end out[g, n] = acc_{2g}/l_{2g} − λ·acc_{2g+1}/l_{2g+1} (latent-space subtraction), or
+// acc_g/l_g for plain heads. Shared memory does not grow with the context (it does in
+// latent_attention_ops.cu); it is (H_b + kTile)·(r_kv + d_rope) + H_b·(kTile + r_kv + 3) floats.
+// f32 throughout; sums run in a fixed order per block, so results are reproducible run to run.
+#include "backend/cuda/cuda_common.cuh"
+#include "backend/op_validation.h"
+
+namespace diffmoe {
+namespace {
+
+using namespace cuda;
+
+constexpr int kPagedThreads = 128;
+constexpr int kPagedWarps = kPagedThreads / kWarp;
+constexpr int kTile = 16;          // key rows per tile
+constexpr int kHeadsPerBlock = 8;  // component heads per block (at most)
+static_assert(kHeadsPerBlock % 2 == 0, "a differential pair of components must stay in one block");
+static_assert(kHeadsPerBlock <= kPagedThreads, "one thread per head runs the online-softmax update");
+
+struct PagedShape {
+  int64_t rows, batch, heads, r_kv, row_w, q_rope_width, q_rope_offset, n_blocks, block_size, max_blocks;
+  int comps;
+};
+
+// Floats of shared memory for a block of hb heads (the layout of paged_attention_kernel).
+size_t paged_smem_floats(int64_t hb, int64_t row_w, int64_t r_kv) {
+  return static_cast<size_t>(hb * row_w + kTile * row_w + hb * kTile + hb * r_kv + 3 * hb);
+}
+
+// Largest b with q_offsets[b] <= n (q_offsets has batch + 1 entries, non-decreasing).
+__device__ int64_t find_sequence(const int32_t* q_offsets, int64_t batch, int64_t n) {
+  int64_t lo = 0, hi = batch - 1;
+  while (lo < hi) {
+    const int64_t mid = (lo + hi + 1) / 2;
+    if (q_offsets[mid] <= n) lo = mid;
+    else hi = mid - 1;
+  }
+  return lo;
+}
+
+__global__ void __launch_bounds__(kPagedThreads)
+    paged_attention_kernel(float* out, const float* q_lat, const float* q_rope, const float* cache, const float* lambda,
+                           const int32_t* block_table, const int32_t* kv_lens, const int32_t* q_offsets, PagedShape sh,
+                           float scale, DeviceIssue* issue) {
+  extern __shared__ float smem[];
+  __shared__ int64_t row_base[kTile];  // pool offset (in floats) of each key row of the tile
+  const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
+  const int64_t n = blockIdx.x;
+  const int64_t h0 = int64_t{blockIdx.y} * kHeadsPerBlock;
+  const int64_t hb = min(int64_t{kHeadsPerBlock}, sh.heads - h0);
+  const int64_t row_w = sh.row_w, r_kv = sh.r_kv;
+  float* q_s = smem;                 // [hb][row_w]: [q̃_j ; q^R_j]
+  float* k_s = q_s + hb * row_w;     // [kTile][row_w]
+  float* p_s = k_s + kTile * row_w;  // [hb][kTile]: scores, then probabilities
+  float* acc = p_s + hb * kTile;     // [hb][r_kv]
+  float* m_s = acc + hb * r_kv;      // [hb] running max
+  float* l_s = m_s + hb;             // [hb] running normaliser
+  float* corr_s = l_s + hb;          // [hb] rescale of this tile
+
+  // The sequence of row n and its checks (every thread reads the same values: uniform branches).
+  if (q_offsets[0] != 0 || q_offsets[sh.batch] != sh.rows) {
+    if (threadIdx.x == 0)
+      report_bad_index(issue, IssueSite::kPagedAttentionQOffsets, q_offsets[0] != 0 ? 0 : sh.batch,
+                       q_offsets[0] != 0 ? q_offsets[0] : q_offsets[sh.batch], sh.rows);
+    return;
+  }
+  const int64_t b = find_sequence(q_offsets, sh.batch, n);
+  const int64_t q0 = q_offsets[b], n_b = int64_t{q_offsets[b + 1]} - q0;
+  if (n < q0 || n_b <= 0 || n >= q0 + n_b) {  // offsets that decrease somewhere
+    if (threadIdx.x == 0) report_bad_index(issue, IssueSite::kPagedAttentionQOffsets, b + 1, q_offsets[b + 1], sh.rows);
+    return;
+  }
+  const int64_t kv_len = kv_lens[b], capacity = sh.max_blocks * sh.block_size;
+  if (kv_len < n_b || kv_len > capacity) {
+    if (threadIdx.x == 0) report_bad_index(issue, IssueSite::kPagedAttentionKvLens, b, kv_lens[b], capacity + 1);
+    return;
+  }
+  const int64_t last = kv_len - n_b + (n - q0);  // absolute position p: keys s = 0 … p
+  const int32_t* blocks = block_table + b * sh.max_blocks;
+
+  for (int64_t idx = threadIdx.x; idx < hb * row_w; idx += blockDim.x) {
+    const int64_t h = idx / row_w, i = idx % row_w, j = h0 + h;
+    q_s[idx] = i < r_kv ? q_lat[(j * sh.rows + n) * r_kv + i]
+                        : q_rope[(n * sh.heads + j) * sh.q_rope_width + sh.q_rope_offset + (i - r_kv)];
+  }
+  for (int64_t idx = threadIdx.x; idx < hb * r_kv; idx += blockDim.x) acc[idx] = 0.0f;
+  if (threadIdx.x < hb) {
+    m_s[threadIdx.x] = -INFINITY;
+    l_s[threadIdx.x] = 0.0f;
+  }
+
+  for (int64_t s0 = 0; s0 <= last; s0 += kTile) {
+    const int ns = static_cast<int>(min(int64_t{kTile}, last + 1 - s0));
+    if (static_cast<int>(threadIdx.x) < ns) {
+      const int64_t s = s0 + threadIdx.x, i = s / sh.block_size;
+      const int32_t blk = blocks[i];
+      // A bad block id reads block 0 instead (in bounds) and is reported: the result is then wrong
+      // but the error surfaces at the next synchronize.
+      const bool ok = index_ok(issue, IssueSite::kPagedAttentionBlockTable, b * sh.max_blocks + i, blk, sh.n_blocks);
+      row_base[threadIdx.x] = ((ok ? blk : 0) * sh.block_size + s % sh.block_size) * row_w;
+    }
+    __syncthreads();  // row_base ready; the previous tile's k_s and p_s are no longer read
+    for (int64_t idx = threadIdx.x; idx < ns * row_w; idx += blockDim.x) {
+      const int64_t s = idx / row_w, i = idx % row_w;
+      k_s[idx] = cache[row_base[s] + i];
+    }
+    __syncthreads();
+    // Scores z_{h,s} = scale · [q̃_j ; q^R_j]·[ĉ_s ; k^R_s], one warp per (head, key) pair.
+    for (int64_t pair = warp; pair < hb * ns; pair += kPagedWarps) {
+      const int64_t h = pair / ns, s = pair % ns;
+      float dot = 0.0f;
+      for (int64_t i = lane; i < row_w; i += kWarp) dot += q_s[h * row_w + i] * k_s[s * row_w + i];
+      dot = warp_sum(dot);
+      if (lane == 0) p_s[h * kTile + s] = scale * dot;
+    }
+    __syncthreads();
+    // Online softmax per head: m' = max(m, max_s z), p = exp(z − m'), l = l·exp(m − m') + Σ p.
+    if (threadIdx.x < hb) {
+      const int64_t h = threadIdx.x;
+      float m_new = m_s[h];
+      for (int s = 0; s < ns; ++s) m_new = fmaxf(m_new, p_s[h * kTile + s]);
+      const float corr = expf(m_s[h] - m_new);  // 0 on the first tile (m = −inf, m' finite)
+      float sum = 0.0f;
+      for (int s = 0; s < ns; ++s) {
+        const float e = expf(p_s[h * kTile + s] - m_new);
+        p_s[h * kTile + s] = e;
+        sum += e;
+      }
+      l_s[h] = l_s[h] * corr + sum;
+      m_s[h] = m_new;
+      corr_s[h] = corr;
+    }
+    __syncthreads();
+    // acc_h = acc_h · corr_h + Σ_s p_{h,s} ĉ_s (each thread owns its (head, column) entries).
+    for (int64_t idx = threadIdx.x; idx < hb * r_kv; idx += blockDim.x) {
+      const int64_t h = idx / r_kv, i = idx % r_kv;
+      float a = acc[idx] * corr_s[h];
+      for (int s = 0; s < ns; ++s) a += p_s[h * kTile + s] * k_s[s * row_w + i];
+      acc[idx] = a;
+    }
+    // The next tile's first barrier orders these reads of k_s and p_s before they are overwritten.
+  }
+  __syncthreads();
+  const int64_t g0 = h0 / sh.comps, gb = hb / sh.comps;
+  const float minus_lambda = sh.comps == 2 ? -lambda[0] : 0.0f;
+  for (int64_t idx = threadIdx.x; idx < gb * r_kv; idx += blockDim.x) {
+    const int64_t g = idx / r_kv, i = idx % r_kv;
+    float v = acc[(sh.comps * g) * r_kv + i] / l_s[sh.comps * g];
+    if (sh.comps == 2) v += minus_lambda * (acc[(2 * g + 1) * r_kv + i] / l_s[2 * g + 1]);
+    out[((g0 + g) * sh.rows + n) * r_kv + i] = v;
+  }
+}
+
+__global__ void paged_cache_write_kernel(float* cache, const float* rows, const int32_t* slots, int64_t n_rows,
+                                         int64_t width, int64_t capacity, DeviceIssue* issue) {
+  for (int64_t n = blockIdx.x; n < n_rows; n += gridDim.x) {
+    const int32_t slot = slots[n];
+    if (!index_ok(issue, IssueSite::kPagedCacheWriteSlots, n, slot, capacity)) continue;  // uniform per block
+    for (int64_t i = threadIdx.x; i < width; i += blockDim.x) cache[slot * width + i] = rows[n * width + i];
+  }
+}
+
+}  // namespace
+
+void CudaBackend::paged_cache_write(Context ctx, const PagedCacheWriteArgs& a) {
+  const OpScope profile_scope(*this, stream(ctx), "paged_cache_write");
+  constexpr std::string_view kOp = "paged_cache_write";
+  const PagedCacheWriteDims d = validate_paged_cache_write(a, Device::kCUDA);
+  require_f32(a.cache, kOp);
+  if (d.rows == 0) return;
+  paged_cache_write_kernel<<<grid_for(d.rows, 1), kThreads, 0, stream(ctx)>>>(
+      f32(a.cache), f32(a.rows), i32(a.slots), d.rows, d.width, d.n_blocks * d.block_size, issue());
+  CUDA_CHECK_LAUNCH(kOp);
+}
+
+void CudaBackend::paged_latent_attention(Context ctx, const PagedLatentAttentionArgs& a) {
+  const OpScope profile_scope(*this, stream(ctx), "paged_latent_attention");
+  constexpr std::string_view kOp = "paged_latent_attention";
+  const PagedLatentDims d = validate_paged_latent_attention(a, Device::kCUDA);
+  require_f32(a.cache, kOp);
+  if (d.rows == 0) return;
+  DIFFMOE_CHECK(d.batch >= 1, "[{}] {} query rows but no sequence (block_table has 0 rows)", kOp, d.rows);
+  const int64_t hb = std::min<int64_t>(kHeadsPerBlock, d.heads);
+  const size_t bytes = paged_smem_floats(hb, d.row(), d.r_kv) * sizeof(float);
+  DIFFMOE_CHECK(bytes <= max_shared_bytes(),
+                "[{}] r_kv = {}, d_rope = {} need {} bytes of shared memory per block, the "
+                "device allows {}",
+                kOp, d.r_kv, d.d_rope, bytes, max_shared_bytes());
+  if (bytes > 48 * 1024)
+    CUDA_CHECK(cudaFuncSetAttribute(paged_attention_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                    static_cast<int>(bytes)));
+  const int64_t chunks = (d.heads + kHeadsPerBlock - 1) / kHeadsPerBlock;
+  DIFFMOE_CHECK(d.rows <= INT32_MAX && chunks <= 65535, "[{}] grid too large: N = {}, head chunks = {}", kOp, d.rows,
+                chunks);
+  const PagedShape sh{.rows = d.rows,
+                      .batch = d.batch,
+                      .heads = d.heads,
+                      .r_kv = d.r_kv,
+                      .row_w = d.row(),
+                      .q_rope_width = d.q_rope_width,
+                      .q_rope_offset = a.q_rope_offset,
+                      .n_blocks = d.n_blocks,
+                      .block_size = d.block_size,
+                      .max_blocks = d.max_blocks,
+                      .comps = static_cast<int>(d.comps)};
+  const dim3 grid(static_cast<unsigned>(d.rows), static_cast<unsigned>(chunks));
+  paged_attention_kernel<<<grid, kPagedThreads, bytes, stream(ctx)>>>(
+      f32(a.out), f32(a.q_lat), f32(a.q_rope), f32(a.cache), a.differential ? f32(a.lambda) : nullptr,
+      i32(a.block_table), i32(a.kv_lens), i32(a.q_offsets), sh, static_cast<float>(a.scale), issue());
+  CUDA_CHECK_LAUNCH(kOp);
+}
+
+}  // namespace diffmoe

@@ -1,0 +1,297 @@
+// The engine's memory plan, the host side of a step (limits, cache blocks, the index buffer) and
+// the head. The layers are in engine_layers.cpp.
+#include "serve/engine.h"
+
+#include <fmt/format.h>
+
+#include <algorithm>
+#include <unordered_set>
+
+#include "model/rope_tables.h"
+#include "serve/engine_plan.h"
+
+namespace diffmoe::serve {
+
+namespace {
+
+EngineOptions resolve(EngineOptions o, const ModelConfig& c) {
+  if (o.max_context == 0) o.max_context = c.max_seq_len;
+  if (o.max_step_tokens == 0) o.max_step_tokens = o.max_batch + 256;
+  if (o.max_logit_rows == 0) o.max_logit_rows = o.max_step_tokens;
+  DIFFMOE_CHECK(
+      o.max_batch >= 1 && o.max_step_tokens >= o.max_batch,
+      "[engine] max_batch {} must be >= 1 and max_step_tokens {} >= max_batch (one row per decoding sequence)",
+      o.max_batch, o.max_step_tokens);
+  DIFFMOE_CHECK(o.max_context >= 1 && o.max_context <= c.max_seq_len,
+                "[engine] max_context {} must be in [1, max_seq_len = {}] (the RoPE table's end)", o.max_context,
+                c.max_seq_len);
+  DIFFMOE_CHECK(o.block_size >= 1, "[engine] block_size {} must be >= 1", o.block_size);
+  DIFFMOE_CHECK(o.max_logit_rows >= 1 && o.max_logit_rows <= o.max_step_tokens,
+                "[engine] max_logit_rows {} must be in [1, max_step_tokens = {}]", o.max_logit_rows, o.max_step_tokens);
+  if (o.n_blocks == 0) o.n_blocks = o.max_batch * ((o.max_context + o.block_size - 1) / o.block_size);
+  return o;
+}
+
+}  // namespace
+
+Engine::Engine(Model& model, EngineOptions opt)
+    : model_(model),
+      cfg_(model.config()),
+      be_(model.backend()),
+      opt_(resolve(opt, model.config())),
+      cache_(model.config(), model.dtype(), opt_.block_size, opt_.n_blocks, model.backend().allocator()) {
+  const ModelConfig& c = cfg_;
+  const DType t = model.dtype();
+  DIFFMOE_CHECK(t == DType::kF32 || t == DType::kF64, "[engine] unsupported float type {}", dtype_name(t));
+  DIFFMOE_CHECK(!opt_.fp8_weights || t == DType::kF32, "[engine] FP8 weights need an f32 model, this one is {}",
+                dtype_name(t));
+  // cuBLASLt's FP8 GEMM takes M in multiples of 8: FP8 GEMMs on CUDA run on rows padded up to that
+  // (their padding rows are scratch that nothing reads), so the scratch is planned for it.
+  if (opt_.fp8_weights && be_.device() == Device::kCUDA) row_pad_ = 8;
+  const int64_t R = (opt_.max_step_tokens + row_pad_ - 1) / row_pad_ * row_pad_, M = opt_.max_logit_rows,
+                B = opt_.max_batch;
+  const int64_t D = c.dim, H = c.n_heads, dqk = c.d_qk(), dv = c.v_head_dim;
+  const int64_t rkv = c.kv_lora_rank, dr = c.qk_rope_head_dim, rq = c.q_lora_rank;
+  const int64_t comps = c.differential ? 2 : 1, h_out = H / comps;
+  const bool any_moe = c.n_layers > c.n_dense_layers;
+  const int64_t K = c.n_activated_experts, E = c.n_routed_experts;
+  const int64_t max_blocks = cache_.blocks_for(opt_.max_context);
+
+  // Weights re-laid-out per head (engine_layers.cpp), in wkv_b's compute dtype.
+  const DType wt = param("layers.0.attn.wkv_b.weight").dtype;
+  for (int64_t l = 0; l < c.n_layers; ++l) {
+    arena_.add(fmt::format("w_uk.{}", l), Shape{H, dqk, rkv}, wt);             // [W^UK_j ; 0]
+    arena_.add(fmt::format("w_uv.{}", l), Shape{h_out, comps * dv, rkv}, wt);  // [W^UV_2h ; W^UV_2h+1]
+  }
+  if (opt_.fp8_weights) {  // FP8 copies of the dense Linear weights, and their inputs' quantised rows
+    int64_t k_max = 0;
+    for (const std::string& name : fp8_weight_names(c)) {
+      const Tensor w = param(name);
+      arena_.add("fp8." + name + ".q", w.shape, DType::kF8E4M3);
+      arena_.add("fp8." + name + ".s", Shape{fp8_tiles(w.dim(0)), fp8_block_scale_cols(w.dim(1))}, DType::kF32);
+      k_max = std::max(k_max, w.dim(1));
+    }
+    arena_.add("fp8.xq", Shape{R * k_max}, DType::kF8E4M3);
+    arena_.add("fp8.xs", Shape{fp8_tiles(k_max) * R}, DType::kF32);
+  }
+  arena_.add("rope.cos", Shape{opt_.max_context, dr / 2}, t);
+  arena_.add("rope.sin", Shape{opt_.max_context, dr / 2}, t);
+  arena_.add("index", Shape{index_capacity(R, B, max_blocks, H, h_out, M)}, DType::kI32);
+  // Per-step scratch for R rows, shared by all layers (scratch() views the first elements).
+  arena_.add("h", Shape{R * D}, t);
+  arena_.add("x_norm", Shape{R * D}, t);
+  arena_.add("rstd", Shape{R}, t);
+  if (rq > 0) {
+    arena_.add("qa", Shape{R * rq}, t);
+    arena_.add("cq", Shape{R * rq}, t);
+  }
+  arena_.add("q", Shape{R * H * dqk}, t);           // [N, H, d_qk] token-major, RoPE applied
+  arena_.add("q_hm", Shape{H * R * dqk}, t);        // [H, N, d_qk] head-major
+  arena_.add("q_lat", Shape{H * R * rkv}, t);       // q̃ [H, N, r_kv]
+  arena_.add("kva", Shape{R * (rkv + dr)}, t);      // x̄ W_kvaᵀ with RoPE on k^R
+  arena_.add("kv_rows", Shape{R * (rkv + dr)}, t);  // [ĉ ; k^R] for the pool
+  arena_.add("lat", Shape{h_out * R * rkv}, t);     // L [H_out, N, r_kv]
+  arena_.add("att_hm", Shape{R * H * dv}, t);       // [H_out, N, comps·d_v]
+  arena_.add("att", Shape{R * H * dv}, t);          // [N, H_out, comps·d_v] token-major
+  if (c.differential) {
+    arena_.add("att_n_hm", Shape{R * H * dv}, t);
+    arena_.add("rstd_sub", Shape{R * h_out}, t);
+    arena_.add("lambda", Shape{1}, t);
+  }
+  int64_t mlp = R * c.inter_dim;
+  if (any_moe) mlp = std::max({mlp, R * c.n_shared_experts * c.moe_inter_dim, R * K * c.moe_inter_dim});
+  for (const char* name : {"ffn.a", "ffn.b", "ffn.h"}) arena_.add(name, Shape{mlp}, t);
+  if (any_moe) {
+    arena_.add("router.logits", Shape{R * E}, t);
+    arena_.add("router.scores", Shape{R * E}, t);
+    arena_.add("router.topk_idx", Shape{R * K}, DType::kI32);
+    arena_.add("router.topk_w", Shape{R * K}, t);
+    for (int64_t l = c.n_dense_layers; l < c.n_layers; ++l)
+      arena_.add(fmt::format("router.counts.{}", l), Shape{E}, DType::kI32);
+    arena_.add("moe.offsets", Shape{E + 1}, DType::kI32);
+    arena_.add("moe.src_row", Shape{R * K}, DType::kI32);
+    arena_.add("moe.slot_pos", Shape{R * K}, DType::kI32);
+    arena_.add("moe.x_perm", Shape{R * K * D}, t);
+    arena_.add("moe.y_perm", Shape{R * K * D}, t);
+  }
+  arena_.add("final.h", Shape{M * D}, t);
+  arena_.add("final.x_norm", Shape{M * D}, t);
+  arena_.add("final.rstd", Shape{M}, t);
+  arena_.add("logits", Shape{M * c.vocab_size}, t);
+  arena_.allocate(be_.allocator());
+
+  const RopeParams rp{.rope_dim = dr,
+                      .theta = c.rope_theta,
+                      .max_seq_len = c.max_seq_len,
+                      .original_seq_len = c.original_seq_len,
+                      .factor = c.rope_factor,
+                      .beta_fast = c.beta_fast,
+                      .beta_slow = c.beta_slow,
+                      .mscale = c.mscale};
+  std::vector<double> cos, sin;
+  rope_tables(rp, opt_.max_context, cos, sin);
+  if (t == DType::kF64) {
+    be_.upload(arena_.get("rope.cos"), cos.data());
+    be_.upload(arena_.get("rope.sin"), sin.data());
+  } else {
+    const std::vector<float> cf(cos.begin(), cos.end()), sf(sin.begin(), sin.end());
+    be_.upload(arena_.get("rope.cos"), cf.data());
+    be_.upload(arena_.get("rope.sin"), sf.data());
+  }
+  refresh_weights();
+}
+
+Tensor Engine::scratch(const char* name, Shape shape) const {
+  const Tensor t = arena_.get(name);
+  DIFFMOE_CHECK(shape.numel() <= t.numel(), "[engine] {} values of scratch {} exceed its {}", shape.numel(), name,
+                t.numel());
+  return Tensor{.data = t.data, .dtype = t.dtype, .device = t.device, .shape = shape};
+}
+
+void Engine::linear(Context ctx, const Tensor& y, const Tensor& x, const Tensor& w, double beta) const {
+  const auto it = fp8_.find(w.data);
+  if (it == fp8_.end()) {
+    be_.gemm(ctx, {.c = y, .a = x, .b = w, .trans_a = false, .trans_b = true, .alpha = 1.0, .beta = beta});
+    return;
+  }
+  // FP8 (sources §6.1 Fprop): Y = X Wᵀ with X in 1×128 tiles, W in 128×128 blocks.
+  const int64_t rows = (x.dim(0) + row_pad_ - 1) / row_pad_ * row_pad_, K = x.dim(1);
+  const Tensor xp{.data = x.data, .dtype = x.dtype, .device = x.device, .shape = Shape{rows, K}};
+  const Tensor yp{.data = y.data, .dtype = y.dtype, .device = y.device, .shape = Shape{rows, y.dim(1)}};
+  const Tensor xq = scratch("fp8.xq", Shape{rows, K}), xs = scratch("fp8.xs", Shape{fp8_tiles(K), rows});
+  be_.act_quant(ctx, {.q = xq, .scale = xs, .x = xp});
+  be_.fp8_gemm(ctx, {.c = yp,
+                     .a = xq,
+                     .a_scale = xs,
+                     .b = it->second.q,
+                     .b_scale = it->second.scale,
+                     .b_scaling = Fp8Scaling::kBlock128x128,
+                     .beta = beta});
+}
+
+// The weights fp8_weights quantises: every dense Linear of the attention and the FFN (spec §7).
+std::vector<std::string> fp8_weight_names(const ModelConfig& c) {
+  std::vector<std::string> names;
+  for (int64_t l = 0; l < c.n_layers; ++l) {
+    const std::vector<std::string> attn = c.q_lora_rank > 0 ? std::vector<std::string>{"wq_a", "wq_b", "wkv_a", "wo"}
+                                                            : std::vector<std::string>{"wq", "wkv_a", "wo"};
+    for (const std::string& w : attn) names.push_back(fmt::format("layers.{}.attn.{}.weight", l, w));
+    const std::string ffn = !c.is_moe_layer(l)       ? fmt::format("layers.{}.ffn.", l)
+                            : c.n_shared_experts > 0 ? fmt::format("layers.{}.ffn.shared.", l)
+                                                     : std::string();
+    if (!ffn.empty())
+      for (const char* w : {"w1", "w2", "w3"}) names.push_back(ffn + w + ".weight");
+  }
+  return names;
+}
+
+void Engine::quantize_weights() {
+  fp8_.clear();
+  if (!opt_.fp8_weights) return;
+  for (const std::string& name : fp8_weight_names(cfg_)) {
+    const Tensor w = param(name);
+    const Fp8Weight f{.q = arena_.get("fp8." + name + ".q"), .scale = arena_.get("fp8." + name + ".s")};
+    be_.weight_quant({}, {.q = f.q, .scale = f.scale, .w = w});
+    fp8_.emplace(w.data, f);
+  }
+}
+
+Tensor Engine::expert_counts(int64_t layer) const {
+  DIFFMOE_CHECK(cfg_.is_moe_layer(layer) && layer < cfg_.n_layers, "[engine] layer {} is not a MoE layer", layer);
+  return arena_.get(fmt::format("router.counts.{}", layer));
+}
+
+StepOutput Engine::step(Context ctx, std::span<const StepSequence> batch) {
+  const ModelConfig& c = cfg_;
+  const int64_t B = static_cast<int64_t>(batch.size());
+  DIFFMOE_CHECK(B >= 1 && B <= opt_.max_batch, "[engine] a step takes 1 to max_batch = {} sequences, got {}",
+                opt_.max_batch, B);
+  // Limits first, so that a refused step changes nothing.
+  int64_t N = 0, M = 0, blocks = 0;
+  std::unordered_set<int64_t> seen;
+  for (const StepSequence& s : batch) {
+    DIFFMOE_CHECK(seen.insert(s.seq).second, "[engine] sequence {} appears twice in one step", s.seq);
+    DIFFMOE_CHECK(!s.tokens.empty(), "[engine] sequence {}: a step appends at least one token", s.seq);
+    const int64_t n = static_cast<int64_t>(s.tokens.size()), len = cache_.length(s.seq);
+    DIFFMOE_CHECK(len + n <= opt_.max_context,
+                  "[engine] sequence {}: {} cached + {} new positions exceed max_context = {}", s.seq, len, n,
+                  opt_.max_context);
+    for (const int32_t id : s.tokens)
+      DIFFMOE_CHECK(id >= 0 && id < c.vocab_size, "[engine] sequence {}: token id {} is outside the vocabulary [0, {})",
+                    s.seq, id, c.vocab_size);
+    N += n;
+    M += s.logits == LogitRows::kAll ? n : s.logits == LogitRows::kLast ? 1 : 0;
+    blocks += cache_.blocks_needed(s.seq, len + n);
+  }
+  DIFFMOE_CHECK(N <= opt_.max_step_tokens, "[engine] {} new positions exceed max_step_tokens = {}", N,
+                opt_.max_step_tokens);
+  DIFFMOE_CHECK(M <= opt_.max_logit_rows, "[engine] {} logit rows exceed max_logit_rows = {}", M, opt_.max_logit_rows);
+  DIFFMOE_CHECK(blocks <= cache_.free_blocks(), "[engine] the step needs {} cache blocks, {} are free", blocks,
+                cache_.free_blocks());
+
+  // The index buffer (engine_plan.h), built on the host and uploaded once.
+  const int64_t H = c.n_heads, h_out = c.differential ? H / 2 : H;
+  const StepPlan p = make_plan(arena_.get("index"), N, B, cache_.blocks_for(opt_.max_context), H, h_out, M);
+  host_index_.assign(static_cast<size_t>(p.used), 0);
+  IndexWriter w(host_index_, p);
+  StepOutput out;
+  int64_t row = 0, logit_row = 0;
+  for (int64_t b = 0; b < B; ++b) {
+    const StepSequence& s = batch[static_cast<size_t>(b)];
+    const int64_t n = static_cast<int64_t>(s.tokens.size()), len = cache_.length(s.seq);
+    cache_.extend(s.seq, len + n);
+    for (int64_t t = 0; t < n; ++t) {
+      w.set(p.tokens, row + t, s.tokens[static_cast<size_t>(t)]);
+      w.set(p.positions, row + t, len + t);
+      w.set(p.slots, row + t, cache_.slot(s.seq, len + t));
+    }
+    w.set(p.q_offsets, b, row);
+    w.set(p.kv_lens, b, len + n);
+    const std::span<const int32_t> blk = cache_.blocks(s.seq);
+    for (size_t i = 0; i < blk.size(); ++i) w.set(p.block_table, b * p.max_blocks + static_cast<int64_t>(i), blk[i]);
+    out.first_row.push_back(s.logits == LogitRows::kNone ? -1 : logit_row);
+    if (s.logits == LogitRows::kAll) {
+      for (int64_t t = 0; t < n; ++t) w.set(p.logit_rows, logit_row++, row + t);
+    } else if (s.logits == LogitRows::kLast) {
+      w.set(p.logit_rows, logit_row++, row + n - 1);
+    }
+    row += n;
+  }
+  w.set(p.q_offsets, B, N);
+  w.fill_permutations();
+  be_.upload(arena_.get("index").rows(0, p.used), host_index_.data());
+
+  be_.set_gemm_precision(model_.plan().bf16_gemm() ? GemmPrecision::kBF16 : GemmPrecision::kF32);
+  if (c.n_layers > c.n_dense_layers)
+    for (int64_t l = c.n_dense_layers; l < c.n_layers; ++l) be_.fill(ctx, {.out = expert_counts(l), .value = 0.0});
+  be_.embedding_fwd(ctx, {.out = scratch("h", Shape{N, c.dim}),
+                          .tokens = p.tokens,
+                          .table = param("embed.weight"),
+                          .scale = c.embed_scale});
+  for (int64_t l = 0; l < c.n_layers; ++l) {
+    attention(ctx, l, p);
+    ffn(ctx, l, p);
+  }
+  head(ctx, p);
+  out.logits = scratch("logits", Shape{M, c.vocab_size});
+  return out;
+}
+
+void Engine::head(Context ctx, const StepPlan& p) {
+  if (p.M == 0) return;
+  const int64_t D = cfg_.dim;
+  const Tensor sel = scratch("final.h", Shape{p.M, D}), xn = scratch("final.x_norm", Shape{p.M, D});
+  be_.moe_gather(ctx,
+                 {.x_perm = sel, .x = scratch("h", Shape{p.N, D}), .src_row = p.logit_rows});  // the rows asked for
+  be_.rmsnorm_fwd(ctx, {.y = xn,
+                        .rstd = scratch("final.rstd", Shape{p.M}),
+                        .x = sel,
+                        .w = param("norm.weight"),
+                        .rows = p.M,
+                        .width = D,
+                        .eps = cfg_.norm_eps});
+  linear(ctx, scratch("logits", Shape{p.M, cfg_.vocab_size}), xn,
+         param(cfg_.tie_embeddings ? "embed.weight" : "head.weight"));
+}
+
+}  // namespace diffmoe::serve

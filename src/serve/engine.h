@@ -1,0 +1,123 @@
+// The batched decode engine: one forward pass over many sequences of different lengths at once,
+// against the paged latent cache (paged_cache.h; spec §2 "the absorbed latent cache", sources §2.4,
+// §3.3). A step packs the new positions of every sequence in the batch into N rows — one row for a
+// sequence that decodes, a chunk of its prompt for one that prefills — and runs the model's math on
+// them exactly as model/generator.h does for one batch:
+//   h_0 = embed_scale · E[tokens]
+//   per layer:  x̄ = RMSNorm_attn(h);  q = [q^C ; RoPE(q^R)] (each row at its own position)
+//               [c ; k^R] = x̄ W_kvaᵀ → pool slot of (sequence, position) = [RMSNorm_kv(c) ; RoPE(k^R)]
+//               q̃_j = q^C_j W^UK_j          (all rows of head j in one grouped GEMM, head-major)
+//               L = paged_latent_attention  (differential: L_h = A_{h,0}ĉ − λ A_{h,1}ĉ, latent space)
+//               [o_2h ; o_2h+1] = L_h [W^UV_2h ; W^UV_2h+1]ᵀ   (one grouped GEMM over the value groups)
+//               differential: Ō_h = (1 − λ_init)·RMSNorm_2dv(O_h; subln);   h += Ō W_oᵀ
+//               h += FFN(RMSNorm_ffn(h))    dense SwiGLU, or the MoE as in training: router with the
+//                                           balancing bias, dropless permute/gather, grouped expert
+//                                           GEMMs that read only the experts some row was routed to
+//   then the final norm and the head on the rows whose logits were asked for.
+// Every row's arithmetic depends only on its own sequence, so a sequence's logits are those of the
+// full forward on it alone, whatever else shares the step (tests/serve/test_engine.cpp).
+//
+// Memory: the cache pools, plus ONE arena planned from the options: per-step scratch for
+// max_step_tokens rows shared by all layers, the RoPE tables up to max_context, the head-major
+// copies of W^UK (zero-padded to d_qk rows, so the absorption reads the full query) and W^UV per
+// layer, and the step's index buffer (uploaded once per step). Nothing allocates after construction.
+#pragma once
+#include <cstdint>
+#include <span>
+#include <string>
+#include <unordered_map>
+#include <vector>
+
+#include "model/model.h"
+#include "serve/paged_cache.h"
+
+namespace diffmoe::serve {
+
+struct StepPlan;  // engine_plan.h
+
+struct EngineOptions {
+  int64_t max_batch = 16;       // sequences in one step
+  int64_t max_step_tokens = 0;  // new positions over all sequences of one step; 0 = max_batch + 256
+  int64_t max_context = 0;      // positions per sequence (prompt + generated); 0 = max_seq_len
+  int64_t block_size = 16;      // cache rows per block
+  int64_t n_blocks = 0;         // cache blocks; 0 = enough for max_batch sequences of max_context
+  int64_t max_logit_rows = 0;   // logit rows one step may return; 0 = max_step_tokens
+  // FP8 inference (spec §7's recipe for the forward, sources §6): the dense Linear weights (the
+  // attention projections wq_a, wq_b or wq, wkv_a, wo; the dense and shared-expert w1, w2, w3) are
+  // quantised to e4m3 in 128×128 blocks at construction (weight_quant); each of their GEMMs
+  // quantises its input in 1×128 tiles (act_quant) and runs fp8_gemm. The routed experts (grouped
+  // GEMMs; no FP8 grouped op exists), the absorbed W^UK / W^UV, the router and the head keep the
+  // compute dtype. f32 models only.
+  bool fp8_weights = false;
+};
+
+// Which of a sequence's new positions get logits.
+enum class LogitRows : uint8_t { kNone, kLast, kAll };
+
+struct StepSequence {
+  int64_t seq = -1;                 // a PagedCache sequence id (Engine::add_sequence)
+  std::span<const int32_t> tokens;  // appended at positions length … length + n − 1 (n >= 1)
+  LogitRows logits = LogitRows::kLast;
+};
+
+struct StepOutput {
+  Tensor logits;                   // [M, V] on the backend's device, valid until the next step
+  std::vector<int64_t> first_row;  // per StepSequence: its first logit row, or −1 (kNone)
+};
+
+// The weights EngineOptions::fp8_weights quantises, by checkpoint name (docs/model.md §8).
+std::vector<std::string> fp8_weight_names(const ModelConfig& c);
+
+class Engine {
+ public:
+  // The model (weights and config) must outlive the engine. The engine reads the model's weights in
+  // place; the re-laid-out copies of W^UK and W^UV are taken here (refresh_weights() after a change).
+  Engine(Model& model, EngineOptions opt);
+
+  const EngineOptions& options() const { return opt_; }
+  const ModelConfig& config() const { return cfg_; }
+  Backend& backend() const { return be_; }
+  PagedCache& cache() { return cache_; }
+  const PagedCache& cache() const { return cache_; }
+  size_t arena_bytes() const { return arena_.bytes(); }
+
+  int64_t add_sequence() { return cache_.add(); }
+  void release(int64_t seq) { cache_.release(seq); }
+  // Cache blocks a step appending `new_tokens` to `seq` must take.
+  int64_t blocks_needed(int64_t seq, int64_t new_tokens) const {
+    return cache_.blocks_needed(seq, cache_.length(seq) + new_tokens);
+  }
+
+  // Appends every sequence's tokens to the cache and runs one forward pass over all of them. Throws
+  // (before anything changes) when the batch breaks the options' limits or the cache lacks blocks.
+  StepOutput step(Context ctx, std::span<const StepSequence> batch);
+
+  // Rows routed to each expert in the last step, i32 [n_routed_experts] (MoE layers only).
+  Tensor expert_counts(int64_t layer) const;
+  void refresh_weights();
+
+ private:
+  void attention(Context ctx, int64_t l, const StepPlan& p);
+  void ffn(Context ctx, int64_t l, const StepPlan& p);
+  void head(Context ctx, const StepPlan& p);
+  // y = x Wᵀ (+ beta·y); through the FP8 copy of w when there is one.
+  void linear(Context ctx, const Tensor& y, const Tensor& x, const Tensor& w, double beta = 0.0) const;
+  void quantize_weights();  // the FP8 copies (fp8_weights)
+  Tensor scratch(const char* name, Shape shape) const;
+  Tensor param(const std::string& name) const { return model_.params().get(name); }
+
+  Model& model_;
+  const ModelConfig& cfg_;
+  Backend& be_;
+  EngineOptions opt_;
+  PagedCache cache_;
+  Arena arena_;
+  std::vector<int32_t> host_index_;  // the step's index buffer as built on the host
+  struct Fp8Weight {
+    Tensor q, scale;  // e4m3 [N, K], f32 [ceil(N/128), fp8_block_scale_cols(K)]
+  };
+  std::unordered_map<const void*, Fp8Weight> fp8_;  // by the compute weight's address
+  int64_t row_pad_ = 1;  // FP8 GEMMs on CUDA take M in multiples of 8: rows are padded up to this
+};
+
+}  // namespace diffmoe::serve
