@@ -56,17 +56,21 @@ nlohmann::ordered_json report_json(const EvalReport& r) {
 }
 
 std::string report_table(const EvalReport& r) {
-  size_t wt = 4, wm = 6;
+  // Values print with 4 decimals; very large ones (a word perplexity) in scientific notation.
+  const auto value = [](double v) { return std::abs(v) < 1e7 ? fmt::format("{:.4f}", v) : fmt::format("{:.4e}", v); };
+  size_t wt = 4, wm = 6, wv = 10;
   for (const MetricRow& m : r.rows) {
     wt = std::max(wt, m.task.size());
     wm = std::max(wm, m.metric.size());
+    wv = std::max(wv, value(m.value).size());
   }
-  std::string s = fmt::format("| {:<{}} | {:<{}} | {:>10} |   {:>8} | {:>7} |\n", "task", wt, "metric", wm, "value", "stderr", "n");
-  s += fmt::format("|{:-<{}}|{:-<{}}|{:->12}|{:->13}|{:->9}|\n", "", wt + 2, "", wm + 2, "", "", "");
+  std::string s = fmt::format("| {:<{}} | {:<{}} | {:>{}} | {:>10} | {:>7} |\n", "task", wt, "metric", wm, "value", wv, "stderr", "n");
+  s += fmt::format("|{:-<{}}|{:-<{}}|{:-<{}}|{:-<12}|{:-<9}|\n", "", wt + 2, "", wm + 2, "", wv + 2, "", "");
   std::string last;
   for (const MetricRow& m : r.rows) {
-    const std::string err = m.stderr_of_mean ? fmt::format("± {:>8.4f}", *m.stderr_of_mean) : std::string(10, ' ');
-    s += fmt::format("| {:<{}} | {:<{}} | {:>10.4f} | {} | {:>7} |\n", m.task == last ? "" : m.task, wt, m.metric, wm, m.value, err, m.count);
+    const std::string err = m.stderr_of_mean ? fmt::format("± {:>8.4f}", *m.stderr_of_mean) : "";
+    s += fmt::format("| {:<{}} | {:<{}} | {:>{}} | {:>10} | {:>7} |\n", m.task == last ? "" : m.task, wt, m.metric, wm, value(m.value), wv, err,
+                     m.count);
     last = m.task;
   }
   return s;
