@@ -87,6 +87,30 @@ TEST(BatchScorer, F32WithinRoundingOfF64AndPaddingIrrelevant) {
   }
 }
 
+// The bf16 GEMM mode (bf16 logits; f32 loss sums) against the f32 reference: every GEMM operand
+// and the logits are rounded to 8-bit mantissas (relative 2^-9 each), which moves a token's
+// log-probability by ~0.005 here (measured: worst_error_per_token); 0.05 per scored token leaves 10x,
+// while a wrong slice or a leaked padding position moves a row by O(1) per token.
+TEST(BatchScorer, Bf16ModeWithinRoundingOfF32) {
+  CpuBackend be;
+  const int64_t seq = 12;
+  auto model = test::eval_test_model_on(be, ModelOptions{.precision = Precision::kBF16});
+  auto ref = test::eval_test_model(be, DType::kF64);
+  model->set_batch_shape(3, seq);
+  ASSERT_EQ(model->logits().dtype, DType::kBF16);
+  BatchScorer s(*model, 0);
+  const std::vector<ScoreRow> rows = mixed_rows(seq, 257);
+  const std::vector<RowScore> got = s.score(rows);
+  double worst = 0;
+  for (size_t r = 0; r < rows.size(); ++r) {
+    const double want = test::reference_logprob(*ref, rows[r]);
+    EXPECT_NEAR(got[r].logprob, want, 0.05 * static_cast<double>(std::max<int64_t>(1, got[r].tokens))) << "row " << r;
+    if (got[r].tokens > 0) worst = std::max(worst, std::abs(got[r].logprob - want) / static_cast<double>(got[r].tokens));
+  }
+  RecordProperty("worst_error_per_token", std::to_string(worst));
+  EXPECT_GT(worst, 0.0) << "bf16 rounding must show: the mode is not in effect";
+}
+
 TEST(BatchScorer, BadRowsAreErrors) {
   CpuBackend be;
   auto model = test::eval_test_model(be, DType::kF32);
