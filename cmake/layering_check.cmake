@@ -16,7 +16,7 @@ get_filename_component(SRC_DIR "${SRC_DIR}" ABSOLUTE)
 # Layers: a file's layer is its top folder under src/, except within src/backend: cpu/ and cuda/
 # are layers of their own, and backend_registry.* (make_backend: the one place that knows the
 # concrete backends) is the layer above them. A layer may always include its own headers.
-set(layers core backend backend_cpu backend_cuda backend_registry model data io dist train serve cli)
+set(layers core backend backend_cpu backend_cuda backend_registry model data io dist train eval serve cli)
 # Allowed dependencies (what each layer may include besides itself):
 set(allow_core)                      # the standard library and fmt only
 set(allow_backend core)              # the interface (backend.h, op_args.h) and op_validation.*
@@ -28,6 +28,7 @@ set(allow_data io core)               # io: bounded reads of small files, run lo
 set(allow_io core)
 set(allow_dist backend core)         # communicators, sharding: tensors and the backend interface
 set(allow_train backend backend_registry model data io dist core)
+set(allow_eval backend backend_registry model data io dist core)  # beside train, with its rules
 set(allow_serve backend backend_registry model data io train core)
 set(allow_cli ${layers})
 # CUDA headers (<cuda*.h>, cuBLAS, NCCL, cuDNN, CUB, Thrust, cooperative groups, WMMA, libcu++,

@@ -17,5 +17,6 @@ void add_tokenizer_command(CLI::App& app, std::function<int()>& run);
 void add_data_command(CLI::App& app, std::function<int()>& run);
 void add_checkpoint_command(CLI::App& app, std::function<int()>& run);
 void add_serve_command(CLI::App& app, std::function<int()>& run);
+void add_bench_command(CLI::App& app, std::function<int()>& run);
 
 }  // namespace diffmoe::cli

@@ -11,7 +11,7 @@
 #include "core/error.h"
 
 int main(int argc, char** argv) {
-  CLI::App app{"diffmoe: train, evaluate, generate with and serve Differential-Transformer MoE language models"};
+  CLI::App app{"diffmoe: train, evaluate, benchmark and generate with Differential-Transformer MoE language models"};
   app.require_subcommand(1);
   std::function<int()> run;
   diffmoe::cli::add_params_command(app, run);
@@ -24,6 +24,7 @@ int main(int argc, char** argv) {
   diffmoe::cli::add_init_command(app, run);
   diffmoe::cli::add_checkpoint_command(app, run);
   diffmoe::cli::add_serve_command(app, run);
+  diffmoe::cli::add_bench_command(app, run);
   try {
     app.parse(argc, argv);
   } catch (const CLI::CallForHelp& e) {

@@ -225,7 +225,7 @@ TEST(E2EHelp, EverySubcommandHasHelp) {
   const std::vector<std::vector<std::string>> cmds = {
       {},         {"params"},   {"plan"},   {"train"},         {"eval"},           {"generate"}, {"init"},
       {"tokenizer"}, {"tokenizer", "train"}, {"tokenizer", "encode"}, {"tokenizer", "decode"},
-      {"data"},   {"data", "prepare"}, {"data", "inspect"}};
+      {"data"},   {"data", "prepare"}, {"data", "inspect"}, {"bench"}};
   for (auto args : cmds) {
     args.push_back("--help");
     const RunResult r = run_diffmoe(args);

@@ -1,0 +1,116 @@
+// `diffmoe bench (--config YAML | --checkpoint X) [--device cpu|cuda] [--report FILE] ...`: train-step,
+// prefill and decode throughput of a preset (spec initialisation) or a trained model
+// (train/benchmark.h; docs/evaluation.md "Benchmark"). Defaults are small on the CPU.
+#include <fmt/core.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cstring>
+
+#include "backend/backend_registry.h"
+#include "cli/commands.h"
+#include "core/error.h"
+#include "io/file_util.h"
+#include "model/parameters.h"
+#include "train/benchmark.h"
+#include "train/checkpoint_reader.h"
+
+namespace diffmoe::cli {
+
+namespace {
+
+struct BenchArgs {
+  std::string config, checkpoint, device = "cpu", precision = "f32", report;
+  std::vector<int64_t> decode_batches = {1, 8, 64};
+  // −1: the device's default (run_bench).
+  int64_t batch = -1, seq = -1, prompt_len = -1, new_tokens = -1;
+  int steps = -1, warmup = -1, repeats = -1;
+  double peak_tflops = -1;
+  bool no_train = false, no_decode = false;
+  uint64_t seed = 1234;
+};
+
+int run_bench(const BenchArgs& a) {
+  DIFFMOE_CHECK(a.config.empty() != a.checkpoint.empty(), "give exactly one of --config (a preset, spec initialisation) and --checkpoint");
+  auto be = make_backend(a.device);
+  const ModelOptions mo{.precision = parse_precision(a.precision, "--precision")};
+  std::unique_ptr<Model> model;
+  nlohmann::ordered_json source;
+  if (!a.config.empty()) {
+    model = std::make_unique<Model>(load_model_config(a.config), *be, DType::kF32, mo);
+    model->init_weights(a.seed);
+    source = {{"config", a.config}};
+  } else {
+    LoadedCheckpoint ck = open_trained_model(a.checkpoint, *be, DType::kF32, OpenModelOptions{.tokenizer_path = "", .verify = true, .model = mo});
+    model = std::move(ck.model);
+    source = {{"checkpoint", ck.model_path}, {"step", ck.step >= 0 ? nlohmann::ordered_json(ck.step) : nlohmann::ordered_json(nullptr)}};
+  }
+  const ModelConfig& cfg = model->config();
+  const bool gpu = be->device() == Device::kCUDA;
+  const auto pick = [](auto given, auto fallback) { return given >= 0 ? given : fallback; };
+  BenchOptions o;
+  o.train = !a.no_train;
+  o.decode = !a.no_decode;
+  o.train_batch = pick(a.batch, int64_t{gpu ? 8 : 4});
+  o.train_seq = pick(a.seq, std::min<int64_t>(cfg.max_seq_len, gpu ? cfg.max_seq_len : 128));
+  o.train_steps = pick(a.steps, gpu ? 10 : 3);
+  o.warmup_steps = pick(a.warmup, gpu ? 3 : 1);
+  o.decode_batches = a.decode_batches;
+  o.new_tokens = pick(a.new_tokens, std::min<int64_t>(gpu ? 64 : 8, cfg.max_seq_len / 2));
+  o.prompt_len = pick(a.prompt_len, std::min<int64_t>(gpu ? 512 : 32, cfg.max_seq_len - o.new_tokens));
+  o.repeats = pick(a.repeats, gpu ? 3 : 1);
+  o.seed = a.seed;
+  o.peak_tflops = pick(a.peak_tflops, gpu ? 989.0 : 0.0);
+  DIFFMOE_CHECK(o.train_seq >= 1 && o.train_seq <= cfg.max_seq_len, "--seq {} must be in [1, max_seq_len = {}]", o.train_seq, cfg.max_seq_len);
+  DIFFMOE_CHECK(o.train_batch >= 1, "--batch must be >= 1, got {}", o.train_batch);
+  for (const int64_t b : o.decode_batches) DIFFMOE_CHECK(b >= 1, "--decode-batch: {} is not a batch size (>= 1)", b);
+  DIFFMOE_CHECK(o.prompt_len >= 1 && o.new_tokens >= 1 && o.prompt_len + o.new_tokens <= cfg.max_seq_len,
+                "--prompt-len {} + --new-tokens {}: each >= 1, together at most max_seq_len = {}", o.prompt_len, o.new_tokens, cfg.max_seq_len);
+
+  const ParamCounts pc = count_parameters(cfg, cfg.max_seq_len);
+  fmt::print("bench {} on {} ({}): {:.2f}M parameters, {:.2f}M active\n", a.config.empty() ? a.checkpoint : a.config, a.device, a.precision,
+             static_cast<double>(pc.total) / 1e6, static_cast<double>(pc.active) / 1e6);
+  const BenchReport r = run_benchmark(*model, o, [](std::string_view s) { fmt::print("{}\n", s); });
+  if (!a.report.empty()) {
+    nlohmann::ordered_json j;
+    j["model"] = source;
+    j["model"]["parameters"] = pc.total;
+    j["model"]["active_parameters"] = pc.active;
+    j["device"] = a.device;
+    j["precision"] = std::string(precision_name(model->plan().mode()));
+    const nlohmann::ordered_json b = bench_json(r);
+    for (const auto& [k, v] : b.items()) j[k] = v;
+    const std::string text = j.dump(2) + "\n";
+    const io::Failure f = io::replace_file(a.report, [&](int fd) { return io::write_all(fd, text.data(), text.size()); });
+    DIFFMOE_CHECK(!f, "{}: cannot write the report ({} failed: {})", a.report, f.step, std::strerror(f.err));
+    fmt::print("report: {}\n", a.report);
+  }
+  return 0;
+}
+
+}  // namespace
+
+void add_bench_command(CLI::App& app, std::function<int()>& run) {
+  auto* cmd = app.add_subcommand("bench", "Throughput: train step, prefill and decode tokens/s of a preset or a checkpoint");
+  auto a = std::make_shared<BenchArgs>();
+  cmd->add_option("--config", a->config, "a preset / run config (model: section; spec initialisation)");
+  cmd->add_option("--checkpoint", a->checkpoint, "checkpoint root, step directory or model .safetensors");
+  cmd->add_option("--device", a->device, "cpu (default) or cuda");
+  cmd->add_option("--precision", a->precision, "f32 (default) or bf16_gemm");
+  cmd->add_option("--batch", a->batch, "train step: sequences per step (default: 4 on the CPU, 8 on CUDA)");
+  cmd->add_option("--seq", a->seq, "train step: sequence length (default: min(128, max_seq_len) on the CPU, max_seq_len on CUDA)");
+  cmd->add_option("--steps", a->steps, "train step: timed steps (default: 3 on the CPU, 10 on CUDA)");
+  cmd->add_option("--warmup", a->warmup, "train step: untimed steps first (default: 1 on the CPU, 3 on CUDA)");
+  cmd->add_option("--decode-batch", a->decode_batches, "decode: batch sizes (default 1,8,64)")->delimiter(',');
+  cmd->add_option("--prompt-len", a->prompt_len, "decode: prompt tokens per sequence (default: 32 on the CPU, 512 on CUDA)");
+  cmd->add_option("--new-tokens", a->new_tokens, "decode: steps after the prompt (default: 8 on the CPU, 64 on CUDA)");
+  cmd->add_option("--repeats", a->repeats, "decode: timed runs per batch size, median (default: 1 on the CPU, 3 on CUDA)");
+  cmd->add_option("--peak-tflops", a->peak_tflops, "train step: MFU denominator (default: 989 on CUDA, none on the CPU)");
+  cmd->add_flag("--no-train", a->no_train, "skip the train step");
+  cmd->add_flag("--no-decode", a->no_decode, "skip prefill and decode");
+  cmd->add_option("--seed", a->seed, "weights (with --config) and random tokens (default 1234)");
+  cmd->add_option("--report", a->report, "write the results as JSON to this file");
+  cmd->callback([&run, a] { run = [a] { return run_bench(*a); }; });
+}
+
+}  // namespace diffmoe::cli
