@@ -23,6 +23,9 @@
 #include "core/rng.h"
 #include "model/model.h"
 #include "model/parameters.h"
+#include "dist/process_grid.h"
+#include "dist/single_rank_communicator.h"
+#include "train/data_parallel.h"
 #include "train/memory_plan.h"
 #include "train/optimizer.h"
 
@@ -31,7 +34,7 @@ using namespace diffmoe;
 int main(int argc, char** argv) {
   CLI::App app{"training-step benchmark"};
   std::string config, device = "cpu", precision = "f32", recompute = "none";
-  bool with_optim = false;
+  bool with_optim = false, data_parallel = false;
   int64_t batch = 16, seq = 0;
   int steps = 5, warmup = 1;
   app.add_option("--config", config)->required();
@@ -41,6 +44,9 @@ int main(int argc, char** argv) {
   app.add_option("--warmup", warmup);
   app.add_option("--device", device, "cpu or cuda");
   app.add_flag("--optim", with_optim, "include the AdamW step (global-norm clip, bias update)");
+  app.add_flag("--data-parallel", data_parallel,
+               "run the step through the trainer's distributed path with one rank (DataParallel: bucket notices, "
+               "gradient finish, global norm and counts, weight gather); needs --optim");
   app.add_option("--precision", precision, "f32, or bf16_gemm (cuda: GEMMs with bf16 inputs, f32 accumulation)")
       ->check(CLI::IsMember({"f32", "bf16", "bf16_gemm"}));
   app.add_option("--recompute", recompute, "activation recompute: none, attention, moe or full (train.recompute)")
@@ -61,6 +67,16 @@ int main(int argc, char** argv) {
     if (with_optim) {
       opt = std::make_unique<AdamW>(m, OptimConfig{});
       opt->init_masters(1234);
+    }
+    DIFFMOE_CHECK(!data_parallel || with_optim, "--data-parallel needs --optim");
+    // World size 1 through the distributed path: the communicator the trainer uses for one rank
+    // (copies on the backend's stream), the grid, and DataParallel around the optimizer.
+    dist::SingleRankCommunicator world("world", be.get());
+    std::unique_ptr<dist::ProcessGrid> grid;
+    std::unique_ptr<DataParallel> dp;
+    if (data_parallel) {
+      grid = std::make_unique<dist::ProcessGrid>(world, 1);
+      dp = std::make_unique<DataParallel>(m, *opt, grid->world(), grid->dp());
     }
     std::vector<int32_t> host_tok(static_cast<size_t>(batch * seq)), host_tgt(host_tok.size());
     for (size_t i = 0; i < host_tok.size(); ++i) {
@@ -88,8 +104,17 @@ int main(int argc, char** argv) {
       m.zero_grads({});
       m.zero_expert_counts({});
       m.forward({}, tok, tgt);
+      if (dp) dp->set_last_micro_batch(true);
       m.backward({}, 1.0);
-      if (opt) opt->step({}, 1e-4);
+      if (dp) {
+        dp->finish_gradients({});
+        dp->global_grad_sq({});
+        dp->reduce_expert_counts({});
+        opt->apply({}, 1e-4);
+        dp->gather_weights({});
+      } else if (opt) {
+        opt->step({}, 1e-4);
+      }
       const double de = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
       be->synchronize({});
       const double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
@@ -118,8 +143,8 @@ int main(int argc, char** argv) {
     for (size_t g = 0; g < m.layout().groups().size(); ++g) grad_b += m.grads().buffers().group_arena(g).bytes();
     const double bytes = static_cast<double>(m.params().bytes() + grad_b + m.acts().bytes() + (opt ? opt->state_bytes() : 0));
     constexpr double kGiB = 1024.0 * 1024 * 1024;
-    fmt::print("config {}  device {}  precision {}  recompute {}  batch {}  seq {}  tokens/step {}\n", config, device,
-               precision, recompute, batch, seq, batch * seq);
+    fmt::print("config {}  device {}  precision {}  recompute {}  batch {}  seq {}  tokens/step {}{}\n", config, device,
+               precision, recompute, batch, seq, batch * seq, dp ? "  (through DataParallel, world 1)" : "");
     fmt::print("{} step: median {:.4f} s (min {:.4f}, max {:.4f}, {} steps)  ->  {:.0f} tokens/s, MFU {:.2f}% ({:.4f} GFLOP/token), "
                "arenas {:.2f} GiB (bf16 weight copies {:.2f} GiB of it; backend scratch not counted)  (loss {:.4f})\n",
                opt ? "fwd+bwd+adamw" : "fwd+bwd", med, times.front(), times.back(), times.size(), tps, 100.0 * tps * flops / 989e12,

@@ -24,7 +24,9 @@
 #                      libstdc++ or CUDA's) into DIR (~100 MB). Carry DIR to the GPU machine, e.g.
 #                      as an ignored build-* folder, and run: tools/gpu-check.sh --prebuilt DIR
 #   Environment: GPU_CHECK_LOG_DIR (default DIR/gpu-check-logs), GPU_CHECK_SANITIZE_FILTER and
-#   GPU_CHECK_RACE_FILTER (gtest filters of the memcheck and racecheck steps).
+#   GPU_CHECK_RACE_FILTER (gtest filters of the memcheck and racecheck steps); GPU_CHECK_PART=checks
+#   or bench runs one half (a device call has a time limit); SANITIZE=0, OP_BENCH=0, BENCH_F32=0
+#   and BENCH=0 skip the sanitizers, the op benchmarks, the f32 step benchmark, all benchmarks.
 set -u
 cd "$(dirname "$0")/.."
 
@@ -54,12 +56,14 @@ done
 mkdir -p "$LOG_DIR"
 CONFIGURE=(cmake -S . -B "$BUILD_DIR" -G Ninja -DCMAKE_BUILD_TYPE=Release -DDIFFMOE_CUDA=ON
            -DCMAKE_CUDA_ARCHITECTURES="$ARCH" -DDIFFMOE_TESTS=ON -DDIFFMOE_BENCH=ON)
-TARGETS=(test_cuda_ops test_cuda_dist cuda_model_check bench_ops bench_step bench_grouped_gemm bench_fp8 diffmoe)
+TARGETS=(test_cuda_ops test_cuda_dist test_serve_cuda test_cuda_eval cuda_model_check bench_ops bench_step bench_grouped_gemm bench_fp8
+         diffmoe)
 
 if [[ -n "$MAKE_BUNDLE" ]]; then
   "${CONFIGURE[@]}" >/dev/null && ninja -C "$BUILD_DIR" -j"$JOBS" "${TARGETS[@]}" || exit 1
   rm -rf "$MAKE_BUNDLE" && mkdir -p "$MAKE_BUNDLE/lib" || exit 1
-  bins=("$BUILD_DIR/tests/ops/test_cuda_ops" "$BUILD_DIR/tests/dist/test_cuda_dist" "$BUILD_DIR/tools/cuda_model_check"
+  bins=("$BUILD_DIR/tests/ops/test_cuda_ops" "$BUILD_DIR/tests/dist/test_cuda_dist" "$BUILD_DIR/tests/serve/test_serve_cuda"
+        "$BUILD_DIR/tests/eval/test_cuda_eval" "$BUILD_DIR/tools/cuda_model_check"
         "$BUILD_DIR/bench/bench_ops" "$BUILD_DIR/bench/bench_step" "$BUILD_DIR/bench/bench_grouped_gemm"
         "$BUILD_DIR/bench/bench_fp8" "$BUILD_DIR/src/cli/diffmoe")
   cp "${bins[@]}" "$MAKE_BUNDLE/" || exit 1
@@ -118,6 +122,8 @@ export DIFFMOE_REQUIRE_GPU=1  # the CUDA tests and cuda_model_check fail, not sk
 # ---- build
 BIN_TEST="$BUILD_DIR/tests/ops/test_cuda_ops"
 BIN_DIST="$BUILD_DIR/tests/dist/test_cuda_dist"
+BIN_SERVE="$BUILD_DIR/tests/serve/test_serve_cuda"
+BIN_EVAL="$BUILD_DIR/tests/eval/test_cuda_eval"
 BIN_MODEL="$BUILD_DIR/tools/cuda_model_check"
 BIN_OPS="$BUILD_DIR/bench/bench_ops"
 BIN_BENCH="$BUILD_DIR/bench/bench_step"
@@ -133,6 +139,8 @@ if [[ $built == 0 && -n "$PREBUILT" ]]; then
   echo "== using prebuilt binaries from $PREBUILT"
   BIN_TEST="$PREBUILT/test_cuda_ops"
   BIN_DIST="$PREBUILT/test_cuda_dist"
+  BIN_SERVE="$PREBUILT/test_serve_cuda"
+  BIN_EVAL="$PREBUILT/test_cuda_eval"
   BIN_MODEL="$PREBUILT/cuda_model_check"
   BIN_OPS="$PREBUILT/bench_ops"
   BIN_BENCH="$PREBUILT/bench_step"
@@ -147,7 +155,9 @@ if [[ $built == 0 && -n "$PREBUILT" ]]; then
   TIMES+=("0")
 fi
 
-# ---- checks
+# ---- checks (GPU_CHECK_PART=bench skips them: one device call may not hold everything)
+PART="${GPU_CHECK_PART:-all}"
+if [[ $PART != bench ]]; then
 if [[ -x "$BIN_TEST" ]]; then
   step test_cuda_ops "$LOG_DIR/test_cuda_ops.log" "$BIN_TEST" --gtest_brief=1
   grep -E "^\[  (PASSED|FAILED) |tests? from .* ran" "$LOG_DIR/test_cuda_ops.log" | tail -n 3
@@ -160,6 +170,15 @@ if [[ -x "$BIN_DIST" ]]; then  # the NCCL communicator with one GPU (src/dist/nc
 else
   skip test_cuda_dist "no binary"
 fi
+for pair in "test_serve_cuda:$BIN_SERVE" "test_cuda_eval:$BIN_EVAL"; do  # the decode engine, the eval scorer
+  name="${pair%%:*}" bin="${pair#*:}"
+  if [[ -x "$bin" ]]; then
+    step "$name" "$LOG_DIR/$name.log" "$bin" --gtest_brief=1
+    grep -E "^\[  (PASSED|FAILED) |tests? from .* ran" "$LOG_DIR/$name.log" | tail -n 3
+  else
+    skip "$name" "no binary"
+  fi
+done
 if [[ -x "$BIN_MODEL" ]]; then
   step cuda_model_check "$LOG_DIR/cuda_model_check.log" "$BIN_MODEL"
   grep -E "^==|worst|grad norm|cuda_model_check:|FAIL|differ" "$LOG_DIR/cuda_model_check.log" | head -n 40
@@ -170,7 +189,7 @@ else
 fi
 SANITIZER="$(command -v compute-sanitizer || true)"
 [[ -n "$SANITIZER" ]] || SANITIZER=/usr/local/cuda/bin/compute-sanitizer
-if [[ -x "$BIN_TEST" && -x "$SANITIZER" ]]; then
+if [[ "${SANITIZE:-1}" == 1 && -x "$BIN_TEST" && -x "$SANITIZER" ]]; then
   step memcheck "$LOG_DIR/memcheck.log" "$SANITIZER" --tool memcheck --error-exitcode 3 --print-limit 20 \
     "$BIN_TEST" --gtest_brief=1 --gtest_filter="$SANITIZE_FILTER"
   grep -E "ERROR SUMMARY|^\[  (PASSED|FAILED) " "$LOG_DIR/memcheck.log" | tail -n 3
@@ -183,17 +202,20 @@ if [[ -x "$BIN_TEST" && -x "$SANITIZER" ]]; then
     grep -E "ERROR SUMMARY" "$LOG_DIR/memcheck_grouped.log" | tail -n 1
   fi
 else
-  skip memcheck "no binary or no compute-sanitizer"
-  skip racecheck "no binary or no compute-sanitizer"
+  skip memcheck "SANITIZE=0, no binary or no compute-sanitizer"
+  skip racecheck "SANITIZE=0, no binary or no compute-sanitizer"
 fi
+fi  # checks
 
 # ---- benchmark: the bench preset's training step, ours and PyTorch's, same card, same run
 # (bench/README.md; BENCH=0 skips it, BENCH_BATCH sets ours — 8 is the preset's micro-batch).
-if [[ "${BENCH:-1}" == 1 ]]; then
+if [[ "${BENCH:-1}" == 1 && $PART != checks ]]; then
   # Op benchmarks: the attention kernels at the bench shape (f32 flash and bf16 tensor-core, ms), the
   # memory-bound element-wise ops (ms, GB/s) and the grouped expert GEMM (TFLOP/s beside cuBLAS);
   # PyTorch's versions come with bench_torch.
-  if [[ -x "$BIN_OPS" ]]; then
+  if [[ "${OP_BENCH:-1}" != 1 ]]; then
+    skip attention_timing "OP_BENCH=0"
+  elif [[ -x "$BIN_OPS" ]]; then
     step attention_timing "$LOG_DIR/attention_timing.log" "$BIN_OPS" --case attention
     tail -n 12 "$LOG_DIR/attention_timing.log"
     step elementwise_timing "$LOG_DIR/elementwise_timing.log" "$BIN_OPS" --case elementwise
@@ -202,7 +224,7 @@ if [[ "${BENCH:-1}" == 1 ]]; then
     skip attention_timing "no binary"
     skip elementwise_timing "no binary"
   fi
-  if [[ -x "$BIN_GG" ]]; then
+  if [[ "${OP_BENCH:-1}" == 1 && -x "$BIN_GG" ]]; then
     step grouped_gemm "$LOG_DIR/grouped_gemm.log" "$BIN_GG"
     tail -n 12 "$LOG_DIR/grouped_gemm.log"
   else
@@ -216,7 +238,9 @@ if [[ "${BENCH:-1}" == 1 ]]; then
   fi
   if [[ -x "$BIN_BENCH" ]]; then
     ours_batch="${BENCH_BATCH:-8}"
-    if ! step bench_diffmoe "$LOG_DIR/bench_diffmoe.log" "$BIN_BENCH" --device cuda --config configs/bench.yaml \
+    if [[ "${BENCH_F32:-1}" != 1 ]]; then
+      skip bench_diffmoe "BENCH_F32=0"
+    elif ! step bench_diffmoe "$LOG_DIR/bench_diffmoe.log" "$BIN_BENCH" --device cuda --config configs/bench.yaml \
         --batch "$ours_batch" --seq 2048 --steps 3 --warmup 1 --optim; then
       ours_batch=$((ours_batch / 2))  # f32 activations may not fit: say so and halve
       step "bench_diffmoe(B=$ours_batch)" "$LOG_DIR/bench_diffmoe_half.log" "$BIN_BENCH" --device cuda --config configs/bench.yaml \
@@ -226,7 +250,17 @@ if [[ "${BENCH:-1}" == 1 ]]; then
     cat "$LOG_DIR/bench_diffmoe.log" | tail -n 2
     step bench_diffmoe_bf16gemm "$LOG_DIR/bench_diffmoe_bf16gemm.log" "$BIN_BENCH" --device cuda --config configs/bench.yaml \
       --batch "$ours_batch" --seq 2048 --steps 5 --warmup 2 --optim --precision bf16_gemm
-    cat "$LOG_DIR/bench_diffmoe_bf16gemm.log" | tail -n 2
+    cat "$LOG_DIR/bench_diffmoe_bf16gemm.log" | tail -n 3
+    # World size 1 through the distributed path (DataParallel around AdamW), then the recompute
+    # modes (activation memory against tokens/s), all bf16.
+    step bench_dp1 "$LOG_DIR/bench_dp1.log" "$BIN_BENCH" --device cuda --config configs/bench.yaml \
+      --batch "$ours_batch" --seq 2048 --steps 5 --warmup 2 --optim --precision bf16_gemm --data-parallel
+    cat "$LOG_DIR/bench_dp1.log" | tail -n 3
+    for mode in attention moe full; do
+      step "bench_recompute_$mode" "$LOG_DIR/bench_recompute_$mode.log" "$BIN_BENCH" --device cuda --config configs/bench.yaml \
+        --batch "$ours_batch" --seq 2048 --steps 5 --warmup 2 --optim --precision bf16_gemm --recompute "$mode"
+      grep -E "tokens/s|activation arena" "$LOG_DIR/bench_recompute_$mode.log" | tail -n 2
+    done
   else
     skip bench_diffmoe "no binary"
   fi
@@ -248,7 +282,7 @@ for i in "${!NAMES[@]}"; do
   printf '%-18s %-44s %8s\n' "${NAMES[$i]}" "${RESULTS[$i]}" "${TIMES[$i]}"
   case "${RESULTS[$i]}" in PASS|prebuilt*|*"used prebuilt") ;; *) status=1 ;; esac
 done
-if [[ "${BENCH:-1}" == 1 ]]; then  # the headline numbers, from the logs above
+if [[ "${BENCH:-1}" == 1 && $PART != checks ]]; then  # the headline numbers, from the logs above
   echo
   echo "gpu-check numbers (bench preset, 8 x 2048 tokens, fwd+bwd+AdamW; same card, same run)"
   ours() { grep -hoE "median [0-9.]+ s|[0-9]+ tokens/s, MFU [0-9.]+%" "$1" 2>/dev/null | tr '\n' ' '; }
@@ -256,6 +290,7 @@ if [[ "${BENCH:-1}" == 1 ]]; then  # the headline numbers, from the logs above
                 awk -F'|' '{gsub(/ /, "", $3); gsub(/ /, "", $4); gsub(/ /, "", $5); print $3 " tokens/s, step " $4 " ms, MFU " $5}'; }
   printf '%-26s %s\n' "diffmoe f32" "$(ours "$LOG_DIR/bench_diffmoe.log")" \
     "diffmoe bf16_gemm" "$(ours "$LOG_DIR/bench_diffmoe_bf16gemm.log")" \
+    "diffmoe bf16, DataParallel" "$(ours "$LOG_DIR/bench_dp1.log")" \
     "PyTorch eager" "$(torch_row eager)" "PyTorch compile" "$(torch_row compile)"
 fi
 exit $status
