@@ -10,6 +10,7 @@ namespace diffmoe::cudatest {
 namespace {
 
 TEST(CudaBasic, CountNonfinite) {
+  DIFFMOE_REQUIRE_CUDA();
   struct Case {
     int64_t n;
     int64_t offset;  // elements before the view: > 0 takes the scalar (unaligned) path
