@@ -3,9 +3,9 @@
 // (Backend::gemm with bf16 operands) at the same shapes.
 // Usage: bench_fp8 [--config configs/bench.yaml] [--tokens 16384] [--iters 20] [--skip-quant]
 //   bench preset: tokens = 8 sequences × 2048; seed-20b (configs/seed-20b.yaml): e.g. --tokens 8192.
-// Shapes: every dense Linear of a layer (spec §2, §4: wq_a, wq_b, wkv_a, wkv_b, wo; the dense MLP's
+// Shapes: every dense Linear of a layer (docs/model.md §2, §4: wq_a, wq_b, wkv_a, wkv_b, wo; the dense MLP's
 // w1/w3 and w2; the shared experts' w1/w3 and w2, n_shared·moe_inter wide), each as its three GEMMs
-// (sources §6.1): Fprop y = x Wᵀ [T, out, in], Dgrad dx = dy W [T, in, out], Wgrad dW += dyᵀx
+// (docs/derivations.md §6.1): Fprop y = x Wᵀ [T, out, in], Dgrad dx = dy W [T, in, out], Wgrad dW += dyᵀx
 // [out, in, T] (f32 output, beta = 1; the others write bf16). FLOPs 2·M·N·K. The bf16 column runs the
 // same GEMM as the bf16 GEMM mode does (bf16 operand tensors, f32 accumulation, same outputs). The
 // FP8 column times fp8_gemm alone; the act_quant rows give the quantisation's cost (both copies of x

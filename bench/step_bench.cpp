@@ -3,7 +3,7 @@
 //                   [--steps 5] [--warmup 1] [--optim] [--precision f32|bf16_gemm]
 //                   [--recompute none|attention|moe|full]
 // Times whole steps on random tokens with the spec initialisation (the backend is synchronised
-// around each step); prints the median step time, tokens/s, MFU by spec §9 (÷ 989 TFLOP/s) and
+// around each step); prints the median step time, tokens/s, MFU by docs/model.md §9 (÷ 989 TFLOP/s) and
 // the bytes of the model's arenas (parameters, gradients, activations, the bf16 weight copies;
 // optimizer state with --optim; the backend's scratch buffers are not counted).
 // --precision bf16_gemm (cuda only): the bf16 mode of docs/architecture.md (bf16 weight copies,

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""PyTorch side of the diffmoe training benchmark (bench preset, spec §9 MFU).
+"""PyTorch side of the diffmoe training benchmark (bench preset, docs/model.md §9 MFU).
 
 Times full training steps of bench/torch_model.py -- forward + backward + global-norm gradient
 clipping + fused AdamW + balancing-bias update -- in eager mode and with regional torch.compile,
@@ -33,7 +33,7 @@ sys.path.insert(0, _HERE)
 import torch_model as tm  # noqa: E402
 from torch_model import Config  # noqa: E402
 
-PEAK_TFLOPS = 989.0          # spec §9: H100/H200 dense BF16
+PEAK_TFLOPS = 989.0          # docs/model.md §9: H100/H200 dense BF16
 BENCH_YAML = os.path.join(_REPO, "configs", "bench.yaml")
 # configs/bench.yaml, used only when the file cannot be read (identical values).
 BENCH_FALLBACK: Dict[str, Any] = {
@@ -43,7 +43,7 @@ BENCH_FALLBACK: Dict[str, Any] = {
     "n_shared_experts": 2, "n_activated_experts": 4, "n_expert_groups": 8, "n_limited_groups": 4,
     "max_seq_len": 2048, "original_seq_len": 2048,
 }
-BENCH_BATCH = 8              # spec §10: micro-batch 8 sequences of 2048 tokens
+BENCH_BATCH = 8              # docs/model.md §10: micro-batch 8 sequences of 2048 tokens
 DEV = "cuda"                 # the benchmark device (a module variable only for offline tests)
 COMPILE_MODES = {"compile": "default", "compile-max": "max-autotune-no-cudagraphs"}
 
@@ -128,7 +128,7 @@ def load_config(path: str) -> Tuple[Config, str]:
 
 
 def flops_per_token(cfg: Config, seq: int) -> Dict[str, float]:
-    """Spec §9: 6*(active non-embedding matmul weights + head) + 3*L*seq*H*(d_qk + d_v,eff)."""
+    """docs/model.md §9: 6*(active non-embedding matmul weights + head) + 3*L*seq*H*(d_qk + d_v,eff)."""
     D, H, L = cfg.dim, cfg.n_heads, cfg.n_layers
     if cfg.q_lora_rank > 0:
         attn = cfg.q_lora_rank * D + H * cfg.d_qk * cfg.q_lora_rank
@@ -488,7 +488,7 @@ def markdown(report: Dict[str, Any]) -> str:
     L.append(f"torch {env['torch']} (CUDA {env['cuda']}, cuDNN {env['cudnn']}, triton {env['triton']}); "
              f"batch {report['batch']} x {report['seq']} tokens; params {report['params_total'] / 1e6:.2f}M "
              f"total / {report['params_active'] / 1e6:.2f}M active")
-    L.append(f"FLOPs/token (spec §9) = 6*(active matmul weights + head) + 3*L*T*H*(d_qk + d_v,eff) = "
+    L.append(f"FLOPs/token (docs/model.md §9) = 6*(active matmul weights + head) + 3*L*T*H*(d_qk + d_v,eff) = "
              f"6*{fl['matmul_weights'] / 1e6:.2f}M + {fl['attention'] / 1e9:.4f}G = "
              f"**{fl['total'] / 1e9:.3f} GFLOP/token**; MFU = tokens/s * FLOPs/token / {PEAK_TFLOPS:.0f} TFLOP/s")
     L.append(f"attention: {report['attention_choice']}; experts: {report['experts_impl']}; "
@@ -581,8 +581,8 @@ def main(argv=None) -> int:
     total, active = param_counts(cfg)
     log(f"config: {src}")
     log(f"  {json.dumps(cfg.to_dict())}")
-    log(f"params: {total / 1e6:.2f}M total, {active / 1e6:.2f}M active (spec §10: bench 1892.31M / 335.18M)")
-    log(f"FLOPs/token (spec §9) at seq {args.seq}: 6*{fl['matmul_weights'] / 1e6:.3f}M + "
+    log(f"params: {total / 1e6:.2f}M total, {active / 1e6:.2f}M active (docs/model.md §10: bench 1892.31M / 335.18M)")
+    log(f"FLOPs/token (docs/model.md §9) at seq {args.seq}: 6*{fl['matmul_weights'] / 1e6:.3f}M + "
         f"{fl['attention'] / 1e6:.3f}M = {fl['total'] / 1e9:.3f} GFLOP/token"
         + (" (spec: 1.973 for bench at 2048)" if args.seq == 2048 else ""))
     if args.seq == 2048 and cfg.dim == 1536 and abs(fl["total"] / 1e9 - 1.973) > 5e-4:

@@ -15,7 +15,7 @@ Precision ("bf16 mixed precision", the standard PyTorch recipe):
     in eager and torch.compile. The training step still runs under torch.autocast(bfloat16);
   * FP32: the residual stream, RMSNorm (torch.nn.functional.rms_norm on FP32 inputs), RoPE rotation,
     softmax inside the attention kernels, lambda, the differential subtraction O1 - lambda*O2 and its
-    subln, the SwiGLU product (spec §4), the router (logits, sigmoid/softmax, top-k, weights, aux
+    subln, the SwiGLU product (docs/model.md §4), the router (logits, sigmoid/softmax, top-k, weights, aux
     loss, balancing bias) and the cross-entropy (logits upcast to FP32).
 
 Fast paths (each one exact, chosen/verified at run time where the hardware matters):
@@ -111,7 +111,7 @@ def rms_norm32(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 def yarn_frequencies(cfg: Config) -> torch.Tensor:
-    """theta'_i (float64, CPU) over qk_rope_head_dim, DeepSeek's precompute_freqs_cis (spec §3)."""
+    """theta'_i (float64, CPU) over qk_rope_head_dim, DeepSeek's precompute_freqs_cis (docs/model.md §3)."""
     d = cfg.qk_rope_head_dim
     base = float(cfg.rope_theta)
     freqs = 1.0 / (base ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
@@ -157,7 +157,7 @@ def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> to
 
 def attention_core(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lam: Optional[torch.Tensor],
                    scale: float, formulation: str, differential: bool) -> torch.Tensor:
-    """The attention of DiffMLA (spec §2) through SDPA.
+    """The attention of DiffMLA (docs/model.md §2) through SDPA.
 
     q, k: [B, T, Hc, P] per component head (P >= d_qk; columns past d_qk must be zero);
     v: [B, T, Hc, dv] (v_j of component j); lam: 0-dim FP32 (differential only).
@@ -231,7 +231,7 @@ def _up(x: torch.Tensor) -> torch.Tensor:
 
 
 class _SwiGLU(torch.autograd.Function):
-    """a = silu(h1) * h3 (* w), h = [h1 | h3], computed in FP32 (spec §4) and returned in h's dtype.
+    """a = silu(h1) * h3 (* w), h = [h1 | h3], computed in FP32 (docs/model.md §4) and returned in h's dtype.
     Saves only h (and w) and recomputes the FP32 intermediates in backward: in eager mode autograd
     would otherwise keep four FP32 copies of the expert hidden per layer (~0.4 GB per MoE layer on
     the bench preset). torch.compile traces through it and fuses both directions."""
@@ -271,7 +271,7 @@ class _SwiGLU(torch.autograd.Function):
 
 def swiglu_fused(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor,
                  cdt: torch.dtype) -> torch.Tensor:
-    """w2(silu(w1 x) * w3 x) with w1|w3 in one GEMM; the product in FP32 (spec §4)."""
+    """w2(silu(w1 x) * w3 x) with w1|w3 in one GEMM; the product in FP32 (docs/model.md §4)."""
     h = F.linear(x.to(cdt), torch.cat([w1.to(cdt), w3.to(cdt)], dim=0))
     return F.linear(_SwiGLU.apply(h, None), w2.to(cdt))
 
@@ -293,7 +293,7 @@ class Weight(nn.Module):
 
 
 class FastAttention(nn.Module):
-    """DiffMLA (spec §2), or plain MLA when cfg.differential is false."""
+    """DiffMLA (docs/model.md §2), or plain MLA when cfg.differential is false."""
 
     def __init__(self, cfg: Config, layer: int, opts: FastOptions, device, dtype) -> None:
         super().__init__()
@@ -313,7 +313,7 @@ class FastAttention(nn.Module):
         self.lambda_init = Config.lambda_init(layer)      # python float, for reports only
         if cfg.differential:
             self.subln = Weight(2 * cfg.v_head_dim, **kw)
-            # lambda vectors are FP32 whatever the parameter dtype (spec §2 / §9).
+            # lambda vectors are FP32 whatever the parameter dtype (docs/model.md §2 / §9).
             lkw = dict(device=device, dtype=torch.float32 if dtype != torch.float64 else dtype)
             self.lambda_q1 = _param((dqk,), **lkw)
             self.lambda_k1 = _param((dqk,), **lkw)
@@ -417,7 +417,7 @@ class Gate(nn.Module):
 
 
 class Experts(nn.Module):
-    """Routed experts, stacked [E, out, in] (spec §8)."""
+    """Routed experts, stacked [E, out, in] (docs/model.md §8)."""
 
     def __init__(self, cfg: Config, opts: FastOptions, device, dtype) -> None:
         super().__init__()
@@ -457,7 +457,7 @@ class Experts(nn.Module):
 
 
 class FastMoE(nn.Module):
-    """DeepSeek-V3 MoE (spec §5), dropless."""
+    """DeepSeek-V3 MoE (docs/model.md §5), dropless."""
 
     def __init__(self, cfg: Config, opts: FastOptions, device, dtype) -> None:
         super().__init__()
@@ -499,7 +499,7 @@ class FastMoE(nn.Module):
         return s, idx, w
 
     def aux_loss(self, s: torch.Tensor, B: int, T: int) -> torch.Tensor:
-        """alpha * mean_b sum_i f_i P_i (sources §4.6): f from a plain top-k of the unbiased s."""
+        """alpha * mean_b sum_i f_i P_i (docs/derivations.md §4.6): f from a plain top-k of the unbiased s."""
         cfg = self.cfg
         E, K = cfg.n_routed_experts, cfg.n_activated_experts
         s3 = s.view(B, T, E)
@@ -617,7 +617,7 @@ class DiffMoEFast(nn.Module):
 
     @torch.no_grad()
     def update_bias(self, counts: List[torch.Tensor]) -> None:
-        """b_i += rate * sign(mean(c) - c_i) once per optimizer step (spec §5), all layers at once."""
+        """b_i += rate * sign(mean(c) - c_i) once per optimizer step (docs/model.md §5), all layers at once."""
         cfg = self.cfg
         if not counts or not cfg.balance_bias or cfg.bias_update_rate == 0:
             return
@@ -648,7 +648,7 @@ class DiffMoEFast(nn.Module):
 
 @torch.no_grad()
 def init_weights(model: DiffMoEFast, seed: int) -> None:
-    """Spec §6: linear weights and the gate N(0, init_std^2), wo and every w2 scaled by
+    """docs/model.md §6: linear weights and the gate N(0, init_std^2), wo and every w2 scaled by
     1/sqrt(2*n_layers); embedding N(0, embed_init_std^2); norms 1; lambda N(0, 0.1^2); bias 0.
     (Seeded torch generator on the model's device: reproducible, not bit-equal to the C++ init.)"""
     cfg = model.cfg
@@ -675,7 +675,7 @@ def init_weights(model: DiffMoEFast, seed: int) -> None:
 
 def load_safetensors(path: str, device="cpu", opts: Optional[FastOptions] = None,
                      cfg: Optional[Config] = None) -> DiffMoEFast:
-    """Builds the model from one of our safetensors checkpoints (spec §8 names; the config from
+    """Builds the model from one of our safetensors checkpoints (docs/model.md §8 names; the config from
     the "config" metadata entry unless given) and loads its weights. Tensors with other names
     (none expected) are ignored; a missing model tensor is an error."""
     import json

@@ -1,4 +1,4 @@
-# The include rules of src/ (STYLE.md layout: includes only point down), checked on the sources:
+# The include rules of src/ (docs/style.md layout: includes only point down), checked on the sources:
 #   cmake -DSRC_DIR=<repo>/src -P cmake/layering_check.cmake
 # Every #include "..." (and <...> naming a project header) of every source file under SRC_DIR is
 # resolved (beside the including file first, then under SRC_DIR) to the layer it belongs to, and

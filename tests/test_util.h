@@ -1,5 +1,5 @@
 // Shared test helpers: owned host tensors, seeded random fills, the finite-difference gradient
-// check every op test uses (STYLE.md habit 5, numerics policy) and checks of diffmoe::Error messages.
+// check every op test uses (docs/style.md habit 5, numerics policy) and checks of diffmoe::Error messages.
 #pragma once
 #include <gtest/gtest.h>
 
@@ -119,7 +119,7 @@ inline std::vector<double> numerical_grad(const Tensor& x, const std::function<d
   return g;
 }
 
-// The FP64 gradient-check tolerance of the numerics policy (STYLE.md): relative error ≤ 1e-6.
+// The FP64 gradient-check tolerance of the numerics policy (docs/style.md): relative error ≤ 1e-6.
 // Central differences with h = 1e-6 have truncation error O(h²·f''') ≈ 1e-12 relative and rounding
 // error O(ε/h) ≈ 1e-10 relative, so 1e-6 leaves four orders of margin while still catching any
 // wrong term (a missing term is O(1) relative).

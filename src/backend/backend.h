@@ -1,6 +1,6 @@
 // The Backend interface: every kernel-level op the model needs, forward and backward.
 // One implementation per folder (cpu/, cuda/), chosen at run time by name; a backend that was not
-// built fails loudly (STYLE.md habit 4). Shapes and accumulation rules: op_args.h.
+// built fails loudly (docs/style.md habit 4). Shapes and accumulation rules: op_args.h.
 #pragma once
 #include <memory>
 #include <string_view>
@@ -18,7 +18,7 @@ struct Context {
 
 // How gemm, grouped_gemm and grouped_gemm_wgrad compute; tensors keep their dtype either way.
 // kBF16: A and B are rounded to bf16 (8-bit mantissa, nearest even) and multiplied with f32
-// accumulation, alpha/beta in f32 (spec §7); the GEMMs
+// accumulation, alpha/beta in f32 (docs/model.md §7); the GEMMs
 // then also take bf16 operands and write a bf16 C (op_args.h GemmArgs). Every backend implements
 // both: the CUDA one on tensor cores, the CPU one with cblas_sgemm on bf16-rounded copies. It
 // applies to f32 calls; f64 calls (finite-difference checks) compute in f64.
@@ -37,7 +37,7 @@ class Backend {
   virtual void synchronize(Context ctx) = 0;
 
   // GEMM arithmetic of this backend (GemmPrecision, default kF32). The model plans its bf16
-  // activations from it (spec §7).
+  // activations from it (docs/model.md §7).
   virtual void set_gemm_precision(GemmPrecision p) = 0;
   virtual GemmPrecision gemm_precision() const = 0;
   // Whether the backend is still choosing algorithms by timing real calls (CUDA: the first calls of

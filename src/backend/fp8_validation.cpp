@@ -21,7 +21,7 @@ void check_source(const Tensor& t, Device dev, std::string_view op, std::string_
   check_device(t, dev, op, name);
   DIFFMOE_CHECK(t.rank() == 2, "[{}] {} must be 2-D, got {}", op, name, t.describe());
   DIFFMOE_CHECK(t.dtype == DType::kF32 || t.dtype == DType::kBF16,
-                "[{}] {} must be f32 or bf16 (the values FP8 copies are made from, spec §7), got {}", op, name,
+                "[{}] {} must be f32 or bf16 (the values FP8 copies are made from, docs/model.md §7), got {}", op, name,
                 dtype_name(t.dtype));
 }
 

@@ -1,4 +1,4 @@
-// Argument structs of every kernel-level op (STYLE.md habit 2 and 6): outputs first, then inputs,
+// Argument structs of every kernel-level op (docs/style.md habit 2 and 6): outputs first, then inputs,
 // then weights, then sizes/options. Use designated initializers at call sites.
 //
 // Rules every backend follows:
@@ -8,7 +8,7 @@
 // - Every floating tensor of one op call has the op's float type, f32 or f64 (f64 is for
 //   finite-difference gradient checks on the CPU; the CUDA backend computes in f32), except the
 //   fields marked "bf16" below. Index tensors are i32.
-// - bf16 (the bf16 GEMM mode's storage, spec §7; f32 calls only, every backend): a field marked
+// - bf16 (the bf16 GEMM mode's storage, docs/model.md §7; f32 calls only, every backend): a field marked
 //   "may be bf16" holds bf16 values. A bf16 input is widened exactly to f32; a bf16 output is the
 //   op's f32 result rounded once to nearest even (core/dtype.h), so it equals bf16(the f32 result
 //   the op computes from the same, widened, inputs); the arithmetic in between is the f32 op's.
@@ -37,13 +37,13 @@ struct SumSquaresArgs { Tensor out; Tensor x; };
 // (CPU: f32, f64 or bf16; CUDA: f32 or bf16).
 struct CountNonfiniteArgs { Tensor count; Tensor x; };
 
-// ---------------------------------------------------------------- embedding (spec §1)
+// ---------------------------------------------------------------- embedding (docs/model.md §1)
 // out[n, :] = scale · table[tokens[n], :]            out [N,D], tokens [N] i32, table [V,D]
 struct EmbeddingFwdArgs { Tensor out; Tensor tokens; Tensor table; double scale = 1.0; };
 // dtable[tokens[n], :] += scale · dout[n, :]
 struct EmbeddingBwdArgs { Tensor dtable; Tensor tokens; Tensor dout; double scale = 1.0; };
 
-// ---------------------------------------------------------------- RMSNorm (sources App. A)
+// ---------------------------------------------------------------- RMSNorm (docs/derivations.md App. A)
 // Rows of width `width` read at x + n·x_stride, written at y + n·y_stride (stride 0 = width), so a
 // norm can run on the first columns of a wider buffer (kv_norm on the latent part of wkv_a's output).
 // y = out_scale · x · r ⊙ w,   r = (mean(x²) + eps)^-1/2 saved in rstd [N].
@@ -65,7 +65,7 @@ struct RmsNormBwdArgs {
   bool dx_accumulate = false;
   // Optional, with an f32 dx: [rows, width] bf16 (contiguous) receives the final dx (after
   // accumulation) rounded once: the residual gradient as the next backward GEMMs read it, without a
-  // separate rounding pass (the bf16 GEMM mode, spec §7).
+  // separate rounding pass (the bf16 GEMM mode, docs/model.md §7).
   Tensor dx16 = {};
 };
 
@@ -80,7 +80,7 @@ struct RmsNormBwdArgs {
 // bf16 first and sums the products in f32. In the bf16 mode A and B may be bf16 (weight copies,
 // activations rounded once for several GEMMs; read as they are) and C may be bf16 (beta = 0 only,
 // not with f32_exact): the f32 result rounded once, for activations only element-wise ops read.
-// f32_exact: f32 arithmetic on f32 operands even in the bf16 mode (the router's z = u Eᵀ, spec §5).
+// f32_exact: f32 arithmetic on f32 operands even in the bf16 mode (the router's z = u Eᵀ, docs/model.md §5).
 struct GemmArgs {
   Tensor c; Tensor a; Tensor b;
   bool trans_a = false, trans_b = false;
@@ -98,7 +98,7 @@ struct GemmArgs {
 // kernel sums both products in one accumulator (K = k + k2) and writes C once: the MoE backward's
 // dx_perm = da·W1 + db·W3. Rows at or beyond offsets[G] are left untouched.
 // Precision as GemmArgs: in the bf16 mode A, B, A2, B2 may be bf16, and C may be bf16 with beta = 0:
-// both terms summed in f32, then rounded once (spec §7; the expert activations that only
+// both terms summed in f32, then rounded once (docs/model.md §7; the expert activations that only
 // element-wise ops read).
 struct GroupedGemmArgs {
   Tensor c; Tensor a; Tensor b; Tensor offsets;
@@ -111,7 +111,7 @@ struct GroupedGemmArgs {
 // A: [R, m], B: [R, n], C: [G, m, n]. An empty group leaves beta·C[g]. Precision as GemmArgs: in
 // the bf16 mode A and B may be bf16; C (a weight gradient, accumulated) is never bf16.
 // sum_sq (optional, [1], C's dtype): sum_sq[0] += Σ over all of C of the new C², as sum_squares
-// would add it after the call. The optimizer's global gradient norm (spec §7) takes the expert
+// would add it after the call. The optimizer's global gradient norm (docs/model.md §7) takes the expert
 // stacks' share from here: the GPU kernel squares the values it is about to store, so the norm no
 // longer reads the expert gradients (most of the model's bytes) a second time.
 struct GroupedGemmWgradArgs {
@@ -120,7 +120,7 @@ struct GroupedGemmWgradArgs {
   Tensor sum_sq = {};
 };
 
-// ---------------------------------------------------------------- FP8 (spec §7, sources §6)
+// ---------------------------------------------------------------- FP8 (docs/model.md §7, docs/derivations.md §6)
 // The DeepSeek-V3 recipe's e4m3 tensors, each with f32 scales for tiles of 128 along a GEMM's
 // reduction dimension. Quantisation is exact and gives the same bits on every backend: per tile,
 // amax = max|x| (f32), s = e4m3_scale(amax, ue8m0) (core/dtype.h: max(amax, 1e-4) / 448, with ue8m0
@@ -146,7 +146,7 @@ constexpr int64_t fp8_block_scale_cols(int64_t k) { return (fp8_tiles(k) + 3) / 
 //   q_t [K, M] e4m3, scale_t [ceil(M/128), K]: 128×1 tiles along M, stored transposed, i.e. xᵀ
 //       quantised row-wise (K-major, as the Wgrad GEMM reads it: its reduction dimension is M)
 // Either pair may be empty (not both); given both, one pass over x writes both, and each is quantised
-// from x itself, never from the other copy (spec §7).
+// from x itself, never from the other copy (docs/model.md §7).
 struct ActQuantArgs {
   Tensor q = {}; Tensor scale = {};
   Tensor q_t = {}; Tensor scale_t = {};
@@ -173,14 +173,14 @@ struct WeightDequantArgs { Tensor w; Tensor q; Tensor scale; };
 //                  b_scaling kTile1x128:    b_scale [ceil(K/128), N]
 //   C [M, N] f32, or bf16 with beta = 0 (the product rounded once); the CPU also writes f64
 // Both operands K-major: the "TN" layout that Hopper's FP8 tensor cores need. The three GEMMs of a
-// Linear Y = X Wᵀ (sources §6.1):
+// Linear Y = X Wᵀ (docs/derivations.md §6.1):
 //   Fprop  Y   = X Wᵀ:  A = act_quant(X).q,    B = weight_quant(W).q,   kBlock128x128
 //   Dgrad  dX  = dY W:  A = act_quant(dY).q,   B = weight_quant(W).q_t, kBlock128x128
 //   Wgrad  dW += dYᵀX:  A = act_quant(dY).q_t, B = act_quant(X).q_t,    kTile1x128, beta = 1
 // addend as GemmArgs::addend (empty = C; BLAS rule: beta = 0 reads neither). Arithmetic: the CPU
 // dequantises exactly into f64, multiplies with f64 sums and rounds once into C; CUDA runs cuBLASLt's
 // block-scaled FP8 GEMM (Hopper): exact products, f32 accumulation promoted out of the tensor cores
-// (fast accumulation off, sources §6.3). CUDA also needs K % 16 == 0, M % 8 == 0, N % 8 == 0 and
+// (fast accumulation off, docs/derivations.md §6.3). CUDA also needs K % 16 == 0, M % 8 == 0, N % 8 == 0 and
 // 16-byte aligned tensors (cuBLASLt's FP8 rules).
 enum class Fp8Scaling : uint8_t { kTile1x128, kBlock128x128 };
 struct Fp8GemmArgs {
@@ -192,7 +192,7 @@ struct Fp8GemmArgs {
   Tensor addend = {};
 };
 
-// ---------------------------------------------------------------- RoPE (spec §3, interleaved)
+// ---------------------------------------------------------------- RoPE (docs/model.md §3, interleaved)
 // In place on x: [N, W]; for each row n and head h < n_heads the pairs at columns
 // h·head_stride + col_offset + 2i, +1 (i < rope_dim/2) are rotated by angle pos·θ'_i, where
 // pos = pos_offset + n % seq_len, cos/sin tables [max_pos, rope_dim/2] (YaRN already folded in).
@@ -208,7 +208,7 @@ struct RopeArgs {
   Tensor positions = {};
 };
 
-// ---------------------------------------------------------------- MLA key/value assembly (spec §2)
+// ---------------------------------------------------------------- MLA key/value assembly (docs/model.md §2)
 // From the up-projection kv = ĉ W_kvbᵀ: [N, H·(d_nope + d_v)] (per head: k-nope then v) and the
 // shared rope key kr = the last d_rope columns of wkv_a's output ([N, kr_stride], column kr_offset):
 //   k[n, h] = [kv[n, h, :d_nope] ; kr[n]]   k: [N, H, d_nope + d_rope]
@@ -220,7 +220,7 @@ struct MlaKvSplitFwdArgs {
   Tensor k; Tensor v; Tensor kv; Tensor kr;
   int64_t n_heads = 0, d_nope = 0, d_rope = 0, d_v = 0, kr_stride = 0, kr_offset = 0;
 };
-// Backward: dkv overwritten from dk, dv; dkr[n] = Σ_h dk[n, h, d_nope:] (sources §2.5, summed over
+// Backward: dkv overwritten from dk, dv; dkr[n] = Σ_h dk[n, h, d_nope:] (docs/derivations.md §2.5, summed over
 // heads in order in the op's float type), written into kr's columns of its wider buffer
 // (overwritten there; other columns untouched). dk and dv may be bf16, both or neither (the
 // attention's bf16 gradients), and dkv too (read only by W_kvb's backward GEMMs); dkr is never bf16.
@@ -229,16 +229,16 @@ struct MlaKvSplitBwdArgs {
   int64_t n_heads = 0, d_nope = 0, d_rope = 0, d_v = 0, kr_stride = 0, kr_offset = 0;
 };
 
-// ---------------------------------------------------------------- differential λ (spec §2)
+// ---------------------------------------------------------------- differential λ (docs/model.md §2)
 // lambda[0] = exp(λ_q1·λ_k1) − exp(λ_q2·λ_k2) + lambda_init.  Vectors [d_qk], lambda [1].
 struct DiffLambdaFwdArgs { Tensor lambda; Tensor lq1; Tensor lk1; Tensor lq2; Tensor lk2; double lambda_init = 0.0; };
-// dλ_q1 += dλ·e1·λ_k1, dλ_k1 += dλ·e1·λ_q1, dλ_q2 += −dλ·e2·λ_k2, dλ_k2 += −dλ·e2·λ_q2 (sources §1.4)
+// dλ_q1 += dλ·e1·λ_k1, dλ_k1 += dλ·e1·λ_q1, dλ_q2 += −dλ·e2·λ_k2, dλ_k2 += −dλ·e2·λ_q2 (docs/derivations.md §1.4)
 struct DiffLambdaBwdArgs {
   Tensor dlq1; Tensor dlk1; Tensor dlq2; Tensor dlk2; Tensor dlambda;
   Tensor lq1; Tensor lk1; Tensor lq2; Tensor lk2;
 };
 
-// ---------------------------------------------------------------- causal attention (spec §2)
+// ---------------------------------------------------------------- causal attention (docs/model.md §2)
 // q, k: [B, T, H, d_qk]; v: [B, T, H, d_v]; H = component heads (even when differential).
 // Plain (differential = false): out[b,t,h] = Σ_s softmax_s(scale·q_h·k_h + mask) v_h   out [B,T,H,d_v]
 // Differential: diff head g pairs components 2g, 2g+1; V_g = [v_2g ; v_2g+1] (2·d_v wide);
@@ -255,7 +255,7 @@ struct AttentionFwdArgs {
   double scale = 1.0;
   bool differential = true;
 };
-// dq, dk, dv overwritten; dlambda[0] overwritten with −Σ⟨dO, O2⟩ (sources §1.4). dout has out's shape.
+// dq, dk, dv overwritten; dlambda[0] overwritten with −Σ⟨dO, O2⟩ (docs/derivations.md §1.4). dout has out's shape.
 // o2 and lambda/dlambda are unused when not differential. q, k, v: as in AttentionFwdArgs; dq, dk, dv
 // may be bf16 where q, k, v are (each rounded once: dq feeds W_q's GEMMs after RoPE, dk and dv the
 // split's backward); dout and the rest have out's float type.
@@ -266,8 +266,8 @@ struct AttentionBwdArgs {
   bool differential = true;
 };
 
-// ---------------------------------------------------------------- latent-cache decoding (spec §2)
-// Absorbed ("MQA mode") attention against the compressed cache (sources §2.4, §3.3): B sequences,
+// ---------------------------------------------------------------- latent-cache decoding (docs/model.md §2)
+// Absorbed ("MQA mode") attention against the compressed cache (docs/derivations.md §2.4, §3.3): B sequences,
 // Tq new query positions each, H component heads, r_kv = latent width, d_rope = rope key width.
 //   out    [B, Tq, H_out, r_kv]   latent outputs; H_out = H/2 when differential, else H (overwritten)
 //   q_lat  [B, Tq, H, r_kv]       q̃_j = q^C_j W^UK_j (the absorbed no-RoPE query)
@@ -290,7 +290,7 @@ struct LatentAttentionArgs {
   bool differential = true;
 };
 
-// ---------------------------------------------------------------- paged latent cache (spec §2)
+// ---------------------------------------------------------------- paged latent cache (docs/model.md §2)
 // The serving engine's cache: one pool per layer of n_blocks blocks of block_size rows, row
 // [ĉ_s ; k^R_s] (W = r_kv + d_rope values, as LatentAttentionArgs::cache). A sequence's positions
 // live in the blocks its block table lists: position s of sequence b is row s % block_size of block
@@ -329,7 +329,7 @@ struct PagedLatentAttentionArgs {
   bool differential = true;
 };
 
-// ---------------------------------------------------------------- SwiGLU (spec §4)
+// ---------------------------------------------------------------- SwiGLU (docs/model.md §4)
 // h = silu(a) ⊙ b, all [N, I]. a and b (and dh) share one dtype: f32, or bf16 (the expert GEMMs'
 // outputs in the bf16 mode), which makes the outputs bf16 too; with f32 inputs h, and in the
 // backward da and db (one dtype), may be bf16 (rounded once; they feed the expert GEMMs).
@@ -337,7 +337,7 @@ struct SwigluFwdArgs { Tensor h; Tensor a; Tensor b; };
 // da = dh ⊙ b ⊙ silu'(a), db = dh ⊙ silu(a) (overwritten).
 struct SwigluBwdArgs { Tensor da; Tensor db; Tensor dh; Tensor a; Tensor b; };
 
-// ---------------------------------------------------------------- MoE routing (spec §5)
+// ---------------------------------------------------------------- MoE routing (docs/model.md §5)
 enum class ScoreFunc : uint8_t { kSigmoid, kSoftmax };
 struct RouterOptions {
   ScoreFunc score_func = ScoreFunc::kSigmoid;
@@ -353,12 +353,12 @@ struct RouterFwdArgs {
   Tensor logits; Tensor bias;
   RouterOptions opt;
 };
-// dlogits [N,E] overwritten from dtopk_w [N,K] (sources §4.4; no gradient through selection).
+// dlogits [N,E] overwritten from dtopk_w [N,K] (docs/derivations.md §4.4; no gradient through selection).
 struct RouterBwdArgs {
   Tensor dlogits; Tensor dtopk_w; Tensor scores; Tensor topk_idx; Tensor topk_w;
   RouterOptions opt;
 };
-// Sequence-wise aux loss (sources §4.6): scores [B·T, E] (unbiased s); loss[0] += alpha · mean over
+// Sequence-wise aux loss (docs/derivations.md §4.6): scores [B·T, E] (unbiased s); loss[0] += alpha · mean over
 // the B sequences of Σ_i f_i P_i. f uses the plain top_k of s (no bias, no groups).
 struct AuxLossFwdArgs { Tensor loss; Tensor scores; int64_t seq_len = 0, top_k = 1; double alpha = 0.0; ScoreFunc score_func = ScoreFunc::kSigmoid; };
 // dlogits [N,E] += dloss · ∂L/∂z, dloss a host scale (the loss is a plain sum into the total).
@@ -384,7 +384,7 @@ struct MoeCombineFwdArgs { Tensor y; Tensor y_perm; Tensor topk_w; Tensor slot_p
 // and dtopk_w[n,k] = 0 for an unused slot (slot_pos -1).
 // (dy_perm may be bf16 for f32 dy; it feeds only the bf16 expert GEMMs)
 struct MoeCombineBwdArgs { Tensor dy_perm; Tensor dtopk_w; Tensor dy; Tensor y_perm; Tensor topk_w; Tensor slot_pos; };
-// Expert-parallel dispatch plan (spec §12): ranks P, each holding E_l = E/P consecutive experts
+// Expert-parallel dispatch plan (docs/model.md §12): ranks P, each holding E_l = E/P consecutive experts
 // (rank r: [r·E_l, (r+1)·E_l)). A token is sent once to every rank holding one of its experts: the
 // pairs (n, r) with some slot k whose expert topk_idx[n,k] is on r, numbered in (r, n) order.
 //   counts     [P·(1+E_l)] i32: counts[r·(1+E_l)] = pairs to rank r; counts[r·(1+E_l) + 1 + e] =
@@ -401,7 +401,7 @@ struct EpDispatchPlanArgs {
   Tensor topk_idx; Tensor topk_w;
   int64_t ranks = 1, local_experts = 1;
 };
-// Bias update once per optimizer step (spec §5): b_i += rate · sign(mean(counts) − counts_i).
+// Bias update once per optimizer step (docs/model.md §5): b_i += rate · sign(mean(counts) − counts_i).
 struct MoeBiasUpdateArgs { Tensor bias; Tensor counts; double rate = 1e-3; };
 
 // ---------------------------------------------------------------- loss

@@ -54,7 +54,7 @@ void check_matrix(const Tensor& t, DType dtype, int rank, Device dev, std::strin
 }
 
 // The dtype tensor t must have where the op's floats are `in`: `in`, or also bf16 where `in` is f32
-// (bf16_allowed) for the bf16 GEMM mode's tensors (spec §7): GEMM operands (weight copies,
+// (bf16_allowed) for the bf16 GEMM mode's tensors (docs/model.md §7): GEMM operands (weight copies,
 // activations rounded once for several GEMMs), outputs that only GEMMs or one element-wise op read
 // (the op rounds them once) and inputs written so (widened exactly by the op). Every backend reads
 // and writes them (the CPU through f32 buffers, cpu/bf16_staging.h); f64 calls (finite-difference
@@ -199,7 +199,7 @@ AttnDims check_attention(std::string_view op, const Tensor& q, const Tensor& k, 
 
 // ---------------------------------------------------------------- MoE
 
-// The routing contract of spec §9: groups divide the experts, n_limited ≤ n_groups, top_k ≤ the
+// The routing contract of docs/model.md §9: groups divide the experts, n_limited ≤ n_groups, top_k ≤ the
 // experts in the kept groups; a top-2 group score needs two experts per group.
 void check_router_options(const RouterOptions& o, int64_t n_experts, std::string_view op) {
   DIFFMOE_CHECK(n_experts >= 1, "[{}] needs at least one expert, got {}", op, n_experts);
@@ -430,7 +430,7 @@ GemmDims validate_gemm(const GemmArgs& a, Device dev) {
 GroupedGemmDims validate_grouped_gemm(const GroupedGemmArgs& a, Device dev) {
   constexpr std::string_view kOp = "grouped_gemm";
   // C: the op's float type, or bf16 with beta = 0 (the bf16 GEMM mode's expert activations that only
-  // element-wise ops read, spec §7); the operands are then checked against f32.
+  // element-wise ops read, docs/model.md §7); the operands are then checked against f32.
   DIFFMOE_CHECK(a.c.dtype != DType::kBF16 || a.beta == 0.0,
                 "[grouped_gemm] c is bf16 and beta = {}: a bf16 output takes beta = 0 (it is not accumulated into)",
                 a.beta);

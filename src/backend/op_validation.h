@@ -1,4 +1,4 @@
-// Argument validation shared by every backend (STYLE.md habit 7): devices, ranks, shapes, dtypes
+// Argument validation shared by every backend (docs/style.md habit 7): devices, ranks, shapes, dtypes
 // and options of each op's argument struct (op_args.h), with errors that name the op and the field.
 // Each validate_* checks every tensor is on `dev` and that every float tensor of the call has one
 // dtype (index tensors i32); it returns the sizes the op needs.

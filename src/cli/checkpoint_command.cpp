@@ -1,5 +1,5 @@
 // `diffmoe checkpoint export --checkpoint PATH --out model.safetensors`: the whole model of a
-// (sharded) training checkpoint as one safetensors file with the spec §8 names, loadable by
+// (sharded) training checkpoint as one safetensors file with the docs/model.md §8 names, loadable by
 // PyTorch's safetensors and by diffmoe eval/generate. PATH: a checkpoint directory or a root.
 #include <fmt/core.h>
 

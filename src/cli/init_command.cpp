@@ -1,5 +1,5 @@
 // `diffmoe init --config X --out model.safetensors [--seed N]`: writes a freshly initialised model
-// (spec §6) as safetensors with the config in its metadata — loadable by PyTorch and by
+// (docs/model.md §6) as safetensors with the config in its metadata — loadable by PyTorch and by
 // `diffmoe` itself (a checkpoint alone rebuilds the model).
 #include <fmt/core.h>
 

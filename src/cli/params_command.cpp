@@ -1,4 +1,4 @@
-// `diffmoe params --config X`: parameter counts, FLOPs per token and training memory (spec §9, §10).
+// `diffmoe params --config X`: parameter counts, FLOPs per token and training memory (docs/model.md §9, §10).
 #include <fmt/core.h>
 
 #include "cli/commands.h"
@@ -15,7 +15,7 @@ struct Precision {
   const char* layout;
 };
 
-// Training state per parameter (spec §7), one row per train.precision: FP32 master weights, FP32
+// Training state per parameter (docs/model.md §7), one row per train.precision: FP32 master weights, FP32
 // gradients and two FP32 Adam moments in both; bf16_gemm adds a bf16 copy of the GEMM weights
 // (counted here for every parameter: an upper bound, the norms and λ vectors have none).
 constexpr Precision kPrecisions[] = {

@@ -1,4 +1,4 @@
-// Flat arenas with named views (STYLE.md habit 3, llm.c ParameterTensors): plan every view first,
+// Flat arenas with named views (docs/style.md habit 3, llm.c ParameterTensors): plan every view first,
 // then make ONE allocation. Parameters, gradients, optimizer state and activations each live in
 // an arena, so the hot path never allocates.
 #pragma once

@@ -1,4 +1,4 @@
-// Element types and the scalar conversions every backend shares (spec §7, formats.md §1b).
+// Element types and the scalar conversions every backend shares (docs/model.md §7, docs/formats.md §1b).
 #pragma once
 #include <cstddef>
 #include <cstdint>
@@ -24,7 +24,7 @@ float e4m3_to_f32(uint8_t b);
 
 constexpr float kE4M3Max = 448.0f;
 
-// The FP8 tile scale of spec §7 ("Exact quantisation"; sources §6.5): s = max(amax, 1e-4) / 448,
+// The FP8 tile scale of docs/model.md §7 ("Exact quantisation"; docs/derivations.md §6.5): s = max(amax, 1e-4) / 448,
 // one f32 division, so a tile whose largest magnitude is amax is quantised as e4m3(x / s) with
 // |x / s| ≤ 448. With `ue8m0`, s is then rounded UP to a power of two, 2^ceil(log2 s), exactly (an
 // exponent-only scale: no extra rounding in x / s). amax is the f32 max of |x| over the tile; a NaN

@@ -1,4 +1,4 @@
-// One error policy (STYLE.md habit 7): library code throws diffmoe::Error, only main() exits.
+// One error policy (docs/style.md habit 7): library code throws diffmoe::Error, only main() exits.
 // An Error's message is for the user (what went wrong, naming the file and field); the C++
 // source location it was raised at is kept apart, for developers (`diffmoe` prints it when the
 // environment has DIFFMOE_ERROR_LOCATION=1).

@@ -1,4 +1,4 @@
-// Byte-level BPE shared by the tiktoken, HF and diffmoe tokenizers (formats.md §1c "Encode algorithm").
+// Byte-level BPE shared by the tiktoken, HF and diffmoe tokenizers (docs/formats.md §1c "Encode algorithm").
 //
 // Two merge rules, one loop:
 //  * by bytes (tiktoken): merge the adjacent pair whose *concatenated bytes* has the lowest rank;
@@ -73,7 +73,7 @@ void bpe_merge_by_bytes(std::string_view piece, const BytesMap& ranks, std::vect
 void bpe_merge_by_pairs(std::string_view piece, const std::array<int32_t, 256>& byte_ids, const PairMap& merges,
                         std::vector<int32_t>& out);
 
-// GPT-2's byte <-> unicode alphabet used by HF byte-level vocabularies (formats.md §1c
+// GPT-2's byte <-> unicode alphabet used by HF byte-level vocabularies (docs/formats.md §1c
 // "Byte-level mapping"): `!`..`~`, `¡`..`¬`, `®`..`ÿ` map to themselves, the other 68 bytes to
 // U+0100 + n in increasing byte order.
 std::string byte_level_encode(std::string_view bytes);                  // raw bytes -> UTF-8 text

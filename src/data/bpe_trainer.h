@@ -1,4 +1,4 @@
-// Byte-level BPE trainer and the diffmoe tokenizer file (formats.md §3.3 "Also train our own
+// Byte-level BPE trainer and the diffmoe tokenizer file (docs/formats.md §3.3 "Also train our own
 // tokenizer").
 //
 // Training: the corpus is pre-tokenized with the GPT-2 (or cl100k) pattern and pre-token
@@ -33,7 +33,7 @@ namespace diffmoe::data {
 
 struct BpeTrainerOptions {
   int32_t vocab_size = 4096;  // total ids: 256 bytes + merges + special tokens
-  std::string pattern = "gpt2";  // "gpt2" or "cl100k" (the split pattern, formats.md §1c)
+  std::string pattern = "gpt2";  // "gpt2" or "cl100k" (the split pattern, docs/formats.md §1c)
   std::vector<std::string> special_tokens = {"<|endoftext|>"};
   int64_t min_frequency = 2;  // stop early when the best pair occurs fewer times than this
   std::string name = "diffmoe-bpe";

@@ -1,4 +1,4 @@
-// HF byte-level BPE tokenizer.json loader and encoder (see hf_tokenizer.h, formats.md §1c).
+// HF byte-level BPE tokenizer.json loader and encoder (see hf_tokenizer.h, docs/formats.md §1c).
 #include "data/hf_tokenizer.h"
 
 #include <nlohmann/json.hpp>
@@ -226,7 +226,7 @@ class HfTokenizer final : public TokenizerBase {
   }
 
   void encode_piece(std::string_view piece, std::vector<int32_t>& out) const {
-    if (ignore_merges_) {  // formats.md §1c: a pre-token that is in the vocab is emitted directly
+    if (ignore_merges_) {  // docs/formats.md §1c: a pre-token that is in the vocab is emitted directly
       const int32_t id = vocab_bytes_.find(piece);
       if (id >= 0) return out.push_back(id);
     }

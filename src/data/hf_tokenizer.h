@@ -1,4 +1,4 @@
-// HuggingFace tokenizer.json, byte-level BPE only (formats.md §1c "HuggingFace tokenizer.json").
+// HuggingFace tokenizer.json, byte-level BPE only (docs/formats.md §1c "HuggingFace tokenizer.json").
 //
 // Supported: model.type "BPE" (vocab + merges as "a b" strings or [a, b] pairs, ignore_merges);
 // pre_tokenizer chains of Sequence / Split(Regex or String; behavior Isolated, or Removed

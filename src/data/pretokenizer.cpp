@@ -1,4 +1,4 @@
-// PCRE2 wrapper; see pretokenizer.h and formats.md §1c for why these flags.
+// PCRE2 wrapper; see pretokenizer.h and docs/formats.md §1c for why these flags.
 #define PCRE2_CODE_UNIT_WIDTH 8
 #include "data/pretokenizer.h"
 

@@ -1,4 +1,4 @@
-// Regex pre-tokenization with PCRE2 (8-bit), and UTF-8 validation (formats.md §1c "Which C++
+// Regex pre-tokenization with PCRE2 (8-bit), and UTF-8 validation (docs/formats.md §1c "Which C++
 // regex engine", "Required PCRE2 flags", "PCRE2 caveats").
 //
 // A Pretokenizer owns one compiled pattern (PCRE2_UTF | PCRE2_UCP | PCRE2_DOLLAR_ENDONLY, JIT).
@@ -16,7 +16,7 @@
 
 namespace diffmoe::data {
 
-// Exact pattern strings of formats.md §1c.
+// Exact pattern strings of docs/formats.md §1c.
 namespace patterns {
 // r50k_pat_str: gpt2, r50k_base, p50k_base (current possessive form of tiktoken).
 inline constexpr std::string_view kR50k =

@@ -1,4 +1,4 @@
-// tiktoken rank-file tokenizer (formats.md §1c "tiktoken rank files", "Encode algorithm").
+// tiktoken rank-file tokenizer (docs/formats.md §1c "tiktoken rank files", "Encode algorithm").
 #include "data/tiktoken_tokenizer.h"
 
 #include <charconv>
@@ -12,7 +12,7 @@
 namespace diffmoe::data {
 
 std::optional<TiktokenPreset> tiktoken_preset(std::string_view name) {
-  // Special token ids: formats.md §1c "Special tokens"; rank counts: §1c "Official hashes"
+  // Special token ids: docs/formats.md §1c "Special tokens"; rank counts: §1c "Official hashes"
   // (cl100k 100,256 lines, o200k 199,998) and the r50k/p50k files.
   if (name == "gpt2" || name == "r50k_base")
     return TiktokenPreset{std::string(name), patterns::kR50k, {{"<|endoftext|>", 50256}}, 50256};

@@ -1,4 +1,4 @@
-// tiktoken rank files (`*.tiktoken`, formats.md §1c): one "base64(token) rank" line per token.
+// tiktoken rank files (`*.tiktoken`, docs/formats.md §1c): one "base64(token) rank" line per token.
 // Special tokens and the split pattern are not in the file; they come from a named preset
 // (gpt2, r50k_base, p50k_base, cl100k_base, o200k_base) or are given explicitly.
 #pragma once

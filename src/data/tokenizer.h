@@ -1,5 +1,5 @@
 // The tokenizer interface and the loader that picks an implementation by file content
-// (formats.md §1c, §3.3). Implementations: tiktoken rank files (tiktoken_tokenizer.h), HF
+// (docs/formats.md §1c, §3.3). Implementations: tiktoken rank files (tiktoken_tokenizer.h), HF
 // byte-level BPE tokenizer.json (hf_tokenizer.h), and our own trained BPE (bpe_trainer.h), which
 // is saved as an HF-compatible tokenizer.json and read back through the HF loader.
 //
@@ -10,7 +10,7 @@
 //  * encode_with_special(text): additionally treats every special token as one atomic id
 //    (tiktoken's encode(text, allowed_special="all"); HF's AddedVocabulary split).
 //  * decode(encode(x)) == x byte for byte for ANY input, including invalid UTF-8. The regex
-//    pre-tokenizers need valid UTF-8 (PCRE2 caveat, formats.md §1c), so the text is split into
+//    pre-tokenizers need valid UTF-8 (PCRE2 caveat, docs/formats.md §1c), so the text is split into
 //    maximal valid UTF-8 runs and maximal invalid byte runs; valid runs are pre-tokenized with the
 //    pattern, each invalid run is BPE-encoded as one piece of its own (its bytes still merge
 //    according to the ranks). On valid UTF-8 the ids are exactly tiktoken's / HF's. (Exception:

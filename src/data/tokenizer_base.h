@@ -11,7 +11,7 @@
 
 namespace diffmoe::data {
 
-// A token matched as a whole before pre-tokenization (formats.md §1c "added_tokens").
+// A token matched as a whole before pre-tokenization (docs/formats.md §1c "added_tokens").
 struct AtomicToken {
   std::string text;
   int32_t id = -1;

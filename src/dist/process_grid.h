@@ -1,4 +1,4 @@
-// The data-parallel x expert-parallel grid of spec §12: world = DP x EP ranks, EP innermost (a node
+// The data-parallel x expert-parallel grid of docs/model.md §12: world = DP x EP ranks, EP innermost (a node
 // holds whole EP groups when EP divides the ranks per node).
 //
 //   rank    = dp_rank · ep_size + ep_rank        ep_rank = rank % ep_size, dp_rank = rank / ep_size

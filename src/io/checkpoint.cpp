@@ -1,4 +1,4 @@
-// Atomic training checkpoints (formats.md §4.6).
+// Atomic training checkpoints (docs/formats.md §4.6).
 //
 // Commit protocol of save_checkpoint, in this order, so that a crash or an I/O error at any point
 // leaves either the previous state or a complete, verifiable new checkpoint:
@@ -225,7 +225,7 @@ void write_temporary_dir(const CheckpointSaveOptions& opt, const std::string& tm
   files.push_back(describe_file(tmp_dir, kStateName));
   const nlohmann::ordered_json manifest = {
       {"version", kManifestVersion}, {"step", opt.step}, {"files", files}, {"created", iso_utc_now()}};
-  write_file_synced(join(tmp_dir, kManifestName), manifest.dump(2) + "\n");  // LAST (formats.md §4.6)
+  write_file_synced(join(tmp_dir, kManifestName), manifest.dump(2) + "\n");  // LAST (docs/formats.md §4.6)
   fsync_path(tmp_dir);
 }
 
@@ -502,7 +502,7 @@ std::optional<CheckpointInfo> find_latest_checkpoint(const std::string& root, st
   if (root.empty() || !fs::is_directory(root, ec)) return std::nullopt;
   const auto dirs = list_step_dirs(root);
 
-  // The pointer first (formats.md §4.6): it names the last save that completed.
+  // The pointer first (docs/formats.md §4.6): it names the last save that completed.
   const std::string latest_path = join(root, kLatestName);
   std::string tried;
   if (::access(latest_path.c_str(), F_OK) == 0) {

@@ -1,4 +1,4 @@
-// Atomic training checkpoints (formats.md §4.6).
+// Atomic training checkpoints (docs/formats.md §4.6).
 //
 // Layout under a root directory:
 //   <root>/step_000001000/      one directory per saved step (name: "step_%09d")
@@ -39,7 +39,7 @@ struct CheckpointSaveOptions {
   std::vector<std::string>* warnings = nullptr;  // optional: pruning problems (the save itself succeeded)
 };
 
-// Saves a checkpoint atomically (formats.md §4.6): <root>/step_N.tmp/, each file written and
+// Saves a checkpoint atomically (docs/formats.md §4.6): <root>/step_N.tmp/, each file written and
 // fsync'ed, trainer_state.json, manifest.json last, fsync of the directory, rename to <root>/step_N/
 // (replacing an existing directory of the same step), fsync of <root>, then <root>/latest replaced
 // atomically; finally older checkpoints beyond keep_last (except keep_every multiples) are removed.

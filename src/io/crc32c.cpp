@@ -1,5 +1,5 @@
 // CRC32C: a byte-at-a-time table (portable reference) and an SSE4.2 path picked at run time
-// (formats.md §1a "CRC32C options"). The target attribute lets this file build without -msse4.2.
+// (docs/formats.md §1a "CRC32C options"). The target attribute lets this file build without -msse4.2.
 #include "io/crc32c.h"
 
 #include <array>

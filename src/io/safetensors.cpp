@@ -1,4 +1,4 @@
-// safetensors reader and writer (formats.md §1b).
+// safetensors reader and writer (docs/formats.md §1b).
 //
 // Reader: the file is mmap'ed read-only and the JSON header is validated the way the reference
 // reader (`Metadata::validate` in huggingface/safetensors) does it, so a file we accept is one that
@@ -32,7 +32,7 @@
 
 namespace diffmoe {
 
-// The format is little-endian (formats.md §1b); we copy bytes straight from the map.
+// The format is little-endian (docs/formats.md §1b); we copy bytes straight from the map.
 static_assert(std::endian::native == std::endian::little, "safetensors I/O assumes a little-endian host");
 
 namespace {
@@ -74,7 +74,7 @@ std::optional<uint64_t> as_non_negative_int(const nlohmann::json& v) {
   return std::nullopt;
 }
 
-// Parses the header JSON, rejecting duplicate keys at any depth (formats.md §1b: "Duplicate keys
+// Parses the header JSON, rejecting duplicate keys at any depth (docs/formats.md §1b: "Duplicate keys
 // are disallowed"; nlohmann would silently keep the last one). Returns the first duplicate, if any.
 nlohmann::json parse_header_json(std::string_view text, const std::string& path) {
   std::vector<std::set<std::string>> open_objects;  // keys seen in each object being parsed
@@ -133,7 +133,7 @@ SafetensorsEntry parse_entry(const std::string& path, const std::string& name, c
   *begin = *b;
   *end = *en;
 
-  // end - begin == numel * itemsize (formats.md §1b); all our dtypes are whole bytes.
+  // end - begin == numel * itemsize (docs/formats.md §1b); all our dtypes are whole bytes.
   const auto numel = checked_numel(e.shape);
   uint64_t need = 0;
   const bool fits = numel && !__builtin_mul_overflow(static_cast<uint64_t>(*numel), dtype_size(e.dtype), &need);
@@ -236,7 +236,7 @@ SafetensorsFile SafetensorsFile::open(const std::string& path) {
   std::vector<Placed> placed;
   for (const auto& [key, value] : header.items()) {
     if (key == kMetadataKey) {
-      // "__metadata__" is a string->string map; other JSON values are not allowed (formats.md §1b).
+      // "__metadata__" is a string->string map; other JSON values are not allowed (docs/formats.md §1b).
       // null is read as "no metadata", as the reference's Option<HashMap<String, String>> does.
       if (value.is_null()) continue;
       DIFFMOE_CHECK(value.is_object(), "{}: __metadata__ must be an object of strings, got {}", path,
@@ -371,13 +371,13 @@ void SafetensorsWriter::add(const std::string& name, const Tensor& host_tensor) 
 }
 
 void SafetensorsWriter::set_metadata(const std::string& key, const std::string& value) {
-  // transformers rejects files whose "format" is not a framework name (formats.md §1b); we write "pt".
+  // transformers rejects files whose "format" is not a framework name (docs/formats.md §1b); we write "pt".
   DIFFMOE_CHECK(key != "format" || value == "pt", "[safetensors] metadata 'format' must be \"pt\", got \"{}\"", value);
   metadata_[key] = value;
 }
 
 void SafetensorsWriter::write(const std::string& path) const {
-  // Layout: dtype size descending, then name (formats.md §1b), so every tensor is naturally aligned.
+  // Layout: dtype size descending, then name (docs/formats.md §1b), so every tensor is naturally aligned.
   std::vector<const Item*> order;
   for (const auto& it : items_) order.push_back(&it);
   std::sort(order.begin(), order.end(), [](const Item* a, const Item* b) {

@@ -1,4 +1,4 @@
-// safetensors reading and writing (formats.md §1b): u64 header size, JSON header, byte buffer.
+// safetensors reading and writing (docs/formats.md §1b): u64 header size, JSON header, byte buffer.
 // Files we write load in Python's safetensors/torch; files we read are validated like the
 // reference reader, and every error names the file and the offending field.
 #pragma once
@@ -55,7 +55,7 @@ class SafetensorsFile {
 };
 
 // Writes a safetensors file atomically: <path>.tmp, fsync, rename, fsync of the directory.
-// Tensors are laid out by dtype size descending, then name (formats.md §1b); the header is padded
+// Tensors are laid out by dtype size descending, then name (docs/formats.md §1b); the header is padded
 // with spaces to a multiple of 8; metadata always gets "format": "pt".
 class SafetensorsWriter {
  public:

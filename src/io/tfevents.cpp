@@ -1,4 +1,4 @@
-// TensorBoard event writer and reader (formats.md §1a). Field numbers below are those of
+// TensorBoard event writer and reader (docs/formats.md §1a). Field numbers below are those of
 // tensorboard/compat/proto/{event,summary,tensor,tensor_shape,histogram}.proto as listed in §1a.
 #include "io/tfevents.h"
 
@@ -22,7 +22,7 @@
 namespace diffmoe {
 namespace {
 
-// Wire types (formats.md §1a).
+// Wire types (docs/formats.md §1a).
 constexpr int kWireVarint = 0;
 constexpr int kWireFixed64 = 1;
 constexpr int kWireLengthDelimited = 2;
@@ -354,14 +354,14 @@ EventWriter::EventWriter(const std::string& run_dir) {
   DIFFMOE_CHECK(!ec && fs::is_directory(run_dir), "[tfevents] {}: cannot create run directory: {}", run_dir,
                 ec ? ec.message() : "not a directory");
 
-  // Start past every existing event file so this one sorts last (formats.md §1a: files of a run
+  // Start past every existing event file so this one sorts last (docs/formats.md §1a: files of a run
   // are read in lexicographic order; a resumed run's START must come after the crashed run).
   int64_t t = std::max<int64_t>(static_cast<int64_t>(std::time(nullptr)), latest_event_file_time(run_dir) + 1);
   const std::string suffix = fmt::format(".{}.{}.diffmoe", hostname(), static_cast<long>(getpid()));
   constexpr int kMaxAttempts = 1000;
   for (int attempt = 0; attempt < kMaxAttempts && fd_ < 0; ++attempt, ++t) {
     path_ = (fs::path(run_dir) / fmt::format("{}{:010d}{}", kEventFilePrefix, t, suffix)).string();
-    // O_EXCL: never append to, or truncate, a file someone else made (formats.md §1a).
+    // O_EXCL: never append to, or truncate, a file someone else made (docs/formats.md §1a).
     fd_ = ::open(path_.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
     DIFFMOE_CHECK(fd_ >= 0 || errno == EEXIST, "[tfevents] {}: cannot create: {}", path_, std::strerror(errno));
   }

@@ -1,4 +1,4 @@
-// TensorBoard event files (formats.md §1a): TFRecord framing with masked CRC32C around serialized
+// TensorBoard event files (docs/formats.md §1a): TFRecord framing with masked CRC32C around serialized
 // tensorboard.Event protobufs, written by a hand-rolled encoder (no libprotobuf). Also a small
 // reader and decoder, enough for tests and tools to check what we wrote.
 //
@@ -17,7 +17,7 @@
 namespace diffmoe {
 
 // ---- Minimal protobuf wire format -------------------------------------------------------------
-// Wire types (formats.md §1a): 0 varint, 1 fixed64 (double), 2 length-delimited, 5 fixed32 (float).
+// Wire types (docs/formats.md §1a): 0 varint, 1 fixed64 (double), 2 length-delimited, 5 fixed32 (float).
 class ProtoEncoder {
  public:
   void varint_field(int field, uint64_t v);
@@ -60,7 +60,7 @@ class ProtoDecoder {
 };
 
 // ---- Event content ----------------------------------------------------------------------------
-// HistogramProto (formats.md §1a): bucket_limit[i] is the right edge of bucket i, bucket[i] its count.
+// HistogramProto (docs/formats.md §1a): bucket_limit[i] is the right edge of bucket i, bucket[i] its count.
 struct HistogramData {
   double min = 0, max = 0, num = 0, sum = 0, sum_squares = 0;
   std::vector<double> bucket_limit;
@@ -82,7 +82,7 @@ class EventWriter {
   static constexpr size_t kWriteThresholdBytes = 256 * 1024;
 
   // Creates `run_dir` if missing and a NEW file in it (never appends: a reader stops at a torn
-  // record, formats.md §1a). The name is events.out.tfevents.%010d.<hostname>.<pid>.diffmoe with
+  // record, docs/formats.md §1a). The name is events.out.tfevents.%010d.<hostname>.<pid>.diffmoe with
   // the 10-digit time bumped past any event file already in the directory, so files sort in
   // creation order (TensorBoard reads a run's files lexicographically). Writes the file_version
   // record. Throws diffmoe::Error naming the path on failure.
@@ -91,7 +91,7 @@ class EventWriter {
   EventWriter(const EventWriter&) = delete;
   EventWriter& operator=(const EventWriter&) = delete;
 
-  // Legacy Value{tag, simple_value} — read by every TensorBoard version (formats.md §1a).
+  // Legacy Value{tag, simple_value} — read by every TensorBoard version (docs/formats.md §1a).
   void add_scalar(const std::string& tag, int64_t step, float value);
   // Legacy Value{tag, histo}; TensorBoard migrates it to the `histograms` plugin itself.
   void add_histogram(const std::string& tag, int64_t step, std::span<const float> values,
@@ -100,7 +100,7 @@ class EventWriter {
   // Markdown text: plugin "text", rank-0 DT_STRING tensor. Metadata goes with the first record
   // of each tag in this file only (TensorBoard keeps the first metadata seen per tag).
   void add_text(const std::string& tag, int64_t step, const std::string& markdown);
-  // SessionLog START (formats.md §1a "On resume"): on a later START the Python loaders purge
+  // SessionLog START (docs/formats.md §1a "On resume"): on a later START the Python loaders purge
   // orphaned events with step >= `step`. Call it first thing in EVERY run, fresh ones included
   // (step 0): plugin_event_accumulator treats the first START of a run as the initial one and
   // purges only on later STARTs, so a resume after a run without START would purge nothing there.
@@ -109,7 +109,7 @@ class EventWriter {
   void session_start(int64_t step);
 
   // Writes our buffer to the file (it plays stdio's part, so this is fflush) and fsyncs: the
-  // records so far survive a crash. Call at checkpoints and every few seconds (formats.md §1a).
+  // records so far survive a crash. Call at checkpoints and every few seconds (docs/formats.md §1a).
   void flush();
   // flush() and close the file. Idempotent; any add_* afterwards throws.
   void close();

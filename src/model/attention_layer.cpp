@@ -75,7 +75,7 @@ Tensor AttentionLayer::forward_core(const LayerContext& lc, const Tensor& x) con
   be.rmsnorm_fwd(lc.ctx, {.y = x_norm, .rstd = lc.act(a("rstd_x")), .x = x, .w = lc.param(fmt::format("layers.{}.attn_norm.weight", l_)),
                           .rows = N, .width = c.dim, .eps = c.norm_eps});
   // Queries: c_q = RMSNorm_q(x W_qaᵀ), q = c_q W_qbᵀ (or q = x W_qᵀ without compression), RoPE on
-  // the last d_rope columns of every head (spec §2).
+  // the last d_rope columns of every head (docs/model.md §2).
   if (rq > 0) {
     lc.linear(lc.act(a("qa")), x_norm, lc.weight(p("wq_a.weight")));
     be.rmsnorm_fwd(lc.ctx, {.y = lc.act(a("cq")), .rstd = lc.act(a("rstd_q")), .x = lc.act(a("qa")),
@@ -100,7 +100,7 @@ Tensor AttentionLayer::forward_core(const LayerContext& lc, const Tensor& x) con
   Tensor o = att;  // what W_o reads
   if (c.differential) {
     // λ = exp(λ_q1·λ_k1) − exp(λ_q2·λ_k2) + λ_init;  O_h = A_{h,0}V_h − λ A_{h,1}V_h;
-    // Ō_h = (1 − λ_init) · RMSNorm_{2d_v}(O_h; subln) with eps 1e-5 (spec §2, sources §1.3).
+    // Ō_h = (1 − λ_init) · RMSNorm_{2d_v}(O_h; subln) with eps 1e-5 (docs/model.md §2, docs/derivations.md §1.3).
     const Tensor lambda = lc.act(a("lambda"));
     be.diff_lambda_fwd(lc.ctx, {.lambda = lambda, .lq1 = lc.param(p("lambda_q1")), .lk1 = lc.param(p("lambda_k1")),
                                 .lq2 = lc.param(p("lambda_q2")), .lk2 = lc.param(p("lambda_k2")), .lambda_init = c.lambda_init(l_)});
@@ -139,7 +139,7 @@ void AttentionLayer::backward(const LayerContext& lc, const Tensor& x, const Ten
   const Tensor v4 = lc.act(a("v")).reshape(Shape{B, T, H, dv});
   const Tensor dq4 = dq.reshape(Shape{B, T, H, dqk}), dk4 = dk.reshape(Shape{B, T, H, dqk}), dv4 = dv_t.reshape(Shape{B, T, H, dv});
   if (c.differential) {
-    // Through the subln (sources §1.4: dY = (1 − λ_init) dŌ, RMSNorm backward), then attention.
+    // Through the subln (docs/derivations.md §1.4: dY = (1 − λ_init) dŌ, RMSNorm backward), then attention.
     be.rmsnorm_bwd(lc.ctx, {.dx = datt, .dw = lc.grad(p("subln.weight")), .dy = d_o, .x = att, .w = lc.param(p("subln.weight")),
                             .rstd = lc.act(a("rstd_sub")), .rows = N * H / 2, .width = 2 * dv, .out_scale = 1.0 - c.lambda_init(l_)});
     const Tensor dlambda = lc.act("scratch.attn.dlambda");
@@ -157,7 +157,7 @@ void AttentionLayer::backward(const LayerContext& lc, const Tensor& x, const Ten
                               .scale = c.softmax_scale(), .differential = false});
   }
 
-  // Keys/values: back through the split (dk^R sums over heads, sources §2.5), W_kvb, RoPE, kv_norm.
+  // Keys/values: back through the split (dk^R sums over heads, docs/derivations.md §2.5), W_kvb, RoPE, kv_norm.
   be.mla_kv_split_bwd(lc.ctx, {.dkv = dkv, .dkr = dkva, .dk = dk, .dv = dv_t, .n_heads = H, .d_nope = dn, .d_rope = dr, .d_v = dv,
                                .kr_stride = rkv + dr, .kr_offset = rkv});
   lc.linear_backward(lc.grad(p("wkv_b.weight")), dckv, dkv, lc.act(a("ckv")), lc.weight(p("wkv_b.weight")));

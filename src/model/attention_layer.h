@@ -1,4 +1,4 @@
-// The DiffMLA attention block of one layer (spec §2): pre-norm, MLA projections with decoupled
+// The DiffMLA attention block of one layer (docs/model.md §2): pre-norm, MLA projections with decoupled
 // RoPE, differential (or plain) causal attention, per-head subln, output projection, residual add.
 #pragma once
 #include "model/layer_context.h"

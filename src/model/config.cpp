@@ -181,7 +181,7 @@ void ModelConfig::validate(const std::string& source) const {
     const int64_t kept = n_routed_experts / std::max<int64_t>(n_expert_groups, 1) * n_limited_groups;
     fail_if(n_activated_experts <= 0 || n_activated_experts > kept, "n_activated_experts",
             fmt::format("must be in [1, experts in the kept groups = {}], got {}", kept, n_activated_experts));
-    // The routing op scores a group by its top-2 biased experts (op_validation.cpp, spec §9).
+    // The routing op scores a group by its top-2 biased experts (op_validation.cpp, docs/model.md §9).
     fail_if(balance_bias && n_expert_groups > 1 && n_routed_experts / n_expert_groups < 2, "n_expert_groups",
             fmt::format("must leave at least 2 experts per group with balance_bias (the top-2 group score), got {} "
                         "groups of {}", n_expert_groups, n_routed_experts / n_expert_groups));

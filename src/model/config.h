@@ -1,4 +1,4 @@
-// The model configuration: exactly the `model:` keys of spec §9, their defaults, and the
+// The model configuration: exactly the `model:` keys of docs/model.md §9, their defaults, and the
 // validation rules. Built from JSON (which YAML files, overrides and checkpoint metadata all become).
 #pragma once
 #include <nlohmann/json.hpp>
@@ -15,7 +15,7 @@ struct ModelConfig {
   int64_t dim = 0;
   int64_t n_layers = 0;
   int64_t n_dense_layers = 0;
-  int64_t n_heads = 0;             // component heads (spec §2); even when differential
+  int64_t n_heads = 0;             // component heads (docs/model.md §2); even when differential
   int64_t q_lora_rank = 0;         // 0 = no query compression (wq instead of wq_a/q_norm/wq_b)
   int64_t kv_lora_rank = 0;
   int64_t qk_nope_head_dim = 0;
@@ -47,7 +47,7 @@ struct ModelConfig {
   double embed_scale = -1.0;       // < 0: "= √dim" (resolved by from_json)
   double norm_eps = 1e-6;
 
-  // Derived quantities (spec §2).
+  // Derived quantities (docs/model.md §2).
   int64_t d_qk() const { return qk_nope_head_dim + qk_rope_head_dim; }
   bool yarn() const { return max_seq_len > original_seq_len; }
   bool is_moe_layer(int64_t l) const { return l >= n_dense_layers; }

@@ -1,4 +1,4 @@
-// The buffers of expert-parallel MoE layers whose sizes depend on the routing (spec §12,
+// The buffers of expert-parallel MoE layers whose sizes depend on the routing (docs/model.md §12,
 // docs/parallelism.md): the (token, rank) pairs this rank receives and the expert rows they expand
 // to. Dropless routing bounds them only by EP·N·K, so instead of planning for the worst case they
 // are sized to what the run has needed so far and grown when a micro-batch needs more — before the

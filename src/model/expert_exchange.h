@@ -1,4 +1,4 @@
-// How an expert-parallel MoE layer reaches the other ranks of its EP group (spec §12,
+// How an expert-parallel MoE layer reaches the other ranks of its EP group (docs/model.md §12,
 // docs/parallelism.md): an all-to-all of row blocks. The model only sees this interface; the
 // training layer implements it on a communicator (src/train/expert_exchange_comm.h), so the model
 // depends on no communication library.

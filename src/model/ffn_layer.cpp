@@ -32,7 +32,7 @@ void FfnLayer::plan(const LayerContext& lc, PrecisionPlan& pl, Arena& acts) cons
   const ModelConfig& c = *lc.cfg;
   const int64_t N = lc.tokens(), D = c.dim;
   using R = ActRole;
-  plan_act(pl, acts, "x_norm", Shape{N, D}, R::kFloat);  // the router's input: z = u Eᵀ stays f32 (spec §5)
+  plan_act(pl, acts, "x_norm", Shape{N, D}, R::kFloat);  // the router's input: z = u Eᵀ stays f32 (docs/model.md §5)
   plan_act(pl, acts, "rstd_x", Shape{N}, R::kFloat);
   // The bf16 mode: x_norm rounded once (by the norm, in the same pass) for the GEMMs that read it
   // (w1/w3 of the dense FFN or the shared experts, their weight gradients, the router's weight
@@ -178,13 +178,13 @@ void FfnLayer::forward(const LayerContext& lc, const Tensor& x, const Tensor& ou
     forward_ep(lc, x, out);
     return;
   }
-  // Shared experts: one SwiGLU of width n_shared·moe_inter_dim (spec §4).
+  // Shared experts: one SwiGLU of width n_shared·moe_inter_dim (docs/model.md §4).
   if (c.n_shared_experts > 0) mlp_forward(lc, "shared.", "shared.", xg, out, x);
   else be.copy(lc.ctx, {.dst = out, .src = x});
-  // Router (spec §5): z = u Eᵀ, scores, group-limited top-k with the balancing bias.
+  // Router (docs/model.md §5): z = u Eᵀ, scores, group-limited top-k with the balancing bias.
   const Tensor logits = lc.act(a("logits")), scores = lc.act(a("scores")), idx = lc.act(a("topk_idx")), w = lc.act(a("topk_w"));
   const Tensor counts = lc.act(fmt::format("stats.{}.counts", l_));
-  // z = u Eᵀ in f32 also in the bf16 GEMM mode (spec §5): the expert choice depends on it.
+  // z = u Eᵀ in f32 also in the bf16 GEMM mode (docs/model.md §5): the expert choice depends on it.
   be.gemm(lc.ctx, {.c = logits, .a = x_norm, .b = lc.param(p("gate.weight")), .trans_b = true, .f32_exact = true});
   be.router_fwd(lc.ctx, {.scores = scores, .topk_idx = idx, .topk_w = w, .counts = counts, .logits = logits,
                          .bias = lc.param(p("gate.bias")), .opt = router_options(c)});
@@ -227,7 +227,7 @@ void FfnLayer::backward(const LayerContext& lc, const Tensor& x, const Tensor& d
     const Tensor ea = lc.act(a("experts.a")), eb = lc.act(a("experts.b")), eh = lc.act(a("experts.h"));
     const std::string s = fmt::format("scratch.ffn.experts.{}.", c.moe_inter_dim);
     const Tensor dh = lc.act(s + "dh"), da = lc.act(s + "da"), db = lc.act(s + "db");
-    // Combine: expert outputs get w_k·dy, the routing weights get ⟨dy, Expert_k(u)⟩ (sources §4.4).
+    // Combine: expert outputs get w_k·dy, the routing weights get ⟨dy, Expert_k(u)⟩ (docs/derivations.md §4.4).
     // dy: the residual gradient's bf16 copy in the bf16 GEMM mode (dy_perm = w·dy is rounded to bf16
     // anyway; ⟨dy, y_perm⟩ reads half the bytes, both factors then bf16 values summed in f64).
     be.moe_combine_bwd(lc.ctx, {.dy_perm = dy_perm, .dtopk_w = dw, .dy = d_out_gemm, .y_perm = y_perm, .topk_w = w,
@@ -246,7 +246,7 @@ void FfnLayer::backward(const LayerContext& lc, const Tensor& x, const Tensor& d
                              .a2 = db, .b2 = lc.weight(p("experts.w3"))});
     if (beta == 0.0) be.fill(lc.ctx, {.out = dx_norm, .value = 0.0});
     be.moe_gather_bwd(lc.ctx, {.dx = dx_norm, .dx_perm = dx_perm, .slot_pos = slot_pos});
-    // Router: gradient through the weights only, plus the sequence aux loss (sources §4.4, §4.6).
+    // Router: gradient through the weights only, plus the sequence aux loss (docs/derivations.md §4.4, §4.6).
     const Tensor scores = lc.act(a("scores")), idx = lc.act(a("topk_idx"));
     be.router_bwd(lc.ctx, {.dlogits = dlogits, .dtopk_w = dw, .scores = scores, .topk_idx = idx, .topk_w = w, .opt = router_options(c)});
     if (c.aux_loss_alpha > 0)

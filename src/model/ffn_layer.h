@@ -1,4 +1,4 @@
-// The FFN block of one layer (spec §4, §5): pre-norm, then a dense SwiGLU MLP (layers below
+// The FFN block of one layer (docs/model.md §4, §5): pre-norm, then a dense SwiGLU MLP (layers below
 // n_dense_layers) or the MoE (routed experts through a group-limited top-k router + shared experts),
 // then the residual add.
 #pragma once
@@ -56,7 +56,7 @@ class FfnLayer {
   // Backward of mlp_forward: dx (+)= (beta_dx), weight grads accumulate.
   void mlp_backward(const LayerContext& lc, const std::string& prefix, const std::string& act_prefix, const Tensor& x,
                     const Tensor& dy, const Tensor& dx, double beta_dx) const;
-  // The MoE block with the experts split over an EP group (ffn_layer_ep.cpp, spec §12): out already
+  // The MoE block with the experts split over an EP group (ffn_layer_ep.cpp, docs/model.md §12): out already
   // holds x + Shared(u) on return from the shared part; xg is the GEMMs' x_norm.
   bool expert_parallel(const LayerContext& lc) const { return lc.ep != nullptr && lc.ep->size() > 1; }
   void plan_ep(const LayerContext& lc, PrecisionPlan& plan, Arena& acts) const;

@@ -1,4 +1,4 @@
-// The MoE block with its routed experts split over an expert-parallel group (spec §12,
+// The MoE block with its routed experts split over an expert-parallel group (docs/model.md §12,
 // docs/parallelism.md §3). Rank r of the group holds experts [r·E_l, (r+1)·E_l), E_l = E / EP.
 //
 // Forward, on every rank for its own N tokens:
@@ -50,7 +50,7 @@ void FfnLayer::forward_ep(const LayerContext& lc, const Tensor& x, const Tensor&
   ExpertBuffers& buf = *lc.ep_buffers;
   const int64_t K = c.n_activated_experts, P = ex.size(), El = c.n_routed_experts / P;
   const Tensor x_norm = lc.act(a("x_norm")), xg = gemm_input(lc);
-  // Router (spec §5) over all E experts for this rank's tokens.
+  // Router (docs/model.md §5) over all E experts for this rank's tokens.
   const Tensor logits = lc.act(a("logits")), scores = lc.act(a("scores")), idx = lc.act(a("topk_idx")), w = lc.act(a("topk_w"));
   be.gemm(lc.ctx, {.c = logits, .a = x_norm, .b = lc.param(p("gate.weight")), .trans_b = true, .f32_exact = true});
   be.router_fwd(lc.ctx, {.scores = scores, .topk_idx = idx, .topk_w = w, .counts = lc.act(fmt::format("stats.{}.counts", l_)),
@@ -166,7 +166,7 @@ void FfnLayer::backward_ep(const LayerContext& lc, const Tensor& d_out_gemm, con
   const Tensor dw = lc.act("scratch.moe.dtopk_w");
   be.fill(lc.ctx, {.out = dw, .value = 0.0});
   be.moe_gather_bwd(lc.ctx, {.dx = dw, .dx_perm = dtw_back, .slot_pos = pair_of});
-  // Router: gradient through the weights only, plus the sequence aux loss (sources §4.4, §4.6).
+  // Router: gradient through the weights only, plus the sequence aux loss (docs/derivations.md §4.4, §4.6).
   const Tensor scores = lc.act(a("scores")), idx = lc.act(a("topk_idx")), w = lc.act(a("topk_w"));
   const Tensor dlogits = lc.act("scratch.moe.dlogits");
   be.router_bwd(lc.ctx, {.dlogits = dlogits, .dtopk_w = dw, .scores = scores, .topk_idx = idx, .topk_w = w, .opt = router_options(c)});

@@ -20,7 +20,7 @@ Tensor sub(const Tensor& t, int64_t offset, Shape shape) {
                 .dtype = t.dtype, .device = t.device, .shape = shape};
 }
 
-// The router options of the training path (FfnLayer; spec §5).
+// The router options of the training path (FfnLayer; docs/model.md §5).
 RouterOptions router_options(const ModelConfig& c) {
   return RouterOptions{.score_func = c.score_func, .n_groups = c.n_expert_groups, .n_limited_groups = c.n_limited_groups,
                        .top_k = c.n_activated_experts, .route_scale = c.route_scale, .use_bias = c.balance_bias};
@@ -50,7 +50,7 @@ Generator::Generator(Model& model, GeneratorOptions opt)
   const bool any_moe = c.n_layers > c.n_dense_layers;
   const int64_t K = c.n_activated_experts, E = c.n_routed_experts;
 
-  // State: the latent caches and RoPE tables (YaRN folded in, spec §3) for positions < max_len.
+  // State: the latent caches and RoPE tables (YaRN folded in, docs/model.md §3) for positions < max_len.
   for (int64_t l = 0; l < c.n_layers; ++l) arena_.add(fmt::format("cache.{}", l), Shape{B, opt_.max_len, rkv + dr}, t);
   arena_.add("rope.cos", Shape{opt_.max_len, dr / 2}, t);
   arena_.add("rope.sin", Shape{opt_.max_len, dr / 2}, t);
@@ -182,7 +182,7 @@ void Generator::attention(Context ctx, int64_t l, int64_t tq) {
 
   be_.rmsnorm_fwd(ctx, {.y = x_norm, .rstd = rstd, .x = h, .w = param(fmt::format("layers.{}.attn_norm.weight", l)),
                         .rows = N, .width = D, .eps = c.norm_eps});
-  // Queries (spec §2): c_q = RMSNorm_q(x̄ W_qaᵀ), q = c_q W_qbᵀ (or x̄ W_qᵀ); RoPE on each head's rope
+  // Queries (docs/model.md §2): c_q = RMSNorm_q(x̄ W_qaᵀ), q = c_q W_qbᵀ (or x̄ W_qᵀ); RoPE on each head's rope
   // columns at the absolute positions pos0 + t (row n of the chunk is position pos0 + n % tq).
   if (rq > 0) {
     const Tensor qa = scratch("qa", Shape{N, rq}), cq = scratch("cq", Shape{N, rq});
@@ -206,7 +206,7 @@ void Generator::attention(Context ctx, int64_t l, int64_t tq) {
     be_.rmsnorm_fwd(ctx, {.y = dst, .rstd = rstd.rows(b * tq, (b + 1) * tq), .x = src, .w = param(attn_param(l, "kv_norm.weight")),
                           .rows = tq, .width = rkv, .x_stride = rkv + dr, .y_stride = rkv + dr, .eps = c.norm_eps});
   }
-  // Absorb W^UK into the query (sources §2.4): q̃_j = q^C_j W^UK_j, [1, d_nope]·[d_nope, r_kv] per
+  // Absorb W^UK into the query (docs/derivations.md §2.4): q̃_j = q^C_j W^UK_j, [1, d_nope]·[d_nope, r_kv] per
   // (token, head); W^UK_j = rows j·(d_nope + d_v) … + d_nope of wkv_b.
   for (int64_t n = 0; n < N; ++n) {
     for (int64_t j = 0; j < H; ++j) {
@@ -214,7 +214,7 @@ void Generator::attention(Context ctx, int64_t l, int64_t tq) {
                      .b = sub(wkv_b, j * (dn + dv) * rkv, Shape{dn, rkv})});
     }
   }
-  // MQA over the latent cache; differential: L_h = A_{h,0}ĉ − λ A_{h,1}ĉ (sources §3.3).
+  // MQA over the latent cache; differential: L_h = A_{h,0}ĉ − λ A_{h,1}ĉ (docs/derivations.md §3.3).
   Tensor lambda;
   if (c.differential) {
     lambda = arena_.get("lambda");
@@ -225,7 +225,7 @@ void Generator::attention(Context ctx, int64_t l, int64_t tq) {
   be_.latent_attention(ctx, {.out = lat, .q_lat = q_lat, .q_rope = q.reshape(Shape{B, tq, H, dqk}), .cache = cache_l,
                              .lambda = lambda, .kv_len = kv_len, .q_rope_offset = dn, .scale = c.softmax_scale(),
                              .differential = c.differential});
-  // Up-project with W^UV (sources §3.3): o_j = L_{h(j)} W^UVᵀ_j, [1, r_kv]·[r_kv, d_v] per (token,
+  // Up-project with W^UV (docs/derivations.md §3.3): o_j = L_{h(j)} W^UVᵀ_j, [1, r_kv]·[r_kv, d_v] per (token,
   // component); W^UV_j = rows j·(d_nope + d_v) + d_nope … + d_v of wkv_b. Component j's d_v columns
   // at (n·H + j)·d_v make O_h = [o_2h ; o_2h+1] contiguous: att is [N, H/2, 2·d_v] as in training.
   for (int64_t n = 0; n < N; ++n) {
@@ -235,7 +235,7 @@ void Generator::attention(Context ctx, int64_t l, int64_t tq) {
     }
   }
   Tensor o = att;
-  if (c.differential) {  // Ō_h = (1 − λ_init)·RMSNorm_2dv(O_h; subln), eps 1e-5 (spec §2)
+  if (c.differential) {  // Ō_h = (1 − λ_init)·RMSNorm_2dv(O_h; subln), eps 1e-5 (docs/model.md §2)
     o = scratch("att_n", Shape{N, H * dv});
     be_.rmsnorm_fwd(ctx, {.y = o, .rstd = scratch("rstd_sub", Shape{N * H / 2}), .x = att, .w = param(attn_param(l, "subln.weight")),
                           .rows = N * H / 2, .width = 2 * dv, .eps = 1e-5, .out_scale = 1.0 - c.lambda_init(l)});
@@ -249,7 +249,7 @@ void Generator::ffn(Context ctx, int64_t l, int64_t rows) {
   const Tensor h = scratch("h", Shape{N, D}), x_norm = scratch("x_norm", Shape{N, D});
   be_.rmsnorm_fwd(ctx, {.y = x_norm, .rstd = scratch("rstd", Shape{N}), .x = h, .w = param(fmt::format("layers.{}.ffn_norm.weight", l)),
                         .rows = N, .width = D, .eps = c.norm_eps});
-  // y += w2(silu(x W1ᵀ) ⊙ x W3ᵀ) on `n` rows of width `width` (spec §4).
+  // y += w2(silu(x W1ᵀ) ⊙ x W3ᵀ) on `n` rows of width `width` (docs/model.md §4).
   auto mlp = [&](const Tensor& x, const Tensor& y, int64_t n, int64_t width, const std::string& prefix) {
     const Tensor a = scratch("ffn.a", Shape{n, width}), b = scratch("ffn.b", Shape{n, width}), s = scratch("ffn.h", Shape{n, width});
     linear(ctx, a, x, param(prefix + "w1.weight"));
@@ -261,13 +261,13 @@ void Generator::ffn(Context ctx, int64_t l, int64_t rows) {
     mlp(x_norm, h, N, c.inter_dim, fmt::format("layers.{}.ffn.", l));
     return;
   }
-  // MoE (spec §5), the training path's op sequence: shared experts, router with the balancing bias,
+  // MoE (docs/model.md §5), the training path's op sequence: shared experts, router with the balancing bias,
   // dropless permute/gather, grouped expert GEMMs, weighted combine onto the residual.
   if (c.n_shared_experts > 0) mlp(x_norm, h, N, c.n_shared_experts * c.moe_inter_dim, fmt::format("layers.{}.ffn.shared.", l));
   const int64_t E = c.n_routed_experts, K = c.n_activated_experts, I = c.moe_inter_dim;
   const Tensor logits = scratch("router.logits", Shape{N, E}), scores = scratch("router.scores", Shape{N, E});
   const Tensor idx = scratch("router.topk_idx", Shape{N, K}), w = scratch("router.topk_w", Shape{N, K});
-  // z = u Eᵀ in f32 in every GEMM mode, as in training (spec §5).
+  // z = u Eᵀ in f32 in every GEMM mode, as in training (docs/model.md §5).
   be_.gemm(ctx, {.c = logits, .a = x_norm, .b = param(ffn_param(l, "gate.weight")), .trans_b = true, .f32_exact = true});
   be_.router_fwd(ctx, {.scores = scores, .topk_idx = idx, .topk_w = w, .counts = arena_.get("router.counts"), .logits = logits,
                        .bias = param(ffn_param(l, "gate.bias")), .opt = router_options(c)});

@@ -1,5 +1,5 @@
-// Text generation with the compressed (latent) KV cache (spec §2: "Inference may use the absorbed
-// latent cache"; sources §2.4 MLA absorb, §3.3 absorbed inference for DiffMLA design A).
+// Text generation with the compressed (latent) KV cache (docs/model.md §2: "Inference may use the absorbed
+// latent cache"; docs/derivations.md §2.4 MLA absorb, §3.3 absorbed inference for DiffMLA design A).
 //
 // A Generator runs the model's forward one chunk of new positions at a time against a per-layer
 // cache of r_kv + d_rope values per token: the post-norm latent ĉ and the post-RoPE rope key k^R.

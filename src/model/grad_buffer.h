@@ -1,4 +1,4 @@
-// The model's gradients and their bookkeeping (STYLE.md habit 2: weight gradients accumulate):
+// The model's gradients and their bookkeeping (docs/style.md habit 2: weight gradients accumulate):
 // one flat buffer per ParamLayout group (master dtype: f32, or f64 for gradient checks), zeroing,
 // and the notice that a bucket's gradients are final, which data parallelism uses to start the
 // bucket's reduce-scatter while the backward goes on.

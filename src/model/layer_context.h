@@ -20,18 +20,18 @@ struct LayerContext {
   const ModelConfig* cfg = nullptr;
   DType dtype = DType::kF32;  // the float type: masters, gradients, full-precision activations
   int64_t batch = 0, seq = 0;
-  const LayoutBuffers* params = nullptr;  // compute weights by spec §8 name (+ the balancing biases)
+  const LayoutBuffers* params = nullptr;  // compute weights by docs/model.md §8 name (+ the balancing biases)
   const GradBuffer* grads = nullptr;      // same names, trainable parameters only
   Arena* acts = nullptr;                  // activations saved for the backward, and backward scratch
-  const PrecisionPlan* plan = nullptr;    // every tensor's dtype (spec §7)
+  const PrecisionPlan* plan = nullptr;    // every tensor's dtype (docs/model.md §7)
   // The plan's bf16 mode: GEMMs read bf16 operands (plan->bf16_gemm()).
   bool bf16_operands = false;
-  // beta of the GEMMs that write weight gradients: 1 (accumulate, STYLE.md habit 2), or 0 in the
+  // beta of the GEMMs that write weight gradients: 1 (accumulate, docs/style.md habit 2), or 0 in the
   // first backward after GradBuffer::zero, where the gradients read as zero and += is =: the GEMM
   // then does not read them, and zero does not fill them either. So each GEMM weight must get
   // exactly one GEMM gradient per backward, before anything else adds to it.
   double dw_beta = 1.0;
-  // Expert parallelism (spec §12): the EP group's exchange and the routing-sized buffers; null when
+  // Expert parallelism (docs/model.md §12): the EP group's exchange and the routing-sized buffers; null when
   // the experts are not split (one rank holds them all).
   ExpertExchange* ep = nullptr;
   ExpertBuffers* ep_buffers = nullptr;
@@ -43,7 +43,7 @@ struct LayerContext {
   Tensor param(const std::string& name) const { return params->get(name); }
   Tensor grad(const std::string& name) const { return grads->get(name); }
   Tensor act(const std::string& name) const { return acts->get(name); }
-  // A weight as a GEMM operand: its compute copy (bf16 for GEMM weights in the bf16 mode, spec §7).
+  // A weight as a GEMM operand: its compute copy (bf16 for GEMM weights in the bf16 mode, docs/model.md §7).
   Tensor weight(const std::string& name) const { return params->get(name); }
 
   // y = x Wᵀ (+ beta·y)          x [N,in], W [out,in], y [N,out]
@@ -56,7 +56,7 @@ struct LayerContext {
   void linear_dx(const Tensor& dx, const Tensor& dy, const Tensor& w, double beta = 0.0) const {
     be->gemm(ctx, {.c = dx, .a = dy, .b = w, .trans_a = false, .trans_b = false, .alpha = 1.0, .beta = beta});
   }
-  // dW += dyᵀ x                  weight gradients accumulate (STYLE.md habit 2; dw_beta above)
+  // dW += dyᵀ x                  weight gradients accumulate (docs/style.md habit 2; dw_beta above)
   void linear_dw(const Tensor& dw, const Tensor& dy, const Tensor& x) const {
     be->gemm(ctx, {.c = dw, .a = dy, .b = x, .trans_a = true, .trans_b = false, .alpha = 1.0, .beta = dw_beta});
   }

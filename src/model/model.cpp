@@ -56,7 +56,7 @@ void Model::set_param(const std::string& name, const std::vector<double>& v) {
       be_->upload(dst, f.data());
       return;
     }
-    case DType::kBF16: {  // the f32 master's value rounded once more (spec §7: bf16 copies of f32 masters)
+    case DType::kBF16: {  // the f32 master's value rounded once more (docs/model.md §7: bf16 copies of f32 masters)
       std::vector<uint16_t> h(n);
       for (size_t i = 0; i < n; ++i) h[i] = f32_to_bf16(static_cast<float>(v[i]));
       be_->upload(dst, h.data());
@@ -175,7 +175,7 @@ void Model::set_batch_shape(int64_t batch, int64_t seq) {
   seq_ = seq;
   acts_.allocate(be_->allocator());
 
-  // RoPE tables with YaRN folded in (spec §3), uploaded once.
+  // RoPE tables with YaRN folded in (docs/model.md §3), uploaded once.
   const RopeParams rp{.rope_dim = cfg_.qk_rope_head_dim, .theta = cfg_.rope_theta, .max_seq_len = cfg_.max_seq_len,
                       .original_seq_len = cfg_.original_seq_len, .factor = cfg_.rope_factor, .beta_fast = cfg_.beta_fast,
                       .beta_slow = cfg_.beta_slow, .mscale = cfg_.mscale};

@@ -1,8 +1,8 @@
-// The whole DiffMLA-MoE model (spec §1): embedding, n_layers × (attention block, FFN block), final
+// The whole DiffMLA-MoE model (docs/model.md §1): embedding, n_layers × (attention block, FFN block), final
 // norm, head, cross-entropy + MoE balance losses; forward and backward over one micro-batch.
 //
 // Memory, all planned from the config, the precision plan, the parallel layout and the batch shape:
-//   params  the compute weights (spec §8 names; bf16 for GEMM weights in the bf16 mode, else the
+//   params  the compute weights (docs/model.md §8 names; bf16 for GEMM weights in the bf16 mode, else the
 //           float type) and the balancing biases, one buffer per ParamLayout group;
 //   grads   a GradBuffer (same layout, master dtype);
 //   acts    one arena of activations kept for the backward, backward scratch, losses and routing
@@ -31,13 +31,13 @@ namespace diffmoe {
 
 struct LossValues {
   double lm_loss = 0;     // mean cross-entropy over the valid targets
-  double aux_loss = 0;    // sequence aux loss summed over MoE layers (spec §5)
+  double aux_loss = 0;    // sequence aux loss summed over MoE layers (docs/model.md §5)
   int64_t valid = 0;      // number of targets ≠ −1
 };
 
 struct ModelOptions {
-  Precision precision = Precision::kF32;  // spec §7; the backend's GEMM precision follows it
-  ParallelLayoutOptions parallel = {};    // expert split and data-parallel degrees (spec §12)
+  Precision precision = Precision::kF32;  // docs/model.md §7; the backend's GEMM precision follows it
+  ParallelLayoutOptions parallel = {};    // expert split and data-parallel degrees (docs/model.md §12)
   // The EP group's exchange (required when parallel.ep_size > 1; it must outlive the model).
   ExpertExchange* expert_exchange = nullptr;
   // Which activations the backward recomputes instead of the forward keeping them (train.recompute,
@@ -76,7 +76,7 @@ class Model {
   // zeroes them on ctx's stream, and the next backward then adds to whatever is written through
   // the returned buffer. Anything may be written through it: the expert Σg² of grad_sq_parts is dropped.
   GradBuffer& grads(Context ctx = {});
-  // The global Σg² in parts (spec §7's clipping norm): Σ rest² over the `rest` tensors plus, where
+  // The global Σg² in parts (docs/model.md §7's clipping norm): Σ rest² over the `rest` tensors plus, where
   // defined, experts_sq [1] = the expert stacks' Σg² that the last backward's grouped weight-gradient
   // GEMMs added up while storing them (GroupedGemmWgradArgs::sum_sq), so that the expert gradients
   // (most of the bytes) are not read again. experts_sq is defined only while the gradients are the
@@ -91,7 +91,7 @@ class Model {
   // Bytes of the expert-parallel buffers sized by the routing (0 without expert parallelism).
   size_t expert_buffer_bytes() const { return ep_buffers_ ? ep_buffers_->bytes() : 0; }
 
-  // Spec §6 initialisation from a seed (same values on every backend), into the compute weights.
+  // docs/model.md §6 initialisation from a seed (same values on every backend), into the compute weights.
   void init_weights(uint64_t seed);
   // Writes one parameter's compute weights (and a buffer's values) from host values of this rank's
   // part of it (ParamLayout::Entry::shape), rounded to its compute dtype.

@@ -1,4 +1,4 @@
-// Model weights as safetensors (spec §8 names; formats.md §1b). The config travels in the
+// Model weights as safetensors (docs/model.md §8 names; docs/formats.md §1b). The config travels in the
 // metadata ("config": the model section as JSON), so a file alone rebuilds the model.
 #pragma once
 #include <map>

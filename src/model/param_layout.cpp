@@ -55,7 +55,7 @@ ParamLayout::ParamLayout(const ModelConfig& cfg, const PrecisionPlan& plan, cons
     else buffers_.push_back(std::move(e));
   }
   // Stage order; within a stage the added-into gradients first, so that zeroing them is one fill
-  // per stage and group, not one per tensor. Otherwise the spec §8 order.
+  // per stage and group, not one per tensor. Otherwise the docs/model.md §8 order.
   std::stable_sort(trainable.begin(), trainable.end(), [](const Entry& a, const Entry& b) {
     if (a.stage != b.stage) return a.stage < b.stage;
     return a.grad_added && !b.grad_added;

@@ -1,4 +1,4 @@
-// Where every parameter, gradient and optimizer-state element of one rank lives (spec §12,
+// Where every parameter, gradient and optimizer-state element of one rank lives (docs/model.md §12,
 // docs/parallelism.md). The same layout serves one process and N ranks: with one rank every
 // domain's data-parallel degree is 1 and each rank owns everything.
 //
@@ -73,7 +73,7 @@ class ParamLayout {
   const Entry* find(const std::string& name) const;  // trainable or buffer; nullptr if absent
   const ParallelLayoutOptions& options() const { return opt_; }
   int n_stages() const { return n_stages_; }
-  // Stage numbers (spec §1 order reversed): 0 = head and final norm, n_layers - l = layer l,
+  // Stage numbers (docs/model.md §1 order reversed): 0 = head and final norm, n_layers - l = layer l,
   // n_layers + 1 = the embedding.
   int stage_of_layer(int64_t l) const { return static_cast<int>(n_layers_ - l); }
 

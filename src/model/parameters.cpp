@@ -9,7 +9,7 @@ namespace diffmoe {
 std::vector<ParamSpec> parameter_specs(const ModelConfig& c) {
   std::vector<ParamSpec> ps;
   const double std = c.init_std;
-  const double out_std = std / std::sqrt(2.0 * static_cast<double>(c.n_layers));  // wo and every w2 (spec §6)
+  const double out_std = std / std::sqrt(2.0 * static_cast<double>(c.n_layers));  // wo and every w2 (docs/model.md §6)
   auto add = [&](std::string name, Shape s, ParamKind k, double sd = 0.0) { ps.push_back({std::move(name), s, k, sd}); };
   const int64_t D = c.dim, H = c.n_heads, dqk = c.d_qk();
 

@@ -1,5 +1,5 @@
-// The parameter list of a config (names of spec §8, shapes of spec §2/§4/§5) and what depends on
-// it alone: initialisation rules (spec §6), weight-decay classes, and parameter/FLOP counts.
+// The parameter list of a config (names of docs/model.md §8, shapes of docs/model.md §2/§4/§5) and what depends on
+// it alone: initialisation rules (docs/model.md §6), weight-decay classes, and parameter/FLOP counts.
 #pragma once
 #include <cstdint>
 #include <string>
@@ -18,11 +18,11 @@ enum class ParamKind : uint8_t {
   kGate,       // router weight [E, D]
   kNorm,       // RMSNorm weights (init 1)
   kLambda,     // λ vectors (init N(0, 0.1²))
-  kBias,       // the balancing bias: a buffer, no gradient, updated by the bias rule (spec §5)
+  kBias,       // the balancing bias: a buffer, no gradient, updated by the bias rule (docs/model.md §5)
 };
 
 struct ParamSpec {
-  std::string name;   // checkpoint name (spec §8)
+  std::string name;   // checkpoint name (docs/model.md §8)
   Shape shape;
   ParamKind kind;
   double init_std;    // N(0, init_std²) for matrices; unused for norms (1) and bias (0)
@@ -33,18 +33,18 @@ struct ParamSpec {
 
 std::vector<ParamSpec> parameter_specs(const ModelConfig& c);
 
-// Initial value of element i of a parameter (spec §6); identical on every backend for a seed.
+// Initial value of element i of a parameter (docs/model.md §6); identical on every backend for a seed.
 double init_value(const ParamSpec& p, uint64_t seed, int64_t i);
 
 struct ParamCounts {
   int64_t total = 0;             // every parameter (the balancing bias excluded: it is a buffer)
   int64_t active = 0;            // per token: routed experts counted K/E
   int64_t embedding = 0;         // embed.weight
-  int64_t active_matmul = 0;     // active non-embedding matmul weights + head (spec §9 FLOPs)
+  int64_t active_matmul = 0;     // active non-embedding matmul weights + head (docs/model.md §9 FLOPs)
   int64_t buffers = 0;           // balancing biases
-  double flops_per_token = 0;    // spec §9 at seq = max_seq_len
+  double flops_per_token = 0;    // docs/model.md §9 at seq = max_seq_len
 };
-// FLOPs per token (spec §9): 6·(active non-embedding matmul weights + head)
+// FLOPs per token (docs/model.md §9): 6·(active non-embedding matmul weights + head)
 //   + 3·n_layers·seq·n_heads·(d_qk + d_v,eff), d_v,eff = 2·v_head_dim if differential else v_head_dim.
 ParamCounts count_parameters(const ModelConfig& c, int64_t seq_len);
 

@@ -1,9 +1,9 @@
 // The one place that decides, for a precision mode, the dtype and storage of every parameter copy,
-// gradient and activation of the model (spec §7). Layers never ask a backend which dtype to use:
+// gradient and activation of the model (docs/model.md §7). Layers never ask a backend which dtype to use:
 // they plan each activation through the plan with the ROLE the tensor plays (who writes it, who
 // reads it), and the plan's table maps role -> dtype for the mode. The table of every planned
 // activation (name, shape, dtype, role, storage) is kept, so tools can print it and tests can
-// check that a mode plans what spec §7 says.
+// check that a mode plans what docs/model.md §7 says.
 //
 // Modes (train.precision):
 //   f32   every tensor in the float type (f32; f64 for the CPU gradient checks): the reference.
@@ -28,7 +28,7 @@ enum class Precision : uint8_t { kF32, kBF16 };
 Precision parse_precision(std::string_view s, std::string_view key);
 std::string_view precision_name(Precision p);
 
-// What role an activation plays decides its dtype (spec §7).
+// What role an activation plays decides its dtype (docs/model.md §7).
 enum class ActRole : uint8_t {
   kFloat,        // full precision: residual stream, norm statistics, router, softmax, λ, losses
   kGemmOperand,  // written once, read only by GEMMs (norm outputs for projections, SwiGLU h, gathered
@@ -83,7 +83,7 @@ class PrecisionPlan {
 
 // Whether the forward reads parameter p only as the B operand of GEMMs (the weights with a bf16
 // compute copy in the bf16 mode): every matrix and expert stack and the head. Not the router gate
-// (z = u Eᵀ stays f32, spec §5) and not the embedding table, which the embedding lookup reads too
+// (z = u Eᵀ stays f32, docs/model.md §5) and not the embedding table, which the embedding lookup reads too
 // (tied to the head, its GEMM rounds the f32 table as an operand).
 bool is_gemm_weight(const ParamSpec& p);
 

@@ -1,7 +1,7 @@
-// RoPE frequencies with YaRN (spec §3, sources §5). Follows DeepSeek-V3's precompute_freqs_cis:
+// RoPE frequencies with YaRN (docs/model.md §3, docs/derivations.md §5). Follows DeepSeek-V3's precompute_freqs_cis:
 // the correction range comes from find_correction_dim, a linear ramp blends the extrapolated
 // (high-frequency) and interpolated (low-frequency, θ/s) regimes, and cos/sin are NOT scaled
-// (the attention temperature goes into the softmax scale as m², sources §5.2).
+// (the attention temperature goes into the softmax scale as m², docs/derivations.md §5.2).
 #include "model/rope_tables.h"
 
 #include <algorithm>
@@ -17,7 +17,7 @@ namespace {
 bool yarn_enabled(const RopeParams& p) { return p.max_seq_len > p.original_seq_len; }
 
 // fcd(n) = d · ln(L0 / (2π n)) / (2 ln b): the dimension index whose wavelength completes n
-// rotations over the original context L0 (sources §5.1, DeepSeek find_correction_dim).
+// rotations over the original context L0 (docs/derivations.md §5.1, DeepSeek find_correction_dim).
 double find_correction_dim(double n_rotations, const RopeParams& p) {
   return static_cast<double>(p.rope_dim) *
          std::log(static_cast<double>(p.original_seq_len) / (n_rotations * 2.0 * std::numbers::pi)) /
@@ -80,7 +80,7 @@ void rope_tables(const RopeParams& p, int64_t max_pos, std::vector<double>& cos,
 double yarn_softmax_scale_factor(const RopeParams& p) {
   check_params(p);
   if (!yarn_enabled(p)) return 1.0;
-  // m = 0.1 · mscale · ln(s) + 1 (DeepSeek yarn_get_mscale; 1 when s ≤ 1), the factor is m² (spec §2)
+  // m = 0.1 · mscale · ln(s) + 1 (DeepSeek yarn_get_mscale; 1 when s ≤ 1), the factor is m² (docs/model.md §2)
   const double m = p.factor <= 1.0 ? 1.0 : 0.1 * p.mscale * std::log(p.factor) + 1.0;
   return m * m;
 }

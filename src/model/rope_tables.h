@@ -1,4 +1,4 @@
-// RoPE frequency tables with YaRN (spec §3, sources §5): cos/sin [max_pos, rope_dim/2].
+// RoPE frequency tables with YaRN (docs/model.md §3, docs/derivations.md §5): cos/sin [max_pos, rope_dim/2].
 #pragma once
 #include <cstdint>
 #include <vector>
@@ -20,7 +20,7 @@ struct RopeParams {
 std::vector<double> rope_frequencies(const RopeParams& p);
 // cos/sin of pos·θ'_i, row-major [max_pos][rope_dim/2], in double (callers convert).
 void rope_tables(const RopeParams& p, int64_t max_pos, std::vector<double>& cos, std::vector<double>& sin);
-// Softmax-scale multiplier m² (spec §2): (0.1·mscale·ln(factor) + 1)² when YaRN is on, else 1.
+// Softmax-scale multiplier m² (docs/model.md §2): (0.1·mscale·ln(factor) + 1)² when YaRN is on, else 1.
 double yarn_softmax_scale_factor(const RopeParams& p);
 
 }  // namespace diffmoe

@@ -154,7 +154,7 @@ void Engine::linear(Context ctx, const Tensor& y, const Tensor& x, const Tensor&
     be_.gemm(ctx, {.c = y, .a = x, .b = w, .trans_a = false, .trans_b = true, .alpha = 1.0, .beta = beta});
     return;
   }
-  // FP8 (sources §6.1 Fprop): Y = X Wᵀ with X in 1×128 tiles, W in 128×128 blocks.
+  // FP8 (docs/derivations.md §6.1 Fprop): Y = X Wᵀ with X in 1×128 tiles, W in 128×128 blocks.
   const int64_t rows = (x.dim(0) + row_pad_ - 1) / row_pad_ * row_pad_, K = x.dim(1);
   const Tensor xp{.data = x.data, .dtype = x.dtype, .device = x.device, .shape = Shape{rows, K}};
   const Tensor yp{.data = y.data, .dtype = y.dtype, .device = y.device, .shape = Shape{rows, y.dim(1)}};
@@ -169,7 +169,7 @@ void Engine::linear(Context ctx, const Tensor& y, const Tensor& x, const Tensor&
                      .beta = beta});
 }
 
-// The weights fp8_weights quantises: every dense Linear of the attention and the FFN (spec §7).
+// The weights fp8_weights quantises: every dense Linear of the attention and the FFN (docs/model.md §7).
 std::vector<std::string> fp8_weight_names(const ModelConfig& c) {
   std::vector<std::string> names;
   for (int64_t l = 0; l < c.n_layers; ++l) {

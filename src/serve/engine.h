@@ -1,5 +1,5 @@
 // The batched decode engine: one forward pass over many sequences of different lengths at once,
-// against the paged latent cache (paged_cache.h; spec §2 "the absorbed latent cache", sources §2.4,
+// against the paged latent cache (paged_cache.h; docs/model.md §2 "the absorbed latent cache", docs/derivations.md §2.4,
 // §3.3). A step packs the new positions of every sequence in the batch into N rows — one row for a
 // sequence that decodes, a chunk of its prompt for one that prefills — and runs the model's math on
 // them exactly as model/generator.h does for one batch:
@@ -42,7 +42,7 @@ struct EngineOptions {
   int64_t block_size = 16;      // cache rows per block
   int64_t n_blocks = 0;         // cache blocks; 0 = enough for max_batch sequences of max_context
   int64_t max_logit_rows = 0;   // logit rows one step may return; 0 = max_step_tokens
-  // FP8 inference (spec §7's recipe for the forward, sources §6): the dense Linear weights (the
+  // FP8 inference (docs/model.md §7's recipe for the forward, docs/derivations.md §6): the dense Linear weights (the
   // attention projections wq_a, wq_b or wq, wkv_a, wo; the dense and shared-expert w1, w2, w3) are
   // quantised to e4m3 in 128×128 blocks at construction (weight_quant); each of their GEMMs
   // quantises its input in 1×128 tiles (act_quant) and runs fp8_gemm. The routed experts (grouped

@@ -1,5 +1,5 @@
-// The engine's layers over the packed rows of a step (engine.h has the math; spec §2, §4, §5;
-// sources §2.4, §3.3 for the absorbed attention). The op sequence is model/generator.cpp's with
+// The engine's layers over the packed rows of a step (engine.h has the math; docs/model.md §2, §4, §5;
+// docs/derivations.md §2.4, §3.3 for the absorbed attention). The op sequence is model/generator.cpp's with
 // three changes for a packed batch: RoPE reads each row's position (RopeArgs::positions), the cache
 // rows go to their pool slots (paged_cache_write) and the attention reads keys through block tables
 // (paged_latent_attention); and the per-(token, head) absorption GEMMs become one grouped GEMM per
@@ -77,7 +77,7 @@ void Engine::attention(Context ctx, int64_t l, const StepPlan& p) {
                         .rows = N,
                         .width = D,
                         .eps = c.norm_eps});
-  // Queries (spec §2), RoPE on each head's rope columns at each row's own position.
+  // Queries (docs/model.md §2), RoPE on each head's rope columns at each row's own position.
   if (rq > 0) {
     const Tensor qa = scratch("qa", Shape{N, rq}), cq = scratch("cq", Shape{N, rq});
     linear(ctx, qa, x_norm, param(attn_param(l, "wq_a.weight")));
@@ -122,13 +122,13 @@ void Engine::attention(Context ctx, int64_t l, const StepPlan& p) {
                         .y_stride = rkv + dr,
                         .eps = c.norm_eps});
   be_.paged_cache_write(ctx, {.cache = cache_.layer(l), .rows = kv_rows, .slots = p.slots});
-  // Absorb W^UK into the query (sources §2.4): head-major rows, one grouped GEMM over the heads.
+  // Absorb W^UK into the query (docs/derivations.md §2.4): head-major rows, one grouped GEMM over the heads.
   const Tensor q_hm = scratch("q_hm", Shape{H * N, dqk}), q_lat = scratch("q_lat", Shape{H * N, rkv});
   be_.moe_gather(ctx, {.x_perm = q_hm, .x = q.reshape(Shape{N * H, dqk}), .src_row = p.perm_q});
   be_.grouped_gemm(
       ctx,
       {.c = q_lat, .a = q_hm, .b = arena_.get(fmt::format("w_uk.{}", l)), .offsets = p.offsets_h, .trans_b = false});
-  // MQA over the paged cache; differential: L_h = A_{h,0}ĉ − λ A_{h,1}ĉ (sources §3.3).
+  // MQA over the paged cache; differential: L_h = A_{h,0}ĉ − λ A_{h,1}ĉ (docs/derivations.md §3.3).
   Tensor lambda;
   if (c.differential) {
     lambda = arena_.get("lambda");
@@ -151,7 +151,7 @@ void Engine::attention(Context ctx, int64_t l, const StepPlan& p) {
                                    .q_rope_offset = dn,
                                    .scale = c.softmax_scale(),
                                    .differential = c.differential});
-  // Up-project with W^UV (sources §3.3): O_h = [L_h W^UVᵀ_2h ; L_h W^UVᵀ_2h+1], one grouped GEMM over
+  // Up-project with W^UV (docs/derivations.md §3.3): O_h = [L_h W^UVᵀ_2h ; L_h W^UVᵀ_2h+1], one grouped GEMM over
   // the value groups, then back to token-major [N, H/2, 2·d_v] (the training layout).
   const Tensor att_hm = scratch("att_hm", Shape{h_out * N, comps * dv}),
                att = scratch("att", Shape{N * h_out, comps * dv});
@@ -161,7 +161,7 @@ void Engine::attention(Context ctx, int64_t l, const StepPlan& p) {
                          .offsets = p.offsets_o,
                          .trans_b = true});
   Tensor o = att_hm;
-  if (c.differential) {  // Ō_h = (1 − λ_init)·RMSNorm_2dv(O_h; subln), eps 1e-5 (spec §2): per row, any row order
+  if (c.differential) {  // Ō_h = (1 − λ_init)·RMSNorm_2dv(O_h; subln), eps 1e-5 (docs/model.md §2): per row, any row order
     o = scratch("att_n_hm", Shape{h_out * N, comps * dv});
     be_.rmsnorm_fwd(ctx, {.y = o,
                           .rstd = scratch("rstd_sub", Shape{h_out * N}),
@@ -188,7 +188,7 @@ void Engine::ffn(Context ctx, int64_t l, const StepPlan& p) {
                         .rows = N,
                         .width = D,
                         .eps = c.norm_eps});
-  // y += w2(silu(x W1ᵀ) ⊙ x W3ᵀ) on `n` rows of width `width` (spec §4).
+  // y += w2(silu(x W1ᵀ) ⊙ x W3ᵀ) on `n` rows of width `width` (docs/model.md §4).
   auto mlp = [&](const Tensor& x, const Tensor& y, int64_t n, int64_t width, const std::string& prefix) {
     const Tensor a = scratch("ffn.a", Shape{n, width}), b = scratch("ffn.b", Shape{n, width}),
                  s = scratch("ffn.h", Shape{n, width});
@@ -201,7 +201,7 @@ void Engine::ffn(Context ctx, int64_t l, const StepPlan& p) {
     mlp(x_norm, h, N, c.inter_dim, fmt::format("layers.{}.ffn.", l));
     return;
   }
-  // MoE (spec §5): shared experts, router with the balancing bias, dropless permute/gather, grouped
+  // MoE (docs/model.md §5): shared experts, router with the balancing bias, dropless permute/gather, grouped
   // expert GEMMs (an expert no row was routed to is an empty group: its weights are not read),
   // weighted combine onto the residual.
   if (c.n_shared_experts > 0)

@@ -1,4 +1,4 @@
-// The serving engine's latent cache (spec §2: r_kv + d_rope values per token and layer): one pool per
+// The serving engine's latent cache (docs/model.md §2: r_kv + d_rope values per token and layer): one pool per
 // layer of n_blocks fixed-size blocks of block_size rows [ĉ_s ; k^R_s], a free list of block ids, and
 // per sequence a block table (the blocks of its positions, in order; a block id names the same
 // block in every layer's pool). Sequences grow a block at a time as positions are appended and

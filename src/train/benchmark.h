@@ -49,7 +49,7 @@ struct BenchOptions {
   int64_t prompt_len = 32, new_tokens = 8;
   int repeats = 1;
   uint64_t seed = 1234;
-  double peak_tflops = 0;  // MFU denominator of the train step (spec §9 FLOPs); 0 = no MFU
+  double peak_tflops = 0;  // MFU denominator of the train step (docs/model.md §9 FLOPs); 0 = no MFU
   DecodeEngine decode_engine = time_generator_decode;
 };
 

@@ -34,7 +34,7 @@ std::string unverified_tokenizer_of(const std::string& dir) {
   }
 }
 
-// Whether dir holds state shards (formats.md §4.2) rather than a model.safetensors.
+// Whether dir holds state shards (docs/formats.md §4.2) rather than a model.safetensors.
 bool has_shards(const std::string& dir) {
   std::error_code ec;
   for (const auto& de : fs::directory_iterator(dir, ec)) {

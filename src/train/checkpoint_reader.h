@@ -33,7 +33,7 @@ struct OpenModelOptions {
   ModelOptions model = {};  // the model's precision (its f32 masters are rounded to its compute dtypes)
 };
 
-// A checkpoint's model (its state shards, formats.md §4.2, or a model.safetensors) for evaluation
+// A checkpoint's model (its state shards, docs/formats.md §4.2, or a model.safetensors) for evaluation
 // and generation.
 LoadedCheckpoint open_trained_model(const std::string& path, Backend& backend, DType dtype, const OpenModelOptions& options = {});
 

@@ -1,4 +1,4 @@
-// ZeRO-1 data parallelism over the ParamLayout groups (docs/parallelism.md, spec §12).
+// ZeRO-1 data parallelism over the ParamLayout groups (docs/parallelism.md, docs/model.md §12).
 //
 // One step on every rank, each on its own micro-batches of the global batch:
 //   forward/backward × grad_accum (backward scale 1/(grad_accum·world): the sum over the ranks is
@@ -10,7 +10,7 @@
 //     stream; MPI, Gloo: in the background);
 //   finish_gradients(): the compute stream waits for every reduce-scatter;
 //   global_grad_sq(): Σg² over this rank's chunks, summed over the world: the global norm;
-//   reduce_expert_counts(): the expert counts of the global batch (spec §5's bias update);
+//   reduce_expert_counts(): the expert counts of the global batch (docs/model.md §5's bias update);
 //   AdamW::apply on this rank's chunks (masters, moments, new compute weights of the chunk);
 //   gather_weights(): every bucket's chunks all-gathered, so every rank holds all compute weights.
 // Dense groups are reduced over the world; expert groups over the expert-DP ranks (the ranks that

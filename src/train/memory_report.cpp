@@ -22,7 +22,7 @@ std::string gib(double bytes) {
 std::string out_of_memory_message(const RunConfig& rc, const std::string& config_path, std::optional<size_t> failed_bytes) {
   const ModelConfig& m = rc.model;
   const ParamCounts n = count_parameters(m, rc.train.seq_len);
-  // f32 masters, gradients and two moments per parameter (spec §7); the biases are buffers.
+  // f32 masters, gradients and two moments per parameter (docs/model.md §7); the biases are buffers.
   const double weights = 4.0 * static_cast<double>(n.total + n.buffers), grads = 4.0 * static_cast<double>(n.total);
   const std::string what = failed_bytes ? fmt::format(" (allocating {})", gib(static_cast<double>(*failed_bytes))) : "";
   return fmt::format(

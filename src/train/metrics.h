@@ -1,5 +1,5 @@
 // Where training metrics go: a JSONL file (one object per log step), TensorBoard event files
-// (formats.md §1a), and the terminal (a progress bar with ETA on a TTY, plain lines otherwise).
+// (docs/formats.md §1a), and the terminal (a progress bar with ETA on a TTY, plain lines otherwise).
 // Only the host-side values are logged here; the trainer decides when to read them from the device.
 #pragma once
 #include <chrono>

@@ -183,7 +183,7 @@ void AdamW::apply(Context ctx, double lr) {
   multi_.max_norm = cfg_.grad_clip;
   multi_.step = step_;
   be.adamw_multi(ctx, multi_);
-  // Balancing bias (spec §5): b_i += rate·sign(mean(count) − count_i), on the step's counts.
+  // Balancing bias (docs/model.md §5): b_i += rate·sign(mean(count) − count_i), on the step's counts.
   const ModelConfig& c = model_->config();
   if (c.balance_bias && c.bias_update_rate > 0) {
     for (int64_t l = c.n_dense_layers; l < c.n_layers; ++l)

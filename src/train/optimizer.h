@@ -6,7 +6,7 @@
 //
 // Decoupled weight decay on matrices only — never on norms, λ vectors, biases or embeddings
 // (ParamSpec::decayed); global-norm gradient clipping; the once-per-step MoE balancing-bias update
-// (spec §5). No host synchronisation: the global norm stays on the device and the AdamW op reads it.
+// (docs/model.md §5). No host synchronisation: the global norm stays on the device and the AdamW op reads it.
 // All owned pieces are updated by one adamw_multi call (one launch on CUDA).
 #pragma once
 #include <functional>
@@ -18,7 +18,7 @@
 
 namespace diffmoe {
 
-// This rank's index in each domain's data-parallel group (spec §12): the dense parameters are
+// This rank's index in each domain's data-parallel group (docs/model.md §12): the dense parameters are
 // sharded over every rank, the expert stacks over the ranks that hold the same experts.
 struct OptimShard {
   int64_t dense_rank = 0;
@@ -52,7 +52,7 @@ class AdamW {
     Arena state;
   };
   static StatePlan plan_state(const ParamLayout& layout, DType master_dtype, const OptimShard& shard);
-  // This rank's index among a group's data-parallel ranks (spec §12).
+  // This rank's index among a group's data-parallel ranks (docs/model.md §12).
   static int64_t rank_in(const ParamLayout::Group& group, const OptimShard& shard);
 
   const std::vector<Piece>& pieces() const { return pieces_; }
@@ -72,7 +72,7 @@ class AdamW {
   // Whether group g keeps separate f32 masters (its compute weights are bf16).
   bool separate_masters(size_t group) const;
 
-  // The masters of the groups that keep separate ones, from the spec §6 initialisation (the
+  // The masters of the groups that keep separate ones, from the docs/model.md §6 initialisation (the
   // compute weights come from Model::init_weights; both round the same values).
   void init_masters(uint64_t seed);
   // The same from any values: value(entry, i) is element i of the entry's global tensor (row-major).

@@ -1,5 +1,5 @@
 // The training state of a checkpoint as shards that do not depend on how it was split
-// (formats.md §4.2): every rank writes one safetensors file with the 1-D slices it owns,
+// (docs/formats.md §4.2): every rank writes one safetensors file with the 1-D slices it owns,
 //   "master/<param>/<first>"  f32 masters (the parameters), elements [first, first + n) of the
 //   "m/<param>/<first>"       global tensor in row-major order, and the Adam moments of the same
 //   "v/<param>/<first>"       elements;
@@ -7,7 +7,7 @@
 // with the model config and the world layout in the metadata. A reader assembles any element range
 // of any parameter from whichever slices cover it, so a checkpoint written by N ranks with EP degree
 // e loads into M ranks with EP degree f (ZeRO-1 chunks and expert ranges are just element ranges).
-// A directory holding a whole-model "model.safetensors" (spec §8 names, e.g. an export) reads as
+// A directory holding a whole-model "model.safetensors" (docs/model.md §8 names, e.g. an export) reads as
 // masters without moments.
 #pragma once
 #include <cstdint>
@@ -63,7 +63,7 @@ class StateReader {
 // the buffers into the model, and writes the compute weights of the owned chunks from the masters.
 // The caller all-gathers the chunks to the other data-parallel ranks.
 void load_state(AdamW& opt, const StateReader& reader, Context ctx);
-// Writes the whole model as one safetensors file with the spec §8 names (the f32 masters and the
+// Writes the whole model as one safetensors file with the docs/model.md §8 names (the f32 masters and the
 // buffers; "config" and the given metadata), loadable by PyTorch and by load_model.
 void export_model(const StateReader& reader, const std::string& path, const std::map<std::string, std::string>& metadata = {});
 // Loads every parameter of `model` (this rank's part) from the reader's masters and buffers, rounded

@@ -37,7 +37,7 @@ struct TrainSettings {
   int64_t grad_accum = 1;        // micro-batches per optimizer step
   int64_t max_steps = 1000;
   int64_t log_every = 10;
-  double peak_tflops = 989.0;    // MFU denominator (spec §9: H100/H200 dense bf16)
+  double peak_tflops = 989.0;    // MFU denominator (docs/model.md §9: H100/H200 dense bf16)
   int64_t max_bad_steps = 1;     // consecutive non-finite steps before stopping
   int64_t stop_after = 0;        // stop after this many steps of this invocation, as if interrupted
                                  // (no extra checkpoint; the LR schedule still spans max_steps);
@@ -45,7 +45,7 @@ struct TrainSettings {
   std::string precision = "f32"; // "f32": every op in f32; "bf16_gemm" (any device; the CPU is the
                                  // reference): the GEMMs round their inputs to bf16 and accumulate in
                                  // f32, GEMM-only activations are bf16 (Backend::set_gemm_precision;
-                                 // spec §7)
+                                 // docs/model.md §7)
   std::string recompute = "none";  // activation recompute (model/recompute.h): "none" keeps every
                                    // activation; "attention", "moe" or "full" recompute those parts
                                    // in the backward (less memory, more backward work, the same
@@ -79,7 +79,7 @@ struct LogConfig {
   std::string progress = "auto"; // "auto" (bar on a terminal), "bar", "lines"
 };
 
-// How the ranks of a run split the work (spec §12, docs/parallelism.md). The data-parallel degree is
+// How the ranks of a run split the work (docs/model.md §12, docs/parallelism.md). The data-parallel degree is
 // what remains: world size / expert.
 struct ParallelConfig {
   int64_t expert = 1;                 // expert-parallel ranks: the routed experts are split over them

@@ -48,7 +48,7 @@ void routing_stats(const Model& m, std::map<std::string, double>& out) {
       sum += v;
       mx = std::max(mx, static_cast<double>(v));
     }
-    const double imbalance = sum > 0 ? mx / (sum / static_cast<double>(counts.size())) : 0.0;  // max / mean (spec §5)
+    const double imbalance = sum > 0 ? mx / (sum / static_cast<double>(counts.size())) : 0.0;  // max / mean (docs/model.md §5)
     out[fmt::format("imbalance_l{}", l)] = imbalance;
     worst = std::max(worst, imbalance);
     const Tensor bias = m.params().get(fmt::format("layers.{}.ffn.gate.bias", l));
@@ -179,7 +179,7 @@ class TrainRun {
     tokens_per_step_ = B * T * ts_.grad_accum * world_;
   }
 
-  // A fresh start from the seed, or an exact resume (formats.md §4.6: model, optimizer, trainer and
+  // A fresh start from the seed, or an exact resume (docs/formats.md §4.6: model, optimizer, trainer and
   // loader state).
   void start() {
     if (!opt_.resume.empty()) {
@@ -225,7 +225,7 @@ class TrainRun {
   // Whether every rank passes ok (a collective: every rank must call it at the same point).
   bool all_ok(bool ok) { return dp_->sum({}, {ok ? 1.0 : 0.0})[0] == static_cast<double>(world_); }
 
-  // A checkpoint of every rank's state shard (formats.md §4.2, §4.6). Rank 0 runs the atomic save
+  // A checkpoint of every rank's state shard (docs/formats.md §4.2, §4.6). Rank 0 runs the atomic save
   // (temporary directory, manifest last, rename, `latest`); the others write their shard into its
   // temporary directory between two agreements, so a failure anywhere leaves no checkpoint and is
   // reported on every rank:

@@ -36,7 +36,7 @@ TEST(DType, Sizes) {
 }
 
 TEST(DType, E4M3KnownValues) {
-  EXPECT_EQ(e4m3_to_f32(0x38), 1.0f);  // formats.md §1b: 0x38, 0x40, 0xB8, 0x00 = 1, 2, -1, 0
+  EXPECT_EQ(e4m3_to_f32(0x38), 1.0f);  // docs/formats.md §1b: 0x38, 0x40, 0xB8, 0x00 = 1, 2, -1, 0
   EXPECT_EQ(e4m3_to_f32(0x40), 2.0f);
   EXPECT_EQ(e4m3_to_f32(0xB8), -1.0f);
   EXPECT_EQ(e4m3_to_f32(0x00), 0.0f);
@@ -81,14 +81,14 @@ TEST(DType, E4M3Overflow) {
   EXPECT_EQ(f32_to_e4m3(-1e-10f), 0x80);         // keeps the sign
 }
 
-// The FP8 tile scale (spec §7): max(amax, 1e-4)/448 in f32, or with ue8m0 the next power of two up.
+// The FP8 tile scale (docs/model.md §7): max(amax, 1e-4)/448 in f32, or with ue8m0 the next power of two up.
 TEST(DType, E4M3TileScale) {
   EXPECT_EQ(e4m3_scale(448.0f, false), 1.0f);
   EXPECT_EQ(e4m3_scale(3.0f, false), 3.0f / 448.0f);       // one f32 division
   EXPECT_EQ(e4m3_scale(2e-5f, false), 1e-4f / 448.0f);     // the amax floor
   EXPECT_EQ(e4m3_scale(0.0f, false), 1e-4f / 448.0f);
   EXPECT_EQ(e4m3_scale(std::nanf(""), false), 1e-4f / 448.0f);  // fmax: a NaN amax is the floor
-  // sources §6.5's checked values: amax 0.3 -> 6.696e-4 -> 2^-10; amax 500 -> 1.116 -> 2.
+  // docs/derivations.md §6.5's checked values: amax 0.3 -> 6.696e-4 -> 2^-10; amax 500 -> 1.116 -> 2.
   EXPECT_NEAR(e4m3_scale(0.3f, false), 6.696e-4, 1e-7);
   EXPECT_EQ(e4m3_scale(0.3f, true), std::ldexp(1.0f, -10));
   EXPECT_EQ(e4m3_scale(500.0f, true), 2.0f);

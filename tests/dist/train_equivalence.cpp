@@ -1,4 +1,4 @@
-// N ranks equal one rank with N-way gradient accumulation (spec §12), with real processes and the
+// N ranks equal one rank with N-way gradient accumulation (docs/model.md §12), with real processes and the
 // real communicators: run under mpirun or the torchrun-style launcher (dist_launch), every rank
 // trains a micro model in f64 on the CPU for a few AdamW steps with ZeRO-1 data parallelism
 // (DataParallel: bucketed reduce-scatter, global norm, global expert counts, all-gather) and,

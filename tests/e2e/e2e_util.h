@@ -402,7 +402,7 @@ inline std::vector<fs::path> list_dir(const fs::path& dir, const std::string& pr
 }
 
 // Number of non-finite F32/F64 values over every tensor of a safetensors file.
-// The training state file a one-rank run writes into each checkpoint (formats.md §4.2).
+// The training state file a one-rank run writes into each checkpoint (docs/formats.md §4.2).
 inline constexpr const char* kShard0 = "shard-00000-of-00001.safetensors";
 
 inline int64_t count_non_finite(const fs::path& p) {

@@ -1,4 +1,4 @@
-// Atomic checkpoint tests (formats.md §4.6): round trip, manifest written last, keep-last-k plus
+// Atomic checkpoint tests (docs/formats.md §4.6): round trip, manifest written last, keep-last-k plus
 // "major every M", failures that leave the previous checkpoint and `latest` untouched (a throwing
 // writer, EFBIG via RLIMIT_FSIZE in a forked child, ENOSPC on a tiny tmpfs when mount is allowed),
 // and torn or corrupted checkpoints that make loading fall back to the previous one with a warning.
@@ -36,7 +36,7 @@ using test::error_of;
 using test::read_file;
 using test::write_file;
 
-// Non-zero, non-repeating values (STYLE.md: never test on zeros).
+// Non-zero, non-repeating values (docs/style.md: never test on zeros).
 std::vector<float> ramp(size_t n, float scale) {
   std::vector<float> v(n);
   for (size_t i = 0; i < n; ++i) v[i] = scale * (1.0f + 0.001f * static_cast<float>(i));
@@ -142,7 +142,7 @@ TEST_F(CheckpointTest, SaveOpenRoundTrip) {
   model.read_into("w", Tensor{w.data(), DType::kF32, Device::kCPU, Shape{257}});
   EXPECT_EQ(w, ramp(257, 100.5f));
 
-  // The manifest lists every other file with its size and XXH3-64 (formats.md §4.6).
+  // The manifest lists every other file with its size and XXH3-64 (docs/formats.md §4.6).
   const json manifest = json::parse(read_file(dir + "/manifest.json"));
   EXPECT_EQ(manifest["version"], 1);
   EXPECT_EQ(manifest["step"], 100);

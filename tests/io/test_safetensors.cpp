@@ -1,4 +1,4 @@
-// safetensors reader/writer tests (formats.md §1b): golden byte layout, round trips, every
+// safetensors reader/writer tests (docs/formats.md §1b): golden byte layout, round trips, every
 // validation rule of the reader with the file name and field in the message, atomic writes.
 #include <gtest/gtest.h>
 #include <sys/resource.h>
@@ -64,7 +64,7 @@ Bytes make_file(const std::string& header, const Bytes& data, size_t pad_to = 0,
   return b;
 }
 
-// ---- golden file (formats.md §1b's interop example) ----
+// ---- golden file (docs/formats.md §1b's interop example) ----
 
 TEST_F(SafetensorsTest, GoldenLayoutHeaderAndData) {
   const float f32[6] = {1.0f, -2.0f, 0.5f, 3.25f, 100.0f, -0.125f};

@@ -1,4 +1,4 @@
-// TensorBoard event files (formats.md §1a): CRC32C vectors, the two CRC paths agreeing, and
+// TensorBoard event files (docs/formats.md §1a): CRC32C vectors, the two CRC paths agreeing, and
 // written files read back with every CRC checked and every value decoded.
 #include <gtest/gtest.h>
 
@@ -29,7 +29,7 @@ std::vector<fs::path> event_files(const fs::path& dir) {
   std::vector<fs::path> out;
   for (const auto& e : fs::directory_iterator(dir))
     if (e.path().filename().string().find("tfevents") != std::string::npos) out.push_back(e.path());
-  std::sort(out.begin(), out.end());  // TensorBoard's order (formats.md §1a)
+  std::sort(out.begin(), out.end());  // TensorBoard's order (docs/formats.md §1a)
   return out;
 }
 
@@ -42,7 +42,7 @@ std::vector<DecodedEvent> decode_file(const fs::path& p) {
 // ---- CRC32C -----------------------------------------------------------------------------------
 
 TEST(Crc32c, KnownVectors) {
-  // formats.md §1a test vectors.
+  // docs/formats.md §1a test vectors.
   EXPECT_EQ(crc32c("123456789"), 0xE3069283u);
   EXPECT_EQ(crc32c_table("123456789", 9), 0xE3069283u);
   const std::string zeros(32, '\0');
@@ -155,7 +155,7 @@ TEST(EventWriter, WritesFileReadBackWithEveryValue) {
   ASSERT_EQ(files.size(), 1u);
   EXPECT_EQ(files[0].string(), written_path);
   const std::string name = files[0].filename().string();
-  // events.out.tfevents.%010d.<host>.<pid>.diffmoe (formats.md §1a)
+  // events.out.tfevents.%010d.<host>.<pid>.diffmoe (docs/formats.md §1a)
   ASSERT_TRUE(name.starts_with("events.out.tfevents."));
   EXPECT_TRUE(std::all_of(name.begin() + 20, name.begin() + 30, [](char c) { return c >= '0' && c <= '9'; }));
   EXPECT_EQ(name[30], '.');
@@ -203,7 +203,7 @@ TEST(EventWriter, WritesFileReadBackWithEveryValue) {
 
 TEST(EventWriter, PrecomputedHistogramIsWrittenAsGiven) {
   test::TempDir dir("tfevents");
-  HistogramData h;  // e.g. reduced on the GPU (formats.md §1a practical notes)
+  HistogramData h;  // e.g. reduced on the GPU (docs/formats.md §1a practical notes)
   h.min = -4;
   h.max = 4;
   h.num = 10;
@@ -332,7 +332,7 @@ TEST(EventWriter, TwoWritersMakeTwoFilesInCreationOrder) {
 // Not a check by itself: when DIFFMOE_TFEVENTS_SAMPLE_DIR is set, writes a sample run there for
 // tools/reference/check_tfevents.py (TensorBoard 2.21 on the GPU machine). The run has a crashed
 // first file with a point at step 4 and a resumed second file starting at step 3, so the real
-// loaders' purge on SessionLog START (formats.md §1a "On resume") is exercised too:
+// loaders' purge on SessionLog START (docs/formats.md §1a "On resume") is exercised too:
 //   python3 tools/reference/check_tfevents.py "$DIR" --scalar train/loss=0,1,2,3,4,5
 //     --scalar train/lr=0,1,2,3,4,5 --histogram weights/w0=5 --text samples/generation=0,5
 // (one command line).

@@ -1,4 +1,4 @@
-// The whole model on the CPU in the bf16 mode (ModelOptions::precision, PrecisionPlan, spec §7):
+// The whole model on the CPU in the bf16 mode (ModelOptions::precision, PrecisionPlan, docs/model.md §7):
 // forward + backward on the micro configs, against the same model in the f32 mode.
 // - The activations the mode plans in bf16 are bf16 tensors (q, k, v and their gradients for these
 //   head sizes too, which no tensor-core kernel covers: the attention takes bf16 for every shape),
@@ -94,7 +94,7 @@ void check_bf16_mode(const ModelConfig& cfg, uint64_t seed, const std::string& n
     EXPECT_GT(nonzero, t.numel() / 4) << name << ": " << act << " holds (almost) no values";
   }
   EXPECT_GE(bf16_views, static_cast<int64_t>(expected_bf16(cfg).size()));
-  // The compute weights of the GEMM matrices are bf16 (the weight copies of spec §7), the rest f32.
+  // The compute weights of the GEMM matrices are bf16 (the weight copies of docs/model.md §7), the rest f32.
   for (const ParamSpec& p : m16.specs()) {
     const DType want = is_gemm_weight(p) ? DType::kBF16 : DType::kF32;
     EXPECT_EQ(m16.params().get(p.name).dtype, want) << name << ": " << p.name;

@@ -37,7 +37,7 @@ TEST(ModelConfig, DefaultsResolved) {
   EXPECT_TRUE(c.balance_bias);
   EXPECT_DOUBLE_EQ(c.aux_loss_alpha, 1e-4);
   EXPECT_DOUBLE_EQ(c.lambda_init(0), 0.2);
-  EXPECT_NEAR(c.lambda_init(1), 0.3555, 1e-4);  // sources §1.2
+  EXPECT_NEAR(c.lambda_init(1), 0.3555, 1e-4);  // docs/derivations.md §1.2
   // to_json → from_json round trip keeps every value.
   const ModelConfig back = ModelConfig::from_json(c.to_json(), "round-trip");
   EXPECT_EQ(back.to_json(), c.to_json());
@@ -141,8 +141,8 @@ TEST(ModelConfig, YamlFileErrorsNameTheFile) {
   EXPECT_THROW(load_model_config((dir / "missing.yaml").string()), Error);
 }
 
-// spec §10: an independent count gives tiny 2.71M / 1.82M, bench 1892.31M / 335.18M,
-// seed-20b 20841.17M / 6685.40M; FLOPs/token bench 1.973 G, seed-20b at 8K 67.9 G (spec §9).
+// docs/model.md §10: an independent count gives tiny 2.71M / 1.82M, bench 1892.31M / 335.18M,
+// seed-20b 20841.17M / 6685.40M; FLOPs/token bench 1.973 G, seed-20b at 8K 67.9 G (docs/model.md §9).
 TEST(ModelConfig, PresetsMatchTheSpecCounts) {
   struct Want { const char* file; double total_m, active_m, gflops; };
   for (const Want& w : {Want{"configs/tiny.yaml", 2.71, 1.82, -1}, Want{"configs/bench.yaml", 1892.31, 335.18, 1.973},

@@ -1,4 +1,4 @@
-// Generation with the latent KV cache (spec §2; sources §2.4, §3.3) and the sampler:
+// Generation with the latent KV cache (docs/model.md §2; docs/derivations.md §2.4, §3.3) and the sampler:
 //  (a) the CPU latent_attention op equals the naive path (attention_fwd on explicitly up-projected
 //      keys and values) for differential and plain heads, f64;
 //  (b) prefill + step logits equal the training forward's logits row by row on the micro configs;
@@ -46,7 +46,7 @@ void check_latent_vs_naive(bool differential, int64_t H, uint64_t seed) {
   test::fill_normal(wkvb, seed + 3, 0.5);
   lambda.at<double>(0) = 0.63;
 
-  // Naive (MHA mode, sources §2.3): [k^C_j ; v_j] = ĉ W_kvb,jᵀ, k_j = [k^C_j ; k^R], causal attention.
+  // Naive (MHA mode, docs/derivations.md §2.3): [k^C_j ; v_j] = ĉ W_kvb,jᵀ, k_j = [k^C_j ; k^R], causal attention.
   Owned kv(Shape{B * T, H * kvh}, f64), k(Shape{B, T, H, dqk}, f64), v(Shape{B, T, H, dv}, f64);
   Owned out(Shape{B, T, h_out, comps * dv}, f64), o2(Shape{B, T, h_out, comps * dv}, f64), lse(Shape{B, H, T}, f64);
   be.gemm({}, {.c = kv, .a = ckv.t().reshape(Shape{B * T, rkv}), .b = wkvb, .trans_b = true});
@@ -358,7 +358,7 @@ TEST(Sampler, RejectsBadOptionsAndLogits) {
 }
 
 // ================================================================ cache size of the presets
-// n_layers · (kv_lora_rank + qk_rope_head_dim) values per token (spec §2, §10); the naive cache of
+// n_layers · (kv_lora_rank + qk_rope_head_dim) values per token (docs/model.md §2, §10); the naive cache of
 // up-projected keys and values would hold n_layers · n_heads · (d_qk + d_v).
 TEST(Generator, CacheValuesPerTokenOfThePresets) {
   struct Want { const char* file; int64_t values; };

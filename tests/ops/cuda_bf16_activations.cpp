@@ -1,4 +1,4 @@
-// The bf16 GEMM mode's activations (spec §7) against the CPU backend's bf16 fields: both sides run
+// The bf16 GEMM mode's activations (docs/model.md §7) against the CPU backend's bf16 fields: both sides run
 // the same call on the same bf16 tensors (the CPU widens bf16 inputs exactly and rounds bf16 outputs
 // once from its f32 result, cpu/bf16_staging.h). bf16 outputs: the op's f32 tolerance plus one bf16
 // step (expect_bf16_close, cuda_dual.h: two f32 results within the tolerance may round to

@@ -473,7 +473,7 @@ TEST(CudaBf16Gemm, GroupedTwoTerms) {
     }
 }
 
-// The router's logits GEMM asks for f32 in the bf16 mode (spec §5): f32 tolerances, not bf16 ones.
+// The router's logits GEMM asks for f32 in the bf16 mode (docs/model.md §5): f32 tolerances, not bf16 ones.
 TEST(CudaBf16Gemm, F32ExactStaysF32) {
   DIFFMOE_REQUIRE_CUDA();
   const Bf16Mode mode;

@@ -1,4 +1,4 @@
-// Harness of the CUDA-vs-CPU op checks (tests/ops/cuda_vs_cpu*.cpp; STYLE.md habit 5, numerics
+// Harness of the CUDA-vs-CPU op checks (tests/ops/cuda_vs_cpu*.cpp; docs/style.md habit 5, numerics
 // policy): a Dual is one tensor on both backends, the CPU's copy in host memory and the CUDA's in
 // device memory followed by guard bytes. Inputs are filled on the host and uploaded, so both ops
 // see the same values; outputs an op overwrites are poisoned (NaN, or a sentinel integer) on both

@@ -9,7 +9,7 @@
 // Tolerance. Both sides multiply the same exact values (an e4m3 pair's product is exact, and so is
 // its dequantised value in f64 on the CPU); they differ in how the products are summed. cuBLASLt adds
 // the products of a 128-long K slice on the tensor cores, whose accumulator keeps ~14 significant
-// bits (sources §6.3: each addition aligns to the largest term and drops what falls below), then
+// bits (docs/derivations.md §6.3: each addition aligns to the largest term and drops what falls below), then
 // promotes each slice's sum to f32 with its scales (fast accumulation off). Worst case: up to 128
 // additions per slice, each off by < 2^-13 of the slice's largest aligned term, so
 // |Δ| ≤ 2^-6·|alpha|·Σ_k|â_k·b̂_k| per element (plus the output's rounding: 2^-23·|C| in f32, one

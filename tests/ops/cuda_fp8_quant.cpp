@@ -1,4 +1,4 @@
-// The FP8 quantisers on the GPU against the CPU, bit for bit (op_args.h's FP8 section, spec §7; the
+// The FP8 quantisers on the GPU against the CPU, bit for bit (op_args.h's FP8 section, docs/model.md §7; the
 // kernels' arithmetic is fp8_quant.cuh, the CPU's core/dtype.cpp): every e4m3 code and scale byte
 // equal, NaN codes included.
 // - act_quant: values built to reach every finite code, exact ties (subnormal ones too), one f32 step

@@ -8,7 +8,7 @@
 // simple kernels, kSimple, shapes the tensor-core kernels do not cover): widened, so bitwise the
 // f32 tensors' results there and the CPU's within the f32 attention tolerance.
 //
-// Tolerance (STYLE.md numerics policy, BF16): ‖cuda − cpu‖/‖cpu‖ ≤ 1e-2 per output. Why: q, k, v
+// Tolerance (docs/style.md numerics policy, BF16): ‖cuda − cpu‖/‖cpu‖ ≤ 1e-2 per output. Why: q, k, v
 // and dout are rounded to bf16 (≤ 2^-9 relative each) and P, dS are rounded to bf16 before their
 // products, all sums in f32; each product is then off by ~1.6e-3 relative (rms) and sums of random
 // signs keep that relative size (measured ~3e-3 for out, ~4e-3 for dq/dk, ~3e-3 for dv; lse ~2e-4).

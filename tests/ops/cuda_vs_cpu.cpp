@@ -1,4 +1,4 @@
-// CUDA vs CPU, op by op (STYLE.md habit 5): every Backend op runs on both backends from the same
+// CUDA vs CPU, op by op (docs/style.md habit 5): every Backend op runs on both backends from the same
 // random non-zero inputs at odd sizes (not multiples of a warp, a block or a tile), with every
 // launch branch exercised; outputs the op overwrites start poisoned, device outputs are followed by
 // guard bytes, and results are compared with a per-op tolerance whose reason is written next to it

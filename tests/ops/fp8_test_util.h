@@ -1,6 +1,6 @@
 // Helpers of the FP8 op tests (test_fp8_*.cpp; the CUDA checks cuda_fp8_*.cpp use the value
 // builders too): sources in f32 or bf16 from float values, e4m3 codes and scales read back, and an
-// independent reference of the quantisation rule of spec §7 (the test's own loops; only the scalar
+// independent reference of the quantisation rule of docs/model.md §7 (the test's own loops; only the scalar
 // e4m3 rounding is core/dtype.h's, which test_dtype.cpp checks against a brute-force oracle).
 #pragma once
 #include <algorithm>
@@ -21,7 +21,7 @@ inline std::vector<uint8_t> finite_e4m3_codes() {
   return c;
 }
 
-// The scale rule written out again (spec §7), for the references: ue8m0 through log2 in double.
+// The scale rule written out again (docs/model.md §7), for the references: ue8m0 through log2 in double.
 inline float ref_scale(float amax, bool ue8m0) {
   const float s = std::max(amax, 1e-4f) / 448.0f;
   return ue8m0 ? static_cast<float>(std::exp2(std::ceil(std::log2(static_cast<double>(s))))) : s;

@@ -1,4 +1,4 @@
-// The CPU fp8_gemm (op_args.h; spec §7, sources §6.1) against a naive f64 sum of the dequantised
+// The CPU fp8_gemm (op_args.h; docs/model.md §7, docs/derivations.md §6.1) against a naive f64 sum of the dequantised
 // operands, and the recipe's three GEMMs (Fprop, Dgrad, Wgrad) composed with the quantisers against
 // the exact f64 product of the unquantised matrices.
 //

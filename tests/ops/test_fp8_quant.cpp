@@ -1,4 +1,4 @@
-// The CPU FP8 quantisers (op_args.h's FP8 section, spec §7) against the rule written out in the test:
+// The CPU FP8 quantisers (op_args.h's FP8 section, docs/model.md §7) against the rule written out in the test:
 // every finite e4m3 code reached and read back exactly, ties to even, the amax floor, ue8m0 powers of
 // two, tiles at the edges (sizes not multiples of 128), bf16 sources, the transposed copy made from
 // the source and not from the row-wise copy, the weights' 128×128 blocks (and their transposed copy,
@@ -197,7 +197,7 @@ TEST_F(Fp8Quant, AmaxFloor) {
 }
 
 // ue8m0: every scale a power of two, the smallest one ≥ max(amax, 1e-4)/448 (checked with frexp,
-// not the op's bit trick), and the codes those scales give; sources §6.5's two checked values.
+// not the op's bit trick), and the codes those scales give; docs/derivations.md §6.5's two checked values.
 TEST_F(Fp8Quant, Ue8m0ScalesArePowersOfTwo) {
   const int64_t m = 130, k = 390;
   const std::vector<float> v = test::fp8_test_values(m, k, 41);

@@ -1,4 +1,4 @@
-// MoE ops of the CPU reference backend (spec §5, sources §4.2–4.6):
+// MoE ops of the CPU reference backend (docs/model.md §5, docs/derivations.md §4.2–4.6):
 // - routing invariants over many random inputs, against an independent sort-based reference
 //   written here (group choice recomputed from scratch), plus constructed cases for the group rule,
 //   the bias, softmax's missing renormalisation and ties;
@@ -56,7 +56,7 @@ struct RefRoute {
   std::vector<bool> kept_group;   // [G]
 };
 
-// Sort-based reference of sources §4.2 (a different algorithm from the op's arg-max passes).
+// Sort-based reference of docs/derivations.md §4.2 (a different algorithm from the op's arg-max passes).
 // `add_bias` and `top2_groups` are separate so the tests can flip the group rule on its own.
 template <class T>
 RefRoute reference_route(const T* s, const T* b, int64_t n_experts, int64_t n_groups, int64_t n_limited,
@@ -593,7 +593,7 @@ TEST(RouterFd, RouterBwd) {
   for (const RouteCase& c : route_cases()) check_router_bwd_fd(c);
 }
 
-// Aux loss value against the Megatron form of sources §4.6:
+// Aux loss value against the Megatron form of docs/derivations.md §4.6:
 //   L_b = Σ_i (Σ_t s'_{t,i}) · count_i · E·α / (K·T²),   loss = mean_b L_b.
 TEST(AuxLoss, ValueMatchesMegatronForm) {
   constexpr int64_t B = 2, T = 5, E = 8, K = 2, N = B * T;
@@ -733,7 +733,7 @@ TEST(MoeBiasUpdate, SignRule) {
   expect_error([&] { cpu().moe_bias_update(kCtx, {.bias = bias64, .counts = counts_f32}); }, {"[moe_bias_update]"});
 }
 
-// The dtype rules of bf16 rows (the bf16 GEMM mode's expert activations, spec §7), shared by every
+// The dtype rules of bf16 rows (the bf16 GEMM mode's expert activations, docs/model.md §7), shared by every
 // backend: they pair with f32 (an f64 call refuses them, naming the op and the field), and a bf16
 // grouped GEMM output needs the bf16 GEMM mode. (The values: test_bf16_fields.cpp.)
 TEST(MoeDataMovement, Bf16RowsPairWithF32) {

@@ -1,4 +1,4 @@
-// CPU RMSNorm (sources App. A) and GEMMs: forward against naive double loops, backward against
+// CPU RMSNorm (docs/derivations.md App. A) and GEMMs: forward against naive double loops, backward against
 // central finite differences in f64, grouped GEMMs against per-group loops, offsets validation.
 #include <gtest/gtest.h>
 
@@ -87,7 +87,7 @@ TEST_F(NormGemm, RmsNormBackwardFiniteDifferences) {
 }
 
 // Large enough for the parallel paths (rows split across threads for dx, 64-column blocks for
-// dw): the backward formula of sources App. A written out naively in the test.
+// dw): the backward formula of docs/derivations.md App. A written out naively in the test.
 TEST_F(NormGemm, RmsNormBackwardLargeAgainstNaive) {
   constexpr int64_t kBigRows = 257, kBigWidth = 131, kBigStride = 133;
   const DType f64 = DType::kF64;

@@ -1,7 +1,7 @@
 // CPU tests of RoPE/YaRN tables, the RoPE op, the MLA key/value split, the differential λ and the
-// causal attention core (spec §2-3; sources §1.3-1.4, §2.3-2.5, §3.2, §5). Forward values are
+// causal attention core (docs/model.md §2-3; docs/derivations.md §1.3-1.4, §2.3-2.5, §3.2, §5). Forward values are
 // checked against independent straightforward code here; backwards by central finite differences
-// in f64 (STYLE.md numerics policy). Sizes are odd on purpose (T = 5 or 7, d_v = 5, 3 plain heads).
+// in f64 (docs/style.md numerics policy). Sizes are odd on purpose (T = 5 or 7, d_v = 5, 3 plain heads).
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -40,7 +40,7 @@ void check_grad(const std::string& what, const std::vector<double>& analytic, co
   EXPECT_GT(norm(analytic), 1e-3) << what << ": gradient is (nearly) zero, the check would be vacuous";
 }
 
-// ================================================================ YaRN tables (sources §5.3)
+// ================================================================ YaRN tables (docs/derivations.md §5.3)
 RopeParams v3_params(double mscale = 1.0) {
   return RopeParams{.rope_dim = 64, .theta = 1e4, .max_seq_len = 16384, .original_seq_len = 4096,
                     .factor = 40.0, .beta_fast = 32.0, .beta_slow = 1.0, .mscale = mscale};
@@ -397,7 +397,7 @@ struct AttnData {
 };
 
 // Independent reference: full score matrices, −inf mask, row softmax, and for the differential
-// case the subtraction on the maps (sources §1.3 step 6): O_g = (A_{g,0} − λ·A_{g,1}) V_g.
+// case the subtraction on the maps (docs/derivations.md §1.3 step 6): O_g = (A_{g,0} − λ·A_{g,1}) V_g.
 struct Reference {
   std::vector<double> out, o2, lse;
 };

@@ -1,4 +1,4 @@
-// CPU SwiGLU (spec §4), cross-entropy and AdamW: forwards against naive double formulas, backwards
+// CPU SwiGLU (docs/model.md §4), cross-entropy and AdamW: forwards against naive double formulas, backwards
 // against central finite differences in f64, AdamW against a scalar long-double reference.
 #include <gtest/gtest.h>
 

@@ -1,5 +1,5 @@
 // extract_rdata: decode an R lazy-load database (Rdata.rdb) of character vectors into text files,
-// without R (formats.md §3.1 "How to get it without R").
+// without R (docs/formats.md §3.1 "How to get it without R").
 //
 //   extract_rdata <Rdata.rdb> <out_dir>
 //

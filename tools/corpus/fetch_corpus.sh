@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Fetch the offline training corpus (formats.md §3.1): Jane Austen's six novels from
+# Fetch the offline training corpus (docs/formats.md §3.1): Jane Austen's six novels from
 # r-cran-janeaustenr and Moby Dick from r-cran-tokenizers, taken out of the Debian packages'
 # R lazy-load databases by tools/corpus/extract_rdata — R itself is never installed.
 #
@@ -27,7 +27,7 @@ while [[ $# -gt 0 ]]; do
 done
 
 # name | elements (lines) | sha256 of the "\n"-joined text as decoded. The first 16 hex digits of
-# each are the ones pinned in formats.md §3.1; the rest was computed from the same bytes.
+# each are the ones pinned in docs/formats.md §3.1; the rest was computed from the same bytes.
 austen=(
   "emma|16235|dd08b340a56ad4a0a00718d5682528a5a5886ae0aef91c9e0fa528074fa64b75"
   "mansfield_park|15349|e0e9ef3863ea77f51f6070062ee0dd50ad9b933223880617629e4e4963ea40ff"
@@ -37,7 +37,7 @@ austen=(
   "sense_and_sensibility|12624|0996d90842bbe8093f3b8142c1e77d1b20cff52d1d0615f3ed67733653e74e26"
 )
 # Moby Dick: the decoded object (CRLF, with the Project Gutenberg header/footer) must match the
-# prefix pinned in formats.md §3.1; what we keep (see strip_gutenberg) is pinned in full here.
+# prefix pinned in docs/formats.md §3.1; what we keep (see strip_gutenberg) is pinned in full here.
 moby_raw_prefix="829d6f1f7012a031"
 moby_sha256="0a4f9d0a1e6faae432487248d0ae84221f1cd26f47a11bdf029314669a7bfc28"
 
@@ -110,7 +110,7 @@ stage="$tmp/stage"
 mkdir -p "$stage"
 
 # The .rdb holds no names we read (they live in Rdata.rdx), so each Austen object is identified by
-# its hash and checked against its line count (formats.md §3.1).
+# its hash and checked against its line count (docs/formats.md §3.1).
 declare -A seen
 for obj in "$tmp"/austen/object_*.txt; do
   sha="$(sha256_of "$obj")"
@@ -155,7 +155,7 @@ moby_objects=("$tmp"/tokenizers/object_*.txt)
 raw="${moby_objects[0]}"
 raw_sha="$(sha256_of "$raw")"
 [[ "${raw_sha:0:16}" == "$moby_raw_prefix" ]] \
-  || die "Moby Dick as decoded has sha256 $raw_sha, expected prefix $moby_raw_prefix (formats.md §3.1)"
+  || die "Moby Dick as decoded has sha256 $raw_sha, expected prefix $moby_raw_prefix (docs/formats.md §3.1)"
 # CRLF -> LF (every CR in this text is part of a CRLF), then strip the PG boilerplate.
 tr -d '\r' <"$raw" | strip_gutenberg >"$stage/moby_dick.txt" \
   || die "Moby Dick: Project Gutenberg START/END markers not found"
@@ -165,7 +165,7 @@ got="$(sha256_of "$stage/moby_dick.txt")"
 cat >"$stage/LICENSE.md" <<EOF
 # data/corpus: provenance and licenses
 
-Made by \`tools/corpus/fetch_corpus.sh\` (spec: formats.md §3.1). Not committed to git.
+Made by \`tools/corpus/fetch_corpus.sh\` (spec: docs/formats.md §3.1). Not committed to git.
 
 | file | text | taken from |
 |---|---|---|

@@ -1,4 +1,4 @@
-// Standalone harness for src/backend/cuda/tc_attention.cuh (the sandbox of STYLE.md habit 9): a
+// Standalone harness for src/backend/cuda/tc_attention.cuh (the sandbox of docs/style.md habit 9): a
 // CPU double-precision reference of the forward and backward at small sizes for every covered
 // (d_qk, width, differential) and a few T/B edge cases, then timing at the bench shape.
 //   nvcc -O3 -std=c++17 -arch=sm_90a -lineinfo -o /tmp/tca tools/kernel-dev/tc_attention_check.cu && /tmp/tca

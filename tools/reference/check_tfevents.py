@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Load a diffmoe run directory with TensorBoard's own loaders and check what it holds.
 
-Our event writer (src/io/tfevents.cpp, formats.md §1a) has no libprotobuf; this is the proof that
+Our event writer (src/io/tfevents.cpp, docs/formats.md §1a) has no libprotobuf; this is the proof that
 the real reader agrees. Both Python loaders are used:
   - event_processing.event_accumulator.EventAccumulator (legacy: scalars/histograms/tensors), and
   - event_processing.plugin_event_accumulator.EventAccumulator (what the TensorBoard backend uses
@@ -46,7 +46,7 @@ def parse_expectation(spec):
 
 def check_steps(kind, loader, tag, steps, expected):
     # A tag logged twice at one step, or with decreasing steps, loses points in the Rust data
-    # server (formats.md §1a), so retained steps must be strictly increasing.
+    # server (docs/formats.md §1a), so retained steps must be strictly increasing.
     if any(b <= a for a, b in zip(steps, steps[1:])):
         fail(f"{loader} {kind} {tag!r}: steps not strictly increasing: {steps}")
     if expected is not None and steps != expected:
@@ -150,7 +150,7 @@ def check_plugin(acc, args):
             if arr.ndim != 2 or arr.shape[1] != 3:
                 fail(f"plugin: histogram {tag!r} step {e.step}: shape {arr.shape}, expected [k,3]")
                 continue
-            # rows are [left, right, count] (formats.md §1a)
+            # rows are [left, right, count] (docs/formats.md §1a)
             print(f"  histogram {tag} step {e.step}: {arr.shape[0]} buckets, count {arr[:, 2].sum()}, "
                   f"range [{arr[0, 0]}, {arr[-1, 1]}]")
             if (arr[:, 1] < arr[:, 0]).any():

@@ -184,7 +184,7 @@ def swiglu(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor
 
 
 def rope_frequencies(cfg: Config) -> torch.Tensor:
-    """theta'_i, i = 0..d_rope/2-1, as DeepSeek's precompute_freqs_cis (sources §5.1)."""
+    """theta'_i, i = 0..d_rope/2-1, as DeepSeek's precompute_freqs_cis (docs/derivations.md §5.1)."""
     d = cfg.qk_rope_head_dim
     base = float(cfg.rope_theta)
     freqs = 1.0 / (base ** (torch.arange(0, d, 2, dtype=DTYPE) / d))
@@ -245,7 +245,7 @@ class Weight(nn.Module):
 
 
 class Attention(nn.Module):
-    """DiffMLA (model.md §2, sources §3.2 Design A), or plain MLA when cfg.differential is false."""
+    """DiffMLA (model.md §2, docs/derivations.md §3.2 Design A), or plain MLA when cfg.differential is false."""
 
     def __init__(self, cfg: Config, layer: int) -> None:
         super().__init__()
@@ -276,7 +276,7 @@ class Attention(nn.Module):
                 - torch.exp(torch.dot(self.lambda_q2, self.lambda_k2)) + self.lambda_init)
 
     def _project(self, x: torch.Tensor, angles: torch.Tensor):
-        """The MLA projections of sources §2.3: q^C, RoPE(q^R) per component head, c_hat, RoPE(k^R)."""
+        """The MLA projections of docs/derivations.md §2.3: q^C, RoPE(q^R) per component head, c_hat, RoPE(k^R)."""
         cfg = self.cfg
         B, T, _ = x.shape
         H, dn, dr = cfg.n_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim
@@ -325,7 +325,7 @@ class Attention(nn.Module):
         return self._finish(O, B, T)
 
     def forward_absorbed(self, x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
-        """Second formulation: absorbed latent ("MQA mode"), sources §2.4 (plain) / §3.3 (diff)."""
+        """Second formulation: absorbed latent ("MQA mode"), docs/derivations.md §2.4 (plain) / §3.3 (diff)."""
         cfg = self.cfg
         B, T, _ = x.shape
         H, dn, dv, r = cfg.n_heads, cfg.qk_nope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank
@@ -390,7 +390,7 @@ class SharedFFN(nn.Module):
 
 
 class MoE(nn.Module):
-    """DeepSeek-V3 MoE (model.md §5, sources §4.2, §4.6), dropless."""
+    """DeepSeek-V3 MoE (model.md §5, docs/derivations.md §4.2, §4.6), dropless."""
 
     def __init__(self, cfg: Config) -> None:
         super().__init__()
@@ -432,7 +432,7 @@ class MoE(nn.Module):
         return swiglu(x, ex.w1[e], ex.w2[e], ex.w3[e])
 
     def aux_loss(self, s: torch.Tensor, B: int, T: int) -> Dict[str, torch.Tensor]:
-        """Sequence-wise balance loss, sources §4.6: alpha * mean_b sum_i f_i P_i.
+        """Sequence-wise balance loss, docs/derivations.md §4.6: alpha * mean_b sum_i f_i P_i.
 
         f from a plain top-k of the UNBIASED scores (no groups, no gradient); s' = s / sum_j s_j
         for sigmoid, s' = s for softmax."""

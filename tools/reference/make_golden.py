@@ -258,7 +258,7 @@ def check_second_forms(model: DiffMoE, out: Dict[str, Any], cfg: Config, tokens)
 
 
 def check_losses(model: DiffMoE, out: Dict[str, Any], cfg: Config, targets) -> None:
-    """LM loss by hand; aux loss in Megatron's count form (sources §4.6)."""
+    """LM loss by hand; aux loss in Megatron's count form (docs/derivations.md §4.6)."""
     V = cfg.vocab_size
     logits = out["logits"].detach().reshape(-1, V)
     t = targets.reshape(-1)

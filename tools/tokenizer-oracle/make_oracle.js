@@ -1,6 +1,6 @@
 #!/usr/bin/env node
 // Writes tests/fixtures/tokenizer_oracle.json: a fixed list of tricky strings with the token ids
-// that the reference implementations give (formats.md §3.3 "conformance tests"):
+// that the reference implementations give (docs/formats.md §3.3 "conformance tests"):
 //   * npm tiktoken@1.0.22 (OpenAI's Rust core compiled to WASM) for gpt2, cl100k_base, o200k_base:
 //       "<enc>"          = encode_ordinary(s)   (special tokens are plain text)
 //       "<enc>_special"  = encode(s, 'all')     (special tokens are atomic)
@@ -49,7 +49,7 @@ function cases() {
   add('empty', '');
   add('hello', 'Hello, world!');
   add('nbsp', 'a\u00a0b \u00a0 c\u00a0\u00a0 d');
-  // Runs of non-ASCII spaces split differently unless \s is Unicode-aware (PCRE2_UCP, formats.md §1c).
+  // Runs of non-ASCII spaces split differently unless \s is Unicode-aware (PCRE2_UCP, docs/formats.md §1c).
   add('nbsp_runs', 'x\u00a0\u00a0y z\u00a0\u00a0\u00a0 w\u2003\u2003v\u3000\u3000u end\u00a0\u00a0');
   add('crlf', 'line one\r\nline two\r\n\r\nline three\r\n');
   add('emoji', 'I \u2764\ufe0f emoji \ud83d\ude00\ud83d\udc4d\ud83c\udffd family: \ud83d\udc68\u200d\ud83d\udc69\u200d\ud83d\udc67 flags \ud83c\uddef\ud83c\uddf5');

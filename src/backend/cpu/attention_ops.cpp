@@ -1,4 +1,4 @@
-// DiffMLA attention core on the CPU (spec §2; sources §1.3-1.4, §2.3-2.5, §3.2 Design A).
+// DiffMLA attention core on the CPU (docs/model.md §2; docs/derivations.md §1.3-1.4, §2.3-2.5, §3.2 Design A).
 //
 // Design: the naive reference. Every query row runs a two-pass causal softmax in the op's float
 // type (pass 1: max of the scaled scores over s ≤ t; pass 2: max-subtracted exp, sum and P·V), so
@@ -49,7 +49,7 @@ void kv_split_fwd_impl(const MlaKvSplitFwdArgs& a, const KvSplitDims& d) {  // a
   }
 }
 
-// dkv[n, h] = [dk[n, h, :d_nope] ; dv[n, h]];  dkr[n] = Σ_h dk[n, h, d_nope:] (sources §2.5)
+// dkv[n, h] = [dk[n, h, :d_nope] ; dv[n, h]];  dkr[n] = Σ_h dk[n, h, d_nope:] (docs/derivations.md §2.5)
 template <class T>
 void kv_split_bwd_impl(const MlaKvSplitBwdArgs& a, const KvSplitDims& d) {  // a: f32 or f64 tensors only
   T* dkv = a.dkv.ptr<T>();
@@ -73,7 +73,7 @@ void kv_split_bwd_impl(const MlaKvSplitBwdArgs& a, const KvSplitDims& d) {  // a
 }
 
 // ================================================================ differential λ (§1.2, §1.4)
-// The two dot products of λ, accumulated in double (short sums; λ is FP32 or better, spec §9).
+// The two dot products of λ, accumulated in double (short sums; λ is FP32 or better, docs/model.md §9).
 template <class T>
 double dot_vec(const Tensor& a, const Tensor& b) {
   double s = 0.0;
@@ -115,7 +115,7 @@ T attend_row(T* o, const T* q_t, const T* k, int64_t k_stride, const T* vv, int6
   return m + std::log(l);
 }
 
-// Backward of one query row t of one component (sources §1.4), with dO_c = coef·dO:
+// Backward of one query row t of one component (docs/derivations.md §1.4), with dO_c = coef·dO:
 //   p_s = exp(z_s − lse),  dS_s = p_s·(dO_c·V_s − D_c),
 //   dq_t += scale·Σ_s dS_s k_s,  dk_s += scale·dS_s q_t,  dV_s += p_s dO_c.
 template <class T>
@@ -164,7 +164,7 @@ void attention_fwd_impl(const AttentionFwdArgs& a, const AttnDims& d) {
       }
     }
     if (a.differential) {
-      // O_g = A_{g,0}V_g − λ·A_{g,1}V_g (sources §1.3 step 6, on the outputs: identical by linearity)
+      // O_g = A_{g,0}V_g − λ·A_{g,1}V_g (docs/derivations.md §1.3 step 6, on the outputs: identical by linearity)
       for (int64_t t = 0; t < d.seq; ++t) {
         T* o_row = out + at(d, b, t, first, d.d_v);
         const T* o2_row = o2 + at(d, b, t, first, d.d_v);
@@ -201,7 +201,7 @@ void attention_bwd_impl(const AttentionBwdArgs& a, const AttnDims& d) {
     }
     for (int64_t c = 0; c < d.comps; ++c) {
       const int64_t j = first + c;
-      // dO_0 = dO, dO_1 = −λ·dO (sources §1.4); a plain head is component 0 with O = out.
+      // dO_0 = dO, dO_1 = −λ·dO (docs/derivations.md §1.4); a plain head is component 0 with O = out.
       const T coef = c == 0 ? T(1) : -lambda;
       for (int64_t t = 0; t < d.seq; ++t) {
         const int64_t row = at(d, b, t, first, d.d_v);
@@ -223,7 +223,7 @@ void attention_bwd_impl(const AttentionBwdArgs& a, const AttnDims& d) {
   }
   if (a.differential) {
     // dλ = −Σ⟨dO, O_2⟩ over batch, tokens and heads: a serial sum in double (deterministic; the sum
-    // cancels, spec §9), overwritten.
+    // cancels, docs/model.md §9), overwritten.
     double acc = 0.0;
     for (int64_t i = 0; i < a.dout.numel(); ++i) acc += static_cast<double>(dout[i]) * static_cast<double>(o2[i]);
     a.dlambda.ptr<T>()[0] = static_cast<T>(-acc);
@@ -256,7 +256,7 @@ void CpuBackend::mla_kv_split_bwd(Context, const MlaKvSplitBwdArgs& a) {
   staged.finish();
 }
 
-// λ = exp(λ_q1·λ_k1) − exp(λ_q2·λ_k2) + λ_init   (spec §2, sources §1.2)
+// λ = exp(λ_q1·λ_k1) − exp(λ_q2·λ_k2) + λ_init   (docs/model.md §2, docs/derivations.md §1.2)
 void CpuBackend::diff_lambda_fwd(Context, const DiffLambdaFwdArgs& a) {
   constexpr std::string_view op = "diff_lambda_fwd";
   validate_diff_lambda_fwd(a, Device::kCPU);
@@ -267,7 +267,7 @@ void CpuBackend::diff_lambda_fwd(Context, const DiffLambdaFwdArgs& a) {
 }
 
 // e1 = exp(λ_q1·λ_k1), e2 = exp(λ_q2·λ_k2):
-// dλ_q1 += dλ·e1·λ_k1, dλ_k1 += dλ·e1·λ_q1, dλ_q2 += −dλ·e2·λ_k2, dλ_k2 += −dλ·e2·λ_q2 (sources §1.4)
+// dλ_q1 += dλ·e1·λ_k1, dλ_k1 += dλ·e1·λ_q1, dλ_q2 += −dλ·e2·λ_k2, dλ_k2 += −dλ·e2·λ_q2 (docs/derivations.md §1.4)
 void CpuBackend::diff_lambda_bwd(Context, const DiffLambdaBwdArgs& a) {
   constexpr std::string_view op = "diff_lambda_bwd";
   validate_diff_lambda_bwd(a, Device::kCPU);

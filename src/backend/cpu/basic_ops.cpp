@@ -1,4 +1,4 @@
-// Basic tensor ops and the token embedding (spec §1) of the CPU reference backend.
+// Basic tensor ops and the token embedding (docs/model.md §1) of the CPU reference backend.
 //
 // Numerics: element-wise ops compute in double and round to the tensor's type once. Reductions
 // (sum_squares, the embedding's dtable) accumulate in double in a fixed order that does not depend
@@ -158,7 +158,7 @@ void CpuBackend::count_nonfinite(Context, const CountNonfiniteArgs& a) {
   a.count.ptr<int64_t>()[0] = bad;
 }
 
-// out[n, :] = scale · table[tokens[n], :]   (spec §1)
+// out[n, :] = scale · table[tokens[n], :]   (docs/model.md §1)
 void CpuBackend::embedding_fwd(Context, const EmbeddingFwdArgs& a) {
   constexpr std::string_view kOp = "embedding_fwd";
   const EmbeddingDims d = validate_embedding_fwd(a, Device::kCPU);

@@ -1,4 +1,4 @@
-// bf16 tensors on the CPU reference backend (op_args.h says which fields may be bf16; spec §7).
+// bf16 tensors on the CPU reference backend (op_args.h says which fields may be bf16; docs/model.md §7).
 // The CPU ops compute in f32 or f64 only, so a call's bf16 tensors pass through f32 buffers:
 // - an input is widened exactly into a buffer (every bf16 value is an f32 value) and the op's f32
 //   code reads the buffer;

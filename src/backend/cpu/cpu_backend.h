@@ -1,4 +1,4 @@
-// The CPU reference backend (STYLE.md habit 1): plain readable loops, f32 or f64 (chosen by the
+// The CPU reference backend (docs/style.md habit 1): plain readable loops, f32 or f64 (chosen by the
 // tensors' dtype, f64 for finite-difference checks), OpenMP over rows, OpenBLAS for GEMMs.
 // Each op family lives in its own .cpp file beside this header.
 // It implements every field of op_args.h: bf16 tensors (f32 calls only) are widened exactly into

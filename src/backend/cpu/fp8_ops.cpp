@@ -1,4 +1,4 @@
-// The FP8 ops of the CPU reference backend (op_args.h's FP8 section; spec §7, sources §6): the
+// The FP8 ops of the CPU reference backend (op_args.h's FP8 section; docs/model.md §7, docs/derivations.md §6): the
 // quantisers written as the rule reads, one tile at a time with core/dtype.h's scalar conversions
 // (which the CUDA kernels match bit for bit), and fp8_gemm as the exact dequantised product.
 //

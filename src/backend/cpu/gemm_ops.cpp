@@ -10,7 +10,7 @@
 // copied with every value rounded to bf16 (bf16 operands widened, exactly) into the backend's
 // buffers (bf16_staging.h), then cblas_sgemm multiplies the copies: a product of two bf16 values is
 // exact in f32 (8 + 8 significant bits), and the sums, alpha and beta are f32, as on tensor cores
-// with f32 accumulation. f32_exact keeps f32 operands as they are (the router's logits, spec §5).
+// with f32 accumulation. f32_exact keeps f32 operands as they are (the router's logits, docs/model.md §5).
 // A bf16 C (beta = 0) is the f32 result rounded once: a grouped GEMM's two terms are both summed
 // into the f32 buffer first, then rounded.
 #include <cblas.h>

@@ -1,4 +1,4 @@
-// Decoding against the compressed (latent) KV cache on the CPU (spec §2; sources §2.4 "absorb",
+// Decoding against the compressed (latent) KV cache on the CPU (docs/model.md §2; docs/derivations.md §2.4 "absorb",
 // §3.3 absorbed inference for DiffMLA design A).
 //
 // Design: the naive reference, MQA with one shared key/value head. Every component head j scores
@@ -7,7 +7,7 @@
 // the op's float type, so no scratch is needed:
 //   pass 1: online max and normaliser per component, m_c = max_s z_{c,s}, l_c = Σ_s exp(z_{c,s} − m_c)
 //   pass 2: out = Σ_s (Σ_c coef_c · exp(z_{c,s} − m_c) / l_c) ĉ_s,  coef_0 = 1, coef_1 = −λ
-// so the differential subtraction A_{h,0}ĉ − λ A_{h,1}ĉ happens in latent space (sources §3.3)
+// so the differential subtraction A_{h,0}ĉ − λ A_{h,1}ĉ happens in latent space (docs/derivations.md §3.3)
 // without a second output buffer. Scores are recomputed in pass 2 (a reference, not a fast kernel).
 // OpenMP runs over (batch, value group); a group (a differential head, or a plain head) owns its
 // output rows, so threads never share an output and results do not depend on the thread count.

@@ -1,5 +1,5 @@
 // MoE routing and token dispatch on the CPU: the reference every fast kernel is checked against
-// (spec §5; sources §4.2 forward, §4.4 backward of the weights, §4.5 bias update, §4.6 aux loss).
+// (docs/model.md §5; docs/derivations.md §4.2 forward, §4.4 backward of the weights, §4.5 bias update, §4.6 aux loss).
 //
 // Design:
 // - Everything is per token and written as plain loops. Selection (the kept groups, the top-k
@@ -69,7 +69,7 @@ void top_k_by_argmax(const T* score, uint8_t* state, int64_t n, int64_t k, int32
   }
 }
 
-// s = sigmoid(z) or softmax(z) over the E experts of one token (sources §4.2).
+// s = sigmoid(z) or softmax(z) over the E experts of one token (docs/derivations.md §4.2).
 template <class T>
 void score_row(const T* z, T* s, int64_t n_experts, ScoreFunc func) {
   if (func == ScoreFunc::kSigmoid) {
@@ -83,7 +83,7 @@ void score_row(const T* z, T* s, int64_t n_experts, ScoreFunc func) {
   for (int64_t e = 0; e < n_experts; ++e) s[e] = static_cast<T>(std::exp(static_cast<Acc>(z[e] - z_max)) / denom);
 }
 
-// Group score (sources §4.2): sum of the two largest selection scores of the group when the
+// Group score (docs/derivations.md §4.2): sum of the two largest selection scores of the group when the
 // balancing bias is on (V3 "noaux_tc"), the largest one when it is off (V2 "group_limited_greedy").
 template <class T>
 T group_score(const T* sel, int64_t group_size, bool top2_sum) {
@@ -108,7 +108,7 @@ struct RouteScratch {
   std::vector<uint8_t> group_state; // [G] kept groups end up kChosen
 };
 
-// Routes one token (spec §5, sources §4.2): idx [K] and w [K] from scores s [E] and bias b [E].
+// Routes one token (docs/model.md §5, docs/derivations.md §4.2): idx [K] and w [K] from scores s [E] and bias b [E].
 template <class T>
 void route_token(const T* s, const T* bias, const RouterOptions& opt, int64_t n_experts, RouteScratch<T>& scratch,
                  int32_t* idx, T* w) {
@@ -169,7 +169,7 @@ void router_fwd_impl(const RouterFwdArgs& a) {
   for (int64_t i = 0; i < n_tokens * opt.top_k; ++i) ++counts[idx[i]];
 }
 
-// Backward of the routing weights only (sources §4.4); selection and bias are constants.
+// Backward of the routing weights only (docs/derivations.md §4.4); selection and bias are constants.
 template <class T>
 void router_bwd_impl(const RouterBwdArgs& a) {
   const int64_t n_tokens = a.scores.dim(0), n_experts = a.scores.dim(1), top_k = a.opt.top_k;
@@ -214,7 +214,7 @@ void router_bwd_impl(const RouterBwdArgs& a) {
 
 // ------------------------------------------------------------------ sequence-wise aux loss
 
-// Per-sequence quantities of sources §4.6 for tokens [t0, t0 + T) of `s` [N, E]:
+// Per-sequence quantities of docs/derivations.md §4.6 for tokens [t0, t0 + T) of `s` [N, E]:
 //   f_i = E/(K·T) · Σ_t 1[i ∈ plain top-K of s_t]   (unbiased scores, no groups, no gradient)
 // and the normaliser of s'_{i,t} = s_{i,t} / Σ_j s_{j,t} per token (1 for softmax scores, which
 // already sum to one, so s' = s there).
@@ -269,7 +269,7 @@ void aux_loss_fwd_impl(const AuxLossFwdArgs& a) {
   loss[0] = static_cast<T>(loss[0] + total / static_cast<Acc>(n_seqs));
 }
 
-// dlogits += dloss · ∂(mean_b L_b)/∂z (sources §4.6, with the 1/B of the mean):
+// dlogits += dloss · ∂(mean_b L_b)/∂z (docs/derivations.md §4.6, with the 1/B of the mean):
 //   g_i = dloss · α f_i / (T·B)                      (= ∂L/∂s'_{i,t}, the same for every t)
 //   sigmoid: ∂L/∂s_k = (g_k − Σ_i s'_i g_i) / Σ_j s_j,  dz_k = ∂L/∂s_k · s_k (1 − s_k)
 //   softmax: s' = s,  dz_k = s_k (g_k − Σ_i s_i g_i)
@@ -352,7 +352,7 @@ void combine_bwd_impl(const MoeCombineBwdArgs& a) {
   }
 }
 
-// b_i += rate · sign(mean(c) − c_i), sign(0) = 0 (sources §4.5).
+// b_i += rate · sign(mean(c) − c_i), sign(0) = 0 (docs/derivations.md §4.5).
 template <class T, class C>
 void bias_update_impl(const MoeBiasUpdateArgs& a) {
   const int64_t n_experts = a.bias.numel();

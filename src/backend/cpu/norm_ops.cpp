@@ -29,7 +29,7 @@ void round_rows(const Tensor& dst16, const float* src, int64_t rows, int64_t wid
 
 }  // namespace
 
-// r = (mean(x²) + eps)^-1/2,  y = out_scale · x · r ⊙ w   (sources App. A)
+// r = (mean(x²) + eps)^-1/2,  y = out_scale · x · r ⊙ w   (docs/derivations.md App. A)
 void CpuBackend::rmsnorm_fwd(Context, const RmsNormFwdArgs& a) {
   constexpr std::string_view kOp = "rmsnorm_fwd";
   const RmsNormDims dims = validate_rmsnorm_fwd(a, Device::kCPU);
@@ -58,7 +58,7 @@ void CpuBackend::rmsnorm_fwd(Context, const RmsNormFwdArgs& a) {
   if (a.y16.defined()) round_rows(a.y16, a.y.ptr<float>(), a.rows, a.width, ys);  // validated: f32 y
 }
 
-// With x̂ = x·r and g = out_scale·dy ⊙ w   (sources App. A, out_scale folded into g):
+// With x̂ = x·r and g = out_scale·dy ⊙ w   (docs/derivations.md App. A, out_scale folded into g):
 //   dw += Σ_rows out_scale · dy ⊙ x̂
 //   dx  = r · (g − x̂ · mean(g ⊙ x̂))          (overwritten, or added when dx_accumulate)
 void CpuBackend::rmsnorm_bwd(Context, const RmsNormBwdArgs& a) {

@@ -1,4 +1,4 @@
-// The paged latent cache on the CPU (op_args.h's paged section; spec §2, sources §2.4, §3.3).
+// The paged latent cache on the CPU (op_args.h's paged section; docs/model.md §2, docs/derivations.md §2.4, §3.3).
 //
 // paged_cache_write scatters rows into the pool by slot. paged_latent_attention is the reference:
 // latent_attention's two passes per query row (online max and normaliser per component, then

@@ -1,4 +1,4 @@
-// RoPE on the CPU (spec §3, sources conventions): interleaved pairs (x[2i], x[2i+1]) of each
+// RoPE on the CPU (docs/model.md §3, sources conventions): interleaved pairs (x[2i], x[2i+1]) of each
 // addressed head are rotated in place by the angle pos·θ'_i, read from cos/sin tables that already
 // hold YaRN (model/rope_tables.h). The backward of a rotation is the rotation by −angle, so the
 // same op with inverse = true is RoPE's backward. Rows are independent: OpenMP over rows.

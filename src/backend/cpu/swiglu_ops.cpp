@@ -1,4 +1,4 @@
-// SwiGLU activation (spec §4, sources Appendix A) of the CPU reference backend: h = silu(a) ⊙ b.
+// SwiGLU activation (docs/model.md §4, sources Appendix A) of the CPU reference backend: h = silu(a) ⊙ b.
 // Element-wise, computed in double and rounded once to the tensor type. bf16 tensors (f32 calls, the
 // bf16 GEMM mode's expert activations): inputs widened exactly, outputs the f32 result rounded once
 // (bf16_staging.h).

@@ -1,4 +1,4 @@
-// DiffMLA attention core on the GPU (spec §2; sources §1.3-1.4, §2.3-2.5): the MLA key/value split,
+// DiffMLA attention core on the GPU (docs/model.md §2; docs/derivations.md §1.3-1.4, §2.3-2.5): the MLA key/value split,
 // the differential λ and causal attention, forward and backward.
 //
 // Kernel choice (attention_fwd / attention_bwd): under GemmPrecision::kBF16 the tensor-core kernels
@@ -103,7 +103,7 @@ __global__ void __launch_bounds__(kThreads) kv_split_bwd_kv_kernel(Out* __restri
   });
 }
 
-// dkr[n, i] = Σ_h dk[n, h, d_nope + i], summed over heads in order in f32 (sources §2.5, the CPU's
+// dkr[n, i] = Σ_h dk[n, h, d_nope + i], summed over heads in order in f32 (docs/derivations.md §2.5, the CPU's
 // order); items of token n: pieces of the d_rope columns.
 template <class In, bool kVec4>
 __global__ void __launch_bounds__(kThreads) kv_split_bwd_kr_kernel(float* __restrict__ dkr, const In* __restrict__ dk,
@@ -151,7 +151,7 @@ __global__ void diff_lambda_fwd_kernel(float* lambda, const float* lq1, const fl
   if (threadIdx.x == 0) lambda[0] = static_cast<float>(exp(d1) - exp(d2) + lambda_init);
 }
 
-// dλ_q1 += dλ·e1·λ_k1, dλ_k1 += dλ·e1·λ_q1, dλ_q2 += −dλ·e2·λ_k2, dλ_k2 += −dλ·e2·λ_q2 (sources §1.4)
+// dλ_q1 += dλ·e1·λ_k1, dλ_k1 += dλ·e1·λ_q1, dλ_q2 += −dλ·e2·λ_k2, dλ_k2 += −dλ·e2·λ_q2 (docs/derivations.md §1.4)
 __global__ void diff_lambda_bwd_kernel(float* dlq1, float* dlk1, float* dlq2, float* dlk2, const float* dlambda,
                                        const float* lq1, const float* lk1, const float* lq2, const float* lk2,
                                        int64_t n) {
@@ -238,7 +238,7 @@ __global__ void __launch_bounds__(kAttnThreads) attention_fwd_kernel(float* out,
   }
 }
 
-// Backward of one query row t for each component (sources §1.4), with dO_c = coef·dO:
+// Backward of one query row t for each component (docs/derivations.md §1.4), with dO_c = coef·dO:
 //   p_s = exp(z_s − lse),  dS_s = p_s·(dO_c·V_s − D_c),  D_c = rowsum(dO_c ⊙ O_c),
 //   dq_t = scale·Σ_s dS_s k_s (written),  dk_s += scale·dS_s q_t,  dV_s += p_s dO_c (atomics).
 // Shared memory: q [d_qk], dout row [width], p [T], dS [T].

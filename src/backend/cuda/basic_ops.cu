@@ -1,4 +1,4 @@
-// Basic tensor ops and the token embedding (spec §1) on the GPU.
+// Basic tensor ops and the token embedding (docs/model.md §1) on the GPU.
 //
 // Design: one thread per element with grid-stride loops. Element-wise arithmetic runs in double and
 // rounds once to f32, as the CPU reference does (memory-bound, so the f64 units cost nothing here),

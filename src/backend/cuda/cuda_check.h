@@ -1,4 +1,4 @@
-// One error policy for CUDA and cuBLAS calls (STYLE.md habit 7): every call is checked, and a
+// One error policy for CUDA and cuBLAS calls (docs/style.md habit 7): every call is checked, and a
 // failure throws diffmoe::Error naming the call's text, file:line and the library's error string.
 //   CUDA_CHECK(cudaMemcpyAsync(...));   CUBLAS_CHECK(cublasSgemm(...));
 //   CUBLASLT_CHECK(cublasLtMatmul(...), what);  what: a std::string naming the op and its shapes,

@@ -13,7 +13,7 @@
 // - bf16 stores round each f32 value to nearest even (__float2bfloat16_rn), the same rounding as
 //   store_as (cuda_common.cuh); bf16 loads widen to f32 exactly (load4, load1), so a kernel
 //   templated on its input type computes the same formulas on bf16 inputs (the bf16 GEMM mode's
-//   activations that a GEMM wrote in bf16: spec §7).
+//   activations that a GEMM wrote in bf16: docs/model.md §7).
 #pragma once
 #include <cuda_bf16.h>
 

@@ -1,4 +1,4 @@
-// The expert-parallel dispatch plan (op_args.h EpDispatchPlanArgs, spec §12) on the GPU, in three
+// The expert-parallel dispatch plan (op_args.h EpDispatchPlanArgs, docs/model.md §12) on the GPU, in three
 // launches and one scan, deterministic (no order depends on timing):
 //   1. flags[r·N + n] = 1 when token n has a slot whose expert is on rank r (one thread per (r, n));
 //   2. an inclusive scan over the flags in (r, n) order: pair (r, n)'s index is scan − 1, and the

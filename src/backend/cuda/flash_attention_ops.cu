@@ -1,4 +1,4 @@
-// Fused flash-style causal differential attention in f32 (spec §2; sources §1.3-1.4): forward and
+// Fused flash-style causal differential attention in f32 (docs/model.md §2; docs/derivations.md §1.3-1.4): forward and
 // backward without score matrices in device memory and without atomics (deterministic).
 //
 // Design

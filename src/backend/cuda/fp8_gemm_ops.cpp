@@ -1,4 +1,4 @@
-// fp8_gemm on the GPU (op_args.h; spec §7, sources §6.1, §6.3): cuBLASLt's block-scaled FP8 GEMM
+// fp8_gemm on the GPU (op_args.h; docs/model.md §7, docs/derivations.md §6.1, §6.3): cuBLASLt's block-scaled FP8 GEMM
 // (lt_gemm.h: plans cached by shape, timed candidates), Hopper only.
 //
 // The row-major C[M, N] = Â·B̂ᵀ (A [M, K], B [N, K], both K-major) is the column-major

@@ -1,4 +1,4 @@
-// Device side of the FP8 quantisers (fp8_quant_ops.cu; op_args.h's FP8 section, spec §7): the tile
+// Device side of the FP8 quantisers (fp8_quant_ops.cu; op_args.h's FP8 section, docs/model.md §7): the tile
 // sizes, the scale rule and the e4m3 rounding, each written once so that every kernel computes the
 // CPU's bits (core/dtype.cpp: e4m3_scale, f32_to_e4m3).
 // - The quotient x / s is one IEEE division (__fdiv_rn, whatever the compiler's flags), as the CPU's

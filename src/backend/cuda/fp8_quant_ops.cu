@@ -1,4 +1,4 @@
-// act_quant, weight_quant and weight_dequant on the GPU (op_args.h's FP8 section, spec §7), bit for
+// act_quant, weight_quant and weight_dequant on the GPU (op_args.h's FP8 section, docs/model.md §7), bit for
 // bit the CPU's (cpu/fp8_ops.cpp; the shared arithmetic is fp8_quant.cuh). Memory-bound: each reads
 // its source once and writes each copy once, with 16-byte loads and 4- or 16-byte stores.
 //

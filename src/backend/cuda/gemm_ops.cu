@@ -35,7 +35,7 @@
 // TMA kernel runs both products' k-tiles into one accumulator and writes C once; the mma.sync kernel
 // and the per-group path run the second term as a second pass with beta = 1 (correctness only).
 // bf16 C (grouped_gemm, the bf16 GEMM mode, beta = 0): the expert activations that only element-wise
-// ops read (a, b, y_perm, dh, dx_perm; spec §7) are written rounded once by the kernels' epilogue,
+// ops read (a, b, y_perm, dh, dx_perm; docs/model.md §7) are written rounded once by the kernels' epilogue,
 // halving their bytes; the fallbacks' second pass re-reads the rounded first term.
 #include <cuda_bf16.h>
 #include <fmt/format.h>

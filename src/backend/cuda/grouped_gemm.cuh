@@ -73,7 +73,7 @@ struct GroupedGemmParams {
   int k2 = 0, lda2 = 0, ldb2 = 0;
   // An optional bf16 output, fwd/dgrad with beta = 0 only: when set, C = alpha·(…) is written here
   // ([R, n], each value rounded to nearest even, pairs in 4-byte stores where n is even) and c is
-  // not used. The bf16 GEMM mode's expert activations that only element-wise ops read (spec §7).
+  // not used. The bf16 GEMM mode's expert activations that only element-wise ops read (docs/model.md §7).
   bf16* c16 = nullptr;
 };
 

@@ -1,4 +1,4 @@
-// Decoding against the compressed (latent) KV cache on the GPU (spec §2; sources §2.4, §3.3):
+// Decoding against the compressed (latent) KV cache on the GPU (docs/model.md §2; docs/derivations.md §2.4, §3.3):
 // absorbed MQA with one shared key/value head, key [ĉ_s ; k^R_s] (r_kv + d_rope), value ĉ_s.
 //
 // Design: one block per (query t, value group g, batch b), like attention_fwd. The block keeps the

@@ -125,7 +125,7 @@ void LtGemm::make_plan(Plan& p, const LtGemmCall& c) {
   if (c.block_scaled) {
     // The scale modes (part of the key) and the first call's scale tensors (the heuristic sees a complete
     // descriptor; every call sets its own pointers again). Fast accumulation stays off: the tensor cores'
-    // partial sums are promoted to f32 (sources §6.3), the only mode cuBLASLt offers with these scales.
+    // partial sums are promoted to f32 (docs/derivations.md §6.3), the only mode cuBLASLt offers with these scales.
     const int8_t fast_accum = 0;
     CUBLASLT_CHECK(cublasLtMatmulDescSetAttribute(p.desc, CUBLASLT_MATMUL_DESC_FAST_ACCUM, &fast_accum,
                                                   sizeof(fast_accum)),

@@ -1,4 +1,4 @@
-// MoE routing and token dispatch on the GPU (spec §5; sources §4.2 forward, §4.4 backward of the
+// MoE routing and token dispatch on the GPU (docs/model.md §5; docs/derivations.md §4.2 forward, §4.4 backward of the
 // weights, §4.5 bias update, §4.6 aux loss), checked against the CPU reference.
 //
 // Design:
@@ -20,7 +20,7 @@
 //   (token, slot), lanes over columns in float4 pieces where sizes and alignment allow
 //   (elementwise.cuh); every sum over the K slots runs in k order per token in double
 //   (deterministic, and the CPU's value rounded once). In the bf16 GEMM mode the rows they read
-//   (x_norm's copy, y_perm, dx_perm) may be bf16, widened exactly (spec §7).
+//   (x_norm's copy, y_perm, dx_perm) may be bf16, widened exactly (docs/model.md §7).
 // - Index contents (topk_idx, src_row, slot_pos) are checked where they are used (device_issue.h).
 #include <cuda_bf16.h>
 
@@ -67,7 +67,7 @@ __device__ int warp_argmax(const float* score, const uint8_t* state, int n) {
   return best_i;
 }
 
-// Group score (sources §4.2): the sum of the two largest selection scores of the group when the
+// Group score (docs/derivations.md §4.2): the sum of the two largest selection scores of the group when the
 // balancing bias is on, the largest one when it is off. Sequential, exactly the CPU's scan.
 __device__ float group_score(const float* sel, int group_size, bool top2_sum) {
   int first = 0;
@@ -96,7 +96,7 @@ struct RouterWarpSmem {
   int idx[kMaxExperts];
 };
 
-// One warp per token: scores, group limit, top-k, weights, counts (spec §5, sources §4.2).
+// One warp per token: scores, group limit, top-k, weights, counts (docs/model.md §5, docs/derivations.md §4.2).
 __global__ void __launch_bounds__(kRouterWarps * kWarp) router_fwd_kernel(float* scores, int32_t* topk_idx,
                                                                          float* topk_w, int32_t* counts,
                                                                          const float* logits, const float* bias,
@@ -168,7 +168,7 @@ __global__ void __launch_bounds__(kRouterWarps * kWarp) router_fwd_kernel(float*
   }
 }
 
-// Backward of the routing weights only (sources §4.4), one warp per token. The per-token scalars run
+// Backward of the routing weights only (docs/derivations.md §4.4), one warp per token. The per-token scalars run
 // on lane 0 in k order (K is small), the E-wide row on all lanes.
 __global__ void router_bwd_kernel(float* dlogits, const float* dtopk_w, const float* scores, const int32_t* topk_idx,
                                   RouterConsts c, DeviceIssue* issue) {
@@ -565,7 +565,7 @@ __global__ void __launch_bounds__(kThreads) combine_bwd_kernel(Out* __restrict__
   }
 }
 
-// b_i += rate · sign(mean(c) − c_i), sign(0) = 0 (sources §4.5). One block; the total is a fixed-
+// b_i += rate · sign(mean(c) − c_i), sign(0) = 0 (docs/derivations.md §4.5). One block; the total is a fixed-
 // order block reduction in double.
 __global__ void bias_update_kernel(float* bias, const void* counts, bool counts_i32, int64_t n_experts, double rate) {
   __shared__ double red[kWarp];

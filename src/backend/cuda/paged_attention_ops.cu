@@ -1,4 +1,4 @@
-// The paged latent cache on the GPU (op_args.h's paged section; spec §2, sources §2.4, §3.3).
+// The paged latent cache on the GPU (op_args.h's paged section; docs/model.md §2, docs/derivations.md §2.4, §3.3).
 //
 // paged_cache_write: one block per row (grid-stride), threads over its W values; a slot outside the
 // pool is skipped and reported (device_issue.h). Slots are assumed distinct (the engine hands out

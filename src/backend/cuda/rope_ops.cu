@@ -1,4 +1,4 @@
-// RoPE on the GPU (spec §3): interleaved pairs (x[2i], x[2i+1]) of each addressed head rotated in
+// RoPE on the GPU (docs/model.md §3): interleaved pairs (x[2i], x[2i+1]) of each addressed head rotated in
 // place by pos·θ'_i from the cos/sin tables (YaRN folded in); inverse = true rotates by −angle
 // (RoPE's backward). One thread per item of a row (elementwise.cuh: 32-bit item numbers, no 64-bit
 // division per element): an item is two pairs (one float4, cos/sin as float2) when the row width,

@@ -1,4 +1,4 @@
-// Σ x² on the GPU for the global gradient norm (spec §7), shared by the sum_squares op
+// Σ x² on the GPU for the global gradient norm (docs/model.md §7), shared by the sum_squares op
 // (basic_ops.cu) and the grouped weight-gradient GEMM, whose kernel squares the values it stores
 // (GroupedGemmWgradArgs::sum_sq). Everything is enqueued on the given stream; no atomics, so the
 // sums are the same bits on every run.

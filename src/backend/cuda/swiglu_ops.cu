@@ -1,4 +1,4 @@
-// SwiGLU (spec §4) on the GPU: h = silu(a) ⊙ b and its backward, element-wise over the flat tensors,
+// SwiGLU (docs/model.md §4) on the GPU: h = silu(a) ⊙ b and its backward, element-wise over the flat tensors,
 // kVec elements per thread access where every tensor is aligned (elementwise.cuh; a scalar tail and
 // a scalar path for unaligned views).
 //
@@ -14,7 +14,7 @@
 //   a = −1.28, where the f32 sum loses digits: its error of a few 2^-24 grows, relative to a result
 //   below 2^-8, toward a bf16 step; above 2^-8 it stays under ~2^-14). About 0.1% of elements.
 // Inputs a, b (and dh) are f32, or bf16 where the bf16 GEMM mode's expert GEMMs wrote them in bf16
-// (spec §7); bf16 inputs are widened exactly and take the same formulas.
+// (docs/model.md §7); bf16 inputs are widened exactly and take the same formulas.
 // Why not double everywhere: the double exp and division per element made the forward
 // compute-bound on the H100's f64 units (measured 1.7 of ~3 TB/s).
 #include <cuda_bf16.h>

@@ -1,5 +1,5 @@
 // Tensor-core fused causal (differential) flash attention: bf16 operands, f32 accumulation
-// (spec §2; sources §1.3-1.4). The same math as flash_attention_ops.cu (read its header first),
+// (docs/model.md §2; docs/derivations.md §1.3-1.4). The same math as flash_attention_ops.cu (read its header first),
 // on mma.sync.m16n8k16 bf16 instead of f32 FMA. Used by the CUDA backend under GemmPrecision::kBF16
 // (tc_attention_ops.cu); this header includes only CUDA headers, so the standalone harness
 // tools/kernel-dev/tc_attention_check.cu can include it too.
