@@ -1,0 +1,1 @@
+#include "dist_util.h"
