@@ -201,7 +201,10 @@ class TrainRun {
     std::vector<std::string> warnings;
     const auto info = resolve_resume(opt_.resume, rc_.checkpoint.dir, &warnings);
     for (const auto& w : warnings) say("resume: warning: " + w);
-    DIFFMOE_CHECK(info.has_value(), "{}: no valid checkpoint to resume from", rc_.checkpoint.dir);
+    // Every rank's error says why each checkpoint was skipped (rank 0 alone prints the warnings).
+    std::string why;
+    for (const auto& w : warnings) why += "; " + w;
+    DIFFMOE_CHECK(info.has_value(), "{}: no valid checkpoint to resume from{}", rc_.checkpoint.dir, why);
     const StateReader reader(info->dir);
     DIFFMOE_CHECK(reader.has_moments(), "{}: holds model weights but no optimizer state: cannot resume training from it", info->dir);
     load_state(*optim_, reader, {});

@@ -57,6 +57,7 @@ inline std::vector<std::string> split_lines(const std::string& s) {
 // ---- Running the binary -------------------------------------------------------------------------
 
 struct RunResult {
+  std::vector<std::string> launcher;  // the command in front of diffmoe (e.g. mpirun -np 2), if any
   std::vector<std::string> args;
   bool exited = false;  // WIFEXITED: false means a signal (a crash) or our timeout kill
   int code = -1;        // WEXITSTATUS
@@ -65,7 +66,9 @@ struct RunResult {
   std::string out, err;
 
   std::string describe() const {
-    std::string cmd = "diffmoe";
+    std::string cmd;
+    for (const auto& a : launcher) cmd += a + " ";
+    cmd += "diffmoe";
     for (const auto& a : args) cmd += " " + a;
     std::string how = exited ? "exit " + std::to_string(code)
                              : "killed by signal " + std::to_string(signal) + " (" + strsignal(signal) + ")" +
@@ -80,6 +83,8 @@ struct RunOptions {
   rlim_t fsize_limit = 0;       // RLIMIT_FSIZE in bytes for the child (0: unchanged); SIGXFSZ ignored
   rlim_t address_space_limit = 0;  // RLIMIT_AS in bytes for the child (0: unchanged): host allocations fail
   int timeout_s = 120;
+  std::vector<std::string> launcher;  // run `launcher... DIFFMOE_BIN args...` (e.g. mpirun -np 2)
+  std::vector<std::pair<std::string, std::string>> env;  // set in the child's environment
 };
 inline RunOptions with_stdin(std::string text) {
   RunOptions o;
@@ -100,7 +105,7 @@ inline RunOptions with_fsize_limit(rlim_t bytes) {
 // A running `diffmoe` (spawn_diffmoe): its pid, and the files its stdout and stderr go to.
 struct Child {
   pid_t pid = -1;
-  std::vector<std::string> args;
+  std::vector<std::string> launcher, args;
   std::string out_path, err_path, in_path;
   int timeout_s = 120;
   std::chrono::steady_clock::time_point started;
@@ -108,9 +113,11 @@ struct Child {
   std::string err() const { return read_file(err_path); }
 };
 
-// fork + execv of DIFFMOE_BIN, not waited for; stdout and stderr go to files (no pipe deadlocks).
+// fork + execve of DIFFMOE_BIN (after opt.launcher's command, an absolute path), not waited for;
+// stdout and stderr go to files (no pipe deadlocks).
 inline Child spawn_diffmoe(std::vector<std::string> args, const RunOptions& opt = {}) {
   Child c;
+  c.launcher = opt.launcher;
   c.args = args;
   c.timeout_s = opt.timeout_s;
   char out_tpl[] = "/tmp/diffmoe-e2e-out-XXXXXX", err_tpl[] = "/tmp/diffmoe-e2e-err-XXXXXX", in_tpl[] = "/tmp/diffmoe-e2e-in-XXXXXX";
@@ -127,11 +134,23 @@ inline Child spawn_diffmoe(std::vector<std::string> args, const RunOptions& opt 
     ADD_FAILURE() << "test harness: cannot write stdin file";
   ::lseek(in_fd, 0, SEEK_SET);
 
-  std::vector<std::string> argv_store = {DIFFMOE_BIN};
+  std::vector<std::string> argv_store = opt.launcher;
+  argv_store.push_back(DIFFMOE_BIN);
   argv_store.insert(argv_store.end(), args.begin(), args.end());
   std::vector<char*> argv;
   for (auto& a : argv_store) argv.push_back(a.data());
   argv.push_back(nullptr);
+  // The child's environment: ours with opt.env set (built here: the child may only exec).
+  std::vector<std::string> env_store;
+  for (char** e = environ; *e != nullptr; ++e) {
+    const std::string kv = *e;
+    const std::string name = kv.substr(0, kv.find('='));
+    if (std::none_of(opt.env.begin(), opt.env.end(), [&](const auto& p) { return p.first == name; })) env_store.push_back(kv);
+  }
+  for (const auto& [k, v] : opt.env) env_store.push_back(k + "=" + v);
+  std::vector<char*> envp;
+  for (auto& e : env_store) envp.push_back(e.data());
+  envp.push_back(nullptr);
 
   c.started = std::chrono::steady_clock::now();
   const pid_t pid = ::fork();
@@ -149,7 +168,7 @@ inline Child spawn_diffmoe(std::vector<std::string> args, const RunOptions& opt 
       const struct rlimit lim = {opt.address_space_limit, opt.address_space_limit};
       if (::setrlimit(RLIMIT_AS, &lim) != 0) ::_exit(126);
     }
-    ::execv(argv[0], argv.data());
+    ::execve(argv[0], argv.data(), envp.data());
     ::_exit(127);
   }
   ::close(out_fd);
@@ -162,6 +181,7 @@ inline Child spawn_diffmoe(std::vector<std::string> args, const RunOptions& opt 
 // Waits for `c` (killing it with SIGKILL past its timeout) and collects what it printed.
 inline RunResult wait_diffmoe(Child& c) {
   RunResult r;
+  r.launcher = c.launcher;
   r.args = c.args;
   int status = 0;
   if (c.pid > 0) {
