@@ -2,12 +2,13 @@
 // projection, dense FFN, shared and routed experts are 128-wide multiples, so they run the FP8 recipe;
 // docs/model.md §7) learns as the bf16_gemm run of the same config does, and the config key is checked.
 //
-// Bounds (the run: 30 steps of 2 × 32 tokens from the same seed and data). Both runs start from the
-// same weights and see the same batches; FP8's coarser GEMMs (3 mantissa bits against bf16's 8:
-// test_fp8_model.cpp measures ~10% gradient noise) change each update a little, not the descent.
-// The loss must fall by at least half a nat from the first step to the mean of the last five (a run
-// that does not learn stays at ln(vocab) ≈ 8.3; bf16 falls by ~2 here), by at least 80% of the bf16
-// run's fall, and end within 5% of the bf16 run's mean of the last five steps.
+// Bounds (the run: 24 steps of 2 × 32 tokens from the same seed and data, the tiny model with a
+// 512-token head). Both runs start from the same weights and see the same batches; FP8's coarser
+// GEMMs (3 mantissa bits against bf16's 8: test_fp8_model.cpp measures ~4% gradient noise) perturb
+// each update a little, not the descent. The loss must fall by at least one nat from the first step
+// to the mean of the last five (a run that does not learn stays near ln(512) ≈ 6.2; measured: both
+// fall by 2.4), by at least 80% of the bf16 run's fall, and end within 2% of the bf16 run's mean of
+// the last five steps (measured 0.2%).
 #include <map>
 #include <numeric>
 
@@ -18,13 +19,14 @@
 namespace diffmoe::e2e {
 namespace {
 
-constexpr int kSteps = 30;
+constexpr int kSteps = 24;
 
 TEST_F(E2E, Fp8TrainingLearnsAsBf16Does) {
   const nlohmann::ordered_json tiny = load_yaml_file(test::repo_path("configs/tiny.yaml"));
   auto config = [&](const std::string& precision) {
     Yaml y = micro_config(dir_, dir_ / precision);
     for (const auto& [k, v] : tiny.at("model").items()) y.set("model." + k, v.dump());
+    y.set("model.vocab_size", "512");  // the 300-token tokenizer fits; a smaller head keeps the CPU run short
     y.set("train.micro_batch", "2");
     y.set("train.seq_len", "32");
     y.set("train.max_steps", std::to_string(kSteps));
@@ -37,7 +39,9 @@ TEST_F(E2E, Fp8TrainingLearnsAsBf16Does) {
   };
   std::map<std::string, std::vector<double>> losses;
   for (const char* precision : {"bf16_gemm", "fp8"}) {
-    const RunResult r = train(config(precision));
+    RunOptions slow;
+    slow.timeout_s = 900;  // 24 CPU steps of the tiny model: ~1 s each, more on a loaded machine
+    const RunResult r = train(config(precision), {}, slow);
     E2E_EXPECT_OK(r);
     for (const nlohmann::json& row : read_jsonl(dir_ / precision / "metrics.jsonl"))
       if (row.contains("loss") && !row.contains("val_loss")) losses[precision].push_back(row.at("loss").get<double>());
@@ -49,9 +53,9 @@ TEST_F(E2E, Fp8TrainingLearnsAsBf16Does) {
   const double fall16 = l16.front() - last5(l16), fall8 = l8.front() - last5(l8);
   std::printf("[fp8-train] first loss %.4f / %.4f, mean of the last five %.4f (fp8) vs %.4f (bf16)\n", l8.front(),
               l16.front(), last5(l8), last5(l16));
-  EXPECT_GE(fall8, 0.5);
+  EXPECT_GE(fall8, 1.0);
   EXPECT_GE(fall8, 0.8 * fall16);
-  EXPECT_LE(std::fabs(last5(l8) - last5(l16)), 0.05 * last5(l16));
+  EXPECT_LE(std::fabs(last5(l8) - last5(l16)), 0.02 * last5(l16));
   for (const double l : l8) EXPECT_TRUE(std::isfinite(l));
 }
 
