@@ -162,6 +162,9 @@ ModelMemoryPlan Model::memory_plan(const ModelConfig& cfg, DType dtype, const Mo
                                    int64_t seq) {
   cfg.validate("model config");
   PrecisionPlan plan(opt.precision, dtype);
+  DIFFMOE_CHECK(!(plan.fp8() && opt.parallel.ep_size > 1),
+                "[model] precision fp8 with expert parallelism ({} expert ranks) is not supported: use bf16 or ep 1",
+                opt.parallel.ep_size);
   auto layout = std::make_unique<ParamLayout>(cfg, plan, opt.parallel);
   LayoutBuffers params = plan_params(*layout, dtype);
   LayoutBuffers grads = GradBuffer::plan(*layout, plan.master_dtype());
