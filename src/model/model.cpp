@@ -176,6 +176,11 @@ ModelMemoryPlan Model::memory_plan(const ModelConfig& cfg, DType dtype, const Mo
 }
 
 void Model::set_batch_shape(int64_t batch, int64_t seq) {
+  // The CUDA FP8 GEMM reduces over the tokens in the Wgrad (K % 16) and takes them as rows (M % 8).
+  DIFFMOE_CHECK(!plan_.fp8() || be_->device() != Device::kCUDA || (batch * seq) % 16 == 0,
+                "[model] precision fp8 on cuda needs micro-batch × seq = {} × {} = {} tokens to be a multiple of 16 "
+                "(cuBLASLt's FP8 GEMM shapes)",
+                batch, seq, batch * seq);
   acts_ = Arena();
   plan_.clear_entries();
   ep_buffers_.reset();
