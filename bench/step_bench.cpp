@@ -1,6 +1,6 @@
 // Training-step throughput of a preset on a backend: forward + backward (+ AdamW with --optim).
 // Usage: bench_step --config configs/tiny.yaml [--device cpu|cuda] [--batch 16] [--seq 256]
-//                   [--steps 5] [--warmup 1] [--optim] [--precision f32|bf16_gemm]
+//                   [--steps 5] [--warmup 1] [--optim] [--precision f32|bf16_gemm|fp8]
 //                   [--recompute none|attention|moe|full]
 // Times whole steps on random tokens with the spec initialisation (the backend is synchronised
 // around each step); prints the median step time, tokens/s, MFU by docs/model.md §9 (÷ 989 TFLOP/s) and
@@ -8,6 +8,8 @@
 // optimizer state with --optim; the backend's scratch buffers are not counted).
 // --precision bf16_gemm (cuda only): the bf16 mode of docs/architecture.md (bf16 weight copies,
 // bf16 tensor-core GEMMs and attention, f32 masters; Backend::set_gemm_precision, train.precision).
+// --precision fp8 (cuda only): the bf16 mode plus the FP8 recipe for the attention and FFN Linears
+// (docs/model.md §7; the routed experts run one FP8 GEMM per expert, not a grouped kernel).
 // --recompute: activation recompute (train.recompute, model/recompute.h): the activation arena it
 // plans is printed on its own line, to set against the step time of --recompute none.
 // CPU threads: OMP_NUM_THREADS / OPENBLAS_NUM_THREADS as usual.
@@ -47,8 +49,9 @@ int main(int argc, char** argv) {
   app.add_flag("--data-parallel", data_parallel,
                "run the step through the trainer's distributed path with one rank (DataParallel: bucket notices, "
                "gradient finish, global norm and counts, weight gather); needs --optim");
-  app.add_option("--precision", precision, "f32, or bf16_gemm (cuda: GEMMs with bf16 inputs, f32 accumulation)")
-      ->check(CLI::IsMember({"f32", "bf16", "bf16_gemm"}));
+  app.add_option("--precision", precision,
+                 "f32, bf16_gemm (cuda: GEMMs with bf16 inputs, f32 accumulation) or fp8 (cuda: bf16_gemm plus FP8 Linears)")
+      ->check(CLI::IsMember({"f32", "bf16", "bf16_gemm", "fp8"}));
   app.add_option("--recompute", recompute, "activation recompute: none, attention, moe or full (train.recompute)")
       ->check(CLI::IsMember({"none", "attention", "moe", "full"}));
   CLI11_PARSE(app, argc, argv);
@@ -57,7 +60,7 @@ int main(int argc, char** argv) {
     if (seq <= 0) seq = cfg.max_seq_len;
     auto be = make_backend(device);
     DIFFMOE_CHECK(precision == "f32" || be->device() == Device::kCUDA,
-                  "--precision bf16_gemm needs --device cuda (the CPU backend computes in f32)");
+                  "--precision {} needs --device cuda (the CPU backend is the reference, not a benchmark)", precision);
     Model m(cfg, *be, DType::kF32,
             ModelOptions{.precision = parse_precision(precision, "--precision"),
                          .recompute = parse_recompute(recompute, "--recompute")});

@@ -56,14 +56,14 @@ done
 mkdir -p "$LOG_DIR"
 CONFIGURE=(cmake -S . -B "$BUILD_DIR" -G Ninja -DCMAKE_BUILD_TYPE=Release -DDIFFMOE_CUDA=ON
            -DCMAKE_CUDA_ARCHITECTURES="$ARCH" -DDIFFMOE_TESTS=ON -DDIFFMOE_BENCH=ON)
-TARGETS=(test_cuda_ops test_cuda_dist test_serve_cuda test_cuda_eval cuda_model_check bench_ops bench_step bench_grouped_gemm bench_fp8
+TARGETS=(test_cuda_ops test_cuda_dist test_serve_cuda test_cuda_eval test_cuda_fp8_model cuda_model_check bench_ops bench_step bench_grouped_gemm bench_fp8
          diffmoe)
 
 if [[ -n "$MAKE_BUNDLE" ]]; then
   "${CONFIGURE[@]}" >/dev/null && ninja -C "$BUILD_DIR" -j"$JOBS" "${TARGETS[@]}" || exit 1
   rm -rf "$MAKE_BUNDLE" && mkdir -p "$MAKE_BUNDLE/lib" || exit 1
   bins=("$BUILD_DIR/tests/ops/test_cuda_ops" "$BUILD_DIR/tests/dist/test_cuda_dist" "$BUILD_DIR/tests/serve/test_serve_cuda"
-        "$BUILD_DIR/tests/eval/test_cuda_eval" "$BUILD_DIR/tools/cuda_model_check"
+        "$BUILD_DIR/tests/eval/test_cuda_eval" "$BUILD_DIR/tests/model/test_cuda_fp8_model" "$BUILD_DIR/tools/cuda_model_check"
         "$BUILD_DIR/bench/bench_ops" "$BUILD_DIR/bench/bench_step" "$BUILD_DIR/bench/bench_grouped_gemm"
         "$BUILD_DIR/bench/bench_fp8" "$BUILD_DIR/src/cli/diffmoe")
   cp "${bins[@]}" "$MAKE_BUNDLE/" || exit 1
@@ -124,6 +124,7 @@ BIN_TEST="$BUILD_DIR/tests/ops/test_cuda_ops"
 BIN_DIST="$BUILD_DIR/tests/dist/test_cuda_dist"
 BIN_SERVE="$BUILD_DIR/tests/serve/test_serve_cuda"
 BIN_EVAL="$BUILD_DIR/tests/eval/test_cuda_eval"
+BIN_FP8MODEL="$BUILD_DIR/tests/model/test_cuda_fp8_model"
 BIN_MODEL="$BUILD_DIR/tools/cuda_model_check"
 BIN_OPS="$BUILD_DIR/bench/bench_ops"
 BIN_BENCH="$BUILD_DIR/bench/bench_step"
@@ -141,6 +142,7 @@ if [[ $built == 0 && -n "$PREBUILT" ]]; then
   BIN_DIST="$PREBUILT/test_cuda_dist"
   BIN_SERVE="$PREBUILT/test_serve_cuda"
   BIN_EVAL="$PREBUILT/test_cuda_eval"
+  BIN_FP8MODEL="$PREBUILT/test_cuda_fp8_model"
   BIN_MODEL="$PREBUILT/cuda_model_check"
   BIN_OPS="$PREBUILT/bench_ops"
   BIN_BENCH="$PREBUILT/bench_step"
@@ -170,7 +172,8 @@ if [[ -x "$BIN_DIST" ]]; then  # the NCCL communicator with one GPU (src/dist/nc
 else
   skip test_cuda_dist "no binary"
 fi
-for pair in "test_serve_cuda:$BIN_SERVE" "test_cuda_eval:$BIN_EVAL"; do  # the decode engine, the eval scorer
+# the decode engine, the eval scorer, the fp8 mode's model step
+for pair in "test_serve_cuda:$BIN_SERVE" "test_cuda_eval:$BIN_EVAL" "test_cuda_fp8_model:$BIN_FP8MODEL"; do
   name="${pair%%:*}" bin="${pair#*:}"
   if [[ -x "$bin" ]]; then
     step "$name" "$LOG_DIR/$name.log" "$bin" --gtest_brief=1
@@ -251,6 +254,10 @@ if [[ "${BENCH:-1}" == 1 && $PART != checks ]]; then
     step bench_diffmoe_bf16gemm "$LOG_DIR/bench_diffmoe_bf16gemm.log" "$BIN_BENCH" --device cuda --config configs/bench.yaml \
       --batch "$ours_batch" --seq 2048 --steps 5 --warmup 2 --optim --precision bf16_gemm
     cat "$LOG_DIR/bench_diffmoe_bf16gemm.log" | tail -n 3
+    # The fp8 mode (docs/model.md §7): FP8 Linears; the routed experts' per-expert loop is not the fast path.
+    step bench_diffmoe_fp8 "$LOG_DIR/bench_diffmoe_fp8.log" "$BIN_BENCH" --device cuda --config configs/bench.yaml \
+      --batch "$ours_batch" --seq 2048 --steps 5 --warmup 2 --optim --precision fp8
+    cat "$LOG_DIR/bench_diffmoe_fp8.log" | tail -n 3
     # World size 1 through the distributed path (DataParallel around AdamW), then the recompute
     # modes (activation memory against tokens/s), all bf16.
     step bench_dp1 "$LOG_DIR/bench_dp1.log" "$BIN_BENCH" --device cuda --config configs/bench.yaml \

@@ -256,7 +256,7 @@ void add_plan_command(CLI::App& app, std::function<int()>& run) {
       ->check(CLI::IsMember({"none", "attention", "moe", "full"}));
   cmd->add_option("--micro-batch", a->micro_batch, "sequences per rank and micro-batch, default 1");
   cmd->add_option("--seq", a->seq, "tokens per sequence, default model.max_seq_len");
-  cmd->add_option("--precision", a->precision, "train.precision: f32 or bf16 (bf16_gemm), default f32");
+  cmd->add_option("--precision", a->precision, "train.precision: f32, bf16 (bf16_gemm) or fp8, default f32");
   cmd->add_option("--gpu-memory", a->gpu_memory, "h100, h200, or a size such as 80GB, 79.6GiB; default h100");
   cmd->add_option("--bucket-elems", a->bucket_elems,
                   "gradient bucket size in elements, default 0 (one bucket per group)");

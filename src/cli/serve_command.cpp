@@ -46,6 +46,8 @@ int run_serve(const ServeArgs& a) {
 
   auto be = make_backend(a.device);
   const ModelOptions mo{.precision = parse_precision(a.precision, "--precision")};
+  // The engine's own layers run the forward (bf16 or f32 GEMMs); FP8 serving is --weights fp8.
+  DIFFMOE_CHECK(mo.precision != Precision::kFP8, "--precision fp8 is a training mode; serve with --precision bf16 --weights fp8");
   DIFFMOE_CHECK(a.weights == "model" || a.weights == "fp8", "--weights: '{}' is not one of model, fp8", a.weights);
   LoadedCheckpoint ck =
       open_trained_model(a.checkpoint, *be, DType::kF32, OpenModelOptions{.tokenizer_path = a.tokenizer, .verify = true, .model = mo});

@@ -115,13 +115,13 @@ void FfnLayer::expert_hidden(const LayerContext& lc, const Tensor& x_perm) const
   Backend& be = *lc.be;
   const Tensor offsets = lc.act(a("offsets"));
   const Tensor ea = lc.act(a("experts.a")), eb = lc.act(a("experts.b")), eh = lc.act(a("experts.h"));
-  be.grouped_gemm(lc.ctx, {.c = ea, .a = x_perm, .b = lc.weight(p("experts.w1")), .offsets = offsets, .trans_b = true});
-  be.grouped_gemm(lc.ctx, {.c = eb, .a = x_perm, .b = lc.weight(p("experts.w3")), .offsets = offsets, .trans_b = true});
+  lc.grouped_gemm({.c = ea, .a = x_perm, .b = lc.weight(p("experts.w1")), .offsets = offsets, .trans_b = true});
+  lc.grouped_gemm({.c = eb, .a = x_perm, .b = lc.weight(p("experts.w3")), .offsets = offsets, .trans_b = true});
   be.swiglu_fwd(lc.ctx, {.h = eh, .a = ea, .b = eb});
 }
 
 void FfnLayer::expert_output(const LayerContext& lc, const Tensor& y_perm) const {
-  lc.be->grouped_gemm(lc.ctx, {.c = y_perm, .a = lc.act(a("experts.h")), .b = lc.weight(p("experts.w2")),
+  lc.grouped_gemm({.c = y_perm, .a = lc.act(a("experts.h")), .b = lc.weight(p("experts.w2")),
                                .offsets = lc.act(a("offsets")), .trans_b = true});
 }
 
@@ -156,8 +156,8 @@ void FfnLayer::mlp_backward(const LayerContext& lc, const std::string& prefix, c
   const Tensor dh = lc.act(s + "dh"), da = lc.act(s + "da"), db = lc.act(s + "db");
   lc.linear_backward(lc.grad(p(prefix + "w2.weight")), dh, dy, th, lc.weight(p(prefix + "w2.weight")));
   lc.be->swiglu_bwd(lc.ctx, {.da = da, .db = db, .dh = dh, .a = ta, .b = tb});
-  lc.linear_dw(lc.grad(p(prefix + "w1.weight")), da, x);
-  lc.linear_dw(lc.grad(p(prefix + "w3.weight")), db, x);
+  lc.linear_dw(lc.grad(p(prefix + "w1.weight")), da, x, lc.weight(p(prefix + "w1.weight")));
+  lc.linear_dw(lc.grad(p(prefix + "w3.weight")), db, x, lc.weight(p(prefix + "w3.weight")));
   lc.linear_dx(dx, da, lc.weight(p(prefix + "w1.weight")), beta_dx);
   lc.linear_dx(dx, db, lc.weight(p(prefix + "w3.weight")), 1.0);
 }
@@ -233,17 +233,20 @@ void FfnLayer::backward(const LayerContext& lc, const Tensor& x, const Tensor& d
     be.moe_combine_bwd(lc.ctx, {.dy_perm = dy_perm, .dtopk_w = dw, .dy = d_out_gemm, .y_perm = y_perm, .topk_w = w,
                                 .slot_pos = slot_pos});
     // Experts: y = h W2ᵀ per group, h = silu(a) ⊙ b, a = x W1ᵀ, b = x W3ᵀ.
-    be.grouped_gemm_wgrad(lc.ctx, {.c = lc.grad(p("experts.w2")), .a = dy_perm, .b = eh, .offsets = offsets, .beta = lc.dw_beta,
-                                  .sum_sq = lc.expert_grad_sq});
-    be.grouped_gemm(lc.ctx, {.c = dh, .a = dy_perm, .b = lc.weight(p("experts.w2")), .offsets = offsets, .trans_b = false});
+    lc.grouped_gemm_wgrad({.c = lc.grad(p("experts.w2")), .a = dy_perm, .b = eh, .offsets = offsets, .beta = lc.dw_beta,
+                           .sum_sq = lc.expert_grad_sq},
+                          lc.weight(p("experts.w2")));
+    lc.grouped_gemm({.c = dh, .a = dy_perm, .b = lc.weight(p("experts.w2")), .offsets = offsets, .trans_b = false});
     be.swiglu_bwd(lc.ctx, {.da = da, .db = db, .dh = dh, .a = ea, .b = eb});
-    be.grouped_gemm_wgrad(lc.ctx, {.c = lc.grad(p("experts.w1")), .a = da, .b = x_perm, .offsets = offsets, .beta = lc.dw_beta,
-                                  .sum_sq = lc.expert_grad_sq});
-    be.grouped_gemm_wgrad(lc.ctx, {.c = lc.grad(p("experts.w3")), .a = db, .b = x_perm, .offsets = offsets, .beta = lc.dw_beta,
-                                  .sum_sq = lc.expert_grad_sq});
+    lc.grouped_gemm_wgrad({.c = lc.grad(p("experts.w1")), .a = da, .b = x_perm, .offsets = offsets, .beta = lc.dw_beta,
+                           .sum_sq = lc.expert_grad_sq},
+                          lc.weight(p("experts.w1")));
+    lc.grouped_gemm_wgrad({.c = lc.grad(p("experts.w3")), .a = db, .b = x_perm, .offsets = offsets, .beta = lc.dw_beta,
+                           .sum_sq = lc.expert_grad_sq},
+                          lc.weight(p("experts.w3")));
     // dx_perm = da·W1 + db·W3 per group, one two-term call (the GPU sums both in one accumulator).
-    be.grouped_gemm(lc.ctx, {.c = dx_perm, .a = da, .b = lc.weight(p("experts.w1")), .offsets = offsets, .trans_b = false,
-                             .a2 = db, .b2 = lc.weight(p("experts.w3"))});
+    lc.grouped_gemm({.c = dx_perm, .a = da, .b = lc.weight(p("experts.w1")), .offsets = offsets, .trans_b = false,
+                     .a2 = db, .b2 = lc.weight(p("experts.w3"))});
     if (beta == 0.0) be.fill(lc.ctx, {.out = dx_norm, .value = 0.0});
     be.moe_gather_bwd(lc.ctx, {.dx = dx_norm, .dx_perm = dx_perm, .slot_pos = slot_pos});
     // Router: gradient through the weights only, plus the sequence aux loss (docs/derivations.md §4.4, §4.6).

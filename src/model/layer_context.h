@@ -8,6 +8,7 @@
 #include "model/config.h"
 #include "model/expert_buffers.h"
 #include "model/expert_exchange.h"
+#include "model/fp8_weights.h"
 #include "model/grad_buffer.h"
 #include "model/layout_buffers.h"
 #include "model/precision_plan.h"
@@ -24,8 +25,12 @@ struct LayerContext {
   const GradBuffer* grads = nullptr;      // same names, trainable parameters only
   Arena* acts = nullptr;                  // activations saved for the backward, and backward scratch
   const PrecisionPlan* plan = nullptr;    // every tensor's dtype (docs/model.md §7)
-  // The plan's bf16 mode: GEMMs read bf16 operands (plan->bf16_gemm()).
+  // The plan's bf16 mode: GEMMs read bf16 operands (plan->bf16_gemm(); also in the fp8 mode).
   bool bf16_operands = false;
+  // The fp8 mode: the FP8 copies of the weights whose GEMMs run in FP8 (docs/model.md §7), quantised
+  // for the current weights; null in the other modes. linear(), linear_dx(), linear_dw(),
+  // linear_backward(), grouped_gemm() and grouped_gemm_wgrad() take the FP8 path for these weights.
+  const Fp8WeightTable* fp8 = nullptr;
   // beta of the GEMMs that write weight gradients: 1 (accumulate, docs/style.md habit 2), or 0 in the
   // first backward after GradBuffer::zero, where the gradients read as zero and += is =: the GEMM
   // then does not read them, and zero does not fill them either. So each GEMM weight must get
@@ -46,28 +51,32 @@ struct LayerContext {
   // A weight as a GEMM operand: its compute copy (bf16 for GEMM weights in the bf16 mode, docs/model.md §7).
   Tensor weight(const std::string& name) const { return params->get(name); }
 
+  // The FP8 copies of w when its GEMMs run in FP8, else null.
+  const Fp8Weight* fp8_weight(const Tensor& w) const {
+    if (fp8 == nullptr) return nullptr;
+    const auto it = fp8->find(w.data);
+    return it == fp8->end() ? nullptr : &it->second;
+  }
+
   // y = x Wᵀ (+ beta·y)          x [N,in], W [out,in], y [N,out]
   // With an addend r [N,out]: y = x Wᵀ + beta·r, r only read (a residual added by the GEMM itself,
-  // GemmArgs::addend, instead of a copy of r into y first).
-  void linear(const Tensor& y, const Tensor& x, const Tensor& w, double beta = 0.0, const Tensor& addend = {}) const {
-    be->gemm(ctx, {.c = y, .a = x, .b = w, .trans_a = false, .trans_b = true, .alpha = 1.0, .beta = beta, .addend = addend});
-  }
-  // dx = dy W (+ beta·dx)        dy [N,out], W [out,in], dx [N,in]
-  void linear_dx(const Tensor& dx, const Tensor& dy, const Tensor& w, double beta = 0.0) const {
-    be->gemm(ctx, {.c = dx, .a = dy, .b = w, .trans_a = false, .trans_b = false, .alpha = 1.0, .beta = beta});
-  }
-  // dW += dyᵀ x                  weight gradients accumulate (docs/style.md habit 2; dw_beta above)
-  void linear_dw(const Tensor& dw, const Tensor& dy, const Tensor& x) const {
-    be->gemm(ctx, {.c = dw, .a = dy, .b = x, .trans_a = true, .trans_b = false, .alpha = 1.0, .beta = dw_beta});
-  }
+  // GemmArgs::addend, instead of a copy of r into y first). FP8 weights: Fprop (fp8_linear.cpp).
+  void linear(const Tensor& y, const Tensor& x, const Tensor& w, double beta = 0.0, const Tensor& addend = {}) const;
+  // dx = dy W (+ beta·dx)        dy [N,out], W [out,in], dx [N,in]. FP8 weights: Dgrad.
+  void linear_dx(const Tensor& dx, const Tensor& dy, const Tensor& w, double beta = 0.0) const;
+  // dW += dyᵀ x                  weight gradients accumulate (docs/style.md habit 2; dw_beta above).
+  // w: the weight (its FP8 copies decide the path: Wgrad on 128×1 tiles of dy and x).
+  void linear_dw(const Tensor& dw, const Tensor& dy, const Tensor& x, const Tensor& w) const;
   // Both backward products of y = x Wᵀ: dW += dyᵀ x, dx = dy W (+ beta_dx·dx). In the bf16 GEMM
-  // mode an f32 dy is rounded to bf16 once for the two GEMMs (each GEMM would round it again).
+  // mode an f32 dy is rounded to bf16 once for the two GEMMs (each GEMM would round it again); for
+  // an FP8 weight dy is quantised once into both of its FP8 copies.
   void linear_backward(const Tensor& dw, const Tensor& dx, const Tensor& dy, const Tensor& x, const Tensor& w,
-                       double beta_dx = 0.0) const {
-    const Tensor op = gemm_operand(dy);
-    linear_dw(dw, op, x);
-    linear_dx(dx, op, w, beta_dx);
-  }
+                       double beta_dx = 0.0) const;
+  // The experts' grouped GEMMs (GroupedGemmArgs, GroupedGemmWgradArgs): an FP8 stack b (wgrad: the
+  // stack w whose gradient is a.c) takes one fp8_gemm per expert over its rows (fp8_linear.cpp),
+  // else the backend's grouped op.
+  void grouped_gemm(const GroupedGemmArgs& a) const;
+  void grouped_gemm_wgrad(const GroupedGemmWgradArgs& a, const Tensor& w) const;
   // t as a GEMM operand read more than once: in the bf16 GEMM mode an f32 t rounded to bf16 into
   // the shared scratch "scratch.gemm_operand" (valid until the next call), else t itself.
   Tensor gemm_operand(const Tensor& t) const {
@@ -80,9 +89,12 @@ struct LayerContext {
   // op that writes a GEMM operand's bf16 copy itself (e.g. RmsNormBwdArgs::dx16). Valid until the
   // next gemm_operand or operand_scratch call.
   Tensor operand_scratch(const Shape& shape) const {
-    Tensor op = acts->get("scratch.gemm_operand");
-    DIFFMOE_CHECK(shape.numel() <= op.numel(), "[model] a GEMM operand of {} values exceeds scratch.gemm_operand ({})",
-                  shape.numel(), op.numel());
+    return scratch("scratch.gemm_operand", shape);
+  }
+  // The flat scratch view `name` viewed as `shape` (its first shape.numel() elements).
+  Tensor scratch(const std::string& name, const Shape& shape) const {
+    Tensor op = acts->get(name);
+    DIFFMOE_CHECK(shape.numel() <= op.numel(), "[model] a view of {} values exceeds {} ({})", shape.numel(), name, op.numel());
     op.shape = shape;
     return op;
   }

@@ -28,6 +28,11 @@ Model::Model(const ModelConfig& cfg, Backend& backend, DType dtype, const ModelO
       grads_(*layout_, plan_.master_dtype(), be_->allocator()),
       ep_(opt.expert_exchange) {
   params_.allocate(be_->allocator());
+  // The FP8 recipe runs the routed experts as a per-expert loop over the local rows (layer_context.cpp),
+  // which the expert-parallel layer (ffn_layer_ep.cpp) does not go through.
+  DIFFMOE_CHECK(!(plan_.fp8() && opt.parallel.ep_size > 1),
+                "[model] precision fp8 with expert parallelism ({} expert ranks) is not supported: use bf16 or ep 1",
+                opt.parallel.ep_size);
   if (opt.parallel.ep_size > 1) {
     DIFFMOE_CHECK(ep_ != nullptr && ep_->size() == opt.parallel.ep_size && ep_->rank() == opt.parallel.ep_rank,
                   "[model] expert parallelism over {} ranks needs an expert exchange of that group (ModelOptions::expert_exchange)",
@@ -42,6 +47,7 @@ Model::Model(const ModelConfig& cfg, Backend& backend, DType dtype, const ModelO
 }
 
 void Model::set_param(const std::string& name, const std::vector<double>& v) {
+  fp8_stale_ = true;
   const Tensor dst = params_.get(name);
   DIFFMOE_CHECK(static_cast<int64_t>(v.size()) == dst.numel(), "[model] set_param('{}'): {} values for {} elements", name, v.size(),
                 dst.numel());
@@ -78,6 +84,7 @@ void Model::init_weights(uint64_t seed) {
     for (int64_t i = 0; i < n; ++i) v[static_cast<size_t>(i)] = init_value(e.spec, seed, e.global_offset + i);
     set_param(e.spec.name, v);
   };
+  fp8_stale_ = true;
   for (const ParamLayout::Entry& e : layout_->entries()) init(e);
   for (const ParamLayout::Entry& e : layout_->buffers()) init(e);
 }
@@ -85,7 +92,8 @@ void Model::init_weights(uint64_t seed) {
 LayerContext Model::layer_context(Context ctx) {
   return LayerContext{.be = be_, .ctx = ctx, .cfg = &cfg_, .dtype = dtype_, .batch = batch_, .seq = seq_,
                       .params = &params_, .grads = &grads_, .acts = &acts_, .plan = &plan_,
-                      .bf16_operands = plan_.bf16_gemm(), .ep = ep_, .ep_buffers = ep_buffers_.get()};
+                      .bf16_operands = plan_.bf16_gemm(), .fp8 = plan_.fp8() ? &fp8_ : nullptr, .ep = ep_,
+                      .ep_buffers = ep_buffers_.get()};
 }
 
 void Model::use_gemm_precision() const {
@@ -141,6 +149,7 @@ void Model::plan_activations(const ModelConfig& cfg, PrecisionPlan& pl, int64_t 
     pl.add(acts, "scratch.gemm_operand", Shape{N * *std::max_element(std::begin(widths), std::end(widths))}, R::kGemmOperand);
   }
   pl.add(acts, "scratch.dresidual", Shape{N, D}, R::kFloat);
+  plan_fp8(cfg, pl, N, acts);  // the fp8 mode's weight copies and quantisation scratch (fp8_weights.h)
   // The bf16 mode: the residual gradient rounded once by each RMSNorm backward that updates it, for
   // the next layer's first backward GEMMs (W2 of the FFN, W_o), instead of a rounding copy.
   if (pl.bf16_gemm()) pl.add(acts, "scratch.dresidual16", Shape{N, D}, R::kGemmOperand);
@@ -153,6 +162,9 @@ ModelMemoryPlan Model::memory_plan(const ModelConfig& cfg, DType dtype, const Mo
                                    int64_t seq) {
   cfg.validate("model config");
   PrecisionPlan plan(opt.precision, dtype);
+  DIFFMOE_CHECK(!(plan.fp8() && opt.parallel.ep_size > 1),
+                "[model] precision fp8 with expert parallelism ({} expert ranks) is not supported: use bf16 or ep 1",
+                opt.parallel.ep_size);
   auto layout = std::make_unique<ParamLayout>(cfg, plan, opt.parallel);
   LayoutBuffers params = plan_params(*layout, dtype);
   LayoutBuffers grads = GradBuffer::plan(*layout, plan.master_dtype());
@@ -164,6 +176,11 @@ ModelMemoryPlan Model::memory_plan(const ModelConfig& cfg, DType dtype, const Mo
 }
 
 void Model::set_batch_shape(int64_t batch, int64_t seq) {
+  // The CUDA FP8 GEMM reduces over the tokens in the Wgrad (K % 16) and takes them as rows (M % 8).
+  DIFFMOE_CHECK(!plan_.fp8() || be_->device() != Device::kCUDA || (batch * seq) % 16 == 0,
+                "[model] precision fp8 on cuda needs micro-batch × seq = {} × {} = {} tokens to be a multiple of 16 "
+                "(cuBLASLt's FP8 GEMM shapes)",
+                batch, seq, batch * seq);
   acts_ = Arena();
   plan_.clear_entries();
   ep_buffers_.reset();
@@ -174,6 +191,8 @@ void Model::set_batch_shape(int64_t batch, int64_t seq) {
   batch_ = batch;
   seq_ = seq;
   acts_.allocate(be_->allocator());
+  fp8_ = fp8_weight_table(specs_, plan_, params_, acts_);
+  fp8_stale_ = true;  // the copies live in the new arena
 
   // RoPE tables with YaRN folded in (docs/model.md §3), uploaded once.
   const RopeParams rp{.rope_dim = cfg_.qk_rope_head_dim, .theta = cfg_.rope_theta, .max_seq_len = cfg_.max_seq_len,
@@ -198,6 +217,10 @@ void Model::forward(Context ctx, const Tensor& tokens, const Tensor& targets) {
   check_shape(tokens, Shape{batch_, seq_}, "model.forward", "tokens");
   check_dtype(tokens, DType::kI32, "model.forward", "tokens");
   use_gemm_precision();
+  if (fp8_stale_) {  // the FP8 weight copies of the current compute weights, once per update
+    quantize_fp8_weights(*be_, ctx, fp8_);
+    fp8_stale_ = false;
+  }
   const LayerContext lc = layer_context(ctx);
   const int64_t N = batch_ * seq_;
   for (const char* name : {"loss.sum", "loss.valid", "loss.aux"}) be_->fill(ctx, {.out = acts_.get(name), .value = 0.0});
@@ -244,7 +267,7 @@ void Model::backward(Context ctx, double grad_scale) {
   be_->cross_entropy_bwd(ctx, {.dlogits = dlogits, .logits = logits, .targets = last_targets_, .valid = acts_.get("loss.valid"),
                                .grad_scale = grad_scale});
   // First in the backward: a tied table's dW GEMM must overwrite before embedding_bwd adds (below).
-  lc.linear_dw(grads_.get(head), dlogits, xn);
+  lc.linear_dw(grads_.get(head), dlogits, xn, lc.weight(head));
   lc.linear_dx(dxn, dlogits, lc.weight(head));
   be_->rmsnorm_bwd(ctx, {.dx = dres, .dw = grads_.get("norm.weight"), .dy = dxn, .x = residual(2 * cfg_.n_layers),
                          .w = params_.get("norm.weight"), .rstd = acts_.get("act.final.rstd"), .rows = N, .width = cfg_.dim,

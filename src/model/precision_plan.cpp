@@ -1,5 +1,6 @@
 #include "model/precision_plan.h"
 
+#include "backend/op_args.h"
 #include "core/error.h"
 
 namespace diffmoe {
@@ -7,7 +8,8 @@ namespace diffmoe {
 Precision parse_precision(std::string_view s, std::string_view key) {
   if (s == "f32") return Precision::kF32;
   if (s == "bf16" || s == "bf16_gemm") return Precision::kBF16;
-  DIFFMOE_FAIL("{}: expected f32 or bf16 (bf16_gemm), got '{}'", key, s);
+  if (s == "fp8") return Precision::kFP8;
+  DIFFMOE_FAIL("{}: expected f32, bf16 (bf16_gemm) or fp8, got '{}'", key, s);
 }
 
 std::string_view precision_name(Precision p) {
@@ -16,6 +18,8 @@ std::string_view precision_name(Precision p) {
       return "f32";
     case Precision::kBF16:
       return "bf16";
+    case Precision::kFP8:
+      return "fp8";
   }
   return "?";
 }
@@ -34,9 +38,13 @@ DType PrecisionPlan::dtype(ActRole role) const {
     case ActRole::kGemmOperand:
     case ActRole::kGemmOutput:
     case ActRole::kAttention:
-      return mode_ == Precision::kBF16 ? DType::kBF16 : float_;
+      return bf16_gemm() ? DType::kBF16 : float_;
     case ActRole::kIndex:
       return DType::kI32;
+    case ActRole::kFp8Data:
+      return DType::kF8E4M3;
+    case ActRole::kFp8Scale:
+      return DType::kF32;
   }
   return float_;
 }
@@ -45,8 +53,15 @@ bool is_gemm_weight(const ParamSpec& p) {
   return p.kind == ParamKind::kMatrix || p.kind == ParamKind::kExpert || p.kind == ParamKind::kHead;
 }
 
+bool is_fp8_gemm_weight(const ParamSpec& p) { return p.kind == ParamKind::kMatrix || p.kind == ParamKind::kExpert; }
+
+bool PrecisionPlan::fp8_weight(const ParamSpec& p) const {
+  if (!fp8() || !is_fp8_gemm_weight(p) || p.shape.rank() < 2) return false;
+  return p.shape[-1] % kFp8Tile == 0 && p.shape[-2] % kFp8Tile == 0;
+}
+
 DType PrecisionPlan::compute_dtype(const ParamSpec& p) const {
-  return mode_ == Precision::kBF16 && is_gemm_weight(p) ? DType::kBF16 : float_;
+  return bf16_gemm() && is_gemm_weight(p) ? DType::kBF16 : float_;
 }
 
 void PrecisionPlan::add(Arena& arena, const std::string& name, const Shape& shape, ActRole role) {

@@ -11,6 +11,10 @@
 //         f32 masters; bf16 activations where only GEMMs read them or a GEMM writes them for
 //         element-wise ops; f32 masters, gradients, moments, residual stream, norm statistics,
 //         softmax, router, λ and loss.
+//   fp8   the bf16 column plus the DeepSeek-V3 FP8 recipe (docs/model.md §7, docs/derivations.md §6): the
+//         Linears whose weight is fp8_weight() run Fprop, Dgrad and Wgrad as fp8_gemm on e4m3
+//         operands (1×128 activation tiles, 128×128 weight blocks, 128×1 Wgrad tiles); every other
+//         tensor and GEMM is planned exactly as in bf16.
 #pragma once
 #include <cstdint>
 #include <string>
@@ -22,9 +26,9 @@
 
 namespace diffmoe {
 
-enum class Precision : uint8_t { kF32, kBF16 };
+enum class Precision : uint8_t { kF32, kBF16, kFP8 };
 
-// "f32" | "bf16" | "bf16_gemm" (the same mode). Anything else throws naming `key`.
+// "f32" | "bf16" | "bf16_gemm" (the same mode) | "fp8". Anything else throws naming `key`.
 Precision parse_precision(std::string_view s, std::string_view key);
 std::string_view precision_name(Precision p);
 
@@ -37,6 +41,8 @@ enum class ActRole : uint8_t {
                  // the experts' y and dx rows, the logits): rounded once by the GEMM, as autocast does
   kAttention,    // q, k, v, dq, dk, dv: read or written only by the attention core, RoPE and the MLA split
   kIndex,        // i32 indices and counts (routing plans); the same in every mode
+  kFp8Data,      // e4m3 codes of an FP8 operand (the fp8 mode's quantised activations and weight copies)
+  kFp8Scale,     // their f32 tile scales (op_args.h's FP8 layouts)
 };
 
 // How a tensor is stored. Plain: one value per element in its dtype.
@@ -58,8 +64,16 @@ class PrecisionPlan {
 
   Precision mode() const { return mode_; }
   DType float_type() const { return float_; }
-  // GEMMs read bf16 operands (and weight copies): the backend's GemmPrecision::kBF16.
-  bool bf16_gemm() const { return mode_ == Precision::kBF16; }
+  // GEMMs read bf16 operands (and weight copies): the backend's GemmPrecision::kBF16. True in the
+  // fp8 mode too: it is the bf16 mode wherever a GEMM does not run in FP8.
+  bool bf16_gemm() const { return mode_ != Precision::kF32; }
+  // The fp8 mode: the Linears of fp8_weight() run their three GEMMs as fp8_gemm.
+  bool fp8() const { return mode_ == Precision::kFP8; }
+  // Whether the fp8 mode runs the GEMMs of parameter p in FP8 (docs/model.md §7): p is an attention
+  // projection, a dense or shared FFN matrix or a routed-expert stack (is_fp8_gemm_weight) and
+  // both of its matrix dimensions are multiples of 128 (whole 128×128 weight blocks); other shapes
+  // keep the bf16 GEMMs. False outside the fp8 mode.
+  bool fp8_weight(const ParamSpec& p) const;
 
   DType dtype(ActRole role) const;
   // The dtype the forward and backward read a parameter in: bf16 for the weights that only GEMMs
@@ -86,5 +100,9 @@ class PrecisionPlan {
 // (z = u Eᵀ stays f32, docs/model.md §5) and not the embedding table, which the embedding lookup reads too
 // (tied to the head, its GEMM rounds the f32 table as an operand).
 bool is_gemm_weight(const ParamSpec& p);
+
+// The GEMM weights the FP8 recipe covers (docs/derivations.md §6.2): attention projections, dense and
+// shared FFN matrices, routed-expert stacks. Not the head, the router gate or the embedding.
+bool is_fp8_gemm_weight(const ParamSpec& p);
 
 }  // namespace diffmoe

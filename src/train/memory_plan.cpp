@@ -103,7 +103,7 @@ uint64_t backend_bytes(const ModelConfig& c, Precision p, int64_t tokens, std::s
   using A = PlanAssumptions;
   const uint64_t N = static_cast<uint64_t>(tokens), H = static_cast<uint64_t>(c.n_heads);
   const uint64_t dv = static_cast<uint64_t>(c.v_head_dim), G = c.differential ? H / 2 : H;
-  const bool bf16 = p == Precision::kBF16;
+  const bool bf16 = p != Precision::kF32;  // the fp8 mode is the bf16 mode outside its FP8 GEMMs
   // Attention backward: the D vector [N·H] f32 and the dλ row partials [N·G] f64; the tensor-core
   // kernels (bf16 mode) also stage dO in bf16 [N, H·dv] (q, k, v read in place). Assumed: the
   // tensor-core kernels cover the shape (where they do not, the f32 kernels widen q, k, v and
@@ -171,7 +171,7 @@ RankDetail plan_rank_detail(const ModelConfig& cfg, const RunShape& run, int64_t
   m.rank = rank;
   m.ep_rank = rank % run.ep;
   m.expert_dp_rank = rank / run.ep;
-  const bool bf16 = run.precision == Precision::kBF16;
+  const bool bf16 = run.precision != Precision::kF32;  // fp8: bf16 compute weights as in bf16
 
   uint64_t w16 = 0, w32 = 0;
   for (size_t g = 0; g < layout.groups().size(); ++g)

@@ -181,8 +181,8 @@ RunConfig run_config_from_json(Json doc, const std::string& source) {
   check(t.max_bad_steps > 0, source, "train.max_bad_steps", "must be positive");
   check(t.peak_tflops > 0, source, "train.peak_tflops", fmt::format("must be positive (the MFU denominator), got {}", t.peak_tflops));
   check(t.stop_after >= 0, source, "train.stop_after", fmt::format("must be >= 0 (0 = run to max_steps), got {}", t.stop_after));
-  check(t.precision == "f32" || t.precision == "bf16_gemm", source, "train.precision",
-        fmt::format("expected f32 or bf16_gemm, got '{}'", t.precision));
+  check(t.precision == "f32" || t.precision == "bf16_gemm" || t.precision == "fp8", source, "train.precision",
+        fmt::format("expected f32, bf16_gemm or fp8, got '{}'", t.precision));
   check(t.recompute == "none" || t.recompute == "attention" || t.recompute == "moe" || t.recompute == "full", source,
         "train.recompute", fmt::format("expected none, attention, moe or full, got '{}'", t.recompute));
   check(o.lr > 0, source, "optim.lr", fmt::format("must be positive, got {}", o.lr));
@@ -214,6 +214,11 @@ RunConfig run_config_from_json(Json doc, const std::string& source) {
         fmt::format("{} expert-parallel ranks must divide model.n_routed_experts = {}", rc.parallel.expert, rc.model.n_routed_experts));
   check(rc.parallel.expert == 1 || rc.train.recompute == "none" || rc.train.recompute == "attention", source, "train.recompute",
         fmt::format("'{}' is not available with expert parallelism (parallel.expert = {}): use none or attention", rc.train.recompute,
+                    rc.parallel.expert));
+  // The fp8 mode's routed experts run a per-expert loop the expert-parallel layer does not take
+  // (docs/model.md §7).
+  check(rc.parallel.expert == 1 || rc.train.precision != "fp8", source, "train.precision",
+        fmt::format("fp8 is not available with expert parallelism (parallel.expert = {}): use bf16_gemm or parallel.expert 1",
                     rc.parallel.expert));
   check(rc.parallel.bucket_size > 0, source, "parallel.bucket_size", fmt::format("must be positive, got {}", rc.parallel.bucket_size));
   check(rc.log.progress == "auto" || rc.log.progress == "bar" || rc.log.progress == "lines", source, "log.progress",

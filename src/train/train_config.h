@@ -45,7 +45,8 @@ struct TrainSettings {
   std::string precision = "f32"; // "f32": every op in f32; "bf16_gemm" (any device; the CPU is the
                                  // reference): the GEMMs round their inputs to bf16 and accumulate in
                                  // f32, GEMM-only activations are bf16 (Backend::set_gemm_precision;
-                                 // docs/model.md §7)
+                                 // docs/model.md §7); "fp8": bf16_gemm plus the DeepSeek-V3 FP8
+                                 // recipe for the attention and FFN Linears (docs/model.md §7)
   std::string recompute = "none";  // activation recompute (model/recompute.h): "none" keeps every
                                    // activation; "attention", "moe" or "full" recompute those parts
                                    // in the backward (less memory, more backward work, the same

@@ -47,6 +47,19 @@ inline ModelConfig micro_plain_config() {
   return ModelConfig::from_json(j, "micro_plain");
 }
 
+// The fp8 mode's micro config: 128-wide projections, so that W_qa, W_qb, W_kva, W_o, the dense and
+// shared FFN and the routed experts run the FP8 recipe (whole 128×128 weight blocks, docs/model.md §7);
+// W_kvb ([224, 112]) keeps its bf16 GEMMs. Differential attention, q compression, a sigmoid router.
+inline ModelConfig fp8_micro_config() {
+  nlohmann::ordered_json j = {
+      {"vocab_size", 64}, {"dim", 128}, {"n_layers", 2}, {"n_dense_layers", 1}, {"n_heads", 2},
+      {"q_lora_rank", 128}, {"kv_lora_rank", 112}, {"qk_nope_head_dim", 48}, {"qk_rope_head_dim", 16},
+      {"v_head_dim", 64}, {"inter_dim", 256}, {"moe_inter_dim", 128}, {"n_routed_experts", 4},
+      {"n_shared_experts", 1}, {"n_activated_experts", 2}, {"aux_loss_alpha", 0.01}, {"max_seq_len", 16},
+      {"original_seq_len", 16}};
+  return ModelConfig::from_json(j, "fp8_micro");
+}
+
 // Replaces the (tiny, near-linear) spec initialisation with O(1) activations so that every
 // nonlinearity matters in a gradient check: matrices N(0, 1/fan_in), norms 1 + 0.2·N, λ vectors
 // 0.3·N, the balancing bias 0.05·N (it must move the selection), embeddings N(0, 1).

@@ -78,7 +78,7 @@ void check_rank(const ModelConfig& cfg, Precision prec, const Layout& lay, int64
   bool any_masters = false;
   for (size_t g = 0; g < m.layout().groups().size(); ++g) any_masters = any_masters || opt.separate_masters(g);
   EXPECT_EQ(item(p, "optimizer_masters") > 0, any_masters);
-  EXPECT_EQ(any_masters, prec == Precision::kBF16);
+  EXPECT_EQ(any_masters, prec != Precision::kF32);  // bf16 and fp8: bf16 compute weights
 }
 
 TEST(MemoryPlan, EqualsTheAllocatedArenasMicroConfigs) {
@@ -99,6 +99,8 @@ TEST(MemoryPlan, EqualsTheAllocatedArenasTinyPreset) {
   for (const Precision prec : {Precision::kF32, Precision::kBF16})
     for (const Layout& lay : std::vector<Layout>{{1, 1, 0}, {8, 4, 1 << 16}})
       check_rank(cfg, prec, lay, lay.world - 1, 2, 32);
+  // fp8 (no expert parallelism): the FP8 weight copies and scratch are activations, planned alike.
+  for (const Layout& lay : std::vector<Layout>{{1, 1, 0}, {8, 1, 1 << 16}}) check_rank(cfg, Precision::kFP8, lay, lay.world - 1, 2, 32);
 }
 
 // Independent of the planning code: the bytes follow from the parameter counts, up to the

@@ -114,6 +114,26 @@ TEST(RunConfig, EachRangeErrorNamesItsOwnKey) {
   EXPECT_EQ(error_of(d), "");
 }
 
+// train.precision: f32, bf16_gemm or fp8; fp8 not with expert parallelism (docs/model.md §7).
+TEST(RunConfig, PrecisionTakesFp8ButNotWithExpertParallelism) {
+  auto d = doc();
+  for (const char* p : {"f32", "bf16_gemm", "fp8"}) {
+    d["train"]["precision"] = p;
+    EXPECT_EQ(error_of(d), "") << p;
+    EXPECT_EQ(run_config_from_json(d, "run.yaml").train.precision, p);
+  }
+  d["train"]["precision"] = "fp16";
+  EXPECT_NE(error_of(d).find("run.yaml: train.precision: expected f32, bf16_gemm or fp8, got 'fp16'"), std::string::npos)
+      << error_of(d);
+  d["train"]["precision"] = "fp8";
+  d["parallel"]["expert"] = 2;
+  EXPECT_NE(error_of(d).find("run.yaml: train.precision: fp8 is not available with expert parallelism (parallel.expert = 2)"),
+            std::string::npos)
+      << error_of(d);
+  d["train"]["precision"] = "bf16_gemm";
+  EXPECT_EQ(error_of(d), "");
+}
+
 // The BPE trainer needs the 256 byte tokens and <|endoftext|>; say so under the key, with the file.
 TEST(RunConfig, TokenizerVocabSizeToTrainHasAMinimum) {
   auto d = doc();

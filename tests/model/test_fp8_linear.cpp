@@ -1,0 +1,267 @@
+// The fp8 mode's Linear GEMMs (LayerContext::linear, linear_backward, grouped_gemm and
+// grouped_gemm_wgrad on FP8 weights, model/layer_context.cpp) on the CPU, against the test's own f64
+// reference of docs/model.md §7: quantise (fp8_test_util.h's loops: 1×128 tiles of x and dy, 128×128
+// blocks of W, 128×1 tiles of x and dy for the Wgrad, per expert for the routed ones), dequantise,
+// multiply in f64.
+//
+// Bound. The CPU fp8_gemm sums the exact products (an e4m3 code times an f32 scale has ≤ 28
+// significant bits, so a product of two is exact in f64) in f64 and rounds once into C: per element
+// |got − ref| ≤ 2^-24·|ref| (the f32 rounding) + 2·K·2^-53·Σ_k|terms| (a different f64 summation
+// order; K ≤ 256 here, so 1e-13·Σ|terms| covers it). For bf16 outputs (the expert rows the plan keeps
+// in bf16) the f32 result is rounded once more: 2^-8·|ref| bounds both roundings. The same data
+// through an unquantised GEMM must be off by more than 1e-3 (relative L2), so the check can tell the
+// FP8 path from a bf16 or f32 one.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstring>
+#include <functional>
+#include <string>
+#include <vector>
+
+#include "backend/cpu/cpu_backend.h"
+#include "ops/fp8_test_util.h"
+#include "model/layer_context.h"
+#include "test_util.h"
+
+namespace diffmoe {
+namespace {
+
+using test::Owned;
+
+// Host values of a tensor (f32, bf16 widened, f64).
+std::vector<double> values(const Tensor& t) {
+  std::vector<double> v(static_cast<size_t>(t.numel()));
+  for (int64_t i = 0; i < t.numel(); ++i)
+    v[static_cast<size_t>(i)] = t.dtype == DType::kBF16 ? bf16_to_f32(static_cast<uint16_t*>(t.data)[i]) : test::get(t, i);
+  return v;
+}
+void put(const Tensor& t, const std::vector<float>& v) {
+  ASSERT_EQ(static_cast<int64_t>(v.size()), t.numel());
+  for (int64_t i = 0; i < t.numel(); ++i) {
+    if (t.dtype == DType::kBF16) static_cast<uint16_t*>(t.data)[i] = f32_to_bf16(v[static_cast<size_t>(i)]);
+    else test::set(t, i, v[static_cast<size_t>(i)]);
+  }
+}
+// Values rounded to bf16 (a bf16 source), of a generic kind: normal with per-row spread, so tiles get
+// different scales.
+std::vector<float> source(int64_t rows, int64_t cols, uint64_t seed) {
+  std::vector<float> v(static_cast<size_t>(rows * cols));
+  for (int64_t i = 0; i < rows; ++i)
+    for (int64_t j = 0; j < cols; ++j)
+      v[static_cast<size_t>(i * cols + j)] = bf16_to_f32(f32_to_bf16(static_cast<float>(
+          normal_at(seed, 3, static_cast<uint64_t>(i * cols + j)) * std::exp2(static_cast<double>((i + j / 128) % 7) - 3.0))));
+  return v;
+}
+
+// Dequantised values of the references (codes × their tile's scale).
+std::vector<double> deq_rows(const std::vector<float>& v, int64_t rows, int64_t cols) {
+  const test::RefQuant r = test::ref_quant_rows(v, rows, cols, false);
+  std::vector<double> d(v.size());
+  for (int64_t i = 0; i < rows; ++i)
+    for (int64_t k = 0; k < cols; ++k)
+      d[static_cast<size_t>(i * cols + k)] = static_cast<double>(e4m3_to_f32(r.q[static_cast<size_t>(i * cols + k)])) *
+                                             r.scale[static_cast<size_t>((k / kFp8Tile) * rows + i)];
+  return d;
+}
+std::vector<double> deq_blocks(const std::vector<float>& w, int64_t n, int64_t k) {
+  const test::RefQuant r = test::ref_quant_blocks(w, n, k, false);
+  std::vector<double> d(w.size());
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t j = 0; j < k; ++j)
+      d[static_cast<size_t>(i * k + j)] = static_cast<double>(e4m3_to_f32(r.q[static_cast<size_t>(i * k + j)])) *
+                                          r.scale[static_cast<size_t>((i / kFp8Tile) * fp8_block_scale_cols(k) + j / kFp8Tile)];
+  return d;
+}
+// C[m, n] = Σ_k A[m, k]·B[n, k] (both K-major) and Σ_k |A·B| (for the summation-order term).
+struct Product {
+  std::vector<double> c, mag;
+};
+Product product_nt(const std::vector<double>& a, const std::vector<double>& b, int64_t m, int64_t n, int64_t k) {
+  Product p{std::vector<double>(static_cast<size_t>(m * n)), std::vector<double>(static_cast<size_t>(m * n))};
+  for (int64_t i = 0; i < m; ++i)
+    for (int64_t j = 0; j < n; ++j) {
+      double s = 0, g = 0;
+      for (int64_t l = 0; l < k; ++l) {
+        const double t = a[static_cast<size_t>(i * k + l)] * b[static_cast<size_t>(j * k + l)];
+        s += t;
+        g += std::fabs(t);
+      }
+      p.c[static_cast<size_t>(i * n + j)] = s;
+      p.mag[static_cast<size_t>(i * n + j)] = g;
+    }
+  return p;
+}
+template <class T>
+std::vector<double> widen(const std::vector<T>& v) {
+  return std::vector<double>(v.begin(), v.end());
+}
+
+// got within the bound of the file comment of ref (+ base, an exact addend), element by element.
+void expect_close(const std::string& what, const std::vector<double>& got, const Product& ref, double rel,
+                  const std::vector<double>& base = {}) {
+  ASSERT_EQ(got.size(), ref.c.size()) << what;
+  int64_t bad = 0;
+  for (size_t i = 0; i < got.size(); ++i) {
+    const double want = ref.c[i] + (base.empty() ? 0.0 : base[i]);
+    const double tol = rel * std::fabs(want) + 1e-13 * (ref.mag[i] + (base.empty() ? 0.0 : std::fabs(base[i]))) + 1e-30;
+    if (std::fabs(got[i] - want) > tol && bad++ < 5)
+      ADD_FAILURE() << what << "[" << i << "]: " << got[i] << " vs " << want << " (tolerance " << tol << ")";
+  }
+  EXPECT_EQ(bad, 0) << what;
+}
+
+// A LayerContext over the CPU backend with an FP8 scratch arena and the given FP8 weights.
+class Fp8Linear : public ::testing::Test {
+ protected:
+  // Registers weight `w` (bf16, [N, K] or [E, N, K]) with FP8 buffers in the arena (allocated by start()).
+  void add_weight(const std::string& name, const Tensor& w) {
+    const int64_t e = w.rank() == 3 ? w.dim(0) : 1, n = w.dim(-2), k = w.dim(-1);
+    acts_.add(name + ".q", Shape{e * n, k}, DType::kF8E4M3);
+    acts_.add(name + ".scale", Shape{e * fp8_tiles(n), fp8_block_scale_cols(k)}, DType::kF32);
+    acts_.add(name + ".q_t", Shape{e * k, n}, DType::kF8E4M3);
+    acts_.add(name + ".scale_t", Shape{e * fp8_tiles(k), fp8_block_scale_cols(n)}, DType::kF32);
+    pending_.push_back({name, w});
+  }
+  void start(int64_t rows, int64_t width) {
+    const int64_t data = rows * width, scales = std::max(fp8_tiles(width) * rows, fp8_tiles(rows) * width);
+    for (const char* s : {"a", "a_t", "b_t"}) {
+      acts_.add(std::string("scratch.fp8.") + s + ".q", Shape{data}, DType::kF8E4M3);
+      acts_.add(std::string("scratch.fp8.") + s + ".scale", Shape{scales}, DType::kF32);
+    }
+    acts_.add("scratch.fp8.rows_a", Shape{data}, DType::kBF16);
+    acts_.add("scratch.fp8.rows_b", Shape{data}, DType::kBF16);
+    acts_.add("scratch.fp8.rows_c", Shape{data}, DType::kF32);
+    acts_.allocate(be_.allocator());
+    for (const auto& [name, w] : pending_) {
+      const int64_t e = w.rank() == 3 ? w.dim(0) : 0;
+      table_.emplace(w.data, Fp8Weight{.w = w, .q = acts_.get(name + ".q"), .scale = acts_.get(name + ".scale"),
+                                       .q_t = acts_.get(name + ".q_t"), .scale_t = acts_.get(name + ".scale_t"),
+                                       .n = w.dim(-2), .k = w.dim(-1), .experts = e});
+    }
+    quantize_fp8_weights(be_, {}, table_);
+    lc_ = LayerContext{.be = &be_, .ctx = {}, .cfg = nullptr, .dtype = DType::kF32, .batch = 1, .seq = rows,
+                       .params = nullptr, .grads = nullptr, .acts = &acts_, .plan = nullptr, .bf16_operands = true,
+                       .fp8 = &table_};
+  }
+
+  CpuBackend be_;
+  Arena acts_;
+  Fp8WeightTable table_;
+  std::vector<std::pair<std::string, Tensor>> pending_;
+  LayerContext lc_;
+};
+
+TEST_F(Fp8Linear, DenseFpropDgradWgradEqualTheQuantisedF64Products) {
+  // M = 40 tokens: the Wgrad's 128×1 tiles run past the edge (one partial tile of 40 tokens).
+  const int64_t M = 40, K = 256, N = 128;
+  Owned w(Shape{N, K}, DType::kBF16), x(Shape{M, K}, DType::kBF16), dy(Shape{M, N}, DType::kBF16);
+  Owned r(Shape{M, N}, DType::kF32), y(Shape{M, N}, DType::kF32), dx(Shape{M, K}, DType::kF32), dw(Shape{N, K}, DType::kF32);
+  const std::vector<float> wv = source(N, K, 1), xv = source(M, K, 2), dyv = source(M, N, 3), rv = source(M, N, 4);
+  const std::vector<float> dw0 = source(N, K, 5);
+  put(w, wv);
+  put(x, xv);
+  put(dy, dyv);
+  put(r, rv);
+  put(dw, dw0);
+  add_weight("fp8.w", w);
+  start(M, K);
+
+  // Fprop with the residual as the addend (y = x Wᵀ + r), then the two backward GEMMs accumulating
+  // dW (dw_beta = 1) and overwriting dx.
+  lc_.linear(y, x, w, 1.0, r);
+  lc_.dw_beta = 1.0;
+  lc_.linear_backward(dw, dx, dy, x, w);
+
+  const std::vector<double> wq = deq_blocks(wv, N, K);
+  expect_close("y", values(y), product_nt(deq_rows(xv, M, K), wq, M, N, K), std::exp2(-24), widen(rv));
+  // dx = dŷ Ŵ: Ŵᵀ's blocks are Ŵ's (a block's amax does not depend on its orientation).
+  expect_close("dx", values(dx), product_nt(deq_rows(dyv, M, N), test::transposed(wq, N, K), M, K, N), std::exp2(-24));
+  // dW += dyᵀx over 128×1 tiles of tokens: the transposes quantised row-wise.
+  const Product dw_ref = product_nt(deq_rows(test::transposed(dyv, M, N), N, M), deq_rows(test::transposed(xv, M, K), K, M), N, K, M);
+  expect_close("dW", values(dw), dw_ref, std::exp2(-24), widen(dw0));
+
+  // The same data through an exact product differs: FP8 really ran.
+  const Product exact = product_nt(widen(xv), widen(wv), M, N, K);
+  std::vector<double> y_exact(exact.c);
+  for (size_t i = 0; i < y_exact.size(); ++i) y_exact[i] += rv[i];
+  EXPECT_GT(test::rel_error(values(y), y_exact), 1e-3);
+
+  // linear_dx and linear_dw alone (the FFN's w1/w3 backward) give the same bits as linear_backward.
+  Owned dx2(Shape{M, K}, DType::kF32), dw2(Shape{N, K}, DType::kF32);
+  put(dw2, dw0);
+  lc_.linear_dx(dx2, dy, w);
+  lc_.linear_dw(dw2, dy, x, w);
+  EXPECT_EQ(std::memcmp(dx2.t().data, dx.t().data, dx.t().nbytes()), 0);
+  EXPECT_EQ(std::memcmp(dw2.t().data, dw.t().data, dw.t().nbytes()), 0);
+}
+
+TEST_F(Fp8Linear, RoutedExpertsQuantisePerExpertRows) {
+  // 3 experts, the middle one empty; 2 rows past offsets[G] that no call may touch.
+  const int64_t E = 3, N = 128, K = 256, R = 52;
+  const std::vector<int32_t> off = {0, 21, 21, 50};
+  Owned w1(Shape{E, N, K}, DType::kBF16), w3(Shape{E, N, K}, DType::kBF16), offsets(Shape{E + 1}, DType::kI32);
+  Owned x(Shape{R, K}, DType::kBF16), da(Shape{R, N}, DType::kBF16), db(Shape{R, N}, DType::kBF16);
+  Owned a(Shape{R, N}, DType::kBF16), dxp(Shape{R, K}, DType::kBF16), dw(Shape{E, N, K}, DType::kF32), sum_sq(Shape{1}, DType::kF32);
+  const std::vector<float> w1v = source(E * N, K, 11), w3v = source(E * N, K, 12), xv = source(R, K, 13);
+  const std::vector<float> dav = source(R, N, 14), dbv = source(R, N, 15);
+  put(w1, w1v);
+  put(w3, w3v);
+  put(x, xv);
+  put(da, dav);
+  put(db, dbv);
+  std::memcpy(offsets.t().data, off.data(), off.size() * sizeof(int32_t));
+  for (const Tensor& t : {a.t(), dxp.t()})
+    for (int64_t i = 0; i < t.numel(); ++i) static_cast<uint16_t*>(t.data)[i] = f32_to_bf16(7.0f);  // sentinels
+  put(dw, std::vector<float>(static_cast<size_t>(E * N * K), 7.0f));  // beta = 0 below: never read
+  add_weight("fp8.w1", w1);
+  add_weight("fp8.w3", w3);
+  start(R, K);
+
+  lc_.grouped_gemm({.c = a, .a = x, .b = w1, .offsets = offsets, .trans_b = true});
+  lc_.grouped_gemm({.c = dxp, .a = da, .b = w1, .offsets = offsets, .trans_b = false, .a2 = db, .b2 = w3});
+  lc_.grouped_gemm_wgrad({.c = dw, .a = da, .b = x, .offsets = offsets, .beta = 0.0, .sum_sq = sum_sq}, w1);
+
+  const std::vector<double> av = values(a), dxv = values(dxp), dwv = values(dw);
+  double sq = 0;
+  for (const double v : dwv) sq += v * v;
+  for (int64_t g = 0; g < E; ++g) {
+    const int64_t r0 = off[static_cast<size_t>(g)], r1 = off[static_cast<size_t>(g) + 1], mg = r1 - r0;
+    const std::vector<float> w1g(w1v.begin() + g * N * K, w1v.begin() + (g + 1) * N * K);
+    const std::vector<float> w3g(w3v.begin() + g * N * K, w3v.begin() + (g + 1) * N * K);
+    auto rows = [&](const std::vector<float>& v, int64_t cols) {
+      return std::vector<float>(v.begin() + r0 * cols, v.begin() + r1 * cols);
+    };
+    auto slice = [&](const std::vector<double>& v, int64_t cols) {
+      return std::vector<double>(v.begin() + r0 * cols, v.begin() + r1 * cols);
+    };
+    const std::string tag = "expert " + std::to_string(g);
+    const std::vector<double> dwg(dwv.begin() + g * N * K, dwv.begin() + (g + 1) * N * K);
+    if (mg == 0) {  // beta = 0: the empty expert's gradient is written 0
+      for (const double v : dwg) ASSERT_EQ(v, 0.0) << tag;
+      continue;
+    }
+    const std::vector<double> w1q = deq_blocks(w1g, N, K), w3q = deq_blocks(w3g, N, K);
+    expect_close(tag + " Fprop", slice(av, N), product_nt(deq_rows(rows(xv, K), mg, K), w1q, mg, N, K), std::exp2(-8));
+    // dx = da Ŵ1 + db Ŵ3, both in the expert's f32 sum, rounded once to bf16.
+    Product d1 = product_nt(deq_rows(rows(dav, N), mg, N), test::transposed(w1q, N, K), mg, K, N);
+    const Product d3 = product_nt(deq_rows(rows(dbv, N), mg, N), test::transposed(w3q, N, K), mg, K, N);
+    for (size_t i = 0; i < d1.c.size(); ++i) {
+      d1.c[i] += d3.c[i];
+      d1.mag[i] += d3.mag[i];
+    }
+    expect_close(tag + " Dgrad", slice(dxv, K), d1, std::exp2(-8));
+    // Wgrad over the expert's own rows: its 128×1 tiles start at its first row.
+    expect_close(tag + " Wgrad", dwg,
+                 product_nt(deq_rows(test::transposed(rows(dav, N), mg, N), N, mg), deq_rows(test::transposed(rows(xv, K), mg, K), K, mg),
+                            N, K, mg),
+                 std::exp2(-24));
+  }
+  // Rows past offsets[G] untouched; Σ dW² added as the grouped op adds it.
+  for (int64_t i = 50 * N; i < R * N; ++i) ASSERT_EQ(av[static_cast<size_t>(i)], 7.0);
+  for (int64_t i = 50 * K; i < R * K; ++i) ASSERT_EQ(dxv[static_cast<size_t>(i)], 7.0);
+  EXPECT_NEAR(test::get(sum_sq, 0), sq, 1e-5 * sq);
+}
+
+}  // namespace
+}  // namespace diffmoe
