@@ -32,6 +32,8 @@ struct BenchArgs {
 
 int run_bench(const BenchArgs& a) {
   DIFFMOE_CHECK(a.config.empty() != a.checkpoint.empty(), "give exactly one of --config (a preset, spec initialisation) and --checkpoint");
+  // Before the benchmark, and again before the rename that would replace a device node or FIFO.
+  if (!a.report.empty()) io::check_output_path(a.report, "bench report");
   auto be = make_backend(a.device);
   const ModelOptions mo{.precision = parse_precision(a.precision, "--precision")};
   std::unique_ptr<Model> model;
@@ -81,6 +83,7 @@ int run_bench(const BenchArgs& a) {
     const nlohmann::ordered_json b = bench_json(r);
     for (const auto& [k, v] : b.items()) j[k] = v;
     const std::string text = j.dump(2) + "\n";
+    io::check_output_path(a.report, "bench report");
     const io::Failure f = io::replace_file(a.report, [&](int fd) { return io::write_all(fd, text.data(), text.size()); });
     DIFFMOE_CHECK(!f, "{}: cannot write the report ({} failed: {})", a.report, f.step, std::strerror(f.err));
     fmt::print("report: {}\n", a.report);

@@ -7,12 +7,12 @@
 #include <signal.h>
 
 #include <chrono>
-#include <filesystem>
-#include <fstream>
+#include <cstring>
 #include <thread>
 
 #include "backend/backend_registry.h"
 #include "cli/commands.h"
+#include "io/file_util.h"
 #include "model/precision_plan.h"
 #include "serve/http_server.h"
 #include "serve/scheduler.h"
@@ -44,6 +44,8 @@ int run_serve(const ServeArgs& a) {
   sigaddset(&signals, SIGUSR1);
   DIFFMOE_CHECK(pthread_sigmask(SIG_BLOCK, &signals, nullptr) == 0, "serve: cannot block SIGINT/SIGTERM");
 
+  // Before the model loads; the file is replaced by rename, which would replace a device node or FIFO.
+  if (!a.port_file.empty()) io::check_output_path(a.port_file, "port file");
   auto be = make_backend(a.device);
   const ModelOptions mo{.precision = parse_precision(a.precision, "--precision")};
   DIFFMOE_CHECK(a.weights == "model" || a.weights == "fp8", "--weights: '{}' is not one of model, fp8", a.weights);
@@ -71,9 +73,10 @@ int run_serve(const ServeArgs& a) {
   const int port = server.bind();
   scheduler.start();
   if (!a.port_file.empty()) {  // for scripts that pass --port 0
-    const std::string tmp = a.port_file + ".tmp";
-    std::ofstream(tmp) << port << "\n";
-    std::filesystem::rename(tmp, a.port_file);
+    const std::string text = fmt::format("{}\n", port);
+    io::check_output_path(a.port_file, "port file");
+    const io::Failure f = io::replace_file(a.port_file, [&](int fd) { return io::write_all(fd, text.data(), text.size()); });
+    DIFFMOE_CHECK(!f, "{}: cannot write the port file ({} failed: {})", a.port_file, f.step, std::strerror(f.err));
   }
   const serve::SchedulerStats st = scheduler.stats();
   const double cache_mib =
