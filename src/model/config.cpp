@@ -222,4 +222,14 @@ ModelConfig load_model_config(const std::string& path) {
   return ModelConfig::from_json(doc["model"], path);
 }
 
+std::string config_differences(const ModelConfig& a, const ModelConfig& b) {
+  const Json ja = a.to_json(), jb = b.to_json();
+  std::string out;
+  for (const auto& [key, va] : ja.items()) {
+    const Json vb = jb.contains(key) ? jb[key] : Json();
+    if (va != vb) out += fmt::format("{}model.{} {} vs {}", out.empty() ? "" : ", ", key, va.dump(), vb.dump());
+  }
+  return out;
+}
+
 }  // namespace diffmoe
