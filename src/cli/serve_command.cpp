@@ -7,6 +7,7 @@
 #include <signal.h>
 
 #include <chrono>
+#include <cmath>
 #include <cstring>
 #include <thread>
 
@@ -44,6 +45,14 @@ int run_serve(const ServeArgs& a) {
   sigaddset(&signals, SIGUSR1);
   DIFFMOE_CHECK(pthread_sigmask(SIG_BLOCK, &signals, nullptr) == 0, "serve: cannot block SIGINT/SIGTERM");
 
+  // Values the server would silently misread: a port past 65535 wraps to another port, a NaN
+  // timeout is undefined as milliseconds, a zero limit refuses every request.
+  DIFFMOE_CHECK(a.port >= 0 && a.port <= 65535, "--port: must be in [0, 65535] (0 = any free port), got {}", a.port);
+  DIFFMOE_CHECK(std::isfinite(a.shutdown_timeout) && a.shutdown_timeout >= 0 && a.shutdown_timeout <= 1e9,
+                "--shutdown-timeout: must be a finite number of seconds in [0, 1e9], got {}", a.shutdown_timeout);
+  DIFFMOE_CHECK(a.max_tokens >= 1, "--max-tokens: must be >= 1, got {}", a.max_tokens);
+  DIFFMOE_CHECK(a.max_request_bytes >= 1, "--max-request-bytes: must be >= 1, got {}", a.max_request_bytes);
+  DIFFMOE_CHECK(a.max_waiting >= 1, "--max-waiting: must be >= 1, got {}", a.max_waiting);
   // Before the model loads; the file is replaced by rename, which would replace a device node or FIFO.
   if (!a.port_file.empty()) io::check_output_path(a.port_file, "port file");
   auto be = make_backend(a.device);

@@ -330,6 +330,13 @@ TEST_F(E2E, CommandLineValuesAreChecked) {
     SCOPED_TRACE(flag + " " + value);
     expect_clean_error(run_diffmoe({"eval", "--checkpoint", nowhere.string(), "--data", nowhere.string(), flag, value}, quick()), {flag});
   }
+  // serve: checked before the model loads (a port past 65535 used to wrap to another port).
+  for (const auto& [flag, value] : std::vector<std::pair<std::string, std::string>>{
+           {"--port", "70000"}, {"--port", "-1"}, {"--shutdown-timeout", "nan"}, {"--shutdown-timeout", "-1"},
+           {"--max-tokens", "0"}, {"--max-request-bytes", "0"}, {"--max-waiting", "0"}}) {
+    SCOPED_TRACE(flag + " " + value);
+    expect_clean_error(run_diffmoe({"serve", "--checkpoint", nowhere.string(), flag, value}, quick()), {flag});
+  }
   expect_clean_error(run_diffmoe({"data", "prepare", "--input", (dir_ / "corpus.txt").string(), "--tokenizer", "x", "--out",
                                   (dir_ / "s").string(), "--val-fraction", "nan"}, quick()),
                      {"--val-fraction"});
