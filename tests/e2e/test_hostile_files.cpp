@@ -317,6 +317,19 @@ TEST_F(Checkpointed, InputFifosAndUnreadableValShardsAreRefused) {
   expect_clean_error(train(cfg, {"--overwrite"}, quick()), {val.string()});  // listed in meta.json, missing
 }
 
+// meta.json names the shards of its own directory only: a path elsewhere is an error naming it.
+TEST_F(Checkpointed, AShardIndexNamesFilesOfItsDirectoryOnly) {
+  const fs::path meta = dir_ / "shards" / "meta.json";
+  const std::string good = read_file(meta);
+  for (const std::string& name : {std::string("../shards/val_0000.bin"), std::string("/dev/zero"), std::string("..")}) {
+    SCOPED_TRACE(name);
+    nlohmann::json j = nlohmann::json::parse(good);
+    j["val"]["shards"] = nlohmann::json::array({name});
+    write_file(meta, j.dump());
+    expect_clean_error(eval(ck_), {meta.string(), "val.shards", name, "not a file name"});
+  }
+}
+
 TEST_F(E2E, CommandLineValuesAreChecked) {
   const fs::path nowhere = dir_ / "no_checkpoint";
   for (const auto& [flag, value] : std::vector<std::pair<std::string, std::string>>{
