@@ -26,7 +26,7 @@ struct BenchArgs {
   int64_t batch = -1, seq = -1, prompt_len = -1, new_tokens = -1;
   int steps = -1, warmup = -1, repeats = -1;
   double peak_tflops = -1;
-  bool no_train = false, no_decode = false;
+  bool no_train = false, no_decode = false, no_verify = false;
   uint64_t seed = 1234;
 };
 
@@ -43,7 +43,7 @@ int run_bench(const BenchArgs& a) {
     model->init_weights(a.seed);
     source = {{"config", a.config}};
   } else {
-    LoadedCheckpoint ck = open_trained_model(a.checkpoint, *be, DType::kF32, OpenModelOptions{.tokenizer_path = "", .verify = true, .model = mo});
+    LoadedCheckpoint ck = open_trained_model(a.checkpoint, *be, DType::kF32, OpenModelOptions{.tokenizer_path = "", .verify = !a.no_verify, .model = mo});
     model = std::move(ck.model);
     source = {{"checkpoint", ck.model_path}, {"step", ck.step >= 0 ? nlohmann::ordered_json(ck.step) : nlohmann::ordered_json(nullptr)}};
   }
@@ -111,6 +111,7 @@ void add_bench_command(CLI::App& app, std::function<int()>& run) {
   cmd->add_option("--peak-tflops", a->peak_tflops, "train step: MFU denominator (default: 989 on CUDA, none on the CPU)");
   cmd->add_flag("--no-train", a->no_train, "skip the train step");
   cmd->add_flag("--no-decode", a->no_decode, "skip prefill and decode");
+  cmd->add_flag("--no-verify", a->no_verify, "--checkpoint: read it without checking it against its manifest");
   cmd->add_option("--seed", a->seed, "weights (with --config) and random tokens (default 1234)");
   cmd->add_option("--report", a->report, "write the results as JSON to this file");
   cmd->callback([&run, a] { run = [a] { return run_bench(*a); }; });

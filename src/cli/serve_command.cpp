@@ -32,6 +32,7 @@ struct ServeArgs {
   int64_t prefill_chunk = 256, block_size = 16, cache_blocks = 0, max_waiting = 1024;
   size_t max_request_bytes = size_t{1} << 20;
   double shutdown_timeout = 30.0;
+  bool no_verify = false;
 };
 
 int run_serve(const ServeArgs& a) {
@@ -59,7 +60,7 @@ int run_serve(const ServeArgs& a) {
   const ModelOptions mo{.precision = parse_precision(a.precision, "--precision")};
   DIFFMOE_CHECK(a.weights == "model" || a.weights == "fp8", "--weights: '{}' is not one of model, fp8", a.weights);
   LoadedCheckpoint ck =
-      open_trained_model(a.checkpoint, *be, DType::kF32, OpenModelOptions{.tokenizer_path = a.tokenizer, .verify = true, .model = mo});
+      open_trained_model(a.checkpoint, *be, DType::kF32, OpenModelOptions{.tokenizer_path = a.tokenizer, .verify = !a.no_verify, .model = mo});
   DIFFMOE_CHECK(ck.tokenizer != nullptr, "{}: no tokenizer in the checkpoint; pass --tokenizer", a.checkpoint);
   const ModelConfig& c = ck.model->config();
   serve::SchedulerOptions so{.engine = {.max_batch = a.max_batch,
@@ -144,6 +145,7 @@ void add_serve_command(CLI::App& app, std::function<int()>& run) {
   cmd->add_option("--cache-blocks", a->cache_blocks, "cache blocks (default: max-batch full contexts)");
   cmd->add_option("--shutdown-timeout", a->shutdown_timeout,
                   "seconds to finish requests on SIGINT/SIGTERM (default 30)");
+  cmd->add_flag("--no-verify", a->no_verify, "read the checkpoint without checking it against its manifest");
   cmd->callback([&run, a] { run = [a] { return run_serve(*a); }; });
 }
 

@@ -67,6 +67,11 @@ TEST_F(Checkpointed, EveryFileOfACheckpointIsListedAndChecked) {
   expect_clean_error(run_diffmoe({"generate", "--checkpoint", model.string(), "--tokenizer", (dir_ / "tokenizer.json").string(),
                                   "--prompt", "The", "--max-new-tokens", "2"}, quick()),
                      {model.string(), "corrupted"});
+  expect_clean_error(run_diffmoe({"bench", "--checkpoint", step2.string(), "--no-decode", "--steps", "1", "--warmup", "0"}, quick()),
+                     {model.string(), "corrupted"});
+  expect_clean_error(run_diffmoe({"serve", "--checkpoint", model.string(), "--port", "0"}, quick()), {model.string(), "corrupted"});
+  E2E_EXPECT_OK(run_diffmoe({"bench", "--checkpoint", step2.string(), "--no-decode", "--steps", "1", "--warmup", "0", "--no-verify"},
+                            quick()));
   E2E_EXPECT_OK(eval(model, {"--no-verify"}));
   E2E_EXPECT_OK(run_diffmoe({"generate", "--checkpoint", model.string(), "--tokenizer", (dir_ / "tokenizer.json").string(),
                              "--prompt", "The", "--max-new-tokens", "2", "--no-verify"}, quick()));
