@@ -93,9 +93,13 @@ echo "setup: built into $BUILD_DIR/ (binary: $BUILD_DIR/src/cli/diffmoe); corpus
 case "$ACTION" in
   train-tiny)
     # A second call continues (or, at max_steps, just reports) the run instead of refusing to
-    # start over it; a run that never reached a checkpoint starts again.
+    # start over it; a run that never reached a checkpoint starts again. A step directory without
+    # `latest` (a stop between a save's rename and the pointer's update) is a checkpoint too:
+    # --resume finds it, where --overwrite would delete it.
     resume=(--overwrite)
-    [[ -e runs/tiny/checkpoints/latest ]] && resume=(--resume)
+    if [[ -e runs/tiny/checkpoints/latest ]] || compgen -G 'runs/tiny/checkpoints/step_*' >/dev/null; then
+      resume=(--resume)
+    fi
     exec "$BUILD_DIR/src/cli/diffmoe" train --config configs/tiny.yaml "${resume[@]}"
     ;;
   test)

@@ -26,12 +26,14 @@ struct BenchArgs {
   int64_t batch = -1, seq = -1, prompt_len = -1, new_tokens = -1;
   int steps = -1, warmup = -1, repeats = -1;
   double peak_tflops = -1;
-  bool no_train = false, no_decode = false;
+  bool no_train = false, no_decode = false, no_verify = false;
   uint64_t seed = 1234;
 };
 
 int run_bench(const BenchArgs& a) {
   DIFFMOE_CHECK(a.config.empty() != a.checkpoint.empty(), "give exactly one of --config (a preset, spec initialisation) and --checkpoint");
+  // Before the benchmark, and again before the rename that would replace a device node or FIFO.
+  if (!a.report.empty()) io::check_output_path(a.report, "bench report");
   auto be = make_backend(a.device);
   const ModelOptions mo{.precision = parse_precision(a.precision, "--precision")};
   std::unique_ptr<Model> model;
@@ -41,7 +43,7 @@ int run_bench(const BenchArgs& a) {
     model->init_weights(a.seed);
     source = {{"config", a.config}};
   } else {
-    LoadedCheckpoint ck = open_trained_model(a.checkpoint, *be, DType::kF32, OpenModelOptions{.tokenizer_path = "", .verify = true, .model = mo});
+    LoadedCheckpoint ck = open_trained_model(a.checkpoint, *be, DType::kF32, OpenModelOptions{.tokenizer_path = "", .verify = !a.no_verify, .model = mo});
     model = std::move(ck.model);
     source = {{"checkpoint", ck.model_path}, {"step", ck.step >= 0 ? nlohmann::ordered_json(ck.step) : nlohmann::ordered_json(nullptr)}};
   }
@@ -81,6 +83,7 @@ int run_bench(const BenchArgs& a) {
     const nlohmann::ordered_json b = bench_json(r);
     for (const auto& [k, v] : b.items()) j[k] = v;
     const std::string text = j.dump(2) + "\n";
+    io::check_output_path(a.report, "bench report");
     const io::Failure f = io::replace_file(a.report, [&](int fd) { return io::write_all(fd, text.data(), text.size()); });
     DIFFMOE_CHECK(!f, "{}: cannot write the report ({} failed: {})", a.report, f.step, std::strerror(f.err));
     fmt::print("report: {}\n", a.report);
@@ -108,6 +111,7 @@ void add_bench_command(CLI::App& app, std::function<int()>& run) {
   cmd->add_option("--peak-tflops", a->peak_tflops, "train step: MFU denominator (default: 989 on CUDA, none on the CPU)");
   cmd->add_flag("--no-train", a->no_train, "skip the train step");
   cmd->add_flag("--no-decode", a->no_decode, "skip prefill and decode");
+  cmd->add_flag("--no-verify", a->no_verify, "--checkpoint: read it without checking it against its manifest");
   cmd->add_option("--seed", a->seed, "weights (with --config) and random tokens (default 1234)");
   cmd->add_option("--report", a->report, "write the results as JSON to this file");
   cmd->callback([&run, a] { run = [a] { return run_bench(*a); }; });

@@ -15,6 +15,7 @@
 #include "data/loader.h"
 #include "eval/report.h"
 #include "eval/task_runner.h"
+#include "io/file_util.h"
 #include "train/checkpoint_reader.h"
 #include "train/evaluator.h"
 #include "train/run_setup.h"
@@ -62,6 +63,9 @@ int run_eval(const EvalArgs& a) {
   DIFFMOE_CHECK(a.stride >= 0, "--stride: must be >= 0 (0 = --seq), got {}", a.stride);
   DIFFMOE_CHECK(a.limit >= 0, "--limit: must be >= 0 (0 = all), got {}", a.limit);
   DIFFMOE_CHECK(a.split == "val" || a.split == "train", "--split: expected val or train, got '{}'", a.split);
+  // Before the evaluation, not after it: the report replaces the file by rename (a FIFO or
+  // /dev/null named here would be replaced by a regular file).
+  if (!a.report.empty()) io::check_output_path(a.report, "eval report");
   auto be = make_backend(a.device);
   LoadedCheckpoint ck = open_trained_model(
       a.checkpoint, *be, DType::kF32,

@@ -7,12 +7,13 @@
 #include <signal.h>
 
 #include <chrono>
-#include <filesystem>
-#include <fstream>
+#include <cmath>
+#include <cstring>
 #include <thread>
 
 #include "backend/backend_registry.h"
 #include "cli/commands.h"
+#include "io/file_util.h"
 #include "model/precision_plan.h"
 #include "serve/http_server.h"
 #include "serve/scheduler.h"
@@ -31,6 +32,7 @@ struct ServeArgs {
   int64_t prefill_chunk = 256, block_size = 16, cache_blocks = 0, max_waiting = 1024;
   size_t max_request_bytes = size_t{1} << 20;
   double shutdown_timeout = 30.0;
+  bool no_verify = false;
 };
 
 int run_serve(const ServeArgs& a) {
@@ -44,13 +46,23 @@ int run_serve(const ServeArgs& a) {
   sigaddset(&signals, SIGUSR1);
   DIFFMOE_CHECK(pthread_sigmask(SIG_BLOCK, &signals, nullptr) == 0, "serve: cannot block SIGINT/SIGTERM");
 
+  // Values the server would silently misread: a port past 65535 wraps to another port, a NaN
+  // timeout is undefined as milliseconds, a zero limit refuses every request.
+  DIFFMOE_CHECK(a.port >= 0 && a.port <= 65535, "--port: must be in [0, 65535] (0 = any free port), got {}", a.port);
+  DIFFMOE_CHECK(std::isfinite(a.shutdown_timeout) && a.shutdown_timeout >= 0 && a.shutdown_timeout <= 1e9,
+                "--shutdown-timeout: must be a finite number of seconds in [0, 1e9], got {}", a.shutdown_timeout);
+  DIFFMOE_CHECK(a.max_tokens >= 1, "--max-tokens: must be >= 1, got {}", a.max_tokens);
+  DIFFMOE_CHECK(a.max_request_bytes >= 1, "--max-request-bytes: must be >= 1, got {}", a.max_request_bytes);
+  DIFFMOE_CHECK(a.max_waiting >= 1, "--max-waiting: must be >= 1, got {}", a.max_waiting);
+  // Before the model loads; the file is replaced by rename, which would replace a device node or FIFO.
+  if (!a.port_file.empty()) io::check_output_path(a.port_file, "port file");
   auto be = make_backend(a.device);
   const ModelOptions mo{.precision = parse_precision(a.precision, "--precision")};
   // The engine's own layers run the forward (bf16 or f32 GEMMs); FP8 serving is --weights fp8.
   DIFFMOE_CHECK(mo.precision != Precision::kFP8, "--precision fp8 is a training mode; serve with --precision bf16 --weights fp8");
   DIFFMOE_CHECK(a.weights == "model" || a.weights == "fp8", "--weights: '{}' is not one of model, fp8", a.weights);
   LoadedCheckpoint ck =
-      open_trained_model(a.checkpoint, *be, DType::kF32, OpenModelOptions{.tokenizer_path = a.tokenizer, .verify = true, .model = mo});
+      open_trained_model(a.checkpoint, *be, DType::kF32, OpenModelOptions{.tokenizer_path = a.tokenizer, .verify = !a.no_verify, .model = mo});
   DIFFMOE_CHECK(ck.tokenizer != nullptr, "{}: no tokenizer in the checkpoint; pass --tokenizer", a.checkpoint);
   const ModelConfig& c = ck.model->config();
   serve::SchedulerOptions so{.engine = {.max_batch = a.max_batch,
@@ -73,9 +85,10 @@ int run_serve(const ServeArgs& a) {
   const int port = server.bind();
   scheduler.start();
   if (!a.port_file.empty()) {  // for scripts that pass --port 0
-    const std::string tmp = a.port_file + ".tmp";
-    std::ofstream(tmp) << port << "\n";
-    std::filesystem::rename(tmp, a.port_file);
+    const std::string text = fmt::format("{}\n", port);
+    io::check_output_path(a.port_file, "port file");
+    const io::Failure f = io::replace_file(a.port_file, [&](int fd) { return io::write_all(fd, text.data(), text.size()); });
+    DIFFMOE_CHECK(!f, "{}: cannot write the port file ({} failed: {})", a.port_file, f.step, std::strerror(f.err));
   }
   const serve::SchedulerStats st = scheduler.stats();
   const double cache_mib =
@@ -134,6 +147,7 @@ void add_serve_command(CLI::App& app, std::function<int()>& run) {
   cmd->add_option("--cache-blocks", a->cache_blocks, "cache blocks (default: max-batch full contexts)");
   cmd->add_option("--shutdown-timeout", a->shutdown_timeout,
                   "seconds to finish requests on SIGINT/SIGTERM (default 30)");
+  cmd->add_flag("--no-verify", a->no_verify, "read the checkpoint without checking it against its manifest");
   cmd->callback([&run, a] { run = [a] { return run_serve(*a); }; });
 }
 

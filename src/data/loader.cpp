@@ -37,7 +37,11 @@ std::vector<fs::path> find_shards(const fs::path& dir, std::string_view split) {
                   "{}: {}.shards: missing (not a `diffmoe data prepare` meta.json?)", meta_path.string(), split);
     for (const auto& name : meta[std::string(split)]["shards"]) {
       DIFFMOE_CHECK(name.is_string(), "{}: {}.shards: expected file names", meta_path.string(), split);
-      out.push_back(dir / name.get<std::string>());
+      // Names of files in this directory only: never a path elsewhere ("../x.bin", "/dev/zero").
+      const std::string n = name.get<std::string>();
+      DIFFMOE_CHECK(!n.empty() && n != "." && n != ".." && n.find('/') == std::string::npos && n.find('\0') == std::string::npos,
+                    "{}: {}.shards: '{}' is not a file name in this directory", meta_path.string(), split, n);
+      out.push_back(dir / n);
     }
     DIFFMOE_CHECK(!out.empty(), "{}: lists no {} shards (for val: prepared with val_fraction 0?)", meta_path.string(),
                   split);

@@ -222,7 +222,11 @@ std::vector<fs::path> expand_inputs(std::string_view spec) {
       DIFFMOE_CHECK(!found.empty(), "input directory '{}' holds no .txt/.text/.jsonl/.ndjson files (optionally .gz/.zst)",
                     item);
     } else {
-      DIFFMOE_CHECK(fs::is_regular_file(item), "input '{}': no such file or directory", item);
+      std::error_code ec;
+      const fs::file_status st = fs::status(item, ec);
+      DIFFMOE_CHECK(fs::exists(st), "input '{}': no such file or directory", item);
+      DIFFMOE_CHECK(fs::is_regular_file(st), "input '{}': not a regular file, directory or glob (a FIFO or device would never end)",
+                    item);
       found.emplace_back(item);
     }
     std::sort(found.begin(), found.end(), [](const fs::path& a, const fs::path& b) { return a.string() < b.string(); });

@@ -164,8 +164,8 @@ std::unique_ptr<Tokenizer> load_tiktoken_from_string(std::string_view content, c
     }
   }
   DIFFMOE_CHECK(preset.has_value() || options.pattern.has_value(),
-                "[tiktoken] '{}': cannot tell which encoding this is ({} ranks; file stem '{}'); pass "
-                "TiktokenOptions::preset or ::pattern",
+                "[tiktoken] '{}': cannot tell which encoding this is ({} ranks; file stem '{}'); name the file "
+                "after its encoding (r50k_base, p50k_base, cl100k_base or o200k_base .tiktoken)",
                 file, tokens.size(), path.stem().string());
   const std::string name = options.name ? *options.name : preset ? preset->name : path.stem().string();
   const std::string pattern = options.pattern ? *options.pattern : std::string(preset->pattern);

@@ -174,12 +174,17 @@ ShardHeader ShardWriter::finish() {
 
 Shard::Shard(fs::path path, ShardOpenOptions options) : path_(std::move(path)) {
   const std::string name = path_.string();
-  const int fd = ::open(path_.c_str(), O_RDONLY | O_CLOEXEC);
+  // O_NONBLOCK: a FIFO in a shard directory must be refused below, not block the open forever.
+  const int fd = ::open(path_.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK | O_NOCTTY);
   DIFFMOE_CHECK(fd >= 0, "{}: cannot open: {}", name, std::strerror(errno));
   struct stat st {};
   if (::fstat(fd, &st) != 0) {
     ::close(fd);
     DIFFMOE_FAIL("{}: cannot stat: {}", name, std::strerror(errno));
+  }
+  if (!S_ISREG(st.st_mode)) {
+    ::close(fd);
+    DIFFMOE_FAIL("{}: is {}, not a regular file", name, io::file_type_name(st.st_mode));
   }
   const auto size = static_cast<uint64_t>(st.st_size);
   if (size < kShardHeaderBytes) {

@@ -77,6 +77,7 @@ std::string report_table(const EvalReport& r) {
 }
 
 void write_report(const std::string& path, const EvalReport& r) {
+  io::check_output_path(path, "eval report");  // the rename would replace a device node or FIFO
   const std::string text = report_json(r).dump(2) + "\n";
   const io::Failure f = io::replace_file(path, [&](int fd) { return io::write_all(fd, text.data(), text.size()); });
   DIFFMOE_CHECK(!f, "{}: cannot write the report ({} failed: {})", path, f.step, std::strerror(f.err));

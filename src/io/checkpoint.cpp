@@ -507,13 +507,16 @@ std::optional<CheckpointInfo> find_latest_checkpoint(const std::string& root, st
   std::string tried;
   if (::access(latest_path.c_str(), F_OK) == 0) {
     std::string name;
+    std::string unreadable;  // why the pointer could not be read; one warning, not a second about its text
     try {
       name = read_pointer(latest_path);
     } catch (const std::exception& e) {
-      warn(fmt::format("{}: unreadable, scanning step directories: {}", latest_path, e.what()));
+      unreadable = e.what();
     }
     while (!name.empty() && std::isspace(static_cast<unsigned char>(name.back()))) name.pop_back();
-    if (!is_plain_file_name(name)) {
+    if (!unreadable.empty()) {
+      warn(fmt::format("{}: unreadable, scanning step directories: {}", latest_path, unreadable));
+    } else if (!is_plain_file_name(name)) {
       warn(fmt::format("{}: holds '{}', not a directory name; scanning step directories", latest_path, name));
     } else {
       tried = name;

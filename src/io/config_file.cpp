@@ -13,6 +13,7 @@
 #include <yaml-cpp/eventhandler.h>
 #include <yaml-cpp/yaml.h>
 
+#include <algorithm>
 #include <charconv>
 #include <cmath>
 #include <limits>
@@ -59,6 +60,29 @@ bool is_float_text(std::string_view s) {
   const std::string_view whole = mantissa.substr(0, dot), frac = mantissa.substr(dot + 1);
   if (whole.empty()) return all_of_digits(frac, is_dec);
   return all_of_digits(whole, is_dec) && (frac.empty() || all_of_digits(frac, is_dec));
+}
+
+// The decimal order of magnitude of a core-schema float text (is_float_text): the power of ten of
+// its first non-zero digit ("123.4" 2, "0.05" -2, "1e-400" -400), saturating; 0 for a zero.
+// Tells an overflow from an underflow when from_chars reports neither value.
+int64_t decimal_order(std::string_view s) {
+  s = strip_sign(s);
+  const size_t e = s.find_first_of("eE");
+  int64_t exponent = 0;
+  if (e != std::string_view::npos) {
+    std::string_view digits = s.substr(e + 1);
+    const bool negative = !digits.empty() && digits[0] == '-';
+    digits = strip_sign(digits);
+    for (const char c : digits) exponent = std::min<int64_t>(exponent * 10 + (c - '0'), int64_t{1} << 40);
+    if (negative) exponent = -exponent;
+  }
+  const std::string_view mantissa = s.substr(0, e);
+  const size_t dot = std::min(mantissa.find('.'), mantissa.size());
+  for (size_t i = 0; i < mantissa.size(); ++i) {
+    if (mantissa[i] == '.' || mantissa[i] == '0') continue;
+    return exponent + (i < dot ? static_cast<int64_t>(dot - i - 1) : -static_cast<int64_t>(i - dot));
+  }
+  return 0;
 }
 
 PlainKind classify_plain(std::string_view s) {
@@ -142,8 +166,12 @@ Json resolve_plain(const std::string& s, const std::string& where) {
       // from_chars rejects a leading '+', and is locale-independent unlike strtod.
       const std::string_view text = s[0] == '+' ? std::string_view(s).substr(1) : std::string_view(s);
       const auto [end, ec] = std::from_chars(text.data(), text.data() + text.size(), v);
-      // Out of range (1e999) becomes ±inf, the usual YAML/JSON reading; anything else is a bug.
-      if (ec == std::errc::result_out_of_range) return negative ? -HUGE_VAL : HUGE_VAL;
+      // Out of range: too large (1e999) becomes ±inf, the usual YAML/JSON reading; too small
+      // (1e-400) becomes ±0, never inf.
+      if (ec == std::errc::result_out_of_range) {
+        const double huge = decimal_order(text) >= 0 ? HUGE_VAL : 0.0;
+        return negative ? -huge : huge;
+      }
       DIFFMOE_CHECK(ec == std::errc() && end == text.data() + text.size(), "{}cannot read '{}' as a float", where,
                     s);
       return v;

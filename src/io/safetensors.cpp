@@ -200,11 +200,13 @@ SafetensorsFile SafetensorsFile::open(const std::string& path) {
   SafetensorsFile f;  // owns the mapping from the moment it exists, so every error path unmaps
   f.path_ = path;
 
-  io::FdGuard fd{::open(path.c_str(), O_RDONLY | O_CLOEXEC)};
+  // O_NONBLOCK: a FIFO named as a model file must be refused below, not block the open forever
+  // (it changes nothing for the mapping of a regular file).
+  io::FdGuard fd{::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK | O_NOCTTY)};
   DIFFMOE_CHECK(fd.fd >= 0, "{}: cannot open ({})", path, std::strerror(errno));
   struct stat st {};
   DIFFMOE_CHECK(::fstat(fd.fd, &st) == 0, "{}: cannot stat ({})", path, std::strerror(errno));
-  DIFFMOE_CHECK(S_ISREG(st.st_mode), "{}: not a regular file", path);
+  DIFFMOE_CHECK(S_ISREG(st.st_mode), "{}: is {}, not a regular file", path, io::file_type_name(st.st_mode));
   const auto file_size = static_cast<uint64_t>(st.st_size);
   DIFFMOE_CHECK(file_size >= kSizeFieldBytes, "{}: file is {} bytes, too short for the 8-byte header size", path,
                 file_size);

@@ -2,6 +2,7 @@
 
 #include <cmath>
 #include <functional>
+#include <limits>
 #include <map>
 
 #include "core/error.h"
@@ -49,8 +50,11 @@ template <>
 double as<double>(const Json& v, const std::string& where) {
   DIFFMOE_CHECK(v.is_number(), "{}: expected a number, got {}", where, v.dump());
   // NaN and ±inf pass the range checks of validate() ("x <= 0" is false for NaN): no key takes them.
-  DIFFMOE_CHECK(std::isfinite(v.get<double>()), "{}: must be a finite number, got {}", where, v.get<double>());
-  return v.get<double>();
+  // Nor a magnitude past f32's largest (1e39): the devices compute in f32, where it is inf.
+  const double x = v.get<double>();
+  DIFFMOE_CHECK(std::isfinite(x) && std::fabs(x) <= std::numeric_limits<float>::max(),
+                "{}: must be a finite number of f32 range (|x| <= {}), got {}", where, std::numeric_limits<float>::max(), x);
+  return x;
 }
 template <>
 bool as<bool>(const Json& v, const std::string& where) {
@@ -216,6 +220,16 @@ ModelConfig load_model_config(const std::string& path) {
   }
   DIFFMOE_CHECK(doc.contains("model"), "{}: model: section is missing", path);
   return ModelConfig::from_json(doc["model"], path);
+}
+
+std::string config_differences(const ModelConfig& a, const ModelConfig& b) {
+  const Json ja = a.to_json(), jb = b.to_json();
+  std::string out;
+  for (const auto& [key, va] : ja.items()) {
+    const Json vb = jb.contains(key) ? jb[key] : Json();
+    if (va != vb) out += fmt::format("{}model.{} {} vs {}", out.empty() ? "" : ", ", key, va.dump(), vb.dump());
+  }
+  return out;
 }
 
 }  // namespace diffmoe

@@ -62,6 +62,10 @@ struct ModelConfig {
   void validate(const std::string& source) const;
 };
 
+// The keys whose values differ, for one-line errors: "model.dim 32 vs 48, model.n_layers 2 vs 4"
+// (this's value first); "" when the configs are equal.
+std::string config_differences(const ModelConfig& a, const ModelConfig& b);
+
 // Reads the `model:` section of a YAML config file (errors name the file and the key). Top-level
 // sections other than those the project knows (kConfigSections) are errors too.
 ModelConfig load_model_config(const std::string& path);

@@ -129,8 +129,8 @@ std::unique_ptr<Model> load_model(const std::string& path, Backend& backend, DTy
 void load_weights(Model& m, const std::string& path) {
   const SafetensorsFile f = SafetensorsFile::open(path);
   const ModelConfig c = config_of(f);
-  DIFFMOE_CHECK(c.to_json() == m.config().to_json(), "{}: the file's model config differs from this model's:\n  file:  {}\n  model: {}",
-                path, c.to_json().dump(), m.config().to_json().dump());
+  DIFFMOE_CHECK(c.to_json() == m.config().to_json(), "{}: the file's model config differs from this model's (file vs model: {})",
+                path, config_differences(c, m.config()));
   read_weights(m, f);
 }
 

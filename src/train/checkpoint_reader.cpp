@@ -71,13 +71,23 @@ LoadedCheckpoint open_trained_model(const std::string& path, Backend& backend, D
     // manifest must list it under its own name.
     out.model_path = path;
     const fs::path dir = fs::path(path).parent_path().empty() ? fs::path(".") : fs::path(path).parent_path();
+    const std::string name = fs::path(path).filename().string();
+    const bool state_shard = name.rfind("shard-", 0) == 0 && name.ends_with(".safetensors");
     if (options.verify && fs::exists(dir / "manifest.json", ec)) {
       const CheckpointInfo info = open_checkpoint(dir.string());
-      info.path_of(fs::path(path).filename().string());
+      info.path_of(name);
       out.step = info.step;
+      if (tok.empty()) tok = tokenizer_of(info);
+    } else if (options.verify) {
+      // A state shard exists only inside a checkpoint, which always has a manifest: without one it
+      // is an incomplete or tampered checkpoint, not an exported model file.
+      DIFFMOE_CHECK(!state_shard && !fs::exists(dir / "trainer_state.json", ec),
+                    "{}: a checkpoint file without {} beside it (an incomplete checkpoint?); pass --no-verify to read it anyway",
+                    path, (dir / "manifest.json").string());
+    } else if (state_shard && tok.empty()) {
+      tok = unverified_tokenizer_of(dir.string());
     }
-    const std::string name = fs::path(path).filename().string();
-    if (name.rfind("shard-", 0) == 0 && name.ends_with(".safetensors")) {
+    if (state_shard) {
       // One rank's state shard: the model is the whole checkpoint's, from every shard beside it.
       const StateReader reader(dir.string());
       out.model = std::make_unique<Model>(reader.config(), backend, dtype, options.model);

@@ -195,8 +195,8 @@ void StateReader::read(Kind kind, const std::string& param, int64_t first, int64
 void load_state(AdamW& opt, const StateReader& reader, Context ctx) {
   Model& m = opt.model();
   DIFFMOE_CHECK(reader.config().to_json() == m.config().to_json(),
-                "[checkpoint] the checkpoint's model config differs from this run's:\n  checkpoint: {}\n  run:        {}",
-                reader.config().to_json().dump(), m.config().to_json().dump());
+                "{}: the checkpoint's model config differs from this run's (checkpoint vs run: {})", reader.dir(),
+                config_differences(reader.config(), m.config()));
   const ParamLayout& layout = m.layout();
   Backend& be = m.backend();
   std::vector<double> v;
@@ -242,7 +242,8 @@ void export_model(const StateReader& reader, const std::string& path, const std:
 }
 
 void load_model_weights(Model& model, const StateReader& reader) {
-  DIFFMOE_CHECK(reader.config().to_json() == model.config().to_json(), "[checkpoint] the checkpoint's model config differs from the model's");
+  DIFFMOE_CHECK(reader.config().to_json() == model.config().to_json(), "{}: the checkpoint's model config differs from the model's ({})",
+                reader.dir(), config_differences(reader.config(), model.config()));
   std::vector<double> v;
   auto load = [&](const ParamLayout::Entry& e, StateReader::Kind kind) {
     v.resize(static_cast<size_t>(e.shape.numel()));

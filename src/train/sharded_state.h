@@ -38,6 +38,7 @@ class StateReader {
   explicit StateReader(const std::string& dir);
 
   const ModelConfig& config() const { return config_; }
+  const std::string& dir() const { return dir_; }
   bool has_moments() const { return has_moments_; }
   // Elements [first, first + count) of `param` (global row-major order) into out. Every element must
   // be covered by a slice of that kind: an error names the parameter and the first missing element.

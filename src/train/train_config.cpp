@@ -72,8 +72,11 @@ class SectionReader {
     } else if constexpr (std::is_floating_point_v<T>) {
       DIFFMOE_CHECK(v.is_number(), "{}: expected a number, got {}", where(key), v.dump());
       // NaN and ±inf pass every "x <= 0" check below and then poison the run: no key takes them.
-      DIFFMOE_CHECK(std::isfinite(v.get<double>()), "{}: must be a finite number, got {}", where(key), v.get<double>());
-      return v.get<T>();
+      // Nor a magnitude past f32's largest (optim.lr = 1e39): the devices compute in f32, where it is inf.
+      const double x = v.get<double>();
+      DIFFMOE_CHECK(std::isfinite(x) && std::fabs(x) <= std::numeric_limits<float>::max(),
+                    "{}: must be a finite number of f32 range (|x| <= {}), got {}", where(key), std::numeric_limits<float>::max(), x);
+      return static_cast<T>(x);
     } else {
       DIFFMOE_CHECK(v.is_string(), "{}: expected a string, got {}", where(key), v.dump());
       return v.get<std::string>();

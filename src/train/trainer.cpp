@@ -10,6 +10,7 @@
 #include "backend/backend_registry.h"
 #include "core/error.h"
 #include "data/loader.h"
+#include "data/token_shard.h"
 #include "io/checkpoint.h"
 #include "io/config_file.h"
 #include "io/file_util.h"
@@ -167,12 +168,24 @@ class TrainRun {
     DIFFMOE_CHECK(loader_->vocab_size() <= static_cast<uint32_t>(rc_.model.vocab_size),
                   "{}: shards were made with a {}-token vocabulary but model.vocab_size is {}", shards_, loader_->vocab_size(),
                   rc_.model.vocab_size);
+    // No validation split (prepared with val_fraction 0), or one too short for a batch, means a run
+    // without validation; val shards that exist but cannot be read (a FIFO, a bad header, a wrong
+    // checksum) are an error like any other input, never a silent "validation: none".
+    std::vector<std::filesystem::path> val_shards;
     try {
-      val_ = std::make_unique<data::TokenLoader>(data::find_shards(shards_, "val"),
-                                                 data::TokenLoaderOptions{.batch = B, .seq = T, .seed = ts_.seed, .shuffle = false,
-                                                                          .max_batches = rc_.eval.batches});
+      val_shards = data::find_shards(shards_, "val");
     } catch (const Error& e) {
       say(fmt::format("validation: none ({})", e.what()));
+    }
+    uint64_t val_tokens = 0;
+    for (const auto& p : val_shards) val_tokens += data::Shard(p, {.verify_checksum = false}).header().n_tokens;
+    const uint64_t val_windows = val_tokens > 0 ? (val_tokens - 1) / static_cast<uint64_t>(T) : 0;
+    if (!val_shards.empty() && val_windows < static_cast<uint64_t>(B)) {
+      say(fmt::format("validation: none ({}: {} val tokens, fewer than one batch of {} windows of seq + 1 = {} tokens)", shards_,
+                      val_tokens, B, T + 1));
+    } else if (!val_shards.empty()) {
+      val_ = std::make_unique<data::TokenLoader>(val_shards, data::TokenLoaderOptions{.batch = B, .seq = T, .seed = ts_.seed,
+                                                                                      .shuffle = false, .max_batches = rc_.eval.batches});
     }
     tb_ = std::make_unique<TokenBuffers>(*be_, B, T);
     flops_per_token_ = count_parameters(rc_.model, T).flops_per_token;

@@ -145,6 +145,19 @@ TEST_F(E2E, TruncatedCheckpoint) {
   expect_clean_error(train(cfg, {"--resume"}), {ck.string(), "no valid checkpoint"});
 }
 
+// A resume under another model config: one line naming the checkpoint and each key that differs
+// (the whole config of both, on lines of their own, named nothing).
+TEST_F(E2E, ResumeUnderAnotherModelConfigNamesTheKeys) {
+  Yaml y = micro_config(dir_, dir_ / "run");
+  y.set("train.max_steps", "1");
+  y.set("eval.every", "0");
+  const fs::path cfg = write_config(y);
+  E2E_EXPECT_OK(train(cfg));
+  const fs::path step1 = dir_ / "run" / "checkpoints" / "step_000000001";
+  expect_clean_error(train(cfg, {"--resume", "--set", "train.max_steps=2", "--set", "model.n_layers=3", "--set", "model.inter_dim=96"}),
+                     {step1.string(), "model.n_layers 2 vs 3", "model.inter_dim 64 vs 96"});
+}
+
 // (h) a tokenizer file of the wrong kind: JSON that is not a tokenizer, plain text, binary noise
 TEST_F(E2E, TokenizerFileOfTheWrongKind) {
   write_file(dir_ / "not_a_tokenizer.json", R"({"name": "settings", "values": [1, 2, 3], "model": "gpt"})");

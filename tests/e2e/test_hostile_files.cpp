@@ -67,6 +67,11 @@ TEST_F(Checkpointed, EveryFileOfACheckpointIsListedAndChecked) {
   expect_clean_error(run_diffmoe({"generate", "--checkpoint", model.string(), "--tokenizer", (dir_ / "tokenizer.json").string(),
                                   "--prompt", "The", "--max-new-tokens", "2"}, quick()),
                      {model.string(), "corrupted"});
+  expect_clean_error(run_diffmoe({"bench", "--checkpoint", step2.string(), "--no-decode", "--steps", "1", "--warmup", "0"}, quick()),
+                     {model.string(), "corrupted"});
+  expect_clean_error(run_diffmoe({"serve", "--checkpoint", model.string(), "--port", "0"}, quick()), {model.string(), "corrupted"});
+  E2E_EXPECT_OK(run_diffmoe({"bench", "--checkpoint", step2.string(), "--no-decode", "--steps", "1", "--warmup", "0", "--no-verify"},
+                            quick()));
   E2E_EXPECT_OK(eval(model, {"--no-verify"}));
   E2E_EXPECT_OK(run_diffmoe({"generate", "--checkpoint", model.string(), "--tokenizer", (dir_ / "tokenizer.json").string(),
                              "--prompt", "The", "--max-new-tokens", "2", "--no-verify"}, quick()));
@@ -75,6 +80,29 @@ TEST_F(Checkpointed, EveryFileOfACheckpointIsListedAndChecked) {
   // name in the checkpoint) is not vouched for.
   fs::copy_file(ck_ / "step_000000001" / kShard0, ck_ / "step_000000001" / "model_copy.safetensors");
   expect_clean_error(eval(ck_ / "step_000000001" / "model_copy.safetensors"), {"model_copy.safetensors", "not listed"});
+}
+
+// A state shard named directly stands for its checkpoint: verified with it (and its tokenizer
+// used), exported from it; without the manifest beside it, it is refused unless --no-verify.
+TEST_F(Checkpointed, AStateShardNamedDirectlyIsReadWithItsCheckpoint) {
+  const fs::path step2 = ck_ / "step_000000002", shard = step2 / kShard0;
+  const std::vector<std::string> gen = {"generate", "--checkpoint", shard.string(), "--prompt", "The", "--max-new-tokens", "2"};
+  const RunResult g = run_diffmoe(gen, quick());  // no --tokenizer: the checkpoint's copy
+  E2E_EXPECT_OK(g);
+  EXPECT_NE(g.err.find("checkpoint step 2"), std::string::npos) << g.err;
+  const fs::path exported = dir_ / "exported.safetensors";
+  E2E_EXPECT_OK(run_diffmoe({"checkpoint", "export", "--checkpoint", shard.string(), "--out", exported.string()}, quick()));
+  E2E_EXPECT_OK(eval(exported));  // an exported model file has no manifest, and needs none
+
+  fs::rename(step2 / "manifest.json", dir_ / "manifest.json");
+  expect_clean_error(run_diffmoe(gen, quick()), {shard.string(), (step2 / "manifest.json").string(), "--no-verify"});
+  expect_clean_error(eval(shard), {shard.string(), (step2 / "manifest.json").string(), "--no-verify"});
+  expect_clean_error(run_diffmoe({"checkpoint", "export", "--checkpoint", shard.string(), "--out", exported.string()}, quick()),
+                     {step2.string(), "no valid checkpoint"});
+  std::vector<std::string> unverified = gen;
+  unverified.push_back("--no-verify");
+  E2E_EXPECT_OK(run_diffmoe(unverified, quick()));
+  E2E_EXPECT_OK(eval(shard, {"--no-verify"}));
 }
 
 TEST_F(Checkpointed, PointersAndManifestsNamingEndlessFilesFailFast) {
@@ -88,6 +116,9 @@ TEST_F(Checkpointed, PointersAndManifestsNamingEndlessFilesFailFast) {
     E2E_EXPECT_OK(r);
     EXPECT_NE(r.err.find((ck_ / "latest").string()), std::string::npos) << r.err;
     EXPECT_NE(r.out.find("(step 2)"), std::string::npos) << r.out;
+    // One warning with the reason, not a second one about the (empty) name it did not read.
+    EXPECT_EQ(split_lines(r.err).size(), 1u) << r.err;
+    EXPECT_EQ(r.err.find("holds ''"), std::string::npos) << r.err;
     const RunResult resumed = train(config_, {"--resume", "--set", "train.max_steps=2"}, quick());
     E2E_EXPECT_OK(resumed);
     EXPECT_NE(resumed.out.find("at step 2"), std::string::npos) << resumed.out;
@@ -236,6 +267,74 @@ TEST_F(E2E, OutputsThatAreNotRegularFilesAreRefused) {
   EXPECT_EQ(read_file(file), "not a directory\n");
 }
 
+// Report and port files are replaced by rename: named as a FIFO, a device node or a directory they
+// are refused before any work (a rename over /dev/null would replace the device node itself).
+TEST_F(Checkpointed, ReportAndPortFilesThatAreNotRegularFilesAreRefused) {
+  const fs::path fifo = dir_ / "report.fifo", directory = dir_ / "report_dir";
+  ASSERT_EQ(::mkfifo(fifo.c_str(), 0644), 0);
+  fs::create_directory(directory);
+  std::vector<std::pair<fs::path, std::string>> nodes = {{fifo, "a FIFO"}, {directory, "a directory"}};
+  const fs::path dev = dir_ / "null.dev";  // /dev/null's numbers, where mknod is allowed
+  if (::mknod(dev.c_str(), S_IFCHR | 0666, makedev(1, 3)) == 0) nodes.emplace_back(dev, "a character device");
+  for (const auto& [node, what] : nodes) {
+    SCOPED_TRACE(node.string());
+    expect_clean_error(eval(ck_, {"--report", node.string()}), {node.string(), "eval report", what});
+    expect_clean_error(run_diffmoe({"bench", "--config", config_.string(), "--report", node.string()}, quick()),
+                       {node.string(), "bench report", what});
+    expect_clean_error(run_diffmoe({"serve", "--checkpoint", ck_.string(), "--port", "0", "--port-file", node.string()}, quick()),
+                       {node.string(), "port file", what});
+    struct stat st {};
+    ASSERT_EQ(::stat(node.c_str(), &st), 0);
+    EXPECT_FALSE(S_ISREG(st.st_mode)) << node << " was replaced by a regular file";
+  }
+  EXPECT_TRUE(fs::is_empty(directory));
+}
+
+// Inputs that never end: a FIFO named as a model file, a data input or a shard is refused at once
+// (opening one for reading used to wait for a writer forever); a val shard that cannot be read is an
+// error naming it, not a run without validation.
+TEST_F(Checkpointed, InputFifosAndUnreadableValShardsAreRefused) {
+  const fs::path fifo = dir_ / "model.safetensors";
+  ASSERT_EQ(::mkfifo(fifo.c_str(), 0644), 0);
+  expect_clean_error(run_diffmoe({"generate", "--checkpoint", fifo.string(), "--tokenizer", (dir_ / "tokenizer.json").string(),
+                                  "--prompt", "The", "--max-new-tokens", "2"}, quick()),
+                     {fifo.string(), "a FIFO"});
+  expect_clean_error(run_diffmoe({"data", "prepare", "--input", fifo.string(), "--tokenizer", (dir_ / "tokenizer.json").string(),
+                                  "--out", (dir_ / "fifo_shards").string()}, quick()),
+                     {fifo.string(), "not a regular file"});
+  const fs::path val = dir_ / "shards" / "val_0000.bin";
+  const std::string good = read_file(val);
+  Yaml y = micro_config(dir_, dir_ / "again");
+  y.set("train.max_steps", "1");
+  const fs::path cfg = write_config(y, "again.yaml");
+  fs::remove(val);
+  ASSERT_EQ(::mkfifo(val.c_str(), 0644), 0);
+  expect_clean_error(train(cfg, {}, quick()), {val.string(), "a FIFO"});
+  expect_clean_error(eval(ck_), {val.string(), "a FIFO"});
+  fs::remove(val);
+  std::string bad = good;
+  bad[100] ^= 0x01;  // a token id: the footer's checksum no longer matches
+  write_file(val, bad);
+  const RunResult r = train(cfg, {"--overwrite"}, quick());
+  expect_clean_error(r, {val.string(), "checksum"});
+  EXPECT_EQ(r.out.find("validation: none"), std::string::npos) << r.out;
+  fs::remove(val);
+  expect_clean_error(train(cfg, {"--overwrite"}, quick()), {val.string()});  // listed in meta.json, missing
+}
+
+// meta.json names the shards of its own directory only: a path elsewhere is an error naming it.
+TEST_F(Checkpointed, AShardIndexNamesFilesOfItsDirectoryOnly) {
+  const fs::path meta = dir_ / "shards" / "meta.json";
+  const std::string good = read_file(meta);
+  for (const std::string& name : {std::string("../shards/val_0000.bin"), std::string("/dev/zero"), std::string("..")}) {
+    SCOPED_TRACE(name);
+    nlohmann::json j = nlohmann::json::parse(good);
+    j["val"]["shards"] = nlohmann::json::array({name});
+    write_file(meta, j.dump());
+    expect_clean_error(eval(ck_), {meta.string(), "val.shards", name, "not a file name"});
+  }
+}
+
 TEST_F(E2E, CommandLineValuesAreChecked) {
   const fs::path nowhere = dir_ / "no_checkpoint";
   for (const auto& [flag, value] : std::vector<std::pair<std::string, std::string>>{
@@ -248,6 +347,13 @@ TEST_F(E2E, CommandLineValuesAreChecked) {
            {"--batch", "0"}, {"--seq", "-1"}, {"--batches", "-3"}, {"--split", "test"}}) {
     SCOPED_TRACE(flag + " " + value);
     expect_clean_error(run_diffmoe({"eval", "--checkpoint", nowhere.string(), "--data", nowhere.string(), flag, value}, quick()), {flag});
+  }
+  // serve: checked before the model loads (a port past 65535 used to wrap to another port).
+  for (const auto& [flag, value] : std::vector<std::pair<std::string, std::string>>{
+           {"--port", "70000"}, {"--port", "-1"}, {"--shutdown-timeout", "nan"}, {"--shutdown-timeout", "-1"},
+           {"--max-tokens", "0"}, {"--max-request-bytes", "0"}, {"--max-waiting", "0"}}) {
+    SCOPED_TRACE(flag + " " + value);
+    expect_clean_error(run_diffmoe({"serve", "--checkpoint", nowhere.string(), flag, value}, quick()), {flag});
   }
   expect_clean_error(run_diffmoe({"data", "prepare", "--input", (dir_ / "corpus.txt").string(), "--tokenizer", "x", "--out",
                                   (dir_ / "s").string(), "--val-fraction", "nan"}, quick()),

@@ -1,4 +1,5 @@
-// Non-finite values never reach a checkpoint: NaN/inf config values are refused by key, a run
+// Non-finite values never reach a checkpoint: NaN/inf config values (and those past f32's range,
+// inf on the device) are refused by key, a run
 // whose weights or optimizer state went non-finite stops (exit 1) without writing a checkpoint or
 // moving `latest`, and a non-finite validation loss counts as a bad step.
 #include "e2e_util.h"
@@ -12,8 +13,10 @@ TEST_F(E2E, NonFiniteConfigValuesAreRefusedByKey) {
   for (const char* key : {"optim.lr", "optim.min_lr", "optim.weight_decay", "optim.beta1", "optim.beta2", "optim.eps",
                           "optim.grad_clip", "train.peak_tflops", "data.val_fraction", "model.bias_update_rate",
                           "model.route_scale", "model.aux_loss_alpha", "model.rope_theta", "model.rope_factor", "model.init_std",
-                          "model.norm_eps", "model.mscale", "model.beta_fast"}) {
-    for (const char* value : {".inf", "-.inf", ".nan", "1e999"}) {
+                          "model.norm_eps", "model.mscale", "model.beta_fast", "model.beta_slow", "model.embed_init_std",
+                          "model.embed_scale"}) {
+    // 1e39 and -3.5e38 are finite doubles but ±inf in f32, where the devices compute.
+    for (const char* value : {".inf", "-.inf", ".nan", "1e999", "1e39", "-3.5e38"}) {
       SCOPED_TRACE(std::string(key) + "=" + value);
       expect_clean_error(train(cfg, {"--set", std::string(key) + "=" + value}), {cfg.string(), key, "finite"});
     }
@@ -24,6 +27,8 @@ TEST_F(E2E, NonFiniteConfigValuesAreRefusedByKey) {
   const fs::path bad = write_config(y, "bad.yaml");
   expect_clean_error(train(bad), {bad.string(), "model.init_std", "finite"});
   expect_clean_error(run_diffmoe({"params", "--config", bad.string()}), {bad.string(), "model.init_std", "finite"});
+  // Below the smallest double is zero (then "must be positive"), never inf.
+  expect_clean_error(train(cfg, {"--set", "optim.lr=1e-400"}), {cfg.string(), "optim.lr", "must be positive, got 0"});
   // An empty value is a mistake, not the default.
   expect_clean_error(train(cfg, {"--set", "optim.lr="}), {cfg.string(), "optim.lr="});
   expect_clean_error(train(cfg, {"--set", "train.max_steps= "}), {cfg.string(), "train.max_steps"});
@@ -35,8 +40,9 @@ TEST_F(E2E, NonFiniteConfigValuesAreRefusedByKey) {
 }
 
 // A run that makes its state non-finite after a good checkpoint: resumed from step 2 with a
-// learning rate of 1e39 without warm-up (finite as a double, inf once Adam applies it in f32). The
-// step-3 save must fail: no step_3, `latest` stays on step 2, every checkpoint on disk is finite.
+// learning rate of 3.4e38 (f32's largest is 3.40e38) and a weight decay of 100, without warm-up:
+// lr·λ·w overflows f32, so Adam's update makes weights inf. The step-3 save must fail: no step_3,
+// `latest` stays on step 2, every checkpoint on disk is finite.
 TEST_F(E2E, NonFiniteStateIsNeverCheckpointed) {
   Yaml y = micro_config(dir_, dir_ / "run");
   y.set("train.max_steps", "2");
@@ -46,8 +52,8 @@ TEST_F(E2E, NonFiniteStateIsNeverCheckpointed) {
   E2E_EXPECT_OK(train(write_config(y)));
   const fs::path ck = dir_ / "run" / "checkpoints";
   ASSERT_EQ(read_file(ck / "latest"), "step_000000002\n");
-  const RunResult r = train(write_config(y), {"--resume", "--set", "train.max_steps=4", "--set", "optim.lr=1e39", "--set",
-                                              "optim.min_lr=0", "--set", "optim.warmup_steps=0"});
+  const RunResult r = train(write_config(y), {"--resume", "--set", "train.max_steps=4", "--set", "optim.lr=3.4e38", "--set",
+                                              "optim.weight_decay=100", "--set", "optim.min_lr=0", "--set", "optim.warmup_steps=0"});
   expect_clean_error(r, {"step 3", "non-finite value(s) in the weights", "no checkpoint written",
                          "Last good checkpoint: " + (ck / "step_000000002").string()});
   EXPECT_EQ(r.code, 1);
@@ -57,15 +63,16 @@ TEST_F(E2E, NonFiniteStateIsNeverCheckpointed) {
     EXPECT_EQ(count_non_finite(d / kShard0), 0) << d;
   }
 
-  // A balancing-bias rate of 1e39 from the start: the first save already fails, naming the bias,
-  // and nothing is written at all.
+  // The same from the start: the first save already fails, and nothing is written at all.
   Yaml b = y;
-  b.set_path("train.out_dir", dir_ / "bias");
-  b.set("model.bias_update_rate", "1e39");
-  const RunResult rb = train(write_config(b, "bias.yaml"));
-  expect_clean_error(rb, {"step 1", "layers.1.ffn.gate.bias", "no checkpoint written", "Last good checkpoint: none"});
-  EXPECT_FALSE(fs::exists(dir_ / "bias" / "checkpoints" / "latest"));
-  EXPECT_TRUE(list_dir(dir_ / "bias" / "checkpoints", "step_").empty());
+  b.set_path("train.out_dir", dir_ / "fresh");
+  for (const auto& [k, v] : std::vector<std::pair<std::string, std::string>>{
+           {"optim.lr", "3.4e38"}, {"optim.weight_decay", "100"}, {"optim.min_lr", "0"}, {"optim.warmup_steps", "0"}})
+    b.set(k, v);
+  const RunResult rb = train(write_config(b, "fresh.yaml"));
+  expect_clean_error(rb, {"step 1", "non-finite value(s) in the weights", "no checkpoint written", "Last good checkpoint: none"});
+  EXPECT_FALSE(fs::exists(dir_ / "fresh" / "checkpoints" / "latest"));
+  EXPECT_TRUE(list_dir(dir_ / "fresh" / "checkpoints", "step_").empty());
 }
 
 // A step whose validation loss is not finite is a bad step: with train.max_bad_steps = 1 the run

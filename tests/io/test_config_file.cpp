@@ -18,6 +18,29 @@ using Json = nlohmann::ordered_json;
 
 using test::error_of;
 
+// Past the range of a double: too large is ±inf (the usual YAML reading), too small is ±0 (or the
+// subnormal it rounds to), never inf.
+TEST(Yaml, FloatsOutOfRange) {
+  const Json j = parse_yaml(
+      "big: 1e999\n"
+      "nbig: -12.5e99999999999999999999\n"
+      "tiny: 1e-400\n"
+      "ntiny: -0.0001e-320\n"
+      "huge_negative_exponent: 5e-99999999999999999999\n"
+      "many_digits: 123456789e-410\n"
+      "subnormal: 1e-310\n",
+      "range.yaml");
+  EXPECT_EQ(j["big"].get<double>(), HUGE_VAL);
+  EXPECT_EQ(j["nbig"].get<double>(), -HUGE_VAL);
+  EXPECT_EQ(j["tiny"].get<double>(), 0.0);
+  EXPECT_EQ(j["ntiny"].get<double>(), 0.0);
+  EXPECT_TRUE(std::signbit(j["ntiny"].get<double>()));
+  EXPECT_EQ(j["huge_negative_exponent"].get<double>(), 0.0);
+  EXPECT_EQ(j["many_digits"].get<double>(), 0.0);
+  EXPECT_GT(j["subnormal"].get<double>(), 0.0);
+  EXPECT_LT(j["subnormal"].get<double>(), 1.1e-310);
+}
+
 TEST(Yaml, ScalarTypes) {
   const Json j = parse_yaml(
       "int: 42\n"
