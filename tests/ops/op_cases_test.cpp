@@ -2,8 +2,9 @@
 //   OpCaseFd:         the backward against central finite differences of the case's loss, in f64
 //                     (docs/style.md numerics policy: relative error <= test::kGradTol = 1e-6).
 //   OpCaseCpuDeterminism: two runs give the same bits (the CPU backend keeps every sum in a fixed
-//                     order), the guard bytes after every tensor and the values in front of offset
-//                     views stay untouched.
+//                     order), every overwritten output is written in full (it starts poisoned: NaN or
+//                     kIntPoison), and the guard bytes after every tensor and the values in front of
+//                     offset views stay untouched.
 // The forwards against independent formulas, refusals and error messages stay in test_*.cpp.
 #include <algorithm>
 #include <cmath>
@@ -61,10 +62,20 @@ TEST_P(OpCaseFd, BackwardMatchesFiniteDifferences) {
   inst.bwd();
   std::vector<std::vector<double>> analytic;
   for (const auto& [x, dx] : c.grads) analytic.push_back(inst.values(dx));
-  constexpr double h = 1e-6;  // test_util.h numerical_grad: truncation O(h²), rounding O(ε/h), both ≪ kGradTol
+  // The integer outputs of the forward (a router's selection) at the unperturbed point: the loss is
+  // differentiable only where they stay constant, so every perturbed forward must give them again.
+  std::vector<std::pair<std::string, std::vector<double>>> selection;
+  for (const std::string& name : inst.written_by(Step::kFwd))
+    if (inst.dtype_of(name) == DType::kI32 || inst.dtype_of(name) == DType::kI64) selection.emplace_back(name, inst.values(name));
+  int flips = 0;
+  // The step: the loss sums up to ~10⁵ products, whose f64 rounding (~1e-16·Σ|terms| ≈ 1e-11) over h is
+  // the differences' noise; h = 1e-4 keeps it near 1e-7 of an O(1) gradient, while the truncation
+  // error h²·f'''/6 stays near 1e-9 for these smooth ops (test_util.h's h = 1e-6 suits small tensors).
+  constexpr double h = 1e-4;
   const auto loss = [&] {
     inst.init();
     inst.fwd();
+    for (const auto& [name, base] : selection) flips += inst.values(name) != base ? 1 : 0;
     return case_loss(inst);
   };
   for (size_t k = 0; k < c.grads.size(); ++k) {
@@ -83,6 +94,7 @@ TEST_P(OpCaseFd, BackwardMatchesFiniteDifferences) {
     }
     expect_fd(c.label() + " d" + x, picked, numeric);
   }
+  EXPECT_EQ(flips, 0) << c.label() << ": a step of h changed an integer output (a selection): not differentiable there";
 }
 
 INSTANTIATE_TEST_SUITE_P(Table, OpCaseFd, ::testing::ValuesIn(select_cases([](const OpCase& c) { return c.fd_applies(); })),
@@ -95,7 +107,13 @@ TEST_P(OpCaseCpuDeterminism, TwoRunsBitwiseAndGuardsIntact) {
   test::cpu().set_gemm_precision(c.precision);
   OpInstance inst(c, test::cpu());
   expect_deterministic(inst, nullptr);
-  for (const auto& t : c.tensors) EXPECT_TRUE(inst.guard_intact(t.name)) << c.label() << ": bytes around " << t.name;
+  for (const TensorSpec& t : c.tensors) {
+    EXPECT_TRUE(inst.guard_intact(t.name)) << c.label() << ": bytes around " << t.name;
+    if (t.role != Role::kOutput) continue;
+    int64_t poisoned = 0;
+    for (const double v : inst.values(t.name)) poisoned += std::isnan(v) || v == kIntPoison ? 1 : 0;
+    EXPECT_EQ(poisoned, 0) << c.label() << ": " << poisoned << " elements of " << t.name << " were not written";
+  }
   test::cpu().set_gemm_precision(GemmPrecision::kF32);
 }
 

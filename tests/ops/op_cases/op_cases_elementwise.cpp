@@ -3,6 +3,7 @@
 #include <fmt/core.h>
 
 #include <algorithm>
+#include <cmath>
 
 #include "core/rng.h"
 #include "op_case.h"
@@ -74,10 +75,21 @@ struct RopeShape {
   bool bench_only = false;
 };
 
+// cos and sin tables of random angles θ ~ N(0, 2²) (op_args.h RopeArgs: YaRN folded in, any angles).
+// Unit-circle values keep repeated calls (the benchmark) bounded: no overflow, no subnormals.
+Init rope_table(int64_t n, uint64_t angle_seed, bool sine) {
+  return computed([=](uint64_t) {
+    std::vector<double> v(static_cast<size_t>(n));
+    for (int64_t i = 0; i < n; ++i) {
+      const double theta = 2.0 * normal_at(angle_seed, 0xa9, static_cast<uint64_t>(i));
+      v[static_cast<size_t>(i)] = sine ? std::sin(theta) : std::cos(theta);
+    }
+    return v;
+  });
+}
+
 // In place on x. The backward is the inverse rotation of the upstream gradient (op_args.h RopeArgs):
-// dx = copy of dy, rotated by −angle. cos and sin are random (not a unit circle): the forward is then
-// a general 2×2 map per pair and the inverse rotation is still its transpose, so the finite
-// differences check the backward exactly.
+// dx = copy of dy, rotated by −angle (a rotation's transpose).
 OpCase rope_case(const RopeShape& r, uint64_t seed) {
   const auto init = [&](Init i) { return r.bench_only ? tiled(i) : i; };
   const int64_t max_pos = std::max<int64_t>(40, r.pos_offset + r.seq_len);
@@ -88,8 +100,8 @@ OpCase rope_case(const RopeShape& r, uint64_t seed) {
   c.bench_only = r.bench_only;
   c.tensors = {
       {.name = "x", .shape = Shape{r.rows, r.width}, .role = Role::kUpdate, .init = init(normal())},
-      {.name = "cos", .shape = Shape{max_pos, r.rope_dim / 2}, .init = normal()},
-      {.name = "sin", .shape = Shape{max_pos, r.rope_dim / 2}, .init = normal()},
+      {.name = "cos", .shape = Shape{max_pos, r.rope_dim / 2}, .init = rope_table(max_pos * r.rope_dim / 2, seed, false)},
+      {.name = "sin", .shape = Shape{max_pos, r.rope_dim / 2}, .init = rope_table(max_pos * r.rope_dim / 2, seed, true)},
       {.name = "dy", .shape = Shape{r.rows, r.width}, .init = init(normal()), .bwd_only = true},
       {.name = "dx", .shape = Shape{r.rows, r.width}, .role = Role::kOutput, .step = Step::kBwd},
   };
@@ -124,6 +136,7 @@ struct CeShape {
   bool bf16_dlogits;
   const char* branch;
   bool bench_only = false;
+  bool none_valid = false;  // every target ignored and valid 0: the gradient is 0 (never a division by 0)
 };
 
 OpCase cross_entropy_case(const CeShape& s, uint64_t seed) {
@@ -134,13 +147,14 @@ OpCase cross_entropy_case(const CeShape& s, uint64_t seed) {
   c.bench_only = s.bench_only;
   std::vector<double> targets(static_cast<size_t>(N));
   for (int64_t n = 0; n < N; ++n)  // some ignored (-1)
-    targets[static_cast<size_t>(n)] = n % 5 == 3 || n == 1 ? -1 : static_cast<double>((n * 389) % V);
+    targets[static_cast<size_t>(n)] = s.none_valid || n % 5 == 3 || n == 1 ? -1 : static_cast<double>((n * 389) % V);
   c.tensors = {
       {.name = "logits", .shape = Shape{N, V}, .init = s.bench_only ? tiled(normal(3.0)) : normal(3.0)},
       {.name = "targets", .shape = Shape{N}, .dtype = DType::kI32, .init = values(targets)},
       // Both accumulate: the sum of the losses and the count of valid targets over micro-batches.
       {.name = "loss_sum", .shape = Shape{1}, .role = Role::kUpdate, .init = values({1.5})},
-      {.name = "valid", .shape = Shape{1}, .dtype = s.valid_type, .role = Role::kUpdate, .init = values({3})},
+      {.name = "valid", .shape = Shape{1}, .dtype = s.valid_type, .role = Role::kUpdate,
+       .init = values({s.none_valid ? 0.0 : 3.0})},
       {.name = "dlogits", .shape = Shape{N, V}, .dtype = s.bf16_dlogits ? DType::kBF16 : DType::kF32,
        .role = Role::kOutput, .step = Step::kBwd},
   };
@@ -161,6 +175,7 @@ OpCase cross_entropy_case(const CeShape& s, uint64_t seed) {
     return kGradScale * inst.values("loss_sum")[0] / inst.values("valid")[0];
   };
   if (s.bf16_dlogits) c.no_fd = "bf16 dlogits: the f32 cases check the formula, this the rounding";
+  if (s.none_valid) c.no_fd = "no valid target: the loss is 0/0";
   return c;
 }
 
@@ -192,6 +207,7 @@ std::vector<OpCase> elementwise_cases() {
                            CeShape{3, 60000, DType::kF32, false, "row streamed from global memory"},
                            CeShape{3, 60001, DType::kI32, false, "row streamed, scalar tail"},
                            CeShape{57, 1000, DType::kF32, true, "bf16 dlogits"},
+                           CeShape{4, 33, DType::kF32, false, "no valid target", false, true},
                            CeShape{4096, 32768, DType::kF32, true, "bf16 dlogits (bench preset head)", true}})
     out.push_back(cross_entropy_case(s, seed++));
   return out;

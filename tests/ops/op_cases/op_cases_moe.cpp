@@ -4,6 +4,7 @@
 #include <fmt/core.h>
 
 #include <algorithm>
+#include <cmath>
 
 #include "core/rng.h"
 #include "op_case.h"
@@ -64,6 +65,51 @@ OpCase router_case(const RouterShape& r, uint64_t seed) {
   return c;
 }
 
+// ---------------------------------------------------------------- sequence-wise aux loss
+
+// Scores as the router writes them: sigmoid(z) or the row softmax of z ~ N(0, 2²).
+Init router_scores(int64_t N, int64_t E, ScoreFunc func) {
+  return computed([=](uint64_t seed) {
+    std::vector<double> s(static_cast<size_t>(N * E));
+    for (int64_t n = 0; n < N; ++n) {
+      double sum = 0.0;
+      for (int64_t e = 0; e < E; ++e) {
+        const double z = 2.0 * normal_at(seed, 0x5c, static_cast<uint64_t>(n * E + e));
+        double& v = s[static_cast<size_t>(n * E + e)];
+        v = func == ScoreFunc::kSigmoid ? 1.0 / (1.0 + std::exp(-z)) : std::exp(z);
+        sum += v;
+      }
+      if (func == ScoreFunc::kSoftmax)
+        for (int64_t e = 0; e < E; ++e) s[static_cast<size_t>(n * E + e)] /= sum;
+    }
+    return s;
+  });
+}
+
+OpCase aux_loss_case(int64_t N, int64_t E, int64_t K, int64_t seq, ScoreFunc func, const char* branch, uint64_t seed) {
+  OpCase c{.op = "aux_loss", .branch = branch,
+           .shape = fmt::format("N{} E{} K{} T{} {}", N, E, K, seq, func == ScoreFunc::kSigmoid ? "sigmoid" : "softmax")};
+  c.seed = seed;
+  c.tensors = {
+      {.name = "scores", .shape = Shape{N, E}, .init = router_scores(N, E, func)},
+      {.name = "loss", .shape = Shape{1}, .role = Role::kUpdate, .init = values({0.25})},  // accumulates
+      {.name = "dlogits", .shape = Shape{N, E}, .role = Role::kUpdate, .step = Step::kBwd, .init = normal()},  // accumulates
+  };
+  constexpr double kAlpha = 0.01;
+  c.fwd = [=](Backend& be, const Tensors& t) {
+    be.aux_loss_fwd({}, {.loss = t("loss"), .scores = t("scores"), .seq_len = seq, .top_k = K, .alpha = kAlpha,
+                         .score_func = func});
+  };
+  c.bwd = [=](Backend& be, const Tensors& t) {
+    be.aux_loss_bwd({}, {.dlogits = t("dlogits"), .scores = t("scores"), .seq_len = seq, .top_k = K, .alpha = kAlpha,
+                         .dloss = 1.3, .score_func = func});
+  };
+  // f64 sums over the sequence's tokens in blocks, rounded once.
+  c.tol = Tol{1e-6, 1e-7, "f64 arithmetic rounded once on both sides"};
+  c.no_fd = "the backward is d/dlogits but the forward reads scores: test_moe_ops.cpp AuxLossFd chains the score function";
+  return c;
+}
+
 // ---------------------------------------------------------------- routing plan and data movement
 
 // A routing plan computed on the host: K distinct experts per token in [0, E) (as the router picks
@@ -112,7 +158,9 @@ OpCase permute_case(int64_t N, int64_t K, int64_t E, bool repeats, bool unused, 
   c.tensors = {
       {.name = "topk_idx", .shape = Shape{N, K}, .dtype = DType::kI32, .init = idx},
       {.name = "offsets", .shape = Shape{E + 1}, .dtype = DType::kI32, .role = Role::kOutput},
-      {.name = "src_row", .shape = Shape{N * K}, .dtype = DType::kI32, .role = Role::kOutput},
+      // With unused slots, src_row's rows past the used ones are left as they are.
+      {.name = "src_row", .shape = Shape{N * K}, .dtype = DType::kI32, .role = unused ? Role::kUpdate : Role::kOutput,
+       .init = ints(0, 1000)},
       {.name = "slot_pos", .shape = Shape{N, K}, .dtype = DType::kI32, .role = Role::kOutput},
   };
   c.fwd = [E](Backend& be, const Tensors& t) {
@@ -206,6 +254,10 @@ std::vector<OpCase> moe_cases() {
                                RouterShape{58, 16, 2, 4, 1, ScoreFunc::kSoftmax, true, 1.0, "softmax, one group of four"},
                                RouterShape{16384, 64, 4, 8, 4, ScoreFunc::kSigmoid, true, 1.0, "groups (bench preset)", true}})
     out.push_back(router_case(r, seed++));
+  // N = 300: two sequences of 150 tokens, each spread over three 64-token blocks.
+  out.push_back(aux_loss_case(300, 32, 4, 150, ScoreFunc::kSigmoid, "two sequences, three blocks each", seed++));
+  out.push_back(aux_loss_case(97, 8, 2, 97, ScoreFunc::kSoftmax, "one sequence, softmax", seed++));
+  out.push_back(aux_loss_case(203, 64, 6, 29, ScoreFunc::kSigmoid, "seven short sequences", seed++));
   out.push_back(permute_case(203, 6, 64, false, false, "distinct experts per token", seed++));
   out.push_back(permute_case(50, 3, 16, true, false, "repeats, empty experts", seed++));
   out.push_back(permute_case(61, 4, 16, false, true, "unused slots (expert parallelism)", seed++));
