@@ -4,7 +4,8 @@
 # op checks (test_cuda_ops); the NCCL communicator with one GPU (test_cuda_dist); the whole-model
 # check (cuda_model_check, f32 and bf16_gemm); compute-sanitizer memcheck on the op checks (the
 # long-sequence case left out) and on the grouped GEMM's own checks, racecheck on those using shared
-# memory; op benchmarks (bench_ops: attention and the element-wise ops; grouped GEMM; FP8); the
+# memory; op benchmarks (bench_ops: attention and the element-wise ops; bench_op_cases: the op case
+# table at the bench preset's shapes; grouped GEMM; FP8); the
 # training-step benchmark against PyTorch (bench/README.md); a table of the headline numbers. The
 # CUDA tests skip where no device is usable (CI); here DIFFMOE_REQUIRE_GPU=1 makes a missing device
 # a failure instead. Every
