@@ -2,11 +2,11 @@
 // random non-zero inputs at odd sizes (not multiples of a warp, a block or a tile), with every
 // launch branch exercised; outputs the op overwrites start poisoned, device outputs are followed by
 // guard bytes, and results are compared with a per-op tolerance whose reason is written next to it
-// (cuda_dual.h). This file: basic ops, embedding, the grouped GEMMs, MLA split, λ, the attention
-// kernels the table cannot select (the simple fallback forced, the long-sequence forward, atomics'
-// run-to-run spread), latent attention. cuda_vs_cpu_moe.cpp: bias update, AdamW, device-side index
-// checks, validation. RMSNorm, the dense GEMM, RoPE, SwiGLU, cross-entropy, attention at every
-// flash head size, the router and the MoE data movement are cases of the op case table
+// (cuda_dual.h). This file: basic ops, the grouped GEMMs, the attention kernels the table cannot
+// select (the simple fallback forced, the long-sequence forward, the atomics' run-to-run spread),
+// latent attention. cuda_vs_cpu_moe.cpp: bias update, AdamW, device-side index checks, validation.
+// The embedding, RMSNorm, the dense GEMM, RoPE, the MLA split, λ, SwiGLU, cross-entropy, attention
+// at every flash head size, the router and the MoE data movement are cases of the op case table
 // (op_cases/op_case.h), run by op_cases_cuda.cpp.
 //
 // Every test starts with DIFFMOE_REQUIRE_CUDA() (tests/cuda_test_util.h): without a usable CUDA
@@ -113,25 +113,6 @@ TEST(CudaBasic, SumSquares) {
   }
 }
 
-TEST(CudaBasic, Embedding) {
-  DIFFMOE_REQUIRE_CUDA();
-  const int64_t V = 23, N = 301, D = 37;  // N ≫ V: every token id repeats
-  Dual table(Shape{V, D}), tokens(Shape{N}, DType::kI32), out(Shape{N, D});
-  table.normal(7);
-  tokens.ints(8, 0, static_cast<int32_t>(V));
-  out.poison();
-  run_both([&](Backend& be, Side s) { be.embedding_fwd({}, {.out = out[s], .tokens = tokens[s], .table = table[s], .scale = 1.7}); });
-  expect_close(out, kRoundOnce, "embedding_fwd");
-  Dual dtable(Shape{V, D}), dout(Shape{N, D});
-  dtable.normal(9);  // weight gradients accumulate
-  dout.normal(10);
-  run_both([&](Backend& be, Side s) {
-    be.embedding_bwd({}, {.dtable = dtable[s], .tokens = tokens[s], .dout = dout[s], .scale = 0.6});
-  });
-  // The GPU adds each row's tokens in the CPU's order with the CPU's f64-then-round step.
-  expect_close(dtable, kRoundOnce, "embedding_bwd");
-}
-
 // ================================================================ GEMMs
 
 // f32 dot products of length k in different orders (cuBLAS vs OpenBLAS), inputs N(0,1): the
@@ -190,67 +171,6 @@ TEST(CudaGemm, GroupedOffsetsAreChecked) {
   off.set({0, 3, 7});
   expect_error([&] { gpu().grouped_gemm({}, {.c = c[Side::kGpu], .a = a[Side::kGpu], .b = b[Side::kGpu], .offsets = off[Side::kGpu]}); },
                {"[grouped_gemm]", "offsets[2] = 7", "6 rows"});
-}
-
-// ================================================================ MLA split, λ
-
-
-// Sizes not multiples of 4: the element-wise path; multiples of 4 (as the presets' 64/32/64 with
-// kr in columns [256, 288) of 288): float4 pieces, more than one row per block.
-TEST(CudaAttention, KvSplitForwardBackward) {
-  DIFFMOE_REQUIRE_CUDA();
-  struct Case {
-    int64_t N, H, dn, dr, dv, kr_stride, kr_offset;
-  };
-  for (const Case c : {Case{13, 3, 4, 2, 5, 9, 6}, Case{37, 3, 8, 4, 12, 20, 16}}) {
-    const int64_t N = c.N, H = c.H, dn = c.dn, dr = c.dr, dv = c.dv, kr_stride = c.kr_stride, kr_offset = c.kr_offset;
-    const std::string what = fmt::format("H={} dn={} dr={} dv={}", H, dn, dr, dv);
-    Dual kv(Shape{N, H * (dn + dv)}), kr(Shape{N, kr_stride}), k(Shape{N, H, dn + dr}), v(Shape{N, H, dv});
-    kv.normal(35);
-    kr.normal(36);
-    k.poison();
-    v.poison();
-    run_both([&](Backend& be, Side s) {
-      be.mla_kv_split_fwd({}, {.k = k[s], .v = v[s], .kv = kv[s], .kr = kr[s], .n_heads = H, .d_nope = dn, .d_rope = dr,
-                               .d_v = dv, .kr_stride = kr_stride, .kr_offset = kr_offset});
-    });
-    expect_close(k, kExact, "mla_kv_split_fwd k " + what);
-    expect_close(v, kExact, "mla_kv_split_fwd v " + what);
-    Dual dk(Shape{N, H, dn + dr}), dvv(Shape{N, H, dv}), dkv(Shape{N, H * (dn + dv)}), dkr(Shape{N, kr_stride});
-    dk.normal(37);
-    dvv.normal(38);
-    dkv.poison();
-    dkr.normal(39);  // columns outside [kr_offset, kr_offset + d_rope) must stay
-    run_both([&](Backend& be, Side s) {
-      be.mla_kv_split_bwd({}, {.dkv = dkv[s], .dkr = dkr[s], .dk = dk[s], .dv = dvv[s], .n_heads = H, .d_nope = dn,
-                               .d_rope = dr, .d_v = dv, .kr_stride = kr_stride, .kr_offset = kr_offset});
-    });
-    expect_close(dkv, kExact, "mla_kv_split_bwd dkv " + what);
-    expect_close(dkr, kExact, "mla_kv_split_bwd dkr (f32 sum over heads in order) " + what);
-  }
-}
-
-TEST(CudaAttention, DiffLambda) {
-  DIFFMOE_REQUIRE_CUDA();
-  const int64_t d = 7;
-  Dual lq1(Shape{d}), lk1(Shape{d}), lq2(Shape{d}), lk2(Shape{d}), lambda(Shape{1});
-  lq1.normal(40, 0.3);
-  lk1.normal(41, 0.3);
-  lq2.normal(42, 0.3);
-  lk2.normal(43, 0.3);
-  lambda.poison();
-  run_both([&](Backend& be, Side s) {
-    be.diff_lambda_fwd({}, {.lambda = lambda[s], .lq1 = lq1[s], .lk1 = lk1[s], .lq2 = lq2[s], .lk2 = lk2[s], .lambda_init = 0.2});
-  });
-  expect_close(lambda, kRoundOnce, "diff_lambda_fwd");
-  Dual dlambda(Shape{1}), g1(Shape{d}), g2(Shape{d}), g3(Shape{d}), g4(Shape{d});
-  dlambda.set({-1.3});
-  for (Dual* g : {&g1, &g2, &g3, &g4}) g->normal(44);  // weight gradients accumulate
-  run_both([&](Backend& be, Side s) {
-    be.diff_lambda_bwd({}, {.dlq1 = g1[s], .dlk1 = g2[s], .dlq2 = g3[s], .dlk2 = g4[s], .dlambda = dlambda[s],
-                            .lq1 = lq1[s], .lk1 = lk1[s], .lq2 = lq2[s], .lk2 = lk2[s]});
-  });
-  for (const Dual* g : {&g1, &g2, &g3, &g4}) expect_close(*g, kRoundOnce, "diff_lambda_bwd");
 }
 
 // ================================================================ attention

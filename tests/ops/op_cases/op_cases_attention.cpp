@@ -1,5 +1,5 @@
-// Op cases: causal attention, differential and plain, forward and backward (docs/derivations.md §1.3,
-// §1.4), at shapes that pick every CUDA kernel family: the flash kernels (flash_attention_ops.cu) at the
+// Op cases: the MLA key/value split and the differential λ (docs/derivations.md §1.2, §2.5) and causal
+// attention, differential and plain, forward and backward (docs/derivations.md §1.3, §1.4), at shapes that pick every CUDA kernel family: the flash kernels (flash_attention_ops.cu) at the
 // presets' head sizes with T not a multiple of their 64-row tiles, and the simple kernels, the fallback
 // for head sizes flash does not cover. Method and modes: op_case.h.
 #include <fmt/core.h>
@@ -75,6 +75,76 @@ OpCase attention_case(const AttnShape& a, uint64_t seed) {
   return c;
 }
 
+// Sizes not multiples of 4: the element-wise path; multiples of 4 (as the presets' 64/32/64 with kr in
+// columns [256, 288) of 288): float4 pieces, more than one row per block.
+struct KvSplitShape {
+  int64_t N, H, dn, dr, dv, kr_stride, kr_offset;
+  const char* branch;
+  bool bench_only = false;
+};
+
+OpCase kv_split_case(const KvSplitShape& s, uint64_t seed) {
+  const auto init = [&](Init i) { return s.bench_only ? tiled(i) : i; };
+  OpCase c{.op = "mla_kv_split", .branch = s.branch,
+           .shape = fmt::format("N{} H{} d{}+{}/{} kr {}@{}", s.N, s.H, s.dn, s.dr, s.dv, s.kr_offset, s.kr_stride)};
+  c.seed = seed;
+  c.bench_only = s.bench_only;
+  const Shape kv{s.N, s.H * (s.dn + s.dv)}, kr{s.N, s.kr_stride}, k{s.N, s.H, s.dn + s.dr}, v{s.N, s.H, s.dv};
+  c.tensors = {
+      {.name = "kv", .shape = kv, .init = init(normal())},
+      {.name = "kr", .shape = kr, .init = init(normal())},
+      {.name = "k", .shape = k, .role = Role::kOutput},
+      {.name = "v", .shape = v, .role = Role::kOutput},
+      {.name = "dk", .shape = k, .init = init(normal()), .bwd_only = true},
+      {.name = "dv", .shape = v, .init = init(normal()), .bwd_only = true},
+      {.name = "dkv", .shape = kv, .role = Role::kOutput, .step = Step::kBwd},
+      // Columns outside [kr_offset, kr_offset + d_rope) must stay.
+      {.name = "dkr", .shape = kr, .role = Role::kUpdate, .step = Step::kBwd, .init = init(normal())},
+  };
+  c.fwd = [s](Backend& be, const Tensors& t) {
+    be.mla_kv_split_fwd({}, {.k = t("k"), .v = t("v"), .kv = t("kv"), .kr = t("kr"), .n_heads = s.H, .d_nope = s.dn,
+                             .d_rope = s.dr, .d_v = s.dv, .kr_stride = s.kr_stride, .kr_offset = s.kr_offset});
+  };
+  c.bwd = [s](Backend& be, const Tensors& t) {
+    be.mla_kv_split_bwd({}, {.dkv = t("dkv"), .dkr = t("dkr"), .dk = t("dk"), .dv = t("dv"), .n_heads = s.H,
+                             .d_nope = s.dn, .d_rope = s.dr, .d_v = s.dv, .kr_stride = s.kr_stride,
+                             .kr_offset = s.kr_offset});
+  };
+  c.tol = kExact;  // moves; dkr: an f32 sum over heads in order on both sides
+  c.grads = {{"kv", "dkv"}, {"kr", "dkr"}};
+  c.upstream = {{"k", "dk"}, {"v", "dv"}};
+  return c;
+}
+
+// λ = exp(λq1·λk1) − exp(λq2·λk2) + λ_init (docs/derivations.md §1.2) and its backward into the four
+// vectors (weight gradients: accumulate).
+OpCase diff_lambda_case(int64_t d, uint64_t seed) {
+  OpCase c{.op = "diff_lambda", .branch = "one block", .shape = fmt::format("d{}", d)};
+  c.seed = seed;
+  c.tensors = {
+      {.name = "lq1", .shape = Shape{d}, .init = normal(0.3)},
+      {.name = "lk1", .shape = Shape{d}, .init = normal(0.3)},
+      {.name = "lq2", .shape = Shape{d}, .init = normal(0.3)},
+      {.name = "lk2", .shape = Shape{d}, .init = normal(0.3)},
+      {.name = "lambda", .shape = Shape{1}, .role = Role::kOutput},
+      {.name = "dlambda", .shape = Shape{1}, .init = values({-1.3}), .bwd_only = true},
+  };
+  for (const char* g : {"dlq1", "dlk1", "dlq2", "dlk2"})
+    c.tensors.push_back({.name = g, .shape = Shape{d}, .role = Role::kUpdate, .step = Step::kBwd, .init = normal()});
+  c.fwd = [](Backend& be, const Tensors& t) {
+    be.diff_lambda_fwd({}, {.lambda = t("lambda"), .lq1 = t("lq1"), .lk1 = t("lk1"), .lq2 = t("lq2"), .lk2 = t("lk2"),
+                            .lambda_init = 0.2});
+  };
+  c.bwd = [](Backend& be, const Tensors& t) {
+    be.diff_lambda_bwd({}, {.dlq1 = t("dlq1"), .dlk1 = t("dlk1"), .dlq2 = t("dlq2"), .dlk2 = t("dlk2"),
+                            .dlambda = t("dlambda"), .lq1 = t("lq1"), .lk1 = t("lk1"), .lq2 = t("lq2"), .lk2 = t("lk2")});
+  };
+  c.tol = Tol{1e-6, 1e-7, "f64 arithmetic rounded once on both sides"};
+  c.grads = {{"lq1", "dlq1"}, {"lk1", "dlk1"}, {"lq2", "dlq2"}, {"lk2", "dlk2"}};
+  c.upstream = {{"lambda", "dlambda"}};
+  return c;
+}
+
 }  // namespace
 
 std::vector<OpCase> attention_cases() {
@@ -101,6 +171,11 @@ std::vector<OpCase> attention_cases() {
       {8, 2048, 16, 96, 64, true, "flash (bench preset)", true, true},
   };
   for (const AttnShape& a : shapes) out.push_back(attention_case(a, seed++));
+  for (const KvSplitShape& k : {KvSplitShape{13, 3, 4, 2, 5, 9, 6, "element-wise (sizes not multiples of 4)"},
+                                KvSplitShape{37, 3, 8, 4, 12, 20, 16, "float4 pieces"},
+                                KvSplitShape{16384, 16, 64, 32, 64, 288, 256, "float4 pieces (bench preset)", true}})
+    out.push_back(kv_split_case(k, seed++));
+  out.push_back(diff_lambda_case(7, seed++));
   return out;
 }
 

@@ -1,5 +1,5 @@
-// Op cases: SwiGLU, RoPE and cross-entropy (forward and backward), the memory-bound ops of
-// cuda/swiglu_ops.cu, rope_ops.cu and loss_ops.cu. Method and modes: op_case.h.
+// Op cases: SwiGLU, RoPE, cross-entropy and the embedding (forward and backward), the memory-bound ops
+// of cuda/swiglu_ops.cu, rope_ops.cu, loss_ops.cu and basic_ops.cu. Method and modes: op_case.h.
 #include <fmt/core.h>
 
 #include <algorithm>
@@ -179,6 +179,33 @@ OpCase cross_entropy_case(const CeShape& s, uint64_t seed) {
   return c;
 }
 
+// ---------------------------------------------------------------- embedding (docs/model.md §1)
+
+// out = scale·table[tokens]; backward dtable += scale·dout (a weight gradient: accumulates). N ≫ V:
+// every token id repeats, so the backward adds several rows into each.
+OpCase embedding_case(int64_t V, int64_t N, int64_t D, uint64_t seed) {
+  OpCase c{.op = "embedding", .branch = "repeated ids", .shape = fmt::format("V{} N{} D{}", V, N, D)};
+  c.seed = seed;
+  c.tensors = {
+      {.name = "table", .shape = Shape{V, D}, .init = normal()},
+      {.name = "tokens", .shape = Shape{N}, .dtype = DType::kI32, .init = ints(0, static_cast<int32_t>(V))},
+      {.name = "out", .shape = Shape{N, D}, .role = Role::kOutput},
+      {.name = "dout", .shape = Shape{N, D}, .init = normal(), .bwd_only = true},
+      {.name = "dtable", .shape = Shape{V, D}, .role = Role::kUpdate, .step = Step::kBwd, .init = normal()},
+  };
+  c.fwd = [](Backend& be, const Tensors& t) {
+    be.embedding_fwd({}, {.out = t("out"), .tokens = t("tokens"), .table = t("table"), .scale = 1.7});
+  };
+  c.bwd = [](Backend& be, const Tensors& t) {
+    be.embedding_bwd({}, {.dtable = t("dtable"), .tokens = t("tokens"), .dout = t("dout"), .scale = 1.7});
+  };
+  // The GPU adds each row's tokens in the CPU's order with the CPU's f64-then-round step.
+  c.tol = kRoundOnce;
+  c.grads = {{"table", "dtable"}};
+  c.upstream = {{"out", "dout"}};
+  return c;
+}
+
 }  // namespace
 
 std::vector<OpCase> elementwise_cases() {
@@ -210,6 +237,7 @@ std::vector<OpCase> elementwise_cases() {
                            CeShape{4, 33, DType::kF32, false, "no valid target", false, true},
                            CeShape{4096, 32768, DType::kF32, true, "bf16 dlogits (bench preset head)", true}})
     out.push_back(cross_entropy_case(s, seed++));
+  out.push_back(embedding_case(23, 301, 37, seed++));
   return out;
 }
 

@@ -3,6 +3,7 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <utility>
 
 #include <fmt/core.h>
 
@@ -25,9 +26,16 @@ const TensorSpec& OpCase::spec(const std::string& name) const {
 }
 
 std::string OpCase::test_name() const {
+  // Symbols of the labels spelled out first ("width % 4 != 0" -> width_mod_4_ne_0).
+  std::string text = op + "/" + branch + "/" + shape;
+  for (const auto& [sym, word] : {std::pair{"!=", " ne "}, std::pair{"%", " mod "}, std::pair{">", " gt "},
+                                  std::pair{"*", " x "}, std::pair{".", "p"}}) {
+    for (size_t at = text.find(sym); at != std::string::npos; at = text.find(sym, at + 1))
+      text.replace(at, std::string(sym).size(), word);
+  }
   std::string out;
   bool sep = false;
-  for (const char ch : op + "/" + branch + "/" + shape) {
+  for (const char ch : text) {
     const bool word = (ch >= 'a' && ch <= 'z') || (ch >= 'A' && ch <= 'Z') || (ch >= '0' && ch <= '9');
     if (word) {
       if (sep && !out.empty()) out += '_';
