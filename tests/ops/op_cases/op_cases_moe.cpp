@@ -150,9 +150,11 @@ Init plan_field(int64_t N, int64_t K, int64_t E, uint64_t seed, bool unused, std
   return computed([=](uint64_t) { return host_plan(N, K, E, seed, unused).*field; });
 }
 
-OpCase permute_case(int64_t N, int64_t K, int64_t E, bool repeats, bool unused, const char* branch, uint64_t seed) {
+OpCase permute_case(int64_t N, int64_t K, int64_t E, bool repeats, bool unused, const char* branch, uint64_t seed,
+                    bool bench_only = false) {
   OpCase c{.op = "moe_permute", .branch = branch, .shape = fmt::format("N{} K{} E{}", N, K, E)};
   c.seed = seed;
+  c.bench_only = bench_only;
   // repeats: random experts in [0, E/3) with repeats within a token: the upper experts stay empty.
   const Init idx = repeats ? ints(0, static_cast<int32_t>(E / 3)) : plan_field(N, K, E, seed, unused, &HostPlan::idx);
   c.tensors = {
@@ -261,7 +263,7 @@ std::vector<OpCase> moe_cases() {
   out.push_back(permute_case(203, 6, 64, false, false, "distinct experts per token", seed++));
   out.push_back(permute_case(50, 3, 16, true, false, "repeats, empty experts", seed++));
   out.push_back(permute_case(61, 4, 16, false, true, "unused slots (expert parallelism)", seed++));
-  out.push_back(permute_case(16384, 4, 64, false, false, "distinct experts (bench preset)", seed++));
+  out.push_back(permute_case(16384, 4, 64, false, false, "distinct experts (bench preset)", seed++, true));
   // D = 37: the scalar paths; D = 1028: float4 pieces, more than one pass of a warp's lanes and a
   // partial last pass. K = 6: one full group of four slots and a partial one (combine/gather_bwd).
   // D = 64 one element off the alignment: the scalar paths at a width that would take float4.
