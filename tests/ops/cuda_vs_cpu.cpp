@@ -2,10 +2,10 @@
 // random non-zero inputs at odd sizes (not multiples of a warp, a block or a tile), with every
 // launch branch exercised; outputs the op overwrites start poisoned, device outputs are followed by
 // guard bytes, and results are compared with a per-op tolerance whose reason is written next to it
-// (cuda_dual.h). This file: basic ops, the grouped GEMMs, the attention kernels the table cannot
+// (cuda_dual.h). This file: basic ops, the grouped GEMMs' offset checks, the attention kernels the table cannot
 // select (the simple fallback forced, the long-sequence forward, the atomics' run-to-run spread),
 // latent attention. cuda_vs_cpu_moe.cpp: bias update, AdamW, device-side index checks, validation.
-// The embedding, RMSNorm, the dense GEMM, RoPE, the MLA split, λ, SwiGLU, cross-entropy, attention
+// The embedding, RMSNorm, the dense and grouped GEMMs, RoPE, the MLA split, λ, SwiGLU, cross-entropy, attention
 // at every flash head size, the router and the MoE data movement are cases of the op case table
 // (op_cases/op_case.h), run by op_cases_cuda.cpp.
 //
@@ -114,51 +114,6 @@ TEST(CudaBasic, SumSquares) {
 }
 
 // ================================================================ GEMMs
-
-// f32 dot products of length k in different orders (cuBLAS vs OpenBLAS), inputs N(0,1): the
-// absolute error is a few f32 ulps of Σ|a||b| ≈ k, so atol = 4e-6·k; rtol 1e-5 for the large values.
-Tol gemm_tol(int64_t k) { return Tol{1e-5, 4e-6 * static_cast<double>(std::max<int64_t>(k, 1)), "f32 sums of k products, other order"}; }
-
-// Offsets with two empty groups; rows ≥ offsets[G] (37 … 40) must stay untouched.
-const std::vector<double> kOffsets = {0, 9, 9, 20, 20, 37};
-
-TEST(CudaGemm, GroupedForward) {
-  DIFFMOE_REQUIRE_CUDA();
-  const int64_t R = 41, used = 37, G = 5, k = 19, n = 23;
-  for (bool trans_b : {true, false}) {
-    for (double beta : {0.0, 1.0}) {
-      Dual a(Shape{R, k}), b(trans_b ? Shape{G, n, k} : Shape{G, k, n}), c(Shape{R, n}), off(Shape{G + 1}, DType::kI32);
-      a.normal(24);
-      b.normal(25);
-      off.set(kOffsets);
-      std::vector<double> c0(static_cast<size_t>(R * n));
-      for (int64_t i = 0; i < R * n; ++i)  // rows in use: poison when beta = 0; the rest: values to keep
-        c0[static_cast<size_t>(i)] = (beta == 0.0 && i < used * n) ? std::nan("") : normal_at(26, 1, static_cast<uint64_t>(i));
-      c.set(c0);
-      run_both([&](Backend& be, Side s) {
-        be.grouped_gemm({}, {.c = c[s], .a = a[s], .b = b[s], .offsets = off[s], .trans_b = trans_b, .alpha = 0.8, .beta = beta});
-      });
-      expect_close(c, gemm_tol(k), fmt::format("grouped_gemm trans_b={} beta={}", trans_b, beta));
-    }
-  }
-}
-
-TEST(CudaGemm, GroupedWeightGradient) {
-  DIFFMOE_REQUIRE_CUDA();
-  const int64_t R = 41, G = 5, m = 13, n = 11;
-  for (double beta : {0.0, 1.0}) {
-    Dual a(Shape{R, m}), b(Shape{R, n}), c(Shape{G, m, n}), off(Shape{G + 1}, DType::kI32);
-    a.normal(27);
-    b.normal(28);
-    off.set(kOffsets);
-    if (beta == 0.0) c.poison();  // empty groups become 0
-    else c.normal(29);            // empty groups keep C
-    run_both([&](Backend& be, Side s) {
-      be.grouped_gemm_wgrad({}, {.c = c[s], .a = a[s], .b = b[s], .offsets = off[s], .alpha = 0.5, .beta = beta});
-    });
-    expect_close(c, gemm_tol(17), fmt::format("grouped_gemm_wgrad beta={}", beta));  // largest group: 17 rows
-  }
-}
 
 TEST(CudaGemm, GroupedOffsetsAreChecked) {
   DIFFMOE_REQUIRE_CUDA();

@@ -1,10 +1,11 @@
-// Op cases: RMSNorm (forward and backward, every launch branch of cuda/norm_ops.cu) and the dense
-// GEMM (every transpose, beta 0 and not, k = 0). Method and modes: op_case.h.
+// Op cases: RMSNorm (forward and backward, every launch branch of cuda/norm_ops.cu), the dense GEMM
+// (every transpose, beta 0 and not, k = 0) and the grouped expert GEMMs (forward, weight gradient). Method and modes: op_case.h.
 #include <fmt/core.h>
 
 #include <algorithm>
 #include <cmath>
 
+#include "core/rng.h"
 #include "op_case.h"
 
 namespace diffmoe::opcases {
@@ -119,6 +120,79 @@ OpCase gemm_case(const GemmShape& g, uint64_t seed) {
   return c;
 }
 
+// Grouped GEMMs over experts (op_args.h GroupedGemmArgs): offsets with two empty groups and rows past
+// offsets[G] that must stay untouched.
+struct GroupedShape {
+  int64_t R, G, k, n;  // forward: A [R, k], C [R, n]; weight gradient: A [R, k], B [R, n], C [G, k, n]
+  std::vector<double> offsets;
+  const char* branch;
+  bool bench_only = false;
+};
+
+// Rows in use first (NaN when beta = 0: a kernel that reads C there shows it), then rows to keep.
+Init grouped_c(int64_t R, int64_t n, int64_t used, bool poison_used) {
+  return computed([=](uint64_t seed) {
+    std::vector<double> v(static_cast<size_t>(R * n));
+    for (int64_t i = 0; i < R * n; ++i)
+      v[static_cast<size_t>(i)] = poison_used && i < used * n ? std::nan("") : normal_at(seed, 1, static_cast<uint64_t>(i));
+    return v;
+  });
+}
+
+OpCase grouped_gemm_case(const GroupedShape& g, bool trans_b, double beta, uint64_t seed) {
+  const int64_t G = g.G, used = static_cast<int64_t>(g.offsets.back());
+  const auto init = [&](Init i) { return g.bench_only ? tiled(i) : i; };
+  OpCase c{.op = "grouped_gemm", .branch = fmt::format("{} beta {}", trans_b ? "B transposed" : "B plain", beta),
+           .shape = fmt::format("R{} G{} k{} n{} {}", g.R, G, g.k, g.n, g.branch)};
+  c.seed = seed;
+  c.bench_only = g.bench_only;
+  c.tensors = {
+      {.name = "a", .shape = Shape{g.R, g.k}, .init = init(normal())},
+      {.name = "b", .shape = trans_b ? Shape{G, g.n, g.k} : Shape{G, g.k, g.n}, .init = init(normal())},
+      {.name = "offsets", .shape = Shape{G + 1}, .dtype = DType::kI32, .init = values(g.offsets)},
+      {.name = "c", .shape = Shape{g.R, g.n}, .role = Role::kUpdate,
+       .init = g.bench_only ? tiled(normal()) : grouped_c(g.R, g.n, used, beta == 0.0)},
+  };
+  c.fwd = [trans_b, beta](Backend& be, const Tensors& t) {
+    be.grouped_gemm({}, {.c = t("c"), .a = t("a"), .b = t("b"), .offsets = t("offsets"), .trans_b = trans_b, .alpha = 0.8,
+                         .beta = beta});
+  };
+  c.tol = gemm_tol(g.k);
+  c.fwd_flops = 2.0 * static_cast<double>(used * g.n * g.k);
+  return c;
+}
+
+OpCase grouped_wgrad_case(const GroupedShape& g, double beta, uint64_t seed) {
+  const int64_t G = g.G, used = static_cast<int64_t>(g.offsets.back());
+  const auto init = [&](Init i) { return g.bench_only ? tiled(i) : i; };
+  int64_t largest = 0;
+  for (size_t i = 0; i + 1 < g.offsets.size(); ++i)
+    largest = std::max(largest, static_cast<int64_t>(g.offsets[i + 1] - g.offsets[i]));
+  OpCase c{.op = "grouped_gemm_wgrad", .branch = fmt::format("beta {}", beta),
+           .shape = fmt::format("R{} G{} m{} n{} {}", g.R, G, g.k, g.n, g.branch)};
+  c.seed = seed;
+  c.bench_only = g.bench_only;
+  c.tensors = {
+      {.name = "a", .shape = Shape{g.R, g.k}, .init = init(normal())},
+      {.name = "b", .shape = Shape{g.R, g.n}, .init = init(normal())},
+      {.name = "offsets", .shape = Shape{G + 1}, .dtype = DType::kI32, .init = values(g.offsets)},
+      // beta = 0: empty groups become 0 (the output starts poisoned); beta = 1: they keep C.
+      {.name = "c", .shape = Shape{G, g.k, g.n}, .role = beta == 0.0 ? Role::kOutput : Role::kUpdate, .init = init(normal())},
+  };
+  c.fwd = [beta](Backend& be, const Tensors& t) {
+    be.grouped_gemm_wgrad({}, {.c = t("c"), .a = t("a"), .b = t("b"), .offsets = t("offsets"), .alpha = 0.5, .beta = beta});
+  };
+  c.tol = gemm_tol(largest);  // sums over a group's rows
+  c.fwd_flops = 2.0 * static_cast<double>(used * g.n * g.k);
+  return c;
+}
+
+std::vector<double> even_offsets(int64_t rows, int64_t groups) {
+  std::vector<double> o;
+  for (int64_t g = 0; g <= groups; ++g) o.push_back(static_cast<double>(rows * g / groups));
+  return o;
+}
+
 }  // namespace
 
 std::vector<OpCase> norm_gemm_cases() {
@@ -160,6 +234,18 @@ std::vector<OpCase> norm_gemm_cases() {
   // The bench preset's projections (16384 tokens, dim 1536): y = x Wᵀ, f32 and the bf16 mode.
   out.push_back(gemm_case({16384, 1536, 1536, false, true, 1.0, 0.0, true}, seed++));
   out.push_back(gemm_case({16384, 1536, 1536, false, true, 1.0, 0.0, true, GemmPrecision::kBF16}, seed++));
+
+  // Offsets with two empty groups; rows >= offsets[G] (37 … 40) must stay untouched.
+  const GroupedShape fwd{41, 5, 19, 23, {0, 9, 9, 20, 20, 37}, "two empty groups, 4 rows past"};
+  const GroupedShape wgrad{41, 5, 13, 11, {0, 9, 9, 20, 20, 37}, "two empty groups, 4 rows past"};
+  for (const bool trans_b : {true, false})
+    for (const double beta : {0.0, 1.0}) out.push_back(grouped_gemm_case(fwd, trans_b, beta, seed++));
+  for (const double beta : {0.0, 1.0}) out.push_back(grouped_wgrad_case(wgrad, beta, seed++));
+  // The bench preset's experts: 64 groups of 1024 routed rows (8·2048·4 / 64), 1536 -> 512.
+  const GroupedShape experts{65536, 64, 1536, 512, even_offsets(65536, 64), "bench preset experts", true};
+  out.push_back(grouped_gemm_case(experts, true, 0.0, seed++));
+  out.push_back(grouped_wgrad_case(GroupedShape{65536, 64, 512, 1536, even_offsets(65536, 64), "bench preset experts", true},
+                                   1.0, seed++));
   return out;
 }
 
