@@ -184,13 +184,18 @@ void OpInstance::init() {
     const int64_t total = static_cast<int64_t>(raw.nbytes());
     const std::vector<double> full = have_host_[i] ? std::vector<double>{} : whole_init(t, seed_of(i));
     const bool integer = dt == DType::kI32 || dt == DType::kI64;
+    // A tiled init repeats its first `period` values: computed once (benchmark-size tensors).
+    std::vector<double> pattern;
+    if (!have_host_[i] && t.init.period > 0)
+      for (int64_t j = 0; j < std::min(t.init.period, t.shape.numel()); ++j) pattern.push_back(init_value(t, seed_of(i), full, j));
     // Element e of the buffer: the non-zero values in front of an offset view (they must stay), the
     // tensor (poisoned when the op overwrites it), then the guard bytes.
     const auto element = [&](int64_t e) {
       if (e < t.offset) return 0.5 + 0.25 * static_cast<double>(e);
       const int64_t j = e - t.offset;
       if (t.role == Role::kOutput) return integer ? static_cast<double>(kIntPoison) : std::numeric_limits<double>::quiet_NaN();
-      return have_host_[i] ? host_[i][static_cast<size_t>(j)] : init_value(t, seed_of(i), full, j);
+      if (have_host_[i]) return host_[i][static_cast<size_t>(j)];
+      return pattern.empty() ? init_value(t, seed_of(i), full, j) : pattern[static_cast<size_t>(j % t.init.period)];
     };
     const int64_t n_elems = t.offset + t.shape.numel();
     std::vector<uint8_t> bytes;
