@@ -4,7 +4,8 @@
 # op checks (test_cuda_ops); the NCCL communicator with one GPU (test_cuda_dist); the whole-model
 # check (cuda_model_check, f32 and bf16_gemm); compute-sanitizer memcheck on the op checks (the
 # long-sequence case left out) and on the grouped GEMM's own checks, racecheck on those using shared
-# memory; op benchmarks (bench_ops: attention and the element-wise ops; grouped GEMM; FP8); the
+# memory; op benchmarks (bench_ops: attention and the element-wise ops; bench_op_cases: the op case
+# table at the bench preset's shapes; grouped GEMM; FP8); the
 # training-step benchmark against PyTorch (bench/README.md); a table of the headline numbers. The
 # CUDA tests skip where no device is usable (CI); here DIFFMOE_REQUIRE_GPU=1 makes a missing device
 # a failure instead. Every
@@ -38,8 +39,9 @@ MAKE_BUNDLE=""
 STEP_TIMEOUT=600
 LOG_DIR="${GPU_CHECK_LOG_DIR:-}"
 SANITIZE_FILTER="${GPU_CHECK_SANITIZE_FILTER:--CudaAttention.LongSequenceForward}"
-# racecheck: the kernels that share data through shared memory (attention, norms, MoE, loss, FP8 quantisers).
-RACE_FILTER="${GPU_CHECK_RACE_FILTER:-CudaAttention.*:CudaNorm.*:CudaMoe.*:CudaLoss.*:CudaFp8Quant.*:-CudaAttention.LongSequenceForward}"
+# racecheck: the kernels that share data through shared memory (attention, norms, MoE, loss, FP8 quantisers;
+# the norms, loss, router and MoE data movement as cases of the op case table, Table/OpCaseCudaVsCpu.*).
+RACE_FILTER="${GPU_CHECK_RACE_FILTER:-CudaAttention.*:CudaMoe.*:CudaFp8Quant.*:Table/OpCaseCudaVsCpu.*:-CudaAttention.LongSequenceForward}"
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --build-dir) BUILD_DIR="$2"; shift 2 ;;
@@ -56,15 +58,15 @@ done
 mkdir -p "$LOG_DIR"
 CONFIGURE=(cmake -S . -B "$BUILD_DIR" -G Ninja -DCMAKE_BUILD_TYPE=Release -DDIFFMOE_CUDA=ON
            -DCMAKE_CUDA_ARCHITECTURES="$ARCH" -DDIFFMOE_TESTS=ON -DDIFFMOE_BENCH=ON)
-TARGETS=(test_cuda_ops test_cuda_dist test_serve_cuda test_cuda_eval test_cuda_fp8_model cuda_model_check bench_ops bench_step bench_grouped_gemm bench_fp8
-         diffmoe)
+TARGETS=(test_cuda_ops test_cuda_dist test_serve_cuda test_cuda_eval test_cuda_fp8_model cuda_model_check bench_ops bench_op_cases
+         bench_step bench_grouped_gemm bench_fp8 diffmoe)
 
 if [[ -n "$MAKE_BUNDLE" ]]; then
   "${CONFIGURE[@]}" >/dev/null && ninja -C "$BUILD_DIR" -j"$JOBS" "${TARGETS[@]}" || exit 1
   rm -rf "$MAKE_BUNDLE" && mkdir -p "$MAKE_BUNDLE/lib" || exit 1
   bins=("$BUILD_DIR/tests/ops/test_cuda_ops" "$BUILD_DIR/tests/dist/test_cuda_dist" "$BUILD_DIR/tests/serve/test_serve_cuda"
         "$BUILD_DIR/tests/eval/test_cuda_eval" "$BUILD_DIR/tests/model/test_cuda_fp8_model" "$BUILD_DIR/tools/cuda_model_check"
-        "$BUILD_DIR/bench/bench_ops" "$BUILD_DIR/bench/bench_step" "$BUILD_DIR/bench/bench_grouped_gemm"
+        "$BUILD_DIR/bench/bench_ops" "$BUILD_DIR/bench/bench_op_cases" "$BUILD_DIR/bench/bench_step" "$BUILD_DIR/bench/bench_grouped_gemm"
         "$BUILD_DIR/bench/bench_fp8" "$BUILD_DIR/src/cli/diffmoe")
   cp "${bins[@]}" "$MAKE_BUNDLE/" || exit 1
   for lib in $(ldd "${bins[@]}" | awk '/=> \// {print $3}' | sort -u); do
@@ -127,6 +129,7 @@ BIN_EVAL="$BUILD_DIR/tests/eval/test_cuda_eval"
 BIN_FP8MODEL="$BUILD_DIR/tests/model/test_cuda_fp8_model"
 BIN_MODEL="$BUILD_DIR/tools/cuda_model_check"
 BIN_OPS="$BUILD_DIR/bench/bench_ops"
+BIN_CASES="$BUILD_DIR/bench/bench_op_cases"
 BIN_BENCH="$BUILD_DIR/bench/bench_step"
 BIN_GG="$BUILD_DIR/bench/bench_grouped_gemm"
 BIN_FP8="$BUILD_DIR/bench/bench_fp8"
@@ -145,6 +148,7 @@ if [[ $built == 0 && -n "$PREBUILT" ]]; then
   BIN_FP8MODEL="$PREBUILT/test_cuda_fp8_model"
   BIN_MODEL="$PREBUILT/cuda_model_check"
   BIN_OPS="$PREBUILT/bench_ops"
+  BIN_CASES="$PREBUILT/bench_op_cases"
   BIN_BENCH="$PREBUILT/bench_step"
   BIN_GG="$PREBUILT/bench_grouped_gemm"
   BIN_FP8="$PREBUILT/bench_fp8"
@@ -226,6 +230,14 @@ if [[ "${BENCH:-1}" == 1 && $PART != checks ]]; then
   else
     skip attention_timing "no binary"
     skip elementwise_timing "no binary"
+  fi
+  # The op case table's bench-preset cases (tests/ops/op_cases): every op's forward and backward, GB/s
+  # or TFLOP/s.
+  if [[ "${OP_BENCH:-1}" == 1 && -x "$BIN_CASES" ]]; then
+    step op_cases_timing "$LOG_DIR/op_cases_timing.log" "$BIN_CASES" --backend cuda --set bench
+    tail -n 40 "$LOG_DIR/op_cases_timing.log"
+  else
+    skip op_cases_timing "OP_BENCH=0 or no binary"
   fi
   if [[ "${OP_BENCH:-1}" == 1 && -x "$BIN_GG" ]]; then
     step grouped_gemm "$LOG_DIR/grouped_gemm.log" "$BIN_GG"

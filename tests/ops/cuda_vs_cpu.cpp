@@ -2,9 +2,12 @@
 // random non-zero inputs at odd sizes (not multiples of a warp, a block or a tile), with every
 // launch branch exercised; outputs the op overwrites start poisoned, device outputs are followed by
 // guard bytes, and results are compared with a per-op tolerance whose reason is written next to it
-// (cuda_dual.h). This file: basic ops, embedding, RMSNorm, GEMMs, RoPE, MLA split, λ, attention,
-// latent attention. cuda_vs_cpu_moe.cpp: SwiGLU, MoE, loss, AdamW, device-side index checks,
-// validation.
+// (cuda_dual.h). This file: basic ops, the grouped GEMMs' offset checks, the attention kernels the table cannot
+// select (the simple fallback forced, the long-sequence forward, the atomics' run-to-run spread),
+// latent attention. cuda_vs_cpu_moe.cpp: bias update, AdamW, device-side index checks, validation.
+// The embedding, RMSNorm, the dense and grouped GEMMs, RoPE, the MLA split, λ, SwiGLU, cross-entropy, attention
+// at every flash head size, the router and the MoE data movement are cases of the op case table
+// (op_cases/op_case.h), run by op_cases_cuda.cpp.
 //
 // Every test starts with DIFFMOE_REQUIRE_CUDA() (tests/cuda_test_util.h): without a usable CUDA
 // device it is skipped, naming why (ctest on CI); tools/gpu-check.sh makes that a failure.
@@ -110,214 +113,7 @@ TEST(CudaBasic, SumSquares) {
   }
 }
 
-TEST(CudaBasic, Embedding) {
-  DIFFMOE_REQUIRE_CUDA();
-  const int64_t V = 23, N = 301, D = 37;  // N ≫ V: every token id repeats
-  Dual table(Shape{V, D}), tokens(Shape{N}, DType::kI32), out(Shape{N, D});
-  table.normal(7);
-  tokens.ints(8, 0, static_cast<int32_t>(V));
-  out.poison();
-  run_both([&](Backend& be, Side s) { be.embedding_fwd({}, {.out = out[s], .tokens = tokens[s], .table = table[s], .scale = 1.7}); });
-  expect_close(out, kRoundOnce, "embedding_fwd");
-  Dual dtable(Shape{V, D}), dout(Shape{N, D});
-  dtable.normal(9);  // weight gradients accumulate
-  dout.normal(10);
-  run_both([&](Backend& be, Side s) {
-    be.embedding_bwd({}, {.dtable = dtable[s], .tokens = tokens[s], .dout = dout[s], .scale = 0.6});
-  });
-  // The GPU adds each row's tokens in the CPU's order with the CPU's f64-then-round step.
-  expect_close(dtable, kRoundOnce, "embedding_bwd");
-}
-
-// ================================================================ RMSNorm
-
-// norm_ops.cu has a vector path (widths and strides multiples of 4, 16-byte aligned pointers,
-// width ≤ 8192; a warp per row up to 512 columns, else a block of 128 or 512 threads, 1…4 packs
-// of 4 columns per thread) and a general path (f64, scalar) for everything else; the cases below
-// name the branch they exercise.
-
-// Forward, both paths: y in f64 rounded once, as on the CPU; Σx² adds in another order (and the
-// vector path's f64 rsqrt is within an f64 ulp), so r may differ by one f32 ulp (1.2e-7 relative).
-constexpr Tol kNormTol{1e-6, 1e-7, "f64 arithmetic rounded once; r within an f32 ulp"};
-// Backward dx = r·(g − x̂·m): the vector path computes it in f32 with ~5 roundings of terms of size
-// |r·g| ≤ ~10 for these inputs (6e-8 each), plus one for the accumulation.
-constexpr Tol kNormBwdTol{1e-5, 1e-6, "f32 arithmetic on terms of size <= 10, a few roundings"};
-// dw += out_scale·Σ_rows dy·x̂: each term carries ~2 f32 roundings (1.2e-7 relative) with random
-// signs, chunk sums round once more in f32: the error grows like 1.2e-7·√rows·|dy·x̂| (≈ 1 here).
-Tol norm_dw_tol(int64_t rows) {
-  return Tol{1e-5, 1e-6 * std::sqrt(static_cast<double>(std::max<int64_t>(rows, 1))),
-             "f32 terms summed over rows: error ~1e-7*sqrt(rows), atol 1e-6*sqrt(rows)"};
-}
-
-// A view of t without its first element: 4 bytes off the 16-byte alignment of the arena.
-Tensor unaligned(const Tensor& t) { return t.rows(1, t.numel()); }
-
-TEST(CudaNorm, ForwardAllBranches) {
-  DIFFMOE_REQUIRE_CUDA();
-  struct Case {
-    int64_t rows, width, xs, ys;
-    double out_scale;
-    bool shift;  // x one float off its alignment
-    const char* branch;
-  };
-  const Case cases[] = {
-      {333, 70, 0, 0, 1.0, false, "general: width % 4 != 0"},
-      {50, 37, 45, 40, 0.8, false, "general: odd width and strides"},
-      {0, 5, 0, 0, 1.0, false, "no rows"},
-      {40, 64, 66, 64, 1.0, false, "general: x_stride % 4 != 0"},
-      {45, 64, 0, 0, 1.0, true, "general: x not 16-byte aligned"},
-      {3, 8196, 0, 0, 1.0, false, "general: wider than the vector path"},
-      {1000, 128, 0, 0, 0.8, false, "vector: warp, 1 pack (differential sub-norm)"},
-      {77, 68, 0, 0, 1.0, false, "vector: warp, 1 pack, idle lanes"},
-      {203, 256, 288, 256, 1.0, false, "vector: warp, 2 packs, strided x (kv_norm)"},
-      {31, 500, 0, 0, 1.0, false, "vector: warp, 4 packs, partial"},
-      {61, 772, 0, 0, 0.8, false, "vector: block 128, 2 packs, partial"},
-      {97, 1536, 0, 0, 1.0, false, "vector: block 128, 3 packs (attn/ffn norm)"},
-      {5, 2052, 0, 0, 1.0, false, "vector: block 512, 2 packs, partial"},
-      {9, 6144, 0, 0, 1.0, false, "vector: block 512, 3 packs"},
-  };
-  for (const Case& c : cases) {
-    const int64_t xs = c.xs ? c.xs : c.width, ys = c.ys ? c.ys : c.width, off = c.shift ? 1 : 0;
-    Dual x(Shape{std::max<int64_t>(c.rows * xs + off, 1)}), y(Shape{std::max<int64_t>(c.rows * ys, 1)});
-    Dual rstd(Shape{c.rows}), w(Shape{c.width});
-    x.normal(11, 2.0);
-    w.normal(12, 0.2, 1.0);
-    y.normal(13);  // strided: the gaps between rows must stay as they are
-    if (ys == c.width) y.poison();
-    rstd.poison();
-    run_both([&](Backend& be, Side s) {
-      be.rmsnorm_fwd({}, {.y = y[s], .rstd = rstd[s], .x = c.shift ? unaligned(x[s]) : x[s], .w = w[s], .rows = c.rows,
-                          .width = c.width, .x_stride = c.xs, .y_stride = c.ys, .eps = 1e-6, .out_scale = c.out_scale});
-    });
-    const std::string tag = fmt::format("rows={} width={} xs={} ({})", c.rows, c.width, xs, c.branch);
-    if (c.rows > 0) expect_close(y, kNormTol, "rmsnorm_fwd y " + tag);
-    expect_close(rstd, kNormTol, "rmsnorm_fwd rstd " + tag);
-  }
-}
-
-TEST(CudaNorm, BackwardAllBranches) {
-  DIFFMOE_REQUIRE_CUDA();
-  struct Case {
-    int64_t rows, width, xs, ys;
-    bool accumulate, in_place;
-    bool shift;  // dy one float off its alignment
-    const char* branch;
-  };
-  const Case cases[] = {
-      {333, 70, 0, 0, false, false, false, "general: several dw row chunks"},
-      {333, 70, 0, 0, true, false, false, "general: accumulate"},
-      {50, 37, 45, 40, false, false, false, "general: odd width and strides"},
-      {97, 33, 0, 0, false, true, false, "general: dx written over x"},
-      {45, 64, 68, 66, false, false, false, "general: y_stride % 4 != 0"},
-      {60, 64, 0, 0, false, false, true, "general: dy not 16-byte aligned"},
-      {5, 8196, 0, 0, true, false, false, "general: wider than the vector path"},
-      {3000, 128, 0, 0, false, false, false, "vector: warp, 1 pack, 94 row chunks (sub-norm)"},
-      {77, 68, 0, 0, true, false, false, "vector: warp, idle lanes, accumulate"},
-      {500, 72, 0, 0, true, true, false, "vector: warp, in place and accumulate"},
-      {333, 256, 288, 256, false, false, false, "vector: warp, 2 packs, strided x/dx (kv_norm)"},
-      {41, 772, 0, 0, false, false, false, "vector: block 128, 2 packs, partial"},
-      {150, 1536, 0, 0, true, false, false, "vector: block 128, 3 packs, accumulate (attn/ffn norm)"},
-      {150, 1536, 0, 0, false, true, false, "vector: block 128, dx written over x"},
-      {64, 1536, 0, 0, true, true, false, "vector: block 128, in place and accumulate"},
-      {7, 2052, 0, 0, false, false, false, "vector: block 512, 2 packs, partial"},
-      {20, 6144, 0, 0, true, false, false, "vector: block 512, 3 packs"},
-      {40000, 8, 0, 0, false, false, false, "vector: 40 rows per chunk (rows > 1024·32)"},
-  };
-  for (const Case& c : cases) {
-    const int64_t xs = c.xs ? c.xs : c.width, ys = c.ys ? c.ys : c.width, off = c.shift ? 1 : 0;
-    Dual x(Shape{c.rows * xs}), dx(Shape{c.rows * xs}), dy(Shape{c.rows * ys + off});
-    Dual w(Shape{c.width}), dw(Shape{c.width}), rstd(Shape{c.rows});
-    x.normal(14);
-    dy.normal(15);
-    w.normal(16, 0.2, 1.0);
-    dw.normal(17);  // accumulates
-    rstd.normal(18, 0.1, 1.0);
-    dx.normal(19);
-    if (!c.accumulate && xs == c.width) dx.poison();
-    const Dual& dx_used = c.in_place ? x : dx;
-    run_both([&](Backend& be, Side s) {
-      be.rmsnorm_bwd({}, {.dx = dx_used[s], .dw = dw[s], .dy = c.shift ? unaligned(dy[s]) : dy[s], .x = x[s], .w = w[s],
-                          .rstd = rstd[s], .rows = c.rows, .width = c.width, .x_stride = c.xs, .y_stride = c.ys,
-                          .out_scale = 0.9, .dx_accumulate = c.accumulate});
-    });
-    const std::string tag = fmt::format("rows={} width={} xs={} acc={} in_place={} ({})", c.rows, c.width, xs,
-                                        c.accumulate, c.in_place, c.branch);
-    expect_close(dx_used, kNormBwdTol, "rmsnorm_bwd dx " + tag);
-    expect_close(dw, norm_dw_tol(c.rows), "rmsnorm_bwd dw " + tag);
-  }
-}
-
 // ================================================================ GEMMs
-
-// f32 dot products of length k in different orders (cuBLAS vs OpenBLAS), inputs N(0,1): the
-// absolute error is a few f32 ulps of Σ|a||b| ≈ k, so atol = 4e-6·k; rtol 1e-5 for the large values.
-Tol gemm_tol(int64_t k) { return Tol{1e-5, 4e-6 * static_cast<double>(std::max<int64_t>(k, 1)), "f32 sums of k products, other order"}; }
-
-TEST(CudaGemm, AllTransposesAndBetas) {
-  DIFFMOE_REQUIRE_CUDA();
-  const int64_t m = 37, n = 29, k = 53;
-  for (int ta = 0; ta < 2; ++ta) {
-    for (int tb = 0; tb < 2; ++tb) {
-      for (double beta : {0.0, 1.3}) {
-        Dual a(ta ? Shape{k, m} : Shape{m, k}), b(tb ? Shape{n, k} : Shape{k, n}), c(Shape{m, n});
-        a.normal(20);
-        b.normal(21);
-        if (beta == 0.0) c.poison();  // beta = 0 must not read C (NaN stays out)
-        else c.normal(22);
-        run_both([&](Backend& be, Side s) {
-          be.gemm({}, {.c = c[s], .a = a[s], .b = b[s], .trans_a = ta == 1, .trans_b = tb == 1, .alpha = 0.7, .beta = beta});
-        });
-        expect_close(c, gemm_tol(k), fmt::format("gemm ta={} tb={} beta={}", ta, tb, beta));
-      }
-    }
-  }
-  // k = 0: C = beta·C.
-  Dual a0(Shape{m, 0}), b0(Shape{0, n}), c0(Shape{m, n});
-  c0.normal(23);
-  run_both([&](Backend& be, Side s) { be.gemm({}, {.c = c0[s], .a = a0[s], .b = b0[s], .alpha = 1.0, .beta = 0.5}); });
-  expect_close(c0, kRoundOnce, "gemm k=0");
-}
-
-// Offsets with two empty groups; rows ≥ offsets[G] (37 … 40) must stay untouched.
-const std::vector<double> kOffsets = {0, 9, 9, 20, 20, 37};
-
-TEST(CudaGemm, GroupedForward) {
-  DIFFMOE_REQUIRE_CUDA();
-  const int64_t R = 41, used = 37, G = 5, k = 19, n = 23;
-  for (bool trans_b : {true, false}) {
-    for (double beta : {0.0, 1.0}) {
-      Dual a(Shape{R, k}), b(trans_b ? Shape{G, n, k} : Shape{G, k, n}), c(Shape{R, n}), off(Shape{G + 1}, DType::kI32);
-      a.normal(24);
-      b.normal(25);
-      off.set(kOffsets);
-      std::vector<double> c0(static_cast<size_t>(R * n));
-      for (int64_t i = 0; i < R * n; ++i)  // rows in use: poison when beta = 0; the rest: values to keep
-        c0[static_cast<size_t>(i)] = (beta == 0.0 && i < used * n) ? std::nan("") : normal_at(26, 1, static_cast<uint64_t>(i));
-      c.set(c0);
-      run_both([&](Backend& be, Side s) {
-        be.grouped_gemm({}, {.c = c[s], .a = a[s], .b = b[s], .offsets = off[s], .trans_b = trans_b, .alpha = 0.8, .beta = beta});
-      });
-      expect_close(c, gemm_tol(k), fmt::format("grouped_gemm trans_b={} beta={}", trans_b, beta));
-    }
-  }
-}
-
-TEST(CudaGemm, GroupedWeightGradient) {
-  DIFFMOE_REQUIRE_CUDA();
-  const int64_t R = 41, G = 5, m = 13, n = 11;
-  for (double beta : {0.0, 1.0}) {
-    Dual a(Shape{R, m}), b(Shape{R, n}), c(Shape{G, m, n}), off(Shape{G + 1}, DType::kI32);
-    a.normal(27);
-    b.normal(28);
-    off.set(kOffsets);
-    if (beta == 0.0) c.poison();  // empty groups become 0
-    else c.normal(29);            // empty groups keep C
-    run_both([&](Backend& be, Side s) {
-      be.grouped_gemm_wgrad({}, {.c = c[s], .a = a[s], .b = b[s], .offsets = off[s], .alpha = 0.5, .beta = beta});
-    });
-    expect_close(c, gemm_tol(17), fmt::format("grouped_gemm_wgrad beta={}", beta));  // largest group: 17 rows
-  }
-}
 
 TEST(CudaGemm, GroupedOffsetsAreChecked) {
   DIFFMOE_REQUIRE_CUDA();
@@ -330,94 +126,6 @@ TEST(CudaGemm, GroupedOffsetsAreChecked) {
   off.set({0, 3, 7});
   expect_error([&] { gpu().grouped_gemm({}, {.c = c[Side::kGpu], .a = a[Side::kGpu], .b = b[Side::kGpu], .offsets = off[Side::kGpu]}); },
                {"[grouped_gemm]", "offsets[2] = 7", "6 rows"});
-}
-
-// ================================================================ RoPE, MLA split, λ
-
-// f32 rotations with the same formula; the GPU may fuse x0·c − x1·s into one FMA (one rounding
-// fewer): a last-bit difference relative to |x0·c| + |x1·s| ≈ 1.
-constexpr Tol kRopeTol{1e-6, 1e-6, "same f32 formula, FMA contraction"};
-
-TEST(CudaRope, HeadsOffsetsWrapAndInverse) {
-  DIFFMOE_REQUIRE_CUDA();
-  struct Case {
-    int64_t rows, width, heads, head_stride, col_offset, rope_dim, seq_len, pos_offset;
-  };
-  // The first two: one pair per thread (column offset 2, width 14); the last two: two pairs per
-  // thread (float4 of x; several heads, and one head with an odd head_stride, unused there).
-  for (const Case c : {Case{45, 40, 3, 12, 2, 8, 7, 3}, Case{31, 14, 1, 14, 10, 4, 31, 0}, Case{45, 48, 3, 16, 4, 8, 7, 3},
-                       Case{31, 36, 1, 3, 32, 4, 31, 0}}) {
-    for (bool inverse : {false, true}) {
-      Dual x(Shape{c.rows, c.width}), cos(Shape{40, c.rope_dim / 2}), sin(Shape{40, c.rope_dim / 2});
-      x.normal(32);
-      cos.normal(33);
-      sin.normal(34);
-      run_both([&](Backend& be, Side s) {
-        be.rope({}, {.x = x[s], .cos = cos[s], .sin = sin[s], .n_heads = c.heads, .head_stride = c.head_stride,
-                     .col_offset = c.col_offset, .rope_dim = c.rope_dim, .seq_len = c.seq_len,
-                     .pos_offset = c.pos_offset, .inverse = inverse});
-      });
-      expect_close(x, kRopeTol, fmt::format("rope heads={} inverse={}", c.heads, inverse));
-    }
-  }
-}
-
-// Sizes not multiples of 4: the element-wise path; multiples of 4 (as the presets' 64/32/64 with
-// kr in columns [256, 288) of 288): float4 pieces, more than one row per block.
-TEST(CudaAttention, KvSplitForwardBackward) {
-  DIFFMOE_REQUIRE_CUDA();
-  struct Case {
-    int64_t N, H, dn, dr, dv, kr_stride, kr_offset;
-  };
-  for (const Case c : {Case{13, 3, 4, 2, 5, 9, 6}, Case{37, 3, 8, 4, 12, 20, 16}}) {
-    const int64_t N = c.N, H = c.H, dn = c.dn, dr = c.dr, dv = c.dv, kr_stride = c.kr_stride, kr_offset = c.kr_offset;
-    const std::string what = fmt::format("H={} dn={} dr={} dv={}", H, dn, dr, dv);
-    Dual kv(Shape{N, H * (dn + dv)}), kr(Shape{N, kr_stride}), k(Shape{N, H, dn + dr}), v(Shape{N, H, dv});
-    kv.normal(35);
-    kr.normal(36);
-    k.poison();
-    v.poison();
-    run_both([&](Backend& be, Side s) {
-      be.mla_kv_split_fwd({}, {.k = k[s], .v = v[s], .kv = kv[s], .kr = kr[s], .n_heads = H, .d_nope = dn, .d_rope = dr,
-                               .d_v = dv, .kr_stride = kr_stride, .kr_offset = kr_offset});
-    });
-    expect_close(k, kExact, "mla_kv_split_fwd k " + what);
-    expect_close(v, kExact, "mla_kv_split_fwd v " + what);
-    Dual dk(Shape{N, H, dn + dr}), dvv(Shape{N, H, dv}), dkv(Shape{N, H * (dn + dv)}), dkr(Shape{N, kr_stride});
-    dk.normal(37);
-    dvv.normal(38);
-    dkv.poison();
-    dkr.normal(39);  // columns outside [kr_offset, kr_offset + d_rope) must stay
-    run_both([&](Backend& be, Side s) {
-      be.mla_kv_split_bwd({}, {.dkv = dkv[s], .dkr = dkr[s], .dk = dk[s], .dv = dvv[s], .n_heads = H, .d_nope = dn,
-                               .d_rope = dr, .d_v = dv, .kr_stride = kr_stride, .kr_offset = kr_offset});
-    });
-    expect_close(dkv, kExact, "mla_kv_split_bwd dkv " + what);
-    expect_close(dkr, kExact, "mla_kv_split_bwd dkr (f32 sum over heads in order) " + what);
-  }
-}
-
-TEST(CudaAttention, DiffLambda) {
-  DIFFMOE_REQUIRE_CUDA();
-  const int64_t d = 7;
-  Dual lq1(Shape{d}), lk1(Shape{d}), lq2(Shape{d}), lk2(Shape{d}), lambda(Shape{1});
-  lq1.normal(40, 0.3);
-  lk1.normal(41, 0.3);
-  lq2.normal(42, 0.3);
-  lk2.normal(43, 0.3);
-  lambda.poison();
-  run_both([&](Backend& be, Side s) {
-    be.diff_lambda_fwd({}, {.lambda = lambda[s], .lq1 = lq1[s], .lk1 = lk1[s], .lq2 = lq2[s], .lk2 = lk2[s], .lambda_init = 0.2});
-  });
-  expect_close(lambda, kRoundOnce, "diff_lambda_fwd");
-  Dual dlambda(Shape{1}), g1(Shape{d}), g2(Shape{d}), g3(Shape{d}), g4(Shape{d});
-  dlambda.set({-1.3});
-  for (Dual* g : {&g1, &g2, &g3, &g4}) g->normal(44);  // weight gradients accumulate
-  run_both([&](Backend& be, Side s) {
-    be.diff_lambda_bwd({}, {.dlq1 = g1[s], .dlk1 = g2[s], .dlq2 = g3[s], .dlk2 = g4[s], .dlambda = dlambda[s],
-                            .lq1 = lq1[s], .lk1 = lk1[s], .lq2 = lq2[s], .lk2 = lk2[s]});
-  });
-  for (const Dual* g : {&g1, &g2, &g3, &g4}) expect_close(*g, kRoundOnce, "diff_lambda_bwd");
 }
 
 // ================================================================ attention
@@ -501,18 +209,6 @@ void check_attention(const AttnCase& c, bool backward, AttnKernel kernel = AttnK
   if (c.differential) expect_close(dlambda, Tol{1e-6, 1e-7, "f64 sum of the same products"}, "attention_bwd dlambda " + tag);
 }
 
-TEST(CudaAttention, DifferentialForwardBackward) {
-  DIFFMOE_REQUIRE_CUDA();
-  check_attention({2, 37, 4, 7, 5, true}, true);
-}
-TEST(CudaAttention, PlainForwardBackward) {
-  DIFFMOE_REQUIRE_CUDA();
-  check_attention({2, 37, 3, 7, 5, false}, true);
-}
-TEST(CudaAttention, WideHeads) {
-  DIFFMOE_REQUIRE_CUDA();
-  check_attention({1, 19, 2, 96, 64, true}, true);
-}
 // The simple kernels (the fallback) at a covered size too. Not at T = 130: there their dq missed the
 // budget on 1 element of 49920 (|diff| 1.04e-5 where 1.02e-5 was allowed, |cpu| 2e-3; H100,
 // 2026-11-28), f32 sums of 130 scaled terms in another order; the flash kernels met it there.
@@ -521,52 +217,6 @@ TEST(CudaAttention, WideHeadsSimpleKernel) {
   check_attention({1, 19, 2, 96, 64, true}, true, AttnKernel::kSimple);
 }
 
-// The flash kernels (flash_attention_ops.cu) at every covered head size of the presets (d_qk 32,
-// 48, 96, 128; d_v 32, 64; plain and differential), with T not a multiple of the 64-row tiles,
-// shorter than one tile, and exactly two tiles; B > 1. The uncovered sizes above fall back.
-TEST(CudaAttention, FlashPresetHeadSizes) {
-  DIFFMOE_REQUIRE_CUDA();
-  for (const AttnCase& c : {AttnCase{2, 150, 4, 32, 32, true}, AttnCase{2, 150, 2, 32, 32, false},
-                            AttnCase{1, 77, 2, 48, 32, true}, AttnCase{2, 65, 3, 48, 64, false},
-                            AttnCase{2, 130, 4, 96, 64, true}, AttnCase{1, 128, 2, 96, 64, false},
-                            AttnCase{1, 100, 2, 128, 64, true}, AttnCase{2, 33, 2, 128, 32, false},
-                            AttnCase{3, 1, 2, 96, 64, true}, AttnCase{1, 64, 2, 32, 64, false}}) {
-    check_attention(c, true);
-  }
-}
-TEST(CudaAttention, FlashLongerSequence) {
-  DIFFMOE_REQUIRE_CUDA();
-  check_attention({1, 301, 2, 96, 64, true}, true);
-}
-
-// The flash backward has no atomics: two runs on the same inputs agree bitwise.
-TEST(CudaAttention, FlashBackwardDeterministic) {
-  DIFFMOE_REQUIRE_CUDA();
-  const AttnKernelScope use(AttnKernel::kFlash);
-  const int64_t B = 2, T = 99, H = 4, dqk = 48, dv = 32;
-  const Shape out_shape{B, T, H / 2, 2 * dv};
-  Dual q(Shape{B, T, H, dqk}), k(Shape{B, T, H, dqk}), v(Shape{B, T, H, dv}), lambda(Shape{1});
-  Dual out(out_shape), o2(out_shape), lse(Shape{B, H, T}), dout(out_shape);
-  Dual dq(Shape{B, T, H, dqk}), dk(Shape{B, T, H, dqk}), dvv(Shape{B, T, H, dv}), dlambda(Shape{1});
-  q.normal(70);
-  k.normal(71);
-  v.normal(72);
-  dout.normal(73);
-  lambda.set({0.25});
-  const Side g = Side::kGpu;
-  gpu().attention_fwd({}, {.out = out[g], .o2 = o2[g], .lse = lse[g], .q = q[g], .k = k[g], .v = v[g],
-                           .lambda = lambda[g], .scale = 0.3});
-  std::vector<std::vector<double>> first;
-  for (int run = 0; run < 2; ++run) {
-    gpu().attention_bwd({}, {.dq = dq[g], .dk = dk[g], .dv = dvv[g], .dlambda = dlambda[g], .dout = dout[g], .q = q[g],
-                             .k = k[g], .v = v[g], .out = out[g], .o2 = o2[g], .lse = lse[g], .lambda = lambda[g],
-                             .scale = 0.3});
-    std::vector<std::vector<double>> now{dq.device_values(), dk.device_values(), dvv.device_values(),
-                                         dlambda.device_values()};
-    if (run == 0) first = now;
-    else for (size_t t = 0; t < now.size(); ++t) EXPECT_EQ(now[t], first[t]) << "output " << t;
-  }
-}
 // T = 12500: the forward's scores exceed the 48 KB default shared memory (the opt-in path).
 TEST(CudaAttention, LongSequenceForward) {
   DIFFMOE_REQUIRE_CUDA();

@@ -152,29 +152,6 @@ TEST_F(BasicOps, EmbeddingForwardF32) {
       EXPECT_FLOAT_EQ(out.at<float>(n * kDim + d), 1.7f * table.at<float>(tokens.at<int32_t>(n) * kDim + d));
 }
 
-TEST_F(BasicOps, EmbeddingBackwardFiniteDifferences) {
-  constexpr int64_t kVocab = 5, kDim = 7, kRows = 13;  // 13 tokens over 5 ids: ids repeat
-  constexpr double kScale = 0.7;
-  Owned table({kVocab, kDim}, DType::kF64), tokens({kRows}, DType::kI32), out({kRows, kDim}, DType::kF64),
-      proj({kRows, kDim}, DType::kF64), dtable({kVocab, kDim}, DType::kF64);
-  test::fill_normal(table, 51);
-  test::fill_int(tokens, 52, 0, kVocab);
-  tokens.at<int32_t>(4) = tokens.at<int32_t>(0);  // certainly a repeat
-  test::fill_normal(proj, 53);
-  test::fill_normal(dtable, 54);  // the backward accumulates onto this
-  const std::vector<double> dtable0 = test::to_vector(dtable);
-
-  const auto loss = [&] {
-    be.embedding_fwd(ctx, {.out = out, .tokens = tokens, .table = table, .scale = kScale});
-    return test::dot(out, proj);
-  };
-  const std::vector<double> numeric = test::numerical_grad(table, loss);
-  be.embedding_bwd(ctx, {.dtable = dtable, .tokens = tokens, .dout = proj, .scale = kScale});
-  std::vector<double> analytic = test::to_vector(dtable);
-  for (size_t i = 0; i < analytic.size(); ++i) analytic[i] -= dtable0[i];
-  expect_grad("embedding dtable", analytic, numeric);
-}
-
 // Large enough for the op's parallel path (threads own 64-column blocks): against a naive loop.
 TEST_F(BasicOps, EmbeddingBackwardLargeAgainstNaive) {
   constexpr int64_t kVocab = 37, kDim = 131, kRows = 613;

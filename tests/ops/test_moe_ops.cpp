@@ -506,37 +506,6 @@ TEST(MoeThreads, ThreadedPathMatchesSmallChunksBitwise) {
 
 // ------------------------------------------------------------------ finite differences (f64)
 
-TEST(MoeGatherFd, GatherBwd) {
-  Dispatch<double> d;
-  Owned x = d.make({d.N, d.D}, 51), x_perm({d.R, d.D}, DType::kF64), proj = d.make({d.R, d.D}, 52);
-  auto loss = [&] {
-    cpu().moe_gather(kCtx, {.x_perm = x_perm, .x = x, .src_row = d.plan.src_row});
-    return test::dot(x_perm, proj);
-  };
-  const std::vector<double> numerical = test::numerical_grad(x, loss);
-  Owned dx({d.N, d.D}, DType::kF64);
-  cpu().moe_gather_bwd(kCtx, {.dx = dx, .dx_perm = proj, .slot_pos = d.plan.slot_pos});
-  expect_grad("moe_gather_bwd dx", test::to_vector(dx), numerical);
-}
-
-TEST(MoeCombineFd, CombineBwd) {
-  Dispatch<double> d;
-  Owned y0 = d.make({d.N, d.D}, 61), y({d.N, d.D}, DType::kF64), y_perm = d.make({d.R, d.D}, 62);
-  Owned w = d.make({d.N, d.K}, 63), proj = d.make({d.N, d.D}, 64);
-  auto loss = [&] {
-    copy_values(y, y0);
-    cpu().moe_combine_fwd(kCtx, {.y = y, .y_perm = y_perm, .topk_w = w, .slot_pos = d.plan.slot_pos});
-    return test::dot(y, proj);
-  };
-  const std::vector<double> num_y_perm = test::numerical_grad(y_perm, loss);
-  const std::vector<double> num_w = test::numerical_grad(w, loss);
-  Owned dy_perm = d.make({d.R, d.D}, 65), dw = d.make({d.N, d.K}, 66);  // garbage: must be overwritten
-  cpu().moe_combine_bwd(kCtx, {.dy_perm = dy_perm, .dtopk_w = dw, .dy = proj, .y_perm = y_perm, .topk_w = w,
-                               .slot_pos = d.plan.slot_pos});
-  expect_grad("moe_combine_bwd dy_perm", test::to_vector(dy_perm), num_y_perm);
-  expect_grad("moe_combine_bwd dtopk_w", test::to_vector(dw), num_w);
-}
-
 // Router buffers in f64 for the gradient checks, with a guard: a perturbation of ±h must never
 // change the selection (the loss is only differentiable where the selection is constant).
 struct RouterFd {

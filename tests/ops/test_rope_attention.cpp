@@ -179,23 +179,6 @@ TEST(Rope, InverseUndoesForward) {
   EXPECT_LE(test::rel_error(test::to_vector(x), test::to_vector(x0)), 1e-15);
 }
 
-TEST(Rope, BackwardIsInverseRotationByFiniteDifferences) {
-  const RopeCase rc(DType::kF64);
-  const Shape shape{RopeCase::kRows, RopeCase::kWidth};
-  Owned x(shape, DType::kF64), work(shape, DType::kF64), g(shape, DType::kF64);
-  test::fill_normal(x, 13);
-  test::fill_normal(g, 14);
-  auto loss = [&] {  // L = ⟨rope(x), g⟩
-    copy_values(work, x);
-    cpu().rope({}, rc.args(work));
-    return test::dot(work, g);
-  };
-  copy_values(work, g);
-  cpu().rope({}, rc.args(work, /*inverse=*/true));  // dL/dx = rope⁻¹(g)
-  const std::vector<double> analytic = test::to_vector(work);  // before loss() reuses `work`
-  check_grad("rope dx", analytic, test::numerical_grad(x, loss));
-}
-
 TEST(Rope, Errors) {
   const RopeCase rc(DType::kF64);
   Owned x({RopeCase::kRows, RopeCase::kWidth}, DType::kF64);
