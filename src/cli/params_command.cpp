@@ -17,10 +17,12 @@ struct Precision {
 
 // Training state per parameter (docs/model.md §7), one row per train.precision: FP32 master weights, FP32
 // gradients and two FP32 Adam moments in both; bf16_gemm adds a bf16 copy of the GEMM weights
-// (counted here for every parameter: an upper bound, the norms and λ vectors have none).
+// (counted here for every parameter: an upper bound, the norms and λ vectors have none). The last
+// row: bf16_gemm with optim.moment_dtype = bf16 (two bf16 moments).
 constexpr Precision kPrecisions[] = {
     {"f32", 4 + 4 + 8, "fp32 weights 4 + fp32 grads 4 + Adam m,v 8"},
     {"bf16_gemm", 2 + 4 + 4 + 8, "bf16 copy 2 + fp32 master 4 + fp32 grads 4 + Adam m,v 8"},
+    {"+bf16 m,v", 2 + 4 + 4 + 4, "bf16_gemm with optim.moment_dtype: bf16, Adam m,v 4"},
 };
 
 int run_params(const std::string& path, int64_t seq) {
