@@ -142,8 +142,8 @@ void check_run(const ModelConfig& cfg, const RunShape& run) {
   DIFFMOE_CHECK(run.seq >= 1 && run.seq <= cfg.max_seq_len, "--seq: {} is not in [1, model.max_seq_len = {}]", run.seq,
                 cfg.max_seq_len);
   parse_recompute(run.recompute, "--recompute");
-  DIFFMOE_CHECK(run.moment_dtype == "f32" || run.moment_dtype == "bf16", "--moment-dtype: expected f32 or bf16, got '{}'",
-                run.moment_dtype);
+  DIFFMOE_CHECK(run.moment_dtype == "f32" || run.moment_dtype == "bf16",
+                "--moment-dtype: expected f32 or bf16, got '{}'", run.moment_dtype);
   DIFFMOE_CHECK(run.ep == 1 || run.recompute == "none" || run.recompute == "attention",
                 "--recompute: '{}' is not available with expert parallelism (--ep {}): use none or attention", run.recompute, run.ep);
 }

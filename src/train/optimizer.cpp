@@ -58,7 +58,10 @@ int64_t AdamW::rank_in(const ParamLayout::Group& group, const OptimShard& shard)
 }
 
 AdamW::AdamW(Model& model, const OptimConfig& cfg, const OptimShard& shard)
-    : model_(&model), cfg_(cfg), shard_(shard), moment_dtype_(moment_dtype(cfg.moment_dtype, model.plan().master_dtype())) {
+    : model_(&model),
+      cfg_(cfg),
+      shard_(shard),
+      moment_dtype_(moment_dtype(cfg.moment_dtype, model.plan().master_dtype())) {
   StatePlan sp = plan_state(model.layout(), model.plan().master_dtype(), shard, moment_dtype_);
   pieces_ = std::move(sp.pieces);
   shard_len_ = std::move(sp.shard_len);

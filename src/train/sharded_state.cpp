@@ -170,8 +170,9 @@ StateReader::StateReader(const std::string& dir) : dir_(dir) {
                     first + count, param, numel_[param]);
       if (kind == static_cast<int>(Kind::kMoment1) || kind == static_cast<int>(Kind::kMoment2)) {
         // One dtype for every moment (optim.moment_dtype of the run that wrote them).
-        DIFFMOE_CHECK(!has_moments_ || e.dtype == moment_dtype_, "{}: tensor '{}' is {}, but the checkpoint's other moments are {}",
-                      f.path(), name, dtype_name(e.dtype), dtype_name(moment_dtype_));
+        DIFFMOE_CHECK(!has_moments_ || e.dtype == moment_dtype_,
+                      "{}: tensor '{}' is {}, but the checkpoint's other moments are {}", f.path(), name,
+                      dtype_name(e.dtype), dtype_name(moment_dtype_));
         has_moments_ = true;
         moment_dtype_ = e.dtype;
       }
@@ -210,9 +211,9 @@ void StateReader::read(Kind kind, const std::string& param, int64_t first, int64
 std::optional<std::string> moment_dtype_change(const AdamW& opt, const StateReader& reader) {
   if (!reader.has_moments() || reader.moment_dtype() == opt.moment_dtype()) return std::nullopt;
   const bool narrows = dtype_size(opt.moment_dtype()) < dtype_size(reader.moment_dtype());
-  return fmt::format("the checkpoint's Adam moments are {}, this run's optim.moment_dtype makes them {}: converting ({})",
-                     dtype_name(reader.moment_dtype()), dtype_name(opt.moment_dtype()),
-                     narrows ? "rounded to nearest even" : "exact");
+  return fmt::format(
+      "the checkpoint's Adam moments are {}, this run's optim.moment_dtype makes them {}: converting ({})",
+      dtype_name(reader.moment_dtype()), dtype_name(opt.moment_dtype()), narrows ? "rounded to nearest even" : "exact");
 }
 
 void load_state(AdamW& opt, const StateReader& reader, Context ctx) {

@@ -152,8 +152,8 @@ TEST_F(AdamWMulti, Bf16MomentsAreTheUpdateRoundedToNearestEven) {
         be.adamw_multi(ctx, a);
         be.adamw_multi(ctx, b);
         for (size_t i = 0; i < ref.size(); ++i) {
-          const std::string what = fmt::format("{} max_norm={} step {} entry {} ({})", dtype_name(dt), max_norm, step, i,
-                                               kSpecs[i].shape.str());
+          const std::string what = fmt::format("{} max_norm={} step {} entry {} ({})", dtype_name(dt), max_norm,
+                                               step, i, kSpecs[i].shape.str());
           ASSERT_EQ(bytes_of(ref[i]->p), bytes_of(low[i]->p)) << what << " param";
           ASSERT_EQ(bytes_of(ref[i]->copy), bytes_of(low[i]->copy)) << what << " bf16 copy";
           for (int64_t k = 0; k < ref[i]->p.numel(); ++k) {
@@ -242,7 +242,8 @@ TEST_F(AdamWMulti, ErrorsNameTheEntryAndNothingIsUpdated) {
   e.m = m16_wrong;
   e.v = v16;
   expect_error([&] { call(e); }, {"[adamw_multi]", "entries[1].m", "shape"});
-  expect_error([&] { be.adamw(ctx, {.param = b.p, .m = m16, .v = b.v, .grad = b.g, .grad_sq = gsq}); }, {"[adamw]", "v", "bf16"});
+  expect_error([&] { be.adamw(ctx, {.param = b.p, .m = m16, .v = b.v, .grad = b.g, .grad_sq = gsq}); },
+               {"[adamw]", "v", "bf16"});
   expect_error([&] { call(b.entry(), 0); }, {"[adamw_multi]", "step"});
   Owned gsq_wrong({2}, f32);
   expect_error([&] { call(b.entry(), 1, 1.0, gsq_wrong); }, {"[adamw_multi]", "grad_sq"});

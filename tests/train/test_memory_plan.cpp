@@ -1,7 +1,7 @@
 // The memory plan (train/memory_plan.h) against what a real Model, AdamW and TokenBuffers allocate
 // on the CPU backend, byte for byte, for the micro configs and the tiny preset, both precision
-// modes, both moment dtypes (optim.moment_dtype), and several (world, EP, bucket) layouts at several ranks; the counts it reports against
-// the parameter list; the expert-parallel estimate's formula.
+// modes, both moment dtypes (optim.moment_dtype), and several (world, EP, bucket) layouts at several
+// ranks; the counts it reports against the parameter list; the expert-parallel estimate's formula.
 #include <gtest/gtest.h>
 
 #include "backend/cpu/cpu_backend.h"

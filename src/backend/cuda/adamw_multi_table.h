@@ -55,7 +55,8 @@ class AdamWMultiTable {
   AdamWMultiTable(const AdamWMultiTable&) = delete;
   AdamWMultiTable& operator=(const AdamWMultiTable&) = delete;
 
-  // The table of `entries` (validated f32 tensors, moments f32 or bf16) on the device, uploaded on s first if it changed.
+  // The table of `entries` (validated f32 tensors, moments f32 or bf16) on the device, uploaded on s
+  // first if it changed.
   // n_items = 0 (nothing uploaded, the cached table kept) when every entry is empty.
   View prepare(const std::vector<AdamWEntry>& entries, cudaStream_t s);
   // After the launch that reads the table, on its stream: the next upload waits for it.
