@@ -35,13 +35,13 @@ struct TensorCase {
 
 constexpr int64_t kC = kAdamWChunk;
 const std::vector<TensorCase> kSpecs = {
-    {Shape{1}, 0, true, true, 0.0},        {Shape{3}, 1, true, true, 0.1},
-    {Shape{4}, 0, false, false, 0.05},     {Shape{0}, 0, true, true, 0.1},  // empty: skipped
-    {Shape{7, 3}, 0, true, true, 0.1},     {Shape{127}, 0, false, true, 0.0},
-    {Shape{1003}, 1, false, false, 0.05},  {Shape{4099}, 0, true, true, 0.1},
-    {Shape{kC - 1}, 0, true, true, 0.0},   {Shape{kC + 5}, 1, true, true, 0.0},
-    {Shape{kC + 1}, 0, true, false, 0.1},  {Shape{3 * kC + 9}, 0, true, true, 0.05},  // four chunks, a tail
-    {Shape{33, 65}, 0, false, true, 0.0},  {Shape{2 * kC + 7}, 1, false, true, 0.1},  // unaligned, three chunks
+    {Shape{1}, 0, true, true, 0.0},       {Shape{3}, 1, true, true, 0.1},
+    {Shape{4}, 0, false, false, 0.05},    {Shape{0}, 0, true, true, 0.1},  // empty: skipped
+    {Shape{7, 3}, 0, true, true, 0.1},    {Shape{127}, 0, false, true, 0.0},
+    {Shape{1003}, 1, false, false, 0.05}, {Shape{4099}, 0, true, true, 0.1},
+    {Shape{kC - 1}, 0, true, true, 0.0},  {Shape{kC + 5}, 1, true, true, 0.0},
+    {Shape{kC + 1}, 0, true, false, 0.1}, {Shape{3 * kC + 9}, 0, true, true, 0.05},  // four chunks, a tail
+    {Shape{33, 65}, 0, false, true, 0.0}, {Shape{2 * kC + 7}, 1, false, true, 0.1},  // unaligned, three chunks
 };
 
 struct Param {
@@ -64,8 +64,12 @@ struct Param {
   }
   Tensor view(const Dual& d, Side s) const { return offset_view(d, s, spec.shape, spec.offset); }
   AdamWEntry entry(Side s) const {
-    return {.param = view(p, s), .m = view(m, s), .v = view(v, s), .grad = view(g, s),
-            .param_bf16 = spec.copy ? view(copy, s) : Tensor{}, .weight_decay = spec.weight_decay};
+    return {.param = view(p, s),
+            .m = view(m, s),
+            .v = view(v, s),
+            .grad = view(g, s),
+            .param_bf16 = spec.copy ? view(copy, s) : Tensor{},
+            .weight_decay = spec.weight_decay};
   }
 };
 
@@ -93,22 +97,36 @@ TEST(CudaOptim, AdamWBf16MomentsMatchCpu) {
       const std::string what = fmt::format("max_norm={} step {}", max_norm, step);
       // The list op on both sides, the per-tensor op on both sides (on the second copy).
       run_both([&](Backend& be, Side s) {
-        AdamWMultiArgs args{.grad_sq = gsq[s], .lr = 1e-2, .beta1 = 0.9, .beta2 = 0.95, .eps = 1e-8,
-                            .max_norm = max_norm, .step = step};
+        AdamWMultiArgs args{.grad_sq = gsq[s],
+                            .lr = 1e-2,
+                            .beta1 = 0.9,
+                            .beta2 = 0.95,
+                            .eps = 1e-8,
+                            .max_norm = max_norm,
+                            .step = step};
         for (const auto& p : multi) args.entries.push_back(p->entry(s));
         be.adamw_multi({}, args);
         for (const auto& p : single) {
           const AdamWEntry e = p->entry(s);
-          be.adamw({}, {.param = e.param, .m = e.m, .v = e.v, .grad = e.grad, .grad_sq = gsq[s], .lr = 1e-2,
-                        .beta1 = 0.9, .beta2 = 0.95, .eps = 1e-8, .weight_decay = e.weight_decay,
-                        .max_norm = max_norm, .step = step, .param_bf16 = e.param_bf16});
+          be.adamw({}, {.param = e.param,
+                        .m = e.m,
+                        .v = e.v,
+                        .grad = e.grad,
+                        .grad_sq = gsq[s],
+                        .lr = 1e-2,
+                        .beta1 = 0.9,
+                        .beta2 = 0.95,
+                        .eps = 1e-8,
+                        .weight_decay = e.weight_decay,
+                        .max_norm = max_norm,
+                        .step = step,
+                        .param_bf16 = e.param_bf16});
         }
       });
       for (size_t i = 0; i < kSpecs.size(); ++i) {
         const Param &a = *multi[i], &b = *single[i];
-        const std::string name =
-            fmt::format("{} entry {} {} offset {} {}", what, i, a.spec.shape.str(), a.spec.offset,
-                        a.spec.bf16 ? "bf16 moments" : "f32 moments");
+        const std::string name = fmt::format("{} entry {} {} offset {} {}", what, i, a.spec.shape.str(), a.spec.offset,
+                                             a.spec.bf16 ? "bf16 moments" : "f32 moments");
         for (const auto& [da, db, field] :
              {std::tuple{&a.p, &b.p, "param"}, {&a.m, &b.m, "m"}, {&a.v, &b.v, "v"}, {&a.copy, &b.copy, "copy"}}) {
           EXPECT_EQ(device_bytes(a.view(*da, Side::kGpu)), device_bytes(b.view(*db, Side::kGpu)))
@@ -140,12 +158,16 @@ TEST(CudaOptim, AdamWBf16MomentsMatchCpu) {
 
 TEST(CudaOptim, AdamWBf16MomentErrorsNameTheField) {
   DIFFMOE_REQUIRE_CUDA();
-  Dual p(Shape{6}), g(Shape{6}), m16(Shape{6}, DType::kBF16), v16(Shape{6}, DType::kBF16), v32(Shape{6}),
-      gsq(Shape{1});
-  expect_error([&] {
-    gpu().adamw({}, {.param = p[Side::kGpu], .m = m16[Side::kGpu], .v = v32[Side::kGpu], .grad = g[Side::kGpu],
-                     .grad_sq = gsq[Side::kGpu]});
-  }, {"[adamw]", "v", "f32", "bf16"});
+  Dual p(Shape{6}), g(Shape{6}), m16(Shape{6}, DType::kBF16), v16(Shape{6}, DType::kBF16), v32(Shape{6}), gsq(Shape{1});
+  expect_error(
+      [&] {
+        gpu().adamw({}, {.param = p[Side::kGpu],
+                         .m = m16[Side::kGpu],
+                         .v = v32[Side::kGpu],
+                         .grad = g[Side::kGpu],
+                         .grad_sq = gsq[Side::kGpu]});
+      },
+      {"[adamw]", "v", "f32", "bf16"});
   const AdamWEntry bad{.param = p[Side::kGpu], .m = v32[Side::kGpu], .v = v16[Side::kGpu], .grad = g[Side::kGpu]};
   expect_error([&] { gpu().adamw_multi({}, {.entries = {bad}, .grad_sq = gsq[Side::kGpu]}); },
                {"[adamw_multi]", "entries[0].v", "bf16"});
