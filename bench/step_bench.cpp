@@ -1,7 +1,7 @@
 // Training-step throughput of a preset on a backend: forward + backward (+ AdamW with --optim).
 // Usage: bench_step --config configs/tiny.yaml [--device cpu|cuda] [--batch 16] [--seq 256]
 //                   [--steps 5] [--warmup 1] [--optim] [--precision f32|bf16_gemm|fp8]
-//                   [--recompute none|attention|moe|full]
+//                   [--recompute none|attention|moe|full] [--moment-dtype f32|bf16]
 // Times whole steps on random tokens with the spec initialisation (the backend is synchronised
 // around each step); prints the median step time, tokens/s, MFU by docs/model.md §9 (÷ 989 TFLOP/s) and
 // the bytes of the model's arenas (parameters, gradients, activations, the bf16 weight copies;
@@ -12,6 +12,7 @@
 // (docs/model.md §7; the routed experts run one FP8 GEMM per expert, not a grouped kernel).
 // --recompute: activation recompute (train.recompute, model/recompute.h): the activation arena it
 // plans is printed on its own line, to set against the step time of --recompute none.
+// --moment-dtype: the AdamW moments' storage with --optim (optim.moment_dtype; docs/training.md).
 // CPU threads: OMP_NUM_THREADS / OPENBLAS_NUM_THREADS as usual.
 #include <CLI/CLI.hpp>
 #include <fmt/core.h>
@@ -35,7 +36,7 @@ using namespace diffmoe;
 
 int main(int argc, char** argv) {
   CLI::App app{"training-step benchmark"};
-  std::string config, device = "cpu", precision = "f32", recompute = "none";
+  std::string config, device = "cpu", precision = "f32", recompute = "none", moment_dtype = "f32";
   bool with_optim = false, data_parallel = false;
   int64_t batch = 16, seq = 0;
   int steps = 5, warmup = 1;
@@ -54,6 +55,8 @@ int main(int argc, char** argv) {
       ->check(CLI::IsMember({"f32", "bf16", "bf16_gemm", "fp8"}));
   app.add_option("--recompute", recompute, "activation recompute: none, attention, moe or full (train.recompute)")
       ->check(CLI::IsMember({"none", "attention", "moe", "full"}));
+  app.add_option("--moment-dtype", moment_dtype, "the AdamW moments in f32 or bf16 with --optim (optim.moment_dtype)")
+      ->check(CLI::IsMember({"f32", "bf16"}));
   CLI11_PARSE(app, argc, argv);
   try {
     const ModelConfig cfg = load_model_config(config);
@@ -68,7 +71,9 @@ int main(int argc, char** argv) {
     m.set_batch_shape(batch, seq);
     std::unique_ptr<AdamW> opt;
     if (with_optim) {
-      opt = std::make_unique<AdamW>(m, OptimConfig{});
+      OptimConfig oc;
+      oc.moment_dtype = moment_dtype;
+      opt = std::make_unique<AdamW>(m, oc);
       opt->init_masters(1234);
     }
     DIFFMOE_CHECK(!data_parallel || with_optim, "--data-parallel needs --optim");
@@ -146,8 +151,9 @@ int main(int argc, char** argv) {
     for (size_t g = 0; g < m.layout().groups().size(); ++g) grad_b += m.grads().buffers().group_arena(g).bytes();
     const double bytes = static_cast<double>(m.params().bytes() + grad_b + m.acts().bytes() + (opt ? opt->state_bytes() : 0));
     constexpr double kGiB = 1024.0 * 1024 * 1024;
-    fmt::print("config {}  device {}  precision {}  recompute {}  batch {}  seq {}  tokens/step {}{}\n", config, device,
-               precision, recompute, batch, seq, batch * seq, dp ? "  (through DataParallel, world 1)" : "");
+    fmt::print("config {}  device {}  precision {}  recompute {}  batch {}  seq {}  tokens/step {}{}{}\n", config, device,
+               precision, recompute, batch, seq, batch * seq, dp ? "  (through DataParallel, world 1)" : "",
+               opt ? "  moments " + moment_dtype : std::string());
     fmt::print("{} step: median {:.4f} s (min {:.4f}, max {:.4f}, {} steps)  ->  {:.0f} tokens/s, MFU {:.2f}% ({:.4f} GFLOP/token), "
                "arenas {:.2f} GiB (bf16 weight copies {:.2f} GiB of it; backend scratch not counted)  (loss {:.4f})\n",
                opt ? "fwd+bwd+adamw" : "fwd+bwd", med, times.front(), times.back(), times.size(), tps, 100.0 * tps * flops / 989e12,
@@ -156,7 +162,13 @@ int main(int argc, char** argv) {
                static_cast<double>(m.acts().bytes()) / kGiB);
     // The same arenas as `diffmoe plan` plans them (train/memory_plan.h), without allocating.
     const RankMemory planned = plan_rank(
-        cfg, RunShape{.precision = parse_precision(precision, "--precision"), .micro_batch = batch, .seq = seq, .recompute = recompute}, 0);
+        cfg,
+        RunShape{.precision = parse_precision(precision, "--precision"),
+                 .micro_batch = batch,
+                 .seq = seq,
+                 .recompute = recompute,
+                 .moment_dtype = moment_dtype},
+        0);
     uint64_t planned_b = 0;
     for (const MemoryItem& it : planned.items)
       if (!it.estimate && it.key != "token_buffers" && (opt || (it.key != "optimizer_masters" && it.key != "optimizer_moments")))

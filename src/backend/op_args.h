@@ -421,6 +421,10 @@ struct CrossEntropyBwdArgs { Tensor dlogits; Tensor logits; Tensor targets; Tens
 //   p −= lr · ( m/(1−b1^t) / (sqrt(v/(1−b2^t)) + eps) + weight_decay · p )
 // param_bf16 (optional, param's shape, bf16): also receives bf16(updated param), rounded to nearest
 // even: the bf16 GEMM mode's weight copy, written in the same pass instead of a refresh later.
+// m, v: param's dtype, or both bf16 (optim.moment_dtype, docs/model.md §7): read exactly, updated as
+// above in the same arithmetic, stored as bf16(f32(m)) and bf16(f32(v)) rounded to nearest even;
+// the param update uses the unrounded new m and v, so it is the same as with moments m, v of the
+// param's dtype holding the same values.
 struct AdamWArgs {
   Tensor param; Tensor m; Tensor v; Tensor grad; Tensor grad_sq;
   double lr = 1e-3, beta1 = 0.9, beta2 = 0.95, eps = 1e-8, weight_decay = 0.0, max_norm = 0.0;
@@ -431,7 +435,8 @@ struct AdamWArgs {
 // AdamW over many tensors in one call: for every entry exactly the per-tensor AdamWArgs update
 // (bitwise the same results), with the entry's own weight_decay and the shared hyper-parameters
 // and grad_sq below. Every entry is checked like AdamWArgs before any is updated; all float tensors
-// of the call have one dtype; empty tensors are allowed and skipped. Entries must not overlap.
+// of the call have one dtype (an entry's m and v may be bf16, as in AdamWArgs); empty tensors are
+// allowed and skipped. Entries must not overlap.
 // (CUDA: one launch for all entries; the backend caches the list's device table and uploads it again
 // only when the list changes — keep one AdamWMultiArgs and refresh it, as AdamW (train) does.)
 struct AdamWEntry {

@@ -873,13 +873,25 @@ void check_adamw_tensor(const Tensor& t, const Shape& shape, DType dt, Device de
   if (t.dtype != dt) check_dtype(t, dt, op, name(field));
 }
 
-// One update's tensors (AdamWArgs, AdamWEntry): m, v, grad like param (shape, dtype dt), the
-// optional bf16 copy param's shape in bf16.
+// One update's tensors (AdamWArgs, AdamWEntry): grad like param (shape, dtype dt); m and v param's
+// shape, both in dt or both in bf16 (the moments stored in bf16, op_args.h AdamWArgs); the optional
+// bf16 copy param's shape in bf16.
 void check_adamw_tensors(const Tensor& param, const Tensor& m, const Tensor& v, const Tensor& grad,
                          const Tensor& param_bf16, DType dt, Device dev, std::string_view op, const AdamWName& name) {
   check_adamw_tensor(param, param.shape, dt, dev, op, name, "param");
-  for (const auto& [t, field] : {std::pair{&m, "m"}, std::pair{&v, "v"}, std::pair{&grad, "grad"}})
-    check_adamw_tensor(*t, param.shape, dt, dev, op, name, field);
+  check_adamw_tensor(grad, param.shape, dt, dev, op, name, "grad");
+  for (const auto& [t, field] : {std::pair{&m, "m"}, std::pair{&v, "v"}})
+    if (t->device != dev || (t->data == nullptr && t->numel() != 0)) check_device(*t, dev, op, name(field));
+  if (m.dtype != dt && m.dtype != DType::kBF16) {
+    DIFFMOE_FAIL("[{}] {} has dtype {}, expected {} (the param's) or bf16", op, name("m"), dtype_name(m.dtype),
+                 dtype_name(dt));
+  }
+  if (v.dtype != m.dtype) {
+    DIFFMOE_FAIL("[{}] {} has dtype {}, but {} has {}: the moments share one dtype", op, name("v"), dtype_name(v.dtype),
+                 name("m"), dtype_name(m.dtype));
+  }
+  for (const auto& [t, field] : {std::pair{&m, "m"}, std::pair{&v, "v"}})
+    check_adamw_tensor(*t, param.shape, m.dtype, dev, op, name, field);
   if (param_bf16.defined()) check_adamw_tensor(param_bf16, param.shape, DType::kBF16, dev, op, name, "param_bf16");
 }
 

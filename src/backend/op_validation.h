@@ -169,7 +169,7 @@ CrossEntropyDims validate_cross_entropy_fwd(const CrossEntropyFwdArgs& a, Device
 CrossEntropyDims validate_cross_entropy_bwd(const CrossEntropyBwdArgs& a, Device dev);
 void validate_adamw(const AdamWArgs& a, Device dev);
 // Every entry as validate_adamw, naming it ("[adamw_multi] entries[3].m ..."); one float dtype for
-// all entries and grad_sq (entries[0].param's).
+// all entries' params and grads and grad_sq (entries[0].param's); each entry's moments in it or in bf16.
 void validate_adamw_multi(const AdamWMultiArgs& a, Device dev);
 
 }  // namespace diffmoe

@@ -19,11 +19,12 @@ struct Precision {
 // gradients and two FP32 Adam moments in all; bf16_gemm adds a bf16 copy of the GEMM weights, fp8
 // also the e4m3 copies of the FP8 Linears' weights (W and Wᵀ, one byte each; their f32 scales add
 // 8 bytes per 128×128 block). Counted here for every parameter: an upper bound, the norms and λ
-// vectors have none.
+// vectors have none. The last row: bf16_gemm with optim.moment_dtype = bf16 (two bf16 moments).
 constexpr Precision kPrecisions[] = {
     {"f32", 4 + 4 + 8, "fp32 weights 4 + fp32 grads 4 + Adam m,v 8"},
     {"bf16_gemm", 2 + 4 + 4 + 8, "bf16 copy 2 + fp32 master 4 + fp32 grads 4 + Adam m,v 8"},
     {"fp8", 2 + 2 + 4 + 4 + 8, "bf16 copy 2 + e4m3 W, Wᵀ 2 + fp32 master 4 + fp32 grads 4 + Adam m,v 8"},
+    {"+bf16 m,v", 2 + 4 + 4 + 4, "bf16_gemm with optim.moment_dtype: bf16, Adam m,v 4"},
 };
 
 int run_params(const std::string& path, int64_t seq) {

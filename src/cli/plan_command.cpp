@@ -26,7 +26,7 @@ double gib_signed(double b) { return b / kGiB; }
 struct PlanArgs {
   std::string config;
   int64_t world = 1, ep = 1, micro_batch = 1, seq = 0, bucket_elems = 0;
-  std::string recompute = "none", precision = "f32", gpu_memory = "h100";
+  std::string recompute = "none", precision = "f32", gpu_memory = "h100", moment_dtype = "f32";
   bool json = false;
 };
 
@@ -90,6 +90,7 @@ nlohmann::ordered_json to_json(const PlanArgs& a, const ModelConfig& cfg, const 
   j["bucket_elems"] = p.run.bucket_elems;
   j["recompute_requested"] = p.run.recompute;
   j["recompute_planned"] = p.recompute_planned;
+  j["moment_dtype"] = p.run.moment_dtype;
   j["parameters"] = {{"total", n.total},
                      {"active", n.active},
                      {"dense_per_rank", p.dense_params},
@@ -130,7 +131,8 @@ nlohmann::ordered_json to_json(const PlanArgs& a, const ModelConfig& cfg, const 
                       {"scratch", p.acts.scratch},
                       {"other", p.acts.other},
                       {"largest_layer", p.acts.largest_layer}};
-  // Each missing feature alone (total_bytes, fits) on the heaviest rank, and all of them together.
+  // Each missing feature or unchosen option alone (total_bytes, fits) on the heaviest rank, and all
+  // of them together.
   nlohmann::ordered_json missing = nlohmann::ordered_json::array();
   uint64_t all = 0;
   for (const MissingFeature& f : p.missing) {
@@ -158,10 +160,11 @@ void print_text(const PlanArgs& a, const ModelConfig& cfg, const MemoryPlan& p, 
   fmt::print("precision    {}   micro-batch {} × seq {} = {} tokens per rank   gradient buckets: {}\n",
              precision_name(p.run.precision), p.run.micro_batch, p.run.seq, p.tokens,
              p.run.bucket_elems == 0 ? std::string("one per group") : fmt::format("{} elements", p.run.bucket_elems));
-  if (p.run.recompute == p.recompute_planned) fmt::print("recompute    {}\n", p.recompute_planned);
+  if (p.run.recompute == p.recompute_planned) fmt::print("recompute    {}", p.recompute_planned);
   else
-    fmt::print("recompute    planned as {} (requested {}: the model does not recompute activations yet)\n",
+    fmt::print("recompute    planned as {} (requested {}: the model does not recompute activations yet)",
                p.recompute_planned, p.run.recompute);
+  fmt::print("   Adam moments: {}\n", p.run.moment_dtype);
   fmt::print("parameters   {:.2f} M total, {:.2f} M active; per rank {:.2f} M dense + {:.2f} M expert\n", n.total / 1e6,
              n.active / 1e6, p.dense_params / 1e6, p.expert_params_per_rank / 1e6);
   fmt::print("FLOPs/token  {:.4f} G at seq {} (docs/model.md §9)\n\n", n.flops_per_token / 1e9, p.run.seq);
@@ -216,7 +219,8 @@ void print_text(const PlanArgs& a, const ModelConfig& cfg, const MemoryPlan& p, 
     std::vector<MissingFeature> m = p.missing;
     std::stable_sort(m.begin(), m.end(),
                      [](const MissingFeature& x, const MissingFeature& y) { return x.saves_bytes > y.saves_bytes; });
-    fmt::print("not in the code today (estimated savings on rank {}, cumulative):\n", h.rank);
+    fmt::print("not in this plan: features the code lacks and options not chosen (estimated savings on rank {}, "
+               "cumulative):\n", h.rank);
     uint64_t t = h.total_bytes();
     for (size_t i = 0; i < m.size(); ++i) {
       t -= m[i].saves_bytes;
@@ -235,7 +239,8 @@ int run_plan(const PlanArgs& a) {
                .micro_batch = a.micro_batch,
                .seq = a.seq,
                .bucket_elems = a.bucket_elems,
-               .recompute = a.recompute};
+               .recompute = a.recompute,
+               .moment_dtype = a.moment_dtype};
   const MemoryPlan p = plan_memory(cfg, run);
   if (a.json) fmt::print("{}\n", to_json(a, cfg, p, gpu).dump(2));
   else print_text(a, cfg, p, gpu);
@@ -257,6 +262,8 @@ void add_plan_command(CLI::App& app, std::function<int()>& run) {
   cmd->add_option("--micro-batch", a->micro_batch, "sequences per rank and micro-batch, default 1");
   cmd->add_option("--seq", a->seq, "tokens per sequence, default model.max_seq_len");
   cmd->add_option("--precision", a->precision, "train.precision: f32, bf16 (bf16_gemm) or fp8, default f32");
+  cmd->add_option("--moment-dtype", a->moment_dtype, "optim.moment_dtype: the Adam moments in f32 or bf16, default f32")
+      ->check(CLI::IsMember({"f32", "bf16"}));
   cmd->add_option("--gpu-memory", a->gpu_memory, "h100, h200, or a size such as 80GB, 79.6GiB; default h100");
   cmd->add_option("--bucket-elems", a->bucket_elems,
                   "gradient bucket size in elements, default 0 (one bucket per group)");

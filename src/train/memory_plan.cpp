@@ -142,6 +142,8 @@ void check_run(const ModelConfig& cfg, const RunShape& run) {
   DIFFMOE_CHECK(run.seq >= 1 && run.seq <= cfg.max_seq_len, "--seq: {} is not in [1, model.max_seq_len = {}]", run.seq,
                 cfg.max_seq_len);
   parse_recompute(run.recompute, "--recompute");
+  DIFFMOE_CHECK(run.moment_dtype == "f32" || run.moment_dtype == "bf16",
+                "--moment-dtype: expected f32 or bf16, got '{}'", run.moment_dtype);
   DIFFMOE_CHECK(run.ep == 1 || run.recompute == "none" || run.recompute == "attention",
                 "--recompute: '{}' is not available with expert parallelism (--ep {}): use none or attention", run.recompute, run.ep);
 }
@@ -166,7 +168,8 @@ RankDetail plan_rank_detail(const ModelConfig& cfg, const RunShape& run, int64_t
   RankDetail d{.mem = {}, .model = Model::memory_plan(cfg, DType::kF32, mo, run.micro_batch, run.seq), .state = {}};
   const ParamLayout& layout = *d.model.layout;
   const DType master = d.model.plan.master_dtype();
-  d.state = AdamW::plan_state(layout, master, OptimShard{.dense_rank = rank, .expert_rank = rank / run.ep});
+  const DType moment_dt = AdamW::moment_dtype(run.moment_dtype, master);
+  d.state = AdamW::plan_state(layout, master, OptimShard{.dense_rank = rank, .expert_rank = rank / run.ep}, moment_dt);
   RankMemory& m = d.mem;
   m.rank = rank;
   m.ep_rank = rank % run.ep;
@@ -200,7 +203,7 @@ RankDetail plan_rank_detail(const ModelConfig& cfg, const RunShape& run, int64_t
                      .estimate = false});
   m.items.push_back({.key = "optimizer_moments",
                      .label = "optimizer Adam moments",
-                     .basis = "f32 m and v, " + shard,
+                     .basis = fmt::format("{} m and v, {}", dtype_name(moment_dt), shard),
                      .bytes = moments,
                      .estimate = false});
   m.items.push_back({.key = "reduced_gradients",
@@ -312,8 +315,10 @@ MemoryPlan plan_memory(const ModelConfig& cfg, const RunShape& run_in) {
     p.missing.push_back({.key = "recompute_full",
                          .label = "train.recompute: full (keep layer inputs, rebuild one layer at a time)",
                          .saves_bytes = layers > a.largest_layer ? layers - a.largest_layer : 0});
-  p.missing.push_back(
-      {.key = "bf16_moments", .label = "bf16 Adam moments", .saves_bytes = item(h, "optimizer_moments") / 2});
+  if (run.moment_dtype != "bf16")
+    p.missing.push_back({.key = "bf16_moments",
+                         .label = "optim.moment_dtype: bf16 (bf16 Adam moments, --moment-dtype bf16)",
+                         .saves_bytes = item(h, "optimizer_moments") / 2});
   uint64_t grad_saving = 0;
   for (size_t g = 0; g < first.model.layout->groups().size(); ++g) {
     const ParamLayout::Group& grp = first.model.layout->groups()[g];

@@ -3,7 +3,8 @@
 // The exact line items come from the code that allocates them, planned without allocating:
 // Model::memory_plan (the ParamLayout of the rank's (world, EP) place, the compute-weight and
 // gradient buffers, the activation arena through the layers' plan()), AdamW::plan_state (the rank's
-// ZeRO-1 chunks: f32 masters where separate, Adam moments) and TokenBuffers::plan. Their sum is the
+// ZeRO-1 chunks: f32 masters where separate, Adam moments in optim.moment_dtype) and
+// TokenBuffers::plan. Their sum is the
 // bytes of the arenas a run allocates on that rank, to the byte.
 //
 // Estimates, each named as one, cover what no arena holds: the expert-parallel dispatch rows
@@ -29,6 +30,7 @@ struct RunShape {
   // Activation recompute (train.recompute): none | attention | moe | full (with ep > 1: none or
   // attention), planned as the model plans it.
   std::string recompute = "none";
+  std::string moment_dtype = "f32";  // optim.moment_dtype: f32 or bf16 (the Adam moments' storage)
 };
 
 struct MemoryItem {

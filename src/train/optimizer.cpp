@@ -11,7 +11,14 @@ namespace {
 bool keeps_masters(const ParamLayout::Group& g, DType master_dtype) { return g.compute != master_dtype; }
 }  // namespace
 
-AdamW::StatePlan AdamW::plan_state(const ParamLayout& layout, DType master_dtype, const OptimShard& shard) {
+DType AdamW::moment_dtype(const std::string& name, DType master_dtype) {
+  if (name == "f32") return master_dtype;
+  DIFFMOE_CHECK(name == "bf16", "optim.moment_dtype: expected f32 or bf16, got '{}'", name);
+  return DType::kBF16;
+}
+
+AdamW::StatePlan AdamW::plan_state(const ParamLayout& layout, DType master_dtype, const OptimShard& shard,
+                                   DType moment_dtype) {
   StatePlan sp;
   const auto& groups = layout.groups();
   sp.shard_len.assign(groups.size(), 0);
@@ -36,8 +43,8 @@ AdamW::StatePlan AdamW::plan_state(const ParamLayout& layout, DType master_dtype
     }
   }
   for (size_t g = 0; g < groups.size(); ++g) {
-    sp.state.add(fmt::format("m.g{}", g), Shape{sp.shard_len[g]}, master_dtype);
-    sp.state.add(fmt::format("v.g{}", g), Shape{sp.shard_len[g]}, master_dtype);
+    sp.state.add(fmt::format("m.g{}", g), Shape{sp.shard_len[g]}, moment_dtype);
+    sp.state.add(fmt::format("v.g{}", g), Shape{sp.shard_len[g]}, moment_dtype);
     if (keeps_masters(groups[g], master_dtype)) sp.state.add(fmt::format("master.g{}", g), Shape{sp.shard_len[g]}, master_dtype);
     // The reduced gradient chunks (AdamW::reduced_chunk) where the group is data parallel.
     if (groups[g].dp > 1) sp.state.add(fmt::format("grad.g{}", g), Shape{sp.shard_len[g]}, master_dtype);
@@ -50,8 +57,12 @@ int64_t AdamW::rank_in(const ParamLayout::Group& group, const OptimShard& shard)
   return group.domain == ParamDomain::kExpert ? shard.expert_rank : shard.dense_rank;
 }
 
-AdamW::AdamW(Model& model, const OptimConfig& cfg, const OptimShard& shard) : model_(&model), cfg_(cfg), shard_(shard) {
-  StatePlan sp = plan_state(model.layout(), model.plan().master_dtype(), shard);
+AdamW::AdamW(Model& model, const OptimConfig& cfg, const OptimShard& shard)
+    : model_(&model),
+      cfg_(cfg),
+      shard_(shard),
+      moment_dtype_(moment_dtype(cfg.moment_dtype, model.plan().master_dtype())) {
+  StatePlan sp = plan_state(model.layout(), model.plan().master_dtype(), shard, moment_dtype_);
   pieces_ = std::move(sp.pieces);
   shard_len_ = std::move(sp.shard_len);
   chunk_base_ = std::move(sp.chunk_base);

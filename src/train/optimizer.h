@@ -7,6 +7,8 @@
 // Decoupled weight decay on matrices only — never on norms, λ vectors, biases or embeddings
 // (ParamSpec::decayed); global-norm gradient clipping; the once-per-step MoE balancing-bias update
 // (docs/model.md §5). No host synchronisation: the global norm stays on the device and the AdamW op reads it.
+// The moments are stored in the masters' dtype or, with optim.moment_dtype = bf16, in bf16 (the op
+// updates them in f32 and rounds to nearest even on store; docs/model.md §7).
 // All owned pieces are updated by one adamw_multi call (one launch on CUDA).
 #pragma once
 #include <functional>
@@ -43,15 +45,20 @@ class AdamW {
 
   // This rank's pieces and optimizer state for a layout, planned without allocating (memory
   // planning): the constructor allocates exactly `state`. Its views: per group g "m.g<g>" and
-  // "v.g<g>" (the Adam moments of the owned chunks), "master.g<g>" where the group's compute dtype
-  // is not master_dtype (the f32 masters of bf16 compute weights), and "grad_sq".
+  // "v.g<g>" (the Adam moments of the owned chunks, in moment_dtype), "master.g<g>" where the
+  // group's compute dtype is not master_dtype (the f32 masters of bf16 compute weights), and "grad_sq".
   struct StatePlan {
     std::vector<Piece> pieces;
     std::vector<int64_t> shard_len;  // per group: elements this rank owns
     std::vector<std::vector<int64_t>> chunk_base;  // per group and bucket: its chunk's offset in the state
     Arena state;
   };
-  static StatePlan plan_state(const ParamLayout& layout, DType master_dtype, const OptimShard& shard);
+  static StatePlan plan_state(const ParamLayout& layout, DType master_dtype, const OptimShard& shard,
+                              DType moment_dtype);
+  // The moments' dtype for optim.moment_dtype ("f32": the masters' dtype, f32 or the f64 of the
+  // reference tests; "bf16"). An error names the key.
+  static DType moment_dtype(const std::string& name, DType master_dtype);
+  DType moment_dtype() const { return moment_dtype_; }
   // This rank's index among a group's data-parallel ranks (docs/model.md §12).
   static int64_t rank_in(const ParamLayout::Group& group, const OptimShard& shard);
 
@@ -105,6 +112,7 @@ class AdamW {
   Model* model_;
   OptimConfig cfg_;
   OptimShard shard_;
+  DType moment_dtype_;
   std::vector<Piece> pieces_;
   std::vector<int64_t> shard_len_;  // per group: elements this rank owns
   std::vector<std::vector<int64_t>> chunk_base_;  // per group and bucket: its chunk's offset in the state

@@ -39,9 +39,18 @@ void convert_to_double(DType dt, const void* src, size_t first, size_t n, double
   }
 }
 
+// Values into a state tensor of its dtype: f64 as they are, f32 rounded to nearest, bf16 (moments,
+// optim.moment_dtype) rounded to f32 and then to bf16 (nearest even), as the AdamW op stores them:
+// values read from bf16 come back bit for bit, values read from f32 are rounded once.
 void upload_from_double(Backend& be, const Tensor& dst, const std::vector<double>& v) {
   if (dst.dtype == DType::kF64) {
     be.upload(dst, v.data());
+    return;
+  }
+  if (dst.dtype == DType::kBF16) {
+    std::vector<uint16_t> b(v.size());
+    for (size_t i = 0; i < v.size(); ++i) b[i] = f32_to_bf16(static_cast<float>(v[i]));
+    be.upload(dst, b.data());
     return;
   }
   DIFFMOE_CHECK(dst.dtype == DType::kF32, "[checkpoint] optimizer state of dtype {}", dtype_name(dst.dtype));
@@ -159,7 +168,14 @@ StateReader::StateReader(const std::string& dir) : dir_(dir) {
       for (int64_t d : e.shape) count *= d;
       DIFFMOE_CHECK(first + count <= numel_[param], "{}: tensor '{}' covers elements [{}, {}) of '{}', which has {}", f.path(), name, first,
                     first + count, param, numel_[param]);
-      if (kind == static_cast<int>(Kind::kMoment1) || kind == static_cast<int>(Kind::kMoment2)) has_moments_ = true;
+      if (kind == static_cast<int>(Kind::kMoment1) || kind == static_cast<int>(Kind::kMoment2)) {
+        // One dtype for every moment (optim.moment_dtype of the run that wrote them).
+        DIFFMOE_CHECK(!has_moments_ || e.dtype == moment_dtype_,
+                      "{}: tensor '{}' is {}, but the checkpoint's other moments are {}", f.path(), name,
+                      dtype_name(e.dtype), dtype_name(moment_dtype_));
+        has_moments_ = true;
+        moment_dtype_ = e.dtype;
+      }
       slices_[{kind, param}].push_back(Slice{.first = first, .count = count, .file = fi, .tensor = name});
     }
   }
@@ -190,6 +206,14 @@ void StateReader::read(Kind kind, const std::string& param, int64_t first, int64
   }
   DIFFMOE_CHECK(cur >= end, "{}: the checkpoint's {} values of '{}' do not cover element {} (of [{}, {}))", dir_,
                 kKindPrefix[static_cast<int>(kind)], param, cur, first, end);
+}
+
+std::optional<std::string> moment_dtype_change(const AdamW& opt, const StateReader& reader) {
+  if (!reader.has_moments() || reader.moment_dtype() == opt.moment_dtype()) return std::nullopt;
+  const bool narrows = dtype_size(opt.moment_dtype()) < dtype_size(reader.moment_dtype());
+  return fmt::format(
+      "the checkpoint's Adam moments are {}, this run's optim.moment_dtype makes them {}: converting ({})",
+      dtype_name(reader.moment_dtype()), dtype_name(opt.moment_dtype()), narrows ? "rounded to nearest even" : "exact");
 }
 
 void load_state(AdamW& opt, const StateReader& reader, Context ctx) {

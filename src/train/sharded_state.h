@@ -2,7 +2,7 @@
 // (docs/formats.md §4.2): every rank writes one safetensors file with the 1-D slices it owns,
 //   "master/<param>/<first>"  f32 masters (the parameters), elements [first, first + n) of the
 //   "m/<param>/<first>"       global tensor in row-major order, and the Adam moments of the same
-//   "v/<param>/<first>"       elements;
+//   "v/<param>/<first>"       elements (in optim.moment_dtype: f32, or bf16);
 //   "buffer/<param>/0"        the balancing biases, whole (rank 0 only),
 // with the model config and the world layout in the metadata. A reader assembles any element range
 // of any parameter from whichever slices cover it, so a checkpoint written by N ranks with EP degree
@@ -13,6 +13,7 @@
 #include <cstdint>
 #include <map>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -40,6 +41,9 @@ class StateReader {
   const ModelConfig& config() const { return config_; }
   const std::string& dir() const { return dir_; }
   bool has_moments() const { return has_moments_; }
+  // The dtype of the moments (every moment slice has the same: an error names the file otherwise);
+  // meaningful only with has_moments().
+  DType moment_dtype() const { return moment_dtype_; }
   // Elements [first, first + count) of `param` (global row-major order) into out. Every element must
   // be covered by a slice of that kind: an error names the parameter and the first missing element.
   void read(Kind kind, const std::string& param, int64_t first, int64_t count, double* out) const;
@@ -57,13 +61,19 @@ class StateReader {
   std::map<std::string, int64_t> numel_;
   ModelConfig config_;
   bool has_moments_ = false;
+  DType moment_dtype_ = DType::kF32;
   std::string dir_;
 };
 
 // Loads masters and moments (when the reader has them; else zero moments) of this rank's pieces,
 // the buffers into the model, and writes the compute weights of the owned chunks from the masters.
-// The caller all-gathers the chunks to the other data-parallel ranks.
+// The caller all-gathers the chunks to the other data-parallel ranks. Moments saved in another
+// dtype than the optimizer's (optim.moment_dtype changed) are converted: f32 to bf16 rounds to
+// nearest even, bf16 to f32 is exact.
 void load_state(AdamW& opt, const StateReader& reader, Context ctx);
+// The notice to print when load_state converts the moments (their dtype in the checkpoint differs
+// from the optimizer's), or nothing.
+std::optional<std::string> moment_dtype_change(const AdamW& opt, const StateReader& reader);
 // Writes the whole model as one safetensors file with the docs/model.md §8 names (the f32 masters and the
 // buffers; "config" and the given metadata), loadable by PyTorch and by load_model.
 void export_model(const StateReader& reader, const std::string& path, const std::map<std::string, std::string>& metadata = {});

@@ -148,6 +148,7 @@ RunConfig run_config_from_json(Json doc, const std::string& source) {
   o.eps = op.get<double>("eps", o.eps);
   o.weight_decay = op.get<double>("weight_decay", o.weight_decay);
   o.grad_clip = op.get<double>("grad_clip", o.grad_clip);
+  o.moment_dtype = op.get<std::string>("moment_dtype", o.moment_dtype);
   rc.resolved["optim"] = op.finish();
 
   SectionReader ev(doc, "eval", source);
@@ -197,6 +198,8 @@ RunConfig run_config_from_json(Json doc, const std::string& source) {
   check(o.eps > 0, source, "optim.eps", "must be positive");
   check(o.weight_decay >= 0, source, "optim.weight_decay", "must be >= 0");
   check(o.grad_clip >= 0, source, "optim.grad_clip", "must be >= 0 (0 disables clipping)");
+  check(o.moment_dtype == "f32" || o.moment_dtype == "bf16", source, "optim.moment_dtype",
+        fmt::format("expected f32 or bf16, got '{}'", o.moment_dtype));
   if (!rc.tokenizer.train_inputs.empty()) {  // vocab_size is only used to train the tokenizer
     const int64_t min_vocab = 256 + static_cast<int64_t>(data::BpeTrainerOptions{}.special_tokens.size());
     check(rc.tokenizer.vocab_size >= min_vocab, source, "tokenizer.vocab_size",

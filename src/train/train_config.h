@@ -60,6 +60,9 @@ struct OptimConfig {
   double beta1 = 0.9, beta2 = 0.95, eps = 1e-8;
   double weight_decay = 0.1;     // matrices only (see ParamSpec::decayed)
   double grad_clip = 1.0;        // global-norm clip; 0 disables
+  // The Adam moments' storage: "f32" (the masters' dtype) or "bf16" (half the bytes; updated in f32
+  // and rounded to nearest even on store, docs/model.md §7). The masters stay f32.
+  std::string moment_dtype = "f32";
 };
 
 struct EvalConfig {

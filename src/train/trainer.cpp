@@ -220,6 +220,7 @@ class TrainRun {
     DIFFMOE_CHECK(info.has_value(), "{}: no valid checkpoint to resume from{}", rc_.checkpoint.dir, why);
     const StateReader reader(info->dir);
     DIFFMOE_CHECK(reader.has_moments(), "{}: holds model weights but no optimizer state: cannot resume training from it", info->dir);
+    if (const auto change = moment_dtype_change(*optim_, reader)) say("resume: " + *change);
     load_state(*optim_, reader, {});
     dp_->gather_weights({});
     try {

@@ -88,7 +88,7 @@ TEST_F(E2E, ParamsAndInit) {
 }
 
 // `diffmoe plan`: the verdict follows the GPU size, the JSON's totals are the sums of its items, the
-// layout and recompute fields say what was planned, and bad options fail naming the option.
+// layout, recompute and moment-dtype fields say what was planned, and bad options fail naming the option.
 TEST_F(E2E, PlanFitsOrNotAndJson) {
   const fs::path cfg = write_config(micro_config(dir_, dir_ / "run"));
   const std::vector<std::string> base = {"plan", "--config", cfg.string(), "--micro-batch", "4", "--seq", "32"};
@@ -106,8 +106,15 @@ TEST_F(E2E, PlanFitsOrNotAndJson) {
   const RunResult tight = with({"--gpu-memory", "100MB", "--recompute", "full"});
   E2E_EXPECT_OK(tight);
   EXPECT_NE(tight.out.find("\nDOES NOT FIT: rank 0"), std::string::npos) << tight.out;
-  EXPECT_NE(tight.out.find("not in the code today"), std::string::npos) << tight.out;
+  EXPECT_NE(tight.out.find("not in this plan"), std::string::npos) << tight.out;
+  EXPECT_NE(tight.out.find("optim.moment_dtype: bf16"), std::string::npos) << tight.out;
   EXPECT_NE(tight.out.find("recompute    full"), std::string::npos) << tight.out;
+  EXPECT_NE(tight.out.find("Adam moments: f32"), std::string::npos) << tight.out;
+  const RunResult tight16 = with({"--gpu-memory", "100MB", "--recompute", "full", "--moment-dtype", "bf16"});
+  E2E_EXPECT_OK(tight16);
+  EXPECT_NE(tight16.out.find("Adam moments: bf16"), std::string::npos) << tight16.out;
+  EXPECT_EQ(tight16.out.find("optim.moment_dtype: bf16"), std::string::npos) << "chosen, not offered\n" << tight16.out;
+  expect_clean_error(with({"--moment-dtype", "f16"}), {"--moment-dtype"});
   // With expert parallelism only none and attention exist: other modes are refused by name.
   expect_clean_error(with({"--world", "4", "--ep", "2", "--recompute", "moe"}), {"--recompute", "moe", "expert parallelism"});
 
@@ -122,6 +129,7 @@ TEST_F(E2E, PlanFitsOrNotAndJson) {
   EXPECT_EQ(j["tokens_per_rank"], 128);
   EXPECT_EQ(j["recompute_requested"], "attention");
   EXPECT_EQ(j["recompute_planned"], "attention");
+  EXPECT_EQ(j["moment_dtype"], "f32");
   EXPECT_EQ(j["gpu_memory_bytes"], uint64_t{2} << 30);
   ASSERT_GE(j["ranks"].size(), 1u);
   for (const auto& rank : j["ranks"]) {

@@ -1,6 +1,8 @@
 // CPU adamw_multi (op_args.h AdamWMultiArgs): bitwise the per-tensor adamw over every entry (odd
 // and empty sizes, with and without bf16 copies, each entry's own weight decay, f32 and f64, two
 // steps), and its validation: every entry checked before any is updated, errors naming the entry.
+// bf16 moments (AdamWArgs): the update with moments of the param's dtype holding the same values,
+// the new moments rounded to f32 and then to bf16 (nearest even), the params bitwise the same.
 #include <gtest/gtest.h>
 
 #include <cstring>
@@ -98,6 +100,103 @@ TEST_F(AdamWMulti, EqualsPerTensorAdamWBitwise) {
   }
 }
 
+// The bits of a bf16 tensor.
+uint16_t* bf16_bits(const Tensor& t) { return static_cast<uint16_t*>(t.data); }
+// A bf16 tensor holding bf16(x) of a float tensor's values (rounded to nearest even), and back.
+void round_to_bf16(const Tensor& dst16, const Tensor& src) {
+  for (int64_t i = 0; i < src.numel(); ++i) bf16_bits(dst16)[i] = f32_to_bf16(static_cast<float>(test::get(src, i)));
+}
+void widen_bf16(const Tensor& dst, const Tensor& src16) {
+  for (int64_t i = 0; i < src16.numel(); ++i) test::set(dst, i, bf16_to_f32(bf16_bits(src16)[i]));
+}
+
+TEST_F(AdamWMulti, Bf16MomentsAreTheUpdateRoundedToNearestEven) {
+  for (DType dt : {DType::kF32, DType::kF64}) {
+    for (const double max_norm : {0.0, 0.5}) {
+      // ref: moments in dt; low: the same params and gradients with bf16 moments.
+      std::vector<std::unique_ptr<ParamState>> ref, low;
+      std::vector<Owned> m16, v16;
+      for (size_t i = 0; i < kSpecs.size(); ++i) {
+        const EntrySpec& e = kSpecs[i];
+        for (auto* list : {&ref, &low})
+          list->push_back(std::make_unique<ParamState>(e.shape, dt, e.copy, e.wd, 700 + 10 * i));
+        m16.emplace_back(e.shape, DType::kBF16);
+        v16.emplace_back(e.shape, DType::kBF16);
+        round_to_bf16(m16.back(), low.back()->m);
+        round_to_bf16(v16.back(), low.back()->v);
+      }
+      Owned gsq({1}, dt);
+      int64_t rounded = 0, moved = 0;  // moments the rounding changed; bf16 moments the update changed
+      for (int64_t step = 1; step <= 3; ++step) {
+        be.fill(ctx, {.out = gsq, .value = 0.0});
+        for (size_t i = 0; i < ref.size(); ++i) {
+          test::fill_normal(ref[i]->g, 750 + static_cast<uint64_t>(step) + 7 * i);
+          test::copy_values(low[i]->g, ref[i]->g);
+          be.sum_squares(ctx, {.out = gsq, .x = ref[i]->g});
+          // The reference starts from the values the bf16 moments hold.
+          widen_bf16(ref[i]->m, m16[i]);
+          widen_bf16(ref[i]->v, v16[i]);
+        }
+        AdamWMultiArgs a{.grad_sq = gsq, .lr = 0.02, .beta1 = 0.8, .beta2 = 0.99, .eps = 1e-6, .max_norm = max_norm,
+                         .step = step};
+        AdamWMultiArgs b = a;
+        for (size_t i = 0; i < ref.size(); ++i) {
+          a.entries.push_back(ref[i]->entry());
+          AdamWEntry e = low[i]->entry();
+          e.m = m16[i];
+          e.v = v16[i];
+          b.entries.push_back(e);
+        }
+        std::vector<std::vector<char>> m_before;
+        for (const Owned& m : m16) m_before.push_back(bytes_of(m));
+        be.adamw_multi(ctx, a);
+        be.adamw_multi(ctx, b);
+        for (size_t i = 0; i < ref.size(); ++i) {
+          const std::string what = fmt::format("{} max_norm={} step {} entry {} ({})", dtype_name(dt), max_norm,
+                                               step, i, kSpecs[i].shape.str());
+          ASSERT_EQ(bytes_of(ref[i]->p), bytes_of(low[i]->p)) << what << " param";
+          ASSERT_EQ(bytes_of(ref[i]->copy), bytes_of(low[i]->copy)) << what << " bf16 copy";
+          for (int64_t k = 0; k < ref[i]->p.numel(); ++k) {
+            const uint16_t want_m = f32_to_bf16(static_cast<float>(test::get(ref[i]->m, k)));
+            const uint16_t want_v = f32_to_bf16(static_cast<float>(test::get(ref[i]->v, k)));
+            ASSERT_EQ(bf16_bits(m16[i])[k], want_m) << what << " m[" << k << "]";
+            ASSERT_EQ(bf16_bits(v16[i])[k], want_v) << what << " v[" << k << "]";
+            rounded += test::get(ref[i]->m, k) != bf16_to_f32(want_m) ? 1 : 0;
+          }
+          if (m16[i].numel() > 0 && bytes_of(m16[i]) != m_before[i]) ++moved;
+        }
+      }
+      // Not vacuous: the moments moved, and bf16 storage dropped bits of them.
+      EXPECT_GT(moved, 0) << dtype_name(dt);
+      EXPECT_GT(rounded, 0) << dtype_name(dt);
+    }
+  }
+}
+
+TEST_F(AdamWMulti, Bf16MomentsPerTensorOpEqualsTheListOp) {
+  const Shape shape{37, 5};
+  ParamState a(shape, DType::kF32, true, 0.1, 1200), b(shape, DType::kF32, true, 0.1, 1200);
+  Owned am(shape, DType::kBF16), av(shape, DType::kBF16), bm(shape, DType::kBF16), bv(shape, DType::kBF16);
+  for (const Owned* m : {&am, &bm}) round_to_bf16(*m, a.m);
+  for (const Owned* v : {&av, &bv}) round_to_bf16(*v, a.v);
+  Owned gsq({1}, DType::kF32);
+  test::fill_normal(gsq, 1210, 0.1, 2.0);
+  for (int64_t step = 1; step <= 2; ++step) {
+    be.adamw(ctx, {.param = a.p, .m = am, .v = av, .grad = a.g, .grad_sq = gsq, .lr = 0.01, .weight_decay = 0.1,
+                   .max_norm = 1.0, .step = step, .param_bf16 = a.copy.t()});
+    AdamWEntry e = b.entry();
+    e.m = bm;
+    e.v = bv;
+    be.adamw_multi(ctx, {.entries = {e}, .grad_sq = gsq, .lr = 0.01, .max_norm = 1.0, .step = step});
+  }
+  EXPECT_EQ(bytes_of(a.p), bytes_of(b.p));
+  EXPECT_EQ(bytes_of(am), bytes_of(bm));
+  EXPECT_EQ(bytes_of(av), bytes_of(bv));
+  EXPECT_EQ(bytes_of(a.copy), bytes_of(b.copy));
+  ParamState fresh(shape, DType::kF32, false, 0.0, 1200);
+  EXPECT_NE(bytes_of(a.p), bytes_of(fresh.p));
+}
+
 TEST_F(AdamWMulti, EmptyListIsANoOp) {
   Owned gsq({1}, DType::kF32);
   be.adamw_multi(ctx, {.grad_sq = gsq, .max_norm = 1.0});
@@ -127,6 +226,24 @@ TEST_F(AdamWMulti, ErrorsNameTheEntryAndNothingIsUpdated) {
   e = b.entry();
   e.param_bf16 = copy32;
   expect_error([&] { call(e); }, {"[adamw_multi]", "entries[1].param_bf16", "bf16"});
+  // Moments: the param's dtype or bf16, both the same.
+  Owned m16({7}, DType::kBF16), v16({7}, DType::kBF16);
+  e = b.entry();
+  e.m = m16;
+  expect_error([&] { call(e); }, {"[adamw_multi]", "entries[1].v", "bf16", "one dtype"});
+  e = b.entry();
+  e.m = e.v = f64;
+  expect_error([&] { call(e); }, {"[adamw_multi]", "entries[1].m", "f64", "bf16"});
+  e = b.entry();
+  e.v = v16;
+  expect_error([&] { call(e); }, {"[adamw_multi]", "entries[1].v", "f32", "bf16"});
+  Owned m16_wrong({8}, DType::kBF16);
+  e = b.entry();
+  e.m = m16_wrong;
+  e.v = v16;
+  expect_error([&] { call(e); }, {"[adamw_multi]", "entries[1].m", "shape"});
+  expect_error([&] { be.adamw(ctx, {.param = b.p, .m = m16, .v = b.v, .grad = b.g, .grad_sq = gsq}); },
+               {"[adamw]", "v", "bf16"});
   expect_error([&] { call(b.entry(), 0); }, {"[adamw_multi]", "step"});
   Owned gsq_wrong({2}, f32);
   expect_error([&] { call(b.entry(), 1, 1.0, gsq_wrong); }, {"[adamw_multi]", "grad_sq"});

@@ -1,7 +1,7 @@
 // The memory plan (train/memory_plan.h) against what a real Model, AdamW and TokenBuffers allocate
 // on the CPU backend, byte for byte, for the micro configs and the tiny preset, both precision
-// modes, and several (world, EP, bucket) layouts at several ranks; the counts it reports against
-// the parameter list; the expert-parallel estimate's formula.
+// modes, both moment dtypes (optim.moment_dtype), and several (world, EP, bucket) layouts at several
+// ranks; the counts it reports against the parameter list; the expert-parallel estimate's formula.
 #include <gtest/gtest.h>
 
 #include "backend/cpu/cpu_backend.h"
@@ -39,9 +39,10 @@ class LocalExchange final : public ExpertExchange {
 };
 
 // Builds the real objects of `rank` and compares every exact line item with the allocation.
-void check_rank(const ModelConfig& cfg, Precision prec, const Layout& lay, int64_t rank, int64_t batch, int64_t seq) {
-  SCOPED_TRACE(fmt::format("precision {} world {} ep {} bucket {} rank {}", precision_name(prec), lay.world, lay.ep,
-                           lay.bucket_elems, rank));
+void check_rank(const ModelConfig& cfg, Precision prec, const Layout& lay, int64_t rank, int64_t batch, int64_t seq,
+                const std::string& moments = "f32") {
+  SCOPED_TRACE(fmt::format("precision {} moments {} world {} ep {} bucket {} rank {}", precision_name(prec), moments,
+                           lay.world, lay.ep, lay.bucket_elems, rank));
   CpuBackend be;
   LocalExchange ex(static_cast<int>(lay.ep), static_cast<int>(rank % lay.ep));
   const ModelOptions mo{.precision = prec,
@@ -53,7 +54,9 @@ void check_rank(const ModelConfig& cfg, Precision prec, const Layout& lay, int64
                         .expert_exchange = &ex};
   Model m(cfg, be, DType::kF32, mo);
   m.set_batch_shape(batch, seq);
-  AdamW opt(m, OptimConfig{}, OptimShard{.dense_rank = rank, .expert_rank = rank / lay.ep});
+  OptimConfig oc;
+  oc.moment_dtype = moments;
+  AdamW opt(m, oc, OptimShard{.dense_rank = rank, .expert_rank = rank / lay.ep});
   TokenBuffers tb(be, batch, seq);
   ASSERT_TRUE(m.params().allocated());
   size_t grads = 0;
@@ -64,7 +67,8 @@ void check_rank(const ModelConfig& cfg, Precision prec, const Layout& lay, int64
                      .precision = prec,
                      .micro_batch = batch,
                      .seq = seq,
-                     .bucket_elems = lay.bucket_elems};
+                     .bucket_elems = lay.bucket_elems,
+                     .moment_dtype = moments};
   const RankMemory p = plan_rank(cfg, run, rank);
   EXPECT_EQ(item(p, "compute_weights"), m.params().bytes());
   EXPECT_EQ(item(p, "gradients"), grads);
@@ -86,11 +90,14 @@ TEST(MemoryPlan, EqualsTheAllocatedArenasMicroConfigs) {
   const std::vector<Layout> diff_layouts = {{1, 1, 0}, {4, 1, 0}, {4, 2, 0}, {8, 4, 512}, {8, 8, 0}, {2, 2, 200}};
   const std::vector<Layout> plain_layouts = {{1, 1, 0}, {6, 3, 0}, {6, 6, 0}, {4, 2, 300}};
   for (const Precision prec : {Precision::kF32, Precision::kBF16}) {
-    for (const Layout& lay : diff_layouts)
-      for (const int64_t r : {int64_t{0}, lay.world / 2, lay.world - 1})
-        check_rank(test::micro_diff_config(), prec, lay, r, 2, 8);
-    for (const Layout& lay : plain_layouts)
-      for (const int64_t r : {int64_t{0}, lay.world - 1}) check_rank(test::micro_plain_config(), prec, lay, r, 3, 5);
+    for (const std::string moments : {"f32", "bf16"}) {
+      for (const Layout& lay : diff_layouts)
+        for (const int64_t r : {int64_t{0}, lay.world / 2, lay.world - 1})
+          check_rank(test::micro_diff_config(), prec, lay, r, 2, 8, moments);
+      for (const Layout& lay : plain_layouts)
+        for (const int64_t r : {int64_t{0}, lay.world - 1})
+          check_rank(test::micro_plain_config(), prec, lay, r, 3, 5, moments);
+    }
   }
 }
 
@@ -98,7 +105,7 @@ TEST(MemoryPlan, EqualsTheAllocatedArenasTinyPreset) {
   const ModelConfig cfg = load_model_config(test::repo_path("configs/tiny.yaml"));
   for (const Precision prec : {Precision::kF32, Precision::kBF16})
     for (const Layout& lay : std::vector<Layout>{{1, 1, 0}, {8, 4, 1 << 16}})
-      check_rank(cfg, prec, lay, lay.world - 1, 2, 32);
+      for (const std::string moments : {"f32", "bf16"}) check_rank(cfg, prec, lay, lay.world - 1, 2, 32, moments);
   // fp8 (no expert parallelism): the FP8 weight copies and scratch are activations, planned alike.
   for (const Layout& lay : std::vector<Layout>{{1, 1, 0}, {8, 1, 1 << 16}}) check_rank(cfg, Precision::kFP8, lay, lay.world - 1, 2, 32);
 }
@@ -140,6 +147,24 @@ TEST(MemoryPlan, CountsAgreeWithTheParameterList) {
   EXPECT_EQ(item(b, "optimizer_moments"), item(f, "optimizer_moments"));
   EXPECT_GT(item(b, "optimizer_masters"), 0u);
   EXPECT_LT(item(b, "activations"), item(f, "activations"));
+  // bf16 moments: 2 × 2 bytes per owned element (half of f32's, up to the 256-byte view padding);
+  // the masters, gradients and activations as before; the plan no longer offers them as a saving.
+  RunShape run16{.precision = Precision::kBF16, .seq = 64, .moment_dtype = "bf16"};
+  const RankMemory h = plan_rank(cfg, run16, 0);
+  const double half = static_cast<double>(item(b, "optimizer_moments")) / 2, pad = 2 * 8 * 256;  // ≤ 8 groups
+  EXPECT_NEAR(static_cast<double>(item(h, "optimizer_moments")), half, pad);
+  EXPECT_EQ(item(h, "optimizer_masters"), item(b, "optimizer_masters"));
+  EXPECT_EQ(item(h, "gradients"), item(b, "gradients"));
+  EXPECT_EQ(h.total_bytes() + item(b, "optimizer_moments") - item(h, "optimizer_moments"), b.total_bytes());
+  const auto offers_bf16_moments = [&](const RunShape& r) {
+    for (const MissingFeature& f : plan_memory(cfg, r).missing)
+      if (f.key == "bf16_moments") return true;
+    return false;
+  };
+  EXPECT_TRUE(offers_bf16_moments(RunShape{.precision = Precision::kBF16, .seq = 64}));
+  EXPECT_FALSE(offers_bf16_moments(run16));
+  run16.moment_dtype = "f16";
+  EXPECT_THROW(plan_rank(cfg, run16, 0), Error);
 }
 
 TEST(MemoryPlan, ExpertParallelDispatchEstimate) {

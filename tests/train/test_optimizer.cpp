@@ -1,5 +1,6 @@
 // AdamW over a whole model: which parameters decay, clipping by the GLOBAL norm, the bias update,
-// and an exact save/load round trip of the optimizer state.
+// and an exact save/load round trip of the optimizer state; bf16 moments (optim.moment_dtype):
+// stored and saved in bf16, round-tripped bitwise, and converted from and to f32 checkpoints.
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -7,6 +8,7 @@
 
 #include "backend/cpu/cpu_backend.h"
 #include "model/micro_config.h"
+#include "io/safetensors.h"
 #include "train/optimizer.h"
 #include "train/sharded_state.h"
 
@@ -158,6 +160,125 @@ TEST(AdamW, BiasUpdateFollowsTheCountsAndStateRoundTrips) {
   const Tensor b2 = m2.params().get(fmt::format("layers.{}.ffn.gate.bias", l));
   EXPECT_EQ(std::memcmp(b.data, b2.data, b.nbytes()), 0);
   std::filesystem::remove_all(dir);
+}
+
+// Random gradients for every trainable parameter, then one step.
+void step_with_random_grads(Model& m, AdamW& opt, uint64_t seed) {
+  m.zero_grads({});
+  m.zero_expert_counts({});
+  for (const ParamSpec& p : m.specs())
+    if (p.trainable()) test::fill_normal(m.grads().get(p.name), seed++, 0.3);
+  opt.step({}, 1e-2);
+}
+
+// Every moment element of `opt` as a double (f32, f64 or bf16 storage), by parameter name.
+std::map<std::string, std::vector<double>> moments_of(const AdamW& opt) {
+  std::map<std::string, std::vector<double>> out;
+  for (const AdamW::Piece& p : opt.pieces()) {
+    const std::string& name = opt.model().layout().entries()[p.entry].spec.name;
+    for (const auto& [view, tag] : {std::pair{&AdamW::moment1, "m."}, std::pair{&AdamW::moment2, "v."}}) {
+      const Tensor t = (opt.*view)(p);
+      std::vector<double>& v = out[tag + name];
+      for (int64_t i = 0; i < t.numel(); ++i)
+        v.push_back(t.dtype == DType::kBF16 ? bf16_to_f32(static_cast<const uint16_t*>(t.data)[i]) : test::get(t, i));
+    }
+  }
+  return out;
+}
+
+TEST(AdamW, Bf16MomentsSaveLoadAndConvert) {
+  namespace fs = std::filesystem;
+  CpuBackend be;
+  const auto make_model = [&] {
+    auto m = std::make_unique<Model>(test::micro_diff_config(), be, DType::kF32);
+    m->init_weights(1);
+    m->set_batch_shape(1, 4);
+    return m;
+  };
+  OptimConfig c32, c16;
+  c16.moment_dtype = "bf16";
+  const auto m32 = make_model(), m16 = make_model();
+  AdamW o32(*m32, c32), o16(*m16, c16);
+  EXPECT_EQ(o16.moment_dtype(), DType::kBF16);
+  EXPECT_EQ(o32.moment_dtype(), DType::kF32);
+  EXPECT_EQ(o16.moment1(o16.pieces().front()).dtype, DType::kBF16);
+  EXPECT_LT(o16.state_bytes(), o32.state_bytes());
+  for (uint64_t s = 0; s < 2; ++s) {
+    step_with_random_grads(*m32, o32, 10 + 100 * s);
+    step_with_random_grads(*m16, o16, 10 + 100 * s);
+  }
+  const auto v32 = moments_of(o32), v16 = moments_of(o16);
+  int64_t nonzero = 0, differ = 0;
+  for (const auto& [name, v] : v32)
+    for (size_t i = 0; i < v.size(); ++i) {
+      nonzero += v[i] != 0.0 ? 1 : 0;
+      differ += v[i] != v16.at(name)[i] ? 1 : 0;  // the bf16 run's moments are rounded
+    }
+  EXPECT_GT(nonzero, 1000);
+  EXPECT_GT(differ, 0);
+
+  const fs::path root = fs::temp_directory_path() / "diffmoe_bf16_moments";
+  fs::remove_all(root);
+  const auto save = [&](const AdamW& o, const std::string& name) {
+    fs::create_directories(root / name);
+    write_state_shard(o, (root / name / shard_file_name(0, 1)).string(), 0, 1, /*with_buffers=*/true);
+    return (root / name).string();
+  };
+  const std::string dir32 = save(o32, "f32"), dir16 = save(o16, "bf16");
+  // The shard keeps the moments' dtype: bf16 "m/..." and "v/..." tensors, f32 masters.
+  const SafetensorsFile f = SafetensorsFile::open((fs::path(dir16) / shard_file_name(0, 1)).string());
+  int64_t bf16_moments = 0;
+  for (const std::string& n : f.names()) {
+    if (n.rfind("m/", 0) == 0 || n.rfind("v/", 0) == 0) {
+      EXPECT_EQ(f.get(n).dtype, DType::kBF16) << n;
+      ++bf16_moments;
+    } else if (n.rfind("master/", 0) == 0) {
+      EXPECT_EQ(f.get(n).dtype, DType::kF32) << n;
+    }
+  }
+  EXPECT_EQ(bf16_moments, 2 * static_cast<int64_t>(o16.pieces().size()));
+  EXPECT_EQ(StateReader(dir16).moment_dtype(), DType::kBF16);
+  EXPECT_EQ(StateReader(dir32).moment_dtype(), DType::kF32);
+
+  // Into fresh optimizers: bf16 -> bf16 bitwise, f32 -> bf16 rounded to nearest even, bf16 -> f32 exact.
+  const auto load = [&](const std::string& dir, const OptimConfig& c, std::optional<std::string>* notice) {
+    auto m = make_model();
+    auto o = std::make_unique<AdamW>(*m, c);
+    const StateReader reader(dir);
+    *notice = moment_dtype_change(*o, reader);
+    load_state(*o, reader, {});
+    return std::pair{std::move(m), std::move(o)};
+  };
+  std::optional<std::string> notice;
+  {
+    const auto [m, o] = load(dir16, c16, &notice);
+    EXPECT_FALSE(notice.has_value());
+    for (const AdamW::Piece& p : o16.pieces()) {
+      const AdamW::Piece& q = piece_of(*o, m16->layout().entries()[p.entry].spec.name);
+      for (auto view : {&AdamW::master, &AdamW::moment1, &AdamW::moment2}) {
+        const Tensor a = (o16.*view)(p), b = ((*o).*view)(q);
+        ASSERT_EQ(a.nbytes(), b.nbytes());
+        EXPECT_EQ(std::memcmp(a.data, b.data, a.nbytes()), 0) << m16->layout().entries()[p.entry].spec.name;
+      }
+    }
+  }
+  {
+    const auto [m, o] = load(dir32, c16, &notice);
+    ASSERT_TRUE(notice.has_value());
+    for (const char* part : {"f32", "bf16", "optim.moment_dtype", "rounded to nearest even"})
+      EXPECT_NE(notice->find(part), std::string::npos) << *notice;
+    const auto got = moments_of(*o);
+    for (const auto& [name, v] : v32)
+      for (size_t i = 0; i < v.size(); ++i)
+        ASSERT_EQ(got.at(name)[i], bf16_to_f32(f32_to_bf16(static_cast<float>(v[i])))) << name << "[" << i << "]";
+  }
+  {
+    const auto [m, o] = load(dir16, c32, &notice);
+    ASSERT_TRUE(notice.has_value());
+    EXPECT_NE(notice->find("exact"), std::string::npos) << *notice;
+    EXPECT_EQ(moments_of(*o), v16);
+  }
+  fs::remove_all(root);
 }
 
 }  // namespace

@@ -37,6 +37,8 @@ TEST(RunConfig, DefaultsAreResolvedAndRecorded) {
   EXPECT_EQ(rc.resolved["train"]["grad_accum"], 1);
   EXPECT_EQ(rc.resolved["model"]["embed_scale"], 4.0);  // √dim
   EXPECT_EQ(rc.resolved["train"]["recompute"], "none");
+  EXPECT_EQ(rc.optim.moment_dtype, "f32");
+  EXPECT_EQ(rc.resolved["optim"]["moment_dtype"], "f32");
 }
 
 TEST(RunConfig, ErrorsNameFileAndDottedKey) {
@@ -68,6 +70,13 @@ TEST(RunConfig, ErrorsNameFileAndDottedKey) {
   d = doc();
   d["train"]["recompute"] = "full";
   EXPECT_EQ(run_config_from_json(d, "run.yaml").train.recompute, "full");
+  d = doc();
+  d["optim"]["moment_dtype"] = "f16";
+  EXPECT_NE(error_of(d).find("run.yaml: optim.moment_dtype: expected f32 or bf16, got 'f16'"), std::string::npos)
+      << error_of(d);
+  d = doc();
+  d["optim"]["moment_dtype"] = "bf16";
+  EXPECT_EQ(run_config_from_json(d, "run.yaml").optim.moment_dtype, "bf16");
   d = doc();
   d["model"]["dimm"] = 3;
   EXPECT_NE(error_of(d).find("model.dimm: unknown key"), std::string::npos) << error_of(d);

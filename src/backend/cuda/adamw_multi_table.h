@@ -1,5 +1,6 @@
 // The device table of CudaBackend::adamw_multi (op_args.h AdamWMultiArgs; methods in optim_ops.cu):
-// one row per non-empty entry (pointers, size, weight decay, whether it moves as float4) and a flat
+// one row per non-empty entry (pointers, size, weight decay, whether it moves in vectors of four, the
+// moments' dtype) and a flat
 // list of work items (row, chunk of kAdamWChunk elements) that the one launch's blocks walk.
 //
 // The optimizer passes the same arena views at every step, so the table is built on the host each
@@ -29,14 +30,14 @@ class AdamWMultiTable {
  public:
   struct Row {               // one non-empty entry; fields ordered so that there is no padding
     float* p;
-    float* m;
-    float* v;
+    void* m;                 // float, or __nv_bfloat16 where bf16_moments
+    void* v;
     const float* grad;
     void* p16;               // the bf16 copy (__nv_bfloat16), or null
     int64_t n;               // elements
     double weight_decay;
-    int32_t vec4;            // 1: p, m, v, grad 16-byte aligned and p16 8-byte aligned
-    int32_t pad;             // 0: rows are compared bytewise
+    int32_t vec4;            // 1: p, grad 16-byte aligned, m, v aligned to four moments, p16 8-byte aligned
+    int32_t bf16_moments;    // 1: m and v are bf16 (AdamWArgs), 0: f32
   };
   static_assert(sizeof(Row) == 5 * sizeof(void*) + 2 * 8 + 2 * 4, "Row has no hidden padding");
   struct Item {              // elements [chunk·kAdamWChunk, min(n, (chunk + 1)·kAdamWChunk)) of row
@@ -54,7 +55,8 @@ class AdamWMultiTable {
   AdamWMultiTable(const AdamWMultiTable&) = delete;
   AdamWMultiTable& operator=(const AdamWMultiTable&) = delete;
 
-  // The table of `entries` (validated f32 tensors) on the device, uploaded on s first if it changed.
+  // The table of `entries` (validated f32 tensors, moments f32 or bf16) on the device, uploaded on s
+  // first if it changed.
   // n_items = 0 (nothing uploaded, the cached table kept) when every entry is empty.
   View prepare(const std::vector<AdamWEntry>& entries, cudaStream_t s);
   // After the launch that reads the table, on its stream: the next upload waits for it.
