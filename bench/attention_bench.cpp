@@ -72,8 +72,19 @@ int bench_attention(CudaBackend& be) {
     be.attention_fwd({}, {.out = out, .o2 = o2, .lse = lse, .q = q, .k = k, .v = v, .lambda = lam, .scale = scale});
   };
   const auto bwd = [&] {
-    be.attention_bwd({}, {.dq = dq, .dk = dk, .dv = dvv, .dlambda = dlam, .dout = dout, .q = q, .k = k, .v = v,
-                          .out = out, .o2 = o2, .lse = lse, .lambda = lam, .scale = scale});
+    be.attention_bwd({}, {.dq = dq,
+                          .dk = dk,
+                          .dv = dvv,
+                          .dlambda = dlam,
+                          .dout = dout,
+                          .q = q,
+                          .k = k,
+                          .v = v,
+                          .out = out,
+                          .o2 = o2,
+                          .lse = lse,
+                          .lambda = lam,
+                          .scale = scale});
   };
   const auto run = [&](AttnKernel kernel, int reps, GemmPrecision precision, bool bf16_qkv) {
     be.set_attention_kernel(kernel);
@@ -84,7 +95,8 @@ int bench_attention(CudaBackend& be) {
     Result r;
     r.fwd_ms = median_ms(reps, fwd);
     r.bwd_ms = median_ms(reps, bwd);  // reads this kernel's forward outputs
-    for (const char* name : {"out", "o2", "lse", "dq", "dk", "dv", "dlambda"}) r.values.push_back(device_values(be, t(name)));
+    for (const char* name : {"out", "o2", "lse", "dq", "dk", "dv", "dlambda"})
+      r.values.push_back(device_values(be, t(name)));
     return r;
   };
   const Result simple = run(AttnKernel::kSimple, 3, GemmPrecision::kF32, false);

@@ -94,8 +94,11 @@ void bench_elementwise(Backend& be) {
   fill_pattern(be, t("topk_idx"), seed++, 1.0, static_cast<int32_t>(E));
   fill_pattern(be, t("targets"), seed++, 1.0, static_cast<int32_t>(V));
   be.fill({}, {.out = t("valid"), .value = static_cast<double>(R)});
-  be.moe_permute({}, {.offsets = t("offsets"), .src_row = t("src_row"), .slot_pos = t("slot_pos"),
-                     .topk_idx = t("topk_idx"), .n_experts = E});
+  be.moe_permute({}, {.offsets = t("offsets"),
+                      .src_row = t("src_row"),
+                      .slot_pos = t("slot_pos"),
+                      .topk_idx = t("topk_idx"),
+                      .n_experts = E});
   be.synchronize({});
 
   const double f32 = 4.0, bf16 = 2.0, tok = static_cast<double>(N * D), perm = static_cast<double>(NK * D);
@@ -105,7 +108,9 @@ void bench_elementwise(Backend& be) {
   const double q_rope = static_cast<double>(N * H * dr) * f32 * 2, kva_rope = static_cast<double>(N * dr) * f32 * 2;
   constexpr int kReps = 20;
   std::vector<Row> rows;
-  const auto time = [&](const std::string& op, double bytes, auto&& fn) { rows.push_back({op, median_ms(kReps, fn), bytes}); };
+  const auto time = [&](const std::string& op, double bytes, auto&& fn) {
+    rows.push_back({op, median_ms(kReps, fn), bytes});
+  };
   time("copy (f32 [N, D], the ceiling)", 2 * tok * f32, [&] { be.copy({}, {.dst = t("y"), .src = t("x")}); });
   time("moe_gather (bf16 x_perm)", perm * (f32 + bf16),
        [&] { be.moe_gather({}, {.x_perm = t("perm_bf16"), .x = t("x"), .src_row = t("src_row")}); });
@@ -115,38 +120,70 @@ void bench_elementwise(Backend& be) {
     be.moe_combine_fwd({}, {.y = t("y"), .y_perm = t("perm_f32"), .topk_w = t("topk_w"), .slot_pos = t("slot_pos")});
   });
   time("moe_combine_bwd (bf16 dy_perm)", perm * (f32 + bf16) + tok * f32, [&] {
-    be.moe_combine_bwd({}, {.dy_perm = t("perm_bf16"), .dtopk_w = t("dtopk_w"), .dy = t("x"), .y_perm = t("perm_f32"),
-                           .topk_w = t("topk_w"), .slot_pos = t("slot_pos")});
+    be.moe_combine_bwd({}, {.dy_perm = t("perm_bf16"),
+                            .dtopk_w = t("dtopk_w"),
+                            .dy = t("x"),
+                            .y_perm = t("perm_f32"),
+                            .topk_w = t("topk_w"),
+                            .slot_pos = t("slot_pos")});
   });
   time("swiglu_fwd experts (bf16 h)", exp_n * (2 * f32 + bf16),
        [&] { be.swiglu_fwd({}, {.h = t("eh"), .a = t("ea"), .b = t("eb")}); });
-  time("swiglu_bwd experts (bf16 da, db)", exp_n * (3 * f32 + 2 * bf16), [&] {
-    be.swiglu_bwd({}, {.da = t("eda"), .db = t("edb"), .dh = t("edh"), .a = t("ea"), .b = t("eb")});
-  });
+  time("swiglu_bwd experts (bf16 da, db)", exp_n * (3 * f32 + 2 * bf16),
+       [&] { be.swiglu_bwd({}, {.da = t("eda"), .db = t("edb"), .dh = t("edh"), .a = t("ea"), .b = t("eb")}); });
   time("mla_kv_split_fwd", kv_bytes + static_cast<double>(N * dr) * f32 + k_bytes + v_bytes, [&] {
-    be.mla_kv_split_fwd({}, {.k = t("k"), .v = t("v"), .kv = t("kv"), .kr = t("kva"), .n_heads = H, .d_nope = dn,
-                            .d_rope = dr, .d_v = dv, .kr_stride = rkv + dr, .kr_offset = rkv});
+    be.mla_kv_split_fwd({}, {.k = t("k"),
+                             .v = t("v"),
+                             .kv = t("kv"),
+                             .kr = t("kva"),
+                             .n_heads = H,
+                             .d_nope = dn,
+                             .d_rope = dr,
+                             .d_v = dv,
+                             .kr_stride = rkv + dr,
+                             .kr_offset = rkv});
   });
   time("mla_kv_split_bwd", k_bytes + v_bytes + kv_bytes + static_cast<double>(N * dr) * f32, [&] {
-    be.mla_kv_split_bwd({}, {.dkv = t("kv"), .dkr = t("kva"), .dk = t("k"), .dv = t("v"), .n_heads = H, .d_nope = dn,
-                            .d_rope = dr, .d_v = dv, .kr_stride = rkv + dr, .kr_offset = rkv});
+    be.mla_kv_split_bwd({}, {.dkv = t("kv"),
+                             .dkr = t("kva"),
+                             .dk = t("k"),
+                             .dv = t("v"),
+                             .n_heads = H,
+                             .d_nope = dn,
+                             .d_rope = dr,
+                             .d_v = dv,
+                             .kr_stride = rkv + dr,
+                             .kr_offset = rkv});
   });
   time("rope q (16 heads)", q_rope, [&] {
-    be.rope({}, {.x = t("q"), .cos = t("cos"), .sin = t("sin"), .n_heads = H, .head_stride = dqk, .col_offset = dn,
-                .rope_dim = dr, .seq_len = 2048});
+    be.rope({}, {.x = t("q"),
+                 .cos = t("cos"),
+                 .sin = t("sin"),
+                 .n_heads = H,
+                 .head_stride = dqk,
+                 .col_offset = dn,
+                 .rope_dim = dr,
+                 .seq_len = 2048});
   });
   time("rope kv (1 head)", kva_rope, [&] {
-    be.rope({}, {.x = t("kva"), .cos = t("cos"), .sin = t("sin"), .n_heads = 1, .head_stride = rkv + dr,
-                .col_offset = rkv, .rope_dim = dr, .seq_len = 2048});
+    be.rope({}, {.x = t("kva"),
+                 .cos = t("cos"),
+                 .sin = t("sin"),
+                 .n_heads = 1,
+                 .head_stride = rkv + dr,
+                 .col_offset = rkv,
+                 .rope_dim = dr,
+                 .seq_len = 2048});
   });
   const double ce = static_cast<double>(R * V);
   time("cross_entropy_fwd (4096 rows)", ce * f32, [&] {
-    be.cross_entropy_fwd({}, {.loss_sum = t("loss"), .valid = t("valid"), .logits = t("logits"), .targets = t("targets")});
+    be.cross_entropy_fwd({},
+                         {.loss_sum = t("loss"), .valid = t("valid"), .logits = t("logits"), .targets = t("targets")});
   });
   be.fill({}, {.out = t("valid"), .value = static_cast<double>(R)});
   time("cross_entropy_bwd (4096 rows, bf16)", ce * (f32 + bf16), [&] {
-    be.cross_entropy_bwd({}, {.dlogits = t("dlogits"), .logits = t("logits"), .targets = t("targets"),
-                             .valid = t("valid")});
+    be.cross_entropy_bwd(
+        {}, {.dlogits = t("dlogits"), .logits = t("logits"), .targets = t("targets"), .valid = t("valid")});
   });
   be.synchronize({});  // reports any device-side index issue
 

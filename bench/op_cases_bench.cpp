@@ -11,8 +11,8 @@
 // synchronisation costs are spread over the batch; the median over --reps samples is printed.
 // Inputs are the table's seeded non-zero values; outputs that accumulate keep accumulating over the
 // repetitions (the time does not depend on the values). Exit 2 (naming why) when the backend cannot start.
-#include <CLI/CLI.hpp>
 #include <fmt/core.h>
+#include <CLI/CLI.hpp>
 
 #include <algorithm>
 #include <chrono>

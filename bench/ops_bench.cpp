@@ -3,8 +3,8 @@
 // attention: the attention kernels' forward and backward times, and their results against each
 // other (exit 1 when those differ beyond the bounds written in attention_bench.cpp); elementwise:
 // the memory-bound ops' times and bandwidths. Needs a GPU (exit 2, naming why, without one).
-#include <CLI/CLI.hpp>
 #include <fmt/core.h>
+#include <CLI/CLI.hpp>
 
 #include <memory>
 #include <string>
@@ -16,7 +16,8 @@
 int main(int argc, char** argv) {
   CLI::App app{"CUDA op benchmarks at the bench preset's shapes"};
   std::string which = "all";
-  app.add_option("--case", which, "attention, elementwise or all")->check(CLI::IsMember({"attention", "elementwise", "all"}));
+  app.add_option("--case", which, "attention, elementwise or all")
+      ->check(CLI::IsMember({"attention", "elementwise", "all"}));
   CLI11_PARSE(app, argc, argv);
   try {
     const std::unique_ptr<diffmoe::Backend> be = diffmoe::make_backend("cuda");

@@ -14,8 +14,8 @@
 // plans is printed on its own line, to set against the step time of --recompute none.
 // --moment-dtype: the AdamW moments' storage with --optim (optim.moment_dtype; docs/training.md).
 // CPU threads: OMP_NUM_THREADS / OPENBLAS_NUM_THREADS as usual.
-#include <CLI/CLI.hpp>
 #include <fmt/core.h>
+#include <CLI/CLI.hpp>
 
 #include <algorithm>
 #include <chrono>
@@ -24,10 +24,10 @@
 #include "backend/backend_registry.h"
 #include "backend/cuda/op_profiler.h"
 #include "core/rng.h"
-#include "model/model.h"
-#include "model/parameters.h"
 #include "dist/process_grid.h"
 #include "dist/single_rank_communicator.h"
+#include "model/model.h"
+#include "model/parameters.h"
 #include "train/data_parallel.h"
 #include "train/memory_plan.h"
 #include "train/optimizer.h"
@@ -50,8 +50,9 @@ int main(int argc, char** argv) {
   app.add_flag("--data-parallel", data_parallel,
                "run the step through the trainer's distributed path with one rank (DataParallel: bucket notices, "
                "gradient finish, global norm and counts, weight gather); needs --optim");
-  app.add_option("--precision", precision,
-                 "f32, bf16_gemm (cuda: GEMMs with bf16 inputs, f32 accumulation) or fp8 (cuda: bf16_gemm plus FP8 Linears)")
+  app.add_option(
+         "--precision", precision,
+         "f32, bf16_gemm (cuda: GEMMs with bf16 inputs, f32 accumulation) or fp8 (cuda: bf16_gemm plus FP8 Linears)")
       ->check(CLI::IsMember({"f32", "bf16", "bf16_gemm", "fp8"}));
   app.add_option("--recompute", recompute, "activation recompute: none, attention, moe or full (train.recompute)")
       ->check(CLI::IsMember({"none", "attention", "moe", "full"}));
@@ -130,8 +131,9 @@ int main(int argc, char** argv) {
     };
     be->synchronize({});
     for (; warm < warmup || (be->tuning() && warm < warmup + kMaxTuningSteps); ++warm) run_step();
-    if (warm > warmup) fmt::print("warm-up: {} steps ({} more while the GEMM algorithms were timed{})\n", warm,
-                                  warm - warmup, be->tuning() ? "; still not settled" : "");
+    if (warm > warmup)
+      fmt::print("warm-up: {} steps ({} more while the GEMM algorithms were timed{})\n", warm, warm - warmup,
+                 be->tuning() ? "; still not settled" : "");
     if (profiler != nullptr) profiler->reset_profile();
     for (int s = 0; s < steps; ++s) {
       const auto [dt, de] = run_step();
@@ -149,29 +151,32 @@ int main(int argc, char** argv) {
     const double copies = static_cast<double>(copies_b);
     size_t grad_b = 0;
     for (size_t g = 0; g < m.layout().groups().size(); ++g) grad_b += m.grads().buffers().group_arena(g).bytes();
-    const double bytes = static_cast<double>(m.params().bytes() + grad_b + m.acts().bytes() + (opt ? opt->state_bytes() : 0));
+    const double bytes =
+        static_cast<double>(m.params().bytes() + grad_b + m.acts().bytes() + (opt ? opt->state_bytes() : 0));
     constexpr double kGiB = 1024.0 * 1024 * 1024;
-    fmt::print("config {}  device {}  precision {}  recompute {}  batch {}  seq {}  tokens/step {}{}{}\n", config, device,
-               precision, recompute, batch, seq, batch * seq, dp ? "  (through DataParallel, world 1)" : "",
+    fmt::print("config {}  device {}  precision {}  recompute {}  batch {}  seq {}  tokens/step {}{}{}\n", config,
+               device, precision, recompute, batch, seq, batch * seq, dp ? "  (through DataParallel, world 1)" : "",
                opt ? "  moments " + moment_dtype : std::string());
-    fmt::print("{} step: median {:.4f} s (min {:.4f}, max {:.4f}, {} steps)  ->  {:.0f} tokens/s, MFU {:.2f}% ({:.4f} GFLOP/token), "
-               "arenas {:.2f} GiB (bf16 weight copies {:.2f} GiB of it; backend scratch not counted)  (loss {:.4f})\n",
-               opt ? "fwd+bwd+adamw" : "fwd+bwd", med, times.front(), times.back(), times.size(), tps, 100.0 * tps * flops / 989e12,
-               flops / 1e9, bytes / kGiB, copies / kGiB, l.lm_loss);
+    fmt::print(
+        "{} step: median {:.4f} s (min {:.4f}, max {:.4f}, {} steps)  ->  {:.0f} tokens/s, MFU {:.2f}% ({:.4f} "
+        "GFLOP/token), "
+        "arenas {:.2f} GiB (bf16 weight copies {:.2f} GiB of it; backend scratch not counted)  (loss {:.4f})\n",
+        opt ? "fwd+bwd+adamw" : "fwd+bwd", med, times.front(), times.back(), times.size(), tps,
+        100.0 * tps * flops / 989e12, flops / 1e9, bytes / kGiB, copies / kGiB, l.lm_loss);
     fmt::print("activation arena (recompute {}): {:.2f} GiB of the arenas\n", recompute,
                static_cast<double>(m.acts().bytes()) / kGiB);
     // The same arenas as `diffmoe plan` plans them (train/memory_plan.h), without allocating.
-    const RankMemory planned = plan_rank(
-        cfg,
-        RunShape{.precision = parse_precision(precision, "--precision"),
-                 .micro_batch = batch,
-                 .seq = seq,
-                 .recompute = recompute,
-                 .moment_dtype = moment_dtype},
-        0);
+    const RankMemory planned = plan_rank(cfg,
+                                         RunShape{.precision = parse_precision(precision, "--precision"),
+                                                  .micro_batch = batch,
+                                                  .seq = seq,
+                                                  .recompute = recompute,
+                                                  .moment_dtype = moment_dtype},
+                                         0);
     uint64_t planned_b = 0;
     for (const MemoryItem& it : planned.items)
-      if (!it.estimate && it.key != "token_buffers" && (opt || (it.key != "optimizer_masters" && it.key != "optimizer_moments")))
+      if (!it.estimate && it.key != "token_buffers" &&
+          (opt || (it.key != "optimizer_masters" && it.key != "optimizer_moments")))
         planned_b += it.bytes;
     fmt::print("arenas: measured {} bytes, planned by diffmoe plan {} bytes ({:.2f} GiB)\n",
                static_cast<uint64_t>(bytes), planned_b, static_cast<double>(planned_b) / kGiB);

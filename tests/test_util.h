@@ -42,8 +42,14 @@ class Owned {
   }
   const Tensor& t() const { return t_; }
   operator const Tensor&() const { return t_; }  // NOLINT: pass straight into op args
-  template <class T> T* ptr() const { return t_.ptr<T>(); }
-  template <class T> T& at(int64_t i) const { return t_.ptr<T>()[i]; }
+  template <class T>
+  T* ptr() const {
+    return t_.ptr<T>();
+  }
+  template <class T>
+  T& at(int64_t i) const {
+    return t_.ptr<T>()[i];
+  }
   int64_t numel() const { return t_.numel(); }
 
  private:
@@ -63,7 +69,8 @@ inline void fill_normal(const Tensor& t, uint64_t seed, double std = 1.0, double
 // Fills an i32 tensor with uniform integers in [lo, hi).
 inline void fill_int(const Tensor& t, uint64_t seed, int32_t lo, int32_t hi) {
   for (int64_t i = 0; i < t.numel(); ++i)
-    t.ptr<int32_t>()[i] = lo + static_cast<int32_t>(uniform_at(seed, 0x1d, static_cast<uint64_t>(i)) * (hi - lo - 1e-9));
+    t.ptr<int32_t>()[i] =
+        lo + static_cast<int32_t>(uniform_at(seed, 0x1d, static_cast<uint64_t>(i)) * (hi - lo - 1e-9));
 }
 
 inline double get(const Tensor& t, int64_t i) {

@@ -66,26 +66,56 @@ namespace {
 // tests/model/micro_config.h's micro_diff_config(): differential attention, q compression, YaRN,
 // sigmoid router with groups and bias, aux loss.
 ModelConfig micro_diff_config() {
-  nlohmann::ordered_json j = {
-      {"vocab_size", 23}, {"dim", 16}, {"n_layers", 3}, {"n_dense_layers", 1}, {"n_heads", 4},
-      {"q_lora_rank", 8}, {"kv_lora_rank", 6}, {"qk_nope_head_dim", 3}, {"qk_rope_head_dim", 4},
-      {"v_head_dim", 3}, {"inter_dim", 20}, {"moe_inter_dim", 6}, {"n_routed_experts", 8},
-      {"n_shared_experts", 1}, {"n_activated_experts", 2}, {"n_expert_groups", 4}, {"n_limited_groups", 2},
-      {"route_scale", 1.5}, {"aux_loss_alpha", 0.05}, {"max_seq_len", 8}, {"original_seq_len", 4},
-      {"rope_factor", 2.0}};
+  nlohmann::ordered_json j = {{"vocab_size", 23},
+                              {"dim", 16},
+                              {"n_layers", 3},
+                              {"n_dense_layers", 1},
+                              {"n_heads", 4},
+                              {"q_lora_rank", 8},
+                              {"kv_lora_rank", 6},
+                              {"qk_nope_head_dim", 3},
+                              {"qk_rope_head_dim", 4},
+                              {"v_head_dim", 3},
+                              {"inter_dim", 20},
+                              {"moe_inter_dim", 6},
+                              {"n_routed_experts", 8},
+                              {"n_shared_experts", 1},
+                              {"n_activated_experts", 2},
+                              {"n_expert_groups", 4},
+                              {"n_limited_groups", 2},
+                              {"route_scale", 1.5},
+                              {"aux_loss_alpha", 0.05},
+                              {"max_seq_len", 8},
+                              {"original_seq_len", 4},
+                              {"rope_factor", 2.0}};
   return ModelConfig::from_json(j, "micro_diff");
 }
 
 // tests/model/micro_config.h's micro_plain_config(): plain MLA, no q compression, no YaRN, softmax
 // router without groups or bias, tied embeddings, no shared experts.
 ModelConfig micro_plain_config() {
-  nlohmann::ordered_json j = {
-      {"vocab_size", 19}, {"dim", 12}, {"n_layers", 2}, {"n_dense_layers", 1}, {"n_heads", 3},
-      {"q_lora_rank", 0}, {"kv_lora_rank", 5}, {"qk_nope_head_dim", 4}, {"qk_rope_head_dim", 2},
-      {"v_head_dim", 4}, {"inter_dim", 14}, {"moe_inter_dim", 5}, {"n_routed_experts", 6},
-      {"n_shared_experts", 0}, {"n_activated_experts", 3}, {"score_func", "softmax"},
-      {"balance_bias", false}, {"aux_loss_alpha", 0.02}, {"max_seq_len", 8}, {"differential", false},
-      {"tie_embeddings", true}, {"embed_scale", 1.0}};
+  nlohmann::ordered_json j = {{"vocab_size", 19},
+                              {"dim", 12},
+                              {"n_layers", 2},
+                              {"n_dense_layers", 1},
+                              {"n_heads", 3},
+                              {"q_lora_rank", 0},
+                              {"kv_lora_rank", 5},
+                              {"qk_nope_head_dim", 4},
+                              {"qk_rope_head_dim", 2},
+                              {"v_head_dim", 4},
+                              {"inter_dim", 14},
+                              {"moe_inter_dim", 5},
+                              {"n_routed_experts", 6},
+                              {"n_shared_experts", 0},
+                              {"n_activated_experts", 3},
+                              {"score_func", "softmax"},
+                              {"balance_bias", false},
+                              {"aux_loss_alpha", 0.02},
+                              {"max_seq_len", 8},
+                              {"differential", false},
+                              {"tie_embeddings", true},
+                              {"embed_scale", 1.0}};
   return ModelConfig::from_json(j, "micro_plain");
 }
 
@@ -93,7 +123,7 @@ struct Case {
   std::string name;
   ModelConfig cfg;
   int64_t batch, seq;
-  bool randomize;  // O(1) test weights (micro) instead of the spec initialisation (presets)
+  bool randomize;            // O(1) test weights (micro) instead of the spec initialisation (presets)
   std::string weights = {};  // a trained model .safetensors to load instead (--weights)
 };
 
@@ -123,7 +153,8 @@ void randomize(Model& m, uint64_t seed, AdamW* opt = nullptr) {
   for (const ParamSpec& p : m.specs()) {
     const ParamLayout::Entry& e = *m.layout().find(p.name);
     std::vector<double> v(static_cast<size_t>(e.shape.numel()));
-    for (size_t i = 0; i < v.size(); ++i) v[i] = random_value(p, m.config(), seed, e.global_offset + static_cast<int64_t>(i));
+    for (size_t i = 0; i < v.size(); ++i)
+      v[i] = random_value(p, m.config(), seed, e.global_offset + static_cast<int64_t>(i));
     m.set_param(p.name, v);
   }
   if (opt != nullptr)
@@ -171,7 +202,8 @@ Inputs make_inputs(Backend& be, const Case& c, uint64_t seed) {
   std::vector<int32_t> tok(static_cast<size_t>(n)), tgt(static_cast<size_t>(n));
   for (int64_t i = 0; i < n; ++i) {
     tok[static_cast<size_t>(i)] = static_cast<int32_t>(uniform_at(seed, 1, static_cast<uint64_t>(i)) * (V - 1e-9));
-    tgt[static_cast<size_t>(i)] = i % 11 == 5 ? -1 : static_cast<int32_t>(uniform_at(seed, 2, static_cast<uint64_t>(i)) * (V - 1e-9));
+    tgt[static_cast<size_t>(i)] =
+        i % 11 == 5 ? -1 : static_cast<int32_t>(uniform_at(seed, 2, static_cast<uint64_t>(i)) * (V - 1e-9));
   }
   in.tokens = in.arena.get("tokens");
   in.targets = in.arena.get("targets");
@@ -223,7 +255,8 @@ int check_case(const Case& c, Backend& cpu, Backend& gpu, double tol, bool verbo
     b = run(gpu, c, seed, bf16 ? Precision::kBF16 : Precision::kF32);
     routing_failures = 0;
     for (int64_t l = c.cfg.n_dense_layers; l < c.cfg.n_layers; ++l) {
-      const Tensor ia = a->acts().get(fmt::format("act.{}.ffn.topk_idx", l)), ib = b->acts().get(fmt::format("act.{}.ffn.topk_idx", l));
+      const Tensor ia = a->acts().get(fmt::format("act.{}.ffn.topk_idx", l)),
+                   ib = b->acts().get(fmt::format("act.{}.ffn.topk_idx", l));
       const std::vector<int32_t> ra = download<int32_t>(cpu, ia), rb = download<int32_t>(gpu, ib);
       int64_t differ = 0;
       for (size_t i = 0; i < ra.size(); ++i) differ += ra[i] != rb[i] ? 1 : 0;
@@ -245,7 +278,8 @@ int check_case(const Case& c, Backend& cpu, Backend& gpu, double tol, bool verbo
   auto report = [&](const std::string& what, double err, double ref, double limit) {
     const bool bad = !(err <= limit);  // NaN fails
     failures += bad ? 1 : 0;
-    if (verbose || bad) std::printf("  %-44s %12.5g  rel err %.3e%s\n", what.c_str(), ref, err, bad ? "  <-- FAIL" : "");
+    if (verbose || bad)
+      std::printf("  %-44s %12.5g  rel err %.3e%s\n", what.c_str(), ref, err, bad ? "  <-- FAIL" : "");
   };
   const LossValues la = a->losses(), lb = b->losses();
   std::printf("  loss (cpu / cuda): lm %.9g / %.9g, aux %.9g / %.9g, valid %lld / %lld\n", la.lm_loss, lb.lm_loss,
@@ -388,8 +422,8 @@ int check_recompute(const Case& c, Backend& be, bool bf16, bool verbose) {
         worst_name = e.spec.name;
       }
       if (verbose || fail)
-        std::printf("  recompute %-9s %-44s rel err %.3e (none vs none: %s)%s\n", name.c_str(), e.spec.name.c_str(), err,
-                    bn == ba ? "bitwise" : fmt::format("{:.3e}", noise).c_str(), fail ? "  <-- FAIL" : "");
+        std::printf("  recompute %-9s %-44s rel err %.3e (none vs none: %s)%s\n", name.c_str(), e.spec.name.c_str(),
+                    err, bn == ba ? "bitwise" : fmt::format("{:.3e}", noise).c_str(), fail ? "  <-- FAIL" : "");
     }
     std::printf("  recompute %-9s forward %s; %d of %d gradients bitwise those of none, worst rel err %.3e (%s)%s\n",
                 name.c_str(), fwd_differ == 0 ? "bitwise" : "DIFFERS", bitwise, total, worst, worst_name.c_str(),
@@ -471,10 +505,12 @@ int main_impl(int argc, char** argv) {
     else if (arg == "--batch" && i + 1 < argc) tiny_batch = std::atoll(argv[++i]);
     else if (arg == "--seq" && i + 1 < argc) tiny_seq = std::atoll(argv[++i]);
     else {
-      std::fprintf(stderr, "usage: cuda_model_check [--tiny configs/tiny.yaml] [--tol 1e-4] [--against cuda|cpu] [--verbose] [--time STEPS]\n"
-                           "                        [--no-recompute]\n"
-                           "                        [--precision f32|bf16_gemm]\n"
-                           "                        [--weights trained.safetensors --batch B --seq T]  (the preset case)\n");
+      std::fprintf(stderr,
+                   "usage: cuda_model_check [--tiny configs/tiny.yaml] [--tol 1e-4] [--against cuda|cpu] [--verbose] "
+                   "[--time STEPS]\n"
+                   "                        [--no-recompute]\n"
+                   "                        [--precision f32|bf16_gemm]\n"
+                   "                        [--weights trained.safetensors --batch B --seq T]  (the preset case)\n");
       return 2;
     }
   }
@@ -492,12 +528,13 @@ int main_impl(int argc, char** argv) {
   }
   std::unique_ptr<Backend> cpu = make_backend("cpu");
   std::unique_ptr<Backend> gpu = make_backend(against);
-  std::printf("cuda_model_check: %s on the %s side, gradient tolerance %.2g\n", precision.c_str(), against.c_str(), tol);
+  std::printf("cuda_model_check: %s on the %s side, gradient tolerance %.2g\n", precision.c_str(), against.c_str(),
+              tol);
   const std::vector<Case> cases = {
       {"micro_diff", micro_diff_config(), 3, 8, true},
       {"micro_plain", micro_plain_config(), 2, 7, true},
-      {"tiny (" + tiny_path + (weights.empty() ? "" : ", weights " + weights) + ")", load_model_config(tiny_path), tiny_batch, tiny_seq,
-       false, weights},
+      {"tiny (" + tiny_path + (weights.empty() ? "" : ", weights " + weights) + ")", load_model_config(tiny_path),
+       tiny_batch, tiny_seq, false, weights},
   };
   int failures = 0;
   for (const Case& c : cases) {
@@ -514,9 +551,11 @@ int main_impl(int argc, char** argv) {
                               lg = training_losses(*gpu, c, kSeed, 3, Precision::kBF16);
     const double descent = lc.front() - lc.back(), off = std::fabs(lg.back() - lc.back());
     const bool steps_bad = !(descent > 1e-3 * std::fabs(lc.front()) && off <= 0.1 * descent);
-    std::printf("== %s, 3 AdamW steps: lm loss cpu %.6f -> %.6f, bf16 mode %.6f -> %.6f (off by %.2e, %.0f%% of the "
-                "descent)%s\n", c.name.c_str(), lc.front(), lc.back(), lg.front(), lg.back(), off,
-                100.0 * off / std::max(descent, 1e-30), steps_bad ? "  <-- FAIL" : "");
+    std::printf(
+        "== %s, 3 AdamW steps: lm loss cpu %.6f -> %.6f, bf16 mode %.6f -> %.6f (off by %.2e, %.0f%% of the "
+        "descent)%s\n",
+        c.name.c_str(), lc.front(), lc.back(), lg.front(), lg.back(), off, 100.0 * off / std::max(descent, 1e-30),
+        steps_bad ? "  <-- FAIL" : "");
     failures += steps_bad ? 1 : 0;
   }
   if (time_steps > 0) {
@@ -524,9 +563,11 @@ int main_impl(int argc, char** argv) {
     const double cpu_ms = median_step_ms(*cpu, c, time_steps, Precision::kF32),
                  gpu_ms = median_step_ms(*gpu, c, time_steps, bf16 ? Precision::kBF16 : Precision::kF32);
     const double tokens = static_cast<double>(c.batch * c.seq);
-    std::printf("\ntiming, %s, %lld tokens, median of %d forward+backward steps: cpu %.1f ms (%.0f tokens/s), %s %.1f "
-                "ms (%.0f tokens/s)\n", c.name.c_str(), static_cast<long long>(c.batch * c.seq), time_steps, cpu_ms,
-                1e3 * tokens / cpu_ms, against.c_str(), gpu_ms, 1e3 * tokens / gpu_ms);
+    std::printf(
+        "\ntiming, %s, %lld tokens, median of %d forward+backward steps: cpu %.1f ms (%.0f tokens/s), %s %.1f "
+        "ms (%.0f tokens/s)\n",
+        c.name.c_str(), static_cast<long long>(c.batch * c.seq), time_steps, cpu_ms, 1e3 * tokens / cpu_ms,
+        against.c_str(), gpu_ms, 1e3 * tokens / gpu_ms);
   }
   std::printf("\ncuda_model_check: %s (%d check%s over %.0e)\n", failures == 0 ? "PASS" : "FAIL", failures,
               failures == 1 ? "" : "s", tol);

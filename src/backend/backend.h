@@ -32,8 +32,8 @@ class Backend {
   virtual Allocator& allocator() = 0;
 
   // Host <-> backend memory (blocking; not for the hot path).
-  virtual void upload(const Tensor& dst, const void* src) = 0;   // dst.nbytes() bytes
-  virtual void download(void* dst, const Tensor& src) = 0;       // src.nbytes() bytes
+  virtual void upload(const Tensor& dst, const void* src) = 0;  // dst.nbytes() bytes
+  virtual void download(void* dst, const Tensor& src) = 0;      // src.nbytes() bytes
   virtual void synchronize(Context ctx) = 0;
 
   // GEMM arithmetic of this backend (GemmPrecision, default kF32). The model plans its bf16

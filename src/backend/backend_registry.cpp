@@ -35,19 +35,21 @@ std::unique_ptr<Backend> make_backend(std::string_view name) {
   if (name.rfind("cuda:", 0) == 0) {  // "cuda:N": device N (one process per GPU, LOCAL_RANK)
     int device = -1;
     const auto [ptr, ec] = std::from_chars(name.data() + 5, name.data() + name.size(), device);
-    DIFFMOE_CHECK(ec == std::errc() && ptr == name.data() + name.size() && device >= 0, "[backend] '{}': expected cuda:<device index>",
-                  name);
+    DIFFMOE_CHECK(ec == std::errc() && ptr == name.data() + name.size() && device >= 0,
+                  "[backend] '{}': expected cuda:<device index>", name);
 #ifdef DIFFMOE_HAVE_CUDA
     return make_cuda_backend(device);
 #else
-    DIFFMOE_FAIL("[backend] 'cuda' was not built into this binary (configure with -DDIFFMOE_CUDA=ON where nvcc exists)");
+    DIFFMOE_FAIL(
+        "[backend] 'cuda' was not built into this binary (configure with -DDIFFMOE_CUDA=ON where nvcc exists)");
 #endif
   }
   if (name == "cuda") {
 #ifdef DIFFMOE_HAVE_CUDA
     return make_cuda_backend();
 #else
-    DIFFMOE_FAIL("[backend] 'cuda' was not built into this binary (configure with -DDIFFMOE_CUDA=ON where nvcc exists)");
+    DIFFMOE_FAIL(
+        "[backend] 'cuda' was not built into this binary (configure with -DDIFFMOE_CUDA=ON where nvcc exists)");
 #endif
   }
   DIFFMOE_FAIL("[backend] unknown backend '{}' (expected 'cpu' or 'cuda')", name);

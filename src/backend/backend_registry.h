@@ -9,8 +9,9 @@
 
 namespace diffmoe {
 
-// "cpu", "cuda" (the current device) or "cuda:N" (device N, made current). Throws "[backend] 'cuda' was not built into this binary" when absent, and the
-// backend's own error when it cannot start (e.g. "[cuda] no usable CUDA device: ...").
+// "cpu", "cuda" (the current device) or "cuda:N" (device N, made current). Throws "[backend] 'cuda' was not built into
+// this binary" when absent, and the backend's own error when it cannot start (e.g. "[cuda] no usable CUDA device:
+// ...").
 std::unique_ptr<Backend> make_backend(std::string_view name);
 
 // Whether `name` was built into this binary (it may still be unusable on this machine).

@@ -25,23 +25,52 @@
 namespace diffmoe {
 
 // ---------------------------------------------------------------- basic tensor ops
-struct FillArgs { Tensor out; double value = 0.0; };
-struct CopyArgs { Tensor dst; Tensor src; };                    // same numel; converts dtypes
-struct AxpyArgs { Tensor y; Tensor x; double alpha = 1.0; };    // y += alpha * x (same shape)
-struct ScaleArgs { Tensor y; double alpha = 1.0; };             // y *= alpha
+struct FillArgs {
+  Tensor out;
+  double value = 0.0;
+};
+struct CopyArgs {
+  Tensor dst;
+  Tensor src;
+};  // same numel; converts dtypes
+struct AxpyArgs {
+  Tensor y;
+  Tensor x;
+  double alpha = 1.0;
+};  // y += alpha * x (same shape)
+struct ScaleArgs {
+  Tensor y;
+  double alpha = 1.0;
+};  // y *= alpha
 // out[0] += sum(x²) over all elements. out: [1], accumulates so one call per tensor builds a norm.
-struct SumSquaresArgs { Tensor out; Tensor x; };
+struct SumSquaresArgs {
+  Tensor out;
+  Tensor x;
+};
 // count[0] = the number of NaN and ±inf elements of x (overwritten): the finite check of weights
 // and optimizer state before a checkpoint is written (one call over an arena's flat view).
 // count: [1] i64, device-resident so that enqueueing it needs no host sync; x: a float tensor
 // (CPU: f32, f64 or bf16; CUDA: f32 or bf16).
-struct CountNonfiniteArgs { Tensor count; Tensor x; };
+struct CountNonfiniteArgs {
+  Tensor count;
+  Tensor x;
+};
 
 // ---------------------------------------------------------------- embedding (docs/model.md §1)
 // out[n, :] = scale · table[tokens[n], :]            out [N,D], tokens [N] i32, table [V,D]
-struct EmbeddingFwdArgs { Tensor out; Tensor tokens; Tensor table; double scale = 1.0; };
+struct EmbeddingFwdArgs {
+  Tensor out;
+  Tensor tokens;
+  Tensor table;
+  double scale = 1.0;
+};
 // dtable[tokens[n], :] += scale · dout[n, :]
-struct EmbeddingBwdArgs { Tensor dtable; Tensor tokens; Tensor dout; double scale = 1.0; };
+struct EmbeddingBwdArgs {
+  Tensor dtable;
+  Tensor tokens;
+  Tensor dout;
+  double scale = 1.0;
+};
 
 // ---------------------------------------------------------------- RMSNorm (docs/derivations.md App. A)
 // Rows of width `width` read at x + n·x_stride, written at y + n·y_stride (stride 0 = width), so a
@@ -49,7 +78,10 @@ struct EmbeddingBwdArgs { Tensor dtable; Tensor tokens; Tensor dout; double scal
 // y = out_scale · x · r ⊙ w,   r = (mean(x²) + eps)^-1/2 saved in rstd [N].
 // y may be bf16 (rounded once: an activation only GEMMs read).
 struct RmsNormFwdArgs {
-  Tensor y; Tensor rstd; Tensor x; Tensor w;
+  Tensor y;
+  Tensor rstd;
+  Tensor x;
+  Tensor w;
   int64_t rows = 0, width = 0, x_stride = 0, y_stride = 0;
   double eps = 1e-6, out_scale = 1.0;
   // Optional, with an f32 y: [rows, width] bf16 (contiguous) receives y rounded once as well: the
@@ -59,7 +91,12 @@ struct RmsNormFwdArgs {
 // dx = r·(g − x̂·mean(g⊙x̂)), g = out_scale·dy⊙w;  dw += Σ_rows out_scale·dy⊙x̂.
 // dx rows use x_stride; dy rows use y_stride. dx is overwritten unless dx_accumulate.
 struct RmsNormBwdArgs {
-  Tensor dx; Tensor dw; Tensor dy; Tensor x; Tensor w; Tensor rstd;
+  Tensor dx;
+  Tensor dw;
+  Tensor dy;
+  Tensor x;
+  Tensor w;
+  Tensor rstd;
   int64_t rows = 0, width = 0, x_stride = 0, y_stride = 0;
   double out_scale = 1.0;
   bool dx_accumulate = false;
@@ -82,7 +119,9 @@ struct RmsNormBwdArgs {
 // not with f32_exact): the f32 result rounded once, for activations only element-wise ops read.
 // f32_exact: f32 arithmetic on f32 operands even in the bf16 mode (the router's z = u Eᵀ, docs/model.md §5).
 struct GemmArgs {
-  Tensor c; Tensor a; Tensor b;
+  Tensor c;
+  Tensor a;
+  Tensor b;
   bool trans_a = false, trans_b = false;
   double alpha = 1.0, beta = 0.0;
   bool f32_exact = false;
@@ -101,10 +140,14 @@ struct GemmArgs {
 // both terms summed in f32, then rounded once (docs/model.md §7; the expert activations that only
 // element-wise ops read).
 struct GroupedGemmArgs {
-  Tensor c; Tensor a; Tensor b; Tensor offsets;
+  Tensor c;
+  Tensor a;
+  Tensor b;
+  Tensor offsets;
   bool trans_b = true;
   double alpha = 1.0, beta = 0.0;
-  Tensor a2 = {}; Tensor b2 = {};
+  Tensor a2 = {};
+  Tensor b2 = {};
 };
 // Weight gradient of a grouped GEMM ("k-grouped"): for each group g,
 //   C[g] = alpha · A[rows_g]ᵀ · B[rows_g] + beta · C[g]
@@ -115,7 +158,10 @@ struct GroupedGemmArgs {
 // stacks' share from here: the GPU kernel squares the values it is about to store, so the norm no
 // longer reads the expert gradients (most of the model's bytes) a second time.
 struct GroupedGemmWgradArgs {
-  Tensor c; Tensor a; Tensor b; Tensor offsets;
+  Tensor c;
+  Tensor a;
+  Tensor b;
+  Tensor offsets;
   double alpha = 1.0, beta = 1.0;
   Tensor sum_sq = {};
 };
@@ -148,8 +194,10 @@ constexpr int64_t fp8_block_scale_cols(int64_t k) { return (fp8_tiles(k) + 3) / 
 // Either pair may be empty (not both); given both, one pass over x writes both, and each is quantised
 // from x itself, never from the other copy (docs/model.md §7).
 struct ActQuantArgs {
-  Tensor q = {}; Tensor scale = {};
-  Tensor q_t = {}; Tensor scale_t = {};
+  Tensor q = {};
+  Tensor scale = {};
+  Tensor q_t = {};
+  Tensor scale_t = {};
   Tensor x;
   bool ue8m0 = false;
 };
@@ -158,14 +206,20 @@ struct ActQuantArgs {
 //   q_t [K, N] e4m3, scale_t [ceil(K/128), fp8_block_scale_cols(N)]   (Wᵀ: Dgrad's B)
 // A block's amax does not depend on its orientation, so q_t = qᵀ and scale_t = scaleᵀ bit for bit.
 struct WeightQuantArgs {
-  Tensor q = {}; Tensor scale = {};
-  Tensor q_t = {}; Tensor scale_t = {};
+  Tensor q = {};
+  Tensor scale = {};
+  Tensor q_t = {};
+  Tensor scale_t = {};
   Tensor w;
   bool ue8m0 = false;
 };
 // weight_dequant: w [N, K] = q[n, k] · scale[n/128, k/128], one f32 product per element, rounded to
 // w's dtype (f32 or bf16; the CPU also f64, where the product is exact). q, scale as weight_quant's.
-struct WeightDequantArgs { Tensor w; Tensor q; Tensor scale; };
+struct WeightDequantArgs {
+  Tensor w;
+  Tensor q;
+  Tensor scale;
+};
 
 // fp8_gemm: C = alpha · Â·B̂ᵀ + beta · addend, Â and B̂ the dequantised values (q·s) of
 //   A [M, K] e4m3, 1×128 tiles along K:  a_scale [ceil(K/128), M]
@@ -185,8 +239,10 @@ struct WeightDequantArgs { Tensor w; Tensor q; Tensor scale; };
 enum class Fp8Scaling : uint8_t { kTile1x128, kBlock128x128 };
 struct Fp8GemmArgs {
   Tensor c;
-  Tensor a; Tensor a_scale;
-  Tensor b; Tensor b_scale;
+  Tensor a;
+  Tensor a_scale;
+  Tensor b;
+  Tensor b_scale;
   Fp8Scaling b_scaling = Fp8Scaling::kBlock128x128;
   double alpha = 1.0, beta = 0.0;
   Tensor addend = {};
@@ -202,7 +258,9 @@ struct Fp8GemmArgs {
 // are then unused): the packed rows of a serving step, each sequence at its own position. Each
 // position must be in [0, max_pos).
 struct RopeArgs {
-  Tensor x; Tensor cos; Tensor sin;
+  Tensor x;
+  Tensor cos;
+  Tensor sin;
   int64_t n_heads = 1, head_stride = 0, col_offset = 0, rope_dim = 0, seq_len = 0, pos_offset = 0;
   bool inverse = false;
   Tensor positions = {};
@@ -217,7 +275,10 @@ struct RopeArgs {
 // attention's operands, AttentionFwdArgs): each value moved, or rounded once from f32. kr is the
 // op's float type.
 struct MlaKvSplitFwdArgs {
-  Tensor k; Tensor v; Tensor kv; Tensor kr;
+  Tensor k;
+  Tensor v;
+  Tensor kv;
+  Tensor kr;
   int64_t n_heads = 0, d_nope = 0, d_rope = 0, d_v = 0, kr_stride = 0, kr_offset = 0;
 };
 // Backward: dkv overwritten from dk, dv; dkr[n] = Σ_h dk[n, h, d_nope:] (docs/derivations.md §2.5, summed over
@@ -225,17 +286,34 @@ struct MlaKvSplitFwdArgs {
 // (overwritten there; other columns untouched). dk and dv may be bf16, both or neither (the
 // attention's bf16 gradients), and dkv too (read only by W_kvb's backward GEMMs); dkr is never bf16.
 struct MlaKvSplitBwdArgs {
-  Tensor dkv; Tensor dkr; Tensor dk; Tensor dv;
+  Tensor dkv;
+  Tensor dkr;
+  Tensor dk;
+  Tensor dv;
   int64_t n_heads = 0, d_nope = 0, d_rope = 0, d_v = 0, kr_stride = 0, kr_offset = 0;
 };
 
 // ---------------------------------------------------------------- differential λ (docs/model.md §2)
 // lambda[0] = exp(λ_q1·λ_k1) − exp(λ_q2·λ_k2) + lambda_init.  Vectors [d_qk], lambda [1].
-struct DiffLambdaFwdArgs { Tensor lambda; Tensor lq1; Tensor lk1; Tensor lq2; Tensor lk2; double lambda_init = 0.0; };
+struct DiffLambdaFwdArgs {
+  Tensor lambda;
+  Tensor lq1;
+  Tensor lk1;
+  Tensor lq2;
+  Tensor lk2;
+  double lambda_init = 0.0;
+};
 // dλ_q1 += dλ·e1·λ_k1, dλ_k1 += dλ·e1·λ_q1, dλ_q2 += −dλ·e2·λ_k2, dλ_k2 += −dλ·e2·λ_q2 (docs/derivations.md §1.4)
 struct DiffLambdaBwdArgs {
-  Tensor dlq1; Tensor dlk1; Tensor dlq2; Tensor dlk2; Tensor dlambda;
-  Tensor lq1; Tensor lk1; Tensor lq2; Tensor lk2;
+  Tensor dlq1;
+  Tensor dlk1;
+  Tensor dlq2;
+  Tensor dlk2;
+  Tensor dlambda;
+  Tensor lq1;
+  Tensor lk1;
+  Tensor lq2;
+  Tensor lk2;
 };
 
 // ---------------------------------------------------------------- causal attention (docs/model.md §2)
@@ -250,8 +328,13 @@ struct DiffLambdaBwdArgs {
 // the CUDA tensor-core kernels (bf16 mode, shapes they cover) read them in place and round f32 q, k,
 // v (and P, dS, dout) to bf16 themselves, so their results are the f32 op's within the bf16 bound.
 struct AttentionFwdArgs {
-  Tensor out; Tensor o2; Tensor lse;
-  Tensor q; Tensor k; Tensor v; Tensor lambda;
+  Tensor out;
+  Tensor o2;
+  Tensor lse;
+  Tensor q;
+  Tensor k;
+  Tensor v;
+  Tensor lambda;
   double scale = 1.0;
   bool differential = true;
 };
@@ -260,8 +343,18 @@ struct AttentionFwdArgs {
 // may be bf16 where q, k, v are (each rounded once: dq feeds W_q's GEMMs after RoPE, dk and dv the
 // split's backward); dout and the rest have out's float type.
 struct AttentionBwdArgs {
-  Tensor dq; Tensor dk; Tensor dv; Tensor dlambda;
-  Tensor dout; Tensor q; Tensor k; Tensor v; Tensor out; Tensor o2; Tensor lse; Tensor lambda;
+  Tensor dq;
+  Tensor dk;
+  Tensor dv;
+  Tensor dlambda;
+  Tensor dout;
+  Tensor q;
+  Tensor k;
+  Tensor v;
+  Tensor out;
+  Tensor o2;
+  Tensor lse;
+  Tensor lambda;
   double scale = 1.0;
   bool differential = true;
 };
@@ -284,7 +377,10 @@ struct AttentionBwdArgs {
 // The caller up-projects: o_j = out_h W^UVᵀ_j with h = j (plain) or j/2 (differential).
 struct LatentAttentionArgs {
   Tensor out;
-  Tensor q_lat; Tensor q_rope; Tensor cache; Tensor lambda;
+  Tensor q_lat;
+  Tensor q_rope;
+  Tensor cache;
+  Tensor lambda;
   int64_t kv_len = 0, q_rope_offset = 0;
   double scale = 1.0;
   bool differential = true;
@@ -298,7 +394,11 @@ struct LatentAttentionArgs {
 //
 // paged_cache_write: cache[slots[n] / block_size, slots[n] % block_size, :] = rows[n, :]
 //   cache [n_blocks, block_size, W], rows [N, W], slots [N] i32 (distinct, in [0, n_blocks·block_size))
-struct PagedCacheWriteArgs { Tensor cache; Tensor rows; Tensor slots; };
+struct PagedCacheWriteArgs {
+  Tensor cache;
+  Tensor rows;
+  Tensor slots;
+};
 
 // paged_latent_attention: LatentAttentionArgs over a paged cache and a packed batch of B sequences
 // with different lengths and different numbers of new query rows (decode steps beside prefill chunks).
@@ -322,8 +422,13 @@ struct PagedCacheWriteArgs { Tensor cache; Tensor rows; Tensor slots; };
 // backend's checks (op_validation.h). A sequence with n_b = 0 is skipped.
 struct PagedLatentAttentionArgs {
   Tensor out;
-  Tensor q_lat; Tensor q_rope; Tensor cache; Tensor lambda;
-  Tensor block_table; Tensor kv_lens; Tensor q_offsets;
+  Tensor q_lat;
+  Tensor q_rope;
+  Tensor cache;
+  Tensor lambda;
+  Tensor block_table;
+  Tensor kv_lens;
+  Tensor q_offsets;
   int64_t q_rope_offset = 0;
   double scale = 1.0;
   bool differential = true;
@@ -333,9 +438,19 @@ struct PagedLatentAttentionArgs {
 // h = silu(a) ⊙ b, all [N, I]. a and b (and dh) share one dtype: f32, or bf16 (the expert GEMMs'
 // outputs in the bf16 mode), which makes the outputs bf16 too; with f32 inputs h, and in the
 // backward da and db (one dtype), may be bf16 (rounded once; they feed the expert GEMMs).
-struct SwigluFwdArgs { Tensor h; Tensor a; Tensor b; };
+struct SwigluFwdArgs {
+  Tensor h;
+  Tensor a;
+  Tensor b;
+};
 // da = dh ⊙ b ⊙ silu'(a), db = dh ⊙ silu(a) (overwritten).
-struct SwigluBwdArgs { Tensor da; Tensor db; Tensor dh; Tensor a; Tensor b; };
+struct SwigluBwdArgs {
+  Tensor da;
+  Tensor db;
+  Tensor dh;
+  Tensor a;
+  Tensor b;
+};
 
 // ---------------------------------------------------------------- MoE routing (docs/model.md §5)
 enum class ScoreFunc : uint8_t { kSigmoid, kSoftmax };
@@ -349,20 +464,41 @@ struct RouterOptions {
 // by descending selection score, ties to the lower index); topk_w [N,K] = s[idx] (renormalised for
 // sigmoid) · route_scale. counts [E] (i32) += number of tokens routed to each expert.
 struct RouterFwdArgs {
-  Tensor scores; Tensor topk_idx; Tensor topk_w; Tensor counts;
-  Tensor logits; Tensor bias;
+  Tensor scores;
+  Tensor topk_idx;
+  Tensor topk_w;
+  Tensor counts;
+  Tensor logits;
+  Tensor bias;
   RouterOptions opt;
 };
 // dlogits [N,E] overwritten from dtopk_w [N,K] (docs/derivations.md §4.4; no gradient through selection).
 struct RouterBwdArgs {
-  Tensor dlogits; Tensor dtopk_w; Tensor scores; Tensor topk_idx; Tensor topk_w;
+  Tensor dlogits;
+  Tensor dtopk_w;
+  Tensor scores;
+  Tensor topk_idx;
+  Tensor topk_w;
   RouterOptions opt;
 };
 // Sequence-wise aux loss (docs/derivations.md §4.6): scores [B·T, E] (unbiased s); loss[0] += alpha · mean over
 // the B sequences of Σ_i f_i P_i. f uses the plain top_k of s (no bias, no groups).
-struct AuxLossFwdArgs { Tensor loss; Tensor scores; int64_t seq_len = 0, top_k = 1; double alpha = 0.0; ScoreFunc score_func = ScoreFunc::kSigmoid; };
+struct AuxLossFwdArgs {
+  Tensor loss;
+  Tensor scores;
+  int64_t seq_len = 0, top_k = 1;
+  double alpha = 0.0;
+  ScoreFunc score_func = ScoreFunc::kSigmoid;
+};
 // dlogits [N,E] += dloss · ∂L/∂z, dloss a host scale (the loss is a plain sum into the total).
-struct AuxLossBwdArgs { Tensor dlogits; Tensor scores; int64_t seq_len = 0, top_k = 1; double alpha = 0.0; double dloss = 1.0; ScoreFunc score_func = ScoreFunc::kSigmoid; };
+struct AuxLossBwdArgs {
+  Tensor dlogits;
+  Tensor scores;
+  int64_t seq_len = 0, top_k = 1;
+  double alpha = 0.0;
+  double dloss = 1.0;
+  ScoreFunc score_func = ScoreFunc::kSigmoid;
+};
 
 // Routing plan: sorts the N·K (token, slot) assignments by expert, stable in (token, slot) order.
 //   offsets [E+1] i32: rows of expert e are offsets[e] .. offsets[e+1]
@@ -370,20 +506,46 @@ struct AuxLossBwdArgs { Tensor dlogits; Tensor scores; int64_t seq_len = 0, top_
 // A slot whose topk_idx is -1 is unused (expert parallelism: the token's rows that another rank
 // computes, EpDispatchPlanArgs): it gets no row and slot_pos -1; offsets[E] counts the used slots, and
 // src_row needs room for them only (rows past them are left untouched).
-struct MoePermuteArgs { Tensor offsets; Tensor src_row; Tensor slot_pos; Tensor topk_idx; int64_t n_experts = 0; };
+struct MoePermuteArgs {
+  Tensor offsets;
+  Tensor src_row;
+  Tensor slot_pos;
+  Tensor topk_idx;
+  int64_t n_experts = 0;
+};
 // x_perm[r] = x[src_row[r]]   x: [N,D], x_perm: [R, D] with R = src_row's length (typically N·K)
-struct MoeGatherArgs { Tensor x_perm; Tensor x; Tensor src_row; };
+struct MoeGatherArgs {
+  Tensor x_perm;
+  Tensor x;
+  Tensor src_row;
+};
 // dx[n] += Σ_k dx_perm[slot_pos[n,k]] over the slots with slot_pos >= 0 (accumulates: dx already
 // holds the shared expert's dx). slot_pos [N, S] for any S (expert parallelism also gathers rows per
 // (token, rank) pair with it).
-struct MoeGatherBwdArgs { Tensor dx; Tensor dx_perm; Tensor slot_pos; };
+struct MoeGatherBwdArgs {
+  Tensor dx;
+  Tensor dx_perm;
+  Tensor slot_pos;
+};
 // y[n] += Σ_k topk_w[n,k] · y_perm[slot_pos[n,k]] over the slots with slot_pos >= 0
 // (y already holds the shared expert's output)
-struct MoeCombineFwdArgs { Tensor y; Tensor y_perm; Tensor topk_w; Tensor slot_pos; };
+struct MoeCombineFwdArgs {
+  Tensor y;
+  Tensor y_perm;
+  Tensor topk_w;
+  Tensor slot_pos;
+};
 // dy_perm[slot_pos[n,k]] = topk_w[n,k]·dy[n];  dtopk_w[n,k] = ⟨dy[n], y_perm[slot_pos[n,k]]⟩ (overwritten),
 // and dtopk_w[n,k] = 0 for an unused slot (slot_pos -1).
 // (dy_perm may be bf16 for f32 dy; it feeds only the bf16 expert GEMMs)
-struct MoeCombineBwdArgs { Tensor dy_perm; Tensor dtopk_w; Tensor dy; Tensor y_perm; Tensor topk_w; Tensor slot_pos; };
+struct MoeCombineBwdArgs {
+  Tensor dy_perm;
+  Tensor dtopk_w;
+  Tensor dy;
+  Tensor y_perm;
+  Tensor topk_w;
+  Tensor slot_pos;
+};
 // Expert-parallel dispatch plan (docs/model.md §12): ranks P, each holding E_l = E/P consecutive experts
 // (rank r: [r·E_l, (r+1)·E_l)). A token is sent once to every rank holding one of its experts: the
 // pairs (n, r) with some slot k whose expert topk_idx[n,k] is on r, numbered in (r, n) order.
@@ -397,21 +559,41 @@ struct MoeCombineBwdArgs { Tensor dy_perm; Tensor dtopk_w; Tensor dy; Tensor y_p
 // topk_idx [N, K], topk_w [N, K]. The rank receiving pair i runs its experts on it with
 // (pair_idx, pair_w) as the token's routing (moe_permute's unused slots), and returns one row per pair.
 struct EpDispatchPlanArgs {
-  Tensor counts; Tensor pair_token; Tensor pair_of; Tensor pair_idx; Tensor pair_w;
-  Tensor topk_idx; Tensor topk_w;
+  Tensor counts;
+  Tensor pair_token;
+  Tensor pair_of;
+  Tensor pair_idx;
+  Tensor pair_w;
+  Tensor topk_idx;
+  Tensor topk_w;
   int64_t ranks = 1, local_experts = 1;
 };
 // Bias update once per optimizer step (docs/model.md §5): b_i += rate · sign(mean(counts) − counts_i).
-struct MoeBiasUpdateArgs { Tensor bias; Tensor counts; double rate = 1e-3; };
+struct MoeBiasUpdateArgs {
+  Tensor bias;
+  Tensor counts;
+  double rate = 1e-3;
+};
 
 // ---------------------------------------------------------------- loss
 // Cross-entropy over the vocabulary: logits [N,V], targets [N] i32 (−1 = ignore). logits may be bf16
 // (the head's GEMM output in the bf16 mode; then loss_sum and valid are f32).
 // loss_sum[0] += Σ_valid (logsumexp − logit[target]);  valid[0] += number of targets ≠ −1.
-struct CrossEntropyFwdArgs { Tensor loss_sum; Tensor valid; Tensor logits; Tensor targets; };
+struct CrossEntropyFwdArgs {
+  Tensor loss_sum;
+  Tensor valid;
+  Tensor logits;
+  Tensor targets;
+};
 // dlogits = grad_scale · (softmax(logits) − onehot(target)) / valid[0]; rows with target −1 get 0.
 // dlogits may be bf16 (rounded once; it feeds only the head's GEMMs).
-struct CrossEntropyBwdArgs { Tensor dlogits; Tensor logits; Tensor targets; Tensor valid; double grad_scale = 1.0; };
+struct CrossEntropyBwdArgs {
+  Tensor dlogits;
+  Tensor logits;
+  Tensor targets;
+  Tensor valid;
+  double grad_scale = 1.0;
+};
 
 // ---------------------------------------------------------------- optimizer
 // AdamW (decoupled weight decay), one tensor. step is 1-based (bias correction).
@@ -426,7 +608,11 @@ struct CrossEntropyBwdArgs { Tensor dlogits; Tensor logits; Tensor targets; Tens
 // the param update uses the unrounded new m and v, so it is the same as with moments m, v of the
 // param's dtype holding the same values.
 struct AdamWArgs {
-  Tensor param; Tensor m; Tensor v; Tensor grad; Tensor grad_sq;
+  Tensor param;
+  Tensor m;
+  Tensor v;
+  Tensor grad;
+  Tensor grad_sq;
   double lr = 1e-3, beta1 = 0.9, beta2 = 0.95, eps = 1e-8, weight_decay = 0.0, max_norm = 0.0;
   int64_t step = 1;
   Tensor param_bf16 = {};
@@ -440,7 +626,10 @@ struct AdamWArgs {
 // (CUDA: one launch for all entries; the backend caches the list's device table and uploads it again
 // only when the list changes — keep one AdamWMultiArgs and refresh it, as AdamW (train) does.)
 struct AdamWEntry {
-  Tensor param; Tensor m; Tensor v; Tensor grad;
+  Tensor param;
+  Tensor m;
+  Tensor v;
+  Tensor grad;
   Tensor param_bf16 = {};  // optional bf16 copy of the updated param (AdamWArgs::param_bf16)
   double weight_decay = 0.0;
 };

@@ -37,8 +37,8 @@ void check_rows(const Tensor& t, DType dtype, int64_t rows, int64_t width, int64
   check_dtype(t, dtype, op, name);
   DIFFMOE_CHECK(stride >= width, "[{}] {}: row stride {} is smaller than width {}", op, name, stride, width);
   const int64_t needed = rows == 0 ? 0 : (rows - 1) * stride + width;
-  DIFFMOE_CHECK(t.numel() >= needed, "[{}] {}: {} rows of width {} at stride {} need {} elements, {} has {}", op,
-                name, rows, width, stride, needed, t.describe(), t.numel());
+  DIFFMOE_CHECK(t.numel() >= needed, "[{}] {}: {} rows of width {} at stride {} need {} elements, {} has {}", op, name,
+                rows, width, stride, needed, t.describe(), t.numel());
 }
 
 void check_norm_sizes(int64_t rows, int64_t width, std::string_view op) {
@@ -60,7 +60,9 @@ void check_matrix(const Tensor& t, DType dtype, int rank, Device dev, std::strin
 // and writes them (the CPU through f32 buffers, cpu/bf16_staging.h); f64 calls (finite-difference
 // checks) take no bf16 tensors: bf16 stands in for f32 storage only.
 bool bf16_allowed(DType in) { return in == DType::kF32; }
-DType output_dtype(const Tensor& t, DType in) { return bf16_allowed(in) && t.dtype == DType::kBF16 ? DType::kBF16 : in; }
+DType output_dtype(const Tensor& t, DType in) {
+  return bf16_allowed(in) && t.dtype == DType::kBF16 ? DType::kBF16 : in;
+}
 // The op's float type read off an input that may be bf16: f32 for bf16.
 DType float_type_of(const Tensor& t) { return t.dtype == DType::kBF16 ? DType::kF32 : t.dtype; }
 
@@ -101,8 +103,8 @@ KvSplitDims check_kv_split(std::string_view op, const Tensor& k, const Tensor& v
   d.d_qk = d_nope + d_rope;
   d.kr_stride = kr_stride == 0 ? d_rope : kr_stride;  // stride 0 = a dense [N, d_rope] buffer
   DIFFMOE_CHECK(kv.rank() == 2 && kv.dim(1) == n_heads * (d_nope + d_v),
-                "[{}] {} must be [N, n_heads·(d_nope + d_v)] = [N, {}], got {}", op, names[2],
-                n_heads * (d_nope + d_v), kv.describe());
+                "[{}] {} must be [N, n_heads·(d_nope + d_v)] = [N, {}], got {}", op, names[2], n_heads * (d_nope + d_v),
+                kv.describe());
   d.rows = kv.dim(0);
   DIFFMOE_CHECK(k.numel() == d.rows * n_heads * d.d_qk && k.rank() >= 1 && k.dim(-1) == d.d_qk,
                 "[{}] {} must be [N, n_heads, d_qk] = [{}, {}, {}], got {}", op, names[0], d.rows, n_heads, d.d_qk,
@@ -111,12 +113,15 @@ KvSplitDims check_kv_split(std::string_view op, const Tensor& k, const Tensor& v
                 "[{}] {} must be [N, n_heads, d_v] = [{}, {}, {}], got {}", op, names[1], d.rows, n_heads, d_v,
                 v.describe());
   DIFFMOE_CHECK(kr_offset >= 0 && kr_offset + d_rope <= d.kr_stride,
-                "[{}] rope key columns [{}, {}) do not fit kr_stride {}", op, kr_offset, kr_offset + d_rope, d.kr_stride);
+                "[{}] rope key columns [{}, {}) do not fit kr_stride {}", op, kr_offset, kr_offset + d_rope,
+                d.kr_stride);
   DIFFMOE_CHECK(kr.numel() == d.rows * d.kr_stride, "[{}] {} must hold N·kr_stride = {}·{} values, got {}", op,
                 names[3], d.rows, d.kr_stride, kr.describe());
   const DType ft = kr.dtype;
-  DIFFMOE_CHECK(ft != DType::kBF16, "[{}] {} is bf16: the rope key columns (and their gradient) stay in the op's float "
-                "type, f32 or f64", op, names[3]);
+  DIFFMOE_CHECK(ft != DType::kBF16,
+                "[{}] {} is bf16: the rope key columns (and their gradient) stay in the op's float "
+                "type, f32 or f64",
+                op, names[3]);
   for (size_t i = 0; i < 4; ++i) {
     const bool may_be_bf16 = (bf16_out == KvSplitBf16::kKV && i < 3) || (bf16_out == KvSplitBf16::kLatent && i < 3);
     check_dtype(tensors[i], may_be_bf16 ? output_dtype(tensors[i], ft) : ft, op, names[i]);
@@ -141,9 +146,10 @@ void check_lambda_vectors(std::string_view op, const std::array<Tensor, 4>& vecs
 // out-like tensors: [B,T,H,d_v] or [B,T,H/2,2·d_v] (the same bytes), checked by B, T and numel.
 void check_out_like(const Tensor& t, const AttnDims& d, Device dev, std::string_view op, std::string_view name) {
   check_device(t, dev, op, name);
-  DIFFMOE_CHECK(t.rank() == 4 && t.dim(0) == d.batch && t.dim(1) == d.seq && t.numel() == d.batch * d.seq * d.heads * d.d_v,
-                "[{}] {} must be [B, T, H, d_v] = [{}, {}, {}, {}] (or [B, T, H/2, 2·d_v]), got {}", op, name, d.batch,
-                d.seq, d.heads, d.d_v, t.describe());
+  DIFFMOE_CHECK(
+      t.rank() == 4 && t.dim(0) == d.batch && t.dim(1) == d.seq && t.numel() == d.batch * d.seq * d.heads * d.d_v,
+      "[{}] {} must be [B, T, H, d_v] = [{}, {}, {}, {}] (or [B, T, H/2, 2·d_v]), got {}", op, name, d.batch, d.seq,
+      d.heads, d.d_v, t.describe());
 }
 
 // q, k, v share one dtype: the op's float type ft (out's), or bf16 where ft is f32 (the bf16 GEMM
@@ -218,17 +224,16 @@ void check_router_options(const RouterOptions& o, int64_t n_experts, std::string
 void check_aux_args(const Tensor& scores, int64_t seq_len, int64_t top_k, Device dev, std::string_view op) {
   expect_rank2(scores, dev, op, "scores");
   const int64_t n_tokens = scores.dim(0), n_experts = scores.dim(1);
-  DIFFMOE_CHECK(seq_len >= 1 && n_tokens % seq_len == 0, "[{}] {} tokens are not whole sequences of seq_len = {}",
-                op, n_tokens, seq_len);
-  DIFFMOE_CHECK(top_k >= 1 && top_k <= n_experts, "[{}] top_k = {} must be in [1, {} experts]", op, top_k,
-                n_experts);
+  DIFFMOE_CHECK(seq_len >= 1 && n_tokens % seq_len == 0, "[{}] {} tokens are not whole sequences of seq_len = {}", op,
+                n_tokens, seq_len);
+  DIFFMOE_CHECK(top_k >= 1 && top_k <= n_experts, "[{}] top_k = {} must be in [1, {} experts]", op, top_k, n_experts);
 }
 
 void check_plan(const Tensor& slot_pos, int64_t n_tokens, Device dev, std::string_view op) {
   check_device(slot_pos, dev, op, "slot_pos");
   check_dtype(slot_pos, DType::kI32, op, "slot_pos");
-  DIFFMOE_CHECK(slot_pos.rank() == 2 && slot_pos.dim(0) == n_tokens,
-                "[{}] slot_pos must be [{}, K], got {}", op, n_tokens, slot_pos.describe());
+  DIFFMOE_CHECK(slot_pos.rank() == 2 && slot_pos.dim(0) == n_tokens, "[{}] slot_pos must be [{}, K], got {}", op,
+                n_tokens, slot_pos.describe());
 }
 
 // ---------------------------------------------------------------- loss
@@ -247,8 +252,8 @@ CrossEntropyDims check_logits(const Tensor& logits, const Tensor& targets, Devic
 void check_valid(const Tensor& valid, DType float_type, Device dev, std::string_view op) {
   check_device(valid, dev, op, "valid");
   check_shape(valid, Shape{1}, op, "valid");
-  DIFFMOE_CHECK(valid.dtype == float_type || valid.dtype == DType::kI32,
-                "[{}] valid: expected dtype {} or i32, got {}", op, dtype_name(float_type), dtype_name(valid.dtype));
+  DIFFMOE_CHECK(valid.dtype == float_type || valid.dtype == DType::kI32, "[{}] valid: expected dtype {} or i32, got {}",
+                op, dtype_name(float_type), dtype_name(valid.dtype));
 }
 
 }  // namespace
@@ -265,7 +270,8 @@ void validate_fill(const FillArgs& a, Device dev) {
   check_device(a.out, dev, "fill", "out");
   if (a.out.dtype == DType::kI32) {
     // Integer tensors (counters such as the router's counts) take integral values only.
-    const bool in_range = a.value >= std::numeric_limits<int32_t>::min() && a.value <= std::numeric_limits<int32_t>::max();
+    const bool in_range =
+        a.value >= std::numeric_limits<int32_t>::min() && a.value <= std::numeric_limits<int32_t>::max();
     DIFFMOE_CHECK(in_range && static_cast<double>(static_cast<int32_t>(a.value)) == a.value,
                   "[fill] out is i32 but value {} is not an i32", a.value);
   }
@@ -274,14 +280,16 @@ void validate_fill(const FillArgs& a, Device dev) {
 void validate_copy(const CopyArgs& a, Device dev) {
   check_device(a.dst, dev, "copy", "dst");
   check_device(a.src, dev, "copy", "src");
-  DIFFMOE_CHECK(a.dst.numel() == a.src.numel(), "[copy] dst {} and src {} differ in element count",
-                a.dst.describe(), a.src.describe());
+  DIFFMOE_CHECK(a.dst.numel() == a.src.numel(), "[copy] dst {} and src {} differ in element count", a.dst.describe(),
+                a.src.describe());
   if (a.dst.dtype == a.src.dtype) return;  // any type, i32 included: a byte copy
-  DIFFMOE_CHECK(a.dst.data != a.src.data, "[copy] converting {} to {} in place is not supported",
-                a.src.describe(), a.dst.describe());
+  DIFFMOE_CHECK(a.dst.data != a.src.data, "[copy] converting {} to {} in place is not supported", a.src.describe(),
+                a.dst.describe());
   for (const auto& [d, field] : {std::pair{a.src.dtype, "src"}, std::pair{a.dst.dtype, "dst"}})
-    DIFFMOE_CHECK(copy_convertible(d), "[copy] {}: cannot convert dtype {} (f32, f64, bf16, f8e4m3 convert; "
-                  "other types copy only to the same type)", field, dtype_name(d));
+    DIFFMOE_CHECK(copy_convertible(d),
+                  "[copy] {}: cannot convert dtype {} (f32, f64, bf16, f8e4m3 convert; "
+                  "other types copy only to the same type)",
+                  field, dtype_name(d));
 }
 
 void validate_axpy(const AxpyArgs& a, Device dev) {
@@ -341,7 +349,8 @@ EmbeddingDims validate_embedding_bwd(const EmbeddingBwdArgs& a, Device dev) {
 RmsNormDims validate_rmsnorm_fwd(const RmsNormFwdArgs& a, Device dev) {
   constexpr std::string_view kOp = "rmsnorm_fwd";
   check_norm_sizes(a.rows, a.width, kOp);
-  const RmsNormDims d{.x_stride = effective_stride(a.x_stride, a.width), .y_stride = effective_stride(a.y_stride, a.width)};
+  const RmsNormDims d{.x_stride = effective_stride(a.x_stride, a.width),
+                      .y_stride = effective_stride(a.y_stride, a.width)};
   const DType dt = a.x.dtype;
   check_rows(a.x, dt, a.rows, a.width, d.x_stride, dev, kOp, "x");
   check_rows(a.y, output_dtype(a.y, dt), a.rows, a.width, d.y_stride, dev, kOp, "y");
@@ -363,7 +372,8 @@ RmsNormDims validate_rmsnorm_fwd(const RmsNormFwdArgs& a, Device dev) {
 RmsNormDims validate_rmsnorm_bwd(const RmsNormBwdArgs& a, Device dev) {
   constexpr std::string_view kOp = "rmsnorm_bwd";
   check_norm_sizes(a.rows, a.width, kOp);
-  const RmsNormDims d{.x_stride = effective_stride(a.x_stride, a.width), .y_stride = effective_stride(a.y_stride, a.width)};
+  const RmsNormDims d{.x_stride = effective_stride(a.x_stride, a.width),
+                      .y_stride = effective_stride(a.y_stride, a.width)};
   const DType dt = a.x.dtype;
   check_rows(a.x, dt, a.rows, a.width, d.x_stride, dev, kOp, "x");
   check_rows(a.dx, dt, a.rows, a.width, d.x_stride, dev, kOp, "dx");
@@ -378,8 +388,10 @@ RmsNormDims validate_rmsnorm_bwd(const RmsNormBwdArgs& a, Device dev) {
   check_dtype(a.w, dt, kOp, "w");
   check_dtype(a.rstd, dt, kOp, "rstd");
   if (a.dx16.defined()) {  // the bf16 copy of an f32 dx (the bf16 GEMM mode)
-    DIFFMOE_CHECK(bf16_allowed(dt), "[{}] dx16 (a bf16 copy of dx) needs an f32 dx (bf16 stands in for f32 storage), "
-                  "here dx is {}", kOp, dtype_name(dt));
+    DIFFMOE_CHECK(bf16_allowed(dt),
+                  "[{}] dx16 (a bf16 copy of dx) needs an f32 dx (bf16 stands in for f32 storage), "
+                  "here dx is {}",
+                  kOp, dtype_name(dt));
     check_rows(a.dx16, DType::kBF16, a.rows, a.width, a.width, dev, kOp, "dx16");
   }
   return d;
@@ -438,7 +450,8 @@ GroupedGemmDims validate_grouped_gemm(const GroupedGemmArgs& a, Device dev) {
   check_matrix(a.c, output_dtype(a.c, dt), 2, dev, kOp, "c");
   check_gemm_operand(a.a, dt, 2, dev, kOp, "a");
   check_gemm_operand(a.b, dt, 3, dev, kOp, "b");
-  GroupedGemmDims d{.rows = a.a.dim(0), .k = a.a.dim(1), .n = a.trans_b ? a.b.dim(1) : a.b.dim(2), .groups = a.b.dim(0)};
+  GroupedGemmDims d{
+      .rows = a.a.dim(0), .k = a.a.dim(1), .n = a.trans_b ? a.b.dim(1) : a.b.dim(2), .groups = a.b.dim(0)};
   const int64_t kb = a.trans_b ? a.b.dim(2) : a.b.dim(1);
   DIFFMOE_CHECK(kb == d.k && a.c.dim(0) == d.rows && a.c.dim(1) == d.n,
                 "[grouped_gemm] shapes do not match: A {} is [R={}, k={}], B {} ({}) gives k={}, n={}, C is {} "
@@ -506,8 +519,8 @@ std::vector<int64_t> check_group_offsets(const int32_t* o, int64_t groups, int64
   DIFFMOE_CHECK(o[0] == 0, "[{}] offsets[0] = {}, must be 0", op, o[0]);
   for (int64_t g = 0; g <= groups; ++g) {
     if (g > 0)
-      DIFFMOE_CHECK(o[g] >= o[g - 1], "[{}] offsets must be non-decreasing: offsets[{}] = {} < offsets[{}] = {}", op,
-                    g, o[g], g - 1, o[g - 1]);
+      DIFFMOE_CHECK(o[g] >= o[g - 1], "[{}] offsets must be non-decreasing: offsets[{}] = {} < offsets[{}] = {}", op, g,
+                    o[g], g - 1, o[g - 1]);
     out[static_cast<size_t>(g)] = o[g];
   }
   DIFFMOE_CHECK(out.back() <= rows, "[{}] offsets[{}] = {} exceeds the {} rows of A", op, groups, out.back(), rows);
@@ -522,8 +535,7 @@ int64_t validate_rope(const RopeArgs& a, Device dev) {
   check_device(a.cos, dev, kOp, "cos");
   check_device(a.sin, dev, kOp, "sin");
   DIFFMOE_CHECK(a.x.rank() == 2, "[rope] x must be [N, W], got {}", a.x.describe());
-  DIFFMOE_CHECK(a.rope_dim > 0 && a.rope_dim % 2 == 0, "[rope] rope_dim must be positive and even, got {}",
-                a.rope_dim);
+  DIFFMOE_CHECK(a.rope_dim > 0 && a.rope_dim % 2 == 0, "[rope] rope_dim must be positive and even, got {}", a.rope_dim);
   DIFFMOE_CHECK(a.n_heads >= 1, "[rope] n_heads must be >= 1, got {}", a.n_heads);
   DIFFMOE_CHECK(a.n_heads == 1 || a.head_stride >= a.rope_dim,
                 "[rope] head_stride {} must be >= rope_dim {} when n_heads > 1 (heads would overlap)", a.head_stride,
@@ -567,8 +579,8 @@ KvSplitDims validate_mla_kv_split_fwd(const MlaKvSplitFwdArgs& a, Device dev) {
 }
 
 KvSplitDims validate_mla_kv_split_bwd(const MlaKvSplitBwdArgs& a, Device dev) {
-  return check_kv_split("mla_kv_split_bwd", a.dk, a.dv, a.dkv, a.dkr, a.n_heads, a.d_nope, a.d_rope, a.d_v,
-                        a.kr_stride, a.kr_offset, {"dk", "dv", "dkv", "dkr"}, dev, KvSplitBf16::kLatent);
+  return check_kv_split("mla_kv_split_bwd", a.dk, a.dv, a.dkv, a.dkr, a.n_heads, a.d_nope, a.d_rope, a.d_v, a.kr_stride,
+                        a.kr_offset, {"dk", "dv", "dkv", "dkr"}, dev, KvSplitBf16::kLatent);
 }
 
 void validate_diff_lambda_fwd(const DiffLambdaFwdArgs& a, Device dev) {
@@ -647,10 +659,9 @@ LatentDims validate_latent_attention(const LatentAttentionArgs& a, Device dev) {
                 "[{}] kv_len = {} must cover the Tq = {} new positions and fit the cache capacity S = {}", kOp,
                 a.kv_len, d.tq, d.capacity);
 
-  DIFFMOE_CHECK(a.q_rope.rank() == 4 && a.q_rope.dim(0) == d.batch && a.q_rope.dim(1) == d.tq &&
-                    a.q_rope.dim(2) == d.heads,
-                "[{}] q_rope must be [B, Tq, H, W] = [{}, {}, {}, W], got {}", kOp, d.batch, d.tq, d.heads,
-                a.q_rope.describe());
+  DIFFMOE_CHECK(
+      a.q_rope.rank() == 4 && a.q_rope.dim(0) == d.batch && a.q_rope.dim(1) == d.tq && a.q_rope.dim(2) == d.heads,
+      "[{}] q_rope must be [B, Tq, H, W] = [{}, {}, {}, W], got {}", kOp, d.batch, d.tq, d.heads, a.q_rope.describe());
   d.q_rope_width = a.q_rope.dim(3);
   DIFFMOE_CHECK(a.q_rope_offset >= 0 && a.q_rope_offset + d.d_rope <= d.q_rope_width,
                 "[{}] rope query columns [{}, {}) do not fit q_rope's {} values per head", kOp, a.q_rope_offset,
@@ -747,8 +758,8 @@ void validate_moe_permute(const MoePermuteArgs& a, Device dev) {
   expect_tensor(a.offsets, {a.n_experts + 1}, DType::kI32, dev, op, "offsets");
   check_device(a.src_row, dev, op, "src_row");
   check_dtype(a.src_row, DType::kI32, op, "src_row");
-  DIFFMOE_CHECK(a.src_row.rank() == 1 && a.src_row.numel() <= n_rows, "[{}] src_row must be 1-D with at most N·K = {} rows, got {}", op,
-                n_rows, a.src_row.describe());
+  DIFFMOE_CHECK(a.src_row.rank() == 1 && a.src_row.numel() <= n_rows,
+                "[{}] src_row must be 1-D with at most N·K = {} rows, got {}", op, n_rows, a.src_row.describe());
   expect_tensor(a.slot_pos, {n_tokens, top_k}, DType::kI32, dev, op, "slot_pos");
 }
 
@@ -809,7 +820,8 @@ EpPlanDims validate_ep_dispatch_plan(const EpDispatchPlanArgs& a, Device dev) {
   expect_tensor(a.counts, {P * (1 + El)}, DType::kI32, dev, op, "counts");
   expect_rank2(a.pair_idx, dev, op, "pair_idx");
   const int64_t M = a.pair_idx.dim(0);
-  DIFFMOE_CHECK(M >= N * std::min(K, P), "[{}] pair_idx has {} rows; N·min(K, P) = {} pairs may be needed", op, M, N * std::min(K, P));
+  DIFFMOE_CHECK(M >= N * std::min(K, P), "[{}] pair_idx has {} rows; N·min(K, P) = {} pairs may be needed", op, M,
+                N * std::min(K, P));
   DIFFMOE_CHECK(M <= INT32_MAX, "[{}] {} pairs overflow the i32 pair index", op, M);
   expect_tensor(a.pair_token, {M}, DType::kI32, dev, op, "pair_token");
   expect_tensor(a.pair_of, {N, P}, DType::kI32, dev, op, "pair_of");

@@ -4,12 +4,11 @@
 // dtype (index tensors i32); it returns the sizes the op needs.
 //
 // Not here, because they depend on the backend: which float dtypes it computes in (CPU: f32 or
-// f64; CUDA: f32, and bf16 where op_args.h allows it in the bf16 GEMM mode), and checks of tensor CONTENTS (token ids, expert indices,
-// slot positions, targets in range). The CPU backend reads those on the host; the CUDA backend
-// checks them on the device and reports at the next synchronize(), so no op syncs the host.
-// Group offsets of the grouped GEMMs are read on the host by the CPU backend and by the CUDA
-// backend's f32 path, then checked by check_group_offsets below (the CUDA bf16 kernels check them
-// on the device).
+// f64; CUDA: f32, and bf16 where op_args.h allows it in the bf16 GEMM mode), and checks of tensor CONTENTS (token ids,
+// expert indices, slot positions, targets in range). The CPU backend reads those on the host; the CUDA backend checks
+// them on the device and reports at the next synchronize(), so no op syncs the host. Group offsets of the grouped GEMMs
+// are read on the host by the CPU backend and by the CUDA backend's f32 path, then checked by check_group_offsets below
+// (the CUDA bf16 kernels check them on the device).
 //
 // This header is plain C++17 so that CUDA translation units can include it.
 #pragma once
@@ -29,7 +28,7 @@ void check_device(const Tensor& t, Device dev, std::string_view op, std::string_
 // ---------------------------------------------------------------- basic ops and the embedding
 void validate_fill(const FillArgs& a, Device dev);  // an i32 out needs an integral value in range
 void validate_copy(const CopyArgs& a, Device dev);  // equal numel; a dtype change converts among
-                                                     // f32, f64, bf16, f8e4m3 and never in place
+                                                    // f32, f64, bf16, f8e4m3 and never in place
 void validate_axpy(const AxpyArgs& a, Device dev);
 void validate_scale(const ScaleArgs& a, Device dev);
 void validate_sum_squares(const SumSquaresArgs& a, Device dev);
@@ -57,7 +56,7 @@ struct GemmDims {
 GemmDims validate_gemm(const GemmArgs& a, Device dev);
 struct GroupedGemmDims {
   int64_t rows = 0, k = 0, n = 0, groups = 0;
-  int64_t k2 = 0;       // the second term's inner size (0 without one)
+  int64_t k2 = 0;  // the second term's inner size (0 without one)
   bool two_terms = false;
 };
 // Offsets' shape/dtype too, and the optional second term (a2 and b2 both given or both empty).
@@ -81,7 +80,7 @@ std::vector<int64_t> check_group_offsets(const int32_t* offsets, int64_t groups,
 // outputs a backend writes: f32 or bf16, and on the CPU also f64. The CUDA-only rules of fp8_gemm
 // (cuBLASLt's sizes and alignments) are the CUDA backend's.
 struct Fp8QuantDims {
-  int64_t rows = 0, cols = 0;          // the source's [M, K] (act_quant) or [N, K] (weights)
+  int64_t rows = 0, cols = 0;               // the source's [M, K] (act_quant) or [N, K] (weights)
   bool row_wise = false, col_wise = false;  // which copies are written: (q, scale), (q_t, scale_t)
 };
 Fp8QuantDims validate_act_quant(const ActQuantArgs& a, Device dev);
@@ -111,10 +110,10 @@ AttnDims validate_attention_bwd(const AttentionBwdArgs& a, Device dev);
 
 struct LatentDims {
   int64_t batch = 0, tq = 0, heads = 0, r_kv = 0, d_rope = 0;
-  int64_t q_rope_width = 0;  // W: values per head in q_rope
-  int64_t capacity = 0;      // S: cache rows per sequence
-  int64_t comps = 1;         // components per value group: 2 when differential, else 1
-  int64_t groups = 0;        // heads / comps = H_out
+  int64_t q_rope_width = 0;                      // W: values per head in q_rope
+  int64_t capacity = 0;                          // S: cache rows per sequence
+  int64_t comps = 1;                             // components per value group: 2 when differential, else 1
+  int64_t groups = 0;                            // heads / comps = H_out
   int64_t row() const { return r_kv + d_rope; }  // one cache row [ĉ ; k^R]
 };
 LatentDims validate_latent_attention(const LatentAttentionArgs& a, Device dev);
@@ -129,9 +128,9 @@ void check_paged_slots(const int32_t* slots, const PagedCacheWriteDims& d, std::
 
 struct PagedLatentDims {
   int64_t rows = 0, batch = 0, heads = 0, r_kv = 0, d_rope = 0;
-  int64_t q_rope_width = 0;             // W: values per head in q_rope
+  int64_t q_rope_width = 0;  // W: values per head in q_rope
   int64_t n_blocks = 0, block_size = 0, max_blocks = 0;
-  int64_t comps = 1, groups = 0;        // as LatentDims
+  int64_t comps = 1, groups = 0;  // as LatentDims
   int64_t row() const { return r_kv + d_rope; }
 };
 PagedLatentDims validate_paged_latent_attention(const PagedLatentAttentionArgs& a, Device dev);

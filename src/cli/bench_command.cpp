@@ -31,7 +31,8 @@ struct BenchArgs {
 };
 
 int run_bench(const BenchArgs& a) {
-  DIFFMOE_CHECK(a.config.empty() != a.checkpoint.empty(), "give exactly one of --config (a preset, spec initialisation) and --checkpoint");
+  DIFFMOE_CHECK(a.config.empty() != a.checkpoint.empty(),
+                "give exactly one of --config (a preset, spec initialisation) and --checkpoint");
   // Before the benchmark, and again before the rename that would replace a device node or FIFO.
   if (!a.report.empty()) io::check_output_path(a.report, "bench report");
   auto be = make_backend(a.device);
@@ -43,9 +44,11 @@ int run_bench(const BenchArgs& a) {
     model->init_weights(a.seed);
     source = {{"config", a.config}};
   } else {
-    LoadedCheckpoint ck = open_trained_model(a.checkpoint, *be, DType::kF32, OpenModelOptions{.tokenizer_path = "", .verify = !a.no_verify, .model = mo});
+    LoadedCheckpoint ck = open_trained_model(
+        a.checkpoint, *be, DType::kF32, OpenModelOptions{.tokenizer_path = "", .verify = !a.no_verify, .model = mo});
     model = std::move(ck.model);
-    source = {{"checkpoint", ck.model_path}, {"step", ck.step >= 0 ? nlohmann::ordered_json(ck.step) : nlohmann::ordered_json(nullptr)}};
+    source = {{"checkpoint", ck.model_path},
+              {"step", ck.step >= 0 ? nlohmann::ordered_json(ck.step) : nlohmann::ordered_json(nullptr)}};
   }
   const ModelConfig& cfg = model->config();
   const bool gpu = be->device() == Device::kCUDA;
@@ -63,15 +66,17 @@ int run_bench(const BenchArgs& a) {
   o.repeats = pick(a.repeats, gpu ? 3 : 1);
   o.seed = a.seed;
   o.peak_tflops = pick(a.peak_tflops, gpu ? 989.0 : 0.0);
-  DIFFMOE_CHECK(o.train_seq >= 1 && o.train_seq <= cfg.max_seq_len, "--seq {} must be in [1, max_seq_len = {}]", o.train_seq, cfg.max_seq_len);
+  DIFFMOE_CHECK(o.train_seq >= 1 && o.train_seq <= cfg.max_seq_len, "--seq {} must be in [1, max_seq_len = {}]",
+                o.train_seq, cfg.max_seq_len);
   DIFFMOE_CHECK(o.train_batch >= 1, "--batch must be >= 1, got {}", o.train_batch);
   for (const int64_t b : o.decode_batches) DIFFMOE_CHECK(b >= 1, "--decode-batch: {} is not a batch size (>= 1)", b);
   DIFFMOE_CHECK(o.prompt_len >= 1 && o.new_tokens >= 1 && o.prompt_len + o.new_tokens <= cfg.max_seq_len,
-                "--prompt-len {} + --new-tokens {}: each >= 1, together at most max_seq_len = {}", o.prompt_len, o.new_tokens, cfg.max_seq_len);
+                "--prompt-len {} + --new-tokens {}: each >= 1, together at most max_seq_len = {}", o.prompt_len,
+                o.new_tokens, cfg.max_seq_len);
 
   const ParamCounts pc = count_parameters(cfg, cfg.max_seq_len);
-  fmt::print("bench {} on {} ({}): {:.2f}M parameters, {:.2f}M active\n", a.config.empty() ? a.checkpoint : a.config, a.device, a.precision,
-             static_cast<double>(pc.total) / 1e6, static_cast<double>(pc.active) / 1e6);
+  fmt::print("bench {} on {} ({}): {:.2f}M parameters, {:.2f}M active\n", a.config.empty() ? a.checkpoint : a.config,
+             a.device, a.precision, static_cast<double>(pc.total) / 1e6, static_cast<double>(pc.active) / 1e6);
   const BenchReport r = run_benchmark(*model, o, [](std::string_view s) { fmt::print("{}\n", s); });
   if (!a.report.empty()) {
     nlohmann::ordered_json j;
@@ -84,7 +89,8 @@ int run_bench(const BenchArgs& a) {
     for (const auto& [k, v] : b.items()) j[k] = v;
     const std::string text = j.dump(2) + "\n";
     io::check_output_path(a.report, "bench report");
-    const io::Failure f = io::replace_file(a.report, [&](int fd) { return io::write_all(fd, text.data(), text.size()); });
+    const io::Failure f =
+        io::replace_file(a.report, [&](int fd) { return io::write_all(fd, text.data(), text.size()); });
     DIFFMOE_CHECK(!f, "{}: cannot write the report ({} failed: {})", a.report, f.step, std::strerror(f.err));
     fmt::print("report: {}\n", a.report);
   }
@@ -94,21 +100,26 @@ int run_bench(const BenchArgs& a) {
 }  // namespace
 
 void add_bench_command(CLI::App& app, std::function<int()>& run) {
-  auto* cmd = app.add_subcommand("bench", "Throughput: train step, prefill and decode tokens/s of a preset or a checkpoint");
+  auto* cmd =
+      app.add_subcommand("bench", "Throughput: train step, prefill and decode tokens/s of a preset or a checkpoint");
   auto a = std::make_shared<BenchArgs>();
   cmd->add_option("--config", a->config, "a preset / run config (model: section; spec initialisation)");
   cmd->add_option("--checkpoint", a->checkpoint, "checkpoint root, step directory or model .safetensors");
   cmd->add_option("--device", a->device, "cpu (default) or cuda");
   cmd->add_option("--precision", a->precision, "f32 (default) or bf16_gemm");
   cmd->add_option("--batch", a->batch, "train step: sequences per step (default: 4 on the CPU, 8 on CUDA)");
-  cmd->add_option("--seq", a->seq, "train step: sequence length (default: min(128, max_seq_len) on the CPU, max_seq_len on CUDA)");
+  cmd->add_option("--seq", a->seq,
+                  "train step: sequence length (default: min(128, max_seq_len) on the CPU, max_seq_len on CUDA)");
   cmd->add_option("--steps", a->steps, "train step: timed steps (default: 3 on the CPU, 10 on CUDA)");
   cmd->add_option("--warmup", a->warmup, "train step: untimed steps first (default: 1 on the CPU, 3 on CUDA)");
   cmd->add_option("--decode-batch", a->decode_batches, "decode: batch sizes (default 1,8,64)")->delimiter(',');
-  cmd->add_option("--prompt-len", a->prompt_len, "decode: prompt tokens per sequence (default: 32 on the CPU, 512 on CUDA)");
+  cmd->add_option("--prompt-len", a->prompt_len,
+                  "decode: prompt tokens per sequence (default: 32 on the CPU, 512 on CUDA)");
   cmd->add_option("--new-tokens", a->new_tokens, "decode: steps after the prompt (default: 8 on the CPU, 64 on CUDA)");
-  cmd->add_option("--repeats", a->repeats, "decode: timed runs per batch size, median (default: 1 on the CPU, 3 on CUDA)");
-  cmd->add_option("--peak-tflops", a->peak_tflops, "train step: MFU denominator (default: 989 on CUDA, none on the CPU)");
+  cmd->add_option("--repeats", a->repeats,
+                  "decode: timed runs per batch size, median (default: 1 on the CPU, 3 on CUDA)");
+  cmd->add_option("--peak-tflops", a->peak_tflops,
+                  "train step: MFU denominator (default: 989 on CUDA, none on the CPU)");
   cmd->add_flag("--no-train", a->no_train, "skip the train step");
   cmd->add_flag("--no-decode", a->no_decode, "skip prefill and decode");
   cmd->add_flag("--no-verify", a->no_verify, "--checkpoint: read it without checking it against its manifest");

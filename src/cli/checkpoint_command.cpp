@@ -31,7 +31,9 @@ void add_checkpoint_command(CLI::App& app, std::function<int()>& run) {
   auto* exp = cmd->add_subcommand("export", "Write a checkpoint's model as one safetensors file (spec names, f32)");
   auto checkpoint = std::make_shared<std::string>();
   auto out = std::make_shared<std::string>();
-  exp->add_option("--checkpoint", *checkpoint, "checkpoint directory (or one of its files), or a checkpoint root (its newest valid checkpoint)")->required();
+  exp->add_option("--checkpoint", *checkpoint,
+                  "checkpoint directory (or one of its files), or a checkpoint root (its newest valid checkpoint)")
+      ->required();
   exp->add_option("--out", *out, "output .safetensors path")->required();
   exp->callback([&run, checkpoint, out] { run = [=] { return run_export(*checkpoint, *out); }; });
 }

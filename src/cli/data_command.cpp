@@ -40,9 +40,10 @@ void add_data_command(CLI::App& app, std::function<int()>& run) {
       opt.tokenizer = *tok;
       opt.out_dir = *out;
       const data::PrepareStats s = data::prepare_shards(opt);
-      fmt::print("{} files, {} documents, {} tokens ({} train / {} val), {:.1f} MB text in {:.2f} s ({:.1f} MB/s) -> {}\n", s.files,
-                 s.documents, s.tokens, s.train.tokens, s.val.tokens, s.text_bytes / 1e6, s.seconds,
-                 s.seconds > 0 ? s.text_bytes / 1e6 / s.seconds : 0.0, *out);
+      fmt::print(
+          "{} files, {} documents, {} tokens ({} train / {} val), {:.1f} MB text in {:.2f} s ({:.1f} MB/s) -> {}\n",
+          s.files, s.documents, s.tokens, s.train.tokens, s.val.tokens, s.text_bytes / 1e6, s.seconds,
+          s.seconds > 0 ? s.text_bytes / 1e6 / s.seconds : 0.0, *out);
       return 0;
     };
   });
@@ -71,8 +72,8 @@ void add_data_command(CLI::App& app, std::function<int()>& run) {
       for (const auto& f : files) {
         const data::Shard s(f);
         const auto& h = s.header();
-        fmt::print("{}: {} tokens, {} documents, vocab {}, eos {}, dtype u{}, tokenizer fingerprint {:016x}\n", f.string(), h.n_tokens,
-                   h.n_documents, h.vocab_size, h.eos_id, h.dtype * 8, h.tokenizer_fingerprint);
+        fmt::print("{}: {} tokens, {} documents, vocab {}, eos {}, dtype u{}, tokenizer fingerprint {:016x}\n",
+                   f.string(), h.n_tokens, h.n_documents, h.vocab_size, h.eos_id, h.dtype * 8, h.tokenizer_fingerprint);
         if (t) {
           std::vector<int32_t> ids(static_cast<size_t>(std::min<uint64_t>(h.n_tokens, static_cast<uint64_t>(*sample))));
           s.read(0, ids.size(), ids.data());

@@ -46,22 +46,25 @@ size_t complete_utf8_prefix(const std::string& s) {
 
 int run_generate(const GenerateArgs& a) {
   DIFFMOE_CHECK(a.max_new_tokens >= 0, "--max-new-tokens: must be >= 0, got {}", a.max_new_tokens);
-  DIFFMOE_CHECK(std::isfinite(a.temperature) && a.temperature >= 0, "--temperature: must be a finite number >= 0 (0 = greedy), got {}",
-                a.temperature);
+  DIFFMOE_CHECK(std::isfinite(a.temperature) && a.temperature >= 0,
+                "--temperature: must be a finite number >= 0 (0 = greedy), got {}", a.temperature);
   DIFFMOE_CHECK(a.top_p > 0 && a.top_p <= 1, "--top-p: must be in (0, 1], got {}", a.top_p);
   DIFFMOE_CHECK(a.top_k >= 0, "--top-k: must be >= 0 (0 = all), got {}", a.top_k);
   auto be = make_backend(a.device);
-  LoadedCheckpoint ck = open_trained_model(a.checkpoint, *be, DType::kF32, OpenModelOptions{.tokenizer_path = a.tokenizer, .verify = !a.no_verify});
+  LoadedCheckpoint ck = open_trained_model(a.checkpoint, *be, DType::kF32,
+                                           OpenModelOptions{.tokenizer_path = a.tokenizer, .verify = !a.no_verify});
   DIFFMOE_CHECK(ck.tokenizer != nullptr, "{}: no tokenizer in the checkpoint; pass --tokenizer", a.checkpoint);
   const data::Tokenizer& tok = *ck.tokenizer;
   std::vector<int32_t> ids = tok.encode(a.prompt);
   if (ids.empty() && tok.eos_id()) ids.push_back(*tok.eos_id());  // an empty prompt starts a new document
   const int64_t max_len = ck.model->config().max_seq_len;
-  DIFFMOE_CHECK(static_cast<int64_t>(ids.size()) < max_len, "--prompt: {} tokens leave no room in max_seq_len = {}", ids.size(), max_len);
+  DIFFMOE_CHECK(static_cast<int64_t>(ids.size()) < max_len, "--prompt: {} tokens leave no room in max_seq_len = {}",
+                ids.size(), max_len);
   const int64_t budget = std::min<int64_t>(a.max_new_tokens, max_len - static_cast<int64_t>(ids.size()));
 
   Generator gen(*ck.model, GeneratorOptions{.batch = 1, .max_len = max_len});
-  const Sampler sampler(SamplerOptions{.temperature = a.temperature, .top_k = a.top_k, .top_p = a.top_p, .seed = a.seed});
+  const Sampler sampler(
+      SamplerOptions{.temperature = a.temperature, .top_k = a.top_k, .top_p = a.top_p, .seed = a.seed});
   const auto t0 = std::chrono::steady_clock::now();
   Tensor logits = gen.prefill({}, gen.upload_tokens(ids, static_cast<int64_t>(ids.size())));
   fmt::print("{}", a.prompt);
@@ -76,7 +79,8 @@ int run_generate(const GenerateArgs& a) {
     be->download(host_logits.data(), logits);
     for (int32_t id = 0; id < usable; ++id)
       if (!tok.is_token(id)) host_logits[static_cast<size_t>(id)] = -std::numeric_limits<float>::infinity();
-    const int32_t next = sampler.sample(std::span<const float>(host_logits.data(), static_cast<size_t>(usable)), static_cast<uint64_t>(i));
+    const int32_t next = sampler.sample(std::span<const float>(host_logits.data(), static_cast<size_t>(usable)),
+                                        static_cast<uint64_t>(i));
     if (tok.eos_id() && next == *tok.eos_id()) break;
     out.push_back(next);
     const std::string text = tok.decode(out);
@@ -92,8 +96,8 @@ int run_generate(const GenerateArgs& a) {
   if (text.size() > printed.size()) fmt::print("{}", text.substr(printed.size()));
   const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   fmt::print("\n");
-  fmt::print(stderr, "[{} prompt + {} new tokens in {:.2f} s: {:.1f} tokens/s; checkpoint step {}]\n", ids.size(), out.size(), s,
-             static_cast<double>(out.size()) / s, ck.step);
+  fmt::print(stderr, "[{} prompt + {} new tokens in {:.2f} s: {:.1f} tokens/s; checkpoint step {}]\n", ids.size(),
+             out.size(), s, static_cast<double>(out.size()) / s, ck.step);
   return 0;
 }
 

@@ -1,7 +1,7 @@
 // diffmoe: one binary, one subcommand per job. The only place that exits (docs/style.md habit 7):
 // library errors arrive as diffmoe::Error and become one line on stderr and exit code 1.
-#include <CLI/CLI.hpp>
 #include <fmt/core.h>
+#include <CLI/CLI.hpp>
 
 #include <cstdlib>
 #include <functional>

@@ -33,14 +33,16 @@ int run_params(const std::string& path, int64_t seq) {
   const ParamCounts n = count_parameters(c, seq);
   auto m = [](int64_t v) { return static_cast<double>(v) / 1e6; };
   fmt::print("config              {}\n", path);
-  fmt::print("total parameters    {:>12.2f} M   (balancing-bias buffers: {} values, not counted)\n", m(n.total), n.buffers);
+  fmt::print("total parameters    {:>12.2f} M   (balancing-bias buffers: {} values, not counted)\n", m(n.total),
+             n.buffers);
   fmt::print("active per token    {:>12.2f} M   (routed experts counted {}/{})\n", m(n.active), c.n_activated_experts,
              c.n_routed_experts);
   fmt::print("embedding           {:>12.2f} M\n", m(n.embedding));
   fmt::print("active matmul       {:>12.2f} M   (non-embedding matmul weights + head)\n", m(n.active_matmul));
   fmt::print("FLOPs per token     {:>12.4f} G   at seq {}\n", n.flops_per_token / 1e9, seq);
   fmt::print("  formula: 6·(active non-embedding matmul weights + head) + 3·n_layers·seq·n_heads·(d_qk + d_v,eff)\n");
-  fmt::print("           d_v,eff = {} ({}); the attention term = {:.4f} G\n", c.differential ? 2 * c.v_head_dim : c.v_head_dim,
+  fmt::print("           d_v,eff = {} ({}); the attention term = {:.4f} G\n",
+             c.differential ? 2 * c.v_head_dim : c.v_head_dim,
              c.differential ? "2·v_head_dim, differential" : "v_head_dim, plain",
              3.0 * static_cast<double>(c.n_layers * seq * c.n_heads) *
                  static_cast<double>(c.d_qk() + (c.differential ? 2 : 1) * c.v_head_dim) / 1e9);

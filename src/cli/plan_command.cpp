@@ -219,8 +219,10 @@ void print_text(const PlanArgs& a, const ModelConfig& cfg, const MemoryPlan& p, 
     std::vector<MissingFeature> m = p.missing;
     std::stable_sort(m.begin(), m.end(),
                      [](const MissingFeature& x, const MissingFeature& y) { return x.saves_bytes > y.saves_bytes; });
-    fmt::print("not in this plan: features the code lacks and options not chosen (estimated savings on rank {}, "
-               "cumulative):\n", h.rank);
+    fmt::print(
+        "not in this plan: features the code lacks and options not chosen (estimated savings on rank {}, "
+        "cumulative):\n",
+        h.rank);
     uint64_t t = h.total_bytes();
     for (size_t i = 0; i < m.size(); ++i) {
       t -= m[i].saves_bytes;

@@ -59,10 +59,12 @@ int run_serve(const ServeArgs& a) {
   auto be = make_backend(a.device);
   const ModelOptions mo{.precision = parse_precision(a.precision, "--precision")};
   // The engine's own layers run the forward (bf16 or f32 GEMMs); FP8 serving is --weights fp8.
-  DIFFMOE_CHECK(mo.precision != Precision::kFP8, "--precision fp8 is a training mode; serve with --precision bf16 --weights fp8");
+  DIFFMOE_CHECK(mo.precision != Precision::kFP8,
+                "--precision fp8 is a training mode; serve with --precision bf16 --weights fp8");
   DIFFMOE_CHECK(a.weights == "model" || a.weights == "fp8", "--weights: '{}' is not one of model, fp8", a.weights);
   LoadedCheckpoint ck =
-      open_trained_model(a.checkpoint, *be, DType::kF32, OpenModelOptions{.tokenizer_path = a.tokenizer, .verify = !a.no_verify, .model = mo});
+      open_trained_model(a.checkpoint, *be, DType::kF32,
+                         OpenModelOptions{.tokenizer_path = a.tokenizer, .verify = !a.no_verify, .model = mo});
   DIFFMOE_CHECK(ck.tokenizer != nullptr, "{}: no tokenizer in the checkpoint; pass --tokenizer", a.checkpoint);
   const ModelConfig& c = ck.model->config();
   serve::SchedulerOptions so{.engine = {.max_batch = a.max_batch,
@@ -87,7 +89,8 @@ int run_serve(const ServeArgs& a) {
   if (!a.port_file.empty()) {  // for scripts that pass --port 0
     const std::string text = fmt::format("{}\n", port);
     io::check_output_path(a.port_file, "port file");
-    const io::Failure f = io::replace_file(a.port_file, [&](int fd) { return io::write_all(fd, text.data(), text.size()); });
+    const io::Failure f =
+        io::replace_file(a.port_file, [&](int fd) { return io::write_all(fd, text.data(), text.size()); });
     DIFFMOE_CHECK(!f, "{}: cannot write the port file ({} failed: {})", a.port_file, f.step, std::strerror(f.err));
   }
   const serve::SchedulerStats st = scheduler.stats();

@@ -33,9 +33,9 @@ std::vector<int32_t> parse_ids(const std::string& text) {
   for (std::string token; in >> token;) {
     int64_t id = -1;
     const auto [end, ec] = std::from_chars(token.data(), token.data() + token.size(), id);
-    DIFFMOE_CHECK(ec == std::errc() && end == token.data() + token.size() && id >= 0 &&
-                      id <= std::numeric_limits<int32_t>::max(),
-                  "decode: '{}' is not a token id (ids are integers in [0, 2^31))", token);
+    DIFFMOE_CHECK(
+        ec == std::errc() && end == token.data() + token.size() && id >= 0 && id <= std::numeric_limits<int32_t>::max(),
+        "decode: '{}' is not a token id (ids are integers in [0, 2^31))", token);
     ids.push_back(static_cast<int32_t>(id));
   }
   return ids;
@@ -53,7 +53,8 @@ void add_tokenizer_command(CLI::App& app, std::function<int()>& run) {
   auto vocab = std::make_shared<int32_t>(4096);
   auto pattern = std::make_shared<std::string>("gpt2");
   auto field = std::make_shared<std::string>("text");
-  tr->add_option("--input", *inputs, "files, directories or globs (comma-separated; .txt/.jsonl, .gz/.zst)")->required();
+  tr->add_option("--input", *inputs, "files, directories or globs (comma-separated; .txt/.jsonl, .gz/.zst)")
+      ->required();
   tr->add_option("--out", *out, "output tokenizer.json")->required();
   tr->add_option("--vocab-size", *vocab, "total ids including 256 bytes and <|endoftext|> (default 4096)");
   tr->add_option("--pattern", *pattern, "pre-tokenizer split pattern: gpt2 or cl100k (default gpt2)");

@@ -31,12 +31,13 @@ int train_once(const std::string& config, const std::vector<std::string>& sets, 
   }
   if (r.stop_signal != 0) return kExitStopped;  // the trainer said where it stopped and what it saved
   if (lead)
-    fmt::print("done: {} steps, last loss {:.4f}, validation loss {:.4f}, checkpoint {}\n", r.steps, r.last_loss, r.val_loss,
-               r.last_checkpoint);
+    fmt::print("done: {} steps, last loss {:.4f}, validation loss {:.4f}, checkpoint {}\n", r.steps, r.last_loss,
+               r.val_loss, r.last_checkpoint);
   return 0;
 }
 
-int run_train(const std::string& config, const std::vector<std::string>& sets, const std::string& resume, bool overwrite) {
+int run_train(const std::string& config, const std::vector<std::string>& sets, const std::string& resume,
+              bool overwrite) {
   const TrainOptions base{.resume = resume, .config_path = config, .overwrite = overwrite};
   const dist::Launch launch = dist::detect_launch();
   if (launch.world == 1) return train_once(config, sets, base, true);

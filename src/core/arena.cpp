@@ -60,7 +60,8 @@ void Arena::add(std::string name, Shape shape, DType dtype) {
   // Sizes past the address space are out of memory, however they were asked for.
   if (__builtin_mul_overflow(static_cast<size_t>(shape.numel()), dtype_size(dtype), &n) || n > SIZE_MAX - kAlign ||
       __builtin_add_overflow(bytes_, (n + kAlign - 1) / kAlign * kAlign, &total))
-    throw OutOfMemory(fmt::format("[arena] view '{}' of shape {} does not fit in the address space", name, shape.str()), SIZE_MAX);
+    throw OutOfMemory(fmt::format("[arena] view '{}' of shape {} does not fit in the address space", name, shape.str()),
+                      SIZE_MAX);
   bytes_ = total;
   index_.emplace(name, entries_.size());
   entries_.push_back(Entry{std::move(name), shape, dtype, offset});
@@ -68,8 +69,8 @@ void Arena::add(std::string name, Shape shape, DType dtype) {
 
 void Arena::pad_to(size_t offset) {
   DIFFMOE_CHECK(base_ == nullptr, "[arena] pad_to() after allocate()");
-  DIFFMOE_CHECK(offset >= bytes_ && offset % kAlign == 0, "[arena] pad_to({}): below the planned {} bytes or not {}-aligned", offset,
-                bytes_, kAlign);
+  DIFFMOE_CHECK(offset >= bytes_ && offset % kAlign == 0,
+                "[arena] pad_to({}): below the planned {} bytes or not {}-aligned", offset, bytes_, kAlign);
   bytes_ = offset;
 }
 

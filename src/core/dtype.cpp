@@ -68,9 +68,10 @@ uint8_t f32_to_e4m3(float x, bool saturate) {
   const float a = std::fabs(x);
   // The midpoint between 448 and the next (unrepresentable) 480 is 464: at or above it a
   // non-saturating cast gives NaN; 464 itself rounds to even (480 -> overflow).
-  if (a >= 464.0f || std::isinf(a)) return saturate ? static_cast<uint8_t>(sign | 0x7e) : static_cast<uint8_t>(sign | 0x7f);
+  if (a >= 464.0f || std::isinf(a))
+    return saturate ? static_cast<uint8_t>(sign | 0x7e) : static_cast<uint8_t>(sign | 0x7f);
   int e;
-  std::frexp(a, &e);                // a = f * 2^e, f in [0.5, 1)  =>  binade exponent e-1
+  std::frexp(a, &e);  // a = f * 2^e, f in [0.5, 1)  =>  binade exponent e-1
   int unbiased = e - 1;
   if (unbiased < -6) unbiased = -6;  // subnormals share the ulp of the smallest binade: 2^-9
   const float ulp = std::ldexp(1.0f, unbiased - 3);
@@ -79,8 +80,8 @@ uint8_t f32_to_e4m3(float x, bool saturate) {
   if (r == 0.0f) return sign;
   int re;
   std::frexp(r, &re);
-  int rexp = re - 1;                 // rounding may have carried into the next binade
-  if (rexp < -6) {                   // subnormal: man = r / 2^-9
+  int rexp = re - 1;  // rounding may have carried into the next binade
+  if (rexp < -6) {    // subnormal: man = r / 2^-9
     return static_cast<uint8_t>(sign | static_cast<uint8_t>(r / std::ldexp(1.0f, -9)));
   }
   const int man = static_cast<int>(r / std::ldexp(1.0f, rexp - 3)) - 8;

@@ -9,7 +9,7 @@ namespace diffmoe {
 enum class DType : uint8_t { kF32, kF64, kBF16, kF8E4M3, kI32, kI64, kU8 };
 
 size_t dtype_size(DType t);
-std::string_view dtype_name(DType t);       // "f32", "f64", "bf16", "f8e4m3", "i32", "i64", "u8"
+std::string_view dtype_name(DType t);  // "f32", "f64", "bf16", "f8e4m3", "i32", "i64", "u8"
 bool dtype_is_float(DType t);
 
 // BF16 = the upper 16 bits of an f32, round to nearest even, NaN stays a quiet NaN.

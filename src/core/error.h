@@ -12,7 +12,8 @@ namespace diffmoe {
 
 class Error : public std::runtime_error {
  public:
-  explicit Error(const std::string& what, std::string location = {}) : std::runtime_error(what), location_(std::move(location)) {}
+  explicit Error(const std::string& what, std::string location = {})
+      : std::runtime_error(what), location_(std::move(location)) {}
   const std::string& location() const { return location_; }  // "file.cpp:123", or empty
 
  private:
@@ -23,7 +24,8 @@ class Error : public std::runtime_error {
 // the memory was for (the trainer: which config keys set the sizes) catch it and say so.
 class OutOfMemory : public Error {
  public:
-  OutOfMemory(const std::string& what, size_t bytes, std::string location = {}) : Error(what, std::move(location)), bytes_(bytes) {}
+  OutOfMemory(const std::string& what, size_t bytes, std::string location = {})
+      : Error(what, std::move(location)), bytes_(bytes) {}
   size_t bytes() const { return bytes_; }  // the allocation that failed
 
  private:
@@ -37,8 +39,8 @@ class OutOfMemory : public Error {
 }  // namespace diffmoe
 
 // DIFFMOE_CHECK(cond, "[op] message {}", args...): throws diffmoe::Error naming the call site.
-#define DIFFMOE_CHECK(cond, ...)                                                   \
-  do {                                                                             \
+#define DIFFMOE_CHECK(cond, ...)                                                       \
+  do {                                                                                 \
     if (!(cond)) ::diffmoe::throw_error(__FILE__, __LINE__, fmt::format(__VA_ARGS__)); \
   } while (0)
 

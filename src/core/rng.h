@@ -18,7 +18,7 @@ namespace diffmoe {
 struct Philox4x32 {
   // One block of 4 random 32-bit words for counter (c0..c3) and key (k0, k1).
   static DIFFMOE_HD std::array<uint32_t, 4> block(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3, uint32_t k0,
-                                                 uint32_t k1) {
+                                                  uint32_t k1) {
     constexpr uint32_t kM0 = 0xD2511F53u, kM1 = 0xCD9E8D57u, kW0 = 0x9E3779B9u, kW1 = 0xBB67AE85u;
     for (int round = 0; round < 10; ++round) {
       const uint64_t p0 = static_cast<uint64_t>(kM0) * c0;

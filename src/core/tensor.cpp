@@ -24,7 +24,8 @@ int64_t Shape::numel() const {
   int64_t n = 1;
   // Checked: a shape from a hostile config (dims of 2^32) must fail, not wrap to a small size.
   for (int i = 0; i < rank_; ++i)
-    if (__builtin_mul_overflow(n, dims_[i], &n)) DIFFMOE_FAIL("[tensor] shape {} has more elements than int64 holds", str());
+    if (__builtin_mul_overflow(n, dims_[i], &n))
+      DIFFMOE_FAIL("[tensor] shape {} has more elements than int64 holds", str());
   return n;
 }
 
@@ -49,8 +50,8 @@ Tensor Tensor::reshape(Shape s) const {
 }
 
 Tensor Tensor::rows(int64_t begin, int64_t end) const {
-  DIFFMOE_CHECK(rank() >= 1 && begin >= 0 && begin <= end && end <= dim(0), "[tensor] rows({}, {}) of {}",
-                begin, end, describe());
+  DIFFMOE_CHECK(rank() >= 1 && begin >= 0 && begin <= end && end <= dim(0), "[tensor] rows({}, {}) of {}", begin, end,
+                describe());
   const int64_t row = dim(0) == 0 ? 0 : numel() / dim(0);
   Tensor t = *this;
   t.data = static_cast<char*>(data) + static_cast<size_t>(begin * row) * dtype_size(dtype);

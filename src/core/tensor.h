@@ -31,12 +31,28 @@ class Shape {
   int rank_ = 0;
 };
 
-template <class T> constexpr DType dtype_of();
-template <> constexpr DType dtype_of<float>() { return DType::kF32; }
-template <> constexpr DType dtype_of<double>() { return DType::kF64; }
-template <> constexpr DType dtype_of<int32_t>() { return DType::kI32; }
-template <> constexpr DType dtype_of<int64_t>() { return DType::kI64; }
-template <> constexpr DType dtype_of<uint8_t>() { return DType::kU8; }
+template <class T>
+constexpr DType dtype_of();
+template <>
+constexpr DType dtype_of<float>() {
+  return DType::kF32;
+}
+template <>
+constexpr DType dtype_of<double>() {
+  return DType::kF64;
+}
+template <>
+constexpr DType dtype_of<int32_t>() {
+  return DType::kI32;
+}
+template <>
+constexpr DType dtype_of<int64_t>() {
+  return DType::kI64;
+}
+template <>
+constexpr DType dtype_of<uint8_t>() {
+  return DType::kU8;
+}
 
 struct Tensor {
   void* data = nullptr;
@@ -51,15 +67,16 @@ struct Tensor {
   size_t nbytes() const { return static_cast<size_t>(numel()) * dtype_size(dtype); }
 
   // Typed pointer; throws if the element type does not match.
-  template <class T> T* ptr() const {
+  template <class T>
+  T* ptr() const {
     DIFFMOE_CHECK(dtype == dtype_of<T>(), "[tensor] {} accessed as {}", describe(), dtype_name(dtype_of<T>()));
     return static_cast<T*>(data);
   }
 
-  Tensor reshape(Shape s) const;                     // same numel, same memory
-  Tensor rows(int64_t begin, int64_t end) const;     // slice along dim 0
-  Tensor operator[](int64_t i) const;                // index dim 0, drops it
-  std::string describe() const;                      // "f32[2, 3]@cpu"
+  Tensor reshape(Shape s) const;                  // same numel, same memory
+  Tensor rows(int64_t begin, int64_t end) const;  // slice along dim 0
+  Tensor operator[](int64_t i) const;             // index dim 0, drops it
+  std::string describe() const;                   // "f32[2, 3]@cpu"
 };
 
 // Throws "[op] name: expected shape X, got Y" unless t has exactly this shape and dtype.

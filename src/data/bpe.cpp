@@ -59,8 +59,8 @@ void merge_small(std::string_view piece, const int32_t* init_ids, PairFn&& pair,
   for (size_t i = 0; i < n0; ++i) parts[i] = {static_cast<uint32_t>(i), init_ids[i], {}};
   parts[n0] = {static_cast<uint32_t>(n0), -1, {}};
   size_t n = n0;  // number of live parts; parts[n] is the end sentinel
-  for (size_t i = 0; i + 1 < n; ++i) parts[i].next = pair(parts[i].start, parts[i + 1].start, parts[i + 2].start,
-                                                          parts[i].id, parts[i + 1].id);
+  for (size_t i = 0; i + 1 < n; ++i)
+    parts[i].next = pair(parts[i].start, parts[i + 1].start, parts[i + 2].start, parts[i].id, parts[i + 1].id);
   while (n > 1) {
     size_t best = 0;
     for (size_t i = 1; i + 1 < n; ++i)
@@ -73,8 +73,8 @@ void merge_small(std::string_view piece, const int32_t* init_ids, PairFn&& pair,
                                            parts[best].id, parts[best + 1].id)
                                     : Candidate{};
     if (best > 0)
-      parts[best - 1].next = pair(parts[best - 1].start, parts[best].start, parts[best + 1].start,
-                                  parts[best - 1].id, parts[best].id);
+      parts[best - 1].next =
+          pair(parts[best - 1].start, parts[best].start, parts[best + 1].start, parts[best - 1].id, parts[best].id);
   }
   for (size_t i = 0; i < n; ++i) out.push_back(parts[i].id);
 }

@@ -49,7 +49,7 @@ class PairMap {
     int32_t id = -1;
   };
   bool insert(int32_t left, int32_t right, Merge m);  // false if the pair is already present
-  Merge find(int32_t left, int32_t right) const;       // rank -1 when absent
+  Merge find(int32_t left, int32_t right) const;      // rank -1 when absent
   size_t size() const { return size_; }
 
  private:
@@ -76,7 +76,7 @@ void bpe_merge_by_pairs(std::string_view piece, const std::array<int32_t, 256>& 
 // GPT-2's byte <-> unicode alphabet used by HF byte-level vocabularies (docs/formats.md §1c
 // "Byte-level mapping"): `!`..`~`, `¡`..`¬`, `®`..`ÿ` map to themselves, the other 68 bytes to
 // U+0100 + n in increasing byte order.
-std::string byte_level_encode(std::string_view bytes);                  // raw bytes -> UTF-8 text
-std::optional<std::string> byte_level_decode(std::string_view text);    // nullopt if a char is outside the alphabet
+std::string byte_level_encode(std::string_view bytes);                // raw bytes -> UTF-8 text
+std::optional<std::string> byte_level_decode(std::string_view text);  // nullopt if a char is outside the alphabet
 
 }  // namespace diffmoe::data

@@ -13,10 +13,10 @@
 #include <unordered_set>
 
 #include "core/error.h"
-#include "io/file_util.h"
 #include "data/bpe.h"
 #include "data/pretokenizer.h"
 #include "data/tokenizer_base.h"
+#include "io/file_util.h"
 
 namespace diffmoe::data {
 namespace {
@@ -51,8 +51,9 @@ BpeTrainer::BpeTrainer(BpeTrainerOptions options) : options_(std::move(options))
   DIFFMOE_CHECK(options_.vocab_size >= 256 + static_cast<int32_t>(options_.special_tokens.size()),
                 "[bpe_trainer] vocab_size {} < 256 bytes + {} special tokens", options_.vocab_size,
                 options_.special_tokens.size());
-  DIFFMOE_CHECK(options_.vocab_size <= kMaxTokenizerVocab, "[bpe_trainer] vocab_size {} is over the largest supported {}",
-                options_.vocab_size, kMaxTokenizerVocab);
+  DIFFMOE_CHECK(options_.vocab_size <= kMaxTokenizerVocab,
+                "[bpe_trainer] vocab_size {} is over the largest supported {}", options_.vocab_size,
+                kMaxTokenizerVocab);
   impl_ = std::make_unique<Impl>(options_);
 }
 
@@ -208,22 +209,30 @@ std::string trained_bpe_to_json(const TrainedBpe& bpe) {
   j["padding"] = nullptr;
   ojson added = ojson::array();
   for (const SpecialToken& s : bpe.specials)
-    added.push_back({{"id", s.id}, {"content", s.text}, {"single_word", false}, {"lstrip", false},
-                     {"rstrip", false}, {"normalized", false}, {"special", true}});
+    added.push_back({{"id", s.id},
+                     {"content", s.text},
+                     {"single_word", false},
+                     {"lstrip", false},
+                     {"rstrip", false},
+                     {"normalized", false},
+                     {"special", true}});
   j["added_tokens"] = added;
   j["normalizer"] = nullptr;
   if (bpe.pattern == "gpt2") {
     // ByteLevel(use_regex=true) applies the legacy GPT-2 pattern, the one we trained with.
-    j["pre_tokenizer"] = {{"type", "ByteLevel"}, {"add_prefix_space", false}, {"trim_offsets", true}, {"use_regex", true}};
+    j["pre_tokenizer"] = {
+        {"type", "ByteLevel"}, {"add_prefix_space", false}, {"trim_offsets", true}, {"use_regex", true}};
   } else {
     j["pre_tokenizer"] = {
         {"type", "Sequence"},
         {"pretokenizers",
-         ojson::array({ojson{{"type", "Split"},
-                             {"pattern", {{"Regex", std::string(trainer_pattern(bpe.pattern))}}},
-                             {"behavior", "Removed"},
-                             {"invert", true}},
-                       ojson{{"type", "ByteLevel"}, {"add_prefix_space", false}, {"trim_offsets", true}, {"use_regex", false}}})}};
+         ojson::array(
+             {ojson{{"type", "Split"},
+                    {"pattern", {{"Regex", std::string(trainer_pattern(bpe.pattern))}}},
+                    {"behavior", "Removed"},
+                    {"invert", true}},
+              ojson{
+                  {"type", "ByteLevel"}, {"add_prefix_space", false}, {"trim_offsets", true}, {"use_regex", false}}})}};
   }
   j["post_processor"] = nullptr;
   j["decoder"] = {{"type", "ByteLevel"}, {"add_prefix_space", false}, {"trim_offsets", true}, {"use_regex", true}};
@@ -289,7 +298,8 @@ void save_trained_bpe(const TrainedBpe& bpe, const std::filesystem::path& path) 
   fsync_or_fail(path.has_parent_path() ? path.parent_path().string() : ".");
 }
 
-CorpusStats add_documents(BpeTrainer& trainer, const std::vector<std::filesystem::path>& files, const ReaderOptions& reader) {
+CorpusStats add_documents(BpeTrainer& trainer, const std::vector<std::filesystem::path>& files,
+                          const ReaderOptions& reader) {
   CorpusStats stats;
   std::string doc;
   for (const auto& file : files) {

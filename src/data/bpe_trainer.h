@@ -32,7 +32,7 @@
 namespace diffmoe::data {
 
 struct BpeTrainerOptions {
-  int32_t vocab_size = 4096;  // total ids: 256 bytes + merges + special tokens
+  int32_t vocab_size = 4096;     // total ids: 256 bytes + merges + special tokens
   std::string pattern = "gpt2";  // "gpt2" or "cl100k" (the split pattern, docs/formats.md §1c)
   std::vector<std::string> special_tokens = {"<|endoftext|>"};
   int64_t min_frequency = 2;  // stop early when the best pair occurs fewer times than this
@@ -44,9 +44,9 @@ struct TrainedBpe {
     int32_t left = -1, right = -1, result = -1;
   };
   std::string name;
-  std::string pattern;               // "gpt2" or "cl100k"
-  std::vector<std::string> tokens;   // id -> bytes for ids < 256 + merges
-  std::vector<Merge> merges;         // in rank order
+  std::string pattern;              // "gpt2" or "cl100k"
+  std::vector<std::string> tokens;  // id -> bytes for ids < 256 + merges
+  std::vector<Merge> merges;        // in rank order
   std::vector<SpecialToken> specials;
   int32_t vocab_size() const { return static_cast<int32_t>(tokens.size() + specials.size()); }
 };
@@ -85,6 +85,7 @@ struct CorpusStats {
   uint64_t documents = 0;
   uint64_t bytes = 0;
 };
-CorpusStats add_documents(BpeTrainer& trainer, const std::vector<std::filesystem::path>& files, const ReaderOptions& reader);
+CorpusStats add_documents(BpeTrainer& trainer, const std::vector<std::filesystem::path>& files,
+                          const ReaderOptions& reader);
 
 }  // namespace diffmoe::data

@@ -41,8 +41,8 @@ std::string quote_regex(std::string_view s) {
 class HfTokenizer final : public TokenizerBase {
  public:
   HfTokenizer(const json& j, std::string_view origin, std::optional<std::string> eos_hint)
-      : TokenizerBase(default_name(j, origin), j.contains("diffmoe") ? TokenizerKind::kDiffmoe
-                                                                     : TokenizerKind::kHuggingFace),
+      : TokenizerBase(default_name(j, origin),
+                      j.contains("diffmoe") ? TokenizerKind::kDiffmoe : TokenizerKind::kHuggingFace),
         origin_(origin) {
     check_unsupported(j);
     bool saw_byte_level = false;
@@ -77,12 +77,14 @@ class HfTokenizer final : public TokenizerBase {
 
   void check_unsupported(const json& j) const {
     if (j.contains("normalizer") && !j["normalizer"].is_null())
-      fail("normalizer", fmt::format("'{}' is not supported (only null, for byte-level BPE)", type_of(j["normalizer"])));
+      fail("normalizer",
+           fmt::format("'{}' is not supported (only null, for byte-level BPE)", type_of(j["normalizer"])));
     const json& m = j["model"];
     const std::string t = type_of(m);
     if (!(t == "BPE" || (t.empty() && m.contains("merges"))))
       fail("model.type", fmt::format("'{}' is not supported (only byte-level BPE)", t));
-    if (m.contains("dropout") && !m["dropout"].is_null() && !(m["dropout"].is_number() && m["dropout"].get<double>() == 0))
+    if (m.contains("dropout") && !m["dropout"].is_null() &&
+        !(m["dropout"].is_number() && m["dropout"].get<double>() == 0))
       fail("model.dropout", "is not supported (BPE dropout is random)");
     for (const char* k : {"continuing_subword_prefix", "end_of_word_suffix"})
       if (m.contains(k) && !m[k].is_null() && !(m[k].is_string() && m[k].get<std::string>().empty()))
@@ -110,14 +112,16 @@ class HfTokenizer final : public TokenizerBase {
       else if (pat.is_object() && pat.contains("String") && pat["String"].is_string())
         regex = quote_regex(pat["String"].get<std::string>());
       else fail(field + ".pattern", "must be {\"Regex\": ...} or {\"String\": ...}");
-      const std::string behavior = p.contains("behavior") && p["behavior"].is_string() ? p["behavior"].get<std::string>() : "";
+      const std::string behavior =
+          p.contains("behavior") && p["behavior"].is_string() ? p["behavior"].get<std::string>() : "";
       const bool invert = flag(p, "invert", false);
       // Both supported forms keep every match as a piece; gaps between matches (none for the
       // GPT-2/cl100k/o200k patterns, which match every character) are kept too so that the round
       // trip stays exact (tokenizer.h).
       if (!((behavior == "Isolated" && !invert) || (behavior == "Removed" && invert)))
         fail(field + ".behavior", fmt::format("'{}' with invert={} is not supported (only Isolated, or Removed with "
-                                              "invert=true)", behavior, invert));
+                                              "invert=true)",
+                                              behavior, invert));
       try {
         steps_.push_back({std::make_unique<Pretokenizer>(regex), false});
       } catch (const Error& e) {
@@ -138,7 +142,8 @@ class HfTokenizer final : public TokenizerBase {
           !a["content"].is_string())
         fail(fmt::format("added_tokens[{}]", i), "needs integer \"id\" and string \"content\"");
       if (a["id"].get<int64_t>() < 0 || a["id"].get<int64_t>() >= kMaxTokenizerVocab)
-        fail(fmt::format("added_tokens[{}].id", i), fmt::format("{} is outside [0, {})", a["id"].dump(), kMaxTokenizerVocab));
+        fail(fmt::format("added_tokens[{}].id", i),
+             fmt::format("{} is outside [0, {})", a["id"].dump(), kMaxTokenizerVocab));
       atomic.push_back({a["content"].get<std::string>(), a["id"].get<int32_t>(), flag(a, "special", false),
                         flag(a, "lstrip", false), flag(a, "rstrip", false), flag(a, "single_word", false)});
       added_ids.insert(atomic.back().id);
@@ -148,7 +153,8 @@ class HfTokenizer final : public TokenizerBase {
     for (auto it = vocab.begin(); it != vocab.end(); ++it) {
       if (!it.value().is_number_integer()) fail("model.vocab", fmt::format("id of '{}' is not an integer", it.key()));
       if (it.value().get<int64_t>() < 0 || it.value().get<int64_t>() >= kMaxTokenizerVocab)
-        fail("model.vocab", fmt::format("id {} of '{}' is outside [0, {})", it.value().dump(), it.key(), kMaxTokenizerVocab));
+        fail("model.vocab",
+             fmt::format("id {} of '{}' is outside [0, {})", it.value().dump(), it.key(), kMaxTokenizerVocab));
       const int32_t id = it.value().get<int32_t>();
       if (added_ids.count(id)) continue;  // its bytes are the added token's content
       const auto bytes = byte_level_decode(it.key());
@@ -259,7 +265,8 @@ std::unique_ptr<Tokenizer> load_from_json(std::string_view text, std::string_vie
   DIFFMOE_CHECK(!j.is_discarded(), "[hf_tokenizer] '{}' is not valid JSON", origin);
   DIFFMOE_CHECK(j.is_object() && j.contains("model") && j["model"].is_object(),
                 "[hf_tokenizer] '{}' is JSON but not a tokenizer (no \"model\" object; expected an HF "
-                "tokenizer.json or a diffmoe tokenizer)", origin);
+                "tokenizer.json or a diffmoe tokenizer)",
+                origin);
   try {
     return std::make_unique<HfTokenizer>(j, origin, std::move(eos_hint));
   } catch (const Error& e) {  // the shared vocabulary checks name the tokenizer, not the file

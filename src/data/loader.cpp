@@ -31,16 +31,18 @@ std::vector<fs::path> find_shards(const fs::path& dir, std::string_view split) {
   std::vector<fs::path> out;
   const fs::path meta_path = dir / "meta.json";
   if (fs::exists(meta_path)) {
-    const nlohmann::json meta = nlohmann::json::parse(io::read_small_file(meta_path.string(), io::kMaxManifestBytes, "shard index"),
-                                                      nullptr, /*allow_exceptions=*/false);
+    const nlohmann::json meta =
+        nlohmann::json::parse(io::read_small_file(meta_path.string(), io::kMaxManifestBytes, "shard index"), nullptr,
+                              /*allow_exceptions=*/false);
     DIFFMOE_CHECK(meta.is_object() && meta.contains(split) && meta[std::string(split)].contains("shards"),
                   "{}: {}.shards: missing (not a `diffmoe data prepare` meta.json?)", meta_path.string(), split);
     for (const auto& name : meta[std::string(split)]["shards"]) {
       DIFFMOE_CHECK(name.is_string(), "{}: {}.shards: expected file names", meta_path.string(), split);
       // Names of files in this directory only: never a path elsewhere ("../x.bin", "/dev/zero").
       const std::string n = name.get<std::string>();
-      DIFFMOE_CHECK(!n.empty() && n != "." && n != ".." && n.find('/') == std::string::npos && n.find('\0') == std::string::npos,
-                    "{}: {}.shards: '{}' is not a file name in this directory", meta_path.string(), split, n);
+      DIFFMOE_CHECK(
+          !n.empty() && n != "." && n != ".." && n.find('/') == std::string::npos && n.find('\0') == std::string::npos,
+          "{}: {}.shards: '{}' is not a file name in this directory", meta_path.string(), split, n);
       out.push_back(dir / n);
     }
     DIFFMOE_CHECK(!out.empty(), "{}: lists no {} shards (for val: prepared with val_fraction 0?)", meta_path.string(),
@@ -72,10 +74,10 @@ uint64_t WindowPermutation::encrypt(uint64_t x) const {
   uint64_t left = x >> half_bits_, right = x & mask_;
   for (int r = 0; r < kFeistelRounds; ++r) {
     // Round function: Philox keyed by the seed, counter = (right half, round, epoch).
-    const auto b = Philox4x32::block(static_cast<uint32_t>(right), static_cast<uint32_t>(right >> 32),
-                                     static_cast<uint32_t>(r), static_cast<uint32_t>(epoch_),
-                                     static_cast<uint32_t>(seed_), static_cast<uint32_t>(seed_ >> 32) ^
-                                                                       static_cast<uint32_t>(epoch_ >> 32));
+    const auto b =
+        Philox4x32::block(static_cast<uint32_t>(right), static_cast<uint32_t>(right >> 32), static_cast<uint32_t>(r),
+                          static_cast<uint32_t>(epoch_), static_cast<uint32_t>(seed_),
+                          static_cast<uint32_t>(seed_ >> 32) ^ static_cast<uint32_t>(epoch_ >> 32));
     const uint64_t f = ((static_cast<uint64_t>(b[1]) << 32) | b[0]) & mask_;
     const uint64_t next = left ^ f;
     left = right;
@@ -96,7 +98,8 @@ uint64_t WindowPermutation::operator()(uint64_t i) const {
 // ---- LoaderState ----
 
 std::string LoaderState::to_json() const {
-  return nlohmann::json{{"seed", seed}, {"epoch", epoch}, {"position", position}, {"n_windows", n_windows}, {"seq", seq}}
+  return nlohmann::json{
+      {"seed", seed}, {"epoch", epoch}, {"position", position}, {"n_windows", n_windows}, {"seq", seq}}
       .dump();
 }
 
@@ -239,7 +242,8 @@ bool TokenLoader::assemble(LoaderState& cursor, int32_t* rows) const {
   const auto seq = static_cast<uint64_t>(options_.seq);
   if (!options_.shuffle) {
     if (cursor.position + batch > n_windows_) return false;
-    if (options_.max_batches > 0 && cursor.position / batch >= static_cast<uint64_t>(options_.max_batches)) return false;
+    if (options_.max_batches > 0 && cursor.position / batch >= static_cast<uint64_t>(options_.max_batches))
+      return false;
     for (uint64_t b = 0; b < batch; ++b) read_tokens((cursor.position + b) * seq, seq + 1, rows + b * (seq + 1));
     cursor.position += batch;
     return true;

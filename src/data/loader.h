@@ -55,22 +55,22 @@ class WindowPermutation {
 struct LoaderState {
   uint64_t seed = 0;
   uint64_t epoch = 0;
-  uint64_t position = 0;   // windows of this epoch (validation: of this pass) already delivered
-  uint64_t n_windows = 0;  // 0 = not checked
-  int64_t seq = 0;         // 0 = not checked
+  uint64_t position = 0;        // windows of this epoch (validation: of this pass) already delivered
+  uint64_t n_windows = 0;       // 0 = not checked
+  int64_t seq = 0;              // 0 = not checked
   std::string to_json() const;  // {"seed":..,"epoch":..,"position":..,"n_windows":..,"seq":..}
   static LoaderState from_json(std::string_view text);  // throws naming the bad field
   bool operator==(const LoaderState&) const = default;
 };
 
 struct TokenLoaderOptions {
-  int64_t batch = 1;            // B
-  int64_t seq = 1024;           // T
+  int64_t batch = 1;   // B
+  int64_t seq = 1024;  // T
   uint64_t seed = 0;
-  bool shuffle = true;          // false: the validation loader described above
-  int64_t max_batches = 0;      // validation: batches per pass; 0 = all full batches
-  bool prefetch = false;        // assemble the next batch on a background thread (same batches)
-  bool verify_checksums = true; // checked once per shard at open
+  bool shuffle = true;           // false: the validation loader described above
+  int64_t max_batches = 0;       // validation: batches per pass; 0 = all full batches
+  bool prefetch = false;         // assemble the next batch on a background thread (same batches)
+  bool verify_checksums = true;  // checked once per shard at open
 };
 
 class TokenLoader {
@@ -111,7 +111,7 @@ class TokenLoader {
   std::vector<Shard> shards_;
   std::vector<uint64_t> offsets_;  // offsets_[i] = first stream token of shard i; back() = N
   uint64_t n_windows_ = 0;
-  LoaderState cursor_;  // after the last batch handed out
+  LoaderState cursor_;         // after the last batch handed out
   std::vector<int32_t> rows_;  // [B, T+1] scratch for the synchronous path
   std::unique_ptr<Prefetcher> prefetch_;
 };

@@ -42,7 +42,7 @@ constexpr int kInFlightPerThread = 4;  // bounds memory: batches read but not ye
 struct Batch {
   uint64_t seq = 0;
   std::vector<std::string> texts;
-  std::vector<char> is_val;  // per document
+  std::vector<char> is_val;                  // per document
   std::vector<std::vector<int32_t>> tokens;  // per document, filled by a worker
   size_t bytes = 0;
 };
@@ -168,7 +168,8 @@ PrepareStats prepare_shards(const PrepareOptions& options) {
                      "wait for that preparation to finish, or prepare into another directory");
   fs::remove(options.out_dir / "meta.json");  // no stale description while shards are rewritten
 
-  const int threads = options.threads > 0 ? options.threads : static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+  const int threads =
+      options.threads > 0 ? options.threads : static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
   const uint64_t max_in_flight = static_cast<uint64_t>(kInFlightPerThread * threads + 2);
   const uint64_t split_stream = stream_id("data.val_split");
 
@@ -212,8 +213,7 @@ PrepareStats prepare_shards(const PrepareOptions& options) {
           auto node = p.done.extract(p.written);
           b = std::move(node.mapped());
         }
-        for (size_t i = 0; i < b->tokens.size(); ++i)
-          (b->is_val[i] ? val : train).append_document(b->tokens[i], *eos);
+        for (size_t i = 0; i < b->tokens.size(); ++i) (b->is_val[i] ? val : train).append_document(b->tokens[i], *eos);
         std::lock_guard<std::mutex> lock(p.mu);
         ++p.written;
         p.cv.notify_all();
@@ -281,34 +281,33 @@ PrepareStats prepare_shards(const PrepareOptions& options) {
 
   std::vector<std::string> file_names;
   for (const fs::path& f : files) file_names.push_back(f.string());
-  const nlohmann::json meta = {
-      {"format", "diffmoe-token-shards"},
-      {"version", kShardVersion},
-      {"tokenizer",
-       {{"path", fs::absolute(options.tokenizer).string()},
-        {"fingerprint", fmt::format("{:016x}", shard_options.tokenizer_fingerprint)},
-        {"name", tokenizer->name()},
-        {"kind", std::string(tokenizer_kind_name(tokenizer->kind()))},
-        {"vocab_size", shard_options.vocab_size},
-        {"eos_id", shard_options.eos_id}}},
-      {"dtype", shard_dtype_for_vocab(shard_options.vocab_size)},
-      {"options",
-       {{"inputs", options.inputs},
-        {"text_field", options.text_field},
-        {"val_fraction", options.val_fraction},
-        {"shard_tokens", options.shard_tokens},
-        {"seed", options.seed},
-        {"skip_bad_lines", options.skip_bad_lines},
-        {"text_doc_bytes", options.text_doc_bytes}}},
-      {"inputs", file_names},
-      {"counts",
-       {{"files", stats.files},
-        {"documents", stats.documents},
-        {"tokens", stats.tokens},
-        {"text_bytes", stats.text_bytes},
-        {"bad_lines", stats.bad_lines}}},
-      {"train", split_json(stats.train)},
-      {"val", split_json(stats.val)}};
+  const nlohmann::json meta = {{"format", "diffmoe-token-shards"},
+                               {"version", kShardVersion},
+                               {"tokenizer",
+                                {{"path", fs::absolute(options.tokenizer).string()},
+                                 {"fingerprint", fmt::format("{:016x}", shard_options.tokenizer_fingerprint)},
+                                 {"name", tokenizer->name()},
+                                 {"kind", std::string(tokenizer_kind_name(tokenizer->kind()))},
+                                 {"vocab_size", shard_options.vocab_size},
+                                 {"eos_id", shard_options.eos_id}}},
+                               {"dtype", shard_dtype_for_vocab(shard_options.vocab_size)},
+                               {"options",
+                                {{"inputs", options.inputs},
+                                 {"text_field", options.text_field},
+                                 {"val_fraction", options.val_fraction},
+                                 {"shard_tokens", options.shard_tokens},
+                                 {"seed", options.seed},
+                                 {"skip_bad_lines", options.skip_bad_lines},
+                                 {"text_doc_bytes", options.text_doc_bytes}}},
+                               {"inputs", file_names},
+                               {"counts",
+                                {{"files", stats.files},
+                                 {"documents", stats.documents},
+                                 {"tokens", stats.tokens},
+                                 {"text_bytes", stats.text_bytes},
+                                 {"bad_lines", stats.bad_lines}}},
+                               {"train", split_json(stats.train)},
+                               {"val", split_json(stats.val)}};
   write_file_atomic(options.out_dir / "meta.json", meta.dump(2) + "\n");
   stats.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   return stats;

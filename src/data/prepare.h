@@ -24,23 +24,23 @@
 namespace diffmoe::data {
 
 struct PrepareOptions {
-  std::string inputs;                  // comma-separated files, directories, globs (expand_inputs)
-  std::string text_field = "text";     // JSONL key
-  std::filesystem::path tokenizer;     // any file load_tokenizer() reads; it must have an EOS token
+  std::string inputs;               // comma-separated files, directories, globs (expand_inputs)
+  std::string text_field = "text";  // JSONL key
+  std::filesystem::path tokenizer;  // any file load_tokenizer() reads; it must have an EOS token
   std::filesystem::path out_dir;
-  double val_fraction = 0.0;           // fraction of documents for validation, in [0, 1]
-  uint64_t shard_tokens = 100'000'000; // tokens per shard file
-  int threads = 0;                     // tokenizer threads; 0 = std::thread::hardware_concurrency()
-  uint64_t seed = 0;                   // the validation split
-  bool skip_bad_lines = false;         // JSONL: warn and skip malformed lines instead of failing
-  size_t text_doc_bytes = 64 << 10;    // plain text: document size target (text_source.h)
-  size_t batch_bytes = 256 << 10;      // text per tokenizer work item (speed only, not the output)
+  double val_fraction = 0.0;            // fraction of documents for validation, in [0, 1]
+  uint64_t shard_tokens = 100'000'000;  // tokens per shard file
+  int threads = 0;                      // tokenizer threads; 0 = std::thread::hardware_concurrency()
+  uint64_t seed = 0;                    // the validation split
+  bool skip_bad_lines = false;          // JSONL: warn and skip malformed lines instead of failing
+  size_t text_doc_bytes = 64 << 10;     // plain text: document size target (text_source.h)
+  size_t batch_bytes = 256 << 10;       // text per tokenizer work item (speed only, not the output)
 };
 
 struct SplitStats {
   uint64_t documents = 0;
-  uint64_t tokens = 0;  // including one EOS per document
-  uint64_t bytes = 0;   // shard file sizes
+  uint64_t tokens = 0;              // including one EOS per document
+  uint64_t bytes = 0;               // shard file sizes
   std::vector<std::string> shards;  // file names in out_dir
 };
 

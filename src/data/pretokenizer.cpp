@@ -14,8 +14,10 @@ std::string_view pattern_by_name(std::string_view name) {
   if (name == "o200k_base") return patterns::kO200k;
   if (name == "gpt2_legacy") return patterns::kGpt2Legacy;
   if (name == "cl100k_legacy") return patterns::kCl100kLegacy;
-  DIFFMOE_FAIL("[pretokenizer] unknown pattern name '{}' (known: gpt2, r50k_base, p50k_base, cl100k_base, "
-               "o200k_base, gpt2_legacy, cl100k_legacy)", name);
+  DIFFMOE_FAIL(
+      "[pretokenizer] unknown pattern name '{}' (known: gpt2, r50k_base, p50k_base, cl100k_base, "
+      "o200k_base, gpt2_legacy, cl100k_legacy)",
+      name);
 }
 
 size_t utf8_sequence_length(std::string_view s) {
@@ -81,8 +83,8 @@ bool Pretokenizer::Matches::next(size_t* begin, size_t* end) {
   auto* md = static_cast<pcre2_match_data*>(match_data_);
   while (pos_ < text_.size()) {
     // The subject is the whole text (so lookbehind/anchors see real context); matching starts at pos_.
-    const int rc = pcre2_match(code, reinterpret_cast<PCRE2_SPTR>(text_.data()), text_.size(), pos_,
-                               PCRE2_NO_UTF_CHECK, md, static_cast<pcre2_match_context*>(match_ctx_));
+    const int rc = pcre2_match(code, reinterpret_cast<PCRE2_SPTR>(text_.data()), text_.size(), pos_, PCRE2_NO_UTF_CHECK,
+                               md, static_cast<pcre2_match_context*>(match_ctx_));
     if (rc == PCRE2_ERROR_NOMATCH) {
       pos_ = text_.size();
       return false;

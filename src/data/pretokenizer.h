@@ -43,7 +43,8 @@ std::string_view pattern_by_name(std::string_view name);
 // Calls fn(run, valid) over consecutive runs covering `text` exactly: maximal valid UTF-8 runs
 // (valid=true) and maximal runs of bytes that belong to no valid sequence (valid=false).
 // Valid means RFC 3629: shortest form, no surrogates, at most U+10FFFF (what PCRE2 accepts).
-template <class Fn> void for_each_utf8_run(std::string_view text, Fn&& fn);
+template <class Fn>
+void for_each_utf8_run(std::string_view text, Fn&& fn);
 // Length of the valid UTF-8 sequence starting at s[0], or 0 if s[0] does not start one.
 size_t utf8_sequence_length(std::string_view s);
 
@@ -83,14 +84,18 @@ class Pretokenizer {
 };
 
 // ---- implementation of the template ----
-template <class Fn> void for_each_utf8_run(std::string_view text, Fn&& fn) {
+template <class Fn>
+void for_each_utf8_run(std::string_view text, Fn&& fn) {
   size_t i = 0;
   while (i < text.size()) {
     const size_t start = i;
     // Fast path: ASCII bytes are always valid.
     while (i < text.size()) {
       const auto c = static_cast<unsigned char>(text[i]);
-      if (c < 0x80) { ++i; continue; }
+      if (c < 0x80) {
+        ++i;
+        continue;
+      }
       const size_t n = utf8_sequence_length(text.substr(i));
       if (n == 0) break;
       i += n;

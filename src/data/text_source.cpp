@@ -38,9 +38,9 @@ bool ends_with(std::string_view s, std::string_view suffix) {
 // The file name without its compression suffix, lowercased, and the compression it names.
 std::pair<std::string, Compression> strip_compression(const fs::path& path) {
   std::string name = lower(path.filename().string());
-  for (auto [suffix, c] : {std::pair{std::string_view(".gz"), Compression::kGzip},
-                           std::pair{std::string_view(".zst"), Compression::kZstd},
-                           std::pair{std::string_view(".zstd"), Compression::kZstd}})
+  for (auto [suffix, c] :
+       {std::pair{std::string_view(".gz"), Compression::kGzip}, std::pair{std::string_view(".zst"), Compression::kZstd},
+        std::pair{std::string_view(".zstd"), Compression::kZstd}})
     if (ends_with(name, suffix)) return {name.substr(0, name.size() - suffix.size()), c};
   return {name, Compression::kNone};
 }
@@ -219,14 +219,14 @@ std::vector<fs::path> expand_inputs(std::string_view spec) {
       DIFFMOE_CHECK(!found.empty(), "input pattern '{}' matches no files", item);
     } else if (fs::is_directory(item)) {
       walk_directory(item, found);
-      DIFFMOE_CHECK(!found.empty(), "input directory '{}' holds no .txt/.text/.jsonl/.ndjson files (optionally .gz/.zst)",
-                    item);
+      DIFFMOE_CHECK(!found.empty(),
+                    "input directory '{}' holds no .txt/.text/.jsonl/.ndjson files (optionally .gz/.zst)", item);
     } else {
       std::error_code ec;
       const fs::file_status st = fs::status(item, ec);
       DIFFMOE_CHECK(fs::exists(st), "input '{}': no such file or directory", item);
-      DIFFMOE_CHECK(fs::is_regular_file(st), "input '{}': not a regular file, directory or glob (a FIFO or device would never end)",
-                    item);
+      DIFFMOE_CHECK(fs::is_regular_file(st),
+                    "input '{}': not a regular file, directory or glob (a FIFO or device would never end)", item);
       found.emplace_back(item);
     }
     std::sort(found.begin(), found.end(), [](const fs::path& a, const fs::path& b) { return a.string() < b.string(); });

@@ -61,10 +61,10 @@ class ByteSource {
 std::unique_ptr<ByteSource> open_byte_source(const std::filesystem::path& path, Compression compression);
 
 struct ReaderOptions {
-  std::string text_field = "text";  // JSONL: the key holding the document text
-  bool skip_bad_lines = false;      // JSONL: count and warn instead of throwing
-  size_t text_doc_bytes = 64 << 10; // plain text: target document size; 0 = one document per file
-  int max_warnings = 10;            // per file, with skip_bad_lines; the rest are only counted
+  std::string text_field = "text";   // JSONL: the key holding the document text
+  bool skip_bad_lines = false;       // JSONL: count and warn instead of throwing
+  size_t text_doc_bytes = 64 << 10;  // plain text: target document size; 0 = one document per file
+  int max_warnings = 10;             // per file, with skip_bad_lines; the rest are only counted
 };
 
 class DocumentReader {
@@ -78,8 +78,8 @@ class DocumentReader {
   bool next(std::string& text);
   const std::filesystem::path& path() const { return path_; }
   InputKind kind() const { return kind_; }
-  uint64_t bad_lines() const { return bad_lines_; }         // JSONL lines skipped (skip_bad_lines)
-  uint64_t text_bytes() const { return text_bytes_; }       // decompressed bytes consumed so far
+  uint64_t bad_lines() const { return bad_lines_; }    // JSONL lines skipped (skip_bad_lines)
+  uint64_t text_bytes() const { return text_bytes_; }  // decompressed bytes consumed so far
   uint64_t file_bytes() const { return source_->file_bytes_read(); }
 
  private:
@@ -92,10 +92,10 @@ class DocumentReader {
   ReaderOptions options_;
   InputKind kind_;
   std::unique_ptr<ByteSource> source_;
-  std::string buf_;     // decompressed bytes not yet returned start at buf_[pos_]
+  std::string buf_;  // decompressed bytes not yet returned start at buf_[pos_]
   size_t pos_ = 0;
   bool eof_ = false;
-  uint64_t line_ = 0;   // JSONL: 1-based number of the last line read
+  uint64_t line_ = 0;  // JSONL: 1-based number of the last line read
   uint64_t bad_lines_ = 0;
   uint64_t text_bytes_ = 0;
 };

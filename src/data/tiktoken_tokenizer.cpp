@@ -16,8 +16,7 @@ std::optional<TiktokenPreset> tiktoken_preset(std::string_view name) {
   // (cl100k 100,256 lines, o200k 199,998) and the r50k/p50k files.
   if (name == "gpt2" || name == "r50k_base")
     return TiktokenPreset{std::string(name), patterns::kR50k, {{"<|endoftext|>", 50256}}, 50256};
-  if (name == "p50k_base")
-    return TiktokenPreset{std::string(name), patterns::kR50k, {{"<|endoftext|>", 50256}}, 50280};
+  if (name == "p50k_base") return TiktokenPreset{std::string(name), patterns::kR50k, {{"<|endoftext|>", 50256}}, 50280};
   if (name == "cl100k_base")
     return TiktokenPreset{std::string(name),
                           patterns::kCl100k,
@@ -28,8 +27,8 @@ std::optional<TiktokenPreset> tiktoken_preset(std::string_view name) {
                            {"<|endofprompt|>", 100276}},
                           100256};
   if (name == "o200k_base")
-    return TiktokenPreset{std::string(name), patterns::kO200k, {{"<|endoftext|>", 199999}, {"<|endofprompt|>", 200018}},
-                          199998};
+    return TiktokenPreset{
+        std::string(name), patterns::kO200k, {{"<|endoftext|>", 199999}, {"<|endofprompt|>", 200018}}, 199998};
   return std::nullopt;
 }
 
@@ -115,8 +114,8 @@ class TiktokenTokenizer final : public TokenizerBase {
 }  // namespace
 
 std::unique_ptr<Tokenizer> load_tiktoken(const std::filesystem::path& path, const TiktokenOptions& options) {
-  return load_tiktoken_from_string(io::read_small_file(path.string(), io::kMaxTokenizerBytes, "tiktoken rank file"), path,
-                                   options);
+  return load_tiktoken_from_string(io::read_small_file(path.string(), io::kMaxTokenizerBytes, "tiktoken rank file"),
+                                   path, options);
 }
 
 std::unique_ptr<Tokenizer> load_tiktoken_from_string(std::string_view content, const std::filesystem::path& path,
@@ -143,8 +142,8 @@ std::unique_ptr<Tokenizer> load_tiktoken_from_string(std::string_view content, c
                       rank >= 0 && base64_decode(line.substr(0, sp), bytes),
                   "[tiktoken] '{}' line {}: expected \"<base64 token> <rank>\", got '{}'", file, line_no,
                   line.substr(0, 80));
-    DIFFMOE_CHECK(rank < kMaxTokenizerVocab, "[tiktoken] '{}' line {}: rank {} is over the largest supported id {}", file,
-                  line_no, rank, kMaxTokenizerVocab - 1);
+    DIFFMOE_CHECK(rank < kMaxTokenizerVocab, "[tiktoken] '{}' line {}: rank {} is over the largest supported id {}",
+                  file, line_no, rank, kMaxTokenizerVocab - 1);
     DIFFMOE_CHECK(ranks.insert(bytes, rank), "[tiktoken] '{}' line {}: duplicate token", file, line_no);
     tokens.emplace_back(rank, bytes);
   }
@@ -169,8 +168,9 @@ std::unique_ptr<Tokenizer> load_tiktoken_from_string(std::string_view content, c
                 file, tokens.size(), path.stem().string());
   const std::string name = options.name ? *options.name : preset ? preset->name : path.stem().string();
   const std::string pattern = options.pattern ? *options.pattern : std::string(preset->pattern);
-  const std::vector<SpecialToken> specials =
-      options.specials ? *options.specials : preset ? preset->specials : std::vector<SpecialToken>{};
+  const std::vector<SpecialToken> specials = options.specials ? *options.specials
+                                             : preset         ? preset->specials
+                                                              : std::vector<SpecialToken>{};
   for (int b = 0; b < 256; ++b)
     DIFFMOE_CHECK(ranks.find(std::string(1, static_cast<char>(b))) >= 0,
                   "[tiktoken] '{}': byte 0x{:02x} has no rank; every single byte must be a token", file, b);

@@ -199,8 +199,9 @@ Shard::Shard(fs::path path, ShardOpenOptions options) : path_(std::move(path)) {
   map_bytes_ = size;
   try {
     const unsigned char* h = map_;
-    DIFFMOE_CHECK(std::memcmp(h, kShardMagic, 8) == 0, "{}: magic: expected \"DMOESHRD\", found \"{}\" (not a diffmoe token shard)",
-                  name, escape_bytes(h, 8));
+    DIFFMOE_CHECK(std::memcmp(h, kShardMagic, 8) == 0,
+                  "{}: magic: expected \"DMOESHRD\", found \"{}\" (not a diffmoe token shard)", name,
+                  escape_bytes(h, 8));
     header_.version = get_u32(h + 8);
     header_.dtype = get_u32(h + 12);
     header_.n_tokens = get_u64(h + 16);
@@ -214,14 +215,16 @@ Shard::Shard(fs::path path, ShardOpenOptions options) : path_(std::move(path)) {
                   "{}: dtype: {} is not a token size (expected 2 for u16 or 4 for u32)", name, header_.dtype);
     DIFFMOE_CHECK(header_.vocab_size > 0, "{}: vocab_size: 0", name);
     DIFFMOE_CHECK(header_.vocab_size <= static_cast<uint32_t>(kMaxTokenizerVocab),
-                  "{}: vocab_size: {} is over the largest supported vocabulary ({} ids)", name, header_.vocab_size, kMaxTokenizerVocab);
+                  "{}: vocab_size: {} is over the largest supported vocabulary ({} ids)", name, header_.vocab_size,
+                  kMaxTokenizerVocab);
     DIFFMOE_CHECK(header_.dtype == 4 || header_.vocab_size <= 65536u,
                   "{}: vocab_size: {} does not fit dtype 2 (u16 ids stop at 65535)", name, header_.vocab_size);
     DIFFMOE_CHECK(header_.eos_id < header_.vocab_size, "{}: eos_id: {} is not below vocab_size {}", name,
                   header_.eos_id, header_.vocab_size);
     for (size_t i = 48; i < kShardHeaderBytes; ++i)
       DIFFMOE_CHECK(h[i] == 0, "{}: reserved: byte {} is {} (must be zero; written by a newer format?)", name, i, h[i]);
-    const uint64_t body = size >= kShardHeaderBytes + kShardFooterBytes ? size - kShardHeaderBytes - kShardFooterBytes : 0;
+    const uint64_t body =
+        size >= kShardHeaderBytes + kShardFooterBytes ? size - kShardHeaderBytes - kShardFooterBytes : 0;
     const uint64_t holds = body / header_.dtype;
     // Compare counts, not n_tokens * dtype, which can overflow for a garbage n_tokens.
     DIFFMOE_CHECK(header_.n_tokens <= holds, "{}: n_tokens says {} tokens but the file holds {} (truncated?)", name,
@@ -267,8 +270,9 @@ Shard& Shard::operator=(Shard&& o) noexcept {
 
 void Shard::verify_checksum() const {
   const uint64_t actual = XXH64(map_ + kShardHeaderBytes, header_.n_tokens * header_.dtype, 0);
-  DIFFMOE_CHECK(actual == footer_, "{}: checksum: the footer says {:016x} but the token bytes hash to {:016x} (corrupted)",
-                path_.string(), footer_, actual);
+  DIFFMOE_CHECK(actual == footer_,
+                "{}: checksum: the footer says {:016x} but the token bytes hash to {:016x} (corrupted)", path_.string(),
+                footer_, actual);
 }
 
 void Shard::read(uint64_t begin, uint64_t count, int32_t* out) const {
@@ -296,7 +300,8 @@ void Shard::read(uint64_t begin, uint64_t count, int32_t* out) const {
   if (worst >= header_.vocab_size) {
     for (uint64_t i = 0; i < count; ++i) {
       const uint32_t v = static_cast<uint32_t>(out[i]);
-      DIFFMOE_CHECK(v < header_.vocab_size, "{}: token {} (byte offset {}) is id {}, outside the shard's vocabulary [0, {}) (corrupted?)",
+      DIFFMOE_CHECK(v < header_.vocab_size,
+                    "{}: token {} (byte offset {}) is id {}, outside the shard's vocabulary [0, {}) (corrupted?)",
                     path_.string(), begin + i, kShardHeaderBytes + (begin + i) * header_.dtype, v, header_.vocab_size);
     }
   }

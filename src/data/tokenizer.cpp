@@ -52,9 +52,8 @@ AtomicMatcher::AtomicMatcher(std::vector<AtomicToken> tokens) : tokens_(std::mov
     is_first_[b] = true;
   }
   for (auto& v : by_first_byte_)
-    std::stable_sort(v.begin(), v.end(), [&](uint32_t a, uint32_t b) {
-      return tokens_[a].text.size() > tokens_[b].text.size();
-    });
+    std::stable_sort(v.begin(), v.end(),
+                     [&](uint32_t a, uint32_t b) { return tokens_[a].text.size() > tokens_[b].text.size(); });
 }
 
 std::optional<AtomicMatcher::Hit> AtomicMatcher::find(std::string_view text, size_t from) const {
@@ -103,8 +102,10 @@ void TokenizerBase::set_atomic_tokens(std::vector<AtomicToken> tokens) {
   // The vocabulary is complete: its ids must be dense (tokenizer.h).
   int64_t unused = 0;
   for (const Span& sp : spans_) unused += sp.length < 0 ? 1 : 0;
-  DIFFMOE_CHECK(unused <= kMaxUnusedTokenIds, "[tokenizer] {}: ids are not dense: {} of the ids below the largest ({}) are unused "
-                "(at most {} may be)", name_, unused, spans_.size() - 1, kMaxUnusedTokenIds);
+  DIFFMOE_CHECK(unused <= kMaxUnusedTokenIds,
+                "[tokenizer] {}: ids are not dense: {} of the ids below the largest ({}) are unused "
+                "(at most {} may be)",
+                name_, unused, spans_.size() - 1, kMaxUnusedTokenIds);
 }
 
 bool TokenizerBase::is_token(int32_t id) const {
@@ -166,8 +167,10 @@ std::unique_ptr<Tokenizer> load_tokenizer(const std::filesystem::path& path) {
     return load_hf_tokenizer_from_string(text, path.string(), read_hf_eos_hint(path));
   const std::string_view first_line = head.substr(0, head.find('\n'));
   if (looks_like_tiktoken_line(first_line)) return load_tiktoken_from_string(text, path);
-  DIFFMOE_FAIL("[tokenizer] '{}' is not a tokenizer: expected a .tiktoken rank file (\"base64 rank\" lines), an HF "
-               "tokenizer.json or a diffmoe tokenizer.json", path.string());
+  DIFFMOE_FAIL(
+      "[tokenizer] '{}' is not a tokenizer: expected a .tiktoken rank file (\"base64 rank\" lines), an HF "
+      "tokenizer.json or a diffmoe tokenizer.json",
+      path.string());
 }
 
 }  // namespace diffmoe::data

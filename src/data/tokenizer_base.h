@@ -15,10 +15,10 @@ namespace diffmoe::data {
 struct AtomicToken {
   std::string text;
   int32_t id = -1;
-  bool special = true;      // false: HF non-special added token (matched by encode() too)
-  bool lstrip = false;      // absorb whitespace on the left into the token (HF)
-  bool rstrip = false;      // absorb whitespace on the right into the token (HF)
-  bool single_word = false; // only match when not inside a word (HF)
+  bool special = true;       // false: HF non-special added token (matched by encode() too)
+  bool lstrip = false;       // absorb whitespace on the left into the token (HF)
+  bool rstrip = false;       // absorb whitespace on the right into the token (HF)
+  bool single_word = false;  // only match when not inside a word (HF)
 };
 
 // Finds atomic tokens: the leftmost occurrence, the longest token among those starting there.

@@ -23,7 +23,8 @@ DeviceWorld::DeviceWorld(DistContext& dist, Backend& backend, int device) {
   comm_ = owned_.get();
 #else
   (void)device;
-  DIFFMOE_FAIL("[dist] {} ranks on the {} backend need NCCL, which this binary was built without", dist.world_size(), backend.name());
+  DIFFMOE_FAIL("[dist] {} ranks on the {} backend need NCCL, which this binary was built without", dist.world_size(),
+               backend.name());
 #endif
 }
 

@@ -5,9 +5,10 @@
 namespace diffmoe::dist {
 
 ProcessGrid::ProcessGrid(Communicator& world, int ep_size) : world_(&world), ep_size_(ep_size) {
-  DIFFMOE_CHECK(ep_size >= 1 && world.size() % ep_size == 0,
-                "[dist] expert-parallel degree {} does not divide the world size {} (docs/model.md §12: world = DP x EP)",
-                ep_size, world.size());
+  DIFFMOE_CHECK(
+      ep_size >= 1 && world.size() % ep_size == 0,
+      "[dist] expert-parallel degree {} does not divide the world size {} (docs/model.md §12: world = DP x EP)",
+      ep_size, world.size());
   // Every rank makes both splits in the same order (splits are collective over the world).
   dp_ = world.split(/*color=*/ep_rank(), /*key=*/dp_rank(), "dp");
   ep_ = world.split(/*color=*/dp_rank(), /*key=*/ep_rank(), "ep");

@@ -25,8 +25,8 @@ struct ScoreRow {
 };
 
 struct RowScore {
-  double logprob = 0;   // Σ log p(targets[t] | inputs[0..t]) over the scored t (≤ 0)
-  int64_t tokens = 0;   // scored targets
+  double logprob = 0;  // Σ log p(targets[t] | inputs[0..t]) over the scored t (≤ 0)
+  int64_t tokens = 0;  // scored targets
 };
 
 class BatchScorer {

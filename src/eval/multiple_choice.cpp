@@ -9,11 +9,14 @@ namespace diffmoe::eval {
 namespace {
 
 // Python's str.isspace() over ASCII (rstrip() without arguments strips these).
-bool is_space(char c) { return c == ' ' || c == '\t' || c == '\n' || c == '\v' || c == '\f' || c == '\r' || (c >= '\x1c' && c <= '\x1f'); }
+bool is_space(char c) {
+  return c == ' ' || c == '\t' || c == '\n' || c == '\v' || c == '\f' || c == '\r' || (c >= '\x1c' && c <= '\x1f');
+}
 
 }  // namespace
 
-EncodedPair encode_pair(const data::Tokenizer& tokenizer, std::string_view context, std::string_view continuation, int32_t eot) {
+EncodedPair encode_pair(const data::Tokenizer& tokenizer, std::string_view context, std::string_view continuation,
+                        int32_t eot) {
   EncodedPair p;
   if (context.empty()) {
     p.context = {eot};
@@ -64,12 +67,13 @@ int64_t argmax(std::span<const double> values) {
   return best;
 }
 
-McRequests encode_requests(const data::Tokenizer& tokenizer, std::span<const McDoc> docs, std::string_view target_delimiter, int32_t eot) {
+McRequests encode_requests(const data::Tokenizer& tokenizer, std::span<const McDoc> docs,
+                           std::string_view target_delimiter, int32_t eot) {
   McRequests r;
   for (const McDoc& d : docs) {
     DIFFMOE_CHECK(!d.choices.empty(), "{}: no choices", d.where);
-    DIFFMOE_CHECK(d.gold >= 0 && d.gold < static_cast<int64_t>(d.choices.size()), "{}: the answer index {} is not one of the {} choices",
-                  d.where, d.gold, d.choices.size());
+    DIFFMOE_CHECK(d.gold >= 0 && d.gold < static_cast<int64_t>(d.choices.size()),
+                  "{}: the answer index {} is not one of the {} choices", d.where, d.gold, d.choices.size());
     r.first.push_back(r.pairs.size());
     for (const std::string& c : d.choices) {
       DIFFMOE_CHECK(!c.empty(), "{}: an empty choice (acc_norm divides by its length)", d.where);
@@ -96,11 +100,13 @@ std::vector<double> McResult::acc_norm_values() const {
 
 McResult score_multiple_choice(BatchScorer& scorer, std::span<const McDoc> docs, const McRequests& requests,
                                const std::function<void(int64_t, int64_t)>& progress) {
-  DIFFMOE_CHECK(requests.first.size() == docs.size() + 1, "[eval] {} documents but requests for {}", docs.size(), requests.first.size() - 1);
+  DIFFMOE_CHECK(requests.first.size() == docs.size() + 1, "[eval] {} documents but requests for {}", docs.size(),
+                requests.first.size() - 1);
   std::vector<ScoreRow> rows;
   rows.reserve(requests.pairs.size());
   for (size_t d = 0; d < docs.size(); ++d)
-    for (size_t i = requests.first[d]; i < requests.first[d + 1]; ++i) rows.push_back(loglikelihood_row(requests.pairs[i], scorer.seq(), docs[d].where));
+    for (size_t i = requests.first[d]; i < requests.first[d + 1]; ++i)
+      rows.push_back(loglikelihood_row(requests.pairs[i], scorer.seq(), docs[d].where));
   const int64_t forwards0 = scorer.forwards();
   const std::vector<RowScore> scores = scorer.score(rows, progress);
   McResult r;

@@ -39,7 +39,8 @@ struct EncodedPair {
 };
 
 // lm-eval's _encode_pair (above); `eot` stands for an empty context.
-EncodedPair encode_pair(const data::Tokenizer& tokenizer, std::string_view context, std::string_view continuation, int32_t eot);
+EncodedPair encode_pair(const data::Tokenizer& tokenizer, std::string_view context, std::string_view continuation,
+                        int32_t eot);
 
 // The scorer row of one request for sequences of `seq` positions: inputs (context + continuation)
 // without its last token, left-truncated to seq; targets −1 except on the continuation.
@@ -53,11 +54,12 @@ int64_t argmax(std::span<const double> values);
 
 // Every request of a task, encoded.
 struct McRequests {
-  std::vector<EncodedPair> pairs;                  // doc-major: doc 0's choices, then doc 1's, ...
-  std::vector<size_t> first;                       // first[d] = index of doc d's first request; first[docs] = pairs.size()
-  int64_t longest = 0;                             // most tokens of one request (context + continuation)
+  std::vector<EncodedPair> pairs;  // doc-major: doc 0's choices, then doc 1's, ...
+  std::vector<size_t> first;       // first[d] = index of doc d's first request; first[docs] = pairs.size()
+  int64_t longest = 0;             // most tokens of one request (context + continuation)
 };
-McRequests encode_requests(const data::Tokenizer& tokenizer, std::span<const McDoc> docs, std::string_view target_delimiter, int32_t eot);
+McRequests encode_requests(const data::Tokenizer& tokenizer, std::span<const McDoc> docs,
+                           std::string_view target_delimiter, int32_t eot);
 
 struct McDocScore {
   std::vector<double> loglikelihoods;  // one per choice
@@ -69,7 +71,7 @@ struct McResult {
   std::vector<McDocScore> docs;
   int64_t requests = 0;
   int64_t forwards = 0;
-  std::vector<double> acc_values() const;       // 0/1 per document
+  std::vector<double> acc_values() const;  // 0/1 per document
   std::vector<double> acc_norm_values() const;
 };
 

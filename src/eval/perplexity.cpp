@@ -12,9 +12,15 @@ namespace diffmoe::eval {
 
 double PerplexityResult::loss() const { return tokens > 0 ? nats / static_cast<double>(tokens) : std::nan(""); }
 double PerplexityResult::perplexity() const { return std::exp(loss()); }
-double PerplexityResult::bits_per_byte() const { return bytes > 0 ? nats / std::numbers::ln2 / static_cast<double>(bytes) : std::nan(""); }
-double PerplexityResult::byte_perplexity() const { return bytes > 0 ? std::exp(nats / static_cast<double>(bytes)) : std::nan(""); }
-double PerplexityResult::word_perplexity() const { return words > 0 ? std::exp(nats / static_cast<double>(words)) : std::nan(""); }
+double PerplexityResult::bits_per_byte() const {
+  return bytes > 0 ? nats / std::numbers::ln2 / static_cast<double>(bytes) : std::nan("");
+}
+double PerplexityResult::byte_perplexity() const {
+  return bytes > 0 ? std::exp(nats / static_cast<double>(bytes)) : std::nan("");
+}
+double PerplexityResult::word_perplexity() const {
+  return words > 0 ? std::exp(nats / static_cast<double>(words)) : std::nan("");
+}
 
 int64_t count_words(std::string_view text) {
   int64_t words = 0;

@@ -29,7 +29,9 @@ std::optional<double> mean_stderr(std::span<const double> values) {
 namespace {
 
 // JSON has no NaN or infinity: those become null.
-nlohmann::ordered_json number(double v) { return std::isfinite(v) ? nlohmann::ordered_json(v) : nlohmann::ordered_json(nullptr); }
+nlohmann::ordered_json number(double v) {
+  return std::isfinite(v) ? nlohmann::ordered_json(v) : nlohmann::ordered_json(nullptr);
+}
 
 }  // namespace
 
@@ -64,13 +66,14 @@ std::string report_table(const EvalReport& r) {
     wm = std::max(wm, m.metric.size());
     wv = std::max(wv, value(m.value).size());
   }
-  std::string s = fmt::format("| {:<{}} | {:<{}} | {:>{}} | {:>10} | {:>7} |\n", "task", wt, "metric", wm, "value", wv, "stderr", "n");
+  std::string s = fmt::format("| {:<{}} | {:<{}} | {:>{}} | {:>10} | {:>7} |\n", "task", wt, "metric", wm, "value", wv,
+                              "stderr", "n");
   s += fmt::format("|{:-<{}}|{:-<{}}|{:-<{}}|{:-<12}|{:-<9}|\n", "", wt + 2, "", wm + 2, "", wv + 2, "", "");
   std::string last;
   for (const MetricRow& m : r.rows) {
     const std::string err = m.stderr_of_mean ? fmt::format("± {:>8.4f}", *m.stderr_of_mean) : "";
-    s += fmt::format("| {:<{}} | {:<{}} | {:>{}} | {:>10} | {:>7} |\n", m.task == last ? "" : m.task, wt, m.metric, wm, value(m.value), wv, err,
-                     m.count);
+    s += fmt::format("| {:<{}} | {:<{}} | {:>{}} | {:>10} | {:>7} |\n", m.task == last ? "" : m.task, wt, m.metric, wm,
+                     value(m.value), wv, err, m.count);
     last = m.task;
   }
   return s;

@@ -20,11 +20,11 @@ struct MetricRow {
 };
 
 struct EvalReport {
-  std::string model;      // the checkpoint directory or model file
-  int64_t step = -1;      // the checkpoint's step; −1 for a bare model file
+  std::string model;  // the checkpoint directory or model file
+  int64_t step = -1;  // the checkpoint's step; −1 for a bare model file
   std::string tokenizer;
   std::string device, precision;
-  int64_t batch = 0;      // sequences per forward
+  int64_t batch = 0;  // sequences per forward
   std::vector<MetricRow> rows;
   nlohmann::ordered_json tasks = nlohmann::ordered_json::object();  // per task: file, format, docs, requests, ...
 };

@@ -8,7 +8,8 @@ namespace diffmoe::eval {
 
 std::vector<TokenWindow> rolling_windows(int64_t n, int64_t window, int64_t stride) {
   DIFFMOE_CHECK(n >= 1, "[eval] rolling windows over {} tokens", n);
-  DIFFMOE_CHECK(window >= 1 && stride >= 1 && stride <= window, "[eval] stride {} must be in [1, window = {}]", stride, window);
+  DIFFMOE_CHECK(window >= 1 && stride >= 1 && stride <= window, "[eval] stride {} must be in [1, window = {}]", stride,
+                window);
   std::vector<TokenWindow> out;
   for (int64_t a = 0; a < n;) {
     const int64_t b = std::min(a + stride, n);

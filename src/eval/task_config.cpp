@@ -29,7 +29,8 @@ namespace {
 constexpr const char* kFormats = "hellaswag, arc, piqa, fields or text";
 
 bool parse_format(std::string_view s, TaskFormat& f) {
-  for (const TaskFormat c : {TaskFormat::kHellaswag, TaskFormat::kArc, TaskFormat::kPiqa, TaskFormat::kFields, TaskFormat::kText})
+  for (const TaskFormat c :
+       {TaskFormat::kHellaswag, TaskFormat::kArc, TaskFormat::kPiqa, TaskFormat::kFields, TaskFormat::kText})
     if (s == task_format_name(c)) {
       f = c;
       return true;
@@ -74,7 +75,8 @@ class KeyReader {
     if (!has(key)) return fallback;
     const Json& v = doc_[key];
     if (v.is_string()) return {v.get<std::string>()};
-    DIFFMOE_CHECK(v.is_array() && !v.empty(), "{}: {}: expected a key or a list of keys, got {}", source_, key, v.dump());
+    DIFFMOE_CHECK(v.is_array() && !v.empty(), "{}: {}: expected a key or a list of keys, got {}", source_, key,
+                  v.dump());
     std::vector<std::string> out;
     for (const Json& e : v) {
       DIFFMOE_CHECK(e.is_string(), "{}: {}: expected a list of keys (strings), got {}", source_, key, v.dump());
@@ -101,9 +103,12 @@ void validate(const TaskConfig& t) {
   DIFFMOE_CHECK(!t.file.empty(), "{}: file: missing (the documents to evaluate on)", t.source);
   if (!t.multiple_choice()) return;
   if (t.format != TaskFormat::kHellaswag) {
-    DIFFMOE_CHECK(!t.doc_to_text.empty(), "{}: doc_to_text: missing (format fields needs doc_to_text, choices and label)", t.source);
-    DIFFMOE_CHECK(!t.choices.empty(), "{}: choices: missing (format fields needs doc_to_text, choices and label)", t.source);
-    DIFFMOE_CHECK(!t.label.empty(), "{}: label: missing (format fields needs doc_to_text, choices and label)", t.source);
+    DIFFMOE_CHECK(!t.doc_to_text.empty(),
+                  "{}: doc_to_text: missing (format fields needs doc_to_text, choices and label)", t.source);
+    DIFFMOE_CHECK(!t.choices.empty(), "{}: choices: missing (format fields needs doc_to_text, choices and label)",
+                  t.source);
+    DIFFMOE_CHECK(!t.label.empty(), "{}: label: missing (format fields needs doc_to_text, choices and label)",
+                  t.source);
   }
 }
 
@@ -174,8 +179,8 @@ TaskConfig parse_task_spec(const std::string& spec) {
     validate(t);
     return t;
   }
-  DIFFMOE_CHECK(fs::is_regular_file(spec), "--task {}: neither a task YAML file nor FORMAT:FILE with FORMAT hellaswag, arc, piqa or text",
-                spec);
+  DIFFMOE_CHECK(fs::is_regular_file(spec),
+                "--task {}: neither a task YAML file nor FORMAT:FILE with FORMAT hellaswag, arc, piqa or text", spec);
   return load_task_config(spec);
 }
 

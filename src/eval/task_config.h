@@ -43,7 +43,7 @@ struct TaskConfig {
   std::string doc_to_text;
   std::vector<std::string> choices;  // one key holding a list, or one key per choice
   std::string label;
-  std::string choice_labels;         // empty: `label` is an index
+  std::string choice_labels;  // empty: `label` is an index
   std::string target_delimiter = " ";
   std::string fewshot_delimiter = "\n\n";
   std::string description;

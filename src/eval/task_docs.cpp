@@ -74,7 +74,8 @@ std::string string_field(const JsonRecord& r, std::string_view key, std::string_
 
 std::vector<std::string> string_list(const JsonRecord& r, std::string_view key, std::string_view what) {
   const Json& v = field(r, key, what);
-  DIFFMOE_CHECK(v.is_array() && !v.empty(), "{}: field '{}': expected a non-empty list of strings, got {}", r.where, key, v.dump());
+  DIFFMOE_CHECK(v.is_array() && !v.empty(), "{}: field '{}': expected a non-empty list of strings, got {}", r.where,
+                key, v.dump());
   std::vector<std::string> out;
   for (const Json& e : v) {
     DIFFMOE_CHECK(e.is_string(), "{}: field '{}': expected a list of strings, got {}", r.where, key, v.dump());
@@ -90,13 +91,15 @@ int64_t index_field(const JsonRecord& r, std::string_view key, size_t n_choices)
   const std::string digits = v.is_string() ? v.get<std::string>() : "";
   if (v.is_number_integer()) {
     i = v.get<int64_t>();
-  } else if (!digits.empty() && digits.size() < 10 && std::all_of(digits.begin(), digits.end(), [](char c) { return c >= '0' && c <= '9'; })) {
+  } else if (!digits.empty() && digits.size() < 10 &&
+             std::all_of(digits.begin(), digits.end(), [](char c) { return c >= '0' && c <= '9'; })) {
     i = std::stoll(digits);
   } else {
     DIFFMOE_FAIL("{}: field '{}': expected the answer's index (an integer), got {}", r.where, key, v.dump());
   }
-  DIFFMOE_CHECK(i >= 0 && i < static_cast<int64_t>(n_choices), "{}: field '{}': answer {} is not one of the {} choices (0..{})", r.where, key,
-                i, n_choices, n_choices - 1);
+  DIFFMOE_CHECK(i >= 0 && i < static_cast<int64_t>(n_choices),
+                "{}: field '{}': answer {} is not one of the {} choices (0..{})", r.where, key, i, n_choices,
+                n_choices - 1);
   return i;
 }
 
@@ -114,8 +117,9 @@ std::string render(const JsonRecord& r, std::string_view tmpl) {
     while (!key.empty() && key.front() == ' ') key.remove_prefix(1);
     while (!key.empty() && key.back() == ' ') key.remove_suffix(1);
     const Json& v = field(r, key, "named in doc_to_text");
-    DIFFMOE_CHECK(v.is_string() || v.is_number(), "{}: field '{}': expected a string or a number (named in doc_to_text), got {}", r.where,
-                  key, v.dump());
+    DIFFMOE_CHECK(v.is_string() || v.is_number(),
+                  "{}: field '{}': expected a string or a number (named in doc_to_text), got {}", r.where, key,
+                  v.dump());
     out += v.is_string() ? v.get<std::string>() : v.dump();
     pos = close + 2;
   }
@@ -138,14 +142,16 @@ McDoc hellaswag_doc(const JsonRecord& r) {
   // lm-eval builds the context from ctx_a and ctx_b (capitalised); files with only ctx use it as is.
   std::string ctx;
   if (lookup(r.value, "ctx_a") != nullptr && lookup(r.value, "ctx_b") != nullptr) {
-    ctx = string_field(r, "ctx_a", "the context") + " " + capitalize(string_field(r, "ctx_b", "the context's second part"));
+    ctx = string_field(r, "ctx_a", "the context") + " " +
+          capitalize(string_field(r, "ctx_b", "the context's second part"));
   } else {
     ctx = string_field(r, "ctx", "the context: ctx, or ctx_a and ctx_b");
   }
   const Json* label = lookup(r.value, "activity_label");
   if (label != nullptr && !label->is_null()) ctx = string_field(r, "activity_label", "the activity") + ": " + ctx;
   d.context = hellaswag_preprocess(ctx);
-  for (const std::string& e : string_list(r, "endings", "the candidate endings")) d.choices.push_back(hellaswag_preprocess(e));
+  for (const std::string& e : string_list(r, "endings", "the candidate endings"))
+    d.choices.push_back(hellaswag_preprocess(e));
   d.gold = index_field(r, "label", d.choices.size());
   return d;
 }
@@ -163,12 +169,13 @@ McDoc fields_doc(const TaskConfig& t, const JsonRecord& r) {
     d.gold = index_field(r, t.label, d.choices.size());
   } else {
     const std::vector<std::string> labels = string_list(r, t.choice_labels, "the choices' labels");
-    DIFFMOE_CHECK(labels.size() == d.choices.size(), "{}: field '{}': {} labels for {} choices", r.where, t.choice_labels, labels.size(),
-                  d.choices.size());
+    DIFFMOE_CHECK(labels.size() == d.choices.size(), "{}: field '{}': {} labels for {} choices", r.where,
+                  t.choice_labels, labels.size(), d.choices.size());
     const Json& ans = field(r, t.label, "the answer's label");
     const std::string a = ans.is_string() ? ans.get<std::string>() : ans.dump();
     const auto it = std::find(labels.begin(), labels.end(), a);
-    DIFFMOE_CHECK(it != labels.end(), "{}: field '{}': answer '{}' is not one of the labels in '{}'", r.where, t.label, a, t.choice_labels);
+    DIFFMOE_CHECK(it != labels.end(), "{}: field '{}': answer '{}' is not one of the labels in '{}'", r.where, t.label,
+                  a, t.choice_labels);
     d.gold = it - labels.begin();
   }
   return d;
@@ -215,7 +222,8 @@ std::string hellaswag_preprocess(std::string_view text) {
 McDoc doc_from_record(const TaskConfig& task, const JsonRecord& record) {
   McDoc d = task.format == TaskFormat::kHellaswag ? hellaswag_doc(record) : fields_doc(task, record);
   for (size_t i = 0; i < d.choices.size(); ++i)
-    DIFFMOE_CHECK(!d.choices[i].empty(), "{}: choice {} is empty (acc_norm divides by the choice's length)", record.where, i);
+    DIFFMOE_CHECK(!d.choices[i].empty(), "{}: choice {} is empty (acc_norm divides by the choice's length)",
+                  record.where, i);
   return d;
 }
 
@@ -238,15 +246,17 @@ std::vector<McDoc> load_task_docs(const TaskConfig& task, int64_t limit) {
     for (const JsonRecord& r : read_jsonl_records(task.fewshot_file)) pool.push_back(doc_from_record(task, r));
   }
   const size_t k = static_cast<size_t>(task.num_fewshot);
-  DIFFMOE_CHECK(pool.size() >= k + (own ? 1 : 0), "{}: num_fewshot: {} examples asked, {} has {} documents{}", task.source, k,
-                own ? task.file : task.fewshot_file, pool.size(), own ? " (the document itself excluded)" : "");
+  DIFFMOE_CHECK(pool.size() >= k + (own ? 1 : 0), "{}: num_fewshot: {} examples asked, {} has {} documents{}",
+                task.source, k, own ? task.file : task.fewshot_file, pool.size(),
+                own ? " (the document itself excluded)" : "");
   for (size_t d = 0; d < docs.size(); ++d) {
     std::vector<size_t> idx(pool.size());
     std::iota(idx.begin(), idx.end(), 0);
     if (own) idx.erase(idx.begin() + static_cast<std::ptrdiff_t>(d));
     std::string ctx = task.description;
     for (size_t j = 0; j < k; ++j) {  // partial Fisher-Yates: k draws without replacement
-      const size_t pick = j + std::min(idx.size() - j - 1, static_cast<size_t>(uniform_at(task.fewshot_seed, d, j) * static_cast<double>(idx.size() - j)));
+      const size_t pick = j + std::min(idx.size() - j - 1, static_cast<size_t>(uniform_at(task.fewshot_seed, d, j) *
+                                                                               static_cast<double>(idx.size() - j)));
       std::swap(idx[j], idx[pick]);
       const McDoc& ex = pool[idx[j]];
       ctx += ex.context + task.target_delimiter + ex.choices[static_cast<size_t>(ex.gold)] + task.fewshot_delimiter;

@@ -45,9 +45,9 @@ constexpr const char* kLatestName = "latest";
 constexpr const char* kStepPrefix = "step_";
 constexpr const char* kTmpSuffix = ".tmp";
 constexpr int kManifestVersion = 1;
-constexpr size_t kHashHexDigits = 16;          // XXH3-64 as hex
-constexpr size_t kHashChunkBytes = 1 << 20;    // streaming read size for hashing
-constexpr size_t kMaxStepDigits = 18;          // fits int64 without overflow checks
+constexpr size_t kHashHexDigits = 16;        // XXH3-64 as hex
+constexpr size_t kHashChunkBytes = 1 << 20;  // streaming read size for hashing
+constexpr size_t kMaxStepDigits = 18;        // fits int64 without overflow checks
 
 [[noreturn]] void fail_errno(const std::string& path, const char* what, int err) {
   DIFFMOE_FAIL("{}: {} failed ({})", path, what, std::strerror(err));
@@ -271,7 +271,8 @@ void prune(const CheckpointSaveOptions& opt) {
 
 // The cause already carries its call site; the wrapper only adds what it means for the run.
 [[noreturn]] void fail_not_saved(int64_t step, const std::string& why) {
-  throw Error(fmt::format("[checkpoint] step {} not saved (previous checkpoints and '{}' kept): {}", step, kLatestName, why));
+  throw Error(
+      fmt::format("[checkpoint] step {} not saved (previous checkpoints and '{}' kept): {}", step, kLatestName, why));
 }
 
 // Renames `from` over an existing `to` atomically (RENAME_EXCHANGE) so that re-saving a step never
@@ -299,7 +300,8 @@ void atomic_write_text(const std::string& path, const std::string& text) {
   if (failed.step == io::kStepRename)
     DIFFMOE_FAIL("{}: not replaced: rename failed ({})", path, std::strerror(failed.err));
   if (failed)
-    DIFFMOE_FAIL("{}: not replaced: {}: {} failed ({})", path, io::temp_path(path), failed.step, std::strerror(failed.err));
+    DIFFMOE_FAIL("{}: not replaced: {}: {} failed ({})", path, io::temp_path(path), failed.step,
+                 std::strerror(failed.err));
   fsync_path(io::parent_directory(path));
 }
 
@@ -406,12 +408,14 @@ CheckpointInfo open_checkpoint(const std::string& dir) {
 
   const std::string manifest_path = join(dir, kManifestName);
   if (::stat(manifest_path.c_str(), &st) != 0) {
-    if (errno == ENOENT) DIFFMOE_FAIL("{}: missing (an incomplete checkpoint: the manifest is written last)", manifest_path);
+    if (errno == ENOENT)
+      DIFFMOE_FAIL("{}: missing (an incomplete checkpoint: the manifest is written last)", manifest_path);
     fail_errno(manifest_path, "stat", errno);
   }
   nlohmann::ordered_json manifest;
   try {
-    manifest = nlohmann::ordered_json::parse(io::read_small_file(manifest_path, io::kMaxManifestBytes, "checkpoint manifest"));
+    manifest =
+        nlohmann::ordered_json::parse(io::read_small_file(manifest_path, io::kMaxManifestBytes, "checkpoint manifest"));
   } catch (const nlohmann::json::exception& e) {
     DIFFMOE_FAIL("{}: invalid JSON: {}", manifest_path, e.what());
   }
@@ -419,8 +423,9 @@ CheckpointInfo open_checkpoint(const std::string& dir) {
   DIFFMOE_CHECK(manifest.contains("version") && manifest["version"].is_number_integer() &&
                     manifest["version"].get<int64_t>() == kManifestVersion,
                 "{}: 'version' must be {}", manifest_path, kManifestVersion);
-  DIFFMOE_CHECK(manifest.contains("step") && manifest["step"].is_number_integer() && manifest["step"].get<int64_t>() >= 0,
-                "{}: 'step' must be a non-negative integer", manifest_path);
+  DIFFMOE_CHECK(
+      manifest.contains("step") && manifest["step"].is_number_integer() && manifest["step"].get<int64_t>() >= 0,
+      "{}: 'step' must be a non-negative integer", manifest_path);
   const int64_t step = manifest["step"].get<int64_t>();
   // A directory renamed by hand keeps working; a step_N directory must hold step N.
   const auto dir_step = parse_step_dir(last_component(dir).filename().string());
@@ -466,8 +471,9 @@ CheckpointInfo open_checkpoint(const std::string& dir) {
     std::error_code ec;
     for (fs::directory_iterator it(dir, ec), end; !ec && it != end; it.increment(ec)) {
       const std::string name = it->path().filename().string();
-      DIFFMOE_CHECK(name == kManifestName || names.contains(name), "{}: not listed in {} (a checkpoint holds only what its manifest lists)",
-                    it->path().string(), manifest_path);
+      DIFFMOE_CHECK(name == kManifestName || names.contains(name),
+                    "{}: not listed in {} (a checkpoint holds only what its manifest lists)", it->path().string(),
+                    manifest_path);
     }
     DIFFMOE_CHECK(!ec, "{}: cannot list the directory ({})", dir, ec.message());
   }
@@ -478,10 +484,12 @@ CheckpointInfo open_checkpoint(const std::string& dir) {
     DIFFMOE_CHECK(hash == f.hash, "{}: xxh3 {} != manifest {} (corrupted)", f.path, hash, f.hash);
   }
 
-  CheckpointInfo info{dir, step, nlohmann::ordered_json::object(), std::vector<std::string>(names.begin(), names.end())};
+  CheckpointInfo info{dir, step, nlohmann::ordered_json::object(),
+                      std::vector<std::string>(names.begin(), names.end())};
   const std::string state_path = join(dir, kStateName);
   try {
-    info.state = nlohmann::ordered_json::parse(io::read_small_file(state_path, io::kMaxTrainerStateBytes, "trainer state"));
+    info.state =
+        nlohmann::ordered_json::parse(io::read_small_file(state_path, io::kMaxTrainerStateBytes, "trainer state"));
   } catch (const nlohmann::json::exception& e) {
     DIFFMOE_FAIL("{}: invalid JSON: {}", state_path, e.what());
   }
@@ -524,9 +532,10 @@ std::optional<CheckpointInfo> find_latest_checkpoint(const std::string& root, st
         CheckpointInfo info = open_checkpoint(join(root, name));
         for (const auto& [step, other] : dirs)
           if (step > info.step)
-            warn(fmt::format("{}: newer than '{}' named by {}; not used (a save interrupted before updating "
-                             "the pointer, or a run resumed from an older checkpoint)",
-                             join(root, other), name, latest_path));
+            warn(
+                fmt::format("{}: newer than '{}' named by {}; not used (a save interrupted before updating "
+                            "the pointer, or a run resumed from an older checkpoint)",
+                            join(root, other), name, latest_path));
         return info;
       } catch (const std::exception& e) {
         warn(fmt::format("{} (named by {}): skipped: {}", join(root, name), latest_path, e.what()));

@@ -8,8 +8,8 @@
 //   <root>/latest               text file holding the newest directory's name, replaced atomically
 //
 // A checkpoint counts only if its manifest verifies (every listed file present, with the listed size
-// and XXH3-64 hash, and no file that it does not list); a crash or a full disk at any point leaves either the previous state or a
-// complete new checkpoint, never a half-written one that a resume would pick up.
+// and XXH3-64 hash, and no file that it does not list); a crash or a full disk at any point leaves either the previous
+// state or a complete new checkpoint, never a half-written one that a resume would pick up.
 #pragma once
 #include <cstdint>
 #include <functional>
@@ -30,12 +30,12 @@ struct CheckpointFile {
 };
 
 struct CheckpointSaveOptions {
-  std::string root;                    // e.g. "runs/x/ckpt"; created when missing
-  int64_t step = 0;                    // >= 0; the directory is "step_%09d"
-  std::vector<CheckpointFile> files;   // names must be unique, not "manifest.json"/"trainer_state.json"
+  std::string root;                   // e.g. "runs/x/ckpt"; created when missing
+  int64_t step = 0;                   // >= 0; the directory is "step_%09d"
+  std::vector<CheckpointFile> files;  // names must be unique, not "manifest.json"/"trainer_state.json"
   nlohmann::ordered_json state = nlohmann::ordered_json::object();  // -> trainer_state.json
-  int keep_last = 3;                   // keep this many newest checkpoints (this one included); 0 = keep all
-  int64_t keep_every = 0;              // steps that are multiples of this are kept forever; 0 = none
+  int keep_last = 3;                             // keep this many newest checkpoints (this one included); 0 = keep all
+  int64_t keep_every = 0;                        // steps that are multiples of this are kept forever; 0 = none
   std::vector<std::string>* warnings = nullptr;  // optional: pruning problems (the save itself succeeded)
 };
 

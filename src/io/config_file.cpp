@@ -42,9 +42,7 @@ bool is_dec(char c) { return c >= '0' && c <= '9'; }
 bool is_hex(char c) { return is_dec(c) || (c >= 'a' && c <= 'f') || (c >= 'A' && c <= 'F'); }
 bool is_oct(char c) { return c >= '0' && c <= '7'; }
 
-std::string_view strip_sign(std::string_view s) {
-  return !s.empty() && (s[0] == '+' || s[0] == '-') ? s.substr(1) : s;
-}
+std::string_view strip_sign(std::string_view s) { return !s.empty() && (s[0] == '+' || s[0] == '-') ? s.substr(1) : s; }
 
 bool is_inf_text(std::string_view s) { return s == ".inf" || s == ".Inf" || s == ".INF"; }
 bool is_nan_text(std::string_view s) { return s == ".nan" || s == ".NaN" || s == ".NAN"; }
@@ -153,8 +151,8 @@ Json resolve_plain(const std::string& s, const std::string& where) {
       if (!digits.empty() && digits[0] == '+') digits.remove_prefix(1);  // from_chars takes '-' only
       int64_t v = 0;
       const auto [end, ec] = std::from_chars(digits.data(), digits.data() + digits.size(), v, base);
-      DIFFMOE_CHECK(ec == std::errc() && end == digits.data() + digits.size(),
-                    "{}integer '{}' does not fit in 64 bits", where, s);
+      DIFFMOE_CHECK(ec == std::errc() && end == digits.data() + digits.size(), "{}integer '{}' does not fit in 64 bits",
+                    where, s);
       return v;
     }
     case PlainKind::kFloat: {
@@ -172,8 +170,7 @@ Json resolve_plain(const std::string& s, const std::string& where) {
         const double huge = decimal_order(text) >= 0 ? HUGE_VAL : 0.0;
         return negative ? -huge : huge;
       }
-      DIFFMOE_CHECK(ec == std::errc() && end == text.data() + text.size(), "{}cannot read '{}' as a float", where,
-                    s);
+      DIFFMOE_CHECK(ec == std::errc() && end == text.data() + text.size(), "{}cannot read '{}' as a float", where, s);
       return v;
     }
     case PlainKind::kString: break;

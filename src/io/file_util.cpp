@@ -97,8 +97,8 @@ std::string read_small_file(const std::string& path, size_t max_bytes, std::stri
   struct stat st {};
   DIFFMOE_CHECK(::fstat(fd.fd, &st) == 0, "{}: cannot stat the {} ({})", path, what, std::strerror(errno));
   DIFFMOE_CHECK(S_ISREG(st.st_mode), "{}: the {} is {}, not a regular file", path, what, file_type_name(st.st_mode));
-  DIFFMOE_CHECK(static_cast<uint64_t>(st.st_size) <= max_bytes, "{}: the {} is {} bytes, over the {}-byte limit", path, what,
-                static_cast<uint64_t>(st.st_size), max_bytes);
+  DIFFMOE_CHECK(static_cast<uint64_t>(st.st_size) <= max_bytes, "{}: the {} is {} bytes, over the {}-byte limit", path,
+                what, static_cast<uint64_t>(st.st_size), max_bytes);
   std::string text(static_cast<size_t>(st.st_size), '\0');
   size_t got = 0;
   for (;;) {
@@ -120,12 +120,14 @@ std::string read_small_file(const std::string& path, size_t max_bytes, std::stri
 void check_output_path(const std::string& path, std::string_view what, OutputKind kind) {
   struct stat st {};
   if (::stat(path.c_str(), &st) != 0) {
-    DIFFMOE_CHECK(errno == ENOENT || errno == ENOTDIR, "{}: cannot use as the {} ({})", path, what, std::strerror(errno));
+    DIFFMOE_CHECK(errno == ENOENT || errno == ENOTDIR, "{}: cannot use as the {} ({})", path, what,
+                  std::strerror(errno));
     return;  // missing: it will be created (a missing parent fails when it is)
   }
   const bool dir = kind == OutputKind::kDirectory;
-  DIFFMOE_CHECK(dir ? S_ISDIR(st.st_mode) : S_ISREG(st.st_mode), "{}: the {} exists and is {}; expected {} (or nothing there yet)",
-                path, what, file_type_name(st.st_mode), dir ? "a directory" : "a regular file");
+  DIFFMOE_CHECK(dir ? S_ISDIR(st.st_mode) : S_ISREG(st.st_mode),
+                "{}: the {} exists and is {}; expected {} (or nothing there yet)", path, what,
+                file_type_name(st.st_mode), dir ? "a directory" : "a regular file");
 }
 
 }  // namespace diffmoe::io

@@ -69,11 +69,11 @@ Failure fsync_parent_directory(const std::string& path);
 // Size caps of the small files diffmoe reads whole. A file over its cap is refused (an error naming
 // it), not read: a pointer or manifest that names /dev/zero, or a config path that is a FIFO, must
 // fail at once instead of hanging or filling memory.
-inline constexpr size_t kMaxPointerFileBytes = 4096;             // checkpoint `latest`
-inline constexpr size_t kMaxManifestBytes = size_t{16} << 20;     // checkpoint manifest.json, shard meta.json
-inline constexpr size_t kMaxTrainerStateBytes = size_t{64} << 20; // trainer_state.json (config + loader state)
-inline constexpr size_t kMaxConfigBytes = size_t{16} << 20;       // YAML configs, tokenizer_config.json
-inline constexpr size_t kMaxTokenizerBytes = size_t{512} << 20;   // tokenizer.json, .tiktoken rank files
+inline constexpr size_t kMaxPointerFileBytes = 4096;               // checkpoint `latest`
+inline constexpr size_t kMaxManifestBytes = size_t{16} << 20;      // checkpoint manifest.json, shard meta.json
+inline constexpr size_t kMaxTrainerStateBytes = size_t{64} << 20;  // trainer_state.json (config + loader state)
+inline constexpr size_t kMaxConfigBytes = size_t{16} << 20;        // YAML configs, tokenizer_config.json
+inline constexpr size_t kMaxTokenizerBytes = size_t{512} << 20;    // tokenizer.json, .tiktoken rank files
 
 // Reads the whole of `path` when it is a regular file of at most `max_bytes` bytes. Anything else
 // throws diffmoe::Error naming the path and `what` it was to be (e.g. "checkpoint manifest"):

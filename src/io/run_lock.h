@@ -1,10 +1,10 @@
 // An advisory lock on a directory a trainer writes into (its out_dir, its checkpoint root; also a
-// shard directory being prepared): one writer per directory. The lock is flock(2) on a lock file (<out_dir>/train.lock; beside a
-// checkpoint root, <root>.lock, so that the root itself is made only by the first save), which
-// also holds the holder's pid, host and start time for the message a second trainer gets. The kernel drops the lock when
-// the holder exits, however it exits (kill -9 included), so a stale lock file never blocks a run.
-// With the lock held, leftovers in the directory (temporary checkpoint directories, *.tmp.<pid>
-// files) belong to a process that is gone and may be removed.
+// shard directory being prepared): one writer per directory. The lock is flock(2) on a lock file (<out_dir>/train.lock;
+// beside a checkpoint root, <root>.lock, so that the root itself is made only by the first save), which also holds the
+// holder's pid, host and start time for the message a second trainer gets. The kernel drops the lock when the holder
+// exits, however it exits (kill -9 included), so a stale lock file never blocks a run. With the lock held, leftovers in
+// the directory (temporary checkpoint directories, *.tmp.<pid> files) belong to a process that is gone and may be
+// removed.
 #pragma once
 #include <string>
 

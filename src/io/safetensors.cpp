@@ -173,8 +173,7 @@ bool convert_floats(DType src_type, const unsigned char* src, Dst* dst, size_t n
     case DType::kF8E4M3:
       for (size_t i = 0; i < n; ++i) dst[i] = static_cast<Dst>(e4m3_to_f32(src[i]));
       return true;
-    default:
-      return false;
+    default: return false;
   }
 }
 
@@ -264,8 +263,8 @@ SafetensorsFile SafetensorsFile::open(const std::string& path) {
   const std::string* previous = nullptr;
   for (const auto& p : placed) {
     const std::string& name = f.entries_[p.entry].name;
-    DIFFMOE_CHECK(p.begin >= expected, "{}: tensor '{}': data_offsets [{}, {}] overlap tensor '{}' ending at {}",
-                  path, name, p.begin, p.end, previous ? *previous : std::string(), expected);
+    DIFFMOE_CHECK(p.begin >= expected, "{}: tensor '{}': data_offsets [{}, {}] overlap tensor '{}' ending at {}", path,
+                  name, p.begin, p.end, previous ? *previous : std::string(), expected);
     DIFFMOE_CHECK(p.begin == expected, "{}: tensor '{}': data_offsets [{}, {}] leave a hole of {} bytes at offset {}",
                   path, name, p.begin, p.end, p.begin - expected, expected);
     expected = p.end;
@@ -275,8 +274,8 @@ SafetensorsFile SafetensorsFile::open(const std::string& path) {
   DIFFMOE_CHECK(expected <= buffer_size,
                 "{}: data_offsets end at {} but the data buffer holds {} bytes (file truncated?)", path, expected,
                 buffer_size);
-  DIFFMOE_CHECK(expected == buffer_size, "{}: {} trailing bytes after the last tensor (data_offsets end at {})",
-                path, buffer_size - expected, expected);
+  DIFFMOE_CHECK(expected == buffer_size, "{}: {} trailing bytes after the last tensor (data_offsets end at {})", path,
+                buffer_size - expected, expected);
 
   const unsigned char* buffer = bytes + kSizeFieldBytes + n;
   for (const auto& p : placed) f.entries_[p.entry].data = buffer + p.begin;
@@ -365,8 +364,8 @@ void SafetensorsWriter::add(const std::string& name, DType dtype, std::vector<in
 }
 
 void SafetensorsWriter::add(const std::string& name, const Tensor& host_tensor) {
-  DIFFMOE_CHECK(host_tensor.device == Device::kCPU, "[safetensors] tensor '{}': only host tensors can be written, got {}",
-                name, host_tensor.describe());
+  DIFFMOE_CHECK(host_tensor.device == Device::kCPU,
+                "[safetensors] tensor '{}': only host tensors can be written, got {}", name, host_tensor.describe());
   std::vector<int64_t> shape;
   for (int i = 0; i < host_tensor.rank(); ++i) shape.push_back(host_tensor.dim(i));
   add(name, host_tensor.dtype, std::move(shape), host_tensor.data);
@@ -422,14 +421,14 @@ void SafetensorsWriter::write(const std::string& path) const {
     }
     return true;
   });
-  DIFFMOE_CHECK(failed.step != io::kStepCreate, "{}: cannot create temporary file '{}' ({})", path,
-                io::temp_path(path), std::strerror(failed.err));
+  DIFFMOE_CHECK(failed.step != io::kStepCreate, "{}: cannot create temporary file '{}' ({})", path, io::temp_path(path),
+                std::strerror(failed.err));
   DIFFMOE_CHECK(!failed, "{}: {} failed ({}); the file was not replaced", path, failed.step, std::strerror(failed.err));
 
   // Make the rename durable: fsync the directory entry.
   const io::Failure dir_failed = io::fsync_parent_directory(path);
-  DIFFMOE_CHECK(!dir_failed, "{}: written, but fsync of directory '{}' failed ({})", path,
-                io::parent_directory(path), std::strerror(dir_failed.err));
+  DIFFMOE_CHECK(!dir_failed, "{}: written, but fsync of directory '{}' failed ({})", path, io::parent_directory(path),
+                std::strerror(dir_failed.err));
 }
 
 }  // namespace diffmoe

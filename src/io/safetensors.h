@@ -66,7 +66,12 @@ class SafetensorsWriter {
   void write(const std::string& path) const;  // errors (e.g. disk full) name the path; no partial file remains
 
  private:
-  struct Item { std::string name; DType dtype; std::vector<int64_t> shape; const void* data; };
+  struct Item {
+    std::string name;
+    DType dtype;
+    std::vector<int64_t> shape;
+    const void* data;
+  };
   std::vector<Item> items_;
   std::map<std::string, std::string> metadata_;
 };

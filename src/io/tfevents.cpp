@@ -243,12 +243,14 @@ void ProtoEncoder::packed_doubles_field(int field, std::span<const double> v) {
 }
 
 double ProtoField::as_double() const {
-  DIFFMOE_CHECK(wire_type == kWireFixed64, "[protobuf] field {}: expected fixed64, got wire type {}", number, wire_type);
+  DIFFMOE_CHECK(wire_type == kWireFixed64, "[protobuf] field {}: expected fixed64, got wire type {}", number,
+                wire_type);
   return std::bit_cast<double>(bits);
 }
 
 float ProtoField::as_float() const {
-  DIFFMOE_CHECK(wire_type == kWireFixed32, "[protobuf] field {}: expected fixed32, got wire type {}", number, wire_type);
+  DIFFMOE_CHECK(wire_type == kWireFixed32, "[protobuf] field {}: expected fixed32, got wire type {}", number,
+                wire_type);
   return std::bit_cast<float>(static_cast<uint32_t>(bits));
 }
 
@@ -271,8 +273,8 @@ bool ProtoDecoder::next(ProtoField& out) {
   out.wire_type = static_cast<int>(key & 7);
   DIFFMOE_CHECK(out.number > 0, "[protobuf] field number 0 at byte {}", pos_);
   auto need = [&](size_t n) {
-    DIFFMOE_CHECK(data_.size() - pos_ >= n, "[protobuf] field {} truncated: needs {} bytes, {} left", out.number,
-                  n, data_.size() - pos_);
+    DIFFMOE_CHECK(data_.size() - pos_ >= n, "[protobuf] field {} truncated: needs {} bytes, {} left", out.number, n,
+                  data_.size() - pos_);
   };
   switch (out.wire_type) {
     case kWireVarint: out.bits = get_varint(); break;
@@ -399,8 +401,7 @@ void EventWriter::add_scalar(const std::string& tag, int64_t step, float value) 
   write_event(ev);
 }
 
-void EventWriter::add_histogram(const std::string& tag, int64_t step, std::span<const float> values,
-                                int num_buckets) {
+void EventWriter::add_histogram(const std::string& tag, int64_t step, std::span<const float> values, int num_buckets) {
   add_histogram(tag, step, histogram_from_values(values, num_buckets));
 }
 

@@ -94,8 +94,7 @@ class EventWriter {
   // Legacy Value{tag, simple_value} — read by every TensorBoard version (docs/formats.md §1a).
   void add_scalar(const std::string& tag, int64_t step, float value);
   // Legacy Value{tag, histo}; TensorBoard migrates it to the `histograms` plugin itself.
-  void add_histogram(const std::string& tag, int64_t step, std::span<const float> values,
-                     int num_buckets = 30);
+  void add_histogram(const std::string& tag, int64_t step, std::span<const float> values, int num_buckets = 30);
   void add_histogram(const std::string& tag, int64_t step, const HistogramData& histogram);
   // Markdown text: plugin "text", rank-0 DT_STRING tensor. Metadata goes with the first record
   // of each tag in this file only (TensorBoard keeps the first metadata seen per tag).
@@ -136,11 +135,11 @@ std::vector<std::string> read_event_records(const std::string& path);
 
 struct DecodedValue {
   std::string tag;
-  std::string plugin_name;                // empty when the value carries no metadata
+  std::string plugin_name;  // empty when the value carries no metadata
   std::optional<float> simple_value;
   std::optional<HistogramData> histogram;
-  std::optional<std::string> text;        // first string_val of a DT_STRING tensor
-  std::optional<float> tensor_float;      // first float_val of a DT_FLOAT tensor
+  std::optional<std::string> text;    // first string_val of a DT_STRING tensor
+  std::optional<float> tensor_float;  // first float_val of a DT_FLOAT tensor
 };
 
 struct DecodedEvent {

@@ -14,9 +14,14 @@ namespace diffmoe {
 double ModelConfig::lambda_init(int64_t l) const { return 0.8 - 0.6 * std::exp(-0.3 * static_cast<double>(l)); }
 
 double ModelConfig::softmax_scale() const {
-  const RopeParams p{.rope_dim = qk_rope_head_dim, .theta = rope_theta, .max_seq_len = max_seq_len,
-                     .original_seq_len = original_seq_len, .factor = rope_factor, .beta_fast = beta_fast,
-                     .beta_slow = beta_slow, .mscale = mscale};
+  const RopeParams p{.rope_dim = qk_rope_head_dim,
+                     .theta = rope_theta,
+                     .max_seq_len = max_seq_len,
+                     .original_seq_len = original_seq_len,
+                     .factor = rope_factor,
+                     .beta_fast = beta_fast,
+                     .beta_slow = beta_slow,
+                     .mscale = mscale};
   return yarn_softmax_scale_factor(p) / std::sqrt(static_cast<double>(d_qk()));
 }
 
@@ -53,7 +58,8 @@ double as<double>(const Json& v, const std::string& where) {
   // Nor a magnitude past f32's largest (1e39): the devices compute in f32, where it is inf.
   const double x = v.get<double>();
   DIFFMOE_CHECK(std::isfinite(x) && std::fabs(x) <= std::numeric_limits<float>::max(),
-                "{}: must be a finite number of f32 range (|x| <= {}), got {}", where, std::numeric_limits<float>::max(), x);
+                "{}: must be a finite number of f32 range (|x| <= {}), got {}", where,
+                std::numeric_limits<float>::max(), x);
   return x;
 }
 template <>
@@ -62,9 +68,12 @@ bool as<bool>(const Json& v, const std::string& where) {
   return v.get<bool>();
 }
 
-#define DIFFMOE_FIELD(name, type, req)                                                                    \
-  Field{#name, req, [](ModelConfig& c, const Json& v, const std::string& w) { c.name = as<type>(v, w); }, \
-        [](const ModelConfig& c) { return Json(c.name); }}
+#define DIFFMOE_FIELD(name, type, req)                                                                           \
+  Field {                                                                                                        \
+#name, req,                                                                                                  \
+        [](ModelConfig & c, const Json& v,                                                                       \
+           const std::string& w) { c.name = as<type>(v, w); }, [](const ModelConfig& c) { return Json(c.name); } \
+  }
 
 const std::vector<Field>& fields() {
   static const std::vector<Field> kFields = {
@@ -161,9 +170,15 @@ void ModelConfig::validate(const std::string& source) const {
     fail_if(v.is_number_integer() && v.get<int64_t>() > kMaxDimension, f.key,
             fmt::format("must be at most {}, got {}", kMaxDimension, v.is_number_integer() ? v.get<int64_t>() : 0));
   }
-  for (auto [key, v] : {std::pair{"vocab_size", vocab_size}, {"dim", dim}, {"n_layers", n_layers}, {"n_heads", n_heads},
-                        {"kv_lora_rank", kv_lora_rank}, {"qk_nope_head_dim", qk_nope_head_dim},
-                        {"v_head_dim", v_head_dim}, {"max_seq_len", max_seq_len}, {"original_seq_len", original_seq_len}})
+  for (auto [key, v] : {std::pair{"vocab_size", vocab_size},
+                        {"dim", dim},
+                        {"n_layers", n_layers},
+                        {"n_heads", n_heads},
+                        {"kv_lora_rank", kv_lora_rank},
+                        {"qk_nope_head_dim", qk_nope_head_dim},
+                        {"v_head_dim", v_head_dim},
+                        {"max_seq_len", max_seq_len},
+                        {"original_seq_len", original_seq_len}})
     fail_if(v <= 0, key, fmt::format("must be positive, got {}", v));
   fail_if(qk_rope_head_dim <= 0 || qk_rope_head_dim % 2 != 0, "qk_rope_head_dim",
           fmt::format("must be positive and even (RoPE rotates pairs), got {}", qk_rope_head_dim));
@@ -172,11 +187,14 @@ void ModelConfig::validate(const std::string& source) const {
           fmt::format("must be in [0, n_layers = {}], got {}", n_layers, n_dense_layers));
   fail_if(differential && n_heads % 2 != 0, "n_heads",
           fmt::format("must be even when differential (heads pair up), got {}", n_heads));
-  fail_if(n_dense_layers > 0 && inter_dim <= 0, "inter_dim", fmt::format("must be positive with dense layers, got {}", inter_dim));
+  fail_if(n_dense_layers > 0 && inter_dim <= 0, "inter_dim",
+          fmt::format("must be positive with dense layers, got {}", inter_dim));
   const bool has_moe = n_dense_layers < n_layers;
   if (has_moe) {
-    fail_if(moe_inter_dim <= 0, "moe_inter_dim", fmt::format("must be positive with MoE layers, got {}", moe_inter_dim));
-    fail_if(n_routed_experts <= 0, "n_routed_experts", fmt::format("must be positive with MoE layers, got {}", n_routed_experts));
+    fail_if(moe_inter_dim <= 0, "moe_inter_dim",
+            fmt::format("must be positive with MoE layers, got {}", moe_inter_dim));
+    fail_if(n_routed_experts <= 0, "n_routed_experts",
+            fmt::format("must be positive with MoE layers, got {}", n_routed_experts));
     fail_if(n_shared_experts < 0, "n_shared_experts", fmt::format("must be >= 0, got {}", n_shared_experts));
     fail_if(n_expert_groups <= 0 || n_routed_experts % n_expert_groups != 0, "n_expert_groups",
             fmt::format("must divide n_routed_experts = {}, got {}", n_routed_experts, n_expert_groups));
@@ -188,7 +206,8 @@ void ModelConfig::validate(const std::string& source) const {
     // The routing op scores a group by its top-2 biased experts (op_validation.cpp, docs/model.md §9).
     fail_if(balance_bias && n_expert_groups > 1 && n_routed_experts / n_expert_groups < 2, "n_expert_groups",
             fmt::format("must leave at least 2 experts per group with balance_bias (the top-2 group score), got {} "
-                        "groups of {}", n_expert_groups, n_routed_experts / n_expert_groups));
+                        "groups of {}",
+                        n_expert_groups, n_routed_experts / n_expert_groups));
   }
   fail_if(max_seq_len < original_seq_len, "max_seq_len",
           fmt::format("must be >= original_seq_len = {}, got {}", original_seq_len, max_seq_len));

@@ -15,8 +15,8 @@ struct ModelConfig {
   int64_t dim = 0;
   int64_t n_layers = 0;
   int64_t n_dense_layers = 0;
-  int64_t n_heads = 0;             // component heads (docs/model.md §2); even when differential
-  int64_t q_lora_rank = 0;         // 0 = no query compression (wq instead of wq_a/q_norm/wq_b)
+  int64_t n_heads = 0;      // component heads (docs/model.md §2); even when differential
+  int64_t q_lora_rank = 0;  // 0 = no query compression (wq instead of wq_a/q_norm/wq_b)
   int64_t kv_lora_rank = 0;
   int64_t qk_nope_head_dim = 0;
   int64_t qk_rope_head_dim = 0;
@@ -43,16 +43,16 @@ struct ModelConfig {
   bool differential = true;
   bool tie_embeddings = false;
   double init_std = 0.02;
-  double embed_init_std = -1.0;    // < 0: "= init_std" (resolved by from_json)
-  double embed_scale = -1.0;       // < 0: "= √dim" (resolved by from_json)
+  double embed_init_std = -1.0;  // < 0: "= init_std" (resolved by from_json)
+  double embed_scale = -1.0;     // < 0: "= √dim" (resolved by from_json)
   double norm_eps = 1e-6;
 
   // Derived quantities (docs/model.md §2).
   int64_t d_qk() const { return qk_nope_head_dim + qk_rope_head_dim; }
   bool yarn() const { return max_seq_len > original_seq_len; }
   bool is_moe_layer(int64_t l) const { return l >= n_dense_layers; }
-  double lambda_init(int64_t l) const;   // 0.8 − 0.6·exp(−0.3·l), l 0-based
-  double softmax_scale() const;          // d_qk^-1/2 · m² (YaRN on)
+  double lambda_init(int64_t l) const;  // 0.8 − 0.6·exp(−0.3·l), l 0-based
+  double softmax_scale() const;         // d_qk^-1/2 · m² (YaRN on)
 
   // Reads a JSON object with exactly the §9 keys (missing optional keys take defaults; the sizes
   // are required). An unknown key, a wrong type or an inconsistent value throws diffmoe::Error
@@ -70,7 +70,7 @@ std::string config_differences(const ModelConfig& a, const ModelConfig& b);
 // sections other than those the project knows (kConfigSections) are errors too.
 ModelConfig load_model_config(const std::string& path);
 // The top-level sections a config file may have.
-inline constexpr const char* kConfigSections[] = {"model",      "train", "data", "optim",    "checkpoint",
-                                                   "log",        "eval",  "tokenizer", "parallel"};
+inline constexpr const char* kConfigSections[] = {"model", "train", "data",      "optim",   "checkpoint",
+                                                  "log",   "eval",  "tokenizer", "parallel"};
 
 }  // namespace diffmoe

@@ -28,7 +28,8 @@ size_t ExpertBuffers::bytes_for(const ModelConfig& cfg, const PrecisionPlan& pla
   return moe_layers * plan_saved(cfg, plan, pairs, rows).bytes() + plan_scratch(cfg, plan, pairs, rows).bytes();
 }
 
-ExpertBuffers::ExpertBuffers(const ModelConfig& cfg, const PrecisionPlan& plan, int64_t ep_size, int64_t tokens, Backend& be)
+ExpertBuffers::ExpertBuffers(const ModelConfig& cfg, const PrecisionPlan& plan, int64_t ep_size, int64_t tokens,
+                             Backend& be)
     : cfg_(&cfg), plan_(&plan), be_(&be) {
   layers_.resize(static_cast<size_t>(cfg.n_layers - cfg.n_dense_layers));
   const int64_t pairs = initial_pairs(cfg, ep_size, tokens), rows = initial_rows(cfg, tokens);
@@ -104,7 +105,9 @@ void ExpertBuffers::ensure(int64_t layer, int64_t pairs, int64_t rows) {
   }
 }
 
-Tensor ExpertBuffers::saved(int64_t layer, const std::string& name) const { return layers_[index(layer)].saved.get(name); }
+Tensor ExpertBuffers::saved(int64_t layer, const std::string& name) const {
+  return layers_[index(layer)].saved.get(name);
+}
 
 Tensor ExpertBuffers::scratch(const std::string& name) const { return scratch_.get(name); }
 

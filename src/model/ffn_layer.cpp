@@ -10,22 +10,24 @@ std::string FfnLayer::a(const std::string& name) const { return names_.name(name
 // moe: the experts' SwiGLU intermediates. full: everything but the routing (model/recompute.h).
 bool FfnLayer::recomputed(std::string_view name) const {
   switch (recompute_) {
-    case Recompute::kMoe:
-      return name == "experts.a" || name == "experts.b" || name == "experts.h";
+    case Recompute::kMoe: return name == "experts.a" || name == "experts.b" || name == "experts.h";
     case Recompute::kFull:
       for (const char* kept : {"scores", "topk_idx", "topk_w", "offsets", "src_row", "slot_pos"})
         if (name == kept) return false;
       return true;
     case Recompute::kNone:
-    case Recompute::kAttention:
-      return false;
+    case Recompute::kAttention: return false;
   }
   return false;
 }
 
 RouterOptions FfnLayer::router_options(const ModelConfig& c) const {
-  return RouterOptions{.score_func = c.score_func, .n_groups = c.n_expert_groups, .n_limited_groups = c.n_limited_groups,
-                       .top_k = c.n_activated_experts, .route_scale = c.route_scale, .use_bias = c.balance_bias};
+  return RouterOptions{.score_func = c.score_func,
+                       .n_groups = c.n_expert_groups,
+                       .n_limited_groups = c.n_limited_groups,
+                       .top_k = c.n_activated_experts,
+                       .route_scale = c.route_scale,
+                       .use_bias = c.balance_bias};
 }
 
 void FfnLayer::plan(const LayerContext& lc, PrecisionPlan& pl, Arena& acts) const {
@@ -87,8 +89,13 @@ Tensor FfnLayer::gemm_input(const LayerContext& lc) const {
 void FfnLayer::norm_forward(const LayerContext& lc, const Tensor& x) const {
   const std::string norm = fmt::format("layers.{}.ffn_norm.weight", l_);
   // The bf16 GEMM mode: the norm also writes x_norm rounded once for the GEMMs (x_norm16).
-  lc.be->rmsnorm_fwd(lc.ctx, {.y = lc.act(a("x_norm")), .rstd = lc.act(a("rstd_x")), .x = x, .w = lc.param(norm),
-                              .rows = lc.tokens(), .width = lc.cfg->dim, .eps = lc.cfg->norm_eps,
+  lc.be->rmsnorm_fwd(lc.ctx, {.y = lc.act(a("x_norm")),
+                              .rstd = lc.act(a("rstd_x")),
+                              .x = x,
+                              .w = lc.param(norm),
+                              .rows = lc.tokens(),
+                              .width = lc.cfg->dim,
+                              .eps = lc.cfg->norm_eps,
                               .y16 = lc.bf16_operands ? gemm_input(lc) : Tensor{}});
 }
 
@@ -100,8 +107,8 @@ void FfnLayer::mlp_hidden(const LayerContext& lc, const std::string& prefix, con
   lc.be->swiglu_fwd(lc.ctx, {.h = th, .a = ta, .b = tb});
 }
 
-void FfnLayer::mlp_forward(const LayerContext& lc, const std::string& prefix, const std::string& act_prefix, const Tensor& x,
-                           const Tensor& y, const Tensor& residual) const {
+void FfnLayer::mlp_forward(const LayerContext& lc, const std::string& prefix, const std::string& act_prefix,
+                           const Tensor& x, const Tensor& y, const Tensor& residual) const {
   mlp_hidden(lc, prefix, act_prefix, x);
   lc.linear(y, lc.act(a(act_prefix + "h")), lc.weight(p(prefix + "w2.weight")), /*beta=*/1.0, /*addend=*/residual);
 }
@@ -121,8 +128,11 @@ void FfnLayer::expert_hidden(const LayerContext& lc, const Tensor& x_perm) const
 }
 
 void FfnLayer::expert_output(const LayerContext& lc, const Tensor& y_perm) const {
-  lc.grouped_gemm({.c = y_perm, .a = lc.act(a("experts.h")), .b = lc.weight(p("experts.w2")),
-                               .offsets = lc.act(a("offsets")), .trans_b = true});
+  lc.grouped_gemm({.c = y_perm,
+                   .a = lc.act(a("experts.h")),
+                   .b = lc.weight(p("experts.w2")),
+                   .offsets = lc.act(a("offsets")),
+                   .trans_b = true});
 }
 
 void FfnLayer::recompute(const LayerContext& lc, const Tensor& x) const {
@@ -149,8 +159,8 @@ void FfnLayer::recompute(const LayerContext& lc, const Tensor& x) const {
   expert_output(lc, lc.act(a("y_perm")));  // ⟨dy, y_perm⟩ gives the routing weights' gradient
 }
 
-void FfnLayer::mlp_backward(const LayerContext& lc, const std::string& prefix, const std::string& act_prefix, const Tensor& x,
-                            const Tensor& dy, const Tensor& dx, double beta_dx) const {
+void FfnLayer::mlp_backward(const LayerContext& lc, const std::string& prefix, const std::string& act_prefix,
+                            const Tensor& x, const Tensor& dy, const Tensor& dx, double beta_dx) const {
   const Tensor ta = lc.act(a(act_prefix + "a")), tb = lc.act(a(act_prefix + "b")), th = lc.act(a(act_prefix + "h"));
   const std::string s = fmt::format("scratch.ffn.{}{}.", act_prefix, ta.dim(1));
   const Tensor dh = lc.act(s + "dh"), da = lc.act(s + "da"), db = lc.act(s + "db");
@@ -182,19 +192,31 @@ void FfnLayer::forward(const LayerContext& lc, const Tensor& x, const Tensor& ou
   if (c.n_shared_experts > 0) mlp_forward(lc, "shared.", "shared.", xg, out, x);
   else be.copy(lc.ctx, {.dst = out, .src = x});
   // Router (docs/model.md §5): z = u Eᵀ, scores, group-limited top-k with the balancing bias.
-  const Tensor logits = lc.act(a("logits")), scores = lc.act(a("scores")), idx = lc.act(a("topk_idx")), w = lc.act(a("topk_w"));
+  const Tensor logits = lc.act(a("logits")), scores = lc.act(a("scores")), idx = lc.act(a("topk_idx")),
+               w = lc.act(a("topk_w"));
   const Tensor counts = lc.act(fmt::format("stats.{}.counts", l_));
   // z = u Eᵀ in f32 also in the bf16 GEMM mode (docs/model.md §5): the expert choice depends on it.
   be.gemm(lc.ctx, {.c = logits, .a = x_norm, .b = lc.param(p("gate.weight")), .trans_b = true, .f32_exact = true});
-  be.router_fwd(lc.ctx, {.scores = scores, .topk_idx = idx, .topk_w = w, .counts = counts, .logits = logits,
-                         .bias = lc.param(p("gate.bias")), .opt = router_options(c)});
+  be.router_fwd(lc.ctx, {.scores = scores,
+                         .topk_idx = idx,
+                         .topk_w = w,
+                         .counts = counts,
+                         .logits = logits,
+                         .bias = lc.param(p("gate.bias")),
+                         .opt = router_options(c)});
   if (c.aux_loss_alpha > 0)
-    be.aux_loss_fwd(lc.ctx, {.loss = lc.act("loss.aux"), .scores = scores, .seq_len = lc.seq, .top_k = c.n_activated_experts,
-                             .alpha = c.aux_loss_alpha, .score_func = c.score_func});
+    be.aux_loss_fwd(lc.ctx, {.loss = lc.act("loss.aux"),
+                             .scores = scores,
+                             .seq_len = lc.seq,
+                             .top_k = c.n_activated_experts,
+                             .alpha = c.aux_loss_alpha,
+                             .score_func = c.score_func});
   // Dropless dispatch: sort (token, slot) pairs by expert, gather rows, grouped expert GEMMs.
   const Tensor offsets = lc.act(a("offsets")), src_row = lc.act(a("src_row")), slot_pos = lc.act(a("slot_pos"));
   const Tensor x_perm = lc.act(a("x_perm")), y_perm = lc.act(a("y_perm"));
-  be.moe_permute(lc.ctx, {.offsets = offsets, .src_row = src_row, .slot_pos = slot_pos, .topk_idx = idx, .n_experts = c.n_routed_experts});
+  be.moe_permute(
+      lc.ctx,
+      {.offsets = offsets, .src_row = src_row, .slot_pos = slot_pos, .topk_idx = idx, .n_experts = c.n_routed_experts});
   dispatch(lc, xg, x_perm);
   expert_hidden(lc, x_perm);
   expert_output(lc, y_perm);
@@ -230,36 +252,69 @@ void FfnLayer::backward(const LayerContext& lc, const Tensor& x, const Tensor& d
     // Combine: expert outputs get w_k·dy, the routing weights get ⟨dy, Expert_k(u)⟩ (docs/derivations.md §4.4).
     // dy: the residual gradient's bf16 copy in the bf16 GEMM mode (dy_perm = w·dy is rounded to bf16
     // anyway; ⟨dy, y_perm⟩ reads half the bytes, both factors then bf16 values summed in f64).
-    be.moe_combine_bwd(lc.ctx, {.dy_perm = dy_perm, .dtopk_w = dw, .dy = d_out_gemm, .y_perm = y_perm, .topk_w = w,
-                                .slot_pos = slot_pos});
+    be.moe_combine_bwd(
+        lc.ctx,
+        {.dy_perm = dy_perm, .dtopk_w = dw, .dy = d_out_gemm, .y_perm = y_perm, .topk_w = w, .slot_pos = slot_pos});
     // Experts: y = h W2ᵀ per group, h = silu(a) ⊙ b, a = x W1ᵀ, b = x W3ᵀ.
-    lc.grouped_gemm_wgrad({.c = lc.grad(p("experts.w2")), .a = dy_perm, .b = eh, .offsets = offsets, .beta = lc.dw_beta,
+    lc.grouped_gemm_wgrad({.c = lc.grad(p("experts.w2")),
+                           .a = dy_perm,
+                           .b = eh,
+                           .offsets = offsets,
+                           .beta = lc.dw_beta,
                            .sum_sq = lc.expert_grad_sq},
                           lc.weight(p("experts.w2")));
     lc.grouped_gemm({.c = dh, .a = dy_perm, .b = lc.weight(p("experts.w2")), .offsets = offsets, .trans_b = false});
     be.swiglu_bwd(lc.ctx, {.da = da, .db = db, .dh = dh, .a = ea, .b = eb});
-    lc.grouped_gemm_wgrad({.c = lc.grad(p("experts.w1")), .a = da, .b = x_perm, .offsets = offsets, .beta = lc.dw_beta,
+    lc.grouped_gemm_wgrad({.c = lc.grad(p("experts.w1")),
+                           .a = da,
+                           .b = x_perm,
+                           .offsets = offsets,
+                           .beta = lc.dw_beta,
                            .sum_sq = lc.expert_grad_sq},
                           lc.weight(p("experts.w1")));
-    lc.grouped_gemm_wgrad({.c = lc.grad(p("experts.w3")), .a = db, .b = x_perm, .offsets = offsets, .beta = lc.dw_beta,
+    lc.grouped_gemm_wgrad({.c = lc.grad(p("experts.w3")),
+                           .a = db,
+                           .b = x_perm,
+                           .offsets = offsets,
+                           .beta = lc.dw_beta,
                            .sum_sq = lc.expert_grad_sq},
                           lc.weight(p("experts.w3")));
     // dx_perm = da·W1 + db·W3 per group, one two-term call (the GPU sums both in one accumulator).
-    lc.grouped_gemm({.c = dx_perm, .a = da, .b = lc.weight(p("experts.w1")), .offsets = offsets, .trans_b = false,
-                     .a2 = db, .b2 = lc.weight(p("experts.w3"))});
+    lc.grouped_gemm({.c = dx_perm,
+                     .a = da,
+                     .b = lc.weight(p("experts.w1")),
+                     .offsets = offsets,
+                     .trans_b = false,
+                     .a2 = db,
+                     .b2 = lc.weight(p("experts.w3"))});
     if (beta == 0.0) be.fill(lc.ctx, {.out = dx_norm, .value = 0.0});
     be.moe_gather_bwd(lc.ctx, {.dx = dx_norm, .dx_perm = dx_perm, .slot_pos = slot_pos});
     // Router: gradient through the weights only, plus the sequence aux loss (docs/derivations.md §4.4, §4.6).
     const Tensor scores = lc.act(a("scores")), idx = lc.act(a("topk_idx"));
-    be.router_bwd(lc.ctx, {.dlogits = dlogits, .dtopk_w = dw, .scores = scores, .topk_idx = idx, .topk_w = w, .opt = router_options(c)});
+    be.router_bwd(
+        lc.ctx,
+        {.dlogits = dlogits, .dtopk_w = dw, .scores = scores, .topk_idx = idx, .topk_w = w, .opt = router_options(c)});
     if (c.aux_loss_alpha > 0)
-      be.aux_loss_bwd(lc.ctx, {.dlogits = dlogits, .scores = scores, .seq_len = lc.seq, .top_k = c.n_activated_experts,
-                               .alpha = c.aux_loss_alpha, .dloss = aux_scale, .score_func = c.score_func});
+      be.aux_loss_bwd(lc.ctx, {.dlogits = dlogits,
+                               .scores = scores,
+                               .seq_len = lc.seq,
+                               .top_k = c.n_activated_experts,
+                               .alpha = c.aux_loss_alpha,
+                               .dloss = aux_scale,
+                               .score_func = c.score_func});
     lc.linear_backward(lc.grad(p("gate.weight")), dx_norm, dlogits, xg, lc.param(p("gate.weight")), 1.0);
   }
   const std::string norm = fmt::format("layers.{}.ffn_norm.weight", l_);
-  be.rmsnorm_bwd(lc.ctx, {.dx = d_out, .dw = lc.grad(norm), .dy = dx_norm, .x = x, .w = lc.param(norm), .rstd = lc.act(a("rstd_x")),
-                          .rows = N, .width = c.dim, .dx_accumulate = true, .dx16 = d_out16});
+  be.rmsnorm_bwd(lc.ctx, {.dx = d_out,
+                          .dw = lc.grad(norm),
+                          .dy = dx_norm,
+                          .x = x,
+                          .w = lc.param(norm),
+                          .rstd = lc.act(a("rstd_x")),
+                          .rows = N,
+                          .width = c.dim,
+                          .dx_accumulate = true,
+                          .dx16 = d_out16});
 }
 
 }  // namespace diffmoe

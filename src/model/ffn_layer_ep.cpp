@@ -51,21 +51,40 @@ void FfnLayer::forward_ep(const LayerContext& lc, const Tensor& x, const Tensor&
   const int64_t K = c.n_activated_experts, P = ex.size(), El = c.n_routed_experts / P;
   const Tensor x_norm = lc.act(a("x_norm")), xg = gemm_input(lc);
   // Router (docs/model.md §5) over all E experts for this rank's tokens.
-  const Tensor logits = lc.act(a("logits")), scores = lc.act(a("scores")), idx = lc.act(a("topk_idx")), w = lc.act(a("topk_w"));
+  const Tensor logits = lc.act(a("logits")), scores = lc.act(a("scores")), idx = lc.act(a("topk_idx")),
+               w = lc.act(a("topk_w"));
   be.gemm(lc.ctx, {.c = logits, .a = x_norm, .b = lc.param(p("gate.weight")), .trans_b = true, .f32_exact = true});
-  be.router_fwd(lc.ctx, {.scores = scores, .topk_idx = idx, .topk_w = w, .counts = lc.act(fmt::format("stats.{}.counts", l_)),
-                         .logits = logits, .bias = lc.param(p("gate.bias")), .opt = router_options(c)});
+  be.router_fwd(lc.ctx, {.scores = scores,
+                         .topk_idx = idx,
+                         .topk_w = w,
+                         .counts = lc.act(fmt::format("stats.{}.counts", l_)),
+                         .logits = logits,
+                         .bias = lc.param(p("gate.bias")),
+                         .opt = router_options(c)});
   if (c.aux_loss_alpha > 0)
-    be.aux_loss_fwd(lc.ctx, {.loss = lc.act("loss.aux"), .scores = scores, .seq_len = lc.seq, .top_k = K, .alpha = c.aux_loss_alpha,
+    be.aux_loss_fwd(lc.ctx, {.loss = lc.act("loss.aux"),
+                             .scores = scores,
+                             .seq_len = lc.seq,
+                             .top_k = K,
+                             .alpha = c.aux_loss_alpha,
                              .score_func = c.score_func});
   // The pairs and their counts; the counts to the host and to the peers.
   const Tensor counts = lc.act("scratch.ep.counts"), recv_counts = lc.act("scratch.ep.recv_counts");
   const Tensor pair_token = lc.act(a("ep.pair_token")), pair_of = lc.act(a("ep.pair_of"));
   const Tensor pair_idx = lc.act("scratch.ep.pair_idx"), pair_w = lc.act("scratch.ep.pair_w");
-  be.ep_dispatch_plan(lc.ctx, {.counts = counts, .pair_token = pair_token, .pair_of = pair_of, .pair_idx = pair_idx, .pair_w = pair_w,
-                               .topk_idx = idx, .topk_w = w, .ranks = P, .local_experts = El});
-  const RowBlocks per_peer = RowBlocks::from_counts(std::vector<int64_t>(static_cast<size_t>(P), 1));  // one row of 1 + E_l each
-  ex.all_to_all(lc.ctx, counts.reshape(Shape{P, 1 + El}), recv_counts.reshape(Shape{P, 1 + El}), per_peer, per_peer)->wait(lc.ctx);
+  be.ep_dispatch_plan(lc.ctx, {.counts = counts,
+                               .pair_token = pair_token,
+                               .pair_of = pair_of,
+                               .pair_idx = pair_idx,
+                               .pair_w = pair_w,
+                               .topk_idx = idx,
+                               .topk_w = w,
+                               .ranks = P,
+                               .local_experts = El});
+  const RowBlocks per_peer =
+      RowBlocks::from_counts(std::vector<int64_t>(static_cast<size_t>(P), 1));  // one row of 1 + E_l each
+  ex.all_to_all(lc.ctx, counts.reshape(Shape{P, 1 + El}), recv_counts.reshape(Shape{P, 1 + El}), per_peer, per_peer)
+      ->wait(lc.ctx);
   std::vector<int32_t> sent(static_cast<size_t>(P * (1 + El))), got(sent.size());
   be.download(sent.data(), counts);  // a host sync: the sizes below depend on the routing
   be.download(got.data(), recv_counts);
@@ -98,8 +117,10 @@ void FfnLayer::forward_ep(const LayerContext& lc, const Tensor& x, const Tensor&
   const Tensor offsets = buf.saved(l_, "offsets").rows(0, El + 1), src_row = buf.saved(l_, "src_row").rows(0, Rx);
   const Tensor slot_pos = buf.saved(l_, "slot_pos").rows(0, Rp);
   const Tensor x_perm = buf.saved(l_, "x_perm").rows(0, Rx), y_perm = buf.saved(l_, "y_perm").rows(0, Rx);
-  const Tensor ea = buf.saved(l_, "a").rows(0, Rx), eb = buf.saved(l_, "b").rows(0, Rx), eh = buf.saved(l_, "h").rows(0, Rx);
-  be.moe_permute(lc.ctx, {.offsets = offsets, .src_row = src_row, .slot_pos = slot_pos, .topk_idx = recv_idx, .n_experts = El});
+  const Tensor ea = buf.saved(l_, "a").rows(0, Rx), eb = buf.saved(l_, "b").rows(0, Rx),
+               eh = buf.saved(l_, "h").rows(0, Rx);
+  be.moe_permute(lc.ctx,
+                 {.offsets = offsets, .src_row = src_row, .slot_pos = slot_pos, .topk_idx = recv_idx, .n_experts = El});
   be.moe_gather(lc.ctx, {.x_perm = x_perm, .x = x_recv, .src_row = src_row});
   be.grouped_gemm(lc.ctx, {.c = ea, .a = x_perm, .b = lc.weight(p("experts.w1")), .offsets = offsets, .trans_b = true});
   be.grouped_gemm(lc.ctx, {.c = eb, .a = x_perm, .b = lc.weight(p("experts.w3")), .offsets = offsets, .trans_b = true});
@@ -113,7 +134,8 @@ void FfnLayer::forward_ep(const LayerContext& lc, const Tensor& x, const Tensor&
   be.moe_gather_bwd(lc.ctx, {.dx = out, .dx_perm = y_back, .slot_pos = pair_of});
 }
 
-void FfnLayer::backward_ep(const LayerContext& lc, const Tensor& d_out_gemm, const Tensor& dx_norm, double aux_scale) const {
+void FfnLayer::backward_ep(const LayerContext& lc, const Tensor& d_out_gemm, const Tensor& dx_norm,
+                           double aux_scale) const {
   const ModelConfig& c = *lc.cfg;
   Backend& be = *lc.be;
   ExpertExchange& ex = *lc.ep;
@@ -137,20 +159,42 @@ void FfnLayer::backward_ep(const LayerContext& lc, const Tensor& d_out_gemm, con
   const Tensor offsets = buf.saved(l_, "offsets").rows(0, El + 1), slot_pos = buf.saved(l_, "slot_pos").rows(0, Rp);
   const Tensor recv_w = buf.saved(l_, "recv_w").rows(0, Rp);
   const Tensor x_perm = buf.saved(l_, "x_perm").rows(0, Rx), y_perm = buf.saved(l_, "y_perm").rows(0, Rx);
-  const Tensor ea = buf.saved(l_, "a").rows(0, Rx), eb = buf.saved(l_, "b").rows(0, Rx), eh = buf.saved(l_, "h").rows(0, Rx);
+  const Tensor ea = buf.saved(l_, "a").rows(0, Rx), eb = buf.saved(l_, "b").rows(0, Rx),
+               eh = buf.saved(l_, "h").rows(0, Rx);
   const Tensor dy_perm = buf.scratch("dy_perm").rows(0, Rx), dx_perm = buf.scratch("dx_perm").rows(0, Rx);
-  const Tensor dh = buf.scratch("dh").rows(0, Rx), da = buf.scratch("da").rows(0, Rx), db = buf.scratch("db").rows(0, Rx);
+  const Tensor dh = buf.scratch("dh").rows(0, Rx), da = buf.scratch("da").rows(0, Rx),
+               db = buf.scratch("db").rows(0, Rx);
   const Tensor dtw = buf.scratch("dtw").rows(0, Rp), dx_recv = buf.scratch("dx_recv").rows(0, Rp);
-  be.moe_combine_bwd(lc.ctx, {.dy_perm = dy_perm, .dtopk_w = dtw, .dy = dy_recv, .y_perm = y_perm, .topk_w = recv_w, .slot_pos = slot_pos});
-  be.grouped_gemm_wgrad(lc.ctx, {.c = lc.grad(p("experts.w2")), .a = dy_perm, .b = eh, .offsets = offsets, .beta = lc.dw_beta,
-                                .sum_sq = lc.expert_grad_sq});
-  be.grouped_gemm(lc.ctx, {.c = dh, .a = dy_perm, .b = lc.weight(p("experts.w2")), .offsets = offsets, .trans_b = false});
+  be.moe_combine_bwd(
+      lc.ctx,
+      {.dy_perm = dy_perm, .dtopk_w = dtw, .dy = dy_recv, .y_perm = y_perm, .topk_w = recv_w, .slot_pos = slot_pos});
+  be.grouped_gemm_wgrad(lc.ctx, {.c = lc.grad(p("experts.w2")),
+                                 .a = dy_perm,
+                                 .b = eh,
+                                 .offsets = offsets,
+                                 .beta = lc.dw_beta,
+                                 .sum_sq = lc.expert_grad_sq});
+  be.grouped_gemm(lc.ctx,
+                  {.c = dh, .a = dy_perm, .b = lc.weight(p("experts.w2")), .offsets = offsets, .trans_b = false});
   be.swiglu_bwd(lc.ctx, {.da = da, .db = db, .dh = dh, .a = ea, .b = eb});
-  be.grouped_gemm_wgrad(lc.ctx, {.c = lc.grad(p("experts.w1")), .a = da, .b = x_perm, .offsets = offsets, .beta = lc.dw_beta,
-                                .sum_sq = lc.expert_grad_sq});
-  be.grouped_gemm_wgrad(lc.ctx, {.c = lc.grad(p("experts.w3")), .a = db, .b = x_perm, .offsets = offsets, .beta = lc.dw_beta,
-                                .sum_sq = lc.expert_grad_sq});
-  be.grouped_gemm(lc.ctx, {.c = dx_perm, .a = da, .b = lc.weight(p("experts.w1")), .offsets = offsets, .trans_b = false, .a2 = db,
+  be.grouped_gemm_wgrad(lc.ctx, {.c = lc.grad(p("experts.w1")),
+                                 .a = da,
+                                 .b = x_perm,
+                                 .offsets = offsets,
+                                 .beta = lc.dw_beta,
+                                 .sum_sq = lc.expert_grad_sq});
+  be.grouped_gemm_wgrad(lc.ctx, {.c = lc.grad(p("experts.w3")),
+                                 .a = db,
+                                 .b = x_perm,
+                                 .offsets = offsets,
+                                 .beta = lc.dw_beta,
+                                 .sum_sq = lc.expert_grad_sq});
+  be.grouped_gemm(lc.ctx, {.c = dx_perm,
+                           .a = da,
+                           .b = lc.weight(p("experts.w1")),
+                           .offsets = offsets,
+                           .trans_b = false,
+                           .a2 = db,
                            .b2 = lc.weight(p("experts.w3"))});
   be.fill(lc.ctx, {.out = dx_recv, .value = 0.0});
   be.moe_gather_bwd(lc.ctx, {.dx = dx_recv, .dx_perm = dx_perm, .slot_pos = slot_pos});
@@ -169,10 +213,17 @@ void FfnLayer::backward_ep(const LayerContext& lc, const Tensor& d_out_gemm, con
   // Router: gradient through the weights only, plus the sequence aux loss (docs/derivations.md §4.4, §4.6).
   const Tensor scores = lc.act(a("scores")), idx = lc.act(a("topk_idx")), w = lc.act(a("topk_w"));
   const Tensor dlogits = lc.act("scratch.moe.dlogits");
-  be.router_bwd(lc.ctx, {.dlogits = dlogits, .dtopk_w = dw, .scores = scores, .topk_idx = idx, .topk_w = w, .opt = router_options(c)});
+  be.router_bwd(
+      lc.ctx,
+      {.dlogits = dlogits, .dtopk_w = dw, .scores = scores, .topk_idx = idx, .topk_w = w, .opt = router_options(c)});
   if (c.aux_loss_alpha > 0)
-    be.aux_loss_bwd(lc.ctx, {.dlogits = dlogits, .scores = scores, .seq_len = lc.seq, .top_k = K, .alpha = c.aux_loss_alpha,
-                             .dloss = aux_scale, .score_func = c.score_func});
+    be.aux_loss_bwd(lc.ctx, {.dlogits = dlogits,
+                             .scores = scores,
+                             .seq_len = lc.seq,
+                             .top_k = K,
+                             .alpha = c.aux_loss_alpha,
+                             .dloss = aux_scale,
+                             .score_func = c.score_func});
   lc.linear_backward(lc.grad(p("gate.weight")), dx_norm, dlogits, xg, lc.param(p("gate.weight")), 1.0);
 }
 

@@ -67,16 +67,16 @@ void plan_fp8(const ModelConfig& cfg, PrecisionPlan& pl, int64_t tokens, Arena& 
   }
 }
 
-Fp8WeightTable fp8_weight_table(const std::vector<ParamSpec>& specs, const PrecisionPlan& pl, const LayoutBuffers& params,
-                                const Arena& acts) {
+Fp8WeightTable fp8_weight_table(const std::vector<ParamSpec>& specs, const PrecisionPlan& pl,
+                                const LayoutBuffers& params, const Arena& acts) {
   Fp8WeightTable table;
   for (const ParamSpec& p : specs) {
     if (!pl.fp8_weight(p)) continue;
     const WeightDims d = weight_dims(p);
     const std::string base = "fp8." + p.name;
     const Tensor w = params.get(p.name);
-    DIFFMOE_CHECK(w.dtype == DType::kBF16, "[model] the fp8 mode quantises {} from its bf16 compute weight, found {}", p.name,
-                  dtype_name(w.dtype));
+    DIFFMOE_CHECK(w.dtype == DType::kBF16, "[model] the fp8 mode quantises {} from its bf16 compute weight, found {}",
+                  p.name, dtype_name(w.dtype));
     table.emplace(w.data, Fp8Weight{.w = w,
                                     .q = acts.get(base + ".q"),
                                     .scale = acts.get(base + ".scale"),

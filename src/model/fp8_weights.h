@@ -23,8 +23,8 @@ namespace diffmoe {
 struct Fp8Weight {
   Tensor w;  // the compute weight they are quantised from (bf16)
   Tensor q, scale, q_t, scale_t;
-  int64_t n = 0, k = 0;      // one matrix's [N, K]
-  int64_t experts = 0;       // 0: a single matrix
+  int64_t n = 0, k = 0;               // one matrix's [N, K]
+  int64_t experts = 0;                // 0: a single matrix
   Fp8Weight expert(int64_t e) const;  // expert e's copies, as a single matrix
 };
 
@@ -43,8 +43,8 @@ using Fp8WeightTable = std::unordered_map<const void*, Fp8Weight>;
 void plan_fp8(const ModelConfig& cfg, PrecisionPlan& plan, int64_t tokens, Arena& acts);
 
 // The table of every weight the plan runs in FP8, pointing into `acts` (allocated).
-Fp8WeightTable fp8_weight_table(const std::vector<ParamSpec>& specs, const PrecisionPlan& plan, const LayoutBuffers& params,
-                                const Arena& acts);
+Fp8WeightTable fp8_weight_table(const std::vector<ParamSpec>& specs, const PrecisionPlan& plan,
+                                const LayoutBuffers& params, const Arena& acts);
 
 // Quantises every weight of the table from its compute weight (weight_quant, both orientations).
 void quantize_fp8_weights(Backend& be, Context ctx, const Fp8WeightTable& table);

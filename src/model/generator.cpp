@@ -17,13 +17,19 @@ Tensor sub(const Tensor& t, int64_t offset, Shape shape) {
   DIFFMOE_CHECK(offset >= 0 && offset + shape.numel() <= t.numel(), "[generator] view of {} values at {} is outside {}",
                 shape.numel(), offset, t.describe());
   return Tensor{.data = static_cast<char*>(t.data) + static_cast<size_t>(offset) * dtype_size(t.dtype),
-                .dtype = t.dtype, .device = t.device, .shape = shape};
+                .dtype = t.dtype,
+                .device = t.device,
+                .shape = shape};
 }
 
 // The router options of the training path (FfnLayer; docs/model.md §5).
 RouterOptions router_options(const ModelConfig& c) {
-  return RouterOptions{.score_func = c.score_func, .n_groups = c.n_expert_groups, .n_limited_groups = c.n_limited_groups,
-                       .top_k = c.n_activated_experts, .route_scale = c.route_scale, .use_bias = c.balance_bias};
+  return RouterOptions{.score_func = c.score_func,
+                       .n_groups = c.n_expert_groups,
+                       .n_limited_groups = c.n_limited_groups,
+                       .top_k = c.n_activated_experts,
+                       .route_scale = c.route_scale,
+                       .use_bias = c.balance_bias};
 }
 
 std::string attn_param(int64_t l, const char* name) { return fmt::format("layers.{}.attn.{}", l, name); }
@@ -59,20 +65,20 @@ Generator::Generator(Model& model, GeneratorOptions opt)
   arena_.add("final.x_norm", Shape{B, D}, t);
   arena_.add("final.rstd", Shape{B}, t);
   // Per-chunk scratch, flat buffers of the largest use, shared by all layers (scratch() views them).
-  arena_.add("h", Shape{R * D}, t);                    // residual stream
+  arena_.add("h", Shape{R * D}, t);  // residual stream
   arena_.add("x_norm", Shape{R * D}, t);
   arena_.add("rstd", Shape{R}, t);
   if (rq > 0) {
     arena_.add("qa", Shape{R * rq}, t);
     arena_.add("cq", Shape{R * rq}, t);
   }
-  arena_.add("q", Shape{R * H * dqk}, t);              // [R, H, d_qk], per head [q^C ; RoPE(q^R)]
-  arena_.add("kva", Shape{R * (rkv + dr)}, t);         // [c ; RoPE(k^R)]
-  arena_.add("q_lat", Shape{R * H * rkv}, t);          // q̃ [R, H, r_kv]
-  arena_.add("lat", Shape{R * h_out * rkv}, t);        // L [R, H_out, r_kv]
-  arena_.add("att", Shape{R * H * dv}, t);             // O [R, H, d_v] = [R, H/2, 2·d_v]
+  arena_.add("q", Shape{R * H * dqk}, t);        // [R, H, d_qk], per head [q^C ; RoPE(q^R)]
+  arena_.add("kva", Shape{R * (rkv + dr)}, t);   // [c ; RoPE(k^R)]
+  arena_.add("q_lat", Shape{R * H * rkv}, t);    // q̃ [R, H, r_kv]
+  arena_.add("lat", Shape{R * h_out * rkv}, t);  // L [R, H_out, r_kv]
+  arena_.add("att", Shape{R * H * dv}, t);       // O [R, H, d_v] = [R, H/2, 2·d_v]
   if (c.differential) {
-    arena_.add("att_n", Shape{R * H * dv}, t);         // (1 − λ_init)·RMSNorm_2dv(O)
+    arena_.add("att_n", Shape{R * H * dv}, t);  // (1 − λ_init)·RMSNorm_2dv(O)
     arena_.add("rstd_sub", Shape{R * H / 2}, t);
     arena_.add("lambda", Shape{1}, t);
   }
@@ -94,9 +100,14 @@ Generator::Generator(Model& model, GeneratorOptions opt)
   }
   arena_.allocate(be_.allocator());
 
-  const RopeParams rp{.rope_dim = dr, .theta = c.rope_theta, .max_seq_len = c.max_seq_len,
-                      .original_seq_len = c.original_seq_len, .factor = c.rope_factor, .beta_fast = c.beta_fast,
-                      .beta_slow = c.beta_slow, .mscale = c.mscale};
+  const RopeParams rp{.rope_dim = dr,
+                      .theta = c.rope_theta,
+                      .max_seq_len = c.max_seq_len,
+                      .original_seq_len = c.original_seq_len,
+                      .factor = c.rope_factor,
+                      .beta_fast = c.beta_fast,
+                      .beta_slow = c.beta_slow,
+                      .mscale = c.mscale};
   std::vector<double> cos, sin;
   rope_tables(rp, opt_.max_len, cos, sin);
   if (t == DType::kF64) {
@@ -147,7 +158,8 @@ Tensor Generator::append(Context ctx, const Tensor& tokens) {
   const int64_t T = tokens.dim(1);
   DIFFMOE_CHECK(len_ + T <= opt_.max_len, "[generator] {} cached + {} new positions exceed max_len = {}", len_, T,
                 opt_.max_len);
-  for (int64_t t0 = 0; t0 < T; t0 += opt_.prefill_chunk) forward_chunk(ctx, tokens, t0, std::min(opt_.prefill_chunk, T - t0));
+  for (int64_t t0 = 0; t0 < T; t0 += opt_.prefill_chunk)
+    forward_chunk(ctx, tokens, t0, std::min(opt_.prefill_chunk, T - t0));
   return arena_.get("logits");
 }
 
@@ -156,8 +168,10 @@ void Generator::forward_chunk(Context ctx, const Tensor& tokens, int64_t t0, int
   const Tensor h = scratch("h", Shape{rows, cfg_.dim});  // row b·tq + t = sequence b, position len_ + t
   // h_0 = embed_scale · Embed(tokens), one call per sequence (the chunk's columns of row b are contiguous).
   for (int64_t b = 0; b < B; ++b)
-    be_.embedding_fwd(ctx, {.out = h.rows(b * tq, (b + 1) * tq), .tokens = tokens[b].rows(t0, t0 + tq),
-                            .table = param("embed.weight"), .scale = cfg_.embed_scale});
+    be_.embedding_fwd(ctx, {.out = h.rows(b * tq, (b + 1) * tq),
+                            .tokens = tokens[b].rows(t0, t0 + tq),
+                            .table = param("embed.weight"),
+                            .scale = cfg_.embed_scale});
   for (int64_t l = 0; l < cfg_.n_layers; ++l) {
     attention(ctx, l, tq);
     ffn(ctx, l, rows);
@@ -180,37 +194,69 @@ void Generator::attention(Context ctx, int64_t l, int64_t tq) {
   const Tensor cache_l = cache(l);
   const Tensor wkv_b = param(attn_param(l, "wkv_b.weight"));  // [H·(d_nope + d_v), r_kv], per j: [W^UK_j ; W^UV_j]
 
-  be_.rmsnorm_fwd(ctx, {.y = x_norm, .rstd = rstd, .x = h, .w = param(fmt::format("layers.{}.attn_norm.weight", l)),
-                        .rows = N, .width = D, .eps = c.norm_eps});
+  be_.rmsnorm_fwd(ctx, {.y = x_norm,
+                        .rstd = rstd,
+                        .x = h,
+                        .w = param(fmt::format("layers.{}.attn_norm.weight", l)),
+                        .rows = N,
+                        .width = D,
+                        .eps = c.norm_eps});
   // Queries (docs/model.md §2): c_q = RMSNorm_q(x̄ W_qaᵀ), q = c_q W_qbᵀ (or x̄ W_qᵀ); RoPE on each head's rope
   // columns at the absolute positions pos0 + t (row n of the chunk is position pos0 + n % tq).
   if (rq > 0) {
     const Tensor qa = scratch("qa", Shape{N, rq}), cq = scratch("cq", Shape{N, rq});
     linear(ctx, qa, x_norm, param(attn_param(l, "wq_a.weight")));
-    be_.rmsnorm_fwd(ctx, {.y = cq, .rstd = rstd, .x = qa, .w = param(attn_param(l, "q_norm.weight")), .rows = N, .width = rq,
+    be_.rmsnorm_fwd(ctx, {.y = cq,
+                          .rstd = rstd,
+                          .x = qa,
+                          .w = param(attn_param(l, "q_norm.weight")),
+                          .rows = N,
+                          .width = rq,
                           .eps = c.norm_eps});
     linear(ctx, q, cq, param(attn_param(l, "wq_b.weight")));
   } else {
     linear(ctx, q, x_norm, param(attn_param(l, "wq.weight")));
   }
-  be_.rope(ctx, {.x = q, .cos = cos, .sin = sin, .n_heads = H, .head_stride = dqk, .col_offset = dn, .rope_dim = dr,
-                 .seq_len = tq, .pos_offset = pos0});
+  be_.rope(ctx, {.x = q,
+                 .cos = cos,
+                 .sin = sin,
+                 .n_heads = H,
+                 .head_stride = dqk,
+                 .col_offset = dn,
+                 .rope_dim = dr,
+                 .seq_len = tq,
+                 .pos_offset = pos0});
   // The cache rows of the new positions: [c ; k^R] = x̄ W_kvaᵀ, k^R rotated, then ĉ = RMSNorm_kv(c)
   // written over the latent columns of the copied rows (a strided norm, x and y rows r_kv + d_rope apart).
   linear(ctx, kva, x_norm, param(attn_param(l, "wkv_a.weight")));
-  be_.rope(ctx, {.x = kva, .cos = cos, .sin = sin, .n_heads = 1, .head_stride = rkv + dr, .col_offset = rkv, .rope_dim = dr,
-                 .seq_len = tq, .pos_offset = pos0});
+  be_.rope(ctx, {.x = kva,
+                 .cos = cos,
+                 .sin = sin,
+                 .n_heads = 1,
+                 .head_stride = rkv + dr,
+                 .col_offset = rkv,
+                 .rope_dim = dr,
+                 .seq_len = tq,
+                 .pos_offset = pos0});
   for (int64_t b = 0; b < B; ++b) {
     const Tensor dst = cache_l[b].rows(pos0, kv_len), src = kva.rows(b * tq, (b + 1) * tq);
     be_.copy(ctx, {.dst = dst, .src = src});
-    be_.rmsnorm_fwd(ctx, {.y = dst, .rstd = rstd.rows(b * tq, (b + 1) * tq), .x = src, .w = param(attn_param(l, "kv_norm.weight")),
-                          .rows = tq, .width = rkv, .x_stride = rkv + dr, .y_stride = rkv + dr, .eps = c.norm_eps});
+    be_.rmsnorm_fwd(ctx, {.y = dst,
+                          .rstd = rstd.rows(b * tq, (b + 1) * tq),
+                          .x = src,
+                          .w = param(attn_param(l, "kv_norm.weight")),
+                          .rows = tq,
+                          .width = rkv,
+                          .x_stride = rkv + dr,
+                          .y_stride = rkv + dr,
+                          .eps = c.norm_eps});
   }
   // Absorb W^UK into the query (docs/derivations.md §2.4): q̃_j = q^C_j W^UK_j, [1, d_nope]·[d_nope, r_kv] per
   // (token, head); W^UK_j = rows j·(d_nope + d_v) … + d_nope of wkv_b.
   for (int64_t n = 0; n < N; ++n) {
     for (int64_t j = 0; j < H; ++j) {
-      be_.gemm(ctx, {.c = sub(q_lat, (n * H + j) * rkv, Shape{1, rkv}), .a = sub(q, (n * H + j) * dqk, Shape{1, dn}),
+      be_.gemm(ctx, {.c = sub(q_lat, (n * H + j) * rkv, Shape{1, rkv}),
+                     .a = sub(q, (n * H + j) * dqk, Shape{1, dn}),
                      .b = sub(wkv_b, j * (dn + dv) * rkv, Shape{dn, rkv})});
     }
   }
@@ -218,27 +264,44 @@ void Generator::attention(Context ctx, int64_t l, int64_t tq) {
   Tensor lambda;
   if (c.differential) {
     lambda = arena_.get("lambda");
-    be_.diff_lambda_fwd(ctx, {.lambda = lambda, .lq1 = param(attn_param(l, "lambda_q1")), .lk1 = param(attn_param(l, "lambda_k1")),
-                              .lq2 = param(attn_param(l, "lambda_q2")), .lk2 = param(attn_param(l, "lambda_k2")),
+    be_.diff_lambda_fwd(ctx, {.lambda = lambda,
+                              .lq1 = param(attn_param(l, "lambda_q1")),
+                              .lk1 = param(attn_param(l, "lambda_k1")),
+                              .lq2 = param(attn_param(l, "lambda_q2")),
+                              .lk2 = param(attn_param(l, "lambda_k2")),
                               .lambda_init = c.lambda_init(l)});
   }
-  be_.latent_attention(ctx, {.out = lat, .q_lat = q_lat, .q_rope = q.reshape(Shape{B, tq, H, dqk}), .cache = cache_l,
-                             .lambda = lambda, .kv_len = kv_len, .q_rope_offset = dn, .scale = c.softmax_scale(),
+  be_.latent_attention(ctx, {.out = lat,
+                             .q_lat = q_lat,
+                             .q_rope = q.reshape(Shape{B, tq, H, dqk}),
+                             .cache = cache_l,
+                             .lambda = lambda,
+                             .kv_len = kv_len,
+                             .q_rope_offset = dn,
+                             .scale = c.softmax_scale(),
                              .differential = c.differential});
   // Up-project with W^UV (docs/derivations.md §3.3): o_j = L_{h(j)} W^UVᵀ_j, [1, r_kv]·[r_kv, d_v] per (token,
   // component); W^UV_j = rows j·(d_nope + d_v) + d_nope … + d_v of wkv_b. Component j's d_v columns
   // at (n·H + j)·d_v make O_h = [o_2h ; o_2h+1] contiguous: att is [N, H/2, 2·d_v] as in training.
   for (int64_t n = 0; n < N; ++n) {
     for (int64_t j = 0; j < H; ++j) {
-      be_.gemm(ctx, {.c = sub(att, (n * H + j) * dv, Shape{1, dv}), .a = sub(lat, (n * h_out + j / comps) * rkv, Shape{1, rkv}),
-                     .b = sub(wkv_b, (j * (dn + dv) + dn) * rkv, Shape{dv, rkv}), .trans_b = true});
+      be_.gemm(ctx, {.c = sub(att, (n * H + j) * dv, Shape{1, dv}),
+                     .a = sub(lat, (n * h_out + j / comps) * rkv, Shape{1, rkv}),
+                     .b = sub(wkv_b, (j * (dn + dv) + dn) * rkv, Shape{dv, rkv}),
+                     .trans_b = true});
     }
   }
   Tensor o = att;
   if (c.differential) {  // Ō_h = (1 − λ_init)·RMSNorm_2dv(O_h; subln), eps 1e-5 (docs/model.md §2)
     o = scratch("att_n", Shape{N, H * dv});
-    be_.rmsnorm_fwd(ctx, {.y = o, .rstd = scratch("rstd_sub", Shape{N * H / 2}), .x = att, .w = param(attn_param(l, "subln.weight")),
-                          .rows = N * H / 2, .width = 2 * dv, .eps = 1e-5, .out_scale = 1.0 - c.lambda_init(l)});
+    be_.rmsnorm_fwd(ctx, {.y = o,
+                          .rstd = scratch("rstd_sub", Shape{N * H / 2}),
+                          .x = att,
+                          .w = param(attn_param(l, "subln.weight")),
+                          .rows = N * H / 2,
+                          .width = 2 * dv,
+                          .eps = 1e-5,
+                          .out_scale = 1.0 - c.lambda_init(l)});
   }
   linear(ctx, h, o, param(attn_param(l, "wo.weight")), /*beta=*/1.0);  // h += concat_h(Ō_h) W_oᵀ
 }
@@ -247,11 +310,17 @@ void Generator::ffn(Context ctx, int64_t l, int64_t rows) {
   const ModelConfig& c = cfg_;
   const int64_t N = rows, D = c.dim;
   const Tensor h = scratch("h", Shape{N, D}), x_norm = scratch("x_norm", Shape{N, D});
-  be_.rmsnorm_fwd(ctx, {.y = x_norm, .rstd = scratch("rstd", Shape{N}), .x = h, .w = param(fmt::format("layers.{}.ffn_norm.weight", l)),
-                        .rows = N, .width = D, .eps = c.norm_eps});
+  be_.rmsnorm_fwd(ctx, {.y = x_norm,
+                        .rstd = scratch("rstd", Shape{N}),
+                        .x = h,
+                        .w = param(fmt::format("layers.{}.ffn_norm.weight", l)),
+                        .rows = N,
+                        .width = D,
+                        .eps = c.norm_eps});
   // y += w2(silu(x W1ᵀ) ⊙ x W3ᵀ) on `n` rows of width `width` (docs/model.md §4).
   auto mlp = [&](const Tensor& x, const Tensor& y, int64_t n, int64_t width, const std::string& prefix) {
-    const Tensor a = scratch("ffn.a", Shape{n, width}), b = scratch("ffn.b", Shape{n, width}), s = scratch("ffn.h", Shape{n, width});
+    const Tensor a = scratch("ffn.a", Shape{n, width}), b = scratch("ffn.b", Shape{n, width}),
+                 s = scratch("ffn.h", Shape{n, width});
     linear(ctx, a, x, param(prefix + "w1.weight"));
     linear(ctx, b, x, param(prefix + "w3.weight"));
     be_.swiglu_fwd(ctx, {.h = s, .a = a, .b = b});
@@ -263,24 +332,35 @@ void Generator::ffn(Context ctx, int64_t l, int64_t rows) {
   }
   // MoE (docs/model.md §5), the training path's op sequence: shared experts, router with the balancing bias,
   // dropless permute/gather, grouped expert GEMMs, weighted combine onto the residual.
-  if (c.n_shared_experts > 0) mlp(x_norm, h, N, c.n_shared_experts * c.moe_inter_dim, fmt::format("layers.{}.ffn.shared.", l));
+  if (c.n_shared_experts > 0)
+    mlp(x_norm, h, N, c.n_shared_experts * c.moe_inter_dim, fmt::format("layers.{}.ffn.shared.", l));
   const int64_t E = c.n_routed_experts, K = c.n_activated_experts, I = c.moe_inter_dim;
   const Tensor logits = scratch("router.logits", Shape{N, E}), scores = scratch("router.scores", Shape{N, E});
   const Tensor idx = scratch("router.topk_idx", Shape{N, K}), w = scratch("router.topk_w", Shape{N, K});
   // z = u Eᵀ in f32 in every GEMM mode, as in training (docs/model.md §5).
-  be_.gemm(ctx, {.c = logits, .a = x_norm, .b = param(ffn_param(l, "gate.weight")), .trans_b = true, .f32_exact = true});
-  be_.router_fwd(ctx, {.scores = scores, .topk_idx = idx, .topk_w = w, .counts = arena_.get("router.counts"), .logits = logits,
-                       .bias = param(ffn_param(l, "gate.bias")), .opt = router_options(c)});
+  be_.gemm(ctx,
+           {.c = logits, .a = x_norm, .b = param(ffn_param(l, "gate.weight")), .trans_b = true, .f32_exact = true});
+  be_.router_fwd(ctx, {.scores = scores,
+                       .topk_idx = idx,
+                       .topk_w = w,
+                       .counts = arena_.get("router.counts"),
+                       .logits = logits,
+                       .bias = param(ffn_param(l, "gate.bias")),
+                       .opt = router_options(c)});
   const Tensor offsets = arena_.get("moe.offsets"), src_row = scratch("moe.src_row", Shape{N * K});
   const Tensor slot_pos = scratch("moe.slot_pos", Shape{N, K});
   const Tensor x_perm = scratch("moe.x_perm", Shape{N * K, D}), y_perm = scratch("moe.y_perm", Shape{N * K, D});
   be_.moe_permute(ctx, {.offsets = offsets, .src_row = src_row, .slot_pos = slot_pos, .topk_idx = idx, .n_experts = E});
   be_.moe_gather(ctx, {.x_perm = x_perm, .x = x_norm, .src_row = src_row});
-  const Tensor ea = scratch("ffn.a", Shape{N * K, I}), eb = scratch("ffn.b", Shape{N * K, I}), eh = scratch("ffn.h", Shape{N * K, I});
-  be_.grouped_gemm(ctx, {.c = ea, .a = x_perm, .b = param(ffn_param(l, "experts.w1")), .offsets = offsets, .trans_b = true});
-  be_.grouped_gemm(ctx, {.c = eb, .a = x_perm, .b = param(ffn_param(l, "experts.w3")), .offsets = offsets, .trans_b = true});
+  const Tensor ea = scratch("ffn.a", Shape{N * K, I}), eb = scratch("ffn.b", Shape{N * K, I}),
+               eh = scratch("ffn.h", Shape{N * K, I});
+  be_.grouped_gemm(ctx,
+                   {.c = ea, .a = x_perm, .b = param(ffn_param(l, "experts.w1")), .offsets = offsets, .trans_b = true});
+  be_.grouped_gemm(ctx,
+                   {.c = eb, .a = x_perm, .b = param(ffn_param(l, "experts.w3")), .offsets = offsets, .trans_b = true});
   be_.swiglu_fwd(ctx, {.h = eh, .a = ea, .b = eb});
-  be_.grouped_gemm(ctx, {.c = y_perm, .a = eh, .b = param(ffn_param(l, "experts.w2")), .offsets = offsets, .trans_b = true});
+  be_.grouped_gemm(ctx,
+                   {.c = y_perm, .a = eh, .b = param(ffn_param(l, "experts.w2")), .offsets = offsets, .trans_b = true});
   be_.moe_combine_fwd(ctx, {.y = h, .y_perm = y_perm, .topk_w = w, .slot_pos = slot_pos});
 }
 
@@ -289,8 +369,14 @@ void Generator::head(Context ctx, int64_t tq) {
   // The last new position of sequence b is row b·tq + tq − 1: B rows tq·D values apart, read in place.
   const Tensor last = sub(arena_.get("h"), (tq - 1) * D, Shape{(B - 1) * tq * D + D});
   const Tensor xn = arena_.get("final.x_norm");
-  be_.rmsnorm_fwd(ctx, {.y = xn, .rstd = arena_.get("final.rstd"), .x = last, .w = param("norm.weight"), .rows = B, .width = D,
-                        .x_stride = tq * D, .eps = cfg_.norm_eps});
+  be_.rmsnorm_fwd(ctx, {.y = xn,
+                        .rstd = arena_.get("final.rstd"),
+                        .x = last,
+                        .w = param("norm.weight"),
+                        .rows = B,
+                        .width = D,
+                        .x_stride = tq * D,
+                        .eps = cfg_.norm_eps});
   linear(ctx, arena_.get("logits"), xn, param(cfg_.tie_embeddings ? "embed.weight" : "head.weight"));
 }
 

@@ -54,11 +54,13 @@ class Generator {
   int64_t length() const { return len_; }  // cached positions per sequence
   int64_t batch() const { return opt_.batch; }
   int64_t max_len() const { return opt_.max_len; }
-  Tensor cache(int64_t layer) const;       // [B, max_len, r_kv + d_rope]: row s = [ĉ_s ; k^R_s]
+  Tensor cache(int64_t layer) const;  // [B, max_len, r_kv + d_rope]: row s = [ĉ_s ; k^R_s]
   size_t arena_bytes() const { return arena_.bytes(); }
 
   // Cache values per token over all layers: n_layers · (kv_lora_rank + qk_rope_head_dim).
-  static int64_t cache_values_per_token(const ModelConfig& c) { return c.n_layers * (c.kv_lora_rank + c.qk_rope_head_dim); }
+  static int64_t cache_values_per_token(const ModelConfig& c) {
+    return c.n_layers * (c.kv_lora_rank + c.qk_rope_head_dim);
+  }
 
  private:
   // One chunk: columns [t0, t0 + tq) of tokens [B, T] at positions len_ … len_ + tq − 1.

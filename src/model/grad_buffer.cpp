@@ -24,10 +24,10 @@ GradBuffer::GradBuffer(const ParamLayout& layout, DType dtype, Allocator& alloc)
       const ParamLayout::Entry& e = layout.entries()[grp.entries[k]];
       if (!e.grad_added) continue;
       const int64_t end = k + 1 < grp.entries.size() ? layout.entries()[grp.entries[k + 1]].offset : grp.length;
-      if (!zero_runs_.empty() && zero_runs_.back().group == g && e.offset - (zero_runs_.back().offset + zero_runs_.back().count) <= kMergeGapElems)
+      if (!zero_runs_.empty() && zero_runs_.back().group == g &&
+          e.offset - (zero_runs_.back().offset + zero_runs_.back().count) <= kMergeGapElems)
         zero_runs_.back().count = end - zero_runs_.back().offset;
-      else
-        zero_runs_.push_back(Run{.group = g, .offset = e.offset, .count = end - e.offset});
+      else zero_runs_.push_back(Run{.group = g, .offset = e.offset, .count = end - e.offset});
     }
   }
 }

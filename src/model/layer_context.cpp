@@ -37,25 +37,42 @@ Fp8Slot cols_slot(const LayerContext& lc, const char* name, int64_t m, int64_t k
   return slot(lc, name, Shape{k, m}, Shape{fp8_tiles(m), k});
 }
 
-void fp8_fprop(const LayerContext& lc, const Fp8Weight& f, const Tensor& y, const Tensor& x, double beta, const Tensor& addend) {
+void fp8_fprop(const LayerContext& lc, const Fp8Weight& f, const Tensor& y, const Tensor& x, double beta,
+               const Tensor& addend) {
   const Fp8Slot a = rows_slot(lc, "a", x.dim(0), x.dim(1));
   lc.be->act_quant(lc.ctx, {.q = a.q, .scale = a.scale, .x = x});
-  lc.be->fp8_gemm(lc.ctx, {.c = y, .a = a.q, .a_scale = a.scale, .b = f.q, .b_scale = f.scale,
-                           .b_scaling = Fp8Scaling::kBlock128x128, .beta = beta, .addend = addend});
+  lc.be->fp8_gemm(lc.ctx, {.c = y,
+                           .a = a.q,
+                           .a_scale = a.scale,
+                           .b = f.q,
+                           .b_scale = f.scale,
+                           .b_scaling = Fp8Scaling::kBlock128x128,
+                           .beta = beta,
+                           .addend = addend});
 }
 
 // dx = dy W from dy's row-wise copy in slot "a".
 void fp8_dgrad_from(const LayerContext& lc, const Fp8Weight& f, const Tensor& dx, const Fp8Slot& dy, double beta) {
-  lc.be->fp8_gemm(lc.ctx, {.c = dx, .a = dy.q, .a_scale = dy.scale, .b = f.q_t, .b_scale = f.scale_t,
-                           .b_scaling = Fp8Scaling::kBlock128x128, .beta = beta});
+  lc.be->fp8_gemm(lc.ctx, {.c = dx,
+                           .a = dy.q,
+                           .a_scale = dy.scale,
+                           .b = f.q_t,
+                           .b_scale = f.scale_t,
+                           .b_scaling = Fp8Scaling::kBlock128x128,
+                           .beta = beta});
 }
 
 // dW = dyᵀ x + beta·dW from dy's transposed copy and x quantised transposed here.
 void fp8_wgrad_from(const LayerContext& lc, const Tensor& dw, const Fp8Slot& dy_t, const Tensor& x, double beta) {
   const Fp8Slot x_t = cols_slot(lc, "b_t", x.dim(0), x.dim(1));
   lc.be->act_quant(lc.ctx, {.q_t = x_t.q, .scale_t = x_t.scale, .x = x});
-  lc.be->fp8_gemm(lc.ctx, {.c = dw, .a = dy_t.q, .a_scale = dy_t.scale, .b = x_t.q, .b_scale = x_t.scale,
-                           .b_scaling = Fp8Scaling::kTile1x128, .beta = beta});
+  lc.be->fp8_gemm(lc.ctx, {.c = dw,
+                           .a = dy_t.q,
+                           .a_scale = dy_t.scale,
+                           .b = x_t.q,
+                           .b_scale = x_t.scale,
+                           .b_scaling = Fp8Scaling::kTile1x128,
+                           .beta = beta});
 }
 
 int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
@@ -78,7 +95,8 @@ std::vector<int32_t> host_offsets(const LayerContext& lc, const Tensor& offsets)
 
 void LayerContext::linear(const Tensor& y, const Tensor& x, const Tensor& w, double beta, const Tensor& addend) const {
   if (const Fp8Weight* f = fp8_weight(w)) return fp8_fprop(*this, *f, y, x, beta, addend);
-  be->gemm(ctx, {.c = y, .a = x, .b = w, .trans_a = false, .trans_b = true, .alpha = 1.0, .beta = beta, .addend = addend});
+  be->gemm(ctx,
+           {.c = y, .a = x, .b = w, .trans_a = false, .trans_b = true, .alpha = 1.0, .beta = beta, .addend = addend});
 }
 
 void LayerContext::linear_dx(const Tensor& dx, const Tensor& dy, const Tensor& w, double beta) const {
@@ -99,8 +117,8 @@ void LayerContext::linear_dw(const Tensor& dw, const Tensor& dy, const Tensor& x
   be->gemm(ctx, {.c = dw, .a = dy, .b = x, .trans_a = true, .trans_b = false, .alpha = 1.0, .beta = dw_beta});
 }
 
-void LayerContext::linear_backward(const Tensor& dw, const Tensor& dx, const Tensor& dy, const Tensor& x, const Tensor& w,
-                                   double beta_dx) const {
+void LayerContext::linear_backward(const Tensor& dw, const Tensor& dx, const Tensor& dy, const Tensor& x,
+                                   const Tensor& w, double beta_dx) const {
   if (const Fp8Weight* f = fp8_weight(w)) {
     // One pass over dy writes both of its copies: 1×128 tiles (Dgrad) and 128×1 tiles (Wgrad).
     const int64_t m = dy.dim(0), n = dy.dim(1);
@@ -118,13 +136,15 @@ void LayerContext::grouped_gemm(const GroupedGemmArgs& a) const {
   const Fp8Weight* f = fp8_weight(a.b);
   if (f == nullptr) return be->grouped_gemm(ctx, a);
   const Fp8Weight* f2 = a.b2.defined() ? fp8_weight(a.b2) : nullptr;
-  DIFFMOE_CHECK(!a.b2.defined() || f2 != nullptr, "[model] grouped_gemm: an FP8 stack b with a second stack b2 that is not FP8");
-  DIFFMOE_CHECK(a.alpha == 1.0 && a.beta == 0.0, "[model] the FP8 grouped GEMM writes C (alpha 1, beta 0), got alpha {} beta {}",
-                a.alpha, a.beta);
+  DIFFMOE_CHECK(!a.b2.defined() || f2 != nullptr,
+                "[model] grouped_gemm: an FP8 stack b with a second stack b2 that is not FP8");
+  DIFFMOE_CHECK(a.alpha == 1.0 && a.beta == 0.0,
+                "[model] the FP8 grouped GEMM writes C (alpha 1, beta 0), got alpha {} beta {}", a.alpha, a.beta);
   const std::vector<int32_t> off = host_offsets(*this, a.offsets);
   const int64_t n = a.c.dim(1);
   for (int64_t g = 0; g + 1 < static_cast<int64_t>(off.size()); ++g) {
-    const int64_t r0 = off[static_cast<size_t>(g)], r1 = off[static_cast<size_t>(g) + 1], mp = round_up(r1 - r0, kFp8RowPad);
+    const int64_t r0 = off[static_cast<size_t>(g)], r1 = off[static_cast<size_t>(g) + 1],
+                  mp = round_up(r1 - r0, kFp8RowPad);
     if (r1 == r0) continue;  // an empty group writes no row
     const Tensor c = scratch("scratch.fp8.rows_c", Shape{mp, n});
     // C_g = A_g · op(B_g) (+ A2_g · op(B2_g)): Fprop with B's blocks (trans_b) or Dgrad with Bᵀ's.
@@ -133,8 +153,13 @@ void LayerContext::grouped_gemm(const GroupedGemmArgs& a) const {
       const Fp8Slot q = rows_slot(*this, "a", mp, x.dim(1));
       be->act_quant(ctx, {.q = q.q, .scale = q.scale, .x = x});
       const Fp8Weight e = stack.expert(g);
-      be->fp8_gemm(ctx, {.c = c, .a = q.q, .a_scale = q.scale, .b = a.trans_b ? e.q : e.q_t,
-                         .b_scale = a.trans_b ? e.scale : e.scale_t, .b_scaling = Fp8Scaling::kBlock128x128, .beta = beta});
+      be->fp8_gemm(ctx, {.c = c,
+                         .a = q.q,
+                         .a_scale = q.scale,
+                         .b = a.trans_b ? e.q : e.q_t,
+                         .b_scale = a.trans_b ? e.scale : e.scale_t,
+                         .b_scaling = Fp8Scaling::kBlock128x128,
+                         .beta = beta});
     };
     term(a.a, *f, 0.0);
     if (f2 != nullptr) term(a.a2, *f2, 1.0);
@@ -150,7 +175,8 @@ void LayerContext::grouped_gemm_wgrad(const GroupedGemmWgradArgs& a, const Tenso
   const int64_t m = a.c.dim(1), n = a.c.dim(2);
   const Tensor stack = a.c.reshape(Shape{a.c.dim(0) * m, n});
   for (int64_t g = 0; g + 1 < static_cast<int64_t>(off.size()); ++g) {
-    const int64_t r0 = off[static_cast<size_t>(g)], r1 = off[static_cast<size_t>(g) + 1], mp = round_up(r1 - r0, kFp8RowPad);
+    const int64_t r0 = off[static_cast<size_t>(g)], r1 = off[static_cast<size_t>(g) + 1],
+                  mp = round_up(r1 - r0, kFp8RowPad);
     const Tensor dw = stack.rows(g * m, (g + 1) * m);
     if (r1 == r0) {  // an empty group leaves beta·C[g] (GroupedGemmWgradArgs)
       if (a.beta == 0.0) be->fill(ctx, {.out = dw, .value = 0.0});
@@ -163,7 +189,8 @@ void LayerContext::grouped_gemm_wgrad(const GroupedGemmWgradArgs& a, const Tenso
       be->act_quant(ctx, {.q_t = dy_t.q, .scale_t = dy_t.scale, .x = dy});
       fp8_wgrad_from(*this, dw, dy_t, x, a.beta);
     }
-    if (a.sum_sq.defined()) be->sum_squares(ctx, {.out = a.sum_sq, .x = dw});  // Σ of the new C², as the grouped op adds
+    if (a.sum_sq.defined())
+      be->sum_squares(ctx, {.out = a.sum_sq, .x = dw});  // Σ of the new C², as the grouped op adds
   }
 }
 

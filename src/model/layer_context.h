@@ -88,17 +88,15 @@ struct LayerContext {
   // The shared bf16 scratch "scratch.gemm_operand" viewed as `shape` (bf16 GEMM mode only): for an
   // op that writes a GEMM operand's bf16 copy itself (e.g. RmsNormBwdArgs::dx16). Valid until the
   // next gemm_operand or operand_scratch call.
-  Tensor operand_scratch(const Shape& shape) const {
-    return scratch("scratch.gemm_operand", shape);
-  }
+  Tensor operand_scratch(const Shape& shape) const { return scratch("scratch.gemm_operand", shape); }
   // The flat scratch view `name` viewed as `shape` (its first shape.numel() elements).
   Tensor scratch(const std::string& name, const Shape& shape) const {
     Tensor op = acts->get(name);
-    DIFFMOE_CHECK(shape.numel() <= op.numel(), "[model] a view of {} values exceeds {} ({})", shape.numel(), name, op.numel());
+    DIFFMOE_CHECK(shape.numel() <= op.numel(), "[model] a view of {} values exceeds {} ({})", shape.numel(), name,
+                  op.numel());
     op.shape = shape;
     return op;
   }
 };
-
 
 }  // namespace diffmoe

@@ -5,7 +5,8 @@ namespace diffmoe {
 LayoutBuffers::LayoutBuffers(const ParamLayout& layout, const std::vector<DType>& group_dtype, DType buffer_dtype)
     : layout_(&layout) {
   const auto& groups = layout.groups();
-  DIFFMOE_CHECK(group_dtype.size() == groups.size(), "[layout] {} dtypes for {} groups", group_dtype.size(), groups.size());
+  DIFFMOE_CHECK(group_dtype.size() == groups.size(), "[layout] {} dtypes for {} groups", group_dtype.size(),
+                groups.size());
   groups_.resize(groups.size());
   for (size_t g = 0; g < groups.size(); ++g) {
     const size_t es = dtype_size(group_dtype[g]);
@@ -60,7 +61,8 @@ Tensor LayoutBuffers::range(size_t g, int64_t offset, int64_t count) const {
   const Arena& a = groups_[g];
   DIFFMOE_CHECK(a.allocated(), "[layout] range of group {} before allocate()", g);
   DIFFMOE_CHECK(offset >= 0 && count >= 0 && offset + count <= layout_->groups()[g].length,
-                "[layout] range [{}, {}) of group {} ({} elements)", offset, offset + count, g, layout_->groups()[g].length);
+                "[layout] range [{}, {}) of group {} ({} elements)", offset, offset + count, g,
+                layout_->groups()[g].length);
   const DType dt = a.entries().front().dtype;
   Tensor t;
   t.data = static_cast<char*>(a.base()) + static_cast<size_t>(offset) * dtype_size(dt);

@@ -35,7 +35,8 @@ Model::Model(const ModelConfig& cfg, Backend& backend, DType dtype, const ModelO
                 opt.parallel.ep_size);
   if (opt.parallel.ep_size > 1) {
     DIFFMOE_CHECK(ep_ != nullptr && ep_->size() == opt.parallel.ep_size && ep_->rank() == opt.parallel.ep_rank,
-                  "[model] expert parallelism over {} ranks needs an expert exchange of that group (ModelOptions::expert_exchange)",
+                  "[model] expert parallelism over {} ranks needs an expert exchange of that group "
+                  "(ModelOptions::expert_exchange)",
                   opt.parallel.ep_size);
   } else {
     ep_ = nullptr;
@@ -49,13 +50,11 @@ Model::Model(const ModelConfig& cfg, Backend& backend, DType dtype, const ModelO
 void Model::set_param(const std::string& name, const std::vector<double>& v) {
   fp8_stale_ = true;
   const Tensor dst = params_.get(name);
-  DIFFMOE_CHECK(static_cast<int64_t>(v.size()) == dst.numel(), "[model] set_param('{}'): {} values for {} elements", name, v.size(),
-                dst.numel());
+  DIFFMOE_CHECK(static_cast<int64_t>(v.size()) == dst.numel(), "[model] set_param('{}'): {} values for {} elements",
+                name, v.size(), dst.numel());
   const size_t n = v.size();
   switch (dst.dtype) {
-    case DType::kF64:
-      be_->upload(dst, v.data());
-      return;
+    case DType::kF64: be_->upload(dst, v.data()); return;
     case DType::kF32: {
       std::vector<float> f(n);
       for (size_t i = 0; i < n; ++i) f[i] = static_cast<float>(v[i]);
@@ -68,8 +67,7 @@ void Model::set_param(const std::string& name, const std::vector<double>& v) {
       be_->upload(dst, h.data());
       return;
     }
-    default:
-      DIFFMOE_FAIL("[model] set_param('{}'): unsupported compute dtype {}", name, dtype_name(dst.dtype));
+    default: DIFFMOE_FAIL("[model] set_param('{}'): unsupported compute dtype {}", name, dtype_name(dst.dtype));
   }
 }
 
@@ -90,9 +88,19 @@ void Model::init_weights(uint64_t seed) {
 }
 
 LayerContext Model::layer_context(Context ctx) {
-  return LayerContext{.be = be_, .ctx = ctx, .cfg = &cfg_, .dtype = dtype_, .batch = batch_, .seq = seq_,
-                      .params = &params_, .grads = &grads_, .acts = &acts_, .plan = &plan_,
-                      .bf16_operands = plan_.bf16_gemm(), .fp8 = plan_.fp8() ? &fp8_ : nullptr, .ep = ep_,
+  return LayerContext{.be = be_,
+                      .ctx = ctx,
+                      .cfg = &cfg_,
+                      .dtype = dtype_,
+                      .batch = batch_,
+                      .seq = seq_,
+                      .params = &params_,
+                      .grads = &grads_,
+                      .acts = &acts_,
+                      .plan = &plan_,
+                      .bf16_operands = plan_.bf16_gemm(),
+                      .fp8 = plan_.fp8() ? &fp8_ : nullptr,
+                      .ep = ep_,
                       .ep_buffers = ep_buffers_.get()};
 }
 
@@ -107,7 +115,8 @@ class PlannedExchange final : public ExpertExchange {
   explicit PlannedExchange(int size) : size_(size) {}
   int size() const override { return size_; }
   int rank() const override { return 0; }
-  std::unique_ptr<Pending> all_to_all(Context, const Tensor&, const Tensor&, const RowBlocks&, const RowBlocks&) override {
+  std::unique_ptr<Pending> all_to_all(Context, const Tensor&, const Tensor&, const RowBlocks&,
+                                      const RowBlocks&) override {
     DIFFMOE_FAIL("[model] a planned expert exchange does not communicate");
   }
 
@@ -116,19 +125,30 @@ class PlannedExchange final : public ExpertExchange {
 };
 }  // namespace
 
-void Model::plan_activations(const ModelConfig& cfg, PrecisionPlan& pl, int64_t batch, int64_t seq, Arena& acts, Recompute recompute,
-                             ExpertExchange* ep) {
-  DIFFMOE_CHECK(batch > 0 && seq > 0 && seq <= cfg.max_seq_len, "[model] batch shape {}x{}: need batch > 0 and 0 < seq <= max_seq_len = {}",
-                batch, seq, cfg.max_seq_len);
+void Model::plan_activations(const ModelConfig& cfg, PrecisionPlan& pl, int64_t batch, int64_t seq, Arena& acts,
+                             Recompute recompute, ExpertExchange* ep) {
+  DIFFMOE_CHECK(batch > 0 && seq > 0 && seq <= cfg.max_seq_len,
+                "[model] batch shape {}x{}: need batch > 0 and 0 < seq <= max_seq_len = {}", batch, seq,
+                cfg.max_seq_len);
   const int64_t N = batch * seq, D = cfg.dim;
   const int64_t half = cfg.qk_rope_head_dim / 2;
   using R = ActRole;
   pl.add(acts, "rope.cos", Shape{cfg.max_seq_len, half}, R::kFloat);
   pl.add(acts, "rope.sin", Shape{cfg.max_seq_len, half}, R::kFloat);
-  for (int64_t i = 0; i <= 2 * cfg.n_layers; ++i) pl.add(acts, fmt::format("act.residual.{}", i), Shape{N, D}, R::kFloat);
+  for (int64_t i = 0; i <= 2 * cfg.n_layers; ++i)
+    pl.add(acts, fmt::format("act.residual.{}", i), Shape{N, D}, R::kFloat);
   // What the layers' plan() read: the config, the batch shape and the precision plan.
-  const LayerContext lc{.be = nullptr, .ctx = {}, .cfg = &cfg, .dtype = pl.float_type(), .batch = batch, .seq = seq,
-                        .params = nullptr, .grads = nullptr, .acts = &acts, .plan = &pl, .bf16_operands = pl.bf16_gemm(),
+  const LayerContext lc{.be = nullptr,
+                        .ctx = {},
+                        .cfg = &cfg,
+                        .dtype = pl.float_type(),
+                        .batch = batch,
+                        .seq = seq,
+                        .params = nullptr,
+                        .grads = nullptr,
+                        .acts = &acts,
+                        .plan = &pl,
+                        .bf16_operands = pl.bf16_gemm(),
                         .ep = ep};
   for (int64_t l = 0; l < cfg.n_layers; ++l) {
     AttentionLayer(l, recompute).plan(lc, pl, acts);
@@ -144,9 +164,14 @@ void Model::plan_activations(const ModelConfig& cfg, PrecisionPlan& pl, int64_t 
   pl.add(acts, "scratch.dx_norm", Shape{N, D}, R::kFloat);
   if (pl.bf16_gemm()) {  // LayerContext::gemm_operand: the widest f32 dy that two backward GEMMs read
     const ModelConfig& c = cfg;
-    const int64_t widths[] = {D, c.n_heads * (c.qk_nope_head_dim + c.v_head_dim), c.n_heads * c.d_qk(), c.q_lora_rank,
-                              c.kv_lora_rank + c.qk_rope_head_dim, c.n_routed_experts};
-    pl.add(acts, "scratch.gemm_operand", Shape{N * *std::max_element(std::begin(widths), std::end(widths))}, R::kGemmOperand);
+    const int64_t widths[] = {D,
+                              c.n_heads * (c.qk_nope_head_dim + c.v_head_dim),
+                              c.n_heads * c.d_qk(),
+                              c.q_lora_rank,
+                              c.kv_lora_rank + c.qk_rope_head_dim,
+                              c.n_routed_experts};
+    pl.add(acts, "scratch.gemm_operand", Shape{N * *std::max_element(std::begin(widths), std::end(widths))},
+           R::kGemmOperand);
   }
   pl.add(acts, "scratch.dresidual", Shape{N, D}, R::kFloat);
   plan_fp8(cfg, pl, N, acts);  // the fp8 mode's weight copies and quantisation scratch (fp8_weights.h)
@@ -171,8 +196,11 @@ ModelMemoryPlan Model::memory_plan(const ModelConfig& cfg, DType dtype, const Mo
   Arena acts;
   PlannedExchange ep(static_cast<int>(opt.parallel.ep_size));
   plan_activations(cfg, plan, batch, seq, acts, opt.recompute, opt.parallel.ep_size > 1 ? &ep : nullptr);
-  return ModelMemoryPlan{.layout = std::move(layout), .plan = std::move(plan), .params = std::move(params),
-                         .grads = std::move(grads), .acts = std::move(acts)};
+  return ModelMemoryPlan{.layout = std::move(layout),
+                         .plan = std::move(plan),
+                         .params = std::move(params),
+                         .grads = std::move(grads),
+                         .acts = std::move(acts)};
 }
 
 void Model::set_batch_shape(int64_t batch, int64_t seq) {
@@ -195,9 +223,14 @@ void Model::set_batch_shape(int64_t batch, int64_t seq) {
   fp8_stale_ = true;  // the copies live in the new arena
 
   // RoPE tables with YaRN folded in (docs/model.md §3), uploaded once.
-  const RopeParams rp{.rope_dim = cfg_.qk_rope_head_dim, .theta = cfg_.rope_theta, .max_seq_len = cfg_.max_seq_len,
-                      .original_seq_len = cfg_.original_seq_len, .factor = cfg_.rope_factor, .beta_fast = cfg_.beta_fast,
-                      .beta_slow = cfg_.beta_slow, .mscale = cfg_.mscale};
+  const RopeParams rp{.rope_dim = cfg_.qk_rope_head_dim,
+                      .theta = cfg_.rope_theta,
+                      .max_seq_len = cfg_.max_seq_len,
+                      .original_seq_len = cfg_.original_seq_len,
+                      .factor = cfg_.rope_factor,
+                      .beta_fast = cfg_.beta_fast,
+                      .beta_slow = cfg_.beta_slow,
+                      .mscale = cfg_.mscale};
   std::vector<double> cos, sin;
   rope_tables(rp, cfg_.max_seq_len, cos, sin);
   if (dtype_ == DType::kF64) {
@@ -223,26 +256,35 @@ void Model::forward(Context ctx, const Tensor& tokens, const Tensor& targets) {
   }
   const LayerContext lc = layer_context(ctx);
   const int64_t N = batch_ * seq_;
-  for (const char* name : {"loss.sum", "loss.valid", "loss.aux"}) be_->fill(ctx, {.out = acts_.get(name), .value = 0.0});
+  for (const char* name : {"loss.sum", "loss.valid", "loss.aux"})
+    be_->fill(ctx, {.out = acts_.get(name), .value = 0.0});
 
   // h_0 = embed_scale · Embed(tokens)
   const Tensor tok = tokens.reshape(Shape{N});
   last_tokens_ = tok;
   last_targets_ = Tensor{};
-  be_->embedding_fwd(ctx, {.out = residual(0), .tokens = tok, .table = params_.get("embed.weight"), .scale = cfg_.embed_scale});
+  be_->embedding_fwd(
+      ctx, {.out = residual(0), .tokens = tok, .table = params_.get("embed.weight"), .scale = cfg_.embed_scale});
   for (int64_t l = 0; l < cfg_.n_layers; ++l) {
     attn_[static_cast<size_t>(l)].forward(lc, residual(2 * l), residual(2 * l + 1));
     ffn_[static_cast<size_t>(l)].forward(lc, residual(2 * l + 1), residual(2 * l + 2));
   }
   // logits = RMSNorm(h) Headᵀ (the head is embed.weight when tied)
   const Tensor xn = acts_.get("act.final.x_norm"), logits = acts_.get("act.final.logits");
-  be_->rmsnorm_fwd(ctx, {.y = xn, .rstd = acts_.get("act.final.rstd"), .x = residual(2 * cfg_.n_layers), .w = params_.get("norm.weight"),
-                         .rows = N, .width = cfg_.dim, .eps = cfg_.norm_eps});
+  be_->rmsnorm_fwd(ctx, {.y = xn,
+                         .rstd = acts_.get("act.final.rstd"),
+                         .x = residual(2 * cfg_.n_layers),
+                         .w = params_.get("norm.weight"),
+                         .rows = N,
+                         .width = cfg_.dim,
+                         .eps = cfg_.norm_eps});
   lc.linear(logits, xn, lc.weight(cfg_.tie_embeddings ? "embed.weight" : "head.weight"));
   if (targets.defined() && targets.numel() > 0) {
     check_shape(targets, Shape{batch_, seq_}, "model.forward", "targets");
     last_targets_ = targets.reshape(Shape{N});
-    be_->cross_entropy_fwd(ctx, {.loss_sum = acts_.get("loss.sum"), .valid = acts_.get("loss.valid"), .logits = logits,
+    be_->cross_entropy_fwd(ctx, {.loss_sum = acts_.get("loss.sum"),
+                                 .valid = acts_.get("loss.valid"),
+                                 .logits = logits,
                                  .targets = last_targets_});
   }
 }
@@ -255,7 +297,8 @@ void Model::backward(Context ctx, double grad_scale) {
   lc.dw_beta = grads_.stale() ? 0.0 : 1.0;
   const int64_t N = batch_ * seq_;
   const Tensor xn = acts_.get("act.final.x_norm"), logits = acts_.get("act.final.logits");
-  const Tensor dlogits = acts_.get("scratch.dlogits"), dxn = acts_.get("scratch.dx_norm"), dres = acts_.get("scratch.dresidual");
+  const Tensor dlogits = acts_.get("scratch.dlogits"), dxn = acts_.get("scratch.dx_norm"),
+               dres = acts_.get("scratch.dresidual");
   const Tensor dres16 = plan_.bf16_gemm() ? acts_.get("scratch.dresidual16") : Tensor{};
   const std::string head = cfg_.tie_embeddings ? "embed.weight" : "head.weight";
   DIFFMOE_CHECK(last_targets_.data != nullptr, "[model] backward() needs a forward() with targets first");
@@ -264,13 +307,22 @@ void Model::backward(Context ctx, double grad_scale) {
   expert_sq_valid_ = false;
   lc.expert_grad_sq = acts_.get("grad_sq.experts");
   be_->fill(ctx, {.out = lc.expert_grad_sq, .value = 0.0});
-  be_->cross_entropy_bwd(ctx, {.dlogits = dlogits, .logits = logits, .targets = last_targets_, .valid = acts_.get("loss.valid"),
+  be_->cross_entropy_bwd(ctx, {.dlogits = dlogits,
+                               .logits = logits,
+                               .targets = last_targets_,
+                               .valid = acts_.get("loss.valid"),
                                .grad_scale = grad_scale});
   // First in the backward: a tied table's dW GEMM must overwrite before embedding_bwd adds (below).
   lc.linear_dw(grads_.get(head), dlogits, xn, lc.weight(head));
   lc.linear_dx(dxn, dlogits, lc.weight(head));
-  be_->rmsnorm_bwd(ctx, {.dx = dres, .dw = grads_.get("norm.weight"), .dy = dxn, .x = residual(2 * cfg_.n_layers),
-                         .w = params_.get("norm.weight"), .rstd = acts_.get("act.final.rstd"), .rows = N, .width = cfg_.dim,
+  be_->rmsnorm_bwd(ctx, {.dx = dres,
+                         .dw = grads_.get("norm.weight"),
+                         .dy = dxn,
+                         .x = residual(2 * cfg_.n_layers),
+                         .w = params_.get("norm.weight"),
+                         .rstd = acts_.get("act.final.rstd"),
+                         .rows = N,
+                         .width = cfg_.dim,
                          .dx16 = dres16});
   // A tied embedding's gradient is not final until the embedding backward (its stage is the last).
   grads_.stage_done(0, ctx);
@@ -279,7 +331,8 @@ void Model::backward(Context ctx, double grad_scale) {
     attn_[static_cast<size_t>(l)].backward(lc, residual(2 * l), dres, dres16);
     grads_.stage_done(layout_->stage_of_layer(l), ctx);
   }
-  be_->embedding_bwd(ctx, {.dtable = grads_.get("embed.weight"), .tokens = last_tokens_, .dout = dres, .scale = cfg_.embed_scale});
+  be_->embedding_bwd(
+      ctx, {.dtable = grads_.get("embed.weight"), .tokens = last_tokens_, .dout = dres, .scale = cfg_.embed_scale});
   // Every GEMM weight's gradient is written now. A backward that throws before here leaves the
   // stale mark, so the next one overwrites them all again (and no expert Σg²).
   grads_.backward_written();
@@ -303,7 +356,8 @@ Model::GradSqParts Model::grad_sq_parts(Context ctx) {
   GradSqParts parts;
   bool fused = expert_sq_valid_;
   for (const ParamLayout::Group& g : layout_->groups())
-    if (g.domain == ParamDomain::kExpert && g.dp != 1) fused = false;  // the epilogue's sum is of the local, unreduced values
+    if (g.domain == ParamDomain::kExpert && g.dp != 1)
+      fused = false;  // the epilogue's sum is of the local, unreduced values
   bool any_expert = false;
   for (size_t g = 0; g < layout_->groups().size(); ++g) {
     const bool expert = layout_->groups()[g].domain == ParamDomain::kExpert;
@@ -331,7 +385,8 @@ LossValues Model::losses() const {
     return static_cast<double>(v);
   };
   const double sum = read("loss.sum"), valid = read("loss.valid");
-  return LossValues{.lm_loss = valid > 0 ? sum / valid : 0.0, .aux_loss = read("loss.aux"), .valid = static_cast<int64_t>(valid)};
+  return LossValues{
+      .lm_loss = valid > 0 ? sum / valid : 0.0, .aux_loss = read("loss.aux"), .valid = static_cast<int64_t>(valid)};
 }
 
 Tensor Model::logits() const { return acts_.get("act.final.logits"); }

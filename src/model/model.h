@@ -31,9 +31,9 @@
 namespace diffmoe {
 
 struct LossValues {
-  double lm_loss = 0;     // mean cross-entropy over the valid targets
-  double aux_loss = 0;    // sequence aux loss summed over MoE layers (docs/model.md §5)
-  int64_t valid = 0;      // number of targets ≠ −1
+  double lm_loss = 0;   // mean cross-entropy over the valid targets
+  double aux_loss = 0;  // sequence aux loss summed over MoE layers (docs/model.md §5)
+  int64_t valid = 0;    // number of targets ≠ −1
 };
 
 struct ModelOptions {
@@ -125,8 +125,8 @@ class Model {
   size_t zero_grads_bytes() const { return grads_.zero_bytes(); }
   void zero_expert_counts(Context ctx);
 
-  LossValues losses() const;             // downloads the loss tensors (a host sync)
-  Tensor logits() const;                 // [batch·seq, vocab] after forward
+  LossValues losses() const;                  // downloads the loss tensors (a host sync)
+  Tensor logits() const;                      // [batch·seq, vocab] after forward
   Tensor expert_counts(int64_t layer) const;  // i32 [n_routed_experts], MoE layers only
   Tensor lambda(int64_t layer) const;         // [1], differential layers only
 
@@ -140,7 +140,7 @@ class Model {
   static void plan_activations(const ModelConfig& cfg, PrecisionPlan& plan, int64_t batch, int64_t seq, Arena& acts,
                                Recompute recompute, ExpertExchange* ep);
   LayerContext layer_context(Context ctx);
-  void use_gemm_precision() const;  // the backend's GEMM precision for this model's plan
+  void use_gemm_precision() const;   // the backend's GEMM precision for this model's plan
   Tensor residual(int64_t i) const;  // residual stream before sub-block i (0 = embedding output)
 
   ModelConfig cfg_;

@@ -15,9 +15,7 @@ namespace {
 std::vector<float> host_f32(const Model& m, const Tensor& t) {
   std::vector<float> out(static_cast<size_t>(t.numel()));
   switch (t.dtype) {
-    case DType::kF32:
-      m.backend().download(out.data(), t);
-      break;
+    case DType::kF32: m.backend().download(out.data(), t); break;
     case DType::kF64: {
       std::vector<double> d(out.size());
       m.backend().download(d.data(), t);
@@ -30,8 +28,7 @@ std::vector<float> host_f32(const Model& m, const Tensor& t) {
       for (size_t i = 0; i < h.size(); ++i) out[i] = bf16_to_f32(h[i]);
       break;
     }
-    default:
-      DIFFMOE_FAIL("[save_model] unsupported parameter dtype {}", dtype_name(t.dtype));
+    default: DIFFMOE_FAIL("[save_model] unsupported parameter dtype {}", dtype_name(t.dtype));
   }
   return out;
 }
@@ -42,8 +39,8 @@ void set_param_from_file(Model& m, const SafetensorsFile& f, const ParamLayout::
   const SafetensorsEntry& t = f.get(e.spec.name);
   std::vector<int64_t> want;
   for (int i = 0; i < e.spec.shape.rank(); ++i) want.push_back(e.spec.shape[i]);
-  DIFFMOE_CHECK(t.shape == want, "{}: tensor '{}' has shape {}, the model expects {}", f.path(), e.spec.name, fmt::join(t.shape, "x"),
-                fmt::join(want, "x"));
+  DIFFMOE_CHECK(t.shape == want, "{}: tensor '{}' has shape {}, the model expects {}", f.path(), e.spec.name,
+                fmt::join(t.shape, "x"), fmt::join(want, "x"));
   const size_t n = static_cast<size_t>(e.shape.numel()), first = static_cast<size_t>(e.global_offset);
   std::vector<double> v(n);
   switch (t.dtype) {
@@ -56,8 +53,7 @@ void set_param_from_file(Model& m, const SafetensorsFile& f, const ParamLayout::
     case DType::kBF16:
       for (size_t i = 0; i < n; ++i) v[i] = bf16_to_f32(static_cast<const uint16_t*>(t.data)[first + i]);
       break;
-    default:
-      DIFFMOE_FAIL("{}: tensor '{}' is {}, expected a float dtype", f.path(), e.spec.name, dtype_name(t.dtype));
+    default: DIFFMOE_FAIL("{}: tensor '{}' is {}, expected a float dtype", f.path(), e.spec.name, dtype_name(t.dtype));
   }
   m.set_param(e.spec.name, v);
 }
@@ -102,8 +98,9 @@ void read_tensor(const SafetensorsFile& f, const std::string& name, const Tensor
 }
 
 void save_model(const Model& m, const std::string& path, const std::map<std::string, std::string>& extra_metadata) {
-  DIFFMOE_CHECK(m.layout().options().ep_size == 1, "[save_model] {}: this rank holds {} of {} expert ranges; write a sharded checkpoint",
-                path, 1, m.layout().options().ep_size);
+  DIFFMOE_CHECK(m.layout().options().ep_size == 1,
+                "[save_model] {}: this rank holds {} of {} expert ranges; write a sharded checkpoint", path, 1,
+                m.layout().options().ep_size);
   SafetensorsWriter w;
   std::vector<std::vector<float>> hold;  // the writer keeps pointers until write()
   hold.reserve(m.specs().size());
@@ -129,8 +126,9 @@ std::unique_ptr<Model> load_model(const std::string& path, Backend& backend, DTy
 void load_weights(Model& m, const std::string& path) {
   const SafetensorsFile f = SafetensorsFile::open(path);
   const ModelConfig c = config_of(f);
-  DIFFMOE_CHECK(c.to_json() == m.config().to_json(), "{}: the file's model config differs from this model's (file vs model: {})",
-                path, config_differences(c, m.config()));
+  DIFFMOE_CHECK(c.to_json() == m.config().to_json(),
+                "{}: the file's model config differs from this model's (file vs model: {})", path,
+                config_differences(c, m.config()));
   read_weights(m, f);
 }
 

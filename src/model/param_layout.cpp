@@ -31,8 +31,8 @@ ParamLayout::ParamLayout(const ModelConfig& cfg, const PrecisionPlan& plan, cons
     : opt_(opt), n_layers_(cfg.n_layers), n_stages_(static_cast<int>(cfg.n_layers) + 2) {
   DIFFMOE_CHECK(opt.ep_size >= 1 && opt.ep_rank >= 0 && opt.ep_rank < opt.ep_size,
                 "[layout] expert-parallel rank {} of {}", opt.ep_rank, opt.ep_size);
-  DIFFMOE_CHECK(opt.dense_dp >= 1 && opt.expert_dp >= 1 && opt.bucket_elems >= 0, "[layout] dp {} / {}, bucket {}", opt.dense_dp,
-                opt.expert_dp, opt.bucket_elems);
+  DIFFMOE_CHECK(opt.dense_dp >= 1 && opt.expert_dp >= 1 && opt.bucket_elems >= 0, "[layout] dp {} / {}, bucket {}",
+                opt.dense_dp, opt.expert_dp, opt.bucket_elems);
   DIFFMOE_CHECK(cfg.n_routed_experts % opt.ep_size == 0 || cfg.n_dense_layers == cfg.n_layers,
                 "parallel.expert: {} expert-parallel ranks do not divide model.n_routed_experts = {}", opt.ep_size,
                 cfg.n_routed_experts);

@@ -51,17 +51,17 @@ class ParamLayout {
     int64_t offset = 0;         // first element in its group's buffer
   };
   struct Bucket {
-    int64_t offset = 0, length = 0;  // element range in the group's buffer (padding included)
-    size_t first = 0, end = 0;       // its entries: group.entries[first, end)
-    int stage = 0;                   // complete once the backward has finished this stage
+    int64_t offset = 0, length = 0;                          // element range in the group's buffer (padding included)
+    size_t first = 0, end = 0;                               // its entries: group.entries[first, end)
+    int stage = 0;                                           // complete once the backward has finished this stage
     int64_t chunk(int64_t dp) const { return length / dp; }  // elements each of the dp ranks owns
   };
   struct Group {
     ParamDomain domain = ParamDomain::kDense;
-    DType compute = DType::kF32;    // dtype of the compute weights (gradients and masters: master dtype)
-    int64_t dp = 1;                 // ranks sharing (and sharding the state of) this group
-    int64_t length = 0;             // elements, padding included
-    std::vector<size_t> entries;    // indices into entries(), in buffer order
+    DType compute = DType::kF32;  // dtype of the compute weights (gradients and masters: master dtype)
+    int64_t dp = 1;               // ranks sharing (and sharding the state of) this group
+    int64_t length = 0;           // elements, padding included
+    std::vector<size_t> entries;  // indices into entries(), in buffer order
     std::vector<Bucket> buckets;
   };
 

@@ -10,7 +10,9 @@ std::vector<ParamSpec> parameter_specs(const ModelConfig& c) {
   std::vector<ParamSpec> ps;
   const double std = c.init_std;
   const double out_std = std / std::sqrt(2.0 * static_cast<double>(c.n_layers));  // wo and every w2 (docs/model.md §6)
-  auto add = [&](std::string name, Shape s, ParamKind k, double sd = 0.0) { ps.push_back({std::move(name), s, k, sd}); };
+  auto add = [&](std::string name, Shape s, ParamKind k, double sd = 0.0) {
+    ps.push_back({std::move(name), s, k, sd});
+  };
   const int64_t D = c.dim, H = c.n_heads, dqk = c.d_qk();
 
   add("embed.weight", Shape{c.vocab_size, D}, ParamKind::kEmbedding, c.embed_init_std);
@@ -26,7 +28,8 @@ std::vector<ParamSpec> parameter_specs(const ModelConfig& c) {
     }
     add(p + "attn.wkv_a.weight", Shape{c.kv_lora_rank + c.qk_rope_head_dim, D}, ParamKind::kMatrix, std);
     add(p + "attn.kv_norm.weight", Shape{c.kv_lora_rank}, ParamKind::kNorm);
-    add(p + "attn.wkv_b.weight", Shape{H * (c.qk_nope_head_dim + c.v_head_dim), c.kv_lora_rank}, ParamKind::kMatrix, std);
+    add(p + "attn.wkv_b.weight", Shape{H * (c.qk_nope_head_dim + c.v_head_dim), c.kv_lora_rank}, ParamKind::kMatrix,
+        std);
     add(p + "attn.wo.weight", Shape{D, H * c.v_head_dim}, ParamKind::kMatrix, out_std);
     if (c.differential) {
       add(p + "attn.subln.weight", Shape{2 * c.v_head_dim}, ParamKind::kNorm);
@@ -78,13 +81,15 @@ ParamCounts count_parameters(const ModelConfig& c, int64_t seq_len) {
     const int64_t active = p.kind == ParamKind::kExpert ? k / c.n_routed_experts * c.n_activated_experts : k;
     n.active += active;
     if (p.kind == ParamKind::kEmbedding) n.embedding += k;
-    if (p.kind == ParamKind::kMatrix || p.kind == ParamKind::kExpert || p.kind == ParamKind::kGate || p.kind == ParamKind::kHead)
+    if (p.kind == ParamKind::kMatrix || p.kind == ParamKind::kExpert || p.kind == ParamKind::kGate ||
+        p.kind == ParamKind::kHead)
       n.active_matmul += active;
   }
   if (c.tie_embeddings) n.active_matmul += c.vocab_size * c.dim;  // the head is still a matmul
   const double dv_eff = static_cast<double>(c.differential ? 2 * c.v_head_dim : c.v_head_dim);
-  n.flops_per_token = 6.0 * static_cast<double>(n.active_matmul) +
-                      3.0 * static_cast<double>(c.n_layers * seq_len * c.n_heads) * (static_cast<double>(c.d_qk()) + dv_eff);
+  n.flops_per_token =
+      6.0 * static_cast<double>(n.active_matmul) +
+      3.0 * static_cast<double>(c.n_layers * seq_len * c.n_heads) * (static_cast<double>(c.d_qk()) + dv_eff);
   return n;
 }
 

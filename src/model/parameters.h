@@ -22,13 +22,16 @@ enum class ParamKind : uint8_t {
 };
 
 struct ParamSpec {
-  std::string name;   // checkpoint name (docs/model.md §8)
+  std::string name;  // checkpoint name (docs/model.md §8)
   Shape shape;
   ParamKind kind;
-  double init_std;    // N(0, init_std²) for matrices; unused for norms (1) and bias (0)
+  double init_std;  // N(0, init_std²) for matrices; unused for norms (1) and bias (0)
   bool trainable() const { return kind != ParamKind::kBias; }
   // AdamW weight decay applies to matrices only: never to norms, λ vectors, biases or embeddings.
-  bool decayed() const { return kind == ParamKind::kMatrix || kind == ParamKind::kExpert || kind == ParamKind::kGate || kind == ParamKind::kHead; }
+  bool decayed() const {
+    return kind == ParamKind::kMatrix || kind == ParamKind::kExpert || kind == ParamKind::kGate ||
+           kind == ParamKind::kHead;
+  }
 };
 
 std::vector<ParamSpec> parameter_specs(const ModelConfig& c);
@@ -37,12 +40,12 @@ std::vector<ParamSpec> parameter_specs(const ModelConfig& c);
 double init_value(const ParamSpec& p, uint64_t seed, int64_t i);
 
 struct ParamCounts {
-  int64_t total = 0;             // every parameter (the balancing bias excluded: it is a buffer)
-  int64_t active = 0;            // per token: routed experts counted K/E
-  int64_t embedding = 0;         // embed.weight
-  int64_t active_matmul = 0;     // active non-embedding matmul weights + head (docs/model.md §9 FLOPs)
-  int64_t buffers = 0;           // balancing biases
-  double flops_per_token = 0;    // docs/model.md §9 at seq = max_seq_len
+  int64_t total = 0;           // every parameter (the balancing bias excluded: it is a buffer)
+  int64_t active = 0;          // per token: routed experts counted K/E
+  int64_t embedding = 0;       // embed.weight
+  int64_t active_matmul = 0;   // active non-embedding matmul weights + head (docs/model.md §9 FLOPs)
+  int64_t buffers = 0;         // balancing biases
+  double flops_per_token = 0;  // docs/model.md §9 at seq = max_seq_len
 };
 // FLOPs per token (docs/model.md §9): 6·(active non-embedding matmul weights + head)
 //   + 3·n_layers·seq·n_heads·(d_qk + d_v,eff), d_v,eff = 2·v_head_dim if differential else v_head_dim.

@@ -14,37 +14,30 @@ Precision parse_precision(std::string_view s, std::string_view key) {
 
 std::string_view precision_name(Precision p) {
   switch (p) {
-    case Precision::kF32:
-      return "f32";
-    case Precision::kBF16:
-      return "bf16";
-    case Precision::kFP8:
-      return "fp8";
+    case Precision::kF32: return "f32";
+    case Precision::kBF16: return "bf16";
+    case Precision::kFP8: return "fp8";
   }
   return "?";
 }
 
 PrecisionPlan::PrecisionPlan(Precision mode, DType float_type) : mode_(mode), float_(float_type) {
-  DIFFMOE_CHECK(float_type == DType::kF32 || float_type == DType::kF64, "[precision] float type must be f32 or f64, got {}",
-                dtype_name(float_type));
+  DIFFMOE_CHECK(float_type == DType::kF32 || float_type == DType::kF64,
+                "[precision] float type must be f32 or f64, got {}", dtype_name(float_type));
   DIFFMOE_CHECK(mode == Precision::kF32 || float_type == DType::kF32,
-                "[precision] the {} mode needs f32 parameters (f64 is for gradient checks in the f32 mode)", precision_name(mode));
+                "[precision] the {} mode needs f32 parameters (f64 is for gradient checks in the f32 mode)",
+                precision_name(mode));
 }
 
 DType PrecisionPlan::dtype(ActRole role) const {
   switch (role) {
-    case ActRole::kFloat:
-      return float_;
+    case ActRole::kFloat: return float_;
     case ActRole::kGemmOperand:
     case ActRole::kGemmOutput:
-    case ActRole::kAttention:
-      return bf16_gemm() ? DType::kBF16 : float_;
-    case ActRole::kIndex:
-      return DType::kI32;
-    case ActRole::kFp8Data:
-      return DType::kF8E4M3;
-    case ActRole::kFp8Scale:
-      return DType::kF32;
+    case ActRole::kAttention: return bf16_gemm() ? DType::kBF16 : float_;
+    case ActRole::kIndex: return DType::kI32;
+    case ActRole::kFp8Data: return DType::kF8E4M3;
+    case ActRole::kFp8Scale: return DType::kF32;
   }
   return float_;
 }

@@ -25,8 +25,7 @@ double find_correction_dim(double n_rotations, const RopeParams& p) {
 }
 
 void check_params(const RopeParams& p) {
-  DIFFMOE_CHECK(p.rope_dim > 0 && p.rope_dim % 2 == 0, "[rope] rope_dim must be positive and even, got {}",
-                p.rope_dim);
+  DIFFMOE_CHECK(p.rope_dim > 0 && p.rope_dim % 2 == 0, "[rope] rope_dim must be positive and even, got {}", p.rope_dim);
   DIFFMOE_CHECK(p.theta > 1.0, "[rope] rope_theta must be > 1, got {}", p.theta);
   if (yarn_enabled(p)) {
     DIFFMOE_CHECK(p.original_seq_len > 0, "[rope] YaRN needs original_seq_len > 0, got {}", p.original_seq_len);
@@ -44,7 +43,8 @@ std::vector<double> rope_frequencies(const RopeParams& p) {
   const double d = static_cast<double>(p.rope_dim);
   // θ_i = b^(−2i/d), i = 0 … d/2−1
   std::vector<double> freqs(static_cast<size_t>(half));
-  for (int64_t i = 0; i < half; ++i) freqs[static_cast<size_t>(i)] = std::pow(p.theta, -2.0 * static_cast<double>(i) / d);
+  for (int64_t i = 0; i < half; ++i)
+    freqs[static_cast<size_t>(i)] = std::pow(p.theta, -2.0 * static_cast<double>(i) / d);
   if (!yarn_enabled(p)) return freqs;
 
   // low = max(floor(fcd(β_fast)), 0), high = min(ceil(fcd(β_slow)), d−1); low == high → high += 0.001

@@ -6,11 +6,11 @@
 namespace diffmoe {
 
 struct RopeParams {
-  int64_t rope_dim = 0;          // qk_rope_head_dim
-  double theta = 10000.0;        // rope_theta
+  int64_t rope_dim = 0;    // qk_rope_head_dim
+  double theta = 10000.0;  // rope_theta
   int64_t max_seq_len = 0;
   int64_t original_seq_len = 0;
-  double factor = 1.0;           // rope_factor
+  double factor = 1.0;  // rope_factor
   double beta_fast = 32.0, beta_slow = 1.0;
   double mscale = 1.0;
 };

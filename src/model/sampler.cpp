@@ -24,8 +24,8 @@ int32_t sample_impl(const SamplerOptions& o, std::span<const T> logits, uint64_t
   const int64_t V = static_cast<int64_t>(logits.size());
   DIFFMOE_CHECK(V >= 1, "[sampler] empty logits");
   for (int64_t i = 0; i < V; ++i)
-    DIFFMOE_CHECK(std::isfinite(static_cast<double>(logits[static_cast<size_t>(i)])), "[sampler] logits[{}] = {} is not finite",
-                  i, static_cast<double>(logits[static_cast<size_t>(i)]));
+    DIFFMOE_CHECK(std::isfinite(static_cast<double>(logits[static_cast<size_t>(i)])),
+                  "[sampler] logits[{}] = {} is not finite", i, static_cast<double>(logits[static_cast<size_t>(i)]));
   if (o.temperature == 0.0 || o.top_k == 1) return argmax(logits);
 
   // Candidates in descending logit order (ties: lower id first); top-k keeps the first k.
@@ -41,7 +41,8 @@ int32_t sample_impl(const SamplerOptions& o, std::span<const T> logits, uint64_t
   std::vector<double> p(static_cast<size_t>(k));
   double total = 0.0;
   for (int64_t i = 0; i < k; ++i) {
-    p[static_cast<size_t>(i)] = std::exp((static_cast<double>(logits[static_cast<size_t>(idx[static_cast<size_t>(i)])]) - z_max) / o.temperature);
+    p[static_cast<size_t>(i)] = std::exp(
+        (static_cast<double>(logits[static_cast<size_t>(idx[static_cast<size_t>(i)])]) - z_max) / o.temperature);
     total += p[static_cast<size_t>(i)];
   }
   // Top-p: the shortest prefix whose mass reaches top_p of the total (always at least one token).
@@ -74,8 +75,8 @@ std::vector<int32_t> sample_rows_impl(const Sampler& s, Backend& be, const Tenso
   be.download(host.data(), logits);
   std::vector<int32_t> ids(static_cast<size_t>(B));
   for (int64_t b = 0; b < B; ++b)
-    ids[static_cast<size_t>(b)] =
-        s.sample(std::span<const T>(host.data() + b * V, static_cast<size_t>(V)), step * static_cast<uint64_t>(B) + static_cast<uint64_t>(b));
+    ids[static_cast<size_t>(b)] = s.sample(std::span<const T>(host.data() + b * V, static_cast<size_t>(V)),
+                                           step * static_cast<uint64_t>(B) + static_cast<uint64_t>(b));
   return ids;
 }
 
@@ -88,8 +89,12 @@ Sampler::Sampler(SamplerOptions opt) : opt_(opt) {
   DIFFMOE_CHECK(opt_.top_p > 0.0 && opt_.top_p <= 1.0, "[sampler] top_p {} must be in (0, 1]", opt_.top_p);
 }
 
-int32_t Sampler::sample(std::span<const float> logits, uint64_t counter) const { return sample_impl(opt_, logits, counter); }
-int32_t Sampler::sample(std::span<const double> logits, uint64_t counter) const { return sample_impl(opt_, logits, counter); }
+int32_t Sampler::sample(std::span<const float> logits, uint64_t counter) const {
+  return sample_impl(opt_, logits, counter);
+}
+int32_t Sampler::sample(std::span<const double> logits, uint64_t counter) const {
+  return sample_impl(opt_, logits, counter);
+}
 
 std::vector<int32_t> Sampler::sample_rows(Backend& be, const Tensor& logits, uint64_t step) const {
   DIFFMOE_CHECK(logits.rank() == 2, "[sampler] logits must be [B, V], got {}", logits.describe());

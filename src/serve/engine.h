@@ -1,8 +1,8 @@
 // The batched decode engine: one forward pass over many sequences of different lengths at once,
-// against the paged latent cache (paged_cache.h; docs/model.md §2 "the absorbed latent cache", docs/derivations.md §2.4,
-// §3.3). A step packs the new positions of every sequence in the batch into N rows — one row for a
-// sequence that decodes, a chunk of its prompt for one that prefills — and runs the model's math on
-// them exactly as model/generator.h does for one batch:
+// against the paged latent cache (paged_cache.h; docs/model.md §2 "the absorbed latent cache", docs/derivations.md
+// §2.4, §3.3). A step packs the new positions of every sequence in the batch into N rows — one row for a sequence that
+// decodes, a chunk of its prompt for one that prefills — and runs the model's math on them exactly as model/generator.h
+// does for one batch:
 //   h_0 = embed_scale · E[tokens]
 //   per layer:  x̄ = RMSNorm_attn(h);  q = [q^C ; RoPE(q^R)] (each row at its own position)
 //               [c ; k^R] = x̄ W_kvaᵀ → pool slot of (sequence, position) = [RMSNorm_kv(c) ; RoPE(k^R)]

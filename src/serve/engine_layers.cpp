@@ -161,7 +161,8 @@ void Engine::attention(Context ctx, int64_t l, const StepPlan& p) {
                          .offsets = p.offsets_o,
                          .trans_b = true});
   Tensor o = att_hm;
-  if (c.differential) {  // Ō_h = (1 − λ_init)·RMSNorm_2dv(O_h; subln), eps 1e-5 (docs/model.md §2): per row, any row order
+  if (c.differential) {  // Ō_h = (1 − λ_init)·RMSNorm_2dv(O_h; subln), eps 1e-5 (docs/model.md §2): per row, any row
+                         // order
     o = scratch("att_n_hm", Shape{h_out * N, comps * dv});
     be_.rmsnorm_fwd(ctx, {.y = o,
                           .rstd = scratch("rstd_sub", Shape{h_out * N}),

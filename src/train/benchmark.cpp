@@ -27,7 +27,8 @@ double median(std::vector<double> v) {
 std::vector<int32_t> random_tokens(int64_t n, int64_t vocab, uint64_t seed, uint64_t stream) {
   std::vector<int32_t> t(static_cast<size_t>(n));
   for (size_t i = 0; i < t.size(); ++i)
-    t[i] = static_cast<int32_t>(std::min<double>(static_cast<double>(vocab - 1), uniform_at(seed, stream, i) * static_cast<double>(vocab)));
+    t[i] = static_cast<int32_t>(
+        std::min<double>(static_cast<double>(vocab - 1), uniform_at(seed, stream, i) * static_cast<double>(vocab)));
   return t;
 }
 
@@ -36,10 +37,11 @@ std::vector<int32_t> random_tokens(int64_t n, int64_t vocab, uint64_t seed, uint
 DecodeTiming time_generator_decode(Model& model, const DecodeCase& c) {
   const ModelConfig& cfg = model.config();
   const int64_t max_len = c.prompt_len + c.new_tokens;
-  DIFFMOE_CHECK(c.batch >= 1 && c.prompt_len >= 1 && c.new_tokens >= 1, "[bench] decode batch {}, prompt {}, new tokens {}: each must be >= 1",
-                c.batch, c.prompt_len, c.new_tokens);
-  DIFFMOE_CHECK(max_len <= cfg.max_seq_len, "[bench] prompt {} + new tokens {} exceed max_seq_len = {}", c.prompt_len, c.new_tokens,
-                cfg.max_seq_len);
+  DIFFMOE_CHECK(c.batch >= 1 && c.prompt_len >= 1 && c.new_tokens >= 1,
+                "[bench] decode batch {}, prompt {}, new tokens {}: each must be >= 1", c.batch, c.prompt_len,
+                c.new_tokens);
+  DIFFMOE_CHECK(max_len <= cfg.max_seq_len, "[bench] prompt {} + new tokens {} exceed max_seq_len = {}", c.prompt_len,
+                c.new_tokens, cfg.max_seq_len);
   Backend& be = model.backend();
   Generator gen(model, GeneratorOptions{.batch = c.batch, .max_len = max_len});
   const std::vector<int32_t> prompt = random_tokens(c.batch * c.prompt_len, cfg.vocab_size, c.seed, 1);
@@ -96,14 +98,15 @@ BenchReport run_benchmark(Model& model, const BenchOptions& opt, const std::func
       d.prefill_tokens_per_s = static_cast<double>(b * opt.prompt_len) / d.prefill_s;
       d.decode_tokens_per_s = static_cast<double>(b * opt.new_tokens) / d.decode_s;
       d.ms_per_step = d.decode_s / static_cast<double>(opt.new_tokens) * 1000.0;
-      say(fmt::format("decode batch {:>3}: prefill {} tokens {:.0f} tokens/s, decode {} steps {:.0f} tokens/s ({:.2f} ms/step)", b,
-                      b * opt.prompt_len, d.prefill_tokens_per_s, opt.new_tokens, d.decode_tokens_per_s, d.ms_per_step));
+      say(fmt::format(
+          "decode batch {:>3}: prefill {} tokens {:.0f} tokens/s, decode {} steps {:.0f} tokens/s ({:.2f} ms/step)", b,
+          b * opt.prompt_len, d.prefill_tokens_per_s, opt.new_tokens, d.decode_tokens_per_s, d.ms_per_step));
       r.decode.push_back(d);
     }
   }
   if (opt.train) {
-    DIFFMOE_CHECK(opt.train_steps >= 1 && opt.warmup_steps >= 0, "[bench] train steps {} (>= 1), warm-up {} (>= 0)", opt.train_steps,
-                  opt.warmup_steps);
+    DIFFMOE_CHECK(opt.train_steps >= 1 && opt.warmup_steps >= 0, "[bench] train steps {} (>= 1), warm-up {} (>= 0)",
+                  opt.train_steps, opt.warmup_steps);
     const int64_t B = opt.train_batch, T = opt.train_seq;
     model.set_batch_shape(B, T);
     AdamW adamw(model, OptimConfig{});
@@ -142,8 +145,9 @@ BenchReport run_benchmark(Model& model, const BenchOptions& opt, const std::func
     t.flops_per_token = count_parameters(cfg, T).flops_per_token;
     if (opt.peak_tflops > 0) t.mfu = t.tokens_per_s * t.flops_per_token / (opt.peak_tflops * 1e12);
     t.loss = model.losses().lm_loss;
-    say(fmt::format("train step {}x{}: median {:.4f} s ({} steps after {} warm-up), {:.0f} tokens/s{}", B, T, t.median_s, t.steps, warm,
-                    t.tokens_per_s, t.mfu ? fmt::format(", MFU {:.2f}%", 100.0 * *t.mfu) : ""));
+    say(fmt::format("train step {}x{}: median {:.4f} s ({} steps after {} warm-up), {:.0f} tokens/s{}", B, T,
+                    t.median_s, t.steps, warm, t.tokens_per_s,
+                    t.mfu ? fmt::format(", MFU {:.2f}%", 100.0 * *t.mfu) : ""));
     r.train = t;
   }
   return r;
@@ -153,18 +157,30 @@ nlohmann::ordered_json bench_json(const BenchReport& r) {
   nlohmann::ordered_json j;
   if (r.train) {
     const TrainStepBench& t = *r.train;
-    j["train_step"] = {{"batch", t.batch}, {"seq", t.seq}, {"steps", t.steps}, {"warmup_steps", t.warmup_steps},
-                       {"median_s", t.median_s}, {"min_s", t.min_s}, {"max_s", t.max_s}, {"tokens_per_s", t.tokens_per_s},
-                       {"flops_per_token", t.flops_per_token}, {"mfu", t.mfu ? nlohmann::ordered_json(*t.mfu) : nlohmann::ordered_json(nullptr)},
+    j["train_step"] = {{"batch", t.batch},
+                       {"seq", t.seq},
+                       {"steps", t.steps},
+                       {"warmup_steps", t.warmup_steps},
+                       {"median_s", t.median_s},
+                       {"min_s", t.min_s},
+                       {"max_s", t.max_s},
+                       {"tokens_per_s", t.tokens_per_s},
+                       {"flops_per_token", t.flops_per_token},
+                       {"mfu", t.mfu ? nlohmann::ordered_json(*t.mfu) : nlohmann::ordered_json(nullptr)},
                        {"loss", t.loss}};
   } else {
     j["train_step"] = nullptr;
   }
   j["decode"] = nlohmann::ordered_json::array();
   for (const DecodeBench& d : r.decode)
-    j["decode"].push_back({{"batch", d.c.batch}, {"prompt_len", d.c.prompt_len}, {"new_tokens", d.c.new_tokens},
-                           {"prefill_s", d.prefill_s}, {"prefill_tokens_per_s", d.prefill_tokens_per_s}, {"decode_s", d.decode_s},
-                           {"decode_tokens_per_s", d.decode_tokens_per_s}, {"ms_per_step", d.ms_per_step}});
+    j["decode"].push_back({{"batch", d.c.batch},
+                           {"prompt_len", d.c.prompt_len},
+                           {"new_tokens", d.c.new_tokens},
+                           {"prefill_s", d.prefill_s},
+                           {"prefill_tokens_per_s", d.prefill_tokens_per_s},
+                           {"decode_s", d.decode_s},
+                           {"decode_tokens_per_s", d.decode_tokens_per_s},
+                           {"ms_per_step", d.ms_per_step}});
   return j;
 }
 

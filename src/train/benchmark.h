@@ -24,7 +24,7 @@
 namespace diffmoe {
 
 struct DecodeCase {
-  int64_t batch = 1;       // sequences decoded together
+  int64_t batch = 1;  // sequences decoded together
   int64_t prompt_len = 32;
   int64_t new_tokens = 8;  // decode steps after the prompt
   uint64_t seed = 1234;    // the prompt's random tokens

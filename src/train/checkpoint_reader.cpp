@@ -24,8 +24,8 @@ std::string tokenizer_of(const CheckpointInfo& info) {
 // A checkpoint directory read without verification (--no-verify): its trainer state, if readable.
 std::string unverified_tokenizer_of(const std::string& dir) {
   try {
-    const auto state = nlohmann::ordered_json::parse(
-        io::read_small_file((fs::path(dir) / "trainer_state.json").string(), io::kMaxTrainerStateBytes, "trainer state"));
+    const auto state = nlohmann::ordered_json::parse(io::read_small_file(
+        (fs::path(dir) / "trainer_state.json").string(), io::kMaxTrainerStateBytes, "trainer state"));
     if (!state.contains("tokenizer") || !state["tokenizer"].is_string()) return "";
     const std::string name = state["tokenizer"].get<std::string>();
     return name.find('/') == std::string::npos ? (fs::path(dir) / name).string() : "";
@@ -57,11 +57,13 @@ CheckpointInfo resolve_checkpoint_dir(const std::string& path) {
     info = find_latest_checkpoint(path, &warnings);
     for (const auto& w : warnings) fmt::print(stderr, "warning: {}\n", w);
   }
-  DIFFMOE_CHECK(info.has_value(), "{}: no valid checkpoint found (no manifest.json here, and no step_* directory verifies)", path);
+  DIFFMOE_CHECK(info.has_value(),
+                "{}: no valid checkpoint found (no manifest.json here, and no step_* directory verifies)", path);
   return *info;
 }
 
-LoadedCheckpoint open_trained_model(const std::string& path, Backend& backend, DType dtype, const OpenModelOptions& options) {
+LoadedCheckpoint open_trained_model(const std::string& path, Backend& backend, DType dtype,
+                                    const OpenModelOptions& options) {
   LoadedCheckpoint out;
   std::string tok = options.tokenizer_path;
   std::error_code ec;
@@ -81,9 +83,10 @@ LoadedCheckpoint open_trained_model(const std::string& path, Backend& backend, D
     } else if (options.verify) {
       // A state shard exists only inside a checkpoint, which always has a manifest: without one it
       // is an incomplete or tampered checkpoint, not an exported model file.
-      DIFFMOE_CHECK(!state_shard && !fs::exists(dir / "trainer_state.json", ec),
-                    "{}: a checkpoint file without {} beside it (an incomplete checkpoint?); pass --no-verify to read it anyway",
-                    path, (dir / "manifest.json").string());
+      DIFFMOE_CHECK(
+          !state_shard && !fs::exists(dir / "trainer_state.json", ec),
+          "{}: a checkpoint file without {} beside it (an incomplete checkpoint?); pass --no-verify to read it anyway",
+          path, (dir / "manifest.json").string());
     } else if (state_shard && tok.empty()) {
       tok = unverified_tokenizer_of(dir.string());
     }

@@ -35,6 +35,7 @@ struct OpenModelOptions {
 
 // A checkpoint's model (its state shards, docs/formats.md §4.2, or a model.safetensors) for evaluation
 // and generation.
-LoadedCheckpoint open_trained_model(const std::string& path, Backend& backend, DType dtype, const OpenModelOptions& options = {});
+LoadedCheckpoint open_trained_model(const std::string& path, Backend& backend, DType dtype,
+                                    const OpenModelOptions& options = {});
 
 }  // namespace diffmoe

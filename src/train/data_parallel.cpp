@@ -13,7 +13,8 @@ DataParallel::DataParallel(Model& model, AdamW& opt, dist::Communicator& world, 
   const ParamLayout& layout = model.layout();
   for (const ParamLayout::Group& g : layout.groups()) {
     const dist::Communicator& c = g.domain == ParamDomain::kExpert ? expert_dp : world;
-    DIFFMOE_CHECK(c.size() == g.dp, "[data parallel] a {} group is laid out for {} ranks, but its communicator '{}' has {}",
+    DIFFMOE_CHECK(c.size() == g.dp,
+                  "[data parallel] a {} group is laid out for {} ranks, but its communicator '{}' has {}",
                   g.domain == ParamDomain::kExpert ? "expert" : "dense", g.dp, c.name(), c.size());
     issued_.emplace_back(g.buckets.size(), false);
   }
@@ -44,8 +45,8 @@ void DataParallel::reduce_bucket(size_t group, size_t bucket, Context ctx) {
   issued_[group][bucket] = true;
   // The gradient buffer itself, not Model::grads(): that zeroes stale gradients, and mid-backward
   // the ones not yet written are stale.
-  pending_.push_back(comm_for(group).reduce_scatter(ctx, grad_buffers_->bucket(group, bucket),
-                                                     opt_->reduced_chunk(group, bucket)));
+  pending_.push_back(
+      comm_for(group).reduce_scatter(ctx, grad_buffers_->bucket(group, bucket), opt_->reduced_chunk(group, bucket)));
 }
 
 void DataParallel::finish_gradients(Context ctx) {
@@ -79,15 +80,16 @@ void DataParallel::gather_weights(Context ctx) {
     if (grp.dp == 1) continue;
     const int64_t r = opt_->rank_in(g);
     for (size_t b = 0; b < grp.buckets.size(); ++b)
-      works.push_back(comm_for(g).all_gather(ctx, model_->params().chunk(g, b, r, grp.dp), model_->params().bucket(g, b)));
+      works.push_back(
+          comm_for(g).all_gather(ctx, model_->params().chunk(g, b, r, grp.dp), model_->params().bucket(g, b)));
   }
   for (dist::WorkPtr& w : works) w->wait(ctx);
 }
 
 std::vector<double> DataParallel::sum(Context ctx, const std::vector<double>& values) {
   if (world_->size() == 1) return values;
-  DIFFMOE_CHECK(static_cast<int64_t>(values.size()) <= kMaxScalars, "[data parallel] sum() of {} values (at most {})", values.size(),
-                kMaxScalars);
+  DIFFMOE_CHECK(static_cast<int64_t>(values.size()) <= kMaxScalars, "[data parallel] sum() of {} values (at most {})",
+                values.size(), kMaxScalars);
   Tensor t = scalars_.get("sum");
   t.shape = Shape{static_cast<int64_t>(values.size())};
   Backend& be = model_->backend();

@@ -9,9 +9,9 @@
 namespace diffmoe {
 
 struct EvalResult {
-  double loss_sum = 0;     // Σ cross-entropy over the target tokens (nats)
-  double loss = 0;         // mean cross-entropy per target token (nats)
-  double perplexity = 0;   // exp(loss)
+  double loss_sum = 0;    // Σ cross-entropy over the target tokens (nats)
+  double loss = 0;        // mean cross-entropy per target token (nats)
+  double perplexity = 0;  // exp(loss)
   int64_t tokens = 0;
   int64_t batches = 0;
 };

@@ -5,8 +5,8 @@
 namespace diffmoe {
 
 std::string NonFiniteState::describe() const {
-  return fmt::format("{} non-finite value(s) in the weights and {} in the optimizer state (first in '{}')", weights, optimizer,
-                     first);
+  return fmt::format("{} non-finite value(s) in the weights and {} in the optimizer state (first in '{}')", weights,
+                     optimizer, first);
 }
 
 FiniteCheck::FiniteCheck(Model& model, AdamW& optim) : model_(&model), optim_(&optim) {

@@ -145,7 +145,8 @@ void check_run(const ModelConfig& cfg, const RunShape& run) {
   DIFFMOE_CHECK(run.moment_dtype == "f32" || run.moment_dtype == "bf16",
                 "--moment-dtype: expected f32 or bf16, got '{}'", run.moment_dtype);
   DIFFMOE_CHECK(run.ep == 1 || run.recompute == "none" || run.recompute == "attention",
-                "--recompute: '{}' is not available with expert parallelism (--ep {}): use none or attention", run.recompute, run.ep);
+                "--recompute: '{}' is not available with expert parallelism (--ep {}): use none or attention",
+                run.recompute, run.ep);
 }
 
 RunShape resolved(const ModelConfig& cfg, RunShape run) {
@@ -194,7 +195,9 @@ RankDetail plan_rank_detail(const ModelConfig& cfg, const RunShape& run, int64_t
                      .estimate = false});
   uint64_t masters = 0, moments = 0, reduced = 0;
   for (const Arena::Entry& e : d.state.state.entries())
-    (starts_with(e.name, "master.") ? masters : starts_with(e.name, "grad.") ? reduced : moments) += Arena::view_bytes(e.shape, e.dtype);
+    (starts_with(e.name, "master.") ? masters
+     : starts_with(e.name, "grad.") ? reduced
+                                    : moments) += Arena::view_bytes(e.shape, e.dtype);
   const std::string shard = fmt::format("this rank's ZeRO-1 chunks: dense 1/{}, experts 1/{}", run.world, expert_dp);
   m.items.push_back({.key = "optimizer_masters",
                      .label = "optimizer f32 masters",
@@ -225,14 +228,17 @@ RankDetail plan_rank_detail(const ModelConfig& cfg, const RunShape& run, int64_t
 
   const int64_t tokens = run.micro_batch * run.seq;
   const bool ep_moe = run.ep > 1 && cfg.n_dense_layers < cfg.n_layers;
-  const int64_t ep_pairs = ExpertBuffers::initial_pairs(cfg, run.ep, tokens), ep_rows_n = ExpertBuffers::initial_rows(cfg, tokens);
+  const int64_t ep_pairs = ExpertBuffers::initial_pairs(cfg, run.ep, tokens),
+                ep_rows_n = ExpertBuffers::initial_rows(cfg, tokens);
   m.items.push_back(
       {.key = "ep_buffers",
        .label = "EP dispatch buffers",
-       .basis = ep_moe ? fmt::format("as allocated at the start: balanced routing, {} received pairs and {} expert rows per MoE "
-                                     "layer (they grow when a micro-batch needs more; docs/model.md §12)",
-                                     ep_pairs, ep_rows_n)
-                       : "no expert parallelism",
+       .basis = ep_moe
+                    ? fmt::format(
+                          "as allocated at the start: balanced routing, {} received pairs and {} expert rows per MoE "
+                          "layer (they grow when a micro-batch needs more; docs/model.md §12)",
+                          ep_pairs, ep_rows_n)
+                    : "no expert parallelism",
        .bytes = ep_moe ? ExpertBuffers::bytes_for(cfg, d.model.plan, ep_pairs, ep_rows_n) : 0,
        .estimate = false});
   std::string nccl_basis, backend_basis;
@@ -294,7 +300,8 @@ MemoryPlan plan_memory(const ModelConfig& cfg, const RunShape& run_in) {
   // The worst case: every rank routes every token to this rank's experts.
   p.ep_worst_bytes = run.ep == 1 || cfg.n_dense_layers == cfg.n_layers
                          ? 0
-                         : ExpertBuffers::bytes_for(cfg, first.model.plan, run.ep * ExpertBuffers::initial_pairs(cfg, run.ep, p.tokens),
+                         : ExpertBuffers::bytes_for(cfg, first.model.plan,
+                                                    run.ep * ExpertBuffers::initial_pairs(cfg, run.ep, p.tokens),
                                                     static_cast<int64_t>(p.ep_rows_worst));
 
   // Every rank (their sizes differ only through the ZeRO-1 chunks and the expert ranges).

@@ -19,7 +19,8 @@ std::string gib(double bytes) {
 }
 }  // namespace
 
-std::string out_of_memory_message(const RunConfig& rc, const std::string& config_path, std::optional<size_t> failed_bytes) {
+std::string out_of_memory_message(const RunConfig& rc, const std::string& config_path,
+                                  std::optional<size_t> failed_bytes) {
   const ModelConfig& m = rc.model;
   const ParamCounts n = count_parameters(m, rc.train.seq_len);
   // f32 masters, gradients and two moments per parameter in optim.moment_dtype (docs/model.md §7);

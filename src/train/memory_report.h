@@ -15,6 +15,7 @@ namespace diffmoe {
 // train.micro_batch × train.seq_len = 8 × 2048 tokens; …; `diffmoe plan --config <file>` estimates a
 // config's memory before a run".
 // `failed_bytes`: the allocation that failed, when known.
-std::string out_of_memory_message(const RunConfig& rc, const std::string& config_path, std::optional<size_t> failed_bytes);
+std::string out_of_memory_message(const RunConfig& rc, const std::string& config_path,
+                                  std::optional<size_t> failed_bytes);
 
 }  // namespace diffmoe

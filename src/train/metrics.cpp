@@ -6,8 +6,8 @@
 #include <cmath>
 #include <filesystem>
 #include <fstream>
-#include <utility>
 #include <nlohmann/json.hpp>
+#include <utility>
 
 #include "core/error.h"
 #include "io/checkpoint.h"
@@ -21,12 +21,13 @@ MetricsLogger::MetricsLogger(const RunConfig& rc, int64_t start_step, int64_t ma
   if (rc.log.jsonl) {
     jsonl_path_ = rc.train.out_dir + "/metrics.jsonl";
     io::check_output_path(jsonl_path_, "metrics log");  // appending to a FIFO would block
-    std::string kept;  // on resume: the rows of steps the checkpoint covers
+    std::string kept;                                   // on resume: the rows of steps the checkpoint covers
     if (resumed) {
       std::ifstream in(jsonl_path_);
       for (std::string line; std::getline(in, line);) {
         const auto row = nlohmann::json::parse(line, nullptr, /*allow_exceptions=*/false);
-        if (row.is_object() && row.contains("step") && row["step"].is_number_integer() && row["step"].get<int64_t>() <= start_step)
+        if (row.is_object() && row.contains("step") && row["step"].is_number_integer() &&
+            row["step"].get<int64_t>() <= start_step)
           kept += line + "\n";
       }
       atomic_write_text(jsonl_path_, kept);
@@ -84,7 +85,8 @@ void MetricsLogger::log(int64_t step, const std::string& kind, const std::map<st
     if (tb_) tb_->add_scalar(kind + "/" + k, step, static_cast<float>(v));
   }
   if (jsonl_) {
-    DIFFMOE_CHECK(std::fprintf(jsonl_, "%s\n", j.dump().c_str()) >= 0, "{}: write failed ({})", jsonl_path_, std::strerror(errno));
+    DIFFMOE_CHECK(std::fprintf(jsonl_, "%s\n", j.dump().c_str()) >= 0, "{}: write failed ({})", jsonl_path_,
+                  std::strerror(errno));
   }
   // The terminal gets the headline numbers only; everything is in the files.
   for (const char* k : {"loss", "val_loss", "val_ppl", "lr", "grad_norm", "tokens_per_s", "mfu_pct", "aux_loss"}) {
@@ -104,11 +106,12 @@ void MetricsLogger::progress(int64_t step, double loss, double tokens_per_s) {
   const int64_t done = step - start_step_, left = max_steps_ - step;
   const double eta = done > 0 ? elapsed / static_cast<double>(done) * static_cast<double>(left) : 0.0;
   const int width = 30;
-  const int filled = static_cast<int>(width * static_cast<double>(step) / static_cast<double>(std::max<int64_t>(1, max_steps_)));
+  const int filled =
+      static_cast<int>(width * static_cast<double>(step) / static_cast<double>(std::max<int64_t>(1, max_steps_)));
   std::string bar(static_cast<size_t>(filled), '#');
   bar.resize(width, '.');
-  fmt::print(stderr, "\r\033[2K[{}] {}/{}  loss {:.4f}  {:.0f} tok/s  ETA {:02d}:{:02d}", bar, step, max_steps_, loss, tokens_per_s,
-             static_cast<int>(eta) / 60, static_cast<int>(eta) % 60);
+  fmt::print(stderr, "\r\033[2K[{}] {}/{}  loss {:.4f}  {:.0f} tok/s  ETA {:02d}:{:02d}", bar, step, max_steps_, loss,
+             tokens_per_s, static_cast<int>(eta) / 60, static_cast<int>(eta) % 60);
   std::fflush(stderr);
   bar_drawn_ = true;
 }

@@ -35,7 +35,11 @@ AdamW::StatePlan AdamW::plan_state(const ParamLayout& layout, DType master_dtype
         const ParamLayout::Entry& e = layout.entries()[i];
         const int64_t lo = std::max(c0, e.offset), hi = std::min(c1, e.offset + e.shape.numel());
         if (lo >= hi) continue;
-        sp.pieces.push_back(Piece{.entry = i, .group = g, .group_offset = lo, .local_begin = lo - e.offset, .count = hi - lo,
+        sp.pieces.push_back(Piece{.entry = i,
+                                  .group = g,
+                                  .group_offset = lo,
+                                  .local_begin = lo - e.offset,
+                                  .count = hi - lo,
                                   .state_offset = sp.shard_len[g] + (lo - c0)});
       }
       sp.chunk_base[g].push_back(sp.shard_len[g]);
@@ -45,7 +49,8 @@ AdamW::StatePlan AdamW::plan_state(const ParamLayout& layout, DType master_dtype
   for (size_t g = 0; g < groups.size(); ++g) {
     sp.state.add(fmt::format("m.g{}", g), Shape{sp.shard_len[g]}, moment_dtype);
     sp.state.add(fmt::format("v.g{}", g), Shape{sp.shard_len[g]}, moment_dtype);
-    if (keeps_masters(groups[g], master_dtype)) sp.state.add(fmt::format("master.g{}", g), Shape{sp.shard_len[g]}, master_dtype);
+    if (keeps_masters(groups[g], master_dtype))
+      sp.state.add(fmt::format("master.g{}", g), Shape{sp.shard_len[g]}, master_dtype);
     // The reduced gradient chunks (AdamW::reduced_chunk) where the group is data parallel.
     if (groups[g].dp > 1) sp.state.add(fmt::format("grad.g{}", g), Shape{sp.shard_len[g]}, master_dtype);
   }
@@ -91,17 +96,23 @@ Tensor AdamW::master(const Piece& p) const {
   if (!separate_masters(p.group)) return compute(p);
   return slice1d(state_.get(fmt::format("master.g{}", p.group)), p.state_offset, p.count);
 }
-Tensor AdamW::moment1(const Piece& p) const { return slice1d(state_.get(fmt::format("m.g{}", p.group)), p.state_offset, p.count); }
-Tensor AdamW::moment2(const Piece& p) const { return slice1d(state_.get(fmt::format("v.g{}", p.group)), p.state_offset, p.count); }
+Tensor AdamW::moment1(const Piece& p) const {
+  return slice1d(state_.get(fmt::format("m.g{}", p.group)), p.state_offset, p.count);
+}
+Tensor AdamW::moment2(const Piece& p) const {
+  return slice1d(state_.get(fmt::format("v.g{}", p.group)), p.state_offset, p.count);
+}
 Tensor AdamW::grad(const Piece& p) const {
-  if (model_->layout().groups()[p.group].dp == 1) return model_->grads().buffers().range(p.group, p.group_offset, p.count);
+  if (model_->layout().groups()[p.group].dp == 1)
+    return model_->grads().buffers().range(p.group, p.group_offset, p.count);
   return slice1d(state_.get(fmt::format("grad.g{}", p.group)), p.state_offset, p.count);
 }
 
 Tensor AdamW::reduced_chunk(size_t group, size_t bucket) const {
   const ParamLayout::Group& grp = model_->layout().groups()[group];
   if (grp.dp == 1) return model_->grads().buffers().bucket(group, bucket);
-  return slice1d(state_.get(fmt::format("grad.g{}", group)), chunk_base_[group][bucket], grp.buckets[bucket].chunk(grp.dp));
+  return slice1d(state_.get(fmt::format("grad.g{}", group)), chunk_base_[group][bucket],
+                 grp.buckets[bucket].chunk(grp.dp));
 }
 Tensor AdamW::compute(const Piece& p) const { return model_->params().range(p.group, p.group_offset, p.count); }
 
@@ -131,7 +142,8 @@ void AdamW::set_masters(const std::function<double(const ParamLayout::Entry&, in
 
 void AdamW::write_compute_weights(Context ctx) {
   for (const Piece& p : pieces_)
-    if (separate_masters(p.group)) model_->backend().copy(ctx, {.dst = compute(p), .src = master(p)});  // round to nearest even
+    if (separate_masters(p.group))
+      model_->backend().copy(ctx, {.dst = compute(p), .src = master(p)});  // round to nearest even
 }
 
 void AdamW::compute_grad_sq(Context ctx) {
@@ -182,7 +194,10 @@ void AdamW::apply(Context ctx, double lr) {
   multi_.entries.clear();
   for (const Piece& p : pieces_) {
     const bool sep = separate_masters(p.group);
-    multi_.entries.push_back({.param = master(p), .m = moment1(p), .v = moment2(p), .grad = grad(p),
+    multi_.entries.push_back({.param = master(p),
+                              .m = moment1(p),
+                              .v = moment2(p),
+                              .grad = grad(p),
                               .param_bf16 = sep ? compute(p) : Tensor{},
                               .weight_decay = layout.entries()[p.entry].spec.decayed() ? cfg_.weight_decay : 0.0});
   }
@@ -199,14 +214,16 @@ void AdamW::apply(Context ctx, double lr) {
   if (c.balance_bias && c.bias_update_rate > 0) {
     for (int64_t l = c.n_dense_layers; l < c.n_layers; ++l)
       be.moe_bias_update(ctx, {.bias = model_->params().get(fmt::format("layers.{}.ffn.gate.bias", l)),
-                               .counts = model_->expert_counts(l), .rate = c.bias_update_rate});
+                               .counts = model_->expert_counts(l),
+                               .rate = c.bias_update_rate});
   }
 }
 
 std::vector<std::pair<std::string, Tensor>> AdamW::state_tensors() const {
   std::vector<std::pair<std::string, Tensor>> out;
   for (const auto& e : state_.entries())
-    if (e.name.rfind("m.", 0) == 0 || e.name.rfind("v.", 0) == 0 || e.name.rfind("master.", 0) == 0) out.emplace_back(e.name, state_.view(e));
+    if (e.name.rfind("m.", 0) == 0 || e.name.rfind("v.", 0) == 0 || e.name.rfind("master.", 0) == 0)
+      out.emplace_back(e.name, state_.view(e));
   return out;
 }
 

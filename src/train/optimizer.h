@@ -32,7 +32,7 @@ class AdamW {
   // The part of one parameter this rank owns: elements [local_begin, local_begin + count) of its
   // local tensor, at group_offset in the group's buffers and state_offset in this rank's state.
   struct Piece {
-    size_t entry = 0;          // ParamLayout::entries() index
+    size_t entry = 0;  // ParamLayout::entries() index
     size_t group = 0;
     int64_t group_offset = 0;
     int64_t local_begin = 0;
@@ -49,7 +49,7 @@ class AdamW {
   // group's compute dtype is not master_dtype (the f32 masters of bf16 compute weights), and "grad_sq".
   struct StatePlan {
     std::vector<Piece> pieces;
-    std::vector<int64_t> shard_len;  // per group: elements this rank owns
+    std::vector<int64_t> shard_len;                // per group: elements this rank owns
     std::vector<std::vector<int64_t>> chunk_base;  // per group and bucket: its chunk's offset in the state
     Arena state;
   };
@@ -114,7 +114,7 @@ class AdamW {
   OptimShard shard_;
   DType moment_dtype_;
   std::vector<Piece> pieces_;
-  std::vector<int64_t> shard_len_;  // per group: elements this rank owns
+  std::vector<int64_t> shard_len_;                // per group: elements this rank owns
   std::vector<std::vector<int64_t>> chunk_base_;  // per group and bucket: its chunk's offset in the state
   // Per group "m.g<g>", "v.g<g>", "master.g<g>" (separate masters only), "grad.g<g>" (dp > 1 only:
   // the reduced gradient chunks); "grad_sq".

@@ -37,7 +37,8 @@ std::vector<fs::path> removable_products(const RunConfig& rc) {
   std::error_code ec;
   const fs::path metrics = fs::path(rc.train.out_dir) / "metrics.jsonl";
   if (fs::exists(metrics, ec)) out.push_back(metrics);
-  for (const auto& p : entries_named((fs::path(rc.train.out_dir) / "tb").string(), {"events.out.tfevents."})) out.push_back(p);
+  for (const auto& p : entries_named((fs::path(rc.train.out_dir) / "tb").string(), {"events.out.tfevents."}))
+    out.push_back(p);
   return out;
 }
 
@@ -47,19 +48,22 @@ std::vector<std::string> earlier_run_products(const RunConfig& rc) {
   std::vector<std::string> found;
   std::error_code ec;
   const auto checkpoints = entries_named(rc.checkpoint.dir, {"step_"});
-  if (!checkpoints.empty()) found.push_back(fmt::format("{} checkpoint director{} in {}", checkpoints.size(),
-                                                        checkpoints.size() == 1 ? "y" : "ies", rc.checkpoint.dir));
+  if (!checkpoints.empty())
+    found.push_back(fmt::format("{} checkpoint director{} in {}", checkpoints.size(),
+                                checkpoints.size() == 1 ? "y" : "ies", rc.checkpoint.dir));
   const fs::path latest = fs::path(rc.checkpoint.dir) / "latest";
   if (fs::exists(latest, ec)) found.push_back(latest.string());
   const fs::path metrics = fs::path(rc.train.out_dir) / "metrics.jsonl";
   if (fs::is_regular_file(metrics, ec) && fs::file_size(metrics, ec) > 0) found.push_back(metrics.string());
   const auto events = entries_named((fs::path(rc.train.out_dir) / "tb").string(), {"events.out.tfevents."});
-  if (!events.empty()) found.push_back(fmt::format("{} TensorBoard event file(s) in {}/tb", events.size(), rc.train.out_dir));
+  if (!events.empty())
+    found.push_back(fmt::format("{} TensorBoard event file(s) in {}/tb", events.size(), rc.train.out_dir));
   return found;
 }
 
 RunDirectories::RunDirectories(const RunConfig& rc, bool resume, bool overwrite, const LogLine& log) {
-  DIFFMOE_CHECK(!(resume && overwrite), "--resume and --overwrite exclude each other (continue the earlier run, or replace it)");
+  DIFFMOE_CHECK(!(resume && overwrite),
+                "--resume and --overwrite exclude each other (continue the earlier run, or replace it)");
   // What the run writes must be what it seems: directories, regular files, or nothing yet.
   io::check_output_path(rc.train.out_dir, "train.out_dir", io::OutputKind::kDirectory);
   io::check_output_path(rc.checkpoint.dir, "checkpoint.dir", io::OutputKind::kDirectory);
@@ -71,8 +75,10 @@ RunDirectories::RunDirectories(const RunConfig& rc, bool resume, bool overwrite,
   if (found.empty()) return;
   std::string what;
   for (const auto& f : found) what += (what.empty() ? "" : ", ") + f;
-  DIFFMOE_CHECK(overwrite, "{}: holds an earlier run ({}); pass --resume to continue it, or --overwrite to delete its "
-                "checkpoints and logs and start again", rc.train.out_dir, what);
+  DIFFMOE_CHECK(overwrite,
+                "{}: holds an earlier run ({}); pass --resume to continue it, or --overwrite to delete its "
+                "checkpoints and logs and start again",
+                rc.train.out_dir, what);
   // With both locks held, nothing else writes here.
   std::error_code ec;
   const std::vector<fs::path> doomed = removable_products(rc);

@@ -6,8 +6,8 @@
 
 #include "core/error.h"
 #include "data/bpe_trainer.h"
-#include "data/prepare.h"
 #include "data/loader.h"
+#include "data/prepare.h"
 #include "data/text_source.h"
 #include "data/token_shard.h"
 
@@ -30,18 +30,21 @@ std::unique_ptr<data::Tokenizer> ensure_tokenizer(const RunConfig& rc, const Log
   const TokenizerConfig& t = rc.tokenizer;
   DIFFMOE_CHECK(!t.path.empty(), "tokenizer.path: no tokenizer file configured");
   if (!fs::exists(t.path)) {
-    DIFFMOE_CHECK(!t.train_inputs.empty(), "{}: tokenizer file does not exist and tokenizer.train_inputs is empty (nothing to train it on)",
+    DIFFMOE_CHECK(!t.train_inputs.empty(),
+                  "{}: tokenizer file does not exist and tokenizer.train_inputs is empty (nothing to train it on)",
                   t.path);
     const auto t0 = std::chrono::steady_clock::now();
     data::BpeTrainer trainer(data::BpeTrainerOptions{.vocab_size = static_cast<int32_t>(t.vocab_size)});
-    const data::CorpusStats corpus = data::add_documents(
-        trainer, inputs_of(t.train_inputs, "tokenizer.train_inputs"),
-        data::ReaderOptions{.text_field = rc.data.text_field, .text_doc_bytes = static_cast<size_t>(rc.data.doc_bytes)});
+    const data::CorpusStats corpus =
+        data::add_documents(trainer, inputs_of(t.train_inputs, "tokenizer.train_inputs"),
+                            data::ReaderOptions{.text_field = rc.data.text_field,
+                                                .text_doc_bytes = static_cast<size_t>(rc.data.doc_bytes)});
     const data::TrainedBpe bpe = trainer.train();
     if (!fs::path(t.path).parent_path().empty()) fs::create_directories(fs::path(t.path).parent_path());
     data::save_trained_bpe(bpe, t.path);
-    log(fmt::format("tokenizer: trained byte-level BPE ({} ids) on {:.1f} MB in {:.1f} s -> {}", bpe.vocab_size(), corpus.bytes / 1e6,
-                    std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count(), t.path));
+    log(fmt::format("tokenizer: trained byte-level BPE ({} ids) on {:.1f} MB in {:.1f} s -> {}", bpe.vocab_size(),
+                    corpus.bytes / 1e6, std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count(),
+                    t.path));
   }
   std::unique_ptr<data::Tokenizer> tok;
   try {
@@ -49,22 +52,24 @@ std::unique_ptr<data::Tokenizer> ensure_tokenizer(const RunConfig& rc, const Log
   } catch (const Error& e) {
     throw Error(fmt::format("tokenizer.path: {}", e.what()), e.location());  // the message names the file already
   }
-  DIFFMOE_CHECK(tok->vocab_size() <= rc.model.vocab_size, "{}: tokenizer has {} ids but model.vocab_size is {}", t.path, tok->vocab_size(),
-                rc.model.vocab_size);
-  DIFFMOE_CHECK(tok->eos_id().has_value(), "{}: tokenizer has no end-of-text token (documents are joined with one)", t.path);
+  DIFFMOE_CHECK(tok->vocab_size() <= rc.model.vocab_size, "{}: tokenizer has {} ids but model.vocab_size is {}", t.path,
+                tok->vocab_size(), rc.model.vocab_size);
+  DIFFMOE_CHECK(tok->eos_id().has_value(), "{}: tokenizer has no end-of-text token (documents are joined with one)",
+                t.path);
   return tok;
 }
 
-void check_shards_match_tokenizer(const std::string& shard_dir, const std::string& split, const std::string& tokenizer_path,
-                                  int32_t eos) {
+void check_shards_match_tokenizer(const std::string& shard_dir, const std::string& split,
+                                  const std::string& tokenizer_path, int32_t eos) {
   const auto shards = data::find_shards(shard_dir, split);
   const data::Shard first(shards.front(), data::ShardOpenOptions{.verify_checksum = false});
   const uint64_t want = data::file_fingerprint(tokenizer_path);
   const data::ShardHeader& h = first.header();
-  DIFFMOE_CHECK(h.tokenizer_fingerprint == want && h.eos_id == static_cast<uint32_t>(eos),
-                "{}: prepared with a different tokenizer (fingerprint {:016x}, eos {}) than {} (fingerprint {:016x}, eos {}); "
-                "delete the shard directory to prepare it again, or point data.shards elsewhere",
-                shards.front().string(), h.tokenizer_fingerprint, h.eos_id, tokenizer_path, want, eos);
+  DIFFMOE_CHECK(
+      h.tokenizer_fingerprint == want && h.eos_id == static_cast<uint32_t>(eos),
+      "{}: prepared with a different tokenizer (fingerprint {:016x}, eos {}) than {} (fingerprint {:016x}, eos {}); "
+      "delete the shard directory to prepare it again, or point data.shards elsewhere",
+      shards.front().string(), h.tokenizer_fingerprint, h.eos_id, tokenizer_path, want, eos);
 }
 
 std::string ensure_shards(const RunConfig& rc, const data::Tokenizer& tokenizer, const LogLine& log) {
@@ -76,12 +81,16 @@ std::string ensure_shards(const RunConfig& rc, const data::Tokenizer& tokenizer,
   }
   DIFFMOE_CHECK(!d.inputs.empty(), "{}: no prepared shards (meta.json) and data.inputs is empty", d.shards);
   inputs_of(d.inputs, "data.inputs");  // a pattern that matches nothing fails here, naming the key
-  const data::PrepareStats s = data::prepare_shards(data::PrepareOptions{
-      .inputs = d.inputs, .text_field = d.text_field, .tokenizer = rc.tokenizer.path, .out_dir = d.shards,
-      .val_fraction = d.val_fraction, .seed = rc.train.seed,
-      .text_doc_bytes = static_cast<size_t>(d.doc_bytes)});
-  log(fmt::format("data: {} documents, {:.2f} M tokens ({} train / {} val) from {:.1f} MB of text in {:.1f} s -> {}", s.documents,
-                  s.tokens / 1e6, s.train.tokens, s.val.tokens, s.text_bytes / 1e6, s.seconds, d.shards));
+  const data::PrepareStats s =
+      data::prepare_shards(data::PrepareOptions{.inputs = d.inputs,
+                                                .text_field = d.text_field,
+                                                .tokenizer = rc.tokenizer.path,
+                                                .out_dir = d.shards,
+                                                .val_fraction = d.val_fraction,
+                                                .seed = rc.train.seed,
+                                                .text_doc_bytes = static_cast<size_t>(d.doc_bytes)});
+  log(fmt::format("data: {} documents, {:.2f} M tokens ({} train / {} val) from {:.1f} MB of text in {:.1f} s -> {}",
+                  s.documents, s.tokens / 1e6, s.train.tokens, s.val.tokens, s.text_bytes / 1e6, s.seconds, d.shards));
   return d.shards;
 }
 

@@ -22,7 +22,7 @@ std::unique_ptr<data::Tokenizer> ensure_tokenizer(const RunConfig& rc, const Log
 std::string ensure_shards(const RunConfig& rc, const data::Tokenizer& tokenizer, const LogLine& log);
 // Throws "<shard>: prepared with a different tokenizer ..." unless the first shard of `split`
 // ("train" or "val") in `shard_dir` records the fingerprint of `tokenizer_path` and the EOS id `eos`.
-void check_shards_match_tokenizer(const std::string& shard_dir, const std::string& split, const std::string& tokenizer_path,
-                                  int32_t eos);
+void check_shards_match_tokenizer(const std::string& shard_dir, const std::string& split,
+                                  const std::string& tokenizer_path, int32_t eos);
 
 }  // namespace diffmoe

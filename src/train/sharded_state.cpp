@@ -10,7 +10,9 @@ namespace diffmoe {
 
 namespace fs = std::filesystem;
 
-std::string shard_file_name(int64_t rank, int64_t world) { return fmt::format("shard-{:05d}-of-{:05d}.safetensors", rank, world); }
+std::string shard_file_name(int64_t rank, int64_t world) {
+  return fmt::format("shard-{:05d}-of-{:05d}.safetensors", rank, world);
+}
 
 namespace {
 
@@ -34,8 +36,7 @@ void convert_to_double(DType dt, const void* src, size_t first, size_t n, double
     case DType::kBF16:
       for (size_t i = 0; i < n; ++i) out[i] = bf16_to_f32(static_cast<const uint16_t*>(src)[first + i]);
       return;
-    default:
-      DIFFMOE_FAIL("{}: dtype {} is not a float type", what, dtype_name(dt));
+    default: DIFFMOE_FAIL("{}: dtype {} is not a float type", what, dtype_name(dt));
   }
 }
 
@@ -60,7 +61,8 @@ void upload_from_double(Backend& be, const Tensor& dst, const std::vector<double
 
 ModelConfig config_from_metadata(const SafetensorsFile& f) {
   auto it = f.metadata().find("config");
-  DIFFMOE_CHECK(it != f.metadata().end(), "{}: metadata has no \"config\" entry: not a diffmoe checkpoint file", f.path());
+  DIFFMOE_CHECK(it != f.metadata().end(), "{}: metadata has no \"config\" entry: not a diffmoe checkpoint file",
+                f.path());
   nlohmann::ordered_json j;
   try {
     j = nlohmann::ordered_json::parse(it->second);
@@ -117,7 +119,8 @@ StateReader::StateReader(const std::string& dir) : dir_(dir) {
   std::sort(shards.begin(), shards.end());
   const bool legacy = shards.empty();
   if (legacy) {
-    DIFFMOE_CHECK(fs::exists(dir + "/model.safetensors"), "{}: no shard-*.safetensors and no model.safetensors: not a checkpoint", dir);
+    DIFFMOE_CHECK(fs::exists(dir + "/model.safetensors"),
+                  "{}: no shard-*.safetensors and no model.safetensors: not a checkpoint", dir);
     shards.push_back(dir + "/model.safetensors");
     if (fs::exists(dir + "/optimizer.safetensors")) shards.push_back(dir + "/optimizer.safetensors");
   }
@@ -130,11 +133,11 @@ StateReader::StateReader(const std::string& dir) : dir_(dir) {
   }
   if (!legacy) {  // every shard must describe the same model and the same world
     const std::string world = files_.front().metadata().contains("world") ? files_.front().metadata().at("world") : "";
-    DIFFMOE_CHECK(std::to_string(files_.size()) == world, "{}: {} shard files, but {} says the world had {} ranks", dir, files_.size(),
-                  files_.front().path(), world);
+    DIFFMOE_CHECK(std::to_string(files_.size()) == world, "{}: {} shard files, but {} says the world had {} ranks", dir,
+                  files_.size(), files_.front().path(), world);
     for (const SafetensorsFile& f : files_) {
-      DIFFMOE_CHECK(config_from_metadata(f).to_json() == config_.to_json(), "{}: its model config differs from {}'s", f.path(),
-                    files_.front().path());
+      DIFFMOE_CHECK(config_from_metadata(f).to_json() == config_.to_json(), "{}: its model config differs from {}'s",
+                    f.path(), files_.front().path());
     }
   }
   for (size_t fi = 0; fi < files_.size(); ++fi) {
@@ -155,19 +158,21 @@ StateReader::StateReader(const std::string& dir) : dir_(dir) {
                       "{}: tensor '{}' is not <master|m|v|buffer>/<param>/<first>", f.path(), name);
       } else if (fi == 0) {
         param = name;
-        kind = is_buffer.contains(name) && is_buffer[name] ? static_cast<int>(Kind::kBuffer) : static_cast<int>(Kind::kMaster);
+        kind = is_buffer.contains(name) && is_buffer[name] ? static_cast<int>(Kind::kBuffer)
+                                                           : static_cast<int>(Kind::kMaster);
       } else {
-        DIFFMOE_CHECK(name.size() > 2 && (name[0] == 'm' || name[0] == 'v') && name[1] == '.', "{}: unexpected tensor '{}'", f.path(),
-                      name);
+        DIFFMOE_CHECK(name.size() > 2 && (name[0] == 'm' || name[0] == 'v') && name[1] == '.',
+                      "{}: unexpected tensor '{}'", f.path(), name);
         kind = name[0] == 'm' ? static_cast<int>(Kind::kMoment1) : static_cast<int>(Kind::kMoment2);
         param = name.substr(2);
       }
-      DIFFMOE_CHECK(numel_.contains(param), "{}: tensor '{}' names '{}', which this model config does not have", f.path(), name, param);
+      DIFFMOE_CHECK(numel_.contains(param), "{}: tensor '{}' names '{}', which this model config does not have",
+                    f.path(), name, param);
       const SafetensorsEntry& e = f.get(name);
       int64_t count = 1;
       for (int64_t d : e.shape) count *= d;
-      DIFFMOE_CHECK(first + count <= numel_[param], "{}: tensor '{}' covers elements [{}, {}) of '{}', which has {}", f.path(), name, first,
-                    first + count, param, numel_[param]);
+      DIFFMOE_CHECK(first + count <= numel_[param], "{}: tensor '{}' covers elements [{}, {}) of '{}', which has {}",
+                    f.path(), name, first, first + count, param, numel_[param]);
       if (kind == static_cast<int>(Kind::kMoment1) || kind == static_cast<int>(Kind::kMoment2)) {
         // One dtype for every moment (optim.moment_dtype of the run that wrote them).
         DIFFMOE_CHECK(!has_moments_ || e.dtype == moment_dtype_,
@@ -179,7 +184,8 @@ StateReader::StateReader(const std::string& dir) : dir_(dir) {
       slices_[{kind, param}].push_back(Slice{.first = first, .count = count, .file = fi, .tensor = name});
     }
   }
-  for (auto& [key, v] : slices_) std::sort(v.begin(), v.end(), [](const Slice& a, const Slice& b) { return a.first < b.first; });
+  for (auto& [key, v] : slices_)
+    std::sort(v.begin(), v.end(), [](const Slice& a, const Slice& b) { return a.first < b.first; });
 }
 
 int64_t StateReader::numel(const std::string& param) const {
@@ -190,7 +196,8 @@ int64_t StateReader::numel(const std::string& param) const {
 
 void StateReader::read(Kind kind, const std::string& param, int64_t first, int64_t count, double* out) const {
   auto it = slices_.find({static_cast<int>(kind), param});
-  DIFFMOE_CHECK(it != slices_.end(), "{}: no {} values of '{}' in the checkpoint", dir_, kKindPrefix[static_cast<int>(kind)], param);
+  DIFFMOE_CHECK(it != slices_.end(), "{}: no {} values of '{}' in the checkpoint", dir_,
+                kKindPrefix[static_cast<int>(kind)], param);
   int64_t cur = first;
   const int64_t end = first + count;
   for (const Slice& s : it->second) {
@@ -199,8 +206,8 @@ void StateReader::read(Kind kind, const std::string& param, int64_t first, int64
     const int64_t stop = std::min(end, s.first + s.count);
     const SafetensorsFile& f = files_[s.file];
     const SafetensorsEntry& e = f.get(s.tensor);
-    convert_to_double(e.dtype, e.data, static_cast<size_t>(cur - s.first), static_cast<size_t>(stop - cur), out + (cur - first),
-                      f.path() + ": " + s.tensor);
+    convert_to_double(e.dtype, e.data, static_cast<size_t>(cur - s.first), static_cast<size_t>(stop - cur),
+                      out + (cur - first), f.path() + ": " + s.tensor);
     cur = stop;
     if (cur == end) return;
   }
@@ -245,7 +252,8 @@ void load_state(AdamW& opt, const StateReader& reader, Context ctx) {
   opt.write_compute_weights(ctx);
 }
 
-void export_model(const StateReader& reader, const std::string& path, const std::map<std::string, std::string>& metadata) {
+void export_model(const StateReader& reader, const std::string& path,
+                  const std::map<std::string, std::string>& metadata) {
   SafetensorsWriter w;
   std::vector<std::vector<float>> hold;  // the writer keeps pointers until write()
   const std::vector<ParamSpec> specs = parameter_specs(reader.config());
@@ -266,8 +274,9 @@ void export_model(const StateReader& reader, const std::string& path, const std:
 }
 
 void load_model_weights(Model& model, const StateReader& reader) {
-  DIFFMOE_CHECK(reader.config().to_json() == model.config().to_json(), "{}: the checkpoint's model config differs from the model's ({})",
-                reader.dir(), config_differences(reader.config(), model.config()));
+  DIFFMOE_CHECK(reader.config().to_json() == model.config().to_json(),
+                "{}: the checkpoint's model config differs from the model's ({})", reader.dir(),
+                config_differences(reader.config(), model.config()));
   std::vector<double> v;
   auto load = [&](const ParamLayout::Entry& e, StateReader::Kind kind) {
     v.resize(static_cast<size_t>(e.shape.numel()));

@@ -76,7 +76,8 @@ void load_state(AdamW& opt, const StateReader& reader, Context ctx);
 std::optional<std::string> moment_dtype_change(const AdamW& opt, const StateReader& reader);
 // Writes the whole model as one safetensors file with the docs/model.md §8 names (the f32 masters and the
 // buffers; "config" and the given metadata), loadable by PyTorch and by load_model.
-void export_model(const StateReader& reader, const std::string& path, const std::map<std::string, std::string>& metadata = {});
+void export_model(const StateReader& reader, const std::string& path,
+                  const std::map<std::string, std::string>& metadata = {});
 // Loads every parameter of `model` (this rank's part) from the reader's masters and buffers, rounded
 // to the compute dtype: evaluation and generation, no optimizer.
 void load_model_weights(Model& model, const StateReader& reader);

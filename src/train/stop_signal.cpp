@@ -41,7 +41,7 @@ StopSignalHandlers::StopSignalHandlers() {
   sa.sa_handler = on_stop_signal;
   sigemptyset(&sa.sa_mask);
   for (int s : kSignals) sigaddset(&sa.sa_mask, s);  // one handler at a time per thread
-  sa.sa_flags = SA_RESTART;  // interrupted reads and writes resume: the step and the save go on
+  sa.sa_flags = SA_RESTART;                          // interrupted reads and writes resume: the step and the save go on
   for (int i = 0; i < 3; ++i)
     DIFFMOE_CHECK(::sigaction(kSignals[i], &sa, &previous_[i]) == 0, "[signals] cannot install the {} handler ({})",
                   stop_signal_name(kSignals[i]), std::strerror(errno));

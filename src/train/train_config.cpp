@@ -23,7 +23,8 @@ class SectionReader {
       : section_(std::move(section)), source_(std::move(source)) {
     if (doc.contains(section_)) {
       node_ = doc[section_];
-      DIFFMOE_CHECK(node_.is_object() || node_.is_null(), "{}: {}: expected a mapping, got {}", source_, section_, node_.dump());
+      DIFFMOE_CHECK(node_.is_object() || node_.is_null(), "{}: {}: expected a mapping, got {}", source_, section_,
+                    node_.dump());
       if (node_.is_null()) node_ = Json::object();
     } else {
       node_ = Json::object();
@@ -35,8 +36,8 @@ class SectionReader {
     used_.insert(key);
     T value = fallback;
     // An empty value ("lr:" in a file, --set optim.lr=) is a mistake, not a request for the default.
-    DIFFMOE_CHECK(!node_.contains(key) || !node_[key].is_null(), "{}: has no value (leave the key out to use the default, {})",
-                  where(key), Json(fallback).dump());
+    DIFFMOE_CHECK(!node_.contains(key) || !node_[key].is_null(),
+                  "{}: has no value (leave the key out to use the default, {})", where(key), Json(fallback).dump());
     if (node_.contains(key)) value = convert<T>(node_[key], key);
     resolved_[key] = value;
     return value;
@@ -67,7 +68,8 @@ class SectionReader {
       const bool integral_float = v.is_number_float() && v.get<double>() == std::floor(v.get<double>()) &&
                                   v.get<double>() >= -kTwo63 && v.get<double>() < kTwo63;
       DIFFMOE_CHECK(v.is_number_integer() || integral_float, "{}: expected an integer, got {}", where(key), v.dump());
-      if constexpr (std::is_unsigned_v<T>) DIFFMOE_CHECK(v.get<double>() >= 0, "{}: must be >= 0, got {}", where(key), v.dump());
+      if constexpr (std::is_unsigned_v<T>)
+        DIFFMOE_CHECK(v.get<double>() >= 0, "{}: must be >= 0, got {}", where(key), v.dump());
       return static_cast<T>(v.is_number_integer() ? v.get<int64_t>() : static_cast<int64_t>(v.get<double>()));
     } else if constexpr (std::is_floating_point_v<T>) {
       DIFFMOE_CHECK(v.is_number(), "{}: expected a number, got {}", where(key), v.dump());
@@ -75,7 +77,8 @@ class SectionReader {
       // Nor a magnitude past f32's largest (optim.lr = 1e39): the devices compute in f32, where it is inf.
       const double x = v.get<double>();
       DIFFMOE_CHECK(std::isfinite(x) && std::fabs(x) <= std::numeric_limits<float>::max(),
-                    "{}: must be a finite number of f32 range (|x| <= {}), got {}", where(key), std::numeric_limits<float>::max(), x);
+                    "{}: must be a finite number of f32 range (|x| <= {}), got {}", where(key),
+                    std::numeric_limits<float>::max(), x);
       return static_cast<T>(x);
     } else {
       DIFFMOE_CHECK(v.is_string(), "{}: expected a string, got {}", where(key), v.dump());
@@ -175,7 +178,8 @@ RunConfig run_config_from_json(Json doc, const std::string& source) {
   rc.resolved["log"] = lg.finish();
 
   // Values that parse but make no sense, named by key.
-  check(t.device == "cpu" || t.device == "cuda", source, "train.device", fmt::format("expected cpu or cuda, got '{}'", t.device));
+  check(t.device == "cpu" || t.device == "cuda", source, "train.device",
+        fmt::format("expected cpu or cuda, got '{}'", t.device));
   check(t.micro_batch > 0, source, "train.micro_batch", fmt::format("must be positive, got {}", t.micro_batch));
   check(t.seq_len > 0 && t.seq_len <= rc.model.max_seq_len, source, "train.seq_len",
         fmt::format("must be in [1, model.max_seq_len = {}], got {}", rc.model.max_seq_len, t.seq_len));
@@ -183,8 +187,10 @@ RunConfig run_config_from_json(Json doc, const std::string& source) {
   check(t.max_steps > 0, source, "train.max_steps", fmt::format("must be positive, got {}", t.max_steps));
   check(t.log_every > 0, source, "train.log_every", fmt::format("must be positive, got {}", t.log_every));
   check(t.max_bad_steps > 0, source, "train.max_bad_steps", "must be positive");
-  check(t.peak_tflops > 0, source, "train.peak_tflops", fmt::format("must be positive (the MFU denominator), got {}", t.peak_tflops));
-  check(t.stop_after >= 0, source, "train.stop_after", fmt::format("must be >= 0 (0 = run to max_steps), got {}", t.stop_after));
+  check(t.peak_tflops > 0, source, "train.peak_tflops",
+        fmt::format("must be positive (the MFU denominator), got {}", t.peak_tflops));
+  check(t.stop_after >= 0, source, "train.stop_after",
+        fmt::format("must be >= 0 (0 = run to max_steps), got {}", t.stop_after));
   check(t.precision == "f32" || t.precision == "bf16_gemm" || t.precision == "fp8", source, "train.precision",
         fmt::format("expected f32, bf16_gemm or fp8, got '{}'", t.precision));
   check(t.recompute == "none" || t.recompute == "attention" || t.recompute == "moe" || t.recompute == "full", source,
@@ -203,7 +209,8 @@ RunConfig run_config_from_json(Json doc, const std::string& source) {
   if (!rc.tokenizer.train_inputs.empty()) {  // vocab_size is only used to train the tokenizer
     const int64_t min_vocab = 256 + static_cast<int64_t>(data::BpeTrainerOptions{}.special_tokens.size());
     check(rc.tokenizer.vocab_size >= min_vocab, source, "tokenizer.vocab_size",
-          fmt::format("must be at least {} (256 byte tokens + <|endoftext|>), got {}", min_vocab, rc.tokenizer.vocab_size));
+          fmt::format("must be at least {} (256 byte tokens + <|endoftext|>), got {}", min_vocab,
+                      rc.tokenizer.vocab_size));
     check(rc.tokenizer.vocab_size <= data::kMaxTokenizerVocab, source, "tokenizer.vocab_size",
           fmt::format("must be at most {}, got {}", data::kMaxTokenizerVocab, rc.tokenizer.vocab_size));
   }
@@ -213,20 +220,26 @@ RunConfig run_config_from_json(Json doc, const std::string& source) {
   check(rc.checkpoint.every >= 0 && rc.checkpoint.keep_last >= 0 && rc.checkpoint.keep_every >= 0, source, "checkpoint",
         "every, keep_last and keep_every must be >= 0");
   check(rc.checkpoint.keep_last <= std::numeric_limits<int32_t>::max(), source, "checkpoint.keep_last",
-        fmt::format("must be at most {} (0 keeps all), got {}", std::numeric_limits<int32_t>::max(), rc.checkpoint.keep_last));
+        fmt::format("must be at most {} (0 keeps all), got {}", std::numeric_limits<int32_t>::max(),
+                    rc.checkpoint.keep_last));
   check(rc.parallel.expert >= 1, source, "parallel.expert", fmt::format("must be >= 1, got {}", rc.parallel.expert));
-  check(rc.parallel.expert == 1 || rc.model.n_dense_layers == rc.model.n_layers || rc.model.n_routed_experts % rc.parallel.expert == 0,
+  check(rc.parallel.expert == 1 || rc.model.n_dense_layers == rc.model.n_layers ||
+            rc.model.n_routed_experts % rc.parallel.expert == 0,
         source, "parallel.expert",
-        fmt::format("{} expert-parallel ranks must divide model.n_routed_experts = {}", rc.parallel.expert, rc.model.n_routed_experts));
-  check(rc.parallel.expert == 1 || rc.train.recompute == "none" || rc.train.recompute == "attention", source, "train.recompute",
-        fmt::format("'{}' is not available with expert parallelism (parallel.expert = {}): use none or attention", rc.train.recompute,
-                    rc.parallel.expert));
+        fmt::format("{} expert-parallel ranks must divide model.n_routed_experts = {}", rc.parallel.expert,
+                    rc.model.n_routed_experts));
+  check(rc.parallel.expert == 1 || rc.train.recompute == "none" || rc.train.recompute == "attention", source,
+        "train.recompute",
+        fmt::format("'{}' is not available with expert parallelism (parallel.expert = {}): use none or attention",
+                    rc.train.recompute, rc.parallel.expert));
   // The fp8 mode's routed experts run a per-expert loop the expert-parallel layer does not take
   // (docs/model.md §7).
   check(rc.parallel.expert == 1 || rc.train.precision != "fp8", source, "train.precision",
-        fmt::format("fp8 is not available with expert parallelism (parallel.expert = {}): use bf16_gemm or parallel.expert 1",
-                    rc.parallel.expert));
-  check(rc.parallel.bucket_size > 0, source, "parallel.bucket_size", fmt::format("must be positive, got {}", rc.parallel.bucket_size));
+        fmt::format(
+            "fp8 is not available with expert parallelism (parallel.expert = {}): use bf16_gemm or parallel.expert 1",
+            rc.parallel.expert));
+  check(rc.parallel.bucket_size > 0, source, "parallel.bucket_size",
+        fmt::format("must be positive, got {}", rc.parallel.bucket_size));
   check(rc.log.progress == "auto" || rc.log.progress == "bar" || rc.log.progress == "lines", source, "log.progress",
         fmt::format("expected auto, bar or lines, got '{}'", rc.log.progress));
   return rc;

@@ -14,39 +14,39 @@
 namespace diffmoe {
 
 struct TokenizerConfig {
-  std::string path;              // tokenizer file (ours, HF tokenizer.json, or .tiktoken)
-  std::string train_inputs;      // when `path` does not exist: train our BPE on these files
-  int64_t vocab_size = 4096;     // for training
+  std::string path;           // tokenizer file (ours, HF tokenizer.json, or .tiktoken)
+  std::string train_inputs;   // when `path` does not exist: train our BPE on these files
+  int64_t vocab_size = 4096;  // for training
 };
 
 struct DataConfig {
-  std::string inputs;            // text/JSONL(.gz/.zst) files, directories, globs (comma-separated)
+  std::string inputs;  // text/JSONL(.gz/.zst) files, directories, globs (comma-separated)
   std::string text_field = "text";
-  std::string shards;            // prepared shard directory; prepared from `inputs` when missing
-  double val_fraction = 0.01;    // share of documents held out for validation
-  int64_t doc_bytes = 16384;     // plain text is cut into documents of about this size at paragraph
-                                 // breaks, so a held-out share samples the whole corpus
+  std::string shards;          // prepared shard directory; prepared from `inputs` when missing
+  double val_fraction = 0.01;  // share of documents held out for validation
+  int64_t doc_bytes = 16384;   // plain text is cut into documents of about this size at paragraph
+                               // breaks, so a held-out share samples the whole corpus
 };
 
 struct TrainSettings {
   std::string out_dir = "runs/default";
   std::string device = "cpu";
   uint64_t seed = 1234;
-  int64_t micro_batch = 8;       // sequences per micro-batch
-  int64_t seq_len = 0;           // 0: model.max_seq_len
-  int64_t grad_accum = 1;        // micro-batches per optimizer step
+  int64_t micro_batch = 8;  // sequences per micro-batch
+  int64_t seq_len = 0;      // 0: model.max_seq_len
+  int64_t grad_accum = 1;   // micro-batches per optimizer step
   int64_t max_steps = 1000;
   int64_t log_every = 10;
-  double peak_tflops = 989.0;    // MFU denominator (docs/model.md §9: H100/H200 dense bf16)
-  int64_t max_bad_steps = 1;     // consecutive non-finite steps before stopping
-  int64_t stop_after = 0;        // stop after this many steps of this invocation, as if interrupted
-                                 // (no extra checkpoint; the LR schedule still spans max_steps);
-                                 // 0 = run to max_steps
-  std::string precision = "f32"; // "f32": every op in f32; "bf16_gemm" (any device; the CPU is the
-                                 // reference): the GEMMs round their inputs to bf16 and accumulate in
-                                 // f32, GEMM-only activations are bf16 (Backend::set_gemm_precision;
-                                 // docs/model.md §7); "fp8": bf16_gemm plus the DeepSeek-V3 FP8
-                                 // recipe for the attention and FFN Linears (docs/model.md §7)
+  double peak_tflops = 989.0;      // MFU denominator (docs/model.md §9: H100/H200 dense bf16)
+  int64_t max_bad_steps = 1;       // consecutive non-finite steps before stopping
+  int64_t stop_after = 0;          // stop after this many steps of this invocation, as if interrupted
+                                   // (no extra checkpoint; the LR schedule still spans max_steps);
+                                   // 0 = run to max_steps
+  std::string precision = "f32";   // "f32": every op in f32; "bf16_gemm" (any device; the CPU is the
+                                   // reference): the GEMMs round their inputs to bf16 and accumulate in
+                                   // f32, GEMM-only activations are bf16 (Backend::set_gemm_precision;
+                                   // docs/model.md §7); "fp8": bf16_gemm plus the DeepSeek-V3 FP8
+                                   // recipe for the attention and FFN Linears (docs/model.md §7)
   std::string recompute = "none";  // activation recompute (model/recompute.h): "none" keeps every
                                    // activation; "attention", "moe" or "full" recompute those parts
                                    // in the backward (less memory, more backward work, the same
@@ -58,36 +58,36 @@ struct OptimConfig {
   double min_lr = 3e-5;
   int64_t warmup_steps = 100;
   double beta1 = 0.9, beta2 = 0.95, eps = 1e-8;
-  double weight_decay = 0.1;     // matrices only (see ParamSpec::decayed)
-  double grad_clip = 1.0;        // global-norm clip; 0 disables
+  double weight_decay = 0.1;  // matrices only (see ParamSpec::decayed)
+  double grad_clip = 1.0;     // global-norm clip; 0 disables
   // The Adam moments' storage: "f32" (the masters' dtype) or "bf16" (half the bytes; updated in f32
   // and rounded to nearest even on store, docs/model.md §7). The masters stay f32.
   std::string moment_dtype = "f32";
 };
 
 struct EvalConfig {
-  int64_t every = 100;           // validation every N steps (0: only at the end)
-  int64_t batches = 20;          // micro-batches per validation
+  int64_t every = 100;   // validation every N steps (0: only at the end)
+  int64_t batches = 20;  // micro-batches per validation
 };
 
 struct CheckpointConfig {
-  int64_t every = 500;           // steps between checkpoints (and always at the end)
+  int64_t every = 500;  // steps between checkpoints (and always at the end)
   int64_t keep_last = 3;
-  int64_t keep_every = 0;        // also keep every checkpoint whose step is a multiple of this
-  std::string dir;               // default <out_dir>/checkpoints
+  int64_t keep_every = 0;  // also keep every checkpoint whose step is a multiple of this
+  std::string dir;         // default <out_dir>/checkpoints
 };
 
 struct LogConfig {
-  bool tensorboard = true;       // <out_dir>/tb/events.out.tfevents.*
-  bool jsonl = true;             // <out_dir>/metrics.jsonl
-  std::string progress = "auto"; // "auto" (bar on a terminal), "bar", "lines"
+  bool tensorboard = true;        // <out_dir>/tb/events.out.tfevents.*
+  bool jsonl = true;              // <out_dir>/metrics.jsonl
+  std::string progress = "auto";  // "auto" (bar on a terminal), "bar", "lines"
 };
 
 // How the ranks of a run split the work (docs/model.md §12, docs/parallelism.md). The data-parallel degree is
 // what remains: world size / expert.
 struct ParallelConfig {
-  int64_t expert = 1;                 // expert-parallel ranks: the routed experts are split over them
-  int64_t bucket_size = 40'000'000;   // gradient bucket size in elements (reduce-scatter granularity)
+  int64_t expert = 1;                // expert-parallel ranks: the routed experts are split over them
+  int64_t bucket_size = 40'000'000;  // gradient bucket size in elements (reduce-scatter granularity)
 };
 
 struct RunConfig {

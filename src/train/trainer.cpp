@@ -11,17 +11,17 @@
 #include "core/error.h"
 #include "data/loader.h"
 #include "data/token_shard.h"
+#include "dist/device_world.h"
+#include "dist/process_grid.h"
 #include "io/checkpoint.h"
 #include "io/config_file.h"
 #include "io/file_util.h"
 #include "model/model_file.h"
 #include "model/parameters.h"
-#include "dist/device_world.h"
-#include "dist/process_grid.h"
 #include "train/data_parallel.h"
 #include "train/evaluator.h"
-#include "train/finite_check.h"
 #include "train/expert_exchange_comm.h"
+#include "train/finite_check.h"
 #include "train/lr_schedule.h"
 #include "train/metrics.h"
 #include "train/optimizer.h"
@@ -49,7 +49,8 @@ void routing_stats(const Model& m, std::map<std::string, double>& out) {
       sum += v;
       mx = std::max(mx, static_cast<double>(v));
     }
-    const double imbalance = sum > 0 ? mx / (sum / static_cast<double>(counts.size())) : 0.0;  // max / mean (docs/model.md §5)
+    const double imbalance =
+        sum > 0 ? mx / (sum / static_cast<double>(counts.size())) : 0.0;  // max / mean (docs/model.md §5)
     out[fmt::format("imbalance_l{}", l)] = imbalance;
     worst = std::max(worst, imbalance);
     const Tensor bias = m.params().get(fmt::format("layers.{}.ffn.gate.bias", l));
@@ -74,7 +75,8 @@ void routing_stats(const Model& m, std::map<std::string, double>& out) {
 std::string copy_tokenizer_into(const std::string& src, const std::string& dst_dir_file) {
   // Only the regular file that was loaded (a bounded read), never whatever the path names now.
   const std::string text = io::read_small_file(src, io::kMaxTokenizerBytes, "tokenizer file");
-  if (const io::Failure failed = io::write_file_synced(dst_dir_file, [&](int fd) { return io::write_all(fd, text.data(), text.size()); }))
+  if (const io::Failure failed =
+          io::write_file_synced(dst_dir_file, [&](int fd) { return io::write_all(fd, text.data(), text.size()); }))
     DIFFMOE_FAIL("{}: {} failed ({})", dst_dir_file, failed.step, std::strerror(failed.err));
   return dst_dir_file;
 }
@@ -92,7 +94,10 @@ class TrainRun {
     start();
     loop();
     if (metrics_) metrics_->close();  // flush errors surface here, as errors, not in a destructor
-    return TrainResult{.steps = step_, .last_loss = last_loss_, .val_loss = val_loss_, .last_checkpoint = last_ckpt_,
+    return TrainResult{.steps = step_,
+                       .last_loss = last_loss_,
+                       .val_loss = val_loss_,
+                       .last_checkpoint = last_ckpt_,
                        .stop_signal = stopped_by_};
   }
 
@@ -119,11 +124,13 @@ class TrainRun {
     rank_ = dist_->rank();
     world_ = dist_->world_size();
     const int64_t ep = rc_.parallel.expert;
-    DIFFMOE_CHECK(world_ % ep == 0, "parallel.expert: {} expert-parallel ranks do not divide the {} ranks of this run", ep, world_);
+    DIFFMOE_CHECK(world_ % ep == 0, "parallel.expert: {} expert-parallel ranks do not divide the {} ranks of this run",
+                  ep, world_);
 
     if (lead()) {
       // First: one trainer per directory, and a fresh run never silently replaces an earlier one.
-      run_dirs_ = std::make_unique<RunDirectories>(rc_, !opt_.resume.empty(), opt_.overwrite, [this](const std::string& s) { say(s); });
+      run_dirs_ = std::make_unique<RunDirectories>(rc_, !opt_.resume.empty(), opt_.overwrite,
+                                                   [this](const std::string& s) { say(s); });
       fs::create_directories(ts_.out_dir);
       const std::string config_yaml = to_yaml(rc_.resolved);
       say(fmt::format("diffmoe train: config {} (resolved, with defaults):\n{}", opt_.config_path, config_yaml));
@@ -150,8 +157,11 @@ class TrainRun {
     }
 
     const int64_t B = ts_.micro_batch, T = ts_.seq_len;
-    const ParallelLayoutOptions layout{.ep_size = ep, .ep_rank = grid_->ep_rank(), .dense_dp = world_,
-                                       .expert_dp = grid_->dp_size(), .bucket_elems = rc_.parallel.bucket_size};
+    const ParallelLayoutOptions layout{.ep_size = ep,
+                                       .ep_rank = grid_->ep_rank(),
+                                       .dense_dp = world_,
+                                       .expert_dp = grid_->dp_size(),
+                                       .bucket_elems = rc_.parallel.bucket_size};
     exchange_ = std::make_unique<CommExpertExchange>(grid_->ep());
     model_ = std::make_unique<Model>(rc_.model, *be_, DType::kF32,
                                      ModelOptions{.precision = parse_precision(ts_.precision, "train.precision"),
@@ -161,13 +171,15 @@ class TrainRun {
     model_->set_batch_shape(B, T);
     say(fmt::format("activation arena: {:.1f} MiB (train.recompute: {}, micro-batch {} x {})",
                     static_cast<double>(model_->acts().bytes()) / (1024.0 * 1024.0), ts_.recompute, B, T));
-    optim_ = std::make_unique<AdamW>(*model_, rc_.optim, OptimShard{.dense_rank = rank_, .expert_rank = grid_->dp_rank()});
+    optim_ =
+        std::make_unique<AdamW>(*model_, rc_.optim, OptimShard{.dense_rank = rank_, .expert_rank = grid_->dp_rank()});
     dp_ = std::make_unique<DataParallel>(*model_, *optim_, grid_->world(), grid_->dp());
-    loader_ = std::make_unique<data::TokenLoader>(data::find_shards(shards_, "train"),
-                                                  data::TokenLoaderOptions{.batch = B, .seq = T, .seed = ts_.seed, .shuffle = true});
+    loader_ = std::make_unique<data::TokenLoader>(
+        data::find_shards(shards_, "train"),
+        data::TokenLoaderOptions{.batch = B, .seq = T, .seed = ts_.seed, .shuffle = true});
     DIFFMOE_CHECK(loader_->vocab_size() <= static_cast<uint32_t>(rc_.model.vocab_size),
-                  "{}: shards were made with a {}-token vocabulary but model.vocab_size is {}", shards_, loader_->vocab_size(),
-                  rc_.model.vocab_size);
+                  "{}: shards were made with a {}-token vocabulary but model.vocab_size is {}", shards_,
+                  loader_->vocab_size(), rc_.model.vocab_size);
     // No validation split (prepared with val_fraction 0), or one too short for a batch, means a run
     // without validation; val shards that exist but cannot be read (a FIFO, a bad header, a wrong
     // checksum) are an error like any other input, never a silent "validation: none".
@@ -181,11 +193,12 @@ class TrainRun {
     for (const auto& p : val_shards) val_tokens += data::Shard(p, {.verify_checksum = false}).header().n_tokens;
     const uint64_t val_windows = val_tokens > 0 ? (val_tokens - 1) / static_cast<uint64_t>(T) : 0;
     if (!val_shards.empty() && val_windows < static_cast<uint64_t>(B)) {
-      say(fmt::format("validation: none ({}: {} val tokens, fewer than one batch of {} windows of seq + 1 = {} tokens)", shards_,
-                      val_tokens, B, T + 1));
+      say(fmt::format("validation: none ({}: {} val tokens, fewer than one batch of {} windows of seq + 1 = {} tokens)",
+                      shards_, val_tokens, B, T + 1));
     } else if (!val_shards.empty()) {
-      val_ = std::make_unique<data::TokenLoader>(val_shards, data::TokenLoaderOptions{.batch = B, .seq = T, .seed = ts_.seed,
-                                                                                      .shuffle = false, .max_batches = rc_.eval.batches});
+      val_ = std::make_unique<data::TokenLoader>(
+          val_shards, data::TokenLoaderOptions{
+                          .batch = B, .seq = T, .seed = ts_.seed, .shuffle = false, .max_batches = rc_.eval.batches});
     }
     tb_ = std::make_unique<TokenBuffers>(*be_, B, T);
     flops_per_token_ = count_parameters(rc_.model, T).flops_per_token;
@@ -203,9 +216,10 @@ class TrainRun {
     }
     first_step_ = step_;
     if (lead()) metrics_ = std::make_unique<MetricsLogger>(rc_, step_, ts_.max_steps, /*resumed=*/!opt_.resume.empty());
-    say(fmt::format("training: {} steps of {} tokens ({}x{} x {} micro-batches x {} ranks), {:.2f} MFLOP/token, {} train tokens",
-                    ts_.max_steps, tokens_per_step_, ts_.micro_batch, ts_.seq_len, ts_.grad_accum, world_, flops_per_token_ / 1e6,
-                    loader_->n_tokens()));
+    say(fmt::format(
+        "training: {} steps of {} tokens ({}x{} x {} micro-batches x {} ranks), {:.2f} MFLOP/token, {} train tokens",
+        ts_.max_steps, tokens_per_step_, ts_.micro_batch, ts_.seq_len, ts_.grad_accum, world_, flops_per_token_ / 1e6,
+        loader_->n_tokens()));
   }
 
   // Every rank reads the checkpoint's state shards (whatever layout wrote them) for its own pieces;
@@ -219,7 +233,8 @@ class TrainRun {
     for (const auto& w : warnings) why += "; " + w;
     DIFFMOE_CHECK(info.has_value(), "{}: no valid checkpoint to resume from{}", rc_.checkpoint.dir, why);
     const StateReader reader(info->dir);
-    DIFFMOE_CHECK(reader.has_moments(), "{}: holds model weights but no optimizer state: cannot resume training from it", info->dir);
+    DIFFMOE_CHECK(reader.has_moments(),
+                  "{}: holds model weights but no optimizer state: cannot resume training from it", info->dir);
     if (const auto change = moment_dtype_change(*optim_, reader)) say("resume: " + *change);
     load_state(*optim_, reader, {});
     dp_->gather_weights({});
@@ -232,7 +247,8 @@ class TrainRun {
     }
     optim_->set_steps_taken(step_);
     const auto bad = FiniteCheck(*model_, *optim_).find({});
-    DIFFMOE_CHECK(all_ok(!bad.has_value()), "{}: holds non-finite values: {}; resume from an earlier checkpoint (--resume <dir>)", info->dir,
+    DIFFMOE_CHECK(all_ok(!bad.has_value()),
+                  "{}: holds non-finite values: {}; resume from an earlier checkpoint (--resume <dir>)", info->dir,
                   bad ? bad->describe() : "on another rank (its error says where)");
     last_ckpt_ = info->dir;
     saved_step_ = step_;
@@ -251,14 +267,16 @@ class TrainRun {
     // Never a checkpoint of non-finite state: `latest` stays on the last good one (every rank checks
     // its own part; all must pass).
     const auto bad = finite_->find({});
-    DIFFMOE_CHECK(all_ok(!bad.has_value()), "step {}: {}; no checkpoint written, '{}/latest' not moved. Last good checkpoint: {}", at_step,
+    DIFFMOE_CHECK(all_ok(!bad.has_value()),
+                  "step {}: {}; no checkpoint written, '{}/latest' not moved. Last good checkpoint: {}", at_step,
                   bad ? bad->describe() : "non-finite state on another rank (its error says where)", rc_.checkpoint.dir,
                   last_ckpt_.empty() ? "none written yet" : last_ckpt_);
     const std::string tok_name = "tokenizer" + fs::path(rc_.tokenizer.path).extension().string();
     const std::string my_shard = shard_file_name(rank_, world_);
     const std::string tmp_dir = fmt::format("{}/step_{:09d}.tmp", rc_.checkpoint.dir, at_step);
     if (!lead()) {
-      DIFFMOE_CHECK(all_ok(true), "[checkpoint] step {} not saved: rank 0 could not start it (its error says why)", at_step);
+      DIFFMOE_CHECK(all_ok(true), "[checkpoint] step {} not saved: rank 0 could not start it (its error says why)",
+                    at_step);
       bool ok = true;
       std::string err;
       try {
@@ -268,20 +286,18 @@ class TrainRun {
         ok = false;
         err = e.what();
       }
-      DIFFMOE_CHECK(all_ok(ok), "[checkpoint] step {} not saved: {}", at_step, ok ? "another rank's shard failed" : err);
-      DIFFMOE_CHECK(all_ok(true), "[checkpoint] step {} not saved: rank 0 could not commit it (its error says why)", at_step);
+      DIFFMOE_CHECK(all_ok(ok), "[checkpoint] step {} not saved: {}", at_step,
+                    ok ? "another rank's shard failed" : err);
+      DIFFMOE_CHECK(all_ok(true), "[checkpoint] step {} not saved: rank 0 could not commit it (its error says why)",
+                    at_step);
       last_ckpt_ = fmt::format("{}/step_{:09d}", rc_.checkpoint.dir, at_step);
       saved_step_ = at_step;
       return;
     }
-    nlohmann::ordered_json state = {{"step", at_step},
-                                    {"tokens_seen", tokens_seen_},
-                                    {"loader", loader_->state().to_json()},
-                                    {"seed", ts_.seed},
-                                    {"world_size", world_},
-                                    {"expert_parallel", rc_.parallel.expert},
-                                    {"tokenizer", tok_name},
-                                    {"config", rc_.resolved}};
+    nlohmann::ordered_json state = {
+        {"step", at_step},       {"tokens_seen", tokens_seen_}, {"loader", loader_->state().to_json()},
+        {"seed", ts_.seed},      {"world_size", world_},        {"expert_parallel", rc_.parallel.expert},
+        {"tokenizer", tok_name}, {"config", rc_.resolved}};
     int agreed = 0;  // agreements A, B this rank has taken part in
     std::vector<CheckpointFile> files;
     files.push_back({my_shard, [&](const std::string& p) {
@@ -371,13 +387,15 @@ class TrainRun {
     // sees the same global values, so every rank decides the same.
     if (!std::isfinite(loss) || !std::isfinite(gnorm)) {
       ++bad_steps_;
-      const std::string what = fmt::format("step {}: non-finite {} ({})", step_ + 1, std::isfinite(loss) ? "gradient norm" : "loss",
-                                           std::isfinite(loss) ? gnorm : loss);
+      const std::string what =
+          fmt::format("step {}: non-finite {} ({})", step_ + 1, std::isfinite(loss) ? "gradient norm" : "loss",
+                      std::isfinite(loss) ? gnorm : loss);
       DIFFMOE_CHECK(bad_steps_ < ts_.max_bad_steps,
                     "{}; stopping without applying it ({} consecutive non-finite step(s), train.max_bad_steps = {}). "
                     "Last good checkpoint: {}",
                     what, bad_steps_, ts_.max_bad_steps, last_ckpt_.empty() ? "none written yet" : last_ckpt_);
-      message(fmt::format("warning: {}; update skipped ({} of train.max_bad_steps = {})", what, bad_steps_, ts_.max_bad_steps));
+      message(fmt::format("warning: {}; update skipped ({} of train.max_bad_steps = {})", what, bad_steps_,
+                          ts_.max_bad_steps));
       return false;
     }
     bad_steps_ = 0;
@@ -395,11 +413,13 @@ class TrainRun {
     finite_ = std::make_unique<FiniteCheck>(*model_, *optim_);
     const StopSignalHandlers stop_handlers;  // from here on a signal stops the run with a checkpoint
     while (step_ < ts_.max_steps) {
-      if (stop_agreed()) {  // between steps: the last one is complete
+      if (stop_agreed()) {                                           // between steps: the last one is complete
         stopped_by_ = stop_signal() != 0 ? stop_signal() : SIGTERM;  // a rank without the signal stops with the others
-        if (saved_step_ != step_ && step_ > 0 && bad_steps_ == 0) save(step_);  // after a bad step: the last good checkpoint stays
+        if (saved_step_ != step_ && step_ > 0 && bad_steps_ == 0)
+          save(step_);  // after a bad step: the last good checkpoint stays
         message(fmt::format("stopped by {} at step {} of {}; checkpoint: {}; continue with --resume (exit code {})",
-                            stop_signal_name(stopped_by_), step_, ts_.max_steps, last_ckpt_.empty() ? "none" : last_ckpt_, kExitStopped));
+                            stop_signal_name(stopped_by_), step_, ts_.max_steps,
+                            last_ckpt_.empty() ? "none" : last_ckpt_, kExitStopped));
         break;
       }
       const auto t0 = std::chrono::steady_clock::now();
@@ -417,15 +437,16 @@ class TrainRun {
       if (step_ % ts_.log_every == 0 || step_ == ts_.max_steps) {
         const double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - window_t0).count();
         const double tps = static_cast<double>(window_steps * tokens_per_step_) / dt;
-        std::map<std::string, double> v = {{"loss", window_loss / static_cast<double>(window_steps)},
-                                           {"aux_loss", window_aux / static_cast<double>(window_steps)},
-                                           {"lr", lr_},
-                                           {"grad_norm", gnorm},
-                                           {"tokens_per_s", tps},
-                                           {"step_time_s", dt / static_cast<double>(window_steps)},
-                                           // per GPU: tokens/s of the world over world GPUs' peak
-                                           {"mfu_pct", 100.0 * tps * flops_per_token_ / (ts_.peak_tflops * 1e12 * world_)},
-                                           {"tokens_seen", static_cast<double>(tokens_seen_)}};
+        std::map<std::string, double> v = {
+            {"loss", window_loss / static_cast<double>(window_steps)},
+            {"aux_loss", window_aux / static_cast<double>(window_steps)},
+            {"lr", lr_},
+            {"grad_norm", gnorm},
+            {"tokens_per_s", tps},
+            {"step_time_s", dt / static_cast<double>(window_steps)},
+            // per GPU: tokens/s of the world over world GPUs' peak
+            {"mfu_pct", 100.0 * tps * flops_per_token_ / (ts_.peak_tflops * 1e12 * world_)},
+            {"tokens_seen", static_cast<double>(tokens_seen_)}};
         if (lead()) {
           routing_stats(*model_, v);
           metrics_->log(step_, "train", v);
@@ -441,10 +462,10 @@ class TrainRun {
         ++bad_steps_;
         const std::string what = fmt::format("step {}: non-finite validation loss ({})", step_, val_loss_);
         DIFFMOE_CHECK(bad_steps_ < ts_.max_bad_steps && step_ < ts_.max_steps,
-                      "{}; stopping ({} consecutive bad step(s), train.max_bad_steps = {}). Last good checkpoint: {}", what, bad_steps_,
-                      ts_.max_bad_steps, last_ckpt_.empty() ? "none written yet" : last_ckpt_);
-        message(fmt::format("warning: {}; no checkpoint of this step ({} of train.max_bad_steps = {})", what, bad_steps_,
-                            ts_.max_bad_steps));
+                      "{}; stopping ({} consecutive bad step(s), train.max_bad_steps = {}). Last good checkpoint: {}",
+                      what, bad_steps_, ts_.max_bad_steps, last_ckpt_.empty() ? "none written yet" : last_ckpt_);
+        message(fmt::format("warning: {}; no checkpoint of this step ({} of train.max_bad_steps = {})", what,
+                            bad_steps_, ts_.max_bad_steps));
         if (metrics_) metrics_->flush();
         continue;
       }
@@ -452,8 +473,8 @@ class TrainRun {
       if (metrics_) metrics_->flush();
       if (ts_.stop_after > 0 && step_ - first_step_ >= ts_.stop_after && step_ < ts_.max_steps) {
         // As if interrupted here: no extra checkpoint, nothing else written (train.stop_after).
-        message(fmt::format("stopping after {} steps of this run (train.stop_after) at step {} of {}", ts_.stop_after, step_,
-                            ts_.max_steps));
+        message(fmt::format("stopping after {} steps of this run (train.stop_after) at step {} of {}", ts_.stop_after,
+                            step_, ts_.max_steps));
         break;
       }
     }

@@ -11,20 +11,20 @@
 namespace diffmoe {
 
 struct TrainOptions {
-  std::string resume;        // "" = fresh run; "latest" = newest valid checkpoint; or a directory
-  std::string config_path;   // for the log only
-  bool overwrite = false;    // a fresh run over an earlier run's checkpoints and logs deletes them (run_dir.h)
+  std::string resume;       // "" = fresh run; "latest" = newest valid checkpoint; or a directory
+  std::string config_path;  // for the log only
+  bool overwrite = false;   // a fresh run over an earlier run's checkpoints and logs deletes them (run_dir.h)
   // The process's distributed context (the launch and the CPU world; dist/dist_context.h); null =
   // one process.
   dist::DistContext* dist = nullptr;
 };
 
 struct TrainResult {
-  int64_t steps = 0;         // optimizer steps taken in total (including resumed ones)
-  double last_loss = 0;      // mean LM loss of the last step
-  double val_loss = 0;       // last validation loss (NaN when none)
+  int64_t steps = 0;     // optimizer steps taken in total (including resumed ones)
+  double last_loss = 0;  // mean LM loss of the last step
+  double val_loss = 0;   // last validation loss (NaN when none)
   std::string last_checkpoint;
-  int stop_signal = 0;       // the signal that stopped the run after its checkpoint (stop_signal.h); 0 = not stopped
+  int stop_signal = 0;  // the signal that stopped the run after its checkpoint (stop_signal.h); 0 = not stopped
 };
 
 // Runs training to rc.train.max_steps (or for rc.train.stop_after steps of this invocation). A

@@ -72,27 +72,27 @@ TEST(DType, E4M3RoundsToNearestEvenBetweenAllCodes) {
 }
 
 TEST(DType, E4M3Overflow) {
-  EXPECT_EQ(f32_to_e4m3(1000.0f), 0x7e);         // saturate
+  EXPECT_EQ(f32_to_e4m3(1000.0f), 0x7e);  // saturate
   EXPECT_EQ(f32_to_e4m3(-1000.0f), 0xfe);
   EXPECT_EQ(f32_to_e4m3(463.0f), 0x7e);          // below the 448/480 midpoint: 448
   EXPECT_EQ(f32_to_e4m3(1000.0f, false), 0x7f);  // plain cast: NaN
   EXPECT_EQ(f32_to_e4m3(std::numeric_limits<float>::infinity(), false), 0x7f);
-  EXPECT_EQ(f32_to_e4m3(1e-10f), 0x00);          // underflow to zero
-  EXPECT_EQ(f32_to_e4m3(-1e-10f), 0x80);         // keeps the sign
+  EXPECT_EQ(f32_to_e4m3(1e-10f), 0x00);   // underflow to zero
+  EXPECT_EQ(f32_to_e4m3(-1e-10f), 0x80);  // keeps the sign
 }
 
 // The FP8 tile scale (docs/model.md §7): max(amax, 1e-4)/448 in f32, or with ue8m0 the next power of two up.
 TEST(DType, E4M3TileScale) {
   EXPECT_EQ(e4m3_scale(448.0f, false), 1.0f);
-  EXPECT_EQ(e4m3_scale(3.0f, false), 3.0f / 448.0f);       // one f32 division
-  EXPECT_EQ(e4m3_scale(2e-5f, false), 1e-4f / 448.0f);     // the amax floor
+  EXPECT_EQ(e4m3_scale(3.0f, false), 3.0f / 448.0f);    // one f32 division
+  EXPECT_EQ(e4m3_scale(2e-5f, false), 1e-4f / 448.0f);  // the amax floor
   EXPECT_EQ(e4m3_scale(0.0f, false), 1e-4f / 448.0f);
   EXPECT_EQ(e4m3_scale(std::nanf(""), false), 1e-4f / 448.0f);  // fmax: a NaN amax is the floor
   // docs/derivations.md §6.5's checked values: amax 0.3 -> 6.696e-4 -> 2^-10; amax 500 -> 1.116 -> 2.
   EXPECT_NEAR(e4m3_scale(0.3f, false), 6.696e-4, 1e-7);
   EXPECT_EQ(e4m3_scale(0.3f, true), std::ldexp(1.0f, -10));
   EXPECT_EQ(e4m3_scale(500.0f, true), 2.0f);
-  EXPECT_EQ(e4m3_scale(448.0f, true), 1.0f);               // already a power of two: kept
+  EXPECT_EQ(e4m3_scale(448.0f, true), 1.0f);  // already a power of two: kept
   EXPECT_EQ(e4m3_scale(std::nextafter(448.0f, 1e9f), true), 2.0f);
   EXPECT_EQ(e4m3_scale(0.0f, true), std::ldexp(1.0f, -22));  // 1e-4/448 = 2.23e-7 in (2^-23, 2^-22]
   EXPECT_EQ(e4m3_scale(std::numeric_limits<float>::infinity(), true), std::numeric_limits<float>::infinity());

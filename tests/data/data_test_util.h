@@ -85,9 +85,9 @@ inline std::string zstd(const std::string& data) {
 // Pseudo-English paragraphs (seeded): words from a small list, sentences, blank lines between
 // paragraphs, a few non-ASCII characters.
 inline std::string make_text(uint64_t seed, size_t bytes) {
-  static const char* kWords[] = {"the",  "river", "of",    "light", "ran",   "under", "old",  "stone",
-                                 "and",  "café",  "naïve", "whale", "ship",  "sea",   "said", "Emma",
-                                 "quiet", "north", "abbey", "park",  "—",     "über",  "12",   "years"};
+  static const char* kWords[] = {"the",   "river", "of",    "light", "ran",  "under", "old",  "stone",
+                                 "and",   "café",  "naïve", "whale", "ship", "sea",   "said", "Emma",
+                                 "quiet", "north", "abbey", "park",  "—",    "über",  "12",   "years"};
   std::mt19937_64 rng(seed);
   std::string s;
   while (s.size() < bytes) {
@@ -116,7 +116,8 @@ inline fs::path make_tokenizer(const fs::path& dir, std::vector<std::string> spe
 }
 
 // Runs f, which must throw diffmoe::Error; returns the message ("" and a test failure otherwise).
-template <class F> std::string error_of(F&& f) {
+template <class F>
+std::string error_of(F&& f) {
   try {
     f();
   } catch (const Error& e) {

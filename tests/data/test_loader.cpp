@@ -114,7 +114,8 @@ TEST(TokenLoader, EveryEpochIsAPermutationOfAllWindows) {
   const auto windows = windows_of(take(loader, n_batches));
   std::vector<std::vector<uint64_t>> epochs;
   for (size_t e = 0; e < 3; ++e) {
-    std::vector<uint64_t> v(windows.begin() + static_cast<long>(e * w), windows.begin() + static_cast<long>((e + 1) * w));
+    std::vector<uint64_t> v(windows.begin() + static_cast<long>(e * w),
+                            windows.begin() + static_cast<long>((e + 1) * w));
     epochs.push_back(v);
     std::sort(v.begin(), v.end());
     std::vector<uint64_t> all(w);
@@ -231,8 +232,9 @@ TEST(TokenLoader, TensorInterfaceChecksShapes) {
   std::vector<int32_t> small(5);
   EXPECT_THROW(loader.next(small, y), Error);
   TempDir tiny;
-  EXPECT_NE(error_of([&] { TokenLoader(counting_shards(tiny, 10), {.batch = 1, .seq = kT}); }).find("fewer than one window"),
-            std::string::npos);
+  EXPECT_NE(
+      error_of([&] { TokenLoader(counting_shards(tiny, 10), {.batch = 1, .seq = kT}); }).find("fewer than one window"),
+      std::string::npos);
 }
 
 }  // namespace

@@ -47,8 +47,12 @@ class PrepareTest : public ::testing::Test {
   }
 
   PrepareOptions options(const std::string& out, int threads = 2) const {
-    return {.inputs = (dir_ / "in").string(), .tokenizer = tokenizer_path_, .out_dir = dir_ / out,
-            .shard_tokens = 20000, .threads = threads, .batch_bytes = 4096};  // ~70 work items
+    return {.inputs = (dir_ / "in").string(),
+            .tokenizer = tokenizer_path_,
+            .out_dir = dir_ / out,
+            .shard_tokens = 20000,
+            .threads = threads,
+            .batch_bytes = 4096};  // ~70 work items
   }
 
   // All tokens of a split, shards concatenated.
@@ -62,7 +66,8 @@ class PrepareTest : public ::testing::Test {
   }
 
   // The expected token stream: encode(doc) + EOS for every document with keep(index).
-  template <class Keep> std::vector<int32_t> expected_stream(Keep keep) const {
+  template <class Keep>
+  std::vector<int32_t> expected_stream(Keep keep) const {
     std::vector<int32_t> out;
     for (size_t i = 0; i < docs_.size(); ++i) {
       if (!keep(i)) continue;

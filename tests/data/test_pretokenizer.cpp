@@ -89,11 +89,14 @@ TEST(Utf8, SequenceLengthFollowsRfc3629) {
 }
 
 TEST(Utf8, RunsCoverTextExactly) {
-  const std::string text = "ab\xff\xfe" "c\xc3\xa9\xe4\xb8" "d\x80";
+  const std::string text =
+      "ab\xff\xfe"
+      "c\xc3\xa9\xe4\xb8"
+      "d\x80";
   std::vector<std::pair<std::string, bool>> runs;
   for_each_utf8_run(text, [&](std::string_view r, bool valid) { runs.emplace_back(std::string(r), valid); });
-  const std::vector<std::pair<std::string, bool>> want = {
-      {"ab", true}, {"\xff\xfe", false}, {"c\xc3\xa9", true}, {"\xe4\xb8", false}, {"d", true}, {"\x80", false}};
+  const std::vector<std::pair<std::string, bool>> want = {{"ab", true},        {"\xff\xfe", false}, {"c\xc3\xa9", true},
+                                                          {"\xe4\xb8", false}, {"d", true},         {"\x80", false}};
   EXPECT_EQ(runs, want);
 }
 

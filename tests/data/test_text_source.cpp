@@ -45,7 +45,8 @@ TEST(ExpandInputs, DirectoriesGlobsFilesInOrder) {
   // a file named twice appears once, at its first place.
   const std::string spec = fmt::format("{} , {},{}/g/*.txt,{}", (d / "solo.dat").string(), (d / "g/2.txt").string(),
                                        d.path().string(), (d / "a/b.txt").string());
-  EXPECT_EQ(rel(expand_inputs(spec), d.path()), (std::vector<std::string>{"solo.dat", "g/2.txt", "g/1.txt", "a/b.txt"}));
+  EXPECT_EQ(rel(expand_inputs(spec), d.path()),
+            (std::vector<std::string>{"solo.dat", "g/2.txt", "g/1.txt", "a/b.txt"}));
   // A glob matching a directory walks it.
   EXPECT_EQ(rel(expand_inputs((d / "?").string()), d.path()),
             (std::vector<std::string>{"a/b.txt", "a/sub/c.jsonl", "a/sub/d.txt.gz", "a/sub/e.jsonl.zst", "a/z.txt",

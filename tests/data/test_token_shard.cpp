@@ -84,7 +84,8 @@ TEST(TokenShard, WriterRejectsOutOfRangeIdsAndCleansUp) {
 }
 
 // Writes a valid shard, applies `damage` to its bytes, and returns the error from opening it.
-template <class F> std::string open_damaged(const TempDir& d, F damage, ShardOpenOptions options = {}) {
+template <class F>
+std::string open_damaged(const TempDir& d, F damage, ShardOpenOptions options = {}) {
   const fs::path path = d / "train_0003.bin";
   std::string bytes = test::read_file(write_shard(path, random_ids(3, 1000, 4096), 4096));
   damage(bytes);
@@ -147,8 +148,9 @@ TEST(TokenShardErrors, ChecksumMismatch) {
 
 TEST(TokenShardErrors, OtherFields) {
   TempDir d;
-  EXPECT_NE(open_damaged(d, [](std::string& b) { put_u32(b, 36, 4096); }).find("eos_id: 4096 is not below vocab_size 4096"),
-            std::string::npos);
+  EXPECT_NE(
+      open_damaged(d, [](std::string& b) { put_u32(b, 36, 4096); }).find("eos_id: 4096 is not below vocab_size 4096"),
+      std::string::npos);
   EXPECT_NE(open_damaged(d, [](std::string& b) { b[50] = 7; }).find("reserved: byte 50 is 7"), std::string::npos);
   EXPECT_NE(open_damaged(d, [](std::string& b) { put_u32(b, 32, 0); }).find("vocab_size: 0"), std::string::npos);
   // A huge n_tokens must not overflow the size arithmetic.
@@ -156,7 +158,8 @@ TEST(TokenShardErrors, OtherFields) {
     const uint64_t n = ~uint64_t{0} / 2;
     std::memcpy(b.data() + 16, &n, 8);
   });
-  EXPECT_NE(msg.find("n_tokens says 9223372036854775807 tokens but the file holds 1000 (truncated?)"), std::string::npos)
+  EXPECT_NE(msg.find("n_tokens says 9223372036854775807 tokens but the file holds 1000 (truncated?)"),
+            std::string::npos)
       << msg;
 }
 

@@ -68,10 +68,11 @@ TEST_F(LoadTokenizer, TinyHfLoadsAndEncodes) {
 
 TEST_F(LoadTokenizer, HfAddPrefixSpaceAndIsolatedSplit) {
   auto j = tiny_hf();
-  j["pre_tokenizer"] = {{"type", "Sequence"},
-                        {"pretokenizers",
-                         {{{"type", "Split"}, {"pattern", {{"String", "c"}}}, {"behavior", "Isolated"}, {"invert", false}},
-                          {{"type", "ByteLevel"}, {"add_prefix_space", true}, {"use_regex", false}}}}};
+  j["pre_tokenizer"] = {
+      {"type", "Sequence"},
+      {"pretokenizers",
+       {{{"type", "Split"}, {"pattern", {{"String", "c"}}}, {"behavior", "Isolated"}, {"invert", false}},
+        {{"type", "ByteLevel"}, {"add_prefix_space", true}, {"use_regex", false}}}}};
   const auto tok = load_hf_tokenizer_from_string(j.dump(), "inline");
   // "abcab" -> Split(Isolated "c") -> "ab","c","ab" -> prefix space each -> " ab"," c"," ab".
   EXPECT_EQ(tok->encode("abcab"), (std::vector<int32_t>{' ', 256, ' ', 'c', ' ', 256}));
@@ -139,7 +140,8 @@ TEST_F(LoadTokenizer, UnsupportedHfFieldsAreNamed) {
       {"model.byte_fallback", {{"model", {{"byte_fallback", true}}}}},
       {"model.dropout", {{"model", {{"dropout", 0.1}}}}},
       {"pre_tokenizer", {{"pre_tokenizer", {{"type", "Metaspace"}}}}},
-      {"pre_tokenizer.behavior", {{"pre_tokenizer", {{"type", "Split"}, {"pattern", {{"Regex", "a"}}}, {"behavior", "MergedWithNext"}}}}},
+      {"pre_tokenizer.behavior",
+       {{"pre_tokenizer", {{"type", "Split"}, {"pattern", {{"Regex", "a"}}}, {"behavior", "MergedWithNext"}}}}},
       {"decoder", {{"decoder", {{"type", "WordPiece"}}}}},
   };
   for (const Bad& b : bad) {

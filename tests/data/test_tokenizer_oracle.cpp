@@ -29,9 +29,9 @@ const nlohmann::json& oracle() {
 }
 
 struct Case {
-  std::string file;    // under the vocab dir
-  std::string plain;   // oracle key for encode()
-  std::string special; // oracle key for encode_with_special()
+  std::string file;     // under the vocab dir
+  std::string plain;    // oracle key for encode()
+  std::string special;  // oracle key for encode_with_special()
 };
 
 void PrintTo(const Case& c, std::ostream* os) { *os << c.file; }
@@ -111,8 +111,7 @@ TEST_P(Oracle, ConcurrentEncodeIsConsistent) {
   const auto want = tok_->encode(text);
   std::vector<std::thread> threads;
   std::vector<int> same(3, 0);
-  for (int t = 0; t < 3; ++t)
-    threads.emplace_back([&, t] { same[t] = tok_->encode(text) == want ? 1 : 0; });
+  for (int t = 0; t < 3; ++t) threads.emplace_back([&, t] { same[t] = tok_->encode(text) == want ? 1 : 0; });
   for (auto& th : threads) th.join();
   EXPECT_EQ(same, std::vector<int>(3, 1));
 }

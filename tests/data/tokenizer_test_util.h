@@ -48,8 +48,9 @@ inline const data::Tokenizer* cached_vocab_tokenizer(const std::string& rel) {
 // Random bytes of length n: mostly arbitrary bytes (invalid UTF-8 almost surely), mixed with
 // ASCII words, valid multi-byte characters and long runs (the heap path of bpe.h).
 inline std::string random_bytes(std::mt19937_64& rng, size_t n) {
-  static const char* kFragments[] = {"the ", " and", "\xc3\xa9", "\xe4\xb8\xad", "\xf0\x9f\x98\x80", "\r\n", "  ",
-                                     "'s", "123", "<|endoftext|>", "\xc2\xa0", "\xed\xa0\x80", "\xc0\xaf", "\xf4\x90\x80\x80"};
+  static const char* kFragments[] = {
+      "the ", " and", "\xc3\xa9",      "\xe4\xb8\xad", "\xf0\x9f\x98\x80", "\r\n",     "  ",
+      "'s",   "123",  "<|endoftext|>", "\xc2\xa0",     "\xed\xa0\x80",     "\xc0\xaf", "\xf4\x90\x80\x80"};
   std::string s;
   while (s.size() < n) {
     const uint64_t r = rng();

@@ -85,8 +85,8 @@ int run(int argc, char** argv) {
   AdamW ref_opt(ref, oc);
 
   // This rank's part of the distributed run. Small buckets: several per group, several chunks.
-  const ParallelLayoutOptions lay{.ep_size = ep, .ep_rank = grid.ep_rank(), .dense_dp = world, .expert_dp = grid.dp_size(),
-                                  .bucket_elems = 97};
+  const ParallelLayoutOptions lay{
+      .ep_size = ep, .ep_rank = grid.ep_rank(), .dense_dp = world, .expert_dp = grid.dp_size(), .bucket_elems = 97};
   Model m(cfg, be, DType::kF64, ModelOptions{.parallel = lay, .expert_exchange = &exchange});
   m.set_batch_shape(B, T);
   m.init_weights(7);
@@ -126,7 +126,8 @@ int run(int argc, char** argv) {
     opt.apply({}, kLr);
     dp.gather_weights({});
     c.expect(rel(loss, ref_loss) <= kTol, fmt::format("step {}: loss {:.17g} vs one rank {:.17g}", s, loss, ref_loss));
-    c.expect(rel(norm, ref_norm) <= kTol, fmt::format("step {}: gradient norm {:.17g} vs one rank {:.17g}", s, norm, ref_norm));
+    c.expect(rel(norm, ref_norm) <= kTol,
+             fmt::format("step {}: gradient norm {:.17g} vs one rank {:.17g}", s, norm, ref_norm));
   }
   // Every element this rank holds, against the reference's same global elements.
   for (const ParamLayout::Entry& e : m.layout().entries()) {
@@ -141,8 +142,10 @@ int run(int argc, char** argv) {
     c.expect(err <= kTol, fmt::format("{}: weights differ by {:.3g} relative after {} steps", e.spec.name, err, steps));
   }
   for (const ParamLayout::Entry& e : m.layout().buffers())
-    c.expect(host(m.params().get(e.spec.name)) == host(ref.params().get(e.spec.name)), e.spec.name + ": balancing bias differs");
-  std::printf("rank %d of %d (%s): %d checks passed\n", rank, world, std::string(dist->cpu_world().kind()).c_str(), c.passed);
+    c.expect(host(m.params().get(e.spec.name)) == host(ref.params().get(e.spec.name)),
+             e.spec.name + ": balancing bias differs");
+  std::printf("rank %d of %d (%s): %d checks passed\n", rank, world, std::string(dist->cpu_world().kind()).c_str(),
+              c.passed);
   if (oc.moment_dtype != "f32") std::printf("rank %d: moments in %s\n", rank, dtype_name(opt.moment_dtype()).data());
   std::fflush(stdout);
   dist->cpu_world().barrier({})->wait({});

@@ -87,8 +87,10 @@ std::vector<Citation> find_citations(const std::string& text) {
   const std::string id = "[0-9]+[a-z]?(?:\\.[0-9]+)*";
   const std::string item = "(?:" + kSection + " ?" + id + "|App\\. ?[A-Z]|Appendix [A-Z])";
   // A document name at a word start, then one item.
-  static const std::regex kFirst("(?:^|[^A-Za-z0-9_.-])((?:docs/)?(?:model|derivations|formats|sources)\\.md|"
-                                 "[Dd]erivations|[Ss]pec|[Ss]ources):? ?(" + item + ")");
+  static const std::regex kFirst(
+      "(?:^|[^A-Za-z0-9_.-])((?:docs/)?(?:model|derivations|formats|sources)\\.md|"
+      "[Dd]erivations|[Ss]pec|[Ss]ources):? ?(" +
+      item + ")");
   // Further items of the same list: ", §x", "; §x", "/§x", " and §x", or a range "-x" / "–§x".
   static const std::regex kMore("^(?:\\s*(?:,|;|/|&|and|or)\\s*(" + item + ")|\\s*(?:-|\xE2\x80\x93)\\s*(" + item +
                                 "|" + id + "))");
@@ -106,10 +108,10 @@ std::vector<Citation> find_citations(const std::string& text) {
       std::smatch more;
       while (std::regex_search(rest_begin, line.cend(), more, kMore)) {
         const std::string next = more[1].matched ? more[1].str() : more[2].str();
-        out.push_back({doc, next.find(kSection) != std::string::npos || next.find("App") != std::string::npos
-                                ? item_id(next)
-                                : next,
-                       line_no});
+        out.push_back(
+            {doc,
+             next.find(kSection) != std::string::npos || next.find("App") != std::string::npos ? item_id(next) : next,
+             line_no});
         rest_begin = more[0].second;
       }
     }
@@ -158,39 +160,50 @@ TEST(DocsRefs, HeadingsGiveSectionIds) {
 
 TEST(DocsRefs, FindsEveryFormOfCitation) {
   const std::string s = kSection;
-  const std::string text = "// spec " + s + "5 and Spec " + s + "6's rule\n"
-                           "x  // sources " + s + "1.3-1.4, " + s + "2.5/" + s + "3.2 and sources App. A\n"
-                           "(model.md " + s + "1-" + s + "9, sources.md " + s + "4.6, Appendix B)\n"
-                           "docs/derivations.md " + s + "4.4; docs/formats.md " + s + "1c. formats.md " + s +
+  const std::string text = "// spec " + s + "5 and Spec " + s +
+                           "6's rule\n"
+                           "x  // sources " +
+                           s + "1.3-1.4, " + s + "2.5/" + s +
+                           "3.2 and sources App. A\n"
+                           "(model.md " +
+                           s + "1-" + s + "9, sources.md " + s +
+                           "4.6, Appendix B)\n"
+                           "docs/derivations.md " +
+                           s + "4.4; docs/formats.md " + s + "1c. formats.md " + s +
                            "4.6\n"
-                           "no citation: respec " + s + "3, a bare " + s + "7, shared/spec/model.md\n";
+                           "no citation: respec " +
+                           s + "3, a bare " + s + "7, shared/spec/model.md\n";
   std::vector<std::string> got;
   for (const Citation& c : find_citations(text))
     got.push_back(doc_file(c.doc) + " " + c.id + " @" + std::to_string(c.line));
   const std::vector<std::string> want = {
-      "model.md 5 @1",           "model.md 6 @1",           "derivations.md 1.3 @2",  "derivations.md 1.4 @2",
-      "derivations.md 2.5 @2",   "derivations.md 3.2 @2",   "derivations.md App. A @2", "model.md 1 @3",
-      "model.md 9 @3",           "derivations.md 4.6 @3",   "derivations.md App. B @3", "derivations.md 4.4 @4",
-      "formats.md 1c @4",        "formats.md 4.6 @4"};
+      "model.md 5 @1",         "model.md 6 @1",         "derivations.md 1.3 @2",    "derivations.md 1.4 @2",
+      "derivations.md 2.5 @2", "derivations.md 3.2 @2", "derivations.md App. A @2", "model.md 1 @3",
+      "model.md 9 @3",         "derivations.md 4.6 @3", "derivations.md App. B @3", "derivations.md 4.4 @4",
+      "formats.md 1c @4",      "formats.md 4.6 @4"};
   EXPECT_EQ(got, want);
 }
 
 // The negative test: a citation of a missing section fails, naming file and line.
 TEST(DocsRefs, ReportsMissingSectionsWithFileAndLine) {
-  const Sections sections = {{Doc::kModel, {"1", "5"}},
-                             {Doc::kDerivations, {"1.4", "App. A"}},
-                             {Doc::kFormats, {"1b"}}};
+  const Sections sections = {
+      {Doc::kModel, {"1", "5"}}, {Doc::kDerivations, {"1.4", "App. A"}}, {Doc::kFormats, {"1b"}}};
   const std::string s = kSection;
   const std::string app_c = std::string("App") + ". C";  // split so that this file does not cite it
-  const std::string text = "ok: spec " + s + "5, sources " + s + "1.4, sources App. A, formats.md " + s + "1b\n"
-                           "bad: docs/model.md " + s + "13\n"
-                           "bad: sources " + s + "1.4-1.9 and sources " + app_c + "\n"
-                           "bad: formats.md " + s + "2.1\n";
-  const std::vector<std::string> want = {
-      "f.cpp:2: cites docs/model.md " + s + "13, which has no such section",
-      "f.cpp:3: cites docs/derivations.md " + s + "1.9, which has no such section",
-      "f.cpp:3: cites docs/derivations.md " + app_c + ", which has no such section",
-      "f.cpp:4: cites docs/formats.md " + s + "2.1, which has no such section"};
+  const std::string text = "ok: spec " + s + "5, sources " + s + "1.4, sources App. A, formats.md " + s +
+                           "1b\n"
+                           "bad: docs/model.md " +
+                           s +
+                           "13\n"
+                           "bad: sources " +
+                           s + "1.4-1.9 and sources " + app_c +
+                           "\n"
+                           "bad: formats.md " +
+                           s + "2.1\n";
+  const std::vector<std::string> want = {"f.cpp:2: cites docs/model.md " + s + "13, which has no such section",
+                                         "f.cpp:3: cites docs/derivations.md " + s + "1.9, which has no such section",
+                                         "f.cpp:3: cites docs/derivations.md " + app_c + ", which has no such section",
+                                         "f.cpp:4: cites docs/formats.md " + s + "2.1, which has no such section"};
   EXPECT_EQ(bad_citations("f.cpp", text, sections), want);
 }
 

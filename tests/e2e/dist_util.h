@@ -62,9 +62,12 @@ inline std::vector<Child> spawn_torchrun(int np, const std::vector<std::string>&
     RunOptions o;
     o.cwd = cwd;
     o.env = dist_env(dist_timeout_s);
-    for (const auto& [k, v] : std::vector<std::pair<std::string, std::string>>{
-             {"RANK", std::to_string(r)}, {"WORLD_SIZE", std::to_string(np)}, {"LOCAL_RANK", std::to_string(r)},
-             {"LOCAL_WORLD_SIZE", std::to_string(np)}, {"MASTER_ADDR", "127.0.0.1"}, {"MASTER_PORT", std::to_string(port)}})
+    for (const auto& [k, v] : std::vector<std::pair<std::string, std::string>>{{"RANK", std::to_string(r)},
+                                                                               {"WORLD_SIZE", std::to_string(np)},
+                                                                               {"LOCAL_RANK", std::to_string(r)},
+                                                                               {"LOCAL_WORLD_SIZE", std::to_string(np)},
+                                                                               {"MASTER_ADDR", "127.0.0.1"},
+                                                                               {"MASTER_PORT", std::to_string(port)}})
       o.env.emplace_back(k, v);
     ranks.push_back(spawn_diffmoe(args, o));
   }
@@ -150,7 +153,8 @@ inline StateDiff compare_states(const fs::path& a_dir, const fs::path& b_dir) {
   std::vector<double> va, vb;
   for (const ParamSpec& p : parameter_specs(b.config())) {
     using K = StateReader::Kind;
-    const std::vector<K> kinds = p.trainable() ? std::vector<K>{K::kMaster, K::kMoment1, K::kMoment2} : std::vector<K>{K::kBuffer};
+    const std::vector<K> kinds =
+        p.trainable() ? std::vector<K>{K::kMaster, K::kMoment1, K::kMoment2} : std::vector<K>{K::kBuffer};
     const int64_t n = b.numel(p.name);
     va.resize(static_cast<size_t>(n));
     vb.resize(static_cast<size_t>(n));
@@ -165,7 +169,11 @@ inline StateDiff compare_states(const fs::path& a_dir, const fs::path& b_dir) {
       const double e = err2 == 0 ? 0 : std::sqrt(err2 / std::max(ref2, 1e-300));
       if (d.where.empty() || e > d.worst) {
         d.worst = e;
-        d.where = fmt::format("{} ({})", p.name, k == K::kMaster ? "master" : k == K::kMoment1 ? "m" : k == K::kMoment2 ? "v" : "buffer");
+        d.where = fmt::format("{} ({})", p.name,
+                              k == K::kMaster    ? "master"
+                              : k == K::kMoment1 ? "m"
+                              : k == K::kMoment2 ? "v"
+                                                 : "buffer");
       }
     }
   }

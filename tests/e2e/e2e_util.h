@@ -78,12 +78,12 @@ struct RunResult {
 };
 
 struct RunOptions {
-  fs::path cwd;                 // working directory of the child (default: the test's)
-  std::string stdin_text;       // fed on standard input (otherwise /dev/null)
-  rlim_t fsize_limit = 0;       // RLIMIT_FSIZE in bytes for the child (0: unchanged); SIGXFSZ ignored
+  fs::path cwd;                    // working directory of the child (default: the test's)
+  std::string stdin_text;          // fed on standard input (otherwise /dev/null)
+  rlim_t fsize_limit = 0;          // RLIMIT_FSIZE in bytes for the child (0: unchanged); SIGXFSZ ignored
   rlim_t address_space_limit = 0;  // RLIMIT_AS in bytes for the child (0: unchanged): host allocations fail
   int timeout_s = 120;
-  std::vector<std::string> launcher;  // run `launcher... DIFFMOE_BIN args...` (e.g. mpirun -np 2)
+  std::vector<std::string> launcher;                     // run `launcher... DIFFMOE_BIN args...` (e.g. mpirun -np 2)
   std::vector<std::pair<std::string, std::string>> env;  // set in the child's environment
 };
 inline RunOptions with_stdin(std::string text) {
@@ -120,7 +120,8 @@ inline Child spawn_diffmoe(std::vector<std::string> args, const RunOptions& opt 
   c.launcher = opt.launcher;
   c.args = args;
   c.timeout_s = opt.timeout_s;
-  char out_tpl[] = "/tmp/diffmoe-e2e-out-XXXXXX", err_tpl[] = "/tmp/diffmoe-e2e-err-XXXXXX", in_tpl[] = "/tmp/diffmoe-e2e-in-XXXXXX";
+  char out_tpl[] = "/tmp/diffmoe-e2e-out-XXXXXX", err_tpl[] = "/tmp/diffmoe-e2e-err-XXXXXX",
+       in_tpl[] = "/tmp/diffmoe-e2e-in-XXXXXX";
   const int out_fd = ::mkstemp(out_tpl), err_fd = ::mkstemp(err_tpl), in_fd = ::mkstemp(in_tpl);
   c.out_path = out_tpl;
   c.err_path = err_tpl;
@@ -129,8 +130,8 @@ inline Child spawn_diffmoe(std::vector<std::string> args, const RunOptions& opt 
     ADD_FAILURE() << "test harness: mkstemp failed: " << std::strerror(errno);
     return c;
   }
-  if (!opt.stdin_text.empty() && ::write(in_fd, opt.stdin_text.data(), opt.stdin_text.size()) !=
-                                     static_cast<ssize_t>(opt.stdin_text.size()))
+  if (!opt.stdin_text.empty() &&
+      ::write(in_fd, opt.stdin_text.data(), opt.stdin_text.size()) != static_cast<ssize_t>(opt.stdin_text.size()))
     ADD_FAILURE() << "test harness: cannot write stdin file";
   ::lseek(in_fd, 0, SEEK_SET);
 
@@ -145,7 +146,8 @@ inline Child spawn_diffmoe(std::vector<std::string> args, const RunOptions& opt 
   for (char** e = environ; *e != nullptr; ++e) {
     const std::string kv = *e;
     const std::string name = kv.substr(0, kv.find('='));
-    if (std::none_of(opt.env.begin(), opt.env.end(), [&](const auto& p) { return p.first == name; })) env_store.push_back(kv);
+    if (std::none_of(opt.env.begin(), opt.env.end(), [&](const auto& p) { return p.first == name; }))
+      env_store.push_back(kv);
   }
   for (const auto& [k, v] : opt.env) env_store.push_back(k + "=" + v);
   std::vector<char*> envp;
@@ -227,11 +229,11 @@ bool wait_until(Pred ready, double timeout_s = 60) {
 }
 
 // Exit 0, no signal.
-#define E2E_EXPECT_OK(r)                                                 \
-  do {                                                                   \
-    const ::diffmoe::e2e::RunResult& r_ = (r);                           \
-    ASSERT_TRUE(r_.exited) << "crashed\n" << r_.describe();              \
-    ASSERT_EQ(r_.code, 0) << r_.describe();                              \
+#define E2E_EXPECT_OK(r)                                    \
+  do {                                                      \
+    const ::diffmoe::e2e::RunResult& r_ = (r);              \
+    ASSERT_TRUE(r_.exited) << "crashed\n" << r_.describe(); \
+    ASSERT_EQ(r_.code, 0) << r_.describe();                 \
   } while (0)
 
 // The failure contract of the binary: a normal exit (never a signal) with a non-zero status, and on
@@ -253,7 +255,8 @@ inline std::string expect_clean_error(const RunResult& r, const std::vector<std:
   EXPECT_EQ(errors.size(), 1u) << "expected exactly one 'error: ' line\n" << r.describe();
   if (errors.empty()) return "";
   if (std::getenv("DIFFMOE_E2E_VERBOSE")) std::fprintf(stderr, "[e2e] %s\n", errors[0].c_str());
-  for (const auto& n : needles) EXPECT_NE(errors[0].find(n), std::string::npos) << "the error does not name '" << n << "'\n" << r.describe();
+  for (const auto& n : needles)
+    EXPECT_NE(errors[0].find(n), std::string::npos) << "the error does not name '" << n << "'\n" << r.describe();
   return errors[0];
 }
 
@@ -262,13 +265,17 @@ inline std::string expect_clean_error(const RunResult& r, const std::vector<std:
 // Deterministic pseudo-English: sentences of common words, paragraphs separated by blank lines.
 inline std::string pseudo_english(size_t bytes, uint64_t seed = 42) {
   static const char* kWords[] = {
-      "the", "of", "and", "to", "a", "in", "that", "was", "he", "she", "it", "his", "her", "with", "as", "had", "for",
-      "not", "be", "but", "at", "on", "you", "is", "have", "which", "by", "so", "all", "this", "from", "they", "were",
-      "would", "no", "been", "one", "more", "said", "there", "could", "very", "what", "them", "when", "some", "any",
-      "sea", "ship", "whale", "captain", "sister", "house", "letter", "morning", "evening", "garden", "window", "dinner",
-      "walked", "looked", "thought", "replied", "believed", "wondered", "little", "great", "young", "old", "long",
-      "perhaps", "always", "never", "again", "before", "after", "nothing", "everything", "heart", "mind", "family",
-      "friend", "London", "Bath", "Emma", "Elizabeth", "Ahab", "Ishmael", "Fanny", "Catherine", "Mr.", "Mrs.", "Miss"};
+      "the",      "of",       "and",    "to",     "a",         "in",         "that",    "was",     "he",
+      "she",      "it",       "his",    "her",    "with",      "as",         "had",     "for",     "not",
+      "be",       "but",      "at",     "on",     "you",       "is",         "have",    "which",   "by",
+      "so",       "all",      "this",   "from",   "they",      "were",       "would",   "no",      "been",
+      "one",      "more",     "said",   "there",  "could",     "very",       "what",    "them",    "when",
+      "some",     "any",      "sea",    "ship",   "whale",     "captain",    "sister",  "house",   "letter",
+      "morning",  "evening",  "garden", "window", "dinner",    "walked",     "looked",  "thought", "replied",
+      "believed", "wondered", "little", "great",  "young",     "old",        "long",    "perhaps", "always",
+      "never",    "again",    "before", "after",  "nothing",   "everything", "heart",   "mind",    "family",
+      "friend",   "London",   "Bath",   "Emma",   "Elizabeth", "Ahab",       "Ishmael", "Fanny",   "Catherine",
+      "Mr.",      "Mrs.",     "Miss"};
   constexpr size_t kN = sizeof(kWords) / sizeof(kWords[0]);
   uint64_t s = seed * 6364136223846793005ULL + 1442695040888963407ULL;
   auto next = [&](uint64_t n) {
@@ -330,12 +337,24 @@ class Yaml {
 // runs of one test (made by the first), the run itself in `out_dir`.
 inline Yaml micro_config(const fs::path& dir, const fs::path& out_dir) {
   Yaml y;
-  for (const auto& [k, v] : std::vector<std::pair<std::string, std::string>>{
-           {"vocab_size", "300"}, {"dim", "32"}, {"n_layers", "2"}, {"n_dense_layers", "1"}, {"n_heads", "2"},
-           {"q_lora_rank", "16"}, {"kv_lora_rank", "16"}, {"qk_nope_head_dim", "8"}, {"qk_rope_head_dim", "8"},
-           {"v_head_dim", "8"}, {"inter_dim", "64"}, {"moe_inter_dim", "16"}, {"n_routed_experts", "4"},
-           {"n_shared_experts", "1"}, {"n_activated_experts", "2"}, {"n_expert_groups", "2"}, {"n_limited_groups", "1"},
-           {"max_seq_len", "32"}})
+  for (const auto& [k, v] : std::vector<std::pair<std::string, std::string>>{{"vocab_size", "300"},
+                                                                             {"dim", "32"},
+                                                                             {"n_layers", "2"},
+                                                                             {"n_dense_layers", "1"},
+                                                                             {"n_heads", "2"},
+                                                                             {"q_lora_rank", "16"},
+                                                                             {"kv_lora_rank", "16"},
+                                                                             {"qk_nope_head_dim", "8"},
+                                                                             {"qk_rope_head_dim", "8"},
+                                                                             {"v_head_dim", "8"},
+                                                                             {"inter_dim", "64"},
+                                                                             {"moe_inter_dim", "16"},
+                                                                             {"n_routed_experts", "4"},
+                                                                             {"n_shared_experts", "1"},
+                                                                             {"n_activated_experts", "2"},
+                                                                             {"n_expert_groups", "2"},
+                                                                             {"n_limited_groups", "1"},
+                                                                             {"max_seq_len", "32"}})
     y.set("model." + k, v);
   y.set_path("tokenizer.path", dir / "tokenizer.json");
   y.set_path("tokenizer.train_inputs", dir / "corpus.txt");

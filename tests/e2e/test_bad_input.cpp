@@ -154,7 +154,8 @@ TEST_F(E2E, ResumeUnderAnotherModelConfigNamesTheKeys) {
   const fs::path cfg = write_config(y);
   E2E_EXPECT_OK(train(cfg));
   const fs::path step1 = dir_ / "run" / "checkpoints" / "step_000000001";
-  expect_clean_error(train(cfg, {"--resume", "--set", "train.max_steps=2", "--set", "model.n_layers=3", "--set", "model.inter_dim=96"}),
+  expect_clean_error(train(cfg, {"--resume", "--set", "train.max_steps=2", "--set", "model.n_layers=3", "--set",
+                                 "model.inter_dim=96"}),
                      {step1.string(), "model.n_layers 2 vs 3", "model.inter_dim 64 vs 96"});
 }
 
@@ -172,14 +173,16 @@ TEST_F(E2E, TokenizerFileOfTheWrongKind) {
     Yaml y = micro_config(dir_, dir_ / "run");
     y.set_path("tokenizer.path", tok);
     expect_clean_error(train(write_config(y)), {tok.string(), "tokenizer.path"});
-    expect_clean_error(run_diffmoe({"tokenizer", "encode", "--tokenizer", tok.string(), "--text", "hi"}), {tok.string()});
-    expect_clean_error(run_diffmoe({"data", "prepare", "--input", (dir_ / "corpus.txt").string(), "--tokenizer", tok.string(), "--out",
-                                    (dir_ / "shards").string()}),
+    expect_clean_error(run_diffmoe({"tokenizer", "encode", "--tokenizer", tok.string(), "--text", "hi"}),
+                       {tok.string()});
+    expect_clean_error(run_diffmoe({"data", "prepare", "--input", (dir_ / "corpus.txt").string(), "--tokenizer",
+                                    tok.string(), "--out", (dir_ / "shards").string()}),
                        {tok.string()});
   }
   EXPECT_FALSE(fs::exists(dir_ / "run" / "checkpoints"));
   const fs::path missing = dir_ / "missing.json";
-  expect_clean_error(run_diffmoe({"tokenizer", "decode", "--tokenizer", missing.string(), "1", "2"}), {missing.string()});
+  expect_clean_error(run_diffmoe({"tokenizer", "decode", "--tokenizer", missing.string(), "1", "2"}),
+                     {missing.string()});
 }
 
 }  // namespace
@@ -199,7 +202,8 @@ TEST_F(E2E, ShardsOfAnotherTokenizer) {
   z.set("train.max_steps", "1");
   z.set_path("tokenizer.path", dir_ / "other_tokenizer.json");  // trained anew: another vocabulary
   z.set("tokenizer.vocab_size", "280");
-  expect_clean_error(train(write_config(z, "second.yaml")), {shard.string(), "different tokenizer", "other_tokenizer.json"});
+  expect_clean_error(train(write_config(z, "second.yaml")),
+                     {shard.string(), "different tokenizer", "other_tokenizer.json"});
   EXPECT_FALSE(fs::exists(dir_ / "second" / "checkpoints"));
 }
 
@@ -210,8 +214,8 @@ TEST_F(E2E, GenerateWithAPaddedVocabulary) {
   y.set("model.vocab_size", "384");
   E2E_EXPECT_OK(train(write_config(y)));
   for (const char* seed : {"1", "2", "3"}) {
-    const RunResult g = run_diffmoe({"generate", "--checkpoint", (dir_ / "run" / "checkpoints").string(), "--prompt", "The",
-                                     "--temperature", "1", "--max-new-tokens", "30", "--seed", seed});
+    const RunResult g = run_diffmoe({"generate", "--checkpoint", (dir_ / "run" / "checkpoints").string(), "--prompt",
+                                     "The", "--temperature", "1", "--max-new-tokens", "30", "--seed", seed});
     E2E_EXPECT_OK(g);
   }
 }

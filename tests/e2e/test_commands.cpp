@@ -30,7 +30,8 @@ TEST_F(Trained, GeneratePrintsThePromptAndMore) {
   const std::string prompt = "The captain looked";
   for (const fs::path& ck : {ckpt_root_, ckpt_root_ / "step_000000006", ckpt_root_ / "step_000000003"}) {
     SCOPED_TRACE(ck.string());
-    const RunResult r = run_diffmoe({"generate", "--checkpoint", ck.string(), "--prompt", prompt, "--max-new-tokens", "12", "--seed", "7"});
+    const RunResult r = run_diffmoe(
+        {"generate", "--checkpoint", ck.string(), "--prompt", prompt, "--max-new-tokens", "12", "--seed", "7"});
     E2E_EXPECT_OK(r);
     ASSERT_EQ(r.out.rfind(prompt, 0), 0u) << r.out;
     EXPECT_GT(r.out.size(), prompt.size() + 1) << "no text after the prompt: " << r.out;
@@ -38,8 +39,8 @@ TEST_F(Trained, GeneratePrintsThePromptAndMore) {
   }
   // Same seed, same text; greedy decoding works too.
   auto gen = [&](const std::string& seed, const std::string& temp) {
-    return run_diffmoe({"generate", "--checkpoint", ckpt_root_.string(), "--prompt", prompt, "--max-new-tokens", "10", "--seed", seed,
-                        "--temperature", temp});
+    return run_diffmoe({"generate", "--checkpoint", ckpt_root_.string(), "--prompt", prompt, "--max-new-tokens", "10",
+                        "--seed", seed, "--temperature", temp});
   };
   const RunResult a = gen("3", "0.8"), b = gen("3", "0.8"), g = gen("0", "0");
   E2E_EXPECT_OK(a);
@@ -48,18 +49,22 @@ TEST_F(Trained, GeneratePrintsThePromptAndMore) {
   // A bare model file (the checkpoint's model exported) needs --tokenizer; with it, it works, and
   // gives the same text as the checkpoint itself.
   const fs::path model = dir_ / "exported.safetensors";
-  E2E_EXPECT_OK(run_diffmoe({"checkpoint", "export", "--checkpoint", (ckpt_root_ / "step_000000006").string(), "--out", model.string()}));
-  expect_clean_error(run_diffmoe({"generate", "--checkpoint", model.string(), "--prompt", "x"}), {model.string(), "--tokenizer"});
-  const RunResult e = run_diffmoe({"generate", "--checkpoint", model.string(), "--tokenizer", (dir_ / "tokenizer.json").string(),
-                                   "--prompt", prompt, "--max-new-tokens", "10", "--seed", "0", "--temperature", "0"});
+  E2E_EXPECT_OK(run_diffmoe(
+      {"checkpoint", "export", "--checkpoint", (ckpt_root_ / "step_000000006").string(), "--out", model.string()}));
+  expect_clean_error(run_diffmoe({"generate", "--checkpoint", model.string(), "--prompt", "x"}),
+                     {model.string(), "--tokenizer"});
+  const RunResult e =
+      run_diffmoe({"generate", "--checkpoint", model.string(), "--tokenizer", (dir_ / "tokenizer.json").string(),
+                   "--prompt", prompt, "--max-new-tokens", "10", "--seed", "0", "--temperature", "0"});
   E2E_EXPECT_OK(e);
   EXPECT_EQ(e.out, g.out) << "the exported model generates what the checkpoint generates";
-  expect_clean_error(run_diffmoe({"generate", "--checkpoint", (dir_ / "nope").string(), "--prompt", "x"}), {(dir_ / "nope").string()});
+  expect_clean_error(run_diffmoe({"generate", "--checkpoint", (dir_ / "nope").string(), "--prompt", "x"}),
+                     {(dir_ / "nope").string()});
 }
 
 TEST_F(Trained, EvalPrintsAFiniteLoss) {
-  const RunResult r = run_diffmoe({"eval", "--checkpoint", ckpt_root_.string(), "--data", (dir_ / "shards").string(), "--batch", "4",
-                                   "--seq", "32", "--batches", "3"});
+  const RunResult r = run_diffmoe({"eval", "--checkpoint", ckpt_root_.string(), "--data", (dir_ / "shards").string(),
+                                   "--batch", "4", "--seq", "32", "--batches", "3"});
   E2E_EXPECT_OK(r);
   std::smatch m;
   ASSERT_TRUE(std::regex_search(r.out, m, std::regex("loss ([0-9.]+) nats/token +perplexity ([0-9.]+)"))) << r.out;
@@ -68,10 +73,12 @@ TEST_F(Trained, EvalPrintsAFiniteLoss) {
   EXPECT_GT(loss, 0.5);
   EXPECT_LT(loss, std::log(300.0) + 1.0) << "worse than uniform over the vocabulary";
   EXPECT_NE(r.out.find("(step 6)"), std::string::npos) << r.out;
-  E2E_EXPECT_OK(run_diffmoe({"eval", "--checkpoint", (ckpt_root_ / "step_000000003").string(), "--data", (dir_ / "shards").string(),
-                             "--split", "train", "--batch", "2", "--seq", "16", "--batches", "2"}));
-  expect_clean_error(run_diffmoe({"eval", "--checkpoint", ckpt_root_.string(), "--data", (dir_ / "no_shards").string()}),
-                     {(dir_ / "no_shards").string()});
+  E2E_EXPECT_OK(
+      run_diffmoe({"eval", "--checkpoint", (ckpt_root_ / "step_000000003").string(), "--data",
+                   (dir_ / "shards").string(), "--split", "train", "--batch", "2", "--seq", "16", "--batches", "2"}));
+  expect_clean_error(
+      run_diffmoe({"eval", "--checkpoint", ckpt_root_.string(), "--data", (dir_ / "no_shards").string()}),
+      {(dir_ / "no_shards").string()});
 }
 
 TEST_F(E2E, ParamsAndInit) {
@@ -83,7 +90,8 @@ TEST_F(E2E, ParamsAndInit) {
   const fs::path out = dir_ / "init.safetensors";
   E2E_EXPECT_OK(run_diffmoe({"init", "--config", cfg.string(), "--out", out.string(), "--seed", "5"}));
   EXPECT_EQ(count_non_finite(out), 0);
-  E2E_EXPECT_OK(run_diffmoe({"init", "--config", cfg.string(), "--out", (dir_ / "init2.safetensors").string(), "--seed", "5"}));
+  E2E_EXPECT_OK(
+      run_diffmoe({"init", "--config", cfg.string(), "--out", (dir_ / "init2.safetensors").string(), "--seed", "5"}));
   EXPECT_EQ(read_file(out), read_file(dir_ / "init2.safetensors")) << "init is a pure function of config and seed";
 }
 
@@ -116,10 +124,11 @@ TEST_F(E2E, PlanFitsOrNotAndJson) {
   EXPECT_EQ(tight16.out.find("optim.moment_dtype: bf16"), std::string::npos) << "chosen, not offered\n" << tight16.out;
   expect_clean_error(with({"--moment-dtype", "f16"}), {"--moment-dtype"});
   // With expert parallelism only none and attention exist: other modes are refused by name.
-  expect_clean_error(with({"--world", "4", "--ep", "2", "--recompute", "moe"}), {"--recompute", "moe", "expert parallelism"});
+  expect_clean_error(with({"--world", "4", "--ep", "2", "--recompute", "moe"}),
+                     {"--recompute", "moe", "expert parallelism"});
 
-  const RunResult js =
-      with({"--world", "4", "--ep", "2", "--precision", "bf16", "--recompute", "attention", "--gpu-memory", "2GiB", "--json"});
+  const RunResult js = with({"--world", "4", "--ep", "2", "--precision", "bf16", "--recompute", "attention",
+                             "--gpu-memory", "2GiB", "--json"});
   E2E_EXPECT_OK(js);
   const nlohmann::json j = nlohmann::json::parse(js.out);
   EXPECT_EQ(j["world"], 4);
@@ -140,15 +149,16 @@ TEST_F(E2E, PlanFitsOrNotAndJson) {
       total += it["bytes"].get<uint64_t>();
       if (!it["estimate"].get<bool>()) exact += it["bytes"].get<uint64_t>();
     }
-    EXPECT_EQ(keys, (std::set<std::string>{"compute_weights", "gradients", "optimizer_masters", "optimizer_moments", "reduced_gradients", "activations",
-                                           "ep_buffers", "token_buffers", "nccl_buffers", "backend_scratch", "cuda_context"}));
+    EXPECT_EQ(keys, (std::set<std::string>{"compute_weights", "gradients", "optimizer_masters", "optimizer_moments",
+                                           "reduced_gradients", "activations", "ep_buffers", "token_buffers",
+                                           "nccl_buffers", "backend_scratch", "cuda_context"}));
     EXPECT_EQ(rank["exact_bytes"].get<uint64_t>(), exact);
     EXPECT_EQ(rank["total_bytes"].get<uint64_t>(), total);
     EXPECT_EQ(rank["fits"].get<bool>(), total <= (uint64_t{2} << 30));
     EXPECT_GT(exact, 0u);
   }
   EXPECT_TRUE(j["fits"].get<bool>());
-  EXPECT_EQ(j["ep_dispatch"]["rows_per_layer_balanced"], 128 * 2);  // N·K
+  EXPECT_EQ(j["ep_dispatch"]["rows_per_layer_balanced"], 128 * 2);   // N·K
   EXPECT_EQ(j["ep_dispatch"]["rows_per_layer_worst"], 2 * 128 * 2);  // EP·N·min(K, E/EP)
   EXPECT_GT(j["parameters"]["total"].get<int64_t>(), j["parameters"]["active"].get<int64_t>());
 
@@ -160,7 +170,8 @@ TEST_F(E2E, PlanFitsOrNotAndJson) {
 
 TEST_F(E2E, TokenizerTrainEncodeDecodeRoundTrip) {
   const fs::path tok = dir_ / "tok.json";
-  const RunResult t = run_diffmoe({"tokenizer", "train", "--input", (dir_ / "corpus.txt").string(), "--out", tok.string(), "--vocab-size", "300"});
+  const RunResult t = run_diffmoe(
+      {"tokenizer", "train", "--input", (dir_ / "corpus.txt").string(), "--out", tok.string(), "--vocab-size", "300"});
   E2E_EXPECT_OK(t);
   ASSERT_TRUE(fs::exists(tok));
   const std::string text = "Mrs. Elizabeth wondered, again: the whale? Ünïcödé & <|endoftext|> 123";
@@ -188,7 +199,8 @@ TEST_F(E2E, TokenizerTrainEncodeDecodeRoundTrip) {
   E2E_EXPECT_OK(dec2);
   EXPECT_EQ(dec2.out, text);
   // Special tokens: one id with --special.
-  const RunResult sp = run_diffmoe({"tokenizer", "encode", "--tokenizer", tok.string(), "--special", "--text", "<|endoftext|>"});
+  const RunResult sp =
+      run_diffmoe({"tokenizer", "encode", "--tokenizer", tok.string(), "--special", "--text", "<|endoftext|>"});
   E2E_EXPECT_OK(sp);
   EXPECT_TRUE(std::regex_match(sp.out, std::regex("[0-9]+\n"))) << sp.out;
   expect_clean_error(run_diffmoe({"tokenizer", "decode", "--tokenizer", tok.string(), "299999"}), {"299999"});
@@ -204,10 +216,12 @@ TEST_F(E2E, TokenizerTrainEncodeDecodeRoundTrip) {
 
 TEST_F(E2E, DataPrepareAndInspect) {
   const fs::path tok = dir_ / "tok.json";
-  E2E_EXPECT_OK(run_diffmoe({"tokenizer", "train", "--input", (dir_ / "corpus.txt").string(), "--out", tok.string(), "--vocab-size", "300"}));
+  E2E_EXPECT_OK(run_diffmoe(
+      {"tokenizer", "train", "--input", (dir_ / "corpus.txt").string(), "--out", tok.string(), "--vocab-size", "300"}));
   const fs::path shards = dir_ / "shards";
-  const RunResult p = run_diffmoe({"data", "prepare", "--input", (dir_ / "corpus.txt").string(), "--tokenizer", tok.string(), "--out",
-                                   shards.string(), "--val-fraction", "0.2", "--shard-tokens", "20000", "--threads", "2", "--seed", "1"});
+  const RunResult p = run_diffmoe({"data", "prepare", "--input", (dir_ / "corpus.txt").string(), "--tokenizer",
+                                   tok.string(), "--out", shards.string(), "--val-fraction", "0.2", "--shard-tokens",
+                                   "20000", "--threads", "2", "--seed", "1"});
   E2E_EXPECT_OK(p);
   EXPECT_TRUE(fs::exists(shards / "meta.json"));
   const auto train_shards = list_dir(shards, "train_");
@@ -230,10 +244,21 @@ TEST_F(E2E, DataPrepareAndInspect) {
 }
 
 TEST(E2EHelp, EverySubcommandHasHelp) {
-  const std::vector<std::vector<std::string>> cmds = {
-      {},         {"params"},   {"plan"},   {"train"},         {"eval"},           {"generate"}, {"init"},
-      {"tokenizer"}, {"tokenizer", "train"}, {"tokenizer", "encode"}, {"tokenizer", "decode"},
-      {"data"},   {"data", "prepare"}, {"data", "inspect"}, {"bench"}};
+  const std::vector<std::vector<std::string>> cmds = {{},
+                                                      {"params"},
+                                                      {"plan"},
+                                                      {"train"},
+                                                      {"eval"},
+                                                      {"generate"},
+                                                      {"init"},
+                                                      {"tokenizer"},
+                                                      {"tokenizer", "train"},
+                                                      {"tokenizer", "encode"},
+                                                      {"tokenizer", "decode"},
+                                                      {"data"},
+                                                      {"data", "prepare"},
+                                                      {"data", "inspect"},
+                                                      {"bench"}};
   for (auto args : cmds) {
     args.push_back("--help");
     const RunResult r = run_diffmoe(args);
@@ -242,7 +267,8 @@ TEST(E2EHelp, EverySubcommandHasHelp) {
     EXPECT_NE(r.out.find("--help"), std::string::npos) << r.describe();
   }
   // Usage errors: non-zero exit, no crash.
-  for (const std::vector<std::string>& args : std::vector<std::vector<std::string>>{{}, {"frobnicate"}, {"train"}, {"train", "--config"}}) {
+  for (const std::vector<std::string>& args :
+       std::vector<std::vector<std::string>>{{}, {"frobnicate"}, {"train"}, {"train", "--config"}}) {
     const RunResult r = run_diffmoe(args);
     EXPECT_TRUE(r.exited) << r.describe();
     EXPECT_NE(r.code, 0) << r.describe();

@@ -39,7 +39,8 @@ class DistFailures : public E2E {
   // Waits until `metrics` logs step `step` while `alive` holds.
   template <class Alive>
   void wait_for_step(const fs::path& metrics, int64_t step, Alive alive) {
-    ASSERT_TRUE(wait_until([&] { return last_logged_step(metrics) >= step || !alive(); }, 120)) << "no step " << step << " logged";
+    ASSERT_TRUE(wait_until([&] { return last_logged_step(metrics) >= step || !alive(); }, 120))
+        << "no step " << step << " logged";
     ASSERT_GE(last_logged_step(metrics), step) << "the run ended early";
   }
   // `latest` names a checkpoint that verifies, whose state reads whole, and that resumes on 2 ranks.
@@ -47,14 +48,16 @@ class DistFailures : public E2E {
     const fs::path ck = dir_ / name / "checkpoints";
     const auto latest = find_latest_checkpoint(ck.string());
     ASSERT_TRUE(latest.has_value()) << "no valid checkpoint in " << ck;
-    EXPECT_EQ(read_file(ck / "latest"), fs::path(latest->dir).filename().string() + "\n") << "latest is not the newest valid one";
+    EXPECT_EQ(read_file(ck / "latest"), fs::path(latest->dir).filename().string() + "\n")
+        << "latest is not the newest valid one";
     EXPECT_NO_THROW(compare_states(latest->dir, latest->dir));  // every element of every tensor present
     Yaml y = long_run(name);
     y.set("train.max_steps", std::to_string(latest->step + 2));
     std::vector<Child> ranks = spawn_torchrun(2, args(write_config(y, name + "_more.yaml"), {"--resume"}), dir_);
     const std::vector<RunResult> rs = wait_all(ranks);
     for (const RunResult& r : rs) ASSERT_TRUE(r.exited && r.code == 0) << describe_all(rs);
-    EXPECT_NE(rs[0].out.find(fmt::format("resumed from {} at step {}", latest->dir, latest->step)), std::string::npos) << rs[0].out;
+    EXPECT_NE(rs[0].out.find(fmt::format("resumed from {} at step {}", latest->dir, latest->step)), std::string::npos)
+        << rs[0].out;
     EXPECT_EQ(read_file(ck / "latest"), fmt::format("step_{:09d}\n", latest->step + 2));
   }
   double seconds_since(std::chrono::steady_clock::time_point t) {
@@ -89,7 +92,8 @@ TEST_F(DistFailures, AKilledRankUnderMpirunEndsTheJob) {
   Child job = spawn_diffmoe(args(write_config(long_run("run"), "run.yaml")), mpirun_options(2, dir_, kTimeoutS));
   wait_for_step(dir_ / "run" / "metrics.jsonl", 2, [&] { return ::kill(job.pid, 0) == 0; });
   pid_t rank1 = -1;
-  ASSERT_TRUE(wait_until([&] { return (rank1 = mpirun_rank_pid(job.pid, 1)) > 0; }, 10)) << "rank 1 of mpirun not found";
+  ASSERT_TRUE(wait_until([&] { return (rank1 = mpirun_rank_pid(job.pid, 1)) > 0; }, 10))
+      << "rank 1 of mpirun not found";
   const auto killed_at = std::chrono::steady_clock::now();
   ::kill(rank1, SIGKILL);
   const RunResult r = wait_diffmoe(job);
@@ -162,7 +166,8 @@ TEST_F(DistFailures, SigtermToOneRankStopsEveryRankAfterTheSameStep) {
       Child job = spawn_diffmoe(args(cfg), mpirun_options(2, dir_));
       wait_for_step(dir_ / name / "metrics.jsonl", 2, [&] { return ::kill(job.pid, 0) == 0; });
       pid_t rank1 = -1;
-      ASSERT_TRUE(wait_until([&] { return (rank1 = mpirun_rank_pid(job.pid, 1)) > 0; }, 10)) << "rank 1 of mpirun not found";
+      ASSERT_TRUE(wait_until([&] { return (rank1 = mpirun_rank_pid(job.pid, 1)) > 0; }, 10))
+          << "rank 1 of mpirun not found";
       ::kill(rank1, SIGTERM);
       rs.push_back(wait_diffmoe(job));
       ASSERT_TRUE(rs[0].exited && rs[0].code == kExitStopped) << rs[0].describe();

@@ -55,7 +55,8 @@ class DistE2E : public E2E {
   // Steps [from, to] of two runs' metrics: loss, aux_loss, grad_norm within `tol`; lr and
   // tokens_seen exactly; validation losses within `tol`.
   void expect_same_curve(const std::string& a, const std::string& b, int64_t from, int64_t to, double tol) {
-    const auto ta = metric_rows(dir_ / a / "metrics.jsonl", "train"), tb = metric_rows(dir_ / b / "metrics.jsonl", "train");
+    const auto ta = metric_rows(dir_ / a / "metrics.jsonl", "train"),
+               tb = metric_rows(dir_ / b / "metrics.jsonl", "train");
     double worst = 0;
     for (int64_t s = from; s <= to; ++s) {
       ASSERT_TRUE(ta.contains(s) && tb.contains(s)) << "step " << s << " missing in " << a << " or " << b;
@@ -75,13 +76,19 @@ class DistE2E : public E2E {
       worst = std::max(worst, rel_diff(x, y));
       EXPECT_LE(rel_diff(x, y), tol) << "val_loss at step " << s << ": " << x << " vs " << y;
     }
-    if (std::getenv("DIFFMOE_E2E_VERBOSE")) std::fprintf(stderr, "[e2e] %s vs %s, steps %ld..%ld: %.3g\n", a.c_str(), b.c_str(), from, to, worst);
+    if (std::getenv("DIFFMOE_E2E_VERBOSE"))
+      std::fprintf(stderr, "[e2e] %s vs %s, steps %ld..%ld: %.3g\n", a.c_str(), b.c_str(), from, to, worst);
   }
-  fs::path step_dir(const std::string& run, int64_t step) { return dir_ / run / "checkpoints" / fmt::format("step_{:09d}", step); }
+  fs::path step_dir(const std::string& run, int64_t step) {
+    return dir_ / run / "checkpoints" / fmt::format("step_{:09d}", step);
+  }
   void expect_same_state(const std::string& a, const std::string& b, int64_t step, double tol) {
     const StateDiff d = compare_states(step_dir(a, step), step_dir(b, step));
-    EXPECT_LE(d.worst, tol) << "step " << step << " checkpoints of " << a << " and " << b << " differ by " << d.worst << " at " << d.where;
-    if (std::getenv("DIFFMOE_E2E_VERBOSE")) std::fprintf(stderr, "[e2e] state %s vs %s at %ld: %.3g (%s)\n", a.c_str(), b.c_str(), step, d.worst, d.where.c_str());
+    EXPECT_LE(d.worst, tol) << "step " << step << " checkpoints of " << a << " and " << b << " differ by " << d.worst
+                            << " at " << d.where;
+    if (std::getenv("DIFFMOE_E2E_VERBOSE"))
+      std::fprintf(stderr, "[e2e] state %s vs %s at %ld: %.3g (%s)\n", a.c_str(), b.c_str(), step, d.worst,
+                   d.where.c_str());
   }
   // The comparison can fail: a run whose global batch lacks micro-batches differs beyond the bound.
   void expect_distinguishable(const std::string& a, const std::string& b) {
@@ -176,7 +183,8 @@ TEST_F(DistE2E, CheckpointResumesOnAnotherNumberOfRanks) {
   const std::string from_four = step_dir("four", 4).string();
   run_mpirun(2, write_config(config("four_to_two", 8, 4), "four_to_two.yaml"),
              {"--set", "parallel.expert=2", "--set", "train.grad_accum=2", "--resume", from_four});
-  E2E_EXPECT_OK(train(write_config(config("four_to_one", 8, 4), "four_to_one.yaml"), {"--set", "train.grad_accum=4", "--resume", from_four}));
+  E2E_EXPECT_OK(train(write_config(config("four_to_one", 8, 4), "four_to_one.yaml"),
+                      {"--set", "train.grad_accum=4", "--resume", from_four}));
   for (const char* run : {"four_to_two", "four_to_one"}) {
     SCOPED_TRACE(run);
     EXPECT_EQ(metric_rows(dir_ / run / "metrics.jsonl", "train").begin()->first, 5) << "resumed after step 4";
@@ -184,12 +192,14 @@ TEST_F(DistE2E, CheckpointResumesOnAnotherNumberOfRanks) {
     expect_same_state(run, "four", 8, kStateTol);
   }
   E2E_EXPECT_OK(train(write_config(config("one", 8, 4), "one.yaml"), {"--set", "train.grad_accum=2"}));
-  run_torchrun(2, write_config(config("one_to_two", 8, 4), "one_to_two.yaml"), {"--resume", step_dir("one", 4).string()});
+  run_torchrun(2, write_config(config("one_to_two", 8, 4), "one_to_two.yaml"),
+               {"--resume", step_dir("one", 4).string()});
   expect_same_curve("one_to_two", "one", 5, 8, kLossTol);
   expect_same_state("one_to_two", "one", 8, kStateTol);
   // The comparison would see a different global batch: one rank with 2-way accumulation from the
   // 4-rank checkpoint leaves half of each step's micro-batches out.
-  E2E_EXPECT_OK(train(write_config(config("four_to_half", 8, 4), "four_to_half.yaml"), {"--set", "train.grad_accum=2", "--resume", from_four}));
+  E2E_EXPECT_OK(train(write_config(config("four_to_half", 8, 4), "four_to_half.yaml"),
+                      {"--set", "train.grad_accum=2", "--resume", from_four}));
   const double x = metric_rows(dir_ / "four_to_half" / "metrics.jsonl", "train").at(5).at("loss").get<double>();
   const double y = metric_rows(dir_ / "four" / "metrics.jsonl", "train").at(5).at("loss").get<double>();
   EXPECT_GT(rel_diff(x, y), 100 * kLossTol);

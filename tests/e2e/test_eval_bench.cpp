@@ -50,20 +50,42 @@ class TrainedForEval : public E2E {
 
 TEST_F(TrainedForEval, TasksTextShardsAndReport) {
   const fs::path report = dir_ / "report.json";
-  const RunResult r = run_diffmoe({"eval", "--checkpoint", ckpt_.string(), "--task", "hellaswag:" + eval_fixture("hellaswag.jsonl").string(),
-                                   "--task", "arc:" + eval_fixture("arc.jsonl").string(), "--task", "piqa:" + eval_fixture("piqa.jsonl").string(),
-                                   "--task", eval_fixture("capitals.yaml").string(), "--task", eval_fixture("arc_fewshot.yaml").string(),
-                                   "--text", eval_fixture("text").string(), "--stride", "16", "--data", (dir_ / "shards").string(),
-                                   "--batches", "2", "--batch", "4", "--report", report.string()});
+  const RunResult r = run_diffmoe({"eval",
+                                   "--checkpoint",
+                                   ckpt_.string(),
+                                   "--task",
+                                   "hellaswag:" + eval_fixture("hellaswag.jsonl").string(),
+                                   "--task",
+                                   "arc:" + eval_fixture("arc.jsonl").string(),
+                                   "--task",
+                                   "piqa:" + eval_fixture("piqa.jsonl").string(),
+                                   "--task",
+                                   eval_fixture("capitals.yaml").string(),
+                                   "--task",
+                                   eval_fixture("arc_fewshot.yaml").string(),
+                                   "--text",
+                                   eval_fixture("text").string(),
+                                   "--stride",
+                                   "16",
+                                   "--data",
+                                   (dir_ / "shards").string(),
+                                   "--batches",
+                                   "2",
+                                   "--batch",
+                                   "4",
+                                   "--report",
+                                   report.string()});
   E2E_EXPECT_OK(r);
-  for (const char* s : {"| hellaswag", "| arc_2shot", "| capitals", "| text", "bits_per_byte", "acc_norm", "| shards_val"})
+  for (const char* s :
+       {"| hellaswag", "| arc_2shot", "| capitals", "| text", "bits_per_byte", "acc_norm", "| shards_val"})
     EXPECT_NE(r.out.find(s), std::string::npos) << "the table lacks " << s << "\n" << r.out;
   const nlohmann::json j = read_json(report);
   EXPECT_EQ(j["step"], 4);
   EXPECT_NE(j["model"].get<std::string>().find("step_000000004"), std::string::npos) << j.dump(2);
   EXPECT_EQ(j["device"], "cpu");
   EXPECT_EQ(j["batch"], 4);
-  for (const auto& [task, n] : std::vector<std::pair<std::string, int>>{{"hellaswag", 4}, {"arc", 4}, {"piqa", 4}, {"capitals", 5}, {"arc_2shot", 4}}) {
+  for (const auto& [task, n] : std::vector<std::pair<std::string, int>>{
+           {"hellaswag", 4}, {"arc", 4}, {"piqa", 4}, {"capitals", 5}, {"arc_2shot", 4}}) {
     SCOPED_TRACE(task);
     auto m = metrics_of(j, task);
     ASSERT_EQ(m.size(), 2u) << j.dump(2);
@@ -94,14 +116,16 @@ TEST_F(TrainedForEval, TasksTextShardsAndReport) {
   EXPECT_LT(text["loss"]["value"].get<double>(), std::log(300.0) + 2.0) << "far worse than uniform over the vocabulary";
   EXPECT_EQ(info["stride"], 16);
   int64_t bytes = static_cast<int64_t>(read_file(eval_fixture("text/sample.txt")).size());
-  for (const auto& note : read_jsonl(eval_fixture("text/notes.jsonl"))) bytes += static_cast<int64_t>(note["text"].get<std::string>().size());
+  for (const auto& note : read_jsonl(eval_fixture("text/notes.jsonl")))
+    bytes += static_cast<int64_t>(note["text"].get<std::string>().size());
   EXPECT_EQ(info["bytes"], bytes) << "the UTF-8 bytes of the three documents";
   auto shards = metrics_of(j, "shards_val");
   EXPECT_EQ(shards.size(), 2u);
 
   // --limit: the first documents of every task.
-  const RunResult lim = run_diffmoe({"eval", "--checkpoint", ckpt_.string(), "--task", "piqa:" + eval_fixture("piqa.jsonl").string(), "--limit",
-                                     "2", "--report", report.string()});
+  const RunResult lim =
+      run_diffmoe({"eval", "--checkpoint", ckpt_.string(), "--task", "piqa:" + eval_fixture("piqa.jsonl").string(),
+                   "--limit", "2", "--report", report.string()});
   E2E_EXPECT_OK(lim);
   EXPECT_EQ(metrics_of(read_json(report), "piqa")["acc"]["count"], 2);
 }
@@ -112,28 +136,35 @@ TEST_F(TrainedForEval, BadInputIsOneLineNamingFileLineAndField) {
   expect_clean_error(run_diffmoe({"eval", "--checkpoint", ckpt_.string(), "--task", "piqa:" + bad.string()}),
                      {bad.string() + ":5", "field 'sol2'"});
   write_file(bad, "{\"goal\": \"g\"\n");
-  expect_clean_error(run_diffmoe({"eval", "--checkpoint", ckpt_.string(), "--task", "piqa:" + bad.string()}), {bad.string() + ":1", "JSON"});
+  expect_clean_error(run_diffmoe({"eval", "--checkpoint", ckpt_.string(), "--task", "piqa:" + bad.string()}),
+                     {bad.string() + ":1", "JSON"});
   const fs::path cfg = dir_ / "task.yaml";
   write_file(cfg, "file: x.jsonl\nformat: arc\nshots: 3\n");
-  expect_clean_error(run_diffmoe({"eval", "--checkpoint", ckpt_.string(), "--task", cfg.string()}), {cfg.string(), "shots: unknown key"});
+  expect_clean_error(run_diffmoe({"eval", "--checkpoint", ckpt_.string(), "--task", cfg.string()}),
+                     {cfg.string(), "shots: unknown key"});
   expect_clean_error(run_diffmoe({"eval", "--checkpoint", ckpt_.string(), "--task", "mmlu:x.jsonl"}), {"mmlu:x.jsonl"});
   expect_clean_error(run_diffmoe({"eval", "--checkpoint", ckpt_.string()}), {"--data, --text or --task"});
-  expect_clean_error(run_diffmoe({"eval", "--checkpoint", ckpt_.string(), "--text", (dir_ / "none").string()}), {(dir_ / "none").string()});
-  expect_clean_error(run_diffmoe({"eval", "--checkpoint", ckpt_.string(), "--text", eval_fixture("text").string(), "--seq", "8", "--stride", "9"}),
+  expect_clean_error(run_diffmoe({"eval", "--checkpoint", ckpt_.string(), "--text", (dir_ / "none").string()}),
+                     {(dir_ / "none").string()});
+  expect_clean_error(run_diffmoe({"eval", "--checkpoint", ckpt_.string(), "--text", eval_fixture("text").string(),
+                                  "--seq", "8", "--stride", "9"}),
                      {"stride 9"});
   // A bare model file has no tokenizer: --task needs --tokenizer.
   const fs::path model = dir_ / "exported.safetensors";
-  E2E_EXPECT_OK(run_diffmoe({"checkpoint", "export", "--checkpoint", (ckpt_ / "step_000000004").string(), "--out", model.string()}));
-  expect_clean_error(run_diffmoe({"eval", "--checkpoint", model.string(), "--task", "piqa:" + eval_fixture("piqa.jsonl").string()}),
-                     {"--tokenizer"});
-  E2E_EXPECT_OK(run_diffmoe({"eval", "--checkpoint", model.string(), "--tokenizer", (dir_ / "tokenizer.json").string(), "--task",
-                             "piqa:" + eval_fixture("piqa.jsonl").string()}));
+  E2E_EXPECT_OK(run_diffmoe(
+      {"checkpoint", "export", "--checkpoint", (ckpt_ / "step_000000004").string(), "--out", model.string()}));
+  expect_clean_error(
+      run_diffmoe({"eval", "--checkpoint", model.string(), "--task", "piqa:" + eval_fixture("piqa.jsonl").string()}),
+      {"--tokenizer"});
+  E2E_EXPECT_OK(run_diffmoe({"eval", "--checkpoint", model.string(), "--tokenizer", (dir_ / "tokenizer.json").string(),
+                             "--task", "piqa:" + eval_fixture("piqa.jsonl").string()}));
 }
 
 TEST_F(TrainedForEval, BenchOnACheckpoint) {
   const fs::path report = dir_ / "bench.json";
-  const RunResult r = run_diffmoe({"bench", "--checkpoint", ckpt_.string(), "--decode-batch", "1,2", "--batch", "2", "--seq", "8", "--steps", "1",
-                                   "--warmup", "0", "--prompt-len", "4", "--new-tokens", "2", "--report", report.string()});
+  const RunResult r = run_diffmoe({"bench", "--checkpoint", ckpt_.string(), "--decode-batch", "1,2", "--batch", "2",
+                                   "--seq", "8", "--steps", "1", "--warmup", "0", "--prompt-len", "4", "--new-tokens",
+                                   "2", "--report", report.string()});
   E2E_EXPECT_OK(r);
   const nlohmann::json j = read_json(report);
   EXPECT_EQ(j["model"]["step"], 4);
@@ -147,25 +178,28 @@ TEST_F(E2E, BenchTinyPresetOnCpu) {
   const std::string tiny = (repo_dir() / "configs" / "tiny.yaml").string();
   RunOptions slow;
   slow.timeout_s = 300;  // the tiny preset at decode batch 64 on a loaded two-core machine
-  const RunResult r = run_diffmoe({"bench", "--config", tiny, "--batch", "2", "--seq", "16", "--steps", "2", "--warmup", "0", "--prompt-len", "4",
-                                   "--new-tokens", "2", "--report", report.string()},
+  const RunResult r = run_diffmoe({"bench", "--config", tiny, "--batch", "2", "--seq", "16", "--steps", "2", "--warmup",
+                                   "0", "--prompt-len", "4", "--new-tokens", "2", "--report", report.string()},
                                   slow);
   E2E_EXPECT_OK(r);
   for (const char* s : {"decode batch   1", "decode batch   8", "decode batch  64", "train step 2x16", "tokens/s"})
     EXPECT_NE(r.out.find(s), std::string::npos) << s << "\n" << r.out;
   const nlohmann::json j = read_json(report);
   EXPECT_EQ(j["model"]["config"], tiny);
-  EXPECT_GT(j["model"]["parameters"].get<int64_t>(), j["model"]["active_parameters"].get<int64_t>()) << "an MoE activates a part";
+  EXPECT_GT(j["model"]["parameters"].get<int64_t>(), j["model"]["active_parameters"].get<int64_t>())
+      << "an MoE activates a part";
   EXPECT_EQ(j["device"], "cpu");
   EXPECT_EQ(j["precision"], "f32");
   const nlohmann::json& t = j["train_step"];
-  for (const char* k : {"batch", "seq", "steps", "warmup_steps", "median_s", "min_s", "max_s", "tokens_per_s", "flops_per_token", "mfu", "loss"})
+  for (const char* k : {"batch", "seq", "steps", "warmup_steps", "median_s", "min_s", "max_s", "tokens_per_s",
+                        "flops_per_token", "mfu", "loss"})
     EXPECT_TRUE(t.contains(k)) << k << "\n" << t.dump(2);
   EXPECT_EQ(t["batch"], 2);
   EXPECT_EQ(t["seq"], 16);
   EXPECT_EQ(t["steps"], 2);
   EXPECT_TRUE(t["mfu"].is_null()) << "no peak on the CPU";
-  EXPECT_NEAR(t["tokens_per_s"].get<double>(), 32.0 / t["median_s"].get<double>(), 1e-6 * t["tokens_per_s"].get<double>());
+  EXPECT_NEAR(t["tokens_per_s"].get<double>(), 32.0 / t["median_s"].get<double>(),
+              1e-6 * t["tokens_per_s"].get<double>());
   EXPECT_NEAR(t["loss"].get<double>(), std::log(4096.0), 1.0) << "random tokens at initialisation";
   ASSERT_EQ(j["decode"].size(), 3u);
   const std::vector<int64_t> batches = {1, 8, 64};
@@ -176,11 +210,14 @@ TEST_F(E2E, BenchTinyPresetOnCpu) {
     EXPECT_EQ(d["new_tokens"], 2);
     EXPECT_GT(d["prefill_tokens_per_s"].get<double>(), 0);
     EXPECT_GT(d["decode_tokens_per_s"].get<double>(), 0);
-    EXPECT_NEAR(d["decode_tokens_per_s"].get<double>(), batches[i] * 2 / d["decode_s"].get<double>(), 1e-6 * d["decode_tokens_per_s"].get<double>());
+    EXPECT_NEAR(d["decode_tokens_per_s"].get<double>(), batches[i] * 2 / d["decode_s"].get<double>(),
+                1e-6 * d["decode_tokens_per_s"].get<double>());
   }
-  expect_clean_error(run_diffmoe({"bench", "--config", tiny, "--prompt-len", "250", "--new-tokens", "10"}), {"max_seq_len = 256"});
+  expect_clean_error(run_diffmoe({"bench", "--config", tiny, "--prompt-len", "250", "--new-tokens", "10"}),
+                     {"max_seq_len = 256"});
   expect_clean_error(run_diffmoe({"bench"}), {"--config", "--checkpoint"});
-  expect_clean_error(run_diffmoe({"bench", "--config", (dir_ / "nope.yaml").string()}), {(dir_ / "nope.yaml").string()});
+  expect_clean_error(run_diffmoe({"bench", "--config", (dir_ / "nope.yaml").string()}),
+                     {(dir_ / "nope.yaml").string()});
 }
 
 }  // namespace

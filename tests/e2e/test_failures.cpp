@@ -49,8 +49,8 @@ TEST_F(E2E, NonFiniteLossStopsAndKeepsTheLastGoodCheckpoint) {
   ASSERT_FALSE(rows.empty());
   EXPECT_EQ(rows.back().at("step").get<int64_t>(), k - 1);
   // The stopped run's checkpoint is usable: `diffmoe eval` loads it and reports a number.
-  const RunResult ev = run_diffmoe({"eval", "--checkpoint", (ck / last).string(), "--data", (dir_ / "shards").string(), "--batch", "2",
-                                    "--seq", "32", "--batches", "1"});
+  const RunResult ev = run_diffmoe({"eval", "--checkpoint", (ck / last).string(), "--data", (dir_ / "shards").string(),
+                                    "--batch", "2", "--seq", "32", "--batches", "1"});
   EXPECT_TRUE(ev.exited) << ev.describe();
 }
 
@@ -59,7 +59,8 @@ TEST_F(E2E, NonFiniteLossStopsAndKeepsTheLastGoodCheckpoint) {
 void expect_second_checkpoint_fails(const RunResult& r, const fs::path& root, const std::string& why) {
   expect_clean_error(r, {root.string(), why, "step 2 not saved"});
   EXPECT_EQ(read_file(root / "latest"), "step_000000001\n");
-  EXPECT_EQ(list_dir(root, "step_"), std::vector<fs::path>{root / "step_000000001"}) << "no step_2 or *.tmp directory may remain";
+  EXPECT_EQ(list_dir(root, "step_"), std::vector<fs::path>{root / "step_000000001"})
+      << "no step_2 or *.tmp directory may remain";
   EXPECT_NO_THROW(open_checkpoint((root / "step_000000001").string()));
   EXPECT_EQ(count_non_finite(root / "step_000000001" / kShard0), 0);
 }
@@ -85,7 +86,8 @@ TEST_F(E2E, FullDiskDuringCheckpointKeepsThePreviousOne) {
   const uintmax_t size = one + one / 4 + 8 * 4096;
   const std::string opts = "size=" + std::to_string(size);
   if (::mount("tmpfs", root.c_str(), "tmpfs", 0, opts.c_str()) != 0) {
-    GTEST_SKIP() << "cannot mount a tmpfs here (" << std::strerror(errno) << "); the RLIMIT_FSIZE variant covers the error path";
+    GTEST_SKIP() << "cannot mount a tmpfs here (" << std::strerror(errno)
+                 << "); the RLIMIT_FSIZE variant covers the error path";
   }
   struct Unmount {
     fs::path p;

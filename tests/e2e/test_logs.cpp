@@ -57,7 +57,8 @@ TEST_F(E2E, TensorBoardAndJsonlLogsReadBack) {
       }
     }
     for (const auto& [tag, points] : tags)
-      for (size_t i = 1; i < points.size(); ++i) EXPECT_LT(points[i - 1].step, points[i].step) << f << ": " << tag << " steps not increasing";
+      for (size_t i = 1; i < points.size(); ++i)
+        EXPECT_LT(points[i - 1].step, points[i].step) << f << ": " << tag << " steps not increasing";
     per_file.push_back(std::move(tags));
   }
   // START at 0 (fresh) and, resumed from the step-4 checkpoint, at 5: the first step the resumed
@@ -80,8 +81,9 @@ TEST_F(E2E, TensorBoardAndJsonlLogsReadBack) {
     for (const auto& [step, v] : shown[tag]) s.insert(step);
     return s;
   };
-  for (const char* tag : {"train/loss", "train/lr", "train/grad_norm", "train/aux_loss", "train/tokens_per_s", "train/step_time_s",
-                          "train/mfu_pct", "train/tokens_seen", "train/imbalance_l1", "train/imbalance_max", "train/lambda_l0"})
+  for (const char* tag :
+       {"train/loss", "train/lr", "train/grad_norm", "train/aux_loss", "train/tokens_per_s", "train/step_time_s",
+        "train/mfu_pct", "train/tokens_seen", "train/imbalance_l1", "train/imbalance_max", "train/lambda_l0"})
     EXPECT_EQ(steps_of(tag), all_steps) << tag;
   for (const char* tag : {"val/val_loss", "val/val_ppl", "val/val_tokens"}) EXPECT_EQ(steps_of(tag), eval_steps) << tag;
   // Step 5 was logged by both invocations (the first was cut off after it); same loss both times.
@@ -112,7 +114,8 @@ TEST_F(E2E, TensorBoardAndJsonlLogsReadBack) {
         if (key == "step" || key == "kind") continue;
         const std::string tag = kind + "/" + key;
         ASSERT_TRUE(value.is_number()) << tag << " = " << value.dump();
-        ASSERT_TRUE(shown[tag].contains(step)) << tag << " at step " << step << " is in metrics.jsonl but not in TensorBoard";
+        ASSERT_TRUE(shown[tag].contains(step))
+            << tag << " at step " << step << " is in metrics.jsonl but not in TensorBoard";
         EXPECT_EQ(static_cast<float>(value.get<double>()), shown[tag][step]) << tag << " at step " << step;
       }
   }
@@ -120,7 +123,8 @@ TEST_F(E2E, TensorBoardAndJsonlLogsReadBack) {
   for (const auto& [tag, points] : shown) {
     const auto slash = tag.find('/');
     const std::string kind = tag.substr(0, slash), key = tag.substr(slash + 1);
-    for (const auto& [step, v] : points) EXPECT_TRUE(jsonl[kind].contains(step) && jsonl[kind][step].contains(key)) << tag << " " << step;
+    for (const auto& [step, v] : points)
+      EXPECT_TRUE(jsonl[kind].contains(step) && jsonl[kind][step].contains(key)) << tag << " " << step;
   }
 }
 

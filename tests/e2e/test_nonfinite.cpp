@@ -10,10 +10,16 @@ namespace {
 
 TEST_F(E2E, NonFiniteConfigValuesAreRefusedByKey) {
   const fs::path cfg = write_config(micro_config(dir_, dir_ / "run"));
-  for (const char* key : {"optim.lr", "optim.min_lr", "optim.weight_decay", "optim.beta1", "optim.beta2", "optim.eps",
-                          "optim.grad_clip", "train.peak_tflops", "data.val_fraction", "model.bias_update_rate",
-                          "model.route_scale", "model.aux_loss_alpha", "model.rope_theta", "model.rope_factor", "model.init_std",
-                          "model.norm_eps", "model.mscale", "model.beta_fast", "model.beta_slow", "model.embed_init_std",
+  for (const char* key : {"optim.lr",           "optim.min_lr",
+                          "optim.weight_decay", "optim.beta1",
+                          "optim.beta2",        "optim.eps",
+                          "optim.grad_clip",    "train.peak_tflops",
+                          "data.val_fraction",  "model.bias_update_rate",
+                          "model.route_scale",  "model.aux_loss_alpha",
+                          "model.rope_theta",   "model.rope_factor",
+                          "model.init_std",     "model.norm_eps",
+                          "model.mscale",       "model.beta_fast",
+                          "model.beta_slow",    "model.embed_init_std",
                           "model.embed_scale"}) {
     // 1e39 and -3.5e38 are finite doubles but ±inf in f32, where the devices compute.
     for (const char* value : {".inf", "-.inf", ".nan", "1e999", "1e39", "-3.5e38"}) {
@@ -52,8 +58,9 @@ TEST_F(E2E, NonFiniteStateIsNeverCheckpointed) {
   E2E_EXPECT_OK(train(write_config(y)));
   const fs::path ck = dir_ / "run" / "checkpoints";
   ASSERT_EQ(read_file(ck / "latest"), "step_000000002\n");
-  const RunResult r = train(write_config(y), {"--resume", "--set", "train.max_steps=4", "--set", "optim.lr=3.4e38", "--set",
-                                              "optim.weight_decay=100", "--set", "optim.min_lr=0", "--set", "optim.warmup_steps=0"});
+  const RunResult r =
+      train(write_config(y), {"--resume", "--set", "train.max_steps=4", "--set", "optim.lr=3.4e38", "--set",
+                              "optim.weight_decay=100", "--set", "optim.min_lr=0", "--set", "optim.warmup_steps=0"});
   expect_clean_error(r, {"step 3", "non-finite value(s) in the weights", "no checkpoint written",
                          "Last good checkpoint: " + (ck / "step_000000002").string()});
   EXPECT_EQ(r.code, 1);
@@ -70,7 +77,8 @@ TEST_F(E2E, NonFiniteStateIsNeverCheckpointed) {
            {"optim.lr", "3.4e38"}, {"optim.weight_decay", "100"}, {"optim.min_lr", "0"}, {"optim.warmup_steps", "0"}})
     b.set(k, v);
   const RunResult rb = train(write_config(b, "fresh.yaml"));
-  expect_clean_error(rb, {"step 1", "non-finite value(s) in the weights", "no checkpoint written", "Last good checkpoint: none"});
+  expect_clean_error(
+      rb, {"step 1", "non-finite value(s) in the weights", "no checkpoint written", "Last good checkpoint: none"});
   EXPECT_FALSE(fs::exists(dir_ / "fresh" / "checkpoints" / "latest"));
   EXPECT_TRUE(list_dir(dir_ / "fresh" / "checkpoints", "step_").empty());
 }
@@ -85,8 +93,9 @@ TEST_F(E2E, NonFiniteValidationLossIsABadStep) {
   E2E_EXPECT_OK(train(write_config(y)));
   const fs::path ck = dir_ / "run" / "checkpoints";
   // lr 1e37: Adam moves every weight by about 1e37, finite in f32, but the logits overflow.
-  const RunResult r = train(write_config(y), {"--resume", "--set", "train.max_steps=3", "--set", "optim.lr=1e37", "--set",
-                                              "optim.min_lr=0", "--set", "optim.warmup_steps=0", "--set", "optim.grad_clip=0"});
+  const RunResult r =
+      train(write_config(y), {"--resume", "--set", "train.max_steps=3", "--set", "optim.lr=1e37", "--set",
+                              "optim.min_lr=0", "--set", "optim.warmup_steps=0", "--set", "optim.grad_clip=0"});
   expect_clean_error(r, {"step 3", "non-finite", "Last good checkpoint: " + (ck / "step_000000002").string()});
   EXPECT_EQ(read_file(ck / "latest"), "step_000000002\n");
   EXPECT_FALSE(fs::exists(ck / "step_000000003"));

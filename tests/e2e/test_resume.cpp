@@ -21,10 +21,11 @@ std::map<int64_t, nlohmann::json> rows_by_step(const std::vector<nlohmann::json>
 // The same double, bit for bit (NaN never expected here).
 void expect_same(const nlohmann::json& a, const nlohmann::json& b, const std::string& key, int64_t step) {
   ASSERT_TRUE(a.contains(key) && b.contains(key)) << key << " missing at step " << step;
-  ASSERT_TRUE(a.at(key).is_number() && b.at(key).is_number()) << key << " at step " << step << ": " << a.at(key) << " / " << b.at(key);
+  ASSERT_TRUE(a.at(key).is_number() && b.at(key).is_number())
+      << key << " at step " << step << ": " << a.at(key) << " / " << b.at(key);
   const double x = a.at(key).get<double>(), y = b.at(key).get<double>();
-  EXPECT_EQ(std::memcmp(&x, &y, sizeof x), 0) << key << " differs at step " << step << ": " << a.at(key).dump() << " (straight) vs "
-                                              << b.at(key).dump() << " (resumed)";
+  EXPECT_EQ(std::memcmp(&x, &y, sizeof x), 0) << key << " differs at step " << step << ": " << a.at(key).dump()
+                                              << " (straight) vs " << b.at(key).dump() << " (resumed)";
 }
 
 TEST_F(E2E, ResumeIsBitwiseIdenticalToNeverStopping) {
@@ -57,7 +58,8 @@ TEST_F(E2E, ResumeIsBitwiseIdenticalToNeverStopping) {
 
   const RunResult b2 = train(b_cfg, {"--set", "train.stop_after=0", "--resume"});
   E2E_EXPECT_OK(b2);
-  EXPECT_NE(b2.out.find("resumed from " + (b_ck / "step_000000006").string() + " at step 6"), std::string::npos) << b2.out;
+  EXPECT_NE(b2.out.find("resumed from " + (b_ck / "step_000000006").string() + " at step 6"), std::string::npos)
+      << b2.out;
 
   // Per-step metrics, steps 1..2N: the resumed half must repeat the straight run exactly.
   const auto a_rows = read_jsonl(dir_ / "a" / "metrics.jsonl"), b_rows = read_jsonl(dir_ / "b" / "metrics.jsonl");
@@ -68,8 +70,8 @@ TEST_F(E2E, ResumeIsBitwiseIdenticalToNeverStopping) {
   EXPECT_EQ(std::count_if(b_rows.begin(), b_rows.end(), [](const auto& r) { return r.at("kind") == "train"; }), 2 * kN);
   for (int64_t step = 1; step <= 2 * kN; ++step) {
     ASSERT_TRUE(a_train.contains(step) && b_train.contains(step)) << "step " << step;
-    for (const char* key : {"loss", "aux_loss", "grad_norm", "lr", "tokens_seen", "imbalance_l1", "bias_range_l1", "lambda_l0",
-                            "lambda_l1"})
+    for (const char* key : {"loss", "aux_loss", "grad_norm", "lr", "tokens_seen", "imbalance_l1", "bias_range_l1",
+                            "lambda_l0", "lambda_l1"})
       expect_same(a_train.at(step), b_train.at(step), key, step);
   }
   // Training really moved: the losses are not all the same number.
@@ -91,7 +93,8 @@ TEST_F(E2E, ResumeIsBitwiseIdenticalToNeverStopping) {
       EXPECT_GT(fa.size(), 1000u);
       EXPECT_TRUE(fa == fb) << step_dir << "/" << f << " differs between the straight and the resumed run";
     }
-    for (const char* key : {"step", "tokens_seen", "loader", "seed"}) EXPECT_EQ(ia.state.at(key), ib.state.at(key)) << key;
+    for (const char* key : {"step", "tokens_seen", "loader", "seed"})
+      EXPECT_EQ(ia.state.at(key), ib.state.at(key)) << key;
   }
   EXPECT_EQ(read_file(a_ck / "latest"), "step_000000012\n");
   EXPECT_EQ(read_file(b_ck / "latest"), "step_000000012\n");

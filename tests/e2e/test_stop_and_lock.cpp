@@ -45,7 +45,8 @@ void expect_only_warnings(const RunResult& r) {
 // The run has a first step logged: it is inside the training loop.
 void wait_for_step(const Child& c, const fs::path& metrics, int64_t step) {
   ASSERT_TRUE(wait_until([&] { return last_train_step(metrics) >= step || ::kill(c.pid, 0) != 0; }, 120))
-      << "no step " << step << " logged\n" << c.out() << c.err();
+      << "no step " << step << " logged\n"
+      << c.out() << c.err();
   ASSERT_GE(last_train_step(metrics), step) << "the trainer ended early\n" << c.out() << c.err();
 }
 
@@ -76,7 +77,8 @@ TEST_F(E2E, StopSignalsFinishTheStepWriteACheckpointAndExit75) {
     more.set("train.max_steps", std::to_string(k + 2));
     const RunResult again = train(write_config(more, name + "_more.yaml"), {"--resume"});
     E2E_EXPECT_OK(again);
-    EXPECT_NE(again.out.find(fmt::format("resumed from {} at step {}", (ck / step_dir).string(), k)), std::string::npos) << again.out;
+    EXPECT_NE(again.out.find(fmt::format("resumed from {} at step {}", (ck / step_dir).string(), k)), std::string::npos)
+        << again.out;
     EXPECT_EQ(read_file(ck / "latest"), fmt::format("step_{:09d}\n", k + 2));
   }
 }
@@ -135,7 +137,8 @@ TEST_F(E2E, AFreshRunOverAnEarlierRunNeedsResumeOrOverwrite) {
   Yaml shorter = y;
   shorter.set("train.max_steps", "2");
   const fs::path short_cfg = write_config(shorter, "short.yaml");
-  expect_clean_error(train(short_cfg), {(dir_ / "run").string(), "earlier run", "--resume", "--overwrite", metrics.string()});
+  expect_clean_error(train(short_cfg),
+                     {(dir_ / "run").string(), "earlier run", "--resume", "--overwrite", metrics.string()});
   EXPECT_EQ(read_file(ck / "latest"), "step_000000004\n");
   EXPECT_EQ(read_file(metrics), metrics_before);
   const RunResult both = train(short_cfg, {"--resume", "--overwrite"});
@@ -193,7 +196,8 @@ TEST_F(E2E, KillNineAtRandomPointsNeverLeavesABadCheckpoint) {
   const RunResult last = train(cfg, {find_latest_checkpoint(ck.string()) ? "--resume" : "--overwrite"});
   E2E_EXPECT_OK(last);
   EXPECT_EQ(read_file(ck / "latest"), "step_000000012\n");
-  for (const auto& d : list_dir(ck, "step_")) EXPECT_EQ(d.string().find(".tmp"), std::string::npos) << "left behind: " << d;
+  for (const auto& d : list_dir(ck, "step_"))
+    EXPECT_EQ(d.string().find(".tmp"), std::string::npos) << "left behind: " << d;
   EXPECT_NO_THROW(open_checkpoint((ck / "step_000000012").string()));
 }
 

@@ -20,14 +20,17 @@ std::vector<eval::ScoreRow> request_rows(int64_t seq) {
   for (uint64_t r = 0; r < 11; ++r) {
     eval::EncodedPair p;
     const int64_t n_ctx = 1 + static_cast<int64_t>(r * 5 % 17), n_cont = 1 + static_cast<int64_t>(r % 4);
-    for (int64_t i = 0; i < n_ctx; ++i) p.context.push_back(static_cast<int32_t>(uniform_at(21, r, static_cast<uint64_t>(i)) * 256));
-    for (int64_t i = 0; i < n_cont; ++i) p.continuation.push_back(static_cast<int32_t>(uniform_at(22, r, static_cast<uint64_t>(i)) * 256));
+    for (int64_t i = 0; i < n_ctx; ++i)
+      p.context.push_back(static_cast<int32_t>(uniform_at(21, r, static_cast<uint64_t>(i)) * 256));
+    for (int64_t i = 0; i < n_cont; ++i)
+      p.continuation.push_back(static_cast<int32_t>(uniform_at(22, r, static_cast<uint64_t>(i)) * 256));
     rows.push_back(eval::loglikelihood_row(p, seq, "row"));
   }
   return rows;
 }
 
-std::vector<eval::RowScore> score_on(Backend& be, Precision precision, const std::vector<eval::ScoreRow>& rows, int64_t seq) {
+std::vector<eval::RowScore> score_on(Backend& be, Precision precision, const std::vector<eval::ScoreRow>& rows,
+                                     int64_t seq) {
   auto m = test::eval_test_model_on(be, ModelOptions{.precision = precision});
   m->set_batch_shape(4, seq);
   eval::BatchScorer s(*m, 0);
@@ -45,7 +48,8 @@ TEST(CudaEval, ScorerMatchesCpu) {
   auto cuda = make_backend("cuda");
   const int64_t seq = 16;
   const std::vector<eval::ScoreRow> rows = request_rows(seq);
-  for (const auto& [precision, tol] : std::vector<std::pair<Precision, double>>{{Precision::kF32, 2e-4}, {Precision::kBF16, 0.06}}) {
+  for (const auto& [precision, tol] :
+       std::vector<std::pair<Precision, double>>{{Precision::kF32, 2e-4}, {Precision::kBF16, 0.06}}) {
     SCOPED_TRACE(std::string(precision_name(precision)));
     CpuBackend cpu;
     const auto want = score_on(cpu, precision, rows, seq);

@@ -18,8 +18,8 @@
 #include "data/tokenizer.h"
 #include "eval/batch_scorer.h"
 #include "model/config.h"
-#include "model/model.h"
 #include "model/micro_config.h"
+#include "model/model.h"
 
 namespace diffmoe::test {
 
@@ -85,12 +85,24 @@ class ByteTokenizer : public data::Tokenizer {
 // Differential attention, q compression, MoE layer with groups: the model's every branch, with a
 // vocabulary that holds the byte tokenizer's ids.
 inline ModelConfig eval_test_config(int64_t max_seq_len = 48) {
-  nlohmann::ordered_json j = {
-      {"vocab_size", 260}, {"dim", 16}, {"n_layers", 2}, {"n_dense_layers", 1}, {"n_heads", 4},
-      {"q_lora_rank", 8}, {"kv_lora_rank", 6}, {"qk_nope_head_dim", 4}, {"qk_rope_head_dim", 4},
-      {"v_head_dim", 4}, {"inter_dim", 24}, {"moe_inter_dim", 8}, {"n_routed_experts", 4},
-      {"n_shared_experts", 1}, {"n_activated_experts", 2}, {"n_expert_groups", 2}, {"n_limited_groups", 1},
-      {"max_seq_len", max_seq_len}};
+  nlohmann::ordered_json j = {{"vocab_size", 260},
+                              {"dim", 16},
+                              {"n_layers", 2},
+                              {"n_dense_layers", 1},
+                              {"n_heads", 4},
+                              {"q_lora_rank", 8},
+                              {"kv_lora_rank", 6},
+                              {"qk_nope_head_dim", 4},
+                              {"qk_rope_head_dim", 4},
+                              {"v_head_dim", 4},
+                              {"inter_dim", 24},
+                              {"moe_inter_dim", 8},
+                              {"n_routed_experts", 4},
+                              {"n_shared_experts", 1},
+                              {"n_activated_experts", 2},
+                              {"n_expert_groups", 2},
+                              {"n_limited_groups", 1},
+                              {"max_seq_len", max_seq_len}};
   return ModelConfig::from_json(j, "eval_test");
 }
 
@@ -103,7 +115,8 @@ inline std::unique_ptr<Model> eval_test_model(Backend& be, DType dtype, uint64_t
 
 // The eval test model's weights on any backend, precision and dtype: randomized on the host in
 // f64, then written through set_param (rounded to each compute dtype).
-inline std::unique_ptr<Model> eval_test_model_on(Backend& be, const ModelOptions& opt, uint64_t seed = 11, int64_t max_seq_len = 48) {
+inline std::unique_ptr<Model> eval_test_model_on(Backend& be, const ModelOptions& opt, uint64_t seed = 11,
+                                                 int64_t max_seq_len = 48) {
   CpuBackend host_be;
   auto host = eval_test_model(host_be, DType::kF64, seed, max_seq_len);
   auto m = std::make_unique<Model>(eval_test_config(max_seq_len), be, DType::kF32, opt);

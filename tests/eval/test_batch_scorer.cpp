@@ -21,8 +21,10 @@ std::vector<ScoreRow> mixed_rows(int64_t seq, int64_t vocab) {
   for (size_t r = 0; r < lengths.size(); ++r) {
     ScoreRow row;
     for (int64_t t = 0; t < lengths[r]; ++t) {
-      row.inputs.push_back(static_cast<int32_t>(uniform_at(3, r, static_cast<uint64_t>(t)) * static_cast<double>(vocab - 1)));
-      const int32_t y = static_cast<int32_t>(uniform_at(4, r, static_cast<uint64_t>(t)) * static_cast<double>(vocab - 1));
+      row.inputs.push_back(
+          static_cast<int32_t>(uniform_at(3, r, static_cast<uint64_t>(t)) * static_cast<double>(vocab - 1)));
+      const int32_t y =
+          static_cast<int32_t>(uniform_at(4, r, static_cast<uint64_t>(t)) * static_cast<double>(vocab - 1));
       row.targets.push_back((++k % 3 == 0 || r == 5) ? -1 : y);
     }
     rows.push_back(row);
@@ -83,7 +85,8 @@ TEST(BatchScorer, F32WithinRoundingOfF64AndPaddingIrrelevant) {
   for (size_t r = 0; r < rows.size(); ++r) {
     const double want = test::reference_logprob(*ref, rows[r]);
     EXPECT_NEAR(pad0[r].logprob, want, 1e-4 * static_cast<double>(std::max<int64_t>(1, pad0[r].tokens))) << "row " << r;
-    EXPECT_NEAR(pad200[r].logprob, pad0[r].logprob, 1e-4 * static_cast<double>(std::max<int64_t>(1, pad0[r].tokens))) << "row " << r;
+    EXPECT_NEAR(pad200[r].logprob, pad0[r].logprob, 1e-4 * static_cast<double>(std::max<int64_t>(1, pad0[r].tokens)))
+        << "row " << r;
   }
 }
 
@@ -105,7 +108,8 @@ TEST(BatchScorer, Bf16ModeWithinRoundingOfF32) {
   for (size_t r = 0; r < rows.size(); ++r) {
     const double want = test::reference_logprob(*ref, rows[r]);
     EXPECT_NEAR(got[r].logprob, want, 0.05 * static_cast<double>(std::max<int64_t>(1, got[r].tokens))) << "row " << r;
-    if (got[r].tokens > 0) worst = std::max(worst, std::abs(got[r].logprob - want) / static_cast<double>(got[r].tokens));
+    if (got[r].tokens > 0)
+      worst = std::max(worst, std::abs(got[r].logprob - want) / static_cast<double>(got[r].tokens));
   }
   RecordProperty("worst_error_per_token", std::to_string(worst));
   EXPECT_GT(worst, 0.0) << "bf16 rounding must show: the mode is not in effect";

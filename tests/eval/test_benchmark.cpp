@@ -3,8 +3,8 @@
 // Generator decode engine runs the cases it is given.
 #include <gtest/gtest.h>
 
-#include "train/benchmark.h"
 #include "eval_test_util.h"
+#include "train/benchmark.h"
 
 namespace diffmoe {
 namespace {
@@ -86,7 +86,8 @@ TEST(Benchmark, GeneratorEngineChecksItsCase) {
   const DecodeTiming t = time_generator_decode(*model, DecodeCase{.batch = 2, .prompt_len = 6, .new_tokens = 4});
   EXPECT_GT(t.prefill_s, 0);
   EXPECT_GT(t.decode_s, 0);
-  EXPECT_THROW(time_generator_decode(*model, DecodeCase{.batch = 1, .prompt_len = 12, .new_tokens = 5}), Error) << "past max_seq_len";
+  EXPECT_THROW(time_generator_decode(*model, DecodeCase{.batch = 1, .prompt_len = 12, .new_tokens = 5}), Error)
+      << "past max_seq_len";
   EXPECT_THROW(time_generator_decode(*model, DecodeCase{.batch = 0, .prompt_len = 2, .new_tokens = 1}), Error);
 }
 

@@ -88,12 +88,14 @@ TEST(ChoiceLength, CountsCodePointsAsPythonLen) {
 }
 
 // The documents' lls from one f64 forward per request (the reference of eval_test_util.h).
-std::vector<std::vector<double>> reference_lls(Model& ref, const data::Tokenizer& tok, const std::vector<McDoc>& docs, int64_t seq) {
+std::vector<std::vector<double>> reference_lls(Model& ref, const data::Tokenizer& tok, const std::vector<McDoc>& docs,
+                                               int64_t seq) {
   std::vector<std::vector<double>> out;
   for (const McDoc& d : docs) {
     std::vector<double> lls;
     for (const std::string& c : d.choices)
-      lls.push_back(test::reference_logprob(ref, eval::loglikelihood_row(eval::encode_pair(tok, d.context, " " + c, 256), seq, d.where)));
+      lls.push_back(test::reference_logprob(
+          ref, eval::loglikelihood_row(eval::encode_pair(tok, d.context, " " + c, 256), seq, d.where)));
     out.push_back(lls);
   }
   return out;
@@ -114,14 +116,15 @@ TEST(MultipleChoice, AccAndAccNormFromHandComputedLoglikelihoods) {
   auto ref = test::eval_test_model(be, DType::kF64);
   auto model = test::eval_test_model(be, DType::kF64);
   const int64_t seq = 40;
-  const std::vector<std::string> contexts = {"The cat sat on the", "Water boils at", "My favourite colour is ", "One two three",
-                                             "Answer:", "She opened the door and"};
+  const std::vector<std::string> contexts = {"The cat sat on the", "Water boils at", "My favourite colour is ",
+                                             "One two three",      "Answer:",        "She opened the door and"};
   const std::vector<std::vector<std::string>> choice_sets = {
       {"a", "mat by the fire", "xq"}, {"hot", "one hundred degrees", "z"}, {"blue", "b", "a very bright red"},
-      {"four five six", "4", "fore"}, {"yes", "no", "maybe not today"}, {"left", "walked into the garden", "s"}};
+      {"four five six", "4", "fore"}, {"yes", "no", "maybe not today"},    {"left", "walked into the garden", "s"}};
   std::vector<McDoc> candidates;
   for (size_t i = 0; i < contexts.size(); ++i)
-    candidates.push_back(McDoc{.context = contexts[i], .choices = choice_sets[i], .gold = 0, .where = "doc" + std::to_string(i)});
+    candidates.push_back(
+        McDoc{.context = contexts[i], .choices = choice_sets[i], .gold = 0, .where = "doc" + std::to_string(i)});
   const auto lls = reference_lls(*ref, tok, candidates, seq);
   std::vector<McDoc> docs;
   std::vector<std::vector<double>> want;
@@ -135,7 +138,8 @@ TEST(MultipleChoice, AccAndAccNormFromHandComputedLoglikelihoods) {
     docs.push_back(d);
     want.push_back(lls[i]);
   }
-  ASSERT_GE(docs.size(), 2u) << "the candidate documents must contain cases where length normalisation changes the answer";
+  ASSERT_GE(docs.size(), 2u)
+      << "the candidate documents must contain cases where length normalisation changes the answer";
   // One document whose choices have equal lengths (so ll and ll/len agree), with a wrong gold:
   // acc = acc_norm = 0.
   McDoc same{.context = "Pick one:", .choices = {"red", "tan", "sky"}, .gold = 0, .where = "equal lengths"};
@@ -154,7 +158,8 @@ TEST(MultipleChoice, AccAndAccNormFromHandComputedLoglikelihoods) {
   for (size_t d = 0; d < docs.size(); ++d) {
     SCOPED_TRACE(docs[d].where);
     ASSERT_EQ(r.docs[d].loglikelihoods.size(), want[d].size());
-    for (size_t i = 0; i < want[d].size(); ++i) EXPECT_NEAR(r.docs[d].loglikelihoods[i], want[d][i], 1e-10 * (1 + std::abs(want[d][i])));
+    for (size_t i = 0; i < want[d].size(); ++i)
+      EXPECT_NEAR(r.docs[d].loglikelihoods[i], want[d][i], 1e-10 * (1 + std::abs(want[d][i])));
     const int64_t raw = eval::argmax(want[d]), norm = eval::argmax(normalised(want[d], docs[d]));
     EXPECT_EQ(r.docs[d].pred, raw);
     EXPECT_EQ(r.docs[d].pred_norm, norm);
@@ -183,7 +188,8 @@ TEST(MultipleChoice, BadDocumentsAreErrors) {
       EXPECT_NE(std::string(e.what()).find(needle), std::string::npos) << e.what();
     }
   };
-  fails(McDoc{.context = "c", .choices = {"a", "b"}, .gold = 2, .where = "f.jsonl:3"}, "f.jsonl:3: the answer index 2 is not one of the 2 choices");
+  fails(McDoc{.context = "c", .choices = {"a", "b"}, .gold = 2, .where = "f.jsonl:3"},
+        "f.jsonl:3: the answer index 2 is not one of the 2 choices");
   fails(McDoc{.context = "c", .choices = {}, .gold = 0, .where = "f.jsonl:4"}, "f.jsonl:4: no choices");
   fails(McDoc{.context = "c", .choices = {"a", ""}, .gold = 0, .where = "f.jsonl:5"}, "f.jsonl:5: an empty choice");
 }

@@ -19,7 +19,8 @@ TEST(RollingWindows, DisjointAndSlidingByHand) {
   // stride = window: disjoint chunks, the last window right-aligned (lm-eval's rolling windows).
   EXPECT_EQ(eval::rolling_windows(10, 4, 4), (std::vector<TokenWindow>{{0, 4, 1}, {4, 8, 5}, {6, 10, 9}}));
   // stride 2: two new targets per window, after at least 2 tokens of context.
-  EXPECT_EQ(eval::rolling_windows(10, 4, 2), (std::vector<TokenWindow>{{0, 2, 1}, {0, 4, 3}, {2, 6, 5}, {4, 8, 7}, {6, 10, 9}}));
+  EXPECT_EQ(eval::rolling_windows(10, 4, 2),
+            (std::vector<TokenWindow>{{0, 2, 1}, {0, 4, 3}, {2, 6, 5}, {4, 8, 7}, {6, 10, 9}}));
   EXPECT_EQ(eval::rolling_windows(3, 8, 8), (std::vector<TokenWindow>{{0, 3, 1}}));
   EXPECT_THROW(eval::rolling_windows(10, 4, 5), Error);
   EXPECT_THROW(eval::rolling_windows(10, 4, 0), Error);
@@ -62,7 +63,8 @@ TEST(Perplexity, WordCount) {
 
 // The known text: multi-byte UTF-8 (so bytes ≠ characters), 3 paragraphs, longer than a window.
 const std::string kText =
-    "Na\xC3\xAFve caf\xC3\xA9 owners serve cr\xC3\xA8me br\xC3\xBBl\xC3\xA9" "e at noon.\n\n"
+    "Na\xC3\xAFve caf\xC3\xA9 owners serve cr\xC3\xA8me br\xC3\xBBl\xC3\xA9"
+    "e at noon.\n\n"
     "The mill wheel turns; the river runs \xE2\x80\x94 slowly.\n\nEnd.\n";
 
 // Σ over the document's windows of the hand-computed window log-likelihoods.
@@ -90,8 +92,8 @@ TEST(Perplexity, BitsPerByteOfAKnownText) {
   eval::BatchScorer scorer(*model, 0);
   for (const int64_t stride : {window, int64_t{12}}) {
     SCOPED_TRACE(testing::Message() << "stride " << stride);
-    const eval::PerplexityResult r =
-        eval::evaluate_perplexity(scorer, tok, test::ByteTokenizer::kEot, std::vector{file}, eval::PerplexityOptions{.stride = stride});
+    const eval::PerplexityResult r = eval::evaluate_perplexity(
+        scorer, tok, test::ByteTokenizer::kEot, std::vector{file}, eval::PerplexityOptions{.stride = stride});
     const double nats = reference_nats(*ref, kText, window, stride);
     EXPECT_EQ(r.docs, 1);
     EXPECT_EQ(r.tokens, bytes);
@@ -116,7 +118,8 @@ TEST(Perplexity, DocumentsAcrossFilesAndLimit) {
   auto ref = test::eval_test_model(be, DType::kF64);
   auto model = test::eval_test_model(be, DType::kF64);
   const int64_t window = 24;
-  const std::vector<std::string> docs = {"short one", "A second document, a little longer than the window is.", "third"};
+  const std::vector<std::string> docs = {"short one", "A second document, a little longer than the window is.",
+                                         "third"};
   std::string jsonl;
   for (const auto& d : docs) jsonl += nlohmann::json{{"body", d}}.dump() + "\n";
   const test::TempDir tmp;
@@ -138,7 +141,8 @@ TEST(Perplexity, DocumentsAcrossFilesAndLimit) {
   EXPECT_EQ(two.docs, 2);
   EXPECT_EQ(two.bytes, static_cast<int64_t>(docs[0].size() + docs[1].size()));
   const eval::PerplexityResult first = run(0, 1), first_s3 = run(3, 1);
-  EXPECT_NEAR(first.nats, first_s3.nats, 1e-9 * first.nats) << "a document within one window scores the same for any stride";
+  EXPECT_NEAR(first.nats, first_s3.nats, 1e-9 * first.nats)
+      << "a document within one window scores the same for any stride";
   EXPECT_EQ(first_s3.windows, 3);
 }
 

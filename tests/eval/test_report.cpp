@@ -31,9 +31,12 @@ eval::EvalReport sample_report() {
   r.precision = "f32";
   r.batch = 8;
   r.rows.push_back({.task = "arc", .metric = "acc", .value = 0.75, .stderr_of_mean = 0.25, .count = 4});
-  r.rows.push_back({.task = "arc", .metric = "acc_norm", .value = 0.5, .stderr_of_mean = std::sqrt(1.0 / 12.0), .count = 4});
-  r.rows.push_back({.task = "wiki", .metric = "bits_per_byte", .value = 1.25, .stderr_of_mean = std::nullopt, .count = 2});
-  r.rows.push_back({.task = "wiki", .metric = "word_perplexity", .value = std::nan(""), .stderr_of_mean = std::nullopt, .count = 0});
+  r.rows.push_back(
+      {.task = "arc", .metric = "acc_norm", .value = 0.5, .stderr_of_mean = std::sqrt(1.0 / 12.0), .count = 4});
+  r.rows.push_back(
+      {.task = "wiki", .metric = "bits_per_byte", .value = 1.25, .stderr_of_mean = std::nullopt, .count = 2});
+  r.rows.push_back(
+      {.task = "wiki", .metric = "word_perplexity", .value = std::nan(""), .stderr_of_mean = std::nullopt, .count = 0});
   r.tasks["arc"] = {{"documents", 4}};
   return r;
 }

@@ -21,7 +21,8 @@ void expect_error(const std::function<void()>& f, const Strings& needles) {
     f();
     ADD_FAILURE() << "no error; expected one naming " << ::testing::PrintToString(needles);
   } catch (const Error& e) {
-    for (const auto& n : needles) EXPECT_NE(std::string(e.what()).find(n), std::string::npos) << "'" << n << "' not in: " << e.what();
+    for (const auto& n : needles)
+      EXPECT_NE(std::string(e.what()).find(n), std::string::npos) << "'" << n << "' not in: " << e.what();
   }
 }
 
@@ -32,8 +33,9 @@ TEST(TaskDocs, Hellaswag) {
   ASSERT_EQ(d.size(), 4u);
   // activity_label + ": " + ctx_a + " " + ctx_b.capitalize()
   EXPECT_EQ(d[0].context, "Baking bread: A man kneads a ball of dough on a floured table. He");
-  EXPECT_EQ(d[0].choices, (Strings{"shapes it into a loaf and places it in a tin.", "throws the table out of the window.",
-                                   "reads a newspaper upside down while singing.", "paints the dough bright blue."}));
+  EXPECT_EQ(d[0].choices,
+            (Strings{"shapes it into a loaf and places it in a tin.", "throws the table out of the window.",
+                     "reads a newspaper upside down while singing.", "paints the dough bright blue."}));
   EXPECT_EQ(d[0].gold, 0);
   EXPECT_EQ(d[1].gold, 1) << "label as a digit string";
   // " [title]" -> ". ", "[...]" dropped, "  " -> " " (after the strip, as lm-eval: the leading
@@ -67,7 +69,8 @@ TEST(TaskDocs, ArcAndPiqa) {
   const std::vector<McDoc> piqa = eval::load_task_docs(eval::parse_task_spec("piqa:" + fixture("piqa.jsonl")));
   ASSERT_EQ(piqa.size(), 4u);
   EXPECT_EQ(piqa[1].context, "Question: How do you open a jar with a tight lid?\nAnswer:");
-  EXPECT_EQ(piqa[1].choices, (Strings{"Hit the jar against a wall until it breaks.", "Run the lid under hot water, then twist it."}));
+  EXPECT_EQ(piqa[1].choices,
+            (Strings{"Hit the jar against a wall until it breaks.", "Run the lid under hot water, then twist it."}));
   EXPECT_EQ(piqa[1].gold, 1);
 }
 
@@ -78,7 +81,8 @@ TEST(TaskConfig, FieldsFormatFromYaml) {
   EXPECT_EQ(t.file, fixture("capitals.jsonl")) << "relative to the config's folder";
   const std::vector<McDoc> d = eval::load_task_docs(t);
   ASSERT_EQ(d.size(), 5u);
-  EXPECT_EQ(d[0].context, "Question (Europe): what is the capital of France?\nAnswer:") << "{{meta.region}} and {{ country }}";
+  EXPECT_EQ(d[0].context, "Question (Europe): what is the capital of France?\nAnswer:")
+      << "{{meta.region}} and {{ country }}";
   EXPECT_EQ(d[2].choices, (Strings{"Mombasa", "Kisumu", "Nairobi"}));
   EXPECT_EQ(d[2].gold, 2);
   EXPECT_EQ(d[4].gold, 1);
@@ -123,7 +127,8 @@ TEST(TaskDocs, FewShotContexts) {
   // Asking for more examples than there are other documents is an error naming the config.
   test::TempDir tmp;
   const auto cfg = tmp.write("t.yaml", "file: " + fixture("arc.jsonl") + "\nformat: arc\nnum_fewshot: 4\n");
-  expect_error([&] { eval::load_task_docs(eval::load_task_config(cfg.string())); }, {cfg.string(), "num_fewshot: 4 examples asked"});
+  expect_error([&] { eval::load_task_docs(eval::load_task_config(cfg.string())); },
+               {cfg.string(), "num_fewshot: 4 examples asked"});
 }
 
 TEST(TaskDocs, BadDocumentsNameFileLineAndField) {
@@ -143,17 +148,23 @@ TEST(TaskDocs, BadDocumentsNameFileLineAndField) {
                {p + ":1: field 'label': expected the answer's index"});
   expect_error([&] { docs("piqa", R"({"goal": ["g"], "sol1": "a", "sol2": "b", "label": 0})"); },
                {p + ":1: field 'goal': expected a string or a number"});
-  expect_error([&] { docs("piqa", R"({"goal": "g", "sol1": 1, "sol2": "b", "label": 0})"); }, {p + ":1: field 'sol1': expected a string"});
-  expect_error([&] { docs("piqa", R"({"goal": "g", "sol1": "", "sol2": "b", "label": 0})"); }, {p + ":1: choice 0 is empty"});
+  expect_error([&] { docs("piqa", R"({"goal": "g", "sol1": 1, "sol2": "b", "label": 0})"); },
+               {p + ":1: field 'sol1': expected a string"});
+  expect_error([&] { docs("piqa", R"({"goal": "g", "sol1": "", "sol2": "b", "label": 0})"); },
+               {p + ":1: choice 0 is empty"});
   const std::string h = (tmp.path() / "bad_hellaswag.jsonl").string();
   expect_error([&] { docs("hellaswag", R"({"ctx": "c", "endings": "one", "label": 0})"); },
                {h + ":1: field 'endings': expected a non-empty list of strings"});
   expect_error([&] { docs("hellaswag", R"({"ctx": "c", "label": 0})"); }, {h + ":1: field 'endings': missing"});
   const std::string a = (tmp.path() / "bad_arc.jsonl").string();
-  expect_error([&] { docs("arc", R"({"question": "q", "choices": {"text": ["x", "y"], "label": ["A", "B"]}, "answerKey": "E"})"); },
-               {a + ":1: field 'answerKey': answer 'E' is not one of the labels in 'choices.label'"});
-  expect_error([&] { docs("arc", R"({"question": "q", "choices": {"text": ["x", "y"], "label": ["A"]}, "answerKey": "A"})"); },
-               {a + ":1: field 'choices.label': 1 labels for 2 choices"});
+  expect_error(
+      [&] {
+        docs("arc", R"({"question": "q", "choices": {"text": ["x", "y"], "label": ["A", "B"]}, "answerKey": "E"})");
+      },
+      {a + ":1: field 'answerKey': answer 'E' is not one of the labels in 'choices.label'"});
+  expect_error(
+      [&] { docs("arc", R"({"question": "q", "choices": {"text": ["x", "y"], "label": ["A"]}, "answerKey": "A"})"); },
+      {a + ":1: field 'choices.label': 1 labels for 2 choices"});
   expect_error([&] { docs("arc", ""); }, {a, "no documents"});
   const std::string missing = (tmp.path() / "nope.jsonl").string();
   expect_error([&] { eval::load_task_docs(eval::parse_task_spec("arc:" + missing)); }, {missing, "cannot open"});
@@ -167,17 +178,23 @@ TEST(TaskConfig, BadConfigsNameFileAndKey) {
   };
   const std::string y = (tmp.path() / "task.yaml").string();
   expect_error([&] { load("file: x.jsonl\nformat: arc\nnum_shots: 2\n"); }, {y, "num_shots: unknown key"});
-  expect_error([&] { load("file: x.jsonl\nformat: mmlu\n"); }, {y, "format: 'mmlu' is not hellaswag, arc, piqa, fields or text"});
+  expect_error([&] { load("file: x.jsonl\nformat: mmlu\n"); },
+               {y, "format: 'mmlu' is not hellaswag, arc, piqa, fields or text"});
   expect_error([&] { load("file: x.jsonl\n"); }, {y, "format: missing"});
   expect_error([&] { load("format: piqa\n"); }, {y, "file: missing"});
-  expect_error([&] { load("file: x.jsonl\nformat: fields\nchoices: options\nlabel: answer\n"); }, {y, "doc_to_text: missing"});
+  expect_error([&] { load("file: x.jsonl\nformat: fields\nchoices: options\nlabel: answer\n"); },
+               {y, "doc_to_text: missing"});
   expect_error([&] { load("file: x.jsonl\nformat: arc\nnum_fewshot: -1\n"); }, {y, "num_fewshot: must be >= 0"});
-  expect_error([&] { load("file: x.jsonl\nformat: arc\nnum_fewshot: two\n"); }, {y, "num_fewshot: expected an integer"});
+  expect_error([&] { load("file: x.jsonl\nformat: arc\nnum_fewshot: two\n"); },
+               {y, "num_fewshot: expected an integer"});
   expect_error([&] { load("file: t\nformat: text\ndoc_to_text: x\n"); }, {y, "doc_to_text: unknown key"});
-  expect_error([&] { eval::parse_task_spec("mmlu:x.jsonl"); }, {"--task mmlu:x.jsonl", "neither a task YAML file nor FORMAT:FILE"});
+  expect_error([&] { eval::parse_task_spec("mmlu:x.jsonl"); },
+               {"--task mmlu:x.jsonl", "neither a task YAML file nor FORMAT:FILE"});
   // A template naming a key the document lacks.
-  const auto data = tmp.write("d.jsonl", R"({"q": "x", "options": ["a", "b"], "answer": 1})" "\n");
-  const auto cfg = tmp.write("f.yaml", "file: d.jsonl\nformat: fields\ndoc_to_text: '{{question}}'\nchoices: options\nlabel: answer\n");
+  const auto data = tmp.write("d.jsonl", R"({"q": "x", "options": ["a", "b"], "answer": 1})"
+                                         "\n");
+  const auto cfg = tmp.write(
+      "f.yaml", "file: d.jsonl\nformat: fields\ndoc_to_text: '{{question}}'\nchoices: options\nlabel: answer\n");
   expect_error([&] { eval::load_task_docs(eval::load_task_config(cfg.string())); },
                {data.string() + ":1: field 'question': missing (named in doc_to_text)"});
 }

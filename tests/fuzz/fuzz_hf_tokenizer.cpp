@@ -41,7 +41,8 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     return 0;
   }
   const std::string_view text = diffmoe::fuzz::as_text(data, size);
-  const bool exact = !adds_prefix_space(nlohmann::json::parse(text.begin(), text.end(), nullptr, /*allow_exceptions=*/false));
+  const bool exact =
+      !adds_prefix_space(nlohmann::json::parse(text.begin(), text.end(), nullptr, /*allow_exceptions=*/false));
   check_round_trip(*tok, "Hello, world! It's 2024 \xe2\x80\x94 caf\xc3\xa9 \xff\xfe <|endoftext|> \n\n  x", exact);
   // The file's own bytes, as text (whatever they are).
   check_round_trip(*tok, text.substr(0, 256), exact);

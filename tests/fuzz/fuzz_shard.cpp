@@ -11,7 +11,8 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
       const diffmoe::data::Shard s(file.path(), diffmoe::data::ShardOpenOptions{.verify_checksum = verify});
       const std::vector<int32_t> ids = s.read_all();
       for (int32_t id : ids)
-        if (id < 0 || static_cast<uint32_t>(id) >= s.header().vocab_size) diffmoe::fuzz::finding("read_all returned an id outside vocab_size");
+        if (id < 0 || static_cast<uint32_t>(id) >= s.header().vocab_size)
+          diffmoe::fuzz::finding("read_all returned an id outside vocab_size");
     } catch (const diffmoe::Error&) {
     }
   }

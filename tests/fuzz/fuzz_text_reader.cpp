@@ -15,7 +15,8 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   diffmoe::fuzz::write_file(path, body);
   for (const bool skip : {false, true}) {
     try {
-      diffmoe::data::DocumentReader r(path, diffmoe::data::ReaderOptions{.skip_bad_lines = skip, .text_doc_bytes = 64, .max_warnings = 0});
+      diffmoe::data::DocumentReader r(
+          path, diffmoe::data::ReaderOptions{.skip_bad_lines = skip, .text_doc_bytes = 64, .max_warnings = 0});
       std::string doc, all;
       while (r.next(doc)) all += doc;
       if (mode == 0 && all != body) diffmoe::fuzz::finding("the documents of a text file do not add up to its bytes");

@@ -15,8 +15,9 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   } catch (const diffmoe::Error&) {
     return 0;
   }
-  for (const std::string_view text : {std::string_view("Hello, world! It's 2024 \xe2\x80\x94 caf\xc3\xa9 \xff\xfe \n\n  x"),
-                                      diffmoe::fuzz::as_text(data, std::min<size_t>(size, 256))}) {
+  for (const std::string_view text :
+       {std::string_view("Hello, world! It's 2024 \xe2\x80\x94 caf\xc3\xa9 \xff\xfe \n\n  x"),
+        diffmoe::fuzz::as_text(data, std::min<size_t>(size, 256))}) {
     const std::vector<int32_t> ids = tok->encode(text);
     for (int32_t id : ids)
       if (!tok->is_token(id)) diffmoe::fuzz::finding("encode returned an id that is not a token");

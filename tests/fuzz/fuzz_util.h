@@ -15,7 +15,9 @@
 
 namespace diffmoe::fuzz {
 
-inline std::string_view as_text(const uint8_t* data, size_t size) { return {reinterpret_cast<const char*>(data), size}; }
+inline std::string_view as_text(const uint8_t* data, size_t size) {
+  return {reinterpret_cast<const char*>(data), size};
+}
 
 // Writes all of `text` to `fd` from offset 0 and truncates the rest; aborts on failure (the
 // harness, not the code under test, failed).

@@ -18,7 +18,9 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     return 0;
   }
   // Round trip. dump() with replacement: strings may hold bytes that are not UTF-8.
-  const auto text_of = [](const nlohmann::ordered_json& j) { return j.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace); };
+  const auto text_of = [](const nlohmann::ordered_json& j) {
+    return j.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace);
+  };
   nlohmann::ordered_json back;
   try {
     back = diffmoe::parse_yaml(diffmoe::to_yaml(doc), "fuzz.yaml (as written back)");

@@ -86,7 +86,8 @@ class CheckpointTest : public ::testing::Test {
   // A checkpoint with a model file and a small text file; keep everything unless told.
   std::string save(int64_t step, int keep_last = 0, int64_t keep_every = 0) {
     CheckpointSaveOptions opt = options_for(step);
-    opt.files = {model_file(257, static_cast<float>(step) + 0.5f), text_file("notes.txt", fmt::format("step {}\n", step))};
+    opt.files = {model_file(257, static_cast<float>(step) + 0.5f),
+                 text_file("notes.txt", fmt::format("step {}\n", step))};
     opt.keep_last = keep_last;
     opt.keep_every = keep_every;
     return save_checkpoint(opt);
@@ -146,8 +147,8 @@ TEST_F(CheckpointTest, SaveOpenRoundTrip) {
   const json manifest = json::parse(read_file(dir + "/manifest.json"));
   EXPECT_EQ(manifest["version"], 1);
   EXPECT_EQ(manifest["step"], 100);
-  EXPECT_TRUE(std::regex_match(manifest["created"].get<std::string>(),
-                               std::regex(R"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ)")));
+  EXPECT_TRUE(
+      std::regex_match(manifest["created"].get<std::string>(), std::regex(R"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ)")));
   std::vector<std::string> listed;
   for (const auto& f : manifest["files"]) {
     const std::string name = f["name"], path = dir + "/" + name, hash = f["xxh3_64"];
@@ -230,22 +231,22 @@ TEST_F(CheckpointTest, ManifestIsWrittenLastInsideTheTemporaryDirectory) {
   ASSERT_GE(events_fd, 0) << std::strerror(errno);
   int calls = 0;
   auto inspect = [&](const std::string& name) {
-    return CheckpointFile{name, [&, name](const std::string& path) {
-                            if (++calls == 1) {
-                              EXPECT_GE(::inotify_add_watch(events_fd, tmp.c_str(),
-                                                            IN_CREATE | IN_MODIFY | IN_CLOSE_WRITE | IN_MOVED_TO),
-                                        0);
-                            }
-                            // Writers run inside step_N.tmp, before the state, the manifest, the
-                            // rename and the pointer update.
-                            EXPECT_EQ(path, tmp + "/" + name);
-                            EXPECT_TRUE(fs::is_directory(tmp));
-                            EXPECT_FALSE(fs::exists(tmp + "/manifest.json"));
-                            EXPECT_FALSE(fs::exists(tmp + "/trainer_state.json"));
-                            EXPECT_FALSE(fs::exists(step_dir(5)));
-                            EXPECT_EQ(latest(), "step_000000004\n");
-                            write_file(path, "payload of " + name);
-                          }};
+    return CheckpointFile{
+        name, [&, name](const std::string& path) {
+          if (++calls == 1) {
+            EXPECT_GE(::inotify_add_watch(events_fd, tmp.c_str(), IN_CREATE | IN_MODIFY | IN_CLOSE_WRITE | IN_MOVED_TO),
+                      0);
+          }
+          // Writers run inside step_N.tmp, before the state, the manifest, the
+          // rename and the pointer update.
+          EXPECT_EQ(path, tmp + "/" + name);
+          EXPECT_TRUE(fs::is_directory(tmp));
+          EXPECT_FALSE(fs::exists(tmp + "/manifest.json"));
+          EXPECT_FALSE(fs::exists(tmp + "/trainer_state.json"));
+          EXPECT_FALSE(fs::exists(step_dir(5)));
+          EXPECT_EQ(latest(), "step_000000004\n");
+          write_file(path, "payload of " + name);
+        }};
   };
   CheckpointSaveOptions opt = options_for(5);
   opt.files = {inspect("a.bin"), inspect("b.bin"), model_file(100, 5.0f)};
@@ -362,21 +363,15 @@ TEST_P(CheckpointDamageTest, OpenFailsNamingTheFileAndLoadingFallsBack) {
   const std::string dir = step_dir(2);
   const std::string model = dir + "/model.safetensors";
   switch (c.damage) {
-    case Damage::kTruncate:
-      fs::resize_file(model, fs::file_size(model) - 5);
-      break;
+    case Damage::kTruncate: fs::resize_file(model, fs::file_size(model) - 5); break;
     case Damage::kFlipByte: {
       std::string bytes = read_file(model);
       bytes[bytes.size() - 3] ^= 0x01;  // a single bit inside the tensor data
       write_file(model, bytes);
       break;
     }
-    case Damage::kDeleteFile:
-      fs::remove(model);
-      break;
-    case Damage::kDeleteManifest:
-      fs::remove(dir + "/manifest.json");
-      break;
+    case Damage::kDeleteFile: fs::remove(model); break;
+    case Damage::kDeleteManifest: fs::remove(dir + "/manifest.json"); break;
     case Damage::kFlipStateByte: {
       std::string bytes = read_file(dir + "/trainer_state.json");
       bytes[bytes.find("4096") + 1] ^= 0x01;  // still valid JSON, different number

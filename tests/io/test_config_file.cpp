@@ -185,7 +185,8 @@ TEST(Yaml, HostileTextFailsFastWithALocation) {
   const std::string bad_key = error_of([&] { parse_yaml("a: 1\n\xc8\x01: 1\n", "c.yaml"); });
   EXPECT_NE(bad_key.find("not valid UTF-8"), std::string::npos) << bad_key;
   // Valid multi-byte text (2, 3 and 4 bytes) stays as it is.
-  EXPECT_EQ(parse_yaml("a: \"caf\xc3\xa9 \xe2\x80\x94 \xf0\x9f\x99\x82\"\n", "c.yaml")["a"], "caf\xc3\xa9 \xe2\x80\x94 \xf0\x9f\x99\x82");
+  EXPECT_EQ(parse_yaml("a: \"caf\xc3\xa9 \xe2\x80\x94 \xf0\x9f\x99\x82\"\n", "c.yaml")["a"],
+            "caf\xc3\xa9 \xe2\x80\x94 \xf0\x9f\x99\x82");
 }
 
 TEST(Yaml, LoadFile) {
@@ -196,7 +197,9 @@ TEST(Yaml, LoadFile) {
   EXPECT_EQ(load_yaml_file(p)["model"]["d_model"], 64);
 
   const std::string missing = (dir / "missing.yaml").string();
-  EXPECT_EQ(error_of([&] { load_yaml_file(missing); }).rfind(missing + ": cannot open the config file (No such file or directory)", 0),
+  EXPECT_EQ(error_of([&] {
+              load_yaml_file(missing);
+            }).rfind(missing + ": cannot open the config file (No such file or directory)", 0),
             0u);
   const std::string is_dir = error_of([&] { load_yaml_file(dir.string()); });
   EXPECT_EQ(is_dir.rfind(dir.string() + ": the config file is a directory, not a regular file", 0), 0u) << is_dir;
@@ -224,10 +227,12 @@ TEST(Yaml, ToYamlExactOutput) {
 
 TEST(Yaml, ToYamlRoundTripsTrickyValues) {
   Json j = Json::object();
-  j["strings"] = Json::array({"true", "1.5", "", "a: b", "#x", "null", "~", "0x10", "1e5", ".inf", "-", "- x",
-                              " lead", "trail ", "multi\nline", "tab\there", "quote\"s", "back\\slash", "x #y",
-                              "key:", "[x]", "{y}", "*ref", "&anchor", "!tag", "%pct", "@at", "`tick", "|", ">",
-                              "'single'", "...", "... x", "---", "caf\xC3\xA9", "ctrl\x01", "True", "NULL", "+1", ".5", "plain words"});
+  j["strings"] = Json::array(
+      {"true",  "1.5",  "",    "a: b",     "#x",         "null",        "~",         "0x10",        "1e5",
+       ".inf",  "-",    "- x", " lead",    "trail ",     "multi\nline", "tab\there", "quote\"s",    "back\\slash",
+       "x #y",  "key:", "[x]", "{y}",      "*ref",       "&anchor",     "!tag",      "%pct",        "@at",
+       "`tick", "|",    ">",   "'single'", "...",        "... x",       "---",       "caf\xC3\xA9", "ctrl\x01",
+       "True",  "NULL", "+1",  ".5",       "plain words"});
   j["doubles"] = Json::array({0.1, 1e-30, 3.0, -2.5, 1e300, 123456.789, 5e-324, -0.0, 1e16, 2.0 / 3.0});
   j["ints"] = Json::array({0, -1, 9007199254740993LL, std::numeric_limits<int64_t>::min()});
   j["nested"]["deeper"]["list_of_lists"] = Json::parse("[[1, 2], [], [[3]], {}]");
@@ -256,7 +261,8 @@ TEST(Yaml, ToYamlRoundTripsTrickyValues) {
   EXPECT_TRUE(std::isnan(nf_back[2].get<double>()));
 
   // Top-level scalars and empty containers.
-  for (const Json& v : {Json("true"), Json("..."), Json("--- x"), Json(1.0), Json(7), Json(nullptr), Json::array(), Json::object()})
+  for (const Json& v :
+       {Json("true"), Json("..."), Json("--- x"), Json(1.0), Json(7), Json(nullptr), Json::array(), Json::object()})
     EXPECT_EQ(parse_yaml(to_yaml(v), "scalar.yaml").dump(), v.dump()) << to_yaml(v);
 }
 
@@ -312,7 +318,7 @@ TEST(Override, UnknownKeyNamesTheFullPath) {
   EXPECT_EQ(msg.rfind("unknown config key 'model.mo.experts'", 0), 0u) << msg;
   msg = error_of([&] { apply_override(c, "model.d_model.x=4"); });
   EXPECT_NE(msg.find("config key 'model.d_model' is a number, not a section"), std::string::npos) << msg;
-  EXPECT_THROW(apply_override(c, "model.d_model"), Error);   // no '='
+  EXPECT_THROW(apply_override(c, "model.d_model"), Error);     // no '='
   EXPECT_THROW(apply_override(c, "model..d_model=1"), Error);  // empty component
   EXPECT_THROW(apply_override(c, "model.dims=[1,"), Error);    // bad YAML value
   EXPECT_EQ(c, before);

@@ -24,11 +24,13 @@ TEST(ReadSmallFile, ReadsRegularFilesUpToTheCap) {
   const std::string p = (tmp.path() / "f.txt").string();
   test::write_file(p, "hello\nworld\n");
   EXPECT_EQ(io::read_small_file(p, 12, "note"), "hello\nworld\n");  // exactly at the cap
-  EXPECT_EQ(error_of([&] { io::read_small_file(p, 11, "note"); }), p + ": the note is 12 bytes, over the 11-byte limit");
+  EXPECT_EQ(error_of([&] { io::read_small_file(p, 11, "note"); }),
+            p + ": the note is 12 bytes, over the 11-byte limit");
   test::write_file(p, "");
   EXPECT_EQ(io::read_small_file(p, 0, "note"), "");
   const std::string missing = (tmp.path() / "missing").string();
-  EXPECT_EQ(error_of([&] { io::read_small_file(missing, 10, "note"); }).rfind(missing + ": cannot open the note (", 0), 0u);
+  EXPECT_EQ(error_of([&] { io::read_small_file(missing, 10, "note"); }).rfind(missing + ": cannot open the note (", 0),
+            0u);
 }
 
 TEST(ReadSmallFile, RefusesWhatIsNotARegularFileWithoutBlocking) {
@@ -36,7 +38,8 @@ TEST(ReadSmallFile, RefusesWhatIsNotARegularFileWithoutBlocking) {
   const std::string fifo = (tmp.path() / "fifo").string();
   ASSERT_EQ(::mkfifo(fifo.c_str(), 0644), 0);
   // No writer: a blocking open would wait forever; the error must come at once.
-  EXPECT_EQ(error_of([&] { io::read_small_file(fifo, 100, "pointer"); }), fifo + ": the pointer is a FIFO, not a regular file");
+  EXPECT_EQ(error_of([&] { io::read_small_file(fifo, 100, "pointer"); }),
+            fifo + ": the pointer is a FIFO, not a regular file");
   EXPECT_EQ(error_of([&] { io::read_small_file("/dev/zero", 100, "manifest"); }),
             "/dev/zero: the manifest is a character device, not a regular file");
   EXPECT_EQ(error_of([&] { io::read_small_file(tmp.path().string(), 100, "config"); }),
@@ -73,7 +76,9 @@ TEST(RunLock, ASecondHolderIsRefusedNamingTheFirst) {
     const RunLock first(run_dir_lock_path(run), run);
     // flock locks belong to open files: a second open in the same process conflicts like another process.
     const std::string err = error_of([&] { RunLock second(run_dir_lock_path(run), run); });
-    EXPECT_EQ(err.rfind(run + ": in use by another diffmoe process (pid " + std::to_string(::getpid()) + " on host ", 0), 0u) << err;
+    EXPECT_EQ(
+        err.rfind(run + ": in use by another diffmoe process (pid " + std::to_string(::getpid()) + " on host ", 0), 0u)
+        << err;
     EXPECT_NE(err.find(run_dir_lock_path(run)), std::string::npos) << err;
   }
   EXPECT_NO_THROW(RunLock again(run_dir_lock_path(run), run)) << "released with its holder";

@@ -80,11 +80,10 @@ TEST_F(SafetensorsTest, GoldenLayoutHeaderAndData) {
   w.write(p);
 
   const Bytes b = read_bytes(p);
-  const std::string expected_header =
-      R"({"__metadata__":{"format":"pt","step":"42"},)"
-      R"("c_f32":{"dtype":"F32","shape":[2,3],"data_offsets":[0,24]},)"
-      R"("b_bf16":{"dtype":"BF16","shape":[4],"data_offsets":[24,32]},)"
-      R"("a_f8":{"dtype":"F8_E4M3","shape":[2,2],"data_offsets":[32,36]}})";
+  const std::string expected_header = R"({"__metadata__":{"format":"pt","step":"42"},)"
+                                      R"("c_f32":{"dtype":"F32","shape":[2,3],"data_offsets":[0,24]},)"
+                                      R"("b_bf16":{"dtype":"BF16","shape":[4],"data_offsets":[24,32]},)"
+                                      R"("a_f8":{"dtype":"F8_E4M3","shape":[2,2],"data_offsets":[32,36]}})";
   ASSERT_EQ(expected_header.size(), 229u);
   // 229 bytes of JSON padded with 3 spaces: N = 232, so the data starts at 240 = 30·8.
   const Bytes size_field = {232, 0, 0, 0, 0, 0, 0, 0};
@@ -187,8 +186,9 @@ TEST_F(SafetensorsTest, IntegerAndF64RoundTrip) {
 
   // Integers are never converted to floats, or between widths.
   float i32_as_f32[5];
-  EXPECT_NE(error_of([&] { f.read_into("i32", Tensor{i32_as_f32, DType::kF32, Device::kCPU, Shape{5}}); })
-                .find("cannot convert I32"),
+  EXPECT_NE(error_of([&] {
+              f.read_into("i32", Tensor{i32_as_f32, DType::kF32, Device::kCPU, Shape{5}});
+            }).find("cannot convert I32"),
             std::string::npos);
   int64_t i32_as_i64[5];
   EXPECT_THROW(f.read_into("i32", Tensor{i32_as_i64, DType::kI64, Device::kCPU, Shape{5}}), Error);
@@ -420,8 +420,9 @@ TEST_F(SafetensorsTest, ReadIntoWrongShapeNamesTensorAndBothShapes) {
   w.write(path("s.safetensors"));
   const auto f = SafetensorsFile::open(path("s.safetensors"));
   float out[6];
-  const std::string msg =
-      error_of([&] { f.read_into("layers.0.wq", Tensor{out, DType::kF32, Device::kCPU, Shape{3, 2}}); });
+  const std::string msg = error_of([&] {
+    f.read_into("layers.0.wq", Tensor{out, DType::kF32, Device::kCPU, Shape{3, 2}});
+  });
   EXPECT_NE(msg.find("s.safetensors: tensor 'layers.0.wq': shape [2, 3] in the file, destination expects [3, 2]"),
             std::string::npos)
       << msg;
@@ -441,7 +442,9 @@ TEST_F(SafetensorsTest, WriterRejectsDuplicatesReservedNamesAndDeviceTensors) {
   EXPECT_THROW(w.add("__metadata__", DType::kF32, {}, &v), Error);
   EXPECT_THROW(w.add("neg", DType::kF32, {-1}, &v), Error);
   EXPECT_THROW(w.add("null", DType::kF32, {2}, nullptr), Error);
-  const std::string msg = error_of([&] { w.add("gpu", Tensor{const_cast<float*>(&v), DType::kF32, Device::kCUDA, Shape{}}); });
+  const std::string msg = error_of([&] {
+    w.add("gpu", Tensor{const_cast<float*>(&v), DType::kF32, Device::kCUDA, Shape{}});
+  });
   EXPECT_NE(msg.find("tensor 'gpu': only host tensors"), std::string::npos) << msg;
 }
 

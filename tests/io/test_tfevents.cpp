@@ -73,8 +73,8 @@ TEST(Crc32c, TableAndSse42AgreeOnEveryLength) {
 TEST(ProtoWire, RoundTripsEveryWireType) {
   ProtoEncoder enc;
   enc.varint_field(1, 0);
-  enc.varint_field(2, 300);                  // two-byte varint (0xAC 0x02)
-  enc.int64_field(3, -5);                    // negative int64: ten-byte varint
+  enc.varint_field(2, 300);  // two-byte varint (0xAC 0x02)
+  enc.int64_field(3, -5);    // negative int64: ten-byte varint
   enc.double_field(4, -1.25);
   enc.float_field(5, 3.5f);
   enc.bytes_field(6, std::string("a\0b", 3));
@@ -106,7 +106,12 @@ TEST(ProtoWire, RoundTripsEveryWireType) {
   // A length that runs past the end is an error, not a silent short read.
   const std::string bad = enc.bytes().substr(0, enc.bytes().size() - 1);
   ProtoDecoder dec2(bad);
-  expect_error([&] { while (dec2.next(f)) {} }, {"truncated"});
+  expect_error(
+      [&] {
+        while (dec2.next(f)) {
+        }
+      },
+      {"truncated"});
 }
 
 // ---- Histograms -------------------------------------------------------------------------------

@@ -44,9 +44,11 @@ Step fp8_step(Backend& be, const ModelConfig& cfg, uint64_t seed) {
   io.allocate(be.allocator());
   std::vector<int32_t> tok(B * T), tgt(B * T);
   for (int64_t i = 0; i < B * T; ++i) {
-    tok[static_cast<size_t>(i)] = static_cast<int32_t>(uniform_at(seed, 1, static_cast<uint64_t>(i)) * (cfg.vocab_size - 1e-9));
+    tok[static_cast<size_t>(i)] =
+        static_cast<int32_t>(uniform_at(seed, 1, static_cast<uint64_t>(i)) * (cfg.vocab_size - 1e-9));
     tgt[static_cast<size_t>(i)] =
-        i % 11 == 5 ? -1 : static_cast<int32_t>(uniform_at(seed, 2, static_cast<uint64_t>(i)) * (cfg.vocab_size - 1e-9));
+        i % 11 == 5 ? -1
+                    : static_cast<int32_t>(uniform_at(seed, 2, static_cast<uint64_t>(i)) * (cfg.vocab_size - 1e-9));
   }
   be.upload(io.get("tokens"), tok.data());
   be.upload(io.get("targets"), tgt.data());

@@ -14,7 +14,8 @@ namespace diffmoe::test {
 struct Batch {
   Owned tokens, targets;
 };
-inline Batch make_batch(const ModelConfig& c, int64_t B, int64_t T, uint64_t seed, std::initializer_list<int64_t> ignored) {
+inline Batch make_batch(const ModelConfig& c, int64_t B, int64_t T, uint64_t seed,
+                        std::initializer_list<int64_t> ignored) {
   Batch b{Owned(Shape{B, T}, DType::kI32), Owned(Shape{B, T}, DType::kI32)};
   fill_int(b.tokens, seed, 0, static_cast<int32_t>(c.vocab_size));
   fill_int(b.targets, seed + 1, 0, static_cast<int32_t>(c.vocab_size));
@@ -24,26 +25,56 @@ inline Batch make_batch(const ModelConfig& c, int64_t B, int64_t T, uint64_t see
 
 // Differential attention, q compression, YaRN on, sigmoid router with groups and bias, aux loss.
 inline ModelConfig micro_diff_config() {
-  nlohmann::ordered_json j = {
-      {"vocab_size", 23}, {"dim", 16}, {"n_layers", 3}, {"n_dense_layers", 1}, {"n_heads", 4},
-      {"q_lora_rank", 8}, {"kv_lora_rank", 6}, {"qk_nope_head_dim", 3}, {"qk_rope_head_dim", 4},
-      {"v_head_dim", 3}, {"inter_dim", 20}, {"moe_inter_dim", 6}, {"n_routed_experts", 8},
-      {"n_shared_experts", 1}, {"n_activated_experts", 2}, {"n_expert_groups", 4}, {"n_limited_groups", 2},
-      {"route_scale", 1.5}, {"aux_loss_alpha", 0.05}, {"max_seq_len", 8}, {"original_seq_len", 4},
-      {"rope_factor", 2.0}};
+  nlohmann::ordered_json j = {{"vocab_size", 23},
+                              {"dim", 16},
+                              {"n_layers", 3},
+                              {"n_dense_layers", 1},
+                              {"n_heads", 4},
+                              {"q_lora_rank", 8},
+                              {"kv_lora_rank", 6},
+                              {"qk_nope_head_dim", 3},
+                              {"qk_rope_head_dim", 4},
+                              {"v_head_dim", 3},
+                              {"inter_dim", 20},
+                              {"moe_inter_dim", 6},
+                              {"n_routed_experts", 8},
+                              {"n_shared_experts", 1},
+                              {"n_activated_experts", 2},
+                              {"n_expert_groups", 4},
+                              {"n_limited_groups", 2},
+                              {"route_scale", 1.5},
+                              {"aux_loss_alpha", 0.05},
+                              {"max_seq_len", 8},
+                              {"original_seq_len", 4},
+                              {"rope_factor", 2.0}};
   return ModelConfig::from_json(j, "micro_diff");
 }
 
 // Plain MLA, no q compression, no YaRN, softmax router without groups or bias, tied embeddings,
 // no shared experts.
 inline ModelConfig micro_plain_config() {
-  nlohmann::ordered_json j = {
-      {"vocab_size", 19}, {"dim", 12}, {"n_layers", 2}, {"n_dense_layers", 1}, {"n_heads", 3},
-      {"q_lora_rank", 0}, {"kv_lora_rank", 5}, {"qk_nope_head_dim", 4}, {"qk_rope_head_dim", 2},
-      {"v_head_dim", 4}, {"inter_dim", 14}, {"moe_inter_dim", 5}, {"n_routed_experts", 6},
-      {"n_shared_experts", 0}, {"n_activated_experts", 3}, {"score_func", "softmax"},
-      {"balance_bias", false}, {"aux_loss_alpha", 0.02}, {"max_seq_len", 8}, {"differential", false},
-      {"tie_embeddings", true}, {"embed_scale", 1.0}};
+  nlohmann::ordered_json j = {{"vocab_size", 19},
+                              {"dim", 12},
+                              {"n_layers", 2},
+                              {"n_dense_layers", 1},
+                              {"n_heads", 3},
+                              {"q_lora_rank", 0},
+                              {"kv_lora_rank", 5},
+                              {"qk_nope_head_dim", 4},
+                              {"qk_rope_head_dim", 2},
+                              {"v_head_dim", 4},
+                              {"inter_dim", 14},
+                              {"moe_inter_dim", 5},
+                              {"n_routed_experts", 6},
+                              {"n_shared_experts", 0},
+                              {"n_activated_experts", 3},
+                              {"score_func", "softmax"},
+                              {"balance_bias", false},
+                              {"aux_loss_alpha", 0.02},
+                              {"max_seq_len", 8},
+                              {"differential", false},
+                              {"tie_embeddings", true},
+                              {"embed_scale", 1.0}};
   return ModelConfig::from_json(j, "micro_plain");
 }
 
@@ -51,12 +82,24 @@ inline ModelConfig micro_plain_config() {
 // shared FFN and the routed experts run the FP8 recipe (whole 128×128 weight blocks, docs/model.md §7);
 // W_kvb ([224, 112]) keeps its bf16 GEMMs. Differential attention, q compression, a sigmoid router.
 inline ModelConfig fp8_micro_config() {
-  nlohmann::ordered_json j = {
-      {"vocab_size", 64}, {"dim", 128}, {"n_layers", 2}, {"n_dense_layers", 1}, {"n_heads", 2},
-      {"q_lora_rank", 128}, {"kv_lora_rank", 112}, {"qk_nope_head_dim", 48}, {"qk_rope_head_dim", 16},
-      {"v_head_dim", 64}, {"inter_dim", 256}, {"moe_inter_dim", 128}, {"n_routed_experts", 4},
-      {"n_shared_experts", 1}, {"n_activated_experts", 2}, {"aux_loss_alpha", 0.01}, {"max_seq_len", 16},
-      {"original_seq_len", 16}};
+  nlohmann::ordered_json j = {{"vocab_size", 64},
+                              {"dim", 128},
+                              {"n_layers", 2},
+                              {"n_dense_layers", 1},
+                              {"n_heads", 2},
+                              {"q_lora_rank", 128},
+                              {"kv_lora_rank", 112},
+                              {"qk_nope_head_dim", 48},
+                              {"qk_rope_head_dim", 16},
+                              {"v_head_dim", 64},
+                              {"inter_dim", 256},
+                              {"moe_inter_dim", 128},
+                              {"n_routed_experts", 4},
+                              {"n_shared_experts", 1},
+                              {"n_activated_experts", 2},
+                              {"aux_loss_alpha", 0.01},
+                              {"max_seq_len", 16},
+                              {"original_seq_len", 16}};
   return ModelConfig::from_json(j, "fp8_micro");
 }
 

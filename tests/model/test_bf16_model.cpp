@@ -51,7 +51,7 @@ Run forward_backward(Model& m, const test::Batch& b) {
 // Activations every bf16-mode plan holds in bf16 (for attention layer l and MoE layer moe_l).
 std::vector<std::string> expected_bf16(const ModelConfig& c) {
   std::vector<std::string> names = {"act.final.x_norm", "act.final.logits", "scratch.dlogits", "scratch.dresidual16",
-                                    "scratch.attn.kv", "scratch.attn.dq", "scratch.attn.dk", "scratch.attn.dv"};
+                                    "scratch.attn.kv",  "scratch.attn.dq",  "scratch.attn.dk", "scratch.attn.dv"};
   for (int64_t l = 0; l < c.n_layers; ++l)
     for (const char* n : {"q", "k", "v", "x_norm", "ckv"}) names.push_back(fmt::format("act.{}.attn.{}", l, n));
   for (int64_t l = 0; l < c.n_layers; ++l) {
@@ -101,7 +101,8 @@ void check_bf16_mode(const ModelConfig& cfg, uint64_t seed, const std::string& n
   }
   // The plan's table is the arena: every activation planned once, with the arena's dtype.
   EXPECT_EQ(m16.plan().entries().size(), m16.acts().entries().size()) << name;
-  for (const PrecisionPlan::Entry& e : m16.plan().entries()) EXPECT_EQ(m16.acts().get(e.name).dtype, e.dtype) << name << ": " << e.name;
+  for (const PrecisionPlan::Entry& e : m16.plan().entries())
+    EXPECT_EQ(m16.acts().get(e.name).dtype, e.dtype) << name << ": " << e.name;
 
   // The bf16 error budget (file comment), and a distance the f32 arithmetic alone would not give.
   const double loss_rel = std::fabs(r16.loss - r32.loss) / std::fabs(r32.loss);
@@ -114,9 +115,13 @@ void check_bf16_mode(const ModelConfig& cfg, uint64_t seed, const std::string& n
   EXPECT_GE(grad_rel, 1e-5) << name << ": the bf16 mode gave f32-like gradients: was anything rounded?";
 }
 
-TEST(Bf16Model, DifferentialMoeStaysWithinTheBf16Budget) { check_bf16_mode(test::micro_diff_config(), 31, "micro_diff"); }
+TEST(Bf16Model, DifferentialMoeStaysWithinTheBf16Budget) {
+  check_bf16_mode(test::micro_diff_config(), 31, "micro_diff");
+}
 
-TEST(Bf16Model, PlainTiedMoeStaysWithinTheBf16Budget) { check_bf16_mode(test::micro_plain_config(), 37, "micro_plain"); }
+TEST(Bf16Model, PlainTiedMoeStaysWithinTheBf16Budget) {
+  check_bf16_mode(test::micro_plain_config(), 37, "micro_plain");
+}
 
 }  // namespace
 }  // namespace diffmoe

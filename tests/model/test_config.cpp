@@ -12,10 +12,22 @@ namespace diffmoe {
 namespace {
 
 nlohmann::ordered_json minimal() {
-  return {{"vocab_size", 100}, {"dim", 32}, {"n_layers", 2}, {"n_dense_layers", 1}, {"n_heads", 4},
-          {"q_lora_rank", 0}, {"kv_lora_rank", 8}, {"qk_nope_head_dim", 4}, {"qk_rope_head_dim", 4},
-          {"v_head_dim", 4}, {"inter_dim", 64}, {"moe_inter_dim", 16}, {"n_routed_experts", 8},
-          {"n_shared_experts", 1}, {"n_activated_experts", 2}, {"max_seq_len", 64}};
+  return {{"vocab_size", 100},
+          {"dim", 32},
+          {"n_layers", 2},
+          {"n_dense_layers", 1},
+          {"n_heads", 4},
+          {"q_lora_rank", 0},
+          {"kv_lora_rank", 8},
+          {"qk_nope_head_dim", 4},
+          {"qk_rope_head_dim", 4},
+          {"v_head_dim", 4},
+          {"inter_dim", 64},
+          {"moe_inter_dim", 16},
+          {"n_routed_experts", 8},
+          {"n_shared_experts", 1},
+          {"n_activated_experts", 2},
+          {"max_seq_len", 64}};
 }
 
 std::string error_of(const nlohmann::ordered_json& j) {
@@ -85,7 +97,8 @@ TEST(ModelConfig, RejectsWhatTheOpsRejectAtTheFirstForward) {
   auto j = minimal();
   j["n_expert_groups"] = 8;  // 8 experts: groups of 1, no top-2 group score
   j["n_limited_groups"] = 4;
-  EXPECT_NE(error_of(j).find("cfg.yaml: model.n_expert_groups: must leave at least 2 experts per group"), std::string::npos)
+  EXPECT_NE(error_of(j).find("cfg.yaml: model.n_expert_groups: must leave at least 2 experts per group"),
+            std::string::npos)
       << error_of(j);
   j["balance_bias"] = false;  // without the bias a group is scored by its best expert: allowed
   EXPECT_EQ(error_of(j), "");
@@ -136,7 +149,8 @@ TEST(ModelConfig, YamlFileErrorsNameTheFile) {
     load_model_config(path);
     FAIL() << "expected an error";
   } catch (const Error& e) {
-    EXPECT_NE(std::string(e.what()).find("bad.yaml: whatever: unknown top-level section"), std::string::npos) << e.what();
+    EXPECT_NE(std::string(e.what()).find("bad.yaml: whatever: unknown top-level section"), std::string::npos)
+        << e.what();
   }
   EXPECT_THROW(load_model_config((dir / "missing.yaml").string()), Error);
 }
@@ -144,7 +158,10 @@ TEST(ModelConfig, YamlFileErrorsNameTheFile) {
 // docs/model.md §10: an independent count gives tiny 2.71M / 1.82M, bench 1892.31M / 335.18M,
 // seed-20b 20841.17M / 6685.40M; FLOPs/token bench 1.973 G, seed-20b at 8K 67.9 G (docs/model.md §9).
 TEST(ModelConfig, PresetsMatchTheSpecCounts) {
-  struct Want { const char* file; double total_m, active_m, gflops; };
+  struct Want {
+    const char* file;
+    double total_m, active_m, gflops;
+  };
   for (const Want& w : {Want{"configs/tiny.yaml", 2.71, 1.82, -1}, Want{"configs/bench.yaml", 1892.31, 335.18, 1.973},
                         Want{"configs/seed-20b.yaml", 20841.17, 6685.40, 67.9}}) {
     const ModelConfig c = load_model_config(test::repo_path(w.file));
@@ -162,11 +179,11 @@ TEST(Parameters, NamesFollowSpec8) {
   const ModelConfig c = ModelConfig::from_json(j, "cfg");
   std::vector<std::string> names;
   for (const ParamSpec& p : parameter_specs(c)) names.push_back(p.name);
-  for (const char* want : {"embed.weight", "layers.0.attn_norm.weight", "layers.0.attn.wq.weight", "layers.0.attn.wkv_a.weight",
-                           "layers.0.attn.kv_norm.weight", "layers.0.attn.wkv_b.weight", "layers.0.attn.wo.weight",
-                           "layers.0.attn.subln.weight", "layers.0.attn.lambda_q1", "layers.0.ffn.w1.weight",
-                           "layers.1.ffn.gate.weight", "layers.1.ffn.gate.bias", "layers.1.ffn.experts.w1",
-                           "layers.1.ffn.shared.w2.weight", "norm.weight", "head.weight"})
+  for (const char* want : {"embed.weight", "layers.0.attn_norm.weight", "layers.0.attn.wq.weight",
+                           "layers.0.attn.wkv_a.weight", "layers.0.attn.kv_norm.weight", "layers.0.attn.wkv_b.weight",
+                           "layers.0.attn.wo.weight", "layers.0.attn.subln.weight", "layers.0.attn.lambda_q1",
+                           "layers.0.ffn.w1.weight", "layers.1.ffn.gate.weight", "layers.1.ffn.gate.bias",
+                           "layers.1.ffn.experts.w1", "layers.1.ffn.shared.w2.weight", "norm.weight", "head.weight"})
     EXPECT_NE(std::find(names.begin(), names.end(), want), names.end()) << want;
   EXPECT_EQ(std::find(names.begin(), names.end(), "layers.0.attn.wq_a.weight"), names.end());
 }

@@ -20,8 +20,8 @@
 #include <vector>
 
 #include "backend/cpu/cpu_backend.h"
-#include "ops/fp8_test_util.h"
 #include "model/layer_context.h"
+#include "ops/fp8_test_util.h"
 #include "test_util.h"
 
 namespace diffmoe {
@@ -33,7 +33,8 @@ using test::Owned;
 std::vector<double> values(const Tensor& t) {
   std::vector<double> v(static_cast<size_t>(t.numel()));
   for (int64_t i = 0; i < t.numel(); ++i)
-    v[static_cast<size_t>(i)] = t.dtype == DType::kBF16 ? bf16_to_f32(static_cast<uint16_t*>(t.data)[i]) : test::get(t, i);
+    v[static_cast<size_t>(i)] =
+        t.dtype == DType::kBF16 ? bf16_to_f32(static_cast<uint16_t*>(t.data)[i]) : test::get(t, i);
   return v;
 }
 void put(const Tensor& t, const std::vector<float>& v) {
@@ -49,8 +50,9 @@ std::vector<float> source(int64_t rows, int64_t cols, uint64_t seed) {
   std::vector<float> v(static_cast<size_t>(rows * cols));
   for (int64_t i = 0; i < rows; ++i)
     for (int64_t j = 0; j < cols; ++j)
-      v[static_cast<size_t>(i * cols + j)] = bf16_to_f32(f32_to_bf16(static_cast<float>(
-          normal_at(seed, 3, static_cast<uint64_t>(i * cols + j)) * std::exp2(static_cast<double>((i + j / 128) % 7) - 3.0))));
+      v[static_cast<size_t>(i * cols + j)] =
+          bf16_to_f32(f32_to_bf16(static_cast<float>(normal_at(seed, 3, static_cast<uint64_t>(i * cols + j)) *
+                                                     std::exp2(static_cast<double>((i + j / 128) % 7) - 3.0))));
   return v;
 }
 
@@ -69,8 +71,9 @@ std::vector<double> deq_blocks(const std::vector<float>& w, int64_t n, int64_t k
   std::vector<double> d(w.size());
   for (int64_t i = 0; i < n; ++i)
     for (int64_t j = 0; j < k; ++j)
-      d[static_cast<size_t>(i * k + j)] = static_cast<double>(e4m3_to_f32(r.q[static_cast<size_t>(i * k + j)])) *
-                                          r.scale[static_cast<size_t>((i / kFp8Tile) * fp8_block_scale_cols(k) + j / kFp8Tile)];
+      d[static_cast<size_t>(i * k + j)] =
+          static_cast<double>(e4m3_to_f32(r.q[static_cast<size_t>(i * k + j)])) *
+          r.scale[static_cast<size_t>((i / kFp8Tile) * fp8_block_scale_cols(k) + j / kFp8Tile)];
   return d;
 }
 // C[m, n] = Σ_k A[m, k]·B[n, k] (both K-major) and Σ_k |A·B| (for the summation-order term).
@@ -135,13 +138,27 @@ class Fp8Linear : public ::testing::Test {
     acts_.allocate(be_.allocator());
     for (const auto& [name, w] : pending_) {
       const int64_t e = w.rank() == 3 ? w.dim(0) : 0;
-      table_.emplace(w.data, Fp8Weight{.w = w, .q = acts_.get(name + ".q"), .scale = acts_.get(name + ".scale"),
-                                       .q_t = acts_.get(name + ".q_t"), .scale_t = acts_.get(name + ".scale_t"),
-                                       .n = w.dim(-2), .k = w.dim(-1), .experts = e});
+      table_.emplace(w.data, Fp8Weight{.w = w,
+                                       .q = acts_.get(name + ".q"),
+                                       .scale = acts_.get(name + ".scale"),
+                                       .q_t = acts_.get(name + ".q_t"),
+                                       .scale_t = acts_.get(name + ".scale_t"),
+                                       .n = w.dim(-2),
+                                       .k = w.dim(-1),
+                                       .experts = e});
     }
     quantize_fp8_weights(be_, {}, table_);
-    lc_ = LayerContext{.be = &be_, .ctx = {}, .cfg = nullptr, .dtype = DType::kF32, .batch = 1, .seq = rows,
-                       .params = nullptr, .grads = nullptr, .acts = &acts_, .plan = nullptr, .bf16_operands = true,
+    lc_ = LayerContext{.be = &be_,
+                       .ctx = {},
+                       .cfg = nullptr,
+                       .dtype = DType::kF32,
+                       .batch = 1,
+                       .seq = rows,
+                       .params = nullptr,
+                       .grads = nullptr,
+                       .acts = &acts_,
+                       .plan = nullptr,
+                       .bf16_operands = true,
                        .fp8 = &table_};
   }
 
@@ -156,7 +173,8 @@ TEST_F(Fp8Linear, DenseFpropDgradWgradEqualTheQuantisedF64Products) {
   // M = 40 tokens: the Wgrad's 128×1 tiles run past the edge (one partial tile of 40 tokens).
   const int64_t M = 40, K = 256, N = 128;
   Owned w(Shape{N, K}, DType::kBF16), x(Shape{M, K}, DType::kBF16), dy(Shape{M, N}, DType::kBF16);
-  Owned r(Shape{M, N}, DType::kF32), y(Shape{M, N}, DType::kF32), dx(Shape{M, K}, DType::kF32), dw(Shape{N, K}, DType::kF32);
+  Owned r(Shape{M, N}, DType::kF32), y(Shape{M, N}, DType::kF32), dx(Shape{M, K}, DType::kF32),
+      dw(Shape{N, K}, DType::kF32);
   const std::vector<float> wv = source(N, K, 1), xv = source(M, K, 2), dyv = source(M, N, 3), rv = source(M, N, 4);
   const std::vector<float> dw0 = source(N, K, 5);
   put(w, wv);
@@ -178,7 +196,8 @@ TEST_F(Fp8Linear, DenseFpropDgradWgradEqualTheQuantisedF64Products) {
   // dx = dŷ Ŵ: Ŵᵀ's blocks are Ŵ's (a block's amax does not depend on its orientation).
   expect_close("dx", values(dx), product_nt(deq_rows(dyv, M, N), test::transposed(wq, N, K), M, K, N), std::exp2(-24));
   // dW += dyᵀx over 128×1 tiles of tokens: the transposes quantised row-wise.
-  const Product dw_ref = product_nt(deq_rows(test::transposed(dyv, M, N), N, M), deq_rows(test::transposed(xv, M, K), K, M), N, K, M);
+  const Product dw_ref =
+      product_nt(deq_rows(test::transposed(dyv, M, N), N, M), deq_rows(test::transposed(xv, M, K), K, M), N, K, M);
   expect_close("dW", values(dw), dw_ref, std::exp2(-24), widen(dw0));
 
   // The same data through an exact product differs: FP8 really ran.
@@ -202,7 +221,8 @@ TEST_F(Fp8Linear, RoutedExpertsQuantisePerExpertRows) {
   const std::vector<int32_t> off = {0, 21, 21, 50};
   Owned w1(Shape{E, N, K}, DType::kBF16), w3(Shape{E, N, K}, DType::kBF16), offsets(Shape{E + 1}, DType::kI32);
   Owned x(Shape{R, K}, DType::kBF16), da(Shape{R, N}, DType::kBF16), db(Shape{R, N}, DType::kBF16);
-  Owned a(Shape{R, N}, DType::kBF16), dxp(Shape{R, K}, DType::kBF16), dw(Shape{E, N, K}, DType::kF32), sum_sq(Shape{1}, DType::kF32);
+  Owned a(Shape{R, N}, DType::kBF16), dxp(Shape{R, K}, DType::kBF16), dw(Shape{E, N, K}, DType::kF32),
+      sum_sq(Shape{1}, DType::kF32);
   const std::vector<float> w1v = source(E * N, K, 11), w3v = source(E * N, K, 12), xv = source(R, K, 13);
   const std::vector<float> dav = source(R, N, 14), dbv = source(R, N, 15);
   put(w1, w1v);
@@ -253,8 +273,8 @@ TEST_F(Fp8Linear, RoutedExpertsQuantisePerExpertRows) {
     expect_close(tag + " Dgrad", slice(dxv, K), d1, std::exp2(-8));
     // Wgrad over the expert's own rows: its 128×1 tiles start at its first row.
     expect_close(tag + " Wgrad", dwg,
-                 product_nt(deq_rows(test::transposed(rows(dav, N), mg, N), N, mg), deq_rows(test::transposed(rows(xv, K), mg, K), K, mg),
-                            N, K, mg),
+                 product_nt(deq_rows(test::transposed(rows(dav, N), mg, N), N, mg),
+                            deq_rows(test::transposed(rows(xv, K), mg, K), K, mg), N, K, mg),
                  std::exp2(-24));
   }
   // Rows past offsets[G] untouched; Σ dW² added as the grouped op adds it.

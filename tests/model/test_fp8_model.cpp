@@ -68,15 +68,18 @@ TEST(Fp8Model, PlansFp8CopiesOfTheWholeBlockProjectionsOnly) {
     // Compute weights as in the bf16 mode: bf16 for every GEMM weight, the float type else.
     EXPECT_EQ(m.params().get(p.name).dtype, is_gemm_weight(p) ? DType::kBF16 : DType::kF32) << p.name;
     if (!m.plan().fp8_weight(p)) continue;
-    for (const char* part : {".q", ".q_t"}) EXPECT_EQ(m.acts().get("fp8." + p.name + part).dtype, DType::kF8E4M3) << p.name;
-    for (const char* part : {".scale", ".scale_t"}) EXPECT_EQ(m.acts().get("fp8." + p.name + part).dtype, DType::kF32) << p.name;
+    for (const char* part : {".q", ".q_t"})
+      EXPECT_EQ(m.acts().get("fp8." + p.name + part).dtype, DType::kF8E4M3) << p.name;
+    for (const char* part : {".scale", ".scale_t"})
+      EXPECT_EQ(m.acts().get("fp8." + p.name + part).dtype, DType::kF32) << p.name;
   }
   const std::vector<std::string> want = {
-      "layers.0.attn.wq_a.weight", "layers.0.attn.wq_b.weight", "layers.0.attn.wkv_a.weight", "layers.0.attn.wo.weight",
-      "layers.0.ffn.w1.weight",    "layers.0.ffn.w2.weight",    "layers.0.ffn.w3.weight",     "layers.1.attn.wq_a.weight",
-      "layers.1.attn.wq_b.weight", "layers.1.attn.wkv_a.weight", "layers.1.attn.wo.weight",   "layers.1.ffn.shared.w1.weight",
-      "layers.1.ffn.shared.w2.weight", "layers.1.ffn.shared.w3.weight", "layers.1.ffn.experts.w1", "layers.1.ffn.experts.w2",
-      "layers.1.ffn.experts.w3"};
+      "layers.0.attn.wq_a.weight",     "layers.0.attn.wq_b.weight",     "layers.0.attn.wkv_a.weight",
+      "layers.0.attn.wo.weight",       "layers.0.ffn.w1.weight",        "layers.0.ffn.w2.weight",
+      "layers.0.ffn.w3.weight",        "layers.1.attn.wq_a.weight",     "layers.1.attn.wq_b.weight",
+      "layers.1.attn.wkv_a.weight",    "layers.1.attn.wo.weight",       "layers.1.ffn.shared.w1.weight",
+      "layers.1.ffn.shared.w2.weight", "layers.1.ffn.shared.w3.weight", "layers.1.ffn.experts.w1",
+      "layers.1.ffn.experts.w2",       "layers.1.ffn.experts.w3"};
   std::vector<std::string> got = fp8, expected = want;
   std::sort(got.begin(), got.end());
   std::sort(expected.begin(), expected.end());
@@ -115,11 +118,15 @@ TEST(Fp8Model, GradientsStayWithinTheFp8Budget) {
     m->set_batch_shape(kB, kT);
     m->init_weights(41);
   }
-  const StepResult r32 = forward_backward(m32, batch), r16 = forward_backward(m16, batch), r8 = forward_backward(m8, batch);
-  const double loss8 = std::fabs(r8.loss - r32.loss) / std::fabs(r32.loss), loss16 = std::fabs(r16.loss - r32.loss) / std::fabs(r32.loss);
+  const StepResult r32 = forward_backward(m32, batch), r16 = forward_backward(m16, batch),
+                   r8 = forward_backward(m8, batch);
+  const double loss8 = std::fabs(r8.loss - r32.loss) / std::fabs(r32.loss),
+               loss16 = std::fabs(r16.loss - r32.loss) / std::fabs(r32.loss);
   const double g8 = test::rel_error(r8.grads, r32.grads), g16 = test::rel_error(r16.grads, r32.grads);
-  std::printf("[fp8-model] loss %.6f (f32 %.6f, bf16 %.6f): rel %.2e (bf16 %.2e); gradients rel %.3e (bf16 %.3e) over %zu values\n",
-              r8.loss, r32.loss, r16.loss, loss8, loss16, g8, g16, r32.grads.size());
+  std::printf(
+      "[fp8-model] loss %.6f (f32 %.6f, bf16 %.6f): rel %.2e (bf16 %.2e); gradients rel %.3e (bf16 %.3e) over %zu "
+      "values\n",
+      r8.loss, r32.loss, r16.loss, loss8, loss16, g8, g16, r32.grads.size());
   EXPECT_LE(loss8, 3e-3);
   EXPECT_LE(g8, 0.2);
   EXPECT_GE(g8, 3.0 * g16) << "the fp8 mode gave bf16-like gradients: did the FP8 GEMMs run?";

@@ -38,7 +38,8 @@ void check_latent_vs_naive(bool differential, int64_t H, uint64_t seed) {
   const int64_t B = 2, T = 7, S = T + 2, dn = 3, dr = 4, dv = 5, rkv = 6, dqk = dn + dr, kvh = dn + dv;
   const int64_t comps = differential ? 2 : 1, h_out = H / comps;
   const double scale = 0.45;
-  Owned ckv(Shape{B, T, rkv}, f64), kr(Shape{B, T, dr}, f64), q(Shape{B, T, H, dqk}, f64), wkvb(Shape{H * kvh, rkv}, f64);
+  Owned ckv(Shape{B, T, rkv}, f64), kr(Shape{B, T, dr}, f64), q(Shape{B, T, H, dqk}, f64),
+      wkvb(Shape{H * kvh, rkv}, f64);
   Owned lambda(Shape{1}, f64);
   test::fill_normal(ckv, seed);
   test::fill_normal(kr, seed + 1);
@@ -50,10 +51,25 @@ void check_latent_vs_naive(bool differential, int64_t H, uint64_t seed) {
   Owned kv(Shape{B * T, H * kvh}, f64), k(Shape{B, T, H, dqk}, f64), v(Shape{B, T, H, dv}, f64);
   Owned out(Shape{B, T, h_out, comps * dv}, f64), o2(Shape{B, T, h_out, comps * dv}, f64), lse(Shape{B, H, T}, f64);
   be.gemm({}, {.c = kv, .a = ckv.t().reshape(Shape{B * T, rkv}), .b = wkvb, .trans_b = true});
-  be.mla_kv_split_fwd({}, {.k = k, .v = v, .kv = kv, .kr = kr.t().reshape(Shape{B * T, dr}), .n_heads = H, .d_nope = dn,
-                           .d_rope = dr, .d_v = dv, .kr_stride = dr, .kr_offset = 0});
-  be.attention_fwd({}, {.out = out, .o2 = differential ? o2.t() : Tensor{}, .lse = lse, .q = q, .k = k, .v = v,
-                        .lambda = differential ? lambda.t() : Tensor{}, .scale = scale, .differential = differential});
+  be.mla_kv_split_fwd({}, {.k = k,
+                           .v = v,
+                           .kv = kv,
+                           .kr = kr.t().reshape(Shape{B * T, dr}),
+                           .n_heads = H,
+                           .d_nope = dn,
+                           .d_rope = dr,
+                           .d_v = dv,
+                           .kr_stride = dr,
+                           .kr_offset = 0});
+  be.attention_fwd({}, {.out = out,
+                        .o2 = differential ? o2.t() : Tensor{},
+                        .lse = lse,
+                        .q = q,
+                        .k = k,
+                        .v = v,
+                        .lambda = differential ? lambda.t() : Tensor{},
+                        .scale = scale,
+                        .differential = differential});
 
   double max_err = 0.0;
   for (const OpCase c : {OpCase{T, T}, OpCase{T, 1}, OpCase{5, 2}}) {
@@ -62,8 +78,10 @@ void check_latent_vs_naive(bool differential, int64_t H, uint64_t seed) {
     for (int64_t i = 0; i < cache.numel(); ++i) cache.at<double>(i) = std::numeric_limits<double>::quiet_NaN();
     for (int64_t b = 0; b < B; ++b)
       for (int64_t s = 0; s < c.kv_len; ++s) {
-        for (int64_t i = 0; i < rkv; ++i) cache.at<double>((b * S + s) * (rkv + dr) + i) = ckv.at<double>((b * T + s) * rkv + i);
-        for (int64_t i = 0; i < dr; ++i) cache.at<double>((b * S + s) * (rkv + dr) + rkv + i) = kr.at<double>((b * T + s) * dr + i);
+        for (int64_t i = 0; i < rkv; ++i)
+          cache.at<double>((b * S + s) * (rkv + dr) + i) = ckv.at<double>((b * T + s) * rkv + i);
+        for (int64_t i = 0; i < dr; ++i)
+          cache.at<double>((b * S + s) * (rkv + dr) + rkv + i) = kr.at<double>((b * T + s) * dr + i);
       }
     // Queries of the last tq positions p = kv_len − tq + t: q̃_j = q^C_j W^UK_j (host loops), and the
     // full query [q^C ; q^R] as q_rope with offset d_nope.
@@ -81,8 +99,15 @@ void check_latent_vs_naive(bool differential, int64_t H, uint64_t seed) {
           }
         }
       }
-    be.latent_attention({}, {.out = lat, .q_lat = q_lat, .q_rope = q_full, .cache = cache, .lambda = lambda, .kv_len = c.kv_len,
-                             .q_rope_offset = dn, .scale = scale, .differential = differential});
+    be.latent_attention({}, {.out = lat,
+                             .q_lat = q_lat,
+                             .q_rope = q_full,
+                             .cache = cache,
+                             .lambda = lambda,
+                             .kv_len = c.kv_len,
+                             .q_rope_offset = dn,
+                             .scale = scale,
+                             .differential = differential});
     // o_j = L_{h(j)} W^UVᵀ_j must equal the naive output's component j at position p.
     for (int64_t b = 0; b < B; ++b)
       for (int64_t t = 0; t < c.tq; ++t) {
@@ -91,7 +116,8 @@ void check_latent_vs_naive(bool differential, int64_t H, uint64_t seed) {
           for (int64_t i = 0; i < dv; ++i) {
             double o = 0.0;
             for (int64_t r = 0; r < rkv; ++r)
-              o += lat.at<double>(((b * c.tq + t) * h_out + j / comps) * rkv + r) * wkvb.at<double>((j * kvh + dn + i) * rkv + r);
+              o += lat.at<double>(((b * c.tq + t) * h_out + j / comps) * rkv + r) *
+                   wkvb.at<double>((j * kvh + dn + i) * rkv + r);
             const double ref = out.at<double>(((b * T + p) * H + j) * dv + i);
             ASSERT_TRUE(std::isfinite(o)) << "a NaN cache row beyond kv_len was read";
             max_err = std::max(max_err, std::abs(o - ref));
@@ -111,7 +137,8 @@ TEST(LatentAttention, RejectsBadShapes) {
   const DType f64 = DType::kF64;
   Owned out(Shape{1, 1, 2, 6}, f64), q_lat(Shape{1, 1, 4, 6}, f64), q_rope(Shape{1, 1, 4, 4}, f64);
   Owned cache(Shape{1, 3, 10}, f64), lambda(Shape{1}, f64);
-  const LatentAttentionArgs ok{.out = out, .q_lat = q_lat, .q_rope = q_rope, .cache = cache, .lambda = lambda, .kv_len = 3};
+  const LatentAttentionArgs ok{
+      .out = out, .q_lat = q_lat, .q_rope = q_rope, .cache = cache, .lambda = lambda, .kv_len = 3};
   EXPECT_NO_THROW(be.latent_attention({}, ok));
   LatentAttentionArgs bad = ok;
   bad.kv_len = 4;  // beyond the capacity S = 3
@@ -179,12 +206,14 @@ void check_generator_matches_forward(const ModelConfig& cfg, uint64_t seed) {
   Generator gen(m, {.batch = B, .max_len = T});
   const int64_t T0 = 3;
   worst_prefill = std::max(worst_prefill, row_error(r, gen.prefill({}, columns(r, 0, T0)), T0 - 1));
-  for (int64_t t = T0; t < T; ++t) worst_prefill = std::max(worst_prefill, row_error(r, gen.step({}, columns(r, t, t + 1)), t));
+  for (int64_t t = T0; t < T; ++t)
+    worst_prefill = std::max(worst_prefill, row_error(r, gen.step({}, columns(r, t, t + 1)), t));
   EXPECT_EQ(gen.length(), T);
 
   // One-token steps from an empty cache.
   gen.reset();
-  for (int64_t t = 0; t < T; ++t) worst_steps = std::max(worst_steps, row_error(r, gen.step({}, columns(r, t, t + 1)), t));
+  for (int64_t t = 0; t < T; ++t)
+    worst_steps = std::max(worst_steps, row_error(r, gen.step({}, columns(r, t, t + 1)), t));
   // The cache holds exactly the training path's ĉ (post-norm) and rotated k^R of every position.
   const int64_t rkv = cfg.kv_lora_rank, dr = cfg.qk_rope_head_dim;
   double worst_cache = 0.0;
@@ -194,9 +223,11 @@ void check_generator_matches_forward(const ModelConfig& cfg, uint64_t seed) {
     const std::vector<double> kva = test::to_vector(m.acts().get(fmt::format("act.{}.attn.kva", l)));
     for (int64_t n = 0; n < B * T; ++n) {
       for (int64_t i = 0; i < rkv; ++i)
-        worst_cache = std::max(worst_cache, std::abs(c[static_cast<size_t>(n * (rkv + dr) + i)] - ckv[static_cast<size_t>(n * rkv + i)]));
+        worst_cache = std::max(
+            worst_cache, std::abs(c[static_cast<size_t>(n * (rkv + dr) + i)] - ckv[static_cast<size_t>(n * rkv + i)]));
       for (int64_t i = rkv; i < rkv + dr; ++i)
-        worst_cache = std::max(worst_cache, std::abs(c[static_cast<size_t>(n * (rkv + dr) + i)] - kva[static_cast<size_t>(n * (rkv + dr) + i)]));
+        worst_cache = std::max(worst_cache, std::abs(c[static_cast<size_t>(n * (rkv + dr) + i)] -
+                                                     kva[static_cast<size_t>(n * (rkv + dr) + i)]));
     }
   }
 
@@ -207,8 +238,9 @@ void check_generator_matches_forward(const ModelConfig& cfg, uint64_t seed) {
   worst_chunked = std::max(worst_chunked, row_error(r, chunked.prefill({}, chunked.upload_tokens(ids, T - 1)), T - 2));
   worst_chunked = std::max(worst_chunked, row_error(r, chunked.step({}, columns(r, T - 1, T)), T - 1));
 
-  std::printf("[generator] %s: max rel error prefill+steps %.3e, steps only %.3e, chunked prefill %.3e; cache vs acts %.3e\n",
-              cfg.differential ? "micro_diff" : "micro_plain", worst_prefill, worst_steps, worst_chunked, worst_cache);
+  std::printf(
+      "[generator] %s: max rel error prefill+steps %.3e, steps only %.3e, chunked prefill %.3e; cache vs acts %.3e\n",
+      cfg.differential ? "micro_diff" : "micro_plain", worst_prefill, worst_steps, worst_chunked, worst_cache);
   EXPECT_LE(worst_prefill, kLogitTol);
   EXPECT_LE(worst_steps, kLogitTol);
   EXPECT_LE(worst_chunked, kLogitTol);
@@ -280,8 +312,9 @@ const std::vector<double> kLogits = {0.3, 2.0, -1.0, 1.2, 1.9, 0.5, 2.0};  // ti
 TEST(Sampler, GreedyIsArgmaxWithLowestIdOnTies) {
   for (uint64_t s = 0; s < 20; ++s) {
     EXPECT_EQ(Sampler({.temperature = 0.0, .seed = s}).sample(std::span(kLogits), s), 1);
-    EXPECT_EQ(Sampler({.temperature = 0.9, .top_k = 1, .seed = s}).sample(std::span(kLogits), s), 1);   // top-k = 1
-    EXPECT_EQ(Sampler({.temperature = 1.5, .top_p = 1e-6, .seed = s}).sample(std::span(kLogits), s), 1);  // tiny nucleus
+    EXPECT_EQ(Sampler({.temperature = 0.9, .top_k = 1, .seed = s}).sample(std::span(kLogits), s), 1);  // top-k = 1
+    EXPECT_EQ(Sampler({.temperature = 1.5, .top_p = 1e-6, .seed = s}).sample(std::span(kLogits), s),
+              1);  // tiny nucleus
   }
   const std::vector<float> f(kLogits.begin(), kLogits.end());
   EXPECT_EQ(Sampler({.temperature = 0.0}).sample(std::span(f), 0), 1);
@@ -344,10 +377,13 @@ TEST(Sampler, SameSeedSameToken) {
   // sample_rows: row b of [B, V] logits uses counter step·B + b.
   CpuBackend be;
   Owned logits(Shape{3, static_cast<int64_t>(kLogits.size())}, DType::kF32);
-  for (int64_t i = 0; i < logits.numel(); ++i) logits.at<float>(i) = static_cast<float>(kLogits[static_cast<size_t>(i) % kLogits.size()]) * (1 + 0.1f * static_cast<float>(i / 7));
+  for (int64_t i = 0; i < logits.numel(); ++i)
+    logits.at<float>(i) =
+        static_cast<float>(kLogits[static_cast<size_t>(i) % kLogits.size()]) * (1 + 0.1f * static_cast<float>(i / 7));
   const std::vector<int32_t> ids = a.sample_rows(be, logits, 5);
   for (int64_t b = 0; b < 3; ++b)
-    EXPECT_EQ(ids[static_cast<size_t>(b)], a.sample(std::span<const float>(logits.ptr<float>() + b * 7, 7), 5 * 3 + static_cast<uint64_t>(b)));
+    EXPECT_EQ(ids[static_cast<size_t>(b)],
+              a.sample(std::span<const float>(logits.ptr<float>() + b * 7, 7), 5 * 3 + static_cast<uint64_t>(b)));
 }
 
 TEST(Sampler, RejectsBadOptionsAndLogits) {
@@ -361,14 +397,17 @@ TEST(Sampler, RejectsBadOptionsAndLogits) {
 // n_layers · (kv_lora_rank + qk_rope_head_dim) values per token (docs/model.md §2, §10); the naive cache of
 // up-projected keys and values would hold n_layers · n_heads · (d_qk + d_v).
 TEST(Generator, CacheValuesPerTokenOfThePresets) {
-  struct Want { const char* file; int64_t values; };
+  struct Want {
+    const char* file;
+    int64_t values;
+  };
   for (const Want& w : {Want{"configs/tiny.yaml", 4 * (32 + 16)}, Want{"configs/bench.yaml", 12 * (256 + 32)},
                         Want{"configs/seed-20b.yaml", 48 * (512 + 64)}}) {
     const ModelConfig c = load_model_config(test::repo_path(w.file));
     const int64_t v = Generator::cache_values_per_token(c);
     const int64_t naive = c.n_layers * c.n_heads * (c.d_qk() + c.v_head_dim);
-    std::printf("[cache] %-22s %6lld values/token = %7lld B f32, %7lld B bf16 (naive K/V cache: %lld values, %.1fx)\n", w.file,
-                static_cast<long long>(v), static_cast<long long>(4 * v), static_cast<long long>(2 * v),
+    std::printf("[cache] %-22s %6lld values/token = %7lld B f32, %7lld B bf16 (naive K/V cache: %lld values, %.1fx)\n",
+                w.file, static_cast<long long>(v), static_cast<long long>(4 * v), static_cast<long long>(2 * v),
                 static_cast<long long>(naive), static_cast<double>(naive) / static_cast<double>(v));
     EXPECT_EQ(v, w.values) << w.file;
   }

@@ -40,7 +40,8 @@ TEST(ModelFile, SaveThenLoadRebuildsTheModelFromTheFileAlone) {
   }
   // f64 loading converts.
   auto m64 = load_model(path, be, DType::kF64);
-  EXPECT_EQ(m64->params().get("norm.weight").ptr<double>()[1], static_cast<double>(m.params().get("norm.weight").ptr<float>()[1]));
+  EXPECT_EQ(m64->params().get("norm.weight").ptr<double>()[1],
+            static_cast<double>(m.params().get("norm.weight").ptr<float>()[1]));
 }
 
 TEST(ModelFile, ErrorsNameTheFileAndTensor) {
@@ -69,7 +70,8 @@ TEST(ModelFile, ErrorsNameTheFileAndTensor) {
     load_model(bare, be, DType::kF32);
     FAIL();
   } catch (const Error& e) {
-    EXPECT_NE(std::string(e.what()).find("bare.safetensors: metadata has no \"config\""), std::string::npos) << e.what();
+    EXPECT_NE(std::string(e.what()).find("bare.safetensors: metadata has no \"config\""), std::string::npos)
+        << e.what();
   }
   // A truncated file.
   const auto size = std::filesystem::file_size(good);

@@ -37,8 +37,8 @@ struct Case {
   ModelConfig cfg;
   DType dtype = DType::kF32;
   int64_t batch = 2, seq = 5;
-  bool spec_init = false;         // spec initialisation (presets) instead of randomize_for_test
-  int64_t starved_experts = 0;    // the first n experts of every MoE layer get bias −100: no token picks them
+  bool spec_init = false;       // spec initialisation (presets) instead of randomize_for_test
+  int64_t starved_experts = 0;  // the first n experts of every MoE layer get bias −100: no token picks them
 };
 
 // A model with the case's weights; the same for the same case.
@@ -76,7 +76,8 @@ void fill_every_gradient(Model& m, double v) {
 
 // Exactly equal values, and no NaN. (Values, not bits: a GEMM at beta = 0 may give −0 where one at
 // beta = 1 onto +0 gives +0.)
-void expect_same(const Model& m, const std::vector<std::vector<double>>& got, const std::vector<std::vector<double>>& want) {
+void expect_same(const Model& m, const std::vector<std::vector<double>>& got,
+                 const std::vector<std::vector<double>>& want) {
   ASSERT_EQ(got.size(), want.size());
   size_t i = 0;
   for (const ParamSpec& p : m.specs()) {
@@ -105,7 +106,8 @@ void check_case(const Case& c) {
   const Batch b1 = make_batch(c.cfg, c.batch, c.seq, 101), b2 = make_batch(c.cfg, c.batch, c.seq, 202);
 
   const auto ref = make_model(be, c);  // never zero_grads: every backward adds onto a zeroed arena
-  for (size_t g = 0; g < ref->layout().groups().size(); ++g) be.fill({}, {.out = ref->grads().buffers().group(g), .value = 0.0});
+  for (size_t g = 0; g < ref->layout().groups().size(); ++g)
+    be.fill({}, {.out = ref->grads().buffers().group(g), .value = 0.0});
   forward_backward(*ref, b1);
   const auto want_once = grads_of(*ref);
   forward_backward(*ref, b2);
@@ -126,7 +128,8 @@ void check_case(const Case& c) {
   if (c.starved_experts > 0) {  // the empty groups' slices of the expert gradients: zeros, written
     const int64_t I = c.cfg.moe_inter_dim, D = c.cfg.dim;
     for (int64_t l = c.cfg.n_dense_layers; l < c.cfg.n_layers; ++l) {
-      for (int64_t e = 0; e < c.starved_experts; ++e) ASSERT_EQ(m->expert_counts(l).ptr<int32_t>()[e], 0) << "layer " << l;
+      for (int64_t e = 0; e < c.starved_experts; ++e)
+        ASSERT_EQ(m->expert_counts(l).ptr<int32_t>()[e], 0) << "layer " << l;
       for (const char* w : {"w1", "w2", "w3"}) {
         const Tensor g = m->grads().get(fmt::format("layers.{}.ffn.experts.{}", l, w));
         for (int64_t i = 0; i < c.starved_experts * I * D; ++i) ASSERT_EQ(test::get(g, i), 0.0) << w << " layer " << l;
@@ -156,7 +159,8 @@ TEST(ZeroGrads, CornerCaseConfigs) {
   check_case({.name = "aux loss off", .cfg = variant(d, {{"aux_loss_alpha", 0.0}})});
   check_case({.name = "no shared experts", .cfg = variant(d, {{"n_shared_experts", 0}})});
   check_case({.name = "dense only", .cfg = variant(d, {{"n_dense_layers", d.n_layers}})});
-  check_case({.name = "MoE only, untied, no q compression", .cfg = variant(d, {{"n_dense_layers", 0}, {"q_lora_rank", 0}})});
+  check_case(
+      {.name = "MoE only, untied, no q compression", .cfg = variant(d, {{"n_dense_layers", 0}, {"q_lora_rank", 0}})});
   check_case({.name = "differential, tied", .cfg = variant(d, {{"tie_embeddings", true}})});
   check_case({.name = "plain, untied, aux off",
               .cfg = variant(test::micro_plain_config(), {{"tie_embeddings", false}, {"aux_loss_alpha", 0.0}})});
@@ -166,11 +170,15 @@ TEST(ZeroGrads, CornerCaseConfigs) {
 // gradient slices must be written as zeros (op_args.h), not left as they were.
 TEST(ZeroGrads, ExpertsNoTokenPicksGetZeroGradients) {
   check_case({.name = "starved experts", .cfg = test::micro_diff_config(), .starved_experts = 2});
-  check_case({.name = "starved experts, f64", .cfg = test::micro_diff_config(), .dtype = DType::kF64, .starved_experts = 2});
+  check_case(
+      {.name = "starved experts, f64", .cfg = test::micro_diff_config(), .dtype = DType::kF64, .starved_experts = 2});
 }
 
 TEST(ZeroGrads, TinyPreset) {
-  check_case({.name = "tiny", .cfg = load_model_config(test::repo_path("configs/tiny.yaml")), .batch = 2, .seq = 16,
+  check_case({.name = "tiny",
+              .cfg = load_model_config(test::repo_path("configs/tiny.yaml")),
+              .batch = 2,
+              .seq = 16,
               .spec_init = true});
 }
 
@@ -225,7 +233,8 @@ TEST(ZeroGrads, FillsOnlyTheAddedIntoGradientsAndGradsZeroesTheRest) {
     const auto got = grads_of(*m), want = grads_of(*ref);
     for (size_t k = 0; k < got.size(); ++k)
       for (size_t j = 0; j < got[k].size(); ++j)
-        ASSERT_NEAR(got[k][j], 0.25 + want[k][j], 1e-12 * (1.0 + std::fabs(want[k][j]))) << "tensor " << k << " element " << j;
+        ASSERT_NEAR(got[k][j], 0.25 + want[k][j], 1e-12 * (1.0 + std::fabs(want[k][j])))
+            << "tensor " << k << " element " << j;
   }
 }
 

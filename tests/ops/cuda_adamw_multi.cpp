@@ -51,7 +51,7 @@ const std::vector<TensorCase> kSpecs = {
     {Shape{kC}, 0, false, 0, 0.1},
     {Shape{kC + 1}, 0, true, 0, 0.1},
     {Shape{kC + 5}, 1, true, 0, 0.0},
-    {Shape{2 * kC + 7}, 1, false, 0, 0.1},  // unaligned over three chunks
+    {Shape{2 * kC + 7}, 1, false, 0, 0.1},   // unaligned over three chunks
     {Shape{5 * kC + 123}, 0, true, 0, 0.1},  // six chunks, the last partial, with a tail
     {Shape{33, 65}, 0, false, 0, 0.0},
     {Shape{257}, 1, true, 1, 0.05},
@@ -79,11 +79,13 @@ struct Param {
     copy.poison();
   }
   Tensor view(const Dual& d, Side s) const { return offset_view(d, s, spec.shape, spec.offset); }
-  Tensor copy_view(Side s) const {
-    return spec.copy ? offset_view(copy, s, spec.shape, spec.copy_offset) : Tensor{};
-  }
+  Tensor copy_view(Side s) const { return spec.copy ? offset_view(copy, s, spec.shape, spec.copy_offset) : Tensor{}; }
   AdamWEntry entry(Side s, double weight_decay) const {
-    return {.param = view(p, s), .m = view(m, s), .v = view(v, s), .grad = view(g, s), .param_bf16 = copy_view(s),
+    return {.param = view(p, s),
+            .m = view(m, s),
+            .v = view(v, s),
+            .grad = view(g, s),
+            .param_bf16 = copy_view(s),
             .weight_decay = weight_decay};
   }
 };
@@ -113,17 +115,31 @@ struct Hyper {
 void step_and_compare(const Params& multi, const Params& single, const std::vector<size_t>& use,
                       const std::vector<double>& wd, const Dual& gsq, const Hyper& h, const std::string& what) {
   run_both([&](Backend& be, Side s) {
-    AdamWMultiArgs args{.grad_sq = h.max_norm > 0 ? gsq[s] : Tensor{}, .lr = h.lr, .beta1 = h.beta1, .beta2 = h.beta2,
-                        .eps = h.eps, .max_norm = h.max_norm, .step = h.step};
+    AdamWMultiArgs args{.grad_sq = h.max_norm > 0 ? gsq[s] : Tensor{},
+                        .lr = h.lr,
+                        .beta1 = h.beta1,
+                        .beta2 = h.beta2,
+                        .eps = h.eps,
+                        .max_norm = h.max_norm,
+                        .step = h.step};
     for (size_t k = 0; k < use.size(); ++k) args.entries.push_back(multi[use[k]]->entry(s, wd[k]));
     be.adamw_multi({}, args);
   });
   for (size_t k = 0; k < use.size(); ++k) {
     const AdamWEntry e = single[use[k]]->entry(Side::kGpu, wd[k]);
-    gpu().adamw({}, {.param = e.param, .m = e.m, .v = e.v, .grad = e.grad,
-                     .grad_sq = h.max_norm > 0 ? gsq[Side::kGpu] : Tensor{}, .lr = h.lr, .beta1 = h.beta1,
-                     .beta2 = h.beta2, .eps = h.eps, .weight_decay = e.weight_decay, .max_norm = h.max_norm,
-                     .step = h.step, .param_bf16 = e.param_bf16});
+    gpu().adamw({}, {.param = e.param,
+                     .m = e.m,
+                     .v = e.v,
+                     .grad = e.grad,
+                     .grad_sq = h.max_norm > 0 ? gsq[Side::kGpu] : Tensor{},
+                     .lr = h.lr,
+                     .beta1 = h.beta1,
+                     .beta2 = h.beta2,
+                     .eps = h.eps,
+                     .weight_decay = e.weight_decay,
+                     .max_norm = h.max_norm,
+                     .step = h.step,
+                     .param_bf16 = e.param_bf16});
   }
   gpu().synchronize({});
   for (size_t i = 0; i < multi.size(); ++i) {  // every tensor, also those not in the list (untouched on both)
@@ -174,8 +190,8 @@ TEST(CudaOptim, AdamWMultiEqualsPerTensor) {
     for (int64_t step = 1; step <= 2; ++step) {
       step_and_compare(multi, single, all, wd, gsq, {1e-2, 0.9, 0.95, 1e-8, max_norm, step},
                        fmt::format("{} step {}", what, step));
-      EXPECT_EQ(be.adamw_table_uploads(), uploads + 1) << what << " step " << step
-                                                       << ": the same list must be uploaded once";
+      EXPECT_EQ(be.adamw_table_uploads(), uploads + 1)
+          << what << " step " << step << ": the same list must be uploaded once";
       for (const Params* ps : {&multi, &single})  // the next step's gradients
         for (size_t i = 0; i < ps->size(); ++i) (*ps)[i]->g.normal(1400 + 10 * i);
     }
@@ -197,8 +213,11 @@ TEST(CudaOptim, AdamWMultiErrorsNameTheEntry) {
   const AdamWEntry ok{.param = p[Side::kGpu], .m = m[Side::kGpu], .v = v[Side::kGpu], .grad = g[Side::kGpu]};
   AdamWEntry bad = ok;
   bad.m = wrong[Side::kGpu];
-  expect_error([&] { gpu().adamw_multi({}, {.entries = {ok, bad}, .grad_sq = gsq[Side::kGpu], .max_norm = 1.0}); },
-               {"[adamw_multi]", "entries[1].m", "shape"});
+  expect_error(
+      [&] {
+        gpu().adamw_multi({}, {.entries = {ok, bad}, .grad_sq = gsq[Side::kGpu], .max_norm = 1.0});
+      },
+      {"[adamw_multi]", "entries[1].m", "shape"});
   bad = ok;
   bad.grad = g[Side::kCpu];
   expect_error([&] { gpu().adamw_multi({}, {.entries = {bad}, .grad_sq = gsq[Side::kGpu], .max_norm = 1.0}); },

@@ -101,8 +101,12 @@ TEST(CudaBf16Activations, GroupedGemmIntoBf16) {
   // n = 24, 200: bf16x2 stores, one and several n-tiles with a partial last one; n = 13: odd, so
   // element stores; k = 40 (one partial k-tile), 264 (several); two terms with k2 ≠ k.
   for (bool trans_b : {true, false})
-    for (const auto& [n, k, k2] : {std::tuple<int64_t, int64_t, int64_t>{24, 40, 0}, {200, 264, 0}, {13, 19, 0},
-                                   {24, 40, 19}, {200, 264, 72}, {13, 19, 40}})
+    for (const auto& [n, k, k2] : {std::tuple<int64_t, int64_t, int64_t>{24, 40, 0},
+                                   {200, 264, 0},
+                                   {13, 19, 0},
+                                   {24, 40, 19},
+                                   {200, 264, 72},
+                                   {13, 19, 40}})
       run_bf16_out_case({.n = n, .k = k, .k2 = k2, .trans_b = trans_b}, seed += 10);
 }
 
@@ -159,8 +163,8 @@ TEST(CudaBf16Activations, SwigluOnBf16Inputs) {
     // The kernels' f32 formulas against the CPU's double ones rounded to f32: a few f32 ulps
     // (swiglu_ops.cu), inside the bf16 step.
     const Tol tol{0.0, 0.0, "f32 vs double formula: a few f32 ulps, inside the bf16 step"};
-    for (const auto& [got, name] : {std::pair{&h16, "swiglu_fwd h"}, std::pair{&da16, "swiglu_bwd da"},
-                                    std::pair{&db16, "swiglu_bwd db"}}) {
+    for (const auto& [got, name] :
+         {std::pair{&h16, "swiglu_fwd h"}, std::pair{&da16, "swiglu_bwd da"}, std::pair{&db16, "swiglu_bwd db"}}) {
       expect_bf16_close(*got, tol, fmt::format("{} on bf16 inputs, {}", name, what));
     }
   }
@@ -219,7 +223,11 @@ TEST(CudaBf16Activations, MoeRowsInBf16) {
     dyp.poison();
     dtw.poison();
     run_both([&](Backend& be, Side s) {
-      be.moe_combine_bwd({}, {.dy_perm = dyp[s], .dtopk_w = dtw[s], .dy = dy[s], .y_perm = rows16[s], .topk_w = w[s],
+      be.moe_combine_bwd({}, {.dy_perm = dyp[s],
+                              .dtopk_w = dtw[s],
+                              .dy = dy[s],
+                              .y_perm = rows16[s],
+                              .topk_w = w[s],
                               .slot_pos = slot[s]});
     });
     expect_close(dyp, kExact, "moe_combine_bwd dy_perm beside a bf16 y_perm, " + what);
@@ -230,8 +238,12 @@ TEST(CudaBf16Activations, MoeRowsInBf16) {
     dyp16.poison();
     dtw.poison();
     run_both([&](Backend& be, Side s) {
-      be.moe_combine_bwd({}, {.dy_perm = dyp16[s], .dtopk_w = dtw[s], .dy = dy16[s], .y_perm = rows16[s],
-                              .topk_w = w[s], .slot_pos = slot[s]});
+      be.moe_combine_bwd({}, {.dy_perm = dyp16[s],
+                              .dtopk_w = dtw[s],
+                              .dy = dy16[s],
+                              .y_perm = rows16[s],
+                              .topk_w = w[s],
+                              .slot_pos = slot[s]});
     });
     expect_bf16_close(dyp16, kExact, "moe_combine_bwd bf16 dy_perm from a bf16 dy, " + what);
     expect_close(dtw, kDot, "moe_combine_bwd dtopk_w from a bf16 dy, " + what);
@@ -250,8 +262,10 @@ TEST(CudaBf16Activations, RmsNormBackwardWritesBf16Copy) {
   };
   for (const Case c : {Case{31, 40, 40}, Case{9, 1536, 1536}, Case{31, 40, 41}})
     for (const bool accumulate : {false, true}) {
-      Dual x(Shape{c.rows, c.xs}), dy(Shape{c.rows, c.xs}), w(Shape{c.width}), rstd(Shape{c.rows}), y(Shape{c.rows, c.width});
-      Dual dx_plain(Shape{c.rows, c.xs}), dx(Shape{c.rows, c.xs}), dw(Shape{c.width}), dx16(Shape{c.rows, c.width}, DType::kBF16);
+      Dual x(Shape{c.rows, c.xs}), dy(Shape{c.rows, c.xs}), w(Shape{c.width}), rstd(Shape{c.rows}),
+          y(Shape{c.rows, c.width});
+      Dual dx_plain(Shape{c.rows, c.xs}), dx(Shape{c.rows, c.xs}), dw(Shape{c.width}),
+          dx16(Shape{c.rows, c.width}, DType::kBF16);
       x.normal(2500, 1.3);
       dy.normal(2501);
       w.normal(2502, 0.5, 1.0);
@@ -259,19 +273,36 @@ TEST(CudaBf16Activations, RmsNormBackwardWritesBf16Copy) {
       dx.normal(2503);
       dx16.poison();
       run_both([&](Backend& be, Side s) {
-        be.rmsnorm_fwd({}, {.y = y[s], .rstd = rstd[s], .x = x[s], .w = w[s], .rows = c.rows, .width = c.width,
-                            .x_stride = c.xs, .eps = 1e-6});
+        be.rmsnorm_fwd({}, {.y = y[s],
+                            .rstd = rstd[s],
+                            .x = x[s],
+                            .w = w[s],
+                            .rows = c.rows,
+                            .width = c.width,
+                            .x_stride = c.xs,
+                            .eps = 1e-6});
       });
       rstd.to_gpu();  // both backwards read the CPU's rstd
       const auto bwd = [&](Backend& be, Side s, const Dual& out, const Tensor& out16) {
-        be.rmsnorm_bwd({}, {.dx = out[s], .dw = dw[s], .dy = dy[s], .x = x[s], .w = w[s], .rstd = rstd[s], .rows = c.rows,
-                            .width = c.width, .x_stride = c.xs, .y_stride = c.xs, .dx_accumulate = accumulate,
+        be.rmsnorm_bwd({}, {.dx = out[s],
+                            .dw = dw[s],
+                            .dy = dy[s],
+                            .x = x[s],
+                            .w = w[s],
+                            .rstd = rstd[s],
+                            .rows = c.rows,
+                            .width = c.width,
+                            .x_stride = c.xs,
+                            .y_stride = c.xs,
+                            .dx_accumulate = accumulate,
                             .dx16 = out16});
       };
       bwd(gpu(), Side::kGpu, dx_plain, Tensor{});
       run_both([&](Backend& be, Side s) { bwd(be, s, dx, dx16[s]); });
-      const std::string what = fmt::format("rmsnorm_bwd dx16, width {}, x_stride {}, accumulate {}", c.width, c.xs, accumulate);
-      const std::vector<double> got = dx.device_values(), plain = dx_plain.device_values(), got16 = dx16.device_values();
+      const std::string what =
+          fmt::format("rmsnorm_bwd dx16, width {}, x_stride {}, accumulate {}", c.width, c.xs, accumulate);
+      const std::vector<double> got = dx.device_values(), plain = dx_plain.device_values(),
+                                got16 = dx16.device_values();
       EXPECT_EQ(got, plain) << what << ": dx changed by writing dx16";
       int64_t bad = 0;
       for (int64_t r = 0; r < c.rows; ++r)
@@ -301,8 +332,16 @@ TEST(CudaBf16Activations, KvSplitBackwardIntoBf16) {
     dkr.normal(2602);
     dkv16.poison();
     run_both([&](Backend& be, Side s) {
-      be.mla_kv_split_bwd({}, {.dkv = dkv16[s], .dkr = dkr[s], .dk = dk[s], .dv = dv[s], .n_heads = H, .d_nope = c.dn,
-                               .d_rope = c.dr, .d_v = c.dv, .kr_stride = c.kr_stride, .kr_offset = c.kr_offset});
+      be.mla_kv_split_bwd({}, {.dkv = dkv16[s],
+                               .dkr = dkr[s],
+                               .dk = dk[s],
+                               .dv = dv[s],
+                               .n_heads = H,
+                               .d_nope = c.dn,
+                               .d_rope = c.dr,
+                               .d_v = c.dv,
+                               .kr_stride = c.kr_stride,
+                               .kr_offset = c.kr_offset});
     });
     const std::string what = fmt::format("mla_kv_split_bwd into a bf16 dkv, dn={} dr={} dv={}", c.dn, c.dr, c.dv);
     expect_close(dkv16, kExact, what);
@@ -320,8 +359,8 @@ TEST(CudaBf16Activations, RopeOnBf16) {
   struct Case {
     int64_t rows, width, heads, head_stride, col_offset, rope_dim, seq_len, pos_offset;
   };
-  for (const Case c : {Case{45, 40, 3, 12, 2, 8, 7, 3}, Case{31, 14, 1, 14, 10, 4, 31, 0}, Case{45, 48, 3, 16, 4, 8, 7, 3},
-                       Case{31, 36, 1, 3, 32, 4, 31, 0}})
+  for (const Case c : {Case{45, 40, 3, 12, 2, 8, 7, 3}, Case{31, 14, 1, 14, 10, 4, 31, 0},
+                       Case{45, 48, 3, 16, 4, 8, 7, 3}, Case{31, 36, 1, 3, 32, 4, 31, 0}})
     for (bool inverse : {false, true}) {
       const Shape shape{c.rows, c.width};
       Dual x(shape), cos(Shape{40, c.rope_dim / 2}), sin(Shape{40, c.rope_dim / 2});
@@ -330,11 +369,19 @@ TEST(CudaBf16Activations, RopeOnBf16) {
       sin.normal(2702);
       const Dual x16 = bf16_copy(x, shape);
       run_both([&](Backend& be, Side s) {
-        be.rope({}, {.x = x16[s], .cos = cos[s], .sin = sin[s], .n_heads = c.heads, .head_stride = c.head_stride,
-                     .col_offset = c.col_offset, .rope_dim = c.rope_dim, .seq_len = c.seq_len, .pos_offset = c.pos_offset,
+        be.rope({}, {.x = x16[s],
+                     .cos = cos[s],
+                     .sin = sin[s],
+                     .n_heads = c.heads,
+                     .head_stride = c.head_stride,
+                     .col_offset = c.col_offset,
+                     .rope_dim = c.rope_dim,
+                     .seq_len = c.seq_len,
+                     .pos_offset = c.pos_offset,
                      .inverse = inverse});
       });
-      expect_bf16_close(x16, kRopeTol, fmt::format("rope on bf16, heads={} width={} inverse={}", c.heads, c.width, inverse));
+      expect_bf16_close(x16, kRopeTol,
+                        fmt::format("rope on bf16, heads={} width={} inverse={}", c.heads, c.width, inverse));
     }
 }
 
@@ -356,8 +403,16 @@ TEST(CudaBf16Activations, KvSplitFromBf16Kv) {
     const Dual kv16 = bf16_copy(kv, kv_shape);
     run_both([&](Backend& be, Side s) {
       const auto split = [&](const Tensor& kt, const Tensor& vt) {
-        be.mla_kv_split_fwd({}, {.k = kt, .v = vt, .kv = kv16[s], .kr = kr[s], .n_heads = H, .d_nope = c.dn,
-                                 .d_rope = c.dr, .d_v = c.dv, .kr_stride = c.kr_stride, .kr_offset = c.kr_offset});
+        be.mla_kv_split_fwd({}, {.k = kt,
+                                 .v = vt,
+                                 .kv = kv16[s],
+                                 .kr = kr[s],
+                                 .n_heads = H,
+                                 .d_nope = c.dn,
+                                 .d_rope = c.dr,
+                                 .d_v = c.dv,
+                                 .kr_stride = c.kr_stride,
+                                 .kr_offset = c.kr_offset});
       };
       split(k16[s], v16[s]);
       split(k[s], v[s]);
@@ -403,8 +458,8 @@ TEST(CudaBf16Activations, CrossEntropyOnBf16Logits) {
     dl16.poison();
     run_both([&](Backend& be, Side s) {
       for (const Dual* out : {&dl, &dl16})
-        be.cross_entropy_bwd({}, {.dlogits = (*out)[s], .logits = l16[s], .targets = targets[s], .valid = valid[s],
-                                  .grad_scale = 0.7});
+        be.cross_entropy_bwd(
+            {}, {.dlogits = (*out)[s], .logits = l16[s], .targets = targets[s], .valid = valid[s], .grad_scale = 0.7});
     });
     expect_close(dl, kCeTol, "cross_entropy_bwd f32 dlogits " + what);
     expect_bf16_close(dl16, kCeTol, "cross_entropy_bwd bf16 dlogits " + what);
@@ -427,8 +482,15 @@ TEST(CudaBf16Activations, RmsNormForwardWritesBf16Copy) {
     w.normal(3001, 0.5, 1.0);
     y16.poison();
     const auto fwd = [&](Backend& be, Side s, const Dual& out, const Tensor& out16) {
-      be.rmsnorm_fwd({}, {.y = out[s], .rstd = rstd[s], .x = x[s], .w = w[s], .rows = c.rows, .width = c.width,
-                          .x_stride = c.xs, .eps = 1e-6, .y16 = out16});
+      be.rmsnorm_fwd({}, {.y = out[s],
+                          .rstd = rstd[s],
+                          .x = x[s],
+                          .w = w[s],
+                          .rows = c.rows,
+                          .width = c.width,
+                          .x_stride = c.xs,
+                          .eps = 1e-6,
+                          .y16 = out16});
     };
     fwd(gpu(), Side::kGpu, y_plain, Tensor{});
     run_both([&](Backend& be, Side s) { fwd(be, s, y, y16[s]); });
@@ -436,7 +498,8 @@ TEST(CudaBf16Activations, RmsNormForwardWritesBf16Copy) {
     const std::vector<double> got = y.device_values(), got16 = y16.device_values();
     EXPECT_EQ(got, y_plain.device_values()) << what << ": y changed by writing y16";
     int64_t bad = 0;
-    for (size_t i = 0; i < got.size(); ++i) bad += got16[i] == bf16_to_f32(f32_to_bf16(static_cast<float>(got[i]))) ? 0 : 1;
+    for (size_t i = 0; i < got.size(); ++i)
+      bad += got16[i] == bf16_to_f32(f32_to_bf16(static_cast<float>(got[i]))) ? 0 : 1;
     EXPECT_EQ(bad, 0) << what << ": y16 is not y rounded to bf16";
     expect_bf16_close(y16, kNormTol, what + " against the CPU's");
   }
@@ -460,8 +523,15 @@ TEST(CudaBf16Activations, KvSplitBackwardFromBf16) {
     dkv16.poison();
     const Dual dk16 = bf16_copy(dk, k_shape), dv16 = bf16_copy(dv, v_shape);
     run_both([&](Backend& be, Side s) {
-      be.mla_kv_split_bwd({}, {.dkv = dkv16[s], .dkr = dkr[s], .dk = dk16[s], .dv = dv16[s], .n_heads = H,
-                               .d_nope = c.dn, .d_rope = c.dr, .d_v = c.dv, .kr_stride = c.kr_stride,
+      be.mla_kv_split_bwd({}, {.dkv = dkv16[s],
+                               .dkr = dkr[s],
+                               .dk = dk16[s],
+                               .dv = dv16[s],
+                               .n_heads = H,
+                               .d_nope = c.dn,
+                               .d_rope = c.dr,
+                               .d_v = c.dv,
+                               .kr_stride = c.kr_stride,
                                .kr_offset = c.kr_offset});
     });
     const std::string what = fmt::format("mla_kv_split_bwd from bf16 dk, dv, dn={} dr={} dv={}", c.dn, c.dr, c.dv);

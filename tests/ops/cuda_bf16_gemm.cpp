@@ -33,7 +33,8 @@ namespace {
 // The f32 tolerance of cuda_vs_cpu.cpp: f32 dot products of length k in different orders (here of
 // exact bf16 products, see the file comment).
 Tol f32_gemm_tol(int64_t k) {
-  return Tol{1e-5, 4e-6 * static_cast<double>(std::max<int64_t>(k, 1)), "f32 sums of k exact bf16 products, other order"};
+  return Tol{1e-5, 4e-6 * static_cast<double>(std::max<int64_t>(k, 1)),
+             "f32 sums of k exact bf16 products, other order"};
 }
 constexpr Tol kScaleOnly{1e-6, 1e-7, "k = 0: beta·C only, no bf16 rounding"};
 
@@ -58,7 +59,8 @@ void run_gemm_case(int64_t m, int64_t n, int64_t k, int ta, int tb, double alpha
   if (beta == 0.0) c.poison();  // beta = 0 must not read C (NaN stays out)
   else c.normal(seed + 2);
   run_both([&](Backend& be, Side s) {
-    be.gemm({}, {.c = c[s], .a = a[s], .b = b[s], .trans_a = ta == 1, .trans_b = tb == 1, .alpha = alpha, .beta = beta});
+    be.gemm({},
+            {.c = c[s], .a = a[s], .b = b[s], .trans_a = ta == 1, .trans_b = tb == 1, .alpha = alpha, .beta = beta});
   });
   expect_gemm(c, k, fmt::format("bf16 gemm {}x{}x{} ta={} tb={} alpha={} beta={}", m, n, k, ta, tb, alpha, beta));
 }
@@ -99,7 +101,7 @@ TEST(CudaBf16Gemm, BufferSizedByLargestCall) {
   run_gemm_case(257, 129, 301, 0, 1, 1.0, 0.0, 200);
   const size_t after_large = cuda_backend().gemm_bf16_scratch_bytes();
   EXPECT_GE(after_large, static_cast<size_t>((257 + 129) * 301) * 2);  // both operands as bf16
-  run_gemm_case(37, 29, 53, 1, 0, 0.7, 1.0, 210);  // smaller: reuses the buffer as it is
+  run_gemm_case(37, 29, 53, 1, 0, 0.7, 1.0, 210);                      // smaller: reuses the buffer as it is
   EXPECT_EQ(cuda_backend().gemm_bf16_scratch_bytes(), after_large);
 }
 
@@ -118,10 +120,12 @@ TEST(CudaBf16Gemm, GroupedForward) {
       off.set(kOffsets);
       std::vector<double> c0(static_cast<size_t>(R * n));
       for (int64_t i = 0; i < R * n; ++i)  // rows in use: poison when beta = 0; the rest: values to keep
-        c0[static_cast<size_t>(i)] = (beta == 0.0 && i < used * n) ? std::nan("") : normal_at(32, 1, static_cast<uint64_t>(i));
+        c0[static_cast<size_t>(i)] =
+            (beta == 0.0 && i < used * n) ? std::nan("") : normal_at(32, 1, static_cast<uint64_t>(i));
       c.set(c0);
       run_both([&](Backend& be, Side s) {
-        be.grouped_gemm({}, {.c = c[s], .a = a[s], .b = b[s], .offsets = off[s], .trans_b = trans_b, .alpha = 0.8, .beta = beta});
+        be.grouped_gemm(
+            {}, {.c = c[s], .a = a[s], .b = b[s], .offsets = off[s], .trans_b = trans_b, .alpha = 0.8, .beta = beta});
       });
       expect_gemm(c, k, fmt::format("bf16 grouped_gemm trans_b={} beta={}", trans_b, beta), used * n);
     }
@@ -133,7 +137,8 @@ TEST(CudaBf16Gemm, GroupedForward) {
   c.normal(35);
   off.set({0, 0, 0, 0, 0, 0});
   run_both([&](Backend& be, Side s) {
-    be.grouped_gemm({}, {.c = c[s], .a = a[s], .b = b[s], .offsets = off[s], .trans_b = true, .alpha = 0.8, .beta = 0.0});
+    be.grouped_gemm({},
+                    {.c = c[s], .a = a[s], .b = b[s], .offsets = off[s], .trans_b = true, .alpha = 0.8, .beta = 0.0});
   });
   expect_close(c, kExact, "bf16 grouped_gemm no rows in use");
 }
@@ -177,7 +182,8 @@ TEST(CudaBf16Gemm, SwitchingBackRestoresF32) {
       b.normal(311);
       c.normal(312);
       run_both([&](Backend& be, Side s) {
-        be.gemm({}, {.c = c[s], .a = a[s], .b = b[s], .trans_a = ta == 1, .trans_b = tb == 1, .alpha = 0.7, .beta = 1.3});
+        be.gemm({},
+                {.c = c[s], .a = a[s], .b = b[s], .trans_a = ta == 1, .trans_b = tb == 1, .alpha = 0.7, .beta = 1.3});
       });
       expect_close(c, f32_gemm_tol(k), fmt::format("f32 again: gemm ta={} tb={}", ta, tb));
     }
@@ -189,7 +195,8 @@ TEST(CudaBf16Gemm, SwitchingBackRestoresF32) {
   c.normal(322);
   off.set(kOffsets);
   run_both([&](Backend& be, Side s) {
-    be.grouped_gemm({}, {.c = c[s], .a = a[s], .b = b[s], .offsets = off[s], .trans_b = true, .alpha = 0.8, .beta = 1.0});
+    be.grouped_gemm({},
+                    {.c = c[s], .a = a[s], .b = b[s], .offsets = off[s], .trans_b = true, .alpha = 0.8, .beta = 1.0});
   });
   expect_close(c, f32_gemm_tol(kg), "f32 again: grouped_gemm");
   Dual wa(Shape{R, 13}), wb(Shape{R, 11}), wc(Shape{G, 13, 11});
@@ -218,7 +225,8 @@ TEST(CudaBf16Gemm, GroupedKernelForwardAndDgrad) {
   for (const auto& [n, k] : {std::pair<int64_t, int64_t>{24, 40}, {200, 264}}) {
     for (bool trans_b : {true, false}) {
       for (double beta : {0.0, 1.0}) {
-        Dual a(Shape{R, k}), b(trans_b ? Shape{G, n, k} : Shape{G, k, n}), c(Shape{R, n}), off(Shape{G + 1}, DType::kI32);
+        Dual a(Shape{R, k}), b(trans_b ? Shape{G, n, k} : Shape{G, k, n}), c(Shape{R, n}),
+            off(Shape{G + 1}, DType::kI32);
         a.normal(seed += 3);
         b.normal(seed + 1);
         off.set(kKernelOffsets);
@@ -228,10 +236,12 @@ TEST(CudaBf16Gemm, GroupedKernelForwardAndDgrad) {
               (beta == 0.0 && i < used * n) ? std::nan("") : normal_at(seed + 2, 1, static_cast<uint64_t>(i));
         c.set(c0);
         run_both([&](Backend& be, Side s) {
-          be.grouped_gemm({}, {.c = c[s], .a = a[s], .b = b[s], .offsets = off[s], .trans_b = trans_b, .alpha = -1.25,
-                               .beta = beta});
+          be.grouped_gemm(
+              {},
+              {.c = c[s], .a = a[s], .b = b[s], .offsets = off[s], .trans_b = trans_b, .alpha = -1.25, .beta = beta});
         });
-        expect_gemm(c, k, fmt::format("bf16 grouped kernel n={} k={} trans_b={} beta={}", n, k, trans_b, beta), used * n);
+        expect_gemm(c, k, fmt::format("bf16 grouped kernel n={} k={} trans_b={} beta={}", n, k, trans_b, beta),
+                    used * n);
       }
     }
   }
@@ -257,7 +267,8 @@ TEST(CudaBf16Gemm, GroupedKernelWeightGradient) {
       const std::vector<double> got = c.device_values(), want = c.host_values();
       for (int64_t g : {int64_t{0}, int64_t{3}, int64_t{6}})  // the empty groups: beta·C exactly
         for (int64_t i = g * m * n; i < (g + 1) * m * n; ++i)
-          ASSERT_EQ(got[static_cast<size_t>(i)], want[static_cast<size_t>(i)]) << "empty group " << g << " element " << i;
+          ASSERT_EQ(got[static_cast<size_t>(i)], want[static_cast<size_t>(i)])
+              << "empty group " << g << " element " << i;
     }
   }
 }
@@ -284,8 +295,8 @@ TEST(CudaBf16Gemm, GroupedWeightGradientSumOfSquares) {
         else c.normal(seed + 2);
         sq.set({2.5});  // it adds
         run_both([&](Backend& be, Side s) {
-          be.grouped_gemm_wgrad({}, {.c = c[s], .a = a[s], .b = b[s], .offsets = off[s], .alpha = 0.75, .beta = beta,
-                                     .sum_sq = sq[s]});
+          be.grouped_gemm_wgrad(
+              {}, {.c = c[s], .a = a[s], .b = b[s], .offsets = off[s], .alpha = 0.75, .beta = beta, .sum_sq = sq[s]});
         });
         const std::string what = fmt::format("{} wgrad sum_sq m={} n={} beta={}", bf16 ? "bf16" : "f32", m, n, beta);
         double own = 2.5;
@@ -313,29 +324,36 @@ TEST(CudaBf16Gemm, GroupedKernelBadOffsetsReported) {
     std::vector<double> offsets;
     std::string entry;
   };
-  const std::vector<Case> cases = {{{0, 10, 5, 20}, "offsets[2] = 5"},       // decreasing
-                                   {{0, -3, 5, 20}, "offsets[1] = -3"},      // negative
-                                   {{0, 10, 20, 65}, "offsets[3] = 65"},     // offsets[G] > R
-                                   {{4, 10, 20, 30}, "offsets[0] = 4"}};     // offsets[0] ≠ 0
+  const std::vector<Case> cases = {{{0, 10, 5, 20}, "offsets[2] = 5"},    // decreasing
+                                   {{0, -3, 5, 20}, "offsets[1] = -3"},   // negative
+                                   {{0, 10, 20, 65}, "offsets[3] = 65"},  // offsets[G] > R
+                                   {{4, 10, 20, 30}, "offsets[0] = 4"}};  // offsets[0] ≠ 0
   for (const Case& bad : cases) {
     off.set(bad.offsets);
     c.normal(702);
-    expect_error([&] {
-      gpu().grouped_gemm({}, {.c = c[Side::kGpu], .a = a[Side::kGpu], .b = b[Side::kGpu], .offsets = off[Side::kGpu],
-                              .trans_b = true});
-      gpu().synchronize({});
-    }, {"[grouped_gemm]", bad.entry, "rows = 64"});
-    expect_error([&] {
-      gpu().grouped_gemm_wgrad({}, {.c = wc[Side::kGpu], .a = a[Side::kGpu], .b = c[Side::kGpu], .offsets = off[Side::kGpu]});
-      gpu().synchronize({});
-    }, {"[grouped_gemm_wgrad]", bad.entry});
+    expect_error(
+        [&] {
+          gpu().grouped_gemm({}, {.c = c[Side::kGpu],
+                                  .a = a[Side::kGpu],
+                                  .b = b[Side::kGpu],
+                                  .offsets = off[Side::kGpu],
+                                  .trans_b = true});
+          gpu().synchronize({});
+        },
+        {"[grouped_gemm]", bad.entry, "rows = 64"});
+    expect_error(
+        [&] {
+          gpu().grouped_gemm_wgrad(
+              {}, {.c = wc[Side::kGpu], .a = a[Side::kGpu], .b = c[Side::kGpu], .offsets = off[Side::kGpu]});
+          gpu().synchronize({});
+        },
+        {"[grouped_gemm_wgrad]", bad.entry});
     EXPECT_TRUE(c.guard_intact() && wc.guard_intact()) << bad.entry << ": wrote past the output";
   }
   gpu().synchronize({});  // reported once; the backend stays usable
 }
 
 // ---------------------------------------------------------------- bf16 operands (weight copies)
-
 
 TEST(CudaBf16Gemm, Bf16OperandsAreReadInPlace) {
   DIFFMOE_REQUIRE_CUDA();
@@ -352,10 +370,19 @@ TEST(CudaBf16Gemm, Bf16OperandsAreReadInPlace) {
         c.poison();
         const Dual a16 = bf16_copy(a, sa), b16 = bf16_copy(b, sb);
         run_both([&](Backend& be, Side s) {  // the same bf16 operand tensors on both sides
-          be.gemm({}, {.c = c[s], .a = (which & 1) ? a16[s] : a[s], .b = (which & 2) ? b16[s] : b[s],
-                       .trans_a = ta == 1, .trans_b = tb == 1, .alpha = 0.9, .beta = 0.0});
+          be.gemm({}, {.c = c[s],
+                       .a = (which & 1) ? a16[s] : a[s],
+                       .b = (which & 2) ? b16[s] : b[s],
+                       .trans_a = ta == 1,
+                       .trans_b = tb == 1,
+                       .alpha = 0.9,
+                       .beta = 0.0});
         });
-        expect_gemm(c, k, fmt::format("bf16 operands gemm ta={} tb={} bf16={}", ta, tb, which == 1 ? "A" : which == 2 ? "B" : "A,B"));
+        expect_gemm(c, k,
+                    fmt::format("bf16 operands gemm ta={} tb={} bf16={}", ta, tb,
+                                which == 1   ? "A"
+                                : which == 2 ? "B"
+                                             : "A,B"));
       }
 }
 
@@ -378,8 +405,9 @@ TEST(CudaBf16Gemm, GroupedBf16Operands) {
       c.set(c0);
       const Dual a16 = bf16_copy(a, Shape{R, k}), b16 = bf16_copy(b, sb);
       run_both([&](Backend& be, Side s) {
-        be.grouped_gemm({}, {.c = c[s], .a = a16[s], .b = b16[s], .offsets = off[s], .trans_b = trans_b, .alpha = 1.5,
-                             .beta = 0.0});
+        be.grouped_gemm(
+            {},
+            {.c = c[s], .a = a16[s], .b = b16[s], .offsets = off[s], .trans_b = trans_b, .alpha = 1.5, .beta = 0.0});
       });
       expect_gemm(c, k, fmt::format("bf16 operands grouped n={} k={} trans_b={}", n, k, trans_b), used * n);
     }
@@ -426,8 +454,15 @@ Dual run_two_terms(const TwoTermCase& tc, const std::vector<double>& offsets, in
     const auto pick = [&](const Dual& f32, const Dual& b16_copy, int bit) {
       return (tc.bf16_mask & bit) != 0 ? b16_copy[s] : f32[s];
     };
-    be.grouped_gemm({}, {.c = c[s], .a = pick(a, a16, 1), .b = pick(b, b16, 2), .offsets = off[s], .trans_b = tc.trans_b,
-                         .alpha = -1.25, .beta = tc.beta, .a2 = pick(a2, a2_16, 4), .b2 = pick(b2, b2_16, 8)});
+    be.grouped_gemm({}, {.c = c[s],
+                         .a = pick(a, a16, 1),
+                         .b = pick(b, b16, 2),
+                         .offsets = off[s],
+                         .trans_b = tc.trans_b,
+                         .alpha = -1.25,
+                         .beta = tc.beta,
+                         .a2 = pick(a2, a2_16, 4),
+                         .b2 = pick(b2, b2_16, 8)});
   });
   return c;
 }
@@ -441,12 +476,13 @@ TEST(CudaBf16Gemm, GroupedTwoTerms) {
       for (double beta : {0.0, 1.0})
         // k2 ≠ k: odd k2 (padded copy), several n-tiles and k-tiles with partial last ones in both
         // terms, odd n and k < k2, whole k-tiles (the second term starts on a fresh ring stage).
-        for (const auto& [n, k, k2] : {std::tuple<int64_t, int64_t, int64_t>{24, 40, 19}, {200, 264, 72}, {13, 19, 40},
-                                       {24, 64, 128}}) {
+        for (const auto& [n, k, k2] :
+             {std::tuple<int64_t, int64_t, int64_t>{24, 40, 19}, {200, 264, 72}, {13, 19, 40}, {24, 64, 128}}) {
           const TwoTermCase tc{.n = n, .k = k, .k2 = k2, .trans_b = trans_b, .beta = beta};
           const Dual c = run_two_terms(tc, kKernelOffsets, kKernelRows, seed += 5);
           // The TMA kernel sums both terms in one accumulator, the CPU in two passes: k + k2 terms.
-          expect_gemm(c, k + k2, fmt::format("bf16 two-term grouped n={} k={}+{} trans_b={} beta={}", n, k, k2, trans_b, beta),
+          expect_gemm(c, k + k2,
+                      fmt::format("bf16 two-term grouped n={} k={}+{} trans_b={} beta={}", n, k, k2, trans_b, beta),
                       kKernelUsed * n);
         }
     // bf16 operands: read in place (rows a multiple of 8) or copied (padded), mixed with f32 ones, so
@@ -456,20 +492,23 @@ TEST(CudaBf16Gemm, GroupedTwoTerms) {
         for (int mask : {0b0101, 0b1010, 0b1111}) {
           const TwoTermCase tc{.n = n, .k = k, .k2 = k2, .trans_b = trans_b, .beta = 1.0, .bf16_mask = mask};
           const Dual c = run_two_terms(tc, kKernelOffsets, kKernelRows, seed += 5);
-          expect_gemm(c, k + k2,
-                      fmt::format("bf16 two-term operands n={} k={}+{} trans_b={} bf16 mask={}", n, k, k2, trans_b, mask),
-                      kKernelUsed * n);
+          expect_gemm(
+              c, k + k2,
+              fmt::format("bf16 two-term operands n={} k={}+{} trans_b={} bf16 mask={}", n, k, k2, trans_b, mask),
+              kKernelUsed * n);
         }
     // No rows in use: C untouched.
     const TwoTermCase none{.n = 24, .k = 40, .k2 = 19, .trans_b = false, .beta = 1.0};
-    expect_close(run_two_terms(none, {0, 0, 0, 0, 0, 0}, 41, seed += 5), kExact, "bf16 two-term grouped no rows in use");
+    expect_close(run_two_terms(none, {0, 0, 0, 0, 0, 0}, 41, seed += 5), kExact,
+                 "bf16 two-term grouped no rows in use");
   }
   // f32 (per-group SGEMMs, two passes on both sides): f32 sums of k + k2 products.
   for (bool trans_b : {true, false})
     for (double beta : {0.0, 1.0}) {
       const TwoTermCase tc{.n = 23, .k = 19, .k2 = 7, .trans_b = trans_b, .beta = beta};
       const Dual c = run_two_terms(tc, kOffsets, 41, seed += 5);
-      expect_close(c, f32_gemm_tol(tc.k + tc.k2), fmt::format("f32 two-term grouped trans_b={} beta={}", trans_b, beta));
+      expect_close(c, f32_gemm_tol(tc.k + tc.k2),
+                   fmt::format("f32 two-term grouped trans_b={} beta={}", trans_b, beta));
     }
 }
 
@@ -482,9 +521,8 @@ TEST(CudaBf16Gemm, F32ExactStaysF32) {
   a.normal(960);
   b.normal(961);
   c.poison();
-  run_both([&](Backend& be, Side s) {
-    be.gemm({}, {.c = c[s], .a = a[s], .b = b[s], .trans_b = true, .f32_exact = true});
-  });
+  run_both(
+      [&](Backend& be, Side s) { be.gemm({}, {.c = c[s], .a = a[s], .b = b[s], .trans_b = true, .f32_exact = true}); });
   expect_close(c, f32_gemm_tol(k), "f32_exact gemm in the bf16 mode");
 }
 
@@ -514,7 +552,8 @@ TEST(CudaBf16Gemm, KvSplitIntoBf16) {
   struct Case {
     int64_t N, H, dn, dr, dv, kr_stride, kr_offset, out_offset;
   };
-  for (const Case c : {Case{13, 3, 4, 2, 5, 9, 6, 0}, Case{37, 3, 8, 4, 12, 20, 16, 0}, Case{37, 3, 8, 4, 12, 20, 16, 1}}) {
+  for (const Case c :
+       {Case{13, 3, 4, 2, 5, 9, 6, 0}, Case{37, 3, 8, 4, 12, 20, 16, 0}, Case{37, 3, 8, 4, 12, 20, 16, 1}}) {
     const int64_t N = c.N, H = c.H, dqk = c.dn + c.dr;
     const Shape k_shape{N, H, dqk}, v_shape{N, H, c.dv};
     Dual kv(Shape{N, H * (c.dn + c.dv)}), kr(Shape{N, c.kr_stride});
@@ -524,11 +563,19 @@ TEST(CudaBf16Gemm, KvSplitIntoBf16) {
     k16.poison();
     v16.poison();
     run_both([&](Backend& be, Side s) {
-      be.mla_kv_split_fwd({}, {.k = offset_view(k16, s, k_shape, c.out_offset), .v = offset_view(v16, s, v_shape, c.out_offset),
-                               .kv = kv[s], .kr = kr[s], .n_heads = H, .d_nope = c.dn, .d_rope = c.dr, .d_v = c.dv,
-                               .kr_stride = c.kr_stride, .kr_offset = c.kr_offset});
+      be.mla_kv_split_fwd({}, {.k = offset_view(k16, s, k_shape, c.out_offset),
+                               .v = offset_view(v16, s, v_shape, c.out_offset),
+                               .kv = kv[s],
+                               .kr = kr[s],
+                               .n_heads = H,
+                               .d_nope = c.dn,
+                               .d_rope = c.dr,
+                               .d_v = c.dv,
+                               .kr_stride = c.kr_stride,
+                               .kr_offset = c.kr_offset});
     });
-    const std::string what = fmt::format("mla_kv_split_fwd into bf16, dn={} dr={} dv={} offset {}", c.dn, c.dr, c.dv, c.out_offset);
+    const std::string what =
+        fmt::format("mla_kv_split_fwd into bf16, dn={} dr={} dv={} offset {}", c.dn, c.dr, c.dv, c.out_offset);
     expect_close(k16, kExact, what + ": k");
     expect_close(v16, kExact, what + ": v");
   }
@@ -585,8 +632,12 @@ TEST(CudaBf16Gemm, Bf16OutputsOfElementwiseOps) {
     slot.set(sp);
     dy_perm16.poison();
     run_both([&](Backend& be, Side s) {
-      be.moe_combine_bwd({}, {.dy_perm = dy_perm16[s], .dtopk_w = dtw[s], .dy = dy[s], .y_perm = y_perm[s],
-                              .topk_w = w[s], .slot_pos = slot[s]});
+      be.moe_combine_bwd({}, {.dy_perm = dy_perm16[s],
+                              .dtopk_w = dtw[s],
+                              .dy = dy[s],
+                              .y_perm = y_perm[s],
+                              .topk_w = w[s],
+                              .slot_pos = slot[s]});
     });
     expect_bf16_close(dy_perm16, kExact, fmt::format("moe_combine_bwd dy_perm in bf16, D = {}", D));
     expect_close(dtw, Tol{1e-6, 1e-7, "f64 dot rounded once on both sides"},
@@ -609,8 +660,15 @@ TEST(CudaBf16Gemm, Bf16OutputsOfElementwiseOps) {
     wn.normal(991, 0.5, 1.0);
     y16.poison();
     run_both([&](Backend& be, Side s) {
-      be.rmsnorm_fwd({}, {.y = y16[s], .rstd = rstd[s], .x = x[s], .w = wn[s], .rows = c.rows, .width = c.width,
-                          .x_stride = c.xs, .eps = 1e-6, .out_scale = c.scale});
+      be.rmsnorm_fwd({}, {.y = y16[s],
+                          .rstd = rstd[s],
+                          .x = x[s],
+                          .w = wn[s],
+                          .rows = c.rows,
+                          .width = c.width,
+                          .x_stride = c.xs,
+                          .eps = 1e-6,
+                          .out_scale = c.scale});
     });
     expect_bf16_close(y16, kNormTol, fmt::format("rmsnorm_fwd y in bf16, width {}, x_stride {}", c.width, c.xs));
   }
@@ -628,8 +686,8 @@ TEST(CudaBf16Gemm, Bf16OutputsOfElementwiseOps) {
     valid.set({6});
     dl16.poison();
     run_both([&](Backend& be, Side s) {
-      be.cross_entropy_bwd({}, {.dlogits = dl16[s], .logits = logits[s], .targets = targets[s], .valid = valid[s],
-                                .grad_scale = 0.75});
+      be.cross_entropy_bwd(
+          {}, {.dlogits = dl16[s], .logits = logits[s], .targets = targets[s], .valid = valid[s], .grad_scale = 0.75});
     });
     expect_bf16_close(dl16, kCeTol, fmt::format("cross_entropy_bwd dlogits in bf16, V = {}", V));
   }

@@ -41,7 +41,9 @@ TEST(CudaBasic, CountNonfinite) {
     const Dual x = c.dtype == DType::kBF16 ? bf16_copy(src, Shape{c.offset + c.n}) : std::move(src);
     Dual count(Shape{1}, DType::kI64);
     count.set({5});  // overwritten
-    run_both([&](Backend& be, Side s) { be.count_nonfinite({}, {.count = count[s], .x = offset_view(x, s, Shape{c.n}, c.offset)}); });
+    run_both([&](Backend& be, Side s) {
+      be.count_nonfinite({}, {.count = count[s], .x = offset_view(x, s, Shape{c.n}, c.offset)});
+    });
     expect_close(count, kExact, "count_nonfinite");
     EXPECT_EQ(count.device_values()[0], static_cast<double>(planted));
     EXPECT_TRUE(count.guard_intact());

@@ -56,8 +56,8 @@ class Bf16Mode {
 
 class Dual {
  public:
-  static constexpr int64_t kGuard = 64;         // elements after every device tensor
-  static constexpr uint8_t kGuardByte = 0xA5;   // their bytes
+  static constexpr int64_t kGuard = 64;          // elements after every device tensor
+  static constexpr uint8_t kGuardByte = 0xA5;    // their bytes
   static constexpr int32_t kIntPoison = -77777;  // what an overwritten i32 output starts as
 
   explicit Dual(Shape shape, DType dtype = DType::kF32) : dtype_(dtype) {
@@ -210,7 +210,8 @@ inline void expect_close(const Dual& d, const Tol& tol, const std::string& what)
     const double a = got[i], b = want[i], diff = std::fabs(a - b);
     const bool ok = !std::isnan(a) && !std::isnan(b) && diff <= tol.atol + tol.rtol * std::fabs(b);
     if (!std::isnan(diff)) max_abs = std::max(max_abs, diff);
-    const double excess = std::isnan(diff) ? std::numeric_limits<double>::infinity() : diff - tol.atol - tol.rtol * std::fabs(b);
+    const double excess =
+        std::isnan(diff) ? std::numeric_limits<double>::infinity() : diff - tol.atol - tol.rtol * std::fabs(b);
     if (!ok) ++bad;
     if (excess > worst_excess || worst_i < 0) {
       worst_excess = excess;

@@ -24,8 +24,8 @@
 
 #include "backend/cuda/cuda_backend.h"
 #include "cuda_dual.h"
-#include "fp8_test_util.h"
 #include "cuda_test_util.h"
+#include "fp8_test_util.h"
 
 namespace diffmoe::cudatest {
 namespace {
@@ -129,10 +129,8 @@ void run_case(const Case& c, uint64_t seed) {
                     seed + 3);
   Dual out(Shape{c.m, c.n}, c.c_dtype), addend(Shape{c.m, c.n}, c.c_dtype);
   addend.normal(seed + 4, 50.0);
-  if (c.separate_addend || c.beta == 0.0)
-    out.poison();  // only written
-  else
-    out.normal(seed + 4, 50.0);  // read in place
+  if (c.separate_addend || c.beta == 0.0) out.poison();  // only written
+  else out.normal(seed + 4, 50.0);                       // read in place
   run_both([&](Backend& be, Side s) {
     be.fp8_gemm({}, {.c = out[s],
                      .a = a[s],

@@ -18,8 +18,8 @@
 #include <vector>
 
 #include "cuda_dual.h"
-#include "fp8_test_util.h"
 #include "cuda_test_util.h"
+#include "fp8_test_util.h"
 
 namespace diffmoe::cudatest {
 namespace {

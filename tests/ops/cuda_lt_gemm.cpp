@@ -26,7 +26,8 @@ namespace {
 
 // f32 sums of k exact products in other orders (the file comment; cuda_vs_cpu.cpp's gemm_tol).
 Tol exact_products_tol(int64_t k) {
-  return Tol{1e-5, 4e-6 * static_cast<double>(std::max<int64_t>(k, 1)), "f32 sums of k exact bf16 products, other order"};
+  return Tol{1e-5, 4e-6 * static_cast<double>(std::max<int64_t>(k, 1)),
+             "f32 sums of k exact bf16 products, other order"};
 }
 
 CudaBackend& cuda_backend() { return dynamic_cast<CudaBackend&>(gpu()); }
@@ -43,8 +44,9 @@ void run_addend_case(int64_t m, int64_t n, int64_t k, bool ta, bool tb, double a
   r.normal(seed + 2);
   c.poison();
   run_both([&](Backend& be, Side s) {
-    be.gemm({}, {.c = c[s], .a = a[s], .b = b[s], .trans_a = ta, .trans_b = tb, .alpha = alpha, .beta = beta,
-                 .addend = r[s]});
+    be.gemm(
+        {},
+        {.c = c[s], .a = a[s], .b = b[s], .trans_a = ta, .trans_b = tb, .alpha = alpha, .beta = beta, .addend = r[s]});
   });
   const std::string what = fmt::format("lt gemm + addend {}x{}x{} ta={} tb={} beta={}", m, n, k, ta, tb, beta);
   expect_close(c, exact_products_tol(k), what);
@@ -72,7 +74,12 @@ TEST(CudaLtGemm, AddendIsC) {
     b.normal(1201);
     c.normal(1202);
     run_both([&](Backend& be, Side s) {
-      be.gemm({}, {.c = c[s], .a = a[s], .b = b[s], .trans_b = true, .alpha = -1.3, .beta = 1.3,
+      be.gemm({}, {.c = c[s],
+                   .a = a[s],
+                   .b = b[s],
+                   .trans_b = true,
+                   .alpha = -1.3,
+                   .beta = 1.3,
                    .addend = given ? c[s] : Tensor{}});
     });
     expect_close(c, exact_products_tol(k), fmt::format("lt gemm in place, addend {}", given ? "= c" : "not given"));
@@ -120,16 +127,22 @@ TEST(CudaLtGemm, UnalignedViews) {
   r.normal(1402);
   c.poison();
   const Dual a16 = bf16_copy(a, Shape{m * k + off});  // bf16 A read in place from 2 bytes in
-  run_both([&](Backend& be, Side s) {  // the same views on both sides
-    be.gemm({}, {.c = offset_view(c, s, sc, off), .a = offset_view(a16, s, sa, off), .b = offset_view(b, s, sb, off),
-                 .trans_b = true, .alpha = 0.8, .beta = 1.0, .addend = offset_view(r, s, sc, off)});
+  run_both([&](Backend& be, Side s) {                 // the same views on both sides
+    be.gemm({}, {.c = offset_view(c, s, sc, off),
+                 .a = offset_view(a16, s, sa, off),
+                 .b = offset_view(b, s, sb, off),
+                 .trans_b = true,
+                 .alpha = 0.8,
+                 .beta = 1.0,
+                 .addend = offset_view(r, s, sc, off)});
   });
   const std::vector<double> got = c.device_values(), want = c.host_values();
   const Tol tol = exact_products_tol(k);
   int64_t bad = 0;
   for (size_t i = static_cast<size_t>(off); i < want.size(); ++i)
     if (!(std::fabs(got[i] - want[i]) <= tol.atol + tol.rtol * std::fabs(want[i]))) ++bad;
-  EXPECT_EQ(bad, 0) << "lt gemm on views 2 (bf16) / 4 (f32) bytes off alignment: " << bad << " elements out of tolerance";
+  EXPECT_EQ(bad, 0) << "lt gemm on views 2 (bf16) / 4 (f32) bytes off alignment: " << bad
+                    << " elements out of tolerance";
   EXPECT_TRUE(std::isnan(got[0])) << "the element before the output view was written";
   EXPECT_TRUE(c.guard_intact());
 }
@@ -151,11 +164,17 @@ TEST(CudaLtGemm, Bf16OutputAllTransposes) {
           c16.poison();
           const Dual a16 = bf16_copy(a, sa), b16 = bf16_copy(b, sb);
           run_both([&](Backend& be, Side s) {
-            be.gemm({}, {.c = c16[s], .a = bf16_operands ? a16[s] : a[s], .b = bf16_operands ? b16[s] : b[s],
-                         .trans_a = ta, .trans_b = tb, .alpha = -1.9, .beta = 0.0});
+            be.gemm({}, {.c = c16[s],
+                         .a = bf16_operands ? a16[s] : a[s],
+                         .b = bf16_operands ? b16[s] : b[s],
+                         .trans_a = ta,
+                         .trans_b = tb,
+                         .alpha = -1.9,
+                         .beta = 0.0});
           });
-          expect_bf16_close(c16, exact_products_tol(k), fmt::format("lt gemm -> bf16 {}x{}x{} ta={} tb={} {} operands",
-                                                                    m, n, k, ta, tb, bf16_operands ? "bf16" : "f32"));
+          expect_bf16_close(c16, exact_products_tol(k),
+                            fmt::format("lt gemm -> bf16 {}x{}x{} ta={} tb={} {} operands", m, n, k, ta, tb,
+                                        bf16_operands ? "bf16" : "f32"));
         }
   // k = 0: zeros, nothing read.
   Dual a0(Shape{5, 0}), b0(Shape{0, 7}), z16(Shape{5, 7}, DType::kBF16);
@@ -170,8 +189,13 @@ TEST(CudaLtGemm, Bf16OutputRefusals) {
   a.normal(1600);
   b.normal(1601);
   const auto gemm16 = [&](double beta, bool f32_exact, const Tensor& addend) {
-    gpu().gemm({}, {.c = c16[Side::kGpu], .a = a[Side::kGpu], .b = b[Side::kGpu], .trans_b = true, .beta = beta,
-                    .f32_exact = f32_exact, .addend = addend});
+    gpu().gemm({}, {.c = c16[Side::kGpu],
+                    .a = a[Side::kGpu],
+                    .b = b[Side::kGpu],
+                    .trans_b = true,
+                    .beta = beta,
+                    .f32_exact = f32_exact,
+                    .addend = addend});
   };
   {
     const Bf16Mode mode;
@@ -179,15 +203,23 @@ TEST(CudaLtGemm, Bf16OutputRefusals) {
     expect_error([&] { gemm16(0.5, false, r16[Side::kGpu]); }, {"[gemm]", "c is bf16", "beta = 0"});
     expect_error([&] { gemm16(0.0, true, {}); }, {"[gemm]", "c is bf16", "f32_exact"});
     // The addend has C's dtype: an f32 addend for an f32 C, not bf16.
-    expect_error([&] {
-      gpu().gemm({}, {.c = c[Side::kGpu], .a = a[Side::kGpu], .b = b[Side::kGpu], .trans_b = true, .beta = 1.0,
-                      .addend = r16[Side::kGpu]});
-    }, {"[gemm]", "addend", "dtype"});
+    expect_error(
+        [&] {
+          gpu().gemm({}, {.c = c[Side::kGpu],
+                          .a = a[Side::kGpu],
+                          .b = b[Side::kGpu],
+                          .trans_b = true,
+                          .beta = 1.0,
+                          .addend = r16[Side::kGpu]});
+        },
+        {"[gemm]", "addend", "dtype"});
   }
   expect_error([&] { gemm16(0.0, false, {}); }, {"[gemm]", "c is bf16", "bf16 GEMM mode"});  // kF32
-  expect_error([&] {  // the CPU's f32 mode refuses it alike (the shared check_gemm_bf16_mode)
-    cpu().gemm({}, {.c = c16[Side::kCpu], .a = a[Side::kCpu], .b = b[Side::kCpu], .trans_b = true});
-  }, {"[gemm]", "c is bf16", "bf16 GEMM mode"});
+  expect_error(
+      [&] {  // the CPU's f32 mode refuses it alike (the shared check_gemm_bf16_mode)
+        cpu().gemm({}, {.c = c16[Side::kCpu], .a = a[Side::kCpu], .b = b[Side::kCpu], .trans_b = true});
+      },
+      {"[gemm]", "c is bf16", "bf16 GEMM mode"});
   gpu().synchronize({});  // nothing was enqueued; the backend stays usable
 }
 
@@ -204,7 +236,11 @@ TEST(CudaLtGemm, PlansAreCachedByShape) {
     b.normal(seed + 1);
     c.normal(seed + 2);
     r.normal(seed + 3);
-    gpu().gemm({}, {.c = c[Side::kGpu], .a = a[Side::kGpu], .b = b[Side::kGpu], .trans_b = true, .beta = beta,
+    gpu().gemm({}, {.c = c[Side::kGpu],
+                    .a = a[Side::kGpu],
+                    .b = b[Side::kGpu],
+                    .trans_b = true,
+                    .beta = beta,
                     .addend = addend ? r[Side::kGpu] : Tensor{}});
     gpu().synchronize({});
   };
@@ -217,8 +253,8 @@ TEST(CudaLtGemm, PlansAreCachedByShape) {
   call(1234, 1.0, true, 1730);  // a new m
   EXPECT_EQ(lt.heuristic_queries(), q0 + 1);
   call(1234, 1.0, true, 1740);
-  call(1234, 0.0, true, 1750);  // beta = 0: C is D, not read
-  call(1234, 1.0, false, 1760); // in place
+  call(1234, 0.0, true, 1750);   // beta = 0: C is D, not read
+  call(1234, 1.0, false, 1760);  // in place
   EXPECT_EQ(lt.heuristic_queries(), q0 + 3);
   EXPECT_LE(lt.plans(), LtGemm::kMaxPlans);
 }
@@ -246,15 +282,29 @@ class AutotuneCase {
     // The CPU's bf16-mode result from the same bf16 operands (the file comment's tolerance), in f32
     // on ref_'s host side.
     const Bf16Mode mode;
-    cpu().gemm({}, {.c = ref_[Side::kCpu], .a = a16_[Side::kCpu], .b = b16_[Side::kCpu], .alpha = 0.7,
-                    .beta = bf16_out ? 0.0 : 1.0, .addend = bf16_out ? Tensor{} : r_[Side::kCpu]});
+    cpu().gemm({}, {.c = ref_[Side::kCpu],
+                    .a = a16_[Side::kCpu],
+                    .b = b16_[Side::kCpu],
+                    .alpha = 0.7,
+                    .beta = bf16_out ? 0.0 : 1.0,
+                    .addend = bf16_out ? Tensor{} : r_[Side::kCpu]});
   }
 
   LtGemmCall call() const {
     void* d = out_[Side::kGpu].data;
-    return LtGemmCall{.m = kN, .n = kM, .k = kK, .lda = kN, .ldb = kK, .ldc = kN, .a = b16_[Side::kGpu].data,
-                      .b = a16_[Side::kGpu].data, .c = bf16_out_ ? d : r_[Side::kGpu].data, .d = d,
-                      .cd_type = bf16_out_ ? CUDA_R_16BF : CUDA_R_32F, .alpha = 0.7f, .beta = bf16_out_ ? 0.0f : 1.0f,
+    return LtGemmCall{.m = kN,
+                      .n = kM,
+                      .k = kK,
+                      .lda = kN,
+                      .ldb = kK,
+                      .ldc = kN,
+                      .a = b16_[Side::kGpu].data,
+                      .b = a16_[Side::kGpu].data,
+                      .c = bf16_out_ ? d : r_[Side::kGpu].data,
+                      .d = d,
+                      .cd_type = bf16_out_ ? CUDA_R_16BF : CUDA_R_32F,
+                      .alpha = 0.7f,
+                      .beta = bf16_out_ ? 0.0f : 1.0f,
                       .op = "autotune test"};
   }
 
@@ -290,9 +340,9 @@ class AutotuneCase {
 
   bool bf16_out_;
   Dual a_, b_, r_;
-  Dual ref_;         // host side: the CPU result
-  Dual out_;         // device side: cuBLASLt's D
-  Dual a16_, b16_;   // a_, b_ rounded to bf16: what cuBLASLt reads
+  Dual ref_;        // host side: the CPU result
+  Dual out_;        // device side: cuBLASLt's D
+  Dual a16_, b16_;  // a_, b_ rounded to bf16: what cuBLASLt reads
 };
 
 // More calls than trials (kCandidates·kTrials), so a later call measures the last trials and chooses.
@@ -353,7 +403,13 @@ void run_f32_addend_cases(bool f32_exact) {
     r.normal(1802);
     c.poison();
     run_both([&](Backend& be, Side s) {
-      be.gemm({}, {.c = c[s], .a = a[s], .b = b[s], .trans_a = ta, .alpha = 0.7, .beta = -1.1, .f32_exact = f32_exact,
+      be.gemm({}, {.c = c[s],
+                   .a = a[s],
+                   .b = b[s],
+                   .trans_a = ta,
+                   .alpha = 0.7,
+                   .beta = -1.1,
+                   .f32_exact = f32_exact,
                    .addend = r[s]});
     });
     const std::string what = fmt::format("{} gemm + addend ta={}", f32_exact ? "f32_exact" : "f32", ta);

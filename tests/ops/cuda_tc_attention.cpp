@@ -71,11 +71,17 @@ void check_tc_attention(const TcCase& c, bool bf16_qkv = false) {
   o2.poison();
   lse.poison();
   const double scale = 1.0 / std::sqrt(static_cast<double>(c.dqk));
-  const std::string tag = fmt::format("B={} T={} H={} dqk={} W={} {}{}", B, T, H, c.dqk, W, c.differential ? "diff" : "plain",
-                                      bf16_qkv ? " bf16 q,k,v" : "");
+  const std::string tag = fmt::format("B={} T={} H={} dqk={} W={} {}{}", B, T, H, c.dqk, W,
+                                      c.differential ? "diff" : "plain", bf16_qkv ? " bf16 q,k,v" : "");
   run_both([&](Backend& be, Side s) {
-    be.attention_fwd({}, {.out = out[s], .o2 = c.differential ? o2[s] : Tensor{}, .lse = lse[s], .q = q[s], .k = k[s],
-                          .v = v[s], .lambda = c.differential ? lambda[s] : Tensor{}, .scale = scale,
+    be.attention_fwd({}, {.out = out[s],
+                          .o2 = c.differential ? o2[s] : Tensor{},
+                          .lse = lse[s],
+                          .q = q[s],
+                          .k = k[s],
+                          .v = v[s],
+                          .lambda = c.differential ? lambda[s] : Tensor{},
+                          .scale = scale,
                           .differential = c.differential});
   });
   expect_rel(out, "fwd out " + tag, 0.0, bf16_qkv ? 0.0 : kMinRel);
@@ -86,17 +92,27 @@ void check_tc_attention(const TcCase& c, bool bf16_qkv = false) {
   out.to_gpu();
   o2.to_gpu();
   lse.to_gpu();
-  Dual dout(out_shape), dq(Shape{B, T, H, c.dqk}), dk(Shape{B, T, H, c.dqk}), dv(Shape{B, T, H, c.dv}), dlambda(Shape{1});
+  Dual dout(out_shape), dq(Shape{B, T, H, c.dqk}), dk(Shape{B, T, H, c.dqk}), dv(Shape{B, T, H, c.dv}),
+      dlambda(Shape{1});
   dout.normal(93);
   dq.poison();
   dk.poison();
   dv.poison();
   dlambda.poison();
   run_both([&](Backend& be, Side s) {
-    be.attention_bwd({}, {.dq = dq[s], .dk = dk[s], .dv = dv[s], .dlambda = c.differential ? dlambda[s] : Tensor{},
-                          .dout = dout[s], .q = q[s], .k = k[s], .v = v[s], .out = out[s],
-                          .o2 = c.differential ? o2[s] : Tensor{}, .lse = lse[s],
-                          .lambda = c.differential ? lambda[s] : Tensor{}, .scale = scale,
+    be.attention_bwd({}, {.dq = dq[s],
+                          .dk = dk[s],
+                          .dv = dv[s],
+                          .dlambda = c.differential ? dlambda[s] : Tensor{},
+                          .dout = dout[s],
+                          .q = q[s],
+                          .k = k[s],
+                          .v = v[s],
+                          .out = out[s],
+                          .o2 = c.differential ? o2[s] : Tensor{},
+                          .lse = lse[s],
+                          .lambda = c.differential ? lambda[s] : Tensor{},
+                          .scale = scale,
                           .differential = c.differential});
   });
   // At T = 1 each query sees one key: P = 1 and dS = P·(dP − D) = 0 exactly, so dq = dk = 0 and
@@ -112,7 +128,8 @@ void check_tc_attention(const TcCase& c, bool bf16_qkv = false) {
       for (int64_t h = 0; h < H; ++h) {
         const int64_t g = h / C;
         double dp = 0.0;
-        for (int64_t i = 0; i < W; ++i) dp += static_cast<double>(dh[(b * G + g) * W + i]) * vh[(b * H + C * g) * c.dv + i];
+        for (int64_t i = 0; i < W; ++i)
+          dp += static_cast<double>(dh[(b * G + g) * W + i]) * vh[(b * H + C * g) * c.dv + i];
         const double m = scale * 2.0 * std::fabs(h % C == 0 ? dp : -lam * dp);
         for (int64_t i = 0; i < c.dqk; ++i) {
           sq += m * m * kh[(b * H + h) * c.dqk + i] * kh[(b * H + h) * c.dqk + i];
@@ -170,17 +187,29 @@ TEST(CudaTcAttention, BackwardDeterministic) {
   dout.normal(97);
   lambda.set({0.25});
   const Side g = Side::kGpu;
-  gpu().attention_fwd({}, {.out = out[g], .o2 = o2[g], .lse = lse[g], .q = q[g], .k = k[g], .v = v[g],
-                           .lambda = lambda[g], .scale = 0.1});
+  gpu().attention_fwd(
+      {},
+      {.out = out[g], .o2 = o2[g], .lse = lse[g], .q = q[g], .k = k[g], .v = v[g], .lambda = lambda[g], .scale = 0.1});
   std::vector<std::vector<double>> first;
   for (int run = 0; run < 2; ++run) {
-    gpu().attention_bwd({}, {.dq = dq[g], .dk = dk[g], .dv = dvv[g], .dlambda = dlambda[g], .dout = dout[g], .q = q[g],
-                             .k = k[g], .v = v[g], .out = out[g], .o2 = o2[g], .lse = lse[g], .lambda = lambda[g],
+    gpu().attention_bwd({}, {.dq = dq[g],
+                             .dk = dk[g],
+                             .dv = dvv[g],
+                             .dlambda = dlambda[g],
+                             .dout = dout[g],
+                             .q = q[g],
+                             .k = k[g],
+                             .v = v[g],
+                             .out = out[g],
+                             .o2 = o2[g],
+                             .lse = lse[g],
+                             .lambda = lambda[g],
                              .scale = 0.1});
     std::vector<std::vector<double>> now{dq.device_values(), dk.device_values(), dvv.device_values(),
                                          dlambda.device_values()};
     if (run == 0) first = now;
-    else for (size_t t = 0; t < now.size(); ++t) EXPECT_EQ(now[t], first[t]) << "output " << t;
+    else
+      for (size_t t = 0; t < now.size(); ++t) EXPECT_EQ(now[t], first[t]) << "output " << t;
   }
 }
 
@@ -192,7 +221,8 @@ void expect_same(const Dual& got, const Dual& want, const std::string& what) {
   ASSERT_EQ(g.size(), w.size());
   int64_t bad = 0;
   for (size_t i = 0; i < g.size(); ++i) bad += g[i] == w[i] ? 0 : 1;
-  std::printf("[cuda-tc-attn] %-52s n=%-7zu %lld elements differ\n", what.c_str(), g.size(), static_cast<long long>(bad));
+  std::printf("[cuda-tc-attn] %-52s n=%-7zu %lld elements differ\n", what.c_str(), g.size(),
+              static_cast<long long>(bad));
   EXPECT_EQ(bad, 0) << what << ": bf16 q, k, v must give bitwise the results of the f32 ones";
   EXPECT_TRUE(got.guard_intact()) << what;
 }
@@ -210,7 +240,8 @@ void check_bf16_inputs(const TcCase& c, int64_t offset) {
   v.normal(112);
   dout.normal(113);
   lambda.set({0.3});
-  const Dual q16 = bf16_copy(q, qk_shape, offset), k16 = bf16_copy(k, qk_shape, offset), v16 = bf16_copy(v, v_shape, offset);
+  const Dual q16 = bf16_copy(q, qk_shape, offset), k16 = bf16_copy(k, qk_shape, offset),
+             v16 = bf16_copy(v, v_shape, offset);
   const Side g = Side::kGpu;
   const Tensor q16v = offset_view(q16, g, qk_shape, offset), k16v = offset_view(k16, g, qk_shape, offset);
   const Tensor v16v = offset_view(v16, g, v_shape, offset);
@@ -222,25 +253,44 @@ void check_bf16_inputs(const TcCase& c, int64_t offset) {
   const auto run = [&](const Tensor& qt, const Tensor& kt, const Tensor& vt, Outputs& o) {
     for (Dual* d : {&o.out, &o.o2, &o.lse, &o.dq, &o.dk, &o.dv, &o.dlambda}) d->poison();
     const Tensor o2 = c.differential ? o.o2[g] : Tensor{}, lam = c.differential ? lambda[g] : Tensor{};
-    gpu().attention_fwd({}, {.out = o.out[g], .o2 = o2, .lse = o.lse[g], .q = qt, .k = kt, .v = vt, .lambda = lam,
-                             .scale = 0.1, .differential = c.differential});
-    gpu().attention_bwd({}, {.dq = o.dq[g], .dk = o.dk[g], .dv = o.dv[g], .dlambda = c.differential ? o.dlambda[g] : Tensor{},
-                             .dout = dout[g], .q = qt, .k = kt, .v = vt, .out = o.out[g], .o2 = o2, .lse = o.lse[g],
-                             .lambda = lam, .scale = 0.1, .differential = c.differential});
+    gpu().attention_fwd({}, {.out = o.out[g],
+                             .o2 = o2,
+                             .lse = o.lse[g],
+                             .q = qt,
+                             .k = kt,
+                             .v = vt,
+                             .lambda = lam,
+                             .scale = 0.1,
+                             .differential = c.differential});
+    gpu().attention_bwd({}, {.dq = o.dq[g],
+                             .dk = o.dk[g],
+                             .dv = o.dv[g],
+                             .dlambda = c.differential ? o.dlambda[g] : Tensor{},
+                             .dout = dout[g],
+                             .q = qt,
+                             .k = kt,
+                             .v = vt,
+                             .out = o.out[g],
+                             .o2 = o2,
+                             .lse = o.lse[g],
+                             .lambda = lam,
+                             .scale = 0.1,
+                             .differential = c.differential});
     gpu().synchronize({});
   };
   const auto outputs = [&] {
-    return Outputs{Dual(out_shape), Dual(out_shape), Dual(Shape{B, H, T}), Dual(qk_shape), Dual(qk_shape), Dual(v_shape),
-                   Dual(Shape{1})};
+    return Outputs{Dual(out_shape), Dual(out_shape), Dual(Shape{B, H, T}), Dual(qk_shape),
+                   Dual(qk_shape),  Dual(v_shape),   Dual(Shape{1})};
   };
   Outputs f32_in = outputs(), bf16_in = outputs();
   run(q[g], k[g], v[g], f32_in);
   run(q16v, k16v, v16v, bf16_in);
   const std::pair<const Dual Outputs::*, const char*> fields[] = {
-      {&Outputs::out, "out"}, {&Outputs::o2, "o2"}, {&Outputs::lse, "lse"}, {&Outputs::dq, "dq"},
+      {&Outputs::out, "out"}, {&Outputs::o2, "o2"}, {&Outputs::lse, "lse"},        {&Outputs::dq, "dq"},
       {&Outputs::dk, "dk"},   {&Outputs::dv, "dv"}, {&Outputs::dlambda, "dlambda"}};
   for (const auto& [field, name] : fields) {
-    if (!c.differential && (std::string(name) == "o2" || std::string(name) == "dlambda")) continue;  // unused when plain
+    if (!c.differential && (std::string(name) == "o2" || std::string(name) == "dlambda"))
+      continue;  // unused when plain
     expect_same(bf16_in.*field, f32_in.*field, fmt::format("bf16 q,k,v {} {}", name, tag));
   }
   // The inputs are read, never written.
@@ -281,22 +331,39 @@ TEST(CudaTcAttention, Bf16GradientsAreTheF32Rounded) {
     const Dual q16 = bf16_copy(q, qk_shape), k16 = bf16_copy(k, qk_shape), v16 = bf16_copy(v, v_shape);
     const Side g = Side::kGpu;
     const Tensor o2t = diff ? o2[g] : Tensor{}, lam = diff ? lambda[g] : Tensor{};
-    gpu().attention_fwd({}, {.out = out[g], .o2 = o2t, .lse = lse[g], .q = q16[g], .k = k16[g], .v = v16[g], .lambda = lam,
-                             .scale = 0.1, .differential = diff});
+    gpu().attention_fwd({}, {.out = out[g],
+                             .o2 = o2t,
+                             .lse = lse[g],
+                             .q = q16[g],
+                             .k = k16[g],
+                             .v = v16[g],
+                             .lambda = lam,
+                             .scale = 0.1,
+                             .differential = diff});
     // qkv16: the bf16 q, k, v (else the f32 ones, which the kernels round themselves).
     const auto bwd = [&](const Dual& dq_t, const Dual& dk_t, const Dual& dv_t, const Dual& dl_t, bool qkv16) {
-      gpu().attention_bwd({}, {.dq = dq_t[g], .dk = dk_t[g], .dv = dv_t[g], .dlambda = diff ? dl_t[g] : Tensor{},
-                               .dout = dout[g], .q = qkv16 ? q16[g] : q[g], .k = qkv16 ? k16[g] : k[g],
-                               .v = qkv16 ? v16[g] : v[g], .out = out[g], .o2 = o2t, .lse = lse[g], .lambda = lam,
-                               .scale = 0.1, .differential = diff});
+      gpu().attention_bwd({}, {.dq = dq_t[g],
+                               .dk = dk_t[g],
+                               .dv = dv_t[g],
+                               .dlambda = diff ? dl_t[g] : Tensor{},
+                               .dout = dout[g],
+                               .q = qkv16 ? q16[g] : q[g],
+                               .k = qkv16 ? k16[g] : k[g],
+                               .v = qkv16 ? v16[g] : v[g],
+                               .out = out[g],
+                               .o2 = o2t,
+                               .lse = lse[g],
+                               .lambda = lam,
+                               .scale = 0.1,
+                               .differential = diff});
     };
     for (Dual* d16 : {&dq16, &dk16, &dv16}) d16->poison();
     bwd(dq, dk, dv, dlambda, true);
     bwd(dq16, dk16, dv16, dlambda2, true);
     gpu().synchronize({});
     const std::string tag = diff ? "differential" : "plain";
-    for (const auto& [f32_grad, bf16_grad, name] : {std::tuple{&dq, &dq16, "dq"}, std::tuple{&dk, &dk16, "dk"},
-                                                     std::tuple{&dv, &dv16, "dv"}}) {
+    for (const auto& [f32_grad, bf16_grad, name] :
+         {std::tuple{&dq, &dq16, "dq"}, std::tuple{&dk, &dk16, "dk"}, std::tuple{&dv, &dv16, "dv"}}) {
       const std::vector<double> f = f32_grad->device_values(), h = bf16_grad->device_values();
       int64_t bad = 0;
       for (size_t i = 0; i < f.size(); ++i) bad += h[i] == bf16_to_f32(f32_to_bf16(static_cast<float>(f[i]))) ? 0 : 1;
@@ -377,17 +444,25 @@ void check_bf16_path(const PathCase& pc) {
     return r;
   };
   const Dual qw = widened(q16, qk_shape), kw = widened(k16, qk_shape), vw = widened(v16, v_shape);
-  const std::string tag = fmt::format("{}: B={} T={} H={} dqk={} dv={} {}", pc.path, c.B, c.T, c.H, c.dqk, c.dv,
-                                      diff ? "diff" : "plain");
+  const std::string tag =
+      fmt::format("{}: B={} T={} H={} dqk={} dv={} {}", pc.path, c.B, c.T, c.H, c.dqk, c.dv, diff ? "diff" : "plain");
   const Side g = Side::kGpu;
 
   // Forward: bf16 inputs on both sides; the widened f32 inputs on the GPU.
-  Dual out(out_shape), o2(out_shape), lse(Shape{c.B, c.H, c.T}), out_w(out_shape), o2_w(out_shape), lse_w(Shape{c.B, c.H, c.T});
+  Dual out(out_shape), o2(out_shape), lse(Shape{c.B, c.H, c.T}), out_w(out_shape), o2_w(out_shape),
+      lse_w(Shape{c.B, c.H, c.T});
   for (Dual* d : {&out, &o2, &lse, &out_w, &o2_w, &lse_w}) d->poison();
-  const auto fwd = [&](Backend& be, Side s, const Dual& tq, const Dual& tk, const Dual& tv, const Dual& o, const Dual& o2t,
-                       const Dual& l) {
-    be.attention_fwd({}, {.out = o[s], .o2 = diff ? o2t[s] : Tensor{}, .lse = l[s], .q = tq[s], .k = tk[s], .v = tv[s],
-                          .lambda = diff ? lambda[s] : Tensor{}, .scale = 0.2, .differential = diff});
+  const auto fwd = [&](Backend& be, Side s, const Dual& tq, const Dual& tk, const Dual& tv, const Dual& o,
+                       const Dual& o2t, const Dual& l) {
+    be.attention_fwd({}, {.out = o[s],
+                          .o2 = diff ? o2t[s] : Tensor{},
+                          .lse = l[s],
+                          .q = tq[s],
+                          .k = tk[s],
+                          .v = tv[s],
+                          .lambda = diff ? lambda[s] : Tensor{},
+                          .scale = 0.2,
+                          .differential = diff});
   };
   run_both([&](Backend& be, Side s) { fwd(be, s, q16, k16, v16, out, o2, lse); });
   fwd(gpu(), g, qw, kw, vw, out_w, o2_w, lse_w);
@@ -408,13 +483,25 @@ void check_bf16_path(const PathCase& pc) {
   out.to_gpu();
   o2.to_gpu();
   lse.to_gpu();
-  const auto bwd = [&](Backend& be, Side s, const Dual& tq, const Dual& tk, const Dual& tv, const Dual& dq, const Dual& dk,
-                       const Dual& dv, const Dual& dl) {
-    be.attention_bwd({}, {.dq = dq[s], .dk = dk[s], .dv = dv[s], .dlambda = diff ? dl[s] : Tensor{}, .dout = dout[s],
-                          .q = tq[s], .k = tk[s], .v = tv[s], .out = out[s], .o2 = diff ? o2[s] : Tensor{},
-                          .lse = lse[s], .lambda = diff ? lambda[s] : Tensor{}, .scale = 0.2, .differential = diff});
+  const auto bwd = [&](Backend& be, Side s, const Dual& tq, const Dual& tk, const Dual& tv, const Dual& dq,
+                       const Dual& dk, const Dual& dv, const Dual& dl) {
+    be.attention_bwd({}, {.dq = dq[s],
+                          .dk = dk[s],
+                          .dv = dv[s],
+                          .dlambda = diff ? dl[s] : Tensor{},
+                          .dout = dout[s],
+                          .q = tq[s],
+                          .k = tk[s],
+                          .v = tv[s],
+                          .out = out[s],
+                          .o2 = diff ? o2[s] : Tensor{},
+                          .lse = lse[s],
+                          .lambda = diff ? lambda[s] : Tensor{},
+                          .scale = 0.2,
+                          .differential = diff});
   };
-  Dual dq(qk_shape), dk(qk_shape), dv(v_shape), dl(Shape{1}), dq_w(qk_shape), dk_w(qk_shape), dv_w(v_shape), dl_w(Shape{1});
+  Dual dq(qk_shape), dk(qk_shape), dv(v_shape), dl(Shape{1}), dq_w(qk_shape), dk_w(qk_shape), dv_w(v_shape),
+      dl_w(Shape{1});
   Dual dq16(qk_shape, DType::kBF16), dk16(qk_shape, DType::kBF16), dv16(v_shape, DType::kBF16), dl16(Shape{1});
   for (Dual* d : {&dq, &dk, &dv, &dl, &dq_w, &dk_w, &dv_w, &dl_w, &dq16, &dk16, &dv16, &dl16}) d->poison();
   run_both([&](Backend& be, Side s) {

@@ -62,12 +62,13 @@ TEST(CudaBasic, CopyConverts) {
   // Values around every rounding rule: e4m3 saturation (448, 464, 480, 1000), subnormals and
   // their halfway points (2^-9 = 0.001953125), ties to even (1.0625), signed zero, plus random ones.
   std::vector<double> v = {0.0, -0.0, 448.0, 464.0, 480.0, -1000.0, 1e-3, 0.0029296875, 1.0625, -3.1, 1e-30, 65504.0};
-  for (int i = 0; static_cast<int>(v.size()) < 515; ++i) v.push_back(40.0 * normal_at(9, 0x51, static_cast<uint64_t>(i)));
+  for (int i = 0; static_cast<int>(v.size()) < 515; ++i)
+    v.push_back(40.0 * normal_at(9, 0x51, static_cast<uint64_t>(i)));
   const Shape shape{static_cast<int64_t>(v.size())};
   const std::pair<DType, DType> pairs[] = {
-      {DType::kF32, DType::kBF16}, {DType::kF32, DType::kF8E4M3}, {DType::kF64, DType::kBF16},
-      {DType::kF64, DType::kF8E4M3}, {DType::kBF16, DType::kF32}, {DType::kF8E4M3, DType::kF64},
-      {DType::kF32, DType::kF64}, {DType::kF64, DType::kF32}, {DType::kBF16, DType::kF8E4M3}};
+      {DType::kF32, DType::kBF16},   {DType::kF32, DType::kF8E4M3}, {DType::kF64, DType::kBF16},
+      {DType::kF64, DType::kF8E4M3}, {DType::kBF16, DType::kF32},   {DType::kF8E4M3, DType::kF64},
+      {DType::kF32, DType::kF64},    {DType::kF64, DType::kF32},    {DType::kBF16, DType::kF8E4M3}};
   for (const auto& [from, to] : pairs) {
     Dual src(shape, from), dst(shape, to);
     src.set(v);
@@ -103,7 +104,8 @@ TEST(CudaBasic, SumSquares) {
     Dual out(Shape{1}), x(Shape{c.n + (c.shift ? 1 : 0)});
     out.set({0.37});
     x.normal(6 + static_cast<uint64_t>(c.n));
-    run_both([&](Backend& be, Side s) { be.sum_squares({}, {.out = out[s], .x = c.shift ? x[s].rows(1, c.n + 1) : x[s]}); });
+    run_both(
+        [&](Backend& be, Side s) { be.sum_squares({}, {.out = out[s], .x = c.shift ? x[s].rows(1, c.n + 1) : x[s]}); });
     expect_close(out, tol, fmt::format("sum_squares n={}{}", c.n, c.shift ? " unaligned" : ""));
     // No atomics: a second call gives the same bits.
     const std::vector<double> first = out.device_values();
@@ -121,11 +123,19 @@ TEST(CudaGemm, GroupedOffsetsAreChecked) {
   a.normal(30);
   b.normal(31);
   off.set({0, 4, 2});
-  expect_error([&] { gpu().grouped_gemm({}, {.c = c[Side::kGpu], .a = a[Side::kGpu], .b = b[Side::kGpu], .offsets = off[Side::kGpu]}); },
-               {"[grouped_gemm]", "non-decreasing", "offsets[2] = 2"});
+  expect_error(
+      [&] {
+        gpu().grouped_gemm({},
+                           {.c = c[Side::kGpu], .a = a[Side::kGpu], .b = b[Side::kGpu], .offsets = off[Side::kGpu]});
+      },
+      {"[grouped_gemm]", "non-decreasing", "offsets[2] = 2"});
   off.set({0, 3, 7});
-  expect_error([&] { gpu().grouped_gemm({}, {.c = c[Side::kGpu], .a = a[Side::kGpu], .b = b[Side::kGpu], .offsets = off[Side::kGpu]}); },
-               {"[grouped_gemm]", "offsets[2] = 7", "6 rows"});
+  expect_error(
+      [&] {
+        gpu().grouped_gemm({},
+                           {.c = c[Side::kGpu], .a = a[Side::kGpu], .b = b[Side::kGpu], .offsets = off[Side::kGpu]});
+      },
+      {"[grouped_gemm]", "offsets[2] = 7", "6 rows"});
 }
 
 // ================================================================ attention
@@ -175,8 +185,14 @@ void check_attention(const AttnCase& c, bool backward, AttnKernel kernel = AttnK
   const std::string tag = fmt::format("B={} T={} H={} dqk={} dv={} diff={} {}", B, T, H, c.dqk, c.dv, c.differential,
                                       kernel == AttnKernel::kFlash ? "flash" : "simple");
   auto fwd_args = [&](Side s) {
-    return AttentionFwdArgs{.out = out[s], .o2 = c.differential ? o2[s] : Tensor{}, .lse = lse[s], .q = q[s], .k = k[s],
-                            .v = v[s], .lambda = c.differential ? lambda[s] : Tensor{}, .scale = scale,
+    return AttentionFwdArgs{.out = out[s],
+                            .o2 = c.differential ? o2[s] : Tensor{},
+                            .lse = lse[s],
+                            .q = q[s],
+                            .k = k[s],
+                            .v = v[s],
+                            .lambda = c.differential ? lambda[s] : Tensor{},
+                            .scale = scale,
                             .differential = c.differential};
   };
   run_both([&](Backend& be, Side s) { be.attention_fwd({}, fwd_args(s)); });
@@ -188,17 +204,27 @@ void check_attention(const AttnCase& c, bool backward, AttnKernel kernel = AttnK
   out.to_gpu();
   o2.to_gpu();
   lse.to_gpu();
-  Dual dout(out_shape), dq(Shape{B, T, H, c.dqk}), dk(Shape{B, T, H, c.dqk}), dv(Shape{B, T, H, c.dv}), dlambda(Shape{1});
+  Dual dout(out_shape), dq(Shape{B, T, H, c.dqk}), dk(Shape{B, T, H, c.dqk}), dv(Shape{B, T, H, c.dv}),
+      dlambda(Shape{1});
   dout.normal(53);
   dq.poison();
   dk.poison();
   dv.poison();
   dlambda.poison();
   run_both([&](Backend& be, Side s) {
-    be.attention_bwd({}, {.dq = dq[s], .dk = dk[s], .dv = dv[s], .dlambda = c.differential ? dlambda[s] : Tensor{},
-                          .dout = dout[s], .q = q[s], .k = k[s], .v = v[s], .out = out[s],
-                          .o2 = c.differential ? o2[s] : Tensor{}, .lse = lse[s],
-                          .lambda = c.differential ? lambda[s] : Tensor{}, .scale = scale,
+    be.attention_bwd({}, {.dq = dq[s],
+                          .dk = dk[s],
+                          .dv = dv[s],
+                          .dlambda = c.differential ? dlambda[s] : Tensor{},
+                          .dout = dout[s],
+                          .q = q[s],
+                          .k = k[s],
+                          .v = v[s],
+                          .out = out[s],
+                          .o2 = c.differential ? o2[s] : Tensor{},
+                          .lse = lse[s],
+                          .lambda = c.differential ? lambda[s] : Tensor{},
+                          .scale = scale,
                           .differential = c.differential});
   });
   // dk, dv: f32 sums in another order (the simple kernel: atomics), same tolerance.
@@ -206,7 +232,8 @@ void check_attention(const AttnCase& c, bool backward, AttnKernel kernel = AttnK
   expect_close(dk, kAttnTol, "attention_bwd dk " + tag);
   expect_close(dv, kAttnTol, "attention_bwd dv " + tag);
   // dλ: the same f64 reduction of the same inputs on both sides, other order.
-  if (c.differential) expect_close(dlambda, Tol{1e-6, 1e-7, "f64 sum of the same products"}, "attention_bwd dlambda " + tag);
+  if (c.differential)
+    expect_close(dlambda, Tol{1e-6, 1e-7, "f64 sum of the same products"}, "attention_bwd dlambda " + tag);
 }
 
 // The simple kernels (the fallback) at a covered size too. Not at T = 130: there their dq missed the
@@ -239,12 +266,23 @@ TEST(CudaAttention, BackwardRunToRunSpread) {
   dout.normal(57);
   lambda.set({0.2});
   const Side g = Side::kGpu;
-  gpu().attention_fwd({}, {.out = out[g], .o2 = o2[g], .lse = lse[g], .q = q[g], .k = k[g], .v = v[g], .lambda = lambda[g],
-                           .scale = 0.3});
+  gpu().attention_fwd(
+      {},
+      {.out = out[g], .o2 = o2[g], .lse = lse[g], .q = q[g], .k = k[g], .v = v[g], .lambda = lambda[g], .scale = 0.3});
   std::vector<double> first_dk, first_dv;
   for (int run = 0; run < 2; ++run) {
-    gpu().attention_bwd({}, {.dq = dq[g], .dk = dk[g], .dv = dvv[g], .dlambda = dlambda[g], .dout = dout[g], .q = q[g],
-                             .k = k[g], .v = v[g], .out = out[g], .o2 = o2[g], .lse = lse[g], .lambda = lambda[g],
+    gpu().attention_bwd({}, {.dq = dq[g],
+                             .dk = dk[g],
+                             .dv = dvv[g],
+                             .dlambda = dlambda[g],
+                             .dout = dout[g],
+                             .q = q[g],
+                             .k = k[g],
+                             .v = v[g],
+                             .out = out[g],
+                             .o2 = o2[g],
+                             .lse = lse[g],
+                             .lambda = lambda[g],
                              .scale = 0.3});
     const std::vector<double> dk_now = dk.device_values(), dv_now = dvv.device_values();
     if (run == 0) {
@@ -278,9 +316,15 @@ TEST(CudaAttention, LatentCache) {
     lambda.set({0.3});
     out.poison();
     run_both([&](Backend& be, Side s) {
-      be.latent_attention({}, {.out = out[s], .q_lat = q_lat[s], .q_rope = q_rope[s], .cache = cache[s],
-                               .lambda = differential ? lambda[s] : Tensor{}, .kv_len = kv_len,
-                               .q_rope_offset = q_rope_offset, .scale = 0.3, .differential = differential});
+      be.latent_attention({}, {.out = out[s],
+                               .q_lat = q_lat[s],
+                               .q_rope = q_rope[s],
+                               .cache = cache[s],
+                               .lambda = differential ? lambda[s] : Tensor{},
+                               .kv_len = kv_len,
+                               .q_rope_offset = q_rope_offset,
+                               .scale = 0.3,
+                               .differential = differential});
     });
     expect_close(out, kAttnTol, fmt::format("latent_attention diff={}", differential));
   }

@@ -15,7 +15,8 @@ struct Plan {
   Plan(int64_t N, int64_t K, int64_t E)
       : offsets(Shape{E + 1}, DType::kI32), src_row(Shape{N * K}, DType::kI32), slot_pos(Shape{N, K}, DType::kI32) {}
   MoePermuteArgs args(const Dual& idx, int64_t E, Side s) const {
-    return MoePermuteArgs{.offsets = offsets[s], .src_row = src_row[s], .slot_pos = slot_pos[s], .topk_idx = idx[s], .n_experts = E};
+    return MoePermuteArgs{
+        .offsets = offsets[s], .src_row = src_row[s], .slot_pos = slot_pos[s], .topk_idx = idx[s], .n_experts = E};
   }
   Dual offsets, src_row, slot_pos;
 };
@@ -46,13 +47,23 @@ TEST(CudaOptim, AdamW) {
     for (size_t i = 0; i < vv.size(); ++i) vv[i] = 0.01 * (1.0 + std::pow(normal_at(112, 0, i), 2));
     v.set(vv);
     g.normal(113);
-    gsq.set({7.3});  // clip = 1 / (√7.3 + 1e-6) < 1
+    gsq.set({7.3});                  // clip = 1 / (√7.3 + 1e-6) < 1
     Dual copy(shape, DType::kBF16);  // the bf16 weight copy written in the same pass
     copy.poison();
     run_both([&](Backend& be, Side s) {
-      be.adamw({}, {.param = p[s], .m = m[s], .v = v[s], .grad = g[s], .grad_sq = max_norm > 0 ? gsq[s] : Tensor{},
-                    .lr = 1e-2, .beta1 = 0.9, .beta2 = 0.95, .eps = 1e-8, .weight_decay = 0.1, .max_norm = max_norm,
-                    .step = 3, .param_bf16 = copy[s]});
+      be.adamw({}, {.param = p[s],
+                    .m = m[s],
+                    .v = v[s],
+                    .grad = g[s],
+                    .grad_sq = max_norm > 0 ? gsq[s] : Tensor{},
+                    .lr = 1e-2,
+                    .beta1 = 0.9,
+                    .beta2 = 0.95,
+                    .eps = 1e-8,
+                    .weight_decay = 0.1,
+                    .max_norm = max_norm,
+                    .step = 3,
+                    .param_bf16 = copy[s]});
     });
     for (const auto& [d, name] : {std::pair{&p, "param"}, {&m, "m"}, {&v, "v"}})
       expect_close(*d, kRoundOnce, fmt::format("adamw {} max_norm={}", name, max_norm));
@@ -71,29 +82,37 @@ TEST(CudaChecks, BadIndicesAreReportedAtSynchronize) {
   Dual table(Shape{5, 3}), tokens(Shape{4}, DType::kI32), out(Shape{4, 3});
   table.normal(120);
   tokens.set({0, 4, 99, 1});
-  expect_error([&] {
-    gpu().embedding_fwd({}, {.out = out[Side::kGpu], .tokens = tokens[Side::kGpu], .table = table[Side::kGpu]});
-    gpu().synchronize({});
-  }, {"[embedding_fwd]", "tokens[2] = 99", "[0, 5)"});
+  expect_error(
+      [&] {
+        gpu().embedding_fwd({}, {.out = out[Side::kGpu], .tokens = tokens[Side::kGpu], .table = table[Side::kGpu]});
+        gpu().synchronize({});
+      },
+      {"[embedding_fwd]", "tokens[2] = 99", "[0, 5)"});
   gpu().synchronize({});  // reported once; the backend stays usable
 
   Dual logits(Shape{3, 7}), targets(Shape{3}, DType::kI32), loss(Shape{1}), valid(Shape{1});
   logits.normal(121);
   targets.set({1, -1, 7});
-  expect_error([&] {
-    gpu().cross_entropy_fwd({}, {.loss_sum = loss[Side::kGpu], .valid = valid[Side::kGpu], .logits = logits[Side::kGpu],
-                                 .targets = targets[Side::kGpu]});
-    std::vector<float> host(1);
-    gpu().download(host.data(), loss[Side::kGpu]);  // download reports too
-  }, {"[cross_entropy_fwd]", "targets[2] = 7", "neither"});
+  expect_error(
+      [&] {
+        gpu().cross_entropy_fwd({}, {.loss_sum = loss[Side::kGpu],
+                                     .valid = valid[Side::kGpu],
+                                     .logits = logits[Side::kGpu],
+                                     .targets = targets[Side::kGpu]});
+        std::vector<float> host(1);
+        gpu().download(host.data(), loss[Side::kGpu]);  // download reports too
+      },
+      {"[cross_entropy_fwd]", "targets[2] = 7", "neither"});
 
   Dual idx(Shape{2, 2}, DType::kI32);
   idx.set({0, 1, 5, 2});
   Plan p(2, 2, 4);
-  expect_error([&] {
-    gpu().moe_permute({}, p.args(idx, 4, Side::kGpu));
-    gpu().synchronize({});
-  }, {"[moe_permute]", "topk_idx[2] = 5"});
+  expect_error(
+      [&] {
+        gpu().moe_permute({}, p.args(idx, 4, Side::kGpu));
+        gpu().synchronize({});
+      },
+      {"[moe_permute]", "topk_idx[2] = 5"});
 }
 
 // ================================================================ validation (shared with the CPU)
@@ -109,11 +128,17 @@ TEST(CudaChecks, ValidationNamesOpAndField) {
   expect_error([&] { gpu().swiglu_fwd({}, {.h = h[Side::kGpu], .a = h[Side::kCpu], .b = h[Side::kGpu]}); },
                {"[swiglu_fwd]", "a is on cpu"});
   Dual lg(Shape{2, 300}), sc(Shape{2, 300}), ix(Shape{2, 1}, DType::kI32), w(Shape{2, 1}), cnt(Shape{300}, DType::kI32);
-  expect_error([&] {
-    gpu().router_fwd({}, {.scores = sc[Side::kGpu], .topk_idx = ix[Side::kGpu], .topk_w = w[Side::kGpu],
-                          .counts = cnt[Side::kGpu], .logits = lg[Side::kGpu], .bias = {},
-                          .opt = {.top_k = 1, .use_bias = false}});
-  }, {"[router_fwd]", "at most 256"});
+  expect_error(
+      [&] {
+        gpu().router_fwd({}, {.scores = sc[Side::kGpu],
+                              .topk_idx = ix[Side::kGpu],
+                              .topk_w = w[Side::kGpu],
+                              .counts = cnt[Side::kGpu],
+                              .logits = lg[Side::kGpu],
+                              .bias = {},
+                              .opt = {.top_k = 1, .use_bias = false}});
+      },
+      {"[router_fwd]", "at most 256"});
 }
 
 // ================================================================ determinism

@@ -82,8 +82,8 @@ TEST_P(OpCaseCudaDeterminism, TwoRunsAgree) {
   expect_deterministic(dev, c.cuda_nondeterministic);
 }
 
-INSTANTIATE_TEST_SUITE_P(Table, OpCaseCudaDeterminism, ::testing::ValuesIn(select_cases([](const OpCase&) { return true; })),
-                         case_param_name);
+INSTANTIATE_TEST_SUITE_P(Table, OpCaseCudaDeterminism,
+                         ::testing::ValuesIn(select_cases([](const OpCase&) { return true; })), case_param_name);
 
 }  // namespace
 }  // namespace diffmoe::opcases

@@ -43,7 +43,8 @@ void expect_fd(const std::string& what, const std::vector<double>& analytic, con
     na += analytic[i] * analytic[i];
     nn += numeric[i] * numeric[i];
   }
-  const double err = std::sqrt(diff) / std::max({std::sqrt(na), std::sqrt(nn), 1e-6 * std::sqrt(static_cast<double>(analytic.size()))});
+  const double err = std::sqrt(diff) /
+                     std::max({std::sqrt(na), std::sqrt(nn), 1e-6 * std::sqrt(static_cast<double>(analytic.size()))});
   std::printf("[fd] %-90s rel_error = %.3e\n", what.c_str(), err);
   EXPECT_LE(err, test::kGradTol) << what;
 }
@@ -66,7 +67,8 @@ TEST_P(OpCaseFd, BackwardMatchesFiniteDifferences) {
   // differentiable only where they stay constant, so every perturbed forward must give them again.
   std::vector<std::pair<std::string, std::vector<double>>> selection;
   for (const std::string& name : inst.written_by(Step::kFwd))
-    if (inst.dtype_of(name) == DType::kI32 || inst.dtype_of(name) == DType::kI64) selection.emplace_back(name, inst.values(name));
+    if (inst.dtype_of(name) == DType::kI32 || inst.dtype_of(name) == DType::kI64)
+      selection.emplace_back(name, inst.values(name));
   int flips = 0;
   // The step: the loss sums up to ~10⁵ products, whose f64 rounding (~1e-16·Σ|terms| ≈ 1e-11) over h is
   // the differences' noise; h = 1e-4 keeps it near 1e-7 of an O(1) gradient, while the truncation
@@ -97,7 +99,8 @@ TEST_P(OpCaseFd, BackwardMatchesFiniteDifferences) {
   EXPECT_EQ(flips, 0) << c.label() << ": a step of h changed an integer output (a selection): not differentiable there";
 }
 
-INSTANTIATE_TEST_SUITE_P(Table, OpCaseFd, ::testing::ValuesIn(select_cases([](const OpCase& c) { return c.fd_applies(); })),
+INSTANTIATE_TEST_SUITE_P(Table, OpCaseFd,
+                         ::testing::ValuesIn(select_cases([](const OpCase& c) { return c.fd_applies(); })),
                          case_param_name);
 
 class OpCaseCpuDeterminism : public ::testing::TestWithParam<const OpCase*> {};
@@ -117,8 +120,8 @@ TEST_P(OpCaseCpuDeterminism, TwoRunsBitwiseAndGuardsIntact) {
   test::cpu().set_gemm_precision(GemmPrecision::kF32);
 }
 
-INSTANTIATE_TEST_SUITE_P(Table, OpCaseCpuDeterminism, ::testing::ValuesIn(select_cases([](const OpCase&) { return true; })),
-                         case_param_name);
+INSTANTIATE_TEST_SUITE_P(Table, OpCaseCpuDeterminism,
+                         ::testing::ValuesIn(select_cases([](const OpCase&) { return true; })), case_param_name);
 
 }  // namespace
 }  // namespace diffmoe::opcases

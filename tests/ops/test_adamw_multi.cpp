@@ -52,7 +52,7 @@ struct EntrySpec {
   double wd;
 };
 const std::vector<EntrySpec> kSpecs = {
-    {Shape{0}, false, 0.0},  {Shape{1}, true, 0.1},     {Shape{3, 5}, false, 0.1}, {Shape{4}, true, 0.0},
+    {Shape{0}, false, 0.0},   {Shape{1}, true, 0.1},       {Shape{3, 5}, false, 0.1}, {Shape{4}, true, 0.0},
     {Shape{0, 7}, true, 0.1}, {Shape{17, 13}, true, 0.05}, {Shape{1003}, false, 0.0}, {Shape{64, 65}, true, 0.1},
 };
 
@@ -73,14 +73,24 @@ TEST_F(AdamWMulti, EqualsPerTensorAdamWBitwise) {
           be.sum_squares(ctx, {.out = gsq, .x = s->g});
         }
         for (size_t i = 0; i < multi.size(); ++i) test::copy_values(single[i]->g, multi[i]->g);
-        AdamWMultiArgs args{.grad_sq = gsq, .lr = 0.02, .beta1 = 0.8, .beta2 = 0.99, .eps = 1e-6, .max_norm = max_norm,
-                            .step = step};
+        AdamWMultiArgs args{
+            .grad_sq = gsq, .lr = 0.02, .beta1 = 0.8, .beta2 = 0.99, .eps = 1e-6, .max_norm = max_norm, .step = step};
         for (const auto& s : multi) args.entries.push_back(s->entry());
         be.adamw_multi(ctx, args);
         for (const auto& s : single) {
-          be.adamw(ctx, {.param = s->p, .m = s->m, .v = s->v, .grad = s->g, .grad_sq = gsq, .lr = 0.02, .beta1 = 0.8,
-                         .beta2 = 0.99, .eps = 1e-6, .weight_decay = s->weight_decay, .max_norm = max_norm,
-                         .step = step, .param_bf16 = s->copy.t()});
+          be.adamw(ctx, {.param = s->p,
+                         .m = s->m,
+                         .v = s->v,
+                         .grad = s->g,
+                         .grad_sq = gsq,
+                         .lr = 0.02,
+                         .beta1 = 0.8,
+                         .beta2 = 0.99,
+                         .eps = 1e-6,
+                         .weight_decay = s->weight_decay,
+                         .max_norm = max_norm,
+                         .step = step,
+                         .param_bf16 = s->copy.t()});
         }
       }
       for (size_t i = 0; i < multi.size(); ++i) {
@@ -137,8 +147,8 @@ TEST_F(AdamWMulti, Bf16MomentsAreTheUpdateRoundedToNearestEven) {
           widen_bf16(ref[i]->m, m16[i]);
           widen_bf16(ref[i]->v, v16[i]);
         }
-        AdamWMultiArgs a{.grad_sq = gsq, .lr = 0.02, .beta1 = 0.8, .beta2 = 0.99, .eps = 1e-6, .max_norm = max_norm,
-                         .step = step};
+        AdamWMultiArgs a{
+            .grad_sq = gsq, .lr = 0.02, .beta1 = 0.8, .beta2 = 0.99, .eps = 1e-6, .max_norm = max_norm, .step = step};
         AdamWMultiArgs b = a;
         for (size_t i = 0; i < ref.size(); ++i) {
           a.entries.push_back(ref[i]->entry());
@@ -152,8 +162,8 @@ TEST_F(AdamWMulti, Bf16MomentsAreTheUpdateRoundedToNearestEven) {
         be.adamw_multi(ctx, a);
         be.adamw_multi(ctx, b);
         for (size_t i = 0; i < ref.size(); ++i) {
-          const std::string what = fmt::format("{} max_norm={} step {} entry {} ({})", dtype_name(dt), max_norm,
-                                               step, i, kSpecs[i].shape.str());
+          const std::string what = fmt::format("{} max_norm={} step {} entry {} ({})", dtype_name(dt), max_norm, step,
+                                               i, kSpecs[i].shape.str());
           ASSERT_EQ(bytes_of(ref[i]->p), bytes_of(low[i]->p)) << what << " param";
           ASSERT_EQ(bytes_of(ref[i]->copy), bytes_of(low[i]->copy)) << what << " bf16 copy";
           for (int64_t k = 0; k < ref[i]->p.numel(); ++k) {
@@ -182,8 +192,16 @@ TEST_F(AdamWMulti, Bf16MomentsPerTensorOpEqualsTheListOp) {
   Owned gsq({1}, DType::kF32);
   test::fill_normal(gsq, 1210, 0.1, 2.0);
   for (int64_t step = 1; step <= 2; ++step) {
-    be.adamw(ctx, {.param = a.p, .m = am, .v = av, .grad = a.g, .grad_sq = gsq, .lr = 0.01, .weight_decay = 0.1,
-                   .max_norm = 1.0, .step = step, .param_bf16 = a.copy.t()});
+    be.adamw(ctx, {.param = a.p,
+                   .m = am,
+                   .v = av,
+                   .grad = a.g,
+                   .grad_sq = gsq,
+                   .lr = 0.01,
+                   .weight_decay = 0.1,
+                   .max_norm = 1.0,
+                   .step = step,
+                   .param_bf16 = a.copy.t()});
     AdamWEntry e = b.entry();
     e.m = bm;
     e.v = bv;
@@ -210,8 +228,10 @@ TEST_F(AdamWMulti, ErrorsNameTheEntryAndNothingIsUpdated) {
   test::fill_normal(gsq, 1020, 0.1, 2.0);
   const std::vector<char> p_before = bytes_of(a.p);
   const auto call = [&](AdamWEntry second, int64_t step = 1, double max_norm = 1.0, Tensor grad_sq = {}) {
-    be.adamw_multi(ctx, {.entries = {a.entry(), second}, .grad_sq = grad_sq.defined() ? grad_sq : gsq.t(),
-                         .max_norm = max_norm, .step = step});
+    be.adamw_multi(ctx, {.entries = {a.entry(), second},
+                         .grad_sq = grad_sq.defined() ? grad_sq : gsq.t(),
+                         .max_norm = max_norm,
+                         .step = step});
   };
   AdamWEntry e = b.entry();
   e.m = wrong_shape;

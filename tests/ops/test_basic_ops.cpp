@@ -126,13 +126,15 @@ TEST_F(BasicOps, CountNonfiniteCountsNanAndInfinities) {
     int64_t planted = 0;
     for (int64_t i = 0; i < x.numel(); i += 997, ++planted) test::set(x, i, i % 3 == 0 ? nan : i % 3 == 1 ? inf : -inf);
     test::set(x, 1, dt == DType::kF32 ? std::numeric_limits<float>::max() : std::numeric_limits<double>::max());
-    test::set(x, 2, dt == DType::kF32 ? std::numeric_limits<float>::denorm_min() : std::numeric_limits<double>::denorm_min());
+    test::set(x, 2,
+              dt == DType::kF32 ? std::numeric_limits<float>::denorm_min() : std::numeric_limits<double>::denorm_min());
     count.at<int64_t>(0) = 11;
     be.count_nonfinite(ctx, {.count = count, .x = x});
     EXPECT_EQ(count.at<int64_t>(0), planted);
   }
   Owned bf({9}, DType::kBF16), count({1}, DType::kI64);
-  for (int64_t i = 0; i < bf.numel(); ++i) static_cast<uint16_t*>(bf.t().data)[i] = f32_to_bf16(0.5f * static_cast<float>(i + 1));
+  for (int64_t i = 0; i < bf.numel(); ++i)
+    static_cast<uint16_t*>(bf.t().data)[i] = f32_to_bf16(0.5f * static_cast<float>(i + 1));
   static_cast<uint16_t*>(bf.t().data)[4] = f32_to_bf16(std::numeric_limits<float>::infinity());
   be.count_nonfinite(ctx, {.count = count, .x = bf});
   EXPECT_EQ(count.at<int64_t>(0), 1);

@@ -90,8 +90,16 @@ TEST_F(Bf16Fields, RmsNormForwardBf16OutputAndCopy) {
   fill_bf16(y16, 3);
   const Owned y16_before = widened(y16);
   const auto args = [&](const Tensor& y) {
-    return RmsNormFwdArgs{.y = y, .rstd = rstd, .x = x, .w = w, .rows = rows, .width = width, .x_stride = xs,
-                          .y_stride = ys, .eps = 1e-6, .out_scale = 0.7};
+    return RmsNormFwdArgs{.y = y,
+                          .rstd = rstd,
+                          .x = x,
+                          .w = w,
+                          .rows = rows,
+                          .width = width,
+                          .x_stride = xs,
+                          .y_stride = ys,
+                          .eps = 1e-6,
+                          .out_scale = 0.7};
   };
   be.rmsnorm_fwd(ctx, args(y32));
   be.rmsnorm_fwd(ctx, args(y16));
@@ -110,22 +118,34 @@ TEST_F(Bf16Fields, RmsNormForwardBf16OutputAndCopy) {
   expect_same(y, y32, "rmsnorm_fwd y beside y16");
   for (int64_t r = 0; r < rows; ++r)
     for (int64_t j = 0; j < width; ++j)
-      ASSERT_EQ(bits16(copy, r * width + j), f32_to_bf16(y.at<float>(r * ys + j))) << "y16 row " << r << " column " << j;
+      ASSERT_EQ(bits16(copy, r * width + j), f32_to_bf16(y.at<float>(r * ys + j)))
+          << "y16 row " << r << " column " << j;
 }
 
 // dx16: the final dx (after accumulation) rounded once, dense [rows, width]; dx as without it.
 TEST_F(Bf16Fields, RmsNormBackwardBf16Copy) {
   const int64_t rows = 11, width = 24, xs = 27;
   for (const bool accumulate : {false, true}) {
-    const Owned x = normal(Shape{rows, xs}, 10, 1.2), dy = normal(Shape{rows, xs}, 11), w = normal(Shape{width}, 12, 0.5, 1.0);
+    const Owned x = normal(Shape{rows, xs}, 10, 1.2), dy = normal(Shape{rows, xs}, 11),
+                w = normal(Shape{width}, 12, 0.5, 1.0);
     Owned rstd(Shape{rows}, DType::kF32), y(Shape{rows, xs}, DType::kF32);
-    be.rmsnorm_fwd(ctx, {.y = y, .rstd = rstd, .x = x, .w = w, .rows = rows, .width = width, .x_stride = xs,
-                         .y_stride = xs});
+    be.rmsnorm_fwd(
+        ctx, {.y = y, .rstd = rstd, .x = x, .w = w, .rows = rows, .width = width, .x_stride = xs, .y_stride = xs});
     const Owned dx_plain = normal(Shape{rows, xs}, 13), dx = normal(Shape{rows, xs}, 13);
     Owned dw1(Shape{width}, DType::kF32), dw2(Shape{width}, DType::kF32), dx16(Shape{rows, width}, DType::kBF16);
     const auto args = [&](const Tensor& out, const Tensor& dw, const Tensor& out16) {
-      return RmsNormBwdArgs{.dx = out, .dw = dw, .dy = dy, .x = x, .w = w, .rstd = rstd, .rows = rows, .width = width,
-                            .x_stride = xs, .y_stride = xs, .dx_accumulate = accumulate, .dx16 = out16};
+      return RmsNormBwdArgs{.dx = out,
+                            .dw = dw,
+                            .dy = dy,
+                            .x = x,
+                            .w = w,
+                            .rstd = rstd,
+                            .rows = rows,
+                            .width = width,
+                            .x_stride = xs,
+                            .y_stride = xs,
+                            .dx_accumulate = accumulate,
+                            .dx16 = out16};
     };
     be.rmsnorm_bwd(ctx, args(dx_plain, dw1, Tensor{}));
     be.rmsnorm_bwd(ctx, args(dx, dw2, dx16));
@@ -195,7 +215,8 @@ TEST_F(Bf16Fields, GemmBf16Mode) {
   for (const bool ta : {false, true})
     for (const bool tb : {false, true})
       for (const double beta : {0.0, 0.6}) {
-        const Owned a = normal(ta ? Shape{k, m} : Shape{m, k}, seed++), b = normal(tb ? Shape{n, k} : Shape{k, n}, seed++);
+        const Owned a = normal(ta ? Shape{k, m} : Shape{m, k}, seed++),
+                    b = normal(tb ? Shape{n, k} : Shape{k, n}, seed++);
         const Owned c0 = normal(Shape{m, n}, seed++), addend = normal(Shape{m, n}, seed++);
         const std::string what = fmt::format("gemm ta={} tb={} beta={}", ta, tb, beta);
         Owned c(Shape{m, n}, DType::kF32), c_sep(Shape{m, n}, DType::kF32);
@@ -208,16 +229,21 @@ TEST_F(Bf16Fields, GemmBf16Mode) {
         EXPECT_GT(rel, 1e-4) << what << ": f32-like distance to the unrounded GEMM: were A and B rounded?";
         EXPECT_LT(rel, 1e-2) << what;
         // A separate addend gives what C = addend first would.
-        be.gemm(ctx, {.c = c_sep, .a = a, .b = b, .trans_a = ta, .trans_b = tb, .alpha = -0.8, .beta = beta,
-                      .addend = c0});
+        be.gemm(ctx,
+                {.c = c_sep, .a = a, .b = b, .trans_a = ta, .trans_b = tb, .alpha = -0.8, .beta = beta, .addend = c0});
         expect_same(c_sep, c, what + " with a separate addend");
         // bf16 operands: the rounded values, read exactly.
         const Owned a16 = to_bf16(a), b16 = to_bf16(b);
         for (int which = 1; which <= 3; ++which) {
           Owned c2(Shape{m, n}, DType::kF32);
           test::copy_values(c2, c0);
-          be.gemm(ctx, {.c = c2, .a = which & 1 ? a16.t() : a.t(), .b = which & 2 ? b16.t() : b.t(), .trans_a = ta,
-                        .trans_b = tb, .alpha = -0.8, .beta = beta});
+          be.gemm(ctx, {.c = c2,
+                        .a = which & 1 ? a16.t() : a.t(),
+                        .b = which & 2 ? b16.t() : b.t(),
+                        .trans_a = ta,
+                        .trans_b = tb,
+                        .alpha = -0.8,
+                        .beta = beta});
           expect_same(c2, c, fmt::format("{} bf16 operands {}", what, which));
         }
         if (beta == 0.0) {  // a bf16 C: the f32 result rounded once
@@ -244,7 +270,8 @@ TEST_F(Bf16Fields, GemmBf16Mode) {
 
 // f64 calls (finite-difference checks) compute in f64 whatever the mode.
 TEST_F(Bf16Fields, GemmBf16ModeLeavesF64Alone) {
-  Owned a(Shape{5, 9}, DType::kF64), b(Shape{9, 4}, DType::kF64), c1(Shape{5, 4}, DType::kF64), c2(Shape{5, 4}, DType::kF64);
+  Owned a(Shape{5, 9}, DType::kF64), b(Shape{9, 4}, DType::kF64), c1(Shape{5, 4}, DType::kF64),
+      c2(Shape{5, 4}, DType::kF64);
   test::fill_normal(a, 160);
   test::fill_normal(b, 161);
   be.gemm(ctx, {.c = c1, .a = a, .b = b});
@@ -269,10 +296,13 @@ TEST_F(Bf16Fields, GroupedGemmBf16Mode) {
       for (const double beta : {0.0, 1.0}) {
         const auto b_shape = [&](int64_t kk) { return trans_b ? Shape{G, n, kk} : Shape{G, kk, n}; };
         const Owned a = normal(Shape{R, k}, seed++), b = normal(b_shape(k), seed++);
-        const Owned a2 = normal(Shape{R, k2}, seed++), b2 = normal(b_shape(k2), seed++), c0 = normal(Shape{R, n}, seed++);
+        const Owned a2 = normal(Shape{R, k2}, seed++), b2 = normal(b_shape(k2), seed++),
+                    c0 = normal(Shape{R, n}, seed++);
         const std::string what = fmt::format("grouped_gemm trans_b={} two terms={} beta={}", trans_b, two, beta);
-        const auto call = [&](const Tensor& c, const Tensor& ta, const Tensor& tb, const Tensor& ta2, const Tensor& tb2) {
-          GroupedGemmArgs g{.c = c, .a = ta, .b = tb, .offsets = offsets, .trans_b = trans_b, .alpha = 1.3, .beta = beta};
+        const auto call = [&](const Tensor& c, const Tensor& ta, const Tensor& tb, const Tensor& ta2,
+                              const Tensor& tb2) {
+          GroupedGemmArgs g{
+              .c = c, .a = ta, .b = tb, .offsets = offsets, .trans_b = trans_b, .alpha = 1.3, .beta = beta};
           if (two) {
             g.a2 = ta2;
             g.b2 = tb2;
@@ -309,7 +339,8 @@ TEST_F(Bf16Fields, GroupedGemmBf16Mode) {
               if (!(std::fabs(got[i] - want) <= bound)) ++bad;
             }
         EXPECT_EQ(bad, 0) << what << ": elements outside the f32 accumulation bound";
-        for (int64_t i = off.back() * n; i < R * n; ++i) ASSERT_EQ(got[static_cast<size_t>(i)], base[static_cast<size_t>(i)]) << what;
+        for (int64_t i = off.back() * n; i < R * n; ++i)
+          ASSERT_EQ(got[static_cast<size_t>(i)], base[static_cast<size_t>(i)]) << what;
         // bf16 operands: bitwise the same C.
         Owned c2(Shape{R, n}, DType::kF32);
         test::copy_values(c2, c0);
@@ -356,7 +387,8 @@ TEST_F(Bf16Fields, GroupedGemmWgradBf16Mode) {
           abs_s += std::fabs(x * y);
         }
         const size_t e = static_cast<size_t>((g * m + i) * n + j);
-        const double bound = (static_cast<double>(r1 - r0) + 4.0) * std::ldexp(1.0, -24) * (0.75 * abs_s + std::fabs(base[e]));
+        const double bound =
+            (static_cast<double>(r1 - r0) + 4.0) * std::ldexp(1.0, -24) * (0.75 * abs_s + std::fabs(base[e]));
         if (!(std::fabs(got[e] - (0.75 * s + base[e])) <= bound)) ++bad;
       }
   }
@@ -385,8 +417,16 @@ TEST_F(Bf16Fields, RopeOnBf16) {
   for (const bool inverse : {false, true}) {
     const Owned x16 = to_bf16(normal(Shape{rows, width}, 402)), x32 = widened(x16), before = widened(x16);
     const auto rope = [&](const Tensor& x) {
-      be.rope(ctx, {.x = x, .cos = cos, .sin = sin, .n_heads = heads, .head_stride = head_stride,
-                    .col_offset = col_offset, .rope_dim = rope_dim, .seq_len = 5, .pos_offset = 2, .inverse = inverse});
+      be.rope(ctx, {.x = x,
+                    .cos = cos,
+                    .sin = sin,
+                    .n_heads = heads,
+                    .head_stride = head_stride,
+                    .col_offset = col_offset,
+                    .rope_dim = rope_dim,
+                    .seq_len = 5,
+                    .pos_offset = 2,
+                    .inverse = inverse});
     };
     rope(x32);
     rope(x16);
@@ -402,8 +442,16 @@ TEST_F(Bf16Fields, MlaKvSplitBf16) {
   const Shape kv_shape{N, H * (dn + dv)}, k_shape{N, H, dqk}, v_shape{N, H, dv};
   const Owned kv = normal(kv_shape, 500), kr = normal(Shape{N, kr_stride}, 501);
   const auto fwd = [&](const Tensor& k, const Tensor& v, const Tensor& kvt) {
-    be.mla_kv_split_fwd(ctx, {.k = k, .v = v, .kv = kvt, .kr = kr, .n_heads = H, .d_nope = dn, .d_rope = dr, .d_v = dv,
-                              .kr_stride = kr_stride, .kr_offset = kr_offset});
+    be.mla_kv_split_fwd(ctx, {.k = k,
+                              .v = v,
+                              .kv = kvt,
+                              .kr = kr,
+                              .n_heads = H,
+                              .d_nope = dn,
+                              .d_rope = dr,
+                              .d_v = dv,
+                              .kr_stride = kr_stride,
+                              .kr_offset = kr_offset});
   };
   // bf16 k, v from an f32 kv: bf16 of the f32 split; from a bf16 kv: the f32 split of the widened kv.
   Owned k(k_shape, DType::kF32), v(v_shape, DType::kF32), k16(k_shape, DType::kBF16), v16(v_shape, DType::kBF16);
@@ -412,7 +460,8 @@ TEST_F(Bf16Fields, MlaKvSplitBf16) {
   expect_bf16_of(k16, k, "mla_kv_split_fwd k into bf16");
   expect_bf16_of(v16, v, "mla_kv_split_fwd v into bf16");
   const Owned kv16 = to_bf16(kv), kv_w = widened(kv16);
-  Owned kw(k_shape, DType::kF32), vw(v_shape, DType::kF32), k_from16(k_shape, DType::kF32), v_from16(v_shape, DType::kF32);
+  Owned kw(k_shape, DType::kF32), vw(v_shape, DType::kF32), k_from16(k_shape, DType::kF32),
+      v_from16(v_shape, DType::kF32);
   fwd(kw, vw, kv_w);
   fwd(k_from16, v_from16, kv16);
   expect_same(k_from16, kw, "mla_kv_split_fwd k from a bf16 kv");
@@ -422,12 +471,21 @@ TEST_F(Bf16Fields, MlaKvSplitBf16) {
   const Owned dk16 = to_bf16(normal(k_shape, 502)), dv16 = to_bf16(normal(v_shape, 503));
   const Owned dk_w = widened(dk16), dv_w = widened(dv16);
   const auto bwd = [&](const Tensor& dkv, const Tensor& dkr, const Tensor& dk, const Tensor& dvt) {
-    be.mla_kv_split_bwd(ctx, {.dkv = dkv, .dkr = dkr, .dk = dk, .dv = dvt, .n_heads = H, .d_nope = dn, .d_rope = dr,
-                              .d_v = dv, .kr_stride = kr_stride, .kr_offset = kr_offset});
+    be.mla_kv_split_bwd(ctx, {.dkv = dkv,
+                              .dkr = dkr,
+                              .dk = dk,
+                              .dv = dvt,
+                              .n_heads = H,
+                              .d_nope = dn,
+                              .d_rope = dr,
+                              .d_v = dv,
+                              .kr_stride = kr_stride,
+                              .kr_offset = kr_offset});
   };
   const Owned dkr0 = normal(Shape{N, kr_stride}, 504);
   Owned dkv_ref(kv_shape, DType::kF32), dkv(kv_shape, DType::kF32), dkv16(kv_shape, DType::kBF16);
-  Owned dkr_ref(Shape{N, kr_stride}, DType::kF32), dkr(Shape{N, kr_stride}, DType::kF32), dkr2(Shape{N, kr_stride}, DType::kF32);
+  Owned dkr_ref(Shape{N, kr_stride}, DType::kF32), dkr(Shape{N, kr_stride}, DType::kF32),
+      dkr2(Shape{N, kr_stride}, DType::kF32);
   for (Owned* t : {&dkr_ref, &dkr, &dkr2}) test::copy_values(*t, dkr0);
   bwd(dkv_ref, dkr_ref, dk_w, dv_w);
   bwd(dkv, dkr, dk16, dv16);
@@ -452,8 +510,15 @@ TEST_F(Bf16Fields, AttentionBf16) {
     };
     const auto forward = [&](const Tensor& tq, const Tensor& tk, const Tensor& tv) {
       Out o{Owned(os, DType::kF32), Owned(os, DType::kF32), Owned(Shape{B, H, T}, DType::kF32)};
-      be.attention_fwd(ctx, {.out = o.out, .o2 = diff ? o.o2.t() : Tensor{}, .lse = o.lse, .q = tq, .k = tk, .v = tv,
-                             .lambda = diff ? lambda.t() : Tensor{}, .scale = 0.4, .differential = diff});
+      be.attention_fwd(ctx, {.out = o.out,
+                             .o2 = diff ? o.o2.t() : Tensor{},
+                             .lse = o.lse,
+                             .q = tq,
+                             .k = tk,
+                             .v = tv,
+                             .lambda = diff ? lambda.t() : Tensor{},
+                             .scale = 0.4,
+                             .differential = diff});
       return o;
     };
     const Out ref = forward(q, k, v), got = forward(q16, k16, v16);
@@ -464,9 +529,20 @@ TEST_F(Bf16Fields, AttentionBf16) {
 
     const auto backward = [&](const Tensor& tq, const Tensor& tk, const Tensor& tv, const Tensor& dq, const Tensor& dk,
                               const Tensor& dvt, const Tensor& dl) {
-      be.attention_bwd(ctx, {.dq = dq, .dk = dk, .dv = dvt, .dlambda = diff ? dl : Tensor{}, .dout = dout, .q = tq,
-                             .k = tk, .v = tv, .out = ref.out, .o2 = diff ? ref.o2.t() : Tensor{}, .lse = ref.lse,
-                             .lambda = diff ? lambda.t() : Tensor{}, .scale = 0.4, .differential = diff});
+      be.attention_bwd(ctx, {.dq = dq,
+                             .dk = dk,
+                             .dv = dvt,
+                             .dlambda = diff ? dl : Tensor{},
+                             .dout = dout,
+                             .q = tq,
+                             .k = tk,
+                             .v = tv,
+                             .out = ref.out,
+                             .o2 = diff ? ref.o2.t() : Tensor{},
+                             .lse = ref.lse,
+                             .lambda = diff ? lambda.t() : Tensor{},
+                             .scale = 0.4,
+                             .differential = diff});
     };
     Owned dq(qs, DType::kF32), dk(qs, DType::kF32), dvv(vs, DType::kF32), dl(Shape{1}, DType::kF32);
     Owned dq2(qs, DType::kF32), dk2(qs, DType::kF32), dv2(vs, DType::kF32), dl2(Shape{1}, DType::kF32);
@@ -503,7 +579,8 @@ TEST_F(Bf16Fields, SwigluBf16) {
   expect_bf16_of(da16, da, "swiglu_bwd da into bf16");
   expect_bf16_of(db16, db, "swiglu_bwd db into bf16");
 
-  const Owned a16 = to_bf16(a), b16 = to_bf16(b), dh16 = to_bf16(dh), aw = widened(a16), bw = widened(b16), dhw = widened(dh16);
+  const Owned a16 = to_bf16(a), b16 = to_bf16(b), dh16 = to_bf16(dh), aw = widened(a16), bw = widened(b16),
+              dhw = widened(dh16);
   be.swiglu_fwd(ctx, {.h = h, .a = aw, .b = bw});
   be.swiglu_bwd(ctx, {.da = da, .db = db, .dh = dhw, .a = aw, .b = bw});
   be.swiglu_fwd(ctx, {.h = h16, .a = a16, .b = b16});
@@ -542,7 +619,8 @@ TEST_F(Bf16Fields, MoeRowsBf16) {
 
   // gather_bwd and combine_fwd from bf16 rows: the f32 op on the widened rows (dx, y accumulate).
   const Owned rows16 = to_bf16(normal(Shape{NK, D}, 802)), rows_w = widened(rows16), base = normal(Shape{N, D}, 803);
-  Owned dx1(Shape{N, D}, DType::kF32), dx2(Shape{N, D}, DType::kF32), y1(Shape{N, D}, DType::kF32), y2(Shape{N, D}, DType::kF32);
+  Owned dx1(Shape{N, D}, DType::kF32), dx2(Shape{N, D}, DType::kF32), y1(Shape{N, D}, DType::kF32),
+      y2(Shape{N, D}, DType::kF32);
   for (Owned* t : {&dx1, &dx2, &y1, &y2}) test::copy_values(*t, base);
   be.moe_gather_bwd(ctx, {.dx = dx1, .dx_perm = rows_w, .slot_pos = slot});
   be.moe_gather_bwd(ctx, {.dx = dx2, .dx_perm = rows16, .slot_pos = slot});
@@ -554,12 +632,16 @@ TEST_F(Bf16Fields, MoeRowsBf16) {
   // combine_bwd: bf16 dy and y_perm read exactly; a bf16 dy_perm rounded once.
   const Owned dy16 = to_bf16(normal(Shape{N, D}, 804)), dy_w = widened(dy16);
   Owned dyp_ref(Shape{NK, D}, DType::kF32), dtw_ref(Shape{N, K}, DType::kF32);
-  Owned dyp(Shape{NK, D}, DType::kF32), dtw(Shape{N, K}, DType::kF32), dyp16(Shape{NK, D}, DType::kBF16), dtw2(Shape{N, K}, DType::kF32);
-  be.moe_combine_bwd(ctx, {.dy_perm = dyp_ref, .dtopk_w = dtw_ref, .dy = dy_w, .y_perm = rows_w, .topk_w = w, .slot_pos = slot});
-  be.moe_combine_bwd(ctx, {.dy_perm = dyp, .dtopk_w = dtw, .dy = dy16, .y_perm = rows16, .topk_w = w, .slot_pos = slot});
+  Owned dyp(Shape{NK, D}, DType::kF32), dtw(Shape{N, K}, DType::kF32), dyp16(Shape{NK, D}, DType::kBF16),
+      dtw2(Shape{N, K}, DType::kF32);
+  be.moe_combine_bwd(
+      ctx, {.dy_perm = dyp_ref, .dtopk_w = dtw_ref, .dy = dy_w, .y_perm = rows_w, .topk_w = w, .slot_pos = slot});
+  be.moe_combine_bwd(ctx,
+                     {.dy_perm = dyp, .dtopk_w = dtw, .dy = dy16, .y_perm = rows16, .topk_w = w, .slot_pos = slot});
   expect_same(dyp, dyp_ref, "moe_combine_bwd dy_perm from bf16 dy, y_perm");
   expect_same(dtw, dtw_ref, "moe_combine_bwd dtopk_w from bf16 dy, y_perm");
-  be.moe_combine_bwd(ctx, {.dy_perm = dyp16, .dtopk_w = dtw2, .dy = dy16, .y_perm = rows16, .topk_w = w, .slot_pos = slot});
+  be.moe_combine_bwd(ctx,
+                     {.dy_perm = dyp16, .dtopk_w = dtw2, .dy = dy16, .y_perm = rows16, .topk_w = w, .slot_pos = slot});
   expect_bf16_of(dyp16, dyp_ref, "moe_combine_bwd into a bf16 dy_perm");
   expect_same(dtw2, dtw_ref, "moe_combine_bwd dtopk_w beside a bf16 dy_perm");
 }
@@ -571,7 +653,8 @@ TEST_F(Bf16Fields, CrossEntropyBf16) {
   const Owned l16 = to_bf16(normal(Shape{N, V}, 900, 3.0)), lw = widened(l16);
   Owned targets(Shape{N}, DType::kI32);
   for (int64_t n = 0; n < N; ++n) targets.at<int32_t>(n) = n == 2 ? -1 : static_cast<int32_t>((7 * n + 3) % V);
-  Owned loss1(Shape{1}, DType::kF32), valid1(Shape{1}, DType::kF32), loss2(Shape{1}, DType::kF32), valid2(Shape{1}, DType::kF32);
+  Owned loss1(Shape{1}, DType::kF32), valid1(Shape{1}, DType::kF32), loss2(Shape{1}, DType::kF32),
+      valid2(Shape{1}, DType::kF32);
   loss1.at<float>(0) = loss2.at<float>(0) = 0.25f;
   be.cross_entropy_fwd(ctx, {.loss_sum = loss1, .valid = valid1, .logits = lw, .targets = targets});
   be.cross_entropy_fwd(ctx, {.loss_sum = loss2, .valid = valid2, .logits = l16, .targets = targets});
@@ -593,8 +676,10 @@ TEST_F(Bf16Fields, CrossEntropyBf16) {
 // adamw_multi's per-entry bf16 copies: bf16 of each updated param (adamw's is in
 // test_swiglu_loss_optim.cpp).
 TEST_F(Bf16Fields, AdamWMultiBf16Copies) {
-  const Owned p1 = normal(Shape{5, 3}, 950), p2 = normal(Shape{8}, 951), g1 = normal(Shape{5, 3}, 952), g2 = normal(Shape{8}, 953);
-  Owned m1(Shape{5, 3}, DType::kF32), v1(Shape{5, 3}, DType::kF32), m2(Shape{8}, DType::kF32), v2(Shape{8}, DType::kF32);
+  const Owned p1 = normal(Shape{5, 3}, 950), p2 = normal(Shape{8}, 951), g1 = normal(Shape{5, 3}, 952),
+              g2 = normal(Shape{8}, 953);
+  Owned m1(Shape{5, 3}, DType::kF32), v1(Shape{5, 3}, DType::kF32), m2(Shape{8}, DType::kF32),
+      v2(Shape{8}, DType::kF32);
   Owned c1(Shape{5, 3}, DType::kBF16), c2(Shape{8}, DType::kBF16);
   be.adamw_multi(ctx, {.entries = {{.param = p1, .m = m1, .v = v1, .grad = g1, .param_bf16 = c1, .weight_decay = 0.1},
                                    {.param = p2, .m = m2, .v = v2, .grad = g2, .param_bf16 = c2}},

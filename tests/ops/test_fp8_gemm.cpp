@@ -47,12 +47,9 @@ Owned random_scales(Shape shape, uint64_t seed) {
 double code_value(const Owned& q, int64_t i) { return e4m3_to_f32(static_cast<const uint8_t*>(q.t().data)[i]); }
 double value(const Tensor& t, int64_t i) {
   switch (t.dtype) {
-    case DType::kF64:
-      return t.ptr<double>()[i];
-    case DType::kBF16:
-      return bf16_to_f32(static_cast<const uint16_t*>(t.data)[i]);
-    default:
-      return t.ptr<float>()[i];
+    case DType::kF64: return t.ptr<double>()[i];
+    case DType::kBF16: return bf16_to_f32(static_cast<const uint16_t*>(t.data)[i]);
+    default: return t.ptr<float>()[i];
   }
 }
 double rounding_of(DType d) {
@@ -83,12 +80,9 @@ void check_against_naive(Backend& be, const GemmCase& g, uint64_t seed) {
     for (const Owned* t : {&c, &addend}) {
       const bool unread = t == &c && separate_addend;
       const double x = unread ? std::numeric_limits<double>::quiet_NaN() : v;
-      if (c_dtype == DType::kF64)
-        t->at<double>(i) = x;
-      else if (c_dtype == DType::kF32)
-        t->at<float>(i) = static_cast<float>(x);
-      else
-        static_cast<uint16_t*>(t->t().data)[i] = f32_to_bf16(static_cast<float>(x));
+      if (c_dtype == DType::kF64) t->at<double>(i) = x;
+      else if (c_dtype == DType::kF32) t->at<float>(i) = static_cast<float>(x);
+      else static_cast<uint16_t*>(t->t().data)[i] = f32_to_bf16(static_cast<float>(x));
     }
   }
   std::vector<double> add(static_cast<size_t>(m * n));

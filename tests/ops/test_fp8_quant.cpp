@@ -26,10 +26,8 @@ class Fp8Quant : public test::CpuOpsTest {};
 Owned make_source(const std::vector<float>& v, int64_t rows, int64_t cols, DType dtype) {
   Owned t({rows, cols}, dtype);
   for (size_t i = 0; i < v.size(); ++i) {
-    if (dtype == DType::kBF16)
-      static_cast<uint16_t*>(t.t().data)[i] = f32_to_bf16(v[i]);
-    else
-      t.ptr<float>()[i] = v[i];
+    if (dtype == DType::kBF16) static_cast<uint16_t*>(t.t().data)[i] = f32_to_bf16(v[i]);
+    else t.ptr<float>()[i] = v[i];
   }
   return t;
 }

@@ -37,14 +37,22 @@ void set_values(const Tensor& t, const std::vector<double>& v) {
 // All buffers of one router call.
 struct Router {
   Router(int64_t n, int64_t e, int64_t k, DType dt)
-      : n_tokens(n), n_experts(e), top_k(k), logits({n, e}, dt), bias({e}, dt), scores({n, e}, dt),
-        idx({n, k}, DType::kI32), w({n, k}, dt), counts({e}, DType::kI32) {}
+      : n_tokens(n),
+        n_experts(e),
+        top_k(k),
+        logits({n, e}, dt),
+        bias({e}, dt),
+        scores({n, e}, dt),
+        idx({n, k}, DType::kI32),
+        w({n, k}, dt),
+        counts({e}, DType::kI32) {}
   int64_t n_tokens, n_experts, top_k;
   Owned logits, bias, scores, idx, w, counts;
 
   void forward(const RouterOptions& opt) const {
-    cpu().router_fwd(kCtx, {.scores = scores, .topk_idx = idx, .topk_w = w, .counts = counts, .logits = logits,
-                            .bias = bias, .opt = opt});
+    cpu().router_fwd(
+        kCtx,
+        {.scores = scores, .topk_idx = idx, .topk_w = w, .counts = counts, .logits = logits, .bias = bias, .opt = opt});
   }
   std::vector<int32_t> indices() const { return {idx.ptr<int32_t>(), idx.ptr<int32_t>() + idx.numel()}; }
 };
@@ -52,15 +60,15 @@ struct Router {
 // ------------------------------------------------------------------ independent reference routing
 
 struct RefRoute {
-  std::vector<int> idx;           // [K], descending selection score, ties to the lower index
-  std::vector<bool> kept_group;   // [G]
+  std::vector<int> idx;          // [K], descending selection score, ties to the lower index
+  std::vector<bool> kept_group;  // [G]
 };
 
 // Sort-based reference of docs/derivations.md §4.2 (a different algorithm from the op's arg-max passes).
 // `add_bias` and `top2_groups` are separate so the tests can flip the group rule on its own.
 template <class T>
-RefRoute reference_route(const T* s, const T* b, int64_t n_experts, int64_t n_groups, int64_t n_limited,
-                         int64_t top_k, bool add_bias, bool top2_groups) {
+RefRoute reference_route(const T* s, const T* b, int64_t n_experts, int64_t n_groups, int64_t n_limited, int64_t top_k,
+                         bool add_bias, bool top2_groups) {
   std::vector<T> sel(static_cast<size_t>(n_experts));
   for (int64_t e = 0; e < n_experts; ++e) sel[e] = add_bias ? static_cast<T>(s[e] + b[e]) : s[e];
   const int64_t group_size = n_experts / n_groups;
@@ -96,24 +104,60 @@ struct RouteCase {
 
 const std::vector<RouteCase>& route_cases() {
   static const std::vector<RouteCase> cases = {
-      {"sigmoid, 4 groups keep 2, bias, K=3", 12,
-       {.score_func = ScoreFunc::kSigmoid, .n_groups = 4, .n_limited_groups = 2, .top_k = 3, .route_scale = 2.5,
-        .use_bias = true}, 0.1},
-      {"sigmoid, 4 groups keep 2, no bias (max), K=3", 12,
-       {.score_func = ScoreFunc::kSigmoid, .n_groups = 4, .n_limited_groups = 2, .top_k = 3, .route_scale = 1.0,
-        .use_bias = false}, 0.1},
-      {"sigmoid, no groups, bias, K=2", 8,
-       {.score_func = ScoreFunc::kSigmoid, .n_groups = 1, .n_limited_groups = 1, .top_k = 2, .route_scale = 1.0,
-        .use_bias = true}, 0.1},
-      {"sigmoid, K = all kept experts", 12,
-       {.score_func = ScoreFunc::kSigmoid, .n_groups = 4, .n_limited_groups = 2, .top_k = 6, .route_scale = 1.0,
-        .use_bias = true}, 0.1},
-      {"softmax, 4 groups keep 2, no bias (max), K=3", 8,
-       {.score_func = ScoreFunc::kSoftmax, .n_groups = 4, .n_limited_groups = 2, .top_k = 3, .route_scale = 16.0,
-        .use_bias = false}, 0.05},
-      {"softmax, 3 groups keep 2, bias, K=3", 12,
-       {.score_func = ScoreFunc::kSoftmax, .n_groups = 3, .n_limited_groups = 2, .top_k = 3, .route_scale = 1.0,
-        .use_bias = true}, 0.05},
+      {"sigmoid, 4 groups keep 2, bias, K=3",
+       12,
+       {.score_func = ScoreFunc::kSigmoid,
+        .n_groups = 4,
+        .n_limited_groups = 2,
+        .top_k = 3,
+        .route_scale = 2.5,
+        .use_bias = true},
+       0.1},
+      {"sigmoid, 4 groups keep 2, no bias (max), K=3",
+       12,
+       {.score_func = ScoreFunc::kSigmoid,
+        .n_groups = 4,
+        .n_limited_groups = 2,
+        .top_k = 3,
+        .route_scale = 1.0,
+        .use_bias = false},
+       0.1},
+      {"sigmoid, no groups, bias, K=2",
+       8,
+       {.score_func = ScoreFunc::kSigmoid,
+        .n_groups = 1,
+        .n_limited_groups = 1,
+        .top_k = 2,
+        .route_scale = 1.0,
+        .use_bias = true},
+       0.1},
+      {"sigmoid, K = all kept experts",
+       12,
+       {.score_func = ScoreFunc::kSigmoid,
+        .n_groups = 4,
+        .n_limited_groups = 2,
+        .top_k = 6,
+        .route_scale = 1.0,
+        .use_bias = true},
+       0.1},
+      {"softmax, 4 groups keep 2, no bias (max), K=3",
+       8,
+       {.score_func = ScoreFunc::kSoftmax,
+        .n_groups = 4,
+        .n_limited_groups = 2,
+        .top_k = 3,
+        .route_scale = 16.0,
+        .use_bias = false},
+       0.05},
+      {"softmax, 3 groups keep 2, bias, K=3",
+       12,
+       {.score_func = ScoreFunc::kSoftmax,
+        .n_groups = 3,
+        .n_limited_groups = 2,
+        .top_k = 3,
+        .route_scale = 1.0,
+        .use_bias = true},
+       0.05},
   };
   return cases;
 }
@@ -168,8 +212,7 @@ void check_routing_invariants(const RouteCase& c) {
       double sum_s = 0, sum_w = 0;
       for (int64_t k = 0; k < K; ++k) sum_s += s[idx[k]];
       for (int64_t k = 0; k < K; ++k) {
-        const double want =
-            o.route_scale * s[idx[k]] / (o.score_func == ScoreFunc::kSigmoid ? sum_s : 1.0);
+        const double want = o.route_scale * s[idx[k]] / (o.score_func == ScoreFunc::kSigmoid ? sum_s : 1.0);
         EXPECT_NEAR(w[k], want, tol * std::abs(want));
         sum_w += w[k];
       }
@@ -220,8 +263,12 @@ TEST(RouterFwd, GroupScoreRuleConstructed) {
       Router r(1, 4, top_k, DType::kF64);
       set_values(r.logits, logit_of(s));
       set_values(r.bias, {0, 0, 0, 0});
-      r.forward({.score_func = ScoreFunc::kSigmoid, .n_groups = 2, .n_limited_groups = 1, .top_k = top_k,
-                 .route_scale = 1.0, .use_bias = use_bias});
+      r.forward({.score_func = ScoreFunc::kSigmoid,
+                 .n_groups = 2,
+                 .n_limited_groups = 1,
+                 .top_k = top_k,
+                 .route_scale = 1.0,
+                 .use_bias = use_bias});
       const std::vector<int32_t> want = use_bias ? std::vector<int32_t>{2, 3} : std::vector<int32_t>{0, 1};
       for (int64_t k = 0; k < top_k; ++k) EXPECT_EQ(r.idx.at<int32_t>(k), want[k]) << "use_bias " << use_bias;
       if (top_k == 2) {
@@ -235,8 +282,12 @@ TEST(RouterFwd, GroupScoreRuleConstructed) {
 // The bias moves expert 3 (s = 0.7) to the top, but its weight is still its unbiased score.
 TEST(RouterFwd, BiasChangesSelectionButNeverWeights) {
   const std::vector<double> s = {0.9, 0.8, 0.5, 0.7, 0.2, 0.6};
-  const RouterOptions opt = {.score_func = ScoreFunc::kSigmoid, .n_groups = 1, .n_limited_groups = 1, .top_k = 2,
-                             .route_scale = 2.5, .use_bias = true};
+  const RouterOptions opt = {.score_func = ScoreFunc::kSigmoid,
+                             .n_groups = 1,
+                             .n_limited_groups = 1,
+                             .top_k = 2,
+                             .route_scale = 2.5,
+                             .use_bias = true};
   Router r(1, 6, 2, DType::kF64);
   set_values(r.logits, logit_of(s));
   set_values(r.bias, {0, 0, 0, 0, 0, 0});
@@ -253,8 +304,12 @@ TEST(RouterFwd, BiasChangesSelectionButNeverWeights) {
 TEST(RouterFwd, SoftmaxHasNoRenormalisation) {
   Router r(1, 4, 2, DType::kF64);
   set_values(r.logits, {2, 1, 0, -1});
-  r.forward({.score_func = ScoreFunc::kSoftmax, .n_groups = 1, .n_limited_groups = 1, .top_k = 2,
-             .route_scale = 1.5, .use_bias = false});
+  r.forward({.score_func = ScoreFunc::kSoftmax,
+             .n_groups = 1,
+             .n_limited_groups = 1,
+             .top_k = 2,
+             .route_scale = 1.5,
+             .use_bias = false});
   const double denom = std::exp(2.0) + std::exp(1.0) + 1.0 + std::exp(-1.0);
   EXPECT_EQ(r.indices(), (std::vector<int32_t>{0, 1}));
   EXPECT_NEAR(r.w.at<double>(0), 1.5 * std::exp(2.0) / denom, 1e-14);
@@ -266,8 +321,12 @@ TEST(RouterFwd, SoftmaxHasNoRenormalisation) {
 TEST(RouterFwd, TiesGoToLowerIndex) {
   Router r(2, 8, 3, DType::kF32);
   for (int64_t i = 0; i < 16; ++i) r.logits.at<float>(i) = 0.3f;
-  r.forward({.score_func = ScoreFunc::kSigmoid, .n_groups = 4, .n_limited_groups = 2, .top_k = 3,
-             .route_scale = 1.0, .use_bias = true});
+  r.forward({.score_func = ScoreFunc::kSigmoid,
+             .n_groups = 4,
+             .n_limited_groups = 2,
+             .top_k = 3,
+             .route_scale = 1.0,
+             .use_bias = true});
   EXPECT_EQ(r.indices(), (std::vector<int32_t>{0, 1, 2, 0, 1, 2}));
   for (int64_t i = 0; i < 6; ++i) EXPECT_NEAR(r.w.at<float>(i), 1.0 / 3.0, 1e-7);
 }
@@ -275,8 +334,12 @@ TEST(RouterFwd, TiesGoToLowerIndex) {
 TEST(RouterFwd, ErrorsNameTheOp) {
   Router r(3, 12, 7, DType::kF32);
   test::fill_normal(r.logits, 5);
-  const RouterOptions good = {.score_func = ScoreFunc::kSigmoid, .n_groups = 4, .n_limited_groups = 2, .top_k = 6,
-                              .route_scale = 1.0, .use_bias = true};
+  const RouterOptions good = {.score_func = ScoreFunc::kSigmoid,
+                              .n_groups = 4,
+                              .n_limited_groups = 2,
+                              .top_k = 6,
+                              .route_scale = 1.0,
+                              .use_bias = true};
   RouterOptions o = good;
   o.top_k = 7;  // only 2 groups · 3 experts = 6 are kept
   expect_error([&] { r.forward(o); }, {"[router_fwd] top_k = 7"});
@@ -290,10 +353,17 @@ TEST(RouterFwd, ErrorsNameTheOp) {
   o = good;
   o.top_k = 7;
   o.n_limited_groups = 4;
-  expect_error([&] {
-    cpu().router_fwd(kCtx, {.scores = r.scores, .topk_idx = bad_idx, .topk_w = r.w, .counts = r.counts,
-                            .logits = r.logits, .bias = r.bias, .opt = o});
-  }, {"[router_fwd] topk_idx"});
+  expect_error(
+      [&] {
+        cpu().router_fwd(kCtx, {.scores = r.scores,
+                                .topk_idx = bad_idx,
+                                .topk_w = r.w,
+                                .counts = r.counts,
+                                .logits = r.logits,
+                                .bias = r.bias,
+                                .opt = o});
+      },
+      {"[router_fwd] topk_idx"});
   o.top_k = 6;  // idx shape [3,7] no longer matches
   expect_error([&] { r.forward(o); }, {"[router_fwd] topk_idx"});
 }
@@ -305,8 +375,9 @@ struct Plan {
       : offsets({e + 1}, DType::kI32), src_row({n * k}, DType::kI32), slot_pos({n, k}, DType::kI32) {}
   Owned offsets, src_row, slot_pos;
   void build(const Tensor& topk_idx, int64_t n_experts) const {
-    cpu().moe_permute(kCtx, {.offsets = offsets, .src_row = src_row, .slot_pos = slot_pos, .topk_idx = topk_idx,
-                             .n_experts = n_experts});
+    cpu().moe_permute(
+        kCtx,
+        {.offsets = offsets, .src_row = src_row, .slot_pos = slot_pos, .topk_idx = topk_idx, .n_experts = n_experts});
   }
 };
 
@@ -341,8 +412,12 @@ TEST(MoePermute, PlanFromRouterAndFromRandomIndices) {
   Router r(N, E, K, DType::kF32);
   test::fill_normal(r.logits, 11);
   test::fill_normal(r.bias, 12, 0.1);
-  r.forward({.score_func = ScoreFunc::kSigmoid, .n_groups = 4, .n_limited_groups = 2, .top_k = K,
-             .route_scale = 1.0, .use_bias = true});
+  r.forward({.score_func = ScoreFunc::kSigmoid,
+             .n_groups = 4,
+             .n_limited_groups = 2,
+             .top_k = K,
+             .route_scale = 1.0,
+             .use_bias = true});
   Plan p(N, K, E);
   p.build(r.idx, E);
   check_plan(r.idx, p, E);
@@ -384,8 +459,7 @@ TEST(MoeGather, MatchesDirectLoops) {
   Owned x = d.make({N, D}, 31), x_perm = d.make({R, D}, 32);
   cpu().moe_gather(kCtx, {.x_perm = x_perm, .x = x, .src_row = d.plan.src_row});
   for (int64_t r = 0; r < R; ++r)
-    for (int64_t j = 0; j < D; ++j)
-      EXPECT_EQ(x_perm.at<T>(r * D + j), x.at<T>(d.plan.src_row.at<int32_t>(r) * D + j));
+    for (int64_t j = 0; j < D; ++j) EXPECT_EQ(x_perm.at<T>(r * D + j), x.at<T>(d.plan.src_row.at<int32_t>(r) * D + j));
 
   // Backward accumulates into dx (which already holds, say, the shared expert's gradient).
   Owned dx = d.make({N, D}, 33), dx_perm = d.make({R, D}, 34);
@@ -418,8 +492,8 @@ TEST(MoeCombine, MatchesDirectLoops) {
 
   // Backward overwrites: start both outputs from garbage.
   Owned dy = d.make({N, D}, 44), dy_perm = d.make({R, D}, 45), dw = d.make({N, K}, 46);
-  cpu().moe_combine_bwd(kCtx, {.dy_perm = dy_perm, .dtopk_w = dw, .dy = dy, .y_perm = y_perm, .topk_w = w,
-                               .slot_pos = d.plan.slot_pos});
+  cpu().moe_combine_bwd(
+      kCtx, {.dy_perm = dy_perm, .dtopk_w = dw, .dy = dy, .y_perm = y_perm, .topk_w = w, .slot_pos = d.plan.slot_pos});
   for (int64_t n = 0; n < N; ++n) {
     for (int64_t k = 0; k < K; ++k) {
       const int64_t r = d.plan.slot_pos.at<int32_t>(n * K + k);
@@ -437,8 +511,12 @@ TEST(MoeCombine, MatchesDirectLoops) {
 // serial one. Rows are independent and every cross-row sum is ordered, so they must agree bitwise.
 TEST(MoeThreads, ThreadedPathMatchesSmallChunksBitwise) {
   constexpr int64_t N = 1500, E = 12, K = 3, D = 4, R = N * K, kChunk = 7;
-  const RouterOptions opt = {.score_func = ScoreFunc::kSigmoid, .n_groups = 4, .n_limited_groups = 2, .top_k = K,
-                             .route_scale = 2.5, .use_bias = true};
+  const RouterOptions opt = {.score_func = ScoreFunc::kSigmoid,
+                             .n_groups = 4,
+                             .n_limited_groups = 2,
+                             .top_k = K,
+                             .route_scale = 2.5,
+                             .use_bias = true};
   Router big(N, E, K, DType::kF32), chunked(N, E, K, DType::kF32);
   test::fill_normal(big.logits, 121);
   test::fill_normal(big.bias, 122, 0.1);
@@ -447,9 +525,13 @@ TEST(MoeThreads, ThreadedPathMatchesSmallChunksBitwise) {
   big.forward(opt);
   for (int64_t a = 0; a < N; a += kChunk) {
     const int64_t b = std::min(N, a + kChunk);
-    cpu().router_fwd(kCtx, {.scores = chunked.scores.t().rows(a, b), .topk_idx = chunked.idx.t().rows(a, b),
-                            .topk_w = chunked.w.t().rows(a, b), .counts = chunked.counts,
-                            .logits = chunked.logits.t().rows(a, b), .bias = chunked.bias, .opt = opt});
+    cpu().router_fwd(kCtx, {.scores = chunked.scores.t().rows(a, b),
+                            .topk_idx = chunked.idx.t().rows(a, b),
+                            .topk_w = chunked.w.t().rows(a, b),
+                            .counts = chunked.counts,
+                            .logits = chunked.logits.t().rows(a, b),
+                            .bias = chunked.bias,
+                            .opt = opt});
   }
   EXPECT_EQ(test::to_vector(big.scores), test::to_vector(chunked.scores));
   EXPECT_EQ(big.indices(), chunked.indices());
@@ -458,13 +540,16 @@ TEST(MoeThreads, ThreadedPathMatchesSmallChunksBitwise) {
 
   Owned dw({N, K}, DType::kF32), dz_big({N, E}, DType::kF32), dz_chunked({N, E}, DType::kF32);
   test::fill_normal(dw, 123);
-  cpu().router_bwd(kCtx, {.dlogits = dz_big, .dtopk_w = dw, .scores = big.scores, .topk_idx = big.idx,
-                          .topk_w = big.w, .opt = opt});
+  cpu().router_bwd(
+      kCtx, {.dlogits = dz_big, .dtopk_w = dw, .scores = big.scores, .topk_idx = big.idx, .topk_w = big.w, .opt = opt});
   for (int64_t a = 0; a < N; a += kChunk) {
     const int64_t b = std::min(N, a + kChunk);
-    cpu().router_bwd(kCtx, {.dlogits = dz_chunked.t().rows(a, b), .dtopk_w = dw.t().rows(a, b),
-                            .scores = big.scores.t().rows(a, b), .topk_idx = big.idx.t().rows(a, b),
-                            .topk_w = big.w.t().rows(a, b), .opt = opt});
+    cpu().router_bwd(kCtx, {.dlogits = dz_chunked.t().rows(a, b),
+                            .dtopk_w = dw.t().rows(a, b),
+                            .scores = big.scores.t().rows(a, b),
+                            .topk_idx = big.idx.t().rows(a, b),
+                            .topk_w = big.w.t().rows(a, b),
+                            .opt = opt});
   }
   EXPECT_EQ(test::to_vector(dz_big), test::to_vector(dz_chunked));
 
@@ -482,20 +567,26 @@ TEST(MoeThreads, ThreadedPathMatchesSmallChunksBitwise) {
   Owned dx_big({N, D}, DType::kF32), dx_chunked({N, D}, DType::kF32);
   cpu().moe_gather(kCtx, {.x_perm = xp_big, .x = x, .src_row = plan.src_row});
   cpu().moe_combine_fwd(kCtx, {.y = y_big, .y_perm = y_perm, .topk_w = big.w, .slot_pos = plan.slot_pos});
-  cpu().moe_combine_bwd(kCtx, {.dy_perm = dyp_big, .dtopk_w = dwc_big, .dy = dy, .y_perm = y_perm,
-                               .topk_w = big.w, .slot_pos = plan.slot_pos});
+  cpu().moe_combine_bwd(
+      kCtx,
+      {.dy_perm = dyp_big, .dtopk_w = dwc_big, .dy = dy, .y_perm = y_perm, .topk_w = big.w, .slot_pos = plan.slot_pos});
   cpu().moe_gather_bwd(kCtx, {.dx = dx_big, .dx_perm = y_perm, .slot_pos = plan.slot_pos});
   for (int64_t a = 0; a < N; a += kChunk) {
     const int64_t b = std::min(N, a + kChunk);
-    cpu().moe_gather(kCtx, {.x_perm = xp_chunked.t().rows(a * K, b * K), .x = x,
-                            .src_row = plan.src_row.t().rows(a * K, b * K)});
-    cpu().moe_combine_fwd(kCtx, {.y = y_chunked.t().rows(a, b), .y_perm = y_perm, .topk_w = big.w.t().rows(a, b),
+    cpu().moe_gather(
+        kCtx, {.x_perm = xp_chunked.t().rows(a * K, b * K), .x = x, .src_row = plan.src_row.t().rows(a * K, b * K)});
+    cpu().moe_combine_fwd(kCtx, {.y = y_chunked.t().rows(a, b),
+                                 .y_perm = y_perm,
+                                 .topk_w = big.w.t().rows(a, b),
                                  .slot_pos = plan.slot_pos.t().rows(a, b)});
-    cpu().moe_combine_bwd(kCtx, {.dy_perm = dyp_chunked, .dtopk_w = dwc_chunked.t().rows(a, b),
-                                 .dy = dy.t().rows(a, b), .y_perm = y_perm, .topk_w = big.w.t().rows(a, b),
+    cpu().moe_combine_bwd(kCtx, {.dy_perm = dyp_chunked,
+                                 .dtopk_w = dwc_chunked.t().rows(a, b),
+                                 .dy = dy.t().rows(a, b),
+                                 .y_perm = y_perm,
+                                 .topk_w = big.w.t().rows(a, b),
                                  .slot_pos = plan.slot_pos.t().rows(a, b)});
-    cpu().moe_gather_bwd(kCtx, {.dx = dx_chunked.t().rows(a, b), .dx_perm = y_perm,
-                                .slot_pos = plan.slot_pos.t().rows(a, b)});
+    cpu().moe_gather_bwd(
+        kCtx, {.dx = dx_chunked.t().rows(a, b), .dx_perm = y_perm, .slot_pos = plan.slot_pos.t().rows(a, b)});
   }
   EXPECT_EQ(test::to_vector(xp_big), test::to_vector(xp_chunked));
   EXPECT_EQ(test::to_vector(y_big), test::to_vector(y_chunked));
@@ -540,8 +631,9 @@ void check_router_bwd_fd(const RouteCase& c) {
   f.r.forward(c.opt);
   Owned dlogits({kTokens, E}, DType::kF64);
   test::fill_normal(dlogits, 73);  // garbage: must be overwritten
-  cpu().router_bwd(kCtx, {.dlogits = dlogits, .dtopk_w = proj, .scores = f.r.scores, .topk_idx = f.r.idx,
-                          .topk_w = f.r.w, .opt = c.opt});
+  cpu().router_bwd(
+      kCtx,
+      {.dlogits = dlogits, .dtopk_w = proj, .scores = f.r.scores, .topk_idx = f.r.idx, .topk_w = f.r.w, .opt = c.opt});
   const std::vector<double> analytic = test::to_vector(dlogits);
   expect_grad(std::string("router_bwd ") + c.name, analytic, numerical);
   double norm = 0;
@@ -573,8 +665,8 @@ TEST(AuxLoss, ValueMatchesMegatronForm) {
     r.forward({.score_func = func, .n_groups = 1, .n_limited_groups = 1, .top_k = K, .use_bias = false});
     Owned loss({1}, DType::kF64);
     loss.at<double>(0) = loss_before;
-    cpu().aux_loss_fwd(kCtx, {.loss = loss, .scores = r.scores, .seq_len = T, .top_k = K, .alpha = alpha,
-                              .score_func = func});
+    cpu().aux_loss_fwd(
+        kCtx, {.loss = loss, .scores = r.scores, .seq_len = T, .top_k = K, .alpha = alpha, .score_func = func});
     double want = 0;
     for (int64_t b = 0; b < B; ++b) {
       std::vector<double> count(E, 0), p_sum(E, 0);
@@ -592,9 +684,9 @@ TEST(AuxLoss, ValueMatchesMegatronForm) {
   }
   Router r(7, E, K, DType::kF64);
   Owned loss({1}, DType::kF64);
-  expect_error([&] {
-    cpu().aux_loss_fwd(kCtx, {.loss = loss, .scores = r.scores, .seq_len = 5, .top_k = K, .alpha = alpha});
-  }, {"[aux_loss_fwd]"});
+  expect_error(
+      [&] { cpu().aux_loss_fwd(kCtx, {.loss = loss, .scores = r.scores, .seq_len = 5, .top_k = K, .alpha = alpha}); },
+      {"[aux_loss_fwd]"});
 }
 
 TEST(AuxLossFd, AuxLossBwd) {
@@ -602,27 +694,32 @@ TEST(AuxLossFd, AuxLossBwd) {
   constexpr double alpha = 0.3, dloss = 0.7;
   for (ScoreFunc func : {ScoreFunc::kSigmoid, ScoreFunc::kSoftmax}) {
     // The router with plain top-K gives the scores and, as idx, the aux loss's own selection.
-    const RouterOptions plain = {.score_func = func, .n_groups = 1, .n_limited_groups = 1, .top_k = K,
-                                 .use_bias = false};
+    const RouterOptions plain = {
+        .score_func = func, .n_groups = 1, .n_limited_groups = 1, .top_k = K, .use_bias = false};
     RouterFd f(N, E, plain, 91, 0.0);
     Owned loss({1}, DType::kF64);
     const std::vector<double> numerical = test::numerical_grad(f.r.logits, [&] {
       f.forward_checked();
       loss.at<double>(0) = 0;
-      cpu().aux_loss_fwd(kCtx, {.loss = loss, .scores = f.r.scores, .seq_len = T, .top_k = K, .alpha = alpha,
-                                .score_func = func});
+      cpu().aux_loss_fwd(
+          kCtx, {.loss = loss, .scores = f.r.scores, .seq_len = T, .top_k = K, .alpha = alpha, .score_func = func});
       return loss.at<double>(0);
     });
-    const char* name = func == ScoreFunc::kSigmoid ? "aux_loss_bwd sigmoid, 2 sequences"
-                                                   : "aux_loss_bwd softmax, 2 sequences";
+    const char* name =
+        func == ScoreFunc::kSigmoid ? "aux_loss_bwd sigmoid, 2 sequences" : "aux_loss_bwd softmax, 2 sequences";
     EXPECT_EQ(f.selection_flips, 0) << name;
     f.r.forward(plain);
     // dlogits accumulates: start from P, compare (dlogits − P) with dloss · numerical.
     Owned dlogits({N, E}, DType::kF64);
     test::fill_normal(dlogits, 92);
     const std::vector<double> before = test::to_vector(dlogits);
-    cpu().aux_loss_bwd(kCtx, {.dlogits = dlogits, .scores = f.r.scores, .seq_len = T, .top_k = K, .alpha = alpha,
-                              .dloss = dloss, .score_func = func});
+    cpu().aux_loss_bwd(kCtx, {.dlogits = dlogits,
+                              .scores = f.r.scores,
+                              .seq_len = T,
+                              .top_k = K,
+                              .alpha = alpha,
+                              .dloss = dloss,
+                              .score_func = func});
     std::vector<double> added = test::to_vector(dlogits), want = numerical;
     for (size_t i = 0; i < added.size(); ++i) {
       added[i] -= before[i];
@@ -636,11 +733,18 @@ TEST(AuxLossFd, AuxLossBwd) {
 // and combine with a fixed y_perm; the gradient comes back through combine_bwd → router_bwd.
 TEST(MoeComposedFd, RouterThroughCombine) {
   constexpr int64_t N = 7, E = 12, K = 3, D = 4;
-  const std::vector<RouterOptions> options = {
-      {.score_func = ScoreFunc::kSigmoid, .n_groups = 4, .n_limited_groups = 2, .top_k = K, .route_scale = 2.5,
-       .use_bias = true},
-      {.score_func = ScoreFunc::kSoftmax, .n_groups = 4, .n_limited_groups = 2, .top_k = K, .route_scale = 1.0,
-       .use_bias = false}};
+  const std::vector<RouterOptions> options = {{.score_func = ScoreFunc::kSigmoid,
+                                               .n_groups = 4,
+                                               .n_limited_groups = 2,
+                                               .top_k = K,
+                                               .route_scale = 2.5,
+                                               .use_bias = true},
+                                              {.score_func = ScoreFunc::kSoftmax,
+                                               .n_groups = 4,
+                                               .n_limited_groups = 2,
+                                               .top_k = K,
+                                               .route_scale = 1.0,
+                                               .use_bias = false}};
   for (const RouterOptions& opt : options) {
     RouterFd f(N, E, opt, 101, 0.1);
     Plan plan(N, K, E);
@@ -661,10 +765,12 @@ TEST(MoeComposedFd, RouterThroughCombine) {
     EXPECT_EQ(f.selection_flips, 0) << name;
     loss();  // restore the forward state at the unperturbed logits
     Owned dy_perm({N * K, D}, DType::kF64), dw({N, K}, DType::kF64), dlogits({N, E}, DType::kF64);
-    cpu().moe_combine_bwd(kCtx, {.dy_perm = dy_perm, .dtopk_w = dw, .dy = proj, .y_perm = y_perm, .topk_w = f.r.w,
-                                 .slot_pos = plan.slot_pos});
-    cpu().router_bwd(kCtx, {.dlogits = dlogits, .dtopk_w = dw, .scores = f.r.scores, .topk_idx = f.r.idx,
-                            .topk_w = f.r.w, .opt = opt});
+    cpu().moe_combine_bwd(
+        kCtx,
+        {.dy_perm = dy_perm, .dtopk_w = dw, .dy = proj, .y_perm = y_perm, .topk_w = f.r.w, .slot_pos = plan.slot_pos});
+    cpu().router_bwd(
+        kCtx,
+        {.dlogits = dlogits, .dtopk_w = dw, .scores = f.r.scores, .topk_idx = f.r.idx, .topk_w = f.r.w, .opt = opt});
     expect_grad(name, test::to_vector(dlogits), numerical);
   }
 }
@@ -722,13 +828,18 @@ TEST(MoeDataMovement, Bf16RowsPairWithF32) {
                {"[moe_gather_bwd]", "dx_perm", f64});
   expect_error([&] { cpu().moe_combine_fwd(kCtx, {.y = x, .y_perm = rows16, .topk_w = w, .slot_pos = slot}); },
                {"[moe_combine_fwd]", "y_perm", f64});
-  expect_error([&] {
-    cpu().moe_combine_bwd(kCtx, {.dy_perm = rows, .dtopk_w = dtw, .dy = x, .y_perm = rows16, .topk_w = w, .slot_pos = slot});
-  }, {"[moe_combine_bwd]", "y_perm", f64});
+  expect_error(
+      [&] {
+        cpu().moe_combine_bwd(
+            kCtx, {.dy_perm = rows, .dtopk_w = dtw, .dy = x, .y_perm = rows16, .topk_w = w, .slot_pos = slot});
+      },
+      {"[moe_combine_bwd]", "y_perm", f64});
   expect_error([&] { cpu().swiglu_fwd(kCtx, {.h = rows16, .a = rows, .b = rows}); }, {"[swiglu_fwd]", "h", f64});
-  expect_error([&] {
-    cpu().grouped_gemm(kCtx, {.c = grouped16, .a = rows32, .b = weights, .offsets = offsets, .trans_b = true});
-  }, {"[grouped_gemm]", "c is bf16", "bf16 GEMM mode"});
+  expect_error(
+      [&] {
+        cpu().grouped_gemm(kCtx, {.c = grouped16, .a = rows32, .b = weights, .offsets = offsets, .trans_b = true});
+      },
+      {"[grouped_gemm]", "c is bf16", "bf16 GEMM mode"});
 }
 
 }  // namespace

@@ -27,8 +27,16 @@ TEST_F(NormGemm, RmsNormForwardF32AgainstNaive) {
   test::fill_normal(x, 101, 2.0);
   test::fill_normal(w, 102, 0.3, 1.0);
   be.fill(ctx, {.out = y, .value = -99.0});  // sentinel in the columns the norm must not touch
-  be.rmsnorm_fwd(ctx, {.y = y, .rstd = rstd, .x = x, .w = w, .rows = kRows, .width = kWidth, .x_stride = kXStride,
-                       .y_stride = kYStride, .eps = kEps, .out_scale = kOutScale});
+  be.rmsnorm_fwd(ctx, {.y = y,
+                       .rstd = rstd,
+                       .x = x,
+                       .w = w,
+                       .rows = kRows,
+                       .width = kWidth,
+                       .x_stride = kXStride,
+                       .y_stride = kYStride,
+                       .eps = kEps,
+                       .out_scale = kOutScale});
   for (int64_t n = 0; n < kRows; ++n) {
     double ss = 0.0;
     for (int64_t j = 0; j < kWidth; ++j) ss += std::pow(test::get(x, n * kXStride + j), 2);
@@ -50,8 +58,16 @@ TEST_F(NormGemm, RmsNormBackwardFiniteDifferences) {
   test::fill_normal(x, 111, 1.5);
   test::fill_normal(w, 112, 0.3, 1.0);
   test::fill_normal(proj, 113);
-  const RmsNormFwdArgs fwd{.y = y, .rstd = rstd, .x = x, .w = w, .rows = kRows, .width = kWidth,
-                           .x_stride = kXStride, .y_stride = kYStride, .eps = kEps, .out_scale = kOutScale};
+  const RmsNormFwdArgs fwd{.y = y,
+                           .rstd = rstd,
+                           .x = x,
+                           .w = w,
+                           .rows = kRows,
+                           .width = kWidth,
+                           .x_stride = kXStride,
+                           .y_stride = kYStride,
+                           .eps = kEps,
+                           .out_scale = kOutScale};
   const auto loss = [&] {
     be.rmsnorm_fwd(ctx, fwd);
     return test::dot(y, proj);
@@ -66,8 +82,17 @@ TEST_F(NormGemm, RmsNormBackwardFiniteDifferences) {
     test::fill_normal(dx, 114);  // garbage to overwrite, or content to add onto
     test::fill_normal(dw, 115);
     const std::vector<double> dx0 = test::to_vector(dx), dw0 = test::to_vector(dw);
-    be.rmsnorm_bwd(ctx, {.dx = dx, .dw = dw, .dy = proj, .x = x, .w = w, .rstd = rstd, .rows = kRows,
-                         .width = kWidth, .x_stride = kXStride, .y_stride = kYStride, .out_scale = kOutScale,
+    be.rmsnorm_bwd(ctx, {.dx = dx,
+                         .dw = dw,
+                         .dy = proj,
+                         .x = x,
+                         .w = w,
+                         .rstd = rstd,
+                         .rows = kRows,
+                         .width = kWidth,
+                         .x_stride = kXStride,
+                         .y_stride = kYStride,
+                         .out_scale = kOutScale,
                          .dx_accumulate = accumulate});
     std::vector<double> got_dx, want_dx;
     for (int64_t i = 0; i < dx.numel(); ++i) {
@@ -107,17 +132,27 @@ TEST_F(NormGemm, RmsNormBackwardLargeAgainstNaive) {
     const double r = rstd.at<double>(n);
     double mean_gx = 0.0;
     for (int64_t j = 0; j < kBigWidth; ++j) {
-      const double xhat = x.at<double>(n * kBigStride + j) * r, g = kOutScale * dy.at<double>(n * kBigWidth + j) * w.at<double>(j);
+      const double xhat = x.at<double>(n * kBigStride + j) * r,
+                   g = kOutScale * dy.at<double>(n * kBigWidth + j) * w.at<double>(j);
       mean_gx += g * xhat / kBigWidth;
       want_dw[static_cast<size_t>(j)] += kOutScale * dy.at<double>(n * kBigWidth + j) * xhat;
     }
     for (int64_t j = 0; j < kBigWidth; ++j) {
-      const double xhat = x.at<double>(n * kBigStride + j) * r, g = kOutScale * dy.at<double>(n * kBigWidth + j) * w.at<double>(j);
+      const double xhat = x.at<double>(n * kBigStride + j) * r,
+                   g = kOutScale * dy.at<double>(n * kBigWidth + j) * w.at<double>(j);
       want_dx.push_back(r * (g - xhat * mean_gx));
     }
   }
-  be.rmsnorm_bwd(ctx, {.dx = dx, .dw = dw, .dy = dy, .x = x, .w = w, .rstd = rstd, .rows = kBigRows,
-                       .width = kBigWidth, .x_stride = kBigStride, .out_scale = kOutScale});
+  be.rmsnorm_bwd(ctx, {.dx = dx,
+                       .dw = dw,
+                       .dy = dy,
+                       .x = x,
+                       .w = w,
+                       .rstd = rstd,
+                       .rows = kBigRows,
+                       .width = kBigWidth,
+                       .x_stride = kBigStride,
+                       .out_scale = kOutScale});
   std::vector<double> got_dx;
   for (int64_t n = 0; n < kBigRows; ++n)
     for (int64_t j = 0; j < kBigWidth; ++j) got_dx.push_back(dx.at<double>(n * kBigStride + j));
@@ -129,10 +164,12 @@ TEST_F(NormGemm, RmsNormErrors) {
   Owned x({3, 5}, DType::kF32), y({3, 5}, DType::kF32), w({4}, DType::kF32), rstd({3}, DType::kF32);
   expect_error([&] { be.rmsnorm_fwd(ctx, {.y = y, .rstd = rstd, .x = x, .w = w, .rows = 3, .width = 5}); },
                {"[rmsnorm_fwd]", "w"});
-  expect_error([&] { be.rmsnorm_fwd(ctx, {.y = y, .rstd = rstd, .x = x, .w = w, .rows = 3, .width = 4, .x_stride = 6}); },
-               {"[rmsnorm_fwd]", "x"});
-  expect_error([&] { be.rmsnorm_bwd(ctx, {.dx = x, .dw = w, .dy = y, .x = x, .w = w, .rstd = rstd, .rows = 4, .width = 4}); },
-               {"[rmsnorm_bwd]"});
+  expect_error(
+      [&] { be.rmsnorm_fwd(ctx, {.y = y, .rstd = rstd, .x = x, .w = w, .rows = 3, .width = 4, .x_stride = 6}); },
+      {"[rmsnorm_fwd]", "x"});
+  expect_error(
+      [&] { be.rmsnorm_bwd(ctx, {.dx = x, .dw = w, .dy = y, .x = x, .w = w, .rstd = rstd, .rows = 4, .width = 4}); },
+      {"[rmsnorm_bwd]"});
 }
 
 // ---------------------------------------------------------------- GEMM
@@ -200,8 +237,8 @@ TEST_F(NormGemm, LinearBackwardFromGemmFiniteDifferences) {
     return test::dot(y, proj);
   };
   const std::vector<double> num_dx = test::numerical_grad(x, loss), num_dw = test::numerical_grad(w, loss);
-  be.gemm(ctx, {.c = dx, .a = proj, .b = w});                                   // dX = dY·W
-  be.gemm(ctx, {.c = dw, .a = proj, .b = x, .trans_a = true, .beta = 1.0});     // dW += dYᵀ·X
+  be.gemm(ctx, {.c = dx, .a = proj, .b = w});                                // dX = dY·W
+  be.gemm(ctx, {.c = dw, .a = proj, .b = x, .trans_a = true, .beta = 1.0});  // dW += dYᵀ·X
   std::vector<double> got_dw = test::to_vector(dw);
   for (size_t i = 0; i < got_dw.size(); ++i) got_dw[i] -= dw0[i];
   expect_grad("linear dX via gemm", test::to_vector(dx), num_dx);
@@ -232,7 +269,8 @@ TEST_F(NormGemm, GemmAddendEqualsCopyThenBeta) {
           be.copy(ctx, {.dst = want, .src = r});
           be.gemm(ctx, {.c = want, .a = a, .b = b, .trans_a = ta, .trans_b = tb, .alpha = 0.7, .beta = beta});
           be.fill(ctx, {.out = got, .value = std::nan("")});  // C is only written
-          be.gemm(ctx, {.c = got, .a = a, .b = b, .trans_a = ta, .trans_b = tb, .alpha = 0.7, .beta = beta, .addend = r});
+          be.gemm(ctx,
+                  {.c = got, .a = a, .b = b, .trans_a = ta, .trans_b = tb, .alpha = 0.7, .beta = beta, .addend = r});
           EXPECT_EQ(test::to_vector(got), test::to_vector(want))
               << dtype_name(dt) << " trans_a=" << ta << " trans_b=" << tb << " beta=" << beta;
           EXPECT_EQ(test::to_vector(r), r0) << "the addend is only read";
@@ -361,12 +399,19 @@ TEST_F(NormGemm, GroupedGemmTwoTermsEqualsTwoCalls) {
           for (int64_t i = 0; i < kOffsets[kGroups] * n; ++i) test::set(c, i, std::nan(""));
         test::copy_values(c_two_calls, c);
         const std::vector<double> c0 = test::to_vector(c);
-        be.grouped_gemm(ctx, {.c = c, .a = a, .b = b, .offsets = offsets, .trans_b = tb, .alpha = kAlpha, .beta = beta,
-                              .a2 = a2, .b2 = b2});
-        be.grouped_gemm(ctx, {.c = c_two_calls, .a = a, .b = b, .offsets = offsets, .trans_b = tb, .alpha = kAlpha,
-                              .beta = beta});
-        be.grouped_gemm(ctx, {.c = c_two_calls, .a = a2, .b = b2, .offsets = offsets, .trans_b = tb, .alpha = kAlpha,
-                              .beta = 1.0});
+        be.grouped_gemm(ctx, {.c = c,
+                              .a = a,
+                              .b = b,
+                              .offsets = offsets,
+                              .trans_b = tb,
+                              .alpha = kAlpha,
+                              .beta = beta,
+                              .a2 = a2,
+                              .b2 = b2});
+        be.grouped_gemm(
+            ctx, {.c = c_two_calls, .a = a, .b = b, .offsets = offsets, .trans_b = tb, .alpha = kAlpha, .beta = beta});
+        be.grouped_gemm(
+            ctx, {.c = c_two_calls, .a = a2, .b = b2, .offsets = offsets, .trans_b = tb, .alpha = kAlpha, .beta = 1.0});
         const std::vector<double> got = test::to_vector(c), two = test::to_vector(c_two_calls);
         for (size_t i = 0; i < got.size(); ++i) ASSERT_EQ(got[i], two[i]) << what << ", element " << i;
         std::vector<double> want = c0;
@@ -383,7 +428,9 @@ TEST_F(NormGemm, GroupedGemmTwoTermsEqualsTwoCalls) {
             }
         const auto used = static_cast<size_t>(kOffsets[kGroups] * n);
         EXPECT_LE(test::rel_error(std::vector<double>(got.begin(), got.begin() + used),
-                                  std::vector<double>(want.begin(), want.begin() + used)), tol) << what;
+                                  std::vector<double>(want.begin(), want.begin() + used)),
+                  tol)
+            << what;
         for (size_t i = used; i < got.size(); ++i)  // rows beyond offsets[G]: bitwise untouched
           EXPECT_EQ(got[i], c0[i]) << what << ", tail element " << i;
       }
@@ -413,9 +460,9 @@ TEST_F(NormGemm, GroupedGemmTwoTermsShapeErrors) {
   expect_error([&] { run(a2, b2_fwd); }, {"[grouped_gemm]", "b2 [2, 5, 4]", "must be [2, 4, 5]"});
   // fwd layout (trans_b): B2 [G, n, k2].
   Owned bf({2, 5, 3}, dt);
-  expect_error([&] {
-    be.grouped_gemm(ctx, {.c = c, .a = a, .b = bf, .offsets = off, .trans_b = true, .a2 = a2, .b2 = b2});
-  }, {"[grouped_gemm]", "b2 [2, 4, 5]", "must be [2, 5, 4]", "[G, n, k2]"});
+  expect_error(
+      [&] { be.grouped_gemm(ctx, {.c = c, .a = a, .b = bf, .offsets = off, .trans_b = true, .a2 = a2, .b2 = b2}); },
+      {"[grouped_gemm]", "b2 [2, 4, 5]", "must be [2, 5, 4]", "[G, n, k2]"});
 }
 
 TEST_F(NormGemm, GroupedGemmWgradAgainstPerGroupLoops) {
@@ -435,7 +482,8 @@ TEST_F(NormGemm, GroupedGemmWgradAgainstPerGroupLoops) {
       for (int64_t i = 0; i < m; ++i)
         for (int64_t j = 0; j < n; ++j) {
           double s = 0.0;
-          for (int64_t r = kOffsets[g]; r < kOffsets[g + 1]; ++r) s += test::get(a, r * m + i) * test::get(b, r * n + j);
+          for (int64_t r = kOffsets[g]; r < kOffsets[g + 1]; ++r)
+            s += test::get(a, r * m + i) * test::get(b, r * n + j);
           const auto idx = static_cast<size_t>((g * m + i) * n + j);
           want[idx] = kAlpha * s + kBeta * c0[idx];
         }
@@ -475,9 +523,7 @@ TEST_F(NormGemm, GroupedGemmWgradAddsSumOfSquares) {
 TEST_F(NormGemm, GroupedGemmRejectsBadOffsets) {
   Owned a({6, 3}, DType::kF64), b({2, 5, 3}, DType::kF64), c({6, 5}, DType::kF64), wa({6, 3}, DType::kF64),
       wb({6, 5}, DType::kF64), wc({2, 3, 5}, DType::kF64);
-  const auto run = [&](const Owned& off) {
-    be.grouped_gemm(ctx, {.c = c, .a = a, .b = b, .offsets = off});
-  };
+  const auto run = [&](const Owned& off) { be.grouped_gemm(ctx, {.c = c, .a = a, .b = b, .offsets = off}); };
   const auto run_wgrad = [&](const Owned& off) {
     be.grouped_gemm_wgrad(ctx, {.c = wc, .a = wa, .b = wb, .offsets = off});
   };
@@ -487,8 +533,11 @@ TEST_F(NormGemm, GroupedGemmRejectsBadOffsets) {
   expect_error([&] { run(make_offsets({0, 3})); }, {"[grouped_gemm]", "offsets"});
   expect_error([&] { run_wgrad(make_offsets({0, 5, 4})); }, {"[grouped_gemm_wgrad]", "non-decreasing"});
   Owned bad_c({6, 4}, DType::kF64);
-  expect_error([&] { be.grouped_gemm(ctx, {.c = bad_c, .a = a, .b = b, .offsets = make_offsets({0, 3, 6})}); },
-               {"[grouped_gemm]", "[6, 4]"});
+  expect_error(
+      [&] {
+        be.grouped_gemm(ctx, {.c = bad_c, .a = a, .b = b, .offsets = make_offsets({0, 3, 6})});
+      },
+      {"[grouped_gemm]", "[6, 4]"});
 }
 
 }  // namespace

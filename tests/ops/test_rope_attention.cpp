@@ -42,8 +42,14 @@ void check_grad(const std::string& what, const std::vector<double>& analytic, co
 
 // ================================================================ YaRN tables (docs/derivations.md §5.3)
 RopeParams v3_params(double mscale = 1.0) {
-  return RopeParams{.rope_dim = 64, .theta = 1e4, .max_seq_len = 16384, .original_seq_len = 4096,
-                    .factor = 40.0, .beta_fast = 32.0, .beta_slow = 1.0, .mscale = mscale};
+  return RopeParams{.rope_dim = 64,
+                    .theta = 1e4,
+                    .max_seq_len = 16384,
+                    .original_seq_len = 4096,
+                    .factor = 40.0,
+                    .beta_fast = 32.0,
+                    .beta_slow = 1.0,
+                    .mscale = mscale};
 }
 
 TEST(Yarn, FrequencyRatiosMatchSourcesNumbers) {
@@ -84,8 +90,13 @@ TEST(Yarn, OffWhenMaxSeqLenEqualsOriginal) {
 TEST(Yarn, EqualCorrectionBoundsGetTheSmallShift) {
   // fcd(11) = 8·ln(64/(2π·11))/(2 ln 1e4) ≈ −0.033: low = max(−1, 0) = 0, high = ceil(−0.033) = 0, so
   // high += 0.001 (DeepSeek linear_ramp_factor); without it the ramp is 0/0 at i = 0.
-  const RopeParams p{.rope_dim = 8, .theta = 1e4, .max_seq_len = 128, .original_seq_len = 64, .factor = 4.0,
-                     .beta_fast = 11.0, .beta_slow = 11.0};
+  const RopeParams p{.rope_dim = 8,
+                     .theta = 1e4,
+                     .max_seq_len = 128,
+                     .original_seq_len = 64,
+                     .factor = 4.0,
+                     .beta_fast = 11.0,
+                     .beta_slow = 11.0};
   const std::vector<double> f = rope_frequencies(p);
   EXPECT_NEAR(f[0], 1.0, 1e-15);
   for (int i = 1; i < 4; ++i) EXPECT_NEAR(f[static_cast<size_t>(i)] / std::pow(1e4, -2.0 * i / 8.0), 0.25, 1e-14) << i;
@@ -123,8 +134,16 @@ struct RopeCase {
     }
   }
   RopeArgs args(const Tensor& x, bool inverse = false) const {
-    return RopeArgs{.x = x, .cos = cos, .sin = sin, .n_heads = kHeads, .head_stride = kStride, .col_offset = kOffset,
-                    .rope_dim = kRopeDim, .seq_len = kSeqLen, .pos_offset = kPosOffset, .inverse = inverse};
+    return RopeArgs{.x = x,
+                    .cos = cos,
+                    .sin = sin,
+                    .n_heads = kHeads,
+                    .head_stride = kStride,
+                    .col_offset = kOffset,
+                    .rope_dim = kRopeDim,
+                    .seq_len = kSeqLen,
+                    .pos_offset = kPosOffset,
+                    .inverse = inverse};
   }
   // Column col of the row is a rope column: pair index i (col = h·stride + offset + 2i + r), else −1.
   static int64_t pair_of(int64_t col) {
@@ -201,8 +220,16 @@ TEST(Rope, Errors) {
 constexpr int64_t kN = 7, kH = 3, kNope = 3, kRope = 4, kDv = 5, kKrStride = 10, kKrOffset = 6;
 
 MlaKvSplitFwdArgs split_args(const Tensor& k, const Tensor& v, const Tensor& kv, const Tensor& kr) {
-  return {.k = k, .v = v, .kv = kv, .kr = kr, .n_heads = kH, .d_nope = kNope, .d_rope = kRope, .d_v = kDv,
-          .kr_stride = kKrStride, .kr_offset = kKrOffset};
+  return {.k = k,
+          .v = v,
+          .kv = kv,
+          .kr = kr,
+          .n_heads = kH,
+          .d_nope = kNope,
+          .d_rope = kRope,
+          .d_v = kDv,
+          .kr_stride = kKrStride,
+          .kr_offset = kKrOffset};
 }
 
 TEST(MlaKvSplit, ForwardAssemblesKeysAndValues) {
@@ -238,8 +265,16 @@ TEST(MlaKvSplit, BackwardByFiniteDifferences) {
     cpu().mla_kv_split_fwd({}, split_args(k, v, kv, kr));
     return test::dot(k, gk) + test::dot(v, gv);
   };
-  cpu().mla_kv_split_bwd({}, {.dkv = dkv, .dkr = dkr, .dk = gk, .dv = gv, .n_heads = kH, .d_nope = kNope,
-                              .d_rope = kRope, .d_v = kDv, .kr_stride = kKrStride, .kr_offset = kKrOffset});
+  cpu().mla_kv_split_bwd({}, {.dkv = dkv,
+                              .dkr = dkr,
+                              .dk = gk,
+                              .dv = gv,
+                              .n_heads = kH,
+                              .d_nope = kNope,
+                              .d_rope = kRope,
+                              .d_v = kDv,
+                              .kr_stride = kKrStride,
+                              .kr_offset = kKrOffset});
   check_grad("mla_kv_split dkv", test::to_vector(dkv), test::numerical_grad(kv, loss));
   const std::vector<double> num_kr = test::numerical_grad(kr, loss);
   std::vector<double> ana_rope, num_rope;
@@ -282,8 +317,15 @@ TEST(MlaKvSplit, Bf16DtypeRules) {
     expect_error([&] { validate_mla_kv_split_fwd(split_args(on(k16), on(v16), on(kv), on(kr64)), dev); },
                  {"[mla_kv_split_fwd] k", "expected dtype f64, got bf16"});
     const auto bwd = [&](const Tensor& dkv, const Tensor& dkr, const Tensor& dk, const Tensor& dv) {
-      return MlaKvSplitBwdArgs{.dkv = on(dkv), .dkr = on(dkr), .dk = on(dk), .dv = on(dv), .n_heads = kH,
-                               .d_nope = kNope, .d_rope = kRope, .d_v = kDv, .kr_stride = kKrStride,
+      return MlaKvSplitBwdArgs{.dkv = on(dkv),
+                               .dkr = on(dkr),
+                               .dk = on(dk),
+                               .dv = on(dv),
+                               .n_heads = kH,
+                               .d_nope = kNope,
+                               .d_rope = kRope,
+                               .d_v = kDv,
+                               .kr_stride = kKrStride,
                                .kr_offset = kKrOffset};
     };
     EXPECT_NO_THROW(validate_mla_kv_split_bwd(bwd(kv16, kr, k16, v16), dev));
@@ -294,20 +336,20 @@ TEST(MlaKvSplit, Bf16DtypeRules) {
 }
 
 // ================================================================ differential λ (§1.2, §1.4)
-constexpr int64_t kDqk = kNope + kRope;  // 7
+constexpr int64_t kDqk = kNope + kRope;                       // 7
 const double kLambdaInit = 0.8 - 0.6 * std::exp(-0.3 * 1.0);  // layer 1
 
 struct LambdaVecs {
   Owned q1, k1, q2, k2;
-  explicit LambdaVecs(DType dt, uint64_t seed)
-      : q1({kDqk}, dt), k1({kDqk}, dt), q2({kDqk}, dt), k2({kDqk}, dt) {
+  explicit LambdaVecs(DType dt, uint64_t seed) : q1({kDqk}, dt), k1({kDqk}, dt), q2({kDqk}, dt), k2({kDqk}, dt) {
     test::fill_normal(q1, seed, 0.4);
     test::fill_normal(k1, seed + 1, 0.4);
     test::fill_normal(q2, seed + 2, 0.4);
     test::fill_normal(k2, seed + 3, 0.4);
   }
   void forward(const Tensor& lambda) const {
-    cpu().diff_lambda_fwd({}, {.lambda = lambda, .lq1 = q1, .lk1 = k1, .lq2 = q2, .lk2 = k2, .lambda_init = kLambdaInit});
+    cpu().diff_lambda_fwd({},
+                          {.lambda = lambda, .lq1 = q1, .lk1 = k1, .lq2 = q2, .lk2 = k2, .lambda_init = kLambdaInit});
   }
 };
 
@@ -325,8 +367,15 @@ TEST(DiffLambda, ForwardValueAndBackwardByFiniteDifferences) {
   // Weight gradients accumulate: start from random values and compare the increments.
   const LambdaVecs grads(DType::kF64, 41), before(DType::kF64, 41);
   dlambda.at<double>(0) = 1.3;
-  cpu().diff_lambda_bwd({}, {.dlq1 = grads.q1, .dlk1 = grads.k1, .dlq2 = grads.q2, .dlk2 = grads.k2,
-                             .dlambda = dlambda, .lq1 = lv.q1, .lk1 = lv.k1, .lq2 = lv.q2, .lk2 = lv.k2});
+  cpu().diff_lambda_bwd({}, {.dlq1 = grads.q1,
+                             .dlk1 = grads.k1,
+                             .dlq2 = grads.q2,
+                             .dlk2 = grads.k2,
+                             .dlambda = dlambda,
+                             .lq1 = lv.q1,
+                             .lk1 = lv.k1,
+                             .lq2 = lv.q2,
+                             .lk2 = lv.k2});
   auto loss = [&] {  // L = 1.3·λ
     lv.forward(lambda);
     return 1.3 * lambda.at<double>(0);
@@ -341,8 +390,11 @@ TEST(DiffLambda, ForwardValueAndBackwardByFiniteDifferences) {
     check_grad(names[w], inc, test::numerical_grad(*vecs[w], loss));
   }
   Owned short_vec({kDqk - 1}, DType::kF64);
-  expect_error([&] { cpu().diff_lambda_fwd({}, {.lambda = lambda, .lq1 = lv.q1, .lk1 = short_vec, .lq2 = lv.q2, .lk2 = lv.k2}); },
-               {"[diff_lambda_fwd] lk1"});
+  expect_error(
+      [&] {
+        cpu().diff_lambda_fwd({}, {.lambda = lambda, .lq1 = lv.q1, .lk1 = short_vec, .lq2 = lv.q2, .lk2 = lv.k2});
+      },
+      {"[diff_lambda_fwd] lk1"});
 }
 
 // ================================================================ causal attention (§1.3-1.4, §3.2)
@@ -359,11 +411,17 @@ struct AttnData {
   Owned q, k, v, out, o2, lse, lambda, dout;
   LambdaVecs lv;
   AttnData(const AttnCase& c_, DType dt_, uint64_t seed)
-      : c(c_), dt(dt_),
-        q({c.batch, c.seq, c.heads, c.d_qk}, dt), k({c.batch, c.seq, c.heads, c.d_qk}, dt),
-        v({c.batch, c.seq, c.heads, c.d_v}, dt), out({c.batch, c.seq, c.heads, c.d_v}, dt),
-        o2({c.batch, c.seq, c.heads, c.d_v}, dt), lse({c.batch, c.heads, c.seq}, dt), lambda({1}, dt),
-        dout({c.batch, c.seq, c.heads, c.d_v}, dt), lv(dt, seed + 10) {
+      : c(c_),
+        dt(dt_),
+        q({c.batch, c.seq, c.heads, c.d_qk}, dt),
+        k({c.batch, c.seq, c.heads, c.d_qk}, dt),
+        v({c.batch, c.seq, c.heads, c.d_v}, dt),
+        out({c.batch, c.seq, c.heads, c.d_v}, dt),
+        o2({c.batch, c.seq, c.heads, c.d_v}, dt),
+        lse({c.batch, c.heads, c.seq}, dt),
+        lambda({1}, dt),
+        dout({c.batch, c.seq, c.heads, c.d_v}, dt),
+        lv(dt, seed + 10) {
     test::fill_normal(q, seed);
     test::fill_normal(k, seed + 1);
     test::fill_normal(v, seed + 2);
@@ -373,7 +431,14 @@ struct AttnData {
   Tensor o2_arg() const { return c.differential ? o2.t() : Tensor{}; }  // unused (empty) when plain
   Tensor lambda_arg() const { return c.differential ? lambda.t() : Tensor{}; }
   AttentionFwdArgs fwd_args() const {
-    return {.out = out, .o2 = o2_arg(), .lse = lse, .q = q, .k = k, .v = v, .lambda = lambda_arg(), .scale = c.scale,
+    return {.out = out,
+            .o2 = o2_arg(),
+            .lse = lse,
+            .q = q,
+            .k = k,
+            .v = v,
+            .lambda = lambda_arg(),
+            .scale = c.scale,
             .differential = c.differential};
   }
   void forward() const { cpu().attention_fwd({}, fwd_args()); }
@@ -388,9 +453,15 @@ struct Reference {
 Reference reference_attention(const AttnData& d) {
   const AttnCase& c = d.c;
   const int64_t T = c.seq, H = c.heads;
-  auto q = [&](int64_t b, int64_t t, int64_t h, int64_t i) { return test::get(d.q, ((b * T + t) * H + h) * c.d_qk + i); };
-  auto k = [&](int64_t b, int64_t t, int64_t h, int64_t i) { return test::get(d.k, ((b * T + t) * H + h) * c.d_qk + i); };
-  auto v = [&](int64_t b, int64_t t, int64_t h, int64_t i) { return test::get(d.v, ((b * T + t) * H + h) * c.d_v + i); };
+  auto q = [&](int64_t b, int64_t t, int64_t h, int64_t i) {
+    return test::get(d.q, ((b * T + t) * H + h) * c.d_qk + i);
+  };
+  auto k = [&](int64_t b, int64_t t, int64_t h, int64_t i) {
+    return test::get(d.k, ((b * T + t) * H + h) * c.d_qk + i);
+  };
+  auto v = [&](int64_t b, int64_t t, int64_t h, int64_t i) {
+    return test::get(d.v, ((b * T + t) * H + h) * c.d_v + i);
+  };
   const double lambda = c.differential ? test::get(d.lambda, 0) : 0.0;
   Reference r;
   r.out.assign(static_cast<size_t>(d.out.numel()), 0.0);
@@ -512,9 +583,20 @@ TEST(Attention, BackwardByFiniteDifferences) {
     test::fill_normal(dk, 63);
     test::fill_normal(dv, 64);
     d.forward();
-    cpu().attention_bwd({}, {.dq = dq, .dk = dk, .dv = dv, .dlambda = c.differential ? dlambda.t() : Tensor{},
-                             .dout = dout, .q = d.q, .k = d.k, .v = d.v, .out = d.out, .o2 = d.o2_arg(), .lse = d.lse,
-                             .lambda = d.lambda_arg(), .scale = c.scale, .differential = c.differential});
+    cpu().attention_bwd({}, {.dq = dq,
+                             .dk = dk,
+                             .dv = dv,
+                             .dlambda = c.differential ? dlambda.t() : Tensor{},
+                             .dout = dout,
+                             .q = d.q,
+                             .k = d.k,
+                             .v = d.v,
+                             .out = d.out,
+                             .o2 = d.o2_arg(),
+                             .lse = d.lse,
+                             .lambda = d.lambda_arg(),
+                             .scale = c.scale,
+                             .differential = c.differential});
     // L = ⟨out, dout⟩ with λ = diff_lambda(λ vectors), so the chain reaches the λ vectors.
     auto loss = [&] {
       if (c.differential) d.lv.forward(d.lambda);
@@ -534,8 +616,15 @@ TEST(Attention, BackwardByFiniteDifferences) {
     const LambdaVecs g(DType::kF64, 0);
     for (const Owned* t : {&g.q1, &g.k1, &g.q2, &g.k2})
       for (int64_t i = 0; i < t->numel(); ++i) t->at<double>(i) = 0.0;
-    cpu().diff_lambda_bwd({}, {.dlq1 = g.q1, .dlk1 = g.k1, .dlq2 = g.q2, .dlk2 = g.k2, .dlambda = dlambda,
-                               .lq1 = d.lv.q1, .lk1 = d.lv.k1, .lq2 = d.lv.q2, .lk2 = d.lv.k2});
+    cpu().diff_lambda_bwd({}, {.dlq1 = g.q1,
+                               .dlk1 = g.k1,
+                               .dlq2 = g.q2,
+                               .dlk2 = g.k2,
+                               .dlambda = dlambda,
+                               .lq1 = d.lv.q1,
+                               .lk1 = d.lv.k1,
+                               .lq2 = d.lv.q2,
+                               .lk2 = d.lv.k2});
     check_grad("diff attention -> dlq1", test::to_vector(g.q1), test::numerical_grad(d.lv.q1, loss));
     check_grad("diff attention -> dlk1", test::to_vector(g.k1), test::numerical_grad(d.lv.k1, loss));
     check_grad("diff attention -> dlq2", test::to_vector(g.q2), test::numerical_grad(d.lv.q2, loss));
@@ -545,17 +634,31 @@ TEST(Attention, BackwardByFiniteDifferences) {
 
 TEST(Attention, Errors) {
   // Odd component heads cannot be paired.
-  const AttnData odd({.batch = 2, .seq = 5, .heads = 3, .d_qk = kDqk, .d_v = kDv, .differential = true},
-                     DType::kF64, 71);
+  const AttnData odd({.batch = 2, .seq = 5, .heads = 3, .d_qk = kDqk, .d_v = kDv, .differential = true}, DType::kF64,
+                     71);
   expect_error([&] { odd.forward(); }, {"[attention_fwd] differential attention pairs"});
-  expect_error([&] {
-    cpu().attention_bwd({}, {.dq = odd.q, .dk = odd.k, .dv = odd.v, .dlambda = odd.lambda, .dout = odd.dout,
-                             .q = odd.q, .k = odd.k, .v = odd.v, .out = odd.out, .o2 = odd.o2, .lse = odd.lse,
-                             .lambda = odd.lambda, .scale = 0.5, .differential = true});
-  }, {"[attention_bwd] differential attention pairs"});
+  expect_error(
+      [&] {
+        cpu().attention_bwd({}, {.dq = odd.q,
+                                 .dk = odd.k,
+                                 .dv = odd.v,
+                                 .dlambda = odd.lambda,
+                                 .dout = odd.dout,
+                                 .q = odd.q,
+                                 .k = odd.k,
+                                 .v = odd.v,
+                                 .out = odd.out,
+                                 .o2 = odd.o2,
+                                 .lse = odd.lse,
+                                 .lambda = odd.lambda,
+                                 .scale = 0.5,
+                                 .differential = true});
+      },
+      {"[attention_bwd] differential attention pairs"});
 
   const AttnData d(kDiffCase, DType::kF64, 72);
-  Owned k_short({2, 4, 4, kDqk}, DType::kF64), lse_bad({2, 5, 4}, DType::kF64), out_bad({2, 5, 4, kDv + 1}, DType::kF64);
+  Owned k_short({2, 4, 4, kDqk}, DType::kF64), lse_bad({2, 5, 4}, DType::kF64),
+      out_bad({2, 5, 4, kDv + 1}, DType::kF64);
   Owned v_f32({2, 5, 4, kDv}, DType::kF32);
   AttentionFwdArgs a = d.fwd_args();
   a.k = k_short;
@@ -586,8 +689,14 @@ TEST(Attention, Bf16DtypeRules) {
   Owned dq(qs, DType::kF32), dk(qs, DType::kF32), dv(vs, DType::kF32), dlambda({1}, DType::kF32);
   for (const Device dev : {Device::kCPU, Device::kCUDA}) {
     const auto on = [&](const Tensor& t) { return dev == Device::kCPU ? t : as_cuda(t); };
-    AttentionFwdArgs g{.out = on(d.out), .o2 = on(d.o2), .lse = on(d.lse), .q = on(q16), .k = on(k16), .v = on(v16),
-                       .lambda = on(d.lambda), .scale = 0.5};
+    AttentionFwdArgs g{.out = on(d.out),
+                       .o2 = on(d.o2),
+                       .lse = on(d.lse),
+                       .q = on(q16),
+                       .k = on(k16),
+                       .v = on(v16),
+                       .lambda = on(d.lambda),
+                       .scale = 0.5};
     EXPECT_NO_THROW(validate_attention_fwd(g, dev));
     g.k = on(d.k);
     expect_error([&] { validate_attention_fwd(g, dev); },
@@ -599,13 +708,29 @@ TEST(Attention, Bf16DtypeRules) {
     g.q = on(d.q);
     expect_error([&] { validate_attention_fwd(g, dev); },
                  {"[attention_fwd] k: q, k, v must have one dtype, got q f32 and k bf16"});
-    const AttentionFwdArgs g64{.out = on(d64.out), .o2 = on(d64.o2), .lse = on(d64.lse), .q = on(q16), .k = on(k16),
-                               .v = on(v16), .lambda = on(d64.lambda), .scale = 0.5};
+    const AttentionFwdArgs g64{.out = on(d64.out),
+                               .o2 = on(d64.o2),
+                               .lse = on(d64.lse),
+                               .q = on(q16),
+                               .k = on(k16),
+                               .v = on(v16),
+                               .lambda = on(d64.lambda),
+                               .scale = 0.5};
     expect_error([&] { validate_attention_fwd(g64, dev); }, {"[attention_fwd] q is bf16", "with f32 outputs", "f64"});
 
-    AttentionBwdArgs gb{.dq = on(dq), .dk = on(dk), .dv = on(dv), .dlambda = on(dlambda), .dout = on(d.dout),
-                        .q = on(q16), .k = on(k16), .v = on(v16), .out = on(d.out), .o2 = on(d.o2), .lse = on(d.lse),
-                        .lambda = on(d.lambda), .scale = 0.5};
+    AttentionBwdArgs gb{.dq = on(dq),
+                        .dk = on(dk),
+                        .dv = on(dv),
+                        .dlambda = on(dlambda),
+                        .dout = on(d.dout),
+                        .q = on(q16),
+                        .k = on(k16),
+                        .v = on(v16),
+                        .out = on(d.out),
+                        .o2 = on(d.o2),
+                        .lse = on(d.lse),
+                        .lambda = on(d.lambda),
+                        .scale = 0.5};
     EXPECT_NO_THROW(validate_attention_bwd(gb, dev));
     gb.dq = on(q16);  // with bf16 q, dq may be bf16 too (W_q's GEMM operand in the bf16 GEMM mode)
     EXPECT_NO_THROW(validate_attention_bwd(gb, dev));

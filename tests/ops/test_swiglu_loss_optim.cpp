@@ -86,8 +86,8 @@ TEST_F(SwigluLossOptim, CrossEntropyBackwardFiniteDifferences) {
   const std::vector<double> numeric = test::numerical_grad(logits, loss);
   loss();
   test::fill_normal(dlogits, 512);  // overwritten, ignored rows included
-  be.cross_entropy_bwd(ctx, {.dlogits = dlogits, .logits = logits, .targets = targets, .valid = valid,
-                             .grad_scale = kGradScale});
+  be.cross_entropy_bwd(
+      ctx, {.dlogits = dlogits, .logits = logits, .targets = targets, .valid = valid, .grad_scale = kGradScale});
   expect_grad("cross_entropy dlogits", test::to_vector(dlogits), numeric);
   for (int64_t j = 0; j < kVocab; ++j) {
     EXPECT_EQ(dlogits.at<double>(2 * kVocab + j), 0.0);
@@ -96,8 +96,8 @@ TEST_F(SwigluLossOptim, CrossEntropyBackwardFiniteDifferences) {
   // An i32 valid count gives the same gradient.
   const std::vector<double> with_f64 = test::to_vector(dlogits);
   valid_i32.at<int32_t>(0) = 5;
-  be.cross_entropy_bwd(ctx, {.dlogits = dlogits, .logits = logits, .targets = targets, .valid = valid_i32,
-                             .grad_scale = kGradScale});
+  be.cross_entropy_bwd(
+      ctx, {.dlogits = dlogits, .logits = logits, .targets = targets, .valid = valid_i32, .grad_scale = kGradScale});
   EXPECT_EQ(test::to_vector(dlogits), with_f64);
 }
 
@@ -106,14 +106,17 @@ TEST_F(SwigluLossOptim, CrossEntropyErrors) {
       dlogits({4, 6}, DType::kF32);
   test::fill_int(targets, 521, 0, 5);
   targets.at<int32_t>(2) = 5;
-  expect_error([&] { be.cross_entropy_fwd(ctx, {.loss_sum = loss_sum, .valid = valid, .logits = logits, .targets = targets}); },
-               {"[cross_entropy_fwd]", "targets[2] = 5"});
+  expect_error(
+      [&] { be.cross_entropy_fwd(ctx, {.loss_sum = loss_sum, .valid = valid, .logits = logits, .targets = targets}); },
+      {"[cross_entropy_fwd]", "targets[2] = 5"});
   targets.at<int32_t>(2) = -3;
-  expect_error([&] { be.cross_entropy_bwd(ctx, {.dlogits = logits, .logits = logits, .targets = targets, .valid = valid}); },
-               {"[cross_entropy_bwd]", "targets[2] = -3"});
+  expect_error(
+      [&] { be.cross_entropy_bwd(ctx, {.dlogits = logits, .logits = logits, .targets = targets, .valid = valid}); },
+      {"[cross_entropy_bwd]", "targets[2] = -3"});
   targets.at<int32_t>(2) = 1;
-  expect_error([&] { be.cross_entropy_bwd(ctx, {.dlogits = dlogits, .logits = logits, .targets = targets, .valid = valid}); },
-               {"[cross_entropy_bwd]", "dlogits"});
+  expect_error(
+      [&] { be.cross_entropy_bwd(ctx, {.dlogits = dlogits, .logits = logits, .targets = targets, .valid = valid}); },
+      {"[cross_entropy_bwd]", "dlogits"});
 }
 
 // ---------------------------------------------------------------- AdamW
@@ -147,8 +150,17 @@ void run_adamw_two_steps(Backend& be, DType dt, const AdamWCase& c, double tol, 
     const std::vector<double> gv = test::to_vector(g);
     be.fill({}, {.out = gsq, .value = 0.0});
     be.sum_squares({}, {.out = gsq, .x = g});
-    be.adamw({}, {.param = p, .m = m, .v = v, .grad = g, .grad_sq = gsq, .lr = c.lr, .beta1 = c.beta1,
-                  .beta2 = c.beta2, .eps = c.eps, .weight_decay = c.weight_decay, .max_norm = c.max_norm,
+    be.adamw({}, {.param = p,
+                  .m = m,
+                  .v = v,
+                  .grad = g,
+                  .grad_sq = gsq,
+                  .lr = c.lr,
+                  .beta1 = c.beta1,
+                  .beta2 = c.beta2,
+                  .eps = c.eps,
+                  .weight_decay = c.weight_decay,
+                  .max_norm = c.max_norm,
                   .step = step});
     adamw_reference(rp, rm, rv, gv, c, step);
   }
@@ -198,7 +210,14 @@ TEST_F(SwigluLossOptim, AdamWWritesTheBf16Copy) {
     for (Owned* t : {&p, &p2}) test::fill_normal(*t, 801);
     test::fill_normal(g, 802);
     be.sum_squares(ctx, {.out = gsq, .x = g});
-    be.adamw(ctx, {.param = p, .m = m, .v = v, .grad = g, .grad_sq = gsq, .lr = 0.05, .max_norm = 1.0, .step = 1,
+    be.adamw(ctx, {.param = p,
+                   .m = m,
+                   .v = v,
+                   .grad = g,
+                   .grad_sq = gsq,
+                   .lr = 0.05,
+                   .max_norm = 1.0,
+                   .step = 1,
                    .param_bf16 = copy});
     be.adamw(ctx, {.param = p2, .m = m2, .v = v2, .grad = g, .grad_sq = gsq, .lr = 0.05, .max_norm = 1.0, .step = 1});
     const std::vector<double> got = test::to_vector(p), plain = test::to_vector(p2);
@@ -219,8 +238,9 @@ TEST_F(SwigluLossOptim, AdamWErrors) {
   Owned copy32({3, 5}, DType::kF32), copy_shape({5, 3}, DType::kBF16);
   expect_error([&] { be.adamw(ctx, {.param = p, .m = v, .v = v, .grad = g, .grad_sq = gsq, .param_bf16 = copy32}); },
                {"[adamw]", "param_bf16"});
-  expect_error([&] { be.adamw(ctx, {.param = p, .m = v, .v = v, .grad = g, .grad_sq = gsq, .param_bf16 = copy_shape}); },
-               {"[adamw]", "param_bf16"});
+  expect_error(
+      [&] { be.adamw(ctx, {.param = p, .m = v, .v = v, .grad = g, .grad_sq = gsq, .param_bf16 = copy_shape}); },
+      {"[adamw]", "param_bf16"});
 }
 
 }  // namespace

@@ -243,12 +243,14 @@ TEST_F(HttpTest, TokenizerEndpointsForLmEvalRemoteTokenizer) {
 // Tokens that are part of a character are written "bytes:\xNN" (OpenAI's form), so two of them never
 // collapse into one U+FFFD key of a top_logprobs object: every object keeps its k entries.
 TEST_F(HttpTest, ByteTokensKeepDistinctLogprobKeys) {
-  const test::HttpResult r = post("/v1/completions", R"({"prompt": "Zürich 日本 東京 smörgåsbord", "max_tokens": 8, "echo": true,
+  const test::HttpResult r =
+      post("/v1/completions", R"({"prompt": "Zürich 日本 東京 smörgåsbord", "max_tokens": 8, "echo": true,
                                                         "logprobs": 5, "temperature": 0, "ignore_eos": true})");
   ASSERT_EQ(r.status, 200) << r.body;
   const json lp = json::parse(r.body)["choices"][0]["logprobs"];
   bool saw_bytes = false;
-  for (size_t i = 1; i < lp["top_logprobs"].size(); ++i) EXPECT_EQ(lp["top_logprobs"][i].size(), 5u) << "position " << i;
+  for (size_t i = 1; i < lp["top_logprobs"].size(); ++i)
+    EXPECT_EQ(lp["top_logprobs"][i].size(), 5u) << "position " << i;
   for (const json& t : lp["tokens"]) saw_bytes |= t.get<std::string>().starts_with("bytes:\\x");
   for (size_t i = 1; i < lp["top_logprobs"].size(); ++i)
     for (const auto& [key, v] : lp["top_logprobs"][i].items()) saw_bytes |= key.starts_with("bytes:\\x");

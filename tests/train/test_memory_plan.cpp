@@ -30,7 +30,8 @@ class LocalExchange final : public ExpertExchange {
   LocalExchange(int size, int rank) : size_(size), rank_(rank) {}
   int size() const override { return size_; }
   int rank() const override { return rank_; }
-  std::unique_ptr<Pending> all_to_all(Context, const Tensor&, const Tensor&, const RowBlocks&, const RowBlocks&) override {
+  std::unique_ptr<Pending> all_to_all(Context, const Tensor&, const Tensor&, const RowBlocks&,
+                                      const RowBlocks&) override {
     throw std::logic_error("not used");
   }
 
@@ -72,12 +73,13 @@ void check_rank(const ModelConfig& cfg, Precision prec, const Layout& lay, int64
   const RankMemory p = plan_rank(cfg, run, rank);
   EXPECT_EQ(item(p, "compute_weights"), m.params().bytes());
   EXPECT_EQ(item(p, "gradients"), grads);
-  EXPECT_EQ(item(p, "optimizer_masters") + item(p, "optimizer_moments") + item(p, "reduced_gradients"), opt.state_bytes());
+  EXPECT_EQ(item(p, "optimizer_masters") + item(p, "optimizer_moments") + item(p, "reduced_gradients"),
+            opt.state_bytes());
   EXPECT_EQ(item(p, "activations"), m.acts().bytes());
   EXPECT_EQ(item(p, "ep_buffers"), m.expert_buffer_bytes());
   EXPECT_EQ(item(p, "token_buffers"), tb.dev.bytes());
-  EXPECT_EQ(p.exact_bytes(),
-            m.params().bytes() + grads + opt.state_bytes() + m.acts().bytes() + m.expert_buffer_bytes() + tb.dev.bytes());
+  EXPECT_EQ(p.exact_bytes(), m.params().bytes() + grads + opt.state_bytes() + m.acts().bytes() +
+                                 m.expert_buffer_bytes() + tb.dev.bytes());
   // Masters exist exactly for the groups whose compute weights are bf16.
   bool any_masters = false;
   for (size_t g = 0; g < m.layout().groups().size(); ++g) any_masters = any_masters || opt.separate_masters(g);
@@ -107,7 +109,8 @@ TEST(MemoryPlan, EqualsTheAllocatedArenasTinyPreset) {
     for (const Layout& lay : std::vector<Layout>{{1, 1, 0}, {8, 4, 1 << 16}})
       for (const std::string moments : {"f32", "bf16"}) check_rank(cfg, prec, lay, lay.world - 1, 2, 32, moments);
   // fp8 (no expert parallelism): the FP8 weight copies and scratch are activations, planned alike.
-  for (const Layout& lay : std::vector<Layout>{{1, 1, 0}, {8, 1, 1 << 16}}) check_rank(cfg, Precision::kFP8, lay, lay.world - 1, 2, 32);
+  for (const Layout& lay : std::vector<Layout>{{1, 1, 0}, {8, 1, 1 << 16}})
+    check_rank(cfg, Precision::kFP8, lay, lay.world - 1, 2, 32);
 }
 
 // Independent of the planning code: the bytes follow from the parameter counts, up to the

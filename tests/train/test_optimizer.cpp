@@ -7,8 +7,8 @@
 #include <filesystem>
 
 #include "backend/cpu/cpu_backend.h"
-#include "model/micro_config.h"
 #include "io/safetensors.h"
+#include "model/micro_config.h"
 #include "train/optimizer.h"
 #include "train/sharded_state.h"
 
@@ -46,7 +46,8 @@ TEST(AdamW, DecayOnlyOnMatricesAndGlobalClip) {
   }
   // Decay classes (docs/training.md): never norms, λ vectors, biases or embeddings.
   for (const ParamSpec& p : m.specs()) {
-    if (p.kind == ParamKind::kNorm || p.kind == ParamKind::kLambda || p.kind == ParamKind::kBias || p.kind == ParamKind::kEmbedding) {
+    if (p.kind == ParamKind::kNorm || p.kind == ParamKind::kLambda || p.kind == ParamKind::kBias ||
+        p.kind == ParamKind::kEmbedding) {
       EXPECT_FALSE(p.decayed()) << p.name;
     }
   }
@@ -137,8 +138,8 @@ TEST(AdamW, BiasUpdateFollowsTheCountsAndStateRoundTrips) {
   opt.step({}, 1e-3);
   const Tensor b = m.params().get(fmt::format("layers.{}.ffn.gate.bias", l));
   const float rate = static_cast<float>(m.config().bias_update_rate);
-  EXPECT_FLOAT_EQ(b.ptr<float>()[0], rate);    // under-loaded: up
-  EXPECT_FLOAT_EQ(b.ptr<float>()[7], -rate);   // over-loaded: down
+  EXPECT_FLOAT_EQ(b.ptr<float>()[0], rate);   // under-loaded: up
+  EXPECT_FLOAT_EQ(b.ptr<float>()[7], -rate);  // over-loaded: down
   // The state round trip through a checkpoint shard: masters, moments and buffers, bitwise.
   const auto dir = std::filesystem::temp_directory_path() / "diffmoe_opt_state";
   std::filesystem::remove_all(dir);

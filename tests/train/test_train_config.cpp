@@ -29,8 +29,8 @@ std::string error_of(nlohmann::ordered_json d) {
 
 TEST(RunConfig, DefaultsAreResolvedAndRecorded) {
   const RunConfig rc = run_config_from_json(doc(), "run.yaml");
-  EXPECT_EQ(rc.train.seq_len, 32);             // = model.max_seq_len
-  EXPECT_DOUBLE_EQ(rc.optim.min_lr, 0.001);     // = lr / 10
+  EXPECT_EQ(rc.train.seq_len, 32);           // = model.max_seq_len
+  EXPECT_DOUBLE_EQ(rc.optim.min_lr, 0.001);  // = lr / 10
   EXPECT_EQ(rc.checkpoint.dir, "runs/default/checkpoints");
   EXPECT_EQ(rc.tokenizer.vocab_size, 64);
   EXPECT_EQ(rc.resolved["optim"]["beta2"], 0.95);
@@ -53,7 +53,8 @@ TEST(RunConfig, ErrorsNameFileAndDottedKey) {
   EXPECT_NE(error_of(d).find("train.micro_batch: expected an integer"), std::string::npos) << error_of(d);
   d = doc();
   d["train"]["seq_len"] = 64;
-  EXPECT_NE(error_of(d).find("train.seq_len: must be in [1, model.max_seq_len = 32]"), std::string::npos) << error_of(d);
+  EXPECT_NE(error_of(d).find("train.seq_len: must be in [1, model.max_seq_len = 32]"), std::string::npos)
+      << error_of(d);
   d = doc();
   d["optim"]["min_lr"] = 1.0;
   EXPECT_NE(error_of(d).find("optim.min_lr"), std::string::npos) << error_of(d);
@@ -65,7 +66,8 @@ TEST(RunConfig, ErrorsNameFileAndDottedKey) {
   EXPECT_NE(error_of(d).find("run.yaml: extras: unknown top-level section"), std::string::npos) << error_of(d);
   d = doc();
   d["train"]["recompute"] = "experts";
-  EXPECT_NE(error_of(d).find("run.yaml: train.recompute: expected none, attention, moe or full, got 'experts'"), std::string::npos)
+  EXPECT_NE(error_of(d).find("run.yaml: train.recompute: expected none, attention, moe or full, got 'experts'"),
+            std::string::npos)
       << error_of(d);
   d = doc();
   d["train"]["recompute"] = "full";
@@ -86,13 +88,15 @@ TEST(RunConfig, ErrorsNameFileAndDottedKey) {
 TEST(RunConfig, HugeIntegralFloatIsNotAnInteger) {
   auto d = doc();
   d["train"]["max_steps"] = 1e30;
-  EXPECT_NE(error_of(d).find("run.yaml: train.max_steps: expected an integer, got 1e+30"), std::string::npos) << error_of(d);
+  EXPECT_NE(error_of(d).find("run.yaml: train.max_steps: expected an integer, got 1e+30"), std::string::npos)
+      << error_of(d);
   d = doc();
   d["train"]["seed"] = 1e30;  // unsigned
   EXPECT_NE(error_of(d).find("run.yaml: train.seed: expected an integer, got 1e+30"), std::string::npos) << error_of(d);
   d = doc();
   d["train"]["seed"] = -1e30;
-  EXPECT_NE(error_of(d).find("run.yaml: train.seed: expected an integer, got -1e+30"), std::string::npos) << error_of(d);
+  EXPECT_NE(error_of(d).find("run.yaml: train.seed: expected an integer, got -1e+30"), std::string::npos)
+      << error_of(d);
   d = doc();
   d["train"]["seed"] = -3.0;  // integral and in int64, but negative for an unsigned key
   EXPECT_NE(error_of(d).find("run.yaml: train.seed: must be >= 0"), std::string::npos) << error_of(d);
@@ -132,12 +136,14 @@ TEST(RunConfig, PrecisionTakesFp8ButNotWithExpertParallelism) {
     EXPECT_EQ(run_config_from_json(d, "run.yaml").train.precision, p);
   }
   d["train"]["precision"] = "fp16";
-  EXPECT_NE(error_of(d).find("run.yaml: train.precision: expected f32, bf16_gemm or fp8, got 'fp16'"), std::string::npos)
+  EXPECT_NE(error_of(d).find("run.yaml: train.precision: expected f32, bf16_gemm or fp8, got 'fp16'"),
+            std::string::npos)
       << error_of(d);
   d["train"]["precision"] = "fp8";
   d["parallel"]["expert"] = 2;
-  EXPECT_NE(error_of(d).find("run.yaml: train.precision: fp8 is not available with expert parallelism (parallel.expert = 2)"),
-            std::string::npos)
+  EXPECT_NE(
+      error_of(d).find("run.yaml: train.precision: fp8 is not available with expert parallelism (parallel.expert = 2)"),
+      std::string::npos)
       << error_of(d);
   d["train"]["precision"] = "bf16_gemm";
   EXPECT_EQ(error_of(d), "");
@@ -148,7 +154,8 @@ TEST(RunConfig, TokenizerVocabSizeToTrainHasAMinimum) {
   auto d = doc();
   d["tokenizer"]["train_inputs"] = "corpus.txt";
   d["tokenizer"]["vocab_size"] = 256;
-  EXPECT_NE(error_of(d).find("run.yaml: tokenizer.vocab_size: must be at least 257 (256 byte tokens + <|endoftext|>), got 256"),
+  EXPECT_NE(error_of(d).find(
+                "run.yaml: tokenizer.vocab_size: must be at least 257 (256 byte tokens + <|endoftext|>), got 256"),
             std::string::npos)
       << error_of(d);
   d.erase("tokenizer");
@@ -162,14 +169,15 @@ TEST(RunConfig, TokenizerVocabSizeToTrainHasAMinimum) {
 }
 
 TEST(LrSchedule, WarmupThenCosineToMin) {
-  EXPECT_DOUBLE_EQ(learning_rate(0, 10, 100, 1.0, 0.1), 0.1);   // (0+1)/10
+  EXPECT_DOUBLE_EQ(learning_rate(0, 10, 100, 1.0, 0.1), 0.1);  // (0+1)/10
   EXPECT_DOUBLE_EQ(learning_rate(9, 10, 100, 1.0, 0.1), 1.0);
-  EXPECT_DOUBLE_EQ(learning_rate(10, 10, 100, 1.0, 0.1), 1.0);  // cosine starts at lr
+  EXPECT_DOUBLE_EQ(learning_rate(10, 10, 100, 1.0, 0.1), 1.0);     // cosine starts at lr
   EXPECT_NEAR(learning_rate(55, 10, 100, 1.0, 0.1), 0.55, 1e-12);  // halfway: (lr + min)/2
   EXPECT_NEAR(learning_rate(100, 10, 100, 1.0, 0.1), 0.1, 1e-12);
   EXPECT_NEAR(learning_rate(500, 10, 100, 1.0, 0.1), 0.1, 1e-12);  // clamped after max_steps
-  EXPECT_DOUBLE_EQ(learning_rate(0, 0, 100, 1.0, 0.0), 1.0);        // no warmup
-  for (int64_t s = 10; s < 100; ++s) EXPECT_GE(learning_rate(s, 10, 100, 1.0, 0.1), learning_rate(s + 1, 10, 100, 1.0, 0.1));
+  EXPECT_DOUBLE_EQ(learning_rate(0, 0, 100, 1.0, 0.0), 1.0);       // no warmup
+  for (int64_t s = 10; s < 100; ++s)
+    EXPECT_GE(learning_rate(s, 10, 100, 1.0, 0.1), learning_rate(s + 1, 10, 100, 1.0, 0.1));
 }
 
 }  // namespace

@@ -28,7 +28,7 @@ namespace {
 
 // SEXP types and flag bits of R's serialize.c format (R Internals, "Serialization Formats").
 constexpr int kSymSxp = 1;
-constexpr int kListSxp = 2;     // pairlist: attributes are one
+constexpr int kListSxp = 2;  // pairlist: attributes are one
 constexpr int kCharSxp = 9;
 constexpr int kLglSxp = 10;
 constexpr int kIntSxp = 13;
@@ -38,8 +38,8 @@ constexpr int kNilValueSxp = 254;
 constexpr int kRefSxp = 255;
 constexpr uint32_t kHasAttrBit = 1u << 9;
 constexpr uint32_t kHasTagBit = 1u << 10;
-constexpr int kMaxDepth = 64;                         // attribute pairlists nest a few levels at most
-constexpr uint64_t kMaxObjectBytes = 1ull << 31;      // sanity bound on a declared length
+constexpr int kMaxDepth = 64;                     // attribute pairlists nest a few levels at most
+constexpr uint64_t kMaxObjectBytes = 1ull << 31;  // sanity bound on a declared length
 constexpr size_t kLengthPrefixBytes = 4;
 
 class Failure : public std::runtime_error {
@@ -85,8 +85,7 @@ class XdrReader {
     }
     has_attributes = (flags & kHasAttrBit) != 0;
     if (has_attributes) skip_item(1);
-    if (pos_ != body_.size())
-      fail(std::to_string(body_.size() - pos_) + " unexpected trailing bytes after the object");
+    if (pos_ != body_.size()) fail(std::to_string(body_.size() - pos_) + " unexpected trailing bytes after the object");
     return out;
   }
 
@@ -122,8 +121,7 @@ class XdrReader {
   std::string read_charsxp(bool& na) {
     const size_t at = pos_;
     const uint32_t flags = read_u32("CHARSXP flags");
-    if ((flags & 0xFFu) != kCharSxp)
-      fail("expected CHARSXP (9), found SEXP type " + std::to_string(flags & 0xFFu), at);
+    if ((flags & 0xFFu) != kCharSxp) fail("expected CHARSXP (9), found SEXP type " + std::to_string(flags & 0xFFu), at);
     const int32_t len = read_i32("CHARSXP length");
     na = (len == -1);  // NA_STRING
     if (na) return {};
@@ -184,11 +182,13 @@ class XdrReader {
 // Inflates the zlib stream starting at `in`; returns the body and sets `consumed` to the stream's
 // compressed size, so the next object starts right after it.
 std::string inflate_object(std::string_view in, uint32_t declared, const std::string& context, size_t& consumed) {
-  if (declared > kMaxObjectBytes) throw Failure(context + ": declared length " + std::to_string(declared) + " too large");
+  if (declared > kMaxObjectBytes)
+    throw Failure(context + ": declared length " + std::to_string(declared) + " too large");
   if (in.empty()) throw Failure(context + ": truncated: no compressed data after the length");
   // R's lazy-load DBs mark bzip2 with '2' and xz with 'Z' after the length (R's serialize.c).
   if (in[0] == '2' || in[0] == 'Z')
-    throw Failure(context + ": bzip2/xz-compressed object (type '" + std::string(1, in[0]) + "'), only zlib is supported");
+    throw Failure(context + ": bzip2/xz-compressed object (type '" + std::string(1, in[0]) +
+                  "'), only zlib is supported");
   std::string out(declared, '\0');
   z_stream zs{};
   if (inflateInit(&zs) != Z_OK) throw Failure(context + ": inflateInit failed");
@@ -210,7 +210,8 @@ std::string inflate_object(std::string_view in, uint32_t declared, const std::st
   }
   if (rc == Z_DATA_ERROR) throw Failure(context + ": corrupt zlib stream (" + msg + ")");
   if (rc == Z_MEM_ERROR) throw Failure(context + ": out of memory inflating");
-  if (input_exhausted) throw Failure(context + ": truncated zlib stream (input ended after " + std::to_string(consumed) + " bytes)");
+  if (input_exhausted)
+    throw Failure(context + ": truncated zlib stream (input ended after " + std::to_string(consumed) + " bytes)");
   throw Failure(context + ": zlib stream inflates to more than the declared " + std::to_string(declared) + " bytes");
 }
 
@@ -245,8 +246,8 @@ int run(const std::string& rdb_path, const std::filesystem::path& out_dir) {
       throw Failure(context + ": truncated length prefix (" + std::to_string(file.size() - offset) + " bytes left)");
     const uint32_t declared = be32(reinterpret_cast<const unsigned char*>(file.data() + offset));
     size_t consumed = 0;
-    const std::string body = inflate_object(std::string_view(file).substr(offset + kLengthPrefixBytes), declared,
-                                            context, consumed);
+    const std::string body =
+        inflate_object(std::string_view(file).substr(offset + kLengthPrefixBytes), declared, context, consumed);
     bool has_attributes = false, has_na = false;
     XdrReader reader(body, context);
     const std::vector<std::string> lines = reader.read_character_vector(has_attributes, has_na);

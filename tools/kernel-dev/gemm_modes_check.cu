@@ -13,21 +13,21 @@
 #include <cstdlib>
 #include <vector>
 
-#define CK(call)                                                                                     \
-  do {                                                                                               \
-    cudaError_t e_ = (call);                                                                         \
-    if (e_ != cudaSuccess) {                                                                         \
+#define CK(call)                                                                                       \
+  do {                                                                                                 \
+    cudaError_t e_ = (call);                                                                           \
+    if (e_ != cudaSuccess) {                                                                           \
       std::fprintf(stderr, "CUDA error %s at line %d: %s\n", cudaGetErrorString(e_), __LINE__, #call); \
-      std::exit(1);                                                                                  \
-    }                                                                                                \
+      std::exit(1);                                                                                    \
+    }                                                                                                  \
   } while (0)
-#define CKB(call)                                                                        \
-  do {                                                                                   \
-    cublasStatus_t s_ = (call);                                                          \
-    if (s_ != CUBLAS_STATUS_SUCCESS) {                                                   \
+#define CKB(call)                                                                         \
+  do {                                                                                    \
+    cublasStatus_t s_ = (call);                                                           \
+    if (s_ != CUBLAS_STATUS_SUCCESS) {                                                    \
       std::fprintf(stderr, "cuBLAS error %d at line %d: %s\n", (int)s_, __LINE__, #call); \
-      std::exit(1);                                                                      \
-    }                                                                                    \
+      std::exit(1);                                                                       \
+    }                                                                                     \
   } while (0)
 
 __global__ void to_bf16(__nv_bfloat16* d, const float* s, size_t n) {
@@ -89,9 +89,7 @@ int main() {
     const cublasOperation_t opb = s.tb ? CUBLAS_OP_T : CUBLAS_OP_N, opa = s.ta ? CUBLAS_OP_T : CUBLAS_OP_N;
     const int lda = s.ta ? s.m : s.k, ldb = s.tb ? s.k : s.n;
     const float one = 1.0f, zero = 0.0f;
-    auto sgemm = [&](float* c) {
-      CKB(cublasSgemm(h, opb, opa, s.n, s.m, s.k, &one, b, ldb, a, lda, &zero, c, s.n));
-    };
+    auto sgemm = [&](float* c) { CKB(cublasSgemm(h, opb, opa, s.n, s.m, s.k, &one, b, ldb, a, lda, &zero, c, s.n)); };
     auto gemm_ex = [&](float* c, cublasComputeType_t ct) {
       CKB(cublasGemmEx(h, opb, opa, s.n, s.m, s.k, &one, b, CUDA_R_32F, ldb, a, CUDA_R_32F, lda, &zero, c, CUDA_R_32F,
                        s.n, ct, CUBLAS_GEMM_DEFAULT));

@@ -37,21 +37,21 @@
 
 using namespace diffmoe::cuda::gg;
 
-#define CK(call)                                                                                          \
-  do {                                                                                                    \
-    cudaError_t e_ = (call);                                                                              \
-    if (e_ != cudaSuccess) {                                                                              \
+#define CK(call)                                                                                               \
+  do {                                                                                                         \
+    cudaError_t e_ = (call);                                                                                   \
+    if (e_ != cudaSuccess) {                                                                                   \
       std::fprintf(stderr, "CUDA error %s at %s:%d: %s\n", cudaGetErrorString(e_), __FILE__, __LINE__, #call); \
-      std::exit(1);                                                                                       \
-    }                                                                                                     \
+      std::exit(1);                                                                                            \
+    }                                                                                                          \
   } while (0)
-#define CKB(call)                                                                            \
-  do {                                                                                       \
-    cublasStatus_t s_ = (call);                                                              \
-    if (s_ != CUBLAS_STATUS_SUCCESS) {                                                       \
+#define CKB(call)                                                                                 \
+  do {                                                                                            \
+    cublasStatus_t s_ = (call);                                                                   \
+    if (s_ != CUBLAS_STATUS_SUCCESS) {                                                            \
       std::fprintf(stderr, "cuBLAS error %d at %s:%d: %s\n", (int)s_, __FILE__, __LINE__, #call); \
-      std::exit(1);                                                                          \
-    }                                                                                        \
+      std::exit(1);                                                                               \
+    }                                                                                             \
   } while (0)
 
 static int g_failures = 0;
@@ -219,9 +219,20 @@ static SmallResult run_small(GroupedLayout L, int R, const std::vector<int>& off
   doff.upload(std::vector<int32_t>(off.begin(), off.end()));
   Dev<GroupedGemmIssue> issue(1);
   CK(cudaMemset(issue.p, 0, sizeof(GroupedGemmIssue)));
-  GroupedGemmParams p{.a = da.p, .b = db.p, .c = out.bf16 ? nullptr : dc.p + out.shift, .offsets = doff.p, .rows = R,
-                      .groups = G, .m = m, .n = n, .k = k, .lda = static_cast<int>(pad8(a_cols)),
-                      .ldb = static_cast<int>(pad8(b_cols)), .alpha = alpha, .beta = beta, .issue = issue.p,
+  GroupedGemmParams p{.a = da.p,
+                      .b = db.p,
+                      .c = out.bf16 ? nullptr : dc.p + out.shift,
+                      .offsets = doff.p,
+                      .rows = R,
+                      .groups = G,
+                      .m = m,
+                      .n = n,
+                      .k = k,
+                      .lda = static_cast<int>(pad8(a_cols)),
+                      .ldb = static_cast<int>(pad8(b_cols)),
+                      .alpha = alpha,
+                      .beta = beta,
+                      .issue = issue.p,
                       .issue_site = 7};
   if (out.bf16) p.c16 = dc16.p + out.shift;
   if (k2 > 0) {
@@ -299,12 +310,12 @@ static SmallResult run_small(GroupedLayout L, int R, const std::vector<int>& off
                 out.bf16 ? " ->bf16" : "", out.shift != 0 ? (" C+" + std::to_string(out.shift)).c_str() : "");
   if (out.bf16)
     std::printf("  small %-48s rel %.2e  max|diff| %.2e = %.2f bf16 ulp\n", what, res.rel, res.max_abs, max_ulps);
-  else
-    std::printf("  small %-48s rel %.2e  max|diff| %.2e\n", what, res.rel, res.max_abs);
+  else std::printf("  small %-48s rel %.2e  max|diff| %.2e\n", what, res.rel, res.max_abs);
   expect(nonfinite == 0, std::string(what) + ": non-finite outputs");
   expect(tail_changed == 0, std::string(what) + ": rows past offsets[G] changed");
   if (out.bf16) {
-    expect(max_ulps <= 1.0, std::string(what) + ": a bf16 value more than one ulp (+ the f32 sum bound) from the reference");
+    expect(max_ulps <= 1.0,
+           std::string(what) + ": a bf16 value more than one ulp (+ the f32 sum bound) from the reference");
     return res;  // (the f32 worst-case table below keeps f32 results only)
   }
   expect(res.rel < 1e-5, std::string(what) + ": relative error too large");
@@ -336,14 +347,26 @@ static void run_bad_offsets(GroupedLayout L, const std::vector<int>& off, int wa
   doff.upload(std::vector<int32_t>(off.begin(), off.end()));
   Dev<GroupedGemmIssue> issue(1);
   CK(cudaMemset(issue.p, 0, sizeof(GroupedGemmIssue)));
-  GroupedGemmParams p{.a = da.p, .b = db.p, .c = dc.p, .offsets = doff.p, .rows = R, .groups = G, .m = m, .n = n,
-                      .k = k, .lda = static_cast<int>(pad8(wgrad ? m : k)), .ldb = static_cast<int>(pad8(wgrad ? n : k)),
-                      .alpha = 1.0f, .beta = 0.0f, .issue = issue.p, .issue_site = 9};
+  GroupedGemmParams p{.a = da.p,
+                      .b = db.p,
+                      .c = dc.p,
+                      .offsets = doff.p,
+                      .rows = R,
+                      .groups = G,
+                      .m = m,
+                      .n = n,
+                      .k = k,
+                      .lda = static_cast<int>(pad8(wgrad ? m : k)),
+                      .ldb = static_cast<int>(pad8(wgrad ? n : k)),
+                      .alpha = 1.0f,
+                      .beta = 0.0f,
+                      .issue = issue.p,
+                      .issue_site = 9};
   launch(kern, p, L);
   CK(cudaDeviceSynchronize());
   const GroupedGemmIssue rec = issue.download()[0];
-  std::printf("  bad offsets %s%-5s -> flag %d site %d index %lld value %lld limit %lld\n", layout_name(L), kernel_name(kern), rec.flag,
-              rec.site, (long long)rec.index, (long long)rec.value, (long long)rec.limit);
+  std::printf("  bad offsets %s%-5s -> flag %d site %d index %lld value %lld limit %lld\n", layout_name(L),
+              kernel_name(kern), rec.flag, rec.site, (long long)rec.index, (long long)rec.value, (long long)rec.limit);
   expect(rec.flag == 1 && rec.site == 9 && rec.index == want_index && rec.value == want_value,
          std::string("bad offsets not recorded as expected (") + layout_name(L) + ")");
 }
@@ -447,8 +470,8 @@ static void small_checks() {
   }
   std::printf("bad offsets (recorded, skipped)\n");
   for (GroupedLayout L : {GroupedLayout::kFwd, GroupedLayout::kDgrad, GroupedLayout::kWgrad}) {
-    run_bad_offsets(L, {0, 10, 5, 20}, 2, 5);       // decreasing
-    run_bad_offsets(L, {0, -3, 5, 20}, 1, -3);      // negative
+    run_bad_offsets(L, {0, 10, 5, 20}, 2, 5);        // decreasing
+    run_bad_offsets(L, {0, -3, 5, 20}, 1, -3);       // negative
     run_bad_offsets(L, {0, 10, 20, 1000}, 3, 1000);  // offsets[G] > R
     run_bad_offsets(L, {4, 10, 20, 30}, 0, 4);       // offsets[0] != 0
   }
@@ -507,20 +530,20 @@ struct BenchCall {
 
 struct Row {
   std::string name;
-  double rel = 0;                    // mma.sync vs the cuBLAS loop
-  double ours = 0, tma = 0;  // TFLOP/s: mma.sync, TMA kernel
-  double ours_acc = 0, tma_acc = 0;  // the same with beta = 1 (C read and accumulated)
+  double rel = 0;                             // mma.sync vs the cuBLAS loop
+  double ours = 0, tma = 0;                   // TFLOP/s: mma.sync, TMA kernel
+  double ours_acc = 0, tma_acc = 0;           // the same with beta = 1 (C read and accumulated)
   double tma_direct = 0, tma_direct_acc = 0;  // TMA with the direct epilogue forced (A/B), beta 0 / 1
-  double tma_rel = -1;       // vs mma.sync
+  double tma_rel = -1;                        // vs mma.sync
   double loop = 0, dense = 0;
 };
 
 // fwd/dgrad with bf16 output (c16) on the TMA kernel.
 struct Bf16Row {
   std::string name;
-  unsigned long long mismatch = 0;  // elements ≠ the TMA f32 result rounded (bitwise)
-  double max_ulps = 0;              // max |diff| vs the mma.sync f32 result, in bf16 ulps
-  double tma = 0, tma_direct = 0;   // TFLOP/s: bf16 out staged / direct epilogue
+  unsigned long long mismatch = 0;         // elements ≠ the TMA f32 result rounded (bitwise)
+  double max_ulps = 0;                     // max |diff| vs the mma.sync f32 result, in bf16 ulps
+  double tma = 0, tma_direct = 0;          // TFLOP/s: bf16 out staged / direct epilogue
   double tma_f32 = 0, tma_f32_direct = 0;  // the same call with f32 out (from Row)
 };
 
@@ -603,8 +626,20 @@ static void bench() {
     const int a_cols = wg ? bc.m : bc.k, b_cols = wg ? bc.n : (bc.layout == GroupedLayout::kFwd ? bc.k : bc.n);
     const bf16* a = a_cols == D ? x.p : h.p;
     const bf16* b = wg ? (b_cols == D ? x.p : h.p) : wts.p;
-    GroupedGemmParams p{.a = a, .b = b, .c = c.p, .offsets = doff.p, .rows = R, .groups = G, .m = bc.m, .n = bc.n,
-                        .k = bc.k, .lda = a_cols, .ldb = b_cols, .alpha = 1.0f, .beta = 0.0f, .issue = issue.p,
+    GroupedGemmParams p{.a = a,
+                        .b = b,
+                        .c = c.p,
+                        .offsets = doff.p,
+                        .rows = R,
+                        .groups = G,
+                        .m = bc.m,
+                        .n = bc.n,
+                        .k = bc.k,
+                        .lda = a_cols,
+                        .ldb = b_cols,
+                        .alpha = 1.0f,
+                        .beta = 0.0f,
+                        .issue = issue.p,
                         .issue_site = 1};
     const int64_t c_elems = wg ? int64_t{G} * bc.m * bc.n : int64_t{R} * bc.n;
     const double flops = wg ? 2.0 * R * bc.m * bc.n : 2.0 * R * bc.n * bc.k;
@@ -675,7 +710,7 @@ static void bench() {
       Bf16Row br{.name = std::string(bc.name) + " bf16 out", .tma_f32 = row.tma, .tma_f32_direct = row.tma_direct};
       GroupedGemmParams o16 = p;
       o16.c = nullptr, o16.c16 = c16.p;
-      for (const bool direct : {true, false}) {  // the staged epilogue's result last (reported)
+      for (const bool direct : {true, false}) {               // the staged epilogue's result last (reported)
         CK(cudaMemset(c16.p, 0xFF, c_elems * sizeof(bf16)));  // NaN poison
         launch(Kernel::kTma, o16, bc.layout, direct);
         CK(cudaMemset(mismatch.p, 0, sizeof(unsigned long long)));
@@ -709,10 +744,11 @@ static void bench() {
     row.loop = tflops(median_ms([&] { cublas_loop(cref.p); }, 10));
     row.dense = tflops(median_ms(dense, 10));
     rows.push_back(row);
-    std::printf("  %-32s rel %.2e  mma.sync %.0f (beta 1: %.0f)  tma %.0f (beta 1: %.0f, rel %.1e; direct epilogue "
-                "%.0f, beta 1: %.0f)  loop %.0f  dense %.0f\n",
-                row.name.c_str(), row.rel, row.ours, row.ours_acc, row.tma, row.tma_acc, row.tma_rel, row.tma_direct,
-                row.tma_direct_acc, row.loop, row.dense);
+    std::printf(
+        "  %-32s rel %.2e  mma.sync %.0f (beta 1: %.0f)  tma %.0f (beta 1: %.0f, rel %.1e; direct epilogue "
+        "%.0f, beta 1: %.0f)  loop %.0f  dense %.0f\n",
+        row.name.c_str(), row.rel, row.ours, row.ours_acc, row.tma, row.tma_acc, row.tma_rel, row.tma_direct,
+        row.tma_direct_acc, row.loop, row.dense);
   }
 
   // The MoE backward's dx_perm = da·W1 + db·W3 (dgrad, [R,512]·[G,512,1536] twice into [R,1536]):
@@ -727,8 +763,20 @@ static void bench() {
     Dev<bf16> w3(int64_t{G} * I * D);
     fill_bf16_kernel<<<4096, 256>>>(w3.p, w3.n, 4);
     CK(cudaGetLastError());
-    const GroupedGemmParams first{.a = h.p, .b = wts.p, .c = c.p, .offsets = doff.p, .rows = R, .groups = G, .m = 0,
-                                  .n = D, .k = I, .lda = I, .ldb = D, .alpha = 1.0f, .beta = 0.0f, .issue = issue.p,
+    const GroupedGemmParams first{.a = h.p,
+                                  .b = wts.p,
+                                  .c = c.p,
+                                  .offsets = doff.p,
+                                  .rows = R,
+                                  .groups = G,
+                                  .m = 0,
+                                  .n = D,
+                                  .k = I,
+                                  .lda = I,
+                                  .ldb = D,
+                                  .alpha = 1.0f,
+                                  .beta = 0.0f,
+                                  .issue = issue.p,
                                   .issue_site = 1};
     GroupedGemmParams second = first, fused = first;
     second.a = x.p, second.b = w3.p, second.beta = 1.0f;
@@ -780,31 +828,34 @@ static void bench() {
   expect(issue.download()[0].flag == 0, "bench offsets recorded an issue");
   CKB(cublasDestroy(hb));
 
-  std::printf("\nTFLOP/s (median of 20; cuBLAS: 10). TMA: staged epilogue (shipped); TMA direct: its fallback "
-              "(stores from the accumulators) forced, the A/B\n"
-              "| call | rel vs cuBLAS | mma.sync 128x128x64 | TMA wgmma 128x256x64 | TMA direct | mma.sync, beta 1 | "
-              "TMA, beta 1 | TMA direct, beta 1 | cuBLAS loop | dense cuBLAS |\n"
-              "|---|---|---|---|---|---|---|---|---|---|\n");
+  std::printf(
+      "\nTFLOP/s (median of 20; cuBLAS: 10). TMA: staged epilogue (shipped); TMA direct: its fallback "
+      "(stores from the accumulators) forced, the A/B\n"
+      "| call | rel vs cuBLAS | mma.sync 128x128x64 | TMA wgmma 128x256x64 | TMA direct | mma.sync, beta 1 | "
+      "TMA, beta 1 | TMA direct, beta 1 | cuBLAS loop | dense cuBLAS |\n"
+      "|---|---|---|---|---|---|---|---|---|---|\n");
   for (const Row& r : rows)
-    std::printf("| %s | %.1e | %.0f | %.0f | %.0f | %.0f | %.0f | %.0f | %.0f | %.0f |\n", r.name.c_str(), r.rel, r.ours,
-                r.tma, r.tma_direct, r.ours_acc, r.tma_acc, r.tma_direct_acc, r.loop, r.dense);
+    std::printf("| %s | %.1e | %.0f | %.0f | %.0f | %.0f | %.0f | %.0f | %.0f | %.0f |\n", r.name.c_str(), r.rel,
+                r.ours, r.tma, r.tma_direct, r.ours_acc, r.tma_acc, r.tma_direct_acc, r.loop, r.dense);
   if (!bf16_rows.empty()) {
-    std::printf("\nbf16 output (c16, beta 0), TMA kernel, TFLOP/s (median of 20); mismatches: values != the TMA "
-                "f32 C rounded to bf16 (bitwise); ulp: max |diff| vs the mma.sync f32 C in bf16 ulps (<= 1)\n"
-                "| call | mismatches | max ulp | TMA bf16 out | TMA direct, bf16 out | TMA f32 out | TMA direct, f32 out |\n"
-                "|---|---|---|---|---|---|---|\n");
+    std::printf(
+        "\nbf16 output (c16, beta 0), TMA kernel, TFLOP/s (median of 20); mismatches: values != the TMA "
+        "f32 C rounded to bf16 (bitwise); ulp: max |diff| vs the mma.sync f32 C in bf16 ulps (<= 1)\n"
+        "| call | mismatches | max ulp | TMA bf16 out | TMA direct, bf16 out | TMA f32 out | TMA direct, f32 out |\n"
+        "|---|---|---|---|---|---|---|\n");
     for (const Bf16Row& r : bf16_rows)
       std::printf("| %s | %llu | %.2f | %.0f | %.0f | %.0f | %.0f |\n", r.name.c_str(), r.mismatch, r.max_ulps, r.tma,
                   r.tma_direct, r.tma_f32, r.tma_f32_direct);
   }
-  std::printf("\nMoE dgrad dx_perm = da*W1 + db*W3, R=%d, [R,%d]*[G,%d,%d] twice (median of 20; mma.sync runs "
-              "two launches either way)\n"
-              "| call | TMA ms | TMA TFLOP/s | mma.sync ms | rel (vs TMA, two launches) |\n|---|---|---|---|---|\n",
-              R, I, I, D);
+  std::printf(
+      "\nMoE dgrad dx_perm = da*W1 + db*W3, R=%d, [R,%d]*[G,%d,%d] twice (median of 20; mma.sync runs "
+      "two launches either way)\n"
+      "| call | TMA ms | TMA TFLOP/s | mma.sync ms | rel (vs TMA, two launches) |\n|---|---|---|---|---|\n",
+      R, I, I, D);
   const double two_flops = 2.0 * R * D * (2.0 * I);
   for (const TwoTermRow& r : two_rows)
-    std::printf("| %s | %.3f | %.0f | %.3f | %.1e |\n", r.name, r.tma_ms, r.tma_ms > 0 ? two_flops / r.tma_ms / 1e9 : 0.0,
-                r.mma_ms, r.rel);
+    std::printf("| %s | %.3f | %.0f | %.3f | %.1e |\n", r.name, r.tma_ms,
+                r.tma_ms > 0 ? two_flops / r.tma_ms / 1e9 : 0.0, r.mma_ms, r.rel);
 }
 
 int main(int argc, char** argv) {
@@ -816,8 +867,9 @@ int main(int argc, char** argv) {
   std::printf("TMA kernel: %s\n", g_tma ? "runs" : "not available here (skipped)");
   small_checks();
   if (!small_only) bench();
-  std::printf("\nmax relative error of the small checks (fwd/dgrad/wgrad): mma.sync %.2e %.2e %.2e; tma %.2e %.2e %.2e\n",
-              g_max_rel[0][0], g_max_rel[0][1], g_max_rel[0][2], g_max_rel[1][0], g_max_rel[1][1], g_max_rel[1][2]);
+  std::printf(
+      "\nmax relative error of the small checks (fwd/dgrad/wgrad): mma.sync %.2e %.2e %.2e; tma %.2e %.2e %.2e\n",
+      g_max_rel[0][0], g_max_rel[0][1], g_max_rel[0][2], g_max_rel[1][0], g_max_rel[1][1], g_max_rel[1][2]);
   std::printf("%s (%d failures)\n", g_failures == 0 ? "ALL CHECKS PASSED" : "CHECKS FAILED", g_failures);
   return g_failures == 0 ? 0 : 1;
 }

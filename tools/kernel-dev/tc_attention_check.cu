@@ -16,13 +16,13 @@
 
 using namespace diffmoe::cuda::tca;
 
-#define CK(call)                                                                                       \
-  do {                                                                                                 \
-    cudaError_t e_ = (call);                                                                           \
-    if (e_ != cudaSuccess) {                                                                           \
+#define CK(call)                                                                                               \
+  do {                                                                                                         \
+    cudaError_t e_ = (call);                                                                                   \
+    if (e_ != cudaSuccess) {                                                                                   \
       std::fprintf(stderr, "CUDA error %s at %s:%d: %s\n", cudaGetErrorString(e_), __FILE__, __LINE__, #call); \
-      std::exit(1);                                                                                    \
-    }                                                                                                  \
+      std::exit(1);                                                                                            \
+    }                                                                                                          \
   } while (0)
 
 struct Case {
@@ -162,18 +162,29 @@ void convert_qkv(const Case& cs, const Dev& d, cudaStream_t s) {
 
 void run_fwd(const Case& cs, const TcaShape& sh, const Dev& d, const TcaKernels& kern, cudaStream_t s, bool convert) {
   if (convert) convert_qkv(cs, d, s);
-  const TcaFwdArgs a{d.out, cs.comps == 2 ? d.o2 : nullptr, d.lse,
+  const TcaFwdArgs a{d.out,
+                     cs.comps == 2 ? d.o2 : nullptr,
+                     d.lse,
                      reinterpret_cast<const bf16*>(d.scratch + d.layout.q),
                      reinterpret_cast<const bf16*>(d.scratch + d.layout.k),
-                     reinterpret_cast<const bf16*>(d.scratch + d.layout.v), cs.comps == 2 ? d.lambda : nullptr, sh};
+                     reinterpret_cast<const bf16*>(d.scratch + d.layout.v),
+                     cs.comps == 2 ? d.lambda : nullptr,
+                     sh};
   CK(kern.fwd(a, s));
 }
 
 TcaBwdArgs bwd_args(const Case& cs, const TcaShape& sh, const Dev& d) {
-  return {d.dq, d.dk, d.dv, reinterpret_cast<const bf16*>(d.scratch + d.layout.q),
-          reinterpret_cast<const bf16*>(d.scratch + d.layout.k), reinterpret_cast<const bf16*>(d.scratch + d.layout.v),
-          reinterpret_cast<const bf16*>(d.scratch + d.layout.dout), d.lse,
-          reinterpret_cast<const float*>(d.scratch + d.layout.dvec), cs.comps == 2 ? d.lambda : nullptr, sh};
+  return {d.dq,
+          d.dk,
+          d.dv,
+          reinterpret_cast<const bf16*>(d.scratch + d.layout.q),
+          reinterpret_cast<const bf16*>(d.scratch + d.layout.k),
+          reinterpret_cast<const bf16*>(d.scratch + d.layout.v),
+          reinterpret_cast<const bf16*>(d.scratch + d.layout.dout),
+          d.lse,
+          reinterpret_cast<const float*>(d.scratch + d.layout.dvec),
+          cs.comps == 2 ? d.lambda : nullptr,
+          sh};
 }
 
 void run_prep(const Case& cs, const TcaShape& sh, const Dev& d, cudaStream_t s) {
@@ -189,7 +200,8 @@ void run_prep(const Case& cs, const TcaShape& sh, const Dev& d, cudaStream_t s) 
 
 void run_dlambda(const Case& cs, const TcaShape& sh, const Dev& d, cudaStream_t s) {
   if (cs.comps != 2) return;
-  tca_dlambda_kernel<<<1, kDlambdaThreads, 0, s>>>(d.dlambda, reinterpret_cast<const double*>(d.scratch + d.layout.dl_part),
+  tca_dlambda_kernel<<<1, kDlambdaThreads, 0, s>>>(d.dlambda,
+                                                   reinterpret_cast<const double*>(d.scratch + d.layout.dl_part),
                                                    static_cast<int64_t>(cs.batch) * cs.seq * sh.groups);
   CK(cudaGetLastError());
 }
@@ -208,9 +220,18 @@ Dev make_dev(const Case& cs, const Host& h) {
   const size_t nq = static_cast<size_t>(cs.batch) * cs.seq * cs.heads * cs.d_qk;
   const size_t nv = static_cast<size_t>(cs.batch) * cs.seq * cs.heads * cs.d_v;
   const size_t nl = static_cast<size_t>(cs.batch) * cs.heads * cs.seq;
-  d.q = dalloc<float>(nq); d.k = dalloc<float>(nq); d.v = dalloc<float>(nv); d.dout = dalloc<float>(nv);
-  d.lambda = dalloc<float>(1); d.out = dalloc<float>(nv); d.o2 = dalloc<float>(nv); d.lse = dalloc<float>(nl);
-  d.dq = dalloc<float>(nq); d.dk = dalloc<float>(nq); d.dv = dalloc<float>(nv); d.dlambda = dalloc<float>(1);
+  d.q = dalloc<float>(nq);
+  d.k = dalloc<float>(nq);
+  d.v = dalloc<float>(nv);
+  d.dout = dalloc<float>(nv);
+  d.lambda = dalloc<float>(1);
+  d.out = dalloc<float>(nv);
+  d.o2 = dalloc<float>(nv);
+  d.lse = dalloc<float>(nl);
+  d.dq = dalloc<float>(nq);
+  d.dk = dalloc<float>(nq);
+  d.dv = dalloc<float>(nv);
+  d.dlambda = dalloc<float>(1);
   CK(cudaMemcpy(d.q, h.q.data(), nq * 4, cudaMemcpyHostToDevice));
   CK(cudaMemcpy(d.k, h.k.data(), nq * 4, cudaMemcpyHostToDevice));
   CK(cudaMemcpy(d.v, h.v.data(), nv * 4, cudaMemcpyHostToDevice));
@@ -229,8 +250,12 @@ void poison(const Case& cs, const Dev& d) {
   const size_t nq = static_cast<size_t>(cs.batch) * cs.seq * cs.heads * cs.d_qk;
   const size_t nv = static_cast<size_t>(cs.batch) * cs.seq * cs.heads * cs.d_v;
   const size_t nl = static_cast<size_t>(cs.batch) * cs.heads * cs.seq;
-  CK(cudaMemset(d.out, 0xff, nv * 4)); CK(cudaMemset(d.o2, 0xff, nv * 4)); CK(cudaMemset(d.lse, 0xff, nl * 4));
-  CK(cudaMemset(d.dq, 0xff, nq * 4)); CK(cudaMemset(d.dk, 0xff, nq * 4)); CK(cudaMemset(d.dv, 0xff, nv * 4));
+  CK(cudaMemset(d.out, 0xff, nv * 4));
+  CK(cudaMemset(d.o2, 0xff, nv * 4));
+  CK(cudaMemset(d.lse, 0xff, nl * 4));
+  CK(cudaMemset(d.dq, 0xff, nq * 4));
+  CK(cudaMemset(d.dk, 0xff, nq * 4));
+  CK(cudaMemset(d.dv, 0xff, nv * 4));
   CK(cudaMemset(d.dlambda, 0xff, 4));
 }
 
@@ -397,7 +422,8 @@ int main(int argc, char** argv) {
     const bool same = dq1 == fetch(d.dq, nq) && dk1 == fetch(d.dk, nq) && dv1 == fetch(d.dv, nv);
     CK(cudaDeviceSynchronize());
     free_dev(d);
-    const double flops = 4.0 * cs.batch * cs.heads * (static_cast<double>(cs.seq) * cs.seq / 2) * (cs.d_qk + cs.comps * cs.d_v);
+    const double flops =
+        4.0 * cs.batch * cs.heads * (static_cast<double>(cs.seq) * cs.seq / 2) * (cs.d_qk + cs.comps * cs.d_v);
     std::printf("\nbench shape B 8 T 2048 H 16 (8 differential groups) d_qk 96 W 128, median of %d (ms):\n", kReps);
     std::printf("  %-34s %8s %10s\n", "part", "ms", "TFLOP/s");
     std::printf("  %-34s %8.3f %10.1f\n", "forward total (convert + kernel)", fwd_total, flops / fwd_total / 1e9);

@@ -98,8 +98,8 @@ inline int64_t at(const AttnDims& d, int64_t b, int64_t t, int64_t h, int64_t wi
 // k points at key s = 0 of the head (rows k_stride apart), vv at value row s = 0 (v_stride apart).
 // Returns lse = m + ln Σ_s exp(z_s − m).
 template <class T>
-T attend_row(T* o, const T* q_t, const T* k, int64_t k_stride, const T* vv, int64_t v_stride, int64_t width,
-             int64_t t, int64_t d_qk, T scale) {
+T attend_row(T* o, const T* q_t, const T* k, int64_t k_stride, const T* vv, int64_t v_stride, int64_t width, int64_t t,
+             int64_t d_qk, T scale) {
   T m = -std::numeric_limits<T>::infinity();
   for (int64_t s = 0; s <= t; ++s) m = std::max(m, scale * dot(q_t, k + s * k_stride, d_qk));
   std::fill(o, o + width, T(0));
@@ -119,9 +119,8 @@ T attend_row(T* o, const T* q_t, const T* k, int64_t k_stride, const T* vv, int6
 //   p_s = exp(z_s − lse),  dS_s = p_s·(dO_c·V_s − D_c),
 //   dq_t += scale·Σ_s dS_s k_s,  dk_s += scale·dS_s q_t,  dV_s += p_s dO_c.
 template <class T>
-void attend_row_bwd(T* dq_t, T* dk, T* dvv, const T* q_t, const T* k, int64_t k_stride, const T* vv,
-                    int64_t v_stride, int64_t width, const T* dout_t, T coef, T d_c, T lse, int64_t t, int64_t d_qk,
-                    T scale) {
+void attend_row_bwd(T* dq_t, T* dk, T* dvv, const T* q_t, const T* k, int64_t k_stride, const T* vv, int64_t v_stride,
+                    int64_t width, const T* dout_t, T coef, T d_c, T lse, int64_t t, int64_t d_qk, T scale) {
   for (int64_t s = 0; s <= t; ++s) {
     const T* k_s = k + s * k_stride;
     const T* v_s = vv + s * v_stride;

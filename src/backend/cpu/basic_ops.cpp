@@ -30,15 +30,11 @@ struct F64Io {
 };
 struct Bf16Io {
   static double load(const void* p, int64_t i) { return bf16_to_f32(static_cast<const uint16_t*>(p)[i]); }
-  static void store(void* p, int64_t i, double v) {
-    static_cast<uint16_t*>(p)[i] = f32_to_bf16(static_cast<float>(v));
-  }
+  static void store(void* p, int64_t i, double v) { static_cast<uint16_t*>(p)[i] = f32_to_bf16(static_cast<float>(v)); }
 };
 struct E4m3Io {  // saturating to ±448 (dtype.h's default), the FP8 training convention
   static double load(const void* p, int64_t i) { return e4m3_to_f32(static_cast<const uint8_t*>(p)[i]); }
-  static void store(void* p, int64_t i, double v) {
-    static_cast<uint8_t*>(p)[i] = f32_to_e4m3(static_cast<float>(v));
-  }
+  static void store(void* p, int64_t i, double v) { static_cast<uint8_t*>(p)[i] = f32_to_e4m3(static_cast<float>(v)); }
 };
 
 // Calls fn(Io{}) with the accessor of a floating storage type; other types are an error.
@@ -49,8 +45,11 @@ void with_float_io(DType d, std::string_view field, Fn&& fn) {
     case DType::kF64: fn(F64Io{}); return;
     case DType::kBF16: fn(Bf16Io{}); return;
     case DType::kF8E4M3: fn(E4m3Io{}); return;
-    default: DIFFMOE_FAIL("[copy] {}: cannot convert dtype {} (f32, f64, bf16, f8e4m3 convert; "
-                          "other types copy only to the same type)", field, dtype_name(d));
+    default:
+      DIFFMOE_FAIL(
+          "[copy] {}: cannot convert dtype {} (f32, f64, bf16, f8e4m3 convert; "
+          "other types copy only to the same type)",
+          field, dtype_name(d));
   }
 }
 
@@ -65,8 +64,8 @@ void fill_with(void* data, int64_t n, T v) {
 void check_tokens(const Tensor& tokens, int64_t vocab, std::string_view op) {
   const int32_t* tok = tokens.ptr<int32_t>();
   for (int64_t n = 0; n < tokens.numel(); ++n)
-    DIFFMOE_CHECK(tok[n] >= 0 && tok[n] < vocab, "[{}] tokens[{}] = {} is outside the table's [0, {})", op, n,
-                  tok[n], vocab);
+    DIFFMOE_CHECK(tok[n] >= 0 && tok[n] < vocab, "[{}] tokens[{}] = {} is outside the table's [0, {})", op, n, tok[n],
+                  vocab);
 }
 
 }  // namespace

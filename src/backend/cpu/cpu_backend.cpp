@@ -5,9 +5,7 @@
 
 namespace diffmoe {
 
-void check_cpu(const Tensor& t, std::string_view op, std::string_view name) {
-  check_device(t, Device::kCPU, op, name);
-}
+void check_cpu(const Tensor& t, std::string_view op, std::string_view name) { check_device(t, Device::kCPU, op, name); }
 
 void CpuBackend::upload(const Tensor& dst, const void* src) {
   check_cpu(dst, "upload", "dst");

@@ -23,7 +23,7 @@ class CpuBackend final : public Backend {
   void set_gemm_precision(GemmPrecision p) override { gemm_precision_ = p; }
   GemmPrecision gemm_precision() const override { return gemm_precision_; }
 
-  void fill(Context ctx, const FillArgs& a) override;                    // basic_ops.cpp
+  void fill(Context ctx, const FillArgs& a) override;  // basic_ops.cpp
   void copy(Context ctx, const CopyArgs& a) override;
   void axpy(Context ctx, const AxpyArgs& a) override;
   void scale(Context ctx, const ScaleArgs& a) override;
@@ -31,28 +31,28 @@ class CpuBackend final : public Backend {
   void count_nonfinite(Context ctx, const CountNonfiniteArgs& a) override;
   void embedding_fwd(Context ctx, const EmbeddingFwdArgs& a) override;
   void embedding_bwd(Context ctx, const EmbeddingBwdArgs& a) override;
-  void rmsnorm_fwd(Context ctx, const RmsNormFwdArgs& a) override;      // norm_ops.cpp
+  void rmsnorm_fwd(Context ctx, const RmsNormFwdArgs& a) override;  // norm_ops.cpp
   void rmsnorm_bwd(Context ctx, const RmsNormBwdArgs& a) override;
-  void gemm(Context ctx, const GemmArgs& a) override;                    // gemm_ops.cpp
+  void gemm(Context ctx, const GemmArgs& a) override;  // gemm_ops.cpp
   void grouped_gemm(Context ctx, const GroupedGemmArgs& a) override;
   void grouped_gemm_wgrad(Context ctx, const GroupedGemmWgradArgs& a) override;
-  void act_quant(Context ctx, const ActQuantArgs& a) override;          // fp8_ops.cpp
+  void act_quant(Context ctx, const ActQuantArgs& a) override;  // fp8_ops.cpp
   void weight_quant(Context ctx, const WeightQuantArgs& a) override;
   void weight_dequant(Context ctx, const WeightDequantArgs& a) override;
   void fp8_gemm(Context ctx, const Fp8GemmArgs& a) override;
-  void rope(Context ctx, const RopeArgs& a) override;                    // rope_ops.cpp
+  void rope(Context ctx, const RopeArgs& a) override;                       // rope_ops.cpp
   void mla_kv_split_fwd(Context ctx, const MlaKvSplitFwdArgs& a) override;  // attention_ops.cpp
   void mla_kv_split_bwd(Context ctx, const MlaKvSplitBwdArgs& a) override;
   void diff_lambda_fwd(Context ctx, const DiffLambdaFwdArgs& a) override;
   void diff_lambda_bwd(Context ctx, const DiffLambdaBwdArgs& a) override;
   void attention_fwd(Context ctx, const AttentionFwdArgs& a) override;
   void attention_bwd(Context ctx, const AttentionBwdArgs& a) override;
-  void latent_attention(Context ctx, const LatentAttentionArgs& a) override;  // latent_attention_ops.cpp
+  void latent_attention(Context ctx, const LatentAttentionArgs& a) override;   // latent_attention_ops.cpp
   void paged_cache_write(Context ctx, const PagedCacheWriteArgs& a) override;  // paged_attention_ops.cpp
   void paged_latent_attention(Context ctx, const PagedLatentAttentionArgs& a) override;
-  void swiglu_fwd(Context ctx, const SwigluFwdArgs& a) override;         // swiglu_ops.cpp
+  void swiglu_fwd(Context ctx, const SwigluFwdArgs& a) override;  // swiglu_ops.cpp
   void swiglu_bwd(Context ctx, const SwigluBwdArgs& a) override;
-  void router_fwd(Context ctx, const RouterFwdArgs& a) override;         // moe_ops.cpp
+  void router_fwd(Context ctx, const RouterFwdArgs& a) override;  // moe_ops.cpp
   void router_bwd(Context ctx, const RouterBwdArgs& a) override;
   void aux_loss_fwd(Context ctx, const AuxLossFwdArgs& a) override;
   void aux_loss_bwd(Context ctx, const AuxLossBwdArgs& a) override;
@@ -65,7 +65,7 @@ class CpuBackend final : public Backend {
   void ep_dispatch_plan(Context ctx, const EpDispatchPlanArgs& a) override;
   void cross_entropy_fwd(Context ctx, const CrossEntropyFwdArgs& a) override;  // loss_ops.cpp
   void cross_entropy_bwd(Context ctx, const CrossEntropyBwdArgs& a) override;
-  void adamw(Context ctx, const AdamWArgs& a) override;                  // optim_ops.cpp
+  void adamw(Context ctx, const AdamWArgs& a) override;  // optim_ops.cpp
   void adamw_multi(Context ctx, const AdamWMultiArgs& a) override;
 
  private:

@@ -44,25 +44,16 @@ const uint8_t* codes_of(const Tensor& t) { return static_cast<const uint8_t*>(t.
 // Stores a value computed in f64 into a float output (f32, f64, or bf16 through f32).
 void store_float(const Tensor& t, int64_t i, double v) {
   switch (t.dtype) {
-    case DType::kF64:
-      static_cast<double*>(t.data)[i] = v;
-      break;
-    case DType::kBF16:
-      static_cast<uint16_t*>(t.data)[i] = f32_to_bf16(static_cast<float>(v));
-      break;
-    default:
-      static_cast<float*>(t.data)[i] = static_cast<float>(v);
-      break;
+    case DType::kF64: static_cast<double*>(t.data)[i] = v; break;
+    case DType::kBF16: static_cast<uint16_t*>(t.data)[i] = f32_to_bf16(static_cast<float>(v)); break;
+    default: static_cast<float*>(t.data)[i] = static_cast<float>(v); break;
   }
 }
 double load_float(const Tensor& t, int64_t i) {
   switch (t.dtype) {
-    case DType::kF64:
-      return static_cast<const double*>(t.data)[i];
-    case DType::kBF16:
-      return bf16_to_f32(static_cast<const uint16_t*>(t.data)[i]);
-    default:
-      return static_cast<const float*>(t.data)[i];
+    case DType::kF64: return static_cast<const double*>(t.data)[i];
+    case DType::kBF16: return bf16_to_f32(static_cast<const uint16_t*>(t.data)[i]);
+    default: return static_cast<const float*>(t.data)[i];
   }
 }
 

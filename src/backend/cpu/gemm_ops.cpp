@@ -88,8 +88,7 @@ void CpuBackend::grouped_gemm(Context, const GroupedGemmArgs& a) {
   constexpr std::string_view kOp = "grouped_gemm";
   const GroupedGemmDims d = validate_grouped_gemm(a, Device::kCPU);
   const bool bf16_mode = gemm_precision_ == GemmPrecision::kBF16;
-  check_gemm_bf16_mode(kOp, bf16_mode, false,
-                       {{&a.c, "c"}, {&a.a, "a"}, {&a.b, "b"}, {&a.a2, "a2"}, {&a.b2, "b2"}});
+  check_gemm_bf16_mode(kOp, bf16_mode, false, {{&a.c, "c"}, {&a.a, "a"}, {&a.b, "b"}, {&a.a2, "a2"}, {&a.b2, "b2"}});
   const std::vector<int64_t> off = check_group_offsets(a.offsets.ptr<int32_t>(), d.groups, d.rows, kOp);
   Bf16Staging staged(scratch_);
   const auto operand = [&](const Tensor& t) { return bf16_mode ? staged.rounded(t) : t; };

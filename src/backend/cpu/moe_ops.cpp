@@ -40,11 +40,12 @@ constexpr int64_t kMinParallelWork = int64_t{1} << 14;
 
 // Every entry of an i32 tensor lies in [0, limit).
 // Every index in [0, limit), or -1 (an unused slot) where `unused_ok`.
-void expect_indices(const Tensor& t, int64_t limit, std::string_view op, std::string_view name, bool unused_ok = false) {
+void expect_indices(const Tensor& t, int64_t limit, std::string_view op, std::string_view name,
+                    bool unused_ok = false) {
   const int32_t* v = t.ptr<int32_t>();
   for (int64_t i = 0; i < t.numel(); ++i)
-    DIFFMOE_CHECK((v[i] >= 0 && v[i] < limit) || (unused_ok && v[i] == -1), "[{}] {}[{}] = {} is outside [0, {}){}", op, name, i, v[i],
-                  limit, unused_ok ? " and not -1" : "");
+    DIFFMOE_CHECK((v[i] >= 0 && v[i] < limit) || (unused_ok && v[i] == -1), "[{}] {}[{}] = {} is outside [0, {}){}", op,
+                  name, i, v[i], limit, unused_ok ? " and not -1" : "");
 }
 
 // ------------------------------------------------------------------ per-token building blocks
@@ -102,10 +103,10 @@ template <class T>
 struct RouteScratch {
   RouteScratch(int64_t n_experts, int64_t n_groups)
       : sel(n_experts), state(n_experts), group_sel(n_groups), group_state(n_groups) {}
-  std::vector<T> sel;               // [E] s + b
-  std::vector<uint8_t> state;       // [E] candidate / excluded / chosen
-  std::vector<T> group_sel;         // [G] group scores
-  std::vector<uint8_t> group_state; // [G] kept groups end up kChosen
+  std::vector<T> sel;                // [E] s + b
+  std::vector<uint8_t> state;        // [E] candidate / excluded / chosen
+  std::vector<T> group_sel;          // [G] group scores
+  std::vector<uint8_t> group_state;  // [G] kept groups end up kChosen
 };
 
 // Routes one token (docs/model.md §5, docs/derivations.md §4.2): idx [K] and w [K] from scores s [E] and bias b [E].
@@ -125,8 +126,7 @@ void route_token(const T* s, const T* bias, const RouterOptions& opt, int64_t n_
       scratch.group_sel[g] = group_score(sel + g * group_size, group_size, opt.use_bias);
       scratch.group_state[g] = kCandidate;
     }
-    top_k_by_argmax(scratch.group_sel.data(), scratch.group_state.data(), opt.n_groups, opt.n_limited_groups,
-                    nullptr);
+    top_k_by_argmax(scratch.group_sel.data(), scratch.group_state.data(), opt.n_groups, opt.n_limited_groups, nullptr);
     for (int64_t e = 0; e < n_experts; ++e)
       state[e] = scratch.group_state[e / group_size] == kChosen ? kCandidate : kExcluded;
   } else {
@@ -284,8 +284,7 @@ void aux_loss_bwd_impl(const AuxLossBwdArgs& a) {
   for (int64_t b = 0; b < n_seqs; ++b) {
     const int64_t t0 = b * seq_len;
     seq.compute_f(s_all + t0 * n_experts, seq_len, n_experts, a.top_k);
-    for (int64_t i = 0; i < n_experts; ++i)
-      g[i] = a.dloss * a.alpha * seq.f[i] / static_cast<Acc>(seq_len * n_seqs);
+    for (int64_t i = 0; i < n_experts; ++i) g[i] = a.dloss * a.alpha * seq.f[i] / static_cast<Acc>(seq_len * n_seqs);
     for (int64_t t = t0; t < t0 + seq_len; ++t) {
       const T* s = s_all + t * n_experts;
       T* dz = dz_all + t * n_experts;
@@ -294,8 +293,8 @@ void aux_loss_bwd_impl(const AuxLossBwdArgs& a) {
       for (int64_t i = 0; i < n_experts; ++i) s_dot_g += (s[i] / norm) * g[i];
       for (int64_t k = 0; k < n_experts; ++k) {
         const Acc s_k = s[k];
-        const Acc dz_k = a.score_func == ScoreFunc::kSigmoid ? (g[k] - s_dot_g) / norm * s_k * (1 - s_k)
-                                                             : s_k * (g[k] - s_dot_g);
+        const Acc dz_k =
+            a.score_func == ScoreFunc::kSigmoid ? (g[k] - s_dot_g) / norm * s_k * (1 - s_k) : s_k * (g[k] - s_dot_g);
         dz[k] = static_cast<T>(dz[k] + dz_k);
       }
     }
@@ -415,8 +414,8 @@ void CpuBackend::moe_permute(Context, const MoePermuteArgs& a) {
   for (int64_t i = 0; i < n_rows; ++i)
     if (idx[i] >= 0) ++offsets[idx[i] + 1];
   for (int64_t e = 0; e < n_experts; ++e) offsets[e + 1] += offsets[e];
-  DIFFMOE_CHECK(offsets[n_experts] <= a.src_row.numel(), "[{}] {} assignments but src_row has room for {}", op, offsets[n_experts],
-                a.src_row.numel());
+  DIFFMOE_CHECK(offsets[n_experts] <= a.src_row.numel(), "[{}] {} assignments but src_row has room for {}", op,
+                offsets[n_experts], a.src_row.numel());
   // Scatter in (token, slot) order; `cursor` is the next free row of each expert.
   std::vector<int32_t> cursor(offsets, offsets + n_experts);
   for (int64_t n = 0; n < n_tokens; ++n) {

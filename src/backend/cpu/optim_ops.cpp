@@ -56,7 +56,7 @@ void CpuBackend::adamw(Context, const AdamWArgs& args) {
 #pragma omp parallel for if (n >= kParallelMinWork)
       for (int64_t i = 0; i < n; ++i) {
         const double g = grad[i] * clip;
-        const double mi = b1 * load_moment(m, i) + (1.0 - b1) * g;  // m = b1·m + (1−b1)·g
+        const double mi = b1 * load_moment(m, i) + (1.0 - b1) * g;      // m = b1·m + (1−b1)·g
         const double vi = b2 * load_moment(v, i) + (1.0 - b2) * g * g;  // v = b2·v + (1−b2)·g²
         store_moment<T>(m, i, mi);
         store_moment<T>(v, i, vi);
@@ -75,9 +75,19 @@ void CpuBackend::adamw(Context, const AdamWArgs& args) {
 void CpuBackend::adamw_multi(Context ctx, const AdamWMultiArgs& args) {
   validate_adamw_multi(args, Device::kCPU);  // every entry before any is updated
   for (const AdamWEntry& e : args.entries) {
-    adamw(ctx, {.param = e.param, .m = e.m, .v = e.v, .grad = e.grad, .grad_sq = args.grad_sq, .lr = args.lr,
-                .beta1 = args.beta1, .beta2 = args.beta2, .eps = args.eps, .weight_decay = e.weight_decay,
-                .max_norm = args.max_norm, .step = args.step, .param_bf16 = e.param_bf16});
+    adamw(ctx, {.param = e.param,
+                .m = e.m,
+                .v = e.v,
+                .grad = e.grad,
+                .grad_sq = args.grad_sq,
+                .lr = args.lr,
+                .beta1 = args.beta1,
+                .beta2 = args.beta2,
+                .eps = args.eps,
+                .weight_decay = e.weight_decay,
+                .max_norm = args.max_norm,
+                .step = args.step,
+                .param_bf16 = e.param_bf16});
   }
 }
 

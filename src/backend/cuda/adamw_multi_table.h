@@ -28,23 +28,23 @@ static_assert(kAdamWChunk % 4 == 0, "chunks of an aligned tensor must start on a
 
 class AdamWMultiTable {
  public:
-  struct Row {               // one non-empty entry; fields ordered so that there is no padding
+  struct Row {  // one non-empty entry; fields ordered so that there is no padding
     float* p;
-    void* m;                 // float, or __nv_bfloat16 where bf16_moments
+    void* m;  // float, or __nv_bfloat16 where bf16_moments
     void* v;
     const float* grad;
-    void* p16;               // the bf16 copy (__nv_bfloat16), or null
-    int64_t n;               // elements
+    void* p16;  // the bf16 copy (__nv_bfloat16), or null
+    int64_t n;  // elements
     double weight_decay;
-    int32_t vec4;            // 1: p, grad 16-byte aligned, m, v aligned to four moments, p16 8-byte aligned
-    int32_t bf16_moments;    // 1: m and v are bf16 (AdamWArgs), 0: f32
+    int32_t vec4;          // 1: p, grad 16-byte aligned, m, v aligned to four moments, p16 8-byte aligned
+    int32_t bf16_moments;  // 1: m and v are bf16 (AdamWArgs), 0: f32
   };
   static_assert(sizeof(Row) == 5 * sizeof(void*) + 2 * 8 + 2 * 4, "Row has no hidden padding");
-  struct Item {              // elements [chunk·kAdamWChunk, min(n, (chunk + 1)·kAdamWChunk)) of row
+  struct Item {  // elements [chunk·kAdamWChunk, min(n, (chunk + 1)·kAdamWChunk)) of row
     int32_t row;
     int32_t chunk;
   };
-  struct View {              // device pointers into the uploaded table
+  struct View {  // device pointers into the uploaded table
     const Row* rows = nullptr;
     const Item* items = nullptr;
     int64_t n_items = 0;
@@ -65,14 +65,14 @@ class AdamWMultiTable {
   int64_t uploads() const { return uploads_; }
 
  private:
-  std::vector<Row> rows_;        // the uploaded rows (host copy, the upload's source)
-  std::vector<Item> items_;      // the uploaded work items (host copy, the upload's source)
-  std::vector<Row> candidate_;   // this call's rows, compared with rows_
-  DeviceBuffer device_;          // rows, then items at items_offset_
+  std::vector<Row> rows_;       // the uploaded rows (host copy, the upload's source)
+  std::vector<Item> items_;     // the uploaded work items (host copy, the upload's source)
+  std::vector<Row> candidate_;  // this call's rows, compared with rows_
+  DeviceBuffer device_;         // rows, then items at items_offset_
   size_t items_offset_ = 0;
   cudaEvent_t read_done_ = nullptr;  // recorded by mark_read (created on first use)
   bool read_recorded_ = false;
-  bool current_ = false;         // the device holds rows_ and items_
+  bool current_ = false;  // the device holds rows_ and items_
   int64_t uploads_ = 0;
 };
 

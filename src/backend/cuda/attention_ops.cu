@@ -1,5 +1,5 @@
-// DiffMLA attention core on the GPU (docs/model.md §2; docs/derivations.md §1.3-1.4, §2.3-2.5): the MLA key/value split,
-// the differential λ and causal attention, forward and backward.
+// DiffMLA attention core on the GPU (docs/model.md §2; docs/derivations.md §1.3-1.4, §2.3-2.5): the MLA key/value
+// split, the differential λ and causal attention, forward and backward.
 //
 // Kernel choice (attention_fwd / attention_bwd): under GemmPrecision::kBF16 the tensor-core kernels
 // (tc_attention.h: bf16 operands, f32 accumulation) where they cover the shape; else the f32 flash
@@ -60,10 +60,9 @@ struct KvSplitShape {
 // in the bf16 GEMM mode (each f32 value rounded once, the attention's operands: op_args.h). In = kv's
 // type: float, or bf16 where W_kvb's GEMM wrote kv in bf16 (then its values move exactly).
 template <class Out, class In, bool kVec4>
-__global__ void __launch_bounds__(kThreads) kv_split_fwd_kernel(Out* __restrict__ k, Out* __restrict__ v,
-                                                                 const In* __restrict__ kv,
-                                                                 const float* __restrict__ kr, RowItems ri,
-                                                                 KvSplitShape sh) {
+__global__ void __launch_bounds__(kThreads)
+    kv_split_fwd_kernel(Out* __restrict__ k, Out* __restrict__ v, const In* __restrict__ kv,
+                        const float* __restrict__ kr, RowItems ri, KvSplitShape sh) {
   constexpr int kStep = kVec4 ? kVec : 1;
   const int32_t d_qk = sh.d_nope + sh.d_rope, per_head = (d_qk + sh.d_v) / kStep;
   for_each_row_item(ri, [&](int64_t n, int32_t item) {
@@ -88,9 +87,9 @@ __global__ void __launch_bounds__(kThreads) kv_split_fwd_kernel(Out* __restrict_
 // Out: float, or bf16 in the bf16 GEMM mode (dkv only feeds W_kvb's backward GEMMs; rounded here).
 // In: dk's and dv's type, float or bf16 (the tensor-core attention's gradients in the bf16 mode).
 template <class Out, class In, bool kVec4>
-__global__ void __launch_bounds__(kThreads) kv_split_bwd_kv_kernel(Out* __restrict__ dkv, const In* __restrict__ dk,
-                                                                   const In* __restrict__ dv, RowItems ri,
-                                                                   KvSplitShape sh) {
+__global__ void __launch_bounds__(kThreads)
+    kv_split_bwd_kv_kernel(Out* __restrict__ dkv, const In* __restrict__ dk, const In* __restrict__ dv, RowItems ri,
+                           KvSplitShape sh) {
   constexpr int kStep = kVec4 ? kVec : 1;
   const int32_t d_qk = sh.d_nope + sh.d_rope, per_head = (sh.d_nope + sh.d_v) / kStep;
   for_each_row_item(ri, [&](int64_t n, int32_t item) {
@@ -106,8 +105,8 @@ __global__ void __launch_bounds__(kThreads) kv_split_bwd_kv_kernel(Out* __restri
 // dkr[n, i] = Σ_h dk[n, h, d_nope + i], summed over heads in order in f32 (docs/derivations.md §2.5, the CPU's
 // order); items of token n: pieces of the d_rope columns.
 template <class In, bool kVec4>
-__global__ void __launch_bounds__(kThreads) kv_split_bwd_kr_kernel(float* __restrict__ dkr, const In* __restrict__ dk,
-                                                                   RowItems ri, KvSplitShape sh) {
+__global__ void __launch_bounds__(kThreads)
+    kv_split_bwd_kr_kernel(float* __restrict__ dkr, const In* __restrict__ dk, RowItems ri, KvSplitShape sh) {
   constexpr int kStep = kVec4 ? kVec : 1;
   const int32_t d_qk = sh.d_nope + sh.d_rope;
   for_each_row_item(ri, [&](int64_t n, int32_t item) {
@@ -172,7 +171,9 @@ __global__ void diff_lambda_bwd_kernel(float* dlq1, float* dlk1, float* dlq2, fl
 struct AttnShape {
   int64_t seq, heads, d_qk, d_v, comps;
   // Element offset of row (b, t, head h) in a [B, T, H, width] tensor.
-  __device__ int64_t at(int64_t b, int64_t t, int64_t h, int64_t width) const { return ((b * seq + t) * heads + h) * width; }
+  __device__ int64_t at(int64_t b, int64_t t, int64_t h, int64_t width) const {
+    return ((b * seq + t) * heads + h) * width;
+  }
 };
 
 AttnShape shape_of(const AttnDims& d) { return {d.seq, d.heads, d.d_qk, d.d_v, d.comps}; }
@@ -194,9 +195,9 @@ __device__ float causal_scores(float* z, const float* q_s, const float* k, int64
 }
 
 // Shared memory: q [d_qk] then p [T].
-__global__ void __launch_bounds__(kAttnThreads) attention_fwd_kernel(float* out, float* o2, float* lse, const float* q,
-                                                                     const float* k, const float* v,
-                                                                     const float* lambda, AttnShape sh, float scale) {
+__global__ void __launch_bounds__(kAttnThreads)
+    attention_fwd_kernel(float* out, float* o2, float* lse, const float* q, const float* k, const float* v,
+                         const float* lambda, AttnShape sh, float scale) {
   extern __shared__ float smem[];
   __shared__ float red[kWarp];
   float* q_s = smem;
@@ -242,11 +243,10 @@ __global__ void __launch_bounds__(kAttnThreads) attention_fwd_kernel(float* out,
 //   p_s = exp(z_s − lse),  dS_s = p_s·(dO_c·V_s − D_c),  D_c = rowsum(dO_c ⊙ O_c),
 //   dq_t = scale·Σ_s dS_s k_s (written),  dk_s += scale·dS_s q_t,  dV_s += p_s dO_c (atomics).
 // Shared memory: q [d_qk], dout row [width], p [T], dS [T].
-__global__ void __launch_bounds__(kAttnThreads) attention_bwd_kernel(float* dq, float* dk, float* dv,
-                                                                     const float* dout, const float* q, const float* k,
-                                                                     const float* v, const float* out, const float* o2,
-                                                                     const float* lse, const float* lambda,
-                                                                     AttnShape sh, float scale) {
+__global__ void __launch_bounds__(kAttnThreads)
+    attention_bwd_kernel(float* dq, float* dk, float* dv, const float* dout, const float* q, const float* k,
+                         const float* v, const float* out, const float* o2, const float* lse, const float* lambda,
+                         AttnShape sh, float scale) {
   extern __shared__ float smem[];
   __shared__ float red[kWarp];
   const int64_t width = sh.comps * sh.d_v;
@@ -329,7 +329,8 @@ size_t attention_smem(CudaBackend& be, Kernel kernel, size_t floats, std::string
                 "[{}] T = {} needs {} bytes of shared memory per block, the device allows {} (the flash kernels "
                 "have no such limit: d_qk in {{32, 48, 96, 128}}, comps·d_v in {{32, 64, 128}})",
                 op, d.seq, bytes, be.max_shared_bytes());
-  if (bytes > 48 * 1024) CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
+  if (bytes > 48 * 1024)
+    CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
   return bytes;
 }
 
@@ -397,9 +398,12 @@ KvSplitShape kv_split_shape(int64_t n_heads, int64_t d_nope, int64_t d_rope, int
   DIFFMOE_CHECK(n_heads <= INT32_MAX / 4 && d_nope + d_rope + d_v <= INT32_MAX / 4,
                 "[{}] {} heads of {} + {} + {} columns exceed the kernels' 32-bit item numbers", op, n_heads, d_nope,
                 d_rope, d_v);
-  return KvSplitShape{.n_heads = static_cast<int32_t>(n_heads), .d_nope = static_cast<int32_t>(d_nope),
-                      .d_rope = static_cast<int32_t>(d_rope), .d_v = static_cast<int32_t>(d_v),
-                      .kr_stride = kr_stride, .kr_offset = kr_offset};
+  return KvSplitShape{.n_heads = static_cast<int32_t>(n_heads),
+                      .d_nope = static_cast<int32_t>(d_nope),
+                      .d_rope = static_cast<int32_t>(d_rope),
+                      .d_v = static_cast<int32_t>(d_v),
+                      .kr_stride = kr_stride,
+                      .kr_offset = kr_offset};
 }
 bool kv_split_vec4(const KvSplitShape& sh, std::initializer_list<const float*> ptrs) {
   if (!vec_sizes({sh.d_nope, sh.d_rope, sh.d_v, sh.kr_stride, sh.kr_offset})) return false;
@@ -427,7 +431,6 @@ void simple_attention_bwd(CudaBackend& be, cudaStream_t s, const AttentionBwdArg
   }
 }
 
-
 }  // namespace
 
 void CudaBackend::mla_kv_split_fwd(Context ctx, const MlaKvSplitFwdArgs& a) {
@@ -446,7 +449,8 @@ void CudaBackend::mla_kv_split_fwd(Context ctx, const MlaKvSplitFwdArgs& a) {
     if (vec4)
       kv_split_fwd_kernel<Out, In, true><<<row_items_grid(ri), kThreads, 0, stream(ctx)>>>(k, v, kv, f32(a.kr), ri, sh);
     else
-      kv_split_fwd_kernel<Out, In, false><<<row_items_grid(ri), kThreads, 0, stream(ctx)>>>(k, v, kv, f32(a.kr), ri, sh);
+      kv_split_fwd_kernel<Out, In, false>
+          <<<row_items_grid(ri), kThreads, 0, stream(ctx)>>>(k, v, kv, f32(a.kr), ri, sh);
     CUDA_CHECK_LAUNCH(kOp);
   };
   const auto with_kv = [&](auto* k, auto* v) {
@@ -490,16 +494,15 @@ void CudaBackend::mla_kv_split_bwd(Context ctx, const MlaKvSplitBwdArgs& a) {
   };
   if (a.dk.dtype == DType::kBF16)
     with_out(static_cast<const __nv_bfloat16*>(a.dk.data), static_cast<const __nv_bfloat16*>(a.dv.data));
-  else
-    with_out(static_cast<const float*>(a.dk.data), static_cast<const float*>(a.dv.data));
+  else with_out(static_cast<const float*>(a.dk.data), static_cast<const float*>(a.dv.data));
 }
 
 void CudaBackend::diff_lambda_fwd(Context ctx, const DiffLambdaFwdArgs& a) {
   const OpScope profile_scope(*this, stream(ctx), "diff_lambda_fwd");
   validate_diff_lambda_fwd(a, Device::kCUDA);
   require_f32(a.lq1, "diff_lambda_fwd");
-  diff_lambda_fwd_kernel<<<1, kThreads, 0, stream(ctx)>>>(f32(a.lambda), f32(a.lq1), f32(a.lk1), f32(a.lq2),
-                                                          f32(a.lk2), a.lq1.numel(), a.lambda_init);
+  diff_lambda_fwd_kernel<<<1, kThreads, 0, stream(ctx)>>>(f32(a.lambda), f32(a.lq1), f32(a.lk1), f32(a.lq2), f32(a.lk2),
+                                                          a.lq1.numel(), a.lambda_init);
   CUDA_CHECK_LAUNCH("diff_lambda_fwd");
 }
 

@@ -14,8 +14,8 @@
 // - embedding_bwd is deterministic without atomics: the token ids are stably sorted
 //   (radix_sort.h), then one warp per distinct token adds that token's dout rows in token order,
 //   the CPU's order exactly.
-#include <cub/device/device_radix_sort.cuh>
 #include <cuda_bf16.h>
+#include <cub/device/device_radix_sort.cuh>
 
 #include <algorithm>
 #include <climits>
@@ -73,7 +73,7 @@ void f32_to_bf16(void* dst, const float* src, int64_t n, cudaStream_t s, std::st
   if (n == 0) return;
   const bool vec4 = reinterpret_cast<uintptr_t>(src) % 16 == 0 && reinterpret_cast<uintptr_t>(dst) % 8 == 0;
   f32_to_bf16_kernel<<<grid_for(vec4 ? (n + 3) / 4 : n), kThreads, 0, s>>>(static_cast<__nv_bfloat16*>(dst), src, n,
-                                                                            vec4);
+                                                                           vec4);
   CUDA_CHECK_LAUNCH(op);
 }
 
@@ -195,8 +195,8 @@ __global__ void scale_kernel(float* y, double alpha, int64_t n) {
     y[i] = static_cast<float>(alpha * static_cast<double>(y[i]));
 }
 
-constexpr int kSumSqUnroll = 4;              // float4 loads in flight per thread
-constexpr int64_t kSumSqMaxBlocks = 1024;    // partials per call: a full H100 wave of 256-thread blocks
+constexpr int kSumSqUnroll = 4;            // float4 loads in flight per thread
+constexpr int64_t kSumSqMaxBlocks = 1024;  // partials per call: a full H100 wave of 256-thread blocks
 
 // Blocks for n elements: about one float4 per unrolled load per thread, capped; a function of n
 // only, so the order of the sums (and the result) does not depend on the device.
@@ -242,8 +242,8 @@ __global__ void sum_squares_partial_kernel(double* partial, const float* x, int6
 // block tree. A whole block, not one warp: the grouped wgrad's Σ C² has ~12K partials, whose
 // serial loads took one warp ~30 µs a call.
 constexpr int kFinishThreads = 1024;
-__global__ void __launch_bounds__(kFinishThreads) sum_squares_finish_kernel(float* out, const double* partial,
-                                                                           int64_t blocks) {
+__global__ void __launch_bounds__(kFinishThreads)
+    sum_squares_finish_kernel(float* out, const double* partial, int64_t blocks) {
   __shared__ double smem[kFinishThreads / kWarp];
   double s = 0.0;
   for (int64_t b = threadIdx.x; b < blocks; b += kFinishThreads) s += partial[b];
@@ -254,8 +254,8 @@ __global__ void __launch_bounds__(kFinishThreads) sum_squares_finish_kernel(floa
 // ================================================================ embedding
 
 // out[n, d] = scale · table[tokens[n], d]; a bad token leaves its row untouched (device_issue.h).
-__global__ void embedding_fwd_kernel(float* out, const int32_t* tokens, const float* table, int64_t rows,
-                                     int64_t vocab, int64_t dim, double scale, DeviceIssue* issue) {
+__global__ void embedding_fwd_kernel(float* out, const int32_t* tokens, const float* table, int64_t rows, int64_t vocab,
+                                     int64_t dim, double scale, DeviceIssue* issue) {
   for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < rows * dim;
        i += int64_t{gridDim.x} * blockDim.x) {
     const int64_t n = i / dim, d = i % dim;
@@ -298,11 +298,13 @@ __global__ void embedding_bwd_kernel(float* dtable, const int32_t* sorted_tok, c
 constexpr int64_t kCountMaxBlocks = 1024;  // atomics per call: one per block, a full H100 wave at most
 
 // An f32 / bf16 is NaN or ±inf exactly when its exponent bits are all ones.
-__device__ __forceinline__ unsigned long long nonfinite_f32(uint32_t bits) { return (bits & 0x7f800000u) == 0x7f800000u; }
+__device__ __forceinline__ unsigned long long nonfinite_f32(uint32_t bits) {
+  return (bits & 0x7f800000u) == 0x7f800000u;
+}
 __device__ __forceinline__ unsigned long long nonfinite_bf16(uint16_t bits) { return (bits & 0x7f80u) == 0x7f80u; }
 
-// count[0] += non-finite elements of x[0, n) (the op zeroes count first). x is read as 32-bit words (f32) or 16-bit words
-// (bf16); vec4: 16-byte aligned, the first n/4·4 f32 (or n/8·8 bf16) move as uint4.
+// count[0] += non-finite elements of x[0, n) (the op zeroes count first). x is read as 32-bit words (f32) or 16-bit
+// words (bf16); vec4: 16-byte aligned, the first n/4·4 f32 (or n/8·8 bf16) move as uint4.
 template <bool kBf16>
 __global__ void count_nonfinite_kernel(unsigned long long* count, const void* x, int64_t n, bool vec4) {
   __shared__ unsigned long long smem[kWarp];
@@ -320,7 +322,8 @@ __global__ void count_nonfinite_kernel(unsigned long long* count, const void* x,
 #pragma unroll
       for (int k = 0; k < 4; ++k) {
         if constexpr (kBf16) {
-          c += nonfinite_bf16(static_cast<uint16_t>(w[k] & 0xffffu)) + nonfinite_bf16(static_cast<uint16_t>(w[k] >> 16));
+          c +=
+              nonfinite_bf16(static_cast<uint16_t>(w[k] & 0xffffu)) + nonfinite_bf16(static_cast<uint16_t>(w[k] >> 16));
         } else {
           c += nonfinite_f32(w[k]);
         }
@@ -360,11 +363,13 @@ void CudaBackend::fill(Context ctx, const FillArgs& a) {
       std::memcpy(&bits, &a.value, sizeof bits);
       return launch_fill<uint64_t>(a.out.data, n, bits, s);
     }
-    case DType::kI32: return launch_fill<uint32_t>(a.out.data, n, static_cast<uint32_t>(static_cast<int32_t>(a.value)), s);
+    case DType::kI32:
+      return launch_fill<uint32_t>(a.out.data, n, static_cast<uint32_t>(static_cast<int32_t>(a.value)), s);
     case DType::kBF16: return launch_fill<uint16_t>(a.out.data, n, f32_to_bf16(static_cast<float>(a.value)), s);
     case DType::kF8E4M3: return launch_fill<uint8_t>(a.out.data, n, f32_to_e4m3(static_cast<float>(a.value)), s);
     default:
-      DIFFMOE_FAIL("[fill] the CUDA backend fills f32, f64, bf16, f8e4m3 or i32 tensors, got {}", dtype_name(a.out.dtype));
+      DIFFMOE_FAIL("[fill] the CUDA backend fills f32, f64, bf16, f8e4m3 or i32 tensors, got {}",
+                   dtype_name(a.out.dtype));
   }
 }
 

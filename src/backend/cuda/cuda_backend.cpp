@@ -24,8 +24,8 @@ constexpr size_t kCublasWorkspaceBytes = size_t{32} << 20;
 
 struct SiteText {
   std::string_view op, field;
-  bool allows_ignore;            // −1 is valid (cross-entropy targets, unused MoE slots)
-  bool group_offsets = false;    // grouped-GEMM offsets: a monotonicity rule, not a range
+  bool allows_ignore;          // −1 is valid (cross-entropy targets, unused MoE slots)
+  bool group_offsets = false;  // grouped-GEMM offsets: a monotonicity rule, not a range
 };
 
 SiteText site_text(IssueSite s) {
@@ -226,16 +226,18 @@ void CudaBackend::print_profile() {
   profile_unprinted_ = false;
   std::vector<size_t> order(profile_stats_.size());
   std::iota(order.begin(), order.end(), size_t{0});
-  std::sort(order.begin(), order.end(), [&](size_t a, size_t b) { return profile_stats_[a].ms > profile_stats_[b].ms; });
+  std::sort(order.begin(), order.end(),
+            [&](size_t a, size_t b) { return profile_stats_[a].ms > profile_stats_[b].ms; });
   double total = 0.0;
   for (const ProfileStat& st : profile_stats_) total += st.detail ? 0.0 : st.ms;
-  fmt::print("[cuda] op profile (device time between events around each op; DIFFMOE_CUDA_PROFILE=1, =2 adds the\n"
-             "       \"· \" rows: parts of ops, already in their op's row and not in the total)\n");
+  fmt::print(
+      "[cuda] op profile (device time between events around each op; DIFFMOE_CUDA_PROFILE=1, =2 adds the\n"
+      "       \"· \" rows: parts of ops, already in their op's row and not in the total)\n");
   fmt::print("  {:<24} {:>8} {:>12} {:>7}\n", "op", "calls", "total ms", "%");
   for (size_t i : order) {
     const ProfileStat& st = profile_stats_[i];
-    fmt::print("  {:<24} {:>8} {:>12.3f} {:>6.1f}%\n", st.detail ? fmt::format("· {}", st.op) : std::string(st.op), st.calls,
-               st.ms, total > 0 ? 100.0 * st.ms / total : 0.0);
+    fmt::print("  {:<24} {:>8} {:>12.3f} {:>6.1f}%\n", st.detail ? fmt::format("· {}", st.op) : std::string(st.op),
+               st.calls, st.ms, total > 0 ? 100.0 * st.ms / total : 0.0);
   }
   fmt::print("  {:<24} {:>8} {:>12.3f} {:>6.1f}%\n", "total", "", total, 100.0);
   print_gemm_choices();
@@ -244,9 +246,10 @@ void CudaBackend::print_profile() {
 void CudaBackend::print_gemm_choices() const {
   const std::vector<LtGemmTuneReport> reports = lt_gemm_->tune_reports();
   if (reports.empty()) return;  // no bf16-mode dense GEMM tuned yet, or DIFFMOE_GEMM_AUTOTUNE=0
-  fmt::print("[cuda] cuBLASLt algorithms chosen by timing (lt_gemm.h; DIFFMOE_GEMM_AUTOTUNE=0 keeps the heuristic's\n"
-             "       first). Shapes as cuBLASLt sees them: a row-major gemm m×n×k is n×m×k, transposes swapped;\n"
-             "       times: the fastest of the timed calls, heuristic's first choice → chosen\n");
+  fmt::print(
+      "[cuda] cuBLASLt algorithms chosen by timing (lt_gemm.h; DIFFMOE_GEMM_AUTOTUNE=0 keeps the heuristic's\n"
+      "       first). Shapes as cuBLASLt sees them: a row-major gemm m×n×k is n×m×k, transposes swapped;\n"
+      "       times: the fastest of the timed calls, heuristic's first choice → chosen\n");
   for (const LtGemmTuneReport& r : reports) {
     fmt::print("  {:<36} candidate {} of {}  {:>9.4f} ms → {:.4f} ms\n", r.shape, r.chosen, r.candidates,
                r.heuristic_ms, r.chosen_ms);
@@ -289,16 +292,21 @@ void CudaBackend::check_issue() {
   CUDA_CHECK(cudaMemset(issue_.get(), 0, sizeof(DeviceIssue)));  // the backend stays usable
   const SiteText t = site_text(static_cast<IssueSite>(rec.site));
   if (t.group_offsets) {
-    DIFFMOE_FAIL("[{}] {}[{}] = {} breaks 0 = offsets[0] ≤ offsets[1] ≤ … ≤ offsets[G] ≤ rows = {} (checked on the "
-                 "device; the op skipped the groups it bounds, reported at the next synchronize)",
-                 t.op, t.field, rec.index, rec.value, rec.limit);
+    DIFFMOE_FAIL(
+        "[{}] {}[{}] = {} breaks 0 = offsets[0] ≤ offsets[1] ≤ … ≤ offsets[G] ≤ rows = {} (checked on the "
+        "device; the op skipped the groups it bounds, reported at the next synchronize)",
+        t.op, t.field, rec.index, rec.value, rec.limit);
   }
   if (t.allows_ignore) {
-    DIFFMOE_FAIL("[{}] {}[{}] = {} is neither −1 (ignore) nor in [0, {}) (checked on the device; the op skipped "
-                 "it, reported at the next synchronize)", t.op, t.field, rec.index, rec.value, rec.limit);
+    DIFFMOE_FAIL(
+        "[{}] {}[{}] = {} is neither −1 (ignore) nor in [0, {}) (checked on the device; the op skipped "
+        "it, reported at the next synchronize)",
+        t.op, t.field, rec.index, rec.value, rec.limit);
   }
-  DIFFMOE_FAIL("[{}] {}[{}] = {} is outside [0, {}) (checked on the device; the op skipped it, reported at the next "
-               "synchronize)", t.op, t.field, rec.index, rec.value, rec.limit);
+  DIFFMOE_FAIL(
+      "[{}] {}[{}] = {} is outside [0, {}) (checked on the device; the op skipped it, reported at the next "
+      "synchronize)",
+      t.op, t.field, rec.index, rec.value, rec.limit);
 }
 
 void CudaBackend::upload(const Tensor& dst, const void* src) {
@@ -327,7 +335,8 @@ std::unique_ptr<Backend> make_cuda_backend(int device) {
   if (device >= 0) {
     int count = 0;
     CUDA_CHECK(cudaGetDeviceCount(&count));
-    DIFFMOE_CHECK(device < count, "[cuda] device {} requested (LOCAL_RANK or cuda:N), but this machine has {} CUDA device(s)", device,
+    DIFFMOE_CHECK(device < count,
+                  "[cuda] device {} requested (LOCAL_RANK or cuda:N), but this machine has {} CUDA device(s)", device,
                   count);
     CUDA_CHECK(cudaSetDevice(device));  // the backend, its streams and its memory live on the current device
   }

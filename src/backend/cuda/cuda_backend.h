@@ -24,14 +24,13 @@
 //   tensors as they are and round f32 ones to bf16 into a backend-owned buffer of their own
 //   (gemm_bf16_scratch); gemm runs on cuBLASLt (lt_gemm.h: its own handle, a 32 MiB workspace and
 //   a cache of plans by call shape) with bf16 inputs, f32 accumulation, an f32 or bf16 output and
-//   an optional separate addend, the grouped ops run the device-scheduled kernels of grouped_gemm.cuh, and attention the
-//   tensor-core kernels of tc_attention.cuh where they cover the shape (they also read bf16 q, k, v
-//   in place). The attention's f32 kernels take bf16 q, k, v (any precision) widened into the same
-//   buffer, and compute bf16 dq, dk, dv there in f32 (attention_ops.cu). That buffer is sized by the largest call seen: it
-//   grows (cudaFree + cudaMalloc, which waits for the device) only when a call needs more than any
-//   before, i.e. during the first training step, then steady-state calls do not allocate. Its peak
-//   is 2 bytes per element of the largest A plus B of one op (for the bench preset the LM head's
-//   weight-gradient operands).
+//   an optional separate addend, the grouped ops run the device-scheduled kernels of grouped_gemm.cuh, and attention
+//   the tensor-core kernels of tc_attention.cuh where they cover the shape (they also read bf16 q, k, v in place). The
+//   attention's f32 kernels take bf16 q, k, v (any precision) widened into the same buffer, and compute bf16 dq, dk, dv
+//   there in f32 (attention_ops.cu). That buffer is sized by the largest call seen: it grows (cudaFree + cudaMalloc,
+//   which waits for the device) only when a call needs more than any before, i.e. during the first training step, then
+//   steady-state calls do not allocate. Its peak is 2 bytes per element of the largest A plus B of one op (for the
+//   bench preset the LM head's weight-gradient operands).
 // - Determinism: everything is bitwise run-to-run reproducible except, for shapes the flash
 //   attention kernels do not cover (flash_attention.h) or under AttentionKernel::kSimple,
 //   attention_bwd's dk/dv (atomicAdd over query rows): f32 atomics whose order varies in the last
@@ -113,7 +112,7 @@ class CudaBackend final : public Backend, public OpProfiler {
   void synchronize(Context ctx) override;
   bool tuning() const override;
 
-  void fill(Context ctx, const FillArgs& a) override;                    // basic_ops.cu
+  void fill(Context ctx, const FillArgs& a) override;  // basic_ops.cu
   void copy(Context ctx, const CopyArgs& a) override;
   void axpy(Context ctx, const AxpyArgs& a) override;
   void scale(Context ctx, const ScaleArgs& a) override;
@@ -121,28 +120,28 @@ class CudaBackend final : public Backend, public OpProfiler {
   void count_nonfinite(Context ctx, const CountNonfiniteArgs& a) override;
   void embedding_fwd(Context ctx, const EmbeddingFwdArgs& a) override;
   void embedding_bwd(Context ctx, const EmbeddingBwdArgs& a) override;
-  void rmsnorm_fwd(Context ctx, const RmsNormFwdArgs& a) override;      // norm_ops.cu
+  void rmsnorm_fwd(Context ctx, const RmsNormFwdArgs& a) override;  // norm_ops.cu
   void rmsnorm_bwd(Context ctx, const RmsNormBwdArgs& a) override;
-  void gemm(Context ctx, const GemmArgs& a) override;                    // gemm_ops.cu
+  void gemm(Context ctx, const GemmArgs& a) override;  // gemm_ops.cu
   void grouped_gemm(Context ctx, const GroupedGemmArgs& a) override;
   void grouped_gemm_wgrad(Context ctx, const GroupedGemmWgradArgs& a) override;
-  void act_quant(Context ctx, const ActQuantArgs& a) override;          // fp8_quant_ops.cu
+  void act_quant(Context ctx, const ActQuantArgs& a) override;  // fp8_quant_ops.cu
   void weight_quant(Context ctx, const WeightQuantArgs& a) override;
   void weight_dequant(Context ctx, const WeightDequantArgs& a) override;
-  void fp8_gemm(Context ctx, const Fp8GemmArgs& a) override;            // fp8_gemm_ops.cpp
-  void rope(Context ctx, const RopeArgs& a) override;                    // rope_ops.cu
+  void fp8_gemm(Context ctx, const Fp8GemmArgs& a) override;                // fp8_gemm_ops.cpp
+  void rope(Context ctx, const RopeArgs& a) override;                       // rope_ops.cu
   void mla_kv_split_fwd(Context ctx, const MlaKvSplitFwdArgs& a) override;  // attention_ops.cu
   void mla_kv_split_bwd(Context ctx, const MlaKvSplitBwdArgs& a) override;
   void diff_lambda_fwd(Context ctx, const DiffLambdaFwdArgs& a) override;
   void diff_lambda_bwd(Context ctx, const DiffLambdaBwdArgs& a) override;
   void attention_fwd(Context ctx, const AttentionFwdArgs& a) override;
   void attention_bwd(Context ctx, const AttentionBwdArgs& a) override;
-  void latent_attention(Context ctx, const LatentAttentionArgs& a) override;  // latent_attention_ops.cu
+  void latent_attention(Context ctx, const LatentAttentionArgs& a) override;   // latent_attention_ops.cu
   void paged_cache_write(Context ctx, const PagedCacheWriteArgs& a) override;  // paged_attention_ops.cu
   void paged_latent_attention(Context ctx, const PagedLatentAttentionArgs& a) override;
-  void swiglu_fwd(Context ctx, const SwigluFwdArgs& a) override;         // swiglu_ops.cu
+  void swiglu_fwd(Context ctx, const SwigluFwdArgs& a) override;  // swiglu_ops.cu
   void swiglu_bwd(Context ctx, const SwigluBwdArgs& a) override;
-  void router_fwd(Context ctx, const RouterFwdArgs& a) override;         // moe_ops.cu
+  void router_fwd(Context ctx, const RouterFwdArgs& a) override;  // moe_ops.cu
   void router_bwd(Context ctx, const RouterBwdArgs& a) override;
   void aux_loss_fwd(Context ctx, const AuxLossFwdArgs& a) override;
   void aux_loss_bwd(Context ctx, const AuxLossBwdArgs& a) override;
@@ -155,23 +154,23 @@ class CudaBackend final : public Backend, public OpProfiler {
   void ep_dispatch_plan(Context ctx, const EpDispatchPlanArgs& a) override;
   void cross_entropy_fwd(Context ctx, const CrossEntropyFwdArgs& a) override;  // loss_ops.cu
   void cross_entropy_bwd(Context ctx, const CrossEntropyBwdArgs& a) override;
-  void adamw(Context ctx, const AdamWArgs& a) override;                  // optim_ops.cu
+  void adamw(Context ctx, const AdamWArgs& a) override;  // optim_ops.cu
   void adamw_multi(Context ctx, const AdamWMultiArgs& a) override;
   void set_gemm_precision(GemmPrecision p) override { gemm_precision_ = p; }
   GemmPrecision gemm_precision() const override { return gemm_precision_; }
 
   // ---- for the op files
   static cudaStream_t stream(Context ctx) { return static_cast<cudaStream_t>(ctx.stream); }
-  cublasHandle_t cublas(cudaStream_t s);        // the handle, bound to stream s
-  LtGemm& lt_gemm() { return *lt_gemm_; }       // the bf16 mode's dense GEMMs (cuBLASLt)
+  cublasHandle_t cublas(cudaStream_t s);   // the handle, bound to stream s
+  LtGemm& lt_gemm() { return *lt_gemm_; }  // the bf16 mode's dense GEMMs (cuBLASLt)
   const LtGemm& lt_gemm() const { return *lt_gemm_; }
-  void* scratch(size_t bytes);                  // the shared scratch workspace, >= bytes
-  void* gemm_bf16_scratch(size_t bytes);        // the operand conversions' buffer, >= bytes (grows only)
+  void* scratch(size_t bytes);            // the shared scratch workspace, >= bytes
+  void* gemm_bf16_scratch(size_t bytes);  // the operand conversions' buffer, >= bytes (grows only)
   size_t gemm_bf16_scratch_bytes() const { return gemm_bf16_scratch_.bytes(); }
   DeviceIssue* issue() const { return static_cast<DeviceIssue*>(issue_.get()); }
   int multiprocessors() const { return sm_count_; }
   int64_t adamw_table_uploads() const { return adamw_table_.uploads(); }  // adamw_multi's (tests)
-  size_t max_shared_bytes() const { return max_smem_optin_; }  // per block, after opt-in
+  size_t max_shared_bytes() const { return max_smem_optin_; }             // per block, after opt-in
   // Copies an i32 device tensor to host memory owned by the backend (stream sync): grouped GEMMs.
   const int32_t* read_to_host(const Tensor& t, cudaStream_t s);
 
@@ -183,7 +182,7 @@ class CudaBackend final : public Backend, public OpProfiler {
   void profile_end();
   bool profiling_details() const { return profile_details_; }  // DIFFMOE_CUDA_PROFILE=2
   size_t profile_detail_stat(const std::string& name);         // the row of a DetailScope
-  cudaEvent_t profile_event();                                  // a free event (or a new one)
+  cudaEvent_t profile_event();                                 // a free event (or a new one)
   void profile_push(size_t stat, cudaEvent_t start, cudaEvent_t stop);
 
   // ---- attention kernel choice (attention_ops.cu): the fused flash-style kernels where they cover
@@ -220,12 +219,12 @@ class CudaBackend final : public Backend, public OpProfiler {
     size_t stat;  // index into profile_stats_
     cudaEvent_t start, stop;
   };
-  void profile_flush();  // waits for the pending events and adds their times to the stats
+  void profile_flush();             // waits for the pending events and adds their times to the stats
   void print_gemm_choices() const;  // print_profile's lines on the cuBLASLt algorithms chosen by timing
   bool profiling_ = false, profile_details_ = false;
   std::deque<std::string> profile_detail_names_;  // stable storage for the detail rows' names
   int profile_depth_ = 0;
-  size_t profile_open_ = 0;            // stat of the op being recorded (outermost)
+  size_t profile_open_ = 0;  // stat of the op being recorded (outermost)
   cudaEvent_t profile_start_ = nullptr;
   cudaStream_t profile_stream_ = nullptr;
   bool profile_unprinted_ = false;

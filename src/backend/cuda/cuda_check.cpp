@@ -5,13 +5,15 @@
 namespace diffmoe {
 
 void cuda_fail(const char* call, const char* file, int line, cudaError_t err) {
-  throw_error(file, line, fmt::format("[cuda] {} failed: {} ({})", call, cudaGetErrorString(err), cudaGetErrorName(err)));
+  throw_error(file, line,
+              fmt::format("[cuda] {} failed: {} ({})", call, cudaGetErrorString(err), cudaGetErrorName(err)));
 }
 
 void cuda_check_launch(std::string_view op, const char* file, int line) {
   const cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess)
-    throw_error(file, line, fmt::format("[{}] kernel launch failed: {} ({})", op, cudaGetErrorString(err), cudaGetErrorName(err)));
+    throw_error(file, line,
+                fmt::format("[{}] kernel launch failed: {} ({})", op, cudaGetErrorString(err), cudaGetErrorName(err)));
 }
 
 const char* cublas_status_name(cublasStatus_t status) {
@@ -31,12 +33,14 @@ const char* cublas_status_name(cublasStatus_t status) {
 }
 
 void cublas_fail(const char* call, const char* file, int line, cublasStatus_t status) {
-  throw_error(file, line, fmt::format("[cublas] {} failed: {} ({})", call, cublas_status_name(status), static_cast<int>(status)));
+  throw_error(file, line,
+              fmt::format("[cublas] {} failed: {} ({})", call, cublas_status_name(status), static_cast<int>(status)));
 }
 
 void cublaslt_fail(const char* call, const char* file, int line, cublasStatus_t status, const std::string& what) {
-  throw_error(file, line, fmt::format("[cublasLt] {} failed: {} ({}) in {}", call, cublas_status_name(status),
-                                      static_cast<int>(status), what));
+  throw_error(file, line,
+              fmt::format("[cublasLt] {} failed: {} ({}) in {}", call, cublas_status_name(status),
+                          static_cast<int>(status), what));
 }
 
 }  // namespace diffmoe

@@ -23,25 +23,25 @@ void cuda_check_launch(std::string_view op, const char* file, int line);
 
 }  // namespace diffmoe
 
-#define CUDA_CHECK(call)                                                                \
-  do {                                                                                  \
-    const cudaError_t diffmoe_cuda_err_ = (call);                                       \
+#define CUDA_CHECK(call)                                                                                      \
+  do {                                                                                                        \
+    const cudaError_t diffmoe_cuda_err_ = (call);                                                             \
     if (diffmoe_cuda_err_ != cudaSuccess) ::diffmoe::cuda_fail(#call, __FILE__, __LINE__, diffmoe_cuda_err_); \
   } while (0)
 
-#define CUBLAS_CHECK(call)                                                                    \
-  do {                                                                                        \
-    const cublasStatus_t diffmoe_cublas_st_ = (call);                                         \
-    if (diffmoe_cublas_st_ != CUBLAS_STATUS_SUCCESS)                                          \
-      ::diffmoe::cublas_fail(#call, __FILE__, __LINE__, diffmoe_cublas_st_);                  \
+#define CUBLAS_CHECK(call)                                                   \
+  do {                                                                       \
+    const cublasStatus_t diffmoe_cublas_st_ = (call);                        \
+    if (diffmoe_cublas_st_ != CUBLAS_STATUS_SUCCESS)                         \
+      ::diffmoe::cublas_fail(#call, __FILE__, __LINE__, diffmoe_cublas_st_); \
   } while (0)
 
 // cuBLASLt calls also return cublasStatus_t; their failures name what the call was for.
-#define CUBLASLT_CHECK(call, what)                                                            \
-  do {                                                                                        \
-    const cublasStatus_t diffmoe_cublaslt_st_ = (call);                                       \
-    if (diffmoe_cublaslt_st_ != CUBLAS_STATUS_SUCCESS)                                        \
-      ::diffmoe::cublaslt_fail(#call, __FILE__, __LINE__, diffmoe_cublaslt_st_, (what));      \
+#define CUBLASLT_CHECK(call, what)                                                       \
+  do {                                                                                   \
+    const cublasStatus_t diffmoe_cublaslt_st_ = (call);                                  \
+    if (diffmoe_cublaslt_st_ != CUBLAS_STATUS_SUCCESS)                                   \
+      ::diffmoe::cublaslt_fail(#call, __FILE__, __LINE__, diffmoe_cublaslt_st_, (what)); \
   } while (0)
 
 // Launch errors (bad grid, too much shared memory) surface at cudaGetLastError; errors inside a

@@ -15,7 +15,7 @@
 namespace diffmoe::cuda {
 
 constexpr int kWarp = 32;
-constexpr int kThreads = 256;                 // default block for element-wise kernels
+constexpr int kThreads = 256;  // default block for element-wise kernels
 constexpr int kWarpsPerBlock = kThreads / kWarp;
 constexpr int64_t kMaxGrid = int64_t{1} << 20;  // grid-stride loops cover the rest
 constexpr unsigned kFullMask = 0xffffffffu;
@@ -31,8 +31,8 @@ inline unsigned grid_for(int64_t n, int64_t per_block = kThreads) {
 // A float tensor that this op reads or writes in f32 only (the bf16 GEMM mode's bf16 tensors are
 // the ones op_args.h names; everything else stays f32 on CUDA, f32 or f64 on the CPU).
 inline void require_f32(const Tensor& t, std::string_view op) {
-  DIFFMOE_CHECK(t.dtype == DType::kF32, "[{}] the CUDA backend computes this tensor in f32, got {}",
-                op, dtype_name(t.dtype));
+  DIFFMOE_CHECK(t.dtype == DType::kF32, "[{}] the CUDA backend computes this tensor in f32, got {}", op,
+                dtype_name(t.dtype));
 }
 
 // An input the bf16 GEMM mode may hold in bf16 (op_validation's output_dtype, op_args.h): f32 or bf16.
@@ -54,7 +54,9 @@ inline int32_t* i32(const Tensor& t) { return static_cast<int32_t*>(t.data); }
 // Stores v as an f32 or, for outputs that only bf16 GEMMs read (the bf16 GEMM mode plans those in
 // bf16), rounded to bf16 through f32 as the CPU narrows.
 __device__ __forceinline__ void store_as(float* p, double v) { *p = static_cast<float>(v); }
-__device__ __forceinline__ void store_as(__nv_bfloat16* p, double v) { *p = __float2bfloat16_rn(static_cast<float>(v)); }
+__device__ __forceinline__ void store_as(__nv_bfloat16* p, double v) {
+  *p = __float2bfloat16_rn(static_cast<float>(v));
+}
 
 // ---------------------------------------------------------------- reductions
 
@@ -98,7 +100,8 @@ __device__ inline float block_max(float v, float* smem) {
 
 // Records a bad index unless one was recorded before (the first one wins). Kept out of line: the
 // callers' hot loops only carry the comparison (an inlined atomic path cost registers and spills).
-__device__ __noinline__ inline void report_bad_index(DeviceIssue* issue, IssueSite site, int64_t i, int32_t v, int64_t limit) {
+__device__ __noinline__ inline void report_bad_index(DeviceIssue* issue, IssueSite site, int64_t i, int32_t v,
+                                                     int64_t limit) {
   if (atomicCAS(&issue->flag, 0, 1) == 0) {
     issue->site = static_cast<int32_t>(site);
     issue->index = i;

@@ -24,14 +24,14 @@ enum class IssueSite : int32_t {
   kCombineBwdSlotPos,
   kCrossEntropyFwdTargets,
   kCrossEntropyBwdTargets,
-  kGroupedGemmOffsets,       // offsets break 0 = o[0] ≤ o[1] ≤ … ≤ o[G] ≤ rows (limit = rows)
+  kGroupedGemmOffsets,  // offsets break 0 = o[0] ≤ o[1] ≤ … ≤ o[G] ≤ rows (limit = rows)
   kGroupedGemmWgradOffsets,
   kEpPlanTopkIdx,
   kRopePositions,
   kPagedCacheWriteSlots,
   kPagedAttentionBlockTable,
-  kPagedAttentionKvLens,     // kv_lens[b] must cover the query rows and fit the block table (limit = capacity + 1)
-  kPagedAttentionQOffsets,   // 0 = q_offsets[0] ≤ … ≤ q_offsets[B] = rows (limit = rows)
+  kPagedAttentionKvLens,    // kv_lens[b] must cover the query rows and fit the block table (limit = capacity + 1)
+  kPagedAttentionQOffsets,  // 0 = q_offsets[0] ≤ … ≤ q_offsets[B] = rows (limit = rows)
 };
 
 struct DeviceIssue {

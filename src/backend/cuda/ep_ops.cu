@@ -78,18 +78,19 @@ void CudaBackend::ep_dispatch_plan(Context ctx, const EpDispatchPlanArgs& a) {
   DIFFMOE_CHECK(total <= INT32_MAX, "[{}] {} tokens x {} ranks overflow the i32 scan", kOp, d.tokens, d.ranks);
   // Scratch: flags, their inclusive scan, CUB's temporaries.
   size_t temp_bytes = 0;
-  CUDA_CHECK(cub::DeviceScan::InclusiveSum(nullptr, temp_bytes, static_cast<const int32_t*>(nullptr), static_cast<int32_t*>(nullptr),
-                                           static_cast<int>(total), s));
+  CUDA_CHECK(cub::DeviceScan::InclusiveSum(nullptr, temp_bytes, static_cast<const int32_t*>(nullptr),
+                                           static_cast<int32_t*>(nullptr), static_cast<int>(total), s));
   const size_t flag_bytes = align256(static_cast<size_t>(total) * sizeof(int32_t));
   char* base = static_cast<char*>(scratch(2 * flag_bytes + temp_bytes));
   auto* flags = reinterpret_cast<int32_t*>(base);
   auto* scan = reinterpret_cast<int32_t*>(base + flag_bytes);
-  ep_flags_kernel<<<grid_for(total), kThreads, 0, s>>>(flags, i32(a.topk_idx), d.tokens, d.top_k, d.ranks, d.local_experts, issue());
+  ep_flags_kernel<<<grid_for(total), kThreads, 0, s>>>(flags, i32(a.topk_idx), d.tokens, d.top_k, d.ranks,
+                                                       d.local_experts, issue());
   CUDA_CHECK_LAUNCH(kOp);
   CUDA_CHECK(cub::DeviceScan::InclusiveSum(base + 2 * flag_bytes, temp_bytes, flags, scan, static_cast<int>(total), s));
-  ep_pairs_kernel<float><<<grid_for(total), kThreads, 0, s>>>(i32(a.counts), i32(a.pair_token), i32(a.pair_of), i32(a.pair_idx),
-                                                               f32(a.pair_w), flags, scan, i32(a.topk_idx), f32(a.topk_w), d.tokens,
-                                                               d.top_k, d.ranks, d.local_experts);
+  ep_pairs_kernel<float><<<grid_for(total), kThreads, 0, s>>>(
+      i32(a.counts), i32(a.pair_token), i32(a.pair_of), i32(a.pair_idx), f32(a.pair_w), flags, scan, i32(a.topk_idx),
+      f32(a.topk_w), d.tokens, d.top_k, d.ranks, d.local_experts);
   CUDA_CHECK_LAUNCH(kOp);
   ep_pair_counts_kernel<<<grid_for(d.ranks), kThreads, 0, s>>>(i32(a.counts), scan, d.tokens, d.ranks, d.local_experts);
   CUDA_CHECK_LAUNCH(kOp);

@@ -34,12 +34,12 @@
 namespace diffmoe::cuda {
 namespace {
 
-constexpr int kBM = 64;                       // query rows per tile
-constexpr int kBN = 64;                       // keys per tile
-constexpr int kFlashThreads = 256;            // 16 × 16 threads
-constexpr int kGrid = 16;                     // threads per tile side
-constexpr int kRows = kBM / kGrid;            // result rows per thread (4: one float4 of A)
-constexpr int kLdt = kBM + 4;                 // row stride of [depth][row] buffers (float4-aligned)
+constexpr int kBM = 64;             // query rows per tile
+constexpr int kBN = 64;             // keys per tile
+constexpr int kFlashThreads = 256;  // 16 × 16 threads
+constexpr int kGrid = 16;           // threads per tile side
+constexpr int kRows = kBM / kGrid;  // result rows per thread (4: one float4 of A)
+constexpr int kLdt = kBM + 4;       // row stride of [depth][row] buffers (float4-aligned)
 static_assert(kBM == kBN, "the square tile lets one thread grid serve both loops");
 static_assert(kRows == 4, "tile_fma reads A as one float4");
 static_assert(kGrid * kGrid == kFlashThreads);
@@ -129,45 +129,48 @@ __device__ __forceinline__ void stage_tile(int t0, int seq, Src src, Dst dst) {
 // or row-major (stride LD).
 template <int WIDTH>
 __device__ void stage_t(float* dst, const float* src, const FlashShape& sh, int b, int t0, int h) {
-  stage_tile<WIDTH>(t0, sh.seq, [&](int t, int col) { return src[sh.at(b, t, h, WIDTH) + col]; },
-                    [&](int r, int col) -> float& { return dst[col * kLdt + r]; });
+  stage_tile<WIDTH>(
+      t0, sh.seq, [&](int t, int col) { return src[sh.at(b, t, h, WIDTH) + col]; },
+      [&](int r, int col) -> float& { return dst[col * kLdt + r]; });
 }
 template <int WIDTH, int LD>
 __device__ void stage_rows(float* dst, const float* src, const FlashShape& sh, int b, int t0, int h) {
-  stage_tile<WIDTH>(t0, sh.seq, [&](int t, int col) { return src[sh.at(b, t, h, WIDTH) + col]; },
-                    [&](int r, int col) -> float& { return dst[r * LD + col]; });
+  stage_tile<WIDTH>(
+      t0, sh.seq, [&](int t, int col) { return src[sh.at(b, t, h, WIDTH) + col]; },
+      [&](int r, int col) -> float& { return dst[r * LD + col]; });
 }
 // The value group's rows: V_g = heads first..first+comps−1 of v, contiguous (W = comps·d_v values),
 // row-major (stride LD) or transposed (LD = 0: [col][row], stride kLdt).
 template <int W, int LD>
 __device__ void stage_v(float* dst, const float* v, const FlashShape& sh, int b, int t0, int first) {
-  stage_tile<W>(t0, sh.seq, [&](int t, int col) { return v[sh.at(b, t, first, sh.d_v) + col]; },
-                [&](int r, int col) -> float& { return LD == 0 ? dst[col * kLdt + r] : dst[r * LD + col]; });
+  stage_tile<W>(
+      t0, sh.seq, [&](int t, int col) { return v[sh.at(b, t, first, sh.d_v) + col]; },
+      [&](int r, int col) -> float& { return LD == 0 ? dst[col * kLdt + r] : dst[r * LD + col]; });
 }
 // The group's dout rows (W values) into dst, row-major (stride LD) or transposed (LD = 0).
 template <int W, int LD>
 __device__ void stage_dout(float* dst, const float* dout, const FlashShape& sh, int b, int t0, int g) {
-  stage_tile<W>(t0, sh.seq, [&](int t, int col) { return dout[sh.group_row(b, t, g) * W + col]; },
-                [&](int r, int col) -> float& { return LD == 0 ? dst[col * kLdt + r] : dst[r * LD + col]; });
+  stage_tile<W>(
+      t0, sh.seq, [&](int t, int col) { return dout[sh.group_row(b, t, g) * W + col]; },
+      [&](int r, int col) -> float& { return LD == 0 ? dst[col * kLdt + r] : dst[r * LD + col]; });
 }
 
 // ================================================================ forward
 
 template <int DQK, int W>
 struct FwdSmem {
-  static constexpr int kLdk = DQK + 1;  // odd: K rows read as [col][depth]
-  static constexpr int kQt = 0;                           // Q^T of both components [2][DQK][kLdt]
-  static constexpr int kK = kQt + 2 * DQK * kLdt;         // K tiles of both components [2][kBN][kLdk]
-  static constexpr int kV = kK + 2 * kBN * kLdk;          // V_g tile [kBN][W]
-  static constexpr int kPt = kV + kBN * W;                // P^T [kBN][kLdt]
+  static constexpr int kLdk = DQK + 1;             // odd: K rows read as [col][depth]
+  static constexpr int kQt = 0;                    // Q^T of both components [2][DQK][kLdt]
+  static constexpr int kK = kQt + 2 * DQK * kLdt;  // K tiles of both components [2][kBN][kLdk]
+  static constexpr int kV = kK + 2 * kBN * kLdk;   // V_g tile [kBN][W]
+  static constexpr int kPt = kV + kBN * W;         // P^T [kBN][kLdt]
   static constexpr int kFloats = kPt + kBN * kLdt;
 };
 
 template <int DQK, int W>
-__global__ void __launch_bounds__(kFlashThreads, 1) flash_attention_fwd_kernel(float* out, float* o2, float* lse,
-                                                                            const float* q, const float* k,
-                                                                            const float* v, const float* lambda,
-                                                                            FlashShape sh) {
+__global__ void __launch_bounds__(kFlashThreads, 1)
+    flash_attention_fwd_kernel(float* out, float* o2, float* lse, const float* q, const float* k, const float* v,
+                               const float* lambda, FlashShape sh) {
   using L = FwdSmem<DQK, W>;
   constexpr int NW = W / kGrid;
   extern __shared__ __align__(16) float smem[];
@@ -324,9 +327,10 @@ struct DkvSmem {
 
 // Per key tile: dK_c = scale·Σ_q dS_c^T Q_c, dV_g = Σ_c Σ_q P_c^T dO_c (rows owned, overwritten).
 template <int DQK, int W>
-__global__ void __launch_bounds__(kFlashThreads, 1) flash_attention_bwd_dkv_kernel(
-    float* dk, float* dv, const float* dout, const float* q, const float* k, const float* v, const float* lse,
-    const float* dvec, const float* lambda, FlashShape sh) {
+__global__ void __launch_bounds__(kFlashThreads, 1)
+    flash_attention_bwd_dkv_kernel(float* dk, float* dv, const float* dout, const float* q, const float* k,
+                                   const float* v, const float* lse, const float* dvec, const float* lambda,
+                                   FlashShape sh) {
   using L = DkvSmem<DQK, W>;
   constexpr int NW = W / kGrid, ND = DQK / kGrid;
   extern __shared__ __align__(16) float smem[];
@@ -406,22 +410,22 @@ __global__ void __launch_bounds__(kFlashThreads, 1) flash_attention_bwd_dkv_kern
 template <int DQK, int W>
 struct DqSmem {
   static constexpr int kLdk = DQK + 1, kLdv = W + 1;
-  static constexpr int kQt = 0;                       // Q^T of both components [2][DQK][kLdt]
-  static constexpr int kDot = kQt + 2 * DQK * kLdt;   // dout^T [W][kLdt]
-  static constexpr int kK = kDot + W * kLdt;          // K tiles of both components [2][kBN][kLdk]
-  static constexpr int kV = kK + 2 * kBN * kLdk;      // V_g tile [kBN][kLdv]
-  static constexpr int kDst = kV + kBN * kLdv;        // scale·dS^T [kBN][kLdt]
-  static constexpr int kLse = kDst + kBN * kLdt;      // [2][kBM]
-  static constexpr int kD = kLse + 2 * kBM;           // [2][kBM]
+  static constexpr int kQt = 0;                      // Q^T of both components [2][DQK][kLdt]
+  static constexpr int kDot = kQt + 2 * DQK * kLdt;  // dout^T [W][kLdt]
+  static constexpr int kK = kDot + W * kLdt;         // K tiles of both components [2][kBN][kLdk]
+  static constexpr int kV = kK + 2 * kBN * kLdk;     // V_g tile [kBN][kLdv]
+  static constexpr int kDst = kV + kBN * kLdv;       // scale·dS^T [kBN][kLdt]
+  static constexpr int kLse = kDst + kBN * kLdt;     // [2][kBM]
+  static constexpr int kD = kLse + 2 * kBM;          // [2][kBM]
   static constexpr int kFloats = kD + 2 * kBM;
 };
 
 // Per query tile: dQ_c = scale·Σ_s dS_c K_c (rows owned, overwritten), both components per key
 // tile: dout·V^T is the same for both (dP_c = coef_c·dout·V^T), computed once.
 template <int DQK, int W>
-__global__ void __launch_bounds__(kFlashThreads, 1) flash_attention_bwd_dq_kernel(
-    float* dq, const float* dout, const float* q, const float* k, const float* v, const float* lse,
-    const float* dvec, const float* lambda, FlashShape sh) {
+__global__ void __launch_bounds__(kFlashThreads, 1)
+    flash_attention_bwd_dq_kernel(float* dq, const float* dout, const float* q, const float* k, const float* v,
+                                  const float* lse, const float* dvec, const float* lambda, FlashShape sh) {
   using L = DqSmem<DQK, W>;
   constexpr int ND = DQK / kGrid;
   extern __shared__ __align__(16) float smem[];
@@ -510,7 +514,9 @@ FlashKernels kernels_for() {
   return {reinterpret_cast<const void*>(&flash_attention_fwd_kernel<DQK, W>),
           reinterpret_cast<const void*>(&flash_attention_bwd_dkv_kernel<DQK, W>),
           reinterpret_cast<const void*>(&flash_attention_bwd_dq_kernel<DQK, W>),
-          FwdSmem<DQK, W>::kFloats, DkvSmem<DQK, W>::kFloats, DqSmem<DQK, W>::kFloats};
+          FwdSmem<DQK, W>::kFloats,
+          DkvSmem<DQK, W>::kFloats,
+          DqSmem<DQK, W>::kFloats};
 }
 
 // The one place that maps a shape to its instantiation (dqk, width) → kernels; false if none.
@@ -535,15 +541,16 @@ bool pick(const AttnDims& d, FlashKernels* k) {
 }
 
 FlashShape flash_shape(const AttnDims& d, double scale) {
-  return {static_cast<int>(d.seq), static_cast<int>(d.heads), static_cast<int>(d.groups), static_cast<int>(d.comps),
-          static_cast<int>(d.d_v), static_cast<float>(scale)};
+  return {static_cast<int>(d.seq),   static_cast<int>(d.heads), static_cast<int>(d.groups),
+          static_cast<int>(d.comps), static_cast<int>(d.d_v),   static_cast<float>(scale)};
 }
 
 // Raises the kernel's dynamic shared-memory limit (all instantiations stay under the H100's 227 KB).
 size_t smem_for(CudaBackend& be, const void* kernel, int floats, std::string_view op) {
   const size_t bytes = static_cast<size_t>(floats) * sizeof(float);
-  DIFFMOE_CHECK(bytes <= be.max_shared_bytes(), "[{}] the flash kernel needs {} bytes of shared memory, the device allows {}",
-                op, bytes, be.max_shared_bytes());
+  DIFFMOE_CHECK(bytes <= be.max_shared_bytes(),
+                "[{}] the flash kernel needs {} bytes of shared memory, the device allows {}", op, bytes,
+                be.max_shared_bytes());
   CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
   return bytes;
 }
@@ -595,9 +602,8 @@ void flash_attention_bwd(CudaBackend& be, cudaStream_t s, const AttentionBwdArgs
   constexpr int kPrepThreads = 256, kRowsPerBlock = kPrepThreads / kWarp;
   const dim3 prep_grid(static_cast<unsigned>((d.seq * d.groups + kRowsPerBlock - 1) / kRowsPerBlock),
                        static_cast<unsigned>(d.batch));
-  flash_attention_bwd_prep_kernel<<<prep_grid, kPrepThreads, 0, s>>>(dvec, dl_part, f32(a.dout), f32(a.out),
-                                                                    a.differential ? f32(a.o2) : nullptr, lambda, sh,
-                                                                    width);
+  flash_attention_bwd_prep_kernel<<<prep_grid, kPrepThreads, 0, s>>>(
+      dvec, dl_part, f32(a.dout), f32(a.out), a.differential ? f32(a.o2) : nullptr, lambda, sh, width);
   CUDA_CHECK_LAUNCH("attention_bwd");
 
   float* dq = f32(a.dq);

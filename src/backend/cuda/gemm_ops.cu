@@ -83,12 +83,14 @@ struct Operand {
 // activation rounded once for several GEMMs), an f32 tensor rounded to bf16 into the backend's bf16
 // buffer (grown to the largest call seen, never shrunk). bf16 tensors need kBF16.
 // f32_exact: f32 operands as they are, also under kBF16 (GemmArgs::f32_exact).
-std::pair<Operand, Operand> gemm_operands(CudaBackend& be, cudaStream_t s, const Tensor& a, int64_t na,
-                                          const Tensor& b, int64_t nb, std::string_view op, bool f32_exact = false) {
+std::pair<Operand, Operand> gemm_operands(CudaBackend& be, cudaStream_t s, const Tensor& a, int64_t na, const Tensor& b,
+                                          int64_t nb, std::string_view op, bool f32_exact = false) {
   const bool a16_given = a.dtype == DType::kBF16, b16_given = b.dtype == DType::kBF16;
   if (be.gemm_precision() != GemmPrecision::kBF16 || f32_exact) {
-    DIFFMOE_CHECK(!a16_given && !b16_given, "[{}] bf16 operands need the bf16 GEMM mode (train.precision: bf16_gemm)"
-                  "{}", op, f32_exact ? " and f32_exact = false" : "");
+    DIFFMOE_CHECK(!a16_given && !b16_given,
+                  "[{}] bf16 operands need the bf16 GEMM mode (train.precision: bf16_gemm)"
+                  "{}",
+                  op, f32_exact ? " and f32_exact = false" : "");
     return {Operand{a.data, false}, Operand{b.data, false}};
   }
   const size_t a_bytes = a16_given ? 0 : align256(static_cast<size_t>(na) * sizeof(__nv_bfloat16));
@@ -126,7 +128,8 @@ void gemm_row_major(CudaBackend& be, cudaStream_t s, bool trans_a, bool trans_b,
     return;
   }
   CUBLAS_CHECK(cublasGemmEx(be.cublas(s), op_b, op_a, i(n), i(m), i(k), &alpha32, b.p, CUDA_R_16BF, i(ldb), a.p,
-                            CUDA_R_16BF, i(lda), &beta32, c, CUDA_R_32F, i(ldc), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+                            CUDA_R_16BF, i(lda), &beta32, c, CUDA_R_32F, i(ldc), CUBLAS_COMPUTE_32F,
+                            CUBLAS_GEMM_DEFAULT));
 }
 
 // gemm_row_major into a bf16 C [m, n] (row stride ldc): bf16 A and B, f32 products and sums, C read
@@ -155,11 +158,11 @@ void gemm_row_major_bf16_c(CudaBackend& be, cudaStream_t s, bool trans_b, int64_
 
 // The kernel records bad offsets in the backend's DeviceIssue through its own mirror of the struct.
 static_assert(sizeof(gg::GroupedGemmIssue) == sizeof(DeviceIssue) &&
-              offsetof(gg::GroupedGemmIssue, flag) == offsetof(DeviceIssue, flag) &&
-              offsetof(gg::GroupedGemmIssue, site) == offsetof(DeviceIssue, site) &&
-              offsetof(gg::GroupedGemmIssue, index) == offsetof(DeviceIssue, index) &&
-              offsetof(gg::GroupedGemmIssue, value) == offsetof(DeviceIssue, value) &&
-              offsetof(gg::GroupedGemmIssue, limit) == offsetof(DeviceIssue, limit),
+                  offsetof(gg::GroupedGemmIssue, flag) == offsetof(DeviceIssue, flag) &&
+                  offsetof(gg::GroupedGemmIssue, site) == offsetof(DeviceIssue, site) &&
+                  offsetof(gg::GroupedGemmIssue, index) == offsetof(DeviceIssue, index) &&
+                  offsetof(gg::GroupedGemmIssue, value) == offsetof(DeviceIssue, value) &&
+                  offsetof(gg::GroupedGemmIssue, limit) == offsetof(DeviceIssue, limit),
               "grouped_gemm.cuh's GroupedGemmIssue must mirror DeviceIssue");
 
 // Room in the bf16 buffer for the grouped kernels' operand copies (padded, possibly f32-rounded) of
@@ -224,7 +227,8 @@ const gg::bf16* grouped_operand(CudaBackend& be, const Tensor& t, int64_t rows, 
 void launch_grouped(CudaBackend& be, const gg::GroupedGemmParams& p, gg::GroupedLayout layout, cudaStream_t s,
                     double* sq_partial = nullptr) {
   const bool verbose = be.profiling();
-  const char* why_not = grouped_hopper_usable() ? gg::grouped_gemm_tma_unusable(p, layout) : "no sm_90a code on this device";
+  const char* why_not =
+      grouped_hopper_usable() ? gg::grouped_gemm_tma_unusable(p, layout) : "no sm_90a code on this device";
   static bool said[3] = {false, false, false};
   bool& once = said[static_cast<int>(layout)];
   if (verbose && !once) {
@@ -267,7 +271,8 @@ void CudaBackend::gemm(Context ctx, const GemmArgs& a) {
   const OpScope profile_scope(*this, stream(ctx), "gemm");
   constexpr std::string_view kOp = "gemm";
   const GemmDims d = validate_gemm(a, Device::kCUDA);
-  check_gemm_bf16_mode(kOp, gemm_precision() == GemmPrecision::kBF16, a.f32_exact, {{&a.c, "c"}, {&a.a, "a"}, {&a.b, "b"}});
+  check_gemm_bf16_mode(kOp, gemm_precision() == GemmPrecision::kBF16, a.f32_exact,
+                       {{&a.c, "c"}, {&a.a, "a"}, {&a.b, "b"}});
   const bool c16 = a.c.dtype == DType::kBF16;  // validated: beta = 0, not f32_exact, the bf16 mode
   if (!c16) require_f32(a.c, kOp);
   const cudaStream_t s = stream(ctx);
@@ -277,8 +282,9 @@ void CudaBackend::gemm(Context ctx, const GemmArgs& a) {
   if (d.k == 0) {  // an empty sum: C = beta·addend, no operand read
     if (a.beta == 1.0 && !separate) return;
     const float* from = a.beta == 0.0 ? nullptr : f32(addend);  // not read when beta = 0 (bf16 C: always)
-    if (c16) scale_matrix_kernel<<<grid_for(d.m * d.n), kThreads, 0, s>>>(static_cast<__nv_bfloat16*>(a.c.data), from,
-                                                                          d.m, d.n, d.n, a.beta);
+    if (c16)
+      scale_matrix_kernel<<<grid_for(d.m * d.n), kThreads, 0, s>>>(static_cast<__nv_bfloat16*>(a.c.data), from, d.m,
+                                                                   d.n, d.n, a.beta);
     else scale_matrix_kernel<<<grid_for(d.m * d.n), kThreads, 0, s>>>(f32(a.c), from, d.m, d.n, d.n, a.beta);
     CUDA_CHECK_LAUNCH(kOp);
     return;
@@ -297,11 +303,23 @@ void CudaBackend::gemm(Context ctx, const GemmArgs& a) {
   }
   // cuBLASLt with the operands swapped (file comment): its A is our B, its B our A, its D [n, m]
   // column-major our C [m, n]. Its C is the addend; with beta = 0 it is not read and D stands in.
-  lt_gemm().run(LtGemmCall{.trans_a = a.trans_b, .trans_b = a.trans_a, .m = d.n, .n = d.m, .k = d.k,
-                           .lda = a.b.dim(1), .ldb = a.a.dim(1), .ldc = d.n, .a = op_b.p, .b = op_a.p,
-                           .c = a.beta == 0.0 ? a.c.data : addend.data, .d = a.c.data, .ab_type = CUDA_R_16BF,
-                           .cd_type = c16 ? CUDA_R_16BF : CUDA_R_32F, .alpha = static_cast<float>(a.alpha),
-                           .beta = static_cast<float>(a.beta), .op = kOp},
+  lt_gemm().run(LtGemmCall{.trans_a = a.trans_b,
+                           .trans_b = a.trans_a,
+                           .m = d.n,
+                           .n = d.m,
+                           .k = d.k,
+                           .lda = a.b.dim(1),
+                           .ldb = a.a.dim(1),
+                           .ldc = d.n,
+                           .a = op_b.p,
+                           .b = op_a.p,
+                           .c = a.beta == 0.0 ? a.c.data : addend.data,
+                           .d = a.c.data,
+                           .ab_type = CUDA_R_16BF,
+                           .cd_type = c16 ? CUDA_R_16BF : CUDA_R_32F,
+                           .alpha = static_cast<float>(a.alpha),
+                           .beta = static_cast<float>(a.beta),
+                           .op = kOp},
                 s);
 }
 
@@ -324,19 +342,27 @@ void CudaBackend::grouped_gemm(Context ctx, const GroupedGemmArgs& a) {
   const auto b_rows = [&](int64_t k) { return d.groups * (a.trans_b ? d.n : k); };
   if (gemm_precision() == GemmPrecision::kBF16 && grouped_kernels_fit(*this)) {  // on the device, no sync
     // All R rows of A (and A2): the rows in use (offsets[G]) are known only on the device.
-    const std::array<int64_t, 4> copy_elems = {
-        grouped_copy_elems(a.a, d.rows, d.k), grouped_copy_elems(a.b, b_rows(d.k), b_cols(d.k)),
-        d.two_terms ? grouped_copy_elems(a.a2, d.rows, d.k2) : 0,
-        d.two_terms ? grouped_copy_elems(a.b2, b_rows(d.k2), b_cols(d.k2)) : 0};
+    const std::array<int64_t, 4> copy_elems = {grouped_copy_elems(a.a, d.rows, d.k),
+                                               grouped_copy_elems(a.b, b_rows(d.k), b_cols(d.k)),
+                                               d.two_terms ? grouped_copy_elems(a.a2, d.rows, d.k2) : 0,
+                                               d.two_terms ? grouped_copy_elems(a.b2, b_rows(d.k2), b_cols(d.k2)) : 0};
     const auto [a16, b16, a2_16, b2_16] = bf16_scratch_parts(*this, copy_elems);
-    gg::GroupedGemmParams p{
-        .a = grouped_operand(*this, a.a, d.rows, d.k, a16, s),
-        .b = grouped_operand(*this, a.b, b_rows(d.k), b_cols(d.k), b16, s), .c = c32, .offsets = i32(a.offsets),
-        .rows = to_int(d.rows, kOp), .groups = to_int(d.groups, kOp), .m = 0, .n = to_int(d.n, kOp),
-        .k = to_int(d.k, kOp), .lda = to_int(gg::pad8(d.k), kOp), .ldb = to_int(gg::pad8(b_cols(d.k)), kOp),
-        .alpha = static_cast<float>(a.alpha), .beta = static_cast<float>(a.beta),
-        .issue = reinterpret_cast<gg::GroupedGemmIssue*>(issue()),
-        .issue_site = static_cast<int32_t>(IssueSite::kGroupedGemmOffsets), .c16 = c16};
+    gg::GroupedGemmParams p{.a = grouped_operand(*this, a.a, d.rows, d.k, a16, s),
+                            .b = grouped_operand(*this, a.b, b_rows(d.k), b_cols(d.k), b16, s),
+                            .c = c32,
+                            .offsets = i32(a.offsets),
+                            .rows = to_int(d.rows, kOp),
+                            .groups = to_int(d.groups, kOp),
+                            .m = 0,
+                            .n = to_int(d.n, kOp),
+                            .k = to_int(d.k, kOp),
+                            .lda = to_int(gg::pad8(d.k), kOp),
+                            .ldb = to_int(gg::pad8(b_cols(d.k)), kOp),
+                            .alpha = static_cast<float>(a.alpha),
+                            .beta = static_cast<float>(a.beta),
+                            .issue = reinterpret_cast<gg::GroupedGemmIssue*>(issue()),
+                            .issue_site = static_cast<int32_t>(IssueSite::kGroupedGemmOffsets),
+                            .c16 = c16};
     if (d.two_terms && d.k2 > 0) {  // k2 = 0 adds nothing
       p.a2 = grouped_operand(*this, a.a2, d.rows, d.k2, a2_16, s);
       p.b2 = grouped_operand(*this, a.b2, b_rows(d.k2), b_cols(d.k2), b2_16, s);
@@ -386,17 +412,26 @@ void CudaBackend::grouped_gemm_wgrad(Context ctx, const GroupedGemmWgradArgs& a)
     cuda::launch_sum_squares(f32(a.sum_sq), f32(a.c), n, partial, s);
   };
   if (gemm_precision() == GemmPrecision::kBF16 && grouped_kernels_fit(*this)) {  // on the device, no sync
-    const auto [a16, b16] = bf16_scratch_parts<2>(
-        *this, {grouped_copy_elems(a.a, d.rows, d.m), grouped_copy_elems(a.b, d.rows, d.n)});
+    const auto [a16, b16] =
+        bf16_scratch_parts<2>(*this, {grouped_copy_elems(a.a, d.rows, d.m), grouped_copy_elems(a.b, d.rows, d.n)});
     // All R rows (see grouped_gemm).
     const gg::bf16* a_op = grouped_operand(*this, a.a, d.rows, d.m, a16, s);
     const gg::bf16* b_op = grouped_operand(*this, a.b, d.rows, d.n, b16, s);
-    const gg::GroupedGemmParams p{
-        .a = a_op, .b = b_op, .c = f32(a.c), .offsets = i32(a.offsets), .rows = to_int(d.rows, kOp),
-        .groups = to_int(d.groups, kOp), .m = to_int(d.m, kOp), .n = to_int(d.n, kOp), .k = 0,
-        .lda = to_int(gg::pad8(d.m), kOp), .ldb = to_int(gg::pad8(d.n), kOp), .alpha = static_cast<float>(a.alpha),
-        .beta = static_cast<float>(a.beta), .issue = reinterpret_cast<gg::GroupedGemmIssue*>(issue()),
-        .issue_site = static_cast<int32_t>(IssueSite::kGroupedGemmWgradOffsets)};
+    const gg::GroupedGemmParams p{.a = a_op,
+                                  .b = b_op,
+                                  .c = f32(a.c),
+                                  .offsets = i32(a.offsets),
+                                  .rows = to_int(d.rows, kOp),
+                                  .groups = to_int(d.groups, kOp),
+                                  .m = to_int(d.m, kOp),
+                                  .n = to_int(d.n, kOp),
+                                  .k = 0,
+                                  .lda = to_int(gg::pad8(d.m), kOp),
+                                  .ldb = to_int(gg::pad8(d.n), kOp),
+                                  .alpha = static_cast<float>(a.alpha),
+                                  .beta = static_cast<float>(a.beta),
+                                  .issue = reinterpret_cast<gg::GroupedGemmIssue*>(issue()),
+                                  .issue_site = static_cast<int32_t>(IssueSite::kGroupedGemmWgradOffsets)};
     DIFFMOE_CHECK(d.groups <= 65535, "[{}] {} groups exceed the kernel's grid.y limit 65535", kOp, d.groups);
     // Σ C² (sum_sq) from the TMA kernel's epilogue where it runs: per-warp slots in the scratch,
     // added in a fixed order after the launch. Elsewhere C is read again below.

@@ -56,9 +56,9 @@ struct GroupedGemmIssue {
 };
 
 struct GroupedGemmParams {
-  const bf16* a = nullptr;  // fwd/dgrad: [R, lda]; wgrad: [R, lda]      (lda ≥ k resp. m, multiple of 8)
-  const bf16* b = nullptr;  // fwd: [G, n, ldb]; dgrad: [G, k, ldb]; wgrad: [R, ldb]
-  float* c = nullptr;       // fwd/dgrad: [R, n]; wgrad: [G, m, n]
+  const bf16* a = nullptr;           // fwd/dgrad: [R, lda]; wgrad: [R, lda]      (lda ≥ k resp. m, multiple of 8)
+  const bf16* b = nullptr;           // fwd: [G, n, ldb]; dgrad: [G, k, ldb]; wgrad: [R, ldb]
+  float* c = nullptr;                // fwd/dgrad: [R, n]; wgrad: [G, m, n]
   const int32_t* offsets = nullptr;  // [G+1]
   int rows = 0, groups = 0;          // R, G
   int m = 0, n = 0, k = 0;           // fwd/dgrad: n, k (m unused); wgrad: m, n (k = the group's rows)
@@ -89,7 +89,7 @@ struct TileConfig {
   static constexpr int kThreads = 32 * kWarpsM * kWarpsN;
   static constexpr int kWarpM = kBM / kWarpsM, kWarpN = kBN / kWarpsN;  // warp tile
   static constexpr int kMFrags = kWarpM / 16, kNFrags = kWarpN / 8;     // m16 × n8 MMAs per k16 step
-  static constexpr int kPad = 8;  // bf16 elements (16 bytes) after every smem row
+  static constexpr int kPad = 8;                                        // bf16 elements (16 bytes) after every smem row
   static_assert(kBK % 16 == 0 && kWarpM % 16 == 0 && kWarpN % 16 == 0, "MMA and ldmatrix.x4 granularity");
   static_assert(kStages >= 2, "cp.async pipeline");
 };
@@ -107,7 +107,7 @@ struct SmemTile {
   static constexpr int kCols = kKContig ? Cfg::kBK : kMN;  // contiguous elements per row
   static constexpr int kStride = kCols + Cfg::kPad;        // elements between smem rows
   static constexpr int kElems = kRows * kStride;
-  static constexpr int kChunksPerRow = kCols / 8;          // 16-byte cp.async chunks
+  static constexpr int kChunksPerRow = kCols / 8;  // 16-byte cp.async chunks
   static constexpr int kChunks = kRows * kChunksPerRow;
   static_assert(kCols % 8 == 0 && (kStride * 2) % 16 == 0, "16-byte chunks and ldmatrix rows");
   static_assert(kChunks % Cfg::kThreads == 0, "every thread copies the same number of chunks");
@@ -383,7 +383,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks) grouped_gemm_k
 
   // ---- epilogue: C = alpha·acc + beta·C; accumulator e of an MMA is (row g + 8·(e/2), col 2t + e%2)
   const int ldc = p.n;
-  if (p.c16 != nullptr) {  // bf16 output: pairs as bf16x2. beta ≠ 0 only from launch_grouped_gemm's
+  if (p.c16 != nullptr) {           // bf16 output: pairs as bf16x2. beta ≠ 0 only from launch_grouped_gemm's
     bf16* c16_dst = p.c16 + c_off;  // second pass of a two-term call (then C is rounded twice)
     const bool pair16 = (p.n % 2) == 0 && reinterpret_cast<uintptr_t>(p.c16) % 4 == 0;
 #pragma unroll
@@ -458,8 +458,8 @@ __device__ __forceinline__ float as_float(bf16 v) { return __bfloat162float(v); 
 // dst [rows, ld] (ld = pad8(cols)) = bf16_rn(src [rows, cols]), zeros in columns cols … ld−1.
 // One thread per 16-byte output chunk (8 elements); two float4 loads where an f32 src allows.
 template <class Src>
-__global__ void to_bf16_padded_kernel(bf16* __restrict__ dst, const Src* __restrict__ src, int64_t rows,
-                                      int64_t cols, int64_t ld) {
+__global__ void to_bf16_padded_kernel(bf16* __restrict__ dst, const Src* __restrict__ src, int64_t rows, int64_t cols,
+                                      int64_t ld) {
   const int64_t chunks_per_row = ld / 8, chunks = rows * chunks_per_row;
   const bool src_vec = sizeof(Src) == 4 && (cols % 4) == 0 && (reinterpret_cast<uintptr_t>(src) % 16) == 0;
   for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < chunks; i += int64_t{gridDim.x} * blockDim.x) {
@@ -529,14 +529,14 @@ cudaError_t launch_grouped_gemm(const GroupedGemmParams& p, GroupedLayout layout
       if (layout == GroupedLayout::kFwd)
         return launch(grouped_gemm_kernel<Cfg, GroupedLayout::kFwd>, LayoutTiles<Cfg, GroupedLayout::kFwd>::kSmemBytes,
                       grid);
-      return launch(grouped_gemm_kernel<Cfg, GroupedLayout::kDgrad>, LayoutTiles<Cfg, GroupedLayout::kDgrad>::kSmemBytes,
-                    grid);
+      return launch(grouped_gemm_kernel<Cfg, GroupedLayout::kDgrad>,
+                    LayoutTiles<Cfg, GroupedLayout::kDgrad>::kSmemBytes, grid);
     }
     case GroupedLayout::kWgrad: {
       const int m_tiles = (p.m + Cfg::kBM - 1) / Cfg::kBM;
       const dim3 grid(static_cast<unsigned>(m_tiles * n_tiles), static_cast<unsigned>(p.groups));
-      return launch(grouped_gemm_kernel<Cfg, GroupedLayout::kWgrad>, LayoutTiles<Cfg, GroupedLayout::kWgrad>::kSmemBytes,
-                    grid);
+      return launch(grouped_gemm_kernel<Cfg, GroupedLayout::kWgrad>,
+                    LayoutTiles<Cfg, GroupedLayout::kWgrad>::kSmemBytes, grid);
     }
   }
   return cudaErrorInvalidValue;
@@ -546,7 +546,8 @@ cudaError_t launch_grouped_gemm(const GroupedGemmParams& p, GroupedLayout layout
 // cuBLAS per group where a device allows less per block (e.g. sm_86/sm_89, 99 KB).
 template <class Cfg = DefaultTiles>
 constexpr size_t grouped_gemm_max_smem_bytes() {
-  const size_t f = LayoutTiles<Cfg, GroupedLayout::kFwd>::kSmemBytes, d = LayoutTiles<Cfg, GroupedLayout::kDgrad>::kSmemBytes,
+  const size_t f = LayoutTiles<Cfg, GroupedLayout::kFwd>::kSmemBytes,
+               d = LayoutTiles<Cfg, GroupedLayout::kDgrad>::kSmemBytes,
                w = LayoutTiles<Cfg, GroupedLayout::kWgrad>::kSmemBytes;
   return f > d ? (f > w ? f : w) : (d > w ? d : w);
 }

@@ -76,11 +76,11 @@ struct TmaGemmTiles {
   // 128 bytes, i.e. 32 f32 or 64 bf16 columns of the warpgroup's m64×n256 block. A buffer holds one
   // chunk (two barriers per chunk); double buffering or a whole 128×256 f32 tile (128 KB) does not
   // fit next to the 4-stage ring (budget below).
-  static constexpr int kEpiRows = 64;                             // a warpgroup's rows
-  static constexpr int kEpiRowBytes = 128;                        // one chunk row: 8 16-byte vectors
-  static constexpr int kEpiBufBytes = kEpiRows * kEpiRowBytes;    // 8 KB per warpgroup
-  static constexpr int kEpiBytes = kEpiBufBytes * kConsumers;     // 16 KB
-  static constexpr int kRingBytes = kStageBytes * kStages;        // 192 KB
+  static constexpr int kEpiRows = 64;                           // a warpgroup's rows
+  static constexpr int kEpiRowBytes = 128;                      // one chunk row: 8 16-byte vectors
+  static constexpr int kEpiBufBytes = kEpiRows * kEpiRowBytes;  // 8 KB per warpgroup
+  static constexpr int kEpiBytes = kEpiBufBytes * kConsumers;   // 16 KB
+  static constexpr int kRingBytes = kStageBytes * kStages;      // 192 KB
   // Dynamic smem before the groups' prefix: the ring (1024-byte aligned), the staging buffers,
   // and 1024 bytes of slack to align the ring.
   static constexpr size_t kTileSmemBytes = size_t{kRingBytes} + kEpiBytes + 1024;
@@ -141,14 +141,16 @@ __device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
 }
 __device__ __forceinline__ void tma_load_2d(uint32_t dst, const CUtensorMap* map, uint32_t bar, int c0, int c1) {
   asm volatile(
-      "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];\n" ::"r"(dst),
+      "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];\n" ::"r"(
+          dst),
       "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(bar)
       : "memory");
 }
-__device__ __forceinline__ void tma_load_3d(uint32_t dst, const CUtensorMap* map, uint32_t bar, int c0, int c1, int c2) {
+__device__ __forceinline__ void tma_load_3d(uint32_t dst, const CUtensorMap* map, uint32_t bar, int c0, int c1,
+                                            int c2) {
   asm volatile(
-      "cp.async.bulk.tensor.3d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, %4}], [%5];\n" ::"r"(
-          dst),
+      "cp.async.bulk.tensor.3d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, %4}], [%5];\n" ::
+          "r"(dst),
       "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(c2), "r"(bar)
       : "memory");
 }
@@ -207,22 +209,22 @@ __device__ __forceinline__ void wgmma_m64n256k16(float (&d)[128], uint64_t desc_
       "%112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127}, "
       "%128, %129, p, 1, 1, %130, %131;\n"
       "}\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
-        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
-        "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
-        "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
-        "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
-        "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
-        "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
-        "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]),
-        "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71]),
-        "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]), "+f"(d[78]), "+f"(d[79]),
-        "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87]),
-        "+f"(d[88]), "+f"(d[89]), "+f"(d[90]), "+f"(d[91]), "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95]),
-        "+f"(d[96]), "+f"(d[97]), "+f"(d[98]), "+f"(d[99]), "+f"(d[100]), "+f"(d[101]), "+f"(d[102]), "+f"(d[103]),
-        "+f"(d[104]), "+f"(d[105]), "+f"(d[106]), "+f"(d[107]), "+f"(d[108]), "+f"(d[109]), "+f"(d[110]), "+f"(d[111]),
-        "+f"(d[112]), "+f"(d[113]), "+f"(d[114]), "+f"(d[115]), "+f"(d[116]), "+f"(d[117]), "+f"(d[118]), "+f"(d[119]),
-        "+f"(d[120]), "+f"(d[121]), "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), "+f"(d[126]), "+f"(d[127])
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]),
+        "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]),
+        "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]),
+        "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]),
+        "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]),
+        "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]),
+        "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]),
+        "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]), "+f"(d[64]),
+        "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71]), "+f"(d[72]),
+        "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]), "+f"(d[78]), "+f"(d[79]), "+f"(d[80]),
+        "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87]), "+f"(d[88]),
+        "+f"(d[89]), "+f"(d[90]), "+f"(d[91]), "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95]), "+f"(d[96]),
+        "+f"(d[97]), "+f"(d[98]), "+f"(d[99]), "+f"(d[100]), "+f"(d[101]), "+f"(d[102]), "+f"(d[103]), "+f"(d[104]),
+        "+f"(d[105]), "+f"(d[106]), "+f"(d[107]), "+f"(d[108]), "+f"(d[109]), "+f"(d[110]), "+f"(d[111]), "+f"(d[112]),
+        "+f"(d[113]), "+f"(d[114]), "+f"(d[115]), "+f"(d[116]), "+f"(d[117]), "+f"(d[118]), "+f"(d[119]), "+f"(d[120]),
+        "+f"(d[121]), "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), "+f"(d[126]), "+f"(d[127])
       : "l"(desc_a), "l"(desc_b), "n"(kTransA), "n"(kTransB), "r"(1));
 }
 
@@ -267,7 +269,7 @@ __device__ __forceinline__ uint32_t epi_swizzle(int r8) { return ((r8 & 3) << 1)
 template <class T>
 __device__ __forceinline__ void epilogue_staged(const float (&acc)[128], uint32_t buf, T* c_blk, int64_t ldc,
                                                 int rows_valid, int cols_valid, int bar_id) {
-  constexpr int kRows = 64, kRowBytes = 128;        // TmaGemmTiles::kEpiRows, kEpiRowBytes
+  constexpr int kRows = 64, kRowBytes = 128;         // TmaGemmTiles::kEpiRows, kEpiRowBytes
   constexpr int kChunkCols = kRowBytes / sizeof(T);  // 32 f32 or 64 bf16 columns per chunk
   constexpr int kChunks = 256 / kChunkCols;          // 8 or 4 chunks per n256 block
   constexpr int kBlocksPerChunk = kChunkCols / 8;    // the accumulators' 8-column blocks j per chunk
@@ -404,7 +406,7 @@ __global__ void __launch_bounds__(TmaGemmTiles<L>::kThreads, 1)
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32, wg = tid / 128;
 
   const uint32_t raw = smem_addr(tma_smem_raw);
-  const uint32_t tiles = (raw + 1023u) & ~1023u;  // swizzle atoms are 1024-byte aligned
+  const uint32_t tiles = (raw + 1023u) & ~1023u;      // swizzle atoms are 1024-byte aligned
   const uint32_t epi_bufs = tiles + Cfg::kRingBytes;  // kConsumers staging buffers of kEpiBufBytes
   int* s_prefix = reinterpret_cast<int*>(tma_smem_raw + (tiles - raw) + Cfg::kRingBytes + Cfg::kEpiBytes);
   const auto stage_a = [&](int s) { return tiles + s * Cfg::kStageBytes; };
@@ -414,8 +416,8 @@ __global__ void __launch_bounds__(TmaGemmTiles<L>::kThreads, 1)
 
   if (tid == 0) {
     for (int s = 0; s < kStages; ++s) {
-      mbar_init(full(s), 1);                       // the producer's arrive (+ the TMA bytes)
-      mbar_init(empty(s), Cfg::kConsumers * 4);    // one arrival per consumer warp
+      mbar_init(full(s), 1);                     // the producer's arrive (+ the TMA bytes)
+      mbar_init(empty(s), Cfg::kConsumers * 4);  // one arrival per consumer warp
     }
     mbar_init_fence();
   }
@@ -426,13 +428,13 @@ __global__ void __launch_bounds__(TmaGemmTiles<L>::kThreads, 1)
   if (wg == 0) {
     // ---- producer: one thread issues every TMA copy
     if (warp != 0 || lane != 0) return;
-    int it = 0;  // k-tiles issued so far, over all of this CTA's tiles: stage it % kStages
+    int it = 0;                             // k-tiles issued so far, over all of this CTA's tiles: stage it % kStages
     const int kt1 = (p.k + kBK - 1) / kBK;  // fwd/dgrad: k-tiles of the first term, then the second's
     TmaTile ti;
     for (int t = blockIdx.x; tma_tile_at<L, kTwoTerms>(p, s_prefix, t, ti); t += gridDim.x) {
       for (int kt = 0; kt < ti.k_tiles; ++kt, ++it) {
         const int s = it % kStages;
-        mbar_wait(empty(s), ((it / kStages) & 1) ^ 1);  // a fresh barrier passes parity 1 at once
+        mbar_wait(empty(s), ((it / kStages) & 1) ^ 1);     // a fresh barrier passes parity 1 at once
         mbar_arrive_expect_tx(full(s), Cfg::kStageBytes);  // out-of-bounds zeros count too
         if constexpr (L == GroupedLayout::kWgrad) {
           const int k0 = kt * kBK;
@@ -467,7 +469,7 @@ __global__ void __launch_bounds__(TmaGemmTiles<L>::kThreads, 1)
   const auto desc_b = [&](uint32_t addr) {
     return Cfg::kBMNMajor ? sw128_mn_desc(addr, Cfg::kBoxBytes) : sw128_desc(addr);
   };
-  const bool vec2 = (p.n % 2) == 0 && reinterpret_cast<uintptr_t>(p.c) % 8 == 0;     // float2 rows
+  const bool vec2 = (p.n % 2) == 0 && reinterpret_cast<uintptr_t>(p.c) % 8 == 0;      // float2 rows
   const bool pair16 = (p.n % 2) == 0 && reinterpret_cast<uintptr_t>(p.c16) % 4 == 0;  // bf16x2 rows (c16)
   // The staged epilogue's condition (uniform): rows of whole 16-byte vectors, C 16-byte aligned.
   const bool c16_out = p.c16 != nullptr;
@@ -635,7 +637,8 @@ __global__ void sm90a_probe_kernel(int* out) {
 // trap, so a one-thread probe asks the code itself (one blocking launch; callers cache the answer).
 inline bool wgmma_supported(int device) {
   int major = 0;
-  if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess || major != 9) return false;
+  if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess || major != 9)
+    return false;
   int* d_flag = nullptr;
   int flag = 0;
   if (cudaMalloc(&d_flag, sizeof(int)) != cudaSuccess) return false;
@@ -755,9 +758,8 @@ cudaError_t launch_grouped_gemm_tma(const GroupedGemmParams& p, cudaStream_t str
   const unsigned grid = static_cast<unsigned>(tiles_max < sms ? tiles_max : sms);
   const size_t smem = tma_dynamic_smem_bytes<L>(p.groups);
   // wgrad never has a second term (grouped_gemm_tma_unusable): its one instantiation either way.
-  const auto kernel =
-      p.k2 > 0 ? grouped_gemm_tma_kernel<L, L != GroupedLayout::kWgrad, kDirectEpilogue>
-               : grouped_gemm_tma_kernel<L, false, kDirectEpilogue>;
+  const auto kernel = p.k2 > 0 ? grouped_gemm_tma_kernel<L, L != GroupedLayout::kWgrad, kDirectEpilogue>
+                               : grouped_gemm_tma_kernel<L, false, kDirectEpilogue>;
   e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
   if (e != cudaSuccess) return e;
   kernel<<<grid, Cfg::kThreads, smem, stream>>>(map_a, map_b, map_a2, map_b2, p, sq_partial);

@@ -23,24 +23,24 @@ struct LatentShape {
 };
 
 // Shared memory: queries [comps][r_kv + d_rope], then scores [comps][kv_len].
-__global__ void __launch_bounds__(kLatentThreads) latent_attention_kernel(float* out, const float* q_lat,
-                                                                          const float* q_rope, const float* cache,
-                                                                          const float* lambda, LatentShape sh,
-                                                                          float scale) {
+__global__ void __launch_bounds__(kLatentThreads)
+    latent_attention_kernel(float* out, const float* q_lat, const float* q_rope, const float* cache,
+                            const float* lambda, LatentShape sh, float scale) {
   extern __shared__ float smem[];
   __shared__ float red[kWarp];
   const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp, n_warps = blockDim.x / kWarp;
   const int64_t t = blockIdx.x, g = blockIdx.y, b = blockIdx.z;
   const int64_t row_w = sh.r_kv + sh.d_rope;
-  float* q_s = smem;                          // [comps][row_w]: [q̃_j ; q^R_j]
-  float* z = smem + sh.comps * row_w;         // [comps][kv_len]
+  float* q_s = smem;                           // [comps][row_w]: [q̃_j ; q^R_j]
+  float* z = smem + sh.comps * row_w;          // [comps][kv_len]
   const int64_t last = sh.kv_len - sh.tq + t;  // absolute position p_t: keys s = 0 … p_t
   const float* cache_b = cache + b * sh.capacity * row_w;
   for (int64_t c = 0; c < sh.comps; ++c) {
     const int64_t j = sh.comps * g + c;
     const float* ql = q_lat + ((b * sh.tq + t) * sh.heads + j) * sh.r_kv;
     const float* qr = q_rope + ((b * sh.tq + t) * sh.heads + j) * sh.q_rope_width + sh.q_rope_offset;
-    for (int64_t i = threadIdx.x; i < row_w; i += blockDim.x) q_s[c * row_w + i] = i < sh.r_kv ? ql[i] : qr[i - sh.r_kv];
+    for (int64_t i = threadIdx.x; i < row_w; i += blockDim.x)
+      q_s[c * row_w + i] = i < sh.r_kv ? ql[i] : qr[i - sh.r_kv];
   }
   __syncthreads();
   // z_{c,s} = scale · (q̃_j·ĉ_s + q^R_j·k^R_s) = scale · [q̃_j ; q^R_j]·row_s
@@ -92,13 +92,20 @@ void CudaBackend::latent_attention(Context ctx, const LatentAttentionArgs& a) {
   const LatentDims d = validate_latent_attention(a, Device::kCUDA);
   require_f32(a.q_lat, kOp);
   if (d.batch == 0) return;
-  const LatentShape sh{.tq = d.tq, .heads = d.heads, .r_kv = d.r_kv, .d_rope = d.d_rope, .q_rope_width = d.q_rope_width,
-                       .q_rope_offset = a.q_rope_offset, .capacity = d.capacity, .comps = d.comps, .groups = d.groups,
+  const LatentShape sh{.tq = d.tq,
+                       .heads = d.heads,
+                       .r_kv = d.r_kv,
+                       .d_rope = d.d_rope,
+                       .q_rope_width = d.q_rope_width,
+                       .q_rope_offset = a.q_rope_offset,
+                       .capacity = d.capacity,
+                       .comps = d.comps,
+                       .groups = d.groups,
                        .kv_len = a.kv_len};
   const size_t bytes = static_cast<size_t>(d.comps * (d.row() + a.kv_len)) * sizeof(float);
   DIFFMOE_CHECK(bytes <= max_shared_bytes(),
-                "[{}] kv_len = {} needs {} bytes of shared memory per block, the device allows {}", kOp, a.kv_len, bytes,
-                max_shared_bytes());
+                "[{}] kv_len = {} needs {} bytes of shared memory per block, the device allows {}", kOp, a.kv_len,
+                bytes, max_shared_bytes());
   if (bytes > 48 * 1024)
     CUDA_CHECK(cudaFuncSetAttribute(latent_attention_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                     static_cast<int>(bytes)));

@@ -107,9 +107,9 @@ __device__ double row_logsumexp(const Source& src, float* red_f, double* red_d) 
 
 // row_loss[n] = logsumexp(logits[n]) − logits[n, target[n]], 0 for ignored rows.
 template <class T, bool kCached, bool kVec4, int kBlock>
-__global__ void __launch_bounds__(kBlock) cross_entropy_rows_kernel(double* row_loss, const T* logits,
-                                                                    const int32_t* targets, int64_t rows, int64_t vocab,
-                                                                    DeviceIssue* issue) {
+__global__ void __launch_bounds__(kBlock)
+    cross_entropy_rows_kernel(double* row_loss, const T* logits, const int32_t* targets, int64_t rows, int64_t vocab,
+                              DeviceIssue* issue) {
   extern __shared__ __align__(16) unsigned char ce_smem[];  // kCached: T [pieces_of(vocab) · 4]
   T* ce_cache = reinterpret_cast<T*>(ce_smem);
   __shared__ float red_f[kWarp];
@@ -152,10 +152,9 @@ __global__ void cross_entropy_total_kernel(float* loss_sum, void* valid, bool va
 // valid[0] = 0) get 0.
 // Out: float, or bf16 in the bf16 GEMM mode (dlogits only feeds the head's two GEMMs).
 template <class Out, class T, bool kCached, bool kVec4, int kBlock>
-__global__ void __launch_bounds__(kBlock) cross_entropy_bwd_kernel(Out* dlogits, const T* logits,
-                                                                   const int32_t* targets, const void* valid,
-                                                                   bool valid_is_i32, double grad_scale, int64_t rows,
-                                                                   int64_t vocab, DeviceIssue* issue) {
+__global__ void __launch_bounds__(kBlock)
+    cross_entropy_bwd_kernel(Out* dlogits, const T* logits, const int32_t* targets, const void* valid,
+                             bool valid_is_i32, double grad_scale, int64_t rows, int64_t vocab, DeviceIssue* issue) {
   extern __shared__ __align__(16) unsigned char ce_smem[];  // kCached: T [pieces_of(vocab) · 4]
   T* ce_cache = reinterpret_cast<T*>(ce_smem);
   __shared__ float red_f[kWarp];

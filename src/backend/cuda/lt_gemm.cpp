@@ -50,13 +50,14 @@ std::string describe(const LtGemmCall& c) {
       "[{}] cuBLASLt column-major D[{}, {}] = {}·op(A)·op(B) + {}·C, k = {}, op(A) {}, op(B) {}, lda {}, ldb {}, "
       "ldc {}, A/B {}, C/D {}{}; alignments A {}, B {}, C {}, D {} bytes",
       c.op, c.m, c.n, c.alpha, c.beta, c.k, c.trans_a ? "T" : "N", c.trans_b ? "T" : "N", c.lda, c.ldb, c.ldc,
-      type_name(c.ab_type), type_name(c.cd_type), c.c == c.d ? " (in place)" : "", alignment_of(c.a),
-      alignment_of(c.b), alignment_of(c.c), alignment_of(c.d));
+      type_name(c.ab_type), type_name(c.cd_type), c.c == c.d ? " (in place)" : "", alignment_of(c.a), alignment_of(c.b),
+      alignment_of(c.c), alignment_of(c.d));
   if (c.block_scaled)
-    text += fmt::format("; block-scaled FP8: A scales {}, B scales {} (alignments {}, {} bytes; cuBLASLt runs these on "
-                        "compute capability 9.0 with CUDA >= 12.9)",
-                        scale_mode_name(c.a_scale_mode), scale_mode_name(c.b_scale_mode), alignment_of(c.a_scale),
-                        alignment_of(c.b_scale));
+    text += fmt::format(
+        "; block-scaled FP8: A scales {}, B scales {} (alignments {}, {} bytes; cuBLASLt runs these on "
+        "compute capability 9.0 with CUDA >= 12.9)",
+        scale_mode_name(c.a_scale_mode), scale_mode_name(c.b_scale_mode), alignment_of(c.a_scale),
+        alignment_of(c.b_scale));
   return text;
 }
 
@@ -93,8 +94,10 @@ LtGemm::LtGemm(bool autotune) : autotune_(autotune) {
 bool LtGemm::autotune_from_env() {
   const char* v = std::getenv("DIFFMOE_GEMM_AUTOTUNE");
   if (v == nullptr || std::strcmp(v, "1") == 0) return true;
-  DIFFMOE_CHECK(std::strcmp(v, "0") == 0, "[cuda] DIFFMOE_GEMM_AUTOTUNE is '{}': 1 (or unset) times the cuBLASLt "
-                "candidates, 0 keeps the heuristic's first choice", v);
+  DIFFMOE_CHECK(std::strcmp(v, "0") == 0,
+                "[cuda] DIFFMOE_GEMM_AUTOTUNE is '{}': 1 (or unset) times the cuBLASLt "
+                "candidates, 0 keeps the heuristic's first choice",
+                v);
   return false;
 }
 
@@ -110,9 +113,23 @@ LtGemm::Plan::~Plan() {
 }
 
 LtGemm::Key LtGemm::key_of(const LtGemmCall& c) {
-  return Key{c.m, c.n, c.k, c.trans_a, c.trans_b, c.lda, c.ldb, c.ldc, static_cast<int64_t>(c.ab_type),
-             static_cast<int64_t>(c.cd_type), c.beta == 0.0f, c.c == c.d, alignment_of(c.a), alignment_of(c.b),
-             alignment_of(c.c), alignment_of(c.d), c.block_scaled ? static_cast<int64_t>(c.a_scale_mode) : -1,
+  return Key{c.m,
+             c.n,
+             c.k,
+             c.trans_a,
+             c.trans_b,
+             c.lda,
+             c.ldb,
+             c.ldc,
+             static_cast<int64_t>(c.ab_type),
+             static_cast<int64_t>(c.cd_type),
+             c.beta == 0.0f,
+             c.c == c.d,
+             alignment_of(c.a),
+             alignment_of(c.b),
+             alignment_of(c.c),
+             alignment_of(c.d),
+             c.block_scaled ? static_cast<int64_t>(c.a_scale_mode) : -1,
              c.block_scaled ? static_cast<int64_t>(c.b_scale_mode) : -1};
 }
 
@@ -127,9 +144,9 @@ void LtGemm::make_plan(Plan& p, const LtGemmCall& c) {
     // descriptor; every call sets its own pointers again). Fast accumulation stays off: the tensor cores'
     // partial sums are promoted to f32 (docs/derivations.md §6.3), the only mode cuBLASLt offers with these scales.
     const int8_t fast_accum = 0;
-    CUBLASLT_CHECK(cublasLtMatmulDescSetAttribute(p.desc, CUBLASLT_MATMUL_DESC_FAST_ACCUM, &fast_accum,
-                                                  sizeof(fast_accum)),
-                   describe(c));
+    CUBLASLT_CHECK(
+        cublasLtMatmulDescSetAttribute(p.desc, CUBLASLT_MATMUL_DESC_FAST_ACCUM, &fast_accum, sizeof(fast_accum)),
+        describe(c));
     CUBLASLT_CHECK(cublasLtMatmulDescSetAttribute(p.desc, CUBLASLT_MATMUL_DESC_A_SCALE_MODE, &c.a_scale_mode,
                                                   sizeof(c.a_scale_mode)),
                    describe(c));
@@ -159,8 +176,10 @@ void LtGemm::make_plan(Plan& p, const LtGemmCall& c) {
   // The pointers' real alignments (part of the key): the default assumes 256 bytes, and an
   // algorithm chosen under it may fail or fault on a view that starts elsewhere.
   const std::pair<cublasLtMatmulPreferenceAttributes_t, const void*> aligns[4] = {
-      {CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, c.a}, {CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, c.b},
-      {CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, c.c}, {CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, c.d}};
+      {CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, c.a},
+      {CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, c.b},
+      {CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, c.c},
+      {CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, c.d}};
   for (const auto& [attr, ptr] : aligns) {
     const auto align = static_cast<uint32_t>(alignment_of(ptr));
     CUBLASLT_CHECK(cublasLtMatmulPreferenceSetAttribute(pref.p, attr, &align, sizeof(align)), describe(c));
@@ -170,9 +189,9 @@ void LtGemm::make_plan(Plan& p, const LtGemmCall& c) {
   std::array<cublasLtMatmulHeuristicResult_t, kCandidates> results{};
   int found = 0;
   ++heuristic_queries_;
-  CUBLASLT_CHECK(cublasLtMatmulAlgoGetHeuristic(handle_, p.desc, p.a, p.b, p.c, p.d, pref.p, wanted, results.data(),
-                                                &found),
-                 describe(c));
+  CUBLASLT_CHECK(
+      cublasLtMatmulAlgoGetHeuristic(handle_, p.desc, p.a, p.b, p.c, p.d, pref.p, wanted, results.data(), &found),
+      describe(c));
   // Usable: runnable here (state) within our workspace (the preference bounds it; checked anyway, as
   // a call with a too-small workspace fails). Heuristic order kept: candidate 0 is its first choice.
   for (const cublasLtMatmulHeuristicResult_t& r : std::span(results).first(static_cast<size_t>(found)))
@@ -235,7 +254,7 @@ void LtGemm::collect_trials(Plan& p) {
     if (status != cudaSuccess) cuda_fail("cudaEventQuery(trial.stop)", __FILE__, __LINE__, status);
     float ms = 0.0f;
     CUDA_CHECK(cudaEventElapsedTime(&ms, t.start.get(), t.stop.get()));
-    p.best_ms[t.candidate] = std::min(p.best_ms[t.candidate], ms);  // the min: one-time costs and noise only add
+    p.best_ms[t.candidate] = std::min(p.best_ms[t.candidate], ms);        // the min: one-time costs and noise only add
     p.pending.erase(p.pending.begin() + static_cast<std::ptrdiff_t>(i));  // destroys its events
   }
   if (p.issued < p.trials() || !p.pending.empty()) return;
@@ -264,20 +283,20 @@ void LtGemm::run_trial(Plan& p, const LtGemmCall& c, cudaStream_t s) {
 }
 
 void LtGemm::set_scale_pointers(const Plan& p, const LtGemmCall& c) {
-  CUBLASLT_CHECK(cublasLtMatmulDescSetAttribute(p.desc, CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, &c.a_scale,
-                                                sizeof(c.a_scale)),
-                 describe(c));
-  CUBLASLT_CHECK(cublasLtMatmulDescSetAttribute(p.desc, CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, &c.b_scale,
-                                                sizeof(c.b_scale)),
-                 describe(c));
+  CUBLASLT_CHECK(
+      cublasLtMatmulDescSetAttribute(p.desc, CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, &c.a_scale, sizeof(c.a_scale)),
+      describe(c));
+  CUBLASLT_CHECK(
+      cublasLtMatmulDescSetAttribute(p.desc, CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, &c.b_scale, sizeof(c.b_scale)),
+      describe(c));
 }
 
 void LtGemm::matmul(const Plan& p, size_t candidate, const LtGemmCall& c, cudaStream_t s) {
   if (c.block_scaled) set_scale_pointers(p, c);
-  CUBLASLT_CHECK(cublasLtMatmul(handle_, p.desc, &c.alpha, c.a, p.a, c.b, p.b, &c.beta, c.c, p.c, c.d, p.d,
-                                &p.candidates[candidate], workspace_.get(), workspace_.bytes(), s),
-                 fmt::format("{}; algorithm: the heuristic's candidate {} of {}", describe(c), candidate,
-                             p.candidates.size()));
+  CUBLASLT_CHECK(
+      cublasLtMatmul(handle_, p.desc, &c.alpha, c.a, p.a, c.b, p.b, &c.beta, c.c, p.c, c.d, p.d,
+                     &p.candidates[candidate], workspace_.get(), workspace_.bytes(), s),
+      fmt::format("{}; algorithm: the heuristic's candidate {} of {}", describe(c), candidate, p.candidates.size()));
 }
 
 bool LtGemm::tuning() const {

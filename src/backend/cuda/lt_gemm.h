@@ -85,11 +85,11 @@ struct LtGemmCall {
 
 // What timing chose for one call shape (LtGemm::tune_reports; the CUDA op profile prints them).
 struct LtGemmTuneReport {
-  std::string shape;        // as cuBLASLt sees it, e.g. "384×256×512 NN beta≠0 C≠D f32 out"
-  int candidates = 0;       // usable heuristic results timed
-  int chosen = 0;           // the fastest's index; 0 = the heuristic's first choice
-  float heuristic_ms = 0;   // candidate 0's fastest timed call (device ms between the events)
-  float chosen_ms = 0;      // the chosen candidate's fastest timed call
+  std::string shape;       // as cuBLASLt sees it, e.g. "384×256×512 NN beta≠0 C≠D f32 out"
+  int candidates = 0;      // usable heuristic results timed
+  int chosen = 0;          // the fastest's index; 0 = the heuristic's first choice
+  float heuristic_ms = 0;  // candidate 0's fastest timed call (device ms between the events)
+  float chosen_ms = 0;     // the chosen candidate's fastest timed call
 };
 
 class LtGemm {
@@ -113,8 +113,8 @@ class LtGemm {
   // cuBLASLt or CUDA call fails or the heuristic offers no algorithm.
   void run(const LtGemmCall& call, cudaStream_t s);
 
-  size_t plans() const { return plans_.size(); }                      // cached now
-  int64_t heuristic_queries() const { return heuristic_queries_; }    // since construction
+  size_t plans() const { return plans_.size(); }                    // cached now
+  int64_t heuristic_queries() const { return heuristic_queries_; }  // since construction
   bool autotune() const { return autotune_; }
   // The cached plans whose choice timing has made, in cache order (empty with autotune off).
   std::vector<LtGemmTuneReport> tune_reports() const;
@@ -150,10 +150,10 @@ class LtGemm {
     size_t chosen = 0;                             // the candidate untimed calls run
     Tuning tuning = Tuning::kOff;
     // Tuning state (autotune on):
-    std::string shape;             // the report's shape text
-    size_t issued = 0;             // trials enqueued; trial t times candidate t % candidates.size()
-    std::vector<float> best_ms;    // per candidate: its fastest measured trial (+inf: none yet)
-    std::vector<Trial> pending;    // enqueued, not yet measured
+    std::string shape;           // the report's shape text
+    size_t issued = 0;           // trials enqueued; trial t times candidate t % candidates.size()
+    std::vector<float> best_ms;  // per candidate: its fastest measured trial (+inf: none yet)
+    std::vector<Trial> pending;  // enqueued, not yet measured
     size_t trials() const { return candidates.size() * kTrials; }  // to enqueue in all
     Plan() = default;
     ~Plan();
@@ -162,9 +162,9 @@ class LtGemm {
   };
 
   static Key key_of(const LtGemmCall& call);
-  Plan& plan_for(const LtGemmCall& call);           // the cached plan, or a new one
-  void make_plan(Plan& p, const LtGemmCall& call);  // the descriptors and the heuristic's candidates
-  static void collect_trials(Plan& p);              // measures finished trials; chooses once all are in
+  Plan& plan_for(const LtGemmCall& call);                           // the cached plan, or a new one
+  void make_plan(Plan& p, const LtGemmCall& call);                  // the descriptors and the heuristic's candidates
+  static void collect_trials(Plan& p);                              // measures finished trials; chooses once all are in
   void run_trial(Plan& p, const LtGemmCall& call, cudaStream_t s);  // the next candidate, timed
   void matmul(const Plan& p, size_t candidate, const LtGemmCall& call, cudaStream_t s);
   static void set_scale_pointers(const Plan& p, const LtGemmCall& call);  // block-scaled calls only

@@ -37,9 +37,9 @@ namespace {
 
 using namespace cuda;
 
-constexpr int kMaxExperts = 256;    // router: experts per token held in one warp's shared memory
-constexpr int kRouterWarps = 4;     // tokens per router block
-constexpr int kAuxThreads = 256;    // aux loss: threads per sequence block
+constexpr int kMaxExperts = 256;  // router: experts per token held in one warp's shared memory
+constexpr int kRouterWarps = 4;   // tokens per router block
+constexpr int kAuxThreads = 256;  // aux loss: threads per sequence block
 enum : uint8_t { kExcluded = 0, kCandidate = 1, kChosen = 2 };
 
 // Index of the largest score[i] with state[i] == kCandidate, ties to the lower index; −1 if none.
@@ -97,10 +97,9 @@ struct RouterWarpSmem {
 };
 
 // One warp per token: scores, group limit, top-k, weights, counts (docs/model.md §5, docs/derivations.md §4.2).
-__global__ void __launch_bounds__(kRouterWarps * kWarp) router_fwd_kernel(float* scores, int32_t* topk_idx,
-                                                                         float* topk_w, int32_t* counts,
-                                                                         const float* logits, const float* bias,
-                                                                         RouterConsts c) {
+__global__ void __launch_bounds__(kRouterWarps* kWarp)
+    router_fwd_kernel(float* scores, int32_t* topk_idx, float* topk_w, int32_t* counts, const float* logits,
+                      const float* bias, RouterConsts c) {
   __shared__ RouterWarpSmem smem_all[kRouterWarps];
   const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
   RouterWarpSmem& w = smem_all[warp];
@@ -139,7 +138,8 @@ __global__ void __launch_bounds__(kRouterWarps * kWarp) router_fwd_kernel(float*
         if (lane == 0 && best >= 0) w.group_state[best] = kChosen;
         __syncwarp();
       }
-      for (int e = lane; e < E; e += kWarp) w.state[e] = w.group_state[e / group_size] == kChosen ? kCandidate : kExcluded;
+      for (int e = lane; e < E; e += kWarp)
+        w.state[e] = w.group_state[e / group_size] == kChosen ? kCandidate : kExcluded;
     } else {
       for (int e = lane; e < E; e += kWarp) w.state[e] = kCandidate;
     }
@@ -268,8 +268,8 @@ __device__ double aux_norm(const float* s_t, const AuxConsts& c) {
 
 // partial[b, chunk] = Σ_{t in chunk} Σ_i f_i s'_{i,t},  f_i = E/(K·T) · picks_i  (fixed order:
 // each warp its tokens in t order, then the warps in order).
-__global__ void __launch_bounds__(kAuxThreads) aux_loss_fwd_kernel(double* partial, const float* scores,
-                                                                   const int* picks, AuxConsts c) {
+__global__ void __launch_bounds__(kAuxThreads)
+    aux_loss_fwd_kernel(double* partial, const float* scores, const int* picks, AuxConsts c) {
   __shared__ double warp_part[kAuxThreads / kWarp];
   const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp, n_warps = blockDim.x / kWarp;
   const int E = c.n_experts;
@@ -307,8 +307,8 @@ __global__ void aux_loss_total_kernel(float* loss, const double* partial, int64_
 // dlogits += dloss · ∂(mean_b L_b)/∂z, with g_i = dloss·α·f_i/(T·B) (the same for every t):
 //   sigmoid: dz_k = (g_k − Σ_i s'_i g_i) / Σ_j s_j · s_k (1 − s_k);  softmax: dz_k = s_k (g_k − Σ_i s_i g_i)
 // Shared memory: g [E] double.
-__global__ void __launch_bounds__(kAuxThreads) aux_loss_bwd_kernel(float* dlogits, const float* scores,
-                                                                   const int* picks, AuxConsts c) {
+__global__ void __launch_bounds__(kAuxThreads)
+    aux_loss_bwd_kernel(float* dlogits, const float* scores, const int* picks, AuxConsts c) {
   extern __shared__ __align__(16) unsigned char aux_smem[];
   const int E = c.n_experts;
   const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp, n_warps = blockDim.x / kWarp;
@@ -394,9 +394,9 @@ __device__ __forceinline__ int64_t warp_count() { return int64_t{gridDim.x} * bl
 // Out: float, or bf16 when the rows only feed bf16 expert GEMMs (rounded to nearest even here).
 // In: float, or bf16 (the FFN's bf16 x_norm copy: then the rows are copied exactly).
 template <class Out, class In, bool kVec4>
-__global__ void __launch_bounds__(kThreads) gather_kernel(Out* __restrict__ x_perm, const In* __restrict__ x,
-                                                          const int32_t* __restrict__ src_row, int64_t n_rows,
-                                                          int64_t n_tokens, int64_t dim, DeviceIssue* issue) {
+__global__ void __launch_bounds__(kThreads)
+    gather_kernel(Out* __restrict__ x_perm, const In* __restrict__ x, const int32_t* __restrict__ src_row,
+                  int64_t n_rows, int64_t n_tokens, int64_t dim, DeviceIssue* issue) {
   const int lane = threadIdx.x % kWarp;
   for (int64_t r = warp_index(); r < n_rows; r += warp_count()) {
     const int32_t src = src_row[r];
@@ -442,7 +442,8 @@ __device__ __forceinline__ void add_weighted_slots(float* __restrict__ y, const 
   for (int64_t n = warp_index(); n < n_tokens; n += warp_count()) {
     const int32_t* slots = slot_pos + n * top_k;
     const float* w = topk_w + n * top_k;  // read only when kWeighted
-    for (int64_t k = lane; k < top_k; k += kWarp) index_ok(issue, site, n * top_k + k, slots[k], n_rows, /*allow_ignore=*/true);
+    for (int64_t k = lane; k < top_k; k += kWarp)
+      index_ok(issue, site, n * top_k + k, slots[k], n_rows, /*allow_ignore=*/true);
     float* y_n = y + n * dim;
     for (int64_t c = lane * kStep; c < dim; c += kWarp * kStep) {
       double acc[kStep] = {};
@@ -486,21 +487,19 @@ __device__ __forceinline__ void add_weighted_slots(float* __restrict__ y, const 
 
 // dx[n] += Σ_k dx_perm[slot_pos[n,k]]   (double sum in k order, as on the CPU); dx_perm f32 or bf16
 template <class In, bool kVec4>
-__global__ void __launch_bounds__(kThreads) gather_bwd_kernel(float* __restrict__ dx, const In* __restrict__ dx_perm,
-                                                              const int32_t* __restrict__ slot_pos, int64_t n_tokens,
-                                                              int64_t top_k, int64_t dim, int64_t n_rows,
-                                                              DeviceIssue* issue) {
+__global__ void __launch_bounds__(kThreads)
+    gather_bwd_kernel(float* __restrict__ dx, const In* __restrict__ dx_perm, const int32_t* __restrict__ slot_pos,
+                      int64_t n_tokens, int64_t top_k, int64_t dim, int64_t n_rows, DeviceIssue* issue) {
   add_weighted_slots<kVec4, false>(dx, dx_perm, nullptr, slot_pos, n_tokens, top_k, dim, n_rows,
                                    IssueSite::kGatherBwdSlotPos, issue);
 }
 
 // y[n] += Σ_k w[n,k] · y_perm[slot_pos[n,k]]   (double sum in k order, as on the CPU); y_perm f32 or bf16
 template <class In, bool kVec4>
-__global__ void __launch_bounds__(kThreads) combine_fwd_kernel(float* __restrict__ y, const In* __restrict__ y_perm,
-                                                               const float* __restrict__ topk_w,
-                                                               const int32_t* __restrict__ slot_pos, int64_t n_tokens,
-                                                               int64_t top_k, int64_t dim, int64_t n_rows,
-                                                               DeviceIssue* issue) {
+__global__ void __launch_bounds__(kThreads)
+    combine_fwd_kernel(float* __restrict__ y, const In* __restrict__ y_perm, const float* __restrict__ topk_w,
+                       const int32_t* __restrict__ slot_pos, int64_t n_tokens, int64_t top_k, int64_t dim,
+                       int64_t n_rows, DeviceIssue* issue) {
   add_weighted_slots<kVec4, true>(y, y_perm, topk_w, slot_pos, n_tokens, top_k, dim, n_rows,
                                   IssueSite::kCombineFwdSlotPos, issue);
 }
@@ -512,18 +511,17 @@ __global__ void __launch_bounds__(kThreads) combine_fwd_kernel(float* __restrict
 // type, float or bf16 (the expert GEMMs' output in the bf16 GEMM mode); G: dy's, float or bf16 (the
 // residual gradient's bf16 copy in that mode: half the bytes of the row every slot reads).
 template <class Out, class In, class G, bool kVec4>
-__global__ void __launch_bounds__(kThreads) combine_bwd_kernel(Out* __restrict__ dy_perm, float* __restrict__ dtopk_w,
-                                                               const G* __restrict__ dy,
-                                                               const In* __restrict__ y_perm,
-                                                               const float* __restrict__ topk_w,
-                                                               const int32_t* __restrict__ slot_pos, int64_t n_tokens,
-                                                               int64_t top_k, int64_t dim, int64_t n_rows,
-                                                               DeviceIssue* issue) {
+__global__ void __launch_bounds__(kThreads)
+    combine_bwd_kernel(Out* __restrict__ dy_perm, float* __restrict__ dtopk_w, const G* __restrict__ dy,
+                       const In* __restrict__ y_perm, const float* __restrict__ topk_w,
+                       const int32_t* __restrict__ slot_pos, int64_t n_tokens, int64_t top_k, int64_t dim,
+                       int64_t n_rows, DeviceIssue* issue) {
   const int lane = threadIdx.x % kWarp;
   for (int64_t nk = warp_index(); nk < n_tokens * top_k; nk += warp_count()) {
     const int64_t n = nk / top_k;
     const int32_t r = slot_pos[nk];
-    if (!index_ok(issue, IssueSite::kCombineBwdSlotPos, nk, r, n_rows, /*allow_ignore=*/true)) continue;  // uniform over the warp
+    if (!index_ok(issue, IssueSite::kCombineBwdSlotPos, nk, r, n_rows, /*allow_ignore=*/true))
+      continue;     // uniform over the warp
     if (r == -1) {  // an unused slot: no row, no weight gradient
       if (lane == 0) dtopk_w[nk] = 0.0f;
       continue;
@@ -584,10 +582,14 @@ __global__ void bias_update_kernel(float* bias, const void* counts, bool counts_
 }
 
 RouterConsts router_consts(const RouterOptions& o, int64_t n_tokens, int64_t n_experts) {
-  return RouterConsts{.n_tokens = n_tokens, .n_experts = static_cast<int>(n_experts),
-                      .n_groups = static_cast<int>(o.n_groups), .n_limited = static_cast<int>(o.n_limited_groups),
-                      .top_k = static_cast<int>(o.top_k), .sigmoid = o.score_func == ScoreFunc::kSigmoid,
-                      .use_bias = o.use_bias, .route_scale = o.route_scale};
+  return RouterConsts{.n_tokens = n_tokens,
+                      .n_experts = static_cast<int>(n_experts),
+                      .n_groups = static_cast<int>(o.n_groups),
+                      .n_limited = static_cast<int>(o.n_limited_groups),
+                      .top_k = static_cast<int>(o.top_k),
+                      .sigmoid = o.score_func == ScoreFunc::kSigmoid,
+                      .use_bias = o.use_bias,
+                      .route_scale = o.route_scale};
 }
 
 // Dynamic shared memory of the aux-loss kernels: candidate states [warps][E] (counting) or g [E].
@@ -597,8 +599,8 @@ size_t aux_count_smem_bytes(int64_t n_experts) { return (kAuxThreads / kWarp) * 
 // `scratch`; returns the grid of (chunk, sequence) blocks.
 template <class Kernel>
 void set_smem_limit(Kernel kernel, size_t bytes, size_t max_bytes, std::string_view op, int64_t n_experts) {
-  DIFFMOE_CHECK(bytes <= max_bytes, "[{}] {} experts need {} bytes of shared memory per block, the device allows {}", op,
-                n_experts, bytes, max_bytes);
+  DIFFMOE_CHECK(bytes <= max_bytes, "[{}] {} experts need {} bytes of shared memory per block, the device allows {}",
+                op, n_experts, bytes, max_bytes);
   if (bytes > 48 * 1024)
     CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
 }
@@ -619,9 +621,13 @@ AuxPlan aux_plan(CudaBackend& be, cudaStream_t s, const Tensor& scores, int64_t 
   const int64_t n_chunks = (seq_len + kAuxChunk - 1) / kAuxChunk;
   DIFFMOE_CHECK(n_seqs <= INT32_MAX && n_experts <= INT32_MAX && n_chunks <= 65535,
                 "[{}] too many sequences, experts or tokens per sequence ({}, {}, {})", op, n_seqs, n_experts, seq_len);
-  AuxPlan p{.c = AuxConsts{.seq_len = seq_len, .n_seqs = n_seqs, .n_experts = static_cast<int>(n_experts),
-                           .top_k = static_cast<int>(top_k), .sigmoid = score_func == ScoreFunc::kSigmoid,
-                           .alpha = alpha, .dloss = dloss},
+  AuxPlan p{.c = AuxConsts{.seq_len = seq_len,
+                           .n_seqs = n_seqs,
+                           .n_experts = static_cast<int>(n_experts),
+                           .top_k = static_cast<int>(top_k),
+                           .sigmoid = score_func == ScoreFunc::kSigmoid,
+                           .alpha = alpha,
+                           .dloss = dloss},
             .grid = dim3(static_cast<unsigned>(n_seqs), static_cast<unsigned>(n_chunks)),
             .picks = nullptr,
             .extra = nullptr};
@@ -727,14 +733,15 @@ void CudaBackend::moe_permute(Context ctx, const MoePermuteArgs& a) {
   auto* keys = reinterpret_cast<int32_t*>(base + ids_bytes);
   auto* sorted_expert = reinterpret_cast<int32_t*>(base + 2 * ids_bytes);
   auto* sorted_assign = reinterpret_cast<int32_t*>(base + 3 * ids_bytes);
-  permute_prepare_kernel<<<grid_for(n_rows), kThreads, 0, s>>>(assign, keys, i32(a.topk_idx), n_rows, a.n_experts, issue());
+  permute_prepare_kernel<<<grid_for(n_rows), kThreads, 0, s>>>(assign, keys, i32(a.topk_idx), n_rows, a.n_experts,
+                                                               issue());
   CUDA_CHECK_LAUNCH(kOp);
   sort_pairs(base + 4 * ids_bytes, temp_bytes, keys, sorted_expert, assign, sorted_assign, n_rows, s);
   permute_scatter_kernel<<<grid_for(n_rows), kThreads, 0, s>>>(i32(a.src_row), i32(a.slot_pos), sorted_assign,
-                                                              sorted_expert, n_rows, top_k, a.n_experts);
+                                                               sorted_expert, n_rows, top_k, a.n_experts);
   CUDA_CHECK_LAUNCH(kOp);
   permute_offsets_kernel<<<grid_for(a.n_experts + 1), kThreads, 0, s>>>(i32(a.offsets), sorted_expert, n_rows,
-                                                                         a.n_experts);
+                                                                        a.n_experts);
   CUDA_CHECK_LAUNCH(kOp);
 }
 
@@ -750,11 +757,11 @@ void CudaBackend::moe_gather(Context ctx, const MoeGatherArgs& a) {
     using In = std::remove_const_t<std::remove_pointer_t<decltype(x)>>;
     const unsigned grid = grid_for(n_rows * kWarp);
     if (vec_sizes({dim}) && vec_aligned(x_perm) && vec_aligned(x))
-      gather_kernel<Out, In, true><<<grid, kThreads, 0, stream(ctx)>>>(x_perm, x, i32(a.src_row), n_rows, n_tokens, dim,
-                                                                       issue());
+      gather_kernel<Out, In, true>
+          <<<grid, kThreads, 0, stream(ctx)>>>(x_perm, x, i32(a.src_row), n_rows, n_tokens, dim, issue());
     else
-      gather_kernel<Out, In, false><<<grid, kThreads, 0, stream(ctx)>>>(x_perm, x, i32(a.src_row), n_rows, n_tokens, dim,
-                                                                        issue());
+      gather_kernel<Out, In, false>
+          <<<grid, kThreads, 0, stream(ctx)>>>(x_perm, x, i32(a.src_row), n_rows, n_tokens, dim, issue());
     CUDA_CHECK_LAUNCH(kOp);
   };
   with_input(a.x, [&](const auto* x) {
@@ -797,9 +804,8 @@ void CudaBackend::moe_combine_fwd(Context ctx, const MoeCombineFwdArgs& a) {
       combine_fwd_kernel<In, true><<<grid, kThreads, 0, stream(ctx)>>>(f32(a.y), y_perm, f32(a.topk_w), i32(a.slot_pos),
                                                                        n_tokens, top_k, dim, a.y_perm.dim(0), issue());
     else
-      combine_fwd_kernel<In, false><<<grid, kThreads, 0, stream(ctx)>>>(f32(a.y), y_perm, f32(a.topk_w),
-                                                                        i32(a.slot_pos), n_tokens, top_k, dim,
-                                                                        a.y_perm.dim(0), issue());
+      combine_fwd_kernel<In, false><<<grid, kThreads, 0, stream(ctx)>>>(
+          f32(a.y), y_perm, f32(a.topk_w), i32(a.slot_pos), n_tokens, top_k, dim, a.y_perm.dim(0), issue());
     CUDA_CHECK_LAUNCH(kOp);
   });
 }
@@ -821,9 +827,9 @@ void CudaBackend::moe_combine_bwd(Context ctx, const MoeCombineBwdArgs& a) {
                                                                                f32(a.topk_w), i32(a.slot_pos), n_tokens,
                                                                                top_k, dim, a.y_perm.dim(0), issue());
     else
-      combine_bwd_kernel<Out, In, G, false><<<grid, kThreads, 0, stream(ctx)>>>(dy_perm, f32(a.dtopk_w), dy, y_perm,
-                                                                                f32(a.topk_w), i32(a.slot_pos), n_tokens,
-                                                                                top_k, dim, a.y_perm.dim(0), issue());
+      combine_bwd_kernel<Out, In, G, false>
+          <<<grid, kThreads, 0, stream(ctx)>>>(dy_perm, f32(a.dtopk_w), dy, y_perm, f32(a.topk_w), i32(a.slot_pos),
+                                               n_tokens, top_k, dim, a.y_perm.dim(0), issue());
     CUDA_CHECK_LAUNCH(kOp);
   };
   with_input(a.dy, [&](const auto* dy) {

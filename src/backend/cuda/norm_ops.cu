@@ -37,12 +37,12 @@ using Int = std::integral_constant<int, N>;
 
 // ================================================================ vector path
 
-constexpr int kPack = 4;                         // columns per 16-byte access
-constexpr int kMaxVec = 4;                       // packs per thread per row
-constexpr int kWarpTeamBlock = 256;              // block of the warp-team kernels: 8 rows at a time
-constexpr int kMidTeam = 128, kWideTeam = 512;   // block teams for wider rows (≤ 512·4·4 = 8192)
-constexpr int64_t kMinChunkRows = 32;            // dw: rows per block at least …
-constexpr int64_t kMaxChunks = 1024;             // … and at most this many partial rows per call
+constexpr int kPack = 4;                        // columns per 16-byte access
+constexpr int kMaxVec = 4;                      // packs per thread per row
+constexpr int kWarpTeamBlock = 256;             // block of the warp-team kernels: 8 rows at a time
+constexpr int kMidTeam = 128, kWideTeam = 512;  // block teams for wider rows (≤ 512·4·4 = 8192)
+constexpr int64_t kMinChunkRows = 32;           // dw: rows per block at least …
+constexpr int64_t kMaxChunks = 1024;            // … and at most this many partial rows per call
 
 __host__ __device__ constexpr int block_threads(int team) { return team == kWarp ? kWarpTeamBlock : team; }
 static_assert(kWarpTeamBlock % kWarp == 0 && kMidTeam % kWarp == 0 && kWideTeam % kWarp == 0,
@@ -123,7 +123,7 @@ __global__ void __launch_bounds__(block_threads(kTeam))
   constexpr int kStride = kTeam * kPack;  // columns between a thread's packs
   __shared__ double smem[kWarp];
   const int c0 = static_cast<int>(threadIdx.x) % kTeam * kPack;  // the thread's first column
-  double wd[kVec][kPack];  // w of this thread's columns, the same for every row
+  double wd[kVec][kPack];                                        // w of this thread's columns, the same for every row
 #pragma unroll
   for (int k = 0; k < kVec; ++k) {
     const float4 v = c0 + k * kStride < width ? load4(w + c0 + k * kStride) : make_float4(0.f, 0.f, 0.f, 0.f);
@@ -177,8 +177,8 @@ __global__ void __launch_bounds__(block_threads(kTeam))
                            const float* w, const float* rstd, int64_t rows, int width, int64_t xs, int64_t ys,
                            float out_scale, int64_t rows_per_chunk, bool accumulate) {
   constexpr int kBlock = block_threads(kTeam), kTeams = kBlock / kTeam;
-  constexpr int kStride = kTeam * kPack;            // columns between a thread's packs
-  constexpr int kTeamCols = kStride * kVec;         // the columns one team covers
+  constexpr int kStride = kTeam * kPack;     // columns between a thread's packs
+  constexpr int kTeamCols = kStride * kVec;  // the columns one team covers
   __shared__ double smem[kWarp];
   __shared__ double dw_sum[kTeams > 1 ? kTeamCols : 1];  // the teams' sums, added in team order
   const int team = static_cast<int>(threadIdx.x) / kTeam;
@@ -251,7 +251,8 @@ __global__ void __launch_bounds__(block_threads(kTeam))
       }
       __syncthreads();
     }
-    for (int j = static_cast<int>(threadIdx.x); j < width; j += kBlock) out[j] = static_cast<float>(out_scale * dw_sum[j]);
+    for (int j = static_cast<int>(threadIdx.x); j < width; j += kBlock)
+      out[j] = static_cast<float>(out_scale * dw_sum[j]);
   }
 }
 
@@ -268,8 +269,8 @@ static_assert(kThreads % kColTile == 0, "dw blocks are kColTile columns × kRowL
 int64_t dw_chunks(int64_t rows) { return std::clamp<int64_t>((rows + 63) / 64, 1, kMaxRowChunks); }
 
 template <class Out>
-__global__ void rmsnorm_fwd_kernel(Out* y, __nv_bfloat16* y16, float* rstd, const float* x, const float* w, int64_t rows,
-                                   int64_t width, int64_t xs, int64_t ys, double eps, double out_scale) {
+__global__ void rmsnorm_fwd_kernel(Out* y, __nv_bfloat16* y16, float* rstd, const float* x, const float* w,
+                                   int64_t rows, int64_t width, int64_t xs, int64_t ys, double eps, double out_scale) {
   const int lane = threadIdx.x % kWarp;
   for (int64_t row = blockIdx.x * int64_t{kRowsPerWarpBlock} + threadIdx.x / kWarp; row < rows;
        row += int64_t{gridDim.x} * kRowsPerWarpBlock) {
@@ -392,12 +393,12 @@ void CudaBackend::rmsnorm_fwd(Context ctx, const RmsNormFwdArgs& a) {
       constexpr int kBlock = block_threads(kTeam), kTeams = kBlock / kTeam;
       // Rows are independent here: the grid only has to fill the GPU (a few waves), and a block
       // that loops over rows loads w once.
-      const unsigned blocks = std::min<unsigned>(grid_for(a.rows, kTeams),
-                                                 static_cast<unsigned>(multiprocessors() * (4 * 2048 / kBlock)));
+      const unsigned blocks =
+          std::min<unsigned>(grid_for(a.rows, kTeams), static_cast<unsigned>(multiprocessors() * (4 * 2048 / kBlock)));
       const auto launch = [&](auto* y) {
-        rmsnorm_fwd_vec_kernel<kTeam, kVec><<<blocks, kBlock, 0, s>>>(
-            y, y16, f32(a.rstd), f32(a.x), f32(a.w), a.rows, static_cast<int>(a.width), d.x_stride, d.y_stride, a.eps,
-            a.out_scale);
+        rmsnorm_fwd_vec_kernel<kTeam, kVec><<<blocks, kBlock, 0, s>>>(y, y16, f32(a.rstd), f32(a.x), f32(a.w), a.rows,
+                                                                      static_cast<int>(a.width), d.x_stride, d.y_stride,
+                                                                      a.eps, a.out_scale);
       };
       if (bf16) launch(static_cast<__nv_bfloat16*>(a.y.data));
       else launch(f32(a.y));
@@ -451,8 +452,8 @@ void CudaBackend::rmsnorm_bwd(Context ctx, const RmsNormBwdArgs& a) {
   CUDA_CHECK_LAUNCH("rmsnorm_bwd");
   launch_dw_finish(f32(a.dw), partial, a.width, chunks, s);
   rmsnorm_bwd_dx_kernel<<<grid_for(a.rows, kRowsPerWarpBlock), kThreads, 0, s>>>(
-      f32(a.dx), dx16, f32(a.dy), f32(a.x), f32(a.w), f32(a.rstd), a.rows, a.width, d.x_stride, d.y_stride,
-      a.out_scale, a.dx_accumulate);
+      f32(a.dx), dx16, f32(a.dy), f32(a.x), f32(a.w), f32(a.rstd), a.rows, a.width, d.x_stride, d.y_stride, a.out_scale,
+      a.dx_accumulate);
   CUDA_CHECK_LAUNCH("rmsnorm_bwd");
 }
 

@@ -163,11 +163,11 @@ void CudaBackend::adamw(Context ctx, const AdamWArgs& a) {
   const float* grad_sq = a.max_norm > 0.0 ? f32(a.grad_sq) : nullptr;
   if (a.m.dtype == DType::kBF16) {
     adamw_kernel<<<grid, kThreads, 0, stream(ctx)>>>(f32(a.param), static_cast<__nv_bfloat16*>(a.m.data),
-                                                    static_cast<__nv_bfloat16*>(a.v.data), f32(a.grad), grad_sq, c, n,
-                                                    vec4, p16);
+                                                     static_cast<__nv_bfloat16*>(a.v.data), f32(a.grad), grad_sq, c, n,
+                                                     vec4, p16);
   } else {
     adamw_kernel<<<grid, kThreads, 0, stream(ctx)>>>(f32(a.param), f32(a.m), f32(a.v), f32(a.grad), grad_sq, c, n, vec4,
-                                                    p16);
+                                                     p16);
   }
   CUDA_CHECK_LAUNCH("adamw");
 }

@@ -33,9 +33,9 @@ __device__ __forceinline__ void rotate(float& x0, float& x1, float c, float s) {
 }
 
 template <class T, bool kTwoPairs>  // T: float, or bf16
-__global__ void __launch_bounds__(kThreads) rope_kernel(T* x, const float* cos_tab, const float* sin_tab,
-                                                        const int32_t* positions, RowItems ri, RopeShape sh,
-                                                        DeviceIssue* issue) {
+__global__ void __launch_bounds__(kThreads)
+    rope_kernel(T* x, const float* cos_tab, const float* sin_tab, const int32_t* positions, RowItems ri, RopeShape sh,
+                DeviceIssue* issue) {
   constexpr int kPairs = kTwoPairs ? 2 : 1;  // pairs per item
   for_each_row_item(ri, [&](int64_t n, int32_t item) {
     const int32_t h = item / sh.items_per_head;
@@ -83,18 +83,24 @@ void CudaBackend::rope(Context ctx, const RopeArgs& a) {
   const int64_t items_per_head = two_pairs ? half / 2 : half;
   DIFFMOE_CHECK(items_per_head <= INT32_MAX, "[rope] rope_dim {} is too large", a.rope_dim);
   const RowItems ri = row_items(rows, a.n_heads * items_per_head, "rope");
-  const RopeShape sh{.width = width, .head_stride = a.head_stride, .col_offset = a.col_offset, .half = half,
-                     .seq_len = a.seq_len, .pos_offset = a.pos_offset, .max_pos = a.cos.dim(0),
-                     .items_per_head = static_cast<int32_t>(items_per_head), .sign = a.inverse ? -1.0f : 1.0f};
+  const RopeShape sh{.width = width,
+                     .head_stride = a.head_stride,
+                     .col_offset = a.col_offset,
+                     .half = half,
+                     .seq_len = a.seq_len,
+                     .pos_offset = a.pos_offset,
+                     .max_pos = a.cos.dim(0),
+                     .items_per_head = static_cast<int32_t>(items_per_head),
+                     .sign = a.inverse ? -1.0f : 1.0f};
   const int32_t* positions = a.positions.defined() ? i32(a.positions) : nullptr;
   const auto launch = [&](auto* x) {
     using T = std::remove_pointer_t<decltype(x)>;
     if (two_pairs)
-      rope_kernel<T, true><<<row_items_grid(ri), kThreads, 0, stream(ctx)>>>(x, f32(a.cos), f32(a.sin), positions, ri,
-                                                                              sh, issue());
+      rope_kernel<T, true>
+          <<<row_items_grid(ri), kThreads, 0, stream(ctx)>>>(x, f32(a.cos), f32(a.sin), positions, ri, sh, issue());
     else
-      rope_kernel<T, false><<<row_items_grid(ri), kThreads, 0, stream(ctx)>>>(x, f32(a.cos), f32(a.sin), positions,
-                                                                               ri, sh, issue());
+      rope_kernel<T, false>
+          <<<row_items_grid(ri), kThreads, 0, stream(ctx)>>>(x, f32(a.cos), f32(a.sin), positions, ri, sh, issue());
     CUDA_CHECK_LAUNCH("rope");
   };
   if (bf16) launch(static_cast<__nv_bfloat16*>(a.x.data));

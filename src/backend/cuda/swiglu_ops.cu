@@ -85,8 +85,8 @@ __device__ __forceinline__ void swiglu_grad(float a, float b, float dh, float& d
 // h = silu(a) ⊙ b over n elements; kVec4: the first n/4·4 as float4 pieces, then a scalar tail.
 // In: f32, or bf16 (a and b written in bf16 by the expert GEMMs in the bf16 GEMM mode), widened.
 template <class Out, class In, bool kVec4>
-__global__ void __launch_bounds__(kThreads) swiglu_fwd_kernel(Out* __restrict__ h, const In* __restrict__ a,
-                                                              const In* __restrict__ b, int64_t n) {
+__global__ void __launch_bounds__(kThreads)
+    swiglu_fwd_kernel(Out* __restrict__ h, const In* __restrict__ a, const In* __restrict__ b, int64_t n) {
   const int64_t stride = int64_t{gridDim.x} * blockDim.x, first = blockIdx.x * int64_t{blockDim.x} + threadIdx.x;
   int64_t tail = 0;
   if constexpr (kVec4) {
@@ -107,8 +107,8 @@ __global__ void __launch_bounds__(kThreads) swiglu_fwd_kernel(Out* __restrict__ 
 // da or db may alias an input (f32 outputs), so no __restrict__ here. In: as swiglu_fwd_kernel's,
 // for dh, a and b.
 template <class Out, class In, bool kVec4>
-__global__ void __launch_bounds__(kThreads) swiglu_bwd_kernel(Out* da, Out* db, const In* dh, const In* a, const In* b,
-                                                              int64_t n) {
+__global__ void __launch_bounds__(kThreads)
+    swiglu_bwd_kernel(Out* da, Out* db, const In* dh, const In* a, const In* b, int64_t n) {
   const int64_t stride = int64_t{gridDim.x} * blockDim.x, first = blockIdx.x * int64_t{blockDim.x} + threadIdx.x;
   int64_t tail = 0;
   if constexpr (kVec4) {
@@ -154,8 +154,7 @@ void CudaBackend::swiglu_fwd(Context ctx, const SwigluFwdArgs& args) {
     const In *a = in_ptr<In>(args.a), *b = in_ptr<In>(args.b);
     if (vec_aligned(h) && vec_aligned(a) && vec_aligned(b))
       swiglu_fwd_kernel<Out, In, true><<<swiglu_grid(n, true), kThreads, 0, stream(ctx)>>>(h, a, b, n);
-    else
-      swiglu_fwd_kernel<Out, In, false><<<swiglu_grid(n, false), kThreads, 0, stream(ctx)>>>(h, a, b, n);
+    else swiglu_fwd_kernel<Out, In, false><<<swiglu_grid(n, false), kThreads, 0, stream(ctx)>>>(h, a, b, n);
     CUDA_CHECK_LAUNCH("swiglu_fwd");
   };
   const auto with_in = [&](auto* h) {
@@ -177,10 +176,8 @@ void CudaBackend::swiglu_bwd(Context ctx, const SwigluBwdArgs& args) {
     using In = decltype(in_tag);
     const In *dh = in_ptr<In>(args.dh), *a = in_ptr<In>(args.a), *b = in_ptr<In>(args.b);
     const bool vec4 = vec_aligned(da) && vec_aligned(db) && vec_aligned(dh) && vec_aligned(a) && vec_aligned(b);
-    if (vec4)
-      swiglu_bwd_kernel<Out, In, true><<<swiglu_grid(n, true), kThreads, 0, stream(ctx)>>>(da, db, dh, a, b, n);
-    else
-      swiglu_bwd_kernel<Out, In, false><<<swiglu_grid(n, false), kThreads, 0, stream(ctx)>>>(da, db, dh, a, b, n);
+    if (vec4) swiglu_bwd_kernel<Out, In, true><<<swiglu_grid(n, true), kThreads, 0, stream(ctx)>>>(da, db, dh, a, b, n);
+    else swiglu_bwd_kernel<Out, In, false><<<swiglu_grid(n, false), kThreads, 0, stream(ctx)>>>(da, db, dh, a, b, n);
     CUDA_CHECK_LAUNCH("swiglu_bwd");
   };
   const auto with_in = [&](auto* da, auto* db) {
@@ -189,8 +186,7 @@ void CudaBackend::swiglu_bwd(Context ctx, const SwigluBwdArgs& args) {
   };
   if (args.da.dtype == DType::kBF16)
     with_in(static_cast<__nv_bfloat16*>(args.da.data), static_cast<__nv_bfloat16*>(args.db.data));
-  else
-    with_in(f32(args.da), f32(args.db));
+  else with_in(f32(args.da), f32(args.db));
 }
 
 }  // namespace diffmoe

@@ -57,11 +57,11 @@ namespace diffmoe::cuda::tca {
 
 using bf16 = __nv_bfloat16;
 
-constexpr int kTile = 64;                          // query rows (fwd, dq) or keys (dkv) per CTA and per step
-constexpr int kWarpRows = 16;                      // rows per warp: the mma's M
-constexpr int kWarpsPerComp = kTile / kWarpRows;   // 4
-constexpr int kCompThreads = 32 * kWarpsPerComp;   // 128 threads per component
-constexpr int kPad = 8;                            // bf16 per shared row of padding (16 bytes)
+constexpr int kTile = 64;                         // query rows (fwd, dq) or keys (dkv) per CTA and per step
+constexpr int kWarpRows = 16;                     // rows per warp: the mma's M
+constexpr int kWarpsPerComp = kTile / kWarpRows;  // 4
+constexpr int kCompThreads = 32 * kWarpsPerComp;  // 128 threads per component
+constexpr int kPad = 8;                           // bf16 per shared row of padding (16 bytes)
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 static_assert(kTile % 16 == 0 && kWarpsPerComp * kWarpRows == kTile);
@@ -75,19 +75,31 @@ struct TcaShape {
   __host__ __device__ int64_t group_row(int b, int t, int g) const {
     return (static_cast<int64_t>(b) * seq + t) * groups + g;
   }
-  __host__ __device__ int64_t lse_at(int b, int h, int t) const { return (static_cast<int64_t>(b) * heads + h) * seq + t; }
+  __host__ __device__ int64_t lse_at(int b, int h, int t) const {
+    return (static_cast<int64_t>(b) * heads + h) * seq + t;
+  }
 };
 
 struct TcaFwdArgs {
-  float* out; float* o2; float* lse;              // o2 only when differential
-  const bf16* q; const bf16* k; const bf16* v;    // bf16 q, k, v (copies, or the caller's)
-  const float* lambda;                            // [1], differential only
+  float* out;
+  float* o2;
+  float* lse;  // o2 only when differential
+  const bf16* q;
+  const bf16* k;
+  const bf16* v;        // bf16 q, k, v (copies, or the caller's)
+  const float* lambda;  // [1], differential only
   TcaShape sh;
 };
 struct TcaBwdArgs {
-  float* dq; float* dk; float* dv;
-  const bf16* q; const bf16* k; const bf16* v; const bf16* dout;
-  const float* lse; const float* dvec;            // lse and D_c, both [B,H,T]
+  float* dq;
+  float* dk;
+  float* dv;
+  const bf16* q;
+  const bf16* k;
+  const bf16* v;
+  const bf16* dout;
+  const float* lse;
+  const float* dvec;  // lse and D_c, both [B,H,T]
   const float* lambda;
   TcaShape sh;
   // When set, the gradient is written here in bf16 instead of f32 (the bf16 GEMM mode: dq feeds W_q's
@@ -267,11 +279,11 @@ template <int DQK, int W, int COMPS>
 struct FwdLayout {  // bf16 element offsets in shared memory
   static constexpr int kThreads = kCompThreads * COMPS;
   static constexpr int kLdq = DQK + kPad, kLdv = W + kPad;
-  static constexpr int kQ = 0;                               // Q [COMPS][64][kLdq]
-  static constexpr int kK = kQ + COMPS * kTile * kLdq;       // K [2 stages][COMPS][64][kLdq]
-  static constexpr int kV = kK + 2 * COMPS * kTile * kLdq;   // V_g [2 stages][64][kLdv]
+  static constexpr int kQ = 0;                              // Q [COMPS][64][kLdq]
+  static constexpr int kK = kQ + COMPS * kTile * kLdq;      // K [2 stages][COMPS][64][kLdq]
+  static constexpr int kV = kK + 2 * COMPS * kTile * kLdq;  // V_g [2 stages][64][kLdv]
   static constexpr int kElems = kV + 2 * kTile * kLdv;
-  static constexpr int kLdx = W + 4;                         // f32 exchange O_1 [64][kLdx], over K/V
+  static constexpr int kLdx = W + 4;  // f32 exchange O_1 [64][kLdx], over K/V
   static constexpr size_t kBytes = static_cast<size_t>(kElems) * sizeof(bf16);
   static_assert(kTile * kLdx * sizeof(float) <= (kElems - kK) * sizeof(bf16));
 };
@@ -330,7 +342,13 @@ __global__ void __launch_bounds__(kCompThreads* COMPS) tca_fwd_kernel(const TcaF
     float s[NS][4];
     zero_acc(s);
     warp_gemm<DQK, kTile>(
-        s, [&](int kk, uint32_t(&f)[4]) { f[0] = qf[kk][0]; f[1] = qf[kk][1]; f[2] = qf[kk][2]; f[3] = qf[kk][3]; },
+        s,
+        [&](int kk, uint32_t(&f)[4]) {
+          f[0] = qf[kk][0];
+          f[1] = qf[kk][1];
+          f[2] = qf[kk][2];
+          f[3] = qf[kk][3];
+        },
         [&](int kk, int n2, uint32_t(&f)[4]) { ldsm_b_nk(f, ks + n2 * 16 * L::kLdq + kk * 16, L::kLdq); });
 
     // online softmax in log2 units: m = max of z = scale·log2e·S, p = 2^(z − m) (one FFMA + EX2);
@@ -478,7 +496,8 @@ __global__ void tca_bwd_prep_kernel(bf16* dout16, float* dvec, double* dl_part, 
 
 constexpr int kDlambdaThreads = 1024;
 // dlambda[0] = −Σ dl_part (overwritten): one block, fixed order (deterministic).
-__global__ void __launch_bounds__(kDlambdaThreads) tca_dlambda_kernel(float* dlambda, const double* dl_part, int64_t n) {
+__global__ void __launch_bounds__(kDlambdaThreads)
+    tca_dlambda_kernel(float* dlambda, const double* dl_part, int64_t n) {
   __shared__ double red[kDlambdaThreads / 32];
   double s = 0.0;
   for (int64_t i = threadIdx.x; i < n; i += kDlambdaThreads) s += dl_part[i];
@@ -507,7 +526,7 @@ struct DkvLayout {  // bf16 element offsets, then f32 statistics
   static constexpr int kStatFloats = 2 * 2 * COMPS * kTile;  // lse, D [2 stages][COMPS][64] each
   static constexpr int kXch = kStatFloats;                   // pair_exchange buffer (differential)
   static constexpr int kFloats = kXch + (COMPS == 2 ? kXchFloats : 0);
-  static constexpr int kLdx = W + 4;                         // f32 exchange dV_1 [64][kLdx], over Q/dO
+  static constexpr int kLdx = W + 4;  // f32 exchange dV_1 [64][kLdx], over Q/dO
   static constexpr size_t kBytes = static_cast<size_t>(kElems) * sizeof(bf16) + kFloats * sizeof(float);
   static_assert(kElems % 8 == 0, "the statistics start 16-byte aligned");
   static_assert(kTile * kLdx * sizeof(float) <= (kElems - kQ) * sizeof(bf16));
@@ -668,10 +687,10 @@ template <int DQK, int W, int COMPS>
 struct DqLayout {
   static constexpr int kThreads = kCompThreads * COMPS;
   static constexpr int kLdq = DQK + kPad, kLdv = W + kPad;
-  static constexpr int kQ = 0;                               // Q [COMPS][64][kLdq] (this CTA's queries)
-  static constexpr int kDo = kQ + COMPS * kTile * kLdq;      // dout [64][kLdv]
-  static constexpr int kK = kDo + kTile * kLdv;              // K [2 stages][COMPS][64][kLdq]
-  static constexpr int kV = kK + 2 * COMPS * kTile * kLdq;   // V_g [2 stages][64][kLdv]
+  static constexpr int kQ = 0;                              // Q [COMPS][64][kLdq] (this CTA's queries)
+  static constexpr int kDo = kQ + COMPS * kTile * kLdq;     // dout [64][kLdv]
+  static constexpr int kK = kDo + kTile * kLdv;             // K [2 stages][COMPS][64][kLdq]
+  static constexpr int kV = kK + 2 * COMPS * kTile * kLdq;  // V_g [2 stages][64][kLdv]
   static constexpr int kElems = kV + 2 * kTile * kLdv;
   static constexpr size_t kBytes = static_cast<size_t>(kElems) * sizeof(bf16);
 };
@@ -704,8 +723,8 @@ __global__ void __launch_bounds__(kCompThreads* COMPS) tca_bwd_dq_kernel(const T
   for (int cc = 0; cc < COMPS; ++cc)
     cp_tile<kTile, DQK, L::kThreads>(smem + L::kQ + cc * kTile * L::kLdq, a.q + sh.row(b, 0, first + cc) * DQK,
                                      qk_stride, q0, sh.seq);
-  cp_tile<kTile, W, L::kThreads>(smem + L::kDo, a.dout + sh.group_row(b, 0, g) * W,
-                                 static_cast<int64_t>(sh.groups) * W, q0, sh.seq);
+  cp_tile<kTile, W, L::kThreads>(smem + L::kDo, a.dout + sh.group_row(b, 0, g) * W, static_cast<int64_t>(sh.groups) * W,
+                                 q0, sh.seq);
   load_kv(0, 0);
   cp_async_commit();
 
@@ -744,7 +763,13 @@ __global__ void __launch_bounds__(kCompThreads* COMPS) tca_bwd_dq_kernel(const T
     zero_acc(s);
     zero_acc(dp);
     warp_gemm<DQK, kTile>(
-        s, [&](int kk, uint32_t(&f)[4]) { f[0] = qf[kk][0]; f[1] = qf[kk][1]; f[2] = qf[kk][2]; f[3] = qf[kk][3]; },
+        s,
+        [&](int kk, uint32_t(&f)[4]) {
+          f[0] = qf[kk][0];
+          f[1] = qf[kk][1];
+          f[2] = qf[kk][2];
+          f[3] = qf[kk][3];
+        },
         [&](int kk, int n2, uint32_t(&f)[4]) { ldsm_b_nk(f, ks + n2 * 16 * L::kLdq + kk * 16, L::kLdq); });
     warp_gemm<W, kTile>(
         dp, [&](int kk, uint32_t(&f)[4]) { ldsm_a(f, dos + kk * 16, L::kLdv); },

@@ -24,14 +24,15 @@ namespace diffmoe::cuda {
 namespace {
 
 tca::TcaShape tca_shape(const AttnDims& d, double scale) {
-  return {static_cast<int>(d.batch), static_cast<int>(d.seq),    static_cast<int>(d.heads), static_cast<int>(d.groups),
+  return {static_cast<int>(d.batch), static_cast<int>(d.seq), static_cast<int>(d.heads), static_cast<int>(d.groups),
           static_cast<int>(d.comps), static_cast<int>(d.d_v), static_cast<float>(scale)};
 }
 
 tca::TcaKernels pick_or_throw(const AttnDims& d, std::string_view op) {
   tca::TcaKernels k{};
-  DIFFMOE_CHECK(tca::tca_pick(static_cast<int>(d.d_qk), static_cast<int>(d.comps * d.d_v), static_cast<int>(d.comps), &k),
-                "[{}] the tensor-core attention does not cover d_qk = {}, width = {}", op, d.d_qk, d.comps * d.d_v);
+  DIFFMOE_CHECK(
+      tca::tca_pick(static_cast<int>(d.d_qk), static_cast<int>(d.comps * d.d_v), static_cast<int>(d.comps), &k),
+      "[{}] the tensor-core attention does not cover d_qk = {}, width = {}", op, d.d_qk, d.comps * d.d_v);
   return k;
 }
 
@@ -44,9 +45,7 @@ struct Operands {  // bf16 q, k, v (the caller's or copies in the scratch), the 
 
 // A bf16 tensor the kernels can read in place: cp.async takes 16-byte chunks, and every row offset
 // is a multiple of 16 bytes (d_qk and the value-group widths are multiples of 8 values).
-bool bf16_in_place(const Tensor& t) {
-  return t.dtype == DType::kBF16 && reinterpret_cast<uintptr_t>(t.data) % 16 == 0;
-}
+bool bf16_in_place(const Tensor& t) { return t.dtype == DType::kBF16 && reinterpret_cast<uintptr_t>(t.data) % 16 == 0; }
 
 // bf16 q, k, v for the kernels: in place where all three can be (bf16_in_place), else all three
 // into the scratch, f32 ones rounded to nearest even (cuda_common.cuh), bf16 ones copied as they are.
@@ -105,8 +104,8 @@ void tc_attention_fwd(CudaBackend& be, cudaStream_t s, const AttentionFwdArgs& a
   const tca::TcaKernels k = pick_or_throw(d, kOp);
   const tca::TcaShape sh = tca_shape(d, a.scale);
   const Operands o = stage_inputs(be, s, d, sh, a.q, a.k, a.v, false, kOp);
-  const tca::TcaFwdArgs args{f32(a.out), a.differential ? f32(a.o2) : nullptr, f32(a.lse), o.q, o.k, o.v,
-                             a.differential ? f32(a.lambda) : nullptr, sh};
+  const tca::TcaFwdArgs args{f32(a.out), a.differential ? f32(a.o2) : nullptr,     f32(a.lse), o.q, o.k,
+                             o.v,        a.differential ? f32(a.lambda) : nullptr, sh};
   CUDA_CHECK(k.fwd(args, s));
   CUDA_CHECK_LAUNCH(kOp);
 }
@@ -121,8 +120,8 @@ void tc_attention_bwd(CudaBackend& be, cudaStream_t s, const AttentionBwdArgs& a
   const dim3 prep_grid(static_cast<unsigned>((d.seq * d.groups + kRowsPerBlock - 1) / kRowsPerBlock),
                        static_cast<unsigned>(d.batch));
   tca::tca_bwd_prep_kernel<<<prep_grid, kPrepThreads, 0, s>>>(o.dout, o.dvec, o.dl_part, f32(a.dout), f32(a.out),
-                                                             a.differential ? f32(a.o2) : nullptr, lambda, sh,
-                                                             static_cast<int>(d.comps * d.d_v));
+                                                              a.differential ? f32(a.o2) : nullptr, lambda, sh,
+                                                              static_cast<int>(d.comps * d.d_v));
   CUDA_CHECK_LAUNCH(kOp);
   // dq, dk, dv: f32, or bf16 with bf16 q, k, v (validate_attention_bwd): exactly one pointer each.
   const auto f32_or_null = [](const Tensor& t) { return t.dtype == DType::kBF16 ? nullptr : f32(t); };
@@ -134,8 +133,20 @@ void tc_attention_bwd(CudaBackend& be, cudaStream_t s, const AttentionBwdArgs& a
   const auto bf16_or_null = [](const Tensor& t) {
     return t.dtype == DType::kBF16 ? static_cast<__nv_bfloat16*>(t.data) : nullptr;
   };
-  const tca::TcaBwdArgs args{f32_or_null(a.dq), f32_or_null(a.dk), f32_or_null(a.dv), o.q, o.k, o.v, o.dout, f32(a.lse),
-                             o.dvec, lambda, sh, bf16_or_null(a.dq), bf16_or_null(a.dk), bf16_or_null(a.dv),
+  const tca::TcaBwdArgs args{f32_or_null(a.dq),
+                             f32_or_null(a.dk),
+                             f32_or_null(a.dv),
+                             o.q,
+                             o.k,
+                             o.v,
+                             o.dout,
+                             f32(a.lse),
+                             o.dvec,
+                             lambda,
+                             sh,
+                             bf16_or_null(a.dq),
+                             bf16_or_null(a.dk),
+                             bf16_or_null(a.dv),
                              /*pair_stores=*/std::all_of(std::begin(grads), std::end(grads), pair_aligned)};
   CUDA_CHECK(k.dkv(args, s));
   CUDA_CHECK_LAUNCH(kOp);

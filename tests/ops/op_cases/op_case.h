@@ -42,21 +42,25 @@ inline constexpr int32_t kIntPoison = -77777;
 // Host values of a tensor, keyed by a seed (never all zeros).
 struct Init {
   enum class Kind : uint8_t { kNormal, kInts, kValues, kComputed } kind = Kind::kNormal;
-  double std = 1.0, mean = 0.0;   // kNormal: mean + std·N(0,1)
-  int32_t lo = 0, hi = 1;         // kInts: uniform in [lo, hi)
-  std::vector<double> values = {};  // kValues: as given (length numel)
+  double std = 1.0, mean = 0.0;                               // kNormal: mean + std·N(0,1)
+  int32_t lo = 0, hi = 1;                                     // kInts: uniform in [lo, hi)
+  std::vector<double> values = {};                            // kValues: as given (length numel)
   std::function<std::vector<double>(uint64_t seed)> fn = {};  // kComputed: index plans, distinct ids, ...
   // kNormal / kInts: > 0 repeats the first `period` values (benchmark-size tensors fill quickly).
   int64_t period = 0;
 };
-inline Init normal(double std = 1.0, double mean = 0.0) { return {.kind = Init::Kind::kNormal, .std = std, .mean = mean}; }
+inline Init normal(double std = 1.0, double mean = 0.0) {
+  return {.kind = Init::Kind::kNormal, .std = std, .mean = mean};
+}
 inline Init ints(int32_t lo, int32_t hi) { return {.kind = Init::Kind::kInts, .lo = lo, .hi = hi}; }
 inline Init tiled(Init i, int64_t period = (int64_t{1} << 16) + 7) {  // a period no row width here divides
   i.period = period;
   return i;
 }
 inline Init values(std::vector<double> v) { return {.kind = Init::Kind::kValues, .values = std::move(v)}; }
-inline Init computed(std::function<std::vector<double>(uint64_t)> fn) { return {.kind = Init::Kind::kComputed, .fn = std::move(fn)}; }
+inline Init computed(std::function<std::vector<double>(uint64_t)> fn) {
+  return {.kind = Init::Kind::kComputed, .fn = std::move(fn)};
+}
 
 // One tensor of a case. dtype kF32 means "the case's float type": f32 on every backend, f64 in the
 // finite-difference mode (op_args.h: one float type per call). offset > 0 allocates that many extra
@@ -79,9 +83,9 @@ using Tensors = std::function<Tensor(const std::string&)>;
 using OpCall = std::function<void(Backend&, const Tensors&)>;
 
 struct OpCase {
-  std::string op = {};  // "rmsnorm", "gemm", "attention", ... (the Backend op or fwd/bwd pair)
+  std::string op = {};      // "rmsnorm", "gemm", "attention", ... (the Backend op or fwd/bwd pair)
   std::string branch = {};  // the code path of the kernels it exercises: "vector: warp, 1 pack", "scalar tail"
-  std::string shape = {};  // "333x70", "B2 T37 H4 d7/5"
+  std::string shape = {};   // "333x70", "B2 T37 H4 d7/5"
   std::vector<TensorSpec> tensors = {};
   OpCall fwd = {};
   OpCall bwd = {};  // empty: no backward
@@ -111,9 +115,9 @@ struct OpCase {
   bool has_bwd() const { return static_cast<bool>(bwd); }
   bool fd_applies() const { return has_bwd() && no_fd == nullptr && !grads.empty() && !bench_only; }
   const Tol& tol_for(const std::string& name) const;
-  const TensorSpec& spec(const std::string& name) const;  // throws naming the case and tensor
+  const TensorSpec& spec(const std::string& name) const;                 // throws naming the case and tensor
   std::string label() const { return op + "/" + branch + "/" + shape; }  // "op/branch/shape"
-  std::string test_name() const;  // the label as a gtest name: [A-Za-z0-9_] only
+  std::string test_name() const;                                         // the label as a gtest name: [A-Za-z0-9_] only
   // Bytes the step moves: every tensor it reads read once, every tensor it writes written once.
   double bytes(Step s) const;
 };

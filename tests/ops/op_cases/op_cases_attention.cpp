@@ -1,7 +1,8 @@
 // Op cases: the MLA key/value split and the differential λ (docs/derivations.md §1.2, §2.5) and causal
-// attention, differential and plain, forward and backward (docs/derivations.md §1.3, §1.4), at shapes that pick every CUDA kernel family: the flash kernels (flash_attention_ops.cu) at the
-// presets' head sizes with T not a multiple of their 64-row tiles, and the simple kernels, the fallback
-// for head sizes flash does not cover. Method and modes: op_case.h.
+// attention, differential and plain, forward and backward (docs/derivations.md §1.3, §1.4), at shapes that pick every
+// CUDA kernel family: the flash kernels (flash_attention_ops.cu) at the presets' head sizes with T not a multiple of
+// their 64-row tiles, and the simple kernels, the fallback for head sizes flash does not cover. Method and modes:
+// op_case.h.
 #include <fmt/core.h>
 
 #include "op_case.h"
@@ -29,7 +30,8 @@ OpCase attention_case(const AttnShape& a, uint64_t seed) {
   const Shape qk{B, T, H, a.dqk}, v{B, T, H, a.dv};
   const Shape out_shape = a.differential ? Shape{B, T, H / 2, 2 * a.dv} : Shape{B, T, H, a.dv};
   const auto init = [&](Init i) { return a.bench_only ? tiled(i) : i; };
-  OpCase c{.op = a.differential ? "attention_diff" : "attention_plain", .branch = a.branch,
+  OpCase c{.op = a.differential ? "attention_diff" : "attention_plain",
+           .branch = a.branch,
            .shape = fmt::format("B{} T{} H{} d{}/{}", B, T, H, a.dqk, a.dv)};
   c.seed = seed;
   c.bench_only = a.bench_only;
@@ -53,13 +55,31 @@ OpCase attention_case(const AttnShape& a, uint64_t seed) {
   const bool diff = a.differential;
   const auto opt = [diff](const Tensors& t, const char* name) { return diff ? t(name) : Tensor{}; };
   c.fwd = [diff, opt](Backend& be, const Tensors& t) {
-    be.attention_fwd({}, {.out = t("out"), .o2 = opt(t, "o2"), .lse = t("lse"), .q = t("q"), .k = t("k"), .v = t("v"),
-                          .lambda = opt(t, "lambda"), .scale = kScale, .differential = diff});
+    be.attention_fwd({}, {.out = t("out"),
+                          .o2 = opt(t, "o2"),
+                          .lse = t("lse"),
+                          .q = t("q"),
+                          .k = t("k"),
+                          .v = t("v"),
+                          .lambda = opt(t, "lambda"),
+                          .scale = kScale,
+                          .differential = diff});
   };
   c.bwd = [diff, opt](Backend& be, const Tensors& t) {
-    be.attention_bwd({}, {.dq = t("dq"), .dk = t("dk"), .dv = t("dv"), .dlambda = opt(t, "dlambda"), .dout = t("dout"),
-                          .q = t("q"), .k = t("k"), .v = t("v"), .out = t("out"), .o2 = opt(t, "o2"), .lse = t("lse"),
-                          .lambda = opt(t, "lambda"), .scale = kScale, .differential = diff});
+    be.attention_bwd({}, {.dq = t("dq"),
+                          .dk = t("dk"),
+                          .dv = t("dv"),
+                          .dlambda = opt(t, "dlambda"),
+                          .dout = t("dout"),
+                          .q = t("q"),
+                          .k = t("k"),
+                          .v = t("v"),
+                          .out = t("out"),
+                          .o2 = opt(t, "o2"),
+                          .lse = t("lse"),
+                          .lambda = opt(t, "lambda"),
+                          .scale = kScale,
+                          .differential = diff});
   };
   c.tol = kAttnTol;
   c.tol_of = {{"dlambda", kDlambdaTol}};
@@ -85,7 +105,8 @@ struct KvSplitShape {
 
 OpCase kv_split_case(const KvSplitShape& s, uint64_t seed) {
   const auto init = [&](Init i) { return s.bench_only ? tiled(i) : i; };
-  OpCase c{.op = "mla_kv_split", .branch = s.branch,
+  OpCase c{.op = "mla_kv_split",
+           .branch = s.branch,
            .shape = fmt::format("N{} H{} d{}+{}/{} kr {}@{}", s.N, s.H, s.dn, s.dr, s.dv, s.kr_offset, s.kr_stride)};
   c.seed = seed;
   c.bench_only = s.bench_only;
@@ -102,12 +123,27 @@ OpCase kv_split_case(const KvSplitShape& s, uint64_t seed) {
       {.name = "dkr", .shape = kr, .role = Role::kUpdate, .step = Step::kBwd, .init = init(normal())},
   };
   c.fwd = [s](Backend& be, const Tensors& t) {
-    be.mla_kv_split_fwd({}, {.k = t("k"), .v = t("v"), .kv = t("kv"), .kr = t("kr"), .n_heads = s.H, .d_nope = s.dn,
-                             .d_rope = s.dr, .d_v = s.dv, .kr_stride = s.kr_stride, .kr_offset = s.kr_offset});
+    be.mla_kv_split_fwd({}, {.k = t("k"),
+                             .v = t("v"),
+                             .kv = t("kv"),
+                             .kr = t("kr"),
+                             .n_heads = s.H,
+                             .d_nope = s.dn,
+                             .d_rope = s.dr,
+                             .d_v = s.dv,
+                             .kr_stride = s.kr_stride,
+                             .kr_offset = s.kr_offset});
   };
   c.bwd = [s](Backend& be, const Tensors& t) {
-    be.mla_kv_split_bwd({}, {.dkv = t("dkv"), .dkr = t("dkr"), .dk = t("dk"), .dv = t("dv"), .n_heads = s.H,
-                             .d_nope = s.dn, .d_rope = s.dr, .d_v = s.dv, .kr_stride = s.kr_stride,
+    be.mla_kv_split_bwd({}, {.dkv = t("dkv"),
+                             .dkr = t("dkr"),
+                             .dk = t("dk"),
+                             .dv = t("dv"),
+                             .n_heads = s.H,
+                             .d_nope = s.dn,
+                             .d_rope = s.dr,
+                             .d_v = s.dv,
+                             .kr_stride = s.kr_stride,
                              .kr_offset = s.kr_offset});
   };
   c.tol = kExact;  // moves; dkr: an f32 sum over heads in order on both sides
@@ -132,12 +168,23 @@ OpCase diff_lambda_case(int64_t d, uint64_t seed) {
   for (const char* g : {"dlq1", "dlk1", "dlq2", "dlk2"})
     c.tensors.push_back({.name = g, .shape = Shape{d}, .role = Role::kUpdate, .step = Step::kBwd, .init = normal()});
   c.fwd = [](Backend& be, const Tensors& t) {
-    be.diff_lambda_fwd({}, {.lambda = t("lambda"), .lq1 = t("lq1"), .lk1 = t("lk1"), .lq2 = t("lq2"), .lk2 = t("lk2"),
+    be.diff_lambda_fwd({}, {.lambda = t("lambda"),
+                            .lq1 = t("lq1"),
+                            .lk1 = t("lk1"),
+                            .lq2 = t("lq2"),
+                            .lk2 = t("lk2"),
                             .lambda_init = 0.2});
   };
   c.bwd = [](Backend& be, const Tensors& t) {
-    be.diff_lambda_bwd({}, {.dlq1 = t("dlq1"), .dlk1 = t("dlk1"), .dlq2 = t("dlq2"), .dlk2 = t("dlk2"),
-                            .dlambda = t("dlambda"), .lq1 = t("lq1"), .lk1 = t("lk1"), .lq2 = t("lq2"), .lk2 = t("lk2")});
+    be.diff_lambda_bwd({}, {.dlq1 = t("dlq1"),
+                            .dlk1 = t("dlk1"),
+                            .dlq2 = t("dlq2"),
+                            .dlk2 = t("dlk2"),
+                            .dlambda = t("dlambda"),
+                            .lq1 = t("lq1"),
+                            .lk1 = t("lk1"),
+                            .lq2 = t("lq2"),
+                            .lk2 = t("lk2")});
   };
   c.tol = Tol{1e-6, 1e-7, "f64 arithmetic rounded once on both sides"};
   c.grads = {{"lq1", "dlq1"}, {"lk1", "dlk1"}, {"lq2", "dlq2"}, {"lk2", "dlk2"}};

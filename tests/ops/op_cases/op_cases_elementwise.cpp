@@ -31,8 +31,8 @@ Init swiglu_a(int64_t n) {
 
 struct SwigluShape {
   int64_t rows, cols;
-  int64_t offset;   // 1: unaligned views, the scalar path
-  bool bf16_out;    // h, da, db rounded once to bf16 (the expert GEMMs' inputs in the bf16 mode)
+  int64_t offset;  // 1: unaligned views, the scalar path
+  bool bf16_out;   // h, da, db rounded once to bf16 (the expert GEMMs' inputs in the bf16 mode)
   const char* branch;
   bool bench_only = false;
 };
@@ -45,7 +45,10 @@ OpCase swiglu_case(const SwigluShape& s, uint64_t seed) {
   c.seed = seed;
   c.bench_only = s.bench_only;
   c.tensors = {
-      {.name = "a", .shape = shape, .init = s.bench_only ? tiled(normal(4.0)) : swiglu_a(shape.numel()), .offset = s.offset},
+      {.name = "a",
+       .shape = shape,
+       .init = s.bench_only ? tiled(normal(4.0)) : swiglu_a(shape.numel()),
+       .offset = s.offset},
       {.name = "b", .shape = shape, .init = init(normal()), .offset = s.offset},
       {.name = "h", .shape = shape, .dtype = out, .role = Role::kOutput, .offset = s.offset},
       {.name = "dh", .shape = shape, .init = init(normal()), .offset = s.offset, .bwd_only = true},
@@ -93,22 +96,34 @@ Init rope_table(int64_t n, uint64_t angle_seed, bool sine) {
 OpCase rope_case(const RopeShape& r, uint64_t seed) {
   const auto init = [&](Init i) { return r.bench_only ? tiled(i) : i; };
   const int64_t max_pos = std::max<int64_t>(40, r.pos_offset + r.seq_len);
-  OpCase c{.op = "rope", .branch = r.branch,
+  OpCase c{.op = "rope",
+           .branch = r.branch,
            .shape = fmt::format("{}x{} heads {}/{} cols {}+{}", r.rows, r.width, r.heads, r.head_stride, r.col_offset,
                                 r.rope_dim)};
   c.seed = seed;
   c.bench_only = r.bench_only;
   c.tensors = {
       {.name = "x", .shape = Shape{r.rows, r.width}, .role = Role::kUpdate, .init = init(normal())},
-      {.name = "cos", .shape = Shape{max_pos, r.rope_dim / 2}, .init = rope_table(max_pos * r.rope_dim / 2, seed, false)},
-      {.name = "sin", .shape = Shape{max_pos, r.rope_dim / 2}, .init = rope_table(max_pos * r.rope_dim / 2, seed, true)},
+      {.name = "cos",
+       .shape = Shape{max_pos, r.rope_dim / 2},
+       .init = rope_table(max_pos * r.rope_dim / 2, seed, false)},
+      {.name = "sin",
+       .shape = Shape{max_pos, r.rope_dim / 2},
+       .init = rope_table(max_pos * r.rope_dim / 2, seed, true)},
       {.name = "dy", .shape = Shape{r.rows, r.width}, .init = init(normal()), .bwd_only = true},
       {.name = "dx", .shape = Shape{r.rows, r.width}, .role = Role::kOutput, .step = Step::kBwd},
   };
   const auto args = [r](const Tensors& t, const Tensor& x, bool inverse) {
-    return RopeArgs{.x = x, .cos = t("cos"), .sin = t("sin"), .n_heads = r.heads, .head_stride = r.head_stride,
-                    .col_offset = r.col_offset, .rope_dim = r.rope_dim, .seq_len = r.seq_len,
-                    .pos_offset = r.pos_offset, .inverse = inverse};
+    return RopeArgs{.x = x,
+                    .cos = t("cos"),
+                    .sin = t("sin"),
+                    .n_heads = r.heads,
+                    .head_stride = r.head_stride,
+                    .col_offset = r.col_offset,
+                    .rope_dim = r.rope_dim,
+                    .seq_len = r.seq_len,
+                    .pos_offset = r.pos_offset,
+                    .inverse = inverse};
   };
   c.fwd = [args](Backend& be, const Tensors& t) { be.rope({}, args(t, t("x"), false)); };
   c.bwd = [args](Backend& be, const Tensors& t) {
@@ -141,7 +156,8 @@ struct CeShape {
 
 OpCase cross_entropy_case(const CeShape& s, uint64_t seed) {
   const int64_t N = s.rows, V = s.vocab;
-  OpCase c{.op = "cross_entropy", .branch = s.branch,
+  OpCase c{.op = "cross_entropy",
+           .branch = s.branch,
            .shape = fmt::format("{}x{} valid {}", N, V, dtype_name(s.valid_type))};
   c.seed = seed;
   c.bench_only = s.bench_only;
@@ -153,27 +169,35 @@ OpCase cross_entropy_case(const CeShape& s, uint64_t seed) {
       {.name = "targets", .shape = Shape{N}, .dtype = DType::kI32, .init = values(targets)},
       // Both accumulate: the sum of the losses and the count of valid targets over micro-batches.
       {.name = "loss_sum", .shape = Shape{1}, .role = Role::kUpdate, .init = values({1.5})},
-      {.name = "valid", .shape = Shape{1}, .dtype = s.valid_type, .role = Role::kUpdate,
+      {.name = "valid",
+       .shape = Shape{1},
+       .dtype = s.valid_type,
+       .role = Role::kUpdate,
        .init = values({s.none_valid ? 0.0 : 3.0})},
-      {.name = "dlogits", .shape = Shape{N, V}, .dtype = s.bf16_dlogits ? DType::kBF16 : DType::kF32,
-       .role = Role::kOutput, .step = Step::kBwd},
+      {.name = "dlogits",
+       .shape = Shape{N, V},
+       .dtype = s.bf16_dlogits ? DType::kBF16 : DType::kF32,
+       .role = Role::kOutput,
+       .step = Step::kBwd},
   };
   constexpr double kGradScale = 0.7;
   c.fwd = [](Backend& be, const Tensors& t) {
-    be.cross_entropy_fwd({}, {.loss_sum = t("loss_sum"), .valid = t("valid"), .logits = t("logits"), .targets = t("targets")});
+    be.cross_entropy_fwd(
+        {}, {.loss_sum = t("loss_sum"), .valid = t("valid"), .logits = t("logits"), .targets = t("targets")});
   };
   c.bwd = [](Backend& be, const Tensors& t) {
-    be.cross_entropy_bwd({}, {.dlogits = t("dlogits"), .logits = t("logits"), .targets = t("targets"),
-                              .valid = t("valid"), .grad_scale = kGradScale});
+    be.cross_entropy_bwd({}, {.dlogits = t("dlogits"),
+                              .logits = t("logits"),
+                              .targets = t("targets"),
+                              .valid = t("valid"),
+                              .grad_scale = kGradScale});
   };
   c.tol = kCeTol;
   c.tol_of = {{"valid", kExact}};
   // dlogits = grad_scale·∂(loss_sum)/∂logits / valid: the gradient of grad_scale·loss_sum/valid, with
   // valid the count after the forward (an integer, not differentiated).
   c.grads = {{"logits", "dlogits"}};
-  c.loss = [](const OpInstance& inst) {
-    return kGradScale * inst.values("loss_sum")[0] / inst.values("valid")[0];
-  };
+  c.loss = [](const OpInstance& inst) { return kGradScale * inst.values("loss_sum")[0] / inst.values("valid")[0]; };
   if (s.bf16_dlogits) c.no_fd = "bf16 dlogits: the f32 cases check the formula, this the rounding";
   if (s.none_valid) c.no_fd = "no valid target: the loss is 0/0";
   return c;
@@ -212,11 +236,11 @@ std::vector<OpCase> elementwise_cases() {
   std::vector<OpCase> out;
   uint64_t seed = 300;
   // 57·37 = 2109 elements: float4 pieces and a scalar tail.
-  for (const SwigluShape& s : {SwigluShape{57, 37, 0, false, "vector body, scalar tail"},
-                               SwigluShape{57, 37, 1, false, "unaligned views: scalar path"},
-                               SwigluShape{57, 37, 0, true, "bf16 out"},
-                               SwigluShape{65536, 512, 0, false, "vector body (bench preset experts)", true},
-                               SwigluShape{65536, 512, 0, true, "bf16 out (bench preset experts)", true}})
+  for (const SwigluShape& s :
+       {SwigluShape{57, 37, 0, false, "vector body, scalar tail"},
+        SwigluShape{57, 37, 1, false, "unaligned views: scalar path"}, SwigluShape{57, 37, 0, true, "bf16 out"},
+        SwigluShape{65536, 512, 0, false, "vector body (bench preset experts)", true},
+        SwigluShape{65536, 512, 0, true, "bf16 out (bench preset experts)", true}})
     out.push_back(swiglu_case(s, seed++));
   // The first two: one pair per thread (column offset 2, width 14); the last two: two pairs per
   // thread (float4 of x; several heads, and one head with an odd head_stride, unused there).

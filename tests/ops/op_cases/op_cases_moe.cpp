@@ -29,9 +29,14 @@ struct RouterShape {
 };
 
 OpCase router_case(const RouterShape& r, uint64_t seed) {
-  const RouterOptions opt{.score_func = r.func, .n_groups = r.groups, .n_limited_groups = r.limited, .top_k = r.K,
-                          .route_scale = r.route_scale, .use_bias = r.bias};
-  OpCase c{.op = "router", .branch = r.branch,
+  const RouterOptions opt{.score_func = r.func,
+                          .n_groups = r.groups,
+                          .n_limited_groups = r.limited,
+                          .top_k = r.K,
+                          .route_scale = r.route_scale,
+                          .use_bias = r.bias};
+  OpCase c{.op = "router",
+           .branch = r.branch,
            .shape = fmt::format("N{} E{} K{} G{}/{} {}{}", r.N, r.E, r.K, r.limited, r.groups,
                                 r.func == ScoreFunc::kSigmoid ? "sigmoid" : "softmax", r.bias ? " bias" : "")};
   c.seed = seed;
@@ -42,18 +47,31 @@ OpCase router_case(const RouterShape& r, uint64_t seed) {
       {.name = "scores", .shape = Shape{r.N, r.E}, .role = Role::kOutput},
       {.name = "topk_idx", .shape = Shape{r.N, r.K}, .dtype = DType::kI32, .role = Role::kOutput},
       {.name = "topk_w", .shape = Shape{r.N, r.K}, .role = Role::kOutput},
-      {.name = "counts", .shape = Shape{r.E}, .dtype = DType::kI32, .role = Role::kUpdate, .init = ints(0, 5)},  // accumulate
+      {.name = "counts",
+       .shape = Shape{r.E},
+       .dtype = DType::kI32,
+       .role = Role::kUpdate,
+       .init = ints(0, 5)},  // accumulate
       {.name = "dtopk_w", .shape = Shape{r.N, r.K}, .init = normal(), .bwd_only = true},
       {.name = "dlogits", .shape = Shape{r.N, r.E}, .role = Role::kOutput, .step = Step::kBwd},
   };
   const bool bias = r.bias;
   c.fwd = [opt, bias](Backend& be, const Tensors& t) {
-    be.router_fwd({}, {.scores = t("scores"), .topk_idx = t("topk_idx"), .topk_w = t("topk_w"), .counts = t("counts"),
-                       .logits = t("logits"), .bias = bias ? t("bias") : Tensor{}, .opt = opt});
+    be.router_fwd({}, {.scores = t("scores"),
+                       .topk_idx = t("topk_idx"),
+                       .topk_w = t("topk_w"),
+                       .counts = t("counts"),
+                       .logits = t("logits"),
+                       .bias = bias ? t("bias") : Tensor{},
+                       .opt = opt});
   };
   c.bwd = [opt](Backend& be, const Tensors& t) {
-    be.router_bwd({}, {.dlogits = t("dlogits"), .dtopk_w = t("dtopk_w"), .scores = t("scores"),
-                       .topk_idx = t("topk_idx"), .topk_w = t("topk_w"), .opt = opt});
+    be.router_bwd({}, {.dlogits = t("dlogits"),
+                       .dtopk_w = t("dtopk_w"),
+                       .scores = t("scores"),
+                       .topk_idx = t("topk_idx"),
+                       .topk_w = t("topk_w"),
+                       .opt = opt});
   };
   c.tol = kScoreTol;
   // Indices and counts: the same selection; dlogits: f64 per-token sums in the CPU's k order on one lane.
@@ -87,26 +105,39 @@ Init router_scores(int64_t N, int64_t E, ScoreFunc func) {
 }
 
 OpCase aux_loss_case(int64_t N, int64_t E, int64_t K, int64_t seq, ScoreFunc func, const char* branch, uint64_t seed) {
-  OpCase c{.op = "aux_loss", .branch = branch,
-           .shape = fmt::format("N{} E{} K{} T{} {}", N, E, K, seq, func == ScoreFunc::kSigmoid ? "sigmoid" : "softmax")};
+  OpCase c{
+      .op = "aux_loss",
+      .branch = branch,
+      .shape = fmt::format("N{} E{} K{} T{} {}", N, E, K, seq, func == ScoreFunc::kSigmoid ? "sigmoid" : "softmax")};
   c.seed = seed;
   c.tensors = {
       {.name = "scores", .shape = Shape{N, E}, .init = router_scores(N, E, func)},
       {.name = "loss", .shape = Shape{1}, .role = Role::kUpdate, .init = values({0.25})},  // accumulates
-      {.name = "dlogits", .shape = Shape{N, E}, .role = Role::kUpdate, .step = Step::kBwd, .init = normal()},  // accumulates
+      {.name = "dlogits",
+       .shape = Shape{N, E},
+       .role = Role::kUpdate,
+       .step = Step::kBwd,
+       .init = normal()},  // accumulates
   };
   constexpr double kAlpha = 0.01;
   c.fwd = [=](Backend& be, const Tensors& t) {
-    be.aux_loss_fwd({}, {.loss = t("loss"), .scores = t("scores"), .seq_len = seq, .top_k = K, .alpha = kAlpha,
-                         .score_func = func});
+    be.aux_loss_fwd(
+        {},
+        {.loss = t("loss"), .scores = t("scores"), .seq_len = seq, .top_k = K, .alpha = kAlpha, .score_func = func});
   };
   c.bwd = [=](Backend& be, const Tensors& t) {
-    be.aux_loss_bwd({}, {.dlogits = t("dlogits"), .scores = t("scores"), .seq_len = seq, .top_k = K, .alpha = kAlpha,
-                         .dloss = 1.3, .score_func = func});
+    be.aux_loss_bwd({}, {.dlogits = t("dlogits"),
+                         .scores = t("scores"),
+                         .seq_len = seq,
+                         .top_k = K,
+                         .alpha = kAlpha,
+                         .dloss = 1.3,
+                         .score_func = func});
   };
   // f64 sums over the sequence's tokens in blocks, rounded once.
   c.tol = Tol{1e-6, 1e-7, "f64 arithmetic rounded once on both sides"};
-  c.no_fd = "the backward is d/dlogits but the forward reads scores: test_moe_ops.cpp AuxLossFd chains the score function";
+  c.no_fd =
+      "the backward is d/dlogits but the forward reads scores: test_moe_ops.cpp AuxLossFd chains the score function";
   return c;
 }
 
@@ -124,11 +155,13 @@ HostPlan host_plan(int64_t N, int64_t K, int64_t E, uint64_t seed, bool unused) 
   for (int64_t n = 0; n < N; ++n) {
     std::vector<int64_t> picked;
     for (uint64_t draw = 0; static_cast<int64_t>(picked.size()) < K; ++draw) {
-      const int64_t e = static_cast<int64_t>(uniform_at(seed, static_cast<uint64_t>(n), draw) * static_cast<double>(E)) % E;
+      const int64_t e =
+          static_cast<int64_t>(uniform_at(seed, static_cast<uint64_t>(n), draw) * static_cast<double>(E)) % E;
       if (std::find(picked.begin(), picked.end(), e) == picked.end()) picked.push_back(e);
     }
     for (int64_t k = 0; k < K; ++k)
-      p.idx[static_cast<size_t>(n * K + k)] = unused && (n * K + k) % 5 == 2 ? -1.0 : static_cast<double>(picked[static_cast<size_t>(k)]);
+      p.idx[static_cast<size_t>(n * K + k)] =
+          unused && (n * K + k) % 5 == 2 ? -1.0 : static_cast<double>(picked[static_cast<size_t>(k)]);
   }
   p.offsets.assign(static_cast<size_t>(E + 1), 0.0);
   p.slot_pos.assign(static_cast<size_t>(N * K), -1.0);
@@ -161,13 +194,19 @@ OpCase permute_case(int64_t N, int64_t K, int64_t E, bool repeats, bool unused, 
       {.name = "topk_idx", .shape = Shape{N, K}, .dtype = DType::kI32, .init = idx},
       {.name = "offsets", .shape = Shape{E + 1}, .dtype = DType::kI32, .role = Role::kOutput},
       // With unused slots, src_row's rows past the used ones are left as they are.
-      {.name = "src_row", .shape = Shape{N * K}, .dtype = DType::kI32, .role = unused ? Role::kUpdate : Role::kOutput,
+      {.name = "src_row",
+       .shape = Shape{N * K},
+       .dtype = DType::kI32,
+       .role = unused ? Role::kUpdate : Role::kOutput,
        .init = ints(0, 1000)},
       {.name = "slot_pos", .shape = Shape{N, K}, .dtype = DType::kI32, .role = Role::kOutput},
   };
   c.fwd = [E](Backend& be, const Tensors& t) {
-    be.moe_permute({}, {.offsets = t("offsets"), .src_row = t("src_row"), .slot_pos = t("slot_pos"),
-                        .topk_idx = t("topk_idx"), .n_experts = E});
+    be.moe_permute({}, {.offsets = t("offsets"),
+                        .src_row = t("src_row"),
+                        .slot_pos = t("slot_pos"),
+                        .topk_idx = t("topk_idx"),
+                        .n_experts = E});
   };
   c.tol = kExact;
   return c;
@@ -190,14 +229,27 @@ OpCase gather_case(const MoveShape& m, uint64_t seed) {
   c.bench_only = m.bench_only;
   c.tensors = {
       {.name = "x", .shape = Shape{N, D}, .init = init(normal()), .offset = m.offset},
-      {.name = "src_row", .shape = Shape{N * K}, .dtype = DType::kI32, .init = plan_field(N, K, E, seed, m.unused, &HostPlan::src_row)},
-      {.name = "slot_pos", .shape = Shape{N, K}, .dtype = DType::kI32, .init = plan_field(N, K, E, seed, m.unused, &HostPlan::slot_pos)},
+      {.name = "src_row",
+       .shape = Shape{N * K},
+       .dtype = DType::kI32,
+       .init = plan_field(N, K, E, seed, m.unused, &HostPlan::src_row)},
+      {.name = "slot_pos",
+       .shape = Shape{N, K},
+       .dtype = DType::kI32,
+       .init = plan_field(N, K, E, seed, m.unused, &HostPlan::slot_pos)},
       {.name = "x_perm", .shape = Shape{N * K, D}, .role = Role::kOutput, .offset = m.offset},
       {.name = "dx_perm", .shape = Shape{N * K, D}, .init = init(normal()), .offset = m.offset, .bwd_only = true},
       // Accumulates (dx already holds the shared expert's dx).
-      {.name = "dx", .shape = Shape{N, D}, .role = Role::kUpdate, .step = Step::kBwd, .init = init(normal()), .offset = m.offset},
+      {.name = "dx",
+       .shape = Shape{N, D},
+       .role = Role::kUpdate,
+       .step = Step::kBwd,
+       .init = init(normal()),
+       .offset = m.offset},
   };
-  c.fwd = [](Backend& be, const Tensors& t) { be.moe_gather({}, {.x_perm = t("x_perm"), .x = t("x"), .src_row = t("src_row")}); };
+  c.fwd = [](Backend& be, const Tensors& t) {
+    be.moe_gather({}, {.x_perm = t("x_perm"), .x = t("x"), .src_row = t("src_row")});
+  };
   c.bwd = [](Backend& be, const Tensors& t) {
     be.moe_gather_bwd({}, {.dx = t("dx"), .dx_perm = t("dx_perm"), .slot_pos = t("slot_pos")});
   };
@@ -205,7 +257,8 @@ OpCase gather_case(const MoveShape& m, uint64_t seed) {
   c.tol_of = {{"dx", Tol{1e-6, 1e-7, "f64 sum over k in order, rounded once"}}};
   c.grads = {{"x", "dx"}};
   c.upstream = {{"x_perm", "dx_perm"}};
-  if (m.unused) c.no_fd = "rows past the used ones gather x[src_row = 0] but no slot reads them back: not an adjoint pair";
+  if (m.unused)
+    c.no_fd = "rows past the used ones gather x[src_row = 0] but no slot reads them back: not an adjoint pair";
   return c;
 }
 
@@ -219,20 +272,31 @@ OpCase combine_case(const MoveShape& m, uint64_t seed) {
   c.tensors = {
       {.name = "y_perm", .shape = Shape{N * K, D}, .init = init(normal()), .offset = m.offset},
       {.name = "topk_w", .shape = Shape{N, K}, .init = normal(0.5)},
-      {.name = "slot_pos", .shape = Shape{N, K}, .dtype = DType::kI32, .init = plan_field(N, K, E, seed, m.unused, &HostPlan::slot_pos)},
+      {.name = "slot_pos",
+       .shape = Shape{N, K},
+       .dtype = DType::kI32,
+       .init = plan_field(N, K, E, seed, m.unused, &HostPlan::slot_pos)},
       // Accumulates (y already holds the shared expert's output).
       {.name = "y", .shape = Shape{N, D}, .role = Role::kUpdate, .init = init(normal()), .offset = m.offset},
       {.name = "dy", .shape = Shape{N, D}, .init = init(normal()), .offset = m.offset, .bwd_only = true},
-      {.name = "dy_perm", .shape = Shape{N * K, D}, .role = m.unused ? Role::kUpdate : Role::kOutput, .step = Step::kBwd,
-       .init = normal(), .offset = m.offset},
+      {.name = "dy_perm",
+       .shape = Shape{N * K, D},
+       .role = m.unused ? Role::kUpdate : Role::kOutput,
+       .step = Step::kBwd,
+       .init = normal(),
+       .offset = m.offset},
       {.name = "dtopk_w", .shape = Shape{N, K}, .role = Role::kOutput, .step = Step::kBwd},
   };
   c.fwd = [](Backend& be, const Tensors& t) {
     be.moe_combine_fwd({}, {.y = t("y"), .y_perm = t("y_perm"), .topk_w = t("topk_w"), .slot_pos = t("slot_pos")});
   };
   c.bwd = [](Backend& be, const Tensors& t) {
-    be.moe_combine_bwd({}, {.dy_perm = t("dy_perm"), .dtopk_w = t("dtopk_w"), .dy = t("dy"), .y_perm = t("y_perm"),
-                            .topk_w = t("topk_w"), .slot_pos = t("slot_pos")});
+    be.moe_combine_bwd({}, {.dy_perm = t("dy_perm"),
+                            .dtopk_w = t("dtopk_w"),
+                            .dy = t("dy"),
+                            .y_perm = t("y_perm"),
+                            .topk_w = t("topk_w"),
+                            .slot_pos = t("slot_pos")});
   };
   c.tol = kRoundOnce;  // y, dtopk_w: f64 sums over k in order / f64 dot in another order, rounded once
   c.tol_of = {{"dy_perm", Tol{0.0, 0.0, "one f32 product on both sides"}}};
@@ -249,12 +313,13 @@ std::vector<OpCase> moe_cases() {
   uint64_t seed = 700;
   // Every branch: groups with the top-2 score (bias on) and the max score (bias off), no groups,
   // sigmoid and softmax, E = 8 … 256 (one to eight experts per lane).
-  for (const RouterShape& r : {RouterShape{203, 64, 6, 8, 3, ScoreFunc::kSigmoid, true, 2.5, "groups, top-2 group score"},
-                               RouterShape{97, 8, 2, 1, 1, ScoreFunc::kSoftmax, false, 1.0, "softmax, no groups"},
-                               RouterShape{67, 256, 8, 8, 4, ScoreFunc::kSigmoid, true, 1.5, "eight experts per lane"},
-                               RouterShape{50, 12, 3, 4, 2, ScoreFunc::kSigmoid, false, 1.0, "groups, max group score"},
-                               RouterShape{58, 16, 2, 4, 1, ScoreFunc::kSoftmax, true, 1.0, "softmax, one group of four"},
-                               RouterShape{16384, 64, 4, 8, 4, ScoreFunc::kSigmoid, true, 1.0, "groups (bench preset)", true}})
+  for (const RouterShape& r :
+       {RouterShape{203, 64, 6, 8, 3, ScoreFunc::kSigmoid, true, 2.5, "groups, top-2 group score"},
+        RouterShape{97, 8, 2, 1, 1, ScoreFunc::kSoftmax, false, 1.0, "softmax, no groups"},
+        RouterShape{67, 256, 8, 8, 4, ScoreFunc::kSigmoid, true, 1.5, "eight experts per lane"},
+        RouterShape{50, 12, 3, 4, 2, ScoreFunc::kSigmoid, false, 1.0, "groups, max group score"},
+        RouterShape{58, 16, 2, 4, 1, ScoreFunc::kSoftmax, true, 1.0, "softmax, one group of four"},
+        RouterShape{16384, 64, 4, 8, 4, ScoreFunc::kSigmoid, true, 1.0, "groups (bench preset)", true}})
     out.push_back(router_case(r, seed++));
   // N = 300: two sequences of 150 tokens, each spread over three 64-token blocks.
   out.push_back(aux_loss_case(300, 32, 4, 150, ScoreFunc::kSigmoid, "two sequences, three blocks each", seed++));

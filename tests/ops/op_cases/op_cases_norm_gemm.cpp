@@ -1,5 +1,6 @@
 // Op cases: RMSNorm (forward and backward, every launch branch of cuda/norm_ops.cu), the dense GEMM
-// (every transpose, beta 0 and not, k = 0) and the grouped expert GEMMs (forward, weight gradient). Method and modes: op_case.h.
+// (every transpose, beta 0 and not, k = 0) and the grouped expert GEMMs (forward, weight gradient). Method and modes:
+// op_case.h.
 #include <fmt/core.h>
 
 #include <algorithm>
@@ -50,27 +51,53 @@ OpCase rmsnorm_case(const NormShape& s, uint64_t seed) {
   // dx: written over x (in place), accumulated, or with gaps between strided rows: all keep values.
   const bool dx_kept = s.accumulate || xs != width || rows == 0;
   c.tensors = {
-      {.name = "x", .shape = Shape{xn}, .role = s.in_place ? Role::kUpdate : Role::kInput, .step = Step::kBwd,
-       .init = init(normal(2.0)), .offset = s.shift_x ? 1 : 0},
+      {.name = "x",
+       .shape = Shape{xn},
+       .role = s.in_place ? Role::kUpdate : Role::kInput,
+       .step = Step::kBwd,
+       .init = init(normal(2.0)),
+       .offset = s.shift_x ? 1 : 0},
       {.name = "w", .shape = Shape{width}, .init = normal(0.2, 1.0)},
       // Strided y: the gaps between rows must stay as they are (and with no rows, all of it).
-      {.name = "y", .shape = Shape{yn}, .role = ys == width && rows > 0 ? Role::kOutput : Role::kUpdate,
+      {.name = "y",
+       .shape = Shape{yn},
+       .role = ys == width && rows > 0 ? Role::kOutput : Role::kUpdate,
        .init = init(normal())},
       {.name = "rstd", .shape = Shape{rows}, .role = Role::kOutput},
       {.name = "dy", .shape = Shape{yn}, .init = init(normal()), .offset = s.shift_dy ? 1 : 0, .bwd_only = true},
       {.name = "dw", .shape = Shape{width}, .role = Role::kUpdate, .step = Step::kBwd, .init = normal()},
   };
   if (!s.in_place)
-    c.tensors.push_back({.name = "dx", .shape = Shape{xn}, .role = dx_kept ? Role::kUpdate : Role::kOutput,
-                         .step = Step::kBwd, .init = init(normal())});
+    c.tensors.push_back({.name = "dx",
+                         .shape = Shape{xn},
+                         .role = dx_kept ? Role::kUpdate : Role::kOutput,
+                         .step = Step::kBwd,
+                         .init = init(normal())});
   c.fwd = [s, rows, width](Backend& be, const Tensors& t) {
-    be.rmsnorm_fwd({}, {.y = t("y"), .rstd = t("rstd"), .x = t("x"), .w = t("w"), .rows = rows, .width = width,
-                        .x_stride = s.xs, .y_stride = s.ys, .eps = 1e-6, .out_scale = s.out_scale});
+    be.rmsnorm_fwd({}, {.y = t("y"),
+                        .rstd = t("rstd"),
+                        .x = t("x"),
+                        .w = t("w"),
+                        .rows = rows,
+                        .width = width,
+                        .x_stride = s.xs,
+                        .y_stride = s.ys,
+                        .eps = 1e-6,
+                        .out_scale = s.out_scale});
   };
   c.bwd = [s, rows, width](Backend& be, const Tensors& t) {
-    be.rmsnorm_bwd({}, {.dx = s.in_place ? t("x") : t("dx"), .dw = t("dw"), .dy = t("dy"), .x = t("x"), .w = t("w"),
-                        .rstd = t("rstd"), .rows = rows, .width = width, .x_stride = s.xs, .y_stride = s.ys,
-                        .out_scale = s.out_scale, .dx_accumulate = s.accumulate});
+    be.rmsnorm_bwd({}, {.dx = s.in_place ? t("x") : t("dx"),
+                        .dw = t("dw"),
+                        .dy = t("dy"),
+                        .x = t("x"),
+                        .w = t("w"),
+                        .rstd = t("rstd"),
+                        .rows = rows,
+                        .width = width,
+                        .x_stride = s.xs,
+                        .y_stride = s.ys,
+                        .out_scale = s.out_scale,
+                        .dx_accumulate = s.accumulate});
   };
   c.tol = kNormTol;
   c.tol_of = {{"dx", kNormBwdTol}, {"x", kNormBwdTol}, {"dw", norm_dw_tol(rows)}};
@@ -108,10 +135,15 @@ OpCase gemm_case(const GemmShape& g, uint64_t seed) {
       {.name = "a", .shape = g.ta ? Shape{g.k, g.m} : Shape{g.m, g.k}, .init = init(normal())},
       {.name = "b", .shape = g.tb ? Shape{g.n, g.k} : Shape{g.k, g.n}, .init = init(normal())},
       // beta = 0 must not read C: it starts poisoned (NaN stays out).
-      {.name = "c", .shape = Shape{g.m, g.n}, .role = g.beta == 0.0 ? Role::kOutput : Role::kUpdate, .init = init(normal())},
+      {.name = "c",
+       .shape = Shape{g.m, g.n},
+       .role = g.beta == 0.0 ? Role::kOutput : Role::kUpdate,
+       .init = init(normal())},
   };
   c.fwd = [g](Backend& be, const Tensors& t) {
-    be.gemm({}, {.c = t("c"), .a = t("a"), .b = t("b"), .trans_a = g.ta, .trans_b = g.tb, .alpha = g.alpha, .beta = g.beta});
+    be.gemm(
+        {},
+        {.c = t("c"), .a = t("a"), .b = t("b"), .trans_a = g.ta, .trans_b = g.tb, .alpha = g.alpha, .beta = g.beta});
   };
   c.tol = g.k == 0 ? Tol{1e-6, 1e-7, "k = 0: C = beta·C, one rounding"} : gemm_tol(g.k);
   if (g.precision == GemmPrecision::kBF16)
@@ -134,7 +166,8 @@ Init grouped_c(int64_t R, int64_t n, int64_t used, bool poison_used) {
   return computed([=](uint64_t seed) {
     std::vector<double> v(static_cast<size_t>(R * n));
     for (int64_t i = 0; i < R * n; ++i)
-      v[static_cast<size_t>(i)] = poison_used && i < used * n ? std::nan("") : normal_at(seed, 1, static_cast<uint64_t>(i));
+      v[static_cast<size_t>(i)] =
+          poison_used && i < used * n ? std::nan("") : normal_at(seed, 1, static_cast<uint64_t>(i));
     return v;
   });
 }
@@ -142,7 +175,8 @@ Init grouped_c(int64_t R, int64_t n, int64_t used, bool poison_used) {
 OpCase grouped_gemm_case(const GroupedShape& g, bool trans_b, double beta, uint64_t seed) {
   const int64_t G = g.G, used = static_cast<int64_t>(g.offsets.back());
   const auto init = [&](Init i) { return g.bench_only ? tiled(i) : i; };
-  OpCase c{.op = "grouped_gemm", .branch = fmt::format("{} beta {}", trans_b ? "B transposed" : "B plain", beta),
+  OpCase c{.op = "grouped_gemm",
+           .branch = fmt::format("{} beta {}", trans_b ? "B transposed" : "B plain", beta),
            .shape = fmt::format("R{} G{} k{} n{} {}", g.R, G, g.k, g.n, g.branch)};
   c.seed = seed;
   c.bench_only = g.bench_only;
@@ -150,11 +184,18 @@ OpCase grouped_gemm_case(const GroupedShape& g, bool trans_b, double beta, uint6
       {.name = "a", .shape = Shape{g.R, g.k}, .init = init(normal())},
       {.name = "b", .shape = trans_b ? Shape{G, g.n, g.k} : Shape{G, g.k, g.n}, .init = init(normal())},
       {.name = "offsets", .shape = Shape{G + 1}, .dtype = DType::kI32, .init = values(g.offsets)},
-      {.name = "c", .shape = Shape{g.R, g.n}, .role = Role::kUpdate,
+      {.name = "c",
+       .shape = Shape{g.R, g.n},
+       .role = Role::kUpdate,
        .init = g.bench_only ? tiled(normal()) : grouped_c(g.R, g.n, used, beta == 0.0)},
   };
   c.fwd = [trans_b, beta](Backend& be, const Tensors& t) {
-    be.grouped_gemm({}, {.c = t("c"), .a = t("a"), .b = t("b"), .offsets = t("offsets"), .trans_b = trans_b, .alpha = 0.8,
+    be.grouped_gemm({}, {.c = t("c"),
+                         .a = t("a"),
+                         .b = t("b"),
+                         .offsets = t("offsets"),
+                         .trans_b = trans_b,
+                         .alpha = 0.8,
                          .beta = beta});
   };
   c.tol = gemm_tol(g.k);
@@ -168,7 +209,8 @@ OpCase grouped_wgrad_case(const GroupedShape& g, double beta, uint64_t seed) {
   int64_t largest = 0;
   for (size_t i = 0; i + 1 < g.offsets.size(); ++i)
     largest = std::max(largest, static_cast<int64_t>(g.offsets[i + 1] - g.offsets[i]));
-  OpCase c{.op = "grouped_gemm_wgrad", .branch = fmt::format("beta {}", beta),
+  OpCase c{.op = "grouped_gemm_wgrad",
+           .branch = fmt::format("beta {}", beta),
            .shape = fmt::format("R{} G{} m{} n{} {}", g.R, G, g.k, g.n, g.branch)};
   c.seed = seed;
   c.bench_only = g.bench_only;
@@ -177,10 +219,14 @@ OpCase grouped_wgrad_case(const GroupedShape& g, double beta, uint64_t seed) {
       {.name = "b", .shape = Shape{g.R, g.n}, .init = init(normal())},
       {.name = "offsets", .shape = Shape{G + 1}, .dtype = DType::kI32, .init = values(g.offsets)},
       // beta = 0: empty groups become 0 (the output starts poisoned); beta = 1: they keep C.
-      {.name = "c", .shape = Shape{G, g.k, g.n}, .role = beta == 0.0 ? Role::kOutput : Role::kUpdate, .init = init(normal())},
+      {.name = "c",
+       .shape = Shape{G, g.k, g.n},
+       .role = beta == 0.0 ? Role::kOutput : Role::kUpdate,
+       .init = init(normal())},
   };
   c.fwd = [beta](Backend& be, const Tensors& t) {
-    be.grouped_gemm_wgrad({}, {.c = t("c"), .a = t("a"), .b = t("b"), .offsets = t("offsets"), .alpha = 0.5, .beta = beta});
+    be.grouped_gemm_wgrad({},
+                          {.c = t("c"), .a = t("a"), .b = t("b"), .offsets = t("offsets"), .alpha = 0.5, .beta = beta});
   };
   c.tol = gemm_tol(largest);  // sums over a group's rows
   c.fwd_flops = 2.0 * static_cast<double>(used * g.n * g.k);
@@ -212,13 +258,24 @@ std::vector<OpCase> norm_gemm_cases() {
       {.rows = 1000, .width = 128, .out_scale = 0.8, .branch = "vector: warp, 1 pack (differential sub-norm)"},
       {.rows = 3000, .width = 128, .branch = "vector: warp, 1 pack, 94 row chunks"},
       {.rows = 77, .width = 68, .accumulate = true, .branch = "vector: warp, 1 pack, idle lanes, accumulate"},
-      {.rows = 500, .width = 72, .accumulate = true, .in_place = true, .branch = "vector: warp, in place and accumulate"},
+      {.rows = 500,
+       .width = 72,
+       .accumulate = true,
+       .in_place = true,
+       .branch = "vector: warp, in place and accumulate"},
       {.rows = 203, .width = 256, .xs = 288, .ys = 256, .branch = "vector: warp, 2 packs, strided x (kv_norm)"},
       {.rows = 31, .width = 500, .branch = "vector: warp, 4 packs, partial"},
       {.rows = 61, .width = 772, .out_scale = 0.8, .branch = "vector: block 128, 2 packs, partial"},
-      {.rows = 150, .width = 1536, .accumulate = true, .branch = "vector: block 128, 3 packs, accumulate (attn/ffn norm)"},
+      {.rows = 150,
+       .width = 1536,
+       .accumulate = true,
+       .branch = "vector: block 128, 3 packs, accumulate (attn/ffn norm)"},
       {.rows = 150, .width = 1536, .in_place = true, .branch = "vector: block 128, dx written over x"},
-      {.rows = 64, .width = 1536, .accumulate = true, .in_place = true, .branch = "vector: block 128, in place and accumulate"},
+      {.rows = 64,
+       .width = 1536,
+       .accumulate = true,
+       .in_place = true,
+       .branch = "vector: block 128, in place and accumulate"},
       {.rows = 5, .width = 2052, .branch = "vector: block 512, 2 packs, partial"},
       {.rows = 20, .width = 6144, .accumulate = true, .branch = "vector: block 512, 3 packs"},
       {.rows = 40000, .width = 8, .branch = "vector: 40 rows per chunk (rows > 1024*32)"},
@@ -244,8 +301,8 @@ std::vector<OpCase> norm_gemm_cases() {
   // The bench preset's experts: 64 groups of 1024 routed rows (8·2048·4 / 64), 1536 -> 512.
   const GroupedShape experts{65536, 64, 1536, 512, even_offsets(65536, 64), "bench preset experts", true};
   out.push_back(grouped_gemm_case(experts, true, 0.0, seed++));
-  out.push_back(grouped_wgrad_case(GroupedShape{65536, 64, 512, 1536, even_offsets(65536, 64), "bench preset experts", true},
-                                   1.0, seed++));
+  out.push_back(grouped_wgrad_case(
+      GroupedShape{65536, 64, 512, 1536, even_offsets(65536, 64), "bench preset experts", true}, 1.0, seed++));
   return out;
 }
 

@@ -81,7 +81,8 @@ double init_value(const TensorSpec& t, uint64_t seed, const std::vector<double>&
   const uint64_t i = static_cast<uint64_t>(t.init.period > 0 ? j % t.init.period : j);
   switch (t.init.kind) {
     case Init::Kind::kNormal: return t.init.mean + t.init.std * normal_at(seed, 0x7e57, i);
-    case Init::Kind::kInts: return t.init.lo + static_cast<int32_t>(uniform_at(seed, 0x1d, i) * (t.init.hi - t.init.lo - 1e-9));
+    case Init::Kind::kInts:
+      return t.init.lo + static_cast<int32_t>(uniform_at(seed, 0x1d, i) * (t.init.hi - t.init.lo - 1e-9));
     default: return full[static_cast<size_t>(j)];
   }
 }
@@ -187,13 +188,15 @@ void OpInstance::init() {
     // A tiled init repeats its first `period` values: computed once (benchmark-size tensors).
     std::vector<double> pattern;
     if (!have_host_[i] && t.init.period > 0)
-      for (int64_t j = 0; j < std::min(t.init.period, t.shape.numel()); ++j) pattern.push_back(init_value(t, seed_of(i), full, j));
+      for (int64_t j = 0; j < std::min(t.init.period, t.shape.numel()); ++j)
+        pattern.push_back(init_value(t, seed_of(i), full, j));
     // Element e of the buffer: the non-zero values in front of an offset view (they must stay), the
     // tensor (poisoned when the op overwrites it), then the guard bytes.
     const auto element = [&](int64_t e) {
       if (e < t.offset) return 0.5 + 0.25 * static_cast<double>(e);
       const int64_t j = e - t.offset;
-      if (t.role == Role::kOutput) return integer ? static_cast<double>(kIntPoison) : std::numeric_limits<double>::quiet_NaN();
+      if (t.role == Role::kOutput)
+        return integer ? static_cast<double>(kIntPoison) : std::numeric_limits<double>::quiet_NaN();
       if (have_host_[i]) return host_[i][static_cast<size_t>(j)];
       return pattern.empty() ? init_value(t, seed_of(i), full, j) : pattern[static_cast<size_t>(j % t.init.period)];
     };
