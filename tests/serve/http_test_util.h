@@ -10,6 +10,7 @@
 #include <sys/socket.h>
 #include <sys/wait.h>
 #include <unistd.h>
+#include <atomic>
 
 #include <chrono>
 #include <cstring>
@@ -139,7 +140,7 @@ struct HttpResult {
 // curl METHOD url [body]: the status and body. `extra` adds curl options.
 inline HttpResult curl(const fs::path& dir, const std::string& method, const std::string& url,
                        const std::string& body = "", std::vector<std::string> extra = {}) {
-  static int counter = 0;
+  static std::atomic<int> counter{0};  // clients run on several threads: each call its own files
   const fs::path body_file = dir / ("curl-body-" + std::to_string(::getpid()) + "-" + std::to_string(counter++));
   std::vector<std::string> argv = {"curl",       "-s",
                                    "-S",         "-N",

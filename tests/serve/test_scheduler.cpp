@@ -174,7 +174,7 @@ TEST_F(SchedulerTest, CancelFreesBlocksAtOnce) {
   const int64_t total = s->stats().total_blocks;
   auto r =
       s->submit(tok_->encode("the morning letter was"), {.temperature = 0.0, .max_tokens = 40, .ignore_eos = true});
-  auto waiting = s->submit(tok_->encode("a"), {.max_tokens = 40});
+  auto waiting = s->submit(tok_->encode("a"), {.max_tokens = 40, .ignore_eos = true});  // sampled: no EOS stop
   auto blocked = s->submit(tok_->encode("in the garden"), {.temperature = 0.0, .max_tokens = 40, .ignore_eos = true});
   for (int i = 0; i < 6; ++i) s->run_once();
   EXPECT_LT(s->stats().free_blocks, total);

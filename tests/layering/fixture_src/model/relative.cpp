@@ -1,3 +1,3 @@
 // planted: a relative path into backend/cuda, and an angle-bracket project include
-#include <backend/cpu/cpu_backend.h>
 #include "../backend/cuda/kernel.cuh"
+#include <backend/cpu/cpu_backend.h>
