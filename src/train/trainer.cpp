@@ -90,6 +90,10 @@ class TrainRun {
   TrainRun(const RunConfig& rc, const TrainOptions& opt) : rc_(rc), ts_(rc.train), opt_(opt) {}
 
   TrainResult run() {
+    // From here on a first SIGINT/SIGTERM/SIGUSR1 only sets the stop flag: one during set-up (the
+    // tokenizer and shards being made, the model built or resumed) stops the run before its first
+    // step, as one during training stops it after the step (loop()).
+    const StopSignalHandlers stop_handlers;
     setup();
     start();
     loop();
@@ -411,7 +415,6 @@ class TrainRun {
     int64_t window_steps = 0;
     auto window_t0 = std::chrono::steady_clock::now();
     finite_ = std::make_unique<FiniteCheck>(*model_, *optim_);
-    const StopSignalHandlers stop_handlers;  // from here on a signal stops the run with a checkpoint
     while (step_ < ts_.max_steps) {
       if (stop_agreed()) {                                           // between steps: the last one is complete
         stopped_by_ = stop_signal() != 0 ? stop_signal() : SIGTERM;  // a rank without the signal stops with the others

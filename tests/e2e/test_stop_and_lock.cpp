@@ -83,6 +83,36 @@ TEST_F(E2E, StopSignalsFinishTheStepWriteACheckpointAndExit75) {
   }
 }
 
+// A signal while the run is being set up (here: once the tokenizer is trained, while the shards are
+// made) lets that work finish and stops the run before it trains on: exit 75 with the same message,
+// and no checkpoint when no step ran. (Should set-up win the race, the run stops after its first
+// step instead: exit 75 all the same.)
+TEST_F(E2E, AStopSignalDuringSetUpExits75) {
+  const fs::path out = dir_ / "run_setup";
+  Yaml y = long_run(dir_, out);
+  y.set_path("tokenizer.path", dir_ / "setup_tok" / "tokenizer.json");
+  y.set_path("data.shards", dir_ / "setup_shards");
+  const fs::path cfg = write_config(y, "setup.yaml");
+  Child c = spawn_diffmoe({"train", "--config", cfg.string()}, in_dir(dir_));
+  ASSERT_TRUE(
+      wait_until([&] { return c.out().find("tokenizer: trained") != std::string::npos || ::kill(c.pid, 0) != 0; }, 120))
+      << c.out() << c.err();
+  ::kill(c.pid, SIGTERM);
+  const RunResult r = wait_diffmoe(c);
+  ASSERT_TRUE(r.exited) << r.describe();
+  EXPECT_EQ(r.code, kExitStopped) << r.describe();
+  expect_only_warnings(r);
+  const int64_t k = fs::exists(out / "metrics.jsonl") ? last_train_step(out / "metrics.jsonl") : 0;
+  EXPECT_NE(r.out.find(fmt::format("stopped by SIGTERM at step {}", std::max<int64_t>(k, 0))), std::string::npos)
+      << r.out;
+  if (k <= 0) {
+    EXPECT_FALSE(fs::exists(out / "checkpoints" / "latest")) << "no step ran: nothing to checkpoint";
+  }
+  // The tokenizer and shards it made are complete: a resumed run uses them.
+  y.set("train.max_steps", "2");
+  E2E_EXPECT_OK(train(write_config(y, "setup_more.yaml"), {k > 0 ? "--resume" : "--overwrite"}));
+}
+
 TEST_F(E2E, ASecondSignalEndsTheRunAtOnce) {
   const fs::path out = dir_ / "run";
   const fs::path cfg = write_config(long_run(dir_, out));
