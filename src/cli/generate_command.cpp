@@ -61,6 +61,9 @@ int run_generate(const GenerateArgs& a) {
   DIFFMOE_CHECK(static_cast<int64_t>(ids.size()) < max_len, "--prompt: {} tokens leave no room in max_seq_len = {}",
                 ids.size(), max_len);
   const int64_t budget = std::min<int64_t>(a.max_new_tokens, max_len - static_cast<int64_t>(ids.size()));
+  if (budget < a.max_new_tokens)
+    fmt::print(stderr, "warning: --max-new-tokens {}: the prompt's {} tokens leave room for {} in max_seq_len = {}\n",
+               a.max_new_tokens, ids.size(), budget, max_len);
 
   Generator gen(*ck.model, GeneratorOptions{.batch = 1, .max_len = max_len});
   const Sampler sampler(
