@@ -264,6 +264,11 @@ class IgnoreEvents final : public YAML::EventHandler {
 
 // ---- emitter ----
 
+// U+FEFF in UTF-8. At the start of a stream (or of a document) a YAML reader takes it for a byte-order
+// mark and drops it, so the emitter never writes it as it is: plain scalars holding it are quoted and
+// quoted ones escape it.
+constexpr std::string_view kUtf8Bom = "\xEF\xBB\xBF";
+
 // A string may be written plain only if reading it back yields the same string: it must not look
 // like null/bool/number, must not start with an indicator, and must not contain ": " or " #",
 // line breaks or control characters. Everything else is double-quoted. (UTF-8 text stays plain.)
@@ -275,12 +280,19 @@ bool can_be_plain(const std::string& s) {
   if (s.find(": ") != std::string::npos || s.find(" #") != std::string::npos) return false;
   for (unsigned char c : s)
     if (c < 0x20 || c == 0x7f) return false;
+  if (s.find(kUtf8Bom) != std::string::npos) return false;  // a reader may drop it as a byte-order mark
   return true;
 }
 
 std::string quote(const std::string& s) {
   std::string out = "\"";
-  for (unsigned char c : s) {
+  for (size_t i = 0; i < s.size(); ++i) {
+    const unsigned char c = static_cast<unsigned char>(s[i]);
+    if (std::string_view(s).substr(i).starts_with(kUtf8Bom)) {
+      out += "\\uFEFF";
+      i += kUtf8Bom.size() - 1;
+      continue;
+    }
     switch (c) {
       case '"': out += "\\\""; break;
       case '\\': out += "\\\\"; break;
