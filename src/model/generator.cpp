@@ -5,7 +5,7 @@
 #include <algorithm>
 #include <vector>
 
-#include "model/rope_tables.h"
+#include "model/rope_upload.h"
 
 namespace diffmoe {
 
@@ -100,25 +100,8 @@ Generator::Generator(Model& model, GeneratorOptions opt)
   }
   arena_.allocate(be_.allocator());
 
-  const RopeParams rp{.rope_dim = dr,
-                      .theta = c.rope_theta,
-                      .max_seq_len = c.max_seq_len,
-                      .original_seq_len = c.original_seq_len,
-                      .factor = c.rope_factor,
-                      .beta_fast = c.beta_fast,
-                      .beta_slow = c.beta_slow,
-                      .mscale = c.mscale};
-  std::vector<double> cos, sin;
-  rope_tables(rp, opt_.max_len, cos, sin);
-  if (t == DType::kF64) {
-    be_.upload(arena_.get("rope.cos"), cos.data());
-    be_.upload(arena_.get("rope.sin"), sin.data());
-  } else {
-    DIFFMOE_CHECK(t == DType::kF32, "[generator] unsupported parameter dtype {}", dtype_name(t));
-    const std::vector<float> cf(cos.begin(), cos.end()), sf(sin.begin(), sin.end());
-    be_.upload(arena_.get("rope.cos"), cf.data());
-    be_.upload(arena_.get("rope.sin"), sf.data());
-  }
+  DIFFMOE_CHECK(t == DType::kF64 || t == DType::kF32, "[generator] unsupported parameter dtype {}", dtype_name(t));
+  upload_rope_tables(be_, c, opt_.max_len, arena_.get("rope.cos"), arena_.get("rope.sin"));
 }
 
 Tensor Generator::scratch(const char* name, Shape shape) const { return sub(arena_.get(name), 0, shape); }

@@ -6,7 +6,7 @@
 
 #include <vector>
 
-#include "model/rope_tables.h"
+#include "model/rope_upload.h"
 
 namespace diffmoe {
 
@@ -223,24 +223,7 @@ void Model::set_batch_shape(int64_t batch, int64_t seq) {
   fp8_stale_ = true;  // the copies live in the new arena
 
   // RoPE tables with YaRN folded in (docs/model.md §3), uploaded once.
-  const RopeParams rp{.rope_dim = cfg_.qk_rope_head_dim,
-                      .theta = cfg_.rope_theta,
-                      .max_seq_len = cfg_.max_seq_len,
-                      .original_seq_len = cfg_.original_seq_len,
-                      .factor = cfg_.rope_factor,
-                      .beta_fast = cfg_.beta_fast,
-                      .beta_slow = cfg_.beta_slow,
-                      .mscale = cfg_.mscale};
-  std::vector<double> cos, sin;
-  rope_tables(rp, cfg_.max_seq_len, cos, sin);
-  if (dtype_ == DType::kF64) {
-    be_->upload(acts_.get("rope.cos"), cos.data());
-    be_->upload(acts_.get("rope.sin"), sin.data());
-  } else {
-    std::vector<float> c(cos.begin(), cos.end()), s(sin.begin(), sin.end());
-    be_->upload(acts_.get("rope.cos"), c.data());
-    be_->upload(acts_.get("rope.sin"), s.data());
-  }
+  upload_rope_tables(*be_, cfg_, cfg_.max_seq_len, acts_.get("rope.cos"), acts_.get("rope.sin"));
 }
 
 Tensor Model::residual(int64_t i) const { return acts_.get(fmt::format("act.residual.{}", i)); }

@@ -7,7 +7,7 @@
 #include <algorithm>
 #include <unordered_set>
 
-#include "model/rope_tables.h"
+#include "model/rope_upload.h"
 #include "serve/engine_plan.h"
 
 namespace diffmoe::serve {
@@ -120,24 +120,7 @@ Engine::Engine(Model& model, EngineOptions opt)
   arena_.add("logits", Shape{M * c.vocab_size}, t);
   arena_.allocate(be_.allocator());
 
-  const RopeParams rp{.rope_dim = dr,
-                      .theta = c.rope_theta,
-                      .max_seq_len = c.max_seq_len,
-                      .original_seq_len = c.original_seq_len,
-                      .factor = c.rope_factor,
-                      .beta_fast = c.beta_fast,
-                      .beta_slow = c.beta_slow,
-                      .mscale = c.mscale};
-  std::vector<double> cos, sin;
-  rope_tables(rp, opt_.max_context, cos, sin);
-  if (t == DType::kF64) {
-    be_.upload(arena_.get("rope.cos"), cos.data());
-    be_.upload(arena_.get("rope.sin"), sin.data());
-  } else {
-    const std::vector<float> cf(cos.begin(), cos.end()), sf(sin.begin(), sin.end());
-    be_.upload(arena_.get("rope.cos"), cf.data());
-    be_.upload(arena_.get("rope.sin"), sf.data());
-  }
+  upload_rope_tables(be_, c, opt_.max_context, arena_.get("rope.cos"), arena_.get("rope.sin"));
   refresh_weights();
 }
 
