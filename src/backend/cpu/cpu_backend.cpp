@@ -1,4 +1,5 @@
 #include "backend/cpu/cpu_backend.h"
+#include "backend/cpu/openblas_kernels.h"
 #include "backend/op_validation.h"
 
 #include <cstring>
@@ -17,6 +18,9 @@ void CpuBackend::download(void* dst, const Tensor& src) {
   std::memcpy(dst, src.data, src.nbytes());
 }
 
-std::unique_ptr<Backend> make_cpu_backend() { return std::make_unique<CpuBackend>(); }
+std::unique_ptr<Backend> make_cpu_backend() {
+  warn_if_generic_blas_kernels();
+  return std::make_unique<CpuBackend>();
+}
 
 }  // namespace diffmoe
