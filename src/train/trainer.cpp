@@ -165,7 +165,9 @@ class TrainRun {
                                        .ep_rank = grid_->ep_rank(),
                                        .dense_dp = world_,
                                        .expert_dp = grid_->dp_size(),
-                                       .bucket_elems = rc_.parallel.bucket_size};
+                                       .bucket_elems = rc_.parallel.bucket_size,
+                                       .zero_stage = static_cast<int>(rc_.parallel.zero_stage),
+                                       .grad_slots = rc_.parallel.grad_slots};
     exchange_ = std::make_unique<CommExpertExchange>(grid_->ep());
     model_ = std::make_unique<Model>(rc_.model, *be_, DType::kF32,
                                      ModelOptions{.precision = parse_precision(ts_.precision, "train.precision"),
