@@ -222,7 +222,7 @@ void print_text(const PlanArgs& a, const ModelConfig& cfg, const MemoryPlan& p, 
   fmt::print("\n{}: rank {} needs {:.2f} GiB of {:.2f} GiB ({} {:.2f} GiB); largest: {}\n",
              fits ? "FITS" : "DOES NOT FIT", h.rank, gib(h.total_bytes()), gib(gpu), fits ? "headroom" : "short by",
              gib_signed(std::abs(margin)), largest_items(h, 3));
-  if (!fits) {
+  if (!fits && !p.missing.empty()) {
     // Cumulative, largest saving first: how far each missing feature (and those above it) would go.
     std::vector<MissingFeature> m = p.missing;
     std::stable_sort(m.begin(), m.end(),
