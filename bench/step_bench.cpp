@@ -2,6 +2,7 @@
 // Usage: bench_step --config configs/tiny.yaml [--device cpu|cuda] [--batch 16] [--seq 256]
 //                   [--steps 5] [--warmup 1] [--optim] [--precision f32|bf16_gemm|fp8]
 //                   [--recompute none|attention|moe|full] [--moment-dtype f32|bf16]
+//                   [--data-parallel [--zero-stage 1|2]]
 // Times whole steps on random tokens with the spec initialisation (the backend is synchronised
 // around each step); prints the median step time, tokens/s, MFU by docs/model.md §9 (÷ 989 TFLOP/s) and
 // the bytes of the model's arenas (parameters, gradients, activations, the bf16 weight copies;
@@ -13,6 +14,12 @@
 // --recompute: activation recompute (train.recompute, model/recompute.h): the activation arena it
 // plans is printed on its own line, to set against the step time of --recompute none.
 // --moment-dtype: the AdamW moments' storage with --optim (optim.moment_dtype; docs/training.md).
+// --data-parallel: the step through the trainer's distributed path (DataParallel; buckets of the
+// trainer's default 40M elements); under mpirun or a torchrun-style launch (dist/launch.h) every
+// rank runs it on its own micro-batch (one GPU each: cuda:<local rank>), rank 0 prints.
+// --zero-stage 2 (with --data-parallel): ZeRO-2, the gradients in bucket slots reduce-scattered in
+// the backward (parallel.zero_stage, docs/parallelism.md §4); with one rank nothing is data
+// parallel and it changes nothing.
 // CPU threads: OMP_NUM_THREADS / OPENBLAS_NUM_THREADS as usual.
 #include <fmt/core.h>
 #include <CLI/CLI.hpp>
@@ -24,8 +31,10 @@
 #include "backend/backend_registry.h"
 #include "backend/cuda/op_profiler.h"
 #include "core/rng.h"
+#include "dist/device_world.h"
+#include "dist/dist_context.h"
+#include "dist/launch.h"
 #include "dist/process_grid.h"
-#include "dist/single_rank_communicator.h"
 #include "model/model.h"
 #include "model/parameters.h"
 #include "train/data_parallel.h"
@@ -39,7 +48,7 @@ int main(int argc, char** argv) {
   std::string config, device = "cpu", precision = "f32", recompute = "none", moment_dtype = "f32";
   bool with_optim = false, data_parallel = false;
   int64_t batch = 16, seq = 0;
-  int steps = 5, warmup = 1;
+  int steps = 5, warmup = 1, zero_stage = 1;
   app.add_option("--config", config)->required();
   app.add_option("--batch", batch);
   app.add_option("--seq", seq, "default: max_seq_len");
@@ -58,15 +67,30 @@ int main(int argc, char** argv) {
       ->check(CLI::IsMember({"none", "attention", "moe", "full"}));
   app.add_option("--moment-dtype", moment_dtype, "the AdamW moments in f32 or bf16 with --optim (optim.moment_dtype)")
       ->check(CLI::IsMember({"f32", "bf16"}));
+  app.add_option("--zero-stage", zero_stage,
+                 "with --data-parallel: 1 (optimizer state sharded) or 2 (gradients too, in bucket slots)")
+      ->check(CLI::IsMember({1, 2}));
   CLI11_PARSE(app, argc, argv);
   try {
     const ModelConfig cfg = load_model_config(config);
     if (seq <= 0) seq = cfg.max_seq_len;
+    DIFFMOE_CHECK(!data_parallel || with_optim, "--data-parallel needs --optim");
+    DIFFMOE_CHECK(zero_stage == 1 || data_parallel, "--zero-stage {} needs --data-parallel", zero_stage);
+    // The launch's ranks (one without a launcher); one GPU per rank.
+    auto dist_ctx = dist::DistContext::init(data_parallel ? dist::detect_launch() : dist::Launch{});
+    const int rank = dist_ctx->rank(), world_size = dist_ctx->world_size();
+    if (device == "cuda" && dist_ctx->launch().local_world > 1)
+      device = fmt::format("cuda:{}", dist_ctx->launch().local_rank);
     auto be = make_backend(device);
     DIFFMOE_CHECK(precision == "f32" || be->device() == Device::kCUDA,
                   "--precision {} needs --device cuda (the CPU backend is the reference, not a benchmark)", precision);
+    constexpr int64_t kBucketElems = 40'000'000;  // train.parallel.bucket_size's default
     Model m(cfg, *be, DType::kF32,
             ModelOptions{.precision = parse_precision(precision, "--precision"),
+                         .parallel = {.dense_dp = world_size,
+                                      .expert_dp = world_size,
+                                      .bucket_elems = data_parallel ? kBucketElems : 0,
+                                      .zero_stage = zero_stage},
                          .recompute = parse_recompute(recompute, "--recompute")});
     m.init_weights(1234);
     m.set_batch_shape(batch, seq);
@@ -74,17 +98,17 @@ int main(int argc, char** argv) {
     if (with_optim) {
       OptimConfig oc;
       oc.moment_dtype = moment_dtype;
-      opt = std::make_unique<AdamW>(m, oc);
+      opt = std::make_unique<AdamW>(m, oc, OptimShard{.dense_rank = rank, .expert_rank = rank});
       opt->init_masters(1234);
     }
-    DIFFMOE_CHECK(!data_parallel || with_optim, "--data-parallel needs --optim");
-    // World size 1 through the distributed path: the communicator the trainer uses for one rank
-    // (copies on the backend's stream), the grid, and DataParallel around the optimizer.
-    dist::SingleRankCommunicator world("world", be.get());
+    // The distributed path: the world communicator the trainer uses (NCCL on several GPUs; for one
+    // rank copies on the backend's stream), the grid, and DataParallel around the optimizer.
+    std::unique_ptr<dist::DeviceWorld> world;
     std::unique_ptr<dist::ProcessGrid> grid;
     std::unique_ptr<DataParallel> dp;
     if (data_parallel) {
-      grid = std::make_unique<dist::ProcessGrid>(world, 1);
+      world = std::make_unique<dist::DeviceWorld>(*dist_ctx, *be, dist_ctx->launch().local_rank);
+      grid = std::make_unique<dist::ProcessGrid>(world->comm(), 1);
       dp = std::make_unique<DataParallel>(m, *opt, grid->world(), grid->dp());
     }
     std::vector<int32_t> host_tok(static_cast<size_t>(batch * seq)), host_tgt(host_tok.size());
@@ -149,13 +173,16 @@ int main(int argc, char** argv) {
     for (size_t g = 0; g < m.layout().groups().size(); ++g)
       if (m.layout().groups()[g].compute == DType::kBF16) copies_b += m.params().group_arena(g).bytes();
     const double copies = static_cast<double>(copies_b);
-    size_t grad_b = 0;
-    for (size_t g = 0; g < m.layout().groups().size(); ++g) grad_b += m.grads().buffers().group_arena(g).bytes();
+    const size_t grad_b = m.grads().bytes();  // full buffers, or ZeRO-2 slots
     const double bytes =
         static_cast<double>(m.params().bytes() + grad_b + m.acts().bytes() + (opt ? opt->state_bytes() : 0));
     constexpr double kGiB = 1024.0 * 1024 * 1024;
+    if (rank != 0) return 0;
     fmt::print("config {}  device {}  precision {}  recompute {}  batch {}  seq {}  tokens/step {}{}{}\n", config,
-               device, precision, recompute, batch, seq, batch * seq, dp ? "  (through DataParallel, world 1)" : "",
+               device, precision, recompute, batch, seq, batch * seq,
+               dp ? fmt::format("  (through DataParallel, world {}, ZeRO-{}; tokens/s per rank)", world_size,
+                                zero_stage)
+                  : std::string(),
                opt ? "  moments " + moment_dtype : std::string());
     fmt::print(
         "{} step: median {:.4f} s (min {:.4f}, max {:.4f}, {} steps)  ->  {:.0f} tokens/s, MFU {:.2f}% ({:.4f} "
@@ -167,12 +194,15 @@ int main(int argc, char** argv) {
                static_cast<double>(m.acts().bytes()) / kGiB);
     // The same arenas as `diffmoe plan` plans them (train/memory_plan.h), without allocating.
     const RankMemory planned = plan_rank(cfg,
-                                         RunShape{.precision = parse_precision(precision, "--precision"),
+                                         RunShape{.world = world_size,
+                                                  .precision = parse_precision(precision, "--precision"),
                                                   .micro_batch = batch,
                                                   .seq = seq,
+                                                  .bucket_elems = data_parallel ? kBucketElems : 0,
+                                                  .zero_stage = zero_stage,
                                                   .recompute = recompute,
                                                   .moment_dtype = moment_dtype},
-                                         0);
+                                         rank);
     uint64_t planned_b = 0;
     for (const MemoryItem& it : planned.items)
       if (!it.estimate && it.key != "token_buffers" &&

@@ -12,6 +12,7 @@
 #include "cli/commands.h"
 #include "core/error.h"
 #include "model/config.h"
+#include "model/param_layout.h"
 #include "model/parameters.h"
 #include "train/memory_plan.h"
 
@@ -25,7 +26,8 @@ double gib_signed(double b) { return b / kGiB; }
 
 struct PlanArgs {
   std::string config;
-  int64_t world = 1, ep = 1, micro_batch = 1, seq = 0, bucket_elems = 0;
+  int64_t world = 1, ep = 1, micro_batch = 1, seq = 0, bucket_elems = 0, grad_slots = 0;
+  int zero_stage = 1;
   std::string recompute = "none", precision = "f32", gpu_memory = "h100", moment_dtype = "f32";
   bool json = false;
 };
@@ -88,6 +90,8 @@ nlohmann::ordered_json to_json(const PlanArgs& a, const ModelConfig& cfg, const 
   j["seq"] = p.run.seq;
   j["tokens_per_rank"] = p.tokens;
   j["bucket_elems"] = p.run.bucket_elems;
+  j["zero_stage"] = p.run.zero_stage;
+  j["grad_slots"] = p.run.grad_slots;
   j["recompute_requested"] = p.run.recompute;
   j["recompute_planned"] = p.recompute_planned;
   j["moment_dtype"] = p.run.moment_dtype;
@@ -157,9 +161,13 @@ void print_text(const PlanArgs& a, const ModelConfig& cfg, const MemoryPlan& p, 
              p.run.world == 1    ? ""
              : p.all_ranks_equal ? fmt::format("; all {} ranks need the same", p.run.world)
                                  : "; ranks differ (rank 0 and the heaviest shown)");
-  fmt::print("precision    {}   micro-batch {} × seq {} = {} tokens per rank   gradient buckets: {}\n",
+  fmt::print("precision    {}   micro-batch {} × seq {} = {} tokens per rank   gradient buckets: {}   ZeRO stage {}\n",
              precision_name(p.run.precision), p.run.micro_batch, p.run.seq, p.tokens,
-             p.run.bucket_elems == 0 ? std::string("one per group") : fmt::format("{} elements", p.run.bucket_elems));
+             p.run.bucket_elems > 0 ? fmt::format("{} elements", p.run.bucket_elems)
+             : p.run.zero_stage == 2
+                 ? fmt::format("{} elements (the ZeRO-2 default)", ParallelLayoutOptions::kZero2BucketElems)
+                 : std::string("one per group"),
+             p.run.zero_stage);
   if (p.run.recompute == p.recompute_planned) fmt::print("recompute    {}", p.recompute_planned);
   else
     fmt::print("recompute    planned as {} (requested {}: the model does not recompute activations yet)",
@@ -214,7 +222,7 @@ void print_text(const PlanArgs& a, const ModelConfig& cfg, const MemoryPlan& p, 
   fmt::print("\n{}: rank {} needs {:.2f} GiB of {:.2f} GiB ({} {:.2f} GiB); largest: {}\n",
              fits ? "FITS" : "DOES NOT FIT", h.rank, gib(h.total_bytes()), gib(gpu), fits ? "headroom" : "short by",
              gib_signed(std::abs(margin)), largest_items(h, 3));
-  if (!fits) {
+  if (!fits && !p.missing.empty()) {
     // Cumulative, largest saving first: how far each missing feature (and those above it) would go.
     std::vector<MissingFeature> m = p.missing;
     std::stable_sort(m.begin(), m.end(),
@@ -241,6 +249,8 @@ int run_plan(const PlanArgs& a) {
                .micro_batch = a.micro_batch,
                .seq = a.seq,
                .bucket_elems = a.bucket_elems,
+               .zero_stage = a.zero_stage,
+               .grad_slots = a.grad_slots,
                .recompute = a.recompute,
                .moment_dtype = a.moment_dtype};
   const MemoryPlan p = plan_memory(cfg, run);
@@ -268,7 +278,13 @@ void add_plan_command(CLI::App& app, std::function<int()>& run) {
       ->check(CLI::IsMember({"f32", "bf16"}));
   cmd->add_option("--gpu-memory", a->gpu_memory, "h100, h200, or a size such as 80GB, 79.6GiB; default h100");
   cmd->add_option("--bucket-elems", a->bucket_elems,
-                  "gradient bucket size in elements, default 0 (one bucket per group)");
+                  "gradient bucket size in elements, default 0 (one bucket per group; 40M with --zero-stage 2)");
+  cmd->add_option("--zero-stage", a->zero_stage,
+                  "parallel.zero_stage: 1 (optimizer state sharded) or 2 (gradients too, in bucket slots), default 1")
+      ->check(CLI::IsMember({1, 2}));
+  cmd->add_option("--grad-slots", a->grad_slots,
+                  "parallel.grad_slots: gradient slots per data-parallel group with --zero-stage 2, default 0 "
+                  "(automatic)");
   cmd->add_flag("--json", a->json, "print the plan as JSON");
   cmd->callback([&run, a] { run = [a] { return run_plan(*a); }; });
 }

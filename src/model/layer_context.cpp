@@ -112,9 +112,9 @@ void LayerContext::linear_dw(const Tensor& dw, const Tensor& dy, const Tensor& x
   if (fp8_weight(w) != nullptr) {
     const Fp8Slot dy_t = cols_slot(*this, "a_t", dy.dim(0), dy.dim(1));
     be->act_quant(ctx, {.q_t = dy_t.q, .scale_t = dy_t.scale, .x = dy});
-    return fp8_wgrad_from(*this, dw, dy_t, x, dw_beta);
+    return fp8_wgrad_from(*this, dw, dy_t, x, dw_beta_for(dw));
   }
-  be->gemm(ctx, {.c = dw, .a = dy, .b = x, .trans_a = true, .trans_b = false, .alpha = 1.0, .beta = dw_beta});
+  be->gemm(ctx, {.c = dw, .a = dy, .b = x, .trans_a = true, .trans_b = false, .alpha = 1.0, .beta = dw_beta_for(dw)});
 }
 
 void LayerContext::linear_backward(const Tensor& dw, const Tensor& dx, const Tensor& dy, const Tensor& x,
@@ -124,7 +124,7 @@ void LayerContext::linear_backward(const Tensor& dw, const Tensor& dx, const Ten
     const int64_t m = dy.dim(0), n = dy.dim(1);
     const Fp8Slot a = rows_slot(*this, "a", m, n), a_t = cols_slot(*this, "a_t", m, n);
     be->act_quant(ctx, {.q = a.q, .scale = a.scale, .q_t = a_t.q, .scale_t = a_t.scale, .x = dy});
-    fp8_wgrad_from(*this, dw, a_t, x, dw_beta);
+    fp8_wgrad_from(*this, dw, a_t, x, dw_beta_for(dw));
     return fp8_dgrad_from(*this, *f, dx, a, beta_dx);
   }
   const Tensor op = gemm_operand(dy);

@@ -27,8 +27,9 @@ LayoutBuffers::LayoutBuffers(const ParamLayout& layout, const std::vector<DType>
   }
 }
 
-void LayoutBuffers::allocate(Allocator& alloc) {
-  for (Arena& a : groups_) a.allocate(alloc);
+void LayoutBuffers::allocate(Allocator& alloc, const std::vector<bool>& skip_group) {
+  for (size_t g = 0; g < groups_.size(); ++g)
+    if (g >= skip_group.size() || !skip_group[g]) groups_[g].allocate(alloc);
   buffers_.allocate(alloc);
 }
 
@@ -41,6 +42,9 @@ bool LayoutBuffers::allocated() const {
 Tensor LayoutBuffers::get(std::string_view name) const {
   auto it = where_.find(std::string(name));
   DIFFMOE_CHECK(it != where_.end(), "[model] no parameter named '{}'", name);
+  DIFFMOE_CHECK(it->second == groups_.size() || groups_[it->second].allocated(),
+                "[layout] '{}' has no buffer: its group {} is not allocated (ZeRO-2 gradients live in bucket slots)",
+                name, it->second);
   return it->second == groups_.size() ? buffers_.get(name) : groups_[it->second].get(name);
 }
 
@@ -59,7 +63,8 @@ Tensor LayoutBuffers::chunk(size_t g, size_t b, int64_t r, int64_t dp) const {
 
 Tensor LayoutBuffers::range(size_t g, int64_t offset, int64_t count) const {
   const Arena& a = groups_[g];
-  DIFFMOE_CHECK(a.allocated(), "[layout] range of group {} before allocate()", g);
+  DIFFMOE_CHECK(a.allocated(), "[layout] range of group {}, which is not allocated (before allocate(), or ZeRO-2 "
+                "gradients of a data-parallel group, which live in bucket slots)", g);
   DIFFMOE_CHECK(offset >= 0 && count >= 0 && offset + count <= layout_->groups()[g].length,
                 "[layout] range [{}, {}) of group {} ({} elements)", offset, offset + count, g,
                 layout_->groups()[g].length);

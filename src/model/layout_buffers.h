@@ -29,8 +29,11 @@ class LayoutBuffers {
   LayoutBuffers& operator=(LayoutBuffers&&) noexcept = default;
 
   // One allocation per group (and one for the buffers), zero-filled on the CPU. Once only.
-  void allocate(Allocator& alloc);
-  bool allocated() const;
+  // skip_group[g] (when given): group g stays unallocated (ZeRO-2 gradients of a slotted group);
+  // its views cannot be read.
+  void allocate(Allocator& alloc, const std::vector<bool>& skip_group = {});
+  bool allocated() const;  // every group and the buffers
+  bool group_allocated(size_t g) const { return groups_[g].allocated(); }
 
   bool has(std::string_view name) const { return where_.contains(std::string(name)); }
   Tensor get(std::string_view name) const;  // throws naming the missing tensor

@@ -192,14 +192,14 @@ ModelMemoryPlan Model::memory_plan(const ModelConfig& cfg, DType dtype, const Mo
                 opt.parallel.ep_size);
   auto layout = std::make_unique<ParamLayout>(cfg, plan, opt.parallel);
   LayoutBuffers params = plan_params(*layout, dtype);
-  LayoutBuffers grads = GradBuffer::plan(*layout, plan.master_dtype());
+  const GradBuffer::Footprint grads = GradBuffer::plan(*layout, plan.master_dtype());
   Arena acts;
   PlannedExchange ep(static_cast<int>(opt.parallel.ep_size));
   plan_activations(cfg, plan, batch, seq, acts, opt.recompute, opt.parallel.ep_size > 1 ? &ep : nullptr);
   return ModelMemoryPlan{.layout = std::move(layout),
                          .plan = std::move(plan),
                          .params = std::move(params),
-                         .grads = std::move(grads),
+                         .grads = grads,
                          .acts = std::move(acts)};
 }
 
@@ -276,8 +276,9 @@ void Model::backward(Context ctx, double grad_scale) {
   use_gemm_precision();
   LayerContext lc = layer_context(ctx);
   // The first backward after zero_grads writes the GEMM weight gradients, which zero_grads left
-  // stale (LayerContext::dw_beta); every later one (gradient accumulation) adds.
-  lc.dw_beta = grads_.stale() ? 0.0 : 1.0;
+  // stale (LayerContext::dw_beta); every later one (gradient accumulation) adds, except into the
+  // ZeRO-2 slots, which every backward writes anew (LayerContext::dw_beta_for).
+  lc.dw_beta = grads_.stale() || grads_.slotted(ParamDomain::kExpert) ? 0.0 : 1.0;
   const int64_t N = batch_ * seq_;
   const Tensor xn = acts_.get("act.final.x_norm"), logits = acts_.get("act.final.logits");
   const Tensor dlogits = acts_.get("scratch.dlogits"), dxn = acts_.get("scratch.dx_norm"),
@@ -296,6 +297,7 @@ void Model::backward(Context ctx, double grad_scale) {
                                .valid = acts_.get("loss.valid"),
                                .grad_scale = grad_scale});
   // First in the backward: a tied table's dW GEMM must overwrite before embedding_bwd adds (below).
+  grads_.stage_begin(0, *be_, ctx);
   lc.linear_dw(grads_.get(head), dlogits, xn, lc.weight(head));
   lc.linear_dx(dxn, dlogits, lc.weight(head));
   be_->rmsnorm_bwd(ctx, {.dx = dres,
@@ -310,17 +312,21 @@ void Model::backward(Context ctx, double grad_scale) {
   // A tied embedding's gradient is not final until the embedding backward (its stage is the last).
   grads_.stage_done(0, ctx);
   for (int64_t l = cfg_.n_layers - 1; l >= 0; --l) {
+    grads_.stage_begin(layout_->stage_of_layer(l), *be_, ctx);
     ffn_[static_cast<size_t>(l)].backward(lc, residual(2 * l + 1), dres, dres16, grad_scale);
     attn_[static_cast<size_t>(l)].backward(lc, residual(2 * l), dres, dres16);
     grads_.stage_done(layout_->stage_of_layer(l), ctx);
   }
+  grads_.stage_begin(layout_->n_stages() - 1, *be_, ctx);
   be_->embedding_bwd(
       ctx, {.dtable = grads_.get("embed.weight"), .tokens = last_tokens_, .dout = dres, .scale = cfg_.embed_scale});
+  // The last buckets' notices come before backward_written(): they belong to this backward
+  // (GradBuffer::backwards_since_zero counts it only once it is complete).
+  grads_.stage_done(layout_->n_stages() - 1, ctx);
   // Every GEMM weight's gradient is written now. A backward that throws before here leaves the
   // stale mark, so the next one overwrites them all again (and no expert Σg²).
   grads_.backward_written();
   expert_sq_valid_ = true;
-  grads_.stage_done(layout_->n_stages() - 1, ctx);
 }
 
 void Model::zero_grads(Context ctx) {
@@ -343,6 +349,10 @@ Model::GradSqParts Model::grad_sq_parts(Context ctx) {
       fused = false;  // the epilogue's sum is of the local, unreduced values
   bool any_expert = false;
   for (size_t g = 0; g < layout_->groups().size(); ++g) {
+    DIFFMOE_CHECK(!layout_->groups()[g].slotted(),
+                  "[model] the gradient norm of group {} needs its reduced chunks (parallel.zero_stage 2: no full "
+                  "gradients)",
+                  g);
     const bool expert = layout_->groups()[g].domain == ParamDomain::kExpert;
     any_expert = any_expert || expert;
     if (!expert || !fused) parts.rest.push_back(grads_.buffers().group(g));

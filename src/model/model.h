@@ -4,7 +4,7 @@
 // Memory, all planned from the config, the precision plan, the parallel layout and the batch shape:
 //   params  the compute weights (docs/model.md §8 names; bf16 for GEMM weights in the bf16 mode, else the
 //           float type) and the balancing biases, one buffer per ParamLayout group;
-//   grads   a GradBuffer (same layout, master dtype);
+//   grads   a GradBuffer (same layout, master dtype; with ZeRO-2 the data-parallel groups in bucket slots);
 //   acts    one arena of activations kept for the backward, backward scratch, losses and routing
 //           stats (set_batch_shape); with recompute (ModelOptions::recompute) the recomputed
 //           activations of every layer share one set of views, and the backward of each layer
@@ -53,7 +53,7 @@ struct ModelMemoryPlan {
   std::unique_ptr<ParamLayout> layout;  // params and grads point into it
   PrecisionPlan plan;                   // with the table of every planned activation (entries())
   LayoutBuffers params;                 // compute weights and balancing biases (Model::params)
-  LayoutBuffers grads;                  // Model::grads
+  GradBuffer::Footprint grads;          // Model::grads (full buffers, ZeRO-2 slots)
   Arena acts;                           // Model::acts
 };
 

@@ -15,6 +15,16 @@
 //   gather_weights(): every bucket's chunks all-gathered, so every rank holds all compute weights.
 // Dense groups are reduced over the world; expert groups over the expert-DP ranks (the ranks that
 // hold the same experts). A group whose dp is 1 is not communicated at all, so one rank costs nothing.
+//
+// ZeRO-2 (parallel.zero_stage 2; the groups with dp > 1 have gradient slots, GradBuffer): EVERY
+// backward reduce-scatters each bucket from its slot once complete. The first backward since
+// zero_grads writes the reduced chunk; a later one (gradient accumulation) reduce-scatters into the
+// slot's accumulation chunk, which is added into the reduced chunk once the reduce-scatter is done.
+// That completion (the compute stream waits for the collective: Work::wait(ctx), no host wait on
+// CUDA) and the add happen when the slot is next taken (GradBuffer's slot-reuse notice) or in
+// finish_gradients(), so the reduce-scatter overlaps the backward stages in between. The reduced
+// chunks then hold what ZeRO-1 reduces once from the accumulated gradients (up to the order of the
+// sums), and everything after finish_gradients() is the same.
 #pragma once
 #include <vector>
 
@@ -38,9 +48,11 @@ class DataParallel {
 
   // Whether the next backward is the step's last: only then do completed buckets start their
   // reduce-scatter (with gradient accumulation the earlier backwards only accumulate locally).
+  // ZeRO-2 slotted groups reduce in every backward and ignore it.
   void set_last_micro_batch(bool last) { last_micro_ = last; }
   // After the last backward: every bucket's reduce-scatter issued (any the backward did not issue,
-  // e.g. after a backward without bucket notices), and ctx's later work ordered after all of them.
+  // e.g. after a backward without bucket notices; a slotted bucket cannot be, and throws), and ctx's
+  // later work ordered after all of them (and after the slots' accumulation adds).
   void finish_gradients(Context ctx);
   // opt.compute_grad_sq() summed over the world into opt.grad_sq().
   void global_grad_sq(Context ctx);
@@ -54,15 +66,28 @@ class DataParallel {
  private:
   dist::Communicator& comm_for(size_t group) const;
   void reduce_bucket(size_t group, size_t bucket, Context ctx);
+  // ZeRO-2: bucket's reduce-scatter from its slot, and the completion of a slot's last one.
+  void reduce_slot(size_t group, size_t bucket, Context ctx);
+  void complete_slot(size_t group, int slot, Context ctx);
+
+  // ZeRO-2: the reduction that last read a slot, until the slot is taken again.
+  struct SlotWork {
+    dist::WorkPtr work;
+    Tensor add_from, add_to;  // defined: add the accumulation chunk into the reduced chunk after the work
+  };
 
   Model* model_;
   AdamW* opt_;
   dist::Communicator* world_;
   dist::Communicator* expert_dp_;
-  const LayoutBuffers* grad_buffers_;  // the model's gradient buffers
+  GradBuffer* grads_;                  // the model's gradients (Model::grads() would zero stale ones mid-backward)
+  const LayoutBuffers* grad_buffers_;  // their full buffers
   bool last_micro_ = true;
   std::vector<std::vector<bool>> issued_;  // per group and bucket: its reduce-scatter of this step was issued
   std::vector<dist::WorkPtr> pending_;
+  std::vector<std::vector<SlotWork>> slot_work_;  // per group and slot (slotted groups)
+  // ZeRO-2: per group and bucket, the backward (GradBuffer::backwards_since_zero) that last reduced it.
+  std::vector<std::vector<int64_t>> reduced_in_;
   Arena scalars_;  // "sum": the device buffer of sum()
 };
 

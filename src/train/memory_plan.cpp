@@ -139,6 +139,8 @@ void check_run(const ModelConfig& cfg, const RunShape& run) {
                 run.world);
   DIFFMOE_CHECK(run.micro_batch >= 1, "--micro-batch: need at least 1 sequence, got {}", run.micro_batch);
   DIFFMOE_CHECK(run.bucket_elems >= 0, "--bucket-elems: need 0 or more, got {}", run.bucket_elems);
+  DIFFMOE_CHECK(run.zero_stage == 1 || run.zero_stage == 2, "--zero-stage: expected 1 or 2, got {}", run.zero_stage);
+  DIFFMOE_CHECK(run.grad_slots >= 0, "--grad-slots: need 0 (automatic) or more, got {}", run.grad_slots);
   DIFFMOE_CHECK(run.seq >= 1 && run.seq <= cfg.max_seq_len, "--seq: {} is not in [1, model.max_seq_len = {}]", run.seq,
                 cfg.max_seq_len);
   parse_recompute(run.recompute, "--recompute");
@@ -164,7 +166,9 @@ RankDetail plan_rank_detail(const ModelConfig& cfg, const RunShape& run, int64_t
                                      .ep_rank = rank % run.ep,
                                      .dense_dp = run.world,
                                      .expert_dp = expert_dp,
-                                     .bucket_elems = run.bucket_elems},
+                                     .bucket_elems = run.bucket_elems,
+                                     .zero_stage = run.zero_stage,
+                                     .grad_slots = run.grad_slots},
                         .recompute = parse_recompute(run.recompute, "--recompute")};
   RankDetail d{.mem = {}, .model = Model::memory_plan(cfg, DType::kF32, mo, run.micro_batch, run.seq), .state = {}};
   const ParamLayout& layout = *d.model.layout;
@@ -188,17 +192,24 @@ RankDetail plan_rank_detail(const ModelConfig& cfg, const RunShape& run, int64_t
                                   : "f32 (they are the masters) + balancing biases",
                      .bytes = d.model.params.bytes(),
                      .estimate = false});
-  m.items.push_back({.key = "gradients",
-                     .label = "gradients",
-                     .basis = "f32, every parameter this rank holds (not sharded)",
-                     .bytes = d.model.grads.bytes(),
-                     .estimate = false});
+  const GradBuffer::Footprint& gf = d.model.grads;
+  m.items.push_back(
+      {.key = "gradients",
+       .label = "gradients",
+       .basis = gf.n_slots == 0
+                    ? "f32, every parameter this rank holds (not sharded)"
+                    : fmt::format("f32, ZeRO-2: {} bucket slots {:.2f} GiB (+ accumulation chunks) of the groups with "
+                                  "dp > 1; full buffers of the others {:.2f} GiB",
+                                  gf.n_slots, gib(gf.slots), gib(gf.full)),
+       .bytes = gf.bytes(),
+       .estimate = false});
   uint64_t masters = 0, moments = 0, reduced = 0;
   for (const Arena::Entry& e : d.state.state.entries())
     (starts_with(e.name, "master.") ? masters
      : starts_with(e.name, "grad.") ? reduced
                                     : moments) += Arena::view_bytes(e.shape, e.dtype);
-  const std::string shard = fmt::format("this rank's ZeRO-1 chunks: dense 1/{}, experts 1/{}", run.world, expert_dp);
+  const std::string shard =
+      fmt::format("this rank's ZeRO-{} chunks: dense 1/{}, experts 1/{}", run.zero_stage, run.world, expert_dp);
   m.items.push_back({.key = "optimizer_masters",
                      .label = "optimizer f32 masters",
                      .basis = bf16 ? shard : "none: the f32 compute weights are the masters",
@@ -326,15 +337,17 @@ MemoryPlan plan_memory(const ModelConfig& cfg, const RunShape& run_in) {
     p.missing.push_back({.key = "bf16_moments",
                          .label = "optim.moment_dtype: bf16 (bf16 Adam moments, --moment-dtype bf16)",
                          .saves_bytes = item(h, "optimizer_moments") / 2});
-  uint64_t grad_saving = 0;
-  for (size_t g = 0; g < first.model.layout->groups().size(); ++g) {
-    const ParamLayout::Group& grp = first.model.layout->groups()[g];
-    const uint64_t b = first.model.grads.group_arena(g).bytes();
-    grad_saving += b - b / static_cast<uint64_t>(grp.dp);
+  if (run.zero_stage == 1) {
+    // The heaviest rank's gradient line planned with zero_stage 2 (its other lines change by the
+    // bucket padding only).
+    RunShape two = run;
+    two.zero_stage = 2;
+    const uint64_t now = item(h, "gradients"), sharded = item(plan_rank_detail(cfg, two, h.rank).mem, "gradients");
+    if (sharded < now)
+      p.missing.push_back({.key = "sharded_gradients",
+                           .label = "parallel.zero_stage: 2 (sharded gradients in bucket slots, --zero-stage 2)",
+                           .saves_bytes = now - sharded});
   }
-  p.missing.push_back({.key = "sharded_gradients",
-                       .label = "sharded gradients (ZeRO-2: keep only this rank's reduce-scattered chunks)",
-                       .saves_bytes = grad_saving});
   return p;
 }
 

@@ -3,7 +3,8 @@
 // The exact line items come from the code that allocates them, planned without allocating:
 // Model::memory_plan (the ParamLayout of the rank's (world, EP) place, the compute-weight and
 // gradient buffers, the activation arena through the layers' plan()), AdamW::plan_state (the rank's
-// ZeRO-1 chunks: f32 masters where separate, Adam moments in optim.moment_dtype) and
+// ZeRO chunks: f32 masters where separate, Adam moments in optim.moment_dtype), GradBuffer::plan
+// (full gradient buffers, or ZeRO-2 bucket slots) and
 // TokenBuffers::plan. Their sum is the
 // bytes of the arenas a run allocates on that rank, to the byte.
 //
@@ -26,7 +27,10 @@ struct RunShape {
   Precision precision = Precision::kF32;
   int64_t micro_batch = 1;   // sequences per rank and micro-batch
   int64_t seq = 0;           // tokens per sequence (0: model.max_seq_len)
-  int64_t bucket_elems = 0;  // gradient bucket size in elements (ParallelLayoutOptions; 0: one per group)
+  // Gradient bucket size in elements (ParallelLayoutOptions; 0: one per group, or 40M with zero_stage 2).
+  int64_t bucket_elems = 0;
+  int zero_stage = 1;       // parallel.zero_stage: 1 (full gradient buffers) or 2 (bucket slots)
+  int64_t grad_slots = 0;   // parallel.grad_slots (zero_stage 2; 0 = automatic)
   // Activation recompute (train.recompute): none | attention | moe | full (with ep > 1: none or
   // attention), planned as the model plans it.
   std::string recompute = "none";

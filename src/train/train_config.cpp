@@ -169,6 +169,8 @@ RunConfig run_config_from_json(Json doc, const std::string& source) {
   SectionReader pa(doc, "parallel", source);
   rc.parallel.expert = pa.get<int64_t>("expert", rc.parallel.expert);
   rc.parallel.bucket_size = pa.get<int64_t>("bucket_size", rc.parallel.bucket_size);
+  rc.parallel.zero_stage = pa.get<int64_t>("zero_stage", rc.parallel.zero_stage);
+  rc.parallel.grad_slots = pa.get<int64_t>("grad_slots", rc.parallel.grad_slots);
   rc.resolved["parallel"] = pa.finish();
 
   SectionReader lg(doc, "log", source);
@@ -240,6 +242,10 @@ RunConfig run_config_from_json(Json doc, const std::string& source) {
             rc.parallel.expert));
   check(rc.parallel.bucket_size > 0, source, "parallel.bucket_size",
         fmt::format("must be positive, got {}", rc.parallel.bucket_size));
+  check(rc.parallel.zero_stage == 1 || rc.parallel.zero_stage == 2, source, "parallel.zero_stage",
+        fmt::format("must be 1 (optimizer state sharded) or 2 (gradients too), got {}", rc.parallel.zero_stage));
+  check(rc.parallel.grad_slots >= 0, source, "parallel.grad_slots",
+        fmt::format("must be 0 (automatic) or more, got {}", rc.parallel.grad_slots));
   check(rc.log.progress == "auto" || rc.log.progress == "bar" || rc.log.progress == "lines", source, "log.progress",
         fmt::format("expected auto, bar or lines, got '{}'", rc.log.progress));
   return rc;

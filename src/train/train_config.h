@@ -88,6 +88,9 @@ struct LogConfig {
 struct ParallelConfig {
   int64_t expert = 1;                // expert-parallel ranks: the routed experts are split over them
   int64_t bucket_size = 40'000'000;  // gradient bucket size in elements (reduce-scatter granularity)
+  // 1: ZeRO-1 (optimizer state sharded); 2: ZeRO-2 (gradients too: bucket slots, docs/parallelism.md §4).
+  int64_t zero_stage = 1;
+  int64_t grad_slots = 0;  // ZeRO-2: gradient slots per data-parallel group; 0 = automatic
 };
 
 struct RunConfig {

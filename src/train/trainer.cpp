@@ -165,7 +165,9 @@ class TrainRun {
                                        .ep_rank = grid_->ep_rank(),
                                        .dense_dp = world_,
                                        .expert_dp = grid_->dp_size(),
-                                       .bucket_elems = rc_.parallel.bucket_size};
+                                       .bucket_elems = rc_.parallel.bucket_size,
+                                       .zero_stage = static_cast<int>(rc_.parallel.zero_stage),
+                                       .grad_slots = rc_.parallel.grad_slots};
     exchange_ = std::make_unique<CommExpertExchange>(grid_->ep());
     model_ = std::make_unique<Model>(rc_.model, *be_, DType::kF32,
                                      ModelOptions{.precision = parse_precision(ts_.precision, "train.precision"),
@@ -175,6 +177,13 @@ class TrainRun {
     model_->set_batch_shape(B, T);
     say(fmt::format("activation arena: {:.1f} MiB (train.recompute: {}, micro-batch {} x {})",
                     static_cast<double>(model_->acts().bytes()) / (1024.0 * 1024.0), ts_.recompute, B, T));
+    if (rc_.parallel.zero_stage == 2) {
+      const GradBuffer::Footprint f = GradBuffer::plan(model_->layout(), model_->plan().master_dtype());
+      say(fmt::format("gradients: ZeRO-2, {} bucket slot(s) of the data-parallel groups, {:.1f} MiB in all (full "
+                      "buffers would take {:.1f} MiB)",
+                      f.n_slots, static_cast<double>(model_->grads().bytes()) / (1024.0 * 1024.0),
+                      static_cast<double>(f.unsharded) / (1024.0 * 1024.0)));
+    }
     optim_ =
         std::make_unique<AdamW>(*model_, rc_.optim, OptimShard{.dense_rank = rank_, .expert_rank = grid_->dp_rank()});
     dp_ = std::make_unique<DataParallel>(*model_, *optim_, grid_->world(), grid_->dp());

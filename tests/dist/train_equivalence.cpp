@@ -17,11 +17,20 @@
 // different bf16 values only where such a value lies that close to a rounding boundary (about
 // 2^-45 per element and step); everywhere else the stored moments are equal.
 //
-// Usage: train_equivalence diff|plain EP [steps [f32|bf16]]   (prints "rank R of W (KIND): N checks passed")
+// ZeRO-2 (zero_stage 2): the gradients of every data-parallel group live in reused bucket slots and
+// are reduce-scattered in every backward (accumulating into the reduced chunks); the same bound
+// holds against one rank, and the ranks also run ZeRO-1 on the same micro-batches, which ZeRO-2
+// must equal (gradient norms per step, every weight at the end) within it. With grad_accum > 1
+// each rank takes micro-batches a·W + rank, a < grad_accum, as the trainer does. A clip below the
+// gradient norms (checked) makes global-norm clipping active.
+//
+// Usage: train_equivalence diff|plain EP [steps [f32|bf16 [zero_stage [grad_accum [clip]]]]]
+//   (prints "rank R of W (KIND): N checks passed")
 #include <fmt/format.h>
 
 #include <cmath>
 #include <cstdio>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -61,12 +70,23 @@ std::vector<double> host(const Tensor& t) {
   return v;
 }
 
+// One rank's part of a distributed run: the model, the optimizer, data parallelism.
+struct DistRun {
+  std::unique_ptr<Model> m;
+  std::unique_ptr<AdamW> opt;
+  std::unique_ptr<DataParallel> dp;
+};
+
 int run(int argc, char** argv) {
   const std::string which = argc > 1 ? argv[1] : "diff";
   const int ep = argc > 2 ? std::stoi(argv[2]) : 1;
   const int steps = argc > 3 ? std::stoi(argv[3]) : 4;
   OptimConfig oc;
   oc.moment_dtype = argc > 4 ? argv[4] : "f32";
+  const int zero_stage = argc > 5 ? std::stoi(argv[5]) : 1;
+  const int accum = argc > 6 ? std::stoi(argv[6]) : 1;  // micro-batches per rank and step
+  // A clip below every step's gradient norm (checked below), so that clipping is active.
+  if (argc > 7) oc.grad_clip = std::stod(argv[7]);
   const ModelConfig cfg = which == "plain" ? test::micro_plain_config() : test::micro_diff_config();
   const int64_t B = 2, T = cfg.max_seq_len;
 
@@ -78,31 +98,85 @@ int run(int argc, char** argv) {
   CommExpertExchange exchange(grid.ep());
   CpuBackend be;
 
-  // The reference: one model, all W micro-batches of each step accumulated.
+  // The reference: one model, all W·accum micro-batches of each step accumulated.
   Model ref(cfg, be, DType::kF64);
   ref.set_batch_shape(B, T);
   ref.init_weights(7);
   AdamW ref_opt(ref, oc);
 
-  // This rank's part of the distributed run. Small buckets: several per group, several chunks.
-  const ParallelLayoutOptions lay{
-      .ep_size = ep, .ep_rank = grid.ep_rank(), .dense_dp = world, .expert_dp = grid.dp_size(), .bucket_elems = 97};
-  Model m(cfg, be, DType::kF64, ModelOptions{.parallel = lay, .expert_exchange = &exchange});
-  m.set_batch_shape(B, T);
-  m.init_weights(7);
-  AdamW opt(m, oc, OptimShard{.dense_rank = rank, .expert_rank = grid.dp_rank()});
-  DataParallel dp(m, opt, grid.world(), grid.dp());
+  // This rank's part of the distributed run. Small buckets: several per group, several chunks (with
+  // ZeRO-2: several slots, each reused by several buckets). With ZeRO-2 the same ranks also run
+  // ZeRO-1, which the ZeRO-2 run must equal too.
+  auto make = [&](int stage) {
+    const ParallelLayoutOptions lay{.ep_size = ep,
+                                    .ep_rank = grid.ep_rank(),
+                                    .dense_dp = world,
+                                    .expert_dp = grid.dp_size(),
+                                    .bucket_elems = 97,
+                                    .zero_stage = stage};
+    DistRun r;
+    r.m = std::make_unique<Model>(cfg, be, DType::kF64, ModelOptions{.parallel = lay, .expert_exchange = &exchange});
+    r.m->set_batch_shape(B, T);
+    r.m->init_weights(7);
+    r.opt = std::make_unique<AdamW>(*r.m, oc, OptimShard{.dense_rank = rank, .expert_rank = grid.dp_rank()});
+    r.dp = std::make_unique<DataParallel>(*r.m, *r.opt, grid.world(), grid.dp());
+    return r;
+  };
+  DistRun main_run = make(zero_stage);
+  DistRun stage1;
+  if (zero_stage == 2) stage1 = make(1);
+  if (zero_stage == 2) {
+    int slotted = 0;
+    for (const ParamLayout::Group& g : main_run.m->layout().groups()) slotted += g.slotted() ? 1 : 0;
+    c.expect(slotted > 0, "zero stage 2: no group has gradient slots");
+    if (world > 1) {  // a slotted group's gradient exists only while the backward writes it
+      bool refused = false;
+      for (const ParamLayout::Entry& e : main_run.m->layout().entries()) {
+        if (!main_run.m->layout().groups()[e.group].slotted()) continue;
+        try {
+          main_run.m->grads().get(e.spec.name);
+        } catch (const Error&) {
+          refused = true;
+        }
+        break;
+      }
+      c.expect(refused, "zero stage 2: a slotted gradient read outside the backward did not throw");
+    }
+  }
 
-  const double scale = 1.0 / static_cast<double>(world);
+  // One step of a distributed run on this rank's micro-batches a·W + rank (as the trainer takes them).
+  const double scale = 1.0 / static_cast<double>(world * accum);
+  auto dist_step = [&](DistRun& r, const std::vector<test::Batch>& batches, double* loss, double* norm) {
+    r.m->zero_grads({});
+    r.m->zero_expert_counts({});
+    double local = 0;
+    for (int a = 0; a < accum; ++a) {
+      const test::Batch& mine = batches[static_cast<size_t>(a * world + rank)];
+      r.m->forward({}, mine.tokens, mine.targets);
+      r.dp->set_last_micro_batch(a + 1 == accum);
+      r.m->backward({}, scale);
+      const LossValues l = r.m->losses();
+      local += (l.lm_loss + l.aux_loss) * scale;
+    }
+    *loss = r.dp->sum({}, {local})[0];
+    r.dp->finish_gradients({});
+    r.dp->global_grad_sq({});
+    *norm = r.opt->grad_norm();
+    r.dp->reduce_expert_counts({});
+    r.opt->apply({}, kLr);
+    r.dp->gather_weights({});
+  };
+
   for (int s = 0; s < steps; ++s) {
     std::vector<test::Batch> batches;
-    for (int w = 0; w < world; ++w) batches.push_back(test::make_batch(cfg, B, T, 1000 + 17 * (s * world + w), {3}));
+    for (int w = 0; w < world * accum; ++w)
+      batches.push_back(test::make_batch(cfg, B, T, 1000 + 17 * (s * world * accum + w), {3}));
     // Reference step.
     ref.zero_grads({});
     ref.zero_expert_counts({});
     double ref_loss = 0;
-    for (int w = 0; w < world; ++w) {
-      ref.forward({}, batches[static_cast<size_t>(w)].tokens, batches[static_cast<size_t>(w)].targets);
+    for (const test::Batch& b : batches) {
+      ref.forward({}, b.tokens, b.targets);
       ref.backward({}, scale);
       const LossValues l = ref.losses();
       ref_loss += (l.lm_loss + l.aux_loss) * scale;
@@ -110,43 +184,50 @@ int run(int argc, char** argv) {
     ref_opt.compute_grad_sq({});
     const double ref_norm = ref_opt.grad_norm();
     ref_opt.apply({}, kLr);
-    // Distributed step.
-    m.zero_grads({});
-    m.zero_expert_counts({});
-    const test::Batch& mine = batches[static_cast<size_t>(rank)];
-    m.forward({}, mine.tokens, mine.targets);
-    dp.set_last_micro_batch(true);
-    m.backward({}, scale);
-    const LossValues l = m.losses();
-    const double loss = dp.sum({}, {(l.lm_loss + l.aux_loss) * scale})[0];
-    dp.finish_gradients({});
-    dp.global_grad_sq({});
-    const double norm = opt.grad_norm();
-    dp.reduce_expert_counts({});
-    opt.apply({}, kLr);
-    dp.gather_weights({});
+    if (argc > 7)
+      c.expect(ref_norm > oc.grad_clip,
+               fmt::format("step {}: gradient norm {:.6g} does not exceed the clip {}: clipping is not tested", s,
+                           ref_norm, oc.grad_clip));
+    // Distributed step(s).
+    double loss = 0, norm = 0;
+    dist_step(main_run, batches, &loss, &norm);
     c.expect(rel(loss, ref_loss) <= kTol, fmt::format("step {}: loss {:.17g} vs one rank {:.17g}", s, loss, ref_loss));
     c.expect(rel(norm, ref_norm) <= kTol,
              fmt::format("step {}: gradient norm {:.17g} vs one rank {:.17g}", s, norm, ref_norm));
-  }
-  // Every element this rank holds, against the reference's same global elements.
-  for (const ParamLayout::Entry& e : m.layout().entries()) {
-    const std::vector<double> got = host(m.params().get(e.spec.name)), all = host(ref.params().get(e.spec.name));
-    double err2 = 0, ref2 = 0;
-    for (size_t i = 0; i < got.size(); ++i) {
-      const double want = all[static_cast<size_t>(e.global_offset) + i];
-      err2 += (got[i] - want) * (got[i] - want);
-      ref2 += want * want;
+    if (stage1.m) {
+      double loss1 = 0, norm1 = 0;
+      dist_step(stage1, batches, &loss1, &norm1);
+      c.expect(rel(norm, norm1) <= kTol,
+               fmt::format("step {}: gradient norm {:.17g} (ZeRO-2) vs ZeRO-1 {:.17g}", s, norm, norm1));
     }
-    const double err = std::sqrt(err2 / std::max(ref2, 1e-300));
-    c.expect(err <= kTol, fmt::format("{}: weights differ by {:.3g} relative after {} steps", e.spec.name, err, steps));
   }
-  for (const ParamLayout::Entry& e : m.layout().buffers())
-    c.expect(host(m.params().get(e.spec.name)) == host(ref.params().get(e.spec.name)),
-             e.spec.name + ": balancing bias differs");
+  // Every element this rank holds, against the reference's same global elements (and ZeRO-1's).
+  auto compare = [&](const Model& a, const Model& want_model, bool local, const std::string& against) {
+    for (const ParamLayout::Entry& e : a.layout().entries()) {
+      const std::vector<double> got = host(a.params().get(e.spec.name)),
+                                all = host(want_model.params().get(e.spec.name));
+      double err2 = 0, ref2 = 0;
+      for (size_t i = 0; i < got.size(); ++i) {
+        const double want = all[(local ? 0 : static_cast<size_t>(e.global_offset)) + i];
+        err2 += (got[i] - want) * (got[i] - want);
+        ref2 += want * want;
+      }
+      const double err = std::sqrt(err2 / std::max(ref2, 1e-300));
+      c.expect(err <= kTol, fmt::format("{}: weights differ from {} by {:.3g} relative after {} steps", e.spec.name,
+                                        against, err, steps));
+    }
+    for (const ParamLayout::Entry& e : a.layout().buffers())
+      c.expect(host(a.params().get(e.spec.name)) == host(want_model.params().get(e.spec.name)),
+               e.spec.name + ": balancing bias differs from " + against);
+  };
+  compare(*main_run.m, ref, false, "one rank");
+  if (stage1.m) compare(*main_run.m, *stage1.m, true, "ZeRO-1 on the same ranks");
   std::printf("rank %d of %d (%s): %d checks passed\n", rank, world, std::string(dist->cpu_world().kind()).c_str(),
               c.passed);
-  if (oc.moment_dtype != "f32") std::printf("rank %d: moments in %s\n", rank, dtype_name(opt.moment_dtype()).data());
+  if (oc.moment_dtype != "f32")
+    std::printf("rank %d: moments in %s\n", rank, dtype_name(main_run.opt->moment_dtype()).data());
+  if (zero_stage == 2)
+    std::printf("rank %d: zero stage 2, %d micro-batches per step\n", rank, accum);
   std::fflush(stdout);
   dist->cpu_world().barrier({})->wait({});
   return c.failed == 0 ? 0 : 1;

@@ -22,6 +22,7 @@ uint64_t item(const RankMemory& m, const std::string& key) {
 
 struct Layout {
   int64_t world, ep, bucket_elems;
+  int zero_stage = 1;  // 2: the data-parallel groups' gradients in bucket slots (GradBuffer)
 };
 
 // An EP group's size and this rank's place in it, without communication: enough to build the model.
@@ -42,8 +43,8 @@ class LocalExchange final : public ExpertExchange {
 // Builds the real objects of `rank` and compares every exact line item with the allocation.
 void check_rank(const ModelConfig& cfg, Precision prec, const Layout& lay, int64_t rank, int64_t batch, int64_t seq,
                 const std::string& moments = "f32") {
-  SCOPED_TRACE(fmt::format("precision {} moments {} world {} ep {} bucket {} rank {}", precision_name(prec), moments,
-                           lay.world, lay.ep, lay.bucket_elems, rank));
+  SCOPED_TRACE(fmt::format("precision {} moments {} world {} ep {} bucket {} zero stage {} rank {}",
+                           precision_name(prec), moments, lay.world, lay.ep, lay.bucket_elems, lay.zero_stage, rank));
   CpuBackend be;
   LocalExchange ex(static_cast<int>(lay.ep), static_cast<int>(rank % lay.ep));
   const ModelOptions mo{.precision = prec,
@@ -51,7 +52,8 @@ void check_rank(const ModelConfig& cfg, Precision prec, const Layout& lay, int64
                                      .ep_rank = rank % lay.ep,
                                      .dense_dp = lay.world,
                                      .expert_dp = lay.world / lay.ep,
-                                     .bucket_elems = lay.bucket_elems},
+                                     .bucket_elems = lay.bucket_elems,
+                                     .zero_stage = lay.zero_stage},
                         .expert_exchange = &ex};
   Model m(cfg, be, DType::kF32, mo);
   m.set_batch_shape(batch, seq);
@@ -60,8 +62,18 @@ void check_rank(const ModelConfig& cfg, Precision prec, const Layout& lay, int64
   AdamW opt(m, oc, OptimShard{.dense_rank = rank, .expert_rank = rank / lay.ep});
   TokenBuffers tb(be, batch, seq);
   ASSERT_TRUE(m.params().allocated());
-  size_t grads = 0;
-  for (size_t g = 0; g < m.layout().groups().size(); ++g) grads += m.grads().buffers().group_arena(g).bytes();
+  // Every gradient allocation: the full buffers, and with ZeRO-2 the slots and accumulation chunks.
+  size_t grads = 0, slotted = 0;
+  for (size_t g = 0; g < m.layout().groups().size(); ++g) {
+    const ParamLayout::Group& grp = m.layout().groups()[g];
+    EXPECT_EQ(grp.slotted(), lay.zero_stage == 2 && grp.dp > 1);
+    EXPECT_EQ(m.grads().buffers().group_allocated(g), !grp.slotted());
+    if (!grp.slotted()) grads += m.grads().buffers().group_arena(g).bytes();
+    slotted += grp.slotted() ? 1 : 0;
+  }
+  if (slotted == 0) EXPECT_EQ(m.grads().bytes(), grads);
+  else EXPECT_GT(m.grads().bytes(), grads);  // the slots come on top of the full buffers
+  grads = m.grads().bytes();
 
   const RunShape run{.world = lay.world,
                      .ep = lay.ep,
@@ -69,6 +81,7 @@ void check_rank(const ModelConfig& cfg, Precision prec, const Layout& lay, int64
                      .micro_batch = batch,
                      .seq = seq,
                      .bucket_elems = lay.bucket_elems,
+                     .zero_stage = lay.zero_stage,
                      .moment_dtype = moments};
   const RankMemory p = plan_rank(cfg, run, rank);
   EXPECT_EQ(item(p, "compute_weights"), m.params().bytes());
@@ -89,8 +102,11 @@ void check_rank(const ModelConfig& cfg, Precision prec, const Layout& lay, int64
 
 TEST(MemoryPlan, EqualsTheAllocatedArenasMicroConfigs) {
   // micro_diff: 8 routed experts; micro_plain: 6 (EP 3 and 6 too), tied embeddings, no shared experts.
-  const std::vector<Layout> diff_layouts = {{1, 1, 0}, {4, 1, 0}, {4, 2, 0}, {8, 4, 512}, {8, 8, 0}, {2, 2, 200}};
-  const std::vector<Layout> plain_layouts = {{1, 1, 0}, {6, 3, 0}, {6, 6, 0}, {4, 2, 300}};
+  // ZeRO-2 layouts (zero_stage 2): slots of the data-parallel groups, full buffers of the others.
+  const std::vector<Layout> diff_layouts = {{1, 1, 0},       {4, 1, 0},       {4, 2, 0},    {8, 4, 512},
+                                            {8, 8, 0},       {2, 2, 200},     {4, 1, 0, 2}, {4, 2, 300, 2},
+                                            {8, 8, 500, 2},  {1, 1, 0, 2}};
+  const std::vector<Layout> plain_layouts = {{1, 1, 0}, {6, 3, 0}, {6, 6, 0}, {4, 2, 300}, {6, 3, 400, 2}, {4, 2, 0, 2}};
   for (const Precision prec : {Precision::kF32, Precision::kBF16}) {
     for (const std::string moments : {"f32", "bf16"}) {
       for (const Layout& lay : diff_layouts)
@@ -106,7 +122,7 @@ TEST(MemoryPlan, EqualsTheAllocatedArenasMicroConfigs) {
 TEST(MemoryPlan, EqualsTheAllocatedArenasTinyPreset) {
   const ModelConfig cfg = load_model_config(test::repo_path("configs/tiny.yaml"));
   for (const Precision prec : {Precision::kF32, Precision::kBF16})
-    for (const Layout& lay : std::vector<Layout>{{1, 1, 0}, {8, 4, 1 << 16}})
+    for (const Layout& lay : std::vector<Layout>{{1, 1, 0}, {8, 4, 1 << 16}, {8, 4, 1 << 16, 2}, {4, 1, 0, 2}})
       for (const std::string moments : {"f32", "bf16"}) check_rank(cfg, prec, lay, lay.world - 1, 2, 32, moments);
   // fp8 (no expert parallelism): the FP8 weight copies and scratch are activations, planned alike.
   for (const Layout& lay : std::vector<Layout>{{1, 1, 0}, {8, 1, 1 << 16}})
@@ -188,6 +204,45 @@ TEST(MemoryPlan, ExpertParallelDispatchEstimate) {
     ASSERT_NE(it, nullptr);
     EXPECT_FALSE(it->estimate);  // the buffers as allocated at the start (check_rank compares them)
   }
+}
+
+// ZeRO-2 in the plan: the gradient line shrinks to the slots (+ the full buffers of groups with
+// dp = 1), the offer of sharded gradients goes away, and --zero-stage / --grad-slots are checked.
+TEST(MemoryPlan, ZeroStage2) {
+  const ModelConfig cfg = load_model_config(test::repo_path("configs/tiny.yaml"));
+  const auto offers_sharding = [&](const RunShape& r) {
+    for (const MissingFeature& f : plan_memory(cfg, r).missing)
+      if (f.key == "sharded_gradients") return f.saves_bytes;
+    return uint64_t{0};
+  };
+  RunShape one{.world = 8, .ep = 2, .precision = Precision::kBF16, .seq = 64, .bucket_elems = 1 << 16};
+  RunShape two = one;
+  two.zero_stage = 2;
+  const RankMemory r1 = plan_rank(cfg, one, 0), r2 = plan_rank(cfg, two, 0);
+  // (The tiny preset's largest tensors, the embedding and head, make its slots large next to its
+  // layers: less than the full buffers, not by the 1/dp of the optimizer chunks.)
+  EXPECT_LT(item(r2, "gradients"), item(r1, "gradients"));
+  EXPECT_EQ(item(r2, "optimizer_moments"), item(r1, "optimizer_moments"));  // the same buckets and chunks
+  EXPECT_EQ(offers_sharding(one), item(r1, "gradients") - item(r2, "gradients"));
+  EXPECT_EQ(offers_sharding(two), 0u);
+  // One rank: nothing is data parallel, nothing to shard or offer.
+  EXPECT_EQ(offers_sharding(RunShape{.seq = 64}), 0u);
+  EXPECT_EQ(item(plan_rank(cfg, RunShape{.seq = 64, .zero_stage = 2}, 0), "gradients"),
+            item(plan_rank(cfg, RunShape{.seq = 64}, 0), "gradients"));
+  auto message = [&](const RunShape& r) {
+    try {
+      plan_memory(cfg, r);
+    } catch (const Error& e) {
+      return std::string(e.what());
+    }
+    return std::string("no error");
+  };
+  RunShape bad = two;
+  bad.zero_stage = 3;
+  EXPECT_NE(message(bad).find("--zero-stage"), std::string::npos);
+  bad = two;
+  bad.grad_slots = 1;  // a layer's buckets are open together: one slot cannot hold them
+  EXPECT_NE(message(bad).find("parallel.grad_slots"), std::string::npos) << message(bad);
 }
 
 TEST(MemoryPlan, BadLayoutsNameTheOption) {
