@@ -27,8 +27,8 @@ struct RunShape {
   int64_t micro_batch = 1;   // sequences per rank and micro-batch
   int64_t seq = 0;           // tokens per sequence (0: model.max_seq_len)
   int64_t bucket_elems = 0;  // gradient bucket size in elements (ParallelLayoutOptions; 0: one per group)
-  // Activation recompute (train.recompute): none | attention | moe | full (with ep > 1: none or
-  // attention), planned as the model plans it.
+  // Activation recompute (train.recompute): none | attention | moe | full, planned as the model
+  // plans it (activations and, with ep > 1, which expert buffers are per layer or shared).
   std::string recompute = "none";
   std::string moment_dtype = "f32";  // optim.moment_dtype: f32 or bf16 (the Adam moments' storage)
 };

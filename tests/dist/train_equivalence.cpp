@@ -17,11 +17,22 @@
 // different bf16 values only where such a value lies that close to a rounding boundary (about
 // 2^-45 per element and step); everywhere else the stored moments are equal.
 //
-// Usage: train_equivalence diff|plain EP [steps [f32|bf16]]   (prints "rank R of W (KIND): N checks passed")
+// train.recompute (model/recompute.h): with a mode other than none the distributed model recomputes
+// in its backward, and a twin on the same ranks with recompute none runs the same steps: the two
+// must agree bitwise (the losses, gradient norms and every weight): a recomputed tensor is
+// recomputed by the forward's ops on the same inputs (with EP under `full`, the same dispatch
+// again), so the same values enter the same sums in the same order. `skew` adds 1 to the balancing
+// bias of EP rank 0's experts in every model: every token then picks them, rank 0 receives the
+// group's EP·N·min(K, E/EP) rows and its expert buffers must grow past their balanced start
+// (checked: "rank 0: expert buffers grew").
+//
+// Usage: train_equivalence diff|plain EP [steps [f32|bf16 [none|attention|moe|full [skew]]]]
+//        (prints "rank R of W (KIND): N checks passed")
 #include <fmt/format.h>
 
 #include <cmath>
 #include <cstdio>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -61,12 +72,24 @@ std::vector<double> host(const Tensor& t) {
   return v;
 }
 
+// The balancing bias of the first `experts` routed experts of every MoE layer += 1 (f64 models).
+void skew_routing(Model& m, int64_t experts) {
+  const ModelConfig& cfg = m.config();
+  for (int64_t l = cfg.n_dense_layers; l < cfg.n_layers; ++l) {
+    const Tensor b = m.params().get(fmt::format("layers.{}.ffn.gate.bias", l));
+    DIFFMOE_CHECK(b.dtype == DType::kF64, "skew: f64 biases expected");
+    for (int64_t e = 0; e < experts; ++e) b.ptr<double>()[e] += 1.0;
+  }
+}
+
 int run(int argc, char** argv) {
   const std::string which = argc > 1 ? argv[1] : "diff";
   const int ep = argc > 2 ? std::stoi(argv[2]) : 1;
   const int steps = argc > 3 ? std::stoi(argv[3]) : 4;
   OptimConfig oc;
   oc.moment_dtype = argc > 4 ? argv[4] : "f32";
+  const Recompute recompute = parse_recompute(argc > 5 ? argv[5] : "none", "recompute");
+  const bool skew = argc > 6 && std::string(argv[6]) == "skew";
   const ModelConfig cfg = which == "plain" ? test::micro_plain_config() : test::micro_diff_config();
   const int64_t B = 2, T = cfg.max_seq_len;
 
@@ -82,16 +105,49 @@ int run(int argc, char** argv) {
   Model ref(cfg, be, DType::kF64);
   ref.set_batch_shape(B, T);
   ref.init_weights(7);
+  if (skew) skew_routing(ref, cfg.n_routed_experts / ep);
   AdamW ref_opt(ref, oc);
 
   // This rank's part of the distributed run. Small buckets: several per group, several chunks.
   const ParallelLayoutOptions lay{
       .ep_size = ep, .ep_rank = grid.ep_rank(), .dense_dp = world, .expert_dp = grid.dp_size(), .bucket_elems = 97};
-  Model m(cfg, be, DType::kF64, ModelOptions{.parallel = lay, .expert_exchange = &exchange});
+  Model m(cfg, be, DType::kF64, ModelOptions{.parallel = lay, .expert_exchange = &exchange, .recompute = recompute});
   m.set_batch_shape(B, T);
   m.init_weights(7);
+  if (skew) skew_routing(m, cfg.n_routed_experts / ep);
   AdamW opt(m, oc, OptimShard{.dense_rank = rank, .expert_rank = grid.dp_rank()});
   DataParallel dp(m, opt, grid.world(), grid.dp());
+  const size_t buffers_at_start = m.expert_buffer_bytes();
+  // With recompute: the twin without it on the same ranks (it runs each step after m's, so the
+  // collectives of the two keep one order on every rank).
+  std::unique_ptr<Model> twin;
+  std::unique_ptr<AdamW> twin_opt;
+  std::unique_ptr<DataParallel> twin_dp;
+  if (recompute != Recompute::kNone) {
+    twin = std::make_unique<Model>(cfg, be, DType::kF64, ModelOptions{.parallel = lay, .expert_exchange = &exchange});
+    twin->set_batch_shape(B, T);
+    twin->init_weights(7);
+    if (skew) skew_routing(*twin, cfg.n_routed_experts / ep);
+    twin_opt = std::make_unique<AdamW>(*twin, oc, OptimShard{.dense_rank = rank, .expert_rank = grid.dp_rank()});
+    twin_dp = std::make_unique<DataParallel>(*twin, *twin_opt, grid.world(), grid.dp());
+  }
+  // One distributed step of `model` on this rank's micro-batch: the global loss and gradient norm.
+  const auto dist_step = [&](Model& model, AdamW& o, DataParallel& d, const test::Batch& mine) {
+    model.zero_grads({});
+    model.zero_expert_counts({});
+    model.forward({}, mine.tokens, mine.targets);
+    d.set_last_micro_batch(true);
+    model.backward({}, 1.0 / static_cast<double>(world));
+    const LossValues l = model.losses();
+    const double loss = d.sum({}, {(l.lm_loss + l.aux_loss) / static_cast<double>(world)})[0];
+    d.finish_gradients({});
+    d.global_grad_sq({});
+    const double norm = o.grad_norm();
+    d.reduce_expert_counts({});
+    o.apply({}, kLr);
+    d.gather_weights({});
+    return std::pair<double, double>{loss, norm};
+  };
 
   const double scale = 1.0 / static_cast<double>(world);
   for (int s = 0; s < steps; ++s) {
@@ -111,24 +167,27 @@ int run(int argc, char** argv) {
     const double ref_norm = ref_opt.grad_norm();
     ref_opt.apply({}, kLr);
     // Distributed step.
-    m.zero_grads({});
-    m.zero_expert_counts({});
     const test::Batch& mine = batches[static_cast<size_t>(rank)];
-    m.forward({}, mine.tokens, mine.targets);
-    dp.set_last_micro_batch(true);
-    m.backward({}, scale);
-    const LossValues l = m.losses();
-    const double loss = dp.sum({}, {(l.lm_loss + l.aux_loss) * scale})[0];
-    dp.finish_gradients({});
-    dp.global_grad_sq({});
-    const double norm = opt.grad_norm();
-    dp.reduce_expert_counts({});
-    opt.apply({}, kLr);
-    dp.gather_weights({});
+    const auto [loss, norm] = dist_step(m, opt, dp, mine);
     c.expect(rel(loss, ref_loss) <= kTol, fmt::format("step {}: loss {:.17g} vs one rank {:.17g}", s, loss, ref_loss));
     c.expect(rel(norm, ref_norm) <= kTol,
              fmt::format("step {}: gradient norm {:.17g} vs one rank {:.17g}", s, norm, ref_norm));
+    if (twin) {
+      const auto [loss0, norm0] = dist_step(*twin, *twin_opt, *twin_dp, mine);
+      c.expect(loss == loss0, fmt::format("step {}: loss {:.17g} with recompute {} vs {:.17g} without", s, loss,
+                                          recompute_name(recompute), loss0));
+      c.expect(norm == norm0, fmt::format("step {}: gradient norm {:.17g} with recompute {} vs {:.17g} without", s,
+                                          norm, recompute_name(recompute), norm0));
+    }
   }
+  if (twin)
+    for (const ParamLayout::Entry& e : m.layout().entries())
+      c.expect(host(m.params().get(e.spec.name)) == host(twin->params().get(e.spec.name)),
+               fmt::format("{}: differs from recompute none after {} steps", e.spec.name, steps));
+  if (m.expert_buffer_bytes() > buffers_at_start)
+    std::printf("rank %d: expert buffers grew from %zu to %zu bytes\n", rank, buffers_at_start,
+                m.expert_buffer_bytes());
+  if (skew && rank == 0) c.expect(m.expert_buffer_bytes() > buffers_at_start, "skew: rank 0's expert buffers grew");
   // Every element this rank holds, against the reference's same global elements.
   for (const ParamLayout::Entry& e : m.layout().entries()) {
     const std::vector<double> got = host(m.params().get(e.spec.name)), all = host(ref.params().get(e.spec.name));

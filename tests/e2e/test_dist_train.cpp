@@ -158,6 +158,25 @@ TEST_F(DistE2E, DataTimesExpertParallelEqualsOneRankWithFourWayAccumulation) {
   }
 }
 
+// train.recompute with expert parallelism (2 ranks, parallel.expert 2): `moe` and `full` give the
+// loss curve and the final state of `none` bit for bit: the CPU recomputes every tensor by the
+// forward's own ops on the same inputs (under `full` the MoE dispatch again, by the recorded counts).
+TEST_F(DistE2E, RecomputeWithExpertParallelismTrainsExactlyAsNone) {
+  prepare_data();
+  for (const std::string mode : {"none", "moe", "full"}) {
+    Yaml y = config(mode, 6, 3);
+    y.set("train.recompute", mode);
+    const RunResult r =
+        run_diffmoe(args(write_config(y, mode + ".yaml"), {"--set", "parallel.expert=2"}), mpirun_options(2, dir_));
+    E2E_EXPECT_OK(r);
+    EXPECT_NE(r.out.find("(train.recompute: " + mode + ","), std::string::npos) << r.out;
+  }
+  for (const std::string mode : {"moe", "full"}) {
+    expect_same_curve(mode, "none", 1, 6, 0.0);
+    expect_same_state(mode, "none", 6, 0.0);
+  }
+}
+
 // Saved on 4 ranks (DP 2 × EP 2) and resumed on 4: the same steps as never stopping, bit for bit
 // (the same grid sums in the same order).
 TEST_F(DistE2E, CheckpointOnFourRanksResumesOnFourRanksBitwise) {
