@@ -161,13 +161,15 @@ TEST_F(DistE2E, DataTimesExpertParallelEqualsOneRankWithFourWayAccumulation) {
 // train.recompute with expert parallelism (2 ranks, parallel.expert 2): `moe` and `full` give the
 // loss curve and the final state of `none` bit for bit: the CPU recomputes every tensor by the
 // forward's own ops on the same inputs (under `full` the MoE dispatch again, by the recorded counts).
-// Also in the bf16 GEMM mode (bf16 rows sent, bf16 x_perm and h).
+// Also in the bf16 GEMM mode (bf16 rows sent, bf16 x_perm and h). Three MoE layers, so that the
+// shared recomputed rows hold another layer's when a backward starts.
 TEST_F(DistE2E, RecomputeWithExpertParallelismTrainsExactlyAsNone) {
   prepare_data();
   for (const std::string precision : {"f32", "bf16_gemm"}) {
     for (const std::string mode : {"none", "moe", "full"}) {
       const std::string name = precision + "_" + mode;
       Yaml y = config(name, 6, 3);
+      y.set("model.n_layers", "4");
       y.set("train.recompute", mode);
       y.set("train.precision", precision);
       const RunResult r =
