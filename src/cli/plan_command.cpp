@@ -258,8 +258,7 @@ void add_plan_command(CLI::App& app, std::function<int()>& run) {
   cmd->add_option("--config", a->config, "YAML config file (its model: section)")->required();
   cmd->add_option("--world", a->world, "ranks (GPUs), default 1");
   cmd->add_option("--ep", a->ep, "expert-parallel degree (divides --world and model.n_routed_experts), default 1");
-  cmd->add_option("--recompute", a->recompute,
-                  "activation recompute: none, attention, moe or full")
+  cmd->add_option("--recompute", a->recompute, "activation recompute: none, attention, moe or full")
       ->check(CLI::IsMember({"none", "attention", "moe", "full"}));
   cmd->add_option("--micro-batch", a->micro_batch, "sequences per rank and micro-batch, default 1");
   cmd->add_option("--seq", a->seq, "tokens per sequence, default model.max_seq_len");

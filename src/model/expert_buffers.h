@@ -32,8 +32,8 @@ class ExpertBuffers {
  public:
   // tokens: N of a micro-batch on this rank; ep_size: ranks of the EP group; recompute: the model's
   // mode (which buffers are per layer and which shared).
-  ExpertBuffers(const ModelConfig& cfg, const PrecisionPlan& plan, Recompute recompute, int64_t ep_size,
-                int64_t tokens, Backend& be);
+  ExpertBuffers(const ModelConfig& cfg, const PrecisionPlan& plan, Recompute recompute, int64_t ep_size, int64_t tokens,
+                Backend& be);
 
   // Bytes the buffers take for `pairs` received pairs and `rows` expert rows per layer (every MoE
   // layer's saved buffers and the shared ones), without allocating: `diffmoe plan`. The

@@ -307,11 +307,12 @@ MemoryPlan plan_memory(const ModelConfig& cfg, const RunShape& run_in) {
   p.ep_rows_avg = ep_rows(cfg, run.ep, p.tokens, false);
   p.ep_rows_worst = ep_rows(cfg, run.ep, p.tokens, true);
   // The worst case: every rank routes every token to this rank's experts.
-  p.ep_worst_bytes = run.ep == 1 || cfg.n_dense_layers == cfg.n_layers
-                         ? 0
-                         : ExpertBuffers::bytes_for(cfg, first.model.plan, parse_recompute(run.recompute, "--recompute"),
-                                                    run.ep * ExpertBuffers::initial_pairs(cfg, run.ep, p.tokens),
-                                                    static_cast<int64_t>(p.ep_rows_worst));
+  p.ep_worst_bytes =
+      run.ep == 1 || cfg.n_dense_layers == cfg.n_layers
+          ? 0
+          : ExpertBuffers::bytes_for(cfg, first.model.plan, parse_recompute(run.recompute, "--recompute"),
+                                     run.ep * ExpertBuffers::initial_pairs(cfg, run.ep, p.tokens),
+                                     static_cast<int64_t>(p.ep_rows_worst));
 
   // Every rank (their sizes differ only through the ZeRO-1 chunks and the expert ranges).
   RankMemory heaviest = first.mem;

@@ -137,7 +137,8 @@ TEST(MemoryPlan, ExpertBuffersFollowTheRecomputeMode) {
     bytes[r] = buf.bytes();
     EXPECT_EQ(buf.bytes(), ExpertBuffers::bytes_for(cfg, plan, r, ExpertBuffers::initial_pairs(cfg, ep, N),
                                                     ExpertBuffers::initial_rows(cfg, N)));
-    for (const char* name : {"recv_idx", "recv_w", "slot_pos", "offsets", "src_row", "x_perm", "y_perm", "a", "b", "h"}) {
+    for (const char* name :
+         {"recv_idx", "recv_w", "slot_pos", "offsets", "src_row", "x_perm", "y_perm", "a", "b", "h"}) {
       const bool shared = buf.saved(1, name).data == buf.saved(2, name).data;
       EXPECT_EQ(shared, ExpertBuffers::recomputed(r, name)) << name;
     }
