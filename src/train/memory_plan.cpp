@@ -47,6 +47,10 @@ ActivationBreakdown breakdown(const ModelConfig& cfg, const PrecisionPlan& plan)
     if (l >= 0) {
       (block == "attn" ? b.attention : b.ffn) += n;
       layer[static_cast<size_t>(l)] += n;
+    } else if (starts_with(e.name, "act.recomputed.attn.")) {
+      b.attention += n;  // the views every layer's backward recomputes into (model/recompute.h)
+    } else if (starts_with(e.name, "act.recomputed.ffn.")) {
+      b.ffn += n;
     } else if (starts_with(e.name, "stats.")) {
       b.ffn += n;  // the expert counts of each MoE layer
     } else if (starts_with(e.name, "act.residual.")) {

@@ -51,8 +51,8 @@ struct RankMemory {
 // Bytes of the planned activations by what they hold (Model::memory_plan's activation table).
 struct ActivationBreakdown {
   uint64_t residual = 0;       // the residual stream h_0 .. h_2L, kept for the backward
-  uint64_t attention = 0;      // every layer's attention activations
-  uint64_t ffn = 0;            // every layer's dense FFN / MoE activations and routing stats
+  uint64_t attention = 0;      // every layer's attention activations and the shared recomputed ones
+  uint64_t ffn = 0;            // every layer's dense FFN / MoE activations, routing stats, shared recomputed
   uint64_t head = 0;           // final norm, logits
   uint64_t scratch = 0;        // backward scratch, shared by the layers
   uint64_t other = 0;          // RoPE tables, losses
