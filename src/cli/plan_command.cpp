@@ -213,8 +213,8 @@ void print_text(const PlanArgs& a, const ModelConfig& cfg, const MemoryPlan& p, 
     const uint64_t worst_total = h.total_bytes() - item_bytes(h, "ep_buffers") + p.ep_worst_bytes;
     fmt::print(
         "EP dispatch: {} received rows per MoE layer with balanced routing; dropless worst case {} rows "
-        "(EP·N·min(K, E/EP)) -> {:.2f} GiB, total {:.2f} GiB ({})\n",
-        p.ep_rows_avg, p.ep_rows_worst, gib(p.ep_worst_bytes), gib(worst_total),
+        "(EP·N·min(K, E/EP)) -> {:.2f} GiB with recompute {}, total {:.2f} GiB ({})\n",
+        p.ep_rows_avg, p.ep_rows_worst, gib(p.ep_worst_bytes), p.run.recompute, gib(worst_total),
         worst_total <= gpu ? "fits" : "does not fit");
   }
   const bool fits = h.total_bytes() <= gpu;
@@ -268,8 +268,7 @@ void add_plan_command(CLI::App& app, std::function<int()>& run) {
   cmd->add_option("--config", a->config, "YAML config file (its model: section)")->required();
   cmd->add_option("--world", a->world, "ranks (GPUs), default 1");
   cmd->add_option("--ep", a->ep, "expert-parallel degree (divides --world and model.n_routed_experts), default 1");
-  cmd->add_option("--recompute", a->recompute,
-                  "activation recompute: none, attention, moe or full (with --ep > 1: none or attention)")
+  cmd->add_option("--recompute", a->recompute, "activation recompute: none, attention, moe or full")
       ->check(CLI::IsMember({"none", "attention", "moe", "full"}));
   cmd->add_option("--micro-batch", a->micro_batch, "sequences per rank and micro-batch, default 1");
   cmd->add_option("--seq", a->seq, "tokens per sequence, default model.max_seq_len");

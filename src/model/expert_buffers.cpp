@@ -23,25 +23,42 @@ int64_t ExpertBuffers::initial_rows(const ModelConfig& cfg, int64_t tokens) {
   return tokens * cfg.n_activated_experts;  // its experts compute N·K rows on average
 }
 
-size_t ExpertBuffers::bytes_for(const ModelConfig& cfg, const PrecisionPlan& plan, int64_t pairs, int64_t rows) {
+size_t ExpertBuffers::bytes_for(const ModelConfig& cfg, const PrecisionPlan& plan, Recompute recompute, int64_t pairs,
+                                int64_t rows) {
   const size_t moe_layers = static_cast<size_t>(cfg.n_layers - cfg.n_dense_layers);
-  return moe_layers * plan_saved(cfg, plan, pairs, rows).bytes() + plan_scratch(cfg, plan, pairs, rows).bytes();
+  return moe_layers * plan_saved(cfg, plan, recompute, false, pairs, rows).bytes() +
+         plan_scratch(cfg, plan, recompute, pairs, rows).bytes();
 }
 
-ExpertBuffers::ExpertBuffers(const ModelConfig& cfg, const PrecisionPlan& plan, int64_t ep_size, int64_t tokens,
-                             Backend& be)
-    : cfg_(&cfg), plan_(&plan), be_(&be) {
+// The same rule as without expert parallelism (FfnLayer::recomputed, model/recompute.h): `moe`
+// recomputes the experts' SwiGLU intermediates from the kept x_perm, `full` everything but the
+// routing plan (the received slots and weights, their permutation: re-deriving them would need the
+// routing again).
+bool ExpertBuffers::recomputed(Recompute recompute, std::string_view name) {
+  const bool hidden = name == "a" || name == "b" || name == "h";
+  switch (recompute) {
+    case Recompute::kMoe: return hidden;
+    case Recompute::kFull: return hidden || name == "x_perm" || name == "y_perm";
+    case Recompute::kNone:
+    case Recompute::kAttention: return false;
+  }
+  return false;
+}
+
+ExpertBuffers::ExpertBuffers(const ModelConfig& cfg, const PrecisionPlan& plan, Recompute recompute, int64_t ep_size,
+                             int64_t tokens, Backend& be)
+    : cfg_(&cfg), plan_(&plan), recompute_(recompute), be_(&be) {
   layers_.resize(static_cast<size_t>(cfg.n_layers - cfg.n_dense_layers));
   const int64_t pairs = initial_pairs(cfg, ep_size, tokens), rows = initial_rows(cfg, tokens);
   for (Layer& l : layers_) {
     l.cap_pairs = pairs;
     l.cap_rows = rows;
-    l.saved = plan_saved(cfg, plan, pairs, rows);
+    l.saved = plan_saved(cfg, plan, recompute, false, pairs, rows);
     l.saved.allocate(be.allocator());
   }
   scratch_pairs_ = pairs;
   scratch_rows_ = rows;
-  scratch_ = plan_scratch(cfg, plan, pairs, rows);
+  scratch_ = plan_scratch(cfg, plan, recompute, pairs, rows);
   scratch_.allocate(be.allocator());
 }
 
@@ -51,11 +68,14 @@ size_t ExpertBuffers::index(int64_t layer) const {
   return static_cast<size_t>(i);
 }
 
-Arena ExpertBuffers::plan_saved(const ModelConfig& c, const PrecisionPlan& plan, int64_t P, int64_t R) {
+Arena ExpertBuffers::plan_saved(const ModelConfig& c, const PrecisionPlan& plan, Recompute recompute, bool shared,
+                                int64_t P, int64_t R) {
   const int64_t K = c.n_activated_experts, D = c.dim, I = c.moe_inter_dim;
   Arena a;
   using A = ActRole;
-  const auto add = [&](const char* name, Shape s, ActRole role) { a.add(name, s, plan.dtype(role)); };
+  const auto add = [&](const char* name, Shape s, ActRole role) {
+    if (recomputed(recompute, name) == shared) a.add(name, s, plan.dtype(role));
+  };
   add("recv_idx", Shape{P, K}, A::kIndex);
   add("recv_w", Shape{P, K}, A::kFloat);
   add("slot_pos", Shape{P, K}, A::kIndex);
@@ -69,9 +89,10 @@ Arena ExpertBuffers::plan_saved(const ModelConfig& c, const PrecisionPlan& plan,
   return a;
 }
 
-Arena ExpertBuffers::plan_scratch(const ModelConfig& c, const PrecisionPlan& plan, int64_t P, int64_t R) {
+Arena ExpertBuffers::plan_scratch(const ModelConfig& c, const PrecisionPlan& plan, Recompute recompute, int64_t P,
+                                  int64_t R) {
   const int64_t K = c.n_activated_experts, D = c.dim, I = c.moe_inter_dim;
-  Arena a;
+  Arena a = plan_saved(c, plan, recompute, true, P, R);
   using A = ActRole;
   const auto add = [&](const char* name, Shape s, ActRole role) { a.add(name, s, plan.dtype(role)); };
   add("x_recv", Shape{P, D}, A::kGemmOperand);
@@ -93,20 +114,21 @@ void ExpertBuffers::ensure(int64_t layer, int64_t pairs, int64_t rows) {
     l.cap_pairs = grown(pairs, l.cap_pairs);
     l.cap_rows = grown(rows, l.cap_rows);
     be_->synchronize({});  // the old buffers may still be read by queued work of an earlier step
-    l.saved = plan_saved(*cfg_, *plan_, l.cap_pairs, l.cap_rows);
+    l.saved = plan_saved(*cfg_, *plan_, recompute_, false, l.cap_pairs, l.cap_rows);
     l.saved.allocate(be_->allocator());
   }
   if (pairs > scratch_pairs_ || rows > scratch_rows_) {
     scratch_pairs_ = grown(pairs, scratch_pairs_);
     scratch_rows_ = grown(rows, scratch_rows_);
     be_->synchronize({});
-    scratch_ = plan_scratch(*cfg_, *plan_, scratch_pairs_, scratch_rows_);
+    scratch_ = plan_scratch(*cfg_, *plan_, recompute_, scratch_pairs_, scratch_rows_);
     scratch_.allocate(be_->allocator());
   }
 }
 
 Tensor ExpertBuffers::saved(int64_t layer, const std::string& name) const {
-  return layers_[index(layer)].saved.get(name);
+  const Arena& own = layers_[index(layer)].saved;
+  return recomputed(recompute_, name) ? scratch_.get(name) : own.get(name);
 }
 
 Tensor ExpertBuffers::scratch(const std::string& name) const { return scratch_.get(name); }

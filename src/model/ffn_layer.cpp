@@ -7,12 +7,14 @@ namespace diffmoe {
 std::string FfnLayer::p(const std::string& name) const { return fmt::format("layers.{}.ffn.{}", l_, name); }
 std::string FfnLayer::a(const std::string& name) const { return names_.name(name, recomputed(name)); }
 
-// moe: the experts' SwiGLU intermediates. full: everything but the routing (model/recompute.h).
+// moe: the experts' SwiGLU intermediates. full: everything but the routing (model/recompute.h);
+// with expert parallelism also the pairs sent (ep.*), the rest of its plan lives in ExpertBuffers.
 bool FfnLayer::recomputed(std::string_view name) const {
   switch (recompute_) {
     case Recompute::kMoe: return name == "experts.a" || name == "experts.b" || name == "experts.h";
     case Recompute::kFull:
-      for (const char* kept : {"scores", "topk_idx", "topk_w", "offsets", "src_row", "slot_pos"})
+      for (const char* kept :
+           {"scores", "topk_idx", "topk_w", "offsets", "src_row", "slot_pos", "ep.pair_token", "ep.pair_of"})
         if (name == kept) return false;
       return true;
     case Recompute::kNone:
@@ -136,12 +138,10 @@ void FfnLayer::expert_output(const LayerContext& lc, const Tensor& y_perm) const
 }
 
 void FfnLayer::recompute(const LayerContext& lc, const Tensor& x) const {
-  // Expert parallelism keeps its expert rows in ExpertBuffers; the run config allows it with the
-  // recompute modes `none` and `attention` only (train_config.cpp).
-  DIFFMOE_CHECK(!(moe(lc) && expert_parallel(lc) && (recompute_ == Recompute::kMoe || recompute_ == Recompute::kFull)),
-                "[model] recompute {} with expert parallelism", recompute_name(recompute_));
   if (recompute_ == Recompute::kMoe && moe(lc)) {
-    expert_hidden(lc, lc.act(a("x_perm")));  // from the kept rows; y_perm is kept too
+    // From the kept rows; y_perm is kept too. With expert parallelism: this rank's received rows.
+    if (expert_parallel(lc)) recompute_ep(lc, Tensor{});
+    else expert_hidden(lc, lc.act(a("x_perm")));
     return;
   }
   if (recompute_ != Recompute::kFull) return;
@@ -149,6 +149,10 @@ void FfnLayer::recompute(const LayerContext& lc, const Tensor& x) const {
   const Tensor xg = gemm_input(lc);
   if (!moe(lc)) {
     mlp_hidden(lc, "", "", xg);  // W2's output went into the residual stream: not needed
+    return;
+  }
+  if (expert_parallel(lc)) {  // the shared experts run there, during the dispatch
+    recompute_ep(lc, xg);
     return;
   }
   if (lc.cfg->n_shared_experts > 0) mlp_hidden(lc, "shared.", "shared.", xg);

@@ -62,6 +62,12 @@ class FfnLayer {
   void plan_ep(const LayerContext& lc, PrecisionPlan& plan, Arena& acts) const;
   void forward_ep(const LayerContext& lc, const Tensor& x, const Tensor& out) const;
   void backward_ep(const LayerContext& lc, const Tensor& d_out_gemm, const Tensor& dx_norm, double aux_scale) const;
+  // This rank's experts on its `rows` received expert rows (ExpertBuffers x_perm): a, b, h.
+  void expert_hidden_ep(const LayerContext& lc, int64_t rows) const;
+  // The backward's recompute with expert parallelism (model/recompute.h): `moe` a, b, h from the
+  // kept x_perm; `full` (xg: the recomputed GEMM input) the dispatch again by the forward's recorded
+  // plan and counts, the shared experts' hidden part meanwhile, then x_perm, a, b, h and y_perm.
+  void recompute_ep(const LayerContext& lc, const Tensor& xg) const;
   int64_t l_;
   Recompute recompute_;
   ActNames names_;

@@ -17,6 +17,9 @@
 //   moe_combine_bwd gives each expert row's gradient and each slot's routing-weight gradient
 //   ⟨dy, Expert_k(x)⟩; the expert GEMMs' backward; the input gradients (one row per pair) and the
 //   weight gradients (K per pair) come back and are added per token.
+// Recompute (model/recompute.h): `moe` recomputes a, b, h from the kept x_perm; `full` re-runs the
+//   dispatch of the x rows with the forward's recorded traffic and plan (recompute_ep), so the
+//   backward's collectives are the forward's x exchange, then the backward's own.
 // Group-limited routing maps expert groups to ranks (G a multiple of EP: rank r holds groups
 // [r·G/EP, (r+1)·G/EP)), so a token's pairs are at most n_limited_groups.
 #include <fmt/format.h>
@@ -117,21 +120,67 @@ void FfnLayer::forward_ep(const LayerContext& lc, const Tensor& x, const Tensor&
   const Tensor offsets = buf.saved(l_, "offsets").rows(0, El + 1), src_row = buf.saved(l_, "src_row").rows(0, Rx);
   const Tensor slot_pos = buf.saved(l_, "slot_pos").rows(0, Rp);
   const Tensor x_perm = buf.saved(l_, "x_perm").rows(0, Rx), y_perm = buf.saved(l_, "y_perm").rows(0, Rx);
-  const Tensor ea = buf.saved(l_, "a").rows(0, Rx), eb = buf.saved(l_, "b").rows(0, Rx),
-               eh = buf.saved(l_, "h").rows(0, Rx);
   be.moe_permute(lc.ctx,
                  {.offsets = offsets, .src_row = src_row, .slot_pos = slot_pos, .topk_idx = recv_idx, .n_experts = El});
   be.moe_gather(lc.ctx, {.x_perm = x_perm, .x = x_recv, .src_row = src_row});
-  be.grouped_gemm(lc.ctx, {.c = ea, .a = x_perm, .b = lc.weight(p("experts.w1")), .offsets = offsets, .trans_b = true});
-  be.grouped_gemm(lc.ctx, {.c = eb, .a = x_perm, .b = lc.weight(p("experts.w3")), .offsets = offsets, .trans_b = true});
-  be.swiglu_fwd(lc.ctx, {.h = eh, .a = ea, .b = eb});
-  be.grouped_gemm(lc.ctx, {.c = y_perm, .a = eh, .b = lc.weight(p("experts.w2")), .offsets = offsets, .trans_b = true});
+  expert_hidden_ep(lc, Rx);
+  be.grouped_gemm(lc.ctx, {.c = y_perm,
+                           .a = buf.saved(l_, "h").rows(0, Rx),
+                           .b = lc.weight(p("experts.w2")),
+                           .offsets = offsets,
+                           .trans_b = true});
   // One row per pair: Σ over its slots of w_k · Expert_k(x), back to the token's rank, added there.
   const Tensor y_recv = buf.scratch("y_recv").rows(0, Rp), y_back = lc.act("scratch.ep.y_back").rows(0, S);
   be.fill(lc.ctx, {.out = y_recv, .value = 0.0});
   be.moe_combine_fwd(lc.ctx, {.y = y_recv, .y_perm = y_perm, .topk_w = recv_w, .slot_pos = slot_pos});
   ex.all_to_all(lc.ctx, y_recv, y_back, t.recv, t.send)->wait(lc.ctx);
   be.moe_gather_bwd(lc.ctx, {.dx = out, .dx_perm = y_back, .slot_pos = pair_of});
+}
+
+void FfnLayer::expert_hidden_ep(const LayerContext& lc, int64_t rows) const {
+  const ExpertBuffers& buf = *lc.ep_buffers;
+  const int64_t El = lc.cfg->n_routed_experts / lc.ep->size();
+  const Tensor offsets = buf.saved(l_, "offsets").rows(0, El + 1), x_perm = buf.saved(l_, "x_perm").rows(0, rows);
+  const Tensor ea = buf.saved(l_, "a").rows(0, rows), eb = buf.saved(l_, "b").rows(0, rows),
+               eh = buf.saved(l_, "h").rows(0, rows);
+  lc.be->grouped_gemm(lc.ctx,
+                      {.c = ea, .a = x_perm, .b = lc.weight(p("experts.w1")), .offsets = offsets, .trans_b = true});
+  lc.be->grouped_gemm(lc.ctx,
+                      {.c = eb, .a = x_perm, .b = lc.weight(p("experts.w3")), .offsets = offsets, .trans_b = true});
+  lc.be->swiglu_fwd(lc.ctx, {.h = eh, .a = ea, .b = eb});
+}
+
+void FfnLayer::recompute_ep(const LayerContext& lc, const Tensor& xg) const {
+  const ModelConfig& c = *lc.cfg;
+  Backend& be = *lc.be;
+  ExpertExchange& ex = *lc.ep;
+  const ExpertBuffers& buf = *lc.ep_buffers;
+  const int64_t El = c.n_routed_experts / ex.size();
+  const EpTraffic& t = lc.ep_buffers->traffic(l_);
+  const int64_t S = t.send.total(), Rp = t.recv.total(), Rx = t.rows;
+  if (recompute_ == Recompute::kMoe) {
+    expert_hidden_ep(lc, Rx);  // from the kept x_perm
+    return;
+  }
+  // `full`: the forward's dispatch of the x rows again, by its kept plan (pair_token, the received
+  // slots' permutation src_row) and its recorded counts (t): no routing and no count exchange, and
+  // the same all-to-all as the forward's on every rank of the group (each runs this layer's backward
+  // at the same point of its sequence of collectives), so the rows received are the forward's.
+  const Tensor x_send = lc.act("scratch.ep.x_send").rows(0, S), x_recv = buf.scratch("x_recv").rows(0, Rp);
+  be.moe_gather(lc.ctx, {.x_perm = x_send, .x = xg, .src_row = lc.act(a("ep.pair_token")).rows(0, S)});
+  auto sent_x = ex.all_to_all(lc.ctx, x_send, x_recv, t.send, t.recv);
+  if (c.n_shared_experts > 0) mlp_hidden(lc, "shared.", "shared.", xg);  // W2's output is not needed
+  sent_x->wait(lc.ctx);
+  const Tensor offsets = buf.saved(l_, "offsets").rows(0, El + 1), src_row = buf.saved(l_, "src_row").rows(0, Rx);
+  const Tensor x_perm = buf.saved(l_, "x_perm").rows(0, Rx), y_perm = buf.saved(l_, "y_perm").rows(0, Rx);
+  be.moe_gather(lc.ctx, {.x_perm = x_perm, .x = x_recv, .src_row = src_row});
+  expert_hidden_ep(lc, Rx);
+  // y_perm: ⟨dy, y_perm⟩ gives the routing weights' gradient (the same call as the forward's).
+  be.grouped_gemm(lc.ctx, {.c = y_perm,
+                           .a = buf.saved(l_, "h").rows(0, Rx),
+                           .b = lc.weight(p("experts.w2")),
+                           .offsets = offsets,
+                           .trans_b = true});
 }
 
 void FfnLayer::backward_ep(const LayerContext& lc, const Tensor& d_out_gemm, const Tensor& dx_norm,

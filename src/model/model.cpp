@@ -213,7 +213,7 @@ void Model::set_batch_shape(int64_t batch, int64_t seq) {
   plan_.clear_entries();
   ep_buffers_.reset();
   if (ep_ != nullptr && cfg_.n_dense_layers < cfg_.n_layers)
-    ep_buffers_ = std::make_unique<ExpertBuffers>(cfg_, plan_, ep_->size(), batch * seq, *be_);
+    ep_buffers_ = std::make_unique<ExpertBuffers>(cfg_, plan_, recompute_, ep_->size(), batch * seq, *be_);
   expert_sq_valid_ = false;  // "grad_sq.experts" is planned anew below
   plan_activations(cfg_, plan_, batch, seq, acts_, recompute_, ep_);
   batch_ = batch;

@@ -18,6 +18,10 @@
 //              D-wide rows), so the re-run never decides the routing again: on CUDA the router's
 //              input could differ in its last bits from the forward's (GEMM algorithm choice), and a
 //              near tie would then route differently from the forward that gave the loss.
+//   With expert parallelism the same rule holds for the received expert rows (ExpertBuffers):
+//   `moe` keeps x_perm, y_perm per layer; `full` keeps the dispatch plan and its host counts and the
+//   backward runs the all-to-all of the x rows again by those counts (every rank at the same point,
+//   no count exchange), then the permutation and the experts, into one shared set of rows.
 //
 // Shared views are named "act.recomputed.<block>.<name>" (ActNames): one per name for all layers.
 #pragma once

@@ -47,6 +47,10 @@ ActivationBreakdown breakdown(const ModelConfig& cfg, const PrecisionPlan& plan)
     if (l >= 0) {
       (block == "attn" ? b.attention : b.ffn) += n;
       layer[static_cast<size_t>(l)] += n;
+    } else if (starts_with(e.name, "act.recomputed.attn.")) {
+      b.attention += n;  // the views every layer's backward recomputes into (model/recompute.h)
+    } else if (starts_with(e.name, "act.recomputed.ffn.")) {
+      b.ffn += n;
     } else if (starts_with(e.name, "stats.")) {
       b.ffn += n;  // the expert counts of each MoE layer
     } else if (starts_with(e.name, "act.residual.")) {
@@ -127,6 +131,17 @@ uint64_t backend_bytes(const ModelConfig& c, Precision p, int64_t tokens, std::s
   return A::kCublasWorkspaceBytes + A::kCublasLtWorkspaceBytes + scratch + operand;
 }
 
+// What each MoE layer keeps of its expert rows under the recompute mode (ExpertBuffers).
+std::string_view ep_kept(Recompute r) {
+  switch (r) {
+    case Recompute::kMoe: return "recompute moe: x_perm, y_perm per layer, one shared a, b, h";
+    case Recompute::kFull: return "recompute full: the routing plan per layer, one shared set of rows";
+    case Recompute::kNone:
+    case Recompute::kAttention: break;
+  }
+  return "every layer keeps its rows";
+}
+
 struct RankDetail {
   RankMemory mem;
   ModelMemoryPlan model;
@@ -146,9 +161,6 @@ void check_run(const ModelConfig& cfg, const RunShape& run) {
   parse_recompute(run.recompute, "--recompute");
   DIFFMOE_CHECK(run.moment_dtype == "f32" || run.moment_dtype == "bf16",
                 "--moment-dtype: expected f32 or bf16, got '{}'", run.moment_dtype);
-  DIFFMOE_CHECK(run.ep == 1 || run.recompute == "none" || run.recompute == "attention",
-                "--recompute: '{}' is not available with expert parallelism (--ep {}): use none or attention",
-                run.recompute, run.ep);
 }
 
 RunShape resolved(const ModelConfig& cfg, RunShape run) {
@@ -239,6 +251,7 @@ RankDetail plan_rank_detail(const ModelConfig& cfg, const RunShape& run, int64_t
 
   const int64_t tokens = run.micro_batch * run.seq;
   const bool ep_moe = run.ep > 1 && cfg.n_dense_layers < cfg.n_layers;
+  const Recompute recompute = parse_recompute(run.recompute, "--recompute");
   const int64_t ep_pairs = ExpertBuffers::initial_pairs(cfg, run.ep, tokens),
                 ep_rows_n = ExpertBuffers::initial_rows(cfg, tokens);
   m.items.push_back(
@@ -247,10 +260,10 @@ RankDetail plan_rank_detail(const ModelConfig& cfg, const RunShape& run, int64_t
        .basis = ep_moe
                     ? fmt::format(
                           "as allocated at the start: balanced routing, {} received pairs and {} expert rows per MoE "
-                          "layer (they grow when a micro-batch needs more; docs/model.md §12)",
-                          ep_pairs, ep_rows_n)
+                          "layer (they grow when a micro-batch needs more; docs/model.md §12); {}",
+                          ep_pairs, ep_rows_n, ep_kept(recompute))
                     : "no expert parallelism",
-       .bytes = ep_moe ? ExpertBuffers::bytes_for(cfg, d.model.plan, ep_pairs, ep_rows_n) : 0,
+       .bytes = ep_moe ? ExpertBuffers::bytes_for(cfg, d.model.plan, recompute, ep_pairs, ep_rows_n) : 0,
        .estimate = false});
   std::string nccl_basis, backend_basis;
   const uint64_t nccl = nccl_bytes(run.world, run.ep, expert_dp, &nccl_basis);
@@ -309,11 +322,12 @@ MemoryPlan plan_memory(const ModelConfig& cfg, const RunShape& run_in) {
   p.ep_rows_avg = ep_rows(cfg, run.ep, p.tokens, false);
   p.ep_rows_worst = ep_rows(cfg, run.ep, p.tokens, true);
   // The worst case: every rank routes every token to this rank's experts.
-  p.ep_worst_bytes = run.ep == 1 || cfg.n_dense_layers == cfg.n_layers
-                         ? 0
-                         : ExpertBuffers::bytes_for(cfg, first.model.plan,
-                                                    run.ep * ExpertBuffers::initial_pairs(cfg, run.ep, p.tokens),
-                                                    static_cast<int64_t>(p.ep_rows_worst));
+  p.ep_worst_bytes =
+      run.ep == 1 || cfg.n_dense_layers == cfg.n_layers
+          ? 0
+          : ExpertBuffers::bytes_for(cfg, first.model.plan, parse_recompute(run.recompute, "--recompute"),
+                                     run.ep * ExpertBuffers::initial_pairs(cfg, run.ep, p.tokens),
+                                     static_cast<int64_t>(p.ep_rows_worst));
 
   // Every rank (their sizes differ only through the ZeRO-1 chunks and the expert ranges).
   RankMemory heaviest = first.mem;
@@ -327,12 +341,15 @@ MemoryPlan plan_memory(const ModelConfig& cfg, const RunShape& run_in) {
 
   // What the missing features would save on the heaviest rank (estimates from the same plan).
   const RankMemory& h = p.ranks.back();
-  const ActivationBreakdown& a = p.acts;
-  const uint64_t layers = a.attention + a.ffn;
-  if (run.recompute != "full" && run.ep == 1)
+  if (run.recompute != "full") {
+    // Exact: the same rank planned with `full` (activations and, with EP, the expert buffers).
+    RunShape full = run;
+    full.recompute = "full";
+    const uint64_t with_full = plan_rank_detail(cfg, full, h.rank).mem.total_bytes();
     p.missing.push_back({.key = "recompute_full",
-                         .label = "train.recompute: full (keep layer inputs, rebuild one layer at a time)",
-                         .saves_bytes = layers > a.largest_layer ? layers - a.largest_layer : 0});
+                         .label = "train.recompute: full (keep layer inputs and routing, recompute the rest)",
+                         .saves_bytes = h.total_bytes() > with_full ? h.total_bytes() - with_full : 0});
+  }
   if (run.moment_dtype != "bf16")
     p.missing.push_back({.key = "bf16_moments",
                          .label = "optim.moment_dtype: bf16 (bf16 Adam moments, --moment-dtype bf16)",

@@ -31,8 +31,8 @@ struct RunShape {
   int64_t bucket_elems = 0;
   int zero_stage = 1;       // parallel.zero_stage: 1 (full gradient buffers) or 2 (bucket slots)
   int64_t grad_slots = 0;   // parallel.grad_slots (zero_stage 2; 0 = automatic)
-  // Activation recompute (train.recompute): none | attention | moe | full (with ep > 1: none or
-  // attention), planned as the model plans it.
+  // Activation recompute (train.recompute): none | attention | moe | full, planned as the model
+  // plans it (activations and, with ep > 1, which expert buffers are per layer or shared).
   std::string recompute = "none";
   std::string moment_dtype = "f32";  // optim.moment_dtype: f32 or bf16 (the Adam moments' storage)
 };
@@ -55,8 +55,8 @@ struct RankMemory {
 // Bytes of the planned activations by what they hold (Model::memory_plan's activation table).
 struct ActivationBreakdown {
   uint64_t residual = 0;       // the residual stream h_0 .. h_2L, kept for the backward
-  uint64_t attention = 0;      // every layer's attention activations
-  uint64_t ffn = 0;            // every layer's dense FFN / MoE activations and routing stats
+  uint64_t attention = 0;      // every layer's attention activations and the shared recomputed ones
+  uint64_t ffn = 0;            // every layer's dense FFN / MoE activations, routing stats, shared recomputed
   uint64_t head = 0;           // final norm, logits
   uint64_t scratch = 0;        // backward scratch, shared by the layers
   uint64_t other = 0;          // RoPE tables, losses

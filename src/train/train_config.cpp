@@ -230,10 +230,6 @@ RunConfig run_config_from_json(Json doc, const std::string& source) {
         source, "parallel.expert",
         fmt::format("{} expert-parallel ranks must divide model.n_routed_experts = {}", rc.parallel.expert,
                     rc.model.n_routed_experts));
-  check(rc.parallel.expert == 1 || rc.train.recompute == "none" || rc.train.recompute == "attention", source,
-        "train.recompute",
-        fmt::format("'{}' is not available with expert parallelism (parallel.expert = {}): use none or attention",
-                    rc.train.recompute, rc.parallel.expert));
   // The fp8 mode's routed experts run a per-expert loop the expert-parallel layer does not take
   // (docs/model.md §7).
   check(rc.parallel.expert == 1 || rc.train.precision != "fp8", source, "train.precision",

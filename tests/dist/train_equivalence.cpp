@@ -24,7 +24,18 @@
 // each rank takes micro-batches a·W + rank, a < grad_accum, as the trainer does. A clip below the
 // gradient norms (checked) makes global-norm clipping active.
 //
-// Usage: train_equivalence diff|plain EP [steps [f32|bf16 [zero_stage [grad_accum [clip]]]]]
+// train.recompute (model/recompute.h): with a mode other than none the distributed model recomputes
+// in its backward, and a twin on the same ranks with recompute none runs the same steps: the two
+// must agree bitwise (the losses, gradient norms and every weight): a recomputed tensor is
+// recomputed by the forward's ops on the same inputs (with EP under `full`, the same dispatch
+// again), so the same values enter the same sums in the same order. `skew` adds 1 to the balancing
+// bias of EP rank 0's experts in every model: every token then picks them, rank 0 receives the
+// group's EP·N·min(K, E/EP) rows and its expert buffers must grow past their balanced start
+// (checked: "rank 0: expert buffers grew").
+//
+// Usage: train_equivalence diff|plain EP [steps [f32|bf16 [OPTION...]]]
+//   OPTION: zero=1|2 (ZeRO stage), accum=N (micro-batches per rank and step), clip=X (global-norm
+//   clip), recompute=none|attention|moe|full, skew
 //   (prints "rank R of W (KIND): N checks passed")
 #include <fmt/format.h>
 
@@ -39,6 +50,7 @@
 #include "dist/launch.h"
 #include "dist/process_grid.h"
 #include "model/micro_config.h"
+#include "model/recompute.h"
 #include "train/data_parallel.h"
 #include "train/expert_exchange_comm.h"
 #include "train/optimizer.h"
@@ -70,6 +82,16 @@ std::vector<double> host(const Tensor& t) {
   return v;
 }
 
+// The balancing bias of the first `experts` routed experts of every MoE layer += 1 (f64 models).
+void skew_routing(Model& m, int64_t experts) {
+  const ModelConfig& cfg = m.config();
+  for (int64_t l = cfg.n_dense_layers; l < cfg.n_layers; ++l) {
+    const Tensor b = m.params().get(fmt::format("layers.{}.ffn.gate.bias", l));
+    DIFFMOE_CHECK(b.dtype == DType::kF64, "skew: f64 biases expected");
+    for (int64_t e = 0; e < experts; ++e) b.ptr<double>()[e] += 1.0;
+  }
+}
+
 // One rank's part of a distributed run: the model, the optimizer, data parallelism.
 struct DistRun {
   std::unique_ptr<Model> m;
@@ -83,10 +105,28 @@ int run(int argc, char** argv) {
   const int steps = argc > 3 ? std::stoi(argv[3]) : 4;
   OptimConfig oc;
   oc.moment_dtype = argc > 4 ? argv[4] : "f32";
-  const int zero_stage = argc > 5 ? std::stoi(argv[5]) : 1;
-  const int accum = argc > 6 ? std::stoi(argv[6]) : 1;  // micro-batches per rank and step
-  // A clip below every step's gradient norm (checked below), so that clipping is active.
-  if (argc > 7) oc.grad_clip = std::stod(argv[7]);
+  int zero_stage = 1, accum = 1;  // accum: micro-batches per rank and step
+  bool clip = false, skew = false;
+  Recompute recompute = Recompute::kNone;
+  for (int i = 5; i < argc; ++i) {
+    const std::string arg = argv[i];
+    const size_t eq = arg.find('=');
+    const std::string key = arg.substr(0, eq), value = eq == std::string::npos ? "" : arg.substr(eq + 1);
+    if (key == "zero") {
+      zero_stage = std::stoi(value);
+    } else if (key == "accum") {
+      accum = std::stoi(value);
+    } else if (key == "clip") {  // a clip below every step's gradient norm (checked below): clipping is active
+      oc.grad_clip = std::stod(value);
+      clip = true;
+    } else if (key == "recompute") {
+      recompute = parse_recompute(value, "recompute");
+    } else if (key == "skew") {
+      skew = true;
+    } else {
+      DIFFMOE_FAIL("train_equivalence: unknown option '{}'", arg);
+    }
+  }
   const ModelConfig cfg = which == "plain" ? test::micro_plain_config() : test::micro_diff_config();
   const int64_t B = 2, T = cfg.max_seq_len;
 
@@ -102,12 +142,13 @@ int run(int argc, char** argv) {
   Model ref(cfg, be, DType::kF64);
   ref.set_batch_shape(B, T);
   ref.init_weights(7);
+  if (skew) skew_routing(ref, cfg.n_routed_experts / ep);
   AdamW ref_opt(ref, oc);
 
   // This rank's part of the distributed run. Small buckets: several per group, several chunks (with
   // ZeRO-2: several slots, each reused by several buckets). With ZeRO-2 the same ranks also run
-  // ZeRO-1, which the ZeRO-2 run must equal too.
-  auto make = [&](int stage) {
+  // ZeRO-1, which the ZeRO-2 run must equal too; with recompute, the same run without it (bitwise).
+  auto make = [&](int stage, Recompute rc) {
     const ParallelLayoutOptions lay{.ep_size = ep,
                                     .ep_rank = grid.ep_rank(),
                                     .dense_dp = world,
@@ -115,16 +156,21 @@ int run(int argc, char** argv) {
                                     .bucket_elems = 97,
                                     .zero_stage = stage};
     DistRun r;
-    r.m = std::make_unique<Model>(cfg, be, DType::kF64, ModelOptions{.parallel = lay, .expert_exchange = &exchange});
+    r.m = std::make_unique<Model>(cfg, be, DType::kF64,
+                                  ModelOptions{.parallel = lay, .expert_exchange = &exchange, .recompute = rc});
     r.m->set_batch_shape(B, T);
     r.m->init_weights(7);
+    if (skew) skew_routing(*r.m, cfg.n_routed_experts / ep);
     r.opt = std::make_unique<AdamW>(*r.m, oc, OptimShard{.dense_rank = rank, .expert_rank = grid.dp_rank()});
     r.dp = std::make_unique<DataParallel>(*r.m, *r.opt, grid.world(), grid.dp());
     return r;
   };
-  DistRun main_run = make(zero_stage);
-  DistRun stage1;
-  if (zero_stage == 2) stage1 = make(1);
+  DistRun main_run = make(zero_stage, recompute);
+  const size_t buffers_at_start = main_run.m->expert_buffer_bytes();
+  // The twins run each step after main_run's, so the collectives of all keep one order on every rank.
+  DistRun stage1, no_recompute;
+  if (zero_stage == 2) stage1 = make(1, recompute);
+  if (recompute != Recompute::kNone) no_recompute = make(zero_stage, Recompute::kNone);
   if (zero_stage == 2) {
     int slotted = 0;
     for (const ParamLayout::Group& g : main_run.m->layout().groups()) slotted += g.slotted() ? 1 : 0;
@@ -184,7 +230,7 @@ int run(int argc, char** argv) {
     ref_opt.compute_grad_sq({});
     const double ref_norm = ref_opt.grad_norm();
     ref_opt.apply({}, kLr);
-    if (argc > 7)
+    if (clip)
       c.expect(ref_norm > oc.grad_clip,
                fmt::format("step {}: gradient norm {:.6g} does not exceed the clip {}: clipping is not tested", s,
                            ref_norm, oc.grad_clip));
@@ -200,7 +246,24 @@ int run(int argc, char** argv) {
       c.expect(rel(norm, norm1) <= kTol,
                fmt::format("step {}: gradient norm {:.17g} (ZeRO-2) vs ZeRO-1 {:.17g}", s, norm, norm1));
     }
+    if (no_recompute.m) {
+      double loss0 = 0, norm0 = 0;
+      dist_step(no_recompute, batches, &loss0, &norm0);
+      c.expect(loss == loss0, fmt::format("step {}: loss {:.17g} with recompute {} vs {:.17g} without", s, loss,
+                                          recompute_name(recompute), loss0));
+      c.expect(norm == norm0, fmt::format("step {}: gradient norm {:.17g} with recompute {} vs {:.17g} without", s,
+                                          norm, recompute_name(recompute), norm0));
+    }
   }
+  if (no_recompute.m)
+    for (const ParamLayout::Entry& e : main_run.m->layout().entries())
+      c.expect(host(main_run.m->params().get(e.spec.name)) == host(no_recompute.m->params().get(e.spec.name)),
+               fmt::format("{}: differs from recompute none after {} steps", e.spec.name, steps));
+  if (main_run.m->expert_buffer_bytes() > buffers_at_start)
+    std::printf("rank %d: expert buffers grew from %zu to %zu bytes\n", rank, buffers_at_start,
+                main_run.m->expert_buffer_bytes());
+  if (skew && rank == 0)
+    c.expect(main_run.m->expert_buffer_bytes() > buffers_at_start, "skew: rank 0's expert buffers grew");
   // Every element this rank holds, against the reference's same global elements (and ZeRO-1's).
   auto compare = [&](const Model& a, const Model& want_model, bool local, const std::string& against) {
     for (const ParamLayout::Entry& e : a.layout().entries()) {
@@ -226,8 +289,7 @@ int run(int argc, char** argv) {
               c.passed);
   if (oc.moment_dtype != "f32")
     std::printf("rank %d: moments in %s\n", rank, dtype_name(main_run.opt->moment_dtype()).data());
-  if (zero_stage == 2)
-    std::printf("rank %d: zero stage 2, %d micro-batches per step\n", rank, accum);
+  if (zero_stage == 2) std::printf("rank %d: zero stage 2, %d micro-batches per step\n", rank, accum);
   std::fflush(stdout);
   dist->cpu_world().barrier({})->wait({});
   return c.failed == 0 ? 0 : 1;

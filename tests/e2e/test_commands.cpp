@@ -123,9 +123,16 @@ TEST_F(E2E, PlanFitsOrNotAndJson) {
   EXPECT_NE(tight16.out.find("Adam moments: bf16"), std::string::npos) << tight16.out;
   EXPECT_EQ(tight16.out.find("optim.moment_dtype: bf16"), std::string::npos) << "chosen, not offered\n" << tight16.out;
   expect_clean_error(with({"--moment-dtype", "f16"}), {"--moment-dtype"});
-  // With expert parallelism only none and attention exist: other modes are refused by name.
-  expect_clean_error(with({"--world", "4", "--ep", "2", "--recompute", "moe"}),
-                     {"--recompute", "moe", "expert parallelism"});
+  // Every mode with expert parallelism: the EP buffers and their dropless worst case follow it.
+  const RunResult ep_none = with({"--world", "4", "--ep", "2", "--recompute", "none"});
+  E2E_EXPECT_OK(ep_none);
+  for (const char* mode : {"moe", "full"}) {
+    const RunResult ep = with({"--world", "4", "--ep", "2", "--recompute", mode});
+    E2E_EXPECT_OK(ep);
+    EXPECT_NE(ep.out.find(fmt::format("with recompute {}, total", mode)), std::string::npos) << ep.out;
+    EXPECT_NE(ep.out.find(fmt::format("recompute {}: ", mode)), std::string::npos) << ep.out;
+  }
+  expect_clean_error(with({"--world", "4", "--ep", "2", "--recompute", "some"}), {"--recompute"});
 
   const RunResult js = with({"--world", "4", "--ep", "2", "--precision", "bf16", "--recompute", "attention",
                              "--gpu-memory", "2GiB", "--json"});

@@ -4,7 +4,10 @@
 // ranks; the counts it reports against the parameter list; the expert-parallel estimate's formula.
 #include <gtest/gtest.h>
 
+#include <map>
+
 #include "backend/cpu/cpu_backend.h"
+#include "model/expert_buffers.h"
 #include "model/micro_config.h"
 #include "train/memory_plan.h"
 #include "train/optimizer.h"
@@ -42,9 +45,10 @@ class LocalExchange final : public ExpertExchange {
 
 // Builds the real objects of `rank` and compares every exact line item with the allocation.
 void check_rank(const ModelConfig& cfg, Precision prec, const Layout& lay, int64_t rank, int64_t batch, int64_t seq,
-                const std::string& moments = "f32") {
-  SCOPED_TRACE(fmt::format("precision {} moments {} world {} ep {} bucket {} zero stage {} rank {}",
-                           precision_name(prec), moments, lay.world, lay.ep, lay.bucket_elems, lay.zero_stage, rank));
+                const std::string& moments = "f32", Recompute recompute = Recompute::kNone) {
+  SCOPED_TRACE(fmt::format("precision {} moments {} world {} ep {} bucket {} zero stage {} rank {} recompute {}",
+                           precision_name(prec), moments, lay.world, lay.ep, lay.bucket_elems, lay.zero_stage, rank,
+                           recompute_name(recompute)));
   CpuBackend be;
   LocalExchange ex(static_cast<int>(lay.ep), static_cast<int>(rank % lay.ep));
   const ModelOptions mo{.precision = prec,
@@ -54,7 +58,8 @@ void check_rank(const ModelConfig& cfg, Precision prec, const Layout& lay, int64
                                      .expert_dp = lay.world / lay.ep,
                                      .bucket_elems = lay.bucket_elems,
                                      .zero_stage = lay.zero_stage},
-                        .expert_exchange = &ex};
+                        .expert_exchange = &ex,
+                        .recompute = recompute};
   Model m(cfg, be, DType::kF32, mo);
   m.set_batch_shape(batch, seq);
   OptimConfig oc;
@@ -82,6 +87,7 @@ void check_rank(const ModelConfig& cfg, Precision prec, const Layout& lay, int64
                      .seq = seq,
                      .bucket_elems = lay.bucket_elems,
                      .zero_stage = lay.zero_stage,
+                     .recompute = std::string(recompute_name(recompute)),
                      .moment_dtype = moments};
   const RankMemory p = plan_rank(cfg, run, rank);
   EXPECT_EQ(item(p, "compute_weights"), m.params().bytes());
@@ -117,6 +123,61 @@ TEST(MemoryPlan, EqualsTheAllocatedArenasMicroConfigs) {
           check_rank(test::micro_plain_config(), prec, lay, r, 3, 5, moments);
     }
   }
+}
+
+// Every recompute mode with and without expert parallelism: the activations and the EP buffers
+// (per layer or shared, model/expert_buffers.h) as allocated.
+TEST(MemoryPlan, EqualsTheAllocatedArenasWithRecompute) {
+  // The last two with ZeRO-2 (gradient slots) as well: the seed-20b plan combines both.
+  const std::vector<Layout> layouts = {{1, 1, 0}, {4, 2, 0}, {8, 8, 0}, {8, 4, 512}, {4, 2, 300, 2}, {8, 8, 500, 2}};
+  for (const Recompute r : {Recompute::kAttention, Recompute::kMoe, Recompute::kFull})
+    for (const Precision prec : {Precision::kF32, Precision::kBF16}) {
+      for (const Layout& lay : layouts) check_rank(test::micro_diff_config(), prec, lay, lay.world - 1, 2, 8, "f32", r);
+      check_rank(test::micro_plain_config(), prec, {6, 3, 0}, 0, 3, 5, "bf16", r);
+    }
+  const ModelConfig cfg = load_model_config(test::repo_path("configs/tiny.yaml"));
+  for (const Recompute r : {Recompute::kMoe, Recompute::kFull})
+    check_rank(cfg, Precision::kBF16, {8, 4, 1 << 16}, 3, 2, 32, "bf16", r);
+}
+
+// The EP buffers per mode: `moe` shares a, b, h, `full` also x_perm, y_perm (one set for all
+// layers); the kept parts stay per layer; growth reaches both.
+TEST(MemoryPlan, ExpertBuffersFollowTheRecomputeMode) {
+  const ModelConfig cfg = test::micro_diff_config();  // 2 MoE layers (1 and 2), E = 8, K = 2
+  const PrecisionPlan plan(Precision::kF32, DType::kF32);
+  CpuBackend be;
+  const int64_t N = 16, ep = 2;
+  std::map<Recompute, size_t> bytes;
+  for (const Recompute r : {Recompute::kNone, Recompute::kAttention, Recompute::kMoe, Recompute::kFull}) {
+    SCOPED_TRACE(recompute_name(r));
+    ExpertBuffers buf(cfg, plan, r, ep, N, be);
+    bytes[r] = buf.bytes();
+    EXPECT_EQ(buf.bytes(), ExpertBuffers::bytes_for(cfg, plan, r, ExpertBuffers::initial_pairs(cfg, ep, N),
+                                                    ExpertBuffers::initial_rows(cfg, N)));
+    for (const char* name :
+         {"recv_idx", "recv_w", "slot_pos", "offsets", "src_row", "x_perm", "y_perm", "a", "b", "h"}) {
+      const bool shared = buf.saved(1, name).data == buf.saved(2, name).data;
+      EXPECT_EQ(shared, ExpertBuffers::recomputed(r, name)) << name;
+    }
+    EXPECT_EQ(ExpertBuffers::recomputed(r, "a"), r == Recompute::kMoe || r == Recompute::kFull);
+    EXPECT_EQ(ExpertBuffers::recomputed(r, "x_perm"), r == Recompute::kFull);
+    EXPECT_FALSE(ExpertBuffers::recomputed(r, "src_row"));
+    // Layer 2 needs 3x the rows: its kept buffers and the shared set grow, layer 1's stay.
+    const int64_t rows = 3 * ExpertBuffers::initial_rows(cfg, N), pairs = 2 * ExpertBuffers::initial_pairs(cfg, ep, N);
+    const int64_t l1_rows = buf.saved(1, "src_row").dim(0);
+    buf.ensure(2, pairs, rows);
+    EXPECT_GE(buf.saved(2, "src_row").dim(0), rows);
+    EXPECT_GE(buf.saved(2, "recv_w").dim(0), pairs);
+    EXPECT_EQ(buf.saved(1, "src_row").dim(0), l1_rows);
+    for (const char* name : {"x_perm", "a", "h"}) {
+      EXPECT_GE(buf.saved(2, name).dim(0), rows) << name;
+      EXPECT_EQ(buf.saved(1, name).dim(0) >= rows, ExpertBuffers::recomputed(r, name)) << name;
+    }
+    EXPECT_GE(buf.scratch("dy_perm").dim(0), rows);
+  }
+  EXPECT_EQ(bytes[Recompute::kAttention], bytes[Recompute::kNone]);
+  EXPECT_LT(bytes[Recompute::kMoe], bytes[Recompute::kNone]);
+  EXPECT_LT(bytes[Recompute::kFull], bytes[Recompute::kMoe]);
 }
 
 TEST(MemoryPlan, EqualsTheAllocatedArenasTinyPreset) {

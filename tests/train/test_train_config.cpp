@@ -72,6 +72,16 @@ TEST(RunConfig, ErrorsNameFileAndDottedKey) {
   d = doc();
   d["train"]["recompute"] = "full";
   EXPECT_EQ(run_config_from_json(d, "run.yaml").train.recompute, "full");
+  // Every mode with expert parallelism (the experts' buffers follow it, model/expert_buffers.h).
+  d["parallel"]["expert"] = 2;
+  for (const char* mode : {"none", "attention", "moe", "full"}) {
+    d["train"]["recompute"] = mode;
+    EXPECT_EQ(run_config_from_json(d, "run.yaml").train.recompute, mode);
+  }
+  d["train"]["recompute"] = "rows";
+  EXPECT_NE(error_of(d).find("run.yaml: train.recompute: expected none, attention, moe or full, got 'rows'"),
+            std::string::npos)
+      << error_of(d);
   d = doc();
   d["optim"]["moment_dtype"] = "f16";
   EXPECT_NE(error_of(d).find("run.yaml: optim.moment_dtype: expected f32 or bf16, got 'f16'"), std::string::npos)
