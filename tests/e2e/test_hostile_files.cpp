@@ -127,8 +127,11 @@ TEST_F(Checkpointed, PointersAndManifestsNamingEndlessFilesFailFast) {
     E2E_EXPECT_OK(r);
     EXPECT_NE(r.err.find((ck_ / "latest").string()), std::string::npos) << r.err;
     EXPECT_NE(r.out.find("(step 2)"), std::string::npos) << r.out;
-    // One warning with the reason, not a second one about the (empty) name it did not read.
-    EXPECT_EQ(split_lines(r.err).size(), 1u) << r.err;
+    // One warning with the reason, not a second one about the (empty) name it did not read (the
+    // machine's own warning about OpenBLAS's kernels, backend/cpu/openblas_kernels.h, aside).
+    size_t warnings = 0;
+    for (const std::string& line : split_lines(r.err)) warnings += line.find("OPENBLAS_CORETYPE") == std::string::npos;
+    EXPECT_EQ(warnings, 1u) << r.err;
     EXPECT_EQ(r.err.find("holds ''"), std::string::npos) << r.err;
     const RunResult resumed = train(config_, {"--resume", "--set", "train.max_steps=2"}, quick());
     E2E_EXPECT_OK(resumed);
