@@ -108,19 +108,21 @@ Arena ExpertBuffers::plan_scratch(const ModelConfig& c, const PrecisionPlan& pla
   return a;
 }
 
-void ExpertBuffers::ensure(int64_t layer, int64_t pairs, int64_t rows) {
+void ExpertBuffers::ensure(Context ctx, int64_t layer, int64_t pairs, int64_t rows) {
   Layer& l = layers_[index(layer)];
   if (pairs > l.cap_pairs || rows > l.cap_rows) {
     l.cap_pairs = grown(pairs, l.cap_pairs);
     l.cap_rows = grown(rows, l.cap_rows);
-    be_->synchronize({});  // the old buffers may still be read by queued work of an earlier step
+    // The old buffers may still be read by queued work of an earlier step on ctx's stream (the
+    // all-to-alls that touch them were waited on it), so ctx's stream drains before they go.
+    be_->synchronize(ctx);
     l.saved = plan_saved(*cfg_, *plan_, recompute_, false, l.cap_pairs, l.cap_rows);
     l.saved.allocate(be_->allocator());
   }
   if (pairs > scratch_pairs_ || rows > scratch_rows_) {
     scratch_pairs_ = grown(pairs, scratch_pairs_);
     scratch_rows_ = grown(rows, scratch_rows_);
-    be_->synchronize({});
+    be_->synchronize(ctx);
     scratch_ = plan_scratch(*cfg_, *plan_, recompute_, scratch_pairs_, scratch_rows_);
     scratch_.allocate(be_->allocator());
   }

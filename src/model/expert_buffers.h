@@ -49,7 +49,8 @@ class ExpertBuffers {
   // Room for `pairs` received pairs and `rows` expert rows in the layer's buffers and the shared
   // ones. The shared set grows to the largest layer's need, so a layer's backward (which runs after
   // every layer's forward) always finds room for what it recomputes.
-  void ensure(int64_t layer, int64_t pairs, int64_t rows);
+  // ctx: the stream the model runs on (it drains before old buffers are freed).
+  void ensure(Context ctx, int64_t layer, int64_t pairs, int64_t rows);
   // The layer's buffers ("recv_idx", "recv_w", "slot_pos" [pairs, K]; "offsets" [E_l + 1];
   // "src_row" [rows]; "x_perm", "y_perm" [rows, D]; "a", "b", "h" [rows, I]): its own where the mode
   // keeps them, else the shared one every layer recomputes into; and the shared scratch ("x_recv",

@@ -102,7 +102,7 @@ void FfnLayer::forward_ep(const LayerContext& lc, const Tensor& x, const Tensor&
   t.send = RowBlocks::from_counts(std::move(send_pairs));
   t.recv = RowBlocks::from_counts(std::move(recv_pairs));
   const int64_t S = t.send.total(), Rp = t.recv.total(), Rx = t.rows;
-  buf.ensure(l_, Rp, Rx);
+  buf.ensure(lc.ctx, l_, Rp, Rx);
   const Tensor recv_idx = buf.saved(l_, "recv_idx").rows(0, Rp), recv_w = buf.saved(l_, "recv_w").rows(0, Rp);
   const Tensor x_recv = buf.scratch("x_recv").rows(0, Rp);
   // Dispatch: each pair's x row, slot ids and weights to its rank; the shared experts meanwhile.

@@ -37,7 +37,7 @@ std::vector<int> assign_grad_slots(const std::vector<BucketSpan>& spans, int64_t
     last = std::max(last, s.close);
   }
   std::vector<int> slot(spans.size(), -1);
-  std::vector<int> holder(static_cast<size_t>(n_slots), -1);     // the open bucket in each slot, or -1
+  std::vector<int> holder(static_cast<size_t>(n_slots), -1);      // the open bucket in each slot, or -1
   std::vector<int> given_back(static_cast<size_t>(n_slots), -1);  // stage after which it was given back
   for (int st = 0; st <= last; ++st) {
     for (size_t b = 0; b < spans.size(); ++b) {
@@ -87,6 +87,10 @@ ParamLayout::ParamLayout(const ModelConfig& cfg, const PrecisionPlan& plan, cons
                 opt.dense_dp, opt.expert_dp, opt.bucket_elems);
   DIFFMOE_CHECK(opt.zero_stage == 1 || opt.zero_stage == 2, "parallel.zero_stage: expected 1 or 2, got {}",
                 opt.zero_stage);
+  // The expert-DP ranks are a subset of the world: with ZeRO-2 the expert groups are then slotted only
+  // where the dense ones are too, which LayerContext::dw_beta (the expert stacks' beta) relies on.
+  DIFFMOE_CHECK(opt.expert_dp <= opt.dense_dp, "[layout] expert-data-parallel degree {} above the dense one {}",
+                opt.expert_dp, opt.dense_dp);
   DIFFMOE_CHECK(opt.grad_slots >= 0, "parallel.grad_slots: need 0 (automatic) or more, got {}", opt.grad_slots);
   const int64_t bucket_elems =
       opt.bucket_elems == 0 && opt.zero_stage == 2 ? ParallelLayoutOptions::kZero2BucketElems : opt.bucket_elems;
@@ -170,7 +174,8 @@ ParamLayout::ParamLayout(const ModelConfig& cfg, const PrecisionPlan& plan, cons
       for (const Bucket& b : g.buckets) spans.push_back({.open = b.open_stage, .close = b.stage});
       const int64_t n = opt.grad_slots > 0 ? opt.grad_slots : auto_grad_slots(spans);
       const std::vector<int> slot = assign_grad_slots(
-          spans, n, fmt::format("parallel.zero_stage 2, {} group {}", g.domain == ParamDomain::kExpert ? "expert" : "dense", gi));
+          spans, n,
+          fmt::format("parallel.zero_stage 2, {} group {}", g.domain == ParamDomain::kExpert ? "expert" : "dense", gi));
       g.slot_len.assign(static_cast<size_t>(n), 0);
       for (size_t b = 0; b < g.buckets.size(); ++b) {
         g.buckets[b].slot = slot[b];

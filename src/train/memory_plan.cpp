@@ -359,6 +359,7 @@ MemoryPlan plan_memory(const ModelConfig& cfg, const RunShape& run_in) {
     // bucket padding only).
     RunShape two = run;
     two.zero_stage = 2;
+    two.grad_slots = 0;  // --grad-slots is a stage-2 option: plan the automatic count
     const uint64_t now = item(h, "gradients"), sharded = item(plan_rank_detail(cfg, two, h.rank).mem, "gradients");
     if (sharded < now)
       p.missing.push_back({.key = "sharded_gradients",

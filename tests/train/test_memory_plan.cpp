@@ -165,7 +165,7 @@ TEST(MemoryPlan, ExpertBuffersFollowTheRecomputeMode) {
     // Layer 2 needs 3x the rows: its kept buffers and the shared set grow, layer 1's stay.
     const int64_t rows = 3 * ExpertBuffers::initial_rows(cfg, N), pairs = 2 * ExpertBuffers::initial_pairs(cfg, ep, N);
     const int64_t l1_rows = buf.saved(1, "src_row").dim(0);
-    buf.ensure(2, pairs, rows);
+    buf.ensure({}, 2, pairs, rows);
     EXPECT_GE(buf.saved(2, "src_row").dim(0), rows);
     EXPECT_GE(buf.saved(2, "recv_w").dim(0), pairs);
     EXPECT_EQ(buf.saved(1, "src_row").dim(0), l1_rows);
