@@ -58,14 +58,15 @@ done
 mkdir -p "$LOG_DIR"
 CONFIGURE=(cmake -S . -B "$BUILD_DIR" -G Ninja -DCMAKE_BUILD_TYPE=Release -DDIFFMOE_CUDA=ON
            -DCMAKE_CUDA_ARCHITECTURES="$ARCH" -DDIFFMOE_TESTS=ON -DDIFFMOE_BENCH=ON)
-TARGETS=(test_cuda_ops test_cuda_dist test_serve_cuda test_cuda_eval test_cuda_fp8_model cuda_model_check bench_ops bench_op_cases
+TARGETS=(test_cuda_ops test_cuda_dist test_serve_cuda test_cuda_eval test_cuda_fp8_model test_cuda_grad_slots cuda_model_check bench_ops bench_op_cases
          bench_step bench_grouped_gemm bench_fp8 diffmoe)
 
 if [[ -n "$MAKE_BUNDLE" ]]; then
   "${CONFIGURE[@]}" >/dev/null && ninja -C "$BUILD_DIR" -j"$JOBS" "${TARGETS[@]}" || exit 1
   rm -rf "$MAKE_BUNDLE" && mkdir -p "$MAKE_BUNDLE/lib" || exit 1
   bins=("$BUILD_DIR/tests/ops/test_cuda_ops" "$BUILD_DIR/tests/dist/test_cuda_dist" "$BUILD_DIR/tests/serve/test_serve_cuda"
-        "$BUILD_DIR/tests/eval/test_cuda_eval" "$BUILD_DIR/tests/model/test_cuda_fp8_model" "$BUILD_DIR/tools/cuda_model_check"
+        "$BUILD_DIR/tests/eval/test_cuda_eval" "$BUILD_DIR/tests/model/test_cuda_fp8_model"
+        "$BUILD_DIR/tests/model/test_cuda_grad_slots" "$BUILD_DIR/tools/cuda_model_check"
         "$BUILD_DIR/bench/bench_ops" "$BUILD_DIR/bench/bench_op_cases" "$BUILD_DIR/bench/bench_step" "$BUILD_DIR/bench/bench_grouped_gemm"
         "$BUILD_DIR/bench/bench_fp8" "$BUILD_DIR/src/cli/diffmoe")
   cp "${bins[@]}" "$MAKE_BUNDLE/" || exit 1
@@ -127,6 +128,7 @@ BIN_DIST="$BUILD_DIR/tests/dist/test_cuda_dist"
 BIN_SERVE="$BUILD_DIR/tests/serve/test_serve_cuda"
 BIN_EVAL="$BUILD_DIR/tests/eval/test_cuda_eval"
 BIN_FP8MODEL="$BUILD_DIR/tests/model/test_cuda_fp8_model"
+BIN_GRADSLOTS="$BUILD_DIR/tests/model/test_cuda_grad_slots"
 BIN_MODEL="$BUILD_DIR/tools/cuda_model_check"
 BIN_OPS="$BUILD_DIR/bench/bench_ops"
 BIN_CASES="$BUILD_DIR/bench/bench_op_cases"
@@ -146,6 +148,7 @@ if [[ $built == 0 && -n "$PREBUILT" ]]; then
   BIN_SERVE="$PREBUILT/test_serve_cuda"
   BIN_EVAL="$PREBUILT/test_cuda_eval"
   BIN_FP8MODEL="$PREBUILT/test_cuda_fp8_model"
+  BIN_GRADSLOTS="$PREBUILT/test_cuda_grad_slots"
   BIN_MODEL="$PREBUILT/cuda_model_check"
   BIN_OPS="$PREBUILT/bench_ops"
   BIN_CASES="$PREBUILT/bench_op_cases"
@@ -176,8 +179,9 @@ if [[ -x "$BIN_DIST" ]]; then  # the NCCL communicator with one GPU (src/dist/nc
 else
   skip test_cuda_dist "no binary"
 fi
-# the decode engine, the eval scorer, the fp8 mode's model step
-for pair in "test_serve_cuda:$BIN_SERVE" "test_cuda_eval:$BIN_EVAL" "test_cuda_fp8_model:$BIN_FP8MODEL"; do
+# the decode engine, the eval scorer, the fp8 mode's model step, ZeRO-2's gradient slots
+for pair in "test_serve_cuda:$BIN_SERVE" "test_cuda_eval:$BIN_EVAL" "test_cuda_fp8_model:$BIN_FP8MODEL" \
+            "test_cuda_grad_slots:$BIN_GRADSLOTS"; do
   name="${pair%%:*}" bin="${pair#*:}"
   if [[ -x "$bin" ]]; then
     step "$name" "$LOG_DIR/$name.log" "$bin" --gtest_brief=1
