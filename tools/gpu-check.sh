@@ -26,8 +26,9 @@
 #                      as an ignored build-* folder, and run: tools/gpu-check.sh --prebuilt DIR
 #   Environment: GPU_CHECK_LOG_DIR (default DIR/gpu-check-logs), GPU_CHECK_SANITIZE_FILTER and
 #   GPU_CHECK_RACE_FILTER (gtest filters of the memcheck and racecheck steps); GPU_CHECK_PART=checks
-#   or bench runs one half (a device call has a time limit); SANITIZE=0, OP_BENCH=0, BENCH_F32=0
-#   and BENCH=0 skip the sanitizers, the op benchmarks, the f32 step benchmark, all benchmarks.
+#   or bench runs one half (a device call has a time limit); SANITIZE=0, OP_BENCH=0, BENCH_F32=0,
+#   SEED_SLICE=0 and BENCH=0 skip the sanitizers, the op benchmarks, the f32 step benchmark, the
+#   seed-slice step benchmarks, all benchmarks.
 set -u
 cd "$(dirname "$0")/.."
 
@@ -284,6 +285,15 @@ if [[ "${BENCH:-1}" == 1 && $PART != checks ]]; then
         --batch "$ours_batch" --seq 2048 --steps 5 --warmup 2 --optim --precision bf16_gemm --recompute "$mode"
       grep -E "tokens/s|activation arena" "$LOG_DIR/bench_recompute_$mode.log" | tail -n 2
     done
+    # seed-slice (configs/seed-slice.yaml): seed-20b's layer shapes on one GPU, 4 × 4096 tokens, bf16
+    # and fp8 (SEED_SLICE=0 skips it).
+    if [[ "${SEED_SLICE:-1}" == 1 ]]; then
+      for prec in bf16_gemm fp8; do
+        step "seed_slice_$prec" "$LOG_DIR/seed_slice_$prec.log" "$BIN_BENCH" --device cuda --config configs/seed-slice.yaml \
+          --batch 4 --seq 4096 --steps 5 --warmup 2 --optim --precision "$prec"
+        grep -E "tokens/s|arena" "$LOG_DIR/seed_slice_$prec.log" | tail -n 3
+      done
+    fi
   else
     skip bench_diffmoe "no binary"
   fi
