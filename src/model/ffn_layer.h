@@ -64,6 +64,9 @@ class FfnLayer {
   void backward_ep(const LayerContext& lc, const Tensor& d_out_gemm, const Tensor& dx_norm, double aux_scale) const;
   // This rank's experts on its `rows` received expert rows (ExpertBuffers x_perm): a, b, h.
   void expert_hidden_ep(const LayerContext& lc, int64_t rows) const;
+  // The received x rows through this rank's experts: x_perm gathered by src_row, the hidden part,
+  // y_perm = h W2ᵀ (the forward and the `full` recompute run the same calls).
+  void experts_ep(const LayerContext& lc, const Tensor& x_recv, int64_t rows) const;
   // The backward's recompute with expert parallelism (model/recompute.h): `moe` a, b, h from the
   // kept x_perm; `full` (xg: the recomputed GEMM input) the dispatch again by the forward's recorded
   // plan and counts, the shared experts' hidden part meanwhile, then x_perm, a, b, h and y_perm.

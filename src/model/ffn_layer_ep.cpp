@@ -119,16 +119,10 @@ void FfnLayer::forward_ep(const LayerContext& lc, const Tensor& x, const Tensor&
   // This rank's experts on the received pairs: one row per used slot, sorted by local expert.
   const Tensor offsets = buf.saved(l_, "offsets").rows(0, El + 1), src_row = buf.saved(l_, "src_row").rows(0, Rx);
   const Tensor slot_pos = buf.saved(l_, "slot_pos").rows(0, Rp);
-  const Tensor x_perm = buf.saved(l_, "x_perm").rows(0, Rx), y_perm = buf.saved(l_, "y_perm").rows(0, Rx);
+  const Tensor y_perm = buf.saved(l_, "y_perm").rows(0, Rx);
   be.moe_permute(lc.ctx,
                  {.offsets = offsets, .src_row = src_row, .slot_pos = slot_pos, .topk_idx = recv_idx, .n_experts = El});
-  be.moe_gather(lc.ctx, {.x_perm = x_perm, .x = x_recv, .src_row = src_row});
-  expert_hidden_ep(lc, Rx);
-  be.grouped_gemm(lc.ctx, {.c = y_perm,
-                           .a = buf.saved(l_, "h").rows(0, Rx),
-                           .b = lc.weight(p("experts.w2")),
-                           .offsets = offsets,
-                           .trans_b = true});
+  experts_ep(lc, x_recv, Rx);
   // One row per pair: Σ over its slots of w_k · Expert_k(x), back to the token's rank, added there.
   const Tensor y_recv = buf.scratch("y_recv").rows(0, Rp), y_back = lc.act("scratch.ep.y_back").rows(0, S);
   be.fill(lc.ctx, {.out = y_recv, .value = 0.0});
@@ -150,12 +144,24 @@ void FfnLayer::expert_hidden_ep(const LayerContext& lc, int64_t rows) const {
   lc.be->swiglu_fwd(lc.ctx, {.h = eh, .a = ea, .b = eb});
 }
 
+void FfnLayer::experts_ep(const LayerContext& lc, const Tensor& x_recv, int64_t rows) const {
+  const ExpertBuffers& buf = *lc.ep_buffers;
+  const int64_t El = lc.cfg->n_routed_experts / lc.ep->size();
+  const Tensor offsets = buf.saved(l_, "offsets").rows(0, El + 1), src_row = buf.saved(l_, "src_row").rows(0, rows);
+  lc.be->moe_gather(lc.ctx, {.x_perm = buf.saved(l_, "x_perm").rows(0, rows), .x = x_recv, .src_row = src_row});
+  expert_hidden_ep(lc, rows);
+  lc.be->grouped_gemm(lc.ctx, {.c = buf.saved(l_, "y_perm").rows(0, rows),
+                               .a = buf.saved(l_, "h").rows(0, rows),
+                               .b = lc.weight(p("experts.w2")),
+                               .offsets = offsets,
+                               .trans_b = true});
+}
+
 void FfnLayer::recompute_ep(const LayerContext& lc, const Tensor& xg) const {
   const ModelConfig& c = *lc.cfg;
   Backend& be = *lc.be;
   ExpertExchange& ex = *lc.ep;
   const ExpertBuffers& buf = *lc.ep_buffers;
-  const int64_t El = c.n_routed_experts / ex.size();
   const EpTraffic& t = lc.ep_buffers->traffic(l_);
   const int64_t S = t.send.total(), Rp = t.recv.total(), Rx = t.rows;
   if (recompute_ == Recompute::kMoe) {
@@ -171,16 +177,8 @@ void FfnLayer::recompute_ep(const LayerContext& lc, const Tensor& xg) const {
   auto sent_x = ex.all_to_all(lc.ctx, x_send, x_recv, t.send, t.recv);
   if (c.n_shared_experts > 0) mlp_hidden(lc, "shared.", "shared.", xg);  // W2's output is not needed
   sent_x->wait(lc.ctx);
-  const Tensor offsets = buf.saved(l_, "offsets").rows(0, El + 1), src_row = buf.saved(l_, "src_row").rows(0, Rx);
-  const Tensor x_perm = buf.saved(l_, "x_perm").rows(0, Rx), y_perm = buf.saved(l_, "y_perm").rows(0, Rx);
-  be.moe_gather(lc.ctx, {.x_perm = x_perm, .x = x_recv, .src_row = src_row});
-  expert_hidden_ep(lc, Rx);
-  // y_perm: ⟨dy, y_perm⟩ gives the routing weights' gradient (the same call as the forward's).
-  be.grouped_gemm(lc.ctx, {.c = y_perm,
-                           .a = buf.saved(l_, "h").rows(0, Rx),
-                           .b = lc.weight(p("experts.w2")),
-                           .offsets = offsets,
-                           .trans_b = true});
+  // y_perm too: ⟨dy, y_perm⟩ gives the routing weights' gradient (the same calls as the forward's).
+  experts_ep(lc, x_recv, Rx);
 }
 
 void FfnLayer::backward_ep(const LayerContext& lc, const Tensor& d_out_gemm, const Tensor& dx_norm,

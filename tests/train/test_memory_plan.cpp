@@ -23,6 +23,16 @@ uint64_t item(const RankMemory& m, const std::string& key) {
   return 0;
 }
 
+// plan_memory's error message for `r`, or "no error".
+std::string plan_error(const ModelConfig& cfg, const RunShape& r) {
+  try {
+    plan_memory(cfg, r);
+  } catch (const Error& e) {
+    return std::string(e.what());
+  }
+  return std::string("no error");
+}
+
 struct Layout {
   int64_t world, ep, bucket_elems;
   int zero_stage = 1;  // 2: the data-parallel groups' gradients in bucket slots (GradBuffer)
@@ -109,10 +119,10 @@ void check_rank(const ModelConfig& cfg, Precision prec, const Layout& lay, int64
 TEST(MemoryPlan, EqualsTheAllocatedArenasMicroConfigs) {
   // micro_diff: 8 routed experts; micro_plain: 6 (EP 3 and 6 too), tied embeddings, no shared experts.
   // ZeRO-2 layouts (zero_stage 2): slots of the data-parallel groups, full buffers of the others.
-  const std::vector<Layout> diff_layouts = {{1, 1, 0},       {4, 1, 0},       {4, 2, 0},    {8, 4, 512},
-                                            {8, 8, 0},       {2, 2, 200},     {4, 1, 0, 2}, {4, 2, 300, 2},
-                                            {8, 8, 500, 2},  {1, 1, 0, 2}};
-  const std::vector<Layout> plain_layouts = {{1, 1, 0}, {6, 3, 0}, {6, 6, 0}, {4, 2, 300}, {6, 3, 400, 2}, {4, 2, 0, 2}};
+  const std::vector<Layout> diff_layouts = {{1, 1, 0},   {4, 1, 0},    {4, 2, 0},      {8, 4, 512},    {8, 8, 0},
+                                            {2, 2, 200}, {4, 1, 0, 2}, {4, 2, 300, 2}, {8, 8, 500, 2}, {1, 1, 0, 2}};
+  const std::vector<Layout> plain_layouts = {{1, 1, 0},   {6, 3, 0},      {6, 6, 0},
+                                             {4, 2, 300}, {6, 3, 400, 2}, {4, 2, 0, 2}};
   for (const Precision prec : {Precision::kF32, Precision::kBF16}) {
     for (const std::string moments : {"f32", "bf16"}) {
       for (const Layout& lay : diff_layouts)
@@ -290,14 +300,7 @@ TEST(MemoryPlan, ZeroStage2) {
   EXPECT_EQ(offers_sharding(RunShape{.seq = 64}), 0u);
   EXPECT_EQ(item(plan_rank(cfg, RunShape{.seq = 64, .zero_stage = 2}, 0), "gradients"),
             item(plan_rank(cfg, RunShape{.seq = 64}, 0), "gradients"));
-  auto message = [&](const RunShape& r) {
-    try {
-      plan_memory(cfg, r);
-    } catch (const Error& e) {
-      return std::string(e.what());
-    }
-    return std::string("no error");
-  };
+  auto message = [&](const RunShape& r) { return plan_error(cfg, r); };
   RunShape bad = two;
   bad.zero_stage = 3;
   EXPECT_NE(message(bad).find("--zero-stage"), std::string::npos);
@@ -308,14 +311,7 @@ TEST(MemoryPlan, ZeroStage2) {
 
 TEST(MemoryPlan, BadLayoutsNameTheOption) {
   const ModelConfig cfg = test::micro_diff_config();
-  auto message = [&](const RunShape& r) {
-    try {
-      plan_memory(cfg, r);
-    } catch (const Error& e) {
-      return std::string(e.what());
-    }
-    return std::string("no error");
-  };
+  auto message = [&](const RunShape& r) { return plan_error(cfg, r); };
   EXPECT_NE(message({.world = 4, .ep = 3}).find("--ep"), std::string::npos);
   EXPECT_NE(message({.world = 0}).find("--world"), std::string::npos);
   EXPECT_NE(message({.world = 1, .seq = 9}).find("--seq"), std::string::npos);
