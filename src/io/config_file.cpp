@@ -339,6 +339,11 @@ bool is_block(const Json& v) { return (v.is_object() || v.is_array()) && !v.empt
 
 void emit_block(std::string& out, const Json& v, int indent, bool first_line_indented);
 
+// YAML 1.2 §7.4.2 limits an implicit key ("key: value") to 1024 characters, and readers enforce it
+// (yaml-cpp: "illegal map value"); a longer key is written in the explicit form. Bytes count here,
+// never fewer than characters.
+constexpr size_t kMaxImplicitKey = 1024;
+
 // After "key:" or "-": a scalar goes on the same line, a non-empty container below it
 // (a mapping/sequence item inside a sequence starts on the "- " line, the compact form).
 void emit_child(std::string& out, const Json& v, int indent, bool in_sequence) {
@@ -361,7 +366,12 @@ void emit_block(std::string& out, const Json& v, int indent, bool first_line_ind
   if (v.is_object()) {
     for (const auto& [key, value] : v.items()) {
       if (!first || first_line_indented) out += pad;
-      out += string_scalar(key) + ":";
+      const std::string k = string_scalar(key);
+      if (k.size() <= kMaxImplicitKey) {
+        out += k + ":";
+      } else {  // the explicit form "? key" / ": value", which has no length limit
+        out += "? " + k + "\n" + pad + ":";
+      }
       emit_child(out, value, indent + 2, false);
       first = false;
     }

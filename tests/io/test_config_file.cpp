@@ -266,6 +266,22 @@ TEST(Yaml, ToYamlRoundTripsTrickyValues) {
     EXPECT_EQ(parse_yaml(to_yaml(v), "scalar.yaml").dump(), v.dump()) << to_yaml(v);
 }
 
+// Keys longer than YAML's 1024-character limit on implicit keys (a fuzz finding: yaml-cpp rejected
+// the text to_yaml wrote) go out in the explicit "? key" form: plain and quoted, with scalar,
+// mapping and sequence values, at the top level, nested and as the first key of a sequence item.
+TEST(Yaml, ToYamlRoundTripsKeysLongerThanTheImplicitKeyLimit) {
+  const std::string plain(1500, 'k'), quoted = std::string(1100, 'q') + ": x", edge(1024, 'e');
+  Json j = Json::object();
+  j[plain] = 1;
+  j[quoted]["inner"] = Json::array({1, 2});
+  j["list"] = Json::array({Json::object({{plain, nullptr}, {"b", "c"}}), Json::object({{edge, true}})});
+  j[edge] = "at the limit";
+  const std::string text = to_yaml(j);
+  EXPECT_EQ(parse_yaml(text, "longkeys.yaml").dump(), j.dump()) << text;
+  EXPECT_NE(text.find("? " + plain + "\n"), std::string::npos);
+  EXPECT_NE(text.find("\n" + edge + ": at the limit\n"), std::string::npos);  // 1024: still implicit
+}
+
 // ---- overrides ----
 
 Json base_config() {
