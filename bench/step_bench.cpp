@@ -40,6 +40,7 @@
 #include "train/data_parallel.h"
 #include "train/memory_plan.h"
 #include "train/optimizer.h"
+#include "train/train_config.h"
 
 using namespace diffmoe;
 
@@ -84,12 +85,12 @@ int main(int argc, char** argv) {
     auto be = make_backend(device);
     DIFFMOE_CHECK(precision == "f32" || be->device() == Device::kCUDA,
                   "--precision {} needs --device cuda (the CPU backend is the reference, not a benchmark)", precision);
-    constexpr int64_t kBucketElems = 40'000'000;  // train.parallel.bucket_size's default
+    const int64_t default_bucket = ParallelConfig{}.bucket_size;  // the trainer's default (parallel.bucket_size)
     Model m(cfg, *be, DType::kF32,
             ModelOptions{.precision = parse_precision(precision, "--precision"),
                          .parallel = {.dense_dp = world_size,
                                       .expert_dp = world_size,
-                                      .bucket_elems = data_parallel ? kBucketElems : 0,
+                                      .bucket_elems = data_parallel ? default_bucket : 0,
                                       .zero_stage = zero_stage},
                          .recompute = parse_recompute(recompute, "--recompute")});
     m.init_weights(1234);
@@ -178,12 +179,12 @@ int main(int argc, char** argv) {
         static_cast<double>(m.params().bytes() + grad_b + m.acts().bytes() + (opt ? opt->state_bytes() : 0));
     constexpr double kGiB = 1024.0 * 1024 * 1024;
     if (rank != 0) return 0;
-    fmt::print("config {}  device {}  precision {}  recompute {}  batch {}  seq {}  tokens/step {}{}{}\n", config,
-               device, precision, recompute, batch, seq, batch * seq,
-               dp ? fmt::format("  (through DataParallel, world {}, ZeRO-{}; tokens/s per rank)", world_size,
-                                zero_stage)
-                  : std::string(),
-               opt ? "  moments " + moment_dtype : std::string());
+    fmt::print(
+        "config {}  device {}  precision {}  recompute {}  batch {}  seq {}  tokens/step {}{}{}\n", config, device,
+        precision, recompute, batch, seq, batch * seq,
+        dp ? fmt::format("  (through DataParallel, world {}, ZeRO-{}; tokens/s per rank)", world_size, zero_stage)
+           : std::string(),
+        opt ? "  moments " + moment_dtype : std::string());
     fmt::print(
         "{} step: median {:.4f} s (min {:.4f}, max {:.4f}, {} steps)  ->  {:.0f} tokens/s, MFU {:.2f}% ({:.4f} "
         "GFLOP/token), "
@@ -198,7 +199,7 @@ int main(int argc, char** argv) {
                                                   .precision = parse_precision(precision, "--precision"),
                                                   .micro_batch = batch,
                                                   .seq = seq,
-                                                  .bucket_elems = data_parallel ? kBucketElems : 0,
+                                                  .bucket_elems = data_parallel ? default_bucket : 0,
                                                   .zero_stage = zero_stage,
                                                   .recompute = recompute,
                                                   .moment_dtype = moment_dtype},

@@ -168,10 +168,7 @@ void print_text(const PlanArgs& a, const ModelConfig& cfg, const MemoryPlan& p, 
                  ? fmt::format("{} elements (the ZeRO-2 default)", ParallelLayoutOptions::kZero2BucketElems)
                  : std::string("one per group"),
              p.run.zero_stage);
-  if (p.run.recompute == p.recompute_planned) fmt::print("recompute    {}", p.recompute_planned);
-  else
-    fmt::print("recompute    planned as {} (requested {}: the model does not recompute activations yet)",
-               p.recompute_planned, p.run.recompute);
+  fmt::print("recompute    {}", p.recompute_planned);
   fmt::print("   Adam moments: {}\n", p.run.moment_dtype);
   fmt::print("parameters   {:.2f} M total, {:.2f} M active; per rank {:.2f} M dense + {:.2f} M expert\n", n.total / 1e6,
              n.active / 1e6, p.dense_params / 1e6, p.expert_params_per_rank / 1e6);

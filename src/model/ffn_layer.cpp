@@ -23,15 +23,6 @@ bool FfnLayer::recomputed(std::string_view name) const {
   return false;
 }
 
-RouterOptions FfnLayer::router_options(const ModelConfig& c) const {
-  return RouterOptions{.score_func = c.score_func,
-                       .n_groups = c.n_expert_groups,
-                       .n_limited_groups = c.n_limited_groups,
-                       .top_k = c.n_activated_experts,
-                       .route_scale = c.route_scale,
-                       .use_bias = c.balance_bias};
-}
-
 void FfnLayer::plan(const LayerContext& lc, PrecisionPlan& pl, Arena& acts) const {
   const ModelConfig& c = *lc.cfg;
   const int64_t N = lc.tokens(), D = c.dim;
@@ -260,29 +251,18 @@ void FfnLayer::backward(const LayerContext& lc, const Tensor& x, const Tensor& d
         lc.ctx,
         {.dy_perm = dy_perm, .dtopk_w = dw, .dy = d_out_gemm, .y_perm = y_perm, .topk_w = w, .slot_pos = slot_pos});
     // Experts: y = h W2ᵀ per group, h = silu(a) ⊙ b, a = x W1ᵀ, b = x W3ᵀ.
-    lc.grouped_gemm_wgrad({.c = lc.grad(p("experts.w2")),
-                           .a = dy_perm,
-                           .b = eh,
-                           .offsets = offsets,
-                           .beta = lc.dw_beta,
-                           .sum_sq = lc.expert_grad_sq},
-                          lc.weight(p("experts.w2")));
+    const Tensor dw1 = lc.grad(p("experts.w1")), dw2 = lc.grad(p("experts.w2")), dw3 = lc.grad(p("experts.w3"));
+    lc.grouped_gemm_wgrad(
+        {.c = dw2, .a = dy_perm, .b = eh, .offsets = offsets, .beta = lc.dw_beta_for(dw2), .sum_sq = lc.expert_grad_sq},
+        lc.weight(p("experts.w2")));
     lc.grouped_gemm({.c = dh, .a = dy_perm, .b = lc.weight(p("experts.w2")), .offsets = offsets, .trans_b = false});
     be.swiglu_bwd(lc.ctx, {.da = da, .db = db, .dh = dh, .a = ea, .b = eb});
-    lc.grouped_gemm_wgrad({.c = lc.grad(p("experts.w1")),
-                           .a = da,
-                           .b = x_perm,
-                           .offsets = offsets,
-                           .beta = lc.dw_beta,
-                           .sum_sq = lc.expert_grad_sq},
-                          lc.weight(p("experts.w1")));
-    lc.grouped_gemm_wgrad({.c = lc.grad(p("experts.w3")),
-                           .a = db,
-                           .b = x_perm,
-                           .offsets = offsets,
-                           .beta = lc.dw_beta,
-                           .sum_sq = lc.expert_grad_sq},
-                          lc.weight(p("experts.w3")));
+    lc.grouped_gemm_wgrad(
+        {.c = dw1, .a = da, .b = x_perm, .offsets = offsets, .beta = lc.dw_beta_for(dw1), .sum_sq = lc.expert_grad_sq},
+        lc.weight(p("experts.w1")));
+    lc.grouped_gemm_wgrad(
+        {.c = dw3, .a = db, .b = x_perm, .offsets = offsets, .beta = lc.dw_beta_for(dw3), .sum_sq = lc.expert_grad_sq},
+        lc.weight(p("experts.w3")));
     // dx_perm = da·W1 + db·W3 per group, one two-term call (the GPU sums both in one accumulator).
     lc.grouped_gemm({.c = dx_perm,
                      .a = da,

@@ -4,6 +4,7 @@
 #pragma once
 #include "model/layer_context.h"
 #include "model/recompute.h"
+#include "model/router_options.h"
 
 namespace diffmoe {
 
@@ -33,7 +34,6 @@ class FfnLayer {
   void plan_act(PrecisionPlan& pl, Arena& acts, const std::string& name, const Shape& shape, ActRole role) const {
     names_.plan(pl, acts, name, shape, role, recomputed(name));
   }
-  RouterOptions router_options(const ModelConfig& c) const;
   Tensor gemm_input(const LayerContext& lc) const;  // x_norm as the GEMMs read it (x_norm16 in bf16 mode)
   // x_norm = RMSNorm_ffn(x) (and its bf16 copy x_norm16 in the bf16 GEMM mode).
   void norm_forward(const LayerContext& lc, const Tensor& x) const;

@@ -215,27 +215,19 @@ void FfnLayer::backward_ep(const LayerContext& lc, const Tensor& d_out_gemm, con
   be.moe_combine_bwd(
       lc.ctx,
       {.dy_perm = dy_perm, .dtopk_w = dtw, .dy = dy_recv, .y_perm = y_perm, .topk_w = recv_w, .slot_pos = slot_pos});
-  be.grouped_gemm_wgrad(lc.ctx, {.c = lc.grad(p("experts.w2")),
-                                 .a = dy_perm,
-                                 .b = eh,
-                                 .offsets = offsets,
-                                 .beta = lc.dw_beta,
-                                 .sum_sq = lc.expert_grad_sq});
+  const Tensor dw1 = lc.grad(p("experts.w1")), dw2 = lc.grad(p("experts.w2")), dw3 = lc.grad(p("experts.w3"));
+  be.grouped_gemm_wgrad(
+      lc.ctx,
+      {.c = dw2, .a = dy_perm, .b = eh, .offsets = offsets, .beta = lc.dw_beta_for(dw2), .sum_sq = lc.expert_grad_sq});
   be.grouped_gemm(lc.ctx,
                   {.c = dh, .a = dy_perm, .b = lc.weight(p("experts.w2")), .offsets = offsets, .trans_b = false});
   be.swiglu_bwd(lc.ctx, {.da = da, .db = db, .dh = dh, .a = ea, .b = eb});
-  be.grouped_gemm_wgrad(lc.ctx, {.c = lc.grad(p("experts.w1")),
-                                 .a = da,
-                                 .b = x_perm,
-                                 .offsets = offsets,
-                                 .beta = lc.dw_beta,
-                                 .sum_sq = lc.expert_grad_sq});
-  be.grouped_gemm_wgrad(lc.ctx, {.c = lc.grad(p("experts.w3")),
-                                 .a = db,
-                                 .b = x_perm,
-                                 .offsets = offsets,
-                                 .beta = lc.dw_beta,
-                                 .sum_sq = lc.expert_grad_sq});
+  be.grouped_gemm_wgrad(
+      lc.ctx,
+      {.c = dw1, .a = da, .b = x_perm, .offsets = offsets, .beta = lc.dw_beta_for(dw1), .sum_sq = lc.expert_grad_sq});
+  be.grouped_gemm_wgrad(
+      lc.ctx,
+      {.c = dw3, .a = db, .b = x_perm, .offsets = offsets, .beta = lc.dw_beta_for(dw3), .sum_sq = lc.expert_grad_sq});
   be.grouped_gemm(lc.ctx, {.c = dx_perm,
                            .a = da,
                            .b = lc.weight(p("experts.w1")),

@@ -6,6 +6,7 @@
 #include <vector>
 
 #include "model/rope_upload.h"
+#include "model/router_options.h"
 
 namespace diffmoe {
 
@@ -20,16 +21,6 @@ Tensor sub(const Tensor& t, int64_t offset, Shape shape) {
                 .dtype = t.dtype,
                 .device = t.device,
                 .shape = shape};
-}
-
-// The router options of the training path (FfnLayer; docs/model.md §5).
-RouterOptions router_options(const ModelConfig& c) {
-  return RouterOptions{.score_func = c.score_func,
-                       .n_groups = c.n_expert_groups,
-                       .n_limited_groups = c.n_limited_groups,
-                       .top_k = c.n_activated_experts,
-                       .route_scale = c.route_scale,
-                       .use_bias = c.balance_bias};
 }
 
 std::string attn_param(int64_t l, const char* name) { return fmt::format("layers.{}.attn.{}", l, name); }

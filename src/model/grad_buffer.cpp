@@ -25,14 +25,14 @@ LayoutBuffers plan_full(const ParamLayout& layout, DType dtype) {
   return LayoutBuffers(layout, std::vector<DType>(layout.groups().size(), dtype), DType::kU8);
 }
 
-Tensor slice(const Tensor& t, int64_t offset, const Shape& shape) {
-  Tensor s = t;
-  s.data = static_cast<char*>(t.data) + static_cast<size_t>(offset) * dtype_size(t.dtype);
-  s.shape = shape;
-  return s;
-}
-
 }  // namespace
+
+void GradBuffer::add_run(std::vector<Run>& runs, size_t g, int64_t from, int64_t to) {
+  if (to <= from) return;
+  if (!runs.empty() && runs.back().group == g && from - (runs.back().offset + runs.back().count) <= kMergeGapElems)
+    runs.back().count = to - runs.back().offset;
+  else runs.push_back(Run{.group = g, .offset = from, .count = to - from});
+}
 
 GradBuffer::Footprint GradBuffer::plan(const ParamLayout& layout, DType dtype) {
   const LayoutBuffers full = plan_full(layout, dtype);
@@ -56,6 +56,8 @@ GradBuffer::GradBuffer(const ParamLayout& layout, DType dtype, Allocator& alloc)
   for (size_t g = 0; g < groups.size(); ++g) skip[g] = groups[g].slotted();
   buf_.allocate(alloc, skip);
   slots_.resize(groups.size());
+  slot_.resize(groups.size());
+  chunk_.resize(groups.size());
   entry_bucket_.assign(layout.entries().size(), 0);
   size_t n_buckets = 0;
   for (size_t g = 0; g < groups.size(); ++g) {
@@ -67,6 +69,10 @@ GradBuffer::GradBuffer(const ParamLayout& layout, DType dtype, Allocator& alloc)
     if (grp.slotted()) {
       slots_[g] = plan_slots(grp, dtype);
       slots_[g].allocate(alloc);
+      for (size_t k = 0; k < grp.slot_len.size(); ++k) {
+        slot_[g].push_back(slots_[g].get(fmt::format("slot.{}", k)));
+        chunk_[g].push_back(slots_[g].get(fmt::format("chunk.{}", k)));
+      }
       continue;
     }
     // Each added-into entry covers [offset, next entry's offset): its padding is zero anyway.
@@ -74,10 +80,7 @@ GradBuffer::GradBuffer(const ParamLayout& layout, DType dtype, Allocator& alloc)
       const ParamLayout::Entry& e = layout.entries()[grp.entries[k]];
       if (!e.grad_added) continue;
       const int64_t end = k + 1 < grp.entries.size() ? layout.entries()[grp.entries[k + 1]].offset : grp.length;
-      if (!zero_runs_.empty() && zero_runs_.back().group == g &&
-          e.offset - (zero_runs_.back().offset + zero_runs_.back().count) <= kMergeGapElems)
-        zero_runs_.back().count = end - zero_runs_.back().offset;
-      else zero_runs_.push_back(Run{.group = g, .offset = e.offset, .count = end - e.offset});
+      add_run(zero_runs_, g, e.offset, end);
     }
   }
   // A slotted bucket's fills: everything but its GEMM-written gradients (the added-into ones, and the
@@ -91,19 +94,13 @@ GradBuffer::GradBuffer(const ParamLayout& layout, DType dtype, Allocator& alloc)
       const ParamLayout::Bucket& bk = grp.buckets[b];
       std::vector<Run>& runs = bucket_runs_[bucket_base_[g] + b];
       int64_t pos = 0;  // offset in the bucket up to which the runs are decided
-      auto add = [&](int64_t from, int64_t to) {
-        if (to <= from) return;
-        if (!runs.empty() && from - (runs.back().offset + runs.back().count) <= kMergeGapElems)
-          runs.back().count = to - runs.back().offset;
-        else runs.push_back(Run{.group = g, .offset = from, .count = to - from});
-      };
       for (size_t k = bk.first; k < bk.end; ++k) {
         const ParamLayout::Entry& e = layout.entries()[grp.entries[k]];
         if (e.grad_added) continue;
-        add(pos, e.offset - bk.offset);
+        add_run(runs, g, pos, e.offset - bk.offset);
         pos = e.offset - bk.offset + e.shape.numel();
       }
-      add(pos, bk.length);
+      add_run(runs, g, pos, bk.length);
     }
   }
 }
@@ -127,20 +124,21 @@ Tensor GradBuffer::get(std::string_view name) const {
                 "it exists only in the backward stages that write it; read the reduced chunks instead",
                 name, g->dp);
   const ParamLayout::Bucket& bk = g->buckets[b];
-  return slice(slots_[e->group].get(fmt::format("slot.{}", bk.slot)), e->offset - bk.offset, e->shape);
+  const int64_t at = e->offset - bk.offset;
+  return slot_[e->group][static_cast<size_t>(bk.slot)].rows(at, at + e->shape.numel()).reshape(e->shape);
 }
 
 Tensor GradBuffer::slot_bucket(size_t g, size_t b) const {
   const ParamLayout::Bucket& bk = layout().groups()[g].buckets[b];
   DIFFMOE_CHECK(layout().groups()[g].slotted(), "[model] group {} has no gradient slots", g);
-  return slice(slots_[g].get(fmt::format("slot.{}", bk.slot)), 0, Shape{bk.length});
+  return slot_[g][static_cast<size_t>(bk.slot)].rows(0, bk.length);
 }
 
 Tensor GradBuffer::slot_chunk(size_t g, int slot, int64_t count) const {
-  const Tensor c = slots_[g].get(fmt::format("chunk.{}", slot));
+  const Tensor& c = chunk_[g][static_cast<size_t>(slot)];
   DIFFMOE_CHECK(count <= c.numel(), "[model] {} elements exceed the accumulation chunk of slot {} ({})", count, slot,
                 c.numel());
-  return slice(c, 0, Shape{count});
+  return c.rows(0, count);
 }
 
 void GradBuffer::zero(Backend& be, Context ctx) {
@@ -178,12 +176,6 @@ double GradBuffer::gemm_beta(const Tensor& dw) const {
   return 1.0;
 }
 
-bool GradBuffer::slotted(ParamDomain domain) const {
-  for (const ParamLayout::Group& g : layout().groups())
-    if (g.domain == domain && g.slotted()) return true;
-  return false;
-}
-
 void GradBuffer::stage_begin(int stage, Backend& be, Context ctx) {
   const auto& groups = layout().groups();
   for (size_t g = 0; g < groups.size(); ++g) {
@@ -194,7 +186,7 @@ void GradBuffer::stage_begin(int stage, Backend& be, Context ctx) {
       if (on_reuse_) on_reuse_(g, bk.slot, ctx);
       const Tensor s = slot_bucket(g, b);
       for (const Run& r : bucket_runs_[bucket_base_[g] + b])
-        be.fill(ctx, {.out = slice(s, r.offset, Shape{r.count}), .value = 0.0});
+        be.fill(ctx, {.out = s.rows(r.offset, r.offset + r.count), .value = 0.0});
       open_[bucket_base_[g] + b] = 1;
     }
   }

@@ -70,8 +70,6 @@ class GradBuffer {
   // beta of the GEMM that writes the weight gradient dw (LayerContext::dw_beta_for): 0 where dw lies
   // in a slot (written anew in every backward) or the full buffers are stale, else 1 (accumulate).
   double gemm_beta(const Tensor& dw) const;
-  // Whether any group of `domain` is slotted (all of a domain's groups share one dp).
-  bool slotted(ParamDomain domain) const;
 
   // Called (in bucket order) for every bucket that stage_done(stage) completes.
   using BucketReady = std::function<void(size_t group, size_t bucket, Context ctx)>;
@@ -96,13 +94,17 @@ class GradBuffer {
     size_t group;
     int64_t offset, count;
   };
+  // Appends [from, to) of group g to runs: into the last run when that is of g and at most a small
+  // gap before `from` (one fill instead of two), else as a new run; nothing when empty.
+  static void add_run(std::vector<Run>& runs, size_t g, int64_t from, int64_t to);
   LayoutBuffers buf_;
-  std::vector<Arena> slots_;                  // per group: "slot.k" and "chunk.k" (slotted groups only)
-  std::vector<Run> zero_runs_;                // the added-into gradients (and small gaps between them)
+  std::vector<Arena> slots_;                       // per group: "slot.k" and "chunk.k" (slotted groups only)
+  std::vector<std::vector<Tensor>> slot_, chunk_;  // their views, per group and slot
+  std::vector<Run> zero_runs_;                     // the added-into gradients (and small gaps between them)
   std::vector<std::vector<Run>> bucket_runs_;  // per bucket of a slotted group (by flat index): offsets in the bucket
-  std::vector<size_t> bucket_base_;           // per group: its first bucket's flat index
-  std::vector<size_t> entry_bucket_;          // per trainable entry: its bucket in its group
-  std::vector<char> open_;                    // per bucket (flat index): slotted and open now
+  std::vector<size_t> bucket_base_;            // per group: its first bucket's flat index
+  std::vector<size_t> entry_bucket_;           // per trainable entry: its bucket in its group
+  std::vector<char> open_;                     // per bucket (flat index): slotted and open now
   bool stale_ = false;
   int64_t backwards_ = 0;
   BucketReady on_ready_;

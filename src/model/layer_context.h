@@ -35,9 +35,8 @@ struct LayerContext {
   // first backward after GradBuffer::zero, where the gradients read as zero and += is =: the GEMM
   // then does not read them, and zero does not fill them either. So each GEMM weight must get
   // exactly one GEMM gradient per backward, before anything else adds to it. With ZeRO-2 slots
-  // (GradBuffer) every backward writes a slotted gradient anew: dw_beta_for(dw) is the beta of one
-  // gradient; dw_beta itself is the expert stacks' (all expert groups are slotted alike, and when
-  // they are, so is every group).
+  // (GradBuffer) every backward writes a slotted gradient anew: the GEMMs take dw_beta_for(dw), the
+  // beta of that one gradient.
   double dw_beta = 1.0;
   // Expert parallelism (docs/model.md §12): the EP group's exchange and the routing-sized buffers; null when
   // the experts are not split (one rank holds them all).
@@ -50,9 +49,7 @@ struct LayerContext {
   int64_t tokens() const { return batch * seq; }
   Tensor param(const std::string& name) const { return params->get(name); }
   Tensor grad(const std::string& name) const { return grads->get(name); }
-  double dw_beta_for(const Tensor& dw) const {
-    return grads != nullptr && grads->gemm_beta(dw) == 0.0 ? 0.0 : dw_beta;
-  }
+  double dw_beta_for(const Tensor& dw) const { return grads != nullptr && grads->gemm_beta(dw) == 0.0 ? 0.0 : dw_beta; }
   Tensor act(const std::string& name) const { return acts->get(name); }
   // A weight as a GEMM operand: its compute copy (bf16 for GEMM weights in the bf16 mode, docs/model.md §7).
   Tensor weight(const std::string& name) const { return params->get(name); }

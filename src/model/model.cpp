@@ -278,7 +278,7 @@ void Model::backward(Context ctx, double grad_scale) {
   // The first backward after zero_grads writes the GEMM weight gradients, which zero_grads left
   // stale (LayerContext::dw_beta); every later one (gradient accumulation) adds, except into the
   // ZeRO-2 slots, which every backward writes anew (LayerContext::dw_beta_for).
-  lc.dw_beta = grads_.stale() || grads_.slotted(ParamDomain::kExpert) ? 0.0 : 1.0;
+  lc.dw_beta = grads_.stale() ? 0.0 : 1.0;
   const int64_t N = batch_ * seq_;
   const Tensor xn = acts_.get("act.final.x_norm"), logits = acts_.get("act.final.logits");
   const Tensor dlogits = acts_.get("scratch.dlogits"), dxn = acts_.get("scratch.dx_norm"),

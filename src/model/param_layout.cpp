@@ -87,8 +87,7 @@ ParamLayout::ParamLayout(const ModelConfig& cfg, const PrecisionPlan& plan, cons
                 opt.dense_dp, opt.expert_dp, opt.bucket_elems);
   DIFFMOE_CHECK(opt.zero_stage == 1 || opt.zero_stage == 2, "parallel.zero_stage: expected 1 or 2, got {}",
                 opt.zero_stage);
-  // The expert-DP ranks are a subset of the world: with ZeRO-2 the expert groups are then slotted only
-  // where the dense ones are too, which LayerContext::dw_beta (the expert stacks' beta) relies on.
+  // The expert-DP ranks are a subset of the world (the ranks with this rank's experts).
   DIFFMOE_CHECK(opt.expert_dp <= opt.dense_dp, "[layout] expert-data-parallel degree {} above the dense one {}",
                 opt.expert_dp, opt.dense_dp);
   DIFFMOE_CHECK(opt.grad_slots >= 0, "parallel.grad_slots: need 0 (automatic) or more, got {}", opt.grad_slots);
@@ -172,7 +171,9 @@ ParamLayout::ParamLayout(const ModelConfig& cfg, const PrecisionPlan& plan, cons
       if (g.dp == 1) continue;
       std::vector<BucketSpan> spans;
       for (const Bucket& b : g.buckets) spans.push_back({.open = b.open_stage, .close = b.stage});
-      const int64_t n = opt.grad_slots > 0 ? opt.grad_slots : auto_grad_slots(spans);
+      // More slots than buckets would stay unused (and are not allocated): at most one per bucket.
+      const int64_t n = opt.grad_slots > 0 ? std::min<int64_t>(opt.grad_slots, static_cast<int64_t>(spans.size()))
+                                           : auto_grad_slots(spans);
       const std::vector<int> slot = assign_grad_slots(
           spans, n,
           fmt::format("parallel.zero_stage 2, {} group {}", g.domain == ParamDomain::kExpert ? "expert" : "dense", gi));

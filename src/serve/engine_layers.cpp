@@ -9,21 +9,13 @@
 #include <algorithm>
 #include <vector>
 
+#include "model/router_options.h"
 #include "serve/engine.h"
 #include "serve/engine_plan.h"
 
 namespace diffmoe::serve {
 
 namespace {
-
-RouterOptions router_options(const ModelConfig& c) {
-  return RouterOptions{.score_func = c.score_func,
-                       .n_groups = c.n_expert_groups,
-                       .n_limited_groups = c.n_limited_groups,
-                       .top_k = c.n_activated_experts,
-                       .route_scale = c.route_scale,
-                       .use_bias = c.balance_bias};
-}
 
 std::string attn_param(int64_t l, const char* name) { return fmt::format("layers.{}.attn.{}", l, name); }
 std::string ffn_param(int64_t l, const char* name) { return fmt::format("layers.{}.ffn.{}", l, name); }

@@ -7,6 +7,7 @@
 // for the untied and the tied-embedding micro configs.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
 #include <map>
@@ -77,9 +78,7 @@ int64_t fewest_slots(const ModelConfig& cfg) {
   }
 }
 
-std::vector<double> host(const Tensor& t) {
-  return std::vector<double>(t.ptr<double>(), t.ptr<double>() + t.numel());
-}
+std::vector<double> host(const Tensor& t) { return std::vector<double>(t.ptr<double>(), t.ptr<double>() + t.numel()); }
 
 void check_backward_into_slots(const ModelConfig& cfg) {
   CpuBackend be;
@@ -174,6 +173,24 @@ TEST(GradSlots, BadOptionsNameTheKey) {
   o.grad_slots = 1;
   EXPECT_NE(error_of([&] { Model(cfg, be, DType::kF32, ModelOptions{.parallel = o}); }).find("parallel.grad_slots"),
             std::string::npos);
+}
+
+// More slots than a group has buckets: the same layout as one slot per bucket (the extra ones would
+// stay unused), without sizing anything by the request (2^40 slots once ran out of memory).
+TEST(GradSlots, MoreSlotsThanBucketsAreOnePerBucket) {
+  const ModelConfig cfg = test::micro_diff_config();
+  const PrecisionPlan plan(Precision::kF32, DType::kF64);
+  const ParamLayout huge(cfg, plan, two_ranks(2, int64_t{1} << 40));
+  size_t most = 0;
+  for (const ParamLayout::Group& g : huge.groups()) most = std::max(most, g.buckets.size());
+  const ParamLayout each(cfg, plan, two_ranks(2, static_cast<int64_t>(most)));
+  ASSERT_EQ(huge.groups().size(), each.groups().size());
+  for (size_t g = 0; g < huge.groups().size(); ++g) {
+    EXPECT_EQ(huge.groups()[g].slot_len, each.groups()[g].slot_len) << "group " << g;
+    EXPECT_LE(huge.groups()[g].slot_len.size(), huge.groups()[g].buckets.size()) << "group " << g;
+    for (size_t b = 0; b < huge.groups()[g].buckets.size(); ++b)
+      EXPECT_EQ(huge.groups()[g].buckets[b].slot, each.groups()[g].buckets[b].slot) << "group " << g << " bucket " << b;
+  }
 }
 
 }  // namespace
