@@ -26,6 +26,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cstdio>
 #include <vector>
 
 #include "backend/backend_registry.h"
@@ -72,7 +73,10 @@ int main(int argc, char** argv) {
                  "with --data-parallel: 1 (optimizer state sharded) or 2 (gradients too, in bucket slots)")
       ->check(CLI::IsMember({1, 2}));
   CLI11_PARSE(app, argc, argv);
+  // Line-buffered, so a run stopped by a time limit still shows how far it got.
+  std::setvbuf(stdout, nullptr, _IOLBF, 0);
   try {
+    const auto setup_start = std::chrono::steady_clock::now();
     const ModelConfig cfg = load_model_config(config);
     if (seq <= 0) seq = cfg.max_seq_len;
     DIFFMOE_CHECK(!data_parallel || with_optim, "--data-parallel needs --optim");
@@ -112,6 +116,8 @@ int main(int argc, char** argv) {
       grid = std::make_unique<dist::ProcessGrid>(world->comm(), 1);
       dp = std::make_unique<DataParallel>(m, *opt, grid->world(), grid->dp());
     }
+    fmt::print("set-up (weights{} initialised on the host, uploaded): {:.1f} s\n", with_optim ? ", masters" : "",
+               std::chrono::duration<double>(std::chrono::steady_clock::now() - setup_start).count());
     std::vector<int32_t> host_tok(static_cast<size_t>(batch * seq)), host_tgt(host_tok.size());
     for (size_t i = 0; i < host_tok.size(); ++i) {
       host_tok[i] = static_cast<int32_t>(uniform_at(7, 1, i) * static_cast<double>(cfg.vocab_size - 1));

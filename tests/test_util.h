@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "core/arena.h"
+#include "core/dtype.h"
 #include "core/error.h"
 #include "core/rng.h"
 #include "core/tensor.h"
@@ -57,12 +58,16 @@ class Owned {
   Tensor t_;
 };
 
-// Fills a float tensor (f32 or f64) with mean + std·N(0,1), keyed by seed (never all zeros).
+// Fills a float tensor (f32, f64, bf16 or e4m3) with mean + std·N(0,1), keyed by seed (never all zeros).
 inline void fill_normal(const Tensor& t, uint64_t seed, double std = 1.0, double mean = 0.0) {
   for (int64_t i = 0; i < t.numel(); ++i) {
     const double v = mean + std * normal_at(seed, 0x7e57, static_cast<uint64_t>(i));
-    if (t.dtype == DType::kF64) t.ptr<double>()[i] = v;
-    else t.ptr<float>()[i] = static_cast<float>(v);
+    switch (t.dtype) {  // storage dtypes hold the value rounded to nearest even, as the device's conversions
+      case DType::kF64: t.ptr<double>()[i] = v; break;
+      case DType::kBF16: static_cast<uint16_t*>(t.data)[i] = f32_to_bf16(static_cast<float>(v)); break;
+      case DType::kF8E4M3: static_cast<uint8_t*>(t.data)[i] = f32_to_e4m3(static_cast<float>(v)); break;
+      default: t.ptr<float>()[i] = static_cast<float>(v); break;
+    }
   }
 }
 

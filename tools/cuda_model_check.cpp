@@ -47,6 +47,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <memory>
+#include <span>
 #include <string>
 #include <vector>
 
@@ -158,7 +159,10 @@ void randomize(Model& m, uint64_t seed, AdamW* opt = nullptr) {
     m.set_param(p.name, v);
   }
   if (opt != nullptr)
-    opt->set_masters([&](const ParamLayout::Entry& e, int64_t i) { return random_value(e.spec, m.config(), seed, i); });
+    opt->set_masters([&](const ParamLayout::Entry& e, int64_t first, std::span<double> out) {
+      for (size_t j = 0; j < out.size(); ++j)
+        out[j] = random_value(e.spec, m.config(), seed, first + static_cast<int64_t>(j));
+    });
 }
 
 template <class T>

@@ -21,6 +21,15 @@ double normal_at(uint64_t seed, uint64_t stream, uint64_t index) {
   return (index % 2 == 0) ? r * std::cos(a) : r * std::sin(a);
 }
 
+std::array<double, 2> normal_pair_at(uint64_t seed, uint64_t stream, uint64_t pair) {
+  // normal_at's expressions exactly (std::cos and std::sin, not a sincos that could round apart).
+  const auto b = block_for(seed, stream, pair);
+  const double u1 = u32_to_unit(b[0]), u2 = u32_to_unit(b[1]);
+  const double r = std::sqrt(-2.0 * std::log(u1));
+  const double a = 2.0 * std::numbers::pi * u2;
+  return {r * std::cos(a), r * std::sin(a)};
+}
+
 double uniform_at(uint64_t seed, uint64_t stream, uint64_t index) {
   const auto b = block_for(seed, stream, index / 4);
   return u32_to_unit(b[index % 4]);

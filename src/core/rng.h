@@ -42,6 +42,9 @@ DIFFMOE_HD inline double u32_to_unit(uint32_t x) { return (static_cast<double>(x
 // Standard normal number `index` of stream `stream` under `seed` (Box-Muller on one Philox block;
 // element 2i and 2i+1 share a block). Computed in double, so it is the same on any backend.
 double normal_at(uint64_t seed, uint64_t stream, uint64_t index);
+// Numbers 2·pair and 2·pair + 1 of the same stream at once (one Philox block, one log): bitwise
+// normal_at(seed, stream, 2·pair) and normal_at(seed, stream, 2·pair + 1).
+std::array<double, 2> normal_pair_at(uint64_t seed, uint64_t stream, uint64_t pair);
 // Uniform in (0, 1], same keying.
 double uniform_at(uint64_t seed, uint64_t stream, uint64_t index);
 

@@ -78,8 +78,7 @@ void Model::init_weights(uint64_t seed) {
   auto init = [&](const ParamLayout::Entry& e) {
     const int64_t n = e.shape.numel();
     std::vector<double> v(static_cast<size_t>(n));
-#pragma omp parallel for schedule(static) if (n > 65536)
-    for (int64_t i = 0; i < n; ++i) v[static_cast<size_t>(i)] = init_value(e.spec, seed, e.global_offset + i);
+    init_values(e.spec, seed, e.global_offset, v);
     set_param(e.spec.name, v);
   };
   fp8_stale_ = true;

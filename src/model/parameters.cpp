@@ -1,5 +1,7 @@
 #include "model/parameters.h"
 
+#include <algorithm>
+#include <array>
 #include <cmath>
 
 #include "core/rng.h"
@@ -65,6 +67,25 @@ double init_value(const ParamSpec& p, uint64_t seed, int64_t i) {
     case ParamKind::kNorm: return 1.0;
     case ParamKind::kBias: return 0.0;
     default: return p.init_std * normal_at(seed, stream_id(p.name), static_cast<uint64_t>(i));
+  }
+}
+
+void init_values(const ParamSpec& p, uint64_t seed, int64_t first, std::span<double> out) {
+  const int64_t n = static_cast<int64_t>(out.size());
+  if (p.kind == ParamKind::kNorm || p.kind == ParamKind::kBias) {
+    std::fill(out.begin(), out.end(), init_value(p, seed, first));
+    return;
+  }
+  const uint64_t stream = stream_id(p.name);
+  // Element e = first + j is number e of the stream: pair e / 2, its even or odd half.
+  const int64_t pair0 = first / 2, pair_end = (first + n + 1) / 2;
+#pragma omp parallel for schedule(static) if (n > 65536)
+  for (int64_t q = pair0; q < pair_end; ++q) {
+    const std::array<double, 2> z = normal_pair_at(seed, stream, static_cast<uint64_t>(q));
+    for (int64_t h = 0; h < 2; ++h) {
+      const int64_t j = 2 * q + h - first;
+      if (j >= 0 && j < n) out[static_cast<size_t>(j)] = p.init_std * z[static_cast<size_t>(h)];
+    }
   }
 }
 

@@ -2,6 +2,7 @@
 // it alone: initialisation rules (docs/model.md §6), weight-decay classes, and parameter/FLOP counts.
 #pragma once
 #include <cstdint>
+#include <span>
 #include <string>
 #include <vector>
 
@@ -38,6 +39,10 @@ std::vector<ParamSpec> parameter_specs(const ModelConfig& c);
 
 // Initial value of element i of a parameter (docs/model.md §6); identical on every backend for a seed.
 double init_value(const ParamSpec& p, uint64_t seed, int64_t i);
+// init_value of elements first, first + 1, ... of a parameter into out, bitwise, in parallel: the
+// name's stream id hashed once and each Box-Muller pair computed once (a 2B-weight model's host
+// initialisation is this loop).
+void init_values(const ParamSpec& p, uint64_t seed, int64_t first, std::span<double> out);
 
 struct ParamCounts {
   int64_t total = 0;           // every parameter (the balancing bias excluded: it is a buffer)

@@ -117,25 +117,26 @@ Tensor AdamW::reduced_chunk(size_t group, size_t bucket) const {
 Tensor AdamW::compute(const Piece& p) const { return model_->params().range(p.group, p.group_offset, p.count); }
 
 void AdamW::init_masters(uint64_t seed) {
-  set_masters([seed](const ParamLayout::Entry& e, int64_t i) { return init_value(e.spec, seed, i); });
+  set_masters([seed](const ParamLayout::Entry& e, int64_t first, std::span<double> out) {
+    init_values(e.spec, seed, first, out);
+  });
 }
 
-void AdamW::set_masters(const std::function<double(const ParamLayout::Entry&, int64_t)>& value) {
+void AdamW::set_masters(const std::function<void(const ParamLayout::Entry&, int64_t, std::span<double>)>& fill) {
   const ParamLayout& layout = model_->layout();
   for (const Piece& p : pieces_) {
     if (!separate_masters(p.group)) continue;
     const ParamLayout::Entry& e = layout.entries()[p.entry];
-    const int64_t g0 = p.global_begin(layout);
     const Tensor dst = master(p);
+    std::vector<double> v(static_cast<size_t>(p.count));
+    fill(e, p.global_begin(layout), v);
     if (dst.dtype == DType::kF64) {
-      std::vector<double> v(static_cast<size_t>(p.count));
-      for (int64_t i = 0; i < p.count; ++i) v[static_cast<size_t>(i)] = value(e, g0 + i);
       model_->backend().upload(dst, v.data());
     } else {
-      std::vector<float> v(static_cast<size_t>(p.count));
+      std::vector<float> f(v.size());
 #pragma omp parallel for schedule(static) if (p.count > 65536)
-      for (int64_t i = 0; i < p.count; ++i) v[static_cast<size_t>(i)] = static_cast<float>(value(e, g0 + i));
-      model_->backend().upload(dst, v.data());
+      for (int64_t i = 0; i < p.count; ++i) f[static_cast<size_t>(i)] = static_cast<float>(v[static_cast<size_t>(i)]);
+      model_->backend().upload(dst, f.data());
     }
   }
 }

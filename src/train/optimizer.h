@@ -12,6 +12,7 @@
 // All owned pieces are updated by one adamw_multi call (one launch on CUDA).
 #pragma once
 #include <functional>
+#include <span>
 #include <string>
 #include <vector>
 
@@ -82,8 +83,9 @@ class AdamW {
   // The masters of the groups that keep separate ones, from the docs/model.md §6 initialisation (the
   // compute weights come from Model::init_weights; both round the same values).
   void init_masters(uint64_t seed);
-  // The same from any values: value(entry, i) is element i of the entry's global tensor (row-major).
-  void set_masters(const std::function<double(const ParamLayout::Entry&, int64_t)>& value);
+  // The same from any values: fill(entry, first, out) writes elements first ... first + out.size() - 1
+  // of the entry's global tensor (row-major) into out.
+  void set_masters(const std::function<void(const ParamLayout::Entry&, int64_t, std::span<double>)>& fill);
   // Writes the compute weights of the owned chunks from the masters (after loading masters).
   void write_compute_weights(Context ctx);
 

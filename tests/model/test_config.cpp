@@ -3,6 +3,8 @@
 #include <cmath>
 #include <filesystem>
 #include <fstream>
+#include <utility>
+#include <vector>
 
 #include "model/config.h"
 #include "model/parameters.h"
@@ -189,6 +191,21 @@ TEST(Parameters, NamesFollowSpec8) {
                            "layers.1.ffn.experts.w1", "layers.1.ffn.shared.w2.weight", "norm.weight", "head.weight"})
     EXPECT_NE(std::find(names.begin(), names.end(), want), names.end()) << want;
   EXPECT_EQ(std::find(names.begin(), names.end(), "layers.0.attn.wq_a.weight"), names.end());
+}
+
+// init_values is init_value element by element, bitwise, from even and odd starts, short and long
+// (parallel) runs, for every kind of parameter.
+TEST(Parameters, InitValuesAreInitValueBitwise) {
+  const ModelConfig c = ModelConfig::from_json(minimal(), "cfg");
+  for (const ParamSpec& p : parameter_specs(c)) {
+    for (const auto& [first, n] : {std::pair<int64_t, int64_t>{0, 1}, {1, 1}, {3, 6}, {0, 7}, {5, 70001}}) {
+      std::vector<double> got(static_cast<size_t>(n), -123.0);
+      init_values(p, 99, first, got);
+      int64_t differ = 0;
+      for (int64_t j = 0; j < n; ++j) differ += got[static_cast<size_t>(j)] != init_value(p, 99, first + j) ? 1 : 0;
+      EXPECT_EQ(differ, 0) << p.name << " from " << first << ", " << n << " values";
+    }
+  }
 }
 
 }  // namespace

@@ -219,7 +219,8 @@ TEST(CudaFp8Gemm, PlanCacheTakesEachCallsScales) {
   auto& be = dynamic_cast<CudaBackend&>(gpu());
   int64_t queries = -1;
   for (uint64_t round = 0; round < 3; ++round) {
-    const Dual sa = random_scales(Shape{fp8_tiles(c.k), c.m}, 60 + round), sb = random_scales(Shape{1, 4}, 70 + round);
+    const Dual sa = random_scales(Shape{fp8_tiles(c.k), c.m}, 60 + round),
+               sb = random_scales(Shape{fp8_tiles(c.n), fp8_block_scale_cols(c.k)}, 70 + round);
     Dual out(Shape{c.m, c.n});
     out.poison();
     run_both([&](Backend& bk, Side s) {
