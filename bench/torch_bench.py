@@ -4,11 +4,14 @@
 Times full training steps of bench/torch_model.py -- forward + backward + global-norm gradient
 clipping + fused AdamW + balancing-bias update -- in eager mode and with regional torch.compile,
 plus two op benchmarks (experts through torch._grouped_mm; differential attention through SDPA).
+With --decode / --decode-only: prefill and greedy KV-cache decode tokens/s of bench/torch_decode.py
+(eager loop, CUDA-graph step; expanded and absorbed-latent caches) after a correctness self-check.
 Prints a markdown table at the end and writes JSON with --json.
 
     python3 bench/torch_bench.py --json torch_bench.json            # eager + compile, ~5-6 min
     python3 bench/torch_bench.py --quick --modes eager --json q.json
     python3 bench/torch_bench.py --dry-run                           # config, FLOPs, params; no GPU
+    python3 bench/torch_bench.py --decode-only --json d.json         # KV-cache prefill/decode, ~1-2 min
 
 See bench/README.md for what is measured and the fair choices made.
 """
@@ -30,6 +33,7 @@ import torch
 _HERE = os.path.dirname(os.path.abspath(__file__))
 _REPO = os.path.dirname(_HERE)
 sys.path.insert(0, _HERE)
+import torch_decode as td  # noqa: E402
 import torch_model as tm  # noqa: E402
 from torch_model import Config  # noqa: E402
 
@@ -459,6 +463,80 @@ def run_mode(mode: str, cfg: Config, args, choice: tm.AttnChoice, experts: str, 
 
 
 # ---------------------------------------------------------------------------------------------
+# Decode benchmark (torch_decode.py)
+# ---------------------------------------------------------------------------------------------
+
+DECODE_NEED_S = {"eager": 10.0, "graph": 15.0, "compile": 150.0}   # budget a row needs to start
+
+
+def decode_settings(cfg: Config, args) -> Dict[str, Any]:
+    """What the decode benchmark will run, and its cache sizes (no GPU needed)."""
+    cap = td.cache_positions(args.prompt_len + args.new_tokens)
+    return {"modes": args.decode_modes, "batches": args.decode_batch, "prompt_len": args.prompt_len,
+            "new_tokens": args.new_tokens, "repeats": args.decode_repeats, "cache_positions": cap,
+            "cache_gib": {c: {str(b): td.cache_bytes(cfg, c, b, cap) / 2**30 for b in args.decode_batch}
+                          for c in ("expanded", "latent")},
+            "self_check": not args.no_decode_check}
+
+
+def run_decode(cfg: Config, args, experts: str, clock: Clock) -> Dict[str, Any]:
+    """Random-weight model (docs/model.md §6 init), BF16 decode weights, the self-check, then per
+    mode and batch size one warm-up and `--decode-repeats` timed runs of prefill + greedy decode."""
+    out: Dict[str, Any] = {"rows": [], "check": None, "error": None}
+    if args.prompt_len + args.new_tokens > cfg.max_seq_len:
+        out["error"] = (f"--prompt-len {args.prompt_len} + --new-tokens {args.new_tokens} exceed "
+                        f"max_seq_len = {cfg.max_seq_len}")
+        log(f"[decode] ERROR: {out['error']}")
+        return out
+    tm.activate_flash_impl(None)
+    tm.set_sdpa_backend(None)        # every SDPA backend on: torch picks per call (E != Ev, masks, T = 1)
+    free_cuda()
+    log(f"[decode] building the model (seed {args.seed}) and its BF16 decode weights; experts: {experts}")
+    model = tm.DiffMoEFast(cfg, tm.FastOptions(torch.bfloat16, "ev", experts), device=DEV)
+    tm.init_weights(model, args.seed)
+    weights = td.DecodeWeights(model, experts)
+    out["weights_gib"] = weights.nbytes() / 2**30
+    if not args.no_decode_check:
+        modes = [m for m in args.decode_modes if not td.DECODE_MODES[m][2]]   # compile: too slow to check
+        try:
+            ok, out["check"] = td.self_check(model, weights, modes, args.seed + 11, log)
+        except Exception as e:
+            ok = False
+            out["check"] = {"ok": False, "error": f"{type(e).__name__}: {e}"}
+            log(f"decode self-check: FAIL ({out['check']['error']})")
+            if args.verbose:
+                traceback.print_exc()
+        if not ok:
+            out["error"] = "decode self-check FAILED: the decoder's logits differ from the training forward's"
+            log(f"[decode] ERROR: {out['error']}; no timing")
+            return out
+    model = None                     # the FP32 master model is not needed to decode
+    free_cuda()
+    unusable = (out["check"] or {}).get("unusable", {})
+    if any(td.DECODE_MODES[m][2] for m in args.decode_modes):
+        set_compile_limits()
+    for mode in args.decode_modes:
+        need = DECODE_NEED_S["compile" if td.DECODE_MODES[mode][2] else
+                             "graph" if td.DECODE_MODES[mode][1] else "eager"]
+        for b in args.decode_batch:
+            if mode in unusable:
+                out["rows"].append({"mode": mode, "cache": td.DECODE_MODES[mode][0], "batch": b,
+                                    "error": f"failed in the self-check: {unusable[mode]}"})
+                continue
+            if clock.left() < need:
+                log(f"[decode] {mode} batch {b} skipped: {clock.left():.0f} s left of the time budget (< {need:.0f} s)")
+                out["rows"].append({"mode": mode, "cache": td.DECODE_MODES[mode][0], "batch": b,
+                                    "skipped": "time budget"})
+                continue
+            out["rows"].append(td.time_decode(weights, mode, b, args.prompt_len, args.new_tokens,
+                                              args.decode_repeats, args.seed + 7, clock.left, log))
+            free_cuda()
+    weights = None
+    free_cuda()
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
 # Report
 # ---------------------------------------------------------------------------------------------
 
@@ -525,6 +603,47 @@ def markdown(report: Dict[str, Any]) -> str:
     return "\n".join(L)
 
 
+def markdown_decode(report: Dict[str, Any]) -> str:
+    d = report["decode"]
+    st = d["settings"]
+    env = report["env"]
+    L = [f"## diffmoe `bench` preset: PyTorch KV-cache decode, {env.get('gpu', '?')}", ""]
+    L.append(f"torch {env['torch']} (CUDA {env['cuda']}); prompt {st['prompt_len']} tokens, {st['new_tokens']} new "
+             f"tokens (greedy argmax), {st['cache_positions']} cache positions; median of {st['repeats']} runs "
+             f"after 1 warm-up; BF16 weights ({_f(d.get('weights_gib'), '.2f')} GiB), FP32 residual, norms, "
+             f"router, softmax; experts: {report.get('experts_impl', '-')}; SDPA backend: torch's choice")
+    chk = d.get("check")
+    if chk is None:
+        L.append("self-check: not run")
+    elif chk.get("error"):
+        L.append(f"self-check: **FAIL** ({chk['error']})")
+    else:
+        L.append(f"self-check (decode logits vs the training forward, bench model + 2 micro configs): "
+                 f"{'PASS' if chk['ok'] else '**FAIL**'}, worst rel. diff {chk['worst_rel']:.1e} "
+                 f"(tolerance {chk['tolerance']:.0e})"
+                 + (f"; could not run: {', '.join(chk['unusable'])}" if chk.get("unusable") else ""))
+    if d.get("error"):
+        L.append(f"**decode benchmark not run: {d['error']}**")
+    L.append("")
+    L.append("| mode | cache | batch | prefill tokens/s | decode tokens/s | ms/step | peak mem GiB | cache GiB | "
+             "first run s | note |")
+    L.append("|---|---|---:|---:|---:|---:|---:|---:|---:|---|")
+    for r in d["rows"]:
+        if r.get("error") or "decode_tokens_per_s" not in r:
+            L.append(f"| {r['mode']} | {r['cache']} | {r['batch']} | - | - | - | - | - | - | "
+                     f"{r.get('error') or r.get('skipped', '')} |")
+            continue
+        L.append(f"| {r['mode']} | {r['cache']} | {r['batch']} | {r['prefill_tokens_per_s']:,.0f} | "
+                 f"{r['decode_tokens_per_s']:,.0f} | {r['ms_per_step']:.2f} | {r['peak_mem_gib']:.1f} | "
+                 f"{r['cache_gib']:.2f} | {r['first_run_s']:.1f} | {r.get('partial', '')} |")
+    L.append("")
+    L.append("decode tokens/s = batch x new tokens / decode seconds (prefill excluded); prefill tokens/s = "
+             "batch x prompt / prefill seconds; peak mem = max_memory_allocated (decode weights + cache + "
+             "activations). eager = plain loop, graph = the static step in one CUDA graph, compile = "
+             "torch.compile'd static step in one CUDA graph; latent = absorbed MLA cache.")
+    return "\n".join(L)
+
+
 # ---------------------------------------------------------------------------------------------
 # main
 # ---------------------------------------------------------------------------------------------
@@ -556,6 +675,18 @@ def parse_args(argv=None):
     ap.add_argument("--lr", type=float, default=3e-4)
     ap.add_argument("--weight-decay", type=float, default=0.1)
     ap.add_argument("--seed", type=int, default=1234)
+    ap.add_argument("--decode", action="store_true",
+                    help="also run the KV-cache prefill/decode benchmark (torch_decode.py), after the training modes")
+    ap.add_argument("--decode-only", action="store_true",
+                    help="only the decode benchmark (no attention selection, op benchmarks or training)")
+    ap.add_argument("--decode-modes", default="eager,eager-latent,graph,graph-latent",
+                    help="comma list of " + ", ".join(td.DECODE_MODES) + " (compile*: minutes of compilation)")
+    ap.add_argument("--decode-batch", default="1,8,64", help="decode: batch sizes (default 1,8,64)")
+    ap.add_argument("--prompt-len", type=int, default=512, help="decode: prompt tokens per sequence (default 512)")
+    ap.add_argument("--new-tokens", type=int, default=64, help="decode: greedy steps after the prompt (default 64)")
+    ap.add_argument("--decode-repeats", type=int, default=3, help="decode: timed runs per row, median (default 3)")
+    ap.add_argument("--no-decode-check", action="store_true",
+                    help="skip the decode self-check (decode logits vs the training forward)")
     ap.add_argument("--dry-run", action="store_true", help="print config, FLOPs and params; no GPU")
     ap.add_argument("--verbose", action="store_true", help="tracebacks on failures")
     a = ap.parse_args(argv)
@@ -567,6 +698,20 @@ def parse_args(argv=None):
     for m in a.modes:
         if m not in ("eager",) + tuple(COMPILE_MODES):
             ap.error(f"unknown mode {m!r}")
+    a.decode = a.decode or a.decode_only
+    a.decode_modes = [m.strip() for m in a.decode_modes.split(",") if m.strip()]
+    for m in a.decode_modes:
+        if m not in td.DECODE_MODES:
+            ap.error(f"unknown decode mode {m!r} (expected one of {', '.join(td.DECODE_MODES)})")
+    try:
+        a.decode_batch = [int(b) for b in a.decode_batch.split(",") if b.strip()]
+    except ValueError:
+        ap.error(f"--decode-batch {a.decode_batch!r}: expected a comma list of integers")
+    for name in ("prompt_len", "new_tokens", "decode_repeats"):
+        if getattr(a, name) < 1:
+            ap.error(f"--{name.replace('_', '-')} must be >= 1")
+    if not a.decode_batch or min(a.decode_batch) < 1:
+        ap.error("--decode-batch: batch sizes must be >= 1")
     return a
 
 
@@ -592,6 +737,14 @@ def main(argv=None) -> int:
         "tokens_per_step": args.batch * args.seq, "flops_per_token": fl,
         "params_total": total, "params_active": active, "peak_tflops": PEAK_TFLOPS,
         "grad_clip": args.grad_clip, "modes": [], "ops": [], "env": env_info()}
+    if args.decode:
+        st = decode_settings(cfg, args)
+        report["decode"] = {"settings": st, "rows": []}
+        log(f"decode: modes {','.join(st['modes'])}, batches {','.join(map(str, st['batches']))}, prompt "
+            f"{st['prompt_len']} + {st['new_tokens']} new tokens ({st['cache_positions']} cache positions), "
+            f"{st['repeats']} timed runs; cache GiB expanded "
+            + "/".join(f"{v:.3f}" for v in st["cache_gib"]["expanded"].values()) + ", latent "
+            + "/".join(f"{v:.3f}" for v in st["cache_gib"]["latent"].values()))
     if args.dry_run:
         print(json.dumps(_clean(report), indent=1, default=str))
         return 0
@@ -627,6 +780,10 @@ def main(argv=None) -> int:
     if experts == "loop":
         log("WARNING: experts run as a per-expert loop (torch._grouped_mm unusable): slower")
     report["experts_impl"] = f"{experts} ({msg16})"
+
+    if args.decode_only:
+        report["decode"].update(run_decode(cfg, args, experts, clock))
+        return finish(report, args, clock)
 
     # --- attention: formulation x SDPA backend, checked and timed on the bench shapes ---
     log(f"attention selection on B={args.batch} T={args.seq} Hc={cfg.n_heads} d_qk={cfg.d_qk} "
@@ -686,15 +843,30 @@ def main(argv=None) -> int:
             report["modes"].append(r)
         tm.set_sdpa_backend(None)
 
+    if args.decode:
+        report["decode"].update(run_decode(cfg, args, experts, clock))
+    return finish(report, args, clock)
+
+
+def finish(report: Dict[str, Any], args, clock: Clock) -> int:
+    """Markdown to stdout, JSON to --json; exit 0 when nothing failed, 4 when the decode self-check
+    failed, else 1."""
     report["elapsed_s"] = clock.elapsed()
-    md = markdown(report)
+    parts = [] if args.decode_only else [markdown(report)]
+    if "decode" in report:
+        parts.append(markdown_decode(report))
     print()
-    print(md, flush=True)
+    print("\n\n".join(parts), flush=True)
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump(_clean(report), f, indent=1, default=str)
         log(f"\nwrote {args.json}")
-    return 0 if all(not r.get("error") for r in report["modes"]) else 1
+    dec = report.get("decode", {})
+    if dec.get("check") is not None and not dec["check"].get("ok"):
+        log("DECODE SELF-CHECK FAILED: the decoder's logits differ from the training forward's (see above)")
+        return 4
+    failed = [r for r in report["modes"] + dec.get("rows", []) if r.get("error")]
+    return 0 if not failed and not dec.get("error") else 1
 
 
 if __name__ == "__main__":

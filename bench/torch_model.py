@@ -456,6 +456,36 @@ class Experts(nn.Module):
         return torch.cat(outs, dim=0)
 
 
+def route_tokens(cfg: Config, u32: torch.Tensor, gate_weight: torch.Tensor, gate_bias: torch.Tensor,
+                 force_idx: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The router of docs/model.md §5 (FastMoE.route and the decoder of torch_decode.py share it).
+    u32: [N, D] FP32 -> scores s [N, E] (with grad), idx [N, K], weights w [N, K] FP32.
+    force_idx [N, K] replaces the top-k selection (test hook; the weights still come from s)."""
+    N = u32.shape[0]
+    E, K, G = cfg.n_routed_experts, cfg.n_activated_experts, cfg.n_expert_groups
+    with torch.autocast(device_type=u32.device.type, enabled=False):
+        z = F.linear(u32, gate_weight)                                       # FP32 router
+    s = torch.sigmoid(z) if cfg.score_func == "sigmoid" else torch.softmax(z, dim=-1)
+    sd = s.detach()                                       # selection never gets a gradient
+    s_sel = sd + gate_bias if cfg.balance_bias else sd
+    if G > 1:
+        sg = s_sel.view(N, G, E // G)
+        gscore = sg.topk(2, dim=-1).values.sum(-1) if cfg.balance_bias else sg.amax(dim=-1)
+        keep = gscore.topk(cfg.n_limited_groups, dim=-1).indices
+        drop = torch.ones(N, G, dtype=torch.bool, device=u32.device).scatter_(1, keep, False)
+        s_sel = sg.masked_fill(drop.unsqueeze(-1), float("-inf")).view(N, E)
+    if force_idx is not None:
+        idx = force_idx
+    else:
+        idx = s_sel.topk(K, dim=-1).indices
+    w = s.gather(1, idx)                                   # ORIGINAL scores
+    if cfg.score_func == "sigmoid":
+        w = w / w.sum(dim=-1, keepdim=True)
+    if cfg.route_scale != 1.0:
+        w = w * cfg.route_scale
+    return s, idx, w
+
+
 class FastMoE(nn.Module):
     """DeepSeek-V3 MoE (docs/model.md §5), dropless."""
 
@@ -473,30 +503,7 @@ class FastMoE(nn.Module):
 
     def route(self, u32: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """u32: [N, D] FP32 -> scores s [N, E] (with grad), idx [N, K], weights w [N, K] FP32."""
-        cfg = self.cfg
-        N = u32.shape[0]
-        E, K, G = cfg.n_routed_experts, cfg.n_activated_experts, cfg.n_expert_groups
-        with torch.autocast(device_type=u32.device.type, enabled=False):
-            z = F.linear(u32, self.gate.weight)                                  # FP32 router
-        s = torch.sigmoid(z) if cfg.score_func == "sigmoid" else torch.softmax(z, dim=-1)
-        sd = s.detach()                                       # selection never gets a gradient
-        s_sel = sd + self.gate.bias if cfg.balance_bias else sd
-        if G > 1:
-            sg = s_sel.view(N, G, E // G)
-            gscore = sg.topk(2, dim=-1).values.sum(-1) if cfg.balance_bias else sg.amax(dim=-1)
-            keep = gscore.topk(cfg.n_limited_groups, dim=-1).indices
-            drop = torch.ones(N, G, dtype=torch.bool, device=u32.device).scatter_(1, keep, False)
-            s_sel = sg.masked_fill(drop.unsqueeze(-1), float("-inf")).view(N, E)
-        if self._force_idx is not None:
-            idx = self._force_idx
-        else:
-            idx = s_sel.topk(K, dim=-1).indices
-        w = s.gather(1, idx)                                   # ORIGINAL scores
-        if cfg.score_func == "sigmoid":
-            w = w / w.sum(dim=-1, keepdim=True)
-        if cfg.route_scale != 1.0:
-            w = w * cfg.route_scale
-        return s, idx, w
+        return route_tokens(self.cfg, u32, self.gate.weight, self.gate.bias, self._force_idx)
 
     def aux_loss(self, s: torch.Tensor, B: int, T: int) -> torch.Tensor:
         """alpha * mean_b sum_i f_i P_i (docs/derivations.md §4.6): f from a plain top-k of the unbiased s."""
