@@ -3,24 +3,23 @@
 //
 // A Generator runs the model's forward one chunk of new positions at a time against a per-layer
 // cache of r_kv + d_rope values per token: the post-norm latent ĉ and the post-RoPE rope key k^R.
-// Per layer and chunk (Tq new positions per sequence, pos0 = cached positions before the chunk):
-//   x̄ = RMSNorm_attn(h);  q = [q^C ; RoPE(q^R)] from x̄ (wq_a/q_norm/wq_b or wq), positions pos0 + t
-//   [c ; k^R] = x̄ W_kvaᵀ → cache row pos0 + t = [RMSNorm_kv(c) ; RoPE(k^R)]
-//   q̃_j = q^C_j W^UK_j                (k-nope rows of wkv_b for component j)
+// The layers are model/decode_layers.h's; per layer and chunk (Tq new positions per sequence, pos0 =
+// cached positions before the chunk) the generator's own part is:
+//   RoPE at the positions pos0 + t (row b·Tq + t of the chunk)
+//   cache row pos0 + t of sequence b = [RMSNorm_kv(c) ; RoPE(k^R)] of row b·Tq + t
+//   q̃_j = q^C_j W^UK_j                (k-nope rows of wkv_b for component j), one GEMM per (token, head)
 //   L = latent_attention(q̃, q^R, cache)    differential: L_h = A_{h,0}ĉ − λ A_{h,1}ĉ (latent space)
-//   o_j = L_{h(j)} W^UVᵀ_j            (v rows of wkv_b; h(j) = j/2 differential, j plain)
-//   differential: Ō_h = (1 − λ_init)·RMSNorm_2dv([o_2h ; o_2h+1]; subln);   h += Ō W_oᵀ
-//   h += FFN(RMSNorm_ffn(h))          dense SwiGLU or the MoE exactly as in training (bias used for
-//                                     selection, no aux loss)
+//   o_j = L_{h(j)} W^UVᵀ_j            (v rows of wkv_b; h(j) = j/2 differential, j plain), per (token, component)
 // then the final norm and the head on the last new position of each sequence.
 //
 // Memory: ONE arena, planned from (batch, max_len, prefill_chunk): the caches
 // [B, max_len, r_kv + d_rope] per layer, RoPE tables, and per-chunk scratch for B·prefill_chunk rows
-// shared by all layers. Nothing allocates after construction.
+// shared by all layers (plan_decode_scratch). Nothing allocates after construction.
 #pragma once
 #include <cstdint>
 #include <span>
 
+#include "model/decode_layers.h"
 #include "model/model.h"
 
 namespace diffmoe {
@@ -31,11 +30,13 @@ struct GeneratorOptions {
   int64_t prefill_chunk = 0;  // most positions per forward pass (bounds the scratch); 0 = max_len
 };
 
-class Generator {
+class Generator : private DecodeOps {
  public:
   // Reads the model's parameters at every call (so it follows weight updates); the model must
   // outlive the generator.
   Generator(Model& model, GeneratorOptions opt);
+  Generator(const Generator&) = delete;  // the layers hold references to the arena and to this generator
+  Generator& operator=(const Generator&) = delete;
 
   // Empties the caches of every sequence.
   void reset();
@@ -65,13 +66,13 @@ class Generator {
  private:
   // One chunk: columns [t0, t0 + tq) of tokens [B, T] at positions len_ … len_ + tq − 1.
   void forward_chunk(Context ctx, const Tensor& tokens, int64_t t0, int64_t tq);
-  void attention(Context ctx, int64_t l, int64_t tq);  // h += Attn_l(RMSNorm(h)) and fills the cache
-  void ffn(Context ctx, int64_t l, int64_t rows);      // h += FFN_l(RMSNorm(h))
-  void head(Context ctx, int64_t tq);                  // logits of the last new position per sequence
-  // y = x Wᵀ (+ beta·y)
-  void linear(Context ctx, const Tensor& y, const Tensor& x, const Tensor& w, double beta = 0.0) const;
+  void head(Context ctx, int64_t tq);  // logits of the last new position per sequence
+  // DecodeOps: y = x Wᵀ (+ beta·y); the chunk's cache rows; the absorbed attention per (token, head).
+  void linear(Context ctx, const Tensor& y, const Tensor& x, const Tensor& w, double beta) const override;
+  void write_cache(Context ctx, int64_t l, const DecodeRows& rows, const Tensor& kv_rows) override;
+  void attend(Context ctx, int64_t l, const DecodeRows& rows, const LatentAttentionStep& s) override;
   // The first shape.numel() values of a scratch buffer, viewed as `shape`.
-  Tensor scratch(const char* name, Shape shape) const;
+  Tensor scratch(const char* name, Shape shape) const { return arena_prefix(arena_, name, shape); }
   Tensor param(const std::string& name) const { return model_.params().get(name); }
 
   Model& model_;
@@ -79,6 +80,7 @@ class Generator {
   Backend& be_;
   GeneratorOptions opt_;
   Arena arena_;
+  DecodeLayers layers_;  // reads arena_'s scratch, calls back into this generator
   int64_t len_ = 0;
 };
 
