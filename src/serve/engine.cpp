@@ -1,5 +1,6 @@
-// The engine's memory plan, the host side of a step (limits, cache blocks, the index buffer) and
-// the head. The layers are in engine_layers.cpp.
+// The engine's memory plan, the host side of a step (limits, cache blocks, the index buffer), the head and the
+// FP8-aware linear. The layers are model/decode_layers.h's; the engine's cache and attention steps for them are in
+// engine_layers.cpp.
 #include "serve/engine.h"
 
 #include <fmt/format.h>
@@ -39,7 +40,8 @@ Engine::Engine(Model& model, EngineOptions opt)
       cfg_(model.config()),
       be_(model.backend()),
       opt_(resolve(opt, model.config())),
-      cache_(model.config(), model.dtype(), opt_.block_size, opt_.n_blocks, model.backend().allocator()) {
+      cache_(model.config(), model.dtype(), opt_.block_size, opt_.n_blocks, model.backend().allocator()),
+      layers_(model, arena_, *this) {
   const ModelConfig& c = cfg_;
   const DType t = model.dtype();
   DIFFMOE_CHECK(t == DType::kF32 || t == DType::kF64, "[engine] unsupported float type {}", dtype_name(t));
@@ -51,10 +53,7 @@ Engine::Engine(Model& model, EngineOptions opt)
   const int64_t R = (opt_.max_step_tokens + row_pad_ - 1) / row_pad_ * row_pad_, M = opt_.max_logit_rows,
                 B = opt_.max_batch;
   const int64_t D = c.dim, H = c.n_heads, dqk = c.d_qk(), dv = c.v_head_dim;
-  const int64_t rkv = c.kv_lora_rank, dr = c.qk_rope_head_dim, rq = c.q_lora_rank;
-  const int64_t comps = c.differential ? 2 : 1, h_out = H / comps;
-  const bool any_moe = c.n_layers > c.n_dense_layers;
-  const int64_t K = c.n_activated_experts, E = c.n_routed_experts;
+  const int64_t rkv = c.kv_lora_rank, comps = c.differential ? 2 : 1, h_out = H / comps;
   const int64_t max_blocks = cache_.blocks_for(opt_.max_context);
 
   // Weights re-laid-out per head (engine_layers.cpp), in wkv_b's compute dtype.
@@ -74,46 +73,13 @@ Engine::Engine(Model& model, EngineOptions opt)
     arena_.add("fp8.xq", Shape{R * k_max}, DType::kF8E4M3);
     arena_.add("fp8.xs", Shape{fp8_tiles(k_max) * R}, DType::kF32);
   }
-  arena_.add("rope.cos", Shape{opt_.max_context, dr / 2}, t);
-  arena_.add("rope.sin", Shape{opt_.max_context, dr / 2}, t);
   arena_.add("index", Shape{index_capacity(R, B, max_blocks, H, h_out, M)}, DType::kI32);
-  // Per-step scratch for R rows, shared by all layers (scratch() views the first elements).
-  arena_.add("h", Shape{R * D}, t);
-  arena_.add("x_norm", Shape{R * D}, t);
-  arena_.add("rstd", Shape{R}, t);
-  if (rq > 0) {
-    arena_.add("qa", Shape{R * rq}, t);
-    arena_.add("cq", Shape{R * rq}, t);
-  }
-  arena_.add("q", Shape{R * H * dqk}, t);           // [N, H, d_qk] token-major, RoPE applied
-  arena_.add("q_hm", Shape{H * R * dqk}, t);        // [H, N, d_qk] head-major
-  arena_.add("q_lat", Shape{H * R * rkv}, t);       // q̃ [H, N, r_kv]
-  arena_.add("kva", Shape{R * (rkv + dr)}, t);      // x̄ W_kvaᵀ with RoPE on k^R
-  arena_.add("kv_rows", Shape{R * (rkv + dr)}, t);  // [ĉ ; k^R] for the pool
-  arena_.add("lat", Shape{h_out * R * rkv}, t);     // L [H_out, N, r_kv]
-  arena_.add("att_hm", Shape{R * H * dv}, t);       // [H_out, N, comps·d_v]
-  arena_.add("att", Shape{R * H * dv}, t);          // [N, H_out, comps·d_v] token-major
-  if (c.differential) {
-    arena_.add("att_n_hm", Shape{R * H * dv}, t);
-    arena_.add("rstd_sub", Shape{R * h_out}, t);
-    arena_.add("lambda", Shape{1}, t);
-  }
-  int64_t mlp = R * c.inter_dim;
-  if (any_moe) mlp = std::max({mlp, R * c.n_shared_experts * c.moe_inter_dim, R * K * c.moe_inter_dim});
-  for (const char* name : {"ffn.a", "ffn.b", "ffn.h"}) arena_.add(name, Shape{mlp}, t);
-  if (any_moe) {
-    arena_.add("router.logits", Shape{R * E}, t);
-    arena_.add("router.scores", Shape{R * E}, t);
-    arena_.add("router.topk_idx", Shape{R * K}, DType::kI32);
-    arena_.add("router.topk_w", Shape{R * K}, t);
-    for (int64_t l = c.n_dense_layers; l < c.n_layers; ++l)
-      arena_.add(fmt::format("router.counts.{}", l), Shape{E}, DType::kI32);
-    arena_.add("moe.offsets", Shape{E + 1}, DType::kI32);
-    arena_.add("moe.src_row", Shape{R * K}, DType::kI32);
-    arena_.add("moe.slot_pos", Shape{R * K}, DType::kI32);
-    arena_.add("moe.x_perm", Shape{R * K * D}, t);
-    arena_.add("moe.y_perm", Shape{R * K * D}, t);
-  }
+  // Per-step scratch for R rows, shared by all layers (scratch() views the first elements), and the RoPE tables.
+  plan_decode_scratch(arena_, c, R, opt_.max_context, t);
+  arena_.add("q_hm", Shape{H * R * dqk}, t);   // [H, N, d_qk] head-major
+  arena_.add("att_hm", Shape{R * H * dv}, t);  // [H_out, N, comps·d_v]
+  for (int64_t l = c.n_dense_layers; l < c.n_layers; ++l)
+    arena_.add(fmt::format("router.counts.{}", l), Shape{c.n_routed_experts}, DType::kI32);
   arena_.add("final.h", Shape{M * D}, t);
   arena_.add("final.x_norm", Shape{M * D}, t);
   arena_.add("final.rstd", Shape{M}, t);
@@ -122,13 +88,6 @@ Engine::Engine(Model& model, EngineOptions opt)
 
   upload_rope_tables(be_, c, opt_.max_context, arena_.get("rope.cos"), arena_.get("rope.sin"));
   refresh_weights();
-}
-
-Tensor Engine::scratch(const char* name, Shape shape) const {
-  const Tensor t = arena_.get(name);
-  DIFFMOE_CHECK(shape.numel() <= t.numel(), "[engine] {} values of scratch {} exceed its {}", shape.numel(), name,
-                t.numel());
-  return Tensor{.data = t.data, .dtype = t.dtype, .device = t.device, .shape = shape};
 }
 
 void Engine::linear(Context ctx, const Tensor& y, const Tensor& x, const Tensor& w, double beta) const {
@@ -214,7 +173,8 @@ StepOutput Engine::step(Context ctx, std::span<const StepSequence> batch) {
 
   // The index buffer (engine_plan.h), built on the host and uploaded once.
   const int64_t H = c.n_heads, h_out = c.differential ? H / 2 : H;
-  const StepPlan p = make_plan(arena_.get("index"), N, B, cache_.blocks_for(opt_.max_context), H, h_out, M);
+  plan_ = make_plan(arena_.get("index"), N, B, cache_.blocks_for(opt_.max_context), H, h_out, M);
+  const StepPlan& p = plan_;
   host_index_.assign(static_cast<size_t>(p.used), 0);
   IndexWriter w(host_index_, p);
   StepOutput out;
@@ -252,8 +212,8 @@ StepOutput Engine::step(Context ctx, std::span<const StepSequence> batch) {
                           .table = param("embed.weight"),
                           .scale = c.embed_scale});
   for (int64_t l = 0; l < c.n_layers; ++l) {
-    attention(ctx, l, p);
-    ffn(ctx, l, p);
+    layers_.attention(ctx, l, {.n = N, .positions = p.positions});
+    layers_.ffn(ctx, l, N, c.is_moe_layer(l) ? expert_counts(l) : Tensor{});
   }
   head(ctx, p);
   out.logits = scratch("logits", Shape{M, c.vocab_size});
@@ -274,7 +234,7 @@ void Engine::head(Context ctx, const StepPlan& p) {
                         .width = D,
                         .eps = cfg_.norm_eps});
   linear(ctx, scratch("logits", Shape{p.M, cfg_.vocab_size}), xn,
-         param(cfg_.tie_embeddings ? "embed.weight" : "head.weight"));
+         param(cfg_.tie_embeddings ? "embed.weight" : "head.weight"), 0.0);
 }
 
 }  // namespace diffmoe::serve

@@ -1,8 +1,8 @@
 // The batched decode engine: one forward pass over many sequences of different lengths at once,
 // against the paged latent cache (paged_cache.h; docs/model.md §2 "the absorbed latent cache", docs/derivations.md
 // §2.4, §3.3). A step packs the new positions of every sequence in the batch into N rows — one row for a sequence that
-// decodes, a chunk of its prompt for one that prefills — and runs the model's math on them exactly as model/generator.h
-// does for one batch:
+// decodes, a chunk of its prompt for one that prefills — and runs the model's math on them with the decode layers of
+// model/decode_layers.h, as model/generator.h does for one batch:
 //   h_0 = embed_scale · E[tokens]
 //   per layer:  x̄ = RMSNorm_attn(h);  q = [q^C ; RoPE(q^R)] (each row at its own position)
 //               [c ; k^R] = x̄ W_kvaᵀ → pool slot of (sequence, position) = [RMSNorm_kv(c) ; RoPE(k^R)]
@@ -18,7 +18,7 @@
 // full forward on it alone, whatever else shares the step (tests/serve/test_engine.cpp).
 //
 // Memory: the cache pools, plus ONE arena planned from the options: per-step scratch for
-// max_step_tokens rows shared by all layers, the RoPE tables up to max_context, the head-major
+// max_step_tokens rows shared by all layers (plan_decode_scratch), the RoPE tables up to max_context, the head-major
 // copies of W^UK (zero-padded to d_qk rows, so the absorption reads the full query) and W^UV per
 // layer, and the step's index buffer (uploaded once per step). Nothing allocates after construction.
 #pragma once
@@ -28,12 +28,12 @@
 #include <unordered_map>
 #include <vector>
 
+#include "model/decode_layers.h"
 #include "model/model.h"
+#include "serve/engine_plan.h"
 #include "serve/paged_cache.h"
 
 namespace diffmoe::serve {
-
-struct StepPlan;  // engine_plan.h
 
 struct EngineOptions {
   int64_t max_batch = 16;       // sequences in one step
@@ -68,11 +68,13 @@ struct StepOutput {
 // The weights EngineOptions::fp8_weights quantises, by checkpoint name (docs/model.md §8).
 std::vector<std::string> fp8_weight_names(const ModelConfig& c);
 
-class Engine {
+class Engine : private DecodeOps {
  public:
   // The model (weights and config) must outlive the engine. The engine reads the model's weights in
   // place; the re-laid-out copies of W^UK and W^UV are taken here (refresh_weights() after a change).
   Engine(Model& model, EngineOptions opt);
+  Engine(const Engine&) = delete;  // the layers hold references to the arena and to this engine
+  Engine& operator=(const Engine&) = delete;
 
   const EngineOptions& options() const { return opt_; }
   const ModelConfig& config() const { return cfg_; }
@@ -97,13 +99,15 @@ class Engine {
   void refresh_weights();
 
  private:
-  void attention(Context ctx, int64_t l, const StepPlan& p);
-  void ffn(Context ctx, int64_t l, const StepPlan& p);
   void head(Context ctx, const StepPlan& p);
-  // y = x Wᵀ (+ beta·y); through the FP8 copy of w when there is one.
-  void linear(Context ctx, const Tensor& y, const Tensor& x, const Tensor& w, double beta = 0.0) const;
+  // DecodeOps: y = x Wᵀ (+ beta·y), through the FP8 copy of w when there is one (engine.cpp); the rows' pool
+  // slots and the absorbed attention as grouped GEMMs over head-major rows and paged_latent_attention
+  // (engine_layers.cpp).
+  void linear(Context ctx, const Tensor& y, const Tensor& x, const Tensor& w, double beta) const override;
+  void write_cache(Context ctx, int64_t l, const DecodeRows& rows, const Tensor& kv_rows) override;
+  void attend(Context ctx, int64_t l, const DecodeRows& rows, const LatentAttentionStep& s) override;
   void quantize_weights();  // the FP8 copies (fp8_weights)
-  Tensor scratch(const char* name, Shape shape) const;
+  Tensor scratch(const char* name, Shape shape) const { return arena_prefix(arena_, name, shape); }
   Tensor param(const std::string& name) const { return model_.params().get(name); }
 
   Model& model_;
@@ -112,6 +116,8 @@ class Engine {
   EngineOptions opt_;
   PagedCache cache_;
   Arena arena_;
+  DecodeLayers layers_;              // reads arena_'s scratch, calls back into this engine
+  StepPlan plan_;                    // the index views of the step being run (step() sets them)
   std::vector<int32_t> host_index_;  // the step's index buffer as built on the host
   struct Fp8Weight {
     Tensor q, scale;  // e4m3 [N, K], f32 [ceil(N/128), fp8_block_scale_cols(K)]
