@@ -1,6 +1,8 @@
-// `diffmoe bench (--config YAML | --checkpoint X) [--device cpu|cuda] [--report FILE] ...`: train-step,
-// prefill and decode throughput of a preset (spec initialisation) or a trained model
-// (train/benchmark.h; docs/evaluation.md "Benchmark"). Defaults are small on the CPU.
+// `diffmoe bench (--config YAML | --checkpoint X) [--device cpu|cuda] [--engine generator|serve]
+// [--weights model|fp8] [--report FILE] ...`: train-step, prefill and decode throughput of a preset (spec
+// initialisation) or a trained model, the decode steps against their bandwidth bound, and with FP8
+// weights their greedy agreement with the model weights (train/benchmark.h, serve/bench_decode.h;
+// docs/evaluation.md "Benchmark"). Defaults are small on the CPU.
 #include <fmt/core.h>
 
 #include <algorithm>
@@ -12,6 +14,7 @@
 #include "core/error.h"
 #include "io/file_util.h"
 #include "model/parameters.h"
+#include "serve/bench_decode.h"
 #include "train/benchmark.h"
 #include "train/checkpoint_reader.h"
 
@@ -20,7 +23,8 @@ namespace diffmoe::cli {
 namespace {
 
 struct BenchArgs {
-  std::string config, checkpoint, device = "cpu", precision = "f32", report;
+  std::string config, checkpoint, device = "cpu", precision = "f32", report, engine = "generator", weights = "model";
+  int64_t agreement_prompts = -1;  // −1: the largest decode batch, with --weights fp8 only
   std::vector<int64_t> decode_batches = {1, 8, 64};
   // −1: the device's default (run_bench).
   int64_t batch = -1, seq = -1, prompt_len = -1, new_tokens = -1;
@@ -35,8 +39,19 @@ int run_bench(const BenchArgs& a) {
                 "give exactly one of --config (a preset, spec initialisation) and --checkpoint");
   // Before the benchmark, and again before the rename that would replace a device node or FIFO.
   if (!a.report.empty()) io::check_output_path(a.report, "bench report");
+  // The decode engine's flags, checked before the model loads; --weights as `diffmoe serve` reads it.
+  DIFFMOE_CHECK(a.engine == "generator" || a.engine == "serve", "--engine: '{}' is not one of generator, serve",
+                a.engine);
+  DIFFMOE_CHECK(a.weights == "model" || a.weights == "fp8", "--weights: '{}' is not one of model, fp8", a.weights);
+  DIFFMOE_CHECK(a.weights == "model" || a.engine == "serve",
+                "--weights fp8 needs --engine serve (the generator decodes with the model's weights)");
+  DIFFMOE_CHECK(a.agreement_prompts == -1 || a.agreement_prompts >= 1,
+                "--agreement-prompts: must be >= 1 (greedy sequences compared), got {}", a.agreement_prompts);
   auto be = make_backend(a.device);
   const ModelOptions mo{.precision = parse_precision(a.precision, "--precision")};
+  // The serving engine's own layers run the forward (bf16 or f32 GEMMs), as in `diffmoe serve`.
+  DIFFMOE_CHECK(a.engine != "serve" || a.no_decode || mo.precision != Precision::kFP8,
+                "--precision fp8 is a training mode; decode with --engine serve --precision bf16 --weights fp8");
   std::unique_ptr<Model> model;
   nlohmann::ordered_json source;
   if (!a.config.empty()) {
@@ -74,9 +89,24 @@ int run_bench(const BenchArgs& a) {
                 "--prompt-len {} + --new-tokens {}: each >= 1, together at most max_seq_len = {}", o.prompt_len,
                 o.new_tokens, cfg.max_seq_len);
 
+  if (a.engine == "serve") {
+    const serve::BenchEngineOptions eo{.fp8_weights = a.weights == "fp8"};
+    o.decode_engine = [eo](Model& m, const DecodeCase& c) { return serve::time_engine_decode(m, c, eo); };
+    o.engine_stored_bytes = serve::engine_stored_bytes(*model, eo);
+    // The same engine on the model's weights: the reference of the greedy agreement.
+    if (eo.fp8_weights || a.agreement_prompts >= 1)
+      o.reference_engine = [](Model& m, const DecodeCase& c) { return serve::time_engine_decode(m, c, {}); };
+  } else if (a.agreement_prompts >= 1) {
+    o.reference_engine = time_generator_decode;  // the generator against itself: a determinism check
+  }
+  o.engine_name = a.engine;
+  o.weights_name = a.weights;
+  o.agreement_prompts = std::max<int64_t>(a.agreement_prompts, 0);
+
   const ParamCounts pc = count_parameters(cfg, cfg.max_seq_len);
-  fmt::print("bench {} on {} ({}): {:.2f}M parameters, {:.2f}M active\n", a.config.empty() ? a.checkpoint : a.config,
-             a.device, a.precision, static_cast<double>(pc.total) / 1e6, static_cast<double>(pc.active) / 1e6);
+  fmt::print("bench {} on {} ({}): {:.2f}M parameters, {:.2f}M active; decode: {} engine, {} weights\n",
+             a.config.empty() ? a.checkpoint : a.config, a.device, a.precision, static_cast<double>(pc.total) / 1e6,
+             static_cast<double>(pc.active) / 1e6, a.engine, a.weights);
   const BenchReport r = run_benchmark(*model, o, [](std::string_view s) { fmt::print("{}\n", s); });
   if (!a.report.empty()) {
     nlohmann::ordered_json j;
@@ -107,6 +137,15 @@ void add_bench_command(CLI::App& app, std::function<int()>& run) {
   cmd->add_option("--checkpoint", a->checkpoint, "checkpoint root, step directory or model .safetensors");
   cmd->add_option("--device", a->device, "cpu (default) or cuda");
   cmd->add_option("--precision", a->precision, "f32 (default) or bf16_gemm");
+  cmd->add_option("--engine", a->engine,
+                  "decode: generator (default; model/generator.h, one contiguous latent cache) or serve (the "
+                  "serving engine: paged cache, batched steps)");
+  cmd->add_option(
+      "--weights", a->weights,
+      "decode: model (default: the precision's weights) or fp8 (e4m3 dense Linear weights; --engine serve)");
+  cmd->add_option("--agreement-prompts", a->agreement_prompts,
+                  "decode: greedy tokens of this many prompts compared with the model weights' (default with "
+                  "--weights fp8: the largest decode batch)");
   cmd->add_option("--batch", a->batch, "train step: sequences per step (default: 4 on the CPU, 8 on CUDA)");
   cmd->add_option("--seq", a->seq,
                   "train step: sequence length (default: min(128, max_seq_len) on the CPU, max_seq_len on CUDA)");

@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <iterator>
 
 #include "core/rng.h"
 #include "model/generator.h"
@@ -34,29 +35,43 @@ std::vector<int32_t> random_tokens(int64_t n, int64_t vocab, uint64_t seed, uint
 
 }  // namespace
 
-DecodeTiming time_generator_decode(Model& model, const DecodeCase& c) {
-  const ModelConfig& cfg = model.config();
-  const int64_t max_len = c.prompt_len + c.new_tokens;
+void check_decode_case(const ModelConfig& cfg, const DecodeCase& c) {
   DIFFMOE_CHECK(c.batch >= 1 && c.prompt_len >= 1 && c.new_tokens >= 1,
                 "[bench] decode batch {}, prompt {}, new tokens {}: each must be >= 1", c.batch, c.prompt_len,
                 c.new_tokens);
-  DIFFMOE_CHECK(max_len <= cfg.max_seq_len, "[bench] prompt {} + new tokens {} exceed max_seq_len = {}", c.prompt_len,
-                c.new_tokens, cfg.max_seq_len);
+  DIFFMOE_CHECK(c.prompt_len + c.new_tokens <= cfg.max_seq_len,
+                "[bench] prompt {} + new tokens {} exceed max_seq_len = {}", c.prompt_len, c.new_tokens,
+                cfg.max_seq_len);
+}
+
+std::vector<int32_t> decode_prompt(const ModelConfig& cfg, const DecodeCase& c) {
+  return random_tokens(c.batch * c.prompt_len, cfg.vocab_size, c.seed, 1);
+}
+
+void choose_greedy(Backend& be, const Tensor& logits, std::vector<float>& host, std::vector<int32_t>& next,
+                   std::vector<int32_t>& tokens) {
+  DIFFMOE_CHECK(logits.dtype == DType::kF32, "[bench] decode logits are {}, expected f32", dtype_name(logits.dtype));
+  const int64_t rows = logits.dim(0), V = logits.dim(1);
+  host.resize(static_cast<size_t>(rows * V));
+  next.resize(static_cast<size_t>(rows));
+  be.download(host.data(), logits);
+  for (int64_t b = 0; b < rows; ++b) {
+    const float* row = host.data() + b * V;
+    next[static_cast<size_t>(b)] = static_cast<int32_t>(std::max_element(row, row + V) - row);
+  }
+  tokens.insert(tokens.end(), next.begin(), next.end());
+}
+
+DecodeTiming time_generator_decode(Model& model, const DecodeCase& c) {
+  const ModelConfig& cfg = model.config();
+  check_decode_case(cfg, c);
   Backend& be = model.backend();
-  Generator gen(model, GeneratorOptions{.batch = c.batch, .max_len = max_len});
-  const std::vector<int32_t> prompt = random_tokens(c.batch * c.prompt_len, cfg.vocab_size, c.seed, 1);
-  const Tensor prompt_dev = gen.upload_tokens(prompt, c.prompt_len);
-  std::vector<float> logits(static_cast<size_t>(c.batch * cfg.vocab_size));
-  std::vector<int32_t> next(static_cast<size_t>(c.batch));
-  const auto choose = [&](const Tensor& l) {  // greedy, on the host, as `diffmoe generate` samples
-    DIFFMOE_CHECK(l.dtype == DType::kF32, "[bench] decode logits are {}, expected f32", dtype_name(l.dtype));
-    be.download(logits.data(), l);
-    for (int64_t b = 0; b < c.batch; ++b) {
-      const float* row = logits.data() + b * cfg.vocab_size;
-      next[static_cast<size_t>(b)] = static_cast<int32_t>(std::max_element(row, row + cfg.vocab_size) - row);
-    }
-  };
+  Generator gen(model, GeneratorOptions{.batch = c.batch, .max_len = c.prompt_len + c.new_tokens});
+  const Tensor prompt_dev = gen.upload_tokens(decode_prompt(cfg, c), c.prompt_len);
+  std::vector<float> logits;
+  std::vector<int32_t> next;
   DecodeTiming t;
+  t.tokens.reserve(static_cast<size_t>(c.batch * c.new_tokens));
   be.synchronize({});
   auto t0 = Clock::now();
   Tensor l = gen.prefill({}, prompt_dev);
@@ -64,12 +79,82 @@ DecodeTiming time_generator_decode(Model& model, const DecodeCase& c) {
   t.prefill_s = seconds_since(t0);
   t0 = Clock::now();
   for (int64_t i = 0; i < c.new_tokens; ++i) {
-    choose(l);
+    choose_greedy(be, l, logits, next, t.tokens);
     l = gen.step({}, gen.upload_tokens(next, 1));
   }
   be.synchronize({});
   t.decode_s = seconds_since(t0);
   return t;
+}
+
+double max_experts_per_layer(const ModelConfig& cfg, int64_t batch) {
+  return static_cast<double>(std::min(cfg.n_routed_experts, batch * cfg.n_activated_experts));
+}
+
+// docs/evaluation.md "Bandwidth bound".
+DecodeStepBytes decode_step_bytes(const Model& model, const DecodeCase& c, double experts_per_layer,
+                                  const std::unordered_map<std::string, int64_t>& stored_bytes) {
+  const ModelConfig& cfg = model.config();
+  DecodeStepBytes r;
+  r.experts_per_layer = cfg.n_layers > cfg.n_dense_layers ? experts_per_layer : 0.0;
+  for (const ParamSpec& p : model.specs()) {
+    const Tensor t = model.params().get(p.name);
+    const auto it = stored_bytes.find(p.name);
+    const double bytes = static_cast<double>(it != stored_bytes.end() ? it->second : static_cast<int64_t>(t.nbytes()));
+    if (p.kind == ParamKind::kExpert) {  // [E, out, in]: the experts some row was routed to
+      r.weights += bytes / static_cast<double>(t.dim(0)) * experts_per_layer;
+    } else if (p.kind == ParamKind::kEmbedding && !cfg.tie_embeddings) {  // the batch's rows
+      r.weights += bytes / static_cast<double>(t.dim(0)) * static_cast<double>(c.batch);
+    } else {  // read whole: the tied embedding is the head
+      r.weights += bytes;
+    }
+  }
+  // Step i (0-based) attends over prompt_len + i + 1 positions: the mean over the steps.
+  const double context = static_cast<double>(c.prompt_len) + static_cast<double>(c.new_tokens + 1) / 2.0;
+  r.cache = static_cast<double>(c.batch) * context *
+            static_cast<double>(cfg.n_layers * (cfg.kv_lora_rank + cfg.qk_rope_head_dim)) *
+            static_cast<double>(dtype_size(model.dtype()));
+  return r;
+}
+
+CopyBandwidth measure_copy_bandwidth(Backend& be, int64_t bytes, int repeats) {
+  DIFFMOE_CHECK(bytes >= 4 && repeats >= 1, "[bench] copy bandwidth: {} bytes (>= 4), {} repeats (>= 1)", bytes,
+                repeats);
+  const int64_t n = bytes / 4;
+  Arena a;
+  a.add("src", Shape{n}, DType::kF32);
+  a.add("dst", Shape{n}, DType::kF32);
+  a.allocate(be.allocator());
+  be.fill({}, {.out = a.get("src"), .value = 1.0});
+  be.copy({}, {.dst = a.get("dst"), .src = a.get("src")});  // warm-up: first-touch pages, lazy set-up
+  be.synchronize({});
+  const auto t0 = Clock::now();
+  for (int i = 0; i < repeats; ++i) be.copy({}, {.dst = a.get("dst"), .src = a.get("src")});
+  be.synchronize({});
+  CopyBandwidth r{.bytes = n * 4, .repeats = repeats, .seconds = seconds_since(t0)};
+  r.bytes_per_s = 2.0 * static_cast<double>(r.bytes) * repeats / r.seconds;
+  return r;
+}
+
+GreedyAgreement greedy_agreement(std::span<const int32_t> tokens, std::span<const int32_t> reference, int64_t prompts,
+                                 int64_t new_tokens) {
+  DIFFMOE_CHECK(prompts >= 1 && new_tokens >= 1 && std::ssize(tokens) == prompts * new_tokens &&
+                    std::ssize(reference) == prompts * new_tokens,
+                "[bench] greedy agreement: {} and {} tokens for {} prompts of {} new tokens", tokens.size(),
+                reference.size(), prompts, new_tokens);
+  int64_t same_tokens = 0, same_sequences = 0;
+  for (int64_t b = 0; b < prompts; ++b) {
+    int64_t i = 0;
+    const auto at = [&](int64_t step) { return static_cast<size_t>(step * prompts + b); };
+    while (i < new_tokens && tokens[at(i)] == reference[at(i)]) ++i;
+    same_tokens += i;
+    same_sequences += i == new_tokens ? 1 : 0;
+  }
+  return GreedyAgreement{
+      .prompts = prompts,
+      .new_tokens = new_tokens,
+      .token_agreement = static_cast<double>(same_tokens) / static_cast<double>(prompts * new_tokens),
+      .sequence_agreement = static_cast<double>(same_sequences) / static_cast<double>(prompts)};
 }
 
 BenchReport run_benchmark(Model& model, const BenchOptions& opt, const std::function<void(std::string_view)>& log) {
@@ -81,9 +166,19 @@ BenchReport run_benchmark(Model& model, const BenchOptions& opt, const std::func
   };
   if (opt.decode) {
     DIFFMOE_CHECK(opt.repeats >= 1, "[bench] repeats must be >= 1, got {}", opt.repeats);
+    r.engine_name = opt.engine_name;
+    r.weights_name = opt.weights_name;
+    const int64_t copy_bytes = opt.copy_bytes > 0             ? opt.copy_bytes
+                               : be.device() == Device::kCUDA ? int64_t{1} << 30
+                                                              : int64_t{64} << 20;
+    r.copy = measure_copy_bandwidth(be, copy_bytes);
+    say(fmt::format("copy bandwidth: {:.1f} GB/s (2 x {} MiB per copy / time, {} copies)", r.copy->bytes_per_s / 1e9,
+                    r.copy->bytes >> 20, r.copy->repeats));
     for (const int64_t b : opt.decode_batches) {
-      const DecodeCase c{.batch = b, .prompt_len = opt.prompt_len, .new_tokens = opt.new_tokens, .seed = opt.seed};
-      opt.decode_engine(model, c);  // untimed: first-call setup, GEMM algorithm timing
+      DecodeCase c{.batch = b, .prompt_len = opt.prompt_len, .new_tokens = opt.new_tokens, .seed = opt.seed};
+      c.count_experts = true;  // untimed: first-call setup, GEMM algorithm timing, the experts read
+      const std::optional<double> counted = opt.decode_engine(model, c).experts_per_layer;
+      c.count_experts = false;
       for (int extra = 0; be.tuning() && extra < 8; ++extra) opt.decode_engine(model, c);
       std::vector<double> pre, dec;
       for (int i = 0; i < opt.repeats; ++i) {
@@ -98,10 +193,29 @@ BenchReport run_benchmark(Model& model, const BenchOptions& opt, const std::func
       d.prefill_tokens_per_s = static_cast<double>(b * opt.prompt_len) / d.prefill_s;
       d.decode_tokens_per_s = static_cast<double>(b * opt.new_tokens) / d.decode_s;
       d.ms_per_step = d.decode_s / static_cast<double>(opt.new_tokens) * 1000.0;
+      d.experts_counted = counted.has_value();
+      d.bytes = decode_step_bytes(model, c, counted.value_or(max_experts_per_layer(cfg, b)), opt.engine_stored_bytes);
+      d.bound_ms_per_step = d.bytes.total() / r.copy->bytes_per_s * 1000.0;
+      d.fraction_of_bound = d.bound_ms_per_step / d.ms_per_step;
       say(fmt::format(
-          "decode batch {:>3}: prefill {} tokens {:.0f} tokens/s, decode {} steps {:.0f} tokens/s ({:.2f} ms/step)", b,
-          b * opt.prompt_len, d.prefill_tokens_per_s, opt.new_tokens, d.decode_tokens_per_s, d.ms_per_step));
+          "decode batch {:>3}: prefill {} tokens {:.0f} tokens/s, decode {} steps {:.0f} tokens/s ({:.2f} ms/step); "
+          "bound {:.3f} ms/step ({:.1f} MB weights, {:.1f} MB cache, {:.1f} experts/layer), {:.1f}% of it",
+          b, b * opt.prompt_len, d.prefill_tokens_per_s, opt.new_tokens, d.decode_tokens_per_s, d.ms_per_step,
+          d.bound_ms_per_step, d.bytes.weights / 1e6, d.bytes.cache / 1e6, d.bytes.experts_per_layer,
+          100.0 * d.fraction_of_bound));
       r.decode.push_back(d);
+    }
+    if (opt.reference_engine) {
+      const int64_t n = opt.agreement_prompts > 0
+                            ? opt.agreement_prompts
+                            : *std::max_element(opt.decode_batches.begin(), opt.decode_batches.end());
+      const DecodeCase c{.batch = n, .prompt_len = opt.prompt_len, .new_tokens = opt.new_tokens, .seed = opt.seed};
+      const DecodeTiming got = opt.decode_engine(model, c), ref = opt.reference_engine(model, c);
+      r.agreement = greedy_agreement(got.tokens, ref.tokens, n, opt.new_tokens);
+      say(fmt::format(
+          "greedy agreement with the model weights, {} prompts x {} tokens: {:.1f}% of tokens, {:.1f}% of "
+          "sequences identical",
+          n, opt.new_tokens, 100.0 * r.agreement->token_agreement, 100.0 * r.agreement->sequence_agreement));
     }
   }
   if (opt.train) {
@@ -171,6 +285,15 @@ nlohmann::ordered_json bench_json(const BenchReport& r) {
   } else {
     j["train_step"] = nullptr;
   }
+  if (r.copy) {
+    j["engine"] = r.engine_name;
+    j["weights"] = r.weights_name;
+    j["copy_bandwidth"] = {{"bytes", r.copy->bytes},
+                           {"repeats", r.copy->repeats},
+                           {"seconds", r.copy->seconds},
+                           {"bytes_per_s", r.copy->bytes_per_s},
+                           {"convention", "2 * bytes * repeats / seconds (read + write)"}};
+  }
   j["decode"] = nlohmann::ordered_json::array();
   for (const DecodeBench& d : r.decode)
     j["decode"].push_back({{"batch", d.c.batch},
@@ -180,7 +303,22 @@ nlohmann::ordered_json bench_json(const BenchReport& r) {
                            {"prefill_tokens_per_s", d.prefill_tokens_per_s},
                            {"decode_s", d.decode_s},
                            {"decode_tokens_per_s", d.decode_tokens_per_s},
-                           {"ms_per_step", d.ms_per_step}});
+                           {"ms_per_step", d.ms_per_step},
+                           {"weight_bytes_per_step", d.bytes.weights},
+                           {"cache_bytes_per_step", d.bytes.cache},
+                           {"bytes_per_step", d.bytes.total()},
+                           {"experts_per_moe_layer", d.bytes.experts_per_layer},
+                           {"experts_counted", d.experts_counted},
+                           {"bound_ms_per_step", d.bound_ms_per_step},
+                           {"fraction_of_bound", d.fraction_of_bound}});
+  if (r.agreement) {
+    j["greedy_agreement"] = {{"prompts", r.agreement->prompts},
+                             {"new_tokens", r.agreement->new_tokens},
+                             {"token_agreement", r.agreement->token_agreement},
+                             {"sequence_agreement", r.agreement->sequence_agreement}};
+  } else {
+    j["greedy_agreement"] = nullptr;
+  }
   return j;
 }
 

@@ -172,6 +172,69 @@ TEST_F(TrainedForEval, BenchOnACheckpoint) {
   EXPECT_EQ(j["train_step"]["seq"], 8);
 }
 
+// The serving engine with FP8 weights on a trained checkpoint: the bound of each decode batch and the
+// greedy agreement with the model weights in the report.
+TEST_F(TrainedForEval, BenchServeEngineWithFp8Weights) {
+  const fs::path report = dir_ / "bench_fp8.json";
+  const RunResult r = run_diffmoe({"bench", "--checkpoint", ckpt_.string(), "--no-train", "--engine", "serve",
+                                   "--weights", "fp8", "--decode-batch", "1,2", "--prompt-len", "4", "--new-tokens",
+                                   "3", "--agreement-prompts", "3", "--report", report.string()});
+  E2E_EXPECT_OK(r);
+  for (const char* s : {"serve engine, fp8 weights", "copy bandwidth", "bound", "greedy agreement"})
+    EXPECT_NE(r.out.find(s), std::string::npos) << s << "\n" << r.out;
+  const nlohmann::json j = read_json(report);
+  EXPECT_EQ(j["engine"], "serve");
+  EXPECT_EQ(j["weights"], "fp8");
+  EXPECT_EQ(j["copy_bandwidth"]["bytes"], int64_t{64} << 20);
+  EXPECT_GT(j["copy_bandwidth"]["bytes_per_s"].get<double>(), 0);
+  ASSERT_EQ(j["decode"].size(), 2u);
+  for (const auto& d : j["decode"]) {
+    EXPECT_EQ(d["experts_counted"], true);
+    EXPECT_GT(d["weight_bytes_per_step"].get<double>(), 0);
+    EXPECT_DOUBLE_EQ(d["bytes_per_step"].get<double>(),
+                     d["weight_bytes_per_step"].get<double>() + d["cache_bytes_per_step"].get<double>());
+    EXPECT_NEAR(d["bound_ms_per_step"].get<double>(),
+                d["bytes_per_step"].get<double>() / j["copy_bandwidth"]["bytes_per_s"].get<double>() * 1000,
+                1e-9 * d["bound_ms_per_step"].get<double>());
+    EXPECT_NEAR(d["fraction_of_bound"].get<double>(),
+                d["bound_ms_per_step"].get<double>() / d["ms_per_step"].get<double>(),
+                1e-9 * d["fraction_of_bound"].get<double>());
+  }
+  // micro: 2 routed experts of 4 per token, so batch 1 reads exactly 2.
+  EXPECT_EQ(j["decode"][0]["experts_per_moe_layer"], 2.0);
+  const nlohmann::json& a = j["greedy_agreement"];
+  EXPECT_EQ(a["prompts"], 3);
+  EXPECT_EQ(a["new_tokens"], 3);
+  for (const char* k : {"token_agreement", "sequence_agreement"}) {
+    EXPECT_GE(a[k].get<double>(), 0.0) << k;
+    EXPECT_LE(a[k].get<double>(), 1.0) << k;
+  }
+  // The model weights through the same engine, compared with themselves: exactly 1.
+  const fs::path same = dir_ / "bench_same.json";
+  E2E_EXPECT_OK(
+      run_diffmoe({"bench", "--checkpoint", ckpt_.string(), "--no-train", "--engine", "serve", "--decode-batch", "2",
+                   "--prompt-len", "4", "--new-tokens", "3", "--agreement-prompts", "3", "--report", same.string()}));
+  const nlohmann::json js = read_json(same);
+  EXPECT_EQ(js["weights"], "model");
+  EXPECT_EQ(js["greedy_agreement"]["token_agreement"], 1.0);
+  EXPECT_EQ(js["greedy_agreement"]["sequence_agreement"], 1.0);
+}
+
+// The decode engine's flags: each bad value is one error line naming the flag (before the model loads).
+TEST_F(E2E, BenchEngineFlagErrors) {
+  const std::string tiny = (repo_dir() / "configs" / "tiny.yaml").string();
+  expect_clean_error(run_diffmoe({"bench", "--config", tiny, "--weights", "fp8", "--engine", "generator"}),
+                     {"--weights fp8", "--engine serve"});
+  expect_clean_error(run_diffmoe({"bench", "--config", tiny, "--weights", "fp8"}), {"--weights fp8", "--engine serve"});
+  expect_clean_error(run_diffmoe({"bench", "--config", tiny, "--engine", "vllm"}),
+                     {"--engine", "'vllm'", "generator, serve"});
+  expect_clean_error(run_diffmoe({"bench", "--config", tiny, "--engine", "serve", "--weights", "int4"}),
+                     {"--weights", "'int4'", "model, fp8"});
+  expect_clean_error(run_diffmoe({"bench", "--config", tiny, "--agreement-prompts", "0"}), {"--agreement-prompts"});
+  expect_clean_error(run_diffmoe({"bench", "--config", tiny, "--engine", "serve", "--precision", "fp8"}),
+                     {"--precision fp8", "--weights fp8"});
+}
+
 // The tiny preset on the CPU with few steps: every field of the report.
 TEST_F(E2E, BenchTinyPresetOnCpu) {
   const fs::path report = dir_ / "bench.json";
