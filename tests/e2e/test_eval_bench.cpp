@@ -176,9 +176,9 @@ TEST_F(TrainedForEval, BenchOnACheckpoint) {
 // greedy agreement with the model weights in the report.
 TEST_F(TrainedForEval, BenchServeEngineWithFp8Weights) {
   const fs::path report = dir_ / "bench_fp8.json";
-  const RunResult r = run_diffmoe({"bench", "--checkpoint", ckpt_.string(), "--no-train", "--engine", "serve",
-                                   "--weights", "fp8", "--decode-batch", "1,2", "--prompt-len", "4", "--new-tokens",
-                                   "3", "--agreement-prompts", "3", "--report", report.string()});
+  const RunResult r =
+      run_diffmoe({"bench", "--checkpoint", ckpt_.string(), "--no-train", "--engine", "serve", "--weights", "fp8",
+                   "--decode-batch", "1,2", "--prompt-len", "4", "--new-tokens", "3", "--report", report.string()});
   E2E_EXPECT_OK(r);
   for (const char* s : {"serve engine, fp8 weights", "copy bandwidth", "bound", "greedy agreement"})
     EXPECT_NE(r.out.find(s), std::string::npos) << s << "\n" << r.out;
@@ -203,7 +203,7 @@ TEST_F(TrainedForEval, BenchServeEngineWithFp8Weights) {
   // micro: 2 routed experts of 4 per token, so batch 1 reads exactly 2.
   EXPECT_EQ(j["decode"][0]["experts_per_moe_layer"], 2.0);
   const nlohmann::json& a = j["greedy_agreement"];
-  EXPECT_EQ(a["prompts"], 3);
+  EXPECT_EQ(a["prompts"], 2) << "the largest decode batch";
   EXPECT_EQ(a["new_tokens"], 3);
   for (const char* k : {"token_agreement", "sequence_agreement"}) {
     EXPECT_GE(a[k].get<double>(), 0.0) << k;

@@ -121,7 +121,9 @@ TEST(BenchDecode, Fp8GreedyAgreementIsAFraction) {
   std::printf("[bench] fp8 weights: %.1f%% of tokens, %.1f%% of sequences agree\n", 100 * r.agreement->token_agreement,
               100 * r.agreement->sequence_agreement);
   EXPECT_GE(r.agreement->token_agreement, 0.0);
-  EXPECT_LE(r.agreement->token_agreement, 1.0);
+  // randomize_for_test's O(1) weights and 300-token vocabulary: e4m3's 2^-4 relative rounding flips
+  // some of the 48 argmaxes (58% agree on the CPU); 1 would mean the FP8 copies were not used.
+  EXPECT_LT(r.agreement->token_agreement, 1.0);
   EXPECT_GE(r.agreement->sequence_agreement, 0.0);
   EXPECT_LE(r.agreement->sequence_agreement, r.agreement->token_agreement)
       << "a fully identical sequence has all its tokens identical";
