@@ -10,6 +10,7 @@
 #include <cstring>
 
 #include "backend/backend_registry.h"
+#include "backend/cuda/op_profiler.h"
 #include "cli/commands.h"
 #include "core/error.h"
 #include "io/file_util.h"
@@ -98,6 +99,17 @@ int run_bench(const BenchArgs& a) {
       o.reference_engine = [](Model& m, const DecodeCase& c) { return serve::time_engine_decode(m, c, {}); };
   } else if (a.agreement_prompts >= 1) {
     o.reference_engine = time_generator_decode;  // the generator against itself: a determinism check
+  }
+  // DIFFMOE_CUDA_PROFILE=1 on --device cuda: where the decode time goes, per decode batch.
+  if (auto* profiler = dynamic_cast<OpProfiler*>(be.get()); profiler != nullptr && profiler->profiling()) {
+    o.decode_profile_start = [profiler] { profiler->reset_profile(); };
+    o.decode_profile_report = [profiler](const DecodeBench& d) {
+      fmt::print(
+          "op profile of the {} decode steps of batch {} (the last timed run; events add a little time to each op):\n",
+          d.c.new_tokens, d.c.batch);
+      profiler->print_profile();
+      profiler->reset_profile();
+    };
   }
   o.engine_name = a.engine;
   o.weights_name = a.weights;

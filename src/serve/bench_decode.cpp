@@ -60,6 +60,7 @@ DecodeTiming time_engine_decode(Model& model, const DecodeCase& c, const BenchEn
   StepOutput out = engine.step({}, batch);
   be.synchronize({});
   t.prefill_s = seconds_since(t0);
+  if (c.on_decode) c.on_decode();
   t0 = Clock::now();
   for (int64_t i = 0; i < c.new_tokens; ++i) {
     choose_greedy(be, out.logits, logits, next, t.tokens);  // the step's logit rows are in batch order

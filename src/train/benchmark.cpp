@@ -77,6 +77,7 @@ DecodeTiming time_generator_decode(Model& model, const DecodeCase& c) {
   Tensor l = gen.prefill({}, prompt_dev);
   be.synchronize({});
   t.prefill_s = seconds_since(t0);
+  if (c.on_decode) c.on_decode();
   t0 = Clock::now();
   for (int64_t i = 0; i < c.new_tokens; ++i) {
     choose_greedy(be, l, logits, next, t.tokens);
@@ -180,6 +181,7 @@ BenchReport run_benchmark(Model& model, const BenchOptions& opt, const std::func
       const std::optional<double> counted = opt.decode_engine(model, c).experts_per_layer;
       c.count_experts = false;
       for (int extra = 0; be.tuning() && extra < 8; ++extra) opt.decode_engine(model, c);
+      c.on_decode = opt.decode_profile_start;
       std::vector<double> pre, dec;
       for (int i = 0; i < opt.repeats; ++i) {
         const DecodeTiming t = opt.decode_engine(model, c);
@@ -203,6 +205,7 @@ BenchReport run_benchmark(Model& model, const BenchOptions& opt, const std::func
           b, b * opt.prompt_len, d.prefill_tokens_per_s, opt.new_tokens, d.decode_tokens_per_s, d.ms_per_step,
           d.bound_ms_per_step, d.bytes.weights / 1e6, d.bytes.cache / 1e6, d.bytes.experts_per_layer,
           100.0 * d.fraction_of_bound));
+      if (opt.decode_profile_report) opt.decode_profile_report(d);
       r.decode.push_back(d);
     }
     if (opt.reference_engine) {

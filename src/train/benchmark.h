@@ -39,6 +39,8 @@ struct DecodeCase {
   // Also count the routed experts each decode step reads (DecodeTiming::experts_per_layer), where the
   // engine can; run_benchmark asks for it on the untimed run only (the count reads the device back).
   bool count_experts = false;
+  // Called after the prefill, before the decode steps' clock starts (an op profile's reset).
+  std::function<void()> on_decode = {};
 };
 
 struct DecodeTiming {
@@ -100,6 +102,8 @@ struct GreedyAgreement {
 GreedyAgreement greedy_agreement(std::span<const int32_t> tokens, std::span<const int32_t> reference, int64_t prompts,
                                  int64_t new_tokens);
 
+struct DecodeBench;
+
 struct BenchOptions {
   bool train = true;
   int64_t train_batch = 4, train_seq = 128;
@@ -120,6 +124,10 @@ struct BenchOptions {
   // prompts (0 = the largest decode batch) of prompt_len + new_tokens.
   DecodeEngine reference_engine;
   int64_t agreement_prompts = 0;
+  // An op profile of the decode steps: decode_profile_start is each timed run's on_decode, and
+  // decode_profile_report runs after the repeats of each decode batch (so it sees the last one's steps).
+  std::function<void()> decode_profile_start;
+  std::function<void(const DecodeBench&)> decode_profile_report;
 };
 
 struct TrainStepBench {

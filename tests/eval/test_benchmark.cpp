@@ -140,8 +140,13 @@ TEST(Benchmark, DecodeGoesThroughTheEngineGiven) {
   o.repeats = 3;
   o.copy_bytes = 1 << 20;
   std::vector<DecodeCase> seen;
+  int starts = 0;
+  std::vector<int64_t> reported;
+  o.decode_profile_start = [&] { ++starts; };
+  o.decode_profile_report = [&](const DecodeBench& d) { reported.push_back(d.c.batch); };
   o.decode_engine = [&](Model& m, const DecodeCase& c) {
     seen.push_back(c);
+    if (c.on_decode) c.on_decode();
     return DecodeTiming{.prefill_s = 0.5 * static_cast<double>(seen.size()), .decode_s = 0.25};
   };
   const BenchReport r = run_benchmark(*model, o);
@@ -152,6 +157,8 @@ TEST(Benchmark, DecodeGoesThroughTheEngineGiven) {
   EXPECT_EQ(seen[0].prompt_len, 4);
   EXPECT_TRUE(seen[0].count_experts && seen[4].count_experts) << "the untimed run counts the experts";
   EXPECT_FALSE(seen[1].count_experts || seen[3].count_experts || seen[5].count_experts) << "timed runs do not";
+  EXPECT_EQ(starts, 6) << "the profile restarts at each timed run's decode steps, not the untimed ones'";
+  EXPECT_EQ(reported, (std::vector<int64_t>{2, 4})) << "reported once per decode batch";
   ASSERT_EQ(r.decode.size(), 2u);
   EXPECT_DOUBLE_EQ(r.decode[0].prefill_s, 1.5) << "the median of the timed runs 2..4 (1.0, 1.5, 2.0)";
   EXPECT_DOUBLE_EQ(r.decode[1].prefill_s, 3.5);

@@ -38,6 +38,13 @@ TEST(BenchDecode, ServeEngineChoosesTheGeneratorsTokens) {
   ASSERT_EQ(serve.tokens.size(), 18u) << "[new_tokens, batch]";
   EXPECT_EQ(serve.tokens, gen.tokens);
   EXPECT_FALSE(serve.experts_per_layer.has_value()) << "counted only when asked";
+  int calls = 0;
+  DecodeCase hooked = c;
+  hooked.on_decode = [&] { ++calls; };
+  time_engine_decode(*m, hooked, {});
+  EXPECT_EQ(calls, 1) << "once, between the prefill and the decode steps";
+  time_generator_decode(*m, hooked);
+  EXPECT_EQ(calls, 2);
   std::set<int32_t> distinct(serve.tokens.begin(), serve.tokens.end());
   EXPECT_GT(distinct.size(), 1u) << "not a constant answer";
   EXPECT_THROW(time_engine_decode(*m, DecodeCase{.batch = 1, .prompt_len = 60, .new_tokens = 5}, {}), Error)
