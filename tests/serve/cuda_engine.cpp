@@ -2,7 +2,8 @@
 // tools/gpu-check.sh-style runs set DIFFMOE_REQUIRE_GPU=1): the same weights on both backends, the
 // same mixed batches step by step (prompt chunks with every row's logits beside decode rows,
 // sequences joining late and released), every logit row compared; in f32, in the bf16 GEMM mode,
-// and with FP8 weights (Hopper only; the rows padded to cuBLASLt's multiples of 8).
+// and with FP8 weights (Hopper only; the rows padded to cuBLASLt's multiples of 8). And
+// `diffmoe bench --engine serve` on CUDA (serve/bench_decode.h): timed, bounded and compared.
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -10,6 +11,7 @@
 #include "backend/backend_registry.h"
 #include "cuda_test_util.h"
 #include "model/micro_config.h"
+#include "serve/bench_decode.h"
 #include "serve/engine.h"
 #include "serve_test_util.h"
 
@@ -118,6 +120,61 @@ TEST(CudaEngine, Fp8WeightsMatchCpuEngine) {
   } catch (const Error& e) {
     if (std::string(e.what()).find("runs on compute capability 9.x") == std::string::npos) throw;
     GTEST_SKIP() << e.what();
+  }
+}
+
+// The serving engine as the bench's decode engine on CUDA, in the bf16 GEMM mode: FP8 weights where
+// the GPU has FP8 GEMMs (compute capability 9.x), else the model weights; the reference engine on
+// the model weights. Every measurement is there and finite; the model weights against themselves
+// agree exactly (the same kernels on the same inputs).
+TEST(CudaEngine, BenchDecodeEngineRuns) {
+  DIFFMOE_REQUIRE_CUDA();
+  auto gpu = make_backend("cuda"), cpu = make_backend("cpu");
+  Model m(test::serve_config(), *gpu, DType::kF32, {.precision = Precision::kBF16});
+  Model src(test::serve_config(), *cpu, DType::kF32);
+  diffmoe::test::randomize_for_test(src, 13);
+  for (const ParamSpec& p : src.specs()) m.set_param(p.name, diffmoe::test::to_vector(src.params().get(p.name)));
+  const auto run = [&](bool fp8) {
+    const BenchEngineOptions eo{.fp8_weights = fp8};
+    BenchOptions o;
+    o.train = false;
+    o.decode_batches = {1, 8};
+    o.prompt_len = 12;
+    o.new_tokens = 6;
+    o.repeats = 2;
+    o.copy_bytes = 64 << 20;
+    o.decode_engine = [eo](Model& mm, const DecodeCase& c) { return time_engine_decode(mm, c, eo); };
+    o.engine_stored_bytes = engine_stored_bytes(m, eo);
+    o.reference_engine = [](Model& mm, const DecodeCase& c) { return time_engine_decode(mm, c, {}); };
+    return run_benchmark(m, o);
+  };
+  BenchReport r;
+  bool fp8 = true;
+  try {
+    r = run(true);
+  } catch (const Error& e) {
+    if (std::string(e.what()).find("runs on compute capability 9.x") == std::string::npos) throw;
+    fp8 = false;
+    r = run(false);
+  }
+  ASSERT_TRUE(r.copy.has_value());
+  EXPECT_GT(r.copy->bytes_per_s, 1e9) << "a device copy";
+  ASSERT_EQ(r.decode.size(), 2u);
+  for (const DecodeBench& d : r.decode) {
+    EXPECT_GT(d.decode_tokens_per_s, 0);
+    EXPECT_TRUE(d.experts_counted);
+    EXPECT_GT(d.bound_ms_per_step, 0);
+    EXPECT_TRUE(std::isfinite(d.fraction_of_bound) && d.fraction_of_bound > 0);
+    std::printf("[cuda-engine] bench decode batch %lld (%s weights): %.3f ms/step, bound %.4f ms, %.1f%%\n",
+                static_cast<long long>(d.c.batch), fp8 ? "fp8" : "bf16", d.ms_per_step, d.bound_ms_per_step,
+                100 * d.fraction_of_bound);
+  }
+  ASSERT_TRUE(r.agreement.has_value());
+  EXPECT_EQ(r.agreement->prompts, 8);
+  EXPECT_GE(r.agreement->token_agreement, 0.0);
+  EXPECT_LE(r.agreement->token_agreement, 1.0);
+  if (!fp8) {
+    EXPECT_EQ(r.agreement->token_agreement, 1.0);
   }
 }
 
