@@ -39,15 +39,20 @@ struct Engines {
   }
 };
 
+// The serving tests' model on the recording backend over the CPU backend, randomised.
+struct RecordedModel {
+  CpuBackend cpu;
+  st::RecordingBackend be{cpu};
+  Model m;
+  explicit RecordedModel(uint64_t seed) : m(st::serve_config(), be, DType::kF32) { dt::randomize_for_test(m, seed); }
+};
+
 // CPU f32 GEMMs over other row counts sum in other orders: padded and unpadded rows agree to ~1e-7 relative.
 constexpr double kUnpaddedTol = 1e-5;
 
 TEST(EngineGraphs, ReplaysMatchEagerPaddedStepsBitwise) {
-  CpuBackend cpu;
-  st::RecordingBackend be(cpu);
-  Model m(st::serve_config(), be, DType::kF32);
-  dt::randomize_for_test(m, 21);
-  Engines x(m, graph_options());
+  RecordedModel rec(21);
+  Engines x(rec.m, graph_options());
   ASSERT_TRUE(x.g.graphs_enabled());
   ASSERT_TRUE(x.e.graphs_enabled());
   ASSERT_FALSE(x.o.graphs_enabled());
@@ -74,13 +79,10 @@ TEST(EngineGraphs, ReplaysMatchEagerPaddedStepsBitwise) {
 }
 
 TEST(EngineGraphs, WorkspaceMoveDropsAndRerecords) {
-  CpuBackend cpu;
-  st::RecordingBackend be(cpu);
-  Model m(st::serve_config(), be, DType::kF32);
-  dt::randomize_for_test(m, 22);
-  Engines x(m, graph_options());
+  RecordedModel rec(22);
+  Engines x(rec.m, graph_options());
   const st::GraphScenario r = st::run_graph_scenario(x.g, x.e, x.o, [&](int64_t step) {
-    if (step == 30) be.move_workspaces();
+    if (step == 30) rec.be.move_workspaces();
   });
   EXPECT_EQ(r.mismatched_rows, 0) << "first at " << r.first_mismatch;
   const GraphStats& s = x.g.graph_stats();
@@ -90,14 +92,11 @@ TEST(EngineGraphs, WorkspaceMoveDropsAndRerecords) {
 }
 
 TEST(EngineGraphs, NoRecordingWhileTuningBeforeWarmup) {
-  CpuBackend cpu;
-  st::RecordingBackend be(cpu);
-  be.tuning_now = true;
-  Model m(st::serve_config(), be, DType::kF32);
-  dt::randomize_for_test(m, 23);
+  RecordedModel rec(23);
+  rec.be.tuning_now = true;
   EngineOptions opt = graph_options();
   opt.graph_warmup_steps = 6;
-  Engines x(m, opt);
+  Engines x(rec.m, opt);
   const st::GraphScenario r = st::run_graph_scenario(x.g, x.e, x.o);
   EXPECT_EQ(r.mismatched_rows, 0) << "first at " << r.first_mismatch;
   // Each bucket runs 6 eager steps, then records at its 7th.
@@ -114,12 +113,9 @@ TEST(EngineGraphs, NoRecordingWhileTuningBeforeWarmup) {
 }
 
 TEST(EngineGraphs, FailedRecordingFallsBackToEager) {
-  CpuBackend cpu;
-  st::RecordingBackend be(cpu);
-  be.fail_end_capture = true;
-  Model m(st::serve_config(), be, DType::kF32);
-  dt::randomize_for_test(m, 24);
-  Engines x(m, graph_options());
+  RecordedModel rec(24);
+  rec.be.fail_end_capture = true;
+  Engines x(rec.m, graph_options());
   const st::GraphScenario r = st::run_graph_scenario(x.g, x.e, x.o);
   // After the failure g runs unpadded, like o (e keeps padding): the same values up to summation order.
   EXPECT_LE(r.worst_vs_unpadded, kUnpaddedTol);
