@@ -2,6 +2,7 @@
 // One implementation per folder (cpu/, cuda/), chosen at run time by name; a backend that was not
 // built fails loudly (docs/style.md habit 4). Shapes and accumulation rules: op_args.h.
 #pragma once
+#include <cstdint>
 #include <memory>
 #include <string_view>
 
@@ -24,6 +25,14 @@ struct Context {
 // applies to f32 calls; f64 calls (finite-difference checks) compute in f64.
 enum class GemmPrecision { kF32, kBF16 };
 
+// A recorded sequence of ops (a CUDA graph), made by Backend::end_capture and run again by Backend::replay. It keeps
+// the ops' arguments as they were recorded — device addresses, sizes, scalars — so only the contents of memory may
+// change between replays (docs/serving.md "CUDA graphs"). Destroying it frees the graph.
+class CapturedOps {
+ public:
+  virtual ~CapturedOps() = default;
+};
+
 class Backend {
  public:
   virtual ~Backend() = default;
@@ -43,6 +52,26 @@ class Backend {
   // Whether the backend is still choosing algorithms by timing real calls (CUDA: the first calls of
   // each cuBLASLt GEMM shape, lt_gemm.h). A benchmark warms up until this is false.
   virtual bool tuning() const { return false; }
+
+  // Graph capture (docs/serving.md "CUDA graphs"): record the ops of a fixed-shape pass once, then run them again with
+  // one launch. supports_graphs: whether the ops, as the backend is configured now, can be recorded — none may read
+  // device memory to the host, wait for the device or allocate (CUDA: the bf16 GEMM mode, whose grouped GEMMs read
+  // their offsets on the device, and not while profiling). A backend without graphs says false; its callers run their
+  // ops one by one, and the other four calls throw.
+  virtual bool supports_graphs() const { return false; }
+  // Starts recording: ops enqueued on the returned context are recorded, not run, until end_capture. The recording is
+  // replayed on ctx's stream later; nothing is ordered against ctx's work now.
+  virtual Context begin_capture(Context ctx);
+  // Ends the recording begin_capture started on `capture` and makes it runnable; throws, naming the call, when an op
+  // could not be recorded.
+  virtual std::unique_ptr<CapturedOps> end_capture(Context capture);
+  // Ends a recording that failed part-way (an op threw) and discards it; never throws.
+  virtual void abort_capture(Context capture) noexcept { (void)capture; }
+  // Runs the recorded ops on ctx's stream, after the work enqueued there before.
+  virtual void replay(Context ctx, const CapturedOps& ops);
+  // Counts reallocations of the backend's own workspaces (scratch that ops use internally): ops recorded under another
+  // count may point at freed memory and must not be replayed.
+  virtual uint64_t graph_epoch() const { return 0; }
 
   virtual void fill(Context ctx, const FillArgs& a) = 0;
   virtual void copy(Context ctx, const CopyArgs& a) = 0;
@@ -90,6 +119,16 @@ class Backend {
   virtual void adamw(Context ctx, const AdamWArgs& a) = 0;
   virtual void adamw_multi(Context ctx, const AdamWMultiArgs& a) = 0;
 };
+
+inline Context Backend::begin_capture(Context) {
+  DIFFMOE_FAIL("[{}] this backend cannot record ops (no graphs)", name());
+}
+inline std::unique_ptr<CapturedOps> Backend::end_capture(Context) {
+  DIFFMOE_FAIL("[{}] this backend cannot record ops (no graphs)", name());
+}
+inline void Backend::replay(Context, const CapturedOps&) {
+  DIFFMOE_FAIL("[{}] this backend cannot replay ops (no graphs)", name());
+}
 
 // Backends are created by make_backend (backend/backend_registry.h, library diffmoe_backends): this
 // interface knows no concrete backend.

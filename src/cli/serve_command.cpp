@@ -32,7 +32,7 @@ struct ServeArgs {
   int64_t prefill_chunk = 256, block_size = 16, cache_blocks = 0, max_waiting = 1024;
   size_t max_request_bytes = size_t{1} << 20;
   double shutdown_timeout = 30.0;
-  bool no_verify = false;
+  bool no_verify = false, no_cuda_graphs = false;
 };
 
 int run_serve(const ServeArgs& a) {
@@ -72,7 +72,8 @@ int run_serve(const ServeArgs& a) {
                                         .max_context = a.max_context,
                                         .block_size = a.block_size,
                                         .n_blocks = a.cache_blocks,
-                                        .fp8_weights = a.weights == "fp8"},
+                                        .fp8_weights = a.weights == "fp8",
+                                        .cuda_graphs = !a.no_cuda_graphs},
                              .prefill_chunk = a.prefill_chunk,
                              .max_waiting = a.max_waiting};
   if (so.engine.max_step_tokens == 0) so.engine.max_step_tokens = a.max_batch + a.prefill_chunk;
@@ -151,6 +152,8 @@ void add_serve_command(CLI::App& app, std::function<int()>& run) {
   cmd->add_option("--shutdown-timeout", a->shutdown_timeout,
                   "seconds to finish requests on SIGINT/SIGTERM (default 30)");
   cmd->add_flag("--no-verify", a->no_verify, "read the checkpoint without checking it against its manifest");
+  cmd->add_flag("--no-cuda-graphs", a->no_cuda_graphs,
+                "launch every op of decode steps instead of replaying recorded CUDA graphs (docs/serving.md)");
   cmd->callback([&run, a] { run = [a] { return run_serve(*a); }; });
 }
 

@@ -6,6 +6,8 @@
 #include <fmt/format.h>
 
 #include <algorithm>
+#include <bit>
+#include <cstdio>
 #include <unordered_set>
 
 #include "model/rope_upload.h"
@@ -30,8 +32,25 @@ EngineOptions resolve(EngineOptions o, const ModelConfig& c) {
   DIFFMOE_CHECK(o.max_logit_rows >= 1 && o.max_logit_rows <= o.max_step_tokens,
                 "[engine] max_logit_rows {} must be in [1, max_step_tokens = {}]", o.max_logit_rows, o.max_step_tokens);
   if (o.n_blocks == 0) o.n_blocks = o.max_batch * ((o.max_context + o.block_size - 1) / o.block_size);
+  DIFFMOE_CHECK(o.max_graphs >= 0, "[engine] max_graphs {} must be >= 0", o.max_graphs);
+  DIFFMOE_CHECK(o.graph_warmup_steps >= 1, "[engine] graph_warmup_steps {} must be >= 1 (a bucket runs eagerly first)",
+                o.graph_warmup_steps);
   return o;
 }
+
+// Whether the backend records the engine's ops in the model's GEMM mode (the mode every step sets).
+bool graphs_possible(const EngineOptions& o, Model& m) {
+  if (!o.cuda_graphs) return false;
+  Backend& be = m.backend();
+  const GemmPrecision before = be.gemm_precision();
+  be.set_gemm_precision(m.plan().bf16_gemm() ? GemmPrecision::kBF16 : GemmPrecision::kF32);
+  const bool yes = be.supports_graphs();
+  be.set_gemm_precision(before);
+  return yes;
+}
+
+// Index of a bucket (1, 2, 4, …, max_batch) among the graphs: ceil(log2(bucket)).
+size_t bucket_index(int64_t bucket) { return static_cast<size_t>(std::bit_width(static_cast<uint64_t>(bucket - 1))); }
 
 }  // namespace
 
@@ -40,7 +59,9 @@ Engine::Engine(Model& model, EngineOptions opt)
       cfg_(model.config()),
       be_(model.backend()),
       opt_(resolve(opt, model.config())),
-      cache_(model.config(), model.dtype(), opt_.block_size, opt_.n_blocks, model.backend().allocator()),
+      graphs_(graphs_possible(opt_, model)),
+      cache_(model.config(), model.dtype(), opt_.block_size, opt_.n_blocks, model.backend().allocator(),
+             /*reserved=*/graphs_ ? opt_.max_batch - 1 : 0),  // a block per padding row
       layers_(model, arena_, *this) {
   const ModelConfig& c = cfg_;
   const DType t = model.dtype();
@@ -88,6 +109,11 @@ Engine::Engine(Model& model, EngineOptions opt)
 
   upload_rope_tables(be_, c, opt_.max_context, arena_.get("rope.cos"), arena_.get("rope.sin"));
   refresh_weights();
+  if (graphs_) {
+    graphs_by_bucket_.resize(bucket_index(opt_.max_batch) + 1);
+    bucket_eager_steps_.assign(graphs_by_bucket_.size(), 0);
+    graph_epoch_ = be_.graph_epoch();
+  }
 }
 
 void Engine::linear(Context ctx, const Tensor& y, const Tensor& x, const Tensor& w, double beta) const {
@@ -171,9 +197,12 @@ StepOutput Engine::step(Context ctx, std::span<const StepSequence> batch) {
   DIFFMOE_CHECK(blocks <= cache_.free_blocks(), "[engine] the step needs {} cache blocks, {} are free", blocks,
                 cache_.free_blocks());
 
-  // The index buffer (engine_plan.h), built on the host and uploaded once.
+  // The index buffer (engine_plan.h), built on the host and uploaded once. A pure decode step on a graph engine runs
+  // on its bucket's rows: sequences B … bucket − 1 are padding (below).
   const int64_t H = c.n_heads, h_out = c.differential ? H / 2 : H;
-  plan_ = make_plan(arena_.get("index"), N, B, cache_.blocks_for(opt_.max_context), H, h_out, M);
+  const int64_t bucket = decode_bucket(batch);
+  plan_ = make_plan(arena_.get("index"), bucket > 0 ? bucket : N, bucket > 0 ? bucket : B,
+                    cache_.blocks_for(opt_.max_context), H, h_out, bucket > 0 ? bucket : M);
   const StepPlan& p = plan_;
   host_index_.assign(static_cast<size_t>(p.used), 0);
   IndexWriter w(host_index_, p);
@@ -200,24 +229,106 @@ StepOutput Engine::step(Context ctx, std::span<const StepSequence> batch) {
     }
     row += n;
   }
-  w.set(p.q_offsets, B, N);
+  // Padding (docs/serving.md "CUDA graphs"): padding row j is a sequence of one position, token 0 at position 0, in
+  // reserved block n_blocks + j (no sequence holds those), so its cache write and attention touch no real sequence's
+  // rows and no other padding row's slot; its logit row is computed and dropped. Rows stay independent, so the real
+  // rows' values do not depend on the padding.
+  for (int64_t b = B; b < p.B; ++b) {  // a pure decode step: row b is sequence b's, logit row b too
+    const int64_t pad_block = opt_.n_blocks + (b - B);
+    w.set(p.tokens, b, 0);
+    w.set(p.positions, b, 0);
+    w.set(p.slots, b, pad_block * opt_.block_size);
+    w.set(p.q_offsets, b, b);
+    w.set(p.kv_lens, b, 1);
+    w.set(p.block_table, b * p.max_blocks, pad_block);
+    w.set(p.logit_rows, b, b);
+  }
+  w.set(p.q_offsets, p.B, p.N);
   w.fill_permutations();
   be_.upload(arena_.get("index").rows(0, p.used), host_index_.data());
 
   be_.set_gemm_precision(model_.plan().bf16_gemm() ? GemmPrecision::kBF16 : GemmPrecision::kF32);
+  if (bucket > 0) decode_graph_step(ctx, p, bucket);
+  else forward(ctx, p);
+  out.logits = scratch("logits", Shape{M, c.vocab_size});  // the real rows (padding rows come after them)
+  return out;
+}
+
+int64_t Engine::decode_bucket(std::span<const StepSequence> batch) const {
+  if (!graphs_ || !graph_error_.empty()) return 0;
+  for (const StepSequence& s : batch)
+    if (s.tokens.size() != 1 || s.logits == LogitRows::kNone) return 0;
+  int64_t bucket = 1;
+  while (bucket < static_cast<int64_t>(batch.size())) bucket *= 2;
+  bucket = std::min(bucket, opt_.max_batch);  // >= B: step() checked B <= max_batch
+  return bucket <= opt_.max_logit_rows ? bucket : 0;
+}
+
+void Engine::forward(Context ctx, const StepPlan& p) {
+  const ModelConfig& c = cfg_;
   if (c.n_layers > c.n_dense_layers)
     for (int64_t l = c.n_dense_layers; l < c.n_layers; ++l) be_.fill(ctx, {.out = expert_counts(l), .value = 0.0});
-  be_.embedding_fwd(ctx, {.out = scratch("h", Shape{N, c.dim}),
+  be_.embedding_fwd(ctx, {.out = scratch("h", Shape{p.N, c.dim}),
                           .tokens = p.tokens,
                           .table = param("embed.weight"),
                           .scale = c.embed_scale});
   for (int64_t l = 0; l < c.n_layers; ++l) {
-    layers_.attention(ctx, l, {.n = N, .positions = p.positions});
-    layers_.ffn(ctx, l, N, c.is_moe_layer(l) ? expert_counts(l) : Tensor{});
+    layers_.attention(ctx, l, {.n = p.N, .positions = p.positions});
+    layers_.ffn(ctx, l, p.N, c.is_moe_layer(l) ? expert_counts(l) : Tensor{});
   }
   head(ctx, p);
-  out.logits = scratch("logits", Shape{M, c.vocab_size});
-  return out;
+}
+
+// A graph keeps every op's arguments as recorded: for one bucket they are the same at every step — the rows, the
+// index views (make_plan lays them out from the bucket alone), the weights, scratch and cache pools (fixed arenas) —
+// except the backend's own workspaces, which may move when a larger step grows them (graph_epoch: then every graph
+// is dropped and recorded again, the workspaces now being large enough). What changes per step is memory contents:
+// the index buffer (uploaded before the replay, blocking) and the cache.
+void Engine::decode_graph_step(Context ctx, const StepPlan& p, int64_t bucket) {
+  const size_t i = bucket_index(bucket);
+  if (be_.graph_epoch() != graph_epoch_) {
+    for (std::unique_ptr<CapturedOps>& g : graphs_by_bucket_)
+      if (g != nullptr) {
+        g.reset();
+        --graphs_kept_;
+        ++graph_stats_.dropped;
+      }
+    graph_epoch_ = be_.graph_epoch();
+  }
+  std::unique_ptr<CapturedOps>& graph = graphs_by_bucket_[i];
+  const int64_t eager = bucket_eager_steps_[i];
+  // Recorded after an eager step of the bucket (first calls may initialise with blocking calls, workspaces grow to the
+  // bucket's size) and, while the backend still times GEMM algorithms, after graph_warmup_steps of them.
+  if (graph == nullptr && graphs_kept_ < opt_.max_graphs && be_.supports_graphs() && eager >= 1 &&
+      (eager >= opt_.graph_warmup_steps || !be_.tuning())) {
+    Context rec{};
+    try {
+      rec = be_.begin_capture(ctx);
+      forward(rec, p);
+      std::unique_ptr<CapturedOps> made = be_.end_capture(rec);
+      if (be_.graph_epoch() == graph_epoch_) {  // else a workspace moved while recording: recorded again next step
+        graph = std::move(made);
+        ++graphs_kept_;
+        ++graph_stats_.captures;
+      }
+    } catch (const Error& e) {  // an op that cannot be recorded: this engine decodes eagerly from now on
+      be_.abort_capture(rec);
+      graph_error_ = e.what();
+      std::fprintf(stderr, "[engine] recording the decode step of %lld rows as a graph failed, decoding eagerly: %s\n",
+                   static_cast<long long>(bucket), e.what());
+    } catch (...) {
+      be_.abort_capture(rec);
+      throw;
+    }
+  }
+  if (graph != nullptr) {
+    be_.replay(ctx, *graph);
+    ++graph_stats_.replays;
+    return;
+  }
+  forward(ctx, p);
+  ++bucket_eager_steps_[i];
+  ++graph_stats_.eager_padded;
 }
 
 void Engine::head(Context ctx, const StepPlan& p) {

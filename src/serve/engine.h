@@ -21,8 +21,16 @@
 // max_step_tokens rows shared by all layers (plan_decode_scratch), the RoPE tables up to max_context, the head-major
 // copies of W^UK (zero-padded to d_qk rows, so the absorption reads the full query) and W^UV per
 // layer, and the step's index buffer (uploaded once per step). Nothing allocates after construction.
+//
+// Graphs (docs/serving.md "CUDA graphs"): on a backend that records ops (CUDA in the bf16 GEMM mode), a pure decode
+// step — every sequence appends one token and wants its logits — runs on B rows padded up to a bucket (1, 2, 4, …,
+// max_batch) and, once that bucket has run eagerly, replays the recorded forward of the bucket (every layer, the
+// final norm and the head) with one launch. Everything a step changes is in the index buffer, uploaded before the
+// replay; the padding rows are sequences of one position, each in a reserved cache block (max_batch − 1 of them), and
+// their logits are dropped.
 #pragma once
 #include <cstdint>
+#include <memory>
 #include <span>
 #include <string>
 #include <unordered_map>
@@ -49,6 +57,24 @@ struct EngineOptions {
   // GEMMs; no FP8 grouped op exists), the absorbed W^UK / W^UV, the router and the head keep the
   // compute dtype. f32 models only.
   bool fp8_weights = false;
+  // Record and replay pure decode steps as graphs where the backend supports them (docs/serving.md "CUDA graphs"; CUDA
+  // in the bf16 GEMM mode); elsewhere, or false, every step launches its ops one by one.
+  bool cuda_graphs = true;
+  // Eager steps of a bucket before it is recorded while the backend still times GEMM algorithms
+  // (Backend::tuning(); lt_gemm.h: a shape called once a step settles within ~17 calls): a graph keeps the
+  // algorithms chosen when it was recorded. Once the backend is not tuning, one eager step suffices.
+  int64_t graph_warmup_steps = 32;
+  // Graphs kept at most, one per bucket (at most 1 + ceil(log2 max_batch) of them); a bucket past the bound runs
+  // eagerly on its padded rows. 0 records none: pure decode steps still run padded (a reference for tests).
+  int64_t max_graphs = 16;
+};
+
+// What the graphs of an engine did (tests, statistics).
+struct GraphStats {
+  int64_t captures = 0;      // graphs recorded
+  int64_t replays = 0;       // steps run as a replay (a recording's own step included)
+  int64_t eager_padded = 0;  // pure decode steps run eagerly on padded rows (a bucket's warm-up)
+  int64_t dropped = 0;       // graphs dropped because the backend's workspaces moved (Backend::graph_epoch)
 };
 
 // Which of a sequence's new positions get logits.
@@ -95,10 +121,25 @@ class Engine : private DecodeOps {
   StepOutput step(Context ctx, std::span<const StepSequence> batch);
 
   // Rows routed to each expert in the last step, i32 [n_routed_experts] (MoE layers only).
+  // In a padded decode step (docs/serving.md "CUDA graphs") the counts include the padding rows.
   Tensor expert_counts(int64_t layer) const;
   void refresh_weights();
 
+  // Whether pure decode steps are padded to buckets and replayed as graphs (EngineOptions::cuda_graphs and a
+  // backend that records ops in the model's GEMM mode); fixed at construction.
+  bool graphs_enabled() const { return graphs_; }
+  const GraphStats& graph_stats() const { return graph_stats_; }
+  // Why recording failed, when it did (graphs are then off for this engine); empty otherwise.
+  const std::string& graph_error() const { return graph_error_; }
+
  private:
+  // The rows a pure decode step of B sequences runs on: B padded up to its bucket; 0 when the step is not one, or
+  // graphs are off, or the bucket would exceed max_logit_rows.
+  int64_t decode_bucket(std::span<const StepSequence> batch) const;
+  // The forward on the planned rows: embedding, the layers, the head (everything a graph records).
+  void forward(Context ctx, const StepPlan& p);
+  // Runs the forward of a padded decode step of `bucket` rows: a replay, a recording then its replay, or eagerly.
+  void decode_graph_step(Context ctx, const StepPlan& p, int64_t bucket);
   void head(Context ctx, const StepPlan& p);
   // DecodeOps: y = x Wᵀ (+ beta·y), through the FP8 copy of w when there is one (engine.cpp); the rows' pool
   // slots and the absorbed attention as grouped GEMMs over head-major rows and paged_latent_attention
@@ -114,6 +155,7 @@ class Engine : private DecodeOps {
   const ModelConfig& cfg_;
   Backend& be_;
   EngineOptions opt_;
+  bool graphs_ = false;  // before cache_: a graph engine's cache reserves the padding rows' blocks
   PagedCache cache_;
   Arena arena_;
   DecodeLayers layers_;              // reads arena_'s scratch, calls back into this engine
@@ -124,6 +166,14 @@ class Engine : private DecodeOps {
   };
   std::unordered_map<const void*, Fp8Weight> fp8_;  // by the compute weight's address
   int64_t row_pad_ = 1;  // FP8 GEMMs on CUDA take M in multiples of 8: rows are padded up to this
+  // Graphs by bucket (index log2(bucket)), the eager padded steps each bucket has run, the backend's graph_epoch
+  // they were recorded under.
+  std::vector<std::unique_ptr<CapturedOps>> graphs_by_bucket_;
+  std::vector<int64_t> bucket_eager_steps_;
+  uint64_t graph_epoch_ = 0;
+  int64_t graphs_kept_ = 0;
+  GraphStats graph_stats_;
+  std::string graph_error_;
 };
 
 }  // namespace diffmoe::serve

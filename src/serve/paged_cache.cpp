@@ -4,14 +4,16 @@
 
 namespace diffmoe::serve {
 
-PagedCache::PagedCache(const ModelConfig& cfg, DType dtype, int64_t block_size, int64_t n_blocks, Allocator& alloc)
+PagedCache::PagedCache(const ModelConfig& cfg, DType dtype, int64_t block_size, int64_t n_blocks, Allocator& alloc,
+                       int64_t reserved)
     : block_size_(block_size), n_blocks_(n_blocks), row_width_(cfg.kv_lora_rank + cfg.qk_rope_head_dim) {
-  DIFFMOE_CHECK(block_size >= 1 && n_blocks >= 1, "[paged_cache] block_size {} and n_blocks {} must be >= 1",
-                block_size, n_blocks);
-  DIFFMOE_CHECK(n_blocks <= INT32_MAX / block_size, "[paged_cache] {} blocks of {} rows: slots must fit in i32",
-                n_blocks, block_size);
+  DIFFMOE_CHECK(block_size >= 1 && n_blocks >= 1 && reserved >= 0,
+                "[paged_cache] block_size {} and n_blocks {} must be >= 1, reserved blocks {} >= 0", block_size,
+                n_blocks, reserved);
+  DIFFMOE_CHECK(n_blocks + reserved <= INT32_MAX / block_size,
+                "[paged_cache] {} blocks of {} rows: slots must fit in i32", n_blocks + reserved, block_size);
   for (int64_t l = 0; l < cfg.n_layers; ++l)
-    arena_.add(fmt::format("pool.{}", l), Shape{n_blocks, block_size, row_width_}, dtype);
+    arena_.add(fmt::format("pool.{}", l), Shape{n_blocks + reserved, block_size, row_width_}, dtype);
   arena_.allocate(alloc);
   for (int64_t l = 0; l < cfg.n_layers; ++l) layers_.push_back(arena_.get(fmt::format("pool.{}", l)));
   free_.reserve(static_cast<size_t>(n_blocks));

@@ -19,8 +19,10 @@ namespace diffmoe::serve {
 class PagedCache {
  public:
   // Pools of `n_blocks` blocks of `block_size` rows for every layer of `cfg`, in `dtype`, allocated
-  // with `alloc` (the backend's).
-  PagedCache(const ModelConfig& cfg, DType dtype, int64_t block_size, int64_t n_blocks, Allocator& alloc);
+  // with `alloc` (the backend's). `reserved` more blocks, ids n_blocks … n_blocks + reserved − 1, are in the
+  // pools but never handed out nor counted (the engine's padding rows write there, docs/serving.md "CUDA graphs").
+  PagedCache(const ModelConfig& cfg, DType dtype, int64_t block_size, int64_t n_blocks, Allocator& alloc,
+             int64_t reserved = 0);
 
   int64_t block_size() const { return block_size_; }
   int64_t total_blocks() const { return n_blocks_; }
@@ -45,7 +47,7 @@ class PagedCache {
   std::span<const int32_t> blocks(int64_t seq) const;
   // The pool row of position `pos` of the sequence: block · block_size + pos % block_size.
   int32_t slot(int64_t seq, int64_t pos) const;
-  // Layer l's pool [n_blocks, block_size, r_kv + d_rope].
+  // Layer l's pool [n_blocks + reserved, block_size, r_kv + d_rope].
   Tensor layer(int64_t l) const { return layers_[static_cast<size_t>(l)]; }
 
  private:

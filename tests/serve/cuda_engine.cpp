@@ -4,12 +4,18 @@
 // sequences joining late and released), every logit row compared; in f32, in the bf16 GEMM mode,
 // and with FP8 weights (Hopper only; the rows padded to cuBLASLt's multiples of 8). And
 // `diffmoe bench --engine serve` on CUDA (serve/bench_decode.h): timed, bounded and compared.
+// CUDA graphs (docs/serving.md "CUDA graphs"): graph_test_util.h's scenario on the GPU — replayed pure decode steps
+// give bitwise the logits of the same padded steps run eagerly, and an engine without graphs' logits up to summation
+// order, in the bf16 GEMM mode with and without FP8 weights; the f32 mode runs without graphs.
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <cstdlib>
+#include <string>
 
 #include "backend/backend_registry.h"
 #include "cuda_test_util.h"
+#include "graph_test_util.h"
 #include "model/micro_config.h"
 #include "serve/bench_decode.h"
 #include "serve/engine.h"
@@ -176,6 +182,125 @@ TEST(CudaEngine, BenchDecodeEngineRuns) {
   if (!fp8) {
     EXPECT_EQ(r.agreement->token_agreement, 1.0);
   }
+}
+
+// Sets an environment variable for a scope (the backend reads DIFFMOE_GEMM_AUTOTUNE at construction).
+class ScopedEnv {
+ public:
+  ScopedEnv(const char* name, const char* value) : name_(name) {
+    const char* old = std::getenv(name);
+    had_ = old != nullptr;
+    if (had_) old_ = old;
+    setenv(name, value, 1);
+  }
+  ~ScopedEnv() {
+    if (had_) setenv(name_, old_.c_str(), 1);
+    else unsetenv(name_);
+  }
+  ScopedEnv(const ScopedEnv&) = delete;
+  ScopedEnv& operator=(const ScopedEnv&) = delete;
+
+ private:
+  const char* name_;
+  bool had_ = false;
+  std::string old_;
+};
+
+struct GraphCase {
+  const char* name;
+  Precision precision;
+  bool fp8;
+  bool graphs;  // whether the backend records in this mode
+};
+
+// Three engines on one model and backend (graph_test_util.h): g with graphs, e with the same padded steps eager
+// (max_graphs = 0), o without graphs. The GEMM algorithms are fixed (DIFFMOE_GEMM_AUTOTUNE=0), so g and e run the same
+// kernels on the same shapes: bitwise equal. e and o differ in the GEMMs' row counts, which may change cuBLASLt's
+// algorithm (another f32 summation order): 1e-4 per row, as the f32 engine check above.
+void check_graph_engine(const GraphCase& c) {
+  const ScopedEnv fixed("DIFFMOE_GEMM_AUTOTUNE", "0");
+  auto gpu = make_backend("cuda");
+  Model dev(test::serve_config(), *gpu, DType::kF32, {.precision = c.precision});
+  diffmoe::test::randomize_for_test(dev, 31);
+  const EngineOptions opt{
+      .max_batch = 8, .max_step_tokens = 24, .block_size = 4, .fp8_weights = c.fp8, .graph_warmup_steps = 1};
+  EngineOptions eager = opt, off = opt;
+  eager.max_graphs = 0;
+  off.cuda_graphs = false;
+  Engine g(dev, opt), e(dev, eager), o(dev, off);
+  ASSERT_EQ(g.graphs_enabled(), c.graphs) << c.name;
+  ASSERT_FALSE(o.graphs_enabled());
+  const test::GraphScenario r = test::run_graph_scenario(g, e, o);
+  const GraphStats& s = g.graph_stats();
+  std::printf(
+      "[cuda-engine graphs] %s: %lld steps, %lld pure decode in %zu buckets; g vs e %lld of %lld rows differ; g vs o "
+      "%.3e; captures %lld, replays %lld, eager padded %lld, dropped %lld%s%s\n",
+      c.name, static_cast<long long>(r.steps), static_cast<long long>(r.pure_steps), r.buckets.size(),
+      static_cast<long long>(r.mismatched_rows), static_cast<long long>(r.rows), r.worst_vs_unpadded,
+      static_cast<long long>(s.captures), static_cast<long long>(s.replays), static_cast<long long>(s.eager_padded),
+      static_cast<long long>(s.dropped), g.graph_error().empty() ? "" : "; error: ", g.graph_error().c_str());
+  EXPECT_EQ(r.buckets, (std::set<int64_t>{1, 2, 4, 8})) << "the scenario covers every bucket";
+  EXPECT_EQ(r.mismatched_rows, 0) << c.name << ": first at " << r.first_mismatch;
+  EXPECT_LE(r.worst_vs_unpadded, c.fp8 ? 1e-2 : 1e-4) << c.name;
+  EXPECT_TRUE(g.graph_error().empty()) << g.graph_error();
+  if (c.graphs) {
+    // Every bucket recorded (again after a workspace move), and most pure decode steps replayed.
+    EXPECT_GE(s.captures, static_cast<int64_t>(r.buckets.size()));
+    EXPECT_EQ(s.captures, static_cast<int64_t>(r.buckets.size()) + s.dropped);
+    EXPECT_EQ(s.replays + s.eager_padded, r.pure_steps);
+    EXPECT_GE(s.replays, r.pure_steps / 2);
+  } else {
+    EXPECT_EQ(s.captures + s.replays + s.eager_padded, 0);
+  }
+  EXPECT_EQ(e.graph_stats().captures, 0);
+  EXPECT_EQ(g.cache().free_blocks(), g.cache().total_blocks());
+}
+
+TEST(CudaEngineGraphs, ReplayMatchesEagerBf16) {
+  DIFFMOE_REQUIRE_CUDA();
+  check_graph_engine({"bf16", Precision::kBF16, false, true});
+}
+
+TEST(CudaEngineGraphs, ReplayMatchesEagerFp8Weights) {
+  DIFFMOE_REQUIRE_CUDA();
+  try {
+    check_graph_engine({"bf16 + fp8 weights", Precision::kBF16, true, true});
+  } catch (const Error& e) {
+    if (std::string(e.what()).find("runs on compute capability 9.x") == std::string::npos) throw;
+    GTEST_SKIP() << e.what();
+  }
+}
+
+// The f32 mode's grouped GEMMs read their offsets to the host (gemm_ops.cu): no graphs, every step eager, unpadded.
+TEST(CudaEngineGraphs, F32ModeRunsEagerly) {
+  DIFFMOE_REQUIRE_CUDA();
+  check_graph_engine({"f32", Precision::kF32, false, false});
+}
+
+// With cuBLASLt timing its algorithms (the default), graphs wait for graph_warmup_steps eager steps of a bucket while
+// the backend tunes; a replay then runs the algorithms chosen by then, so it is compared with a tolerance only.
+TEST(CudaEngineGraphs, AutotuneWarmupThenReplays) {
+  DIFFMOE_REQUIRE_CUDA();
+  const ScopedEnv tuned("DIFFMOE_GEMM_AUTOTUNE", "1");
+  auto gpu = make_backend("cuda");
+  Model dev(test::serve_config(), *gpu, DType::kF32, {.precision = Precision::kBF16});
+  diffmoe::test::randomize_for_test(dev, 32);
+  const EngineOptions opt{.max_batch = 8, .max_step_tokens = 24, .block_size = 4, .graph_warmup_steps = 4};
+  EngineOptions eager = opt, off = opt;
+  eager.max_graphs = 0;
+  off.cuda_graphs = false;
+  Engine g(dev, opt), e(dev, eager), o(dev, off);
+  ASSERT_TRUE(g.graphs_enabled());
+  const test::GraphScenario r = test::run_graph_scenario(g, e, o);
+  const GraphStats& s = g.graph_stats();
+  std::printf("[cuda-engine graphs] autotune: g vs o %.3e; captures %lld, replays %lld, eager padded %lld\n",
+              r.worst_vs_unpadded, static_cast<long long>(s.captures), static_cast<long long>(s.replays),
+              static_cast<long long>(s.eager_padded));
+  EXPECT_LE(r.worst_vs_unpadded, 1e-4);
+  EXPECT_GE(s.captures, 1);
+  EXPECT_GE(s.replays, 1);
+  EXPECT_EQ(s.replays + s.eager_padded, r.pure_steps);
+  EXPECT_TRUE(g.graph_error().empty()) << g.graph_error();
 }
 
 }  // namespace

@@ -101,6 +101,7 @@ CudaBackend::~CudaBackend() {
     for (cudaEvent_t e : profile_free_events_) (void)cudaEventDestroy(e);
   }
   if (cublas_ != nullptr) (void)cublasDestroy(cublas_);
+  if (capture_stream_ != nullptr) (void)cudaStreamDestroy(capture_stream_);
 }
 
 // ---------------------------------------------------------------- op profile
@@ -267,13 +268,18 @@ cublasHandle_t CudaBackend::cublas(cudaStream_t s) {
   return cublas_;
 }
 
+// A growing workspace moves: graphs recorded with its old address are stale (graph_epoch).
 void* CudaBackend::scratch(size_t bytes) {
+  const void* before = scratch_.get();
   scratch_.reserve(bytes);
+  if (scratch_.get() != before) ++graph_epoch_;
   return scratch_.get();
 }
 
 void* CudaBackend::gemm_bf16_scratch(size_t bytes) {
+  const void* before = gemm_bf16_scratch_.get();
   gemm_bf16_scratch_.reserve(bytes);
+  if (gemm_bf16_scratch_.get() != before) ++graph_epoch_;
   return gemm_bf16_scratch_.get();
 }
 

@@ -36,6 +36,16 @@
 //   attention_bwd's dk/dv (atomicAdd over query rows): f32 atomics whose order varies in the last
 //   bits; and the bf16 mode's dense gemm, whose cuBLASLt algorithm is chosen by timing (lt_gemm.h):
 //   DIFFMOE_GEMM_AUTOTUNE=0 fixes it.
+// - Graphs (Backend::supports_graphs; docs/serving.md "CUDA graphs"): ops are recorded on a backend-owned non-blocking
+// stream
+//   (the legacy default stream cannot be captured) in cudaStreamCaptureModeThreadLocal — a call from this thread
+//   that would wait for the device or allocate (a grouped GEMM's host read of its offsets, a workspace growing) fails
+//   the recording loudly instead of being left out of it, while other threads stay free to use CUDA — then
+//   instantiated (cudaGraphInstantiate) and launched on the caller's stream (cudaGraphLaunch). Recording needs the
+//   bf16 GEMM mode with the device-scheduled grouped kernels, and no profiling (its events would be recorded too).
+//   graph_epoch() counts reallocations of the scratch workspaces (scratch, gemm_bf16_scratch), whose addresses a
+//   graph keeps. The first call of an op family may initialise something with a blocking call (the sm_90a probe of
+//   the grouped kernel, cuBLAS's lazy set-up): callers run a pass eagerly before recording it.
 // - Profiling: DIFFMOE_CUDA_PROFILE=1 (read once, at construction) times every op with a pair of
 //   cudaEvents on its stream (OpScope, opened first thing in each op method) and prints a table
 //   per op at print_profile() or destruction (op_profiler.h), then the cuBLASLt algorithms chosen
@@ -156,6 +166,12 @@ class CudaBackend final : public Backend, public OpProfiler {
   void cross_entropy_bwd(Context ctx, const CrossEntropyBwdArgs& a) override;
   void adamw(Context ctx, const AdamWArgs& a) override;  // optim_ops.cu
   void adamw_multi(Context ctx, const AdamWMultiArgs& a) override;
+  bool supports_graphs() const override;  // cuda_graph.cpp
+  Context begin_capture(Context ctx) override;
+  std::unique_ptr<CapturedOps> end_capture(Context capture) override;
+  void abort_capture(Context capture) noexcept override;
+  void replay(Context ctx, const CapturedOps& ops) override;
+  uint64_t graph_epoch() const override { return graph_epoch_; }
   void set_gemm_precision(GemmPrecision p) override { gemm_precision_ = p; }
   GemmPrecision gemm_precision() const override { return gemm_precision_; }
 
@@ -169,6 +185,9 @@ class CudaBackend final : public Backend, public OpProfiler {
   size_t gemm_bf16_scratch_bytes() const { return gemm_bf16_scratch_.bytes(); }
   DeviceIssue* issue() const { return static_cast<DeviceIssue*>(issue_.get()); }
   int multiprocessors() const { return sm_count_; }
+  // Whether grouped_gemm reads its group offsets to the host now (the f32 mode's per-group path, or a device whose
+  // shared memory the grouped kernels do not fit): such calls cannot be recorded into a graph (gemm_ops.cu).
+  bool grouped_gemm_reads_offsets() const;
   int64_t adamw_table_uploads() const { return adamw_table_.uploads(); }  // adamw_multi's (tests)
   size_t max_shared_bytes() const { return max_smem_optin_; }             // per block, after opt-in
   // Copies an i32 device tensor to host memory owned by the backend (stream sync): grouped GEMMs.
@@ -208,6 +227,8 @@ class CudaBackend final : public Backend, public OpProfiler {
   std::vector<int32_t> host_staging_;
   AdamWMultiTable adamw_table_;  // adamw_multi's entry table, uploaded when the list changes
   AttentionKernel attention_kernel_ = AttentionKernel::kFlash;
+  cudaStream_t capture_stream_ = nullptr;  // graphs are recorded here (cuda_graph.cpp); made on first use
+  uint64_t graph_epoch_ = 0;               // scratch_ / gemm_bf16_scratch_ reallocations
 
   struct ProfileStat {
     const char* op;       // an op's name, or a DetailScope's (in profile_detail_names_)

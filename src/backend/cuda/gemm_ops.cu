@@ -266,6 +266,10 @@ int to_int(int64_t v, std::string_view op) {
 
 }  // namespace
 
+bool CudaBackend::grouped_gemm_reads_offsets() const {
+  return gemm_precision() != GemmPrecision::kBF16 || !grouped_kernels_fit(*this);
+}
+
 // C = alpha·op(A)·op(B) + beta·addend (addend = C when not given);  op(A) [m,k], op(B) [k,n], C [m,n].
 void CudaBackend::gemm(Context ctx, const GemmArgs& a) {
   const OpScope profile_scope(*this, stream(ctx), "gemm");
