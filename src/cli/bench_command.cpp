@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <cerrno>
 #include <cstring>
+#include <optional>
 
 #include "backend/backend_registry.h"
 #include "backend/cuda/op_profiler.h"
@@ -31,7 +32,7 @@ struct BenchArgs {
   int64_t batch = -1, seq = -1, prompt_len = -1, new_tokens = -1;
   int steps = -1, warmup = -1, repeats = -1;
   double peak_tflops = -1;
-  bool no_train = false, no_decode = false, no_verify = false;
+  bool no_train = false, no_decode = false, no_verify = false, no_cuda_graphs = false;
   uint64_t seed = 1234;
 };
 
@@ -46,6 +47,8 @@ int run_bench(const BenchArgs& a) {
   DIFFMOE_CHECK(a.weights == "model" || a.weights == "fp8", "--weights: '{}' is not one of model, fp8", a.weights);
   DIFFMOE_CHECK(a.weights == "model" || a.engine == "serve",
                 "--weights fp8 needs --engine serve (the generator decodes with the model's weights)");
+  DIFFMOE_CHECK(!a.no_cuda_graphs || a.engine == "serve",
+                "--no-cuda-graphs applies to --engine serve (the generator records no graphs)");
   DIFFMOE_CHECK(a.agreement_prompts == -1 || a.agreement_prompts >= 1,
                 "--agreement-prompts: must be >= 1 (greedy sequences compared), got {}", a.agreement_prompts);
   auto be = make_backend(a.device);
@@ -90,13 +93,17 @@ int run_bench(const BenchArgs& a) {
                 "--prompt-len {} + --new-tokens {}: each >= 1, together at most max_seq_len = {}", o.prompt_len,
                 o.new_tokens, cfg.max_seq_len);
 
+  // The serving engine is kept between the runs of a case, so that its timed runs replay the CUDA graphs
+  // the untimed run recorded (serve/bench_decode.h).
+  std::optional<serve::EngineDecodeBench> engine_bench;
   if (a.engine == "serve") {
-    const serve::BenchEngineOptions eo{.fp8_weights = a.weights == "fp8"};
-    o.decode_engine = [eo](Model& m, const DecodeCase& c) { return serve::time_engine_decode(m, c, eo); };
+    const serve::BenchEngineOptions eo{.fp8_weights = a.weights == "fp8", .cuda_graphs = !a.no_cuda_graphs};
+    engine_bench.emplace(eo);
+    o.decode_engine = *engine_bench;
     o.engine_stored_bytes = serve::engine_stored_bytes(*model, eo);
     // The same engine on the model's weights: the reference of the greedy agreement.
     if (eo.fp8_weights || a.agreement_prompts >= 1)
-      o.reference_engine = [](Model& m, const DecodeCase& c) { return serve::time_engine_decode(m, c, {}); };
+      o.reference_engine = serve::EngineDecodeBench(serve::BenchEngineOptions{.cuda_graphs = eo.cuda_graphs});
   } else if (a.agreement_prompts >= 1) {
     o.reference_engine = time_generator_decode;  // the generator against itself: a determinism check
   }
@@ -120,6 +127,13 @@ int run_bench(const BenchArgs& a) {
              a.config.empty() ? a.checkpoint : a.config, a.device, a.precision, static_cast<double>(pc.total) / 1e6,
              static_cast<double>(pc.active) / 1e6, a.engine, a.weights);
   const BenchReport r = run_benchmark(*model, o, [](std::string_view s) { fmt::print("{}\n", s); });
+  std::optional<serve::GraphStats> graphs;
+  if (engine_bench && !a.no_decode) {
+    graphs = engine_bench->graph_stats();
+    fmt::print("serve engine CUDA graphs{}: {} recorded, {} replayed steps, {} eager padded steps{}\n",
+               a.no_cuda_graphs ? " (--no-cuda-graphs)" : "", graphs->captures, graphs->replays, graphs->eager_padded,
+               engine_bench->graph_error().empty() ? "" : "; recording failed: " + engine_bench->graph_error());
+  }
   if (!a.report.empty()) {
     nlohmann::ordered_json j;
     j["model"] = source;
@@ -129,6 +143,12 @@ int run_bench(const BenchArgs& a) {
     j["precision"] = std::string(precision_name(model->plan().mode()));
     const nlohmann::ordered_json b = bench_json(r);
     for (const auto& [k, v] : b.items()) j[k] = v;
+    if (graphs)
+      j["cuda_graphs"] = {{"enabled", !a.no_cuda_graphs},
+                          {"recorded", graphs->captures},
+                          {"replayed_steps", graphs->replays},
+                          {"eager_padded_steps", graphs->eager_padded},
+                          {"error", engine_bench->graph_error()}};
     const std::string text = j.dump(2) + "\n";
     io::check_output_path(a.report, "bench report");
     const io::Failure f =
@@ -155,6 +175,9 @@ void add_bench_command(CLI::App& app, std::function<int()>& run) {
   cmd->add_option(
       "--weights", a->weights,
       "decode: model (default: the precision's weights) or fp8 (e4m3 dense Linear weights; --engine serve)");
+  cmd->add_flag("--no-cuda-graphs", a->no_cuda_graphs,
+                "decode, --engine serve: run every step eagerly (default: replay CUDA graphs of decode steps where "
+                "the backend records them; docs/serving.md)");
   cmd->add_option("--agreement-prompts", a->agreement_prompts,
                   "decode: greedy tokens of this many prompts compared with the model weights' (default with "
                   "--weights fp8: the largest decode batch)");

@@ -27,19 +27,21 @@ int64_t experts_hit(const Engine& engine) {
   return hit;
 }
 
-}  // namespace
-
-DecodeTiming time_engine_decode(Model& model, const DecodeCase& c, const BenchEngineOptions& opt) {
-  const ModelConfig& cfg = model.config();
-  check_decode_case(cfg, c);
-  Backend& be = model.backend();
+EngineOptions engine_options(const DecodeCase& c, const BenchEngineOptions& opt) {
   // Room for exactly this case: the prefill step packs every prompt; a decode step has one row per sequence.
-  Engine engine(model, EngineOptions{.max_batch = c.batch,
-                                     .max_step_tokens = c.batch * c.prompt_len,
-                                     .max_context = c.prompt_len + c.new_tokens,
-                                     .block_size = opt.block_size,
-                                     .max_logit_rows = c.batch,
-                                     .fp8_weights = opt.fp8_weights});
+  return EngineOptions{.max_batch = c.batch,
+                       .max_step_tokens = c.batch * c.prompt_len,
+                       .max_context = c.prompt_len + c.new_tokens,
+                       .block_size = opt.block_size,
+                       .max_logit_rows = c.batch,
+                       .fp8_weights = opt.fp8_weights,
+                       .cuda_graphs = opt.cuda_graphs};
+}
+
+// One run of the case on `engine`: its sequences are added, prefilled, decoded and released.
+DecodeTiming run_case(Engine& engine, const DecodeCase& c) {
+  const ModelConfig& cfg = engine.config();
+  Backend& be = engine.backend();
   const std::vector<int32_t> prompt = decode_prompt(cfg, c);
   std::vector<int64_t> seqs;
   std::vector<StepSequence> batch;
@@ -71,11 +73,63 @@ DecodeTiming time_engine_decode(Model& model, const DecodeCase& c, const BenchEn
   }
   be.synchronize({});
   t.decode_s = seconds_since(t0);
+  for (const int64_t s : seqs) engine.release(s);
   if (c.count_experts && moe)
     t.experts_per_layer =
         static_cast<double>(hit) / static_cast<double>(c.new_tokens * (cfg.n_layers - cfg.n_dense_layers));
   return t;
 }
+
+void add_stats(GraphStats& sum, const GraphStats& s) {
+  sum.captures += s.captures;
+  sum.replays += s.replays;
+  sum.eager_padded += s.eager_padded;
+  sum.dropped += s.dropped;
+}
+
+}  // namespace
+
+DecodeTiming time_engine_decode(Model& model, const DecodeCase& c, const BenchEngineOptions& opt) {
+  check_decode_case(model.config(), c);
+  Engine engine(model, engine_options(c, opt));
+  return run_case(engine, c);
+}
+
+struct EngineDecodeBench::State {
+  BenchEngineOptions opt;
+  const Model* model = nullptr;
+  DecodeCase key;
+  std::unique_ptr<Engine> engine;
+  GraphStats done;  // of the engines dropped so far
+  std::string error;
+};
+
+EngineDecodeBench::EngineDecodeBench(BenchEngineOptions opt) : state_(std::make_shared<State>()) { state_->opt = opt; }
+
+DecodeTiming EngineDecodeBench::operator()(Model& model, const DecodeCase& c) {
+  check_decode_case(model.config(), c);
+  State& s = *state_;
+  const bool same = s.engine && s.model == &model && s.key.batch == c.batch && s.key.prompt_len == c.prompt_len &&
+                    s.key.new_tokens == c.new_tokens;
+  if (!same) {
+    if (s.engine) add_stats(s.done, s.engine->graph_stats());
+    s.engine.reset();  // its cache and arena first: the next engine may need the memory
+    s.engine = std::make_unique<Engine>(model, engine_options(c, s.opt));
+    s.model = &model;
+    s.key = c;
+  }
+  DecodeTiming t = run_case(*s.engine, c);
+  if (!s.engine->graph_error().empty()) s.error = s.engine->graph_error();
+  return t;
+}
+
+GraphStats EngineDecodeBench::graph_stats() const {
+  GraphStats sum = state_->done;
+  if (state_->engine) add_stats(sum, state_->engine->graph_stats());
+  return sum;
+}
+
+std::string EngineDecodeBench::graph_error() const { return state_->error; }
 
 std::unordered_map<std::string, int64_t> engine_stored_bytes(const Model& model, const BenchEngineOptions& opt) {
   const ModelConfig& c = model.config();

@@ -52,6 +52,27 @@ TEST(BenchDecode, ServeEngineChoosesTheGeneratorsTokens) {
   EXPECT_THROW(time_engine_decode(*m, DecodeCase{.batch = 0, .prompt_len = 2, .new_tokens = 1}, {}), Error);
 }
 
+// EngineDecodeBench keeps one engine per case shape: runs of the same case reuse it (its cache holds
+// no sequence between runs) and give the one-shot engine's tokens; another shape builds a new engine.
+// On the CPU nothing is recorded (the backend has no graphs) and no recording error is kept.
+TEST(BenchDecode, KeptEngineRunsEachCaseAsAFreshOne) {
+  CpuBackend be;
+  auto m = bench_model(be);
+  EngineDecodeBench bench(BenchEngineOptions{});
+  const DecodeEngine engine = bench;  // copies share the kept engine
+  const DecodeCase c{.batch = 3, .prompt_len = 5, .new_tokens = 6, .seed = 77};
+  const DecodeTiming once = time_engine_decode(*m, c, {});
+  for (int run = 0; run < 3; ++run) EXPECT_EQ(engine(*m, c).tokens, once.tokens) << "run " << run;
+  const DecodeCase wider{.batch = 4, .prompt_len = 7, .new_tokens = 3, .seed = 5};
+  EXPECT_EQ(bench(*m, wider).tokens, time_engine_decode(*m, wider, {}).tokens);
+  EXPECT_EQ(engine(*m, c).tokens, once.tokens) << "back to the first shape";
+  const GraphStats g = bench.graph_stats();
+  EXPECT_EQ(g.captures, 0);
+  EXPECT_EQ(g.replays, 0);
+  EXPECT_TRUE(bench.graph_error().empty());
+  EXPECT_THROW(bench(*m, DecodeCase{.batch = 1, .prompt_len = 60, .new_tokens = 5}), Error) << "past max_seq_len";
+}
+
 // The experts the decode steps read: between top_k (one sequence) and min(E, batch·top_k).
 TEST(BenchDecode, CountsTheExpertsRead) {
   CpuBackend be;
