@@ -1,7 +1,7 @@
 // CUDA vs CPU for the serving engine's ops (cuda_dual.h harness): paged_cache_write,
 // paged_latent_attention (tiles of 16 keys and chunks of 8 heads: lengths and head counts that are
 // not multiples of either, a sequence with no query rows, blocks in scrambled order, several key
-// tiles per row) and rope with per-row positions; plus the device-side checks of their indices.
+// tiles per row; decode rows over long contexts, whose keys are split over blocks) and rope with per-row positions; plus the device-side checks of their indices.
 #include "cuda_dual.h"
 
 #include <numeric>
@@ -79,6 +79,11 @@ TEST(CudaPaged, LatentAttentionMatchesCpu) {
   check_paged(false, 3, 9, 4, 4, mixed);                   // plain, odd head count
   check_paged(true, 20, 33, 6, 3, mixed);                  // 3 head chunks (8 + 8 + 4), r_kv not a multiple of a warp
   check_paged(true, 16, 512, 64, 16, {{70, 33}, {2, 1}});  // seed-20b's row width (72 KiB of shared memory)
+  // Decode rows over long contexts: few (row, head chunk) blocks, so the keys are split over blocks and merged
+  // (the kernel's split path: 19 splits of 32 keys here, most of them empty for the short sequences).
+  check_paged(true, 16, 64, 8, 16, {{600, 1, 77, 300, 33}, {1, 1, 1, 2, 0}});
+  check_paged(false, 5, 40, 8, 7, {{1000, 3}, {1, 1}});
+  check_paged(true, 16, 256, 32, 16, {{540}, {1}});  // the bench preset's decode at batch 1 (r_kv 256, d_rope 32)
 }
 
 TEST(CudaPaged, CacheWriteMatchesCpu) {

@@ -15,7 +15,18 @@
 // At the end out[g, n] = acc_{2g}/l_{2g} − λ·acc_{2g+1}/l_{2g+1} (latent-space subtraction), or
 // acc_g/l_g for plain heads. Shared memory does not grow with the context (it does in
 // latent_attention_ops.cu); it is (H_b + kTile)·(r_kv + d_rope) + H_b·(kTile + r_kv + 3) floats.
-// f32 throughout; sums run in a fixed order per block, so results are reproducible run to run.
+// Split keys (flash-decoding): a decode step has few query rows (one per sequence), so rows × head
+// chunks blocks leave most SMs idle while each walks the whole context (batch 1 of the bench preset:
+// 2 blocks, 1.3 ms per layer). When that grid is below the SM count, each (row, head chunk) is split
+// into S blocks over the keys (S from the block table's capacity, which the host knows, so a captured
+// graph stays valid for any lengths; split k takes keys [k·c, (k+1)·c) ∩ [0, p], c = ⌈(p+1)/S⌉
+// rounded up to a tile). Each writes its unnormalised acc, m and l to the scratch workspace, and
+// paged_attention_combine_kernel merges the splits in split order: M = max_k m_k, L = Σ_k l_k e^{m_k−M},
+// o = Σ_k acc_k e^{m_k−M} / L (an empty split has m = −∞, l = 0 and adds nothing), then the
+// differential subtraction.
+// f32 throughout; sums run in a fixed order per block (and per split), so results are reproducible run to run.
+#include <algorithm>
+
 #include "backend/cuda/cuda_common.cuh"
 #include "backend/op_validation.h"
 
@@ -28,13 +39,22 @@ constexpr int kPagedThreads = 128;
 constexpr int kPagedWarps = kPagedThreads / kWarp;
 constexpr int kTile = 16;          // key rows per tile
 constexpr int kHeadsPerBlock = 8;  // component heads per block (at most)
+constexpr int64_t kSplitMinKeys = 32;  // keys per split at least (two tiles): a split must amortise its partial's write
+constexpr int64_t kMaxSplits = 64;
+constexpr int kCombineThreads = 128;
 static_assert(kHeadsPerBlock % 2 == 0, "a differential pair of components must stay in one block");
 static_assert(kHeadsPerBlock <= kPagedThreads, "one thread per head runs the online-softmax update");
 
 struct PagedShape {
   int64_t rows, batch, heads, r_kv, row_w, q_rope_width, q_rope_offset, n_blocks, block_size, max_blocks;
   int comps;
+  int64_t splits;  // key splits per (row, head chunk): 1 writes `out`, more write partials (the file comment)
 };
+
+// The partial of (row n, component head j, split k) in the workspace: acc [r_kv], then m and l.
+__host__ __device__ inline int64_t partial_offset(const PagedShape& sh, int64_t n, int64_t j, int64_t k) {
+  return ((n * sh.heads + j) * sh.splits + k) * (sh.r_kv + 2);
+}
 
 // Floats of shared memory for a block of hb heads (the layout of paged_attention_kernel).
 size_t paged_smem_floats(int64_t hb, int64_t row_w, int64_t r_kv) {
@@ -55,7 +75,7 @@ __device__ int64_t find_sequence(const int32_t* q_offsets, int64_t batch, int64_
 __global__ void __launch_bounds__(kPagedThreads)
     paged_attention_kernel(float* out, const float* q_lat, const float* q_rope, const float* cache, const float* lambda,
                            const int32_t* block_table, const int32_t* kv_lens, const int32_t* q_offsets, PagedShape sh,
-                           float scale, DeviceIssue* issue) {
+                           float scale, float* partials, DeviceIssue* issue) {
   extern __shared__ float smem[];
   __shared__ int64_t row_base[kTile];  // pool offset (in floats) of each key row of the tile
   const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
@@ -103,8 +123,15 @@ __global__ void __launch_bounds__(kPagedThreads)
     l_s[threadIdx.x] = 0.0f;
   }
 
-  for (int64_t s0 = 0; s0 <= last; s0 += kTile) {
-    const int ns = static_cast<int>(min(int64_t{kTile}, last + 1 - s0));
+  // This block's keys [s_begin, s_end) of 0 … last (all of them without splits).
+  int64_t s_begin = 0, s_end = last + 1;
+  if (sh.splits > 1) {
+    const int64_t per = ((last + 1 + sh.splits - 1) / sh.splits + kTile - 1) / kTile * kTile;
+    s_begin = min(int64_t{blockIdx.z} * per, last + 1);
+    s_end = min(s_begin + per, last + 1);
+  }
+  for (int64_t s0 = s_begin; s0 < s_end; s0 += kTile) {
+    const int ns = static_cast<int>(min(int64_t{kTile}, s_end - s0));
     if (static_cast<int>(threadIdx.x) < ns) {
       const int64_t s = s0 + threadIdx.x, i = s / sh.block_size;
       const int32_t blk = blocks[i];
@@ -155,6 +182,13 @@ __global__ void __launch_bounds__(kPagedThreads)
     // The next tile's first barrier orders these reads of k_s and p_s before they are overwritten.
   }
   __syncthreads();
+  if (sh.splits > 1) {  // the unnormalised partial; paged_attention_combine_kernel finishes
+    for (int64_t idx = threadIdx.x; idx < hb * (r_kv + 2); idx += blockDim.x) {
+      const int64_t h = idx / (r_kv + 2), i = idx % (r_kv + 2);
+      partials[partial_offset(sh, n, h0 + h, blockIdx.z) + i] = i < r_kv ? acc[h * r_kv + i] : i == r_kv ? m_s[h] : l_s[h];
+    }
+    return;
+  }
   const int64_t g0 = h0 / sh.comps, gb = hb / sh.comps;
   const float minus_lambda = sh.comps == 2 ? -lambda[0] : 0.0f;
   for (int64_t idx = threadIdx.x; idx < gb * r_kv; idx += blockDim.x) {
@@ -162,6 +196,33 @@ __global__ void __launch_bounds__(kPagedThreads)
     float v = acc[(sh.comps * g) * r_kv + i] / l_s[sh.comps * g];
     if (sh.comps == 2) v += minus_lambda * (acc[(2 * g + 1) * r_kv + i] / l_s[2 * g + 1]);
     out[((g0 + g) * sh.rows + n) * r_kv + i] = v;
+  }
+}
+
+// One block per (row n, output group g): merges the splits of its comps component heads (the file
+// comment's M, L and Σ), then out[g, n] = o_2g − λ·o_2g+1 or o_g. A row whose attention kernel
+// returned early (a reported bad index) leaves its partials unwritten: its output is then garbage, and
+// the error surfaces at the next synchronize, as without splits.
+__global__ void __launch_bounds__(kCombineThreads)
+    paged_attention_combine_kernel(float* out, const float* partials, const float* lambda, PagedShape sh) {
+  const int64_t n = blockIdx.x, g = blockIdx.y, r_kv = sh.r_kv;
+  const float minus_lambda = sh.comps == 2 ? -lambda[0] : 0.0f;
+  for (int64_t i = threadIdx.x; i < r_kv; i += blockDim.x) {
+    float v = 0.0f;
+    for (int c = 0; c < sh.comps; ++c) {
+      const int64_t j = g * sh.comps + c;
+      float m_max = -INFINITY;
+      for (int64_t k = 0; k < sh.splits; ++k) m_max = fmaxf(m_max, partials[partial_offset(sh, n, j, k) + r_kv]);
+      float l = 0.0f, a = 0.0f;
+      for (int64_t k = 0; k < sh.splits; ++k) {
+        const float* p = partials + partial_offset(sh, n, j, k);
+        const float w = p[r_kv + 1] > 0.0f ? expf(p[r_kv] - m_max) : 0.0f;  // an empty split (l = 0) adds nothing
+        l += p[r_kv + 1] * w;
+        a += p[i] * w;
+      }
+      v += (c == 0 ? 1.0f : minus_lambda) * (a / l);
+    }
+    out[(g * sh.rows + n) * r_kv + i] = v;
   }
 }
 
@@ -206,6 +267,13 @@ void CudaBackend::paged_latent_attention(Context ctx, const PagedLatentAttention
   const int64_t chunks = (d.heads + kHeadsPerBlock - 1) / kHeadsPerBlock;
   DIFFMOE_CHECK(d.rows <= INT32_MAX && chunks <= 65535, "[{}] grid too large: N = {}, head chunks = {}", kOp, d.rows,
                 chunks);
+  // Key splits (the file comment) where rows × head chunks blocks leave SMs idle: about two blocks per SM,
+  // at least kSplitMinKeys keys of the block table's capacity per split.
+  const int64_t capacity = d.max_blocks * d.block_size, base = d.rows * chunks;
+  int64_t splits = 1;
+  if (base < multiprocessors())
+    splits = std::clamp<int64_t>(std::min((2 * multiprocessors() + base - 1) / base, capacity / kSplitMinKeys), 1,
+                                 kMaxSplits);
   const PagedShape sh{.rows = d.rows,
                       .batch = d.batch,
                       .heads = d.heads,
@@ -216,12 +284,22 @@ void CudaBackend::paged_latent_attention(Context ctx, const PagedLatentAttention
                       .n_blocks = d.n_blocks,
                       .block_size = d.block_size,
                       .max_blocks = d.max_blocks,
-                      .comps = static_cast<int>(d.comps)};
-  const dim3 grid(static_cast<unsigned>(d.rows), static_cast<unsigned>(chunks));
+                      .comps = static_cast<int>(d.comps),
+                      .splits = splits};
+  float* partials = nullptr;
+  if (splits > 1)
+    partials = static_cast<float*>(scratch(static_cast<size_t>(d.rows * d.heads * splits * (d.r_kv + 2)) * sizeof(float)));
+  const float* lambda = a.differential ? f32(a.lambda) : nullptr;
+  const dim3 grid(static_cast<unsigned>(d.rows), static_cast<unsigned>(chunks), static_cast<unsigned>(splits));
   paged_attention_kernel<<<grid, kPagedThreads, bytes, stream(ctx)>>>(
-      f32(a.out), f32(a.q_lat), f32(a.q_rope), f32(a.cache), a.differential ? f32(a.lambda) : nullptr,
-      i32(a.block_table), i32(a.kv_lens), i32(a.q_offsets), sh, static_cast<float>(a.scale), issue());
+      f32(a.out), f32(a.q_lat), f32(a.q_rope), f32(a.cache), lambda, i32(a.block_table), i32(a.kv_lens),
+      i32(a.q_offsets), sh, static_cast<float>(a.scale), partials, issue());
   CUDA_CHECK_LAUNCH(kOp);
+  if (splits > 1) {
+    const dim3 groups(static_cast<unsigned>(d.rows), static_cast<unsigned>(d.heads / d.comps));
+    paged_attention_combine_kernel<<<groups, kCombineThreads, 0, stream(ctx)>>>(f32(a.out), partials, lambda, sh);
+    CUDA_CHECK_LAUNCH("paged_latent_attention (combine)");
+  }
 }
 
 }  // namespace diffmoe
