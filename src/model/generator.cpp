@@ -86,6 +86,10 @@ Tensor Generator::append(Context ctx, const Tensor& tokens) {
   DIFFMOE_CHECK(tokens.rank() == 2 && tokens.dim(0) == opt_.batch && tokens.dim(1) >= 1,
                 "[generator] tokens must be [batch = {}, T >= 1], got {}", opt_.batch, tokens.describe());
   check_dtype(tokens, DType::kI32, "generator", "tokens");
+  // The backend's GEMM precision is per process, not per model: set it for this model's weights (the
+  // bf16 GEMM mode's bf16 copies) as the training step and the serving engine's step do, so a decode
+  // that runs before any training step, or after another model's, multiplies them in their mode.
+  model_.use_gemm_precision();
   const int64_t T = tokens.dim(1);
   DIFFMOE_CHECK(len_ + T <= opt_.max_len, "[generator] {} cached + {} new positions exceed max_len = {}", len_, T,
                 opt_.max_len);

@@ -130,6 +130,10 @@ class Model {
   Tensor expert_counts(int64_t layer) const;  // i32 [n_routed_experts], MoE layers only
   Tensor lambda(int64_t layer) const;         // [1], differential layers only
 
+  // Sets the backend's GEMM precision (per process) to this model's plan: every pass over the model's
+  // weights calls it first (the training step, the Generator), since another model may have changed it.
+  void use_gemm_precision() const;
+
  private:
   // The compute-weight buffers of a layout (planned): GEMM weights in their group's compute dtype,
   // the balancing biases in the float type.
@@ -140,7 +144,6 @@ class Model {
   static void plan_activations(const ModelConfig& cfg, PrecisionPlan& plan, int64_t batch, int64_t seq, Arena& acts,
                                Recompute recompute, ExpertExchange* ep);
   LayerContext layer_context(Context ctx);
-  void use_gemm_precision() const;   // the backend's GEMM precision for this model's plan
   Tensor residual(int64_t i) const;  // residual stream before sub-block i (0 = embedding output)
 
   ModelConfig cfg_;

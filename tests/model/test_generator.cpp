@@ -269,6 +269,27 @@ TEST(Generator, MicroDiffF32MatchesTrainingForward) {
   EXPECT_LE(worst, 1e-4);
 }
 
+// A bf16-GEMM model decodes before any training step, and after another model set the backend's
+// (per-process) GEMM precision to f32: the generator sets its model's mode itself (without it the
+// first GEMM on the bf16 weight copies throws "bf16 GEMM operands ... need the bf16 GEMM mode"), and
+// the logits are those of the same decode after a training forward.
+TEST(Generator, Bf16GemmModelDecodesWhateverTheBackendsModeWas) {
+  CpuBackend be;
+  const ModelConfig cfg = test::micro_diff_config();
+  Model m(cfg, be, DType::kF32, ModelOptions{.precision = Precision::kBF16});
+  test::randomize_for_test(m, 23);
+  be.set_gemm_precision(GemmPrecision::kF32);  // as a fresh backend, or an f32 model's pass, leaves it
+  const std::vector<int32_t> prompt = {3, 17, 9, 0, 5, 2};
+  Generator gen(m, {.batch = 2});
+  const std::vector<double> first = test::to_vector(gen.prefill({}, gen.upload_tokens(prompt, 3)));
+  m.set_batch_shape(2, 3);
+  Owned tokens(Shape{2, 3}, DType::kI32);
+  for (size_t i = 0; i < prompt.size(); ++i) tokens.at<int32_t>(static_cast<int64_t>(i)) = prompt[i];
+  m.forward({}, tokens, Tensor{});
+  be.set_gemm_precision(GemmPrecision::kF32);
+  EXPECT_EQ(test::to_vector(gen.prefill({}, gen.upload_tokens(prompt, 3))), first);
+}
+
 // Greedy generation through the cache equals greedy generation by re-running the full training
 // forward on the growing sequence (the glue: sample_rows, upload_tokens, step).
 TEST(Generator, GreedyLoopMatchesFullRecompute) {
