@@ -63,6 +63,14 @@ void PrecisionPlan::add(Arena& arena, const std::string& name, const Shape& shap
   entries_.push_back(Entry{.name = name, .shape = shape, .dtype = t, .role = role, .storage = Storage::kPlain});
 }
 
+void PrecisionPlan::alias(Arena& arena, const std::string& name, const Shape& shape, ActRole role,
+                          const std::string& of, size_t offset) {
+  const DType t = dtype(role);
+  arena.alias(name, shape, t, of, offset);
+  entries_.push_back(
+      Entry{.name = name, .shape = shape, .dtype = t, .role = role, .storage = Storage::kAlias, .alias_of = of});
+}
+
 void PrecisionPlan::add_once(Arena& arena, const std::string& name, const Shape& shape, ActRole role) {
   if (!arena.has(name)) add(arena, name, shape, role);
 }

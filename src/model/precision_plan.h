@@ -45,8 +45,10 @@ enum class ActRole : uint8_t {
   kFp8Scale,     // their f32 tile scales (op_args.h's FP8 layouts)
 };
 
-// How a tensor is stored. Plain: one value per element in its dtype.
-enum class Storage : uint8_t { kPlain };
+// How a tensor is stored. Plain: one value per element in its dtype, in bytes of its own. Alias: the
+// same, over bytes of another planned view (Arena::alias) that is never live at the same time; it
+// adds no bytes to the plan.
+enum class Storage : uint8_t { kPlain, kAlias };
 
 class PrecisionPlan {
  public:
@@ -56,6 +58,7 @@ class PrecisionPlan {
     DType dtype;
     ActRole role;
     Storage storage;
+    std::string alias_of = {};  // kAlias: the view whose bytes it uses
   };
 
   PrecisionPlan() = default;
@@ -86,6 +89,9 @@ class PrecisionPlan {
   void add(Arena& arena, const std::string& name, const Shape& shape, ActRole role);
   // The same, unless the arena already has the view (backward scratch shared by all layers of a kind).
   void add_once(Arena& arena, const std::string& name, const Shape& shape, ActRole role);
+  // Plans `name` over the bytes of the planned view `of` from byte `offset` on (Arena::alias).
+  void alias(Arena& arena, const std::string& name, const Shape& shape, ActRole role, const std::string& of,
+             size_t offset);
   const std::vector<Entry>& entries() const { return entries_; }
   void clear_entries() { entries_.clear(); }
 

@@ -35,7 +35,10 @@ int64_t layer_block(std::string_view name, std::string_view* block) {
   return l;
 }
 
-uint64_t bytes_of(const PrecisionPlan::Entry& e) { return Arena::view_bytes(e.shape, e.dtype); }
+// An alias's bytes are its host's (counted there).
+uint64_t bytes_of(const PrecisionPlan::Entry& e) {
+  return e.storage == Storage::kAlias ? 0 : Arena::view_bytes(e.shape, e.dtype);
+}
 
 ActivationBreakdown breakdown(const ModelConfig& cfg, const PrecisionPlan& plan) {
   ActivationBreakdown b;

@@ -195,7 +195,7 @@ TEST(MemoryPlan, EqualsTheAllocatedArenasTinyPreset) {
   for (const Precision prec : {Precision::kF32, Precision::kBF16})
     for (const Layout& lay : std::vector<Layout>{{1, 1, 0}, {8, 4, 1 << 16}, {8, 4, 1 << 16, 2}, {4, 1, 0, 2}})
       for (const std::string moments : {"f32", "bf16"}) check_rank(cfg, prec, lay, lay.world - 1, 2, 32, moments);
-  // fp8 (no expert parallelism): the FP8 weight copies and scratch are activations, planned alike.
+  // fp8 (no expert parallelism): the FP8 quantisation scratch (aliases over one host view) is planned alike.
   for (const Layout& lay : std::vector<Layout>{{1, 1, 0}, {8, 1, 1 << 16}})
     check_rank(cfg, Precision::kFP8, lay, lay.world - 1, 2, 32);
 }
