@@ -65,6 +65,8 @@ void plan_fp8(const ModelConfig& cfg, PrecisionPlan& pl, int64_t tokens, Arena& 
       {"scratch.fp8.w.scale", block_scales, R::kFp8Scale},
       {"scratch.fp8.w_t.q", matrix, R::kFp8Data},
       {"scratch.fp8.w_t.scale", block_scales, R::kFp8Scale},
+      // the bf16 rounding of an f32 compute weight, which its blocks are quantised from
+      {"scratch.fp8.w16", matrix, R::kGemmOperand},
   };
   if (expert_width > 0) {  // an expert's rows of x, dy (bf16, the expert rows' dtype) and its f32 product
     views.push_back({"scratch.fp8.rows_a", rows * expert_width, R::kGemmOperand});
@@ -95,8 +97,9 @@ Fp8WeightTable fp8_weight_table(const std::vector<ParamSpec>& specs, const Preci
     if (!pl.fp8_weight(p)) continue;
     const WeightDims d = weight_dims(p);
     const Tensor w = params.get(p.name);
-    DIFFMOE_CHECK(w.dtype == DType::kBF16, "[model] the fp8 mode quantises {} from its bf16 compute weight, found {}",
-                  p.name, dtype_name(w.dtype));
+    DIFFMOE_CHECK(w.dtype == DType::kBF16 || w.dtype == DType::kF32,
+                  "[model] the fp8 mode quantises {} from a bf16 or f32 compute weight, found {}", p.name,
+                  dtype_name(w.dtype));
     table.emplace(w.data, Fp8Weight{.w = w, .n = d.n, .k = d.k, .experts = d.experts});
   }
   return table;

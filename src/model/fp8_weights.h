@@ -1,6 +1,6 @@
 // The fp8 mode's FP8 operands (docs/model.md §7, docs/derivations.md §6): which weights run in FP8, and
 // the scratch that a Linear quantises its operands into: the activation tiles of x and dy and the
-// 128×128 blocks of its weight, quantised from the bf16 compute weight where a GEMM reads them (no
+// 128×128 blocks of its weight, quantised from the bf16 rounding of its compute weight where a GEMM reads them (no
 // e4m3 copy of a weight outlives the GEMM that reads it). The scratch is planned as activations
 // (PrecisionPlan roles kFp8Data / kFp8Scale), so `diffmoe plan` counts it.
 #pragma once
@@ -20,15 +20,16 @@ namespace diffmoe {
 
 // A GEMM weight W [N, K] (or a stack [E, N, K], experts > 0) that runs in FP8. Its FP8 copies, in
 // op_args.h's layouts (q [N, K] with scale [ceil(N/128), fp8_block_scale_cols(K)], Fprop's B, and
-// q_t = Wᵀ [K, N] with scale_t, Dgrad's B), are made from w by the GEMM that reads them.
+// q_t = Wᵀ [K, N] with scale_t, Dgrad's B), are made from the bf16 rounding of w by the GEMM that
+// reads them.
 struct Fp8Weight {
-  Tensor w;                           // the compute weight (bf16)
-  int64_t n = 0, k = 0;               // one matrix's [N, K]
-  int64_t experts = 0;                // 0: a single matrix
+  Tensor w;              // the compute weight: bf16, or f32 where it is its own master (PrecisionPlan::compute_dtype)
+  int64_t n = 0, k = 0;  // one matrix's [N, K]
+  int64_t experts = 0;   // 0: a single matrix
   Fp8Weight expert(int64_t e) const;  // expert e's matrix, as a single matrix
 };
 
-// The fp8 mode's weights by the data address of their bf16 compute weight (LayerContext::linear finds
+// The fp8 mode's weights by the data address of their compute weight (LayerContext::linear finds
 // a weight's entry from the tensor it is handed).
 using Fp8WeightTable = std::unordered_map<const void*, Fp8Weight>;
 
@@ -38,9 +39,10 @@ using Fp8WeightTable = std::unordered_map<const void*, Fp8Weight>;
 //   scratch.fp8.b_t  x quantised in 128×1 tiles (Wgrad's B)
 //   scratch.fp8.w    the weight in 128×128 blocks (Fprop's B)
 //   scratch.fp8.w_t  its transpose in 128×128 blocks (Dgrad's B)
+//   scratch.fp8.w16  the bf16 rounding of an f32 compute weight (the blocks' source)
 //   scratch.fp8.rows_a, rows_b, rows_c  one routed expert's rows, padded with zero rows to a multiple
 //       of 16 (cuBLASLt's FP8 shape rules; zero rows change no tile's amax and add nothing)
-// each with a data view (.q, e4m3) and a scale view (.scale, f32), sized for the largest call. All of
+// the quantised ones with a data view (.q, e4m3) and a scale view (.scale, f32), sized for the largest call. All of
 // it is live only inside one LayerContext GEMM call, so it is planned as aliases (Storage::kAlias)
 // over the bytes of "scratch.dlogits", the head's logits gradient, which is live only from the
 // cross-entropy backward to the head's two bf16 GEMMs, before any layer's backward (Model::backward);

@@ -5,8 +5,8 @@
 //   Dgrad  dx = dy W:   act_quant(dy) 1×128 tiles       · Wᵀ's 128×128 blocks (q_t)
 //   Wgrad  dW += dyᵀx:  act_quant(dy)ᵀ 128×1 tiles      · act_quant(x)ᵀ 128×1 tiles, beta = dw_beta
 // Every FP8 copy is quantised from the bf16/f32 tensor itself (never from another FP8 copy), into the
-// FP8 scratch (fp8_weights.h), where the GEMM reads it: the weight's blocks too, from its bf16 compute
-// weight, for every GEMM that reads them (weight_quant is deterministic, so every call makes the same
+// FP8 scratch (fp8_weights.h), where the GEMM reads it: the weight's blocks too, from the bf16 rounding
+// of its compute weight, for every GEMM that reads them (weight_quant is deterministic, so every call makes the same
 // bits; no e4m3 weight copy is kept between GEMMs). The products accumulate in f32 (CPU: f64, rounded
 // once) into outputs of the planned dtypes.
 //
@@ -40,15 +40,23 @@ Fp8Slot cols_slot(const LayerContext& lc, const char* name, int64_t m, int64_t k
   return slot(lc, name, Shape{k, m}, Shape{fp8_tiles(m), k});
 }
 
+// The weight the blocks are quantised from: the bf16 compute weight, or an f32 one (its own master,
+// PrecisionPlan::compute_dtype) rounded to bf16 into scratch first, as a bf16 copy would hold it.
+Tensor bf16_weight(const LayerContext& lc, const Fp8Weight& f) {
+  if (f.w.dtype == DType::kBF16) return f.w;
+  const Tensor w16 = lc.scratch("scratch.fp8.w16", Shape{f.n, f.k});
+  lc.be->copy(lc.ctx, {.dst = w16, .src = f.w});  // round to nearest even, as the optimizer's bf16 copy
+  return w16;
+}
 // W [N, K] in 128×128 blocks (Fprop's B) in slot "w", or Wᵀ [K, N] (Dgrad's B) in slot "w_t".
 Fp8Slot weight_blocks(const LayerContext& lc, const Fp8Weight& f) {
   const Fp8Slot b = slot(lc, "w", Shape{f.n, f.k}, Shape{fp8_tiles(f.n), fp8_block_scale_cols(f.k)});
-  lc.be->weight_quant(lc.ctx, {.q = b.q, .scale = b.scale, .w = f.w});
+  lc.be->weight_quant(lc.ctx, {.q = b.q, .scale = b.scale, .w = bf16_weight(lc, f)});
   return b;
 }
 Fp8Slot weight_blocks_t(const LayerContext& lc, const Fp8Weight& f) {
   const Fp8Slot b = slot(lc, "w_t", Shape{f.k, f.n}, Shape{fp8_tiles(f.k), fp8_block_scale_cols(f.n)});
-  lc.be->weight_quant(lc.ctx, {.q_t = b.q, .scale_t = b.scale, .w = f.w});
+  lc.be->weight_quant(lc.ctx, {.q_t = b.q, .scale_t = b.scale, .w = bf16_weight(lc, f)});
   return b;
 }
 

@@ -53,7 +53,8 @@ bool PrecisionPlan::fp8_weight(const ParamSpec& p) const {
   return p.shape[-1] % kFp8Tile == 0 && p.shape[-2] % kFp8Tile == 0;
 }
 
-DType PrecisionPlan::compute_dtype(const ParamSpec& p) const {
+DType PrecisionPlan::compute_dtype(const ParamSpec& p, int64_t dp) const {
+  if (fp8_weight(p) && dp == 1) return float_;
   return bf16_gemm() && is_gemm_weight(p) ? DType::kBF16 : float_;
 }
 

@@ -79,9 +79,14 @@ class PrecisionPlan {
   bool fp8_weight(const ParamSpec& p) const;
 
   DType dtype(ActRole role) const;
-  // The dtype the forward and backward read a parameter in: bf16 for the weights that only GEMMs
-  // read as their B operand in the bf16 mode (ParamSpec::gemm_weight), else the float type.
-  DType compute_dtype(const ParamSpec& p) const;
+  // The dtype of a parameter's compute weight, the copy the forward and backward read, where `dp`
+  // ranks share (and shard the optimizer state of) the parameter: bf16 for the weights that only
+  // GEMMs read as their B operand in the bf16 mode (is_gemm_weight), else the float type. In the fp8
+  // mode a weight whose GEMMs all run in FP8 (fp8_weight) keeps the float type where dp = 1: its GEMMs
+  // quantise the bf16 rounding of that weight (docs/model.md §7), the same bits as from a bf16 copy,
+  // and an f32 compute weight is its own master (no separate one), 4 bytes per element instead of
+  // 2 + 4. With dp > 1 the bf16 copy and a 1/dp share of the master take 2 + 4/dp bytes, no more.
+  DType compute_dtype(const ParamSpec& p, int64_t dp) const;
   // Masters, gradients and optimizer moments: the float type in every mode.
   DType master_dtype() const { return float_; }
 

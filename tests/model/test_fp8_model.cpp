@@ -65,8 +65,19 @@ TEST(Fp8Model, RunsTheWholeBlockProjectionsInFp8AndPlansItsScratch) {
   std::vector<std::string> fp8, plain;
   for (const ParamSpec& p : m.specs()) {
     (m.plan().fp8_weight(p) ? fp8 : plain).push_back(p.name);
-    // Compute weights as in the bf16 mode: bf16 for every GEMM weight, the float type else.
-    EXPECT_EQ(m.params().get(p.name).dtype, is_gemm_weight(p) ? DType::kBF16 : DType::kF32) << p.name;
+    // Compute weights as in the bf16 mode (bf16 for every GEMM weight, the float type else), except
+    // the FP8 weights of one rank: f32, their own masters (PrecisionPlan::compute_dtype).
+    const DType want = m.plan().fp8_weight(p) ? DType::kF32 : is_gemm_weight(p) ? DType::kBF16 : DType::kF32;
+    EXPECT_EQ(m.params().get(p.name).dtype, want) << p.name;
+  }
+  // Shared by 2 ranks (ZeRO-1 masters in halves), every GEMM weight has its bf16 copy, as in bf16.
+  {
+    const ModelMemoryPlan two = Model::memory_plan(
+        cfg, DType::kF32, ModelOptions{.precision = Precision::kFP8, .parallel = {.dense_dp = 2, .expert_dp = 2}}, kB,
+        kT);
+    for (const ParamLayout::Entry& e : two.layout->entries())
+      EXPECT_EQ(two.layout->groups()[e.group].compute, is_gemm_weight(e.spec) ? DType::kBF16 : DType::kF32)
+          << e.spec.name;
   }
   const std::vector<std::string> want = {
       "layers.0.attn.wq_a.weight",     "layers.0.attn.wq_b.weight",     "layers.0.attn.wkv_a.weight",
@@ -108,7 +119,7 @@ TEST(Fp8Model, RunsTheWholeBlockProjectionsInFp8AndPlansItsScratch) {
       const std::string name = std::string("scratch.fp8.") + slot + part;
       EXPECT_EQ(m.acts().get(name).dtype, std::string(part) == ".q" ? DType::kF8E4M3 : DType::kF32) << name;
     }
-  EXPECT_EQ(only_fp8.size(), 1u + 10u + 3u) << "the host region, 5 slots (.q, .scale), 3 expert-row views";
+  EXPECT_EQ(only_fp8.size(), 1u + 10u + 1u + 3u) << "the host region, 5 slots (.q, .scale), w16, 3 expert-row views";
   EXPECT_EQ(m.acts().bytes(),
             m16.acts().bytes() + Arena::view_bytes(Shape{m.acts().get("scratch.fp8").numel()}, DType::kF8E4M3));
   // The plan's table is the arena: its views and its aliases.
@@ -199,6 +210,26 @@ TEST(Fp8Model, RecomputeAndAccumulationKeepTheGradients) {
   }
 }
 
+// An FP8 weight's GEMMs quantise the bf16 rounding of its compute weight: an f32 compute weight
+// (one rank) gives the bits of a bf16 copy (two ranks' layout: the same model, init and batch).
+TEST(Fp8Model, F32ComputeWeightsGiveTheBitsOfBf16Copies) {
+  const ModelConfig cfg = fp8_micro_config();
+  const test::Batch batch = test::make_batch(cfg, kB, kT, 313, {2, 9});
+  CpuBackend be1, be2;
+  Model one(cfg, be1, DType::kF32, ModelOptions{.precision = Precision::kFP8});
+  Model two(cfg, be2, DType::kF32,
+            ModelOptions{.precision = Precision::kFP8, .parallel = {.dense_dp = 2, .expert_dp = 2}});
+  for (Model* m : {&one, &two}) {
+    m->set_batch_shape(kB, kT);
+    m->init_weights(17);
+  }
+  EXPECT_EQ(one.params().get("layers.0.ffn.w1.weight").dtype, DType::kF32);
+  EXPECT_EQ(two.params().get("layers.0.ffn.w1.weight").dtype, DType::kBF16);
+  const StepResult r1 = forward_backward(one, batch), r2 = forward_backward(two, batch);
+  EXPECT_EQ(r1.loss, r2.loss);
+  EXPECT_TRUE(r1.grads == r2.grads) << "relative distance " << test::rel_error(r1.grads, r2.grads);
+}
+
 TEST(Fp8Model, Fp8GemmsFollowTheComputeWeights) {
   const ModelConfig cfg = fp8_micro_config();
   const test::Batch batch = test::make_batch(cfg, kB, kT, 77, {});
@@ -213,9 +244,9 @@ TEST(Fp8Model, Fp8GemmsFollowTheComputeWeights) {
   const double before = a.losses().lm_loss;
   // Writes through params() (as the optimizer does): the next forward quantises the new weights.
   for (Model* m : {&a, &b}) {
-    const Tensor w = m->params().get("layers.0.ffn.w2.weight");
-    auto* h = static_cast<uint16_t*>(w.data);
-    for (int64_t i = 0; i < w.numel(); ++i) h[i] = f32_to_bf16(3.0f * bf16_to_f32(h[i]));
+    const Tensor w = m->params().get("layers.0.ffn.w2.weight");  // f32: its own master (one rank)
+    ASSERT_EQ(w.dtype, DType::kF32);
+    for (int64_t i = 0; i < w.numel(); ++i) w.ptr<float>()[i] *= 3.0f;
   }
   a.forward({}, batch.tokens, batch.targets);
   b.forward({}, batch.tokens, batch.targets);
