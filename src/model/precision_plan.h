@@ -14,7 +14,8 @@
 //   fp8   the bf16 column plus the DeepSeek-V3 FP8 recipe (docs/model.md §7, docs/derivations.md §6): the
 //         Linears whose weight is fp8_weight() run Fprop, Dgrad and Wgrad as fp8_gemm on e4m3
 //         operands (1×128 activation tiles, 128×128 weight blocks, 128×1 Wgrad tiles); every other
-//         tensor and GEMM is planned exactly as in bf16.
+//         tensor and GEMM is planned exactly as in bf16, but for the compute weights of those
+//         Linears on one data-parallel rank: f32, their own masters (compute_dtype).
 #pragma once
 #include <cstdint>
 #include <string>
@@ -41,7 +42,7 @@ enum class ActRole : uint8_t {
                  // the experts' y and dx rows, the logits): rounded once by the GEMM, as autocast does
   kAttention,    // q, k, v, dq, dk, dv: read or written only by the attention core, RoPE and the MLA split
   kIndex,        // i32 indices and counts (routing plans); the same in every mode
-  kFp8Data,      // e4m3 codes of an FP8 operand (the fp8 mode's quantised activations and weight copies)
+  kFp8Data,      // e4m3 codes of an FP8 operand (the fp8 mode's quantised activations and weight blocks)
   kFp8Scale,     // their f32 tile scales (op_args.h's FP8 layouts)
 };
 
