@@ -39,6 +39,7 @@ Arena& Arena::operator=(Arena&& o) noexcept {
   if (this != &o) {
     if (base_ && alloc_) alloc_->deallocate(base_);
     entries_ = std::move(o.entries_);
+    aliases_ = std::move(o.aliases_);
     index_ = std::move(o.index_);
     bytes_ = std::exchange(o.bytes_, 0);
     base_ = std::exchange(o.base_, nullptr);
@@ -72,6 +73,21 @@ void Arena::pad_to(size_t offset) {
   DIFFMOE_CHECK(offset >= bytes_ && offset % kAlign == 0,
                 "[arena] pad_to({}): below the planned {} bytes or not {}-aligned", offset, bytes_, kAlign);
   bytes_ = offset;
+}
+
+void Arena::alias(std::string name, Shape shape, DType dtype, std::string_view of, size_t offset) {
+  DIFFMOE_CHECK(base_ == nullptr, "[arena] alias('{}') after allocate()", name);
+  DIFFMOE_CHECK(!index_.contains(name), "[arena] duplicate view '{}'", name);
+  const auto it = index_.find(std::string(of));
+  DIFFMOE_CHECK(it != index_.end() && (it->second & kAliasBit) == 0, "[arena] alias('{}'): no planned view named '{}'",
+                name, of);
+  const Entry& host = entries_[it->second];
+  const size_t room = view_bytes(host.shape, host.dtype);
+  DIFFMOE_CHECK(offset % kAlign == 0 && offset <= room && view_bytes(shape, dtype) <= room - offset,
+                "[arena] alias('{}') of {} bytes at byte {} does not fit in '{}' ({} bytes)", name,
+                view_bytes(shape, dtype), offset, of, room);
+  index_.emplace(name, kAliasBit | aliases_.size());
+  aliases_.push_back(Entry{std::move(name), shape, dtype, host.offset + offset});
 }
 
 void Arena::allocate(Allocator& alloc) {
@@ -113,7 +129,7 @@ Tensor Arena::flat(size_t first, size_t end) const {
 Tensor Arena::get(std::string_view name) const {
   auto it = index_.find(std::string(name));
   DIFFMOE_CHECK(it != index_.end(), "[arena] no view named '{}'", name);
-  return view(entries_[it->second]);
+  return (it->second & kAliasBit) == 0 ? view(entries_[it->second]) : view(aliases_[it->second & ~kAliasBit]);
 }
 
 Device Arena::device() const { return alloc_ ? alloc_->device() : Device::kCPU; }

@@ -47,6 +47,11 @@ class Arena {
   // Leaves the bytes up to `offset` (a multiple of kAlign, not below bytes()) unused, so the next view
   // starts there: views at offsets computed elsewhere (ParamLayout), padding zero-filled as always.
   void pad_to(size_t offset);
+  // Plans `name` over the bytes of the planned view `of`, from byte `offset` (a multiple of kAlign) on:
+  // it must fit inside `of` (view_bytes). Two tensors that are never live at once share memory this
+  // way (e.g. the fp8 mode's quantisation scratch and the head's logits gradient, docs/model.md §7).
+  // An alias takes no bytes of its own and is not one of entries() (flat() covers the views it lies in).
+  void alias(std::string name, Shape shape, DType dtype, std::string_view of, size_t offset);
   // One allocation for every planned view; the memory is zero-filled on the CPU.
   void allocate(Allocator& alloc);
 
@@ -61,6 +66,7 @@ class Arena {
   // The same over the entries [first, end) in planning order, their padding included (first < end).
   Tensor flat(size_t first, size_t end) const;
   const std::vector<Entry>& entries() const { return entries_; }
+  const std::vector<Entry>& aliases() const { return aliases_; }  // offset: bytes from the arena base
   // The bytes the plan takes (padding included), allocated or not: planning without allocating
   // (add() and pad_to() only) gives the exact size of the allocation.
   size_t bytes() const { return bytes_; }
@@ -68,7 +74,9 @@ class Arena {
   Device device() const;
 
  private:
-  std::vector<Entry> entries_;
+  std::vector<Entry> entries_, aliases_;
+  // name -> index into entries_, or kAliasBit | index into aliases_.
+  static constexpr size_t kAliasBit = size_t{1} << 63;
   std::unordered_map<std::string, size_t> index_;
   size_t bytes_ = 0;
   void* base_ = nullptr;

@@ -4,8 +4,11 @@
 //   Fprop  y  = x Wᵀ:   act_quant(x) 1×128 tiles        · W in 128×128 blocks      (fp8_gemm)
 //   Dgrad  dx = dy W:   act_quant(dy) 1×128 tiles       · Wᵀ's 128×128 blocks (q_t)
 //   Wgrad  dW += dyᵀx:  act_quant(dy)ᵀ 128×1 tiles      · act_quant(x)ᵀ 128×1 tiles, beta = dw_beta
-// Every FP8 copy is quantised from the bf16/f32 tensor itself (never from another FP8 copy); the
-// products accumulate in f32 (CPU: f64, rounded once) into outputs of the planned dtypes.
+// Every FP8 copy is quantised from the bf16/f32 tensor itself (never from another FP8 copy), into the
+// FP8 scratch (fp8_weights.h), where the GEMM reads it: the weight's blocks too, from the bf16 rounding
+// of its compute weight, for every GEMM that reads them (weight_quant is deterministic, so every call makes the same
+// bits; no e4m3 weight copy is kept between GEMMs). The products accumulate in f32 (CPU: f64, rounded
+// once) into outputs of the planned dtypes.
 //
 // Routed experts: no grouped FP8 GEMM exists, so an FP8 stack runs one fp8_gemm per expert over its
 // contiguous rows (the offsets read back to the host: a synchronisation on a GPU; correct, not the
@@ -37,15 +40,36 @@ Fp8Slot cols_slot(const LayerContext& lc, const char* name, int64_t m, int64_t k
   return slot(lc, name, Shape{k, m}, Shape{fp8_tiles(m), k});
 }
 
+// The weight the blocks are quantised from: the bf16 compute weight, or an f32 one (its own master,
+// PrecisionPlan::compute_dtype) rounded to bf16 into scratch first, as a bf16 copy would hold it.
+Tensor bf16_weight(const LayerContext& lc, const Fp8Weight& f) {
+  if (f.w.dtype == DType::kBF16) return f.w;
+  const Tensor w16 = lc.scratch("scratch.fp8.w16", Shape{f.n, f.k});
+  lc.be->copy(lc.ctx, {.dst = w16, .src = f.w});  // round to nearest even, as the optimizer's bf16 copy
+  return w16;
+}
+// W [N, K] in 128×128 blocks (Fprop's B) in slot "w", or Wᵀ [K, N] (Dgrad's B) in slot "w_t".
+Fp8Slot weight_blocks(const LayerContext& lc, const Fp8Weight& f) {
+  const Fp8Slot b = slot(lc, "w", Shape{f.n, f.k}, Shape{fp8_tiles(f.n), fp8_block_scale_cols(f.k)});
+  lc.be->weight_quant(lc.ctx, {.q = b.q, .scale = b.scale, .w = bf16_weight(lc, f)});
+  return b;
+}
+Fp8Slot weight_blocks_t(const LayerContext& lc, const Fp8Weight& f) {
+  const Fp8Slot b = slot(lc, "w_t", Shape{f.k, f.n}, Shape{fp8_tiles(f.k), fp8_block_scale_cols(f.n)});
+  lc.be->weight_quant(lc.ctx, {.q_t = b.q, .scale_t = b.scale, .w = bf16_weight(lc, f)});
+  return b;
+}
+
 void fp8_fprop(const LayerContext& lc, const Fp8Weight& f, const Tensor& y, const Tensor& x, double beta,
                const Tensor& addend) {
   const Fp8Slot a = rows_slot(lc, "a", x.dim(0), x.dim(1));
   lc.be->act_quant(lc.ctx, {.q = a.q, .scale = a.scale, .x = x});
+  const Fp8Slot w = weight_blocks(lc, f);
   lc.be->fp8_gemm(lc.ctx, {.c = y,
                            .a = a.q,
                            .a_scale = a.scale,
-                           .b = f.q,
-                           .b_scale = f.scale,
+                           .b = w.q,
+                           .b_scale = w.scale,
                            .b_scaling = Fp8Scaling::kBlock128x128,
                            .beta = beta,
                            .addend = addend});
@@ -53,11 +77,12 @@ void fp8_fprop(const LayerContext& lc, const Fp8Weight& f, const Tensor& y, cons
 
 // dx = dy W from dy's row-wise copy in slot "a".
 void fp8_dgrad_from(const LayerContext& lc, const Fp8Weight& f, const Tensor& dx, const Fp8Slot& dy, double beta) {
+  const Fp8Slot w_t = weight_blocks_t(lc, f);
   lc.be->fp8_gemm(lc.ctx, {.c = dx,
                            .a = dy.q,
                            .a_scale = dy.scale,
-                           .b = f.q_t,
-                           .b_scale = f.scale_t,
+                           .b = w_t.q,
+                           .b_scale = w_t.scale,
                            .b_scaling = Fp8Scaling::kBlock128x128,
                            .beta = beta});
 }
@@ -153,11 +178,12 @@ void LayerContext::grouped_gemm(const GroupedGemmArgs& a) const {
       const Fp8Slot q = rows_slot(*this, "a", mp, x.dim(1));
       be->act_quant(ctx, {.q = q.q, .scale = q.scale, .x = x});
       const Fp8Weight e = stack.expert(g);
+      const Fp8Slot w = a.trans_b ? weight_blocks(*this, e) : weight_blocks_t(*this, e);
       be->fp8_gemm(ctx, {.c = c,
                          .a = q.q,
                          .a_scale = q.scale,
-                         .b = a.trans_b ? e.q : e.q_t,
-                         .b_scale = a.trans_b ? e.scale : e.scale_t,
+                         .b = w.q,
+                         .b_scale = w.scale,
                          .b_scaling = Fp8Scaling::kBlock128x128,
                          .beta = beta});
     };

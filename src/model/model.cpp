@@ -28,6 +28,7 @@ Model::Model(const ModelConfig& cfg, Backend& backend, DType dtype, const ModelO
       grads_(*layout_, plan_.master_dtype(), be_->allocator()),
       ep_(opt.expert_exchange) {
   params_.allocate(be_->allocator());
+  fp8_ = fp8_weight_table(specs_, plan_, params_);
   // The FP8 recipe runs the routed experts as a per-expert loop over the local rows (layer_context.cpp),
   // which the expert-parallel layer (ffn_layer_ep.cpp) does not go through.
   DIFFMOE_CHECK(!(plan_.fp8() && opt.parallel.ep_size > 1),
@@ -48,7 +49,6 @@ Model::Model(const ModelConfig& cfg, Backend& backend, DType dtype, const ModelO
 }
 
 void Model::set_param(const std::string& name, const std::vector<double>& v) {
-  fp8_stale_ = true;
   const Tensor dst = params_.get(name);
   DIFFMOE_CHECK(static_cast<int64_t>(v.size()) == dst.numel(), "[model] set_param('{}'): {} values for {} elements",
                 name, v.size(), dst.numel());
@@ -81,7 +81,6 @@ void Model::init_weights(uint64_t seed) {
     init_values(e.spec, seed, e.global_offset, v);
     set_param(e.spec.name, v);
   };
-  fp8_stale_ = true;
   for (const ParamLayout::Entry& e : layout_->entries()) init(e);
   for (const ParamLayout::Entry& e : layout_->buffers()) init(e);
 }
@@ -173,7 +172,7 @@ void Model::plan_activations(const ModelConfig& cfg, PrecisionPlan& pl, int64_t 
            R::kGemmOperand);
   }
   pl.add(acts, "scratch.dresidual", Shape{N, D}, R::kFloat);
-  plan_fp8(cfg, pl, N, acts);  // the fp8 mode's weight copies and quantisation scratch (fp8_weights.h)
+  plan_fp8(cfg, pl, N, acts);  // the fp8 mode's quantisation scratch, over scratch.dlogits (fp8_weights.h)
   // The bf16 mode: the residual gradient rounded once by each RMSNorm backward that updates it, for
   // the next layer's first backward GEMMs (W2 of the FFN, W_o), instead of a rounding copy.
   if (pl.bf16_gemm()) pl.add(acts, "scratch.dresidual16", Shape{N, D}, R::kGemmOperand);
@@ -218,8 +217,6 @@ void Model::set_batch_shape(int64_t batch, int64_t seq) {
   batch_ = batch;
   seq_ = seq;
   acts_.allocate(be_->allocator());
-  fp8_ = fp8_weight_table(specs_, plan_, params_, acts_);
-  fp8_stale_ = true;  // the copies live in the new arena
 
   // RoPE tables with YaRN folded in (docs/model.md §3), uploaded once.
   upload_rope_tables(*be_, cfg_, cfg_.max_seq_len, acts_.get("rope.cos"), acts_.get("rope.sin"));
@@ -232,10 +229,6 @@ void Model::forward(Context ctx, const Tensor& tokens, const Tensor& targets) {
   check_shape(tokens, Shape{batch_, seq_}, "model.forward", "tokens");
   check_dtype(tokens, DType::kI32, "model.forward", "tokens");
   use_gemm_precision();
-  if (fp8_stale_) {  // the FP8 weight copies of the current compute weights, once per update
-    quantize_fp8_weights(*be_, ctx, fp8_);
-    fp8_stale_ = false;
-  }
   const LayerContext lc = layer_context(ctx);
   const int64_t N = batch_ * seq_;
   for (const char* name : {"loss.sum", "loss.valid", "loss.aux"})
@@ -295,6 +288,9 @@ void Model::backward(Context ctx, double grad_scale) {
                                .targets = last_targets_,
                                .valid = acts_.get("loss.valid"),
                                .grad_scale = grad_scale});
+  // The FP8 scratch shares scratch.dlogits's bytes (fp8_weights.h): the head's GEMMs, which read
+  // dlogits, must not use it.
+  DIFFMOE_CHECK(lc.fp8_weight(lc.weight(head)) == nullptr, "[model] the head ({}) cannot run in FP8", head);
   // First in the backward: a tied table's dW GEMM must overwrite before embedding_bwd adds (below).
   grads_.stage_begin(0, *be_, ctx);
   lc.linear_dw(grads_.get(head), dlogits, xn, lc.weight(head));

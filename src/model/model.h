@@ -70,13 +70,9 @@ class Model {
   const ParamLayout& layout() const { return *layout_; }
   const std::vector<ParamSpec>& specs() const { return specs_; }
   // Compute weights by name (expert stacks: this rank's experts) and the balancing biases. The
-  // mutable access may write them: in the fp8 mode the next forward() quantises their FP8 copies
-  // anew (the optimizer's update and the data-parallel gather write through it), so the copies are
-  // made once per update, not once per micro-batch.
-  LayoutBuffers& params() {
-    fp8_stale_ = true;
-    return params_;
-  }
+  // mutable access may write them (the optimizer's update, the data-parallel gather); in the fp8 mode
+  // every FP8 GEMM quantises the weight it reads anew (fp8_weights.h), so nothing goes stale.
+  LayoutBuffers& params() { return params_; }
   const LayoutBuffers& params() const { return params_; }
   // The gradients. Between zero_grads() and the next backward() the GEMM weights' gradients still
   // hold their old values in memory (that backward overwrites them): a call in that window first
@@ -157,10 +153,8 @@ class Model {
   std::vector<FfnLayer> ffn_;
   LayoutBuffers params_;
   GradBuffer grads_;
-  // The fp8 mode: the FP8 copies of the compute weights (in acts_), and whether the weights may have
-  // changed since they were quantised (forward() quantises them then).
+  // The fp8 mode: the weights whose GEMMs run in FP8 (their compute weights, by address).
   Fp8WeightTable fp8_;
-  bool fp8_stale_ = true;
   Arena acts_;
   ExpertExchange* ep_ = nullptr;
   std::unique_ptr<ExpertBuffers> ep_buffers_;  // expert parallelism: the routing-sized buffers

@@ -126,7 +126,7 @@ ParamLayout::ParamLayout(const ModelConfig& cfg, const PrecisionPlan& plan, cons
   // Groups by (domain, compute dtype), in order of first appearance.
   for (Entry& e : trainable) {
     const ParamDomain dom = e.spec.kind == ParamKind::kExpert ? ParamDomain::kExpert : ParamDomain::kDense;
-    const DType dt = plan.compute_dtype(e.spec);
+    const DType dt = plan.compute_dtype(e.spec, dom == ParamDomain::kExpert ? opt.expert_dp : opt.dense_dp);
     size_t g = 0;
     while (g < groups_.size() && !(groups_[g].domain == dom && groups_[g].compute == dt)) ++g;
     if (g == groups_.size()) {

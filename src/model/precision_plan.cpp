@@ -53,7 +53,8 @@ bool PrecisionPlan::fp8_weight(const ParamSpec& p) const {
   return p.shape[-1] % kFp8Tile == 0 && p.shape[-2] % kFp8Tile == 0;
 }
 
-DType PrecisionPlan::compute_dtype(const ParamSpec& p) const {
+DType PrecisionPlan::compute_dtype(const ParamSpec& p, int64_t dp) const {
+  if (fp8_weight(p) && dp == 1) return float_;
   return bf16_gemm() && is_gemm_weight(p) ? DType::kBF16 : float_;
 }
 
@@ -61,6 +62,14 @@ void PrecisionPlan::add(Arena& arena, const std::string& name, const Shape& shap
   const DType t = dtype(role);
   arena.add(name, shape, t);
   entries_.push_back(Entry{.name = name, .shape = shape, .dtype = t, .role = role, .storage = Storage::kPlain});
+}
+
+void PrecisionPlan::alias(Arena& arena, const std::string& name, const Shape& shape, ActRole role,
+                          const std::string& of, size_t offset) {
+  const DType t = dtype(role);
+  arena.alias(name, shape, t, of, offset);
+  entries_.push_back(
+      Entry{.name = name, .shape = shape, .dtype = t, .role = role, .storage = Storage::kAlias, .alias_of = of});
 }
 
 void PrecisionPlan::add_once(Arena& arena, const std::string& name, const Shape& shape, ActRole role) {

@@ -14,7 +14,8 @@
 //   fp8   the bf16 column plus the DeepSeek-V3 FP8 recipe (docs/model.md §7, docs/derivations.md §6): the
 //         Linears whose weight is fp8_weight() run Fprop, Dgrad and Wgrad as fp8_gemm on e4m3
 //         operands (1×128 activation tiles, 128×128 weight blocks, 128×1 Wgrad tiles); every other
-//         tensor and GEMM is planned exactly as in bf16.
+//         tensor and GEMM is planned exactly as in bf16, but for the compute weights of those
+//         Linears on one data-parallel rank: f32, their own masters (compute_dtype).
 #pragma once
 #include <cstdint>
 #include <string>
@@ -41,12 +42,14 @@ enum class ActRole : uint8_t {
                  // the experts' y and dx rows, the logits): rounded once by the GEMM, as autocast does
   kAttention,    // q, k, v, dq, dk, dv: read or written only by the attention core, RoPE and the MLA split
   kIndex,        // i32 indices and counts (routing plans); the same in every mode
-  kFp8Data,      // e4m3 codes of an FP8 operand (the fp8 mode's quantised activations and weight copies)
+  kFp8Data,      // e4m3 codes of an FP8 operand (the fp8 mode's quantised activations and weight blocks)
   kFp8Scale,     // their f32 tile scales (op_args.h's FP8 layouts)
 };
 
-// How a tensor is stored. Plain: one value per element in its dtype.
-enum class Storage : uint8_t { kPlain };
+// How a tensor is stored. Plain: one value per element in its dtype, in bytes of its own. Alias: the
+// same, over bytes of another planned view (Arena::alias) that is never live at the same time; it
+// adds no bytes to the plan.
+enum class Storage : uint8_t { kPlain, kAlias };
 
 class PrecisionPlan {
  public:
@@ -56,6 +59,7 @@ class PrecisionPlan {
     DType dtype;
     ActRole role;
     Storage storage;
+    std::string alias_of = {};  // kAlias: the view whose bytes it uses
   };
 
   PrecisionPlan() = default;
@@ -76,9 +80,14 @@ class PrecisionPlan {
   bool fp8_weight(const ParamSpec& p) const;
 
   DType dtype(ActRole role) const;
-  // The dtype the forward and backward read a parameter in: bf16 for the weights that only GEMMs
-  // read as their B operand in the bf16 mode (ParamSpec::gemm_weight), else the float type.
-  DType compute_dtype(const ParamSpec& p) const;
+  // The dtype of a parameter's compute weight, the copy the forward and backward read, where `dp`
+  // ranks share (and shard the optimizer state of) the parameter: bf16 for the weights that only
+  // GEMMs read as their B operand in the bf16 mode (is_gemm_weight), else the float type. In the fp8
+  // mode a weight whose GEMMs all run in FP8 (fp8_weight) keeps the float type where dp = 1: its GEMMs
+  // quantise the bf16 rounding of that weight (docs/model.md §7), the same bits as from a bf16 copy,
+  // and an f32 compute weight is its own master (no separate one), 4 bytes per element instead of
+  // 2 + 4. With dp > 1 the bf16 copy and a 1/dp share of the master take 2 + 4/dp bytes, no more.
+  DType compute_dtype(const ParamSpec& p, int64_t dp) const;
   // Masters, gradients and optimizer moments: the float type in every mode.
   DType master_dtype() const { return float_; }
 
@@ -86,6 +95,9 @@ class PrecisionPlan {
   void add(Arena& arena, const std::string& name, const Shape& shape, ActRole role);
   // The same, unless the arena already has the view (backward scratch shared by all layers of a kind).
   void add_once(Arena& arena, const std::string& name, const Shape& shape, ActRole role);
+  // Plans `name` over the bytes of the planned view `of` from byte `offset` on (Arena::alias).
+  void alias(Arena& arena, const std::string& name, const Shape& shape, ActRole role, const std::string& of,
+             size_t offset);
   const std::vector<Entry>& entries() const { return entries_; }
   void clear_entries() { entries_.clear(); }
 

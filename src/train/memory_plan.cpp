@@ -35,7 +35,10 @@ int64_t layer_block(std::string_view name, std::string_view* block) {
   return l;
 }
 
-uint64_t bytes_of(const PrecisionPlan::Entry& e) { return Arena::view_bytes(e.shape, e.dtype); }
+// An alias's bytes are its host's (counted there).
+uint64_t bytes_of(const PrecisionPlan::Entry& e) {
+  return e.storage == Storage::kAlias ? 0 : Arena::view_bytes(e.shape, e.dtype);
+}
 
 ActivationBreakdown breakdown(const ModelConfig& cfg, const PrecisionPlan& plan) {
   ActivationBreakdown b;
@@ -196,14 +199,18 @@ RankDetail plan_rank_detail(const ModelConfig& cfg, const RunShape& run, int64_t
   uint64_t w16 = 0, w32 = 0;
   for (size_t g = 0; g < layout.groups().size(); ++g)
     (layout.groups()[g].compute == DType::kBF16 ? w16 : w32) += d.model.params.group_arena(g).bytes();
-  m.items.push_back({.key = "compute_weights",
-                     .label = "compute weights",
-                     .basis = bf16
-                                  ? fmt::format("bf16 GEMM weights {:.2f} GiB + f32 rest {:.2f} GiB + balancing biases",
-                                                gib(w16), gib(w32))
-                                  : "f32 (they are the masters) + balancing biases",
-                     .bytes = d.model.params.bytes(),
-                     .estimate = false});
+  m.items.push_back(
+      {.key = "compute_weights",
+       .label = "compute weights",
+       .basis = bf16
+                    ? fmt::format(
+                          "bf16 GEMM weights {:.2f} GiB + f32 rest {:.2f} GiB{} + balancing biases", gib(w16), gib(w32),
+                          run.precision == Precision::kFP8 ? " (with the FP8 GEMM weights of groups on one rank: their "
+                                                             "own masters)"
+                                                           : "")
+                    : "f32 (they are the masters) + balancing biases",
+       .bytes = d.model.params.bytes(),
+       .estimate = false});
   const GradBuffer::Footprint& gf = d.model.grads;
   m.items.push_back(
       {.key = "gradients",

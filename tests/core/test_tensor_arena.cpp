@@ -88,4 +88,35 @@ TEST(Arena, FlatRangeCoversItsViewsAndTheirPadding) {
 }
 
 }  // namespace
+TEST(Arena, AliasesShareTheBytesOfAPlannedView) {
+  Arena a;
+  a.add("host", Shape{200}, DType::kF32);  // 800 bytes padded to 1024
+  a.alias("lo", Shape{64}, DType::kBF16, "host", 0);
+  a.alias("hi", Shape{300}, DType::kU8, "host", 512);
+  a.add("after", Shape{2}, DType::kF32);  // a view planned after the aliases keeps its own bytes
+  EXPECT_EQ(a.bytes(), 1024u + 256u);     // the aliases take none
+  EXPECT_EQ(a.entries().size(), 2u);
+  EXPECT_EQ(a.aliases().size(), 2u);
+  EXPECT_THROW(a.alias("lo", Shape{1}, DType::kU8, "host", 0), Error);     // duplicate name
+  EXPECT_THROW(a.alias("x", Shape{1}, DType::kU8, "nothing", 0), Error);   // no such view
+  EXPECT_THROW(a.alias("x", Shape{1}, DType::kU8, "lo", 0), Error);        // not over another alias
+  EXPECT_THROW(a.alias("x", Shape{1}, DType::kU8, "host", 100), Error);    // not 256-aligned
+  EXPECT_THROW(a.alias("x", Shape{513}, DType::kU8, "host", 512), Error);  // past the host's bytes
+  EXPECT_THROW(a.alias("x", Shape{257}, DType::kF32, "host", 0), Error);   // past the host's bytes
+  a.alias("whole", Shape{256}, DType::kF32, "host", 0);                    // exactly the host's bytes
+  a.allocate(cpu_allocator());
+  EXPECT_THROW(a.alias("y", Shape{1}, DType::kU8, "host", 0), Error);  // after allocate()
+  const Tensor host = a.get("host"), lo = a.get("lo"), hi = a.get("hi");
+  EXPECT_EQ(lo.data, host.data);
+  EXPECT_EQ(lo.dtype, DType::kBF16);
+  EXPECT_EQ(lo.shape, Shape{64});
+  EXPECT_EQ(static_cast<char*>(hi.data) - static_cast<char*>(host.data), 512);
+  EXPECT_EQ(a.get("after").data, static_cast<char*>(a.base()) + 1024);
+  host.ptr<float>()[128] = 1.0f;  // bytes 512..515: 0x3f800000 little-endian
+  EXPECT_EQ(hi.ptr<uint8_t>()[3], 0x3f);
+  Arena moved = std::move(a);
+  EXPECT_EQ(moved.get("hi").data, hi.data);
+  EXPECT_EQ(moved.flat(0, 1).numel(), 256);  // flat() covers the planned views only
+}
+
 }  // namespace diffmoe

@@ -56,6 +56,8 @@ std::vector<float> source(int64_t rows, int64_t cols, uint64_t seed) {
   return v;
 }
 
+int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
+
 // Dequantised values of the references (codes × their tile's scale).
 std::vector<double> deq_rows(const std::vector<float>& v, int64_t rows, int64_t cols) {
   const test::RefQuant r = test::ref_quant_rows(v, rows, cols, false);
@@ -117,37 +119,34 @@ void expect_close(const std::string& what, const std::vector<double>& got, const
 // A LayerContext over the CPU backend with an FP8 scratch arena and the given FP8 weights.
 class Fp8Linear : public ::testing::Test {
  protected:
-  // Registers weight `w` (bf16, [N, K] or [E, N, K]) with FP8 buffers in the arena (allocated by start()).
-  void add_weight(const std::string& name, const Tensor& w) {
-    const int64_t e = w.rank() == 3 ? w.dim(0) : 1, n = w.dim(-2), k = w.dim(-1);
-    acts_.add(name + ".q", Shape{e * n, k}, DType::kF8E4M3);
-    acts_.add(name + ".scale", Shape{e * fp8_tiles(n), fp8_block_scale_cols(k)}, DType::kF32);
-    acts_.add(name + ".q_t", Shape{e * k, n}, DType::kF8E4M3);
-    acts_.add(name + ".scale_t", Shape{e * fp8_tiles(k), fp8_block_scale_cols(n)}, DType::kF32);
-    pending_.push_back({name, w});
-  }
+  // Registers weight `w` (bf16, [N, K] or [E, N, K]) as an FP8 weight (the table is made by start()).
+  void add_weight(const Tensor& w) { pending_.push_back(w); }
+  // The FP8 scratch (fp8_weights.h's slots) for `rows` rows of at most `width` columns and the weights.
   void start(int64_t rows, int64_t width) {
-    const int64_t data = rows * width, scales = std::max(fp8_tiles(width) * rows, fp8_tiles(rows) * width);
+    const int64_t data = round_up(rows, kFp8RowPad) * width,
+                  scales = std::max(fp8_tiles(width) * rows, fp8_tiles(rows) * width);
     for (const char* s : {"a", "a_t", "b_t"}) {
       acts_.add(std::string("scratch.fp8.") + s + ".q", Shape{data}, DType::kF8E4M3);
       acts_.add(std::string("scratch.fp8.") + s + ".scale", Shape{scales}, DType::kF32);
+    }
+    int64_t matrix = 0, block_scales = 0;
+    for (const Tensor& w : pending_) {
+      const int64_t n = w.dim(-2), k = w.dim(-1);
+      matrix = std::max(matrix, n * k);
+      block_scales =
+          std::max({block_scales, fp8_tiles(n) * fp8_block_scale_cols(k), fp8_tiles(k) * fp8_block_scale_cols(n)});
+    }
+    for (const char* s : {"w", "w_t"}) {
+      acts_.add(std::string("scratch.fp8.") + s + ".q", Shape{matrix}, DType::kF8E4M3);
+      acts_.add(std::string("scratch.fp8.") + s + ".scale", Shape{block_scales}, DType::kF32);
     }
     acts_.add("scratch.fp8.rows_a", Shape{data}, DType::kBF16);
     acts_.add("scratch.fp8.rows_b", Shape{data}, DType::kBF16);
     acts_.add("scratch.fp8.rows_c", Shape{data}, DType::kF32);
     acts_.allocate(be_.allocator());
-    for (const auto& [name, w] : pending_) {
-      const int64_t e = w.rank() == 3 ? w.dim(0) : 0;
-      table_.emplace(w.data, Fp8Weight{.w = w,
-                                       .q = acts_.get(name + ".q"),
-                                       .scale = acts_.get(name + ".scale"),
-                                       .q_t = acts_.get(name + ".q_t"),
-                                       .scale_t = acts_.get(name + ".scale_t"),
-                                       .n = w.dim(-2),
-                                       .k = w.dim(-1),
-                                       .experts = e});
-    }
-    quantize_fp8_weights(be_, {}, table_);
+    for (const Tensor& w : pending_)
+      table_.emplace(w.data,
+                     Fp8Weight{.w = w, .n = w.dim(-2), .k = w.dim(-1), .experts = w.rank() == 3 ? w.dim(0) : 0});
     lc_ = LayerContext{.be = &be_,
                        .ctx = {},
                        .cfg = nullptr,
@@ -165,7 +164,7 @@ class Fp8Linear : public ::testing::Test {
   CpuBackend be_;
   Arena acts_;
   Fp8WeightTable table_;
-  std::vector<std::pair<std::string, Tensor>> pending_;
+  std::vector<Tensor> pending_;
   LayerContext lc_;
 };
 
@@ -182,7 +181,7 @@ TEST_F(Fp8Linear, DenseFpropDgradWgradEqualTheQuantisedF64Products) {
   put(dy, dyv);
   put(r, rv);
   put(dw, dw0);
-  add_weight("fp8.w", w);
+  add_weight(w);
   start(M, K);
 
   // Fprop with the residual as the addend (y = x Wᵀ + r), then the two backward GEMMs accumulating
@@ -234,8 +233,8 @@ TEST_F(Fp8Linear, RoutedExpertsQuantisePerExpertRows) {
   for (const Tensor& t : {a.t(), dxp.t()})
     for (int64_t i = 0; i < t.numel(); ++i) static_cast<uint16_t*>(t.data)[i] = f32_to_bf16(7.0f);  // sentinels
   put(dw, std::vector<float>(static_cast<size_t>(E * N * K), 7.0f));  // beta = 0 below: never read
-  add_weight("fp8.w1", w1);
-  add_weight("fp8.w3", w3);
+  add_weight(w1);
+  add_weight(w3);
   start(R, K);
 
   lc_.grouped_gemm({.c = a, .a = x, .b = w1, .offsets = offsets, .trans_b = true});

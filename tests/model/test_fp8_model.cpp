@@ -1,10 +1,10 @@
 // The whole model on the CPU in the fp8 mode (Precision::kFP8, docs/model.md §7), on a micro config whose
 // projections are 128 wide (the FP8 recipe covers whole 128×128 weight blocks only), against the same
 // model in f32 and in bf16.
-// - The plan: which weights get FP8 copies (attention projections, dense/shared FFN, routed experts
+// - The plan: which weights run in FP8 (attention projections, dense/shared FFN, routed experts
 //   with both sides multiples of 128; not W_kvb with its 112-wide input, not the head, the gate or the
-//   embedding), their e4m3 codes and f32 scales planned as activations, and bf16 everywhere else
-//   exactly as in the bf16 mode.
+//   embedding), the quantisation scratch planned as aliases over one host view (no e4m3 weight copies
+//   are kept), and bf16 everywhere else exactly as in the bf16 mode.
 // - The error budget. e4m3 keeps 3 mantissa bits: one quantised value is within 2^-4 (half a step)
 //   of its source, against bf16's 2^-9, so FP8 rounds 2^5 = 32× coarser than bf16 (per-tile scales
 //   keep every tile in e4m3's normal range, so the relative step is the mantissa's). A gradient's
@@ -16,8 +16,8 @@
 //   roundings (q, k, v, the stored activations) are not FP8's, which is why the ratio is ~8, not 32.
 //   The fp8 mode must also move the gradients further than the bf16 mode does (≥ 3× its distance
 //   from f32): the FP8 GEMMs really ran.
-// - The FP8 weight copies follow the compute weights: a weight written through Model::params() is
-//   quantised again by the next forward (the same loss as a fresh model holding the new weights).
+// - The FP8 GEMMs follow the compute weights: a weight written through Model::params() is quantised
+//   anew by the next forward (the same loss as a fresh model holding the new weights).
 #include <fmt/format.h>
 #include <gtest/gtest.h>
 
@@ -55,7 +55,7 @@ StepResult forward_backward(Model& m, const test::Batch& b) {
 
 constexpr int64_t kB = 2, kT = 16;
 
-TEST(Fp8Model, PlansFp8CopiesOfTheWholeBlockProjectionsOnly) {
+TEST(Fp8Model, RunsTheWholeBlockProjectionsInFp8AndPlansItsScratch) {
   const ModelConfig cfg = fp8_micro_config();
   CpuBackend be;
   Model m(cfg, be, DType::kF32, ModelOptions{.precision = Precision::kFP8});
@@ -65,13 +65,19 @@ TEST(Fp8Model, PlansFp8CopiesOfTheWholeBlockProjectionsOnly) {
   std::vector<std::string> fp8, plain;
   for (const ParamSpec& p : m.specs()) {
     (m.plan().fp8_weight(p) ? fp8 : plain).push_back(p.name);
-    // Compute weights as in the bf16 mode: bf16 for every GEMM weight, the float type else.
-    EXPECT_EQ(m.params().get(p.name).dtype, is_gemm_weight(p) ? DType::kBF16 : DType::kF32) << p.name;
-    if (!m.plan().fp8_weight(p)) continue;
-    for (const char* part : {".q", ".q_t"})
-      EXPECT_EQ(m.acts().get("fp8." + p.name + part).dtype, DType::kF8E4M3) << p.name;
-    for (const char* part : {".scale", ".scale_t"})
-      EXPECT_EQ(m.acts().get("fp8." + p.name + part).dtype, DType::kF32) << p.name;
+    // Compute weights as in the bf16 mode (bf16 for every GEMM weight, the float type else), except
+    // the FP8 weights of one rank: f32, their own masters (PrecisionPlan::compute_dtype).
+    const DType want = m.plan().fp8_weight(p) ? DType::kF32 : is_gemm_weight(p) ? DType::kBF16 : DType::kF32;
+    EXPECT_EQ(m.params().get(p.name).dtype, want) << p.name;
+  }
+  // Shared by 2 ranks (ZeRO-1 masters in halves), every GEMM weight has its bf16 copy, as in bf16.
+  {
+    const ModelMemoryPlan two = Model::memory_plan(
+        cfg, DType::kF32, ModelOptions{.precision = Precision::kFP8, .parallel = {.dense_dp = 2, .expert_dp = 2}}, kB,
+        kT);
+    for (const ParamLayout::Entry& e : two.layout->entries())
+      EXPECT_EQ(two.layout->groups()[e.group].compute, is_gemm_weight(e.spec) ? DType::kBF16 : DType::kF32)
+          << e.spec.name;
   }
   const std::vector<std::string> want = {
       "layers.0.attn.wq_a.weight",     "layers.0.attn.wq_b.weight",     "layers.0.attn.wkv_a.weight",
@@ -94,12 +100,45 @@ TEST(Fp8Model, PlansFp8CopiesOfTheWholeBlockProjectionsOnly) {
     ASSERT_TRUE(m.acts().has(e.name)) << e.name;
     EXPECT_EQ(m.acts().get(e.name).dtype, e.dtype) << e.name;
   }
-  for (const Arena::Entry& e : m.acts().entries())
-    if (!m16.acts().has(e.name)) {
-      EXPECT_TRUE(e.name.starts_with("fp8.") || e.name.starts_with("scratch.fp8.")) << e.name;
+  // What only the fp8 mode plans is its quantisation scratch (no e4m3 weight copy is kept), all of it
+  // over the bytes of one host view (fp8_weights.h): scratch.dlogits where they fit, else a region
+  // scratch.fp8 of its own. At kB × kT = 32 tokens the micro config's logits gradient is too small.
+  std::vector<std::string> only_fp8;
+  for (const PrecisionPlan::Entry& e : m.plan().entries())
+    if (!m16.acts().has(e.name)) only_fp8.push_back(e.name);
+  for (const PrecisionPlan::Entry& e : m.plan().entries()) {
+    if (!e.name.starts_with("scratch.fp8.")) {
+      EXPECT_EQ(e.storage, Storage::kPlain) << e.name;
+      continue;
     }
-  // The plan's table is the arena.
-  EXPECT_EQ(m.plan().entries().size(), m.acts().entries().size());
+    EXPECT_EQ(e.storage, Storage::kAlias) << e.name;
+    EXPECT_EQ(e.alias_of, "scratch.fp8") << e.name;
+  }
+  for (const char* slot : {"a", "a_t", "b_t", "w", "w_t"})
+    for (const char* part : {".q", ".scale"}) {
+      const std::string name = std::string("scratch.fp8.") + slot + part;
+      EXPECT_EQ(m.acts().get(name).dtype, std::string(part) == ".q" ? DType::kF8E4M3 : DType::kF32) << name;
+    }
+  EXPECT_EQ(only_fp8.size(), 1u + 10u + 1u + 3u) << "the host region, 5 slots (.q, .scale), w16, 3 expert-row views";
+  EXPECT_EQ(m.acts().bytes(),
+            m16.acts().bytes() + Arena::view_bytes(Shape{m.acts().get("scratch.fp8").numel()}, DType::kF8E4M3));
+  // The plan's table is the arena: its views and its aliases.
+  EXPECT_EQ(m.plan().entries().size(), m.acts().entries().size() + m.acts().aliases().size());
+  // With a 8192-token vocabulary the scratch fits in scratch.dlogits (256 × 8192 bf16): the fp8 mode
+  // plans exactly the bf16 mode's bytes.
+  {
+    ModelConfig big = cfg;
+    big.vocab_size = 8192;
+    const ModelMemoryPlan p8 = Model::memory_plan(big, DType::kF32, ModelOptions{.precision = Precision::kFP8}, 16, kT);
+    const ModelMemoryPlan p16 =
+        Model::memory_plan(big, DType::kF32, ModelOptions{.precision = Precision::kBF16}, 16, kT);
+    EXPECT_FALSE(p8.acts.has("scratch.fp8"));
+    for (const PrecisionPlan::Entry& e : p8.plan.entries()) {
+      if (!e.name.starts_with("scratch.fp8.")) continue;
+      EXPECT_EQ(e.alias_of, "scratch.dlogits") << e.name;
+    }
+    EXPECT_EQ(p8.acts.bytes(), p16.acts.bytes());
+  }
   // Other modes plan none of it; f64 needs the f32 mode.
   EXPECT_FALSE(m16.plan().fp8());
   for (const ParamSpec& p : m16.specs()) EXPECT_FALSE(m16.plan().fp8_weight(p)) << p.name;
@@ -171,7 +210,27 @@ TEST(Fp8Model, RecomputeAndAccumulationKeepTheGradients) {
   }
 }
 
-TEST(Fp8Model, WeightCopiesFollowTheComputeWeights) {
+// An FP8 weight's GEMMs quantise the bf16 rounding of its compute weight: an f32 compute weight
+// (one rank) gives the bits of a bf16 copy (two ranks' layout: the same model, init and batch).
+TEST(Fp8Model, F32ComputeWeightsGiveTheBitsOfBf16Copies) {
+  const ModelConfig cfg = fp8_micro_config();
+  const test::Batch batch = test::make_batch(cfg, kB, kT, 313, {2, 9});
+  CpuBackend be1, be2;
+  Model one(cfg, be1, DType::kF32, ModelOptions{.precision = Precision::kFP8});
+  Model two(cfg, be2, DType::kF32,
+            ModelOptions{.precision = Precision::kFP8, .parallel = {.dense_dp = 2, .expert_dp = 2}});
+  for (Model* m : {&one, &two}) {
+    m->set_batch_shape(kB, kT);
+    m->init_weights(17);
+  }
+  EXPECT_EQ(one.params().get("layers.0.ffn.w1.weight").dtype, DType::kF32);
+  EXPECT_EQ(two.params().get("layers.0.ffn.w1.weight").dtype, DType::kBF16);
+  const StepResult r1 = forward_backward(one, batch), r2 = forward_backward(two, batch);
+  EXPECT_EQ(r1.loss, r2.loss);
+  EXPECT_TRUE(r1.grads == r2.grads) << "relative distance " << test::rel_error(r1.grads, r2.grads);
+}
+
+TEST(Fp8Model, Fp8GemmsFollowTheComputeWeights) {
   const ModelConfig cfg = fp8_micro_config();
   const test::Batch batch = test::make_batch(cfg, kB, kT, 77, {});
   CpuBackend be_a, be_b;
@@ -185,9 +244,9 @@ TEST(Fp8Model, WeightCopiesFollowTheComputeWeights) {
   const double before = a.losses().lm_loss;
   // Writes through params() (as the optimizer does): the next forward quantises the new weights.
   for (Model* m : {&a, &b}) {
-    const Tensor w = m->params().get("layers.0.ffn.w2.weight");
-    auto* h = static_cast<uint16_t*>(w.data);
-    for (int64_t i = 0; i < w.numel(); ++i) h[i] = f32_to_bf16(3.0f * bf16_to_f32(h[i]));
+    const Tensor w = m->params().get("layers.0.ffn.w2.weight");  // f32: its own master (one rank)
+    ASSERT_EQ(w.dtype, DType::kF32);
+    for (int64_t i = 0; i < w.numel(); ++i) w.ptr<float>()[i] *= 3.0f;
   }
   a.forward({}, batch.tokens, batch.targets);
   b.forward({}, batch.tokens, batch.targets);
