@@ -1,10 +1,10 @@
 // fp8_gemm on the GPU (cuBLASLt's block-scaled FP8 GEMM, Hopper; fp8_gemm_ops.cpp) against the CPU's
 // (the exact dequantised product, f64 sums, cpu/fp8_ops.cpp) on the same e4m3 codes and scales:
 // the recipe's forms (A in 1×128 tiles with B in 128×128 blocks: Fprop, Dgrad; both in 1×128 tiles:
-// Wgrad), sizes that are not multiples of 128 (K = 320: a half K block), alpha, beta, C in place and
-// a separate addend, a bf16 output, beta = 0 not reading NaNs; the three recipe GEMMs end to end
-// (act_quant, weight_quant, fp8_gemm on each backend); the plan cache with new scale tensors per
-// call; the refusals of shapes and views cuBLASLt cannot take. Skipped on devices other than 9.x.
+// Wgrad), sizes that are not multiples of 128 (K = 320: a half K block; K = 16 to 96: less than one
+// block), alpha, beta, C in place and a separate addend, a bf16 output, beta = 0 not reading NaNs; the three recipe
+// GEMMs end to end (act_quant, weight_quant, fp8_gemm on each backend); the plan cache with new scale tensors per call;
+// the refusals of shapes and views cuBLASLt cannot take. Skipped on devices other than 9.x.
 //
 // Tolerance. Both sides multiply the same exact values (an e4m3 pair's product is exact, and so is
 // its dequantised value in f64 on the CPU); they differ in how the products are summed. cuBLASLt adds
@@ -162,6 +162,11 @@ TEST(CudaFp8Gemm, AgainstCpu) {
     run_case({64, 72, 256, bs, DType::kF32, -1.5, -0.5, true}, seed += 10);
     run_case({64, 72, 256, bs, DType::kF32, 1.0, 0.0, true}, seed += 10);  // NaN C and addend unread
     run_case({64, 72, 256, bs, DType::kBF16, 2.0, 0.0, true}, seed += 10);
+    // K below one 128 block (the serving engine's FP8 weights take any Linear: the serve test model's are
+    // 16 to 64 wide), M of a few padded decode rows.
+    run_case({8, 32, 16, bs, DType::kF32, 1.0, 0.0, false}, seed += 10);
+    run_case({16, 64, 32, bs, DType::kF32, 1.0, 1.0, true}, seed += 10);
+    run_case({8, 48, 96, bs, DType::kF32, 1.0, 0.0, false}, seed += 10);
   }
 }
 

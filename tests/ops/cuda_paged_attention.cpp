@@ -1,7 +1,8 @@
 // CUDA vs CPU for the serving engine's ops (cuda_dual.h harness): paged_cache_write,
 // paged_latent_attention (tiles of 16 keys and chunks of 8 heads: lengths and head counts that are
 // not multiples of either, a sequence with no query rows, blocks in scrambled order, several key
-// tiles per row; decode rows over long contexts, whose keys are split over blocks) and rope with per-row positions; plus the device-side checks of their indices.
+// tiles per row; decode rows over long contexts, whose keys are split over blocks) and rope with per-row positions;
+// plus the device-side checks of their indices.
 #include "cuda_dual.h"
 
 #include <numeric>

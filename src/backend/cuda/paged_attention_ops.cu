@@ -37,8 +37,8 @@ using namespace cuda;
 
 constexpr int kPagedThreads = 128;
 constexpr int kPagedWarps = kPagedThreads / kWarp;
-constexpr int kTile = 16;          // key rows per tile
-constexpr int kHeadsPerBlock = 8;  // component heads per block (at most)
+constexpr int kTile = 16;              // key rows per tile
+constexpr int kHeadsPerBlock = 8;      // component heads per block (at most)
 constexpr int64_t kSplitMinKeys = 32;  // keys per split at least (two tiles): a split must amortise its partial's write
 constexpr int64_t kMaxSplits = 64;
 constexpr int kCombineThreads = 128;
@@ -185,7 +185,9 @@ __global__ void __launch_bounds__(kPagedThreads)
   if (sh.splits > 1) {  // the unnormalised partial; paged_attention_combine_kernel finishes
     for (int64_t idx = threadIdx.x; idx < hb * (r_kv + 2); idx += blockDim.x) {
       const int64_t h = idx / (r_kv + 2), i = idx % (r_kv + 2);
-      partials[partial_offset(sh, n, h0 + h, blockIdx.z) + i] = i < r_kv ? acc[h * r_kv + i] : i == r_kv ? m_s[h] : l_s[h];
+      partials[partial_offset(sh, n, h0 + h, blockIdx.z) + i] = i < r_kv    ? acc[h * r_kv + i]
+                                                                : i == r_kv ? m_s[h]
+                                                                            : l_s[h];
     }
     return;
   }
@@ -288,7 +290,8 @@ void CudaBackend::paged_latent_attention(Context ctx, const PagedLatentAttention
                       .splits = splits};
   float* partials = nullptr;
   if (splits > 1)
-    partials = static_cast<float*>(scratch(static_cast<size_t>(d.rows * d.heads * splits * (d.r_kv + 2)) * sizeof(float)));
+    partials =
+        static_cast<float*>(scratch(static_cast<size_t>(d.rows * d.heads * splits * (d.r_kv + 2)) * sizeof(float)));
   const float* lambda = a.differential ? f32(a.lambda) : nullptr;
   const dim3 grid(static_cast<unsigned>(d.rows), static_cast<unsigned>(chunks), static_cast<unsigned>(splits));
   paged_attention_kernel<<<grid, kPagedThreads, bytes, stream(ctx)>>>(
