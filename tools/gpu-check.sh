@@ -27,8 +27,8 @@
 #   Environment: GPU_CHECK_LOG_DIR (default DIR/gpu-check-logs), GPU_CHECK_SANITIZE_FILTER and
 #   GPU_CHECK_RACE_FILTER (gtest filters of the memcheck and racecheck steps); GPU_CHECK_PART=checks
 #   or bench runs one half (a device call has a time limit); SANITIZE=0, OP_BENCH=0, BENCH_F32=0,
-#   SEED_SLICE=0 and BENCH=0 skip the sanitizers, the op benchmarks, the f32 step benchmark, the
-#   seed-slice step benchmarks, all benchmarks.
+#   SEED_SLICE=0, DECODE=0 and BENCH=0 skip the sanitizers, the op benchmarks, the f32 step benchmark,
+#   the seed-slice step benchmarks, the decode benchmarks, all benchmarks.
 set -u
 cd "$(dirname "$0")/.."
 
@@ -136,6 +136,7 @@ BIN_CASES="$BUILD_DIR/bench/bench_op_cases"
 BIN_BENCH="$BUILD_DIR/bench/bench_step"
 BIN_GG="$BUILD_DIR/bench/bench_grouped_gemm"
 BIN_FP8="$BUILD_DIR/bench/bench_fp8"
+BIN_DIFFMOE="$BUILD_DIR/src/cli/diffmoe"
 built=0
 if step configure "$LOG_DIR/configure.log" "${CONFIGURE[@]}"; then
   step build "$LOG_DIR/build.log" ninja -C "$BUILD_DIR" -j"$JOBS" "${TARGETS[@]}" && built=1
@@ -156,6 +157,7 @@ if [[ $built == 0 && -n "$PREBUILT" ]]; then
   BIN_BENCH="$PREBUILT/bench_step"
   BIN_GG="$PREBUILT/bench_grouped_gemm"
   BIN_FP8="$PREBUILT/bench_fp8"
+  BIN_DIFFMOE="$PREBUILT/diffmoe"
   export LD_LIBRARY_PATH="$PREBUILT/lib:/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}"
   for i in "${!NAMES[@]}"; do  # a failed build here is expected where the dependencies are missing
     [[ ${RESULTS[$i]} == PASS ]] || RESULTS[$i]="${RESULTS[$i]}, used prebuilt"
@@ -296,6 +298,23 @@ if [[ "${BENCH:-1}" == 1 && $PART != checks ]]; then
     fi
   else
     skip bench_diffmoe "no binary"
+  fi
+  # Decode (docs/evaluation.md "Benchmark"): the serving engine with its CUDA graphs at batch 1, 8 and 64,
+  # with the model's bf16 weights and with FP8 weights (greedy agreement), each batch against its
+  # bandwidth bound; PyTorch's decode loops come with bench_torch_decode (DECODE=0 skips both).
+  if [[ "${DECODE:-1}" == 1 && -x "$BIN_DIFFMOE" ]]; then
+    for w in model fp8; do
+      step "decode_serve_$w" "$LOG_DIR/decode_serve_$w.log" "$BIN_DIFFMOE" bench --config configs/bench.yaml \
+        --device cuda --precision bf16_gemm --no-train --engine serve --weights "$w" --report "$LOG_DIR/decode_serve_$w.json"
+      grep -E "decode batch|CUDA graphs|agreement" "$LOG_DIR/decode_serve_$w.log"
+    done
+  else
+    skip decode_serve "DECODE=0 or no binary"
+  fi
+  if [[ "${DECODE:-1}" == 1 ]] && python3 -c "import torch" 2>/dev/null; then
+    step bench_torch_decode "$LOG_DIR/bench_torch_decode.log" python3 bench/torch_bench.py --decode-only \
+      --json "$LOG_DIR/torch_decode.json" --time-budget-s "${TORCH_DECODE_BUDGET_S:-150}"
+    grep -E "^\|" "$LOG_DIR/bench_torch_decode.log" | head -n 16
   fi
   if python3 -c "import torch" 2>/dev/null; then
     step bench_torch "$LOG_DIR/bench_torch.log" python3 bench/torch_bench.py --json "$LOG_DIR/torch_bench.json" \
