@@ -43,7 +43,7 @@ bool graphs_possible(const EngineOptions& o, Model& m) {
   if (!o.cuda_graphs) return false;
   Backend& be = m.backend();
   const GemmPrecision before = be.gemm_precision();
-  be.set_gemm_precision(m.plan().bf16_gemm() ? GemmPrecision::kBF16 : GemmPrecision::kF32);
+  m.use_gemm_precision();
   const bool yes = be.supports_graphs();
   be.set_gemm_precision(before);
   return yes;
@@ -247,7 +247,7 @@ StepOutput Engine::step(Context ctx, std::span<const StepSequence> batch) {
   w.fill_permutations();
   be_.upload(arena_.get("index").rows(0, p.used), host_index_.data());
 
-  be_.set_gemm_precision(model_.plan().bf16_gemm() ? GemmPrecision::kBF16 : GemmPrecision::kF32);
+  model_.use_gemm_precision();
   if (bucket > 0) decode_graph_step(ctx, p, bucket);
   else forward(ctx, p);
   out.logits = scratch("logits", Shape{M, c.vocab_size});  // the real rows (padding rows come after them)
