@@ -89,6 +89,9 @@ class Event {
   cudaEvent_t e_ = nullptr;
 };
 
+// How long a failing watchdog with exit_on_failure waits for ncclCommAbort before it ends the process anyway.
+constexpr std::chrono::seconds kAbortGrace{2};
+
 // What a communicator, its Works and its watchdog share.
 struct NcclState {
   ncclComm_t comm = nullptr;
@@ -126,8 +129,23 @@ struct NcclState {
       std::fprintf(stderr, "error: %s; aborting the NCCL communicator and this process\n", message.c_str());
       std::fflush(stderr);
     }
-    if (!aborted.exchange(true)) ncclCommAbort(comm);
-    if (exit_on_failure) std::_Exit(1);
+    if (!exit_on_failure) {
+      if (!aborted.exchange(true)) ncclCommAbort(comm);
+      return;
+    }
+    // ncclCommAbort can block behind what stalled the collective (a kernel or host function that never
+    // finishes on its stream), and the process ends either way: abort on a thread of its own and exit
+    // once it returns or kAbortGrace has passed, whichever is first.
+    if (!aborted.exchange(true)) {
+      auto done = std::make_shared<std::atomic<bool>>(false);
+      std::thread([c = comm, done] {
+        ncclCommAbort(c);
+        done->store(true);
+      }).detach();
+      const auto until = Clock::now() + kAbortGrace;
+      while (!done->load() && Clock::now() < until) std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    }
+    std::_Exit(1);
   }
 
   void watch() {

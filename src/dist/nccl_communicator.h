@@ -22,7 +22,9 @@
 //     "error: rank R: <op> on <comm> (nccl): <what happened>; aborting the NCCL communicator and
 //      this process"
 //   on stderr and ends the process with exit status 1: after an abort the kernels' outputs are
-//   garbage, and a host blocked in a stream synchronisation would otherwise go on with them.
+//   garbage, and a host blocked in a stream synchronisation would otherwise go on with them. The
+//   abort itself can block behind the stalled stream, so the process ends at most 2 s after the
+//   message whether or not it returned.
 //   Without exit_on_failure the communicator is marked failed and every later call and wait()
 //   throws that message as Error.
 #pragma once
