@@ -241,6 +241,9 @@ void CudaBackend::print_profile() {
                st.calls, st.ms, total > 0 ? 100.0 * st.ms / total : 0.0);
   }
   fmt::print("  {:<24} {:>8} {:>12.3f} {:>6.1f}%\n", "total", "", total, 100.0);
+  // Plan creation (a heuristic query, then timed candidates) is host time that the table above does not show.
+  fmt::print("[cuda] cuBLASLt plans: {} cached, {} heuristic queries since the backend began (lt_gemm.h)\n",
+             lt_gemm_->plans(), lt_gemm_->heuristic_queries());
   print_gemm_choices();
 }
 
