@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <numeric>
 
 #include "core/rng.h"
@@ -23,10 +24,16 @@ template <class T>
 int32_t sample_impl(const SamplerOptions& o, std::span<const T> logits, uint64_t counter) {
   const int64_t V = static_cast<int64_t>(logits.size());
   DIFFMOE_CHECK(V >= 1, "[sampler] empty logits");
-  for (int64_t i = 0; i < V; ++i)
-    DIFFMOE_CHECK(std::isfinite(static_cast<double>(logits[static_cast<size_t>(i)])),
-                  "[sampler] logits[{}] = {} is not finite", i, static_cast<double>(logits[static_cast<size_t>(i)]));
-  if (o.temperature == 0.0 || o.top_k == 1) return argmax(logits);
+  // −inf is a masked token (probability 0: ids a tokenizer does not have, sampler.h); NaN and +inf are errors.
+  for (int64_t i = 0; i < V; ++i) {
+    const double z = static_cast<double>(logits[static_cast<size_t>(i)]);
+    DIFFMOE_CHECK(!std::isnan(z) && z != std::numeric_limits<double>::infinity(),
+                  "[sampler] logits[{}] = {} is not finite", i, z);
+  }
+  const int32_t best = argmax(logits);
+  DIFFMOE_CHECK(std::isfinite(static_cast<double>(logits[static_cast<size_t>(best)])),
+                "[sampler] every one of the {} logits is -inf (masked): nothing to sample", V);
+  if (o.temperature == 0.0 || o.top_k == 1) return best;
 
   // Candidates in descending logit order (ties: lower id first); top-k keeps the first k.
   const int64_t k = o.top_k > 0 ? std::min(o.top_k, V) : V;

@@ -21,7 +21,8 @@ class Sampler {
  public:
   explicit Sampler(SamplerOptions opt);
 
-  // One token id from logits [V]. `counter` selects the random number (a generation loop uses
+  // One token id from logits [V]; a logit of −inf masks its token (probability 0), NaN or +inf, or every
+  // logit −inf, throws. `counter` selects the random number (a generation loop uses
   // counter = step·batch + b), so the same (seed, counter, logits) always give the same token.
   int32_t sample(std::span<const float> logits, uint64_t counter) const;
   int32_t sample(std::span<const double> logits, uint64_t counter) const;

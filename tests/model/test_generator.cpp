@@ -412,6 +412,32 @@ TEST(Sampler, RejectsBadOptionsAndLogits) {
   EXPECT_THROW(Sampler({.top_p = 0.0}), Error);
   const std::vector<double> bad = {0.0, std::numeric_limits<double>::quiet_NaN()};
   EXPECT_THROW(Sampler({}).sample(std::span(bad), 0), Error);
+  const std::vector<double> plus_inf = {0.0, std::numeric_limits<double>::infinity()};
+  EXPECT_THROW(Sampler({}).sample(std::span(plus_inf), 0), Error);
+  const std::vector<float> all_masked(4, -std::numeric_limits<float>::infinity());
+  EXPECT_THROW(Sampler({.temperature = 0.0}).sample(std::span(all_masked), 0), Error);
+  EXPECT_THROW(Sampler({}).sample(std::span(all_masked), 0), Error);
+}
+
+// −inf masks a token (the server masks ids its tokenizer lacks): masked ids are never drawn, and the others keep the
+// softmax of their own logits, in every sampling mode.
+TEST(Sampler, MaskedLogitsAreNeverDrawn) {
+  constexpr float kMasked = -std::numeric_limits<float>::infinity();
+  // The highest logit (id 1) masked: greedy takes the best unmasked one.
+  std::vector<float> z(kLogits.begin(), kLogits.end());
+  z[1] = kMasked;
+  z[6] = kMasked;
+  EXPECT_EQ(Sampler({.temperature = 0.0}).sample(std::span<const float>(z), 0), 4);
+  for (const SamplerOptions o : {SamplerOptions{.temperature = 1.0}, SamplerOptions{.temperature = 3.0, .top_k = 6},
+                                 SamplerOptions{.temperature = 2.0, .top_p = 0.99}}) {
+    std::vector<int> seen(z.size(), 0);
+    for (uint64_t c = 0; c < 4000; ++c) {
+      const Sampler s({.temperature = o.temperature, .top_k = o.top_k, .top_p = o.top_p, .seed = c});
+      ++seen[static_cast<size_t>(s.sample(std::span<const float>(z), c))];
+    }
+    EXPECT_EQ(seen[1] + seen[6], 0) << "a masked id was drawn at temperature " << o.temperature;
+    EXPECT_GE(std::count_if(seen.begin(), seen.end(), [](int n) { return n > 0; }), 3) << "it still samples";
+  }
 }
 
 // ================================================================ cache size of the presets
