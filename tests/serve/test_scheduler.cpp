@@ -146,6 +146,31 @@ TEST_F(SchedulerTest, SeedGivesTheSameTokensWhateverSharesTheBatch) {
   (void)collect(*other);
 }
 
+// A model vocabulary wider than the tokenizer's (padded, as a 32768-wide model with a 29765-id tokenizer): the ids past
+// the tokenizer are masked (−inf logits) and never sampled, in greedy and random sampling and with prompt logprobs.
+TEST_F(SchedulerTest, IdsTheTokenizerLacksAreNeverSampled) {
+  const int64_t tokenizer_ids = tok_->vocab_size();
+  model_ = std::make_unique<Model>(test::serve_config(tokenizer_ids + 20), be_, DType::kF64);
+  diffmoe::test::randomize_for_test(*model_, 78);
+  auto s = make();
+  const std::vector<int32_t> prompt = tok_->encode("the house and the garden");
+  std::vector<std::shared_ptr<Request>> reqs;
+  for (uint64_t seed = 0; seed < 4; ++seed)
+    reqs.push_back(s->submit(prompt, {.temperature = seed == 0 ? 0.0 : 2.0,
+                                      .seed = seed,
+                                      .max_tokens = 24,
+                                      .logprobs = seed == 1 ? 2 : -1,
+                                      .echo = seed == 1,
+                                      .ignore_eos = true}));
+  drain(*s);
+  for (const auto& r : reqs) {
+    const Result got = collect(*r);
+    EXPECT_EQ(got.finish_reason, "length");
+    ASSERT_EQ(got.ids.size(), 24u);
+    for (const int32_t id : got.ids) EXPECT_LT(id, tokenizer_ids);
+  }
+}
+
 TEST_F(SchedulerTest, StopStringsEndTheTextBeforeTheirFirstOccurrence) {
   const std::vector<int32_t> prompt = tok_->encode("the ship");
   auto s = make();
