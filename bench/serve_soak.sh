@@ -6,13 +6,20 @@
 # --rss-slack percent).
 #
 # usage: bench/serve_soak.sh [--checkpoint PATH --tokenizer PATH] [--clients 64] [--duration 60]
-#                            [--max-tokens 64] [--device cpu] [--build build] [--work DIR]
-# Without --checkpoint it makes a model: the tiny preset (configs/tiny.yaml) freshly initialised,
-# with a 4096-id tokenizer trained on the bundled corpus (cached in the work directory).
+#                            [--max-tokens 64] [--device cpu] [--build build | --bin PATH] [--work DIR]
+#                            [--config configs/tiny.yaml] [--vocab-size 4096] [-- SERVE_ARGS...]
+# Without --checkpoint it makes a model: --config's preset (the tiny one by default) freshly
+# initialised, with a --vocab-size tokenizer trained on the bundled corpus (both cached in the work
+# directory; --tokenizer without --checkpoint uses that tokenizer). Arguments after -- go to
+# `diffmoe serve` (e.g. --precision bf16). With --device cuda the GPU's used memory (nvidia-smi) is
+# sampled too and must stay flat like the resident memory.
+# The GPU run of the bench preset: --device cuda --config configs/bench.yaml --vocab-size 32768
+#   -- --precision bf16 (bench/RESULTS.md).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-CHECKPOINT="" TOKENIZER="" CLIENTS=64 DURATION=60 MAX_TOKENS=64 DEVICE=cpu BUILD=build WORK=/tmp/diffmoe-serve-soak RSS_SLACK=10
+CHECKPOINT="" TOKENIZER="" CLIENTS=64 DURATION=60 MAX_TOKENS=64 DEVICE=cpu BUILD=build BIN="" WORK=/tmp/diffmoe-serve-soak RSS_SLACK=10
+CONFIG=configs/tiny.yaml VOCAB=4096 SERVE_ARGS=()
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --checkpoint) CHECKPOINT="$2"; shift 2 ;;
@@ -22,31 +29,36 @@ while [[ $# -gt 0 ]]; do
     --max-tokens) MAX_TOKENS="$2"; shift 2 ;;
     --device) DEVICE="$2"; shift 2 ;;
     --build) BUILD="$2"; shift 2 ;;
+    --bin) BIN="$2"; shift 2 ;;
+    --config) CONFIG="$2"; shift 2 ;;
+    --vocab-size) VOCAB="$2"; shift 2 ;;
+    --) shift; SERVE_ARGS=("$@"); break ;;
     --work) WORK="$2"; shift 2 ;;
     --rss-slack) RSS_SLACK="$2"; shift 2 ;;
     *) echo "serve_soak: unknown option $1" >&2; exit 2 ;;
   esac
 done
-BIN="$BUILD/src/cli/diffmoe"
+[[ -n "$BIN" ]] || BIN="$BUILD/src/cli/diffmoe"
 [[ -x "$BIN" ]] || { echo "serve_soak: no $BIN (build first)" >&2; exit 2; }
 mkdir -p "$WORK"
 
 if [[ -z "$CHECKPOINT" ]]; then
-  TOKENIZER="$WORK/tokenizer.json"
-  [[ -f "$TOKENIZER" ]] || "$BIN" tokenizer train --input 'data/corpus/*.txt' --out "$TOKENIZER" --vocab-size 4096
-  CHECKPOINT="$WORK/tiny.safetensors"
-  [[ -f "$CHECKPOINT" ]] || "$BIN" init --config configs/tiny.yaml --out "$CHECKPOINT"
+  NAME=$(basename "$CONFIG" .yaml)
+  [[ -n "$TOKENIZER" ]] || TOKENIZER="$WORK/tokenizer-$VOCAB.json"
+  [[ -f "$TOKENIZER" ]] || "$BIN" tokenizer train --input 'data/corpus/*.txt' --out "$TOKENIZER" --vocab-size "$VOCAB"
+  CHECKPOINT="$WORK/$NAME.safetensors"
+  [[ -f "$CHECKPOINT" ]] || "$BIN" init --config "$CONFIG" --out "$CHECKPOINT"
 fi
 TOK_ARGS=()
 [[ -n "$TOKENIZER" ]] && TOK_ARGS=(--tokenizer "$TOKENIZER")
 
 rm -f "$WORK/port" "$WORK"/client-*.log
 OMP_WAIT_POLICY=passive "$BIN" serve --checkpoint "$CHECKPOINT" "${TOK_ARGS[@]}" --device "$DEVICE" --port 0 \
-  --port-file "$WORK/port" --max-batch 32 --max-concurrency $((CLIENTS + 8)) --max-tokens 512 \
+  --port-file "$WORK/port" --max-batch 32 --max-concurrency $((CLIENTS + 8)) --max-tokens 512 "${SERVE_ARGS[@]}" \
   > "$WORK/server.log" 2>&1 &
 SERVER=$!
 trap 'kill $SERVER 2>/dev/null || true' EXIT
-for _ in $(seq 1 600); do [[ -f "$WORK/port" ]] && break; sleep 0.1; done
+for _ in $(seq 1 1200); do [[ -f "$WORK/port" ]] && break; kill -0 $SERVER 2>/dev/null || break; sleep 0.1; done
 [[ -f "$WORK/port" ]] || { echo "serve_soak: the server did not start" >&2; cat "$WORK/server.log" >&2; exit 1; }
 URL="http://127.0.0.1:$(cat "$WORK/port")"
 
@@ -70,16 +82,18 @@ client() {  # one client: streaming requests back to back until the end; every f
   done
 }
 rss_kib() { awk '/VmRSS/ {print $2}' "/proc/$SERVER/status"; }
+gpu_mib() { [[ "$DEVICE" == cuda ]] && nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits | head -1 || echo 0; }
 
 echo "serve_soak: $CLIENTS streaming clients for $DURATION s against $URL ($(nproc) cores)"
 PIDS=()
 for i in $(seq 1 "$CLIENTS"); do client "$i" & PIDS+=($!); done
-RSS=()
+RSS=() GPU=()
 T0=$(date +%s)
 while (( $(date +%s) < END )); do
   sleep 5
   RSS+=("$(rss_kib)")
-  echo "  t=$(( $(date +%s) - T0 ))s rss=$(( ${RSS[-1]} / 1024 )) MiB $(curl -s "$URL/health")"
+  GPU+=("$(gpu_mib)")
+  echo "  t=$(( $(date +%s) - T0 ))s rss=$(( ${RSS[-1]} / 1024 )) MiB gpu=${GPU[-1]} MiB $(curl -s "$URL/health")"
 done
 for p in "${PIDS[@]}"; do wait "$p" || true; done
 sleep 1
@@ -98,13 +112,17 @@ TOTAL=$(echo "$HEALTH" | sed -E 's/.*"total_blocks":([0-9]+).*/\1/')
 CANCELLED=$(echo "$HEALTH" | sed -E 's/.*"cancelled":([0-9]+).*/\1/')
 FIRST=${RSS[1]:-${RSS[0]}} LAST=${RSS[-1]}  # the first sample after warm-up, the last one
 GROWTH=$(( (LAST - FIRST) * 100 / FIRST ))
+GPU_FIRST=${GPU[1]:-${GPU[0]}} GPU_LAST=${GPU[-1]}
+GPU_GROWTH=$(( GPU_FIRST > 0 ? (GPU_LAST - GPU_FIRST) * 100 / GPU_FIRST : 0 ))
 echo "serve_soak: $DONE streams completed, $HANGUPS hung up ($CANCELLED cancelled by the server), $FAILED 5xx, $REFUSED 4xx;" \
      "$GEN tokens generated ($(( GEN / DURATION )) tokens/s); blocks free $FREE/$TOTAL;" \
-     "rss $(( FIRST / 1024 )) -> $(( LAST / 1024 )) MiB (${GROWTH}%)"
+     "rss $(( FIRST / 1024 )) -> $(( LAST / 1024 )) MiB (${GROWTH}%)" \
+     "$([[ "$DEVICE" == cuda ]] && echo "; gpu memory $GPU_FIRST -> $GPU_LAST MiB (${GPU_GROWTH}%)")"
 OK=1
 [[ "$FREE" == "$TOTAL" ]] || { echo "FAIL: $(( TOTAL - FREE )) cache blocks still taken"; OK=0; }
 [[ "$FAILED" == 0 ]] || { echo "FAIL: $FAILED requests failed with 5xx"; OK=0; }
 [[ "$REFUSED" == 0 ]] || { echo "FAIL: $REFUSED requests refused (4xx: a leaked concurrency slot?)"; OK=0; }
 (( GROWTH <= RSS_SLACK )) || { echo "FAIL: resident memory grew ${GROWTH}% (slack ${RSS_SLACK}%)"; OK=0; }
+(( GPU_GROWTH <= RSS_SLACK )) || { echo "FAIL: GPU memory grew ${GPU_GROWTH}% (slack ${RSS_SLACK}%)"; OK=0; }
 (( DONE > 0 )) || { echo "FAIL: no stream completed"; OK=0; }
 [[ $OK == 1 ]] && echo "PASS" || exit 1
