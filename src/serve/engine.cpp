@@ -206,6 +206,7 @@ StepOutput Engine::step(Context ctx, std::span<const StepSequence> batch) {
   const int64_t bucket = decode_bucket(batch);
   const int64_t L = layout_rows(batch);
   const int64_t b_latent = B - static_cast<int64_t>(expanded_order_.size());
+  expanded_rows_ += N - L;
   DIFFMOE_CHECK(bucket == 0 || L == N, "[engine] a padded decode step has {} expanded rows", N - L);
   plan_ =
       make_plan(arena_.get("index"), bucket > 0 ? bucket : N, bucket > 0 ? bucket : L, bucket > 0 ? bucket : b_latent,

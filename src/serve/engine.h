@@ -154,6 +154,8 @@ class Engine : private DecodeOps {
   // takes the largest chunk); fixed at construction. When the option is on but the op refused: why.
   bool expanded_prefill_enabled() const { return expanded_; }
   const std::string& expanded_prefill_error() const { return expanded_error_; }
+  // Rows that took the expanded prefill, over all steps so far.
+  int64_t expanded_rows() const { return expanded_rows_; }
 
  private:
   // The rows a pure decode step of B sequences runs on: B padded up to its bucket; 0 when the step is not one, or
@@ -196,6 +198,7 @@ class Engine : private DecodeOps {
   std::vector<int32_t> host_index_;  // the step's index buffer as built on the host
   bool expanded_ = false;            // expanded_prefill_enabled()
   std::string expanded_error_;
+  int64_t expanded_rows_ = 0;
   std::vector<int64_t> seq_row_;          // per StepSequence of the step: its first row
   std::vector<PrefillRun> prefill_runs_;  // the step's expanded prefill runs
   std::vector<size_t> expanded_order_;    // layout_rows' sort of the expanded sequences
