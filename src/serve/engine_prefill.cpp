@@ -12,6 +12,7 @@
 #include <algorithm>
 #include <cstdio>
 
+#include "model/attention_layer.h"
 #include "serve/engine.h"
 
 namespace diffmoe::serve {
@@ -53,16 +54,7 @@ void Engine::attend_expanded(Context ctx, int64_t l, const PrefillRun& run, cons
                         .y_stride = rkv,
                         .eps = c.norm_eps});
   be_.gemm(ctx, {.c = kv, .a = ckv, .b = param(attn_param(l, "wkv_b.weight")), .trans_b = true});
-  be_.mla_kv_split_fwd(ctx, {.k = k,
-                             .v = v,
-                             .kv = kv,
-                             .kr = kva,
-                             .n_heads = H,
-                             .d_nope = dn,
-                             .d_rope = dr,
-                             .d_v = dv,
-                             .kr_stride = rkv + dr,
-                             .kr_offset = rkv});
+  be_.mla_kv_split_fwd(ctx, mla_kv_split_args(c, k, v, kv, kva));
   // Causal over each chunk's own rows: query t sees keys 0 … t, which are positions 0 … t (nothing cached before).
   const Shape out_shape{B, T, h_out, comps * dv};
   be_.attention_fwd(ctx, {.out = s.att.rows(run.row, end).reshape(out_shape),
