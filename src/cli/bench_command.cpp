@@ -32,7 +32,7 @@ struct BenchArgs {
   int64_t batch = -1, seq = -1, prompt_len = -1, new_tokens = -1;
   int steps = -1, warmup = -1, repeats = -1;
   double peak_tflops = -1;
-  bool no_train = false, no_decode = false, no_verify = false, no_cuda_graphs = false;
+  bool no_train = false, no_decode = false, no_verify = false, no_cuda_graphs = false, no_expanded_prefill = false;
   uint64_t seed = 1234;
 };
 
@@ -49,6 +49,8 @@ int run_bench(const BenchArgs& a) {
                 "--weights fp8 needs --engine serve (the generator decodes with the model's weights)");
   DIFFMOE_CHECK(!a.no_cuda_graphs || a.engine == "serve",
                 "--no-cuda-graphs applies to --engine serve (the generator records no graphs)");
+  DIFFMOE_CHECK(!a.no_expanded_prefill || a.engine == "serve",
+                "--no-expanded-prefill applies to --engine serve (the generator prefills through its latent cache)");
   DIFFMOE_CHECK(a.agreement_prompts == -1 || a.agreement_prompts >= 1,
                 "--agreement-prompts: must be >= 1 (greedy sequences compared), got {}", a.agreement_prompts);
   auto be = make_backend(a.device);
@@ -97,13 +99,16 @@ int run_bench(const BenchArgs& a) {
   // the untimed run recorded (serve/bench_decode.h).
   std::optional<serve::EngineDecodeBench> engine_bench;
   if (a.engine == "serve") {
-    const serve::BenchEngineOptions eo{.fp8_weights = a.weights == "fp8", .cuda_graphs = !a.no_cuda_graphs};
+    const serve::BenchEngineOptions eo{.fp8_weights = a.weights == "fp8",
+                                       .cuda_graphs = !a.no_cuda_graphs,
+                                       .expanded_prefill = !a.no_expanded_prefill};
     engine_bench.emplace(eo);
     o.decode_engine = *engine_bench;
     o.engine_stored_bytes = serve::engine_stored_bytes(*model, eo);
     // The same engine on the model's weights: the reference of the greedy agreement.
     if (eo.fp8_weights || a.agreement_prompts >= 1)
-      o.reference_engine = serve::EngineDecodeBench(serve::BenchEngineOptions{.cuda_graphs = eo.cuda_graphs});
+      o.reference_engine = serve::EngineDecodeBench(
+          serve::BenchEngineOptions{.cuda_graphs = eo.cuda_graphs, .expanded_prefill = eo.expanded_prefill});
   } else if (a.agreement_prompts >= 1) {
     o.reference_engine = time_generator_decode;  // the generator against itself: a determinism check
   }
@@ -133,6 +138,10 @@ int run_bench(const BenchArgs& a) {
     fmt::print("serve engine CUDA graphs{}: {} recorded, {} replayed steps, {} eager padded steps{}\n",
                a.no_cuda_graphs ? " (--no-cuda-graphs)" : "", graphs->captures, graphs->replays, graphs->eager_padded,
                engine_bench->graph_error().empty() ? "" : "; recording failed: " + engine_bench->graph_error());
+    const std::string refused = engine_bench->expanded_prefill_error();
+    fmt::print("serve engine prefill: {}\n", a.no_expanded_prefill ? "latent attention (--no-expanded-prefill)"
+                                             : refused.empty()     ? "expanded, the training attention"
+                                                                   : "latent attention; expanded refused: " + refused);
   }
   if (!a.report.empty()) {
     nlohmann::ordered_json j;
@@ -149,6 +158,9 @@ int run_bench(const BenchArgs& a) {
                           {"replayed_steps", graphs->replays},
                           {"eager_padded_steps", graphs->eager_padded},
                           {"error", engine_bench->graph_error()}};
+    if (engine_bench && !a.no_decode)
+      j["expanded_prefill"] = {{"enabled", !a.no_expanded_prefill && engine_bench->expanded_prefill_error().empty()},
+                               {"error", engine_bench->expanded_prefill_error()}};
     const std::string text = j.dump(2) + "\n";
     io::check_output_path(a.report, "bench report");
     const io::Failure f =
@@ -178,6 +190,9 @@ void add_bench_command(CLI::App& app, std::function<int()>& run) {
   cmd->add_flag("--no-cuda-graphs", a->no_cuda_graphs,
                 "decode, --engine serve: run every step eagerly (default: replay CUDA graphs of decode steps where "
                 "the backend records them; docs/serving.md)");
+  cmd->add_flag("--no-expanded-prefill", a->no_expanded_prefill,
+                "decode, --engine serve: prefill through the absorbed latent attention (default: prompts take the "
+                "training attention on expanded keys and values; docs/serving.md)");
   cmd->add_option("--agreement-prompts", a->agreement_prompts,
                   "decode: greedy tokens of this many prompts compared with the model weights' (default with "
                   "--weights fp8: the largest decode batch)");

@@ -32,7 +32,7 @@ struct ServeArgs {
   int64_t prefill_chunk = 256, block_size = 16, cache_blocks = 0, max_waiting = 1024;
   size_t max_request_bytes = size_t{1} << 20;
   double shutdown_timeout = 30.0;
-  bool no_verify = false, no_cuda_graphs = false;
+  bool no_verify = false, no_cuda_graphs = false, no_expanded_prefill = false;
 };
 
 int run_serve(const ServeArgs& a) {
@@ -73,7 +73,8 @@ int run_serve(const ServeArgs& a) {
                                         .block_size = a.block_size,
                                         .n_blocks = a.cache_blocks,
                                         .fp8_weights = a.weights == "fp8",
-                                        .cuda_graphs = !a.no_cuda_graphs},
+                                        .cuda_graphs = !a.no_cuda_graphs,
+                                        .expanded_prefill = !a.no_expanded_prefill},
                              .prefill_chunk = a.prefill_chunk,
                              .max_waiting = a.max_waiting};
   if (so.engine.max_step_tokens == 0) so.engine.max_step_tokens = a.max_batch + a.prefill_chunk;
@@ -154,6 +155,9 @@ void add_serve_command(CLI::App& app, std::function<int()>& run) {
   cmd->add_flag("--no-verify", a->no_verify, "read the checkpoint without checking it against its manifest");
   cmd->add_flag("--no-cuda-graphs", a->no_cuda_graphs,
                 "launch every op of decode steps instead of replaying recorded CUDA graphs (docs/serving.md)");
+  cmd->add_flag("--no-expanded-prefill", a->no_expanded_prefill,
+                "prefill prompts through the absorbed latent attention instead of the training attention on "
+                "expanded keys and values (docs/serving.md)");
   cmd->callback([&run, a] { run = [a] { return run_serve(*a); }; });
 }
 

@@ -4,6 +4,21 @@
 
 namespace diffmoe {
 
+MlaKvSplitFwdArgs mla_kv_split_args(const ModelConfig& c, const Tensor& k, const Tensor& v, const Tensor& kv,
+                                    const Tensor& kva) {
+  const int64_t rkv = c.kv_lora_rank, dr = c.qk_rope_head_dim;
+  return {.k = k,
+          .v = v,
+          .kv = kv,
+          .kr = kva,
+          .n_heads = c.n_heads,
+          .d_nope = c.qk_nope_head_dim,
+          .d_rope = dr,
+          .d_v = c.v_head_dim,
+          .kr_stride = rkv + dr,
+          .kr_offset = rkv};
+}
+
 std::string AttentionLayer::p(const char* name) const { return fmt::format("layers.{}.attn.{}", l_, name); }
 std::string AttentionLayer::a(const char* name) const { return names_.name(name, recomputed(name)); }
 
@@ -126,16 +141,7 @@ Tensor AttentionLayer::forward_core(const LayerContext& lc, const Tensor& x) con
                    .seq_len = T});
   lc.linear(kv, ckv, lc.weight(p("wkv_b.weight")));
   // k, v in their planned dtype (bf16: from a bf16 kv, moved exactly).
-  be.mla_kv_split_fwd(lc.ctx, {.k = k,
-                               .v = v,
-                               .kv = kv,
-                               .kr = kva,
-                               .n_heads = H,
-                               .d_nope = dn,
-                               .d_rope = dr,
-                               .d_v = dv,
-                               .kr_stride = rkv + dr,
-                               .kr_offset = rkv});
+  be.mla_kv_split_fwd(lc.ctx, mla_kv_split_args(c, k, v, kv, kva));
 
   const Tensor q4 = q.reshape(Shape{B, T, H, dqk}), k4 = k.reshape(Shape{B, T, H, dqk}),
                v4 = v.reshape(Shape{B, T, H, dv});

@@ -6,6 +6,12 @@
 
 namespace diffmoe {
 
+// The MLA key/value split of config c (docs/model.md §2): from kv = ĉ W_kvbᵀ [N, H·(d_nope + d_v)] and the
+// rows kva [N, r_kv + d_rope] whose last d_rope columns hold the rotated rope key, k [N, H, d_qk] = per head
+// [k^C_j ; k^R] and v [N, H, d_v] (the training forward's, and the serving engine's expanded prefill).
+MlaKvSplitFwdArgs mla_kv_split_args(const ModelConfig& c, const Tensor& k, const Tensor& v, const Tensor& kv,
+                                    const Tensor& kva);
+
 class AttentionLayer {
  public:
   // recompute: attention or full re-run the forward in the backward (model/recompute.h).

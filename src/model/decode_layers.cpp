@@ -123,7 +123,7 @@ void DecodeLayers::attention(Context ctx, int64_t l, const DecodeRows& rows) {
                               .lk2 = param(attn_param(l, "lambda_k2")),
                               .lambda_init = c.lambda_init(l)});
   }
-  ops_.attend(ctx, l, rows, {.att = att, .q = q, .lambda = lambda});
+  ops_.attend(ctx, l, rows, {.att = att, .q = q, .lambda = lambda, .kva = kva});
   Tensor o = att;
   if (c.differential) {  // Ō_h = (1 − λ_init)·RMSNorm_2dv(O_h; subln), eps 1e-5 (docs/model.md §2)
     o = scratch("att_n", Shape{N, H * dv});

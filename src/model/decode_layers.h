@@ -39,6 +39,8 @@ struct LatentAttentionStep {
   Tensor att;     // out: O [N, H·d_v] token-major, component j of row n at columns j·d_v (O_h = [o_2h ; o_2h+1])
   Tensor q;       // [N, H·d_qk]: per head [q^C ; RoPE(q^R)]
   Tensor lambda;  // λ [1] (differential; undefined for plain MLA)
+  Tensor kva;     // [N, r_kv + d_rope] = [c ; RoPE(k^R)]: the rows the new cache rows were normed from (a decoder
+                  // that expands keys and values from them, serve/engine.h)
 };
 
 // What a decoder supplies to the shared layers.

@@ -35,7 +35,8 @@ EngineOptions engine_options(const DecodeCase& c, const BenchEngineOptions& opt)
                        .block_size = opt.block_size,
                        .max_logit_rows = c.batch,
                        .fp8_weights = opt.fp8_weights,
-                       .cuda_graphs = opt.cuda_graphs};
+                       .cuda_graphs = opt.cuda_graphs,
+                       .expanded_prefill = opt.expanded_prefill};
 }
 
 // One run of the case on `engine`: its sequences are added, prefilled, decoded and released.
@@ -102,6 +103,7 @@ struct EngineDecodeBench::State {
   std::unique_ptr<Engine> engine;
   GraphStats done;  // of the engines dropped so far
   std::string error;
+  std::string prefill_error;
 };
 
 EngineDecodeBench::EngineDecodeBench(BenchEngineOptions opt) : state_(std::make_shared<State>()) { state_->opt = opt; }
@@ -115,6 +117,7 @@ DecodeTiming EngineDecodeBench::operator()(Model& model, const DecodeCase& c) {
     if (s.engine) add_stats(s.done, s.engine->graph_stats());
     s.engine.reset();  // its cache and arena first: the next engine may need the memory
     s.engine = std::make_unique<Engine>(model, engine_options(c, s.opt));
+    if (!s.engine->expanded_prefill_error().empty()) s.prefill_error = s.engine->expanded_prefill_error();
     s.model = &model;
     s.key = c;
   }
@@ -130,6 +133,8 @@ GraphStats EngineDecodeBench::graph_stats() const {
 }
 
 std::string EngineDecodeBench::graph_error() const { return state_->error; }
+
+std::string EngineDecodeBench::expanded_prefill_error() const { return state_->prefill_error; }
 
 std::unordered_map<std::string, int64_t> engine_stored_bytes(const Model& model, const BenchEngineOptions& opt) {
   const ModelConfig& c = model.config();

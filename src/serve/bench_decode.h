@@ -18,9 +18,10 @@
 namespace diffmoe::serve {
 
 struct BenchEngineOptions {
-  bool fp8_weights = false;  // EngineOptions::fp8_weights
-  int64_t block_size = 16;   // EngineOptions::block_size
-  bool cuda_graphs = true;   // EngineOptions::cuda_graphs
+  bool fp8_weights = false;      // EngineOptions::fp8_weights
+  int64_t block_size = 16;       // EngineOptions::block_size
+  bool cuda_graphs = true;       // EngineOptions::cuda_graphs
+  bool expanded_prefill = true;  // EngineOptions::expanded_prefill
 };
 
 DecodeTiming time_engine_decode(Model& model, const DecodeCase& c, const BenchEngineOptions& opt);
@@ -35,6 +36,8 @@ class EngineDecodeBench {
   // The graph counters summed over every engine built so far, and the last recording error ("" if none).
   GraphStats graph_stats() const;
   std::string graph_error() const;
+  // Why an engine built so far turned its expanded prefill off (Engine::expanded_prefill_error; "" if none did).
+  std::string expanded_prefill_error() const;
 
  private:
   struct State;

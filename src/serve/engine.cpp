@@ -101,6 +101,7 @@ Engine::Engine(Model& model, EngineOptions opt)
   arena_.add("att_hm", Shape{R * H * dv}, t);  // [H_out, N, comps·d_v]
   for (int64_t l = c.n_dense_layers; l < c.n_layers; ++l)
     arena_.add(fmt::format("router.counts.{}", l), Shape{c.n_routed_experts}, DType::kI32);
+  if (opt_.expanded_prefill) plan_expanded_prefill(R);
   arena_.add("final.h", Shape{M * D}, t);
   arena_.add("final.x_norm", Shape{M * D}, t);
   arena_.add("final.rstd", Shape{M}, t);
@@ -109,6 +110,7 @@ Engine::Engine(Model& model, EngineOptions opt)
 
   upload_rope_tables(be_, c, opt_.max_context, arena_.get("rope.cos"), arena_.get("rope.sin"));
   refresh_weights();
+  if (opt_.expanded_prefill) check_expanded_prefill();
   if (graphs_) {
     graphs_by_bucket_.resize(bucket_index(opt_.max_batch) + 1);
     bucket_eager_steps_.assign(graphs_by_bucket_.size(), 0);
@@ -198,36 +200,46 @@ StepOutput Engine::step(Context ctx, std::span<const StepSequence> batch) {
                 cache_.free_blocks());
 
   // The index buffer (engine_plan.h), built on the host and uploaded once. A pure decode step on a graph engine runs
-  // on its bucket's rows: sequences B … bucket − 1 are padding (below).
+  // on its bucket's rows: sequences B … bucket − 1 are padding (below). Otherwise the latent path's sequences take
+  // rows 0 … L − 1 in batch order and the expanded prefill's the rest (layout_rows); logit rows stay in batch order.
   const int64_t H = c.n_heads, h_out = c.differential ? H / 2 : H;
   const int64_t bucket = decode_bucket(batch);
-  plan_ = make_plan(arena_.get("index"), bucket > 0 ? bucket : N, bucket > 0 ? bucket : B,
-                    cache_.blocks_for(opt_.max_context), H, h_out, bucket > 0 ? bucket : M);
+  const int64_t L = layout_rows(batch);
+  const int64_t b_latent = B - static_cast<int64_t>(expanded_order_.size());
+  expanded_rows_ += N - L;
+  DIFFMOE_CHECK(bucket == 0 || L == N, "[engine] a padded decode step has {} expanded rows", N - L);
+  plan_ =
+      make_plan(arena_.get("index"), bucket > 0 ? bucket : N, bucket > 0 ? bucket : L, bucket > 0 ? bucket : b_latent,
+                cache_.blocks_for(opt_.max_context), H, h_out, bucket > 0 ? bucket : M);
   const StepPlan& p = plan_;
   host_index_.assign(static_cast<size_t>(p.used), 0);
   IndexWriter w(host_index_, p);
   StepOutput out;
-  int64_t row = 0, logit_row = 0;
+  int64_t logit_row = 0, latent_seq = 0;
   for (int64_t b = 0; b < B; ++b) {
     const StepSequence& s = batch[static_cast<size_t>(b)];
     const int64_t n = static_cast<int64_t>(s.tokens.size()), len = cache_.length(s.seq);
+    const int64_t row = seq_row_[static_cast<size_t>(b)];
     cache_.extend(s.seq, len + n);
     for (int64_t t = 0; t < n; ++t) {
       w.set(p.tokens, row + t, s.tokens[static_cast<size_t>(t)]);
       w.set(p.positions, row + t, len + t);
       w.set(p.slots, row + t, cache_.slot(s.seq, len + t));
     }
-    w.set(p.q_offsets, b, row);
-    w.set(p.kv_lens, b, len + n);
-    const std::span<const int32_t> blk = cache_.blocks(s.seq);
-    for (size_t i = 0; i < blk.size(); ++i) w.set(p.block_table, b * p.max_blocks + static_cast<int64_t>(i), blk[i]);
+    if (row < L) {  // the paged latent attention's indices
+      w.set(p.q_offsets, latent_seq, row);
+      w.set(p.kv_lens, latent_seq, len + n);
+      const std::span<const int32_t> blk = cache_.blocks(s.seq);
+      for (size_t i = 0; i < blk.size(); ++i)
+        w.set(p.block_table, latent_seq * p.max_blocks + static_cast<int64_t>(i), blk[i]);
+      ++latent_seq;
+    }
     out.first_row.push_back(s.logits == LogitRows::kNone ? -1 : logit_row);
     if (s.logits == LogitRows::kAll) {
       for (int64_t t = 0; t < n; ++t) w.set(p.logit_rows, logit_row++, row + t);
     } else if (s.logits == LogitRows::kLast) {
       w.set(p.logit_rows, logit_row++, row + n - 1);
     }
-    row += n;
   }
   // Padding (docs/serving.md "CUDA graphs"): padding row j is a sequence of one position, token 0 at position 0, in
   // reserved block n_blocks + j (no sequence holds those), so its cache write and attention touch no real sequence's
@@ -243,7 +255,7 @@ StepOutput Engine::step(Context ctx, std::span<const StepSequence> batch) {
     w.set(p.block_table, b * p.max_blocks, pad_block);
     w.set(p.logit_rows, b, b);
   }
-  w.set(p.q_offsets, p.B, p.N);
+  w.set(p.q_offsets, p.B, p.L);
   w.fill_permutations();
   be_.upload(arena_.get("index").rows(0, p.used), host_index_.data());
 
@@ -252,6 +264,34 @@ StepOutput Engine::step(Context ctx, std::span<const StepSequence> batch) {
   else forward(ctx, p);
   out.logits = scratch("logits", Shape{M, c.vocab_size});  // the real rows (padding rows come after them)
   return out;
+}
+
+int64_t Engine::layout_rows(std::span<const StepSequence> batch) {
+  const size_t B = batch.size();
+  const auto len = [&](size_t b) { return static_cast<int64_t>(batch[b].tokens.size()); };
+  seq_row_.assign(B, 0);
+  expanded_order_.clear();
+  prefill_runs_.clear();
+  int64_t row = 0;
+  for (size_t b = 0; b < B; ++b) {
+    // A chunk of one position gains nothing from expansion (one query, one key); so every pure decode step keeps
+    // the latent path (and its graphs) whatever was cached before.
+    if (expanded_ && len(b) >= 2 && cache_.length(batch[b].seq) == 0) {
+      expanded_order_.push_back(b);
+    } else {
+      seq_row_[b] = row;
+      row += len(b);
+    }
+  }
+  const int64_t L = row;
+  std::stable_sort(expanded_order_.begin(), expanded_order_.end(), [&](size_t x, size_t y) { return len(x) < len(y); });
+  for (const size_t b : expanded_order_) {
+    seq_row_[b] = row;
+    if (!prefill_runs_.empty() && prefill_runs_.back().len == len(b)) ++prefill_runs_.back().count;
+    else prefill_runs_.push_back({.row = row, .len = len(b), .count = 1});
+    row += len(b);
+  }
+  return L;
 }
 
 int64_t Engine::decode_bucket(std::span<const StepSequence> batch) const {

@@ -6,9 +6,14 @@
 //   h_0 = embed_scale · E[tokens]
 //   per layer:  x̄ = RMSNorm_attn(h);  q = [q^C ; RoPE(q^R)] (each row at its own position)
 //               [c ; k^R] = x̄ W_kvaᵀ → pool slot of (sequence, position) = [RMSNorm_kv(c) ; RoPE(k^R)]
-//               q̃_j = q^C_j W^UK_j          (all rows of head j in one grouped GEMM, head-major)
-//               L = paged_latent_attention  (differential: L_h = A_{h,0}ĉ − λ A_{h,1}ĉ, latent space)
-//               [o_2h ; o_2h+1] = L_h [W^UV_2h ; W^UV_2h+1]ᵀ   (one grouped GEMM over the value groups)
+//               rows of the latent path (decode rows, later chunks of a prompt):
+//                 q̃_j = q^C_j W^UK_j          (all rows of head j in one grouped GEMM, head-major)
+//                 L = paged_latent_attention  (differential: L_h = A_{h,0}ĉ − λ A_{h,1}ĉ, latent space)
+//                 [o_2h ; o_2h+1] = L_h [W^UV_2h ; W^UV_2h+1]ᵀ   (one grouped GEMM over the value groups)
+//               rows of the expanded prefill (a prompt chunk of >= 2 positions with nothing cached before it):
+//                 [k^C_j ; v_j] = ĉ W_kvb,jᵀ, k_j = [k^C_j ; k^R]   (one GEMM over the chunk's rows, as training)
+//                 O = attention_fwd           (causal, differential with λ; the training op, B = 1 or the
+//                                              sequences of equal length together)
 //               differential: Ō_h = (1 − λ_init)·RMSNorm_2dv(O_h; subln);   h += Ō W_oᵀ
 //               h += FFN(RMSNorm_ffn(h))    dense SwiGLU, or the MoE as in training: router with the
 //                                           balancing bias, dropless permute/gather, grouped expert
@@ -17,10 +22,19 @@
 // Every row's arithmetic depends only on its own sequence, so a sequence's logits are those of the
 // full forward on it alone, whatever else shares the step (tests/serve/test_engine.cpp).
 //
+// Expanded prefill (docs/serving.md "Expanded prefill"; EngineOptions::expanded_prefill): the two attention paths
+// are one function (docs/derivations.md §2.4, §3.3: the absorption only reorders the sums), so a prompt's first chunk
+// takes the one that is cheaper for many queries over the same keys: the training attention on expanded keys and
+// values, over the chunk's own rows (they are all its keys). Those rows are laid out after every other row of the
+// step (rows L … N − 1, engine_plan.h), their sequences sorted by length so that equal lengths share one call; the
+// cache rows are written as for every row. A step without such a chunk (every pure decode step) runs exactly the
+// latent path, with the index layout it always had.
+//
 // Memory: the cache pools, plus ONE arena planned from the options: per-step scratch for
 // max_step_tokens rows shared by all layers (plan_decode_scratch), the RoPE tables up to max_context, the head-major
 // copies of W^UK (zero-padded to d_qk rows, so the absorption reads the full query) and W^UV per
-// layer, and the step's index buffer (uploaded once per step). Nothing allocates after construction.
+// layer, the step's index buffer (uploaded once per step) and, with expanded_prefill, the expanded keys and values
+// for max_step_tokens rows (engine_prefill.cpp). Nothing allocates after construction.
 //
 // Graphs (docs/serving.md "CUDA graphs"): on a backend that records ops (CUDA in the bf16 GEMM mode), a pure decode
 // step — every sequence appends one token and wants its logits — runs on B rows padded up to a bucket (1, 2, 4, …,
@@ -67,6 +81,11 @@ struct EngineOptions {
   // Graphs kept at most, one per bucket (at most 1 + ceil(log2 max_batch) of them); a bucket past the bound runs
   // eagerly on its padded rows. 0 records none: pure decode steps still run padded (a reference for tests).
   int64_t max_graphs = 16;
+  // Prompt chunks of at least two positions with nothing cached before them (a prompt's first chunk) take the training
+  // attention on expanded keys and values (engine.h, docs/serving.md "Expanded prefill"); false: every row takes the
+  // paged latent attention. Turned off at construction, with the reason in Engine::expanded_prefill_error(), when
+  // the backend's attention_fwd refuses the largest chunk this engine can see.
+  bool expanded_prefill = true;
 };
 
 // What the graphs of an engine did (tests, statistics).
@@ -131,6 +150,12 @@ class Engine : private DecodeOps {
   const GraphStats& graph_stats() const { return graph_stats_; }
   // Why recording failed, when it did (graphs are then off for this engine); empty otherwise.
   const std::string& graph_error() const { return graph_error_; }
+  // Whether prompts' first chunks take the expanded prefill (EngineOptions::expanded_prefill and an attention_fwd that
+  // takes the largest chunk); fixed at construction. When the option is on but the op refused: why.
+  bool expanded_prefill_enabled() const { return expanded_; }
+  const std::string& expanded_prefill_error() const { return expanded_error_; }
+  // Rows that took the expanded prefill, over all steps so far.
+  int64_t expanded_rows() const { return expanded_rows_; }
 
  private:
   // The rows a pure decode step of B sequences runs on: B padded up to its bucket; 0 when the step is not one, or
@@ -147,6 +172,16 @@ class Engine : private DecodeOps {
   void linear(Context ctx, const Tensor& y, const Tensor& x, const Tensor& w, double beta) const override;
   void write_cache(Context ctx, int64_t l, const DecodeRows& rows, const Tensor& kv_rows) override;
   void attend(Context ctx, int64_t l, const DecodeRows& rows, const LatentAttentionStep& s) override;
+  // The latent path on rows 0 … L − 1 (engine_layers.cpp); the expanded prefill of one run (engine_prefill.cpp).
+  void attend_latent(Context ctx, int64_t l, const LatentAttentionStep& s);
+  void attend_expanded(Context ctx, int64_t l, const PrefillRun& run, const LatentAttentionStep& s);
+  // The expanded prefill's scratch for `rows` rows (before the arena is allocated), and the check that
+  // attention_fwd takes the largest chunk (after; turns the path off with the op's message if not).
+  void plan_expanded_prefill(int64_t rows);
+  void check_expanded_prefill();
+  // Lays out the step's rows (seq_row_, prefill_runs_): the latent sequences' rows first, in batch order, then the
+  // expanded ones by length. Returns L, the latent rows.
+  int64_t layout_rows(std::span<const StepSequence> batch);
   void quantize_weights();  // the FP8 copies (fp8_weights)
   Tensor scratch(const char* name, Shape shape) const { return arena_prefix(arena_, name, shape); }
   Tensor param(const std::string& name) const { return model_.params().get(name); }
@@ -161,6 +196,12 @@ class Engine : private DecodeOps {
   DecodeLayers layers_;              // reads arena_'s scratch, calls back into this engine
   StepPlan plan_;                    // the index views of the step being run (step() sets them)
   std::vector<int32_t> host_index_;  // the step's index buffer as built on the host
+  bool expanded_ = false;            // expanded_prefill_enabled()
+  std::string expanded_error_;
+  int64_t expanded_rows_ = 0;
+  std::vector<int64_t> seq_row_;          // per StepSequence of the step: its first row
+  std::vector<PrefillRun> prefill_runs_;  // the step's expanded prefill runs
+  std::vector<size_t> expanded_order_;    // layout_rows' sort of the expanded sequences
   struct Fp8Weight {
     Tensor q, scale;  // e4m3 [N, K], f32 [ceil(N/128), fp8_block_scale_cols(K)]
   };

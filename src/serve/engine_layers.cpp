@@ -48,14 +48,23 @@ void Engine::write_cache(Context ctx, int64_t l, const DecodeRows&, const Tensor
   be_.paged_cache_write(ctx, {.cache = cache_.layer(l), .rows = kv_rows, .slots = plan_.slots});
 }
 
+// Rows 0 … L − 1 take the latent path, the expanded prefill's runs the rest (engine.h); the two write disjoint rows
+// of s.att.
 void Engine::attend(Context ctx, int64_t l, const DecodeRows& rows, const LatentAttentionStep& s) {
+  DIFFMOE_CHECK(rows.n == plan_.N, "[engine] layer {} attends {} rows, the step planned {}", l, rows.n, plan_.N);
+  if (plan_.L > 0) attend_latent(ctx, l, s);
+  for (const PrefillRun& run : prefill_runs_) attend_expanded(ctx, l, run, s);
+}
+
+void Engine::attend_latent(Context ctx, int64_t l, const LatentAttentionStep& s) {
   const ModelConfig& c = cfg_;
   const StepPlan& p = plan_;
-  const int64_t N = rows.n, H = c.n_heads, dqk = c.d_qk(), dv = c.v_head_dim, dn = c.qk_nope_head_dim;
+  const int64_t N = p.L, H = c.n_heads, dqk = c.d_qk(), dv = c.v_head_dim, dn = c.qk_nope_head_dim;
   const int64_t rkv = c.kv_lora_rank, comps = c.differential ? 2 : 1, h_out = H / comps;
+  const Tensor q = s.q.rows(0, N), att = s.att.rows(0, N);
   // Absorb W^UK into the query (docs/derivations.md §2.4): head-major rows, one grouped GEMM over the heads.
   const Tensor q_hm = scratch("q_hm", Shape{H * N, dqk}), q_lat = scratch("q_lat", Shape{H * N, rkv});
-  be_.moe_gather(ctx, {.x_perm = q_hm, .x = s.q.reshape(Shape{N * H, dqk}), .src_row = p.perm_q});
+  be_.moe_gather(ctx, {.x_perm = q_hm, .x = q.reshape(Shape{N * H, dqk}), .src_row = p.perm_q});
   be_.grouped_gemm(
       ctx,
       {.c = q_lat, .a = q_hm, .b = arena_.get(fmt::format("w_uk.{}", l)), .offsets = p.offsets_h, .trans_b = false});
@@ -63,7 +72,7 @@ void Engine::attend(Context ctx, int64_t l, const DecodeRows& rows, const Latent
   const Tensor lat = scratch("lat", Shape{h_out, N, rkv});
   be_.paged_latent_attention(ctx, {.out = lat,
                                    .q_lat = q_lat.reshape(Shape{H, N, rkv}),
-                                   .q_rope = s.q.reshape(Shape{N, H, dqk}),
+                                   .q_rope = q.reshape(Shape{N, H, dqk}),
                                    .cache = cache_.layer(l),
                                    .lambda = s.lambda,
                                    .block_table = p.block_table,
@@ -80,7 +89,7 @@ void Engine::attend(Context ctx, int64_t l, const DecodeRows& rows, const Latent
                          .b = arena_.get(fmt::format("w_uv.{}", l)),
                          .offsets = p.offsets_o,
                          .trans_b = true});
-  be_.moe_gather(ctx, {.x_perm = s.att.reshape(Shape{N * h_out, comps * dv}), .x = att_hm, .src_row = p.perm_o});
+  be_.moe_gather(ctx, {.x_perm = att.reshape(Shape{N * h_out, comps * dv}), .x = att_hm, .src_row = p.perm_o});
 }
 
 }  // namespace diffmoe::serve

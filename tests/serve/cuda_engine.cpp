@@ -2,7 +2,10 @@
 // tools/gpu-check.sh-style runs set DIFFMOE_REQUIRE_GPU=1): the same weights on both backends, the
 // same mixed batches step by step (prompt chunks with every row's logits beside decode rows,
 // sequences joining late and released), every logit row compared; in f32, in the bf16 GEMM mode,
-// and with FP8 weights (Hopper only; the rows padded to cuBLASLt's multiples of 8). And
+// and with FP8 weights (Hopper only; the rows padded to cuBLASLt's multiples of 8). Prompts take the
+// expanded prefill (docs/serving.md "Expanded prefill") on both: on the serving tests' head dims
+// through the simple f32 attention kernels, on wider ones through the flash (f32) and tensor-core
+// (bf16 GEMM mode) kernels. And
 // `diffmoe bench --engine serve` on CUDA (serve/bench_decode.h): timed, bounded and compared.
 // CUDA graphs (docs/serving.md "CUDA graphs"): graph_test_util.h's scenario on the GPU — replayed pure decode steps
 // give bitwise the logits of the same padded steps run eagerly, and an engine without graphs' logits up to summation
@@ -39,10 +42,21 @@ struct Case {
   bool fp8;
   double tol;  // norm-wise relative error per logit row
   const char* why;
+  bool wide_heads = false;  // d_qk 32, value groups 32 wide: the flash and tensor-core attention kernels' shapes
 };
 
+// The serving tests' model with heads the fused attention kernels cover (attention_ops.cu: d_qk 32, comps·d_v 32).
+ModelConfig wide_head_config() {
+  nlohmann::ordered_json j = test::serve_config().to_json();
+  j["kv_lora_rank"] = 32;
+  j["qk_nope_head_dim"] = 16;
+  j["qk_rope_head_dim"] = 16;
+  j["v_head_dim"] = 16;
+  return ModelConfig::from_json(j, "serve_wide_heads");
+}
+
 void check_cuda_engine(const Case& c) {
-  const ModelConfig cfg = test::serve_config();
+  const ModelConfig cfg = c.wide_heads ? wide_head_config() : test::serve_config();
   auto cpu = make_backend("cpu");
   auto gpu = make_backend("cuda");
   Model ref(cfg, *cpu, DType::kF32, {.precision = c.precision});
@@ -107,6 +121,9 @@ void check_cuda_engine(const Case& c) {
               c.tol, c.why);
   EXPECT_LE(worst, c.tol) << c.name;
   EXPECT_EQ(b.cache().free_blocks(), a.cache().free_blocks());
+  EXPECT_TRUE(b.expanded_prefill_enabled()) << b.expanded_prefill_error();
+  EXPECT_EQ(b.expanded_rows(), a.expanded_rows());
+  EXPECT_EQ(b.expanded_rows(), 9 + 14 + 19) << "every prompt's first chunk took the expanded prefill";
 }
 
 TEST(CudaEngine, MatchesCpuEngine) {
@@ -117,6 +134,16 @@ TEST(CudaEngine, MatchesCpuEngine) {
   // bf16 GEMM mode: both sides round the same operands to bf16; the products are then summed in
   // f32 in other orders (tensor cores vs cblas on rounded copies): 1e-3.
   check_cuda_engine({"bf16", Precision::kBF16, false, 1e-3, "f32 sums of the same bf16 products"});
+}
+
+// The expanded prefill through the fused kernels: f32 the flash kernels (their own summation order, 1e-4 as above).
+// The bf16 GEMM mode the tensor-core kernels, which round q, k, v and the probabilities P to bf16 (u = 2^-9 each,
+// op_args.h AttentionFwdArgs) where the CPU attends in f32: ~u relative per score and output, through two layers
+// to the logits: 1e-2 per row (the numerics policy's bf16 bound).
+TEST(CudaEngine, ExpandedPrefillFusedKernelsMatchCpuEngine) {
+  DIFFMOE_REQUIRE_CUDA();
+  check_cuda_engine({"f32 wide heads", Precision::kF32, false, 1e-4, "f32 sums in other orders", true});
+  check_cuda_engine({"bf16 wide heads", Precision::kBF16, false, 1e-2, "bf16 q, k, v, P in the attention", true});
 }
 
 TEST(CudaEngine, Fp8WeightsMatchCpuEngine) {

@@ -23,8 +23,9 @@ class RecordingBackend final : public Backend {
   bool tuning_now = false;
   bool fail_end_capture = false;  // end_capture throws, as a CUDA recording does when an op waited for the device
   void move_workspaces() { ++epoch_; }
-  int64_t ops_run = 0;       // ops run eagerly (not recorded)
-  int64_t ops_recorded = 0;  // ops put into recordings
+  int64_t max_attention_seq = 0;  // attention_fwd refuses T above this, as a kernel with a shared-memory bound (0: any)
+  int64_t ops_run = 0;            // ops run eagerly (not recorded)
+  int64_t ops_recorded = 0;       // ops put into recordings
 
   std::string_view name() const override { return "recording"; }
   Device device() const override { return inner_.device(); }
@@ -79,7 +80,11 @@ class RecordingBackend final : public Backend {
   DIFFMOE_RECORDED_OP(mla_kv_split_bwd, MlaKvSplitBwdArgs)
   DIFFMOE_RECORDED_OP(diff_lambda_fwd, DiffLambdaFwdArgs)
   DIFFMOE_RECORDED_OP(diff_lambda_bwd, DiffLambdaBwdArgs)
-  DIFFMOE_RECORDED_OP(attention_fwd, AttentionFwdArgs)
+  void attention_fwd(Context ctx, const AttentionFwdArgs& a) override {
+    DIFFMOE_CHECK(max_attention_seq == 0 || a.q.dim(1) <= max_attention_seq,
+                  "[attention_fwd] this backend takes T <= {}, got {}", max_attention_seq, a.q.dim(1));
+    run(ctx, [this, a](Context c) { inner_.attention_fwd(c, a); });
+  }
   DIFFMOE_RECORDED_OP(attention_bwd, AttentionBwdArgs)
   DIFFMOE_RECORDED_OP(latent_attention, LatentAttentionArgs)
   DIFFMOE_RECORDED_OP(paged_cache_write, PagedCacheWriteArgs)
