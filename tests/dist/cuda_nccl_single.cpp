@@ -237,33 +237,34 @@ TEST_F(NcclWorld1, ArgumentErrors) {
 }
 
 // A collective stuck behind a blocked caller stream (a host function sleeping longer than the
-// timeout): run in a child process by the death tests below.
+// timeout): run in a child process by the death tests below. The timeout also bounds the NCCL world's
+// creation, which took over 0.5 s in a death test's child on an H100: 3 s leaves it room.
 [[noreturn]] void stuck_collective(bool exit_on_failure) {
   auto dist = DistContext::init(Launch{});
   NcclOptions opt;
-  opt.timeout = std::chrono::milliseconds(exit_on_failure ? 1000 : 500);
+  opt.timeout = std::chrono::milliseconds(3000);
   opt.exit_on_failure = exit_on_failure;
   auto comm = make_nccl_world(*dist, 0, opt);
   cudaStream_t s = nullptr;
   cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking);
   static int block = 0;
-  block = exit_on_failure ? 10000 : 3000;
+  block = exit_on_failure ? 12000 : 6000;
   cudaLaunchHostFunc(s, sleep_ms, &block);
   void* p = nullptr;
   cudaMalloc(&p, 64);
   const Tensor t{p, DType::kF32, Device::kCUDA, Shape{16}};
   WorkPtr w = comm->all_reduce(Context{s}, t, t);
   if (exit_on_failure) {
-    std::this_thread::sleep_for(std::chrono::seconds(8));
-    std::_Exit(0);  // not reached: the watchdog exits after about 1 s
+    std::this_thread::sleep_for(std::chrono::seconds(9));
+    std::_Exit(0);  // not reached: the watchdog exits 3 s after the issue, 5 s at most with the abort's grace
   }
-  std::this_thread::sleep_for(std::chrono::milliseconds(1500));
+  std::this_thread::sleep_for(std::chrono::milliseconds(4500));
   int code = 3;
   try {
     w->wait(Context{s});
   } catch (const Error& e) {
     const bool named =
-        std::string(e.what()).find("rank 0: all_reduce on world (nccl): not complete 0.5 s") != std::string::npos;
+        std::string(e.what()).find("rank 0: all_reduce on world (nccl): not complete 3 s") != std::string::npos;
     code = 4;
     try {
       comm->barrier(Context{s});
@@ -281,7 +282,7 @@ TEST(NcclWatchdog, TimeoutEndsTheProcessWithAClearMessage) {
   if (!have_gpu()) GTEST_SKIP() << "no CUDA device";
   GTEST_FLAG_SET(death_test_style, "threadsafe");
   EXPECT_EXIT(stuck_collective(true), ::testing::ExitedWithCode(1),
-              "error: rank 0: all_reduce on world \\(nccl\\): not complete 1 s after it was issued.*aborting the NCCL "
+              "error: rank 0: all_reduce on world \\(nccl\\): not complete 3 s after it was issued.*aborting the NCCL "
               "communicator and this process");
 }
 
