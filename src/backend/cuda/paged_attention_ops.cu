@@ -83,6 +83,9 @@ __global__ void __launch_bounds__(kPagedThreads)
   const int64_t h0 = int64_t{blockIdx.y} * kHeadsPerBlock;
   const int64_t hb = min(int64_t{kHeadsPerBlock}, sh.heads - h0);
   const int64_t row_w = sh.row_w, r_kv = sh.r_kv;
+  // In-block indices in 32 bits: the loops below divide by row_w and r_kv per element, and a 64-bit division is
+  // many times the cost of a 32-bit one (these sizes are a few hundred; the host checks the shared memory fits).
+  const int row_wi = static_cast<int>(row_w), r_kvi = static_cast<int>(r_kv), hbi = static_cast<int>(hb);
   float* q_s = smem;                 // [hb][row_w]: [q̃_j ; q^R_j]
   float* k_s = q_s + hb * row_w;     // [kTile][row_w]
   float* p_s = k_s + kTile * row_w;  // [hb][kTile]: scores, then probabilities
@@ -112,12 +115,13 @@ __global__ void __launch_bounds__(kPagedThreads)
   const int64_t last = kv_len - n_b + (n - q0);  // absolute position p: keys s = 0 … p
   const int32_t* blocks = block_table + b * sh.max_blocks;
 
-  for (int64_t idx = threadIdx.x; idx < hb * row_w; idx += blockDim.x) {
-    const int64_t h = idx / row_w, i = idx % row_w, j = h0 + h;
+  for (int idx = threadIdx.x; idx < hbi * row_wi; idx += blockDim.x) {
+    const int h = idx / row_wi, i = idx - h * row_wi;
+    const int64_t j = h0 + h;
     q_s[idx] = i < r_kv ? q_lat[(j * sh.rows + n) * r_kv + i]
                         : q_rope[(n * sh.heads + j) * sh.q_rope_width + sh.q_rope_offset + (i - r_kv)];
   }
-  for (int64_t idx = threadIdx.x; idx < hb * r_kv; idx += blockDim.x) acc[idx] = 0.0f;
+  for (int idx = threadIdx.x; idx < hbi * r_kvi; idx += blockDim.x) acc[idx] = 0.0f;
   if (threadIdx.x < hb) {
     m_s[threadIdx.x] = -INFINITY;
     l_s[threadIdx.x] = 0.0f;
@@ -141,23 +145,23 @@ __global__ void __launch_bounds__(kPagedThreads)
       row_base[threadIdx.x] = ((ok ? blk : 0) * sh.block_size + s % sh.block_size) * row_w;
     }
     __syncthreads();  // row_base ready; the previous tile's k_s and p_s are no longer read
-    for (int64_t idx = threadIdx.x; idx < ns * row_w; idx += blockDim.x) {
-      const int64_t s = idx / row_w, i = idx % row_w;
+    for (int idx = threadIdx.x; idx < ns * row_wi; idx += blockDim.x) {
+      const int s = idx / row_wi, i = idx - s * row_wi;
       k_s[idx] = cache[row_base[s] + i];
     }
     __syncthreads();
     // Scores z_{h,s} = scale · [q̃_j ; q^R_j]·[ĉ_s ; k^R_s], one warp per (head, key) pair.
-    for (int64_t pair = warp; pair < hb * ns; pair += kPagedWarps) {
-      const int64_t h = pair / ns, s = pair % ns;
+    for (int pair = warp; pair < hbi * ns; pair += kPagedWarps) {
+      const int h = pair / ns, s = pair - h * ns;
       float dot = 0.0f;
-      for (int64_t i = lane; i < row_w; i += kWarp) dot += q_s[h * row_w + i] * k_s[s * row_w + i];
+      for (int i = lane; i < row_wi; i += kWarp) dot += q_s[h * row_wi + i] * k_s[s * row_wi + i];
       dot = warp_sum(dot);
       if (lane == 0) p_s[h * kTile + s] = scale * dot;
     }
     __syncthreads();
     // Online softmax per head: m' = max(m, max_s z), p = exp(z − m'), l = l·exp(m − m') + Σ p.
-    if (threadIdx.x < hb) {
-      const int64_t h = threadIdx.x;
+    if (static_cast<int>(threadIdx.x) < hbi) {
+      const int h = threadIdx.x;
       float m_new = m_s[h];
       for (int s = 0; s < ns; ++s) m_new = fmaxf(m_new, p_s[h * kTile + s]);
       const float corr = expf(m_s[h] - m_new);  // 0 on the first tile (m = −inf, m' finite)
@@ -173,18 +177,18 @@ __global__ void __launch_bounds__(kPagedThreads)
     }
     __syncthreads();
     // acc_h = acc_h · corr_h + Σ_s p_{h,s} ĉ_s (each thread owns its (head, column) entries).
-    for (int64_t idx = threadIdx.x; idx < hb * r_kv; idx += blockDim.x) {
-      const int64_t h = idx / r_kv, i = idx % r_kv;
+    for (int idx = threadIdx.x; idx < hbi * r_kvi; idx += blockDim.x) {
+      const int h = idx / r_kvi, i = idx - h * r_kvi;
       float a = acc[idx] * corr_s[h];
-      for (int s = 0; s < ns; ++s) a += p_s[h * kTile + s] * k_s[s * row_w + i];
+      for (int s = 0; s < ns; ++s) a += p_s[h * kTile + s] * k_s[s * row_wi + i];
       acc[idx] = a;
     }
     // The next tile's first barrier orders these reads of k_s and p_s before they are overwritten.
   }
   __syncthreads();
   if (sh.splits > 1) {  // the unnormalised partial; paged_attention_combine_kernel finishes
-    for (int64_t idx = threadIdx.x; idx < hb * (r_kv + 2); idx += blockDim.x) {
-      const int64_t h = idx / (r_kv + 2), i = idx % (r_kv + 2);
+    for (int idx = threadIdx.x; idx < hbi * (r_kvi + 2); idx += blockDim.x) {
+      const int h = idx / (r_kvi + 2), i = idx - h * (r_kvi + 2);
       partials[partial_offset(sh, n, h0 + h, blockIdx.z) + i] = i < r_kv    ? acc[h * r_kv + i]
                                                                 : i == r_kv ? m_s[h]
                                                                             : l_s[h];
@@ -193,8 +197,8 @@ __global__ void __launch_bounds__(kPagedThreads)
   }
   const int64_t g0 = h0 / sh.comps, gb = hb / sh.comps;
   const float minus_lambda = sh.comps == 2 ? -lambda[0] : 0.0f;
-  for (int64_t idx = threadIdx.x; idx < gb * r_kv; idx += blockDim.x) {
-    const int64_t g = idx / r_kv, i = idx % r_kv;
+  for (int idx = threadIdx.x; idx < static_cast<int>(gb) * r_kvi; idx += blockDim.x) {
+    const int g = idx / r_kvi, i = idx - g * r_kvi;
     float v = acc[(sh.comps * g) * r_kv + i] / l_s[sh.comps * g];
     if (sh.comps == 2) v += minus_lambda * (acc[(2 * g + 1) * r_kv + i] / l_s[2 * g + 1]);
     out[((g0 + g) * sh.rows + n) * r_kv + i] = v;
@@ -202,27 +206,45 @@ __global__ void __launch_bounds__(kPagedThreads)
 }
 
 // One block per (row n, output group g): merges the splits of its comps component heads (the file
-// comment's M, L and Σ), then out[g, n] = o_2g − λ·o_2g+1 or o_g. A row whose attention kernel
-// returned early (a reported bad index) leaves its partials unwritten: its output is then garbage, and
-// the error surfaces at the next synchronize, as without splits.
+// comment's M, L and Σ), then out[g, n] = o_2g − λ·o_2g+1 or o_g. First the splits' m_k and l_k are read into
+// shared memory in parallel and one thread per component turns them into weights w_k = e^{m_k−M} / L (in split
+// order); then every thread sums its columns Σ_k w_k·acc_k, each split's row read coalesced and independently of the
+// others (a thread walking the splits' scalars itself made this kernel a chain of dependent global loads: ~0.15 ms
+// per layer at batch 1 on the H100). Empty splits (l = 0) have w = 0 and are skipped. A row whose attention kernel
+// returned early (a reported bad index) leaves its partials unwritten: its output is then garbage, and the error
+// surfaces at the next synchronize, as without splits.
 __global__ void __launch_bounds__(kCombineThreads)
     paged_attention_combine_kernel(float* out, const float* partials, const float* lambda, PagedShape sh) {
+  __shared__ float m_s[2][kMaxSplits], w_s[2][kMaxSplits];
   const int64_t n = blockIdx.x, g = blockIdx.y, r_kv = sh.r_kv;
-  const float minus_lambda = sh.comps == 2 ? -lambda[0] : 0.0f;
+  const int splits = static_cast<int>(sh.splits);
+  for (int c = 0; c < sh.comps; ++c)
+    for (int k = threadIdx.x; k < splits; k += blockDim.x) {
+      const float* p = partials + partial_offset(sh, n, g * sh.comps + c, k);
+      m_s[c][k] = p[r_kv];
+      w_s[c][k] = p[r_kv + 1];  // l_k until the weights replace it
+    }
+  __syncthreads();
+  if (static_cast<int>(threadIdx.x) < sh.comps) {
+    const int c = threadIdx.x;
+    float m_max = -INFINITY;
+    for (int k = 0; k < splits; ++k) m_max = fmaxf(m_max, m_s[c][k]);
+    float l = 0.0f;
+    for (int k = 0; k < splits; ++k) {
+      const float e = w_s[c][k] > 0.0f ? expf(m_s[c][k] - m_max) : 0.0f;  // an empty split (l = 0) adds nothing
+      l += w_s[c][k] * e;
+      m_s[c][k] = e;
+    }
+    const float coef = c == 0 ? 1.0f : -lambda[0];  // the differential subtraction folded into the weights
+    for (int k = 0; k < splits; ++k) w_s[c][k] = coef * (m_s[c][k] / l);
+  }
+  __syncthreads();
   for (int64_t i = threadIdx.x; i < r_kv; i += blockDim.x) {
     float v = 0.0f;
     for (int c = 0; c < sh.comps; ++c) {
-      const int64_t j = g * sh.comps + c;
-      float m_max = -INFINITY;
-      for (int64_t k = 0; k < sh.splits; ++k) m_max = fmaxf(m_max, partials[partial_offset(sh, n, j, k) + r_kv]);
-      float l = 0.0f, a = 0.0f;
-      for (int64_t k = 0; k < sh.splits; ++k) {
-        const float* p = partials + partial_offset(sh, n, j, k);
-        const float w = p[r_kv + 1] > 0.0f ? expf(p[r_kv] - m_max) : 0.0f;  // an empty split (l = 0) adds nothing
-        l += p[r_kv + 1] * w;
-        a += p[i] * w;
-      }
-      v += (c == 0 ? 1.0f : minus_lambda) * (a / l);
+      const float* p = partials + partial_offset(sh, n, g * sh.comps + c, 0) + i;
+      for (int k = 0; k < splits; ++k)
+        if (w_s[c][k] != 0.0f) v += w_s[c][k] * p[k * (r_kv + 2)];
     }
     out[(g * sh.rows + n) * r_kv + i] = v;
   }
