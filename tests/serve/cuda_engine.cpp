@@ -12,6 +12,7 @@
 // order, in the bf16 GEMM mode with and without FP8 weights; the f32 mode runs without graphs.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdlib>
 #include <string>
@@ -40,9 +41,10 @@ struct Case {
   const char* name;
   Precision precision;
   bool fp8;
-  double tol;  // norm-wise relative error per logit row
+  double tol;  // norm-wise relative error per logit row: of the worst row, or of the median row with min_agreement
   const char* why;
-  bool wide_heads = false;  // d_qk 32, value groups 32 wide: the flash and tensor-core attention kernels' shapes
+  bool wide_heads = false;   // d_qk 32, value groups 32 wide: the flash and tensor-core attention kernels' shapes
+  double min_agreement = 0;  // > 0: the median row within tol, and this share of rows with the same argmax
 };
 
 // The serving tests' model with heads the fused attention kernels cover (attention_ops.cu: d_qk 32, comps·d_v 32).
@@ -73,7 +75,8 @@ void check_cuda_engine(const Case& c) {
     prompts.push_back(t);
   }
   const int64_t V = cfg.vocab_size;
-  double worst = 0.0;
+  std::vector<double> row_errors;
+  int64_t same_argmax = 0;
   std::vector<int64_t> sa(3, -1), sb(3, -1);
   std::vector<int32_t> next(3, 0);
   for (int step = 0; step < 12; ++step) {
@@ -98,7 +101,8 @@ void check_cuda_engine(const Case& c) {
     ASSERT_EQ(la.size(), lb.size());
     for (size_t r = 0; r * V < la.size(); ++r) {
       const auto x = la.begin() + static_cast<int64_t>(r) * V, y = lb.begin() + static_cast<int64_t>(r) * V;
-      worst = std::max(worst, diffmoe::test::rel_error(std::vector<double>(y, y + V), std::vector<double>(x, x + V)));
+      row_errors.push_back(diffmoe::test::rel_error(std::vector<double>(y, y + V), std::vector<double>(x, x + V)));
+      same_argmax += std::max_element(x, x + V) - x == std::max_element(y, y + V) - y;
     }
     // The next tokens: the CPU's greedy choice, fed to both (teacher-forced, so a near-tie cannot
     // send the two engines down different paths).
@@ -117,9 +121,21 @@ void check_cuda_engine(const Case& c) {
       sa[0] = sb[0] = -2;
     }
   }
-  std::printf("[cuda-engine] %s: max rel error of a logit row, CUDA vs CPU %.3e (tolerance %.0e: %s)\n", c.name, worst,
-              c.tol, c.why);
-  EXPECT_LE(worst, c.tol) << c.name;
+  std::sort(row_errors.begin(), row_errors.end());
+  const double worst = row_errors.back(), median = row_errors[row_errors.size() / 2],
+               p90 = row_errors[row_errors.size() * 9 / 10];
+  const double agreement = static_cast<double>(same_argmax) / static_cast<double>(row_errors.size());
+  std::printf(
+      "[cuda-engine] %s: rel error of a logit row, CUDA vs CPU: median %.3e, 90th percentile %.3e, max %.3e over %zu "
+      "rows; same argmax %.1f%% (tolerance %.0e on the %s: %s)\n",
+      c.name, median, p90, worst, row_errors.size(), 100 * agreement, c.tol, c.min_agreement > 0 ? "median" : "max",
+      c.why);
+  if (c.min_agreement > 0) {
+    EXPECT_LE(median, c.tol) << c.name;
+    EXPECT_GE(agreement, c.min_agreement) << c.name;
+  } else {
+    EXPECT_LE(worst, c.tol) << c.name;
+  }
   EXPECT_EQ(b.cache().free_blocks(), a.cache().free_blocks());
   EXPECT_TRUE(b.expanded_prefill_enabled()) << b.expanded_prefill_error();
   EXPECT_EQ(b.expanded_rows(), a.expanded_rows());
@@ -148,12 +164,16 @@ TEST(CudaEngine, ExpandedPrefillFusedKernelsMatchCpuEngine) {
 
 TEST(CudaEngine, Fp8WeightsMatchCpuEngine) {
   DIFFMOE_REQUIRE_CUDA();
-  // Quantisation is bitwise the same on both backends (tests/ops/cuda_fp8_quant.cpp); the GEMM
-  // sums exact products in f32 on the GPU and in f64 on the CPU, but an activation tile that
-  // differs in one f32 ulp upstream can round to another e4m3 code: 1e-2 per row.
+  // Quantisation is bitwise the same on both backends (tests/ops/cuda_fp8_quant.cpp), but cuBLASLt's FP8 GEMM is
+  // not exact in f32: against the CPU's exact dequantised products it is ~4e-4 off (cuda_fp8_gemm.cpp's cases,
+  // H100), as Hopper's FP8 tensor cores keep fewer accumulator bits. The next Linear's act_quant then rounds
+  // some activations to the neighbouring e4m3 code (2^-4 apart), and a router near a tie picks another expert:
+  // a few rows move by as much as FP8 itself moves them from f32 (~1e-1, tests/serve/test_engine.cpp). So the
+  // median row within 2e-2 and 85% of rows with the same argmax; a wrong scale or block layout moves every
+  // row by O(1) and leaves the argmax near chance (1/300).
   try {
-    check_cuda_engine(
-        {"fp8 weights", Precision::kF32, true, 1e-2, "e4m3 codes of activations one f32 ulp apart may differ"});
+    check_cuda_engine({"fp8 weights", Precision::kF32, true, 2e-2,
+                       "cuBLASLt's FP8 accumulation, e4m3 codes and routing ties", false, 0.85});
   } catch (const Error& e) {
     if (std::string(e.what()).find("runs on compute capability 9.x") == std::string::npos) throw;
     GTEST_SKIP() << e.what();
