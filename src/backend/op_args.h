@@ -139,6 +139,11 @@ struct GemmArgs {
 // Precision as GemmArgs: in the bf16 mode A, B, A2, B2 may be bf16, and C may be bf16 with beta = 0:
 // both terms summed in f32, then rounded once (docs/model.md §7; the expert activations that only
 // element-wise ops read).
+// max_group_rows: a bound the caller knows on every group's rows (0: none). The decode engine knows one: a token
+// picks each expert at most once and each head's absorption is one row per token, so no group has more rows than
+// the step has tokens. A backend may pick a kernel for few rows from it (CUDA: one that streams B with every SM
+// busy, where the tiled kernel gives a group of one row a few CTAs); a group with more rows is an error, as a bad
+// offset is.
 struct GroupedGemmArgs {
   Tensor c;
   Tensor a;
@@ -148,6 +153,7 @@ struct GroupedGemmArgs {
   double alpha = 1.0, beta = 0.0;
   Tensor a2 = {};
   Tensor b2 = {};
+  int64_t max_group_rows = 0;
 };
 // Weight gradient of a grouped GEMM ("k-grouped"): for each group g,
 //   C[g] = alpha · A[rows_g]ᵀ · B[rows_g] + beta · C[g]

@@ -461,6 +461,7 @@ GroupedGemmDims validate_grouped_gemm(const GroupedGemmArgs& a, Device dev) {
   check_device(a.offsets, dev, kOp, "offsets");
   check_shape(a.offsets, Shape{d.groups + 1}, kOp, "offsets");
   check_dtype(a.offsets, DType::kI32, kOp, "offsets");
+  DIFFMOE_CHECK(a.max_group_rows >= 0, "[grouped_gemm] max_group_rows = {} (0: no bound)", a.max_group_rows);
   // The optional second term: A2 [R, k2], B2 [G, n, k2] (trans_b) or [G, k2, n], as A and B.
   d.two_terms = a.a2.defined() || a.b2.defined();
   if (!d.two_terms) return d;

@@ -194,13 +194,15 @@ void DecodeLayers::ffn(Context ctx, int64_t l, int64_t n, const Tensor& expert_c
   be_.moe_gather(ctx, {.x_perm = x_perm, .x = x_norm, .src_row = src_row});
   const Tensor ea = scratch("ffn.a", Shape{N * K, I}), eb = scratch("ffn.b", Shape{N * K, I}),
                eh = scratch("ffn.h", Shape{N * K, I});
-  be_.grouped_gemm(ctx,
-                   {.c = ea, .a = x_perm, .b = param(ffn_param(l, "experts.w1")), .offsets = offsets, .trans_b = true});
-  be_.grouped_gemm(ctx,
-                   {.c = eb, .a = x_perm, .b = param(ffn_param(l, "experts.w3")), .offsets = offsets, .trans_b = true});
+  // A token picks an expert at most once: no group has more than N rows (GroupedGemmArgs::max_group_rows).
+  const auto experts = [&](const Tensor& y, const Tensor& x, const char* w) {
+    be_.grouped_gemm(
+        ctx, {.c = y, .a = x, .b = param(ffn_param(l, w)), .offsets = offsets, .trans_b = true, .max_group_rows = N});
+  };
+  experts(ea, x_perm, "experts.w1");
+  experts(eb, x_perm, "experts.w3");
   be_.swiglu_fwd(ctx, {.h = eh, .a = ea, .b = eb});
-  be_.grouped_gemm(ctx,
-                   {.c = y_perm, .a = eh, .b = param(ffn_param(l, "experts.w2")), .offsets = offsets, .trans_b = true});
+  experts(y_perm, eh, "experts.w2");
   be_.moe_combine_fwd(ctx, {.y = h, .y_perm = y_perm, .topk_w = w, .slot_pos = slot_pos});
 }
 

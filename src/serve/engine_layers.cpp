@@ -65,9 +65,12 @@ void Engine::attend_latent(Context ctx, int64_t l, const LatentAttentionStep& s)
   // Absorb W^UK into the query (docs/derivations.md §2.4): head-major rows, one grouped GEMM over the heads.
   const Tensor q_hm = scratch("q_hm", Shape{H * N, dqk}), q_lat = scratch("q_lat", Shape{H * N, rkv});
   be_.moe_gather(ctx, {.x_perm = q_hm, .x = q.reshape(Shape{N * H, dqk}), .src_row = p.perm_q});
-  be_.grouped_gemm(
-      ctx,
-      {.c = q_lat, .a = q_hm, .b = arena_.get(fmt::format("w_uk.{}", l)), .offsets = p.offsets_h, .trans_b = false});
+  be_.grouped_gemm(ctx, {.c = q_lat,
+                         .a = q_hm,
+                         .b = arena_.get(fmt::format("w_uk.{}", l)),
+                         .offsets = p.offsets_h,
+                         .trans_b = false,
+                         .max_group_rows = N});  // a head's rows: one per token
   // MQA over the paged cache; differential: L_h = A_{h,0}ĉ − λ A_{h,1}ĉ (docs/derivations.md §3.3).
   const Tensor lat = scratch("lat", Shape{h_out, N, rkv});
   be_.paged_latent_attention(ctx, {.out = lat,
@@ -88,7 +91,8 @@ void Engine::attend_latent(Context ctx, int64_t l, const LatentAttentionStep& s)
                          .a = lat.reshape(Shape{h_out * N, rkv}),
                          .b = arena_.get(fmt::format("w_uv.{}", l)),
                          .offsets = p.offsets_o,
-                         .trans_b = true});
+                         .trans_b = true,
+                         .max_group_rows = N});
   be_.moe_gather(ctx, {.x_perm = att.reshape(Shape{N * h_out, comps * dv}), .x = att_hm, .src_row = p.perm_o});
 }
 

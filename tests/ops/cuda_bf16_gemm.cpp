@@ -353,6 +353,91 @@ TEST(CudaBf16Gemm, GroupedKernelBadOffsetsReported) {
   gpu().synchronize({});  // reported once; the backend stays usable
 }
 
+// Groups of few rows (GroupedGemmArgs::max_group_rows ≤ 8: the few-rows kernel, grouped_gemv.cuh) against the CPU:
+// both layouts of B, f32 and bf16 operands (bf16 read as stored, f32 rounded on load), k a multiple of 8 on aligned
+// tensors (16-byte loads) and not (k = 19, element loads), n not a multiple of the kernel's columns, groups of 0 to 8
+// rows (empty first and in the middle), beta = 0 on poisoned C and beta ≠ 0, a bf16 C; rows past offsets[G] untouched.
+// Then a group above the bound is reported by synchronize() like a bad offset.
+TEST(CudaBf16Gemm, GroupedFewRows) {
+  DIFFMOE_REQUIRE_CUDA();
+  const Bf16Mode mode;
+  const std::vector<double> offsets = {0, 0, 1, 9, 9, 13, 21, 23};  // groups of 0, 1, 8, 0, 4, 8, 2 rows
+  const int64_t G = 7, R = 25, used = 23;
+  uint64_t seed = 900;
+  for (const auto& [k, n] : {std::pair<int64_t, int64_t>{1536, 45}, {96, 256}, {19, 23}})
+    for (bool trans_b : {true, false})
+      for (int which = 0; which < 4; ++which) {  // bit 0: A bf16, bit 1: B bf16
+        for (double beta : {0.0, 0.5}) {
+          const Shape sb = trans_b ? Shape{G, n, k} : Shape{G, k, n};
+          Dual a(Shape{R, k}), b(sb), c(Shape{R, n}), off(Shape{G + 1}, DType::kI32);
+          a.normal(seed += 3);
+          b.normal(seed + 1);
+          off.set(offsets);
+          std::vector<double> c0(static_cast<size_t>(R * n));
+          for (int64_t i = 0; i < R * n; ++i)
+            c0[static_cast<size_t>(i)] =
+                (beta == 0.0 && i < used * n) ? std::nan("") : normal_at(seed + 2, 1, static_cast<uint64_t>(i));
+          c.set(c0);
+          const Dual a16 = bf16_copy(a, Shape{R, k}), b16 = bf16_copy(b, sb);
+          run_both([&](Backend& be, Side s) {
+            be.grouped_gemm({}, {.c = c[s],
+                                 .a = (which & 1) ? a16[s] : a[s],
+                                 .b = (which & 2) ? b16[s] : b[s],
+                                 .offsets = off[s],
+                                 .trans_b = trans_b,
+                                 .alpha = 0.8,
+                                 .beta = beta,
+                                 .max_group_rows = 8});
+          });
+          expect_gemm(
+              c, k,
+              fmt::format("bf16 grouped few rows k={} n={} trans_b={} operands {} beta={}", k, n, trans_b, which, beta),
+              used * n);
+        }
+        // A bf16 C (beta = 0): the f32 sum rounded once.
+        const Shape sb = trans_b ? Shape{G, n, k} : Shape{G, k, n};
+        Dual a(Shape{R, k}), b(sb), c16(Shape{R, n}, DType::kBF16), off(Shape{G + 1}, DType::kI32);
+        a.normal(seed += 3);
+        b.normal(seed + 1);
+        off.set(offsets);
+        c16.poison();
+        run_both([&](Backend& be, Side s) {
+          be.grouped_gemm({}, {.c = c16[s],
+                               .a = a[s],
+                               .b = b[s],
+                               .offsets = off[s],
+                               .trans_b = trans_b,
+                               .alpha = 1.0,
+                               .beta = 0.0,
+                               .max_group_rows = 8});
+        });
+        const std::vector<double> got = c16.device_values();
+        for (int64_t i = 0; i < used * n; ++i) ASSERT_FALSE(std::isnan(got[static_cast<size_t>(i)])) << i;
+        expect_bf16_close(c16, f32_gemm_tol(k),
+                          fmt::format("bf16 grouped few rows, bf16 C, k={} trans_b={}", k, trans_b));
+      }
+  // A group of 8 rows with the bound 4: skipped and reported; the backend stays usable.
+  const int64_t k = 40, n = 24;
+  Dual a(Shape{R, k}), b(Shape{G, n, k}), c(Shape{R, n}), off(Shape{G + 1}, DType::kI32);
+  a.normal(950);
+  b.normal(951);
+  c.normal(952);
+  off.set(offsets);
+  expect_error(
+      [&] {
+        gpu().grouped_gemm({}, {.c = c[Side::kGpu],
+                                .a = a[Side::kGpu],
+                                .b = b[Side::kGpu],
+                                .offsets = off[Side::kGpu],
+                                .trans_b = true,
+                                .max_group_rows = 4});
+        gpu().synchronize({});
+      },
+      {"[grouped_gemm]", "has 8 rows", "max_group_rows = 4"});  // group 2 or 5, whichever block reports first
+  EXPECT_TRUE(c.guard_intact());
+  gpu().synchronize({});
+}
+
 // ---------------------------------------------------------------- bf16 operands (weight copies)
 
 TEST(CudaBf16Gemm, Bf16OperandsAreReadInPlace) {

@@ -532,6 +532,13 @@ TEST_F(NormGemm, GroupedGemmRejectsBadOffsets) {
   expect_error([&] { run(make_offsets({1, 3, 4})); }, {"[grouped_gemm]", "offsets[0] = 1"});
   expect_error([&] { run(make_offsets({0, 3})); }, {"[grouped_gemm]", "offsets"});
   expect_error([&] { run_wgrad(make_offsets({0, 5, 4})); }, {"[grouped_gemm_wgrad]", "non-decreasing"});
+  // max_group_rows: a bound the caller states (the decode engine: its step's tokens) holds for every group.
+  const Owned two_groups = make_offsets({0, 2, 6});
+  EXPECT_NO_THROW(be.grouped_gemm(ctx, {.c = c, .a = a, .b = b, .offsets = two_groups, .max_group_rows = 4}));
+  expect_error([&] { be.grouped_gemm(ctx, {.c = c, .a = a, .b = b, .offsets = two_groups, .max_group_rows = 3}); },
+               {"[grouped_gemm]", "group 1 has 4 rows", "max_group_rows = 3"});
+  expect_error([&] { be.grouped_gemm(ctx, {.c = c, .a = a, .b = b, .offsets = two_groups, .max_group_rows = -1}); },
+               {"[grouped_gemm]", "max_group_rows = -1"});
   Owned bad_c({6, 4}, DType::kF64);
   expect_error(
       [&] {

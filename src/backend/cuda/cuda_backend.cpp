@@ -42,6 +42,7 @@ SiteText site_text(IssueSite s) {
     case IssueSite::kCrossEntropyFwdTargets: return {"cross_entropy_fwd", "targets", true};
     case IssueSite::kCrossEntropyBwdTargets: return {"cross_entropy_bwd", "targets", true};
     case IssueSite::kGroupedGemmOffsets: return {"grouped_gemm", "offsets", false, true};
+    case IssueSite::kGroupedGemmMaxRows: return {"grouped_gemm", "offsets", false};
     case IssueSite::kGroupedGemmWgradOffsets: return {"grouped_gemm_wgrad", "offsets", false, true};
     case IssueSite::kRopePositions: return {"rope", "positions", false};
     case IssueSite::kPagedCacheWriteSlots: return {"paged_cache_write", "slots", false};
@@ -305,6 +306,12 @@ void CudaBackend::check_issue() {
         "[{}] {}[{}] = {} breaks 0 = offsets[0] ≤ offsets[1] ≤ … ≤ offsets[G] ≤ rows = {} (checked on the "
         "device; the op skipped the groups it bounds, reported at the next synchronize)",
         t.op, t.field, rec.index, rec.value, rec.limit);
+  }
+  if (static_cast<IssueSite>(rec.site) == IssueSite::kGroupedGemmMaxRows) {
+    DIFFMOE_FAIL(
+        "[{}] group {} has {} rows (offsets[{}] − offsets[{}]), above max_group_rows = {} (checked on the device; "
+        "the op skipped the group, reported at the next synchronize)",
+        t.op, rec.index - 1, rec.value, rec.index, rec.index - 1, rec.limit);
   }
   if (t.allows_ignore) {
     DIFFMOE_FAIL(

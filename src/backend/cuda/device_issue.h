@@ -32,6 +32,7 @@ enum class IssueSite : int32_t {
   kPagedAttentionBlockTable,
   kPagedAttentionKvLens,    // kv_lens[b] must cover the query rows and fit the block table (limit = capacity + 1)
   kPagedAttentionQOffsets,  // 0 = q_offsets[0] ≤ … ≤ q_offsets[B] = rows (limit = rows)
+  kGroupedGemmMaxRows,  // group index-1's rows offsets[index] − offsets[index−1] = value exceed limit = max_group_rows
 };
 
 struct DeviceIssue {

@@ -49,6 +49,7 @@
 
 #include "backend/cuda/cuda_common.cuh"
 #include "backend/cuda/grouped_gemm_tma.cuh"
+#include "backend/cuda/grouped_gemv.cuh"
 #include "backend/cuda/sum_squares.h"
 #include "backend/op_validation.h"
 
@@ -264,6 +265,30 @@ int to_int(int64_t v, std::string_view op) {
   return static_cast<int>(v);
 }
 
+template <class TA, class TB>
+void launch_grouped_gemv_typed(const GroupedGemvParams& p, bool trans_b, bool vec, cudaStream_t s) {
+  if (trans_b) {
+    const dim3 grid((p.n + kGemvFwdCols - 1) / kGemvFwdCols, p.groups);
+    if (vec) grouped_gemv_fwd_kernel<true, TA, TB><<<grid, kGemvThreads, 0, s>>>(p);
+    else grouped_gemv_fwd_kernel<false, TA, TB><<<grid, kGemvThreads, 0, s>>>(p);
+  } else {
+    const dim3 grid((p.n + kGemvThreads - 1) / kGemvThreads, p.groups);
+    grouped_gemv_dgrad_kernel<TA, TB><<<grid, kGemvThreads, 0, s>>>(p);
+  }
+}
+
+// The few-rows grouped kernel (grouped_gemv.cuh) on p, the operand dtypes of a and b, and B's layout.
+void launch_grouped_gemv(const GroupedGemvParams& p, DType a_dtype, DType b_dtype, bool trans_b, cudaStream_t s) {
+  const auto aligned16 = [](const void* x) { return reinterpret_cast<uintptr_t>(x) % 16 == 0; };
+  const bool vec = p.k % kGemvVec == 0 && aligned16(p.a) && aligned16(p.b);
+  const bool a16 = a_dtype == DType::kBF16, b16 = b_dtype == DType::kBF16;
+  if (a16 && b16) launch_grouped_gemv_typed<__nv_bfloat16, __nv_bfloat16>(p, trans_b, vec, s);
+  else if (a16) launch_grouped_gemv_typed<__nv_bfloat16, float>(p, trans_b, vec, s);
+  else if (b16) launch_grouped_gemv_typed<float, __nv_bfloat16>(p, trans_b, vec, s);
+  else launch_grouped_gemv_typed<float, float>(p, trans_b, vec, s);
+  CUDA_CHECK_LAUNCH("grouped_gemm (few rows)");
+}
+
 }  // namespace
 
 bool CudaBackend::grouped_gemm_reads_offsets() const {
@@ -344,6 +369,26 @@ void CudaBackend::grouped_gemm(Context ctx, const GroupedGemmArgs& a) {
   // B (and B2) as stored: [G, n, k] (trans_b, fwd) or [G, k, n] (dgrad).
   const auto b_cols = [&](int64_t k) { return a.trans_b ? k : d.n; };
   const auto b_rows = [&](int64_t k) { return d.groups * (a.trans_b ? d.n : k); };
+  // Groups of at most kGemvMaxRows rows (the caller's bound): every SM streams B (grouped_gemv.cuh), one launch.
+  if (gemm_precision() == GemmPrecision::kBF16 && a.max_group_rows > 0 && a.max_group_rows <= kGemvMaxRows &&
+      !d.two_terms && d.k > 0 && d.n > 0 && d.groups > 0) {
+    DIFFMOE_CHECK(d.groups <= 65535, "[{}] {} groups exceed the few-rows kernel's grid (65535)", kOp, d.groups);
+    launch_grouped_gemv({.a = a.a.data,
+                         .b = a.b.data,
+                         .c = c32,
+                         .c16 = c16,
+                         .offsets = i32(a.offsets),
+                         .rows = to_int(d.rows, kOp),
+                         .groups = to_int(d.groups, kOp),
+                         .n = to_int(d.n, kOp),
+                         .k = to_int(d.k, kOp),
+                         .max_rows = static_cast<int>(a.max_group_rows),
+                         .alpha = static_cast<float>(a.alpha),
+                         .beta = static_cast<float>(a.beta),
+                         .issue = issue()},
+                        a.a.dtype, a.b.dtype, a.trans_b, s);
+    return;
+  }
   if (gemm_precision() == GemmPrecision::kBF16 && grouped_kernels_fit(*this)) {  // on the device, no sync
     // All R rows of A (and A2): the rows in use (offsets[G]) are known only on the device.
     const std::array<int64_t, 4> copy_elems = {grouped_copy_elems(a.a, d.rows, d.k),
