@@ -155,11 +155,14 @@ TEST(CudaEngine, MatchesCpuEngine) {
 // The expanded prefill through the fused kernels: f32 the flash kernels (their own summation order, 1e-4 as above).
 // The bf16 GEMM mode the tensor-core kernels, which round q, k, v and the probabilities P to bf16 (u = 2^-9 each,
 // op_args.h AttentionFwdArgs) where the CPU attends in f32: ~u relative per score and output, through two layers
-// to the logits: 1e-2 per row (the numerics policy's bf16 bound).
+// to the logits: 1e-2 for the median row (the numerics policy's bf16 bound). Not for every row: a MoE router near a
+// tie can pick another expert for one of them (H100: median 4.6e-3, 90th percentile 9.6e-3, one row at 0.36, every
+// row's argmax the same), so also 95% of the rows with the CPU's argmax; a wrong λ or row moves every row by O(1).
 TEST(CudaEngine, ExpandedPrefillFusedKernelsMatchCpuEngine) {
   DIFFMOE_REQUIRE_CUDA();
   check_cuda_engine({"f32 wide heads", Precision::kF32, false, 1e-4, "f32 sums in other orders", true});
-  check_cuda_engine({"bf16 wide heads", Precision::kBF16, false, 1e-2, "bf16 q, k, v, P in the attention", true});
+  check_cuda_engine(
+      {"bf16 wide heads", Precision::kBF16, false, 1e-2, "bf16 q, k, v, P in the attention; routing ties", true, 0.95});
 }
 
 TEST(CudaEngine, Fp8WeightsMatchCpuEngine) {
