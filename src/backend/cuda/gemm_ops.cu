@@ -272,7 +272,7 @@ void launch_grouped_gemv_typed(const GroupedGemvParams& p, bool trans_b, bool ve
     if (vec) grouped_gemv_fwd_kernel<true, TA, TB><<<grid, kGemvThreads, 0, s>>>(p);
     else grouped_gemv_fwd_kernel<false, TA, TB><<<grid, kGemvThreads, 0, s>>>(p);
   } else {
-    const dim3 grid((p.n + kGemvThreads - 1) / kGemvThreads, p.groups);
+    const dim3 grid((p.n + kGemvDgradCols - 1) / kGemvDgradCols, p.groups);
     grouped_gemv_dgrad_kernel<TA, TB><<<grid, kGemvThreads, 0, s>>>(p);
   }
 }

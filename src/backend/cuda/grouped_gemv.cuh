@@ -6,7 +6,7 @@
 //   fwd   (trans_b, B[g] [n, k]): a warp per kGemvColsPerWarp columns, its lanes over k in 8-element runs (16-byte
 //         loads of bf16 B where k % 8 == 0 and the tensors are 16-byte aligned), a row accumulator per column, summed
 //         over the warp at the end;
-//   dgrad (B[g] [k, n]): a thread per column, k in order, B read coalesced across the block.
+//   dgrad (B[g] [k, n]): a thread per (column, k slice), B read coalesced along n, the slices' sums added in order.
 // A group's rows of A are read through L1 by every warp (at most 8 × k values). Operands are rounded to bf16 (round
 // to nearest even) as the bf16 GEMM mode does (backend.h GemmPrecision::kBF16) and multiplied exactly in f32; the
 // sums run in a fixed order, so results are reproducible. C = alpha·A·op(B) + beta·C, or a bf16 C with beta = 0.
@@ -27,7 +27,10 @@ constexpr int kGemvThreads = 256;    // threads per block
 constexpr int kGemvColsPerWarp = 2;  // fwd: columns a warp sums together (each A value loaded once for both)
 constexpr int kGemvFwdCols = kGemvThreads / kWarp * kGemvColsPerWarp;  // fwd columns per block
 constexpr int kGemvVec = 8;                                            // elements per vector load (16 bytes of bf16)
+constexpr int kGemvDgradCols = 64;                                     // dgrad: columns per block
+constexpr int kGemvDgradSlices = kGemvThreads / kGemvDgradCols;        // dgrad: threads per column (k slices)
 static_assert(kGemvThreads % kWarp == 0, "whole warps");
+static_assert(kGemvDgradCols % kWarp == 0 && kGemvThreads % kGemvDgradCols == 0, "dgrad slices of whole warps");
 
 struct GroupedGemvParams {
   const void* a = nullptr;  // [R, k], f32 or bf16
@@ -131,18 +134,22 @@ __global__ void __launch_bounds__(kGemvThreads) grouped_gemv_fwd_kernel(GroupedG
   }
 }
 
-// dgrad: C[lo + r, j] = alpha·Σ_k A[lo + r, k]·B[g, k, j] (+ beta·C). Grid (⌈n / kGemvThreads⌉, G).
+// dgrad: C[lo + r, j] = alpha·Σ_k A[lo + r, k]·B[g, k, j] (+ beta·C). Grid (⌈n / kGemvDgradCols⌉, G). A block is
+// kGemvDgradSlices slices of kGemvDgradCols threads: slice t sums k = t, t + slices, … for its column (B read
+// coalesced along n), then slice 0 adds the slices' partial sums in slice order (a fixed order: reproducible).
+// Slicing k keeps every SM busy where n is narrow (the absorption's W^UK: n = r_kv, one block per head without it).
 template <class TA, class TB>
 __global__ void __launch_bounds__(kGemvThreads) grouped_gemv_dgrad_kernel(GroupedGemvParams p) {
+  __shared__ float part[kGemvDgradSlices - 1][kGemvMaxRows][kGemvDgradCols];
   int lo = 0;
   const int g = blockIdx.y, rows = gemv_group(p, g, &lo);
   if (rows <= 0) return;
-  const int j = blockIdx.x * kGemvThreads + threadIdx.x;
-  if (j >= p.n) return;
+  const int col = threadIdx.x % kGemvDgradCols, slice = threadIdx.x / kGemvDgradCols;
+  const int j = blockIdx.x * kGemvDgradCols + col;
   const TA* a = static_cast<const TA*>(p.a) + int64_t{lo} * p.k;
-  const TB* b = static_cast<const TB*>(p.b) + int64_t{g} * p.k * p.n + j;
+  const TB* b = static_cast<const TB*>(p.b) + int64_t{g} * p.k * p.n + min(j, p.n - 1);
   float acc[kGemvMaxRows] = {};
-  for (int kk = 0; kk < p.k; ++kk) {
+  for (int kk = slice; kk < p.k; kk += kGemvDgradSlices) {
     const float bv = gemv_operand(b[int64_t{kk} * p.n]);
 #pragma unroll
     for (int r = 0; r < kGemvMaxRows; ++r) {
@@ -150,10 +157,19 @@ __global__ void __launch_bounds__(kGemvThreads) grouped_gemv_dgrad_kernel(Groupe
       acc[r] = fmaf(gemv_operand(a[int64_t{r} * p.k + kk]), bv, acc[r]);
     }
   }
+  if (slice > 0) {
+#pragma unroll
+    for (int r = 0; r < kGemvMaxRows; ++r)
+      if (r < rows) part[slice - 1][r][col] = acc[r];
+  }
+  __syncthreads();
+  if (slice > 0 || j >= p.n) return;
 #pragma unroll
   for (int r = 0; r < kGemvMaxRows; ++r) {
     if (r >= rows) break;
-    gemv_store(p, int64_t{lo + r} * p.n + j, acc[r]);
+    float sum = acc[r];
+    for (int t = 0; t < kGemvDgradSlices - 1; ++t) sum += part[t][r][col];
+    gemv_store(p, int64_t{lo + r} * p.n + j, sum);
   }
 }
 
