@@ -52,6 +52,16 @@ void expect_gemm(const Dual& d, int64_t k, const std::string& what, int64_t chec
 
 CudaBackend& cuda_backend() { return dynamic_cast<CudaBackend&>(gpu()); }
 
+// A grouped op's C [R, n] before the call: the rows in use (the first `used`) NaN when poison_used (an op that writes
+// them with beta = 0 must not read them), the rest values the op must keep.
+std::vector<double> grouped_c_values(int64_t R, int64_t n, int64_t used, bool poison_used, uint64_t seed) {
+  std::vector<double> c0(static_cast<size_t>(R * n));
+  for (int64_t i = 0; i < R * n; ++i)
+    c0[static_cast<size_t>(i)] =
+        (poison_used && i < used * n) ? std::nan("") : normal_at(seed, 1, static_cast<uint64_t>(i));
+  return c0;
+}
+
 void run_gemm_case(int64_t m, int64_t n, int64_t k, int ta, int tb, double alpha, double beta, uint64_t seed) {
   Dual a(ta ? Shape{k, m} : Shape{m, k}), b(tb ? Shape{n, k} : Shape{k, n}), c(Shape{m, n});
   a.normal(seed);
@@ -118,11 +128,7 @@ TEST(CudaBf16Gemm, GroupedForward) {
       a.normal(30);
       b.normal(31);
       off.set(kOffsets);
-      std::vector<double> c0(static_cast<size_t>(R * n));
-      for (int64_t i = 0; i < R * n; ++i)  // rows in use: poison when beta = 0; the rest: values to keep
-        c0[static_cast<size_t>(i)] =
-            (beta == 0.0 && i < used * n) ? std::nan("") : normal_at(32, 1, static_cast<uint64_t>(i));
-      c.set(c0);
+      c.set(grouped_c_values(R, n, used, beta == 0.0, 32));
       run_both([&](Backend& be, Side s) {
         be.grouped_gemm(
             {}, {.c = c[s], .a = a[s], .b = b[s], .offsets = off[s], .trans_b = trans_b, .alpha = 0.8, .beta = beta});
@@ -230,11 +236,7 @@ TEST(CudaBf16Gemm, GroupedKernelForwardAndDgrad) {
         a.normal(seed += 3);
         b.normal(seed + 1);
         off.set(kKernelOffsets);
-        std::vector<double> c0(static_cast<size_t>(R * n));
-        for (int64_t i = 0; i < R * n; ++i)  // rows in use: NaN when beta = 0; the tail: values to keep
-          c0[static_cast<size_t>(i)] =
-              (beta == 0.0 && i < used * n) ? std::nan("") : normal_at(seed + 2, 1, static_cast<uint64_t>(i));
-        c.set(c0);
+        c.set(grouped_c_values(R, n, used, beta == 0.0, seed + 2));
         run_both([&](Backend& be, Side s) {
           be.grouped_gemm(
               {},
@@ -373,11 +375,7 @@ TEST(CudaBf16Gemm, GroupedFewRows) {
           a.normal(seed += 3);
           b.normal(seed + 1);
           off.set(offsets);
-          std::vector<double> c0(static_cast<size_t>(R * n));
-          for (int64_t i = 0; i < R * n; ++i)
-            c0[static_cast<size_t>(i)] =
-                (beta == 0.0 && i < used * n) ? std::nan("") : normal_at(seed + 2, 1, static_cast<uint64_t>(i));
-          c.set(c0);
+          c.set(grouped_c_values(R, n, used, beta == 0.0, seed + 2));
           const Dual a16 = bf16_copy(a, Shape{R, k}), b16 = bf16_copy(b, sb);
           run_both([&](Backend& be, Side s) {
             be.grouped_gemm({}, {.c = c[s],
@@ -482,10 +480,7 @@ TEST(CudaBf16Gemm, GroupedBf16Operands) {
       a.normal(seed += 3);
       b.normal(seed + 1);
       off.set(kKernelOffsets);
-      std::vector<double> c0(static_cast<size_t>(R * n));
-      for (int64_t i = 0; i < R * n; ++i)
-        c0[static_cast<size_t>(i)] = i < used * n ? std::nan("") : normal_at(seed + 2, 1, static_cast<uint64_t>(i));
-      c.set(c0);
+      c.set(grouped_c_values(R, n, used, true, seed + 2));
       const Dual a16 = bf16_copy(a, Shape{R, k}), b16 = bf16_copy(b, sb);
       run_both([&](Backend& be, Side s) {
         be.grouped_gemm(
@@ -526,11 +521,7 @@ Dual run_two_terms(const TwoTermCase& tc, const std::vector<double>& offsets, in
   a2.normal(seed + 2);
   b2.normal(seed + 3);
   off.set(offsets);
-  std::vector<double> c0(static_cast<size_t>(R * tc.n));
-  for (int64_t i = 0; i < R * tc.n; ++i)
-    c0[static_cast<size_t>(i)] =
-        (tc.beta == 0.0 && i < used * tc.n) ? std::nan("") : normal_at(seed + 4, 1, static_cast<uint64_t>(i));
-  c.set(c0);
+  c.set(grouped_c_values(R, tc.n, used, tc.beta == 0.0, seed + 4));
   const Dual a16 = bf16_copy(a, Shape{R, tc.k}), b16 = bf16_copy(b, b_shape(tc.k));
   const Dual a2_16 = bf16_copy(a2, Shape{R, tc.k2}), b2_16 = bf16_copy(b2, b_shape(tc.k2));
   run_both([&](Backend& be, Side s) {
