@@ -86,6 +86,13 @@ CudaBackend::CudaBackend() {
   const char* prof = std::getenv("DIFFMOE_CUDA_PROFILE");
   profiling_ = prof != nullptr && (std::strcmp(prof, "1") == 0 || std::strcmp(prof, "2") == 0);
   profile_details_ = prof != nullptr && std::strcmp(prof, "2") == 0;
+  if (const char* few = std::getenv("DIFFMOE_GROUPED_FEW_ROWS"); few != nullptr) {
+    char* end = nullptr;
+    const long v = std::strtol(few, &end, 10);
+    DIFFMOE_CHECK(end != few && *end == '\0' && v >= 0 && v <= 8,
+                  "DIFFMOE_GROUPED_FEW_ROWS={}: the most rows per group of the few-rows grouped kernel, 0 to 8", few);
+    few_rows_max_ = v;
+  }
 }
 
 CudaBackend::~CudaBackend() {

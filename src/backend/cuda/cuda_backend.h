@@ -46,6 +46,9 @@
 //   graph_epoch() counts reallocations of the scratch workspaces (scratch, gemm_bf16_scratch), whose addresses a
 //   graph keeps. The first call of an op family may initialise something with a blocking call (the sm_90a probe of
 //   the grouped kernel, cuBLAS's lazy set-up): callers run a pass eagerly before recording it.
+// - Few-rows grouped GEMMs (grouped_gemv.cuh): a grouped_gemm whose caller bounds every group's rows by
+//   max_group_rows ≤ few_rows_max() runs there; DIFFMOE_GROUPED_FEW_ROWS=N (0 … 8, read once, at construction; default
+//   8) moves the cut, 0 sends every call to the tiled kernels.
 // - Profiling: DIFFMOE_CUDA_PROFILE=1 (read once, at construction) times every op with a pair of
 //   cudaEvents on its stream (OpScope, opened first thing in each op method) and prints a table
 //   per op at print_profile() or destruction (op_profiler.h), then the cuBLASLt algorithms chosen
@@ -195,6 +198,7 @@ class CudaBackend final : public Backend, public OpProfiler {
 
   // ---- op profile (op_profiler.h); OpScope records, every op method opens one
   bool profiling() const override { return profiling_; }
+  int64_t few_rows_max() const { return few_rows_max_; }  // DIFFMOE_GROUPED_FEW_ROWS
   void print_profile() override;
   void reset_profile() override;
   void profile_begin(cudaStream_t s, const char* op);
@@ -243,6 +247,7 @@ class CudaBackend final : public Backend, public OpProfiler {
   void profile_flush();             // waits for the pending events and adds their times to the stats
   void print_gemm_choices() const;  // print_profile's lines on the cuBLASLt algorithms chosen by timing
   bool profiling_ = false, profile_details_ = false;
+  int64_t few_rows_max_ = 8;
   std::deque<std::string> profile_detail_names_;  // stable storage for the detail rows' names
   int profile_depth_ = 0;
   size_t profile_open_ = 0;  // stat of the op being recorded (outermost)

@@ -370,7 +370,8 @@ void CudaBackend::grouped_gemm(Context ctx, const GroupedGemmArgs& a) {
   const auto b_cols = [&](int64_t k) { return a.trans_b ? k : d.n; };
   const auto b_rows = [&](int64_t k) { return d.groups * (a.trans_b ? d.n : k); };
   // Groups of at most kGemvMaxRows rows (the caller's bound): every SM streams B (grouped_gemv.cuh), one launch.
-  if (gemm_precision() == GemmPrecision::kBF16 && a.max_group_rows > 0 && a.max_group_rows <= kGemvMaxRows &&
+  static_assert(kGemvMaxRows == 8, "DIFFMOE_GROUPED_FEW_ROWS's range (cuda_backend.cpp)");
+  if (gemm_precision() == GemmPrecision::kBF16 && a.max_group_rows > 0 && a.max_group_rows <= few_rows_max() &&
       !d.two_terms && d.k > 0 && d.n > 0 && d.groups > 0) {
     DIFFMOE_CHECK(d.groups <= 65535, "[{}] {} groups exceed the few-rows kernel's grid (65535)", kOp, d.groups);
     launch_grouped_gemv({.a = a.a.data,
