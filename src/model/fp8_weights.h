@@ -56,9 +56,9 @@ Fp8WeightTable fp8_weight_table(const std::vector<ParamSpec>& specs, const Preci
 
 // Rows of one routed expert are padded to a multiple of this. cuBLASLt's FP8 GEMM needs M % 8 and the Wgrad's
 // reduction over rows K % 16; 128 also keeps the count of distinct shapes small: every (M, N, K) is a cuBLASLt
-// plan (a heuristic query, then timed candidates, lt_gemm.h), and with 16 the experts' row counts made ~150 new
-// plans per step of the bench preset (the plan cache thrashed and the algorithms were never settled). Zero rows
-// cost at most 127 rows of work per expert (~6% on the bench preset's ~1,000 rows per expert).
+// plan (a heuristic query, then timed candidates, lt_gemm.h), and a padding of 16 gives the bench preset's experts
+// ~150 new shapes per step, more than the plan cache holds, so plans would be made again every step and their
+// algorithms never settle. Zero rows cost at most 127 rows of work per expert (~6% at ~1,000 rows per expert).
 constexpr int64_t kFp8RowPad = 128;
 
 }  // namespace diffmoe

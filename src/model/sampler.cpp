@@ -36,7 +36,7 @@ int32_t sample_impl(const SamplerOptions& o, std::span<const T> logits, uint64_t
   if (o.temperature == 0.0 || o.top_k == 1) return best;
   if ((o.top_k == 0 || o.top_k >= V) && o.top_p >= 1.0) {
     // Nothing is cut: the inverse CDF over the ids in order, without sorting the vocabulary (a sort per token
-    // was most of a server step's host time with a 32768-id vocabulary).
+    // would be most of a server step's host time with a 32768-id vocabulary).
     const double z_max = static_cast<double>(logits[static_cast<size_t>(best)]);
     thread_local std::vector<double> p;
     p.resize(static_cast<size_t>(V));

@@ -209,10 +209,10 @@ __global__ void __launch_bounds__(kPagedThreads)
 // comment's M, L and Σ), then out[g, n] = o_2g − λ·o_2g+1 or o_g. First the splits' m_k and l_k are read into
 // shared memory in parallel and one thread per component turns them into weights w_k = e^{m_k−M} / L (in split
 // order); then every thread sums its columns Σ_k w_k·acc_k, each split's row read coalesced and independently of the
-// others (a thread walking the splits' scalars itself made this kernel a chain of dependent global loads: ~0.15 ms
-// per layer at batch 1 on the H100). Empty splits (l = 0) have w = 0 and are skipped. A row whose attention kernel
-// returned early (a reported bad index) leaves its partials unwritten: its output is then garbage, and the error
-// surfaces at the next synchronize, as without splits.
+// others (a thread that walked every split's scalars itself would make the kernel a chain of dependent global
+// loads, ~0.15 ms per layer at batch 1 on an H100). Empty splits (l = 0) have w = 0 and are skipped. A row whose
+// attention kernel returned early (a reported bad index) leaves its partials unwritten: its output is then garbage, and
+// the error surfaces at the next synchronize, as without splits.
 __global__ void __launch_bounds__(kCombineThreads)
     paged_attention_combine_kernel(float* out, const float* partials, const float* lambda, PagedShape sh) {
   __shared__ float m_s[2][kMaxSplits], w_s[2][kMaxSplits];
