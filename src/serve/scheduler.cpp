@@ -269,7 +269,6 @@ bool Scheduler::iteration() {
   }
   if (batch.empty()) return false;
 
-  const int64_t V = config().vocab_size;
   StepOutput out;
   try {
     out = engine_.step({}, batch);
@@ -287,41 +286,10 @@ bool Scheduler::iteration() {
     return true;
   }
   ++steps_;
-  const auto row = [&](int64_t r) { return std::span<float>(host_logits_.data() + r * V, static_cast<size_t>(V)); };
   // Sampling and logprobs run on the host; whatever throws there (a request's own bad state) fails the running
   // requests with its message, as a failed engine step does, and the server goes on serving.
   try {
-    for (size_t i = 0; i < batch.size(); ++i) {
-      Active& a = *who[i];
-      const int64_t n = static_cast<int64_t>(batch[i].tokens.size());
-      if (a.prefilled == a.prompt_len()) {  // a decode row
-        sample_next(a, row(out.first_row[i]));
-        continue;
-      }
-      if (batch[i].logits == LogitRows::kAll) {  // row t predicts prompt position prefilled + t + 1
-        for (int64_t t = 0; t < n; ++t) {
-          const int64_t p = a.prefilled + t + 1;
-          if (p >= a.prompt_len()) break;
-          std::span<float> z = row(out.first_row[i] + t);
-          for (int64_t id = 0; id < V; ++id)
-            if (!valid_id_[static_cast<size_t>(id)])
-              z[static_cast<size_t>(id)] = -std::numeric_limits<float>::infinity();
-          const double lse = log_sum_exp(z);
-          TokenLogprob& tok = a.prompt_tokens[static_cast<size_t>(p)];
-          tok.logprob = z[static_cast<size_t>(tok.id)] - lse;
-          for (const auto& [id, lp] : top_logprobs(z, a.params().logprobs, lse))
-            tok.top.emplace_back(std::string(tok_.token_bytes(id)), lp);
-        }
-      }
-      a.prefilled += n;
-      if (a.prefilled < a.prompt_len()) continue;
-      if (a.params().echo) a.req->push(RequestEvent{.text = a.prompt_text, .tokens = a.prompt_tokens, .prompt = true});
-      if (a.params().max_tokens == 0) {
-        finish(a, "length");
-        continue;
-      }
-      sample_next(a, row(out.first_row[i] + (batch[i].logits == LogitRows::kAll ? n - 1 : 0)));
-    }
+    take_outputs(batch, who, out);
   } catch (const std::exception& e) {
     fail_all(e.what());
     return true;
@@ -332,11 +300,49 @@ bool Scheduler::iteration() {
   return true;
 }
 
-void Scheduler::sample_next(Active& a, std::span<float> z) {
-  // Only the tokenizer's ids: the model's vocabulary may be padded past them, and tiktoken
-  // vocabularies have unused ids in between.
+void Scheduler::take_outputs(std::span<const StepSequence> batch, std::span<Active* const> who, const StepOutput& out) {
+  const int64_t V = config().vocab_size;
+  const auto row = [&](int64_t r) { return std::span<float>(host_logits_.data() + r * V, static_cast<size_t>(V)); };
+  for (size_t i = 0; i < batch.size(); ++i) {
+    Active& a = *who[i];
+    const int64_t n = static_cast<int64_t>(batch[i].tokens.size());
+    if (a.prefilled == a.prompt_len()) {  // a decode row
+      sample_next(a, row(out.first_row[i]));
+      continue;
+    }
+    if (batch[i].logits == LogitRows::kAll) {  // row t predicts prompt position prefilled + t + 1
+      for (int64_t t = 0; t < n; ++t) {
+        const int64_t p = a.prefilled + t + 1;
+        if (p >= a.prompt_len()) break;
+        std::span<float> z = row(out.first_row[i] + t);
+        mask_unknown_ids(z);
+        const double lse = log_sum_exp(z);
+        TokenLogprob& tok = a.prompt_tokens[static_cast<size_t>(p)];
+        tok.logprob = z[static_cast<size_t>(tok.id)] - lse;
+        for (const auto& [id, lp] : top_logprobs(z, a.params().logprobs, lse))
+          tok.top.emplace_back(std::string(tok_.token_bytes(id)), lp);
+      }
+    }
+    a.prefilled += n;
+    if (a.prefilled < a.prompt_len()) continue;
+    if (a.params().echo) a.req->push(RequestEvent{.text = a.prompt_text, .tokens = a.prompt_tokens, .prompt = true});
+    if (a.params().max_tokens == 0) {
+      finish(a, "length");
+      continue;
+    }
+    sample_next(a, row(out.first_row[i] + (batch[i].logits == LogitRows::kAll ? n - 1 : 0)));
+  }
+}
+
+// Only the tokenizer's ids: the model's vocabulary may be padded past them, and tiktoken vocabularies have unused ids
+// in between. −inf is probability 0 to the sampler and to log-softmax.
+void Scheduler::mask_unknown_ids(std::span<float> z) const {
   for (size_t id = 0; id < z.size(); ++id)
     if (!valid_id_[id]) z[id] = -std::numeric_limits<float>::infinity();
+}
+
+void Scheduler::sample_next(Active& a, std::span<float> z) {
+  mask_unknown_ids(z);
   const double lse = a.params().logprobs >= 0 ? log_sum_exp(z) : 0.0;
   const int32_t id = a.sampler.sample(std::span<const float>(z.data(), z.size()), a.generated.size());
   add_token(a, id, z, lse);

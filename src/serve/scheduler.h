@@ -88,6 +88,9 @@ class Scheduler {
   bool iteration();
   void admit();
   void finish(Active& a, const std::string& reason);
+  // After an engine step: prompt logprobs, the next token of every row that wants one (host_logits_ holds the logits).
+  void take_outputs(std::span<const StepSequence> batch, std::span<Active* const> who, const StepOutput& out);
+  void mask_unknown_ids(std::span<float> row) const;
   void sample_next(Active& a, std::span<float> row);
   void add_token(Active& a, int32_t id, std::span<const float> row, double lse);
   void send_ready(Active& a, bool final);
