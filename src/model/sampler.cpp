@@ -34,41 +34,24 @@ int32_t sample_impl(const SamplerOptions& o, std::span<const T> logits, uint64_t
   DIFFMOE_CHECK(std::isfinite(static_cast<double>(logits[static_cast<size_t>(best)])),
                 "[sampler] every one of the {} logits is -inf (masked): nothing to sample", V);
   if (o.temperature == 0.0 || o.top_k == 1) return best;
-  if ((o.top_k == 0 || o.top_k >= V) && o.top_p >= 1.0) {
-    // Nothing is cut: the inverse CDF over the ids in order, without sorting the vocabulary (a sort per token
-    // would be most of a server step's host time with a 32768-id vocabulary).
-    const double z_max = static_cast<double>(logits[static_cast<size_t>(best)]);
-    thread_local std::vector<double> p;
-    p.resize(static_cast<size_t>(V));
-    double total = 0.0;
-    for (int64_t i = 0; i < V; ++i) {
-      p[static_cast<size_t>(i)] =
-          std::exp((static_cast<double>(logits[static_cast<size_t>(i)]) - z_max) / o.temperature);
-      total += p[static_cast<size_t>(i)];
-    }
-    const double target = uniform_at(o.seed, kSamplerStream, counter) * total;
-    double cum = 0.0;
-    int32_t last = best;  // a token of non-zero probability absorbs any rounding shortfall
-    for (int64_t i = 0; i < V; ++i) {
-      if (p[static_cast<size_t>(i)] == 0.0) continue;
-      last = static_cast<int32_t>(i);
-      cum += p[static_cast<size_t>(i)];
-      if (target <= cum) return last;
-    }
-    return last;
-  }
 
-  // Otherwise candidates in descending logit order (ties: lower id first); top-k keeps the first k.
+  // Candidates: with top-k or top-p, in descending logit order (ties: lower id first), top-k keeping the first k;
+  // with neither, the ids in order, since the draw's distribution does not depend on it (a sort of the vocabulary
+  // per token would be most of a server step's host time with a 32768-id vocabulary).
   const int64_t k = o.top_k > 0 ? std::min(o.top_k, V) : V;
-  std::vector<int32_t> idx(static_cast<size_t>(V));
+  thread_local std::vector<int32_t> idx;
+  idx.resize(static_cast<size_t>(V));
   std::iota(idx.begin(), idx.end(), 0);
-  std::partial_sort(idx.begin(), idx.begin() + k, idx.end(), [&](int32_t a, int32_t b) {
-    const T la = logits[static_cast<size_t>(a)], lb = logits[static_cast<size_t>(b)];
-    return la > lb || (la == lb && a < b);
-  });
-  // Unnormalised p_i = exp((z_i − z_max) / temperature) over the kept candidates, in double.
-  const double z_max = static_cast<double>(logits[static_cast<size_t>(idx[0])]);
-  std::vector<double> p(static_cast<size_t>(k));
+  if (k < V || o.top_p < 1.0) {
+    std::partial_sort(idx.begin(), idx.begin() + k, idx.end(), [&](int32_t a, int32_t b) {
+      const T la = logits[static_cast<size_t>(a)], lb = logits[static_cast<size_t>(b)];
+      return la > lb || (la == lb && a < b);
+    });
+  }
+  // Unnormalised p_i = exp((z_i − z_max) / temperature) over the kept candidates, in double (0 for a masked one).
+  const double z_max = static_cast<double>(logits[static_cast<size_t>(best)]);
+  thread_local std::vector<double> p;
+  p.resize(static_cast<size_t>(k));
   double total = 0.0;
   for (int64_t i = 0; i < k; ++i) {
     p[static_cast<size_t>(i)] = std::exp(
@@ -88,14 +71,18 @@ int32_t sample_impl(const SamplerOptions& o, std::span<const T> logits, uint64_t
     }
     total = mass;
   }
-  // Inverse CDF at u·total with u ∈ (0, 1]; the last kept token absorbs any rounding shortfall.
+  // Inverse CDF at u·total with u ∈ (0, 1]; the last kept token of non-zero probability absorbs any rounding
+  // shortfall.
   const double target = uniform_at(o.seed, kSamplerStream, counter) * total;
   double cum = 0.0;
+  int64_t last = 0;
   for (int64_t i = 0; i < keep; ++i) {
+    if (p[static_cast<size_t>(i)] == 0.0) continue;
+    last = i;
     cum += p[static_cast<size_t>(i)];
     if (target <= cum) return idx[static_cast<size_t>(i)];
   }
-  return idx[static_cast<size_t>(keep - 1)];
+  return idx[static_cast<size_t>(last)];
 }
 
 template <class T>
