@@ -143,7 +143,8 @@ struct GemmArgs {
 // picks each expert at most once and each head's absorption is one row per token, so no group has more rows than
 // the step has tokens. A backend may pick a kernel for few rows from it (CUDA: one that streams B with every SM
 // busy, where the tiled kernel gives a group of one row a few CTAs); a group with more rows is an error, as a bad
-// offset is.
+// offset is, wherever the offsets are checked (the CPU, CUDA's f32 path and its few-rows kernel; the tiled kernel
+// does not read the bound).
 struct GroupedGemmArgs {
   Tensor c;
   Tensor a;

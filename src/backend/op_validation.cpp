@@ -515,13 +515,17 @@ void check_gemm_bf16_mode(std::string_view op, bool bf16_mode, bool f32_exact,
   }
 }
 
-std::vector<int64_t> check_group_offsets(const int32_t* o, int64_t groups, int64_t rows, std::string_view op) {
+std::vector<int64_t> check_group_offsets(const int32_t* o, int64_t groups, int64_t rows, std::string_view op,
+                                         int64_t max_group_rows) {
   std::vector<int64_t> out(static_cast<size_t>(groups + 1));
   DIFFMOE_CHECK(o[0] == 0, "[{}] offsets[0] = {}, must be 0", op, o[0]);
   for (int64_t g = 0; g <= groups; ++g) {
-    if (g > 0)
+    if (g > 0) {
       DIFFMOE_CHECK(o[g] >= o[g - 1], "[{}] offsets must be non-decreasing: offsets[{}] = {} < offsets[{}] = {}", op, g,
                     o[g], g - 1, o[g - 1]);
+      DIFFMOE_CHECK(max_group_rows == 0 || o[g] - o[g - 1] <= max_group_rows,
+                    "[{}] group {} has {} rows, above max_group_rows = {}", op, g - 1, o[g] - o[g - 1], max_group_rows);
+    }
     out[static_cast<size_t>(g)] = o[g];
   }
   DIFFMOE_CHECK(out.back() <= rows, "[{}] offsets[{}] = {} exceeds the {} rows of A", op, groups, out.back(), rows);

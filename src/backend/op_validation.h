@@ -71,9 +71,11 @@ GroupedGemmWgradDims validate_grouped_gemm_wgrad(const GroupedGemmWgradArgs& a, 
 // bf16 mode, so a bf16 tensor in an f32-mode GEMM is a planning error on every backend.
 void check_gemm_bf16_mode(std::string_view op, bool bf16_mode, bool f32_exact,
                           std::initializer_list<std::pair<const Tensor*, std::string_view>> tensors);
-// The values of offsets [G+1] read to the host: offsets[0] = 0, non-decreasing, offsets[G] ≤ rows.
-// Returned widened to int64 so callers index without further checks.
-std::vector<int64_t> check_group_offsets(const int32_t* offsets, int64_t groups, int64_t rows, std::string_view op);
+// The values of offsets [G+1] read to the host: offsets[0] = 0, non-decreasing, offsets[G] ≤ rows, and, when
+// max_group_rows > 0 (GroupedGemmArgs), no group above it. Returned widened to int64 so callers index without
+// further checks.
+std::vector<int64_t> check_group_offsets(const int32_t* offsets, int64_t groups, int64_t rows, std::string_view op,
+                                         int64_t max_group_rows = 0);
 
 // ---------------------------------------------------------------- FP8 (fp8_validation.cpp)
 // Shapes, dtypes and the scale layouts of op_args.h's FP8 section, naming the field. The float

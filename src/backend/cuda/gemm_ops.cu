@@ -423,7 +423,8 @@ void CudaBackend::grouped_gemm(Context ctx, const GroupedGemmArgs& a) {
     launch_grouped(*this, p, a.trans_b ? gg::GroupedLayout::kFwd : gg::GroupedLayout::kDgrad, s);
     return;
   }
-  const std::vector<int64_t> off = check_group_offsets(read_to_host(a.offsets, s), d.groups, d.rows, kOp);
+  const std::vector<int64_t> off =
+      check_group_offsets(read_to_host(a.offsets, s), d.groups, d.rows, kOp, a.max_group_rows);
   // Only the rows in use (< offsets[G]) of A are read.
   const int64_t used = off[static_cast<size_t>(d.groups)];
   // One term, one SGEMM (or GemmEx) per non-empty group: C[rows_g] = alpha·A[rows_g]·op(B[g]) + beta·C.
