@@ -117,13 +117,8 @@ inline std::unique_ptr<Model> eval_test_model(Backend& be, DType dtype, uint64_t
 // f64, then written through set_param (rounded to each compute dtype).
 inline std::unique_ptr<Model> eval_test_model_on(Backend& be, const ModelOptions& opt, uint64_t seed = 11,
                                                  int64_t max_seq_len = 48) {
-  CpuBackend host_be;
-  auto host = eval_test_model(host_be, DType::kF64, seed, max_seq_len);
   auto m = std::make_unique<Model>(eval_test_config(max_seq_len), be, DType::kF32, opt);
-  for (const ParamSpec& p : m->specs()) {
-    const Tensor t = host->params().get(p.name);
-    m->set_param(p.name, std::vector<double>(t.ptr<double>(), t.ptr<double>() + t.numel()));
-  }
+  randomize_for_test_on_host(*m, seed);
   return m;
 }
 

@@ -3,6 +3,7 @@
 #pragma once
 #include <cmath>
 
+#include "backend/cpu/cpu_backend.h"
 #include "model/config.h"
 #include "model/model.h"
 #include "test_util.h"
@@ -119,6 +120,16 @@ inline void randomize_for_test(Model& m, uint64_t seed) {
       default: fill_normal(t, s, 1.0 / std::sqrt(static_cast<double>(p.shape[-1]))); break;
     }
   }
+}
+
+// randomize_for_test's weights on a model of any backend, precision and dtype (randomize_for_test writes through host
+// pointers, which a CUDA model's tensors are not): drawn on a host copy in f64, then written through set_param
+// (rounded once to each compute dtype).
+inline void randomize_for_test_on_host(Model& m, uint64_t seed) {
+  CpuBackend host_be;
+  Model host(m.config(), host_be, DType::kF64);
+  randomize_for_test(host, seed);
+  for (const ParamSpec& p : m.specs()) m.set_param(p.name, to_vector(host.params().get(p.name)));
 }
 
 }  // namespace diffmoe::test

@@ -28,15 +28,6 @@
 namespace diffmoe::serve {
 namespace {
 
-// Random weights with O(1) activations (randomize_for_test) drawn on the host and set on `m`, whatever its backend:
-// randomize_for_test writes through host pointers, which a CUDA model's tensors are not.
-void set_random_weights(Model& m, uint64_t seed) {
-  auto cpu = make_backend("cpu");
-  Model src(m.config(), *cpu, DType::kF32);
-  diffmoe::test::randomize_for_test(src, seed);
-  for (const ParamSpec& p : src.specs()) m.set_param(p.name, diffmoe::test::to_vector(src.params().get(p.name)));
-}
-
 struct Case {
   const char* name;
   Precision precision;
@@ -63,8 +54,8 @@ void check_cuda_engine(const Case& c) {
   auto gpu = make_backend("cuda");
   Model ref(cfg, *cpu, DType::kF32, {.precision = c.precision});
   Model dev(cfg, *gpu, DType::kF32, {.precision = c.precision});
-  set_random_weights(ref, 13);
-  set_random_weights(dev, 13);
+  diffmoe::test::randomize_for_test_on_host(ref, 13);
+  diffmoe::test::randomize_for_test_on_host(dev, 13);
   const EngineOptions opt{.max_batch = 3, .max_step_tokens = 24, .block_size = 8, .fp8_weights = c.fp8};
   Engine a(ref, opt), b(dev, opt);
   std::vector<std::vector<int32_t>> prompts;
@@ -191,7 +182,7 @@ TEST(CudaEngine, BenchDecodeEngineRuns) {
   DIFFMOE_REQUIRE_CUDA();
   auto gpu = make_backend("cuda");
   Model m(test::serve_config(), *gpu, DType::kF32, {.precision = Precision::kBF16});
-  set_random_weights(m, 13);
+  diffmoe::test::randomize_for_test_on_host(m, 13);
   const auto run = [&](bool fp8) {
     const BenchEngineOptions eo{.fp8_weights = fp8};
     BenchOptions o;
@@ -273,7 +264,7 @@ void check_graph_engine(const GraphCase& c) {
   const ScopedEnv fixed("DIFFMOE_GEMM_AUTOTUNE", "0");
   auto gpu = make_backend("cuda");
   Model dev(test::serve_config(), *gpu, DType::kF32, {.precision = c.precision});
-  set_random_weights(dev, 31);
+  diffmoe::test::randomize_for_test_on_host(dev, 31);
   const EngineOptions opt{
       .max_batch = 8, .max_step_tokens = 24, .block_size = 4, .fp8_weights = c.fp8, .graph_warmup_steps = 1};
   EngineOptions eager = opt, off = opt;
@@ -336,7 +327,7 @@ TEST(CudaEngineGraphs, AutotuneWarmupThenReplays) {
   const ScopedEnv tuned("DIFFMOE_GEMM_AUTOTUNE", "1");
   auto gpu = make_backend("cuda");
   Model dev(test::serve_config(), *gpu, DType::kF32, {.precision = Precision::kBF16});
-  set_random_weights(dev, 32);
+  diffmoe::test::randomize_for_test_on_host(dev, 32);
   const EngineOptions opt{.max_batch = 8, .max_step_tokens = 24, .block_size = 4, .graph_warmup_steps = 4};
   EngineOptions eager = opt, off = opt;
   eager.max_graphs = 0;
