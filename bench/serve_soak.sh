@@ -21,6 +21,8 @@ cd "$(dirname "$0")/.."
 CHECKPOINT="" TOKENIZER="" CLIENTS=64 DURATION=60 MAX_TOKENS=64 DEVICE=cpu BUILD=build BIN="" WORK=/tmp/diffmoe-serve-soak RSS_SLACK=10
 CONFIG=configs/tiny.yaml VOCAB=4096 SERVE_ARGS=()
 while [[ $# -gt 0 ]]; do
+  # Every option but -- takes a value.
+  [[ "$1" == -- || $# -ge 2 ]] || { echo "serve_soak: $1 needs a value" >&2; exit 2; }
   case "$1" in
     --checkpoint) CHECKPOINT="$2"; shift 2 ;;
     --tokenizer) TOKENIZER="$2"; shift 2 ;;
@@ -38,9 +40,17 @@ while [[ $# -gt 0 ]]; do
     *) echo "serve_soak: unknown option $1" >&2; exit 2 ;;
   esac
 done
+for opt in clients:CLIENTS:1 duration:DURATION:1 max-tokens:MAX_TOKENS:1 vocab-size:VOCAB:1 rss-slack:RSS_SLACK:0; do
+  IFS=: read -r name var min <<< "$opt"
+  [[ "${!var}" =~ ^[0-9]+$ ]] && (( 10#${!var} >= min )) ||
+    { echo "serve_soak: --$name '${!var}' must be an integer >= $min" >&2; exit 2; }
+done
 [[ -n "$BIN" ]] || BIN="$BUILD/src/cli/diffmoe"
 [[ -x "$BIN" ]] || { echo "serve_soak: no $BIN (build first)" >&2; exit 2; }
 mkdir -p "$WORK"
+# One soak per work directory: a second one would take the first's port file and client logs.
+exec 9> "$WORK/.lock"
+flock -n 9 || { echo "serve_soak: another soak is using $WORK (pass --work DIR)" >&2; exit 2; }
 
 if [[ -z "$CHECKPOINT" ]]; then
   NAME=$(basename "$CONFIG" .yaml)
