@@ -1,6 +1,7 @@
 // FP8 op benchmark on the CUDA backend (op_args.h's FP8 section): act_quant's bandwidth and
 // fp8_gemm's TFLOP/s at a preset's dense Linear shapes, beside the bf16 GEMM mode's cuBLASLt GEMM
-// (Backend::gemm with bf16 operands) at the same shapes.
+// (Backend::gemm with bf16 operands) at the same shapes; then fp8_grouped_gemm at the routed experts'
+// shapes beside the bf16 grouped kernel (bench_grouped).
 // Usage: bench_fp8 [--config configs/bench.yaml] [--tokens 16384] [--iters 20] [--skip-quant]
 //   bench preset: tokens = 8 sequences × 2048; seed-20b (configs/seed-20b.yaml): e.g. --tokens 8192.
 // Shapes: every dense Linear of a layer (docs/model.md §2, §4: wq_a, wq_b, wkv_a, wkv_b, wo; the dense MLP's
@@ -15,6 +16,7 @@
 #include <fmt/core.h>
 
 #include <CLI/CLI.hpp>
+#include <algorithm>
 #include <chrono>
 #include <string>
 #include <tuple>
@@ -207,6 +209,87 @@ void bench_gemms(Backend& be, int64_t tokens, const std::vector<Linear>& linears
   }
 }
 
+// The routed experts' grouped GEMMs at the preset's shapes: R = tokens · top-k rows over G experts of
+// equal rows (R/G each, the balanced case), fp8_grouped_gemm beside grouped_gemm in the bf16 GEMM mode
+// (the bf16 TMA kernel), both writing bf16 C. Fprop w1 (and w3) [R, I, D], w2 [R, D, I]; Dgrad dh = dy·W2
+// [R, I, D] and the two-term dx = da·W1 + db·W3 [R, D, I + I]. "+quant" adds what the FP8 call needs
+// first: act_quant of A (and A2) and weight_quant of the stack(s).
+void bench_grouped(Backend& be, const ModelConfig& c, int64_t tokens, int iters) {
+  if (c.n_routed_experts == 0) return;
+  const int64_t G = c.n_routed_experts, R = tokens * c.n_activated_experts, D = c.dim, I = c.moe_inter_dim;
+  fmt::print("\nRouted experts' grouped GEMMs (R = {} rows, G = {} experts of {} rows): TFLOP/s = 2·R·N·K / time\n", R,
+             G, R / G);
+  fmt::print("{:<22} {:>6} {:>6} {:>12} {:>14} {:>12} {:>9} {:>9}\n", "gemm", "N", "K", "fp8 TFLOP/s", "fp8+quant",
+             "bf16 TFLOP/s", "fp8/bf16", "+q/bf16");
+  std::vector<int32_t> off(static_cast<size_t>(G) + 1);
+  for (int64_t g = 0; g <= G; ++g) off[static_cast<size_t>(g)] = static_cast<int32_t>(g * R / G);
+  struct Shape3 {
+    const char* name;
+    int64_t n, k, k2;
+  };
+  for (const Shape3& f : {Shape3{"Fprop w1 (w3)", I, D, 0}, Shape3{"Fprop w2", D, I, 0},
+                          Shape3{"Dgrad dh = dy·W2", I, D, 0}, Shape3{"Dgrad da·W1 + db·W3", D, I, I}}) {
+    const int64_t k2 = std::max<int64_t>(f.k2, 16);
+    Buffers b(be, {{"a", Shape{R, f.k}, DType::kF32},
+                   {"a2", Shape{R, k2}, DType::kF32},
+                   {"w", Shape{G, f.n, f.k}, DType::kF32},
+                   {"w2", Shape{G, f.n, k2}, DType::kF32},
+                   {"a16", Shape{R, f.k}, DType::kBF16},
+                   {"a2_16", Shape{R, k2}, DType::kBF16},
+                   {"w16", Shape{G, f.n, f.k}, DType::kBF16},
+                   {"w2_16", Shape{G, f.n, k2}, DType::kBF16},
+                   {"c16", Shape{R, f.n}, DType::kBF16},
+                   {"aq", Shape{R, f.k}, DType::kF8E4M3},
+                   {"as", Shape{fp8_tiles(f.k), R}, DType::kF32},
+                   {"a2q", Shape{R, k2}, DType::kF8E4M3},
+                   {"a2s", Shape{fp8_tiles(k2), R}, DType::kF32},
+                   {"wq", Shape{G, f.n, f.k}, DType::kF8E4M3},
+                   {"ws", Shape{G, fp8_tiles(f.n), fp8_block_scale_cols(f.k)}, DType::kF32},
+                   {"w2q", Shape{G, f.n, k2}, DType::kF8E4M3},
+                   {"w2s", Shape{G, fp8_tiles(f.n), fp8_block_scale_cols(k2)}, DType::kF32},
+                   {"off", Shape{G + 1}, DType::kI32}});
+    be.upload(b["off"], off.data());
+    b.fill_normal(b["a"], 21, 1.0);
+    b.fill_normal(b["a2"], 22, 1.0);
+    b.fill_normal(b["w"], 23, 0.02);
+    b.fill_normal(b["w2"], 24, 0.02);
+    for (const char* n : {"a", "a2", "w"}) be.copy({}, {.dst = b[std::string(n) + "16"], .src = b[n]});
+    be.copy({}, {.dst = b["w2_16"], .src = b["w2"]});
+    const bool two = f.k2 > 0;
+    const auto quant = [&] {
+      be.act_quant({}, {.q = b["aq"], .scale = b["as"], .x = b["a16"]});
+      be.weight_quant({}, {.q = b["wq"], .scale = b["ws"], .w = b["w16"]});
+      if (two) {
+        be.act_quant({}, {.q = b["a2q"], .scale = b["a2s"], .x = b["a2_16"]});
+        be.weight_quant({}, {.q = b["w2q"], .scale = b["w2s"], .w = b["w2_16"]});
+      }
+    };
+    quant();
+    Fp8GroupedGemmArgs fa{
+        .c = b["c16"], .a = b["aq"], .a_scale = b["as"], .b = b["wq"], .b_scale = b["ws"], .offsets = b["off"]};
+    GroupedGemmArgs ba{.c = b["c16"], .a = b["a16"], .b = b["w16"], .offsets = b["off"], .trans_b = true};
+    if (two) {
+      fa.a2 = b["a2q"];
+      fa.a2_scale = b["a2s"];
+      fa.b2 = b["w2q"];
+      fa.b2_scale = b["w2s"];
+      ba.a2 = b["a2_16"];
+      ba.b2 = b["w2_16"];
+    }
+    const double flops = 2.0 * static_cast<double>(R) * static_cast<double>(f.n) * static_cast<double>(f.k + f.k2);
+    const double fp8_ms = time_ms(be, iters, [&] { be.fp8_grouped_gemm({}, fa); });
+    const double fp8q_ms = time_ms(be, iters, [&] {
+      quant();
+      be.fp8_grouped_gemm({}, fa);
+    });
+    const double bf16_ms = time_ms(be, iters, [&] { be.grouped_gemm({}, ba); });
+    const auto tf = [&](double ms) { return flops / (ms * 1e-3) / 1e12; };
+    fmt::print("{:<22} {:>6} {:>6} {:>12.0f} {:>14.0f} {:>12.0f} {:>9.2f} {:>9.2f}\n", f.name, f.n,
+               two ? fmt::format("{}+{}", f.k, f.k2) : fmt::format("{}", f.k), tf(fp8_ms), tf(fp8q_ms), tf(bf16_ms),
+               bf16_ms / fp8_ms, bf16_ms / fp8q_ms);
+  }
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -227,6 +310,7 @@ int main(int argc, char** argv) {
     fmt::print("bench_fp8: {} (dim {}), T = {}, {} iterations per row\n", config, cfg.dim, tokens, iters);
     if (!skip_quant) bench_act_quant(*be, tokens, {cfg.dim, cfg.inter_dim}, iters);
     bench_gemms(*be, tokens, linears_of(cfg), iters);
+    bench_grouped(*be, cfg, tokens, iters);
   } catch (const Error& e) {
     fmt::print(stderr, "bench_fp8: {}\n", e.what());
     return 1;

@@ -252,7 +252,7 @@ if [[ "${BENCH:-1}" == 1 && $PART != checks ]]; then
   else
     skip grouped_gemm "no binary"
   fi
-  if [[ -x "$BIN_FP8" ]]; then  # act_quant GB/s, fp8_gemm beside the bf16 GEMM at the bench preset's shapes
+  if [[ -x "$BIN_FP8" ]]; then  # act_quant GB/s, fp8_gemm and the grouped FP8 expert GEMMs beside bf16, bench shapes
     step bench_fp8 "$LOG_DIR/bench_fp8.log" "$BIN_FP8" --config configs/bench.yaml --tokens 16384
     tail -n 36 "$LOG_DIR/bench_fp8.log"
   else
@@ -273,7 +273,7 @@ if [[ "${BENCH:-1}" == 1 && $PART != checks ]]; then
     step bench_diffmoe_bf16gemm "$LOG_DIR/bench_diffmoe_bf16gemm.log" "$BIN_BENCH" --device cuda --config configs/bench.yaml \
       --batch "$ours_batch" --seq 2048 --steps 5 --warmup 2 --optim --precision bf16_gemm
     cat "$LOG_DIR/bench_diffmoe_bf16gemm.log" | tail -n 3
-    # The fp8 mode (docs/model.md §7): FP8 Linears; the routed experts' per-expert loop is not the fast path.
+    # The fp8 mode (docs/model.md §7): FP8 Linears and the routed experts' grouped FP8 kernels.
     step bench_diffmoe_fp8 "$LOG_DIR/bench_diffmoe_fp8.log" "$BIN_BENCH" --device cuda --config configs/bench.yaml \
       --batch "$ours_batch" --seq 2048 --steps 5 --warmup 2 --optim --precision fp8
     cat "$LOG_DIR/bench_diffmoe_fp8.log" | tail -n 3

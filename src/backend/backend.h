@@ -91,6 +91,8 @@ class Backend {
   virtual void weight_quant(Context ctx, const WeightQuantArgs& a) = 0;
   virtual void weight_dequant(Context ctx, const WeightDequantArgs& a) = 0;
   virtual void fp8_gemm(Context ctx, const Fp8GemmArgs& a) = 0;
+  virtual void fp8_grouped_gemm(Context ctx, const Fp8GroupedGemmArgs& a) = 0;
+  virtual void fp8_grouped_gemm_wgrad(Context ctx, const Fp8GroupedGemmWgradArgs& a) = 0;
   virtual void rope(Context ctx, const RopeArgs& a) = 0;
   virtual void mla_kv_split_fwd(Context ctx, const MlaKvSplitFwdArgs& a) = 0;
   virtual void mla_kv_split_bwd(Context ctx, const MlaKvSplitBwdArgs& a) = 0;

@@ -16,10 +16,11 @@ void expect(const Tensor& t, const Shape& shape, DType dtype, Device dev, std::s
   check_dtype(t, dtype, op, name);
 }
 
-// The source of a quantisation: a 2-D f32 or bf16 tensor.
-void check_source(const Tensor& t, Device dev, std::string_view op, std::string_view name) {
+// The source of a quantisation: a 2-D (or, for a stack of weights, 3-D) f32 or bf16 tensor.
+void check_source(const Tensor& t, Device dev, std::string_view op, std::string_view name, bool stack = false) {
   check_device(t, dev, op, name);
-  DIFFMOE_CHECK(t.rank() == 2, "[{}] {} must be 2-D, got {}", op, name, t.describe());
+  DIFFMOE_CHECK(t.rank() == 2 || (stack && t.rank() == 3), "[{}] {} must be 2-D{}, got {}", op, name,
+                stack ? " (or a 3-D stack [G, N, K])" : "", t.describe());
   DIFFMOE_CHECK(t.dtype == DType::kF32 || t.dtype == DType::kBF16,
                 "[{}] {} must be f32 or bf16 (the values FP8 copies are made from, docs/model.md §7), got {}", op, name,
                 dtype_name(t.dtype));
@@ -68,6 +69,21 @@ Fp8QuantDims validate_act_quant(const ActQuantArgs& a, Device dev) {
   constexpr std::string_view kOp = "act_quant";
   check_source(a.x, dev, kOp, "x");
   const int64_t m = a.x.dim(0), k = a.x.dim(1);
+  if (a.offsets.defined()) {
+    // The grouped transposed copy: tiles restart at each group's first row, padded to whole tiles (op_args.h).
+    DIFFMOE_CHECK(!a.q.defined() && !a.scale.defined(),
+                  "[{}] offsets apply to the transposed copy only: give q_t and scale_t, not q and scale", kOp);
+    DIFFMOE_CHECK(a.q_t.defined() && a.scale_t.defined(),
+                  "[{}] offsets given without q_t and scale_t (the grouped transposed copy)", kOp);
+    check_device(a.offsets, dev, kOp, "offsets");
+    DIFFMOE_CHECK(a.offsets.rank() == 1 && a.offsets.dim(0) >= 2, "[{}] offsets must be [G+1] with G ≥ 1, got {}", kOp,
+                  a.offsets.describe());
+    check_dtype(a.offsets, DType::kI32, kOp, "offsets");
+    const int64_t g = a.offsets.dim(0) - 1, slots = fp8_group_tiles(m, g);
+    expect(a.q_t, Shape{k, kFp8Tile * slots}, DType::kF8E4M3, dev, kOp, "q_t (grouped: [K, 128·(ceil(M/128) + G)])");
+    expect(a.scale_t, Shape{slots, k}, DType::kF32, dev, kOp, "scale_t (grouped: [ceil(M/128) + G, K])");
+    return Fp8QuantDims{.rows = m, .cols = k, .col_wise = true, .groups = g, .grouped = true};
+  }
   // 1×128 tiles along each copy's rows: scale [ceil(K/128), M], scale_t [ceil(M/128), K] (op_args.h).
   return check_quant_outputs(kOp, a.x, a.q, a.scale, a.q_t, a.scale_t, Shape{fp8_tiles(k), m}, Shape{fp8_tiles(m), k},
                              dev);
@@ -75,10 +91,29 @@ Fp8QuantDims validate_act_quant(const ActQuantArgs& a, Device dev) {
 
 Fp8QuantDims validate_weight_quant(const WeightQuantArgs& a, Device dev) {
   constexpr std::string_view kOp = "weight_quant";
-  check_source(a.w, dev, kOp, "w");
-  const int64_t n = a.w.dim(0), k = a.w.dim(1);
-  return check_quant_outputs(kOp, a.w, a.q, a.scale, a.q_t, a.scale_t, Shape{fp8_tiles(n), fp8_block_scale_cols(k)},
-                             Shape{fp8_tiles(k), fp8_block_scale_cols(n)}, dev);
+  check_source(a.w, dev, kOp, "w", /*stack=*/true);
+  if (a.w.rank() == 2) {
+    const int64_t n = a.w.dim(0), k = a.w.dim(1);
+    return check_quant_outputs(kOp, a.w, a.q, a.scale, a.q_t, a.scale_t, Shape{fp8_tiles(n), fp8_block_scale_cols(k)},
+                               Shape{fp8_tiles(k), fp8_block_scale_cols(n)}, dev);
+  }
+  // A stack [G, N, K]: every output with a leading G (op_args.h).
+  const int64_t g = a.w.dim(0), n = a.w.dim(1), k = a.w.dim(2);
+  Fp8QuantDims d{.rows = n, .cols = k, .groups = g};
+  d.row_wise = pair_given(a.q, a.scale, kOp, "q", "scale");
+  d.col_wise = pair_given(a.q_t, a.scale_t, kOp, "q_t", "scale_t");
+  DIFFMOE_CHECK(d.row_wise || d.col_wise,
+                "[{}] no output: give q and scale (the row-wise copy), q_t and scale_t (the transposed copy), or both",
+                kOp);
+  if (d.row_wise) {
+    expect(a.q, Shape{g, n, k}, DType::kF8E4M3, dev, kOp, "q");
+    expect(a.scale, Shape{g, fp8_tiles(n), fp8_block_scale_cols(k)}, DType::kF32, dev, kOp, "scale");
+  }
+  if (d.col_wise) {
+    expect(a.q_t, Shape{g, k, n}, DType::kF8E4M3, dev, kOp, "q_t");
+    expect(a.scale_t, Shape{g, fp8_tiles(k), fp8_block_scale_cols(n)}, DType::kF32, dev, kOp, "scale_t");
+  }
+  return d;
 }
 
 Fp8QuantDims validate_weight_dequant(const WeightDequantArgs& a, Device dev) {
@@ -127,6 +162,68 @@ GemmDims validate_fp8_gemm(const Fp8GemmArgs& a, Device dev) {
                   "[{}] addend {} partly overlaps c {}: pass c itself or a separate tensor", kOp, a.addend.describe(),
                   a.c.describe());
   }
+  return d;
+}
+
+Fp8GroupedGemmDims validate_fp8_grouped_gemm(const Fp8GroupedGemmArgs& a, Device dev) {
+  constexpr std::string_view kOp = "fp8_grouped_gemm";
+  check_device(a.c, dev, kOp, "c");
+  DIFFMOE_CHECK(a.c.rank() == 2, "[{}] c must be 2-D [R, N], got {}", kOp, a.c.describe());
+  check_float_output(a.c, dev, kOp, "c");
+  check_device(a.a, dev, kOp, "a");
+  DIFFMOE_CHECK(a.a.rank() == 2, "[{}] a must be 2-D [R, K] (K-major), got {}", kOp, a.a.describe());
+  check_dtype(a.a, DType::kF8E4M3, kOp, "a");
+  check_device(a.b, dev, kOp, "b");
+  DIFFMOE_CHECK(a.b.rank() == 3, "[{}] b must be a 3-D stack [G, N, K] (K-major), got {}", kOp, a.b.describe());
+  check_dtype(a.b, DType::kF8E4M3, kOp, "b");
+  Fp8GroupedGemmDims d{.rows = a.a.dim(0), .n = a.b.dim(1), .k = a.a.dim(1), .groups = a.b.dim(0)};
+  DIFFMOE_CHECK(a.b.dim(2) == d.k && a.c.dim(0) == d.rows && a.c.dim(1) == d.n,
+                "[{}] shapes do not match: a is {}, b is {}, c is {}; need a [R, K], b [G, N, K], c [R, N]", kOp,
+                a.a.shape.str(), a.b.shape.str(), a.c.shape.str());
+  DIFFMOE_CHECK(d.k > 0, "[{}] K = 0 (a is {}): an empty product; the expert GEMMs always have one", kOp,
+                a.a.describe());
+  expect(a.a_scale, Shape{fp8_tiles(d.k), d.rows}, DType::kF32, dev, kOp, "a_scale");
+  expect(a.b_scale, Shape{d.groups, fp8_tiles(d.n), fp8_block_scale_cols(d.k)}, DType::kF32, dev, kOp, "b_scale");
+  expect(a.offsets, Shape{d.groups + 1}, DType::kI32, dev, kOp, "offsets");
+  d.two_terms = a.a2.defined() || a.b2.defined() || a.a2_scale.defined() || a.b2_scale.defined();
+  if (!d.two_terms) return d;
+  DIFFMOE_CHECK(a.a2.defined() && a.b2.defined() && a.a2_scale.defined() && a.b2_scale.defined(),
+                "[{}] the second term needs a2, a2_scale, b2 and b2_scale together: a2 is {}, b2 is {}", kOp,
+                a.a2.defined() ? a.a2.describe() : "not given", a.b2.defined() ? a.b2.describe() : "not given");
+  check_device(a.a2, dev, kOp, "a2");
+  DIFFMOE_CHECK(a.a2.rank() == 2 && a.a2.dim(0) == d.rows, "[{}] a2 must be [R = {}, K2], got {}", kOp, d.rows,
+                a.a2.describe());
+  check_dtype(a.a2, DType::kF8E4M3, kOp, "a2");
+  d.k2 = a.a2.dim(1);
+  DIFFMOE_CHECK(d.k2 > 0, "[{}] K2 = 0 (a2 is {}): leave the second term out instead", kOp, a.a2.describe());
+  expect(a.b2, Shape{d.groups, d.n, d.k2}, DType::kF8E4M3, dev, kOp, "b2 ([G, N, K2] as b and a2)");
+  expect(a.a2_scale, Shape{fp8_tiles(d.k2), d.rows}, DType::kF32, dev, kOp, "a2_scale");
+  expect(a.b2_scale, Shape{d.groups, fp8_tiles(d.n), fp8_block_scale_cols(d.k2)}, DType::kF32, dev, kOp, "b2_scale");
+  return d;
+}
+
+Fp8GroupedWgradDims validate_fp8_grouped_gemm_wgrad(const Fp8GroupedGemmWgradArgs& a, Device dev) {
+  constexpr std::string_view kOp = "fp8_grouped_gemm_wgrad";
+  check_device(a.c, dev, kOp, "c");
+  DIFFMOE_CHECK(a.c.rank() == 3, "[{}] c must be [G, M, N], got {}", kOp, a.c.describe());
+  DIFFMOE_CHECK(a.c.dtype == DType::kF32 || (dev == Device::kCPU && a.c.dtype == DType::kF64),
+                "[{}] c must be f32{} (a weight gradient accumulates), got {}", kOp,
+                dev == Device::kCPU ? " or f64" : "", dtype_name(a.c.dtype));
+  for (const auto& [t, name] : {std::pair{&a.a, "a"}, std::pair{&a.b, "b"}}) {
+    check_device(*t, dev, kOp, name);
+    DIFFMOE_CHECK(t->rank() == 2 && t->dim(1) % kFp8Tile == 0,
+                  "[{}] {} must be act_quant's grouped transposed copy [rows, 128·T], got {}", kOp, name,
+                  t->describe());
+    check_dtype(*t, DType::kF8E4M3, kOp, name);
+  }
+  Fp8GroupedWgradDims d{.m = a.c.dim(1), .n = a.c.dim(2), .groups = a.c.dim(0), .slots = a.a.dim(1) / kFp8Tile};
+  DIFFMOE_CHECK(a.a.dim(0) == d.m && a.b.dim(0) == d.n && a.b.dim(1) == a.a.dim(1),
+                "[{}] shapes do not match: a is {}, b is {}, c is {}; need a [M, 128·T], b [N, 128·T], c [G, M, N]",
+                kOp, a.a.shape.str(), a.b.shape.str(), a.c.shape.str());
+  expect(a.a_scale, Shape{d.slots, d.m}, DType::kF32, dev, kOp, "a_scale");
+  expect(a.b_scale, Shape{d.slots, d.n}, DType::kF32, dev, kOp, "b_scale");
+  expect(a.offsets, Shape{d.groups + 1}, DType::kI32, dev, kOp, "offsets");
+  if (a.sum_sq.defined()) expect(a.sum_sq, Shape{1}, a.c.dtype, dev, kOp, "sum_sq");
   return d;
 }
 

@@ -200,6 +200,14 @@ constexpr int64_t fp8_block_scale_cols(int64_t k) { return (fp8_tiles(k) + 3) / 
 //       quantised row-wise (K-major, as the Wgrad GEMM reads it: its reduction dimension is M)
 // Either pair may be empty (not both); given both, one pass over x writes both, and each is quantised
 // from x itself, never from the other copy (docs/model.md §7).
+// offsets (optional, [G+1] i32 as GroupedGemmArgs'; the transposed copy only, no q): the rows are G
+// groups (the routed experts' rows), and each group's 128×1 tiles start at its first row, so no tile
+// crosses a group's end (the grouped Wgrad reduces over one group's rows). Group g's tile j is tile slot
+// t = fp8_group_tile_base(g) + j, fp8_group_tile_base(g) = Σ_{g' < g} ceil(rows_g' / 128), and the
+// copy is padded to whole tiles:
+//   q_t [K, 128·T] e4m3, scale_t [T, K] with T = fp8_group_tiles(M, G) (a bound on the slots used):
+//   q_t[k, 128·t + i] = x[offsets[g] + 128·j + i, k] quantised, 0 past the group's last row.
+// Slots past the last group's and rows at or past offsets[G] are not written.
 struct ActQuantArgs {
   Tensor q = {};
   Tensor scale = {};
@@ -207,11 +215,16 @@ struct ActQuantArgs {
   Tensor scale_t = {};
   Tensor x;
   bool ue8m0 = false;
+  Tensor offsets = {};
 };
+// Tile slots of act_quant's grouped transposed copy: Σ_g ceil(rows_g/128) ≤ ceil(M/128) + G.
+constexpr int64_t fp8_group_tiles(int64_t rows, int64_t groups) { return fp8_tiles(rows) + groups; }
 // weight_quant: W [N, K] (f32 or bf16) in 128×128 blocks into one or both copies
 //   q   [N, K] e4m3, scale   [ceil(N/128), fp8_block_scale_cols(K)]   (Fprop's B)
 //   q_t [K, N] e4m3, scale_t [ceil(K/128), fp8_block_scale_cols(N)]   (Wᵀ: Dgrad's B)
 // A block's amax does not depend on its orientation, so q_t = qᵀ and scale_t = scaleᵀ bit for bit.
+// A stack W [G, N, K] (the routed experts) is G weights quantised each on its own, every tensor
+// above with a leading G: q [G, N, K], scale [G, ceil(N/128), …], q_t [G, K, N], scale_t [G, ceil(K/128), …].
 struct WeightQuantArgs {
   Tensor q = {};
   Tensor scale = {};
@@ -253,6 +266,54 @@ struct Fp8GemmArgs {
   Fp8Scaling b_scaling = Fp8Scaling::kBlock128x128;
   double alpha = 1.0, beta = 0.0;
   Tensor addend = {};
+};
+
+// fp8_grouped_gemm: the routed experts' Fprop and Dgrad on FP8 operands, all groups in one call
+// (offsets [G+1] as GroupedGemmArgs', device-resident):
+//   C[rows_g] = Â[rows_g]·B̂[g]ᵀ (+ Â2[rows_g]·B̂2[g]ᵀ)
+//   A [R, K] e4m3, a_scale [ceil(K/128), R]: act_quant of all R rows at once (a 1×128 tile never
+//     crosses rows, so this is each group's own quantisation)
+//   B [G, N, K] e4m3, b_scale [G, ceil(N/128), fp8_block_scale_cols(K)]: weight_quant of the stack
+//   A2 [R, K2], B2 [G, N, K2] (optional, both or neither) likewise: the MoE backward's
+//     dx = da·W1 + db·W3 in one accumulator
+//   C [R, N] f32 or bf16 (the CPU also f64): written, each value rounded once; rows ≥ offsets[G] untouched.
+// Fprop: B = weight_quant(W).q of the stack [G, out, in]; Dgrad: B = weight_quant(W).q_t [G, in, out].
+// Arithmetic as fp8_gemm's: the CPU's exact dequantised product in f64; CUDA (Hopper, sm_90a) wgmma
+// with the partial sums of each 128-wide k-tile promoted to f32 with their two scales
+// (docs/derivations.md §6.3). CUDA also needs K, K2 multiples of 16, N a multiple of 8 and 16-byte
+// aligned tensors.
+struct Fp8GroupedGemmArgs {
+  Tensor c;
+  Tensor a;
+  Tensor a_scale;
+  Tensor b;
+  Tensor b_scale;
+  Tensor offsets;
+  Tensor a2 = {};
+  Tensor a2_scale = {};
+  Tensor b2 = {};
+  Tensor b2_scale = {};
+};
+
+// fp8_grouped_gemm_wgrad: the routed experts' FP8 weight gradient, all groups in one call
+// (GroupedGemmWgradArgs with FP8 operands): for each group g,
+//   C[g] = Â_g·B̂_gᵀ + beta·C[g],  summed over the group's rows
+//   A [M, 128·T] e4m3, a_scale [T, M]: dy's grouped transposed copy (act_quant with offsets)
+//   B [N, 128·T] e4m3, b_scale [T, N]: x's, from the same offsets
+//   C [G, M, N] f32 (the CPU also f64); an empty group leaves beta·C[g]
+// T = the copies' tile slots (A's width / 128); group g reduces over its slots
+// fp8_group_tile_base(g) … + ceil(rows_g/128) − 1 (act_quant's layout: zeros past its last row).
+// sum_sq (optional, [1], C's dtype): sum_sq[0] += Σ of the new C² (GroupedGemmWgradArgs::sum_sq).
+// Arithmetic as fp8_grouped_gemm's. CUDA also needs M, N multiples of 8 and 16-byte aligned tensors.
+struct Fp8GroupedGemmWgradArgs {
+  Tensor c;
+  Tensor a;
+  Tensor a_scale;
+  Tensor b;
+  Tensor b_scale;
+  Tensor offsets;
+  double beta = 1.0;
+  Tensor sum_sq = {};
 };
 
 // ---------------------------------------------------------------- RoPE (docs/model.md §3, interleaved)

@@ -84,11 +84,22 @@ std::vector<int64_t> check_group_offsets(const int32_t* offsets, int64_t groups,
 struct Fp8QuantDims {
   int64_t rows = 0, cols = 0;               // the source's [M, K] (act_quant) or [N, K] (weights)
   bool row_wise = false, col_wise = false;  // which copies are written: (q, scale), (q_t, scale_t)
+  int64_t groups = 1;                       // weight_quant of a stack [G, N, K]: G; act_quant with offsets: G (else 1)
+  bool grouped = false;                     // act_quant with offsets: the grouped transposed copy (op_args.h)
 };
 Fp8QuantDims validate_act_quant(const ActQuantArgs& a, Device dev);
 Fp8QuantDims validate_weight_quant(const WeightQuantArgs& a, Device dev);
 Fp8QuantDims validate_weight_dequant(const WeightDequantArgs& a, Device dev);
 GemmDims validate_fp8_gemm(const Fp8GemmArgs& a, Device dev);
+struct Fp8GroupedGemmDims {
+  int64_t rows = 0, n = 0, k = 0, k2 = 0, groups = 0;
+  bool two_terms = false;
+};
+Fp8GroupedGemmDims validate_fp8_grouped_gemm(const Fp8GroupedGemmArgs& a, Device dev);
+struct Fp8GroupedWgradDims {
+  int64_t m = 0, n = 0, groups = 0, slots = 0;  // C [G, M, N]; the copies' tile slots T
+};
+Fp8GroupedWgradDims validate_fp8_grouped_gemm_wgrad(const Fp8GroupedGemmWgradArgs& a, Device dev);
 
 // ---------------------------------------------------------------- RoPE
 int64_t validate_rope(const RopeArgs& a, Device dev);  // returns the row width W of x [N, W]

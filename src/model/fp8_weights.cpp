@@ -9,7 +9,6 @@
 namespace diffmoe {
 
 namespace {
-int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
 // One matrix's [N, K] of a weight spec ([N, K] or a stack [E, N, K]) and its expert count (0: a matrix).
 struct WeightDims {
   int64_t experts, n, k;
@@ -35,26 +34,37 @@ void plan_fp8(const ModelConfig& cfg, PrecisionPlan& pl, int64_t tokens, Arena& 
   using R = ActRole;
   // The widest output (N) and input (K) sides, those of the expert stacks, and the largest matrix and
   // block-scale table.
-  int64_t max_n = 0, max_k = 0, expert_width = 0, matrix = 0, block_scales = 0;
+  int64_t max_n = 0, max_k = 0, expert_width = 0, expert_sides = 0, matrix = 0, block_scales = 0, stack = 0,
+          stack_scales = 0;
   for (const ParamSpec& p : parameter_specs(cfg)) {
     if (!pl.fp8_weight(p)) continue;
     const WeightDims d = weight_dims(p);
     max_n = std::max(max_n, d.n);
     max_k = std::max(max_k, d.k);
-    if (d.experts > 0) expert_width = std::max({expert_width, d.n, d.k});
+    const int64_t scales =
+        std::max(fp8_tiles(d.n) * fp8_block_scale_cols(d.k), fp8_tiles(d.k) * fp8_block_scale_cols(d.n));
+    if (d.experts > 0) {
+      expert_width = std::max({expert_width, d.n, d.k});
+      expert_sides = std::max(expert_sides, d.n + d.k);
+      stack = std::max(stack, d.experts * d.n * d.k);
+      stack_scales = std::max(stack_scales, d.experts * scales);
+    }
     matrix = std::max(matrix, d.n * d.k);
-    block_scales = std::max(
-        {block_scales, fp8_tiles(d.n) * fp8_block_scale_cols(d.k), fp8_tiles(d.k) * fp8_block_scale_cols(d.n)});
+    block_scales = std::max(block_scales, scales);
   }
   if (matrix == 0) return;
-  // The most rows a Linear quantises: the tokens, or one routed expert's rows padded to kFp8RowPad (a
-  // token picks K distinct experts, so an expert gets at most one row per token; LayerContext::scratch
-  // checks every view's size).
-  const int64_t rows = round_up(tokens, kFp8RowPad);
+  // The most rows a dense Linear quantises: the tokens (LayerContext::scratch checks every view's size).
+  const int64_t rows = tokens;
   // Slot a quantises x [rows, K] or dy [rows, N] row-wise (ceil(w/128)·rows scales), a_t dy and b_t x
   // in 128×1 tiles ([w, rows]: ceil(rows/128)·w scales); w and w_t hold one matrix's blocks.
   const int64_t width = std::max(max_n, max_k);
-  std::vector<ScratchView> views = {
+  // Three sets of views, each live only inside one kind of call, so they share their bytes: a dense
+  // Linear's (D), a routed experts' grouped Fprop/Dgrad's (G) and the experts' grouped Wgrad's (W).
+  // w16, which calls of D and G both fill before quantising, comes first, outside the sets.
+  const std::vector<ScratchView> w16 = {
+      // the bf16 rounding of an f32 compute weight (or stack), which its blocks are quantised from
+      {"scratch.fp8.w16", std::max(matrix, stack), R::kGemmOperand}};
+  std::vector<std::vector<ScratchView>> sets = {{
       {"scratch.fp8.a.q", rows * width, R::kFp8Data},
       {"scratch.fp8.a.scale", fp8_tiles(width) * rows, R::kFp8Scale},
       {"scratch.fp8.a_t.q", rows * max_n, R::kFp8Data},
@@ -65,16 +75,35 @@ void plan_fp8(const ModelConfig& cfg, PrecisionPlan& pl, int64_t tokens, Arena& 
       {"scratch.fp8.w.scale", block_scales, R::kFp8Scale},
       {"scratch.fp8.w_t.q", matrix, R::kFp8Data},
       {"scratch.fp8.w_t.scale", block_scales, R::kFp8Scale},
-      // the bf16 rounding of an f32 compute weight, which its blocks are quantised from
-      {"scratch.fp8.w16", matrix, R::kGemmOperand},
-  };
-  if (expert_width > 0) {  // an expert's rows of x, dy (bf16, the expert rows' dtype) and its f32 product
-    views.push_back({"scratch.fp8.rows_a", rows * expert_width, R::kGemmOperand});
-    views.push_back({"scratch.fp8.rows_b", rows * expert_width, R::kGemmOperand});
-    views.push_back({"scratch.fp8.rows_c", rows * expert_width, R::kFloat});
+  }};
+  if (expert_width > 0) {
+    // G: all expert rows (tokens · top-k) of A and A2 row-wise, and the blocks of both stacks of a
+    // two-term call. The two-term call is the Dgrad dx = da·W1 + db·W3, whose A2 = db is moe_inter_dim wide.
+    const int64_t expert_rows = tokens * cfg.n_activated_experts;
+    std::vector<ScratchView>& g = sets.emplace_back();
+    for (const auto& [s, w] :
+         {std::pair{"scratch.fp8.ga", expert_width}, std::pair{"scratch.fp8.ga2", cfg.moe_inter_dim}}) {
+      g.push_back({fmt::format("{}.q", s), expert_rows * w, R::kFp8Data});
+      g.push_back({fmt::format("{}.scale", s), fp8_tiles(w) * expert_rows, R::kFp8Scale});
+    }
+    for (const char* s : {"scratch.fp8.gw", "scratch.fp8.gw2"}) {
+      g.push_back({fmt::format("{}.q", s), stack, R::kFp8Data});
+      g.push_back({fmt::format("{}.scale", s), stack_scales, R::kFp8Scale});
+    }
+    // W: dy [R, N] and x [R, K] quantised transposed per expert (act_quant with offsets), both copies
+    // in one view (N + K columns of tile slots: LayerContext::grouped_gemm_wgrad cuts it in two).
+    const int64_t slots = fp8_group_tiles(expert_rows, cfg.n_routed_experts);
+    sets.push_back({{"scratch.fp8.gt.q", kFp8Tile * slots * expert_sides, R::kFp8Data},
+                    {"scratch.fp8.gt.scale", slots * expert_sides, R::kFp8Scale}});
   }
-  size_t bytes = 0;
-  for (const ScratchView& v : views) bytes += Arena::view_bytes(Shape{v.numel}, pl.dtype(v.role));
+  const auto bytes_of = [&](const std::vector<ScratchView>& views) {
+    size_t b = 0;
+    for (const ScratchView& v : views) b += Arena::view_bytes(Shape{v.numel}, pl.dtype(v.role));
+    return b;
+  };
+  size_t largest_set = 0;
+  for (const auto& set : sets) largest_set = std::max(largest_set, bytes_of(set));
+  const size_t bytes = bytes_of(w16) + largest_set;
   std::string host = "scratch.dlogits";
   const auto e =
       std::find_if(acts.entries().begin(), acts.entries().end(), [&](const Arena::Entry& x) { return x.name == host; });
@@ -83,11 +112,15 @@ void plan_fp8(const ModelConfig& cfg, PrecisionPlan& pl, int64_t tokens, Arena& 
     host = "scratch.fp8";
     pl.add(acts, host, Shape{static_cast<int64_t>(bytes)}, R::kFp8Data);  // one byte per element
   }
-  size_t offset = 0;
-  for (const ScratchView& v : views) {
-    pl.alias(acts, v.name, Shape{v.numel}, v.role, host, offset);
-    offset += Arena::view_bytes(Shape{v.numel}, pl.dtype(v.role));
-  }
+  // Views laid out one after another from `offset`.
+  const auto place = [&](const std::vector<ScratchView>& views, size_t offset) {
+    for (const ScratchView& v : views) {
+      pl.alias(acts, v.name, Shape{v.numel}, v.role, host, offset);
+      offset += Arena::view_bytes(Shape{v.numel}, pl.dtype(v.role));
+    }
+  };
+  place(w16, 0);
+  for (const auto& set : sets) place(set, bytes_of(w16));
 }
 
 Fp8WeightTable fp8_weight_table(const std::vector<ParamSpec>& specs, const PrecisionPlan& pl,

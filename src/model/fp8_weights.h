@@ -39,11 +39,15 @@ using Fp8WeightTable = std::unordered_map<const void*, Fp8Weight>;
 //   scratch.fp8.b_t  x quantised in 128×1 tiles (Wgrad's B)
 //   scratch.fp8.w    the weight in 128×128 blocks (Fprop's B)
 //   scratch.fp8.w_t  its transpose in 128×128 blocks (Dgrad's B)
-//   scratch.fp8.w16  the bf16 rounding of an f32 compute weight (the blocks' source)
-//   scratch.fp8.rows_a, rows_b, rows_c  one routed expert's rows, padded with zero rows to a multiple
-//       of 16 (cuBLASLt's FP8 shape rules; zero rows change no tile's amax and add nothing)
+//   scratch.fp8.w16  the bf16 rounding of an f32 compute weight or stack (the blocks' source)
+//   scratch.fp8.ga, ga2  the routed experts' A and A2 operands quantised row-wise, all rows (fp8_grouped_gemm)
+//   scratch.fp8.gw, gw2  the blocks of an expert stack W or Wᵀ, of each term (fp8_grouped_gemm)
+//   scratch.fp8.gt     the routed experts' dy and x quantised transposed per expert, one after the other
+//       (fp8_grouped_gemm_wgrad)
 // the quantised ones with a data view (.q, e4m3) and a scale view (.scale, f32), sized for the largest call. All of
-// it is live only inside one LayerContext GEMM call, so it is planned as aliases (Storage::kAlias)
+// it is live only inside one LayerContext GEMM call, and the slots of a dense Linear (a … w_t), of the experts'
+// Fprop/Dgrad (ga … gw2) and of their Wgrad (gt) are never live together, so those three sets share
+// their bytes (w16 lies before them). It is planned as aliases (Storage::kAlias)
 // over the bytes of "scratch.dlogits", the head's logits gradient, which is live only from the
 // cross-entropy backward to the head's two bf16 GEMMs, before any layer's backward (Model::backward);
 // where those bytes are too few, over a region "scratch.fp8" of its own. Call after "scratch.dlogits"
@@ -53,12 +57,5 @@ void plan_fp8(const ModelConfig& cfg, PrecisionPlan& plan, int64_t tokens, Arena
 // The table of every weight the plan runs in FP8.
 Fp8WeightTable fp8_weight_table(const std::vector<ParamSpec>& specs, const PrecisionPlan& plan,
                                 const LayoutBuffers& params);
-
-// Rows of one routed expert are padded to a multiple of this. cuBLASLt's FP8 GEMM needs M % 8 and the Wgrad's
-// reduction over rows K % 16; 128 also keeps the count of distinct shapes small: every (M, N, K) is a cuBLASLt
-// plan (a heuristic query, then timed candidates, lt_gemm.h), and a padding of 16 gives the bench preset's experts
-// ~150 new shapes per step, more than the plan cache holds, so plans would be made again every step and their
-// algorithms never settle. Zero rows cost at most 127 rows of work per expert (~6% at ~1,000 rows per expert).
-constexpr int64_t kFp8RowPad = 128;
 
 }  // namespace diffmoe

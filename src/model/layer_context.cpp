@@ -10,14 +10,14 @@
 // bits; no e4m3 weight copy is kept between GEMMs). The products accumulate in f32 (CPU: f64, rounded
 // once) into outputs of the planned dtypes.
 //
-// Routed experts: no grouped FP8 GEMM exists, so an FP8 stack runs one fp8_gemm per expert over its
-// contiguous rows (the offsets read back to the host: a synchronisation on a GPU; correct, not the
-// fast path). Each expert's rows are copied into scratch padded with zero rows to a multiple of
-// kFp8RowPad (cuBLASLt's FP8 shape rules); a zero row changes no tile's amax and adds nothing to a
-// sum, so the padding does not change a value. The product goes through an f32 scratch and is
-// rounded once into the planned (bf16) expert rows.
-#include <vector>
-
+// Routed experts, Fprop and Dgrad: one fp8_grouped_gemm for all experts. A (and A2) is quantised
+// row-wise over all its rows at once, which is each group's own quantisation (a 1×128 tile never
+// crosses rows), and each stack in 128×128 blocks per expert (weight_quant of the 3-D stack: W for
+// Fprop, Wᵀ for Dgrad). The offsets stay on the device.
+// Routed experts, Wgrad: dy and x quantised transposed with the offsets (act_quant's grouped copy:
+// the 128×1 tiles run along the rows and restart at each expert's first row, so none crosses an
+// expert's end; padded with zeros to whole tiles), then one fp8_grouped_gemm_wgrad. No host
+// synchronisation anywhere in the experts' FP8 GEMMs.
 #include "model/layer_context.h"
 
 namespace diffmoe {
@@ -44,7 +44,7 @@ Fp8Slot cols_slot(const LayerContext& lc, const char* name, int64_t m, int64_t k
 // PrecisionPlan::compute_dtype) rounded to bf16 into scratch first, as a bf16 copy would hold it.
 Tensor bf16_weight(const LayerContext& lc, const Fp8Weight& f) {
   if (f.w.dtype == DType::kBF16) return f.w;
-  const Tensor w16 = lc.scratch("scratch.fp8.w16", Shape{f.n, f.k});
+  const Tensor w16 = lc.scratch("scratch.fp8.w16", f.w.shape);
   lc.be->copy(lc.ctx, {.dst = w16, .src = f.w});  // round to nearest even, as the optimizer's bf16 copy
   return w16;
 }
@@ -57,6 +57,17 @@ Fp8Slot weight_blocks(const LayerContext& lc, const Fp8Weight& f) {
 Fp8Slot weight_blocks_t(const LayerContext& lc, const Fp8Weight& f) {
   const Fp8Slot b = slot(lc, "w_t", Shape{f.k, f.n}, Shape{fp8_tiles(f.k), fp8_block_scale_cols(f.n)});
   lc.be->weight_quant(lc.ctx, {.q_t = b.q, .scale_t = b.scale, .w = bf16_weight(lc, f)});
+  return b;
+}
+
+// An expert stack's blocks in slot `name`: W [G, N, K] (Fprop's B, trans_b) or Wᵀ [G, K, N] (Dgrad's B).
+Fp8Slot stack_blocks(const LayerContext& lc, const char* name, const Fp8Weight& f, bool trans_b) {
+  const int64_t rows = trans_b ? f.n : f.k, cols = trans_b ? f.k : f.n;
+  const Fp8Slot b =
+      slot(lc, name, Shape{f.experts, rows, cols}, Shape{f.experts, fp8_tiles(rows), fp8_block_scale_cols(cols)});
+  const Tensor w = bf16_weight(lc, f);
+  if (trans_b) lc.be->weight_quant(lc.ctx, {.q = b.q, .scale = b.scale, .w = w});
+  else lc.be->weight_quant(lc.ctx, {.q_t = b.q, .scale_t = b.scale, .w = w});
   return b;
 }
 
@@ -98,22 +109,6 @@ void fp8_wgrad_from(const LayerContext& lc, const Tensor& dw, const Fp8Slot& dy_
                            .b_scale = x_t.scale,
                            .b_scaling = Fp8Scaling::kTile1x128,
                            .beta = beta});
-}
-
-int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
-
-// Rows [r0, r1) of src copied into the flat scratch `name` as [mp, width], rows past r1 − r0 zero.
-Tensor padded_rows(const LayerContext& lc, const char* name, const Tensor& src, int64_t r0, int64_t r1, int64_t mp) {
-  const Tensor t = lc.scratch(name, Shape{mp, src.dim(1)});
-  lc.be->copy(lc.ctx, {.dst = t.rows(0, r1 - r0), .src = src.rows(r0, r1)});
-  if (mp > r1 - r0) lc.be->fill(lc.ctx, {.out = t.rows(r1 - r0, mp), .value = 0.0});
-  return t;
-}
-
-std::vector<int32_t> host_offsets(const LayerContext& lc, const Tensor& offsets) {
-  std::vector<int32_t> off(static_cast<size_t>(offsets.numel()));
-  lc.be->download(off.data(), offsets);  // a host synchronisation on a GPU (the per-expert loop needs the row ranges)
-  return off;
 }
 
 }  // namespace
@@ -163,61 +158,52 @@ void LayerContext::grouped_gemm(const GroupedGemmArgs& a) const {
   const Fp8Weight* f2 = a.b2.defined() ? fp8_weight(a.b2) : nullptr;
   DIFFMOE_CHECK(!a.b2.defined() || f2 != nullptr,
                 "[model] grouped_gemm: an FP8 stack b with a second stack b2 that is not FP8");
+  DIFFMOE_CHECK(f->experts > 0 && (f2 == nullptr || f2->experts > 0),
+                "[model] grouped_gemm: the FP8 weight {} is not an expert stack", a.b.describe());
   DIFFMOE_CHECK(a.alpha == 1.0 && a.beta == 0.0,
                 "[model] the FP8 grouped GEMM writes C (alpha 1, beta 0), got alpha {} beta {}", a.alpha, a.beta);
-  const std::vector<int32_t> off = host_offsets(*this, a.offsets);
-  const int64_t n = a.c.dim(1);
-  for (int64_t g = 0; g + 1 < static_cast<int64_t>(off.size()); ++g) {
-    const int64_t r0 = off[static_cast<size_t>(g)], r1 = off[static_cast<size_t>(g) + 1],
-                  mp = round_up(r1 - r0, kFp8RowPad);
-    if (r1 == r0) continue;  // an empty group writes no row
-    const Tensor c = scratch("scratch.fp8.rows_c", Shape{mp, n});
-    // C_g = A_g · op(B_g) (+ A2_g · op(B2_g)): Fprop with B's blocks (trans_b) or Dgrad with Bᵀ's.
-    auto term = [&](const Tensor& src, const Fp8Weight& stack, double beta) {
-      const Tensor x = padded_rows(*this, "scratch.fp8.rows_a", src, r0, r1, mp);
-      const Fp8Slot q = rows_slot(*this, "a", mp, x.dim(1));
-      be->act_quant(ctx, {.q = q.q, .scale = q.scale, .x = x});
-      const Fp8Weight e = stack.expert(g);
-      const Fp8Slot w = a.trans_b ? weight_blocks(*this, e) : weight_blocks_t(*this, e);
-      be->fp8_gemm(ctx, {.c = c,
-                         .a = q.q,
-                         .a_scale = q.scale,
-                         .b = w.q,
-                         .b_scale = w.scale,
-                         .b_scaling = Fp8Scaling::kBlock128x128,
-                         .beta = beta});
-    };
-    term(a.a, *f, 0.0);
-    if (f2 != nullptr) term(a.a2, *f2, 1.0);
-    be->copy(ctx, {.dst = a.c.rows(r0, r1), .src = c.rows(0, r1 - r0)});  // rounded once into C's dtype
+  // One term: its A quantised row-wise (all rows) in slot a_slot, its stack's blocks in w_slot.
+  const auto term = [&](const Tensor& src, const Fp8Weight& stack, const char* a_slot, const char* w_slot) {
+    const Fp8Slot q = rows_slot(*this, a_slot, src.dim(0), src.dim(1));
+    be->act_quant(ctx, {.q = q.q, .scale = q.scale, .x = src});
+    return std::pair{q, stack_blocks(*this, w_slot, stack, a.trans_b)};
+  };
+  const auto [qa, qb] = term(a.a, *f, "ga", "gw");
+  Fp8GroupedGemmArgs g{.c = a.c, .a = qa.q, .a_scale = qa.scale, .b = qb.q, .b_scale = qb.scale, .offsets = a.offsets};
+  if (f2 != nullptr) {
+    const auto [qa2, qb2] = term(a.a2, *f2, "ga2", "gw2");
+    g.a2 = qa2.q;
+    g.a2_scale = qa2.scale;
+    g.b2 = qb2.q;
+    g.b2_scale = qb2.scale;
   }
+  be->fp8_grouped_gemm(ctx, g);
 }
 
 void LayerContext::grouped_gemm_wgrad(const GroupedGemmWgradArgs& a, const Tensor& w) const {
-  const Fp8Weight* f = fp8_weight(w);
-  if (f == nullptr) return be->grouped_gemm_wgrad(ctx, a);
+  if (fp8_weight(w) == nullptr) return be->grouped_gemm_wgrad(ctx, a);
   DIFFMOE_CHECK(a.alpha == 1.0, "[model] the FP8 expert weight gradient takes alpha 1, got {}", a.alpha);
-  const std::vector<int32_t> off = host_offsets(*this, a.offsets);
-  const int64_t m = a.c.dim(1), n = a.c.dim(2);
-  const Tensor stack = a.c.reshape(Shape{a.c.dim(0) * m, n});
-  for (int64_t g = 0; g + 1 < static_cast<int64_t>(off.size()); ++g) {
-    const int64_t r0 = off[static_cast<size_t>(g)], r1 = off[static_cast<size_t>(g) + 1],
-                  mp = round_up(r1 - r0, kFp8RowPad);
-    const Tensor dw = stack.rows(g * m, (g + 1) * m);
-    if (r1 == r0) {  // an empty group leaves beta·C[g] (GroupedGemmWgradArgs)
-      if (a.beta == 0.0) be->fill(ctx, {.out = dw, .value = 0.0});
-      else if (a.beta != 1.0) be->scale(ctx, {.y = dw, .alpha = a.beta});
-    } else {
-      // C_g = A_gᵀ B_g + beta·C_g: the Wgrad of y = x Wᵀ with dy = A_g [rows, m], x = B_g [rows, n].
-      const Tensor dy = padded_rows(*this, "scratch.fp8.rows_a", a.a, r0, r1, mp);
-      const Tensor x = padded_rows(*this, "scratch.fp8.rows_b", a.b, r0, r1, mp);
-      const Fp8Slot dy_t = cols_slot(*this, "a_t", mp, m);
-      be->act_quant(ctx, {.q_t = dy_t.q, .scale_t = dy_t.scale, .x = dy});
-      fp8_wgrad_from(*this, dw, dy_t, x, a.beta);
-    }
-    if (a.sum_sq.defined())
-      be->sum_squares(ctx, {.out = a.sum_sq, .x = dw});  // Σ of the new C², as the grouped op adds
-  }
+  // C_g = A_gᵀ B_g + beta·C_g: the Wgrad of y = x Wᵀ with dy = A [R, m], x = B [R, n], each quantised
+  // transposed in tiles that restart at every expert's first row.
+  const int64_t slots = fp8_group_tiles(a.a.dim(0), a.c.dim(0)), m = a.a.dim(1), n = a.b.dim(1);
+  // Slot "gt" holds both copies: dy's [m, 128·T] then x's [n, 128·T] (scales [T, m] then [T, n]).
+  const Fp8Slot both = slot(*this, "gt", Shape{(m + n) * kFp8Tile * slots}, Shape{slots * (m + n)});
+  const auto grouped_t = [&](const Tensor& src, int64_t first, int64_t width) {
+    const Fp8Slot t{.q = both.q.rows(first * kFp8Tile * slots, (first + width) * kFp8Tile * slots)
+                             .reshape(Shape{width, kFp8Tile * slots}),
+                    .scale = both.scale.rows(first * slots, (first + width) * slots).reshape(Shape{slots, width})};
+    be->act_quant(ctx, {.q_t = t.q, .scale_t = t.scale, .x = src, .offsets = a.offsets});
+    return t;
+  };
+  const Fp8Slot dy_t = grouped_t(a.a, 0, m), x_t = grouped_t(a.b, m, n);
+  be->fp8_grouped_gemm_wgrad(ctx, {.c = a.c,
+                                   .a = dy_t.q,
+                                   .a_scale = dy_t.scale,
+                                   .b = x_t.q,
+                                   .b_scale = x_t.scale,
+                                   .offsets = a.offsets,
+                                   .beta = a.beta,
+                                   .sum_sq = a.sum_sq});
 }
 
 }  // namespace diffmoe

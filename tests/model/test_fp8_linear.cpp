@@ -56,8 +56,6 @@ std::vector<float> source(int64_t rows, int64_t cols, uint64_t seed) {
   return v;
 }
 
-int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
-
 // Dequantised values of the references (codes × their tile's scale).
 std::vector<double> deq_rows(const std::vector<float>& v, int64_t rows, int64_t cols) {
   const test::RefQuant r = test::ref_quant_rows(v, rows, cols, false);
@@ -123,8 +121,7 @@ class Fp8Linear : public ::testing::Test {
   void add_weight(const Tensor& w) { pending_.push_back(w); }
   // The FP8 scratch (fp8_weights.h's slots) for `rows` rows of at most `width` columns and the weights.
   void start(int64_t rows, int64_t width) {
-    const int64_t data = round_up(rows, kFp8RowPad) * width,
-                  scales = std::max(fp8_tiles(width) * rows, fp8_tiles(rows) * width);
+    const int64_t data = rows * width, scales = std::max(fp8_tiles(width) * rows, fp8_tiles(rows) * width);
     for (const char* s : {"a", "a_t", "b_t"}) {
       acts_.add(std::string("scratch.fp8.") + s + ".q", Shape{data}, DType::kF8E4M3);
       acts_.add(std::string("scratch.fp8.") + s + ".scale", Shape{scales}, DType::kF32);
@@ -140,9 +137,28 @@ class Fp8Linear : public ::testing::Test {
       acts_.add(std::string("scratch.fp8.") + s + ".q", Shape{matrix}, DType::kF8E4M3);
       acts_.add(std::string("scratch.fp8.") + s + ".scale", Shape{block_scales}, DType::kF32);
     }
-    acts_.add("scratch.fp8.rows_a", Shape{data}, DType::kBF16);
-    acts_.add("scratch.fp8.rows_b", Shape{data}, DType::kBF16);
-    acts_.add("scratch.fp8.rows_c", Shape{data}, DType::kF32);
+    // The grouped GEMMs' slots: all rows of A and A2, the blocks of a stack per term, the Wgrad's
+    // grouped transposed copies of dy and x.
+    int64_t stack = 0, stack_scales = 0, experts = 0;
+    for (const Tensor& w : pending_)
+      if (w.rank() == 3) {
+        const int64_t e = w.dim(0), n = w.dim(1), k = w.dim(2);
+        experts = std::max(experts, e);
+        stack = std::max(stack, e * n * k);
+        stack_scales = std::max(
+            stack_scales, e * std::max(fp8_tiles(n) * fp8_block_scale_cols(k), fp8_tiles(k) * fp8_block_scale_cols(n)));
+      }
+    for (const char* s : {"ga", "ga2"}) {
+      acts_.add(std::string("scratch.fp8.") + s + ".q", Shape{rows * width}, DType::kF8E4M3);
+      acts_.add(std::string("scratch.fp8.") + s + ".scale", Shape{fp8_tiles(width) * rows}, DType::kF32);
+    }
+    const int64_t slots = fp8_group_tiles(rows, std::max<int64_t>(experts, 1));
+    acts_.add("scratch.fp8.gt.q", Shape{kFp8Tile * slots * 2 * width}, DType::kF8E4M3);
+    acts_.add("scratch.fp8.gt.scale", Shape{slots * 2 * width}, DType::kF32);
+    for (const char* s : {"gw", "gw2"}) {
+      acts_.add(std::string("scratch.fp8.") + s + ".q", Shape{std::max<int64_t>(stack, 1)}, DType::kF8E4M3);
+      acts_.add(std::string("scratch.fp8.") + s + ".scale", Shape{std::max<int64_t>(stack_scales, 1)}, DType::kF32);
+    }
     acts_.allocate(be_.allocator());
     for (const Tensor& w : pending_)
       table_.emplace(w.data,
@@ -215,6 +231,8 @@ TEST_F(Fp8Linear, DenseFpropDgradWgradEqualTheQuantisedF64Products) {
 }
 
 TEST_F(Fp8Linear, RoutedExpertsQuantisePerExpertRows) {
+  // Fprop and Dgrad run as one fp8_grouped_gemm (all rows quantised at once: 1×128 tiles never cross
+  // rows), Wgrad as one fp8_grouped_gemm_wgrad on copies whose 128×1 tiles restart at each expert.
   // 3 experts, the middle one empty; 2 rows past offsets[G] that no call may touch.
   const int64_t E = 3, N = 128, K = 256, R = 52;
   const std::vector<int32_t> off = {0, 21, 21, 50};

@@ -20,6 +20,7 @@
 #include <cuda_runtime_api.h>
 
 #include <cmath>
+#include <tuple>
 #include <vector>
 
 #include "backend/cuda/cuda_backend.h"
@@ -168,6 +169,164 @@ TEST(CudaFp8Gemm, AgainstCpu) {
     run_case({16, 64, 32, bs, DType::kF32, 1.0, 1.0, true}, seed += 10);
     run_case({8, 48, 96, bs, DType::kF32, 1.0, 0.0, false}, seed += 10);
   }
+}
+
+// fp8_grouped_gemm (grouped_gemm_fp8.cuh: TMA + wgmma, partial sums promoted per 128-wide k-tile) against
+// the CPU's exact per-group products, with the file comment's tolerance per group: groups of 0, 1, 37 and
+// 300 rows (m-tiles that end inside a tile and run into the next group), rows past offsets[G] that must
+// keep their values, N with a partial n-tile, K with a partial k-tile, a second term with its own K2,
+// f32 and bf16 C. Each k-tile of every group has its own A and B scales, so a scale taken from the wrong
+// row, tile, block or group moves C far beyond the bound.
+void run_grouped_case(int64_t n, int64_t k, int64_t k2, DType c_dtype, uint64_t seed) {
+  const std::vector<int32_t> rows = {200, 0, 37, 1, 300, 0, 129};
+  const int64_t G = static_cast<int64_t>(rows.size());
+  std::vector<double> off(1, 0.0);
+  for (const int32_t r : rows) off.push_back(off.back() + r);
+  const int64_t used = static_cast<int64_t>(off.back()), R = used + 5;  // 5 rows past offsets[G]
+  Dual offsets(Shape{G + 1}, DType::kI32);
+  offsets.set(off);
+  const Dual a = random_codes(Shape{R, k}, seed), b = random_codes(Shape{G, n, k}, seed + 1);
+  const Dual sa = random_scales(Shape{fp8_tiles(k), R}, seed + 2);
+  const Dual sb = random_scales(Shape{G, fp8_tiles(n), fp8_block_scale_cols(k)}, seed + 3);
+  const int64_t k2_or_1 = k2 > 0 ? k2 : 16;  // the second term's tensors exist (unused) when k2 = 0
+  const Dual a2 = random_codes(Shape{R, k2_or_1}, seed + 4), b2 = random_codes(Shape{G, n, k2_or_1}, seed + 5);
+  const Dual sa2 = random_scales(Shape{fp8_tiles(k2_or_1), R}, seed + 6);
+  const Dual sb2 = random_scales(Shape{G, fp8_tiles(n), fp8_block_scale_cols(k2_or_1)}, seed + 7);
+  Dual out(Shape{R, n}, c_dtype);
+  out.normal(seed + 8, 50.0);  // rows ≥ offsets[G] keep these values on both sides
+  run_both([&](Backend& be, Side s) {
+    Fp8GroupedGemmArgs args{
+        .c = out[s], .a = a[s], .a_scale = sa[s], .b = b[s], .b_scale = sb[s], .offsets = offsets[s]};
+    if (k2 > 0) {
+      args.a2 = a2[s];
+      args.a2_scale = sa2[s];
+      args.b2 = b2[s];
+      args.b2_scale = sb2[s];
+    }
+    be.fp8_grouped_gemm({}, args);
+  });
+  // Σ|â·b̂| per element, each row with its group's B (0 past offsets[G], where C must be exact).
+  std::vector<double> mag(static_cast<size_t>(R * n), 0.0);
+  const auto add_mag = [&](const Dual& ta, const Dual& tsa, const Dual& tb, const Dual& tsb, int64_t kk_n) {
+    const std::vector<double> av = ta.host_values(), sav = tsa.host_values(), bv = tb.host_values(),
+                              sbv = tsb.host_values();
+    const int64_t ld = fp8_block_scale_cols(kk_n), blocks = fp8_tiles(n) * ld;
+    for (int64_t g = 0; g < G; ++g)
+      for (int64_t r = static_cast<int64_t>(off[static_cast<size_t>(g)]);
+           r < static_cast<int64_t>(off[static_cast<size_t>(g) + 1]); ++r)
+        for (int64_t j = 0; j < n; ++j) {
+          double m = 0.0;
+          for (int64_t kk = 0; kk < kk_n; ++kk)
+            m += std::fabs(av[static_cast<size_t>(r * kk_n + kk)] * sav[static_cast<size_t>((kk / 128) * R + r)] *
+                           bv[static_cast<size_t>((g * n + j) * kk_n + kk)] *
+                           sbv[static_cast<size_t>(g * blocks + (j / 128) * ld + kk / 128)]);
+          mag[static_cast<size_t>(r * n + j)] += m;
+        }
+  };
+  add_mag(a, sa, b, sb, k);
+  if (k2 > 0) add_mag(a2, sa2, b2, sb2, k2);
+  expect_fp8_close(out, mag, 1.0, c_dtype,
+                   fmt::format("fp8_grouped_gemm G={} R={} n={} k={}{} {}", G, R, n, k,
+                               k2 > 0 ? fmt::format("+{}", k2) : "", dtype_name(c_dtype)));
+}
+
+TEST(CudaFp8Gemm, GroupedAgainstCpu) {
+  DIFFMOE_REQUIRE_CUDA();
+  SKIP_UNLESS_HOPPER();
+  uint64_t seed = 3500;
+  run_grouped_case(256, 384, 0, DType::kF32, seed += 10);
+  run_grouped_case(200, 320, 0, DType::kF32, seed += 10);  // a partial n-tile and k-tile
+  run_grouped_case(512, 1536, 0, DType::kBF16, seed += 10);
+  run_grouped_case(1536, 512, 512, DType::kBF16, seed += 10);  // the MoE Dgrad's two terms
+  run_grouped_case(136, 256, 96, DType::kF32, seed += 10);     // K2 below one k-tile
+  run_grouped_case(64, 16, 48, DType::kF32, seed += 10);
+}
+
+// An FP8 grouped call whose shape the kernel cannot take is refused with the reason, before any launch.
+TEST(CudaFp8Gemm, GroupedRefusesShapesTheKernelCannotTake) {
+  DIFFMOE_REQUIRE_CUDA();
+  SKIP_UNLESS_HOPPER();
+  const int64_t G = 2, R = 64;
+  Dual offsets(Shape{G + 1}, DType::kI32);
+  offsets.set({0, 30, 64});
+  for (const auto& [n, k, why] : {std::tuple{64, 40, "multiples of 16"}, std::tuple{60, 64, "multiple of 8"}}) {
+    const Dual a = random_codes(Shape{R, k}, 1), b = random_codes(Shape{G, n, k}, 2);
+    const Dual sa = random_scales(Shape{fp8_tiles(k), R}, 3),
+               sb = random_scales(Shape{G, fp8_tiles(n), fp8_block_scale_cols(k)}, 4);
+    Dual out(Shape{R, n});
+    try {
+      gpu().fp8_grouped_gemm({}, {.c = out[Side::kGpu],
+                                  .a = a[Side::kGpu],
+                                  .a_scale = sa[Side::kGpu],
+                                  .b = b[Side::kGpu],
+                                  .b_scale = sb[Side::kGpu],
+                                  .offsets = offsets[Side::kGpu]});
+      ADD_FAILURE() << "n " << n << " k " << k << " was accepted";
+    } catch (const Error& e) {
+      EXPECT_NE(std::string(e.what()).find(why), std::string::npos) << e.what();
+      EXPECT_NE(std::string(e.what()).find("fp8_grouped_gemm"), std::string::npos) << e.what();
+    }
+  }
+}
+
+// fp8_grouped_gemm_wgrad (grouped_gemm_fp8_wgrad_kernel: per-row and per-column scales staged with each k-tile)
+// against the CPU on the same codes: groups of 0, 1, 200, 300 rows (1 to 3 tile slots), m and n with partial
+// tiles, beta 0 and 1, Σ C².
+TEST(CudaFp8Gemm, GroupedWgradAgainstCpu) {
+  DIFFMOE_REQUIRE_CUDA();
+  SKIP_UNLESS_HOPPER();
+  const std::vector<double> off = {0, 200, 200, 201, 501, 629};
+  const int64_t G = static_cast<int64_t>(off.size()) - 1, R = 640, slots = fp8_group_tiles(R, G);
+  uint64_t seed = 3700;
+  for (const auto& [m, n] : {std::pair<int64_t, int64_t>{512, 1536}, {200, 136}, {1536, 512}})
+    for (const double beta : {0.0, 1.0}) {
+      seed += 10;
+      Dual offsets(Shape{G + 1}, DType::kI32);
+      offsets.set(off);
+      const Dual a = random_codes(Shape{m, kFp8Tile * slots}, seed),
+                 b = random_codes(Shape{n, kFp8Tile * slots}, seed + 1);
+      const Dual sa = random_scales(Shape{slots, m}, seed + 2), sb = random_scales(Shape{slots, n}, seed + 3);
+      Dual c(Shape{G, m, n}), sum_sq(Shape{1});
+      c.normal(seed + 4, 50.0);
+      sum_sq.set({0.25});
+      run_both([&](Backend& be, Side s) {
+        be.fp8_grouped_gemm_wgrad({}, {.c = c[s],
+                                       .a = a[s],
+                                       .a_scale = sa[s],
+                                       .b = b[s],
+                                       .b_scale = sb[s],
+                                       .offsets = offsets[s],
+                                       .beta = beta,
+                                       .sum_sq = sum_sq[s]});
+      });
+      // Σ|â·b̂| per element over the group's tile slots.
+      const std::vector<double> av = a.host_values(), bv = b.host_values(), sav = sa.host_values(),
+                                sbv = sb.host_values();
+      const int64_t w = kFp8Tile * slots;
+      std::vector<double> mag(static_cast<size_t>(G * m * n), 0.0);
+      int64_t slot = 0;
+      for (int64_t g = 0; g < G; ++g) {
+        const int64_t kk_n =
+            fp8_tiles(static_cast<int64_t>(off[static_cast<size_t>(g) + 1] - off[static_cast<size_t>(g)])) * kFp8Tile;
+        for (int64_t i = 0; i < m; ++i)
+          for (int64_t j = 0; j < n; ++j) {
+            double s = 0.0;
+            for (int64_t kk = 0; kk < kk_n; ++kk) {
+              const int64_t col = slot * kFp8Tile + kk, t = slot + kk / kFp8Tile;
+              s += std::fabs(av[static_cast<size_t>(i * w + col)] * sav[static_cast<size_t>(t * m + i)] *
+                             bv[static_cast<size_t>(j * w + col)] * sbv[static_cast<size_t>(t * n + j)]);
+            }
+            mag[static_cast<size_t>((g * m + i) * n + j)] = s;
+          }
+        slot += kk_n / kFp8Tile;
+      }
+      const std::string what = fmt::format("fp8_grouped_gemm_wgrad G={} m={} n={} beta={}", G, m, n, beta);
+      expect_fp8_close(c, mag, 1.0, DType::kF32, what);
+      // Σ C² of the values the kernel stored (the CPU's own C differs within the bound above).
+      double want = 0.25;
+      for (const double v : c.device_values()) want += v * v;
+      EXPECT_NEAR(sum_sq.device_values()[0], want, 1e-5 * want) << what << ": Σ C²";
+    }
 }
 
 // The recipe's three GEMMs of a Linear y = x Wᵀ end to end on each backend: act_quant / weight_quant

@@ -200,5 +200,52 @@ TEST(CudaFp8Quant, WeightQuantBitwise) {
         }
 }
 
+// A stack [G, N, K] (the routed experts): each matrix quantised on its own, bit for bit as the CPU does it,
+// with edge blocks in N and K and both copies.
+TEST(CudaFp8Quant, WeightQuantStackBitwise) {
+  DIFFMOE_REQUIRE_CUDA();
+  uint64_t seed = 2900;
+  for (const auto& [g, n, k] : {std::tuple<int64_t, int64_t, int64_t>{3, 300, 200}, {4, 128, 256}, {2, 40, 136}})
+    for (DType dt : {DType::kF32, DType::kBF16}) {
+      Dual w(Shape{g, n, k}, dt);
+      w.set(as_doubles(test::fp8_test_values(g * n, k, ++seed, dt == DType::kBF16)));
+      Dual q(Shape{g, n, k}, DType::kF8E4M3), scale(Shape{g, fp8_tiles(n), fp8_block_scale_cols(k)}),
+          q_t(Shape{g, k, n}, DType::kF8E4M3), scale_t(Shape{g, fp8_tiles(k), fp8_block_scale_cols(n)});
+      for (Dual* d : {&q, &scale, &q_t, &scale_t}) d->poison();
+      run_both([&](Backend& be, Side s) {
+        be.weight_quant({}, {.q = q[s], .scale = scale[s], .q_t = q_t[s], .scale_t = scale_t[s], .w = w[s]});
+      });
+      const std::string what = fmt::format("weight_quant stack {}x{}x{} {}", g, n, k, dtype_name(dt));
+      expect_same_bytes(q, what + ": q");
+      expect_same_bytes(scale, what + ": scale");
+      expect_same_bytes(q_t, what + ": q_t");
+      expect_same_bytes(scale_t, what + ": scale_t");
+    }
+}
+
+// act_quant's grouped transposed copy (offsets): bit for bit the CPU's, for groups of 0, 1, 127, 128, 129 and 300
+// rows, rows past offsets[G], f32 and bf16 sources; the slots past the last group's keep their (poisoned) bytes.
+TEST(CudaFp8Quant, GroupedTransposedBitwise) {
+  DIFFMOE_REQUIRE_CUDA();
+  const std::vector<double> off = {0, 127, 127, 255, 256, 385, 685};
+  const int64_t G = static_cast<int64_t>(off.size()) - 1, R = 690, slots = fp8_group_tiles(R, G);
+  uint64_t seed = 2950;
+  for (const int64_t k : {int64_t{136}, int64_t{512}})
+    for (DType dt : {DType::kF32, DType::kBF16}) {
+      Dual x(Shape{R, k}, dt), offsets(Shape{G + 1}, DType::kI32);
+      x.set(as_doubles(test::fp8_test_values(R, k, ++seed, dt == DType::kBF16)));
+      offsets.set(off);
+      Dual q_t(Shape{k, kFp8Tile * slots}, DType::kF8E4M3), scale_t(Shape{slots, k});
+      q_t.poison();
+      scale_t.poison();
+      run_both([&](Backend& be, Side s) {
+        be.act_quant({}, {.q_t = q_t[s], .scale_t = scale_t[s], .x = x[s], .offsets = offsets[s]});
+      });
+      const std::string what = fmt::format("act_quant grouped {}x{} {}", R, k, dtype_name(dt));
+      expect_same_bytes(q_t, what + ": q_t");
+      expect_same_bytes(scale_t, what + ": scale_t");
+    }
+}
+
 }  // namespace
 }  // namespace diffmoe::cudatest

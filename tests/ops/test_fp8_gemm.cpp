@@ -283,5 +283,146 @@ TEST_F(Fp8Gemm, ErrorsNameTheField) {
       {"[fp8_gemm]", "addend: expected dtype f32"});
 }
 
+// fp8_grouped_gemm: each group's rows against the naive f64 sum with that group's B (and B2), in f64 so
+// the bound is the sums' order alone (f32 and bf16 C: plus their rounding); empty groups, rows past
+// offsets[G] untouched, a second term with its own K2, and bad offsets named.
+TEST_F(Fp8Gemm, GroupedMatchesEachGroupsNaiveSum) {
+  const int64_t n = 136, k = 320, k2 = 96;
+  const std::vector<int32_t> off = {0, 40, 40, 41, 170};
+  const int64_t G = static_cast<int64_t>(off.size()) - 1, R = 173;
+  Owned offsets({G + 1}, DType::kI32);
+  for (int64_t g = 0; g <= G; ++g) offsets.at<int32_t>(g) = off[static_cast<size_t>(g)];
+  const Owned a = random_codes({R, k}, 11), b = random_codes({G, n, k}, 12), a2 = random_codes({R, k2}, 13),
+              b2 = random_codes({G, n, k2}, 14);
+  const Owned sa = random_scales({fp8_tiles(k), R}, 15), sb = random_scales({G, fp8_tiles(n), 4}, 16),
+              sa2 = random_scales({1, R}, 17), sb2 = random_scales({G, fp8_tiles(n), 4}, 18);
+  // Σ over one term of â[r]·b̂[g] for row r of group g: the sum and Σ|·|.
+  const auto term = [&](const Owned& ta, const Owned& tsa, const Owned& tb, const Owned& tsb, int64_t kk_n, int64_t g,
+                        int64_t r, int64_t j, double& sum, double& mag) {
+    const int64_t ld = fp8_block_scale_cols(kk_n);
+    for (int64_t kk = 0; kk < kk_n; ++kk) {
+      const double p = code_value(ta, r * kk_n + kk) * tsa.at<float>((kk / 128) * R + r) *
+                       code_value(tb, (g * n + j) * kk_n + kk) *
+                       tsb.at<float>((g * fp8_tiles(n) + j / 128) * ld + kk / 128);
+      sum += p;
+      mag += std::fabs(p);
+    }
+  };
+  for (const bool two : {false, true})
+    for (const DType dt : {DType::kF64, DType::kF32, DType::kBF16}) {
+      Owned c({R, n}, dt);
+      for (int64_t i = 0; i < R * n; ++i) {  // sentinels: the rows past offsets[G] keep them
+        if (dt == DType::kF64) c.at<double>(i) = 7.0;
+        else if (dt == DType::kF32) c.at<float>(i) = 7.0f;
+        else static_cast<uint16_t*>(c.t().data)[i] = f32_to_bf16(7.0f);
+      }
+      Fp8GroupedGemmArgs args{.c = c, .a = a, .a_scale = sa, .b = b, .b_scale = sb, .offsets = offsets};
+      if (two) {
+        args.a2 = a2;
+        args.a2_scale = sa2;
+        args.b2 = b2;
+        args.b2_scale = sb2;
+      }
+      be.fp8_grouped_gemm(ctx, args);
+      int64_t bad = 0;
+      for (int64_t g = 0; g < G; ++g)
+        for (int64_t r = off[static_cast<size_t>(g)]; r < off[static_cast<size_t>(g) + 1]; ++r)
+          for (int64_t j = 0; j < n; ++j) {
+            double sum = 0.0, mag = 0.0;
+            term(a, sa, b, sb, k, g, r, j, sum, mag);
+            if (two) term(a2, sa2, b2, sb2, k2, g, r, j, sum, mag);
+            const double tol =
+                2.0 * static_cast<double>(k + k2) * std::ldexp(mag, -53) + rounding_of(dt) * std::fabs(sum);
+            if (!(std::fabs(value(c, r * n + j) - sum) <= tol) && bad++ < 5)
+              ADD_FAILURE() << "group " << g << " (" << r << "," << j << "): " << value(c, r * n + j) << " vs " << sum;
+          }
+      EXPECT_EQ(bad, 0) << dtype_name(dt) << (two ? " two terms" : " one term");
+      for (int64_t i = off.back() * n; i < R * n; ++i) ASSERT_EQ(value(c, i), 7.0) << "row past offsets[G]";
+    }
+  // Bad offsets and shapes get the op's and the field's name.
+  Owned c({R, n}, DType::kF32);
+  offsets.at<int32_t>(2) = 30;
+  expect_error(
+      [&] { be.fp8_grouped_gemm(ctx, {.c = c, .a = a, .a_scale = sa, .b = b, .b_scale = sb, .offsets = offsets}); },
+      {"[fp8_grouped_gemm]", "non-decreasing"});
+  offsets.at<int32_t>(2) = 40;
+  expect_error(
+      [&] { be.fp8_grouped_gemm(ctx, {.c = c, .a = a, .a_scale = sa, .b = b, .b_scale = sa, .offsets = offsets}); },
+      {"[fp8_grouped_gemm]", "b_scale: expected shape [4, 2, 4]"});
+  expect_error(
+      [&] {
+        be.fp8_grouped_gemm(ctx, {.c = c, .a = a, .a_scale = sa, .b = b, .b_scale = sb, .offsets = offsets, .a2 = a2});
+      },
+      {"[fp8_grouped_gemm]", "the second term needs a2, a2_scale, b2 and b2_scale together"});
+  expect_error(
+      [&] { be.fp8_grouped_gemm(ctx, {.c = c, .a = a, .a_scale = sa, .b = a, .b_scale = sb, .offsets = offsets}); },
+      {"[fp8_grouped_gemm]", "b must be a 3-D stack"});
+}
+
+// fp8_grouped_gemm_wgrad on act_quant's grouped transposed copies: each C[g] against the naive f64 sum over its
+// group's rows (each row's values with its own tile's scales), beta·C[g] kept for an empty group, and Σ C².
+TEST_F(Fp8Gemm, GroupedWgradMatchesEachGroupsNaiveSum) {
+  const int64_t m = 136, n = 72;
+  const std::vector<int32_t> off = {0, 130, 130, 131, 290};
+  const int64_t G = static_cast<int64_t>(off.size()) - 1, R = 300, slots = fp8_group_tiles(R, G);
+  Owned offsets({G + 1}, DType::kI32);
+  for (int64_t g = 0; g <= G; ++g) offsets.at<int32_t>(g) = off[static_cast<size_t>(g)];
+  const Owned a = random_codes({m, kFp8Tile * slots}, 21), b = random_codes({n, kFp8Tile * slots}, 22);
+  const Owned sa = random_scales({slots, m}, 23), sb = random_scales({slots, n}, 24);
+  for (const double beta : {0.0, 1.0})
+    for (const DType dt : {DType::kF64, DType::kF32}) {
+      Owned c({G, m, n}, dt), c0({G, m, n}, DType::kF64), sum_sq({1}, dt);
+      test::fill_normal(c0, 25, 2.0);
+      for (int64_t i = 0; i < c.numel(); ++i) {
+        if (dt == DType::kF64) c.at<double>(i) = c0.at<double>(i);
+        else c.at<float>(i) = static_cast<float>(c0.at<double>(i));
+      }
+      if (dt == DType::kF64) sum_sq.at<double>(0) = 0.5;
+      else sum_sq.at<float>(0) = 0.5f;
+      be.fp8_grouped_gemm_wgrad(
+          ctx,
+          {.c = c, .a = a, .a_scale = sa, .b = b, .b_scale = sb, .offsets = offsets, .beta = beta, .sum_sq = sum_sq});
+      int64_t bad = 0, slot = 0;
+      double sq = 0.0;
+      for (int64_t g = 0; g < G; ++g) {
+        const int64_t kk_n = fp8_tiles(off[static_cast<size_t>(g) + 1] - off[static_cast<size_t>(g)]) * kFp8Tile;
+        for (int64_t i = 0; i < m; ++i)
+          for (int64_t j = 0; j < n; ++j) {
+            double sum = 0.0, mag = 0.0;
+            for (int64_t kk = 0; kk < kk_n; ++kk) {
+              const int64_t col = slot * kFp8Tile + kk, t = slot + kk / kFp8Tile;
+              const double p = code_value(a, i * kFp8Tile * slots + col) * sa.at<float>(t * m + i) *
+                               code_value(b, j * kFp8Tile * slots + col) * sb.at<float>(t * n + j);
+              sum += p;
+              mag += std::fabs(p);
+            }
+            const int64_t at = (g * m + i) * n + j;
+            const double old = beta * (dt == DType::kF64 ? c0.at<double>(at) : static_cast<float>(c0.at<double>(at)));
+            const double want = sum + old;
+            const double tol = 2.0 * static_cast<double>(kk_n + 1) * std::ldexp(mag + std::fabs(old), -53) +
+                               rounding_of(dt) * std::fabs(want);
+            if (!(std::fabs(value(c, at) - want) <= tol) && bad++ < 5)
+              ADD_FAILURE() << "group " << g << " (" << i << "," << j << "): " << value(c, at) << " vs " << want;
+            sq += value(c, at) * value(c, at);
+          }
+        slot += kk_n / kFp8Tile;
+      }
+      EXPECT_EQ(bad, 0) << dtype_name(dt) << " beta " << beta;
+      EXPECT_NEAR(value(sum_sq, 0), 0.5 + sq, 1e-6 * sq) << "Σ C² added to sum_sq";
+    }
+  Owned c({G, m, n}, DType::kF32);
+  expect_error(
+      [&] {
+        be.fp8_grouped_gemm_wgrad(ctx, {.c = c, .a = a, .a_scale = sa, .b = a, .b_scale = sb, .offsets = offsets});
+      },
+      {"[fp8_grouped_gemm_wgrad]", "shapes do not match"});
+  offsets.at<int32_t>(4) = 1000;  // more rows than the copies' slots hold
+  expect_error(
+      [&] {
+        be.fp8_grouped_gemm_wgrad(ctx, {.c = c, .a = a, .a_scale = sa, .b = b, .b_scale = sb, .offsets = offsets});
+      },
+      {"[fp8_grouped_gemm_wgrad]", "tile slots"});
+}
+
 }  // namespace
 }  // namespace diffmoe

@@ -248,6 +248,55 @@ TEST_F(Fp8Quant, TransposedCopyComesFromTheSource) {
   EXPECT_NE(from_q.q, from_x.q) << "the test data cannot tell a copy of a copy from a copy of x";
 }
 
+// act_quant with offsets: the transposed copy's 128×1 tiles restart at each group's first row. Each group's tiles
+// equal the plain transposed copy of that group's rows alone (codes and scales bit for bit), in consecutive slots,
+// zero codes past the group's last row; slots past the last group's stay as they were. Bad input is named.
+TEST_F(Fp8Quant, GroupedTransposedCopyRestartsTilesAtEachGroup) {
+  const int64_t m = 300, k = 136;
+  const std::vector<int32_t> off = {0, 130, 130, 131, 290};  // 2 tiles, none, 1 (one row), 2; rows 290… unused
+  const int64_t G = static_cast<int64_t>(off.size()) - 1, slots = fp8_group_tiles(m, G), width = kFp8Tile * slots;
+  const std::vector<float> v = test::fp8_test_values(m, k, 61);
+  const Owned x = make_source(v, m, k, DType::kF32);
+  Owned offsets({G + 1}, DType::kI32), q_t({k, width}, DType::kF8E4M3), s_t({slots, k}, DType::kF32);
+  for (int64_t g = 0; g <= G; ++g) offsets.at<int32_t>(g) = off[static_cast<size_t>(g)];
+  std::memset(q_t.t().data, 0xAB, static_cast<size_t>(q_t.t().nbytes()));
+  for (int64_t i = 0; i < s_t.numel(); ++i) s_t.at<float>(i) = -1.0f;
+  be.act_quant(ctx, {.q_t = q_t, .scale_t = s_t, .x = x, .offsets = offsets});
+  const std::vector<uint8_t> got = codes_of(q_t);
+  int64_t slot = 0;
+  for (int64_t g = 0; g < G; ++g) {
+    const int64_t r0 = off[static_cast<size_t>(g)], rows = off[static_cast<size_t>(g) + 1] - r0;
+    if (rows == 0) continue;
+    const std::vector<float> vg(v.begin() + r0 * k, v.begin() + (r0 + rows) * k);
+    const test::RefQuant ref = test::ref_quant_rows(test::transposed(vg, rows, k), k, rows, false);
+    for (int64_t j = 0; j < fp8_tiles(rows); ++j)
+      for (int64_t kk = 0; kk < k; ++kk) {
+        ASSERT_EQ(s_t.at<float>((slot + j) * k + kk), ref.scale[static_cast<size_t>(j * k + kk)])
+            << "group " << g << " tile " << j << " column " << kk;
+        for (int64_t i = 0; i < kFp8Tile; ++i) {
+          const int64_t r = j * kFp8Tile + i;
+          const uint8_t want = r < rows ? ref.q[static_cast<size_t>(kk * rows + r)] : 0;
+          ASSERT_EQ(got[static_cast<size_t>(kk * width + (slot + j) * kFp8Tile + i)], want)
+              << "group " << g << " row " << r << " column " << kk;
+        }
+      }
+    slot += fp8_tiles(rows);
+  }
+  ASSERT_EQ(slot, 5);
+  for (int64_t kk = 0; kk < k; ++kk)
+    for (int64_t i = slot * kFp8Tile; i < width; ++i) ASSERT_EQ(got[static_cast<size_t>(kk * width + i)], 0xAB);
+  for (int64_t i = slot * k; i < slots * k; ++i) ASSERT_EQ(s_t.at<float>(i), -1.0f);
+
+  ActOut plain(m, k);
+  expect_error([&] { be.act_quant(ctx, {.q = plain.q, .scale = plain.scale, .x = x, .offsets = offsets}); },
+               {"[act_quant]", "offsets apply to the transposed copy only"});
+  expect_error([&] { be.act_quant(ctx, {.q_t = plain.q_t, .scale_t = plain.scale_t, .x = x, .offsets = offsets}); },
+               {"[act_quant]", "q_t (grouped: [K, 128·(ceil(M/128) + G)]): expected shape [136, 896]"});
+  offsets.at<int32_t>(2) = 100;
+  expect_error([&] { be.act_quant(ctx, {.q_t = q_t, .scale_t = s_t, .x = x, .offsets = offsets}); },
+               {"[act_quant]", "non-decreasing"});
+}
+
 // weight_quant: 128×128 blocks at sizes with edge blocks, f32 and bf16, ue8m0 or not: q and scale
 // (with its zero padding) bit for bit, q_t = qᵀ and scale_t = scaleᵀ; weight_dequant = q·s.
 TEST_F(Fp8Quant, WeightQuantBlocks) {
@@ -285,6 +334,40 @@ TEST_F(Fp8Quant, WeightQuantBlocks) {
 }
 
 // Errors name the op and the field.
+// A stack [G, N, K] is G weights quantised each on its own: every output equals the 2-D call on that
+// matrix, byte for byte (edge blocks in N and K included), and a stack output of the wrong shape is named.
+TEST_F(Fp8Quant, WeightQuantStackIsEachMatrixOnItsOwn) {
+  const int64_t G = 3, N = 200, K = 136;
+  Owned w({G, N, K}, DType::kBF16);
+  const std::vector<float> v = test::fp8_test_values(G * N, K, 77, /*bf16=*/true);
+  for (int64_t i = 0; i < w.numel(); ++i)
+    static_cast<uint16_t*>(w.t().data)[i] = f32_to_bf16(v[static_cast<size_t>(i)]);
+  Owned q({G, N, K}, DType::kF8E4M3), s({G, fp8_tiles(N), fp8_block_scale_cols(K)}, DType::kF32),
+      q_t({G, K, N}, DType::kF8E4M3), s_t({G, fp8_tiles(K), fp8_block_scale_cols(N)}, DType::kF32);
+  be.weight_quant(ctx, {.q = q, .scale = s, .q_t = q_t, .scale_t = s_t, .w = w});
+  for (int64_t g = 0; g < G; ++g) {
+    Owned q1({N, K}, DType::kF8E4M3), s1({fp8_tiles(N), fp8_block_scale_cols(K)}, DType::kF32),
+        q1_t({K, N}, DType::kF8E4M3), s1_t({fp8_tiles(K), fp8_block_scale_cols(N)}, DType::kF32);
+    be.weight_quant(ctx, {.q = q1,
+                          .scale = s1,
+                          .q_t = q1_t,
+                          .scale_t = s1_t,
+                          .w = w.t().reshape(Shape{G * N, K}).rows(g * N, (g + 1) * N)});
+    const auto same = [&](const Owned& stack, const Owned& one, const char* what) {
+      const size_t bytes = one.t().nbytes();
+      EXPECT_EQ(std::memcmp(static_cast<const char*>(stack.t().data) + g * bytes, one.t().data, bytes), 0)
+          << what << " of matrix " << g;
+    };
+    same(q, q1, "q");
+    same(s, s1, "scale");
+    same(q_t, q1_t, "q_t");
+    same(s_t, s1_t, "scale_t");
+  }
+  Owned bad({G, N + 1, K}, DType::kF8E4M3);
+  expect_error([&] { be.weight_quant(ctx, {.q = bad, .scale = s, .w = w}); },
+               {"[weight_quant]", "q: expected shape [3, 200, 136]"});
+}
+
 TEST_F(Fp8Quant, ErrorsNameTheField) {
   const int64_t m = 200, k = 300;
   const Owned x({m, k}, DType::kF32), x64({m, k}, DType::kF64), q({m, k}, DType::kF8E4M3), q32({m, k}, DType::kF32),

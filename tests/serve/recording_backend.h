@@ -75,6 +75,8 @@ class RecordingBackend final : public Backend {
   DIFFMOE_RECORDED_OP(weight_quant, WeightQuantArgs)
   DIFFMOE_RECORDED_OP(weight_dequant, WeightDequantArgs)
   DIFFMOE_RECORDED_OP(fp8_gemm, Fp8GemmArgs)
+  DIFFMOE_RECORDED_OP(fp8_grouped_gemm, Fp8GroupedGemmArgs)
+  DIFFMOE_RECORDED_OP(fp8_grouped_gemm_wgrad, Fp8GroupedGemmWgradArgs)
   DIFFMOE_RECORDED_OP(rope, RopeArgs)
   DIFFMOE_RECORDED_OP(mla_kv_split_fwd, MlaKvSplitFwdArgs)
   DIFFMOE_RECORDED_OP(mla_kv_split_bwd, MlaKvSplitBwdArgs)

@@ -40,6 +40,8 @@ class CpuBackend final : public Backend {
   void weight_quant(Context ctx, const WeightQuantArgs& a) override;
   void weight_dequant(Context ctx, const WeightDequantArgs& a) override;
   void fp8_gemm(Context ctx, const Fp8GemmArgs& a) override;
+  void fp8_grouped_gemm(Context ctx, const Fp8GroupedGemmArgs& a) override;
+  void fp8_grouped_gemm_wgrad(Context ctx, const Fp8GroupedGemmWgradArgs& a) override;
   void rope(Context ctx, const RopeArgs& a) override;                       // rope_ops.cpp
   void mla_kv_split_fwd(Context ctx, const MlaKvSplitFwdArgs& a) override;  // attention_ops.cpp
   void mla_kv_split_bwd(Context ctx, const MlaKvSplitBwdArgs& a) override;

@@ -61,10 +61,32 @@ double load_float(const Tensor& t, int64_t i) {
 
 // Row-wise copy: the tiles x[m, 128·kb ...] → q[m, ...], scale[kb, m]. Transposed copy: the tiles
 // x[128·mb ..., k] → q_t[k, 128·mb ...], scale_t[mb, k]. Both from x.
+// Grouped (offsets): the transposed copy's tiles restart at each group's first row, slot by slot,
+// each padded with zero codes to 128 (op_args.h).
 void CpuBackend::act_quant(Context, const ActQuantArgs& a) {
   const Fp8QuantDims d = validate_act_quant(a, Device::kCPU);
   const int64_t m_rows = d.rows, k_cols = d.cols;
   const Tensor& x = a.x;
+  if (d.grouped) {
+    const std::vector<int64_t> off = check_group_offsets(a.offsets.ptr<int32_t>(), d.groups, m_rows, "act_quant");
+    const int64_t width = a.q_t.dim(1);  // 128 · slots
+    float* scale_t = a.scale_t.ptr<float>();
+    uint8_t* q_t = codes(a.q_t);
+    int64_t slot = 0;
+    for (int64_t g = 0; g < d.groups; ++g)
+      for (int64_t r0 = off[static_cast<size_t>(g)]; r0 < off[static_cast<size_t>(g) + 1]; r0 += kFp8Tile, ++slot) {
+        const int64_t count = std::min(kFp8Tile, off[static_cast<size_t>(g) + 1] - r0);
+#pragma omp parallel for schedule(static)
+        for (int64_t k = 0; k < k_cols; ++k) {
+          uint8_t* dst = q_t + k * width + slot * kFp8Tile;
+          scale_t[slot * k_cols + k] = quantise_tile(
+              count, a.ue8m0, [&](int64_t i) { return source_value(x, (r0 + i) * k_cols + k); },
+              [&](int64_t i, uint8_t c) { dst[i] = c; });
+          std::memset(dst + count, 0, static_cast<size_t>(kFp8Tile - count));  // past the group's last row
+        }
+      }
+    return;
+  }
   if (d.row_wise) {
     float* scale = a.scale.ptr<float>();
     uint8_t* q = codes(a.q);
@@ -92,7 +114,8 @@ void CpuBackend::act_quant(Context, const ActQuantArgs& a) {
 }
 
 // One scale per 128×128 block of w [N, K]; q and q_t hold the same codes, scale and scale_t the
-// same scales transposed; the scale rows' padding (op_args.h) is written 0.
+// same scales transposed; the scale rows' padding (op_args.h) is written 0. A stack [G, N, K]: each
+// matrix on its own, at its offsets in every tensor.
 void CpuBackend::weight_quant(Context, const WeightQuantArgs& a) {
   const Fp8QuantDims d = validate_weight_quant(a, Device::kCPU);
   const int64_t n_rows = d.rows, k_cols = d.cols;
@@ -100,26 +123,30 @@ void CpuBackend::weight_quant(Context, const WeightQuantArgs& a) {
   const int64_t scale_ld = fp8_block_scale_cols(k_cols), scale_t_ld = fp8_block_scale_cols(n_rows);
   if (d.row_wise) std::memset(a.scale.data, 0, a.scale.nbytes());
   if (d.col_wise) std::memset(a.scale_t.data, 0, a.scale_t.nbytes());
-  float* scale = d.row_wise ? a.scale.ptr<float>() : nullptr;
-  float* scale_t = d.col_wise ? a.scale_t.ptr<float>() : nullptr;
-  uint8_t* q = codes(a.q);
-  uint8_t* q_t = codes(a.q_t);
+  for (int64_t g = 0; g < d.groups; ++g) {
+    const int64_t w0 = g * n_rows * k_cols;  // the matrix's first element in w, q and q_t
+    float* scale = d.row_wise ? a.scale.ptr<float>() + g * n_blocks * scale_ld : nullptr;
+    float* scale_t = d.col_wise ? a.scale_t.ptr<float>() + g * k_blocks * scale_t_ld : nullptr;
+    uint8_t* q = d.row_wise ? codes(a.q) + w0 : nullptr;
+    uint8_t* q_t = d.col_wise ? codes(a.q_t) + w0 : nullptr;
 #pragma omp parallel for schedule(static)
-  for (int64_t nb = 0; nb < n_blocks; ++nb)
-    for (int64_t kb = 0; kb < k_blocks; ++kb) {
-      const int64_t n0 = nb * kFp8Tile, k0 = kb * kFp8Tile;
-      const int64_t rows = std::min(kFp8Tile, n_rows - n0), cols = std::min(kFp8Tile, k_cols - k0);
-      // The block read row by row as one tile of rows·cols values: i → (n0 + i / cols, k0 + i % cols).
-      const float s = quantise_tile(
-          rows * cols, a.ue8m0, [&](int64_t i) { return source_value(a.w, (n0 + i / cols) * k_cols + k0 + i % cols); },
-          [&](int64_t i, uint8_t c) {
-            const int64_t n = n0 + i / cols, k = k0 + i % cols;
-            if (q != nullptr) q[n * k_cols + k] = c;
-            if (q_t != nullptr) q_t[k * n_rows + n] = c;
-          });
-      if (scale != nullptr) scale[nb * scale_ld + kb] = s;
-      if (scale_t != nullptr) scale_t[kb * scale_t_ld + nb] = s;
-    }
+    for (int64_t nb = 0; nb < n_blocks; ++nb)
+      for (int64_t kb = 0; kb < k_blocks; ++kb) {
+        const int64_t n0 = nb * kFp8Tile, k0 = kb * kFp8Tile;
+        const int64_t rows = std::min(kFp8Tile, n_rows - n0), cols = std::min(kFp8Tile, k_cols - k0);
+        // The block read row by row as one tile of rows·cols values: i → (n0 + i / cols, k0 + i % cols).
+        const float s = quantise_tile(
+            rows * cols, a.ue8m0,
+            [&](int64_t i) { return source_value(a.w, w0 + (n0 + i / cols) * k_cols + k0 + i % cols); },
+            [&](int64_t i, uint8_t c) {
+              const int64_t n = n0 + i / cols, k = k0 + i % cols;
+              if (q != nullptr) q[n * k_cols + k] = c;
+              if (q_t != nullptr) q_t[k * n_rows + n] = c;
+            });
+        if (scale != nullptr) scale[nb * scale_ld + kb] = s;
+        if (scale_t != nullptr) scale_t[kb * scale_t_ld + nb] = s;
+      }
+  }
 }
 
 // w = q · scale: one f32 product per element (exact in f64 for an f64 w).
@@ -179,6 +206,94 @@ void CpuBackend::fp8_gemm(Context, const Fp8GemmArgs& a) {
     const double add = a.beta == 0.0 ? 0.0 : a.beta * load_float(addend, idx);
     store_float(a.c, idx, prod[static_cast<size_t>(idx)] + add);
   }
+}
+
+// Each group's rows as fp8_gemm computes them: Â[rows_g]·B̂[g]ᵀ (+ Â2[rows_g]·B̂2[g]ᵀ) with f64
+// products and sums, rounded once into C.
+void CpuBackend::fp8_grouped_gemm(Context, const Fp8GroupedGemmArgs& a) {
+  constexpr std::string_view kOp = "fp8_grouped_gemm";
+  const Fp8GroupedGemmDims d = validate_fp8_grouped_gemm(a, Device::kCPU);
+  const std::vector<int64_t> off = check_group_offsets(a.offsets.ptr<int32_t>(), d.groups, d.rows, kOp);
+  for (int64_t v : {d.rows, d.n, d.k, d.k2})
+    DIFFMOE_CHECK(v <= INT_MAX, "[{}] dimension {} exceeds the BLAS integer range", kOp, v);
+  const int64_t used = off[static_cast<size_t>(d.groups)];
+  std::vector<double> prod(static_cast<size_t>(used * d.n), 0.0);
+  // prod[rows_g] += Â[rows_g]·B̂[g]ᵀ for every group, of one term (a, a_scale [ceil(k/128), R], b, b_scale).
+  const auto add_term = [&](const Tensor& ta, const Tensor& ta_scale, const Tensor& tb, const Tensor& tb_scale,
+                            int64_t k) {
+    if (k == 0 || used == 0) return;
+    std::vector<double> a_hat(static_cast<size_t>(used * k)), b_hat(static_cast<size_t>(d.n * k));
+    const float* sa = ta_scale.ptr<float>();
+    const uint8_t* qa = codes_of(ta);
+#pragma omp parallel for schedule(static)
+    for (int64_t i = 0; i < used; ++i)
+      for (int64_t kk = 0; kk < k; ++kk)
+        a_hat[static_cast<size_t>(i * k + kk)] =
+            static_cast<double>(e4m3_to_f32(qa[i * k + kk])) * sa[(kk / kFp8Tile) * d.rows + i];
+    const int64_t b_ld = fp8_block_scale_cols(k), b_blocks = fp8_tiles(d.n) * b_ld;
+    for (int64_t g = 0; g < d.groups; ++g) {
+      const int64_t r0 = off[static_cast<size_t>(g)], r1 = off[static_cast<size_t>(g) + 1];
+      if (r1 == r0) continue;
+      const uint8_t* qb = codes_of(tb) + g * d.n * k;
+      const float* sb = tb_scale.ptr<float>() + g * b_blocks;
+#pragma omp parallel for schedule(static)
+      for (int64_t j = 0; j < d.n; ++j)
+        for (int64_t kk = 0; kk < k; ++kk)
+          b_hat[static_cast<size_t>(j * k + kk)] =
+              static_cast<double>(e4m3_to_f32(qb[j * k + kk])) * sb[(j / kFp8Tile) * b_ld + kk / kFp8Tile];
+      const auto i = [](int64_t v) { return static_cast<blasint>(v); };
+      cblas_dgemm(CblasRowMajor, CblasNoTrans, CblasTrans, i(r1 - r0), i(d.n), i(k), 1.0, a_hat.data() + r0 * k, i(k),
+                  b_hat.data(), i(k), 1.0, prod.data() + r0 * d.n, i(d.n));
+    }
+  };
+  add_term(a.a, a.a_scale, a.b, a.b_scale, d.k);
+  if (d.two_terms) add_term(a.a2, a.a2_scale, a.b2, a.b2_scale, d.k2);
+  for (int64_t idx = 0; idx < used * d.n; ++idx) store_float(a.c, idx, prod[static_cast<size_t>(idx)]);
+}
+
+// Each group's C[g] = Â_g·B̂_gᵀ over its tile slots (f64 products and sums) + beta·C[g], rounded once.
+void CpuBackend::fp8_grouped_gemm_wgrad(Context ctx, const Fp8GroupedGemmWgradArgs& a) {
+  constexpr std::string_view kOp = "fp8_grouped_gemm_wgrad";
+  const Fp8GroupedWgradDims d = validate_fp8_grouped_gemm_wgrad(a, Device::kCPU);
+  const int64_t rows = a.offsets.ptr<int32_t>()[d.groups];
+  const std::vector<int64_t> off =
+      check_group_offsets(a.offsets.ptr<int32_t>(), d.groups, std::max<int64_t>(rows, 0), kOp);
+  for (int64_t v : {d.m, d.n, d.slots * kFp8Tile})
+    DIFFMOE_CHECK(v <= INT_MAX, "[{}] dimension {} exceeds the BLAS integer range", kOp, v);
+  const int64_t width = d.slots * kFp8Tile, mn = d.m * d.n;
+  const float* sa = a.a_scale.ptr<float>();
+  const float* sb = a.b_scale.ptr<float>();
+  const uint8_t* qa = codes_of(a.a);
+  const uint8_t* qb = codes_of(a.b);
+  int64_t slot = 0;
+  for (int64_t g = 0; g < d.groups; ++g) {
+    const int64_t tiles = fp8_tiles(off[static_cast<size_t>(g) + 1] - off[static_cast<size_t>(g)]);
+    DIFFMOE_CHECK(slot + tiles <= d.slots, "[{}] group {} needs tile slots up to {}, the copies have {}", kOp, g,
+                  slot + tiles, d.slots);
+    const int64_t kk_n = tiles * kFp8Tile, c0 = slot * kFp8Tile;  // the group's columns of A and B
+    std::vector<double> prod(static_cast<size_t>(mn), 0.0);
+    if (tiles > 0) {
+      std::vector<double> a_hat(static_cast<size_t>(d.m * kk_n)), b_hat(static_cast<size_t>(d.n * kk_n));
+      const auto dequant = [&](std::vector<double>& out, const uint8_t* q, const float* s, int64_t outer) {
+#pragma omp parallel for schedule(static)
+        for (int64_t i = 0; i < outer; ++i)
+          for (int64_t kk = 0; kk < kk_n; ++kk)
+            out[static_cast<size_t>(i * kk_n + kk)] =
+                static_cast<double>(e4m3_to_f32(q[i * width + c0 + kk])) * s[(slot + kk / kFp8Tile) * outer + i];
+      };
+      dequant(a_hat, qa, sa, d.m);
+      dequant(b_hat, qb, sb, d.n);
+      const auto i = [](int64_t v) { return static_cast<blasint>(v); };
+      cblas_dgemm(CblasRowMajor, CblasNoTrans, CblasTrans, i(d.m), i(d.n), i(kk_n), 1.0, a_hat.data(), i(kk_n),
+                  b_hat.data(), i(kk_n), 0.0, prod.data(), i(d.n));
+    }
+    for (int64_t idx = 0; idx < mn; ++idx) {
+      const double old = a.beta == 0.0 ? 0.0 : a.beta * load_float(a.c, g * mn + idx);  // not read when beta = 0
+      store_float(a.c, g * mn + idx, prod[static_cast<size_t>(idx)] + old);
+    }
+    slot += tiles;
+  }
+  if (a.sum_sq.defined()) sum_squares(ctx, {.out = a.sum_sq, .x = a.c});  // Σ C² of the values just written
 }
 
 }  // namespace diffmoe

@@ -44,6 +44,9 @@ SiteText site_text(IssueSite s) {
     case IssueSite::kGroupedGemmOffsets: return {"grouped_gemm", "offsets", false, true};
     case IssueSite::kGroupedGemmMaxRows: return {"grouped_gemm", "offsets", false};
     case IssueSite::kGroupedGemmWgradOffsets: return {"grouped_gemm_wgrad", "offsets", false, true};
+    case IssueSite::kFp8GroupedGemmOffsets: return {"fp8_grouped_gemm", "offsets", false, true};
+    case IssueSite::kFp8GroupedGemmWgradOffsets: return {"fp8_grouped_gemm_wgrad", "offsets", false, true};
+    case IssueSite::kActQuantOffsets: return {"act_quant", "offsets", false, true};
     case IssueSite::kRopePositions: return {"rope", "positions", false};
     case IssueSite::kPagedCacheWriteSlots: return {"paged_cache_write", "slots", false};
     case IssueSite::kPagedAttentionBlockTable: return {"paged_latent_attention", "block_table", false};

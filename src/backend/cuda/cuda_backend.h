@@ -141,9 +141,11 @@ class CudaBackend final : public Backend, public OpProfiler {
   void act_quant(Context ctx, const ActQuantArgs& a) override;  // fp8_quant_ops.cu
   void weight_quant(Context ctx, const WeightQuantArgs& a) override;
   void weight_dequant(Context ctx, const WeightDequantArgs& a) override;
-  void fp8_gemm(Context ctx, const Fp8GemmArgs& a) override;                // fp8_gemm_ops.cpp
-  void rope(Context ctx, const RopeArgs& a) override;                       // rope_ops.cu
-  void mla_kv_split_fwd(Context ctx, const MlaKvSplitFwdArgs& a) override;  // attention_ops.cu
+  void fp8_gemm(Context ctx, const Fp8GemmArgs& a) override;                            // fp8_gemm_ops.cpp
+  void fp8_grouped_gemm(Context ctx, const Fp8GroupedGemmArgs& a) override;             // fp8_grouped_gemm_ops.cu
+  void fp8_grouped_gemm_wgrad(Context ctx, const Fp8GroupedGemmWgradArgs& a) override;  // fp8_grouped_gemm_ops.cu
+  void rope(Context ctx, const RopeArgs& a) override;                                   // rope_ops.cu
+  void mla_kv_split_fwd(Context ctx, const MlaKvSplitFwdArgs& a) override;              // attention_ops.cu
   void mla_kv_split_bwd(Context ctx, const MlaKvSplitBwdArgs& a) override;
   void diff_lambda_fwd(Context ctx, const DiffLambdaFwdArgs& a) override;
   void diff_lambda_bwd(Context ctx, const DiffLambdaBwdArgs& a) override;

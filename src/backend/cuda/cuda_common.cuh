@@ -51,6 +51,10 @@ void f32_to_bf16(void* dst, const float* src, int64_t n, cudaStream_t s, std::st
 void bf16_to_f32(float* dst, const void* src, int64_t n, cudaStream_t s, std::string_view op);
 inline int32_t* i32(const Tensor& t) { return static_cast<int32_t*>(t.data); }
 
+// Whether the Hopper GEMM kernels (TMA + wgmma: the bf16 and FP8 grouped ones) can run: sm_90a code
+// on a 9.x device. Asked once per process (gemm_ops.cu; the backend drives one device).
+bool grouped_hopper_usable();
+
 // Stores v as an f32 or, for outputs that only bf16 GEMMs read (the bf16 GEMM mode plans those in
 // bf16), rounded to bf16 through f32 as the CPU narrows.
 __device__ __forceinline__ void store_as(float* p, double v) { *p = static_cast<float>(v); }

@@ -33,6 +33,9 @@ enum class IssueSite : int32_t {
   kPagedAttentionKvLens,    // kv_lens[b] must cover the query rows and fit the block table (limit = capacity + 1)
   kPagedAttentionQOffsets,  // 0 = q_offsets[0] ≤ … ≤ q_offsets[B] = rows (limit = rows)
   kGroupedGemmMaxRows,  // group index-1's rows offsets[index] − offsets[index−1] = value exceed limit = max_group_rows
+  kFp8GroupedGemmOffsets,  // as kGroupedGemmOffsets, of fp8_grouped_gemm
+  kFp8GroupedGemmWgradOffsets,
+  kActQuantOffsets,  // act_quant's grouped transposed copy (ActQuantArgs::offsets)
 };
 
 struct DeviceIssue {

@@ -24,11 +24,13 @@
 // written. The path taken does not change a bit of the result.
 #include <cuda_bf16.h>
 
+#include <climits>
 #include <cstdint>
 
 #include "backend/cuda/cuda_common.cuh"
 #include "backend/cuda/elementwise.cuh"
 #include "backend/cuda/fp8_quant.cuh"
+#include "backend/cuda/grouped_gemm_tma.cuh"
 #include "backend/op_validation.h"
 
 namespace diffmoe {
@@ -148,6 +150,49 @@ __global__ void __launch_bounds__(kQuantThreads) act_quant_kernel(ActQuantParams
   }
 }
 
+// act_quant's grouped transposed copy (ActQuantArgs::offsets): one block of 128 threads per (column tile of x,
+// tile slot t). The slot's group comes from the prefix of the groups' tile counts in shared memory, built as the
+// grouped GEMMs build theirs (grouped_gemm_tma.cuh build_m_tile_prefix: a group with bad bounds gets no tile, and
+// block (0, 0) records the first bad offset), so the slots here are the ones fp8_grouped_gemm_wgrad reads. Thread i
+// takes column i of the tile: its amax over the slot's rows (coalesced: a warp reads 32 consecutive values of a
+// row), then its 128 codes, zeros past the group's last row, as 16-byte stores into its row of q_t.
+template <class In>
+__global__ void __launch_bounds__(fp8::kTile)
+    act_quant_grouped_t_kernel(const In* x, uint8_t* q_t, float* scale_t, const gg::GroupedGemmParams sched, int64_t k,
+                               int64_t width, bool ue8m0) {
+  extern __shared__ int s_prefix[];  // [G+1]: tile slots before each group
+  if (threadIdx.x < kWarp) gg::build_m_tile_prefix<fp8::kTile>(sched, s_prefix, threadIdx.x);
+  if (blockIdx.x == 0 && blockIdx.y == 0 && threadIdx.x == 0) gg::report_bad_offsets(sched);
+  __syncthreads();
+  const int t = blockIdx.y;
+  if (t >= s_prefix[sched.groups]) return;  // a slot past the last group's
+  int lo = 0, hi = sched.groups;            // the last g with s_prefix[g] ≤ t
+  while (hi - lo > 1) {
+    const int mid = (lo + hi) / 2;
+    if (s_prefix[mid] <= t) lo = mid;
+    else hi = mid;
+  }
+  const int64_t r0 = __ldg(sched.offsets + lo) + int64_t{t - s_prefix[lo]} * fp8::kTile;
+  const int count = static_cast<int>(min(int64_t{fp8::kTile}, __ldg(sched.offsets + lo + 1) - r0));
+  const int64_t col = int64_t{blockIdx.x} * fp8::kTile + threadIdx.x;
+  if (col >= k) return;
+  float amax = 0.0f;
+  for (int i = 0; i < count; ++i) amax = fmaxf(amax, fabsf(load1(x + (r0 + i) * k + col)));
+  const float s = fp8::tile_scale(amax, ue8m0);
+  scale_t[int64_t{t} * k + col] = s;
+  uint8_t* dst = q_t + col * width + int64_t{t} * fp8::kTile;
+  for (int i = 0; i < fp8::kTile; i += kCodesPerStore) {
+    uint32_t w[kCodesPerStore / 4];
+#pragma unroll
+    for (int j = 0; j < kCodesPerStore; ++j) {
+      const uint32_t code = i + j < count ? fp8::e4m3x1(load1(x + (r0 + i + j) * k + col), s) : 0u;
+      if (j % 4 == 0) w[j / 4] = code;
+      else w[j / 4] |= code << (8 * (j % 4));
+    }
+    *reinterpret_cast<uint4*>(dst + i) = make_uint4(w[0], w[1], w[2], w[3]);
+  }
+}
+
 template <class In>
 struct WeightQuantParams {
   const In* w;
@@ -157,10 +202,23 @@ struct WeightQuantParams {
   bool ue8m0, vec_rows, vec_cols;
 };
 
+// One block per 128×128 block; blockIdx.z: the matrix of a stack [G, N, K] (each quantised on its own).
 template <class In>
 __global__ void __launch_bounds__(kQuantThreads) weight_quant_kernel(WeightQuantParams<In> p) {
   __shared__ __align__(16) uint8_t codes[fp8::kTile][fp8::kTile];  // the block's codes, for q_t
   __shared__ float reduce[kQuantWarps];
+  if (blockIdx.z > 0) {  // matrix g of a stack: every pointer moves to its own part
+    const int64_t g = blockIdx.z, elems = g * p.n * p.k;
+    p.w += elems;
+    if (p.out.q != nullptr) {
+      p.out.q += elems;
+      p.out.scale += g * gridDim.y * p.scale_ld;
+    }
+    if (p.out.q_t != nullptr) {
+      p.out.q_t += elems;
+      p.out.scale_t += g * gridDim.x * p.scale_t_ld;
+    }
+  }
   const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
   const int64_t n0 = int64_t{blockIdx.y} * fp8::kTile, k0 = int64_t{blockIdx.x} * fp8::kTile;
   const bool full = n0 + fp8::kTile <= p.n && k0 + fp8::kTile <= p.k;
@@ -252,6 +310,28 @@ void launch_act_quant(const ActQuantParams<In>& p, cudaStream_t s) {
 }
 
 template <class In>
+void act_quant_grouped_as(CudaBackend& be, const ActQuantArgs& a, const Fp8QuantDims& d, cudaStream_t s) {
+  const int64_t slots = fp8_group_tiles(d.rows, d.groups);
+  DIFFMOE_CHECK(slots <= 65535 && d.groups <= gg::kTmaMaxGroups && d.rows <= INT32_MAX,
+                "[act_quant] {} rows in {} groups: more tile slots (65535), groups ({}) or rows than one launch covers",
+                d.rows, d.groups, gg::kTmaMaxGroups);
+  DIFFMOE_CHECK(reinterpret_cast<uintptr_t>(a.q_t.data) % kCodesPerStore == 0,
+                "[act_quant] the grouped q_t {} must start 16-byte aligned (its rows are written 16 codes at a time)",
+                a.q_t.describe());
+  const gg::GroupedGemmParams sched{.offsets = i32(a.offsets),
+                                    .rows = static_cast<int>(d.rows),
+                                    .groups = static_cast<int>(d.groups),
+                                    .issue = reinterpret_cast<gg::GroupedGemmIssue*>(be.issue()),
+                                    .issue_site = static_cast<int32_t>(IssueSite::kActQuantOffsets)};
+  const dim3 grid(static_cast<unsigned>(fp8_tiles(d.cols)), static_cast<unsigned>(slots));
+  const size_t smem = sizeof(int) * (static_cast<size_t>(d.groups) + 1);
+  act_quant_grouped_t_kernel<In><<<grid, fp8::kTile, smem, s>>>(static_cast<const In*>(a.x.data),
+                                                                static_cast<uint8_t*>(a.q_t.data), f32(a.scale_t),
+                                                                sched, d.cols, a.q_t.dim(1), a.ue8m0);
+  CUDA_CHECK_LAUNCH("act_quant (grouped)");
+}
+
+template <class In>
 void act_quant_as(const ActQuantArgs& a, const Fp8QuantDims& d, cudaStream_t s) {
   const In* x = static_cast<const In*>(a.x.data);
   ActQuantParams<In> p{
@@ -286,7 +366,11 @@ void weight_quant_as(const WeightQuantArgs& a, const Fp8QuantDims& d, cudaStream
       .ue8m0 = a.ue8m0,
       .vec_rows = d.cols % kVec == 0 && vec_aligned(w) && (!d.row_wise || aligned(a.q.data, kVec)),
       .vec_cols = d.rows % kCodesPerStore == 0 && (!d.col_wise || aligned(a.q_t.data, kCodesPerStore))};
-  weight_quant_kernel<In><<<tile_grid(d.rows, d.cols, "weight_quant"), kQuantThreads, 0, s>>>(p);
+  dim3 grid = tile_grid(d.rows, d.cols, "weight_quant");
+  DIFFMOE_CHECK(d.groups <= 65535, "[weight_quant] a stack of {} matrices exceeds one launch's grid.z (65535)",
+                d.groups);
+  grid.z = static_cast<unsigned>(d.groups);
+  weight_quant_kernel<In><<<grid, kQuantThreads, 0, s>>>(p);
   CUDA_CHECK_LAUNCH("weight_quant");
 }
 
@@ -296,6 +380,10 @@ void CudaBackend::act_quant(Context ctx, const ActQuantArgs& a) {
   const OpScope profile_scope(*this, stream(ctx), "act_quant");
   const Fp8QuantDims d = validate_act_quant(a, Device::kCUDA);
   if (d.rows == 0 || d.cols == 0) return;
+  if (d.grouped) {
+    if (a.x.dtype == DType::kBF16) return act_quant_grouped_as<__nv_bfloat16>(*this, a, d, stream(ctx));
+    return act_quant_grouped_as<float>(*this, a, d, stream(ctx));
+  }
   DIFFMOE_CHECK(!d.col_wise || max_shared_bytes() >= kTileSmemBytes + sizeof(float) * kColHalves * fp8::kTile,
                 "[act_quant] the transposed copy stages a 128×128 f32 tile in {} bytes of shared memory; this device "
                 "allows {} per block",
@@ -307,7 +395,7 @@ void CudaBackend::act_quant(Context ctx, const ActQuantArgs& a) {
 void CudaBackend::weight_quant(Context ctx, const WeightQuantArgs& a) {
   const OpScope profile_scope(*this, stream(ctx), "weight_quant");
   const Fp8QuantDims d = validate_weight_quant(a, Device::kCUDA);
-  if (d.rows == 0 || d.cols == 0) return;
+  if (d.rows == 0 || d.cols == 0 || d.groups == 0) return;
   if (a.w.dtype == DType::kBF16) return weight_quant_as<__nv_bfloat16>(a, d, stream(ctx));
   weight_quant_as<float>(a, d, stream(ctx));
 }

@@ -183,17 +183,6 @@ std::array<gg::bf16*, N> bf16_scratch_parts(CudaBackend& be, const std::array<in
   return parts;
 }
 
-// Whether the Hopper grouped kernel (TMA + wgmma) can run: sm_90a code on a 9.x device. Asked once
-// per process (the backend drives one device).
-bool grouped_hopper_usable() {
-  static const bool usable = [] {
-    int dev = 0;
-    CUDA_CHECK(cudaGetDevice(&dev));
-    return gg::wgmma_supported(dev);
-  }();
-  return usable;
-}
-
 // Whether a grouped operand [rows, cols] is read in place: a bf16 tensor whose rows need no padding
 // (cols a multiple of 8) and that starts 16-byte aligned (TMA and cp.async read 16-byte chunks).
 bool grouped_in_place(const Tensor& t, int64_t cols) {
@@ -290,6 +279,15 @@ void launch_grouped_gemv(const GroupedGemvParams& p, DType a_dtype, DType b_dtyp
 }
 
 }  // namespace
+
+bool cuda::grouped_hopper_usable() {
+  static const bool usable = [] {
+    int dev = 0;
+    CUDA_CHECK(cudaGetDevice(&dev));
+    return cuda::gg::wgmma_supported(dev);
+  }();
+  return usable;
+}
 
 bool CudaBackend::grouped_gemm_reads_offsets() const {
   return gemm_precision() != GemmPrecision::kBF16 || !grouped_kernels_fit(*this);

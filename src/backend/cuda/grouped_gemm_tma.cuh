@@ -165,9 +165,10 @@ __device__ __forceinline__ void wgmma_wait() {
 __device__ __forceinline__ void warpgroup_bar(int id) { asm volatile("bar.sync %0, 128;\n" ::"r"(id) : "memory"); }
 // Pins the accumulators in place around the asynchronous MMAs: the compiler may not read, move or
 // reuse them between issue and wait (each gets a volatile, ordered "definition" here).
-__device__ __forceinline__ void fence_operands(float (&d)[128]) {
+template <int kN>
+__device__ __forceinline__ void fence_operands(float (&d)[kN]) {
 #pragma unroll
-  for (int i = 0; i < 128; ++i) asm volatile("" : "+f"(d[i])::"memory");
+  for (int i = 0; i < kN; ++i) asm volatile("" : "+f"(d[i])::"memory");
 }
 
 // Descriptor of a K-major tile in the 128-byte swizzle layout starting at shared address `addr`:
@@ -266,16 +267,19 @@ __device__ __forceinline__ uint32_t epi_swizzle(int r8) { return ((r8 & 3) << 1)
 // Per chunk of kChunkCols columns: barrier (every thread has read the previous chunk), each thread
 // writes its values of the chunk, barrier, each thread copies 4 rows' 16-byte vectors to C.
 // bar_id: the warpgroup's named barrier (128 threads); the caller's branch is warpgroup-uniform.
-template <class T>
-__device__ __forceinline__ void epilogue_staged(const float (&acc)[128], uint32_t buf, T* c_blk, int64_t ldc,
+// kAcc: the accumulators per thread, 128 for an m64n256 block (the bf16 kernel), 64 for m64n128
+// (the FP8 kernel, grouped_gemm_fp8.cuh); the block has 2·kAcc columns.
+template <class T, int kAcc>
+__device__ __forceinline__ void epilogue_staged(const float (&acc)[kAcc], uint32_t buf, T* c_blk, int64_t ldc,
                                                 int rows_valid, int cols_valid, int bar_id) {
   constexpr int kRows = 64, kRowBytes = 128;         // TmaGemmTiles::kEpiRows, kEpiRowBytes
   constexpr int kChunkCols = kRowBytes / sizeof(T);  // 32 f32 or 64 bf16 columns per chunk
-  constexpr int kChunks = 256 / kChunkCols;          // 8 or 4 chunks per n256 block
-  constexpr int kBlocksPerChunk = kChunkCols / 8;    // the accumulators' 8-column blocks j per chunk
-  constexpr int kVec = 16 / sizeof(T);               // elements per 16-byte vector
-  constexpr int kVecsPerRow = kRowBytes / 16;        // 8 lanes per row on the read side
-  constexpr int kRowsPerPass = 128 / kVecsPerRow;    // the warpgroup copies 16 rows per pass
+  constexpr int kChunks = 2 * kAcc / kChunkCols;     // 8 or 4 chunks per n256 block, 4 or 2 per n128
+  static_assert(2 * kAcc % kChunkCols == 0, "whole chunks per block");
+  constexpr int kBlocksPerChunk = kChunkCols / 8;  // the accumulators' 8-column blocks j per chunk
+  constexpr int kVec = 16 / sizeof(T);             // elements per 16-byte vector
+  constexpr int kVecsPerRow = kRowBytes / 16;      // 8 lanes per row on the read side
+  constexpr int kRowsPerPass = 128 / kVecsPerRow;  // the warpgroup copies 16 rows per pass
   static_assert(sizeof(T) == 4 || sizeof(T) == 2, "f32 or bf16 output");
   if (rows_valid <= 0) return;  // (uniform) the tile's rows end in the other warpgroup's half
   // The thread index is read here, not passed in: values derived from it would otherwise be
@@ -333,9 +337,9 @@ struct TmaTile {
 
 // Tile number t, or false past the last one. s_prefix [G+1]: m-tiles before each group (fwd/dgrad).
 // kTwoTerms: the tile's k-loop also runs the second term's k-tiles.
-template <GroupedLayout L, bool kTwoTerms>
+// Cfg: the tile sizes (kBM, kBN, kBK in elements); the FP8 kernel passes its own.
+template <GroupedLayout L, bool kTwoTerms, class Cfg = TmaGemmTiles<L>>
 __device__ __forceinline__ bool tma_tile_at(const GroupedGemmParams& p, const int* s_prefix, int t, TmaTile& ti) {
-  using Cfg = TmaGemmTiles<L>;
   const int n_tiles = (p.n + Cfg::kBN - 1) / Cfg::kBN;
   if constexpr (L == GroupedLayout::kWgrad) {
     const int m_tiles = (p.m + Cfg::kBM - 1) / Cfg::kBM, per_group = m_tiles * n_tiles;
@@ -623,8 +627,9 @@ __global__ void __launch_bounds__(TmaGemmTiles<L>::kThreads, 1)
 
 // ---------------------------------------------------------------- launch
 
-// Writes 1 when the code that runs was compiled with the sm_90a features (wgmma), else 0.
-__global__ void sm90a_probe_kernel(int* out) {
+// Writes 1 when the code that runs was compiled with the sm_90a features (wgmma), else 0. Static: every file
+// that includes this header gets its own (the header is included by several op files).
+static __global__ void sm90a_probe_kernel(int* out) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   *out = 1;
 #else
@@ -635,7 +640,7 @@ __global__ void sm90a_probe_kernel(int* out) {
 // Whether the Hopper kernel can run here: a compute capability 9.x device whose loaded code has the
 // sm_90a features. A plain sm_90 build (or PTX JIT-compiled without them) would reach the kernel's
 // trap, so a one-thread probe asks the code itself (one blocking launch; callers cache the answer).
-inline bool wgmma_supported(int device) {
+static inline bool wgmma_supported(int device) {  // static: it launches this file's static probe
   int major = 0;
   if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess || major != 9)
     return false;
@@ -663,15 +668,19 @@ inline PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
   return fn;
 }
 
-// A bf16 tensor map with the 128-byte swizzle; dims innermost first, strides in bytes (rank − 1).
-inline bool encode_bf16_map(CUtensorMap* map, const bf16* base, int rank, const cuuint64_t* dims,
-                            const cuuint64_t* strides, const cuuint32_t* box) {
+// A tensor map of `type` with the 128-byte swizzle; dims innermost first, strides in bytes (rank − 1).
+inline bool encode_swizzled_map(CUtensorMap* map, CUtensorMapDataType type, const void* base, int rank,
+                                const cuuint64_t* dims, const cuuint64_t* strides, const cuuint32_t* box) {
   const PFN_cuTensorMapEncodeTiled_v12000 encode = tensor_map_encoder();
   if (encode == nullptr) return false;
   const cuuint32_t elem_strides[3] = {1, 1, 1};
-  return encode(map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, static_cast<cuuint32_t>(rank), const_cast<bf16*>(base), dims,
-                strides, box, elem_strides, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
-                CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
+  return encode(map, type, static_cast<cuuint32_t>(rank), const_cast<void*>(base), dims, strides, box, elem_strides,
+                CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
+}
+inline bool encode_bf16_map(CUtensorMap* map, const bf16* base, int rank, const cuuint64_t* dims,
+                            const cuuint64_t* strides, const cuuint32_t* box) {
+  return encode_swizzled_map(map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, base, rank, dims, strides, box);
 }
 
 // Why the TMA kernel does not take these params, or null when it does: operands 16-byte aligned
