@@ -253,8 +253,8 @@ void bench_grouped(Backend& be, const ModelConfig& c, int64_t tokens, int iters)
     b.fill_normal(b["a2"], 22, 1.0);
     b.fill_normal(b["w"], 23, 0.02);
     b.fill_normal(b["w2"], 24, 0.02);
-    for (const char* n : {"a", "a2", "w"}) be.copy({}, {.dst = b[std::string(n) + "16"], .src = b[n]});
-    be.copy({}, {.dst = b["w2_16"], .src = b["w2"]});
+    for (const auto& [src, dst] : {std::pair{"a", "a16"}, {"a2", "a2_16"}, {"w", "w16"}, {"w2", "w2_16"}})
+      be.copy({}, {.dst = b[dst], .src = b[src]});
     const bool two = f.k2 > 0;
     const auto quant = [&] {
       be.act_quant({}, {.q = b["aq"], .scale = b["as"], .x = b["a16"]});

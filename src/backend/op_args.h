@@ -225,6 +225,8 @@ constexpr int64_t fp8_group_tiles(int64_t rows, int64_t groups) { return fp8_til
 // A block's amax does not depend on its orientation, so q_t = qᵀ and scale_t = scaleᵀ bit for bit.
 // A stack W [G, N, K] (the routed experts) is G weights quantised each on its own, every tensor
 // above with a leading G: q [G, N, K], scale [G, ceil(N/128), …], q_t [G, K, N], scale_t [G, ceil(K/128), …].
+// bf16_source: quantise the bf16 rounding of w (each f32 value rounded to nearest even first, the bits
+// a bf16 copy of w holds; a bf16 w is unchanged): the fp8 mode's f32 compute weights, without a copy.
 struct WeightQuantArgs {
   Tensor q = {};
   Tensor scale = {};
@@ -232,6 +234,7 @@ struct WeightQuantArgs {
   Tensor scale_t = {};
   Tensor w;
   bool ue8m0 = false;
+  bool bf16_source = false;
 };
 // weight_dequant: w [N, K] = q[n, k] · scale[n/128, k/128], one f32 product per element, rounded to
 // w's dtype (f32 or bf16; the CPU also f64, where the product is exact). q, scale as weight_quant's.

@@ -60,10 +60,6 @@ void plan_fp8(const ModelConfig& cfg, PrecisionPlan& pl, int64_t tokens, Arena& 
   const int64_t width = std::max(max_n, max_k);
   // Three sets of views, each live only inside one kind of call, so they share their bytes: a dense
   // Linear's (D), a routed experts' grouped Fprop/Dgrad's (G) and the experts' grouped Wgrad's (W).
-  // w16, which calls of D and G both fill before quantising, comes first, outside the sets.
-  const std::vector<ScratchView> w16 = {
-      // the bf16 rounding of an f32 compute weight (or stack), which its blocks are quantised from
-      {"scratch.fp8.w16", std::max(matrix, stack), R::kGemmOperand}};
   std::vector<std::vector<ScratchView>> sets = {{
       {"scratch.fp8.a.q", rows * width, R::kFp8Data},
       {"scratch.fp8.a.scale", fp8_tiles(width) * rows, R::kFp8Scale},
@@ -103,7 +99,7 @@ void plan_fp8(const ModelConfig& cfg, PrecisionPlan& pl, int64_t tokens, Arena& 
   };
   size_t largest_set = 0;
   for (const auto& set : sets) largest_set = std::max(largest_set, bytes_of(set));
-  const size_t bytes = bytes_of(w16) + largest_set;
+  const size_t bytes = largest_set;
   std::string host = "scratch.dlogits";
   const auto e =
       std::find_if(acts.entries().begin(), acts.entries().end(), [&](const Arena::Entry& x) { return x.name == host; });
@@ -119,8 +115,7 @@ void plan_fp8(const ModelConfig& cfg, PrecisionPlan& pl, int64_t tokens, Arena& 
       offset += Arena::view_bytes(Shape{v.numel}, pl.dtype(v.role));
     }
   };
-  place(w16, 0);
-  for (const auto& set : sets) place(set, bytes_of(w16));
+  for (const auto& set : sets) place(set, 0);
 }
 
 Fp8WeightTable fp8_weight_table(const std::vector<ParamSpec>& specs, const PrecisionPlan& pl,

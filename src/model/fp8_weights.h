@@ -39,7 +39,6 @@ using Fp8WeightTable = std::unordered_map<const void*, Fp8Weight>;
 //   scratch.fp8.b_t  x quantised in 128×1 tiles (Wgrad's B)
 //   scratch.fp8.w    the weight in 128×128 blocks (Fprop's B)
 //   scratch.fp8.w_t  its transpose in 128×128 blocks (Dgrad's B)
-//   scratch.fp8.w16  the bf16 rounding of an f32 compute weight or stack (the blocks' source)
 //   scratch.fp8.ga, ga2  the routed experts' A and A2 operands quantised row-wise, all rows (fp8_grouped_gemm)
 //   scratch.fp8.gw, gw2  the blocks of an expert stack W or Wᵀ, of each term (fp8_grouped_gemm)
 //   scratch.fp8.gt     the routed experts' dy and x quantised transposed per expert, one after the other
@@ -47,7 +46,7 @@ using Fp8WeightTable = std::unordered_map<const void*, Fp8Weight>;
 // the quantised ones with a data view (.q, e4m3) and a scale view (.scale, f32), sized for the largest call. All of
 // it is live only inside one LayerContext GEMM call, and the slots of a dense Linear (a … w_t), of the experts'
 // Fprop/Dgrad (ga … gw2) and of their Wgrad (gt) are never live together, so those three sets share
-// their bytes (w16 lies before them). It is planned as aliases (Storage::kAlias)
+// their bytes. It is planned as aliases (Storage::kAlias)
 // over the bytes of "scratch.dlogits", the head's logits gradient, which is live only from the
 // cross-entropy backward to the head's two bf16 GEMMs, before any layer's backward (Model::backward);
 // where those bytes are too few, over a region "scratch.fp8" of its own. Call after "scratch.dlogits"

@@ -40,23 +40,15 @@ Fp8Slot cols_slot(const LayerContext& lc, const char* name, int64_t m, int64_t k
   return slot(lc, name, Shape{k, m}, Shape{fp8_tiles(m), k});
 }
 
-// The weight the blocks are quantised from: the bf16 compute weight, or an f32 one (its own master,
-// PrecisionPlan::compute_dtype) rounded to bf16 into scratch first, as a bf16 copy would hold it.
-Tensor bf16_weight(const LayerContext& lc, const Fp8Weight& f) {
-  if (f.w.dtype == DType::kBF16) return f.w;
-  const Tensor w16 = lc.scratch("scratch.fp8.w16", f.w.shape);
-  lc.be->copy(lc.ctx, {.dst = w16, .src = f.w});  // round to nearest even, as the optimizer's bf16 copy
-  return w16;
-}
 // W [N, K] in 128×128 blocks (Fprop's B) in slot "w", or Wᵀ [K, N] (Dgrad's B) in slot "w_t".
 Fp8Slot weight_blocks(const LayerContext& lc, const Fp8Weight& f) {
   const Fp8Slot b = slot(lc, "w", Shape{f.n, f.k}, Shape{fp8_tiles(f.n), fp8_block_scale_cols(f.k)});
-  lc.be->weight_quant(lc.ctx, {.q = b.q, .scale = b.scale, .w = bf16_weight(lc, f)});
+  lc.be->weight_quant(lc.ctx, {.q = b.q, .scale = b.scale, .w = f.w, .bf16_source = true});
   return b;
 }
 Fp8Slot weight_blocks_t(const LayerContext& lc, const Fp8Weight& f) {
   const Fp8Slot b = slot(lc, "w_t", Shape{f.k, f.n}, Shape{fp8_tiles(f.k), fp8_block_scale_cols(f.n)});
-  lc.be->weight_quant(lc.ctx, {.q_t = b.q, .scale_t = b.scale, .w = bf16_weight(lc, f)});
+  lc.be->weight_quant(lc.ctx, {.q_t = b.q, .scale_t = b.scale, .w = f.w, .bf16_source = true});
   return b;
 }
 
@@ -65,9 +57,8 @@ Fp8Slot stack_blocks(const LayerContext& lc, const char* name, const Fp8Weight& 
   const int64_t rows = trans_b ? f.n : f.k, cols = trans_b ? f.k : f.n;
   const Fp8Slot b =
       slot(lc, name, Shape{f.experts, rows, cols}, Shape{f.experts, fp8_tiles(rows), fp8_block_scale_cols(cols)});
-  const Tensor w = bf16_weight(lc, f);
-  if (trans_b) lc.be->weight_quant(lc.ctx, {.q = b.q, .scale = b.scale, .w = w});
-  else lc.be->weight_quant(lc.ctx, {.q_t = b.q, .scale_t = b.scale, .w = w});
+  if (trans_b) lc.be->weight_quant(lc.ctx, {.q = b.q, .scale = b.scale, .w = f.w, .bf16_source = true});
+  else lc.be->weight_quant(lc.ctx, {.q_t = b.q, .scale_t = b.scale, .w = f.w, .bf16_source = true});
   return b;
 }
 

@@ -212,10 +212,17 @@ TEST(CudaFp8Quant, WeightQuantStackBitwise) {
       Dual q(Shape{g, n, k}, DType::kF8E4M3), scale(Shape{g, fp8_tiles(n), fp8_block_scale_cols(k)}),
           q_t(Shape{g, k, n}, DType::kF8E4M3), scale_t(Shape{g, fp8_tiles(k), fp8_block_scale_cols(n)});
       for (Dual* d : {&q, &scale, &q_t, &scale_t}) d->poison();
+      const bool bf16_source = dt == DType::kF32 && g % 2 == 1;  // the f32 weights' bf16 rounding (some cases)
       run_both([&](Backend& be, Side s) {
-        be.weight_quant({}, {.q = q[s], .scale = scale[s], .q_t = q_t[s], .scale_t = scale_t[s], .w = w[s]});
+        be.weight_quant({}, {.q = q[s],
+                             .scale = scale[s],
+                             .q_t = q_t[s],
+                             .scale_t = scale_t[s],
+                             .w = w[s],
+                             .bf16_source = bf16_source});
       });
-      const std::string what = fmt::format("weight_quant stack {}x{}x{} {}", g, n, k, dtype_name(dt));
+      const std::string what =
+          fmt::format("weight_quant stack {}x{}x{} {} bf16_source={}", g, n, k, dtype_name(dt), bf16_source);
       expect_same_bytes(q, what + ": q");
       expect_same_bytes(scale, what + ": scale");
       expect_same_bytes(q_t, what + ": q_t");

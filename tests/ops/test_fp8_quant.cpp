@@ -8,6 +8,7 @@
 #include <cmath>
 #include <cstring>
 #include <set>
+#include <tuple>
 #include <vector>
 
 #include "fp8_test_util.h"
@@ -366,6 +367,23 @@ TEST_F(Fp8Quant, WeightQuantStackIsEachMatrixOnItsOwn) {
   Owned bad({G, N + 1, K}, DType::kF8E4M3);
   expect_error([&] { be.weight_quant(ctx, {.q = bad, .scale = s, .w = w}); },
                {"[weight_quant]", "q: expected shape [3, 200, 136]"});
+}
+
+// bf16_source: an f32 weight quantised as its bf16 rounding, byte for byte the quantisation of a bf16 copy (the
+// values are chosen so that most differ from their rounding), and not that of the f32 values themselves.
+TEST_F(Fp8Quant, Bf16SourceQuantisesTheBf16Rounding) {
+  const int64_t N = 200, K = 136;
+  const std::vector<float> v = test::fp8_test_values(N, K, 91);
+  const Owned w32 = make_source(v, N, K, DType::kF32), w16 = make_source(v, N, K, DType::kBF16);
+  const auto quant = [&](const Owned& w, bool bf16_source) {
+    Owned q({N, K}, DType::kF8E4M3), s({fp8_tiles(N), fp8_block_scale_cols(K)}, DType::kF32),
+        q_t({K, N}, DType::kF8E4M3), s_t({fp8_tiles(K), fp8_block_scale_cols(N)}, DType::kF32);
+    be.weight_quant(ctx, {.q = q, .scale = s, .q_t = q_t, .scale_t = s_t, .w = w, .bf16_source = bf16_source});
+    return std::tuple{codes_of(q), floats_of(s), codes_of(q_t), floats_of(s_t)};
+  };
+  EXPECT_EQ(quant(w32, true), quant(w16, false));
+  EXPECT_EQ(quant(w16, true), quant(w16, false));
+  EXPECT_NE(quant(w32, true), quant(w32, false)) << "the test values are their own bf16 roundings";
 }
 
 TEST_F(Fp8Quant, ErrorsNameTheField) {

@@ -137,7 +137,10 @@ void CpuBackend::weight_quant(Context, const WeightQuantArgs& a) {
         // The block read row by row as one tile of rows·cols values: i → (n0 + i / cols, k0 + i % cols).
         const float s = quantise_tile(
             rows * cols, a.ue8m0,
-            [&](int64_t i) { return source_value(a.w, w0 + (n0 + i / cols) * k_cols + k0 + i % cols); },
+            [&](int64_t i) {
+              const float v = source_value(a.w, w0 + (n0 + i / cols) * k_cols + k0 + i % cols);
+              return a.bf16_source ? bf16_to_f32(f32_to_bf16(v)) : v;
+            },
             [&](int64_t i, uint8_t c) {
               const int64_t n = n0 + i / cols, k = k0 + i % cols;
               if (q != nullptr) q[n * k_cols + k] = c;

@@ -200,7 +200,10 @@ struct WeightQuantParams {
   int64_t n, k;
   int64_t scale_ld, scale_t_ld;  // the scale rows' padded lengths (op_args.h fp8_block_scale_cols)
   bool ue8m0, vec_rows, vec_cols;
+  bool bf16_source;  // round each value to bf16 first (WeightQuantArgs::bf16_source)
 };
+
+__device__ __forceinline__ float bf16_rounded(float x) { return __bfloat162float(__float2bfloat16_rn(x)); }
 
 // One block per 128×128 block; blockIdx.z: the matrix of a stack [G, N, K] (each quantised on its own).
 template <class In>
@@ -230,6 +233,8 @@ __global__ void __launch_bounds__(kQuantThreads) weight_quant_kernel(WeightQuant
 #pragma unroll
   for (int i = 0; i < kRowsPerWarp; ++i) {
     v[i] = load_row_part(p.w, n0 + warp + i * kQuantWarps, k0 + c0, p.n, p.k, vec);
+    if (p.bf16_source)
+      v[i] = make_float4(bf16_rounded(v[i].x), bf16_rounded(v[i].y), bf16_rounded(v[i].z), bf16_rounded(v[i].w));
     amax = fmaxf(amax, fp8::abs_max4(v[i]));
   }
   const float s = fp8::tile_scale(block_max(amax, reduce), p.ue8m0);
@@ -365,7 +370,8 @@ void weight_quant_as(const WeightQuantArgs& a, const Fp8QuantDims& d, cudaStream
       .scale_t_ld = fp8_block_scale_cols(d.rows),
       .ue8m0 = a.ue8m0,
       .vec_rows = d.cols % kVec == 0 && vec_aligned(w) && (!d.row_wise || aligned(a.q.data, kVec)),
-      .vec_cols = d.rows % kCodesPerStore == 0 && (!d.col_wise || aligned(a.q_t.data, kCodesPerStore))};
+      .vec_cols = d.rows % kCodesPerStore == 0 && (!d.col_wise || aligned(a.q_t.data, kCodesPerStore)),
+      .bf16_source = a.bf16_source};
   dim3 grid = tile_grid(d.rows, d.cols, "weight_quant");
   DIFFMOE_CHECK(d.groups <= 65535, "[weight_quant] a stack of {} matrices exceeds one launch's grid.z (65535)",
                 d.groups);
