@@ -50,11 +50,7 @@ bool is_fp8_gemm_weight(const ParamSpec& p) { return p.kind == ParamKind::kMatri
 
 bool PrecisionPlan::fp8_weight(const ParamSpec& p) const {
   if (!fp8() || !is_fp8_gemm_weight(p) || p.shape.rank() < 2) return false;
-  // A routed-expert stack runs on the grouped FP8 kernels, which take edge tiles (sides multiples of 16:
-  // its K-major rows in 16-byte steps, either side being K in one of its GEMMs); a dense Linear on
-  // cuBLASLt's block-scaled GEMM, whole 128×128 weight blocks only (docs/model.md §7).
-  const int64_t side = p.kind == ParamKind::kExpert ? kFp8ExpertSide : kFp8Tile;
-  return p.shape[-1] % side == 0 && p.shape[-2] % side == 0;
+  return p.shape[-1] % kFp8Tile == 0 && p.shape[-2] % kFp8Tile == 0;
 }
 
 DType PrecisionPlan::compute_dtype(const ParamSpec& p, int64_t dp) const {

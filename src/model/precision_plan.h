@@ -27,9 +27,6 @@
 
 namespace diffmoe {
 
-// The sides of a routed-expert stack that runs in FP8 are multiples of this (PrecisionPlan::fp8_weight).
-constexpr int64_t kFp8ExpertSide = 16;
-
 enum class Precision : uint8_t { kF32, kBF16, kFP8 };
 
 // "f32" | "bf16" | "bf16_gemm" (the same mode) | "fp8". Anything else throws naming `key`.
@@ -78,9 +75,8 @@ class PrecisionPlan {
   bool fp8() const { return mode_ == Precision::kFP8; }
   // Whether the fp8 mode runs the GEMMs of parameter p in FP8 (docs/model.md §7): p is an attention
   // projection, a dense or shared FFN matrix or a routed-expert stack (is_fp8_gemm_weight) and
-  // both of its matrix dimensions are multiples of 128 (whole 128×128 weight blocks; cuBLASLt's FP8
-  // GEMM), or of kFp8ExpertSide for an expert stack (the grouped FP8 kernels take edge blocks); other
-  // shapes keep the bf16 GEMMs. False outside the fp8 mode.
+  // both of its matrix dimensions are multiples of 128 (whole 128×128 weight blocks); other shapes
+  // keep the bf16 GEMMs. False outside the fp8 mode.
   bool fp8_weight(const ParamSpec& p) const;
 
   DType dtype(ActRole role) const;
