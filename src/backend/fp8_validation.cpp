@@ -41,23 +41,23 @@ bool pair_given(const Tensor& q, const Tensor& s, std::string_view op, std::stri
   return q.defined();
 }
 
-// The outputs of a quantiser of a source [rows, cols]: which pairs are given (at least one) and the
-// shapes of each, given the scale shapes of the row-wise and the transposed copy.
-Fp8QuantDims check_quant_outputs(std::string_view op, const Tensor& src, const Tensor& q, const Tensor& scale,
-                                 const Tensor& q_t, const Tensor& scale_t, const Shape& scale_shape,
-                                 const Shape& scale_t_shape, Device dev) {
-  Fp8QuantDims d{.rows = src.dim(0), .cols = src.dim(1)};
+// The outputs of a quantiser whose source has the dims d: which pairs are given (at least one), each
+// checked against the shapes of the row-wise copy (q, scale) and the transposed one (q_t, scale_t).
+Fp8QuantDims check_quant_outputs(std::string_view op, Fp8QuantDims d, const Tensor& q, const Tensor& scale,
+                                 const Tensor& q_t, const Tensor& scale_t, const Shape& q_shape,
+                                 const Shape& scale_shape, const Shape& q_t_shape, const Shape& scale_t_shape,
+                                 Device dev) {
   d.row_wise = pair_given(q, scale, op, "q", "scale");
   d.col_wise = pair_given(q_t, scale_t, op, "q_t", "scale_t");
   DIFFMOE_CHECK(d.row_wise || d.col_wise,
                 "[{}] no output: give q and scale (the row-wise copy), q_t and scale_t (the transposed copy), or both",
                 op);
   if (d.row_wise) {
-    expect(q, Shape{d.rows, d.cols}, DType::kF8E4M3, dev, op, "q");
+    expect(q, q_shape, DType::kF8E4M3, dev, op, "q");
     expect(scale, scale_shape, DType::kF32, dev, op, "scale");
   }
   if (d.col_wise) {
-    expect(q_t, Shape{d.cols, d.rows}, DType::kF8E4M3, dev, op, "q_t");
+    expect(q_t, q_t_shape, DType::kF8E4M3, dev, op, "q_t");
     expect(scale_t, scale_t_shape, DType::kF32, dev, op, "scale_t");
   }
   return d;
@@ -85,35 +85,20 @@ Fp8QuantDims validate_act_quant(const ActQuantArgs& a, Device dev) {
     return Fp8QuantDims{.rows = m, .cols = k, .col_wise = true, .groups = g, .grouped = true};
   }
   // 1×128 tiles along each copy's rows: scale [ceil(K/128), M], scale_t [ceil(M/128), K] (op_args.h).
-  return check_quant_outputs(kOp, a.x, a.q, a.scale, a.q_t, a.scale_t, Shape{fp8_tiles(k), m}, Shape{fp8_tiles(m), k},
-                             dev);
+  return check_quant_outputs(kOp, Fp8QuantDims{.rows = m, .cols = k}, a.q, a.scale, a.q_t, a.scale_t, Shape{m, k},
+                             Shape{fp8_tiles(k), m}, Shape{k, m}, Shape{fp8_tiles(m), k}, dev);
 }
 
 Fp8QuantDims validate_weight_quant(const WeightQuantArgs& a, Device dev) {
   constexpr std::string_view kOp = "weight_quant";
   check_source(a.w, dev, kOp, "w", /*stack=*/true);
-  if (a.w.rank() == 2) {
-    const int64_t n = a.w.dim(0), k = a.w.dim(1);
-    return check_quant_outputs(kOp, a.w, a.q, a.scale, a.q_t, a.scale_t, Shape{fp8_tiles(n), fp8_block_scale_cols(k)},
-                               Shape{fp8_tiles(k), fp8_block_scale_cols(n)}, dev);
-  }
   // A stack [G, N, K]: every output with a leading G (op_args.h).
-  const int64_t g = a.w.dim(0), n = a.w.dim(1), k = a.w.dim(2);
-  Fp8QuantDims d{.rows = n, .cols = k, .groups = g};
-  d.row_wise = pair_given(a.q, a.scale, kOp, "q", "scale");
-  d.col_wise = pair_given(a.q_t, a.scale_t, kOp, "q_t", "scale_t");
-  DIFFMOE_CHECK(d.row_wise || d.col_wise,
-                "[{}] no output: give q and scale (the row-wise copy), q_t and scale_t (the transposed copy), or both",
-                kOp);
-  if (d.row_wise) {
-    expect(a.q, Shape{g, n, k}, DType::kF8E4M3, dev, kOp, "q");
-    expect(a.scale, Shape{g, fp8_tiles(n), fp8_block_scale_cols(k)}, DType::kF32, dev, kOp, "scale");
-  }
-  if (d.col_wise) {
-    expect(a.q_t, Shape{g, k, n}, DType::kF8E4M3, dev, kOp, "q_t");
-    expect(a.scale_t, Shape{g, fp8_tiles(k), fp8_block_scale_cols(n)}, DType::kF32, dev, kOp, "scale_t");
-  }
-  return d;
+  const bool stack = a.w.rank() == 3;
+  const int64_t g = stack ? a.w.dim(0) : 1, n = a.w.dim(-2), k = a.w.dim(-1);
+  const auto shape = [&](int64_t rows, int64_t cols) { return stack ? Shape{g, rows, cols} : Shape{rows, cols}; };
+  return check_quant_outputs(kOp, Fp8QuantDims{.rows = n, .cols = k, .groups = g}, a.q, a.scale, a.q_t, a.scale_t,
+                             shape(n, k), shape(fp8_tiles(n), fp8_block_scale_cols(k)), shape(k, n),
+                             shape(fp8_tiles(k), fp8_block_scale_cols(n)), dev);
 }
 
 Fp8QuantDims validate_weight_dequant(const WeightDequantArgs& a, Device dev) {

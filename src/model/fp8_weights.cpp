@@ -24,11 +24,6 @@ struct ScratchView {
 };
 }  // namespace
 
-Fp8Weight Fp8Weight::expert(int64_t e) const {
-  DIFFMOE_CHECK(experts > 0 && e >= 0 && e < experts, "[model] fp8 weight: expert {} of a {}-expert stack", e, experts);
-  return Fp8Weight{.w = w.reshape(Shape{experts * n, k}).rows(e * n, (e + 1) * n), .n = n, .k = k, .experts = 0};
-}
-
 void plan_fp8(const ModelConfig& cfg, PrecisionPlan& pl, int64_t tokens, Arena& acts) {
   if (!pl.fp8()) return;
   using R = ActRole;
@@ -97,9 +92,8 @@ void plan_fp8(const ModelConfig& cfg, PrecisionPlan& pl, int64_t tokens, Arena& 
     for (const ScratchView& v : views) b += Arena::view_bytes(Shape{v.numel}, pl.dtype(v.role));
     return b;
   };
-  size_t largest_set = 0;
-  for (const auto& set : sets) largest_set = std::max(largest_set, bytes_of(set));
-  const size_t bytes = largest_set;
+  size_t bytes = 0;  // the largest set's
+  for (const auto& set : sets) bytes = std::max(bytes, bytes_of(set));
   std::string host = "scratch.dlogits";
   const auto e =
       std::find_if(acts.entries().begin(), acts.entries().end(), [&](const Arena::Entry& x) { return x.name == host; });
@@ -108,14 +102,13 @@ void plan_fp8(const ModelConfig& cfg, PrecisionPlan& pl, int64_t tokens, Arena& 
     host = "scratch.fp8";
     pl.add(acts, host, Shape{static_cast<int64_t>(bytes)}, R::kFp8Data);  // one byte per element
   }
-  // Views laid out one after another from `offset`.
-  const auto place = [&](const std::vector<ScratchView>& views, size_t offset) {
-    for (const ScratchView& v : views) {
+  for (const auto& set : sets) {  // each set's views one after another from the host's first byte
+    size_t offset = 0;
+    for (const ScratchView& v : set) {
       pl.alias(acts, v.name, Shape{v.numel}, v.role, host, offset);
       offset += Arena::view_bytes(Shape{v.numel}, pl.dtype(v.role));
     }
-  };
-  for (const auto& set : sets) place(set, 0);
+  }
 }
 
 Fp8WeightTable fp8_weight_table(const std::vector<ParamSpec>& specs, const PrecisionPlan& pl,

@@ -26,7 +26,6 @@ struct Fp8Weight {
   Tensor w;              // the compute weight: bf16, or f32 where it is its own master (PrecisionPlan::compute_dtype)
   int64_t n = 0, k = 0;  // one matrix's [N, K]
   int64_t experts = 0;   // 0: a single matrix
-  Fp8Weight expert(int64_t e) const;  // expert e's matrix, as a single matrix
 };
 
 // The fp8 mode's weights by the data address of their compute weight (LayerContext::linear finds

@@ -40,25 +40,16 @@ Fp8Slot cols_slot(const LayerContext& lc, const char* name, int64_t m, int64_t k
   return slot(lc, name, Shape{k, m}, Shape{fp8_tiles(m), k});
 }
 
-// W [N, K] in 128×128 blocks (Fprop's B) in slot "w", or Wᵀ [K, N] (Dgrad's B) in slot "w_t".
-Fp8Slot weight_blocks(const LayerContext& lc, const Fp8Weight& f) {
-  const Fp8Slot b = slot(lc, "w", Shape{f.n, f.k}, Shape{fp8_tiles(f.n), fp8_block_scale_cols(f.k)});
-  lc.be->weight_quant(lc.ctx, {.q = b.q, .scale = b.scale, .w = f.w, .bf16_source = true});
-  return b;
-}
-Fp8Slot weight_blocks_t(const LayerContext& lc, const Fp8Weight& f) {
-  const Fp8Slot b = slot(lc, "w_t", Shape{f.k, f.n}, Shape{fp8_tiles(f.k), fp8_block_scale_cols(f.n)});
-  lc.be->weight_quant(lc.ctx, {.q_t = b.q, .scale_t = b.scale, .w = f.w, .bf16_source = true});
-  return b;
-}
-
-// An expert stack's blocks in slot `name`: W [G, N, K] (Fprop's B, trans_b) or Wᵀ [G, K, N] (Dgrad's B).
-Fp8Slot stack_blocks(const LayerContext& lc, const char* name, const Fp8Weight& f, bool trans_b) {
-  const int64_t rows = trans_b ? f.n : f.k, cols = trans_b ? f.k : f.n;
-  const Fp8Slot b =
-      slot(lc, name, Shape{f.experts, rows, cols}, Shape{f.experts, fp8_tiles(rows), fp8_block_scale_cols(cols)});
-  if (trans_b) lc.be->weight_quant(lc.ctx, {.q = b.q, .scale = b.scale, .w = f.w, .bf16_source = true});
-  else lc.be->weight_quant(lc.ctx, {.q_t = b.q, .scale_t = b.scale, .w = f.w, .bf16_source = true});
+// A weight's 128×128 blocks in slot `name`, quantised from the bf16 rounding of its compute weight:
+// W [N, K] (Fprop's B) or, transposed, Wᵀ [K, N] (Dgrad's B); an expert stack [E, …] each matrix on its own.
+Fp8Slot weight_blocks(const LayerContext& lc, const char* name, const Fp8Weight& f, bool transposed) {
+  const int64_t rows = transposed ? f.k : f.n, cols = transposed ? f.n : f.k;
+  const Shape q = f.experts > 0 ? Shape{f.experts, rows, cols} : Shape{rows, cols};
+  const Shape scale = f.experts > 0 ? Shape{f.experts, fp8_tiles(rows), fp8_block_scale_cols(cols)}
+                                    : Shape{fp8_tiles(rows), fp8_block_scale_cols(cols)};
+  const Fp8Slot b = slot(lc, name, q, scale);
+  if (transposed) lc.be->weight_quant(lc.ctx, {.q_t = b.q, .scale_t = b.scale, .w = f.w, .bf16_source = true});
+  else lc.be->weight_quant(lc.ctx, {.q = b.q, .scale = b.scale, .w = f.w, .bf16_source = true});
   return b;
 }
 
@@ -66,7 +57,7 @@ void fp8_fprop(const LayerContext& lc, const Fp8Weight& f, const Tensor& y, cons
                const Tensor& addend) {
   const Fp8Slot a = rows_slot(lc, "a", x.dim(0), x.dim(1));
   lc.be->act_quant(lc.ctx, {.q = a.q, .scale = a.scale, .x = x});
-  const Fp8Slot w = weight_blocks(lc, f);
+  const Fp8Slot w = weight_blocks(lc, "w", f, /*transposed=*/false);
   lc.be->fp8_gemm(lc.ctx, {.c = y,
                            .a = a.q,
                            .a_scale = a.scale,
@@ -79,7 +70,7 @@ void fp8_fprop(const LayerContext& lc, const Fp8Weight& f, const Tensor& y, cons
 
 // dx = dy W from dy's row-wise copy in slot "a".
 void fp8_dgrad_from(const LayerContext& lc, const Fp8Weight& f, const Tensor& dx, const Fp8Slot& dy, double beta) {
-  const Fp8Slot w_t = weight_blocks_t(lc, f);
+  const Fp8Slot w_t = weight_blocks(lc, "w_t", f, /*transposed=*/true);
   lc.be->fp8_gemm(lc.ctx, {.c = dx,
                            .a = dy.q,
                            .a_scale = dy.scale,
@@ -157,7 +148,7 @@ void LayerContext::grouped_gemm(const GroupedGemmArgs& a) const {
   const auto term = [&](const Tensor& src, const Fp8Weight& stack, const char* a_slot, const char* w_slot) {
     const Fp8Slot q = rows_slot(*this, a_slot, src.dim(0), src.dim(1));
     be->act_quant(ctx, {.q = q.q, .scale = q.scale, .x = src});
-    return std::pair{q, stack_blocks(*this, w_slot, stack, a.trans_b)};
+    return std::pair{q, weight_blocks(*this, w_slot, stack, /*transposed=*/!a.trans_b)};
   };
   const auto [qa, qb] = term(a.a, *f, "ga", "gw");
   Fp8GroupedGemmArgs g{.c = a.c, .a = qa.q, .a_scale = qa.scale, .b = qb.q, .b_scale = qb.scale, .offsets = a.offsets};

@@ -57,6 +57,28 @@ double load_float(const Tensor& t, int64_t i) {
   }
 }
 
+// The dequantised operand of an exact product: out[i·k + kk] = e4m3(q[i·ld + kk]) · scale(i, kk) for i < rows,
+// kk < k, exact in f64 (a 4-bit e4m3 significand times a 24-bit f32 one).
+template <class Scale>
+std::vector<double> dequantised(const uint8_t* q, int64_t rows, int64_t k, int64_t ld, Scale&& scale) {
+  std::vector<double> out(static_cast<size_t>(rows * k));
+#pragma omp parallel for schedule(static)
+  for (int64_t i = 0; i < rows; ++i)
+    for (int64_t kk = 0; kk < k; ++kk)
+      out[static_cast<size_t>(i * k + kk)] = static_cast<double>(e4m3_to_f32(q[i * ld + kk])) * scale(i, kk);
+  return out;
+}
+
+// c[m, n] = alpha·Â·B̂ᵀ + beta·c (row stride ldc) with f64 products and sums (OpenBLAS dgemm); Â [m, k], B̂ [n, k]
+// from dequantised. Dimensions within the BLAS integer range (the callers check).
+void product_nt(const double* a_hat, const double* b_hat, int64_t m, int64_t n, int64_t k, double alpha, double beta,
+                double* c, int64_t ldc) {
+  if (k == 0 || m == 0 || n == 0) return;
+  const auto i = [](int64_t v) { return static_cast<blasint>(v); };
+  cblas_dgemm(CblasRowMajor, CblasNoTrans, CblasTrans, i(m), i(n), i(k), alpha, a_hat, i(k), b_hat, i(k), beta, c,
+              i(ldc));
+}
+
 }  // namespace
 
 // Row-wise copy: the tiles x[m, 128·kb ...] → q[m, ...], scale[kb, m]. Transposed copy: the tiles
@@ -179,30 +201,17 @@ void CpuBackend::fp8_gemm(Context, const Fp8GemmArgs& a) {
   if (m == 0 || n == 0) return;
   for (int64_t v : {m, n, k}) DIFFMOE_CHECK(v <= INT_MAX, "[{}] dimension {} exceeds the BLAS integer range", kOp, v);
   // Â[i, kk] = A[i, kk] · a_scale[kk/128, i]; B̂[j, kk] = B[j, kk] · (its block's or tile's scale).
-  std::vector<double> a_hat(static_cast<size_t>(m * k)), b_hat(static_cast<size_t>(n * k));
   const float* sa = a.a_scale.ptr<float>();
   const float* sb = a.b_scale.ptr<float>();
-  const uint8_t* qa = codes_of(a.a);
-  const uint8_t* qb = codes_of(a.b);
   const bool b_blocks = a.b_scaling == Fp8Scaling::kBlock128x128;
   const int64_t b_block_ld = fp8_block_scale_cols(k);
-#pragma omp parallel for schedule(static)
-  for (int64_t i = 0; i < m; ++i)
-    for (int64_t kk = 0; kk < k; ++kk)
-      a_hat[static_cast<size_t>(i * k + kk)] =
-          static_cast<double>(e4m3_to_f32(qa[i * k + kk])) * sa[(kk / kFp8Tile) * m + i];
-#pragma omp parallel for schedule(static)
-  for (int64_t j = 0; j < n; ++j)
-    for (int64_t kk = 0; kk < k; ++kk) {
-      const float s = b_blocks ? sb[(j / kFp8Tile) * b_block_ld + kk / kFp8Tile] : sb[(kk / kFp8Tile) * n + j];
-      b_hat[static_cast<size_t>(j * k + kk)] = static_cast<double>(e4m3_to_f32(qb[j * k + kk])) * s;
-    }
+  const std::vector<double> a_hat =
+      dequantised(codes_of(a.a), m, k, k, [&](int64_t i, int64_t kk) { return sa[(kk / kFp8Tile) * m + i]; });
+  const std::vector<double> b_hat = dequantised(codes_of(a.b), n, k, k, [&](int64_t j, int64_t kk) {
+    return b_blocks ? sb[(j / kFp8Tile) * b_block_ld + kk / kFp8Tile] : sb[(kk / kFp8Tile) * n + j];
+  });
   std::vector<double> prod(static_cast<size_t>(m * n), 0.0);
-  if (k > 0) {
-    const auto i = [](int64_t v) { return static_cast<blasint>(v); };
-    cblas_dgemm(CblasRowMajor, CblasNoTrans, CblasTrans, i(m), i(n), i(k), a.alpha, a_hat.data(), i(k), b_hat.data(),
-                i(k), 0.0, prod.data(), i(n));
-  }
+  product_nt(a_hat.data(), b_hat.data(), m, n, k, a.alpha, 0.0, prod.data(), n);
   // beta·addend (C itself when no addend is given), not read when beta = 0 (BLAS rule).
   const Tensor& addend = a.addend.defined() ? a.addend : a.c;
   for (int64_t idx = 0; idx < m * n; ++idx) {
@@ -225,28 +234,18 @@ void CpuBackend::fp8_grouped_gemm(Context, const Fp8GroupedGemmArgs& a) {
   const auto add_term = [&](const Tensor& ta, const Tensor& ta_scale, const Tensor& tb, const Tensor& tb_scale,
                             int64_t k) {
     if (k == 0 || used == 0) return;
-    std::vector<double> a_hat(static_cast<size_t>(used * k)), b_hat(static_cast<size_t>(d.n * k));
     const float* sa = ta_scale.ptr<float>();
-    const uint8_t* qa = codes_of(ta);
-#pragma omp parallel for schedule(static)
-    for (int64_t i = 0; i < used; ++i)
-      for (int64_t kk = 0; kk < k; ++kk)
-        a_hat[static_cast<size_t>(i * k + kk)] =
-            static_cast<double>(e4m3_to_f32(qa[i * k + kk])) * sa[(kk / kFp8Tile) * d.rows + i];
+    const std::vector<double> a_hat =
+        dequantised(codes_of(ta), used, k, k, [&](int64_t i, int64_t kk) { return sa[(kk / kFp8Tile) * d.rows + i]; });
     const int64_t b_ld = fp8_block_scale_cols(k), b_blocks = fp8_tiles(d.n) * b_ld;
     for (int64_t g = 0; g < d.groups; ++g) {
       const int64_t r0 = off[static_cast<size_t>(g)], r1 = off[static_cast<size_t>(g) + 1];
       if (r1 == r0) continue;
-      const uint8_t* qb = codes_of(tb) + g * d.n * k;
       const float* sb = tb_scale.ptr<float>() + g * b_blocks;
-#pragma omp parallel for schedule(static)
-      for (int64_t j = 0; j < d.n; ++j)
-        for (int64_t kk = 0; kk < k; ++kk)
-          b_hat[static_cast<size_t>(j * k + kk)] =
-              static_cast<double>(e4m3_to_f32(qb[j * k + kk])) * sb[(j / kFp8Tile) * b_ld + kk / kFp8Tile];
-      const auto i = [](int64_t v) { return static_cast<blasint>(v); };
-      cblas_dgemm(CblasRowMajor, CblasNoTrans, CblasTrans, i(r1 - r0), i(d.n), i(k), 1.0, a_hat.data() + r0 * k, i(k),
-                  b_hat.data(), i(k), 1.0, prod.data() + r0 * d.n, i(d.n));
+      const std::vector<double> b_hat = dequantised(codes_of(tb) + g * d.n * k, d.n, k, k, [&](int64_t j, int64_t kk) {
+        return sb[(j / kFp8Tile) * b_ld + kk / kFp8Tile];
+      });
+      product_nt(a_hat.data() + r0 * k, b_hat.data(), r1 - r0, d.n, k, 1.0, 1.0, prod.data() + r0 * d.n, d.n);
     }
   };
   add_term(a.a, a.a_scale, a.b, a.b_scale, d.k);
@@ -276,19 +275,12 @@ void CpuBackend::fp8_grouped_gemm_wgrad(Context ctx, const Fp8GroupedGemmWgradAr
     const int64_t kk_n = tiles * kFp8Tile, c0 = slot * kFp8Tile;  // the group's columns of A and B
     std::vector<double> prod(static_cast<size_t>(mn), 0.0);
     if (tiles > 0) {
-      std::vector<double> a_hat(static_cast<size_t>(d.m * kk_n)), b_hat(static_cast<size_t>(d.n * kk_n));
-      const auto dequant = [&](std::vector<double>& out, const uint8_t* q, const float* s, int64_t outer) {
-#pragma omp parallel for schedule(static)
-        for (int64_t i = 0; i < outer; ++i)
-          for (int64_t kk = 0; kk < kk_n; ++kk)
-            out[static_cast<size_t>(i * kk_n + kk)] =
-                static_cast<double>(e4m3_to_f32(q[i * width + c0 + kk])) * s[(slot + kk / kFp8Tile) * outer + i];
+      // Each operand's values at the group's columns, each with its own tile's scale (per row i).
+      const auto operand = [&](const uint8_t* q, const float* s, int64_t outer) {
+        return dequantised(q + c0, outer, kk_n, width,
+                           [&](int64_t i, int64_t kk) { return s[(slot + kk / kFp8Tile) * outer + i]; });
       };
-      dequant(a_hat, qa, sa, d.m);
-      dequant(b_hat, qb, sb, d.n);
-      const auto i = [](int64_t v) { return static_cast<blasint>(v); };
-      cblas_dgemm(CblasRowMajor, CblasNoTrans, CblasTrans, i(d.m), i(d.n), i(kk_n), 1.0, a_hat.data(), i(kk_n),
-                  b_hat.data(), i(kk_n), 0.0, prod.data(), i(d.n));
+      product_nt(operand(qa, sa, d.m).data(), operand(qb, sb, d.n).data(), d.m, d.n, kk_n, 1.0, 0.0, prod.data(), d.n);
     }
     for (int64_t idx = 0; idx < mn; ++idx) {
       const double old = a.beta == 0.0 ? 0.0 : a.beta * load_float(a.c, g * mn + idx);  // not read when beta = 0
