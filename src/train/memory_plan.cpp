@@ -167,7 +167,8 @@ void check_run(const ModelConfig& cfg, const RunShape& run) {
 }
 
 RunShape resolved(const ModelConfig& cfg, RunShape run) {
-  if (run.seq <= 0) run.seq = cfg.max_seq_len;
+  DIFFMOE_CHECK(run.seq >= 0, "--seq: {} is negative (0 or left out: model.max_seq_len)", run.seq);
+  if (run.seq == 0) run.seq = cfg.max_seq_len;
   return run;
 }
 

@@ -355,6 +355,7 @@ TEST(MemoryPlan, BadLayoutsNameTheOption) {
   EXPECT_NE(message({.world = 4, .ep = 3}).find("--ep"), std::string::npos);
   EXPECT_NE(message({.world = 0}).find("--world"), std::string::npos);
   EXPECT_NE(message({.world = 1, .seq = 9}).find("--seq"), std::string::npos);
+  EXPECT_NE(message({.world = 1, .seq = -5}).find("--seq: -5 is negative"), std::string::npos);
   EXPECT_NE(message({.world = 1, .micro_batch = 0}).find("--micro-batch"), std::string::npos);
   // EP 3 divides the world 6 but not the 8 routed experts: the layout names parallel.expert.
   EXPECT_NE(message({.world = 6, .ep = 3}).find("n_routed_experts"), std::string::npos);
