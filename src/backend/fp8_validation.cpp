@@ -71,10 +71,13 @@ Fp8QuantDims validate_act_quant(const ActQuantArgs& a, Device dev) {
   const int64_t m = a.x.dim(0), k = a.x.dim(1);
   if (a.offsets.defined()) {
     // The grouped transposed copy: tiles restart at each group's first row, padded to whole tiles (op_args.h).
-    DIFFMOE_CHECK(!a.q.defined() && !a.scale.defined(),
-                  "[{}] offsets apply to the transposed copy only: give q_t and scale_t, not q and scale", kOp);
     DIFFMOE_CHECK(a.q_t.defined() && a.scale_t.defined(),
                   "[{}] offsets given without q_t and scale_t (the grouped transposed copy)", kOp);
+    const bool rows = pair_given(a.q, a.scale, kOp, "q", "scale");
+    if (rows) {  // the row-wise copy beside it, as without offsets
+      expect(a.q, Shape{m, k}, DType::kF8E4M3, dev, kOp, "q");
+      expect(a.scale, Shape{fp8_tiles(k), m}, DType::kF32, dev, kOp, "scale");
+    }
     check_device(a.offsets, dev, kOp, "offsets");
     DIFFMOE_CHECK(a.offsets.rank() == 1 && a.offsets.dim(0) >= 2, "[{}] offsets must be [G+1] with G ≥ 1, got {}", kOp,
                   a.offsets.describe());
@@ -82,7 +85,7 @@ Fp8QuantDims validate_act_quant(const ActQuantArgs& a, Device dev) {
     const int64_t g = a.offsets.dim(0) - 1, slots = fp8_group_tiles(m, g);
     expect(a.q_t, Shape{k, kFp8Tile * slots}, DType::kF8E4M3, dev, kOp, "q_t (grouped: [K, 128·(ceil(M/128) + G)])");
     expect(a.scale_t, Shape{slots, k}, DType::kF32, dev, kOp, "scale_t (grouped: [ceil(M/128) + G, K])");
-    return Fp8QuantDims{.rows = m, .cols = k, .col_wise = true, .groups = g, .grouped = true};
+    return Fp8QuantDims{.rows = m, .cols = k, .row_wise = rows, .col_wise = true, .groups = g, .grouped = true};
   }
   // 1×128 tiles along each copy's rows: scale [ceil(K/128), M], scale_t [ceil(M/128), K] (op_args.h).
   return check_quant_outputs(kOp, Fp8QuantDims{.rows = m, .cols = k}, a.q, a.scale, a.q_t, a.scale_t, Shape{m, k},

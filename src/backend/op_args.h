@@ -200,13 +200,14 @@ constexpr int64_t fp8_block_scale_cols(int64_t k) { return (fp8_tiles(k) + 3) / 
 //       quantised row-wise (K-major, as the Wgrad GEMM reads it: its reduction dimension is M)
 // Either pair may be empty (not both); given both, one pass over x writes both, and each is quantised
 // from x itself, never from the other copy (docs/model.md §7).
-// offsets (optional, [G+1] i32 as GroupedGemmArgs'; the transposed copy only, no q): the rows are G
+// offsets (optional, [G+1] i32 as GroupedGemmArgs'; q_t required, q optional): the rows are G
 // groups (the routed experts' rows), and each group's 128×1 tiles start at its first row, so no tile
 // crosses a group's end (the grouped Wgrad reduces over one group's rows). Group g's tile j is tile slot
 // t = fp8_group_tile_base(g) + j, fp8_group_tile_base(g) = Σ_{g' < g} ceil(rows_g' / 128), and the
 // copy is padded to whole tiles:
 //   q_t [K, 128·T] e4m3, scale_t [T, K] with T = fp8_group_tiles(M, G) (a bound on the slots used):
 //   q_t[k, 128·t + i] = x[offsets[g] + 128·j + i, k] quantised, 0 past the group's last row.
+// The row-wise copy beside it (q, scale as without offsets; one pass over x for both): rows < offsets[G].
 // Slots past the last group's and rows at or past offsets[G] are not written.
 struct ActQuantArgs {
   Tensor q = {};

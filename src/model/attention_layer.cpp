@@ -97,9 +97,10 @@ Tensor AttentionLayer::forward_core(const LayerContext& lc, const Tensor& x) con
                           .width = c.dim,
                           .eps = c.norm_eps});
   // Queries: c_q = RMSNorm_q(x W_qaᵀ), q = c_q W_qbᵀ (or q = x W_qᵀ without compression), RoPE on
-  // the last d_rope columns of every head (docs/model.md §2).
+  // the last d_rope columns of every head (docs/model.md §2). The keys' first GEMM [c ; k^R] = x W_kvaᵀ
+  // runs beside the queries' first (one FP8 quantisation of x for both).
   if (rq > 0) {
-    lc.linear(lc.act(a("qa")), x_norm, lc.weight(p("wq_a.weight")));
+    lc.linear_pair(lc.act(a("qa")), lc.weight(p("wq_a.weight")), kva, lc.weight(p("wkv_a.weight")), x_norm);
     be.rmsnorm_fwd(lc.ctx, {.y = lc.act(a("cq")),
                             .rstd = lc.act(a("rstd_q")),
                             .x = lc.act(a("qa")),
@@ -109,7 +110,7 @@ Tensor AttentionLayer::forward_core(const LayerContext& lc, const Tensor& x) con
                             .eps = c.norm_eps});
     lc.linear(q, lc.act(a("cq")), lc.weight(p("wq_b.weight")));
   } else {
-    lc.linear(q, x_norm, lc.weight(p("wq.weight")));
+    lc.linear_pair(q, lc.weight(p("wq.weight")), kva, lc.weight(p("wkv_a.weight")), x_norm);
   }
   be.rope(lc.ctx, {.x = q,
                    .cos = cos,
@@ -121,7 +122,6 @@ Tensor AttentionLayer::forward_core(const LayerContext& lc, const Tensor& x) con
                    .seq_len = T});
   // Keys and values: [c ; k^R] = x W_kvaᵀ, ĉ = RMSNorm_kv(c), RoPE(k^R) shared by all heads,
   // [k^C_j ; v_j] = ĉ W_kvb,jᵀ, k_j = [k^C_j ; k^R].
-  lc.linear(kva, x_norm, lc.weight(p("wkv_a.weight")));
   be.rmsnorm_fwd(lc.ctx, {.y = ckv,
                           .rstd = lc.act(a("rstd_kv")),
                           .x = kva,

@@ -95,8 +95,7 @@ void FfnLayer::norm_forward(const LayerContext& lc, const Tensor& x) const {
 void FfnLayer::mlp_hidden(const LayerContext& lc, const std::string& prefix, const std::string& act_prefix,
                           const Tensor& x) const {
   const Tensor ta = lc.act(a(act_prefix + "a")), tb = lc.act(a(act_prefix + "b")), th = lc.act(a(act_prefix + "h"));
-  lc.linear(ta, x, lc.weight(p(prefix + "w1.weight")));
-  lc.linear(tb, x, lc.weight(p(prefix + "w3.weight")));
+  lc.linear_pair(ta, lc.weight(p(prefix + "w1.weight")), tb, lc.weight(p(prefix + "w3.weight")), x);
   lc.be->swiglu_fwd(lc.ctx, {.h = th, .a = ta, .b = tb});
 }
 
@@ -115,8 +114,8 @@ void FfnLayer::expert_hidden(const LayerContext& lc, const Tensor& x_perm) const
   Backend& be = *lc.be;
   const Tensor offsets = lc.act(a("offsets"));
   const Tensor ea = lc.act(a("experts.a")), eb = lc.act(a("experts.b")), eh = lc.act(a("experts.h"));
-  lc.grouped_gemm({.c = ea, .a = x_perm, .b = lc.weight(p("experts.w1")), .offsets = offsets, .trans_b = true});
-  lc.grouped_gemm({.c = eb, .a = x_perm, .b = lc.weight(p("experts.w3")), .offsets = offsets, .trans_b = true});
+  lc.grouped_gemm_pair({.c = ea, .a = x_perm, .b = lc.weight(p("experts.w1")), .offsets = offsets, .trans_b = true},
+                       {.c = eb, .a = x_perm, .b = lc.weight(p("experts.w3")), .offsets = offsets, .trans_b = true});
   be.swiglu_fwd(lc.ctx, {.h = eh, .a = ea, .b = eb});
 }
 
@@ -161,10 +160,8 @@ void FfnLayer::mlp_backward(const LayerContext& lc, const std::string& prefix, c
   const Tensor dh = lc.act(s + "dh"), da = lc.act(s + "da"), db = lc.act(s + "db");
   lc.linear_backward(lc.grad(p(prefix + "w2.weight")), dh, dy, th, lc.weight(p(prefix + "w2.weight")));
   lc.be->swiglu_bwd(lc.ctx, {.da = da, .db = db, .dh = dh, .a = ta, .b = tb});
-  lc.linear_dw(lc.grad(p(prefix + "w1.weight")), da, x, lc.weight(p(prefix + "w1.weight")));
-  lc.linear_dw(lc.grad(p(prefix + "w3.weight")), db, x, lc.weight(p(prefix + "w3.weight")));
-  lc.linear_dx(dx, da, lc.weight(p(prefix + "w1.weight")), beta_dx);
-  lc.linear_dx(dx, db, lc.weight(p(prefix + "w3.weight")), 1.0);
+  lc.linear_backward_pair(lc.grad(p(prefix + "w1.weight")), da, lc.weight(p(prefix + "w1.weight")),
+                          lc.grad(p(prefix + "w3.weight")), db, lc.weight(p(prefix + "w3.weight")), dx, x, beta_dx);
 }
 
 void FfnLayer::forward(const LayerContext& lc, const Tensor& x, const Tensor& out) const {
@@ -252,25 +249,25 @@ void FfnLayer::backward(const LayerContext& lc, const Tensor& x, const Tensor& d
         {.dy_perm = dy_perm, .dtopk_w = dw, .dy = d_out_gemm, .y_perm = y_perm, .topk_w = w, .slot_pos = slot_pos});
     // Experts: y = h W2ᵀ per group, h = silu(a) ⊙ b, a = x W1ᵀ, b = x W3ᵀ.
     const Tensor dw1 = lc.grad(p("experts.w1")), dw2 = lc.grad(p("experts.w2")), dw3 = lc.grad(p("experts.w3"));
-    lc.grouped_gemm_wgrad(
+    lc.grouped_backward(
         {.c = dw2, .a = dy_perm, .b = eh, .offsets = offsets, .beta = lc.dw_beta_for(dw2), .sum_sq = lc.expert_grad_sq},
-        lc.weight(p("experts.w2")));
-    lc.grouped_gemm({.c = dh, .a = dy_perm, .b = lc.weight(p("experts.w2")), .offsets = offsets, .trans_b = false});
+        lc.weight(p("experts.w2")),
+        {.c = dh, .a = dy_perm, .b = lc.weight(p("experts.w2")), .offsets = offsets, .trans_b = false});
     be.swiglu_bwd(lc.ctx, {.da = da, .db = db, .dh = dh, .a = ea, .b = eb});
-    lc.grouped_gemm_wgrad(
+    // dW1, dW3 from x_perm, and dx_perm = da·W1 + db·W3 per group as one two-term call (the GPU sums both in
+    // one accumulator).
+    lc.grouped_backward_pair(
         {.c = dw1, .a = da, .b = x_perm, .offsets = offsets, .beta = lc.dw_beta_for(dw1), .sum_sq = lc.expert_grad_sq},
-        lc.weight(p("experts.w1")));
-    lc.grouped_gemm_wgrad(
+        lc.weight(p("experts.w1")),
         {.c = dw3, .a = db, .b = x_perm, .offsets = offsets, .beta = lc.dw_beta_for(dw3), .sum_sq = lc.expert_grad_sq},
-        lc.weight(p("experts.w3")));
-    // dx_perm = da·W1 + db·W3 per group, one two-term call (the GPU sums both in one accumulator).
-    lc.grouped_gemm({.c = dx_perm,
-                     .a = da,
-                     .b = lc.weight(p("experts.w1")),
-                     .offsets = offsets,
-                     .trans_b = false,
-                     .a2 = db,
-                     .b2 = lc.weight(p("experts.w3"))});
+        lc.weight(p("experts.w3")),
+        {.c = dx_perm,
+         .a = da,
+         .b = lc.weight(p("experts.w1")),
+         .offsets = offsets,
+         .trans_b = false,
+         .a2 = db,
+         .b2 = lc.weight(p("experts.w3"))});
     if (beta == 0.0) be.fill(lc.ctx, {.out = dx_norm, .value = 0.0});
     be.moe_gather_bwd(lc.ctx, {.dx = dx_norm, .dx_perm = dx_perm, .slot_pos = slot_pos});
     // Router: gradient through the weights only, plus the sequence aux loss (docs/derivations.md §4.4, §4.6).

@@ -53,8 +53,8 @@ void plan_fp8(const ModelConfig& cfg, PrecisionPlan& pl, int64_t tokens, Arena& 
   // Slot a quantises x [rows, K] or dy [rows, N] row-wise (ceil(w/128)·rows scales), a_t dy and b_t x
   // in 128×1 tiles ([w, rows]: ceil(rows/128)·w scales); w and w_t hold one matrix's blocks.
   const int64_t width = std::max(max_n, max_k);
-  // Three sets of views, each live only inside one kind of call, so they share their bytes: a dense
-  // Linear's (D), a routed experts' grouped Fprop/Dgrad's (G) and the experts' grouped Wgrad's (W).
+  // Two sets of views, each live only inside one kind of call, so they share their bytes: a dense
+  // Linear's (D), and the routed experts' grouped Fprop/Dgrad's (G) with their grouped Wgrad's (W).
   std::vector<std::vector<ScratchView>> sets = {{
       {"scratch.fp8.a.q", rows * width, R::kFp8Data},
       {"scratch.fp8.a.scale", fp8_tiles(width) * rows, R::kFp8Scale},
@@ -82,10 +82,12 @@ void plan_fp8(const ModelConfig& cfg, PrecisionPlan& pl, int64_t tokens, Arena& 
       g.push_back({fmt::format("{}.scale", s), stack_scales, R::kFp8Scale});
     }
     // W: dy [R, N] and x [R, K] quantised transposed per expert (act_quant with offsets), both copies
-    // in one view (N + K columns of tile slots: LayerContext::grouped_gemm_wgrad cuts it in two).
+    // in one view (N + K columns of tile slots: LayerContext cuts it in two). In the same set as G, not
+    // sharing its bytes: the experts' backward writes dy's row-wise copy (for the Dgrad, in ga / ga2) in
+    // the pass that writes its grouped transposed one.
     const int64_t slots = fp8_group_tiles(expert_rows, cfg.n_routed_experts);
-    sets.push_back({{"scratch.fp8.gt.q", kFp8Tile * slots * expert_sides, R::kFp8Data},
-                    {"scratch.fp8.gt.scale", slots * expert_sides, R::kFp8Scale}});
+    g.push_back({"scratch.fp8.gt.q", kFp8Tile * slots * expert_sides, R::kFp8Data});
+    g.push_back({"scratch.fp8.gt.scale", slots * expert_sides, R::kFp8Scale});
   }
   const auto bytes_of = [&](const std::vector<ScratchView>& views) {
     size_t b = 0;

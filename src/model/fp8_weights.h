@@ -43,9 +43,10 @@ using Fp8WeightTable = std::unordered_map<const void*, Fp8Weight>;
 //   scratch.fp8.gt     the routed experts' dy and x quantised transposed per expert, one after the other
 //       (fp8_grouped_gemm_wgrad)
 // the quantised ones with a data view (.q, e4m3) and a scale view (.scale, f32), sized for the largest call. All of
-// it is live only inside one LayerContext GEMM call, and the slots of a dense Linear (a … w_t), of the experts'
-// Fprop/Dgrad (ga … gw2) and of their Wgrad (gt) are never live together, so those three sets share
-// their bytes. It is planned as aliases (Storage::kAlias)
+// it is live only inside one LayerContext GEMM call (or pair of calls), and the slots of a dense Linear (a … w_t) and
+// those of the routed experts (ga … gw2, gt) are never live together, so those two sets share their bytes (within
+// the experts' set, gt has bytes of its own: the backward writes dy's row-wise copy into ga / ga2 and its grouped
+// transposed one into gt in one pass). It is planned as aliases (Storage::kAlias)
 // over the bytes of "scratch.dlogits", the head's logits gradient, which is live only from the
 // cross-entropy backward to the head's two bf16 GEMMs, before any layer's backward (Model::backward);
 // where those bytes are too few, over a region "scratch.fp8" of its own. Call after "scratch.dlogits"

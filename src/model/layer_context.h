@@ -75,11 +75,33 @@ struct LayerContext {
   // an FP8 weight dy is quantised once into both of its FP8 copies.
   void linear_backward(const Tensor& dw, const Tensor& dx, const Tensor& dy, const Tensor& x, const Tensor& w,
                        double beta_dx = 0.0) const;
+  // Two Linears of one input (W1 and W3 of a SwiGLU FFN): y1 = x W1ᵀ, y2 = x W2ᵀ. For FP8 weights x
+  // is quantised once for both (else as two linear() calls).
+  void linear_pair(const Tensor& y1, const Tensor& w1, const Tensor& y2, const Tensor& w2, const Tensor& x) const;
+  // The backward of linear_pair: dW1 += dy1ᵀ x, dW2 += dy2ᵀ x, dx = dy1 W1 + dy2 W2 (+ beta_dx·dx), the
+  // two products into dx in that order. For FP8 weights x's transposed copy is quantised once, and each
+  // dy once into both of its copies (else as linear_dw, linear_dw, linear_dx, linear_dx).
+  void linear_backward_pair(const Tensor& dw1, const Tensor& dy1, const Tensor& w1, const Tensor& dw2,
+                            const Tensor& dy2, const Tensor& w2, const Tensor& dx, const Tensor& x,
+                            double beta_dx = 0.0) const;
   // The experts' grouped GEMMs (GroupedGemmArgs, GroupedGemmWgradArgs): an FP8 stack b (wgrad: the
-  // stack w whose gradient is a.c) takes one fp8_gemm per expert over its rows (fp8_linear.cpp),
+  // stack w whose gradient is a.c) takes the grouped FP8 ops (fp8_grouped_gemm, fp8_grouped_gemm_wgrad),
   // else the backend's grouped op.
   void grouped_gemm(const GroupedGemmArgs& a) const;
   void grouped_gemm_wgrad(const GroupedGemmWgradArgs& a, const Tensor& w) const;
+  // Two grouped Fprops of one A (the experts' W1 and W3 stacks; a1, a2 alike but for c and b): for FP8
+  // stacks A is quantised once (else as two grouped_gemm() calls).
+  void grouped_gemm_pair(const GroupedGemmArgs& a1, const GroupedGemmArgs& a2) const;
+  // The experts' backward through one stack w (W2): the weight gradient wg (wg.a = dy) and the Dgrad dg of
+  // the same dy (dg.a = wg.a, one term). For an FP8 stack one act_quant pass writes both of dy's copies
+  // (else as grouped_gemm_wgrad(wg, w), grouped_gemm(dg)).
+  void grouped_backward(const GroupedGemmWgradArgs& wg, const Tensor& w, const GroupedGemmArgs& dg) const;
+  // Through two stacks of one input (W1, W3): the weight gradients wg1, wg2 (sharing B = x) and the two-term
+  // Dgrad dg (dg.a = wg1.a, dg.a2 = wg2.a). For FP8 stacks x's grouped transposed copy is quantised once, and
+  // each dy in one pass into both of its copies (else as grouped_gemm_wgrad(wg1, w1), grouped_gemm_wgrad(wg2,
+  // w2), grouped_gemm(dg)).
+  void grouped_backward_pair(const GroupedGemmWgradArgs& wg1, const Tensor& w1, const GroupedGemmWgradArgs& wg2,
+                             const Tensor& w2, const GroupedGemmArgs& dg) const;
   // t as a GEMM operand read more than once: in the bf16 GEMM mode an f32 t rounded to bf16 into
   // the shared scratch "scratch.gemm_operand" (valid until the next call), else t itself.
   Tensor gemm_operand(const Tensor& t) const {

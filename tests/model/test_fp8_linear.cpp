@@ -13,15 +13,18 @@
 // FP8 path from a bf16 or f32 one.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <functional>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "backend/cpu/cpu_backend.h"
 #include "model/layer_context.h"
 #include "ops/fp8_test_util.h"
+#include "serve/recording_backend.h"
 #include "test_util.h"
 
 namespace diffmoe {
@@ -298,6 +301,134 @@ TEST_F(Fp8Linear, RoutedExpertsQuantisePerExpertRows) {
   for (int64_t i = 50 * N; i < R * N; ++i) ASSERT_EQ(av[static_cast<size_t>(i)], 7.0);
   for (int64_t i = 50 * K; i < R * K; ++i) ASSERT_EQ(dxv[static_cast<size_t>(i)], 7.0);
   EXPECT_NEAR(test::get(sum_sq, 0), sq, 1e-5 * sq);
+}
+
+TEST_F(Fp8Linear, PairsQuantiseTheSharedOperandOnceAndGiveTheBitsOfSingleCalls) {
+  // linear_pair / linear_backward_pair (an FFN's W1 and W3 on one x), grouped_gemm_pair (the experts' W1 and
+  // W3 stacks on one x_perm), grouped_backward / grouped_backward_pair (the experts' backward) against the
+  // single calls on the same data: the same bits, and each shared operand quantised once, counted as the ops
+  // the backend runs (serve/recording_backend.h counts every op it passes on).
+  const int64_t M = 40, K = 256, N = 128, E = 3;
+  const std::vector<int32_t> off = {0, 17, 17, 40};
+  Owned w1(Shape{N, K}, DType::kBF16), w3(Shape{N, K}, DType::kBF16), x(Shape{M, K}, DType::kBF16);
+  Owned dy1(Shape{M, N}, DType::kBF16), dy2(Shape{M, N}, DType::kBF16);
+  Owned s1(Shape{E, N, K}, DType::kBF16), s3(Shape{E, N, K}, DType::kBF16), offsets(Shape{E + 1}, DType::kI32);
+  put(w1, source(N, K, 21));
+  put(w3, source(N, K, 22));
+  put(x, source(M, K, 23));
+  put(dy1, source(M, N, 24));
+  put(dy2, source(M, N, 25));
+  put(s1, source(E * N, K, 26));
+  put(s3, source(E * N, K, 27));
+  std::memcpy(offsets.t().data, off.data(), off.size() * sizeof(int32_t));
+  add_weight(w1);
+  add_weight(w3);
+  add_weight(s1);
+  add_weight(s3);
+  start(M, K);
+  lc_.dw_beta = 0.0;
+
+  // Every output twice: [0] by the single calls, [1] by the pairs.
+  struct Outputs {
+    Owned y1{Shape{M, N}, DType::kF32}, y2{Shape{M, N}, DType::kF32}, dx{Shape{M, K}, DType::kF32};
+    Owned dw1{Shape{N, K}, DType::kF32}, dw3{Shape{N, K}, DType::kF32};
+    Owned ea{Shape{M, N}, DType::kBF16}, eb{Shape{M, N}, DType::kBF16};
+    Owned ew1{Shape{E, N, K}, DType::kF32}, ew3{Shape{E, N, K}, DType::kF32};
+    Owned edx{Shape{M, K}, DType::kBF16}, edx2{Shape{M, K}, DType::kBF16};
+  } out[2];
+  serve::test::RecordingBackend counting(be_);
+  lc_.be = &counting;
+  const auto ops = [&](const std::function<void()>& f) {
+    const int64_t before = counting.ops_run;
+    f();
+    return counting.ops_run - before;
+  };
+  const auto grouped = [&](Outputs& o, const Tensor& stack, bool first) {
+    return GroupedGemmArgs{.c = first ? o.ea.t() : o.eb.t(), .a = x, .b = stack, .offsets = offsets, .trans_b = true};
+  };
+  const auto wgrad = [&](Outputs& o, const Tensor& dy, bool first) {
+    return GroupedGemmWgradArgs{.c = first ? o.ew1.t() : o.ew3.t(), .a = dy, .b = x, .offsets = offsets, .beta = 0.0};
+  };
+  Outputs &a = out[0], &b = out[1];
+  // Fprop: act_quant + weight_quant + fp8_gemm per Linear, the pair without the second act_quant.
+  EXPECT_EQ(ops([&] {
+              lc_.linear(a.y1, x, w1);
+              lc_.linear(a.y2, x, w3);
+            }),
+            6);
+  EXPECT_EQ(ops([&] { lc_.linear_pair(b.y1, w1, b.y2, w3, x); }), 5);
+  // Backward: singles 2 × (2 act_quant + fp8_gemm) + 2 × (act_quant + weight_quant + fp8_gemm); the pair
+  // quantises x once and each dy once into both copies: 1 + 2 × (act_quant + fp8_gemm + weight_quant + fp8_gemm).
+  EXPECT_EQ(ops([&] {
+              lc_.linear_dw(a.dw1, dy1, x, w1);
+              lc_.linear_dw(a.dw3, dy2, x, w3);
+              lc_.linear_dx(a.dx, dy1, w1);
+              lc_.linear_dx(a.dx, dy2, w3, 1.0);
+            }),
+            12);
+  EXPECT_EQ(ops([&] { lc_.linear_backward_pair(b.dw1, dy1, w1, b.dw3, dy2, w3, b.dx, x); }), 9);
+  // Experts: act_quant + weight_quant + fp8_grouped_gemm per stack; the Wgrad's two grouped copies + the GEMM.
+  EXPECT_EQ(ops([&] {
+              lc_.grouped_gemm(grouped(a, s1, true));
+              lc_.grouped_gemm(grouped(a, s3, false));
+            }),
+            6);
+  EXPECT_EQ(ops([&] { lc_.grouped_gemm_pair(grouped(b, s1, true), grouped(b, s3, false)); }), 5);
+  // The experts' backward through W2 (one dy: its Wgrad and Dgrad) and through W1, W3 (two dy, one x, the
+  // two-term Dgrad): singles quantise x per Wgrad and each dy twice (grouped transposed, then row-wise).
+  const auto dgrad = [&](Outputs& o, bool two) {
+    return GroupedGemmArgs{.c = two ? o.edx2.t() : o.edx.t(),
+                           .a = dy1,
+                           .b = s1,
+                           .offsets = offsets,
+                           .trans_b = false,
+                           .a2 = two ? dy2.t() : Tensor{},
+                           .b2 = two ? s3.t() : Tensor{}};
+  };
+  EXPECT_EQ(ops([&] {
+              lc_.grouped_gemm_wgrad(wgrad(a, dy1, true), s1);
+              lc_.grouped_gemm(dgrad(a, false));
+            }),
+            6);
+  EXPECT_EQ(ops([&] { lc_.grouped_backward(wgrad(b, dy1, true), s1, dgrad(b, false)); }), 5);
+  EXPECT_EQ(ops([&] {
+              lc_.grouped_gemm_wgrad(wgrad(a, dy1, true), s1);
+              lc_.grouped_gemm_wgrad(wgrad(a, dy2, false), s3);
+              lc_.grouped_gemm(dgrad(a, true));
+            }),
+            11);
+  EXPECT_EQ(ops([&] { lc_.grouped_backward_pair(wgrad(b, dy1, true), s1, wgrad(b, dy2, false), s3, dgrad(b, true)); }),
+            8);
+
+  for (const auto& [p, q, name] :
+       std::vector<std::tuple<const Owned*, const Owned*, const char*>>{{&a.y1, &b.y1, "y1"},
+                                                                        {&a.y2, &b.y2, "y2"},
+                                                                        {&a.dx, &b.dx, "dx"},
+                                                                        {&a.dw1, &b.dw1, "dW1"},
+                                                                        {&a.dw3, &b.dw3, "dW3"},
+                                                                        {&a.ea, &b.ea, "experts a"},
+                                                                        {&a.eb, &b.eb, "experts b"},
+                                                                        {&a.ew1, &b.ew1, "experts dW1"},
+                                                                        {&a.ew3, &b.ew3, "experts dW3"},
+                                                                        {&a.edx, &b.edx, "experts dx (W2)"},
+                                                                        {&a.edx2, &b.edx2, "experts dx (W1, W3)"}}) {
+    EXPECT_EQ(std::memcmp(p->t().data, q->t().data, p->t().nbytes()), 0) << name;
+    const std::vector<double> v = values(p->t());
+    EXPECT_TRUE(std::any_of(v.begin(), v.end(), [](double e) { return e != 0.0; })) << name << " was written";
+  }
+
+  // A pair whose operands differ is refused, naming the call.
+  EXPECT_THROW(
+      {
+        try {
+          lc_.grouped_gemm_pair(grouped(b, s1, true),
+                                {.c = b.eb, .a = dy1, .b = s3, .offsets = offsets, .trans_b = true});
+        } catch (const Error& e) {
+          EXPECT_NE(std::string(e.what()).find("grouped_gemm_pair"), std::string::npos) << e.what();
+          throw;
+        }
+      },
+      Error);
 }
 
 }  // namespace

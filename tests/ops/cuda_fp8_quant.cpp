@@ -237,20 +237,30 @@ TEST(CudaFp8Quant, GroupedTransposedBitwise) {
   const std::vector<double> off = {0, 127, 127, 255, 256, 385, 685};
   const int64_t G = static_cast<int64_t>(off.size()) - 1, R = 690, slots = fp8_group_tiles(R, G);
   uint64_t seed = 2950;
-  for (const int64_t k : {int64_t{136}, int64_t{512}})
+  for (const int64_t k : {int64_t{130}, int64_t{136}, int64_t{512}})
     for (DType dt : {DType::kF32, DType::kBF16}) {
       Dual x(Shape{R, k}, dt), offsets(Shape{G + 1}, DType::kI32);
       x.set(as_doubles(test::fp8_test_values(R, k, ++seed, dt == DType::kBF16)));
       offsets.set(off);
-      Dual q_t(Shape{k, kFp8Tile * slots}, DType::kF8E4M3), scale_t(Shape{slots, k});
-      q_t.poison();
-      scale_t.poison();
-      run_both([&](Backend& be, Side s) {
-        be.act_quant({}, {.q_t = q_t[s], .scale_t = scale_t[s], .x = x[s], .offsets = offsets[s]});
-      });
-      const std::string what = fmt::format("act_quant grouped {}x{} {}", R, k, dtype_name(dt));
-      expect_same_bytes(q_t, what + ": q_t");
-      expect_same_bytes(scale_t, what + ": scale_t");
+      for (const bool rows : {false, true}) {  // with the row-wise copy beside it (rows < offsets[G])
+        Dual q_t(Shape{k, kFp8Tile * slots}, DType::kF8E4M3), scale_t(Shape{slots, k});
+        Dual q(Shape{R, k}, DType::kF8E4M3), scale(Shape{fp8_tiles(k), R});
+        for (Dual* d : {&q_t, &scale_t, &q, &scale}) d->poison();
+        run_both([&](Backend& be, Side s) {
+          be.act_quant({}, {.q = rows ? q[s] : Tensor{},
+                            .scale = rows ? scale[s] : Tensor{},
+                            .q_t = q_t[s],
+                            .scale_t = scale_t[s],
+                            .x = x[s],
+                            .offsets = offsets[s]});
+        });
+        const std::string what =
+            fmt::format("act_quant grouped {}x{} {}{}", R, k, dtype_name(dt), rows ? " +rows" : "");
+        expect_same_bytes(q_t, what + ": q_t");
+        expect_same_bytes(scale_t, what + ": scale_t");
+        expect_same_bytes(q, what + ": q");
+        expect_same_bytes(scale, what + ": scale");
+      }
     }
 }
 

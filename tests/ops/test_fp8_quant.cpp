@@ -251,7 +251,8 @@ TEST_F(Fp8Quant, TransposedCopyComesFromTheSource) {
 
 // act_quant with offsets: the transposed copy's 128×1 tiles restart at each group's first row. Each group's tiles
 // equal the plain transposed copy of that group's rows alone (codes and scales bit for bit), in consecutive slots,
-// zero codes past the group's last row; slots past the last group's stay as they were. Bad input is named.
+// zero codes past the group's last row; slots past the last group's stay as they were. The row-wise copy beside it
+// is the plain one's for the rows in use. Bad input is named.
 TEST_F(Fp8Quant, GroupedTransposedCopyRestartsTilesAtEachGroup) {
   const int64_t m = 300, k = 136;
   const std::vector<int32_t> off = {0, 130, 130, 131, 290};  // 2 tiles, none, 1 (one row), 2; rows 290… unused
@@ -288,9 +289,28 @@ TEST_F(Fp8Quant, GroupedTransposedCopyRestartsTilesAtEachGroup) {
     for (int64_t i = slot * kFp8Tile; i < width; ++i) ASSERT_EQ(got[static_cast<size_t>(kk * width + i)], 0xAB);
   for (int64_t i = slot * k; i < slots * k; ++i) ASSERT_EQ(s_t.at<float>(i), -1.0f);
 
-  ActOut plain(m, k);
+  // The row-wise copy beside it (one pass): the plain row-wise copy's bits for rows < offsets[G], the rows past
+  // untouched; the grouped copy unchanged by asking for it.
+  ActOut plain(m, k), beside(m, k);
+  be.act_quant(ctx, {.q = plain.q, .scale = plain.scale, .x = x});
+  Owned q_t2({k, width}, DType::kF8E4M3), s_t2({slots, k}, DType::kF32);
+  std::memset(q_t2.t().data, 0xAB, static_cast<size_t>(q_t2.t().nbytes()));
+  for (int64_t i = 0; i < s_t2.numel(); ++i) s_t2.at<float>(i) = -1.0f;
+  be.act_quant(ctx, {.q = beside.q, .scale = beside.scale, .q_t = q_t2, .scale_t = s_t2, .x = x, .offsets = offsets});
+  EXPECT_EQ(codes_of(q_t2), got);
+  EXPECT_EQ(floats_of(s_t2), floats_of(s_t));
+  const int64_t used = off.back();
+  const std::vector<uint8_t> want_q = codes_of(plain.q), got_q = codes_of(beside.q);
+  for (int64_t i = 0; i < m * k; ++i)
+    ASSERT_EQ(got_q[static_cast<size_t>(i)], i < used * k ? want_q[static_cast<size_t>(i)] : 0x7f) << "q " << i;
+  for (int64_t kb = 0; kb < fp8_tiles(k); ++kb)
+    for (int64_t r = 0; r < m; ++r)
+      ASSERT_EQ(beside.scale.at<float>(kb * m + r), r < used ? plain.scale.at<float>(kb * m + r) : -1.0f)
+          << "scale " << kb << ", row " << r;
+  expect_error([&] { be.act_quant(ctx, {.q = plain.q, .q_t = q_t, .scale_t = s_t, .x = x, .offsets = offsets}); },
+               {"[act_quant]", "q and scale come together"});
   expect_error([&] { be.act_quant(ctx, {.q = plain.q, .scale = plain.scale, .x = x, .offsets = offsets}); },
-               {"[act_quant]", "offsets apply to the transposed copy only"});
+               {"[act_quant]", "offsets given without q_t and scale_t"});
   expect_error([&] { be.act_quant(ctx, {.q_t = plain.q_t, .scale_t = plain.scale_t, .x = x, .offsets = offsets}); },
                {"[act_quant]", "q_t (grouped: [K, 128·(ceil(M/128) + G)]): expected shape [136, 896]"});
   offsets.at<int32_t>(2) = 100;

@@ -84,11 +84,23 @@ void product_nt(const double* a_hat, const double* b_hat, int64_t m, int64_t n, 
 // Row-wise copy: the tiles x[m, 128·kb ...] → q[m, ...], scale[kb, m]. Transposed copy: the tiles
 // x[128·mb ..., k] → q_t[k, 128·mb ...], scale_t[mb, k]. Both from x.
 // Grouped (offsets): the transposed copy's tiles restart at each group's first row, slot by slot,
-// each padded with zero codes to 128 (op_args.h).
+// each padded with zero codes to 128 (op_args.h); the row-wise copy, if asked for, of rows < offsets[G].
 void CpuBackend::act_quant(Context, const ActQuantArgs& a) {
   const Fp8QuantDims d = validate_act_quant(a, Device::kCPU);
   const int64_t m_rows = d.rows, k_cols = d.cols;
   const Tensor& x = a.x;
+  const auto row_wise = [&](int64_t rows) {
+    float* scale = a.scale.ptr<float>();
+    uint8_t* q = codes(a.q);
+#pragma omp parallel for schedule(static)
+    for (int64_t m = 0; m < rows; ++m)
+      for (int64_t kb = 0; kb < fp8_tiles(k_cols); ++kb) {
+        const int64_t k0 = kb * kFp8Tile, count = std::min(kFp8Tile, k_cols - k0);
+        scale[kb * m_rows + m] = quantise_tile(
+            count, a.ue8m0, [&](int64_t i) { return source_value(x, m * k_cols + k0 + i); },
+            [&](int64_t i, uint8_t c) { q[m * k_cols + k0 + i] = c; });
+      }
+  };
   if (d.grouped) {
     const std::vector<int64_t> off = check_group_offsets(a.offsets.ptr<int32_t>(), d.groups, m_rows, "act_quant");
     const int64_t width = a.q_t.dim(1);  // 128 · slots
@@ -107,20 +119,10 @@ void CpuBackend::act_quant(Context, const ActQuantArgs& a) {
           std::memset(dst + count, 0, static_cast<size_t>(kFp8Tile - count));  // past the group's last row
         }
       }
+    if (d.row_wise) row_wise(off.back());
     return;
   }
-  if (d.row_wise) {
-    float* scale = a.scale.ptr<float>();
-    uint8_t* q = codes(a.q);
-#pragma omp parallel for schedule(static)
-    for (int64_t m = 0; m < m_rows; ++m)
-      for (int64_t kb = 0; kb < fp8_tiles(k_cols); ++kb) {
-        const int64_t k0 = kb * kFp8Tile, count = std::min(kFp8Tile, k_cols - k0);
-        scale[kb * m_rows + m] = quantise_tile(
-            count, a.ue8m0, [&](int64_t i) { return source_value(x, m * k_cols + k0 + i); },
-            [&](int64_t i, uint8_t c) { q[m * k_cols + k0 + i] = c; });
-      }
-  }
+  if (d.row_wise) row_wise(m_rows);
   if (d.col_wise) {
     float* scale_t = a.scale_t.ptr<float>();
     uint8_t* q_t = codes(a.q_t);
