@@ -297,7 +297,11 @@ void AttentionLayer::backward(const LayerContext& lc, const Tensor& x, const Ten
                           .width = rkv,
                           .x_stride = rkv + dr,
                           .y_stride = rkv});
-  lc.linear_backward(lc.grad(p("wkv_a.weight")), dx_norm, dkva, x_norm, lc.weight(p("wkv_a.weight")));
+  // FP8 W_kva and W_qa: their backward runs as one pair below (x_norm's transposed copy quantised once); dkva
+  // keeps until then (scratch of its own), and dx_norm gets the two products in this order all the same.
+  const Tensor w_kva = lc.weight(p("wkv_a.weight"));
+  const bool fp8_pair = rq > 0 && lc.fp8_weight(w_kva) != nullptr && lc.fp8_weight(lc.weight(p("wq_a.weight")));
+  if (!fp8_pair) lc.linear_backward(lc.grad(p("wkv_a.weight")), dx_norm, dkva, x_norm, w_kva);
 
   // Queries: inverse RoPE on dq, then W_qb, q_norm, W_qa (or W_q).
   be.rope(lc.ctx, {.x = dq,
@@ -323,9 +327,14 @@ void AttentionLayer::backward(const LayerContext& lc, const Tensor& x, const Ten
                             .rows = N,
                             .width = rq,
                             .dx16 = dqa16});
-    lc.linear_backward(lc.grad(p("wq_a.weight")), dx_norm, dqa16.defined() ? dqa16 : dqa, x_norm,
-                       lc.weight(p("wq_a.weight")),
-                       /*beta_dx=*/1.0);
+    if (fp8_pair) {
+      lc.linear_backward_pair(lc.grad(p("wkv_a.weight")), dkva, w_kva, lc.grad(p("wq_a.weight")),
+                              dqa16.defined() ? dqa16 : dqa, lc.weight(p("wq_a.weight")), dx_norm, x_norm);
+    } else {
+      lc.linear_backward(lc.grad(p("wq_a.weight")), dx_norm, dqa16.defined() ? dqa16 : dqa, x_norm,
+                         lc.weight(p("wq_a.weight")),
+                         /*beta_dx=*/1.0);
+    }
   } else {
     lc.linear_backward(lc.grad(p("wq.weight")), dx_norm, dq, x_norm, lc.weight(p("wq.weight")), /*beta_dx=*/1.0);
   }
