@@ -18,6 +18,10 @@
 // the 128×1 tiles run along the rows and restart at each expert's first row, so none crosses an
 // expert's end; padded with zeros to whole tiles), then one fp8_grouped_gemm_wgrad. No host
 // synchronisation anywhere in the experts' FP8 GEMMs.
+// Where two GEMMs read one operand (the *_pair calls, grouped_backward*), its FP8 copy is made once and
+// read by both: the quantisation is a pure function of the tensor, so this gives the single calls' bits
+// with fewer passes over memory (the quantisers are memory-bound and take more of the fp8 step than the
+// FP8 GEMMs; bench/RESULTS.md).
 #include "model/layer_context.h"
 
 namespace diffmoe {
