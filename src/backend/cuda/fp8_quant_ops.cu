@@ -130,30 +130,39 @@ __device__ __forceinline__ void quantise_tile_columns(const float* tile, float (
   }
 }
 
+// Step 1 of act_quant over one tile: rows row0 … row0 + 127 of x (those ≥ row_end absent: 0), columns k0 … k0 + 127
+// (blockIdx.x's column tile). Warp w takes rows w, w + 8, ... (kRowsPerWarp of them); lane l holds the row's columns
+// 4l .. 4l + 3 (one vector load where vec). kRowWise: each present row's codes into q, its scale into scale (the
+// row tile's amax a warp max). kColWise: the values into the f32 tile for step 2.
 template <class In, bool kRowWise, bool kColWise>
-__global__ void __launch_bounds__(kQuantThreads) act_quant_kernel(ActQuantParams<In> p) {
-  extern __shared__ float4 tile4[];  // [kTile][kTile] f32 (kColWise only)
-  __shared__ float col_amax[kColHalves][fp8::kTile];
-  float* tile = reinterpret_cast<float*>(tile4);
+__device__ __forceinline__ void quantise_tile_rows(const ActQuantParams<In>& p, int64_t row0, int64_t row_end,
+                                                   int64_t k0, bool vec, float4* tile4) {
   const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
-  const int64_t m0 = int64_t{blockIdx.y} * fp8::kTile, k0 = int64_t{blockIdx.x} * fp8::kTile;
-  const bool full = m0 + fp8::kTile <= p.m && k0 + fp8::kTile <= p.k;
   const int c0 = lane * kValsPerLane;  // the lane's first column in the tile
-  const bool vec = full && p.vec_rows;
-
-  // 1. rows
 #pragma unroll 4
   for (int i = 0; i < kRowsPerWarp; ++i) {
     const int r = warp + i * kQuantWarps;
-    const int64_t m = m0 + r;
-    const float4 v = load_row_part(p.x, m, k0 + c0, p.m, p.k, vec);
-    if (kRowWise && m < p.m) {  // warp-uniform: every lane takes part in the warp max
+    const int64_t m = row0 + r;
+    const float4 v = load_row_part(p.x, m, k0 + c0, row_end, p.k, vec);
+    if (kRowWise && m < row_end) {  // warp-uniform: every lane takes part in the warp max
       const float s = fp8::tile_scale(warp_max(fp8::abs_max4(v)), p.ue8m0);
       store_codes4(p.out.q + m * p.k + k0 + c0, v, s, p.k - (k0 + c0), vec);
       if (lane == 0) p.out.scale[int64_t{blockIdx.x} * p.m + m] = s;
     }
     if (kColWise) tile4[(r * fp8::kTile + c0) / kVec] = v;
   }
+}
+
+template <class In, bool kRowWise, bool kColWise>
+__global__ void __launch_bounds__(kQuantThreads) act_quant_kernel(ActQuantParams<In> p) {
+  extern __shared__ float4 tile4[];  // [kTile][kTile] f32 (kColWise only)
+  __shared__ float col_amax[kColHalves][fp8::kTile];
+  float* tile = reinterpret_cast<float*>(tile4);
+  const int64_t m0 = int64_t{blockIdx.y} * fp8::kTile, k0 = int64_t{blockIdx.x} * fp8::kTile;
+  const bool full = m0 + fp8::kTile <= p.m && k0 + fp8::kTile <= p.k;
+
+  // 1. rows
+  quantise_tile_rows<In, kRowWise, kColWise>(p, m0, p.m, k0, full && p.vec_rows, tile4);
   if (!kColWise) return;
   __syncthreads();
 
@@ -191,20 +200,8 @@ __global__ void __launch_bounds__(kQuantThreads)
   const int64_t r0 = __ldg(sched.offsets + lo) + int64_t{t - s_prefix[lo]} * fp8::kTile;
   const int64_t row_end = min(r0 + fp8::kTile, int64_t{__ldg(sched.offsets + lo + 1)});
   const int64_t k0 = int64_t{blockIdx.x} * fp8::kTile;
-  const int c0 = lane * kValsPerLane;
   const bool vec = p.vec_rows && row_end - r0 == fp8::kTile && k0 + fp8::kTile <= p.k;
-#pragma unroll 4
-  for (int i = 0; i < kRowsPerWarp; ++i) {
-    const int r = warp + i * kQuantWarps;
-    const int64_t m = r0 + r;
-    const float4 v = load_row_part(p.x, m, k0 + c0, row_end, p.k, vec);
-    if (kRowWise && m < row_end) {  // warp-uniform, as in act_quant_kernel's step 1
-      const float s = fp8::tile_scale(warp_max(fp8::abs_max4(v)), p.ue8m0);
-      store_codes4(p.out.q + m * p.k + k0 + c0, v, s, p.k - (k0 + c0), vec);
-      if (lane == 0) p.out.scale[int64_t{blockIdx.x} * p.m + m] = s;
-    }
-    tile4[(r * fp8::kTile + c0) / kVec] = v;
-  }
+  quantise_tile_rows<In, kRowWise, /*kColWise=*/true>(p, r0, row_end, k0, vec, tile4);
   __syncthreads();
   quantise_tile_columns(tile, col_amax, p.out.q_t + k0 * width + int64_t{t} * fp8::kTile, width,
                         p.out.scale_t + int64_t{t} * p.k + k0, p.k - k0, fp8::kTile, /*vec=*/true, p.ue8m0);
