@@ -101,6 +101,12 @@ void CpuBackend::act_quant(Context, const ActQuantArgs& a) {
             [&](int64_t i, uint8_t c) { q[m * k_cols + k0 + i] = c; });
       }
   };
+  // x[r0 …, k] (count rows) as one 128×1 tile into dst[0 …); returns its scale.
+  const auto column_tile = [&](int64_t r0, int64_t count, int64_t k, uint8_t* dst) {
+    return quantise_tile(
+        count, a.ue8m0, [&](int64_t i) { return source_value(x, (r0 + i) * k_cols + k); },
+        [&](int64_t i, uint8_t c) { dst[i] = c; });
+  };
   if (d.grouped) {
     const std::vector<int64_t> off = check_group_offsets(a.offsets.ptr<int32_t>(), d.groups, m_rows, "act_quant");
     const int64_t width = a.q_t.dim(1);  // 128 · slots
@@ -113,9 +119,7 @@ void CpuBackend::act_quant(Context, const ActQuantArgs& a) {
 #pragma omp parallel for schedule(static)
         for (int64_t k = 0; k < k_cols; ++k) {
           uint8_t* dst = q_t + k * width + slot * kFp8Tile;
-          scale_t[slot * k_cols + k] = quantise_tile(
-              count, a.ue8m0, [&](int64_t i) { return source_value(x, (r0 + i) * k_cols + k); },
-              [&](int64_t i, uint8_t c) { dst[i] = c; });
+          scale_t[slot * k_cols + k] = column_tile(r0, count, k, dst);
           std::memset(dst + count, 0, static_cast<size_t>(kFp8Tile - count));  // past the group's last row
         }
       }
@@ -130,9 +134,7 @@ void CpuBackend::act_quant(Context, const ActQuantArgs& a) {
     for (int64_t k = 0; k < k_cols; ++k)
       for (int64_t mb = 0; mb < fp8_tiles(m_rows); ++mb) {
         const int64_t m0 = mb * kFp8Tile, count = std::min(kFp8Tile, m_rows - m0);
-        scale_t[mb * k_cols + k] = quantise_tile(
-            count, a.ue8m0, [&](int64_t i) { return source_value(x, (m0 + i) * k_cols + k); },
-            [&](int64_t i, uint8_t c) { q_t[k * m_rows + m0 + i] = c; });
+        scale_t[mb * k_cols + k] = column_tile(m0, count, k, q_t + k * m_rows + m0);
       }
   }
 }
