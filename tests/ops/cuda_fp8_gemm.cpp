@@ -240,6 +240,8 @@ TEST(CudaFp8Gemm, GroupedAgainstCpu) {
   run_grouped_case(1536, 512, 512, DType::kBF16, seed += 10);  // the MoE Dgrad's two terms
   run_grouped_case(136, 256, 96, DType::kF32, seed += 10);     // K2 below one k-tile
   run_grouped_case(64, 16, 48, DType::kF32, seed += 10);
+  run_grouped_case(128, 128, 0, DType::kF32, seed += 10);   // one k-tile: the partial sums' shortest tail
+  run_grouped_case(256, 640, 0, DType::kBF16, seed += 10);  // five: an odd count past the steady-state loop
 }
 
 // An FP8 grouped call whose shape the kernel cannot take is refused with the reason, before any launch.

@@ -11,13 +11,16 @@
 //   the consumer, once they are done, promotes it: acc += partial · (sa[row] · sb) in f32 FMAs. The
 //   tensor cores' own FP8 accumulation, which keeps fewer bits than f32, never sums more than 128
 //   products, and every k-tile gets the exact scales of its tiles.
-// - Tile 128×128×128. The partial sum needs 64 registers beside the accumulator's 64 (m64n128);
-//   an n256 tile would need 256, above the 168 a thread of a 384-thread CTA may hold.
+// - Tile 128×128×128. A partial sum needs 64 registers beside the accumulator's 64 (m64n128).
 //   6-stage ring of 32 KB (A box 128 rows × 128 B, B box 128 n × 128 B).
-// - The consumer waits for its MMAs on every k-tile (wait_group 0, then the stage is released at
-//   once); the other consumer warpgroup keeps the tensor cores busy meanwhile.
+// - Two partial sums per consumer, used in turn: the MMAs of k-tile kt + 1 are issued before the
+//   consumer waits for kt's (wait_group 1), so the tensor cores work through kt + 1 while kt's sum is
+//   promoted. With one partial sum (wait_group 0 on every k-tile) each warpgroup left the tensor
+//   cores idle for an MMA's latency per k-tile: ~600 TFLOP/s, a third of the FP8 peak.
+// - Registers: 64 accumulators + 2 × 64 partial sums do not fit the 168 a thread of a 384-thread CTA
+//   gets; the producer warpgroup gives its registers to the consumers (setmaxnreg: 24 / 240).
 // - The scales of a k-tile are read from global memory (the A tile's 128 are 512 contiguous bytes)
-//   before the wait on the stage, so their latency hides behind it.
+//   before the wait for its MMAs, so their latency hides behind them.
 // - Rows of an m-tile past its group's end belong to the next group (TMA reads all R rows): their
 //   sums land in rows the epilogue does not write. Rows ≥ R and k ≥ k come in as zeros.
 // - Two terms: the producer issues the first term's k-tiles, then the second's, into the same
@@ -29,7 +32,9 @@
 // Tiles (g, m-tile, n-tile) of 128×128, k-tiles = the group's slots. Here both scales vary along the
 // output: A's per row m, B's per column n (128×1 tiles), so the producer also copies the k-tile's
 // 128 + 128 scales into the stage (cp.async.bulk, counted by the same barrier) and the promotion
-// multiplies each partial sum by sa[row]·sb[col]. Σ C² per consumer warp as the bf16 wgrad kernel.
+// multiplies each partial sum by sa[row]·sb[col]. Σ C² per consumer warp as the bf16 wgrad kernel. One partial sum
+// per consumer (wait_group 0 per k-tile): with two, its per-column scales pushed it past 240 registers, and the
+// spilling kernel ran 11% slower on the bench shapes (H100).
 // Includes only CUDA headers.
 #pragma once
 #include "grouped_gemm_tma.cuh"
@@ -44,6 +49,11 @@ struct Fp8TmaTiles {
   static constexpr int kHalfBytes = 64 * kBK;  // a consumer's m64 rows of the A stage
   static constexpr int kStepK32 = 32;          // one wgmma k32 step along a K-major swizzled row
   static constexpr int kAcc = 64;              // f32 accumulators per thread of an m64n128 block
+  // setmaxnreg: the producer warpgroup keeps 24 registers a thread, each consumer thread gets 240
+  // (accumulators + two partial sums = 192, the rest addresses and scales; at 232 ptxas spilled).
+  static constexpr int kProducerRegs = 24, kConsumerRegs = 240;
+  static_assert(128 * kProducerRegs + 128 * kConsumers * kConsumerRegs <= 65536, "the SM's register file");
+  static_assert(kProducerRegs % 8 == 0 && kConsumerRegs % 8 == 0, "setmaxnreg takes multiples of 8");
   static constexpr int kEpiRows = 64, kEpiRowBytes = 128;
   static constexpr int kEpiBufBytes = kEpiRows * kEpiRowBytes, kEpiBytes = kEpiBufBytes * kConsumers;
   static constexpr int kRingBytes = kStageBytes * kStages;
@@ -101,6 +111,30 @@ __device__ __forceinline__ void wgmma_m64n128k32_e4m3(float (&d)[64], uint64_t d
       : "l"(desc_a), "l"(desc_b), "r"(accumulate));
 }
 
+// Hands registers between warpgroups (sm_90a): the whole warpgroup executes it, the new count is per thread.
+template <int kRegs>
+__device__ __forceinline__ void setmaxnreg_dec() {
+  asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(kRegs));
+}
+template <int kRegs>
+__device__ __forceinline__ void setmaxnreg_inc() {
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(kRegs));
+}
+
+// The 4 wgmma.m64n128k32 of one 128-wide k-tile into `part` (a fresh sum: the first with scale-d 0), committed as one
+// group. The caller has waited for the stage.
+__device__ __forceinline__ void fp8_ktile_mma(float (&part)[64], uint32_t a_tile, uint32_t b_tile) {
+  fence_operands(part);
+  wgmma_fence();
+  using Cfg = Fp8TmaTiles;
+#pragma unroll
+  for (int kk = 0; kk < Cfg::kBK / Cfg::kStepK32; ++kk)
+    wgmma_m64n128k32_e4m3(part, sw128_desc(a_tile + kk * Cfg::kStepK32), sw128_desc(b_tile + kk * Cfg::kStepK32),
+                          kk > 0);
+  wgmma_commit();
+  fence_operands(part);
+}
+
 // ---------------------------------------------------------------- the kernel
 
 template <bool kTwoTerms>
@@ -140,6 +174,7 @@ __global__ void __launch_bounds__(Fp8TmaTiles::kThreads, 1)
   const int kt1 = (sp.k + kBK - 1) / kBK;  // the first term's k-tiles; the second's follow
   if (wg == 0) {
     // ---- producer: one thread issues every TMA copy
+    setmaxnreg_dec<Cfg::kProducerRegs>();
     if (warp != 0 || lane != 0) return;
     int it = 0;
     TmaTile ti;
@@ -158,11 +193,13 @@ __global__ void __launch_bounds__(Fp8TmaTiles::kThreads, 1)
   }
 
   // ---- consumers: warpgroup cw computes rows [64·cw, 64·cw + 64) of each tile
+  setmaxnreg_inc<Cfg::kConsumerRegs>();
   const int cw = wg - 1;
   const int n_blocks = (sp.n + Cfg::kScaleTile - 1) / Cfg::kScaleTile;
-  float acc[Cfg::kAcc], part[Cfg::kAcc];
+  float acc[Cfg::kAcc], part0[Cfg::kAcc], part1[Cfg::kAcc];
 #pragma unroll
-  for (int e = 0; e < Cfg::kAcc; ++e) part[e] = 0.0f;  // defined before the first MMA (scale-d 0) reads it
+  for (int e = 0; e < Cfg::kAcc; ++e)
+    part0[e] = part1[e] = 0.0f;  // defined before the first MMA (scale-d 0) reads them
   int it = 0;
   TmaTile ti;
   for (int t = blockIdx.x; tma_tile_at<kL, kTwoTerms, Cfg>(sp, s_prefix, t, ti); t += gridDim.x) {
@@ -171,33 +208,54 @@ __global__ void __launch_bounds__(Fp8TmaTiles::kThreads, 1)
     // The thread's two rows of the tile (accumulator layout: row 16·warp + lane/4, + 8).
     const int row_lo = ti.a_row + cw * 64 + (warp % 4) * 16 + lane / 4, row_hi = row_lo + 8;
     const int64_t b_block = int64_t{ti.g} * n_blocks + ti.n0 / Cfg::kScaleTile;
-    for (int kt = 0; kt < ti.k_tiles; ++kt, ++it) {
-      const int s = it % kStages;
+    const int k_tiles = ti.k_tiles;
+    // K-tile kt (ring position it + kt): its MMAs into `part` once its stage is in.
+    const auto issue = [&](float(&part)[Cfg::kAcc], int kt) {
+      const int s = (it + kt) % kStages;
+      mbar_wait(full(s), ((it + kt) / kStages) & 1);
+      fp8_ktile_mma(part, stage_a(s) + cw * Cfg::kHalfBytes, stage_b(s));
+    };
+    // K-tile kt's sum in `part`, once its MMAs are done (the later k-tile's, if issued, may still run):
+    // its stage is released and acc += part · (sa[row] · sb).
+    const auto promote = [&](float(&part)[Cfg::kAcc], int kt, bool later_issued) {
       const bool second = kTwoTerms && kt >= kt1;
       const int kb = second ? kt - kt1 : kt;
       const float* sa = (second ? p.a2_scale : p.a_scale) + int64_t{kb} * sp.rows;
       const float sb =
           __ldg((second ? p.b2_scale : p.b_scale) + b_block * (second ? p.b2_scale_ld : p.b_scale_ld) + kb);
-      float s_lo = row_lo < sp.rows ? __ldg(sa + row_lo) : 0.0f;
-      float s_hi = row_hi < sp.rows ? __ldg(sa + row_hi) : 0.0f;
-      mbar_wait(full(s), (it / kStages) & 1);
-      const uint32_t a_tile = stage_a(s) + cw * Cfg::kHalfBytes, b_tile = stage_b(s);
+      // Loads from clamped rows and a select, not a branch: a divergent branch while MMAs are in flight makes
+      // ptxas serialise every wgmma of the kernel (warning C7518).
+      const float sa_lo = __ldg(sa + min(row_lo, sp.rows - 1)), sa_hi = __ldg(sa + min(row_hi, sp.rows - 1));
+      const float s_lo = (row_lo < sp.rows ? sa_lo : 0.0f) * sb, s_hi = (row_hi < sp.rows ? sa_hi : 0.0f) * sb;
+      if (later_issued) wgmma_wait<1>();
+      else wgmma_wait<0>();
       fence_operands(part);
-      wgmma_fence();
+      if (lane == 0) mbar_arrive(empty((it + kt) % kStages));  // this warp is done with the stage
 #pragma unroll
-      for (int kk = 0; kk < kBK / 32; ++kk)
-        wgmma_m64n128k32_e4m3(part, sw128_desc(a_tile + kk * Cfg::kStepK32), sw128_desc(b_tile + kk * Cfg::kStepK32),
-                              kk > 0);
-      wgmma_commit();
-      wgmma_wait<0>();
-      fence_operands(part);
-      if (lane == 0) mbar_arrive(empty(s));  // this warp is done with the stage
-      s_lo *= sb;
-      s_hi *= sb;
-      // Value 4j + e is in row half e/2: (e & 2) picks the thread's second row.
-#pragma unroll
-      for (int e = 0; e < Cfg::kAcc; ++e) acc[e] = fmaf(part[e], (e & 2) ? s_hi : s_lo, acc[e]);
+      for (int e = 0; e < Cfg::kAcc; ++e)  // value 4j + e is in row half e/2: (e & 2) picks the thread's second row
+        acc[e] = fmaf(part[e], (e & 2) ? s_hi : s_lo, acc[e]);
+    };
+    // Even k-tiles in part0, odd ones in part1: kt + 1's MMAs are in flight while kt's sum is promoted.
+    // Every issue and wait is straight-line code (the tail's branch holds whole issue-wait sequences): a wait
+    // that depends on a runtime condition makes ptxas serialise every wgmma of the kernel (warning C7518).
+    if (k_tiles > 0) {  // (always: K ≥ 16)
+      issue(part0, 0);
+      int kt = 0;
+      for (; kt + 2 < k_tiles; kt += 2) {
+        issue(part1, kt + 1);
+        promote(part0, kt, /*later_issued=*/true);
+        issue(part0, kt + 2);
+        promote(part1, kt + 1, /*later_issued=*/true);
+      }
+      if (kt + 1 < k_tiles) {  // two k-tiles left
+        issue(part1, kt + 1);
+        promote(part0, kt, /*later_issued=*/true);
+        promote(part1, kt + 1, /*later_issued=*/false);
+      } else {
+        promote(part0, kt, /*later_issued=*/false);
+      }
     }
+    it += k_tiles;
     const int64_t blk_off = (static_cast<int64_t>(ti.a_row) + cw * Cfg::kEpiRows) * sp.n + ti.n0;
     const int rows_valid = ti.m_valid - cw * Cfg::kEpiRows, cols_valid = sp.n - ti.n0;
     const uint32_t buf = epi_bufs + cw * Cfg::kEpiBufBytes;
