@@ -3,6 +3,7 @@
 // (Backend::gemm with bf16 operands) at the same shapes; then fp8_grouped_gemm at the routed experts'
 // shapes beside the bf16 grouped kernel (bench_grouped).
 // Usage: bench_fp8 [--config configs/bench.yaml] [--tokens 16384] [--iters 20] [--skip-quant]
+//                  [--only quant,dense,grouped]  (the tables to run; default all)
 //   bench preset: tokens = 8 sequences × 2048; seed-20b (configs/seed-20b.yaml): e.g. --tokens 8192.
 // Shapes: every dense Linear of a layer (docs/model.md §2, §4: wq_a, wq_b, wkv_a, wkv_b, wo; the dense MLP's
 // w1/w3 and w2; the shared experts' w1/w3 and w2, n_shared·moe_inter wide), each as its three GEMMs
@@ -298,19 +299,26 @@ int main(int argc, char** argv) {
   int64_t tokens = 16384;
   int iters = 20;
   bool skip_quant = false;
+  std::vector<std::string> only;
   app.add_option("--config", config, "preset whose dense Linear shapes are timed");
   app.add_option("--tokens", tokens, "rows T of the activations (tokens per micro-batch)");
   app.add_option("--iters", iters);
   app.add_flag("--skip-quant", skip_quant, "only the GEMMs");
+  app.add_option("--only", only, "run only these tables (default all)")
+      ->check(CLI::IsMember({"quant", "dense", "grouped"}))
+      ->delimiter(',');
   CLI11_PARSE(app, argc, argv);
+  const auto wanted = [&](const char* table) {
+    return only.empty() || std::find(only.begin(), only.end(), table) != only.end();
+  };
   try {
     const ModelConfig cfg = load_model_config(config);
     auto be = make_backend("cuda");
     be->set_gemm_precision(GemmPrecision::kBF16);  // the bf16 column: the bf16 GEMM mode's cuBLASLt path
     fmt::print("bench_fp8: {} (dim {}), T = {}, {} iterations per row\n", config, cfg.dim, tokens, iters);
-    if (!skip_quant) bench_act_quant(*be, tokens, {cfg.dim, cfg.inter_dim}, iters);
-    bench_gemms(*be, tokens, linears_of(cfg), iters);
-    bench_grouped(*be, cfg, tokens, iters);
+    if (!skip_quant && wanted("quant")) bench_act_quant(*be, tokens, {cfg.dim, cfg.inter_dim}, iters);
+    if (wanted("dense")) bench_gemms(*be, tokens, linears_of(cfg), iters);
+    if (wanted("grouped")) bench_grouped(*be, cfg, tokens, iters);
   } catch (const Error& e) {
     fmt::print(stderr, "bench_fp8: {}\n", e.what());
     return 1;
