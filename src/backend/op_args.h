@@ -177,9 +177,9 @@ struct GroupedGemmWgradArgs {
 // The DeepSeek-V3 recipe's e4m3 tensors, each with f32 scales for tiles of 128 along a GEMM's
 // reduction dimension. Quantisation is exact and gives the same bits on every backend: per tile,
 // amax = max|x| (f32), s = e4m3_scale(amax, ue8m0) (core/dtype.h: max(amax, 1e-4) / 448, with ue8m0
-// rounded up to a power of two), q = e4m3(x / s): the f32 quotient rounded to nearest even and
-// saturated to ±448. q stands for q·s. Tiles at the edges (a size not a multiple of 128) take the max
-// over the values present, as if zero-padded.
+// rounded up to a power of two), q = e4m3(x · r) with r = 1 / s (core/dtype.h e4m3_inverse_scale): the f32
+// product rounded to nearest even and saturated to ±448. q stands for q·s. Tiles at the edges (a size not a multiple of
+// 128) take the max over the values present, as if zero-padded.
 //
 // Scale layouts are the ones cuBLASLt's block-scaled FP8 GEMM reads on Hopper, so the GEMM takes the
 // quantisers' outputs as they are:

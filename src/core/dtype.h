@@ -25,11 +25,16 @@ float e4m3_to_f32(uint8_t b);
 constexpr float kE4M3Max = 448.0f;
 
 // The FP8 tile scale of docs/model.md §7 ("Exact quantisation"; docs/derivations.md §6.5): s = max(amax, 1e-4) / 448,
-// one f32 division, so a tile whose largest magnitude is amax is quantised as e4m3(x / s) with
-// |x / s| ≤ 448. With `ue8m0`, s is then rounded UP to a power of two, 2^ceil(log2 s), exactly (an
-// exponent-only scale: no extra rounding in x / s). amax is the f32 max of |x| over the tile; a NaN
-// amax counts as the floor (fmax semantics: tiles skip NaNs when taking the max); +inf gives +inf.
+// one f32 division, so a tile whose largest magnitude is amax is quantised as e4m3(x · r), r = 1 / s
+// (e4m3_inverse_scale), with |x · r| ≤ 448 up to one f32 rounding (saturated to 448). With `ue8m0`, s is then
+// rounded UP to a power of two, 2^ceil(log2 s), exactly (an exponent-only scale: r exact, no extra rounding). amax is
+// the f32 max of |x| over the tile; a NaN amax counts as the floor (fmax semantics: tiles skip NaNs when taking the
+// max); +inf gives +inf.
 constexpr float kE4M3AmaxFloor = 1e-4f;
 float e4m3_scale(float amax, bool ue8m0);
+// The factor a tile's values are multiplied by before the e4m3 rounding: r = 1 / s, one f32 division per
+// tile, so each value's code is e4m3(x · r), one f32 product (a per-value IEEE division made the GPU's
+// quantisers compute-bound). With ue8m0 scales r is exact and x · r = x / s.
+inline float e4m3_inverse_scale(float s) { return 1.0f / s; }
 
 }  // namespace diffmoe

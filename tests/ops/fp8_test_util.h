@@ -44,7 +44,7 @@ inline RefQuant ref_quant_rows(const std::vector<float>& v, int64_t rows, int64_
       const float s = ref_scale(amax, ue8m0);
       r.scale[static_cast<size_t>(kb * rows + i)] = s;
       for (int64_t k = k0; k < k1; ++k)
-        r.q[static_cast<size_t>(i * cols + k)] = f32_to_e4m3(v[static_cast<size_t>(i * cols + k)] / s);
+        r.q[static_cast<size_t>(i * cols + k)] = f32_to_e4m3(v[static_cast<size_t>(i * cols + k)] * (1.0f / s));
     }
   return r;
 }
@@ -75,7 +75,7 @@ inline RefQuant ref_quant_blocks(const std::vector<float>& w, int64_t n, int64_t
       r.scale[static_cast<size_t>(nb * ld + kb)] = s;
       for (int64_t i = n0; i < n1; ++i)
         for (int64_t j = k0; j < k1; ++j)
-          r.q[static_cast<size_t>(i * k + j)] = f32_to_e4m3(w[static_cast<size_t>(i * k + j)] / s);
+          r.q[static_cast<size_t>(i * k + j)] = f32_to_e4m3(w[static_cast<size_t>(i * k + j)] * (1.0f / s));
     }
   return r;
 }
@@ -84,7 +84,7 @@ inline RefQuant ref_quant_blocks(const std::vector<float>& w, int64_t n, int64_t
 // copy; pass the transpose to aim them at the column-wise copy). Each 128-wide tile of a row is one
 // of these kinds, by (row, tile):
 // - exact (8 of 13): magnitude 2^e, e from -16 to 12, holding 448·2^e once (its amax, so s = 2^e
-//   exactly and x / s is exact): every finite code's value, exact ties between neighbouring codes
+//   exactly and x · r = x / s is exact): every finite code's value, exact ties between neighbouring codes
 //   (subnormal ones too), values one f32 step beside a tie, and f32 subnormals (→ ±0);
 // - generic (3 of 13): uniform in ±[0, 10^p) for p = -1, 0, 1: arbitrary scales and quotients;
 // - below the amax floor (1 of 13): |x| < 1e-5, so s = 1e-4/448;

@@ -190,7 +190,7 @@ TEST_F(Fp8Quant, AmaxFloor) {
   const std::vector<uint8_t> q = codes_of(out.q);
   for (int64_t j = 0; j < k; ++j) {
     const float s = out.scale.at<float>(j / kFp8Tile);
-    EXPECT_EQ(q[static_cast<size_t>(j)], f32_to_e4m3(v[static_cast<size_t>(j)] / s)) << j;
+    EXPECT_EQ(q[static_cast<size_t>(j)], f32_to_e4m3(v[static_cast<size_t>(j)] * (1.0f / s))) << j;
   }
   for (int64_t j = kFp8Tile; j < 2 * kFp8Tile; ++j) EXPECT_EQ(q[static_cast<size_t>(j)], 0x00);  // zeros stay +0
 }

@@ -28,13 +28,13 @@ float source_value(const Tensor& t, int64_t i) {
 }
 
 // One tile of `count` values get(i): amax = max|x| (fmax: NaNs are skipped, as the GPU's fmaxf
-// does), s = e4m3_scale(amax), put(i, e4m3(x_i / s)) with the f32 quotient. Returns s.
+// does), s = e4m3_scale(amax), put(i, e4m3(x_i · r)) with r = e4m3_inverse_scale(s) and the f32 product. Returns s.
 template <class Get, class Put>
 float quantise_tile(int64_t count, bool ue8m0, Get&& get, Put&& put) {
   float amax = 0.0f;
   for (int64_t i = 0; i < count; ++i) amax = std::fmax(amax, std::fabs(get(i)));
-  const float s = e4m3_scale(amax, ue8m0);
-  for (int64_t i = 0; i < count; ++i) put(i, f32_to_e4m3(get(i) / s));
+  const float s = e4m3_scale(amax, ue8m0), r = e4m3_inverse_scale(s);
+  for (int64_t i = 0; i < count; ++i) put(i, f32_to_e4m3(get(i) * r));
   return s;
 }
 

@@ -1,8 +1,9 @@
 // Device side of the FP8 quantisers (fp8_quant_ops.cu; op_args.h's FP8 section, docs/model.md §7): the tile
 // sizes, the scale rule and the e4m3 rounding, each written once so that every kernel computes the
 // CPU's bits (core/dtype.cpp: e4m3_scale, f32_to_e4m3).
-// - The quotient x / s is one IEEE division (__fdiv_rn, whatever the compiler's flags), as the CPU's
-//   f32 `/`; the scale is one too.
+// - A value's code is e4m3(x · r) with r = 1 / s per tile (core/dtype.h e4m3_inverse_scale): r is one IEEE
+//   reciprocal (__frcp_rn, the CPU's f32 1 / s) and x · r one IEEE product (__fmul_rn, never contracted);
+//   the scale is one IEEE division (__fdiv_rn, whatever the compiler's flags), as the CPU's f32 `/`.
 // - e4m3: cvt.rn.satfinite.e4m3x2.f32 (sm_89+): round to nearest even, ±448 for anything larger
 //   (also ±inf), as f32_to_e4m3(x, saturate = true); a NaN becomes 0x7f whatever its sign, as on the
 //   CPU (the instruction's NaN code is not specified to that bit).
@@ -31,20 +32,23 @@ __device__ __forceinline__ float tile_scale(float amax, bool ue8m0) {
   return exp == 0xffu ? s : __uint_as_float((exp + (man != 0u ? 1u : 0u)) << 23);
 }
 
-// The e4m3 codes of a / s and b / s, a's in the low byte.
-__device__ __forceinline__ uint32_t e4m3x2(float a, float b, float s) {
-  const float qa = __fdiv_rn(a, s), qb = __fdiv_rn(b, s);
+// r = 1 / s, the factor of a tile with scale s.
+__device__ __forceinline__ float inverse_scale(float s) { return __frcp_rn(s); }
+
+// The e4m3 codes of a · r and b · r, a's in the low byte.
+__device__ __forceinline__ uint32_t e4m3x2(float a, float b, float r) {
+  const float qa = __fmul_rn(a, r), qb = __fmul_rn(b, r);
   uint32_t v = __nv_cvt_float2_to_fp8x2(make_float2(qa, qb), __NV_SATFINITE, __NV_E4M3);
   if (isnan(qa)) v = (v & 0xff00u) | kE4M3NaN;
   if (isnan(qb)) v = (v & 0x00ffu) | (kE4M3NaN << 8);
   return v;
 }
 // Four values' codes, v.x's in the lowest byte: one 32-bit store of four consecutive codes.
-__device__ __forceinline__ uint32_t e4m3x4(float4 v, float s) {
-  return e4m3x2(v.x, v.y, s) | (e4m3x2(v.z, v.w, s) << 16);
+__device__ __forceinline__ uint32_t e4m3x4(float4 v, float r) {
+  return e4m3x2(v.x, v.y, r) | (e4m3x2(v.z, v.w, r) << 16);
 }
-__device__ __forceinline__ uint8_t e4m3x1(float a, float s) {
-  const float q = __fdiv_rn(a, s);
+__device__ __forceinline__ uint8_t e4m3x1(float a, float r) {
+  const float q = __fmul_rn(a, r);
   return isnan(q) ? static_cast<uint8_t>(kE4M3NaN)
                   : static_cast<uint8_t>(__nv_cvt_float_to_fp8(q, __NV_SATFINITE, __NV_E4M3));
 }
