@@ -26,7 +26,10 @@
 #                      as an ignored build-* folder, and run: tools/gpu-check.sh --prebuilt DIR
 #   Environment: GPU_CHECK_LOG_DIR (default DIR/gpu-check-logs), GPU_CHECK_SANITIZE_FILTER and
 #   GPU_CHECK_RACE_FILTER (gtest filters of the memcheck and racecheck steps); GPU_CHECK_PART=checks
-#   or bench runs one half (a device call has a time limit); SANITIZE=0, OP_BENCH=0, BENCH_F32=0,
+#   or bench runs one half (a device call has a time limit); GPU_CHECK_PART=profile runs only the
+#   hardware-counter profile of the FP8 kernels (ncu on bench_fp8: the quantisers, the grouped FP8 and
+#   bf16 expert kernels; throughput, issue slots, stall reasons; needs ncu's counters, which the
+#   Firecracker machines give and gVisor ones do not); SANITIZE=0, OP_BENCH=0, BENCH_F32=0,
 #   SEED_SLICE=0, DECODE=0 and BENCH=0 skip the sanitizers, the op benchmarks, the f32 step benchmark,
 #   the seed-slice step benchmarks, the decode benchmarks, all benchmarks.
 set -u
@@ -169,7 +172,7 @@ fi
 
 # ---- checks (GPU_CHECK_PART=bench skips them: one device call may not hold everything)
 PART="${GPU_CHECK_PART:-all}"
-if [[ $PART != bench ]]; then
+if [[ $PART != bench && $PART != profile ]]; then
 if [[ -x "$BIN_TEST" ]]; then
   step test_cuda_ops "$LOG_DIR/test_cuda_ops.log" "$BIN_TEST" --gtest_brief=1
   grep -E "^\[  (PASSED|FAILED) |tests? from .* ran" "$LOG_DIR/test_cuda_ops.log" | tail -n 3
@@ -223,7 +226,7 @@ fi  # checks
 
 # ---- benchmark: the bench preset's training step, ours and PyTorch's, same card, same run
 # (bench/README.md; BENCH=0 skips it, BENCH_BATCH sets ours — 8 is the preset's micro-batch).
-if [[ "${BENCH:-1}" == 1 && $PART != checks ]]; then
+if [[ "${BENCH:-1}" == 1 && $PART != checks && $PART != profile ]]; then
   # Op benchmarks: the attention kernels at the bench shape (f32 flash and bf16 tensor-core, ms), the
   # memory-bound element-wise ops (ms, GB/s) and the grouped expert GEMM (TFLOP/s beside cuBLAS);
   # PyTorch's versions come with bench_torch.
@@ -325,6 +328,30 @@ if [[ "${BENCH:-1}" == 1 && $PART != checks ]]; then
   fi
 fi
 
+# ---- profile (GPU_CHECK_PART=profile): Nsight Compute counters of the FP8 kernels at the bench shapes, one launch
+# of each (after bench_fp8's warm-up launches of the same shape), with the lines that say what bounds them.
+if [[ $PART == profile ]]; then
+  NCU="$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -n 1)"
+  if [[ -x "$BIN_FP8" && -n "$NCU" ]]; then
+    ncu_args=(--clock-control none --kernel-name-base demangled --section SpeedOfLight --section Occupancy
+              --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis --section WarpStateStats
+              --section InstructionStats)
+    keys="Duration|Throughput|Issue Slots Busy|Executed Ipc Active|Occupancy|No Eligible|Warp Cycles Per Issued|Registers Per|act_quant|weight_quant|grouped_gemm"
+    # act_quant: 12 launches skipped (the f32 source's three modes), then the bf16 source's rows, transposed, both.
+    step ncu_act_quant "$LOG_DIR/ncu_act_quant.log" "$NCU" "${ncu_args[@]}" -k regex:act_quant_kernel \
+      --launch-skip 12 --launch-count 12 "$BIN_FP8" --config configs/bench.yaml --only quant --iters 1
+    grep -E "$keys" "$LOG_DIR/ncu_act_quant.log" | head -n 120
+    step ncu_grouped_fp8 "$LOG_DIR/ncu_grouped_fp8.log" "$NCU" "${ncu_args[@]}" -k regex:grouped_gemm_fp8_kernel -c 1 \
+      "$BIN_FP8" --config configs/bench.yaml --only grouped --iters 1
+    grep -E "$keys" "$LOG_DIR/ncu_grouped_fp8.log" | head -n 40
+    step ncu_grouped_bf16 "$LOG_DIR/ncu_grouped_bf16.log" "$NCU" "${ncu_args[@]}" -k regex:grouped_gemm_tma_kernel -c 1 \
+      "$BIN_FP8" --config configs/bench.yaml --only grouped --iters 1
+    grep -E "$keys" "$LOG_DIR/ncu_grouped_bf16.log" | head -n 40
+  else
+    skip ncu "no bench_fp8 binary or no ncu"
+  fi
+fi
+
 # ---- summary
 status=0
 echo
@@ -334,7 +361,7 @@ for i in "${!NAMES[@]}"; do
   printf '%-18s %-44s %8s\n' "${NAMES[$i]}" "${RESULTS[$i]}" "${TIMES[$i]}"
   case "${RESULTS[$i]}" in PASS|prebuilt*|*"used prebuilt") ;; *) status=1 ;; esac
 done
-if [[ "${BENCH:-1}" == 1 && $PART != checks ]]; then  # the headline numbers, from the logs above
+if [[ "${BENCH:-1}" == 1 && $PART != checks && $PART != profile ]]; then  # the headline numbers, from the logs above
   echo
   echo "gpu-check numbers (bench preset, 8 x 2048 tokens, fwd+bwd+AdamW; same card, same run)"
   ours() { grep -hoE "median [0-9.]+ s|[0-9]+ tokens/s, MFU [0-9.]+%" "$1" 2>/dev/null | tr '\n' ' '; }
