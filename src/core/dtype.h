@@ -33,8 +33,9 @@ constexpr float kE4M3Max = 448.0f;
 constexpr float kE4M3AmaxFloor = 1e-4f;
 float e4m3_scale(float amax, bool ue8m0);
 // The factor a tile's values are multiplied by before the e4m3 rounding: r = 1 / s, one f32 division per
-// tile, so each value's code is e4m3(x · r), one f32 product (a per-value IEEE division made the GPU's
-// quantisers compute-bound). With ue8m0 scales r is exact and x · r = x / s.
+// tile, so each value's code is e4m3(x · r), one f32 product (a per-value IEEE division is about ten
+// instructions on the GPU, in quantisers meant to run at memory speed). With ue8m0 scales r is exact and
+// x · r = x / s.
 inline float e4m3_inverse_scale(float s) { return 1.0f / s; }
 
 }  // namespace diffmoe

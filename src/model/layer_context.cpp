@@ -20,8 +20,8 @@
 // synchronisation anywhere in the experts' FP8 GEMMs.
 // Where two GEMMs read one operand (the *_pair calls, grouped_backward*), its FP8 copy is made once and
 // read by both: the quantisation is a pure function of the tensor, so this gives the single calls' bits
-// with fewer passes over memory (the quantisers are memory-bound and take more of the fp8 step than the
-// FP8 GEMMs; bench/RESULTS.md).
+// with fewer passes over memory (the quantisers take more of the fp8 step than the FP8 GEMMs;
+// bench/RESULTS.md).
 #include "model/layer_context.h"
 
 namespace diffmoe {

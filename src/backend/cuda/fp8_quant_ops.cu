@@ -42,7 +42,7 @@ using namespace cuda;
 
 constexpr int kQuantThreads = 256;
 constexpr int kQuantWarps = kQuantThreads / kWarp;  // 8
-// act_quant's blocks per SM (at most 85 registers a thread): a block has no loads in flight while it quantises
+// act_quant's blocks per SM (at most 80 registers a thread): a block has no loads in flight while it quantises
 // its columns (step 2), so two resident blocks left the memory idle whenever both were there.
 constexpr int kQuantBlocksPerSm = 3;
 constexpr int kLoadBatch = 8;                           // rows a warp loads before it quantises them (step 1)
@@ -61,12 +61,20 @@ static_assert(kRowsPerHalf % kCodesPerStore == 0, "a half column is whole 16-cod
 // source stages 32 KiB instead of 64: more blocks per SM keep more loads in flight.
 template <class In>
 constexpr size_t kTileSmemBytes = sizeof(In) * fp8::kTile* fp8::kTile;
+// Four values as four bf16 (v.x's in the low half of .x), rounded to nearest even: exact for bf16 values.
+__device__ __forceinline__ uint2 bf16x4_bits(float4 v) {
+  const __nv_bfloat162 lo = __floats2bfloat162_rn(v.x, v.y), hi = __floats2bfloat162_rn(v.z, v.w);
+  return make_uint2(*reinterpret_cast<const uint32_t*>(&lo), *reinterpret_cast<const uint32_t*>(&hi));
+}
+__device__ __forceinline__ float4 bf16x4_values(uint2 bits) {
+  const float2 lo = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&bits.x));
+  const float2 hi = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&bits.y));
+  return make_float4(lo.x, lo.y, hi.x, hi.y);
+}
 // The lane's four values of a row into the staged tile (8 or 16 bytes, aligned: the column is a multiple of 4).
 __device__ __forceinline__ void stage4(float* dst, float4 v) { *reinterpret_cast<float4*>(dst) = v; }
 __device__ __forceinline__ void stage4(__nv_bfloat16* dst, float4 v) {
-  const __nv_bfloat162 lo = __floats2bfloat162_rn(v.x, v.y), hi = __floats2bfloat162_rn(v.z, v.w);
-  *reinterpret_cast<uint2*>(dst) =
-      make_uint2(*reinterpret_cast<const uint32_t*>(&lo), *reinterpret_cast<const uint32_t*>(&hi));
+  *reinterpret_cast<uint2*>(dst) = bf16x4_bits(v);
 }
 
 struct QuantOutputs {
@@ -253,15 +261,8 @@ struct HeldRow;
 template <>
 struct HeldRow<true> {
   uint2 bits;
-  __device__ __forceinline__ void hold(float4 v) {
-    const __nv_bfloat162 lo = __floats2bfloat162_rn(v.x, v.y), hi = __floats2bfloat162_rn(v.z, v.w);
-    bits = make_uint2(*reinterpret_cast<const uint32_t*>(&lo), *reinterpret_cast<const uint32_t*>(&hi));
-  }
-  __device__ __forceinline__ float4 value() const {
-    const float2 lo = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&bits.x));
-    const float2 hi = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&bits.y));
-    return make_float4(lo.x, lo.y, hi.x, hi.y);
-  }
+  __device__ __forceinline__ void hold(float4 v) { bits = bf16x4_bits(v); }
+  __device__ __forceinline__ float4 value() const { return bf16x4_values(bits); }
 };
 template <>
 struct HeldRow<false> {
@@ -376,6 +377,11 @@ __global__ void weight_dequant_kernel(Out* w, const uint8_t* q, const float* sca
 template <class In>
 constexpr size_t grouped_t_smem_bytes(int64_t groups) {
   return kTileSmemBytes<In> + sizeof(int) * (static_cast<size_t>(groups) + 1);
+}
+// The most dynamic shared memory a transposed copy of x (In) asks for: the grouped kernel's with the largest prefix.
+template <class In>
+constexpr size_t transposed_smem_bytes(bool grouped) {
+  return grouped ? grouped_t_smem_bytes<In>(gg::kTmaMaxGroups) : kTileSmemBytes<In>;
 }
 constexpr size_t kDefaultSmemBytes = 48 * 1024;  // a block's dynamic shared memory without an opt-in
 
@@ -499,10 +505,8 @@ void CudaBackend::act_quant(Context ctx, const ActQuantArgs& a) {
     return fmt::format("act_quant {}x{} {}{}{}", d.rows, d.cols, dtype_name(a.x.dtype), d.row_wise ? " rows" : "",
                        d.grouped ? " grouped-t" : (d.col_wise ? " t" : ""));
   });
-  const bool bf16 = a.x.dtype == DType::kBF16;
-  const size_t smem = (d.grouped ? (bf16 ? grouped_t_smem_bytes<__nv_bfloat16>(gg::kTmaMaxGroups)
-                                         : grouped_t_smem_bytes<float>(gg::kTmaMaxGroups))
-                                 : (bf16 ? kTileSmemBytes<__nv_bfloat16> : kTileSmemBytes<float>)) +
+  const size_t smem = (a.x.dtype == DType::kBF16 ? transposed_smem_bytes<__nv_bfloat16>(d.grouped)
+                                                 : transposed_smem_bytes<float>(d.grouped)) +
                       sizeof(float) * kColHalves * fp8::kTile;
   DIFFMOE_CHECK(
       !d.col_wise || max_shared_bytes() >= smem,

@@ -16,7 +16,8 @@
 // - Two partial sums per consumer, used in turn: the MMAs of k-tile kt + 1 are issued before the
 //   consumer waits for kt's (wait_group 1), so the tensor cores work through kt + 1 while kt's sum is
 //   promoted. With one partial sum (wait_group 0 on every k-tile) each warpgroup left the tensor
-//   cores idle for an MMA's latency per k-tile: ~600 TFLOP/s, a third of the FP8 peak.
+//   cores idle for an MMA's latency per k-tile; two made the bench shapes' calls 4-10% faster (H100),
+//   so that latency is a small part of why the kernel runs at about a third of the FP8 peak.
 // - Registers: 64 accumulators + 2 × 64 partial sums do not fit the 168 a thread of a 384-thread CTA
 //   gets; the producer warpgroup gives its registers to the consumers (setmaxnreg: 24 / 240).
 // - The scales of a k-tile are read from global memory (the A tile's 128 are 512 contiguous bytes)
@@ -400,13 +401,7 @@ static __global__ void __launch_bounds__(Fp8WgradTiles::kThreads, 1)
       const int s = it % kStages;
       mbar_wait(full(s), (it / kStages) & 1);
       const uint32_t a_tile = stage_a(s) + cw * Cfg::kHalfBytes, b_tile = stage_b(s);
-      fence_operands(part);
-      wgmma_fence();
-#pragma unroll
-      for (int kk = 0; kk < Cfg::kBK / 32; ++kk)
-        wgmma_m64n128k32_e4m3(part, sw128_desc(a_tile + kk * Cfg::kStepK32), sw128_desc(b_tile + kk * Cfg::kStepK32),
-                              kk > 0);
-      wgmma_commit();
+      fp8_ktile_mma(part, a_tile, b_tile);
       wgmma_wait<0>();
       fence_operands(part);
       // Scales past C's rows or columns were not copied: those sums (of TMA's zeros) get scale 0.
