@@ -301,8 +301,9 @@ int main(int argc, char** argv) {
   bool skip_quant = false;
   std::vector<std::string> only;
   app.add_option("--config", config, "preset whose dense Linear shapes are timed");
-  app.add_option("--tokens", tokens, "rows T of the activations (tokens per micro-batch)");
-  app.add_option("--iters", iters);
+  app.add_option("--tokens", tokens, "rows T of the activations (tokens per micro-batch)")
+      ->check(CLI::Range(int64_t{1}, int64_t{1} << 24));
+  app.add_option("--iters", iters, "timed calls per row")->check(CLI::Range(1, 1000000));
   app.add_flag("--skip-quant", skip_quant, "only the GEMMs");
   app.add_option("--only", only, "run only these tables (default all)")
       ->check(CLI::IsMember({"quant", "dense", "grouped"}))
